@@ -1,0 +1,175 @@
+"""The dataset card: README.md at the root of a published dataset.
+
+Markdown with YAML front matter in the shape Hugging Face dataset cards use, so the Hub (and
+``datasets.load_dataset(URI)``) finds the Parquet splits from ``configs``. The body says what was
+asked for and what came out: per-class counts and shortfalls, rejects by reason, the schema, the
+meaning of each reason code and the spec that produced the dataset. ``stats`` keys are read with
+``.get``: a card renders from whatever stats the pipeline had.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+
+from builder.reasons import REASON_STAGE, Reason, reasons_markdown
+from builder.records import ACCEPTED_DOCS, ACCEPTED_SCHEMA
+
+PARTIAL_MARKER = "> **PARTIAL DATASET**"
+
+
+def _cell(value: Any) -> str:
+    """A value made safe for a Markdown table cell."""
+    text = "" if value is None else str(value)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _size_category(n: int) -> str:
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+              (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")]
+    for bound, name in bounds:
+        if n < bound:
+            return name
+    return "n>10M"
+
+
+def front_matter(spec_name: str, stats: Mapping[str, Any], parquet_splits: Iterable[str]
+                 ) -> str:
+    """The YAML header: name, task, size and a ``configs`` entry mapping splits to shards."""
+    meta: dict[str, Any] = {
+        "pretty_name": spec_name,
+        "task_categories": ["image-classification"],
+        "size_categories": [_size_category(int(stats.get("accepted") or 0))],
+        "license": "other",
+        "tags": ["pixcrawler", "web-images"],
+    }
+    splits = list(parquet_splits)
+    if splits:
+        meta["configs"] = [{
+            "config_name": "default",
+            "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in splits],
+        }]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _class_table(stats: Mapping[str, Any]) -> str:
+    classes = stats.get("classes") or {}
+    if not classes:
+        return "_No per-class figures were recorded._"
+    lines = ["| class | target | candidates | accepted | shortfall | rejected |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label in sorted(classes):
+        c = classes[label] or {}
+        lines.append("| " + " | ".join(_cell(v) for v in (
+            label, c.get("target", ""), c.get("candidates", ""), c.get("accepted", ""),
+            c.get("shortfall", ""), c.get("rejected", ""))) + " |")
+    return "\n".join(lines)
+
+
+def _reason_table(stats: Mapping[str, Any]) -> str:
+    by_reason = stats.get("rejected_by_reason") or {}
+    if not by_reason:
+        return "_No candidate was rejected._"
+    lines = ["| stage | reason | rejected |", "|---|---|---:|"]
+    for reason, n in sorted(by_reason.items(), key=lambda kv: (-int(kv[1] or 0), kv[0])):
+        try:
+            stage = REASON_STAGE[Reason(reason)].value
+        except ValueError:
+            stage = ""
+        lines.append(f"| {_cell(stage)} | `{_cell(reason)}` | {_cell(n)} |")
+    return "\n".join(lines)
+
+
+def _schema_table() -> str:
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    for f in ACCEPTED_SCHEMA:
+        lines.append(f"| `{f.name}` | {f.type} | {_cell(ACCEPTED_DOCS.get(f.name, ''))} |")
+    return "\n".join(lines)
+
+
+def _summary(stats: Mapping[str, Any]) -> str:
+    rows = [("job", stats.get("job_id")), ("started", stats.get("started")),
+            ("finished", stats.get("finished")), ("duration (s)", stats.get("duration_s")),
+            ("candidates", stats.get("candidates")), ("accepted", stats.get("accepted")),
+            ("rejected", stats.get("rejected"))]
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in rows if v is not None]
+    return "\n".join(lines)
+
+
+def _layout(formats: Iterable[str], label_formats: Iterable[str]) -> str:
+    formats = set(formats)
+    label_formats = list(label_formats)
+    lines = []
+    if "parquet" in formats:
+        lines.append("- `data/{split}-{shard:05d}.parquet`: Parquet shards, one row per image, "
+                     "the image bytes in column `image` (schema below)")
+    if "imagefolder" in formats:
+        lines.append("- `imagefolder/{split}/{label}/{id}.{ext}`: the images as files "
+                     "(a label with '/' nests)")
+    if "webdataset" in formats:
+        lines.append("- `webdataset/{split}-{shard:05d}.tar`: WebDataset shards: `{id}.{ext}`, "
+                     "`{id}.json` (the row without the image), `{id}.cls` (class index)")
+    structured = [f"`labels.{fmt}`" for fmt in label_formats if fmt != "txt"]
+    if structured:
+        lines.append(f"- {', '.join(structured)}: one entry per image: id, path (relative to "
+                     "the dataset root), label, label_index, split")
+    if "txt" in label_formats:
+        lines.append("- `labels.txt`: one line per image: `path<TAB>label`")
+    lines += ["- `classes.json`, `classes.txt`: the class-index map (sorted labels)",
+              "- `rejects.parquet`, `rejects.csv`: one row per rejected candidate: url, label, "
+              "stage, reason, detail",
+              "- `stats.json`: the figures above, machine-readable",
+              "- `_SUCCESS` (complete) or `_PARTIAL` (incomplete): written last, with the "
+              "file list"]
+    return "\n".join(lines)
+
+
+def render_card(spec_name: str, description: str, stats: Mapping[str, Any], spec_yaml: str, *,
+                parquet_splits: Iterable[str] = (), formats: Iterable[str] = ("parquet",),
+                label_formats: Iterable[str] = (), partial_reason: Optional[str] = None) -> str:
+    """The README.md text of a dataset.
+
+    ``parquet_splits`` are the splits that have Parquet shards (for ``configs``);
+    ``partial_reason`` (or ``stats['partial']``) puts a PARTIAL notice at the top.
+    """
+    partial = partial_reason is not None or bool(stats.get("partial"))
+    parts = [front_matter(spec_name, stats, parquet_splits)]
+    if partial:
+        why = partial_reason or stats.get("partial_reason") or "the job did not finish"
+        parts.append(partial_notice(str(why)))
+    parts.append(f"# {spec_name}\n")
+    if description:
+        parts.append(description.strip() + "\n")
+    parts.append("Built by PixCrawler from web image search results. Images keep their "
+                 "original licenses: see the `license`, `author`, `url` and `page_url` columns "
+                 "before reuse.\n")
+    parts.append("## Summary\n\n" + _summary(stats) + "\n")
+    parts.append("## Classes\n\n" + _class_table(stats) + "\n")
+    parts.append("## Rejected candidates by reason\n\n" + _reason_table(stats) + "\n")
+    parts.append("## Files\n\n" + _layout(formats, label_formats) + "\n")
+    parts.append("## Schema of the Parquet shards\n\n" + _schema_table() + "\n")
+    parts.append("## Reason codes\n\n" + reasons_markdown() + "\n")
+    spec_text = spec_yaml.strip() or "# (not recorded)"
+    fence = "~~~~" if "```" in spec_text else "```"
+    parts.append(f"## The spec that produced this dataset\n\n{fence}yaml\n{spec_text}\n{fence}\n")
+    return "\n".join(parts)
+
+
+def partial_notice(reason: str) -> str:
+    return (f"{PARTIAL_MARKER}: this dataset is incomplete ({_cell(reason)}). Classes may be "
+            "short of their targets; see the shortfall column.\n")
+
+
+def mark_partial(card_text: str, reason: str) -> str:
+    """A rendered card with the PARTIAL notice put at the top of its body (after the front
+    matter); unchanged if it already has one."""
+    if PARTIAL_MARKER in card_text:
+        return card_text
+    if card_text.startswith("---\n"):
+        end = card_text.find("\n---\n", 4)
+        if end != -1:
+            cut = end + len("\n---\n")
+            return card_text[:cut] + "\n" + partial_notice(reason) + "\n" + card_text[cut:]
+    return partial_notice(reason) + "\n" + card_text

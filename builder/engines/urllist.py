@@ -1,0 +1,91 @@
+"""URL lists: txt (one URL a line, or ``label<TAB>url``), csv, jsonl or parquet with columns."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from builder.engines.base import SearchEngine, SearchHit, SearchPage
+from builder.errors import SourceError
+
+
+def read_url_list(path: str, *, url_column: str = "url", label_column: str = "label",
+                  default_label: str = "") -> list[tuple[str, str]]:
+    """Read ``(label, url)`` pairs from a list file; the format is chosen by its extension."""
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"URL list not found: {p} (sources[].path must name an existing file)")
+    suffix = p.suffix.lower()
+    rows: list[dict] = []
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(p).to_pylist()
+    elif suffix in (".jsonl", ".ndjson"):
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise SourceError(f"{p}:{n}: not valid JSON ({exc})") from None
+    elif suffix in (".csv", ".tsv"):
+        text = p.read_text(encoding="utf-8")
+        rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        for line in p.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "\t" in line:
+                label, url = line.split("\t", 1)
+                rows.append({label_column: label.strip(), url_column: url.strip()})
+            else:
+                rows.append({url_column: line})
+    out = []
+    for n, row in enumerate(rows):
+        if url_column not in row:
+            raise SourceError(f"{p}: row {n} has no column {url_column!r} "
+                              f"(columns: {', '.join(map(str, row))}); set sources[].url_column")
+        label = str(row.get(label_column) or default_label)
+        out.append((label, str(row[url_column] or "")))
+    return out
+
+
+class UrlListEngine(SearchEngine):
+    """Candidates straight from a list file; labels from its label column."""
+
+    name = "urllist"
+    query_based = False
+
+    def __init__(self, path: str, *, url_column: str = "url", label_column: str = "label",
+                 labels: list[str] | None = None):
+        pairs = read_url_list(path, url_column=url_column, label_column=label_column,
+                              default_label=labels[0] if labels and len(labels) == 1 else "")
+        self._by_label: dict[str, list[str]] = defaultdict(list)
+        for label, url in pairs:
+            self._by_label[label].append(url)
+        if labels is not None:
+            unknown = sorted(set(self._by_label) - set(labels))
+            if unknown:
+                raise SourceError(f"{path}: labels {unknown} are not classes of the spec "
+                                  f"(classes: {', '.join(labels)})")
+
+    def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
+        urls = self._by_label.get(label, [])
+        start = page * per_page
+        chunk = urls[start:start + per_page]
+        hits = [SearchHit(url=u, rank=start + i) for i, u in enumerate(chunk)]
+        return SearchPage(hits=hits, has_more=start + per_page < len(urls))
+
+
+class InlineUrlsEngine(UrlListEngine):
+    """The per-class ``urls`` of a spec, as a source."""
+
+    name = "inline"
+
+    def __init__(self, urls_by_label: dict[str, list[str]]):
+        self._by_label = defaultdict(list, {k: list(v) for k, v in urls_by_label.items()})

@@ -1,0 +1,48 @@
+"""Exception types. Sample-level problems are never exceptions: they are reason codes on records."""
+
+from __future__ import annotations
+
+
+class PixCrawlerError(Exception):
+    """Base class for errors a user can act on; the message says what to do."""
+
+
+class SpecError(PixCrawlerError):
+    """The dataset spec is invalid. ``problems`` lists (field path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
+        self.problems = problems
+        lines = [f"invalid dataset spec ({source}):"]
+        lines += [f"  {path}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class OutputExistsError(PixCrawlerError):
+    """The output location already holds a complete dataset."""
+
+
+class StorageError(PixCrawlerError):
+    """The output location cannot be reached or written."""
+
+
+class SourceError(PixCrawlerError):
+    """A search source cannot be used as configured (missing file, bad column, no credentials)."""
+
+
+class EngineUnavailable(SourceError):
+    """An engine is disabled here (for example its credentials are missing)."""
+
+
+class EngineError(PixCrawlerError):
+    """An engine request failed; ``retryable`` tells the rate limiter whether to back off."""
+
+    def __init__(self, message: str, *, status: int = 0, retryable: bool = True,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class ModelLoadError(PixCrawlerError):
+    """A validator model cannot be loaded (missing extra, unknown id, no network to a hub)."""

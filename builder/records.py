@@ -1,0 +1,221 @@
+"""The typed units of work that pass between stages, and the output schemas.
+
+A ``Candidate`` is what a search source yields. A ``Record`` wraps one candidate on its way through
+the pipeline: the fetcher fills ``data``; validation fills the image facts; hashing fills the
+hashes; a stage that rejects calls ``reject()``. A record is decided exactly once: accepted (it
+reaches the writer) or rejected (it reaches the rejects manifest), so
+``accepted + rejected == candidates`` by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from builder.reasons import Reason, Stage, stage_of
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One image URL found by a source, with where it came from."""
+
+    url: str
+    label: str
+    query: str = ""
+    engine: str = ""
+    rank: int = 0
+    page_url: str = ""
+    title: str = ""
+    license: str = ""
+    author: str = ""
+
+    @property
+    def key(self) -> str:
+        """A stable id for the candidate (label + URL); used for resume and accounting."""
+        return hashlib.sha1(f"{self.label}\n{self.url}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class Record:
+    """A candidate in flight, with what the stages learned about it."""
+
+    candidate: Candidate
+    data: Optional[bytes] = None
+    final_url: str = ""
+    http_status: int = 0
+    content_type: str = ""
+    fetch_ms: float = 0.0
+    format: str = ""
+    width: int = 0
+    height: int = 0
+    orig_width: int = 0
+    orig_height: int = 0
+    sha256: str = ""
+    phash: str = ""
+    dhash: str = ""
+    nsfw_score: Optional[float] = None
+    clip_score: Optional[float] = None
+    embedding: Optional[list[float]] = None
+    split: str = ""
+    rejected: bool = False
+    stage: str = ""
+    reason: str = ""
+    detail: str = ""
+    duplicate_of: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """The content-hash id of an accepted image (first 16 hex of sha256 of its bytes)."""
+        if self.sha256:
+            return self.sha256[:16]
+        if self.data is not None:
+            return hashlib.sha256(self.data).hexdigest()[:16]
+        return ""
+
+    @property
+    def label(self) -> str:
+        return self.candidate.label
+
+    def reject(self, reason: Reason, detail: str = "", duplicate_of: str = "") -> "Record":
+        """Mark this record rejected; its bytes are dropped (they never reach the output)."""
+        self.rejected = True
+        self.stage = stage_of(reason).value
+        self.reason = reason.value
+        self.detail = detail[:500]
+        self.duplicate_of = duplicate_of
+        self.data = None
+        return self
+
+    @property
+    def stage_enum(self) -> Optional[Stage]:
+        return Stage(self.stage) if self.stage else None
+
+
+ACCEPTED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("orig_width", pa.int32()),
+        pa.field("orig_height", pa.int32()),
+        pa.field("bytes", pa.int64()),
+        pa.field("sha256", pa.string()),
+        pa.field("phash", pa.string()),
+        pa.field("dhash", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("final_url", pa.string()),
+        pa.field("page_url", pa.string()),
+        pa.field("title", pa.string()),
+        pa.field("query", pa.string()),
+        pa.field("engine", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("license", pa.string()),
+        pa.field("author", pa.string()),
+        pa.field("nsfw_score", pa.float32()),
+        pa.field("clip_score", pa.float32()),
+    ]
+)
+"""Schema of the Parquet shards: one row per accepted image, ``image`` holding its bytes."""
+
+ACCEPTED_DOCS: dict[str, str] = {
+    "id": "content-hash id: first 16 hex digits of sha256 of the stored image bytes' source",
+    "label": "the class label",
+    "split": "train / val / test (or as the spec names them), deterministic by id",
+    "image": "the image bytes as stored (original, or resized / re-encoded per output options)",
+    "format": "format of the stored bytes: jpeg, png, webp, gif",
+    "width": "width of the stored image in pixels",
+    "height": "height of the stored image in pixels",
+    "orig_width": "width of the downloaded image before any resizing",
+    "orig_height": "height of the downloaded image before any resizing",
+    "bytes": "size of the stored image bytes",
+    "sha256": "sha256 of the downloaded bytes (hex)",
+    "phash": "64-bit perceptual hash (DCT), 16 hex digits",
+    "dhash": "64-bit difference hash, 16 hex digits",
+    "url": "the candidate URL",
+    "final_url": "the URL after redirects",
+    "page_url": "the page the image was found on, where the engine gives it",
+    "title": "the title the engine gave",
+    "query": "the search query that found the image",
+    "engine": "the source that found it",
+    "rank": "its rank in the engine's results",
+    "license": "license, where the engine gives it",
+    "author": "author, where the engine gives it",
+    "nsfw_score": "NSFW probability (slow level only, else null)",
+    "clip_score": "CLIP similarity to the class prompts (slow level only, else null)",
+}
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("query", pa.string()),
+        pa.field("engine", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("duplicate_of", pa.string()),
+        pa.field("http_status", pa.int32()),
+    ]
+)
+"""Schema of ``rejects.parquet``: one row per rejected candidate."""
+
+
+def accepted_row(record: Record) -> dict[str, Any]:
+    """The output row of an accepted record, per ``ACCEPTED_SCHEMA``."""
+    c = record.candidate
+    return {
+        "id": record.id,
+        "label": c.label,
+        "split": record.split,
+        "image": record.data,
+        "format": record.format,
+        "width": record.width,
+        "height": record.height,
+        "orig_width": record.orig_width or record.width,
+        "orig_height": record.orig_height or record.height,
+        "bytes": len(record.data or b""),
+        "sha256": record.sha256,
+        "phash": record.phash,
+        "dhash": record.dhash,
+        "url": c.url,
+        "final_url": record.final_url or c.url,
+        "page_url": c.page_url,
+        "title": c.title,
+        "query": c.query,
+        "engine": c.engine,
+        "rank": c.rank,
+        "license": c.license,
+        "author": c.author,
+        "nsfw_score": record.nsfw_score,
+        "clip_score": record.clip_score,
+    }
+
+
+def reject_row(record: Record) -> dict[str, Any]:
+    """The rejects-manifest row of a rejected record, per ``REJECT_SCHEMA``."""
+    c = record.candidate
+    return {
+        "key": c.key,
+        "url": c.url,
+        "label": c.label,
+        "query": c.query,
+        "engine": c.engine,
+        "stage": record.stage,
+        "reason": record.reason,
+        "detail": record.detail,
+        "duplicate_of": record.duplicate_of,
+        "http_status": record.http_status,
+    }
+
+
+def candidate_dict(candidate: Candidate) -> dict[str, Any]:
+    return asdict(candidate)

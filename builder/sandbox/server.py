@@ -1,0 +1,428 @@
+"""The sandbox web: an aiohttp server on 127.0.0.1 that stands in for the internet.
+
+``SandboxWeb`` runs the app in a background thread with its own event loop, so synchronous code
+(tests, the demo, benchmarks) can start it, point a job at ``base_url`` and stop it. It serves:
+
+- ``GET /search?q=&page=&per_page=`` image-search JSON (``&fail=429|500`` makes it fail)
+- ``GET /img/...``, ``/f/...``, ``/private/...`` the corpus (see ``corpus.py``), faults included
+- ``GET /page/{slug}/{pos}`` a tiny HTML page per search result
+- ``GET /bench/{i}.jpg`` benchmark images; ``GET /robots.txt``; ``GET /healthz``
+
+Images are rendered on first request (in the loop's thread pool) and kept in a bounded cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import signal
+import socket
+import threading
+import urllib.parse
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Sequence
+
+from aiohttp import web
+
+from builder.sandbox.corpus import (
+    ACCEPTED,
+    CLEAN,
+    FAULTS,
+    JPEG_HEAD,
+    ROBOTS_TXT,
+    Corpus,
+    Entry,
+    encode,
+)
+
+DEFAULT_CLASSES: tuple[str, ...] = ("cat", "dog", "bird")
+MAX_PER_PAGE = 500
+_CACHE_LIMIT_BYTES = 512 * 1024 * 1024
+_FILLER = bytes(range(256)) * 256  # 64 KiB of a too_big body, written over and over
+_READY_TIMEOUT_S = 30.0
+
+
+class _ByteCache:
+    """An LRU of rendered bodies, bounded in bytes (rendering is deterministic, so evicting is
+    only a cost in time)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.size = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if key in self._items:
+            return
+        self._items[key] = data
+        self.size += len(data)
+        while self.size > self.limit and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+
+def _unused_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on (bound to port 0, then closed) for connection_refused URLs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _origin(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+class SandboxWeb:
+    """A local web of images, search results and deliberate faults.
+
+    ``faults`` says whether search results include fault instances (one after every
+    ``fault_every`` clean images, cycling through ``FAULTS``); the dedicated instances behind
+    ``fault_urls()`` are served either way. ``slow_s`` is how long ``slow`` URLs wait before
+    answering; ``big_bytes`` how much a ``too_big`` URL streams; ``bench_images`` how many
+    benchmark JPEGs ``bench_urls()`` lists.
+    """
+
+    def __init__(self, classes: Sequence[str] = DEFAULT_CLASSES, images_per_class: int = 40, *,
+                 seed: int = 0, faults: bool = True, fault_every: int = 6,
+                 host: str = "127.0.0.1", port: int = 0, slow_s: float = 5.0,
+                 big_bytes: int = 3_000_000, bench_images: int = 0):
+        if slow_s < 0 or big_bytes < len(JPEG_HEAD):
+            raise ValueError(f"slow_s must be >= 0 and big_bytes >= {len(JPEG_HEAD)}")
+        self.corpus = Corpus(classes, images_per_class, seed=seed, faults=faults,
+                             fault_every=fault_every, bench_images=bench_images)
+        self.classes = self.corpus.classes
+        self.host = host
+        self.port = port
+        self.slow_s = slow_s
+        self.big_bytes = big_bytes
+        self.base_url = ""
+        self._dead_port = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cache = _ByteCache(_CACHE_LIMIT_BYTES)
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._hits: Counter[str] = Counter()
+        self._sleepers: set[asyncio.Task[Any]] = set()
+        self._outcomes = self._expected_outcomes()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Start serving (idempotent); returns ``base_url``."""
+        with self._lock:
+            if self._thread is not None:
+                return self.base_url
+            self._dead_port = _unused_port()
+            ready = threading.Event()
+            errors: list[OSError] = []
+            thread = threading.Thread(target=self._serve, args=(ready, errors), daemon=True,
+                                      name="pixcrawler-sandbox-web")
+            thread.start()
+            if not ready.wait(_READY_TIMEOUT_S):
+                raise RuntimeError(f"the sandbox web did not start within {_READY_TIMEOUT_S}s")
+            if errors:
+                thread.join()
+                raise OSError(f"the sandbox web cannot listen on {self.host}:{self.port}: "
+                              f"{errors[0]} (pick another port, or port=0 for a free one)")
+            self._thread = thread
+            return self.base_url
+
+    def stop(self) -> None:
+        """Stop serving and join the server thread (idempotent)."""
+        with self._lock:
+            thread, loop = self._thread, self._loop
+            if thread is None or loop is None:
+                return
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            self._thread = None
+            self._loop = None
+
+    def __enter__(self) -> "SandboxWeb":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _serve(self, ready: threading.Event, errors: list[OSError]) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        # A short shutdown_timeout: a client that stalls a stream must not hold stop() up.
+        runner = web.AppRunner(self._make_app(), access_log=None, shutdown_timeout=0.25)
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, self.host, self.port).start())
+        except OSError as exc:
+            errors.append(exc)
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+            ready.set()
+            return
+        self.base_url = _origin(self.host, runner.addresses[0][1])
+        self._loop = loop
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            for task in list(self._sleepers):  # pending ``slow`` answers: drop them now
+                task.cancel()
+            loop.run_until_complete(runner.cleanup())
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_default_executor())
+            self._pending.clear()
+            loop.close()
+
+    # -- URLs -----------------------------------------------------------------------------------
+
+    def _require_started(self) -> str:
+        if not self.base_url:
+            raise RuntimeError("the sandbox web is not started: call start() (or use it in a "
+                               "with-block) before asking for its URLs")
+        return self.base_url
+
+    def _absolute(self, entry: Entry, origin: str) -> str:
+        if entry.kind == "connection_refused":
+            return f"http://127.0.0.1:{self._dead_port}{entry.path}"
+        if entry.kind == "bad_scheme":
+            return f"ftp://{urllib.parse.urlsplit(origin).netloc}{entry.path}"
+        return origin + entry.path
+
+    def fault_urls(self) -> dict[str, str]:
+        """Fault name -> absolute URL of a dedicated instance of it (not in search results).
+
+        Its ``exact_duplicate`` and ``near_duplicate`` copy ``class_image_urls(classes[0])[0]``
+        (when classes have images), so list that URL before them to see them rejected.
+        """
+        base = self._require_started()
+        return {kind: self._absolute(entry, base) for kind, entry in self.corpus.probes.items()}
+
+    def class_image_urls(self, label: str) -> list[str]:
+        """The clean images of class ``label``, in search-result order."""
+        base = self._require_started()
+        if label not in self.corpus.clean:
+            raise ValueError(f"unknown class {label!r}: this sandbox serves {list(self.classes)}")
+        return [base + e.path for e in self.corpus.clean[label]]
+
+    def bench_urls(self) -> list[str]:
+        """``bench_images`` distinct ~40 KB 512x384 JPEGs (rendered on first request)."""
+        base = self._require_started()
+        return [f"{base}/bench/{i:05d}.jpg" for i in range(self.corpus.bench_images)]
+
+    def search_urls(self, label: str) -> list[str]:
+        """Every URL the search results list for ``label``, in order (faults included)."""
+        base = self._require_started()
+        if label not in self.corpus.results:
+            raise ValueError(f"unknown class {label!r}: this sandbox serves {list(self.classes)}")
+        return [self._absolute(e, base) for e in self.corpus.results[label]]
+
+    def _expected_outcomes(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        entries = list(self.corpus.entries.values()) + self.corpus.url_only
+        for entry in entries:
+            out[entry.path] = ACCEPTED if entry.kind == CLEAN else FAULTS[entry.kind]
+        return out
+
+    def outcome_of(self, url: str) -> str | None:
+        """What the pipeline must make of ``url``: "accepted", a Reason value, or None when the
+        URL is not one of this sandbox's corpus or benchmark URLs."""
+        path = urllib.parse.urlsplit(url).path
+        if path.startswith("/bench/"):
+            return ACCEPTED if self._bench_index(path.rsplit("/", 1)[-1]) is not None else None
+        return self._outcomes.get(path)
+
+    def hits(self, url: str) -> int:
+        """How many requests the server has seen for ``url``'s path (retries, robots.txt...)."""
+        return self._hits[urllib.parse.urlsplit(url).path or "/"]
+
+    # -- the app --------------------------------------------------------------------------------
+
+    def _make_app(self) -> web.Application:
+        @web.middleware
+        async def count(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+            self._hits[request.path] += 1
+            return await handler(request)
+
+        app = web.Application(middlewares=[count])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/robots.txt", self._robots)
+        app.router.add_get("/search", self._search)
+        app.router.add_get("/page/{slug}/{pos}", self._page)
+        app.router.add_get("/bench/{name}", self._bench)
+        app.router.add_get("/{tail:.*}", self._entry)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _robots(self, request: web.Request) -> web.Response:
+        return web.Response(text=ROBOTS_TXT)
+
+    async def _search(self, request: web.Request) -> web.Response:
+        fail = request.query.get("fail")
+        if fail == "429":
+            return web.json_response({"error": "rate limited (asked for with fail=429)"},
+                                     status=429, headers={"Retry-After": "1"})
+        if fail == "500":
+            return web.json_response({"error": "server error (asked for with fail=500)"},
+                                     status=500)
+        if fail is not None:
+            return web.json_response({"error": f"fail must be 429 or 500, not {fail!r}"},
+                                     status=400)
+        try:
+            page = int(request.query.get("page", "0"))
+            per_page = int(request.query.get("per_page", "20"))
+        except ValueError:
+            return web.json_response({"error": "page and per_page must be integers"}, status=400)
+        if page < 0 or not 1 <= per_page <= MAX_PER_PAGE:
+            return web.json_response(
+                {"error": f"need page >= 0 and 1 <= per_page <= {MAX_PER_PAGE}"}, status=400)
+        label = self.corpus.class_for_query(request.query.get("q", ""))
+        items = self.corpus.results[label] if label is not None else []
+        origin = f"{request.scheme}://{request.host}"
+        start = page * per_page
+        results = []
+        for pos, entry in enumerate(items[start:start + per_page], start=start):
+            credited = pos % 3 == 0
+            results.append({
+                "url": self._absolute(entry, origin),
+                "page_url": f"{origin}/page/{self.corpus.slugs[entry.label]}/{pos}",
+                "title": f"A {entry.label} picture, number {pos + 1}",
+                "license": "CC-BY-4.0" if credited else "",
+                "author": "sandbox" if credited else "",
+            })
+        return web.json_response({"results": results, "has_more": start + per_page < len(items),
+                                  "total": len(items)})
+
+    async def _page(self, request: web.Request) -> web.Response:
+        slug, pos = request.match_info["slug"], request.match_info["pos"]
+        label = next((lb for lb, s in self.corpus.slugs.items() if s == slug), None)
+        items = self.corpus.results.get(label, []) if label is not None else []
+        if not pos.isdigit() or int(pos) >= len(items):
+            raise web.HTTPNotFound(text="no such sandbox page\n")
+        entry = items[int(pos)]
+        origin = f"{request.scheme}://{request.host}"
+        title = html.escape(f"A {entry.label} picture, number {int(pos) + 1}")
+        src = html.escape(self._absolute(entry, origin), quote=True)
+        return web.Response(text=f"<!DOCTYPE html><html><head><title>{title}</title></head>"
+                                 f"<body><h1>{title}</h1><img src=\"{src}\"></body></html>\n",
+                            content_type="text/html")
+
+    def _bench_index(self, name: str) -> int | None:
+        stem, dot, ext = name.partition(".")
+        if ext != "jpg" or not stem.isdigit() or int(stem) >= self.corpus.bench_images:
+            return None
+        return int(stem)
+
+    async def _bench(self, request: web.Request) -> web.Response:
+        i = self._bench_index(request.match_info["name"])
+        if i is None:
+            raise web.HTTPNotFound(text="no such benchmark image\n")
+        pic = self.corpus.bench_picture(i)
+        data = await self._render(request.path, lambda: encode(pic))
+        return web.Response(body=data, content_type="image/jpeg")
+
+    async def _render(self, key: str, make: Callable[[], bytes]) -> bytes:
+        """``make()``'s bytes, from the cache or rendered once in the thread pool."""
+        data = self._cache.get(key)
+        if data is not None:
+            return data
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(None, make)
+            self._pending[key] = pending
+            try:
+                data = await asyncio.shield(pending)
+            finally:
+                self._pending.pop(key, None)
+            self._cache.put(key, data)
+            return data
+        return await asyncio.shield(pending)
+
+    async def _body(self, entry: Entry) -> bytes:
+        if entry.kind == "exact_duplicate":
+            original = self.corpus.entries[entry.original]
+            return await self._render(original.path, lambda: self.corpus.body(original))
+        return await self._render(entry.path, lambda: self.corpus.body(entry))
+
+    async def _entry(self, request: web.Request) -> web.StreamResponse:
+        entry = self.corpus.entries.get(request.path)
+        if entry is None:
+            raise web.HTTPNotFound(text="nothing here\n")
+        kind = entry.kind
+        first = self._hits[request.path] == 1
+        if kind == "not_found":
+            raise web.HTTPNotFound(text="not found (on purpose)\n")
+        if kind == "always_500" or (kind == "flaky_500" and first):
+            return web.Response(status=500, text="server error (on purpose)\n")
+        if kind == "always_429" or (kind == "rate_limited_once" and first):
+            return web.Response(status=429, text="slow down (on purpose)\n",
+                                headers={"Retry-After": "1"})
+        if kind == "redirect_loop":
+            raise web.HTTPFound(location=entry.original)
+        if kind == "too_big":
+            return await self._stream_too_big(request)
+        if kind == "slow":
+            task = asyncio.current_task()
+            if task is not None:
+                self._sleepers.add(task)
+            try:
+                await asyncio.sleep(self.slow_s)
+            finally:
+                self._sleepers.discard(task)
+        headers = {"X-Robots-Tag": "noai"} if kind == "noai" else None
+        data = await self._body(entry)
+        return web.Response(body=data, content_type=entry.content_type, headers=headers)
+
+    async def _stream_too_big(self, request: web.Request) -> web.StreamResponse:
+        """``big_bytes`` of a JPEG-looking body, chunked, with no Content-Length."""
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            await resp.write(JPEG_HEAD)
+            sent = len(JPEG_HEAD)
+            while sent < self.big_bytes:
+                chunk = _FILLER[: self.big_bytes - sent]
+                await resp.write(chunk)
+                sent += len(chunk)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client stopped reading at its byte cap, as it should
+        return resp
+
+
+def serve_forever(host: str = "127.0.0.1", port: int = 8800, **kwargs: Any) -> None:
+    """Serve a ``SandboxWeb`` until Ctrl-C or SIGTERM (for ``pixcrawler sandbox``)."""
+    sandbox = SandboxWeb(host=host, port=port, **kwargs)
+    url = sandbox.start()
+    done = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print(f"sandbox web serving at {url}  (classes: {', '.join(sandbox.classes)}; "
+          f"try {url}/search?q={urllib.parse.quote(sandbox.classes[0])}; Ctrl-C to stop)",
+          flush=True)
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sandbox.stop()
+
+
+__all__ = ["DEFAULT_CLASSES", "FAULTS", "SandboxWeb", "serve_forever"]

@@ -1,0 +1,223 @@
+"""Storage URIs: one way to reach a local directory, ``file://``, ``s3://`` and any fsspec URI.
+
+``open_fs(uri)`` returns an fsspec filesystem and the path inside it. A local path is resolved to
+an absolute one. For ``s3://`` the endpoint comes from ``storage_options['endpoint_url']`` or the
+``AWS_ENDPOINT_URL`` environment variable (MinIO, moto, other S3-compatible stores); credentials
+come from the usual AWS environment/config chain or from ``storage_options`` ('key', 'secret').
+
+The helpers below take a URI (plus the same ``storage_options``) and turn every storage failure
+(missing bucket, no permission, a file where a directory should be, unknown protocol) into a
+``StorageError`` whose message names the location and what to check.
+
+Object stores have no directories: ``makedirs`` is only called where directories are real, so a
+missing bucket is reported, never silently created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from typing import Any, Iterator, Optional
+
+import fsspec
+from fsspec.core import split_protocol
+from fsspec.implementations.local import LocalFileSystem
+
+from builder.errors import StorageError
+
+_LOCAL_PROTOCOLS = (None, "file", "local")
+_S3_PROTOCOLS = ("s3", "s3a")
+_OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl",
+                                     "oss", "r2"})
+
+try:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _BACKEND_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, ClientError)
+except ImportError:  # pragma: no cover - s3fs (and so botocore) is a dependency
+    _BACKEND_ERRORS = ()
+
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ImportError,
+                                                    *_BACKEND_ERRORS)
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a plain path or a ``file://`` URI."""
+    protocol, _ = split_protocol(str(uri))
+    return protocol in _LOCAL_PROTOCOLS
+
+
+def open_fs(uri: str, storage_options: Optional[dict[str, Any]] = None
+            ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding ``uri`` and the path of ``uri`` inside it."""
+    uri = str(uri)
+    opts = dict(storage_options or {})
+    protocol, path = split_protocol(uri)
+    try:
+        if protocol in _LOCAL_PROTOCOLS:
+            return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        if protocol in _S3_PROTOCOLS:
+            endpoint = (opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3")
+                        or os.environ.get("AWS_ENDPOINT_URL"))
+            if endpoint:
+                opts["endpoint_url"] = endpoint
+            fs = fsspec.filesystem("s3", **opts)
+            return fs, fs._strip_protocol(uri).rstrip("/")
+        fs, fs_path = fsspec.core.url_to_fs(uri, **opts)
+        return fs, fs_path.rstrip("/") or fs_path
+    except _STORAGE_ERRORS as exc:
+        raise StorageError(
+            f"cannot open storage location {uri!r}: {type(exc).__name__}: {exc}. "
+            "Check the URI scheme is one fsspec knows (install its package, e.g. gcsfs for "
+            "gs://) and that storage_options are valid for it."
+        ) from exc
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended, separated by exactly one '/'."""
+    out = str(uri)
+    if not out.endswith("://"):
+        out = out.rstrip("/") or "/"
+    for part in parts:
+        part = str(part).strip("/")
+        if not part:
+            continue
+        out = out + part if out.endswith("/") else out + "/" + part
+    return out
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """True where directories are not real (a prefix exists only while it holds files)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return any(p in _OBJECT_STORE_PROTOCOLS for p in protocols)
+
+
+def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create the parent directory of ``path`` where directories are real."""
+    if is_object_store(fs):
+        return
+    parent = fs._parent(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn a storage backend's exception into a ``StorageError`` naming ``uri`` and ``action``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except _STORAGE_ERRORS as exc:
+        raise StorageError(_explain(uri, action, exc)) from exc
+
+
+def _explain(uri: str, action: str, exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        hint = "the credentials in use may not write there; check permissions / the bucket policy"
+    elif isinstance(exc, FileNotFoundError):
+        hint = ("it does not exist: check the bucket or parent directory exists "
+                "(buckets are never created by PixCrawler)")
+    elif isinstance(exc, (NotADirectoryError, FileExistsError)):
+        hint = "a file stands where a directory is needed; choose another output location"
+    else:
+        hint = "check the location exists, is reachable and the credentials allow it"
+    return f"cannot {action} {uri}: {type(exc).__name__}: {exc} ({hint})"
+
+
+def exists(uri: str, storage_options: Optional[dict[str, Any]] = None) -> bool:
+    """Whether a file or directory exists at ``uri`` (reading fresh, not from a listing cache)."""
+    fs, path = open_fs(uri, storage_options)
+    with storage_errors(uri, "check"):
+        fs.invalidate_cache(path)
+        return bool(fs.exists(path))
+
+
+def write_bytes(uri: str, data: bytes, storage_options: Optional[dict[str, Any]] = None) -> None:
+    """Write ``data`` to the file ``uri``, creating parent directories where they are real."""
+    fs, path = open_fs(uri, storage_options)
+    with storage_errors(uri, "write"):
+        ensure_parent(fs, path)
+        fs.pipe_file(path, data)
+
+
+def read_bytes(uri: str, storage_options: Optional[dict[str, Any]] = None) -> bytes:
+    """The bytes of the file ``uri``."""
+    fs, path = open_fs(uri, storage_options)
+    with storage_errors(uri, "read"):
+        return fs.cat_file(path)
+
+
+def mv(src: str, dst: str, storage_options: Optional[dict[str, Any]] = None) -> None:
+    """Move the file ``src`` to ``dst`` (same filesystem): a rename locally, copy+delete on S3."""
+    fs, src_path = open_fs(src, storage_options)
+    fs2, dst_path = open_fs(dst, storage_options)
+    if type(fs) is not type(fs2):
+        raise StorageError(f"cannot move {src} to {dst}: they are on different filesystems")
+    with storage_errors(src, f"move to {dst}"):
+        move_files(fs, [(src_path, dst_path)])
+
+
+def rm(uri: str, storage_options: Optional[dict[str, Any]] = None, recursive: bool = True
+       ) -> None:
+    """Remove the file or tree at ``uri``; nothing there is not an error."""
+    fs, path = open_fs(uri, storage_options)
+    with storage_errors(uri, "remove"):
+        fs.invalidate_cache(path)
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+
+def move_files(fs: fsspec.AbstractFileSystem, pairs: list[tuple[str, str]]) -> None:
+    """Move files (source path, destination path) within ``fs``.
+
+    Local: ``os.replace`` each (atomic per file). Elsewhere: one batched copy, then one batched
+    delete, which s3fs runs concurrently.
+    """
+    if not pairs:
+        return
+    if isinstance(fs, LocalFileSystem):
+        for src, dst in pairs:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        return
+    if not is_object_store(fs):
+        for _, dst in pairs:
+            ensure_parent(fs, dst)
+    srcs = [s for s, _ in pairs]
+    dsts = [d for _, d in pairs]
+    fs.copy(srcs, dsts)
+    fs.rm(srcs)
+
+
+def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """All files under ``path`` (recursively), sorted; [] when nothing is there."""
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    if fs.isfile(path):
+        return [path]
+    return sorted(fs.find(path, withdirs=False))
+
+
+def prune_empty_dirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove empty directories under and including ``path`` (local filesystems only)."""
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return
+    for root, _dirs, _files in os.walk(path, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+
+
+def ensure_writable(uri: str, storage_options: Optional[dict[str, Any]] = None) -> None:
+    """Raise ``StorageError`` unless a file can be written and removed under ``uri``.
+
+    Run before a long job so an unreachable or read-only output fails in seconds, not at the end.
+    """
+    probe = join(uri, f".pixcrawler-probe-{uuid.uuid4().hex}")
+    fs, path = open_fs(probe, storage_options)
+    with storage_errors(uri, "write to"):
+        ensure_parent(fs, path)
+        fs.pipe_file(path, b"probe")
+        fs.rm(path)

@@ -1,0 +1,115 @@
+"""Fast and medium validation of downloaded images.
+
+fast: the bytes decode completely; format in ``validation.formats``; sides within
+``min_side``/``max_side``; aspect ratio at most ``max_aspect_ratio``; ``width*height`` at most
+``max_pixels`` (checked from the header, before any pixel is decoded: decompression bombs never
+reach the decoder). EXIF orientation is applied to the reported width/height (5-8 swap them).
+Animated images (GIF/WebP/PNG with more than one frame): rule ``validation.animated`` —
+``first_frame`` (default) validates and hashes the first frame and keeps the file as is;
+``reject`` rejects them with ``animated``.
+
+JPEGs are decoded with ``Image.draft`` at a reduced DCT scale: libjpeg still entropy-decodes every
+byte of every scan, so truncated and corrupt streams are caught exactly as by a full-size decode,
+while the full-resolution inverse DCT (most of the cost) is skipped.
+
+Every level records the sha256 of the bytes (the image id is its first 16 hex digits).
+medium: fast + pHash/dHash of the reduced decode (``builder.hashing``).
+Dedup against the rest of the job is a separate, stateful stage (``builder.dedup``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from builder.hashing import perceptual, reduced_gray, to_hex
+from builder.reasons import Reason
+from builder.records import Record
+from builder.spec import ValidationSpec
+
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
+               "BMP": "bmp", "TIFF": "tiff"}
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+@dataclass
+class ImageValidator:
+    """The fast (and, at ``level`` medium or slow, hashing) validation stage."""
+
+    cfg: ValidationSpec
+
+    @property
+    def hashes(self) -> bool:
+        return self.cfg.level in ("medium", "slow")
+
+    def __call__(self, records: list[Record]) -> list[Record]:
+        for record in records:
+            if not record.rejected:
+                self.check(record)
+        return records
+
+    def check(self, record: Record) -> Record:
+        data = record.data
+        if not data:
+            return record.reject(Reason.DECODE_ERROR, "no bytes")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            return record.reject(Reason.DECOMPRESSION_BOMB, str(exc))
+        except UnidentifiedImageError:
+            return record.reject(Reason.DECODE_ERROR, "not a recognised image")
+        except (OSError, SyntaxError, ValueError) as exc:
+            return record.reject(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+        with img:
+            return self._check_open(record, img, data)
+
+    def _check_open(self, record: Record, img: Image.Image, data: bytes) -> Record:
+        cfg = self.cfg
+        fmt = PIL_FORMATS.get(img.format or "", (img.format or "unknown").lower())
+        if fmt not in cfg.formats:
+            return record.reject(Reason.FORMAT_NOT_ALLOWED,
+                                 f"{fmt}; allowed: {', '.join(cfg.formats)}")
+        w, h = img.size
+        if w * h > cfg.max_pixels:
+            return record.reject(Reason.DECOMPRESSION_BOMB,
+                                 f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except (OSError, SyntaxError, ValueError, TypeError):
+            orientation = 1
+        if orientation in _SWAPPING_ORIENTATIONS:
+            w, h = h, w
+        if getattr(img, "n_frames", 1) > 1 and cfg.animated == "reject":
+            return record.reject(Reason.ANIMATED, f"{img.n_frames} frames")
+        short, long_ = min(w, h), max(w, h)
+        if short < cfg.min_side:
+            return record.reject(Reason.TOO_SMALL, f"{w}x{h}, min_side {cfg.min_side}")
+        if long_ > cfg.max_side:
+            return record.reject(Reason.TOO_LARGE, f"{w}x{h}, max_side {cfg.max_side}")
+        if long_ / short > cfg.max_aspect_ratio:
+            return record.reject(Reason.BAD_ASPECT_RATIO,
+                                 f"{w}x{h} = {long_ / short:.2f} > {cfg.max_aspect_ratio}")
+        try:
+            gray = reduced_gray(img)
+        except Image.DecompressionBombError as exc:
+            return record.reject(Reason.DECOMPRESSION_BOMB, str(exc))
+        except EOFError as exc:
+            return record.reject(Reason.TRUNCATED, f"EOFError: {exc}")
+        except (OSError, SyntaxError, ValueError) as exc:
+            msg = str(exc)
+            reason = Reason.TRUNCATED if "truncat" in msg.lower() else Reason.DECODE_ERROR
+            return record.reject(reason, f"{type(exc).__name__}: {msg}")
+        record.format = fmt
+        record.width, record.height = w, h
+        record.orig_width, record.orig_height = w, h
+        record.sha256 = hashlib.sha256(data).hexdigest()
+        if self.hashes:
+            p, d = perceptual(gray)
+            record.phash, record.dhash = to_hex(p), to_hex(d)
+        return record

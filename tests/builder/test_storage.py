@@ -1,0 +1,86 @@
+"""builder.storage: URIs to filesystems, the helpers, and clear errors. S3 runs in test_writers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from builder import storage
+from builder.errors import StorageError
+
+
+def test_local_paths_resolve_to_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fs, path = storage.open_fs("out/ds")
+    assert isinstance(fs, LocalFileSystem)
+    assert path == str(tmp_path / "out" / "ds")
+    fs2, path2 = storage.open_fs(f"file://{tmp_path}/x")
+    assert isinstance(fs2, LocalFileSystem) and path2 == str(tmp_path / "x")
+    assert storage.is_local_uri("rel/dir") and storage.is_local_uri("file:///a")
+    assert not storage.is_local_uri("s3://bucket/a")
+
+
+def test_join():
+    assert storage.join("s3://bucket/", "a", "/b/", "c.txt") == "s3://bucket/a/b/c.txt"
+    assert storage.join("s3://", "bucket", "k") == "s3://bucket/k"
+    assert storage.join("/data/ds", "_staging", "job") == "/data/ds/_staging/job"
+    assert storage.join("/", "x") == "/x"
+    assert storage.join("rel", "", "y") == "rel/y"
+
+
+@pytest.mark.parametrize("base", ["local", "memory"])
+def test_helpers_round_trip(tmp_path, base):
+    root = str(tmp_path) if base == "local" else f"memory://pixcrawler-{uuid.uuid4().hex}"
+    f = storage.join(root, "a", "b", "c.bin")
+    assert not storage.exists(f)
+    storage.write_bytes(f, b"hello")
+    assert storage.exists(f)
+    assert storage.read_bytes(f) == b"hello"
+    g = storage.join(root, "moved", "c.bin")
+    storage.mv(f, g)
+    assert not storage.exists(f) and storage.read_bytes(g) == b"hello"
+    storage.rm(storage.join(root, "moved"))
+    assert not storage.exists(g)
+    storage.rm(storage.join(root, "never-was"))
+
+
+def test_local_move_is_a_rename(tmp_path):
+    src, dst = tmp_path / "src.bin", tmp_path / "deep" / "dst.bin"
+    src.write_bytes(b"x" * 1000)
+    inode = src.stat().st_ino
+    storage.mv(str(src), str(dst))
+    assert dst.stat().st_ino == inode and not src.exists()
+
+
+def test_unwritable_location_raises_storage_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    target = str(blocker / "sub" / "x.bin")
+    with pytest.raises(StorageError, match="cannot write .*a-file/sub/x.bin"):
+        storage.write_bytes(target, b"data")
+    with pytest.raises(StorageError, match="cannot write to"):
+        storage.ensure_writable(str(blocker / "dataset"))
+    storage.ensure_writable(str(tmp_path / "fine"))
+    assert os.listdir(tmp_path / "fine") == []
+
+
+def test_missing_file_and_unknown_protocol(tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_bytes(str(tmp_path / "nope.bin"))
+    with pytest.raises(StorageError, match="nosuchproto://x"):
+        storage.open_fs("nosuchproto://x")
+
+
+def test_s3_endpoint_from_options_or_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    fs, path = storage.open_fs("s3://bucket/prefix/")
+    assert path == "bucket/prefix" and fs.endpoint_url == "http://127.0.0.1:9"
+    assert storage.is_object_store(fs)
+    fs2, _ = storage.open_fs("s3://bucket/p", {"endpoint_url": "http://127.0.0.1:10"})
+    assert fs2.endpoint_url == "http://127.0.0.1:10"

@@ -1,0 +1,491 @@
+"""builder.writers: the dataset layout, staging and publishing, on a local dir and on S3 (moto)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from builder import storage
+from builder.card import PARTIAL_MARKER
+from builder.errors import OutputExistsError, StorageError
+from builder.reasons import Reason
+from builder.records import ACCEPTED_SCHEMA, Candidate, Record, accepted_row, reject_row
+from builder.spec import OutputSpec
+from builder.writers import DatasetWriter, is_complete, read_dataset, read_marker
+
+LABELS = ["cat", "mammals/dog", "mammals/whale"]
+SPLITS = ["train", "train", "val", "test"]
+ALL_FORMATS = ["parquet", "imagefolder", "webdataset"]
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+def _image(fmt: str, seed: int) -> tuple[bytes, int, int]:
+    w, h = 24 + seed % 7, 16 + seed % 5
+    img = Image.new("RGB", (w, h), ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
+    img.putpixel((seed % w, seed % h), (255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt.upper())
+    return buf.getvalue(), w, h
+
+
+def make_rows() -> list[dict]:
+    """12 accepted rows: 3 labels (two nested) x 4 images, JPEG and PNG, over three splits."""
+    rows = []
+    for i in range(12):
+        label = LABELS[i % 3]
+        fmt = "jpeg" if i % 2 else "png"
+        data, w, h = _image(fmt, i)
+        cand = Candidate(url=f"http://127.0.0.1/img/{i}.{fmt}", label=label,
+                         query=label.replace("/", " "), engine="sandbox", rank=i,
+                         page_url=f"http://127.0.0.1/page/{i}", title=f"image {i}",
+                         license="cc-by", author=f"author{i}")
+        rec = Record(candidate=cand, data=data, format=fmt, width=w, height=h,
+                     sha256=hashlib.sha256(data).hexdigest(), phash="0" * 16, dhash="f" * 16,
+                     split=SPLITS[(i // 3) % 4])
+        rows.append(accepted_row(rec))
+    return rows
+
+
+def make_rejects() -> list[dict]:
+    out = []
+    for i, reason in enumerate([Reason.TIMEOUT, Reason.NEAR_DUPLICATE, Reason.TOO_SMALL]):
+        rec = Record(candidate=Candidate(url=f"http://127.0.0.1/bad/{i}", label=LABELS[i]))
+        rec.http_status = 200 if i else 0
+        out.append(reject_row(rec.reject(reason, f"detail {i}")))
+    return out
+
+
+def make_stats(job_id: str = "job1") -> dict:
+    return {
+        "job_id": job_id, "name": "pets", "partial": False, "started": "2025-01-01T00:00:00Z",
+        "finished": "2025-01-01T00:01:00Z", "duration_s": 60.0, "candidates": 15,
+        "accepted": 12, "rejected": 3,
+        "classes": {label: {"target": 5, "candidates": 5, "accepted": 4, "rejected": 1,
+                            "rejected_by_reason": {}, "shortfall": 1} for label in LABELS},
+        "rejected_by_reason": {"timeout": 1, "near_duplicate": 1, "too_small": 1},
+        "rejected_by_stage": {"fetch": 1, "dedup": 1, "validate": 1},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """A moto S3 server on 127.0.0.1 with bucket 'pix'; yields its endpoint URL."""
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        pytest.skip(f"moto_server not found next to {sys.executable}")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = pytest.MonkeyPatch()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            env.setenv(name, value)
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+                     "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        fs, _ = storage.open_fs("s3://pix", {"endpoint_url": endpoint})
+        fs.mkdir("pix")
+        yield endpoint
+    finally:
+        env.undo()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Target:
+    """Where a test writes, and an independent pyarrow filesystem to check what landed."""
+
+    def __init__(self, uri: str, options: dict | None, fs: pafs.FileSystem, root: str):
+        self.uri, self.options, self.fs, self.root = uri, options, fs, root
+
+    def read(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.root}/{rel}") as f:
+            return f.read()
+
+    def files(self) -> set[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True,
+                                                        allow_not_found=True))
+        return {i.path[len(self.root) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+    def writer(self, job_id: str = "job1", labels=LABELS, **output) -> DatasetWriter:
+        output.setdefault("formats", ALL_FORMATS)
+        return DatasetWriter(OutputSpec(**output), self.uri, job_id, self.options,
+                             labels=labels)
+
+
+@pytest.fixture(params=["local", "s3"])
+def target(request, tmp_path):
+    if request.param == "local":
+        root = str(tmp_path / "ds")
+        return Target(root, None, pafs.LocalFileSystem(), root)
+    endpoint = request.getfixturevalue("moto_s3")
+    prefix = f"pix/run-{uuid.uuid4().hex[:8]}"
+    fs = pafs.S3FileSystem(endpoint_override=endpoint.removeprefix("http://"), scheme="http",
+                           access_key="testing", secret_key="testing", region="us-east-1")
+    return Target(f"s3://{prefix}", {"endpoint_url": endpoint}, fs, prefix)
+
+
+@pytest.fixture
+def local(tmp_path):
+    root = str(tmp_path / "ds")
+    return Target(root, None, pafs.LocalFileSystem(), root)
+
+
+def write_all(w: DatasetWriter, rows: list[dict], stats: dict | None = None) -> list[dict]:
+    manifest = w.write_shard(rows[:6], 0) + w.write_shard(rows[6:], 1)
+    w.write_manifests(manifest, LABELS)
+    w.write_rejects(make_rejects())
+    stats = stats or make_stats(w.job_id)
+    w.write_stats(stats)
+    w.write_card("pets", "Cats, dogs and whales.", stats, "name: pets\ntarget: 5\n")
+    return manifest
+
+
+# -- the round trip ---------------------------------------------------------------------------
+
+
+def test_round_trip(target):
+    rows = make_rows()
+    by_id = {r["id"]: r for r in rows}
+    w = target.writer()
+    manifest = write_all(w, rows)
+    assert not is_complete(target.uri, target.options)
+    assert all(p.startswith("_staging/job1/") for p in target.files())
+
+    assert w.publish() == target.uri
+    assert is_complete(target.uri, target.options)
+    files = target.files()
+    assert not any(p.startswith("_staging") or p == "_PUBLISHING" for p in files)
+
+    # Parquet: one file per split per shard, rows sorted by id, schema and image bytes intact.
+    shards = sorted(p for p in files if p.startswith("data/"))
+    expected = sorted({f"data/{r['split']}-{i // 6:05d}.parquet" for i, r in enumerate(rows)})
+    assert shards == expected
+    table = read_dataset(target.uri, target.options)
+    assert table.schema == ACCEPTED_SCHEMA and table.num_rows == 12
+    for got in table.to_pylist():
+        assert got == {**by_id[got["id"]], "nsfw_score": None, "clip_score": None}
+    for shard in shards:
+        pf = pq.ParquetFile(io.BytesIO(target.read(shard)))
+        ids = pf.read(columns=["id"])["id"].to_pylist()
+        assert ids == sorted(ids)
+        col = pf.schema_arrow.get_field_index("image")
+        assert pf.metadata.row_group(0).column(col).compression == "UNCOMPRESSED"
+        assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+    frame = pd.read_parquet(f"{target.root}/data", filesystem=target.fs)
+    assert sorted(frame["id"]) == sorted(by_id) and set(frame["split"]) == {"train", "val",
+                                                                               "test"}
+
+    # ImageFolder: nested labels, and every file decodes to the recorded size.
+    assert len(manifest) == 12
+    for m in manifest:
+        assert "image" not in m and m["path"].startswith(f"imagefolder/{m['split']}/{m['label']}/")
+        img = Image.open(io.BytesIO(target.read(m["path"])))
+        img.load()
+        assert img.size == (m["width"], m["height"])
+        assert m["path"].endswith(".jpg" if m["format"] == "jpeg" else ".png")
+    assert any(p.startswith("imagefolder/train/mammals/dog/") for p in files)
+
+    # WebDataset: per sample {id}.{ext}, {id}.cls, {id}.json.
+    classes = json.loads(target.read("classes.json"))
+    assert classes == {"cat": 0, "mammals/dog": 1, "mammals/whale": 2}
+    assert target.read("classes.txt").decode().splitlines() == LABELS
+    tars = sorted(p for p in files if p.startswith("webdataset/"))
+    assert tars == [s.replace("data/", "webdataset/").replace(".parquet", ".tar") for s in shards]
+    seen = set()
+    for path in tars:
+        with tarfile.open(fileobj=io.BytesIO(target.read(path))) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = {name.split(".")[0] for name in members}
+        for key in keys:
+            meta = json.loads(members[f"{key}.json"])
+            row = by_id[key]
+            assert meta["label"] == row["label"] and "image" not in meta
+            assert int(members[f"{key}.cls"]) == classes[row["label"]]
+            ext = "jpg" if row["format"] == "jpeg" else "png"
+            assert members[f"{key}.{ext}"] == row["image"]
+        seen |= keys
+    assert seen == set(by_id)
+
+    # Label manifests, all four formats, agree with each other and with the rows.
+    want = {(r["id"], r["label"], r["split"]) for r in rows}
+    as_json = json.loads(target.read("labels.json"))
+    as_csv = list(csv.DictReader(io.StringIO(target.read("labels.csv").decode())))
+    as_yaml = yaml.safe_load(target.read("labels.yaml"))
+    as_txt = [line.split("\t") for line in target.read("labels.txt").decode().splitlines()]
+    for entries in (as_json, as_csv, as_yaml):
+        assert {(e["id"], e["label"], e["split"]) for e in entries} == want
+        assert all(int(e["label_index"]) == classes[e["label"]] for e in entries)
+        assert all(e["path"] in files for e in entries)
+    assert sorted(as_txt) == sorted([e["path"], e["label"]] for e in as_json)
+
+    # Rejects, stats, card.
+    rejects = pq.read_table(io.BytesIO(target.read("rejects.parquet")))
+    assert sorted(rejects["reason"].to_pylist()) == ["near_duplicate", "timeout", "too_small"]
+    rejects_csv = list(csv.DictReader(io.StringIO(target.read("rejects.csv").decode())))
+    assert {r["stage"] for r in rejects_csv} == {"fetch", "dedup", "validate"}
+    assert json.loads(target.read("stats.json")) == make_stats()
+    readme = target.read("README.md").decode()
+    header = yaml.safe_load(readme.split("---\n")[1])
+    assert header["configs"][0]["data_files"] == [
+        {"split": s, "path": f"data/{s}-*.parquet"} for s in ("train", "val", "test")]
+    assert "| mammals/dog | 5 | 5 | 4 | 1 | 1 |" in readme
+    assert "`near_duplicate`" in readme and "| `sha256` |" in readme and "target: 5" in readme
+    assert PARTIAL_MARKER not in readme
+
+    # _SUCCESS lists exactly the other files with their sizes.
+    success = json.loads(target.read("_SUCCESS"))
+    listed = {f["path"]: f["size"] for f in success["files"]}
+    assert set(listed) == files - {"_SUCCESS"}
+    assert all(len(target.read(p)) == size for p, size in listed.items())
+    assert success["job_id"] == "job1" and success["counts"]["accepted"] == 12
+    assert read_marker(target.uri, target.options)["marker"] == "_SUCCESS"
+
+
+def test_overwrite_rules(target):
+    rows = make_rows()
+    first = target.writer("job1")
+    write_all(first, rows)
+    first.publish()
+    storage.write_bytes(storage.join(target.uri, "notes.txt"), b"mine", target.options)
+
+    second = target.writer("job2")
+    with pytest.raises(OutputExistsError, match="output.overwrite"):
+        second.check_output()
+    second.write_shard(rows[:3], 0)
+    second.write_stats(make_stats("job2"))
+    with pytest.raises(OutputExistsError, match="job1"):
+        second.publish()
+    assert is_complete(target.uri, target.options)
+    assert json.loads(target.read("_SUCCESS"))["job_id"] == "job1"
+    assert any(p.startswith("_staging/job2/") for p in target.files())
+
+    second.publish(overwrite=True)
+    files = target.files()
+    assert json.loads(target.read("_SUCCESS"))["job_id"] == "job2"
+    assert "notes.txt" in files
+    assert not any(p.endswith("-00001.parquet") or p.endswith("-00001.tar") for p in files)
+    assert "labels.json" not in files and "README.md" not in files
+    assert read_dataset(target.uri, target.options).num_rows == 3
+    assert {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]} == \
+        files - {"_SUCCESS", "notes.txt"}
+
+    third = target.writer("job3", overwrite=True)
+    third.check_output()
+    third.write_shard(rows, 0)
+    third.publish()
+    assert read_dataset(target.uri, target.options).num_rows == 12
+
+
+def test_publish_partial(target):
+    w = target.writer()
+    write_all(w, make_rows())
+    assert w.publish_partial("cancelled by user") == target.uri
+    files = target.files()
+    assert "_PARTIAL" in files and "_SUCCESS" not in files
+    assert not is_complete(target.uri, target.options)
+    marker = json.loads(target.read("_PARTIAL"))
+    assert marker["reason"] == "cancelled by user" and marker["counts"]["accepted"] == 12
+    stats = json.loads(target.read("stats.json"))
+    assert stats["partial"] is True and stats["accepted"] == 12
+    body = target.read("README.md").decode().split("---\n", 2)[2]
+    assert body.lstrip().startswith(PARTIAL_MARKER) and "cancelled by user" in body
+
+    # A partial dataset is replaced by the next complete one without overwrite.
+    again = target.writer("job2")
+    write_all(again, make_rows())
+    again.publish()
+    assert is_complete(target.uri, target.options)
+    assert "_PARTIAL" not in target.files()
+
+
+def test_publish_partial_from_a_fresh_writer_marks_the_staged_card(local):
+    write_all(local.writer("job7"), make_rows())
+    local.writer("job7").publish_partial("driver restarted")
+    readme = local.read("README.md").decode()
+    assert readme.startswith("---\n")
+    assert readme.split("---\n", 2)[2].lstrip().startswith(PARTIAL_MARKER)
+    assert "target: 5" in readme
+
+
+def test_abort_leaves_nothing(target):
+    w = target.writer()
+    write_all(w, make_rows())
+    assert target.files()
+    w.abort()
+    assert target.files() == set()
+    assert not is_complete(target.uri, target.options)
+
+
+def test_missing_bucket_is_a_storage_error(moto_s3):
+    w = DatasetWriter(OutputSpec(), "s3://no-such-bucket/ds", "job1",
+                      {"endpoint_url": moto_s3})
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        w.check_output()
+    with pytest.raises(StorageError, match="cannot write shard 0"):
+        w.write_shard(make_rows()[:2], 0)
+    fs, _ = storage.open_fs("s3://pix", {"endpoint_url": moto_s3})
+    assert not fs.exists("no-such-bucket")
+
+
+@pytest.mark.parametrize("shuffle_seed", [1, 2])
+def test_same_rows_give_the_same_bytes(tmp_path, shuffle_seed):
+    rows = make_rows()
+    shuffled = rows[:]
+    random.Random(shuffle_seed).shuffle(shuffled)
+    outs = []
+    for name, batch in (("a", rows), ("b", shuffled)):
+        w = DatasetWriter(OutputSpec(formats=ALL_FORMATS), str(tmp_path / name), f"job-{name}",
+                          labels=LABELS)
+        manifest = w.write_shard(batch, 3)
+        w.write_manifests(manifest, LABELS)
+        w.publish()
+        outs.append(tmp_path / name)
+    for rel in ("data/train-00003.parquet", "data/test-00003.parquet",
+                "webdataset/train-00003.tar", "labels.json", "labels.csv", "labels.yaml",
+                "labels.txt", "classes.json"):
+        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+
+
+def test_crashed_publish_leftovers_are_cleaned(local):
+    os.makedirs(f"{local.root}/data")
+    Path(f"{local.root}/data/train-00009.parquet").write_bytes(b"stale")
+    Path(f"{local.root}/labels.yaml").write_bytes(b"stale")
+    Path(f"{local.root}/_PUBLISHING").write_text(json.dumps(
+        {"job_id": "old", "files": ["data/train-00009.parquet", "labels.yaml", "../escape"]}))
+    w = local.writer(label_formats=["csv"])
+    write_all(w, make_rows())
+    w.publish()
+    files = local.files()
+    assert "data/train-00009.parquet" not in files and "labels.yaml" not in files
+    assert "labels.csv" in files and "_PUBLISHING" not in files
+
+
+def test_parquet_only_output_and_label_format_subset(local):
+    w = local.writer(formats=["parquet"], label_formats=["csv", "txt"])
+    manifest = write_all(w, make_rows())
+    assert {m["path"] for m in manifest} == {
+        f"data/{r['split']}-{i // 6:05d}.parquet" for i, r in enumerate(make_rows())}
+    w.publish()
+    files = local.files()
+    assert {"labels.csv", "labels.txt"} <= files
+    assert not {"labels.json", "labels.yaml"} & files
+    assert not any(p.startswith(("imagefolder/", "webdataset/")) for p in files)
+
+
+def test_writer_pickles_and_takes_arrow_tables(local):
+    w = pickle.loads(pickle.dumps(local.writer()))
+    rows = make_rows()
+    table = pa.Table.from_pylist(rows, schema=ACCEPTED_SCHEMA)
+    big = table.cast(pa.schema([pa.field(f.name, pa.large_binary() if f.name == "image"
+                                         else f.type) for f in ACCEPTED_SCHEMA]))
+    manifest = w.write_shard(big.drop_columns(["clip_score"]), 0)
+    assert sorted(m["id"] for m in manifest) == sorted(r["id"] for r in rows)
+    assert w.write_shard([], 1) == []
+    columns = {name: np.array(table[name].to_pylist(), dtype=object)
+               for name in ("id", "label", "split", "image", "format")}
+    assert len(w.write_shard(columns, 2)) == 12
+    assert len(w.write_shard(table.to_pandas(), 3)) == 12
+    w.publish()
+    assert read_dataset(local.uri).num_rows == 36
+    assert read_dataset(local.uri).filter(pc.equal(pc.field("id"), rows[0]["id"]))[
+        "image"].to_pylist() == [rows[0]["image"]] * 3
+
+
+def test_bad_rows_are_refused(local):
+    w = local.writer()
+    row = make_rows()[0]
+    with pytest.raises(ValueError, match="cannot be a directory path"):
+        w.write_shard([{**row, "label": "mammals/../../etc"}], 0)
+    with pytest.raises(ValueError, match="not one of the writer's labels"):
+        w.write_shard([{**row, "label": "bird"}], 0)
+    with pytest.raises(ValueError, match="non-empty 'split'"):
+        w.write_shard([{**row, "split": ""}], 0)
+    with pytest.raises(ValueError, match="job_id"):
+        DatasetWriter(OutputSpec(), local.uri, "../x")
+
+
+def test_read_dataset_of_nothing_says_so(tmp_path):
+    with pytest.raises(StorageError, match="no dataset at"):
+        read_dataset(str(tmp_path / "empty"))
+
+
+def test_hugging_face_datasets_loads_the_splits(local):
+    datasets = pytest.importorskip("datasets")
+    write_all(local.writer(), make_rows())
+    local.writer().publish()
+    loaded = datasets.load_dataset("parquet", data_dir=f"{local.uri}/data")
+    assert sum(len(loaded[s]) for s in loaded) == 12
+    assert {"train", "validation", "test"} == set(loaded)
+
+
+def test_interrupted_publish_is_never_complete_and_a_retry_finishes(target, monkeypatch):
+    import builder.writers as writers_mod
+
+    real_move = writers_mod.move_files
+
+    def move_half_then_fail(fs, pairs):
+        real_move(fs, pairs[: len(pairs) // 2])
+        raise ConnectionResetError("storage went away mid-publish")
+
+    w = target.writer()
+    write_all(w, make_rows())
+    monkeypatch.setattr(writers_mod, "move_files", move_half_then_fail)
+    with pytest.raises(StorageError, match="publish to"):
+        w.publish()
+    assert not is_complete(target.uri, target.options)
+    assert "_PUBLISHING" in target.files()
+
+    monkeypatch.setattr(writers_mod, "move_files", real_move)
+    w.publish()
+    files = target.files()
+    listed = {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]}
+    assert listed == files - {"_SUCCESS"} and len(listed) == 28
+    assert read_dataset(target.uri, target.options).num_rows == 12
+    assert json.loads(target.read("_SUCCESS"))["counts"]["accepted"] == 12
