@@ -1,0 +1,80 @@
+"""Google image search through the Programmable Search (Custom Search JSON) API.
+
+Needs an API key (env ``GOOGLE_API_KEY``, or ``GOOGLE_CSE_KEY``) and a search engine id with
+image search turned on (env ``GOOGLE_CSE_ID``); without them the engine is unavailable. The API
+answers at most 10 results a request (``num``), 1-based ``start``, and never more than the first
+100 results of a query. A 429 (per-minute rate) is retryable; a 403 (daily quota spent, key not
+allowed) is not.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from builder.engines import webjson
+from builder.engines.base import SearchEngine, SearchHit, SearchPage
+from builder.errors import EngineError, EngineUnavailable
+
+GOOGLE_API = "https://www.googleapis.com/customsearch/v1"
+MAX_NUM = 10
+MAX_RESULTS = 100
+# SourceSpec.options keys passed through as API parameters.
+FILTER_OPTIONS = ("imgSize", "imgType", "imgColorType", "imgDominantColor", "rights", "fileType")
+
+
+class GoogleEngine(SearchEngine):
+    name = "google"
+
+    def __init__(self, base_url: str = GOOGLE_API, *, api_key: str | None = None,
+                 cse_id: str | None = None, region: str = "wt-wt", safesearch: str = "moderate",
+                 filters: dict[str, Any] | None = None, timeout_s: float = 15.0,
+                 user_agent: str = webjson.DEFAULT_USER_AGENT):
+        self.api_key = api_key or os.environ.get("GOOGLE_API_KEY") or \
+            os.environ.get("GOOGLE_CSE_KEY") or ""
+        self.cse_id = cse_id or os.environ.get("GOOGLE_CSE_ID") or ""
+        if not self.api_key or not self.cse_id:
+            missing = [n for n, v in (("GOOGLE_API_KEY", self.api_key),
+                                      ("GOOGLE_CSE_ID", self.cse_id)) if not v]
+            raise EngineUnavailable(
+                "google: set GOOGLE_API_KEY and GOOGLE_CSE_ID (a Programmable Search engine id "
+                f"with image search on) to use this engine; missing: {', '.join(missing)}")
+        self.base_url = base_url
+        self.safesearch = safesearch
+        self.country = region.split("-")[0] if region and region != "wt-wt" else ""
+        self.filters = {k: str(v) for k, v in (filters or {}).items()
+                        if k in FILTER_OPTIONS and v}
+        self.timeout_s = timeout_s
+        self.user_agent = user_agent
+
+    def _get(self, query: str, start: int, num: int) -> dict[str, Any]:
+        params = {"key": self.api_key, "cx": self.cse_id, "q": query, "searchType": "image",
+                  "start": str(start), "num": str(num),
+                  "safe": "off" if self.safesearch == "off" else "active", **self.filters}
+        if self.country:
+            params["gl"] = self.country
+        body = webjson.fetch_json(self.base_url, engine=self.name, params=params,
+                                  timeout_s=self.timeout_s, user_agent=self.user_agent)
+        if not isinstance(body, dict):
+            raise EngineError(f"{self.name}: answer is not a JSON object", retryable=True)
+        return body
+
+    def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
+        start, end = page * per_page, min((page + 1) * per_page, MAX_RESULTS)
+        pos = start
+        hits: list[SearchHit] = []
+        has_more = end < MAX_RESULTS
+        while pos < end:
+            body = self._get(query, pos + 1, min(MAX_NUM, end - pos))
+            items = body.get("items")
+            items = items if isinstance(items, list) else []
+            for i, item in enumerate(items):
+                if isinstance(item, dict) and item.get("link"):
+                    hits.append(SearchHit(url=item["link"], rank=pos + i,
+                                          page_url=(item.get("image") or {}).get("contextLink", ""),
+                                          title=item.get("title") or ""))
+            pos += len(items)
+            if not items or not (body.get("queries") or {}).get("nextPage"):
+                has_more = False
+                break
+        return SearchPage(hits=hits, has_more=has_more)

@@ -1,0 +1,91 @@
+"""Openverse (openly licensed images) through its public API.
+
+``GET /v1/images/?q=&page=&page_size=`` answers ``results[]`` with each image's URL, landing page,
+title, creator and Creative Commons license, plus ``page_count``. It works without credentials
+(anonymous clients get pages of at most 20 and a low request rate); an OAuth access token in env
+``OPENVERSE_TOKEN`` raises both (pages up to 500). Our ``(page, per_page)`` is mapped onto the
+API's fixed-size 1-based pages, so any ``per_page`` works.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from builder.engines import webjson
+from builder.engines.base import SearchEngine, SearchHit, SearchPage
+from builder.errors import EngineError
+
+OPENVERSE_API = "https://api.openverse.org/v1/images/"
+ANON_PAGE_SIZE = 20
+AUTH_PAGE_SIZE = 500
+# SourceSpec.options keys passed through as Openverse query filters.
+FILTER_OPTIONS = ("license", "license_type", "category", "aspect_ratio", "size", "source",
+                  "extension")
+
+
+def format_license(code: str, version: str = "") -> str:
+    """Openverse's ``license``/``license_version`` as a readable name: ``CC BY-SA 2.0``."""
+    code = (code or "").strip().lower()
+    if not code:
+        return ""
+    if code == "cc0":
+        name = "CC0"
+    elif code == "pdm":
+        name = "Public Domain Mark"
+    else:
+        name = "CC " + code.upper()
+    return f"{name} {version}".strip()
+
+
+class OpenverseEngine(SearchEngine):
+    name = "openverse"
+
+    def __init__(self, base_url: str = OPENVERSE_API, *, token: str | None = None,
+                 safesearch: str = "moderate", filters: dict[str, Any] | None = None,
+                 timeout_s: float = 15.0, user_agent: str = webjson.DEFAULT_USER_AGENT):
+        self.base_url = base_url
+        self.token = token if token is not None else os.environ.get("OPENVERSE_TOKEN") or None
+        self.max_page_size = AUTH_PAGE_SIZE if self.token else ANON_PAGE_SIZE
+        self.safesearch = safesearch
+        self.filters = {k: str(v) for k, v in (filters or {}).items()
+                        if k in FILTER_OPTIONS and v}
+        self.timeout_s = timeout_s
+        self.user_agent = user_agent
+
+    def _get(self, query: str, api_page: int, page_size: int) -> dict[str, Any]:
+        params = {"q": query, "page": str(api_page), "page_size": str(page_size), **self.filters}
+        if self.safesearch == "off":
+            params["mature"] = "true"
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        body = webjson.fetch_json(self.base_url, engine=self.name, params=params,
+                                  headers=headers, timeout_s=self.timeout_s,
+                                  user_agent=self.user_agent)
+        if not isinstance(body, dict) or not isinstance(body.get("results"), list):
+            raise EngineError(f"{self.name}: answer has no 'results' list", retryable=True)
+        return body
+
+    def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
+        size = min(per_page, self.max_page_size)
+        start, end = page * per_page, (page + 1) * per_page
+        hits: list[SearchHit] = []
+        has_more = True
+        for api_page in range(start // size + 1, (end - 1) // size + 2):
+            body = self._get(query, api_page, size)
+            results = body["results"]
+            for i, r in enumerate(results):
+                offset = (api_page - 1) * size + i
+                if start <= offset < end and isinstance(r, dict) and r.get("url"):
+                    hits.append(_hit(r, offset))
+            page_count = webjson.as_int(body.get("page_count"))
+            if api_page >= page_count or len(results) < size:
+                has_more = False
+                break
+        return SearchPage(hits=hits, has_more=has_more)
+
+
+def _hit(r: dict[str, Any], rank: int) -> SearchHit:
+    return SearchHit(url=r["url"], rank=rank, page_url=r.get("foreign_landing_url") or "",
+                     title=r.get("title") or "",
+                     license=format_license(r.get("license", ""), r.get("license_version") or ""),
+                     author=r.get("creator") or "")

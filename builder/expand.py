@@ -1,0 +1,239 @@
+"""Keyword expansion: more search queries for a class, from an LLM or from offline templates.
+
+``KeywordExpander.expand(label, queries)`` asks an OpenAI-compatible chat endpoint (OpenAI, or a
+local server: vLLM, Ollama, llama.cpp) for synonyms, sub-types and visual contexts of the class,
+as JSON ``{"queries": [...]}``. Answers are cached per (label, model) in memory and on disk. When
+no endpoint is configured, or the call fails in any way (connection, timeout, HTTP error, an
+answer that is not the JSON asked for), the expander falls back to ``offline_expand`` and logs
+one warning: a job never fails because the LLM is down.
+
+Configuration, first found wins: constructor arguments, then env ``PIXCRAWLER_LLM_BASE_URL`` /
+``OPENAI_BASE_URL``, ``PIXCRAWLER_LLM_API_KEY`` / ``OPENAI_API_KEY``, ``PIXCRAWLER_LLM_MODEL``.
+An endpoint is "configured" when a base URL or an API key is known; a local server without
+keys gets a placeholder key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_CACHE_DIR = "~/.cache/pixcrawler/keywords"
+MAX_QUERY_CHARS = 120
+# After this many failed LLM calls in a row an expander stops trying and stays offline.
+MAX_CONSECUTIVE_FAILURES = 2
+
+OFFLINE_TEMPLATES = (
+    "{label} photo",
+    "{label} close-up",
+    "{label} outdoors",
+    "a {label} in the wild",
+    "{label} high resolution",
+    "{label} side view",
+    "{label} front view",
+    "{label} indoors",
+    "{label} in natural light",
+    "{label} on white background",
+    "group of {label}",
+    "{label} detail shot",
+    "{label} at night",
+    "{label} real photo",
+    "{label} from above",
+    "{label} in daylight",
+)
+
+_SYSTEM_PROMPT = (
+    "You write web image-search queries that find photographs of one class for an image "
+    "classification dataset. Answer only with a JSON object {\"queries\": [\"...\", ...]}."
+)
+_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+
+
+def _norm(query: str) -> str:
+    return " ".join(query.casefold().split())
+
+
+def _dedup(candidates: Iterable[str], exclude: Iterable[str], n: int) -> list[str]:
+    """First ``n`` distinct candidates (case/whitespace-insensitive) not in ``exclude``."""
+    seen = {_norm(q) for q in exclude}
+    out: list[str] = []
+    for q in candidates:
+        q = " ".join(str(q).split())
+        key = _norm(q)
+        if not key or key in seen or len(q) > MAX_QUERY_CHARS:
+            continue
+        seen.add(key)
+        out.append(q)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _label_text(label: str) -> str:
+    return " ".join(label.replace("/", " ").replace("_", " ").replace("-", " ").split())
+
+
+def offline_expand(label: str, queries: list[str], n: int) -> list[str]:
+    """``n`` extra queries from fixed templates over the label (and then over its queries)."""
+    if n <= 0:
+        return []
+    subjects = [_label_text(label)] + [q for q in queries if _norm(q) != _norm(label)]
+    candidates = [t.format(label=s) for s in subjects for t in OFFLINE_TEMPLATES]
+    return _dedup(candidates, [*queries, _label_text(label)], n)
+
+
+def parse_queries(content: str) -> list[str]:
+    """The query list from an LLM answer: JSON ``{"queries": [...]}`` or a bare list, possibly
+    inside a Markdown code fence. Raises ValueError for anything else."""
+    text = (content or "").strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError:
+        start, end = text.find("{"), text.rfind("}")
+        if start < 0 or end <= start:
+            raise ValueError(f"answer is not JSON: {text[:80]!r}") from None
+        data = json.loads(text[start:end + 1])
+    if isinstance(data, dict):
+        data = data.get("queries")
+    if not isinstance(data, list) or not all(isinstance(q, str) for q in data):
+        raise ValueError(f"answer has no list of strings under 'queries': {text[:80]!r}")
+    return data
+
+
+def _llm_errors() -> tuple[type[BaseException], ...]:
+    """What a failed LLM call can raise: the client's errors (connection, timeout, HTTP status),
+    a missing ``openai`` package, and malformed answers."""
+    errors: tuple[type[BaseException], ...] = (ImportError, OSError, ValueError, TypeError,
+                                               KeyError, IndexError, AttributeError)
+    try:
+        from openai import OpenAIError
+    except ImportError:
+        return errors
+    return (OpenAIError, *errors)
+
+
+class KeywordExpander:
+    def __init__(self, *, base_url: str | None = None, api_key: str | None = None,
+                 model: str | None = None, n: int = 5, cache_dir: str | None = None,
+                 timeout_s: float = 20.0):
+        env = os.environ.get
+        self.base_url = base_url or env("PIXCRAWLER_LLM_BASE_URL") or env("OPENAI_BASE_URL")
+        self.api_key = api_key or env("PIXCRAWLER_LLM_API_KEY") or env("OPENAI_API_KEY")
+        self.model = model or env("PIXCRAWLER_LLM_MODEL") or DEFAULT_MODEL
+        self.n = n
+        self.cache_dir = Path(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
+        self.timeout_s = timeout_s
+        self.source = "offline"
+        self._memory: dict[tuple[str, str], list[str]] = {}
+        self._client: Any = None
+        self._failures = 0
+        self._warned = False
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.base_url or self.api_key)
+
+    def expand(self, label: str, queries: list[str]) -> list[str]:
+        """``n`` extra queries for ``label``, none equal to one of ``queries``."""
+        exclude = [*queries, _label_text(label)]
+        suggestions = self._llm_queries(label, queries)
+        if suggestions is None:
+            self.source = "offline"
+            return offline_expand(label, queries, self.n)
+        self.source = "llm"
+        picked = _dedup(suggestions, exclude, self.n)
+        if len(picked) < self.n:
+            picked += _dedup(offline_expand(label, queries, self.n), [*exclude, *picked],
+                             self.n - len(picked))
+        return picked
+
+    def _llm_queries(self, label: str, queries: list[str]) -> list[str] | None:
+        key = (label, self.model)
+        if key in self._memory:
+            return self._memory[key]
+        cached = self._read_disk(key)
+        if cached is not None:
+            self._memory[key] = cached
+            return cached
+        if not self.configured:
+            self._warn("no LLM endpoint configured (set PIXCRAWLER_LLM_BASE_URL or "
+                       "OPENAI_API_KEY); using offline query templates")
+            return None
+        if self._failures >= MAX_CONSECUTIVE_FAILURES:
+            return None
+        try:
+            result = self._ask(label, queries)
+        except _llm_errors() as exc:
+            self._failures += 1
+            self._warn(f"keyword expansion via {self.base_url or 'OpenAI'} ({self.model}) "
+                       f"failed: {type(exc).__name__}: {exc}; using offline query templates")
+            return None
+        self._failures = 0
+        self._memory[key] = result
+        self._write_disk(key, result)
+        return result
+
+    def _ask(self, label: str, queries: list[str]) -> list[str]:
+        if self._client is None:
+            from openai import OpenAI
+
+            self._client = OpenAI(base_url=self.base_url, api_key=self.api_key or "not-needed",
+                                  timeout=self.timeout_s, max_retries=0)
+        prompt = (f"Class label: {_label_text(label)}\n"
+                  f"Queries already used: {json.dumps(queries, ensure_ascii=False)}\n"
+                  f"Write {self.n} more distinct image-search queries for this class: synonyms, "
+                  "sub-types and typical visual contexts, each at most 8 words, none repeating "
+                  "the ones already used.")
+        resp = self._client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "system", "content": _SYSTEM_PROMPT},
+                      {"role": "user", "content": prompt}],
+            response_format={"type": "json_object"},
+            temperature=0.2,
+        )
+        return parse_queries(resp.choices[0].message.content or "")
+
+    def _cache_path(self, key: tuple[str, str]) -> Path:
+        digest = hashlib.sha256(json.dumps(key).encode("utf-8")).hexdigest()[:24]
+        return self.cache_dir / f"{digest}.json"
+
+    def _read_disk(self, key: tuple[str, str]) -> list[str] | None:
+        path = self._cache_path(key)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.debug("ignoring unreadable keyword cache %s: %s", path, exc)
+            return None
+        if [data.get("label"), data.get("model")] != list(key) or \
+                not isinstance(data.get("queries"), list):
+            return None
+        return [str(q) for q in data["queries"]]
+
+    def _write_disk(self, key: tuple[str, str], queries: list[str]) -> None:
+        path = self._cache_path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"label": key[0], "model": key[1], "queries": queries},
+                                      ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot write keyword cache %s: %s", path, exc)
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(message)

@@ -1,0 +1,429 @@
+"""Pacing, back-off, circuit breaking, quotas and fallbacks for search engines: pure logic.
+
+One ``EngineGovernor`` per engine combines a token bucket that slows down on errors
+(``AdaptiveLimiter``), a ``CircuitBreaker`` and a ``Quota``. It never sleeps: ``acquire()`` reserves
+a request slot and returns how long the caller must wait before sending it, so one governor (held
+by one Ray actor) can pace every search worker of the cluster. ``FallbackChain`` picks, in the
+spec's source order, the first engine that is neither broken nor out of quota.
+
+Every class takes a ``clock`` (seconds, monotonic) so tests drive time by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from builder.errors import EngineError
+
+Clock = Callable[[], float]
+
+
+class QuotaExceeded(EngineError):
+    """The engine's request quota for this job or this UTC day is spent."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=False)
+
+
+class CircuitOpen(EngineError):
+    """The engine failed repeatedly; it is not asked again until ``retry_after`` seconds pass."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message, retryable=True, retry_after=retry_after)
+
+
+class TokenBucket:
+    """``rate`` tokens a second, up to ``burst`` saved; reservations may run into debt.
+
+    Kept as a "theoretical arrival time" (GCRA): ``_tat`` is when the bucket would be full again.
+    ``reserve(n)`` takes ``n`` tokens now and returns how long the caller must wait until they
+    exist; later callers queue behind earlier ones.
+    """
+
+    def __init__(self, rate: float, burst: float = 1.0, *, clock: Clock = time.monotonic):
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0 tokens/s, got {rate}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1 token, got {burst}")
+        self._rate = float(rate)
+        self.burst = float(burst)
+        self._clock = clock
+        self._tat = clock()
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def tokens(self) -> float:
+        """Tokens available now; negative when reservations are queued."""
+        now = self._clock()
+        return self.burst - max(0.0, self._tat - now) * self._rate
+
+    def reserve(self, n: float = 1.0) -> float:
+        """Take ``n`` tokens; return the seconds to wait before using them (0 if available)."""
+        now = self._clock()
+        self._tat = max(self._tat, now) + n / self._rate
+        return max(0.0, self._tat - now - self.burst / self._rate)
+
+    def set_rate(self, rate: float) -> None:
+        """Change the rate; tokens already owed are repaid at the new rate."""
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0 tokens/s, got {rate}")
+        now = self._clock()
+        owed = max(0.0, self._tat - now) * self._rate
+        self._rate = float(rate)
+        self._tat = now + owed / self._rate
+
+    def pause_until(self, when: float) -> None:
+        """No token before ``when``; from then on, one token per ``1/rate`` (no saved burst)."""
+        self._tat = max(self._tat, when + (self.burst - 1.0) / self._rate)
+
+
+class AdaptiveLimiter:
+    """A token bucket whose rate halves on each error and creeps back up on successes.
+
+    ``on_error`` multiplies the rate by ``decrease`` (never below ``min_rate``) and, given a
+    ``retry_after``, holds every request until then. ``on_success`` multiplies it by ``increase``
+    up to the configured ``base_rate``.
+    """
+
+    def __init__(self, rate: float, burst: float = 1.0, *, min_rate: float | None = None,
+                 decrease: float = 0.5, increase: float = 1.1, clock: Clock = time.monotonic):
+        if not 0 < decrease < 1:
+            raise ValueError(f"decrease must be in (0, 1), got {decrease}")
+        if increase <= 1:
+            raise ValueError(f"increase must be > 1, got {increase}")
+        self.base_rate = float(rate)
+        self.min_rate = float(min_rate if min_rate is not None else rate / 32)
+        if not 0 < self.min_rate <= self.base_rate:
+            raise ValueError(f"min_rate must be in (0, rate={rate}], got {self.min_rate}")
+        self.decrease = decrease
+        self.increase = increase
+        self._clock = clock
+        self.bucket = TokenBucket(rate, burst, clock=clock)
+        self.blocked_until = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.bucket.rate
+
+    def reserve(self, n: float = 1.0) -> float:
+        return self.bucket.reserve(n)
+
+    def on_error(self, retry_after: float | None = None) -> None:
+        self.bucket.set_rate(max(self.min_rate, self.rate * self.decrease))
+        if retry_after:
+            until = self._clock() + float(retry_after)
+            self.blocked_until = max(self.blocked_until, until)
+            self.bucket.pause_until(until)
+
+    def on_success(self) -> None:
+        if self.rate < self.base_rate:
+            self.bucket.set_rate(min(self.base_rate, self.rate * self.increase))
+
+
+class CircuitBreaker:
+    """closed -> open after ``failure_threshold`` failures in a row; open for ``cooldown_s``;
+    then half-open: one probe request goes through; its success closes the breaker, its failure
+    opens it again. A probe that never reports back frees the slot after another ``cooldown_s``.
+    """
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, failure_threshold: int = 5, cooldown_s: float = 60.0, *,
+                 clock: Clock = time.monotonic):
+        if failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = float(cooldown_s)
+        self._clock = clock
+        self._state = self.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self.opens = 0
+        self._probe_since: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self._state == self.OPEN and self._clock() - self.opened_at >= self.cooldown_s:
+            self._state = self.HALF_OPEN
+            self._probe_since = None
+        return self._state
+
+    def retry_in(self) -> float:
+        """Seconds until a request may be let through (0 when one may go now)."""
+        state = self.state
+        if state == self.OPEN:
+            return max(0.0, self.opened_at + self.cooldown_s - self._clock())
+        if state == self.HALF_OPEN and self._probe_since is not None:
+            return max(0.0, self._probe_since + self.cooldown_s - self._clock())
+        return 0.0
+
+    def would_allow(self) -> bool:
+        """``allow()`` without taking the half-open probe slot."""
+        return self.retry_in() == 0.0
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == self.CLOSED:
+            return True
+        if state == self.OPEN:
+            return False
+        now = self._clock()
+        if self._probe_since is None or now - self._probe_since >= self.cooldown_s:
+            self._probe_since = now
+            return True
+        return False
+
+    def on_success(self) -> None:
+        self._state = self.CLOSED
+        self.failures = 0
+        self._probe_since = None
+
+    def on_failure(self) -> None:
+        if self.state == self.HALF_OPEN:
+            self._open()
+            return
+        self.failures += 1
+        if self._state == self.CLOSED and self.failures >= self.failure_threshold:
+            self._open()
+
+    def _open(self) -> None:
+        self._state = self.OPEN
+        self.opened_at = self._clock()
+        self._probe_since = None
+        self.opens += 1
+
+
+class Quota:
+    """At most ``per_job`` requests in this job and ``per_day`` in each UTC day (None: no limit).
+
+    ``wall_clock`` is Unix time (it decides the UTC day); ``day_used`` seeds today's count when a
+    caller persists it across jobs.
+    """
+
+    def __init__(self, per_job: int | None = None, per_day: int | None = None, *,
+                 wall_clock: Clock = time.time, day_used: int = 0):
+        self.per_job = per_job
+        self.per_day = per_day
+        self._wall_clock = wall_clock
+        self.job_used = 0
+        self._day = self._today()
+        self._day_used = day_used
+
+    def _today(self) -> str:
+        return _dt.datetime.fromtimestamp(self._wall_clock(), _dt.timezone.utc).date().isoformat()
+
+    def _roll(self) -> None:
+        today = self._today()
+        if today != self._day:
+            self._day, self._day_used = today, 0
+
+    @property
+    def day_used(self) -> int:
+        self._roll()
+        return self._day_used
+
+    def check(self) -> bool:
+        if self.per_job is not None and self.job_used >= self.per_job:
+            return False
+        return self.per_day is None or self.day_used < self.per_day
+
+    def use(self, n: int = 1) -> None:
+        self._roll()
+        self.job_used += n
+        self._day_used += n
+
+    def why_not(self) -> str:
+        if self.per_job is not None and self.job_used >= self.per_job:
+            return f"job quota of {self.per_job} requests spent"
+        if self.per_day is not None and self.day_used >= self.per_day:
+            return f"daily quota of {self.per_day} requests spent (UTC day {self._day})"
+        return ""
+
+
+@dataclass
+class EngineLimits:
+    """How hard an engine may be used; overridable per source through ``SourceSpec.options``."""
+
+    rate: float = 1.0
+    burst: float = 1.0
+    min_rate: float | None = None
+    failure_threshold: int = 5
+    cooldown_s: float = 60.0
+    max_requests_per_job: int | None = None
+    max_requests_per_day: int | None = None
+
+    OPTION_KEYS = ("rate", "burst", "min_rate", "failure_threshold", "cooldown_s",
+                   "max_requests_per_job", "max_requests_per_day")
+
+
+# Conservative defaults from each service's published limits or observed tolerance.
+DEFAULT_LIMITS: dict[str, EngineLimits] = {
+    "duckduckgo": EngineLimits(rate=0.5, burst=2),
+    "bing": EngineLimits(rate=0.5, burst=2),
+    "wikimedia": EngineLimits(rate=2.0, burst=4),
+    "openverse": EngineLimits(rate=0.2, burst=5, max_requests_per_day=200),
+    "google": EngineLimits(rate=1.0, burst=2, max_requests_per_day=100),
+    "baidu": EngineLimits(rate=0.5, burst=2),
+    "sandbox": EngineLimits(rate=1000.0, burst=1000),
+    "urllist": EngineLimits(rate=1e6, burst=1e6),
+}
+
+
+def limits_for(engine: str, options: Mapping[str, Any] | None = None) -> EngineLimits:
+    """The engine's default limits with any of ``EngineLimits.OPTION_KEYS`` from ``options``."""
+    base = DEFAULT_LIMITS.get(engine, EngineLimits())
+    overrides = {k: v for k, v in (options or {}).items() if k in EngineLimits.OPTION_KEYS}
+    return EngineLimits(**{**{k: getattr(base, k) for k in EngineLimits.OPTION_KEYS},
+                           **overrides})
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    successes: int = 0
+    failures: int = 0
+    rate_limited: int = 0
+    waited_s: float = 0.0
+    refused: dict[str, int] = field(default_factory=lambda: {"quota": 0, "circuit_open": 0})
+
+
+class EngineGovernor:
+    """Pacing, breaker and quota for one engine. ``acquire`` before each request, ``record`` after.
+
+    Every request ``acquire`` lets through counts against the quota, whatever its outcome.
+    """
+
+    def __init__(self, engine: str, limits: EngineLimits | None = None, *,
+                 clock: Clock = time.monotonic, wall_clock: Clock = time.time):
+        self.engine = engine
+        self.limits = limits or limits_for(engine)
+        lim = self.limits
+        self.limiter = AdaptiveLimiter(lim.rate, lim.burst, min_rate=lim.min_rate, clock=clock)
+        self.breaker = CircuitBreaker(lim.failure_threshold, lim.cooldown_s, clock=clock)
+        self.quota = Quota(lim.max_requests_per_job, lim.max_requests_per_day,
+                           wall_clock=wall_clock)
+        self.counters = _Counters()
+
+    def available(self) -> bool:
+        """Whether ``acquire`` would let a request through now (takes nothing)."""
+        return self.quota.check() and self.breaker.would_allow()
+
+    def unavailable_reason(self) -> str:
+        if not self.quota.check():
+            return "quota_exhausted"
+        if not self.breaker.would_allow():
+            return "circuit_open"
+        return ""
+
+    def acquire(self) -> float:
+        """Reserve one request; return seconds to wait before sending it.
+
+        Raises ``QuotaExceeded`` or ``CircuitOpen`` (with ``retry_after``) instead.
+        """
+        if not self.quota.check():
+            self.counters.refused["quota"] += 1
+            raise QuotaExceeded(f"{self.engine}: {self.quota.why_not()}; raise "
+                                "options.max_requests_per_job/max_requests_per_day or add "
+                                "another source")
+        if not self.breaker.allow():
+            self.counters.refused["circuit_open"] += 1
+            wait = self.breaker.retry_in()
+            raise CircuitOpen(f"{self.engine}: circuit open after {self.breaker.failures} "
+                              f"failures; next try in {wait:.1f}s", retry_after=wait)
+        self.quota.use()
+        wait = self.limiter.reserve()
+        self.counters.requests += 1
+        self.counters.waited_s += wait
+        return wait
+
+    def record(self, success: bool, status: int = 0, retry_after: float | None = None) -> None:
+        """Report the outcome of a request ``acquire`` let through."""
+        if success:
+            self.counters.successes += 1
+            self.limiter.on_success()
+            self.breaker.on_success()
+            return
+        self.counters.failures += 1
+        if status == 429:
+            self.counters.rate_limited += 1
+        self.limiter.on_error(retry_after)
+        self.breaker.on_failure()
+
+    def snapshot(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "engine": self.engine, "state": self.breaker.state,
+            "rate": round(self.limiter.rate, 6), "base_rate": self.limiter.base_rate,
+            "requests": c.requests, "successes": c.successes, "failures": c.failures,
+            "rate_limited": c.rate_limited, "waited_s": round(c.waited_s, 3),
+            "refused": dict(c.refused), "circuit_opens": self.breaker.opens,
+            "quota": {"job_used": self.quota.job_used, "per_job": self.quota.per_job,
+                      "day_used": self.quota.day_used, "per_day": self.quota.per_day},
+        }
+
+
+@dataclass(frozen=True)
+class Fallback:
+    from_engine: str
+    to_engine: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"from": self.from_engine, "to": self.to_engine, "reason": self.reason}
+
+
+class FallbackChain:
+    """Engines in spec order; ``pick()`` gives the first usable one and records each switch.
+
+    An engine is skipped while its breaker is open, when its quota is spent, or for good once
+    ``mark_unavailable`` named it (missing credentials, say). Each change of the engine picked is
+    recorded once (``from``, ``to``, ``reason``), not every call: the reason the previous engine
+    was skipped, or ``recovered`` when an earlier engine is usable again.
+    """
+
+    def __init__(self, engines: list[str], governors: Mapping[str, EngineGovernor]):
+        missing = [e for e in engines if e not in governors]
+        if missing:
+            raise ValueError(f"no governor for engine(s) {missing}")
+        self.engines = list(engines)
+        self.governors = governors
+        self.unavailable: dict[str, str] = {}
+        self.fallbacks: list[Fallback] = []
+        self.current: str | None = self.engines[0] if self.engines else None
+
+    def _skip_reason(self, engine: str) -> str:
+        if engine in self.unavailable:
+            return f"unavailable: {self.unavailable[engine]}"
+        return self.governors[engine].unavailable_reason()
+
+    def pick(self) -> str | None:
+        """The first usable engine in order, or None if none is usable now."""
+        skipped: list[tuple[str, str]] = []
+        chosen = None
+        for engine in self.engines:
+            reason = self._skip_reason(engine)
+            if not reason:
+                chosen = engine
+                break
+            skipped.append((engine, reason))
+        if chosen != self.current:
+            if self.current is not None:
+                reason = dict(skipped).get(self.current, "recovered")
+                self.fallbacks.append(Fallback(self.current, chosen, reason))
+            self.current = chosen
+        return chosen
+
+    def mark_unavailable(self, engine: str, reason: str) -> None:
+        """Never pick ``engine`` again in this chain."""
+        self.unavailable[engine] = reason
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"engines": list(self.engines), "current": self.current,
+                "unavailable": dict(self.unavailable),
+                "fallbacks": [f.as_dict() for f in self.fallbacks]}

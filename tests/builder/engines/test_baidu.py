@@ -1,0 +1,72 @@
+"""Baidu engine against a fake of the acjson endpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.engines.baidu import BaiduEngine, decode_baidu_url
+from builder.errors import EngineError
+from tests.builder.engines.fakes import FakeServer, baidu_handler, baidu_obfuscate, fake_images
+
+
+def test_decode_reverses_the_obfuscation():
+    url = "https://img.example.org/photos/cat-007.jpg?w=640&h=480"
+    assert decode_baidu_url(baidu_obfuscate(url)) == url
+    assert decode_baidu_url("ippr_z2C$qAzdH3FAzdH3Fooo_z&e3Bv54AzdH3F") == "http://www.com/"
+    assert decode_baidu_url("https://plain.example/x.jpg") == "https://plain.example/x.jpg"
+
+
+def test_maps_baidu_hosted_copies_by_default_despite_bad_escapes():
+    images = fake_images(5)
+    with FakeServer(baidu_handler(images)) as srv:
+        page = BaiduEngine(f"{srv.url}/search/acjson").search("猫", label="cat", page=0,
+                                                              per_page=5)
+    assert len(page.hits) == 5  # the trailing {} of data[] is not a hit
+    hit = page.hits[2]
+    assert hit.url == "https://img2.baidu.com/it/u=2,1&fm=253&fmt=auto?w=400"
+    assert (hit.rank, hit.page_url, hit.title) == (2, images[2]["page_url"], "Cat number 2")
+    assert page.hits[1].title == "Cat number 1 'tabby'"  # repaired \' escape
+    q = srv.requests[0].query
+    assert (q["word"], q["tn"], q["pn"], q["rn"]) == ("猫", "resultjson_com", "0", "5")
+
+
+def test_original_option_uses_the_decoded_source_url():
+    images = fake_images(3)
+    with FakeServer(baidu_handler(images)) as srv:
+        page = BaiduEngine(f"{srv.url}/search/acjson", original=True).search(
+            "cat", label="cat", page=0, per_page=3)
+    assert [h.url for h in page.hits] == [img["url"] for img in images]
+
+
+def test_pages_by_pn_until_list_num():
+    images = fake_images(70)
+    with FakeServer(baidu_handler(images)) as srv:
+        engine = BaiduEngine(f"{srv.url}/search/acjson", original=True)
+        first = engine.search("cat", label="cat", page=0, per_page=40)
+        second = engine.search("cat", label="cat", page=1, per_page=40)
+    assert [len(first.hits), len(second.hits)] == [40, 30]
+    assert [first.has_more, second.has_more] == [True, False]
+    assert [h.url for h in first.hits + second.hits] == [img["url"] for img in images]
+    assert [(r.query["pn"], r.query["rn"]) for r in srv.requests] == \
+        [("0", "30"), ("30", "10"), ("40", "30")]
+
+
+def test_empty_page_ends():
+    with FakeServer(baidu_handler([])) as srv:
+        page = BaiduEngine(f"{srv.url}/search/acjson").search("x", label="x", page=0,
+                                                              per_page=10)
+    assert page.hits == [] and not page.has_more
+
+
+def test_block_page_and_429_are_retryable():
+    with FakeServer(baidu_handler(fake_images(3))) as srv:
+        srv.fail_next(status=200, body={"antiFlag": 1, "message": "Forbid spider access",
+                                        "bfe_log_id": "123"})
+        srv.fail_next(status=429, headers={"Retry-After": "12"})
+        engine = BaiduEngine(f"{srv.url}/search/acjson")
+        with pytest.raises(EngineError, match="Forbid spider access") as blocked:
+            engine.search("cat", label="cat", page=0, per_page=5)
+        with pytest.raises(EngineError) as limited:
+            engine.search("cat", label="cat", page=0, per_page=5)
+    assert blocked.value.retryable
+    assert limited.value.retryable and limited.value.retry_after == 12.0

@@ -1,0 +1,123 @@
+"""DuckDuckGo and Bing through the real ddgs package, its HTTP routed to local fakes."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.engines.ddg import BingImagesEngine, DdgsImagesEngine
+from builder.errors import EngineError, SourceError
+from tests.builder.engines.fakes import (
+    DDG_VQD,
+    FakeServer,
+    bing_handler,
+    ddg_handler,
+    fake_images,
+    route_ddgs,
+)
+
+
+@pytest.fixture
+def ddg(monkeypatch: pytest.MonkeyPatch):
+    images = fake_images(250)
+    with FakeServer(ddg_handler(images)) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        yield srv, images
+    assert not refused, f"ddgs tried to leave the machine: {refused}"
+
+
+def test_duckduckgo_maps_results_and_sends_safesearch_and_filters(ddg):
+    srv, images = ddg
+    engine = DdgsImagesEngine(region="de-de", safesearch="off",
+                              filters={"size": "Large", "type_image": "photo"})
+    page = engine.search("cat", label="cat", page=0, per_page=10)
+    assert [h.url for h in page.hits] == [img["url"] for img in images[:10]]
+    hit = page.hits[4]
+    assert (hit.rank, hit.page_url, hit.title) == (4, images[4]["page_url"], "Cat number 4")
+    assert page.has_more
+    token_fetch, search = srv.requests
+    assert token_fetch.path == "/" and token_fetch.query["q"] == "cat"
+    assert search.path == "/i.js"
+    assert search.query["vqd"] == DDG_VQD and search.query["l"] == "de-de"
+    assert search.query["p"] == "-1"  # safesearch off
+    assert "size:Large" in search.query["f"] and "type:photo" in search.query["f"]
+
+
+def test_duckduckgo_pages_through_backend_pages_and_caches_them(ddg):
+    srv, images = ddg
+    engine = DdgsImagesEngine()
+    pages = [engine.search("cat", label="cat", page=p, per_page=60) for p in range(5)]
+    assert [len(p.hits) for p in pages] == [60, 60, 60, 60, 10]
+    assert [p.has_more for p in pages] == [True, True, True, True, False]
+    assert [h.url for p in pages for h in p.hits] == [img["url"] for img in images]
+    assert [h.rank for h in pages[4].hits] == list(range(240, 250))
+    offsets = [r.query.get("s", "0") for r in srv.requests if r.path == "/i.js"]
+    assert offsets == ["0", "100", "200", "300"]  # each backend page fetched once
+    again = engine.search("cat", label="cat", page=1, per_page=60)
+    assert [h.url for h in again.hits] == [h.url for h in pages[1].hits]
+    assert len([r for r in srv.requests if r.path == "/i.js"]) == 4
+
+
+def test_duckduckgo_no_results_is_an_empty_last_page(monkeypatch: pytest.MonkeyPatch):
+    with FakeServer(ddg_handler([])) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        page = DdgsImagesEngine().search("zzzz", label="z", page=0, per_page=10)
+    assert page.hits == [] and not page.has_more and not refused
+
+
+def test_duckduckgo_blocked_token_page_is_retryable(ddg):
+    srv, _ = ddg
+    srv.fail_next(status=403, body=b"<html>blocked</html>", content_type="text/html")
+    with pytest.raises(EngineError) as info:
+        DdgsImagesEngine().search("cat", label="cat", page=0, per_page=10)
+    assert info.value.retryable and "vqd" in str(info.value)
+
+
+def test_duckduckgo_connection_failure_is_retryable(monkeypatch: pytest.MonkeyPatch):
+    from tests.builder.engines.fakes import closed_port
+
+    refused = route_ddgs(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(EngineError) as info:
+        DdgsImagesEngine(timeout_s=2).search("cat", label="cat", page=0, per_page=10)
+    assert info.value.retryable and not refused
+
+
+def test_unknown_filter_is_refused():
+    with pytest.raises(SourceError, match="valid: size, color"):
+        DdgsImagesEngine(filters={"colour": "red"})
+
+
+def test_bing_maps_results_and_pages(monkeypatch: pytest.MonkeyPatch):
+    images = fake_images(50)
+    with FakeServer(bing_handler(images)) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        engine = BingImagesEngine()
+        first = engine.search("cat", label="cat", page=0, per_page=30)
+        second = engine.search("cat", label="cat", page=1, per_page=30)
+    assert not refused
+    assert [h.url for h in first.hits + second.hits] == [img["url"] for img in images]
+    hit = first.hits[7]
+    assert (hit.rank, hit.page_url, hit.title) == (7, images[7]["page_url"], "Cat number 7")
+    assert first.has_more and not second.has_more
+    firsts = [r.query["first"] for r in srv.requests]
+    assert firsts[:2] == ["1", "36"]
+    assert all(r.path == "/images/async" for r in srv.requests)
+
+
+def test_duckduckgo_timeout_is_retryable(monkeypatch: pytest.MonkeyPatch):
+    import threading
+
+    release = threading.Event()
+    fast = ddg_handler(fake_images(5))
+
+    def slow(req):
+        release.wait(5)
+        return fast(req)
+
+    with FakeServer(slow) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        try:
+            with pytest.raises(EngineError, match="timed out") as info:
+                DdgsImagesEngine(timeout_s=1).search("cat", label="cat", page=0, per_page=5)
+        finally:
+            release.set()
+    assert info.value.retryable and not refused

@@ -1,0 +1,96 @@
+"""Google Custom Search engine against a fake of the JSON API."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.engines.google import GoogleEngine
+from builder.errors import EngineError, EngineUnavailable
+from tests.builder.engines.fakes import FakeServer, fake_images, google_handler, google_quota_error
+
+KEY, CX = "AIza-test-key", "cx-test"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GOOGLE_API_KEY", "GOOGLE_CSE_KEY", "GOOGLE_CSE_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _engine(srv: FakeServer, **kw) -> GoogleEngine:
+    return GoogleEngine(f"{srv.url}/customsearch/v1", api_key=KEY, cse_id=CX, **kw)
+
+
+def test_missing_credentials_name_the_env_vars(monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(EngineUnavailable, match="GOOGLE_API_KEY and GOOGLE_CSE_ID"):
+        GoogleEngine()
+    monkeypatch.setenv("GOOGLE_CSE_KEY", "k")
+    with pytest.raises(EngineUnavailable, match="missing: GOOGLE_CSE_ID"):
+        GoogleEngine()
+    monkeypatch.setenv("GOOGLE_CSE_ID", "c")
+    assert GoogleEngine().api_key == "k"
+
+
+def test_maps_items_and_requests_image_search():
+    images = fake_images(15)
+    with FakeServer(google_handler(images, key=KEY, cx=CX)) as srv:
+        page = _engine(srv, region="de-de").search("cat", label="cat", page=0, per_page=5)
+    assert [h.url for h in page.hits] == [img["url"] for img in images[:5]]
+    hit = page.hits[3]
+    assert (hit.rank, hit.page_url, hit.title) == (3, images[3]["page_url"], "Cat number 3")
+    assert page.has_more
+    q = srv.requests[0].query
+    assert (q["searchType"], q["start"], q["num"], q["cx"]) == ("image", "1", "5", CX)
+    assert q["safe"] == "active" and q["gl"] == "de"
+
+
+def test_pages_of_more_than_10_take_several_requests_and_stop_at_the_end():
+    images = fake_images(23)
+    with FakeServer(google_handler(images, key=KEY, cx=CX)) as srv:
+        engine = _engine(srv)
+        first = engine.search("cat", label="cat", page=0, per_page=15)
+        second = engine.search("cat", label="cat", page=1, per_page=15)
+    assert [len(first.hits), len(second.hits)] == [15, 8]
+    assert [first.has_more, second.has_more] == [True, False]
+    assert [h.rank for h in second.hits] == list(range(15, 23))
+    assert [(r.query["start"], r.query["num"]) for r in srv.requests] == \
+        [("1", "10"), ("11", "5"), ("16", "10")]
+
+
+def test_never_asks_past_the_first_100_results():
+    images = fake_images(150)
+    with FakeServer(google_handler(images, key=KEY, cx=CX)) as srv:
+        engine = _engine(srv)
+        last = engine.search("cat", label="cat", page=4, per_page=20)
+        beyond = engine.search("cat", label="cat", page=5, per_page=20)
+    assert len(last.hits) == 20 and not last.has_more
+    assert beyond.hits == [] and not beyond.has_more
+    assert all(int(r.query["start"]) + int(r.query["num"]) - 1 <= 100 for r in srv.requests)
+
+
+def test_no_items_is_an_empty_last_page():
+    with FakeServer(google_handler([], key=KEY, cx=CX)) as srv:
+        page = _engine(srv).search("zzz", label="zzz", page=0, per_page=10)
+    assert page.hits == [] and not page.has_more
+
+
+def test_rate_limit_429_is_retryable_daily_quota_403_is_not():
+    with FakeServer(google_handler(fake_images(5), key=KEY, cx=CX)) as srv:
+        srv.fail_next(status=429, body=google_quota_error(429), headers={"Retry-After": "30"})
+        srv.fail_next(status=403, body=google_quota_error(403))
+        engine = _engine(srv)
+        with pytest.raises(EngineError) as rate:
+            engine.search("cat", label="cat", page=0, per_page=5)
+        with pytest.raises(EngineError) as daily:
+            engine.search("cat", label="cat", page=0, per_page=5)
+    assert rate.value.retryable and rate.value.status == 429 and rate.value.retry_after == 30
+    assert not daily.value.retryable and daily.value.status == 403
+    assert "Quota exceeded" in str(daily.value)
+    assert KEY not in str(rate.value) and KEY not in str(daily.value)
+
+
+def test_bad_key_is_a_non_retryable_error():
+    with FakeServer(google_handler(fake_images(5), key="other", cx=CX)) as srv:
+        with pytest.raises(EngineError) as info:
+            _engine(srv).search("cat", label="cat", page=0, per_page=5)
+    assert info.value.status == 400 and not info.value.retryable

@@ -1,0 +1,109 @@
+"""The web engines built from a dataset spec, as the planner builds them."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from builder.engines import make_engine
+from builder.engines.webjson import parse_retry_after, redact
+from builder.errors import EngineUnavailable
+from builder.spec import parse_spec
+from tests.builder.engines.fakes import (
+    FakeServer,
+    baidu_handler,
+    fake_images,
+    google_handler,
+    openverse_handler,
+    wikimedia_handler,
+)
+
+
+def _spec(source: dict) -> object:
+    return parse_spec({"name": "cats", "classes": {"cat": None}, "sources": [source],
+                       "download": {"timeout_s": 3, "user_agent": "PixCrawlerTest/1"}})
+
+
+@pytest.mark.parametrize("engine,path,handler", [
+    ("wikimedia", "/w/api.php", wikimedia_handler),
+    ("openverse", "/v1/images/", openverse_handler),
+    ("baidu", "/search/acjson", baidu_handler),
+])
+def test_keyless_engines_from_a_spec_reach_their_base_url(engine, path, handler,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OPENVERSE_TOKEN", raising=False)
+    images = fake_images(4)
+    with FakeServer(handler(images)) as srv:
+        spec = _spec({"engine": engine, "options": {"base_url": srv.url + path,
+                                                    "original": True}})
+        eng = make_engine(spec.sources[0], spec)
+        page = eng.search("cat", label="cat", page=0, per_page=4)
+    assert eng.name == engine
+    assert [h.url for h in page.hits] == [img["url"] for img in images]
+    assert srv.requests[0].headers["user-agent"] == "PixCrawlerTest/1"
+
+
+def test_google_from_a_spec(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GOOGLE_API_KEY", "k")
+    monkeypatch.setenv("GOOGLE_CSE_ID", "c")
+    images = fake_images(3)
+    with FakeServer(google_handler(images, key="k", cx="c")) as srv:
+        spec = _spec({"engine": "google", "safesearch": "off",
+                      "options": {"base_url": srv.url + "/customsearch/v1", "imgType": "photo"}})
+        page = make_engine(spec.sources[0], spec).search("cat", label="cat", page=0, per_page=3)
+    assert len(page.hits) == 3
+    assert srv.requests[0].query["safe"] == "off"
+    assert srv.requests[0].query["imgType"] == "photo"
+
+
+def test_google_without_credentials_is_unavailable(monkeypatch: pytest.MonkeyPatch):
+    for name in ("GOOGLE_API_KEY", "GOOGLE_CSE_KEY", "GOOGLE_CSE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    spec = _spec({"engine": "google"})
+    with pytest.raises(EngineUnavailable, match="GOOGLE_API_KEY"):
+        make_engine(spec.sources[0], spec)
+
+
+def test_ddgs_engines_are_built_with_spec_settings():
+    spec = _spec({"engine": "duckduckgo", "region": "fr-fr", "safesearch": "on",
+                  "options": {"layout": "Wide", "rate": 2}})
+    eng = make_engine(spec.sources[0], spec)
+    assert (eng.name, eng.region, eng.safesearch, eng.filters) == \
+        ("duckduckgo", "fr-fr", "on", {"layout": "Wide"})
+    bing = _spec({"engine": "bing"})
+    assert make_engine(bing.sources[0], bing).backend == "bing"
+
+
+def test_retry_after_parsing_and_secret_redaction():
+    assert parse_retry_after("12") == 12.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert parse_retry_after(date, now=1_000_000) == pytest.approx(30.0)
+    assert redact("https://x/v1?key=SECRET&q=cat") == "https://x/v1?key=***&q=cat"
+
+
+JUNK = {"results": "x", "data": 5, "items": {"a": 1}, "query": [], "continue": "no",
+        "page_count": "many", "listNum": "lots", "error": None}
+
+
+@pytest.mark.parametrize("engine,path", [
+    ("wikimedia", "/w/api.php"), ("openverse", "/v1/images/"), ("baidu", "/search/acjson"),
+    ("google", "/customsearch/v1"),
+])
+def test_malformed_answers_give_an_empty_page_or_an_engine_error(engine, path, monkeypatch):
+    from builder.errors import EngineError
+    from tests.builder.engines.fakes import Response
+
+    monkeypatch.setenv("GOOGLE_API_KEY", "k")
+    monkeypatch.setenv("GOOGLE_CSE_ID", "c")
+    for body in (JUNK, [1, 2], "null"):
+        with FakeServer(lambda req, body=body: Response(200, body)) as srv:
+            spec = _spec({"engine": engine, "options": {"base_url": srv.url + path}})
+            try:
+                page = make_engine(spec.sources[0], spec).search("cat", label="cat", page=0,
+                                                                 per_page=5)
+            except EngineError as exc:
+                assert exc.retryable, exc
+            else:
+                assert page.hits == [] and not page.has_more

@@ -1,0 +1,195 @@
+"""Token bucket, adaptive limiter, circuit breaker, quota, governor and fallback chain."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.ratelimit import (
+    AdaptiveLimiter,
+    CircuitBreaker,
+    CircuitOpen,
+    EngineGovernor,
+    EngineLimits,
+    FallbackChain,
+    Quota,
+    QuotaExceeded,
+    TokenBucket,
+    limits_for,
+)
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def test_bucket_spends_burst_then_paces_at_rate():
+    clock = FakeClock()
+    bucket = TokenBucket(rate=2.0, burst=3, clock=clock)
+    assert [bucket.reserve() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert [bucket.reserve() for _ in range(3)] == pytest.approx([0.5, 1.0, 1.5])
+    assert bucket.tokens == pytest.approx(-3.0)
+    clock.advance(1.5)  # the queued three have gone; bucket empty
+    assert bucket.reserve() == pytest.approx(0.5)
+    clock.advance(10)  # refills to burst, never above
+    assert bucket.tokens == pytest.approx(3.0)
+
+
+def test_bucket_rate_change_repays_debt_at_new_rate_and_pause():
+    clock = FakeClock()
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock)
+    bucket.reserve()
+    assert bucket.reserve() == pytest.approx(1.0)
+    bucket.set_rate(0.5)  # 2 tokens owed -> now 4 s to repay
+    assert bucket.reserve() == pytest.approx(4.0)
+    clock.advance(6)
+    bucket.pause_until(clock() + 10)
+    assert bucket.reserve() == pytest.approx(10.0)
+    assert bucket.reserve() == pytest.approx(12.0)
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0)
+
+
+def test_adaptive_limiter_halves_on_error_and_recovers_gradually():
+    clock = FakeClock()
+    lim = AdaptiveLimiter(rate=4.0, burst=1, min_rate=0.5, clock=clock)
+    lim.on_error()
+    assert lim.rate == 2.0
+    for _ in range(5):
+        lim.on_error()
+    assert lim.rate == 0.5  # floor
+    lim.on_success()
+    assert lim.rate == pytest.approx(0.55)
+    for _ in range(100):
+        lim.on_success()
+    assert lim.rate == 4.0  # capped at the base rate
+
+
+def test_adaptive_limiter_blocks_until_retry_after():
+    clock = FakeClock()
+    lim = AdaptiveLimiter(rate=10.0, burst=5, clock=clock)
+    lim.on_error(retry_after=30)
+    assert lim.reserve() == pytest.approx(30.0)
+    assert lim.reserve() == pytest.approx(30.2)  # then paced at the halved rate (5/s)
+    clock.advance(31)
+    assert lim.reserve() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_breaker_opens_after_threshold_then_half_open_probe():
+    clock = FakeClock()
+    br = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=clock)
+    for _ in range(2):
+        assert br.allow()
+        br.on_failure()
+    br.on_success()  # a success resets the count
+    for _ in range(3):
+        br.on_failure()
+    assert br.state == "open" and not br.allow()
+    assert br.retry_in() == pytest.approx(10)
+    clock.advance(10)
+    assert br.state == "half_open"
+    assert br.allow()  # the one probe
+    assert not br.allow() and not br.would_allow()
+    br.on_failure()  # probe failed: open again for a full cooldown
+    assert br.state == "open" and br.opens == 2
+    clock.advance(9.9)
+    assert not br.allow()
+    clock.advance(0.1)
+    assert br.allow()
+    br.on_success()
+    assert br.state == "closed" and br.allow() and br.allow()
+
+
+def test_breaker_probe_that_never_reports_frees_the_slot():
+    clock = FakeClock()
+    br = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    br.on_failure()
+    clock.advance(5)
+    assert br.allow() and not br.allow()
+    clock.advance(5)
+    assert br.allow()
+
+
+def test_quota_per_job_and_per_utc_day():
+    wall = FakeClock(t=1_700_000_000.0)  # 2023-11-14 22:13 UTC
+    q = Quota(per_job=5, per_day=3, wall_clock=wall)
+    for _ in range(3):
+        assert q.check()
+        q.use()
+    assert not q.check() and "daily quota of 3" in q.why_not()
+    wall.advance(2 * 3600)  # past midnight UTC: a new day
+    assert q.check() and q.day_used == 0
+    q.use(2)
+    assert not q.check() and "job quota of 5" in q.why_not()
+    assert Quota().check()
+
+
+def test_governor_paces_counts_and_raises_on_quota_and_open_circuit():
+    clock = FakeClock()
+    gov = EngineGovernor("x", EngineLimits(rate=1.0, burst=2, failure_threshold=2,
+                                           cooldown_s=60, max_requests_per_job=6),
+                         clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    assert [gov.acquire() for _ in range(3)] == pytest.approx([0.0, 0.0, 1.0])
+    gov.record(True)
+    gov.record(False, status=429, retry_after=20)
+    assert gov.acquire() == pytest.approx(20.0)
+    gov.record(False, status=500)
+    with pytest.raises(CircuitOpen) as info:
+        gov.acquire()
+    assert info.value.retryable and info.value.retry_after == pytest.approx(60)
+    assert not gov.available() and gov.unavailable_reason() == "circuit_open"
+    clock.advance(60)
+    gov.acquire()  # the probe
+    gov.record(True)
+    gov.acquire()
+    with pytest.raises(QuotaExceeded, match="job quota of 6"):
+        gov.acquire()
+    snap = gov.snapshot()
+    assert snap["requests"] == 6 and snap["successes"] == 2 and snap["failures"] == 2
+    assert snap["rate_limited"] == 1 and snap["circuit_opens"] == 1
+    assert snap["refused"] == {"quota": 1, "circuit_open": 1}
+    assert snap["quota"]["job_used"] == 6 and snap["state"] == "closed"
+    assert snap["rate"] < snap["base_rate"] == 1.0
+
+
+def test_limits_from_source_options():
+    lim = limits_for("google", {"rate": 3, "max_requests_per_day": 50, "base_url": "x"})
+    assert (lim.rate, lim.max_requests_per_day, lim.burst) == (3, 50, 2)
+    assert limits_for("unknown-engine") == EngineLimits()
+
+
+def test_fallback_chain_follows_spec_order_and_records_switches():
+    clock = FakeClock()
+    govs = {name: EngineGovernor(name, EngineLimits(failure_threshold=1, cooldown_s=30,
+                                                    max_requests_per_job=2 if name == "b"
+                                                    else None),
+                                 clock=clock)
+            for name in ("a", "b", "c")}
+    chain = FallbackChain(["a", "b", "c"], govs)
+    assert chain.pick() == "a" and chain.fallbacks == []
+    govs["a"].acquire()
+    govs["a"].record(False, status=429)  # a's breaker opens
+    assert chain.pick() == "b"
+    govs["b"].acquire()
+    govs["b"].acquire()  # b's quota spent
+    assert chain.pick() == "c"
+    assert chain.pick() == "c"  # no new record while nothing changes
+    clock.advance(30)  # a half-open again
+    assert chain.pick() == "a"
+    chain.mark_unavailable("a", "missing GOOGLE_API_KEY")
+    chain.mark_unavailable("c", "gone")
+    assert chain.pick() is None
+    assert chain.snapshot()["fallbacks"] == [
+        {"from": "a", "to": "b", "reason": "circuit_open"},
+        {"from": "b", "to": "c", "reason": "quota_exhausted"},
+        {"from": "c", "to": "a", "reason": "recovered"},
+        {"from": "a", "to": None, "reason": "unavailable: missing GOOGLE_API_KEY"},
+    ]
+    with pytest.raises(ValueError):
+        FallbackChain(["a", "zzz"], govs)
