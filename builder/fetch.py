@@ -1,0 +1,470 @@
+"""The polite async image fetcher: one aiohttp session, per-host politeness, retries, limits.
+
+A ``Fetcher`` turns records into records with bytes (or rejected ones): it never raises for a
+sample-level problem (bad URL, bad server, not an image). Per request, in order:
+
+1. the SSRF guard vets the URL (scheme, host, literal IP; ``builder.netguard``);
+2. robots.txt of the origin is consulted (fetched once per origin, cached; ``builder.robots``);
+3. a per-host slot (``per_host_concurrency``), a global slot (``concurrency``) and the host's
+   start delay (``per_host_delay_s``, raised by a robots ``Crawl-delay`` and by ``Retry-After``)
+   are taken;
+4. one GET without automatic redirects: a redirect goes back to step 1 with the new URL (so every
+   hop is vetted and checked against robots), at most ``max_redirects`` times, loops refused;
+5. 5xx, 429, timeouts and connection errors are retried ``retries`` more times with exponential
+   backoff and jitter (``Retry-After`` honoured on 429/503, capped at ``max_retry_after_s``);
+6. a 2xx body is read with a byte cap (``max_bytes``: refused up front from Content-Length, else
+   aborted while streaming), checked for ``X-Robots-Tag`` opt-outs, and its format is sniffed
+   from the magic number.
+
+Host names resolve through ``GuardedResolver`` inside aiohttp's connector, so the address that
+was checked is the address connected to. Per-host state is keyed by host name (all ports and
+schemes of a host share one politeness budget); robots.txt by origin (scheme, host, port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections import deque
+from typing import Any, Optional
+
+import aiohttp
+from yarl import URL
+
+from builder.formats import sniff_format
+from builder.netguard import BlockedAddressError, GuardedResolver, UrlRejected, vet_url
+from builder.reasons import Reason
+from builder.records import Record
+from builder.robots import MAX_ROBOTS_BYTES, ROBOTS_UA, RobotsCache, optout_directive
+from builder.spec import DownloadSpec
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_ROBOTS_REDIRECTS = 5
+"""Redirects followed for robots.txt (RFC 9309 asks for at least five)."""
+MAX_CRAWL_DELAY_S = 10.0
+"""A robots.txt ``Crawl-delay`` above this is taken as this (some sites ask for hours)."""
+DNS_CACHE_TTL_S = 300
+_ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/*;q=0.5"
+_HOST_SWEEP_AT = 4096
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None.
+
+    A date in the past gives 0; an unparsable value gives None.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+class _Failure(Exception):
+    """A retryable outcome of one attempt (5xx, 429, timeout, connection error)."""
+
+    def __init__(self, reason: Reason, detail: str, retry_after: Optional[float] = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class _Host:
+    """Politeness state of one host: its slots and when the next request may start."""
+
+    __slots__ = ("sem", "next_start", "users")
+
+    def __init__(self, concurrency: int):
+        self.sem = asyncio.Semaphore(concurrency)
+        self.next_start = 0.0
+        self.users = 0
+
+
+class Fetcher:
+    """Downloads image records politely. Create it inside a running event loop; use as
+    ``async with Fetcher(cfg) as f: await f.fetch_many(records)``.
+
+    ``stats`` counts requests (every HTTP request sent, robots.txt included), retries, body
+    bytes kept, robots.txt fetches, accepted/rejected records, responses ``by_status`` and
+    rejections ``by_reason``.
+    """
+
+    def __init__(self, cfg: DownloadSpec):
+        self.cfg = cfg
+        self.stats: dict[str, Any] = {
+            "requests": 0, "retries": 0, "bytes": 0, "robots_fetches": 0,
+            "fetched": 0, "rejected": 0, "by_status": {}, "by_reason": {},
+        }
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._global = asyncio.Semaphore(cfg.concurrency)
+        self._hosts: dict[str, _Host] = {}
+        self._robots = RobotsCache(self._fetch_robots, ROBOTS_UA)
+        self._headers = {"User-Agent": cfg.user_agent, "Accept": _ACCEPT,
+                         "Accept-Encoding": "identity"}
+        self._closed = False
+
+    async def __aenter__(self) -> "Fetcher":
+        self._ensure_session()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session and its connections; the fetcher cannot be used afterwards."""
+        self._closed = True
+        await self._robots.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            if self._closed:
+                raise RuntimeError("this Fetcher is closed; create a new one")
+            connector = aiohttp.TCPConnector(
+                limit=self.cfg.concurrency,
+                ttl_dns_cache=DNS_CACHE_TTL_S,
+                resolver=GuardedResolver(allow_private_networks=self.cfg.allow_private_networks),
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+                headers=self._headers,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # Bytes are counted and capped as they arrive on the wire; a compressed body is
+                # not expanded (we ask for identity, and a gzip bomb stays a small rejection).
+                auto_decompress=False,
+                trust_env=False,
+            )
+        return self._session
+
+    # ---- public API -------------------------------------------------------------------------
+
+    async def fetch(self, record: Record) -> Record:
+        """Fetch one record's URL into ``record.data`` or reject it. Never raises for a
+        sample-level problem; returns the same record."""
+        return await self._fetch_timed(record, None)
+
+    async def fetch_many(self, records: list[Record]) -> list[Record]:
+        """Fetch all records concurrently; returns them in the given order.
+
+        Records are grouped by host and each host gets at most ``per_host_concurrency``
+        workers, so a slow or rate-limited host never holds up the others and no record waits
+        in a semaphore queue of thousands (each such hand-off costs an event-loop round trip).
+        """
+        by_host: dict[str, deque[tuple[Record, URL]]] = {}
+        allow_private = self.cfg.allow_private_networks
+        for record in records:
+            try:
+                url = vet_url(record.candidate.url, allow_private_networks=allow_private)
+            except UrlRejected as exc:
+                record.reject(exc.reason, exc.detail)
+                self._count(record)
+                continue
+            queue = by_host.get(url.raw_host or "")
+            if queue is None:
+                queue = by_host[url.raw_host or ""] = deque()
+            queue.append((record, url))
+
+        async def host_worker(queue: deque[tuple[Record, URL]]) -> None:
+            while queue:
+                record, url = queue.popleft()
+                await self._fetch_timed(record, url)
+
+        cap = self.cfg.per_host_concurrency
+        await asyncio.gather(*(host_worker(queue) for queue in by_host.values()
+                               for _ in range(min(cap, len(queue)))))
+        return list(records)
+
+    # ---- one record ---------------------------------------------------------------------------
+
+    async def _fetch_timed(self, record: Record, url: Optional[URL]) -> Record:
+        started = time.perf_counter()
+        try:
+            if url is None:
+                url = vet_url(record.candidate.url,
+                              allow_private_networks=self.cfg.allow_private_networks)
+            await self._fetch(record, url)
+        except UrlRejected as exc:
+            record.reject(exc.reason, exc.detail)
+        record.fetch_ms = (time.perf_counter() - started) * 1000.0
+        self._count(record)
+        return record
+
+    def _count(self, record: Record) -> None:
+        stats = self.stats
+        if record.rejected:
+            stats["rejected"] += 1
+            by_reason = stats["by_reason"]
+            by_reason[record.reason] = by_reason.get(record.reason, 0) + 1
+        else:
+            stats["fetched"] += 1
+
+    async def _fetch(self, record: Record, url: URL) -> None:
+        """Follow ``url`` through redirects (each hop vetted and robots-checked) into
+        ``record``. Raises ``UrlRejected`` for a hop the SSRF guard refuses."""
+        cfg = self.cfg
+        seen: Optional[set[str]] = None
+        for _hop in range(cfg.max_redirects + 1):
+            url_s = str(url)
+            delay = cfg.per_host_delay_s
+            if cfg.respect_robots:
+                policy = self._robots.cached(url) or await self._robots.policy(url)
+                if not policy.allowed(url_s, ROBOTS_UA):
+                    record.reject(Reason.ROBOTS_DISALLOWED, f"robots.txt disallows {url_s}")
+                    return
+                if policy.crawl_delay > delay:
+                    delay = min(policy.crawl_delay, MAX_CRAWL_DELAY_S)
+            location = await self._get_with_retries(url, delay, record)
+            if location is None:
+                if not record.rejected:
+                    record.final_url = url_s
+                return
+            try:
+                target = url.join(URL(location))
+            except ValueError as exc:
+                raise UrlRejected(Reason.INVALID_URL, f"bad redirect Location {location!r}: "
+                                                      f"{exc}") from None
+            url = vet_url(target, allow_private_networks=cfg.allow_private_networks)
+            if seen is None:
+                seen = {url_s}
+            if str(url) in seen:
+                record.reject(Reason.TOO_MANY_REDIRECTS, f"redirect loop back to {url}")
+                return
+            seen.add(str(url))
+        record.reject(Reason.TOO_MANY_REDIRECTS,
+                      f"more than {cfg.max_redirects} redirects (last to {url})")
+
+    async def _get_with_retries(self, url: URL, delay: float, record: Record) -> Optional[str]:
+        """GET ``url`` with retries. Returns a redirect's Location, or None when ``record`` is
+        finished (filled or rejected)."""
+        cfg = self.cfg
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(url, delay, record)
+            except _Failure as failure:
+                if attempt >= cfg.retries:
+                    tries = attempt + 1
+                    record.reject(failure.reason, f"{failure.detail} ({tries} "
+                                                  f"{'try' if tries == 1 else 'tries'})")
+                    return None
+                wait = cfg.backoff_s * (2 ** attempt) * (0.5 + random.random())
+                if failure.retry_after is not None:
+                    honoured = min(failure.retry_after, cfg.max_retry_after_s)
+                    wait = max(wait, honoured)
+                    self._hold_host(url, honoured)
+                attempt += 1
+                self.stats["retries"] += 1
+                await asyncio.sleep(wait)
+
+    async def _attempt(self, url: URL, delay: float, record: Record) -> Optional[str]:
+        """One GET. Returns a redirect Location, None when the record is finished; raises
+        ``_Failure`` for a retryable outcome."""
+        session = self._ensure_session()
+        host = await self._acquire(url, delay)
+        try:
+            self.stats["requests"] += 1
+            async with session.get(url, allow_redirects=False) as resp:
+                status = resp.status
+                record.http_status = status
+                by_status = self.stats["by_status"]
+                by_status[status] = by_status.get(status, 0) + 1
+                if 200 <= status < 300:
+                    await self._accept_body(resp, record)
+                    return None
+                if status in REDIRECT_STATUSES:
+                    location = resp.headers.get("Location")
+                    if location:
+                        return location
+                    record.reject(Reason.HTTP_CLIENT_ERROR, f"HTTP {status} without Location")
+                    return None
+                if status == 429 or status >= 500:
+                    retry_after = None
+                    if status in (429, 503):
+                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    reason = Reason.RATE_LIMITED if status == 429 else Reason.HTTP_SERVER_ERROR
+                    raise _Failure(reason, f"HTTP {status}", retry_after)
+                record.reject(Reason.HTTP_CLIENT_ERROR, f"HTTP {status}")
+                return None
+        except asyncio.TimeoutError:
+            raise _Failure(Reason.TIMEOUT, f"no complete answer within {self.cfg.timeout_s:g} s") \
+                from None
+        except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, BlockedAddressError):
+                raise UrlRejected(Reason.BLOCKED_ADDRESS, exc.os_error.detail) from None
+            raise _Failure(Reason.CONNECTION_ERROR, f"DNS lookup failed: {exc.os_error}") \
+                from None
+        except aiohttp.InvalidURL as exc:
+            raise UrlRejected(Reason.INVALID_URL, f"aiohttp refused the URL: {exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Failure(Reason.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self._release(host)
+
+    async def _accept_body(self, resp: aiohttp.ClientResponse, record: Record) -> None:
+        """Read a 2xx body under the byte cap, apply opt-outs and the format sniff."""
+        cfg = self.cfg
+        if cfg.respect_optouts:
+            tags = resp.headers.getall("X-Robots-Tag", ())
+            if tags:
+                directive = optout_directive(tags, ROBOTS_UA)
+                if directive:
+                    record.reject(Reason.OPTED_OUT, f"X-Robots-Tag: {directive}")
+                    return
+        cap = cfg.max_bytes
+        length = resp.content_length
+        if length is not None:
+            if length > cap:
+                resp.close()
+                record.reject(Reason.TOO_MANY_BYTES,
+                              f"Content-Length {length} is over max_bytes {cap}")
+                return
+            # aiohttp's parser stops at Content-Length, so this read is bounded by the check.
+            data = await resp.read()
+        else:
+            chunks = []
+            total = 0
+            async for chunk in resp.content.iter_any():
+                total += len(chunk)
+                if total > cap:
+                    resp.close()
+                    record.reject(Reason.TOO_MANY_BYTES,
+                                  f"body passed max_bytes {cap} while streaming (aborted)")
+                    return
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        content_type = resp.headers.get("Content-Type", "")
+        fmt = sniff_format(data)
+        if fmt is None:
+            shown = data[:16]
+            record.reject(Reason.NOT_AN_IMAGE, f"bytes start {shown!r} ({len(data)} bytes, "
+                                               f"Content-Type {content_type or 'none'!r})")
+            return
+        self.stats["bytes"] += len(data)
+        record.data = data
+        record.content_type = content_type
+        record.format = fmt
+
+    # ---- politeness ---------------------------------------------------------------------------
+
+    async def _acquire(self, url: URL, delay: float) -> _Host:
+        """Take a slot on ``url``'s host and a global slot, then wait for the host's next start."""
+        key = url.raw_host or ""
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _Host(self.cfg.per_host_concurrency)
+        host.users += 1
+        try:
+            await host.sem.acquire()
+            try:
+                await self._global.acquire()
+                try:
+                    loop = asyncio.get_running_loop()
+                    now = loop.time()
+                    start = host.next_start if host.next_start > now else now
+                    host.next_start = start + delay
+                    if start > now:
+                        await asyncio.sleep(start - now)
+                except BaseException:
+                    self._global.release()
+                    raise
+            except BaseException:
+                host.sem.release()
+                raise
+        except BaseException:
+            host.users -= 1
+            raise
+        return host
+
+    def _release(self, host: _Host) -> None:
+        self._global.release()
+        host.sem.release()
+        host.users -= 1
+        if host.users == 0 and len(self._hosts) > _HOST_SWEEP_AT:
+            self._sweep_hosts()
+
+    def _sweep_hosts(self) -> None:
+        """Forget idle hosts whose next start is past, so a long crawl's host table stays small."""
+        now = asyncio.get_running_loop().time()
+        for key in [k for k, h in self._hosts.items() if h.users == 0 and h.next_start <= now]:
+            del self._hosts[key]
+
+    def _hold_host(self, url: URL, seconds: float) -> None:
+        """Push the host's next start ``seconds`` ahead (a Retry-After applies to the host)."""
+        host = self._hosts.get(url.raw_host or "")
+        if host is not None:
+            until = asyncio.get_running_loop().time() + seconds
+            if until > host.next_start:
+                host.next_start = until
+
+    # ---- robots.txt ---------------------------------------------------------------------------
+
+    async def _fetch_robots(self, url: URL) -> tuple[int, bytes]:
+        """Download a robots.txt for ``RobotsCache``: (status, body), status 0 when there is no
+        usable answer (unreachable, blocked, too many redirects). Never raises."""
+        self.stats["robots_fetches"] += 1
+        session = self._ensure_session()
+        for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
+            try:
+                url = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
+            except UrlRejected:
+                return 0, b""
+            host = await self._acquire(url, self.cfg.per_host_delay_s)
+            try:
+                self.stats["requests"] += 1
+                async with session.get(url, allow_redirects=False) as resp:
+                    location = resp.headers.get("Location")
+                    if resp.status in REDIRECT_STATUSES and location:
+                        url = url.join(URL(location))
+                        continue
+                    if not 200 <= resp.status < 300:
+                        return resp.status, b""
+                    return resp.status, await _read_truncated(resp, MAX_ROBOTS_BYTES)
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                return 0, b""
+            finally:
+                self._release(host)
+        return 0, b""
+
+
+async def _read_truncated(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body; the rest is not read."""
+    chunks = []
+    total = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= limit:
+            resp.close()
+            break
+    return b"".join(chunks)[:limit]
+
+
+def fetch_all(records: list[Record], cfg: DownloadSpec) -> list[Record]:
+    """Fetch ``records`` from synchronous code (runs its own event loop; not inside one)."""
+
+    async def run() -> list[Record]:
+        async with Fetcher(cfg) as fetcher:
+            return await fetcher.fetch_many(records)
+
+    return asyncio.run(run())
+
+
+__all__ = ["Fetcher", "fetch_all", "parse_retry_after", "REDIRECT_STATUSES"]

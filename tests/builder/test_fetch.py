@@ -1,0 +1,602 @@
+"""The fetcher against a real aiohttp server on 127.0.0.1 (in a background thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Optional
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from builder.fetch import Fetcher, fetch_all, parse_retry_after
+from builder.reasons import Reason
+from builder.records import Candidate, Record
+from builder.spec import DownloadSpec
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+JPEG = _jpeg()
+HTML = b"<!DOCTYPE html><html><body>not found</body></html>"
+STREAM_TOTAL = 64 * 1024 * 1024
+STREAM_CHUNK = 16 * 1024
+
+
+class State:
+    """What the server saw; handlers write it (on the server thread), tests read it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.hits: dict[str, int] = defaultdict(int)
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.stream_sent = 0
+        self.stream_disconnected = False
+        self.robots_mode = "none"  # none (404) | rules | error (500) | crawl_delay
+
+    def hit(self, key: str) -> int:
+        with self.lock:
+            self.hits[key] += 1
+            self.times[key].append(time.monotonic())
+            return self.hits[key]
+
+
+def make_app(state: State) -> web.Application:
+    routes = web.RouteTableDef()
+
+    def image(**headers: str) -> web.Response:
+        return web.Response(body=JPEG, content_type="image/jpeg", headers=headers)
+
+    @routes.get("/robots.txt")
+    async def robots(request: web.Request) -> web.Response:
+        state.hit("robots")
+        await asyncio.sleep(0.2)  # so that concurrent first requests overlap the fetch
+        if state.robots_mode == "rules":
+            return web.Response(text="User-agent: *\nDisallow: /all-private/\n\n"
+                                     "User-agent: PixCrawler\nDisallow: /private/\n")
+        if state.robots_mode == "crawl_delay":
+            return web.Response(text="User-agent: PixCrawler\nCrawl-delay: 1\n")
+        if state.robots_mode == "error":
+            return web.Response(status=500)
+        return web.Response(status=404)
+
+    @routes.get("/img.jpg")
+    async def img(request: web.Request) -> web.Response:
+        state.hit("img")
+        return image()
+
+    @routes.get("/private/img.jpg")
+    async def private(request: web.Request) -> web.Response:
+        state.hit("private")
+        return image()
+
+    @routes.get("/octet.bin")
+    async def octet(request: web.Request) -> web.Response:
+        return web.Response(body=JPEG, content_type="application/octet-stream")
+
+    @routes.get("/html.jpg")
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(body=HTML, content_type="image/jpeg")
+
+    @routes.get("/status/{code}")
+    async def status(request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        state.hit(f"status{code}")
+        return web.Response(status=code, text="no")
+
+    @routes.get("/flaky/{key}")
+    async def flaky(request: web.Request) -> web.Response:
+        if state.hit("flaky" + request.match_info["key"]) == 1:
+            return web.Response(status=500)
+        return image()
+
+    @routes.get("/ratelimited/{key}/{after}")
+    async def ratelimited(request: web.Request) -> web.Response:
+        if state.hit("rl" + request.match_info["key"]) == 1:
+            return web.Response(status=429, headers={"Retry-After": request.match_info["after"]})
+        return image()
+
+    @routes.get("/always429")
+    async def always429(request: web.Request) -> web.Response:
+        state.hit("always429")
+        return web.Response(status=429, headers={"Retry-After": "0"})
+
+    @routes.get("/slow")
+    async def slow(request: web.Request) -> web.Response:
+        state.hit("slow")
+        await asyncio.sleep(1.0)
+        return image()
+
+    @routes.get("/stream-big")
+    async def stream_big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = JPEG + b"\0" * (STREAM_CHUNK - len(JPEG))
+        try:
+            while state.stream_sent < STREAM_TOTAL:
+                await resp.write(chunk)
+                state.stream_sent += len(chunk)
+        except (ConnectionError, OSError):
+            state.stream_disconnected = True
+            return resp
+        await resp.write_eof()
+        return resp
+
+    @routes.get("/big-cl")
+    async def big_cl(request: web.Request) -> web.Response:
+        return web.Response(body=JPEG + b"\0" * 300_000, content_type="image/jpeg")
+
+    @routes.get("/redirect/{n}")
+    async def redirect(request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        target = "/img.jpg" if n <= 1 else f"/redirect/{n - 1}"
+        raise web.HTTPFound(target)
+
+    @routes.get("/loop-a")
+    async def loop_a(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop-b")
+
+    @routes.get("/loop-b")
+    async def loop_b(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("/loop-a")
+
+    @routes.get("/to-ftp")
+    async def to_ftp(request: web.Request) -> web.Response:
+        raise web.HTTPFound("ftp://example.com/a.jpg")
+
+    @routes.get("/to-private")
+    async def to_private(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/private/img.jpg")
+
+    @routes.get("/optout/{tag}")
+    async def optout(request: web.Request) -> web.Response:
+        return image(**{"X-Robots-Tag": request.match_info["tag"]})
+
+    @routes.get("/conc/{i}")
+    async def conc(request: web.Request) -> web.Response:
+        with state.lock:
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            with state.lock:
+                state.in_flight -= 1
+        return image()
+
+    @routes.get("/ts/{i}")
+    async def ts(request: web.Request) -> web.Response:
+        state.hit("ts")
+        return image()
+
+    app = web.Application()
+    app.add_routes(routes)
+    return app
+
+
+class ThreadServer:
+    """An aiohttp app on 127.0.0.1:<free port>, served by its own loop in a daemon thread."""
+
+    def __init__(self, app: web.Application):
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._runner: Optional[web.AppRunner] = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
+        self.loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = self._runner.addresses[0][1]
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> "ThreadServer":
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("test server did not start")
+        return self
+
+    def stop(self) -> None:
+        assert self._runner is not None
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    state = State()
+    srv = ThreadServer(make_app(state)).start()
+    srv.state = state  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def srv(server: Any) -> Any:
+    server.state.reset()
+    return server
+
+
+def cfg(**kw: Any) -> DownloadSpec:
+    base = dict(timeout_s=5.0, retries=2, backoff_s=0.01, allow_private_networks=True,
+                respect_robots=False)
+    base.update(kw)
+    return DownloadSpec(**base)
+
+
+def rec(url: str) -> Record:
+    return Record(Candidate(url=url, label="x"))
+
+
+def run_fetch(urls: list[str], config: DownloadSpec) -> tuple[list[Record], dict[str, Any]]:
+    async def main() -> tuple[list[Record], dict[str, Any]]:
+        async with Fetcher(config) as fetcher:
+            out = await fetcher.fetch_many([rec(u) for u in urls])
+            return out, fetcher.stats
+
+    return asyncio.run(main())
+
+
+def one(url: str, config: DownloadSpec) -> Record:
+    return run_fetch([url], config)[0][0]
+
+
+def base(srv: Any, host: str = "127.0.0.1") -> str:
+    return f"http://{host}:{srv.port}"
+
+
+# ---- success and content ----------------------------------------------------------------------
+
+
+def test_image_ok_fills_record(srv: Any) -> None:
+    r = one(base(srv) + "/img.jpg", cfg())
+    assert not r.rejected, r.detail
+    assert r.data == JPEG
+    assert r.format == "jpeg"
+    assert r.http_status == 200
+    assert r.content_type == "image/jpeg"
+    assert r.final_url == base(srv) + "/img.jpg"
+    assert r.fetch_ms > 0
+
+
+def test_user_agent_is_sent(srv: Any) -> None:
+    seen: list[str] = []
+
+    async def ua(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("User-Agent", ""))
+        return web.Response(body=JPEG)
+
+    app = web.Application()
+    app.router.add_get("/ua", ua)
+    other = ThreadServer(app).start()
+    try:
+        r = one(f"http://127.0.0.1:{other.port}/ua", cfg())
+    finally:
+        other.stop()
+    assert not r.rejected
+    assert seen and "PixCrawler" in seen[0] and "http" in seen[0]
+
+
+def test_format_from_bytes_not_header(srv: Any) -> None:
+    html, octet = run_fetch([base(srv) + "/html.jpg", base(srv) + "/octet.bin"], cfg())[0]
+    assert html.rejected and html.reason == Reason.NOT_AN_IMAGE.value
+    assert "image/jpeg" in html.detail and html.data is None
+    assert not octet.rejected and octet.format == "jpeg"
+    assert octet.content_type == "application/octet-stream"
+
+
+def test_fetch_all_sync_helper_keeps_order(srv: Any) -> None:
+    urls = [base(srv) + "/img.jpg", base(srv) + "/status/404", base(srv) + "/img.jpg"]
+    out = fetch_all([rec(u) for u in urls], cfg())
+    assert [r.candidate.url for r in out] == urls
+    assert [r.rejected for r in out] == [False, True, False]
+
+
+def test_single_fetch_and_mixed_batch(srv: Any) -> None:
+    async def main() -> tuple[Record, list[Record]]:
+        async with Fetcher(cfg(allow_private_networks=True)) as fetcher:
+            single = await fetcher.fetch(rec(base(srv) + "/img.jpg"))
+            batch = [rec(u) for u in (base(srv) + "/img.jpg", "ftp://x/y", "not a url",
+                                      base(srv, "localhost") + "/img.jpg",
+                                      base(srv) + "/status/404")]
+            return single, await fetcher.fetch_many(batch)
+
+    single, batch = asyncio.run(main())
+    assert not single.rejected and single.data == JPEG
+    assert [r.reason for r in batch] == ["", Reason.UNSUPPORTED_SCHEME.value,
+                                         Reason.INVALID_URL.value, "",
+                                         Reason.HTTP_CLIENT_ERROR.value]
+
+
+# ---- HTTP errors and retries ------------------------------------------------------------------
+
+
+def test_404_is_client_error_not_retried(srv: Any) -> None:
+    r = one(base(srv) + "/status/404", cfg())
+    assert r.reason == Reason.HTTP_CLIENT_ERROR.value
+    assert "404" in r.detail and r.http_status == 404
+    assert srv.state.hits["status404"] == 1
+
+
+def test_500_then_success_is_retried(srv: Any) -> None:
+    (r,), stats = run_fetch([base(srv) + "/flaky/a"], cfg())
+    assert not r.rejected, r.detail
+    assert r.http_status == 200 and r.data == JPEG
+    assert srv.state.hits["flakya"] == 2
+    assert stats["retries"] == 1
+    assert stats["by_status"] == {500: 1, 200: 1}
+
+
+def test_always_500_is_server_error_after_retries(srv: Any) -> None:
+    r = one(base(srv) + "/status/503", cfg(retries=2))
+    assert r.reason == Reason.HTTP_SERVER_ERROR.value
+    assert r.http_status == 503 and "3 tries" in r.detail
+    assert srv.state.hits["status503"] == 3
+
+
+def test_429_retry_after_is_honoured(srv: Any) -> None:
+    r = one(base(srv) + "/ratelimited/a/1", cfg(backoff_s=0.01))
+    assert not r.rejected, r.detail
+    first, second = srv.state.times["rla"]
+    assert second - first >= 0.9
+
+
+def test_retry_after_is_capped(srv: Any) -> None:
+    started = time.monotonic()
+    r = one(base(srv) + "/ratelimited/b/30", cfg(max_retry_after_s=0.2))
+    assert not r.rejected, r.detail
+    assert time.monotonic() - started < 3
+    first, second = srv.state.times["rlb"]
+    assert second - first >= 0.15
+
+
+def test_always_429_is_rate_limited(srv: Any) -> None:
+    r = one(base(srv) + "/always429", cfg(retries=1))
+    assert r.reason == Reason.RATE_LIMITED.value and r.http_status == 429
+    assert srv.state.hits["always429"] == 2
+
+
+def test_timeout(srv: Any) -> None:
+    started = time.monotonic()
+    r = one(base(srv) + "/slow", cfg(timeout_s=0.3, retries=1))
+    assert r.reason == Reason.TIMEOUT.value
+    assert srv.state.hits["slow"] == 2
+    assert time.monotonic() - started < 1.5
+
+
+def test_connection_refused() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    r = one(f"http://127.0.0.1:{port}/x.jpg", cfg(retries=1))
+    assert r.reason == Reason.CONNECTION_ERROR.value
+    assert "2 tries" in r.detail
+
+
+# ---- byte caps --------------------------------------------------------------------------------
+
+
+def test_streamed_body_over_cap_is_aborted_early(srv: Any) -> None:
+    r = one(base(srv) + "/stream-big", cfg(max_bytes=100_000))
+    assert r.reason == Reason.TOO_MANY_BYTES.value and "streaming" in r.detail
+    assert r.data is None
+    deadline = time.monotonic() + 5
+    while not srv.state.stream_disconnected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.state.stream_disconnected, "the server never saw the client hang up"
+    # Socket buffers hold a few MB; reading it all would have taken all 64 MB.
+    assert srv.state.stream_sent < STREAM_TOTAL // 4
+
+
+def test_content_length_over_cap_is_refused_up_front(srv: Any) -> None:
+    r = one(base(srv) + "/big-cl", cfg(max_bytes=100_000))
+    assert r.reason == Reason.TOO_MANY_BYTES.value and "Content-Length" in r.detail
+
+
+def test_body_under_cap_is_kept(srv: Any) -> None:
+    r = one(base(srv) + "/big-cl", cfg(max_bytes=400_000))
+    assert not r.rejected and len(r.data or b"") == len(JPEG) + 300_000
+
+
+# ---- redirects --------------------------------------------------------------------------------
+
+
+def test_redirect_followed(srv: Any) -> None:
+    r = one(base(srv) + "/redirect/3", cfg(max_redirects=3))
+    assert not r.rejected, r.detail
+    assert r.final_url == base(srv) + "/img.jpg"
+    assert r.http_status == 200
+
+
+def test_too_many_redirects(srv: Any) -> None:
+    r = one(base(srv) + "/redirect/3", cfg(max_redirects=2))
+    assert r.reason == Reason.TOO_MANY_REDIRECTS.value
+    r0 = one(base(srv) + "/redirect/1", cfg(max_redirects=0))
+    assert r0.reason == Reason.TOO_MANY_REDIRECTS.value
+
+
+def test_redirect_loop(srv: Any) -> None:
+    r = one(base(srv) + "/loop-a", cfg(max_redirects=20))
+    assert r.reason == Reason.TOO_MANY_REDIRECTS.value and "loop" in r.detail
+
+
+def test_redirect_hop_is_vetted(srv: Any) -> None:
+    r = one(base(srv) + "/to-ftp", cfg())
+    assert r.reason == Reason.UNSUPPORTED_SCHEME.value, r.detail
+
+
+# ---- opt-outs and robots.txt ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tag", ["noai", "noimageai, nofollow", "pixcrawler: noindex",
+                                 "*: noimageindex"])
+def test_x_robots_tag_opt_out(srv: Any, tag: str) -> None:
+    r = one(base(srv) + f"/optout/{tag}", cfg())
+    assert r.reason == Reason.OPTED_OUT.value and r.data is None
+
+
+def test_x_robots_tag_for_other_bots_or_ignored(srv: Any) -> None:
+    other, ignored = run_fetch([base(srv) + "/optout/googlebot: noai",
+                                base(srv) + "/optout/noai"], cfg(respect_optouts=False))[0]
+    assert not other.rejected and not ignored.rejected
+    r = one(base(srv) + "/optout/googlebot: noai, nofollow", cfg())
+    assert not r.rejected
+
+
+def test_robots_disallow_and_single_fetch(srv: Any) -> None:
+    srv.state.robots_mode = "rules"
+    urls = [base(srv) + ("/private/img.jpg" if i % 2 else "/img.jpg") for i in range(20)]
+    out, stats = run_fetch(urls, cfg(respect_robots=True))
+    for i, r in enumerate(out):
+        if i % 2:
+            assert r.reason == Reason.ROBOTS_DISALLOWED.value
+        else:
+            assert not r.rejected, r.detail
+    assert srv.state.hits["robots"] == 1
+    assert stats["robots_fetches"] == 1
+    assert srv.state.hits["private"] == 0
+
+
+def test_robots_checked_on_redirect_hop(srv: Any) -> None:
+    srv.state.robots_mode = "rules"
+    r = one(base(srv) + "/to-private", cfg(respect_robots=True))
+    assert r.reason == Reason.ROBOTS_DISALLOWED.value
+    assert srv.state.hits["private"] == 0
+
+
+def test_robots_missing_or_broken_allows(srv: Any) -> None:
+    for mode in ("none", "error"):
+        srv.state.robots_mode = mode
+        r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=True))
+        assert not r.rejected, (mode, r.detail)
+
+
+def test_robots_ignored_when_not_respected(srv: Any) -> None:
+    srv.state.robots_mode = "rules"
+    r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=False))
+    assert not r.rejected
+    assert srv.state.hits["robots"] == 0
+
+
+def test_robots_crawl_delay_spaces_requests(srv: Any) -> None:
+    srv.state.robots_mode = "crawl_delay"
+    out, _ = run_fetch([base(srv) + f"/ts/{i}" for i in range(2)], cfg(respect_robots=True))
+    assert not any(r.rejected for r in out)
+    first, second = srv.state.times["ts"]
+    assert second - first >= 0.9
+
+
+# ---- SSRF guard and bad URLs ------------------------------------------------------------------
+
+
+def test_ssrf_guard_blocks_loopback_literal_and_resolved(srv: Any) -> None:
+    literal, named = run_fetch([base(srv) + "/img.jpg", base(srv, "localhost") + "/img.jpg"],
+                               cfg(allow_private_networks=False))[0]
+    assert literal.reason == Reason.BLOCKED_ADDRESS.value
+    assert named.reason == Reason.BLOCKED_ADDRESS.value and "resolves" in named.detail
+    assert srv.state.hits["img"] == 0
+
+
+def test_private_networks_allowed_when_configured(srv: Any) -> None:
+    out, _ = run_fetch([base(srv) + "/img.jpg", base(srv, "localhost") + "/img.jpg"],
+                       cfg(allow_private_networks=True))
+    assert [r.rejected for r in out] == [False, False]
+    assert srv.state.hits["img"] == 2
+
+
+@pytest.mark.parametrize("url,reason", [
+    ("not a url", Reason.INVALID_URL),
+    ("", Reason.INVALID_URL),
+    ("http://", Reason.INVALID_URL),
+    ("http://[::1", Reason.INVALID_URL),
+    ("http://host:99999/x.jpg", Reason.INVALID_URL),
+    ("http://a b.example/x.jpg", Reason.INVALID_URL),
+    ("http://2130706433/x.jpg", Reason.INVALID_URL),
+    ("ftp://x/y.jpg", Reason.UNSUPPORTED_SCHEME),
+    ("file:///etc/passwd", Reason.UNSUPPORTED_SCHEME),
+    ("data:image/png;base64,AAAA", Reason.UNSUPPORTED_SCHEME),
+    ("javascript:alert(1)", Reason.UNSUPPORTED_SCHEME),
+    ("http://169.254.169.254/latest/meta-data/", Reason.BLOCKED_ADDRESS),
+    ("http://[::ffff:10.0.0.1]/x.jpg", Reason.BLOCKED_ADDRESS),
+    ("https://10.1.2.3/x.jpg", Reason.BLOCKED_ADDRESS),
+])
+def test_bad_urls_never_raise(url: str, reason: Reason) -> None:
+    r = one(url, cfg(allow_private_networks=False, respect_robots=True))
+    assert r.rejected and r.reason == reason.value, r.detail
+    assert r.stage in ("url",)
+
+
+# ---- politeness -------------------------------------------------------------------------------
+
+
+def test_per_host_concurrency_cap(srv: Any) -> None:
+    out, _ = run_fetch([base(srv) + f"/conc/{i}" for i in range(15)],
+                       cfg(per_host_concurrency=3, concurrency=50))
+    assert not any(r.rejected for r in out)
+    assert srv.state.max_in_flight == 3
+
+
+def test_global_concurrency_cap_across_hosts(srv: Any) -> None:
+    urls = [base(srv, host) + f"/conc/{i}" for i in range(8) for host in ("127.0.0.1",
+                                                                          "localhost")]
+    out, _ = run_fetch(urls, cfg(per_host_concurrency=10, concurrency=2))
+    assert not any(r.rejected for r in out)
+    assert srv.state.max_in_flight == 2
+
+
+def test_per_host_delay(srv: Any) -> None:
+    out, _ = run_fetch([base(srv) + f"/ts/{i}" for i in range(5)],
+                       cfg(per_host_delay_s=0.1, per_host_concurrency=5))
+    assert not any(r.rejected for r in out)
+    times = srv.state.times["ts"]
+    assert len(times) == 5
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 0.08, gaps
+
+
+def test_stats_count_requests_and_bytes(srv: Any) -> None:
+    out, stats = run_fetch([base(srv) + "/img.jpg", base(srv) + "/status/404"], cfg())
+    assert stats["requests"] == 2
+    assert stats["bytes"] == len(JPEG)
+    assert stats["fetched"] == 1 and stats["rejected"] == 1
+    assert stats["by_status"] == {200: 1, 404: 1}
+    assert stats["by_reason"] == {Reason.HTTP_CLIENT_ERROR.value: 1}
+
+
+# ---- Retry-After parsing ----------------------------------------------------------------------
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("5") == 5.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    now = 1_700_000_000.0
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 120))
+    assert parse_retry_after(date, now=now) == pytest.approx(120, abs=1)
+    past = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now - 120))
+    assert parse_retry_after(past, now=now) == 0.0

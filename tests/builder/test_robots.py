@@ -1,0 +1,146 @@
+"""robots.txt policies, the per-origin cache, and X-Robots-Tag opt-outs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from yarl import URL
+
+from builder.robots import ROBOTS_UA, RobotsCache, RobotsPolicy, optout_directive, origin_of
+
+RULES = b"""
+User-agent: *
+Disallow: /
+
+User-agent: PixCrawler
+Allow: /private/ok.jpg
+Disallow: /private/
+Crawl-delay: 2
+"""
+
+
+def test_rules_for_our_agent() -> None:
+    # urllib.robotparser semantics: the first matching line wins, so Allow comes first.
+    policy = RobotsPolicy.from_response(200, RULES)
+    assert policy.allowed("http://h/img.jpg")
+    assert not policy.allowed("http://h/private/a.jpg")
+    assert policy.allowed("http://h/private/ok.jpg")
+    assert policy.crawl_delay == 2.0
+    assert not policy.allowed("http://h/img.jpg", "SomeOtherBot")
+
+
+def test_star_group_applies_when_we_are_not_named() -> None:
+    policy = RobotsPolicy.from_response(200, b"User-agent: *\nDisallow: /no/\n")
+    assert not policy.allowed("http://h/no/x.jpg")
+    assert policy.allowed("http://h/yes/x.jpg")
+    assert policy.crawl_delay == 0.0
+
+
+def test_agent_match_is_case_insensitive() -> None:
+    policy = RobotsPolicy.from_response(200, b"User-agent: pixcrawler\nDisallow: /\n")
+    assert not policy.allowed("http://h/x.jpg")
+
+
+@pytest.mark.parametrize("status,allowed", [
+    (404, True), (410, True), (400, True), (401, False), (403, False),
+    (500, True), (503, True), (0, True),
+])
+def test_status_rules(status: int, allowed: bool) -> None:
+    policy = RobotsPolicy.from_response(status, b"User-agent: *\nDisallow: /\n")
+    assert policy.allowed("http://h/x.jpg") is allowed
+
+
+def test_garbage_and_empty_files_allow() -> None:
+    assert RobotsPolicy.from_response(200, b"").allowed("http://h/x")
+    assert RobotsPolicy.from_response(200, b"\xff\xfe<html>oops</html>").allowed("http://h/x")
+
+
+def test_origin_key() -> None:
+    assert origin_of(URL("http://Example.com/a")) == "http://example.com:80"
+    assert origin_of(URL("https://example.com/a")) == "https://example.com:443"
+    assert origin_of(URL("http://example.com:8080/a")) == "http://example.com:8080"
+
+
+class CountingRobotsSource:
+    """A robots.txt source for the cache: serves fixed answers per origin, slowly, and counts."""
+
+    def __init__(self, answers: dict[str, tuple[int, bytes]]):
+        self.answers = answers
+        self.calls: list[str] = []
+
+    async def __call__(self, url: URL) -> tuple[int, bytes]:
+        self.calls.append(str(url))
+        await asyncio.sleep(0.05)
+        return self.answers.get(origin_of(url), (404, b""))
+
+
+def test_cache_fetches_once_per_origin_for_concurrent_requests() -> None:
+    source = CountingRobotsSource({"http://a.test:80": (200, b"User-agent: *\nDisallow: /x\n")})
+
+    async def main() -> list[bool]:
+        cache = RobotsCache(source)
+        urls = [URL(f"http://a.test/{'x' if i % 2 else 'y'}/{i}.jpg") for i in range(30)]
+        urls += [URL(f"http://b.test/x/{i}.jpg") for i in range(10)]
+        verdicts = await asyncio.gather(*(cache.allowed(u) for u in urls))
+        assert cache.cached(URL("http://a.test/anything")) is not None
+        assert await cache.allowed(URL("http://a.test/y/again.jpg"))
+        assert cache.fetches == 2
+        return list(verdicts)
+
+    verdicts = asyncio.run(main())
+    assert sorted(source.calls) == ["http://a.test/robots.txt", "http://b.test/robots.txt"]
+    assert verdicts[:30] == [i % 2 == 0 for i in range(30)]
+    assert all(verdicts[30:])
+
+
+def test_cache_keys_by_scheme_and_port() -> None:
+    source = CountingRobotsSource({})
+
+    async def main() -> None:
+        cache = RobotsCache(source)
+        for url in ("http://a.test/1", "https://a.test/1", "http://a.test:81/1",
+                    "http://a.test/2?q=1"):
+            await cache.allowed(URL(url))
+
+    asyncio.run(main())
+    assert source.calls == ["http://a.test/robots.txt", "https://a.test/robots.txt",
+                            "http://a.test:81/robots.txt"]
+
+
+def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
+    source = CountingRobotsSource({})
+
+    async def main() -> bool:
+        cache = RobotsCache(source)
+        first = asyncio.ensure_future(cache.allowed(URL("http://a.test/1")))
+        second = asyncio.ensure_future(cache.allowed(URL("http://a.test/2")))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        return await second
+
+    assert asyncio.run(main()) is True
+    assert len(source.calls) == 1
+
+
+@pytest.mark.parametrize("values,expected", [
+    (["noai"], "noai"),
+    (["NoImageAI, nofollow"], "noimageai"),
+    (["noindex"], "noindex"),
+    (["nofollow, noimageindex"], "noimageindex"),
+    (["pixcrawler: noai"], "pixcrawler: noai"),
+    (["PixCrawler: noindex, nofollow"], "pixcrawler: noindex"),
+    (["*: noimageai"], "*: noimageai"),
+    (["googlebot: nofollow", "noai"], "noai"),
+    (["googlebot: noindex, pixcrawler: noai"], "pixcrawler: noai"),
+    (["googlebot: noindex"], None),
+    (["otherbot: noai, noimageindex"], None),
+    (["nofollow, noarchive"], None),
+    (["max-image-preview: large, nosnippet"], None),
+    (["unavailable_after: Friday, 25-Jun-10 15:00:00 PST"], None),
+    (["all"], None),
+    ([""], None),
+    ([], None),
+])
+def test_x_robots_tag(values: list[str], expected: object) -> None:
+    assert optout_directive(values, ROBOTS_UA) == expected
