@@ -1,0 +1,62 @@
+"""One named rate-limiter actor per search engine, shared by every search worker of the cluster.
+
+It holds a ``builder.ratelimit.EngineGovernor`` (token bucket that slows down on 429/errors and
+recovers, circuit breaker, daily quota) plus per-job quotas. It is detached and found by name
+(``ratelimit:<engine>`` in the ``pixcrawler`` namespace), so concurrent jobs share one budget.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Optional
+
+import ray
+
+from actors import NAMESPACE
+from builder.ratelimit import CircuitOpen, EngineGovernor, QuotaExceeded, limits_for
+from builder.spec import SourceSpec
+
+
+@ray.remote(num_cpus=0)
+class RateLimiter:
+    def __init__(self, engine: str, options: Optional[dict[str, Any]] = None):
+        self.engine = engine
+        self.configure(options)
+
+    def configure(self, options: Optional[dict[str, Any]] = None) -> None:
+        limits = limits_for(self.engine, options)
+        self.per_job = limits.max_requests_per_job
+        limits.max_requests_per_job = None
+        self.governor = EngineGovernor(self.engine, limits)
+        self.job_used: Counter = Counter()
+
+    def acquire(self, job_id: str = "") -> tuple[str, Any]:
+        """("ok", seconds to wait) or ("quota"|"circuit_open", message)."""
+        if self.per_job is not None and self.job_used[job_id] >= self.per_job:
+            return "quota", (f"{self.engine}: job quota of {self.per_job} requests spent; raise "
+                             "options.max_requests_per_job or add another source")
+        try:
+            wait = self.governor.acquire()
+        except QuotaExceeded as exc:
+            return "quota", str(exc)
+        except CircuitOpen as exc:
+            return "circuit_open", str(exc)
+        self.job_used[job_id] += 1
+        return "ok", wait
+
+    def record(self, success: bool, status: int = 0, retry_after: Optional[float] = None) -> None:
+        self.governor.record(success, status, retry_after)
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.governor.snapshot(), jobs=dict(self.job_used))
+
+
+def limiter_name(engine: str) -> str:
+    return f"ratelimit:{engine}"
+
+
+def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
+    """The cluster's limiter for ``engine``, created on first use."""
+    options = source.options if source else None
+    return RateLimiter.options(name=limiter_name(engine), namespace=NAMESPACE,
+                               lifetime="detached", get_if_exists=True).remote(engine, options)

@@ -1,0 +1,1 @@
+"""Running PixCrawler on Ray: connect, the job coordinator, the CLI, job submission, metrics."""

@@ -1,0 +1,200 @@
+"""The ``pixcrawler`` command line.
+
+    pixcrawler demo                      sandbox web + a small 3-class dataset, end to end on Ray
+    pixcrawler build SPEC [--address A] [--output URI]
+    pixcrawler check SPEC                validate a spec and print it with defaults filled in
+    pixcrawler sandbox [--port P]        run the sandbox web (offline stand-in for the internet)
+
+Exit codes: 0 done (a shortfall is reported, not an error, unless --strict: 4); 2 bad spec or
+arguments; 1 the job failed; 130 cancelled (a partial result is written and marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import yaml
+
+from builder.errors import PixCrawlerError, SpecError
+from builder.spec import DatasetSpec, load_spec, parse_spec
+
+log = logging.getLogger("pixcrawler")
+
+EXIT_FAILED, EXIT_USAGE, EXIT_SHORTFALL, EXIT_CANCELLED = 1, 2, 4, 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("ray", "filelock", "asyncio", "urllib3", "aiobotocore", "botocore", "s3fs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _apply_overrides(spec: DatasetSpec, args: argparse.Namespace) -> DatasetSpec:
+    data = spec.model_dump(mode="json", exclude_unset=False)
+    if getattr(args, "output", None):
+        data["output"]["uri"] = args.output
+    if getattr(args, "overwrite", False):
+        data["output"]["overwrite"] = True
+    return parse_spec(data, "spec with command-line overrides")
+
+
+def _storage_options(uri: str) -> Optional[dict[str, Any]]:
+    endpoint = os.environ.get("PIXCRAWLER_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if uri.startswith("s3://") and endpoint:
+        return {"endpoint_url": endpoint}
+    return None
+
+
+def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: Optional[str],
+             strict: bool, dashboard: bool = False) -> int:
+    """Run a spec with a progress display and a summary; returns the exit code."""
+    from builder.pipeline import new_job_id
+    from cluster.display import ProgressDisplay, summary
+
+    job_id = job_id or new_job_id(spec)
+    uri = spec.output_uri()
+    display = ProgressDisplay(job_id)
+    try:
+        if local:
+            from builder.pipeline import run_local
+
+            result = run_local(spec, job_id=job_id, progress=display,
+                               storage_options=_storage_options(uri))
+        else:
+            import asyncio
+
+            from cluster.connect import connect
+            from cluster.coordinator import run_job_async
+
+            info = connect(address, dashboard=dashboard)
+            log.info("[%s] Ray %s (%s), %g CPUs%s", job_id, info["mode"], info["address"],
+                     info["resources"].get("CPU", 0),
+                     f", dashboard {info['dashboard_url']}" if info.get("dashboard_url") else "")
+            result = asyncio.run(run_job_async(spec, job_id=job_id, progress=display,
+                                               storage_options=_storage_options(uri),
+                                               install_signals=True))
+    finally:
+        display.close()
+    summary(result.stats, result.uri)
+    if result.partial:
+        return EXIT_CANCELLED
+    if strict and result.stats.get("shortfall"):
+        return EXIT_SHORTFALL
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    spec = _apply_overrides(load_spec(args.spec), args)
+    return run_spec(spec, address=args.address, local=args.local, job_id=args.job_id,
+                    strict=args.strict, dashboard=args.dashboard)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def demo_spec(base_url: str, output: str, target: int, classes: list[str]) -> dict[str, Any]:
+    """The demo's spec: the sandbox engine, every class, faults included."""
+    return {
+        "name": "demo",
+        "description": "PixCrawler demo dataset built from the offline sandbox web.",
+        "target": target,
+        "classes": {c: [f"{c} photo"] for c in classes},
+        "sources": [{"engine": "sandbox", "url": base_url, "per_page": 20}],
+        "download": {"timeout_s": 1.5, "retries": 1, "backoff_s": 0.1,
+                     "max_bytes": 2_000_000, "allow_private_networks": True},
+        "validation": {"level": "medium"},
+        "output": {"uri": output, "overwrite": True, "shard_size": 50},
+    }
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from builder.sandbox import SandboxWeb
+
+    classes = args.classes.split(",")
+    with SandboxWeb(classes=classes, images_per_class=args.images_per_class,
+                    slow_s=3.0) as web:
+        spec = parse_spec(demo_spec(web.base_url, args.output, args.target, classes), "demo")
+        log.info("sandbox web at %s; building %d classes x %d images into %s", web.base_url,
+                 len(classes), args.target, args.output)
+        return run_spec(spec, address=args.address, local=args.local, job_id=None,
+                        strict=False, dashboard=args.dashboard)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from builder.sandbox import serve_forever
+
+    serve_forever(host=args.host, port=args.port, classes=args.classes.split(","),
+                  images_per_class=args.images_per_class)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pixcrawler", description="Build image datasets on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def runner_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an "
+                        "embedded local Ray)")
+        sp.add_argument("--local", action="store_true",
+                        help="run in this process without Ray (debugging, tiny jobs)")
+        sp.add_argument("--dashboard", action="store_true",
+                        help="with an embedded Ray, also start the Ray dashboard on 127.0.0.1")
+
+    b = sub.add_parser("build", help="build a dataset from a spec (YAML or JSON)")
+    b.add_argument("spec")
+    b.add_argument("--output", help="output URI (local path or s3://...), overrides output.uri")
+    b.add_argument("--overwrite", action="store_true", help="replace a complete dataset there")
+    b.add_argument("--job-id", help="job id (default: <name>-<random>)")
+    b.add_argument("--strict", action="store_true", help="exit 4 when a class falls short")
+    runner_args(b)
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("check", help="validate a spec; print it with defaults filled in")
+    c.add_argument("spec")
+    c.set_defaults(func=cmd_check)
+
+    d = sub.add_parser("demo", help="build a small dataset from the sandbox web, offline")
+    d.add_argument("--output", default="./datasets/demo")
+    d.add_argument("--target", type=int, default=20, help="images per class")
+    d.add_argument("--classes", default="cat,dog,bird")
+    d.add_argument("--images-per-class", type=int, default=40)
+    runner_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sandbox", help="serve the sandbox web (search + images + faults)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8800)
+    s.add_argument("--classes", default="cat,dog,bird")
+    s.add_argument("--images-per-class", type=int, default=200)
+    s.set_defaults(func=cmd_sandbox)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PixCrawlerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

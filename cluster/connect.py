@@ -1,0 +1,54 @@
+"""Connect to Ray: an embedded local Ray sized to the machine, or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import ray
+
+from actors import NAMESPACE
+
+log = logging.getLogger("pixcrawler.connect")
+
+
+def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
+            dashboard: bool = False, quiet: bool = True) -> dict[str, Any]:
+    """Start or join Ray. With no address (and no RAY_ADDRESS, as ``ray job submit`` sets),
+    start an embedded local Ray on 127.0.0.1; otherwise join that cluster.
+
+    Returns {"mode": "embedded"|"cluster", "address", "dashboard_url", "resources"}.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": not quiet,
+                                  "configure_logging": not quiet}
+        if address:
+            ray.init(address=address, **common)
+        else:
+            # An embedded Ray on this machine only: token auth has nobody to keep out.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
+                     dashboard_host="127.0.0.1", **common)
+    ctx = ray.get_runtime_context()
+    info = {
+        "mode": "cluster" if address else "embedded",
+        "address": address or "local",
+        "dashboard_url": getattr(ray.get_runtime_context(), "dashboard_url", None)
+        or _dashboard_url(),
+        "resources": ray.cluster_resources(),
+        "ray_job_id": ctx.get_job_id(),
+    }
+    return info
+
+
+def _dashboard_url() -> Optional[str]:
+    try:
+        from ray._private.worker import global_worker
+
+        url = global_worker.node.address_info.get("webui_url") if global_worker.node else None
+        return f"http://{url}" if url else None
+    except (AttributeError, ImportError):
+        return None

@@ -1,0 +1,297 @@
+"""The job coordinator on Ray: the shared ``JobRunner`` with a backend of actors.
+
+Data path per batch: coordinator -> Downloader (async, many fetches) -> HashValidator (fast +
+medium validation, dedup via the DedupActor) -> coordinator reads only the small, byte-free
+records; the accepted images stay in the object store as Arrow tables. When the job ends, Ray
+Data reads those tables, keeps the selected images, assigns splits and shards, resizes/re-encodes,
+and writes the shards through the builder's writers; the driver writes the manifests last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import ray
+
+from actors import NAMESPACE
+from actors.dedup import DedupActor
+from actors.download import Downloader
+from actors.options import PoolPlan, plan_pools
+from actors.progress import ProgressActor, progress_name
+from actors.ratelimit import get_rate_limiter
+from actors.search import SearchWorker
+from actors.validate import HashValidator
+from actors.writer import plan_shards, write_shards
+from builder.engines.base import SearchPage
+from builder.errors import EngineError, EngineUnavailable, PixCrawlerError
+from builder.job import JobLedger, JobRunner, SearchTask
+from builder.pipeline import JobResult, build_engines, engine_names, finish_dataset, new_job_id
+from builder.records import Record, reject_row
+from builder.spec import DatasetSpec
+from builder.writers import DatasetWriter
+from cluster.connect import connect
+
+log = logging.getLogger("pixcrawler.coordinator")
+
+
+class PlanningError(PixCrawlerError):
+    """The cluster cannot run the job as configured."""
+
+
+class RayBackend:
+    """Actor pools for one job. ``shutdown()`` frees their resources."""
+
+    def __init__(self, spec: DatasetSpec, plan: PoolPlan, job_id: str,
+                 engines: list[tuple[str, bool]]):
+        self.spec = spec
+        self.plan = plan
+        self.job_id = job_id
+        small = PoolPlan.small_options()
+        self.dedup = DedupActor.options(**small).remote(
+            spec.validation.near_duplicate_threshold, spec.validation.level != "fast")
+        retry = {"max_restarts": 2, "max_task_retries": 2}
+        self.downloaders = [Downloader.options(**plan.download_options(), **retry)
+                            .remote(spec.download, job_id) for _ in range(plan.download_actors)]
+        self.validators = [HashValidator.options(**plan.hash_options(), **retry)
+                           .remote(spec.validation, self.dedup, job_id)
+                           for _ in range(plan.hash_actors)]
+        limiters = {}
+        for i, (name, query_based) in enumerate(engines):
+            if query_based and name not in limiters:
+                src = spec.sources[i] if i < len(spec.sources) else None
+                limiters[name] = get_rate_limiter(name, src)
+        self.searchers = [SearchWorker.options(**small).remote(spec, limiters, job_id)
+                          for _ in range(plan.search_workers)]
+        self.tables: dict[int, ray.ObjectRef] = {}
+        self._batches = 0
+        self._searches = 0
+        self._load = [0] * len(self.validators)
+        self._actors_alive = True
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self._load)
+
+    async def search(self, task: SearchTask) -> SearchPage:
+        worker = self.searchers[self._searches % len(self.searchers)]
+        self._searches += 1
+        status, payload = await worker.search.remote(task)
+        if status == "ok":
+            return payload
+        if payload["final"]:
+            raise EngineUnavailable(payload["message"])
+        raise EngineError(payload["message"], retryable=payload["retryable"],
+                          retry_after=payload["retry_after"])
+
+    async def process(self, records: list[Record]) -> list[Record]:
+        batch = self._batches
+        self._batches += 1
+        fetched = self.downloaders[batch % len(self.downloaders)].fetch.remote(records)
+        vi = min(range(len(self.validators)), key=self._load.__getitem__)
+        self._load[vi] += 1
+        try:
+            light_ref, table_ref = self.validators[vi].validate.remote(fetched)
+            light: list[Record] = await light_ref
+        finally:
+            self._load[vi] -= 1
+        self.tables[batch] = table_ref
+        for r in light:
+            r.extra["batch"] = batch
+        return light
+
+    async def forget(self, image_ids: list[str]) -> None:
+        await self.dedup.forget.remote(image_ids)
+
+    async def fetch_stats(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for stats in await asyncio.gather(*[d.stats.remote() for d in self.downloaders]):
+            total.update({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        return dict(total)
+
+    def shutdown(self) -> None:
+        actors, self._actors_alive = (self.downloaders + self.validators + self.searchers
+                                      + [self.dedup]) if self._actors_alive else [], False
+        for actor in actors:
+            ray.kill(actor)
+
+
+class RaySink:
+    """Remembers which images were selected (by batch); writes the dataset with Ray Data."""
+
+    def __init__(self, spec: DatasetSpec, writer: DatasetWriter, backend: RayBackend):
+        self.spec = spec
+        self.writer = writer
+        self.backend = backend
+        self.selected: dict[int, list[str]] = {}
+        self.rejects: list[dict[str, Any]] = []
+
+    async def add(self, records: list[Record]) -> None:
+        for r in records:
+            self.selected.setdefault(r.extra["batch"], []).append(r.id)
+
+    def add_rejected(self, records: list[Record]) -> None:
+        self.rejects.extend(reject_row(r) for r in records)
+
+    def write(self) -> list[dict[str, Any]]:
+        """Write the shards with Ray Data (one task per shard); return the manifest rows."""
+        plan = plan_shards(self.selected, self.backend.tables, self.spec.output.shard_size)
+        if not plan:
+            return []
+        quiet_ray_data()
+        ds = ray.data.from_items([{"shard": k} for k in sorted(plan)],
+                                 override_num_blocks=len(plan))
+        ds = ds.map_batches(write_shards, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"plan": plan, "output": self.spec.output,
+                                       "writer": self.writer})
+        return ds.take_all()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars and INFO lines would drown the job's display."""
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+class ProgressReporter:
+    """Sends snapshots and metric deltas to the progress actor; notices cancel requests."""
+
+    def __init__(self, actor: Any, ledger: Callable[[], JobLedger], backend: RayBackend,
+                 on_cancel: Callable[[], None], local: Optional[Callable] = None):
+        self.actor = actor
+        self.ledger = ledger
+        self.backend = backend
+        self.on_cancel = on_cancel
+        self.local = local
+        self._sent: dict[str, Counter] = {"candidates": Counter(), "accepted": Counter(),
+                                          "rejected": Counter()}
+        self._bytes = 0
+        self._pending: Optional[ray.ObjectRef] = None
+
+    def _deltas(self) -> dict[str, Any]:
+        ledger = self.ledger()
+        now = {"candidates": Counter({k: c.candidates for k, c in ledger.classes.items()}),
+               "accepted": Counter({k: c.accepted for k, c in ledger.classes.items()}),
+               "rejected": Counter()}
+        from builder.reasons import Reason, stage_of
+
+        for c in ledger.classes.values():
+            for reason, n in c.rejected.items():
+                now["rejected"][f"{stage_of(Reason(reason)).value}:{reason}"] += n
+        deltas: dict[str, Any] = {}
+        for key, counts in now.items():
+            deltas[key] = {k: v - self._sent[key][k] for k, v in counts.items()
+                           if v - self._sent[key][k] > 0}
+            self._sent[key] = counts
+        deltas["bytes"] = ledger.bytes_downloaded - self._bytes
+        self._bytes = ledger.bytes_downloaded
+        deltas["queues"] = {"batches_in_flight": self.backend.in_flight}
+        return deltas
+
+    def __call__(self, snapshot: dict[str, Any]) -> None:
+        if self._pending is not None:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready and ray.get(ready[0]):
+                self.on_cancel()
+        self._pending = self.actor.update.remote(snapshot, self._deltas())
+        if self.local is not None:
+            self.local(snapshot)
+
+
+def check_gpus(spec: DatasetSpec, plan: PoolPlan, resources: dict[str, float]) -> PoolPlan:
+    """At the slow level, make sure the GPUs the spec asks for exist (or fall back to CPU)."""
+    if spec.validation.level != "slow" or plan.gpus_per_actor == 0:
+        return plan
+    need = plan.gpu_actors * plan.gpus_per_actor
+    have = resources.get("GPU", 0.0)
+    if have >= need:
+        return plan
+    if spec.resources.on_no_gpu == "fail":
+        raise PlanningError(f"validation level 'slow' asks for {need:g} GPU(s) "
+                            f"(resources.gpu_actors x resources.gpus_per_actor) but the cluster "
+                            f"has {have:g}; add GPU nodes, or set resources.on_no_gpu: cpu")
+    log.warning("no GPU in the cluster (%g needed): the slow validators run on CPU", need)
+    from dataclasses import replace
+
+    return replace(plan, gpus_per_actor=0.0)
+
+
+async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
+                        uri: Optional[str] = None, progress: Optional[Callable] = None,
+                        storage_options: Optional[dict] = None,
+                        install_signals: bool = False, runner_hook=None) -> JobResult:
+    """Run one job on the connected Ray cluster."""
+    job_id = job_id or new_job_id(spec)
+    uri = uri or spec.output_uri()
+    resources = ray.cluster_resources()
+    plan = check_gpus(spec, plan_pools(spec, resources), resources)
+    engines = build_engines(spec)
+    meta = engine_names(engines)
+    for engine in engines:
+        engine.close()
+    log.info("[%s] starting: %d classes, pools %s", job_id, len(spec.labels), plan)
+    progress_actor = ProgressActor.options(name=progress_name(job_id), namespace=NAMESPACE,
+                                           get_if_exists=True).remote(job_id, spec.name)
+    writer = DatasetWriter(spec.output, uri, job_id, storage_options, labels=spec.labels)
+    backend = RayBackend(spec, plan, job_id, meta)
+    sink = RaySink(spec, writer, backend)
+    runner: Optional[JobRunner] = None
+    loop = asyncio.get_running_loop()
+    try:
+        runner = JobRunner(spec, backend, sink, meta, batch_size=plan.batch_size,
+                           max_in_flight=plan.max_in_flight,
+                           search_concurrency=max(2, plan.search_workers * 2))
+        runner.progress = ProgressReporter(progress_actor, lambda: runner.ledger, backend,
+                                           runner.cancel, progress)
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, _cancel_once(loop, sig, runner, job_id))
+        if runner_hook is not None:
+            runner_hook(runner)
+        stats = await runner.run()
+        stats.update(job_id=job_id, name=spec.name, output_uri=uri, runner="ray",
+                     fetch=await backend.fetch_stats(), pools=plan.__dict__,
+                     partial_reason="cancelled" if runner.cancelled else "")
+        progress_actor.set_state.remote("writing")
+        backend.shutdown()
+        manifest = await asyncio.to_thread(sink.write)
+        published = await asyncio.to_thread(finish_dataset, writer, spec, manifest, sink.rejects,
+                                             stats, runner.cancelled)
+        state = "cancelled" if runner.cancelled else "succeeded"
+        await progress_actor.set_state.remote(state, output_uri=published, stats=stats)
+        log.info("[%s] %s: %d accepted, %d rejected of %d candidates -> %s", job_id, state,
+                 stats["accepted"], stats["rejected"], stats["candidates"], published)
+        return JobResult(job_id, published, stats, partial=runner.cancelled)
+    except BaseException as exc:
+        writer.abort()
+        progress_actor.set_state.remote("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        backend.shutdown()
+        sink.backend.tables.clear()
+        ray.kill(progress_actor)
+
+
+def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
+                 job_id: str) -> Callable:
+    def handler() -> None:
+        log.warning("[%s] %s: stopping; what is accepted so far is written as a partial result",
+                    job_id, signal.Signals(sig).name)
+        runner.cancel()
+        loop.remove_signal_handler(sig)
+    return handler
+
+
+def run_job(spec: DatasetSpec, *, address: Optional[str] = None, **kwargs: Any) -> JobResult:
+    """Connect (embedded Ray unless an address is given) and run one job."""
+    connect(address)
+    return asyncio.run(run_job_async(spec, **kwargs))

@@ -1,0 +1,83 @@
+"""Progress on the terminal: a live per-class table on a TTY, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+def _table(snapshot: dict[str, Any], title: str) -> Table:
+    t = Table(title=title, expand=False)
+    for col in ("class", "accepted / target", "candidates", "rejected"):
+        t.add_column(col, justify="right" if col != "class" else "left")
+    for label, c in snapshot.get("classes", {}).items():
+        t.add_row(label, f"{c['accepted']} / {c['target']}", str(c["candidates"]),
+                  str(c["rejected"]))
+    t.caption = (f"{snapshot.get('accepted', 0)} accepted, {snapshot.get('rejected', 0)} "
+                 f"rejected of {snapshot.get('candidates', 0)} candidates · "
+                 f"{snapshot.get('images_per_s', 0):.1f} images/s · "
+                 f"{snapshot.get('elapsed_s', 0):.0f}s")
+    return t
+
+
+class ProgressDisplay:
+    """Call with snapshots (``JobLedger.snapshot()``); ``close()`` when the job ends."""
+
+    def __init__(self, job_id: str, stream: Optional[TextIO] = None, every_s: float = 5.0):
+        self.job_id = job_id
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self._last = 0.0
+        self._live: Optional[Live] = None
+        if self.tty:
+            self._live = Live(console=Console(file=self.stream), refresh_per_second=4,
+                              transient=False)
+            self._live.start()
+
+    def __call__(self, snapshot: dict[str, Any]) -> None:
+        if self._live is not None:
+            self._live.update(_table(snapshot, f"PixCrawler job {self.job_id}"))
+            return
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        per_class = " ".join(f"{k}={c['accepted']}/{c['target']}"
+                             for k, c in snapshot.get("classes", {}).items())
+        print(f"[{self.job_id}] {snapshot.get('accepted', 0)} accepted, "
+              f"{snapshot.get('rejected', 0)} rejected, {snapshot.get('candidates', 0)} "
+              f"candidates, {snapshot.get('images_per_s', 0):.1f} img/s | {per_class}",
+              file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) -> None:
+    """The end-of-job summary table and the output location."""
+    console = Console(file=stream or sys.stdout, width=120)
+    t = Table(title=f"PixCrawler: {stats.get('name', '')} ({stats.get('job_id', '')})")
+    for col in ("class", "target", "accepted", "shortfall", "candidates", "rejected",
+                "top reject reasons"):
+        t.add_column(col, justify="left" if col in ("class", "top reject reasons") else "right")
+    for label, c in stats.get("classes", {}).items():
+        top = sorted(c.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1])[:3]
+        t.add_row(label, str(c["target"]), str(c["accepted"]), str(c["shortfall"]),
+                  str(c["candidates"]), str(c["rejected"]),
+                  ", ".join(f"{k} {v}" for k, v in top))
+    console.print(t)
+    state = "PARTIAL (cancelled)" if stats.get("partial") else "complete"
+    console.print(f"{stats.get('accepted', 0)} accepted + {stats.get('rejected', 0)} rejected = "
+                  f"{stats.get('candidates', 0)} candidates in {stats.get('duration_s', 0):.1f}s; "
+                  f"dataset {state}")
+    if stats.get("shortfall"):
+        console.print(f"shortfall (sources ran dry): {stats['shortfall']}")
+    console.print(f"output: {uri}")

@@ -1,0 +1,48 @@
+"""ray_cluster.yaml declares node types that can host the pools the pipeline asks for."""
+
+from pathlib import Path
+
+import yaml
+
+from actors.options import plan_pools
+from builder.spec import parse_spec
+
+CLUSTER = yaml.safe_load((Path(__file__).parents[2] / "ray_cluster.yaml").read_text())
+
+
+def spec(**resources):
+    return parse_spec({"name": "x", "classes": {"a": None},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                       "validation": {"level": "slow"}, "resources": resources})
+
+
+def test_node_types_declared():
+    types = CLUSTER["available_node_types"]
+    assert CLUSTER["head_node_type"] in types
+    assert {"head", "cpu_worker", "gpu_worker"} <= set(types)
+    assert types["gpu_worker"]["resources"].get("GPU", 0) >= 1
+    assert types["cpu_worker"]["resources"]["CPU"] >= 1
+    assert any("pixcrawler" in cmd for cmd in CLUSTER["setup_commands"])
+
+
+def test_pools_fit_the_declared_nodes():
+    types = CLUSTER["available_node_types"]
+    total = {"CPU": 0.0, "GPU": 0.0}
+    for t in types.values():
+        count = max(t.get("max_workers", 1), 1)
+        for k in total:
+            total[k] += t["resources"].get(k, 0) * count
+    plan = plan_pools(spec(gpus_per_actor=1.0, gpu_actors=2), total)
+    need = plan.required()
+    assert need["CPU"] <= total["CPU"] and need["GPU"] <= total["GPU"]
+    cpu_node = types["cpu_worker"]["resources"]["CPU"]
+    assert plan.hash_cpus <= cpu_node and plan.download_cpus <= cpu_node
+    gpu_node = types["gpu_worker"]["resources"]
+    assert plan.gpus_per_actor <= gpu_node["GPU"]
+    assert plan.gpu_options()["num_cpus"] <= gpu_node["CPU"]
+
+
+def test_two_core_laptop_plan():
+    plan = plan_pools(spec(), {"CPU": 2.0})
+    assert plan.download_actors == 1 and plan.hash_actors == 1
+    assert plan.required()["CPU"] <= 2.0

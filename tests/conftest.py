@@ -1,0 +1,92 @@
+"""Session-wide fixtures: environment, the sandbox web, a moto S3 server, one local Ray.
+
+Everything binds 127.0.0.1 and is stopped at the end of the session. Ray is started only by
+tests that ask for ``ray_session`` (the builder tests never import ray).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """The sandbox web: 3 classes x 30 images, faults on, slow answers after 3 s."""
+    from builder.sandbox import SandboxWeb
+
+    web = SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30, slow_s=3.0,
+                     big_bytes=2_000_000)
+    web.start()
+    yield web
+    web.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A moto S3 server on 127.0.0.1; yields its endpoint URL."""
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        pytest.skip("moto_server not installed (install the 'test' extra)")
+    port = free_port()
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) for the whole session; ray.init costs seconds, so it is shared."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="pxray", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp
+    from cluster.connect import connect
+
+    connect(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)

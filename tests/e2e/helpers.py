@@ -1,0 +1,83 @@
+"""Specs and checks shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from builder.spec import DatasetSpec, parse_spec
+
+
+def sandbox_spec(sandbox, out: str, *, target: int = 10, classes=("cat", "dog", "bird"),
+                 **overrides: Any) -> DatasetSpec:
+    data: dict[str, Any] = {
+        "name": "e2e",
+        "target": target,
+        "classes": {c: [f"{c} photo"] for c in classes},
+        "sources": [{"engine": "sandbox", "url": sandbox.base_url, "per_page": 12}],
+        "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05,
+                     "max_bytes": 1_000_000, "allow_private_networks": True},
+        "output": {"uri": out, "shard_size": 8, "formats": ["parquet", "imagefolder",
+                                                            "webdataset"]},
+        "resources": {"batch_size": 16},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_spec(data)
+
+
+def fault_list_spec(sandbox, tmp: Path, out: str, **overrides: Any) -> DatasetSpec:
+    """A URL-list job over one instance of every sandbox fault (plus the duplicates' original)."""
+    urls = [sandbox.class_image_urls(sandbox.classes[0])[0]]
+    urls += list(sandbox.fault_urls().values())
+    path = tmp / "faults.txt"
+    path.write_text("".join(f"cat\t{u}\n" for u in urls))
+    data: dict[str, Any] = {
+        "name": "faults",
+        "target": 1000,
+        "classes": {"cat": None},
+        "sources": [{"engine": "urllist", "path": str(path)}],
+        "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05,
+                     "max_bytes": 1_000_000, "allow_private_networks": True},
+        "output": {"uri": out},
+        "resources": {"batch_size": 8},
+    }
+    data.update(overrides)
+    return parse_spec(data)
+
+
+def check_accounting(out: str) -> dict[str, Any]:
+    """accepted + rejected == candidates, in stats.json and in the files; returns stats."""
+    root = Path(out)
+    stats = json.loads((root / "stats.json").read_text())
+    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
+    rejects = pq.read_table(root / "rejects.parquet")
+    assert rejects.num_rows == stats["rejected"]
+    shards = sorted((root / "data").glob("*.parquet"))
+    rows = sum(pq.read_metadata(p).num_rows for p in shards)
+    assert rows == stats["accepted"]
+    for label, c in stats["classes"].items():
+        assert c["accepted"] + c["rejected"] == c["candidates"], label
+        assert sum(c["rejected_by_reason"].values()) == c["rejected"]
+    by_reason = Counter(rejects.column("reason").to_pylist())
+    assert dict(by_reason) == stats["rejected_by_reason"]
+    return stats
+
+
+def reasons_by_url(out: str) -> dict[str, str]:
+    t = pq.read_table(Path(out) / "rejects.parquet", columns=["url", "reason"]).to_pylist()
+    return {r["url"]: r["reason"] for r in t}
+
+
+def accepted_urls(out: str) -> set[str]:
+    urls: set[str] = set()
+    for p in (Path(out) / "data").glob("*.parquet"):
+        urls.update(pq.read_table(p, columns=["url"]).column("url").to_pylist())
+    return urls

@@ -1,0 +1,151 @@
+"""The whole job in one process (no Ray) against the sandbox web: faults, accounting, outputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from builder.pipeline import run_local
+from builder.sandbox import FAULTS
+from builder.writers import is_complete
+from tests.conftest import make_bucket
+from tests.e2e.helpers import (accepted_urls, check_accounting, fault_list_spec, reasons_by_url,
+                               sandbox_spec)
+
+
+@pytest.fixture(scope="module")
+def fault_run(sandbox, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    out = str(tmp / "out")
+    result = run_local(fault_list_spec(sandbox, tmp, out))
+    return sandbox, out, result
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_each_fault_lands_with_its_reason(fault_run, fault):
+    sandbox, out, _ = fault_run
+    url = sandbox.fault_urls()[fault]
+    expected = FAULTS[fault]
+    if expected == "accepted":
+        assert url in accepted_urls(out)
+    else:
+        assert reasons_by_url(out).get(url) == expected
+
+
+def test_fault_run_accounting(fault_run):
+    _, out, result = fault_run
+    stats = check_accounting(out)
+    assert stats["candidates"] == len(FAULTS) + 1 and not result.partial
+    rejects = pq.read_table(Path(out) / "rejects.parquet").to_pylist()
+    dup = [r for r in rejects if r["reason"] == "exact_duplicate"][0]
+    assert dup["duplicate_of"] and dup["stage"] == "dedup"
+
+
+def test_ssrf_guard_blocks_the_sandbox_by_default(sandbox, tmp_path):
+    spec = fault_list_spec(sandbox, tmp_path, str(tmp_path / "out"),
+                           download={"allow_private_networks": False})
+    run_local(spec)
+    reasons = set(reasons_by_url(str(tmp_path / "out")).values())
+    assert reasons <= {"blocked_address", "unsupported_scheme"} and "blocked_address" in reasons
+
+
+def test_multi_class_job_reaches_targets_and_outputs_read_back(sandbox, tmp_path):
+    out = str(tmp_path / "ds")
+    result = run_local(sandbox_spec(sandbox, out, target=8))
+    stats = check_accounting(out)
+    assert all(c["accepted"] == 8 and c["shortfall"] == 0 for c in stats["classes"].values())
+    assert is_complete(out) and result.uri.endswith("ds")
+    root = Path(out)
+    table = pq.read_table(root / "data")
+    assert table.num_rows == 24 and set(table.column("label").to_pylist()) == {"cat", "dog", "bird"}
+    assert len(set(table.column("id").to_pylist())) == 24
+    df = pd.read_parquet(root / "data")
+    for row in df.head(5).itertuples():
+        Image.open(io.BytesIO(row.image)).load()
+        assert row.split in ("train", "val", "test") and row.engine == "sandbox"
+    files = list((root / "imagefolder").rglob("*.*"))
+    assert len(files) == 24 and {f.parent.name for f in files} == {"cat", "dog", "bird"}
+    tars = list((root / "webdataset").glob("*.tar"))
+    members = [m for t in tars for m in tarfile.open(t).getnames()]
+    assert sum(m.endswith(".json") for m in members) == 24
+    assert len(json.loads((root / "labels.json").read_text())) == 24
+    assert len(list(csv.DictReader((root / "labels.csv").open()))) == 24
+    assert len(yaml.safe_load((root / "labels.yaml").read_text())) == 24
+    assert len((root / "labels.txt").read_text().splitlines()) == 24
+    assert "cat" in (root / "README.md").read_text()
+
+
+def test_sources_run_dry_reports_shortfall(sandbox, tmp_path):
+    out = str(tmp_path / "dry")
+    spec = sandbox_spec(sandbox, out, target=200, classes=("bird",))
+    run_local(spec)
+    stats = check_accounting(out)
+    bird = stats["classes"]["bird"]
+    assert 0 < bird["accepted"] < 200 and bird["shortfall"] == 200 - bird["accepted"]
+    assert stats["shortfall"] == {"bird": bird["shortfall"]}
+
+
+def test_existing_dataset_is_not_overwritten(sandbox, tmp_path):
+    from builder.errors import OutputExistsError
+
+    out = str(tmp_path / "ds")
+    run_local(sandbox_spec(sandbox, out, target=2))
+    with pytest.raises(OutputExistsError):
+        run_local(sandbox_spec(sandbox, out, target=2))
+    run_local(sandbox_spec(sandbox, out, target=3, output={"overwrite": True}))
+    assert check_accounting(out)["accepted"] == 9
+
+
+def test_cancel_leaves_partial_not_complete(sandbox, tmp_path):
+    import asyncio
+
+    from builder.pipeline import run_local_async
+
+    out = str(tmp_path / "ds")
+    holder = {}
+
+    async def main():
+        task = asyncio.ensure_future(run_local_async(
+            sandbox_spec(sandbox, out, target=25), runner_hook=lambda r: holder.setdefault("r", r)))
+        while "r" not in holder or holder["r"].ledger.accepted < 3:
+            await asyncio.sleep(0.05)
+        holder["r"].cancel()
+        return await task
+
+    result = asyncio.run(main())
+    assert result.partial and not is_complete(out)
+    assert (Path(out) / "_PARTIAL").exists()
+    stats = check_accounting(out)
+    assert stats["partial"] is True and stats["accepted"] < 75
+
+
+def test_s3_output_through_moto(sandbox, moto_s3, tmp_path):
+    import s3fs
+
+    make_bucket(moto_s3, "local-ds")
+    out = "s3://local-ds/pets/v1"
+    run_local(sandbox_spec(sandbox, out, target=3), storage_options={"endpoint_url": moto_s3})
+    assert is_complete(out, {"endpoint_url": moto_s3})
+    fs = s3fs.S3FileSystem(endpoint_url=moto_s3)
+    stats = json.loads(fs.cat(f"{out}/stats.json"))
+    assert stats["accepted"] == 9
+    shards = fs.glob(f"{out}/data/*.parquet")
+    assert sum(pq.read_metadata(fs.open(p)).num_rows for p in shards) == 9
+
+
+def test_resize_and_reencode_keep_original_size(sandbox, tmp_path):
+    out = str(tmp_path / "ds")
+    run_local(sandbox_spec(sandbox, out, target=3, output={
+        "resize": {"max_side": 64, "mode": "center_crop"}, "encode": {"format": "webp"}}))
+    t = pq.read_table(Path(out) / "data").to_pylist()
+    assert all(r["width"] == r["height"] == 64 and r["format"] == "webp" for r in t)
+    assert all(r["orig_width"] > 64 for r in t)

@@ -1,0 +1,113 @@
+"""The job on a local Ray (2 CPUs) against the sandbox web: the issue's acceptance checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from builder.sandbox import FAULTS
+from builder.writers import is_complete
+from tests.conftest import make_bucket
+from tests.e2e.helpers import (accepted_urls, check_accounting, fault_list_spec, reasons_by_url,
+                               sandbox_spec)
+
+
+def run(spec, **kwargs):
+    from cluster.coordinator import run_job_async
+
+    return asyncio.run(run_job_async(spec, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def ray_fault_run(ray_session, sandbox, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rayfaults")
+    out = str(tmp / "out")
+    result = run(fault_list_spec(sandbox, tmp, out))
+    return sandbox, out, result
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_each_fault_lands_with_its_reason_on_ray(ray_fault_run, fault):
+    sandbox, out, _ = ray_fault_run
+    url = sandbox.fault_urls()[fault]
+    if FAULTS[fault] == "accepted":
+        assert url in accepted_urls(out)
+    else:
+        assert reasons_by_url(out).get(url) == FAULTS[fault]
+
+
+def test_ray_fault_run_accounting(ray_fault_run):
+    _, out, result = ray_fault_run
+    stats = check_accounting(out)
+    assert stats["runner"] == "ray" and stats["candidates"] == len(FAULTS) + 1
+
+
+def test_multi_class_job_on_ray_reaches_targets(ray_session, sandbox, tmp_path):
+    out = str(tmp_path / "ds")
+    result = run(sandbox_spec(sandbox, out, target=10))
+    stats = check_accounting(out)
+    assert {k: c["accepted"] for k, c in stats["classes"].items()} == {
+        "cat": 10, "dog": 10, "bird": 10}
+    assert is_complete(out) and not result.partial
+    root = Path(out)
+    t = pq.read_table(root / "data")
+    assert t.num_rows == 30 and len(set(t.column("id").to_pylist())) == 30
+    assert len(list((root / "imagefolder").rglob("*.*"))) == 30
+    assert sum(1 for _ in (root / "webdataset").glob("*.tar")) >= 1
+    for name in ("labels.json", "labels.csv", "labels.yaml", "labels.txt", "classes.json",
+                 "README.md", "rejects.csv"):
+        assert (root / name).stat().st_size > 0, name
+    assert stats["pools"]["hash_actors"] >= 1
+
+
+def test_shortfall_reported_on_ray(ray_session, sandbox, tmp_path):
+    out = str(tmp_path / "dry")
+    run(sandbox_spec(sandbox, out, target=100, classes=("dog",)))
+    stats = check_accounting(out)
+    assert 0 < stats["classes"]["dog"]["accepted"] < 100
+    assert stats["shortfall"]["dog"] == 100 - stats["classes"]["dog"]["accepted"]
+
+
+def test_cancel_through_progress_actor_leaves_partial(ray_session, sandbox, tmp_path):
+    from actors.progress import cancel_job, get_progress
+
+    out = str(tmp_path / "cancel")
+    job_id = "cancel-test"
+    spec = sandbox_spec(sandbox, out, target=25, download={"per_host_delay_s": 0.1})
+
+    def stopper():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            p = get_progress(job_id)
+            if p and p.get("progress", {}).get("accepted", 0) >= 2:
+                cancel_job(job_id, "test stop")
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=stopper)
+    t.start()
+    result = run(spec, job_id=job_id)
+    t.join()
+    assert result.partial and not is_complete(out)
+    assert json.loads((Path(out) / "_PARTIAL").read_text())
+    stats = check_accounting(out)
+    assert stats["partial"] and stats["accepted"] < 75
+
+
+def test_s3_output_on_ray(ray_session, sandbox, moto_s3, tmp_path):
+    import s3fs
+
+    make_bucket(moto_s3, "ray-ds")
+    out = "s3://ray-ds/run1"
+    run(sandbox_spec(sandbox, out, target=3), storage_options={"endpoint_url": moto_s3})
+    assert is_complete(out, {"endpoint_url": moto_s3})
+    fs = s3fs.S3FileSystem(endpoint_url=moto_s3)
+    shards = fs.glob(f"{out}/data/*.parquet")
+    assert sum(pq.read_metadata(fs.open(p)).num_rows for p in shards) == 9
+    assert json.loads(fs.cat(f"{out}/stats.json"))["accepted"] == 9
