@@ -8,6 +8,7 @@ recovers, circuit breaker, daily quota) plus per-job quotas. It is detached and 
 from __future__ import annotations
 
 from collections import Counter
+from urllib.parse import urlsplit
 from typing import Any, Optional
 
 import ray
@@ -24,6 +25,10 @@ class RateLimiter:
         self.configure(options)
 
     def configure(self, options: Optional[dict[str, Any]] = None) -> None:
+        """(Re)build the limits; a no-op when the options are those already in force."""
+        if getattr(self, "options", object()) == (options or {}):
+            return
+        self.options = dict(options or {})
         limits = limits_for(self.engine, options)
         self.per_job = limits.max_requests_per_job
         limits.max_requests_per_job = None
@@ -51,12 +56,21 @@ class RateLimiter:
         return dict(self.governor.snapshot(), jobs=dict(self.job_used))
 
 
-def limiter_name(engine: str) -> str:
+def limiter_name(engine: str, source: Optional[SourceSpec] = None) -> str:
+    """``ratelimit:<engine>``, or ``ratelimit:<engine>@<host:port>`` for a source pointed at
+    its own endpoint (the sandbox, a test fake, a self-hosted mirror): another service, another
+    budget."""
+    endpoint = (source.url or source.options.get("base_url")) if source else None
+    if endpoint:
+        return f"ratelimit:{engine}@{urlsplit(endpoint).netloc}"
     return f"ratelimit:{engine}"
 
 
 def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
-    """The cluster's limiter for ``engine``, created on first use."""
-    options = source.options if source else None
-    return RateLimiter.options(name=limiter_name(engine), namespace=NAMESPACE,
-                               lifetime="detached", get_if_exists=True).remote(engine, options)
+    """The cluster's limiter for the source's engine/endpoint, created on first use."""
+    options = dict(source.options) if source else {}
+    options.pop("base_url", None)
+    actor = RateLimiter.options(name=limiter_name(engine, source), namespace=NAMESPACE,
+                                lifetime="detached", get_if_exists=True).remote(engine, options)
+    actor.configure.remote(options)
+    return actor

@@ -24,13 +24,13 @@ class SearchWorker:
     engine failures are data for the coordinator, not exceptions across the actor boundary.
     """
 
-    def __init__(self, spec: DatasetSpec, limiters: dict[str, Any], job_id: str = ""):
+    def __init__(self, spec: DatasetSpec, limiters: dict[int, Any], job_id: str = ""):
         self.engines: list[SearchEngine] = build_engines(spec)
         self.limiters = limiters
         self.job_id = job_id
 
     def search(self, task: SearchTask) -> SearchResult:
-        limiter = self.limiters.get(task.engine)
+        limiter = self.limiters.get(task.source)
         if limiter is not None:
             status, wait = ray.get(limiter.acquire.remote(self.job_id))
             if status == "circuit_open":

@@ -17,8 +17,10 @@ import yaml
 from builder.dedup import DedupIndex, apply_dedup
 from builder.engines import SearchEngine, SearchPage, make_engine
 from builder.engines.urllist import InlineUrlsEngine
+from builder.errors import EngineError
 from builder.fetch import Fetcher
 from builder.job import JobRunner, ProgressFn, SearchTask
+from builder.ratelimit import EngineGovernor, limits_for
 from builder.records import Record, accepted_row, reject_row
 from builder.spec import DatasetSpec
 from builder.splits import assign_split
@@ -40,6 +42,26 @@ def build_engines(spec: DatasetSpec) -> list[SearchEngine]:
     if inline:
         engines.append(InlineUrlsEngine(inline))
     return engines
+
+
+def expand_queries(spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Generated extra queries per class (``search.expand``), and what to record in stats.
+
+    Never fails a job: with no LLM endpoint, or one that is down, the expander falls back to
+    offline templates.
+    """
+    if not spec.search.expand:
+        return {}, {"enabled": False}
+    from builder.expand import KeywordExpander
+
+    expander = KeywordExpander(base_url=spec.search.llm_base_url, model=spec.search.llm_model,
+                               n=spec.search.expand_n)
+    extra, sources = {}, {}
+    for label in spec.labels:
+        extra[label] = expander.expand(label, spec.queries_of(label))
+        sources[label] = expander.source
+    return extra, {"enabled": True, "model": expander.model, "source": sources,
+                   "queries": extra}
 
 
 def engine_names(engines: list[SearchEngine]) -> list[tuple[str, bool]]:
@@ -119,13 +141,31 @@ class LocalBackend:
         self.fetcher = fetcher
         self.pool = pool
         self.validator = ImageValidator(spec.validation)
+        self.governors: dict[int, EngineGovernor] = {}
         self.index = DedupIndex(spec.validation.near_duplicate_threshold,
                                 near=spec.validation.level != "fast")
 
+    def _governor(self, task: SearchTask) -> EngineGovernor:
+        gov = self.governors.get(task.source)
+        if gov is None:
+            src = self.spec.sources[task.source] if task.source < len(self.spec.sources) else None
+            gov = EngineGovernor(task.engine, limits_for(task.engine, src.options if src else None))
+            self.governors[task.source] = gov
+        return gov
+
     async def search(self, task: SearchTask) -> SearchPage:
+        """One engine request, paced and guarded like the Ray runner's rate limiters."""
         engine = self.engines[task.source]
-        return await asyncio.to_thread(engine.search, task.query, label=task.label,
-                                       page=task.page, per_page=task.per_page)
+        gov = self._governor(task)
+        await asyncio.sleep(gov.acquire())
+        try:
+            page = await asyncio.to_thread(engine.search, task.query, label=task.label,
+                                           page=task.page, per_page=task.per_page)
+        except EngineError as exc:
+            gov.record(False, exc.status, exc.retry_after)
+            raise
+        gov.record(True, 200)
+        return page
 
     async def process(self, records: list[Record]) -> list[Record]:
         records = await self.fetcher.fetch_many(records)
@@ -153,7 +193,9 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="validate") as pool:
             async with Fetcher(spec.download) as fetcher:
                 backend = LocalBackend(spec, engines, fetcher, pool)
+                extra, expansion = expand_queries(spec)
                 runner = JobRunner(spec, backend, sink, engine_names(engines),
+                                   extra_queries=extra,
                                    batch_size=spec.resources.batch_size,
                                    max_in_flight=spec.resources.max_in_flight_batches or 4,
                                    progress=progress)
@@ -161,7 +203,8 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                     runner_hook(runner)
                 stats = await runner.run()
                 stats.update(job_id=job_id, name=spec.name, output_uri=uri, runner="local",
-                             fetch=dict(fetcher.stats))
+                             fetch=dict(fetcher.stats), keyword_expansion=expansion,
+                             engines={g.engine: g.snapshot() for g in backend.governors.values()})
         published = await sink.finish(stats, partial=runner.cancelled)
     except BaseException:
         writer.abort()

@@ -3,6 +3,29 @@
 ``load_spec(path)`` reads YAML or JSON; ``parse_spec(dict)`` validates a mapping. Any problem raises
 ``SpecError`` whose message names each bad field by its path, the bad value and what is allowed.
 The full reference lives in README.md ("The dataset spec").
+
+Classes come flat, hierarchical, or both::
+
+    classes:                       # flat: label -> queries (or a mapping, or nothing)
+      cat: [cat photo, kitten]
+    categories:                    # nested, to any depth; only the leaves are classes
+      mammals:
+        target: 90                 # split over the children that set no target of their own
+        dog: [dog photo]           # shorthand leaf: its queries (a string or a list)
+        fox: {target: 40}          # a mapping: queries / target / urls, or children
+        wolf:                      # no queries: searches "wolf"
+      birds:
+        eagle: {queries: eagle, urls: [https://example.org/eagle.jpg]}
+
+In a category mapping ``queries``, ``target`` and ``urls`` are reserved; every other key is a
+child category. A node with children is a parent: it may set ``target`` but not ``queries`` or
+``urls``. The label of a leaf is its path (``mammals/dog``); validation flattens the tree into
+``DatasetSpec.classes`` keyed by those paths (after the flat ``classes``, in YAML order), so the
+rest of the system sees leaves only. Targets: a parent's target is the total of its subtree;
+children that set their own target keep it, and what is left is split evenly over the others
+(the remainder, one each, to the first ones in YAML order). A leaf with no target anywhere above
+it gets the spec's default ``target``. A label defined twice, or a class that is also the parent
+of another class (``a`` and ``a/b``), is an error.
 """
 
 from __future__ import annotations
@@ -16,7 +39,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -50,6 +75,130 @@ class ClassSpec(_Model):
         return v
 
 
+CATEGORY_KEYS = ("queries", "target", "urls")
+"""The reserved keys of a category mapping; any other key is a child category."""
+
+
+class CategoryNode(BaseModel):
+    """One node of the class hierarchy under ``categories`` (see the module docstring).
+
+    Written as a mapping of ``queries`` / ``target`` / ``urls`` and child categories, or, for a
+    leaf, as nothing (``dog:``) or its queries (``dog: dog photo`` / ``dog: [dog, puppy]``).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    queries: list[str] = Field(default_factory=list)
+    target: Optional[int] = Field(default=None, ge=1)
+    urls: list[str] = Field(default_factory=list)
+    __pydantic_extra__: dict[str, CategoryNode] = Field(init=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, str):
+            return {"queries": [v]}
+        if isinstance(v, list):
+            return {"queries": v}
+        if isinstance(v, dict):
+            return v
+        if isinstance(v, CategoryNode):
+            return v
+        raise ValueError(f"a category is a mapping (of {', '.join(CATEGORY_KEYS)} and child "
+                         f"categories), a query string, a list of queries, or empty; got {v!r}")
+
+    @field_validator("queries", "urls", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        return v
+
+    @property
+    def children(self) -> dict[str, CategoryNode]:
+        """The child categories, in YAML order (empty for a leaf)."""
+        return dict(self.__pydantic_extra__ or {})
+
+
+class _SpecProblems(ValueError):
+    """Problems found by a model-level check, each with its field path relative to the model,
+    so ``SpecError`` names the exact field (``categories.mammals.target``)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
+
+
+def _bad_name(name: str) -> bool:
+    return not name or "/" in name or "\\" in name or name in (".", "..")
+
+
+def flatten_categories(categories: dict[str, CategoryNode]
+                       ) -> tuple[dict[str, ClassSpec], dict[str, str], list[tuple[str, str]]]:
+    """The leaves of a category tree as classes keyed by label path, with targets resolved.
+
+    Returns ``(classes, where, problems)``: ``where`` maps each label to its field path in the
+    spec (``categories.mammals.dog``) and ``problems`` lists ``(path, message)`` pairs. A leaf
+    whose target comes from no node keeps ``target=None`` (the spec's default applies).
+    """
+    classes: dict[str, ClassSpec] = {}
+    where: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+
+    def shares(children: dict[str, CategoryNode], total: Optional[int], path: str,
+               inherited: bool) -> dict[str, Optional[int]]:
+        free = [name for name, node in children.items() if node.target is None]
+        out: dict[str, Optional[int]] = {name: None for name in free}
+        if total is None:
+            return out
+        fixed = sum(node.target or 0 for node in children.values())
+        rest = total - fixed
+        source = (f"its share {total} of a parent's target" if inherited
+                  else f"target {total}")
+        at = path if inherited else f"{path}.target"
+        if free and rest < len(free):
+            problems.append((at, f"{source} cannot be split: children that set their own "
+                             f"target take {fixed}, leaving {max(rest, 0)} for "
+                             f"{len(free)} ({', '.join(free)}) that need at least 1 each; "
+                             "raise it or lower the children's targets"))
+        elif not free and rest != 0:
+            problems.append((at, f"{source} differs from the sum {fixed} of its children's "
+                             "targets; make them agree (or leave a child's target unset so "
+                             "it takes what is left)"))
+        elif free:
+            base, extra = divmod(rest, len(free))
+            out = {name: base + (1 if i < extra else 0) for i, name in enumerate(free)}
+        return out
+
+    def walk(children: dict[str, CategoryNode], total: Optional[int], labels: tuple[str, ...],
+             path: str, inherited: bool) -> None:
+        given = shares(children, total, path, inherited)
+        for name, node in children.items():
+            at = f"{path}.{name}"
+            if _bad_name(name):
+                problems.append((at, f"bad category name {name!r}: names are non-empty, "
+                                 "without '/' or '\\', and not '.' or '..'"))
+                continue
+            own = node.target if node.target is not None else given.get(name)
+            kids = node.children
+            if kids:
+                for key in ("queries", "urls"):
+                    if getattr(node, key):
+                        problems.append((f"{at}.{key}", f"only a leaf category (one without "
+                                         f"children) has {key}; {name!r} has children "
+                                         f"({', '.join(kids)}): move its {key} to them"))
+                walk(kids, own, (*labels, name), at, node.target is None)
+            else:
+                label = "/".join((*labels, name))
+                classes[label] = ClassSpec(queries=node.queries, target=own, urls=node.urls)
+                where[label] = at
+
+    walk(categories, None, (), "categories", False)
+    return classes, where, problems
+
+
 class SourceSpec(_Model):
     """One search source. ``engine`` picks the implementation; the rest are its options."""
 
@@ -78,6 +227,12 @@ class SearchSpec(_Model):
 
     candidates_factor: float = Field(default=2.0, ge=1.0, le=100.0,
                                      description="candidates requested per missing image")
+    expand: bool = Field(default=False, description="add generated queries per class")
+    expand_n: int = Field(default=5, ge=1, le=50)
+    llm_base_url: Optional[str] = Field(default=None, description="OpenAI-compatible endpoint; "
+                                        "else PIXCRAWLER_LLM_BASE_URL / OPENAI_BASE_URL; the key "
+                                        "comes from PIXCRAWLER_LLM_API_KEY / OPENAI_API_KEY")
+    llm_model: Optional[str] = None
 
 
 class DownloadSpec(_Model):
@@ -133,9 +288,27 @@ class OutputSpec(_Model):
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1,
                                                                "test": 0.1})
     shard_size: int = Field(default=1000, ge=1, description="images per Parquet/tar shard")
+    image_label_files: list[LabelFormat] = Field(
+        default_factory=list,
+        description="formats of a label file written next to each ImageFolder image "
+                    "(empty: none); needs 'imagefolder' in formats")
     resize: Optional[ResizeSpec] = None
     encode: Optional[EncodeSpec] = None
     overwrite: bool = False
+
+    @field_validator("image_label_files")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _label_files_need_imagefolder(self) -> "OutputSpec":
+        if self.image_label_files and "imagefolder" not in self.formats:
+            raise _SpecProblems([("image_label_files", (
+                "per-image label files are written next to the ImageFolder images, but "
+                f"formats {list(self.formats)} has no 'imagefolder': add it to output.formats "
+                "or set image_label_files: []"))])
+        return self
 
     @field_validator("splits")
     @classmethod
@@ -173,13 +346,24 @@ class DatasetSpec(_Model):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     target: int = Field(default=100, ge=1, description="default target per class")
-    classes: dict[str, ClassSpec]
+    classes: dict[str, ClassSpec] = Field(default_factory=dict)
+    categories: dict[str, CategoryNode] = Field(default_factory=dict)
     sources: list[SourceSpec] = Field(default_factory=list)
     search: SearchSpec = Field(default_factory=SearchSpec)
     download: DownloadSpec = Field(default_factory=DownloadSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    _category_labels: list[str] = PrivateAttr(default_factory=list)
+    """The labels in ``classes`` that came from ``categories`` (left out when dumping)."""
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _category_list(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return {str(name): None for name in v}
+        return v
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -199,26 +383,78 @@ class DatasetSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> "DatasetSpec":
-        if not self.classes:
-            raise ValueError("classes: needs at least one class")
+        # Idempotent: validate_assignment runs this again on a validated spec, whose classes
+        # already hold the leaves merged last time.
+        for label in self._category_labels:
+            self.classes.pop(label, None)
+        self._category_labels = []
+        problems: list[tuple[str, str]] = []
+        where = {label: f"classes.{label}" for label in self.classes}
         for label in self.classes:
             if not label or "\\" in label or any(part in ("", ".", "..")
                                                    for part in label.split("/")):
-                raise ValueError(f"classes: bad class label {label!r}")
+                problems.append((f"classes.{label}", f"bad class label {label!r}: labels are "
+                                 "non-empty, '/'-separated names without empty, '.' or '..' "
+                                 "parts"))
+        leaves, leaf_where, tree_problems = flatten_categories(self.categories)
+        problems += tree_problems
+        for label, body in leaves.items():
+            if label in self.classes:
+                problems.append((leaf_where[label], f"label {label!r} is also defined under "
+                                 f"classes ({where[label]}); define each class once"))
+                continue
+            self.classes[label] = body
+            where[label] = leaf_where[label]
+            self._category_labels.append(label)
+        parents: dict[str, str] = {}
+        for label in self.classes:
+            levels = self.levels_of(label)
+            for i in range(1, len(levels)):
+                parents.setdefault("/".join(levels[:i]), label)
+        for label in self.classes:
+            if label in parents:
+                problems.append((where[label], f"{label!r} is a class and also the parent of "
+                                 f"{parents[label]!r}: only leaves are classes; move {label!r} "
+                                 f"to a child such as '{label}/other'"))
+        if problems:
+            raise _SpecProblems(problems)
+        if not self.classes:
+            raise _SpecProblems([("classes", "needs at least one class (under classes or "
+                                  "categories)")])
         if not self.sources and not any(c.urls for c in self.classes.values()):
-            raise ValueError("sources: needs at least one source (or per-class 'urls')")
+            raise _SpecProblems([("sources", "needs at least one source (or per-class 'urls')")])
         return self
+
+    @field_serializer("classes")
+    def _dump_classes(self, classes: dict[str, ClassSpec]) -> dict[str, ClassSpec]:
+        """Dump the flat classes only: the leaves merged from ``categories`` are dumped there,
+        so a dumped spec parses back to the same classes."""
+        merged = set(self._category_labels)
+        return {label: body for label, body in classes.items() if label not in merged}
 
     def target_of(self, label: str) -> int:
         return self.classes[label].target or self.target
 
     def queries_of(self, label: str) -> list[str]:
-        """A class with no queries searches by its own name."""
-        return self.classes[label].queries or [label.replace("/", " ").replace("_", " ")]
+        """A class with no queries searches by its own name: the last level of its label, with
+        '_' read as a space (``mammals/red_fox`` searches ``red fox``)."""
+        return self.classes[label].queries or [self.levels_of(label)[-1].replace("_", " ")]
 
     @property
     def labels(self) -> list[str]:
+        """The class labels (leaf paths for categories): flat classes first, then the
+        categories' leaves, each in YAML order."""
         return list(self.classes)
+
+    @staticmethod
+    def levels_of(label: str) -> list[str]:
+        """The hierarchy levels of a label: ``mammals/dog`` -> ``["mammals", "dog"]``."""
+        return label.split("/")
+
+    @property
+    def depth(self) -> int:
+        """The number of levels of the deepest class (1 for a flat spec)."""
+        return max((len(self.levels_of(label)) for label in self.classes), default=0)
 
     def output_uri(self) -> str:
         return self.output.uri or f"./datasets/{self.name}"
@@ -237,6 +473,10 @@ def _format_errors(exc: ValidationError) -> list[tuple[str, str]]:
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and
                                                               p.startswith("function-")))
+        found = (err.get("ctx") or {}).get("error")
+        if isinstance(found, _SpecProblems):
+            problems += [(f"{path}.{sub}" if path else sub, msg) for sub, msg in found.problems]
+            continue
         value = err.get("input")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":

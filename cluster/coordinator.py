@@ -22,14 +22,15 @@ from actors.dedup import DedupActor
 from actors.download import Downloader
 from actors.options import PoolPlan, plan_pools
 from actors.progress import ProgressActor, progress_name
-from actors.ratelimit import get_rate_limiter
+from actors.ratelimit import get_rate_limiter, limiter_name
 from actors.search import SearchWorker
 from actors.validate import HashValidator
 from actors.writer import plan_shards, write_shards
 from builder.engines.base import SearchPage
 from builder.errors import EngineError, EngineUnavailable, PixCrawlerError
 from builder.job import JobLedger, JobRunner, SearchTask
-from builder.pipeline import JobResult, build_engines, engine_names, finish_dataset, new_job_id
+from builder.pipeline import (JobResult, build_engines, engine_names, expand_queries,
+                              finish_dataset, new_job_id)
 from builder.records import Record, reject_row
 from builder.spec import DatasetSpec
 from builder.writers import DatasetWriter
@@ -59,11 +60,15 @@ class RayBackend:
         self.validators = [HashValidator.options(**plan.hash_options(), **retry)
                            .remote(spec.validation, self.dedup, job_id)
                            for _ in range(plan.hash_actors)]
-        limiters = {}
+        self.limiters: dict[int, Any] = {}
+        names: dict[int, str] = {}
         for i, (name, query_based) in enumerate(engines):
-            if query_based and name not in limiters:
+            if query_based:
                 src = spec.sources[i] if i < len(spec.sources) else None
-                limiters[name] = get_rate_limiter(name, src)
+                self.limiters[i] = get_rate_limiter(name, src)
+                names[i] = limiter_name(name, src).removeprefix("ratelimit:")
+        self._limiter_names = names
+        limiters = self.limiters
         self.searchers = [SearchWorker.options(**small).remote(spec, limiters, job_id)
                           for _ in range(plan.search_workers)]
         self.tables: dict[int, ray.ObjectRef] = {}
@@ -105,6 +110,11 @@ class RayBackend:
 
     async def forget(self, image_ids: list[str]) -> None:
         await self.dedup.forget.remote(image_ids)
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """Each engine's limiter snapshot: pacing, breaker state, quotas, refusals."""
+        snaps = await asyncio.gather(*[lim.snapshot.remote() for lim in self.limiters.values()])
+        return {self._limiter_names[i]: snap for i, snap in zip(self.limiters, snaps)}
 
     async def fetch_stats(self) -> dict[str, int]:
         total: Counter = Counter()
@@ -244,7 +254,9 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     runner: Optional[JobRunner] = None
     loop = asyncio.get_running_loop()
     try:
+        extra, expansion = await asyncio.to_thread(expand_queries, spec)
         runner = JobRunner(spec, backend, sink, meta, batch_size=plan.batch_size,
+                           extra_queries=extra,
                            max_in_flight=plan.max_in_flight,
                            search_concurrency=max(2, plan.search_workers * 2))
         runner.progress = ProgressReporter(progress_actor, lambda: runner.ledger, backend,
@@ -257,6 +269,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         stats = await runner.run()
         stats.update(job_id=job_id, name=spec.name, output_uri=uri, runner="ray",
                      fetch=await backend.fetch_stats(), pools=plan.__dict__,
+                     keyword_expansion=expansion, engines=await backend.engine_stats(),
                      partial_reason="cancelled" if runner.cancelled else "")
         progress_actor.set_state.remote("writing")
         backend.shutdown()

@@ -1,0 +1,135 @@
+"""Search on Ray: cluster-wide pacing, breaker + fallback, paging to target, keyword expansion."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from builder.spec import parse_spec
+from tests.builder.engines.fakes import FakeServer, Request, Response, closed_port
+from tests.e2e.helpers import check_accounting
+
+
+def run(spec, **kwargs):
+    from cluster.coordinator import run_job_async
+
+    return asyncio.run(run_job_async(spec, **kwargs))
+
+
+def base_spec(out: str, sources: list, **extra) -> dict:
+    return {"name": "search", "target": 6, "classes": {"cat": ["cat a", "cat b"],
+                                                       "dog": ["dog a", "dog b"]},
+            "sources": sources,
+            "download": {"timeout_s": 1.0, "retries": 0, "allow_private_networks": True},
+            "output": {"uri": out}, **extra}
+
+
+def recording_proxy(sandbox):
+    """A search endpoint in front of the sandbox's that records when each request arrived."""
+    times: list[float] = []
+
+    def handle(req: Request) -> Response:
+        times.append(time.monotonic())
+        qs = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in req.query.items())
+        body = urllib.request.urlopen(f"{sandbox.base_url}/search?{qs}", timeout=5).read()
+        return Response(200, json.loads(body))
+
+    return FakeServer(handle), times
+
+
+def test_rate_limit_holds_across_search_workers(ray_session, sandbox, tmp_path):
+    server, times = recording_proxy(sandbox)
+    with server:
+        spec = parse_spec(base_spec(str(tmp_path / "o"), [
+            {"engine": "sandbox", "url": server.url, "per_page": 3,
+             "options": {"rate": 4.0, "burst": 1}}],
+            target=8, resources={"search_workers": 4}))
+        result = run(spec)
+    assert len(times) >= 8, "too few searches to measure pacing"
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    span = times[-1] - times[0]
+    assert (len(times) - 1) / span <= 4.0 * 1.15, f"{len(times)} requests in {span:.2f}s"
+    assert min(gaps) >= 0.25 * 0.6, f"two requests {min(gaps):.3f}s apart at 4/s"
+    snap = next(v for k, v in result.stats["engines"].items() if k.startswith("sandbox@"))
+    assert snap["requests"] == len(times) and snap["rate"] <= 4.0
+
+
+def test_breaker_opens_and_falls_back_to_next_source(ray_session, sandbox, tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog")
+                            for u in sandbox.class_image_urls(label)))
+    dead = f"http://127.0.0.1:{closed_port()}"
+    spec = parse_spec(base_spec(str(tmp_path / "o"), [
+        {"engine": "sandbox", "url": dead, "options": {"failure_threshold": 2,
+                                                        "cooldown_s": 30}},
+        {"engine": "urllist", "path": str(urls)}]))
+    result = run(spec)
+    stats = check_accounting(str(tmp_path / "o"))
+    assert all(c["accepted"] == 6 for c in stats["classes"].values())
+    assert {(f["from"], f["to"]) for f in result.stats["fallbacks"]} == {("sandbox", "urllist")}
+    snap = next(v for k, v in result.stats["engines"].items() if k.startswith("sandbox@"))
+    assert snap["failures"] >= 2 and (snap["circuit_opens"] >= 1 or snap["state"] != "closed")
+    assert result.stats["search_errors"]
+    engines = set(pq.read_table(Path(tmp_path / "o") / "data").column("engine").to_pylist())
+    assert engines == {"urllist"}
+
+
+def test_pages_until_target(ray_session, sandbox, tmp_path):
+    spec = parse_spec(base_spec(str(tmp_path / "o"), [
+        {"engine": "sandbox", "url": sandbox.base_url, "per_page": 4}], target=10))
+    result = run(spec)
+    assert all(c["accepted"] == 10 for c in result.stats["classes"].values())
+    assert result.stats["engine_requests"]["sandbox"] >= 2 * 10 // 4
+
+
+def chat_server(seen: list):
+    def handle(req: Request) -> Response:
+        body = req.json()
+        seen.append(body)
+        label = "cat" if "cat" in json.dumps(body["messages"]) else "dog"
+        content = json.dumps({"queries": [f"fluffy {label}", f"{label} sleeping",
+                                          f"{label} outdoors"]})
+        return Response(200, {"id": "x", "object": "chat.completion", "created": 1,
+                              "model": body["model"],
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant",
+                                                       "content": content}}]})
+    return FakeServer(handle)
+
+
+def test_keyword_expansion_used_and_cached(ray_session, sandbox, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PIXCRAWLER_LLM_API_KEY", "test-key")
+    seen: list = []
+    with chat_server(seen) as llm:
+        data = base_spec(str(tmp_path / "o1"), [
+            {"engine": "sandbox", "url": sandbox.base_url, "per_page": 2}],
+            search={"expand": True, "expand_n": 3, "llm_base_url": f"{llm.url}/v1",
+                    "llm_model": "tiny-test"})
+        result = run(parse_spec(data))
+        assert len(seen) == 2 and seen[0]["model"] == "tiny-test"
+        exp = result.stats["keyword_expansion"]
+        assert exp["source"] == {"cat": "llm", "dog": "llm"}
+        assert "fluffy cat" in exp["queries"]["cat"]
+        queries = set(pq.read_table(Path(tmp_path / "o1") / "data").column("query").to_pylist())
+        assert queries & {"fluffy cat", "cat sleeping", "cat outdoors", "fluffy dog",
+                          "dog sleeping", "dog outdoors"}
+        data["output"]["uri"] = str(tmp_path / "o2")
+        run(parse_spec(data))
+        assert len(seen) == 2, "the second job should read the cache"
+
+
+def test_expansion_falls_back_offline_when_llm_down(ray_session, sandbox, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = base_spec(str(tmp_path / "o"), [
+        {"engine": "sandbox", "url": sandbox.base_url}],
+        search={"expand": True, "llm_base_url": f"http://127.0.0.1:{closed_port()}/v1"})
+    result = run(parse_spec(data))
+    assert result.stats["keyword_expansion"]["source"] == {"cat": "offline", "dog": "offline"}
+    assert all(c["accepted"] == 6 for c in result.stats["classes"].values())
