@@ -2,9 +2,10 @@
 
 Markdown with YAML front matter in the shape Hugging Face dataset cards use, so the Hub (and
 ``datasets.load_dataset(URI)``) finds the Parquet splits from ``configs``. The body says what was
-asked for and what came out: per-class counts and shortfalls, rejects by reason, the schema, the
-meaning of each reason code and the spec that produced the dataset. ``stats`` keys are read with
-``.get``: a card renders from whatever stats the pipeline had.
+asked for and what came out: per-class counts and shortfalls, the class hierarchy (when labels
+nest, as an indented tree with the counts summed over each subtree), rejects by reason, the
+schema, the meaning of each reason code and the spec that produced the dataset. ``stats`` keys
+are read with ``.get``: a card renders from whatever stats the pipeline had.
 """
 
 from __future__ import annotations
@@ -67,6 +68,54 @@ def _class_table(stats: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _code(text: str) -> str:
+    return "`" + text.replace("`", "'") + "`"
+
+
+def _sum(values: list[Any]) -> Optional[int]:
+    """The sum of a subtree's figures, or None unless every leaf has one."""
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return None
+    return sum(values)
+
+
+def hierarchy_markdown(labels: Iterable[str], stats: Mapping[str, Any]) -> str:
+    """The class hierarchy as an indented Markdown list, one item per node; each item says
+    how many images were accepted of the target, summed over its subtree, when stats have
+    those figures for every leaf below it."""
+    classes = stats.get("classes") or {}
+    leaves = sorted(set(labels) | set(classes))
+    tree: dict[str, Any] = {}
+    for label in leaves:
+        node = tree
+        for part in label.split("/"):
+            node = node.setdefault(part, {})
+    lines: list[str] = []
+
+    def walk(node: dict[str, Any], prefix: tuple[str, ...], indent: int) -> list[str]:
+        below: list[str] = []
+        for name, children in node.items():
+            path = (*prefix, name)
+            at = len(lines)
+            lines.append("")
+            subtree = walk(children, path, indent + 1) if children else ["/".join(path)]
+            below += subtree
+            figures = [classes.get(leaf) or {} for leaf in subtree]
+            accepted = _sum([f.get("accepted") for f in figures])
+            target = _sum([f.get("target") for f in figures])
+            text = f"{'  ' * indent}- {_code(name)}"
+            if children:
+                text += f" ({len(subtree)} class{'es' if len(subtree) != 1 else ''})"
+            if accepted is not None:
+                text += f": {accepted} accepted" + (f" of {target}" if target is not None
+                                                    else "")
+            lines[at] = text
+        return below
+
+    walk(tree, (), 0)
+    return "\n".join(lines)
+
+
 def _reason_table(stats: Mapping[str, Any]) -> str:
     by_reason = stats.get("rejected_by_reason") or {}
     if not by_reason:
@@ -98,26 +147,36 @@ def _summary(stats: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _layout(formats: Iterable[str], label_formats: Iterable[str]) -> str:
+def _layout(formats: Iterable[str], label_formats: Iterable[str],
+            image_label_files: Iterable[str] = ()) -> str:
     formats = set(formats)
     label_formats = list(label_formats)
+    image_label_files = list(image_label_files)
     lines = []
     if "parquet" in formats:
         lines.append("- `data/{split}-{shard:05d}.parquet`: Parquet shards, one row per image, "
                      "the image bytes in column `image` (schema below)")
     if "imagefolder" in formats:
         lines.append("- `imagefolder/{split}/{label}/{id}.{ext}`: the images as files "
-                     "(a label with '/' nests)")
+                     "(a label with '/' nests, so the tree mirrors the class hierarchy)")
+    if image_label_files and "imagefolder" in formats:
+        names = ", ".join(f"`{{id}}.{fmt}`" for fmt in image_label_files)
+        lines.append(f"- {names} next to each image: its label file (json / yaml: id, label, "
+                     "levels, class_index, split, url, page_url, license, author, width, "
+                     "height, image; csv: the same as one row with level_0.. columns; txt: "
+                     "`label<TAB>class_index<TAB>url<TAB>license`)")
     if "webdataset" in formats:
         lines.append("- `webdataset/{split}-{shard:05d}.tar`: WebDataset shards: `{id}.{ext}`, "
                      "`{id}.json` (the row without the image), `{id}.cls` (class index)")
     structured = [f"`labels.{fmt}`" for fmt in label_formats if fmt != "txt"]
     if structured:
         lines.append(f"- {', '.join(structured)}: one entry per image: id, path (relative to "
-                     "the dataset root), label, label_index, split")
+                     "the dataset root), label, label_index, split, and the label's levels "
+                     "as level_0, level_1, ...")
     if "txt" in label_formats:
         lines.append("- `labels.txt`: one line per image: `path<TAB>label`")
-    lines += ["- `classes.json`, `classes.txt`: the class-index map (sorted labels)",
+    lines += ["- `classes.json`, `classes.txt`: the class-index map (sorted full label paths "
+              "-> 0..n-1; line i of classes.txt is class i)",
               "- `rejects.parquet`, `rejects.csv`: one row per rejected candidate: url, label, "
               "stage, reason, detail",
               "- `stats.json`: the figures above, machine-readable",
@@ -128,11 +187,13 @@ def _layout(formats: Iterable[str], label_formats: Iterable[str]) -> str:
 
 def render_card(spec_name: str, description: str, stats: Mapping[str, Any], spec_yaml: str, *,
                 parquet_splits: Iterable[str] = (), formats: Iterable[str] = ("parquet",),
-                label_formats: Iterable[str] = (), partial_reason: Optional[str] = None) -> str:
+                label_formats: Iterable[str] = (), partial_reason: Optional[str] = None,
+                labels: Iterable[str] = (), image_label_files: Iterable[str] = ()) -> str:
     """The README.md text of a dataset.
 
     ``parquet_splits`` are the splits that have Parquet shards (for ``configs``);
-    ``partial_reason`` (or ``stats['partial']``) puts a PARTIAL notice at the top.
+    ``partial_reason`` (or ``stats['partial']``) puts a PARTIAL notice at the top. ``labels``
+    (with those in ``stats['classes']``) give the class hierarchy, shown when a label nests.
     """
     partial = partial_reason is not None or bool(stats.get("partial"))
     parts = [front_matter(spec_name, stats, parquet_splits)]
@@ -147,8 +208,11 @@ def render_card(spec_name: str, description: str, stats: Mapping[str, Any], spec
                  "before reuse.\n")
     parts.append("## Summary\n\n" + _summary(stats) + "\n")
     parts.append("## Classes\n\n" + _class_table(stats) + "\n")
+    labels = list(labels)
+    if any("/" in label for label in [*labels, *(stats.get("classes") or {})]):
+        parts.append("## Class hierarchy\n\n" + hierarchy_markdown(labels, stats) + "\n")
     parts.append("## Rejected candidates by reason\n\n" + _reason_table(stats) + "\n")
-    parts.append("## Files\n\n" + _layout(formats, label_formats) + "\n")
+    parts.append("## Files\n\n" + _layout(formats, label_formats, image_label_files) + "\n")
     parts.append("## Schema of the Parquet shards\n\n" + _schema_table() + "\n")
     parts.append("## Reason codes\n\n" + reasons_markdown() + "\n")
     spec_text = spec_yaml.strip() or "# (not recorded)"

@@ -99,6 +99,7 @@ ACCEPTED_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("label", pa.string(), nullable=False),
+        pa.field("label_levels", pa.list_(pa.string())),
         pa.field("split", pa.string()),
         pa.field("image", pa.binary()),
         pa.field("format", pa.string()),
@@ -127,7 +128,8 @@ ACCEPTED_SCHEMA = pa.schema(
 
 ACCEPTED_DOCS: dict[str, str] = {
     "id": "content-hash id: first 16 hex digits of sha256 of the stored image bytes' source",
-    "label": "the class label",
+    "label": "the class label: its full path for a hierarchical spec (mammals/dog)",
+    "label_levels": "the label's hierarchy levels, top first (['mammals', 'dog'])",
     "split": "train / val / test (or as the spec names them), deterministic by id",
     "image": "the image bytes as stored (original, or resized / re-encoded per output options)",
     "format": "format of the stored bytes: jpeg, png, webp, gif",
@@ -175,6 +177,7 @@ def accepted_row(record: Record) -> dict[str, Any]:
     return {
         "id": record.id,
         "label": c.label,
+        "label_levels": c.label.split("/"),
         "split": record.split,
         "image": record.data,
         "format": record.format,

@@ -334,6 +334,7 @@ class ResourcesSpec(_Model):
     hash_actors: Optional[int] = Field(default=None, ge=1)
     hash_cpus: float = Field(default=1.0, gt=0)
     search_workers: int = Field(default=2, ge=1)
+    write_cpus: float = Field(default=0.5, gt=0, description="CPUs per shard-writing task")
     batch_size: int = Field(default=64, ge=1)
     max_in_flight_batches: Optional[int] = Field(default=None, ge=1)
     gpu_actors: int = Field(default=1, ge=1)

@@ -7,20 +7,39 @@ Layout of a published dataset at ``URI`` (a local directory, ``s3://bucket/prefi
                                               in column ``image``; Hugging Face split naming, so
                                               load_dataset("parquet", data_dir=URI/data) finds
                                               the splits (train / val -> validation / test)
-    URI/imagefolder/{split}/{label}/{id}.{ext}  the images as files; a label 'a/b' nests (a/b/)
+    URI/imagefolder/{split}/{label}/{id}.{ext}  the images as files; a label 'a/b' nests (a/b/),
+                                              so the tree mirrors the class hierarchy
+    URI/imagefolder/{split}/{label}/{id}.{fmt}  with output.image_label_files: one label file
+                                              per image next to it (see "Per-image label files")
     URI/webdataset/{split}-{shard:05d}.tar    WebDataset shards: {id}.{ext}, {id}.json (the row
                                               without the image), {id}.cls (class index; when the
                                               writer was given the labels)
     URI/labels.json|csv|yaml|txt              one entry per image: id, path (relative to URI: the
                                               imagefolder file if written, else the Parquet shard,
-                                              else the tar), label, label_index, split; txt holds
-                                              "path<TAB>label" lines. Only output.label_formats.
-    URI/classes.json, URI/classes.txt         the class-index map: sorted labels -> 0..n-1
+                                              else the tar), label, label_index, split, then
+                                              level_0 .. level_{depth-1} (the label's levels,
+                                              "" past its own depth); txt holds "path<TAB>label"
+                                              lines. Only output.label_formats.
+    URI/classes.json, URI/classes.txt         the class-index map: sorted full label paths ->
+                                              0..n-1 (classes.txt: one label per line, line i
+                                              is class i); stable whatever order images arrive
     URI/rejects.parquet, URI/rejects.csv      one row per rejected candidate (REJECT_SCHEMA)
     URI/stats.json                            the job's figures ("partial": true when partial)
     URI/README.md                             the dataset card (builder/card.py)
     URI/_SUCCESS                              written LAST: JSON with job id, created time, the
                                               file list with sizes, counts
+
+Per-image label files (``output.image_label_files``, a subset of txt / json / csv / yaml): for
+each image ``{id}.{ext}`` in the ImageFolder tree, ``{id}.{fmt}`` beside it says:
+
+    json, yaml   a mapping: id, label (full path), levels (list, top first), class_index (in
+                 classes.json; null when the writer was given no labels), split, url, page_url,
+                 license, author ("" where the source gave none), width, height, image (the
+                 image's file name)
+    csv          a header and one row: id, label, level_0 .. level_{depth-1}, class_index, split,
+                 url, page_url, license, author, width, height, image
+    txt          one line: label<TAB>class_index<TAB>url<TAB>license (tabs and line breaks
+                 inside a value become spaces)
 
 A dataset is complete iff ``_SUCCESS`` exists. A partial dataset (a cancelled or failed job) has
 ``_PARTIAL`` (JSON: reason, counts, files) instead, and its card says PARTIAL at the top.
@@ -86,12 +105,16 @@ ROW_GROUP_SIZE = 100
 """Rows per Parquet row group: images are large, so small groups keep readers' memory low."""
 
 _NAMES = ACCEPTED_SCHEMA.names
+_COLUMN_PATHS = {f.name: f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+                 for f in ACCEPTED_SCHEMA}
+"""Parquet column paths per field: per-column options name the leaf column of a list."""
 _PARQUET_OPTIONS: dict[str, Any] = {
     "row_group_size": ROW_GROUP_SIZE,
     # Images are already compressed: recompressing them costs CPU and saves nothing.
-    "compression": {n: ("none" if n == "image" else "zstd") for n in _NAMES},
-    "use_dictionary": ["label", "split", "format", "query", "engine", "license", "author"],
-    "write_statistics": [n for n in _NAMES if n != "image"],
+    "compression": {_COLUMN_PATHS[n]: ("none" if n == "image" else "zstd") for n in _NAMES},
+    "use_dictionary": [_COLUMN_PATHS[n] for n in ("label", "label_levels", "split", "format",
+                                                   "query", "engine", "license", "author")],
+    "write_statistics": [_COLUMN_PATHS[n] for n in _NAMES if n != "image"],
 }
 _REJECT_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd",
                                            "use_dictionary": ["label", "stage", "reason",
@@ -104,6 +127,8 @@ _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD_NAME_RE = re.compile(r"^(?P<split>.+)-(?P<shard>\d{5})\.parquet$")
 _LABEL_COLUMNS = ("id", "path", "label", "label_index", "split")
+_IMAGE_LABEL_KEYS = ("id", "label", "levels", "class_index", "split", "url", "page_url",
+                     "license", "author", "width", "height", "image")
 _MANIFEST_KEYS = ("id", "label", "split", "path", "format", "width", "height", "bytes", "sha256",
                   "url", "license", "author", "shard")
 
@@ -138,6 +163,58 @@ def check_label_path(label: str) -> list[str]:
 def class_index(labels: Sequence[str]) -> dict[str, int]:
     """The stable class-index map: sorted distinct labels -> 0..n-1."""
     return {label: i for i, label in enumerate(sorted(set(labels)))}
+
+
+def depth_of(labels: Sequence[str]) -> int:
+    """The number of levels of the deepest label (0 for none)."""
+    return max((len(label.split("/")) for label in labels), default=0)
+
+
+def level_columns(label: str, depth: int) -> dict[str, str]:
+    """``level_0`` .. ``level_{depth-1}`` of a label; levels past its own depth are ""."""
+    levels = label.split("/")
+    return {f"level_{i}": levels[i] if i < len(levels) else "" for i in range(depth)}
+
+
+def image_label_info(row: dict[str, Any], image_name: str,
+                     class_idx: Optional[int]) -> dict[str, Any]:
+    """What a per-image label file says about one accepted row (keys ``_IMAGE_LABEL_KEYS``)."""
+    info = {
+        "id": row["id"], "label": row["label"], "levels": row["label"].split("/"),
+        "class_index": class_idx, "split": row["split"],
+        **{k: row.get(k) or "" for k in ("url", "page_url", "license", "author")},
+        "width": row.get("width"), "height": row.get("height"), "image": image_name,
+    }
+    return {k: info[k] for k in _IMAGE_LABEL_KEYS}
+
+
+def _one_line(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+def render_image_label(fmt: str, info: dict[str, Any], depth: int) -> bytes:
+    """One per-image label file (see the module docstring for the formats); ``depth`` fixes
+    the CSV's level columns so every file of a dataset has the same header."""
+    if fmt == "json":
+        return _json_bytes(info)
+    if fmt == "yaml":
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        return yaml.dump(info, Dumper=dumper, sort_keys=False, allow_unicode=True,
+                         default_flow_style=False).encode("utf-8")
+    if fmt == "csv":
+        row = {k: info[k] for k in ("id", "label")}
+        row.update(level_columns(info["label"], max(depth, len(info["levels"]))))
+        row.update({k: info[k] for k in _IMAGE_LABEL_KEYS if k not in ("id", "label", "levels")})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(row), lineterminator="\n")
+        writer.writeheader()
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        return text.getvalue().encode("utf-8")
+    if fmt == "txt":
+        fields = (info["label"], info["class_index"], info["url"], info["license"])
+        return ("\t".join(_one_line(v) for v in fields) + "\n").encode("utf-8")
+    raise ValueError(f"unknown label format {fmt!r}; valid: json, csv, yaml, txt")
 
 
 def to_accepted_table(rows: Rows) -> pa.Table:
@@ -191,6 +268,28 @@ def _safe_relative(path: Any) -> Optional[str]:
     return path
 
 
+def image_rel(row: dict[str, Any]) -> str:
+    """Where an image lives in the ImageFolder tree: imagefolder/{split}/{label}/{id}.{ext}."""
+    ext = extension_of(row["format"], row.get("image"))
+    return "imagefolder/" + "/".join([row["split"], *check_label_path(row["label"]),
+                                      f"{row['id']}.{ext}"])
+
+
+def manifest_row(row: dict[str, Any], shard: int, formats: set[str]) -> dict[str, Any]:
+    """The manifest entry of an output row written in ``shard``: the path points into the
+    ImageFolder tree if written, else the Parquet shard, else the tar."""
+    name = f"{row['split']}-{shard:05d}"
+    if "imagefolder" in formats:
+        path = image_rel(row)
+    elif "parquet" in formats:
+        path = f"data/{name}.parquet"
+    else:
+        path = f"webdataset/{name}.tar"
+    entry = {k: row.get(k) for k in _MANIFEST_KEYS if k not in ("path", "shard")}
+    entry.update(path=path, shard=shard)
+    return entry
+
+
 class DatasetWriter:
     """Writes one job's dataset into staging, then publishes it (see the module docstring).
 
@@ -210,6 +309,7 @@ class DatasetWriter:
         self.job_id = job_id
         self.storage_options = dict(storage_options or {})
         self.labels = sorted(set(labels)) if labels is not None else None
+        self.depth = depth_of(self.labels) if self.labels is not None else None
         self._card_inputs: Optional[dict[str, str]] = None
 
     # -- locations ------------------------------------------------------------------------
@@ -260,6 +360,10 @@ class DatasetWriter:
         if table.num_rows == 0:
             return []
         self._check_rows(table)
+        levels = pa.array([label.split("/") for label in table["label"].to_pylist()],
+                          ACCEPTED_SCHEMA.field("label_levels").type)
+        table = table.set_column(ACCEPTED_SCHEMA.get_field_index("label_levels"),
+                                 ACCEPTED_SCHEMA.field("label_levels"), levels)
         table = table.sort_by([("split", "ascending"), ("id", "ascending"),
                                ("label", "ascending")]).combine_chunks()
         formats = set(self.output.formats)
@@ -291,11 +395,7 @@ class DatasetWriter:
         parquet_rel = f"data/{name}.parquet"
         tar_rel = f"webdataset/{name}.tar"
         rows = table.to_pylist()
-        image_rels = [
-            "imagefolder/" + "/".join([split, *check_label_path(r["label"]),
-                                       f"{r['id']}.{extension_of(r['format'], r['image'])}"])
-            for r in rows
-        ]
+        image_rels = [image_rel(r) for r in rows]
         if "parquet" in formats:
             path = self._staged(root, parquet_rel)
             ensure_parent(fs, path)
@@ -305,21 +405,27 @@ class DatasetWriter:
             files = {self._staged(root, rel): r["image"] or b"" for rel, r in zip(image_rels, rows)}
             for path in files:
                 ensure_parent(fs, path)
+            files.update(self._image_label_files(root, image_rels, rows))
             fs.pipe(files)
         if "webdataset" in formats:
             self._write_tar(fs, self._staged(root, tar_rel), rows)
-        manifest = []
+        return [manifest_row(r, shard, formats) for r in rows]
+
+    def _image_label_files(self, root: str, image_rels: list[str],
+                           rows: list[dict[str, Any]]) -> dict[str, bytes]:
+        """The per-image label files of these rows (``output.image_label_files``), by path."""
+        fmts = self.output.image_label_files
+        if not fmts:
+            return {}
+        index = class_index(self.labels) if self.labels is not None else {}
+        depth = self.depth if self.depth is not None else depth_of([r["label"] for r in rows])
+        files = {}
         for rel, r in zip(image_rels, rows):
-            if "imagefolder" in formats:
-                path = rel
-            elif "parquet" in formats:
-                path = parquet_rel
-            else:
-                path = tar_rel
-            entry = {k: r.get(k) for k in _MANIFEST_KEYS if k not in ("path", "shard")}
-            entry.update(path=path, shard=shard)
-            manifest.append(entry)
-        return manifest
+            stem, name = rel.rsplit(".", 1)[0], rel.rsplit("/", 1)[-1]
+            info = image_label_info(r, name, index.get(r["label"]))
+            for fmt in fmts:
+                files[self._staged(root, f"{stem}.{fmt}")] = render_image_label(fmt, info, depth)
+        return files
 
     def _write_tar(self, fs: fsspec.AbstractFileSystem, path: str,
                    rows: list[dict[str, Any]]) -> None:
@@ -345,17 +451,20 @@ class DatasetWriter:
         if self.labels is not None and list(index) != self.labels:
             raise ValueError(f"write_manifests labels {list(index)} differ from the writer's "
                              f"labels {self.labels}, which numbered the WebDataset .cls files")
+        depth = depth_of(list(index))
         entries = [
             {"id": r["id"], "path": r["path"], "label": r["label"],
-             "label_index": index[r["label"]], "split": r["split"]}
+             "label_index": index[r["label"]], "split": r["split"],
+             **level_columns(r["label"], depth)}
             for r in sorted(manifest_rows, key=lambda r: (r["split"], r["label"], r["id"]))
         ]
+        columns = [*_LABEL_COLUMNS, *level_columns("", depth)]
         files: dict[str, bytes] = {
             "classes.json": _json_bytes(index),
             "classes.txt": "".join(f"{label}\n" for label in index).encode("utf-8"),
         }
         for fmt in self.output.label_formats:
-            files[f"labels.{fmt}"] = _render_labels(fmt, entries)
+            files[f"labels.{fmt}"] = _render_labels(fmt, entries, columns)
         fs, root = self._fs()
         with storage_errors(self.staging_uri, "write manifests to"):
             for rel, data in files.items():
@@ -402,7 +511,8 @@ class DatasetWriter:
         text = card_mod.render_card(
             inputs["spec_name"], inputs["description"], stats, inputs["spec_yaml"],
             parquet_splits=self._parquet_splits(fs, root), formats=self.output.formats,
-            label_formats=self.output.label_formats, partial_reason=partial_reason)
+            label_formats=self.output.label_formats, partial_reason=partial_reason,
+            labels=self.labels or (), image_label_files=self.output.image_label_files)
         self._put(fs, self._staged(root, "README.md"), text.encode("utf-8"))
 
     def _parquet_splits(self, fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -416,15 +526,18 @@ class DatasetWriter:
 
     # -- publishing -----------------------------------------------------------------------
 
-    def publish(self, overwrite: Optional[bool] = None) -> str:
+    def publish(self, overwrite: Optional[bool] = None, merge: bool = False) -> str:
         """Move the staged dataset into place and write ``_SUCCESS`` last; returns the URI.
 
         ``OutputExistsError`` if a complete dataset is there and overwrite is off (default:
         ``output.overwrite``); staging is then kept, so call ``abort()`` or publish again.
+        ``merge=True`` adds the staged files to the dataset already there (a resumed partial
+        dataset, or ``retry-failed``): nothing old is removed except files the staging
+        replaces, and the marker lists the union.
         """
-        return self._publish(SUCCESS, None, overwrite)
+        return self._publish(SUCCESS, None, overwrite, merge)
 
-    def publish_partial(self, reason: str) -> str:
+    def publish_partial(self, reason: str, merge: bool = False) -> str:
         """Publish what was staged as a partial dataset: ``_PARTIAL`` instead of ``_SUCCESS``,
         ``"partial": true`` in stats.json and a PARTIAL notice on the card."""
         fs, root = self._fs()
@@ -442,7 +555,7 @@ class DatasetWriter:
                 self._put(fs, card_path, card_mod.mark_partial(text, reason).encode("utf-8"))
             else:
                 self._write_card(fs, root, stats, reason)
-        return self._publish(PARTIAL, reason, None)
+        return self._publish(PARTIAL, reason, None, merge)
 
     def abort(self) -> None:
         """Remove this job's staging directory; the published location is untouched."""
@@ -467,7 +580,8 @@ class DatasetWriter:
                 markers[name] = content if isinstance(content, dict) else {}
         return markers
 
-    def _publish(self, marker: str, reason: Optional[str], overwrite: Optional[bool]) -> str:
+    def _publish(self, marker: str, reason: Optional[str], overwrite: Optional[bool],
+                 merge: bool = False) -> str:
         fs, root = self._fs()
         staging = self._staged(root)
         with storage_errors(self.uri, "publish to"):
@@ -479,8 +593,17 @@ class DatasetWriter:
             markers = self._read_markers(fs, root)
             if overwrite is None:
                 overwrite = self.output.overwrite
-            if not overwrite:
+            if not overwrite and not merge:
                 self._refuse_existing(markers)
+            kept: dict[str, int] = {}
+            if merge:
+                for content in (markers.get(SUCCESS), markers.get(PARTIAL)):
+                    for entry in (content or {}).get("files") or []:
+                        rel = _safe_relative(entry.get("path") if isinstance(entry, dict)
+                                             else entry)
+                        if rel and rel not in (SUCCESS, PARTIAL, PUBLISHING):
+                            kept[rel] = int(entry.get("size") or 0) if isinstance(
+                                entry, dict) else 0
             # Our own interrupted publish: what it listed and staging no longer holds is in place.
             ours = markers.get(PUBLISHING, {})
             placed = [rel for rel in (ours.get("files") or [])
@@ -492,7 +615,8 @@ class DatasetWriter:
             old_markers = [f"{root}/{m}" for m in (SUCCESS, PARTIAL) if m in markers]
             if old_markers:
                 fs.rm(old_markers)
-            self._remove_old(fs, root, markers, keep={f"{root}/{rel}" for rel in placed})
+            if not merge:
+                self._remove_old(fs, root, markers, keep={f"{root}/{rel}" for rel in placed})
             stats: dict[str, Any] = {}
             if "stats.json" in sizes or "stats.json" in placed:
                 where = staging if "stats.json" in sizes else root
@@ -503,6 +627,8 @@ class DatasetWriter:
                 fs.invalidate_cache(path)
                 if fs.exists(path):
                     sizes[rel] = int(fs.size(path))
+            for rel, size in kept.items():
+                sizes.setdefault(rel, size)
             files = sorted(sizes.items())
             content: dict[str, Any] = {
                 "job_id": self.job_id, "created": _now(),
@@ -547,13 +673,13 @@ class DatasetWriter:
             prune_empty_dirs(fs, f"{root}/{d}")
 
 
-def _render_labels(fmt: str, entries: list[dict[str, Any]]) -> bytes:
+def _render_labels(fmt: str, entries: list[dict[str, Any]], columns: Sequence[str]) -> bytes:
     if fmt == "json":
         body = ",\n".join("  " + json.dumps(e, ensure_ascii=False) for e in entries)
         return ("[\n" + body + "\n]\n" if entries else "[]\n").encode("utf-8")
     if fmt == "csv":
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=_LABEL_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows(entries)
         return text.getvalue().encode("utf-8")

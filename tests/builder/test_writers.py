@@ -489,3 +489,32 @@ def test_interrupted_publish_is_never_complete_and_a_retry_finishes(target, monk
     assert listed == files - {"_SUCCESS"} and len(listed) == 28
     assert read_dataset(target.uri, target.options).num_rows == 12
     assert json.loads(target.read("_SUCCESS"))["counts"]["accepted"] == 12
+
+
+def test_per_image_label_files_and_level_columns(target):
+    rows = make_rows()
+    by_id = {r["id"]: r for r in rows}
+    w = target.writer(image_label_files=["txt", "json", "csv", "yaml"])
+    manifest = write_all(w, rows)
+    w.publish()
+    files = target.files()
+    classes = json.loads(target.read("classes.json"))
+    for m in manifest:
+        stem, row = m["path"].rsplit(".", 1)[0], by_id[m["id"]]
+        assert {f"{stem}.{fmt}" for fmt in ("txt", "json", "csv", "yaml")} <= files
+        info = json.loads(target.read(f"{stem}.json"))
+        assert info == yaml.safe_load(target.read(f"{stem}.yaml"))
+        assert (info["label"], info["levels"], info["class_index"], info["url"]) == \
+            (row["label"], row["label"].split("/"), classes[row["label"]], row["url"])
+        assert target.read(f"{stem}.txt").decode() == \
+            f"{row['label']}\t{classes[row['label']]}\t{row['url']}\tcc-by\n"
+        as_csv = next(csv.DictReader(io.StringIO(target.read(f"{stem}.csv").decode())))
+        assert (as_csv["level_0"], as_csv["level_1"]) == tuple(
+            (row["label"].split("/") + [""])[:2])
+    entries = list(csv.DictReader(io.StringIO(target.read("labels.csv").decode())))
+    assert {(e["label"], e["level_0"], e["level_1"]) for e in entries} == {
+        ("cat", "cat", ""), ("mammals/dog", "mammals", "dog"),
+        ("mammals/whale", "mammals", "whale")}
+    table = read_dataset(target.uri, target.options)
+    assert [r["label_levels"] for r in table.select(["label", "label_levels"]).to_pylist()] == \
+        [label.split("/") for label in table["label"].to_pylist()]
