@@ -1,0 +1,131 @@
+"""Model wrappers for the slow validation level: NSFW scoring and CLIP embeddings.
+
+Each wrapper is built cheaply (no weights), loads its model once in ``load()`` (in an actor's
+setup) and is then called on batches. torch, transformers and onnxruntime are imported only in
+``load()``, so this package imports without the ``ml`` extra. Preprocessing that runs on CPU
+workers ahead of the models lives in ``builder.models.preprocess``.
+
+Hugging Face model ids resolve to a local directory by ``resolve_model_dir``: a local path, else
+the Hugging Face cache (``HF_HOME``), else a download when the hub is reachable and
+``HF_HUB_OFFLINE`` is not set. Anything else is a ``ModelLoadError`` at once, never a hang on
+retries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from builder.errors import ModelLoadError
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_TRUE = ("1", "true", "yes", "on")
+HUB_PROBE_TIMEOUT_S = 5.0
+_WEIGHT_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken")
+
+
+def check_device(device: str) -> str:
+    """Validate a device string ('cpu', 'cuda', 'cuda:N'); raise ValueError naming the options."""
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ValueError(f"device {device!r} is not valid; allowed: 'cpu', 'cuda', 'cuda:N'")
+    return device
+
+
+def torch_device(device: str) -> Any:
+    """The torch device for a configured device string; fails if CUDA is configured but absent."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {device!r} is configured but torch sees no CUDA GPU on this worker; run the "
+            "validator on a GPU node (resources.gpus_per_actor > 0) or configure device 'cpu'")
+    return torch.device(device)
+
+
+def hub_offline() -> bool:
+    """Whether the hub must not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return True
+    return False
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def _hub_reachable(endpoint: str) -> str:
+    """'' if the hub answers an HTTP request within a few seconds, else why not."""
+    request = urllib.request.Request(endpoint, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S):
+            return ""
+    except urllib.error.HTTPError:
+        return ""
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else is meant as a filesystem path."""
+    return model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1
+
+
+def resolve_model_dir(model_id: str) -> str:
+    """A local directory holding the Hugging Face model ``model_id`` (a hub id or a path).
+
+    Order: an existing directory; the Hugging Face cache; a download (only when not offline and
+    the hub answers). Raises ModelLoadError, with what to do, when none works.
+    """
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return str(local)
+    if _looks_like_path(model_id):
+        raise ModelLoadError(f"model directory {model_id!r} does not exist; give a directory "
+                             "written by save_pretrained or a Hugging Face model id")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError as exc:
+        raise ModelLoadError(f"loading {model_id!r} needs the ml extra: "
+                             "pip install 'pixcrawler[ml]'") from exc
+    how_to = ("the model must be available locally: download it beforehand into the Hugging Face "
+              f"cache on every worker (HF_HOME; e.g. `hf download {model_id}`) or give a local "
+              "directory written by save_pretrained as the model id")
+    try:
+        return snapshot_download(model_id, local_files_only=True)
+    except ValueError as exc:
+        raise ModelLoadError(f"{model_id!r} is neither a local directory nor a valid Hugging Face "
+                             f"model id: {exc}") from exc
+    except OSError:
+        pass
+    if hub_offline():
+        raise ModelLoadError(f"model {model_id!r} is not in the Hugging Face cache and "
+                             f"HF_HUB_OFFLINE is set; {how_to}")
+    endpoint = hub_endpoint()
+    why = _hub_reachable(endpoint)
+    if why:
+        raise ModelLoadError(f"model {model_id!r} is not in the Hugging Face cache and the hub "
+                             f"({endpoint}) cannot be reached ({why}); {how_to}")
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi(endpoint=endpoint).list_repo_files(model_id)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) \
+            else ["*.bin"]
+        return snapshot_download(model_id, endpoint=endpoint,
+                                 allow_patterns=[*_WEIGHT_PATTERNS, *weights])
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not download model {model_id!r} from {endpoint}: {exc}; "
+                             f"{how_to}") from exc
+
+
+from builder.models.clip import ClipModel  # noqa: E402
+from builder.models.nsfw import NsfwModel  # noqa: E402
+
+__all__ = ["ClipModel", "NsfwModel", "ModelLoadError", "resolve_model_dir", "check_device",
+           "torch_device", "hub_offline"]

@@ -1,0 +1,293 @@
+"""The slow validation level: NSFW scoring and CLIP semantic checks (no Ray here).
+
+For each record still in play, in this order:
+
+1. decode (``decode_error`` if the bytes do not decode here);
+2. NSFW probability -> ``record.nsfw_score``; ``nsfw`` at or above ``nsfw_threshold``;
+3. CLIP cosine similarity between the image and its label's prompts (the prompt embeddings are
+   averaged per label, as in CLIP's zero-shot ensembles) -> ``record.clip_score``; zero-shot over
+   all the job's labels picks the best label:
+
+   - best label is its own and similarity >= ``clip_threshold``: kept;
+   - best label is another one whose similarity is >= ``clip_threshold``: ``wrong_class``, or with
+     ``wrong_class="relabel"`` the record moves to that label (``extra['relabelled_from']``);
+   - otherwise: ``off_topic``;
+
+   with ``wrong_class="ignore"`` (for overlapping classes, 'dog' and 'puppy') zero-shot is
+   skipped: only the similarity to its own label counts;
+4. optionally, near-duplicate removal by embedding cosine (``near_duplicate``) against every image
+   this validator instance has kept so far, in this batch and earlier ones;
+5. optionally, the CLIP embedding is kept on the record (``record.embedding``).
+
+The work splits in two so that Ray can run each part where it belongs: ``prepare`` (decode and
+pixel preprocessing, CPU only, no model weights) and ``score`` (the models, on the configured
+device). ``__call__`` does both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from builder.models.clip import ClipModel
+from builder.models.nsfw import NsfwModel
+from builder.models.preprocess import DECODE_ERRORS, decode_rgb
+from builder.reasons import Reason
+from builder.records import Record
+
+WRONG_CLASS_MODES = ("reject", "relabel", "ignore")
+DEFAULT_PROMPTS = ("a photo of a {}.",)
+
+
+@dataclass
+class PreparedBatch:
+    """Records plus the model inputs of those still in play (``index`` into ``records``)."""
+
+    records: list[Record]
+    index: list[int]
+    nsfw_pixels: Optional[np.ndarray]
+    clip_pixels: Optional[np.ndarray]
+
+
+def label_texts(labels: Sequence[str]) -> dict[str, str]:
+    """How each label reads inside a prompt.
+
+    Underscores become spaces; a hierarchical label reads as its leaf ('mammals/golden_retriever'
+    -> 'golden retriever'), with its parent path added where two leaves share a name
+    ('birds/crane' -> 'crane (birds)', 'machines/crane' -> 'crane (machines)') so that zero-shot
+    can tell them apart.
+    """
+    def words(part: str) -> str:
+        return " ".join(part.replace("_", " ").split())
+
+    leaves = {label: words(label.rsplit("/", 1)[-1]) for label in labels}
+    counts: dict[str, int] = {}
+    for leaf in leaves.values():
+        counts[leaf] = counts.get(leaf, 0) + 1
+    out = {}
+    for label, leaf in leaves.items():
+        parent = label.rpartition("/")[0]
+        out[label] = f"{leaf} ({words(parent.replace('/', ' '))})" \
+            if counts[leaf] > 1 and parent else leaf
+    return out
+
+
+class _EmbeddingStore:
+    """The embeddings of the images kept so far, with their ids (grows by doubling)."""
+
+    def __init__(self) -> None:
+        self._matrix: Optional[np.ndarray] = None
+        self.ids: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        assert self._matrix is not None
+        return self._matrix[: len(self.ids)]
+
+    def add(self, vector: np.ndarray, record_id: str) -> None:
+        if self._matrix is None:
+            self._matrix = np.empty((256, vector.shape[0]), dtype=np.float32)
+        elif len(self.ids) == len(self._matrix):
+            grown = np.empty((2 * len(self._matrix), self._matrix.shape[1]), dtype=np.float32)
+            grown[: len(self._matrix)] = self._matrix
+            self._matrix = grown
+        self._matrix[len(self.ids)] = vector
+        self.ids.append(record_id)
+
+
+class SlowValidator:
+    """The slow-level stage: NSFW and CLIP checks on batches of records."""
+
+    def __init__(self, labels: Sequence[str], *, nsfw: Optional[NsfwModel],
+                 clip: Optional[ClipModel], nsfw_threshold: float = 0.8,
+                 clip_threshold: float = 0.2, wrong_class: str = "reject",
+                 prompts: Sequence[str] = DEFAULT_PROMPTS, keep_embedding: bool = False,
+                 embedding_dedup_threshold: Optional[float] = None,
+                 decode_max_side: int = 512) -> None:
+        labels = list(labels)
+        if not labels:
+            raise ValueError("labels: needs at least one class label")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels: duplicates in {labels}")
+        if nsfw is None and clip is None:
+            raise ValueError("the slow level needs an NSFW model, a CLIP model or both")
+        if not 0.0 <= nsfw_threshold <= 1.0:
+            raise ValueError(f"nsfw_threshold must be in [0, 1], got {nsfw_threshold}")
+        if not -1.0 <= clip_threshold <= 1.0:
+            raise ValueError(f"clip_threshold must be in [-1, 1], got {clip_threshold}")
+        if wrong_class not in WRONG_CLASS_MODES:
+            raise ValueError(f"wrong_class {wrong_class!r} is not valid; allowed: "
+                             f"{', '.join(WRONG_CLASS_MODES)}")
+        prompts = list(prompts)
+        if not prompts or any("{}" not in p for p in prompts):
+            raise ValueError(f"prompts: each prompt needs a '{{}}' where the label goes, got "
+                             f"{prompts}")
+        if clip is None and (keep_embedding or embedding_dedup_threshold is not None):
+            raise ValueError("keep_embedding and embedding_dedup_threshold need a CLIP model")
+        if embedding_dedup_threshold is not None and not 0.0 < embedding_dedup_threshold <= 1.0:
+            raise ValueError("embedding_dedup_threshold must be in (0, 1], got "
+                             f"{embedding_dedup_threshold}")
+        self.labels = labels
+        self.nsfw = nsfw
+        self.clip = clip
+        self.nsfw_threshold = nsfw_threshold
+        self.clip_threshold = clip_threshold
+        self.wrong_class = wrong_class
+        self.prompts = prompts
+        self.keep_embedding = keep_embedding
+        self.embedding_dedup_threshold = embedding_dedup_threshold
+        self.decode_max_side = decode_max_side
+        self._label_index = {label: i for i, label in enumerate(labels)}
+        self._label_matrix: Optional[np.ndarray] = None
+        self._kept = _EmbeddingStore()
+
+    def load(self) -> None:
+        """Load the models and embed every label's prompts (once per actor)."""
+        if self.nsfw is not None:
+            self.nsfw.load()
+        if self.clip is not None and self._label_matrix is None:
+            self.clip.load()
+            self._label_matrix = self._embed_labels(self.clip)
+
+    def _embed_labels(self, clip: ClipModel) -> np.ndarray:
+        rows = []
+        names = label_texts(self.labels)
+        for label in self.labels:
+            texts = [p.format(names[label]) for p in self.prompts]
+            mean = clip.encode_texts(texts).mean(axis=0)
+            rows.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+        return np.stack(rows).astype(np.float32)
+
+    @property
+    def label_embeddings(self) -> np.ndarray:
+        """[L, D]: one L2-normalised prompt-ensemble embedding per label (after ``load()``)."""
+        if self._label_matrix is None:
+            raise RuntimeError("SlowValidator.load() must be called first")
+        return self._label_matrix
+
+    def __call__(self, records: list[Record]) -> list[Record]:
+        return self.score(self.prepare(records))
+
+    def prepare(self, records: list[Record]) -> PreparedBatch:
+        """Decode and preprocess on CPU (no model weights needed); rejects what does not decode."""
+        index: list[int] = []
+        images: list[Image.Image] = []
+        for i, record in enumerate(records):
+            if record.rejected:
+                continue
+            if record.label not in self._label_index:
+                raise ValueError(f"record label {record.label!r} is not one of the job's labels "
+                                 f"{self.labels}")
+            if not record.data:
+                record.reject(Reason.DECODE_ERROR, "no image bytes reached the slow level")
+                continue
+            try:
+                image = decode_rgb(record.data, self.decode_max_side)
+            except DECODE_ERRORS as exc:
+                record.reject(Reason.DECODE_ERROR, f"slow level decode: {exc}")
+                continue
+            index.append(i)
+            images.append(image)
+        nsfw_pixels = self.nsfw.preprocess(images) if self.nsfw is not None else None
+        clip_pixels = self.clip.preprocess(images) if self.clip is not None else None
+        return PreparedBatch(records, index, nsfw_pixels, clip_pixels)
+
+    def score(self, batch: PreparedBatch) -> list[Record]:
+        """Run the models on a prepared batch and decide each record; returns the records."""
+        if not batch.index:
+            return batch.records
+        self.load()
+        keep = np.ones(len(batch.index), dtype=bool)
+        if self.nsfw is not None and batch.nsfw_pixels is not None:
+            keep &= self._check_nsfw(batch)
+        if self.clip is not None and batch.clip_pixels is not None and keep.any():
+            self._check_clip(batch, keep)
+        return batch.records
+
+    def _check_nsfw(self, batch: PreparedBatch) -> np.ndarray:
+        assert self.nsfw is not None and batch.nsfw_pixels is not None
+        scores = self.nsfw(batch.nsfw_pixels)
+        keep = scores < self.nsfw_threshold
+        for pos, (i, score) in enumerate(zip(batch.index, scores)):
+            record = batch.records[i]
+            record.nsfw_score = float(score)
+            if not keep[pos]:
+                record.reject(Reason.NSFW, f"nsfw probability {score:.3f} >= nsfw_threshold "
+                                           f"{self.nsfw_threshold:g}")
+        return keep
+
+    def _check_clip(self, batch: PreparedBatch, keep: np.ndarray) -> None:
+        assert self.clip is not None and batch.clip_pixels is not None
+        positions = np.flatnonzero(keep)
+        embeddings = self.clip.encode_images(batch.clip_pixels[positions])
+        sims = embeddings @ self.label_embeddings.T
+        survivors: list[tuple[Record, np.ndarray]] = []
+        for row, pos in enumerate(positions):
+            record = batch.records[batch.index[pos]]
+            if self._route(record, sims[row]):
+                survivors.append((record, embeddings[row]))
+        if self.embedding_dedup_threshold is not None:
+            survivors = self._dedup(survivors, self.embedding_dedup_threshold)
+        if self.keep_embedding:
+            for record, vector in survivors:
+                record.embedding = [float(v) for v in vector]
+
+    def _route(self, record: Record, sims: np.ndarray) -> bool:
+        """Apply the CLIP rules to one record; True if it stays in play."""
+        own = self._label_index[record.label]
+        best = int(np.argmax(sims))
+        own_sim, best_sim = float(sims[own]), float(sims[best])
+        record.clip_score = own_sim
+        if (best == own or self.wrong_class == "ignore") and own_sim >= self.clip_threshold:
+            return True
+        if best != own and best_sim >= self.clip_threshold and self.wrong_class != "ignore":
+            predicted = self.labels[best]
+            if self.wrong_class == "relabel":
+                record.extra["relabelled_from"] = record.label
+                record.candidate = dataclasses.replace(record.candidate, label=predicted)
+                record.clip_score = best_sim
+                return True
+            record.reject(Reason.WRONG_CLASS,
+                          f"zero-shot predicts {predicted!r} (similarity {best_sim:.3f}) over "
+                          f"its label {record.label!r} ({own_sim:.3f})")
+            return False
+        record.reject(Reason.OFF_TOPIC, f"similarity {own_sim:.3f} to the prompts for "
+                                        f"{record.label!r} is below clip_threshold "
+                                        f"{self.clip_threshold:g}")
+        return False
+
+    def _dedup(self, survivors: list[tuple[Record, np.ndarray]],
+               threshold: float) -> list[tuple[Record, np.ndarray]]:
+        """Reject near duplicates of images kept earlier (earlier batches, then this one)."""
+        if not survivors:
+            return survivors
+        batch = np.stack([vector for _, vector in survivors])
+        prior = batch @ self._kept.matrix.T if len(self._kept) else None
+        kept: list[tuple[Record, np.ndarray]] = []
+        for row, (record, vector) in enumerate(survivors):
+            best_sim, best_id = -2.0, ""
+            if prior is not None:
+                j = int(np.argmax(prior[row]))
+                best_sim, best_id = float(prior[row, j]), self._kept.ids[j]
+            if kept:
+                in_batch = np.stack([v for _, v in kept]) @ vector
+                j = int(np.argmax(in_batch))
+                if float(in_batch[j]) > best_sim:
+                    best_sim, best_id = float(in_batch[j]), kept[j][0].id
+            if best_sim >= threshold:
+                record.reject(Reason.NEAR_DUPLICATE,
+                              f"embedding cosine {best_sim:.4f} to {best_id}",
+                              duplicate_of=best_id)
+                continue
+            kept.append((record, vector))
+        for record, vector in kept:
+            self._kept.add(vector, record.id)
+        return kept

@@ -1,0 +1,245 @@
+"""SlowValidator: routing records to nsfw / off_topic / wrong_class / near_duplicate / kept."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from builder.models import ClipModel, NsfwModel
+from builder.models.preprocess import decode_rgb
+from builder.reasons import Reason
+from builder.slow import SlowValidator, label_texts
+
+from .images import jpeg_bytes, noise, plain, record
+
+pytestmark = pytest.mark.ml
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (250, 250, 250), (20, 20, 20)]
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_dir) -> ClipModel:
+    model = ClipModel(model_id=str(tiny_clip_dir))
+    model.load()
+    return model
+
+
+@pytest.fixture(scope="module")
+def opennsfw() -> NsfwModel:
+    pytest.importorskip("onnxruntime")
+    model = NsfwModel()
+    model.load()
+    return model
+
+
+def _colour_records(label: str) -> list:
+    return [record(jpeg_bytes(plain(c, (120, 90))), label) for c in COLOURS]
+
+
+def _as_decoded(images) -> list:
+    """The images as the validator sees them: JPEG bytes decoded again."""
+    return [decode_rgb(jpeg_bytes(im)) for im in images]
+
+
+def test_clip_score_is_the_cosine_to_the_labels_prompt_ensemble(clip: ClipModel) -> None:
+    prompts = ["a photo of a {}.", "a drawing of a {}."]
+    validator = SlowValidator(["golden_retriever"], nsfw=None, clip=clip, clip_threshold=-1.0,
+                              prompts=prompts)
+    records = validator(_colour_records("golden_retriever"))
+    assert not any(r.rejected for r in records)
+    texts = clip.encode_texts(["a photo of a golden retriever.",
+                               "a drawing of a golden retriever."])
+    label = texts.mean(axis=0) / np.linalg.norm(texts.mean(axis=0))
+    images = clip.encode_images(_as_decoded([plain(c, (120, 90)) for c in COLOURS]))
+    assert np.allclose([r.clip_score for r in records], images @ label, atol=1e-4)
+    assert all(r.nsfw_score is None and r.embedding is None for r in records)
+
+
+def test_below_clip_threshold_is_off_topic(clip: ClipModel) -> None:
+    validator = SlowValidator(["cat"], nsfw=None, clip=clip, clip_threshold=1.0)
+    records = validator(_colour_records("cat"))
+    assert {r.reason for r in records} == {Reason.OFF_TOPIC.value}
+    assert all(r.stage == "semantic" and r.data is None for r in records)
+    assert all(r.clip_score is not None and r.clip_score < 1.0 for r in records)
+    assert "'cat'" in records[0].detail and "clip_threshold 1" in records[0].detail
+
+
+def _zero_shot(validator: SlowValidator, clip: ClipModel, images) -> list[str]:
+    sims = clip.encode_images(images) @ validator.label_embeddings.T
+    return [validator.labels[i] for i in np.argmax(sims, axis=1)]
+
+
+def test_zero_shot_rejects_images_that_look_like_another_class(clip: ClipModel) -> None:
+    labels = ["cat", "dog", "car"]
+    validator = SlowValidator(labels, nsfw=None, clip=clip, clip_threshold=-1.0)
+    validator.load()
+    images = [plain(c, (120, 90)) for c in COLOURS] + [noise(i) for i in range(3)]
+    predicted = _zero_shot(validator, clip, _as_decoded(images))
+    wrong = [labels[(labels.index(p) + 1) % 3] for p in predicted]
+    records = validator([record(jpeg_bytes(im), lab) for im, lab in zip(images, wrong)]
+                        + [record(jpeg_bytes(im), p) for im, p in zip(images, predicted)])
+    n = len(images)
+    for r, pred in zip(records[:n], predicted):
+        assert r.reason == Reason.WRONG_CLASS.value and r.stage == "semantic"
+        assert f"predicts {pred!r}" in r.detail
+    assert not any(r.rejected for r in records[n:])
+    assert [r.label for r in records[n:]] == predicted
+    ignoring = SlowValidator(labels, nsfw=None, clip=clip, clip_threshold=-1.0,
+                             wrong_class="ignore")
+    kept = ignoring([record(jpeg_bytes(im), lab) for im, lab in zip(images, wrong)])
+    assert not any(r.rejected for r in kept) and [r.label for r in kept] == wrong
+
+
+def test_relabel_moves_the_record_to_the_predicted_class(clip: ClipModel) -> None:
+    labels = ["cat", "dog"]
+    validator = SlowValidator(labels, nsfw=None, clip=clip, clip_threshold=-1.0,
+                              wrong_class="relabel")
+    validator.load()
+    images = _as_decoded([plain(c, (120, 90)) for c in COLOURS])
+    predicted = _zero_shot(validator, clip, images)
+    given = ["dog" if p == "cat" else "cat" for p in predicted]
+    records = validator([record(jpeg_bytes(im), g, url=f"http://127.0.0.1/{i}.jpg")
+                         for i, (im, g) in enumerate(zip(images, given))])
+    sims = clip.encode_images(_as_decoded(images)) @ validator.label_embeddings.T
+    for i, r in enumerate(records):
+        assert not r.rejected
+        assert r.label == predicted[i] and r.candidate.url == f"http://127.0.0.1/{i}.jpg"
+        assert r.extra["relabelled_from"] == given[i]
+        assert r.clip_score == pytest.approx(float(sims[i].max()), abs=1e-4)
+
+
+def test_nsfw_at_or_above_threshold_is_rejected_before_clip(make_vit_dir, clip) -> None:
+    unsafe = NsfwModel(backend="hf", model_id=str(make_vit_dir(bias=(-4.0, 4.0))))
+    safe = NsfwModel(backend="hf", model_id=str(make_vit_dir(bias=(4.0, -4.0))))
+    rejected = SlowValidator(["cat"], nsfw=unsafe, clip=clip, nsfw_threshold=0.8,
+                             clip_threshold=-1.0)(_colour_records("cat"))
+    assert {r.reason for r in rejected} == {Reason.NSFW.value}
+    assert all(r.stage == "nsfw" and r.nsfw_score == pytest.approx(0.99966, abs=1e-4)
+               for r in rejected)
+    assert all(r.clip_score is None for r in rejected)
+    assert "nsfw_threshold 0.8" in rejected[0].detail
+    kept = SlowValidator(["cat"], nsfw=safe, clip=clip, nsfw_threshold=0.8,
+                         clip_threshold=-1.0)(_colour_records("cat"))
+    assert not any(r.rejected for r in kept)
+    assert all(r.nsfw_score == pytest.approx(0.00034, abs=1e-4) and r.clip_score is not None
+               for r in kept)
+
+
+def test_opennsfw_scores_records_and_threshold_decides(opennsfw: NsfwModel) -> None:
+    kept = SlowValidator(["cat"], nsfw=opennsfw, clip=None, nsfw_threshold=0.5)(
+        _colour_records("cat"))
+    assert not any(r.rejected for r in kept)
+    scores = [r.nsfw_score for r in kept]
+    assert all(0.0 <= s < 0.5 for s in scores)
+    strict = SlowValidator(["cat"], nsfw=opennsfw, clip=None, nsfw_threshold=min(scores))(
+        _colour_records("cat"))
+    assert [r.rejected for r in strict] == [s >= min(scores) for s in scores]
+    assert sum(r.reason == Reason.NSFW.value for r in strict) >= 1
+
+
+def test_decode_failures_and_earlier_rejections(clip: ClipModel) -> None:
+    good = record(jpeg_bytes(plain((0, 0, 200))), "cat")
+    garbage = record(b"\xff\xd8\xff\xe0 definitely not a jpeg", "cat")
+    truncated = record(jpeg_bytes(noise(3, (200, 200)))[:200], "cat")
+    empty = record(None, "cat")
+    earlier = record(jpeg_bytes(plain((9, 9, 9))), "cat").reject(Reason.EXACT_DUPLICATE, "dup",
+                                                                 duplicate_of="abc")
+    records = SlowValidator(["cat"], nsfw=None, clip=clip, clip_threshold=-1.0)(
+        [good, garbage, truncated, empty, earlier])
+    assert not good.rejected and good.clip_score is not None
+    for r in (garbage, truncated, empty):
+        assert r.reason == Reason.DECODE_ERROR.value and r.stage == "validate"
+        assert r.clip_score is None
+    assert (earlier.reason, earlier.detail, earlier.duplicate_of) == ("exact_duplicate", "dup",
+                                                                      "abc")
+    assert earlier.clip_score is None and len(records) == 5
+
+
+def test_embedding_dedup_within_and_across_batches(clip: ClipModel) -> None:
+    threshold = 0.99
+    images = [plain(c, (120, 90)) for c in COLOURS]
+    emb = clip.encode_images(images)
+    off_diagonal = emb @ emb.T - 2 * np.eye(len(images))
+    assert off_diagonal.max() < threshold  # the distinct images are distinct to this model
+    validator = SlowValidator(["cat"], nsfw=None, clip=clip, clip_threshold=-1.0,
+                              embedding_dedup_threshold=threshold, keep_embedding=True)
+    original = noise(1, (200, 160))
+    png = io.BytesIO()
+    original.save(png, format="PNG")
+    first = [record(jpeg_bytes(original, 95), "cat"), record(png.getvalue(), "cat")]
+    first += [record(jpeg_bytes(im), "cat") for im in images]
+    validator(first)
+    assert not first[0].rejected
+    assert first[1].reason == Reason.NEAR_DUPLICATE.value and first[1].stage == "dedup"
+    assert first[1].duplicate_of == first[0].id != first[1].id
+    assert first[1].detail.startswith("embedding cosine ") and first[0].id in first[1].detail
+    assert not any(r.rejected for r in first[2:])
+    for r in [first[0], *first[2:]]:
+        assert len(r.embedding) == 16 and abs(np.linalg.norm(r.embedding) - 1.0) < 1e-5
+    assert first[1].embedding is None
+    second = [record(jpeg_bytes(original, 80), "cat"), record(jpeg_bytes(noise(1, (80, 80))),
+                                                              "cat")]
+    validator(second)
+    assert second[0].reason == Reason.NEAR_DUPLICATE.value
+    assert second[0].duplicate_of == first[0].id
+
+
+def test_prepare_runs_without_weights_and_score_loads_them(tiny_clip_dir, make_vit_dir) -> None:
+    clip = ClipModel(model_id=str(tiny_clip_dir))
+    nsfw = NsfwModel(backend="hf", model_id=str(make_vit_dir(bias=(4.0, -4.0))))
+    validator = SlowValidator(["cat", "dog"], nsfw=nsfw, clip=clip, clip_threshold=-1.0,
+                              wrong_class="relabel")
+    records = [record(jpeg_bytes(plain(c)), "cat") for c in COLOURS[:3]]
+    records.append(record(b"junk", "dog"))
+    prepared = validator.prepare(records)
+    assert not clip.loaded and not nsfw.loaded
+    assert prepared.index == [0, 1, 2] and records[3].reason == Reason.DECODE_ERROR.value
+    assert prepared.clip_pixels.shape == (3, 3, 32, 32)
+    assert prepared.nsfw_pixels.shape == (3, 3, 32, 32)
+    validator.score(prepared)
+    assert clip.loaded and nsfw.loaded
+    assert all(r.nsfw_score is not None and r.clip_score is not None for r in records[:3])
+
+
+def test_an_all_rejected_batch_needs_no_model(tiny_clip_dir) -> None:
+    clip = ClipModel(model_id=str(tiny_clip_dir))
+    records = [record(b"junk", "cat")]
+    SlowValidator(["cat"], nsfw=None, clip=clip)(records)
+    assert records[0].reason == Reason.DECODE_ERROR.value and not clip.loaded
+
+
+def test_a_label_outside_the_job_is_a_programming_error(clip: ClipModel) -> None:
+    with pytest.raises(ValueError, match="not one of the job's labels"):
+        SlowValidator(["cat"], nsfw=None, clip=clip)([record(jpeg_bytes(plain((1, 1, 1))),
+                                                             "dog")])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(labels=[]), "at least one class"),
+    (dict(labels=["a", "a"]), "duplicates"),
+    (dict(clip=None), "NSFW model, a CLIP model or both"),
+    (dict(wrong_class="keep"), "allowed: reject, relabel, ignore"),
+    (dict(prompts=["a photo"]), "'{}'"),
+    (dict(nsfw_threshold=1.5), "nsfw_threshold"),
+    (dict(clip_threshold=2.0), "clip_threshold"),
+    (dict(embedding_dedup_threshold=0.0), "embedding_dedup_threshold"),
+])
+def test_configuration_is_validated_at_construction(tiny_clip_dir, kwargs, message) -> None:
+    args = dict(labels=["cat"], nsfw=None, clip=ClipModel(model_id=str(tiny_clip_dir)))
+    args.update(kwargs)
+    labels = args.pop("labels")
+    with pytest.raises(ValueError, match=message):
+        SlowValidator(labels, **args)
+
+
+def test_embedding_options_need_clip() -> None:
+    with pytest.raises(ValueError, match="need a CLIP model"):
+        SlowValidator(["cat"], nsfw=NsfwModel(), clip=None, keep_embedding=True)
+
+
+def test_label_texts_read_naturally_and_stay_distinct() -> None:
+    assert label_texts(["golden_retriever", "mammals/red_fox", "birds/crane", "machines/crane"]) \
+        == {"golden_retriever": "golden retriever", "mammals/red_fox": "red fox",
+            "birds/crane": "crane (birds)", "machines/crane": "crane (machines)"}
