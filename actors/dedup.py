@@ -20,6 +20,11 @@ class DedupActor:
             out.append((dec.reason.value if dec.reason else None, dec.kept_id, dec.distance))
         return out
 
+    def seed(self, items: list[tuple[str, str, str, str]]) -> None:
+        """Add ``(id, sha256, phash_hex, dhash_hex)`` of images already kept (resume)."""
+        for image_id, sha, p, d in items:
+            self.index.add(image_id, sha, int(p or "0", 16), int(d or "0", 16))
+
     def forget(self, image_ids: list[str]) -> None:
         for image_id in image_ids:
             self.index.remove(image_id)

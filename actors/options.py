@@ -30,6 +30,7 @@ class PoolPlan:
     gpus_per_actor: float
     batch_size: int
     max_in_flight: int
+    write_cpus: float = 0.5
 
     def download_options(self) -> dict[str, Any]:
         return {"num_cpus": self.download_cpus, "max_concurrency": 4 * self.max_in_flight + 8}
@@ -50,7 +51,7 @@ class PoolPlan:
     def required(self) -> dict[str, float]:
         """Total resources the job's actor pools ask for (for planning and the cluster file test)."""
         cpus = (self.download_actors * self.download_cpus + self.hash_actors * self.hash_cpus
-                + (2 + self.search_workers) * SMALL_CPUS)
+                + (2 + self.search_workers) * SMALL_CPUS + self.write_cpus)
         out = {"CPU": cpus}
         if self.gpus_per_actor:
             out["GPU"] = self.gpu_actors * self.gpus_per_actor
@@ -63,7 +64,7 @@ def plan_pools(spec: DatasetSpec, cluster: dict[str, float]) -> PoolPlan:
     cpus = float(cluster.get("CPU", 2.0))
     overhead = (2 + res.search_workers) * SMALL_CPUS
     download_actors = res.download_actors or max(1, math.ceil(cpus / 16))
-    free = cpus - download_actors * res.download_cpus - overhead
+    free = cpus - download_actors * res.download_cpus - overhead - res.write_cpus
     hash_actors = res.hash_actors or max(1, int(free // res.hash_cpus))
     return PoolPlan(
         download_actors=download_actors,
@@ -76,4 +77,5 @@ def plan_pools(spec: DatasetSpec, cluster: dict[str, float]) -> PoolPlan:
         gpus_per_actor=res.gpus_per_actor,
         batch_size=res.batch_size,
         max_in_flight=res.max_in_flight_batches or max(4, 2 * (download_actors + hash_actors)),
+        write_cpus=res.write_cpus,
     )

@@ -24,10 +24,11 @@ ShardPlan = dict[int, list[tuple[Any, list[str]]]]
 
 
 def plan_shards(selected: dict[int, list[str]], tables: dict[int, Any],
-                shard_size: int) -> ShardPlan:
-    """Cut the selected ids, in batch order, into shards of ``shard_size`` rows."""
+                shard_size: int, first: int = 0) -> ShardPlan:
+    """Cut the selected ids, in batch order, into shards of ``shard_size`` rows numbered from
+    ``first``."""
     plan: ShardPlan = {}
-    shard, count = 0, 0
+    shard, count = first, 0
     for batch in sorted(selected):
         ids = selected[batch]
         start = 0

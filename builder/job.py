@@ -18,14 +18,17 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from builder.engines.base import SearchPage
 from builder.errors import EngineError, EngineUnavailable
 from builder.reasons import Reason
 from builder.records import Candidate, Record
 from builder.spec import DatasetSpec
-from builder.urls import UrlDedup, check_url
+from builder.urls import UrlDedup, check_url, normalise_url
+
+if TYPE_CHECKING:
+    from builder.journal import ResumeState
 
 log = logging.getLogger("pixcrawler.job")
 
@@ -286,7 +289,9 @@ class JobRunner:
                  engines: list[tuple[str, bool]], *, batch_size: int = 64,
                  max_in_flight: int = 4, search_concurrency: int = 4,
                  extra_queries: Optional[dict[str, list[str]]] = None,
-                 progress: Optional[ProgressFn] = None, progress_every_s: float = 0.5):
+                 progress: Optional[ProgressFn] = None, progress_every_s: float = 0.5,
+                 resume: Optional["ResumeState"] = None,
+                 seed_candidates: Optional[list[Candidate]] = None):
         self.spec = spec
         self.backend = backend
         self.sink = sink
@@ -305,6 +310,28 @@ class JobRunner:
         self._cancel = asyncio.Event()
         self._last_progress = 0.0
         self.cancelled = False
+        self._decided: Counter = Counter()
+        if resume is not None:
+            self._seed(resume)
+        for cand in seed_candidates or []:
+            self._buffer[cand.label].append(cand)
+
+    def _seed(self, resume: "ResumeState") -> None:
+        """Start from a journal: decided candidates count as before and are not fetched again."""
+        for url, key in resume.decided_urls():
+            self._decided[key] += 1
+            norm = normalise_url(url)
+            if norm is not None:
+                self.urls.first_seen(norm, key)
+        for label, c in resume.counts().items():
+            cls = self.ledger.classes.get(label)
+            if cls is None:
+                raise KeyError(f"the journal has images of class {label!r}, not in the spec")
+            cls.accepted += c["accepted"]
+            cls.rejected.update(c["rejected"])
+            cls.candidates += c["accepted"] + sum(c["rejected"].values())
+        for r in resume.rejects:
+            self.ledger.by_stage[r["stage"]] += 1
 
     def cancel(self) -> None:
         """Ask the job to stop: in-flight candidates end as ``cancelled``."""
@@ -349,6 +376,9 @@ class JobRunner:
         buf = self._buffer[label]
         while buf and len(batch) < n:
             cand = buf.popleft()
+            if self._decided[cand.key] > 0:
+                self._decided[cand.key] -= 1  # decided before the resume: not a new candidate
+                continue
             self.ledger.admit(label)
             record = Record(cand)
             norm, reason, detail = check_url(cand.url)

@@ -1,7 +1,8 @@
 """The ``pixcrawler`` command line.
 
     pixcrawler demo                      sandbox web + a small 3-class dataset, end to end on Ray
-    pixcrawler build SPEC [--address A] [--output URI]
+    pixcrawler build SPEC [--address A] [--output URI] [--resume]
+    pixcrawler retry-failed URI          retry transient failures, merge the new images
     pixcrawler check SPEC                validate a spec and print it with defaults filled in
     pixcrawler sandbox [--port P]        run the sandbox web (offline stand-in for the internet)
 
@@ -52,20 +53,25 @@ def _storage_options(uri: str) -> Optional[dict[str, Any]]:
 
 
 def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: Optional[str],
-             strict: bool, dashboard: bool = False) -> int:
+             strict: bool, dashboard: bool = False, resume: bool = False,
+             continuation: Any = None, uri: Optional[str] = None) -> int:
     """Run a spec with a progress display and a summary; returns the exit code."""
     from builder.pipeline import new_job_id
     from cluster.display import ProgressDisplay, summary
 
-    job_id = job_id or new_job_id(spec)
-    uri = spec.output_uri()
-    display = ProgressDisplay(job_id)
+    uri = uri or spec.output_uri()
+    if continuation is not None:
+        job_id = continuation.job_id
+    elif not resume:
+        job_id = job_id or new_job_id(spec)
+    display = ProgressDisplay(job_id or "resume")
+    kwargs = dict(job_id=job_id, uri=uri, progress=display, resume=resume,
+                  continuation=continuation, storage_options=_storage_options(uri))
     try:
         if local:
             from builder.pipeline import run_local
 
-            result = run_local(spec, job_id=job_id, progress=display,
-                               storage_options=_storage_options(uri))
+            result = run_local(spec, **kwargs)
         else:
             import asyncio
 
@@ -76,9 +82,7 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
             log.info("[%s] Ray %s (%s), %g CPUs%s", job_id, info["mode"], info["address"],
                      info["resources"].get("CPU", 0),
                      f", dashboard {info['dashboard_url']}" if info.get("dashboard_url") else "")
-            result = asyncio.run(run_job_async(spec, job_id=job_id, progress=display,
-                                               storage_options=_storage_options(uri),
-                                               install_signals=True))
+            result = asyncio.run(run_job_async(spec, install_signals=True, **kwargs))
     finally:
         display.close()
     summary(result.stats, result.uri)
@@ -92,7 +96,19 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
 def cmd_build(args: argparse.Namespace) -> int:
     spec = _apply_overrides(load_spec(args.spec), args)
     return run_spec(spec, address=args.address, local=args.local, job_id=args.job_id,
-                    strict=args.strict, dashboard=args.dashboard)
+                    strict=args.strict, dashboard=args.dashboard, resume=args.resume)
+
+
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from builder.pipeline import plan_retry
+
+    uri = args.output
+    spec, cont = plan_retry(uri, _storage_options(uri), args.job_id)
+    if not cont.retry:
+        print(f"nothing to retry: no candidate at {uri} was rejected for a transient reason")
+        return 0
+    return run_spec(spec, address=args.address, local=args.local, job_id=None, strict=False,
+                    continuation=cont, uri=uri)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -156,8 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace a complete dataset there")
     b.add_argument("--job-id", help="job id (default: <name>-<random>)")
     b.add_argument("--strict", action="store_true", help="exit 4 when a class falls short")
+    b.add_argument("--resume", action="store_true",
+                   help="continue the interrupted job (or partial dataset) at the output URI")
     runner_args(b)
     b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("retry-failed", help="retry candidates rejected for transient reasons "
+                       "(timeouts, 5xx, 429, connection errors) and merge what is accepted")
+    r.add_argument("output", help="the dataset's URI")
+    r.add_argument("--job-id")
+    runner_args(r)
+    r.set_defaults(func=cmd_retry_failed)
 
     c = sub.add_parser("check", help="validate a spec; print it with defaults filled in")
     c.add_argument("spec")

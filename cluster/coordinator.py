@@ -29,8 +29,9 @@ from actors.writer import plan_shards, write_shards
 from builder.engines.base import SearchPage
 from builder.errors import EngineError, EngineUnavailable, PixCrawlerError
 from builder.job import JobLedger, JobRunner, SearchTask
-from builder.pipeline import (JobResult, build_engines, engine_names, expand_queries,
-                              finish_dataset, new_job_id)
+from builder.journal import Journal, ResumeState
+from builder.pipeline import (Continuation, JobResult, build_engines, engine_names,
+                              expand_queries, finish_dataset, plan_continuation)
 from builder.records import Record, reject_row
 from builder.spec import DatasetSpec
 from builder.writers import DatasetWriter
@@ -111,6 +112,10 @@ class RayBackend:
     async def forget(self, image_ids: list[str]) -> None:
         await self.dedup.forget.remote(image_ids)
 
+    async def seed(self, hashes: list[tuple[str, str, str, str]]) -> None:
+        """Images kept by an earlier run of the job (resume): the index starts with them."""
+        await self.dedup.seed.remote(hashes)
+
     async def engine_stats(self) -> dict[str, Any]:
         """Each engine's limiter snapshot: pacing, breaker state, quotas, refusals."""
         snaps = await asyncio.gather(*[lim.snapshot.remote() for lim in self.limiters.values()])
@@ -130,34 +135,89 @@ class RayBackend:
 
 
 class RaySink:
-    """Remembers which images were selected (by batch); writes the dataset with Ray Data."""
+    """Writes shards through Ray Data as they fill, in the background; journals each one.
 
-    def __init__(self, spec: DatasetSpec, writer: DatasetWriter, backend: RayBackend):
+    Selected images wait in the object store (their validator's Arrow table) only until a full
+    shard of them exists; a table is dropped once all its selected images are written.
+    """
+
+    REJECTS_PER_CHECKPOINT = 500
+
+    def __init__(self, spec: DatasetSpec, writer: DatasetWriter, backend: RayBackend,
+                 plan: PoolPlan, journal: Optional[Journal] = None,
+                 resume: Optional[ResumeState] = None):
         self.spec = spec
         self.writer = writer
         self.backend = backend
-        self.selected: dict[int, list[str]] = {}
-        self.rejects: list[dict[str, Any]] = []
+        self.plan = plan
+        self.journal = journal
+        self.pending: list[tuple[int, str]] = []
+        self.manifest: list[dict[str, Any]] = list(resume.manifest) if resume else []
+        self.rejects: list[dict[str, Any]] = list(resume.rejects) if resume else []
+        self.next_shard = resume.next_shard if resume else 0
+        self._journaled = (len(self.manifest), len(self.rejects))
+        self._unwritten: Counter = Counter()
+        self._flush: Optional[asyncio.Task] = None
 
     async def add(self, records: list[Record]) -> None:
         for r in records:
-            self.selected.setdefault(r.extra["batch"], []).append(r.id)
+            self.pending.append((r.extra["batch"], r.id))
+            self._unwritten[r.extra["batch"]] += 1
+        if self._flush is not None and self._flush.done():
+            self._flush.result()
+            self._flush = None
+        if self._flush is None and len(self.pending) >= self.spec.output.shard_size:
+            self._flush = asyncio.ensure_future(self._write_pending(full_only=True))
 
     def add_rejected(self, records: list[Record]) -> None:
         self.rejects.extend(reject_row(r) for r in records)
+        if len(self.rejects) - self._journaled[1] >= self.REJECTS_PER_CHECKPOINT:
+            self.checkpoint()
 
-    def write(self) -> list[dict[str, Any]]:
-        """Write the shards with Ray Data (one task per shard); return the manifest rows."""
-        plan = plan_shards(self.selected, self.backend.tables, self.spec.output.shard_size)
-        if not plan:
-            return []
+    def checkpoint(self) -> None:
+        if self.journal is None:
+            return
+        m, r = self._journaled
+        self.journal.checkpoint(self.manifest[m:], self.rejects[r:])
+        self._journaled = (len(self.manifest), len(self.rejects))
+
+    async def _write_pending(self, full_only: bool) -> None:
+        size = self.spec.output.shard_size
+        n = (len(self.pending) // size) * size if full_only else len(self.pending)
+        items, self.pending = self.pending[:n], self.pending[n:]
+        if not items:
+            return
+        selected: dict[int, list[str]] = {}
+        for batch, image_id in items:
+            selected.setdefault(batch, []).append(image_id)
+        plan = plan_shards(selected, self.backend.tables, size, first=self.next_shard)
+        self.next_shard += len(plan)
+        self.manifest.extend(await asyncio.to_thread(self._write, plan))
+        for batch, ids in selected.items():
+            self._unwritten[batch] -= len(ids)
+            if self._unwritten[batch] <= 0:
+                self.backend.tables.pop(batch, None)
+                del self._unwritten[batch]
+        await asyncio.to_thread(self.checkpoint)
+
+    def _write(self, plan: dict[int, Any]) -> list[dict[str, Any]]:
+        """Ray Data: one row per shard; each task fetches its tables and writes its shard."""
         quiet_ray_data()
         ds = ray.data.from_items([{"shard": k} for k in sorted(plan)],
                                  override_num_blocks=len(plan))
         ds = ds.map_batches(write_shards, batch_size=1, batch_format="numpy",
+                            num_cpus=self.plan.write_cpus,
                             fn_kwargs={"plan": plan, "output": self.spec.output,
                                        "writer": self.writer})
         return ds.take_all()
+
+    async def finish(self, stats: dict[str, Any], partial: bool, merge: bool = False) -> str:
+        if self._flush is not None:
+            await self._flush
+            self._flush = None
+        await self._write_pending(full_only=False)
+        return await asyncio.to_thread(finish_dataset, self.writer, self.spec, self.manifest,
+                                       self.rejects, stats, partial, merge, self.journal)
 
 
 def quiet_ray_data() -> None:
@@ -234,29 +294,41 @@ def check_gpus(spec: DatasetSpec, plan: PoolPlan, resources: dict[str, float]) -
 
 async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                         uri: Optional[str] = None, progress: Optional[Callable] = None,
-                        storage_options: Optional[dict] = None,
+                        storage_options: Optional[dict] = None, resume: bool = False,
+                        continuation: Optional[Continuation] = None,
                         install_signals: bool = False, runner_hook=None) -> JobResult:
-    """Run one job on the connected Ray cluster."""
-    job_id = job_id or new_job_id(spec)
+    """Run one job on the connected Ray cluster (``resume``: continue an interrupted one;
+    ``continuation``: a ready-made one, e.g. from ``plan_retry``)."""
     uri = uri or spec.output_uri()
+    cont = continuation or await asyncio.to_thread(
+        plan_continuation, spec, uri, job_id=job_id, resume=resume,
+        storage_options=storage_options)
+    job_id = cont.job_id
+    writer = DatasetWriter(spec.output, uri, job_id, storage_options, labels=spec.labels)
+    if not cont.merge and cont.state is None:
+        await asyncio.to_thread(writer.check_output)
     resources = ray.cluster_resources()
     plan = check_gpus(spec, plan_pools(spec, resources), resources)
     engines = build_engines(spec)
     meta = engine_names(engines)
     for engine in engines:
         engine.close()
+    await asyncio.to_thread(cont.journal.start, spec)
     log.info("[%s] starting: %d classes, pools %s", job_id, len(spec.labels), plan)
     progress_actor = ProgressActor.options(name=progress_name(job_id), namespace=NAMESPACE,
                                            get_if_exists=True).remote(job_id, spec.name)
-    writer = DatasetWriter(spec.output, uri, job_id, storage_options, labels=spec.labels)
     backend = RayBackend(spec, plan, job_id, meta)
-    sink = RaySink(spec, writer, backend)
+    sink = RaySink(spec, writer, backend, plan, cont.journal, cont.state)
     runner: Optional[JobRunner] = None
     loop = asyncio.get_running_loop()
     try:
-        extra, expansion = await asyncio.to_thread(expand_queries, spec)
-        runner = JobRunner(spec, backend, sink, meta, batch_size=plan.batch_size,
-                           extra_queries=extra,
+        if cont.state is not None:
+            await backend.seed(cont.state.hashes)
+        extra, expansion = ({}, {"enabled": False}) if cont.retry is not None \
+            else await asyncio.to_thread(expand_queries, spec)
+        runner = JobRunner(spec, backend, sink, [] if cont.retry is not None else meta,
+                           batch_size=plan.batch_size, extra_queries=extra,
+                           resume=cont.state, seed_candidates=cont.retry,
                            max_in_flight=plan.max_in_flight,
                            search_concurrency=max(2, plan.search_workers * 2))
         runner.progress = ProgressReporter(progress_actor, lambda: runner.ledger, backend,
@@ -270,27 +342,27 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         stats.update(job_id=job_id, name=spec.name, output_uri=uri, runner="ray",
                      fetch=await backend.fetch_stats(), pools=plan.__dict__,
                      keyword_expansion=expansion, engines=await backend.engine_stats(),
-                     partial_reason="cancelled" if runner.cancelled else "")
+                     partial_reason="cancelled" if runner.cancelled else "",
+                     resumed=cont.state is not None)
         progress_actor.set_state.remote("writing")
         backend.shutdown()
-        manifest = await asyncio.to_thread(sink.write)
-        published = await asyncio.to_thread(finish_dataset, writer, spec, manifest, sink.rejects,
-                                             stats, runner.cancelled)
+        published = await sink.finish(stats, partial=runner.cancelled, merge=cont.merge)
         state = "cancelled" if runner.cancelled else "succeeded"
         await progress_actor.set_state.remote(state, output_uri=published, stats=stats)
         log.info("[%s] %s: %d accepted, %d rejected of %d candidates -> %s", job_id, state,
                  stats["accepted"], stats["rejected"], stats["candidates"], published)
         return JobResult(job_id, published, stats, partial=runner.cancelled)
     except BaseException as exc:
-        writer.abort()
         progress_actor.set_state.remote("failed", error=f"{type(exc).__name__}: {exc}")
+        log.error("[%s] failed (%s: %s); what was written is journaled at %s: continue it "
+                  "with --resume", job_id, type(exc).__name__, exc, uri)
         raise
     finally:
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         backend.shutdown()
-        sink.backend.tables.clear()
+        backend.tables.clear()
         ray.kill(progress_actor)
 
 

@@ -1,0 +1,159 @@
+"""Resume after SIGKILL, resume of a cancelled (partial) dataset, and retry-failed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from builder.pipeline import run_local, run_local_async
+from builder.sandbox import SandboxWeb
+from builder.spec import parse_spec
+from builder.writers import is_complete
+from tests.e2e.helpers import check_accounting, reasons_by_url
+
+BIN = Path(sys.executable).parent
+
+
+def list_spec(sandbox, tmp: Path, out: str, **extra) -> dict:
+    urls = tmp / "urls.txt"
+    urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog", "bird")
+                            for u in sandbox.search_urls(label)))
+    data = {"name": "resume", "target": 1000, "classes": {"cat": None, "dog": None, "bird": None},
+            "sources": [{"engine": "urllist", "path": str(urls), "per_page": 8}],
+            "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05,
+                         "allow_private_networks": True, "max_bytes": 1_000_000},
+            "output": {"uri": out, "shard_size": 4, "formats": ["parquet", "imagefolder"]},
+            "resources": {"batch_size": 8, "max_in_flight_batches": 1}}
+    data.update(extra)
+    return data
+
+
+def accepted_ids(out: str) -> list[str]:
+    return pq.read_table(Path(out) / "data", columns=["id"]).column("id").to_pylist()
+
+
+def test_sigkilled_job_resumes_to_the_same_dataset(ray_session, sandbox, tmp_path):
+    ref_out = str(tmp_path / "reference")
+    run_local(parse_spec(list_spec(sandbox, tmp_path, ref_out)))
+    reference = accepted_ids(ref_out)
+    ref_stats = check_accounting(ref_out)
+
+    out = str(tmp_path / "killed")
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([str(BIN / "pixcrawler"), "build", str(spec_path), "--local",
+                             "--job-id", "killme"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    journal = Path(out) / "_journal" / "killme"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*-manifest.parquet"))) < 2:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not is_complete(out) and journal.exists()
+
+    from cluster.coordinator import run_job_async
+
+    spec = parse_spec(data)
+    result = asyncio.run(run_job_async(spec, resume=True))
+    assert result.job_id == "killme" and result.stats["resumed"]
+    assert is_complete(out) and not journal.exists()
+    got = accepted_ids(out)
+    assert len(got) == len(set(got)), "an image was written twice"
+    assert sorted(got) == sorted(reference)
+    stats = check_accounting(out)
+    assert stats["candidates"] == ref_stats["candidates"]
+    assert stats["rejected_by_reason"] == ref_stats["rejected_by_reason"]
+    assert len(list((Path(out) / "imagefolder").rglob("*.*"))) == len(reference)
+
+
+def test_resume_without_anything_to_resume_is_a_clear_error(sandbox, tmp_path):
+    from builder.journal import ResumeError
+
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        run_local(parse_spec(list_spec(sandbox, tmp_path, str(tmp_path / "none"))), resume=True)
+
+
+def test_resume_refuses_a_changed_spec(sandbox, tmp_path):
+    from builder.journal import Journal, ResumeError
+
+    out = str(tmp_path / "o")
+    Journal(out, "j1").start(parse_spec(list_spec(sandbox, tmp_path, out)))
+    changed = parse_spec(list_spec(sandbox, tmp_path, out, target=5))
+    with pytest.raises(ResumeError, match="spec differs"):
+        run_local(changed, resume=True)
+
+
+def test_cancelled_partial_dataset_is_continued(sandbox, tmp_path):
+    out = str(tmp_path / "partial")
+    data = list_spec(sandbox, tmp_path, out, target=6)
+    data["download"]["per_host_delay_s"] = 0.05
+    holder = {}
+
+    async def cancel_early():
+        task = asyncio.ensure_future(run_local_async(
+            parse_spec(data), runner_hook=lambda r: holder.setdefault("r", r)))
+        while "r" not in holder or holder["r"].ledger.accepted < 4:
+            await asyncio.sleep(0.02)
+        holder["r"].cancel()
+        return await task
+
+    first = asyncio.run(cancel_early())
+    assert first.partial and (Path(out) / "_PARTIAL").exists()
+    before = set(accepted_ids(out))
+    result = run_local(parse_spec(data), resume=True)
+    assert is_complete(out) and not (Path(out) / "_PARTIAL").exists()
+    ids = accepted_ids(out)
+    assert len(ids) == len(set(ids)) == 18 and before <= set(ids)
+    stats = check_accounting(out)
+    assert all(c["accepted"] == 6 for c in stats["classes"].values())
+    assert result.stats["candidates"] == stats["candidates"]
+
+
+def test_retry_failed_turns_flaky_500s_into_images(tmp_path):
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=24, fault_every=2, slow_s=2.0) as web:
+        flaky = [u for label in ("cat", "dog") for u in web.search_urls(label)
+                 if web.outcome_of(u) == "accepted" and "/flaky_500/" in u]
+        assert flaky, "the sandbox should list flaky URLs"
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog")
+                                for u in web.search_urls(label)))
+        out = str(tmp_path / "ds")
+        spec = parse_spec({"name": "retry", "target": 1000, "classes": {"cat": None, "dog": None},
+                           "sources": [{"engine": "urllist", "path": str(urls)}],
+                           "download": {"timeout_s": 1.0, "retries": 0,
+                                        "allow_private_networks": True},
+                           "output": {"uri": out, "shard_size": 10}})
+        run_local(spec)
+        first = check_accounting(out)
+        assert all(reasons_by_url(out)[u] == "http_server_error" for u in flaky)
+        shards_before = len(list((Path(out) / "data").glob("*.parquet")))
+
+        assert main(["retry-failed", out, "--local"]) == 0
+        assert is_complete(out)
+        after = check_accounting(out)
+        accepted = set(pq.read_table(Path(out) / "data", columns=["url"]).column(
+            "url").to_pylist())
+        assert set(flaky) <= accepted
+        assert after["candidates"] == first["candidates"]
+        assert after["accepted"] > first["accepted"]
+        ids = accepted_ids(out)
+        assert len(ids) == len(set(ids))
+        assert len(list((Path(out) / "data").glob("*.parquet"))) > shards_before
+        still = Counter(reasons_by_url(out).values())
+        assert still["http_server_error"] < first["rejected_by_reason"]["http_server_error"]
