@@ -9,7 +9,7 @@ shard task reads only its own images.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -42,8 +42,11 @@ def plan_shards(selected: dict[int, list[str]], tables: dict[int, Any],
     return plan
 
 
-def shard_rows(parts: list[tuple[pa.Table, list[str]]], output: OutputSpec) -> list[dict]:
-    """The output rows of one shard: selected, split, transformed."""
+def shard_rows(parts: list[tuple[pa.Table, list[str]]], output: OutputSpec,
+               updates: Optional[dict[str, dict]] = None) -> list[dict]:
+    """The output rows of one shard: selected, updated by the slow validators (scores,
+    embedding, relabel), split, transformed."""
+    updates = updates or {}
     transformer = ImageTransformer(output.resize, output.encode)
     rows = []
     for table, ids in parts:
@@ -51,6 +54,7 @@ def shard_rows(parts: list[tuple[pa.Table, list[str]]], output: OutputSpec) -> l
         for row in table.to_pylist():
             if row["id"] in keep:
                 keep.discard(row["id"])
+                row.update(updates.get(row["id"], {}))
                 row["split"] = assign_split(row["id"], output.splits)
                 if transformer.active:
                     transformer.apply_row(row)
@@ -59,12 +63,12 @@ def shard_rows(parts: list[tuple[pa.Table, list[str]]], output: OutputSpec) -> l
 
 
 def write_shards(batch: dict[str, np.ndarray], *, plan: ShardPlan, output: OutputSpec,
-                 writer: DatasetWriter) -> pa.Table:
+                 writer: DatasetWriter, updates: Optional[dict[str, dict]] = None) -> pa.Table:
     """Ray Data ``map_batches`` function: write the shards named in ``batch['shard']``."""
     manifest: list[dict] = []
     for shard in batch["shard"].tolist():
         parts = plan[int(shard)]
         tables = ray.get([ref for ref, _ in parts])
-        rows = shard_rows([(t, ids) for t, (_, ids) in zip(tables, parts)], output)
+        rows = shard_rows([(t, ids) for t, (_, ids) in zip(tables, parts)], output, updates)
         manifest.extend(writer.write_shard(rows, int(shard)))
     return pa.Table.from_pylist(manifest)

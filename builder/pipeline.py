@@ -245,6 +245,13 @@ class LocalBackend:
         self.pool = pool
         self.validator = ImageValidator(spec.validation)
         self.governors: dict[int, EngineGovernor] = {}
+        self.slow = None
+        if spec.validation.level == "slow":
+            from builder.slow import check_slow_requirements, make_slow_validator
+
+            check_slow_requirements(spec)
+            self.slow = make_slow_validator(
+                spec, "cuda" if spec.resources.gpus_per_actor > 0 else "cpu")
         self.index = DedupIndex(spec.validation.near_duplicate_threshold,
                                 near=spec.validation.level != "fast")
 
@@ -275,6 +282,10 @@ class LocalBackend:
         loop = asyncio.get_running_loop()
         records = await loop.run_in_executor(self.pool, self.validator, records)
         apply_dedup(self.index, records)
+        if self.slow is not None:
+            kept = {r.id for r in records if not r.rejected}
+            records = await loop.run_in_executor(self.pool, self.slow, records)
+            await self.forget([r.id for r in records if r.rejected and r.id in kept])
         return records
 
     async def forget(self, image_ids: list[str]) -> None:

@@ -122,6 +122,7 @@ ACCEPTED_SCHEMA = pa.schema(
         pa.field("author", pa.string()),
         pa.field("nsfw_score", pa.float32()),
         pa.field("clip_score", pa.float32()),
+        pa.field("embedding", pa.list_(pa.float32())),
     ]
 )
 """Schema of the Parquet shards: one row per accepted image, ``image`` holding its bytes."""
@@ -152,6 +153,7 @@ ACCEPTED_DOCS: dict[str, str] = {
     "author": "author, where the engine gives it",
     "nsfw_score": "NSFW probability (slow level only, else null)",
     "clip_score": "CLIP similarity to the class prompts (slow level only, else null)",
+    "embedding": "CLIP image embedding, L2-normalised (validation.keep_embedding, else null)",
 }
 
 REJECT_SCHEMA = pa.schema(
@@ -200,6 +202,7 @@ def accepted_row(record: Record) -> dict[str, Any]:
         "author": c.author,
         "nsfw_score": record.nsfw_score,
         "clip_score": record.clip_score,
+        "embedding": record.embedding,
     }
 
 

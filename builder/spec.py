@@ -262,6 +262,27 @@ class ValidationSpec(_Model):
     near_duplicate_threshold: int = Field(default=4, ge=0, le=32)
     nsfw_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     clip_threshold: float = Field(default=0.2, ge=-1.0, le=1.0)
+    nsfw: bool = Field(default=True, description="slow level: run the NSFW check")
+    nsfw_backend: Literal["opennsfw", "hf"] = "opennsfw"
+    nsfw_model: Optional[str] = Field(default=None, description="hf: a model id or path; "
+                                      "opennsfw: optionally an .onnx path")
+    nsfw_labels: str = Field(default="nsfw|porn|sexy|hentai|explicit|unsafe",
+                             description="hf: regex of the labels that count as NSFW")
+    clip: bool = Field(default=True, description="slow level: run the CLIP checks")
+    clip_model: str = "openai/clip-vit-base-patch32"
+    clip_prompts: list[str] = Field(default_factory=lambda: ["a photo of a {}."])
+    wrong_class: Literal["reject", "relabel", "ignore"] = "reject"
+    keep_embedding: bool = Field(default=False, description="store the CLIP image embedding")
+    embedding_dedup_threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    fp16: bool = True
+
+    @field_validator("clip_prompts")
+    @classmethod
+    def _prompts(cls, v: list[str]) -> list[str]:
+        if not v or any("{}" not in p for p in v):
+            raise ValueError("each prompt needs a '{}' where the class name goes, "
+                             "e.g. 'a photo of a {}.'")
+        return v
 
     @model_validator(mode="after")
     def _sides(self) -> "ValidationSpec":
@@ -339,6 +360,7 @@ class ResourcesSpec(_Model):
     max_in_flight_batches: Optional[int] = Field(default=None, ge=1)
     gpu_actors: int = Field(default=1, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0)
+    gpu_actor_cpus: float = Field(default=0.5, gt=0, description="CPUs per slow validator")
     gpu_batch_size: int = Field(default=128, ge=1)
     on_no_gpu: Literal["cpu", "fail"] = "cpu"
 

@@ -24,6 +24,7 @@ from actors.options import PoolPlan, plan_pools
 from actors.progress import ProgressActor, progress_name
 from actors.ratelimit import get_rate_limiter, limiter_name
 from actors.search import SearchWorker
+from actors.slow import SlowScorer
 from actors.validate import HashValidator
 from actors.writer import plan_shards, write_shards
 from builder.engines.base import SearchPage
@@ -58,9 +59,14 @@ class RayBackend:
         retry = {"max_restarts": 2, "max_task_retries": 2}
         self.downloaders = [Downloader.options(**plan.download_options(), **retry)
                             .remote(spec.download, job_id) for _ in range(plan.download_actors)]
+        slow_spec = spec if plan.slow else None
         self.validators = [HashValidator.options(**plan.hash_options(), **retry)
-                           .remote(spec.validation, self.dedup, job_id)
+                           .remote(spec.validation, self.dedup, job_id, slow_spec)
                            for _ in range(plan.hash_actors)]
+        self.scorers = [SlowScorer.options(**plan.gpu_options(), **retry)
+                        .remote(spec, plan.device, job_id)
+                        for _ in range(plan.gpu_actors)] if plan.slow else []
+        self.updates: dict[str, dict[str, Any]] = {}
         self.limiters: dict[int, Any] = {}
         names: dict[int, str] = {}
         for i, (name, query_based) in enumerate(engines):
@@ -100,10 +106,18 @@ class RayBackend:
         vi = min(range(len(self.validators)), key=self._load.__getitem__)
         self._load[vi] += 1
         try:
-            light_ref, table_ref = self.validators[vi].validate.remote(fetched)
+            light_ref, table_ref, prepared_ref = self.validators[vi].validate.remote(fetched)
             light: list[Record] = await light_ref
         finally:
             self._load[vi] -= 1
+        if self.scorers:
+            passed = {r.id for r in light if not r.rejected}
+            light = await self.scorers[batch % len(self.scorers)].score.remote(prepared_ref)
+            await self.forget([r.id for r in light if r.rejected and r.id in passed])
+            for r in light:
+                if not r.rejected:
+                    self.updates[r.id] = {"label": r.label, "nsfw_score": r.nsfw_score,
+                                          "clip_score": r.clip_score, "embedding": r.embedding}
         self.tables[batch] = table_ref
         for r in light:
             r.extra["batch"] = batch
@@ -129,7 +143,8 @@ class RayBackend:
 
     def shutdown(self) -> None:
         actors, self._actors_alive = (self.downloaders + self.validators + self.searchers
-                                      + [self.dedup]) if self._actors_alive else [], False
+                                      + self.scorers + [self.dedup]) \
+            if self._actors_alive else [], False
         for actor in actors:
             ray.kill(actor)
 
@@ -205,10 +220,12 @@ class RaySink:
         quiet_ray_data()
         ds = ray.data.from_items([{"shard": k} for k in sorted(plan)],
                                  override_num_blocks=len(plan))
+        ids = {i for parts in plan.values() for _, part in parts for i in part}
+        updates = {i: u for i, u in self.backend.updates.items() if i in ids}
         ds = ds.map_batches(write_shards, batch_size=1, batch_format="numpy",
                             num_cpus=self.plan.write_cpus,
                             fn_kwargs={"plan": plan, "output": self.spec.output,
-                                       "writer": self.writer})
+                                       "writer": self.writer, "updates": updates})
         return ds.take_all()
 
     async def finish(self, stats: dict[str, Any], partial: bool, merge: bool = False) -> str:
@@ -309,6 +326,10 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         await asyncio.to_thread(writer.check_output)
     resources = ray.cluster_resources()
     plan = check_gpus(spec, plan_pools(spec, resources), resources)
+    if plan.slow:
+        from builder.slow import check_slow_requirements
+
+        await asyncio.to_thread(check_slow_requirements, spec)
     engines = build_engines(spec)
     meta = engine_names(engines)
     for engine in engines:

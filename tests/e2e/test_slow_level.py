@@ -1,0 +1,73 @@
+"""validation.level: slow end to end: the real opennsfw model and a tiny CLIP saved in the test,
+loaded through the same code users run, as actor pools on Ray (CPU here) and in-process."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from builder.errors import ModelLoadError
+from builder.pipeline import run_local
+from tests.builder.models.conftest import tiny_clip_dir  # noqa: F401  (fixture)
+from tests.e2e.helpers import check_accounting, sandbox_spec
+
+pytestmark = pytest.mark.ml
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+
+def run_ray(spec):
+    from cluster.coordinator import run_job_async
+
+    return asyncio.run(run_job_async(spec))
+
+
+def slow_spec(sandbox, out, clip_dir, **validation):
+    return sandbox_spec(sandbox, out, target=4, classes=("cat", "dog"),
+                        validation={"level": "slow", "clip_model": str(clip_dir), **validation})
+
+
+def test_slow_level_on_ray_scores_and_keeps_embeddings(ray_session, sandbox, tmp_path,
+                                                       tiny_clip_dir):  # noqa: F811
+    out = str(tmp_path / "slow")
+    result = run_ray(slow_spec(sandbox, out, tiny_clip_dir, nsfw_threshold=1.0,
+                               clip_threshold=-1.0, wrong_class="ignore", keep_embedding=True))
+    stats = check_accounting(out)
+    assert all(c["accepted"] == 4 for c in stats["classes"].values())
+    assert result.stats["pools"]["slow"] and result.stats["pools"]["gpus_per_actor"] == 0
+    rows = pq.read_table(Path(out) / "data").to_pylist()
+    assert all(0.0 <= r["nsfw_score"] < 1.0 for r in rows)
+    assert all(r["clip_score"] is not None for r in rows)
+    dims = {len(r["embedding"]) for r in rows}
+    assert len(dims) == 1 and dims.pop() > 0
+
+
+def test_semantic_threshold_rejects_on_ray(ray_session, sandbox, tmp_path,
+                                           tiny_clip_dir):  # noqa: F811
+    out = str(tmp_path / "semantic")
+    run_ray(slow_spec(sandbox, out, tiny_clip_dir, nsfw=False, clip_threshold=1.0))
+    stats = check_accounting(out)
+    assert stats["accepted"] == 0
+    assert set(stats["rejected_by_stage"]) >= {"semantic"}
+    assert set(stats["rejected_by_reason"]) & {"off_topic", "wrong_class"}
+    assert stats["shortfall"] == {"cat": 4, "dog": 4}
+
+
+def test_nsfw_threshold_rejects_in_process(sandbox, tmp_path, tiny_clip_dir):  # noqa: F811
+    out = str(tmp_path / "nsfw")
+    run_local(slow_spec(sandbox, out, tiny_clip_dir, nsfw_threshold=0.0, clip=False))
+    stats = check_accounting(out)
+    assert stats["accepted"] == 0 and stats["rejected_by_reason"]["nsfw"] > 0
+    assert stats["rejected_by_stage"]["nsfw"] == stats["rejected_by_reason"]["nsfw"]
+
+
+def test_missing_model_fails_at_planning(sandbox, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = sandbox_spec(sandbox, str(tmp_path / "x"), target=1,
+                        validation={"level": "slow", "clip_model": "no-such-org/no-such-clip"})
+    with pytest.raises(ModelLoadError, match="locally"):
+        run_local(spec)
+    assert not (tmp_path / "x" / "_SUCCESS").exists()
