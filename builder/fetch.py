@@ -28,7 +28,7 @@ import email.utils
 import random
 import time
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import aiohttp
 from yarl import URL
@@ -117,6 +117,7 @@ class Fetcher:
         self._headers = {"User-Agent": cfg.user_agent, "Accept": _ACCEPT,
                          "Accept-Encoding": "identity"}
         self._closed = False
+        self._next_sweep = 0.0
 
     async def __aenter__(self) -> "Fetcher":
         self._ensure_session()
@@ -161,8 +162,13 @@ class Fetcher:
         sample-level problem; returns the same record."""
         return await self._fetch_timed(record, None)
 
-    async def fetch_many(self, records: list[Record]) -> list[Record]:
+    async def fetch_many(self, records: list[Record], *,
+                         on_result: Optional[Callable[[Record], None]] = None) -> list[Record]:
         """Fetch all records concurrently; returns them in the given order.
+
+        ``on_result``, if given, is called with each record as soon as it is decided (fetched
+        or rejected), so a caller can start validating while the rest download; it must not
+        block (hand heavy work to a pool).
 
         Records are grouped by host and each host gets at most ``per_host_concurrency``
         workers, so a slow or rate-limited host never holds up the others and no record waits
@@ -176,6 +182,8 @@ class Fetcher:
             except UrlRejected as exc:
                 record.reject(exc.reason, exc.detail)
                 self._count(record)
+                if on_result is not None:
+                    on_result(record)
                 continue
             queue = by_host.get(url.raw_host or "")
             if queue is None:
@@ -186,6 +194,8 @@ class Fetcher:
             while queue:
                 record, url = queue.popleft()
                 await self._fetch_timed(record, url)
+                if on_result is not None:
+                    on_result(record)
 
         cap = self.cfg.per_host_concurrency
         await asyncio.gather(*(host_worker(queue) for queue in by_host.values()
@@ -311,6 +321,10 @@ class Fetcher:
                 raise UrlRejected(Reason.BLOCKED_ADDRESS, exc.os_error.detail) from None
             raise _Failure(Reason.CONNECTION_ERROR, f"DNS lookup failed: {exc.os_error}") \
                 from None
+        except aiohttp.ClientSSLError as exc:
+            # A certificate or TLS failure will not fix itself on a retry.
+            record.reject(Reason.CONNECTION_ERROR, f"TLS failure: {exc}")
+            return None
         except aiohttp.InvalidURL as exc:
             raise UrlRejected(Reason.INVALID_URL, f"aiohttp refused the URL: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -401,8 +415,12 @@ class Fetcher:
             self._sweep_hosts()
 
     def _sweep_hosts(self) -> None:
-        """Forget idle hosts whose next start is past, so a long crawl's host table stays small."""
+        """Forget idle hosts whose next start is past, so a long crawl's host table stays small
+        (at most once a second: a sweep walks the whole table)."""
         now = asyncio.get_running_loop().time()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
         for key in [k for k, h in self._hosts.items() if h.users == 0 and h.next_start <= now]:
             del self._hosts[key]
 

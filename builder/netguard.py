@@ -139,7 +139,7 @@ def vet_url(url: Union[str, URL], *, allow_private_networks: bool = False) -> UR
         raise UrlRejected(Reason.INVALID_URL, "URL has no host")
     if not _HOST_CHARS.issuperset(host):
         raise UrlRejected(Reason.INVALID_URL, f"host {host!r} has characters no host name has")
-    is_literal, category = _literal_host_verdict(host)
+    is_literal, category = _literal_host_verdict(host.rstrip(".") or host)
     if is_literal and category is not None:
         if category.startswith("non-canonical"):
             raise UrlRejected(Reason.INVALID_URL, f"{host}: {category}")

@@ -383,7 +383,7 @@ def test_timeout(srv: Any) -> None:
     r = one(base(srv) + "/slow", cfg(timeout_s=0.3, retries=1))
     assert r.reason == Reason.TIMEOUT.value
     assert srv.state.hits["slow"] == 2
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3
 
 
 def test_connection_refused() -> None:
@@ -520,6 +520,16 @@ def test_ssrf_guard_blocks_loopback_literal_and_resolved(srv: Any) -> None:
     assert srv.state.hits["img"] == 0
 
 
+def test_unicode_hosts_are_guarded_too(srv: Any) -> None:
+    # IDNA maps these onto "localhost" and "127.0.0.1": the guard must see the mapped host.
+    urls = [f"http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ:{srv.port}/img.jpg", f"http://１２７.０.０.１:{srv.port}/img.jpg"]
+    blocked = run_fetch(urls, cfg(allow_private_networks=False))[0]
+    assert [r.reason for r in blocked] == [Reason.BLOCKED_ADDRESS.value] * 2
+    assert srv.state.hits["img"] == 0
+    allowed = run_fetch(urls, cfg(allow_private_networks=True))[0]
+    assert [r.rejected for r in allowed] == [False, False]
+
+
 def test_private_networks_allowed_when_configured(srv: Any) -> None:
     out, _ = run_fetch([base(srv) + "/img.jpg", base(srv, "localhost") + "/img.jpg"],
                        cfg(allow_private_networks=True))
@@ -569,12 +579,14 @@ def test_global_concurrency_cap_across_hosts(srv: Any) -> None:
 
 def test_per_host_delay(srv: Any) -> None:
     out, _ = run_fetch([base(srv) + f"/ts/{i}" for i in range(5)],
-                       cfg(per_host_delay_s=0.1, per_host_concurrency=5))
+                       cfg(per_host_delay_s=0.15, per_host_concurrency=5))
     assert not any(r.rejected for r in out)
     times = srv.state.times["ts"]
     assert len(times) == 5
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert min(gaps) >= 0.08, gaps
+    # Starts are spaced 0.15 s apart on the client; arrival times add some scheduling jitter.
+    assert times[-1] - times[0] >= 4 * 0.15 * 0.95, gaps
+    assert min(gaps) >= 0.075, gaps
 
 
 def test_stats_count_requests_and_bytes(srv: Any) -> None:
@@ -600,3 +612,49 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(date, now=now) == pytest.approx(120, abs=1)
     past = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now - 120))
     assert parse_retry_after(past, now=now) == 0.0
+
+
+def test_idle_hosts_are_forgotten(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builder.fetch
+
+    monkeypatch.setattr(builder.fetch, "_HOST_SWEEP_AT", 1)
+
+    async def main() -> int:
+        async with Fetcher(cfg()) as fetcher:
+            await fetcher.fetch(rec(base(srv) + "/img.jpg"))
+            await fetcher.fetch(rec(base(srv, "localhost") + "/img.jpg"))
+            return len(fetcher._hosts)
+
+    assert asyncio.run(main()) <= 1
+
+
+def test_runs_on_uvloop_too(srv: Any) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[Record]:
+        async with Fetcher(cfg(respect_robots=True)) as fetcher:
+            return await fetcher.fetch_many([rec(base(srv) + "/img.jpg"),
+                                             rec(base(srv) + "/status/404")])
+
+    out = uvloop.run(main())
+    assert [r.reason for r in out] == ["", Reason.HTTP_CLIENT_ERROR.value]
+
+
+def test_on_result_reports_each_record_as_it_is_decided(srv: Any) -> None:
+    reported: list[tuple[str, float]] = []
+
+    async def main() -> list[Record]:
+        async with Fetcher(cfg(timeout_s=5.0)) as fetcher:
+            records = [rec(base(srv) + "/slow"), rec("ftp://x/y.jpg"),
+                       rec(base(srv, "localhost") + "/img.jpg")]
+            return await fetcher.fetch_many(
+                records, on_result=lambda r: reported.append((r.candidate.url,
+                                                              time.monotonic())))
+
+    started = time.monotonic()
+    out = asyncio.run(main())
+    assert sorted(u for u, _ in reported) == sorted(r.candidate.url for r in out)
+    when = dict(reported)
+    assert when["ftp://x/y.jpg"] - started < 0.5
+    assert when[base(srv, "localhost") + "/img.jpg"] < when[base(srv) + "/slow"]
+    assert not out[0].rejected and out[1].reason == Reason.UNSUPPORTED_SCHEME.value

@@ -92,6 +92,8 @@ def test_public_addresses(addr: str) -> None:
     ("http://[::ffff:192.168.0.1]/a.jpg", Reason.BLOCKED_ADDRESS),
     ("http://user:pass@10.0.0.5/a.jpg", Reason.BLOCKED_ADDRESS),
     ("HTTP://169.254.169.254/latest/", Reason.BLOCKED_ADDRESS),
+    ("http://127.0.0.1./a.jpg", Reason.BLOCKED_ADDRESS),
+    ("http://１２７.０.０.１/a.jpg", Reason.BLOCKED_ADDRESS),  # fullwidth digits, IDNA-mapped
 ])
 def test_rejected_urls(url: str, reason: Reason) -> None:
     verdict = check_url(url)
