@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", default="cat,dog,bird")
     s.add_argument("--images-per-class", type=int, default=200)
     s.set_defaults(func=cmd_sandbox)
-    from serve.cli import add_commands; add_commands(sub)
+    from serve.cli import add_commands
+
+    add_commands(sub)
     return p
 
 

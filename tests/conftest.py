@@ -84,9 +84,10 @@ def ray_session():
 
     tmp = tempfile.mkdtemp(prefix="pxray", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmp
-    from cluster.connect import connect
+    from serve.cli import connect_with_jobs
 
-    connect(None, num_cpus=2)
+    # With the dashboard: the HTTP API's tests submit Ray jobs through it.
+    connect_with_jobs(None, num_cpus=2)
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,171 @@
+"""The job API under load: status and list endpoints, 50 concurrent clients, while a job runs.
+
+Starts an embedded Ray (with its dashboard, for Ray jobs), the sandbox web and the Serve app on
+127.0.0.1 (auth on, a real key, rate limit off), submits a job paced to outlast the run, waits
+until it is running, then lets ``--clients`` aiohttp clients loop for ``--duration`` seconds,
+each alternating ``GET /v1/jobs/{id}`` and ``GET /v1/jobs?limit=20``. Prints p50/p90/p99/max
+latency, requests/s and errors per endpoint, then cancels the job. Target: p99 < 100 ms and
+zero errors on 2 cores.
+
+    .venv/bin/python bench/bench_serve.py [--clients 50] [--duration 30] [--replicas 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def paced_spec(base_url: str) -> dict[str, Any]:
+    """A job that keeps running for minutes: one fetch at a time per host, 0.2 s apart."""
+    return {
+        "name": "benchjob",
+        "target": 400,
+        "classes": {c: [f"{c} photo"] for c in ("cat", "dog", "bird")},
+        "sources": [{"engine": "sandbox", "url": base_url, "per_page": 20}],
+        "download": {"timeout_s": 2.0, "retries": 1, "backoff_s": 0.05,
+                     "allow_private_networks": True, "per_host_concurrency": 1,
+                     "per_host_delay_s": 0.2},
+        "resources": {"batch_size": 16, "hash_cpus": 0.5, "search_workers": 1},
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def load(base: str, key: str, job_id: str, clients: int, duration: float
+               ) -> dict[str, dict[str, Any]]:
+    paths = {"status": f"/v1/jobs/{job_id}", "list": "/v1/jobs?limit=20"}
+    lat: dict[str, list[float]] = {name: [] for name in paths}
+    errors: dict[str, list[str]] = {name: [] for name in paths}
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.perf_counter() + duration
+
+    async def client(i: int, session: aiohttp.ClientSession) -> None:
+        n = i
+        while time.perf_counter() < deadline:
+            name = "status" if n % 2 == 0 else "list"
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                async with session.get(base + paths[name], headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors[name].append(f"HTTP {r.status}")
+                        continue
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                errors[name].append(type(exc).__name__)
+                continue
+            lat[name].append((time.perf_counter() - t0) * 1000.0)
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
+    out = {}
+    for name in paths:
+        ms = lat[name]
+        out[name] = {"n": len(ms), "rps": len(ms) / duration, "p50": pct(ms, 0.50),
+                     "p90": pct(ms, 0.90), "p99": pct(ms, 0.99), "max": max(ms, default=0.0),
+                     "mean": statistics.fmean(ms) if ms else float("nan"),
+                     "errors": len(errors[name]), "error_kinds": sorted(set(errors[name]))}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--replicas", type=int, default=1)
+    args = ap.parse_args()
+
+    from ray import serve as ray_serve
+
+    from builder.sandbox import SandboxWeb
+    from serve.app import APP_NAME, build_app
+    from serve.cli import connect_with_jobs
+    from serve.store import JobStore
+
+    tmp = Path(tempfile.mkdtemp(prefix="pxbench"))
+    os.environ.setdefault("RAY_TMPDIR", str(tmp))
+    store = f"sqlite:///{tmp / 'jobs.db'}"
+    key, _ = JobStore(store).create_key("bench")
+    with SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=400) as web:
+        info = connect_with_jobs(None)
+        port = free_port()
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({"store": store, "rate_limit_per_s": 0, "max_concurrent_jobs": 4,
+                         "num_replicas": args.replicas})
+        ray_serve.run(app, name=APP_NAME, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": f"Bearer {key}"}
+        r = requests.post(f"{base}/v1/jobs", json=paced_spec(web.base_url), headers=auth,
+                          timeout=60)
+        r.raise_for_status()
+        job_id = r.json()["id"]
+        deadline = time.time() + 120
+        while True:
+            job = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30).json()
+            if job["state"] == "running" and job["progress"].get("candidates"):
+                break
+            if job["state"] in ("succeeded", "failed", "cancelled") or time.time() > deadline:
+                print(f"the job did not get running: {job}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        before = job["progress"].get("accepted", 0)
+        print(f"Ray: {info['resources'].get('CPU', 0):g} CPUs; job {job_id} running; "
+              f"{args.clients} clients for {args.duration:g} s, {args.replicas} replica(s) ...",
+              flush=True)
+        results = asyncio.run(load(base, key, job_id, args.clients, args.duration))
+        job = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30).json()
+        print(f"\n{'endpoint':<8} {'requests':>8} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} "
+              f"{'p99 ms':>7} {'max ms':>7} {'errors':>6}")
+        for name, s in results.items():
+            print(f"{name:<8} {s['n']:>8} {s['rps']:>7.0f} {s['p50']:>7.1f} {s['p90']:>7.1f} "
+                  f"{s['p99']:>7.1f} {s['max']:>7.1f} {s['errors']:>6}"
+                  + (f"  {', '.join(s['error_kinds'])}" if s["errors"] else ""))
+        print(f"\njob during the run: state {job['state']}, accepted {before} -> "
+              f"{job['progress'].get('accepted')}, candidates "
+              f"{job['progress'].get('candidates')}")
+        ok = all(s["p99"] < 100 and s["errors"] == 0 for s in results.values())
+        print("target p99 < 100 ms and zero errors:", "met" if ok else "NOT met")
+        requests.delete(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30)
+        end = time.time() + 60
+        while time.time() < end:
+            state = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30
+                                 ).json()["state"]
+            if state in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(1)
+        ray_serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""The HTTP job API: a Ray Serve deployment with a FastAPI ingress.
+
+    POST   /v1/jobs                 submit a dataset spec (JSON or YAML) -> 202 {id, ...}
+    GET    /v1/jobs                 the caller's jobs, newest first (?state=&limit=&offset=)
+    GET    /v1/jobs/{id}            state, per-class progress, rejects by reason, output, error
+    DELETE /v1/jobs/{id}            cancel (a partial result is written and marked)
+    GET    /v1/jobs/{id}/events     server-sent events with live progress until the job ends
+    GET    /v1/jobs/{id}/samples    thumbnails of accepted images (?label=&limit=)
+    GET    /v1/example              the example spec the page starts with
+    GET    /healthz                 liveness + store check
+    GET    /                        the web page;  /docs  the OpenAPI UI
+
+Every error is ``{"error": {"code": ..., "message": ...}}``. ``build_app(args)`` is the app
+builder for ``serve deploy`` (see serve_config.yaml) and for ``pixcrawler serve``.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations at
+# runtime, and Serve's class-based view cannot resolve them from strings.
+import asyncio
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+import yaml
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve as ray_serve
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from builder.errors import SpecError, StorageError
+from builder.pipeline import new_job_id
+from builder.spec import parse_spec
+from builder.storage import is_local_uri
+from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
+from serve.errors import ApiError, not_found
+from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
+                        Reconciler, request_cancel)
+from serve.samples import SampleCache
+from serve.store import STATES, TERMINAL, JobRow, JobStore, default_store_url, sqlite_path
+
+log = logging.getLogger("pixcrawler.serve")
+
+APP_NAME = "pixcrawler"
+PAGE = Path(__file__).with_name("page.html")
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+EXAMPLE_SPEC: dict[str, Any] = {
+    "name": "pets",
+    "description": "Cats and dogs from DuckDuckGo image search.",
+    "target": 50,
+    "classes": {"cat": ["cat photo"], "dog": ["dog photo"]},
+    "sources": [{"engine": "duckduckgo"}],
+    "validation": {"level": "medium"},
+}
+
+
+class ServeSettings(BaseModel):
+    """The app's configuration (``args`` of the app in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(default_factory=default_store_url,
+                       description="SQLAlchemy URL of the job store")
+    data_dir: Optional[str] = Field(
+        default=None, description="jobs' spec files and default outputs; default: the SQLite "
+        "file's directory, else ~/.pixcrawler (must be shared by the nodes on a cluster)")
+    auth: bool = True
+    rate_limit_per_s: float = Field(default=20.0, ge=0, description="0 turns the limit off")
+    rate_limit_burst: int = Field(default=40, ge=1)
+    max_concurrent_jobs: int = Field(default=4, ge=1, description="per API key")
+    max_spec_bytes: int = Field(default=1_000_000, ge=1024)
+    example_spec: Optional[dict[str, Any]] = None
+    dashboard_address: Optional[str] = None
+    key_cache_s: float = Field(default=5.0, ge=0, description="a revoked key works for at "
+                               "most this long on a replica that has just seen it")
+    num_replicas: int = Field(default=1, ge=1, description="replicas of the API (a "
+                              "deployments: entry in serve_config.yaml overrides it)")
+    reconcile_interval_s: float = Field(default=5.0, gt=0)
+    events_interval_s: float = Field(default=0.5, gt=0)
+
+    def resolved(self) -> "ServeSettings":
+        """Absolute paths, so every replica (whatever its cwd) finds the same files."""
+        data_dir = self.data_dir
+        if data_dir is None:
+            path = sqlite_path(self.store)
+            data_dir = str(path.parent) if path else str(Path("~/.pixcrawler").expanduser())
+        return self.model_copy(update={"data_dir": str(Path(data_dir).expanduser().resolve())})
+
+
+app = FastAPI(
+    title="PixCrawler job API",
+    version="1",
+    description="Submit dataset specs, watch jobs build image datasets on Ray, browse results. "
+                "Authenticate with `Authorization: Bearer <key>` (`pixcrawler keys create`).",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [{"field": ".".join(str(p) for p in err.get("loc", ())), "message": err["msg"]}
+                for err in exc.errors()]
+    text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return JSONResponse({"error": {"code": "invalid_request", "message": text,
+                                   "problems": problems}}, status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return JSONResponse({"error": {"code": codes.get(exc.status_code, "http_error"),
+                                   "message": str(exc.detail)}},
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return JSONResponse({"error": {"code": "internal_error",
+                                   "message": f"{type(exc).__name__}: {exc}"}}, status_code=500)
+
+
+def class_view(row: JobRow, progress: dict[str, Any],
+               stats: Optional[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per class: target, accepted, candidates, rejected (+ rejects by reason, shortfall)."""
+    classes: dict[str, dict[str, Any]] = {}
+    spec = row.spec or {}
+    for label, body in (spec.get("classes") or {}).items():
+        target = (body or {}).get("target") if isinstance(body, dict) else None
+        classes[label] = {"target": target or spec.get("target"), "accepted": 0,
+                          "candidates": 0, "rejected": 0}
+    for label, c in (progress.get("classes") or {}).items():
+        classes.setdefault(label, {}).update(c)
+    for label, c in ((stats or {}).get("classes") or {}).items():
+        classes.setdefault(label, {}).update(
+            {k: c[k] for k in ("target", "accepted", "candidates", "rejected",
+                               "rejected_by_reason", "shortfall") if k in c})
+    return classes
+
+
+def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
+             detail: bool = True) -> dict[str, Any]:
+    """The JSON of a job: the store's row, with a running job's live progress over it."""
+    live = live or {}
+    stats = row.stats or live.get("stats")
+    progress = live.get("progress") or row.progress or {}
+    state = live.get("state") or row.state
+    view: dict[str, Any] = {
+        "id": row.id,
+        "name": row.name,
+        "state": state,
+        "created_at": row.created_at,
+        "updated_at": max(row.updated_at, live.get("updated") or 0.0),
+        "ended_at": row.ended_at,
+        "output_uri": live.get("output_uri") or row.output_uri,
+        "cancel_requested": row.cancel_requested or bool(live.get("cancel_requested")),
+        "error": row.error or live.get("error"),
+        "progress": {k: v for k, v in progress.items() if k != "classes"},
+    }
+    if detail:
+        view["classes"] = class_view(row, progress, stats)
+        view["rejected_by_reason"] = ((stats or {}).get("rejected_by_reason")
+                                      or progress.get("rejected_by_reason") or {})
+        view["shortfall"] = (stats or {}).get("shortfall", {})
+        view["partial"] = bool((stats or {}).get("partial")) or state == "cancelled"
+        view["stats"] = stats
+        ray_status = row.ray_status
+        if state in TERMINAL and ray_status in ("PENDING", "RUNNING"):
+            ray_status = None  # seen while it ran; the job ended through its progress actor
+        view["ray"] = {"submission_id": row.id, "status": ray_status}
+        view["spec"] = row.spec
+        view["links"] = {"self": f"/v1/jobs/{row.id}", "events": f"/v1/jobs/{row.id}/events",
+                         "samples": f"/v1/jobs/{row.id}/samples"}
+    return view
+
+
+def parse_body(body: bytes, content_type: str) -> Any:
+    """The request body as data, by its content type (JSON, or YAML)."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    text = body.decode("utf-8", errors="replace")
+    if media in JSON_TYPES or media.endswith("+json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError([("(body)", f"not valid JSON: {exc}")], "request body") from None
+    if media in YAML_TYPES:
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError([("(body)", f"not valid YAML: {exc}")], "request body") from None
+    raise ApiError(415, "unsupported_media_type",
+                   f"send the spec as application/json or application/yaml, not {media!r}")
+
+
+def spec_error(exc: SpecError) -> ApiError:
+    problems = [{"field": path, "message": msg} for path, msg in exc.problems]
+    return ApiError(422, "invalid_spec", str(exc), details={"problems": problems})
+
+
+@ray_serve.deployment(name="JobAPI", ray_actor_options={"num_cpus": 0.1},
+                      max_ongoing_requests=200, health_check_period_s=10)
+@ray_serve.ingress(app)
+class JobAPI:
+    """One replica of the API. State lives in the store, so replicas are interchangeable."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = ServeSettings.model_validate(settings).resolved()
+        s = self.settings
+        self.data_dir = Path(s.data_dir or ".")
+        self.store = JobStore(s.store)
+        self.launcher = JobLauncher(self.data_dir / "jobs", s.dashboard_address)
+        self.auth = Authenticator(self.store, enabled=s.auth, cache_s=s.key_cache_s)
+        self.limiter = RateLimiter(s.rate_limit_per_s, s.rate_limit_burst)
+        self.reader = ProgressReader()
+        self.reconciler = Reconciler(self.store, self.launcher)
+        self.samples = SampleCache()
+        self.example = yaml.safe_dump(s.example_spec or EXAMPLE_SPEC, sort_keys=False)
+        self.page = PAGE.read_text(encoding="utf-8")
+        self._submit_lock = threading.Lock()
+        self._checked: dict[str, float] = {}
+        # The first pass runs now: jobs left "running" by a crash are settled at start.
+        self.reconcile_loop = ReconcileLoop(self.reconciler, s.reconcile_interval_s)
+        self.reconcile_loop.start()
+
+    def __del__(self) -> None:
+        loop = getattr(self, "reconcile_loop", None)
+        if loop is not None:
+            loop.stop()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _caller(self, request: Request, query_key: Optional[str] = None) -> Principal:
+        principal = self.auth.authenticate(request.headers.get("authorization"), query_key)
+        wait = self.limiter.acquire(principal.owner)
+        if wait is not None:
+            raise too_many_requests(wait)
+        return principal
+
+    async def _row(self, job_id: str, principal: Principal) -> JobRow:
+        row = await asyncio.to_thread(self.store.get_job, job_id, principal.owner)
+        if row is None:
+            raise not_found(job_id)
+        return row
+
+    def _reconcile_at_most_every_s(self, row: JobRow, seconds: float = 1.0) -> JobRow:
+        """Ask Ray about a job with no progress actor, at most once a second per job."""
+        now = time.monotonic()
+        if now - self._checked.get(row.id, 0.0) < seconds:
+            return row
+        if len(self._checked) > 10_000:
+            self._checked.clear()
+        self._checked[row.id] = now
+        try:
+            return self.reconciler.reconcile(row, check_live=False)
+        except ClusterUnavailable as exc:
+            log.warning("cannot reconcile %s: %s", row.id, exc)
+            return row
+
+    async def _current(self, row: JobRow) -> dict[str, Any]:
+        """A job's view now: live progress if it runs, reconciled with Ray if it ended."""
+        if row.terminal:
+            self.reader.forget(row.id)
+            return job_view(row)
+        live = await self.reader.get(row.id)
+        if live is not None and live.get("state") not in TERMINAL:
+            return job_view(row, live)
+        if live is not None:
+            row = await asyncio.to_thread(self.reconciler.apply_live, row, live)
+        else:
+            row = await asyncio.to_thread(self._reconcile_at_most_every_s, row)
+        return job_view(row)
+
+    def _create(self, principal: Principal, job_id: str, spec: dict[str, Any],
+                uri: str) -> JobRow:
+        with self._submit_lock:
+            active = self.store.count_active(principal.owner)
+            cap = self.settings.max_concurrent_jobs
+            if active >= cap:
+                raise ApiError(429, "too_many_jobs",
+                               f"this API key has {active} jobs running (the limit is {cap}); "
+                               "wait for one to end or cancel one",
+                               headers={"Retry-After": "10"})
+            return self.store.create_job(job_id, principal.owner, spec["name"], spec, uri)
+
+    def _placed(self, data: dict[str, Any], job_id: str) -> dict[str, Any]:
+        """The spec with its output placed: none given -> data_dir/datasets/<job id>; a
+        relative local path -> under data_dir/datasets (the job's cwd is not ours)."""
+        output = dict(data.get("output") or {})
+        uri = output.get("uri")
+        base = self.data_dir / "datasets"
+        if not uri:
+            output["uri"] = str(base / job_id)
+        elif is_local_uri(uri) and not uri.startswith("file://") and \
+                not Path(uri).expanduser().is_absolute():
+            output["uri"] = str((base / uri).resolve())
+        return {**data, "output": output}
+
+    # -- routes -----------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page_route(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.get("/healthz", summary="Liveness and store check")
+    def healthz(self) -> dict[str, Any]:
+        try:
+            self.store.count_active("-")
+        except SQLAlchemyError as exc:
+            raise ApiError(503, "store_unavailable", f"the job store does not answer: {exc}")
+        return {"status": "ok", "auth": self.settings.auth}
+
+    @app.get("/v1/example", summary="The example spec the page starts with")
+    def example_route(self) -> dict[str, Any]:
+        return {"spec": self.example, "auth": self.settings.auth}
+
+    @app.post("/v1/jobs", status_code=202, summary="Submit a dataset spec (JSON or YAML)",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"type": "object"}},
+                  "application/yaml": {"schema": {"type": "string"}}}}})
+    async def submit(self, request: Request) -> JSONResponse:
+        principal = self._caller(request)
+        limit = self.settings.max_spec_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:
+            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+        try:
+            spec = parse_spec(parse_body(body, request.headers.get("content-type", "")),
+                              "request body")
+            job_id = new_job_id(spec)
+            spec = parse_spec(self._placed(spec.model_dump(mode="json"), job_id),
+                              "request body")
+        except SpecError as exc:
+            raise spec_error(exc) from None
+        data = spec.model_dump(mode="json")
+        uri = spec.output_uri()
+        row = await asyncio.to_thread(self._create, principal, job_id, data, uri)
+        try:
+            await asyncio.to_thread(self.launcher.submit, job_id, data, principal.name)
+        except ClusterUnavailable as exc:
+            await asyncio.to_thread(self.store.update_job, job_id, state="failed",
+                                    error=str(exc))
+            raise ApiError(503, "cluster_unavailable", str(exc)) from None
+        body_out = job_view(row)
+        return JSONResponse(body_out, status_code=202,
+                            headers={"Location": f"/v1/jobs/{job_id}"})
+
+    @app.get("/v1/jobs", summary="The caller's jobs, newest first")
+    async def list_jobs(self, request: Request,
+                        state: Optional[str] = Query(None, description="comma-separated "
+                                                     "states: " + ", ".join(STATES)),
+                        limit: int = Query(20, ge=1, le=100),
+                        offset: int = Query(0, ge=0)) -> dict[str, Any]:
+        principal = self._caller(request)
+        states = [s.strip() for s in state.split(",") if s.strip()] if state else None
+        bad = [s for s in states or [] if s not in STATES]
+        if bad:
+            raise ApiError(422, "invalid_request", f"unknown state(s) {', '.join(bad)}; "
+                           f"valid: {', '.join(STATES)}",
+                           details={"problems": [{"field": "query.state",
+                                                  "message": f"unknown state {bad[0]!r}"}]})
+        rows, total = await asyncio.to_thread(self.store.list_jobs, principal.owner,
+                                              states=states, limit=limit, offset=offset)
+        nxt = offset + len(rows)
+        return {"jobs": [job_view(r, detail=False) for r in rows], "total": total,
+                "limit": limit, "offset": offset, "next_offset": nxt if nxt < total else None}
+
+    @app.get("/v1/jobs/{job_id}", summary="A job: state, progress, rejects, output, error")
+    async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
+        principal = self._caller(request)
+        return await self._current(await self._row(job_id, principal))
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, summary="Cancel a job")
+    async def cancel(self, job_id: str, request: Request) -> JSONResponse:
+        principal = self._caller(request)
+        row = await self._row(job_id, principal)
+        if row.terminal:
+            raise ApiError(409, "job_finished", f"job {job_id} already ended ({row.state})")
+        await asyncio.to_thread(self.store.update_job, job_id, cancel_requested=True)
+        if not await asyncio.to_thread(request_cancel, job_id):
+            # No progress actor yet: the driver is starting; SIGTERM stops it the same way.
+            try:
+                await asyncio.to_thread(self.launcher.stop, job_id)
+            except ClusterUnavailable as exc:
+                raise ApiError(503, "cluster_unavailable", str(exc)) from None
+        self.reader.forget(job_id)
+        row = await self._row(job_id, principal)
+        return JSONResponse(await self._current(row), status_code=202)
+
+    @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: live progress",
+             description="`event: progress` with the job's JSON whenever it changes, then "
+                         "`event: end` when it ended. EventSource cannot send headers, so "
+                         "this route also takes the API key as `?key=`.")
+    async def events(self, job_id: str, request: Request,
+                     key: Optional[str] = Query(None, description="API key")) -> StreamingResponse:
+        principal = self._caller(request, query_key=key)
+        row = await self._row(job_id, principal)
+        return StreamingResponse(self._stream(row, principal), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    async def _stream(self, row: JobRow, principal: Principal) -> AsyncIterator[str]:
+        last, beat = "", time.monotonic()
+        interval = self.settings.events_interval_s
+        while True:
+            view = await self._current(row)
+            data = json.dumps(view, separators=(",", ":"))
+            if data != last:
+                yield f"event: progress\ndata: {data}\n\n"
+                last, beat = data, time.monotonic()
+            elif time.monotonic() - beat > 15:
+                yield ": keep-alive\n\n"
+                beat = time.monotonic()
+            if view["state"] in TERMINAL:
+                yield f"event: end\ndata: {data}\n\n"
+                return
+            await asyncio.sleep(interval)
+            row = await self._row(row.id, principal)
+
+    @app.get("/v1/jobs/{job_id}/samples", summary="Thumbnails of accepted images")
+    async def samples(self, job_id: str, request: Request,
+                      label: Optional[str] = Query(None, description="one class"),
+                      limit: int = Query(24, ge=1, le=200)) -> dict[str, Any]:
+        principal = self._caller(request)
+        row = await self._row(job_id, principal)
+        labels = list((row.spec.get("classes") or {}))
+        if label is not None and label not in labels:
+            raise ApiError(404, "label_not_found", f"job {job_id} has no class {label!r}; "
+                           f"its classes: {', '.join(labels)}")
+        if row.state not in ("succeeded", "cancelled"):
+            return {"job_id": job_id, "label": label, "ready": False, "samples": [],
+                    "message": "thumbnails are there once the job has written its dataset"}
+        try:
+            items = await asyncio.to_thread(self.samples.get, row.output_uri, label, limit)
+        except StorageError as exc:
+            raise ApiError(502, "output_unreadable", str(exc)) from None
+        return {"job_id": job_id, "label": label, "ready": True, "samples": items}
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> ray_serve.Application:
+    """The Serve application (``import_path: serve.app:build_app`` in serve_config.yaml)."""
+    settings = ServeSettings.model_validate(args or {}).resolved()
+    JobStore(settings.store).close()  # fail here, not in a replica, if the store is unusable
+    return JobAPI.options(num_replicas=settings.num_replicas).bind(settings.model_dump())

@@ -1,0 +1,192 @@
+"""``pixcrawler serve`` and ``pixcrawler keys``: run the HTTP job API, manage its API keys.
+
+    pixcrawler serve [--host 127.0.0.1] [--port 8000] [--demo] [--no-auth] [--store URL]
+    pixcrawler keys create NAME          prints the new key once
+    pixcrawler keys list
+    pixcrawler keys revoke NAME_OR_ID
+
+``add_commands(sub)`` adds both to the main parser (cluster/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator, Optional
+
+from serve.store import JobStore, StoreError, default_store_url
+
+log = logging.getLogger("pixcrawler.serve")
+
+DEMO_CLASSES = ("cat", "dog", "bird")
+
+
+def _when(ts: Optional[float]) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        store = JobStore(args.store)
+        if args.keys_command == "create":
+            plaintext, key = store.create_key(args.name)
+            print(plaintext)
+            print(f"key {key.id} ({key.name}) created; it is shown only now: keep it "
+                  "somewhere safe and send it as 'Authorization: Bearer <key>'",
+                  file=sys.stderr)
+        elif args.keys_command == "list":
+            keys = store.list_keys()
+            if not keys:
+                print("no keys; create one with `pixcrawler keys create NAME`", file=sys.stderr)
+            for k in keys:
+                status = "active" if k.active else f"revoked {_when(k.revoked_at)}"
+                print(f"{k.id}  {k.name:<24} {k.prefix}...  created {_when(k.created_at)}  "
+                      f"{status}")
+        else:
+            for k in store.revoke_key(args.name_or_id):
+                print(f"revoked {k.id} ({k.name})")
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    settings: dict[str, Any] = {"store": args.store, "auth": not args.no_auth,
+                                "rate_limit_per_s": args.rate_limit,
+                                "rate_limit_burst": args.burst,
+                                "max_concurrent_jobs": args.max_jobs}
+    if example is not None:
+        settings["example_spec"] = example
+    return settings
+
+
+def demo_example(base_url: str, target: int) -> dict[str, Any]:
+    """The demo's spec (sandbox web) with no output URI: the server places each job's."""
+    from cluster.cli import demo_spec
+
+    spec = demo_spec(base_url, "", target, list(DEMO_CLASSES))
+    spec["output"].pop("uri", None)
+    return spec
+
+
+@contextlib.contextmanager
+def _agent_port(port: int) -> Iterator[None]:
+    """ray.init has no option for the dashboard agent's HTTP port (always 52365); where another
+    Ray on the machine holds that port, the agent serves no HTTP and Ray refuses every job
+    ("No available agent"). So the node parameters get the port here."""
+    from ray._private.parameter import RayParams
+
+    original = RayParams.__init__
+
+    def init(self: Any, *a: Any, **kw: Any) -> None:
+        kw.setdefault("dashboard_agent_listen_port", port)
+        original(self, *a, **kw)
+
+    RayParams.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original  # type: ignore[method-assign]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = None
+                      ) -> dict[str, Any]:
+    """Join a cluster, or start an embedded Ray with its dashboard (Ray's job API, which runs
+    the jobs) and the dashboard agent on a free port."""
+    import ray
+
+    from cluster.connect import connect
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return connect(address, num_cpus=num_cpus, dashboard=True)
+    with _agent_port(_free_port()):
+        return connect(None, num_cpus=num_cpus, dashboard=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray import serve as ray_serve
+
+    from serve.app import APP_NAME, build_app
+
+    web = None
+    if args.demo:
+        from builder.sandbox import SandboxWeb
+
+        web = SandboxWeb(classes=DEMO_CLASSES, images_per_class=60, slow_s=3.0)
+        web.start()
+    try:
+        info = connect_with_jobs(args.address)
+        example = demo_example(web.base_url, args.target) if web else None
+        settings = serve_settings(args, example)
+        ray_serve.start(http_options={"host": args.host, "port": args.port})
+        ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        print(f"PixCrawler job API on http://{host}:{args.port}/  (API docs: /docs)", flush=True)
+        if info.get("dashboard_url"):
+            print(f"Ray dashboard: {info['dashboard_url']}", flush=True)
+        if web is not None:
+            print(f"sandbox web (demo): {web.base_url}", flush=True)
+        if args.no_auth:
+            print("auth is OFF (--no-auth): anyone who reaches this port can run jobs",
+                  flush=True)
+        print("Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        try:
+            ray_serve.shutdown()
+        finally:
+            if web is not None:
+                web.stop()
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve`` and ``keys`` to the ``pixcrawler`` parser's subcommands."""
+    s = sub.add_parser("serve", help="run the HTTP job API and web page on Ray Serve")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--demo", action="store_true",
+                   help="also run the sandbox web; the page starts with a spec that uses it")
+    s.add_argument("--target", type=int, default=20, help="--demo: images per class")
+    s.add_argument("--no-auth", action="store_true",
+                   help="no API keys (local use only: anyone reaching the port can run jobs)")
+    s.add_argument("--store", default=default_store_url(),
+                   help="job store: sqlite:////path/file.db or any SQLAlchemy URL "
+                        "(default: PIXCRAWLER_STORE, else ~/.pixcrawler/serve.db)")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an "
+                   "embedded local Ray with its dashboard)")
+    s.add_argument("--rate-limit", type=float, default=20.0,
+                   help="requests per second per API key (0: no limit)")
+    s.add_argument("--burst", type=int, default=40, help="request burst per API key")
+    s.add_argument("--max-jobs", type=int, default=4, help="concurrent jobs per API key")
+    s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="create, list and revoke API keys of the job API")
+    k.add_argument("--store", default=default_store_url(),
+                   help="job store URL (as for `pixcrawler serve`)")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    create = ks.add_parser("create", help="create a key; prints it once")
+    create.add_argument("name", help="who or what uses the key")
+    ks.add_parser("list", help="list keys (never their values)")
+    revoke = ks.add_parser("revoke", help="revoke a key by id or name")
+    revoke.add_argument("name_or_id")
+    k.set_defaults(func=cmd_keys)

@@ -1,0 +1,379 @@
+"""Jobs on the cluster: start them as Ray jobs, read their live progress, cancel them, and
+reconcile the store with what Ray says.
+
+A job is a Ray job (``JobSubmissionClient``), so it shows in the dashboard's Jobs view with its
+logs. Its entrypoint is ``python -m cluster.cli build SPEC --job-id ID --address GCS``; the
+spec travels in the job's runtime_env (``PIXCRAWLER_SPEC_JSON``) when the CLI takes
+``--spec-env`` (and the spec is under 100 kB), else as a file under ``jobs_dir``, which must
+then be on a filesystem every node that runs job drivers can read (the head node, by default).
+
+While the job runs, its progress actor (``progress:<id>``) holds its live state. When the actor
+is gone the job has ended (or never got going), and Ray's job status plus the output's marker
+(``_SUCCESS`` / ``_PARTIAL``) and ``stats.json`` say how it ended. ``Reconciler`` applies that
+to the store, so a job never stays "running" after its driver died or the cluster restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shlex
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+
+from actors import NAMESPACE
+from actors.progress import cancel_job, progress_name
+from builder.errors import PixCrawlerError, StorageError
+from builder.storage import open_fs, storage_errors
+from builder.writers import PARTIAL, read_marker
+from serve.store import TERMINAL, JobRow, JobStore
+
+log = logging.getLogger("pixcrawler.serve.jobs")
+
+SPEC_ENV = "PIXCRAWLER_SPEC_JSON"
+_MAX_ERROR_CHARS = 4000
+# Linux caps one environment string at 128 KiB; a bigger spec goes through a file.
+_MAX_ENV_SPEC_CHARS = 100_000
+
+
+class ClusterUnavailable(PixCrawlerError):
+    """Ray's job API cannot be reached; the message says what to check."""
+
+
+@dataclass
+class RayJob:
+    status: str
+    message: str = ""
+
+
+@lru_cache(maxsize=1)
+def cli_takes_spec_env() -> bool:
+    """Whether ``pixcrawler build`` can read its spec from an environment variable."""
+    import argparse
+
+    from cluster.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction) and "build" in action.choices:
+            return any("--spec-env" in a.option_strings
+                       for a in action.choices["build"]._actions)
+    return False
+
+
+def dashboard_address() -> Optional[str]:
+    """The connected cluster's dashboard (job API) address, as Ray publishes it, or None."""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                       namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    return f"http://{raw.decode()}" if raw else None
+
+
+class JobLauncher:
+    """Submits, inspects and stops the Ray jobs that run PixCrawler jobs."""
+
+    def __init__(self, jobs_dir: Path, address: Optional[str] = None,
+                 python: str = sys.executable):
+        self.jobs_dir = Path(jobs_dir)
+        self.address = address
+        self.python = python
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                address = self.address or dashboard_address()
+                if not address:
+                    raise ClusterUnavailable(
+                        "the Ray cluster runs no dashboard, which serves Ray's job API: start "
+                        "the head with the dashboard (`ray start --head --include-dashboard="
+                        "true`, or ray.init(include_dashboard=True)), or pass its address as "
+                        "dashboard_address")
+                try:
+                    self._client = JobSubmissionClient(address)
+                except (ConnectionError, RuntimeError, OSError) as exc:
+                    raise ClusterUnavailable(
+                        f"cannot reach Ray's job API at {address}: {exc}. The head node must "
+                        "run the dashboard: `ray start --head --include-dashboard=true`, or "
+                        "ray.init(include_dashboard=True)") from exc
+            return self._client
+
+    def command(self, job_id: str, spec: dict[str, Any]) -> tuple[str, dict[str, str]]:
+        """The entrypoint and the environment variables that run ``spec`` as ``job_id``.
+
+        The driver gets this cluster's GCS address explicitly: Ray gives a job's driver
+        RAY_ADDRESS from ``ray_current_cluster`` (written by ``ray start`` only) or else from
+        *any* GCS process found on the machine, which for an embedded Ray beside other Rays
+        can be someone else's cluster."""
+        tail = ["--job-id", job_id, "--address", ray.get_runtime_context().gcs_address]
+        base = [self.python, "-m", "cluster.cli", "build"]
+        text = json.dumps(spec, separators=(",", ":"))
+        if cli_takes_spec_env() and len(text) <= _MAX_ENV_SPEC_CHARS:
+            return shlex.join(base + ["--spec-env", SPEC_ENV] + tail), {SPEC_ENV: text}
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        path = self.jobs_dir / f"{job_id}.json"
+        path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        return shlex.join(base + [str(path)] + tail), {}
+
+    def submit(self, job_id: str, spec: dict[str, Any], owner_name: str,
+               agent_wait_s: float = 10.0) -> None:
+        """Start the Ray job. Right after the cluster starts, its dashboard agent may not be
+        registered yet ("No available agent"): that is retried for ``agent_wait_s``."""
+        entrypoint, env = self.command(job_id, spec)
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                self.client.submit_job(entrypoint=entrypoint, submission_id=job_id,
+                                       runtime_env={"env_vars": env} if env else None,
+                                       metadata={"pixcrawler_job": job_id,
+                                                 "owner": owner_name,
+                                                 "dataset": str(spec.get("name", ""))})
+                return
+            except (RuntimeError, ConnectionError, OSError) as exc:
+                if "No available agent" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                hint = (" (the head node's dashboard agent is not serving HTTP: is another "
+                        "Ray on this machine holding its port, 52365?)"
+                        if "No available agent" in str(exc) else "")
+                raise ClusterUnavailable(f"Ray refused the job: {exc}{hint}") from exc
+
+    def status(self, job_id: str) -> Optional[RayJob]:
+        """Ray's view of the job, or None if Ray has no such job (e.g. it restarted)."""
+        try:
+            info = self.client.get_job_info(job_id)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc):
+                return None
+            raise ClusterUnavailable(f"cannot read job {job_id} from Ray: {exc}") from exc
+        except (ConnectionError, OSError) as exc:
+            raise ClusterUnavailable(f"cannot read job {job_id} from Ray: {exc}") from exc
+        status = getattr(info.status, "value", str(info.status))
+        return RayJob(status=status, message=info.message or "")
+
+    def stop(self, job_id: str) -> bool:
+        """SIGTERM the job's driver (it then writes a partial result, like a cancel)."""
+        try:
+            return bool(self.client.stop_job(job_id))
+        except RuntimeError as exc:
+            if "does not exist" in str(exc):
+                return False
+            raise ClusterUnavailable(f"cannot stop job {job_id}: {exc}") from exc
+
+
+class ProgressReader:
+    """Reads progress actors without blocking the event loop; answers are reused for
+    ``ttl_s`` so many clients watching one job cost the actor one call per interval."""
+
+    def __init__(self, ttl_s: float = 0.25):
+        self.ttl_s = ttl_s
+        self._handles: dict[str, Any] = {}
+        self._answers: dict[str, tuple[float, Optional[dict[str, Any]]]] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    async def get(self, job_id: str) -> Optional[dict[str, Any]]:
+        """The live state of a running job, or None when no progress actor holds it."""
+        now = time.monotonic()
+        hit = self._answers.get(job_id)
+        if hit and now - hit[0] < self.ttl_s:
+            return hit[1]
+        pending = self._inflight.get(job_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[job_id] = future
+        try:
+            answer = await self._read(job_id)
+            self._answers[job_id] = (time.monotonic(), answer)
+            if len(self._answers) > 1000:
+                self._answers.clear()
+            future.set_result(answer)
+            return answer
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here so an unawaited future does not warn
+            raise
+        finally:
+            self._inflight.pop(job_id, None)
+
+    async def _read(self, job_id: str) -> Optional[dict[str, Any]]:
+        handle = self._handles.get(job_id)
+        if handle is None:
+            handle = await asyncio.to_thread(_lookup_actor, job_id)
+            if handle is None:
+                return None
+            self._handles[job_id] = handle
+        try:
+            return await handle.get.remote()
+        except ray.exceptions.RayActorError:
+            self._handles.pop(job_id, None)
+            return None
+
+    def forget(self, job_id: str) -> None:
+        self._handles.pop(job_id, None)
+        self._answers.pop(job_id, None)
+
+
+def _lookup_actor(job_id: str) -> Any:
+    try:
+        return ray.get_actor(progress_name(job_id), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def read_live(job_id: str) -> Optional[dict[str, Any]]:
+    """Synchronous progress read (for the reconciler thread)."""
+    handle = _lookup_actor(job_id)
+    if handle is None:
+        return None
+    try:
+        return ray.get(handle.get.remote(), timeout=10)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+
+
+def request_cancel(job_id: str) -> bool:
+    """Ask the job's progress actor to stop the job; False if no actor runs for it."""
+    try:
+        return cancel_job(job_id, "cancelled through the HTTP API")
+    except ray.exceptions.RayActorError:
+        return False
+
+
+def read_outcome(uri: str) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """The output's marker (``_SUCCESS``/``_PARTIAL``/None) and its stats.json (or None)."""
+    try:
+        marker = read_marker(uri)
+        if marker is None:
+            return None, None
+        fs, root = open_fs(uri)
+        with storage_errors(uri, "read stats.json from"):
+            stats = json.loads(fs.cat_file(f"{root}/stats.json"))
+        return marker["marker"], stats
+    except (StorageError, ValueError) as exc:
+        log.warning("cannot read the outcome at %s: %s", uri, exc)
+        return None, None
+
+
+def progress_from_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The final figures in the live progress' shape (what the page draws)."""
+    duration = float(stats.get("duration_s") or 0.0)
+    return {
+        "elapsed_s": duration,
+        "candidates": stats.get("candidates", 0),
+        "accepted": stats.get("accepted", 0),
+        "rejected": stats.get("rejected", 0),
+        "images_per_s": round(stats.get("accepted", 0) / duration, 2) if duration else 0.0,
+        "classes": {label: {k: c.get(k, 0) for k in ("target", "accepted", "candidates",
+                                                       "rejected")}
+                    for label, c in (stats.get("classes") or {}).items()},
+    }
+
+
+class Reconciler:
+    """Brings the store's active jobs in line with their progress actors and Ray."""
+
+    def __init__(self, store: JobStore, launcher: JobLauncher):
+        self.store = store
+        self.launcher = launcher
+
+    def apply_live(self, row: JobRow, live: dict[str, Any]) -> JobRow:
+        """Store what a progress actor says; a terminal state there ends the job here."""
+        state = live.get("state", row.state)
+        progress = live.get("progress") or None
+        if state in TERMINAL:
+            # stats.json is what was published (a partial one says so); the actor's copy is
+            # the fallback where this server cannot read the output.
+            _, stats = read_outcome(live.get("output_uri") or row.output_uri)
+            stats = stats or live.get("stats")
+            self.store.update_job(row.id, state=state, stats=stats, error=live.get("error"),
+                                  progress=progress_from_stats(stats) if stats else progress,
+                                  output_uri=live.get("output_uri"))
+        elif state != row.state or progress:
+            self.store.update_job(row.id, state=state, progress=progress,
+                                  error=live.get("error"))
+        return self.store.get_job(row.id) or row
+
+    def reconcile(self, row: JobRow, check_live: bool = True) -> JobRow:
+        """Check one active job against its actor, else against Ray; returns the new row.
+        ``check_live=False`` when the caller has just found no progress actor."""
+        if row.terminal:
+            return row
+        live = read_live(row.id) if check_live else None
+        if live is not None:
+            return self.apply_live(row, live)
+        ray_job = self.launcher.status(row.id)
+        if ray_job is None:
+            self.store.update_job(row.id, state="failed", ray_status="UNKNOWN",
+                                  error="the Ray cluster has no record of this job (it was "
+                                        "restarted while the job ran?); submit it again")
+        elif ray_job.status in ("PENDING", "RUNNING"):
+            # Starting up (no actor yet), or its driver is exiting (the actor is already gone).
+            if ray_job.status != row.ray_status:
+                self.store.update_job(row.id, ray_status=ray_job.status)
+        else:
+            self._finish(row, ray_job)
+        return self.store.get_job(row.id) or row
+
+    def _finish(self, row: JobRow, ray_job: RayJob) -> None:
+        marker, stats = read_outcome(row.output_uri)
+        progress = progress_from_stats(stats) if stats else None
+        if marker == PARTIAL or ray_job.status == "STOPPED":
+            state, error = "cancelled", None
+        elif ray_job.status == "SUCCEEDED":
+            # Exit 0 means published; stats stay empty if this server cannot read the output.
+            state, error = "succeeded", None
+        else:
+            state, error = "failed", ray_job.message[-_MAX_ERROR_CHARS:] or "the job failed"
+        self.store.update_job(row.id, state=state, ray_status=ray_job.status, error=error,
+                              stats=stats, progress=progress)
+
+    def reconcile_all(self) -> int:
+        """Reconcile every active job of every owner; returns how many were checked."""
+        rows = self.store.active_jobs()
+        for row in rows:
+            try:
+                self.reconcile(row)
+            except ClusterUnavailable as exc:
+                log.warning("cannot reconcile %s now: %s", row.id, exc)
+        return len(rows)
+
+
+class ReconcileLoop:
+    """A replica's background thread: reconcile all active jobs every ``interval_s``."""
+
+    def __init__(self, reconciler: Reconciler, interval_s: float = 5.0):
+        self.reconciler = reconciler
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pixcrawler-reconcile",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconciler.reconcile_all()
+            except Exception:  # noqa: BLE001 - a background loop logs and keeps going
+                log.exception("reconcile pass failed")
+            self._stop.wait(self.interval_s)

@@ -1,0 +1,346 @@
+"""The job store: jobs and API keys in a SQL database (SQLAlchemy Core).
+
+A SQLite file by default, so the jobs outlive a restart of a Serve replica or of the whole app;
+any SQLAlchemy URL (``postgresql+psycopg://...``) where several replicas on several nodes share
+it. The tables are created on first use.
+
+API keys are stored as ``sha256(salt + key)`` only: the plaintext is shown once, when it is
+created. Keys are 256-bit random strings, so one fast salted hash is enough (a slow KDF guards
+low-entropy passwords, and would cost every request). The salt is made once per store and kept
+in its ``meta`` table; ``PIXCRAWLER_KEY_SALT`` overrides it so the database alone cannot be used
+to check guesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+STATES = ("starting", "running", "writing", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset(STATES) - TERMINAL
+KEY_PREFIX = "pxc_"
+
+_meta = sa.MetaData()
+
+jobs_table = sa.Table(
+    "jobs", _meta,
+    sa.Column("id", sa.String(160), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("output_uri", sa.Text, nullable=False),
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("ray_status", sa.String(32)),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("error", sa.Text),
+    sa.Column("progress_json", sa.Text),
+    sa.Column("stats_json", sa.Text),
+    sa.Index("ix_jobs_owner_created", "owner", "created_at"),
+    sa.Index("ix_jobs_state", "state"),
+)
+
+keys_table = sa.Table(
+    "api_keys", _meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+meta_table = sa.Table(
+    "meta", _meta,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+class StoreError(Exception):
+    """The store cannot be opened or a request to it is invalid; the message says why."""
+
+
+@dataclass
+class ApiKey:
+    id: str
+    name: str
+    prefix: str
+    created_at: float
+    revoked_at: Optional[float] = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass
+class JobRow:
+    id: str
+    owner: str
+    name: str
+    state: str
+    created_at: float
+    updated_at: float
+    output_uri: str
+    spec: dict[str, Any]
+    ended_at: Optional[float] = None
+    ray_status: Optional[str] = None
+    cancel_requested: bool = False
+    error: Optional[str] = None
+    progress: Optional[dict[str, Any]] = None
+    stats: Optional[dict[str, Any]] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def default_store_url() -> str:
+    """``PIXCRAWLER_STORE``, else a SQLite file in ``~/.pixcrawler``."""
+    url = os.environ.get("PIXCRAWLER_STORE")
+    if url:
+        return url
+    return f"sqlite:///{Path('~/.pixcrawler/serve.db').expanduser()}"
+
+
+def sqlite_path(url: str) -> Optional[Path]:
+    """The file of a ``sqlite:///`` URL (absolute), or None for other databases/in-memory."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or \
+            parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).expanduser().resolve()
+
+
+def _hash_key(salt: str, key: str) -> str:
+    return hashlib.sha256((salt + key).encode("utf-8")).hexdigest()
+
+
+def _loads(text: Optional[str]) -> Optional[dict[str, Any]]:
+    return json.loads(text) if text else None
+
+
+def _dumps(obj: Optional[dict[str, Any]]) -> Optional[str]:
+    return None if obj is None else json.dumps(obj, separators=(",", ":"), default=str)
+
+
+class JobStore:
+    """Jobs and API keys. Thread-safe (one SQLAlchemy engine, a connection per call)."""
+
+    def __init__(self, url: Optional[str] = None):
+        self.url = url or default_store_url()
+        try:
+            self.engine = self._make_engine(self.url)
+            _meta.create_all(self.engine)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"cannot open the job store {self.url!r}: {exc}. Check the URL "
+                             "(sqlite:////abs/path.db or postgresql+psycopg://user@host/db) and "
+                             "that the directory or database exists and is writable.") from exc
+        self._salt: Optional[str] = None
+
+    @staticmethod
+    def _make_engine(url: str) -> Engine:
+        path = sqlite_path(url)
+        if path is None:
+            return sa.create_engine(url, pool_pre_ping=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # WAL: readers do not wait for the writer (replica + CLI + reconciler at once).
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+
+    @property
+    def directory(self) -> Optional[Path]:
+        """The SQLite file's directory (jobs' spec files and default outputs go there)."""
+        path = sqlite_path(self.url)
+        return path.parent if path else None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    @property
+    def salt(self) -> str:
+        if self._salt is None:
+            self._salt = os.environ.get("PIXCRAWLER_KEY_SALT") or self._stored_salt()
+        return self._salt
+
+    def _stored_salt(self) -> str:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(meta_table.c.value)
+                               .where(meta_table.c.key == "key_salt")).first()
+            if row:
+                return row[0]
+            salt = secrets.token_hex(16)
+            try:
+                conn.execute(meta_table.insert().values(key="key_salt", value=salt))
+            except sa.exc.IntegrityError:
+                pass
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(meta_table.c.value)
+                                .where(meta_table.c.key == "key_salt")).scalar_one()
+
+    def create_key(self, name: str) -> tuple[str, ApiKey]:
+        """A new key: returns (plaintext, record). The plaintext is not kept anywhere."""
+        name = name.strip()
+        if not name:
+            raise StoreError("a key needs a name (who or what uses it)")
+        if any(k.name == name and k.active for k in self.list_keys()):
+            raise StoreError(f"an active key named {name!r} exists; revoke it first or pick "
+                             "another name")
+        key_id = secrets.token_hex(6)
+        plaintext = f"{KEY_PREFIX}{secrets.token_urlsafe(32)}"
+        record = ApiKey(id=key_id, name=name, prefix=plaintext[:10], created_at=time.time())
+        with self.engine.begin() as conn:
+            conn.execute(keys_table.insert().values(
+                id=key_id, name=name, key_hash=_hash_key(self.salt, plaintext),
+                prefix=record.prefix, created_at=record.created_at))
+        return plaintext, record
+
+    def verify_key(self, plaintext: str) -> Optional[ApiKey]:
+        """The active key with this plaintext, or None."""
+        if not plaintext.startswith(KEY_PREFIX):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(keys_table).where(
+                keys_table.c.key_hash == _hash_key(self.salt, plaintext))).mappings().first()
+        if row is None or row["revoked_at"] is not None:
+            return None
+        return _key(row)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(keys_table)
+                                .order_by(keys_table.c.created_at)).mappings().all()
+        return [_key(r) for r in rows]
+
+    def revoke_key(self, name_or_id: str) -> list[ApiKey]:
+        """Revoke the active key(s) with this id or name; returns what was revoked."""
+        hits = [k for k in self.list_keys() if k.active and name_or_id in (k.id, k.name)]
+        if not hits:
+            raise StoreError(f"no active key with id or name {name_or_id!r}; "
+                             "`pixcrawler keys list` shows them")
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(keys_table.update()
+                         .where(keys_table.c.id.in_([k.id for k in hits]))
+                         .values(revoked_at=now))
+        for k in hits:
+            k.revoked_at = now
+        return hits
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, owner: str, name: str, spec: dict[str, Any],
+                   output_uri: str) -> JobRow:
+        now = time.time()
+        row = JobRow(id=job_id, owner=owner, name=name, state="starting", created_at=now,
+                     updated_at=now, output_uri=output_uri, spec=spec)
+        with self.engine.begin() as conn:
+            conn.execute(jobs_table.insert().values(
+                id=job_id, owner=owner, name=name, state=row.state, created_at=now,
+                updated_at=now, output_uri=output_uri, spec_json=_dumps(spec),
+                cancel_requested=False))
+        return row
+
+    def get_job(self, job_id: str, owner: Optional[str] = None) -> Optional[JobRow]:
+        """The job, or None; with ``owner``, only that owner's job."""
+        query = sa.select(jobs_table).where(jobs_table.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs_table.c.owner == owner)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _job(row) if row else None
+
+    def list_jobs(self, owner: Optional[str], *, states: Optional[Iterable[str]] = None,
+                  limit: int = 20, offset: int = 0) -> tuple[list[JobRow], int]:
+        """A page of jobs, newest first, and the total count matching the filter."""
+        where = []
+        if owner is not None:
+            where.append(jobs_table.c.owner == owner)
+        if states:
+            where.append(jobs_table.c.state.in_(list(states)))
+        # A page needs neither the spec nor the final stats (GET /v1/jobs/{id} has them).
+        cols = [c for c in jobs_table.c if c.name not in ("spec_json", "stats_json")]
+        query = (sa.select(*cols).where(*where)
+                 .order_by(jobs_table.c.created_at.desc(), jobs_table.c.id)
+                 .limit(limit).offset(offset))
+        count = sa.select(sa.func.count()).select_from(jobs_table).where(*where)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+            total = conn.execute(count).scalar_one()
+        return [_job(r) for r in rows], int(total)
+
+    def active_jobs(self, owner: Optional[str] = None) -> list[JobRow]:
+        """Jobs not yet ended (all owners unless ``owner`` is given)."""
+        rows, _ = self.list_jobs(owner, states=ACTIVE, limit=10_000)
+        return rows
+
+    def count_active(self, owner: str) -> int:
+        query = (sa.select(sa.func.count()).select_from(jobs_table)
+                 .where(jobs_table.c.owner == owner, jobs_table.c.state.in_(list(ACTIVE))))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def update_job(self, job_id: str, *, state: Optional[str] = None,
+                   ray_status: Optional[str] = None, cancel_requested: Optional[bool] = None,
+                   error: Optional[str] = None, progress: Optional[dict[str, Any]] = None,
+                   stats: Optional[dict[str, Any]] = None,
+                   output_uri: Optional[str] = None) -> None:
+        """Change the given fields. A job that ended keeps its end state (the first wins)."""
+        values: dict[str, Any] = {"updated_at": time.time()}
+        if state is not None:
+            if state not in STATES:
+                raise StoreError(f"unknown job state {state!r}; valid: {', '.join(STATES)}")
+            values["state"] = state
+            if state in TERMINAL:
+                values["ended_at"] = values["updated_at"]
+        for key, value in (("ray_status", ray_status), ("cancel_requested", cancel_requested),
+                           ("error", error), ("output_uri", output_uri)):
+            if value is not None:
+                values[key] = value
+        if progress is not None:
+            values["progress_json"] = _dumps(progress)
+        if stats is not None:
+            values["stats_json"] = _dumps(stats)
+        query = (jobs_table.update().where(jobs_table.c.id == job_id)
+                 .where(jobs_table.c.state.in_(list(ACTIVE))).values(**values))
+        with self.engine.begin() as conn:
+            conn.execute(query)
+
+
+def _key(row: Any) -> ApiKey:
+    return ApiKey(id=row["id"], name=row["name"], prefix=row["prefix"],
+                  created_at=row["created_at"], revoked_at=row["revoked_at"])
+
+
+def _job(row: Any) -> JobRow:
+    return JobRow(id=row["id"], owner=row["owner"], name=row["name"], state=row["state"],
+                  created_at=row["created_at"], updated_at=row["updated_at"],
+                  output_uri=row["output_uri"],
+                  spec=_loads(row.get("spec_json")) or {},
+                  ended_at=row["ended_at"], ray_status=row["ray_status"],
+                  cancel_requested=bool(row["cancel_requested"]), error=row["error"],
+                  progress=_loads(row["progress_json"]), stats=_loads(row.get("stats_json")))

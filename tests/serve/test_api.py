@@ -1,0 +1,213 @@
+"""The job API over HTTP: a job from submit to succeeded (watched on its event stream),
+its status, list, samples, and what other keys, bad keys, bad specs and bursts get."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+from PIL import Image
+
+from builder.writers import is_complete
+from tests.serve.conftest import job_spec
+
+
+@pytest.fixture(scope="module")
+def finished(serve_app, sandbox):
+    """One job submitted and watched to its end through the event stream."""
+    key = serve_app.new_key("lifecycle")
+    job_id = serve_app.submit(key, job_spec(sandbox, target=3))
+    events = list(serve_app.events(key, job_id))
+    return key, job_id, events
+
+
+def test_healthz_and_openapi(serve_app):
+    r = serve_app.call("GET", "/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    spec = serve_app.call("GET", "/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
+            "/v1/jobs/{job_id}/samples", "/healthz"} <= set(spec["paths"])
+    assert serve_app.call("GET", "/docs").status_code == 200
+
+
+def test_job_runs_to_succeeded_with_live_events(serve_app, finished):
+    _, job_id, events = finished
+    kinds = [e for e, _ in events]
+    assert kinds[-1] == "end" and kinds.count("progress") >= 2
+    states = [d["state"] for _, d in events]
+    assert states[-1] == "succeeded"
+    assert "starting" in states or "running" in states
+    accepted = [d["progress"].get("accepted", 0) for _, d in events]
+    assert accepted == sorted(accepted) and accepted[-1] == 9
+
+
+def test_finished_job_status_has_classes_rejects_and_output(serve_app, finished):
+    key, job_id, _ = finished
+    r = serve_app.call("GET", f"/v1/jobs/{job_id}", key)
+    assert r.status_code == 200
+    job = r.json()
+    assert job["state"] == "succeeded" and job["error"] is None and not job["partial"]
+    assert {k: c["accepted"] for k, c in job["classes"].items()} == {
+        "cat": 3, "dog": 3, "bird": 3}
+    for c in job["classes"].values():
+        assert c["target"] == 3 and c["shortfall"] == 0
+        assert c["accepted"] + c["rejected"] == c["candidates"]
+        assert sum(c["rejected_by_reason"].values()) == c["rejected"]
+    stats = job["stats"]
+    assert stats["accepted"] == 9
+    assert job["rejected_by_reason"] == stats["rejected_by_reason"]
+    assert job["progress"]["accepted"] == 9 and job["progress"]["images_per_s"] > 0
+    assert job["ray"]["status"] in ("SUCCEEDED", None)
+    assert is_complete(job["output_uri"])
+
+
+def test_samples_are_small_jpeg_thumbnails_per_class(serve_app, finished):
+    key, job_id, _ = finished
+    r = serve_app.call("GET", f"/v1/jobs/{job_id}/samples", key, params={"label": "dog"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["ready"] and len(body["samples"]) == 3
+    for s in body["samples"]:
+        assert s["label"] == "dog"
+        head, data = s["thumbnail"].split(",", 1)
+        assert head == "data:image/jpeg;base64"
+        with Image.open(io.BytesIO(base64.b64decode(data))) as img:
+            assert img.format == "JPEG" and max(img.size) <= 160
+    r = serve_app.call("GET", f"/v1/jobs/{job_id}/samples", key, params={"label": "horse"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "label_not_found"
+
+
+def test_list_pages_and_filters_by_state(serve_app, finished, sandbox):
+    key, job_id, _ = finished
+    r = serve_app.call("GET", "/v1/jobs", key)
+    assert r.status_code == 200
+    body = r.json()
+    assert [j["id"] for j in body["jobs"]] == [job_id] and body["total"] == 1
+    assert body["next_offset"] is None
+    assert serve_app.call("GET", "/v1/jobs", key,
+                          params={"state": "failed,cancelled"}).json()["jobs"] == []
+    assert serve_app.call("GET", "/v1/jobs", key, params={"state": "succeeded"}
+                          ).json()["total"] == 1
+    page = serve_app.call("GET", "/v1/jobs", key, params={"limit": 1, "offset": 1}).json()
+    assert page["jobs"] == [] and page["offset"] == 1
+    bad = serve_app.call("GET", "/v1/jobs", key, params={"state": "done"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+    bad = serve_app.call("GET", "/v1/jobs", key, params={"limit": 0})
+    assert bad.status_code == 422 and bad.json()["error"]["problems"][0]["field"] == \
+        "query.limit"
+
+
+def test_finished_job_cannot_be_cancelled(serve_app, finished):
+    key, job_id, _ = finished
+    r = serve_app.call("DELETE", f"/v1/jobs/{job_id}", key)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+
+
+def test_requests_without_a_valid_key_get_401(serve_app, finished):
+    _, job_id, _ = finished
+    for method, path in (("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{job_id}"),
+                         ("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{job_id}/events")):
+        r = serve_app.call(method, path)
+        assert r.status_code == 401, (method, path)
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+    r = serve_app.call("GET", "/v1/jobs", "pxc_not-a-real-key")
+    assert r.status_code == 401 and "invalid" in r.json()["error"]["message"]
+    r = serve_app.call("GET", "/v1/jobs", headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401
+
+
+def test_another_keys_job_is_not_found(serve_app, finished):
+    _, job_id, _ = finished
+    other = serve_app.new_key("intruder")
+    for method, path in (("GET", f"/v1/jobs/{job_id}"), ("DELETE", f"/v1/jobs/{job_id}"),
+                         ("GET", f"/v1/jobs/{job_id}/samples"),
+                         ("GET", f"/v1/jobs/{job_id}/events?key={other}")):
+        r = serve_app.call(method, path, None if "key=" in path else other)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"]["code"] == "job_not_found"
+    assert serve_app.call("GET", "/v1/jobs", other).json()["jobs"] == []
+
+
+def test_revoked_key_stops_working(serve_app):
+    import time
+
+    from serve.store import JobStore
+
+    key = serve_app.new_key("short-lived")
+    assert serve_app.call("GET", "/v1/jobs", key).status_code == 200
+    store = JobStore(serve_app.settings["store"])
+    store.revoke_key("short-lived")
+    store.close()
+    time.sleep(0.6)  # the app's key cache (key_cache_s) is 0.5 s here
+    assert serve_app.call("GET", "/v1/jobs", key).status_code == 401
+
+
+def test_bad_specs_get_422_with_the_field_path(serve_app, sandbox):
+    key = serve_app.new_key("badspecs")
+    spec = job_spec(sandbox)
+    spec["download"]["timeout_s"] = -1
+    spec["sources"][0]["engine"] = "altavista"
+    r = serve_app.call("POST", "/v1/jobs", key, json=spec)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "invalid_spec"
+    fields = {p["field"] for p in err["problems"]}
+    assert {"download.timeout_s", "sources.0.engine"} <= fields
+    assert any("allowed" in p["message"] for p in err["problems"])
+
+    r = serve_app.call("POST", "/v1/jobs", key, data="name: x\nclasses: [",
+                       headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 422 and r.json()["error"]["problems"][0]["field"] == "(body)"
+    r = serve_app.call("POST", "/v1/jobs", key, data="{}",
+                       headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = serve_app.call("POST", "/v1/jobs", key, data="x" * 1_100_000,
+                       headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "spec_too_large"
+    assert serve_app.call("GET", "/v1/jobs", key).json()["total"] == 0
+
+
+def test_yaml_spec_is_accepted(serve_app, sandbox, finished):
+    """A YAML body (application/yaml) runs like JSON; it is stopped right away here."""
+    key = serve_app.new_key("yaml")
+    text = yaml.safe_dump(job_spec(sandbox, name="yamljob", target=2))
+    r = serve_app.call("POST", "/v1/jobs", key, data=text,
+                       headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["name"] == "yamljob" and job["state"] == "starting"
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert serve_app.call("DELETE", f"/v1/jobs/{job['id']}", key).status_code == 202
+    assert serve_app.wait(key, job["id"])["state"] == "cancelled"
+
+
+def test_a_failing_job_ends_failed_with_its_error(serve_app, sandbox, tmp_path, finished):
+    key = serve_app.new_key("failing")
+    missing = tmp_path / "no-such-list.txt"
+    spec = job_spec(sandbox, name="failjob",
+                    sources=[{"engine": "urllist", "path": str(missing)}])
+    job_id = serve_app.submit(key, spec)
+    job = serve_app.wait(key, job_id)
+    assert job["state"] == "failed", job
+    assert str(missing) in job["error"]
+    assert job["ray"]["status"] == "FAILED" and job["stats"] is None
+
+
+def test_burst_over_the_rate_limit_gets_429_with_retry_after(serve_app):
+    key = serve_app.new_key("bursty")
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        answers = list(pool.map(lambda _: serve_app.call("GET", "/v1/jobs", key), range(40)))
+    codes = [r.status_code for r in answers]
+    assert codes.count(200) >= 10 and 429 in codes
+    limited = next(r for r in answers if r.status_code == 429)
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["code"] == "rate_limited"
+
+
+def test_unknown_route_answers_json_error(serve_app):
+    r = serve_app.call("GET", "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -1,0 +1,52 @@
+"""API keys on requests and the per-key token bucket (no Ray, no HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.auth import ANONYMOUS, Authenticator, RateLimiter
+from serve.errors import ApiError
+from serve.store import JobStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_allows_a_burst_then_refills_at_the_rate():
+    clock = Clock()
+    limiter = RateLimiter(rate_per_s=2.0, burst=3, clock=clock)
+    assert [limiter.acquire("k") for _ in range(3)] == [None, None, None]
+    wait = limiter.acquire("k")
+    assert wait == pytest.approx(0.5)
+    assert limiter.acquire("other") is None
+    clock.now += 0.5
+    assert limiter.acquire("k") is None and limiter.acquire("k") is not None
+    clock.now += 100
+    assert [limiter.acquire("k") for _ in range(4)].count(None) == 3
+
+
+def test_zero_rate_turns_the_limit_off():
+    limiter = RateLimiter(rate_per_s=0, burst=1)
+    assert all(limiter.acquire("k") is None for _ in range(100))
+
+
+def test_authenticator_reads_bearer_or_query_key(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
+    plaintext, key = store.create_key("web")
+    auth = Authenticator(store, cache_s=0)
+    assert auth.authenticate(f"Bearer {plaintext}").owner == key.id
+    assert auth.authenticate(None, plaintext).name == "web"
+    for header, query in ((None, None), ("Bearer", None), ("Token abc", None),
+                          (f"Bearer {plaintext}x", None), (None, "pxc_wrong")):
+        with pytest.raises(ApiError) as exc:
+            auth.authenticate(header, query)
+        assert exc.value.status == 401 and exc.value.code == "unauthorized"
+    store.revoke_key("web")
+    with pytest.raises(ApiError):
+        auth.authenticate(f"Bearer {plaintext}")
+    assert Authenticator(store, enabled=False).authenticate(None).owner == ANONYMOUS

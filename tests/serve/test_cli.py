@@ -1,0 +1,63 @@
+"""`pixcrawler keys ...`, the serve parser, and serve_config.yaml (no Ray started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from cluster.cli import build_parser, main
+from serve.store import JobStore
+
+CONFIG = Path(__file__).resolve().parents[2] / "serve" / "serve_config.yaml"
+
+
+def test_keys_create_list_revoke(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert main(["keys", "--store", url, "create", "alice"]) == 0
+    out = capsys.readouterr()
+    plaintext = out.out.strip()
+    assert plaintext.startswith("pxc_") and "shown only now" in out.err
+    assert JobStore(url).verify_key(plaintext).name == "alice"
+
+    assert main(["keys", "--store", url, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "alice" in listed and "active" in listed and plaintext not in listed
+
+    assert main(["keys", "--store", url, "revoke", "alice"]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert JobStore(url).verify_key(plaintext) is None
+    assert main(["keys", "--store", url, "revoke", "alice"]) == 1
+    assert "no active key" in capsys.readouterr().err
+
+
+def test_serve_command_options():
+    args = build_parser().parse_args(["serve", "--port", "8123", "--demo", "--no-auth",
+                                      "--store", "sqlite:////tmp/x.db"])
+    assert (args.host, args.port, args.demo, args.no_auth, args.store) == (
+        "127.0.0.1", 8123, True, True, "sqlite:////tmp/x.db")
+    from serve.cli import serve_settings
+
+    settings = serve_settings(args, {"name": "demo"})
+    assert settings["auth"] is False and settings["example_spec"] == {"name": "demo"}
+
+
+def test_serve_config_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import ServeSettings
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+    app = config.applications[0]
+    assert app.import_path == "serve.app:build_app"
+    ServeSettings.model_validate(app.args)
+    assert app.deployments[0].ray_actor_options.num_cpus <= 0.25
+
+
+def test_demo_example_uses_the_sandbox_and_leaves_output_to_the_server():
+    from builder.spec import parse_spec
+    from serve.cli import demo_example
+
+    spec = parse_spec(demo_example("http://127.0.0.1:9", 5))
+    assert spec.sources[0].engine == "sandbox" and spec.output.uri is None
+    assert spec.download.allow_private_networks

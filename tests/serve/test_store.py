@@ -1,0 +1,78 @@
+"""The job store on SQLite: jobs and keys persist across opens; keys are kept hashed only."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from serve.store import TERMINAL, JobStore, StoreError
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+def test_jobs_persist_page_and_filter(url):
+    store = JobStore(url)
+    for i in range(5):
+        store.create_job(f"job-{i}", "alice", "ds", {"name": "ds", "n": i}, f"/out/{i}")
+    store.create_job("bob-1", "bob", "ds", {"name": "ds"}, "/out/b")
+    store.update_job("job-1", state="succeeded", stats={"accepted": 3})
+    store.close()
+
+    store = JobStore(url)
+    rows, total = store.list_jobs("alice", limit=2, offset=0)
+    assert total == 5 and [r.id for r in rows] == ["job-4", "job-3"]
+    rows, _ = store.list_jobs("alice", limit=2, offset=4)
+    assert [r.id for r in rows] == ["job-0"]
+    done, total = store.list_jobs("alice", states=["succeeded"])
+    assert total == 1 and done[0].ended_at is not None
+    assert done[0].stats is None and store.get_job("job-1").stats == {"accepted": 3}
+    assert store.get_job("job-2", "alice").spec == {"name": "ds", "n": 2}
+    assert store.get_job("job-2", "bob") is None
+    assert store.count_active("alice") == 4
+    assert {r.id for r in store.active_jobs()} == {"job-0", "job-2", "job-3", "job-4", "bob-1"}
+
+
+def test_an_ended_job_keeps_its_end_state(url):
+    store = JobStore(url)
+    store.create_job("j", "o", "ds", {}, "/out")
+    store.update_job("j", state="cancelled")
+    store.update_job("j", state="failed", error="late")
+    row = store.get_job("j")
+    assert row.state == "cancelled" and row.error is None and row.state in TERMINAL
+    with pytest.raises(StoreError, match="valid: starting"):
+        store.update_job("j", state="done")
+
+
+def test_keys_are_stored_hashed_and_can_be_revoked(url, tmp_path):
+    store = JobStore(url)
+    plaintext, key = store.create_key("ci")
+    assert plaintext.startswith("pxc_") and len(plaintext) > 40
+    assert store.verify_key(plaintext).id == key.id
+    assert store.verify_key(plaintext + "x") is None and store.verify_key("nope") is None
+    with pytest.raises(StoreError, match="exists"):
+        store.create_key("ci")
+    raw = (tmp_path / "store.db").read_bytes()
+    assert plaintext.encode() not in raw and plaintext[4:].encode() not in raw
+    with sqlite3.connect(tmp_path / "store.db") as db:
+        (stored,) = db.execute("select key_hash from api_keys").fetchone()
+    assert len(stored) == 64 and stored not in plaintext
+
+    assert [k.name for k in store.revoke_key("ci")] == ["ci"]
+    assert store.verify_key(plaintext) is None
+    assert not store.list_keys()[0].active
+    with pytest.raises(StoreError, match="keys list"):
+        store.revoke_key("ci")
+    again, _ = store.create_key("ci")
+    store.close()
+    assert JobStore(url).verify_key(again) is not None
+
+
+def test_unusable_store_url_says_what_to_check(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="sqlite:////abs/path.db"):
+        JobStore(f"sqlite:///{blocker}/sub/store.db")
