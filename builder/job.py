@@ -76,7 +76,8 @@ class SearchPlanner:
             queries = spec.queries_of(label) + extra_queries.get(label, [])
             for i, (name, query_based) in enumerate(engines):
                 src = spec.sources[i] if i < len(spec.sources) else None
-                max_pages = src.max_pages if src else 1_000_000
+                # A list source pages through its whole list; max_pages bounds engines only.
+                max_pages = src.max_pages if src and query_based else 1_000_000
                 per_page = src.per_page if src else 100
                 per_source.append(deque(_Cursor(i, name, q, max_pages, per_page)
                                         for q in (queries if query_based else [""])))

@@ -291,6 +291,19 @@ class ProgressReporter:
             self.local(snapshot)
 
 
+def check_fits(plan: PoolPlan, resources: dict[str, float]) -> None:
+    """Pools that ask for more than the cluster has would wait forever: refuse at planning."""
+    need = plan.required()
+    have = resources.get("CPU", 0.0)
+    if need["CPU"] > have + 1e-6:
+        raise PlanningError(
+            f"the job's pools need {need['CPU']:.2f} CPUs but the cluster has {have:g}: lower "
+            f"resources.hash_actors ({plan.hash_actors}) x hash_cpus ({plan.hash_cpus}), "
+            f"download_actors ({plan.download_actors}) x download_cpus ({plan.download_cpus}), "
+            f"write_cpus ({plan.write_cpus}), or leave the actor counts unset to size them "
+            "from the cluster")
+
+
 def check_gpus(spec: DatasetSpec, plan: PoolPlan, resources: dict[str, float]) -> PoolPlan:
     """At the slow level, make sure the GPUs the spec asks for exist (or fall back to CPU)."""
     if spec.validation.level != "slow" or plan.gpus_per_actor == 0:
@@ -326,6 +339,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         await asyncio.to_thread(writer.check_output)
     resources = ray.cluster_resources()
     plan = check_gpus(spec, plan_pools(spec, resources), resources)
+    check_fits(plan, resources)
     if plan.slow:
         from builder.slow import check_slow_requirements
 

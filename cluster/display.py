@@ -79,5 +79,6 @@ def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) ->
                   f"{stats.get('candidates', 0)} candidates in {stats.get('duration_s', 0):.1f}s; "
                   f"dataset {state}")
     if stats.get("shortfall"):
-        console.print(f"shortfall (sources ran dry): {stats['shortfall']}")
+        why = "job cancelled" if stats.get("partial") else "sources ran dry"
+        console.print(f"shortfall ({why}): {stats['shortfall']}")
     console.print(f"output: {uri}")

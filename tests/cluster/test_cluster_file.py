@@ -46,3 +46,14 @@ def test_two_core_laptop_plan():
     plan = plan_pools(spec(), {"CPU": 2.0})
     assert plan.download_actors == 1 and plan.hash_actors == 1
     assert plan.required()["CPU"] <= 2.0
+
+
+def test_oversubscribed_pools_fail_at_planning():
+    import pytest
+
+    from cluster.coordinator import PlanningError, check_fits
+
+    plan = plan_pools(spec(hash_actors=2, hash_cpus=0.8), {"CPU": 2.0})
+    with pytest.raises(PlanningError, match="hash_actors"):
+        check_fits(plan, {"CPU": 2.0})
+    check_fits(plan_pools(spec(), {"CPU": 2.0}), {"CPU": 2.0})

@@ -1,0 +1,637 @@
+"""PixCrawler against img2dataset on the same URL list from a loopback corpus.
+
+A separate process serves the sandbox web's ``bench_images`` (N distinct ~40 KB 512x384 JPEGs) on
+a free 127.0.0.1 port; every URL is fetched once first, so that neither tool pays for rendering.
+The same URL list (one URL a line) then goes through both tools, each run as a whole command in a
+subprocess and timed from outside:
+
+- PixCrawler: ``pixcrawler build spec.yaml`` on an embedded local Ray (Ray start-up included),
+  validation ``medium`` (full decode check, sha256, pHash/dHash, exact + near-duplicate dedup),
+  robots.txt and opt-out headers respected, Parquet output only.
+- img2dataset (its own venv, see ``setup_img2dataset.sh``): ``--resize_mode no --output_format
+  parquet``, 2 processes, sha256 (its default). ``--i2d-mode raw`` (default) adds
+  ``--disable_all_reencoding True``: bytes kept as fetched, no decode at all, img2dataset's
+  fastest path. ``--i2d-mode decode`` adds ``--skip_reencode True`` instead: each image is decoded
+  (OpenCV) but written unchanged, closer to the work PixCrawler does. img2dataset does not read
+  robots.txt (it honours X-Robots-Tag headers only). ``--number_sample_per_shard 1000``: its
+  default (10,000) would put all 4,000 URLs in one shard, i.e. one of its 2 processes.
+- with ``--with-local``, also ``pixcrawler build --local``: the same pipeline in one process
+  without Ray, which shows what the Ray layer itself costs.
+
+Each tool gets the same 2 cores (the machine's; img2dataset ``--processes_count 2``, the embedded
+Ray sized to ``os.cpu_count()``). The CPU seconds of the whole tree are reported next to the wall
+time: on a shared machine they move much less than the wall time does.
+
+Peak memory is that of the whole process tree, sampled every 0.2 s from /proc: every descendant
+of the command, and for PixCrawler also every process whose command line names the run's own
+RAY_TMPDIR (raylet, GCS, workers). Both the RSS sum and the PSS sum (shared pages divided among
+their sharers, from smaps_rollup) are reported; RSS over-counts what Ray's processes share.
+
+    bash bench/setup_img2dataset.sh                       # once
+    .venv/bin/python bench/bench_vs_img2dataset.py [--n 4000] [--runs 3] [--skip-i2d]
+        [--with-local] [--i2d-mode raw|decode] [--batch-size B --hash-cpus C ...]
+
+Outputs, logs (bench/out/logs/, with each PixCrawler run's Ray session logs), the spec, the URL
+list and bench_vs_img2dataset.json go under bench/out/ (git-ignored). For PixCrawler the phases
+(start-up + ray.init, planning, crawl, write, exit) come from its log's timestamps and
+stats.json's started/finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+I2D_BIN = OUT / "i2d-venv" / "bin" / "img2dataset"
+PXC_BIN = ROOT / ".venv" / "bin" / "pixcrawler"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# ---------------------------------------------------------------- the loopback corpus
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(n: int, port: int, log_path: Path) -> subprocess.Popen:
+    """The sandbox web in its own process, serving ``n`` bench images (no faults)."""
+    code = ("from builder.sandbox import serve_forever; "
+            f"serve_forever(host='127.0.0.1', port={port}, bench_images={n}, faults=False, "
+            "images_per_class=1)")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the sandbox server exited ({proc.returncode}); see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"the sandbox server did not answer within 60 s; see {log_path}")
+
+
+def warm(urls: list[str], threads: int = 8) -> tuple[float, int]:
+    """Fetch every URL once (the server renders and caches it); returns (seconds, total bytes)."""
+    def get(url: str) -> int:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return len(r.read())
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        sizes = list(pool.map(get, urls))
+    return time.perf_counter() - t0, sum(sizes)
+
+
+# ---------------------------------------------------------------- process-tree sampling
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _stat(pid: int) -> Optional[tuple[int, float]]:
+    """(ppid, cpu seconds) from /proc/pid/stat."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _mem_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in KiB; PSS from smaps_rollup (0 when unreadable)."""
+    rss = pss = 0
+    text = _read(f"/proc/{pid}/smaps_rollup")
+    if text:
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+        return rss, pss
+    statm = _read(f"/proc/{pid}/statm")
+    if statm:
+        rss = int(statm.split()[1]) * PAGE_KIB
+    return rss, pss
+
+
+def _label(cmdline: str) -> str:
+    """A short name for a process: Ray's ``ray::Actor`` titles, else the program's name."""
+    args = cmdline.split("\0")
+    first = args[0].strip()
+    if first.startswith("ray::"):
+        # ray::Downloader.fetch, ray::progress:job:ProgressActor.__init__ -> ray::Downloader, ...
+        title = first[5:].split()[0] if first[5:].strip() else "?"
+        return "ray::" + title.split(":")[-1].split(".")[0]
+    prog = os.path.basename(first.split()[0]) if first else "?"
+    if prog.startswith("python") and "-c" in args[1:-1]:
+        code = args[args.index("-c", 1) + 1]
+        if "spawn_main" in code:
+            return "multiprocessing worker"
+        return "resource_tracker" if "resource_tracker" in code else "python -c"
+    if prog.startswith("python") and len(args) > 1:
+        script = next((a for a in args[1:] if a and not a.startswith("-")), args[1])
+        if "ray/_private/workers" in script or script.endswith("default_worker.py"):
+            return "ray::IDLE"
+        return os.path.basename(script) or prog
+    return prog
+
+
+@dataclass
+class TreeStats:
+    peak_rss_kib: int = 0
+    peak_pss_kib: int = 0
+    peak_procs: int = 0
+    samples: int = 0
+    load: tuple[float, float] = (0.0, 0.0)  # the machine's 1-min load average, before and after
+    cpu_by_pid: dict[int, float] = field(default_factory=dict)
+    label_by_pid: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu_by_pid.values())
+
+    def cpu_by_label(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, cpu in self.cpu_by_pid.items():
+            label = self.label_by_pid.get(pid, "?")
+            out[label] = out.get(label, 0.0) + cpu
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+class TreeMonitor(threading.Thread):
+    """Samples a process tree's memory and CPU every ``every_s`` until ``stop()``."""
+
+    def __init__(self, root: int, marker: Optional[str] = None, every_s: float = 0.2):
+        super().__init__(daemon=True)
+        self.root = root
+        self.marker = marker
+        self.every_s = every_s
+        self.stats = TreeStats()
+        self._done = threading.Event()
+        self._marked: dict[int, bool] = {}
+
+    def stop(self) -> TreeStats:
+        self._done.set()
+        self.join()
+        return self.stats
+
+    def run(self) -> None:
+        while True:
+            self.sample()
+            if self._done.wait(self.every_s):
+                self.sample()
+                return
+
+    def _has_marker(self, pid: int) -> bool:
+        if self.marker is None:
+            return False
+        if pid not in self._marked:
+            self._marked[pid] = self.marker in (_read(f"/proc/{pid}/cmdline") or "")
+        return self._marked[pid]
+
+    def sample(self) -> None:
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                st = _stat(int(entry))
+                if st is not None:
+                    parents[int(entry)], cpu[int(entry)] = st
+        members = {p for p in parents if p == self.root or self._has_marker(p)}
+        grew = True
+        while grew:
+            more = {p for p, pp in parents.items() if pp in members and p not in members}
+            members |= more
+            grew = bool(more)
+        rss = pss = 0
+        for pid in members:
+            r, p = _mem_kib(pid)
+            rss, pss = rss + r, pss + p
+            self.stats.cpu_by_pid[pid] = cpu[pid]
+            # Ray workers retitle themselves (ray::IDLE, then ray::Actor): keep the last real name.
+            cmdline = _read(f"/proc/{pid}/cmdline")
+            if cmdline:  # empty once a process has exited
+                label = _label(cmdline)
+                if label != "ray::IDLE" or pid not in self.stats.label_by_pid:
+                    self.stats.label_by_pid[pid] = label
+        s = self.stats
+        s.samples += 1
+        s.peak_rss_kib = max(s.peak_rss_kib, rss)
+        s.peak_pss_kib = max(s.peak_pss_kib, pss)
+        s.peak_procs = max(s.peak_procs, len(members))
+
+
+def cpu_seconds(pid: int) -> float:
+    st = _stat(pid)
+    return st[1] if st else 0.0
+
+
+# ---------------------------------------------------------------- the tools
+
+
+@dataclass
+class RunResult:
+    tool: str
+    run: int
+    wall_s: float
+    images: int
+    exit_code: int
+    tree: TreeStats
+    server_cpu_s: float
+    log: Path
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s if self.wall_s else 0.0
+
+
+def run_command(cmd: list[str], env: dict[str, str], log_path: Path, server_pid: int,
+                timeout_s: float, marker: Optional[str] = None) -> tuple[float, int, TreeStats,
+                                                                         float]:
+    """Run ``cmd`` to its end; (wall seconds, exit code, tree stats, server CPU seconds).
+
+    Past ``timeout_s`` the command gets SIGINT (PixCrawler then writes a partial dataset), and
+    SIGKILL 60 s later; its exit code says so.
+    """
+    server_cpu0 = cpu_seconds(server_pid)
+    load0 = os.getloadavg()[0]
+    with log_path.open("w") as log:
+        log.write(f"# {datetime.now().isoformat()} {shlex.join(cmd)}\n")
+        log.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        monitor = TreeMonitor(proc.pid, marker)
+        monitor.start()
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.write(f"# timed out after {timeout_s:g} s: SIGINT\n")
+            log.flush()
+            proc.send_signal(signal.SIGINT)
+            try:
+                code = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+        wall = time.perf_counter() - t0
+        log.write(f"# {datetime.now().isoformat()} exit {code} after {wall:.2f} s\n")
+    tree = monitor.stop()
+    tree.load = (load0, os.getloadavg()[0])
+    return wall, code, tree, cpu_seconds(server_pid) - server_cpu0
+
+
+def pxc_spec(n: int, urls: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The PixCrawler spec: one class, the URL list as its only source, Parquet only."""
+    resources: dict[str, Any] = {}
+    for key in ("batch_size", "download_actors", "hash_actors", "hash_cpus", "download_cpus",
+                "max_in_flight_batches", "search_workers", "write_cpus"):
+        value = getattr(args, key)
+        if value is not None:
+            resources[key] = value
+    return {
+        "name": "bench",
+        "description": f"{n} loopback JPEGs, PixCrawler vs img2dataset benchmark",
+        "target": n,
+        "classes": {"bench": {}},
+        # per_page x max_pages must cover the list: the urllist engine pages through it.
+        "sources": [{"engine": "urllist", "path": str(urls), "per_page": 500,
+                     "max_pages": max(20, n // 500 + 2)}],
+        "download": {"allow_private_networks": True, "timeout_s": 10, "retries": 0,
+                     "concurrency": args.concurrency, "per_host_concurrency": args.per_host,
+                     "respect_robots": not args.no_robots},
+        "validation": {"level": args.level},
+        "output": {"uri": str(out), "formats": ["parquet"], "shard_size": args.shard_size},
+        "resources": resources,
+    }
+
+
+def run_pixcrawler(run: int, spec_path: Path, out: Path, server_pid: int,
+                   timeout_s: float, local: bool = False) -> RunResult:
+    """``pixcrawler build`` on an embedded Ray, or with ``local`` in one process (``--local``:
+    the same pipeline code without Ray, to show what the Ray layer costs)."""
+    tool = "pxc-local" if local else "pixcrawler"
+    shutil.rmtree(out, ignore_errors=True)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pxcb-", dir="/tmp"))  # short: Ray's socket paths
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(PXC_BIN), "build", str(spec_path), "--output", str(out)] + (
+        ["--local"] if local else [])
+    log_path = OUT / "logs" / f"{tool}-run{run}.log"
+    wall, code, tree, server_cpu = run_command(cmd, env, log_path, server_pid, timeout_s,
+                                               marker=str(ray_tmp))
+    stats = _json(out / "stats.json")
+    images = int(stats.get("accepted", 0))
+    detail = {"stats": stats, "rows": _parquet_rows(out / "data"), "cmd": shlex.join(cmd),
+              "ray_tmp": str(ray_tmp), "phases": pxc_phases(log_path, stats, wall)}
+    if not local:
+        _keep_ray_logs(ray_tmp, OUT / "logs" / f"{tool}-run{run}-ray")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    return RunResult(tool, run, wall, images, code, tree, server_cpu, log_path, detail)
+
+
+def i2d_command(urls: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [str(I2D_BIN), "--url_list", str(urls), "--input_format", "txt",
+           "--output_folder", str(out), "--output_format", "parquet", "--resize_mode", "no",
+           "--processes_count", "2", "--thread_count", str(args.i2d_threads),
+           "--number_sample_per_shard", str(args.i2d_shard), "--timeout", "10",
+           "--retries", "0", "--enable_wandb", "False"]
+    if args.i2d_mode == "raw":
+        cmd += ["--disable_all_reencoding", "True"]
+    else:
+        cmd += ["--skip_reencode", "True"]
+    return cmd
+
+
+def run_img2dataset(run: int, urls: Path, out: Path, server_pid: int,
+                    args: argparse.Namespace) -> RunResult:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = i2d_command(urls, out, args)
+    log_path = OUT / "logs" / f"i2d-run{run}.log"
+    wall, code, tree, server_cpu = run_command(cmd, env, log_path, server_pid, args.timeout)
+    successes = failures = 0
+    for path in sorted(out.glob("*_stats.json")):
+        st = _json(path)
+        successes += int(st.get("successes", 0))
+        failures += int(st.get("failed_to_download", 0)) + int(st.get("failed_to_resize", 0))
+    detail = {"failures": failures, "rows": _parquet_rows(out, success_only=True),
+              "cmd": shlex.join(cmd)}
+    return RunResult("img2dataset", run, wall, successes, code, tree, server_cpu, log_path,
+                     detail)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _parquet_rows(folder: Path, success_only: bool = False) -> int:
+    """Rows (with image bytes) across the Parquet files under ``folder``: a cross-check."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in sorted(folder.rglob("*.parquet")):
+        if success_only:
+            table = pq.read_table(path, columns=["status"])
+            total += int(pc.sum(pc.equal(table["status"], "success")).as_py() or 0)
+        else:
+            total += pq.ParquetFile(path).metadata.num_rows
+    return total
+
+
+def _keep_ray_logs(ray_tmp: Path, dest: Path) -> None:
+    """Keep the session's logs (for profiling); the rest of RAY_TMPDIR is removed."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for logs in ray_tmp.glob("ray/session_*/logs"):
+        shutil.copytree(logs, dest, dirs_exist_ok=True)
+
+
+# ---------------------------------------------------------------- PixCrawler's phases
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def _stamp(line: str) -> Optional[float]:
+    m = _STAMP.match(line)
+    if not m:
+        return None
+    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def pxc_phases(log_path: Path, stats: dict[str, Any], wall: float) -> dict[str, float]:
+    """Seconds per phase, from the job log's timestamps and stats.json's started/finished.
+
+    start-up (Python imports, spec), ray.init, planning (pools, actors), crawl (search + fetch +
+    validate + dedup: the JobRunner), write (Ray Data shards, manifests, publish), exit
+    (Ray shutdown and interpreter exit).
+    """
+    lines = log_path.read_text(errors="replace").splitlines()
+    began = re.match(r"^# (\S+) ", lines[0]) if lines else None
+    t0 = datetime.fromisoformat(began.group(1)).timestamp() if began else None
+    marks: dict[str, float] = {}
+    for line in lines:
+        t = _stamp(line)
+        if t is None:
+            continue
+        if "Ray embedded" in line or "Ray cluster" in line:
+            marks["ray_up"] = t
+        elif "] starting:" in line:
+            marks["planned"] = t
+        elif re.search(r"\] (succeeded|cancelled):", line):
+            marks["written"] = t
+    started, finished = stats.get("started"), stats.get("finished")
+    if t0 is None or not {"ray_up", "planned", "written"} <= marks.keys() or not started:
+        return {}
+    return {
+        "startup+ray.init": round(marks["ray_up"] - t0, 2),
+        "planning": round(started - marks["ray_up"], 2),
+        "crawl": round(finished - started, 2),
+        "write": round(marks["written"] - finished, 2),
+        "exit": round(t0 + wall - marks["written"], 2),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def mib(kib: int) -> float:
+    return kib / 1024
+
+
+def print_run(r: RunResult) -> None:
+    t = r.tree
+    print(f"  {r.tool:<11} run {r.run}: {r.wall_s:7.2f} s wall, {r.images:5d} images, "
+          f"{r.images_per_s:7.1f} images/s, peak RSS {mib(t.peak_rss_kib):7.0f} MiB "
+          f"(PSS {mib(t.peak_pss_kib):6.0f} MiB, {t.peak_procs} procs), exit {r.exit_code}, "
+          f"server CPU {r.server_cpu_s:.1f} s, load {t.load[0]:.1f}->{t.load[1]:.1f}", flush=True)
+    top = ", ".join(f"{k} {v:.1f}" for k, v in list(t.cpu_by_label().items())[:8])
+    print(f"      CPU {t.cpu_s:.1f} s in the tree (sampled; "
+          f"{1000 * t.cpu_s / max(1, r.images):.1f} ms per image): {top}")
+    if r.detail.get("phases"):
+        print("      phases (s): " + ", ".join(f"{k} {v}" for k, v in r.detail["phases"].items()))
+
+
+def summarise(tool: str, runs: list[RunResult]) -> dict[str, Any]:
+    if not runs:
+        return {}
+    return {
+        "tool": tool,
+        "runs": len(runs),
+        "wall_s": statistics.median(r.wall_s for r in runs),
+        "images": statistics.median(r.images for r in runs),
+        "images_per_s": statistics.median(r.images_per_s for r in runs),
+        "peak_rss_mib": statistics.median(mib(r.tree.peak_rss_kib) for r in runs),
+        "peak_pss_mib": statistics.median(mib(r.tree.peak_pss_kib) for r in runs),
+        "cpu_s": statistics.median(r.tree.cpu_s for r in runs),
+        "cmd": runs[0].detail.get("cmd", ""),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=4000, help="distinct images in the corpus")
+    p.add_argument("--runs", type=int, default=1, help="repeat each tool K times; medians")
+    p.add_argument("--skip-i2d", action="store_true", help="run PixCrawler only")
+    p.add_argument("--skip-pxc", action="store_true", help="run img2dataset only")
+    p.add_argument("--with-local", action="store_true",
+                   help="also run `pixcrawler build --local` (same pipeline, no Ray)")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds before a command is interrupted (a hung run reports exit 130)")
+    g = p.add_argument_group("PixCrawler spec knobs (unset: the spec's defaults)")
+    g.add_argument("--level", default="medium", choices=["fast", "medium"])
+    g.add_argument("--concurrency", type=int, default=256, help="download.concurrency")
+    g.add_argument("--per-host", type=int, default=256, help="download.per_host_concurrency "
+                   "(the corpus is one host; img2dataset has no per-host cap)")
+    g.add_argument("--no-robots", action="store_true", help="download.respect_robots false")
+    g.add_argument("--shard-size", type=int, default=1000, help="output.shard_size")
+    g.add_argument("--batch-size", type=int, help="resources.batch_size")
+    g.add_argument("--download-actors", type=int, help="resources.download_actors")
+    g.add_argument("--download-cpus", type=float, help="resources.download_cpus")
+    g.add_argument("--hash-actors", type=int, help="resources.hash_actors")
+    g.add_argument("--hash-cpus", type=float, help="resources.hash_cpus")
+    g.add_argument("--max-in-flight-batches", type=int, help="resources.max_in_flight_batches")
+    g.add_argument("--search-workers", type=int, help="resources.search_workers")
+    g.add_argument("--write-cpus", type=float, help="resources.write_cpus")
+    g = p.add_argument_group("img2dataset knobs")
+    g.add_argument("--i2d-mode", default="raw", choices=["raw", "decode"],
+                   help="raw: --disable_all_reencoding True (no decode); decode: "
+                        "--skip_reencode True (decode, keep bytes)")
+    g.add_argument("--i2d-threads", type=int, default=32, help="--thread_count")
+    g.add_argument("--i2d-shard", type=int, default=1000,
+                   help="--number_sample_per_shard (its default, 10000, would leave one of "
+                        "the 2 processes idle on 4,000 URLs)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    if not args.skip_i2d and not I2D_BIN.exists():
+        print(f"img2dataset is not installed at {I2D_BIN}: run `bash bench/setup_img2dataset.sh`"
+              " first, or pass --skip-i2d", file=sys.stderr)
+        return 2
+    (OUT / "logs").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = start_server(args.n, port, OUT / "logs" / "sandbox.log")
+    try:
+        urls = [f"http://127.0.0.1:{port}/bench/{i:05d}.jpg" for i in range(args.n)]
+        warm_s, total = warm(urls)
+        print(f"corpus: {args.n} distinct JPEGs, {total / args.n / 1024:.1f} KiB on average, "
+              f"served by pid {server.pid} at http://127.0.0.1:{port} "
+              f"(rendered and cached in {warm_s:.1f} s)", flush=True)
+        load = os.getloadavg()[0]
+        if load > (os.cpu_count() or 2):
+            print(f"warning: the machine's load average is {load:.1f} on {os.cpu_count()} cores;"
+                  " wall times will be noisy (compare the CPU seconds, or run when it is quiet)",
+                  flush=True)
+        url_file = OUT / "urls.txt"
+        url_file.write_text("\n".join(urls) + "\n")
+        spec_path = OUT / "pxc_spec.yaml"
+        spec_path.write_text(yaml.safe_dump(pxc_spec(args.n, url_file, OUT / "pxc", args),
+                                            sort_keys=False))
+        tools = ([] if args.skip_pxc else ["pixcrawler"]) + (
+            [] if args.skip_i2d else ["img2dataset"]) + (["pxc-local"] if args.with_local else [])
+        results: dict[str, list[RunResult]] = {tool: [] for tool in tools}
+        for k in range(1, args.runs + 1):
+            # Alternate the order, so that neither tool always runs on a warmer machine.
+            for tool in (tools if k % 2 else tools[::-1]):
+                if tool == "img2dataset":
+                    r = run_img2dataset(k, url_file, OUT / "i2d", server.pid, args)
+                else:
+                    r = run_pixcrawler(k, spec_path, OUT / "pxc", server.pid, args.timeout,
+                                       local=tool == "pxc-local")
+                results[tool].append(r)
+                print_run(r)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    summaries = {tool: summarise(tool, runs) for tool, runs in results.items()}
+    pxc, i2d = summaries.get("pixcrawler", {}), summaries.get("img2dataset", {})
+    print(f"\nN = {args.n}, {args.runs} run(s) each, medians; {os.cpu_count()} cores; "
+          f"img2dataset mode {args.i2d_mode}")
+    for s in summaries.values():
+        if s:
+            print(f"  {s['tool']:<11} {s['wall_s']:7.2f} s  {s['images']:6.0f} images  "
+                  f"{s['images_per_s']:7.1f} images/s  peak RSS {s['peak_rss_mib']:6.0f} MiB  "
+                  f"peak PSS {s['peak_pss_mib']:6.0f} MiB  CPU {s['cpu_s']:6.1f} s")
+    ratio = None
+    if pxc and i2d and i2d["images_per_s"]:
+        ratio = pxc["images_per_s"] / i2d["images_per_s"]
+        verdict = "meets" if ratio >= 1.0 else "misses"
+        print(f"  ratio PixCrawler / img2dataset images/s: {ratio:.2f} ({verdict} the target "
+              f">= 1.0)")
+    local = summaries.get("pxc-local")
+    if local and i2d and i2d["images_per_s"]:
+        print(f"  (without Ray, --local: {local['images_per_s'] / i2d['images_per_s']:.2f})")
+    print("commands:")
+    for s in summaries.values():
+        if s:
+            print(f"  {s['cmd']}")
+    print(f"  spec: {spec_path}")
+    (OUT / "bench_vs_img2dataset.json").write_text(json.dumps({
+        "n": args.n, "args": vars(args), **summaries, "ratio": ratio,
+        "runs": [{"tool": r.tool, "run": r.run, "wall_s": r.wall_s, "images": r.images,
+                  "images_per_s": r.images_per_s, "exit": r.exit_code,
+                  "peak_rss_mib": mib(r.tree.peak_rss_kib),
+                  "peak_pss_mib": mib(r.tree.peak_pss_kib), "cpu_s": r.tree.cpu_s,
+                  "server_cpu_s": r.server_cpu_s, "load": r.tree.load,
+                  "cpu_by_process": r.tree.cpu_by_label(), "phases": r.detail.get("phases"),
+                  "parquet_rows": r.detail.get("rows")}
+                 for rs in results.values() for r in rs],
+    }, indent=2, default=str))
+    bad = [r for rs in results.values() for r in rs if r.exit_code != 0]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
