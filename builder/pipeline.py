@@ -81,39 +81,18 @@ class JobResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class RecordSink:
-    """Assigns splits, applies resize/encode, and writes shards as accepted records arrive.
-
-    After each shard it checkpoints the journal (the shard's manifest rows and the rejects
-    since the last checkpoint), so a killed job resumes from there.
-    """
+class JournaledSink:
+    """What both runners' sinks share: the manifest rows and rejects so far (seeded by a
+    resume), the next shard number, and checkpoints of the journal."""
 
     REJECTS_PER_CHECKPOINT = 500
 
-    def __init__(self, spec: DatasetSpec, writer: DatasetWriter,
-                 journal: Optional[Journal] = None, resume: Optional[ResumeState] = None):
-        self.spec = spec
-        self.writer = writer
+    def __init__(self, journal: Optional[Journal], resume: Optional[ResumeState]):
         self.journal = journal
-        self.transformer = ImageTransformer(spec.output.resize, spec.output.encode)
-        self.pending: list[dict[str, Any]] = []
         self.manifest: list[dict[str, Any]] = list(resume.manifest) if resume else []
         self.rejects: list[dict[str, Any]] = list(resume.rejects) if resume else []
-        self.shards = resume.next_shard if resume else 0
+        self.next_shard = resume.next_shard if resume else 0
         self._journaled = (len(self.manifest), len(self.rejects))
-
-    def prepare(self, records: list[Record]) -> list[dict[str, Any]]:
-        for record in records:
-            record.split = assign_split(record.id, self.spec.output.splits)
-        self.transformer(records)
-        return [accepted_row(r) for r in records]
-
-    async def add(self, records: list[Record]) -> None:
-        self.pending.extend(await asyncio.to_thread(self.prepare, records))
-        for r in records:
-            r.data = None
-        while len(self.pending) >= self.spec.output.shard_size:
-            await self._flush(self.spec.output.shard_size)
 
     def add_rejected(self, records: list[Record]) -> None:
         self.rejects.extend(reject_row(r) for r in records)
@@ -128,10 +107,39 @@ class RecordSink:
         self.journal.checkpoint(self.manifest[m:], self.rejects[r:])
         self._journaled = (len(self.manifest), len(self.rejects))
 
+
+class RecordSink(JournaledSink):
+    """Assigns splits, applies resize/encode, and writes shards as accepted records arrive.
+
+    After each shard it checkpoints the journal (the shard's manifest rows and the rejects
+    since the last checkpoint), so a killed job resumes from there.
+    """
+
+    def __init__(self, spec: DatasetSpec, writer: DatasetWriter,
+                 journal: Optional[Journal] = None, resume: Optional[ResumeState] = None):
+        super().__init__(journal, resume)
+        self.spec = spec
+        self.writer = writer
+        self.transformer = ImageTransformer(spec.output.resize, spec.output.encode)
+        self.pending: list[dict[str, Any]] = []
+
+    def prepare(self, records: list[Record]) -> list[dict[str, Any]]:
+        for record in records:
+            record.split = assign_split(record.id, self.spec.output.splits)
+        self.transformer(records)
+        return [accepted_row(r) for r in records]
+
+    async def add(self, records: list[Record]) -> None:
+        self.pending.extend(await asyncio.to_thread(self.prepare, records))
+        for r in records:
+            r.data = None
+        while len(self.pending) >= self.spec.output.shard_size:
+            await self._flush(self.spec.output.shard_size)
+
     async def _flush(self, n: int) -> None:
         rows, self.pending = self.pending[:n], self.pending[n:]
-        index = self.shards
-        self.shards += 1
+        index = self.next_shard
+        self.next_shard += 1
         self.manifest.extend(await asyncio.to_thread(self.writer.write_shard, rows, index))
         await asyncio.to_thread(self.checkpoint)
 

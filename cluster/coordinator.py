@@ -31,9 +31,9 @@ from builder.engines.base import SearchPage
 from builder.errors import EngineError, EngineUnavailable, PixCrawlerError
 from builder.job import JobLedger, JobRunner, SearchTask
 from builder.journal import Journal, ResumeState
-from builder.pipeline import (Continuation, JobResult, build_engines, engine_names,
-                              expand_queries, finish_dataset, plan_continuation)
-from builder.records import Record, reject_row
+from builder.pipeline import (Continuation, JobResult, JournaledSink, build_engines,
+                              engine_names, expand_queries, finish_dataset, plan_continuation)
+from builder.records import Record
 from builder.spec import DatasetSpec
 from builder.writers import DatasetWriter
 from cluster.connect import connect
@@ -149,28 +149,22 @@ class RayBackend:
             ray.kill(actor)
 
 
-class RaySink:
+class RaySink(JournaledSink):
     """Writes shards through Ray Data as they fill, in the background; journals each one.
 
     Selected images wait in the object store (their validator's Arrow table) only until a full
     shard of them exists; a table is dropped once all its selected images are written.
     """
 
-    REJECTS_PER_CHECKPOINT = 500
-
     def __init__(self, spec: DatasetSpec, writer: DatasetWriter, backend: RayBackend,
                  plan: PoolPlan, journal: Optional[Journal] = None,
                  resume: Optional[ResumeState] = None):
+        super().__init__(journal, resume)
         self.spec = spec
         self.writer = writer
         self.backend = backend
         self.plan = plan
-        self.journal = journal
         self.pending: list[tuple[int, str]] = []
-        self.manifest: list[dict[str, Any]] = list(resume.manifest) if resume else []
-        self.rejects: list[dict[str, Any]] = list(resume.rejects) if resume else []
-        self.next_shard = resume.next_shard if resume else 0
-        self._journaled = (len(self.manifest), len(self.rejects))
         self._unwritten: Counter = Counter()
         self._flush: Optional[asyncio.Task] = None
 
@@ -183,18 +177,6 @@ class RaySink:
             self._flush = None
         if self._flush is None and len(self.pending) >= self.spec.output.shard_size:
             self._flush = asyncio.ensure_future(self._write_pending(full_only=True))
-
-    def add_rejected(self, records: list[Record]) -> None:
-        self.rejects.extend(reject_row(r) for r in records)
-        if len(self.rejects) - self._journaled[1] >= self.REJECTS_PER_CHECKPOINT:
-            self.checkpoint()
-
-    def checkpoint(self) -> None:
-        if self.journal is None:
-            return
-        m, r = self._journaled
-        self.journal.checkpoint(self.manifest[m:], self.rejects[r:])
-        self._journaled = (len(self.manifest), len(self.rejects))
 
     async def _write_pending(self, full_only: bool) -> None:
         size = self.spec.output.shard_size
