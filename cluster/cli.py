@@ -21,7 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from builder.errors import PixCrawlerError, SpecError
-from builder.spec import DatasetSpec, load_spec, parse_spec
+from builder.spec import DatasetSpec, load_spec, loads_spec, parse_spec
 
 log = logging.getLogger("pixcrawler")
 
@@ -93,8 +93,22 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
     return 0
 
 
+def _spec_from_args(args: argparse.Namespace) -> DatasetSpec:
+    """The spec from a file, or (``--spec-env VAR``) from JSON in an environment variable: how
+    the HTTP API hands a spec to a Ray job without a filesystem the nodes share."""
+    if bool(args.spec) == bool(args.spec_env):
+        raise SpecError([("(arguments)", "give a spec file or --spec-env VAR, not both or none")])
+    if args.spec:
+        return load_spec(args.spec)
+    text = os.environ.get(args.spec_env)
+    if text is None:
+        raise SpecError([("(arguments)", f"--spec-env: environment variable {args.spec_env} "
+                          "is not set")])
+    return loads_spec(text, f"${args.spec_env}")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    spec = _apply_overrides(load_spec(args.spec), args)
+    spec = _apply_overrides(_spec_from_args(args), args)
     return run_spec(spec, address=args.address, local=args.local, job_id=args.job_id,
                     strict=args.strict, dashboard=args.dashboard, resume=args.resume)
 
@@ -167,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with an embedded Ray, also start the Ray dashboard on 127.0.0.1")
 
     b = sub.add_parser("build", help="build a dataset from a spec (YAML or JSON)")
-    b.add_argument("spec")
+    b.add_argument("spec", nargs="?", help="the spec file (YAML or JSON)")
+    b.add_argument("--spec-env", metavar="VAR", help="read the spec (JSON or YAML) from this "
+                   "environment variable instead of a file")
     b.add_argument("--output", help="output URI (local path or s3://...), overrides output.uri")
     b.add_argument("--overwrite", action="store_true", help="replace a complete dataset there")
     b.add_argument("--job-id", help="job id (default: <name>-<random>)")

@@ -61,3 +61,18 @@ def test_demo_example_uses_the_sandbox_and_leaves_output_to_the_server():
     spec = parse_spec(demo_example("http://127.0.0.1:9", 5))
     assert spec.sources[0].engine == "sandbox" and spec.output.uri is None
     assert spec.download.allow_private_networks
+
+
+def test_build_reads_spec_from_env_and_rejects_ambiguity(monkeypatch, capsys):
+    from cluster.cli import main
+
+    monkeypatch.setenv("PXC_SPEC", '{"name": "x", "classes": {"a": null}, "validation": '
+                       '{"level": "fastest"}, "sources": [{"engine": "sandbox", '
+                       '"url": "http://127.0.0.1:1"}]}')
+    assert main(["build", "--spec-env", "PXC_SPEC"]) == 2
+    assert "validation.level" in capsys.readouterr().err
+    assert main(["build"]) == 2
+    assert "not both or none" in capsys.readouterr().err
+    monkeypatch.delenv("PXC_SPEC")
+    assert main(["build", "--spec-env", "PXC_SPEC"]) == 2
+    assert "is not set" in capsys.readouterr().err
