@@ -222,9 +222,11 @@ class JobLedger:
             "rejected": self.rejected,
             "images_per_s": round(self.accepted / elapsed, 2),
             "candidates_per_s": round(self.candidates / elapsed, 2),
+            "rejected_by_reason": dict(sum((c.rejected for c in self.classes.values()),
+                                           Counter())),
             "classes": {
                 label: {"target": c.target, "accepted": c.accepted, "candidates": c.candidates,
-                        "rejected": c.rejected_total}
+                        "rejected": c.rejected_total, "rejected_by_reason": dict(c.rejected)}
                 for label, c in self.classes.items()
             },
         }

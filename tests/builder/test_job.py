@@ -1,0 +1,131 @@
+"""The shared job loop without Ray or network: planner, ledger, runner, resume seeding.
+
+The backend here is an in-memory stand-in for fetch/validate/dedup: it accepts URLs ending in
+'.ok' and rejects the rest as http_client_error, so the loop's own logic is what is tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from builder.engines.base import SearchHit, SearchPage
+from builder.journal import ResumeState
+from builder.job import JobLedger, JobRunner, SearchPlanner, SearchTask
+from builder.reasons import Reason
+from builder.records import Candidate, Record
+from builder.spec import parse_spec
+
+
+def spec(**extra):
+    data = {"name": "t", "target": 3, "classes": {"cat": ["q1", "q2"]},
+            "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 2,
+                         "max_pages": 3},
+                        {"engine": "sandbox", "url": "http://127.0.0.1:2", "per_page": 2}]}
+    data.update(extra)
+    return parse_spec(data)
+
+
+class ListBackend:
+    def __init__(self, pages: dict[tuple[int, str], list[str]]):
+        self.pages = pages
+        self.searches: list[SearchTask] = []
+        self.forgotten: list[str] = []
+
+    async def search(self, task: SearchTask) -> SearchPage:
+        self.searches.append(task)
+        urls = self.pages.get((task.source, task.query), [])
+        chunk = urls[task.page * task.per_page:(task.page + 1) * task.per_page]
+        return SearchPage([SearchHit(u) for u in chunk],
+                          has_more=(task.page + 1) * task.per_page < len(urls))
+
+    async def process(self, records: list[Record]) -> list[Record]:
+        for r in records:
+            if r.candidate.url.endswith(".ok"):
+                r.sha256 = f"{abs(hash(r.candidate.url)):064x}"[:64]
+            else:
+                r.reject(Reason.HTTP_CLIENT_ERROR, "404")
+        return records
+
+    async def forget(self, image_ids: list[str]) -> None:
+        self.forgotten.extend(image_ids)
+
+
+class Sink:
+    def __init__(self):
+        self.accepted: list[Record] = []
+        self.rejected: list[Record] = []
+
+    async def add(self, records):
+        self.accepted.extend(records)
+
+    def add_rejected(self, records):
+        self.rejected.extend(records)
+
+
+def run(s, backend, **kw):
+    sink = Sink()
+    runner = JobRunner(s, backend, sink, [("sandbox", True), ("sandbox", True)], batch_size=4,
+                       **kw)
+    stats = asyncio.run(runner.run())
+    return runner, sink, stats
+
+
+def test_planner_uses_sources_in_order_and_records_fallback():
+    s = spec()
+    planner = SearchPlanner(s, [("a", True), ("b", True)])
+    first = planner.next_task("cat")
+    assert first.source == 0
+    planner.failed(first, final=True)
+    second = planner.next_task("cat")
+    assert second.source == 0 and second.query != first.query
+    planner.done(second, SearchPage([], has_more=False))
+    third = planner.next_task("cat")
+    assert third.source == 1
+    assert planner.fallbacks == [{"label": "cat", "from": "a", "to": "b", "reason": "failing"}]
+
+
+def test_runner_reaches_target_with_exact_accounting():
+    pages = {(0, "q1"): ["http://h/u1.bad", "http://h/u2.ok", "http://h/u3.ok",
+                         "http://h/u2.ok"],
+             (0, "q2"): ["http://h/u4.ok", "http://h/u5.bad"],
+             (1, "q1"): ["http://h/v1.ok", "http://h/v2.ok"], (1, "q2"): ["http://h/v3.ok"]}
+    runner, sink, stats = run(spec(), ListBackend(pages))
+    assert stats["accepted"] == 3 == len(sink.accepted)
+    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
+    assert len(sink.rejected) == stats["rejected"]
+    reasons = {r.reason for r in sink.rejected}
+    assert reasons <= {"http_client_error", "duplicate_url", "over_target"}
+
+
+def test_sources_dry_gives_shortfall_and_snapshot_counts_reasons():
+    pages = {(0, "q1"): ["http://h/a.ok", "http://h/b.bad"], (1, "q2"): ["http://h/c.bad"]}
+    runner, sink, stats = run(spec(), ListBackend(pages))
+    assert stats["shortfall"] == {"cat": 2}
+    snap = runner.ledger.snapshot()
+    assert snap["rejected_by_reason"] == {"http_client_error": 2}
+    assert snap["classes"]["cat"]["rejected_by_reason"] == {"http_client_error": 2}
+
+
+def test_over_target_is_rejected_and_forgotten():
+    ledger = JobLedger(spec(target=1))
+    recs = [Record(Candidate(f"http://x/{i}.ok", "cat"), sha256=f"{i:064x}") for i in range(3)]
+    accepted = ledger.settle(recs)
+    assert len(accepted) == 1
+    assert [r.reason for r in recs[1:]] == ["over_target", "over_target"]
+    assert ledger.accepted == 1 and ledger.rejected == 2
+
+
+def test_resume_skips_each_decided_candidate_once():
+    s = spec(target=10)
+    done = Candidate("http://h/u2.ok", "cat")
+    state = ResumeState("j", manifest=[{"id": "i1", "label": "cat", "url": "http://h/u2.ok",
+                                        "shard": 0}])
+    pages = {(0, "q1"): ["http://h/u2.ok", "http://h/u3.ok", "http://h/u2.ok"], (0, "q2"): ["http://h/u4.ok"]}
+    runner, sink, stats = run(s, ListBackend(pages), resume=state)
+    assert done.key in {Candidate(m["url"], m["label"]).key for m in state.manifest}
+    urls = [r.candidate.url for r in sink.accepted]
+    assert "http://h/u2.ok" not in urls
+    assert stats["classes"]["cat"]["accepted"] == 3
+    dup = [r for r in sink.rejected if r.reason == "duplicate_url"]
+    assert [r.candidate.url for r in dup] == ["http://h/u2.ok"]
+    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
