@@ -241,7 +241,7 @@ class ProgressReporter:
         self._sent: dict[str, Counter] = {"candidates": Counter(), "accepted": Counter(),
                                           "rejected": Counter()}
         self._bytes = 0
-        self._pending: Optional[ray.ObjectRef] = None
+        self._pending: list[ray.ObjectRef] = []
 
     def _deltas(self) -> dict[str, Any]:
         ledger = self.ledger()
@@ -264,11 +264,14 @@ class ProgressReporter:
         return deltas
 
     def __call__(self, snapshot: dict[str, Any]) -> None:
-        if self._pending is not None:
-            ready, _ = ray.wait([self._pending], timeout=0)
-            if ready and ray.get(ready[0]):
+        # Every unanswered update is kept: under load the actor answers late, and the answer
+        # that carries a cancel request must not be dropped.
+        if self._pending:
+            ready, self._pending = ray.wait(self._pending, num_returns=len(self._pending),
+                                            timeout=0)
+            if any(ray.get(ready)):
                 self.on_cancel()
-        self._pending = self.actor.update.remote(snapshot, self._deltas())
+        self._pending.append(self.actor.update.remote(snapshot, self._deltas()))
         if self.local is not None:
             self.local(snapshot)
 
