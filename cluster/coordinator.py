@@ -264,14 +264,13 @@ class ProgressReporter:
         return deltas
 
     def __call__(self, snapshot: dict[str, Any]) -> None:
-        # Every unanswered update is kept: under load the actor answers late, and the answer
-        # that carries a cancel request must not be dropped.
-        if self._pending:
-            ready, self._pending = ray.wait(self._pending, num_returns=len(self._pending),
-                                            timeout=0)
-            if any(ray.get(ready)):
-                self.on_cancel()
+        # Wait briefly for the answer (at most every progress_every_s), so a cancel request is
+        # seen within one interval; late answers are kept and read next time, never dropped.
         self._pending.append(self.actor.update.remote(snapshot, self._deltas()))
+        ready, self._pending = ray.wait(self._pending, num_returns=len(self._pending),
+                                        timeout=1.0)
+        if any(ray.get(ready)):
+            self.on_cancel()
         if self.local is not None:
             self.local(snapshot)
 
