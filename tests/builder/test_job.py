@@ -120,7 +120,8 @@ def test_resume_skips_each_decided_candidate_once():
     done = Candidate("http://h/u2.ok", "cat")
     state = ResumeState("j", manifest=[{"id": "i1", "label": "cat", "url": "http://h/u2.ok",
                                         "shard": 0}])
-    pages = {(0, "q1"): ["http://h/u2.ok", "http://h/u3.ok", "http://h/u2.ok"], (0, "q2"): ["http://h/u4.ok"]}
+    pages = {(0, "q1"): ["http://h/u2.ok", "http://h/u3.ok", "http://h/u2.ok"],
+             (0, "q2"): ["http://h/u4.ok"]}
     runner, sink, stats = run(s, ListBackend(pages), resume=state)
     assert done.key in {Candidate(m["url"], m["label"]).key for m in state.manifest}
     urls = [r.candidate.url for r in sink.accepted]
