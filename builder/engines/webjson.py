@@ -8,18 +8,17 @@ Secrets in the query string (``key=``) never appear in error messages.
 
 from __future__ import annotations
 
-import email.utils
 import html
 import http.client
 import json
 import re
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Mapping
 
 from builder.errors import EngineError
+from builder.fetch import parse_retry_after  # one Retry-After parser for fetches and engines
 
 DEFAULT_USER_AGENT = "PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)"
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -29,24 +28,6 @@ _SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token)=)[^&]*
 def redact(url: str) -> str:
     """The URL with secret query parameters blanked, for messages and logs."""
     return _SECRET_PARAMS.sub(r"\1***", url)
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
