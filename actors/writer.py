@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from builder.spec import OutputSpec
@@ -43,11 +44,19 @@ def plan_shards(selected: dict[int, list[str]], tables: dict[int, Any],
 
 
 def shard_rows(parts: list[tuple[pa.Table, list[str]]], output: OutputSpec,
-               updates: Optional[dict[str, dict]] = None) -> list[dict]:
+               updates: Optional[dict[str, dict]] = None) -> pa.Table | list[dict]:
     """The output rows of one shard: selected, updated by the slow validators (scores,
-    embedding, relabel), split, transformed."""
+    embedding, relabel), split, transformed.
+
+    With nothing to update or transform (the common case) the rows never leave Arrow: the
+    selected ids are filtered out of each table and the split column is set, so the image bytes
+    are not copied into Python objects and back.
+    """
     updates = updates or {}
     transformer = ImageTransformer(output.resize, output.encode)
+    ids_in_shard = [i for _, ids in parts for i in ids]
+    if not transformer.active and not any(i in updates for i in ids_in_shard):
+        return _select_arrow(parts, output)
     rows = []
     for table, ids in parts:
         keep = set(ids)
@@ -60,6 +69,25 @@ def shard_rows(parts: list[tuple[pa.Table, list[str]]], output: OutputSpec,
                     transformer.apply_row(row)
                 rows.append(row)
     return rows
+
+
+def _select_arrow(parts: list[tuple[pa.Table, list[str]]], output: OutputSpec) -> pa.Table:
+    """The selected rows of each table (each id once), with their splits assigned."""
+    pieces = []
+    for table, ids in parts:
+        picked = table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
+        if picked.num_rows > len(set(ids)):
+            first = {}
+            for index, image_id in enumerate(picked["id"].to_pylist()):
+                first.setdefault(image_id, index)
+            picked = picked.take(sorted(first.values()))
+        pieces.append(picked)
+    table = pa.concat_tables(pieces) if pieces else pa.table({})
+    if table.num_rows == 0:
+        return table
+    splits = pa.array([assign_split(i, output.splits) for i in table["id"].to_pylist()],
+                      pa.string())
+    return table.set_column(table.schema.get_field_index("split"), "split", splits)
 
 
 def write_shards(batch: dict[str, np.ndarray], *, plan: ShardPlan, output: OutputSpec,
