@@ -28,7 +28,8 @@ from actors.slow import SlowScorer
 from actors.validate import HashValidator
 from actors.writer import plan_shards, write_shards
 from builder.engines.base import SearchPage
-from builder.errors import EngineError, EngineUnavailable, PixCrawlerError
+from builder.engines import SearchEngine
+from builder.errors import EngineError, EngineUnavailable, PixCrawlerError, SourceError
 from builder.job import JobLedger, JobRunner, SearchTask
 from builder.journal import Journal, ResumeState
 from builder.pipeline import (Continuation, JobResult, JournaledSink, build_engines,
@@ -49,7 +50,8 @@ class RayBackend:
     """Actor pools for one job. ``shutdown()`` frees their resources."""
 
     def __init__(self, spec: DatasetSpec, plan: PoolPlan, job_id: str,
-                 engines: list[tuple[str, bool]]):
+                 engines: list[tuple[str, bool]],
+                 list_sources: Optional[dict[int, SearchEngine]] = None):
         self.spec = spec
         self.plan = plan
         self.job_id = job_id
@@ -76,8 +78,12 @@ class RayBackend:
                 names[i] = limiter_name(name, src).removeprefix("ratelimit:")
         self._limiter_names = names
         limiters = self.limiters
+        # List sources (URL lists) query nothing and are already loaded here: the coordinator
+        # pages them itself. Search workers exist only for engines that send queries.
+        self.list_sources = list_sources or {}
+        query_based = any(qb for _, qb in engines)
         self.searchers = [SearchWorker.options(**small).remote(spec, limiters, job_id)
-                          for _ in range(plan.search_workers)]
+                          for _ in range(plan.search_workers if query_based else 0)]
         self.tables: dict[int, ray.ObjectRef] = {}
         self._batches = 0
         self._searches = 0
@@ -89,6 +95,15 @@ class RayBackend:
         return sum(self._load)
 
     async def search(self, task: SearchTask) -> SearchPage:
+        engine = self.list_sources.get(task.source)
+        if engine is not None:
+            try:
+                return await asyncio.to_thread(engine.search, task.query, label=task.label,
+                                               page=task.page, per_page=task.per_page)
+            except EngineUnavailable:
+                raise
+            except SourceError as exc:
+                raise EngineUnavailable(str(exc)) from exc
         worker = self.searchers[self._searches % len(self.searchers)]
         self._searches += 1
         status, payload = await worker.search.remote(task)
@@ -330,13 +345,15 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         await asyncio.to_thread(check_slow_requirements, spec)
     engines = build_engines(spec)
     meta = engine_names(engines)
+    list_sources = {i: e for i, e in enumerate(engines) if not e.query_based}
     for engine in engines:
-        engine.close()
+        if engine.query_based:
+            engine.close()
     await asyncio.to_thread(cont.journal.start, spec)
     log.info("[%s] starting: %d classes, pools %s", job_id, len(spec.labels), plan)
     progress_actor = ProgressActor.options(name=progress_name(job_id), namespace=NAMESPACE,
                                            get_if_exists=True).remote(job_id, spec.name)
-    backend = RayBackend(spec, plan, job_id, meta)
+    backend = RayBackend(spec, plan, job_id, meta, list_sources)
     sink = RaySink(spec, writer, backend, plan, cont.journal, cont.state)
     runner: Optional[JobRunner] = None
     loop = asyncio.get_running_loop()
@@ -382,6 +399,8 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                 loop.remove_signal_handler(sig)
         backend.shutdown()
         backend.tables.clear()
+        for engine in list_sources.values():
+            engine.close()
         ray.kill(progress_actor)
 
 

@@ -144,3 +144,18 @@ def test_expansion_falls_back_offline_when_llm_down(ray_session, sandbox, tmp_pa
     result = run(parse_spec(data))
     assert result.stats["keyword_expansion"]["source"] == {"cat": "offline", "dog": "offline"}
     assert all(c["accepted"] == 6 for c in result.stats["classes"].values())
+
+
+def test_list_sources_are_paged_by_the_coordinator(ray_session, sandbox, tmp_path):
+    """A URL list queries nothing: no search worker is started for a job that has only lists."""
+    backends: list = []
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog")
+                            for u in sandbox.class_image_urls(label)))
+    result = run(parse_spec(base_spec(str(tmp_path / "o"), [
+        {"engine": "urllist", "path": str(urls), "per_page": 3}])),
+        runner_hook=lambda runner: backends.append(runner.backend))
+    assert all(c["accepted"] == 6 for c in result.stats["classes"].values())
+    assert result.stats["engine_requests"]["urllist"] >= 2 * 6 // 3
+    check_accounting(str(tmp_path / "o"))
+    assert backends and backends[0].searchers == []
