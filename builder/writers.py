@@ -394,8 +394,12 @@ class DatasetWriter:
         name = f"{split}-{shard:05d}"
         parquet_rel = f"data/{name}.parquet"
         tar_rel = f"webdataset/{name}.tar"
-        rows = table.to_pylist()
-        image_rels = [image_rel(r) for r in rows]
+        # Python rows carry the image bytes only for the formats that write files per image.
+        rows = table.drop_columns(["image"]).to_pylist()
+        if formats & {"imagefolder", "webdataset"}:
+            for r, image in zip(rows, table["image"].to_pylist()):
+                r["image"] = image
+        image_rels = [image_rel(r) for r in rows] if "imagefolder" in formats else []
         if "parquet" in formats:
             path = self._staged(root, parquet_rel)
             ensure_parent(fs, path)

@@ -12,6 +12,12 @@ from actors import NAMESPACE
 
 log = logging.getLogger("pixcrawler.connect")
 
+# Ray kills a worker process that has been idle for a second once the node has more workers
+# than CPUs, which a job's actors always make true. The shard writes come every few seconds, so
+# each one would start (and import Ray Data into) a new process: keep idle workers for a while.
+# Applies to the embedded Ray; a cluster's head sets its own system config (ray_cluster.yaml).
+EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 60_000}
+
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             dashboard: bool = False, quiet: bool = True) -> dict[str, Any]:
@@ -31,7 +37,8 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             # An embedded Ray on this machine only: token auth has nobody to keep out.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
-                     dashboard_host="127.0.0.1", **common)
+                     dashboard_host="127.0.0.1", _system_config=EMBEDDED_SYSTEM_CONFIG,
+                     **common)
     ctx = ray.get_runtime_context()
     info = {
         "mode": "cluster" if address else "embedded",

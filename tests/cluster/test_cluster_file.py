@@ -57,3 +57,15 @@ def test_oversubscribed_pools_fail_at_planning():
     with pytest.raises(PlanningError, match="hash_actors"):
         check_fits(plan, {"CPU": 2.0})
     check_fits(plan_pools(spec(), {"CPU": 2.0}), {"CPU": 2.0})
+
+
+def test_head_system_config_matches_the_embedded_one():
+    import json
+    import shlex
+
+    from cluster.connect import EMBEDDED_SYSTEM_CONFIG
+
+    head = " ".join(CLUSTER["head_start_ray_commands"])
+    flags = [a for a in shlex.split(head) if a.startswith("--system-config=")]
+    assert len(flags) == 1, head
+    assert json.loads(flags[0].split("=", 1)[1]) == EMBEDDED_SYSTEM_CONFIG
