@@ -7,7 +7,15 @@ each alternating ``GET /v1/jobs/{id}`` and ``GET /v1/jobs?limit=20``. Prints p50
 latency, requests/s and errors per endpoint, then cancels the job. Target: p99 < 100 ms and
 zero errors on 2 cores.
 
-    .venv/bin/python bench/bench_serve.py [--clients 50] [--duration 30] [--replicas 1]
+Before that, the same clients loop on ``GET /healthz`` (no auth; its store check runs at most
+once a second) for ``--baseline`` seconds: the floor of this ingress and replica on this
+machine under the same job, to read the endpoints' figures against. The clients are closed
+loops with no think time: each sends its next request when the last one is answered.
+``--ingress haproxy`` starts the embedded Ray with Serve's HAProxy ingress (as
+``pixcrawler serve --ingress haproxy`` does) instead of its Python proxy actor.
+
+    .venv/bin/python bench/bench_serve.py [--clients 50] [--duration 30] [--baseline 30]
+                                          [--replicas 1] [--ingress proxy|haproxy]
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ def paced_spec(base_url: str) -> dict[str, Any]:
     }
 
 
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -59,18 +74,19 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-async def load(base: str, key: str, job_id: str, clients: int, duration: float
+async def load(base: str, key: str, paths: dict[str, str], clients: int, duration: float
                ) -> dict[str, dict[str, Any]]:
-    paths = {"status": f"/v1/jobs/{job_id}", "list": "/v1/jobs?limit=20"}
+    """Each client loops over ``paths`` in turn (starting at a different one)."""
     lat: dict[str, list[float]] = {name: [] for name in paths}
     errors: dict[str, list[str]] = {name: [] for name in paths}
     headers = {"Authorization": f"Bearer {key}"}
     deadline = time.perf_counter() + duration
 
     async def client(i: int, session: aiohttp.ClientSession) -> None:
+        names = list(paths)
         n = i
         while time.perf_counter() < deadline:
-            name = "status" if n % 2 == 0 else "list"
+            name = names[n % len(names)]
             n += 1
             t0 = time.perf_counter()
             try:
@@ -102,14 +118,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--baseline", type=float, default=30.0,
+                    help="seconds of GET /healthz first (0: none)")
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy")
     args = ap.parse_args()
+
+    from serve.cli import connect_with_jobs, haproxy_env
+
+    if args.ingress == "haproxy":
+        os.environ.update(haproxy_env())  # before Ray Serve is imported anywhere
 
     from ray import serve as ray_serve
 
     from builder.sandbox import SandboxWeb
     from serve.app import APP_NAME, build_app
-    from serve.cli import connect_with_jobs
     from serve.store import JobStore
 
     tmp = Path(tempfile.mkdtemp(prefix="pxbench"))
@@ -117,7 +140,7 @@ def main() -> int:
     store = f"sqlite:///{tmp / 'jobs.db'}"
     key, _ = JobStore(store).create_key("bench")
     with SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=400) as web:
-        info = connect_with_jobs(None)
+        info = connect_with_jobs(None, ingress=args.ingress)
         port = free_port()
         ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"store": store, "rate_limit_per_s": 0, "max_concurrent_jobs": 4,
@@ -140,16 +163,26 @@ def main() -> int:
             time.sleep(0.5)
         before = job["progress"].get("accepted", 0)
         print(f"Ray: {info['resources'].get('CPU', 0):g} CPUs; job {job_id} running; "
-              f"{args.clients} clients for {args.duration:g} s, {args.replicas} replica(s) ...",
-              flush=True)
-        results = asyncio.run(load(base, key, job_id, args.clients, args.duration))
+              f"{args.clients} clients, {args.replicas} replica(s), ingress {args.ingress}; "
+              f"load average {loadavg()} ...", flush=True)
+        floor = {}
+        if args.baseline > 0:
+            floor = asyncio.run(load(base, key, {"healthz": "/healthz"}, args.clients,
+                                     args.baseline))
+        paths = {"status": f"/v1/jobs/{job_id}", "list": "/v1/jobs?limit=20"}
+        results = asyncio.run(load(base, key, paths, args.clients, args.duration))
         job = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30).json()
-        print(f"\n{'endpoint':<8} {'requests':>8} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} "
-              f"{'p99 ms':>7} {'max ms':>7} {'errors':>6}")
-        for name, s in results.items():
-            print(f"{name:<8} {s['n']:>8} {s['rps']:>7.0f} {s['p50']:>7.1f} {s['p90']:>7.1f} "
-                  f"{s['p99']:>7.1f} {s['max']:>7.1f} {s['errors']:>6}"
+        print(f"\n{'endpoint':<8} {'seconds':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>7} "
+              f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6}")
+        for name, s in {**floor, **results}.items():
+            secs = args.baseline if name in floor else args.duration
+            print(f"{name:<8} {secs:>7g} {s['n']:>8} {s['rps']:>7.0f} {s['p50']:>7.1f} "
+                  f"{s['p90']:>7.1f} {s['p99']:>7.1f} {s['max']:>7.1f} {s['errors']:>6}"
                   + (f"  {', '.join(s['error_kinds'])}" if s["errors"] else ""))
+        if floor:
+            total = sum(s["rps"] for s in results.values())
+            print(f"\nstatus + list: {total:.0f} req/s = {total / floor['healthz']['rps']:.2f}"
+                  f" x the /healthz floor; load average now {loadavg()}")
         print(f"\njob during the run: state {job['state']}, accepted {before} -> "
               f"{job['progress'].get('accepted')}, candidates "
               f"{job['progress'].get('candidates')}")

@@ -1,7 +1,8 @@
 """PixCrawler against img2dataset on the same URL list from a loopback corpus.
 
-A separate process serves the sandbox web's ``bench_images`` (N distinct ~40 KB 512x384 JPEGs) on
-a free 127.0.0.1 port; every URL is fetched once first, so that neither tool pays for rendering.
+A separate process (``bench/loopback.py``) serves the sandbox web's benchmark pictures (N
+distinct ~40 KB 512x384 JPEGs, rendered once into a cached pack under bench/out/) on a free
+127.0.0.1 port; every URL is fetched once first, so both tools see the same warm server.
 The same URL list (one URL a line) then goes through both tools, each run as a whole command in a
 subprocess and timed from outside:
 
@@ -63,6 +64,9 @@ from typing import Any, Optional
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loopback import corpus_pack  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 I2D_BIN = OUT / "i2d-venv" / "bin" / "img2dataset"
@@ -81,19 +85,17 @@ def free_port() -> int:
 
 
 def start_server(n: int, port: int, log_path: Path) -> subprocess.Popen:
-    """The sandbox web in its own process, serving ``n`` bench images (no faults)."""
-    code = ("from builder.sandbox import serve_forever; "
-            f"serve_forever(host='127.0.0.1', port={port}, bench_images={n}, faults=False, "
-            "images_per_class=1)")
+    """The loopback corpus server in its own process (``bench/loopback.py``), serving ``n``
+    benchmark JPEGs rendered once into a cached pack."""
+    pack, _ = corpus_pack(n)
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback.py"), str(pack),
+                                 str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the sandbox server exited ({proc.returncode}); see {log_path}")
+            raise RuntimeError(f"the corpus server exited ({proc.returncode}); see {log_path}")
         try:
             with urllib.request.urlopen(f"{base}/healthz", timeout=1) as r:
                 if r.status == 200:
@@ -101,11 +103,11 @@ def start_server(n: int, port: int, log_path: Path) -> subprocess.Popen:
         except OSError:
             time.sleep(0.2)
     proc.terminate()
-    raise RuntimeError(f"the sandbox server did not answer within 60 s; see {log_path}")
+    raise RuntimeError(f"the corpus server did not answer within 120 s; see {log_path}")
 
 
-def warm(urls: list[str], threads: int = 8) -> tuple[float, int]:
-    """Fetch every URL once (the server renders and caches it); returns (seconds, total bytes)."""
+def check_corpus(urls: list[str], threads: int = 8) -> tuple[float, int]:
+    """Fetch every URL once (all must answer 200); returns (seconds, total bytes)."""
     def get(url: str) -> int:
         with urllib.request.urlopen(url, timeout=60) as r:
             return len(r.read())
@@ -558,13 +560,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = start_server(args.n, port, OUT / "logs" / "sandbox.log")
+    server = start_server(args.n, port, OUT / "logs" / "corpus-server.log")
     try:
         urls = [f"http://127.0.0.1:{port}/bench/{i:05d}.jpg" for i in range(args.n)]
-        warm_s, total = warm(urls)
+        check_s, total = check_corpus(urls)
         print(f"corpus: {args.n} distinct JPEGs, {total / args.n / 1024:.1f} KiB on average, "
               f"served by pid {server.pid} at http://127.0.0.1:{port} "
-              f"(rendered and cached in {warm_s:.1f} s)", flush=True)
+              f"(each fetched once in {check_s:.1f} s before timing)", flush=True)
         load = os.getloadavg()[0]
         if load > (os.cpu_count() or 2):
             print(f"warning: the machine's load average is {load:.1f} on {os.cpu_count()} cores;"

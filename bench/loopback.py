@@ -1,0 +1,95 @@
+"""A loopback image corpus for the throughput benchmarks: rendered once, cached on disk, served
+by a lean server process.
+
+The images are the sandbox web's benchmark pictures (``Corpus.bench_picture``: distinct
+512x384 JPEGs of about 40 KB, far enough apart that near-duplicate dedup keeps them all).
+Rendering costs about 14 ms an image, so a large corpus is rendered once by a pool of
+processes into ``bench/out/bench_corpus_<n>.bin`` (+ ``.json`` offsets) and reused.
+
+The server is aiohttp's low-level server in its own process, with no router or middlewares:
+it shares the cores with the tools under test, so it takes as little of them as it can.
+
+    GET /bench/{i:05d}.jpg   image i        GET /healthz   ok        anything else   404
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+CHUNK = 250
+
+
+def _render_chunk(bounds: tuple[int, int]) -> list[bytes]:
+    sys.path.insert(0, str(ROOT))
+    from builder.sandbox.corpus import Corpus, encode
+
+    corpus = Corpus(["bench"], 1, faults=False, bench_images=bounds[1])
+    return [encode(corpus.bench_picture(i)) for i in range(*bounds)]
+
+
+def corpus_pack(n: int, processes: int | None = None) -> tuple[Path, list[int]]:
+    """The pack of ``n`` benchmark JPEGs (rendered on first use): (path, n + 1 byte offsets)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    pack = OUT / f"bench_corpus_{n}.bin"
+    index = pack.with_suffix(".json")
+    if pack.is_file() and index.is_file():
+        offsets = json.loads(index.read_text())["offsets"]
+        if len(offsets) == n + 1 and pack.stat().st_size == offsets[-1]:
+            return pack, offsets
+    print(f"rendering {n} benchmark JPEGs into {pack} (once; about {n * 0.014 / 2:.0f} s on "
+          "2 cores) ...", flush=True)
+    offsets = [0]
+    tmp = pack.with_suffix(".tmp")
+    chunks = [(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
+    with open(tmp, "wb") as f, mp.get_context("spawn").Pool(processes or os.cpu_count()) as pool:
+        for images in pool.imap(_render_chunk, chunks):
+            for data in images:
+                f.write(data)
+                offsets.append(offsets[-1] + len(data))
+    tmp.replace(pack)
+    index.write_text(json.dumps({"n": n, "offsets": offsets}))
+    return pack, offsets
+
+
+def _serve(pack: str, offsets: list[int], port: int) -> None:
+    from aiohttp import web
+
+    blob = Path(pack).read_bytes()
+    bodies = [blob[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    del blob
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        path = request.path
+        if path.startswith("/bench/") and path.endswith(".jpg"):
+            stem = path[7:-4]
+            if stem.isdigit() and int(stem) < len(bodies):
+                return web.Response(body=bodies[int(stem)], content_type="image/jpeg")
+        if path == "/healthz":
+            return web.Response(text="ok")
+        return web.Response(status=404, text="not found")
+
+    async def main() -> None:
+        runner = web.ServerRunner(web.Server(handler), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=2048).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def serve_pack(pack: Path, offsets: list[int], port: int) -> None:
+    """Entry point of the server process (``python bench/loopback.py PACK PORT``)."""
+    _serve(str(pack), offsets, port)
+
+
+if __name__ == "__main__":
+    pack_path = Path(sys.argv[1])
+    serve_pack(pack_path, json.loads(pack_path.with_suffix(".json").read_text())["offsets"],
+               int(sys.argv[2]))
