@@ -124,6 +124,22 @@ def resolve_model_dir(model_id: str) -> str:
                              f"{how_to}") from exc
 
 
+def load_image_processor(model_id: str, needs: str) -> Any:
+    """The model's Pillow image processor (its size, crop, mean and std drive preprocessing;
+    torchvision is not needed). ``needs`` names what asks for it, for the error message."""
+    try:
+        from transformers import AutoImageProcessor
+    except ImportError as exc:
+        raise ModelLoadError(f"{needs} needs transformers (the ml extra): "
+                             "pip install 'pixcrawler[ml]'") from exc
+    directory = resolve_model_dir(model_id)
+    try:
+        return AutoImageProcessor.from_pretrained(directory, backend="pil")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{model_id!r} has no usable image processor "
+                             f"(preprocessor_config.json): {exc}") from exc
+
+
 from builder.models.clip import ClipModel  # noqa: E402
 from builder.models.nsfw import NsfwModel  # noqa: E402
 

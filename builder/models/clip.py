@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from builder.errors import ModelLoadError
-from builder.models import check_device, resolve_model_dir, torch_device
+from builder.models import (check_device, load_image_processor, resolve_model_dir,
+                            torch_device)
 from builder.models.preprocess import clip_pixels
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -98,17 +99,7 @@ class ClipModel:
     def processor(self) -> Any:
         """The model's Pillow image processor (its size, crop, mean, std drive ``preprocess``)."""
         if self._processor is None:
-            try:
-                from transformers import AutoImageProcessor
-            except ImportError as exc:
-                raise ModelLoadError("CLIP validation needs transformers (the ml extra): "
-                                     "pip install 'pixcrawler[ml]'") from exc
-            directory = resolve_model_dir(self.model_id)
-            try:
-                self._processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"{self.model_id!r} has no usable image processor "
-                                     f"(preprocessor_config.json): {exc}") from exc
+            self._processor = load_image_processor(self.model_id, "CLIP validation")
         return self._processor
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:

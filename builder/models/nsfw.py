@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from builder.errors import ModelLoadError
-from builder.models import check_device, resolve_model_dir, torch_device
+from builder.models import (check_device, load_image_processor, resolve_model_dir,
+                            torch_device)
 from builder.models.preprocess import nsfw_pixels
 
 BACKENDS = ("opennsfw", "hf")
@@ -147,17 +148,7 @@ class NsfwModel:
     def processor(self) -> Any:
         """The model's own image processor (hf backend; the Pillow one, no torchvision)."""
         if self._processor is None:
-            try:
-                from transformers import AutoImageProcessor
-            except ImportError as exc:
-                raise ModelLoadError("the hf nsfw backend needs transformers (the ml extra): "
-                                     "pip install 'pixcrawler[ml]'") from exc
-            directory = resolve_model_dir(str(self.model_id))
-            try:
-                self._processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"{self.model_id!r} has no usable image processor "
-                                     f"(preprocessor_config.json): {exc}") from exc
+            self._processor = load_image_processor(str(self.model_id), "the hf nsfw backend")
         return self._processor
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
