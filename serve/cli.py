@@ -1,6 +1,7 @@
 """``pixcrawler serve`` and ``pixcrawler keys``: run the HTTP job API, manage its API keys.
 
     pixcrawler serve [--host 127.0.0.1] [--port 8000] [--demo] [--no-auth] [--store URL]
+                     [--access-log]
     pixcrawler keys create NAME          prints the new key once
     pixcrawler keys list
     pixcrawler keys revoke NAME_OR_ID
@@ -64,7 +65,8 @@ def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
     settings: dict[str, Any] = {"store": args.store, "auth": not args.no_auth,
                                 "rate_limit_per_s": args.rate_limit,
                                 "rate_limit_burst": args.burst,
-                                "max_concurrent_jobs": args.max_jobs}
+                                "max_concurrent_jobs": args.max_jobs,
+                                "access_log": args.access_log}
     if example is not None:
         settings["example_spec"] = example
     return settings
@@ -178,6 +180,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="requests per second per API key (0: no limit)")
     s.add_argument("--burst", type=int, default=40, help="request burst per API key")
     s.add_argument("--max-jobs", type=int, default=4, help="concurrent jobs per API key")
+    s.add_argument("--access-log", action="store_true",
+                   help="log one line per request (Serve's access log; off by default: it "
+                        "costs every request)")
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keys", help="create, list and revoke API keys of the job API")

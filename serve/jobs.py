@@ -34,6 +34,7 @@ from actors.progress import cancel_job, progress_name
 from builder.errors import PixCrawlerError, StorageError
 from builder.storage import open_fs, storage_errors
 from builder.writers import PARTIAL, read_marker
+from serve.cache import ReadCache
 from serve.store import TERMINAL, JobRow, JobStore
 
 log = logging.getLogger("pixcrawler.serve.jobs")
@@ -177,39 +178,19 @@ class JobLauncher:
 
 
 class ProgressReader:
-    """Reads progress actors without blocking the event loop; answers are reused for
-    ``ttl_s`` so many clients watching one job cost the actor one call per interval."""
+    """Reads progress actors without blocking the event loop. An answer is reused for
+    ``ttl_s``; up to ``stale_s`` old it is still answered at once while one call refreshes
+    it, so many clients watching one job cost its actor one call per ``ttl_s`` and never wait
+    on the actor while a recent answer exists."""
 
-    def __init__(self, ttl_s: float = 0.25):
+    def __init__(self, ttl_s: float = 0.25, stale_s: float = 1.0):
         self.ttl_s = ttl_s
         self._handles: dict[str, Any] = {}
-        self._answers: dict[str, tuple[float, Optional[dict[str, Any]]]] = {}
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._answers: ReadCache[Optional[dict[str, Any]]] = ReadCache(ttl_s, stale_s)
 
     async def get(self, job_id: str) -> Optional[dict[str, Any]]:
         """The live state of a running job, or None when no progress actor holds it."""
-        now = time.monotonic()
-        hit = self._answers.get(job_id)
-        if hit and now - hit[0] < self.ttl_s:
-            return hit[1]
-        pending = self._inflight.get(job_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._inflight[job_id] = future
-        try:
-            answer = await self._read(job_id)
-            self._answers[job_id] = (time.monotonic(), answer)
-            if len(self._answers) > 1000:
-                self._answers.clear()
-            future.set_result(answer)
-            return answer
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here so an unawaited future does not warn
-            raise
-        finally:
-            self._inflight.pop(job_id, None)
+        return await self._answers.get(job_id, lambda: self._read(job_id))
 
     async def _read(self, job_id: str) -> Optional[dict[str, Any]]:
         handle = self._handles.get(job_id)
@@ -217,6 +198,8 @@ class ProgressReader:
             handle = await asyncio.to_thread(_lookup_actor, job_id)
             if handle is None:
                 return None
+            if len(self._handles) > 1000:
+                self._handles.clear()
             self._handles[job_id] = handle
         try:
             return await handle.get.remote()
@@ -226,7 +209,7 @@ class ProgressReader:
 
     def forget(self, job_id: str) -> None:
         self._handles.pop(job_id, None)
-        self._answers.pop(job_id, None)
+        self._answers.forget(job_id)
 
 
 def _lookup_actor(job_id: str) -> Any:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,10 @@ def _dumps(obj: Optional[dict[str, Any]]) -> Optional[str]:
 
 
 class JobStore:
-    """Jobs and API keys. Thread-safe (one SQLAlchemy engine, a connection per call)."""
+    """Jobs and API keys. Thread-safe (one SQLAlchemy engine, a connection per call).
+
+    ``generation`` moves on after every write through this object (once it is committed), so
+    a cache of reads (serve.cache) can drop what it read before the write."""
 
     def __init__(self, url: Optional[str] = None):
         self.url = url or default_store_url()
@@ -151,6 +155,16 @@ class JobStore:
                              "(sqlite:////abs/path.db or postgresql+psycopg://user@host/db) and "
                              "that the directory or database exists and is writable.") from exc
         self._salt: Optional[str] = None
+        self._generation = 0
+        self._generation_lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def _wrote(self) -> None:
+        with self._generation_lock:
+            self._generation += 1
 
     @staticmethod
     def _make_engine(url: str) -> Engine:
@@ -217,6 +231,7 @@ class JobStore:
             conn.execute(keys_table.insert().values(
                 id=key_id, name=name, key_hash=_hash_key(self.salt, plaintext),
                 prefix=record.prefix, created_at=record.created_at))
+        self._wrote()
         return plaintext, record
 
     def verify_key(self, plaintext: str) -> Optional[ApiKey]:
@@ -247,6 +262,7 @@ class JobStore:
             conn.execute(keys_table.update()
                          .where(keys_table.c.id.in_([k.id for k in hits]))
                          .values(revoked_at=now))
+        self._wrote()
         for k in hits:
             k.revoked_at = now
         return hits
@@ -263,6 +279,7 @@ class JobStore:
                 id=job_id, owner=owner, name=name, state=row.state, created_at=now,
                 updated_at=now, output_uri=output_uri, spec_json=_dumps(spec),
                 cancel_requested=False))
+        self._wrote()
         return row
 
     def get_job(self, job_id: str, owner: Optional[str] = None) -> Optional[JobRow]:
@@ -329,6 +346,7 @@ class JobStore:
                  .where(jobs_table.c.state.in_(list(ACTIVE))).values(**values))
         with self.engine.begin() as conn:
             conn.execute(query)
+        self._wrote()
 
 
 def _key(row: Any) -> ApiKey:

@@ -132,6 +132,30 @@ def test_another_keys_job_is_not_found(serve_app, finished):
     assert serve_app.call("GET", "/v1/jobs", other).json()["jobs"] == []
 
 
+def test_a_job_written_elsewhere_shows_within_the_read_cache_time(serve_app):
+    """Reads are reused for read_cache_s (1 s by default) by a replica; a write by another
+    process (another replica, the CLI) shows within that time."""
+    import time
+
+    from serve.store import JobStore
+
+    key = serve_app.new_key("elsewhere")
+    assert serve_app.call("GET", "/v1/jobs", key).json()["total"] == 0
+    store = JobStore(serve_app.settings["store"])
+    owner = store.verify_key(key).id
+    store.create_job("elsewhere-00000000", owner, "elsewhere", {"name": "elsewhere"},
+                     "/nonexistent/elsewhere")
+    store.update_job("elsewhere-00000000", state="failed", error="written elsewhere")
+    store.close()
+    # A job id not seen before is read from the store at once (a miss is never cached).
+    job = serve_app.call("GET", "/v1/jobs/elsewhere-00000000", key)
+    assert job.status_code == 200 and job.json()["error"] == "written elsewhere"
+    deadline = time.monotonic() + 1.5
+    while serve_app.call("GET", "/v1/jobs", key).json()["total"] == 0:
+        assert time.monotonic() < deadline, "the list stayed stale past read_cache_s"
+        time.sleep(0.1)
+
+
 def test_revoked_key_stops_working(serve_app):
     import time
 

@@ -40,6 +40,23 @@ def test_serve_command_options():
 
     settings = serve_settings(args, {"name": "demo"})
     assert settings["auth"] is False and settings["example_spec"] == {"name": "demo"}
+    assert settings["access_log"] is False
+    args = build_parser().parse_args(["serve", "--access-log"])
+    assert serve_settings(args, None)["access_log"] is True
+
+
+def test_replicas_log_no_access_lines_and_run_on_their_own_loop_by_default(tmp_path):
+    from serve.app import USER_CODE_THREAD_ENV, build_app
+
+    store = f"sqlite:///{tmp_path / 's.db'}"
+    deployment = build_app({"store": store})._bound_deployment
+    assert deployment.logging_config["enable_access_log"] is False
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {USER_CODE_THREAD_ENV: "0"}
+    assert deployment.ray_actor_options["num_cpus"] <= 0.25
+    deployment = build_app({"store": store, "access_log": True,
+                            "user_code_thread": True})._bound_deployment
+    assert deployment.logging_config["enable_access_log"] is True
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {USER_CODE_THREAD_ENV: "1"}
 
 
 def test_serve_config_is_a_valid_serve_deploy_config():
@@ -51,7 +68,12 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     app = config.applications[0]
     assert app.import_path == "serve.app:build_app"
     ServeSettings.model_validate(app.args)
-    assert app.deployments[0].ray_actor_options.num_cpus <= 0.25
+    options = app.deployments[0].ray_actor_options
+    assert options.num_cpus <= 0.25
+    # ray_actor_options in the config replace the code's: the replica env is repeated there.
+    from serve.app import USER_CODE_THREAD_ENV
+
+    assert options.runtime_env["env_vars"] == {USER_CODE_THREAD_ENV: "0"}
 
 
 def test_demo_example_uses_the_sandbox_and_leaves_output_to_the_server():
