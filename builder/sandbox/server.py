@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import html
 import signal
-import socket
 import threading
 import urllib.parse
 from collections import Counter, OrderedDict
@@ -24,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from aiohttp import web
 
+from builder.ports import free_port
 from builder.sandbox.corpus import (
     ACCEPTED,
     CLEAN,
@@ -66,12 +66,6 @@ class _ByteCache:
             _, old = self._items.popitem(last=False)
             self.size -= len(old)
 
-
-def _unused_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on (bound to port 0, then closed) for connection_refused URLs."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _origin(host: str, port: int) -> str:
@@ -123,7 +117,7 @@ class SandboxWeb:
         with self._lock:
             if self._thread is not None:
                 return self.base_url
-            self._dead_port = _unused_port()
+            self._dead_port = free_port()
             ready = threading.Event()
             errors: list[OSError] = []
             thread = threading.Thread(target=self._serve, args=(ready, errors), daemon=True,

@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import random
-import socket
 import subprocess
 import sys
 import tarfile
@@ -32,6 +31,7 @@ from PIL import Image
 from builder import storage
 from builder.card import PARTIAL_MARKER
 from builder.errors import OutputExistsError, StorageError
+from builder.ports import free_port
 from builder.reasons import Reason
 from builder.records import ACCEPTED_SCHEMA, Candidate, Record, accepted_row, reject_row
 from builder.spec import OutputSpec
@@ -92,11 +92,6 @@ def make_stats(job_id: str = "job1") -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def moto_s3():
@@ -104,7 +99,7 @@ def moto_s3():
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
         pytest.skip(f"moto_server not found next to {sys.executable}")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from builder.ports import free_port
 from tests.e2e.helpers import check_accounting
 
 BIN = Path(sys.executable).parent

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 import pytest
 import requests
 
-from tests.conftest import free_port
+from builder.ports import free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

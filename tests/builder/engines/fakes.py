@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from builder.ports import free_port
+
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -126,9 +128,7 @@ class FakeServer:
 
 def closed_port() -> int:
     """A loopback port nothing listens on (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def block_external_network(monkeypatch: Any) -> list[tuple]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from builder.errors import ModelLoadError
 from builder.models import ClipModel, resolve_model_dir
 from builder.models.preprocess import clip_pixels
+from builder.ports import free_port
 
 from .images import TINY_IMAGE_SIZE, noise, plain
 
@@ -73,11 +73,6 @@ def test_encoding_before_load_is_an_error(tiny_clip_dir) -> None:
         ClipModel(model_id=str(tiny_clip_dir)).encode_texts(["x"])
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def empty_hf_cache(tmp_path, monkeypatch: pytest.MonkeyPatch):
@@ -105,7 +100,7 @@ def test_a_hub_id_with_an_unreachable_hub_fails_at_once(
         empty_hf_cache, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
     with pytest.raises(ModelLoadError, match="cannot be reached") as info:
         resolve_model_dir("openai/clip-vit-base-patch32")
