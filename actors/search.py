@@ -8,7 +8,7 @@ from typing import Any
 import ray
 
 from builder.engines import SearchEngine
-from builder.errors import EngineError, EngineUnavailable, SourceError
+from builder.errors import EngineError, SourceError
 from builder.job import SearchTask
 from builder.pipeline import build_engines
 from builder.spec import DatasetSpec
@@ -45,15 +45,12 @@ class SearchWorker:
         try:
             page = engine.search(task.query, label=task.label, page=task.page,
                                  per_page=task.per_page)
-        except EngineUnavailable as exc:
-            return "error", {"message": str(exc), "retryable": False, "retry_after": None,
-                             "final": True}
         except EngineError as exc:
             if limiter is not None:
                 limiter.record.remote(False, exc.status, exc.retry_after)
             return "error", {"message": str(exc), "retryable": exc.retryable,
                              "retry_after": exc.retry_after, "final": False}
-        except SourceError as exc:
+        except SourceError as exc:  # EngineUnavailable, or a source that cannot be read
             return "error", {"message": str(exc), "retryable": False, "retry_after": None,
                              "final": True}
         if limiter is not None:

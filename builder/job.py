@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from builder.engines.base import SearchPage
-from builder.errors import EngineError, EngineUnavailable
+from builder.errors import EngineError, SourceError
 from builder.reasons import Reason
 from builder.records import Candidate, Record
 from builder.spec import DatasetSpec
@@ -352,7 +352,7 @@ class JobRunner:
         self.engine_requests[task.engine] += 1
         try:
             page = await self.backend.search(task)
-        except EngineUnavailable as exc:
+        except SourceError as exc:  # EngineUnavailable, or a source that cannot be read
             self.planner.failed(task, final=True)
             self._search_error(task, exc)
             return

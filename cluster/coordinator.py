@@ -29,7 +29,7 @@ from actors.validate import HashValidator
 from actors.writer import plan_shards, write_shards
 from builder.engines.base import SearchPage
 from builder.engines import SearchEngine
-from builder.errors import EngineError, EngineUnavailable, PixCrawlerError, SourceError
+from builder.errors import EngineError, EngineUnavailable, PixCrawlerError
 from builder.job import JobLedger, JobRunner, SearchTask
 from builder.journal import Journal, ResumeState
 from builder.pipeline import (Continuation, JobResult, JournaledSink, build_engines,
@@ -97,13 +97,8 @@ class RayBackend:
     async def search(self, task: SearchTask) -> SearchPage:
         engine = self.list_sources.get(task.source)
         if engine is not None:
-            try:
-                return await asyncio.to_thread(engine.search, task.query, label=task.label,
-                                               page=task.page, per_page=task.per_page)
-            except EngineUnavailable:
-                raise
-            except SourceError as exc:
-                raise EngineUnavailable(str(exc)) from exc
+            return await asyncio.to_thread(engine.search, task.query, label=task.label,
+                                           page=task.page, per_page=task.per_page)
         worker = self.searchers[self._searches % len(self.searchers)]
         self._searches += 1
         status, payload = await worker.search.remote(task)

@@ -130,3 +130,22 @@ def test_resume_skips_each_decided_candidate_once():
     dup = [r for r in sink.rejected if r.reason == "duplicate_url"]
     assert [r.candidate.url for r in dup] == ["http://h/u2.ok"]
     assert stats["accepted"] + stats["rejected"] == stats["candidates"]
+
+
+def test_unreadable_source_falls_back_like_an_unavailable_engine():
+    """A source that cannot be read (SourceError, not only EngineUnavailable) is given up on
+    and the next source takes over, in both runners alike."""
+    from builder.errors import SourceError
+
+    class Unreadable(ListBackend):
+        async def search(self, task: SearchTask) -> SearchPage:
+            if task.source == 0:
+                self.searches.append(task)
+                raise SourceError("urls.csv: row 3 has no column 'url'")
+            return await super().search(task)
+
+    pages = {(1, "q1"): ["http://h/v1.ok", "http://h/v2.ok", "http://h/v3.ok"]}
+    runner, sink, stats = run(spec(), Unreadable(pages))
+    assert stats["accepted"] == 3
+    assert {(f["from"], f["to"]) for f in runner.planner.fallbacks} == {("sandbox", "sandbox")}
+    assert any("row 3" in e["error"] for e in runner.search_errors)
