@@ -3,8 +3,8 @@ reconcile the store with what Ray says.
 
 A job is a Ray job (``JobSubmissionClient``), so it shows in the dashboard's Jobs view with its
 logs. Its entrypoint is ``python -m cluster.cli build SPEC --job-id ID --address GCS``; the
-spec travels in the job's runtime_env (``PIXCRAWLER_SPEC_JSON``) when the CLI takes
-``--spec-env`` (and the spec is under 100 kB), else as a file under ``jobs_dir``, which must
+spec travels in the job's runtime_env (``PIXCRAWLER_SPEC_JSON``, read by ``--spec-env``) when
+it is under 100 kB, else as a file under ``jobs_dir``, which must
 then be on a filesystem every node that runs job drivers can read (the head node, by default).
 
 While the job runs, its progress actor (``progress:<id>``) holds its live state. When the actor
@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,20 +52,6 @@ class ClusterUnavailable(PixCrawlerError):
 class RayJob:
     status: str
     message: str = ""
-
-
-@lru_cache(maxsize=1)
-def cli_takes_spec_env() -> bool:
-    """Whether ``pixcrawler build`` can read its spec from an environment variable."""
-    import argparse
-
-    from cluster.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and "build" in action.choices:
-            return any("--spec-env" in a.option_strings
-                       for a in action.choices["build"]._actions)
-    return False
 
 
 def dashboard_address() -> Optional[str]:
@@ -124,7 +109,7 @@ class JobLauncher:
         tail = ["--job-id", job_id, "--address", ray.get_runtime_context().gcs_address]
         base = [self.python, "-m", "cluster.cli", "build"]
         text = json.dumps(spec, separators=(",", ":"))
-        if cli_takes_spec_env() and len(text) <= _MAX_ENV_SPEC_CHARS:
+        if len(text) <= _MAX_ENV_SPEC_CHARS:
             return shlex.join(base + ["--spec-env", SPEC_ENV] + tail), {SPEC_ENV: text}
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         path = self.jobs_dir / f"{job_id}.json"
