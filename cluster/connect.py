@@ -18,11 +18,18 @@ log = logging.getLogger("pixcrawler.connect")
 # Applies to the embedded Ray; a cluster's head sets its own system config (ray_cluster.yaml).
 EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 60_000}
 
+# Ray starts its worker processes at nice 15, so that batch work yields to interactive work on
+# the node. Set in a runtime_env's env_vars, this gives the worker another nice value (Ray's own
+# job supervisor sets it to 0 for drivers the same way).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
-            dashboard: bool = False, quiet: bool = True) -> dict[str, Any]:
+            dashboard: bool = False, quiet: bool = True,
+            runtime_env: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Start or join Ray. With no address (and no RAY_ADDRESS, as ``ray job submit`` sets),
-    start an embedded local Ray on 127.0.0.1; otherwise join that cluster.
+    start an embedded local Ray on 127.0.0.1; otherwise join that cluster. ``runtime_env`` is
+    this driver's: the actors it starts (and theirs, detached ones included) inherit it.
 
     Returns {"mode": "embedded"|"cluster", "address", "dashboard_url", "resources"}.
     """
@@ -31,6 +38,8 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if not ray.is_initialized():
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": not quiet,
                                   "configure_logging": not quiet}
+        if runtime_env:
+            common["runtime_env"] = runtime_env
         if address:
             ray.init(address=address, **common)
         else:

@@ -37,6 +37,7 @@ from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
 from builder.spec import parse_spec
 from builder.storage import is_local_uri
+from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
 from serve.cache import ReadCache
 from serve.errors import ApiError, not_found
@@ -95,6 +96,10 @@ class ServeSettings(BaseModel):
         default=False, description="run the API on a thread of its own in each replica "
         "(Serve's default) instead of on the replica's event loop "
         f"({USER_CODE_THREAD_ENV}=0), which saves two hand-offs between threads per request")
+    niceness: int = Field(default=0, ge=0, le=19, description="the replicas' scheduling "
+                          "priority (nice value). Ray runs workers at 15 so that they yield to "
+                          "interactive work; an API that answers people should not yield to "
+                          "the crawl's own batch actors")
     num_replicas: int = Field(default=1, ge=1, description="replicas of the API (a "
                               "deployments: entry in serve_config.yaml overrides it)")
     reconcile_interval_s: float = Field(default=5.0, gt=0)
@@ -483,7 +488,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> ray_serve.Application:
     """The Serve application (``import_path: serve.app:build_app`` in serve_config.yaml)."""
     settings = ServeSettings.model_validate(args or {}).resolved()
     JobStore(settings.store).close()  # fail here, not in a replica, if the store is unusable
-    env = {USER_CODE_THREAD_ENV: "1" if settings.user_code_thread else "0"}
+    env = {USER_CODE_THREAD_ENV: "1" if settings.user_code_thread else "0",
+           WORKER_NICENESS_ENV: str(settings.niceness)}
     return JobAPI.options(
         num_replicas=settings.num_replicas,
         ray_actor_options={"num_cpus": REPLICA_CPUS, "runtime_env": {"env_vars": env}},

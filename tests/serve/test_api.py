@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
 from PIL import Image
+from ray.util.state import list_actors
 
 from builder.writers import is_complete
 from tests.serve.conftest import job_spec
@@ -31,6 +33,20 @@ def test_healthz_and_openapi(serve_app):
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
             "/v1/jobs/{job_id}/samples", "/healthz"} <= set(spec["paths"])
     assert serve_app.call("GET", "/docs").status_code == 200
+
+
+def test_the_serving_path_runs_at_normal_priority(serve_app):
+    """Ray starts workers at nice 15; the API's replica and Serve's own actors (which inherit
+    the serving driver's environment) run at 0."""
+    def nice(class_prefix: str) -> set[int]:
+        pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name.startswith(class_prefix) and a.pid]
+        assert pids, f"no live {class_prefix} actor"
+        return {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids}
+
+    assert nice("ServeReplica:pixcrawler:JobAPI") == {0}
+    assert nice("ServeController") == {0}
+    assert nice("ProxyActor") == {0}
 
 
 def test_job_runs_to_succeeded_with_live_events(serve_app, finished):

@@ -56,17 +56,20 @@ def test_haproxy_env_picks_its_own_ports():
 
 
 def test_replicas_log_no_access_lines_and_run_on_their_own_loop_by_default(tmp_path):
+    from cluster.connect import WORKER_NICENESS_ENV
     from serve.app import USER_CODE_THREAD_ENV, build_app
 
     store = f"sqlite:///{tmp_path / 's.db'}"
     deployment = build_app({"store": store})._bound_deployment
     assert deployment.logging_config["enable_access_log"] is False
-    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {USER_CODE_THREAD_ENV: "0"}
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {
+        USER_CODE_THREAD_ENV: "0", WORKER_NICENESS_ENV: "0"}
     assert deployment.ray_actor_options["num_cpus"] <= 0.25
-    deployment = build_app({"store": store, "access_log": True,
-                            "user_code_thread": True})._bound_deployment
+    deployment = build_app({"store": store, "access_log": True, "user_code_thread": True,
+                            "niceness": 10})._bound_deployment
     assert deployment.logging_config["enable_access_log"] is True
-    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {USER_CODE_THREAD_ENV: "1"}
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {
+        USER_CODE_THREAD_ENV: "1", WORKER_NICENESS_ENV: "10"}
 
 
 def test_serve_config_is_a_valid_serve_deploy_config():
@@ -81,9 +84,11 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     options = app.deployments[0].ray_actor_options
     assert options.num_cpus <= 0.25
     # ray_actor_options in the config replace the code's: the replica env is repeated there.
+    from cluster.connect import WORKER_NICENESS_ENV
     from serve.app import USER_CODE_THREAD_ENV
 
-    assert options.runtime_env["env_vars"] == {USER_CODE_THREAD_ENV: "0"}
+    assert options.runtime_env["env_vars"] == {USER_CODE_THREAD_ENV: "0",
+                                               WORKER_NICENESS_ENV: "0"}
 
 
 def test_demo_example_uses_the_sandbox_and_leaves_output_to_the_server():
