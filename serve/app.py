@@ -267,8 +267,9 @@ class JobAPI:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _caller(self, request: Request, query_key: Optional[str] = None) -> Principal:
-        principal = self.auth.authenticate(request.headers.get("authorization"), query_key)
+    async def _caller(self, request: Request, query_key: Optional[str] = None) -> Principal:
+        principal = await self.auth.authenticate(request.headers.get("authorization"),
+                                                 query_key)
         wait = self.limiter.acquire(principal.owner)
         if wait is not None:
             raise too_many_requests(wait)
@@ -361,7 +362,7 @@ class JobAPI:
                   "application/json": {"schema": {"type": "object"}},
                   "application/yaml": {"schema": {"type": "string"}}}}})
     async def submit(self, request: Request) -> JSONResponse:
-        principal = self._caller(request)
+        principal = await self._caller(request)
         limit = self.settings.max_spec_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -396,7 +397,7 @@ class JobAPI:
                                                      "states: " + ", ".join(STATES)),
                         limit: int = Query(20, ge=1, le=100),
                         offset: int = Query(0, ge=0)) -> dict[str, Any]:
-        principal = self._caller(request)
+        principal = await self._caller(request)
         states = [s.strip() for s in state.split(",") if s.strip()] if state else None
         bad = [s for s in states or [] if s not in STATES]
         if bad:
@@ -414,12 +415,12 @@ class JobAPI:
 
     @app.get("/v1/jobs/{job_id}", summary="A job: state, progress, rejects, output, error")
     async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
-        principal = self._caller(request)
+        principal = await self._caller(request)
         return await self._current(await self._row(job_id, principal))
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, summary="Cancel a job")
     async def cancel(self, job_id: str, request: Request) -> JSONResponse:
-        principal = self._caller(request)
+        principal = await self._caller(request)
         row = await self._row(job_id, principal)
         if row.terminal:
             raise ApiError(409, "job_finished", f"job {job_id} already ended ({row.state})")
@@ -440,7 +441,7 @@ class JobAPI:
                          "this route also takes the API key as `?key=`.")
     async def events(self, job_id: str, request: Request,
                      key: Optional[str] = Query(None, description="API key")) -> StreamingResponse:
-        principal = self._caller(request, query_key=key)
+        principal = await self._caller(request, query_key=key)
         row = await self._row(job_id, principal)
         return StreamingResponse(self._stream(row, principal), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
@@ -468,7 +469,7 @@ class JobAPI:
     async def samples(self, job_id: str, request: Request,
                       label: Optional[str] = Query(None, description="one class"),
                       limit: int = Query(24, ge=1, le=200)) -> dict[str, Any]:
-        principal = self._caller(request)
+        principal = await self._caller(request)
         row = await self._row(job_id, principal)
         labels = list((row.spec.get("classes") or {}))
         if label is not None and label not in labels:

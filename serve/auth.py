@@ -1,8 +1,10 @@
 """API keys on requests, and the per-key request rate limit.
 
 A request carries ``Authorization: Bearer <key>``; the events route also takes ``?key=`` because
-a browser's ``EventSource`` cannot send headers. Verified keys are remembered for a few seconds
-per replica, so a revoked key stops working within ``cache_s``.
+a browser's ``EventSource`` cannot send headers. Key lookups go through a ``ReadCache``: each
+answer is remembered for ``cache_s`` per replica (so a revoked key stops working within that
+time), requests for one key share a lookup, and the store is read on a worker thread, never on
+the replica's event loop.
 
 The rate limit is a token bucket per key per replica: ``rate_per_s`` tokens a second, up to
 ``burst``; with N replicas a key gets up to N times that (Serve spreads requests over them).
@@ -10,12 +12,14 @@ The rate limit is a token bucket per key per replica: ``rate_per_s`` tokens a se
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from serve.cache import ReadCache
 from serve.errors import ApiError
 from serve.store import ApiKey, JobStore
 
@@ -64,17 +68,17 @@ def too_many_requests(retry_after: float) -> ApiError:
 
 
 class Authenticator:
-    """Turns a request's key into a Principal, or raises ApiError 401."""
+    """Turns a request's key into a Principal, or raises ApiError 401. Use from one event
+    loop (the replica's)."""
 
     def __init__(self, store: JobStore, enabled: bool = True, cache_s: float = 5.0):
         self.store = store
         self.enabled = enabled
         self.cache_s = cache_s
-        self._cache: dict[str, tuple[float, Optional[ApiKey]]] = {}
-        self._lock = threading.Lock()
+        self._keys: ReadCache[Optional[ApiKey]] = ReadCache(cache_s)
 
-    def authenticate(self, authorization: Optional[str],
-                     query_key: Optional[str] = None) -> Principal:
+    async def authenticate(self, authorization: Optional[str],
+                           query_key: Optional[str] = None) -> Principal:
         if not self.enabled:
             return Principal(owner=ANONYMOUS, name=ANONYMOUS)
         key = _bearer(authorization) if authorization else (query_key or "").strip()
@@ -83,24 +87,11 @@ class Authenticator:
                            "missing API key: send 'Authorization: Bearer <key>' (create one "
                            "with `pixcrawler keys create NAME`)",
                            headers={"WWW-Authenticate": "Bearer"})
-        record = self._lookup(key)
+        record = await self._keys.get(key, lambda: asyncio.to_thread(self.store.verify_key, key))
         if record is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API key",
                            headers={"WWW-Authenticate": "Bearer"})
         return Principal(owner=record.id, name=record.name)
-
-    def _lookup(self, key: str) -> Optional[ApiKey]:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(key)
-        if hit and now - hit[0] < self.cache_s:
-            return hit[1]
-        record = self.store.verify_key(key)
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[key] = (now, record)
-        return record
 
 
 def _bearer(header: str) -> str:

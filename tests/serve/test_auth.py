@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from serve.auth import ANONYMOUS, Authenticator, RateLimiter
@@ -39,14 +41,48 @@ def test_authenticator_reads_bearer_or_query_key(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
     plaintext, key = store.create_key("web")
     auth = Authenticator(store, cache_s=0)
-    assert auth.authenticate(f"Bearer {plaintext}").owner == key.id
-    assert auth.authenticate(None, plaintext).name == "web"
+
+    def authenticate(header, query=None):
+        return asyncio.run(auth.authenticate(header, query))
+
+    assert authenticate(f"Bearer {plaintext}").owner == key.id
+    assert authenticate(None, plaintext).name == "web"
     for header, query in ((None, None), ("Bearer", None), ("Token abc", None),
                           (f"Bearer {plaintext}x", None), (None, "pxc_wrong")):
         with pytest.raises(ApiError) as exc:
-            auth.authenticate(header, query)
+            authenticate(header, query)
         assert exc.value.status == 401 and exc.value.code == "unauthorized"
     store.revoke_key("web")
     with pytest.raises(ApiError):
-        auth.authenticate(f"Bearer {plaintext}")
-    assert Authenticator(store, enabled=False).authenticate(None).owner == ANONYMOUS
+        authenticate(f"Bearer {plaintext}")
+    assert asyncio.run(Authenticator(store, enabled=False).authenticate(None)).owner \
+        == ANONYMOUS
+
+
+def test_key_lookups_are_cached_and_shared_and_a_revoked_key_expires(tmp_path):
+    """Concurrent requests with one key cost one store read; within cache_s a replica keeps
+    its answer (a revoked key still works), after it the store is read again."""
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
+    plaintext, key = store.create_key("web")
+    reads: list[str] = []
+    verify = store.verify_key
+
+    def counting(k: str):
+        reads.append(k)
+        return verify(k)
+
+    store.verify_key = counting  # type: ignore[method-assign]
+    auth = Authenticator(store, cache_s=0.3)
+
+    async def scenario() -> None:
+        owners = await asyncio.gather(*(auth.authenticate(f"Bearer {plaintext}")
+                                        for _ in range(20)))
+        assert {p.owner for p in owners} == {key.id} and len(reads) == 1
+        store.revoke_key("web")
+        assert (await auth.authenticate(f"Bearer {plaintext}")).owner == key.id
+        await asyncio.sleep(0.35)
+        with pytest.raises(ApiError):
+            await auth.authenticate(f"Bearer {plaintext}")
+        assert len(reads) == 2
+
+    asyncio.run(scenario())
