@@ -25,6 +25,27 @@ def test_node_types_declared():
     assert any("pixcrawler" in cmd for cmd in CLUSTER["setup_commands"])
 
 
+def test_cluster_file_is_a_valid_cluster_launcher_config():
+    """What ``ray up`` checks before it starts anything: the schema, after its defaults."""
+    import copy
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(CLUSTER)))
+
+
+def test_gpu_workers_get_the_cuda_build_of_onnxruntime():
+    """The NSFW validator's onnxruntime must have CUDA on GPU workers; the CPU build (which the
+    ml extra pulls in) is removed before onnxruntime-gpu goes in, never after it."""
+    commands = CLUSTER["available_node_types"]["gpu_worker"]["worker_setup_commands"]
+    text = "\n".join(commands)
+    assert "pixcrawler[ml]" in text and "onnxruntime-gpu" in text
+    ml = next(i for i, c in enumerate(commands) if "pixcrawler[ml]" in c)
+    uninstall = next(i for i, c in enumerate(commands) if "uninstall" in c and "onnxruntime" in c)
+    gpu = next(i for i, c in enumerate(commands) if "onnxruntime-gpu" in c)
+    assert ml < uninstall < gpu
+
+
 def test_pools_fit_the_declared_nodes():
     types = CLUSTER["available_node_types"]
     total = {"CPU": 0.0, "GPU": 0.0}
