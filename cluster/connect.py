@@ -18,10 +18,12 @@ log = logging.getLogger("pixcrawler.connect")
 # Applies to the embedded Ray; a cluster's head sets its own system config (ray_cluster.yaml).
 EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 60_000}
 
-# Ray starts its worker processes at nice 15, so that batch work yields to interactive work on
-# the node. Set in a runtime_env's env_vars, this gives the worker another nice value (Ray's own
-# job supervisor sets it to 0 for drivers the same way).
+# Ray starts its worker processes 15 nice levels below the node (Ray's own job supervisor sets
+# this to 0 for drivers), so batch work yields to interactive work. Set in a runtime_env's
+# env_vars, it gives the worker another increment: 0 runs it at the priority of the process that
+# started Ray.
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
+SAME_PRIORITY_ENV: dict[str, Any] = {"env_vars": {WORKER_NICENESS_ENV: "0"}}
 
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
@@ -31,6 +33,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     start an embedded local Ray on 127.0.0.1; otherwise join that cluster. ``runtime_env`` is
     this driver's: the actors it starts (and theirs, detached ones included) inherit it.
 
+    An embedded Ray's workers do this command's work in the foreground, so by default they run
+    at the command's own priority (``SAME_PRIORITY_ENV``), not 15 nice levels below it, where
+    any busy process on the machine would starve them. On a cluster they keep Ray's default.
+
     Returns {"mode": "embedded"|"cluster", "address", "dashboard_url", "resources"}.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -38,11 +44,12 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if not ray.is_initialized():
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": not quiet,
                                   "configure_logging": not quiet}
-        if runtime_env:
-            common["runtime_env"] = runtime_env
         if address:
+            if runtime_env:
+                common["runtime_env"] = runtime_env
             ray.init(address=address, **common)
         else:
+            common["runtime_env"] = runtime_env or SAME_PRIORITY_ENV
             # An embedded Ray on this machine only: token auth has nobody to keep out.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,

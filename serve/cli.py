@@ -137,14 +137,14 @@ def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = N
     the jobs) and the dashboard agent on a free port. ``ingress="haproxy"`` starts the
     embedded Ray with Serve's HAProxy ingress (see ``haproxy_env``); a running cluster keeps
     the ingress it was started with."""
-    from cluster.connect import WORKER_NICENESS_ENV, connect
+    from cluster.connect import SAME_PRIORITY_ENV, connect
 
     # The serving path (Serve's controller, its proxy or HAProxy, the API replicas) inherits
     # this driver's environment and runs at normal priority; Ray would start it at nice 15,
     # behind every batch process on the machine, which showed as p99 latency whenever the node
     # was busy. Crawls run as Ray jobs with their own environment: their actors keep Ray's
     # batch priority.
-    serving_env = {"env_vars": {WORKER_NICENESS_ENV: "0"}}
+    serving_env = SAME_PRIORITY_ENV
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, not {ingress!r}")
     if joins_cluster(address):
