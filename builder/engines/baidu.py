@@ -28,10 +28,14 @@ _CHARS = str.maketrans("wkv1ju2it3hs4g5rq6fp7eo8dn9cm0bla", "abcdefghijklmnopqrs
 _BAD_ESCAPE = re.compile(r'\\(?!["\\/bfnrtu])')
 
 
-def decode_baidu_url(obfuscated: str) -> str:
-    """The plain URL behind Baidu's ``objURL``/``fromURL`` obfuscation; plain URLs pass through."""
+def decode_baidu_url(obfuscated: Any) -> str:
+    """The plain URL behind Baidu's ``objURL``/``fromURL`` obfuscation; plain URLs pass through.
+
+    Anything but a non-blank string decodes to ``""``.
+    """
+    obfuscated = webjson.as_url(obfuscated)
     if not obfuscated or obfuscated.startswith(("http://", "https://")):
-        return obfuscated or ""
+        return obfuscated
     parts = re.split("(" + "|".join(re.escape(t) for t in _TOKENS) + ")", obfuscated)
     return "".join(_TOKENS.get(p) or p.translate(_CHARS) for p in parts)
 
@@ -93,14 +97,17 @@ class BaiduEngine(SearchEngine):
         original = _original_url(item)
         url = (original or _image_url(item)) if self.original else (_image_url(item) or original)
         replace = _replace_url(item)
-        page_url = replace.get("FromURL") or decode_baidu_url(item.get("fromURL", "")) or \
-            (f"http://{item['fromURLHost']}/" if item.get("fromURLHost") else "")
-        title = item.get("fromPageTitleEnc") or webjson.strip_html(item.get("fromPageTitle", ""))
+        host = webjson.as_url(item.get("fromURLHost"))
+        page_url = webjson.as_url(replace.get("FromURL")) or \
+            decode_baidu_url(item.get("fromURL")) or (f"http://{host}/" if host else "")
+        title = webjson.as_text(item.get("fromPageTitleEnc")) or \
+            webjson.strip_html(item.get("fromPageTitle"))
         return SearchHit(url=url, rank=rank, page_url=page_url, title=title)
 
 
 def _image_url(item: dict[str, Any]) -> str:
-    return item.get("middleURL") or item.get("thumbURL") or item.get("hoverURL") or ""
+    return webjson.as_url(item.get("middleURL")) or webjson.as_url(item.get("thumbURL")) or \
+        webjson.as_url(item.get("hoverURL"))
 
 
 def _replace_url(item: dict[str, Any]) -> dict[str, Any]:
@@ -112,5 +119,5 @@ def _replace_url(item: dict[str, Any]) -> dict[str, Any]:
 
 def _original_url(item: dict[str, Any]) -> str:
     replace = _replace_url(item)
-    return replace.get("ObjURL") or replace.get("ObjUrl") or \
-        decode_baidu_url(item.get("objURL", ""))
+    return webjson.as_url(replace.get("ObjURL")) or webjson.as_url(replace.get("ObjUrl")) or \
+        decode_baidu_url(item.get("objURL"))

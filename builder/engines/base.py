@@ -5,19 +5,38 @@ whether more pages exist. Query-based engines (the sandbox, DuckDuckGo, ...) use
 list sources (``query_based = False``) ignore it and page through the label's URLs. Engines are
 synchronous and hold no rate limiting of their own: the rate limiter actor paces them.
 Failures raise ``EngineError`` (``retryable`` for 429/5xx/network), never return bad data.
+
+That contract is enforced here, once for every engine: each subclass's ``search`` is wrapped so
+that an exception from parsing a malformed answer (a ``KeyError``, ``TypeError``, ``ValueError``,
+``OverflowError``... from JSON of the wrong shape) becomes a retryable ``EngineError`` naming the
+engine, and a ``SearchHit`` refuses non-string fields, so no such value reaches the job's URL
+checks. Engines still parse defensively, so the good hits of an odd page come through.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
+from builder.errors import EngineError
 from builder.records import Candidate
+
+log = logging.getLogger("pixcrawler.engines")
+
+MALFORMED_ERRORS: tuple[type[Exception], ...] = (
+    LookupError, TypeError, AttributeError, ValueError, ArithmeticError, RecursionError)
+"""What parsing an answer of the wrong shape raises; ``search`` turns these into EngineError."""
+
+_TEXT_FIELDS = ("url", "page_url", "title", "license", "author", "label")
 
 
 @dataclass(frozen=True)
 class SearchHit:
+    """One result. Every text field must be a ``str`` (``TypeError`` otherwise)."""
+
     url: str
     rank: int = 0
     page_url: str = ""
@@ -25,6 +44,15 @@ class SearchHit:
     license: str = ""
     author: str = ""
     label: str = ""
+
+    def __post_init__(self) -> None:
+        for name in _TEXT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"SearchHit.{name} must be a str, not "
+                                f"{type(value).__name__} ({value!r:.80})")
+        if not isinstance(self.rank, int):
+            raise TypeError(f"SearchHit.rank must be an int, not {type(self.rank).__name__}")
 
     def to_candidate(self, label: str, query: str, engine: str) -> Candidate:
         return Candidate(url=self.url, label=self.label or label, query=query, engine=engine,
@@ -38,15 +66,53 @@ class SearchPage:
     has_more: bool = False
 
 
+SearchFn = Callable[..., SearchPage]
+
+
+def _guarded(search: SearchFn) -> SearchFn:
+    """``search`` with malformed-answer exceptions turned into a retryable ``EngineError``."""
+
+    @functools.wraps(search)
+    def guarded(self: "SearchEngine", query: str, *, label: str, page: int,
+                per_page: int) -> SearchPage:
+        name = self.name or type(self).__name__
+        try:
+            result = search(self, query, label=label, page=page, per_page=per_page)
+        except MALFORMED_ERRORS as exc:
+            log.debug("%s: malformed response", name, exc_info=True)
+            raise EngineError(f"{name}: malformed response: {type(exc).__name__}: {exc}",
+                              retryable=True) from exc
+        if not isinstance(result, SearchPage) or \
+                not all(isinstance(h, SearchHit) for h in result.hits):
+            raise EngineError(f"{name}: malformed response: search gave "
+                              f"{type(result).__name__}, not a SearchPage of SearchHits",
+                              retryable=True)
+        return result
+
+    setattr(guarded, "_engine_guarded", True)
+    return guarded
+
+
 class SearchEngine(ABC):
     """A source of candidate image URLs."""
 
     name: ClassVar[str] = ""
     query_based: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        search = cls.__dict__.get("search")
+        if callable(search) and not getattr(search, "_engine_guarded", False) and \
+                not getattr(search, "__isabstractmethod__", False):
+            cls.search = _guarded(search)  # type: ignore[method-assign]
+
     @abstractmethod
     def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
-        """Return page ``page`` (0-based) of results for ``query`` (or ``label``)."""
+        """Return page ``page`` (0-based) of results for ``query`` (or ``label``).
+
+        Subclasses implement this; it is wrapped so that it raises only ``EngineError`` or
+        ``SourceError`` and returns only a ``SearchPage`` of ``SearchHit``.
+        """
 
     def close(self) -> None:
         """Release any connection the engine holds."""

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError, EngineUnavailable, SourceError
 
@@ -87,13 +88,13 @@ class DdgsImagesEngine(SearchEngine):
             raise EngineError(f"{self.name}: search failed: {exc}", retryable=True) from None
         state.next_page += 1
         added = 0
-        for r in results or []:
-            url = r.get("image") or ""
+        for r in results if isinstance(results, list) else []:
+            url = webjson.as_url(r.get("image")) if isinstance(r, dict) else ""
             if not url or url in state.seen:
                 continue
             state.seen.add(url)
-            state.hits.append(SearchHit(url=url, page_url=r.get("url") or "",
-                                        title=r.get("title") or ""))
+            state.hits.append(SearchHit(url=url, page_url=webjson.as_url(r.get("url")),
+                                        title=webjson.as_text(r.get("title"))))
             added += 1
         if added == 0 or state.next_page > self.max_backend_pages:
             state.exhausted = True

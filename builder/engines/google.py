@@ -69,12 +69,16 @@ class GoogleEngine(SearchEngine):
             items = body.get("items")
             items = items if isinstance(items, list) else []
             for i, item in enumerate(items):
-                if isinstance(item, dict) and item.get("link"):
-                    hits.append(SearchHit(url=item["link"], rank=pos + i,
-                                          page_url=(item.get("image") or {}).get("contextLink", ""),
-                                          title=item.get("title") or ""))
+                link = webjson.as_url(item.get("link")) if isinstance(item, dict) else ""
+                if link:
+                    image = item.get("image")
+                    context = image.get("contextLink") if isinstance(image, dict) else None
+                    hits.append(SearchHit(url=link, rank=pos + i,
+                                          page_url=webjson.as_url(context),
+                                          title=webjson.as_text(item.get("title"))))
             pos += len(items)
-            if not items or not (body.get("queries") or {}).get("nextPage"):
+            queries = body.get("queries")
+            if not items or not isinstance(queries, dict) or not queries.get("nextPage"):
                 has_more = False
                 break
         return SearchPage(hits=hits, has_more=has_more)

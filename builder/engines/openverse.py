@@ -24,9 +24,9 @@ FILTER_OPTIONS = ("license", "license_type", "category", "aspect_ratio", "size",
                   "extension")
 
 
-def format_license(code: str, version: str = "") -> str:
+def format_license(code: Any, version: Any = "") -> str:
     """Openverse's ``license``/``license_version`` as a readable name: ``CC BY-SA 2.0``."""
-    code = (code or "").strip().lower()
+    code = code.strip().lower() if isinstance(code, str) else ""
     if not code:
         return ""
     if code == "cc0":
@@ -35,7 +35,7 @@ def format_license(code: str, version: str = "") -> str:
         name = "Public Domain Mark"
     else:
         name = "CC " + code.upper()
-    return f"{name} {version}".strip()
+    return f"{name} {webjson.as_text(version)}".strip()
 
 
 class OpenverseEngine(SearchEngine):
@@ -75,7 +75,7 @@ class OpenverseEngine(SearchEngine):
             results = body["results"]
             for i, r in enumerate(results):
                 offset = (api_page - 1) * size + i
-                if start <= offset < end and isinstance(r, dict) and r.get("url"):
+                if start <= offset < end and isinstance(r, dict) and webjson.as_url(r.get("url")):
                     hits.append(_hit(r, offset))
             page_count = webjson.as_int(body.get("page_count"))
             if api_page >= page_count or len(results) < size:
@@ -85,7 +85,8 @@ class OpenverseEngine(SearchEngine):
 
 
 def _hit(r: dict[str, Any], rank: int) -> SearchHit:
-    return SearchHit(url=r["url"], rank=rank, page_url=r.get("foreign_landing_url") or "",
-                     title=r.get("title") or "",
-                     license=format_license(r.get("license", ""), r.get("license_version") or ""),
-                     author=r.get("creator") or "")
+    return SearchHit(url=webjson.as_url(r.get("url")), rank=rank,
+                     page_url=webjson.as_url(r.get("foreign_landing_url")),
+                     title=webjson.as_text(r.get("title")),
+                     license=format_license(r.get("license"), r.get("license_version")),
+                     author=webjson.as_text(r.get("creator")))

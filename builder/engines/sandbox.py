@@ -7,8 +7,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError
+from builder.fetch import parse_retry_after
 
 
 class SandboxEngine(SearchEngine):
@@ -28,11 +30,18 @@ class SandboxEngine(SearchEngine):
             retry_after = exc.headers.get("Retry-After") if exc.headers else None
             raise EngineError(f"sandbox search answered {exc.code}", status=exc.code,
                               retryable=exc.code == 429 or exc.code >= 500,
-                              retry_after=float(retry_after) if retry_after else None) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+                              retry_after=parse_retry_after(retry_after)) from None
+        except (urllib.error.URLError, OSError, ValueError, RecursionError) as exc:
             raise EngineError(f"sandbox search failed: {exc}") from None
-        hits = [SearchHit(url=r["url"], rank=page * per_page + i, page_url=r.get("page_url", ""),
-                          title=r.get("title", ""), license=r.get("license", ""),
-                          author=r.get("author", ""))
-                for i, r in enumerate(body.get("results", []))]
+        results = body.get("results", []) if isinstance(body, dict) else None
+        if not isinstance(results, list):
+            raise EngineError("sandbox search answered JSON without a 'results' list",
+                              retryable=True)
+        hits = [SearchHit(url=webjson.as_url(r.get("url")), rank=page * per_page + i,
+                          page_url=webjson.as_url(r.get("page_url")),
+                          title=webjson.as_text(r.get("title")),
+                          license=webjson.as_text(r.get("license")),
+                          author=webjson.as_text(r.get("author")))
+                for i, r in enumerate(results)
+                if isinstance(r, dict) and webjson.as_url(r.get("url"))]
         return SearchPage(hits=hits, has_more=bool(body.get("has_more")))

@@ -67,7 +67,7 @@ def loads(body: bytes, *, engine: str, what: str = "response") -> Any:
     """Parse a JSON body; a non-JSON body (a block page, a truncated answer) is retryable."""
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         snippet = body[:120].decode("utf-8", "replace")
         raise EngineError(f"{engine}: {what} is not JSON (starts with {snippet!r})",
                           retryable=True) from None
@@ -83,14 +83,33 @@ def fetch_json(url: str, *, engine: str, params: Mapping[str, Any] | None = None
 
 
 def as_int(value: Any, default: int = 0) -> int:
-    """An integer from an API field that may be a number, a numeric string, or junk."""
+    """An integer from an API field that may be a number, a numeric string, or junk.
+
+    Junk includes JSON's ``1e999`` (infinity) and NaN, which ``int`` refuses with
+    ``OverflowError`` / ``ValueError``.
+    """
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
 
 
-def strip_html(text: str) -> str:
+def as_text(value: Any) -> str:
+    """A text field (title, author, license) from an API: strings as they are, numbers as
+    their decimal form, anything else (null, lists, objects, booleans) as ``""``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def as_url(value: Any) -> str:
+    """An image URL from an API field: a non-blank string, else ``""`` (the hit is dropped)."""
+    return value if isinstance(value, str) and value.strip() else ""
+
+
+def strip_html(text: Any) -> str:
     """Plain text from an HTML fragment (Commons' Artist field, Baidu's titles)."""
-    no_tags = re.sub(r"<[^>]*>", " ", text or "")
+    no_tags = re.sub(r"<[^>]*>", " ", as_text(text))
     return " ".join(html.unescape(no_tags).split())

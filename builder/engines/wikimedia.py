@@ -80,16 +80,16 @@ class WikimediaEngine(SearchEngine):
     def _hit(self, page: dict[str, Any], *, rank: int) -> SearchHit | None:
         infos = page.get("imageinfo")
         info = infos[0] if isinstance(infos, list) and infos else None
-        if not isinstance(info, dict) or info.get("mime") not in RASTER_MIMES:
+        if not isinstance(info, dict) or webjson.as_text(info.get("mime")) not in RASTER_MIMES:
             return None
-        url = info.get("thumburl") or info.get("url")
+        url = webjson.as_url(info.get("thumburl")) or webjson.as_url(info.get("url"))
         if not url:
             return None
         meta = info.get("extmetadata")
         meta = meta if isinstance(meta, dict) else {}
         title = webjson.strip_html(_meta(meta, "ObjectName")) or \
-            PurePosixPath(str(page.get("title", "")).removeprefix("File:")).stem
-        return SearchHit(url=url, rank=rank, page_url=info.get("descriptionurl", ""),
+            PurePosixPath(webjson.as_text(page.get("title")).removeprefix("File:")).stem
+        return SearchHit(url=url, rank=rank, page_url=webjson.as_url(info.get("descriptionurl")),
                          title=title, license=webjson.strip_html(_meta(meta, "LicenseShortName")),
                          author=webjson.strip_html(_meta(meta, "Artist")))
 
@@ -97,7 +97,7 @@ class WikimediaEngine(SearchEngine):
 def _meta(meta: dict[str, Any], key: str) -> str:
     entry = meta.get(key)
     value = entry.get("value") if isinstance(entry, dict) else entry
-    return str(value) if value is not None else ""
+    return webjson.as_text(value)
 
 
 def _pages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -117,7 +117,7 @@ def _raise_api_error(body: Any) -> None:
         raise EngineError("wikimedia: API answered a non-object JSON", retryable=True)
     err = body.get("error")
     if isinstance(err, dict):
-        code = str(err.get("code", ""))
-        raise EngineError(f"wikimedia: API error {code}: {err.get('info', '')}",
+        code = webjson.as_text(err.get("code"))
+        raise EngineError(f"wikimedia: API error {code}: {webjson.as_text(err.get('info'))}",
                           retryable=code.startswith(_RETRYABLE_API_ERRORS),
                           status=429 if code == "ratelimited" else 0)

@@ -7,8 +7,9 @@ The backend here is an in-memory stand-in for fetch/validate/dedup: it accepts U
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from builder.engines.base import SearchHit, SearchPage
+from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.journal import ResumeState
 from builder.job import JobLedger, JobRunner, SearchPlanner, SearchTask
 from builder.reasons import Reason
@@ -149,3 +150,71 @@ def test_unreadable_source_falls_back_like_an_unavailable_engine():
     assert stats["accepted"] == 3
     assert {(f["from"], f["to"]) for f in runner.planner.fallbacks} == {("sandbox", "sandbox")}
     assert any("row 3" in e["error"] for e in runner.search_errors)
+
+
+class CarelessJsonEngine(SearchEngine):
+    """Parses canned JSON answers (query -> page -> body) trusting their types, as the web
+    engines did before: wrong types raise KeyError/TypeError/... or make non-string hits."""
+
+    name = "careless"
+
+    def __init__(self, answers: dict[tuple[str, int], Any]):
+        self.answers = answers
+
+    def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
+        body = self.answers.get((query, page), {"results": []})
+        hits = [SearchHit(url=r["url"], rank=i, license=r.get("license", "").strip())
+                for i, r in enumerate(body["results"])]
+        return SearchPage(hits, has_more=int(body.get("page_count", 0)) > page + 1)
+
+
+class EngineBackend(ListBackend):
+    """Searches source 0 with a real engine object, called like the local pipeline calls it."""
+
+    def __init__(self, engine: SearchEngine, pages: dict[tuple[int, str], list[str]]):
+        super().__init__(pages)
+        self.engine = engine
+
+    async def search(self, task: SearchTask) -> SearchPage:
+        if task.source != 0:
+            return await super().search(task)
+        self.searches.append(task)
+        return await asyncio.to_thread(self.engine.search, task.query, label=task.label,
+                                       page=task.page, per_page=task.per_page)
+
+
+def test_malformed_engine_answers_are_engine_errors_and_the_next_source_takes_over():
+    """An answer of the wrong types (a number as license, a missing url) fails that search
+    (retried, then given up on), not the job."""
+    answers = {("q1", 0): {"results": [{"url": "http://h/a.ok", "license": 5}]},
+               ("q2", 0): {"results": [{"title": "no url"}], "page_count": float("inf")}}
+    pages = {(1, "q1"): ["http://h/v1.ok", "http://h/v2.bad", "http://h/v3.ok"],
+             (1, "q2"): ["http://h/v4.ok"]}
+    runner, sink, stats = run(spec(), EngineBackend(CarelessJsonEngine(answers), pages))
+    assert stats["accepted"] == 3 == len(sink.accepted)
+    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
+    assert len(sink.rejected) == stats["rejected"]
+    assert all(r.candidate.engine == "sandbox" and isinstance(r.candidate.url, str)
+               for r in sink.accepted + sink.rejected)
+    errors = [e["error"] for e in runner.search_errors]
+    assert errors and all(e.startswith("careless: malformed response:") for e in errors)
+    assert {"label": "cat", "from": "sandbox", "to": "sandbox", "reason": "failing"} in \
+        runner.planner.fallbacks
+
+
+def test_non_string_urls_never_reach_the_url_checks():
+    """Hits whose URL is a number, an object or null fail their search; good pages before
+    them still count, and every admitted candidate is accounted for."""
+    answers = {("q1", 0): {"results": [{"url": "http://h/a.ok"}, {"url": "http://h/b.bad"}],
+                           "page_count": 3},
+               ("q1", 1): {"results": [{"url": "http://h/c.ok"}, {"url": 12345}],
+                           "page_count": 3},
+               ("q2", 0): {"results": [{"url": None}]}}
+    pages = {(1, "q1"): ["http://h/v1.ok", "http://h/v2.ok"]}
+    runner, sink, stats = run(spec(), EngineBackend(CarelessJsonEngine(answers), pages))
+    urls = sorted(r.candidate.url for r in sink.accepted + sink.rejected)
+    assert "http://h/c.ok" not in urls  # its page failed as a whole
+    assert {"http://h/a.ok", "http://h/b.bad"} <= set(urls)
+    assert stats["accepted"] == 3
+    assert stats["accepted"] + stats["rejected"] == stats["candidates"] == len(urls)
+    assert any("SearchHit.url must be a str" in e["error"] for e in runner.search_errors)

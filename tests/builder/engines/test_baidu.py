@@ -6,7 +6,13 @@ import pytest
 
 from builder.engines.baidu import BaiduEngine, decode_baidu_url
 from builder.errors import EngineError
-from tests.builder.engines.fakes import FakeServer, baidu_handler, baidu_obfuscate, fake_images
+from tests.builder.engines.fakes import (
+    FakeServer,
+    Response,
+    baidu_handler,
+    baidu_obfuscate,
+    fake_images,
+)
 
 
 def test_decode_reverses_the_obfuscation():
@@ -70,3 +76,36 @@ def test_block_page_and_429_are_retryable():
             engine.search("cat", label="cat", page=0, per_page=5)
     assert blocked.value.retryable
     assert limited.value.retryable and limited.value.retry_after == 12.0
+
+
+def test_decode_of_junk_is_empty():
+    assert [decode_baidu_url(v) for v in (5, None, ["x"], "", {"a": 1})] == [""] * 5
+
+
+def test_malformed_items_keep_the_good_hits_with_text_fields():
+    """Numbers where Baidu sends strings, an infinite listNum: good items still come through."""
+    body = (b'{"listNum": 1e999, "data": ['
+            b'{"middleURL": "https://img0.baidu.com/x.jpg", "fromURL": 5, "fromPageTitle": 5,'
+            b' "fromURLHost": ["h"], "objURL": 7, "replaceUrl": [{"FromURL": ["p"]}]},'
+            b' {"middleURL": 7}, {"middleURL": {"a": 1}, "thumbURL": null}, "junk",'
+            b' {"middleURL": 8, "thumbURL": "https://img1.baidu.com/y.jpg",'
+            b' "fromPageTitleEnc": 12, "fromURLHost": "pages.example"}]}')
+    with FakeServer(lambda req: Response(200, body)) as srv:
+        engine = BaiduEngine(f"{srv.url}/search/acjson")
+        page = engine.search("cat", label="cat", page=0, per_page=5)
+        original = BaiduEngine(f"{srv.url}/search/acjson", original=True).search(
+            "cat", label="cat", page=0, per_page=5)
+    assert [h.url for h in page.hits] == ["https://img0.baidu.com/x.jpg",
+                                          "https://img1.baidu.com/y.jpg"]
+    x, y = page.hits
+    assert (x.page_url, x.title) == ("", "5")
+    assert (y.page_url, y.title) == ("http://pages.example/", "12")
+    assert [h.url for h in original.hits] == [h.url for h in page.hits]
+
+
+def test_non_object_answer_is_a_retryable_engine_error():
+    with FakeServer(lambda req: Response(200, [1, 2])) as srv:
+        with pytest.raises(EngineError) as info:
+            BaiduEngine(f"{srv.url}/search/acjson").search("cat", label="cat", page=0,
+                                                          per_page=5)
+    assert info.value.retryable

@@ -9,6 +9,7 @@ from builder.errors import EngineError, SourceError
 from tests.builder.engines.fakes import (
     DDG_VQD,
     FakeServer,
+    Response,
     bing_handler,
     ddg_handler,
     fake_images,
@@ -121,3 +122,33 @@ def test_duckduckgo_timeout_is_retryable(monkeypatch: pytest.MonkeyPatch):
         finally:
             release.set()
     assert info.value.retryable and not refused
+
+
+@pytest.mark.parametrize("results", [[{"image": 5, "title": ["t"]}], ["junk"], 7])
+def test_duckduckgo_answer_of_the_wrong_types_is_a_retryable_engine_error(
+        results, monkeypatch: pytest.MonkeyPatch):
+    fake = ddg_handler(fake_images(3))
+
+    def handle(req):
+        if req.path == "/i.js":
+            return Response(200, {"results": results})
+        return fake(req)
+
+    with FakeServer(handle) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        with pytest.raises(EngineError) as info:
+            DdgsImagesEngine().search("cat", label="cat", page=0, per_page=10)
+    assert info.value.retryable and not refused
+
+
+def test_junk_from_ddgs_is_dropped_and_good_results_kept(monkeypatch: pytest.MonkeyPatch):
+    engine = DdgsImagesEngine(max_backend_pages=1)
+    junk = [{"image": 5}, {"image": {"a": 1}}, {"image": None}, "junk", None,
+            {"image": "https://a.example/x.jpg", "title": ["t"], "url": 5},
+            {"image": "https://a.example/y.jpg", "title": 7, "url": "https://p.example/y"}]
+    monkeypatch.setattr(engine._ddgs, "images", lambda *a, **kw: junk)
+    page = engine.search("cat", label="cat", page=0, per_page=10)
+    assert [(h.url, h.rank, h.page_url, h.title) for h in page.hits] == \
+        [("https://a.example/x.jpg", 0, "", ""),
+         ("https://a.example/y.jpg", 1, "https://p.example/y", "7")]
+    assert not page.has_more

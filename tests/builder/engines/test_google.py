@@ -6,7 +6,13 @@ import pytest
 
 from builder.engines.google import GoogleEngine
 from builder.errors import EngineError, EngineUnavailable
-from tests.builder.engines.fakes import FakeServer, fake_images, google_handler, google_quota_error
+from tests.builder.engines.fakes import (
+    FakeServer,
+    Response,
+    fake_images,
+    google_handler,
+    google_quota_error,
+)
 
 KEY, CX = "AIza-test-key", "cx-test"
 
@@ -94,3 +100,30 @@ def test_bad_key_is_a_non_retryable_error():
         with pytest.raises(EngineError) as info:
             _engine(srv).search("cat", label="cat", page=0, per_page=5)
     assert info.value.status == 400 and not info.value.retryable
+
+
+@pytest.mark.parametrize("queries", [[], ["nextPage"], "x", None, {"nextPage": []}])
+def test_malformed_items_keep_the_good_hits_with_text_fields(queries):
+    """``image`` as a string, a dict as link, odd ``queries``: good items come through and the
+    paging ends."""
+    body = {"queries": queries, "items": [
+        {"link": "https://a.example/x.jpg", "image": "s", "title": ["t"]},
+        {"link": {"x": 1}}, {"link": 12345}, "junk", None,
+        {"link": "https://a.example/y.jpg", "image": {"contextLink": 5}, "title": 3},
+        {"link": "https://a.example/z.jpg", "image": {"contextLink": "https://p.example/z"}},
+    ]}
+    with FakeServer(lambda req: Response(200, body)) as srv:
+        page = _engine(srv).search("cat", label="cat", page=0, per_page=10)
+    assert [(h.url, h.rank) for h in page.hits] == [("https://a.example/x.jpg", 0),
+                                                    ("https://a.example/y.jpg", 5),
+                                                    ("https://a.example/z.jpg", 6)]
+    assert [(h.page_url, h.title) for h in page.hits] == \
+        [("", ""), ("", "3"), ("https://p.example/z", "")]
+    assert not page.has_more and len(srv.requests) == 1
+
+
+def test_non_object_answer_is_a_retryable_engine_error():
+    with FakeServer(lambda req: Response(200, [1, 2])) as srv:
+        with pytest.raises(EngineError) as info:
+            _engine(srv).search("cat", label="cat", page=0, per_page=5)
+    assert info.value.retryable

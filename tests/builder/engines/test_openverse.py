@@ -6,7 +6,7 @@ import pytest
 
 from builder.engines.openverse import OpenverseEngine, format_license
 from builder.errors import EngineError
-from tests.builder.engines.fakes import FakeServer, fake_images, openverse_handler
+from tests.builder.engines.fakes import FakeServer, Response, fake_images, openverse_handler
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +97,39 @@ def test_format_license():
     assert format_license("by-nc-sa", "3.0") == "CC BY-NC-SA 3.0"
     assert format_license("pdm", "1.0") == "Public Domain Mark 1.0"
     assert format_license("") == ""
+
+
+def test_malformed_results_keep_the_good_hits_with_text_fields():
+    """Wrong JSON types never crash: junk URLs are dropped, junk text becomes "", and an
+    infinite ``page_count`` ends the paging."""
+    body = (b'{"page_count": 1e999, "results": ['
+            b'{"url": "https://a.example/x.jpg", "license": 5, "license_version": [1],'
+            b' "title": ["t"], "creator": {"n": 1}, "foreign_landing_url": null},'
+            b' {"url": {"a": 1}}, {"url": 12345}, {"url": null}, {"url": "  "}, "junk", 7,'
+            b' {"url": "https://a.example/y.jpg", "title": 7, "license": "by",'
+            b' "license_version": 2.0, "foreign_landing_url": 3}]}')
+    with FakeServer(lambda req: Response(200, body)) as srv:
+        page = OpenverseEngine(f"{srv.url}/v1/images/").search("cat", label="cat", page=0,
+                                                               per_page=10)
+    assert [(h.url, h.rank) for h in page.hits] == [("https://a.example/x.jpg", 0),
+                                                    ("https://a.example/y.jpg", 7)]
+    x, y = page.hits
+    assert (x.title, x.license, x.author, x.page_url) == ("", "", "", "")
+    assert (y.title, y.license, y.page_url) == ("7", "CC BY 2.0", "")
+    assert not page.has_more
+
+
+@pytest.mark.parametrize("body", [
+    {"results": {"url": "https://a.example/x.jpg"}}, [1, 2], {"results": None}, b"[" * 50_000,
+])
+def test_answer_of_the_wrong_shape_is_a_retryable_engine_error(body):
+    with FakeServer(lambda req: Response(200, body)) as srv:
+        with pytest.raises(EngineError) as info:
+            OpenverseEngine(f"{srv.url}/v1/images/").search("cat", label="cat", page=0,
+                                                            per_page=5)
+    assert info.value.retryable
+
+
+def test_format_license_of_junk_is_empty():
+    assert format_license(5, "1.0") == "" and format_license(None) == ""
+    assert format_license(["by"]) == "" and format_license("by", None) == "CC BY"

@@ -6,7 +6,7 @@ import pytest
 
 from builder.engines.wikimedia import WikimediaEngine
 from builder.errors import EngineError
-from tests.builder.engines.fakes import FakeServer, fake_images, wikimedia_handler
+from tests.builder.engines.fakes import FakeServer, Response, fake_images, wikimedia_handler
 
 
 def test_maps_url_page_title_license_and_author_in_search_order():
@@ -97,3 +97,39 @@ def test_html_error_page_and_5xx_are_retryable():
             with pytest.raises(EngineError) as info:
                 engine.search("cat", label="cat", page=0, per_page=5)
             assert info.value.retryable
+
+
+def test_malformed_pages_keep_the_good_hits_with_text_fields():
+    """An infinite index or offset, a list as MIME type, a number as URL, a null landing page
+    or odd metadata values: the good files still come through, with text fields."""
+    body = (b'{"continue": {"gsroffset": 1e999}, "query": {"pages": ['
+            b'{"index": 1e999, "title": 5, "imageinfo": [{"mime": "image/jpeg",'
+            b' "url": "https://a.example/x.jpg", "descriptionurl": null,'
+            b' "extmetadata": {"ObjectName": {"value": ["t"]}, "Artist": {"value": 5},'
+            b' "LicenseShortName": {"value": {"a": 1}}}}]},'
+            b' {"index": 2, "imageinfo": [{"mime": ["image/jpeg"],'
+            b' "url": "https://a.example/m.jpg"}]},'
+            b' {"index": 3, "imageinfo": [{"mime": "image/png", "url": 12345}]},'
+            b' {"index": 4, "imageinfo": [{"mime": {"a": 1},'
+            b' "url": "https://a.example/d.jpg"}]},'
+            b' {"index": 5, "imageinfo": "x"}, {"index": "six", "imageinfo": [null]},'
+            b' {"index": 7, "title": "File:Cat.png", "imageinfo": [{"mime": "image/png",'
+            b' "url": "https://a.example/y.png", "thumburl": 9, "extmetadata": []}]}]}}')
+    with FakeServer(lambda req: Response(200, body)) as srv:
+        page = WikimediaEngine(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
+                                                                per_page=10)
+    assert sorted(h.url for h in page.hits) == ["https://a.example/x.jpg",
+                                                "https://a.example/y.png"]
+    by_url = {h.url: h for h in page.hits}
+    x, y = by_url["https://a.example/x.jpg"], by_url["https://a.example/y.png"]
+    assert (x.page_url, x.title, x.author, x.license) == ("", "5", "5", "")
+    assert y.title == "Cat"
+    assert not page.has_more  # an offset of 1e999 is no continuation
+
+
+def test_non_object_answer_is_a_retryable_engine_error():
+    with FakeServer(lambda req: Response(200, [1, 2])) as srv:
+        with pytest.raises(EngineError) as info:
+            WikimediaEngine(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
+                                                            per_page=5)
+    assert info.value.retryable

@@ -1,0 +1,107 @@
+"""The engine contract, enforced in ``SearchEngine``: a malformed answer is an EngineError."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.engines import webjson
+from builder.engines.base import SearchEngine, SearchHit, SearchPage
+from builder.errors import EngineError, SourceError
+
+
+class _Parsing(SearchEngine):
+    """Parses ``answer`` the way a careless engine would."""
+
+    name = "parsing"
+
+    def __init__(self, answer: object):
+        self.answer = answer
+
+    def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        body = self.answer
+        return SearchPage([SearchHit(url=r["url"], title=r["title"].strip())
+                           for r in body["results"]], has_more=int(body["more"]) > 0)
+
+
+class _Child(_Parsing):
+    name = "child"
+
+
+@pytest.mark.parametrize("answer,problem", [
+    ({"results": [{"title": "x"}], "more": 0}, "KeyError"),
+    ({"results": [{"url": "http://a/x.jpg", "title": 5}], "more": 0}, "AttributeError"),
+    ({"results": 5, "more": 0}, "TypeError"),
+    ({"results": [], "more": "lots"}, "ValueError"),
+    ({"results": [], "more": float("inf")}, "OverflowError"),
+    ({"results": [{"url": 12345, "title": "x"}], "more": 0}, "TypeError"),
+    ([], "TypeError"),
+])
+def test_malformed_answer_becomes_a_retryable_engine_error(answer, problem):
+    with pytest.raises(EngineError) as info:
+        _Parsing(answer).search("cat", label="cat", page=0, per_page=5)
+    assert info.value.retryable
+    assert str(info.value).startswith(f"parsing: malformed response: {problem}")
+
+
+def test_subclasses_are_guarded_once_and_keep_their_name():
+    with pytest.raises(EngineError, match=r"^child: malformed response: KeyError"):
+        _Child({}).search("cat", label="cat", page=0, per_page=5)
+    assert _Child.search is _Parsing.search
+    assert _Parsing.search.__name__ == "search"
+
+
+def test_engine_and_source_errors_pass_through_unchanged():
+    err = EngineError("parsing: answered HTTP 403", status=403, retryable=False)
+    with pytest.raises(EngineError) as info:
+        _Parsing(err).search("cat", label="cat", page=0, per_page=5)
+    assert info.value is err
+    with pytest.raises(SourceError, match="no column"):
+        _Parsing(SourceError("no column 'url'")).search("cat", label="cat", page=0, per_page=5)
+
+
+def test_a_search_that_returns_something_else_is_an_engine_error():
+    class Sloppy(SearchEngine):
+        name = "sloppy"
+
+        def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
+            return SearchPage(["http://a/x.jpg"])  # type: ignore[list-item]
+
+    with pytest.raises(EngineError, match="sloppy: malformed response"):
+        Sloppy().search("cat", label="cat", page=0, per_page=5)
+
+
+def test_good_answer_passes():
+    page = _Parsing({"results": [{"url": "http://a/x.jpg", "title": " t "}], "more": "1"}) \
+        .search("cat", label="cat", page=0, per_page=5)
+    assert page.hits == [SearchHit("http://a/x.jpg", title="t")] and page.has_more
+
+
+@pytest.mark.parametrize("field,value", [("url", 12345), ("url", None), ("url", {"a": 1}),
+                                         ("title", ["t"]), ("page_url", None),
+                                         ("license", 5), ("author", b"x"), ("rank", "1")])
+def test_search_hit_refuses_non_string_fields(field, value):
+    kwargs = {"url": "http://a/x.jpg", field: value}
+    with pytest.raises(TypeError, match=f"SearchHit.{field}"):
+        SearchHit(**kwargs)
+
+
+def test_as_int_takes_junk_including_infinity():
+    assert webjson.as_int("12") == 12 and webjson.as_int(3.0) == 3
+    for junk in (float("inf"), float("-inf"), float("nan"), "1e999", None, [1], {"a": 1}):
+        assert webjson.as_int(junk, -1) == -1
+
+
+def test_as_text_and_as_url():
+    assert [webjson.as_text(v) for v in ("t", 5, 2.5, None, True, ["t"], {"a": 1})] == \
+        ["t", "5", "2.5", "", "", "", ""]
+    assert [webjson.as_url(v) for v in ("http://a/x", "  ", "", 5, None, {"a": 1})] == \
+        ["http://a/x", "", "", "", "", ""]
+    assert webjson.strip_html(5) == "5" and webjson.strip_html(None) == ""
+
+
+def test_deeply_nested_json_is_a_retryable_engine_error():
+    with pytest.raises(EngineError, match="not JSON") as info:
+        webjson.loads(b"[" * 100_000 + b"]" * 100_000, engine="x")
+    assert info.value.retryable
