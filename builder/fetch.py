@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import time
 from collections import deque
@@ -48,6 +49,8 @@ MAX_CRAWL_DELAY_S = 10.0
 DNS_CACHE_TTL_S = 300
 _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/*;q=0.5"
 _HOST_SWEEP_AT = 4096
+
+log = logging.getLogger("pixcrawler.fetch")
 
 
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
@@ -213,6 +216,11 @@ class Fetcher:
             await self._fetch(record, url)
         except UrlRejected as exc:
             record.reject(exc.reason, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - one record must never take down the batch
+            log.warning("unexpected %s fetching %s", type(exc).__name__,
+                        record.candidate.url[:200], exc_info=True)
+            record.reject(Reason.CONNECTION_ERROR,
+                          f"unexpected {type(exc).__name__} while fetching: {exc}")
         record.fetch_ms = (time.perf_counter() - started) * 1000.0
         self._count(record)
         return record
@@ -236,7 +244,7 @@ class Fetcher:
             delay = cfg.per_host_delay_s
             if cfg.respect_robots:
                 policy = self._robots.cached(url) or await self._robots.policy(url)
-                if not policy.allowed(url_s, ROBOTS_UA):
+                if not policy.allowed(url, ROBOTS_UA):
                     record.reject(Reason.ROBOTS_DISALLOWED, f"robots.txt disallows {url_s}")
                     return
                 if policy.crawl_delay > delay:

@@ -79,6 +79,8 @@ def blocked_category(addr: Union[str, IPAddress]) -> Optional[str]:
         return "unspecified"
     if ip.is_link_local:
         return "link-local"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local"  # fec0::/10: deprecated (RFC 3879) but still routed inside some sites
     if ip.is_multicast:
         return "multicast"
     if ip.is_reserved:

@@ -5,7 +5,9 @@ Rules, per origin (scheme + host + port), matching our user-agent token ``PixCra
 
 * 2xx: the file is parsed and its rules apply. As in ``urllib.robotparser``, the first matching
   line of the group wins (not RFC 9309's longest match). A ``Crawl-delay`` (whole seconds) for
-  us or ``*`` is exposed as ``RobotsPolicy.crawl_delay``.
+  us or ``*`` is exposed as ``RobotsPolicy.crawl_delay``; a ``Crawl-delay`` or ``Request-rate``
+  the parser cannot convert ("²") is ignored, the rest of the file still applies. Rules match the
+  URL's path and query only.
 * 401 / 403: everything is disallowed (the site refuses to tell us, as ``urllib.robotparser``).
 * any other 4xx (404, 410, ...): no rules, everything is allowed.
 * 5xx, a timeout, a connection failure, a blocked address or too many redirects: everything is
@@ -22,8 +24,10 @@ future, not just finished results.
 from __future__ import annotations
 
 import asyncio
+import math
+import urllib.parse
 import urllib.robotparser
-from typing import Awaitable, Callable, Iterable, Optional
+from typing import Awaitable, Callable, Iterable, Optional, Union
 
 from yarl import URL
 
@@ -50,7 +54,10 @@ class RobotsPolicy:
         self.disallow_all = disallow_all
         self._parser = parser
         delay = parser.crawl_delay(user_agent) if parser is not None else None
-        self.crawl_delay: float = float(delay) if delay else 0.0
+        try:
+            self.crawl_delay: float = float(delay) if delay else 0.0
+        except OverflowError:  # more digits than a float holds
+            self.crawl_delay = math.inf
 
     @classmethod
     def from_response(cls, status: int, body: bytes, user_agent: str = ROBOTS_UA) -> "RobotsPolicy":
@@ -58,19 +65,77 @@ class RobotsPolicy:
         if 200 <= status < 300:
             parser = urllib.robotparser.RobotFileParser()
             text = body[:MAX_ROBOTS_BYTES].decode("utf-8", errors="replace")
-            parser.parse(text.splitlines())
+            parser.parse(_defuse_numbers(text.splitlines()))
             return cls(status, parser, user_agent=user_agent)
         if status in (401, 403):
             return cls(status, disallow_all=True)
         return cls(status, allow_all=True)
 
-    def allowed(self, url: str, user_agent: str = ROBOTS_UA) -> bool:
-        """True when ``url`` (on this policy's origin) may be fetched by ``user_agent``."""
+    def allowed(self, url: Union[str, URL], user_agent: str = ROBOTS_UA) -> bool:
+        """True when ``url`` (on this policy's origin) may be fetched by ``user_agent``.
+
+        Only the path and query are matched; a path ``urllib.robotparser`` cannot parse (after
+        it unquotes ``//x%5B`` into a broken authority) is disallowed, the polite answer.
+        """
         if self.disallow_all:
             return False
         if self.allow_all or self._parser is None:
             return True
-        return self._parser.can_fetch(user_agent, url)
+        target = _path_and_query(url)
+        if target is None:
+            return False
+        try:
+            return self._parser.can_fetch(user_agent, target)
+        except ValueError:
+            return False
+
+
+_NUMERIC_DIRECTIVES = frozenset({"crawl-delay", "request-rate"})
+
+
+def _defuse_numbers(lines: list[str]) -> list[str]:
+    """``lines`` with each Crawl-delay / Request-rate value ``urllib.robotparser`` would crash on
+    replaced by one it ignores.
+
+    The parser checks ``str.isdigit()`` and then calls ``int()``, which refuses superscripts
+    ("²", also as ``%C2%B2``) and more than 4300 digits. The directive line itself is kept so
+    the parser's group state machine sees the same lines.
+    """
+    out = []
+    for line in lines:
+        key, colon, value = line.split("#", 1)[0].partition(":")
+        key = key.strip().lower()
+        if colon and key in _NUMERIC_DIRECTIVES:
+            numbers = urllib.parse.unquote(value.strip()).split("/")
+            if not all(_int_safe(number) for number in numbers):
+                line = f"{key}: ignored"
+        out.append(line)
+    return out
+
+
+def _int_safe(text: str) -> bool:
+    """False when ``text.strip().isdigit()`` holds but ``int(text)`` would raise."""
+    text = text.strip()
+    if not text.isdigit():
+        return True
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _path_and_query(url: Union[str, URL]) -> Optional[str]:
+    """What robots rules are matched against: the raw path and query of ``url`` (None when
+    ``url`` does not parse)."""
+    if isinstance(url, URL):
+        return url.raw_path_qs or "/"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return None
+    path = parts.path or "/"
+    return f"{path}?{parts.query}" if parts.query else path
 
 
 OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
@@ -146,7 +211,7 @@ class RobotsCache:
     async def allowed(self, url: URL) -> bool:
         """True when robots.txt of ``url``'s origin lets our user agent fetch it."""
         policy = await self.policy(url)
-        return policy.allowed(str(url), self._user_agent)
+        return policy.allowed(url, self._user_agent)
 
     async def _load(self, origin: str, url: URL) -> RobotsPolicy:
         self.fetches += 1

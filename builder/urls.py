@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+import re
+import string
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from builder.reasons import Reason
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TRACKING_PREFIXES = ("utm_",)
 _TRACKING_KEYS = {"fbclid", "gclid", "mc_cid", "mc_eid"}
+_ALLOWED_SCHEMES = ("http", "https")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+"""Path characters left as they are: RFC 3986 unreserved, sub-delims, ':', '@' and '/'."""
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _normalise_path(path: str) -> str:
+    """RFC 3986 percent-encoding normalisation of a path.
+
+    An escape of an unreserved character is decoded and other escapes get upper-case hex, but an
+    escaped reserved character stays escaped: ``/a%2Fb`` and ``/a/b`` are different resources.
+    Characters a path may not hold raw (space, non-ASCII, a stray ``%``) are escaped.
+    """
+    out = []
+    pos = 0
+    for match in _ESCAPE.finditer(path):
+        out.append(quote(path[pos:match.start()], safe=_PATH_SAFE))
+        char = chr(int(match.group(1), 16))
+        out.append(char if char in _UNRESERVED else match.group(0).upper())
+        pos = match.end()
+    out.append(quote(path[pos:], safe=_PATH_SAFE))
+    return "".join(out)
 
 
 def normalise_url(url: str) -> str | None:
@@ -30,20 +55,30 @@ def normalise_url(url: str) -> str | None:
     netloc = host if ":" not in host else f"[{host}]"
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         netloc = f"{netloc}:{port}"
-    path = quote(unquote(parts.path or "/"), safe="/:@!$&'()*+,;=-._~%")
+    try:
+        path = _normalise_path(parts.path or "/")
+    except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form to escape
+        return None
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
              if k not in _TRACKING_KEYS and not k.startswith(_TRACKING_PREFIXES)]
     return urlunsplit((scheme, netloc, path, urlencode(sorted(query)), ""))
 
 
 def check_url(url: str) -> tuple[str | None, Reason | None, str]:
-    """(normalised URL, rejection reason or None, detail) for a candidate URL, before fetching."""
+    """(normalised URL, rejection reason or None, detail) for a candidate URL, before fetching.
+
+    The scheme is judged first: ``data:``, ``file:`` and ``javascript:`` URLs have no host but
+    are unsupported rather than unparsable.
+    """
+    try:
+        scheme = urlsplit(url.strip()).scheme.lower()
+    except ValueError:
+        scheme = ""
     norm = normalise_url(url)
+    if scheme and scheme not in _ALLOWED_SCHEMES:
+        return norm, Reason.UNSUPPORTED_SCHEME, f"scheme {scheme!r}; only http and https"
     if norm is None:
         return None, Reason.INVALID_URL, f"cannot parse {url[:200]!r}"
-    scheme = norm.split(":", 1)[0]
-    if scheme not in ("http", "https"):
-        return norm, Reason.UNSUPPORTED_SCHEME, f"scheme {scheme!r}; only http and https"
     return norm, None, ""
 
 

@@ -19,39 +19,51 @@ def read_url_list(path: str, *, url_column: str = "url", label_column: str = "la
     if not p.is_file():
         raise SourceError(f"URL list not found: {p} (sources[].path must name an existing file)")
     suffix = p.suffix.lower()
-    rows: list[dict] = []
+    rows: list[tuple[str, dict]] = []  # (where, row): "file:line" or "file: row n" for errors
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(p).to_pylist()
+        rows = [(f"{p}: row {n}", row) for n, row in enumerate(pq.read_table(p).to_pylist())]
     elif suffix in (".jsonl", ".ndjson"):
         with p.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise SourceError(f"{p}:{n}: not valid JSON ({exc})") from None
+                    if not isinstance(row, dict):
+                        raise SourceError(f"{p}:{n}: expected a JSON object with a "
+                                          f"{url_column!r} key, got {type(row).__name__} "
+                                          f"{line.strip()[:80]}")
+                    rows.append((f"{p}:{n}", row))
     elif suffix in (".csv", ".tsv"):
         text = p.read_text(encoding="utf-8")
-        rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = [(f"{p}:{reader.line_num}", row) for row in reader]
     else:
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if "\t" in line:
                 label, url = line.split("\t", 1)
-                rows.append({label_column: label.strip(), url_column: url.strip()})
+                rows.append((f"{p}:{n}", {label_column: label.strip(), url_column: url.strip()}))
             else:
-                rows.append({url_column: line})
+                rows.append((f"{p}:{n}", {url_column: line}))
     out = []
-    for n, row in enumerate(rows):
+    for where, row in rows:
         if url_column not in row:
-            raise SourceError(f"{p}: row {n} has no column {url_column!r} "
+            raise SourceError(f"{where}: no column {url_column!r} "
                               f"(columns: {', '.join(map(str, row))}); set sources[].url_column")
+        url = row[url_column]
+        if url is None:
+            url = ""
+        if not isinstance(url, str):
+            raise SourceError(f"{where}: {url_column!r} must be a string URL, got "
+                              f"{type(url).__name__} {str(url)[:80]}")
         label = str(row.get(label_column) or default_label)
-        out.append((label, str(row[url_column] or "")))
+        out.append((label, url))
     return out
 
 

@@ -68,6 +68,19 @@ class _ByteCache:
 
 
 
+def _decimal_index(text: str) -> int | None:
+    """``text`` as a non-negative int when it is plain ASCII digits, else None.
+
+    ``str.isdigit`` also passes superscripts ("²") that ``int`` refuses.
+    """
+    if not (text.isascii() and text.isdecimal()):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts
+        return None
+
+
 def _origin(host: str, port: int) -> str:
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
@@ -234,7 +247,10 @@ class SandboxWeb:
     def outcome_of(self, url: str) -> str | None:
         """What the pipeline must make of ``url``: "accepted", a Reason value, or None when the
         URL is not one of this sandbox's corpus or benchmark URLs."""
-        path = urllib.parse.urlsplit(url).path
+        try:
+            path = urllib.parse.urlsplit(url).path
+        except ValueError:
+            return None
         if path.startswith("/bench/"):
             return ACCEPTED if self._bench_index(path.rsplit("/", 1)[-1]) is not None else None
         return self._outcomes.get(path)
@@ -306,11 +322,12 @@ class SandboxWeb:
         slug, pos = request.match_info["slug"], request.match_info["pos"]
         label = next((lb for lb, s in self.corpus.slugs.items() if s == slug), None)
         items = self.corpus.results.get(label, []) if label is not None else []
-        if not pos.isdigit() or int(pos) >= len(items):
+        index = _decimal_index(pos)
+        if index is None or index >= len(items):
             raise web.HTTPNotFound(text="no such sandbox page\n")
-        entry = items[int(pos)]
+        entry = items[index]
         origin = f"{request.scheme}://{request.host}"
-        title = html.escape(f"A {entry.label} picture, number {int(pos) + 1}")
+        title = html.escape(f"A {entry.label} picture, number {index + 1}")
         src = html.escape(self._absolute(entry, origin), quote=True)
         return web.Response(text=f"<!DOCTYPE html><html><head><title>{title}</title></head>"
                                  f"<body><h1>{title}</h1><img src=\"{src}\"></body></html>\n",
@@ -318,9 +335,10 @@ class SandboxWeb:
 
     def _bench_index(self, name: str) -> int | None:
         stem, dot, ext = name.partition(".")
-        if ext != "jpg" or not stem.isdigit() or int(stem) >= self.corpus.bench_images:
+        index = _decimal_index(stem)
+        if ext != "jpg" or index is None or index >= self.corpus.bench_images:
             return None
-        return int(stem)
+        return index
 
     async def _bench(self, request: web.Request) -> web.Response:
         i = self._bench_index(request.match_info["name"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any, Optional
 import pytest
 from aiohttp import web
 from PIL import Image
+from yarl import URL
 
 from builder.fetch import Fetcher, fetch_all, parse_retry_after
 from builder.reasons import Reason
@@ -46,7 +48,8 @@ class State:
         self.max_in_flight = 0
         self.stream_sent = 0
         self.stream_disconnected = False
-        self.robots_mode = "none"  # none (404) | rules | error (500) | crawl_delay
+        # none (404) | rules | error (500) | crawl_delay | bad_numbers
+        self.robots_mode = "none"
 
     def hit(self, key: str) -> int:
         with self.lock:
@@ -70,6 +73,9 @@ def make_app(state: State) -> web.Application:
                                      "User-agent: PixCrawler\nDisallow: /private/\n")
         if state.robots_mode == "crawl_delay":
             return web.Response(text="User-agent: PixCrawler\nCrawl-delay: 1\n")
+        if state.robots_mode == "bad_numbers":
+            return web.Response(text="User-agent: *\nCrawl-delay: \u00b2\nRequest-rate: \u00b9/5\n"
+                                     "Disallow: /private/\n")
         if state.robots_mode == "error":
             return web.Response(status=500)
         return web.Response(status=404)
@@ -507,6 +513,56 @@ def test_robots_crawl_delay_spaces_requests(srv: Any) -> None:
     assert not any(r.rejected for r in out)
     first, second = srv.state.times["ts"]
     assert second - first >= 0.9
+
+
+def test_robots_with_unconvertible_numbers_is_obeyed_and_cached(srv: Any) -> None:
+    srv.state.robots_mode = "bad_numbers"
+    urls = [base(srv) + p for p in ("/img.jpg", "/private/img.jpg", "/img.jpg")]
+    out, stats = run_fetch(urls, cfg(respect_robots=True))
+    assert [r.reason for r in out] == ["", Reason.ROBOTS_DISALLOWED.value, ""]
+    assert srv.state.hits["robots"] == 1 and stats["robots_fetches"] == 1
+
+
+def test_robots_check_ignores_the_userinfo(srv: Any) -> None:
+    srv.state.robots_mode = "rules"
+    urls = [f"http://u%5B@127.0.0.1:{srv.port}/img.jpg",
+            f"http://u%5D:p%5B@127.0.0.1:{srv.port}/private/img.jpg"]
+    out, stats = run_fetch(urls, cfg(respect_robots=True))
+    assert [r.reason for r in out] == ["", Reason.ROBOTS_DISALLOWED.value]
+    assert stats["fetched"] + stats["rejected"] == 2
+
+
+def test_unexpected_error_rejects_only_its_record(srv: Any, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    real = Fetcher._get_with_retries
+
+    async def flaky(self: Fetcher, url: URL, delay: float, record: Record) -> Optional[str]:
+        if url.path == "/private/img.jpg":
+            raise RuntimeError("a bug in our code")
+        return await real(self, url, delay, record)
+
+    monkeypatch.setattr(Fetcher, "_get_with_retries", flaky)
+    with caplog.at_level(logging.WARNING, logger="pixcrawler.fetch"):
+        out, stats = run_fetch([base(srv) + "/img.jpg", base(srv) + "/private/img.jpg"], cfg())
+    assert not out[0].rejected
+    assert out[1].reason == Reason.CONNECTION_ERROR.value
+    assert "RuntimeError" in out[1].detail and "a bug in our code" in out[1].detail
+    assert stats["fetched"] == 1 and stats["rejected"] == 1
+    assert any("RuntimeError" in r.getMessage() for r in caplog.records)
+
+
+def test_cancellation_still_propagates(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def cancelled(self: Fetcher, url: URL, delay: float, record: Record) -> Optional[str]:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(Fetcher, "_get_with_retries", cancelled)
+
+    async def main() -> None:
+        async with Fetcher(cfg()) as fetcher:
+            await fetcher.fetch(rec(base(srv) + "/img.jpg"))
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())
 
 
 # ---- SSRF guard and bad URLs ------------------------------------------------------------------

@@ -56,6 +56,60 @@ def test_garbage_and_empty_files_allow() -> None:
     assert RobotsPolicy.from_response(200, b"\xff\xfe<html>oops</html>").allowed("http://h/x")
 
 
+@pytest.mark.parametrize("line", [
+    "Crawl-delay: \u00b2",          # superscript two: isdigit() but not int()
+    "Crawl-delay: %C2%B2",           # the same, percent-encoded (the parser unquotes)
+    "Crawl-delay: " + "9" * 5000,    # past int()'s digit limit
+    "Request-rate: \u00b9/5",
+    "Request-rate: 1/\u2075",
+    "Request-rate: 1/" + "9" * 5000,
+])
+def test_numbers_the_parser_cannot_convert_are_ignored(line: str) -> None:
+    body = f"User-agent: *\n{line}\nDisallow: /private/\n".encode()
+    policy = RobotsPolicy.from_response(200, body)
+    assert policy.crawl_delay == 0.0
+    assert not policy.allowed("http://h/private/x.jpg")
+    assert policy.allowed("http://h/x.jpg")
+
+
+def test_ignored_number_keeps_the_group_structure() -> None:
+    # A Crawl-delay line closes a group's user-agent list; the ignored one must too.
+    body = "User-agent: otherbot\nCrawl-delay: \u00b2\nUser-agent: PixCrawler\nDisallow: /\n"
+    policy = RobotsPolicy.from_response(200, body.encode())
+    assert not policy.allowed("http://h/x.jpg")
+    assert policy.allowed("http://h/x.jpg", "otherbot")
+
+
+def test_huge_crawl_delay_is_infinite_not_an_overflow() -> None:
+    policy = RobotsPolicy.from_response(200, b"User-agent: *\nCrawl-delay: " + b"9" * 400)
+    assert policy.crawl_delay == float("inf")
+
+
+def test_only_path_and_query_are_matched() -> None:
+    policy = RobotsPolicy.from_response(200, b"User-agent: *\nDisallow: /private\n")
+    for url in ("http://u%5B@h/ok", "http://u%5D@h/ok?q=%5B"):
+        assert policy.allowed(url)
+        assert policy.allowed(URL(url))
+    assert not policy.allowed("http://u%5B@h/private/x.jpg")
+    assert not policy.allowed(URL("http://u%5B@h/private/x.jpg"))
+    # robotparser reads "//x[" as an authority and raises; we answer "disallowed" instead.
+    assert not policy.allowed("http://h//x%5B/a.jpg")
+    assert not policy.allowed(URL("http://h//x%5B/a.jpg"))
+
+
+def test_cache_keeps_a_policy_with_unconvertible_numbers() -> None:
+    body = "User-agent: *\nCrawl-delay: \u00b2\nDisallow: /x\n".encode()
+    source = CountingRobotsSource({"http://a.test:80": (200, body)})
+
+    async def main() -> list[bool]:
+        cache = RobotsCache(source)
+        return [await cache.allowed(URL("http://a.test/x/1.jpg")),
+                await cache.allowed(URL("http://u%5B@a.test/y/2.jpg"))]
+
+    assert asyncio.run(main()) == [False, True]
+    assert len(source.calls) == 1
+
+
 def test_origin_key() -> None:
     assert origin_of(URL("http://Example.com/a")) == "http://example.com:80"
     assert origin_of(URL("https://example.com/a")) == "https://example.com:443"

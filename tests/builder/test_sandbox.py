@@ -356,6 +356,17 @@ def test_bench_images():
         assert sandbox.outcome_of(urls[2]) == "accepted"
 
 
+def test_non_ascii_digit_paths_are_404_not_500():
+    with SandboxWeb(images_per_class=2, bench_images=3) as sandbox:
+        base = sandbox.base_url
+        for path in ("/bench/%C2%B2.jpg", "/bench/%D9%A3.jpg", "/page/cat/%C2%B2",
+                     "/page/cat/" + "9" * 5000):
+            assert get(base + path)[0] == 404, path
+        assert get(base + "/page/cat/0")[0] == 200
+        assert sandbox.outcome_of(base + "/bench/\u00b2.jpg") is None
+        assert sandbox.outcome_of("http://[broken/bench/00001.jpg") is None
+
+
 def test_serve_forever_prints_its_url_and_stops_on_sigterm():
     code = ("from builder.sandbox import serve_forever; "
             "serve_forever(port=0, images_per_class=2)")

@@ -20,6 +20,25 @@ def test_check_url_reasons():
     assert check_url("https://x.org/a.jpg")[1] is None
 
 
+def test_check_url_judges_the_scheme_before_the_host():
+    for url in ("data:image/png;base64,AAAA", "file:///etc/passwd", "javascript:alert(1)",
+                "mailto:a@b.org"):
+        assert check_url(url)[1] == Reason.UNSUPPORTED_SCHEME, url
+    for url in ("http:///x", "https://", "not a url", "http://[::1"):
+        assert check_url(url)[1] == Reason.INVALID_URL, url
+
+
+def test_normalise_url_keeps_escaped_reserved_characters_distinct():
+    for escaped, raw in (("/a%2Fb.jpg", "/a/b.jpg"), ("/a%3Fb.jpg", "/a?b.jpg"),
+                         ("/a%23b.jpg", "/a#b.jpg")):
+        assert normalise_url("http://x.org" + escaped) != normalise_url("http://x.org" + raw)
+    assert normalise_url("http://x.org/a%2fb") == "http://x.org/a%2Fb"
+    assert normalise_url("http://x.org/%7Euser/%41.jpg") == "http://x.org/~user/A.jpg"
+    assert normalise_url("http://x.org/caf%c3%a9") == normalise_url("http://x.org/café")
+    assert normalise_url("http://x.org/50%") == "http://x.org/50%25"
+    assert check_url("http://x.org/\udc80")[1] == Reason.INVALID_URL
+
+
 def test_url_dedup_first_wins():
     d = UrlDedup()
     assert d.first_seen("http://a/1", "k1") is None
