@@ -31,6 +31,7 @@ of another class (``a`` and ``a/b``), is an error.
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
@@ -57,7 +58,9 @@ LabelFormat = Literal["json", "csv", "yaml", "txt"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field is finite (an infinite timeout or a NaN split
+    # fraction is a spec error, not a crash or a hang later).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ClassSpec(_Model):
@@ -135,6 +138,30 @@ def _bad_name(name: str) -> bool:
     return not name or "/" in name or "\\" in name or name in (".", "..")
 
 
+_CONTROL_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
+"""Unicode categories never allowed in a label, category or split name: control characters
+(newline, tab, NUL, ...), lone surrogates and line/paragraph separators. Names become directory
+names and lines of ``classes.txt``, where these break the file or the path."""
+
+
+def _control_chars(name: str) -> str:
+    """The forbidden characters in ``name``, escaped and comma-separated ('' if none)."""
+    found = dict.fromkeys(ch for ch in name if unicodedata.category(ch) in _CONTROL_CATEGORIES)
+    return ", ".join(repr(ch) for ch in found)
+
+
+def _key(name: str) -> str:
+    """A name as one part of a field path: escaped (quoted) when it holds control characters,
+    so the SpecError message stays one line per problem."""
+    return repr(name) if _control_chars(name) else name
+
+
+def _control_problem(kind: str, name: str) -> str:
+    return (f"bad {kind} {name!r}: control characters and line breaks are not allowed "
+            f"(found {_control_chars(name)}); names become directory and file names and "
+            "lines of the label files (classes.txt)")
+
+
 def flatten_categories(categories: dict[str, CategoryNode]
                        ) -> tuple[dict[str, ClassSpec], dict[str, str], list[tuple[str, str]]]:
     """The leaves of a category tree as classes keyed by label path, with targets resolved.
@@ -176,7 +203,10 @@ def flatten_categories(categories: dict[str, CategoryNode]
              path: str, inherited: bool) -> None:
         given = shares(children, total, path, inherited)
         for name, node in children.items():
-            at = f"{path}.{name}"
+            at = f"{path}.{_key(name)}"
+            if _control_chars(name):
+                problems.append((at, _control_problem("category name", name)))
+                continue
             if _bad_name(name):
                 problems.append((at, f"bad category name {name!r}: names are non-empty, "
                                  "without '/' or '\\', and not '.' or '..'"))
@@ -235,14 +265,22 @@ class SearchSpec(_Model):
     llm_model: Optional[str] = None
 
 
+MAX_TIMEOUT_S = 600.0
+"""Upper bound of ``download.timeout_s``: ten minutes for one request."""
+MAX_BACKOFF_S = 60.0
+"""Upper bound of ``download.backoff_s`` (the base of an exponential backoff)."""
+MAX_DELAY_S = 3600.0
+"""Upper bound of ``download.per_host_delay_s`` and ``download.max_retry_after_s``."""
+
+
 class DownloadSpec(_Model):
-    timeout_s: float = Field(default=15.0, gt=0)
+    timeout_s: float = Field(default=15.0, gt=0, le=MAX_TIMEOUT_S)
     max_bytes: int = Field(default=20_000_000, ge=1024)
     retries: int = Field(default=2, ge=0, le=10)
-    backoff_s: float = Field(default=0.5, ge=0)
-    max_retry_after_s: float = Field(default=30.0, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0, le=MAX_BACKOFF_S)
+    max_retry_after_s: float = Field(default=30.0, ge=0, le=MAX_DELAY_S)
     per_host_concurrency: int = Field(default=16, ge=1)
-    per_host_delay_s: float = Field(default=0.0, ge=0)
+    per_host_delay_s: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
     concurrency: int = Field(default=128, ge=1, description="fetches in flight per downloader")
     max_redirects: int = Field(default=5, ge=0)
     user_agent: str = "PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)"
@@ -336,14 +374,20 @@ class OutputSpec(_Model):
     def _splits(cls, v: dict[str, float]) -> dict[str, float]:
         if not v:
             raise ValueError("needs at least one split, e.g. {train: 1.0}")
+        problems = []
+        for name in v:
+            if _control_chars(name):
+                problems.append((_key(name), _control_problem("split name", name)))
+            elif _bad_name(name):
+                problems.append((name, f"bad split name {name!r}: split names are non-empty, "
+                                 "without '/' or '\\', and not '.' or '..'"))
+        if problems:
+            raise _SpecProblems(problems)
         if any(f < 0 for f in v.values()):
             raise ValueError("split fractions must be >= 0")
         total = sum(v.values())
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split fractions must sum to 1.0, got {total:g}")
-        for name in v:
-            if not name or "/" in name:
-                raise ValueError(f"bad split name {name!r}")
         return v
 
 
@@ -363,6 +407,17 @@ class ResourcesSpec(_Model):
     gpu_actor_cpus: float = Field(default=0.5, gt=0, description="CPUs per slow validator")
     gpu_batch_size: int = Field(default=128, ge=1)
     on_no_gpu: Literal["cpu", "fail"] = "cpu"
+
+
+def _names_only(items: list[Any], what: str, example: str) -> None:
+    """Check that a list-form ``classes`` / ``categories`` holds only name strings (a mapping,
+    number or null would otherwise become a label like ``"{'cat': ['a']}"``)."""
+    problems = [(str(i), f"{what} in list form is a name string, got {item!r} "
+                 f"({type(item).__name__}); to give it queries, a target or urls use the "
+                 f"mapping form, e.g. {example}")
+                for i, item in enumerate(items) if not isinstance(item, str)]
+    if problems:
+        raise _SpecProblems(problems)
 
 
 class DatasetSpec(_Model):
@@ -385,7 +440,8 @@ class DatasetSpec(_Model):
     @classmethod
     def _category_list(cls, v: Any) -> Any:
         if isinstance(v, list):
-            return {str(name): None for name in v}
+            _names_only(v, "a category", "categories: {mammals: {dog: [dog photo]}}")
+            return {name: None for name in v}
         return v
 
     @field_validator("classes", mode="before")
@@ -401,7 +457,8 @@ class DatasetSpec(_Model):
                 out[label] = body
             return out
         if isinstance(v, list):
-            return {str(label): {} for label in v}
+            _names_only(v, "a class", "classes: {cat: [cat photo, kitten]}")
+            return {label: {} for label in v}
         return v
 
     @model_validator(mode="after")
@@ -414,8 +471,11 @@ class DatasetSpec(_Model):
         problems: list[tuple[str, str]] = []
         where = {label: f"classes.{label}" for label in self.classes}
         for label in self.classes:
-            if not label or "\\" in label or any(part in ("", ".", "..")
-                                                   for part in label.split("/")):
+            if _control_chars(label):
+                problems.append((f"classes.{_key(label)}",
+                                 _control_problem("class label", label)))
+            elif not label or "\\" in label or any(part in ("", ".", "..")
+                                                     for part in label.split("/")):
                 problems.append((f"classes.{label}", f"bad class label {label!r}: labels are "
                                  "non-empty, '/'-separated names without empty, '.' or '..' "
                                  "parts"))

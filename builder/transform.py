@@ -2,21 +2,66 @@
 
 ``orig_width``/``orig_height`` keep the downloaded size. Resizing only ever shrinks. EXIF
 orientation is baked in whenever pixels are rewritten; animated images keep their first frame
-only when they are rewritten.
+only when they are rewritten. Pixels in an unusual mode are brought to a plain 8-bit one first
+(16/32-bit integer and float grey -> L, scaled rather than clipped; CMYK, YCbCr, LAB... -> RGB;
+premultiplied or palette alpha -> RGBA/LA), so every accepted image resizes and encodes.
+
+Transforming runs after an image is accepted and counted, so it never rejects: if it fails
+anyway for one image, that image keeps its original bytes (a warning is logged) and the job goes
+on; ``accepted + rejected == candidates`` holds either way.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from builder.records import Record
 from builder.spec import EncodeSpec, ResizeSpec
 
+log = logging.getLogger(__name__)
+
 _SAVE_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG", "gif": "GIF"}
+_PLAIN_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+"""Modes every resampler and output encoder takes; others are converted (``plain_mode``)."""
+_TRANSFORM_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,
+                     Image.DecompressionBombError)
+"""What Pillow raises on an image it cannot rewrite; any of these keeps the original bytes."""
+
+
+def _grey8(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float grey image as 8-bit L. 16-bit modes scale 0..65535 to
+    0..255; ``I``/``F`` values already in 0..255 are kept, ``F`` in 0..1 is scaled by 255,
+    values in 0..65535 are read as 16-bit, and any other range is stretched to 0..255."""
+    arr = np.asarray(img).astype(np.float64)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
+        arr = arr * (255.0 / 65535.0)
+    elif img.mode == "F" and lo >= 0 and hi <= 1.0:
+        arr = arr * 255.0
+    elif (lo < 0 or hi > 255) and hi > lo:
+        arr = (arr - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def plain_mode(img: Image.Image) -> Image.Image:
+    """``img`` in one of ``_PLAIN_MODES`` (itself if it already is)."""
+    mode = img.mode
+    if mode in _PLAIN_MODES:
+        return img
+    if mode in ("I", "F") or mode.startswith("I;"):
+        return _grey8(img)
+    if mode == "La":
+        return img.convert("LA")
+    if mode.endswith(("A", "a")):
+        return img.convert("RGBA")
+    return img.convert("RGB")
 
 
 @dataclass
@@ -49,9 +94,10 @@ class ImageTransformer:
         return img
 
     def transform_bytes(self, data: bytes, fmt: str) -> tuple[bytes, str, int, int]:
-        """(new bytes, new format, width, height) of one encoded image."""
+        """(new bytes, new format, width, height) of one encoded image. Raises what Pillow
+        raises (``_TRANSFORM_ERRORS``); ``apply`` and ``apply_row`` never do."""
         with Image.open(io.BytesIO(data)) as src:
-            img = ImageOps.exif_transpose(src)
+            img = plain_mode(ImageOps.exif_transpose(src))
             if self.resize is not None:
                 img = self._resized(img)
             fmt = self.encode.format if self.encode else fmt
@@ -66,15 +112,28 @@ class ImageTransformer:
                                                  if fmt in ("jpeg", "webp") else {}))
         return out.getvalue(), fmt, img.size[0], img.size[1]
 
+    def transform_or_keep(self, data: bytes, fmt: str, width: int, height: int,
+                          what: str) -> tuple[bytes, str, int, int]:
+        """``transform_bytes``, or the image unchanged (with a warning naming ``what``) if
+        Pillow cannot rewrite it: the image is already accepted and counted, so a failure here
+        must neither reject it nor stop the job."""
+        try:
+            return self.transform_bytes(data, fmt)
+        except _TRANSFORM_ERRORS as exc:
+            log.warning("cannot resize/re-encode %s (%s: %s); keeping the original image",
+                        what, type(exc).__name__, exc)
+            return data, fmt, width, height
+
     def apply(self, record: Record) -> Record:
         assert record.data is not None
-        record.data, record.format, record.width, record.height = self.transform_bytes(
-            record.data, record.format)
+        record.data, record.format, record.width, record.height = self.transform_or_keep(
+            record.data, record.format, record.width, record.height, record.candidate.url)
         return record
 
     def apply_row(self, row: dict) -> dict:
         """The same on an output row (``builder.records.ACCEPTED_SCHEMA``)."""
-        row["image"], row["format"], row["width"], row["height"] = self.transform_bytes(
-            row["image"], row["format"])
+        row["image"], row["format"], row["width"], row["height"] = self.transform_or_keep(
+            row["image"], row["format"], row["width"], row["height"],
+            row.get("url") or row.get("id") or "an image")
         row["bytes"] = len(row["image"])
         return row

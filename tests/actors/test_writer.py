@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from actors.writer import plan_shards, shard_rows
 from builder.records import ACCEPTED_SCHEMA
@@ -65,3 +68,29 @@ def test_resize_takes_the_row_path():
     rows = shard_rows([(a, ids(a)[:2])], output)
     assert isinstance(rows, list) and len(rows) == 2
     assert all(max(r["width"], r["height"]) <= 8 for r in rows)
+
+
+def _png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_resize_of_unusual_or_unwritable_images_keeps_every_row():
+    """The Ray write path resizes after acceptance: a 16-bit PNG is converted and resized, and
+    an image Pillow cannot rewrite keeps its original bytes; no row is lost and nothing
+    raises (accepted + rejected == candidates)."""
+    rows = make_rows()[:3]
+    rows[0]["image"] = _png(Image.new("I;16", (40, 30), 30000))
+    rows[0]["format"], rows[0]["width"], rows[0]["height"] = "png", 40, 30
+    garbage = b"\x89PNG\r\n\x1a\n" + b"\0" * 40
+    rows[1]["image"], rows[1]["format"] = garbage, "png"
+    table = pa.Table.from_pylist(rows, schema=ACCEPTED_SCHEMA)
+    output = OutputSpec(formats=["parquet"], resize={"max_side": 8})
+    out = shard_rows([(table, ids(table))], output)
+    assert isinstance(out, list) and [r["id"] for r in out] == ids(table)
+    assert max(out[0]["width"], out[0]["height"]) == 8
+    assert Image.open(io.BytesIO(out[0]["image"])).mode == "L"
+    assert out[1]["image"] == garbage and out[1]["bytes"] == len(garbage)
+    assert (out[1]["width"], out[1]["height"]) == (rows[1]["width"], rows[1]["height"])
+    assert max(out[2]["width"], out[2]["height"]) <= 8

@@ -87,3 +87,82 @@ def test_bad_name_and_label():
         parse_spec({**MINIMAL, "name": "has space"})
     with pytest.raises(SpecError, match="bad class label"):
         parse_spec({**MINIMAL, "classes": {"../etc": None}})
+
+
+def problems(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    return dict(e.value.problems)
+
+
+@pytest.mark.parametrize("section,field", [
+    ("download", "timeout_s"), ("download", "per_host_delay_s"), ("download", "backoff_s"),
+    ("download", "max_retry_after_s"), ("search", "candidates_factor"),
+    ("validation", "max_aspect_ratio"), ("resources", "download_cpus"),
+    ("resources", "gpus_per_actor"),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_floats_are_rejected_naming_the_field(section, field, value):
+    found = problems({**MINIMAL, section: {field: value}})
+    assert list(found) == [f"{section}.{field}"]
+    assert "finite" in found[f"{section}.{field}"]
+
+
+def test_infinite_timeout_from_yaml_is_a_spec_error():
+    with pytest.raises(SpecError, match=r"download\.timeout_s: .*finite"):
+        loads_spec("name: d\nclasses: [cat]\ndownload: {timeout_s: .inf}\n"
+                   "sources: [{engine: sandbox, url: 'http://127.0.0.1:1'}]\n")
+
+
+@pytest.mark.parametrize("field,too_big", [("timeout_s", 601), ("per_host_delay_s", 3601),
+                                           ("backoff_s", 61), ("max_retry_after_s", 3601)])
+def test_download_timeouts_and_delays_have_upper_bounds(field, too_big):
+    found = problems({**MINIMAL, "download": {field: too_big}})
+    assert "less than or equal" in found[f"download.{field}"]
+    ok = parse_spec({**MINIMAL, "download": {field: too_big - 1}})
+    assert getattr(ok.download, field) == too_big - 1
+
+
+def test_nan_split_fraction_is_rejected():
+    found = problems({**MINIMAL, "output": {"splits": {"train": float("nan")}}})
+    assert "finite" in found["output.splits.train"]
+    found = problems({**MINIMAL, "output": {"splits": {"train": 1.0, "val": float("nan")}}})
+    assert list(found) == ["output.splits.val"]
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "a\\b", ""])
+def test_split_names_the_writer_would_refuse_are_spec_errors(name):
+    found = problems({**MINIMAL, "output": {"splits": {name: 1.0}}})
+    assert f"output.splits.{name}" in found
+    assert f"bad split name {name!r}" in found[f"output.splits.{name}"]
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a\tb", "a\0b", "x\x1b[31m", "a\u2028b"])
+def test_control_characters_in_split_names_and_labels_are_rejected(name):
+    found = problems({**MINIMAL, "output": {"splits": {name: 1.0}}})
+    assert [p for p in found if p.startswith("output.splits.")]
+    assert all("\n" not in p for p in found)
+    for classes in ([name, "dog"], {name: "q", "dog": None}):
+        found = problems({**MINIMAL, "classes": classes})
+        path = f"classes.{name!r}"
+        assert list(found) == [path]
+        assert "control characters" in found[path] and repr(name) in found[path]
+
+
+def test_ordinary_unicode_labels_stay_valid():
+    spec = parse_spec({**MINIMAL, "classes": ["chat noir", "猫", "café_au_lait", "emoji 🐱"],
+                       "output": {"splits": {"train": 0.5, "välid": 0.5}}})
+    assert spec.labels == ["chat noir", "猫", "café_au_lait", "emoji 🐱"]
+
+
+@pytest.mark.parametrize("item", [{"cat": ["a"]}, 1, None, True, ["cat"]])
+def test_list_form_classes_must_be_strings(item):
+    found = problems({**MINIMAL, "classes": ["dog", item]})
+    assert list(found) == ["classes.1"]
+    assert "name string" in found["classes.1"] and "mapping form" in found["classes.1"]
+    assert repr(item) in found["classes.1"]
+
+
+def test_list_form_classes_report_every_bad_item():
+    found = problems({**MINIMAL, "classes": [1, 2]})
+    assert list(found) == ["classes.0", "classes.1"]

@@ -240,3 +240,22 @@ def test_image_label_files_need_imagefolder_and_name_the_field():
     assert "output.image_label_files.0" in dict(e.value.problems)
     out = OutputSpec(image_label_files=["yaml", "txt", "yaml"])
     assert out.image_label_files == ["yaml", "txt"] and OutputSpec().image_label_files == []
+
+
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", "nul\0", "\x7f"])
+def test_control_characters_in_category_names_are_rejected_naming_the_path(name):
+    problems = problems_of({"mammals": {name: None, "dog": None}})
+    path = f"categories.mammals.{name!r}"
+    assert list(problems) == [path]
+    assert "control characters" in problems[path] and repr(name) in problems[path]
+    problems = problems_of({name: {"dog": None}})
+    assert list(problems) == [f"categories.{name!r}"]
+    assert list(problems_of([name, "cat"])) == [f"categories.{name!r}"]
+
+
+@pytest.mark.parametrize("item", [{"a": 1}, 7, None, ["x"]])
+def test_a_list_of_names_must_hold_strings(item):
+    problems = problems_of(["cat", item])
+    assert list(problems) == ["categories.1"]
+    assert "name string" in problems["categories.1"] and "mapping form" in \
+        problems["categories.1"]

@@ -1,12 +1,13 @@
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from builder.records import Candidate, Record
 from builder.spec import EncodeSpec, ResizeSpec, ValidationSpec
 from builder.transform import ImageTransformer
-from builder.validate import ImageValidator
+from builder.validate import ImageValidator, gif_truncation
 from tests.images import encode, jpeg, picture
 
 
@@ -108,3 +109,114 @@ def test_transform_inactive_keeps_bytes():
     r = check(data)
     ImageTransformer()([r])
     assert r.data == data
+
+
+def tiff_with_bad_second_page() -> bytes:
+    """A valid one-page TIFF whose IFD chain points on to a page with no ImageWidth/Length:
+    Pillow raises TypeError ("Missing dimensions") when counting its frames."""
+    data = bytearray(encode(picture(7, (120, 90)), "TIFF"))
+    assert data[:2] == b"II"
+    ifd = int.from_bytes(data[4:8], "little")
+    count = int.from_bytes(data[ifd:ifd + 2], "little")
+    next_at = ifd + 2 + 12 * count
+    if len(data) % 2:
+        data += b"\0"
+    second = len(data)
+    # one entry: PhotometricInterpretation (262), SHORT, 1 value, RGB; then no further page
+    data += (1).to_bytes(2, "little") + (262).to_bytes(2, "little") + (3).to_bytes(2, "little")
+    data += (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    data[next_at:next_at + 4] = second.to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_malformed_multipage_tiff_is_rejected_not_raised():
+    data = tiff_with_bad_second_page()
+    with pytest.raises(TypeError):
+        getattr(Image.open(io.BytesIO(data)), "n_frames")
+    r = check(data, formats=["tiff"])
+    assert r.rejected and r.reason == "decode_error", r.detail
+    assert "frames" in r.detail and r.stage == "validate"
+
+
+def animated_gif(frames: int = 3, size: tuple[int, int] = (200, 160)) -> bytes:
+    images = [picture(i, size).convert("P") for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, "GIF", save_all=True, append_images=images[1:], duration=100)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75, 0.95])
+def test_truncated_animated_gif_rejected(keep):
+    data = animated_gif()
+    cut = data[: int(len(data) * keep)]
+    assert Image.open(io.BytesIO(cut)).n_frames >= 1
+    r = check(cut)
+    assert r.rejected and r.reason == "truncated", r.detail
+
+
+def test_gif_structure_checks_are_lenient_where_decoders_are():
+    data = animated_gif()
+    assert data.endswith(b";")
+    assert gif_truncation(data) == ""
+    assert gif_truncation(data[:-1]) == ""  # complete last frame, only the trailer missing
+    assert gif_truncation(data + b"junk after the trailer") == ""
+    assert gif_truncation(data[:-2]) != ""  # inside the last frame's block terminator
+    assert not check(data[:-1]).rejected
+    single = encode(picture(8, (200, 160)).convert("P"), "GIF")
+    assert not check(single).rejected and gif_truncation(single) == ""
+
+
+def mode_image(mode: str) -> bytes:
+    """A 300x200 image in an unusual mode (16-bit grey PNG, float or CMYK TIFF), with a
+    gradient so that scaling shows."""
+    if mode == "CMYK":
+        return encode(picture(9, (300, 200)).convert(mode), "TIFF")
+    ramp = np.tile(np.linspace(0, 1, 300), (200, 1))
+    arr = (ramp * 65535).astype(np.uint16) if mode == "I;16" else ramp.astype(np.float32)
+    img = Image.fromarray(arr)
+    assert img.mode == mode
+    return encode(img, "PNG" if mode == "I;16" else "TIFF")
+
+
+OPTIONS = [(ResizeSpec(max_side=64), None),
+           (ResizeSpec(max_side=64, mode="center_crop"), None),
+           (ResizeSpec(max_side=64), EncodeSpec(format="jpeg")),
+           (None, EncodeSpec(format="jpeg")),
+           (None, EncodeSpec(format="webp"))]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F", "CMYK"])
+@pytest.mark.parametrize("resize,encode_as", OPTIONS)
+def test_transform_handles_unusual_modes(mode, resize, encode_as):
+    data = mode_image(mode)
+    r = check(data, formats=["png", "tiff"])
+    assert not r.rejected, r.detail
+    out, fmt, w, h = ImageTransformer(resize, encode_as).transform_bytes(r.data, r.format)
+    assert out != data
+    with Image.open(io.BytesIO(out)) as img:
+        assert img.mode in ("L", "RGB", "RGBA") and img.size == (w, h)
+        assert max(w, h) == (64 if resize else 300)
+        if mode in ("I;16", "F"):
+            grey = np.asarray(img.convert("L"))
+            assert grey.min() < 80 and grey.max() > 175  # scaled, not clipped to black/white
+
+
+def test_transform_failure_keeps_original_instead_of_raising(caplog):
+    data = jpeg(10, (300, 200))
+    r = check(data)
+    broken = ImageTransformer(ResizeSpec(max_side=64))
+    original = broken.transform_bytes
+
+    def fail(data: bytes, fmt: str) -> tuple[bytes, str, int, int]:
+        raise OSError("cannot write mode XYZ as PNG")
+
+    broken.transform_bytes = fail  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="builder.transform"):
+        broken([r])
+    assert (r.data, r.format, r.width, r.height) == (data, "jpeg", 300, 200)
+    assert not r.rejected and "keeping the original" in caplog.text
+    row = {"image": data, "format": "jpeg", "width": 300, "height": 200, "bytes": 0,
+           "url": "http://x/a"}
+    broken.apply_row(row)
+    assert (row["image"], row["width"], row["bytes"]) == (data, 300, len(data))
+    assert original(data, "jpeg")[2:] == (64, 43)

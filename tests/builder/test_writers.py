@@ -27,14 +27,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from pydantic import ValidationError
 
 from builder import storage
 from builder.card import PARTIAL_MARKER
-from builder.errors import OutputExistsError, StorageError
+from builder.errors import OutputExistsError, SpecError, StorageError
 from builder.ports import free_port
 from builder.reasons import Reason
 from builder.records import ACCEPTED_SCHEMA, Candidate, Record, accepted_row, reject_row
-from builder.spec import OutputSpec
+from builder.spec import OutputSpec, parse_spec
 from builder.writers import DatasetWriter, is_complete, read_dataset, read_marker
 
 LABELS = ["cat", "mammals/dog", "mammals/whale"]
@@ -518,3 +519,39 @@ def test_per_image_label_files_and_level_columns(target):
     table = read_dataset(target.uri, target.options)
     assert [r["label_levels"] for r in table.select(["label", "label_levels"]).to_pylist()] == \
         [label.split("/") for label in table["label"].to_pylist()]
+
+
+NAMES = ["train", "val-2", ".", "..", "a/b", "a\\b", "", "a\nb", "a\tb", "a\0b", "_staging"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_names_the_writer_refuses_are_refused_by_the_spec_first(local, name):
+    """A split name that fails at write time (after downloading) fails at parse time."""
+    try:
+        OutputSpec(splits={name: 1.0})
+    except ValidationError:
+        return
+    rows = make_rows()[:2]
+    for row in rows:
+        row["split"] = name
+    w = DatasetWriter(OutputSpec(splits={name: 1.0}), local.uri, "job1", local.options)
+    manifest = w.write_shard(rows, 0)
+    assert {m["split"] for m in manifest} == {name}
+
+
+@pytest.mark.parametrize("label", ["cat", "big cat", "a\nb", "a\tb", "a\0b", "a\rb", "a\x85b",
+                                   "a\u2028b"])
+def test_labels_the_spec_accepts_are_one_line_each_in_classes_txt(local, label):
+    """A label that would fail the writer or break classes.txt (line i = class i) fails at
+    parse time instead."""
+    try:
+        parse_spec({"name": "pets", "classes": [label],
+                    "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}]})
+    except SpecError:
+        return
+    rows = make_rows()[:1]
+    rows[0]["label"] = label
+    w = DatasetWriter(OutputSpec(), local.uri, "job1", local.options)
+    w.write_manifests(w.write_shard(rows, 0), [label])
+    lines = Path(w.staging_uri, "classes.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == [label]
