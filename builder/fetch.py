@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -56,15 +57,18 @@ log = logging.getLogger("pixcrawler.fetch")
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None.
 
-    A date in the past gives 0; an unparsable value gives None.
+    A date in the past gives 0; an unparsable value (including "inf" and "nan", which
+    ``float`` would take) gives None.
     """
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

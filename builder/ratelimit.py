@@ -87,9 +87,13 @@ class AdaptiveLimiter:
     """A token bucket whose rate halves on each error and creeps back up on successes.
 
     ``on_error`` multiplies the rate by ``decrease`` (never below ``min_rate``) and, given a
-    ``retry_after``, holds every request until then. ``on_success`` multiplies it by ``increase``
-    up to the configured ``base_rate``.
+    ``retry_after``, holds every request until then, for at most ``MAX_RETRY_AFTER_S``: a server
+    asking for more (or a bogus header) must not stall the job for good; the circuit breaker
+    handles a source that keeps failing. ``on_success`` multiplies it by ``increase`` up to the
+    configured ``base_rate``.
     """
+
+    MAX_RETRY_AFTER_S = 600.0
 
     def __init__(self, rate: float, burst: float = 1.0, *, min_rate: float | None = None,
                  decrease: float = 0.5, increase: float = 1.1, clock: Clock = time.monotonic):
@@ -117,7 +121,7 @@ class AdaptiveLimiter:
     def on_error(self, retry_after: float | None = None) -> None:
         self.bucket.set_rate(max(self.min_rate, self.rate * self.decrease))
         if retry_after:
-            until = self._clock() + float(retry_after)
+            until = self._clock() + min(float(retry_after), self.MAX_RETRY_AFTER_S)
             self.blocked_until = max(self.blocked_until, until)
             self.bucket.pause_until(until)
 

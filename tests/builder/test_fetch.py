@@ -663,6 +663,8 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("-3") == 0.0
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
+    assert parse_retry_after("inf") is None and parse_retry_after("nan") is None
+    assert parse_retry_after("1e999") is None
     now = 1_700_000_000.0
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 120))
     assert parse_retry_after(date, now=now) == pytest.approx(120, abs=1)

@@ -81,6 +81,14 @@ def test_adaptive_limiter_blocks_until_retry_after():
     assert lim.reserve() == pytest.approx(0.0, abs=1e-9)
 
 
+def test_a_huge_retry_after_holds_requests_only_up_to_the_cap():
+    clock = FakeClock()
+    lim = AdaptiveLimiter(rate=10.0, burst=5, clock=clock)
+    lim.on_error(retry_after=10.0 ** 9)
+    assert lim.reserve() == pytest.approx(AdaptiveLimiter.MAX_RETRY_AFTER_S)
+    assert lim.blocked_until == pytest.approx(clock() + AdaptiveLimiter.MAX_RETRY_AFTER_S)
+
+
 def test_breaker_opens_after_threshold_then_half_open_probe():
     clock = FakeClock()
     br = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=clock)
