@@ -31,6 +31,7 @@ of another class (``a`` and ``a/b``), is an error.
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
@@ -242,6 +243,25 @@ class SourceSpec(_Model):
     region: str = "wt-wt"
     safesearch: Literal["on", "moderate", "off"] = "moderate"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Options are free-form, but a non-finite number would not survive the spec's JSON
+        round trip (it becomes null, silently the default): refuse it here."""
+        def bad(value: Any) -> bool:
+            if isinstance(value, float):
+                return not math.isfinite(value)
+            if isinstance(value, dict):
+                return any(bad(v) for v in value.values())
+            if isinstance(value, (list, tuple)):
+                return any(bad(v) for v in value)
+            return False
+
+        wrong = sorted(k for k, v in options.items() if bad(v))
+        if wrong:
+            raise ValueError(f"options {', '.join(wrong)}: numbers must be finite")
+        return options
 
     @model_validator(mode="after")
     def _needs(self) -> "SourceSpec":

@@ -8,15 +8,37 @@ Engines with missing credentials raise ``EngineUnavailable`` from their construc
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 from builder.engines import register
 from builder.engines.base import SearchEngine
+from builder.errors import SourceError
 from builder.spec import DatasetSpec, SourceSpec
 
 
+def _number(src: SourceSpec, key: str, default: Optional[float], low: float, high: float,
+            integer: bool = False) -> Optional[float]:
+    """``options[key]`` as a finite number in [low, high] (options are free-form in the spec,
+    so they are checked here, when the engine is built, before any download)."""
+    value = src.options.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    whole = number.is_integer() if math.isfinite(number) else False
+    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high \
+            or (integer and not whole):
+        kind = "a whole number" if integer else "a number"
+        raise SourceError(f"{src.engine}: options.{key} must be {kind} from {low:g} to "
+                          f"{high:g}, not {value!r}")
+    return int(number) if integer else number
+
+
 def _common(src: SourceSpec, spec: DatasetSpec) -> dict[str, Any]:
-    return {"timeout_s": float(src.options.get("timeout_s", spec.download.timeout_s)),
+    return {"timeout_s": _number(src, "timeout_s", spec.download.timeout_s, 0.1, 600),
             "user_agent": spec.download.user_agent}
 
 
@@ -49,8 +71,8 @@ def _wikimedia(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
 
     return WikimediaEngine(src.options.get("base_url") or COMMONS_API,
                            filetype=src.options.get("filetype", "bitmap"),
-                           thumb_width=int(src.options["thumb_width"])
-                           if src.options.get("thumb_width") else None,
+                           thumb_width=_number(src, "thumb_width", None, 16, 10_000,
+                                               integer=True),
                            **_common(src, spec))
 
 

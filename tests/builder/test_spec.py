@@ -166,3 +166,13 @@ def test_list_form_classes_must_be_strings(item):
 def test_list_form_classes_report_every_bad_item():
     found = problems({**MINIMAL, "classes": [1, 2]})
     assert list(found) == ["classes.0", "classes.1"]
+
+
+def test_non_finite_numbers_in_source_options_are_refused():
+    """options are free-form; inf would become null in the spec's JSON round trip."""
+    data = {"name": "x", "classes": {"a": None},
+            "sources": [{"engine": "wikimedia", "options": {"timeout_s": float("inf"),
+                                                            "nested": {"k": [1.0, float("nan")]},
+                                                            "ok": 3.5}}]}
+    with pytest.raises(SpecError, match=r"sources\.0\.options.*nested, timeout_s.*finite"):
+        parse_spec(data, "t")

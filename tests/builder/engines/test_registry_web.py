@@ -8,7 +8,7 @@ import pytest
 
 from builder.engines import make_engine
 from builder.engines.webjson import parse_retry_after, redact
-from builder.errors import EngineUnavailable
+from builder.errors import EngineUnavailable, SourceError
 from builder.spec import parse_spec
 from tests.builder.engines.fakes import (
     FakeServer,
@@ -73,6 +73,25 @@ def test_ddgs_engines_are_built_with_spec_settings():
         ("duckduckgo", "fr-fr", "on", {"layout": "Wide"})
     bing = _spec({"engine": "bing"})
     assert make_engine(bing.sources[0], bing).backend == "bing"
+
+
+@pytest.mark.parametrize("options", [
+    {"timeout_s": ".inf"}, {"timeout_s": 10_000}, {"timeout_s": 0},
+    {"timeout_s": "soon"}, {"timeout_s": True}, {"thumb_width": 12.5},
+    {"thumb_width": "1e999"}, {"thumb_width": 5},
+])
+def test_bad_numeric_options_are_source_errors_naming_the_option(options):
+    """sources[].options is free-form in the spec: numbers are checked when the engine is
+    built (at planning), not left to fail or hang inside a request."""
+    spec = _spec({"engine": "wikimedia", "options": options})
+    with pytest.raises(SourceError, match=f"options.{next(iter(options))} must be"):
+        make_engine(spec.sources[0], spec)
+
+
+def test_numeric_options_in_range_are_used():
+    spec = _spec({"engine": "wikimedia", "options": {"timeout_s": "7.5", "thumb_width": 640.0}})
+    eng = make_engine(spec.sources[0], spec)
+    assert eng.timeout_s == 7.5 and eng.thumb_width == 640
 
 
 def test_retry_after_parsing_and_secret_redaction():
