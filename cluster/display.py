@@ -61,6 +61,21 @@ class ProgressDisplay:
             self._live = None
 
 
+def shortfall_cause(stats: dict[str, Any]) -> str:
+    """Why classes fell short: cancelled, searches that failed (a dead engine, no network), or
+    sources that had nothing more to give."""
+    if stats.get("partial"):
+        return "job cancelled"
+    errors = stats.get("search_errors") or []
+    if errors:
+        last = errors[-1]
+        more = "+" if len(errors) >= 50 else ""
+        return (f"sources failed or ran dry; {len(errors)}{more} searches failed, the last: "
+                f"{last.get('engine', '?')}: {str(last.get('error', ''))[:160]} "
+                "(all in stats.json search_errors)")
+    return "sources ran dry"
+
+
 def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) -> None:
     """The end-of-job summary table and the output location."""
     console = Console(file=stream or sys.stdout, width=120)
@@ -79,6 +94,5 @@ def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) ->
                   f"{stats.get('candidates', 0)} candidates in {stats.get('duration_s', 0):.1f}s; "
                   f"dataset {state}")
     if stats.get("shortfall"):
-        why = "job cancelled" if stats.get("partial") else "sources ran dry"
-        console.print(f"shortfall ({why}): {stats['shortfall']}")
+        console.print(f"shortfall ({shortfall_cause(stats)}): {stats['shortfall']}")
     console.print(f"output: {uri}")
