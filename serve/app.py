@@ -19,7 +19,6 @@ builder for ``serve deploy`` (see serve_config.yaml) and for ``pixcrawler serve`
 import asyncio
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -35,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
-from builder.spec import parse_spec
+from builder.spec import DatasetSpec, parse_spec
 from builder.storage import is_local_uri
 from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
@@ -44,7 +43,8 @@ from serve.errors import ApiError, not_found
 from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
                         Reconciler, request_cancel)
 from serve.samples import SampleCache
-from serve.store import STATES, TERMINAL, JobRow, JobStore, default_store_url, sqlite_path
+from serve.store import (STATES, TERMINAL, JobRow, JobStore, TooManyJobs, default_store_url,
+                         sqlite_path)
 
 log = logging.getLogger("pixcrawler.serve")
 
@@ -151,15 +151,41 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:
                                    "message": f"{type(exc).__name__}: {exc}"}}, status_code=500)
 
 
+_CLASS_TARGETS: dict[tuple[str, float], dict[str, Optional[int]]] = {}
+_CLASS_TARGETS_MAX = 10_000
+
+
+def spec_classes(row: JobRow) -> dict[str, Optional[int]]:
+    """The job's class labels and their targets, in the spec's order. The stored spec dumps
+    the leaves of ``categories`` under ``categories`` only, so the labels (``mammals/dog``)
+    come from parsing it; a job's spec never changes, so that is done once per job."""
+    key = (row.id, row.created_at)
+    found = _CLASS_TARGETS.get(key)
+    if found is not None:
+        return found
+    spec = row.spec or {}
+    try:
+        parsed = parse_spec(spec, f"job {row.id}")
+    except SpecError:
+        # Not a spec this version reads (stored by another one): its flat classes, as stored.
+        flat: dict[str, Optional[int]] = {}
+        for label, body in (spec.get("classes") or {}).items():
+            target = body.get("target") if isinstance(body, dict) else None
+            flat[label] = target or spec.get("target")
+        return flat
+    found = {label: parsed.target_of(label) for label in parsed.labels}
+    if len(_CLASS_TARGETS) >= _CLASS_TARGETS_MAX:
+        _CLASS_TARGETS.clear()
+    _CLASS_TARGETS[key] = found
+    return found
+
+
 def class_view(row: JobRow, progress: dict[str, Any],
                stats: Optional[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per class: target, accepted, candidates, rejected (+ rejects by reason, shortfall)."""
-    classes: dict[str, dict[str, Any]] = {}
-    spec = row.spec or {}
-    for label, body in (spec.get("classes") or {}).items():
-        target = (body or {}).get("target") if isinstance(body, dict) else None
-        classes[label] = {"target": target or spec.get("target"), "accepted": 0,
-                          "candidates": 0, "rejected": 0}
+    classes: dict[str, dict[str, Any]] = {
+        label: {"target": target, "accepted": 0, "candidates": 0, "rejected": 0}
+        for label, target in spec_classes(row).items()}
     for label, c in (progress.get("classes") or {}).items():
         classes.setdefault(label, {}).update(c)
     for label, c in ((stats or {}).get("classes") or {}).items():
@@ -205,22 +231,84 @@ def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
     return view
 
 
-def parse_body(body: bytes, content_type: str) -> Any:
-    """The request body as data, by its content type (JSON, or YAML)."""
+class _AnchorRefused(yaml.YAMLError):
+    """A YAML anchor or alias in a spec (see SpecYamlLoader)."""
+
+    def __init__(self, mark: Any):
+        super().__init__(f"line {mark.line + 1}, column {mark.column + 1}")
+
+
+class SpecYamlLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases: an alias makes one small body stand for a
+    huge (or self-referencing) value, which the size limit on the body does not see."""
+
+    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> Optional[yaml.Node]:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AnchorRefused(event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """SafeDumper that writes a value used twice out twice: the API refuses aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _body_error(message: str) -> SpecError:
+    return SpecError([("(body)", message)], "request body")
+
+
+def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) -> Any:
+    """The request body as data, by its content type (JSON, or YAML). With ``max_bytes``,
+    the data written out as JSON must fit in it too (413 otherwise)."""
     media = (content_type or "application/json").split(";")[0].strip().lower()
     text = body.decode("utf-8", errors="replace")
     if media in JSON_TYPES or media.endswith("+json"):
+        kind = "JSON"
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError([("(body)", f"not valid JSON: {exc}")], "request body") from None
-    if media in YAML_TYPES:
+            data = json.loads(text)
+        except RecursionError:
+            raise _body_error("not valid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, or a number too long to convert
+            raise _body_error(f"not valid JSON: {exc}") from None
+    elif media in YAML_TYPES:
+        kind = "YAML"
         try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SpecError([("(body)", f"not valid YAML: {exc}")], "request body") from None
-    raise ApiError(415, "unsupported_media_type",
-                   f"send the spec as application/json or application/yaml, not {media!r}")
+            data = yaml.load(text, Loader=SpecYamlLoader)  # noqa: S506 - a SafeLoader
+        except _AnchorRefused as exc:
+            raise _body_error(f"YAML anchors and aliases (&name, *name) are not supported "
+                              f"in a spec; write the value out in full ({exc})") from None
+        except RecursionError:
+            raise _body_error("not valid YAML: nested too deeply") from None
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: a number too long
+            raise _body_error(f"not valid YAML: {exc}") from None
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the spec as application/json or application/yaml, not {media!r}")
+    if max_bytes is not None:
+        try:
+            size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False,
+                                  default=str).encode("utf-8"))
+        except RecursionError:
+            raise _body_error(f"not valid {kind}: nested too deeply") from None
+        except ValueError as exc:
+            raise _body_error(f"cannot be stored as JSON: {exc}") from None
+        if size > max_bytes:
+            raise ApiError(413, "spec_too_large", f"a spec is at most {max_bytes} bytes "
+                           f"(this one is {size} bytes written out as JSON)")
+    return data
+
+
+def spec_data(spec: DatasetSpec) -> dict[str, Any]:
+    """The validated spec as JSON data (what the store keeps and the job gets)."""
+    try:
+        return spec.model_dump(mode="json")
+    except RecursionError:
+        raise _body_error("cannot be stored as JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. a value that contains itself
+        raise _body_error(f"cannot be stored as JSON: {exc}") from None
 
 
 def spec_error(exc: SpecError) -> ApiError:
@@ -252,9 +340,9 @@ class JobAPI:
         self.health: ReadCache[int] = ReadCache(1.0)
         self.reconciler = Reconciler(self.store, self.launcher)
         self.samples = SampleCache()
-        self.example = yaml.safe_dump(s.example_spec or EXAMPLE_SPEC, sort_keys=False)
+        self.example = yaml.dump(s.example_spec or EXAMPLE_SPEC, Dumper=_PlainDumper,
+                                 sort_keys=False)
         self.page = PAGE.read_text(encoding="utf-8")
-        self._submit_lock = threading.Lock()
         self._checked: dict[str, float] = {}
         # The first pass runs now: jobs left "running" by a crash are settled at start.
         self.reconcile_loop = ReconcileLoop(self.reconciler, s.reconcile_interval_s)
@@ -314,15 +402,31 @@ class JobAPI:
 
     def _create(self, principal: Principal, job_id: str, spec: dict[str, Any],
                 uri: str) -> JobRow:
-        with self._submit_lock:
-            active = self.store.count_active(principal.owner)
-            cap = self.settings.max_concurrent_jobs
-            if active >= cap:
-                raise ApiError(429, "too_many_jobs",
-                               f"this API key has {active} jobs running (the limit is {cap}); "
-                               "wait for one to end or cancel one",
-                               headers={"Retry-After": "10"})
-            return self.store.create_job(job_id, principal.owner, spec["name"], spec, uri)
+        cap = self.settings.max_concurrent_jobs
+        try:
+            # The check and the insert are one statement in the store: replicas share it.
+            return self.store.create_job(job_id, principal.owner, spec["name"], spec, uri,
+                                         max_active=cap)
+        except TooManyJobs as exc:
+            raise ApiError(429, "too_many_jobs",
+                           f"this API key has {exc.active} jobs running (the limit is {cap}); "
+                           "wait for one to end or cancel one",
+                           headers={"Retry-After": "10"}) from None
+
+    def _submitted(self, row: JobRow) -> JobRow:
+        """The row once Ray has the job. A cancel that came while the job was being handed
+        to Ray found nothing to stop, and a row ended meanwhile (the reconciler gave up on a
+        submit slower than its grace period) is no longer watched: either way the job is
+        stopped now rather than left to run untracked."""
+        now = self.store.get_job(row.id)
+        if now is None or now.terminal or now.cancel_requested:
+            log.warning("job %s ended or was cancelled while it was submitted; stopping it",
+                        row.id)
+            try:
+                self.launcher.stop(row.id)
+            except ClusterUnavailable as exc:
+                log.warning("cannot stop job %s: %s", row.id, exc)
+        return now or row
 
     def _placed(self, data: dict[str, Any], job_id: str) -> dict[str, Any]:
         """The spec with its output placed: none given -> data_dir/datasets/<job id>; a
@@ -371,14 +475,13 @@ class JobAPI:
         if len(body) > limit:
             raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
         try:
-            spec = parse_spec(parse_body(body, request.headers.get("content-type", "")),
-                              "request body")
+            data = parse_body(body, request.headers.get("content-type", ""), limit)
+            spec = parse_spec(data, "request body")
             job_id = new_job_id(spec)
-            spec = parse_spec(self._placed(spec.model_dump(mode="json"), job_id),
-                              "request body")
+            spec = parse_spec(self._placed(spec_data(spec), job_id), "request body")
+            data = spec_data(spec)
         except SpecError as exc:
             raise spec_error(exc) from None
-        data = spec.model_dump(mode="json")
         uri = spec.output_uri()
         row = await asyncio.to_thread(self._create, principal, job_id, data, uri)
         try:
@@ -387,6 +490,7 @@ class JobAPI:
             await asyncio.to_thread(self.store.update_job, job_id, state="failed",
                                     error=str(exc))
             raise ApiError(503, "cluster_unavailable", str(exc)) from None
+        row = await asyncio.to_thread(self._submitted, row)
         body_out = job_view(row)
         return JSONResponse(body_out, status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
@@ -471,7 +575,7 @@ class JobAPI:
                       limit: int = Query(24, ge=1, le=200)) -> dict[str, Any]:
         principal = await self._caller(request)
         row = await self._row(job_id, principal)
-        labels = list((row.spec.get("classes") or {}))
+        labels = list(spec_classes(row))
         if label is not None and label not in labels:
             raise ApiError(404, "label_not_found", f"job {job_id} has no class {label!r}; "
                            f"its classes: {', '.join(labels)}")

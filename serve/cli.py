@@ -73,6 +73,33 @@ def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
     return settings
 
 
+# The ServeSettings fields that `pixcrawler serve` options set, by option.
+SETTING_OPTIONS = {"store": "--store", "rate_limit_per_s": "--rate-limit",
+                   "rate_limit_burst": "--burst", "max_concurrent_jobs": "--max-jobs",
+                   "access_log": "--access-log", "auth": "--no-auth"}
+EXIT_USAGE = 2  # what argparse exits with on a bad option
+
+
+def settings_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the options that become the app's settings, one line each naming
+    the option; checked before Ray (or --demo's sandbox web) is started."""
+    from pydantic import ValidationError
+
+    from serve.app import ServeSettings
+
+    try:
+        ServeSettings.model_validate(serve_settings(args, None))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err.get("loc") else ""
+            option = SETTING_OPTIONS.get(field, field)
+            problems.append(f"argument {option}: {err['msg'].lower()} "
+                            f"(got {err.get('input')!r})")
+        return problems
+    return []
+
+
 def demo_example(base_url: str, target: int) -> dict[str, Any]:
     """The demo's spec (sandbox web) with no output URI: the server places each job's."""
     from cluster.cli import demo_spec
@@ -164,6 +191,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         # Before anything imports Ray Serve, which reads its settings once per process.
         os.environ.update(haproxy_env())
+    problems = settings_problems(args)
+    if problems:
+        for line in problems:
+            print(f"pixcrawler serve: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
     from ray import serve as ray_serve
 
     from serve.app import APP_NAME, build_app

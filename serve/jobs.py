@@ -42,6 +42,12 @@ SPEC_ENV = "PIXCRAWLER_SPEC_JSON"
 _MAX_ERROR_CHARS = 4000
 # Linux caps one environment string at 128 KiB; a bigger spec goes through a file.
 _MAX_ENV_SPEC_CHARS = 100_000
+# How long JobLauncher.submit retries while the head's dashboard agent is not registered yet.
+AGENT_WAIT_S = 10.0
+# A job's row is written ("starting") before it is handed to Ray, so Ray may not know a young
+# job yet: the reconciler fails such a row only when it is older than the longest submit, the
+# agent wait plus Ray's own submit request (which takes no timeout), with a wide margin.
+SUBMIT_GRACE_S = AGENT_WAIT_S + 50.0
 
 
 class ClusterUnavailable(PixCrawlerError):
@@ -117,7 +123,7 @@ class JobLauncher:
         return shlex.join(base + [str(path)] + tail), {}
 
     def submit(self, job_id: str, spec: dict[str, Any], owner_name: str,
-               agent_wait_s: float = 10.0) -> None:
+               agent_wait_s: float = AGENT_WAIT_S) -> None:
         """Start the Ray job. Right after the cluster starts, its dashboard agent may not be
         registered yet ("No available agent"): that is retried for ``agent_wait_s``."""
         entrypoint, env = self.command(job_id, spec)
@@ -223,8 +229,13 @@ def request_cancel(job_id: str) -> bool:
         return False
 
 
-def read_outcome(uri: str) -> tuple[Optional[str], Optional[dict[str, Any]]]:
-    """The output's marker (``_SUCCESS``/``_PARTIAL``/None) and its stats.json (or None)."""
+def read_outcome(uri: str, job_id: Optional[str] = None
+                 ) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """The output's marker (``_SUCCESS``/``_PARTIAL``/None) and its stats.json (or None).
+
+    With ``job_id``, only an outcome that job wrote counts: an earlier run to the same output
+    leaves its marker and stats there until this one publishes, and they say nothing about
+    how this one ended. A stats.json that is not a JSON object is read as missing."""
     try:
         marker = read_marker(uri)
         if marker is None:
@@ -232,10 +243,18 @@ def read_outcome(uri: str) -> tuple[Optional[str], Optional[dict[str, Any]]]:
         fs, root = open_fs(uri)
         with storage_errors(uri, "read stats.json from"):
             stats = json.loads(fs.cat_file(f"{root}/stats.json"))
-        return marker["marker"], stats
     except (StorageError, ValueError) as exc:
         log.warning("cannot read the outcome at %s: %s", uri, exc)
         return None, None
+    if not isinstance(stats, dict):
+        log.warning("the stats.json at %s is not a JSON object; ignored", uri)
+        stats = None
+    if job_id is not None:
+        writer = (stats or {}).get("job_id") or marker.get("job_id")
+        if writer != job_id:
+            log.info("the outcome at %s is job %s's, not %s's; ignored", uri, writer, job_id)
+            return None, None
+    return marker["marker"], stats
 
 
 def progress_from_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -256,9 +275,11 @@ def progress_from_stats(stats: dict[str, Any]) -> dict[str, Any]:
 class Reconciler:
     """Brings the store's active jobs in line with their progress actors and Ray."""
 
-    def __init__(self, store: JobStore, launcher: JobLauncher):
+    def __init__(self, store: JobStore, launcher: JobLauncher,
+                 submit_grace_s: float = SUBMIT_GRACE_S):
         self.store = store
         self.launcher = launcher
+        self.submit_grace_s = submit_grace_s
 
     def apply_live(self, row: JobRow, live: dict[str, Any]) -> JobRow:
         """Store what a progress actor says; a terminal state there ends the job here."""
@@ -267,7 +288,7 @@ class Reconciler:
         if state in TERMINAL:
             # stats.json is what was published (a partial one says so); the actor's copy is
             # the fallback where this server cannot read the output.
-            _, stats = read_outcome(live.get("output_uri") or row.output_uri)
+            _, stats = read_outcome(live.get("output_uri") or row.output_uri, row.id)
             stats = stats or live.get("stats")
             self.store.update_job(row.id, state=state, stats=stats, error=live.get("error"),
                                   progress=progress_from_stats(stats) if stats else progress,
@@ -286,6 +307,8 @@ class Reconciler:
         if live is not None:
             return self.apply_live(row, live)
         ray_job = self.launcher.status(row.id)
+        if ray_job is None and self._maybe_being_submitted(row):
+            return row
         if ray_job is None:
             self.store.update_job(row.id, state="failed", ray_status="UNKNOWN",
                                   error="the Ray cluster has no record of this job (it was "
@@ -298,8 +321,13 @@ class Reconciler:
             self._finish(row, ray_job)
         return self.store.get_job(row.id) or row
 
+    def _maybe_being_submitted(self, row: JobRow) -> bool:
+        """A row Ray has not been seen to know, young enough that its submit may still run."""
+        return (row.state == "starting" and row.ray_status is None
+                and time.time() - row.created_at < self.submit_grace_s)
+
     def _finish(self, row: JobRow, ray_job: RayJob) -> None:
-        marker, stats = read_outcome(row.output_uri)
+        marker, stats = read_outcome(row.output_uri, row.id)
         progress = progress_from_stats(stats) if stats else None
         if marker == PARTIAL or ray_job.status == "STOPPED":
             state, error = "cancelled", None
@@ -319,6 +347,10 @@ class Reconciler:
                 self.reconcile(row)
             except ClusterUnavailable as exc:
                 log.warning("cannot reconcile %s now: %s", row.id, exc)
+            except Exception:  # noqa: BLE001 - one job's bad outcome must not stop the pass
+                # A loop guard: whatever one job's output or Ray record holds, the jobs after
+                # it (other owners' too) are still checked; the error is logged with its trace.
+                log.exception("cannot reconcile %s", row.id)
         return len(rows)
 
 

@@ -74,6 +74,16 @@ class StoreError(Exception):
     """The store cannot be opened or a request to it is invalid; the message says why."""
 
 
+class TooManyJobs(StoreError):
+    """``create_job`` with ``max_active``: the owner already has that many active jobs."""
+
+    def __init__(self, owner: str, active: int, cap: int):
+        super().__init__(f"{owner} has {active} active jobs (the limit is {cap})")
+        self.owner = owner
+        self.active = active
+        self.cap = cap
+
+
 @dataclass
 class ApiKey:
     id: str
@@ -150,6 +160,11 @@ class JobStore:
         try:
             self.engine = self._make_engine(self.url)
             _meta.create_all(self.engine)
+        except ImportError as exc:
+            raise StoreError(f"cannot open the job store {self.url!r}: its database driver is "
+                             f"not installed ({exc}). For PostgreSQL: pip install "
+                             "'pixcrawler[serve]' (psycopg); for another database, its "
+                             "SQLAlchemy driver.") from exc
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot open the job store {self.url!r}: {exc}. Check the URL "
                              "(sqlite:////abs/path.db or postgresql+psycopg://user@host/db) and "
@@ -270,15 +285,35 @@ class JobStore:
     # -- jobs -------------------------------------------------------------------------------
 
     def create_job(self, job_id: str, owner: str, name: str, spec: dict[str, Any],
-                   output_uri: str) -> JobRow:
+                   output_uri: str, max_active: Optional[int] = None) -> JobRow:
+        """A new job, "starting". With ``max_active``, only while ``owner`` has fewer active
+        jobs, else TooManyJobs: the count and the insert are one statement (``INSERT ...
+        SELECT ... WHERE count < cap``), so replicas sharing the store cannot both pass the
+        check. SQLite runs a writing statement under its database write lock; PostgreSQL's
+        READ COMMITTED would let two such statements count at once, so there the owner's
+        inserts are first serialised with a transaction-scoped advisory lock."""
         now = time.time()
         row = JobRow(id=job_id, owner=owner, name=name, state="starting", created_at=now,
                      updated_at=now, output_uri=output_uri, spec=spec)
+        values: dict[str, Any] = {
+            "id": job_id, "owner": owner, "name": name, "state": row.state, "created_at": now,
+            "updated_at": now, "output_uri": output_uri, "spec_json": _dumps(spec),
+            "cancel_requested": False}
         with self.engine.begin() as conn:
-            conn.execute(jobs_table.insert().values(
-                id=job_id, owner=owner, name=name, state=row.state, created_at=now,
-                updated_at=now, output_uri=output_uri, spec_json=_dumps(spec),
-                cancel_requested=False))
+            if max_active is None:
+                conn.execute(jobs_table.insert().values(**values))
+            else:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:owner))"),
+                                 {"owner": owner})
+                active = self._active_count(owner).scalar_subquery()
+                source = sa.select(*[sa.literal(value, type_=jobs_table.c[key].type).label(key)
+                                     for key, value in values.items()]
+                                   ).where(active < max_active)
+                inserted = conn.execute(jobs_table.insert().from_select(list(values), source))
+                if inserted.rowcount != 1:
+                    count = int(conn.execute(self._active_count(owner)).scalar_one())
+                    raise TooManyJobs(owner, count, max_active)
         self._wrote()
         return row
 
@@ -315,11 +350,14 @@ class JobStore:
         rows, _ = self.list_jobs(owner, states=ACTIVE, limit=10_000)
         return rows
 
+    @staticmethod
+    def _active_count(owner: str) -> sa.Select:
+        return (sa.select(sa.func.count()).select_from(jobs_table)
+                .where(jobs_table.c.owner == owner, jobs_table.c.state.in_(sorted(ACTIVE))))
+
     def count_active(self, owner: str) -> int:
-        query = (sa.select(sa.func.count()).select_from(jobs_table)
-                 .where(jobs_table.c.owner == owner, jobs_table.c.state.in_(list(ACTIVE))))
         with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
+            return int(conn.execute(self._active_count(owner)).scalar_one())
 
     def update_job(self, job_id: str, *, state: Optional[str] = None,
                    ray_status: Optional[str] = None, cancel_requested: Optional[bool] = None,

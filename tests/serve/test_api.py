@@ -208,6 +208,13 @@ def test_bad_specs_get_422_with_the_field_path(serve_app, sandbox):
     r = serve_app.call("POST", "/v1/jobs", key, data="x" * 1_100_000,
                        headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "spec_too_large"
+    huge = '{"name": "x", "target": ' + "1" * 5000 + "}"
+    r = serve_app.call("POST", "/v1/jobs", key, data=huge,
+                       headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["problems"][0]["field"] == "(body)"
+    r = serve_app.call("POST", "/v1/jobs", key, data="name: &n x\nclasses: {a: [b]}\n",
+                       headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 422 and "anchors and aliases" in r.json()["error"]["message"]
     assert serve_app.call("GET", "/v1/jobs", key).json()["total"] == 0
 
 

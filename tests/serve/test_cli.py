@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cluster.cli import build_parser, main
@@ -113,3 +115,30 @@ def test_build_reads_spec_from_env_and_rejects_ambiguity(monkeypatch, capsys):
     monkeypatch.delenv("PXC_SPEC")
     assert main(["build", "--spec-env", "PXC_SPEC"]) == 2
     assert "is not set" in capsys.readouterr().err
+
+
+def test_keys_with_a_database_driver_missing_say_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    assert main(["keys", "--store", "postgresql+psycopg://u@127.0.0.1:1/db", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pip install 'pixcrawler[serve]'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value, got", [("--max-jobs", "0", "(got 0)"),
+                                                ("--burst", "0", "(got 0)"),
+                                                ("--rate-limit", "-1", "(got -1.0)")])
+def test_serve_rejects_bad_options_before_starting_anything(monkeypatch, capsys, option,
+                                                            value, got):
+    import builder.sandbox
+    import serve.cli
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("started with settings the app refuses")
+
+    monkeypatch.setattr(serve.cli, "connect_with_jobs", must_not_run)
+    monkeypatch.setattr(builder.sandbox, "SandboxWeb", must_not_run)
+    assert main(["serve", "--demo", option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"pixcrawler serve: error: argument {option}: " in err and got in err
+    assert "Traceback" not in err and "validation error" not in err

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
+import threading
 
 import pytest
 
-from serve.store import TERMINAL, JobStore, StoreError
+from serve.store import TERMINAL, JobStore, StoreError, TooManyJobs
 
 
 @pytest.fixture
@@ -76,3 +78,50 @@ def test_unusable_store_url_says_what_to_check(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="sqlite:////abs/path.db"):
         JobStore(f"sqlite:///{blocker}/sub/store.db")
+
+
+def test_the_cap_on_active_jobs_is_checked_with_the_insert(url):
+    store = JobStore(url)
+    store.create_job("a-1", "alice", "ds", {}, "/out/1", max_active=2)
+    store.create_job("a-2", "alice", "ds", {}, "/out/2", max_active=2)
+    with pytest.raises(TooManyJobs) as info:
+        store.create_job("a-3", "alice", "ds", {}, "/out/3", max_active=2)
+    assert (info.value.active, info.value.cap) == (2, 2)
+    assert store.get_job("a-3") is None
+    store.create_job("b-1", "bob", "ds", {}, "/out/b", max_active=2)  # per owner
+    store.update_job("a-1", state="succeeded")
+    assert store.create_job("a-3", "alice", "ds", {}, "/out/3", max_active=2).state == \
+        "starting"
+
+
+def test_replicas_submitting_at_once_stay_under_the_cap(url):
+    """Two stores on one database, as two replicas: of two submits at the same moment with
+    a cap of one, exactly one is created, every time."""
+    stores = [JobStore(url), JobStore(url)]
+    for trial in range(20):
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def submit(store: JobStore, n: int) -> None:
+            barrier.wait()
+            try:
+                store.create_job(f"t{trial}-{n}", "alice", "ds", {}, "/out", max_active=1)
+                outcomes.append("created")
+            except TooManyJobs:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=submit, args=(s, n)) for n, s in enumerate(stores)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["created", "refused"], f"trial {trial}: {outcomes}"
+        assert stores[0].count_active("alice") == 1
+        for n in (0, 1):
+            stores[0].update_job(f"t{trial}-{n}", state="failed")
+
+
+def test_a_missing_database_driver_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    with pytest.raises(StoreError, match=r"pip install 'pixcrawler\[serve\]'"):
+        JobStore("postgresql+psycopg://user@127.0.0.1:1/db")

@@ -1,0 +1,95 @@
+"""Request bodies that once gave 500 or a spec far past max_spec_bytes: every one is a 4xx
+with a JSON error naming "(body)" (no Ray, no HTTP: parse_body and spec_data directly)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from builder.errors import SpecError
+from builder.spec import parse_spec
+from serve.app import EXAMPLE_SPEC, parse_body, spec_data
+from serve.errors import ApiError
+
+JSON = "application/json"
+YAML = "application/yaml"
+TAIL_YAML = "classes: {a: [b]}\nsources: [{engine: duckduckgo}]\n"
+
+
+def body_problem(body: str, media: str, max_bytes: int | None = None) -> str:
+    """The one "(body)" problem parse_body finds in ``body``."""
+    with pytest.raises(SpecError) as info:
+        parse_body(body.encode(), media, max_bytes)
+    (field, message), = info.value.problems
+    assert field == "(body)"
+    return message
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("media, body", [
+    (JSON, '{"name": "x", "target": ' + "1" * 5000 + "}"),
+    (YAML, "name: x\ntarget: " + "1" * 5000 + "\n" + TAIL_YAML),
+])
+def test_a_number_too_long_to_convert_is_a_422(media, body):
+    assert "4300 digits" in body_problem(body, media)
+
+
+@pytest.mark.parametrize("media, body", [
+    (JSON, '{"name": "x", "options": ' + nested(200_000) + "}"),
+    (YAML, "name: x\noptions: " + nested(5000) + "\n" + TAIL_YAML),
+])
+def test_nesting_too_deep_to_read_is_a_422(media, body):
+    assert "nested too deeply" in body_problem(body, media)
+
+
+def laughs(levels: int) -> str:
+    """The "billion laughs": each level is ten aliases of the one before."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]"
+              for i in range(1, levels)]
+    return "name: x\n" + TAIL_YAML.replace("duckduckgo}", "duckduckgo, options: {" +
+                                           ", ".join(lines) + "}}")
+
+
+@pytest.mark.parametrize("body", [
+    laughs(6),  # 417 bytes that would expand to megabytes
+    "name: x\nclasses: {a: [b]}\nsources: [{engine: duckduckgo, options: &o {k: *o}}]\n",
+    "name: x\nbase: &b {engine: duckduckgo}\nsources: [*b]\nclasses: {a: [b]}\n",
+    "name: &n x\n" + TAIL_YAML,  # an anchor alone is refused as well
+])
+def test_yaml_anchors_and_aliases_are_refused(body):
+    message = body_problem(body, YAML)
+    assert "anchors and aliases" in message and "not supported" in message
+    assert "line " in message
+
+
+def test_plain_yaml_still_parses():
+    data = parse_body(f"name: x\n{TAIL_YAML}".encode(), f"{YAML}; charset=utf-8", 10_000)
+    assert data == {"name": "x", "classes": {"a": ["b"]},
+                    "sources": [{"engine": "duckduckgo"}]}
+
+
+def test_the_data_written_out_as_json_must_fit_max_spec_bytes():
+    body = json.dumps({**EXAMPLE_SPEC, "description": "x" * 3000}).encode()
+    assert parse_body(body, JSON, len(body) + 10)["description"] == "x" * 3000
+    with pytest.raises(ApiError) as info:
+        parse_body(body, JSON, 2048)
+    assert info.value.status == 413 and info.value.code == "spec_too_large"
+    assert "2048" in info.value.message
+
+
+def test_a_value_that_cannot_be_written_as_json_is_a_422():
+    looped: dict[str, Any] = {}
+    looped["k"] = looped
+    spec = parse_spec({**EXAMPLE_SPEC, "sources": [{"engine": "duckduckgo",
+                                                    "options": {"v": looped}}]})
+    with pytest.raises(SpecError) as info:
+        spec_data(spec)
+    assert info.value.problems[0][0] == "(body)"
+    assert "cannot be stored as JSON" in info.value.problems[0][1]
+    assert spec_data(parse_spec(EXAMPLE_SPEC))["name"] == "pets"

@@ -1,0 +1,127 @@
+"""The reconciler against a fake Ray job API (no Ray): a job being submitted is not failed for
+Ray not knowing it yet, one job's bad output does not stop the pass for the others, and an
+earlier run's outcome at the same output is not taken for this run's."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from builder.writers import PARTIAL, SUCCESS
+from serve import jobs
+from serve.jobs import AGENT_WAIT_S, SUBMIT_GRACE_S, RayJob, Reconciler, read_outcome
+from serve.store import JobStore
+
+
+class FakeRay:
+    """Ray's job API: a status per job id; an id it has no record of is None."""
+
+    def __init__(self, **statuses: RayJob):
+        self.jobs: dict[str, RayJob] = dict(statuses)
+        self.broken: set[str] = set()
+
+    def status(self, job_id: str) -> Optional[RayJob]:
+        if job_id in self.broken:
+            raise KeyError(f"unexpected answer for {job_id}")
+        return self.jobs.get(job_id)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "read_live", lambda job_id: None)  # no progress actors
+    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield s
+    s.close()
+
+
+def write_outcome(out: Path, marker: str, stats: Any) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).write_text(json.dumps({"job_id": (stats or {}).get("job_id")}
+                                         if isinstance(stats, dict) else {}))
+    (out / "stats.json").write_text(json.dumps(stats))
+    return str(out)
+
+
+def test_a_job_still_being_submitted_is_not_failed_for_ray_not_knowing_it(store):
+    assert SUBMIT_GRACE_S > AGENT_WAIT_S
+    ray = FakeRay()
+    store.create_job("new-1", "o", "new", {"name": "new"}, "/nonexistent/new")
+    row = Reconciler(store, ray).reconcile(store.get_job("new-1"))
+    assert (row.state, row.ray_status, row.error) == ("starting", None, None)
+
+    ray.jobs["new-1"] = RayJob("PENDING")  # the submit returned
+    assert Reconciler(store, ray).reconcile(row).ray_status == "PENDING"
+    del ray.jobs["new-1"]  # Ray knew it and lost it (restarted): no grace then
+    row = Reconciler(store, ray).reconcile(store.get_job("new-1"))
+    assert row.state == "failed" and "no record" in row.error
+
+
+def test_a_starting_job_ray_never_got_fails_after_the_grace_period(store):
+    store.create_job("lost-1", "o", "lost", {"name": "lost"}, "/nonexistent/lost")
+    reconciler = Reconciler(store, FakeRay(), submit_grace_s=0.2)
+    assert reconciler.reconcile(store.get_job("lost-1")).state == "starting"
+    time.sleep(0.3)
+    row = reconciler.reconcile(store.get_job("lost-1"))
+    assert row.state == "failed" and row.ray_status == "UNKNOWN"
+    # A row past "starting" was handed to Ray: no record means it is gone, however young.
+    store.create_job("ran-1", "o", "ran", {"name": "ran"}, "/nonexistent/ran")
+    store.update_job("ran-1", state="running")
+    assert Reconciler(store, FakeRay()).reconcile(store.get_job("ran-1")).state == "failed"
+
+
+def test_a_stats_json_that_is_not_an_object_is_read_as_missing(tmp_path):
+    uri = write_outcome(tmp_path / "out", SUCCESS, [1])
+    assert read_outcome(uri) == (SUCCESS, None)
+
+
+def test_one_bad_job_does_not_stop_the_pass_for_the_others(store, tmp_path):
+    failed = RayJob("FAILED", "driver exited with code 1")
+    ray = FakeRay(**{"victim-1": failed, "bad-1": failed, "odd-1": failed})
+    for job_id in ("victim-1", "bad-1", "odd-1"):  # reconciled newest first: odd, bad, victim
+        out = tmp_path / job_id
+        if job_id == "bad-1":  # an output location another tenant controls
+            write_outcome(out, SUCCESS, [1])
+        store.create_job(job_id, job_id, job_id.split("-")[0], {"name": "x"}, str(out))
+        store.update_job(job_id, state="running")
+        time.sleep(0.01)
+    ray.broken.add("odd-1")
+
+    assert Reconciler(store, ray).reconcile_all() == 3
+    assert store.get_job("odd-1").state == "running"  # tried again next pass
+    bad, victim = store.get_job("bad-1"), store.get_job("victim-1")
+    assert bad.state == "failed" and bad.stats is None
+    assert victim.state == "failed" and victim.error == "driver exited with code 1"
+
+
+def test_an_earlier_runs_partial_result_is_not_this_jobs_outcome(store, tmp_path):
+    out = write_outcome(tmp_path / "pets", PARTIAL,
+                        {"accepted": 17, "partial": True, "job_id": "pets-run1"})
+    ray = FakeRay(**{"pets-run2": RayJob("FAILED", "SourceError: bing needs BING_API_KEY")})
+    store.create_job("pets-run2", "o", "pets", {"name": "pets"}, out)
+    row = Reconciler(store, ray).reconcile(store.get_job("pets-run2"))
+    assert row.state == "failed" and row.error == "SourceError: bing needs BING_API_KEY"
+    assert row.stats is None
+    assert read_outcome(out, "pets-run2") == (None, None)
+    assert read_outcome(out, "pets-run1")[1]["accepted"] == 17
+
+
+def test_a_jobs_own_partial_result_is_its_outcome(store, tmp_path):
+    out = write_outcome(tmp_path / "pets", PARTIAL,
+                        {"accepted": 5, "partial": True, "job_id": "pets-run3"})
+    store.create_job("pets-run3", "o", "pets", {"name": "pets"}, out)
+    row = Reconciler(store, FakeRay(**{"pets-run3": RayJob("STOPPED")})).reconcile(
+        store.get_job("pets-run3"))
+    assert row.state == "cancelled" and row.stats["accepted"] == 5
+    assert row.progress["accepted"] == 5
+
+
+def test_a_finished_live_job_keeps_its_own_stats_over_an_earlier_runs(store, tmp_path):
+    out = write_outcome(tmp_path / "pets", SUCCESS, {"accepted": 17, "job_id": "pets-old"})
+    store.create_job("pets-new", "o", "pets", {"name": "pets"}, out)
+    live = {"state": "failed", "error": "boom", "stats": {"accepted": 2, "job_id": "pets-new"}}
+    row = Reconciler(store, FakeRay()).apply_live(store.get_job("pets-new"), live)
+    assert row.state == "failed" and row.error == "boom" and row.stats["accepted"] == 2
