@@ -88,7 +88,7 @@ def settings_problems(args: argparse.Namespace) -> list[str]:
     from serve.app import ServeSettings
 
     try:
-        ServeSettings.model_validate(serve_settings(args, None))
+        settings = ServeSettings.model_validate(serve_settings(args, None))
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -97,6 +97,10 @@ def settings_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"argument {option}: {err['msg'].lower()} "
                             f"(got {err.get('input')!r})")
         return problems
+    try:
+        JobStore(settings.store).close()
+    except StoreError as exc:
+        return [f"argument --store: {exc}"]
     return []
 
 

@@ -127,7 +127,8 @@ def test_keys_with_a_database_driver_missing_say_what_to_install(monkeypatch, ca
 
 @pytest.mark.parametrize("option, value, got", [("--max-jobs", "0", "(got 0)"),
                                                 ("--burst", "0", "(got 0)"),
-                                                ("--rate-limit", "-1", "(got -1.0)")])
+                                                ("--rate-limit", "-1", "(got -1.0)"),
+                                                ("--store", "nosuchdb://x/y", "nosuchdb")])
 def test_serve_rejects_bad_options_before_starting_anything(monkeypatch, capsys, option,
                                                             value, got):
     import builder.sandbox
