@@ -23,10 +23,13 @@ Each tool gets the same 2 cores (the machine's; img2dataset ``--processes_count 
 Ray sized to ``os.cpu_count()``). The CPU seconds of the whole tree are reported next to the wall
 time: on a shared machine they move much less than the wall time does.
 
-Peak memory is that of the whole process tree, sampled every 0.2 s from /proc: every descendant
-of the command, and for PixCrawler also every process whose command line names the run's own
-RAY_TMPDIR (raylet, GCS, workers). Both the RSS sum and the PSS sum (shared pages divided among
-their sharers, from smaps_rollup) are reported; RSS over-counts what Ray's processes share.
+Peak memory is that of the whole process tree, sampled from /proc: every descendant of the
+command, and for PixCrawler also every process whose command line names the run's own
+RAY_TMPDIR (raylet, GCS, workers). Both the RSS sum (from statm, every 0.2 s) and the PSS sum
+(shared pages divided among their sharers, from smaps_rollup, every 2 s) are reported; RSS
+over-counts what Ray's processes share. smaps_rollup walks each process's page tables: reading
+it for a dozen Ray processes costs about 55 ms of CPU, which every 0.2 s took a quarter of a
+core from the tool being measured. The monitor's own CPU is printed with each run.
 
     bash bench/setup_img2dataset.sh                       # once
     .venv/bin/python bench/bench_vs_img2dataset.py [--n 4000] [--runs 3] [--skip-i2d]
@@ -133,10 +136,10 @@ def _stat(pid: int) -> Optional[tuple[int, float]]:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _mem_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in KiB; PSS from smaps_rollup (0 when unreadable)."""
+def _mem_kib(pid: int, pss_too: bool = True) -> tuple[int, int]:
+    """(RSS, PSS) in KiB; PSS from smaps_rollup (0 when unreadable or not asked for)."""
     rss = pss = 0
-    text = _read(f"/proc/{pid}/smaps_rollup")
+    text = _read(f"/proc/{pid}/smaps_rollup") if pss_too else None
     if text:
         for line in text.splitlines():
             if line.startswith("Rss:"):
@@ -178,6 +181,7 @@ class TreeStats:
     peak_pss_kib: int = 0
     peak_procs: int = 0
     samples: int = 0
+    monitor_cpu_s: float = 0.0  # the sampler's own CPU (in the bench process, not the tree)
     load: tuple[float, float] = (0.0, 0.0)  # the machine's 1-min load average, before and after
     cpu_by_pid: dict[int, float] = field(default_factory=dict)
     label_by_pid: dict[int, str] = field(default_factory=dict)
@@ -197,11 +201,13 @@ class TreeStats:
 class TreeMonitor(threading.Thread):
     """Samples a process tree's memory and CPU every ``every_s`` until ``stop()``."""
 
-    def __init__(self, root: int, marker: Optional[str] = None, every_s: float = 0.2):
+    def __init__(self, root: int, marker: Optional[str] = None, every_s: float = 0.2,
+                 pss_every_s: float = 2.0):
         super().__init__(daemon=True)
         self.root = root
         self.marker = marker
         self.every_s = every_s
+        self.pss_every = max(1, round(pss_every_s / every_s))
         self.stats = TreeStats()
         self._done = threading.Event()
         self._marked: dict[int, bool] = {}
@@ -212,10 +218,14 @@ class TreeMonitor(threading.Thread):
         return self.stats
 
     def run(self) -> None:
+        start = time.thread_time()
+        n = 0
         while True:
-            self.sample()
+            self.sample(pss_too=n % self.pss_every == 0)
+            n += 1
             if self._done.wait(self.every_s):
                 self.sample()
+                self.stats.monitor_cpu_s = time.thread_time() - start
                 return
 
     def _has_marker(self, pid: int) -> bool:
@@ -225,7 +235,7 @@ class TreeMonitor(threading.Thread):
             self._marked[pid] = self.marker in (_read(f"/proc/{pid}/cmdline") or "")
         return self._marked[pid]
 
-    def sample(self) -> None:
+    def sample(self, pss_too: bool = True) -> None:
         parents: dict[int, int] = {}
         cpu: dict[int, float] = {}
         for entry in os.listdir("/proc"):
@@ -241,7 +251,7 @@ class TreeMonitor(threading.Thread):
             grew = bool(more)
         rss = pss = 0
         for pid in members:
-            r, p = _mem_kib(pid)
+            r, p = _mem_kib(pid, pss_too)
             rss, pss = rss + r, pss + p
             self.stats.cpu_by_pid[pid] = cpu[pid]
             # Ray workers retitle themselves (ray::IDLE, then ray::Actor): keep the last real name.
@@ -489,7 +499,8 @@ def print_run(r: RunResult) -> None:
           f"server CPU {r.server_cpu_s:.1f} s, load {t.load[0]:.1f}->{t.load[1]:.1f}", flush=True)
     top = ", ".join(f"{k} {v:.1f}" for k, v in list(t.cpu_by_label().items())[:8])
     print(f"      CPU {t.cpu_s:.1f} s in the tree (sampled; "
-          f"{1000 * t.cpu_s / max(1, r.images):.1f} ms per image): {top}")
+          f"{1000 * t.cpu_s / max(1, r.images):.1f} ms per image): {top}; "
+          f"the sampler itself {t.monitor_cpu_s:.1f} s")
     if r.detail.get("phases"):
         print("      phases (s): " + ", ".join(f"{k} {v}" for k, v in r.detail["phases"].items()))
 
