@@ -246,21 +246,20 @@ class SourceSpec(_Model):
 
     @field_validator("options")
     @classmethod
-    def _finite_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """Options are free-form, but a non-finite number would not survive the spec's JSON
-        round trip (it becomes null, silently the default): refuse it here."""
-        def bad(value: Any) -> bool:
-            if isinstance(value, float):
-                return not math.isfinite(value)
-            if isinstance(value, dict):
-                return any(bad(v) for v in value.values())
-            if isinstance(value, (list, tuple)):
-                return any(bad(v) for v in value)
-            return False
-
-        wrong = sorted(k for k, v in options.items() if bad(v))
-        if wrong:
-            raise ValueError(f"options {', '.join(wrong)}: numbers must be finite")
+    def _plain_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Options are free-form, but must survive the spec's JSON round trip: a non-finite
+        number would silently become null (the default), a self-reference cannot be written."""
+        problems = []
+        for key, value in options.items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except ValueError as exc:
+                problems.append(f"{key}: numbers must be finite" if "float" in str(exc)
+                                else f"{key}: {exc}")
+            except (TypeError, RecursionError) as exc:
+                problems.append(f"{key}: not plain data ({type(exc).__name__})")
+        if problems:
+            raise ValueError("options " + "; ".join(sorted(problems)))
         return options
 
     @model_validator(mode="after")

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
-from builder.spec import DatasetSpec, parse_spec
+from builder.spec import parse_spec
 from builder.storage import is_local_uri
 from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
@@ -301,16 +301,6 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) 
     return data
 
 
-def spec_data(spec: DatasetSpec) -> dict[str, Any]:
-    """The validated spec as JSON data (what the store keeps and the job gets)."""
-    try:
-        return spec.model_dump(mode="json")
-    except RecursionError:
-        raise _body_error("cannot be stored as JSON: nested too deeply") from None
-    except ValueError as exc:  # e.g. a value that contains itself
-        raise _body_error(f"cannot be stored as JSON: {exc}") from None
-
-
 def spec_error(exc: SpecError) -> ApiError:
     problems = [{"field": path, "message": msg} for path, msg in exc.problems]
     return ApiError(422, "invalid_spec", str(exc), details={"problems": problems})
@@ -478,8 +468,8 @@ class JobAPI:
             data = parse_body(body, request.headers.get("content-type", ""), limit)
             spec = parse_spec(data, "request body")
             job_id = new_job_id(spec)
-            spec = parse_spec(self._placed(spec_data(spec), job_id), "request body")
-            data = spec_data(spec)
+            spec = parse_spec(self._placed(spec.model_dump(mode="json"), job_id), "request body")
+            data = spec.model_dump(mode="json")
         except SpecError as exc:
             raise spec_error(exc) from None
         uri = spec.output_uri()

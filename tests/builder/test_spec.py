@@ -174,5 +174,11 @@ def test_non_finite_numbers_in_source_options_are_refused():
             "sources": [{"engine": "wikimedia", "options": {"timeout_s": float("inf"),
                                                             "nested": {"k": [1.0, float("nan")]},
                                                             "ok": 3.5}}]}
-    with pytest.raises(SpecError, match=r"sources\.0\.options.*nested, timeout_s.*finite"):
+    with pytest.raises(SpecError, match=r"sources\.0\.options.*nested: numbers must be finite; "
+                                        r"timeout_s: numbers must be finite"):
+        parse_spec(data, "t")
+    looped: dict = {}
+    looped["self"] = looped
+    data["sources"][0]["options"] = {"loop": looped}
+    with pytest.raises(SpecError, match=r"options loop: Circular reference"):
         parse_spec(data, "t")

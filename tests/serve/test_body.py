@@ -1,5 +1,5 @@
 """Request bodies that once gave 500 or a spec far past max_spec_bytes: every one is a 4xx
-with a JSON error naming "(body)" (no Ray, no HTTP: parse_body and spec_data directly)."""
+with a JSON error naming "(body)" (no Ray, no HTTP: parse_body and parse_spec directly)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from builder.errors import SpecError
 from builder.spec import parse_spec
-from serve.app import EXAMPLE_SPEC, parse_body, spec_data
+from serve.app import EXAMPLE_SPEC, parse_body
 from serve.errors import ApiError
 
 JSON = "application/json"
@@ -83,13 +83,14 @@ def test_the_data_written_out_as_json_must_fit_max_spec_bytes():
     assert "2048" in info.value.message
 
 
-def test_a_value_that_cannot_be_written_as_json_is_a_422():
+def test_a_value_that_cannot_be_written_as_json_is_a_spec_error():
+    """A self-reference (a YAML anchor loop) in free-form options is refused when the spec is
+    parsed, with its field path, before the store would have to write it."""
     looped: dict[str, Any] = {}
     looped["k"] = looped
-    spec = parse_spec({**EXAMPLE_SPEC, "sources": [{"engine": "duckduckgo",
-                                                    "options": {"v": looped}}]})
     with pytest.raises(SpecError) as info:
-        spec_data(spec)
-    assert info.value.problems[0][0] == "(body)"
-    assert "cannot be stored as JSON" in info.value.problems[0][1]
-    assert spec_data(parse_spec(EXAMPLE_SPEC))["name"] == "pets"
+        parse_spec({**EXAMPLE_SPEC, "sources": [{"engine": "duckduckgo",
+                                                 "options": {"v": looped}}]})
+    path, message = info.value.problems[0]
+    assert path == "sources.0.options" and "Circular reference" in message
+    assert parse_spec(EXAMPLE_SPEC).model_dump(mode="json")["name"] == "pets"
