@@ -101,11 +101,3 @@ def test_malformed_items_keep_the_good_hits_with_text_fields():
     assert (x.page_url, x.title) == ("", "5")
     assert (y.page_url, y.title) == ("http://pages.example/", "12")
     assert [h.url for h in original.hits] == [h.url for h in page.hits]
-
-
-def test_non_object_answer_is_a_retryable_engine_error():
-    with FakeServer(lambda req: Response(200, [1, 2])) as srv:
-        with pytest.raises(EngineError) as info:
-            BaiduEngine(f"{srv.url}/search/acjson").search("cat", label="cat", page=0,
-                                                          per_page=5)
-    assert info.value.retryable

@@ -120,10 +120,3 @@ def test_malformed_items_keep_the_good_hits_with_text_fields(queries):
     assert [(h.page_url, h.title) for h in page.hits] == \
         [("", ""), ("", "3"), ("https://p.example/z", "")]
     assert not page.has_more and len(srv.requests) == 1
-
-
-def test_non_object_answer_is_a_retryable_engine_error():
-    with FakeServer(lambda req: Response(200, [1, 2])) as srv:
-        with pytest.raises(EngineError) as info:
-            _engine(srv).search("cat", label="cat", page=0, per_page=5)
-    assert info.value.retryable

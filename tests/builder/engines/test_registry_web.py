@@ -111,6 +111,8 @@ JUNK = {"results": "x", "data": 5, "items": {"a": 1}, "query": [], "continue": "
     ("google", "/customsearch/v1"),
 ])
 def test_malformed_answers_give_an_empty_page_or_an_engine_error(engine, path, monkeypatch):
+    """Junk inside an object gives an empty page or a retryable EngineError; an answer that is
+    not a JSON object at all is always a retryable EngineError."""
     from builder.errors import EngineError
     from tests.builder.engines.fakes import Response
 
@@ -119,10 +121,15 @@ def test_malformed_answers_give_an_empty_page_or_an_engine_error(engine, path, m
     for body in (JUNK, [1, 2], "null"):
         with FakeServer(lambda req, body=body: Response(200, body)) as srv:
             spec = _spec({"engine": engine, "options": {"base_url": srv.url + path}})
-            try:
-                page = make_engine(spec.sources[0], spec).search("cat", label="cat", page=0,
-                                                                 per_page=5)
-            except EngineError as exc:
-                assert exc.retryable, exc
-            else:
-                assert page.hits == [] and not page.has_more
+            engine_ = make_engine(spec.sources[0], spec)
+            if body is JUNK:
+                try:
+                    page = engine_.search("cat", label="cat", page=0, per_page=5)
+                except EngineError as exc:
+                    assert exc.retryable, exc
+                else:
+                    assert page.hits == [] and not page.has_more
+                continue
+            with pytest.raises(EngineError) as info:
+                engine_.search("cat", label="cat", page=0, per_page=5)
+            assert info.value.retryable

@@ -125,11 +125,3 @@ def test_malformed_pages_keep_the_good_hits_with_text_fields():
     assert (x.page_url, x.title, x.author, x.license) == ("", "5", "5", "")
     assert y.title == "Cat"
     assert not page.has_more  # an offset of 1e999 is no continuation
-
-
-def test_non_object_answer_is_a_retryable_engine_error():
-    with FakeServer(lambda req: Response(200, [1, 2])) as srv:
-        with pytest.raises(EngineError) as info:
-            WikimediaEngine(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
-                                                            per_page=5)
-    assert info.value.retryable
