@@ -96,10 +96,10 @@ class ServeSettings(BaseModel):
         default=False, description="run the API on a thread of its own in each replica "
         "(Serve's default) instead of on the replica's event loop "
         f"({USER_CODE_THREAD_ENV}=0), which saves two hand-offs between threads per request")
-    niceness: int = Field(default=0, ge=0, le=19, description="the replicas' scheduling "
-                          "priority (nice value). Ray runs workers at 15 so that they yield to "
-                          "interactive work; an API that answers people should not yield to "
-                          "the crawl's own batch actors")
+    niceness: int = Field(default=0, ge=0, le=19, description="how many nice levels below "
+                          "the node's Ray processes the replicas run. Ray's default for workers "
+                          "is 15, so that they yield to interactive work; an API that answers "
+                          "people should not yield to the crawl's own batch actors")
     num_replicas: int = Field(default=1, ge=1, description="replicas of the API (a "
                               "deployments: entry in serve_config.yaml overrides it)")
     reconcile_interval_s: float = Field(default=5.0, gt=0)
