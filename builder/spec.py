@@ -31,7 +31,6 @@ of another class (``a`` and ``a/b``), is an error.
 from __future__ import annotations
 
 import json
-import math
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
@@ -135,8 +134,16 @@ class _SpecProblems(ValueError):
         super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
 
 
-def _bad_name(name: str) -> bool:
+def bad_name(name: str) -> bool:
+    """A name that cannot be one directory or file name: empty, '.', '..', or holding '/' or
+    a backslash. The spec refuses such split and category names; the writer checks again."""
     return not name or "/" in name or "\\" in name or name in (".", "..")
+
+
+def bad_label_path(label: str) -> bool:
+    """A label that cannot be a relative directory path: one of its '/'-separated parts is a
+    ``bad_name`` (so an empty label, an empty part, '.', '..' or a backslash)."""
+    return any(bad_name(part) for part in label.split("/"))
 
 
 _CONTROL_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
@@ -208,7 +215,7 @@ def flatten_categories(categories: dict[str, CategoryNode]
             if _control_chars(name):
                 problems.append((at, _control_problem("category name", name)))
                 continue
-            if _bad_name(name):
+            if bad_name(name):
                 problems.append((at, f"bad category name {name!r}: names are non-empty, "
                                  "without '/' or '\\', and not '.' or '..'"))
                 continue
@@ -397,7 +404,7 @@ class OutputSpec(_Model):
         for name in v:
             if _control_chars(name):
                 problems.append((_key(name), _control_problem("split name", name)))
-            elif _bad_name(name):
+            elif bad_name(name):
                 problems.append((name, f"bad split name {name!r}: split names are non-empty, "
                                  "without '/' or '\\', and not '.' or '..'"))
         if problems:
@@ -493,8 +500,7 @@ class DatasetSpec(_Model):
             if _control_chars(label):
                 problems.append((f"classes.{_key(label)}",
                                  _control_problem("class label", label)))
-            elif not label or "\\" in label or any(part in ("", ".", "..")
-                                                     for part in label.split("/")):
+            elif bad_label_path(label):
                 problems.append((f"classes.{label}", f"bad class label {label!r}: labels are "
                                  "non-empty, '/'-separated names without empty, '.' or '..' "
                                  "parts"))

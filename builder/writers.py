@@ -82,7 +82,7 @@ import yaml
 from builder import card as card_mod
 from builder.errors import OutputExistsError, StorageError
 from builder.records import ACCEPTED_SCHEMA, REJECT_SCHEMA
-from builder.spec import OutputSpec
+from builder.spec import OutputSpec, bad_label_path, bad_name
 from builder.storage import (
     ensure_parent,
     ensure_writable,
@@ -153,11 +153,10 @@ def extension_of(fmt: str, data: Optional[bytes] = None) -> str:
 
 def check_label_path(label: str) -> list[str]:
     """The path components of a label; ``ValueError`` for one that would escape the tree."""
-    parts = label.split("/")
-    if not label or "\\" in label or any(p in ("", ".", "..") for p in parts):
+    if bad_label_path(label):
         raise ValueError(f"label {label!r} cannot be a directory path: labels are non-empty, "
                          "'/'-separated names without empty, '.' or '..' parts")
-    return parts
+    return label.split("/")
 
 
 def class_index(labels: Sequence[str]) -> dict[str, int]:
@@ -386,7 +385,7 @@ class DatasetWriter:
                 raise ValueError(f"label {label!r} is not one of the writer's labels "
                                  f"{self.labels}")
         for split in set(table["split"].to_pylist()):
-            if "/" in split or split in (".", ".."):
+            if bad_name(split):
                 raise ValueError(f"bad split name {split!r}")
 
     def _write_split(self, fs: fsspec.AbstractFileSystem, root: str, table: pa.Table,
