@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pixcrawler.job")
 
+MAX_SEARCH_ERRORS = 50
+"""stats.json keeps the last this many failed searches (``search_errors``)."""
+
 
 @dataclass
 class SearchTask:
@@ -498,7 +501,7 @@ class JobRunner:
         self._maybe_progress(force=True)
         return self.ledger.stats(
             partial=self.cancelled,
-            search_errors=self.search_errors[-50:],
+            search_errors=self.search_errors[-MAX_SEARCH_ERRORS:],
             engine_requests=dict(self.engine_requests),
             fallbacks=self.planner.fallbacks,
             urls_seen=len(self.urls),

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from builder.job import MAX_SEARCH_ERRORS
+
 
 def _table(snapshot: dict[str, Any], title: str) -> Table:
     t = Table(title=title, expand=False)
@@ -69,7 +71,7 @@ def shortfall_cause(stats: dict[str, Any]) -> str:
     errors = stats.get("search_errors") or []
     if errors:
         last = errors[-1]
-        more = "+" if len(errors) >= 50 else ""
+        more = "+" if len(errors) >= MAX_SEARCH_ERRORS else ""
         return (f"sources failed or ran dry; {len(errors)}{more} searches failed, the last: "
                 f"{last.get('engine', '?')}: {str(last.get('error', ''))[:160]} "
                 "(all in stats.json search_errors)")
