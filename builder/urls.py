@@ -64,17 +64,22 @@ def normalise_url(url: str) -> str | None:
     return urlunsplit((scheme, netloc, path, urlencode(sorted(query)), ""))
 
 
+def _scheme(url: str) -> str:
+    """The lower-cased scheme of a URL ``normalise_url`` refused ('' if there is none)."""
+    try:
+        return urlsplit(url.strip()).scheme.lower()
+    except ValueError:
+        return ""
+
+
 def check_url(url: str) -> tuple[str | None, Reason | None, str]:
     """(normalised URL, rejection reason or None, detail) for a candidate URL, before fetching.
 
     The scheme is judged first: ``data:``, ``file:`` and ``javascript:`` URLs have no host but
     are unsupported rather than unparsable.
     """
-    try:
-        scheme = urlsplit(url.strip()).scheme.lower()
-    except ValueError:
-        scheme = ""
     norm = normalise_url(url)
+    scheme = norm.split(":", 1)[0] if norm is not None else _scheme(url)
     if scheme and scheme not in _ALLOWED_SCHEMES:
         return norm, Reason.UNSUPPORTED_SCHEME, f"scheme {scheme!r}; only http and https"
     if norm is None:
