@@ -120,10 +120,9 @@ def main() -> int:
     ap.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy")
     args = ap.parse_args()
 
-    from serve.cli import connect_with_jobs, haproxy_env
+    from serve.cli import connect_with_jobs, use_haproxy
 
-    if args.ingress == "haproxy":
-        os.environ.update(haproxy_env())  # before Ray Serve is imported anywhere
+    use_haproxy(args.ingress, None)  # before Ray Serve is imported anywhere
 
     from ray import serve as ray_serve
 

@@ -293,8 +293,6 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) 
                                   default=str).encode("utf-8"))
         except RecursionError:
             raise _body_error(f"not valid {kind}: nested too deeply") from None
-        except ValueError as exc:
-            raise _body_error(f"cannot be stored as JSON: {exc}") from None
         if size > max_bytes:
             raise ApiError(413, "spec_too_large", f"a spec is at most {max_bytes} bytes "
                            f"(this one is {size} bytes written out as JSON)")

