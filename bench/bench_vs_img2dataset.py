@@ -386,7 +386,7 @@ def i2d_command(urls: Path, out: Path, args: argparse.Namespace) -> list[str]:
            "--retries", "0", "--enable_wandb", "False"]
     if args.i2d_mode == "raw":
         cmd += ["--disable_all_reencoding", "True"]
-    else:
+    elif args.i2d_mode == "decode":
         cmd += ["--skip_reencode", "True"]
     return cmd
 
@@ -547,9 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-workers", type=int, help="resources.search_workers")
     g.add_argument("--write-cpus", type=float, help="resources.write_cpus")
     g = p.add_argument_group("img2dataset knobs")
-    g.add_argument("--i2d-mode", default="raw", choices=["raw", "decode"],
-                   help="raw: --disable_all_reencoding True (no decode); decode: "
-                        "--skip_reencode True (decode, keep bytes)")
+    g.add_argument("--i2d-mode", default="raw", choices=["issue", "raw", "decode"],
+                   help="issue: the issue's flags alone (img2dataset decodes and re-encodes "
+                        "every image); raw: + --disable_all_reencoding True (no decode); "
+                        "decode: + --skip_reencode True (decode, keep bytes)")
     g.add_argument("--i2d-threads", type=int, default=32, help="--thread_count")
     g.add_argument("--i2d-shard", type=int, default=1000,
                    help="--number_sample_per_shard (its default, 10000, would leave one of "

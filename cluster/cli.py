@@ -75,14 +75,19 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
         else:
             import asyncio
 
-            from cluster.connect import connect
+            from cluster.connect import connect, shutdown
             from cluster.coordinator import run_job_async
 
             info = connect(address, dashboard=dashboard)
-            log.info("[%s] Ray %s (%s), %g CPUs%s", job_id, info["mode"], info["address"],
-                     info["resources"].get("CPU", 0),
-                     f", dashboard {info['dashboard_url']}" if info.get("dashboard_url") else "")
-            result = asyncio.run(run_job_async(spec, install_signals=True, **kwargs))
+            try:
+                log.info("[%s] Ray %s (%s), %g CPUs%s", job_id, info["mode"], info["address"],
+                         info["resources"].get("CPU", 0),
+                         f", dashboard {info['dashboard_url']}" if info.get("dashboard_url")
+                         else "")
+                result = asyncio.run(run_job_async(spec, install_signals=True, **kwargs))
+            finally:
+                if info["started"]:
+                    shutdown()
     finally:
         display.close()
     summary(result.stats, result.uri)

@@ -37,11 +37,14 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     at the command's own priority (``SAME_PRIORITY_ENV``), not 15 nice levels below it, where
     any busy process on the machine would starve them. On a cluster they keep Ray's default.
 
-    Returns {"mode": "embedded"|"cluster", "address", "dashboard_url", "resources"}.
+    Returns {"mode": "embedded"|"cluster", "address", "dashboard_url", "resources",
+    "ray_job_id", "started"}; "started" is False when this process was already connected, and
+    then the caller leaves the connection to whoever made it.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": not quiet,
                                   "configure_logging": not quiet}
         if address:
@@ -63,8 +66,32 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         or _dashboard_url(),
         "resources": ray.cluster_resources(),
         "ray_job_id": ctx.get_job_id(),
+        "started": started,
     }
     return info
+
+
+def shutdown() -> None:
+    """Leave Ray now; for an embedded Ray, stop its processes too.
+
+    Ray's own exit hook does the same, but it sleeps half a second first, and it gives each of
+    the embedded Ray's processes a second to exit on SIGTERM: the autoscaler monitor always
+    takes that second. A one-node embedded Ray never autoscales and the monitor holds nothing
+    of the job's, so it is killed outright. Harmless when Ray is not initialized, and on a
+    cluster (where it only disconnects).
+    """
+    if not ray.is_initialized():
+        return
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.is_head():
+        from ray._private import ray_constants
+
+        for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR,
+                                                            []):
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    ray.shutdown()
 
 
 def _dashboard_url() -> Optional[str]:

@@ -261,3 +261,21 @@ def test_a_nested_spec_runs_end_to_end(sandbox, tmp_path):
         assert (folder / info["image"]).is_file() and (folder / f"{info['id']}.txt").is_file()
     assert sorted(pq.read_table(out / "data").column("label_levels").to_pylist()) == sorted(
         [["pets", "cat"]] * 3 + [["pets", "dog"]] * 2 + [["wild", "birds", "bird"]] * 2)
+
+
+@pytest.mark.parametrize("loader", [yaml.SafeLoader, getattr(yaml, "CSafeLoader", yaml.SafeLoader)])
+def test_the_yaml_manifest_reads_back_exactly_whatever_the_strings_hold(loader):
+    """labels.yaml is one flow mapping a line; strings YAML reads specially (line separators,
+    C1 controls, a BOM, quotes, YAML keywords, comment and indicator characters, astral
+    characters) must come back as written."""
+    from builder.writers import _render_labels
+
+    nasty = ["cat", "yes", "null", "0123", "- dash", "a: b", "#hash", "  lead", 'q"uote',
+             "back\\slash", "line\u2028sep", "para\u2029sep", "nel\x85", "c1\x9b", "bom\ufeff",
+             "tab\tnew\nline", "emoji \U0001F408", "\u00e9t\u00e9/\u732b", "del\x7f", ""]
+    entries = [{"id": f"{i:064x}", "path": f"images/train/{s}/{i}.jpg", "label": s,
+                "label_index": i, "split": "train"} for i, s in enumerate(nasty)]
+    text = _render_labels("yaml", entries, ["id", "path", "label", "label_index", "split"])
+    assert len(text.decode("utf-8").splitlines()) == len(entries)
+    assert yaml.load(text, Loader=loader) == entries
+    assert yaml.load(_render_labels("yaml", [], []), Loader=loader) == []

@@ -46,3 +46,47 @@ def test_a_cluster_keeps_rays_priorities_unless_asked(init_calls):
         connect_module.connect("auto", runtime_env={"env_vars": {"X": "1"}})
     assert "runtime_env" not in init_calls[0]
     assert init_calls[1]["runtime_env"] == {"env_vars": {"X": "1"}}
+
+
+SHUTDOWN_CHILD = """
+import json, ray
+from cluster.connect import connect, shutdown
+info = connect(None, num_cpus=1)
+again = connect(None)
+node = ray._private.worker._global_node
+procs = {kind: [p.process for p in infos] for kind, infos in node.all_processes.items()}
+shutdown()
+print(json.dumps({"started": [info["started"], again["started"]], "kinds": sorted(procs),
+                  "alive": sorted(kind for kind, ps in procs.items()
+                                  if any(p.poll() is None for p in ps)),
+                  "initialized": ray.is_initialized()}))
+"""
+
+
+def test_shutdown_stops_every_process_of_the_embedded_ray():
+    """A real embedded Ray in its own process: connect reports that it started Ray (and that a
+    second call did not), and shutdown leaves none of its processes running, the autoscaler
+    monitor (killed outright, not given Ray's one-second grace) included."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ray_tmp = tempfile.mkdtemp(prefix="pxcon", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", SHUTDOWN_CHILD], env=env,
+                             capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["started"] == [True, False]
+    assert "monitor" in result["kinds"] and "raylet" in result["kinds"]
+    assert result["alive"] == [] and result["initialized"] is False
