@@ -10,10 +10,12 @@ subprocess and timed from outside:
   validation ``medium`` (full decode check, sha256, pHash/dHash, exact + near-duplicate dedup),
   robots.txt and opt-out headers respected, Parquet output only.
 - img2dataset (its own venv, see ``setup_img2dataset.sh``): ``--resize_mode no --output_format
-  parquet``, 2 processes, sha256 (its default). ``--i2d-mode raw`` (default) adds
+  parquet``, 2 processes, sha256 (its default). ``--i2d-mode issue`` (default) passes those
+  flags and nothing that changes the work, as the issue asks: img2dataset then decodes every
+  image (OpenCV) and re-encodes it as JPEG, quality 95. ``--i2d-mode raw`` adds
   ``--disable_all_reencoding True``: bytes kept as fetched, no decode at all, img2dataset's
-  fastest path. ``--i2d-mode decode`` adds ``--skip_reencode True`` instead: each image is decoded
-  (OpenCV) but written unchanged, closer to the work PixCrawler does. img2dataset does not read
+  fastest path and the strictest comparison. ``--i2d-mode decode`` adds ``--skip_reencode True``
+  instead: each image is decoded but written unchanged, the work closest to PixCrawler's. img2dataset does not read
   robots.txt (it honours X-Robots-Tag headers only). ``--number_sample_per_shard 1000``: its
   default (10,000) would put all 4,000 URLs in one shard, i.e. one of its 2 processes.
 - with ``--with-local``, also ``pixcrawler build --local``: the same pipeline in one process
@@ -33,7 +35,7 @@ core from the tool being measured. The monitor's own CPU is printed with each ru
 
     bash bench/setup_img2dataset.sh                       # once
     .venv/bin/python bench/bench_vs_img2dataset.py [--n 4000] [--runs 3] [--skip-i2d]
-        [--with-local] [--i2d-mode raw|decode] [--batch-size B --hash-cpus C ...]
+        [--with-local] [--i2d-mode issue|raw|decode] [--batch-size B --hash-cpus C ...]
 
 Outputs, logs (bench/out/logs/, with each PixCrawler run's Ray session logs), the spec, the URL
 list and bench_vs_img2dataset.json go under bench/out/ (git-ignored). For PixCrawler the phases
@@ -547,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-workers", type=int, help="resources.search_workers")
     g.add_argument("--write-cpus", type=float, help="resources.write_cpus")
     g = p.add_argument_group("img2dataset knobs")
-    g.add_argument("--i2d-mode", default="raw", choices=["issue", "raw", "decode"],
+    g.add_argument("--i2d-mode", default="issue", choices=["issue", "raw", "decode"],
                    help="issue: the issue's flags alone (img2dataset decodes and re-encodes "
                         "every image); raw: + --disable_all_reencoding True (no decode); "
                         "decode: + --skip_reencode True (decode, keep bytes)")
