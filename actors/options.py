@@ -94,7 +94,7 @@ def plan_pools(spec: DatasetSpec, cluster: dict[str, float]) -> PoolPlan:
         search_workers=res.search_workers,
         gpu_actors=res.gpu_actors,
         gpus_per_actor=res.gpus_per_actor,
-        batch_size=res.batch_size,
+        batch_size=spec.batch_size(),
         max_in_flight=res.max_in_flight_batches or max(4, 2 * (download_actors + hash_actors)),
         write_cpus=res.write_cpus,
         slow=slow,

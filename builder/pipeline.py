@@ -337,7 +337,7 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                                    [] if cont.retry is not None else engine_names(engines),
                                    extra_queries=extra, resume=cont.state,
                                    seed_candidates=cont.retry,
-                                   batch_size=spec.resources.batch_size,
+                                   batch_size=spec.batch_size(),
                                    max_in_flight=spec.resources.max_in_flight_batches or 4,
                                    progress=progress)
                 if runner_hook is not None:

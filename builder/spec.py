@@ -417,6 +417,10 @@ class OutputSpec(_Model):
         return v
 
 
+MIN_BATCH, MAX_BATCH = 64, 256
+"""The range of the default batch size (``DatasetSpec.batch_size``)."""
+
+
 class ResourcesSpec(_Model):
     """Ray resources. ``None`` means: size from the cluster (see README, 'Resources')."""
 
@@ -426,7 +430,9 @@ class ResourcesSpec(_Model):
     hash_cpus: float = Field(default=1.0, gt=0)
     search_workers: int = Field(default=2, ge=1)
     write_cpus: float = Field(default=0.5, gt=0, description="CPUs per shard-writing task")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: Optional[int] = Field(
+        default=None, ge=1, description="candidates per batch; unset: sized from the job "
+        "(DatasetSpec.batch_size)")
     max_in_flight_batches: Optional[int] = Field(default=None, ge=1)
     gpu_actors: int = Field(default=1, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0)
@@ -547,6 +553,20 @@ class DatasetSpec(_Model):
         """A class with no queries searches by its own name: the last level of its label, with
         '_' read as a space (``mammals/red_fox`` searches ``red fox``)."""
         return self.classes[label].queries or [self.levels_of(label)[-1].replace("_", " ")]
+
+    def batch_size(self) -> int:
+        """Candidates per batch: ``resources.batch_size``, else about 1/32 of the job's total
+        target, between 64 and 256.
+
+        Every batch costs a fixed amount (actor calls, one Arrow table, a ledger step), so a
+        large job runs on larger batches: at 40,000 images, batches of 256 took 13% less CPU
+        than batches of 64 (bench/README.md). A small job keeps small batches, so its first
+        results, its progress and a cancel come sooner.
+        """
+        if self.resources.batch_size:
+            return self.resources.batch_size
+        total = sum(self.target_of(label) for label in self.labels)
+        return max(MIN_BATCH, min(MAX_BATCH, total // 32))
 
     @property
     def labels(self) -> list[str]:

@@ -82,16 +82,25 @@ def shutdown() -> None:
     """
     if not ray.is_initialized():
         return
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and node.is_head():
-        from ray._private import ray_constants
-
-        for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR,
-                                                            []):
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
+    for process in _embedded_monitor():
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
     ray.shutdown()
+
+
+def _embedded_monitor() -> list[Any]:
+    """The autoscaler monitor process of the Ray this process started, if any. It is found
+    through Ray's private node object; should that move, Ray's own shutdown still stops it."""
+    try:
+        from ray._private import ray_constants, worker
+    except ImportError:
+        return []
+    node = getattr(worker, "_global_node", None)
+    if node is None or not node.is_head():
+        return []
+    kind = getattr(ray_constants, "PROCESS_TYPE_MONITOR", "monitor")
+    return [info.process for info in getattr(node, "all_processes", {}).get(kind, [])]
 
 
 def _dashboard_url() -> Optional[str]:

@@ -182,3 +182,20 @@ def test_non_finite_numbers_in_source_options_are_refused():
     data["sources"][0]["options"] = {"loop": looped}
     with pytest.raises(SpecError, match=r"options loop: Circular reference"):
         parse_spec(data, "t")
+
+
+@pytest.mark.parametrize("targets, expected", [
+    ({"cat": 20}, 64),                       # a small job keeps small batches
+    ({"bench": 4000}, 125),                  # about 1/32 of the total target
+    ({"a": 3000, "b": 2000, "c": 1000}, 187),
+    ({"bench": 40000}, 256),                 # capped
+])
+def test_the_default_batch_size_follows_the_jobs_total_target(targets, expected):
+    spec = parse_spec({**MINIMAL, "classes": {k: {"target": v} for k, v in targets.items()}})
+    assert spec.resources.batch_size is None
+    assert spec.batch_size() == expected
+
+
+def test_a_batch_size_in_the_spec_wins():
+    spec = parse_spec({**MINIMAL, "target": 40000, "resources": {"batch_size": 16}})
+    assert spec.batch_size() == 16
