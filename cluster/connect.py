@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from typing import Any, Optional
 
 import ray
@@ -85,7 +86,11 @@ def shutdown() -> None:
     for process in _embedded_monitor():
         if process.poll() is None:
             process.kill()
-            process.wait(timeout=5)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("Ray's autoscaler monitor (pid %d) did not exit on SIGKILL",
+                            process.pid)
     ray.shutdown()
 
 
