@@ -15,9 +15,10 @@ subprocess and timed from outside:
   image (OpenCV) and re-encodes it as JPEG, quality 95. ``--i2d-mode raw`` adds
   ``--disable_all_reencoding True``: bytes kept as fetched, no decode at all, img2dataset's
   fastest path and the strictest comparison. ``--i2d-mode decode`` adds ``--skip_reencode True``
-  instead: each image is decoded but written unchanged, the work closest to PixCrawler's. img2dataset does not read
-  robots.txt (it honours X-Robots-Tag headers only). ``--number_sample_per_shard 1000``: its
-  default (10,000) would put all 4,000 URLs in one shard, i.e. one of its 2 processes.
+  instead: each image is decoded but written unchanged, the work closest to PixCrawler's.
+  img2dataset does not read robots.txt (it honours X-Robots-Tag headers only).
+  ``--number_sample_per_shard 1000``: its default (10,000) would put all 4,000 URLs in one
+  shard, i.e. one of its 2 processes.
 - with ``--with-local``, also ``pixcrawler build --local``: the same pipeline in one process
   without Ray, which shows what the Ray layer itself costs.
 
