@@ -63,6 +63,38 @@ def loadavg() -> str:
         return "?"
 
 
+def cpu_ticks() -> dict[int, tuple[str, int]]:
+    """CPU clock ticks (user + system) of every process this machine shows, by pid, with a
+    short name: Ray's process title (``ray::ServeReplica:...``) or the program's file name."""
+    ticks: dict[int, tuple[str, int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            argv0 = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        name = argv0.strip().split(" ")[0] if argv0.startswith("ray::") else \
+            Path(argv0.split(" ")[0]).name or stat[stat.index("(") + 1:stat.rindex(")")]
+        if int(d.name) == os.getpid():
+            name = "bench client"
+        ticks[int(d.name)] = (name, int(fields[11]) + int(fields[12]))
+    return ticks
+
+
+def cpu_used(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
+             seconds: float) -> list[tuple[str, float]]:
+    """Cores used per process name between two ``cpu_ticks`` snapshots, busiest first."""
+    hz = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for pid, (name, t) in after.items():
+        t0 = before.get(pid, (name, 0))[1]
+        used[name] = used.get(name, 0.0) + (t - t0) / hz / seconds
+    return sorted(used.items(), key=lambda kv: -kv[1])
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -165,7 +197,11 @@ def main() -> int:
             floor = asyncio.run(load(base, key, {"healthz": "/healthz"}, args.clients,
                                      args.baseline))
         paths = {"status": f"/v1/jobs/{job_id}", "list": "/v1/jobs?limit=20"}
+        ticks = cpu_ticks()
+        t0 = time.perf_counter()
         results = asyncio.run(load(base, key, paths, args.clients, args.duration))
+        elapsed = time.perf_counter() - t0
+        cores = cpu_used(ticks, cpu_ticks(), elapsed)
         job = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30).json()
         print(f"\n{'endpoint':<8} {'seconds':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>7} "
               f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6}")
@@ -178,6 +214,13 @@ def main() -> int:
             total = sum(s["rps"] for s in results.values())
             print(f"\nstatus + list: {total:.0f} req/s = {total / floor['healthz']['rps']:.2f}"
                   f" x the /healthz floor; load average now {loadavg()}")
+        busy = [(n, c) for n, c in cores if c >= 0.01][:8]
+        print("\nCPU during the status + list run, cores: "
+              + ", ".join(f"{n} {c:.2f}" for n, c in busy))
+        replica = sum(c for n, c in cores if n.startswith("ray::ServeReplica"))
+        served = sum(s["n"] + s["errors"] for s in results.values())
+        if served:
+            print(f"replica CPU per request: {replica * elapsed / served * 1000:.2f} ms")
         print(f"\njob during the run: state {job['state']}, accepted {before} -> "
               f"{job['progress'].get('accepted')}, candidates "
               f"{job['progress'].get('candidates')}")

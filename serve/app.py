@@ -40,6 +40,8 @@ from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
 from serve.cache import ReadCache
 from serve.errors import ApiError, not_found
+from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, query_params,
+                            small_int)
 from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
                         Reconciler, request_cancel)
 from serve.samples import SampleCache
@@ -120,6 +122,10 @@ app = FastAPI(
     description="Submit dataset specs, watch jobs build image datasets on Ray, browse results. "
                 "Authenticate with `Authorization: Bearer <key>` (`pixcrawler keys create`).",
 )
+
+
+# GET /v1/jobs and /v1/jobs/{id} answered without FastAPI's machinery (JobAPI.hot_read).
+app.add_middleware(HotReads)
 
 
 @app.exception_handler(ApiError)
@@ -299,6 +305,18 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) 
     return data
 
 
+def parse_states(state: Optional[str]) -> Optional[list[str]]:
+    """``?state=`` of the job list: comma-separated states, or None for all of them."""
+    states = [s.strip() for s in state.split(",") if s.strip()] if state else None
+    bad = [s for s in states or [] if s not in STATES]
+    if bad:
+        raise ApiError(422, "invalid_request", f"unknown state(s) {', '.join(bad)}; "
+                       f"valid: {', '.join(STATES)}",
+                       details={"problems": [{"field": "query.state",
+                                              "message": f"unknown state {bad[0]!r}"}]})
+    return states
+
+
 def spec_error(exc: SpecError) -> ApiError:
     problems = [{"field": path, "message": msg} for path, msg in exc.problems]
     return ApiError(422, "invalid_spec", str(exc), details={"problems": problems})
@@ -332,6 +350,8 @@ class JobAPI:
                                  sort_keys=False)
         self.page = PAGE.read_text(encoding="utf-8")
         self._checked: dict[str, float] = {}
+        self._bodies = EncodedBodies()
+        self.hot_reads = 0  # requests answered by hot_read (see hot_read_count)
         # The first pass runs now: jobs left "running" by a crash are settled at start.
         self.reconcile_loop = ReconcileLoop(self.reconciler, s.reconcile_interval_s)
         self.reconcile_loop.start()
@@ -374,19 +394,83 @@ class JobAPI:
             log.warning("cannot reconcile %s: %s", row.id, exc)
             return row
 
-    async def _current(self, row: JobRow) -> dict[str, Any]:
-        """A job's view now: live progress if it runs, reconciled with Ray if it ended."""
+    async def _sources(self, row: JobRow) -> tuple[JobRow, Optional[dict[str, Any]]]:
+        """What a job's view is made of now: its row, and its live progress if it runs; a
+        job that ended is reconciled with Ray first."""
         if row.terminal:
             self.reader.forget(row.id)
-            return job_view(row)
+            return row, None
         live = await self.reader.get(row.id)
         if live is not None and live.get("state") not in TERMINAL:
-            return job_view(row, live)
+            return row, live
         if live is not None:
             row = await asyncio.to_thread(self.reconciler.apply_live, row, live)
         else:
             row = await asyncio.to_thread(self._reconcile_at_most_every_s, row)
-        return job_view(row)
+        return row, None
+
+    async def _current(self, row: JobRow) -> dict[str, Any]:
+        """A job's view now: live progress if it runs, reconciled with Ray if it ended."""
+        return job_view(*await self._sources(row))
+
+    async def _list_rows(self, principal: Principal, states: Optional[list[str]], limit: int,
+                         offset: int) -> tuple[list[JobRow], int]:
+        return await self.reads.get(
+            ("list", principal.owner, tuple(states or ()), limit, offset),
+            lambda: asyncio.to_thread(self.store.list_jobs, principal.owner,
+                                      states=states, limit=limit, offset=offset))
+
+    @staticmethod
+    def _list_page(page: tuple[list[JobRow], int], limit: int,
+                   offset: int) -> dict[str, Any]:
+        rows, total = page
+        nxt = offset + len(rows)
+        return {"jobs": [job_view(r, detail=False) for r in rows], "total": total,
+                "limit": limit, "offset": offset, "next_offset": nxt if nxt < total else None}
+
+    async def hot_read(self, path: str, query: str,
+                       authorization: Optional[str]) -> Optional[bytes]:
+        """The body of the 200 answer to ``GET /v1/jobs`` or ``GET /v1/jobs/{id}``, the same
+        JSON as the routes below give, or None for any other answer, which the routes then
+        give (see serve/fastpath.py). The rate limiter's token is taken only for an answer
+        given here."""
+        try:
+            body = await self._hot_body(path, query, authorization)
+        except ApiError:
+            return None
+        if body is not None:
+            self.hot_reads += 1
+        return body
+
+    async def _hot_body(self, path: str, query: str,
+                        authorization: Optional[str]) -> Optional[bytes]:
+        if path == JOBS_PATH:
+            params = query_params(query, ("state", "limit", "offset"))
+            if params is None:
+                return None
+            limit = small_int(params.get("limit"), 20, 1, 100)
+            offset = small_int(params.get("offset"), 0, 0)
+            if limit is None or offset is None:
+                return None
+            states = parse_states(params.get("state"))
+            principal = await self.auth.authenticate(authorization)
+            if self.limiter.acquire(principal.owner) is not None:
+                return None
+            page = await self._list_rows(principal, states, limit, offset)
+            key = ("list", principal.owner, tuple(states or ()), limit, offset)
+            return self._bodies.get(key, (page,), lambda: self._list_page(page, limit, offset))
+        if query_params(query, ()) is None:
+            return None
+        principal = await self.auth.authenticate(authorization)
+        row = await self._row(path[len(JOBS_PATH) + 1:], principal)
+        if self.limiter.acquire(principal.owner) is not None:
+            return None
+        row, live = await self._sources(row)
+        return self._bodies.get(("job", row.id), (row, live), lambda: job_view(row, live))
+
+    def hot_read_count(self) -> int:
+        """How many requests hot_read answered (through a deployment handle, for tests)."""
+        return self.hot_reads
 
     def _create(self, principal: Principal, job_id: str, spec: dict[str, Any],
                 uri: str) -> JobRow:
@@ -490,20 +574,9 @@ class JobAPI:
                         limit: int = Query(20, ge=1, le=100),
                         offset: int = Query(0, ge=0)) -> dict[str, Any]:
         principal = await self._caller(request)
-        states = [s.strip() for s in state.split(",") if s.strip()] if state else None
-        bad = [s for s in states or [] if s not in STATES]
-        if bad:
-            raise ApiError(422, "invalid_request", f"unknown state(s) {', '.join(bad)}; "
-                           f"valid: {', '.join(STATES)}",
-                           details={"problems": [{"field": "query.state",
-                                                  "message": f"unknown state {bad[0]!r}"}]})
-        rows, total = await self.reads.get(
-            ("list", principal.owner, tuple(states or ()), limit, offset),
-            lambda: asyncio.to_thread(self.store.list_jobs, principal.owner,
-                                      states=states, limit=limit, offset=offset))
-        nxt = offset + len(rows)
-        return {"jobs": [job_view(r, detail=False) for r in rows], "total": total,
-                "limit": limit, "offset": offset, "next_offset": nxt if nxt < total else None}
+        states = parse_states(state)
+        page = await self._list_rows(principal, states, limit, offset)
+        return self._list_page(page, limit, offset)
 
     @app.get("/v1/jobs/{job_id}", summary="A job: state, progress, rejects, output, error")
     async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -116,6 +117,44 @@ def test_list_pages_and_filters_by_state(serve_app, finished, sandbox):
         "query.limit"
 
 
+def test_fast_answers_are_the_routes_answers(serve_app, finished):
+    """Status and list are answered by serve/fastpath.py; a query it does not expect sends
+    the same request through FastAPI's route, which must give the same JSON."""
+    key, job_id, _ = finished
+    # The module's other tests spend this key's tokens: let its bucket fill up again.
+    time.sleep(serve_app.settings["rate_limit_burst"] / serve_app.settings["rate_limit_per_s"])
+    from ray import serve as ray_serve
+
+    from serve.app import APP_NAME
+
+    api = ray_serve.get_app_handle(APP_NAME)
+    for path in (f"/v1/jobs/{job_id}", "/v1/jobs", "/v1/jobs?state=succeeded&limit=5",
+                 "/v1/jobs?offset=1"):
+        before = api.hot_read_count.remote().result()
+        fast = serve_app.call("GET", path, key)
+        assert api.hot_read_count.remote().result() == before + 1, path
+        routed = serve_app.call("GET", path + ("&" if "?" in path else "?") + "via=route", key)
+        assert api.hot_read_count.remote().result() == before + 1, path
+        assert fast.status_code == routed.status_code == 200, (path, fast.text, routed.text)
+        assert fast.headers["content-type"] == routed.headers["content-type"]
+        assert fast.content == routed.content, path
+
+
+def test_each_request_takes_one_rate_limit_token_whichever_path_answers(serve_app, finished):
+    """Answers from the fast path (200s) and from FastAPI's routes (404s, after the fast path
+    passed them on) take one token each: a burst of 15 gets through, no more."""
+    _, job_id, _ = finished
+    key = serve_app.new_key("mixed")
+    burst = serve_app.settings["rate_limit_burst"]
+    start = time.monotonic()
+    codes = [serve_app.call("GET", "/v1/jobs" if i % 2 else "/v1/jobs/no-such-job", key
+                            ).status_code for i in range(burst)]
+    assert codes == [404 if i % 2 == 0 else 200 for i in range(burst)]
+    more = [serve_app.call("GET", "/v1/jobs", key).status_code for _ in range(40)]
+    refill = (time.monotonic() - start) * serve_app.settings["rate_limit_per_s"]
+    assert 429 in more and more.count(200) <= refill + 1
+
+
 def test_finished_job_cannot_be_cancelled(serve_app, finished):
     key, job_id, _ = finished
     r = serve_app.call("DELETE", f"/v1/jobs/{job_id}", key)
@@ -151,8 +190,6 @@ def test_another_keys_job_is_not_found(serve_app, finished):
 def test_a_job_written_elsewhere_shows_within_the_read_cache_time(serve_app):
     """Reads are reused for read_cache_s (1 s by default) by a replica; a write by another
     process (another replica, the CLI) shows within that time."""
-    import time
-
     from serve.store import JobStore
 
     key = serve_app.new_key("elsewhere")
@@ -173,8 +210,6 @@ def test_a_job_written_elsewhere_shows_within_the_read_cache_time(serve_app):
 
 
 def test_revoked_key_stops_working(serve_app):
-    import time
-
     from serve.store import JobStore
 
     key = serve_app.new_key("short-lived")
