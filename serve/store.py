@@ -310,7 +310,10 @@ class JobStore:
                 source = sa.select(*[sa.literal(value, type_=jobs_table.c[key].type).label(key)
                                      for key, value in values.items()]
                                    ).where(active < max_active)
-                inserted = conn.execute(jobs_table.insert().from_select(list(values), source))
+                # preserve_rowcount: SQLAlchemy keeps an INSERT's rowcount only when asked
+                # (psycopg's is lost otherwise, and every submit would read as refused).
+                inserted = conn.execute(jobs_table.insert().from_select(list(values), source)
+                                        .execution_options(preserve_rowcount=True))
                 if inserted.rowcount != 1:
                     count = int(conn.execute(self._active_count(owner)).scalar_one())
                     raise TooManyJobs(owner, count, max_active)

@@ -42,6 +42,26 @@ def sandbox():
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for the session (tests/postgres.py); skips where
+    PostgreSQL's server or its Python driver is not installed."""
+    pytest.importorskip("psycopg", reason="psycopg not installed (the 'test' extra has it)")
+    from tests.postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        server.start()
+    except PostgresUnavailable:
+        server.stop()
+        raise  # installed but not starting: a real failure, not a skip
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server on 127.0.0.1; yields its endpoint URL."""
     exe = Path(sys.executable).with_name("moto_server")

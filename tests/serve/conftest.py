@@ -8,6 +8,7 @@ example as the page's example spec. Jobs run as Ray jobs against the session's s
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import shutil
@@ -23,6 +24,17 @@ import requests
 from builder.ports import free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """An empty job store: a SQLite file, then a database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres").create_database(f"store{next(_databases)}")
 
 
 @pytest.fixture(scope="session")

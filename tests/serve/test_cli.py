@@ -14,8 +14,8 @@ from serve.store import JobStore
 CONFIG = Path(__file__).resolve().parents[2] / "serve" / "serve_config.yaml"
 
 
-def test_keys_create_list_revoke(tmp_path, capsys):
-    url = f"sqlite:///{tmp_path / 'k.db'}"
+def test_keys_create_list_revoke(store_url, capsys):
+    url = store_url
     assert main(["keys", "--store", url, "create", "alice"]) == 0
     out = capsys.readouterr()
     plaintext = out.out.strip()

@@ -31,9 +31,9 @@ class FakeRay:
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(store_url, monkeypatch):
     monkeypatch.setattr(jobs, "read_live", lambda job_id: None)  # no progress actors
-    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    s = JobStore(store_url)
     yield s
     s.close()
 

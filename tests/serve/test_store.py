@@ -1,19 +1,20 @@
-"""The job store on SQLite: jobs and keys persist across opens; keys are kept hashed only."""
+"""The job store on SQLite and on PostgreSQL: jobs and keys persist across opens, keys are
+kept hashed only, and the cap on active jobs holds when replicas submit at the same moment."""
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 import threading
 
 import pytest
+import sqlalchemy as sa
 
 from serve.store import TERMINAL, JobStore, StoreError, TooManyJobs
 
 
 @pytest.fixture
-def url(tmp_path):
-    return f"sqlite:///{tmp_path / 'store.db'}"
+def url(store_url):
+    return store_url
 
 
 def test_jobs_persist_page_and_filter(url):
@@ -57,11 +58,13 @@ def test_keys_are_stored_hashed_and_can_be_revoked(url, tmp_path):
     assert store.verify_key(plaintext + "x") is None and store.verify_key("nope") is None
     with pytest.raises(StoreError, match="exists"):
         store.create_key("ci")
-    raw = (tmp_path / "store.db").read_bytes()
-    assert plaintext.encode() not in raw and plaintext[4:].encode() not in raw
-    with sqlite3.connect(tmp_path / "store.db") as db:
-        (stored,) = db.execute("select key_hash from api_keys").fetchone()
-    assert len(stored) == 64 and stored not in plaintext
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.text("select * from api_keys")).all()
+    assert len(rows) == 1 and plaintext[4:] not in repr(rows)
+    assert len(rows[0].key_hash) == 64 and rows[0].key_hash not in plaintext
+    if url.startswith("sqlite"):
+        raw = (tmp_path / "store.db").read_bytes()
+        assert plaintext.encode() not in raw and plaintext[4:].encode() not in raw
 
     assert [k.name for k in store.revoke_key("ci")] == ["ci"]
     assert store.verify_key(plaintext) is None
