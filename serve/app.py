@@ -515,6 +515,24 @@ class JobAPI:
 
     # -- routes -----------------------------------------------------------------------------
 
+    # The two routes clients poll come first: Serve matches every request against the route
+    # table, in order, to name its metrics.
+    @app.get("/v1/jobs", summary="The caller's jobs, newest first")
+    async def list_jobs(self, request: Request,
+                        state: Optional[str] = Query(None, description="comma-separated "
+                                                     "states: " + ", ".join(STATES)),
+                        limit: int = Query(20, ge=1, le=100),
+                        offset: int = Query(0, ge=0)) -> dict[str, Any]:
+        principal = await self._caller(request)
+        states = parse_states(state)
+        page = await self._list_rows(principal, states, limit, offset)
+        return self._list_page(page, limit, offset)
+
+    @app.get("/v1/jobs/{job_id}", summary="A job: state, progress, rejects, output, error")
+    async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
+        principal = await self._caller(request)
+        return await self._current(await self._row(job_id, principal))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page_route(self) -> HTMLResponse:
         return HTMLResponse(self.page)
@@ -566,22 +584,6 @@ class JobAPI:
         body_out = job_view(row)
         return JSONResponse(body_out, status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
-
-    @app.get("/v1/jobs", summary="The caller's jobs, newest first")
-    async def list_jobs(self, request: Request,
-                        state: Optional[str] = Query(None, description="comma-separated "
-                                                     "states: " + ", ".join(STATES)),
-                        limit: int = Query(20, ge=1, le=100),
-                        offset: int = Query(0, ge=0)) -> dict[str, Any]:
-        principal = await self._caller(request)
-        states = parse_states(state)
-        page = await self._list_rows(principal, states, limit, offset)
-        return self._list_page(page, limit, offset)
-
-    @app.get("/v1/jobs/{job_id}", summary="A job: state, progress, rejects, output, error")
-    async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
-        principal = await self._caller(request)
-        return await self._current(await self._row(job_id, principal))
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, summary="Cancel a job")
     async def cancel(self, job_id: str, request: Request) -> JSONResponse:
