@@ -1,10 +1,18 @@
 """The web page in headless Chromium: a bad spec shows its field errors; the prefilled sandbox
 example runs to the end with live progress bars and a gallery of thumbnails per class.
 
-A screenshot is kept in test-artifacts/serve_page.png."""
+A screenshot is kept in test-artifacts/serve_page.png.
+
+Two more tests drive the page's own logic against answers held back or refused on purpose
+(Playwright's request routing, for the job paths only; the page itself comes from the app):
+polling that backs off when the event stream is refused, and a late answer for one job that
+must not replace the job opened since."""
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +71,73 @@ def test_page_submits_the_example_and_shows_it_finish(serve_app, page):
     assert page.locator("#jobs tbody tr").count() == 1
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
+
+
+def job_json(job_id: str, state: str, detail: bool = True) -> dict:
+    """A job as the API writes it: serve.app.job_view of a store row."""
+    from serve.app import job_view
+    from serve.store import JobRow
+
+    row = JobRow(id=job_id, owner="o", name=f"name-{job_id}", state=state, created_at=1.0,
+                 updated_at=2.0, output_uri=f"/data/{job_id}",
+                 spec={"name": f"name-{job_id}", "classes": {"cat": {"target": 2}}},
+                 progress={"candidates": 3, "accepted": 1, "rejected": 2})
+    return job_view(row, detail=detail)
+
+
+def fulfill(route, status: int, body: dict) -> None:
+    route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
+
+
+def open_page(serve_app, page) -> None:
+    page.goto(serve_app.url("/"))
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("#api-key", serve_app.new_key())
+    page.dispatch_event("#api-key", "change")
+
+
+def test_polling_backs_off_on_errors_when_the_event_stream_is_refused(serve_app, page):
+    gets: list[float] = []
+
+    def job_route(route) -> None:
+        gets.append(time.monotonic())
+        if len(gets) == 1:  # the page opens the job: it runs
+            fulfill(route, 200, job_json("stub-poll", "running"))
+        elif len(gets) == 2:  # the first poll: the server is busy
+            fulfill(route, 503, {"error": {"code": "unavailable", "message": "busy"}})
+        else:
+            fulfill(route, 200, job_json("stub-poll", "failed"))
+
+    page.route(re.compile(r".*/v1/jobs/stub-poll$"), job_route)
+    page.route(re.compile(r".*/v1/jobs/stub-poll/events.*"),
+               lambda route: fulfill(route, 503, {"error": {"code": "x", "message": "no"}}))
+    open_page(serve_app, page)
+    page.evaluate("() => { openJob('stub-poll'); }")
+    page.wait_for_selector("#job-state[data-state='failed']", timeout=30_000)
+    assert len(gets) == 3
+    # Polls every 2 s; after the 503 the wait doubles instead of the polling stopping.
+    assert 1.5 <= gets[1] - gets[0] and 3.5 <= gets[2] - gets[1] < 8, gets
+    page.wait_for_timeout(2500)
+    assert len(gets) == 3  # the job ended: no more polls
+
+
+def test_a_late_answer_does_not_replace_the_job_opened_since(serve_app, page):
+    held = []
+    page.route(re.compile(r".*/v1/jobs\?limit=50$"), lambda route: fulfill(route, 200, {
+        "jobs": [job_json(j, "failed", detail=False) for j in ("stub-a", "stub-b")],
+        "total": 2, "limit": 50, "offset": 0, "next_offset": None}))
+    page.route(re.compile(r".*/v1/jobs/stub-a$"), lambda route: held.append(route))
+    page.route(re.compile(r".*/v1/jobs/stub-b$"),
+               lambda route: fulfill(route, 200, job_json("stub-b", "failed")))
+    open_page(serve_app, page)
+    page.click("#jobs tbody tr[data-id='stub-a']")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the page did not ask for job stub-a"
+    page.click("#jobs tbody tr[data-id='stub-b']")
+    page.wait_for_selector("#job-title:has-text('stub-b')")
+    fulfill(held[0], 200, job_json("stub-a", "failed"))
+    page.wait_for_timeout(1000)
+    assert page.inner_text("#job-title") == "name-stub-b \u2014 stub-b"
+    assert page.locator("#jobs tbody tr.selected").get_attribute("data-id") == "stub-b"
