@@ -120,7 +120,6 @@ class HotReads:
         self.app = app
         self._find = replica or _serve_replica
         self._replica: Optional[HotReader] = None
-        self.answered = 0  # how many requests this path answered (tests and debugging)
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
@@ -132,7 +131,6 @@ class HotReads:
             if is_hot(path):
                 body = await self._answer(scope, path)
                 if body is not None:
-                    self.answered += 1
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": _HEADERS + [
                                     (b"content-length", str(len(body)).encode("ascii"))]})
