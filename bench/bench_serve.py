@@ -33,8 +33,8 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
