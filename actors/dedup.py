@@ -1,36 +1,43 @@
-"""The job's dedup index as one actor (builder.dedup.DedupIndex); a later step shards it."""
+"""One partition of the job's dedup index as an actor (``builder.dedup.DedupPartition``).
+
+A partition recovers itself: on start (a resumed job) and on every restart after its node was
+lost, it reads its share of the job's committed work from the journal. Each answer carries the
+partition's incarnation, so a worker notices a restart and the driver resends what the lost
+state had decided but not committed.
+"""
 
 from __future__ import annotations
 
+import uuid
+from typing import Any, Optional
+
+import numpy as np
 import ray
 
-from builder.dedup import DedupIndex
+from builder.dedup import DedupClient, DedupPartition
 
 
 @ray.remote
-class DedupActor:
-    def __init__(self, threshold: int, near: bool = True):
-        self.index = DedupIndex(threshold, near=near)
+class DedupPartitionActor:
+    def __init__(self, index: int, k: int, threshold: int, near: bool,
+                 recovery: Optional[dict[str, Any]] = None):
+        self.part = DedupPartition(threshold, near)
+        self.index = index
+        self.incarnation = uuid.uuid4().hex
+        if recovery is not None:
+            from builder.pipeline import index_payloads
 
-    def check(self, items: list[tuple[str, str, str, str]]) -> list[tuple[str | None, str, int]]:
-        """Decide ``(id, sha256, phash_hex, dhash_hex)`` items in order: (reason, kept_id, dist)."""
-        out = []
-        for image_id, sha, p, d in items:
-            dec = self.index.check_and_add(image_id, sha, int(p or "0", 16), int(d or "0", 16))
-            out.append((dec.reason.value if dec.reason else None, dec.kept_id, dec.distance))
-        return out
+            client = DedupClient(threshold, near, k, _no_calls)
+            for payloads in index_payloads(client, **recovery):
+                self.part.load(payloads[index])
 
-    def seed(self, items: list[tuple[str, str, str, str]]) -> None:
-        """Add ``(id, sha256, phash_hex, dhash_hex)`` of images already kept (resume)."""
-        for image_id, sha, p, d in items:
-            self.index.add(image_id, sha, int(p or "0", 16), int(d or "0", 16))
+    def call(self, method: str, payload: dict[str, np.ndarray]) -> tuple[str, Any]:
+        """Run ``DedupPartition.<method>(payload)``; returns (incarnation, result)."""
+        return self.incarnation, getattr(self.part, method)(payload)
 
-    def forget(self, image_ids: list[str]) -> None:
-        for image_id in image_ids:
-            self.index.remove(image_id)
+    def stats(self) -> dict[str, int]:
+        return self.part.stats()
 
-    def size(self) -> int:
-        return len(self.index)
 
-    def state(self) -> dict:
-        return self.index.state()
+async def _no_calls(partition: int, method: str, payload: dict[str, np.ndarray]) -> Any:
+    raise RuntimeError("a recovering partition only builds payloads")

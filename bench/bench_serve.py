@@ -63,7 +63,7 @@ def paced_spec(base_url: str) -> dict[str, Any]:
         "download": {"timeout_s": 2.0, "retries": 1, "backoff_s": 0.05,
                      "allow_private_networks": True, "per_host_concurrency": 1,
                      "per_host_delay_s": 0.2},
-        "resources": {"batch_size": 16, "hash_cpus": 0.5, "search_workers": 1},
+        "resources": {"batch_size": 16},
     }
 
 

@@ -1,135 +1,893 @@
-"""The job-wide duplicate index: exact (sha256) and near (pHash + dHash Hamming distance).
+"""The job-wide duplicate index, partitioned so its cost per decision stays flat at any size.
 
-Near-duplicate lookups use multi-index hashing: the 64-bit pHash is cut into ``t + 1`` chunks,
-so by the pigeonhole principle any hash within ``t`` bits of a stored one matches it exactly in
-at least one chunk. Only those bucket-mates are compared in full, so a lookup costs a few dict
-probes instead of a scan of the whole job. A pair is a near duplicate when pHash AND dHash are
-each within ``t`` bits (both must agree, which keeps distinct images with similar layouts apart).
-The first image offered wins; a later duplicate's decision names the kept image's id.
-Exact duplicates are removed at every validation level (an image's id is derived from its bytes,
-so two copies could not both be written); near duplicates at ``medium`` and ``slow``
-(``near=False`` turns them off).
+Three kinds of entry, each spread over ``K`` partitions by a hash of its key:
+
+* **URL claims** (normalised URL -> the candidate that first took it up): ``duplicate_url``;
+* **exact claims** (image id, the first 64 bits of sha256 -> the candidate that holds it):
+  ``exact_duplicate``. One partition owns an id, so two copies of the same bytes are decided in
+  the order they reach it, whichever workers hold them;
+* **near signatures**: each image stores a few signatures, each a pair of 64-bit codes
+  ``(a, b)`` (its pHash and dHash today), and probes with a few more (``builder.hashing``). A
+  newcomer is a near duplicate of a kept image when some probe signature and some stored
+  signature are within ``t`` bits on ``a`` AND within ``t`` bits on ``b``.
+
+Near lookups use multi-index hashing on both codes: cut ``a`` and ``b`` into ``t + 1`` chunks
+each. By the pigeonhole principle two signatures within ``t`` bits on both codes agree exactly
+on some chunk ``i`` of ``a`` and some chunk ``j`` of ``b``, so they share the key ``(i, j,
+a_i, b_j)``. A signature is filed under its ``(t + 1)^2`` keys; a key holds about 26 bits of
+hash at the default ``t`` = 4, so a bucket holds well under one entry at 10M kept images and a
+lookup costs the same at 100k and at 10M. (Above ``t`` = 6, keys use ``a``'s chunks only.)
+Keys are spread over the partitions, and each partition keeps its keys in a numpy
+open-addressing table: a batch of lookups is a handful of vectorised passes, not a Python loop.
+
+**Deciding.** A unit of work (a shard) sends each partition one ``check`` call with its items
+in order; the partition reports what each probe meets and files the item's own signatures, in
+one step. A pair of near duplicates meets in several buckets; it is counted in exactly one of
+them, the *designated* one (the first ``(i, j)`` where both chunks agree), so the pair is judged
+in one place, in the order its two items reached that partition. The client
+(``DedupClient.decide``) then decides each item in order: a duplicate of a kept image, of an
+earlier kept item of the same unit, or of an undecided (pending) item of another unit that was
+issued earlier (its token is smaller); else kept. Rejected items are released and accepted ones
+marked kept (``settle``), so later lookups see the final state. Fed one unit at a time this
+gives exactly the decisions of a single brute-force index (tested against one). Two near
+duplicates decided at the same moment on different workers may, rarely, both be kept; an image
+is never lost to such a race, because a pending entry only counts against later-issued items.
+
+**Idempotent.** Every entry carries the claim (a hash of the candidate's key) of the candidate
+that made it. A retried unit meets its own entries and is not a duplicate of itself; an image
+already written by an earlier attempt is reported as such (``state`` WRITTEN), so the retry
+never writes it twice.
+
+**Removal** is O(1): an entry is marked dead; tables are rebuilt (dead entries dropped) when
+they grow. **Recovery**: a partition is rebuilt from the journal's records of written images
+and decided URLs (``load``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from builder.hashing import hamming
+import numpy as np
+
 from builder.reasons import Reason
+
+U64 = np.uint64
+_MASK64 = (1 << 64) - 1
+
+PENDING, KEPT, WRITTEN, WRITING, DONE = 1, 2, 3, 4, 5
+"""Entry states (0 is a dead entry). PENDING: filed by a check, not yet decided; KEPT: its
+unit accepted it; WRITING: a shard holding it is being written (``ref`` names the shard);
+WRITTEN: it is in a committed shard of the output; DONE (URLs only): decided by an earlier run
+whose dataset this run continues, held by the candidate key's own claim."""
+
+MAX_RELATIONS = 8
+"""Near matches reported per probed item (the closest ones)."""
+PAIR_KEYS_UP_TO = 6
+"""Thresholds up to this use keys on both codes' chunks; above it, on ``a``'s chunks only."""
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of each element (uint64 in, uint64 out): a cheap, well-spread hash."""
+    x = np.asarray(x, dtype=U64) + U64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> U64(30))) * U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> U64(27))) * U64(0x94D049BB133111EB)
+    return x ^ (x >> U64(31))
+
+
+def claim_of(key: str) -> int:
+    """The 64-bit claim of a candidate key (its identity in the index): a candidate key's 16
+    hex digits read as a number (so ``claim_text`` gives the key back), else a hash."""
+    if len(key) == 16:
+        try:
+            return int(key, 16) or 1
+        except ValueError:
+            pass
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") or 1
+
+
+def claim_text(claim: int) -> str:
+    return f"{claim:016x}"
+
+
+def url_hash(norm_url: str) -> int:
+    """The 64-bit key of a normalised URL."""
+    return int.from_bytes(hashlib.blake2b(norm_url.encode(), digest_size=8,
+                                          person=b"url").digest(), "big") or 1
+
+
+def id_number(image_id: str) -> int:
+    """An image id (16 hex digits) as its 64-bit number."""
+    return int(image_id[:16], 16)
+
+
+def id_text(number: int) -> str:
+    return f"{number:016x}"
+
+
+def _chunks(t: int) -> list[tuple[int, int]]:
+    """``(start, width)`` of the ``t + 1`` chunks a 64-bit code is cut into (MSB first)."""
+    n = min(t + 1, 64)
+    bounds = [round(i * 64 / n) for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n) if bounds[i + 1] > bounds[i]]
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.asarray(x, dtype=U64)).astype(np.int64)
+
+
+class KeyScheme:
+    """The bucket keys of signatures for threshold ``t``, and which key a pair meets at."""
+
+    def __init__(self, t: int):
+        if not 0 <= t <= 64:
+            raise ValueError(f"threshold must be in 0..64, got {t}")
+        self.t = t
+        self.chunks = _chunks(t)
+        self.pairs = t <= PAIR_KEYS_UP_TO
+        n = len(self.chunks)
+        self.n_keys = n * n if self.pairs else n
+        self._shift = np.array([64 - s - w for s, w in self.chunks], dtype=U64)
+        self._mask = np.array([(1 << w) - 1 if w < 64 else _MASK64 for _, w in self.chunks],
+                              dtype=U64)
+
+    def chunk_values(self, codes: np.ndarray) -> np.ndarray:
+        """[n, chunks]: each code's chunk values."""
+        codes = np.asarray(codes, dtype=U64)[:, None]
+        return (codes >> self._shift[None, :]) & self._mask[None, :]
+
+    def keys(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([n, n_keys] nonzero uint64 keys, [n_keys] key index) of signatures ``(a, b)``."""
+        ca = self.chunk_values(a)
+        n_chunks = ca.shape[1]
+        if self.pairs:
+            cb = self.chunk_values(b)
+            ia = np.repeat(np.arange(n_chunks), n_chunks)
+            jb = np.tile(np.arange(n_chunks), n_chunks)
+            kidx = ia * n_chunks + jb
+            raw = mix64(ca[:, ia] * U64(0x100000001B3) ^ mix64(cb[:, jb]) ^
+                        mix64(kidx.astype(U64) + U64(0xA5A5)))
+        else:
+            kidx = np.arange(n_chunks)
+            raw = mix64(ca ^ mix64(kidx.astype(U64) + U64(0x5A5A)))
+        return raw | U64(1), kidx.astype(np.int64)
+
+    def designated(self, pa: np.ndarray, pb: np.ndarray, sa: np.ndarray,
+                   sb: np.ndarray) -> np.ndarray:
+        """The key index at which each pair of signatures is judged: the first agreeing chunk
+        of ``a`` (and of ``b``); -1 where they agree on none (they cannot be within ``t``)."""
+        eq_a = self.chunk_values(pa) == self.chunk_values(sa)
+        first_a = np.where(eq_a.any(axis=1), eq_a.argmax(axis=1), -1)
+        if not self.pairs:
+            return first_a
+        eq_b = self.chunk_values(pb) == self.chunk_values(sb)
+        first_b = np.where(eq_b.any(axis=1), eq_b.argmax(axis=1), -1)
+        n_chunks = len(self.chunks)
+        return np.where((first_a >= 0) & (first_b >= 0), first_a * n_chunks + first_b, -1)
+
+
+def partition_of(keys: np.ndarray, k: int) -> np.ndarray:
+    """The partition owning each key (high bits, so it is independent of the table slot)."""
+    return ((np.asarray(keys, dtype=U64) >> U64(32)) % U64(k)).astype(np.int64)
+
+
+def _slot(keys: np.ndarray, mask: np.uint64) -> np.ndarray:
+    """A key's home slot: its high bits, mixed (keys need not be random: ids may be
+    sequential, and near keys have their lowest bit set)."""
+    return (keys * U64(0x9E3779B97F4A7C15) >> U64(20)) & mask
+
+
+class Multimap:
+    """uint64 key -> int32 row, many rows per key: open addressing with linear probing, every
+    operation vectorised over a batch. Key 0 marks an empty slot. Rows are never removed
+    here; the owner marks rows dead and ``rebuild``s without them."""
+
+    def __init__(self, capacity: int = 1024):
+        cap = 1 << max(4, (capacity - 1).bit_length())
+        self.keys = np.zeros(cap, dtype=U64)
+        self.rows = np.zeros(cap, dtype=np.int32)
+        self.count = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.rows.nbytes
+
+    def needs_room(self, n: int) -> bool:
+        return (self.count + n) * 2 > self.capacity
+
+    def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """File ``rows`` under ``keys`` (the caller makes room first: ``needs_room``)."""
+        keys = np.asarray(keys, dtype=U64)
+        rows = np.asarray(rows, dtype=np.int32)
+        if not len(keys):
+            return
+        mask = U64(self.capacity - 1)
+        pending = np.arange(len(keys))
+        slots = _slot(keys, mask)
+        while len(pending):
+            free = np.flatnonzero(self.keys[slots] == 0)
+            taken = np.zeros(len(pending), dtype=bool)
+            if len(free):
+                # Several items may want one free slot: each writes its index into the slot's
+                # (unused) row and the last writer wins, without sorting.
+                self.rows[slots[free]] = free
+                win = free[self.rows[slots[free]] == free]
+                self.keys[slots[win]] = keys[pending[win]]
+                self.rows[slots[win]] = rows[pending[win]]
+                taken[win] = True
+            pending = pending[~taken]
+            slots = (slots[~taken] + U64(1)) & mask
+        self.count += len(keys)
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every (query index, row) pair whose key equals the query's key."""
+        keys = np.asarray(keys, dtype=U64)
+        mask = U64(self.capacity - 1)
+        active = np.arange(len(keys))
+        slots = _slot(keys, mask)
+        out_q: list[np.ndarray] = []
+        out_r: list[np.ndarray] = []
+        while len(active):
+            found = self.keys[slots]
+            hit = found == keys[active]
+            if hit.any():
+                out_q.append(active[hit])
+                out_r.append(self.rows[slots[hit]])
+            go = found != 0
+            active = active[go]
+            slots = (slots[go] + U64(1)) & mask
+        if not out_q:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(out_q).astype(np.int64), np.concatenate(out_r).astype(np.int64)
+
+    def rebuild(self, capacity: int, alive: np.ndarray) -> None:
+        """Re-file the live rows (``alive[row]``) into a table of at least ``capacity`` slots."""
+        used = np.flatnonzero(self.keys)
+        keys, rows = self.keys[used], self.rows[used]
+        keep = alive[rows]
+        cap = 1 << max(4, (max(capacity, 16) - 1).bit_length())
+        self.keys = np.zeros(cap, dtype=U64)
+        self.rows = np.zeros(cap, dtype=np.int32)
+        self.count = 0
+        self.insert(keys[keep], rows[keep])
+
+
+class _Columns:
+    """Growable parallel numpy columns (one row per entry)."""
+
+    def __init__(self, **dtypes: Any):
+        self.n = 0
+        self.cols = {name: np.zeros(64, dtype=dt) for name, dt in dtypes.items()}
+
+    def append(self, **values: np.ndarray) -> np.ndarray:
+        m = len(next(iter(values.values())))
+        if self.n + m > len(next(iter(self.cols.values()))):
+            cap = max(2 * len(next(iter(self.cols.values()))), self.n + m)
+            for name, col in self.cols.items():
+                grown = np.zeros(cap, dtype=col.dtype)
+                grown[:self.n] = col[:self.n]
+                self.cols[name] = grown
+        rows = np.arange(self.n, self.n + m)
+        for name, value in values.items():
+            self.cols[name][rows] = value
+        self.n += m
+        return rows
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(col.nbytes for col in self.cols.values())
+
+
+def _arr(values: Any, dtype: Any) -> np.ndarray:
+    return np.asarray(values if values is not None else [], dtype=dtype)
+
+
+class DedupPartition:
+    """One partition of the index: URL claims, exact claims and near signatures whose keys hash
+    here. Every method takes and returns dicts of numpy arrays (cheap to send between
+    processes). Calls are applied in the order they arrive."""
+
+    def __init__(self, threshold: int, near: bool = True):
+        self.scheme = KeyScheme(threshold)
+        self.t = threshold
+        self.near = near
+        self._urls = Multimap()
+        self._url = _Columns(hash=U64, claim=U64, state=np.uint8)
+        self._exact = Multimap()
+        self._ex = _Columns(id=U64, claim=U64, token=U64, state=np.uint8, ref=U64)
+        self._near = Multimap()
+        self._ne = _Columns(id=U64, claim=U64, token=U64, a=U64, b=U64, state=np.uint8,
+                            pos=np.int32)
+        self.decisions = 0
+
+    # -- URLs -------------------------------------------------------------------------------
+
+    def check_urls(self, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Claim each URL (``hash``) for its candidate (``claim``), in order. Returns
+        ``other``: 0 where the URL is now (or already was) this candidate's, else the claim
+        of the candidate that holds it; and ``done``: the URL was decided by an earlier run
+        for the same candidate key (``kclaim``), so it is not a new candidate."""
+        hashes, claims = _arr(req.get("hash"), U64), _arr(req.get("claim"), U64)
+        kclaims = _arr(req.get("kclaim"), U64)
+        other = np.zeros(len(hashes), dtype=U64)
+        done = np.zeros(len(hashes), dtype=bool)
+        q, rows = self._urls.lookup(hashes)
+        holder: dict[int, int] = {}
+        for qi, row in zip(q.tolist(), rows.tolist()):
+            if self._url["state"][row] and int(self._url["hash"][row]) == int(hashes[qi]):
+                holder.setdefault(qi, row)
+        new_keys, new_claims = [], []
+        claimed: dict[int, int] = {}
+        for i, (h, c) in enumerate(zip(hashes.tolist(), claims.tolist())):
+            row = holder.get(i)
+            if row is not None and self._url["state"][row] == DONE:
+                if len(kclaims) and int(self._url["claim"][row]) == int(kclaims[i]):
+                    done[i] = True
+                else:
+                    other[i] = self._url["claim"][row]
+                continue
+            owner = int(self._url["claim"][row]) if row is not None else claimed.get(h)
+            if owner is None:
+                claimed[h] = c
+                new_keys.append(h)
+                new_claims.append(c)
+            elif owner != c:
+                other[i] = owner
+        if new_keys:
+            self._append_urls(np.array(new_keys, U64), np.array(new_claims, U64), KEPT)
+        return {"other": other, "done": done}
+
+    def _append_urls(self, hashes: np.ndarray, claims: np.ndarray, state: int) -> None:
+        rows = self._url.append(hash=hashes, claim=claims,
+                                state=np.full(len(hashes), state, np.uint8))
+        if self._urls.needs_room(len(rows)):
+            self._urls.rebuild(2 * (self._urls.count + len(rows)), self._alive(self._url))
+        self._urls.insert(hashes, rows)
+
+    def release_urls(self, req: dict[str, np.ndarray]) -> None:
+        """Drop URL claims (``hash`` held by ``claim``): a cancelled candidate's URL is free."""
+        self._kill(self._urls, self._url, _arr(req.get("hash"), U64),
+                   _arr(req.get("claim"), U64))
+
+    # -- checking images --------------------------------------------------------------------
+
+    def check(self, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decide-and-file one unit's items that hash here (see the module docstring).
+
+        ``req``: exact items ``x_pos, x_id, x_claim, x_token``; near probes ``q_pos, q_key,
+        q_kidx, q_a, q_b, q_claim``; near inserts ``i_pos, i_key, i_a, i_b, i_id, i_claim,
+        i_token`` (``*_pos``: the item's position in its unit, the order of the calls).
+
+        Returns ``x_other`` (0: the id is this candidate's, now or already; else the holder's
+        claim), ``x_state`` (the state of the id's entry when it was this candidate's already,
+        else 0), and the near relations ``r_pos, r_id, r_claim, r_token, r_state, r_da,
+        r_db`` (at most ``MAX_RELATIONS`` per item, closest first).
+        """
+        out = self._check_exact(req)
+        out.update(self._check_near(req) if self.near else _no_relations())
+        self.decisions += len(_arr(req.get("x_pos"), np.int64))
+        return out
+
+    def _check_exact(self, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = _arr(req.get("x_id"), U64)
+        claims = _arr(req.get("x_claim"), U64)
+        tokens = _arr(req.get("x_token"), U64)
+        other = np.zeros(len(ids), dtype=U64)
+        state = np.zeros(len(ids), dtype=np.uint8)
+        ref = np.zeros(len(ids), dtype=U64)
+        q, rows = self._exact.lookup(ids | U64(1))
+        live: dict[int, list[int]] = {}
+        for qi, row in zip(q.tolist(), rows.tolist()):
+            if self._ex["state"][row] and int(self._ex["id"][row]) == int(ids[qi]):
+                live.setdefault(qi, []).append(row)
+        new: dict[int, int] = {}
+        add_ids, add_claims, add_tokens = [], [], []
+        for i in range(len(ids)):
+            c = int(claims[i])
+            rows_i = live.get(i, [])
+            mine = [r for r in rows_i if int(self._ex["claim"][r]) == c]
+            if mine:
+                state[i] = self._ex["state"][mine[-1]]
+                ref[i] = self._ex["ref"][mine[-1]]
+                continue
+            if rows_i:
+                other[i] = self._ex["claim"][rows_i[0]]
+                continue
+            holder = new.get(int(ids[i]))
+            if holder is not None and holder != c:
+                other[i] = holder
+                continue
+            if holder is None:
+                new[int(ids[i])] = c
+                add_ids.append(int(ids[i]))
+                add_claims.append(c)
+                add_tokens.append(int(tokens[i]))
+        if add_ids:
+            a_ids = np.array(add_ids, U64)
+            rows_new = self._ex.append(id=a_ids, claim=np.array(add_claims, U64),
+                                       token=np.array(add_tokens, U64),
+                                       state=np.full(len(add_ids), PENDING, np.uint8))
+            if self._exact.needs_room(len(rows_new)):
+                self._exact.rebuild(2 * (self._exact.count + len(rows_new)), self._alive(self._ex))
+            self._exact.insert(a_ids | U64(1), rows_new)
+        return {"x_other": other, "x_state": state, "x_ref": ref}
+
+    def _check_near(self, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        q_pos = _arr(req.get("q_pos"), np.int64)
+        q_key = _arr(req.get("q_key"), U64)
+        q_kidx = _arr(req.get("q_kidx"), np.int64)
+        q_a, q_b = _arr(req.get("q_a"), U64), _arr(req.get("q_b"), U64)
+        q_claim = _arr(req.get("q_claim"), U64)
+        i_key = _arr(req.get("i_key"), U64)
+        ne = self._ne
+        # File this call's signatures first, tagged with their item's position, then probe
+        # once: a probe counts this call's entries only where they come from an earlier item.
+        first_new = ne.n
+        self._file(i_key, _arr(req.get("i_a"), U64), _arr(req.get("i_b"), U64),
+                   _arr(req.get("i_id"), U64), _arr(req.get("i_claim"), U64),
+                   _arr(req.get("i_token"), U64), PENDING, _arr(req.get("i_pos"), np.int64))
+        qi, rows = self._near.lookup(q_key)
+        ok = ne["state"][rows] > 0
+        fresh = rows >= first_new
+        ok[fresh] &= ne["pos"][rows[fresh]] < q_pos[qi[fresh]]
+        qi, rows = qi[ok], rows[ok]
+        rel = {name: ne[name][rows] for name in ("id", "claim", "token", "state", "a", "b")}
+        return self._relations(q_pos, q_kidx, q_a, q_b, q_claim, qi, rel)
+
+    def _relations(self, q_pos: np.ndarray, q_kidx: np.ndarray, q_a: np.ndarray,
+                   q_b: np.ndarray, q_claim: np.ndarray, qi: np.ndarray,
+                   rel: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(qi):
+            return _no_relations()
+        da = popcount(q_a[qi] ^ rel["a"])
+        db = popcount(q_b[qi] ^ rel["b"])
+        near = (da <= self.t) & (db <= self.t) & (rel["claim"] != q_claim[qi])
+        if near.any():
+            idx = np.flatnonzero(near)
+            desig = self.scheme.designated(q_a[qi[idx]], q_b[qi[idx]], rel["a"][idx],
+                                           rel["b"][idx])
+            near[idx[desig != q_kidx[qi[idx]]]] = False
+        idx = np.flatnonzero(near)
+        if not len(idx):
+            return _no_relations()
+        pos = q_pos[qi[idx]]
+        dist = da[idx] + db[idx]
+        order = np.lexsort((dist, pos))
+        idx, pos = idx[order], pos[order]
+        # keep the closest MAX_RELATIONS per item (and one per (item, claim))
+        claims = rel["claim"][idx]
+        _, first = np.unique(np.stack([pos.astype(U64), claims]), axis=1, return_index=True)
+        first = np.sort(first)
+        idx, pos = idx[first], pos[first]
+        rank = np.arange(len(pos)) - np.searchsorted(pos, pos, side="left")
+        keep = rank < MAX_RELATIONS
+        idx, pos = idx[keep], pos[keep]
+        return {"r_pos": pos, "r_id": rel["id"][idx], "r_claim": rel["claim"][idx],
+                "r_token": rel["token"][idx], "r_state": rel["state"][idx],
+                "r_da": da[idx], "r_db": db[idx]}
+
+    def _file(self, keys: np.ndarray, a: np.ndarray, b: np.ndarray, ids: np.ndarray,
+              claims: np.ndarray, tokens: np.ndarray, state: int,
+              pos: Optional[np.ndarray] = None) -> None:
+        """One entry row per signature (``keys`` come ``n_keys`` to a signature, in order of
+        its key index, so consecutive equal ``(a, b, claim)`` are one signature), filed under
+        all its keys in this partition. ``pos``: the item's position in the current call."""
+        if not len(keys):
+            return
+        new_sig = np.ones(len(keys), dtype=bool)
+        new_sig[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (claims[1:] != claims[:-1])
+        first = np.flatnonzero(new_sig)
+        which = np.cumsum(new_sig) - 1
+        rows = self._ne.append(id=ids[first], claim=claims[first], token=tokens[first],
+                               a=a[first], b=b[first],
+                               state=np.full(len(first), state, np.uint8),
+                               pos=pos[first] if pos is not None else
+                               np.full(len(first), -1, np.int64))
+        if self._near.needs_room(len(keys)):
+            self._near.rebuild(2 * (self._near.count + len(keys)), self._alive(self._ne))
+        self._near.insert(keys, rows[which])
+
+    # -- settling ----------------------------------------------------------------------------
+
+    def settle(self, req: dict[str, np.ndarray]) -> None:
+        """Apply a unit's decisions: ``keep_*`` entries become KEPT, ``drop_*`` entries die.
+        Exact entries by ``*_id`` + ``*_claim``; near entries by ``*_key`` + ``*_nclaim``."""
+        for prefix, state in (("keep", KEPT), ("drop", 0)):
+            ids, claims = _arr(req.get(f"{prefix}_id"), U64), _arr(req.get(f"{prefix}_claim"), U64)
+            self._set_exact(ids, claims, state)
+            keys = _arr(req.get(f"{prefix}_key"), U64)
+            nclaims = _arr(req.get(f"{prefix}_nclaim"), U64)
+            qi, rows = self._near.lookup(keys)
+            hit = (self._ne["claim"][rows] == nclaims[qi]) & (self._ne["state"][rows] > 0)
+            self._ne["state"][rows[hit]] = state
+
+    def mark_writing(self, req: dict[str, np.ndarray]) -> None:
+        """These ids (``id`` + ``claim``) are being written in the shard ``ref``."""
+        self._set_exact(_arr(req.get("id"), U64), _arr(req.get("claim"), U64), WRITING,
+                        int(np.asarray(req.get("ref", [0])).ravel()[0]))
+
+    def mark_written(self, req: dict[str, np.ndarray]) -> None:
+        """These ids (``id`` + ``claim``) are in committed shards of the output."""
+        self._set_exact(_arr(req.get("id"), U64), _arr(req.get("claim"), U64), WRITTEN)
+
+    def _set_exact(self, ids: np.ndarray, claims: np.ndarray, state: int,
+                   ref: Optional[int] = None) -> None:
+        if not len(ids):
+            return
+        qi, rows = self._exact.lookup(ids | U64(1))
+        hit = ((self._ex["id"][rows] == ids[qi]) & (self._ex["claim"][rows] == claims[qi])
+               & (self._ex["state"][rows] > 0))
+        self._ex["state"][rows[hit]] = state
+        if ref is not None:
+            self._ex["ref"][rows[hit]] = ref
+
+    def _kill(self, table: Multimap, cols: _Columns, keys: np.ndarray,
+              claims: np.ndarray) -> None:
+        qi, rows = table.lookup(keys)
+        hit = cols["claim"][rows] == claims[qi]
+        cols["state"][rows[hit]] = 0
+
+    @staticmethod
+    def _alive(cols: _Columns) -> np.ndarray:
+        return cols["state"][:max(cols.n, 1)] > 0
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def load(self, req: dict[str, np.ndarray]) -> None:
+        """Add entries recovered from the journal: URL claims (``u_hash, u_claim``; with
+        ``u_done``, decided by an earlier run: see ``check_urls``), written images (``x_id,
+        x_claim``) and their signatures' keys here (``n_key, n_a, n_b, n_id, n_claim``)."""
+        u_hash = _arr(req.get("u_hash"), U64)
+        if len(u_hash):
+            q, rows = self._urls.lookup(u_hash)
+            known = np.zeros(len(u_hash), dtype=bool)
+            known[q[self._url["state"][rows] > 0]] = True
+            keep = ~known
+            _, first = np.unique(u_hash[keep], return_index=True)
+            sel = np.flatnonzero(keep)[np.sort(first)]
+            state = DONE if bool(np.asarray(req.get("u_done", [False])).ravel()[0]) else KEPT
+            self._append_urls(u_hash[sel], _arr(req.get("u_claim"), U64)[sel], state)
+        x_id = _arr(req.get("x_id"), U64)
+        if len(x_id):
+            rows = self._ex.append(id=x_id, claim=_arr(req.get("x_claim"), U64),
+                                   token=np.zeros(len(x_id), U64),
+                                   state=np.full(len(x_id), WRITTEN, np.uint8))
+            if self._exact.needs_room(len(rows)):
+                self._exact.rebuild(2 * (self._exact.count + len(rows)), self._alive(self._ex))
+            self._exact.insert(x_id | U64(1), rows)
+        n_key = _arr(req.get("n_key"), U64)
+        if len(n_key) and self.near:
+            self._file(n_key, _arr(req.get("n_a"), U64), _arr(req.get("n_b"), U64),
+                       _arr(req.get("n_id"), U64), _arr(req.get("n_claim"), U64),
+                       np.zeros(len(n_key), U64), KEPT)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "urls": int((self._url["state"][:self._url.n] > 0).sum()),
+            "images": int((self._ex["state"][:self._ex.n] > 0).sum()),
+            "signatures": int((self._ne["state"][:self._ne.n] > 0).sum()),
+            "decisions": self.decisions,
+            "bytes": (self._urls.nbytes + self._url.nbytes + self._exact.nbytes
+                      + self._ex.nbytes + self._near.nbytes + self._ne.nbytes),
+        }
+
+
+def _no_relations() -> dict[str, np.ndarray]:
+    return {"r_pos": np.zeros(0, np.int64), "r_id": np.zeros(0, U64),
+            "r_claim": np.zeros(0, U64), "r_token": np.zeros(0, U64),
+            "r_state": np.zeros(0, np.uint8), "r_da": np.zeros(0, np.int64),
+            "r_db": np.zeros(0, np.int64)}
+
+
+# ---- the client side: routing calls and deciding ------------------------------------------
+
+PartitionCall = Callable[[int, str, dict[str, np.ndarray]], Awaitable[Any]]
+"""``call(partition, method, payload)``: run ``DedupPartition.<method>(payload)`` on one
+partition (in this process, or on its actor) and return the result."""
+
+
+@dataclass
+class DedupItem:
+    """One image to decide: its candidate's claim, its order token, its id and signatures."""
+
+    claim: int
+    token: int
+    image_id: int
+    stored: Sequence[tuple[int, int]]
+    probes: Sequence[tuple[int, int]]
 
 
 @dataclass(frozen=True)
 class DedupDecision:
-    reason: Optional[Reason]
+    """``reason`` None: kept (``written``: an earlier attempt already wrote it; ``writing``:
+    one may have). Otherwise the duplicate's reason, the id of the image it duplicates and the
+    distance (a + b bits)."""
+
+    reason: Optional[Reason] = None
     kept_id: str = ""
     distance: int = 0
+    written: bool = False
+    writing: int = -1
+    """An earlier attempt was writing it in this shard (``ref``): written iff that shard
+    committed, which the caller checks in the journal."""
 
     @property
     def duplicate(self) -> bool:
         return self.reason is not None
 
 
-def _chunks(t: int) -> list[tuple[int, int]]:
-    n = t + 1
-    bounds = [round(i * 64 / n) for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n) if bounds[i + 1] > bounds[i]]
+@dataclass
+class _Routed:
+    payloads: list[dict[str, list]] = field(default_factory=list)
 
 
-class DedupIndex:
-    """Exact and near-duplicate index for one job (in-process; an actor wraps it on Ray)."""
+class DedupClient:
+    """Routes one unit's items to the partitions and decides them (see the module docstring).
 
-    def __init__(self, threshold: int = 4, near: bool = True):
-        self.threshold = threshold
+    ``call`` reaches the partitions; ``k`` is how many there are. Every method sends at most one
+    call per partition, all at once.
+    """
+
+    def __init__(self, threshold: int, near: bool, k: int, call: PartitionCall):
+        if k < 1:
+            raise ValueError(f"the index needs at least one partition, got {k}")
+        self.scheme = KeyScheme(threshold)
         self.near = near
-        self._exact: dict[str, str] = {}
-        self._hashes: dict[str, tuple[int, int]] = {}
-        self._chunks = _chunks(threshold)
-        self._buckets: list[dict[int, list[str]]] = [{} for _ in self._chunks]
+        self.k = k
+        self.call = call
 
-    def __len__(self) -> int:
-        return len(self._exact)
+    async def _fan_out(self, method: str, payloads: list[dict[str, Any]]) -> list[Any]:
+        calls = {p: payload for p, payload in enumerate(payloads)
+                 if any(len(v) for v in payload.values())}
+        results = await asyncio.gather(*(self.call(p, method, {k: np.asarray(v) for k, v in
+                                                               payload.items()})
+                                         for p, payload in calls.items()))
+        out: list[Any] = [None] * self.k
+        for p, result in zip(calls, results):
+            out[p] = result
+        return out
 
-    def _keys(self, phash: int) -> list[int]:
-        return [(phash >> (64 - start - width)) & ((1 << width) - 1)
-                for start, width in self._chunks]
+    async def check_urls(self, claims: Sequence[int], hashes: Sequence[int],
+                         kclaims: Optional[Sequence[int]] = None) -> list[tuple[int, bool]]:
+        """Claim each URL for its candidate; per URL, (0 or the holder's claim, whether an
+        earlier run decided this candidate already)."""
+        hs = np.array(hashes, dtype=U64)
+        cl = np.array(claims, dtype=U64)
+        kc = np.array(kclaims if kclaims is not None else claims, dtype=U64)
+        part = partition_of(hs, self.k)
+        payloads = [{"hash": hs[part == p], "claim": cl[part == p], "kclaim": kc[part == p]}
+                    for p in range(self.k)]
+        results = await self._fan_out("check_urls", payloads)
+        other = np.zeros(len(hs), dtype=U64)
+        done = np.zeros(len(hs), dtype=bool)
+        for p, result in enumerate(results):
+            if result is not None:
+                other[part == p] = result["other"]
+                done[part == p] = result["done"]
+        return [(int(o), bool(d)) for o, d in zip(other, done)]
 
-    def find(self, sha256: str, phash: int, dhash: int) -> DedupDecision:
-        kept = self._exact.get(sha256)
-        if kept is not None:
-            return DedupDecision(Reason.EXACT_DUPLICATE, kept, 0)
-        if not self.near:
-            return DedupDecision(None)
-        best: Optional[tuple[int, str]] = None
-        seen: set[str] = set()
-        for bucket, key in zip(self._buckets, self._keys(phash)):
-            for other in bucket.get(key, ()):
-                if other in seen:
-                    continue
-                seen.add(other)
-                op, od = self._hashes[other]
-                dp = hamming(phash, op)
-                if dp <= self.threshold and hamming(dhash, od) <= self.threshold:
-                    if best is None or dp < best[0]:
-                        best = (dp, other)
-        if best is not None:
-            return DedupDecision(Reason.NEAR_DUPLICATE, best[1], best[0])
-        return DedupDecision(None)
+    async def release_urls(self, claims: Sequence[int], hashes: Sequence[int]) -> None:
+        hs = np.array(hashes, dtype=U64)
+        part = partition_of(hs, self.k)
+        await self._fan_out("release_urls", [{"hash": hs[part == p],
+                                              "claim": np.array(claims, U64)[part == p]}
+                                             for p in range(self.k)])
 
-    def add(self, image_id: str, sha256: str, phash: int, dhash: int) -> None:
-        if sha256:
-            self._exact.setdefault(sha256, image_id)
-        if image_id in self._hashes:
-            return
-        self._hashes[image_id] = (phash, dhash)
-        for bucket, key in zip(self._buckets, self._keys(phash)):
-            bucket.setdefault(key, []).append(image_id)
+    def _near_rows(self, items: Sequence[DedupItem], which: str
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(item index, a, b, keys [n, n_keys], key index) of the items' signatures."""
+        pos, a, b = [], [], []
+        for i, item in enumerate(items):
+            for sa, sb in getattr(item, which):
+                pos.append(i)
+                a.append(sa)
+                b.append(sb)
+        a_arr, b_arr = np.array(a, dtype=U64), np.array(b, dtype=U64)
+        if not len(a_arr):
+            empty = np.zeros((0, self.scheme.n_keys), U64)
+            return np.zeros(0, np.int64), a_arr, b_arr, empty, np.zeros(0, np.int64)
+        keys, kidx = self.scheme.keys(a_arr, b_arr)
+        return np.array(pos, np.int64), a_arr, b_arr, keys, kidx
 
-    def check_and_add(self, image_id: str, sha256: str, phash: int, dhash: int) -> DedupDecision:
-        """Decide one image; if it is not a duplicate it becomes a kept image."""
-        decision = self.find(sha256, phash, dhash)
-        if not decision.duplicate:
-            self.add(image_id, sha256, phash, dhash)
-        return decision
+    async def decide(self, items: Sequence[DedupItem]) -> list[DedupDecision]:
+        """Check and file a unit's items; returns one decision per item, in order. Call
+        ``settle`` with the final outcome afterwards."""
+        n = len(items)
+        if not n:
+            return []
+        ids = np.array([it.image_id for it in items], dtype=U64)
+        claims = np.array([it.claim for it in items], dtype=U64)
+        tokens = np.array([it.token for it in items], dtype=U64)
+        xpart = partition_of(mix64(ids), self.k)
+        payloads: list[dict[str, Any]] = []
+        for p in range(self.k):
+            sel = np.flatnonzero(xpart == p)
+            payloads.append({"x_pos": sel, "x_id": ids[sel], "x_claim": claims[sel],
+                             "x_token": tokens[sel]})
+        if self.near:
+            qpos, qa, qb, qkeys, qkidx = self._near_rows(items, "probes")
+            ipos, ia, ib, ikeys, _ = self._near_rows(items, "stored")
+            nk = self.scheme.n_keys
+            q_rep = np.repeat(np.arange(len(qpos)), nk)
+            i_rep = np.repeat(np.arange(len(ipos)), nk)
+            qk, ik = qkeys.ravel(), ikeys.ravel()
+            qki = np.tile(qkidx, len(qpos))
+            qp, ip = partition_of(qk, self.k), partition_of(ik, self.k)
+            for p in range(self.k):
+                qs, is_ = np.flatnonzero(qp == p), np.flatnonzero(ip == p)
+                qr, ir = q_rep[qs], i_rep[is_]
+                payloads[p].update(
+                    q_pos=qpos[qr], q_key=qk[qs], q_kidx=qki[qs], q_a=qa[qr], q_b=qb[qr],
+                    q_claim=claims[qpos[qr]],
+                    i_pos=ipos[ir], i_key=ik[is_], i_a=ia[ir], i_b=ib[ir], i_id=ids[ipos[ir]],
+                    i_claim=claims[ipos[ir]], i_token=tokens[ipos[ir]])
+        results = await self._fan_out("check", payloads)
+        x_other = np.zeros(n, dtype=U64)
+        x_state = np.zeros(n, dtype=np.uint8)
+        x_ref = np.zeros(n, dtype=U64)
+        relations: list[list[tuple[int, int, int, int, int]]] = [[] for _ in range(n)]
+        for p, result in enumerate(results):
+            if result is None:
+                continue
+            sel = np.flatnonzero(xpart == p)
+            x_other[sel] = result["x_other"]
+            x_state[sel] = result["x_state"]
+            x_ref[sel] = result["x_ref"]
+            for pos, rid, rclaim, rtoken, rstate, da, db in zip(
+                    result["r_pos"].tolist(), result["r_id"].tolist(),
+                    result["r_claim"].tolist(), result["r_token"].tolist(),
+                    result["r_state"].tolist(), result["r_da"].tolist(),
+                    result["r_db"].tolist()):
+                relations[pos].append((rclaim, rid, rtoken, rstate, da + db))
+        return self._resolve(items, claims, x_other, x_state, x_ref, relations)
 
-    def remove(self, image_id: str) -> None:
-        """Forget a kept image (e.g. one later rejected by a slower stage)."""
-        hashes = self._hashes.pop(image_id, None)
-        if hashes is None:
-            return
-        for sha, kept in list(self._exact.items()):
-            if kept == image_id:
-                del self._exact[sha]
-        for bucket, key in zip(self._buckets, self._keys(hashes[0])):
-            ids = bucket.get(key)
-            if ids and image_id in ids:
-                ids.remove(image_id)
+    @staticmethod
+    def _resolve(items: Sequence[DedupItem], claims: np.ndarray, x_other: np.ndarray,
+                 x_state: np.ndarray, x_ref: np.ndarray,
+                 relations: list[list[tuple[int, int, int, int, int]]]
+                 ) -> list[DedupDecision]:
+        batch = {int(c): i for i, c in enumerate(claims.tolist())}
+        written = {int(c) for c, s in zip(claims.tolist(), x_state.tolist())
+                   if s in (WRITTEN, WRITING)}
+        kept_claims: set[int] = set()
+        decisions: list[DedupDecision] = []
+        for i, item in enumerate(items):
+            exact = bool(x_other[i])
+            if exact and int(x_other[i]) in batch and int(x_other[i]) not in kept_claims:
+                # The id's holder is an earlier item of this unit that was rejected: judge this
+                # copy as that item was judged (same bytes, same signatures), by its relations.
+                exact = False
+                fallback = True
+            else:
+                fallback = False
+            if exact:
+                decisions.append(DedupDecision(Reason.EXACT_DUPLICATE, id_text(item.image_id)))
+                continue
+            if x_state[i] in (WRITTEN, WRITING):
+                decisions.append(DedupDecision(written=x_state[i] == WRITTEN,
+                                               writing=int(x_ref[i]) if x_state[i] == WRITING
+                                               else -1))
+                kept_claims.add(item.claim)
+                continue
+            best: Optional[tuple[int, int]] = None
+            for rclaim, rid, rtoken, rstate, dist in relations[i]:
+                if rclaim in written:
+                    counts = True  # an earlier attempt of this unit wrote it: it is output
+                elif rclaim in batch:
+                    counts = batch[rclaim] < i and rclaim in kept_claims
+                else:
+                    counts = rstate in (KEPT, WRITTEN) or (rstate == PENDING
+                                                           and rtoken < item.token)
+                if counts and (best is None or dist < best[0]):
+                    best = (dist, rid)
+            if best is not None:
+                decisions.append(DedupDecision(Reason.NEAR_DUPLICATE, id_text(best[1]), best[0]))
+                continue
+            if fallback:  # the id is filed under the rejected item: never write it twice
+                decisions.append(DedupDecision(Reason.EXACT_DUPLICATE, id_text(item.image_id)))
+                continue
+            decisions.append(DedupDecision())
+            kept_claims.add(item.claim)
+        return decisions
 
-    def state(self) -> dict:
-        """A serialisable snapshot (for resume)."""
-        return {"threshold": self.threshold, "exact": dict(self._exact),
-                "hashes": {k: [p, d] for k, (p, d) in self._hashes.items()}}
+    async def settle(self, items: Sequence[DedupItem], keep: Sequence[bool],
+                     drop: Sequence[bool]) -> None:
+        """Record the unit's outcome: ``keep[i]`` accepted, ``drop[i]`` rejected after all
+        (a duplicate, over target, refused by a later stage). Entries of items in neither list
+        stay as they are."""
+        ids = np.array([it.image_id for it in items], dtype=U64)
+        claims = np.array([it.claim for it in items], dtype=U64)
+        xpart = partition_of(mix64(ids), self.k)
+        payloads: list[dict[str, Any]] = [{} for _ in range(self.k)]
+        for prefix, mask in (("keep", np.array(keep, bool)), ("drop", np.array(drop, bool))):
+            for p in range(self.k):
+                sel = np.flatnonzero(mask & (xpart == p))
+                payloads[p][f"{prefix}_id"] = ids[sel]
+                payloads[p][f"{prefix}_claim"] = claims[sel]
+                payloads[p][f"{prefix}_key"] = np.zeros(0, U64)
+                payloads[p][f"{prefix}_nclaim"] = np.zeros(0, U64)
+            if self.near and mask.any():
+                chosen = [it for it, m in zip(items, mask) if m]
+                pos, _, _, keys, _ = self._near_rows(chosen, "stored")
+                if len(pos):
+                    nk = self.scheme.n_keys
+                    flat = keys.ravel()
+                    nclaim = np.repeat(np.array([it.claim for it in chosen], U64)[pos], nk)
+                    part = partition_of(flat, self.k)
+                    for p in range(self.k):
+                        sel = part == p
+                        payloads[p][f"{prefix}_key"] = flat[sel]
+                        payloads[p][f"{prefix}_nclaim"] = nclaim[sel]
+        await self._fan_out("settle", payloads)
 
-    @classmethod
-    def from_state(cls, state: dict, near: bool = True) -> "DedupIndex":
-        index = cls(state["threshold"], near=near)
-        for image_id, (p, d) in state["hashes"].items():
-            index.add(image_id, "", p, d)
-        index._exact = dict(state["exact"])
-        return index
+    async def mark_written(self, image_ids: Sequence[int], claims: Sequence[int],
+                           writing: Optional[int] = None) -> None:
+        """Record these images as written (or, with ``writing``, as being written in the
+        shard with that reference)."""
+        ids = np.array(image_ids, dtype=U64)
+        part = partition_of(mix64(ids), self.k)
+        payloads: list[dict[str, Any]] = [{"id": ids[part == p],
+                                           "claim": np.array(claims, U64)[part == p]}
+                                          for p in range(self.k)]
+        if writing is not None:
+            for payload in payloads:
+                if len(payload["id"]):
+                    payload["ref"] = np.array([writing], U64)
+        await self._fan_out("mark_writing" if writing is not None else "mark_written", payloads)
+
+    def load_payloads(self, urls: Sequence[tuple[int, int]],
+                      written: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
+                      done: bool = False) -> list[dict[str, np.ndarray]]:
+        """Per-partition ``load`` payloads that restore URL claims ``(hash, claim)`` (``done``:
+        decided by an earlier run, claims by candidate key) and written images ``(id, claim,
+        stored signatures)``."""
+        u = np.array(urls, dtype=U64).reshape(-1, 2)
+        upart = partition_of(u[:, 0], self.k)
+        ids = np.array([w[0] for w in written], dtype=U64)
+        wclaims = np.array([w[1] for w in written], dtype=U64)
+        xpart = partition_of(mix64(ids), self.k)
+        payloads = [{"u_hash": u[upart == p, 0], "u_claim": u[upart == p, 1],
+                     "u_done": np.array([done]),
+                     "x_id": ids[xpart == p], "x_claim": wclaims[xpart == p]}
+                    for p in range(self.k)]
+        if self.near:
+            pos, a, b, keys, _ = self._near_rows(
+                [DedupItem(w[1], 0, w[0], w[2], ()) for w in written], "stored")
+            if len(pos):
+                nk = self.scheme.n_keys
+                flat = keys.ravel()
+                rep = np.repeat(np.arange(len(pos)), nk)
+                part = partition_of(flat, self.k)
+                for p in range(self.k):
+                    sel = part == p
+                    r = rep[sel]
+                    payloads[p].update(n_key=flat[sel], n_a=a[r], n_b=b[r], n_id=ids[pos[r]],
+                                       n_claim=wclaims[pos[r]])
+        return payloads
 
 
-def apply_dedup(index: DedupIndex, records: list) -> list:
-    """Run the not-yet-rejected, hashed records of a batch through ``index`` in order."""
-    for record in records:
-        if record.rejected or not record.sha256:
-            continue
-        decision = index.check_and_add(record.id, record.sha256, int(record.phash or "0", 16),
-                                       int(record.dhash or "0", 16))
-        if decision.duplicate:
-            detail = (f"same bytes as {decision.kept_id}" if decision.reason ==
-                      Reason.EXACT_DUPLICATE else
-                      f"pHash distance {decision.distance} to {decision.kept_id}")
-            record.reject(decision.reason, detail, duplicate_of=decision.kept_id)
-    return records
+class LocalPartitions:
+    """The partitions in this process: ``call`` for a ``DedupClient`` (the in-process runner;
+    tests and benchmarks)."""
+
+    def __init__(self, threshold: int, near: bool = True, k: int = 1):
+        self.partitions = [DedupPartition(threshold, near) for _ in range(k)]
+
+    async def call(self, partition: int, method: str, payload: dict[str, np.ndarray]) -> Any:
+        return getattr(self.partitions[partition], method)(payload)
+
+    def client(self) -> DedupClient:
+        p0 = self.partitions[0]
+        return DedupClient(p0.t, p0.near, len(self.partitions), self.call)

@@ -1,207 +1,360 @@
-"""The job loop, shared by the in-process pipeline and the Ray coordinator.
+"""The driver's side of a job, shared by both runners: plan units, count, resend, stop.
 
-``JobRunner`` plans search requests per class, admits candidates, hands batches to a ``Backend``
-(fetch -> validate -> dedup; in-process or on Ray actors), selects accepted images up to each
-class's target, and feeds a ``Sink`` (the writers). It keeps asking the sources for more until every
-class reaches its target of *accepted* images or its sources are exhausted.
+``JobRunner`` keeps asking the sources for more through ``UnitPlanner`` until every class
+reaches its target of *accepted* images or its sources are exhausted. It hands units to an
+``Executor`` (workers in this process, or on Ray) and reads back counts only (``UnitReport``):
+the driver holds per-class counters and the units in flight, never a candidate or an image, so
+its memory and CPU per candidate stay flat however large the job.
 
-Accounting: a candidate is a URL the job took up (admitted). Every admitted candidate ends in the
-ledger exactly once, accepted or rejected with a reason, so ``accepted + rejected == candidates``.
-Search hits never admitted (their class was already full) are counted as ``unused_hits``.
+Accounting: a candidate is a URL a unit took up. Every candidate ends accepted or rejected with
+a reason, per class, so ``accepted + rejected == candidates``. Search hits of a class that was
+already full when their unit started are counted as ``unused_hits``, not candidates.
+
+Failures: a unit's counts stay provisional until its worker says it *committed* (its images are
+in committed shards and its decisions are journaled). When a worker is lost, every unit it had
+not committed is taken off the counts and resent; the workers, the dedup index and the quota
+ledger key everything by unit and candidate, so a resent unit never doubles an image.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
-from builder.engines.base import SearchPage
-from builder.errors import EngineError, SourceError
+from builder.journal import ResumeState
+from builder.listsource import SlicePlan
 from builder.reasons import Reason
-from builder.records import Candidate, Record
 from builder.spec import DatasetSpec
-from builder.urls import UrlDedup, check_url, normalise_url
-
-if TYPE_CHECKING:
-    from builder.journal import ResumeState
+from builder.units import (INLINE, LIST, RETRY, SEARCH, ClassTally, UnitReport, WorkerEvents,
+                           WorkUnit, inline_uid, list_uid, retry_uid, search_uid)
 
 log = logging.getLogger("pixcrawler.job")
 
 MAX_SEARCH_ERRORS = 50
 """stats.json keeps the last this many failed searches (``search_errors``)."""
+PRIOR_YIELD = 0.7
+"""The share of a class's candidates expected to be accepted before any is decided."""
 
 
-@dataclass
-class SearchTask:
-    label: str
-    source: int
-    engine: str
-    query: str
-    page: int
-    per_page: int
+class WorkerLost(Exception):
+    """A worker died or became unreachable; its uncommitted units must be resent."""
+
+    def __init__(self, worker: int, cause: str):
+        super().__init__(f"worker {worker} lost: {cause}")
+        self.worker = worker
+        self.cause = cause
+
+
+class IndexLost(Exception):
+    """A dedup partition or the quota ledger restarted and lost what was in flight: every
+    uncommitted unit must be resent."""
+
+
+class Executor(Protocol):
+    """Where units run: workers in this process, or on Ray."""
+
+    workers: int
+
+    async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        """Run a unit on a worker; raises ``WorkerLost`` or ``IndexLost``."""
+        ...
+
+    async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
+        """Every worker writes what it buffers and commits its units; per worker, its events,
+        or ``WorkerLost`` where it could not."""
+        ...
+
+    async def revive(self, worker: int) -> bool:
+        """Whether a lost worker is usable again (restarted)."""
+        ...
+
+    async def reset(self) -> None:
+        """After ``IndexLost``: every worker drops what it has not written."""
+        ...
+
+    def cancel(self) -> None:
+        """Ask every worker to stop: units in flight end ``cancelled``."""
+        ...
+
+
+# -- planning ---------------------------------------------------------------------------------
 
 
 @dataclass
 class _Cursor:
+    """A class's query on one per-class source (an engine's pages, or its inline urls)."""
+
     source: int
     engine: str
+    kind: str
     query: str
     max_pages: int
     per_page: int
+    total: int = 0
     page: int = 0
     exhausted: bool = False
     busy: bool = False
     errors: int = 0
+    not_before: float = 0.0
 
 
-class SearchPlanner:
-    """Which search request to make next for each class.
+@dataclass
+class _ListState:
+    """A URL list source: slices issued in order; exhausted once all are reported."""
 
-    Sources are used in the spec's order: a class draws from its first source (round-robin over
-    its queries, page after page) until that source is exhausted or keeps failing, then falls
-    back to the next one. Each fallback is recorded (``fallbacks``) for the job's stats.
+    source: int
+    plan: SlicePlan
+    next: int = 0
+    in_flight: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.next >= self.plan.count and self.in_flight == 0
+
+
+class UnitPlanner:
+    """Which unit to issue next.
+
+    Sources are used in the spec's order (the classes' inline ``urls`` last): a class draws
+    from its first source (round-robin over its queries, page after page) until that source is
+    exhausted or keeps failing, then falls back to the next one; each fallback is recorded
+    (``fallbacks``). A URL list serves every class at once, slice after slice. A resumed job
+    skips the units its journal says are done, and learns from them where each source stands.
     """
 
-    def __init__(self, spec: DatasetSpec, engines: list[tuple[str, bool]],
-                 extra_queries: Optional[dict[str, list[str]]] = None, max_errors: int = 3):
+    def __init__(self, spec: DatasetSpec, extra_queries: Optional[dict[str, list[str]]] = None,
+                 *, list_plans: Optional[dict[int, SlicePlan]] = None, unit_size: int = 64,
+                 resume: Optional[ResumeState] = None, retry_plan: Optional[SlicePlan] = None,
+                 max_errors: int = 3):
+        self.spec = spec
+        self.unit_size = unit_size
         self.max_errors = max_errors
-        self._cursors: dict[str, list[deque[_Cursor]]] = {}
-        self._current: dict[str, int] = {}
         self.fallbacks: list[dict[str, Any]] = []
+        self._seq = 0
+        self._done = resume.done if resume is not None else set()
+        self._done_search: dict[str, Any] = {
+            u.uid: r.search for u, r in (resume.reports if resume else []) if u.kind == SEARCH}
+        self.lists = {i: _ListState(i, p) for i, p in (list_plans or {}).items()}
+        self.retry = _ListState(-1, retry_plan) if retry_plan is not None else None
+        self._cursors: dict[str, list[Any]] = {}
+        self._current: dict[str, int] = {}
         extra_queries = extra_queries or {}
+        if self.retry is not None:
+            for label in spec.labels:
+                self._cursors[label] = []
+                self._current[label] = 0
+            return
         for label in spec.labels:
-            per_source: list[deque[_Cursor]] = []
+            per_source: list[Any] = []
             queries = spec.queries_of(label) + extra_queries.get(label, [])
-            for i, (name, query_based) in enumerate(engines):
-                src = spec.sources[i] if i < len(spec.sources) else None
-                # A list source pages through its whole list; max_pages bounds engines only.
-                max_pages = src.max_pages if src and query_based else 1_000_000
-                per_page = src.per_page if src else 100
-                per_source.append(deque(_Cursor(i, name, q, max_pages, per_page)
-                                        for q in (queries if query_based else [""])))
+            for i, src in enumerate(spec.sources):
+                if src.engine == "urllist":
+                    per_source.append(self.lists[i])
+                else:
+                    per_source.append(deque(_Cursor(i, src.engine, SEARCH, q, src.max_pages,
+                                                    src.per_page) for q in queries))
+            urls = spec.classes[label].urls
+            if urls:
+                per_source.append(deque([_Cursor(len(spec.sources), "inline", INLINE, "",
+                                                 math.ceil(len(urls) / unit_size), unit_size,
+                                                 total=len(urls))]))
             self._cursors[label] = per_source
             self._current[label] = 0
 
-    def _all(self, label: str):
-        return (c for cursors in self._cursors[label] for c in cursors)
+    def _issue(self, **fields: Any) -> Optional[WorkUnit]:
+        unit = WorkUnit(seq=self._seq, **fields)
+        self._seq += 1
+        return unit
 
-    def exhausted(self, label: str) -> bool:
-        return all(c.exhausted for c in self._all(label))
+    @staticmethod
+    def _source_done(source: Any) -> bool:
+        if isinstance(source, _ListState):
+            return source.exhausted
+        return all(c.exhausted for c in source)
 
-    def idle(self, label: str) -> bool:
-        """No search for this class is in flight."""
-        return not any(c.busy for c in self._all(label))
-
-    def _advance(self, label: str) -> Optional[deque[_Cursor]]:
-        """The cursors of the class's current source, moving on past exhausted sources."""
+    def _advance(self, label: str) -> Optional[Any]:
+        """The class's current source, moving on past exhausted ones."""
         sources = self._cursors[label]
         i = self._current[label]
-        while i < len(sources) and all(c.exhausted for c in sources[i]):
+        while i < len(sources) and self._source_done(sources[i]):
             nxt = i + 1
-            while nxt < len(sources) and not sources[nxt]:
-                nxt += 1
-            if nxt < len(sources) and sources[i]:
-                failed = any(c.errors >= self.max_errors for c in sources[i])
-                self.fallbacks.append({"label": label, "from": sources[i][0].engine,
-                                       "to": sources[nxt][0].engine,
+            if nxt < len(sources):
+                src = sources[i]
+                failed = not isinstance(src, _ListState) and any(
+                    c.errors >= self.max_errors for c in src)
+                self.fallbacks.append({"label": label, "from": _engine(sources[i], self.spec),
+                                       "to": _engine(sources[nxt], self.spec),
                                        "reason": "failing" if failed else "exhausted"})
             i = nxt
         self._current[label] = i
         return sources[i] if i < len(sources) else None
 
-    def next_task(self, label: str) -> Optional[SearchTask]:
-        cursors = self._advance(label)
-        if cursors is None:
+    def exhausted(self, label: str) -> bool:
+        if self.retry is not None:
+            return self.retry.exhausted
+        return self._advance(label) is None
+
+    def waiting_on_list(self, label: str) -> Optional[_ListState]:
+        src = self._advance(label) if self.retry is None else None
+        return src if isinstance(src, _ListState) else None
+
+    def next_class_unit(self, label: str, now: float) -> Optional[WorkUnit]:
+        """The next search page or inline slice for ``label`` (None: none available now)."""
+        src = self._advance(label)
+        if src is None or isinstance(src, _ListState):
             return None
-        for _ in range(len(cursors)):
-            c = cursors[0]
-            cursors.rotate(-1)
-            if not c.exhausted and not c.busy:
+        for _ in range(len(src)):
+            c = src[0]
+            src.rotate(-1)
+            while not c.exhausted and not c.busy and c.not_before <= now:
+                if c.kind == INLINE:
+                    start = c.page * c.per_page
+                    uid = inline_uid(c.source, label, start)
+                    if uid in self._done:
+                        c.page += 1
+                        c.exhausted = c.page * c.per_page >= c.total
+                        continue
+                    c.busy = True
+                    return self._issue(uid=uid, kind=INLINE, source=c.source, engine="inline",
+                                       label=label, start=start,
+                                       stop=min(c.total, start + c.per_page))
+                uid = search_uid(c.source, label, c.query, c.page)
+                if uid in self._done:
+                    outcome = self._done_search.get(uid)
+                    c.page += 1
+                    if outcome is None or not outcome.has_more or not outcome.hits \
+                            or c.page >= c.max_pages:
+                        c.exhausted = True
+                    continue
                 c.busy = True
-                return SearchTask(label, c.source, c.engine, c.query, c.page, c.per_page)
+                return self._issue(uid=uid, kind=SEARCH, source=c.source, engine=c.engine,
+                                   label=label, query=c.query, page=c.page,
+                                   per_page=c.per_page)
         return None
 
-    def _find(self, task: SearchTask) -> _Cursor:
-        for c in self._cursors[task.label][task.source]:
-            if c.query == task.query:
-                return c
-        raise KeyError(task)
+    def next_list_unit(self, state: _ListState) -> Optional[WorkUnit]:
+        while state.next < state.plan.count:
+            index = state.next
+            state.next += 1
+            uid = list_uid(state.source, index) if state is not self.retry else retry_uid(index)
+            if uid in self._done:
+                continue
+            state.in_flight += 1
+            engine = "retry" if state is self.retry else "urllist"
+            return self._issue(uid=uid, kind=RETRY if state is self.retry else LIST,
+                               source=state.source, engine=engine, slice=index)
+        return None
 
-    def done(self, task: SearchTask, page: SearchPage) -> None:
-        c = self._find(task)
-        c.busy = False
-        c.errors = 0
-        c.page += 1
-        if not page.has_more or not page.hits or c.page >= c.max_pages:
-            c.exhausted = True
+    def _cursor(self, unit: WorkUnit) -> _Cursor:
+        for src in self._cursors[unit.label]:
+            if isinstance(src, _ListState):
+                continue
+            for c in src:
+                if c.source == unit.source and (c.query == unit.query or c.kind == INLINE):
+                    return c
+        raise KeyError(unit.uid)
 
-    def failed(self, task: SearchTask, final: bool = False) -> None:
-        c = self._find(task)
+    def reported(self, unit: WorkUnit, report: UnitReport, now: float) -> Optional[dict]:
+        """Learn from a unit's report; returns a search error to record, if any."""
+        if unit.kind in (LIST, RETRY):
+            state = self.retry if unit.kind == RETRY else self.lists[unit.source]
+            assert state is not None
+            state.in_flight -= 1
+            return None
+        c = self._cursor(unit)
         c.busy = False
-        c.errors += 1
-        if final:
-            c.errors = max(c.errors, self.max_errors)
+        if unit.kind == INLINE:
+            c.page += 1
+            c.exhausted = c.page * c.per_page >= c.total
+            return None
+        outcome = report.search
+        if outcome is None or not outcome.error:
+            c.errors = 0
+            c.page += 1
+            if outcome is None or not outcome.has_more or not outcome.hits \
+                    or c.page >= c.max_pages:
+                c.exhausted = True
+            return None
+        c.errors = max(c.errors + 1, self.max_errors if outcome.final else 0)
         if c.errors >= self.max_errors:
             c.exhausted = True
+        elif outcome.retryable:
+            c.not_before = now + min(5.0, outcome.retry_after or 0.5)
+        log.warning("search %s %r page %d for %s failed: %s", unit.engine, unit.query,
+                    unit.page, unit.label, outcome.error)
+        return {"engine": unit.engine, "query": unit.query, "page": unit.page,
+                "label": unit.label, "error": outcome.error}
+
+    def returned(self, unit: WorkUnit) -> None:
+        """A unit comes back unrun (its worker was lost): it will be issued again as is."""
+        if unit.kind in (LIST, RETRY):
+            state = self.retry if unit.kind == RETRY else self.lists[unit.source]
+            assert state is not None
+            state.in_flight -= 1
+        else:
+            self._cursor(unit).busy = False
+
+    def next_wake(self) -> Optional[float]:
+        """When a cursor held back by a retryable error may run again."""
+        times = [c.not_before for srcs in self._cursors.values() for src in srcs
+                 if not isinstance(src, _ListState) for c in src
+                 if not c.exhausted and not c.busy and c.not_before > 0]
+        return min(times) if times else None
 
 
-@dataclass
-class ClassCounts:
-    target: int
-    candidates: int = 0
-    accepted: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    unused_hits: int = 0
-
-    @property
-    def rejected_total(self) -> int:
-        return sum(self.rejected.values())
+def _engine(source: Any, spec: DatasetSpec) -> str:
+    if isinstance(source, _ListState):
+        return spec.sources[source.source].engine
+    return source[0].engine if source else ""
 
 
-class JobLedger:
-    """Per-class accounting, and the over-target selection."""
+# -- counting ---------------------------------------------------------------------------------
+
+
+class JobCounts:
+    """The job's figures: per-class tallies from unit reports (added, or taken back)."""
 
     def __init__(self, spec: DatasetSpec):
-        self.classes = {label: ClassCounts(spec.target_of(label)) for label in spec.labels}
+        self.targets = {label: spec.target_of(label) for label in spec.labels}
+        self.classes = {label: ClassTally() for label in spec.labels}
         self.by_stage: Counter = Counter()
         self.bytes_downloaded = 0
+        self.skipped: Counter = Counter()
+        self.relabelled: Counter = Counter()
+        self.decided_before = 0
         self.started = time.time()
 
-    def needed(self, label: str) -> int:
+    def add(self, report: UnitReport, sign: int = 1) -> None:
+        for label, tally in report.classes.items():
+            self.classes[label].add(tally, sign)
+        for stage, n in report.by_stage.items():
+            self.by_stage[stage] += sign * n
+        self.bytes_downloaded += sign * report.bytes
+        for label, n in report.skipped.items():
+            self.skipped[label] += sign * n
+        for pair, n in report.relabelled.items():
+            self.relabelled[pair] += sign * n
+        self.decided_before += sign * report.decided_before
+
+    def need(self, label: str) -> int:
+        return max(0, self.targets[label] - self.classes[label].accepted)
+
+    def yield_of(self, label: str) -> float:
+        """Share of decided candidates accepted (over_target aside), from a prior of 0.7."""
         c = self.classes[label]
-        return max(0, c.target - c.accepted)
+        decided = c.accepted + c.rejected_total - c.rejected[Reason.OVER_TARGET.value]
+        return max(0.02, (c.accepted + PRIOR_YIELD * 5) / (decided + 5))
 
-    def admit(self, label: str, n: int = 1) -> None:
-        self.classes[label].candidates += n
-
-    def reject(self, record: Record) -> None:
-        self.classes[record.label].rejected[record.reason] += 1
-        self.by_stage[record.stage] += 1
-
-    def settle(self, records: list[Record]) -> list[Record]:
-        """Count a decided batch; rejects valid images past their class's target.
-
-        Returns the records accepted by this call, in order.
-        """
-        accepted = []
-        for record in records:
-            if not record.rejected:
-                c = self.classes[record.label]
-                if c.accepted >= c.target:
-                    record.reject(Reason.OVER_TARGET, f"class already has {c.target}")
-                else:
-                    c.accepted += 1
-                    accepted.append(record)
-                    self.bytes_downloaded += len(record.data or b"") or record.extra.get(
-                        "bytes", 0)
-                    continue
-            self.reject(record)
-        return accepted
+    def overall_yield(self) -> float:
+        accepted = self.accepted
+        decided = accepted + self.rejected - self.by_reason()[Reason.OVER_TARGET.value]
+        return max(0.02, (accepted + PRIOR_YIELD * 5) / (decided + 5))
 
     @property
     def candidates(self) -> int:
@@ -215,6 +368,12 @@ class JobLedger:
     def rejected(self) -> int:
         return sum(c.rejected_total for c in self.classes.values())
 
+    def by_reason(self) -> Counter:
+        out: Counter = Counter()
+        for c in self.classes.values():
+            out.update(c.rejected)
+        return +out
+
     def snapshot(self) -> dict[str, Any]:
         """Progress for displays and the HTTP API (cheap, JSON-able)."""
         elapsed = max(1e-6, time.time() - self.started)
@@ -225,284 +384,350 @@ class JobLedger:
             "rejected": self.rejected,
             "images_per_s": round(self.accepted / elapsed, 2),
             "candidates_per_s": round(self.candidates / elapsed, 2),
-            "rejected_by_reason": dict(sum((c.rejected for c in self.classes.values()),
-                                           Counter())),
+            "rejected_by_reason": dict(self.by_reason()),
             "classes": {
-                label: {"target": c.target, "accepted": c.accepted, "candidates": c.candidates,
-                        "rejected": c.rejected_total, "rejected_by_reason": dict(c.rejected)}
+                label: {"target": self.targets[label], "accepted": c.accepted,
+                        "candidates": c.candidates, "rejected": c.rejected_total,
+                        "rejected_by_reason": dict(+c.rejected)}
                 for label, c in self.classes.items()
             },
         }
 
     def stats(self, **extra: Any) -> dict[str, Any]:
         """The stats.json content."""
-        by_reason: Counter = Counter()
         classes = {}
         for label, c in self.classes.items():
-            by_reason.update(c.rejected)
             classes[label] = {
-                "target": c.target, "candidates": c.candidates, "accepted": c.accepted,
-                "rejected": c.rejected_total, "rejected_by_reason": dict(c.rejected),
-                "shortfall": max(0, c.target - c.accepted), "unused_hits": c.unused_hits,
+                "target": self.targets[label], "candidates": c.candidates,
+                "accepted": c.accepted, "rejected": c.rejected_total,
+                "rejected_by_reason": dict(+c.rejected),
+                "shortfall": max(0, self.targets[label] - c.accepted), "unused_hits": c.unused,
             }
         finished = time.time()
         out = {
             "candidates": self.candidates, "accepted": self.accepted, "rejected": self.rejected,
-            "classes": classes, "rejected_by_reason": dict(by_reason),
-            "rejected_by_stage": dict(self.by_stage),
+            "classes": classes, "rejected_by_reason": dict(self.by_reason()),
+            "rejected_by_stage": dict(+self.by_stage),
             "shortfall": {k: v["shortfall"] for k, v in classes.items() if v["shortfall"]},
             "started": self.started, "finished": finished,
             "duration_s": round(finished - self.started, 3),
             "bytes_downloaded": self.bytes_downloaded,
         }
+        if +self.skipped:
+            out["skipped_rows"] = {"label_not_in_spec": dict(+self.skipped)}
+        if +self.relabelled:
+            out["relabelled"] = [{"from": a, "to": b, "images": n}
+                                 for (a, b), n in sorted((+self.relabelled).items())]
+        if self.decided_before:
+            out["decided_before"] = self.decided_before
         out.update(extra)
         return out
-
-
-class Backend(Protocol):
-    """Where the work runs: in-process, or on Ray actors."""
-
-    async def search(self, task: SearchTask) -> SearchPage: ...
-
-    async def process(self, records: list[Record]) -> list[Record]:
-        """fetch -> validate -> dedup; every record comes back decided or still valid."""
-        ...
-
-    async def forget(self, image_ids: list[str]) -> None:
-        """Drop images from the dedup index (they were not accepted after all)."""
-        ...
-
-
-class Sink(Protocol):
-    """Where accepted records go (the writers)."""
-
-    async def add(self, records: list[Record]) -> None: ...
-
-    def add_rejected(self, records: list[Record]) -> None: ...
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-class JobCancelled(Exception):
-    """Raised inside the runner when a cancel was requested."""
+@dataclass
+class _Flight:
+    unit: WorkUnit
+    worker: int
+    report: Optional[UnitReport] = None
+    incarnation: str = ""
+
+
+@dataclass
+class RunOutcome:
+    stats: dict[str, Any]
+    cancelled: bool
+    fetch: dict[str, Any] = field(default_factory=dict)
 
 
 class JobRunner:
-    """Drives one job through a backend into a sink."""
+    """Drives one job's units through an executor (see the module docstring)."""
 
-    def __init__(self, spec: DatasetSpec, backend: Backend, sink: Sink,
-                 engines: list[tuple[str, bool]], *, batch_size: int = 64,
-                 max_in_flight: int = 4, search_concurrency: int = 4,
-                 extra_queries: Optional[dict[str, list[str]]] = None,
+    def __init__(self, spec: DatasetSpec, executor: Executor, planner: UnitPlanner,
+                 counts: JobCounts, *, units_per_worker: int = 2,
                  progress: Optional[ProgressFn] = None, progress_every_s: float = 0.5,
-                 resume: Optional["ResumeState"] = None,
-                 seed_candidates: Optional[list[Candidate]] = None):
+                 partial_units: Optional[set[str]] = None):
         self.spec = spec
-        self.backend = backend
-        self.sink = sink
-        self.planner = SearchPlanner(spec, engines, extra_queries)
-        self.ledger = JobLedger(spec)
-        self.urls = UrlDedup()
-        self.batch_size = batch_size
-        self.max_in_flight = max_in_flight
-        self.search_concurrency = search_concurrency
+        self.executor = executor
+        self.planner = planner
+        self.counts = counts
+        self.units_per_worker = units_per_worker
         self.progress = progress
         self.progress_every_s = progress_every_s
-        self.search_errors: list[dict[str, Any]] = []
+        self.search_errors: deque[dict[str, Any]] = deque(maxlen=MAX_SEARCH_ERRORS)
         self.engine_requests: Counter = Counter()
-        self._buffer: dict[str, deque[Candidate]] = {label: deque() for label in spec.labels}
-        self._in_flight: dict[str, int] = Counter()
+        self.fetch: Counter = Counter()
+        self.cancelled = False
+        self.resent = 0
         self._cancel = asyncio.Event()
         self._last_progress = 0.0
-        self.cancelled = False
-        self._decided: Counter = Counter()
-        if resume is not None:
-            self._seed(resume)
-        for cand in seed_candidates or []:
-            self._buffer[cand.label].append(cand)
-
-    def _seed(self, resume: "ResumeState") -> None:
-        """Start from a journal: decided candidates count as before and are not fetched again."""
-        for url, key in resume.decided_urls():
-            self._decided[key] += 1
-            norm = normalise_url(url)
-            if norm is not None:
-                self.urls.first_seen(norm, key)
-        for label, c in resume.counts().items():
-            cls = self.ledger.classes.get(label)
-            if cls is None:
-                raise KeyError(f"the journal has images of class {label!r}, not in the spec")
-            cls.accepted += c["accepted"]
-            cls.rejected.update(c["rejected"])
-            cls.candidates += c["accepted"] + sum(c["rejected"].values())
-        for r in resume.rejects:
-            self.ledger.by_stage[r["stage"]] += 1
+        self._flights: dict[str, _Flight] = {}
+        self._load = [0] * executor.workers
+        self._down: set[int] = set()
+        self._incarnations: dict[int, str] = {}
+        self._resend: deque[WorkUnit] = deque()
+        self._partial = partial_units or set()
+        self._class_in_flight: Counter = Counter()
 
     def cancel(self) -> None:
         """Ask the job to stop: in-flight candidates end as ``cancelled``."""
         self._cancel.set()
 
-    def _want(self, label: str) -> int:
-        """How many more candidates to line up for a class."""
-        need = self.ledger.needed(label)
-        if need <= 0:
-            return 0
-        goal = math.ceil(need * self.spec.search.candidates_factor)
-        return goal - self._in_flight[label] - len(self._buffer[label])
+    # -- issuing ------------------------------------------------------------------------------
 
-    async def _search(self, task: SearchTask) -> None:
-        self.engine_requests[task.engine] += 1
-        try:
-            page = await self.backend.search(task)
-        except SourceError as exc:  # EngineUnavailable, or a source that cannot be read
-            self.planner.failed(task, final=True)
-            self._search_error(task, exc)
-            return
-        except EngineError as exc:
-            self.planner.failed(task, final=not exc.retryable)
-            self._search_error(task, exc)
-            if exc.retryable:
-                await asyncio.sleep(min(5.0, exc.retry_after or 0.5))
-            return
-        self.planner.done(task, page)
-        buf = self._buffer[task.label]
-        for hit in page.hits:
-            buf.append(hit.to_candidate(task.label, task.query, task.engine))
+    def _capacity(self) -> int:
+        live = self.executor.workers - len(self._down)
+        return max(0, live * self.units_per_worker - sum(self._load))
 
-    def _search_error(self, task: SearchTask, exc: Exception) -> None:
-        log.warning("search %s %r page %d for %s failed: %s", task.engine, task.query, task.page,
-                    task.label, exc)
-        self.search_errors.append({"engine": task.engine, "query": task.query,
-                                   "page": task.page, "label": task.label, "error": str(exc)})
+    def _expected(self, label: str) -> float:
+        """Accepted images expected from this class's units in flight (not yet reported)."""
+        return self._class_in_flight[label] * self.counts.yield_of(label)
 
-    def _admit(self, label: str, n: int) -> list[Record]:
-        """Take up to ``n`` candidates of a class into the pipeline (URL checks happen here)."""
-        batch = []
-        buf = self._buffer[label]
-        while buf and len(batch) < n:
-            cand = buf.popleft()
-            if self._decided[cand.key] > 0:
-                self._decided[cand.key] -= 1  # decided before the resume: not a new candidate
+    def _next_units(self) -> list[WorkUnit]:
+        out: list[WorkUnit] = []
+        room = self._capacity()
+        while self._resend and room > 0:
+            out.append(self._resend.popleft())
+            room -= 1
+        now = time.monotonic()
+        progressed = True
+        while room > 0 and progressed:
+            progressed = False
+            lists_wanted: dict[int, Any] = {}
+            list_need: Counter = Counter()
+            for label in self.spec.labels:
+                if room <= 0:
+                    break
+                need = self.counts.need(label)
+                state = self.planner.waiting_on_list(label) if need > 0 else None
+                if state is not None:
+                    lists_wanted[id(state)] = state
+                    list_need[id(state)] += need
+                    continue
+                if need <= 0 or self._expected(label) >= need:
+                    continue
+                unit = self.planner.next_class_unit(label, now)
+                if unit is not None:
+                    out.append(unit)
+                    room -= 1
+                    progressed = True
+            for key, state in lists_wanted.items():
+                expected = state.in_flight * self.planner.unit_size * self.counts.overall_yield()
+                if room <= 0 or expected >= list_need[key]:
+                    continue
+                unit = self.planner.next_list_unit(state)
+                if unit is not None:
+                    out.append(unit)
+                    room -= 1
+                    progressed = True
+            if self.planner.retry is not None and room > 0 and \
+                    any(self.counts.need(lb) > 0 for lb in self.spec.labels):
+                unit = self.planner.next_list_unit(self.planner.retry)
+                if unit is not None:
+                    out.append(unit)
+                    room -= 1
+                    progressed = True
+        return out
+
+    def _pick_worker(self) -> int:
+        live = [w for w in range(self.executor.workers) if w not in self._down]
+        return min(live, key=self._load.__getitem__)
+
+    def _expected_hits(self, unit: WorkUnit) -> int:
+        return unit.per_page if unit.kind == SEARCH else max(0, unit.stop - unit.start)
+
+    def _start(self, unit: WorkUnit, tasks: dict[asyncio.Task, _Flight]) -> None:
+        worker = self._pick_worker()
+        if unit.uid in self._partial and unit.attempt == 0:
+            unit = dataclasses.replace(unit, attempt=1)
+        flight = _Flight(unit, worker)
+        self._flights[unit.uid] = flight
+        self._load[worker] += 1
+        if unit.kind in (SEARCH, INLINE):
+            self._class_in_flight[unit.label] += self._expected_hits(unit)
+        if unit.kind == SEARCH:
+            self.engine_requests[unit.engine] += 1
+        tasks[asyncio.ensure_future(self.executor.run(worker, unit))] = flight
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _done_running(self, flight: _Flight) -> None:
+        self._load[flight.worker] -= 1
+        unit = flight.unit
+        if unit.kind in (SEARCH, INLINE):
+            self._class_in_flight[unit.label] -= self._expected_hits(unit)
+
+    def _take_events(self, worker: int, events: WorkerEvents) -> None:
+        known = self._incarnations.get(worker)
+        if known is not None and events.incarnation != known:
+            log.warning("worker %d restarted; resending the units it had not committed", worker)
+            self._resend_uncommitted(worker, keep=events.incarnation)
+        self._incarnations[worker] = events.incarnation
+        for uid in events.committed:
+            flight = self._flights.get(uid)
+            if flight is not None and flight.report is not None:
+                del self._flights[uid]
+        self.fetch.update(events.fetch)
+
+    def _lose(self, worker: int) -> None:
+        """The worker is unreachable: resend every unit it had not committed."""
+        self._down.add(worker)
+        self._incarnations.pop(worker, None)
+        self._resend_uncommitted(worker)
+
+    def _resend_uncommitted(self, worker: int, keep: Optional[str] = None) -> None:
+        """Take back and resend the reported, uncommitted units of ``worker`` (but those its
+        incarnation ``keep`` reported: they are in its buffers)."""
+        for uid, flight in list(self._flights.items()):
+            if flight.worker != worker or flight.report is None or \
+                    (keep is not None and flight.incarnation == keep):
                 continue
-            self.ledger.admit(label)
-            record = Record(cand)
-            norm, reason, detail = check_url(cand.url)
-            if reason is None and norm is not None:
-                prev = self.urls.first_seen(norm, cand.key)
-                if prev is not None:
-                    reason, detail = Reason.DUPLICATE_URL, f"same URL as candidate {prev}"
-            if reason is not None:
-                record.reject(reason, detail)
-                self.ledger.reject(record)
-                self.sink.add_rejected([record])
-                continue
-            batch.append(record)
-        return batch
+            self.counts.add(flight.report, -1)
+            del self._flights[uid]
+            self._resend.append(dataclasses.replace(flight.unit, attempt=flight.unit.attempt + 1))
+            self.resent += 1
 
-    def _room(self, label: str) -> int:
-        """How many more candidates of a class may be in flight: its need over its yield.
-
-        The yield (share of decided candidates accepted, over_target aside) starts from a prior
-        of 0.7 and follows what the class actually gets, so a class with many bad URLs gets
-        more in flight and a clean one does not overshoot its target.
-        """
-        need = self.ledger.needed(label)
-        if need <= 0:
-            return 0
-        c = self.ledger.classes[label]
-        decided = c.accepted + c.rejected_total - c.rejected[Reason.OVER_TARGET.value]
-        yield_ = max(0.02, (c.accepted + 0.7 * 5) / (decided + 5))
-        return math.ceil(need / yield_) - self._in_flight[label]
-
-    def _next_batch(self) -> list[Record]:
-        """A batch of admitted candidates, shared across the classes that have room."""
-        rooms = {lb: self._room(lb) for lb in self.spec.labels if self._buffer[lb]}
-        rooms = {lb: r for lb, r in rooms.items() if r > 0}
-        if not rooms:
-            return []
-        share = max(1, self.batch_size // len(rooms))
-        batch: list[Record] = []
-        for label, room in rooms.items():
-            admitted = self._admit(label, min(share, room))
-            self._in_flight[label] += len(admitted)
-            batch.extend(admitted)
-        return batch
-
-    async def _process(self, batch: list[Record]) -> list[Record]:
-        return await self.backend.process(batch)
+    async def _reset_all(self) -> None:
+        """The index or ledger lost its in-flight state: resend everything uncommitted."""
+        await self.executor.reset()
+        for w in range(self.executor.workers):
+            if w not in self._down:
+                self._lose(w)
+                self._down.discard(w)
 
     def _maybe_progress(self, force: bool = False) -> None:
         now = time.monotonic()
         if self.progress and (force or now - self._last_progress >= self.progress_every_s):
             self._last_progress = now
-            self.progress(self.ledger.snapshot())
+            snap = self.counts.snapshot()
+            snap["units_in_flight"] = sum(self._load)
+            self.progress(snap)
 
-    async def _settle(self, batch: list[Record], decided: list[Record]) -> None:
-        for record in batch:
-            self._in_flight[record.label] -= 1
-        accepted = self.ledger.settle(decided)
-        over = [r for r in decided if r.reason == Reason.OVER_TARGET.value]
-        if over:
-            await self.backend.forget([r.id for r in over if r.sha256])
-        self.sink.add_rejected([r for r in decided if r.rejected])
-        if accepted:
-            await self.sink.add(accepted)
-
-    async def run(self) -> dict[str, Any]:
-        """Run to completion (or cancel); returns the stats dict."""
-        searches: set[asyncio.Task] = set()
-        batches: dict[asyncio.Task, list[Record]] = {}
+    async def run(self) -> RunOutcome:
+        """Run until every class is full or out of sources (or cancelled)."""
+        tasks: dict[asyncio.Task, _Flight] = {}
         cancel_wait = asyncio.ensure_future(self._cancel.wait())
         try:
             while True:
-                if self._cancel.is_set():
-                    raise JobCancelled()
-                for label in self.spec.labels:
-                    while (len(searches) < self.search_concurrency and self._want(label) > 0
-                           and not self.planner.exhausted(label)):
-                        task = self.planner.next_task(label)
-                        if task is None:
-                            break
-                        searches.add(asyncio.ensure_future(self._search(task)))
-                while len(batches) < self.max_in_flight:
-                    batch = self._next_batch()
-                    if not batch:
-                        break
-                    batches[asyncio.ensure_future(self._process(batch))] = batch
+                if self._cancel.is_set() and not self.cancelled:
+                    self.cancelled = True
+                    self.executor.cancel()
+                if not self.cancelled:
+                    for unit in self._next_units():
+                        self._start(unit, tasks)
                 self._maybe_progress()
-                if not searches and not batches:
-                    break  # nothing could be started: every class is full or out of sources
-                done, _ = await asyncio.wait(set(searches) | set(batches) | {cancel_wait},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                if not tasks:
+                    if self._resend and not self.cancelled:
+                        await self._revive()
+                        continue
+                    wake = self.planner.next_wake()
+                    if wake is None or self.cancelled:
+                        break
+                    await asyncio.wait({cancel_wait},
+                                       timeout=max(0.01, wake - time.monotonic()))
+                    continue
+                wake = self.planner.next_wake()
+                done, _ = await asyncio.wait(
+                    set(tasks) | {cancel_wait}, return_when=asyncio.FIRST_COMPLETED,
+                    timeout=None if wake is None else max(0.01, wake - time.monotonic()))
                 for fut in done:
-                    if fut in searches:
-                        searches.discard(fut)
-                        fut.result()
-                    elif fut in batches:
-                        batch = batches.pop(fut)
-                        await self._settle(batch, fut.result())
-        except (JobCancelled, asyncio.CancelledError):
-            self.cancelled = True
-            for fut in list(searches) + list(batches):
-                fut.cancel()
-            for fut, batch in batches.items():
-                for record in batch:
-                    self._in_flight[record.label] -= 1
-                    if not record.rejected:
-                        record.reject(Reason.CANCELLED, "job cancelled")
-                    self.ledger.reject(record)
-                self.sink.add_rejected(batch)
-            await asyncio.gather(*searches, *batches, return_exceptions=True)
+                    if fut is cancel_wait:
+                        continue
+                    flight = tasks.pop(fut)
+                    self._done_running(flight)
+                    await self._result(fut, flight)
         finally:
             cancel_wait.cancel()
-        for label, buf in self._buffer.items():
-            self.ledger.classes[label].unused_hits += len(buf)
+        await self._flush()
         self._maybe_progress(force=True)
-        return self.ledger.stats(
+        return RunOutcome(self._stats(), self.cancelled, dict(self.fetch))
+
+    async def _result(self, fut: asyncio.Task, flight: _Flight) -> None:
+        unit = flight.unit
+        try:
+            report, events = fut.result()
+        except WorkerLost as exc:
+            if exc.worker not in self._down:
+                log.warning("%s; resending its uncommitted units", exc)
+            del self._flights[unit.uid]
+            self.planner.returned(unit)
+            self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+            self.resent += 1
+            self._lose(exc.worker)
+            return
+        except IndexLost as exc:
+            log.warning("%s; resending every uncommitted unit", exc)
+            del self._flights[unit.uid]
+            self.planner.returned(unit)
+            self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+            await self._reset_all()
+            return
+        flight.report = report
+        flight.incarnation = events.incarnation
+        self.counts.add(report)
+        error = self.planner.reported(unit, report, time.monotonic())
+        if error is not None:
+            self.search_errors.append(error)
+        if not report.settled:  # it decided nothing: no commit will come
+            del self._flights[unit.uid]
+        self._take_events(flight.worker, events)
+
+    async def _revive(self) -> None:
+        """Units wait to be resent and no worker is free: wait for a lost one to come back."""
+        for _ in range(120):
+            for w in list(self._down):
+                if await self.executor.revive(w):
+                    self._down.discard(w)
+                    self._load[w] = 0
+            if len(self._down) < self.executor.workers:
+                return
+            await asyncio.sleep(1.0)
+        raise RuntimeError("every worker was lost and none came back within 2 minutes; "
+                           "continue the job with --resume")
+
+    async def _flush(self) -> None:
+        """Workers write their last shards; every unit reported so far must commit."""
+        for _ in range(3):
+            try:
+                for w, events in enumerate(await self.executor.flush()):
+                    if isinstance(events, WorkerLost):
+                        if w not in self._down:
+                            log.warning("%s while writing the last shards; resending", events)
+                            self._lose(w)
+                    else:
+                        self._take_events(w, events)
+            except IndexLost:
+                await self._reset_all()
+            if not self._resend:
+                break
+            # Work was lost while finishing: run it again, then flush again.
+            tasks: dict[asyncio.Task, _Flight] = {}
+            while self._resend or tasks:
+                room = self._capacity()
+                while self._resend and room > 0:
+                    self._start(self._resend.popleft(), tasks)
+                    room -= 1
+                if not tasks:
+                    await self._revive()
+                    continue
+                done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    flight = tasks.pop(fut)
+                    self._done_running(flight)
+                    await self._result(fut, flight)
+        pending = [uid for uid, f in self._flights.items() if f.report is not None]
+        if pending:
+            raise RuntimeError(f"{len(pending)} units were decided but never committed "
+                               f"(e.g. {pending[0]}); continue the job with --resume")
+
+    def _stats(self) -> dict[str, Any]:
+        return self.counts.stats(
             partial=self.cancelled,
-            search_errors=self.search_errors[-MAX_SEARCH_ERRORS:],
+            search_errors=list(self.search_errors),
             engine_requests=dict(self.engine_requests),
             fallbacks=self.planner.fallbacks,
-            urls_seen=len(self.urls),
+            resent_units=self.resent,
         )
+

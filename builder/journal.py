@@ -1,14 +1,20 @@
-"""The job's journal in its output location, so an interrupted job can be resumed anywhere.
+"""The job's journal, in its output location: what is decided and written, unit by unit.
 
-``<uri>/_journal/<job_id>/`` holds ``job.json`` (the spec and its fingerprint) and, for each
-checkpoint, ``{seq:06d}-manifest.parquet`` (the manifest rows of the shards written since the
-last checkpoint; the shards themselves are in ``<uri>/_staging/<job_id>/``) and
-``{seq:06d}-rejects.parquet`` (the candidates rejected since). A candidate is *decided* once it is
-in either. Everything lives on the output's filesystem (local or object storage), not on the
-driver's disk, so ``--resume`` works from another machine of the cluster.
+``<uri>/_journal/<job_id>/`` holds:
 
-On resume, decided candidates are not fetched again; their counts, URLs and hashes seed the new
-run's ledger, URL dedup and dedup index; shard numbers continue after the last one written.
+* ``job.json``: the spec and its fingerprint (a resume must use the same spec);
+* ``units/<uid>.parquet``: one file per *committed* unit, written when every image it accepted
+  is in a committed shard: one row per candidate of the unit (``UNIT_SCHEMA``: the rejects
+  manifest's columns, whether it was accepted, its URL and claim keys), and the unit's
+  description and counts in the file's metadata. Writing it is the unit's commit;
+* ``shards/<name>.intent.json``: the files a shard is about to write (so a crash mid-write
+  leaves nothing unaccounted for), then ``shards/<name>.parquet``: the shard's commit, one row
+  per image with its manifest entry and what the dedup index needs to rebuild (``SHARD_SCHEMA``).
+
+Everything lives on the output's filesystem, so ``--resume`` works from any machine of the
+cluster, and a restarted dedup partition rebuilds from here. Files appear atomically (a rename on
+local disks; object stores publish an object only when its upload completes). Reading the
+journal streams it file by file: memory stays flat however many units a job has.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,12 +32,40 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.errors import PixCrawlerError
-from builder.records import Candidate, REJECT_SCHEMA
+from builder.records import REJECT_SCHEMA
 from builder.spec import DatasetSpec
-from builder.storage import join, open_fs
+from builder.storage import atomic_write, join, list_files, open_fs, storage_errors
+from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
 
 JOURNAL = "_journal"
-STAGING = "_staging"
+
+UNIT_SCHEMA = pa.schema(list(REJECT_SCHEMA) + [
+    pa.field("accepted", pa.bool_()),
+    pa.field("image_id", pa.string()),
+    pa.field("url_hash", pa.uint64()),
+    pa.field("claim", pa.uint64()),
+])
+"""One row per candidate of a committed unit (``accepted`` rows have no stage or reason)."""
+
+SHARD_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("uid", pa.string()),
+    pa.field("claim", pa.uint64()),
+    pa.field("label", pa.string()),
+    pa.field("split", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("format", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("bytes", pa.int64()),
+    pa.field("sha256", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("license", pa.string()),
+    pa.field("author", pa.string()),
+    pa.field("sig_a", pa.list_(pa.uint64())),
+    pa.field("sig_b", pa.list_(pa.uint64())),
+])
+"""One row per image of a committed shard: its manifest entry and its stored signatures."""
 
 
 class ResumeError(PixCrawlerError):
@@ -44,98 +80,148 @@ def spec_fingerprint(spec: DatasetSpec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def report_to_json(unit: WorkUnit, report: UnitReport) -> dict[str, Any]:
+    return {
+        "unit": unit.__dict__,
+        "classes": {label: {"candidates": t.candidates, "accepted": t.accepted,
+                            "rejected": dict(t.rejected), "unused": t.unused}
+                    for label, t in report.classes.items()},
+        "by_stage": dict(report.by_stage), "bytes": report.bytes,
+        "search": report.search.__dict__ if report.search is not None else None,
+        "skipped": dict(report.skipped),
+        "relabelled": {f"{a}\t{b}": n for (a, b), n in report.relabelled.items()},
+        "exhausted": report.exhausted, "decided_before": report.decided_before,
+    }
+
+
+def report_from_json(data: dict[str, Any]) -> tuple[WorkUnit, UnitReport]:
+    unit = WorkUnit(**data["unit"])
+    report = UnitReport(unit.uid)
+    for label, t in data.get("classes", {}).items():
+        report.classes[label] = ClassTally(t["candidates"], t["accepted"],
+                                           Counter(t["rejected"]), t.get("unused", 0))
+    report.by_stage = Counter(data.get("by_stage") or {})
+    report.bytes = int(data.get("bytes") or 0)
+    if data.get("search") is not None:
+        report.search = SearchOutcome(**data["search"])
+    report.skipped = Counter(data.get("skipped") or {})
+    report.relabelled = Counter({tuple(k.split("\t", 1)): n
+                                 for k, n in (data.get("relabelled") or {}).items()})
+    report.exhausted = bool(data.get("exhausted"))
+    report.decided_before = int(data.get("decided_before") or 0)
+    return unit, report
+
+
 @dataclass
 class ResumeState:
-    """What a resumed run starts from."""
+    """What a resumed run starts from: the committed units (counts, and which work is done)
+    and the next shard number of each split. Built by streaming the journal."""
 
     job_id: str
-    manifest: list[dict[str, Any]] = field(default_factory=list)
-    rejects: list[dict[str, Any]] = field(default_factory=list)
-    hashes: list[tuple[str, str, str, str]] = field(default_factory=list)
-    next_shard: int = 0
-    checkpoints: int = 0
+    done: set[str] = field(default_factory=set)
+    reports: list[tuple[WorkUnit, UnitReport]] = field(default_factory=list)
+    next_shard: dict[str, int] = field(default_factory=dict)
 
     @property
-    def decided_keys(self) -> set[str]:
-        keys = {r["key"] for r in self.rejects}
-        keys.update(Candidate(url=m["url"], label=m["label"]).key for m in self.manifest)
-        return keys
-
-    def decided_urls(self) -> list[tuple[str, str]]:
-        """(url, key) of every decided candidate, for the URL dedup."""
-        out = [(r["url"], r["key"]) for r in self.rejects]
-        out += [(m["url"], Candidate(url=m["url"], label=m["label"]).key) for m in self.manifest]
-        return out
-
-    def counts(self) -> dict[str, dict[str, Any]]:
-        """Per label: candidates, accepted, rejected by reason; and rejects by stage."""
-        per: dict[str, dict[str, Any]] = {}
-        for m in self.manifest:
-            c = per.setdefault(m["label"], {"accepted": 0, "rejected": Counter()})
-            c["accepted"] += 1
-        for r in self.rejects:
-            c = per.setdefault(r["label"], {"accepted": 0, "rejected": Counter()})
-            c["rejected"][r["reason"]] += 1
-        return per
+    def committed_units(self) -> int:
+        return len(self.done)
 
 
 class Journal:
-    """Checkpoints of one job under ``<uri>/_journal/<job_id>/``."""
+    """The journal of one job under ``<uri>/_journal/<job_id>/``."""
 
     def __init__(self, uri: str, job_id: str, storage_options: Optional[dict] = None):
         self.uri = uri
         self.job_id = job_id
         self.storage_options = storage_options
         self.fs, root = open_fs(uri, storage_options)
-        self.root = f"{root.rstrip('/')}/{JOURNAL}/{job_id}"
-        self.staging = f"{root.rstrip('/')}/{STAGING}/{job_id}"
-        self.seq = 0
+        self.dataset_root = root.rstrip("/")
+        self.root = f"{self.dataset_root}/{JOURNAL}/{job_id}"
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # -- writing ------------------------------------------------------------------------------
 
     def start(self, spec: DatasetSpec) -> None:
-        path = f"{self.root}/job.json"
-        self.fs.makedirs(self.root, exist_ok=True)
-        if not self.fs.exists(path):
-            meta = {"job_id": self.job_id, "fingerprint": spec_fingerprint(spec),
-                    "started": time.time(), "spec": spec.model_dump(mode="json")}
-            self.fs.pipe_file(path, json.dumps(meta, indent=2).encode())
+        path = self._path("job.json")
+        with storage_errors(self.uri, "start the journal in"):
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(path):
+                meta = {"job_id": self.job_id, "fingerprint": spec_fingerprint(spec),
+                        "started": time.time(), "spec": spec.model_dump(mode="json")}
+                atomic_write(self.fs, path, json.dumps(meta, indent=2).encode())
 
-    def checkpoint(self, manifest_rows: list[dict[str, Any]],
-                   reject_rows: list[dict[str, Any]]) -> None:
-        """Record newly written shards' manifest rows and newly decided rejects."""
-        if not manifest_rows and not reject_rows:
-            return
-        self.seq += 1
-        base = f"{self.root}/{self.seq:06d}"
-        if reject_rows:
-            self._write(f"{base}-rejects.parquet",
-                        pa.Table.from_pylist(reject_rows, schema=REJECT_SCHEMA))
-        if manifest_rows:
-            self._write(f"{base}-manifest.parquet", pa.Table.from_pylist(manifest_rows))
+    def write_unit(self, unit: WorkUnit, report: UnitReport, rows: pa.Table) -> None:
+        """Commit a unit: its candidates' decisions, with its description and counts."""
+        meta = {b"pixcrawler.unit": json.dumps(report_to_json(unit, report)).encode()}
+        table = rows.cast(UNIT_SCHEMA).replace_schema_metadata(meta)
+        self._write_table(self._path("units", f"{unit.uid}.parquet"), table)
 
-    def _write(self, path: str, table: pa.Table) -> None:
-        tmp = f"{path}.tmp"
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        self.fs.mv(tmp, path)
+    def write_shard_intent(self, name: str, files: list[str]) -> None:
+        atomic_write(self.fs, self._path("shards", f"{name}.intent.json"),
+                     json.dumps({"files": files}).encode())
 
-    def _parts(self, suffix: str) -> list[str]:
-        self.fs.invalidate_cache(self.root)
-        if not self.fs.exists(self.root):
-            return []
-        return sorted(p for p in self.fs.ls(self.root, detail=False) if p.endswith(suffix))
+    def write_shard(self, name: str, rows: pa.Table) -> None:
+        self._write_table(self._path("shards", f"{name}.parquet"), rows.cast(SHARD_SCHEMA))
 
-    def _read_rows(self, suffix: str) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for path in self._parts(suffix):
-            with self.fs.open(path, "rb") as f:
-                rows.extend(pq.read_table(f).to_pylist())
-        return rows
+    def _write_table(self, path: str, table: pa.Table) -> None:
+        import io
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        with storage_errors(self.uri, "write the journal to"):
+            atomic_write(self.fs, path, buf.getvalue())
+
+    # -- reading ------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, Any]:
-        path = f"{self.root}/job.json"
+        path = self._path("job.json")
+        self.fs.invalidate_cache(path)
         if not self.fs.exists(path):
             raise ResumeError(f"no journal for job {self.job_id} at {self.uri}")
         return json.loads(self.fs.cat_file(path))
+
+    def _files(self, sub: str, suffix: str) -> list[str]:
+        return [p for p in list_files(self.fs, self._path(sub)) if p.endswith(suffix)
+                and not p.endswith(".intent.json")]
+
+    def shard_exists(self, name: str) -> bool:
+        path = self._path("shards", f"{name}.parquet")
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
+
+    def unit_files(self) -> list[str]:
+        return self._files("units", ".parquet")
+
+    def shard_files(self) -> list[str]:
+        return self._files("shards", ".parquet")
+
+    def iter_unit_reports(self) -> Iterator[tuple[WorkUnit, UnitReport]]:
+        """Each committed unit's description and counts (reads only the files' footers)."""
+        for path in self.unit_files():
+            with self.fs.open(path, "rb") as f:
+                meta = pq.read_schema(f).metadata or {}
+            yield report_from_json(json.loads(meta[b"pixcrawler.unit"]))
+
+    def iter_tables(self, kind: str, columns: Optional[list[str]] = None
+                    ) -> Iterator[pa.Table]:
+        """The committed ``units`` or ``shards`` files, one table at a time."""
+        for path in (self.unit_files() if kind == "units" else self.shard_files()):
+            with self.fs.open(path, "rb") as f:
+                yield pq.read_table(f, columns=columns)
+
+    def orphan_files(self) -> list[str]:
+        """Files named by shard intents whose shard never committed (a crash mid-write), as
+        paths relative to the dataset, with the intents themselves (journal paths)."""
+        out = []
+        for path in list_files(self.fs, self._path("shards")):
+            if not path.endswith(".intent.json"):
+                continue
+            name = path.rsplit("/", 1)[-1][:-len(".intent.json")]
+            if not self.shard_exists(name):
+                out += json.loads(self.fs.cat_file(path)).get("files", [])
+        return out
 
     def load(self, spec: DatasetSpec) -> ResumeState:
         """The state to resume from; refuses if the spec changed in a way that matters."""
@@ -146,40 +232,37 @@ class Journal:
                 "'resources' and 'output.overwrite' may change on resume); run it without "
                 "--resume into a new output, or restore the spec (saved in "
                 f"{self.uri}/{JOURNAL}/{self.job_id}/job.json)")
-        state = ResumeState(self.job_id, self._read_rows("-manifest.parquet"),
-                            self._read_rows("-rejects.parquet"))
-        state.checkpoints = len(self._parts("-manifest.parquet")) + len(
-            self._parts("-rejects.parquet"))
-        self.seq = max([int(p.rsplit("/", 1)[-1][:6]) for p in self._parts(".parquet")] or [0])
-        shards = {int(m["shard"]) for m in state.manifest}
-        state.next_shard = max(shards) + 1 if shards else 0
-        state.hashes = self._staged_hashes({m["id"] for m in state.manifest})
+        state = ResumeState(self.job_id)
+        for unit, report in self.iter_unit_reports():
+            state.done.add(unit.uid)
+            state.reports.append((unit, report))
+        state.next_shard = self.next_shard_numbers()
         return state
 
-    def _staged_hashes(self, ids: set[str]) -> list[tuple[str, str, str, str]]:
-        """(id, sha256, phash, dhash) of the accepted images already in staged shards."""
-        out = []
-        data = f"{self.staging}/data"
-        self.fs.invalidate_cache(data)
-        if not ids or not self.fs.exists(data):
-            return out
-        for path in sorted(self.fs.glob(f"{data}/*.parquet")):
-            with self.fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=["id", "sha256", "phash", "dhash"])
-            out.extend((r["id"], r["sha256"], r["phash"] or "", r["dhash"] or "")
-                       for r in t.to_pylist() if r["id"] in ids)
+    def next_shard_numbers(self) -> dict[str, int]:
+        """Per split, the number after every shard this job committed or started writing."""
+        out: dict[str, int] = {}
+        for path in list_files(self.fs, self._path("shards")):
+            name = path.rsplit("/", 1)[-1]
+            for suffix in (".intent.json", ".parquet"):
+                if name.endswith(suffix):
+                    split, _, number = name[:-len(suffix)].rpartition("-")
+                    if number.isdigit():
+                        out[split] = max(out.get(split, 0), int(number) + 1)
         return out
 
     def remove(self) -> None:
-        self.fs.invalidate_cache(self.root)
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
-        parent = self.root.rsplit("/", 1)[0]
-        try:
-            if self.fs.exists(parent) and not self.fs.ls(parent):
-                self.fs.rmdir(parent)
-        except OSError:
-            pass
+        with storage_errors(self.uri, "remove the journal from"):
+            self.fs.invalidate_cache(self.root)
+            if self.fs.exists(self.root):
+                self.fs.rm(self.root, recursive=True)
+            parent = self.root.rsplit("/", 1)[0]
+            self.fs.invalidate_cache(parent)
+            try:
+                if self.fs.exists(parent) and not self.fs.ls(parent):
+                    self.fs.rmdir(parent)
+            except OSError:
+                pass
 
 
 def resumable_jobs(uri: str, storage_options: Optional[dict] = None) -> list[str]:
@@ -189,77 +272,21 @@ def resumable_jobs(uri: str, storage_options: Optional[dict] = None) -> list[str
     fs.invalidate_cache(base)
     if not fs.exists(base):
         return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)
-                  if fs.exists(f"{p.rstrip('/')}/job.json"))
+    out = []
+    for p in fs.ls(base, detail=False):
+        job = p.rstrip("/")
+        fs.invalidate_cache(f"{job}/job.json")
+        if fs.exists(f"{job}/job.json"):
+            out.append(job.rsplit("/", 1)[-1])
+    return sorted(out)
 
 
 def journal_uri(uri: str, job_id: str) -> str:
     return join(uri, JOURNAL, job_id)
 
 
-def remove_orphans(journal: Journal, state: ResumeState) -> int:
-    """Remove staged files the journal does not know (a shard written, then killed before its
-    checkpoint): they would duplicate images the resumed run accepts again. Returns how many."""
-    fs, staging = journal.fs, journal.staging
-    ids = {m["id"] for m in state.manifest}
-    doomed = []
-    for sub in ("data", "webdataset"):
-        base = f"{staging}/{sub}"
-        fs.invalidate_cache(base)
-        if fs.exists(base):
-            for path in fs.find(base):
-                stem = path.rsplit("/", 1)[-1].split(".")[0]
-                digits = stem.rsplit("-", 1)[-1]
-                if digits.isdigit() and int(digits) >= state.next_shard:
-                    doomed.append(path)
-    base = f"{staging}/imagefolder"
-    fs.invalidate_cache(base)
-    if fs.exists(base):
-        doomed += [p for p in fs.find(base) if p.rsplit("/", 1)[-1].split(".")[0] not in ids]
-    if doomed:
-        fs.rm(doomed)
-    return len(doomed)
-
-
-def load_published(uri: str, storage_options: Optional[dict] = None) -> ResumeState:
-    """The state of a published dataset (complete or partial), read from its own files: the
-    Parquet shards (ids, labels, URLs, hashes, shard numbers) and rejects.parquet. Needs the
-    ``parquet`` output format."""
-    from builder.writers import manifest_row, read_marker
-
-    fs, root = open_fs(uri, storage_options)
-    root = root.rstrip("/")
-    marker = read_marker(uri, storage_options)
-    if marker is None:
-        raise ResumeError(f"{uri} holds no published dataset (_SUCCESS or _PARTIAL)")
-    spec = published_spec(uri, storage_options)
-    formats = set(spec.output.formats)
-    state = ResumeState(str(marker.get("job_id", "")))
-    shards: set[int] = set()
-    cols = ["id", "label", "split", "format", "width", "height", "bytes", "sha256", "phash",
-            "dhash", "url", "license", "author", "label_levels"]
-    paths = sorted(fs.glob(f"{root}/data/*.parquet"))
-    if not paths:
-        if "parquet" not in formats:
-            raise ResumeError(f"{uri} was written without the parquet format, which resuming "
-                              "and retry-failed read their state from")
-    for path in paths:
-        shard = int(path.rsplit("-", 1)[-1].split(".")[0])
-        shards.add(shard)
-        with fs.open(path, "rb") as f:
-            schema_names = pq.read_schema(f).names
-            f.seek(0)
-            t = pq.read_table(f, columns=[c for c in cols if c in schema_names])
-        for row in t.to_pylist():
-            state.manifest.append(manifest_row(row, shard, formats))
-            state.hashes.append((row["id"], row["sha256"], row.get("phash") or "",
-                                 row.get("dhash") or ""))
-    rejects = f"{root}/rejects.parquet"
-    if fs.exists(rejects):
-        with fs.open(rejects, "rb") as f:
-            state.rejects = pq.read_table(f).to_pylist()
-    state.next_shard = max(shards) + 1 if shards else 0
-    return state
+def new_job_id(spec: DatasetSpec) -> str:
+    return f"{spec.name}-{uuid.uuid4().hex[:8]}"
 
 
 def published_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetSpec:
@@ -268,6 +295,7 @@ def published_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetS
 
     fs, root = open_fs(uri, storage_options)
     path = f"{root.rstrip('/')}/spec.yaml"
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         raise ResumeError(f"{uri} has no spec.yaml (written by PixCrawler 0.1+); pass the spec")
     return loads_spec(fs.cat_file(path).decode(), path)

@@ -1,51 +1,134 @@
-"""The whole job in one process: no Ray. Used by the builder's end-to-end tests and benchmarks.
+"""One job lifecycle for both runners, and the in-process runner (no Ray).
 
-The Ray coordinator (``cluster.coordinator``) runs the same ``JobRunner`` with a backend of actors.
+``JobLifecycle`` is everything a job does around its units, whichever executor runs them:
+
+1. **plan the continuation**: a fresh job; ``--resume`` of an interrupted one (its journal is in
+   the output: committed units are done, their counts and index entries are read back); the
+   continuation of a published partial dataset; or ``retry-failed`` of a published one;
+2. **check and clear the output** before any download (``DatasetPublisher``), start the
+   journal, cut URL lists into slices;
+3. **run** the units through a ``JobRunner`` and an executor (``LocalExecutor`` here,
+   ``cluster.coordinator.RayExecutor`` on Ray), with Ctrl-C / SIGTERM stopping it cleanly;
+4. **publish**: remove files of shards that never committed, stream the manifests, rejects,
+   stats, card and spec from the journal (plus the dataset a merge continues), write the marker
+   last, remove the journal.
+
+A run that accepts nothing is not a dataset: it is published as ``_PARTIAL`` (reason
+``empty``), and the CLI exits non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import signal
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import yaml
 
-from builder.dedup import DedupIndex, apply_dedup
-from builder.engines import SearchEngine, SearchPage, make_engine
-from builder.engines.urllist import InlineUrlsEngine
-from builder.errors import EngineError
-from builder.fetch import Fetcher
-from builder.job import JobRunner, ProgressFn, SearchTask
-from builder.journal import (Journal, ResumeError, ResumeState, load_published, published_spec,
-                             remove_orphans, resumable_jobs, spec_fingerprint)
-from builder.ratelimit import EngineGovernor, limits_for
+from builder.dedup import DedupClient, LocalPartitions, claim_of, id_number, url_hash
+from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
+                         WorkerLost)
+from builder.journal import (Journal, ResumeError, ResumeState, new_job_id, published_spec,
+                             resumable_jobs, spec_fingerprint)
+from builder.listsource import SlicePlan, plan_slices
+from builder.quota import QuotaLedger
 from builder.reasons import TRANSIENT_REASONS
-from builder.records import Candidate, Record, accepted_row, reject_row
+from builder.records import REJECT_SCHEMA
 from builder.spec import DatasetSpec
-from builder.splits import assign_split
-from builder.transform import ImageTransformer
-from builder.validate import ImageValidator
-from builder.storage import join, write_bytes
-from builder.writers import DatasetWriter, read_marker
+from builder.storage import open_fs
+from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit
+from builder.worker import JobPlan, LocalServices, WorkerRuntime
+from builder.writers import DatasetPublisher, manifest_entry, read_marker
 
 log = logging.getLogger("pixcrawler.pipeline")
 
+INDEX_CHUNK = 50_000
+"""Rows per batch when the dedup index is rebuilt from the journal."""
 
-def new_job_id(spec: DatasetSpec) -> str:
-    return f"{spec.name}-{uuid.uuid4().hex[:8]}"
+__all__ = ["Continuation", "JobLifecycle", "JobResult", "LocalExecutor", "new_job_id",
+           "plan_retry", "run_local", "run_local_async"]
 
 
-def build_engines(spec: DatasetSpec) -> list[SearchEngine]:
-    """The spec's sources, in order, then the classes' inline ``urls`` if any."""
-    engines = [make_engine(src, spec) for src in spec.sources]
-    inline = {label: c.urls for label, c in spec.classes.items() if c.urls}
-    if inline:
-        engines.append(InlineUrlsEngine(inline))
-    return engines
+@dataclass
+class JobResult:
+    job_id: str
+    uri: str
+    stats: dict[str, Any]
+    partial: bool = False
+
+
+@dataclass
+class Continuation:
+    """How a run continues earlier work. ``merge``: add to the published dataset at the URI
+    (a partial one continued, or ``retry-failed``); ``retry``: decide again the candidates it
+    rejected for transient reasons (timeouts, 5xx, 429, connection errors)."""
+
+    job_id: str
+    resume: bool = False
+    merge: bool = False
+    retry: bool = False
+
+
+def plan_retry(uri: str, storage_options: Optional[dict] = None,
+               job_id: Optional[str] = None) -> tuple[DatasetSpec, Continuation]:
+    """``retry-failed``: the published dataset's spec, and a continuation that decides again
+    the candidates it rejected for transient reasons and merges what is accepted."""
+    spec = published_spec(uri, storage_options)
+    if read_marker(uri, storage_options) is None:
+        raise ResumeError(f"{uri} holds no published dataset (_SUCCESS or _PARTIAL)")
+    job_id = job_id or f"{spec.name}-retry-{uuid.uuid4().hex[:6]}"
+    return spec, Continuation(job_id, merge=True, retry=True)
+
+
+def count_retryable(uri: str, storage_options: Optional[dict] = None) -> int:
+    """How many of a published dataset's rejects a ``retry-failed`` would decide again."""
+    fs, root = open_fs(uri, storage_options)
+    path = f"{root.rstrip('/')}/rejects.parquet"
+    if not fs.exists(path):
+        return 0
+    transient = pa.array([r.value for r in TRANSIENT_REASONS])
+    with fs.open(path, "rb") as f:
+        reasons = pq.read_table(f, columns=["reason"])["reason"]
+    return int(pc.sum(pc.is_in(reasons, value_set=transient).cast(pa.int64())).as_py() or 0)
+
+
+class LocalExecutor:
+    """One worker in this process (``builder.worker.WorkerRuntime``)."""
+
+    workers = 1
+
+    def __init__(self, plan: JobPlan, services: LocalServices):
+        self.runtime = WorkerRuntime(plan, services)
+
+    async def start(self) -> None:
+        await self.runtime.start()
+
+    async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        return await self.runtime.run(unit)
+
+    async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
+        return [await self.runtime.flush()]
+
+    async def revive(self, worker: int) -> bool:
+        return False
+
+    async def reset(self) -> None:
+        self.runtime.discard()
+
+    def cancel(self) -> None:
+        self.runtime.cancel()
+
+    async def close(self) -> None:
+        await self.runtime.close()
 
 
 def expand_queries(spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, Any]]:
@@ -68,295 +151,422 @@ def expand_queries(spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, A
                    "queries": extra}
 
 
-def engine_names(engines: list[SearchEngine]) -> list[tuple[str, bool]]:
-    return [(e.name, e.query_based) for e in engines]
+class JobLifecycle:
+    """Everything a job does around its units (see the module docstring)."""
 
+    def __init__(self, spec: DatasetSpec, *, uri: Optional[str] = None,
+                 job_id: Optional[str] = None, storage_options: Optional[dict] = None,
+                 resume: bool = False, continuation: Optional[Continuation] = None):
+        self.spec = spec
+        self.uri = uri or spec.output_uri()
+        self.storage_options = storage_options
+        self.requested_job_id = job_id
+        self.resume = resume
+        self.cont = continuation
+        self.job_id = ""
+        self.merge = False
+        self.retry = False
+        self.state: Optional[ResumeState] = None
+        self.partial_units: set[str] = set()
+        self.base = UnitReport("base")
+        self.list_plans: dict[int, SlicePlan] = {}
+        self.retry_plan: Optional[SlicePlan] = None
+        self.journal: Optional[Journal] = None
+        self.publisher: Optional[DatasetPublisher] = None
+        self.expansion: dict[str, Any] = {"enabled": False}
+        self.extra_queries: dict[str, list[str]] = {}
+        self.runner: Optional[JobRunner] = None
 
-@dataclass
-class JobResult:
-    job_id: str
-    uri: str
-    stats: dict[str, Any]
-    partial: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    # -- 1. and 2. ----------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Plan the continuation; check and clear the output; start the journal. Blocking."""
+        spec, uri, opts = self.spec, self.uri, self.storage_options
+        if self.cont is not None:
+            self.job_id = self.cont.job_id
+            self.merge, self.retry = self.cont.merge, self.cont.retry
+        elif self.resume:
+            self._plan_resume()
+        else:
+            self.job_id = self.requested_job_id or new_job_id(spec)
+        self.publisher = DatasetPublisher(spec.output, uri, self.job_id, opts, spec.labels)
+        self.journal = Journal(uri, self.job_id, opts)
+        if self.state is not None:  # resuming this job's own journal
+            removed = self.publisher.remove_files(self.journal.orphan_files())
+            self.publisher.prepare(merge=True)
+            meta = self.journal.meta()
+            self.merge, self.retry = bool(meta.get("merge")), bool(meta.get("retry"))
+            self.partial_units = self._partial_units()
+            log.info("[%s] resuming: %d units committed%s", self.job_id,
+                     self.state.committed_units,
+                     f"; removed {removed} files of shards that never committed" if removed
+                     else "")
+        else:
+            self.publisher.check(merge=self.merge)
+            if self.merge:
+                self._load_base()
+            self.publisher.prepare(merge=self.merge)
+        self.journal.start(spec)
+        if self.merge or self.retry:
+            self._mark_journal()
+        unit_size = spec.batch_size()
+        for i, src in enumerate(spec.sources):
+            if src.engine == "urllist":
+                self.list_plans[i] = plan_slices(src.path or "", unit_size,
+                                                 url_column=src.url_column,
+                                                 label_column=src.label_column,
+                                                 storage_options=opts)
+        if self.retry:
+            self.retry_plan = plan_slices(f"{self.uri.rstrip('/')}/rejects.parquet",
+                                          unit_size, url_column="url", storage_options=opts)
+        if not self.retry:
+            self.extra_queries, self.expansion = expand_queries(spec)
 
-class JournaledSink:
-    """What both runners' sinks share: the manifest rows and rejects so far (seeded by a
-    resume), the next shard number, and checkpoints of the journal."""
-
-    REJECTS_PER_CHECKPOINT = 500
-
-    def __init__(self, journal: Optional[Journal], resume: Optional[ResumeState]):
-        self.journal = journal
-        self.manifest: list[dict[str, Any]] = list(resume.manifest) if resume else []
-        self.rejects: list[dict[str, Any]] = list(resume.rejects) if resume else []
-        self.next_shard = resume.next_shard if resume else 0
-        self._journaled = (len(self.manifest), len(self.rejects))
-
-    def add_rejected(self, records: list[Record]) -> None:
-        self.rejects.extend(reject_row(r) for r in records)
-        if len(self.rejects) - self._journaled[1] >= self.REJECTS_PER_CHECKPOINT:
-            self.checkpoint()
-
-    def checkpoint(self) -> None:
-        """Journal what was written or decided since the last checkpoint."""
-        if self.journal is None:
+    def _plan_resume(self) -> None:
+        spec, uri, opts = self.spec, self.uri, self.storage_options
+        jobs = resumable_jobs(uri, opts)
+        job_id = self.requested_job_id
+        if job_id is not None and job_id not in jobs and jobs:
+            raise ResumeError(f"no interrupted job {job_id!r} at {uri}; there is: "
+                              f"{', '.join(jobs)}")
+        if jobs:
+            if job_id is None and len(jobs) > 1:
+                raise ResumeError(f"several interrupted jobs at {uri}: {', '.join(jobs)}; pick "
+                                  "one with --job-id")
+            self.job_id = job_id or jobs[0]
+            self.state = Journal(uri, self.job_id, opts).load(spec)
             return
-        m, r = self._journaled
-        self.journal.checkpoint(self.manifest[m:], self.rejects[r:])
-        self._journaled = (len(self.manifest), len(self.rejects))
+        marker = read_marker(uri, opts)
+        if marker is not None and marker.get("status") == "partial":
+            if spec_fingerprint(published_spec(uri, opts)) != spec_fingerprint(spec):
+                raise ResumeError(f"the partial dataset at {uri} was built from a different "
+                                  "spec; resume needs the same spec (only 'resources' may "
+                                  "change)")
+            self.job_id = job_id or new_job_id(spec)
+            self.merge = True
+            log.info("[%s] continuing the partial dataset at %s", self.job_id, uri)
+            return
+        raise ResumeError(f"nothing to resume at {uri}: no interrupted job and no partial "
+                          "dataset" + (" (it holds a complete dataset)" if marker else "")
+                          + "; run without --resume")
 
+    def _mark_journal(self) -> None:
+        assert self.journal is not None
+        meta = self.journal.meta()
+        if meta.get("merge") != self.merge or meta.get("retry") != self.retry:
+            from builder.storage import atomic_write
 
-class RecordSink(JournaledSink):
-    """Assigns splits, applies resize/encode, and writes shards as accepted records arrive.
+            meta.update(merge=self.merge, retry=self.retry)
+            atomic_write(self.journal.fs, f"{self.journal.root}/job.json",
+                         json.dumps(meta, indent=2).encode())
 
-    After each shard it checkpoints the journal (the shard's manifest rows and the rejects
-    since the last checkpoint), so a killed job resumes from there.
-    """
+    def _partial_units(self) -> set[str]:
+        """Units a killed run wrote images of but never committed: they run to the end even
+        if this run is cancelled."""
+        assert self.journal is not None and self.state is not None
+        out: set[str] = set()
+        for table in self.journal.iter_tables("shards", ["uid"]):
+            out.update(u for u in pc.unique(table["uid"]).to_pylist() if u)
+        return out - self.state.done
 
-    def __init__(self, spec: DatasetSpec, writer: DatasetWriter,
-                 journal: Optional[Journal] = None, resume: Optional[ResumeState] = None):
-        super().__init__(journal, resume)
-        self.spec = spec
-        self.writer = writer
-        self.transformer = ImageTransformer(spec.output.resize, spec.output.encode)
-        self.pending: list[dict[str, Any]] = []
+    def _load_base(self) -> None:
+        self.base = base_report(self.spec, self.uri, self.storage_options, self.retry)
 
-    def prepare(self, records: list[Record]) -> list[dict[str, Any]]:
-        for record in records:
-            record.split = assign_split(record.id, self.spec.output.splits)
-        self.transformer(records)
-        return [accepted_row(r) for r in records]
+    # -- the parts both runners build from ------------------------------------------------------
 
-    async def add(self, records: list[Record]) -> None:
-        self.pending.extend(await asyncio.to_thread(self.prepare, records))
-        for r in records:
-            r.data = None
-        while len(self.pending) >= self.spec.output.shard_size:
-            await self._flush(self.spec.output.shard_size)
+    def job_plan(self, cpu_threads: int) -> JobPlan:
+        return JobPlan(self.spec, self.uri, self.job_id, self.storage_options,
+                       list_plans=self.list_plans, retry_plan=self.retry_plan,
+                       cpu_threads=cpu_threads,
+                       buffer_bytes=self.spec.resources.max_buffered_mb << 20)
 
-    async def _flush(self, n: int) -> None:
-        rows, self.pending = self.pending[:n], self.pending[n:]
-        index = self.next_shard
-        self.next_shard += 1
-        self.manifest.extend(await asyncio.to_thread(self.writer.write_shard, rows, index))
-        await asyncio.to_thread(self.checkpoint)
+    def ledger(self) -> QuotaLedger:
+        return recover_ledger(**self.recovery())
 
-    async def finish(self, stats: dict[str, Any], partial: bool, merge: bool = False) -> str:
-        if self.pending:
-            await self._flush(len(self.pending))
-        return await asyncio.to_thread(finish_dataset, self.writer, self.spec, self.manifest,
-                                       self.rejects, stats, partial, merge, self.journal)
+    def recovery(self) -> dict[str, Any]:
+        """What a restarted ledger or index partition needs to rebuild from the journal."""
+        return {"spec": self.spec, "uri": self.uri, "job_id": self.job_id,
+                "storage_options": self.storage_options, "merge": self.merge,
+                "retry": self.retry}
 
+    def counts(self) -> JobCounts:
+        counts = JobCounts(self.spec)
+        counts.add(self.base)
+        for _, report in (self.state.reports if self.state else []):
+            counts.add(report)
+        return counts
 
-def finish_dataset(writer: DatasetWriter, spec: DatasetSpec, manifest: list[dict[str, Any]],
-                   rejects: list[dict[str, Any]], stats: dict[str, Any], partial: bool,
-                   merge: bool = False, journal: Optional[Journal] = None) -> str:
-    """Write manifests, rejects, stats, card and spec.yaml, then publish (complete or partial;
-    ``merge`` adds to the dataset already there); the journal goes once published."""
-    writer.write_manifests(manifest, spec.labels)
-    writer.write_rejects(rejects)
-    writer.write_stats(stats)
-    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    writer.write_card(spec.name, spec.description, stats, spec_yaml)
-    write_bytes(join(writer.staging_uri, "spec.yaml"), spec_yaml.encode(), writer.storage_options)
-    if partial:
-        uri = writer.publish_partial(stats.get("partial_reason") or "cancelled", merge=merge)
-    else:
-        uri = writer.publish(merge=merge)
-    if journal is not None:
-        journal.remove()
-    return uri
+    def planner(self) -> UnitPlanner:
+        return UnitPlanner(self.spec, self.extra_queries, list_plans=self.list_plans,
+                           unit_size=self.spec.batch_size(), resume=self.state,
+                           retry_plan=self.retry_plan)
 
+    def index_payloads(self, client: DedupClient) -> Iterator[list[dict[str, Any]]]:
+        """What the dedup index must hold before the first unit: the journal's committed
+        work (a resume) and the published dataset a merge continues. Streamed in chunks."""
+        yield from index_payloads(client, self.uri, self.job_id, self.storage_options,
+                                  merge=self.merge, retry=self.retry,
+                                  journal=self.state is not None)
 
-@dataclass
-class Continuation:
-    """How a run continues earlier work: the state to start from and how to publish.
+    # -- 3. -----------------------------------------------------------------------------------
 
-    ``retry`` holds candidates to decide again (``retry-failed``); such a run searches nothing.
-    """
-
-    job_id: str
-    state: Optional[ResumeState] = None
-    journal: Optional[Journal] = None
-    merge: bool = False
-    retry: Optional[list[Candidate]] = None
-
-
-def plan_retry(uri: str, storage_options: Optional[dict] = None,
-               job_id: Optional[str] = None) -> tuple[DatasetSpec, Continuation]:
-    """``retry-failed``: the published dataset's spec and state, less the candidates rejected
-    for transient reasons (timeouts, 5xx, 429, connection errors), which are tried again."""
-    spec = published_spec(uri, storage_options)
-    state = load_published(uri, storage_options)
-    transient = {r.value for r in TRANSIENT_REASONS}
-    retry = [row for row in state.rejects if row["reason"] in transient]
-    state.rejects = [row for row in state.rejects if row["reason"] not in transient]
-    candidates = [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
-                            engine=row["engine"] or "") for row in retry
-                  if row["label"] in spec.classes]
-    job_id = job_id or f"{spec.name}-retry-{uuid.uuid4().hex[:6]}"
-    log.info("[%s] retrying %d candidates rejected for transient reasons at %s", job_id,
-             len(candidates), uri)
-    return spec, Continuation(job_id, state, Journal(uri, job_id, storage_options), merge=True,
-                              retry=candidates)
-
-
-def plan_continuation(spec: DatasetSpec, uri: str, *, job_id: Optional[str], resume: bool,
-                      storage_options: Optional[dict] = None) -> Continuation:
-    """A fresh job, or (``resume``) the continuation of an interrupted one at ``uri``:
-    a journal left by a killed run (its staging is reused), else a published partial dataset
-    (a new run whose publish merges into it)."""
-    if not resume:
-        job_id = job_id or new_job_id(spec)
-        journal = Journal(uri, job_id, storage_options)
-        return Continuation(job_id, None, journal)
-    jobs = resumable_jobs(uri, storage_options)
-    if job_id is not None and job_id not in jobs and jobs:
-        raise ResumeError(f"no interrupted job {job_id!r} at {uri}; there is: {', '.join(jobs)}")
-    if jobs:
-        if job_id is None and len(jobs) > 1:
-            raise ResumeError(f"several interrupted jobs at {uri}: {', '.join(jobs)}; pick one "
-                              "with --job-id")
-        job_id = job_id or jobs[0]
-        journal = Journal(uri, job_id, storage_options)
-        state = journal.load(spec)
-        removed = remove_orphans(journal, state)
-        log.info("[%s] resuming from %d checkpoints: %d accepted, %d rejected so far%s", job_id,
-                 state.checkpoints, len(state.manifest), len(state.rejects),
-                 f"; removed {removed} unjournaled staged files" if removed else "")
-        return Continuation(job_id, state, journal)
-    marker = read_marker(uri, storage_options)
-    if marker is not None and marker.get("status") == "partial":
-        state = load_published(uri, storage_options)
-        if spec_fingerprint(published_spec(uri, storage_options)) != spec_fingerprint(spec):
-            raise ResumeError(f"the partial dataset at {uri} was built from a different spec; "
-                              "resume needs the same spec (only 'resources' may change)")
-        job_id = job_id or new_job_id(spec)
-        log.info("[%s] continuing the partial dataset at %s: %d accepted, %d rejected so far",
-                 job_id, uri, len(state.manifest), len(state.rejects))
-        return Continuation(job_id, state, Journal(uri, job_id, storage_options), merge=True)
-    raise ResumeError(f"nothing to resume at {uri}: no interrupted job and no partial dataset"
-                      + (" (it holds a complete dataset)" if marker else "")
-                      + "; run without --resume")
-
-
-class LocalBackend:
-    """fetch -> validate -> dedup in this process (validation on a thread pool)."""
-
-    def __init__(self, spec: DatasetSpec, engines: list[SearchEngine], fetcher: Fetcher,
-                 pool: ThreadPoolExecutor):
-        self.spec = spec
-        self.engines = engines
-        self.fetcher = fetcher
-        self.pool = pool
-        self.validator = ImageValidator(spec.validation)
-        self.governors: dict[int, EngineGovernor] = {}
-        self.slow = None
-        if spec.validation.level == "slow":
-            from builder.slow import check_slow_requirements, make_slow_validator
-
-            check_slow_requirements(spec)
-            self.slow = make_slow_validator(
-                spec, "cuda" if spec.resources.gpus_per_actor > 0 else "cpu")
-        self.index = DedupIndex(spec.validation.near_duplicate_threshold,
-                                near=spec.validation.level != "fast")
-
-    def _governor(self, task: SearchTask) -> EngineGovernor:
-        gov = self.governors.get(task.source)
-        if gov is None:
-            src = self.spec.sources[task.source] if task.source < len(self.spec.sources) else None
-            gov = EngineGovernor(task.engine, limits_for(task.engine, src.options if src else None))
-            self.governors[task.source] = gov
-        return gov
-
-    async def search(self, task: SearchTask) -> SearchPage:
-        """One engine request, paced and guarded like the Ray runner's rate limiters."""
-        engine = self.engines[task.source]
-        gov = self._governor(task)
-        await asyncio.sleep(gov.acquire())
-        try:
-            page = await asyncio.to_thread(engine.search, task.query, label=task.label,
-                                           page=task.page, per_page=task.per_page)
-        except EngineError as exc:
-            gov.record(False, exc.status, exc.retry_after)
-            raise
-        gov.record(True, 200)
-        return page
-
-    async def process(self, records: list[Record]) -> list[Record]:
-        records = await self.fetcher.fetch_many(records)
+    async def run(self, executor: Executor, *, units_per_worker: int,
+                  progress: Optional[ProgressFn] = None, install_signals: bool = False,
+                  runner_hook: Optional[Callable[[JobRunner], None]] = None) -> RunOutcome:
+        self.runner = runner = JobRunner(self.spec, executor, self.planner(), self.counts(),
+                                         units_per_worker=units_per_worker, progress=progress,
+                                         partial_units=self.partial_units)
         loop = asyncio.get_running_loop()
-        records = await loop.run_in_executor(self.pool, self.validator, records)
-        apply_dedup(self.index, records)
-        if self.slow is not None:
-            kept = {r.id for r in records if not r.rejected}
-            records = await loop.run_in_executor(self.pool, self.slow, records)
-            await self.forget([r.id for r in records if r.rejected and r.id in kept])
-        return records
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, _cancel_once(loop, sig, runner, self.job_id))
+        try:
+            if runner_hook is not None:
+                runner_hook(runner)
+            return await runner.run()
+        finally:
+            if install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
 
-    async def forget(self, image_ids: list[str]) -> None:
-        for image_id in image_ids:
-            self.index.remove(image_id)
+    # -- 4. -----------------------------------------------------------------------------------
 
-    async def seed(self, hashes: list[tuple[str, str, str, str]]) -> None:
-        """Images kept by an earlier run of the job: later duplicates of them are rejected."""
-        for image_id, sha, p, d in hashes:
-            self.index.add(image_id, sha, int(p or "0", 16), int(d or "0", 16))
+    def publish(self, outcome: RunOutcome, extra: dict[str, Any]) -> JobResult:
+        """Write the dataset-level files and the marker; remove the journal. Blocking."""
+        assert self.journal is not None and self.publisher is not None
+        spec = self.spec
+        stats = dict(outcome.stats)
+        stats.update(job_id=self.job_id, name=spec.name, output_uri=self.uri,
+                     keyword_expansion=self.expansion, resumed=self.state is not None,
+                     fetch=outcome.fetch, **extra)
+        reason: Optional[str] = None
+        if outcome.cancelled:
+            reason = "cancelled"
+        elif stats["accepted"] == 0:
+            reason = "empty"
+        stats["partial"] = reason is not None
+        stats["partial_reason"] = reason or ""
+        self.publisher.remove_files(self.journal.orphan_files())
+        spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
+                                   allow_unicode=True)
+        uri = self.publisher.publish(
+            manifest_rows=self._manifest_rows(), reject_tables=self._reject_tables(),
+            stats=stats, spec_name=spec.name, description=spec.description,
+            spec_yaml=spec_yaml, partial_reason=reason)
+        self.journal.remove()
+        state = "cancelled" if outcome.cancelled else ("empty" if reason else "succeeded")
+        log.info("[%s] %s: %d accepted, %d rejected of %d candidates -> %s", self.job_id,
+                 state, stats["accepted"], stats["rejected"], stats["candidates"], uri)
+        return JobResult(self.job_id, uri, stats, partial=reason is not None)
+
+    def _manifest_rows(self) -> Iterator[dict[str, Any]]:
+        assert self.journal is not None
+        if self.merge:
+            yield from published_manifest(self.uri, self.storage_options, self.spec)
+        for table in self.journal.iter_tables("shards"):
+            yield from table.select(["id", "path", "label", "split"]).to_pylist()
+
+    def _reject_tables(self) -> Iterator[pa.Table]:
+        assert self.journal is not None
+        if self.merge:
+            fs, root = open_fs(self.uri, self.storage_options)
+            path = f"{root.rstrip('/')}/rejects.parquet"
+            fs.invalidate_cache(path)
+            if fs.exists(path):
+                with fs.open(path, "rb") as f:
+                    old = pq.read_table(f)
+                if self.retry:
+                    transient = pa.array([r.value for r in TRANSIENT_REASONS])
+                    old = old.filter(pc.invert(pc.is_in(old["reason"], value_set=transient)))
+                yield old
+        for table in self.journal.iter_tables("units"):
+            yield table.filter(pc.invert(table["accepted"])).select(REJECT_SCHEMA.names)
+
+
+def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
+                retry: bool) -> UnitReport:
+    """The counts of the published dataset a merge continues (less the rejects a retry
+    decides again), read from its stats.json."""
+    base = UnitReport("base")
+    fs, root = open_fs(uri, storage_options)
+    path = f"{root.rstrip('/')}/stats.json"
+    fs.invalidate_cache(path)
+    stats = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+    transient = {r.value for r in TRANSIENT_REASONS} if retry else set()
+    for label, c in (stats.get("classes") or {}).items():
+        if label not in spec.classes:
+            continue
+        by_reason = c.get("rejected_by_reason") or {}
+        retried = sum(v for k, v in by_reason.items() if k in transient)
+        base.classes[label] = ClassTally(
+            int(c.get("candidates", 0)) - retried, int(c.get("accepted", 0)),
+            Counter({k: v for k, v in by_reason.items() if k not in transient}))
+        base.by_stage["fetch"] -= retried
+    for stage, n in (stats.get("rejected_by_stage") or {}).items():
+        base.by_stage[stage] += n
+    base.bytes = int(stats.get("bytes_downloaded") or 0)
+    return base
+
+
+def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Optional[dict],
+                   merge: bool, retry: bool) -> QuotaLedger:
+    """The quota ledger as the journal (and the dataset a merge continues) says it stands:
+    accepted counts of committed units, and shard numbers after every shard begun."""
+    accepted: Counter = Counter()
+    if merge:
+        for label, t in base_report(spec, uri, storage_options, retry).classes.items():
+            accepted[label] += t.accepted
+    journal = Journal(uri, job_id, storage_options)
+    for _, report in journal.iter_unit_reports():
+        for label, t in report.classes.items():
+            accepted[label] += t.accepted
+    numbers = DatasetPublisher.next_numbers(*open_fs(uri, storage_options))
+    for split, n in journal.next_shard_numbers().items():
+        numbers[split] = max(numbers.get(split, 0), n)
+    targets = {label: spec.target_of(label) for label in spec.labels}
+    return QuotaLedger(targets, dict(accepted), numbers)
+
+
+def published_manifest(uri: str, storage_options: Optional[dict],
+                       spec: DatasetSpec) -> Iterator[dict[str, Any]]:
+    """The manifest entries of a published dataset's images, read from its Parquet shards."""
+    fs, root = open_fs(uri, storage_options)
+    formats = set(spec.output.formats)
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/data/*.parquet"))
+    if not paths and "parquet" not in formats:
+        raise ResumeError(f"{uri} was written without the parquet format, which continuing "
+                          "a dataset and retry-failed read their state from")
+    cols = ["id", "label", "split", "format", "width", "height", "bytes", "sha256", "url",
+            "license", "author"]
+    for path in paths:
+        name = path.rsplit("/", 1)[-1][:-len(".parquet")]
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=cols)
+        for row in table.to_pylist():
+            yield manifest_entry(row, name, formats)
+
+
+def index_payloads(client: DedupClient, uri: str, job_id: str,
+                   storage_options: Optional[dict], *, merge: bool, retry: bool,
+                   journal: bool) -> Iterator[list[dict[str, Any]]]:
+    """Per-partition ``load`` payloads, in chunks: the journal's committed units (URL claims)
+    and shards (written images), and, for a merge, the published dataset's images and rejects
+    (decided by an earlier run; a retry leaves out the rejects it decides again)."""
+    from builder.urls import normalise_url
+
+    if journal:
+        j = Journal(uri, job_id, storage_options)
+        for table in j.iter_tables("units", ["url_hash", "claim"]):
+            pairs = [(h, c) for h, c in zip(table["url_hash"].to_pylist(),
+                                            table["claim"].to_pylist()) if h]
+            for start in range(0, len(pairs), INDEX_CHUNK):
+                yield client.load_payloads(pairs[start:start + INDEX_CHUNK], [])
+        for table in j.iter_tables("shards", ["id", "claim", "sig_a", "sig_b"]):
+            written = [(id_number(i), c, list(zip(a, b))) for i, c, a, b in zip(
+                table["id"].to_pylist(), table["claim"].to_pylist(),
+                table["sig_a"].to_pylist(), table["sig_b"].to_pylist())]
+            for start in range(0, len(written), INDEX_CHUNK):
+                yield client.load_payloads([], written[start:start + INDEX_CHUNK])
+    if not merge:
+        return
+    from builder.records import Candidate
+
+    fs, root = open_fs(uri, storage_options)
+    root = root.rstrip("/")
+    for path in sorted(fs.glob(f"{root}/data/*.parquet")):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["id", "url", "label", "phash", "dhash"])
+        urls, written = [], []
+        for row in table.to_pylist():
+            claim = claim_of(Candidate(url=row["url"], label=row["label"]).key)
+            norm = normalise_url(row["url"] or "")
+            if norm:
+                urls.append((url_hash(norm), claim))
+            written.append((id_number(row["id"]), claim,
+                            [(int(row["phash"] or "0", 16), int(row["dhash"] or "0", 16))]))
+        yield client.load_payloads(urls, [], done=True)
+        yield client.load_payloads([], written)
+    path = f"{root}/rejects.parquet"
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        transient = {r.value for r in TRANSIENT_REASONS} if retry else set()
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["key", "url", "reason"])
+        urls = []
+        for key, url, reason in zip(table["key"].to_pylist(), table["url"].to_pylist(),
+                                    table["reason"].to_pylist()):
+            norm = normalise_url(url or "")
+            if norm and reason not in transient:
+                urls.append((url_hash(norm), claim_of(key)))
+        for start in range(0, len(urls), INDEX_CHUNK):
+            yield client.load_payloads(urls[start:start + INDEX_CHUNK], [], done=True)
+
+
+def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
+                 job_id: str) -> Callable[[], None]:
+    def handler() -> None:
+        log.warning("[%s] %s: stopping; what is accepted so far is written as a partial result",
+                    job_id, signal.Signals(sig).name)
+        runner.cancel()
+        loop.remove_signal_handler(sig)
+    return handler
+
+
+LOCAL_CPU_THREADS = 2
+"""Threads validating and writing in the in-process runner (the GIL limits what more gives)."""
+
+
+def units_per_worker(spec: DatasetSpec) -> int:
+    """Units a worker runs at once (``resources.max_in_flight_batches``), else enough
+    candidates in flight to fill its fetcher."""
+    if spec.resources.max_in_flight_batches:
+        return spec.resources.max_in_flight_batches
+    return max(2, -(-spec.download.concurrency // spec.batch_size()) + 1)
 
 
 async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                           uri: Optional[str] = None, progress: Optional[ProgressFn] = None,
                           storage_options: Optional[dict] = None, resume: bool = False,
                           continuation: Optional[Continuation] = None,
-                          runner_hook=None) -> JobResult:
+                          runner_hook: Optional[Callable[[JobRunner], None]] = None,
+                          install_signals: bool = False) -> JobResult:
     """Run a job in this process. ``runner_hook(runner)`` sees the runner (tests cancel with it).
 
-    ``resume`` continues an interrupted job at the output URI (see ``plan_continuation``);
-    ``continuation`` gives one ready-made (``plan_retry``)."""
-    uri = uri or spec.output_uri()
-    cont = continuation or plan_continuation(spec, uri, job_id=job_id, resume=resume,
-                                             storage_options=storage_options)
-    job_id = cont.job_id
-    writer = DatasetWriter(spec.output, uri, job_id, storage_options, labels=spec.labels)
-    if not cont.merge and cont.state is None:
-        writer.check_output()
-    engines = build_engines(spec)
-    cont.journal.start(spec)
-    sink = RecordSink(spec, writer, cont.journal, cont.state)
+    ``resume`` continues an interrupted job at the output URI; ``continuation`` gives one
+    ready-made (``plan_retry``)."""
+    life = JobLifecycle(spec, uri=uri, job_id=job_id, storage_options=storage_options,
+                        resume=resume, continuation=continuation)
+    await asyncio.to_thread(life.prepare)
+    v = spec.validation
+    parts = LocalPartitions(v.near_duplicate_threshold, near=v.level != "fast", k=1)
+    client = parts.client()
+    for payloads in life.index_payloads(client):
+        parts.partitions[0].load(payloads[0])
+    slow = None
+    if v.level == "slow":
+        from builder.slow import check_slow_requirements, make_slow_validator
+
+        check_slow_requirements(spec)
+        slow = make_slow_validator(spec, "cuda" if spec.resources.gpus_per_actor > 0 else "cpu")
+    services = LocalServices(spec, client, life.ledger(), slow)
+    executor = LocalExecutor(life.job_plan(LOCAL_CPU_THREADS), services)
+    await executor.start()
     try:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="validate") as pool:
-            async with Fetcher(spec.download) as fetcher:
-                backend = LocalBackend(spec, engines, fetcher, pool)
-                if cont.state is not None:
-                    await backend.seed(cont.state.hashes)
-                extra, expansion = ({}, {"enabled": False}) if cont.retry is not None \
-                    else expand_queries(spec)
-                runner = JobRunner(spec, backend, sink,
-                                   [] if cont.retry is not None else engine_names(engines),
-                                   extra_queries=extra, resume=cont.state,
-                                   seed_candidates=cont.retry,
-                                   batch_size=spec.batch_size(),
-                                   max_in_flight=spec.resources.max_in_flight_batches or 4,
-                                   progress=progress)
-                if runner_hook is not None:
-                    runner_hook(runner)
-                stats = await runner.run()
-                stats.update(job_id=job_id, name=spec.name, output_uri=uri, runner="local",
-                             fetch=dict(fetcher.stats), keyword_expansion=expansion,
-                             engines={g.engine: g.snapshot() for g in backend.governors.values()})
-        published = await sink.finish(stats, partial=runner.cancelled, merge=cont.merge)
-    except (Exception, KeyboardInterrupt):
-        log.error("[%s] failed; what was written is journaled at %s: continue it with --resume",
-                  job_id, uri)
+        outcome = await life.run(executor, units_per_worker=units_per_worker(spec),
+                                 progress=progress, install_signals=install_signals,
+                                 runner_hook=runner_hook)
+    except BaseException:
+        log.error("[%s] failed; what was committed is journaled at %s: continue it with "
+                  "--resume", life.job_id, life.uri)
         raise
     finally:
-        for engine in engines:
-            engine.close()
-    return JobResult(job_id, published, stats, partial=runner.cancelled)
+        await executor.close()
+    extra = {"runner": "local", "engines": services.engine_stats(),
+             "dedup": parts.partitions[0].stats()}
+    return await asyncio.to_thread(life.publish, outcome, extra)
 
 
 def run_local(spec: DatasetSpec, **kwargs: Any) -> JobResult:
     """Synchronous wrapper of ``run_local_async``."""
     return asyncio.run(run_local_async(spec, **kwargs))
+

@@ -10,7 +10,7 @@ reaches the writer) or rejected (it reaches the rejects manifest), so
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -65,7 +65,14 @@ class Record:
     reason: str = ""
     detail: str = ""
     duplicate_of: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    downloaded_bytes: int = 0
+    """Size of the downloaded bytes (kept when ``data`` is dropped or rewritten)."""
+    signatures: tuple[tuple[int, int], ...] = ()
+    """Near-duplicate signatures the index stores for this image ((a, b) 64-bit pairs)."""
+    probe_signatures: tuple[tuple[int, int], ...] = ()
+    """Signatures this image is looked up with (its own, plus e.g. its mirror)."""
+    relabelled_from: str = ""
+    """The label it was found under, when the slow level moved it to another class."""
 
     @property
     def id(self) -> str:
@@ -93,6 +100,13 @@ class Record:
     @property
     def stage_enum(self) -> Optional[Stage]:
         return Stage(self.stage) if self.stage else None
+
+    def dedup_signatures(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """(stored, probe) signatures: those the validator set, else (pHash, dHash)."""
+        if self.signatures:
+            return self.signatures, self.probe_signatures or self.signatures
+        own = ((int(self.phash or "0", 16), int(self.dhash or "0", 16)),)
+        return own, own
 
 
 ACCEPTED_SCHEMA = pa.schema(

@@ -10,7 +10,7 @@ For each record still in play, in this order:
 
    - best label is its own and similarity >= ``clip_threshold``: kept;
    - best label is another one whose similarity is >= ``clip_threshold``: ``wrong_class``, or with
-     ``wrong_class="relabel"`` the record moves to that label (``extra['relabelled_from']``);
+     ``wrong_class="relabel"`` the record moves to that label (``relabelled_from``);
    - otherwise: ``off_topic``;
 
    with ``wrong_class="ignore"`` (for overlapping classes, 'dog' and 'puppy') zero-shot is
@@ -254,7 +254,7 @@ class SlowValidator:
         if best != own and best_sim >= self.clip_threshold and self.wrong_class != "ignore":
             predicted = self.labels[best]
             if self.wrong_class == "relabel":
-                record.extra["relabelled_from"] = record.label
+                record.relabelled_from = record.label
                 record.candidate = dataclasses.replace(record.candidate, label=predicted)
                 record.clip_score = best_sim
                 return True
@@ -332,3 +332,17 @@ def check_slow_requirements(spec: "DatasetSpec") -> None:
         resolve_model_dir(v.clip_model)
     if v.nsfw and v.nsfw_backend == "hf" and v.nsfw_model:
         resolve_model_dir(v.nsfw_model)
+
+
+def apply_scores(records: list[Record], scored: list[Record]) -> list[Record]:
+    """Copy what the slow level decided (scores, embedding, rejection, relabel) from ``scored``
+    (copies that went to a scorer without their bytes) back onto ``records``, in order."""
+    for record, done in zip(records, scored):
+        record.nsfw_score, record.clip_score = done.nsfw_score, done.clip_score
+        record.embedding = done.embedding
+        if done.relabelled_from:
+            record.relabelled_from = done.relabelled_from
+            record.candidate = done.candidate
+        if done.rejected and not record.rejected:
+            record.reject(Reason(done.reason), done.detail, duplicate_of=done.duplicate_of)
+    return records

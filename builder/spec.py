@@ -380,6 +380,9 @@ class OutputSpec(_Model):
     resize: Optional[ResizeSpec] = None
     encode: Optional[EncodeSpec] = None
     overwrite: bool = False
+    shared_filesystem: bool = Field(
+        default=False, description="a local uri is on a filesystem every node of the cluster "
+        "mounts (NFS, ...); a probe on every node checks it before the crawl")
 
     @field_validator("image_label_files")
     @classmethod
@@ -424,16 +427,26 @@ MIN_BATCH, MAX_BATCH = 64, 256
 class ResourcesSpec(_Model):
     """Ray resources. ``None`` means: size from the cluster (see README, 'Resources')."""
 
-    download_actors: Optional[int] = Field(default=None, ge=1)
-    download_cpus: float = Field(default=0.25, gt=0)
-    hash_actors: Optional[int] = Field(default=None, ge=1)
-    hash_cpus: float = Field(default=1.0, gt=0)
-    search_workers: int = Field(default=2, ge=1)
-    write_cpus: float = Field(default=0.5, gt=0, description="CPUs per shard-writing task")
+    workers: Optional[int] = Field(
+        default=None, ge=1, description="shard workers (each fetches, validates, dedups and "
+        "writes its units); unset: one per worker_cpus of the cluster")
+    worker_cpus: float = Field(default=1.0, gt=0, description="CPUs per shard worker")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each shard worker asks for, "
+        "to place workers on some nodes only (e.g. {crawl: 1} for nodes started with "
+        "--resources '{\"crawl\": 8}')")
+    dedup_partitions: Optional[int] = Field(
+        default=None, ge=1, description="partitions (actors) of the dedup index; unset: one "
+        "per 16 CPUs of the cluster")
     batch_size: Optional[int] = Field(
-        default=None, ge=1, description="candidates per batch; unset: sized from the job "
-        "(DatasetSpec.batch_size)")
-    max_in_flight_batches: Optional[int] = Field(default=None, ge=1)
+        default=None, ge=1, description="candidates per unit of work (a URL-list slice, a "
+        "class's inline urls); unset: sized from the job (DatasetSpec.batch_size)")
+    max_in_flight_batches: Optional[int] = Field(
+        default=None, ge=1, description="units a worker runs at once; unset: enough to keep "
+        "download.concurrency fetches in flight")
+    max_buffered_mb: int = Field(
+        default=512, ge=16, description="accepted image bytes a worker holds before it writes "
+        "a shard early (shards are otherwise output.shard_size rows)")
     gpu_actors: int = Field(default=1, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0)
     gpu_actor_cpus: float = Field(default=0.5, gt=0, description="CPUs per slow validator")

@@ -191,6 +191,35 @@ def move_files(fs: fsspec.AbstractFileSystem, pairs: list[tuple[str, str]]) -> N
     fs.rm(srcs)
 
 
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so the file appears whole or not at all."""
+    with atomic_open(fs, path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
+    """A binary file to write at ``path`` that appears only when the block ends without error.
+
+    Local disks: a temporary name beside it, renamed into place (atomic). Object stores publish
+    an object only when its upload completes, so it is written in place; a failed upload
+    leaves nothing. Other filesystems are written in place.
+    """
+    ensure_parent(fs, path)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return
+    with fs.open(path, "wb") as f:
+        yield f
+
+
 def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """All files under ``path`` (recursively), sorted; [] when nothing is there."""
     fs.invalidate_cache(path)

@@ -2,74 +2,80 @@
 
 Layout of a published dataset at ``URI`` (a local directory, ``s3://bucket/prefix``, ...)::
 
-    URI/data/{split}-{shard:05d}.parquet      Parquet shards, one file per split per shard index,
-                                              schema builder.records.ACCEPTED_SCHEMA, image bytes
-                                              in column ``image``; Hugging Face split naming, so
+    URI/data/{split}-{shard:05d}.parquet      Parquet shards, ``output.shard_size`` rows each (a
+                                              split's last shards may be short), schema
+                                              builder.records.ACCEPTED_SCHEMA, image bytes in
+                                              column ``image``; Hugging Face split naming, so
                                               load_dataset("parquet", data_dir=URI/data) finds
                                               the splits (train / val -> validation / test)
     URI/imagefolder/{split}/{label}/{id}.{ext}  the images as files; a label 'a/b' nests (a/b/),
                                               so the tree mirrors the class hierarchy
     URI/imagefolder/{split}/{label}/{id}.{fmt}  with output.image_label_files: one label file
                                               per image next to it (see "Per-image label files")
-    URI/webdataset/{split}-{shard:05d}.tar    WebDataset shards: {id}.{ext}, {id}.json (the row
-                                              without the image), {id}.cls (class index; when the
-                                              writer was given the labels)
+    URI/webdataset/{split}-{shard:05d}.tar    WebDataset shards (the same rows as the Parquet
+                                              shard of that name): {id}.{ext}, {id}.json (the
+                                              row without the image), {id}.cls (class index)
     URI/labels.json|csv|yaml|txt              one entry per image: id, path (relative to URI: the
                                               imagefolder file if written, else the Parquet shard,
                                               else the tar), label, label_index, split, then
                                               level_0 .. level_{depth-1} (the label's levels,
                                               "" past its own depth); txt holds "path<TAB>label"
-                                              lines. Only output.label_formats.
+                                              lines. Only output.label_formats. In shard order.
     URI/classes.json, URI/classes.txt         the class-index map: sorted full label paths ->
                                               0..n-1 (classes.txt: one label per line, line i
                                               is class i); stable whatever order images arrive
     URI/rejects.parquet, URI/rejects.csv      one row per rejected candidate (REJECT_SCHEMA)
     URI/stats.json                            the job's figures ("partial": true when partial)
     URI/README.md                             the dataset card (builder/card.py)
-    URI/_SUCCESS                              written LAST: JSON with job id, created time, the
-                                              file list with sizes, counts
+    URI/spec.yaml                             the spec the dataset was built from
+    URI/_SUCCESS                              written LAST: JSON with job id, created time,
+                                              counts and the file list with sizes (the
+                                              ImageFolder files are counted there and listed
+                                              in labels.*)
 
 Per-image label files (``output.image_label_files``, a subset of txt / json / csv / yaml): for
 each image ``{id}.{ext}`` in the ImageFolder tree, ``{id}.{fmt}`` beside it says:
 
     json, yaml   a mapping: id, label (full path), levels (list, top first), class_index (in
-                 classes.json; null when the writer was given no labels), split, url, page_url,
-                 license, author ("" where the source gave none), width, height, image (the
-                 image's file name)
+                 classes.json), split, url, page_url, license, author ("" where the source gave
+                 none), width, height, image (the image's file name)
     csv          a header and one row: id, label, level_0 .. level_{depth-1}, class_index, split,
                  url, page_url, license, author, width, height, image
     txt          one line: label<TAB>class_index<TAB>url<TAB>license (tabs and line breaks
                  inside a value become spaces)
 
-A dataset is complete iff ``_SUCCESS`` exists. A partial dataset (a cancelled or failed job) has
-``_PARTIAL`` (JSON: reason, counts, files) instead, and its card says PARTIAL at the top.
+**Writing without copying.** Shards are written straight to their final names while the job
+runs (``ShardWriter``), each file atomically (a rename on local disks; an object store publishes
+an object only once its upload completes): nothing is staged and copied at the end. A job's
+output is complete iff ``_SUCCESS`` exists, and ``_SUCCESS`` is written last, after the
+manifests; a cancelled or failed job ends with ``_PARTIAL`` (JSON: reason, counts, files)
+instead, and its card says PARTIAL at the top. Before a shard writes, its files are recorded in
+the journal (an *intent*); a shard whose commit never came (a worker lost mid-write) has its
+files removed when the job finishes or resumes, so nothing unaccounted for is left behind.
 
-Staging and publishing: every file is first written under ``URI/_staging/{job_id}/`` with the same
-relative layout. ``publish()`` then (1) refuses if ``URI`` already holds a complete dataset, unless
-``output.overwrite``; (2) writes ``URI/_PUBLISHING`` (the incoming file list); (3) removes the old
-markers, then the old dataset's files: those its marker lists plus the ``data/``, ``imagefolder/``
-and ``webdataset/`` trees, never other files; (4) moves the staged files into place (a rename
-locally, copy+delete on object stores); (5) writes ``_SUCCESS``; (6) removes ``_PUBLISHING`` and
-the staging directory. A crash at any point leaves no ``_SUCCESS``. Calling ``publish()`` again
-on the same job finishes an interrupted publish (files already moved are kept); another job's
-publish into the same URI cleans what the crashed one left (``_PUBLISHING`` says so). An
-existing ``_PARTIAL`` dataset is replaced without ``overwrite``: it was never complete.
-Two jobs publishing into one URI at the same time is not supported.
+**Starting over a dataset.** ``DatasetPublisher.prepare`` runs before the crawl: it refuses a
+complete dataset unless ``output.overwrite`` (then the old dataset is removed at once: its
+markers first, so it never looks complete again, then its files: those its marker lists and the
+``data/``, ``imagefolder/`` and ``webdataset/`` trees, never other files). A ``_PARTIAL``
+dataset is replaced without ``overwrite``: it was never complete. A continued partial dataset
+and ``retry-failed`` keep the old files and add to them (``merge``); the dataset loses its
+marker while the new run writes. Two jobs writing into one URI at the same time is not
+supported.
 
-``DatasetWriter`` holds only configuration, so it pickles to Ray Data workers; ``write_shard``
-writes only that shard's files, so shards write in parallel, and a retried shard rewrites the
-same names. Everything is deterministic: rows are sorted by id within a shard, tar members carry
-fixed metadata, and the same rows give byte-identical Parquet and tar files.
+``ShardWriter`` holds only configuration, so it pickles to workers; shard numbers come from the
+job's quota ledger, so names are unique across workers. Rows are ordered within a shard by a
+hash of their ids: classes mix, and the same rows always give byte-identical files.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
@@ -81,15 +87,15 @@ import yaml
 
 from builder import card as card_mod
 from builder.errors import OutputExistsError, StorageError
+from builder.journal import SHARD_SCHEMA
 from builder.records import ACCEPTED_SCHEMA, REJECT_SCHEMA
 from builder.spec import OutputSpec, bad_label_path, bad_name
 from builder.storage import (
-    ensure_parent,
+    atomic_open,
+    atomic_write,
     ensure_writable,
     is_local_uri,
-    join,
     list_files,
-    move_files,
     open_fs,
     prune_empty_dirs,
     storage_errors,
@@ -97,8 +103,6 @@ from builder.storage import (
 
 SUCCESS = "_SUCCESS"
 PARTIAL = "_PARTIAL"
-PUBLISHING = "_PUBLISHING"
-STAGING = "_staging"
 LAYOUT_DIRS = ("data", "imagefolder", "webdataset")
 
 ROW_GROUP_SIZE = 100
@@ -125,7 +129,6 @@ _EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp", "gif":
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
           (b"GIF89a", "gif"), (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHARD_NAME_RE = re.compile(r"^(?P<split>.+)-(?P<shard>\d{5})\.parquet$")
 _LABEL_COLUMNS = ("id", "path", "label", "label_index", "split")
 _IMAGE_LABEL_KEYS = ("id", "label", "levels", "class_index", "split", "url", "page_url",
                      "license", "author", "width", "height", "image")
@@ -262,7 +265,7 @@ def _safe_relative(path: Any) -> Optional[str]:
     if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
         return None
     parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts) or parts[0] == STAGING:
+    if any(p in ("", ".", "..") for p in parts) or parts[0] == "_journal":
         return None
     return path
 
@@ -274,10 +277,138 @@ def image_rel(row: dict[str, Any]) -> str:
                                       f"{row['id']}.{ext}"])
 
 
-def manifest_row(row: dict[str, Any], shard: int, formats: set[str]) -> dict[str, Any]:
-    """The manifest entry of an output row written in ``shard``: the path points into the
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:05d}"
+
+
+def shard_order(ids: Sequence[str]) -> list[int]:
+    """The order of rows within a shard: by a hash of the id, so classes mix and the same rows
+    always come out in the same order."""
+    keys = [hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids]
+    return sorted(range(len(ids)), key=keys.__getitem__)
+
+
+class ShardWriter:
+    """Writes one split's shard (Parquet / ImageFolder / WebDataset) to its final names, with
+    an intent before and a commit in the journal after. Holds only configuration."""
+
+    def __init__(self, output: OutputSpec, uri: str, labels: Sequence[str],
+                 storage_options: Optional[dict[str, Any]] = None):
+        if is_local_uri(uri):
+            uri = open_fs(uri)[1]
+        self.output = output
+        self.uri = uri.rstrip("/") if not uri.endswith("://") else uri
+        self.storage_options = dict(storage_options or {})
+        self.labels = sorted(set(labels))
+        self.index = class_index(self.labels)
+        self.depth = depth_of(self.labels)
+
+    def _fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        return open_fs(self.uri, self.storage_options)
+
+    def write(self, rows: Rows, split: str, number: int, journal: Any,
+              extra: Optional[dict[str, list]] = None) -> pa.Table:
+        """Write shard ``{split}-{number:05d}`` of ``rows`` (all of split ``split``) and commit
+        it in ``journal``; returns the committed shard rows (``journal.SHARD_SCHEMA``).
+        ``extra``: per-row ``uid``, ``claim``, ``sig_a``, ``sig_b`` for the journal."""
+        table = to_accepted_table(rows)
+        if table.num_rows == 0:
+            raise ValueError("a shard needs at least one row")
+        self._check_rows(table, split)
+        order = shard_order(table["id"].to_pylist())
+        table = table.take(order)
+        extra = {k: [v[i] for i in order] for k, v in (extra or {}).items()}
+        levels = pa.array([label.split("/") for label in table["label"].to_pylist()],
+                          ACCEPTED_SCHEMA.field("label_levels").type)
+        table = table.set_column(ACCEPTED_SCHEMA.get_field_index("label_levels"),
+                                 ACCEPTED_SCHEMA.field("label_levels"), levels).combine_chunks()
+        name = shard_name(split, number)
+        formats = set(self.output.formats)
+        fs, root = self._fs()
+        rows_py = table.drop_columns(["image"]).to_pylist()
+        if formats & {"imagefolder", "webdataset"}:
+            for r, image in zip(rows_py, table["image"].to_pylist()):
+                r["image"] = image
+        image_rels = [image_rel(r) for r in rows_py] if "imagefolder" in formats else []
+        files: dict[str, bytes] = {}
+        if "imagefolder" in formats:
+            files = {rel: r["image"] or b"" for rel, r in zip(image_rels, rows_py)}
+            files.update(self._image_label_files(image_rels, rows_py))
+        written = [f"data/{name}.parquet"] * ("parquet" in formats)
+        written += [f"webdataset/{name}.tar"] * ("webdataset" in formats) + list(files)
+        with storage_errors(self.uri, f"write shard {name} to"):
+            journal.write_shard_intent(name, written)
+            if "parquet" in formats:
+                with atomic_open(fs, f"{root}/data/{name}.parquet") as f:
+                    pq.write_table(table, f, **_PARQUET_OPTIONS)
+            if "webdataset" in formats:
+                with atomic_open(fs, f"{root}/webdataset/{name}.tar") as f:
+                    self._write_tar(f, rows_py)
+            self._put_files(fs, root, files)
+        entries = [manifest_entry(r, name, formats) for r in rows_py]
+        shard_rows = pa.Table.from_pylist([
+            {**{k: e[k] for k in ("id", "label", "split", "path", "format", "width", "height",
+                                  "bytes", "sha256", "url", "license", "author")},
+             "uid": (extra.get("uid") or [""] * len(entries))[i],
+             "claim": (extra.get("claim") or [0] * len(entries))[i],
+             "sig_a": (extra.get("sig_a") or [[]] * len(entries))[i],
+             "sig_b": (extra.get("sig_b") or [[]] * len(entries))[i]}
+            for i, e in enumerate(entries)], schema=SHARD_SCHEMA)
+        journal.write_shard(name, shard_rows)
+        return shard_rows
+
+    def _put_files(self, fs: fsspec.AbstractFileSystem, root: str,
+                   files: dict[str, bytes]) -> None:
+        if not files:
+            return
+        if is_local_uri(self.uri):
+            for rel, data in files.items():
+                atomic_write(fs, f"{root}/{rel}", data)
+        else:
+            fs.pipe({f"{root}/{rel}": data for rel, data in files.items()})
+
+    def _check_rows(self, table: pa.Table, split: str) -> None:
+        for column in ("id", "label", "split"):
+            values = table[column]
+            if values.null_count or pc.any(pc.equal(values, "")).as_py():
+                raise ValueError(f"every accepted row needs a non-empty {column!r}")
+        if set(table["split"].to_pylist()) != {split}:
+            raise ValueError(f"shard of split {split!r} holds rows of splits "
+                             f"{sorted(set(table['split'].to_pylist()))}")
+        if bad_name(split):
+            raise ValueError(f"bad split name {split!r}")
+        for label in set(table["label"].to_pylist()):
+            check_label_path(label)
+            if label not in self.index:
+                raise ValueError(f"label {label!r} is not one of the writer's labels "
+                                 f"{self.labels}")
+
+    def _image_label_files(self, image_rels: list[str],
+                           rows: list[dict[str, Any]]) -> dict[str, bytes]:
+        """The per-image label files of these rows (``output.image_label_files``), by path."""
+        files = {}
+        for rel, r in zip(image_rels, rows):
+            stem, name = rel.rsplit(".", 1)[0], rel.rsplit("/", 1)[-1]
+            info = image_label_info(r, name, self.index.get(r["label"]))
+            for fmt in self.output.image_label_files:
+                files[f"{stem}.{fmt}"] = render_image_label(fmt, info, self.depth)
+        return files
+
+    def _write_tar(self, f: Any, rows: list[dict[str, Any]]) -> None:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for r in rows:
+                key = r["id"]
+                image = r["image"] or b""
+                _tar_member(tar, f"{key}.{extension_of(r['format'], image)}", image)
+                _tar_member(tar, f"{key}.cls", str(self.index[r["label"]]).encode())
+                meta = {k: v for k, v in r.items() if k != "image"}
+                _tar_member(tar, f"{key}.json",
+                            json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+
+
+def manifest_entry(row: dict[str, Any], name: str, formats: set[str]) -> dict[str, Any]:
+    """The manifest entry of an output row written in shard ``name``: the path points into the
     ImageFolder tree if written, else the Parquet shard, else the tar."""
-    name = f"{row['split']}-{shard:05d}"
     if "imagefolder" in formats:
         path = image_rel(row)
     elif "parquet" in formats:
@@ -285,20 +416,128 @@ def manifest_row(row: dict[str, Any], shard: int, formats: set[str]) -> dict[str
     else:
         path = f"webdataset/{name}.tar"
     entry = {k: row.get(k) for k in _MANIFEST_KEYS if k not in ("path", "shard")}
-    entry.update(path=path, shard=shard)
+    entry.update(path=path, shard=name)
     return entry
 
 
-class DatasetWriter:
-    """Writes one job's dataset into staging, then publishes it (see the module docstring).
+# -- manifests, streamed -------------------------------------------------------------------
 
-    ``labels`` (all the job's class labels) lets WebDataset shards carry ``{id}.cls``; pass the
-    same labels to ``write_manifests``.
-    """
+
+class LabelManifests:
+    """``labels.{json,csv,yaml,txt}`` written entry by entry (memory stays flat), plus
+    ``classes.json`` / ``classes.txt``. Use as a context manager; ``add`` each entry."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, formats: Sequence[str],
+                 labels: Sequence[str]):
+        self.fs = fs
+        self.root = root
+        self.formats = list(formats)
+        self.index = class_index(labels)
+        self.depth = depth_of(list(self.index))
+        self.columns = [*_LABEL_COLUMNS, *level_columns("", self.depth)]
+        self.count = 0
+        self._files: dict[str, Any] = {}
+        self._ctx: list[Any] = []
+
+    def __enter__(self) -> "LabelManifests":
+        for fmt in self.formats:
+            ctx = atomic_open(self.fs, f"{self.root}/labels.{fmt}")
+            self._ctx.append(ctx)
+            self._files[fmt] = ctx.__enter__()
+        if "csv" in self._files:
+            self._write("csv", ",".join(self.columns) + "\n")
+        if "json" in self._files:
+            self._write("json", "[")
+        return self
+
+    def _write(self, fmt: str, text: str) -> None:
+        self._files[fmt].write(text.encode("utf-8"))
+
+    def add(self, row: dict[str, Any]) -> None:
+        label = row["label"]
+        entry = {"id": row["id"], "path": row["path"], "label": label,
+                 "label_index": self.index[label], "split": row["split"],
+                 **level_columns(label, self.depth)}
+        first = self.count == 0
+        self.count += 1
+        for fmt in self._files:
+            if fmt == "json":
+                self._write(fmt, ("\n  " if first else ",\n  ")
+                            + json.dumps(entry, ensure_ascii=False))
+            elif fmt == "csv":
+                text = io.StringIO()
+                csv.DictWriter(text, fieldnames=self.columns,
+                               lineterminator="\n").writerow(entry)
+                self._write(fmt, text.getvalue())
+            elif fmt == "yaml":
+                self._write(fmt, f"- {_yaml_flow(entry)}\n")
+            elif fmt == "txt":
+                self._write(fmt, f"{entry['path']}\t{entry['label']}\n")
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            if "json" in self._files:
+                self._write("json", "\n]\n" if self.count else "]\n")
+            if "yaml" in self._files and not self.count:
+                self._write("yaml", "[]\n")
+        for ctx in reversed(self._ctx):
+            ctx.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            atomic_write(self.fs, f"{self.root}/classes.json", _json_bytes(self.index))
+            atomic_write(self.fs, f"{self.root}/classes.txt",
+                         "".join(f"{label}\n" for label in self.index).encode("utf-8"))
+
+
+def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.Table]) -> int:
+    """``rejects.parquet`` and ``rejects.csv`` from tables of rejected rows (REJECT_SCHEMA
+    columns), streamed; returns the number of rows."""
+    n = 0
+    with atomic_open(fs, f"{root}/rejects.parquet") as fp, \
+            atomic_open(fs, f"{root}/rejects.csv") as fc:
+        writer = pq.ParquetWriter(fp, REJECT_SCHEMA, **_REJECT_PARQUET_OPTIONS)
+        try:
+            fc.write((",".join(REJECT_SCHEMA.names) + "\n").encode())
+            for table in tables:
+                if not table.num_rows:
+                    continue
+                table = table.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
+                writer.write_table(table)
+                text = io.StringIO()
+                out = csv.writer(text, lineterminator="\n")
+                for row in table.to_pylist():
+                    out.writerow(["" if row[c] is None else row[c] for c in REJECT_SCHEMA.names])
+                fc.write(text.getvalue().encode("utf-8"))
+                n += table.num_rows
+        finally:
+            writer.close()
+    return n
+
+
+# -- publishing ----------------------------------------------------------------------------
+
+
+def _read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
+    markers = {}
+    for name in (SUCCESS, PARTIAL):
+        path = f"{root}/{name}"
+        fs.invalidate_cache(path)
+        if fs.exists(path):
+            try:
+                content = json.loads(fs.cat_file(path))
+            except ValueError:
+                content = {}
+            markers[name] = content if isinstance(content, dict) else {}
+    return markers
+
+
+class DatasetPublisher:
+    """The dataset-level files of a job at ``uri``: checks and clears the location before the
+    crawl (``check``, ``prepare``) and writes manifests, rejects, stats, card, spec and the
+    marker at the end (``publish``). See the module docstring."""
 
     def __init__(self, output: OutputSpec, uri: str, job_id: str,
                  storage_options: Optional[dict[str, Any]] = None,
-                 labels: Optional[Sequence[str]] = None):
+                 labels: Sequence[str] = ()):
         if not _JOB_ID_RE.match(job_id or ""):
             raise ValueError(f"job_id {job_id!r} must be letters, digits, '.', '_' or '-'")
         if is_local_uri(uri):
@@ -307,392 +546,145 @@ class DatasetWriter:
         self.uri = uri.rstrip("/") if not uri.endswith("://") else uri
         self.job_id = job_id
         self.storage_options = dict(storage_options or {})
-        self.labels = sorted(set(labels)) if labels is not None else None
-        self.depth = depth_of(self.labels) if self.labels is not None else None
-        self._card_inputs: Optional[dict[str, str]] = None
-
-    # -- locations ------------------------------------------------------------------------
-
-    @property
-    def staging_uri(self) -> str:
-        return join(self.uri, STAGING, self.job_id)
+        self.labels = sorted(set(labels))
 
     def _fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        """The filesystem and the dataset's root path in it (fsspec caches the instance)."""
         return open_fs(self.uri, self.storage_options)
 
-    def _staged(self, fs_root: str, *parts: str) -> str:
-        return "/".join([fs_root, STAGING, self.job_id, *parts])
-
-    def _put(self, fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-        ensure_parent(fs, path)
-        fs.pipe_file(path, data)
-
-    # -- checks ---------------------------------------------------------------------------
-
-    def check_output(self) -> None:
-        """Fail early: ``OutputExistsError`` if a complete dataset is there and overwrite is off;
-        ``StorageError`` if the location cannot be written."""
+    def check(self, merge: bool = False) -> None:
+        """Fail before any download: ``OutputExistsError`` if a complete dataset is there (and
+        neither overwrite nor merge), ``StorageError`` if the location cannot be written."""
         fs, root = self._fs()
         with storage_errors(self.uri, "check"):
-            self._refuse_existing(self._read_markers(fs, root))
-        ensure_writable(self.staging_uri, self.storage_options)
-
-    def _refuse_existing(self, markers: dict[str, dict[str, Any]]) -> None:
-        if SUCCESS in markers and not self.output.overwrite:
+            markers = _read_markers(fs, root)
+        if SUCCESS in markers and not self.output.overwrite and not merge:
             old = markers[SUCCESS]
             raise OutputExistsError(
                 f"{self.uri} already holds a complete dataset (job {old.get('job_id', '?')}, "
-                f"created {old.get('created', '?')}). Set output.overwrite: true to replace it, "
-                "or choose another output.uri.")
+                f"created {old.get('created', '?')}). Set output.overwrite: true (or pass "
+                "--overwrite) to replace it, or choose another output.uri (--output).")
+        ensure_writable(self.uri, self.storage_options)
 
-    # -- shards ---------------------------------------------------------------------------
-
-    def write_shard(self, rows: Rows, shard_index: int) -> list[dict[str, Any]]:
-        """Write shard ``shard_index`` (Parquet / ImageFolder / WebDataset per split) to staging.
-
-        Returns one manifest row per image, without the image bytes.
-        """
-        if shard_index < 0:
-            raise ValueError(f"shard_index must be >= 0, got {shard_index}")
-        table = to_accepted_table(rows)
-        if table.num_rows == 0:
-            return []
-        self._check_rows(table)
-        levels = pa.array([label.split("/") for label in table["label"].to_pylist()],
-                          ACCEPTED_SCHEMA.field("label_levels").type)
-        table = table.set_column(ACCEPTED_SCHEMA.get_field_index("label_levels"),
-                                 ACCEPTED_SCHEMA.field("label_levels"), levels)
-        table = table.sort_by([("split", "ascending"), ("id", "ascending"),
-                               ("label", "ascending")]).combine_chunks()
-        formats = set(self.output.formats)
+    def prepare(self, merge: bool = False) -> None:
+        """Clear the way for this job's shards: the old markers go (the dataset is no longer
+        complete), and unless ``merge``, the old dataset's files."""
         fs, root = self._fs()
-        manifest: list[dict[str, Any]] = []
-        with storage_errors(self.staging_uri, f"write shard {shard_index} to"):
-            for split in sorted(set(table["split"].to_pylist())):
-                part = table.filter(pc.equal(table["split"], split))
-                manifest += self._write_split(fs, root, part, split, shard_index, formats)
-        return manifest
+        with storage_errors(self.uri, "prepare"):
+            markers = _read_markers(fs, root)
+            if markers:
+                fs.rm([f"{root}/{m}" for m in markers])
+            if not merge and markers:
+                self._remove_old(fs, root, markers)
 
-    def _check_rows(self, table: pa.Table) -> None:
-        for column in ("id", "label", "split"):
-            values = table[column]
-            if values.null_count or pc.any(pc.equal(values, "")).as_py():
-                raise ValueError(f"every accepted row needs a non-empty {column!r}")
-        for label in set(table["label"].to_pylist()):
-            check_label_path(label)
-            if self.labels is not None and label not in self.labels:
-                raise ValueError(f"label {label!r} is not one of the writer's labels "
-                                 f"{self.labels}")
-        for split in set(table["split"].to_pylist()):
-            if bad_name(split):
-                raise ValueError(f"bad split name {split!r}")
+    @staticmethod
+    def next_numbers(fs: fsspec.AbstractFileSystem, root: str,
+                     subs: Sequence[str] = ("data", "webdataset")) -> dict[str, int]:
+        """Per split, the number after the last shard file in the dataset."""
+        out: dict[str, int] = {}
+        for sub, suffix in (("data", ".parquet"), ("webdataset", ".tar")):
+            if sub not in subs:
+                continue
+            for path in list_files(fs, f"{root}/{sub}"):
+                m = re.match(r"^(?P<split>.+)-(?P<n>\d{5})" + re.escape(suffix) + "$",
+                             path.rsplit("/", 1)[-1])
+                if m:
+                    out[m["split"]] = max(out.get(m["split"], 0), int(m["n"]) + 1)
+        return out
 
-    def _write_split(self, fs: fsspec.AbstractFileSystem, root: str, table: pa.Table,
-                     split: str, shard: int, formats: set[str]) -> list[dict[str, Any]]:
-        name = f"{split}-{shard:05d}"
-        parquet_rel = f"data/{name}.parquet"
-        tar_rel = f"webdataset/{name}.tar"
-        # Python rows carry the image bytes only for the formats that write files per image.
-        rows = table.drop_columns(["image"]).to_pylist()
-        if formats & {"imagefolder", "webdataset"}:
-            for r, image in zip(rows, table["image"].to_pylist()):
-                r["image"] = image
-        image_rels = [image_rel(r) for r in rows] if "imagefolder" in formats else []
-        if "parquet" in formats:
-            path = self._staged(root, parquet_rel)
-            ensure_parent(fs, path)
-            with fs.open(path, "wb") as f:
-                pq.write_table(table, f, **_PARQUET_OPTIONS)
-        if "imagefolder" in formats:
-            files = {self._staged(root, rel): r["image"] or b"" for rel, r in zip(image_rels, rows)}
-            for path in files:
-                ensure_parent(fs, path)
-            files.update(self._image_label_files(root, image_rels, rows))
-            fs.pipe(files)
-        if "webdataset" in formats:
-            self._write_tar(fs, self._staged(root, tar_rel), rows)
-        return [manifest_row(r, shard, formats) for r in rows]
-
-    def _image_label_files(self, root: str, image_rels: list[str],
-                           rows: list[dict[str, Any]]) -> dict[str, bytes]:
-        """The per-image label files of these rows (``output.image_label_files``), by path."""
-        fmts = self.output.image_label_files
-        if not fmts:
-            return {}
-        index = class_index(self.labels) if self.labels is not None else {}
-        depth = self.depth if self.depth is not None else depth_of([r["label"] for r in rows])
-        files = {}
-        for rel, r in zip(image_rels, rows):
-            stem, name = rel.rsplit(".", 1)[0], rel.rsplit("/", 1)[-1]
-            info = image_label_info(r, name, index.get(r["label"]))
-            for fmt in fmts:
-                files[self._staged(root, f"{stem}.{fmt}")] = render_image_label(fmt, info, depth)
-        return files
-
-    def _write_tar(self, fs: fsspec.AbstractFileSystem, path: str,
-                   rows: list[dict[str, Any]]) -> None:
-        index = class_index(self.labels) if self.labels is not None else None
-        ensure_parent(fs, path)
-        with fs.open(path, "wb") as f, tarfile.open(fileobj=f, mode="w|",
-                                                    format=tarfile.USTAR_FORMAT) as tar:
-            for r in rows:
-                key = r["id"]
-                image = r["image"] or b""
-                _tar_member(tar, f"{key}.{extension_of(r['format'], image)}", image)
-                if index is not None:
-                    _tar_member(tar, f"{key}.cls", str(index[r["label"]]).encode())
-                meta = {k: v for k, v in r.items() if k != "image"}
-                _tar_member(tar, f"{key}.json",
-                            json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-
-    # -- manifests, rejects, stats, card ---------------------------------------------------
-
-    def write_manifests(self, manifest_rows: list[dict[str, Any]], labels: Sequence[str]) -> None:
-        """``labels.*`` (per ``output.label_formats``) and ``classes.json`` / ``classes.txt``."""
-        index = class_index([*labels, *(r["label"] for r in manifest_rows)])
-        if self.labels is not None and list(index) != self.labels:
-            raise ValueError(f"write_manifests labels {list(index)} differ from the writer's "
-                             f"labels {self.labels}, which numbered the WebDataset .cls files")
-        depth = depth_of(list(index))
-        entries = [
-            {"id": r["id"], "path": r["path"], "label": r["label"],
-             "label_index": index[r["label"]], "split": r["split"],
-             **level_columns(r["label"], depth)}
-            for r in sorted(manifest_rows, key=lambda r: (r["split"], r["label"], r["id"]))
-        ]
-        columns = [*_LABEL_COLUMNS, *level_columns("", depth)]
-        files: dict[str, bytes] = {
-            "classes.json": _json_bytes(index),
-            "classes.txt": "".join(f"{label}\n" for label in index).encode("utf-8"),
-        }
-        for fmt in self.output.label_formats:
-            files[f"labels.{fmt}"] = _render_labels(fmt, entries, columns)
-        fs, root = self._fs()
-        with storage_errors(self.staging_uri, "write manifests to"):
-            for rel, data in files.items():
-                self._put(fs, self._staged(root, rel), data)
-
-    def write_rejects(self, reject_rows: list[dict[str, Any]]) -> None:
-        """``rejects.parquet`` and ``rejects.csv``: one row per rejected candidate."""
-        table = pa.Table.from_pylist(list(reject_rows), schema=REJECT_SCHEMA)
-        if table.num_rows:
-            table = table.sort_by([("key", "ascending"), ("stage", "ascending"),
-                                   ("reason", "ascending")])
-        buf = io.BytesIO()
-        pq.write_table(table, buf, **_REJECT_PARQUET_OPTIONS)
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(REJECT_SCHEMA.names)
-        for row in table.to_pylist():
-            writer.writerow(["" if row[n] is None else row[n] for n in REJECT_SCHEMA.names])
-        fs, root = self._fs()
-        with storage_errors(self.staging_uri, "write rejects to"):
-            self._put(fs, self._staged(root, "rejects.parquet"), buf.getvalue())
-            self._put(fs, self._staged(root, "rejects.csv"), text.getvalue().encode("utf-8"))
-
-    def write_stats(self, stats: dict[str, Any]) -> None:
-        """``stats.json``, as given."""
-        fs, root = self._fs()
-        with storage_errors(self.staging_uri, "write stats to"):
-            self._put(fs, self._staged(root, "stats.json"), _json_bytes(stats))
-
-    def write_card(self, spec_name: str, description: str, stats: dict[str, Any],
-                   spec_yaml: str) -> None:
-        """``README.md``, the dataset card; call after the shards are written (it lists the
-        splits that have Parquet shards)."""
-        self._card_inputs = {"spec_name": spec_name, "description": description,
-                             "spec_yaml": spec_yaml}
-        fs, root = self._fs()
-        with storage_errors(self.staging_uri, "write the dataset card to"):
-            self._write_card(fs, root, stats, None)
-
-    def _write_card(self, fs: fsspec.AbstractFileSystem, root: str, stats: dict[str, Any],
-                    partial_reason: Optional[str]) -> None:
-        inputs = self._card_inputs or {"spec_name": str(stats.get("name") or self.job_id),
-                                       "description": "", "spec_yaml": ""}
-        text = card_mod.render_card(
-            inputs["spec_name"], inputs["description"], stats, inputs["spec_yaml"],
-            parquet_splits=self._parquet_splits(fs, root), formats=self.output.formats,
-            label_formats=self.output.label_formats, partial_reason=partial_reason,
-            labels=self.labels or (), image_label_files=self.output.image_label_files)
-        self._put(fs, self._staged(root, "README.md"), text.encode("utf-8"))
-
-    def _parquet_splits(self, fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-        found = set()
-        for path in list_files(fs, self._staged(root, "data")):
-            m = _SHARD_NAME_RE.match(path.rsplit("/", 1)[-1])
-            if m:
-                found.add(m.group("split"))
-        order = list(self.output.splits)
-        return sorted(found, key=lambda s: (order.index(s) if s in order else len(order), s))
-
-    # -- publishing -----------------------------------------------------------------------
-
-    def publish(self, overwrite: Optional[bool] = None, merge: bool = False) -> str:
-        """Move the staged dataset into place and write ``_SUCCESS`` last; returns the URI.
-
-        ``OutputExistsError`` if a complete dataset is there and overwrite is off (default:
-        ``output.overwrite``); staging is then kept, so call ``abort()`` or publish again.
-        ``merge=True`` adds the staged files to the dataset already there (a resumed partial
-        dataset, or ``retry-failed``): nothing old is removed except files the staging
-        replaces, and the marker lists the union.
-        """
-        return self._publish(SUCCESS, None, overwrite, merge)
-
-    def publish_partial(self, reason: str, merge: bool = False) -> str:
-        """Publish what was staged as a partial dataset: ``_PARTIAL`` instead of ``_SUCCESS``,
-        ``"partial": true`` in stats.json and a PARTIAL notice on the card."""
-        fs, root = self._fs()
-        with storage_errors(self.staging_uri, "mark partial in"):
-            stats_path = self._staged(root, "stats.json")
-            fs.invalidate_cache(stats_path)
-            stats = json.loads(fs.cat_file(stats_path)) if fs.exists(stats_path) else {
-                "job_id": self.job_id}
-            stats["partial"] = True
-            stats["partial_reason"] = reason
-            self._put(fs, stats_path, _json_bytes(stats))
-            card_path = self._staged(root, "README.md")
-            if self._card_inputs is None and fs.exists(card_path):
-                text = fs.cat_file(card_path).decode("utf-8")
-                self._put(fs, card_path, card_mod.mark_partial(text, reason).encode("utf-8"))
-            else:
-                self._write_card(fs, root, stats, reason)
-        return self._publish(PARTIAL, reason, None, merge)
-
-    def abort(self) -> None:
-        """Remove this job's staging directory; the published location is untouched."""
-        fs, root = self._fs()
-        staging = self._staged(root)
-        with storage_errors(self.staging_uri, "remove"):
-            fs.invalidate_cache(staging)
-            if fs.exists(staging):
-                fs.rm(staging, recursive=True)
-            prune_empty_dirs(fs, "/".join([root, STAGING]))
-
-    def _read_markers(self, fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
-        markers = {}
-        for name in (SUCCESS, PARTIAL, PUBLISHING):
-            path = f"{root}/{name}"
-            fs.invalidate_cache(path)
-            if fs.exists(path):
-                try:
-                    content = json.loads(fs.cat_file(path))
-                except ValueError:
-                    content = {}
-                markers[name] = content if isinstance(content, dict) else {}
-        return markers
-
-    def _publish(self, marker: str, reason: Optional[str], overwrite: Optional[bool],
-                 merge: bool = False) -> str:
-        fs, root = self._fs()
-        staging = self._staged(root)
-        with storage_errors(self.uri, "publish to"):
-            fs.invalidate_cache(staging)
-            staged = (fs.find(staging, withdirs=False, detail=True)
-                      if fs.exists(staging) else {})
-            sizes = {path[len(staging) + 1:]: int(info.get("size") or 0)
-                     for path, info in staged.items()}
-            markers = self._read_markers(fs, root)
-            if overwrite is None:
-                overwrite = self.output.overwrite
-            if not overwrite and not merge:
-                self._refuse_existing(markers)
-            kept: dict[str, int] = {}
-            if merge:
-                for content in (markers.get(SUCCESS), markers.get(PARTIAL)):
-                    for entry in (content or {}).get("files") or []:
-                        rel = _safe_relative(entry.get("path") if isinstance(entry, dict)
-                                             else entry)
-                        if rel and rel not in (SUCCESS, PARTIAL, PUBLISHING):
-                            kept[rel] = int(entry.get("size") or 0) if isinstance(
-                                entry, dict) else 0
-            # Our own interrupted publish: what it listed and staging no longer holds is in place.
-            ours = markers.get(PUBLISHING, {})
-            placed = [rel for rel in (ours.get("files") or [])
-                      if ours.get("job_id") == self.job_id and _safe_relative(rel)
-                      and rel not in sizes]
-            self._put(fs, f"{root}/{PUBLISHING}",
-                      _json_bytes({"job_id": self.job_id, "started": _now(),
-                                   "files": sorted([*sizes, *placed])}))
-            old_markers = [f"{root}/{m}" for m in (SUCCESS, PARTIAL) if m in markers]
-            if old_markers:
-                fs.rm(old_markers)
-            if not merge:
-                self._remove_old(fs, root, markers, keep={f"{root}/{rel}" for rel in placed})
-            stats: dict[str, Any] = {}
-            if "stats.json" in sizes or "stats.json" in placed:
-                where = staging if "stats.json" in sizes else root
-                stats = json.loads(fs.cat_file(f"{where}/stats.json"))
-            move_files(fs, [(f"{staging}/{rel}", f"{root}/{rel}") for rel in sorted(sizes)])
-            for rel in placed:
-                path = f"{root}/{rel}"
-                fs.invalidate_cache(path)
-                if fs.exists(path):
-                    sizes[rel] = int(fs.size(path))
-            for rel, size in kept.items():
-                sizes.setdefault(rel, size)
-            files = sorted(sizes.items())
-            content: dict[str, Any] = {
-                "job_id": self.job_id, "created": _now(),
-                "status": "complete" if marker == SUCCESS else "partial"}
-            if reason is not None:
-                content["reason"] = reason
-            content["counts"] = {
-                "files": len(files), "bytes": sum(size for _, size in files),
-                **{k: stats[k] for k in ("candidates", "accepted", "rejected") if k in stats},
-                "classes": len(stats.get("classes") or {})}
-            content["files"] = [{"path": rel, "size": size} for rel, size in files]
-            self._put(fs, f"{root}/{marker}", _json_bytes(content))
-            fs.rm(f"{root}/{PUBLISHING}")
-            fs.invalidate_cache(staging)
-            if fs.exists(staging):
-                fs.rm(staging, recursive=True)
-            prune_empty_dirs(fs, staging)
-            prune_empty_dirs(fs, f"{root}/{STAGING}")
-        return self.uri
-
-    def _remove_old(self, fs: fsspec.AbstractFileSystem, root: str,
-                    markers: dict[str, dict[str, Any]], keep: set[str]) -> None:
-        """Remove a previous dataset's files: those its markers list, plus the layout trees,
-        except ``keep`` (files this job's interrupted publish already put in place)."""
-        if not markers:
-            return
+    @staticmethod
+    def _remove_old(fs: fsspec.AbstractFileSystem, root: str,
+                    markers: dict[str, dict[str, Any]]) -> None:
         listed: set[str] = set()
         for content in markers.values():
             for entry in content.get("files") or []:
                 rel = _safe_relative(entry.get("path") if isinstance(entry, dict) else entry)
-                # Files under the layout trees are found by listing them below.
                 if rel and rel.split("/")[0] not in LAYOUT_DIRS \
-                        and rel not in (SUCCESS, PARTIAL, PUBLISHING):
+                        and rel not in (SUCCESS, PARTIAL) and not rel.startswith("_journal/"):
                     listed.add(f"{root}/{rel}")
         old = {p for p in listed if fs.exists(p)}
         for d in LAYOUT_DIRS:
             old.update(list_files(fs, f"{root}/{d}"))
-        old -= keep
         if old:
             fs.rm(sorted(old))
         for d in LAYOUT_DIRS:
             prune_empty_dirs(fs, f"{root}/{d}")
 
+    def remove_files(self, rels: Iterable[str]) -> int:
+        """Remove dataset files (relative paths; a shard's files that never committed)."""
+        fs, root = self._fs()
+        paths = [f"{root}/{rel}" for rel in {r for r in rels if _safe_relative(r)}]
+        with storage_errors(self.uri, "clean up"):
+            for p in paths:
+                fs.invalidate_cache(p)
+            found = [p for p in paths if fs.exists(p)]
+            if found:
+                fs.rm(found)
+        return len(found)
 
-def _render_labels(fmt: str, entries: list[dict[str, Any]], columns: Sequence[str]) -> bytes:
-    if fmt == "json":
-        body = ",\n".join("  " + json.dumps(e, ensure_ascii=False) for e in entries)
-        return ("[\n" + body + "\n]\n" if entries else "[]\n").encode("utf-8")
-    if fmt == "csv":
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(entries)
-        return text.getvalue().encode("utf-8")
-    if fmt == "yaml":
-        if not entries:
-            return b"[]\n"
-        return "".join(f"- {_yaml_flow(e)}\n" for e in entries).encode("utf-8")
-    if fmt == "txt":
-        return "".join(f"{e['path']}\t{e['label']}\n" for e in entries).encode("utf-8")
-    raise ValueError(f"unknown label format {fmt!r}; valid: json, csv, yaml, txt")
+    def publish(self, *, manifest_rows: Iterable[dict[str, Any]],
+                reject_tables: Iterable[pa.Table], stats: dict[str, Any],
+                spec_name: str, description: str, spec_yaml: str,
+                partial_reason: Optional[str] = None) -> str:
+        """Write the dataset-level files, then the marker, last; returns the URI.
+
+        ``manifest_rows``: every image's manifest entry (``id, label, split, path``...),
+        streamed; ``reject_tables``: the rejected candidates, streamed."""
+        fs, root = self._fs()
+        with storage_errors(self.uri, "publish to"):
+            counts = {"images": 0}
+            with LabelManifests(fs, root, self.output.label_formats, self.labels) as labels:
+                for row in manifest_rows:
+                    labels.add(row)
+            counts["images"] = labels.count
+            rejected = write_rejects(fs, root, reject_tables)
+            if partial_reason is not None:
+                stats = {**stats, "partial": True, "partial_reason": partial_reason}
+            atomic_write(fs, f"{root}/stats.json", _json_bytes(stats))
+            order = list(self.output.splits)
+            parquet_splits = sorted(self.next_numbers(fs, root, ("data",)),
+                                    key=lambda s: (order.index(s) if s in order else len(order),
+                                                   s))
+            text = card_mod.render_card(
+                spec_name, description, stats, spec_yaml, parquet_splits=parquet_splits,
+                formats=self.output.formats, label_formats=self.output.label_formats,
+                partial_reason=partial_reason, labels=self.labels,
+                image_label_files=self.output.image_label_files)
+            atomic_write(fs, f"{root}/README.md", text.encode("utf-8"))
+            atomic_write(fs, f"{root}/spec.yaml", spec_yaml.encode("utf-8"))
+            files = self._listed_files(fs, root)
+            marker = SUCCESS if partial_reason is None else PARTIAL
+            content: dict[str, Any] = {
+                "job_id": self.job_id, "created": _now(),
+                "status": "complete" if marker == SUCCESS else "partial"}
+            if partial_reason is not None:
+                content["reason"] = partial_reason
+            content["counts"] = {
+                "files": len(files), "bytes": sum(size for _, size in files),
+                "imagefolder_files": counts["images"] * (1 + len(self.output.image_label_files))
+                if "imagefolder" in self.output.formats else 0,
+                **{k: stats[k] for k in ("candidates", "accepted", "rejected") if k in stats},
+                "classes": len(stats.get("classes") or {})}
+            if rejected != stats.get("rejected", rejected):
+                raise StorageError(f"the rejects manifest holds {rejected} rows but the job "
+                                   f"counted {stats.get('rejected')} rejections; not marking "
+                                   f"{self.uri} as published")
+            content["files"] = [{"path": rel, "size": size} for rel, size in files]
+            atomic_write(fs, f"{root}/{marker}", _json_bytes(content))
+        return self.uri
+
+    def _listed_files(self, fs: fsspec.AbstractFileSystem, root: str
+                      ) -> list[tuple[str, int]]:
+        """Every file of the dataset but the ImageFolder tree (counted in the marker, listed
+        in labels.*), with its size."""
+        out = []
+        for path in list_files(fs, root):
+            rel = path[len(root) + 1:]
+            top = rel.split("/")[0]
+            if top in ("imagefolder", "_journal") or rel in (SUCCESS, PARTIAL) \
+                    or top.startswith(".pixcrawler-probe"):
+                continue
+            out.append((rel, int(fs.size(path) or 0)))
+        return sorted(out)
 
 
 # Characters YAML 1.1 treats as line breaks or will not read raw (C1 controls, surrogates,

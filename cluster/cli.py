@@ -7,7 +7,8 @@
     pixcrawler sandbox [--port P]        run the sandbox web (offline stand-in for the internet)
 
 Exit codes: 0 done (a shortfall is reported, not an error, unless --strict: 4); 2 bad spec or
-arguments; 1 the job failed; 130 cancelled (a partial result is written and marked).
+arguments; 1 the job failed; 3 nothing was accepted; 130 cancelled (a partial result is written
+and marked).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from builder.spec import DatasetSpec, load_spec, loads_spec, parse_spec
 
 log = logging.getLogger("pixcrawler")
 
-EXIT_FAILED, EXIT_USAGE, EXIT_SHORTFALL, EXIT_CANCELLED = 1, 2, 4, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_EMPTY, EXIT_SHORTFALL, EXIT_CANCELLED = 1, 2, 3, 4, 130
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -56,7 +57,7 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
              strict: bool, dashboard: bool = False, resume: bool = False,
              continuation: Any = None, uri: Optional[str] = None) -> int:
     """Run a spec with a progress display and a summary; returns the exit code."""
-    from builder.pipeline import new_job_id
+    from builder.journal import new_job_id
     from cluster.display import ProgressDisplay, summary
 
     uri = uri or spec.output_uri()
@@ -71,7 +72,7 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
         if local:
             from builder.pipeline import run_local
 
-            result = run_local(spec, **kwargs)
+            result = run_local(spec, install_signals=True, **kwargs)
         else:
             import asyncio
 
@@ -91,6 +92,10 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
     finally:
         display.close()
     summary(result.stats, result.uri)
+    if result.stats.get("partial_reason") == "empty":
+        print(f"error: no image was accepted, so {result.uri} is not a dataset (marked "
+              f"_PARTIAL). {empty_cause(result.stats)}", file=sys.stderr)
+        return EXIT_EMPTY
     if result.partial:
         return EXIT_CANCELLED
     if strict and result.stats.get("shortfall"):
@@ -118,12 +123,27 @@ def cmd_build(args: argparse.Namespace) -> int:
                     strict=args.strict, dashboard=args.dashboard, resume=args.resume)
 
 
+def empty_cause(stats: dict[str, Any]) -> str:
+    """Why a job accepted nothing, and what to try."""
+    errors = stats.get("search_errors") or []
+    if not stats.get("candidates"):
+        if errors:
+            return (f"Every search failed ({errors[-1].get('engine')}: "
+                    f"{str(errors[-1].get('error'))[:200]}): check the network, the engines' "
+                    "keys, or add another source.")
+        return "The sources gave no candidates: check the queries, the URL lists and sources."
+    top = sorted((stats.get("rejected_by_reason") or {}).items(), key=lambda kv: -kv[1])[:3]
+    reasons = ", ".join(f"{k} {v}" for k, v in top)
+    return (f"All {stats['candidates']} candidates were rejected ({reasons}): see rejects.csv "
+            "for each one's reason; check download and validation settings.")
+
+
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from builder.pipeline import plan_retry
+    from builder.pipeline import count_retryable, plan_retry
 
     uri = args.output
     spec, cont = plan_retry(uri, _storage_options(uri), args.job_id)
-    if not cont.retry:
+    if not count_retryable(uri, _storage_options(uri)):
         print(f"nothing to retry: no candidate at {uri} was rejected for a transient reason")
         return 0
     return run_spec(spec, address=args.address, local=args.local, job_id=None, strict=False,

@@ -57,7 +57,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             # An embedded Ray on this machine only: token auth has nobody to keep out.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
-                     dashboard_host="127.0.0.1", _system_config=EMBEDDED_SYSTEM_CONFIG,
+                     dashboard_host="127.0.0.1", _system_config=dict(EMBEDDED_SYSTEM_CONFIG),
                      **common)
     ctx = ray.get_runtime_context()
     info = {

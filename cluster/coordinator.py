@@ -1,286 +1,241 @@
-"""The job coordinator on Ray: the shared ``JobRunner`` with a backend of actors.
+"""A job on Ray: the shared job lifecycle (``builder.pipeline.JobLifecycle``) with shard workers
+as actors.
 
-Data path per batch: coordinator -> Downloader (async, many fetches) -> HashValidator (fast +
-medium validation, dedup via the DedupActor) -> coordinator reads only the small, byte-free
-records; the accepted images stay in the object store as Arrow tables. When the job ends, Ray
-Data reads those tables, keeps the selected images, assigns splits and shards, resizes/re-encodes,
-and writes the shards through the builder's writers; the driver writes the manifests last.
+Per job: ``workers`` ``ShardWorker`` actors spread over the nodes (each fetches, validates,
+dedups and writes its units straight to the output), ``dedup_partitions`` index partitions, a
+quota ledger, a progress actor, one rate limiter per engine (shared by every job of the
+cluster) and, at the slow level, the GPU scorers. The driver sends units and reads back counts.
+
+Losing a node loses no work: a worker's failure makes the driver resend the units it had not
+committed to the live workers (and Ray restarts the worker where it fits); an index partition
+or the ledger that restarts rebuilds itself from the journal, and everything uncommitted is
+resent. A job whose output is a local path runs on one node only, unless the spec declares the
+path a filesystem every node shares (``output.shared_filesystem``), which a probe on every node
+proves before the crawl starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import signal
+import os
+import time
+import uuid
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import ray
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError,
+                            RayActorError, RayTaskError)
 
 from actors import NAMESPACE
-from actors.dedup import DedupActor
-from actors.download import Downloader
+from actors.dedup import DedupPartitionActor
 from actors.options import PoolPlan, plan_pools
 from actors.progress import ProgressActor, progress_name
+from actors.quota import QuotaActor
 from actors.ratelimit import get_rate_limiter, limiter_name
-from actors.search import SearchWorker
 from actors.slow import SlowScorer
-from actors.validate import HashValidator
-from actors.writer import plan_shards, write_shards
-from builder.engines.base import SearchPage
-from builder.engines import SearchEngine
-from builder.errors import EngineError, EngineUnavailable, PixCrawlerError
-from builder.job import JobLedger, JobRunner, SearchTask
-from builder.journal import Journal, ResumeState
-from builder.pipeline import (Continuation, JobResult, JournaledSink, build_engines,
-                              engine_names, expand_queries, finish_dataset, plan_continuation)
-from builder.records import Record
+from actors.worker import ServiceNames, ShardWorker
+from builder.errors import PixCrawlerError
+from builder.job import IndexLost, JobRunner, WorkerLost
+from builder.pipeline import Continuation, JobLifecycle, JobResult, recover_ledger
 from builder.spec import DatasetSpec
-from builder.writers import DatasetWriter
+from builder.storage import is_local_uri, join, open_fs
+from builder.units import UnitReport, WorkerEvents, WorkUnit
+from builder.worker import JobPlan
 from cluster.connect import connect
 
 log = logging.getLogger("pixcrawler.coordinator")
+
+_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor for the entrypoint of a job run with ``ray job submit``."""
+
+
+async def result(ref: Any) -> Any:
+    """Await an object ref; works through Ray Client (``ray://``) too, whose refs do not
+    support ``await``."""
+    return await asyncio.wrap_future(ref.future())
 
 
 class PlanningError(PixCrawlerError):
     """The cluster cannot run the job as configured."""
 
 
-class RayBackend:
-    """Actor pools for one job. ``shutdown()`` frees their resources."""
+class RayExecutor:
+    """The job's actors; ``run``/``flush`` translate lost actors into ``WorkerLost`` /
+    ``IndexLost`` for the runner."""
 
-    def __init__(self, spec: DatasetSpec, plan: PoolPlan, job_id: str,
-                 engines: list[tuple[str, bool]],
-                 list_sources: Optional[dict[int, SearchEngine]] = None):
-        self.spec = spec
-        self.plan = plan
-        self.job_id = job_id
+    def __init__(self, life: JobLifecycle, plan: PoolPlan, job_plan: JobPlan):
+        self.life = life
+        self.pool = plan
+        self.job_plan = job_plan
+        self.workers = plan.workers
+        spec = life.spec
         small = PoolPlan.small_options()
-        self.dedup = DedupActor.options(**small).remote(
-            spec.validation.near_duplicate_threshold, spec.validation.level != "fast")
-        retry = {"max_restarts": 2, "max_task_retries": 2}
-        self.downloaders = [Downloader.options(**plan.download_options(), **retry)
-                            .remote(spec.download, job_id) for _ in range(plan.download_actors)]
-        slow_spec = spec if plan.slow else None
-        self.validators = [HashValidator.options(**plan.hash_options(), **retry)
-                           .remote(spec.validation, self.dedup, job_id, slow_spec)
-                           for _ in range(plan.hash_actors)]
-        self.scorers = [SlowScorer.options(**plan.gpu_options(), **retry)
-                        .remote(spec, plan.device, job_id)
-                        for _ in range(plan.gpu_actors)] if plan.slow else []
-        self.updates: dict[str, dict[str, Any]] = {}
+        v = spec.validation
+        recovery = {"uri": life.uri, "job_id": life.job_id,
+                    "storage_options": life.storage_options, "merge": life.merge,
+                    "retry": life.retry, "journal": True}
+        job = life.job_id
+        names = ServiceNames(partitions=[f"dedup:{job}:{p}" for p in range(plan.partitions)],
+                             quota=f"quota:{job}", limiters={},
+                             scorers=[f"scorer:{job}:{i}" for i in range(plan.gpu_actors)]
+                             if plan.slow else [])
+        self.partitions = [
+            DedupPartitionActor.options(name=name, namespace=NAMESPACE, **small).remote(
+                p, plan.partitions, v.near_duplicate_threshold, v.level != "fast", recovery)
+            for p, name in enumerate(names.partitions)]
+        self.quota = QuotaActor.options(name=names.quota, namespace=NAMESPACE, **small).remote(
+            functools.partial(recover_ledger, **life.recovery()))
         self.limiters: dict[int, Any] = {}
-        names: dict[int, str] = {}
-        for i, (name, query_based) in enumerate(engines):
-            if query_based:
-                src = spec.sources[i] if i < len(spec.sources) else None
-                self.limiters[i] = get_rate_limiter(name, src)
-                names[i] = limiter_name(name, src).removeprefix("ratelimit:")
-        self._limiter_names = names
-        limiters = self.limiters
-        # List sources (URL lists) query nothing and are already loaded here: the coordinator
-        # pages them itself. Search workers exist only for engines that send queries.
-        self.list_sources = list_sources or {}
-        query_based = any(qb for _, qb in engines)
-        self.searchers = [SearchWorker.options(**small).remote(spec, limiters, job_id)
-                          for _ in range(plan.search_workers if query_based else 0)]
-        self.tables: dict[int, ray.ObjectRef] = {}
-        self._batches = 0
-        self._searches = 0
-        self._load = [0] * len(self.validators)
-        self._actors_alive = True
+        self.limiter_names: dict[int, str] = {}
+        for i, src in enumerate(spec.sources):
+            if src.engine != "urllist":
+                self.limiters[i] = get_rate_limiter(src.engine, src)
+                names.limiters[i] = limiter_name(src.engine, src)
+                self.limiter_names[i] = names.limiters[i].removeprefix("ratelimit:")
+        self.scorers = [SlowScorer.options(name=name, namespace=NAMESPACE,
+                                           **plan.gpu_options()).remote(spec, plan.device, job)
+                        for name in names.scorers]
+        self.handles = [ShardWorker.options(**plan.worker_options()).remote(job_plan, names, i)
+                        for i in range(plan.workers)]
+        self.incarnations: list[Optional[str]] = [None] * plan.workers
+        self.nodes: Counter = Counter()
 
-    @property
-    def in_flight(self) -> int:
-        return sum(self._load)
+    async def start(self) -> None:
+        """Every worker opens and checks it can write the output, before any download. A
+        worker lost while starting (its node went away) is resent nothing until it is back."""
+        started = await asyncio.gather(*(result(h.start.remote()) for h in self.handles),
+                                       return_exceptions=True)
+        for w, outcome in enumerate(started):
+            if isinstance(outcome, RayTaskError):
+                raise PlanningError(f"a worker cannot start: {outcome.cause or outcome}")
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, _LOST):
+                    raise outcome
+                log.warning("worker %d was lost while starting: %s", w, outcome)
+            else:
+                self.incarnations[w] = outcome
+        alive = [w for w, inc in enumerate(self.incarnations) if inc is not None]
+        if not alive:
+            raise PlanningError("no worker could start: every node that could run one was "
+                                "lost; check the cluster and run the job again")
+        nodes = await asyncio.gather(*(result(self.handles[w].node.remote()) for w in alive),
+                                     return_exceptions=True)
+        self.nodes = Counter(n for n in nodes if isinstance(n, str))
 
-    async def search(self, task: SearchTask) -> SearchPage:
-        engine = self.list_sources.get(task.source)
-        if engine is not None:
-            return await asyncio.to_thread(engine.search, task.query, label=task.label,
-                                           page=task.page, per_page=task.per_page)
-        worker = self.searchers[self._searches % len(self.searchers)]
-        self._searches += 1
-        status, payload = await worker.search.remote(task)
-        if status == "ok":
-            return payload
-        if payload["final"]:
-            raise EngineUnavailable(payload["message"])
-        raise EngineError(payload["message"], retryable=payload["retryable"],
-                          retry_after=payload["retry_after"])
+    def _lost(self, worker: int, exc: BaseException) -> WorkerLost:
+        return WorkerLost(worker, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
-    async def process(self, records: list[Record]) -> list[Record]:
-        batch = self._batches
-        self._batches += 1
-        fetched = self.downloaders[batch % len(self.downloaders)].fetch.remote(records)
-        vi = min(range(len(self.validators)), key=self._load.__getitem__)
-        self._load[vi] += 1
+    async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         try:
-            light_ref, table_ref, prepared_ref = self.validators[vi].validate.remote(fetched)
-            light: list[Record] = await light_ref
-        finally:
-            self._load[vi] -= 1
-        if self.scorers:
-            passed = {r.id for r in light if not r.rejected}
-            light = await self.scorers[batch % len(self.scorers)].score.remote(prepared_ref)
-            await self.forget([r.id for r in light if r.rejected and r.id in passed])
-            for r in light:
-                if not r.rejected:
-                    self.updates[r.id] = {"label": r.label, "nsfw_score": r.nsfw_score,
-                                          "clip_score": r.clip_score, "embedding": r.embedding}
-        self.tables[batch] = table_ref
-        for r in light:
-            r.extra["batch"] = batch
-        return light
+            incarnation, report, events = await result(self.handles[worker].run.remote(unit))
+        except RayTaskError as exc:
+            if isinstance(exc.cause, IndexLost):
+                raise IndexLost(str(exc.cause)) from None
+            if isinstance(exc.cause, _LOST):
+                raise self._lost(worker, exc.cause) from None
+            raise
+        except _LOST as exc:
+            raise self._lost(worker, exc) from None
+        self.incarnations[worker] = incarnation
+        return report, events
 
-    async def forget(self, image_ids: list[str]) -> None:
-        await self.dedup.forget.remote(image_ids)
+    async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
+        async def one(w: int) -> Union[WorkerEvents, WorkerLost]:
+            try:
+                incarnation, events = await result(self.handles[w].flush.remote())
+            except RayTaskError as exc:
+                if isinstance(exc.cause, IndexLost):
+                    raise IndexLost(str(exc.cause)) from None
+                raise
+            except _LOST as exc:
+                return self._lost(w, exc)
+            self.incarnations[w] = incarnation
+            return events
 
-    async def seed(self, hashes: list[tuple[str, str, str, str]]) -> None:
-        """Images kept by an earlier run of the job (resume): the index starts with them."""
-        await self.dedup.seed.remote(hashes)
+        return list(await asyncio.gather(*(one(w) for w in range(len(self.handles)))))
+
+    async def revive(self, worker: int) -> bool:
+        try:
+            incarnation = await asyncio.wait_for(result(self.handles[worker].start.remote()), 5.0)
+        except (asyncio.TimeoutError, GetTimeoutError, RayTaskError, *_LOST):
+            return False
+        self.incarnations[worker] = incarnation
+        return True
+
+    async def reset(self) -> None:
+        await asyncio.gather(*(result(h.discard.remote()) for h in self.handles),
+                             return_exceptions=True)
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel.remote()
+
+    async def dedup_stats(self) -> dict[str, Any]:
+        stats = await asyncio.gather(*(result(p.stats.remote()) for p in self.partitions),
+                                     return_exceptions=True)
+        total: Counter = Counter()
+        for s in stats:
+            if isinstance(s, dict):
+                total.update(s)
+        return {"partitions": len(self.partitions), **dict(total)}
 
     async def engine_stats(self) -> dict[str, Any]:
-        """Each engine's limiter snapshot: pacing, breaker state, quotas, refusals."""
-        snaps = await asyncio.gather(*[lim.snapshot.remote() for lim in self.limiters.values()])
-        return {self._limiter_names[i]: snap for i, snap in zip(self.limiters, snaps)}
-
-    async def fetch_stats(self) -> dict[str, int]:
-        total: Counter = Counter()
-        for stats in await asyncio.gather(*[d.stats.remote() for d in self.downloaders]):
-            total.update({k: v for k, v in stats.items() if isinstance(v, (int, float))})
-        return dict(total)
+        snaps = await asyncio.gather(*[result(lim.snapshot.remote())
+                                       for lim in self.limiters.values()])
+        return {self.limiter_names[i]: snap for i, snap in zip(self.limiters, snaps)}
 
     def shutdown(self) -> None:
-        actors, self._actors_alive = (self.downloaders + self.validators + self.searchers
-                                      + self.scorers + [self.dedup]) \
-            if self._actors_alive else [], False
-        for actor in actors:
+        """Kill the job's actors (their processes end, connections and all): also when the
+        job itself is being cancelled, so nothing here awaits."""
+        for actor in self.handles + self.partitions + self.scorers + [self.quota]:
             ray.kill(actor)
-
-
-class RaySink(JournaledSink):
-    """Writes shards through Ray Data as they fill, in the background; journals each one.
-
-    Selected images wait in the object store (their validator's Arrow table) only until a full
-    shard of them exists; a table is dropped once all its selected images are written.
-    """
-
-    def __init__(self, spec: DatasetSpec, writer: DatasetWriter, backend: RayBackend,
-                 plan: PoolPlan, journal: Optional[Journal] = None,
-                 resume: Optional[ResumeState] = None):
-        super().__init__(journal, resume)
-        self.spec = spec
-        self.writer = writer
-        self.backend = backend
-        self.plan = plan
-        self.pending: list[tuple[int, str]] = []
-        self._unwritten: Counter = Counter()
-        self._flush: Optional[asyncio.Task] = None
-
-    async def add(self, records: list[Record]) -> None:
-        for r in records:
-            self.pending.append((r.extra["batch"], r.id))
-            self._unwritten[r.extra["batch"]] += 1
-        if self._flush is not None and self._flush.done():
-            self._flush.result()
-            self._flush = None
-        if self._flush is None and len(self.pending) >= self.spec.output.shard_size:
-            self._flush = asyncio.ensure_future(self._write_pending(full_only=True))
-
-    async def _write_pending(self, full_only: bool) -> None:
-        size = self.spec.output.shard_size
-        n = (len(self.pending) // size) * size if full_only else len(self.pending)
-        items, self.pending = self.pending[:n], self.pending[n:]
-        if not items:
-            return
-        selected: dict[int, list[str]] = {}
-        for batch, image_id in items:
-            selected.setdefault(batch, []).append(image_id)
-        plan = plan_shards(selected, self.backend.tables, size, first=self.next_shard)
-        self.next_shard += len(plan)
-        self.manifest.extend(await asyncio.to_thread(self._write, plan))
-        for batch, ids in selected.items():
-            self._unwritten[batch] -= len(ids)
-            if self._unwritten[batch] <= 0:
-                self.backend.tables.pop(batch, None)
-                del self._unwritten[batch]
-        await asyncio.to_thread(self.checkpoint)
-
-    def _write(self, plan: dict[int, Any]) -> list[dict[str, Any]]:
-        """Ray Data: one row per shard; each task fetches its tables and writes its shard."""
-        quiet_ray_data()
-        ds = ray.data.from_items([{"shard": k} for k in sorted(plan)],
-                                 override_num_blocks=len(plan))
-        ids = {i for parts in plan.values() for _, part in parts for i in part}
-        updates = {i: u for i, u in self.backend.updates.items() if i in ids}
-        ds = ds.map_batches(write_shards, batch_size=1, batch_format="numpy",
-                            num_cpus=self.plan.write_cpus,
-                            fn_kwargs={"plan": plan, "output": self.spec.output,
-                                       "writer": self.writer, "updates": updates})
-        return ds.take_all()
-
-    async def finish(self, stats: dict[str, Any], partial: bool, merge: bool = False) -> str:
-        if self._flush is not None:
-            await self._flush
-            self._flush = None
-        await self._write_pending(full_only=False)
-        return await asyncio.to_thread(finish_dataset, self.writer, self.spec, self.manifest,
-                                       self.rejects, stats, partial, merge, self.journal)
-
-
-def quiet_ray_data() -> None:
-    """Ray Data's own progress bars and INFO lines would drown the job's display."""
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 class ProgressReporter:
     """Sends snapshots and metric deltas to the progress actor; notices cancel requests."""
 
-    def __init__(self, actor: Any, ledger: Callable[[], JobLedger], backend: RayBackend,
-                 on_cancel: Callable[[], None], local: Optional[Callable] = None):
+    def __init__(self, actor: Any, runner: Callable[[], JobRunner],
+                 local: Optional[Callable] = None):
         self.actor = actor
-        self.ledger = ledger
-        self.backend = backend
-        self.on_cancel = on_cancel
+        self.runner = runner
         self.local = local
         self._sent: dict[str, Counter] = {"candidates": Counter(), "accepted": Counter(),
                                           "rejected": Counter()}
         self._bytes = 0
         self._pending: list[ray.ObjectRef] = []
 
-    def _deltas(self) -> dict[str, Any]:
-        ledger = self.ledger()
-        now = {"candidates": Counter({k: c.candidates for k, c in ledger.classes.items()}),
-               "accepted": Counter({k: c.accepted for k, c in ledger.classes.items()}),
-               "rejected": Counter()}
+    def _deltas(self, snapshot: dict[str, Any]) -> dict[str, Any]:
         from builder.reasons import Reason, stage_of
 
-        for c in ledger.classes.values():
+        counts = self.runner().counts
+        now = {"candidates": Counter({k: c.candidates for k, c in counts.classes.items()}),
+               "accepted": Counter({k: c.accepted for k, c in counts.classes.items()}),
+               "rejected": Counter()}
+        for c in counts.classes.values():
             for reason, n in c.rejected.items():
                 now["rejected"][f"{stage_of(Reason(reason)).value}:{reason}"] += n
         deltas: dict[str, Any] = {}
-        for key, counts in now.items():
-            deltas[key] = {k: v - self._sent[key][k] for k, v in counts.items()
+        for key, values in now.items():
+            deltas[key] = {k: v - self._sent[key][k] for k, v in values.items()
                            if v - self._sent[key][k] > 0}
-            self._sent[key] = counts
-        deltas["bytes"] = ledger.bytes_downloaded - self._bytes
-        self._bytes = ledger.bytes_downloaded
-        deltas["queues"] = {"batches_in_flight": self.backend.in_flight}
+            self._sent[key] = values
+        deltas["bytes"] = max(0, counts.bytes_downloaded - self._bytes)
+        self._bytes = counts.bytes_downloaded
+        deltas["queues"] = {"units_in_flight": snapshot.get("units_in_flight", 0)}
         return deltas
 
     def __call__(self, snapshot: dict[str, Any]) -> None:
         # Wait briefly for the answer (at most every progress_every_s), so a cancel request is
         # seen within one interval; late answers are kept and read next time, never dropped.
-        self._pending.append(self.actor.update.remote(snapshot, self._deltas()))
+        self._pending.append(self.actor.update.remote(snapshot, self._deltas(snapshot)))
         ready, self._pending = ray.wait(self._pending, num_returns=len(self._pending),
                                         timeout=1.0)
         if any(ray.get(ready)):
-            self.on_cancel()
+            self.runner().cancel()
         if self.local is not None:
             self.local(snapshot)
 
@@ -291,11 +246,10 @@ def check_fits(plan: PoolPlan, resources: dict[str, float]) -> None:
     have = resources.get("CPU", 0.0)
     if need["CPU"] > have + 1e-6:
         raise PlanningError(
-            f"the job's pools need {need['CPU']:.2f} CPUs but the cluster has {have:g}: lower "
-            f"resources.hash_actors ({plan.hash_actors}) x hash_cpus ({plan.hash_cpus}), "
-            f"download_actors ({plan.download_actors}) x download_cpus ({plan.download_cpus}), "
-            f"write_cpus ({plan.write_cpus}), or leave the actor counts unset to size them "
-            "from the cluster")
+            f"the job's actors need {need['CPU']:.2f} CPUs but the cluster has {have:g} free "
+            "(other jobs or Serve may hold the rest): lower resources.workers "
+            f"({plan.workers}) x worker_cpus ({plan.worker_cpus}), or leave resources.workers "
+            "unset to size the pool from what is free")
 
 
 def check_gpus(spec: DatasetSpec, plan: PoolPlan, resources: dict[str, float]) -> PoolPlan:
@@ -316,6 +270,92 @@ def check_gpus(spec: DatasetSpec, plan: PoolPlan, resources: dict[str, float]) -
     return replace(plan, gpus_per_actor=0.0)
 
 
+MIN_WORKER_CPUS = 0.25
+"""The smallest worker a job sized from what is free starts with."""
+
+
+async def free_resources(spec: DatasetSpec, wait_s: float = 15.0) -> dict[str, float]:
+    """What the job may use: the cluster's free resources (a cluster that also runs Serve or
+    other jobs would otherwise leave workers waiting for CPUs forever). Actors of a job that
+    just ended free their CPUs a moment after they are killed, so this waits, up to
+    ``wait_s``, for room for the job's small actors and one worker."""
+    from actors.options import CPUS_PER_PARTITION, SMALL_CPUS
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    partitions = spec.resources.dedup_partitions or max(1, int(-(-total // CPUS_PER_PARTITION)))
+    need = (partitions + 2) * SMALL_CPUS + (spec.resources.worker_cpus * (
+        spec.resources.workers or 0) or MIN_WORKER_CPUS)
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = ray.available_resources()
+        if free.get("CPU", 0.0) + 1e-6 >= min(need, total) or time.monotonic() > deadline:
+            return free
+        await asyncio.sleep(0.2)
+
+
+def cpu_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+
+
+@ray.remote(num_cpus=0)
+def _probe(uri: str, storage_options: Optional[dict], name: str, expect: list[str]
+           ) -> tuple[str, list[str]]:
+    """On one node: write a probe file into the shared output, list the others it can see."""
+    fs, root = open_fs(uri, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{name}", b"probe")
+    missing = [p for p in expect if not fs.exists(f"{root}/{p}")]
+    return ray.get_runtime_context().get_node_id(), missing
+
+
+def check_output_nodes(spec: DatasetSpec, uri: str, storage_options: Optional[dict]) -> None:
+    """A local output on a cluster of several nodes works only on a filesystem they share:
+    refuse it unless the spec says so, and then prove it with a probe on every node."""
+    nodes = cpu_nodes()
+    if not is_local_uri(uri) or len(nodes) <= 1:
+        return
+    if not spec.output.shared_filesystem:
+        raise PlanningError(
+            f"the output {uri} is a local path, but the cluster has {len(nodes)} nodes and each "
+            "would write to its own disk: use an object store (s3://bucket/prefix, gs://...), "
+            "or, if the path is on a filesystem every node mounts (NFS, ...), set "
+            "output.shared_filesystem: true")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex[:8]
+    names = [f".pixcrawler-probe-{token}-{i}" for i in range(len(nodes))]
+    refs = [_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(uri, storage_options, names[i], [])
+        for i, n in enumerate(nodes)]
+    ray.get(refs)
+    checks = [_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(uri, storage_options, f"{names[i]}-seen", names)
+        for i, n in enumerate(nodes)]
+    problems = [(node, missing) for node, missing in ray.get(checks) if missing]
+    fs, root = open_fs(uri, storage_options)
+    for name in names:
+        for path in (f"{root}/{name}", f"{root}/{name}-seen"):
+            if fs.exists(path):
+                fs.rm(path)
+    if problems:
+        raise PlanningError(
+            f"output.shared_filesystem is set, but node {problems[0][0][:12]} cannot see files "
+            f"other nodes wrote under {uri}: it is not shared. Use an object store, or mount "
+            "the same filesystem on every node")
+
+
+def check_job_output(uri: str) -> None:
+    """Under ``ray job submit`` a relative local path would land in the job's working
+    directory, which Ray deletes when the job ends."""
+    if is_local_uri(uri) and os.environ.get(SUBMITTED_JOB_ENV) is not None \
+            and not os.path.isabs(os.path.expanduser(uri.removeprefix("file://"))):
+        raise PlanningError(
+            f"the output {uri!r} is a relative path, and this job runs under 'ray job submit', "
+            "whose working directory Ray deletes when the job ends: give an absolute path "
+            "(on a filesystem that outlives the job) or an object store URI (--output "
+            "s3://bucket/prefix)")
+
+
 async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                         uri: Optional[str] = None, progress: Optional[Callable] = None,
                         storage_options: Optional[dict] = None, resume: bool = False,
@@ -323,90 +363,51 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                         install_signals: bool = False, runner_hook=None) -> JobResult:
     """Run one job on the connected Ray cluster (``resume``: continue an interrupted one;
     ``continuation``: a ready-made one, e.g. from ``plan_retry``)."""
+    from builder.pipeline import units_per_worker
+
     uri = uri or spec.output_uri()
-    cont = continuation or await asyncio.to_thread(
-        plan_continuation, spec, uri, job_id=job_id, resume=resume,
-        storage_options=storage_options)
-    job_id = cont.job_id
-    writer = DatasetWriter(spec.output, uri, job_id, storage_options, labels=spec.labels)
-    if not cont.merge and cont.state is None:
-        await asyncio.to_thread(writer.check_output)
-    resources = ray.cluster_resources()
-    plan = check_gpus(spec, plan_pools(spec, resources), resources)
+    check_job_output(uri)
+    await asyncio.to_thread(check_output_nodes, spec, uri, storage_options)
+    resources = await free_resources(spec)
+    plan = check_gpus(spec, plan_pools(spec, resources, units_per_worker(spec)), resources)
     check_fits(plan, resources)
     if plan.slow:
         from builder.slow import check_slow_requirements
 
         await asyncio.to_thread(check_slow_requirements, spec)
-    engines = build_engines(spec)
-    meta = engine_names(engines)
-    list_sources = {i: e for i, e in enumerate(engines) if not e.query_based}
-    for engine in engines:
-        if engine.query_based:
-            engine.close()
-    await asyncio.to_thread(cont.journal.start, spec)
-    log.info("[%s] starting: %d classes, pools %s", job_id, len(spec.labels), plan)
+    life = JobLifecycle(spec, uri=uri, job_id=job_id, storage_options=storage_options,
+                        resume=resume, continuation=continuation)
+    await asyncio.to_thread(life.prepare)
+    job_id = life.job_id
+    log.info("[%s] starting: %d classes, %d workers of %g CPU, %d index partitions", job_id,
+             len(spec.labels), plan.workers, plan.worker_cpus, plan.partitions)
     progress_actor = ProgressActor.options(name=progress_name(job_id), namespace=NAMESPACE,
                                            get_if_exists=True).remote(job_id, spec.name)
-    backend = RayBackend(spec, plan, job_id, meta, list_sources)
-    sink = RaySink(spec, writer, backend, plan, cont.journal, cont.state)
-    runner: Optional[JobRunner] = None
-    loop = asyncio.get_running_loop()
+    executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1))
     try:
-        if cont.state is not None:
-            await backend.seed(cont.state.hashes)
-        extra, expansion = ({}, {"enabled": False}) if cont.retry is not None \
-            else await asyncio.to_thread(expand_queries, spec)
-        runner = JobRunner(spec, backend, sink, [] if cont.retry is not None else meta,
-                           batch_size=plan.batch_size, extra_queries=extra,
-                           resume=cont.state, seed_candidates=cont.retry,
-                           max_in_flight=plan.max_in_flight,
-                           search_concurrency=max(2, plan.search_workers * 2))
-        runner.progress = ProgressReporter(progress_actor, lambda: runner.ledger, backend,
-                                           runner.cancel, progress)
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, _cancel_once(loop, sig, runner, job_id))
-        if runner_hook is not None:
-            runner_hook(runner)
-        stats = await runner.run()
-        stats.update(job_id=job_id, name=spec.name, output_uri=uri, runner="ray",
-                     fetch=await backend.fetch_stats(), pools=plan.__dict__,
-                     keyword_expansion=expansion, engines=await backend.engine_stats(),
-                     partial_reason="cancelled" if runner.cancelled else "",
-                     resumed=cont.state is not None)
+        await executor.start()
+        reporter = ProgressReporter(progress_actor, lambda: life.runner, progress)
+        outcome = await life.run(executor, units_per_worker=plan.units_per_worker,
+                                 progress=reporter, install_signals=install_signals,
+                                 runner_hook=runner_hook)
         progress_actor.set_state.remote("writing")
-        backend.shutdown()
-        published = await sink.finish(stats, partial=runner.cancelled, merge=cont.merge)
-        state = "cancelled" if runner.cancelled else "succeeded"
-        await progress_actor.set_state.remote(state, output_uri=published, stats=stats)
-        log.info("[%s] %s: %d accepted, %d rejected of %d candidates -> %s", job_id, state,
-                 stats["accepted"], stats["rejected"], stats["candidates"], published)
-        return JobResult(job_id, published, stats, partial=runner.cancelled)
+        extra = {"runner": "ray", "pools": plan.__dict__, "engines": await executor.engine_stats(),
+                 "dedup": await executor.dedup_stats(),
+                 "workers_by_node": dict(executor.nodes)}
+        done = await asyncio.to_thread(life.publish, outcome, extra)
+        state = "cancelled" if outcome.cancelled else ("succeeded" if not done.partial
+                                                       else "empty")
+        await result(progress_actor.set_state.remote(state, output_uri=done.uri,
+                                                     stats=done.stats))
+        return done
     except BaseException as exc:
         progress_actor.set_state.remote("failed", error=f"{type(exc).__name__}: {exc}")
-        log.error("[%s] failed (%s: %s); what was written is journaled at %s: continue it "
-                  "with --resume", job_id, type(exc).__name__, exc, uri)
+        log.error("[%s] failed (%s: %s); what was committed is journaled at %s: continue it "
+                  "with --resume", job_id, type(exc).__name__, exc, join(uri, ""))
         raise
     finally:
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-        backend.shutdown()
-        backend.tables.clear()
-        for engine in list_sources.values():
-            engine.close()
+        executor.shutdown()
         ray.kill(progress_actor)
-
-
-def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
-                 job_id: str) -> Callable:
-    def handler() -> None:
-        log.warning("[%s] %s: stopping; what is accepted so far is written as a partial result",
-                    job_id, signal.Signals(sig).name)
-        runner.cancel()
-        loop.remove_signal_handler(sig)
-    return handler
 
 
 def run_job(spec: DatasetSpec, *, address: Optional[str] = None, **kwargs: Any) -> JobResult:

@@ -1,4 +1,6 @@
-"""Search sources behind one interface (``base.SearchEngine``); ``make_engine`` builds one."""
+"""Search engines behind one interface (``base.SearchEngine``); ``make_engine`` builds one.
+
+URL lists are not engines: workers read them in slices (``builder.listsource``)."""
 
 from __future__ import annotations
 
@@ -24,14 +26,6 @@ def _sandbox(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.sandbox import SandboxEngine
 
     return SandboxEngine(src.url or "", timeout_s=spec.download.timeout_s)
-
-
-@register("urllist")
-def _urllist(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
-    from builder.engines.urllist import UrlListEngine
-
-    return UrlListEngine(src.path or "", url_column=src.url_column, label_column=src.label_column,
-                         labels=spec.labels)
 
 
 def make_engine(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:

@@ -1,20 +1,25 @@
-"""The shared job loop without Ray or network: planner, ledger, runner, resume seeding.
+"""The driver's loop without Ray or network: planner, counts, resends, resume, cancel.
 
-The backend here is an in-memory stand-in for fetch/validate/dedup: it accepts URLs ending in
-'.ok' and rejects the rest as http_client_error, so the loop's own logic is what is tested.
+The executor here is an in-memory stand-in for the workers: a search unit's page comes from a
+table, a URL ending in '.ok' is a valid image and the rest are rejected as http_client_error,
+and grants come from a real quota ledger. So what is tested is the driver's own logic.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections import Counter
+from typing import Optional
 
-from builder.engines.base import SearchEngine, SearchHit, SearchPage
+import pytest
+
+from builder.job import IndexLost, JobCounts, JobRunner, UnitPlanner, WorkerLost
 from builder.journal import ResumeState
-from builder.job import JobLedger, JobRunner, SearchPlanner, SearchTask
+from builder.listsource import SlicePlan
+from builder.quota import QuotaLedger
 from builder.reasons import Reason
-from builder.records import Candidate, Record
 from builder.spec import parse_spec
+from builder.units import SEARCH, SearchOutcome, UnitReport, WorkerEvents, WorkUnit
 
 
 def spec(**extra):
@@ -26,195 +31,243 @@ def spec(**extra):
     return parse_spec(data)
 
 
-class ListBackend:
-    def __init__(self, pages: dict[tuple[int, str], list[str]]):
+class FakeExecutor:
+    """Workers that decide units from ``pages`` and commit them at once (or, with
+    ``defer``, only at flush: the units a lost worker had reported are then resent)."""
+
+    def __init__(self, s, pages: dict[tuple[int, str], list[str]], workers: int = 1,
+                 defer: bool = False):
+        self.spec = s
         self.pages = pages
-        self.searches: list[SearchTask] = []
-        self.forgotten: list[str] = []
+        self.workers = workers
+        self.defer = defer
+        self.ledger = QuotaLedger({label: s.target_of(label) for label in s.labels})
+        self.runs: list[WorkUnit] = []
+        self.pending: dict[int, list[str]] = {w: [] for w in range(workers)}
+        self.fail_next: Optional[BaseException] = None
+        self.cancelled = False
+        self.resets = 0
 
-    async def search(self, task: SearchTask) -> SearchPage:
-        self.searches.append(task)
-        urls = self.pages.get((task.source, task.query), [])
-        chunk = urls[task.page * task.per_page:(task.page + 1) * task.per_page]
-        return SearchPage([SearchHit(u) for u in chunk],
-                          has_more=(task.page + 1) * task.per_page < len(urls))
-
-    async def process(self, records: list[Record]) -> list[Record]:
-        for r in records:
-            if r.candidate.url.endswith(".ok"):
-                r.sha256 = f"{abs(hash(r.candidate.url)):064x}"[:64]
+    async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        await asyncio.sleep(0)
+        self.runs.append(unit)
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        report = UnitReport(unit.uid)
+        urls = self.pages.get((unit.source, unit.query), [])
+        chunk = urls[unit.page * unit.per_page:(unit.page + 1) * unit.per_page]
+        report.search = SearchOutcome(hits=len(chunk),
+                                      has_more=(unit.page + 1) * unit.per_page < len(urls))
+        tally = report.tally(unit.label)
+        valid = 0
+        for url in chunk:
+            tally.candidates += 1
+            if self.cancelled:
+                tally.rejected[Reason.CANCELLED.value] += 1
+            elif url.endswith(".ok"):
+                valid += 1
             else:
-                r.reject(Reason.HTTP_CLIENT_ERROR, "404")
-        return records
+                tally.rejected[Reason.HTTP_CLIENT_ERROR.value] += 1
+        granted = self.ledger.grant(unit.uid, {unit.label: valid}, {}).get(unit.label, 0)
+        tally.accepted += granted
+        if valid - granted:
+            tally.rejected[Reason.OVER_TARGET.value] += valid - granted
+        self.pending[worker].append(unit.uid)
+        committed = [] if self.defer else self._commit(worker)
+        return report, WorkerEvents(f"w{worker}", committed)
 
-    async def forget(self, image_ids: list[str]) -> None:
-        self.forgotten.extend(image_ids)
+    def _commit(self, worker: int) -> list[str]:
+        out, self.pending[worker] = self.pending[worker], []
+        for uid in out:
+            self.ledger.commit(uid, dict(self.ledger.grants.get(uid, {})))
+        return out
+
+    async def flush(self) -> list[WorkerEvents]:
+        return [WorkerEvents(f"w{w}", self._commit(w)) for w in range(self.workers)]
+
+    async def revive(self, worker: int) -> bool:
+        return True
+
+    async def reset(self) -> None:
+        self.resets += 1
+        for w in self.pending:
+            for uid in self.pending[w]:
+                self.ledger.release(uid)
+            self.pending[w] = []
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
-class Sink:
-    def __init__(self):
-        self.accepted: list[Record] = []
-        self.rejected: list[Record] = []
-
-    async def add(self, records):
-        self.accepted.extend(records)
-
-    def add_rejected(self, records):
-        self.rejected.extend(records)
+def run(s, executor, resume: Optional[ResumeState] = None, **kw):
+    planner = UnitPlanner(s, resume=resume)
+    counts = JobCounts(s)
+    for _, report in (resume.reports if resume else []):
+        counts.add(report)
+    runner = JobRunner(s, executor, planner, counts, **kw)
+    outcome = asyncio.run(runner.run())
+    return runner, outcome.stats
 
 
-def run(s, backend, **kw):
-    sink = Sink()
-    runner = JobRunner(s, backend, sink, [("sandbox", True), ("sandbox", True)], batch_size=4,
-                       **kw)
-    stats = asyncio.run(runner.run())
-    return runner, sink, stats
+def check_exact(stats):
+    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
+    for c in stats["classes"].values():
+        assert c["accepted"] + c["rejected"] == c["candidates"]
 
 
 def test_planner_uses_sources_in_order_and_records_fallback():
     s = spec()
-    planner = SearchPlanner(s, [("a", True), ("b", True)])
-    first = planner.next_task("cat")
-    assert first.source == 0
-    planner.failed(first, final=True)
-    second = planner.next_task("cat")
-    assert second.source == 0 and second.query != first.query
-    planner.done(second, SearchPage([], has_more=False))
-    third = planner.next_task("cat")
-    assert third.source == 1
-    assert planner.fallbacks == [{"label": "cat", "from": "a", "to": "b", "reason": "failing"}]
+    planner = UnitPlanner(s)
+    first = planner.next_class_unit("cat", 0.0)
+    assert first.source == 0 and first.query == "q1" and first.kind == SEARCH
+    planner.reported(first, UnitReport(first.uid, search=SearchOutcome(hits=2, has_more=False)),
+                     0.0)
+    second = planner.next_class_unit("cat", 0.0)
+    assert second.source == 0 and second.query == "q2"
+    planner.reported(second, UnitReport(second.uid, search=SearchOutcome(hits=0)), 0.0)
+    third = planner.next_class_unit("cat", 0.0)
+    assert third.source == 1 and planner.fallbacks[0]["reason"] == "exhausted"
 
 
 def test_runner_reaches_target_with_exact_accounting():
-    pages = {(0, "q1"): ["http://h/u1.bad", "http://h/u2.ok", "http://h/u3.ok",
-                         "http://h/u2.ok"],
-             (0, "q2"): ["http://h/u4.ok", "http://h/u5.bad"],
-             (1, "q1"): ["http://h/v1.ok", "http://h/v2.ok"], (1, "q2"): ["http://h/v3.ok"]}
-    runner, sink, stats = run(spec(), ListBackend(pages))
-    assert stats["accepted"] == 3 == len(sink.accepted)
-    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
-    assert len(sink.rejected) == stats["rejected"]
-    reasons = {r.reason for r in sink.rejected}
-    assert reasons <= {"http_client_error", "duplicate_url", "over_target"}
+    pages = {(0, "q1"): ["a.ok", "b.bad", "c.ok", "d.ok", "e.ok"], (0, "q2"): ["f.ok"]}
+    runner, stats = run(spec(), FakeExecutor(spec(), pages))
+    check_exact(stats)
+    assert stats["classes"]["cat"]["accepted"] == 3 and not stats["shortfall"]
 
 
 def test_sources_dry_gives_shortfall_and_snapshot_counts_reasons():
-    pages = {(0, "q1"): ["http://h/a.ok", "http://h/b.bad"], (1, "q2"): ["http://h/c.bad"]}
-    runner, sink, stats = run(spec(), ListBackend(pages))
+    pages = {(0, "q1"): ["a.bad", "b.ok"], (1, "q1"): ["c.bad"]}
+    runner, stats = run(spec(), FakeExecutor(spec(), pages))
+    check_exact(stats)
     assert stats["shortfall"] == {"cat": 2}
-    snap = runner.ledger.snapshot()
-    assert snap["rejected_by_reason"] == {"http_client_error": 2}
-    assert snap["classes"]["cat"]["rejected_by_reason"] == {"http_client_error": 2}
+    assert runner.counts.snapshot()["rejected_by_reason"] == {"http_client_error": 2}
 
 
-def test_over_target_is_rejected_and_forgotten():
-    ledger = JobLedger(spec(target=1))
-    recs = [Record(Candidate(f"http://x/{i}.ok", "cat"), sha256=f"{i:064x}") for i in range(3)]
-    accepted = ledger.settle(recs)
-    assert len(accepted) == 1
-    assert [r.reason for r in recs[1:]] == ["over_target", "over_target"]
-    assert ledger.accepted == 1 and ledger.rejected == 2
+def test_a_lost_worker_s_uncommitted_units_are_resent_and_counted_once():
+    s = spec(target=6)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(4)], (0, "q2"): [f"x{i}.ok" for i in range(4)]}
+    executor = FakeExecutor(s, pages, defer=True)
+    ran = []
+
+    async def failing_run(worker, unit, original=executor.run):
+        ran.append(unit)
+        if len(ran) == 3:  # the worker dies after it reported two units it never committed
+            await executor.reset()
+            raise WorkerLost(worker, "node removed")
+        return await original(worker, unit)
+
+    executor.run = failing_run
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 6 and stats["resent_units"] >= 3
+    resent = [u for u in ran if u.attempt > 0]
+    assert {u.uid for u in resent} >= {u.uid for u in ran[:3]}
+    assert executor.ledger.accepted["cat"] == 6
 
 
-def test_resume_skips_each_decided_candidate_once():
-    s = spec(target=10)
-    done = Candidate("http://h/u2.ok", "cat")
-    state = ResumeState("j", manifest=[{"id": "i1", "label": "cat", "url": "http://h/u2.ok",
-                                        "shard": 0}])
-    pages = {(0, "q1"): ["http://h/u2.ok", "http://h/u3.ok", "http://h/u2.ok"],
-             (0, "q2"): ["http://h/u4.ok"]}
-    runner, sink, stats = run(s, ListBackend(pages), resume=state)
-    assert done.key in {Candidate(m["url"], m["label"]).key for m in state.manifest}
-    urls = [r.candidate.url for r in sink.accepted]
-    assert "http://h/u2.ok" not in urls
-    assert stats["classes"]["cat"]["accepted"] == 3
-    dup = [r for r in sink.rejected if r.reason == "duplicate_url"]
-    assert [r.candidate.url for r in dup] == ["http://h/u2.ok"]
-    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
+def test_a_lost_index_resends_everything_uncommitted():
+    s = spec(target=4)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(4)], (0, "q2"): [f"x{i}.ok" for i in range(4)]}
+    executor = FakeExecutor(s, pages, defer=True)
+    calls = []
+
+    async def run_(worker, unit, original=executor.run):
+        calls.append(unit)
+        if len(calls) == 2:
+            raise IndexLost("index partition 0 restarted")
+        return await original(worker, unit)
+
+    executor.run = run_
+    _, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 4 and executor.resets == 1
 
 
-def test_unreadable_source_falls_back_like_an_unavailable_engine():
-    """A source that cannot be read (SourceError, not only EngineUnavailable) is given up on
-    and the next source takes over, in both runners alike."""
-    from builder.errors import SourceError
-
-    class Unreadable(ListBackend):
-        async def search(self, task: SearchTask) -> SearchPage:
-            if task.source == 0:
-                self.searches.append(task)
-                raise SourceError("urls.csv: row 3 has no column 'url'")
-            return await super().search(task)
-
-    pages = {(1, "q1"): ["http://h/v1.ok", "http://h/v2.ok", "http://h/v3.ok"]}
-    runner, sink, stats = run(spec(), Unreadable(pages))
-    assert stats["accepted"] == 3
-    assert {(f["from"], f["to"]) for f in runner.planner.fallbacks} == {("sandbox", "sandbox")}
-    assert any("row 3" in e["error"] for e in runner.search_errors)
+def test_resume_skips_committed_units_and_keeps_their_counts():
+    s = spec()
+    pages = {(0, "q1"): ["a.ok", "b.ok", "c.ok", "d.ok"], (0, "q2"): []}
+    planner = UnitPlanner(s)
+    done = planner.next_class_unit("cat", 0.0)
+    report = UnitReport(done.uid, search=SearchOutcome(hits=2, has_more=True))
+    report.tally("cat").candidates = 2
+    report.tally("cat").accepted = 2
+    state = ResumeState("j", {done.uid}, [(done, report)])
+    executor = FakeExecutor(s, pages)
+    executor.ledger.accepted["cat"] = 2
+    _, stats = run(s, executor, resume=state)
+    check_exact(stats)
+    assert done.uid not in {u.uid for u in executor.runs}
+    assert stats["classes"]["cat"]["accepted"] == 3 and stats["candidates"] == 4
 
 
-class CarelessJsonEngine(SearchEngine):
-    """Parses canned JSON answers (query -> page -> body) trusting their types, as the web
-    engines did before: wrong types raise KeyError/TypeError/... or make non-string hits."""
+def test_search_errors_fall_back_to_the_next_source():
+    s = spec()
+    executor = FakeExecutor(s, {(1, "q1"): ["a.ok", "b.ok"], (1, "q2"): ["c.ok"]})
+    original = executor.run
 
-    name = "careless"
+    async def run_(worker, unit):
+        if unit.source == 0:
+            report = UnitReport(unit.uid, search=SearchOutcome(error="503", final=True))
+            return report, WorkerEvents("w0", [unit.uid])
+        return await original(worker, unit)
 
-    def __init__(self, answers: dict[tuple[str, int], Any]):
-        self.answers = answers
-
-    def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
-        body = self.answers.get((query, page), {"results": []})
-        hits = [SearchHit(url=r["url"], rank=i, license=r.get("license", "").strip())
-                for i, r in enumerate(body["results"])]
-        return SearchPage(hits, has_more=int(body.get("page_count", 0)) > page + 1)
-
-
-class EngineBackend(ListBackend):
-    """Searches source 0 with a real engine object, called like the local pipeline calls it."""
-
-    def __init__(self, engine: SearchEngine, pages: dict[tuple[int, str], list[str]]):
-        super().__init__(pages)
-        self.engine = engine
-
-    async def search(self, task: SearchTask) -> SearchPage:
-        if task.source != 0:
-            return await super().search(task)
-        self.searches.append(task)
-        return await asyncio.to_thread(self.engine.search, task.query, label=task.label,
-                                       page=task.page, per_page=task.per_page)
+    executor.run = run_
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 3 and runner.planner.fallbacks[0]["reason"] == "failing"
+    assert len(stats["search_errors"]) == 2
 
 
-def test_malformed_engine_answers_are_engine_errors_and_the_next_source_takes_over():
-    """An answer of the wrong types (a number as license, a missing url) fails that search
-    (retried, then given up on), not the job."""
-    answers = {("q1", 0): {"results": [{"url": "http://h/a.ok", "license": 5}]},
-               ("q2", 0): {"results": [{"title": "no url"}], "page_count": float("inf")}}
-    pages = {(1, "q1"): ["http://h/v1.ok", "http://h/v2.bad", "http://h/v3.ok"],
-             (1, "q2"): ["http://h/v4.ok"]}
-    runner, sink, stats = run(spec(), EngineBackend(CarelessJsonEngine(answers), pages))
-    assert stats["accepted"] == 3 == len(sink.accepted)
-    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
-    assert len(sink.rejected) == stats["rejected"]
-    assert all(r.candidate.engine == "sandbox" and isinstance(r.candidate.url, str)
-               for r in sink.accepted + sink.rejected)
-    errors = [e["error"] for e in runner.search_errors]
-    assert errors and all(e.startswith("careless: malformed response:") for e in errors)
-    assert {"label": "cat", "from": "sandbox", "to": "sandbox", "reason": "failing"} in \
-        runner.planner.fallbacks
+def test_list_sources_are_sliced_and_skip_done_slices():
+    s = parse_spec({"name": "t", "target": 100, "classes": ["cat"],
+                    "sources": [{"engine": "urllist", "path": "/nonexistent.txt"}]})
+    plan = SlicePlan("/nonexistent.txt", "txt", count=5, size=500, slice_bytes=100)
+    state = ResumeState("j", {"l00-00000001"}, [])
+    planner = UnitPlanner(s, list_plans={0: plan}, resume=state)
+    waiting = planner.waiting_on_list("cat")
+    units = [planner.next_list_unit(waiting) for _ in range(5)]
+    assert [u.slice for u in units if u] == [0, 2, 3, 4]
+    assert not planner.exhausted("cat")
+    for u in units:
+        if u:
+            planner.reported(u, UnitReport(u.uid), 0.0)
+    assert planner.exhausted("cat")
 
 
-def test_non_string_urls_never_reach_the_url_checks():
-    """Hits whose URL is a number, an object or null fail their search; good pages before
-    them still count, and every admitted candidate is accounted for."""
-    answers = {("q1", 0): {"results": [{"url": "http://h/a.ok"}, {"url": "http://h/b.bad"}],
-                           "page_count": 3},
-               ("q1", 1): {"results": [{"url": "http://h/c.ok"}, {"url": 12345}],
-                           "page_count": 3},
-               ("q2", 0): {"results": [{"url": None}]}}
-    pages = {(1, "q1"): ["http://h/v1.ok", "http://h/v2.ok"]}
-    runner, sink, stats = run(spec(), EngineBackend(CarelessJsonEngine(answers), pages))
-    urls = sorted(r.candidate.url for r in sink.accepted + sink.rejected)
-    assert "http://h/c.ok" not in urls  # its page failed as a whole
-    assert {"http://h/a.ok", "http://h/b.bad"} <= set(urls)
-    assert stats["accepted"] == 3
-    assert stats["accepted"] + stats["rejected"] == stats["candidates"] == len(urls)
-    assert any("SearchHit.url must be a str" in e["error"] for e in runner.search_errors)
+def test_cancel_ends_in_flight_units_cancelled_and_stops_issuing():
+    s = spec(target=50)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(100)], (0, "q2"): []}
+    executor = FakeExecutor(s, pages)
+    holder = {}
+
+    async def main():
+        planner, counts = UnitPlanner(s), JobCounts(s)
+        runner = JobRunner(s, executor, planner, counts)
+        holder["runner"] = runner
+        task = asyncio.ensure_future(runner.run())
+        while runner.counts.accepted < 4:
+            await asyncio.sleep(0)
+        runner.cancel()
+        return await task
+
+    outcome = asyncio.run(main())
+    check_exact(outcome.stats)
+    assert outcome.cancelled and executor.cancelled
+    assert outcome.stats["accepted"] < 50
+
+
+@pytest.mark.parametrize("target", [1, 7])
+def test_counts_take_back_a_report_exactly(target):
+    s = spec(target=target)
+    counts = JobCounts(s)
+    report = UnitReport("u")
+    report.tally("cat").candidates = 5
+    report.tally("cat").accepted = 2
+    report.tally("cat").rejected.update({"timeout": 3})
+    report.by_stage["fetch"] += 3
+    counts.add(report)
+    counts.add(report, -1)
+    assert counts.candidates == counts.accepted == counts.rejected == 0
+    assert +counts.by_stage == Counter()

@@ -19,7 +19,11 @@ from builder.card import hierarchy_markdown
 from builder.pipeline import run_local
 from builder.records import Candidate, Record, accepted_row
 from builder.spec import parse_spec
-from builder.writers import DatasetWriter, read_dataset
+import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
+
+from builder.journal import Journal
+from builder.writers import DatasetPublisher, LabelManifests, ShardWriter, read_dataset
 
 FORMATS = ["txt", "json", "csv", "yaml"]
 SPEC = {
@@ -59,20 +63,31 @@ def make_rows(labels: list[str], per_label: int = 3) -> list[dict]:
     return rows
 
 
+def write_dataset(spec, out, rows, labels, job_id: str = "job1") -> list[dict]:
+    """Shards of ``rows`` (7, then the rest, per split) and the publish; the manifest."""
+    writer = ShardWriter(spec.output, str(out), labels)
+    journal = Journal(str(out), job_id)
+    manifest = []
+    for number, part in enumerate((rows[:7], rows[7:])):
+        for split in sorted({r["split"] for r in part}):
+            manifest += writer.write([r for r in part if r["split"] == split], split, number,
+                                     journal).to_pylist()
+    stats = {"accepted": len(rows), "rejected": 0, "candidates": len(rows), "classes": {
+        label: {"target": 5, "accepted": 3, "candidates": 4, "rejected": 1, "shortfall": 2}
+        for label in spec.labels}}
+    DatasetPublisher(spec.output, str(out), job_id, labels=labels).publish(
+        manifest_rows=iter(manifest), reject_tables=[], stats=stats, spec_name=spec.name,
+        description="", spec_yaml="name: tree\n")
+    journal.remove()
+    return manifest
+
+
 @pytest.fixture
 def published(tmp_path):
     spec = parse_spec(SPEC)
     out = tmp_path / "ds"
     rows = make_rows(spec.labels)
-    w = DatasetWriter(spec.output, str(out), "job1", labels=spec.labels)
-    manifest = w.write_shard(rows[:7], 0) + w.write_shard(rows[7:], 1)
-    w.write_manifests(manifest, spec.labels)
-    stats = {"accepted": len(rows), "classes": {
-        label: {"target": 5, "accepted": 3, "candidates": 4, "rejected": 1, "shortfall": 2}
-        for label in spec.labels}}
-    w.write_stats(stats)
-    w.write_card(spec.name, "", stats, "name: tree\n")
-    w.publish()
+    manifest = write_dataset(spec, out, rows, spec.labels)
     return spec, out, rows, manifest
 
 
@@ -128,14 +143,15 @@ def test_every_image_has_a_label_file_in_each_format(published):
     assert {by_id[m["id"]]["license"] for m in manifest} == {"", "cc-by-sa", "cc by\t4.0"}
 
 
-def test_label_files_are_listed_in_success_and_only_beside_images(published):
+def test_label_files_are_counted_in_success_and_only_beside_images(published):
     _, out, rows, _ = published
-    listed = {f["path"] for f in json.loads((out / "_SUCCESS").read_text())["files"]}
-    under = [p for p in listed if p.startswith("imagefolder/")]
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["counts"]["imagefolder_files"] == len(rows) * 5
+    under = [p for p in (out / "imagefolder").rglob("*") if p.is_file()]
     assert len(under) == len(rows) * 5
-    stems = {p.rsplit(".", 1)[0] for p in under}
+    stems = {p.with_suffix("") for p in under}
     assert len(stems) == len(rows)
-    assert {p.rsplit(".", 1)[1] for p in under} == {"jpg", *FORMATS}
+    assert {p.suffix[1:] for p in under} == {"jpg", *FORMATS}
 
 
 def test_manifests_carry_level_columns(published):
@@ -164,12 +180,13 @@ def test_class_index_map_is_sorted_and_stable(published, tmp_path):
     shuffled = rows[:]
     random.Random(3).shuffle(shuffled)
     other = tmp_path / "other"
-    labels = list(reversed(spec.labels))
-    w = DatasetWriter(spec.output, str(other), "job2", labels=labels)
-    w.write_manifests(w.write_shard(shuffled[:7], 0) + w.write_shard(shuffled[7:], 1), labels)
-    w.publish()
-    for rel in ("classes.json", "classes.txt", "labels.json", "labels.csv", "labels.yaml"):
+    write_dataset(spec, other, shuffled, list(reversed(spec.labels)), "job2")
+    for rel in ("classes.json", "classes.txt"):
         assert (other / rel).read_bytes() == (out / rel).read_bytes(), rel
+    for rel in ("labels.json", "labels.yaml"):
+        assert sorted(json.dumps(e, sort_keys=True) for e in yaml.safe_load(
+            (other / rel).read_text())) == sorted(
+            json.dumps(e, sort_keys=True) for e in yaml.safe_load((out / rel).read_text()))
     for p in (out / "imagefolder").rglob("*"):
         if p.is_file():
             assert (other / p.relative_to(out)).read_bytes() == p.read_bytes()
@@ -210,25 +227,12 @@ def test_hierarchy_without_stats_lists_names_only():
         "- `a` (2 classes)", "  - `b`", "  - `c` (1 class)", "    - `d`"]
 
 
-def test_label_files_without_writer_labels_have_no_class_index(tmp_path):
-    spec = parse_spec(SPEC)
-    rows = make_rows(["plants/rose", "cat"], per_label=1)
-    w = DatasetWriter(spec.output, str(tmp_path / "ds"), "job1")
-    manifest = w.write_shard(rows, 0)
-    staged = tmp_path / "ds" / "_staging" / "job1"
-    for m in manifest:
-        stem = (staged / m["path"]).with_suffix("")
-        assert json.loads(stem.with_suffix(".json").read_text())["class_index"] is None
-        header = stem.with_suffix(".csv").read_text().splitlines()[0].split(",")
-        assert header[2:4] == ["level_0", "level_1"]
-        assert stem.with_suffix(".txt").read_text().split("\t")[1] == ""
-
-
 def test_no_label_files_unless_asked(tmp_path):
     spec = parse_spec({**SPEC, "output": {"formats": ["imagefolder"]}})
-    w = DatasetWriter(spec.output, str(tmp_path / "ds"), "job1", labels=spec.labels)
-    w.write_shard(make_rows(spec.labels, per_label=1), 0)
-    files = [p for p in (tmp_path / "ds").rglob("*") if p.is_file()]
+    rows = [r for r in make_rows(spec.labels, per_label=1) if r["split"] == "train"]
+    ShardWriter(spec.output, str(tmp_path / "ds"), spec.labels).write(
+        rows, "train", 0, Journal(str(tmp_path / "ds"), "job1"))
+    files = [p for p in (tmp_path / "ds" / "imagefolder").rglob("*") if p.is_file()]
     assert files and all(p.suffix == ".jpg" for p in files)
 
 
@@ -264,18 +268,25 @@ def test_a_nested_spec_runs_end_to_end(sandbox, tmp_path):
 
 
 @pytest.mark.parametrize("loader", [yaml.SafeLoader, getattr(yaml, "CSafeLoader", yaml.SafeLoader)])
-def test_the_yaml_manifest_reads_back_exactly_whatever_the_strings_hold(loader):
+def test_the_yaml_manifest_reads_back_exactly_whatever_the_strings_hold(loader, tmp_path):
     """labels.yaml is one flow mapping a line; strings YAML reads specially (line separators,
     C1 controls, a BOM, quotes, YAML keywords, comment and indicator characters, astral
     characters) must come back as written."""
-    from builder.writers import _render_labels
-
     nasty = ["cat", "yes", "null", "0123", "- dash", "a: b", "#hash", "  lead", 'q"uote',
              "back\\slash", "line\u2028sep", "para\u2029sep", "nel\x85", "c1\x9b", "bom\ufeff",
              "tab\tnew\nline", "emoji \U0001F408", "\u00e9t\u00e9/\u732b", "del\x7f", ""]
+    labels = sorted(set(nasty))
     entries = [{"id": f"{i:064x}", "path": f"images/train/{s}/{i}.jpg", "label": s,
-                "label_index": i, "split": "train"} for i, s in enumerate(nasty)]
-    text = _render_labels("yaml", entries, ["id", "path", "label", "label_index", "split"])
+                "split": "train"} for i, s in enumerate(nasty)]
+    root = str(tmp_path)
+    with LabelManifests(LocalFileSystem(), root, ["yaml"], labels) as manifests:
+        for e in entries:
+            manifests.add(e)
+    text = (tmp_path / "labels.yaml").read_bytes()
     assert len(text.decode("utf-8").splitlines()) == len(entries)
-    assert yaml.load(text, Loader=loader) == entries
-    assert yaml.load(_render_labels("yaml", [], []), Loader=loader) == []
+    back = yaml.load(text, Loader=loader)
+    assert [{k: e[k] for k in ("id", "path", "label", "split")} for e in back] == entries
+    assert [e["label_index"] for e in back] == [labels.index(e["label"]) for e in entries]
+    with LabelManifests(LocalFileSystem(), str(tmp_path / "none"), ["yaml"], labels):
+        pass
+    assert yaml.load((tmp_path / "none" / "labels.yaml").read_bytes(), Loader=loader) == []

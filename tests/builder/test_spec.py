@@ -98,7 +98,7 @@ def problems(data) -> dict[str, str]:
 @pytest.mark.parametrize("section,field", [
     ("download", "timeout_s"), ("download", "per_host_delay_s"), ("download", "backoff_s"),
     ("download", "max_retry_after_s"), ("search", "candidates_factor"),
-    ("validation", "max_aspect_ratio"), ("resources", "download_cpus"),
+    ("validation", "max_aspect_ratio"), ("resources", "worker_cpus"),
     ("resources", "gpus_per_actor"),
 ])
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 import builder.spec as spec_mod
 from builder.errors import SpecError
-from builder.job import SearchPlanner
+from builder.job import UnitPlanner
 from builder.spec import OutputSpec, flatten_categories, loads_spec, parse_spec
 
 SOURCES = [{"engine": "sandbox", "url": "http://127.0.0.1:1"}]
@@ -222,8 +222,13 @@ def test_assignment_revalidates_without_duplicating_leaves():
 
 def test_the_job_planner_searches_each_leaf_by_its_queries():
     spec = spec_of(DEEP)
-    planner = SearchPlanner(spec, [("sandbox", True)])
-    queries = {label: [c.query for c in planner._all(label)] for label in spec.labels}
+    planner = UnitPlanner(spec)
+    queries = {}
+    for label in spec.labels:
+        seen = []
+        while (unit := planner.next_class_unit(label, 0.0)) is not None:
+            seen.append(unit.query)
+        queries[label] = seen
     assert queries["animals/mammals/red_fox"] == ["red fox"]
     assert queries["animals/mammals/dog"] == ["dog photo", "puppy"]
 

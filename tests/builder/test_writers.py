@@ -1,4 +1,5 @@
-"""builder.writers: the dataset layout, staging and publishing, on a local dir and on S3 (moto)."""
+"""builder.writers: the dataset layout, shards written in place, manifests streamed and the
+marker written last, on a local dir and on S3 (moto)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ from builder.ports import free_port
 from builder.reasons import Reason
 from builder.records import ACCEPTED_SCHEMA, Candidate, Record, accepted_row, reject_row
 from builder.spec import OutputSpec, parse_spec
-from builder.writers import DatasetWriter, is_complete, read_dataset, read_marker
+from builder.journal import Journal
+from builder.writers import (DatasetPublisher, ShardWriter, is_complete, read_dataset,
+                              read_marker, shard_order)
 
 LABELS = ["cat", "mammals/dog", "mammals/whale"]
 SPLITS = ["train", "train", "val", "test"]
@@ -149,10 +152,44 @@ class Target:
                                                         allow_not_found=True))
         return {i.path[len(self.root) + 1:] for i in infos if i.type == pafs.FileType.File}
 
-    def writer(self, job_id: str = "job1", labels=LABELS, **output) -> DatasetWriter:
+    def job(self, job_id: str = "job1", labels=LABELS, **output) -> "Job":
         output.setdefault("formats", ALL_FORMATS)
-        return DatasetWriter(OutputSpec(**output), self.uri, job_id, self.options,
-                             labels=labels)
+        return Job(self, job_id, OutputSpec(**output), labels)
+
+
+class Job:
+    """What a job does with the writers: shards in place, then the publish."""
+
+    def __init__(self, target: Target, job_id: str, output: OutputSpec, labels):
+        self.target = target
+        self.output = output
+        self.labels = labels
+        self.writer = ShardWriter(output, target.uri, labels, target.options)
+        self.journal = Journal(target.uri, job_id, target.options)
+        self.publisher = DatasetPublisher(output, target.uri, job_id, target.options, labels)
+
+    def shard(self, rows, number: int) -> list[dict]:
+        """Write ``rows`` as shard ``number`` of each of their splits; their manifest rows."""
+        out = []
+        for split in sorted({r["split"] for r in rows}):
+            part = [r for r in rows if r["split"] == split]
+            out += self.writer.write(part, split, number, self.journal).to_pylist()
+        return out
+
+    def publish(self, stats=None, rejects=None, partial_reason=None) -> str:
+        stats = stats or make_stats(self.journal.job_id)
+
+        def manifest():
+            for table in self.journal.iter_tables("shards"):
+                yield from table.to_pylist()
+
+        rejects = make_rejects() if rejects is None else rejects
+        uri = self.publisher.publish(
+            manifest_rows=manifest(), reject_tables=[pa.Table.from_pylist(rejects)],
+            stats=stats, spec_name="pets", description="Cats, dogs and whales.",
+            spec_yaml="name: pets\ntarget: 5\n", partial_reason=partial_reason)
+        self.journal.remove()
+        return uri
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -173,14 +210,8 @@ def local(tmp_path):
     return Target(root, None, pafs.LocalFileSystem(), root)
 
 
-def write_all(w: DatasetWriter, rows: list[dict], stats: dict | None = None) -> list[dict]:
-    manifest = w.write_shard(rows[:6], 0) + w.write_shard(rows[6:], 1)
-    w.write_manifests(manifest, LABELS)
-    w.write_rejects(make_rejects())
-    stats = stats or make_stats(w.job_id)
-    w.write_stats(stats)
-    w.write_card("pets", "Cats, dogs and whales.", stats, "name: pets\ntarget: 5\n")
-    return manifest
+def write_all(job: Job, rows: list[dict]) -> list[dict]:
+    return job.shard(rows[:6], 0) + job.shard(rows[6:], 1)
 
 
 # -- the round trip ---------------------------------------------------------------------------
@@ -189,17 +220,17 @@ def write_all(w: DatasetWriter, rows: list[dict], stats: dict | None = None) -> 
 def test_round_trip(target):
     rows = make_rows()
     by_id = {r["id"]: r for r in rows}
-    w = target.writer()
-    manifest = write_all(w, rows)
+    job = target.job()
+    manifest = write_all(job, rows)
+    # Shards are in place, but nothing is complete until the marker is written.
     assert not is_complete(target.uri, target.options)
-    assert all(p.startswith("_staging/job1/") for p in target.files())
-
-    assert w.publish() == target.uri
+    assert any(p.startswith("data/") for p in target.files())
+    assert job.publish() == target.uri
     assert is_complete(target.uri, target.options)
     files = target.files()
-    assert not any(p.startswith("_staging") or p == "_PUBLISHING" for p in files)
+    assert not any(p.startswith("_journal") or ".tmp-" in p for p in files)
 
-    # Parquet: one file per split per shard, rows sorted by id, schema and image bytes intact.
+    # Parquet: one file per split per shard number, rows in hash order, schema intact.
     shards = sorted(p for p in files if p.startswith("data/"))
     expected = sorted({f"data/{r['split']}-{i // 6:05d}.parquet" for i, r in enumerate(rows)})
     assert shards == expected
@@ -210,7 +241,7 @@ def test_round_trip(target):
     for shard in shards:
         pf = pq.ParquetFile(io.BytesIO(target.read(shard)))
         ids = pf.read(columns=["id"])["id"].to_pylist()
-        assert ids == sorted(ids)
+        assert ids == [ids[i] for i in shard_order(ids)]
         col = pf.schema_arrow.get_field_index("image")
         assert pf.metadata.row_group(0).column(col).compression == "UNCOMPRESSED"
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
@@ -221,7 +252,7 @@ def test_round_trip(target):
     # ImageFolder: nested labels, and every file decodes to the recorded size.
     assert len(manifest) == 12
     for m in manifest:
-        assert "image" not in m and m["path"].startswith(f"imagefolder/{m['split']}/{m['label']}/")
+        assert m["path"].startswith(f"imagefolder/{m['split']}/{m['label']}/")
         img = Image.open(io.BytesIO(target.read(m["path"])))
         img.load()
         assert img.size == (m["width"], m["height"])
@@ -275,54 +306,61 @@ def test_round_trip(target):
     assert "`near_duplicate`" in readme and "| `sha256` |" in readme and "target: 5" in readme
     assert PARTIAL_MARKER not in readme
 
-    # _SUCCESS lists exactly the other files with their sizes.
+    # _SUCCESS lists every other file but the ImageFolder tree (counted) with their sizes.
     success = json.loads(target.read("_SUCCESS"))
     listed = {f["path"]: f["size"] for f in success["files"]}
-    assert set(listed) == files - {"_SUCCESS"}
+    assert set(listed) == {p for p in files if not p.startswith("imagefolder/")} - {"_SUCCESS"}
     assert all(len(target.read(p)) == size for p, size in listed.items())
+    assert success["counts"]["imagefolder_files"] == 12
     assert success["job_id"] == "job1" and success["counts"]["accepted"] == 12
     assert read_marker(target.uri, target.options)["marker"] == "_SUCCESS"
 
 
 def test_overwrite_rules(target):
     rows = make_rows()
-    first = target.writer("job1")
+    first = target.job("job1")
+    first.publisher.check()
     write_all(first, rows)
     first.publish()
     storage.write_bytes(storage.join(target.uri, "notes.txt"), b"mine", target.options)
 
-    second = target.writer("job2")
+    second = target.job("job2")
     with pytest.raises(OutputExistsError, match="output.overwrite"):
-        second.check_output()
-    second.write_shard(rows[:3], 0)
-    second.write_stats(make_stats("job2"))
-    with pytest.raises(OutputExistsError, match="job1"):
-        second.publish()
-    assert is_complete(target.uri, target.options)
-    assert json.loads(target.read("_SUCCESS"))["job_id"] == "job1"
-    assert any(p.startswith("_staging/job2/") for p in target.files())
+        second.publisher.check()
+    # Continuing a dataset (a merge) may start over a complete one, and keeps its files.
+    second.publisher.check(merge=True)
 
-    second.publish(overwrite=True)
+    third = target.job("job3", overwrite=True)
+    third.publisher.check()
+    third.publisher.prepare()
     files = target.files()
-    assert json.loads(target.read("_SUCCESS"))["job_id"] == "job2"
-    assert "notes.txt" in files
-    assert not any(p.endswith("-00001.parquet") or p.endswith("-00001.tar") for p in files)
+    # The old dataset is gone (markers first), other files stay.
+    assert "notes.txt" in files and not is_complete(target.uri, target.options)
+    assert not any(p.startswith(("data/", "imagefolder/", "webdataset/")) for p in files)
     assert "labels.json" not in files and "README.md" not in files
-    assert read_dataset(target.uri, target.options).num_rows == 3
-    assert {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]} == \
-        files - {"_SUCCESS", "notes.txt"}
-
-    third = target.writer("job3", overwrite=True)
-    third.check_output()
-    third.write_shard(rows, 0)
+    third.shard(rows[:3], 0)
     third.publish()
-    assert read_dataset(target.uri, target.options).num_rows == 12
+    assert read_dataset(target.uri, target.options).num_rows == 3
+    assert json.loads(target.read("_SUCCESS"))["job_id"] == "job3"
+
+
+def test_a_merge_keeps_the_old_files_and_numbers_after_them(local):
+    rows = make_rows()
+    first = local.job("job1")
+    write_all(first, rows[:6])
+    first.publish(partial_reason="cancelled")
+    second = local.job("job2")
+    second.publisher.check(merge=True)
+    second.publisher.prepare(merge=True)
+    numbers = DatasetPublisher.next_numbers(*storage.open_fs(local.uri))
+    assert numbers["train"] == 1 and "_PARTIAL" not in local.files()
+    assert any(p.startswith("data/") for p in local.files())
 
 
 def test_publish_partial(target):
-    w = target.writer()
-    write_all(w, make_rows())
-    assert w.publish_partial("cancelled by user") == target.uri
+    job = target.job()
+    write_all(job, make_rows())
+    assert job.publish(partial_reason="cancelled by user") == target.uri
     files = target.files()
     assert "_PARTIAL" in files and "_SUCCESS" not in files
     assert not is_complete(target.uri, target.options)
@@ -334,38 +372,44 @@ def test_publish_partial(target):
     assert body.lstrip().startswith(PARTIAL_MARKER) and "cancelled by user" in body
 
     # A partial dataset is replaced by the next complete one without overwrite.
-    again = target.writer("job2")
+    again = target.job("job2")
+    again.publisher.check()
+    again.publisher.prepare()
     write_all(again, make_rows())
     again.publish()
     assert is_complete(target.uri, target.options)
     assert "_PARTIAL" not in target.files()
 
 
-def test_publish_partial_from_a_fresh_writer_marks_the_staged_card(local):
-    write_all(local.writer("job7"), make_rows())
-    local.writer("job7").publish_partial("driver restarted")
-    readme = local.read("README.md").decode()
-    assert readme.startswith("---\n")
-    assert readme.split("---\n", 2)[2].lstrip().startswith(PARTIAL_MARKER)
-    assert "target: 5" in readme
+def test_files_of_a_shard_that_never_committed_are_removed(target):
+    job = target.job()
+    rows = make_rows()
+    job.shard(rows[:6], 0)
+    files_before = target.files()
+    job.journal.write_shard_intent("train-00007", ["data/train-00007.parquet",
+                                                   "imagefolder/train/cat/x.jpg"])
+    storage.write_bytes(storage.join(target.uri, "data/train-00007.parquet"), b"half",
+                        target.options)
+    assert sorted(job.journal.orphan_files()) == ["data/train-00007.parquet",
+                                                  "imagefolder/train/cat/x.jpg"]
+    assert job.publisher.remove_files(job.journal.orphan_files()) == 1
+    assert target.files() == files_before | {"_journal/job1/shards/train-00007.intent.json"}
 
 
-def test_abort_leaves_nothing(target):
-    w = target.writer()
-    write_all(w, make_rows())
-    assert target.files()
-    w.abort()
-    assert target.files() == set()
-    assert not is_complete(target.uri, target.options)
+def test_rejects_that_disagree_with_the_counts_are_not_published(local):
+    job = local.job()
+    write_all(job, make_rows())
+    with pytest.raises(StorageError, match="not marking"):
+        job.publish(rejects=make_rejects()[:2])
+    assert not is_complete(local.uri)
 
 
 def test_missing_bucket_is_a_storage_error(moto_s3):
-    w = DatasetWriter(OutputSpec(), "s3://no-such-bucket/ds", "job1",
-                      {"endpoint_url": moto_s3})
+    job = Target("s3://no-such-bucket/ds", {"endpoint_url": moto_s3}, None, "").job()
     with pytest.raises(StorageError, match="no-such-bucket"):
-        w.check_output()
-    with pytest.raises(StorageError, match="cannot write shard 0"):
-        w.write_shard(make_rows()[:2], 0)
+        job.publisher.check()
+    with pytest.raises(StorageError, match="cannot write shard"):
+        job.shard(make_rows()[:2], 0)
     fs, _ = storage.open_fs("s3://pix", {"endpoint_url": moto_s3})
     assert not fs.exists("no-such-bucket")
 
@@ -377,38 +421,21 @@ def test_same_rows_give_the_same_bytes(tmp_path, shuffle_seed):
     random.Random(shuffle_seed).shuffle(shuffled)
     outs = []
     for name, batch in (("a", rows), ("b", shuffled)):
-        w = DatasetWriter(OutputSpec(formats=ALL_FORMATS), str(tmp_path / name), f"job-{name}",
-                          labels=LABELS)
-        manifest = w.write_shard(batch, 3)
-        w.write_manifests(manifest, LABELS)
-        w.publish()
+        root = str(tmp_path / name)
+        job = Target(root, None, pafs.LocalFileSystem(), root).job(f"job-{name}")
+        job.shard(batch, 3)
         outs.append(tmp_path / name)
     for rel in ("data/train-00003.parquet", "data/test-00003.parquet",
-                "webdataset/train-00003.tar", "labels.json", "labels.csv", "labels.yaml",
-                "labels.txt", "classes.json"):
+                "webdataset/train-00003.tar"):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
-def test_crashed_publish_leftovers_are_cleaned(local):
-    os.makedirs(f"{local.root}/data")
-    Path(f"{local.root}/data/train-00009.parquet").write_bytes(b"stale")
-    Path(f"{local.root}/labels.yaml").write_bytes(b"stale")
-    Path(f"{local.root}/_PUBLISHING").write_text(json.dumps(
-        {"job_id": "old", "files": ["data/train-00009.parquet", "labels.yaml", "../escape"]}))
-    w = local.writer(label_formats=["csv"])
-    write_all(w, make_rows())
-    w.publish()
-    files = local.files()
-    assert "data/train-00009.parquet" not in files and "labels.yaml" not in files
-    assert "labels.csv" in files and "_PUBLISHING" not in files
-
-
 def test_parquet_only_output_and_label_format_subset(local):
-    w = local.writer(formats=["parquet"], label_formats=["csv", "txt"])
-    manifest = write_all(w, make_rows())
+    job = local.job(formats=["parquet"], label_formats=["csv", "txt"])
+    manifest = write_all(job, make_rows())
     assert {m["path"] for m in manifest} == {
         f"data/{r['split']}-{i // 6:05d}.parquet" for i, r in enumerate(make_rows())}
-    w.publish()
+    job.publish()
     files = local.files()
     assert {"labels.csv", "labels.txt"} <= files
     assert not {"labels.json", "labels.yaml"} & files
@@ -416,35 +443,36 @@ def test_parquet_only_output_and_label_format_subset(local):
 
 
 def test_writer_pickles_and_takes_arrow_tables(local):
-    w = pickle.loads(pickle.dumps(local.writer()))
-    rows = make_rows()
+    job = local.job()
+    job.writer = pickle.loads(pickle.dumps(job.writer))
+    rows = [r for r in make_rows() if r["split"] == "train"]
     table = pa.Table.from_pylist(rows, schema=ACCEPTED_SCHEMA)
     big = table.cast(pa.schema([pa.field(f.name, pa.large_binary() if f.name == "image"
                                          else f.type) for f in ACCEPTED_SCHEMA]))
-    manifest = w.write_shard(big.drop_columns(["clip_score"]), 0)
-    assert sorted(m["id"] for m in manifest) == sorted(r["id"] for r in rows)
-    assert w.write_shard([], 1) == []
+    written = job.writer.write(big.drop_columns(["clip_score"]), "train", 0, job.journal)
+    assert sorted(written["id"].to_pylist()) == sorted(r["id"] for r in rows)
+    with pytest.raises(ValueError, match="at least one row"):
+        job.writer.write([], "train", 1, job.journal)
     columns = {name: np.array(table[name].to_pylist(), dtype=object)
                for name in ("id", "label", "split", "image", "format")}
-    assert len(w.write_shard(columns, 2)) == 12
-    assert len(w.write_shard(table.to_pandas(), 3)) == 12
-    w.publish()
-    assert read_dataset(local.uri).num_rows == 36
-    assert read_dataset(local.uri).filter(pc.equal(pc.field("id"), rows[0]["id"]))[
-        "image"].to_pylist() == [rows[0]["image"]] * 3
+    assert job.writer.write(columns, "train", 2, job.journal).num_rows == len(rows)
+    assert job.writer.write(table.to_pandas(), "train", 3, job.journal).num_rows == len(rows)
+    assert read_dataset(local.uri).num_rows == 3 * len(rows)
 
 
 def test_bad_rows_are_refused(local):
-    w = local.writer()
+    job = local.job()
     row = make_rows()[0]
     with pytest.raises(ValueError, match="cannot be a directory path"):
-        w.write_shard([{**row, "label": "mammals/../../etc"}], 0)
+        job.shard([{**row, "label": "mammals/../../etc"}], 0)
     with pytest.raises(ValueError, match="not one of the writer's labels"):
-        w.write_shard([{**row, "label": "bird"}], 0)
+        job.shard([{**row, "label": "bird"}], 0)
     with pytest.raises(ValueError, match="non-empty 'split'"):
-        w.write_shard([{**row, "split": ""}], 0)
+        job.writer.write([{**row, "split": ""}], "", 0, job.journal)
+    with pytest.raises(ValueError, match="holds rows of splits"):
+        job.writer.write([row], "elsewhere", 0, job.journal)
     with pytest.raises(ValueError, match="job_id"):
-        DatasetWriter(OutputSpec(), local.uri, "../x")
+        DatasetPublisher(OutputSpec(), local.uri, "../x")
 
 
 def test_read_dataset_of_nothing_says_so(tmp_path):
@@ -459,45 +487,20 @@ def test_hugging_face_datasets_loads_the_splits(local):
         # an empty namespace package named "datasets".
         pytest.skip(f"'datasets' is the folder {list(datasets.__path__)}, not Hugging Face "
                     "datasets (pip install datasets)")
-    write_all(local.writer(), make_rows())
-    local.writer().publish()
+    job = local.job()
+    write_all(job, make_rows())
+    job.publish()
     loaded = datasets.load_dataset("parquet", data_dir=f"{local.uri}/data")
     assert sum(len(loaded[s]) for s in loaded) == 12
     assert {"train", "validation", "test"} == set(loaded)
 
 
-def test_interrupted_publish_is_never_complete_and_a_retry_finishes(target, monkeypatch):
-    import builder.writers as writers_mod
-
-    real_move = writers_mod.move_files
-
-    def move_half_then_fail(fs, pairs):
-        real_move(fs, pairs[: len(pairs) // 2])
-        raise ConnectionResetError("storage went away mid-publish")
-
-    w = target.writer()
-    write_all(w, make_rows())
-    monkeypatch.setattr(writers_mod, "move_files", move_half_then_fail)
-    with pytest.raises(StorageError, match="publish to"):
-        w.publish()
-    assert not is_complete(target.uri, target.options)
-    assert "_PUBLISHING" in target.files()
-
-    monkeypatch.setattr(writers_mod, "move_files", real_move)
-    w.publish()
-    files = target.files()
-    listed = {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]}
-    assert listed == files - {"_SUCCESS"} and len(listed) == 28
-    assert read_dataset(target.uri, target.options).num_rows == 12
-    assert json.loads(target.read("_SUCCESS"))["counts"]["accepted"] == 12
-
-
 def test_per_image_label_files_and_level_columns(target):
     rows = make_rows()
     by_id = {r["id"]: r for r in rows}
-    w = target.writer(image_label_files=["txt", "json", "csv", "yaml"])
-    manifest = write_all(w, rows)
-    w.publish()
+    job = target.job(image_label_files=["txt", "json", "csv", "yaml"])
+    manifest = write_all(job, rows)
+    job.publish()
     files = target.files()
     classes = json.loads(target.read("classes.json"))
     for m in manifest:
@@ -521,7 +524,7 @@ def test_per_image_label_files_and_level_columns(target):
         [label.split("/") for label in table["label"].to_pylist()]
 
 
-NAMES = ["train", "val-2", ".", "..", "a/b", "a\\b", "", "a\nb", "a\tb", "a\0b", "_staging"]
+NAMES = ["train", "val-2", ".", "..", "a/b", "a\\b", "", "a\nb", "a\tb", "a\0b", "_journal"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -534,8 +537,8 @@ def test_split_names_the_writer_refuses_are_refused_by_the_spec_first(local, nam
     rows = make_rows()[:2]
     for row in rows:
         row["split"] = name
-    w = DatasetWriter(OutputSpec(splits={name: 1.0}), local.uri, "job1", local.options)
-    manifest = w.write_shard(rows, 0)
+    job = Target(local.uri, None, local.fs, local.root).job(splits={name: 1.0})
+    manifest = job.shard(rows, 0)
     assert {m["split"] for m in manifest} == {name}
 
 
@@ -551,7 +554,10 @@ def test_labels_the_spec_accepts_are_one_line_each_in_classes_txt(local, label):
         return
     rows = make_rows()[:1]
     rows[0]["label"] = label
-    w = DatasetWriter(OutputSpec(), local.uri, "job1", local.options)
-    w.write_manifests(w.write_shard(rows, 0), [label])
-    lines = Path(w.staging_uri, "classes.txt").read_text(encoding="utf-8").splitlines()
+    job = local.job(labels=[label])
+    job.shard(rows, 0)
+    stats = make_stats()
+    stats.update(accepted=1, rejected=0, candidates=1)
+    job.publish(stats=stats, rejects=[])
+    lines = Path(local.root, "classes.txt").read_text(encoding="utf-8").splitlines()
     assert lines == [label]

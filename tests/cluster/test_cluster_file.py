@@ -10,10 +10,10 @@ from builder.spec import parse_spec
 CLUSTER = yaml.safe_load((Path(__file__).parents[2] / "ray_cluster.yaml").read_text())
 
 
-def spec(**resources):
+def spec(level: str = "slow", **resources):
     return parse_spec({"name": "x", "classes": {"a": None},
                        "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
-                       "validation": {"level": "slow"}, "resources": resources})
+                       "validation": {"level": level}, "resources": resources})
 
 
 def test_node_types_declared():
@@ -53,20 +53,22 @@ def test_pools_fit_the_declared_nodes():
         count = max(t.get("max_workers", 1), 1)
         for k in total:
             total[k] += t["resources"].get(k, 0) * count
-    plan = plan_pools(spec(gpus_per_actor=1.0, gpu_actors=2), total)
+    plan = plan_pools(spec(gpus_per_actor=1.0, gpu_actors=2), total, 2)
     need = plan.required()
     assert need["CPU"] <= total["CPU"] and need["GPU"] <= total["GPU"]
     cpu_node = types["cpu_worker"]["resources"]["CPU"]
-    assert plan.hash_cpus <= cpu_node and plan.download_cpus <= cpu_node
+    assert plan.worker_cpus <= cpu_node
     gpu_node = types["gpu_worker"]["resources"]
     assert plan.gpus_per_actor <= gpu_node["GPU"]
     assert plan.gpu_options()["num_cpus"] <= gpu_node["CPU"]
 
 
 def test_two_core_laptop_plan():
-    plan = plan_pools(spec(), {"CPU": 2.0})
-    assert plan.download_actors == 1 and plan.hash_actors == 1
+    plan = plan_pools(spec("medium"), {"CPU": 2.0}, 2)
+    assert plan.workers == 2 and plan.partitions == 1
     assert plan.required()["CPU"] <= 2.0
+    slow = plan_pools(spec(), {"CPU": 2.0}, 2)
+    assert slow.workers == 1 and slow.required()["CPU"] <= 2.0
 
 
 def test_oversubscribed_pools_fail_at_planning():
@@ -74,10 +76,10 @@ def test_oversubscribed_pools_fail_at_planning():
 
     from cluster.coordinator import PlanningError, check_fits
 
-    plan = plan_pools(spec(hash_actors=2, hash_cpus=0.8), {"CPU": 2.0})
-    with pytest.raises(PlanningError, match="hash_actors"):
+    plan = plan_pools(spec(workers=2, worker_cpus=1.0), {"CPU": 2.0}, 2)
+    with pytest.raises(PlanningError, match="resources.workers"):
         check_fits(plan, {"CPU": 2.0})
-    check_fits(plan_pools(spec(), {"CPU": 2.0}), {"CPU": 2.0})
+    check_fits(plan_pools(spec(), {"CPU": 2.0}, 2), {"CPU": 2.0})
 
 
 def test_head_system_config_matches_the_embedded_one():

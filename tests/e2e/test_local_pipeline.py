@@ -9,12 +9,14 @@ import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
 
 from builder.pipeline import run_local
+from builder.spec import parse_spec
 from builder.sandbox import FAULTS
 from builder.writers import is_complete
 from tests.conftest import make_bucket
@@ -116,7 +118,7 @@ def test_cancel_leaves_partial_not_complete(sandbox, tmp_path):
     async def main():
         task = asyncio.ensure_future(run_local_async(
             sandbox_spec(sandbox, out, target=25), runner_hook=lambda r: holder.setdefault("r", r)))
-        while "r" not in holder or holder["r"].ledger.accepted < 3:
+        while "r" not in holder or holder["r"].counts.accepted < 3:
             await asyncio.sleep(0.05)
         holder["r"].cancel()
         return await task
@@ -149,3 +151,54 @@ def test_resize_and_reencode_keep_original_size(sandbox, tmp_path):
     t = pq.read_table(Path(out) / "data").to_pylist()
     assert all(r["width"] == r["height"] == 64 and r["format"] == "webp" for r in t)
     assert all(r["orig_width"] > 64 for r in t)
+
+
+def test_over_target_images_are_released_so_a_later_copy_is_kept(sandbox, tmp_path):
+    """A valid image rejected over_target leaves the index: a later candidate with the same
+    bytes (for a class with room) is accepted, not an exact_duplicate of an image that is
+    not in the dataset."""
+    cat = sandbox.class_image_urls("cat")
+    copy = sandbox.fault_urls()["exact_duplicate"]
+    original = sandbox.class_image_urls("cat")[0]
+    urls = tmp_path / "urls.parquet"
+    # unit 1: two cats for a class that wants one; unit 2: a copy of the second cat as a dog
+    pq.write_table(pa.table({"label": ["cat", "cat", "dog"],
+                             "url": [cat[1], original, copy]}), urls)
+    spec = parse_spec({"name": "release", "classes": {"cat": {"target": 1}, "dog": None},
+                       "target": 5, "sources": [{"engine": "urllist", "path": str(urls)}],
+                       "download": {"timeout_s": 1.0, "allow_private_networks": True},
+                       "output": {"uri": str(tmp_path / "ds")},
+                       "resources": {"batch_size": 2, "max_in_flight_batches": 1}})
+    run_local(spec)
+    reasons = reasons_by_url(str(tmp_path / "ds"))
+    assert reasons[original] == "over_target"
+    assert copy in accepted_urls(str(tmp_path / "ds"))
+    check_accounting(str(tmp_path / "ds"))
+
+
+def test_a_relabelled_image_is_counted_once_under_its_new_class(sandbox, tmp_path, monkeypatch):
+    """wrong_class: relabel moves an image to another class: its candidate is counted there,
+    so accepted + rejected == candidates holds per class."""
+    import dataclasses
+
+    import builder.slow as slow
+
+    class CatsAreDogs:
+        def __call__(self, records):
+            for r in records:
+                if not r.rejected and r.label == "cat":
+                    r.relabelled_from = "cat"
+                    r.candidate = dataclasses.replace(r.candidate, label="dog")
+            return records
+
+    monkeypatch.setattr(slow, "check_slow_requirements", lambda spec: None)
+    monkeypatch.setattr(slow, "make_slow_validator", lambda spec, device: CatsAreDogs())
+    out = str(tmp_path / "ds")
+    result = run_local(sandbox_spec(sandbox, out, target=4, classes=("cat", "dog"),
+                                    validation={"level": "slow"}))
+    stats = check_accounting(out)
+    assert stats["classes"]["cat"]["accepted"] == 0
+    assert stats["classes"]["dog"]["accepted"] == 4
+    moved = sum(r["images"] for r in stats["relabelled"] if (r["from"], r["to"]) == ("cat",
+                                                                                        "dog"))
+    assert moved > 0 and result.stats["relabelled"] == stats["relabelled"]

@@ -63,7 +63,7 @@ def test_multi_class_job_on_ray_reaches_targets(ray_session, sandbox, tmp_path):
     for name in ("labels.json", "labels.csv", "labels.yaml", "labels.txt", "classes.json",
                  "README.md", "rejects.csv"):
         assert (root / name).stat().st_size > 0, name
-    assert stats["pools"]["hash_actors"] >= 1
+    assert stats["pools"]["workers"] >= 1
 
 
 def test_shortfall_reported_on_ray(ray_session, sandbox, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from builder.pipeline import run_local, run_local_async
 from builder.sandbox import SandboxWeb
 from builder.spec import parse_spec
 from builder.writers import is_complete
+from tests.conftest import make_bucket
 from tests.e2e.helpers import check_accounting, reasons_by_url
 
 BIN = Path(sys.executable).parent
@@ -58,7 +60,7 @@ def test_sigkilled_job_resumes_to_the_same_dataset(ray_session, sandbox, tmp_pat
                             stderr=subprocess.DEVNULL, start_new_session=True)
     journal = Path(out) / "_journal" / "killme"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(journal.glob("*-manifest.parquet"))) < 2:
+    while time.time() < deadline and len(list(journal.glob("units/*.parquet"))) < 2:
         assert proc.poll() is None, "the job ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -106,7 +108,7 @@ def test_cancelled_partial_dataset_is_continued(sandbox, tmp_path):
     async def cancel_early():
         task = asyncio.ensure_future(run_local_async(
             parse_spec(data), runner_hook=lambda r: holder.setdefault("r", r)))
-        while "r" not in holder or holder["r"].ledger.accepted < 4:
+        while "r" not in holder or holder["r"].counts.accepted < 4:
             await asyncio.sleep(0.02)
         holder["r"].cancel()
         return await task
@@ -157,3 +159,67 @@ def test_retry_failed_turns_flaky_500s_into_images(tmp_path):
         assert len(list((Path(out) / "data").glob("*.parquet"))) > shards_before
         still = Counter(reasons_by_url(out).values())
         assert still["http_server_error"] < first["rejected_by_reason"]["http_server_error"]
+
+
+def _killed_build(spec_path: Path, args: list[str], until, env=None) -> None:
+    """Start ``pixcrawler build`` and SIGKILL it once ``until()`` holds."""
+    proc = subprocess.Popen([str(BIN / "pixcrawler"), "build", str(spec_path), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not until():
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_resume_on_s3_after_a_sigkilled_driver_publishes_on_the_first_try(sandbox, moto_s3,
+                                                                          tmp_path):
+    import s3fs
+
+    make_bucket(moto_s3, "resume")
+    out = "s3://resume/killed"
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    fs = s3fs.S3FileSystem(endpoint_url=moto_s3)
+    env = dict(os.environ, AWS_ENDPOINT_URL=moto_s3)
+
+    def committed() -> bool:
+        fs.invalidate_cache()
+        return len(fs.glob(f"{out}/_journal/killme/units/*.parquet")) >= 2
+
+    _killed_build(spec_path, ["--local", "--job-id", "killme"], committed, env)
+    assert not is_complete(out, {"endpoint_url": moto_s3})
+    result = run_local(parse_spec(data), resume=True, storage_options={"endpoint_url": moto_s3})
+    assert result.stats["resumed"] and is_complete(out, {"endpoint_url": moto_s3})
+    fs.invalidate_cache()
+    assert not fs.exists(f"{out}/_journal")
+    stats = json.loads(fs.cat(f"{out}/stats.json"))
+    ids = []
+    for path in fs.glob(f"{out}/data/*.parquet"):
+        ids += pq.read_table(fs.open(path), columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == stats["accepted"]
+    assert stats["accepted"] + stats["rejected"] == stats["candidates"]
+
+
+def test_sigterm_under_local_stops_with_a_partial_dataset(sandbox, tmp_path):
+    out = tmp_path / "stopped"
+    data = list_spec(sandbox, tmp_path, str(out), target=1000)
+    data["download"]["per_host_delay_s"] = 0.1
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([str(BIN / "pixcrawler"), "build", str(spec_path), "--local"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("_journal/*/units/*.parquet")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert (out / "_PARTIAL").exists() and not is_complete(str(out))
+    stats = check_accounting(str(out))
+    assert stats["partial"] and stats["rejected_by_reason"].get("cancelled", 0) > 0

@@ -46,13 +46,13 @@ def recording_proxy(sandbox, queries: list[str] | None = None):
     return FakeServer(handle), times
 
 
-def test_rate_limit_holds_across_search_workers(ray_session, sandbox, tmp_path):
+def test_rate_limit_holds_across_workers(ray_session, sandbox, tmp_path):
     server, times = recording_proxy(sandbox)
     with server:
         spec = parse_spec(base_spec(str(tmp_path / "o"), [
             {"engine": "sandbox", "url": server.url, "per_page": 3,
              "options": {"rate": 4.0, "burst": 1}}],
-            target=8, resources={"search_workers": 4}))
+            target=8, resources={"workers": 4, "worker_cpus": 0.2}))
         result = run(spec)
     assert len(times) >= 8, "too few searches to measure pacing"
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -146,16 +146,17 @@ def test_expansion_falls_back_offline_when_llm_down(ray_session, sandbox, tmp_pa
     assert all(c["accepted"] == 6 for c in result.stats["classes"].values())
 
 
-def test_list_sources_are_paged_by_the_coordinator(ray_session, sandbox, tmp_path):
-    """A URL list queries nothing: no search worker is started for a job that has only lists."""
-    backends: list = []
+def test_list_sources_are_read_in_slices_by_the_workers(ray_session, sandbox, tmp_path):
+    """A URL list queries no engine: the driver issues slices, workers read them."""
+    runners: list = []
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog")
                             for u in sandbox.class_image_urls(label)))
-    result = run(parse_spec(base_spec(str(tmp_path / "o"), [
-        {"engine": "urllist", "path": str(urls), "per_page": 3}])),
-        runner_hook=lambda runner: backends.append(runner.backend))
+    data = base_spec(str(tmp_path / "o"), [{"engine": "urllist", "path": str(urls)}])
+    data["resources"] = {"batch_size": 4}
+    result = run(parse_spec(data), runner_hook=runners.append)
     assert all(c["accepted"] == 6 for c in result.stats["classes"].values())
-    assert result.stats["engine_requests"]["urllist"] >= 2 * 6 // 3
+    assert result.stats["engine_requests"] == {}
     check_accounting(str(tmp_path / "o"))
-    assert backends and backends[0].searchers == []
+    plan = runners[0].planner.lists[0].plan
+    assert plan.count >= 4 and runners[0].planner.lists[0].next >= 2

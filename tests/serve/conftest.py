@@ -75,7 +75,7 @@ def job_spec(sandbox, target: int = 3, **overrides: Any) -> dict[str, Any]:
         "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05,
                      "max_bytes": 1_000_000, "allow_private_networks": True},
         "output": {"shard_size": 8},
-        "resources": {"batch_size": 16, "hash_cpus": 0.5, "search_workers": 1},
+        "resources": {"batch_size": 16},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -106,7 +106,7 @@ def test_relabel_moves_the_record_to_the_predicted_class(clip: ClipModel) -> Non
     for i, r in enumerate(records):
         assert not r.rejected
         assert r.label == predicted[i] and r.candidate.url == f"http://127.0.0.1/{i}.jpg"
-        assert r.extra["relabelled_from"] == given[i]
+        assert r.relabelled_from == given[i]
         assert r.clip_score == pytest.approx(float(sims[i].max()), abs=1e-4)
 
 

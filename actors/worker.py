@@ -1,0 +1,204 @@
+"""A shard worker as a Ray actor: ``builder.worker.WorkerRuntime`` with the job's services
+reached through their actors (index partitions, quota ledger, rate limiters, GPU scorers).
+
+Every answer from a stateful service carries that actor's incarnation: when one changes (the
+actor restarted on another node and rebuilt itself from the journal), the worker raises
+``IndexLost`` so the driver resends what the lost state had decided but not committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import numpy as np
+import ray
+
+from actors import NAMESPACE
+from actors.metrics import stage_latency
+from builder.dedup import DedupClient
+from builder.engines import SearchEngine, SearchPage
+from builder.errors import EngineError, EngineUnavailable
+from builder.job import IndexLost
+from builder.records import Record
+from builder.units import UnitReport, WorkerEvents, WorkUnit
+from builder.worker import JobPlan, WorkerRuntime, WorkerServices
+
+
+class RayServices(WorkerServices):
+    """The job's services as actor calls (see the module docstring)."""
+
+    def __init__(self, plan: JobPlan, partitions: list[Any], quota: Any,
+                 limiters: dict[int, Any], scorers: list[Any]):
+        v = plan.spec.validation
+        self.plan = plan
+        self.partitions = partitions
+        self.quota = quota
+        self.limiters = limiters
+        self.scorers = scorers
+        self.dedup = DedupClient(v.near_duplicate_threshold, v.level != "fast",
+                                 len(partitions), self._partition_call)
+        self._seen: dict[int, str] = {}
+        self._prep = None
+        self._scored = 0
+
+    def _check(self, key: int, incarnation: str) -> None:
+        known = self._seen.setdefault(key, incarnation)
+        if known != incarnation:
+            raise IndexLost(f"{'the quota ledger' if key < 0 else f'index partition {key}'} "
+                            "restarted")
+
+    def forget_incarnations(self) -> None:
+        self._seen.clear()
+
+    async def _partition_call(self, p: int, method: str,
+                              payload: dict[str, np.ndarray]) -> Any:
+        incarnation, result = await self.partitions[p].call.remote(method, payload)
+        self._check(p, incarnation)
+        return result
+
+    async def _quota(self, method: str, *args: Any) -> Any:
+        incarnation, result = await self.quota.call.remote(method, *args)
+        self._check(-1, incarnation)
+        return result
+
+    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
+                    ) -> dict[str, int]:
+        return await self._quota("grant", uid, wants, floor)
+
+    async def rooms(self) -> dict[str, int]:
+        return await self._quota("rooms")
+
+    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
+        await self._quota("commit", uid, accepted)
+
+    async def next_shard(self, split: str) -> int:
+        return await self._quota("next_shard", split)
+
+    async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
+        limiter = self.limiters.get(unit.source)
+        if limiter is not None:
+            status, wait = await limiter.acquire.remote(self.plan.job_id)
+            if status == "circuit_open":
+                raise EngineError(wait, retryable=True, retry_after=1.0)
+            if status != "ok":
+                raise EngineUnavailable(wait)
+            if wait > 0:
+                await asyncio.sleep(wait)
+        try:
+            page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
+                                           page=unit.page, per_page=unit.per_page)
+        except EngineError as exc:
+            if limiter is not None:
+                limiter.record.remote(False, exc.status, exc.retry_after)
+            raise
+        if limiter is not None:
+            limiter.record.remote(True, 200, None)
+        return page
+
+    @property
+    def slow(self) -> bool:
+        return bool(self.scorers)
+
+    async def score(self, records: list[Record], pool: ThreadPoolExecutor) -> list[Record]:
+        """Preprocess here (CPU), score on a scorer actor (GPU), copy the outcome back."""
+        from builder.slow import PreparedBatch, apply_scores, make_slow_validator
+
+        if self._prep is None:
+            self._prep = make_slow_validator(self.plan.spec, "cpu")
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(pool, self._prep.prepare, records)
+        light = [dataclasses.replace(r, data=None) for r in prepared.records]
+        scorer = self.scorers[self._scored % len(self.scorers)]
+        self._scored += 1
+        scored = await scorer.score.remote(PreparedBatch(light, prepared.index,
+                                                         prepared.nsfw_pixels,
+                                                         prepared.clip_pixels))
+        return apply_scores(records, scored)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceNames:
+    """The job's service actors by name (in the ``pixcrawler`` namespace). Workers look them up
+    by name: actor handles among an actor's constructor arguments would make Ray keep those
+    arguments in the object store to restart it, and warn at every start."""
+
+    partitions: list[str]
+    quota: str
+    limiters: dict[int, str]
+    scorers: list[str]
+
+    def resolve(self) -> tuple[list[Any], Any, dict[int, Any], list[Any]]:
+        def get(name: str) -> Any:
+            return ray.get_actor(name, namespace=NAMESPACE)
+
+        return ([get(n) for n in self.partitions], get(self.quota),
+                {i: get(n) for i, n in self.limiters.items()}, [get(n) for n in self.scorers])
+
+
+@ray.remote
+class ShardWorker:
+    """One worker of a job on Ray. ``incarnation`` changes when Ray restarts it."""
+
+    def __init__(self, plan: JobPlan, names: ServiceNames, index: int):
+        self.plan = plan
+        self.names = names
+        self.index = index
+        self.services: Optional[RayServices] = None
+        self.runtime: Optional[WorkerRuntime] = None
+        self.incarnation = uuid.uuid4().hex
+        self._started: Optional[asyncio.Task] = None
+        self.busy_s = 0.0
+
+    async def _open(self) -> None:
+        partitions, quota, limiters, scorers = await asyncio.to_thread(self.names.resolve)
+        self.services = RayServices(self.plan, partitions, quota, limiters, scorers)
+        self.runtime = WorkerRuntime(self.plan, self.services, worker_id=f"w{self.index}")
+        self.runtime.incarnation = self.incarnation
+        latency, job = stage_latency(), self.plan.job_id
+        self.runtime.on_stage = lambda stage, s: latency.observe(
+            s, tags={"stage": stage, "job": job})
+        await self.runtime.start()
+
+    async def _ready(self) -> WorkerRuntime:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._open())
+        await self._started
+        assert self.runtime is not None
+        return self.runtime
+
+    async def start(self) -> str:
+        """Open the worker and check it can write the output; returns its incarnation."""
+        await self._ready()
+        return self.incarnation
+
+    async def run(self, unit: WorkUnit) -> tuple[str, UnitReport, WorkerEvents]:
+        runtime = await self._ready()
+        t0 = time.perf_counter()
+        report, events = await runtime.run(unit)
+        self.busy_s += time.perf_counter() - t0
+        return self.incarnation, report, events
+
+    async def flush(self) -> tuple[str, WorkerEvents]:
+        runtime = await self._ready()
+        return self.incarnation, await runtime.flush()
+
+    async def discard(self) -> list[str]:
+        if self.services is None or self.runtime is None:
+            return []
+        self.services.forget_incarnations()
+        return self.runtime.discard()
+
+    def cancel(self) -> None:
+        if self.runtime is not None:
+            self.runtime.cancel()
+
+    def ping(self) -> str:
+        return self.incarnation
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()

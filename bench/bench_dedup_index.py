@@ -1,0 +1,190 @@
+"""The partitioned dedup index at scale: decisions per second and memory per kept image.
+
+Fills the index with ``--sizes`` kept images (written state, one signature each), then times
+units of ``--unit`` new images through ``DedupClient.decide`` + ``settle`` (what a worker does
+per unit). Per size it prints:
+
+* decisions/s per partition: decisions over the CPU time spent inside that partition's methods
+  (what one ``DedupPartitionActor`` would do), the busiest partition;
+* decisions/s end to end in one process (client routing and deciding included, K partitions);
+* memory per kept image (the partitions' numpy arrays over the kept images).
+
+Hashes: ``--hashes skewed`` (default) draws them like real photos' pHash/dHash: per-bit
+biases measured on real photographs (``--photos``, a folder of JPEG/PNG), a third of them as
+near copies (6-14 bits off) of earlier ones; ``uniform`` draws random 64-bit codes. The
+figures in bench/README.md used Debian's gnome-backgrounds photos:
+
+    apt-get download gnome-backgrounds && dpkg -x gnome-backgrounds_*.deb /tmp/bg
+    python bench/bench_dedup_index.py --sizes 100000,1000000,10000000 --partitions 1,1,4 \\
+        --photos /tmp/bg/usr/share/backgrounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from builder.dedup import (DedupClient, DedupItem, DedupPartition, KeyScheme,  # noqa: E402
+                           partition_of)
+
+U64 = np.uint64
+
+
+def photo_bits(folder: str, limit: int = 400) -> np.ndarray:
+    """Per-bit frequency of 1s in pHash and dHash ([2, 64]) over tiles of real photos."""
+    from PIL import Image
+
+    from builder.hashing import perceptual, reduced_gray
+
+    codes = []
+    paths = [p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    for path in sorted(paths)[:limit]:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            step = max(256, min(w, h) // 4)
+            for x in range(0, w - step + 1, step):
+                for y in range(0, h - step + 1, step):
+                    tile = img.crop((x, y, x + step, y + step))
+                    buf = io.BytesIO()
+                    tile.save(buf, "JPEG", quality=90)
+                    with Image.open(io.BytesIO(buf.getvalue())) as t:
+                        codes.append(perceptual(reduced_gray(t)))
+    if not codes:
+        raise SystemExit(f"no photos under {folder}")
+    arr = np.array(codes, dtype=U64)
+    bits = ((arr[:, :, None] >> np.arange(63, -1, -1, dtype=U64)) & U64(1)).astype(np.float64)
+    print(f"per-bit frequencies from {len(codes)} tiles of {min(len(paths), limit)} photos")
+    return bits.mean(axis=0)
+
+
+def draw(n: int, rng: np.random.Generator, freq: np.ndarray | None) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+    """``n`` (a, b) codes: from per-bit frequencies (or uniform), a third near copies."""
+    if freq is None:
+        a = rng.integers(0, 2**63, n, dtype=U64) | (rng.integers(0, 2, n, dtype=U64) << U64(63))
+        b = rng.integers(0, 2**63, n, dtype=U64) | (rng.integers(0, 2, n, dtype=U64) << U64(63))
+        return a, b
+    weights = U64(1) << np.arange(63, -1, -1, dtype=U64)
+    out = []
+    for row in freq:
+        bits = rng.random((n, 64)) < row[None, :]
+        out.append((bits.astype(U64) * weights[None, :]).sum(axis=1, dtype=U64))
+    a, b = out
+    copies = rng.random(n) < 1 / 3
+    src = rng.integers(0, n, copies.sum())
+    flips = rng.integers(6, 15, copies.sum())
+    for arr in (a, b):
+        noise = np.zeros(copies.sum(), dtype=U64)
+        for k in range(14):
+            bit = U64(1) << rng.integers(0, 64, copies.sum()).astype(U64)
+            noise ^= np.where(flips > k, bit, U64(0))
+        arr[copies] = arr[src] ^ noise
+    return a, b
+
+
+def fill(parts: list[DedupPartition], scheme: KeyScheme, a: np.ndarray, b: np.ndarray,
+         chunk: int = 500_000) -> None:
+    """Load kept images straight into the partitions, vectorised (as a journal rebuild does)."""
+    k = len(parts)
+    for start in range(0, len(a), chunk):
+        ca, cb = a[start:start + chunk], b[start:start + chunk]
+        ids = np.arange(start + 1, start + 1 + len(ca), dtype=U64)
+        keys, _ = scheme.keys(ca, cb)
+        flat = keys.ravel()
+        rep = np.repeat(np.arange(len(ca)), scheme.n_keys)
+        part = partition_of(flat, k)
+        for p in range(k):
+            sel = part == p
+            r = rep[sel]
+            parts[p].load({"n_key": flat[sel], "n_a": ca[r], "n_b": cb[r], "n_id": ids[r],
+                           "n_claim": ids[r]})
+        xp = partition_of(ids, k)
+        for p in range(k):
+            parts[p].load({"x_id": ids[xp == p], "x_claim": ids[xp == p]})
+
+
+class Timed:
+    """Partitions in this process, timing the CPU each spends in its methods."""
+
+    def __init__(self, parts: list[DedupPartition]):
+        self.parts = parts
+        self.cpu = [0.0] * len(parts)
+        self.meets: list[int] = []
+
+    async def call(self, p: int, method: str, payload: dict) -> object:
+        t0 = time.process_time()
+        result = getattr(self.parts[p], method)(payload)
+        self.cpu[p] += time.process_time() - t0
+        return result
+
+
+def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | None,
+        seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    scheme = KeyScheme(t)
+    parts = [DedupPartition(t, True) for _ in range(k)]
+    a, b = draw(size + unit * units, rng, freq)
+    t0 = time.monotonic()
+    fill(parts, scheme, a[:size], b[:size])
+    load_s = time.monotonic() - t0
+    mem = sum(p.stats()["bytes"] for p in parts)
+    timed = Timed(parts)
+    client = DedupClient(t, True, k, timed.call)
+    items_a, items_b = a[size:], b[size:]
+    decisions = dups = 0
+    cpu0 = time.process_time()
+    for u in range(units):
+        batch = [DedupItem(10**12 + u * unit + i, u * unit + i, 10**12 + u * unit + i,
+                           [(int(items_a[u * unit + i]), int(items_b[u * unit + i]))],
+                           [(int(items_a[u * unit + i]), int(items_b[u * unit + i]))])
+                 for i in range(unit)]
+        out = asyncio.run(client.decide(batch))
+        asyncio.run(client.settle(batch, [not d.duplicate for d in out],
+                                  [d.duplicate for d in out]))
+        decisions += len(out)
+        dups += sum(d.duplicate for d in out)
+    total_cpu = time.process_time() - cpu0
+    busiest = max(timed.cpu)
+    return {"kept": size, "partitions": k, "load_s": round(load_s, 1),
+            "per_partition_decisions_s": round(decisions / busiest) if busiest else 0,
+            "end_to_end_decisions_s": round(decisions / total_cpu),
+            "bytes_per_kept": round(mem / size), "duplicates": dups, "decisions": decisions}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--partitions", default="1,1", help="K per size (comma-separated)")
+    ap.add_argument("--unit", type=int, default=256)
+    ap.add_argument("--units", type=int, default=40)
+    ap.add_argument("--threshold", type=int, default=4)
+    ap.add_argument("--hashes", choices=("skewed", "uniform"), default="skewed")
+    ap.add_argument("--photos", default="/usr/share/backgrounds")
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    ks = [int(k) for k in args.partitions.split(",")]
+    freq = photo_bits(args.photos) if args.hashes == "skewed" else None
+    print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'end-to-end/s':>13} "
+          f"{'B/kept':>7} {'load s':>7}")
+    for size, k in zip(sizes, ks):
+        r = run(size, k, args.unit, args.units, args.threshold, freq, args.seed)
+        print(f"{r['kept']:>10} {r['partitions']:>3} {r['per_partition_decisions_s']:>16} "
+              f"{r['end_to_end_decisions_s']:>13} {r['bytes_per_kept']:>7} {r['load_s']:>7}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MiB; pid {os.getpid()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""URL lists read in slices, so no process ever loads a whole list.
+
+A list file (txt, csv, tsv, jsonl or parquet; a local path or any fsspec URI) is cut into
+slices when a job is planned, from its size and a sample of its first rows; a worker reads only
+its slice. Text files are cut by byte ranges, as input splits are: a slice holds the lines that
+*start* inside its range, so every line belongs to exactly one slice whatever the cut. Parquet
+files are cut by row groups and row ranges inside them.
+
+Formats (chosen by the file's extension):
+
+* ``.txt`` (anything else): one URL a line, or ``label<TAB>url``; blank lines and lines
+  starting with ``#`` are skipped;
+* ``.csv`` / ``.tsv``: a header line naming the columns (``sources[].url_column``,
+  ``label_column``); one record a line (quoted line breaks are not supported);
+* ``.jsonl`` / ``.ndjson``: one JSON object a line;
+* ``.parquet``: columns by name.
+
+A row without a usable URL is still a candidate: the URL checks reject it with a reason naming
+the row. A row whose label is not a class of the spec is skipped and counted
+(``skipped_rows``); the job's summary reports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from builder.errors import SourceError
+
+SAMPLE_BYTES = 65536
+"""Bytes read at planning to estimate the line length (and check the format)."""
+
+
+@dataclass(frozen=True)
+class ListRow:
+    label: str
+    url: str
+    where: str
+    """The row's place in the file, for messages (``path:byte`` or ``path: row n``)."""
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """How a list file is cut: ``count`` slices; text files by ``slice_bytes`` from
+    ``data_start``, parquet by ``slice_rows`` within each row group."""
+
+    path: str
+    kind: str
+    count: int
+    size: int = 0
+    data_start: int = 0
+    slice_bytes: int = 0
+    header: tuple[str, ...] = ()
+    row_groups: tuple[int, ...] = ()
+    slice_rows: int = 0
+
+    def bounds(self, index: int) -> tuple[int, int, int]:
+        """(row group or -1, start, stop) of slice ``index``."""
+        if self.kind != "parquet":
+            start = self.data_start + index * self.slice_bytes
+            return -1, start, min(self.size, start + self.slice_bytes)
+        for group, rows in enumerate(self.row_groups):
+            n = math.ceil(rows / self.slice_rows) if rows else 0
+            if index < n:
+                start = index * self.slice_rows
+                return group, start, min(rows, start + self.slice_rows)
+            index -= n
+        raise IndexError(f"slice {index} is past the end of {self.path}")
+
+
+def _kind(path: str) -> str:
+    lower = path.lower()
+    for suffix, kind in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+                         (".csv", "csv"), (".tsv", "tsv")):
+        if lower.endswith(suffix):
+            return kind
+    return "txt"
+
+
+def _open(path: str, storage_options: Optional[dict[str, Any]]) -> Any:
+    from builder.storage import open_fs
+
+    fs, fs_path = open_fs(path, storage_options)
+    try:
+        return fs, fs_path, fs.size(fs_path)
+    except FileNotFoundError:
+        raise SourceError(f"URL list not found: {path} (sources[].path must name an existing "
+                          "file, readable from every node of the cluster)") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read the URL list {path}: {exc}") from None
+
+
+def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
+                label_column: str = "label",
+                storage_options: Optional[dict[str, Any]] = None) -> SlicePlan:
+    """Cut a list file into slices of about ``slice_rows`` rows, reading only its head (and,
+    for parquet, its footer). Raises ``SourceError`` for a missing file or a missing column."""
+    if slice_rows < 1:
+        raise ValueError(f"slice_rows must be >= 1, got {slice_rows}")
+    kind = _kind(path)
+    fs, fs_path, size = _open(path, storage_options)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(fs_path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            names = meta.schema.names
+        if url_column not in names:
+            raise SourceError(f"{path}: no column {url_column!r} (columns: {', '.join(names)}); "
+                              "set sources[].url_column")
+        groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        count = sum(math.ceil(g / slice_rows) for g in groups if g)
+        return SlicePlan(path, kind, count, size=size, row_groups=groups, slice_rows=slice_rows)
+    with fs.open(fs_path, "rb") as f:
+        head = f.read(SAMPLE_BYTES)
+    header: tuple[str, ...] = ()
+    data_start = 0
+    if kind in ("csv", "tsv"):
+        first, _, _ = head.partition(b"\n")
+        data_start = len(first) + 1 if b"\n" in head else len(head)
+        header = tuple(next(csv.reader([first.decode("utf-8-sig").rstrip("\r")],
+                                       delimiter="\t" if kind == "tsv" else ",")))
+        if url_column not in header:
+            raise SourceError(f"{path}: no column {url_column!r} (columns: {', '.join(header)}); "
+                              "set sources[].url_column")
+    sample = head[data_start:]
+    lines = sample.count(b"\n") or 1
+    avg = max(1, len(sample) // lines)
+    slice_bytes = max(16, avg * slice_rows)
+    data = max(0, size - data_start)
+    count = math.ceil(data / slice_bytes) if data else 0
+    return SlicePlan(path, kind, count, size=size, data_start=data_start,
+                     slice_bytes=slice_bytes, header=header)
+
+
+class ListReader:
+    """Reads slices of one list file (a worker holds one per list source). Keeps the last few
+    parquet row groups it read, since neighbouring slices share them."""
+
+    def __init__(self, plan: SlicePlan, *, url_column: str = "url", label_column: str = "label",
+                 default_label: str = "", storage_options: Optional[dict[str, Any]] = None):
+        self.plan = plan
+        self.url_column = url_column
+        self.label_column = label_column
+        self.default_label = default_label
+        self.storage_options = storage_options
+        self._groups: OrderedDict[int, tuple[list[Any], list[Any]]] = OrderedDict()
+
+    def read(self, index: int) -> list[ListRow]:
+        group, start, stop = self.plan.bounds(index)
+        if self.plan.kind == "parquet":
+            return self._read_parquet(group, start, stop)
+        return self._read_text(start, stop)
+
+    def _read_text(self, start: int, stop: int) -> list[ListRow]:
+        from builder.storage import open_fs
+
+        plan = self.plan
+        fs, fs_path = open_fs(plan.path, self.storage_options)
+        rows: list[ListRow] = []
+        with fs.open(fs_path, "rb") as f:
+            if start > plan.data_start:
+                f.seek(start - 1)
+                f.readline()  # the line that started before this slice belongs to the last one
+            else:
+                f.seek(start)
+            pos = f.tell()
+            while pos < stop:
+                line = f.readline()
+                if not line:
+                    break
+                row = self._parse(line, f"{plan.path}:byte {pos}")
+                pos += len(line)
+                if row is not None:
+                    rows.append(row)
+        return rows
+
+    def _parse(self, raw: bytes, where: str) -> Optional[ListRow]:
+        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        kind = self.plan.kind
+        if kind == "txt":
+            line = text.strip()
+            if not line or line.startswith("#"):
+                return None
+            if "\t" in line:
+                label, url = line.split("\t", 1)
+                return ListRow(label.strip() or self.default_label, url.strip(), where)
+            return ListRow(self.default_label, line, where)
+        if not text.strip():
+            return None
+        if kind == "jsonl":
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                return ListRow(self.default_label, "", f"{where} (not valid JSON: {exc})")
+            if not isinstance(obj, dict):
+                return ListRow(self.default_label, "",
+                               f"{where} (a JSON {type(obj).__name__}, not an object)")
+            return self._row(obj, where)
+        values = next(csv.reader([text], delimiter="\t" if kind == "tsv" else ","), [])
+        return self._row(dict(zip(self.plan.header, values)), where)
+
+    def _row(self, obj: dict[str, Any], where: str) -> ListRow:
+        url = obj.get(self.url_column)
+        if url is None:
+            url, where = "", f"{where} (no {self.url_column!r})"
+        elif not isinstance(url, str):
+            url, where = "", f"{where} ({self.url_column!r} is a {type(url).__name__})"
+        label = obj.get(self.label_column)
+        return ListRow(str(label) if label not in (None, "") else self.default_label, url, where)
+
+    def _read_parquet(self, group: int, start: int, stop: int) -> list[ListRow]:
+        urls, labels = self._group(group)
+        return [self._row({self.url_column: urls[i], self.label_column:
+                           labels[i] if labels else None},
+                          f"{self.plan.path}: row group {group} row {i}")
+                for i in range(start, stop)]
+
+    def _group(self, group: int) -> tuple[list[Any], list[Any]]:
+        cached = self._groups.get(group)
+        if cached is not None:
+            self._groups.move_to_end(group)
+            return cached
+        import pyarrow.parquet as pq
+
+        from builder.storage import open_fs
+
+        fs, fs_path = open_fs(self.plan.path, self.storage_options)
+        with fs.open(fs_path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in (self.url_column, self.label_column) if c in pf.schema_arrow.names]
+            table = pf.read_row_group(group, columns=cols)
+        urls = table[self.url_column].to_pylist()
+        labels = table[self.label_column].to_pylist() if self.label_column in cols else []
+        self._groups[group] = (urls, labels)
+        if len(self._groups) > 2:
+            self._groups.popitem(last=False)
+        return urls, labels

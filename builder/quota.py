@@ -1,0 +1,72 @@
+"""The quota ledger: per-class targets held exactly with counters, never with records.
+
+A unit's worker asks for a *grant* once it knows how many of its candidates are valid, per
+class; the ledger grants at most what the class still has room for, counting what committed
+units accepted plus what other units in flight were granted. The valid images past the grant are
+rejected ``over_target``. A grant belongs to its unit: asking again for the same unit (a resent
+unit) replaces it, so a unit never holds two; ``floor`` guarantees a resent unit the images an
+earlier attempt already wrote (its old grant covered them). ``commit`` turns a grant into
+accepted images; ``release`` frees it (the unit was cancelled or will be resent).
+
+The ledger also numbers output shards per split, so shard names are unique across workers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+
+class QuotaLedger:
+    def __init__(self, targets: dict[str, int], accepted: Optional[dict[str, int]] = None,
+                 next_shard: Optional[dict[str, int]] = None):
+        self.targets = dict(targets)
+        self.accepted: Counter = Counter(accepted or {})
+        self.grants: dict[str, Counter] = {}
+        self._granted: Counter = Counter()
+        self._next_shard: Counter = Counter(next_shard or {})
+
+    def room(self, label: str) -> int:
+        return max(0, self.targets[label] - self.accepted[label] - self._granted[label])
+
+    def rooms(self) -> dict[str, int]:
+        """Per class, images it still has room for (target less committed and granted)."""
+        return {label: self.room(label) for label in self.targets}
+
+    def grant(self, uid: str, wants: dict[str, int],
+              floor: Optional[dict[str, int]] = None) -> dict[str, int]:
+        """Grant ``uid`` up to ``wants[label]`` images per class (at least ``floor[label]``),
+        replacing any earlier grant of the same unit."""
+        self.release(uid)
+        out: Counter = Counter()
+        for label, n in wants.items():
+            if label not in self.targets:
+                raise KeyError(f"class {label!r} is not in the job")
+            least = min(n, (floor or {}).get(label, 0))
+            out[label] = max(least, min(n, self.room(label)))
+        self.grants[uid] = out
+        self._granted.update(out)
+        return dict(out)
+
+    def release(self, uid: str) -> None:
+        old = self.grants.pop(uid, None)
+        if old:
+            self._granted.subtract(old)
+
+    def commit(self, uid: str, accepted: dict[str, int]) -> None:
+        """The unit's accepted images are written: they count for good."""
+        self.release(uid)
+        self.accepted.update(accepted)
+
+    def uncommit(self, accepted: dict[str, int]) -> None:
+        """Take back what a unit counted (it is being resent from the start)."""
+        self.accepted.subtract(accepted)
+
+    def next_shard(self, split: str) -> int:
+        n = self._next_shard[split]
+        self._next_shard[split] += 1
+        return n
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {label: {"target": t, "accepted": self.accepted[label],
+                        "granted": self._granted[label]} for label, t in self.targets.items()}

@@ -1,0 +1,710 @@
+"""The shard pipeline: what a worker does with one unit of work, the same in-process and on Ray.
+
+``WorkerRuntime`` holds a worker's state (an aiohttp fetcher, a thread pool for CPU work, list
+readers, the shard assembler) and runs units, several at a time. One unit goes, in order:
+
+1. **candidates**: the worker runs the unit's search (through the job's rate limiter) or reads
+   its slice of a URL list; hits of classes already full are *unused*, not candidates;
+2. **URL checks**: unparsable or non-http(s) URLs are rejected; each URL is claimed in the
+   partitioned index, so the same URL twice in a job is a ``duplicate_url``;
+3. **fetch** (politely, ``builder.fetch``), then **validate and hash** on the thread pool;
+4. **dedup**: one round trip to the index partitions decides exact and near duplicates
+   (``builder.dedup``); an image an earlier attempt of this unit already wrote is kept as is;
+5. **slow level** (NSFW / CLIP) where the spec asks for it; its scores go into the record;
+6. **grant**: the quota ledger grants up to each class's room; valid images past it are
+   ``over_target``;
+7. the index learns the outcome; accepted images are resized / re-encoded if asked, get their
+   split, and go to the worker's shard assembler; the unit's report (counts only) goes back.
+
+A unit *commits* once every image it accepted is in a committed shard: its candidates'
+decisions are then journaled (``builder.journal``) and the ledger counts its images for good.
+Until then a lost worker means the unit is resent; nothing it did can be counted twice, because
+the index and the ledger key everything by candidate and by unit.
+
+``WorkerServices`` is what a worker reaches outside itself: the dedup index, the quota ledger,
+the search rate limiter and the slow-level scorers. ``LocalServices`` holds them in this
+process; ``actors.worker`` provides them as Ray actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from builder.dedup import DedupClient, DedupItem, claim_of, id_number, url_hash
+from builder.engines import SearchEngine, SearchPage, make_engine
+from builder.errors import EngineError, SourceError
+from builder.fetch import Fetcher
+from builder.journal import Journal
+from builder.listsource import ListReader, SlicePlan
+from builder.ratelimit import EngineGovernor, limits_for
+from builder.reasons import Reason
+from builder.records import Candidate, Record, accepted_row, reject_row
+from builder.spec import DatasetSpec
+from builder.splits import assign_split
+from builder.storage import ensure_writable
+from builder.transform import ImageTransformer
+from builder.units import (INLINE, LIST, RETRY, SEARCH, SearchOutcome, UnitReport,
+                           WorkerEvents, WorkUnit)
+from builder.validate import ImageValidator
+from builder.writers import ShardWriter, shard_name
+
+log = logging.getLogger("pixcrawler.worker")
+
+T = TypeVar("T")
+
+
+class UnitCancelled(Exception):
+    """Raised inside a unit when the job was asked to stop."""
+
+
+class WorkerServices:
+    """What a worker reaches outside itself. Every method is a coroutine."""
+
+    dedup: DedupClient
+
+    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
+                    ) -> dict[str, int]:
+        raise NotImplementedError
+
+    async def rooms(self) -> dict[str, int]:
+        """Per class, the images it still has room for."""
+        raise NotImplementedError
+
+    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
+        raise NotImplementedError
+
+    async def next_shard(self, split: str) -> int:
+        raise NotImplementedError
+
+    async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
+        """One engine request for ``unit``, paced by the job's limiter for its source."""
+        raise NotImplementedError
+
+    async def score(self, records: list[Record], pool: ThreadPoolExecutor) -> list[Record]:
+        """The slow level on ``records`` (returns them); only called when the job has one."""
+        raise NotImplementedError
+
+    @property
+    def slow(self) -> bool:
+        return False
+
+
+@dataclass
+class JobPlan:
+    """What every worker of a job needs to know besides the spec (it pickles)."""
+
+    spec: DatasetSpec
+    uri: str
+    job_id: str
+    storage_options: Optional[dict[str, Any]] = None
+    list_plans: dict[int, SlicePlan] = field(default_factory=dict)
+    retry_plan: Optional[SlicePlan] = None
+    cpu_threads: int = 1
+    buffer_bytes: int = 512 << 20
+
+
+class ShardAssembler:
+    """Collects a worker's accepted rows per split and writes shards of ``shard_size`` rows
+    (shorter only at the end, or when ``buffer_bytes`` is reached); commits units whose images
+    are all written. CPU and storage work runs on ``run_io`` (a thread)."""
+
+    def __init__(self, plan: JobPlan, writer: ShardWriter, journal: Journal,
+                 services: WorkerServices, run_io: Callable[..., Awaitable[Any]]):
+        self.plan = plan
+        self.shard_size = plan.spec.output.shard_size
+        self.writer = writer
+        self.journal = journal
+        self.services = services
+        self.run_io = run_io
+        self.buffers: dict[str, list[pa.Table]] = {}
+        self.buffered_bytes = 0
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.committed: list[str] = []
+        self._lock = asyncio.Lock()
+        self.splits = list(plan.spec.output.splits)
+
+    def _rows(self, split: str) -> int:
+        return sum(t.num_rows for t in self.buffers.get(split, ()))
+
+    async def add(self, unit: WorkUnit, report: UnitReport, rows: pa.Table,
+                  decisions: pa.Table) -> None:
+        """Take a decided unit's accepted rows (with its decisions, journaled at commit)."""
+        async with self._lock:
+            self.pending[unit.uid] = {"unit": unit, "report": report, "decisions": decisions,
+                                      "remaining": rows.num_rows}
+            if rows.num_rows:
+                for split in sorted(set(rows["split"].to_pylist())):
+                    part = rows.filter(pc.equal(rows["split"], split))
+                    self.buffers.setdefault(split, []).append(part)
+                    self.buffered_bytes += part.nbytes
+            else:
+                await self._commit(unit.uid)
+            for split in list(self.buffers):
+                while self._rows(split) >= self.shard_size:
+                    await self._write(split, self.shard_size)
+            while self.buffered_bytes > self.plan.buffer_bytes and self.buffers:
+                largest = max(self.buffers, key=self._rows)
+                await self._write(largest, min(self.shard_size, self._rows(largest)))
+
+    async def flush(self) -> None:
+        """Write what is buffered (the last, short shards) and commit the units."""
+        async with self._lock:
+            for split in list(self.buffers):
+                while self._rows(split):
+                    await self._write(split, min(self.shard_size, self._rows(split)))
+
+    def discard(self) -> list[str]:
+        """Drop everything not yet written (the units will be resent); returns their uids."""
+        dropped = list(self.pending)
+        self.buffers.clear()
+        self.pending.clear()
+        self.buffered_bytes = 0
+        return dropped
+
+    def take_committed(self) -> list[str]:
+        out, self.committed = self.committed, []
+        return out
+
+    async def _write(self, split: str, n: int) -> None:
+        parts, taken = self.buffers[split], []
+        need = n
+        while need:
+            head = parts[0]
+            if head.num_rows <= need:
+                taken.append(parts.pop(0))
+                need -= head.num_rows
+            else:
+                taken.append(head.slice(0, need))
+                parts[0] = head.slice(need)
+                need = 0
+        if not parts:
+            del self.buffers[split]
+        table = pa.concat_tables(taken)
+        self.buffered_bytes -= table.nbytes
+        number = await self.services.next_shard(split)
+        ref = (self.splits.index(split) << 32) | number if split in self.splits else number
+        ids = [id_number(i) for i in table["id"].to_pylist()]
+        claims = table["_claim"].to_pylist()
+        await self.services.dedup.mark_written(ids, claims, writing=ref)
+        extra = {"uid": table["_uid"].to_pylist(), "claim": claims,
+                 "sig_a": table["_sig_a"].to_pylist(), "sig_b": table["_sig_b"].to_pylist()}
+        await self.run_io(self.writer.write, table, split, number, self.journal, extra)
+        await self.services.dedup.mark_written(ids, claims)
+        for uid, count in Counter(extra["uid"]).items():
+            entry = self.pending.get(uid)
+            if entry is not None:
+                entry["remaining"] -= count
+                if entry["remaining"] <= 0:
+                    await self._commit(uid)
+
+    async def _commit(self, uid: str) -> None:
+        entry = self.pending.pop(uid)
+        report: UnitReport = entry["report"]
+        await self.run_io(self.journal.write_unit, entry["unit"], report, entry["decisions"])
+        await self.services.commit(uid, {label: t.accepted for label, t in
+                                         report.classes.items() if t.accepted})
+        self.committed.append(uid)
+
+
+class WorkerRuntime:
+    """One worker: runs units (see the module docstring). Call ``start`` first."""
+
+    def __init__(self, plan: JobPlan, services: WorkerServices, worker_id: str = "local"):
+        self.plan = plan
+        self.spec = plan.spec
+        self.services = services
+        self.worker_id = worker_id
+        self.validator = ImageValidator(self.spec.validation)
+        self.transformer = ImageTransformer(self.spec.output.resize, self.spec.output.encode)
+        self.journal = Journal(plan.uri, plan.job_id, plan.storage_options)
+        self.writer = ShardWriter(self.spec.output, plan.uri, self.spec.labels,
+                                  plan.storage_options)
+        self.fetcher: Optional[Fetcher] = None
+        self.pool: Optional[ThreadPoolExecutor] = None
+        self.assembler: Optional[ShardAssembler] = None
+        self.engines: dict[int, SearchEngine] = {}
+        self.readers: dict[int, ListReader] = {}
+        self._cancel = asyncio.Event()
+        self._fetch_stats_sent: Counter = Counter()
+        self.incarnation = ""
+        """Set by a host that restarts workers (the Ray actor's incarnation)."""
+        self.on_stage: Optional[Callable[[str, float], None]] = None
+        """Called with (stage, seconds) after each unit's fetch and validate stages."""
+
+    async def start(self) -> None:
+        """Open the fetcher and pool; check this worker can write the output."""
+        await asyncio.to_thread(ensure_writable, self.plan.uri, self.plan.storage_options)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.plan.cpu_threads),
+                                       thread_name_prefix="pixcrawler-cpu")
+        self.fetcher = Fetcher(self.spec.download)
+        await self.fetcher.__aenter__()
+        self.assembler = ShardAssembler(self.plan, self.writer, self.journal, self.services,
+                                        self._io)
+        for i, src in enumerate(self.spec.sources):
+            if src.engine == "urllist":
+                self.readers[i] = ListReader(
+                    self.plan.list_plans[i], url_column=src.url_column,
+                    label_column=src.label_column, storage_options=self.plan.storage_options,
+                    default_label=self.spec.labels[0] if len(self.spec.labels) == 1 else "")
+            else:
+                self.engines[i] = make_engine(src, self.spec)
+
+    async def close(self) -> None:
+        if self.fetcher is not None:
+            await self.fetcher.close()
+            self.fetcher = None
+        for engine in self.engines.values():
+            engine.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, fn, *args)
+
+    def cancel(self) -> None:
+        """Stop: units in flight end with their undecided candidates ``cancelled``."""
+        self._cancel.set()
+
+    def observe(self, stage: str, seconds: float) -> None:
+        if self.on_stage is not None:
+            self.on_stage(stage, seconds)
+
+    def events(self) -> WorkerEvents:
+        assert self.assembler is not None
+        stats = self.fetcher.stats if self.fetcher is not None else {}
+        now = Counter({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        delta = now - self._fetch_stats_sent
+        self._fetch_stats_sent = now
+        return WorkerEvents(self.worker_id, self.assembler.take_committed(), dict(delta),
+                            self.incarnation)
+
+    async def run(self, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        """Decide one unit's candidates; returns its report and the worker's events."""
+        report = await UnitRun(self, unit).run()
+        return report, self.events()
+
+    async def flush(self) -> WorkerEvents:
+        assert self.assembler is not None
+        await self.assembler.flush()
+        return self.events()
+
+    def discard(self) -> list[str]:
+        assert self.assembler is not None
+        return self.assembler.discard()
+
+    async def stage(self, aw: Awaitable[T], cancellable: bool = True) -> T:
+        """Await ``aw`` unless the job is cancelled first (then ``UnitCancelled``)."""
+        if not cancellable:
+            return await aw
+        if self._cancel.is_set():
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise UnitCancelled()
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._cancel.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise UnitCancelled()
+        return task.result()
+
+
+class UnitRun:
+    """One unit on one worker, from candidates to rows (see the module docstring)."""
+
+    def __init__(self, worker: WorkerRuntime, unit: WorkUnit):
+        self.w = worker
+        self.spec = worker.spec
+        self.unit = unit
+        self.report = UnitReport(unit.uid, worker.worker_id)
+        self.records: list[Record] = []
+        self.items: list[tuple[Record, DedupItem]] = []
+        self.written: set[int] = set()
+        self.bad_rows: dict[int, str] = {}
+
+    def stage(self, aw: Awaitable[T]) -> Awaitable[T]:
+        return self.w.stage(aw, cancellable=self.unit.attempt == 0)
+
+    def claim(self, record: Record) -> int:
+        """The candidate's claim in the index: its key within this unit (a resent unit meets
+        its own entries; the same candidate in another unit is another claim)."""
+        return claim_of(f"{self.unit.uid}\n{record.candidate.key}")
+
+    async def run(self) -> UnitReport:
+        w, unit, report = self.w, self.unit, self.report
+        try:
+            candidates = await self.stage(self._candidates())
+        except UnitCancelled:
+            candidates = None
+        if candidates is None:
+            report.settled = False
+            return report
+        rooms = await w.services.rooms() if candidates else {}
+        if unit.kind == SEARCH:
+            # An engine has more pages: take up only what the class may still need.
+            cap = math.ceil(rooms.get(unit.label, 0) * self.spec.search.candidates_factor)
+        else:
+            cap = len(candidates)
+        for cand in candidates:
+            if cand.label not in rooms:
+                report.skipped[cand.label] += 1
+            elif rooms[cand.label] <= 0 or cap <= 0:
+                report.tally(cand.label).unused += 1
+            else:
+                self.records.append(Record(cand))
+                cap -= 1
+        try:
+            await self._decide()
+        except UnitCancelled:
+            for record in self.records:
+                if not record.rejected and record.sha256 and self._is_written(record):
+                    continue
+                if not record.rejected:
+                    record.reject(Reason.CANCELLED, "job cancelled")
+            await self._finish_cancelled()
+            return report
+        return report
+
+    # -- candidates --------------------------------------------------------------------------
+
+    async def _candidates(self) -> Optional[list[Candidate]]:
+        unit, spec, w = self.unit, self.spec, self.w
+        if unit.kind == SEARCH:
+            engine = w.engines[unit.source]
+            try:
+                page = await w.services.search(unit, engine)
+            except SourceError as exc:  # EngineUnavailable, or a source that cannot be read
+                self.report.search = SearchOutcome(error=_short(exc), final=True)
+                return None
+            except EngineError as exc:
+                self.report.search = SearchOutcome(error=_short(exc), retryable=exc.retryable,
+                                                   retry_after=exc.retry_after,
+                                                   final=not exc.retryable)
+                return None
+            self.report.search = SearchOutcome(hits=len(page.hits), has_more=page.has_more)
+            return [hit.to_candidate(unit.label, unit.query, unit.engine) for hit in page.hits]
+        if unit.kind == INLINE:
+            urls = spec.classes[unit.label].urls[unit.start:unit.stop]
+            return [Candidate(url=u, label=unit.label, engine="inline", rank=unit.start + i)
+                    for i, u in enumerate(urls)]
+        if unit.kind == LIST:
+            rows = await w._io(w.readers[unit.source].read, unit.slice)
+            if not rows:
+                self.report.exhausted = unit.slice >= w.plan.list_plans[unit.source].count
+            out = []
+            for i, r in enumerate(rows):
+                cand = Candidate(url=r.url, label=r.label, engine="urllist", rank=i)
+                if not r.url:
+                    self.bad_rows[id(cand)] = r.where
+                out.append(cand)
+            return out
+        if unit.kind == RETRY:
+            return await w._io(_retry_candidates, w.plan, unit.slice)
+        raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    async def _decide(self) -> None:
+        w = self.w
+        await self._check_urls()
+        for record in self.records:
+            self.report.tally(record.label).candidates += 1
+        live = [r for r in self.records if not r.rejected]
+        assert w.fetcher is not None
+        if live:
+            t0 = time.perf_counter()
+            await self.stage(w.fetcher.fetch_many(live))
+            w.observe("fetch", time.perf_counter() - t0)
+            for r in live:
+                if r.data is not None:
+                    r.downloaded_bytes = len(r.data)
+            fetched = [r for r in live if not r.rejected]
+            if fetched:
+                t0 = time.perf_counter()
+                await self.stage(w._io(w.validator, fetched))
+                w.observe("validate", time.perf_counter() - t0)
+        await self._dedup()
+        if w.services.slow:
+            kept = [r for r, _ in self.items if not r.rejected]
+            if kept:
+                await self.stage(w.services.score(kept, w.pool))
+        await self._grant()
+        await self._emit()
+
+    async def _check_urls(self) -> None:
+        """Reject bad URLs; claim the others. A candidate an earlier run decided (this run
+        continues its dataset) is dropped: it is not a new candidate."""
+        from builder.urls import check_url
+
+        claims, kclaims, hashes, which = [], [], [], []
+        for record in self.records:
+            norm, reason, detail = check_url(record.candidate.url)
+            if reason is not None or norm is None:
+                where = self.bad_rows.get(id(record.candidate))
+                record.reject(reason or Reason.INVALID_URL,
+                              f"{detail} ({where})" if where else detail)
+                continue
+            claims.append(self.claim(record))
+            kclaims.append(claim_of(record.candidate.key))
+            hashes.append(url_hash(norm))
+            which.append(record)
+        if not which:
+            return
+        answers = await self.stage(self.w.services.dedup.check_urls(claims, hashes, kclaims))
+        before = set()
+        for record, (other, done) in zip(which, answers):
+            if done:
+                before.add(id(record))
+            elif other:
+                record.reject(Reason.DUPLICATE_URL, "the same URL was already a candidate in "
+                                                    "this job")
+        if before:
+            self.report.decided_before += len(before)
+            self.records = [r for r in self.records if id(r) not in before]
+
+    def _is_written(self, record: Record) -> bool:
+        return id_number(record.id) in self.written
+
+    async def _dedup(self) -> None:
+        w, unit = self.w, self.unit
+        for pos, record in enumerate(self.records):
+            if record.rejected or not record.sha256:
+                continue
+            stored, probes = record.dedup_signatures()
+            self.items.append((record, DedupItem(self.claim(record), unit.token(pos),
+                                                 id_number(record.id), stored, probes)))
+        if not self.items:
+            return
+        decisions = await self.stage(w.services.dedup.decide([it for _, it in self.items]))
+        names: dict[int, bool] = {}
+        for (record, item), decision in zip(self.items, decisions):
+            if decision.duplicate:
+                detail = (f"same bytes as {decision.kept_id}"
+                          if decision.reason == Reason.EXACT_DUPLICATE else
+                          f"near-duplicate signatures ({decision.distance} bits) of "
+                          f"{decision.kept_id}")
+                record.reject(decision.reason, detail, duplicate_of=decision.kept_id)
+                continue
+            written = decision.written
+            if decision.writing >= 0:
+                if decision.writing not in names:
+                    names[decision.writing] = await w._io(
+                        w.journal.shard_exists, self._shard_of(decision.writing))
+                written = names[decision.writing]
+            if written:
+                self.written.add(item.image_id)
+
+    def _shard_of(self, ref: int) -> str:
+        splits = list(self.spec.output.splits)
+        index, number = ref >> 32, ref & 0xFFFFFFFF
+        return shard_name(splits[index] if index < len(splits) else "", number)
+
+    async def _grant(self) -> None:
+        w = self.w
+        valid = [r for r in self.records if not r.rejected]
+        wants: Counter = Counter(r.label for r in valid)
+        floor: Counter = Counter(r.label for r in valid if self._is_written(r))
+        granted = await w.services.grant(self.unit.uid, dict(wants), dict(floor)) \
+            if wants else {}
+        left = Counter(granted)
+        for record in sorted(valid, key=lambda r: not self._is_written(r)):
+            if left[record.label] > 0:
+                left[record.label] -= 1
+            else:
+                target = self.spec.target_of(record.label)
+                record.reject(Reason.OVER_TARGET, f"class already has {target}")
+
+    async def _settle(self) -> None:
+        if not self.items:
+            return
+        keep = [not r.rejected for r, _ in self.items]
+        drop = [r.rejected for r, _ in self.items]
+        await self.w.services.dedup.settle([it for _, it in self.items], keep, drop)
+
+    async def _emit(self) -> None:
+        """Settle the index, count, build the rows and hand them to the assembler."""
+        w = self.w
+        await self._settle()
+        accepted = [r for r in self.records if not r.rejected]
+        new = [r for r in accepted if not self._is_written(r)]
+        for r in new:
+            r.split = assign_split(r.id, self.spec.output.splits)
+        if self.w.transformer.active and new:
+            await w._io(self.w.transformer, new)
+        self._count()
+        rows = await w._io(self._rows, new)
+        decisions = await w._io(_decision_rows, self.records, self.claim)
+        assert w.assembler is not None
+        await w.assembler.add(self.unit, self.report, rows, decisions)
+
+    async def _finish_cancelled(self) -> None:
+        w = self.w
+        await self._settle()
+        kept = [r for r in self.records if not r.rejected]
+        if kept:  # images an earlier attempt wrote: accepted, whatever happened since
+            await w.services.grant(self.unit.uid, dict(Counter(r.label for r in kept)),
+                                   dict(Counter(r.label for r in kept)))
+        self._count()
+        decisions = await w._io(_decision_rows, self.records, self.claim)
+        assert w.assembler is not None
+        await w.assembler.add(self.unit, self.report, _empty_rows(), decisions)
+
+    def _count(self) -> None:
+        report = self.report
+        for record in self.records:
+            tally = report.tally(record.label)
+            if record.relabelled_from:
+                report.relabelled[(record.relabelled_from, record.label)] += 1
+                report.tally(record.relabelled_from).candidates -= 1
+                tally.candidates += 1
+            if record.rejected:
+                tally.rejected[record.reason] += 1
+                report.by_stage[record.stage] += 1
+            else:
+                tally.accepted += 1
+                report.bytes += record.downloaded_bytes
+
+    def _rows(self, records: list[Record]) -> pa.Table:
+        rows = []
+        for r in records:
+            row = accepted_row(r)
+            stored, _ = r.dedup_signatures()
+            row.update(_uid=self.unit.uid, _claim=self.claim(r),
+                       _sig_a=[a for a, _ in stored], _sig_b=[b for _, b in stored])
+            rows.append(row)
+            r.data = None
+        return pa.Table.from_pylist(rows, schema=_BUFFER_SCHEMA) if rows else _empty_rows()
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _buffer_schema() -> pa.Schema:
+    from builder.records import ACCEPTED_SCHEMA
+
+    return pa.schema(list(ACCEPTED_SCHEMA) + [
+        pa.field("_uid", pa.string()), pa.field("_claim", pa.uint64()),
+        pa.field("_sig_a", pa.list_(pa.uint64())), pa.field("_sig_b", pa.list_(pa.uint64()))])
+
+
+_BUFFER_SCHEMA = _buffer_schema()
+"""The accepted rows a worker buffers: the output schema plus what the journal needs."""
+
+
+def _empty_rows() -> pa.Table:
+    return _BUFFER_SCHEMA.empty_table()
+
+
+def _decision_rows(records: list[Record], claim: Callable[[Record], int]) -> pa.Table:
+    from builder.journal import UNIT_SCHEMA
+    from builder.urls import normalise_url
+
+    rows = []
+    for r in records:
+        row = reject_row(r)
+        norm = normalise_url(r.candidate.url)
+        row.update(accepted=not r.rejected, image_id=r.id if r.sha256 else "",
+                   url_hash=url_hash(norm) if norm else 0, claim=claim(r))
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
+
+
+def _retry_candidates(plan: JobPlan, index: int) -> list[Candidate]:
+    """A slice of the published rejects a ``retry-failed`` run decides again (the transient
+    ones)."""
+    from builder.reasons import TRANSIENT_REASONS
+
+    assert plan.retry_plan is not None
+    import pyarrow.parquet as pq
+
+    from builder.storage import open_fs
+
+    group, start, stop = plan.retry_plan.bounds(index)
+    fs, path = open_fs(plan.retry_plan.path, plan.storage_options)
+    with fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(group).slice(start, stop - start)
+    transient = {r.value for r in TRANSIENT_REASONS}
+    labels = set(plan.spec.labels)
+    return [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
+                      engine=row["engine"] or "")
+            for row in table.to_pylist()
+            if row["reason"] in transient and row["label"] in labels]
+
+
+class LocalServices(WorkerServices):
+    """The services in this process: the in-process runner's index, ledger, governors and
+    slow validator."""
+
+    def __init__(self, spec: DatasetSpec, dedup: DedupClient, ledger: Any,
+                 slow: Optional[Any] = None):
+        self.spec = spec
+        self.dedup = dedup
+        self.ledger = ledger
+        self._slow = slow
+        self.governors: dict[int, EngineGovernor] = {}
+
+    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
+                    ) -> dict[str, int]:
+        return self.ledger.grant(uid, wants, floor)
+
+    async def rooms(self) -> dict[str, int]:
+        return self.ledger.rooms()
+
+    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
+        self.ledger.commit(uid, accepted)
+
+    async def next_shard(self, split: str) -> int:
+        return self.ledger.next_shard(split)
+
+    def _governor(self, unit: WorkUnit) -> EngineGovernor:
+        gov = self.governors.get(unit.source)
+        if gov is None:
+            src = self.spec.sources[unit.source]
+            gov = EngineGovernor(unit.engine, limits_for(unit.engine, src.options))
+            self.governors[unit.source] = gov
+        return gov
+
+    async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
+        gov = self._governor(unit)
+        await asyncio.sleep(gov.acquire())
+        try:
+            page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
+                                           page=unit.page, per_page=unit.per_page)
+        except EngineError as exc:
+            gov.record(False, exc.status, exc.retry_after)
+            raise
+        gov.record(True, 200)
+        return page
+
+    @property
+    def slow(self) -> bool:
+        return self._slow is not None
+
+    async def score(self, records: list[Record], pool: ThreadPoolExecutor) -> list[Record]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, self._slow, records)
+
+    def engine_stats(self) -> dict[str, Any]:
+        return {g.engine: g.snapshot() for g in self.governors.values()}
+
+
+__all__ = ["JobPlan", "LocalServices", "ShardAssembler", "UnitCancelled", "UnitRun",
+           "WorkerRuntime", "WorkerServices"]

@@ -1,0 +1,196 @@
+"""The partitioned dedup index against a brute-force oracle, and its idempotency rules."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from builder.dedup import (DedupItem, KeyScheme, LocalPartitions, Multimap, _chunks,
+                           claim_of)
+from builder.hashing import hamming
+from builder.reasons import Reason
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def flip(rnd: random.Random, value: int, n: int) -> int:
+    """``value`` with up to ``n`` random bits flipped (a bit drawn twice flips back)."""
+    for _ in range(n):
+        value ^= 1 << rnd.randrange(64)
+    return value
+
+
+def test_chunks_cover_64_bits():
+    for t in range(0, 33):
+        chunks = _chunks(t)
+        assert sum(w for _, w in chunks) == 64 and len(chunks) == min(t + 1, 64)
+
+
+def test_multimap_keeps_every_row_of_a_key_through_growth():
+    m = Multimap(16)
+    rnd = np.random.default_rng(1)
+    keys = rnd.integers(1, 2**63, size=3000, dtype=np.uint64)
+    keys[::3] = keys[0]  # one key with 1000 rows
+    for start in range(0, 3000, 500):
+        if m.needs_room(500):
+            m.rebuild(2 * (m.count + 500), np.ones(3000, dtype=bool))
+        m.insert(keys[start:start + 500], np.arange(start, start + 500))
+    q, rows = m.lookup(np.array([keys[0], keys[1], 12345], dtype=np.uint64))
+    assert sorted(rows[q == 0].tolist()) == list(range(0, 3000, 3))
+    assert rows[q == 1].tolist() == [1] and not (q == 2).any()
+
+
+def test_pairs_within_t_share_their_designated_key():
+    rnd = random.Random(5)
+    for t in (0, 2, 4, 6, 8):
+        scheme = KeyScheme(t)
+        for _ in range(300):
+            a, b = rnd.getrandbits(64), rnd.getrandbits(64)
+            a2 = flip(rnd, a, rnd.randrange(t + 1))
+            b2 = flip(rnd, b, rnd.randrange(t + 1))
+            if hamming(a, a2) > t or hamming(b, b2) > t:
+                continue
+            k1, kidx = scheme.keys(np.array([a], np.uint64), np.array([b], np.uint64))
+            k2, _ = scheme.keys(np.array([a2], np.uint64), np.array([b2], np.uint64))
+            d = scheme.designated(np.array([a2], np.uint64), np.array([b2], np.uint64),
+                                  np.array([a], np.uint64), np.array([b], np.uint64))[0]
+            assert d >= 0 and k1[0, kidx == d][0] == k2[0, kidx == d][0]
+
+
+def skewed_signatures(n: int, seed: int) -> list[tuple[int, int, int]]:
+    """(id, a, b): real-image-like skew (many hashes share long prefixes) plus near copies."""
+    rnd = random.Random(seed)
+    bases = [(rnd.getrandbits(64), rnd.getrandbits(64)) for _ in range(40)]
+    out = []
+    for i in range(n):
+        r = rnd.random()
+        if out and r < 0.25:  # a near copy of something seen
+            _, a, b = rnd.choice(out)
+            flips = rnd.randrange(9)
+        elif r < 0.6:  # a skewed hash: close to one of a few common layouts
+            a, b = rnd.choice(bases)
+            flips = 6 + rnd.randrange(14)
+        else:
+            a, b = rnd.getrandbits(64), rnd.getrandbits(64)
+            flips = 0
+        a, b = flip(rnd, a, flips), flip(rnd, b, flips // 2)
+        if out and rnd.random() < 0.05:  # the same bytes again: same id, same signatures
+            out.append(rnd.choice(out))
+        else:
+            out.append((rnd.getrandbits(64), a, b))
+    return out
+
+
+def oracle(items: list[tuple[int, int, int]], t: int, near: bool = True) -> list[str]:
+    kept: list[tuple[int, int, int]] = []
+    ids: set[int] = set()
+    out = []
+    for image_id, a, b in items:
+        if image_id in ids:
+            out.append("exact")
+        elif near and any(hamming(a, ka) <= t and hamming(b, kb) <= t for _, ka, kb in kept):
+            out.append("near")
+        else:
+            out.append("kept")
+            kept.append((image_id, a, b))
+            ids.add(image_id)
+    return out
+
+
+@pytest.mark.parametrize("k,t,unit", [(1, 4, 1), (4, 4, 17), (3, 2, 64), (5, 6, 33),
+                                      (2, 9, 20), (3, 0, 10)])
+def test_partitioned_index_decides_like_a_brute_force_oracle(k, t, unit):
+    items = skewed_signatures(2500, seed=k * 100 + t)
+    expected = oracle(items, t)
+    client = LocalPartitions(t, near=True, k=k).client()
+    got: list[str] = []
+    for start in range(0, len(items), unit):
+        chunk = items[start:start + unit]
+        batch = [DedupItem(claim_of(f"c{start + i}"), start + i, image_id, [(a, b)], [(a, b)])
+                 for i, (image_id, a, b) in enumerate(chunk)]
+        decisions = run(client.decide(batch))
+        got += ["kept" if not d.duplicate else
+                "exact" if d.reason == Reason.EXACT_DUPLICATE else "near" for d in decisions]
+        run(client.settle(batch, [not d.duplicate for d in decisions],
+                          [d.duplicate for d in decisions]))
+    assert got == expected
+    assert expected.count("near") > (100 if t else 40) and expected.count("exact") > 20
+
+
+def test_a_retried_unit_is_not_a_duplicate_of_itself_and_sees_what_it_wrote():
+    client = LocalPartitions(4, k=3).client()
+    rnd = random.Random(2)
+    sigs = [(rnd.getrandbits(64), rnd.getrandbits(64)) for _ in range(20)]
+    batch = [DedupItem(claim_of(f"k{i}"), i, 1000 + i, [sigs[i]], [sigs[i]]) for i in range(20)]
+    first = run(client.decide(batch))
+    assert not any(d.duplicate for d in first)
+    run(client.settle(batch, [True] * 20, [False] * 20))
+    run(client.mark_written([it.image_id for it in batch[:5]], [it.claim for it in batch[:5]]))
+    again = run(client.decide(batch))
+    assert not any(d.duplicate for d in again)
+    assert [d.written for d in again] == [True] * 5 + [False] * 15
+    other = [DedupItem(claim_of("other"), 99, 1000, [(0, 0)], [(0, 0)])]
+    assert run(client.decide(other))[0].reason == Reason.EXACT_DUPLICATE
+
+
+def test_pending_entries_count_only_against_later_issued_items():
+    client = LocalPartitions(4, k=2).client()
+    early = DedupItem(claim_of("early"), 1, 1, [(0xABCDEF, 0x123)], [(0xABCDEF, 0x123)])
+    late = DedupItem(claim_of("late"), 2, 2, [(0xABCDEF ^ 1, 0x123)], [(0xABCDEF ^ 1, 0x123)])
+    # the later-issued unit reaches the index first; the earlier one is not its duplicate
+    assert not run(client.decide([late]))[0].duplicate
+    assert not run(client.decide([early]))[0].duplicate
+    # once the later one is decided and kept, everything after sees it
+    run(client.settle([late], [True], [False]))
+    third = DedupItem(claim_of("third"), 0, 3, [(0xABCDEF ^ 2, 0x123)], [(0xABCDEF ^ 2, 0x123)])
+    assert run(client.decide([third]))[0].reason == Reason.NEAR_DUPLICATE
+
+
+def test_released_images_and_urls_are_forgotten():
+    parts = LocalPartitions(4, k=2)
+    client = parts.client()
+    item = DedupItem(claim_of("a"), 1, 7, [(5, 5)], [(5, 5)])
+    run(client.decide([item]))
+    run(client.settle([item], [False], [True]))
+    newcomer = DedupItem(claim_of("b"), 2, 7, [(5, 5)], [(5, 5)])
+    assert not run(client.decide([newcomer]))[0].duplicate
+    assert run(client.check_urls([claim_of("x")], [42])) == [(0, False)]
+    assert run(client.check_urls([claim_of("y")], [42])) == [(claim_of("x"), False)]
+    run(client.release_urls([claim_of("x")], [42]))
+    assert run(client.check_urls([claim_of("y")], [42])) == [(0, False)]
+
+
+def test_load_restores_written_images_urls_and_signatures():
+    parts = LocalPartitions(4, k=3)
+    client = parts.client()
+    for p, payload in enumerate(client.load_payloads([(42, claim_of("u"))],
+                                                     [(7, claim_of("w"), [(0xF0F0, 0x0F)])])):
+        parts.partitions[p].load(payload)
+    near = DedupItem(claim_of("n"), 5, 8, [(0xF0F1, 0x0F)], [(0xF0F1, 0x0F)])
+    exact = DedupItem(claim_of("e"), 6, 7, [(1, 1)], [(1, 1)])
+    again = DedupItem(claim_of("w"), 7, 7, [(0xF0F0, 0x0F)], [(0xF0F0, 0x0F)])
+    d = run(client.decide([near, exact, again]))
+    assert d[0].reason == Reason.NEAR_DUPLICATE and d[1].reason == Reason.EXACT_DUPLICATE
+    assert d[2].written
+    assert run(client.check_urls([claim_of("v")], [42])) == [(claim_of("u"), False)]
+    stats = [p.stats() for p in parts.partitions]
+    # the written image, and the near item's pending claim (the exact copy filed nothing)
+    assert sum(s["images"] for s in stats) == 2 and sum(s["urls"] for s in stats) == 1
+
+
+def test_urls_decided_by_an_earlier_run_are_not_new_candidates():
+    parts = LocalPartitions(4, k=2)
+    client = parts.client()
+    for p, payload in enumerate(client.load_payloads([(42, claim_of("key-a"))], [], done=True)):
+        parts.partitions[p].load(payload)
+    # the same candidate (same key) in this run: decided already
+    assert run(client.check_urls([claim_of("unit\nkey-a")], [42], [claim_of("key-a")])) \
+        == [(0, True)]
+    # another candidate with that URL: a duplicate URL
+    assert run(client.check_urls([claim_of("unit\nkey-b")], [42], [claim_of("key-b")])) \
+        == [(claim_of("key-a"), False)]
