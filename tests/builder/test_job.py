@@ -218,3 +218,20 @@ def test_non_string_urls_never_reach_the_url_checks():
     assert stats["accepted"] == 3
     assert stats["accepted"] + stats["rejected"] == stats["candidates"] == len(urls)
     assert any("SearchHit.url must be a str" in e["error"] for e in runner.search_errors)
+
+
+def test_a_file_base_url_never_puts_a_server_file_into_search_errors():
+    """The issue's read-any-file attack: ``options.base_url: file:///etc/passwd#`` once came back
+    in the job's search_errors with the file's first lines. The engine refuses it unread."""
+    from builder.engines import make_engine
+
+    attack = parse_spec({"name": "t", "target": 2, "classes": {"cat": ["q1"]},
+                         "sources": [{"engine": "wikimedia",
+                                      "options": {"base_url": "file:///etc/passwd#"}},
+                                     {"engine": "sandbox", "url": "http://127.0.0.1:2"}]})
+    pages = {(1, "q1"): ["http://h/v1.ok", "http://h/v2.ok"]}
+    runner, sink, stats = run(attack, EngineBackend(make_engine(attack.sources[0], attack), pages))
+    errors = [e["error"] for e in runner.search_errors]
+    assert errors and all("scheme 'file' (only http/https)" in e for e in errors)
+    assert not any("root:" in e for e in errors)
+    assert stats["accepted"] == 2
