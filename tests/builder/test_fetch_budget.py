@@ -1,5 +1,5 @@
-"""The fetcher's byte budget: memory for bodies in flight is bounded by download.max_bytes_in_flight,
-not by requests in flight x max_bytes, and nothing deadlocks.
+"""The fetcher's byte budget: memory for bodies in flight is bounded by
+download.max_bytes_in_flight, not by requests in flight x max_bytes, and nothing deadlocks.
 
 The hostile server is the sandbox's ``/heavy/`` route: large bodies that start like a JPEG,
 with a Content-Length or chunked. ``body_bytes_peak`` is measured inside the fetcher from the
