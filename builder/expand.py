@@ -11,6 +11,16 @@ Configuration, first found wins: constructor arguments, then env ``PIXCRAWLER_LL
 ``OPENAI_BASE_URL``, ``PIXCRAWLER_LLM_API_KEY`` / ``OPENAI_API_KEY``, ``PIXCRAWLER_LLM_MODEL``.
 An endpoint is "configured" when a base URL or an API key is known; a local server without
 keys gets a placeholder key.
+
+Whose key goes where. The environment's key is the operator's and belongs to the operator's
+endpoint: the environment's base URL, else OpenAI's (``DEFAULT_BASE_URL``). A ``base_url`` given
+to the constructor (a spec's ``search.llm_base_url``, which whoever submits the spec chooses)
+gets that key only when it is the same endpoint (scheme, host, port and path; a trailing ``/``
+aside). An ``api_key`` given with it is that endpoint's own key and is used as given. Any other
+endpoint, while the operator has a key, is not called at all: the expander goes offline and logs
+why (sending it no key would leak nothing, but would spend the spec's requests on an endpoint
+the operator did not choose and that cannot authenticate them). With no operator key there is
+nothing to leak and such an endpoint is called with the placeholder key.
 """
 
 from __future__ import annotations
@@ -23,9 +33,13 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from yarl import URL
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+"""The endpoint the openai client uses when no base URL is configured."""
 DEFAULT_CACHE_DIR = "~/.cache/pixcrawler/keywords"
 MAX_QUERY_CHARS = 120
 # After this many failed LLM calls in a row an expander stops trying and stays offline.
@@ -123,13 +137,37 @@ def _llm_errors() -> tuple[type[BaseException], ...]:
     return (OpenAIError, *errors)
 
 
+def same_endpoint(a: str, b: str) -> bool:
+    """Whether two base URLs name the same endpoint: scheme, host and port (default ports
+    filled in) and path, ignoring case in scheme and host and a trailing ``/``."""
+    try:
+        x, y = URL(a), URL(b)
+        return (x.scheme.lower(), (x.host or "").lower(), x.port, x.path.rstrip("/")) == \
+            (y.scheme.lower(), (y.host or "").lower(), y.port, y.path.rstrip("/"))
+    except (ValueError, TypeError):
+        return False
+
+
 class KeywordExpander:
     def __init__(self, *, base_url: str | None = None, api_key: str | None = None,
                  model: str | None = None, n: int = 5, cache_dir: str | None = None,
                  timeout_s: float = 20.0):
         env = os.environ.get
-        self.base_url = base_url or env("PIXCRAWLER_LLM_BASE_URL") or env("OPENAI_BASE_URL")
-        self.api_key = api_key or env("PIXCRAWLER_LLM_API_KEY") or env("OPENAI_API_KEY")
+        operator_url = env("PIXCRAWLER_LLM_BASE_URL") or env("OPENAI_BASE_URL")
+        operator_key = env("PIXCRAWLER_LLM_API_KEY") or env("OPENAI_API_KEY")
+        self.base_url = base_url or operator_url
+        self.api_key = api_key
+        self.withheld = ""  # why the endpoint is not called (not the operator's), or ""
+        if not api_key and operator_key:
+            operator = operator_url or DEFAULT_BASE_URL
+            if same_endpoint(self.base_url or DEFAULT_BASE_URL, operator):
+                self.api_key = operator_key
+            else:
+                self.withheld = (
+                    f"search.llm_base_url {str(self.base_url)[:200]} is not the operator's LLM "
+                    f"endpoint ({operator}), and the server's API key is sent only there; "
+                    "using offline query templates (leave search.llm_base_url unset, or set "
+                    "PIXCRAWLER_LLM_BASE_URL to this endpoint on the server)")
         self.model = model or env("PIXCRAWLER_LLM_MODEL") or DEFAULT_MODEL
         self.n = n
         self.cache_dir = Path(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
@@ -169,6 +207,9 @@ class KeywordExpander:
         if not self.configured:
             self._warn("no LLM endpoint configured (set PIXCRAWLER_LLM_BASE_URL or "
                        "OPENAI_API_KEY); using offline query templates")
+            return None
+        if self.withheld:
+            self._warn(f"keyword expansion: {self.withheld}")
             return None
         if self._failures >= MAX_CONSECUTIVE_FAILURES:
             return None

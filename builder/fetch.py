@@ -13,8 +13,9 @@ sample-level problem (bad URL, bad server, not an image). Per request, in order:
 5. 5xx, 429, timeouts and connection errors are retried ``retries`` more times with exponential
    backoff and jitter (``Retry-After`` honoured on 429/503, capped at ``max_retry_after_s``);
 6. a 2xx body is read with a byte cap (``max_bytes``: refused up front from Content-Length, else
-   aborted while streaming), checked for ``X-Robots-Tag`` opt-outs, and its format is sniffed
-   from the magic number.
+   aborted while streaming) and within the fetcher's byte budget (``max_bytes_in_flight``, see
+   ``ByteBudget``), checked for ``X-Robots-Tag`` opt-outs, and its format is sniffed from the
+   magic number.
 
 Host names resolve through ``GuardedResolver`` inside aiohttp's connector, so the address that
 was checked is the address connected to. Per-host state is keyed by host name (all ports and
@@ -29,20 +30,25 @@ import logging
 import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
 import aiohttp
 from yarl import URL
 
 from builder.formats import sniff_format
-from builder.netguard import BlockedAddressError, GuardedResolver, UrlRejected, vet_url
+from builder.netguard import (
+    REDIRECT_STATUSES,
+    BlockedAddressError,
+    GuardedResolver,
+    UrlRejected,
+    vet_url,
+)
 from builder.reasons import Reason
 from builder.records import Record
 from builder.robots import MAX_ROBOTS_BYTES, ROBOTS_UA, RobotsCache, optout_directive
 from builder.spec import DownloadSpec
 
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_ROBOTS_REDIRECTS = 5
 """Redirects followed for robots.txt (RFC 9309 asks for at least five)."""
 MAX_CRAWL_DELAY_S = 10.0
@@ -50,6 +56,8 @@ MAX_CRAWL_DELAY_S = 10.0
 DNS_CACHE_TTL_S = 300
 _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/*;q=0.5"
 _HOST_SWEEP_AT = 4096
+BUDGET_STEP = 256 * 1024
+"""A body without Content-Length first reserves this much, then doubles its reservation."""
 
 log = logging.getLogger("pixcrawler.fetch")
 
@@ -91,6 +99,82 @@ class _Failure(Exception):
         self.retry_after = retry_after
 
 
+class ByteBudget:
+    """The bytes of response bodies in flight in one fetcher, kept under ``limit``.
+
+    A body reserves its Content-Length before reading it, or, without one, reserves
+    ``BUDGET_STEP`` and doubles its reservation as it streams. A reservation that does not fit
+    waits, first come first served. Nothing deadlocks: the oldest body being read is granted
+    whatever it asks, even over the limit or more than the limit (one body may always proceed),
+    so it finishes and hands its bytes back; the next oldest then gets the same right. Reserved
+    bytes therefore stay under ``limit`` plus one body (at most ``max_bytes``).
+
+    ``open`` registers a body and ``close`` returns all its bytes; ``reserve`` adds to a body's
+    reservation, waiting when it must.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.waits = 0
+        self._bodies: OrderedDict[int, int] = OrderedDict()  # body -> bytes, oldest first
+        self._waiters: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+        self._next = 0
+
+    def open(self) -> int:
+        self._next += 1
+        self._bodies[self._next] = 0
+        return self._next
+
+    def close(self, body: int) -> None:
+        self.used -= self._bodies.pop(body, 0)
+        self._wake()
+
+    async def reserve(self, body: int, n: int) -> None:
+        if self._grantable(body, n, queue_empty=not self._waiters):
+            self._grant(body, n)
+            return
+        self.waits += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (body, n, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if not future.done() or future.cancelled():
+                self._waiters.remove(entry)
+            raise  # a grant that raced the cancel stays on the body; close() returns it
+
+    def _oldest(self) -> Optional[int]:
+        return next(iter(self._bodies), None)
+
+    def _grantable(self, body: int, n: int, *, queue_empty: bool) -> bool:
+        return body == self._oldest() or (queue_empty and self.used + n <= self.limit)
+
+    def _grant(self, body: int, n: int) -> None:
+        self._bodies[body] += n
+        self.used += n
+
+    def _wake(self) -> None:
+        while self._waiters:
+            body, n, future = self._waiters[0]
+            if future.done() or body not in self._bodies:
+                self._waiters.popleft()
+            elif self._grantable(body, n, queue_empty=True):
+                self._waiters.popleft()
+                self._grant(body, n)
+                future.set_result(None)
+            else:
+                break
+        oldest = self._oldest()
+        for entry in self._waiters:
+            if entry[0] == oldest and not entry[2].done():
+                self._waiters.remove(entry)
+                self._grant(oldest, entry[1])
+                entry[2].set_result(None)
+                break
+
+
 class _Host:
     """Politeness state of one host: its slots and when the next request may start."""
 
@@ -108,7 +192,9 @@ class Fetcher:
 
     ``stats`` counts requests (every HTTP request sent, robots.txt included), retries, body
     bytes kept, robots.txt fetches, accepted/rejected records, responses ``by_status`` and
-    rejections ``by_reason``.
+    rejections ``by_reason``; ``body_bytes_peak`` is the most bytes that bodies being read held
+    at once (measured, the final copy of each body included) and ``budget_waits`` how often a
+    body waited for the byte budget.
     """
 
     def __init__(self, cfg: DownloadSpec):
@@ -116,7 +202,10 @@ class Fetcher:
         self.stats: dict[str, Any] = {
             "requests": 0, "retries": 0, "bytes": 0, "robots_fetches": 0,
             "fetched": 0, "rejected": 0, "by_status": {}, "by_reason": {},
+            "body_bytes_peak": 0, "budget_waits": 0,
         }
+        self.budget = ByteBudget(cfg.max_bytes_in_flight)
+        self._body_bytes = 0  # bytes held right now by bodies being read
         self._session: Optional[aiohttp.ClientSession] = None
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._hosts: dict[str, _Host] = {}
@@ -356,26 +445,16 @@ class Fetcher:
                     return
         cap = cfg.max_bytes
         length = resp.content_length
-        if length is not None:
-            if length > cap:
-                resp.close()
-                record.reject(Reason.TOO_MANY_BYTES,
-                              f"Content-Length {length} is over max_bytes {cap}")
-                return
-            # aiohttp's parser stops at Content-Length, so this read is bounded by the check.
-            data = await resp.read()
-        else:
-            chunks = []
-            total = 0
-            async for chunk in resp.content.iter_any():
-                total += len(chunk)
-                if total > cap:
-                    resp.close()
-                    record.reject(Reason.TOO_MANY_BYTES,
-                                  f"body passed max_bytes {cap} while streaming (aborted)")
-                    return
-                chunks.append(chunk)
-            data = b"".join(chunks)
+        if length is not None and length > cap:
+            resp.close()
+            record.reject(Reason.TOO_MANY_BYTES,
+                          f"Content-Length {length} is over max_bytes {cap}")
+            return
+        data = await self._read_body(resp, length)
+        if data is None:
+            record.reject(Reason.TOO_MANY_BYTES,
+                          f"body passed max_bytes {cap} while streaming (aborted)")
+            return
         content_type = resp.headers.get("Content-Type", "")
         fmt = sniff_format(data)
         if fmt is None:
@@ -387,6 +466,44 @@ class Fetcher:
         record.data = data
         record.content_type = content_type
         record.format = fmt
+
+    async def _read_body(self, resp: aiohttp.ClientResponse,
+                         length: Optional[int]) -> Optional[bytes]:
+        """The body within the byte budget (reserving ``length`` up front, else growing the
+        reservation as it streams); None when it passes ``max_bytes`` (the response is closed).
+        aiohttp stops reading at Content-Length, so a body with one never outgrows it."""
+        cap = self.cfg.max_bytes
+        budget = self.budget
+        body = budget.open()
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            reserved = length if length is not None else min(BUDGET_STEP, cap)
+            await budget.reserve(body, reserved)
+            async for chunk in resp.content.iter_any():
+                if total + len(chunk) > cap:
+                    resp.close()
+                    return None
+                if total + len(chunk) > reserved:
+                    grow = min(max(total + len(chunk), 2 * reserved), cap) - reserved
+                    await budget.reserve(body, grow)
+                    reserved += grow
+                chunks.append(chunk)
+                total += len(chunk)
+                self._held(len(chunk))
+            self._held(total)  # the joined copy, while the chunks still exist
+            data = b"".join(chunks)
+            self._held(-total)
+            return data
+        finally:
+            self._held(-total)
+            self.stats["budget_waits"] = budget.waits
+            budget.close(body)
+
+    def _held(self, delta: int) -> None:
+        self._body_bytes += delta
+        if self._body_bytes > self.stats["body_bytes_peak"]:
+            self.stats["body_bytes_peak"] = self._body_bytes
 
     # ---- politeness ---------------------------------------------------------------------------
 
@@ -497,4 +614,4 @@ def fetch_all(records: list[Record], cfg: DownloadSpec) -> list[Record]:
     return asyncio.run(run())
 
 
-__all__ = ["Fetcher", "fetch_all", "parse_retry_after", "REDIRECT_STATUSES"]
+__all__ = ["ByteBudget", "Fetcher", "fetch_all", "parse_retry_after", "REDIRECT_STATUSES"]

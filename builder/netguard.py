@@ -11,16 +11,28 @@ metadata at 169.254.169.254, an admin page on 127.0.0.1, a database on 10.0.0.5)
   never calls the resolver for literal IP hosts, which is why ``vet_url`` checks those itself;
   the fetcher calls it on every redirect hop.
 
+The search engines' own requests (a synchronous client, as the engines are) go through
+``open_guarded``: the same URL vetting on the first URL and on every redirect hop, and a socket
+factory that applies the same address check to every address a host name resolves to, so again
+the address that was checked is the address connected to. It speaks only http and https (no
+``file:``, ``ftp:`` or ``data:`` handler exists in it), ignores proxy settings in the environment
+(as the fetcher does), and never carries credentials (``Authorization``, ``Cookie``) across a
+redirect to another origin.
+
 ``allow_private_networks=True`` (``download.allow_private_networks``) lifts the address checks;
 the scheme check always applies.
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import ipaddress
 import socket
+import urllib.error
+import urllib.request
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
@@ -192,3 +204,135 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+# ---- the engines' synchronous client ---------------------------------------------------------
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+"""Headers that never follow a redirect to another origin."""
+
+
+def same_origin(a: Union[str, URL], b: Union[str, URL]) -> bool:
+    """Whether two URLs share scheme, host and port (default ports filled in); False when
+    either cannot be parsed."""
+    try:
+        x, y = URL(str(a)), URL(str(b))
+        return (x.scheme.lower(), (x.host or "").lower(), x.port) == \
+            (y.scheme.lower(), (y.host or "").lower(), y.port)
+    except (ValueError, TypeError):
+        return False
+
+
+def _vetted_socket(address: tuple[str, int], timeout: Any = None,
+                   source_address: Optional[tuple[str, int]] = None, *,
+                   allow_private_networks: bool) -> socket.socket:
+    """``socket.create_connection`` that skips blocked addresses of every DNS answer; raises
+    ``BlockedAddressError`` when no address is left."""
+    host, port = address
+    refused: list[str] = []
+    error: Optional[OSError] = None
+    for family, kind, proto, _name, sockaddr in socket.getaddrinfo(host, port,
+                                                                   type=socket.SOCK_STREAM):
+        category = None if allow_private_networks else blocked_category(sockaddr[0])
+        if category is not None:
+            refused.append(f"{sockaddr[0]} ({category})")
+            continue
+        sock = socket.socket(family, kind, proto)
+        try:
+            if isinstance(timeout, (int, float)):
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    if error is not None:
+        raise error
+    raise BlockedAddressError(host, f"{host} resolves only to blocked addresses: "
+                                    + ", ".join(refused))
+
+
+def _connection_class(base: type, allow_private_networks: bool) -> Any:
+    """A factory of ``base`` connections (http.client) whose sockets come from
+    ``_vetted_socket``."""
+
+    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = base(host, **kwargs)
+        conn._create_connection = functools.partial(  # type: ignore[attr-defined]
+            _vetted_socket, allow_private_networks=allow_private_networks)
+        return conn
+
+    return make
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow_private_networks: bool):
+        super().__init__()
+        self._connection = _connection_class(http.client.HTTPConnection, allow_private_networks)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_private_networks: bool):
+        super().__init__()
+        self._connection = _connection_class(http.client.HTTPSConnection, allow_private_networks)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req, context=self._context)
+
+
+def _opener(allow_private_networks: bool) -> urllib.request.OpenerDirector:
+    """http and https only, no proxies from the environment, no automatic redirects: any
+    answer outside 2xx raises ``urllib.error.HTTPError``."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (_GuardedHTTPHandler(allow_private_networks),
+                    _GuardedHTTPSHandler(allow_private_networks),
+                    urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor(),
+                    urllib.request.UnknownHandler()):
+        opener.add_handler(handler)
+    return opener
+
+
+def open_guarded(url: str, *, headers: Optional[Mapping[str, str]] = None,
+                 timeout_s: float = 15.0, allow_private_networks: bool = False,
+                 max_redirects: int = 5) -> Any:
+    """GET ``url`` through the SSRF guard and return the open 2xx response (a context manager;
+    read it with a bound).
+
+    Every hop is vetted with ``vet_url`` and connected through ``_vetted_socket``. Raises
+    ``UrlRejected`` for a URL or hop the guard refuses and for more than ``max_redirects``
+    redirects, ``urllib.error.HTTPError`` for any other answer outside 2xx (its body unread),
+    and ``urllib.error.URLError`` / ``OSError`` / ``http.client.HTTPException`` when the
+    request fails (``URLError.reason`` is a ``BlockedAddressError`` when the host resolves only
+    to blocked addresses).
+    """
+    current = vet_url(url, allow_private_networks=allow_private_networks)
+    sent = dict(headers or {})
+    opener = _opener(allow_private_networks)
+    for _hop in range(max_redirects + 1):
+        request = urllib.request.Request(str(current), headers=sent)
+        try:
+            return opener.open(request, timeout=timeout_s)
+        except urllib.error.HTTPError as exc:
+            location = exc.headers.get("Location") if exc.headers is not None else None
+            if exc.code not in REDIRECT_STATUSES or not location:
+                raise
+            exc.close()
+        try:
+            target = current.join(URL(location))
+        except ValueError as exc:
+            raise UrlRejected(Reason.INVALID_URL,
+                              f"bad redirect Location {location[:200]!r}: {exc}") from None
+        target = vet_url(target, allow_private_networks=allow_private_networks)
+        if not same_origin(target, current):
+            sent = {k: v for k, v in sent.items() if k.lower() not in CREDENTIAL_HEADERS}
+        current = target
+    raise UrlRejected(Reason.TOO_MANY_REDIRECTS,
+                      f"more than {max_redirects} redirects (last to {str(current)[:200]})")

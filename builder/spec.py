@@ -313,6 +313,10 @@ class DownloadSpec(_Model):
     respect_robots: bool = True
     respect_optouts: bool = True
     allow_private_networks: bool = False
+    max_bytes_in_flight: int = Field(
+        default=256_000_000, ge=65_536,
+        description="byte budget of the response bodies being read at once per downloader; a "
+                    "body waits for room (the oldest body being read always proceeds)")
 
 
 class ValidationSpec(_Model):

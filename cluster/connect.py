@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import ray
 
@@ -26,6 +27,18 @@ EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 SAME_PRIORITY_ENV: dict[str, Any] = {"env_vars": {WORKER_NICENESS_ENV: "0"}}
 
+# An embedded Ray serves this machine only, with token auth off (RAY_AUTH_MODE=disabled), so
+# none of its servers may listen beyond loopback: the dashboard agent accepts job submissions,
+# i.e. runs code. Ray's GCS, raylet, object manager, core workers and agents bind 127.0.0.1 only
+# when the node's address is exactly "127.0.0.1" (otherwise 0.0.0.0, ::, or the machine's
+# address). ray.init(_node_ip_address="127.0.0.1") is not enough on its own: Ray swaps a
+# loopback address for the machine's interface address (services.resolve_ip_for_localhost)
+# unless its single-machine mode is on, which it is by default only on macOS and Windows; the
+# switch is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when ray is imported
+# (ray_constants.ENABLE_RAY_CLUSTER). ``_loopback_node`` turns it on around ray.init.
+LOOPBACK = "127.0.0.1"
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             dashboard: bool = False, quiet: bool = True,
@@ -37,6 +50,9 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     An embedded Ray's workers do this command's work in the foreground, so by default they run
     at the command's own priority (``SAME_PRIORITY_ENV``), not 15 nice levels below it, where
     any busy process on the machine would starve them. On a cluster they keep Ray's default.
+
+    An embedded Ray listens on 127.0.0.1 only (see ``LOOPBACK``): its GCS, raylet, object
+    manager, workers, dashboard and dashboard agent.
 
     Returns {"mode": "embedded"|"cluster", "address", "dashboard_url", "resources",
     "ray_job_id", "started"}; "started" is False when this process was already connected, and
@@ -56,9 +72,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             common["runtime_env"] = runtime_env or SAME_PRIORITY_ENV
             # An embedded Ray on this machine only: token auth has nobody to keep out.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
-                     dashboard_host="127.0.0.1", _system_config=dict(EMBEDDED_SYSTEM_CONFIG),
-                     **common)
+            with _loopback_node():
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
+                         dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+                         _system_config=dict(EMBEDDED_SYSTEM_CONFIG), **common)
     ctx = ray.get_runtime_context()
     info = {
         "mode": "cluster" if address else "embedded",
@@ -70,6 +87,28 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         "started": started,
     }
     return info
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Ray's single-machine mode while an embedded Ray starts, so that it keeps 127.0.0.1 as
+    the node address. Set in this process (Ray read the variable at import) and in the
+    environment the Ray processes started now inherit; both are restored afterwards, so a
+    later connection to a cluster from this process advertises a reachable address."""
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(SINGLE_MACHINE_ENV)
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = saved_env
 
 
 def shutdown() -> None:

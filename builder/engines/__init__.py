@@ -25,7 +25,8 @@ def register(name: str) -> Callable[[EngineFactory], EngineFactory]:
 def _sandbox(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.sandbox import SandboxEngine
 
-    return SandboxEngine(src.url or "", timeout_s=spec.download.timeout_s)
+    return SandboxEngine(src.url or "", timeout_s=spec.download.timeout_s,
+                         allow_private_networks=spec.download.allow_private_networks)
 
 
 def make_engine(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:

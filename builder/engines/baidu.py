@@ -57,8 +57,10 @@ class BaiduEngine(SearchEngine):
     name = "baidu"
 
     def __init__(self, base_url: str = BAIDU_API, *, original: bool = False,
-                 timeout_s: float = 15.0, user_agent: str = webjson.DEFAULT_USER_AGENT):
+                 timeout_s: float = 15.0, user_agent: str = webjson.DEFAULT_USER_AGENT,
+                 allow_private_networks: bool = False):
         self.base_url = base_url
+        self.allow_private_networks = allow_private_networks
         self.original = original
         self.timeout_s = timeout_s
         self.user_agent = user_agent
@@ -79,7 +81,8 @@ class BaiduEngine(SearchEngine):
             body = webjson.fetch(self.base_url, engine=self.name,
                                  params=self._params(query, pos, rn),
                                  headers={"Referer": "https://image.baidu.com/"},
-                                 timeout_s=self.timeout_s, user_agent=self.user_agent)
+                                 timeout_s=self.timeout_s, user_agent=self.user_agent,
+                                 allow_private_networks=self.allow_private_networks)
             data = parse_acjson(body)
             raw = data.get("data")
             items = [d for d in raw if isinstance(d, dict) and _image_url(d)] \

@@ -11,6 +11,8 @@ that an exception from parsing a malformed answer (a ``KeyError``, ``TypeError``
 ``OverflowError``... from JSON of the wrong shape) becomes a retryable ``EngineError`` naming the
 engine, and a ``SearchHit`` refuses non-string fields, so no such value reaches the job's URL
 checks. Engines still parse defensively, so the good hits of an odd page come through.
+The message of every error leaving ``search`` is cut to ``MAX_ERROR_CHARS``: it is shown to users
+(the job's ``search_errors``) and may quote what a server answered.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from builder.errors import EngineError
+from builder.errors import EngineError, SourceError
 from builder.records import Candidate
 
 log = logging.getLogger("pixcrawler.engines")
@@ -31,6 +33,8 @@ MALFORMED_ERRORS: tuple[type[Exception], ...] = (
 """What parsing an answer of the wrong shape raises; ``search`` turns these into EngineError."""
 
 _TEXT_FIELDS = ("url", "page_url", "title", "license", "author", "label")
+MAX_ERROR_CHARS = 600
+"""The longest message of an error raised by ``search``; longer ones are cut."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,15 @@ def _guarded(search: SearchFn) -> SearchFn:
         name = self.name or type(self).__name__
         try:
             result = search(self, query, label=label, page=page, per_page=per_page)
+        except (EngineError, SourceError) as exc:
+            message = str(exc)
+            if len(message) > MAX_ERROR_CHARS:
+                exc.args = (message[:MAX_ERROR_CHARS] + "\u2026",)
+            raise
         except MALFORMED_ERRORS as exc:
             log.debug("%s: malformed response", name, exc_info=True)
-            raise EngineError(f"{name}: malformed response: {type(exc).__name__}: {exc}",
-                              retryable=True) from exc
+            raise EngineError(f"{name}: malformed response: {type(exc).__name__}: "
+                              f"{str(exc)[:MAX_ERROR_CHARS]}", retryable=True) from exc
         if not isinstance(result, SearchPage) or \
                 not all(isinstance(h, SearchHit) for h in result.hits):
             raise EngineError(f"{name}: malformed response: search gave "

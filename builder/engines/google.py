@@ -5,6 +5,11 @@ image search turned on (env ``GOOGLE_CSE_ID``); without them the engine is unava
 answers at most 10 results a request (``num``), 1-based ``start``, and never more than the first
 100 results of a query. A 429 (per-minute rate) is retryable; a 403 (daily quota spent, key not
 allowed) is not.
+
+The server's key from the environment is sent only to Google's API (the origin of
+``GOOGLE_API``): with a spec's ``options.base_url`` elsewhere the engine is unavailable, so a spec
+cannot collect the key. A key passed to the constructor is sent to the ``base_url`` passed
+with it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError, EngineUnavailable
+from builder.netguard import same_origin
 
 GOOGLE_API = "https://www.googleapis.com/customsearch/v1"
 MAX_NUM = 10
@@ -29,9 +35,15 @@ class GoogleEngine(SearchEngine):
     def __init__(self, base_url: str = GOOGLE_API, *, api_key: str | None = None,
                  cse_id: str | None = None, region: str = "wt-wt", safesearch: str = "moderate",
                  filters: dict[str, Any] | None = None, timeout_s: float = 15.0,
-                 user_agent: str = webjson.DEFAULT_USER_AGENT):
+                 user_agent: str = webjson.DEFAULT_USER_AGENT,
+                 allow_private_networks: bool = False):
         self.api_key = api_key or os.environ.get("GOOGLE_API_KEY") or \
             os.environ.get("GOOGLE_CSE_KEY") or ""
+        if not api_key and self.api_key and not same_origin(base_url, GOOGLE_API):
+            raise EngineUnavailable(
+                f"google: options.base_url {webjson.excerpt(base_url)} is not Google's API "
+                f"({GOOGLE_API}); the server's GOOGLE_API_KEY is sent only there: remove "
+                "options.base_url")
         self.cse_id = cse_id or os.environ.get("GOOGLE_CSE_ID") or ""
         if not self.api_key or not self.cse_id:
             missing = [n for n, v in (("GOOGLE_API_KEY", self.api_key),
@@ -40,6 +52,7 @@ class GoogleEngine(SearchEngine):
                 "google: set GOOGLE_API_KEY and GOOGLE_CSE_ID (a Programmable Search engine id "
                 f"with image search on) to use this engine; missing: {', '.join(missing)}")
         self.base_url = base_url
+        self.allow_private_networks = allow_private_networks
         self.safesearch = safesearch
         self.country = region.split("-")[0] if region and region != "wt-wt" else ""
         self.filters = {k: str(v) for k, v in (filters or {}).items()
@@ -54,7 +67,8 @@ class GoogleEngine(SearchEngine):
         if self.country:
             params["gl"] = self.country
         body = webjson.fetch_json(self.base_url, engine=self.name, params=params,
-                                  timeout_s=self.timeout_s, user_agent=self.user_agent)
+                                  timeout_s=self.timeout_s, user_agent=self.user_agent,
+                                  allow_private_networks=self.allow_private_networks)
         if not isinstance(body, dict):
             raise EngineError(f"{self.name}: answer is not a JSON object", retryable=True)
         return body

@@ -5,16 +5,25 @@ title, creator and Creative Commons license, plus ``page_count``. It works witho
 (anonymous clients get pages of at most 20 and a low request rate); an OAuth access token in env
 ``OPENVERSE_TOKEN`` raises both (pages up to 500). Our ``(page, per_page)`` is mapped onto the
 API's fixed-size 1-based pages, so any ``per_page`` works.
+
+The server's ``OPENVERSE_TOKEN`` is sent only to Openverse's own API (the origin of
+``OPENVERSE_API``): a spec's ``options.base_url`` elsewhere is searched anonymously, with a
+warning, so a spec cannot collect the token. A token passed to the constructor is sent to the
+``base_url`` passed with it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError
+from builder.netguard import same_origin
+
+log = logging.getLogger(__name__)
 
 OPENVERSE_API = "https://api.openverse.org/v1/images/"
 ANON_PAGE_SIZE = 20
@@ -43,9 +52,11 @@ class OpenverseEngine(SearchEngine):
 
     def __init__(self, base_url: str = OPENVERSE_API, *, token: str | None = None,
                  safesearch: str = "moderate", filters: dict[str, Any] | None = None,
-                 timeout_s: float = 15.0, user_agent: str = webjson.DEFAULT_USER_AGENT):
+                 timeout_s: float = 15.0, user_agent: str = webjson.DEFAULT_USER_AGENT,
+                 allow_private_networks: bool = False):
         self.base_url = base_url
-        self.token = token if token is not None else os.environ.get("OPENVERSE_TOKEN") or None
+        self.allow_private_networks = allow_private_networks
+        self.token = token if token is not None else _server_token(base_url)
         self.max_page_size = AUTH_PAGE_SIZE if self.token else ANON_PAGE_SIZE
         self.safesearch = safesearch
         self.filters = {k: str(v) for k, v in (filters or {}).items()
@@ -60,7 +71,8 @@ class OpenverseEngine(SearchEngine):
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         body = webjson.fetch_json(self.base_url, engine=self.name, params=params,
                                   headers=headers, timeout_s=self.timeout_s,
-                                  user_agent=self.user_agent)
+                                  user_agent=self.user_agent,
+                                  allow_private_networks=self.allow_private_networks)
         if not isinstance(body, dict) or not isinstance(body.get("results"), list):
             raise EngineError(f"{self.name}: answer has no 'results' list", retryable=True)
         return body
@@ -82,6 +94,17 @@ class OpenverseEngine(SearchEngine):
                 has_more = False
                 break
         return SearchPage(hits=hits, has_more=has_more)
+
+
+def _server_token(base_url: str) -> str | None:
+    """``OPENVERSE_TOKEN`` when ``base_url`` is Openverse's API, else None (and a warning)."""
+    token = os.environ.get("OPENVERSE_TOKEN") or None
+    if token and not same_origin(base_url, OPENVERSE_API):
+        log.warning("openverse: options.base_url %s is not Openverse's API; the server's "
+                    "OPENVERSE_TOKEN is sent only to %s, so this source searches anonymously",
+                    webjson.excerpt(base_url), OPENVERSE_API)
+        return None
+    return token
 
 
 def _hit(r: dict[str, Any], rank: int) -> SearchHit:

@@ -4,6 +4,13 @@ Every web engine talks to its API the same way: a GET with a timeout and a User-
 5xx is a retryable ``EngineError`` carrying ``Retry-After``, other 4xx are not retryable, and a body
 that is not the JSON the API promised is retryable (blocked clients often get an HTML page).
 Secrets in the query string (``key=``) never appear in error messages.
+
+Requests go through the SSRF guard (``builder.netguard.open_guarded``), like the image fetcher's:
+http and https only, every redirect hop vetted, the connected address checked, private and
+loopback addresses refused unless the spec's ``download.allow_private_networks`` is set. A URL
+the guard refuses is a non-retryable ``EngineError`` and nothing is requested. Answers are read
+up to ``MAX_ANSWER_BYTES`` within about the request timeout, and an error body is quoted in a
+message only as a short printable excerpt (``excerpt``).
 """
 
 from __future__ import annotations
@@ -12,17 +19,23 @@ import html
 import http.client
 import json
 import re
+import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Mapping
 
 from builder.errors import EngineError
 from builder.fetch import parse_retry_after  # one Retry-After parser for fetches and engines
+from builder.netguard import BlockedAddressError, UrlRejected, open_guarded
 
 DEFAULT_USER_AGENT = "PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)"
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token)=)[^&]*")
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+"""The largest API answer read; a bigger one is a non-retryable ``EngineError``."""
+MAX_EXCERPT_CHARS = 200
+"""The most characters of a server's answer (or a URL) quoted in an error message."""
+_READ_CHUNK = 64 * 1024
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token)=)[^&#]*")
 
 
 def redact(url: str) -> str:
@@ -30,37 +43,88 @@ def redact(url: str) -> str:
     return _SECRET_PARAMS.sub(r"\1***", url)
 
 
+def excerpt(data: bytes | str, limit: int = MAX_EXCERPT_CHARS) -> str:
+    """At most ``limit`` characters of ``data`` for a message: whitespace collapsed, other
+    unprintable characters shown as ``?``, an ellipsis where it was cut."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split()))
+    return text if len(text) <= limit else text[:limit] + "\u2026"
+
+
+def with_params(url: str, params: Mapping[str, Any] | None) -> str:
+    """``url`` with ``params`` added to its query; a fragment is dropped (a ``#`` at the end
+    of a base URL would otherwise swallow the parameters)."""
+    parts = urllib.parse.urlsplit(url)
+    query = parts.query
+    if params:
+        query = (query + "&" if query else "") + urllib.parse.urlencode(params)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
 def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
           headers: Mapping[str, str] | None = None, timeout_s: float = 15.0,
-          user_agent: str = DEFAULT_USER_AGENT) -> bytes:
-    """GET ``url`` (with ``params`` appended) and return the body; failures raise EngineError."""
-    if params:
-        sep = "&" if "?" in url else "?"
-        url = f"{url}{sep}{urllib.parse.urlencode(params)}"
-    req = urllib.request.Request(url, headers={"User-Agent": user_agent,
-                                               "Accept": "application/json",
-                                               **(headers or {})})
+          user_agent: str = DEFAULT_USER_AGENT, allow_private_networks: bool = False) -> bytes:
+    """GET ``url`` (with ``params`` appended) through the SSRF guard and return the body;
+    failures raise EngineError."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return resp.read()
+        url = with_params(url, params)
+    except ValueError as exc:
+        raise EngineError(f"{engine}: cannot request {excerpt(redact(url))}: {exc} (check the "
+                          "source's options.base_url)", retryable=False) from None
+    shown = excerpt(redact(url))
+    try:
+        with open_guarded(url, headers={"User-Agent": user_agent, "Accept": "application/json",
+                                        **(headers or {})},
+                          timeout_s=timeout_s,
+                          allow_private_networks=allow_private_networks) as resp:
+            return _read_bounded(resp, engine=engine, shown=shown, timeout_s=timeout_s)
+    except UrlRejected as exc:
+        raise EngineError(f"{engine}: refused to request {shown}: {exc.detail} (engines speak "
+                          "http/https to public addresses only; private ones need "
+                          "download.allow_private_networks)", retryable=False) from None
     except urllib.error.HTTPError as exc:
         status = exc.code
         retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)
         try:
-            detail = exc.read(500).decode("utf-8", "replace").strip()
-        except OSError:
+            detail = excerpt(exc.read(MAX_EXCERPT_CHARS * 4)).strip()
+        except (OSError, http.client.HTTPException):
             detail = ""
-        raise EngineError(f"{engine}: {redact(url)} answered HTTP {status}"
+        finally:
+            exc.close()
+        raise EngineError(f"{engine}: {shown} answered HTTP {status}"
                           + (f": {detail}" if detail else ""),
                           status=status, retryable=status in RETRYABLE_STATUSES,
                           retry_after=retry_after) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise EngineError(f"{engine}: request to {redact(url)} failed: {reason}",
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, BlockedAddressError):
+            raise EngineError(f"{engine}: refused to request {shown}: {exc.reason.detail} "
+                              "(private addresses need download.allow_private_networks)",
+                              retryable=False) from None
+        raise EngineError(f"{engine}: request to {shown} failed: {excerpt(str(exc.reason))}",
                           retryable=True) from None
-    except ValueError as exc:
-        raise EngineError(f"{engine}: cannot request {redact(url)}: {exc} (check the source's "
-                          "options.base_url)", retryable=False) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise EngineError(f"{engine}: request to {shown} failed: "
+                          f"{type(exc).__name__}: {excerpt(str(exc))}", retryable=True) from None
+
+
+def _read_bounded(resp: Any, *, engine: str, shown: str, timeout_s: float) -> bytes:
+    """The body, at most ``MAX_ANSWER_BYTES``, read within about twice ``timeout_s`` (each read
+    waits at most ``timeout_s``, so a server dripping bytes cannot hold a search forever)."""
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = resp.read(_READ_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise EngineError(f"{engine}: the answer of {shown} is over {MAX_ANSWER_BYTES} "
+                              "bytes; not read further", retryable=False)
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise EngineError(f"{engine}: the answer of {shown} took over {timeout_s:g} s",
+                              retryable=True)
 
 
 def loads(body: bytes, *, engine: str, what: str = "response") -> Any:
@@ -68,17 +132,17 @@ def loads(body: bytes, *, engine: str, what: str = "response") -> Any:
     try:
         return json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        snippet = body[:120].decode("utf-8", "replace")
-        raise EngineError(f"{engine}: {what} is not JSON (starts with {snippet!r})",
+        raise EngineError(f"{engine}: {what} is not JSON (starts with "
+                          f"{excerpt(body[:120], 120)!r})",
                           retryable=True) from None
 
 
 def fetch_json(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
                headers: Mapping[str, str] | None = None, timeout_s: float = 15.0,
-               user_agent: str = DEFAULT_USER_AGENT) -> Any:
+               user_agent: str = DEFAULT_USER_AGENT, allow_private_networks: bool = False) -> Any:
     """``fetch`` then ``loads``."""
     body = fetch(url, engine=engine, params=params, headers=headers, timeout_s=timeout_s,
-                 user_agent=user_agent)
+                 user_agent=user_agent, allow_private_networks=allow_private_networks)
     return loads(body, engine=engine)
 
 

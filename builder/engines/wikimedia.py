@@ -30,8 +30,9 @@ class WikimediaEngine(SearchEngine):
 
     def __init__(self, base_url: str = COMMONS_API, *, timeout_s: float = 15.0,
                  user_agent: str = webjson.DEFAULT_USER_AGENT, filetype: str = "bitmap",
-                 thumb_width: int | None = None):
+                 thumb_width: int | None = None, allow_private_networks: bool = False):
         self.base_url = base_url
+        self.allow_private_networks = allow_private_networks
         self.timeout_s = timeout_s
         self.user_agent = user_agent
         self.filetype = filetype
@@ -58,7 +59,8 @@ class WikimediaEngine(SearchEngine):
         while pos < end:
             body = webjson.fetch_json(self.base_url, engine=self.name,
                                       params=self._params(query, pos, min(MAX_LIMIT, end - pos)),
-                                      timeout_s=self.timeout_s, user_agent=self.user_agent)
+                                      timeout_s=self.timeout_s, user_agent=self.user_agent,
+                                      allow_private_networks=self.allow_private_networks)
             _raise_api_error(body)
             pages = _pages(body)
             for offset, p in enumerate(pages):

@@ -7,6 +7,9 @@
 - ``GET /img/...``, ``/f/...``, ``/private/...`` the corpus (see ``corpus.py``), faults included
 - ``GET /page/{slug}/{pos}`` a tiny HTML page per search result
 - ``GET /bench/{i}.jpg`` benchmark images; ``GET /robots.txt``; ``GET /healthz``
+- ``GET /heavy/{i}.jpg?bytes=N&chunked=0|1`` a hostile server's answer: N bytes (default
+  ``HEAVY_BYTES``, at most ``MAX_HEAVY_BYTES``) that start like a JPEG and do not decode, with a
+  Content-Length or chunked; streamed, so the sandbox holds none of it (``heavy_urls``)
 
 Images are rendered on first request (in the loop's thread pool) and kept in a bounded cache.
 """
@@ -40,6 +43,9 @@ MAX_PER_PAGE = 500
 _CACHE_LIMIT_BYTES = 512 * 1024 * 1024
 _FILLER = bytes(range(256)) * 256  # 64 KiB of a too_big body, written over and over
 _READY_TIMEOUT_S = 30.0
+HEAVY_BYTES = 19_000_000
+"""The default size of a ``/heavy/`` body: just under the default ``download.max_bytes``."""
+MAX_HEAVY_BYTES = 200_000_000
 
 
 class _ByteCache:
@@ -230,6 +236,12 @@ class SandboxWeb:
         base = self._require_started()
         return [f"{base}/bench/{i:05d}.jpg" for i in range(self.corpus.bench_images)]
 
+    def heavy_urls(self, n: int, *, size: int = HEAVY_BYTES, chunked: bool = False) -> list[str]:
+        """``n`` distinct URLs answering ``size`` bytes each (see ``/heavy/`` above)."""
+        base = self._require_started()
+        mode = "&chunked=1" if chunked else ""
+        return [f"{base}/heavy/{i:05d}.jpg?bytes={size}{mode}" for i in range(n)]
+
     def search_urls(self, label: str) -> list[str]:
         """Every URL the search results list for ``label``, in order (faults included)."""
         base = self._require_started()
@@ -273,6 +285,7 @@ class SandboxWeb:
         app.router.add_get("/search", self._search)
         app.router.add_get("/page/{slug}/{pos}", self._page)
         app.router.add_get("/bench/{name}", self._bench)
+        app.router.add_get("/heavy/{name}", self._heavy)
         app.router.add_get("/{tail:.*}", self._entry)
         return app
 
@@ -347,6 +360,34 @@ class SandboxWeb:
         pic = self.corpus.bench_picture(i)
         data = await self._render(request.path, lambda: encode(pic))
         return web.Response(body=data, content_type="image/jpeg")
+
+    async def _heavy(self, request: web.Request) -> web.StreamResponse:
+        stem, _, ext = request.match_info["name"].partition(".")
+        index = _decimal_index(stem)
+        size = _decimal_index(request.query.get("bytes", str(HEAVY_BYTES)))
+        chunked = request.query.get("chunked", "0")
+        if index is None or ext != "jpg" or size is None or \
+                not len(JPEG_HEAD) + 8 <= size <= MAX_HEAVY_BYTES or chunked not in ("0", "1"):
+            raise web.HTTPBadRequest(text=f"need /heavy/<n>.jpg?bytes=<{len(JPEG_HEAD) + 8}.."
+                                          f"{MAX_HEAVY_BYTES}>&chunked=<0|1>\n")
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        if chunked == "1":
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = size
+        await resp.prepare(request)
+        try:
+            head = JPEG_HEAD + index.to_bytes(8, "big")
+            await resp.write(head)
+            sent = len(head)
+            while sent < size:
+                chunk = _FILLER[: size - sent]
+                await resp.write(chunk)
+                sent += len(chunk)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client gave up (its byte cap, a timeout)
+        return resp
 
     async def _render(self, key: str, make: Callable[[], bytes]) -> bytes:
         """``make()``'s bytes, from the cache or rendered once in the thread pool."""

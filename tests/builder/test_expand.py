@@ -161,3 +161,47 @@ def test_parse_queries_shapes():
     assert parse_queries('```\n{"queries": ["x"]}\n```') == ["x"]
     with pytest.raises(ValueError):
         parse_queries("nope")
+
+
+def test_a_spec_endpoint_never_receives_the_operators_key(tmp_path, monkeypatch, caplog):
+    """The issue's key leak: a capture server named in a spec's search.llm_base_url received
+    ``Authorization: Bearer <the server's OPENAI_API_KEY>``. Now it is not called at all, and
+    the job expands its queries offline with the reason in the log."""
+    from builder.pipeline import expand_queries
+    from builder.spec import parse_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the pipeline's expander caches under ~/.cache
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-operator-secret")
+    with chat_server(ANSWER) as capture:
+        spec = parse_spec({"name": "t", "classes": {"cat": None},
+                           "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                           "search": {"expand": True, "expand_n": 3,
+                                      "llm_base_url": f"{capture.url}/v1"}})
+        with caplog.at_level(logging.WARNING, logger="builder.expand"):
+            extra, record = expand_queries(spec)
+        exp = KeywordExpander(base_url=f"{capture.url}/v1/", n=3, cache_dir=str(tmp_path))
+        assert exp.expand("dog", ["dog"]) == offline_expand("dog", ["dog"], 3)
+    assert capture.requests == []
+    assert extra == {"cat": offline_expand("cat", [], 3)} and record["source"] == \
+        {"cat": "offline"}
+    assert "is not the operator's LLM endpoint (https://api.openai.com/v1)" in caplog.text
+    assert "sk-operator-secret" not in caplog.text
+
+
+def test_the_operators_key_goes_to_the_operators_endpoint_however_spelled(tmp_path,
+                                                                         monkeypatch):
+    with chat_server(ANSWER) as operator, chat_server(ANSWER) as other:
+        monkeypatch.setenv("PIXCRAWLER_LLM_BASE_URL", f"{operator.url}/v1")
+        monkeypatch.setenv("PIXCRAWLER_LLM_API_KEY", "sk-operator")
+        spelled = operator.url.replace("http://", "HTTP://") + "/v1/"
+        KeywordExpander(base_url=spelled, cache_dir=str(tmp_path / "a")).expand("cat", ["cat"])
+        withheld = KeywordExpander(base_url=f"{other.url}/v1", cache_dir=str(tmp_path / "b"))
+        assert withheld.expand("cat", ["cat"]) == offline_expand("cat", ["cat"], 5)
+        own_key = KeywordExpander(base_url=f"{other.url}/v1", api_key="sk-other",
+                                  cache_dir=str(tmp_path / "c"))
+        own_key.expand("cat", ["cat"])
+    assert [r.headers["authorization"] for r in operator.requests] == ["Bearer sk-operator"]
+    assert [r.headers["authorization"] for r in other.requests] == ["Bearer sk-other"]
+    monkeypatch.delenv("PIXCRAWLER_LLM_BASE_URL")
+    openai = KeywordExpander(base_url="https://API.openai.com:443/v1/", cache_dir=str(tmp_path))
+    assert openai.api_key == "sk-operator" and not openai.withheld

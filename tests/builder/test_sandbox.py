@@ -300,6 +300,23 @@ def test_too_big_streams_past_the_cap_without_content_length(web: SandboxWeb):
     assert len(get(web.fault_urls()["too_big"])[2]) == web.big_bytes
 
 
+def test_heavy_urls_answer_distinct_bodies_of_the_asked_size(web: SandboxWeb):
+    plain, chunked = web.heavy_urls(2, size=300_000), web.heavy_urls(1, size=250_000,
+                                                                      chunked=True)
+    bodies = []
+    for url in plain:
+        status, headers, body = get(url)
+        assert (status, headers["Content-Length"], len(body)) == (200, "300000", 300_000)
+        bodies.append(body)
+    assert bodies[0][:3] == b"\xff\xd8\xff" and bodies[0] != bodies[1]
+    status, headers, body = get(chunked[0])
+    assert headers.get("Transfer-Encoding") == "chunked" and len(body) == 250_000
+    base = web.base_url
+    for bad in ("/heavy/x.jpg", "/heavy/1.png", "/heavy/1.jpg?bytes=10",
+                "/heavy/1.jpg?bytes=999999999999", "/heavy/1.jpg?chunked=yes"):
+        assert get(base + bad)[0] == 400, bad
+
+
 def test_redirect_loop(web: SandboxWeb):
     url = web.fault_urls()["redirect_loop"]
     status, headers, _ = get(url)

@@ -90,3 +90,91 @@ def test_shutdown_stops_every_process_of_the_embedded_ray():
     assert result["started"] == [True, False]
     assert "monitor" in result["kinds"] and "raylet" in result["kinds"]
     assert result["alive"] == [] and result["initialized"] is False
+
+
+LISTENERS_CHILD = """
+import json, os, sys, time
+import ray
+import psutil  # ships with ray (ray/thirdparty_files), importable once ray is imported
+from cluster.connect import shutdown
+
+if sys.argv[1] == "serve":
+    from serve.cli import connect_with_jobs
+    connect_with_jobs(None, num_cpus=1)
+else:
+    from cluster.connect import connect
+    connect(None, num_cpus=1, dashboard=True)
+
+@ray.remote
+class Pinger:
+    def ping(self):
+        return os.getpid()
+
+@ray.remote
+def task():
+    return os.getpid()
+
+pinger = Pinger.remote()
+ray.get([pinger.ping.remote(), task.remote()])
+time.sleep(2)  # the agents open their ports after the node registers
+me = psutil.Process()
+found = []
+for proc in [me] + me.children(recursive=True):
+    try:
+        cmd = proc.cmdline()
+        name = " ".join([proc.name()] + [os.path.basename(a) for a in cmd[:2]])
+        conns = proc.net_connections(kind="inet")
+    except psutil.Error:
+        continue
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr):  # TCP listen, UDP
+            found.append([proc.pid, name, c.laddr.ip, c.laddr.port])
+node_ip = ray._private.worker.global_worker.node.node_ip_address
+shutdown()
+print(json.dumps({"listening": found, "node_ip": node_ip}))
+"""
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+@pytest.mark.parametrize("command", ["build", "serve"])
+def test_an_embedded_ray_listens_on_loopback_only(command):
+    """The embedded Ray of `pixcrawler build` / `demo` (connect) and `pixcrawler serve`
+    (connect_with_jobs) runs with token auth off, and its dashboard agent takes job submissions:
+    none of its processes (GCS, raylet, dashboard, agents, workers, this driver) may listen on
+    anything but loopback. Listed from the sockets of the processes the test started."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ray_tmp = tempfile.mkdtemp(prefix="pxnet", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", LISTENERS_CHILD, command], env=env,
+                             capture_output=True, text=True, timeout=180,
+                             cwd=Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    listening = result["listening"]
+    kinds = {name for _pid, name, _ip, _port in listening}
+    assert len(listening) >= 6 and any("gcs_server" in k for k in kinds) and \
+        any("raylet" in k for k in kinds) and any("DashboardAgent" in k for k in kinds), \
+        listening
+    exposed = [entry for entry in listening if not _is_loopback(entry[2])]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    assert result["node_ip"] == "127.0.0.1"

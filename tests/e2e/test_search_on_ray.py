@@ -113,6 +113,8 @@ def test_keyword_expansion_used_and_cached(ray_session, sandbox, tmp_path, monke
     asked: list[str] = []
     proxy, _ = recording_proxy(sandbox, asked)
     with chat_server(seen) as llm, proxy:
+        # The server's key goes only to the server's endpoint, which the spec names again.
+        monkeypatch.setenv("PIXCRAWLER_LLM_BASE_URL", f"{llm.url}/v1")
         data = base_spec(str(tmp_path / "o1"), [
             {"engine": "sandbox", "url": proxy.url, "per_page": 2}],
             search={"expand": True, "expand_n": 3, "llm_base_url": f"{llm.url}/v1",

@@ -15,6 +15,12 @@ from tests.builder.engines.fakes import (
 )
 
 
+def _local(url: str, **kwargs) -> BaiduEngine:
+    """The engine against a fake on 127.0.0.1, a private address the spec would allow
+    with download.allow_private_networks."""
+    return BaiduEngine(url, allow_private_networks=True, **kwargs)
+
+
 def test_decode_reverses_the_obfuscation():
     url = "https://img.example.org/photos/cat-007.jpg?w=640&h=480"
     assert decode_baidu_url(baidu_obfuscate(url)) == url
@@ -25,8 +31,8 @@ def test_decode_reverses_the_obfuscation():
 def test_maps_baidu_hosted_copies_by_default_despite_bad_escapes():
     images = fake_images(5)
     with FakeServer(baidu_handler(images)) as srv:
-        page = BaiduEngine(f"{srv.url}/search/acjson").search("猫", label="cat", page=0,
-                                                              per_page=5)
+        page = _local(f"{srv.url}/search/acjson").search("猫", label="cat", page=0,
+                                                         per_page=5)
     assert len(page.hits) == 5  # the trailing {} of data[] is not a hit
     hit = page.hits[2]
     assert hit.url == "https://img2.baidu.com/it/u=2,1&fm=253&fmt=auto?w=400"
@@ -39,7 +45,7 @@ def test_maps_baidu_hosted_copies_by_default_despite_bad_escapes():
 def test_original_option_uses_the_decoded_source_url():
     images = fake_images(3)
     with FakeServer(baidu_handler(images)) as srv:
-        page = BaiduEngine(f"{srv.url}/search/acjson", original=True).search(
+        page = _local(f"{srv.url}/search/acjson", original=True).search(
             "cat", label="cat", page=0, per_page=3)
     assert [h.url for h in page.hits] == [img["url"] for img in images]
 
@@ -47,7 +53,7 @@ def test_original_option_uses_the_decoded_source_url():
 def test_pages_by_pn_until_list_num():
     images = fake_images(70)
     with FakeServer(baidu_handler(images)) as srv:
-        engine = BaiduEngine(f"{srv.url}/search/acjson", original=True)
+        engine = _local(f"{srv.url}/search/acjson", original=True)
         first = engine.search("cat", label="cat", page=0, per_page=40)
         second = engine.search("cat", label="cat", page=1, per_page=40)
     assert [len(first.hits), len(second.hits)] == [40, 30]
@@ -59,8 +65,8 @@ def test_pages_by_pn_until_list_num():
 
 def test_empty_page_ends():
     with FakeServer(baidu_handler([])) as srv:
-        page = BaiduEngine(f"{srv.url}/search/acjson").search("x", label="x", page=0,
-                                                              per_page=10)
+        page = _local(f"{srv.url}/search/acjson").search("x", label="x", page=0,
+                                                         per_page=10)
     assert page.hits == [] and not page.has_more
 
 
@@ -69,7 +75,7 @@ def test_block_page_and_429_are_retryable():
         srv.fail_next(status=200, body={"antiFlag": 1, "message": "Forbid spider access",
                                         "bfe_log_id": "123"})
         srv.fail_next(status=429, headers={"Retry-After": "12"})
-        engine = BaiduEngine(f"{srv.url}/search/acjson")
+        engine = _local(f"{srv.url}/search/acjson")
         with pytest.raises(EngineError, match="Forbid spider access") as blocked:
             engine.search("cat", label="cat", page=0, per_page=5)
         with pytest.raises(EngineError) as limited:
@@ -91,9 +97,9 @@ def test_malformed_items_keep_the_good_hits_with_text_fields():
             b' {"middleURL": 8, "thumbURL": "https://img1.baidu.com/y.jpg",'
             b' "fromPageTitleEnc": 12, "fromURLHost": "pages.example"}]}')
     with FakeServer(lambda req: Response(200, body)) as srv:
-        engine = BaiduEngine(f"{srv.url}/search/acjson")
+        engine = _local(f"{srv.url}/search/acjson")
         page = engine.search("cat", label="cat", page=0, per_page=5)
-        original = BaiduEngine(f"{srv.url}/search/acjson", original=True).search(
+        original = _local(f"{srv.url}/search/acjson", original=True).search(
             "cat", label="cat", page=0, per_page=5)
     assert [h.url for h in page.hits] == ["https://img0.baidu.com/x.jpg",
                                           "https://img1.baidu.com/y.jpg"]

@@ -24,7 +24,8 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _engine(srv: FakeServer, **kw) -> GoogleEngine:
-    return GoogleEngine(f"{srv.url}/customsearch/v1", api_key=KEY, cse_id=CX, **kw)
+    return GoogleEngine(f"{srv.url}/customsearch/v1", api_key=KEY, cse_id=CX,
+                        allow_private_networks=True, **kw)
 
 
 def test_missing_credentials_name_the_env_vars(monkeypatch: pytest.MonkeyPatch):

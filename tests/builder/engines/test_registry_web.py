@@ -7,6 +7,7 @@ import email.utils
 import pytest
 
 from builder.engines import make_engine
+from builder.engines.google import GOOGLE_API, GoogleEngine
 from builder.engines.webjson import parse_retry_after, redact
 from builder.errors import EngineUnavailable, SourceError
 from builder.spec import parse_spec
@@ -22,7 +23,8 @@ from tests.builder.engines.fakes import (
 
 def _spec(source: dict) -> object:
     return parse_spec({"name": "cats", "classes": {"cat": None}, "sources": [source],
-                       "download": {"timeout_s": 3, "user_agent": "PixCrawlerTest/1"}})
+                       "download": {"timeout_s": 3, "user_agent": "PixCrawlerTest/1",
+                                    "allow_private_networks": True}})
 
 
 @pytest.mark.parametrize("engine,path,handler", [
@@ -47,14 +49,24 @@ def test_keyless_engines_from_a_spec_reach_their_base_url(engine, path, handler,
 def test_google_from_a_spec(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("GOOGLE_API_KEY", "k")
     monkeypatch.setenv("GOOGLE_CSE_ID", "c")
-    images = fake_images(3)
-    with FakeServer(google_handler(images, key="k", cx="c")) as srv:
-        spec = _spec({"engine": "google", "safesearch": "off",
-                      "options": {"base_url": srv.url + "/customsearch/v1", "imgType": "photo"}})
-        page = make_engine(spec.sources[0], spec).search("cat", label="cat", page=0, per_page=3)
-    assert len(page.hits) == 3
-    assert srv.requests[0].query["safe"] == "off"
-    assert srv.requests[0].query["imgType"] == "photo"
+    spec = _spec({"engine": "google", "safesearch": "off", "region": "de-de",
+                  "options": {"imgType": "photo", "bogus": "x"}})
+    eng = make_engine(spec.sources[0], spec)
+    assert (eng.base_url, eng.api_key, eng.cse_id) == (GOOGLE_API, "k", "c")
+    assert (eng.safesearch, eng.country, eng.filters) == ("off", "de", {"imgType": "photo"})
+    assert eng.allow_private_networks and eng.user_agent == "PixCrawlerTest/1"
+
+
+def test_a_spec_base_url_never_receives_the_servers_google_key(monkeypatch):
+    """The key comes from the server's environment, the base_url from whoever wrote the spec:
+    a base_url that is not Google's API makes the engine unavailable before any request."""
+    monkeypatch.setenv("GOOGLE_API_KEY", "server-secret")
+    monkeypatch.setenv("GOOGLE_CSE_ID", "c")
+    with FakeServer(google_handler(fake_images(3), key="server-secret", cx="c")) as srv:
+        spec = _spec({"engine": "google", "options": {"base_url": srv.url + "/customsearch/v1"}})
+        with pytest.raises(EngineUnavailable, match="sent only there"):
+            make_engine(spec.sources[0], spec).search("cat", label="cat", page=0, per_page=3)
+    assert srv.requests == []
 
 
 def test_google_without_credentials_is_unavailable(monkeypatch: pytest.MonkeyPatch):
@@ -110,18 +122,20 @@ JUNK = {"results": "x", "data": 5, "items": {"a": 1}, "query": [], "continue": "
     ("wikimedia", "/w/api.php"), ("openverse", "/v1/images/"), ("baidu", "/search/acjson"),
     ("google", "/customsearch/v1"),
 ])
-def test_malformed_answers_give_an_empty_page_or_an_engine_error(engine, path, monkeypatch):
+def test_malformed_answers_give_an_empty_page_or_an_engine_error(engine, path):
     """Junk inside an object gives an empty page or a retryable EngineError; an answer that is
     not a JSON object at all is always a retryable EngineError."""
     from builder.errors import EngineError
     from tests.builder.engines.fakes import Response
 
-    monkeypatch.setenv("GOOGLE_API_KEY", "k")
-    monkeypatch.setenv("GOOGLE_CSE_ID", "c")
     for body in (JUNK, [1, 2], "null"):
         with FakeServer(lambda req, body=body: Response(200, body)) as srv:
-            spec = _spec({"engine": engine, "options": {"base_url": srv.url + path}})
-            engine_ = make_engine(spec.sources[0], spec)
+            if engine == "google":  # a key for a base_url other than Google's is given with it
+                engine_ = GoogleEngine(srv.url + path, api_key="k", cse_id="c",
+                                       allow_private_networks=True)
+            else:
+                spec = _spec({"engine": engine, "options": {"base_url": srv.url + path}})
+                engine_ = make_engine(spec.sources[0], spec)
             if body is JUNK:
                 try:
                     page = engine_.search("cat", label="cat", page=0, per_page=5)

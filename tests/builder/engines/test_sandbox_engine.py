@@ -13,7 +13,8 @@ from tests.builder.engines.fakes import FakeServer, Response
 
 
 def _search(srv: FakeServer, page: int = 0):
-    return SandboxEngine(srv.url, timeout_s=3).search("cat", label="cat", page=page, per_page=10)
+    return SandboxEngine(srv.url, timeout_s=3, allow_private_networks=True).search(
+        "cat", label="cat", page=page, per_page=10)
 
 
 def test_maps_results():

@@ -9,11 +9,17 @@ from builder.errors import EngineError
 from tests.builder.engines.fakes import FakeServer, Response, fake_images, wikimedia_handler
 
 
+def _local(url: str, **kwargs) -> WikimediaEngine:
+    """The engine against a fake on 127.0.0.1, a private address the spec would allow
+    with download.allow_private_networks."""
+    return WikimediaEngine(url, allow_private_networks=True, **kwargs)
+
+
 def test_maps_url_page_title_license_and_author_in_search_order():
     images = fake_images(8)
     with FakeServer(wikimedia_handler(images)) as srv:
-        page = WikimediaEngine(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
-                                                                per_page=5)
+        page = _local(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
+                                                       per_page=5)
     assert [h.url for h in page.hits] == [img["url"] for img in images[:5]]
     first = page.hits[0]
     assert first.rank == 0
@@ -33,7 +39,7 @@ def test_maps_url_page_title_license_and_author_in_search_order():
 def test_pages_by_offset_until_no_continue():
     images = fake_images(12)
     with FakeServer(wikimedia_handler(images)) as srv:
-        engine = WikimediaEngine(f"{srv.url}/w/api.php")
+        engine = _local(f"{srv.url}/w/api.php")
         pages = [engine.search("cat", label="cat", page=p, per_page=5) for p in range(3)]
     assert [len(p.hits) for p in pages] == [5, 5, 2]
     assert [p.has_more for p in pages] == [True, True, False]
@@ -45,8 +51,8 @@ def test_pages_by_offset_until_no_continue():
 def test_large_pages_are_fetched_in_api_sized_chunks():
     images = fake_images(120)
     with FakeServer(wikimedia_handler(images)) as srv:
-        page = WikimediaEngine(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
-                                                                per_page=110)
+        page = _local(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
+                                                       per_page=110)
     assert len(page.hits) == 110 and page.has_more
     assert [(r.query["gsroffset"], r.query["gsrlimit"]) for r in srv.requests] == \
         [("0", "50"), ("50", "50"), ("100", "10")]
@@ -56,7 +62,7 @@ def test_non_raster_files_are_dropped_and_empty_search_ends():
     images = fake_images(4)
     with FakeServer(wikimedia_handler(images, mimes={1: "application/pdf",
                                                      2: "image/svg+xml"})) as srv:
-        engine = WikimediaEngine(f"{srv.url}/w/api.php")
+        engine = _local(f"{srv.url}/w/api.php")
         page = engine.search("cat", label="cat", page=0, per_page=10)
         empty = engine.search("cat", label="cat", page=5, per_page=10)
     assert [h.url for h in page.hits] == [images[0]["url"], images[3]["url"]]
@@ -69,8 +75,8 @@ def test_429_is_retryable_with_retry_after():
     with FakeServer(wikimedia_handler(fake_images(3))) as srv:
         srv.fail_next(status=429, headers={"Retry-After": "7"}, body=b"Too many requests")
         with pytest.raises(EngineError) as info:
-            WikimediaEngine(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
-                                                            per_page=5)
+            _local(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
+                                                   per_page=5)
     assert info.value.retryable and info.value.status == 429 and info.value.retry_after == 7.0
 
 
@@ -79,7 +85,7 @@ def test_api_error_object_maps_to_engine_error():
         srv.fail_next(status=200, body={"error": {"code": "ratelimited",
                                                   "info": "You've exceeded your rate limit."}})
         srv.fail_next(status=200, body={"error": {"code": "badvalue", "info": "Bad gsrsearch"}})
-        engine = WikimediaEngine(f"{srv.url}/w/api.php")
+        engine = _local(f"{srv.url}/w/api.php")
         with pytest.raises(EngineError) as limited:
             engine.search("cat", label="cat", page=0, per_page=5)
         with pytest.raises(EngineError) as bad:
@@ -92,7 +98,7 @@ def test_html_error_page_and_5xx_are_retryable():
     with FakeServer(wikimedia_handler(fake_images(3))) as srv:
         srv.fail_next(status=200, body=b"<html>Wikimedia Error</html>", content_type="text/html")
         srv.fail_next(status=503, body=b"upstream down")
-        engine = WikimediaEngine(f"{srv.url}/w/api.php")
+        engine = _local(f"{srv.url}/w/api.php")
         for _ in range(2):
             with pytest.raises(EngineError) as info:
                 engine.search("cat", label="cat", page=0, per_page=5)
@@ -116,8 +122,8 @@ def test_malformed_pages_keep_the_good_hits_with_text_fields():
             b' {"index": 7, "title": "File:Cat.png", "imageinfo": [{"mime": "image/png",'
             b' "url": "https://a.example/y.png", "thumburl": 9, "extmetadata": []}]}]}}')
     with FakeServer(lambda req: Response(200, body)) as srv:
-        page = WikimediaEngine(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
-                                                                per_page=10)
+        page = _local(f"{srv.url}/w/api.php").search("cat", label="cat", page=0,
+                                                       per_page=10)
     assert sorted(h.url for h in page.hits) == ["https://a.example/x.jpg",
                                                 "https://a.example/y.png"]
     by_url = {h.url: h for h in page.hits}
