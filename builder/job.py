@@ -433,6 +433,8 @@ class _Flight:
     worker: int
     report: Optional[UnitReport] = None
     incarnation: str = ""
+    epoch: int = 0
+    """The reset count when the unit was sent: a result from before a reset is stale."""
 
 
 @dataclass
@@ -467,6 +469,7 @@ class JobRunner:
         self._load = [0] * executor.workers
         self._down: set[int] = set()
         self._incarnations: dict[int, str] = {}
+        self._epoch = 0
         self._resend: deque[WorkUnit] = deque()
         self._partial = partial_units or set()
         self._class_in_flight: Counter = Counter()
@@ -542,7 +545,7 @@ class JobRunner:
         worker = self._pick_worker()
         if unit.uid in self._partial and unit.attempt == 0:
             unit = dataclasses.replace(unit, attempt=1)
-        flight = _Flight(unit, worker)
+        flight = _Flight(unit, worker, epoch=self._epoch)
         self._flights[unit.uid] = flight
         self._load[worker] += 1
         if unit.kind in (SEARCH, INLINE):
@@ -590,7 +593,10 @@ class JobRunner:
             self.resent += 1
 
     async def _reset_all(self) -> None:
-        """The index or ledger lost its in-flight state: resend everything uncommitted."""
+        """The index or ledger lost its in-flight state: resend everything uncommitted. Units
+        still running are stale: the workers drop their rows, and they are resent when their
+        results come back."""
+        self._epoch += 1
         await self.executor.reset()
         for w in range(self.executor.workers):
             if w not in self._down:
@@ -644,8 +650,22 @@ class JobRunner:
         self._maybe_progress(force=True)
         return RunOutcome(self._stats(), self.cancelled, dict(self.fetch))
 
+    def _stale(self, flight: _Flight) -> None:
+        """A result (or failure) of a unit sent before the last reset: send it again."""
+        unit = flight.unit
+        if self._flights.get(unit.uid) is flight:
+            del self._flights[unit.uid]
+        self.planner.returned(unit)
+        self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+        self.resent += 1
+
     async def _result(self, fut: asyncio.Task, flight: _Flight) -> None:
         unit = flight.unit
+        if flight.epoch != self._epoch and not fut.cancelled():
+            if fut.exception() is None:
+                self._take_events(flight.worker, fut.result()[1])
+            self._stale(flight)
+            return
         try:
             report, events = fut.result()
         except WorkerLost as exc:

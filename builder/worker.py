@@ -44,6 +44,7 @@ from builder.dedup import DedupClient, DedupItem, claim_of, id_number, url_hash
 from builder.engines import SearchEngine, SearchPage, make_engine
 from builder.errors import EngineError, SourceError
 from builder.fetch import Fetcher
+from builder.job import IndexLost
 from builder.journal import Journal
 from builder.listsource import ListReader, SlicePlan
 from builder.ratelimit import EngineGovernor, limits_for
@@ -238,6 +239,7 @@ class WorkerRuntime:
         self._fetch_stats_sent: Counter = Counter()
         self.incarnation = ""
         """Set by a host that restarts workers (the Ray actor's incarnation)."""
+        self.epoch = 0
         self.on_stage: Optional[Callable[[str, float], None]] = None
         """Called with (stage, seconds) after each unit's fetch and validate stages."""
 
@@ -301,7 +303,10 @@ class WorkerRuntime:
         return self.events()
 
     def discard(self) -> list[str]:
+        """Drop everything not written (the index lost what it decided); units running now
+        are stale and will raise ``IndexLost`` instead of handing rows over."""
         assert self.assembler is not None
+        self.epoch += 1
         return self.assembler.discard()
 
     async def stage(self, aw: Awaitable[T], cancellable: bool = True) -> T:
@@ -337,6 +342,11 @@ class UnitRun:
         self.items: list[tuple[Record, DedupItem]] = []
         self.written: set[int] = set()
         self.bad_rows: dict[int, str] = {}
+        self.epoch = worker.epoch
+
+    def _hand_over_check(self) -> None:
+        if self.epoch != self.w.epoch:
+            raise IndexLost("the worker dropped its buffers while this unit ran")
 
     def stage(self, aw: Awaitable[T]) -> Awaitable[T]:
         return self.w.stage(aw, cancellable=self.unit.attempt == 0)
@@ -551,6 +561,7 @@ class UnitRun:
         rows = await w._io(self._rows, new)
         decisions = await w._io(_decision_rows, self.records, self.claim)
         assert w.assembler is not None
+        self._hand_over_check()
         await w.assembler.add(self.unit, self.report, rows, decisions)
 
     async def _finish_cancelled(self) -> None:
@@ -563,6 +574,7 @@ class UnitRun:
         self._count()
         decisions = await w._io(_decision_rows, self.records, self.claim)
         assert w.assembler is not None
+        self._hand_over_check()
         await w.assembler.add(self.unit, self.report, _empty_rows(), decisions)
 
     def _count(self) -> None:

@@ -47,9 +47,13 @@ class FakeExecutor:
         self.fail_next: Optional[BaseException] = None
         self.cancelled = False
         self.resets = 0
+        self.epoch = 0
 
     async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        epoch = self.epoch
         await asyncio.sleep(0)
+        if epoch != self.epoch:  # as a real worker: a unit running through a reset is stale
+            raise IndexLost("reset while it ran")
         self.runs.append(unit)
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
@@ -91,6 +95,7 @@ class FakeExecutor:
 
     async def reset(self) -> None:
         self.resets += 1
+        self.epoch += 1
         for w in self.pending:
             for uid in self.pending[w]:
                 self.ledger.release(uid)
