@@ -267,8 +267,9 @@ def _body_error(message: str) -> SpecError:
 
 
 def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) -> Any:
-    """The request body as data, by its content type (JSON, or YAML). With ``max_bytes``,
-    the data written out as JSON must fit in it too (413 otherwise)."""
+    """The request body as data, by its content type (JSON, or YAML). Every string must be
+    valid Unicode (no lone surrogates). With ``max_bytes``, the data written out as JSON must
+    fit in it too (413 otherwise)."""
     media = (content_type or "application/json").split(";")[0].strip().lower()
     text = body.decode("utf-8", errors="replace")
     if media in JSON_TYPES or media.endswith("+json"):
@@ -293,15 +294,20 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) 
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"send the spec as application/json or application/yaml, not {media!r}")
-    if max_bytes is not None:
-        try:
-            size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False,
-                                  default=str).encode("utf-8"))
-        except RecursionError:
-            raise _body_error(f"not valid {kind}: nested too deeply") from None
-        if size > max_bytes:
-            raise ApiError(413, "spec_too_large", f"a spec is at most {max_bytes} bytes "
-                           f"(this one is {size} bytes written out as JSON)")
+    try:
+        size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False,
+                              default=str).encode("utf-8"))
+    except RecursionError:
+        raise _body_error(f"not valid {kind}: nested too deeply") from None
+    except UnicodeEncodeError as exc:
+        # JSON's \ud83d escape with no partner: no character, and no file can hold it.
+        bad = exc.object[exc.start:exc.end]
+        raise _body_error(f"not valid {kind}: a lone surrogate ({ascii(bad)}) is no Unicode "
+                          "character; write the character itself, or a \\ud83d\\ude3a "
+                          "pair for one beyond U+FFFF") from None
+    if max_bytes is not None and size > max_bytes:
+        raise ApiError(413, "spec_too_large", f"a spec is at most {max_bytes} bytes "
+                       f"(this one is {size} bytes written out as JSON)")
     return data
 
 
