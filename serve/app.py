@@ -311,6 +311,21 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) 
     return data
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes. A larger one is refused (413) as soon as it
+    is seen to be larger: from its Content-Length, else (a chunked upload) once ``limit`` + 1
+    bytes have come, so the replica never holds more than that and one chunk."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+    return bytes(body)
+
+
 def parse_states(state: Optional[str]) -> Optional[list[str]]:
     """``?state=`` of the job list: comma-separated states, or None for all of them."""
     states = [s.strip() for s in state.split(",") if s.strip()] if state else None
@@ -564,12 +579,7 @@ class JobAPI:
     async def submit(self, request: Request) -> JSONResponse:
         principal = await self._caller(request)
         limit = self.settings.max_spec_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+        body = await read_body(request, limit)
         try:
             data = parse_body(body, request.headers.get("content-type", ""), limit)
             spec = parse_spec(data, "request body")

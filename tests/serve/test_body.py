@@ -132,3 +132,25 @@ def test_the_spec_reaches_the_ray_job_unchanged(monkeypatch):
     spec = _spec_from_args(SimpleNamespace(spec=None, spec_env=jobs.SPEC_ENV))
     assert spec.model_dump(mode="json") == data
     assert spec.labels == ["café", "猫", "😺"] and "😺" in spec.description
+
+
+def test_a_chunked_body_is_refused_once_past_the_limit_not_read_whole():
+    """A chunked upload declares no length: it is read only up to max_spec_bytes + 1."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from serve.app import read_body
+
+    chunk, pulled = b"x" * 65536, []
+
+    async def receive() -> dict[str, Any]:
+        pulled.append(1)
+        return {"type": "http.request", "body": chunk, "more_body": len(pulled) < 1000}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"",
+             "headers": [(b"transfer-encoding", b"chunked")]}
+    with pytest.raises(ApiError) as info:
+        asyncio.run(read_body(Request(scope, receive), 1_000_000))
+    assert info.value.status == 413 and info.value.code == "spec_too_large"
+    assert len(pulled) == 1_000_000 // len(chunk) + 1  # 16 of the 1000 chunks (65 MB)
