@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
 import yaml
@@ -314,8 +314,9 @@ class Reconciler:
 
     def reconcile(self, row: JobRow, check_live: bool = True) -> JobRow:
         """Check one active job against its actor, else against Ray; returns the new row.
-        ``check_live=False`` when the caller has just found no progress actor."""
-        if row.terminal:
+        ``check_live=False`` when the caller has just found no progress actor. A queued job
+        is not Ray's yet (serve.schedule starts it)."""
+        if row.terminal or row.state == "queued":
             return row
         live = read_live(row.id) if check_live else None
         if live is not None:
@@ -336,9 +337,11 @@ class Reconciler:
         return self.store.get_job(row.id) or row
 
     def _maybe_being_submitted(self, row: JobRow) -> bool:
-        """A row Ray has not been seen to know, young enough that its submit may still run."""
+        """A row Ray has not been seen to know, started (handed to the launcher) recently
+        enough that its submit may still run."""
+        started = row.started_at if row.started_at is not None else row.created_at
         return (row.state == "starting" and row.ray_status is None
-                and time.time() - row.created_at < self.submit_grace_s)
+                and time.time() - started < self.submit_grace_s)
 
     def _finish(self, row: JobRow, ray_job: RayJob) -> None:
         marker, stats = read_outcome(row.output_uri, row.id)
@@ -369,11 +372,14 @@ class Reconciler:
 
 
 class ReconcileLoop:
-    """A replica's background thread: reconcile all active jobs every ``interval_s``."""
+    """A replica's background thread: reconcile all active jobs every ``interval_s``, then
+    run ``then`` (the scheduler, which starts queued jobs in the places that freed up)."""
 
-    def __init__(self, reconciler: Reconciler, interval_s: float = 5.0):
+    def __init__(self, reconciler: Reconciler, interval_s: float = 5.0,
+                 then: Optional[Callable[[], Any]] = None):
         self.reconciler = reconciler
         self.interval_s = interval_s
+        self.then = then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pixcrawler-reconcile",
                                         daemon=True)
@@ -388,6 +394,8 @@ class ReconcileLoop:
         while not self._stop.is_set():
             try:
                 self.reconciler.reconcile_all()
+                if self.then is not None:
+                    self.then()
             except Exception:  # noqa: BLE001 - a background loop logs and keeps going
                 log.exception("reconcile pass failed")
             self._stop.wait(self.interval_s)
