@@ -237,8 +237,11 @@ def main() -> int:
         info = connect_with_jobs(None, ingress=args.ingress)
         port = free_port()
         ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # The job fetches from the sandbox web on 127.0.0.1: the API policy must allow it.
         app = build_app({"store": store, "rate_limit_per_s": 0, "max_concurrent_jobs": 4,
-                         "num_replicas": args.replicas})
+                         "num_replicas": args.replicas,
+                         "policy": {"source_urls": [web.base_url],
+                                    "allow_private_networks": True, "max_running_jobs": 1}})
         ray_serve.run(app, name=APP_NAME, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         auth = {"Authorization": f"Bearer {key}"}

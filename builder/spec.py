@@ -159,15 +159,67 @@ def _control_chars(name: str) -> str:
 
 
 def _key(name: str) -> str:
-    """A name as one part of a field path: escaped (quoted) when it holds control characters,
-    so the SpecError message stays one line per problem."""
-    return repr(name) if _control_chars(name) else name
+    """A name as one part of a field path: escaped (quoted) when it holds control or bidi
+    characters, so the SpecError message stays one line per problem and reads as written."""
+    return repr(name) if _control_chars(name) or _bidi_chars(name) else name
 
 
 def _control_problem(kind: str, name: str) -> str:
     return (f"bad {kind} {name!r}: control characters and line breaks are not allowed "
             f"(found {_control_chars(name)}); names become directory and file names and "
             "lines of the label files (classes.txt)")
+
+
+NAME_MAX_BYTES = 255
+"""A label part, category or split name is at most this many bytes in UTF-8: each becomes one
+directory name, and filesystems (ext4, XFS, APFS, NTFS) refuse longer names."""
+LABEL_MAX_BYTES = 1024
+"""A whole label (all its parts and '/') is at most this many bytes in UTF-8: it becomes a
+directory path inside the dataset, which must stay well inside PATH_MAX (4096 on Linux)."""
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                          "\u2066\u2067\u2068\u2069")
+"""Bidirectional control characters (ALM, LRM, RLM, LRE/RLE/PDF/LRO/RLO, LRI/RLI/FSI/PDI): they
+make a name display as another ('cat' followed by an RLO shows later text reversed)."""
+WINDOWS_DEVICE_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"])
+"""Names Windows reserves for devices, in any case and with any extension (``nul.txt``): such
+a folder cannot be created or unpacked there, so a dataset holding one is not portable."""
+
+
+def _bidi_chars(name: str) -> str:
+    """The bidi control characters in ``name``, escaped and comma-separated ('' if none)."""
+    return ", ".join(repr(ch) for ch in dict.fromkeys(ch for ch in name if ch in BIDI_CONTROLS))
+
+
+def name_rule_problem(kind: str, name: str) -> Optional[str]:
+    """Why ``name`` (a label part, category or split name; already free of control
+    characters, '/', '\\', '.' and '..') cannot be a portable directory name, or None. The
+    message names the rule it breaks."""
+    found = _bidi_chars(name)
+    if found:
+        return (f"bad {kind} {name!r}: bidirectional control characters are not allowed "
+                f"(found {found}); they make a name display as another")
+    if not name.strip():
+        return (f"bad {kind} {name!r}: a name of only whitespace is not allowed; it is "
+                "invisible as a folder name")
+    if name != name.strip():
+        return (f"bad {kind} {name!r}: names may not start or end with whitespace ("
+                f"{name.strip()!r} and {name!r} would look the same)")
+    if name.endswith("."):
+        return (f"bad {kind} {name!r}: names may not end in '.' (Windows drops it, so "
+                f"{name.rstrip('.')!r} and {name!r} would be one folder)")
+    size = len(name.encode("utf-8"))
+    if size > NAME_MAX_BYTES:
+        return (f"bad {kind} {name[:20]!r}...: a name is at most {NAME_MAX_BYTES} bytes in "
+                f"UTF-8 (this one is {size}); it becomes a folder name, and longer ones "
+                "fail to write")
+    device = name.split(".", 1)[0].rstrip(" ").upper()
+    if device in WINDOWS_DEVICE_NAMES:
+        return (f"bad {kind} {name!r}: {device} is a device name Windows reserves (CON, PRN, "
+                "AUX, NUL, COM0-9, LPT0-9, CONIN$, CONOUT$, with or without an extension); "
+                f"rename it, e.g. {name + '_'!r}")
+    return None
 
 
 def flatten_categories(categories: dict[str, CategoryNode]
@@ -218,6 +270,10 @@ def flatten_categories(categories: dict[str, CategoryNode]
             if bad_name(name):
                 problems.append((at, f"bad category name {name!r}: names are non-empty, "
                                  "without '/' or '\\', and not '.' or '..'"))
+                continue
+            rule = name_rule_problem("category name", name)
+            if rule:
+                problems.append((at, rule))
                 continue
             own = node.target if node.target is not None else given.get(name)
             kids = node.children
@@ -414,6 +470,10 @@ class OutputSpec(_Model):
             elif bad_name(name):
                 problems.append((name, f"bad split name {name!r}: split names are non-empty, "
                                  "without '/' or '\\', and not '.' or '..'"))
+            else:
+                rule = name_rule_problem("split name", name)
+                if rule:
+                    problems.append((_key(name), rule))
         if problems:
             raise _SpecProblems(problems)
         if any(f < 0 for f in v.values()):
@@ -527,8 +587,18 @@ class DatasetSpec(_Model):
                 problems.append((f"classes.{label}", f"bad class label {label!r}: labels are "
                                  "non-empty, '/'-separated names without empty, '.' or '..' "
                                  "parts"))
+            else:
+                problems += [(f"classes.{_key(label)}", rule) for rule in dict.fromkeys(
+                    name_rule_problem("class label part", part) for part in label.split("/"))
+                    if rule]
         leaves, leaf_where, tree_problems = flatten_categories(self.categories)
         problems += tree_problems
+        problems += [(f"classes.{_key(label)}" if label in self.classes else leaf_where[label],
+                      f"bad class label {label[:20]!r}...: a label is at most "
+                      f"{LABEL_MAX_BYTES} bytes in UTF-8 (this one is "
+                      f"{len(label.encode('utf-8'))}); it becomes a folder path")
+                     for label in (*self.classes, *leaves)
+                     if len(label.encode("utf-8")) > LABEL_MAX_BYTES]
         for label, body in leaves.items():
             if label in self.classes:
                 problems.append((leaf_where[label], f"label {label!r} is also defined under "

@@ -10,6 +10,9 @@
     GET    /healthz                 liveness + store check
     GET    /                        the web page;  /docs  the OpenAPI UI
 
+A submitted spec is checked against the operator's policy (serve/policy.py) and stored
+"queued"; the scheduler (serve/schedule.py) starts it when its key's turn comes.
+
 Every error is ``{"error": {"code": ..., "message": ...}}``. ``build_app(args)`` is the app
 builder for ``serve deploy`` (see serve_config.yaml) and for ``pixcrawler serve``.
 """
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
+import ray
 import yaml
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +39,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
 from builder.spec import parse_spec
-from builder.storage import is_local_uri
 from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
 from serve.cache import ReadCache
@@ -44,7 +47,9 @@ from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, query_params,
                             small_int)
 from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
                         Reconciler, request_cancel)
+from serve.policy import ApiPolicy, PolicyRefused, apply_policy
 from serve.samples import SampleCache
+from serve.schedule import Scheduler
 from serve.store import (STATES, TERMINAL, JobRow, JobStore, TooManyJobs, default_store_url,
                          sqlite_path)
 
@@ -82,7 +87,8 @@ class ServeSettings(BaseModel):
     auth: bool = True
     rate_limit_per_s: float = Field(default=20.0, ge=0, description="0 turns the limit off")
     rate_limit_burst: int = Field(default=40, ge=1)
-    max_concurrent_jobs: int = Field(default=4, ge=1, description="per API key")
+    max_concurrent_jobs: int = Field(default=4, ge=1, description="jobs running or queued "
+                                     "per API key")
     max_spec_bytes: int = Field(default=1_000_000, ge=1024)
     example_spec: Optional[dict[str, Any]] = None
     dashboard_address: Optional[str] = None
@@ -104,8 +110,11 @@ class ServeSettings(BaseModel):
                           "people should not yield to the crawl's own batch actors")
     num_replicas: int = Field(default=1, ge=1, description="replicas of the API (a "
                               "deployments: entry in serve_config.yaml overrides it)")
-    reconcile_interval_s: float = Field(default=5.0, gt=0)
+    reconcile_interval_s: float = Field(default=5.0, gt=0, description="how often a replica "
+                                        "settles ended jobs and starts queued ones")
     events_interval_s: float = Field(default=0.5, gt=0)
+    policy: ApiPolicy = Field(default_factory=ApiPolicy, description="what API users may set "
+                              "in a spec, and how the cluster is shared (serve/policy.py)")
 
     def resolved(self) -> "ServeSettings":
         """Absolute paths, so every replica (whatever its cwd) finds the same files."""
@@ -113,7 +122,9 @@ class ServeSettings(BaseModel):
         if data_dir is None:
             path = sqlite_path(self.store)
             data_dir = str(path.parent) if path else str(Path("~/.pixcrawler").expanduser())
-        return self.model_copy(update={"data_dir": str(Path(data_dir).expanduser().resolve())})
+        data_dir = str(Path(data_dir).expanduser().resolve())
+        return self.model_copy(update={"data_dir": data_dir,
+                                       "policy": self.policy.resolved(data_dir)})
 
 
 app = FastAPI(
@@ -214,6 +225,7 @@ def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
         "state": state,
         "created_at": row.created_at,
         "updated_at": max(row.updated_at, live.get("updated") or 0.0),
+        "started_at": row.started_at,
         "ended_at": row.ended_at,
         "output_uri": live.get("output_uri") or row.output_uri,
         "cancel_requested": row.cancel_requested or bool(live.get("cancel_requested")),
@@ -267,8 +279,9 @@ def _body_error(message: str) -> SpecError:
 
 
 def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) -> Any:
-    """The request body as data, by its content type (JSON, or YAML). With ``max_bytes``,
-    the data written out as JSON must fit in it too (413 otherwise)."""
+    """The request body as data, by its content type (JSON, or YAML). Every string must be
+    valid Unicode (no lone surrogates). With ``max_bytes``, the data written out as JSON must
+    fit in it too (413 otherwise)."""
     media = (content_type or "application/json").split(";")[0].strip().lower()
     text = body.decode("utf-8", errors="replace")
     if media in JSON_TYPES or media.endswith("+json"):
@@ -293,16 +306,36 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) 
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"send the spec as application/json or application/yaml, not {media!r}")
-    if max_bytes is not None:
-        try:
-            size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False,
-                                  default=str).encode("utf-8"))
-        except RecursionError:
-            raise _body_error(f"not valid {kind}: nested too deeply") from None
-        if size > max_bytes:
-            raise ApiError(413, "spec_too_large", f"a spec is at most {max_bytes} bytes "
-                           f"(this one is {size} bytes written out as JSON)")
+    try:
+        size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False,
+                              default=str).encode("utf-8"))
+    except RecursionError:
+        raise _body_error(f"not valid {kind}: nested too deeply") from None
+    except UnicodeEncodeError as exc:
+        # JSON's \ud83d escape with no partner: no character, and no file can hold it.
+        bad = exc.object[exc.start:exc.end]
+        raise _body_error(f"not valid {kind}: a lone surrogate ({ascii(bad)}) is no Unicode "
+                          "character; write the character itself, or a \\ud83d\\ude3a "
+                          "pair for one beyond U+FFFF") from None
+    if max_bytes is not None and size > max_bytes:
+        raise ApiError(413, "spec_too_large", f"a spec is at most {max_bytes} bytes "
+                       f"(this one is {size} bytes written out as JSON)")
     return data
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes. A larger one is refused (413) as soon as it
+    is seen to be larger: from its Content-Length, else (a chunked upload) once ``limit`` + 1
+    bytes have come, so the replica never holds more than that and one chunk."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+    return bytes(body)
 
 
 def parse_states(state: Optional[str]) -> Optional[list[str]]:
@@ -320,6 +353,17 @@ def parse_states(state: Optional[str]) -> Optional[list[str]]:
 def spec_error(exc: SpecError) -> ApiError:
     problems = [{"field": path, "message": msg} for path, msg in exc.problems]
     return ApiError(422, "invalid_spec", str(exc), details={"problems": problems})
+
+
+def policy_error(exc: PolicyRefused) -> ApiError:
+    """403 ``forbidden_by_policy`` when a field asks for what the server does not permit,
+    else 422 ``over_policy_limit``; each problem names the field and the policy setting."""
+    problems = [{"field": p.field, "policy": p.setting, "message": p.message}
+                for p in exc.problems]
+    text = "; ".join(f"{p.field}: {p.message} (policy: {p.setting})" for p in exc.problems)
+    code = "forbidden_by_policy" if exc.status == 403 else "over_policy_limit"
+    return ApiError(exc.status, code, f"this server's policy refuses the spec: {text}",
+                    details={"problems": problems})
 
 
 @ray_serve.deployment(name="JobAPI", ray_actor_options={"num_cpus": REPLICA_CPUS},
@@ -345,6 +389,10 @@ class JobAPI:
             keep=lambda value: value is not None)
         self.health: ReadCache[int] = ReadCache(1.0)
         self.reconciler = Reconciler(self.store, self.launcher)
+        self.policy = s.policy
+        self.scheduler = Scheduler(self.store, self.launcher, s.policy.max_running_jobs,
+                                   s.policy.max_running_jobs_per_key)
+        self.cluster: ReadCache[dict[str, float]] = ReadCache(30.0)
         self.samples = SampleCache()
         self.example = yaml.dump(s.example_spec or EXAMPLE_SPEC, Dumper=_PlainDumper,
                                  sort_keys=False)
@@ -353,7 +401,8 @@ class JobAPI:
         self._bodies = EncodedBodies()
         self.hot_reads = 0  # requests answered by hot_read (see hot_read_count)
         # The first pass runs now: jobs left "running" by a crash are settled at start.
-        self.reconcile_loop = ReconcileLoop(self.reconciler, s.reconcile_interval_s)
+        self.reconcile_loop = ReconcileLoop(self.reconciler, s.reconcile_interval_s,
+                                            then=self.scheduler.start_ready)
         self.reconcile_loop.start()
 
     def __del__(self) -> None:
@@ -478,40 +527,19 @@ class JobAPI:
         try:
             # The check and the insert are one statement in the store: replicas share it.
             return self.store.create_job(job_id, principal.owner, spec["name"], spec, uri,
-                                         max_active=cap)
+                                         max_active=cap, queued=True)
         except TooManyJobs as exc:
             raise ApiError(429, "too_many_jobs",
-                           f"this API key has {exc.active} jobs running (the limit is {cap}); "
-                           "wait for one to end or cancel one",
+                           f"this API key has {exc.active} jobs running or queued (the limit "
+                           f"is {cap}); wait for one to end or cancel one",
                            headers={"Retry-After": "10"}) from None
 
-    def _submitted(self, row: JobRow) -> JobRow:
-        """The row once Ray has the job. A cancel that came while the job was being handed
-        to Ray found nothing to stop, and a row ended meanwhile (the reconciler gave up on a
-        submit slower than its grace period) is no longer watched: either way the job is
-        stopped now rather than left to run untracked."""
-        now = self.store.get_job(row.id)
-        if now is None or now.terminal or now.cancel_requested:
-            log.warning("job %s ended or was cancelled while it was submitted; stopping it",
-                        row.id)
-            try:
-                self.launcher.stop(row.id)
-            except ClusterUnavailable as exc:
-                log.warning("cannot stop job %s: %s", row.id, exc)
-        return now or row
-
-    def _placed(self, data: dict[str, Any], job_id: str) -> dict[str, Any]:
-        """The spec with its output placed: none given -> data_dir/datasets/<job id>; a
-        relative local path -> under data_dir/datasets (the job's cwd is not ours)."""
-        output = dict(data.get("output") or {})
-        uri = output.get("uri")
-        base = self.data_dir / "datasets"
-        if not uri:
-            output["uri"] = str(base / job_id)
-        elif is_local_uri(uri) and not uri.startswith("file://") and \
-                not Path(uri).expanduser().is_absolute():
-            output["uri"] = str((base / uri).resolve())
-        return {**data, "output": output}
+    def _start(self, job_id: str) -> None:
+        """Start what the scheduler lets start now (this job, if its turn has come); a 503
+        if Ray refused this job."""
+        refused = self.scheduler.start_ready()
+        if job_id in refused:
+            raise ApiError(503, "cluster_unavailable", str(refused[job_id]))
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -558,29 +586,22 @@ class JobAPI:
     async def submit(self, request: Request) -> JSONResponse:
         principal = await self._caller(request)
         limit = self.settings.max_spec_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+        body = await read_body(request, limit)
         try:
             data = parse_body(body, request.headers.get("content-type", ""), limit)
             spec = parse_spec(data, "request body")
             job_id = new_job_id(spec)
-            spec = parse_spec(self._placed(spec.model_dump(mode="json"), job_id), "request body")
+            cluster = await self.cluster.get("total", lambda: asyncio.to_thread(
+                ray.cluster_resources))
+            spec = apply_policy(self.policy, spec, principal.owner, job_id, cluster)
             data = spec.model_dump(mode="json")
         except SpecError as exc:
             raise spec_error(exc) from None
-        uri = spec.output_uri()
-        row = await asyncio.to_thread(self._create, principal, job_id, data, uri)
-        try:
-            await asyncio.to_thread(self.launcher.submit, job_id, data, principal.name)
-        except ClusterUnavailable as exc:
-            await asyncio.to_thread(self.store.update_job, job_id, state="failed",
-                                    error=str(exc))
-            raise ApiError(503, "cluster_unavailable", str(exc)) from None
-        row = await asyncio.to_thread(self._submitted, row)
+        except PolicyRefused as exc:
+            raise policy_error(exc) from None
+        row = await asyncio.to_thread(self._create, principal, job_id, data, spec.output_uri())
+        await asyncio.to_thread(self._start, job_id)
+        row = await asyncio.to_thread(self.store.get_job, job_id) or row
         body_out = job_view(row)
         return JSONResponse(body_out, status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
@@ -591,6 +612,9 @@ class JobAPI:
         row = await self._row(job_id, principal)
         if row.terminal:
             raise ApiError(409, "job_finished", f"job {job_id} already ended ({row.state})")
+        if await asyncio.to_thread(self.store.cancel_queued, job_id):
+            return JSONResponse(await self._current(await self._row(job_id, principal)),
+                                status_code=202)
         await asyncio.to_thread(self.store.update_job, job_id, cancel_requested=True)
         if not await asyncio.to_thread(request_cancel, job_id):
             # No progress actor yet: the driver is starting; SIGTERM stops it the same way.

@@ -1,7 +1,7 @@
 """``pixcrawler serve`` and ``pixcrawler keys``: run the HTTP job API, manage its API keys.
 
     pixcrawler serve [--host 127.0.0.1] [--port 8000] [--demo] [--no-auth] [--store URL]
-                     [--ingress proxy|haproxy] [--access-log]
+                     [--policy FILE] [--ingress proxy|haproxy] [--access-log]
     pixcrawler keys create NAME          prints the new key once
     pixcrawler keys list
     pixcrawler keys revoke NAME_OR_ID
@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from builder.ports import free_port
@@ -61,22 +62,53 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+class PolicyFileError(ValueError):
+    """``--policy FILE`` cannot be read as a mapping of policy settings."""
+
+
+def read_policy(path: str) -> dict[str, Any]:
+    """The policy settings in a YAML (or JSON) file (``policy:`` of the app's settings)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PolicyFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise PolicyFileError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PolicyFileError(f"{path} must hold a mapping of policy settings (e.g. "
+                              f"max_classes: 100), not {type(data).__name__}")
+    return data
+
+
 def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
                    ) -> dict[str, Any]:
+    """The app's settings from the options. With ``--demo`` (``example``, the sandbox spec),
+    the policy also lets API users name the sandbox web and fetch from it (on 127.0.0.1)."""
     settings: dict[str, Any] = {"store": args.store, "auth": not args.no_auth,
                                 "rate_limit_per_s": args.rate_limit,
                                 "rate_limit_burst": args.burst,
                                 "max_concurrent_jobs": args.max_jobs,
                                 "access_log": args.access_log}
+    if args.policy:
+        settings["policy"] = read_policy(args.policy)
     if example is not None:
         settings["example_spec"] = example
+        policy = settings.setdefault("policy", {})
+        policy["source_urls"] = [*policy.get("source_urls", []),
+                                 *(src["url"] for src in example.get("sources", [])
+                                   if src.get("url"))]
+        policy["allow_private_networks"] = True
     return settings
 
 
 # The ServeSettings fields that `pixcrawler serve` options set, by option.
 SETTING_OPTIONS = {"store": "--store", "rate_limit_per_s": "--rate-limit",
                    "rate_limit_burst": "--burst", "max_concurrent_jobs": "--max-jobs",
-                   "access_log": "--access-log", "auth": "--no-auth"}
+                   "access_log": "--access-log", "auth": "--no-auth", "policy": "--policy"}
 EXIT_USAGE = 2  # what argparse exits with on a bad option
 
 
@@ -89,11 +121,15 @@ def settings_problems(args: argparse.Namespace) -> list[str]:
 
     try:
         settings = ServeSettings.model_validate(serve_settings(args, None))
+    except PolicyFileError as exc:
+        return [f"argument --policy: {exc}"]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err.get("loc") else ""
-            option = SETTING_OPTIONS.get(field, field)
+            loc = [str(part) for part in err.get("loc", ())]
+            option = SETTING_OPTIONS.get(loc[0], loc[0]) if loc else ""
+            if len(loc) > 1:
+                option += f" ({'.'.join(loc[1:])})"
             problems.append(f"argument {option}: {err['msg'].lower()} "
                             f"(got {err.get('input')!r})")
         return problems
@@ -261,7 +297,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rate-limit", type=float, default=20.0,
                    help="requests per second per API key (0: no limit)")
     s.add_argument("--burst", type=int, default=40, help="request burst per API key")
-    s.add_argument("--max-jobs", type=int, default=4, help="concurrent jobs per API key")
+    s.add_argument("--max-jobs", type=int, default=4,
+                   help="jobs running or queued per API key")
+    s.add_argument("--policy", metavar="FILE",
+                   help="YAML file of the API policy: what API users may set in a spec and "
+                        "how the cluster is shared (see README, 'The API policy'; default: "
+                        "safe settings)")
     s.add_argument("--ingress", choices=INGRESSES, default="proxy",
                    help="what answers HTTP: Serve's Python proxy actor (default), or HAProxy "
                         "(several times the requests per second; it also opens its stats and "

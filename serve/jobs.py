@@ -3,8 +3,8 @@ reconcile the store with what Ray says.
 
 A job is a Ray job (``JobSubmissionClient``), so it shows in the dashboard's Jobs view with its
 logs. Its entrypoint is ``python -m cluster.cli build SPEC --job-id ID --address GCS``; the
-spec travels in the job's runtime_env (``PIXCRAWLER_SPEC_JSON``, read by ``--spec-env``) when
-it is under 100 kB, else as a file under ``jobs_dir``, which must
+spec travels in the job's runtime_env (``PIXCRAWLER_SPEC_YAML``, read by ``--spec-env``) when
+it is under 100 kB, else as a JSON file under ``jobs_dir``, which must
 then be on a filesystem every node that runs job drivers can read (the head node, by default).
 
 While the job runs, its progress actor (``progress:<id>``) holds its live state. When the actor
@@ -24,9 +24,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
+import yaml
 
 from actors import NAMESPACE
 from actors.progress import cancel_job, progress_name
@@ -38,7 +39,7 @@ from serve.store import TERMINAL, JobRow, JobStore
 
 log = logging.getLogger("pixcrawler.serve.jobs")
 
-SPEC_ENV = "PIXCRAWLER_SPEC_JSON"
+SPEC_ENV = "PIXCRAWLER_SPEC_YAML"
 _MAX_ERROR_CHARS = 4000
 # Linux caps one environment string at 128 KiB; a bigger spec goes through a file.
 _MAX_ENV_SPEC_CHARS = 100_000
@@ -70,6 +71,19 @@ def dashboard_address() -> Optional[str]:
     raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
                                        namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
     return f"http://{raw.decode()}" if raw else None
+
+
+def spec_env_text(spec: dict[str, Any]) -> str:
+    """The spec as one line of ASCII YAML, for an environment variable that the job reads
+    back with ``yaml.safe_load`` (``--spec-env``).
+
+    JSON would not do: ``json.dumps`` writes an emoji as a surrogate pair (``\\ud83d\\ude3a``),
+    which YAML reads as two lone surrogates, and the job fails when it writes them out; and
+    unescaped JSON holds characters YAML refuses (C1 controls, U+FFFE). YAML's own escapes
+    (``\\U0001F63A``, ``\\x80``, ``\\0`` for a NUL, which no environment string can hold)
+    read back exactly."""
+    return yaml.safe_dump(spec, allow_unicode=False, default_flow_style=True, sort_keys=False,
+                          width=float("inf")).strip()
 
 
 class JobLauncher:
@@ -114,7 +128,7 @@ class JobLauncher:
         can be someone else's cluster."""
         tail = ["--job-id", job_id, "--address", ray.get_runtime_context().gcs_address]
         base = [self.python, "-m", "cluster.cli", "build"]
-        text = json.dumps(spec, separators=(",", ":"))
+        text = spec_env_text(spec)
         if len(text) <= _MAX_ENV_SPEC_CHARS:
             return shlex.join(base + ["--spec-env", SPEC_ENV] + tail), {SPEC_ENV: text}
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -300,8 +314,9 @@ class Reconciler:
 
     def reconcile(self, row: JobRow, check_live: bool = True) -> JobRow:
         """Check one active job against its actor, else against Ray; returns the new row.
-        ``check_live=False`` when the caller has just found no progress actor."""
-        if row.terminal:
+        ``check_live=False`` when the caller has just found no progress actor. A queued job
+        is not Ray's yet (serve.schedule starts it)."""
+        if row.terminal or row.state == "queued":
             return row
         live = read_live(row.id) if check_live else None
         if live is not None:
@@ -322,9 +337,11 @@ class Reconciler:
         return self.store.get_job(row.id) or row
 
     def _maybe_being_submitted(self, row: JobRow) -> bool:
-        """A row Ray has not been seen to know, young enough that its submit may still run."""
+        """A row Ray has not been seen to know, started (handed to the launcher) recently
+        enough that its submit may still run."""
+        started = row.started_at if row.started_at is not None else row.created_at
         return (row.state == "starting" and row.ray_status is None
-                and time.time() - row.created_at < self.submit_grace_s)
+                and time.time() - started < self.submit_grace_s)
 
     def _finish(self, row: JobRow, ray_job: RayJob) -> None:
         marker, stats = read_outcome(row.output_uri, row.id)
@@ -355,11 +372,14 @@ class Reconciler:
 
 
 class ReconcileLoop:
-    """A replica's background thread: reconcile all active jobs every ``interval_s``."""
+    """A replica's background thread: reconcile all active jobs every ``interval_s``, then
+    run ``then`` (the scheduler, which starts queued jobs in the places that freed up)."""
 
-    def __init__(self, reconciler: Reconciler, interval_s: float = 5.0):
+    def __init__(self, reconciler: Reconciler, interval_s: float = 5.0,
+                 then: Optional[Callable[[], Any]] = None):
         self.reconciler = reconciler
         self.interval_s = interval_s
+        self.then = then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pixcrawler-reconcile",
                                         daemon=True)
@@ -374,6 +394,8 @@ class ReconcileLoop:
         while not self._stop.is_set():
             try:
                 self.reconciler.reconcile_all()
+                if self.then is not None:
+                    self.then()
             except Exception:  # noqa: BLE001 - a background loop logs and keeps going
                 log.exception("reconcile pass failed")
             self._stop.wait(self.interval_s)

@@ -26,9 +26,11 @@ from typing import Any, Iterable, Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-STATES = ("starting", "running", "writing", "succeeded", "failed", "cancelled")
+STATES = ("queued", "starting", "running", "writing", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset(STATES) - TERMINAL
+STARTED = ACTIVE - {"queued"}
+"""Handed to Ray: the jobs that hold a share of the cluster (serve.schedule)."""
 KEY_PREFIX = "pxc_"
 
 _meta = sa.MetaData()
@@ -49,6 +51,7 @@ jobs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("progress_json", sa.Text),
     sa.Column("stats_json", sa.Text),
+    sa.Column("started_at", sa.Float),
     sa.Index("ix_jobs_owner_created", "owner", "created_at"),
     sa.Index("ix_jobs_state", "state"),
 )
@@ -113,6 +116,7 @@ class JobRow:
     error: Optional[str] = None
     progress: Optional[dict[str, Any]] = None
     stats: Optional[dict[str, Any]] = None
+    started_at: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -160,6 +164,7 @@ class JobStore:
         try:
             self.engine = self._make_engine(self.url)
             _meta.create_all(self.engine)
+            self._add_columns()
         except ImportError as exc:
             raise StoreError(f"cannot open the job store {self.url!r}: its database driver is "
                              f"not installed ({exc}). For PostgreSQL: pip install "
@@ -180,6 +185,20 @@ class JobStore:
     def _wrote(self) -> None:
         with self._generation_lock:
             self._generation += 1
+
+    def _add_columns(self) -> None:
+        """Columns added since a store was first created (``create_all`` makes missing tables
+        only): ``jobs.started_at``."""
+        if "started_at" in {c["name"] for c in sa.inspect(self.engine).get_columns("jobs")}:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN started_at FLOAT"))
+        except sa.exc.SQLAlchemyError:
+            # Another process added it meanwhile; anything else fails the check below.
+            columns = {c["name"] for c in sa.inspect(self.engine).get_columns("jobs")}
+            if "started_at" not in columns:
+                raise
 
     @staticmethod
     def _make_engine(url: str) -> Engine:
@@ -285,20 +304,23 @@ class JobStore:
     # -- jobs -------------------------------------------------------------------------------
 
     def create_job(self, job_id: str, owner: str, name: str, spec: dict[str, Any],
-                   output_uri: str, max_active: Optional[int] = None) -> JobRow:
-        """A new job, "starting". With ``max_active``, only while ``owner`` has fewer active
-        jobs, else TooManyJobs: the count and the insert are one statement (``INSERT ...
+                   output_uri: str, max_active: Optional[int] = None,
+                   queued: bool = False) -> JobRow:
+        """A new job, "starting" (or "queued", for ``serve.schedule`` to start). With
+        ``max_active``, only while ``owner`` has fewer active (queued or running) jobs, else
+        TooManyJobs: the count and the insert are one statement (``INSERT ...
         SELECT ... WHERE count < cap``), so replicas sharing the store cannot both pass the
         check. SQLite runs a writing statement under its database write lock; PostgreSQL's
         READ COMMITTED would let two such statements count at once, so there the owner's
         inserts are first serialised with a transaction-scoped advisory lock."""
         now = time.time()
-        row = JobRow(id=job_id, owner=owner, name=name, state="starting", created_at=now,
-                     updated_at=now, output_uri=output_uri, spec=spec)
+        row = JobRow(id=job_id, owner=owner, name=name,
+                     state="queued" if queued else "starting", created_at=now, updated_at=now,
+                     output_uri=output_uri, spec=spec, started_at=None if queued else now)
         values: dict[str, Any] = {
             "id": job_id, "owner": owner, "name": name, "state": row.state, "created_at": now,
             "updated_at": now, "output_uri": output_uri, "spec_json": _dumps(spec),
-            "cancel_requested": False}
+            "cancel_requested": False, "started_at": row.started_at}
         with self.engine.begin() as conn:
             if max_active is None:
                 conn.execute(jobs_table.insert().values(**values))
@@ -308,11 +330,12 @@ class JobStore:
                                  {"owner": owner})
                 active = self._active_count(owner).scalar_subquery()
                 source = sa.select(*[sa.literal(value, type_=jobs_table.c[key].type).label(key)
-                                     for key, value in values.items()]
+                                     for key, value in values.items() if value is not None]
                                    ).where(active < max_active)
                 # preserve_rowcount: SQLAlchemy keeps an INSERT's rowcount only when asked
                 # (psycopg's is lost otherwise, and every submit would read as refused).
-                inserted = conn.execute(jobs_table.insert().from_select(list(values), source)
+                columns = [key for key, value in values.items() if value is not None]
+                inserted = conn.execute(jobs_table.insert().from_select(columns, source)
                                         .execution_options(preserve_rowcount=True))
                 if inserted.rowcount != 1:
                     count = int(conn.execute(self._active_count(owner)).scalar_one())
@@ -358,6 +381,54 @@ class JobStore:
         return (sa.select(sa.func.count()).select_from(jobs_table)
                 .where(jobs_table.c.owner == owner, jobs_table.c.state.in_(sorted(ACTIVE))))
 
+    def claim_queued(self, job_id: str, max_running: int, max_running_per_owner: int) -> bool:
+        """Move a queued job to "starting" if the cluster runs fewer than ``max_running`` jobs
+        (states in STARTED) and its owner fewer than ``max_running_per_owner``; True if this
+        call moved it. One statement, like ``create_job``'s cap (PostgreSQL: serialised by an
+        advisory lock), so replicas sharing the store never start more than the caps allow
+        nor the same job twice."""
+        now = time.time()
+        other = jobs_table.alias("other")
+        running = sorted(STARTED)
+        total = (sa.select(sa.func.count()).select_from(other)
+                 .where(other.c.state.in_(running)).scalar_subquery())
+        owners = (sa.select(sa.func.count()).select_from(other)
+                  .where(other.c.state.in_(running), other.c.owner == jobs_table.c.owner)
+                  .scalar_subquery())
+        query = (jobs_table.update()
+                 .where(jobs_table.c.id == job_id, jobs_table.c.state == "queued",
+                        total < max_running, owners < max_running_per_owner)
+                 .values(state="starting", started_at=now, updated_at=now))
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('pixcrawler-"
+                                     "schedule'))"))
+            moved = conn.execute(query).rowcount == 1
+        if moved:
+            self._wrote()
+        return moved
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """End a job that is still queued as "cancelled"; False if it is not queued (any
+        more): a scheduler started it meanwhile, and it is cancelled as a running job."""
+        now = time.time()
+        query = (jobs_table.update()
+                 .where(jobs_table.c.id == job_id, jobs_table.c.state == "queued")
+                 .values(state="cancelled", cancel_requested=True, updated_at=now,
+                         ended_at=now))
+        with self.engine.begin() as conn:
+            moved = conn.execute(query).rowcount == 1
+        if moved:
+            self._wrote()
+        return moved
+
+    def last_starts(self) -> dict[str, float]:
+        """When each owner's latest job was started (owners with none started are absent)."""
+        query = (sa.select(jobs_table.c.owner, sa.func.max(jobs_table.c.started_at))
+                 .where(jobs_table.c.started_at.is_not(None)).group_by(jobs_table.c.owner))
+        with self.engine.connect() as conn:
+            return {owner: float(at) for owner, at in conn.execute(query)}
+
     def count_active(self, owner: str) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(self._active_count(owner)).scalar_one())
@@ -402,4 +473,5 @@ def _job(row: Any) -> JobRow:
                   spec=_loads(row.get("spec_json")) or {},
                   ended_at=row["ended_at"], ray_status=row["ray_status"],
                   cancel_requested=bool(row["cancel_requested"]), error=row["error"],
-                  progress=_loads(row["progress_json"]), stats=_loads(row.get("stats_json")))
+                  progress=_loads(row["progress_json"]), stats=_loads(row.get("stats_json")),
+                  started_at=row.get("started_at"))

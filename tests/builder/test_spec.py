@@ -155,6 +155,65 @@ def test_ordinary_unicode_labels_stay_valid():
     assert spec.labels == ["chat noir", "猫", "café_au_lait", "emoji 🐱"]
 
 
+@pytest.mark.parametrize("name, rule", [
+    (" ", "only whitespace"),
+    ("\u3000", "only whitespace"),
+    (" cat", "start or end with whitespace"),
+    ("cat ", "start or end with whitespace"),
+    ("cat\u00a0", "start or end with whitespace"),
+    ("cat.", "end in '.'"),
+    ("...", "end in '.'"),
+    ("é" * 128, "at most 255 bytes in UTF-8 (this one is 256)"),
+    ("猫" * 86, "at most 255 bytes in UTF-8 (this one is 258)"),
+    ("CON", "device name Windows reserves"),
+    ("nul.txt", "device name Windows reserves"),
+    ("Com1", "device name Windows reserves"),
+    ("lpt\u00b9", "device name Windows reserves"),
+    ("aux .jpg", "device name Windows reserves"),
+    ("cat\u202egnp.exe", "bidirectional control characters"),
+    ("\u2066cat", "bidirectional control characters"),
+    ("cat\u200f", "bidirectional control characters"),
+])
+def test_names_that_break_filesystems_or_display_are_refused_naming_the_rule(name, rule):
+    """Class labels (each part), category names and split names all become folder names."""
+    bidi = rule.startswith("bidirectional")  # such names are shown escaped in field paths
+    shown = repr(name) if bidi else name
+    for classes, path in (({name: "q", "dog": None}, f"classes.{shown}"),
+                          ({f"animals/{name}": None, "dog": None},
+                           f"classes.{repr('animals/' + name) if bidi else 'animals/' + name}")):
+        found = problems({**MINIMAL, "classes": classes})
+        assert list(found) == [path], found
+        assert rule in found[path]
+    found = problems({**MINIMAL, "categories": {"animals": {name: None}}})
+    assert list(found) == [f"categories.animals.{shown}"] and rule in \
+        found[f"categories.animals.{shown}"]
+    found = problems({**MINIMAL, "output": {"splits": {name: 1.0}}})
+    assert list(found) == [f"output.splits.{shown}"] and rule in \
+        found[f"output.splits.{shown}"]
+
+
+@pytest.mark.parametrize("name", ["é" * 127 + "e", "猫" * 85, "console", "CONNECT", "com10",
+                                  "con_", "a.b", ".hidden", "cat\u200ddog", "😺" * 63])
+def test_names_near_the_rules_stay_valid(name):
+    spec = parse_spec({**MINIMAL, "classes": {name: "q"},
+                       "output": {"splits": {name: 1.0}}})
+    assert spec.labels == [name]
+
+
+def test_a_whole_label_is_at_most_1024_bytes():
+    parts = ["x" * 200] * 5  # 1004 bytes: fits
+    assert parse_spec({**MINIMAL, "classes": {"/".join(parts): None}}).labels
+    long = "/".join(parts + ["abcdefghijklmnopqrst"])  # 1025 bytes
+    found = problems({**MINIMAL, "classes": {long: None}})
+    assert list(found) == [f"classes.{long}"] and "at most 1024 bytes" in found[f"classes.{long}"]
+    tree: dict = {"leaf": None}
+    for part in reversed(parts + ["abcdefghijklmnopqrs"]):
+        tree = {part: tree}
+    found = problems({**MINIMAL, "categories": tree})
+    (path, message), = found.items()
+    assert path.startswith("categories.") and "at most 1024 bytes" in message
+
+
 @pytest.mark.parametrize("item", [{"cat": ["a"]}, 1, None, True, ["cat"]])
 def test_list_form_classes_must_be_strings(item):
     found = problems({**MINIMAL, "classes": ["dog", item]})

@@ -2,7 +2,10 @@
 
 One app for the whole session (``serve_app``): a SQLite store in a temporary directory, auth on,
 a small rate limit and one concurrent job per key (so the tests can hit both), the sandbox
-example as the page's example spec. Jobs run as Ray jobs against the session's sandbox web.
+example as the page's example spec. Jobs run as Ray jobs against the session's sandbox web, so
+its policy lets users name the sandbox and fetch from 127.0.0.1, and read URL lists from the
+temporary directory; jobs start at once, each sized to the whole (2-CPU) cluster. The policy's
+defaults are tested on an app of their own (test_policy_app.py).
 """
 
 from __future__ import annotations
@@ -168,6 +171,9 @@ def serve_app(ray_jobs, sandbox, tmp_path_factory):
         "events_interval_s": 0.25,
         "reconcile_interval_s": 2.0,
         "example_spec": job_spec(sandbox, name="pagejob"),
+        "policy": {"source_urls": [sandbox.base_url], "allow_private_networks": True,
+                   "url_list_dirs": [tempfile.gettempdir()], "max_running_jobs": 100,
+                   "job_cpus": 2.0},
     }
     port = free_port()
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -4,6 +4,7 @@ with a JSON error naming "(body)" (no Ray, no HTTP: parse_body and parse_spec di
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,3 +95,62 @@ def test_a_value_that_cannot_be_written_as_json_is_a_spec_error():
     path, message = info.value.problems[0]
     assert path == "sources.0.options" and "Circular reference" in message
     assert parse_spec(EXAMPLE_SPEC).model_dump(mode="json")["name"] == "pets"
+
+
+@pytest.mark.parametrize("media, body", [
+    (JSON, '{"name": "x", "description": "half a cat \\ud83d"}'),
+    (YAML, 'name: x\ndescription: "half a cat \\ude3a"\n' + TAIL_YAML),
+])
+def test_a_lone_surrogate_is_a_422(media, body):
+    """No character, and no file or environment string can hold it: the job would fail
+    when it writes the spec out, after all its downloads."""
+    assert "lone surrogate" in body_problem(body, media, 10_000)
+
+
+def test_the_spec_reaches_the_ray_job_unchanged(monkeypatch):
+    """What the launcher gives the job (``--spec-env``) reads back, through the job's own
+    reader, as the very spec the API accepted: an emoji in any field, labels in any script,
+    C1 controls and U+FFFE (which YAML refuses unescaped), words YAML would read as booleans."""
+    from types import SimpleNamespace
+
+    from cluster.cli import _spec_from_args
+    from serve import jobs
+
+    monkeypatch.setattr(jobs.ray, "get_runtime_context",
+                        lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
+    data = parse_spec({
+        **EXAMPLE_SPEC,
+        "description": "Cats 😺 and cafés \x80\x85\ufffe \u2028 \"quoted\" \\ back\tslash \0",
+        "classes": {"café": ["café crème"], "猫": ["猫 写真"], "😺": ["yes", "on", "null"]},
+        "validation": {"clip_prompts": ["a photo of a {} 😺."]},
+    }).model_dump(mode="json")
+    entrypoint, env = jobs.JobLauncher(Path("/nonexistent")).command("j-1", data)
+    assert "--spec-env" in entrypoint and set(env) == {jobs.SPEC_ENV}
+    text = env[jobs.SPEC_ENV]
+    assert text.isascii() and "\n" not in text and "\0" not in text
+    monkeypatch.setenv(jobs.SPEC_ENV, text)
+    spec = _spec_from_args(SimpleNamespace(spec=None, spec_env=jobs.SPEC_ENV))
+    assert spec.model_dump(mode="json") == data
+    assert spec.labels == ["café", "猫", "😺"] and "😺" in spec.description
+
+
+def test_a_chunked_body_is_refused_once_past_the_limit_not_read_whole():
+    """A chunked upload declares no length: it is read only up to max_spec_bytes + 1."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from serve.app import read_body
+
+    chunk, pulled = b"x" * 65536, []
+
+    async def receive() -> dict[str, Any]:
+        pulled.append(1)
+        return {"type": "http.request", "body": chunk, "more_body": len(pulled) < 1000}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"",
+             "headers": [(b"transfer-encoding", b"chunked")]}
+    with pytest.raises(ApiError) as info:
+        asyncio.run(read_body(Request(scope, receive), 1_000_000))
+    assert info.value.status == 413 and info.value.code == "spec_too_large"
+    assert len(pulled) == 1_000_000 // len(chunk) + 1  # 16 of the 1000 chunks (65 MB)

@@ -143,3 +143,41 @@ def test_serve_rejects_bad_options_before_starting_anything(monkeypatch, capsys,
     err = capsys.readouterr().err
     assert f"pixcrawler serve: error: argument {option}: " in err and got in err
     assert "Traceback" not in err and "validation error" not in err
+
+
+def test_serve_reads_the_policy_file_and_demo_lets_users_reach_its_sandbox(tmp_path):
+    from serve.app import ServeSettings
+    from serve.cli import demo_example, serve_settings
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("max_classes: 20\nsource_urls: [https://api.example.org/]\n")
+    args = build_parser().parse_args(["serve", "--policy", str(policy)])
+    settings = ServeSettings.model_validate(serve_settings(args, None)).resolved()
+    assert settings.policy.max_classes == 20 and not settings.policy.allow_private_networks
+    assert settings.policy.output_prefix == f"{settings.data_dir}/datasets/{{owner}}"
+    demo = ServeSettings.model_validate(
+        serve_settings(args, demo_example("http://127.0.0.1:9", 5))).policy
+    assert demo.source_urls == ["https://api.example.org/", "http://127.0.0.1:9"]
+    assert demo.allow_private_networks and demo.max_classes == 20
+
+
+@pytest.mark.parametrize("text, got", [("max_clases: 3\n", "(max_clases)"),
+                                       ("max_classes: 0\n", "(max_classes)"),
+                                       ("- a\n", "must hold a mapping"),
+                                       ("a: [\n", "not valid YAML"),
+                                       (None, "cannot read")])
+def test_serve_rejects_a_bad_policy_file_before_starting_anything(monkeypatch, capsys, tmp_path,
+                                                                  text, got):
+    import serve.cli
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("started with a policy the app refuses")
+
+    monkeypatch.setattr(serve.cli, "connect_with_jobs", must_not_run)
+    policy = tmp_path / "policy.yaml"
+    if text is not None:
+        policy.write_text(text)
+    assert main(["serve", "--policy", str(policy)]) == 2
+    err = capsys.readouterr().err
+    assert "pixcrawler serve: error: argument --policy" in err and got in err
+    assert "Traceback" not in err

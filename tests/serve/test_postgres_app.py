@@ -23,7 +23,8 @@ def test_a_job_through_the_app_on_postgresql_under_a_route_prefix(serve_app, san
 
     url = postgres.create_database("app")
     ray_serve.run(build_app({"store": url, "data_dir": str(tmp_path), "rate_limit_per_s": 0,
-                             "max_concurrent_jobs": 1, "reconcile_interval_s": 2.0}),
+                             "max_concurrent_jobs": 1, "reconcile_interval_s": 2.0,
+                             "policy": serve_app.settings["policy"]}),
                   name=APP, route_prefix=PREFIX)
     try:
         store = JobStore(url)

@@ -46,7 +46,7 @@ def test_an_ended_job_keeps_its_end_state(url):
     store.update_job("j", state="failed", error="late")
     row = store.get_job("j")
     assert row.state == "cancelled" and row.error is None and row.state in TERMINAL
-    with pytest.raises(StoreError, match="valid: starting"):
+    with pytest.raises(StoreError, match="valid: queued, starting"):
         store.update_job("j", state="done")
 
 

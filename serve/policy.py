@@ -1,0 +1,392 @@
+"""The operator's policy for the HTTP API: what a remote user may put in a spec.
+
+A spec submitted through the API (JSON or YAML) is checked against ``ApiPolicy`` after it
+validates and before a job is stored or started. The CLI on one's own machine is not: there the
+user is the operator. The defaults are safe for a server that strangers reach:
+
+- **Outputs** go under a prefix per API key (``output_prefix``, default
+  ``<data_dir>/datasets/{owner}``, ``{owner}`` being the key's id). ``output.uri`` is a path
+  relative to it (``pets`` -> ``<prefix>/pets``; none -> ``<prefix>/<job id>``), or a URI
+  already under it. An absolute path, another scheme (``file://``, ``s3://``), ``..`` or another
+  key's prefix is refused, so ``overwrite`` can only ever replace one's own dataset.
+- **Local files**: a ``urllist`` source's ``path`` only under ``url_list_dirs`` (default: none).
+  URL lists come in the request body instead, as each class's ``urls``.
+- **Endpoints**: ``sources[].url`` and ``sources[].options.base_url`` only under
+  ``source_urls``, ``search.llm_base_url`` only under ``llm_base_urls``, ``options.proxy`` only
+  with ``allow_proxy``, ``download.allow_private_networks`` only with
+  ``allow_private_networks``, and models other than the spec's defaults only from ``models``
+  (a model name can be a local path).
+- **Caps** on targets, classes, total images, download concurrency, per-host concurrency,
+  ``max_bytes`` and ``max_pixels``. A value set above a cap is refused; a field left unset whose
+  default is above the cap takes the cap.
+- **Resources**: each job's pools are sized to its share of the cluster (``job_cpus``, default:
+  the cluster's CPUs / ``max_running_jobs``; see ``serve.schedule`` for the order jobs start
+  in). Pool sizes a user sets must fit in that share.
+
+A refused spec raises ``PolicyRefused``: 403 when a field asks for something the policy does not
+permit, 422 when a value is over a cap; each problem names the field and the policy setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from actors.options import plan_pools
+from builder.pipeline import units_per_worker
+from builder.spec import DatasetSpec, DownloadSpec, ValidationSpec, parse_spec
+from builder.storage import is_local_uri
+
+OWNER = "{owner}"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# One part of a relative output path: what a dataset name may be (see DatasetSpec.name).
+_OUTPUT_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+# The resources fields that size a job's pools (a user who sets one must fit in the share).
+POOL_FIELDS = ("workers", "worker_cpus", "dedup_partitions", "gpu_actors", "gpus_per_actor",
+               "gpu_actor_cpus")
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    return model.model_fields[name].default
+
+
+class ApiPolicy(BaseModel):
+    """What API users may set (``policy`` in the serve config; see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_prefix: Optional[str] = Field(
+        default=None, description="where each key's datasets go, with {owner} (the key's id) "
+        "as a path part of its own: a local directory or any fsspec URI (s3://bucket/{owner}); "
+        "default <data_dir>/datasets/{owner}")
+    url_list_dirs: list[str] = Field(
+        default_factory=list, description="local directories a urllist source's path may read "
+        "from (a relative path is taken in the first); none by default")
+    source_urls: list[str] = Field(
+        default_factory=list, description="http(s) URL prefixes that sources[].url and "
+        "sources[].options.base_url may name; none by default")
+    llm_base_urls: list[str] = Field(
+        default_factory=list, description="http(s) URL prefixes search.llm_base_url may name; "
+        "none by default")
+    allow_proxy: bool = Field(default=False, description="sources[].options.proxy")
+    allow_private_networks: bool = Field(
+        default=False, description="download.allow_private_networks: true (the fetcher may "
+        "then reach loopback and private addresses, such as this server's own)")
+    models: list[str] = Field(
+        default_factory=list, description="validation.clip_model / nsfw_model values allowed "
+        "besides the spec's defaults")
+    max_classes: int = Field(default=1000, ge=1)
+    max_target: int = Field(default=10_000, ge=1, description="accepted images per class")
+    max_images: int = Field(default=100_000, ge=1, description="the targets of all classes")
+    max_download_concurrency: int = Field(default=_default(DownloadSpec, "concurrency"), ge=1)
+    max_per_host_concurrency: int = Field(
+        default=_default(DownloadSpec, "per_host_concurrency"), ge=1)
+    max_bytes: int = Field(default=_default(DownloadSpec, "max_bytes"), ge=1024)
+    max_pixels: int = Field(default=_default(ValidationSpec, "max_pixels"), ge=1)
+    max_running_jobs: int = Field(default=2, ge=1, description="API jobs running at once in "
+                                  "the cluster; the rest wait, queued")
+    max_running_jobs_per_key: int = Field(default=1, ge=1)
+    job_cpus: Optional[float] = Field(
+        default=None, gt=0, description="CPUs one job's pools are sized to; default: the "
+        "cluster's CPUs / max_running_jobs")
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _owner_part(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        path = v.split("://", 1)[1] if "://" in v else v
+        parts = path.rstrip("/").split("/")
+        if "://" in v:
+            parts = parts[1:]  # the host or bucket is not a place for it
+        if parts.count(OWNER) != 1 or v.count(OWNER) != 1:
+            raise ValueError(f"must hold {OWNER} once, as a path part of its own (e.g. "
+                             f"/srv/pixcrawler/{OWNER} or s3://bucket/datasets/{OWNER}), so "
+                             f"each API key writes under its own prefix; got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("source_urls", "llm_base_urls")
+    @classmethod
+    def _http_prefixes(cls, v: list[str]) -> list[str]:
+        for url in v:
+            parts = urlsplit(url)
+            if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL with a host")
+        return v
+
+    def resolved(self, data_dir: str) -> "ApiPolicy":
+        """Absolute locations: the output prefix (default under ``data_dir``; a relative
+        local one is taken there too) and the url_list_dirs, symbolic links resolved."""
+        prefix = self.output_prefix or f"{data_dir.rstrip('/')}/datasets/{OWNER}"
+        if is_local_uri(prefix) and not prefix.startswith("file:") and \
+                not os.path.isabs(prefix):
+            prefix = os.path.join(data_dir, prefix)
+        dirs = [os.path.realpath(os.path.join(data_dir, d)) for d in self.url_list_dirs]
+        return self.model_copy(update={"output_prefix": prefix, "url_list_dirs": dirs})
+
+    def prefix_for(self, owner: str) -> str:
+        """The output prefix of one API key (``resolved`` first)."""
+        return (self.output_prefix or "").replace(OWNER, owner)
+
+    def job_share(self, cluster: Mapping[str, float]) -> dict[str, float]:
+        """The CPUs (and GPUs, where the cluster has some) one job's pools are sized to."""
+        share = {"CPU": self.job_cpus or float(cluster.get("CPU", 1.0)) / self.max_running_jobs}
+        if cluster.get("GPU"):
+            share["GPU"] = float(cluster["GPU"]) / self.max_running_jobs
+        return share
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One refused field: its path in the spec, the policy setting, and why. ``forbidden``:
+    a permission the policy does not give (403); else a value over a cap (422)."""
+
+    field: str
+    setting: str
+    message: str
+    forbidden: bool
+
+
+class PolicyRefused(Exception):
+    """A spec the API policy does not accept; ``problems`` lists every refused field."""
+
+    def __init__(self, problems: list[Refusal]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+
+    @property
+    def status(self) -> int:
+        return 403 if any(p.forbidden for p in self.problems) else 422
+
+
+def url_within(url: str, prefixes: Iterable[str]) -> bool:
+    """Whether ``url`` is an http(s) URL under one of ``prefixes``: the same scheme, host and
+    port, and a path at or below the prefix's (compared by whole segments). A URL with user
+    info, whitespace, a backslash, a control character or a '.' / '..' segment (percent-encoded
+    or not) is never within: parsers disagree on such URLs."""
+    if any(ch.isspace() or ch == "\\" or unicodedata.category(ch) == "Cc" for ch in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return False
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None \
+            or parts.password is not None:
+        return False
+    if {".", ".."} & set(unquote(parts.path).split("/")):
+        return False
+    for prefix in prefixes:
+        allowed = urlsplit(prefix)
+        base = allowed.path.rstrip("/")
+        if (parts.scheme, parts.hostname, port) == (
+                allowed.scheme, allowed.hostname,
+                allowed.port or _DEFAULT_PORTS.get(allowed.scheme)) and \
+                (not base or parts.path == base or parts.path.startswith(base + "/")):
+            return True
+    return False
+
+
+def place_output(uri: Optional[str], prefix: str, job_id: str) -> tuple[str, Optional[Refusal]]:
+    """Where a job's output goes under ``prefix``: ``(uri, None)``, or ``("", refusal)``."""
+    if not uri:
+        return f"{prefix}/{job_id}", None
+    example = f"give a path relative to your output prefix {prefix}, e.g. 'pets' (written to " \
+              f"{prefix}/pets)"
+    if uri == prefix or uri.startswith(prefix + "/"):
+        rest = uri[len(prefix) + 1:]
+    elif uri.startswith(("/", "~")) or _SCHEME.match(uri):
+        return "", Refusal("output.uri", "output_prefix", f"{uri!r} is outside your output "
+                           f"prefix: {example}", True)
+    else:
+        rest = uri
+    parts = [p for p in rest.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return "", Refusal("output.uri", "output_prefix", f"{uri!r}: '..' would leave your "
+                           f"output prefix; {example}", True)
+    bad = [p for p in parts if not _OUTPUT_PART.match(p)]
+    if bad or not parts:
+        return "", Refusal("output.uri", "output_prefix", f"{uri!r}: each part of an output "
+                           "path is a name of letters, digits, '.', '_' and '-' that starts "
+                           f"with a letter or digit (not {bad[0]!r}); {example}" if bad else
+                           f"{uri!r} names your output prefix itself; {example}", False)
+    return f"{prefix}/{'/'.join(parts)}", None
+
+
+def place_url_list(path: str, dirs: list[str]) -> Optional[str]:
+    """The real path of a urllist file if it lies in one of ``dirs`` (real paths), else None.
+    A relative path is taken in the first directory."""
+    if not dirs:
+        return None
+    real = os.path.realpath(path if os.path.isabs(path) else os.path.join(dirs[0], path))
+    for directory in dirs:
+        if real == directory or real.startswith(directory.rstrip(os.sep) + os.sep):
+            return real
+    return None
+
+
+class _Check:
+    """Collects the refusals and the changes (dotted path -> value) for one spec."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.spec = spec
+        self.refusals: list[Refusal] = []
+        self.changes: dict[str, Any] = {}
+
+    def forbid(self, field: str, setting: str, message: str) -> None:
+        self.refusals.append(Refusal(field, setting, message, True))
+
+    def over(self, field: str, setting: str, message: str) -> None:
+        self.refusals.append(Refusal(field, setting, message, False))
+
+    def cap(self, section: str, name: str, setting: str, cap: int) -> None:
+        """A value set above ``cap`` is refused; an unset default above it takes the cap."""
+        model = getattr(self.spec, section)
+        value = getattr(model, name)
+        if value <= cap:
+            return
+        if name in model.model_fields_set:
+            self.over(f"{section}.{name}", setting, f"{value} is over this server's limit "
+                      f"{cap} ({setting})")
+        else:
+            self.changes[f"{section}.{name}"] = cap
+
+
+def _apply(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in changes.items():
+        node: Any = data
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return data
+
+
+def _target_field(spec: DatasetSpec, label: str, flat: set[str]) -> str:
+    if label in flat and spec.classes[label].target is not None:
+        return f"classes.{label}.target"
+    if label in flat:
+        return "target"
+    return "categories." + ".".join(spec.levels_of(label))
+
+
+def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
+                 cluster: Mapping[str, float]) -> DatasetSpec:
+    """``spec`` as the API runs it for ``owner``: its output placed under the owner's prefix,
+    url-list paths resolved, unset values above a cap lowered to it, pools sized to the job's
+    share of ``cluster`` (total resources). Raises ``PolicyRefused`` listing every field the
+    policy refuses. ``policy`` must be ``resolved``."""
+    check = _Check(spec)
+
+    uri, refusal = place_output(spec.output.uri, policy.prefix_for(owner), job_id)
+    if refusal:
+        check.refusals.append(refusal)
+    check.changes["output.uri"] = uri
+
+    for i, src in enumerate(spec.sources):
+        at = f"sources.{i}"
+        if src.path:
+            real = place_url_list(src.path, policy.url_list_dirs)
+            if real is None:
+                where = (f"only files in {', '.join(policy.url_list_dirs)}"
+                         if policy.url_list_dirs else "no files of the server")
+                check.forbid(f"{at}.path", "url_list_dirs", f"{src.path!r}: this server lets "
+                             f"API users read {where}; send the URLs in the request as each "
+                             "class's urls: (classes: {cat: {urls: [...]}})")
+            else:
+                check.changes[f"{at}.path"] = real
+        for field, url in ((f"{at}.url", src.url),
+                           (f"{at}.options.base_url", src.options.get("base_url"))):
+            if url is not None and not (isinstance(url, str) and
+                                        url_within(url, policy.source_urls)):
+                allowed = ", ".join(policy.source_urls) or "none"
+                check.forbid(field, "source_urls", f"{url!r} is not an endpoint this server "
+                             f"lets API users name (allowed prefixes: {allowed})")
+        if src.options.get("proxy") not in (None, "") and not policy.allow_proxy:
+            check.forbid(f"{at}.options.proxy", "allow_proxy", "this server does not let "
+                         "API users set a proxy")
+    llm = spec.search.llm_base_url
+    if llm is not None and not url_within(llm, policy.llm_base_urls):
+        allowed = ", ".join(policy.llm_base_urls) or "none; leave it unset to use the server's"
+        check.forbid("search.llm_base_url", "llm_base_urls", f"{llm!r} is not an LLM endpoint "
+                     f"this server lets API users name (allowed prefixes: {allowed})")
+    if spec.download.allow_private_networks and not policy.allow_private_networks:
+        check.forbid("download.allow_private_networks", "allow_private_networks",
+                     "this server does not let API users fetch from loopback or private "
+                     "addresses")
+    for name in ("clip_model", "nsfw_model"):
+        value = getattr(spec.validation, name)
+        if value != _default(ValidationSpec, name) and value not in policy.models:
+            allowed = ", ".join(policy.models) or "only the defaults"
+            check.forbid(f"validation.{name}", "models", f"{value!r} is not a model this "
+                         f"server lets API users load (allowed: {allowed})")
+
+    check.cap("download", "concurrency", "max_download_concurrency",
+              policy.max_download_concurrency)
+    check.cap("download", "per_host_concurrency", "max_per_host_concurrency",
+              policy.max_per_host_concurrency)
+    check.cap("download", "max_bytes", "max_bytes", policy.max_bytes)
+    check.cap("validation", "max_pixels", "max_pixels", policy.max_pixels)
+    _check_targets(check, policy)
+    _size_pools(check, policy, cluster)
+
+    if check.refusals:
+        raise PolicyRefused(check.refusals)
+    return parse_spec(_apply(spec.model_dump(mode="json"), check.changes), "request body")
+
+
+def _check_targets(check: _Check, policy: ApiPolicy) -> None:
+    spec = check.spec
+    if len(spec.labels) > policy.max_classes:
+        check.over("classes", "max_classes", f"{len(spec.labels)} classes; this server takes "
+                   f"at most {policy.max_classes} in one job")
+    default = spec.target
+    if default > policy.max_target:
+        if "target" in spec.model_fields_set:
+            check.over("target", "max_target", f"{default} is over this server's limit "
+                       f"{policy.max_target} images per class (max_target)")
+        else:
+            check.changes["target"] = default = policy.max_target
+    flat = set(spec.model_dump(mode="json", include={"classes"})["classes"])
+    total = 0
+    for label in spec.labels:
+        target = spec.classes[label].target or default
+        total += target
+        if target > policy.max_target and spec.classes[label].target is not None:
+            check.over(_target_field(spec, label, flat), "max_target",
+                       f"{target} images for {label!r} is over this server's limit "
+                       f"{policy.max_target} per class (max_target)")
+    if total > policy.max_images:
+        check.over("target", "max_images", f"the classes' targets add up to {total} images; "
+                   f"this server takes at most {policy.max_images} in one job (max_images)")
+
+
+def _size_pools(check: _Check, policy: ApiPolicy, cluster: Mapping[str, float]) -> None:
+    """Pools sized to the job's share: what the user left unset is filled in as the planner
+    would on a cluster of that size; what the user set must fit in it."""
+    spec = check.spec
+    share = policy.job_share(cluster)
+    plan = plan_pools(spec, share, units_per_worker(spec))
+    chosen = spec.resources.model_fields_set & set(POOL_FIELDS)
+    if chosen:
+        needs = plan.required()
+        setting = "job_cpus" if policy.job_cpus else "max_running_jobs"
+        for kind, amount in needs.items():
+            if kind in share and amount > share[kind] + 1e-9:
+                check.over("resources", setting if kind == "CPU" else "max_running_jobs",
+                           f"the pools set in resources ({', '.join(sorted(chosen))}) need "
+                           f"{amount:g} {kind}s; a job on this server gets {share[kind]:g} "
+                           f"{kind}s (its share of the cluster); lower them or leave them "
+                           "unset to have them sized to the share")
+    if spec.resources.workers is None:
+        check.changes["resources.workers"] = plan.workers
+        check.changes["resources.worker_cpus"] = plan.worker_cpus
+    if spec.resources.dedup_partitions is None:
+        check.changes["resources.dedup_partitions"] = plan.partitions

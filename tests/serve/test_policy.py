@@ -1,0 +1,233 @@
+"""The API policy (serve/policy.py) on specs directly, no Ray: where outputs go, which files
+and endpoints a user may name, the caps, and the pools sized to a job's share. The same
+attacks through the real app, with two keys, are in test_policy_app.py."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from builder.spec import DatasetSpec, parse_spec
+from serve.policy import ApiPolicy, PolicyRefused, apply_policy, place_output, url_within
+
+DATA = "/srv/pixcrawler"
+PREFIX = f"{DATA}/datasets/alice"
+CLUSTER = {"CPU": 8.0}
+
+
+def spec(**overrides: Any) -> DatasetSpec:
+    data: dict[str, Any] = {"name": "pets", "target": 10, "classes": {"cat": None},
+                            "sources": [{"engine": "duckduckgo"}]}
+    data.update(overrides)
+    return parse_spec(data)
+
+
+def apply(s: DatasetSpec, policy: ApiPolicy | None = None, owner: str = "alice",
+          cluster: dict[str, float] = CLUSTER) -> DatasetSpec:
+    return apply_policy((policy or ApiPolicy()).resolved(DATA), s, owner, "pets-0001", cluster)
+
+
+def refused(s: DatasetSpec, policy: ApiPolicy | None = None) -> tuple[int, dict[str, Any]]:
+    """The status and {field: (policy setting, message)} of a refused spec."""
+    with pytest.raises(PolicyRefused) as info:
+        apply(s, policy)
+    return info.value.status, {p.field: (p.setting, p.message) for p in info.value.problems}
+
+
+@pytest.mark.parametrize("uri, placed", [
+    (None, f"{PREFIX}/pets-0001"),
+    ("pets", f"{PREFIX}/pets"),
+    ("./team/pets-v2/", f"{PREFIX}/team/pets-v2"),
+    (f"{PREFIX}/pets", f"{PREFIX}/pets"),  # the answer's output_uri, sent back
+])
+def test_outputs_land_under_the_owners_prefix(uri, placed):
+    assert place_output(uri, PREFIX, "pets-0001") == (placed, None)
+    assert apply(spec(output={"uri": uri})).output.uri == placed
+
+
+@pytest.mark.parametrize("uri", [
+    "/etc/pixcrawler-pwn", "file:///root/x", "file:relative", "s3://someone-elses-bucket/x",
+    "../../../../x", "pets/../../x", "~/x", f"{DATA}/datasets/bob/pets", f"{DATA}/datasets/x",
+    "C:\\Windows\\x", "pets::s3://b/x",
+])
+def test_outputs_anywhere_else_are_forbidden(uri):
+    status, problems = refused(spec(output={"uri": uri, "overwrite": True}))
+    assert status == 403 and list(problems) == ["output.uri"]
+    setting, message = problems["output.uri"]
+    assert setting == "output_prefix" and f"{PREFIX}/pets" in message
+
+
+@pytest.mark.parametrize("uri", ["my pets", "pets%2f..", "-x", PREFIX])
+def test_output_names_outside_the_plain_alphabet_are_422(uri):
+    status, problems = refused(spec(output={"uri": uri}))
+    assert status == 422 and problems["output.uri"][0] == "output_prefix"
+
+
+def test_each_key_gets_its_own_prefix_so_overwrite_only_replaces_ones_own():
+    mine = apply(spec(output={"uri": "pets", "overwrite": True}), owner="alice")
+    theirs = apply(spec(output={"uri": "pets", "overwrite": True}), owner="bob")
+    assert mine.output.uri == f"{PREFIX}/pets"
+    assert theirs.output.uri == f"{DATA}/datasets/bob/pets"
+
+
+def test_an_operator_prefix_on_object_storage():
+    policy = ApiPolicy(output_prefix="s3://datasets/users/{owner}/")
+    assert apply(spec(output={"uri": "pets"}), policy).output.uri == \
+        "s3://datasets/users/alice/pets"
+    status, problems = refused(spec(output={"uri": "s3://datasets/users/bob/pets"}), policy)
+    assert status == 403
+
+
+@pytest.mark.parametrize("prefix", ["/srv/x", "/srv/u{owner}", "s3://{owner}/x",
+                                    "/a/{owner}/{owner}"])
+def test_the_output_prefix_needs_the_owner_as_a_part_of_its_own(prefix):
+    with pytest.raises(ValueError, match="{owner}"):
+        ApiPolicy(output_prefix=prefix)
+
+
+def test_url_list_files_only_from_the_operators_directories(tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "cats.txt").write_text("https://example.org/a.jpg\n")
+    (tmp_path / "secret.txt").write_text("nope\n")
+    os.symlink(tmp_path / "secret.txt", lists / "escape.txt")
+    source = {"engine": "urllist", "path": "/etc/passwd"}
+    status, problems = refused(spec(sources=[source]))
+    assert status == 403 and problems["sources.0.path"][0] == "url_list_dirs"
+    assert "urls" in problems["sources.0.path"][1]  # says how to send the URLs instead
+    policy = ApiPolicy(url_list_dirs=[str(lists)])
+    for path in ("/etc/passwd", str(lists / "escape.txt"), "../secret.txt"):
+        status, problems = refused(spec(sources=[{**source, "path": path}]), policy)
+        assert status == 403 and "sources.0.path" in problems, path
+    for path in (str(lists / "cats.txt"), "cats.txt"):
+        placed = apply(spec(sources=[{**source, "path": path}]), policy)
+        assert placed.sources[0].path == str((lists / "cats.txt").resolve())
+
+
+def test_url_lists_in_the_request_body_need_no_permission():
+    placed = apply(spec(sources=[], classes={"cat": {"urls": ["https://example.org/a.jpg"]}}))
+    assert placed.classes["cat"].urls == ["https://example.org/a.jpg"]
+
+
+@pytest.mark.parametrize("overrides, field, setting", [
+    ({"sources": [{"engine": "openverse", "options": {"base_url": "file:///etc/passwd#"}}]},
+     "sources.0.options.base_url", "source_urls"),
+    ({"sources": [{"engine": "openverse",
+                   "options": {"base_url": "http://127.0.0.1:9/internal-admin#"}}]},
+     "sources.0.options.base_url", "source_urls"),
+    ({"sources": [{"engine": "sandbox", "url": "http://127.0.0.1:9"}]}, "sources.0.url",
+     "source_urls"),
+    ({"sources": [{"engine": "duckduckgo", "options": {"proxy": "socks5://10.0.0.1:1080"}}]},
+     "sources.0.options.proxy", "allow_proxy"),
+    ({"search": {"llm_base_url": "http://capture.example:8080/v1"}}, "search.llm_base_url",
+     "llm_base_urls"),
+    ({"download": {"allow_private_networks": True}}, "download.allow_private_networks",
+     "allow_private_networks"),
+    ({"validation": {"clip_model": "/root/some-model"}}, "validation.clip_model", "models"),
+    ({"validation": {"nsfw_backend": "hf", "nsfw_model": "/etc"}}, "validation.nsfw_model",
+     "models"),
+])
+def test_endpoints_proxies_private_networks_and_models_need_the_operators_permission(
+        overrides, field, setting):
+    status, problems = refused(spec(**overrides))
+    assert status == 403 and list(problems) == [field]
+    assert problems[field][0] == setting
+    parse_spec({"name": "pets", "classes": {"cat": None}, "sources": [{"engine": "bing"}],
+                **overrides})  # the CLI takes them all: there the user is the operator
+
+
+def test_what_the_operator_allows_passes():
+    policy = ApiPolicy(source_urls=["http://127.0.0.1:9/api/"],
+                       llm_base_urls=["https://llm.internal/v1"], allow_proxy=True,
+                       allow_private_networks=True, models=["org/clip-small"])
+    placed = apply(spec(sources=[{"engine": "openverse",
+                                  "options": {"base_url": "http://127.0.0.1:9/api/v1/images",
+                                              "proxy": "http://proxy:3128"}},
+                                 {"engine": "sandbox", "url": "http://127.0.0.1:9/api"}],
+                        search={"llm_base_url": "https://llm.internal/v1/"},
+                        download={"allow_private_networks": True},
+                        validation={"clip_model": "org/clip-small"}), policy)
+    assert placed.download.allow_private_networks
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("http://127.0.0.1:9/api", True),
+    ("http://127.0.0.1:9/api/images?q=1#x", True),
+    ("http://127.0.0.1:9/apix", False),
+    ("http://127.0.0.1:9/api/../admin", False),
+    ("http://127.0.0.1:9/api/%2e%2e/admin", False),
+    ("http://127.0.0.1:10/api", False),
+    ("https://127.0.0.1:9/api", False),
+    ("http://127.0.0.1:9@evil.example/api", False),
+    ("http://user@127.0.0.1:9/api", False),
+    ("http://127.0.0.1:9\\@evil.example/api", False),
+    ("http://127.0.0.1:9/api\n", False),
+    ("file:///api", False),
+    ("http://127.0.0.1:99999999/api", False),
+])
+def test_url_prefixes_compare_scheme_host_port_and_whole_path_segments(url, ok):
+    assert url_within(url, ["http://127.0.0.1:9/api/"]) is ok
+
+
+def test_values_over_a_cap_are_refused_naming_the_field_and_setting():
+    policy = ApiPolicy(max_classes=2, max_target=50, max_images=80,
+                       max_download_concurrency=8, max_per_host_concurrency=2,
+                       max_bytes=2_000_000, max_pixels=10_000_000)
+    status, problems = refused(spec(
+        target=60, classes={"a": {"target": 70}, "b": None, "c": None},
+        categories={"x": {"y": {"target": 51}}},
+        download={"concurrency": 9, "per_host_concurrency": 3, "max_bytes": 2_000_001},
+        validation={"max_pixels": 10_000_001}), policy)
+    assert status == 422
+    assert {field: setting for field, (setting, _) in problems.items()} == {
+        "classes": "max_classes", "target": "max_images", "classes.a.target": "max_target",
+        "categories.x.y": "max_target", "download.concurrency": "max_download_concurrency",
+        "download.per_host_concurrency": "max_per_host_concurrency",
+        "download.max_bytes": "max_bytes", "validation.max_pixels": "max_pixels"}
+    assert "over this server's limit 8" in problems["download.concurrency"][1]
+
+
+def test_a_10000_class_spec_is_over_the_default_cap():
+    status, problems = refused(spec(classes=[f"c{i}" for i in range(10_000)], target=1))
+    assert status == 422 and problems["classes"][0] == "max_classes"
+
+
+def test_unset_values_take_a_lower_cap_instead_of_being_refused():
+    policy = ApiPolicy(max_target=20, max_download_concurrency=8, max_per_host_concurrency=2,
+                       max_bytes=2_000_000, max_pixels=10_000_000)
+    placed = apply(parse_spec({"name": "pets", "classes": {"cat": None},
+                               "sources": [{"engine": "bing"}]}), policy)
+    assert placed.target == 20
+    assert (placed.download.concurrency, placed.download.per_host_concurrency,
+            placed.download.max_bytes, placed.validation.max_pixels) == (
+        8, 2, 2_000_000, 10_000_000)
+
+
+def test_the_default_caps_take_the_spec_defaults():
+    placed = apply(spec())
+    default = parse_spec({"name": "x", "classes": {"a": None}, "sources": [{"engine": "bing"}]})
+    assert placed.download == default.download and placed.validation == default.validation
+
+
+def test_pools_are_sized_to_the_jobs_share_of_the_cluster():
+    """Unset pools are sized as on a cluster of the job's share (cluster / max_running_jobs);
+    pools a user sets must fit in it."""
+    placed = apply(spec(), ApiPolicy(max_running_jobs=4), cluster={"CPU": 16.0})
+    res = placed.resources
+    assert (res.workers, res.worker_cpus, res.dedup_partitions) == (4, 0.96, 1)  # 4 CPUs
+    placed = apply(spec(), ApiPolicy(job_cpus=12), cluster={"CPU": 16.0})
+    assert placed.resources.workers == 12
+    status, problems = refused(spec(resources={"workers": 8}), ApiPolicy(max_running_jobs=4))
+    assert status == 422 and problems["resources"][0] == "max_running_jobs"
+    assert "need 8.15 CPUs" in problems["resources"][1] and "gets 2 CPUs" in \
+        problems["resources"][1]
+    ok = apply(spec(resources={"workers": 1, "worker_cpus": 0.5}),
+               ApiPolicy(max_running_jobs=4))
+    assert (ok.resources.workers, ok.resources.worker_cpus) == (1, 0.5)
+
+
+def test_every_problem_is_reported_at_once_403_before_422():
+    status, problems = refused(spec(output={"uri": "/etc/x"}, download={"concurrency": 999}))
+    assert status == 403 and set(problems) == {"output.uri", "download.concurrency"}

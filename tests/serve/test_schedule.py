@@ -1,0 +1,198 @@
+"""The fair share of the cluster between API keys (serve/schedule.py) on SQLite and
+PostgreSQL, with a fake launcher (no Ray): the caps on running jobs, keys taking turns, claims by
+two replicas at once, a cancel while queued, and a store created before jobs could queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from serve.jobs import ClusterUnavailable, Reconciler
+from serve.schedule import Scheduler, next_job
+from serve.store import JobRow, JobStore
+
+
+class FakeLauncher:
+    """Ray's job API: records what was submitted; ``refuse`` makes submit fail."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.stopped: list[str] = []
+        self.refuse = False
+
+    def submit(self, job_id: str, spec: dict[str, Any], owner_name: str) -> None:
+        if self.refuse:
+            raise ClusterUnavailable("no dashboard")
+        self.submitted.append(job_id)
+
+    def stop(self, job_id: str) -> bool:
+        self.stopped.append(job_id)
+        return True
+
+    def status(self, job_id: str) -> None:
+        return None
+
+
+@pytest.fixture
+def store(store_url):
+    s = JobStore(store_url)
+    yield s
+    s.close()
+
+
+def queue(store: JobStore, job_id: str, owner: str) -> None:
+    store.create_job(job_id, owner, "ds", {"name": "ds"}, f"/out/{job_id}", queued=True)
+    time.sleep(0.002)  # distinct created_at, so "oldest" is well defined
+
+
+def end(store: JobStore, job_id: str) -> None:
+    store.update_job(job_id, state="succeeded")
+
+
+def row(job_id: str, owner: str, created_at: float) -> JobRow:
+    return JobRow(id=job_id, owner=owner, name="ds", state="queued", created_at=created_at,
+                  updated_at=created_at, output_uri="/out", spec={})
+
+
+def test_next_job_prefers_keys_with_fewer_running_then_the_longest_unserved():
+    queued = [row("a2", "alice", 1.0), row("a3", "alice", 2.0), row("b1", "bob", 3.0),
+              row("c1", "carol", 4.0)]
+    # Nobody runs anything and nobody started yet: the oldest job first.
+    assert next_job(queued, {}, {}, per_key=1).id == "a2"
+    # Alice started a job a moment ago: bob and carol (never started) go first, oldest first.
+    assert next_job(queued, {}, {"alice": 10.0}, per_key=1).id == "b1"
+    assert next_job(queued, {}, {"alice": 10.0, "bob": 11.0}, per_key=1).id == "c1"
+    # Fewest running wins over the longest wait; a key at its cap is skipped.
+    assert next_job(queued, {"bob": 1}, {"alice": 10.0, "carol": 5.0}, per_key=2).id == "c1"
+    assert next_job(queued, {"alice": 1, "bob": 1, "carol": 1}, {}, per_key=1) is None
+
+
+def test_keys_take_turns_however_many_jobs_one_key_queued(store):
+    """Alice queues four jobs, then Bob one: with one place, Bob's job starts right after
+    Alice's first, not after all four."""
+    launcher = FakeLauncher()
+    scheduler = Scheduler(store, launcher, max_running=1, per_key=1)
+    for n in range(1, 5):
+        queue(store, f"a{n}", "alice")
+    assert scheduler.start_ready() == {} and launcher.submitted == ["a1"]
+    queue(store, "b1", "bob")
+    scheduler.start_ready()
+    assert launcher.submitted == ["a1"]  # the one place is taken
+    assert store.get_job("b1").state == "queued"
+    end(store, "a1")
+    scheduler.start_ready()
+    assert launcher.submitted == ["a1", "b1"]
+    end(store, "b1")
+    scheduler.start_ready()
+    end(store, "a2")
+    scheduler.start_ready()
+    assert launcher.submitted == ["a1", "b1", "a2", "a3"]
+    assert store.get_job("a3").state == "starting" and store.get_job("a3").started_at
+
+
+def test_the_caps_on_running_jobs_hold(store):
+    launcher = FakeLauncher()
+    scheduler = Scheduler(store, launcher, max_running=3, per_key=2)
+    for n in range(3):
+        queue(store, f"a{n}", "alice")
+    queue(store, "b0", "bob")
+    scheduler.start_ready()
+    assert sorted(launcher.submitted) == ["a0", "a1", "b0"]  # alice at 2, the cluster at 3
+    assert store.get_job("a2").state == "queued"
+
+
+def test_two_replicas_claiming_at_once_start_each_job_once_within_the_cap(store_url):
+    stores = [JobStore(store_url), JobStore(store_url)]
+    launchers = [FakeLauncher(), FakeLauncher()]
+    schedulers = [Scheduler(s, la, max_running=3, per_key=3) for s, la in zip(stores, launchers)]
+    for trial in range(5):
+        for n in range(6):
+            queue(stores[0], f"t{trial}-{n}", f"owner{n % 2}")
+        barrier = threading.Barrier(2)
+
+        def run(scheduler: Scheduler) -> None:
+            barrier.wait()
+            scheduler.start_ready()
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in schedulers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        started = launchers[0].submitted + launchers[1].submitted
+        assert len(started) == len(set(started)) == 3, (trial, started)
+        for job_id in started:
+            end(stores[0], job_id)
+        for la in launchers:
+            la.submitted.clear()
+        for n in range(6):
+            stores[0].update_job(f"t{trial}-{n}", state="cancelled")
+    for s in stores:
+        s.close()
+
+
+def test_a_queued_job_cancels_without_ray_and_is_never_started(store):
+    launcher = FakeLauncher()
+    scheduler = Scheduler(store, launcher, max_running=1, per_key=1)
+    queue(store, "a1", "alice")
+    queue(store, "b1", "bob")
+    scheduler.start_ready()
+    assert store.cancel_queued("b1") is True
+    assert store.cancel_queued("a1") is False  # started: cancelled as a running job
+    job = store.get_job("b1")
+    assert job.state == "cancelled" and job.cancel_requested and job.ended_at
+    end(store, "a1")
+    scheduler.start_ready()
+    assert launcher.submitted == ["a1"]
+
+
+def test_a_job_ray_refuses_fails_and_the_next_one_still_starts(store):
+    launcher = FakeLauncher()
+    scheduler = Scheduler(store, launcher, max_running=1, per_key=1)
+    queue(store, "a1", "alice")
+    launcher.refuse = True
+    refused = scheduler.start_ready()
+    assert list(refused) == ["a1"] and store.get_job("a1").state == "failed"
+    launcher.refuse = False
+    queue(store, "b1", "bob")
+    assert scheduler.start_ready() == {} and launcher.submitted == ["b1"]
+
+
+def test_queued_jobs_are_left_alone_by_the_reconciler_and_started_ones_get_their_grace(store):
+    """A queued job is not Ray's yet; one started after a long wait in the queue gets the
+    whole submit grace period from when it started, not from when it was queued."""
+    launcher = FakeLauncher()
+    reconciler = Reconciler(store, launcher, submit_grace_s=0.3)
+    queue(store, "a1", "alice")
+    time.sleep(0.4)
+    assert reconciler.reconcile(store.get_job("a1"), check_live=False).state == "queued"
+    Scheduler(store, launcher, max_running=1, per_key=1).start_ready()
+    assert reconciler.reconcile(store.get_job("a1"), check_live=False).state == "starting"
+
+
+def test_a_store_made_before_jobs_could_queue_gets_the_new_column(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TABLE jobs (id VARCHAR(160) PRIMARY KEY, owner VARCHAR(64) NOT NULL, "
+            "name VARCHAR(128) NOT NULL, state VARCHAR(16) NOT NULL, created_at FLOAT NOT NULL, "
+            "updated_at FLOAT NOT NULL, ended_at FLOAT, output_uri TEXT NOT NULL, "
+            "spec_json TEXT NOT NULL, ray_status VARCHAR(32), cancel_requested BOOLEAN NOT NULL, "
+            "error TEXT, progress_json TEXT, stats_json TEXT)"))
+        conn.execute(sa.text(
+            "INSERT INTO jobs VALUES ('old-1', 'alice', 'ds', 'running', 1.0, 1.0, NULL, "
+            "'/out', '{}', 'RUNNING', 0, NULL, NULL, NULL)"))
+    engine.dispose()
+    store = JobStore(url)
+    old = store.get_job("old-1")
+    assert old.state == "running" and old.started_at is None
+    queue(store, "new-1", "bob")
+    assert Scheduler(store, FakeLauncher(), max_running=2, per_key=1).start_ready() == {}
+    assert store.get_job("new-1").state == "starting"
+    JobStore(url).close()  # opening it again finds the column there
+    store.close()
