@@ -142,12 +142,18 @@ def signatures(grid: np.ndarray) -> tuple[tuple[Signature, ...], tuple[Signature
     return tuple(done[v] for v in STORED_VIEWS), tuple(done[v] for v in PROBE_VIEWS)
 
 
+MIN_CELLS = 40
+"""The fewest reduced pixels a side may keep: a 512x384 JPEG still takes the 1/8 decode (64x48),
+whose rows the grid then shares out exactly."""
+
+
 def block_scale(size: tuple[int, int]) -> int:
-    """The 1/2/4/8 reduction a JPEG draft decode picks for ``size`` (Pillow's rule): the largest
-    that keeps both sides at ``GRID`` or more. Other formats are reduced by the same blocks, so
-    a PNG and a JPEG of the same pixels reach the grid through the same cells."""
-    scale = min(size[0] // GRID, size[1] // GRID)
-    return next(f for f in (8, 4, 2, 1) if scale >= f or f == 1)
+    """The 1/2/4/8 block reduction for an image of ``size``: the largest that keeps both sides
+    at ``MIN_CELLS`` or more. A JPEG takes it as a DCT-scaled decode (where it is 8), other
+    formats as ``Image.reduce``, so a PNG and a JPEG of the same pixels reach the grid through
+    the same cells."""
+    short = min(size)
+    return next(f for f in (8, 4, 2, 1) if short // f >= MIN_CELLS or f == 1)
 
 
 def prepare(img: Image.Image) -> None:
@@ -157,11 +163,12 @@ def prepare(img: Image.Image) -> None:
     block's mean, so the result equals ``reduce(8)`` of a full decode (to rounding) and a PNG of
     the same pixels reaches the same grid. The 1/2 and 1/4 scales run a smaller inverse DCT whose
     pixels are not block means (a JPEG and its PNG copy then differed by up to 12 bits); images
-    too small for 1/8 (a side under 512) are decoded in full, which costs little at that size.
+    too small for 1/8 (a side under 8 x ``MIN_CELLS``) are decoded in full, which costs little
+    at that size.
     """
     if img.format in ("JPEG", "MPO") and img.mode in ("L", "RGB") and \
             block_scale(img.size) == 8:
-        img.draft(img.mode, (GRID, GRID))
+        img.draft(img.mode, (img.width // 8, img.height // 8))
 
 
 def luma_grid(img: Image.Image, full_size: tuple[int, int]) -> tuple[np.ndarray, bool]:
