@@ -177,11 +177,17 @@ def luma_grid(img: Image.Image, full_size: tuple[int, int]) -> tuple[np.ndarray,
     ``full_size`` is the image's size before ``prepare`` (a JPEG's reduced decode is smaller).
 
     Alpha is ignored (the colour under a transparent pixel counts as drawn). No full-size copy
-    is made for L, LA, RGB and RGBA images; other modes (palette, CMYK, 16-bit, 1-bit) are
-    converted first, which costs one full-size copy.
+    is made for L, LA, RGB and RGBA images; other modes are converted first, which costs one
+    full-size copy (a palette image without transparency to grey: one byte a pixel).
     """
+    palette_colour = None
     if img.mode not in ("L", "LA", "RGB", "RGBA"):
-        if img.mode.startswith("I;16") or img.mode == "I":
+        if img.mode == "P" and "transparency" not in img.info:
+            palette = img.getpalette() or []
+            used = [i for _, i in img.getcolors(256) or []]
+            palette_colour = any(len(set(palette[3 * i:3 * i + 3])) > 1 for i in used)
+            img = img.convert("L")  # one byte a pixel, where RGB would take three
+        elif img.mode.startswith("I;16") or img.mode == "I":
             scaled = np.asarray(img, dtype=np.float32) / 257.0
             img = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
         elif img.mode == "F":
@@ -202,6 +208,8 @@ def luma_grid(img: Image.Image, full_size: tuple[int, int]) -> tuple[np.ndarray,
         rgb = px[..., :3] if small.mode.startswith("RGB") else px[..., :1]
         luma = rgb @ _LUMA if rgb.shape[-1] == 3 else rgb[..., 0]
         colour = rgb.shape[-1] == 3 and bool(np.abs(rgb - luma[..., None]).mean() > 2.0)
+    if palette_colour is not None:
+        colour = palette_colour
     rows, cols = luma.shape
     grid = area_mean(luma, cell_edges(cols, full_size[0]), GRID)
     grid = area_mean(grid.T, cell_edges(rows, full_size[1]), GRID).T

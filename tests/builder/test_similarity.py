@@ -171,3 +171,12 @@ def test_jpeg_quality_estimate(quality: int) -> None:
         data = _jpeg(img.convert("RGB"), quality)
     with Image.open(io.BytesIO(data)) as img:
         assert abs(jpeg_quality(img.quantization[0]) - quality) <= 1
+
+
+def test_palette_png_hashes_like_its_rgb_pixels_and_keeps_its_colour_flag() -> None:
+    with Image.open(PHOTOS / ORIGINALS[1]) as img:
+        pal = img.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    hp, hr = hash_bytes(_png(pal)), hash_bytes(_png(pal.convert("RGB")))
+    assert hp.colour and hr.colour
+    assert near_distance(hp.probes[:1], hr.stored[:1], 1) is not None
+    assert not hash_bytes(_png(pal.convert("L").convert("P"))).colour
