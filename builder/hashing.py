@@ -1,9 +1,18 @@
-"""Content hashes: sha256 of the bytes, and 64-bit perceptual hashes (pHash, dHash).
+"""Content hashes: sha256 of the bytes, and the perceptual signatures used for near-duplicates.
 
-Perceptual hashes are computed on a reduced decode: ``Image.draft`` lets libjpeg decode JPEGs at
-1/2, 1/4 or 1/8 scale (measured ~3x faster, hashes within 0-2 bits of a full decode). pHash is the
-sign of the 8x8 low-frequency DCT block of a 32x32 grey image against its median; dHash the sign
-of horizontal gradients on a 9x8 grey image.
+Every format is hashed from the same reduced pixels: a ``GRID`` x ``GRID`` luma grid in which
+each cell is the exact area average of its part of the picture. JPEGs get there through a
+reduced DCT decode (``Image.draft``: 1/2, 1/4 or 1/8 scale, each output pixel about the mean of
+its block) and every other format through ``Image.reduce`` (a k x k block mean in the image's own
+mode, so no full-size converted copy is made); an exact area-weighted matrix takes either to the
+grid. Pillow's BOX resize is not exact at fractional ratios (cells take whole pixels), which put a
+JPEG and a PNG of the same pixels up to 19 grey levels apart; the area matrices remove that.
+
+From the grid come *views* (the whole picture, centred crops, the mirror, small rotations) and
+from each view two 64-bit codes: pHash (the sign of the 8x8 low-frequency DCT block of a 32x32
+view against its median) and dHash (the sign of horizontal gradients on a 9x8 view). An image's
+``stored`` signatures and ``probes`` are listed in ``STORED_VIEWS`` and ``PROBE_VIEWS``; the rule
+that compares them is ``builder.similarity.near_distance``. Why these views: bench/README.md.
 """
 
 from __future__ import annotations
@@ -11,11 +20,36 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-_N = 32
+from builder.similarity import Signature
+
+GRID = 64
+"""Side of the luma grid every perceptual code is computed from."""
+
+
+@dataclass(frozen=True)
+class View:
+    """A region of the grid: a centred crop keeping ``keep`` of each side, maybe mirrored or
+    rotated by ``degrees`` (counter-clockwise) before the crop."""
+
+    keep: float = 1.0
+    mirror: bool = False
+    degrees: float = 0.0
+
+
+FULL, CROP90, CROP80 = View(1.0), View(0.9), View(0.8)
+MIRROR = View(1.0, mirror=True)
+STORED_VIEWS = (FULL, CROP90, CROP80, MIRROR)
+"""What a kept image offers: itself, its centre 90% and 80% (for copies cropped 5-10% off each
+border), and its mirror image."""
+PROBE_VIEWS = (FULL, CROP90, CROP80, MIRROR, View(0.9, degrees=3.5), View(0.9, degrees=-3.5))
+"""What a newcomer is looked up with: the stored views (so the rule holds whichever copy
+arrives first), plus its centre 90% turned 3.5 degrees either way (for copies rotated 2-5
+degrees and cropped)."""
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -23,29 +57,163 @@ def _dct_matrix(n: int) -> np.ndarray:
     i = np.arange(n)[None, :]
     m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
     m[0, :] = np.sqrt(1.0 / n)
-    return m.astype(np.float64)
+    return m
 
 
-_DCT = _dct_matrix(_N)
-_DCT8 = _DCT[:8]
-_BITS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+_DCT8 = _dct_matrix(32)[:8]
+_ODD = np.where(np.arange(8) % 2, -1.0, 1.0)[None, :]
+"""Mirroring a picture flips the sign of its odd horizontal DCT frequencies."""
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def _bits_to_int(bits: np.ndarray) -> int:
-    return int(np.bitwise_or.reduce(_BITS[bits.ravel()]) if bits.any() else 0)
+@lru_cache(maxsize=64)
+def area_matrix(n_out: int, n_in: int, lo: float = 0.0, hi: float = -1.0) -> np.ndarray:
+    """(n_out, n_in) weights: row o is the exact area mean of input span o of [lo, hi)."""
+    hi = float(n_in) if hi < 0 else hi
+    edges = lo + (hi - lo) * np.arange(n_out + 1) / n_out
+    left, right = edges[:-1, None], edges[1:, None]
+    i = np.arange(n_in)[None, :]
+    w = np.clip(np.minimum(right, i + 1) - np.maximum(left, i), 0.0, None)
+    return w / w.sum(axis=1, keepdims=True)
 
 
-def phash_gray(gray: Image.Image) -> int:
-    """pHash of a grey ('L') image of any size."""
-    px = np.asarray(gray.resize((_N, _N), Image.Resampling.BILINEAR), dtype=np.float64)
-    low = _DCT8 @ px @ _DCT8.T
-    return _bits_to_int(low > np.median(low))
+def cell_edges(n: int, full: int) -> np.ndarray:
+    """Where the ``n`` cells of a reduced axis start and end on the ``full``-pixel axis.
+
+    A JPEG DCT-scaled decode and ``Image.reduce`` both give each output pixel a block of ``c``
+    pixels, the last block holding what is left; any other reduction is taken as uniform.
+    """
+    c = -(-full // n)
+    if n * c >= full > (n - 1) * c:
+        return np.minimum(np.arange(n + 1) * c, full).astype(np.float64)
+    return np.linspace(0.0, full, n + 1)
 
 
-def dhash_gray(gray: Image.Image) -> int:
-    """dHash of a grey ('L') image of any size."""
-    px = np.asarray(gray.resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    return _bits_to_int(px[:, 1:] > px[:, :-1])
+def area_mean(a: np.ndarray, edges: np.ndarray, n_out: int) -> np.ndarray:
+    """Exact area means of ``n_out`` equal spans of the last axis of ``a``, whose cells lie
+    between ``edges``: by interpolating the running integral (no matrix product, so no BLAS
+    threads woken for a few thousand multiplications)."""
+    widths = np.diff(edges)
+    integral = np.zeros(a.shape[:-1] + (a.shape[-1] + 1,))
+    np.cumsum(a * widths, axis=-1, out=integral[..., 1:])
+    at = np.linspace(edges[0], edges[-1], n_out + 1)
+    idx = np.clip(np.searchsorted(edges, at, side="right") - 1, 0, len(widths) - 1)
+    frac = (at - edges[idx]) / widths[idx]
+    lo, hi = integral[..., idx], integral[..., idx + 1]
+    return np.diff(lo + frac * (hi - lo), axis=-1) / np.diff(at)
+
+
+@lru_cache(maxsize=16)
+def _view_matrices(keep: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lo, hi = GRID * (1 - keep) / 2, GRID * (1 + keep) / 2
+    return (_DCT8 @ area_matrix(32, GRID, lo, hi), area_matrix(8, GRID, lo, hi),
+            area_matrix(9, GRID, lo, hi))
+
+
+def _pack(bits: np.ndarray) -> int:
+    return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
+
+
+def _codes(grid: np.ndarray, keep: float, mirror: bool) -> Signature:
+    dct, rows, cols = _view_matrices(keep)
+    low = dct @ grid @ dct.T
+    grad = rows @ grid @ cols.T
+    if mirror:
+        low, grad = low * _ODD, grad[:, ::-1]
+    flat = np.sort(low, axis=None)
+    return _pack(low > (flat[31] + flat[32]) / 2), _pack(grad[:, 1:] > grad[:, :-1])
+
+
+def view_signature(grid: np.ndarray, view: View) -> Signature:
+    """(pHash, dHash) of one view of a luma grid."""
+    if view.degrees:
+        turned = Image.fromarray(grid.astype(np.float32), "F").rotate(
+            view.degrees, Image.Resampling.BILINEAR)
+        grid = np.asarray(turned, dtype=np.float64)
+    return _codes(grid, view.keep, view.mirror)
+
+
+def signatures(grid: np.ndarray) -> tuple[tuple[Signature, ...], tuple[Signature, ...]]:
+    """(stored, probes) of a luma grid; views shared by both are computed once."""
+    done: dict[View, Signature] = {}
+    for view in STORED_VIEWS + PROBE_VIEWS:
+        if view not in done:
+            done[view] = view_signature(grid, view)
+    return tuple(done[v] for v in STORED_VIEWS), tuple(done[v] for v in PROBE_VIEWS)
+
+
+MIN_CELLS = 40
+"""The fewest reduced pixels a side may keep: a 512x384 JPEG still takes the 1/8 decode (64x48),
+whose rows the grid then shares out exactly."""
+
+
+def block_scale(size: tuple[int, int]) -> int:
+    """The 1/2/4/8 block reduction for an image of ``size``: the largest that keeps both sides
+    at ``MIN_CELLS`` or more. A JPEG takes it as a DCT-scaled decode (where it is 8), other
+    formats as ``Image.reduce``, so a PNG and a JPEG of the same pixels reach the grid through
+    the same cells."""
+    short = min(size)
+    return next(f for f in (8, 4, 2, 1) if short // f >= MIN_CELLS or f == 1)
+
+
+def prepare(img: Image.Image) -> None:
+    """Ask an opened, not yet loaded JPEG for a reduced DCT decode where that is exact enough.
+
+    Only the 1/8 scale is used: it keeps just each 8x8 block's DC coefficient, which *is* the
+    block's mean, so the result equals ``reduce(8)`` of a full decode (to rounding) and a PNG of
+    the same pixels reaches the same grid. The 1/2 and 1/4 scales run a smaller inverse DCT whose
+    pixels are not block means (a JPEG and its PNG copy then differed by up to 12 bits); images
+    too small for 1/8 (a side under 8 x ``MIN_CELLS``) are decoded in full, which costs little
+    at that size.
+    """
+    if img.format in ("JPEG", "MPO") and img.mode in ("L", "RGB") and \
+            block_scale(img.size) == 8:
+        img.draft(img.mode, (img.width // 8, img.height // 8))
+
+
+def luma_grid(img: Image.Image, full_size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """The ``GRID`` x ``GRID`` luma grid of a loaded image, and whether it has colour.
+
+    ``full_size`` is the image's size before ``prepare`` (a JPEG's reduced decode is smaller).
+
+    Alpha is ignored (the colour under a transparent pixel counts as drawn). No full-size copy
+    is made for L, LA, RGB and RGBA images; other modes are converted first, which costs one
+    full-size copy (a palette image without transparency to grey: one byte a pixel).
+    """
+    palette_colour = None
+    if img.mode not in ("L", "LA", "RGB", "RGBA"):
+        if img.mode == "P" and "transparency" not in img.info:
+            palette = img.getpalette() or []
+            used = [i for _, i in img.getcolors(256) or []]
+            palette_colour = any(len(set(palette[3 * i:3 * i + 3])) > 1 for i in used)
+            img = img.convert("L")  # one byte a pixel, where RGB would take three
+        elif img.mode.startswith("I;16") or img.mode == "I":
+            scaled = np.asarray(img, dtype=np.float32) / 257.0
+            img = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
+        elif img.mode == "F":
+            img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+        else:
+            has_alpha = "A" in img.mode or "transparency" in img.info
+            img = img.convert("RGBA" if has_alpha else "RGB")
+    small = img
+    if small.size == full_size and block_scale(full_size) > 1:
+        small = small.reduce(block_scale(full_size))
+    again = min(small.size) // (4 * GRID)
+    if again > 1:
+        small = small.reduce(again)
+    px = np.asarray(small, dtype=np.float64)
+    if px.ndim == 2:
+        luma, colour = px, False
+    else:
+        rgb = px[..., :3] if small.mode.startswith("RGB") else px[..., :1]
+        luma = rgb @ _LUMA if rgb.shape[-1] == 3 else rgb[..., 0]
+        colour = rgb.shape[-1] == 3 and bool(np.abs(rgb - luma[..., None]).mean() > 2.0)
+    if palette_colour is not None:
+        colour = palette_colour
+    rows, cols = luma.shape
+    grid = area_mean(luma, cell_edges(cols, full_size[0]), GRID)
+    grid = area_mean(grid.T, cell_edges(rows, full_size[1]), GRID).T
+    return np.ascontiguousarray(grid), colour
 
 
 def to_hex(h: int) -> str:
@@ -56,35 +224,23 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def reduced_gray(img: Image.Image, min_side: int = 64) -> Image.Image:
-    """A small grey version of an opened (not yet loaded) image, via draft for JPEG."""
-    if img.format == "JPEG":
-        img.draft("L", (min_side, min_side))
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("RGBA").convert("RGB") if "A" in img.mode or img.mode == "P" \
-            else img.convert("RGB")
-    if max(img.size) > 4 * min_side:
-        img = img.copy()
-        img.thumbnail((4 * min_side, 4 * min_side), Image.Resampling.BILINEAR)
-    return img.convert("L")
-
-
 @dataclass(frozen=True)
 class ImageHashes:
     sha256: str
     phash: int
     dhash: int
-
-
-def perceptual(gray: Image.Image) -> tuple[int, int]:
-    return phash_gray(gray), dhash_gray(gray)
+    stored: tuple[Signature, ...]
+    probes: tuple[Signature, ...]
+    colour: bool
 
 
 def hash_bytes(data: bytes) -> ImageHashes:
-    """sha256 + pHash + dHash of encoded image bytes (decodes on a reduced scale)."""
+    """sha256 and perceptual signatures of encoded image bytes (first frame of an animation)."""
     with Image.open(io.BytesIO(data)) as img:
-        gray = reduced_gray(img)
-        p, d = perceptual(gray)
-    return ImageHashes(hashlib.sha256(data).hexdigest(), p, d)
+        full_size = img.size
+        prepare(img)
+        img.load()
+        grid, colour = luma_grid(img, full_size)
+    stored, probes = signatures(grid)
+    return ImageHashes(hashlib.sha256(data).hexdigest(), stored[0][0], stored[0][1], stored,
+                       probes, colour)

@@ -56,6 +56,10 @@ class Record:
     sha256: str = ""
     phash: str = ""
     dhash: str = ""
+    near_stored: str = ""  # stored near-duplicate signatures (builder.similarity.encode)
+    near_probes: str = ""  # probe signatures, looked up against the kept images' stored ones
+    colour: bool = True
+    jpeg_quality: int = 0  # estimated from the quantisation tables; 0 if not a JPEG
     nsfw_score: Optional[float] = None
     clip_score: Optional[float] = None
     embedding: Optional[list[float]] = None

@@ -383,7 +383,7 @@ class ValidationSpec(_Model):
     max_pixels: int = Field(default=89_478_485, ge=1, description="decompression-bomb limit")
     formats: list[ImageFormat] = Field(default_factory=lambda: ["jpeg", "png", "webp", "gif"])
     animated: Literal["first_frame", "reject"] = "first_frame"
-    near_duplicate_threshold: int = Field(default=4, ge=0, le=32)
+    near_duplicate_threshold: int = Field(default=8, ge=0, le=32)
     nsfw_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     clip_threshold: float = Field(default=0.2, ge=-1.0, le=1.0)
     nsfw: bool = Field(default=True, description="slow level: run the NSFW check")

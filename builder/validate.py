@@ -7,14 +7,21 @@ reach the decoder). EXIF orientation is applied to the reported width/height (5-
 Animated images (GIF/WebP/PNG with more than one frame): rule ``validation.animated`` —
 ``first_frame`` (default) validates and hashes the first frame and keeps the file as is;
 ``reject`` rejects them with ``animated``. A GIF whose block structure ends before its last frame
-is complete (a cut-off download of an animation whose first frame decodes) is ``truncated``.
+is complete (a cut-off download of an animation whose first frame decodes) is ``truncated``. A
+PNG whose chunks fail their CRC, whose image data does not inflate to the size its header
+promises, or whose animation chunks do not add up is a ``decode_error`` (``png_damage``).
+
+The pixels are decoded before anything else is read from the file: a decode error is never
+taken for a missing EXIF block (reading a PNG's EXIF can run the decoder, whose error would
+otherwise be swallowed and the half-decoded image accepted).
 
 JPEGs are decoded with ``Image.draft`` at a reduced DCT scale: libjpeg still entropy-decodes every
 byte of every scan, so truncated and corrupt streams are caught exactly as by a full-size decode,
 while the full-resolution inverse DCT (most of the cost) is skipped.
 
 Every level records the sha256 of the bytes (the image id is its first 16 hex digits).
-medium: fast + pHash/dHash of the reduced decode (``builder.hashing``).
+medium: fast + the near-duplicate signatures of the reduced decode (``builder.hashing``), the
+colour flag and the estimated JPEG quality (for ranking copies, ``builder.similarity``).
 Dedup against the rest of the job is a separate, stateful stage (``builder.dedup``).
 """
 
@@ -22,20 +29,26 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from builder.hashing import perceptual, reduced_gray, to_hex
+from builder.hashing import luma_grid, prepare, signatures, to_hex
 from builder.reasons import Reason
 from builder.records import Record
+from builder.similarity import encode, jpeg_quality
 from builder.spec import ValidationSpec
 
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError)
 """What Pillow raises on malformed data (TypeError: e.g. a TIFF page without dimensions)."""
+_EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, struct.error, UnicodeDecodeError)
+"""What reading a malformed EXIF block raises once the pixels are decoded (no OSError: that
+would be the decoder's, and the image is loaded before EXIF is read)."""
 
 PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
                "BMP": "bmp", "TIFF": "tiff"}
@@ -79,16 +92,10 @@ class ImageValidator:
         if fmt not in cfg.formats:
             return record.reject(Reason.FORMAT_NOT_ALLOWED,
                                  f"{fmt}; allowed: {', '.join(cfg.formats)}")
-        w, h = img.size
+        w, h = img_size = img.size
         if w * h > cfg.max_pixels:
             return record.reject(Reason.DECOMPRESSION_BOMB,
                                  f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
-        try:
-            orientation = img.getexif().get(0x0112, 1)
-        except (OSError, SyntaxError, ValueError, TypeError):
-            orientation = 1
-        if orientation in _SWAPPING_ORIENTATIONS:
-            w, h = h, w
         try:
             frames = getattr(img, "n_frames", 1)
         except _DECODE_ERRORS as exc:
@@ -96,20 +103,14 @@ class ImageValidator:
                                  f"counting frames: {type(exc).__name__}: {exc}")
         if frames > 1 and cfg.animated == "reject":
             return record.reject(Reason.ANIMATED, f"{frames} frames")
-        if fmt == "gif":
-            cut = gif_truncation(data)
-            if cut:
-                return record.reject(Reason.TRUNCATED, cut)
-        short, long_ = min(w, h), max(w, h)
-        if short < cfg.min_side:
-            return record.reject(Reason.TOO_SMALL, f"{w}x{h}, min_side {cfg.min_side}")
-        if long_ > cfg.max_side:
-            return record.reject(Reason.TOO_LARGE, f"{w}x{h}, max_side {cfg.max_side}")
-        if long_ / short > cfg.max_aspect_ratio:
-            return record.reject(Reason.BAD_ASPECT_RATIO,
-                                 f"{w}x{h} = {long_ / short:.2f} > {cfg.max_aspect_ratio}")
+        cut = gif_truncation(data) if fmt == "gif" else png_damage(data) if fmt == "png" else ""
+        if cut:
+            return record.reject(Reason.TRUNCATED if "ends" in cut else Reason.DECODE_ERROR, cut)
         try:
-            gray = reduced_gray(img)
+            if frames > 1:
+                img.seek(0)
+            prepare(img)
+            img.load()
         except Image.DecompressionBombError as exc:
             return record.reject(Reason.DECOMPRESSION_BOMB, str(exc))
         except EOFError as exc:
@@ -118,14 +119,115 @@ class ImageValidator:
             msg = str(exc)
             reason = Reason.TRUNCATED if "truncat" in msg.lower() else Reason.DECODE_ERROR
             return record.reject(reason, f"{type(exc).__name__}: {msg}")
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except _EXIF_ERRORS:
+            orientation = 1  # the pixels decoded; only the EXIF block is malformed
+        if orientation in _SWAPPING_ORIENTATIONS:
+            w, h = h, w
+        short, long_ = min(w, h), max(w, h)
+        if short < cfg.min_side:
+            return record.reject(Reason.TOO_SMALL, f"{w}x{h}, min_side {cfg.min_side}")
+        if long_ > cfg.max_side:
+            return record.reject(Reason.TOO_LARGE, f"{w}x{h}, max_side {cfg.max_side}")
+        if long_ / short > cfg.max_aspect_ratio:
+            return record.reject(Reason.BAD_ASPECT_RATIO,
+                                 f"{w}x{h} = {long_ / short:.2f} > {cfg.max_aspect_ratio}")
         record.format = fmt
         record.width, record.height = w, h
         record.orig_width, record.orig_height = w, h
         record.sha256 = hashlib.sha256(data).hexdigest()
         if self.hashes:
-            p, d = perceptual(gray)
-            record.phash, record.dhash = to_hex(p), to_hex(d)
+            grid, record.colour = luma_grid(img, img_size)
+            stored, probes = signatures(grid)
+            record.phash, record.dhash = to_hex(stored[0][0]), to_hex(stored[0][1])
+            record.near_stored, record.near_probes = encode(stored), encode(probes)
+            tables = getattr(img, "quantization", None) or {}
+            record.jpeg_quality = jpeg_quality(tables.get(0, ())) if fmt == "jpeg" else 0
         return record
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+"""Adam7 passes: (x0, y0, dx, dy)."""
+
+
+def _png_raw_size(ihdr: bytes) -> int:
+    """Bytes of filtered scanlines the IDAT stream must inflate to (0 if IHDR is unusable)."""
+    if len(ihdr) < 13:
+        return 0
+    w, h = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    depth, ctype, interlace = ihdr[8], ihdr[9], ihdr[12]
+    bits = depth * _PNG_CHANNELS.get(ctype, 0)
+    if not bits:
+        return 0
+
+    def rows(width: int, height: int) -> int:
+        return height * (1 + (width * bits + 7) // 8) if width and height else 0
+
+    if not interlace:
+        return rows(w, h)
+    return sum(rows((w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy)
+               for x0, y0, dx, dy in _ADAM7)
+
+
+def png_damage(data: bytes) -> str:
+    """What is wrong with a PNG's chunks ('' if nothing), found without decoding pixels.
+
+    Pillow accepts a PNG whose image data is damaged mid-stream when the inflater stops early:
+    the rows after the damage come back black, and no CRC is checked. So every chunk's CRC is
+    checked here, and the IDAT stream is inflated (streamed, counting bytes, never held) to the
+    exact size the header promises. Animated PNGs: Pillow trusts ``acTL`` for the frame count
+    and decodes only the frame asked for, so each frame's data must follow its control chunk
+    (``fcTL``) and the control chunks must add up to the declared count.
+    """
+    n, pos = len(data), 8
+    declared = controls = 0
+    expect_frame_data = False
+    inflater = zlib.decompressobj()
+    inflated, expected, idat_done, seen_idat = 0, 0, False, False
+    while pos + 8 <= n:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > n:
+            return f"PNG data ends inside a {kind.decode('latin-1')} chunk"
+        body = data[pos + 8:pos + 8 + length]
+        if zlib.crc32(data[pos + 4:pos + 8 + length]) != int.from_bytes(data[end - 4:end], "big"):
+            return f"PNG {kind.decode('latin-1')} chunk at byte {pos} fails its CRC"
+        if kind == b"IHDR":
+            expected = _png_raw_size(body)
+        elif kind == b"acTL" and length >= 4:
+            declared = int.from_bytes(body[:4], "big")
+        elif kind == b"fcTL":
+            controls += 1
+            expect_frame_data = True
+        elif kind == b"fdAT":
+            if not expect_frame_data:
+                return f"APNG frame data without a frame control chunk after {controls} frame(s)"
+            expect_frame_data = False
+        elif kind == b"IDAT":
+            if idat_done:
+                return "PNG image data split by another chunk"
+            seen_idat = True
+            expect_frame_data = False
+            try:
+                while body:
+                    inflated += len(inflater.decompress(body, 1 << 20))
+                    body = inflater.unconsumed_tail
+            except zlib.error as exc:
+                return f"PNG image data damaged: {exc}"
+        elif kind == b"IEND":
+            break
+        if seen_idat and kind != b"IDAT":
+            idat_done = True
+        pos = end
+    if seen_idat and expected and (inflated != expected or not inflater.eof):
+        return f"PNG image data damaged: it inflates to {inflated} of {expected} bytes"
+    if declared and controls != declared:
+        return f"APNG declares {declared} frames but has {controls} frame control chunks"
+    return ""
 
 
 def gif_truncation(data: bytes) -> str:

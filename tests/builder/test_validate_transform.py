@@ -1,4 +1,6 @@
 import io
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +222,50 @@ def test_transform_failure_keeps_original_instead_of_raising(caplog):
     broken.apply_row(row)
     assert (row["image"], row["width"], row["bytes"]) == (data, 300, len(data))
     assert original(data, "jpeg")[2:] == (64, 43)
+
+
+CORRUPT = Path(__file__).parent / "data" / "corrupt"
+"""Pillow's own test images (Tests/images in python-pillow/Pillow, MIT-CMU licence)."""
+
+
+def _chunks(data: bytes) -> list[tuple[int, bytes]]:
+    """(offset, type) of each chunk of a PNG."""
+    out, pos = [], 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        out.append((pos, data[pos + 4:pos + 8]))
+        pos += 12 + length
+    return out
+
+
+def _flip_mid_idat(data: bytes) -> bytes:
+    pos = next(p for p, kind in _chunks(data) if kind == b"IDAT")
+    length = int.from_bytes(data[pos:pos + 4], "big")
+    at = pos + 8 + length // 2
+    body = data[pos + 4:pos + 8 + length]
+    body = body[:at - pos - 4] + bytes([body[at - pos - 4] ^ 0xFF]) + body[at - pos - 3:]
+    crc = zlib.crc32(body).to_bytes(4, "big")  # a valid CRC: only the decoder can tell
+    return data[:pos + 4] + body + crc + data[pos + 8 + length + 4:]
+
+
+@pytest.mark.parametrize("name", ["broken_data_stream.png", "truncated_end_chunk.png",
+                                  "chunk_no_fctl.png"])
+def test_pillows_corrupt_pngs_are_rejected(name):
+    r = check((CORRUPT / name).read_bytes(), min_side=1)
+    assert r.rejected and r.reason in ("decode_error", "truncated"), r.detail
+
+
+@pytest.mark.parametrize("level", ["fast", "medium"])
+def test_png_with_a_byte_flipped_mid_idat_is_a_decode_error(level):
+    good = encode(picture(5, (320, 240)), "PNG")
+    assert not check(good, level=level).rejected
+    r = check(_flip_mid_idat(good), level=level)
+    assert r.rejected and r.reason in ("decode_error", "truncated"), r.detail
+
+
+def test_malformed_exif_on_good_pixels_is_not_a_decode_error():
+    img = picture(6, (200, 150))
+    out = io.BytesIO()
+    img.save(out, "JPEG", exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12")
+    r = check(out.getvalue())
+    assert not r.rejected, r.detail
