@@ -1,8 +1,9 @@
 """The partitioned dedup index at scale: decisions per second and memory per kept image.
 
-Fills the index with ``--sizes`` kept images (written state, one signature each), then times
-units of ``--unit`` new images through ``DedupClient.decide`` + ``settle`` (what a worker does
-per unit). Per size it prints:
+Fills the index with ``--sizes`` kept images (written state, ``--stored`` signatures each),
+then times
+units of ``--unit`` new images (``--probes`` signatures each) through ``DedupClient.decide`` +
+``settle`` (what a worker does per unit). Per size it prints:
 
 * decisions/s per partition: decisions over the CPU time spent inside that partition's methods
   (what one ``DedupPartitionActor`` would do), the busiest partition;
@@ -94,12 +95,13 @@ def draw(n: int, rng: np.random.Generator, freq: np.ndarray | None) -> tuple[np.
 
 
 def fill(parts: list[DedupPartition], scheme: KeyScheme, a: np.ndarray, b: np.ndarray,
-         chunk: int = 500_000) -> None:
-    """Load kept images straight into the partitions, vectorised (as a journal rebuild does)."""
+         per_image: int, chunk: int = 500_000) -> None:
+    """Load kept images (``per_image`` consecutive signatures each) straight into the
+    partitions, vectorised (as a journal rebuild does)."""
     k = len(parts)
     for start in range(0, len(a), chunk):
         ca, cb = a[start:start + chunk], b[start:start + chunk]
-        ids = np.arange(start + 1, start + 1 + len(ca), dtype=U64)
+        ids = (np.arange(start, start + len(ca), dtype=U64) // U64(per_image)) + U64(1)
         keys, _ = scheme.keys(ca, cb)
         flat = keys.ravel()
         rep = np.repeat(np.arange(len(ca)), scheme.n_keys)
@@ -109,9 +111,10 @@ def fill(parts: list[DedupPartition], scheme: KeyScheme, a: np.ndarray, b: np.nd
             r = rep[sel]
             parts[p].load({"n_key": flat[sel], "n_a": ca[r], "n_b": cb[r], "n_id": ids[r],
                            "n_claim": ids[r]})
-        xp = partition_of(ids, k)
+        first = ids[np.arange(len(ids)) % per_image == 0] if per_image > 1 else ids
+        xp = partition_of(first, k)
         for p in range(k):
-            parts[p].load({"x_id": ids[xp == p], "x_claim": ids[xp == p]})
+            parts[p].load({"x_id": first[xp == p], "x_claim": first[xp == p]})
 
 
 class Timed:
@@ -130,25 +133,28 @@ class Timed:
 
 
 def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | None,
-        seed: int) -> dict:
+        seed: int, stored: int, probes: int) -> dict:
     rng = np.random.default_rng(seed)
     scheme = KeyScheme(t)
     parts = [DedupPartition(t, True) for _ in range(k)]
-    a, b = draw(size + unit * units, rng, freq)
+    a, b = draw(size * stored, rng, freq)
     t0 = time.monotonic()
-    fill(parts, scheme, a[:size], b[:size])
+    fill(parts, scheme, a, b, stored)
     load_s = time.monotonic() - t0
     mem = sum(p.stats()["bytes"] for p in parts)
     timed = Timed(parts)
     client = DedupClient(t, True, k, timed.call)
-    items_a, items_b = a[size:], b[size:]
+    n = unit * units
+    items_a, items_b = draw(n * probes, rng, freq)
+    sig = [(int(x), int(y)) for x, y in zip(items_a, items_b)]
     decisions = dups = 0
     cpu0 = time.process_time()
     for u in range(units):
-        batch = [DedupItem(10**12 + u * unit + i, u * unit + i, 10**12 + u * unit + i,
-                           [(int(items_a[u * unit + i]), int(items_b[u * unit + i]))],
-                           [(int(items_a[u * unit + i]), int(items_b[u * unit + i]))])
-                 for i in range(unit)]
+        batch = []
+        for i in range(unit):
+            j = (u * unit + i) * probes
+            batch.append(DedupItem(10**12 + u * unit + i, u * unit + i, 10**12 + u * unit + i,
+                                   sig[j:j + stored], sig[j:j + probes]))
         out = asyncio.run(client.decide(batch))
         asyncio.run(client.settle(batch, [not d.duplicate for d in out],
                                   [d.duplicate for d in out]))
@@ -168,7 +174,9 @@ def main() -> None:
     ap.add_argument("--partitions", default="1,1", help="K per size (comma-separated)")
     ap.add_argument("--unit", type=int, default=256)
     ap.add_argument("--units", type=int, default=40)
-    ap.add_argument("--threshold", type=int, default=4)
+    ap.add_argument("--threshold", type=int, default=8)
+    ap.add_argument("--stored", type=int, default=4, help="stored signatures per image")
+    ap.add_argument("--probes", type=int, default=6, help="probe signatures per image")
     ap.add_argument("--hashes", choices=("skewed", "uniform"), default="skewed")
     ap.add_argument("--photos", default="/usr/share/backgrounds")
     ap.add_argument("--seed", type=int, default=7)
@@ -179,7 +187,8 @@ def main() -> None:
     print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'end-to-end/s':>13} "
           f"{'B/kept':>7} {'load s':>7}")
     for size, k in zip(sizes, ks):
-        r = run(size, k, args.unit, args.units, args.threshold, freq, args.seed)
+        r = run(size, k, args.unit, args.units, args.threshold, freq, args.seed, args.stored,
+                args.probes)
         print(f"{r['kept']:>10} {r['partitions']:>3} {r['per_partition_decisions_s']:>16} "
               f"{r['end_to_end_decisions_s']:>13} {r['bytes_per_kept']:>7} {r['load_s']:>7}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

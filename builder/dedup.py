@@ -14,9 +14,11 @@ Three kinds of entry, each spread over ``K`` partitions by a hash of its key:
 Near lookups use multi-index hashing on both codes: cut ``a`` and ``b`` into ``t + 1`` chunks
 each. By the pigeonhole principle two signatures within ``t`` bits on both codes agree exactly
 on some chunk ``i`` of ``a`` and some chunk ``j`` of ``b``, so they share the key ``(i, j,
-a_i, b_j)``. A signature is filed under its ``(t + 1)^2`` keys; a key holds about 26 bits of
-hash at the default ``t`` = 4, so a bucket holds well under one entry at 10M kept images and a
-lookup costs the same at 100k and at 10M. (Above ``t`` = 6, keys use ``a``'s chunks only.)
+a_i, b_j)``. A signature is filed under its ``(t + 1)^2`` keys. At ``t`` = 4 a key holds about 26 bits of
+hash, so a bucket holds about one entry at 10M kept images and a lookup costs the same at 100k
+and at 10M; at ``t`` = 8 a key holds 14 bits, and the cost of a lookup grows with the number
+of kept images (bench/README.md has the figures). (Above ``t`` = 8, keys use ``a``'s chunks
+only.)
 Keys are spread over the partitions, and each partition keeps its keys in a numpy
 open-addressing table: a batch of lookups is a handful of vectorised passes, not a Python loop.
 
@@ -66,7 +68,7 @@ whose dataset this run continues, held by the candidate key's own claim."""
 
 MAX_RELATIONS = 8
 """Near matches reported per probed item (the closest ones)."""
-PAIR_KEYS_UP_TO = 6
+PAIR_KEYS_UP_TO = 8
 """Thresholds up to this use keys on both codes' chunks; above it, on ``a``'s chunks only."""
 
 

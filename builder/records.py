@@ -71,10 +71,6 @@ class Record:
     duplicate_of: str = ""
     downloaded_bytes: int = 0
     """Size of the downloaded bytes (kept when ``data`` is dropped or rewritten)."""
-    signatures: tuple[tuple[int, int], ...] = ()
-    """Near-duplicate signatures the index stores for this image ((a, b) 64-bit pairs)."""
-    probe_signatures: tuple[tuple[int, int], ...] = ()
-    """Signatures this image is looked up with (its own, plus e.g. its mirror)."""
     relabelled_from: str = ""
     """The label it was found under, when the slow level moved it to another class."""
 
@@ -106,9 +102,13 @@ class Record:
         return Stage(self.stage) if self.stage else None
 
     def dedup_signatures(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
-        """(stored, probe) signatures: those the validator set, else (pHash, dHash)."""
-        if self.signatures:
-            return self.signatures, self.probe_signatures or self.signatures
+        """(stored, probe) near-duplicate signatures: those the validator set
+        (``builder.similarity``), else the whole image's (pHash, dHash)."""
+        from builder.similarity import decode
+
+        if self.near_stored:
+            stored = decode(self.near_stored)
+            return stored, decode(self.near_probes) or stored
         own = ((int(self.phash or "0", 16), int(self.dhash or "0", 16)),)
         return own, own
 
