@@ -31,7 +31,7 @@ def _urllist(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.urllist import UrlListEngine
 
     return UrlListEngine(src.path or "", url_column=src.url_column, label_column=src.label_column,
-                         labels=spec.labels)
+                         labels=spec.labels, caption_column=src.caption_column)
 
 
 def make_engine(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:

@@ -1,4 +1,5 @@
-"""URL lists: txt (one URL a line, or ``label<TAB>url``), csv, jsonl or parquet with columns."""
+"""URL lists: txt (one URL a line, or ``label<TAB>url``), csv, jsonl or parquet with columns
+(url, label and, with ``caption_column``, a caption per image)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ from builder.errors import SourceError
 def read_url_list(path: str, *, url_column: str = "url", label_column: str = "label",
                   default_label: str = "") -> list[tuple[str, str]]:
     """Read ``(label, url)`` pairs from a list file; the format is chosen by its extension."""
+    return [(label, url) for label, url, _ in read_url_rows(
+        path, url_column=url_column, label_column=label_column, default_label=default_label)]
+
+
+def read_url_rows(path: str, *, url_column: str = "url", label_column: str = "label",
+                  default_label: str = "", caption_column: str | None = None
+                  ) -> list[tuple[str, str, str]]:
+    """Read ``(label, url, caption)`` rows from a list file (caption '' without
+    ``caption_column``, or where the row has none)."""
     p = Path(path)
     if not p.is_file():
         raise SourceError(f"URL list not found: {p} (sources[].path must name an existing file)")
@@ -63,7 +73,8 @@ def read_url_list(path: str, *, url_column: str = "url", label_column: str = "la
             raise SourceError(f"{where}: {url_column!r} must be a string URL, got "
                               f"{type(url).__name__} {str(url)[:80]}")
         label = str(row.get(label_column) or default_label)
-        out.append((label, url))
+        caption = row.get(caption_column) if caption_column else None
+        out.append((label, url, caption if isinstance(caption, str) else ""))
     return out
 
 
@@ -74,12 +85,16 @@ class UrlListEngine(SearchEngine):
     query_based = False
 
     def __init__(self, path: str, *, url_column: str = "url", label_column: str = "label",
-                 labels: list[str] | None = None):
-        pairs = read_url_list(path, url_column=url_column, label_column=label_column,
-                              default_label=labels[0] if labels and len(labels) == 1 else "")
+                 labels: list[str] | None = None, caption_column: str | None = None):
+        rows = read_url_rows(path, url_column=url_column, label_column=label_column,
+                             default_label=labels[0] if labels and len(labels) == 1 else "",
+                             caption_column=caption_column)
         self._by_label: dict[str, list[str]] = defaultdict(list)
-        for label, url in pairs:
+        self._captions: dict[str, str] = {}
+        for label, url, caption in rows:
             self._by_label[label].append(url)
+            if caption:
+                self._captions[url] = caption
         if labels is not None:
             unknown = sorted(set(self._by_label) - set(labels))
             if unknown:
@@ -90,7 +105,8 @@ class UrlListEngine(SearchEngine):
         urls = self._by_label.get(label, [])
         start = page * per_page
         chunk = urls[start:start + per_page]
-        hits = [SearchHit(url=u, rank=start + i) for i, u in enumerate(chunk)]
+        hits = [SearchHit(url=u, rank=start + i, caption=self._captions.get(u, ""))
+                for i, u in enumerate(chunk)]
         return SearchPage(hits=hits, has_more=start + per_page < len(urls))
 
 
@@ -101,3 +117,4 @@ class InlineUrlsEngine(UrlListEngine):
 
     def __init__(self, urls_by_label: dict[str, list[str]]):
         self._by_label = defaultdict(list, {k: list(v) for k, v in urls_by_label.items()})
+        self._captions = {}
