@@ -68,8 +68,7 @@ def parse_preferences(text: str) -> dict[str, str]:
         key = key.strip().lower()
         if not key or not eq:
             continue
-        value = value.strip().strip('"').lower()
-        value = value.split(";", 1)[0].strip()
+        value = value.split(";", 1)[0].strip().strip('"').strip().lower()
         value = _YES.get(value, value)
         if prefs.get(key) != "n":
             prefs[key] = value

@@ -7,6 +7,9 @@
 - ``GET /img/...``, ``/f/...``, ``/private/...`` the corpus (see ``corpus.py``), faults included
 - ``GET /page/{slug}/{pos}`` a tiny HTML page per search result
 - ``GET /bench/{i}.jpg`` benchmark images; ``GET /robots.txt``; ``GET /healthz``
+- ``GET /sig/...`` images and pages carrying opt-out headers, XMP and meta tags, and more origins
+  (one port each) with their own robots.txt, tdmrep.json and ai.txt (``sites.py``;
+  ``signal_urls()``, ``site()``)
 
 Images are rendered on first request (in the loop's thread pool) and kept in a bounded cache.
 """
@@ -24,6 +27,10 @@ from typing import Any, Callable, Sequence
 from aiohttp import web
 
 from builder.ports import free_port
+from builder.sandbox.sites import (PAGE_CASES, SIGNAL_CASES, SignalCase, Site, default_sites,
+                                   thumb_width)
+from builder.signals import AI_TXT_PATH, TDMREP_PATH
+from builder.xmp import jpeg_with_xmp, xmp_with_data_mining
 from builder.sandbox.corpus import (
     ACCEPTED,
     CLEAN,
@@ -32,6 +39,8 @@ from builder.sandbox.corpus import (
     ROBOTS_TXT,
     Corpus,
     Entry,
+    Picture,
+    derive_seed,
     encode,
 )
 
@@ -96,13 +105,14 @@ class SandboxWeb:
     ``fault_every`` clean images, cycling through ``FAULTS``); the dedicated instances behind
     ``fault_urls()`` are served either way. ``slow_s`` is how long ``slow`` URLs wait before
     answering; ``big_bytes`` how much a ``too_big`` URL streams; ``bench_images`` how many
-    benchmark JPEGs ``bench_urls()`` lists.
+    benchmark JPEGs ``bench_urls()`` lists. ``sites`` serves the opt-out sites
+    (``sites.py``), each on a port of its own.
     """
 
     def __init__(self, classes: Sequence[str] = DEFAULT_CLASSES, images_per_class: int = 40, *,
                  seed: int = 0, faults: bool = True, fault_every: int = 6,
                  host: str = "127.0.0.1", port: int = 0, slow_s: float = 5.0,
-                 big_bytes: int = 3_000_000, bench_images: int = 0):
+                 big_bytes: int = 3_000_000, bench_images: int = 0, sites: bool = True):
         if slow_s < 0 or big_bytes < len(JPEG_HEAD):
             raise ValueError(f"slow_s must be >= 0 and big_bytes >= {len(JPEG_HEAD)}")
         self.corpus = Corpus(classes, images_per_class, seed=seed, faults=faults,
@@ -122,6 +132,8 @@ class SandboxWeb:
         self._hits: Counter[str] = Counter()
         self._sleepers: set[asyncio.Task[Any]] = set()
         self._outcomes = self._expected_outcomes()
+        self.sites: dict[str, Site] = default_sites() if sites else {}
+        self._site_urls: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -178,6 +190,17 @@ class SandboxWeb:
             ready.set()
             return
         self.base_url = _origin(self.host, runner.addresses[0][1])
+        self._site_urls = {"main": self.base_url} if "main" in self.sites else {}
+        site_runners = []
+        for site in self.sites.values():
+            if site.name == "main":
+                continue
+            site_runner = web.AppRunner(self._make_site_app(site), access_log=None,
+                                        shutdown_timeout=0.25)
+            loop.run_until_complete(site_runner.setup())
+            loop.run_until_complete(web.TCPSite(site_runner, self.host, 0).start())
+            self._site_urls[site.name] = _origin(self.host, site_runner.addresses[0][1])
+            site_runners.append(site_runner)
         self._loop = loop
         ready.set()
         try:
@@ -185,6 +208,8 @@ class SandboxWeb:
         finally:
             for task in list(self._sleepers):  # pending ``slow`` answers: drop them now
                 task.cancel()
+            for site_runner in site_runners:
+                loop.run_until_complete(site_runner.cleanup())
             loop.run_until_complete(runner.cleanup())
             leftovers = asyncio.all_tasks(loop)
             for task in leftovers:
@@ -244,13 +269,39 @@ class SandboxWeb:
             out[entry.path] = ACCEPTED if entry.kind == CLEAN else FAULTS[entry.kind]
         return out
 
+    def site(self, name: str) -> Site:
+        """The opt-out site ``name`` (mutable while serving: its files and headers)."""
+        if name not in self.sites:
+            raise ValueError(f"unknown site {name!r}: this sandbox serves {list(self.sites)}")
+        return self.sites[name]
+
+    def site_url(self, name: str) -> str:
+        """The origin (``http://127.0.0.1:<port>``) of site ``name``."""
+        self._require_started()
+        self.site(name)
+        return self._site_urls[name]
+
+    def signal_urls(self, cases: dict[str, SignalCase] | None = None) -> dict[str, str]:
+        """Case name -> absolute URL, for ``SIGNAL_CASES`` (or ``cases``, e.g. ``PAGE_CASES``)."""
+        return {name: self.site_url(c.site) + c.path
+                for name, c in (SIGNAL_CASES if cases is None else cases).items()}
+
+    def signal_page(self, case: str) -> str:
+        """The absolute URL of the page a ``PAGE_CASES`` case's image is found on."""
+        c = PAGE_CASES[case]
+        return self.site_url(c.site) + c.page
+
     def outcome_of(self, url: str) -> str | None:
         """What the pipeline must make of ``url``: "accepted", a Reason value, or None when the
-        URL is not one of this sandbox's corpus or benchmark URLs."""
+        URL is not one of this sandbox's corpus, benchmark or signal-case URLs."""
         try:
             path = urllib.parse.urlsplit(url).path
         except ValueError:
             return None
+        if self._site_urls:
+            for case in SIGNAL_CASES.values():
+                if url == self._site_urls.get(case.site, "") + case.path:
+                    return case.outcome
         if path.startswith("/bench/"):
             return ACCEPTED if self._bench_index(path.rsplit("/", 1)[-1]) is not None else None
         return self._outcomes.get(path)
@@ -273,8 +324,77 @@ class SandboxWeb:
         app.router.add_get("/search", self._search)
         app.router.add_get("/page/{slug}/{pos}", self._page)
         app.router.add_get("/bench/{name}", self._bench)
+        if "main" in self.sites:
+            main = self.sites["main"]
+            app.router.add_get("/sig/{tail:.*}",
+                               lambda request: self._site_answer(main, request))
         app.router.add_get("/{tail:.*}", self._entry)
         return app
+
+    # -- opt-out sites --------------------------------------------------------------------------
+
+    def _make_site_app(self, site: Site) -> web.Application:
+        @web.middleware
+        async def count(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+            site.paths.append(request.path_qs)
+            site.in_flight += 1
+            site.max_in_flight = max(site.max_in_flight, site.in_flight)
+            try:
+                if site.delay_s:
+                    await self._sleep(site.delay_s)
+                return await handler(request)
+            finally:
+                site.in_flight -= 1
+
+        async def robots(request: web.Request) -> web.Response:
+            return self._file(site.robots_txt, "text/plain")
+
+        async def tdmrep(request: web.Request) -> web.Response:
+            return self._file(site.tdmrep_json, "application/json")
+
+        async def ai_txt(request: web.Request) -> web.Response:
+            return self._file(site.ai_txt, "text/plain")
+
+        app = web.Application(middlewares=[count])
+        app.router.add_get("/robots.txt", robots)
+        app.router.add_get(TDMREP_PATH, tdmrep)
+        app.router.add_get(AI_TXT_PATH, ai_txt)
+        app.router.add_get("/{tail:.*}", lambda request: self._site_answer(site, request))
+        return app
+
+    @staticmethod
+    def _file(text: str | None, content_type: str) -> web.Response:
+        if text is None:
+            raise web.HTTPNotFound(text="no such file here\n")
+        return web.Response(text=text, content_type=content_type)
+
+    async def _sleep(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._sleepers.add(task)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._sleepers.discard(task)
+
+    async def _site_answer(self, site: Site, request: web.Request) -> web.Response:
+        """A site's page or image: any other path is an image, the same for the same site and
+        path, with the headers and XMP the site sets for it."""
+        path = request.path
+        if path in site.redirects:
+            raise web.HTTPFound(location=site.redirects[path])
+        if path in site.pages:
+            return web.Response(text=site.pages[path], content_type="text/html")
+        if site.thumb_widths:
+            width = thumb_width(path)
+            if width is not None and width not in site.thumb_widths:
+                return web.Response(status=400, text=f"Use thumbnail steps listed on "
+                                    f"https://w.wiki/GHai ({width}px is not one)\n")
+        xmp = site.xmp_for(path)
+        key = f"site:{site.name}:{path}"
+        data = await self._render(key, lambda: _site_image(site.name, path, xmp))
+        return web.Response(body=data, content_type="image/jpeg",
+                            headers=site.headers_for(path))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -416,6 +536,17 @@ class SandboxWeb:
         except ConnectionError:
             pass  # the client stopped reading at its byte cap, as it should
         return resp
+
+
+def _site_image(site: str, path: str, data_mining: str | None) -> bytes:
+    """A JPEG for a site path (distinct per site and path), with ``plus:DataMining`` in its XMP
+    when given."""
+    pic = Picture(seed=derive_seed("site", site, path), width=320, height=240, quality=88,
+                  hue=(derive_seed("hue", site, path) % 1000) / 1000)
+    data = encode(pic)
+    if data_mining is not None:
+        data = jpeg_with_xmp(data, xmp_with_data_mining(data_mining))
+    return data
 
 
 def serve_forever(host: str = "127.0.0.1", port: int = 8800, **kwargs: Any) -> None:
