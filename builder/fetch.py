@@ -241,6 +241,16 @@ class Fetcher:
                                                   len(queue)))))
         return list(records)
 
+    async def origin_ledger(self, url: str) -> tuple[Signal, ...]:
+        """The origin-level ledger entries of ``url`` as its origin answers now (robots.txt,
+        tdmrep.json, ai.txt; each read once per origin). Raises ``UrlRejected`` for a URL the
+        SSRF guard refuses. ``pixcrawler recheck`` uses this."""
+        vetted = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
+        if not self._origin_signals:
+            return ()
+        origin = self._origins.cached(vetted) or await self._origins.get(vetted)
+        return origin.ledger(vetted)
+
     # ---- one record ---------------------------------------------------------------------------
 
     async def _fetch_timed(self, record: Record, url: Optional[URL]) -> Record:

@@ -24,6 +24,7 @@ from builder.engines.base import SearchPage
 from builder.errors import EngineError, SourceError
 from builder.reasons import Reason
 from builder.records import Candidate, Record
+from builder.rights import RightsTally, honoured_signals
 from builder.spec import DatasetSpec
 from builder.urls import UrlDedup, check_url, normalise_url
 
@@ -168,6 +169,7 @@ class JobLedger:
 
     def __init__(self, spec: DatasetSpec):
         self.classes = {label: ClassCounts(spec.target_of(label)) for label in spec.labels}
+        self.rights = RightsTally(honoured_signals(spec.download))
         self.by_stage: Counter = Counter()
         self.bytes_downloaded = 0
         self.started = time.time()
@@ -190,6 +192,7 @@ class JobLedger:
         """
         accepted = []
         for record in records:
+            self.rights.add(record.rights)
             if not record.rejected:
                 c = self.classes[record.label]
                 if c.accepted >= c.target:
@@ -254,6 +257,7 @@ class JobLedger:
             "started": self.started, "finished": finished,
             "duration_s": round(finished - self.started, 3),
             "bytes_downloaded": self.bytes_downloaded,
+            "rights": self.rights.summary(),
         }
         out.update(extra)
         return out

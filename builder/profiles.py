@@ -165,7 +165,8 @@ def _private_host(url: str) -> bool:
     return ip.is_private or ip.is_loopback or ip.is_link_local
 
 
-def _public_urls(urls: Iterable[str]) -> Optional[str]:
+def first_public_url(urls: Iterable[str]) -> Optional[str]:
+    """The first URL whose host is not loopback, private or ``localhost`` (None if none)."""
     return next((u for u in urls if not _private_host(u)), None)
 
 
@@ -186,7 +187,7 @@ def contact_problem(spec: DatasetSpec) -> Optional[str]:
         from builder.errors import SourceError
 
         for c in spec.classes.values():
-            url = _public_urls(c.urls)
+            url = first_public_url(c.urls)
             if url:
                 why = f"class urls include {url[:120]}"
                 break
@@ -198,7 +199,7 @@ def contact_problem(spec: DatasetSpec) -> Optional[str]:
                                      label_column=src.label_column)
             except SourceError:
                 continue  # the job reports an unreadable list itself
-            url = _public_urls(row[1] for row in rows)
+            url = first_public_url(row[1] for row in rows)
             if url:
                 why = f"the URL list {src.path} holds {url[:120]}"
     if why is None:
@@ -209,4 +210,5 @@ def contact_problem(spec: DatasetSpec) -> Optional[str]:
 
 
 __all__ = ["BUILTIN_PROFILES", "HostProfile", "HostProfiles", "PUBLIC_ENGINES",
-           "WIKIMEDIA_THUMB_WIDTHS", "contact_problem", "has_contact", "user_agent"]
+           "WIKIMEDIA_THUMB_WIDTHS", "contact_problem", "first_public_url", "has_contact",
+           "user_agent"]

@@ -9,16 +9,21 @@ verdict ``none``, so a ledger says what was checked, not only what refused.
 
 Accepted images carry their ledger into the Parquet ``rights`` column (``RIGHTS_TYPE``); a refusal
 rejects the record (``opted_out`` or ``robots_disallowed``) with a detail naming the signal.
-``RightsTally`` sums ledgers into the ``rights`` section of ``stats.json`` and the dataset card.
+``RightsTally`` sums ledgers into the ``rights`` section of ``stats.json`` and the dataset card:
+the signals honoured, then per signal how many candidates had it checked, found a value, were
+allowed and were refused.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from builder.spec import DownloadSpec
 
 ALLOW = "allow"
 REFUSE = "refuse"
@@ -89,6 +94,16 @@ def first_refusal(signals: Iterable[Signal]) -> Optional[Signal]:
     return next((s for s in signals if s.refuses), None)
 
 
+def honoured_signals(cfg: "DownloadSpec") -> list[str]:
+    """The signals a download config checks and honours, in ``SIGNAL_DOCS`` order."""
+    on = {"robots_txt": cfg.respect_robots, "x_robots_tag": cfg.respect_optouts,
+          "content_signal": cfg.signals.content_signal,
+          "content_usage": cfg.signals.content_usage, "tdmrep": cfg.signals.tdmrep,
+          "ai_txt": cfg.signals.ai_txt, "xmp_datamining": cfg.signals.xmp_datamining,
+          "robots_meta": cfg.signals.page_meta and cfg.respect_optouts}
+    return [name for name in SIGNAL_DOCS if on[name]]
+
+
 class RightsTally:
     """Per-signal counts over decided records, for ``stats.json`` (``summary()``).
 
@@ -97,7 +112,8 @@ class RightsTally:
     Mergeable (``merge``), so shards or actors can count apart and add up.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, honoured: Iterable[str] = ()) -> None:
+        self.honoured = list(honoured)
         self.counts: dict[str, Counter] = {}
         self.records = 0
         self.with_ledger = 0
@@ -134,9 +150,10 @@ class RightsTally:
         signals = {name: {k: int(c.get(k, 0)) for k in ("checked", "present", "allowed",
                                                         "refused")}
                    for name, c in sorted(self.counts.items())}
-        return {"records": self.records, "checked": self.with_ledger,
-                "refused": self.refused_records, "signals": signals}
+        return {"honoured": self.honoured, "records": self.records,
+                "checked": self.with_ledger, "refused": self.refused_records,
+                "signals": signals}
 
 
 __all__ = ["ALLOW", "NONE", "REFUSE", "RIGHTS_TYPE", "SIGNAL_DOCS", "RightsTally", "Signal",
-           "first_refusal", "rights_rows", "signals_from_rows"]
+           "first_refusal", "honoured_signals", "rights_rows", "signals_from_rows"]

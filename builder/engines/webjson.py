@@ -22,7 +22,8 @@ from builder.fetch import parse_retry_after  # one Retry-After parser for fetche
 
 DEFAULT_USER_AGENT = "PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)"
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token)=)[^&]*")
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token|client_secret)=)"
+                            r"[^&]*")
 
 
 def redact(url: str) -> str:
@@ -32,14 +33,16 @@ def redact(url: str) -> str:
 
 def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
           headers: Mapping[str, str] | None = None, timeout_s: float = 15.0,
-          user_agent: str = DEFAULT_USER_AGENT) -> bytes:
-    """GET ``url`` (with ``params`` appended) and return the body; failures raise EngineError."""
+          user_agent: str = DEFAULT_USER_AGENT, form: Mapping[str, str] | None = None) -> bytes:
+    """GET ``url`` (with ``params`` appended) and return the body; failures raise EngineError.
+    With ``form``, POST it URL-encoded instead (an OAuth token request)."""
     if params:
         sep = "&" if "?" in url else "?"
         url = f"{url}{sep}{urllib.parse.urlencode(params)}"
-    req = urllib.request.Request(url, headers={"User-Agent": user_agent,
-                                               "Accept": "application/json",
-                                               **(headers or {})})
+    body = urllib.parse.urlencode(form).encode() if form is not None else None
+    req = urllib.request.Request(url, data=body, headers={"User-Agent": user_agent,
+                                                          "Accept": "application/json",
+                                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.read()
@@ -75,10 +78,11 @@ def loads(body: bytes, *, engine: str, what: str = "response") -> Any:
 
 def fetch_json(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
                headers: Mapping[str, str] | None = None, timeout_s: float = 15.0,
-               user_agent: str = DEFAULT_USER_AGENT) -> Any:
+               user_agent: str = DEFAULT_USER_AGENT, form: Mapping[str, str] | None = None
+               ) -> Any:
     """``fetch`` then ``loads``."""
     body = fetch(url, engine=engine, params=params, headers=headers, timeout_s=timeout_s,
-                 user_agent=user_agent)
+                 user_agent=user_agent, form=form)
     return loads(body, engine=engine)
 
 

@@ -434,6 +434,7 @@ class SandboxWeb:
                 "title": f"A {entry.label} picture, number {pos + 1}",
                 "license": "CC-BY-4.0" if credited else "",
                 "author": "sandbox" if credited else "",
+                "caption": f"a {entry.label} in a sandbox picture, shapes on a gradient",
             })
         return web.json_response({"results": results, "has_more": start + per_page < len(items),
                                   "total": len(items)})
