@@ -4,10 +4,11 @@ A profile sets, for one host, how many requests may be in flight, the gap betwee
 starts, a bandwidth cap on bodies, and the standard thumbnail widths it serves. Built-in profiles
 (``BUILTIN_PROFILES``) encode sites' published robot policies; ``download.hosts`` in the spec
 overrides them field by field and adds others (a host name, or ``*.example.org`` for a domain and
-its subdomains). A field no profile sets falls back to the download-wide setting. A built-in profile only
-makes the crawl politer (never more concurrency than ``download.per_host_concurrency``, never a
-shorter delay than ``download.per_host_delay_s``); a value set in ``download.hosts`` stands as
-written, so a host you run can be crawled harder than the rest.
+its subdomains). A field no profile sets falls back to the download-wide setting. A built-in
+profile only makes the crawl politer (never more concurrency than
+``download.per_host_concurrency``, never a shorter delay than ``download.per_host_delay_s``); a
+value set in ``download.hosts`` stands as written, so a host you run can be crawled harder than
+the rest.
 
 Wikimedia (upload.wikimedia.org): at most 2 concurrent downloads and 25 Mbps, and thumbnails only
 at the standard widths 120, 250, 330, 500, 960, 1280, 1920, 3840 (other widths are refused): a

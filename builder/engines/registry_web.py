@@ -2,8 +2,8 @@
 
 Each factory reads the source's own settings (``region``, ``safesearch``) and its ``options``:
 ``base_url`` (the API endpoint; tests point it at a fake on 127.0.0.1), ``timeout_s`` (default: the
-spec's download timeout) and the engine's filters. The User-Agent is the spec's download one, with ``download.contact``.
-Engines with missing credentials raise ``EngineUnavailable`` from their constructor.
+spec's download timeout) and the engine's filters. The User-Agent is the spec's download one, with
+``download.contact``. Engines with missing credentials raise ``EngineUnavailable`` from their constructor.
 """
 
 from __future__ import annotations

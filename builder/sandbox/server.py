@@ -7,6 +7,9 @@
 - ``GET /img/...``, ``/f/...``, ``/private/...`` the corpus (see ``corpus.py``), faults included
 - ``GET /page/{slug}/{pos}`` a tiny HTML page per search result
 - ``GET /bench/{i}.jpg`` benchmark images; ``GET /robots.txt``; ``GET /healthz``
+- ``GET /api/openverse/v1/images/`` the search as Openverse answers it (anonymous: pages of at
+  most 20, no result past the 240th); ``GET /api/google/customsearch/v1`` Google's Custom Search
+  API as it answers a key made after it closed: 403 ``PERMISSION_DENIED`` (for the engine probe)
 - ``GET /sig/...`` images and pages carrying opt-out headers, XMP and meta tags, and more origins
   (one port each) with their own robots.txt, tdmrep.json and ai.txt (``sites.py``;
   ``signal_urls()``, ``site()``)
@@ -324,12 +327,43 @@ class SandboxWeb:
         app.router.add_get("/search", self._search)
         app.router.add_get("/page/{slug}/{pos}", self._page)
         app.router.add_get("/bench/{name}", self._bench)
+        app.router.add_get("/api/openverse/v1/images/", self._openverse)
+        app.router.add_get("/api/google/customsearch/v1", self._google)
         if "main" in self.sites:
             main = self.sites["main"]
             app.router.add_get("/sig/{tail:.*}",
                                lambda request: self._site_answer(main, request))
         app.router.add_get("/{tail:.*}", self._entry)
         return app
+
+    # -- engine look-alikes (for the engine probe) ----------------------------------------------
+
+    async def _openverse(self, request: web.Request) -> web.Response:
+        try:
+            page = int(request.query.get("page", "1"))
+            size = int(request.query.get("page_size", "20"))
+        except ValueError:
+            return web.json_response({"detail": "page and page_size are integers"}, status=400)
+        if "Authorization" not in request.headers and (size > 20 or page * size > 240):
+            return web.json_response({"detail": "Anonymous requests get pages of at most 20 "
+                                                "and no result past the 240th."}, status=401)
+        label = self.corpus.class_for_query(request.query.get("q", ""))
+        items = self.corpus.clean[label] if label is not None else []
+        origin = f"{request.scheme}://{request.host}"
+        chunk = items[(page - 1) * size:page * size]
+        results = [{"id": f"sandbox-{label}-{i}", "url": origin + e.path,
+                    "foreign_landing_url": f"{origin}/page/{self.corpus.slugs[e.label]}/{i}",
+                    "title": f"A {e.label} picture", "creator": "sandbox", "license": "by",
+                    "license_version": "4.0"} for i, e in enumerate(chunk)]
+        return web.json_response({"result_count": len(items),
+                                  "page_count": -(-len(items) // size) if items else 0,
+                                  "page_size": size, "page": page, "results": results})
+
+    async def _google(self, request: web.Request) -> web.Response:
+        message = "This project does not have the access to Custom Search JSON API."
+        return web.json_response({"error": {"code": 403, "message": message, "errors": [
+            {"message": message, "domain": "global", "reason": "forbidden"}],
+            "status": "PERMISSION_DENIED"}}, status=403)
 
     # -- opt-out sites --------------------------------------------------------------------------
 
