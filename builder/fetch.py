@@ -40,9 +40,8 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
 import aiohttp
-from yarl import URL
-
 from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from builder import signals as sig
 from builder.formats import sniff_format

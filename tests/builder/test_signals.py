@@ -338,3 +338,17 @@ def test_bandwidth_cap_spaces_a_hosts_bodies(web: SandboxWeb) -> None:
     slow_s = time.perf_counter() - slow_start
     assert not any(r.rejected for r in fast + slow)
     assert slow_s >= 0.8 and slow_s > fast_s + 0.3, (fast_s, slow_s)
+
+
+def test_card_sums_up_the_rights():
+    from builder.card import render_card
+
+    tally = RightsTally(["robots_txt", "tdmrep"])
+    tally.add((Signal("robots_txt", "allow", "robots.txt group '*'", ALLOW),
+               Signal("tdmrep", "tdm-reservation=1", "header tdm-reservation", REFUSE)))
+    card = render_card("d", "", {"rights": tally.summary()}, "")
+    section = card.split("## Rights and opt-outs\n\n", 1)[1].split("\n## ", 1)[0]
+    assert "Signals checked and honoured: `robots_txt`, `tdmrep`." in section
+    assert "| `tdmrep` | TDMRep" in section and section.count("| 1 |") >= 1
+    assert "pixcrawler recheck" in section
+    assert "_No opt-out signal was recorded._" in render_card("d", "", {}, "")

@@ -48,3 +48,15 @@ def test_missing_column_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "urls.csv", "label,link\ncat,http://a/1.jpg\n")
     with pytest.raises(SourceError, match=r"urls\.csv:2: no column 'url'"):
         read_url_list(path)
+
+
+def test_caption_column_becomes_the_hits_caption(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.jsonl", '{"url": "http://a/1.jpg", "alt": "a cat asleep"}\n'
+                                      '{"url": "http://a/2.jpg", "alt": 7}\n'
+                                      '{"url": "http://a/3.jpg"}\n')
+    engine = UrlListEngine(path, labels=["cat"], caption_column="alt")
+    page = engine.search("", label="cat", page=0, per_page=10)
+    assert [h.caption for h in page.hits] == ["a cat asleep", "", ""]
+    assert page.hits[0].to_candidate("cat", "", "urllist").caption == "a cat asleep"
+    plain = UrlListEngine(path, labels=["cat"]).search("", label="cat", page=0, per_page=10)
+    assert [h.caption for h in plain.hits] == ["", "", ""]
