@@ -92,19 +92,24 @@ class HostProfiles:
             rules[key] = spec
         self._rules = rules
         self._user = {host.lower(): spec for host, spec in cfg.hosts.items()}
+        self._wildcards = any(host.startswith("*.") for host in rules)
         self.default = HostProfile(cfg.per_host_concurrency, cfg.per_host_delay_s, None, ())
         self._cache: dict[str, HostProfile] = {}
 
     def for_host(self, host: str) -> HostProfile:
+        """The profile of ``host`` (only hosts with a profile of their own are cached, so a
+        crawl over millions of hosts keeps a small table)."""
         found = self._cache.get(host)
         if found is None:
-            found = self._cache[host] = self._resolve(host.lower())
+            found = self._resolve(host.lower())
+            if found is not self.default:
+                self._cache[host] = found
         return found
 
     def _resolve(self, host: str) -> HostProfile:
         key = host
         spec = self._rules.get(key)
-        if spec is None:
+        if spec is None and self._wildcards:
             parts = host.split(".")
             for i in range(len(parts)):
                 key = "*." + ".".join(parts[i:])
