@@ -131,7 +131,7 @@ def micro(n: int) -> dict[str, float]:
 
     from builder.rights import RIGHTS_TYPE, rights_rows
     from builder.robots import RobotsPolicy
-    from builder.signals import OriginSignals, embedded_signals, parse_tdmrep, response_signals
+    from builder.signals import OriginSignals, ResponseSignals, embedded_signals, parse_tdmrep
     from builder.spec import DownloadSpec
     from loopback import corpus_pack as pack_of
 
@@ -141,6 +141,7 @@ def micro(n: int) -> dict[str, float]:
         parse_tdmrep(200, SIGNAL_FILES["/.well-known/tdmrep.json"].encode()),
         RobotsPolicy.from_response(200, SIGNAL_FILES["/ai.txt"].encode()))
     headers = CIMultiDict(SIGNAL_HEADERS)
+    response_signals = ResponseSignals(cfg)
     pack, offsets = pack_of(n)
     blob = pack.read_bytes()
     images = [blob[offsets[i]:offsets[i + 1]] for i in range(min(n, 2000))]
@@ -155,10 +156,10 @@ def micro(n: int) -> dict[str, float]:
         return value
 
     ledgers = timed("origin entries", lambda: [origin.ledger(u) for u in urls])
-    timed("response headers", lambda: [response_signals(cfg, headers) for _ in urls])
+    timed("response headers", lambda: [response_signals(headers) for _ in urls])
     timed("XMP walk", lambda: [embedded_signals(images[i % len(images)], "jpeg")
                                for i in range(n)])
-    full = [ledger + response_signals(cfg, headers) + embedded_signals(images[0], "jpeg")
+    full = [ledger + response_signals(headers) + embedded_signals(images[0], "jpeg")
             for ledger in ledgers]
     rows = timed("Parquet rows", lambda: [rights_rows(ledger) for ledger in full])
     timed("Arrow column", lambda: pa.array(rows, RIGHTS_TYPE))

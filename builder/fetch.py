@@ -141,7 +141,7 @@ class Fetcher:
         self._profiles = HostProfiles(cfg)
         self._origins: OriginCache[sig.OriginSignals] = OriginCache(self._load_origin)
         self._origin_signals = sig.origin_active(cfg)
-        self._response_signals = sig.response_active(cfg)
+        self._response_signals = sig.ResponseSignals(cfg)
         self._pages: OrderedDict[str, asyncio.Future[Optional[sig.PageFacts]]] = OrderedDict()
         self._session: Optional[aiohttp.ClientSession] = None
         self._global = asyncio.Semaphore(cfg.concurrency)
@@ -391,8 +391,8 @@ class Fetcher:
     async def _accept_body(self, resp: aiohttp.ClientResponse, record: Record) -> None:
         """Read a 2xx body under the byte cap, apply opt-outs and the format sniff."""
         cfg = self.cfg
-        if self._response_signals and self._refused(record, sig.response_signals(cfg,
-                                                                                  resp.headers)):
+        read = self._response_signals
+        if read.active and self._refused(record, read(resp.headers)):
             return
         cap = cfg.max_bytes
         length = resp.content_length

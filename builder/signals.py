@@ -9,7 +9,7 @@ Three levels, checked in this order by the fetcher (``builder.fetch``):
   TDMRep's ``/.well-known/tdmrep.json`` (an array of ``location`` / ``tdm-reservation`` /
   ``tdm-policy`` rules; the first rule whose location pattern matches applies); ``/ai.txt``
   (robots.txt syntax).
-* **response** (``response_signals``): the ``X-Robots-Tag`` header (``noai``, ``noimageai``,
+* **response** (``ResponseSignals``): the ``X-Robots-Tag`` header (``noai``, ``noimageai``,
   ``noml``, ``noindex``, ``noimageindex``), TDMRep's ``tdm-reservation`` / ``tdm-policy`` headers
   and the ``Content-Usage`` header.
 * **embedded** (``embedded_signals``): IPTC ``plus:DataMining`` in the image's XMP.
@@ -43,7 +43,6 @@ from builder.xmp import data_mining, data_mining_verdict
 
 TDMREP_PATH = "/.well-known/tdmrep.json"
 AI_TXT_PATH = "/ai.txt"
-MAX_SIGNAL_FILE_BYTES = 512 * 1024
 
 USAGE_CATEGORIES: dict[str, tuple[str, ...]] = {
     "train-genai": ("train-genai", "train-ai", "bots"),
@@ -321,40 +320,57 @@ _NO_USAGE_HEADER = Signal("content_usage", "", "header Content-Usage")
 _NO_XMP = Signal("xmp_datamining", "", "XMP plus:DataMining (embedded)")
 
 
-def response_signals(cfg: DownloadSpec, headers: Any) -> tuple[Signal, ...]:
-    """The entries an image response's headers give (``headers``: a multidict with
-    ``getall``, as aiohttp's)."""
-    out: list[Signal] = []
-    if cfg.respect_optouts:
-        tags = headers.getall("X-Robots-Tag", ())
-        if not tags:
-            out.append(_NO_XRT)
-        else:
-            directive = optout_directive(tags, ROBOTS_UA)
-            if directive:
-                out.append(Signal("x_robots_tag", directive, "header X-Robots-Tag", REFUSE))
+class ResponseSignals:
+    """The entries an image response's headers give (``__call__(headers)``: a multidict with
+    ``getall``, as aiohttp's); ``active`` is False when the spec reads no header signal.
+
+    A site sends the same opt-out headers with every image, so the entries are kept per
+    distinct set of header values (up to ``CACHE`` sets): most images cost a dict lookup."""
+
+    CACHE = 1024
+
+    def __init__(self, cfg: DownloadSpec):
+        self.cfg = cfg
+        self.active = cfg.respect_optouts or cfg.signals.tdmrep or cfg.signals.content_usage
+        self._seen: dict[tuple[Any, ...], tuple[Signal, ...]] = {}
+
+    def __call__(self, headers: Any) -> tuple[Signal, ...]:
+        key = (tuple(headers.getall("X-Robots-Tag", ())), headers.get("tdm-reservation"),
+               headers.get("tdm-policy"), tuple(headers.getall("Content-Usage", ())))
+        found = self._seen.get(key)
+        if found is None:
+            if len(self._seen) >= self.CACHE:
+                self._seen.clear()
+            found = self._seen[key] = self._read(*key)
+        return found
+
+    def _read(self, tags: tuple[str, ...], reservation: Optional[str], policy: Optional[str],
+              usage: tuple[str, ...]) -> tuple[Signal, ...]:
+        cfg = self.cfg
+        out: list[Signal] = []
+        if cfg.respect_optouts:
+            if not tags:
+                out.append(_NO_XRT)
             else:
-                out.append(Signal("x_robots_tag", ", ".join(tags)[:300],
-                                  "header X-Robots-Tag"))
-    if cfg.signals.tdmrep:
-        reservation = headers.get("tdm-reservation")
-        signal = None
-        if reservation is not None:
-            signal = tdm_signal(reservation, headers.get("tdm-policy"), "header tdm-reservation")
-        out.append(signal or _NO_TDM_HEADER)
-    if cfg.signals.content_usage:
-        values = headers.getall("Content-Usage", ())
-        if values:
-            prefs = parse_preferences(",".join(values))
-            out.append(Signal("content_usage", ", ".join(values)[:300], "header Content-Usage",
-                              usage_verdict(prefs, cfg.signals.usage)))
-        else:
-            out.append(_NO_USAGE_HEADER)
-    return tuple(out)
-
-
-def response_active(cfg: DownloadSpec) -> bool:
-    return cfg.respect_optouts or cfg.signals.tdmrep or cfg.signals.content_usage
+                directive = optout_directive(tags, ROBOTS_UA)
+                if directive:
+                    out.append(Signal("x_robots_tag", directive, "header X-Robots-Tag", REFUSE))
+                else:
+                    out.append(Signal("x_robots_tag", ", ".join(tags)[:300],
+                                      "header X-Robots-Tag"))
+        if cfg.signals.tdmrep:
+            signal = None
+            if reservation is not None:
+                signal = tdm_signal(reservation, policy, "header tdm-reservation")
+            out.append(signal or _NO_TDM_HEADER)
+        if cfg.signals.content_usage:
+            if usage:
+                prefs = parse_preferences(",".join(usage))
+                out.append(Signal("content_usage", ", ".join(usage)[:300],
+                                  "header Content-Usage", usage_verdict(prefs, cfg.signals.usage)))
+            else:
+                out.append(_NO_USAGE_HEADER)
+        return tuple(out)
 
 
 def embedded_signals(data: bytes, fmt: str) -> tuple[Signal, ...]:
@@ -421,7 +437,6 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec) -> PageFacts:
     return PageFacts(tuple(out), alts)
 
 
-__all__ = ["AI_TXT_PATH", "MAX_SIGNAL_FILE_BYTES", "OriginSignals", "PageFacts", "TDMREP_PATH",
+__all__ = ["AI_TXT_PATH", "OriginSignals", "PageFacts", "ResponseSignals", "TDMREP_PATH",
            "content_signal_verdict", "embedded_signals", "needs_robots", "origin_active",
-           "parse_page", "parse_preferences", "parse_tdmrep", "path_matches", "response_active",
-           "response_signals", "usage_verdict"]
+           "parse_page", "parse_preferences", "parse_tdmrep", "path_matches", "usage_verdict"]

@@ -409,8 +409,10 @@ class DatasetWriter:
         name = f"{split}-{shard:05d}"
         parquet_rel = f"data/{name}.parquet"
         tar_rel = f"webdataset/{name}.tar"
-        # Python rows carry the image bytes only for the formats that write files per image.
-        rows = table.drop_columns(["image"]).to_pylist()
+        # Python rows carry the image bytes only for the formats that write files per image,
+        # and the rights ledger only for WebDataset's {id}.json (nothing else reads it here).
+        rows = table.drop_columns(["image"] if "webdataset" in formats
+                                  else ["image", "rights"]).to_pylist()
         if formats & {"imagefolder", "webdataset"}:
             for r, image in zip(rows, table["image"].to_pylist()):
                 r["image"] = image
