@@ -352,3 +352,19 @@ def test_card_sums_up_the_rights():
     assert "| `tdmrep` | TDMRep" in section and section.count("| 1 |") >= 1
     assert "pixcrawler recheck" in section
     assert "_No opt-out signal was recorded._" in render_card("d", "", {}, "")
+
+
+def test_header_entries_are_read_once_per_distinct_header_set():
+    from multidict import CIMultiDict
+
+    from builder.signals import ResponseSignals
+
+    read = ResponseSignals(DownloadSpec())
+    first = read(CIMultiDict({"tdm-reservation": "0", "X-Robots-Tag": "noarchive"}))
+    again = read(CIMultiDict({"TDM-Reservation": "0", "x-robots-tag": "noarchive"}))
+    assert again is first
+    assert [s.verdict for s in first] == [NONE, ALLOW, NONE]
+    refused = read(CIMultiDict({"tdm-reservation": "1", "X-Robots-Tag": "noarchive"}))
+    assert refused is not first and refused[1].refuses
+    assert not ResponseSignals(DownloadSpec(respect_optouts=False, signals={
+        "tdmrep": False, "content_usage": False})).active
