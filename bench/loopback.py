@@ -10,6 +10,12 @@ The server is aiohttp's low-level server in its own process, with no router or m
 it shares the cores with the tools under test, so it takes as little of them as it can.
 
     GET /bench/{i:05d}.jpg   image i        GET /healthz   ok        anything else   404
+
+With ``--signals`` (``bench_rights.py``) the origin also carries every opt-out signal PixCrawler
+reads, each allowing use, so that every image is checked against real rules and still kept:
+robots.txt with a group for us, ``Content-Signal`` and per-path ``Content-Usage`` lines, a
+``/.well-known/tdmrep.json`` of several location rules, an ``/ai.txt``, and on each image the
+``X-Robots-Tag``, ``tdm-reservation`` and ``Content-Usage`` headers.
 """
 
 from __future__ import annotations
@@ -58,21 +64,40 @@ def corpus_pack(n: int, processes: int | None = None) -> tuple[Path, list[int]]:
     return pack, offsets
 
 
-def _serve(pack: str, offsets: list[int], port: int) -> None:
+SIGNAL_FILES = {
+    "/robots.txt": "User-agent: *\nDisallow: /private/\n\nUser-agent: PixCrawler\n"
+                   "Allow: /bench/\nDisallow: /*.php$\nContent-Signal: search=yes, ai-train=yes\n"
+                   "Content-Usage: train-ai=y\nContent-Usage: /private/ train-ai=n\n",
+    "/.well-known/tdmrep.json": json.dumps([
+        {"location": "/private/*", "tdm-reservation": 1,
+         "tdm-policy": "https://example.org/policy.json"},
+        {"location": "/archive/*", "tdm-reservation": 1},
+        {"location": "/bench/*", "tdm-reservation": 0}]),
+    "/ai.txt": "User-Agent: *\nDisallow: /private/\nAllow: /\n",
+}
+SIGNAL_HEADERS = {"X-Robots-Tag": "max-image-preview:large", "tdm-reservation": "0",
+                  "Content-Usage": "train-ai=y"}
+
+
+def _serve(pack: str, offsets: list[int], port: int, signals: bool = False) -> None:
     from aiohttp import web
 
     blob = Path(pack).read_bytes()
     bodies = [blob[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     del blob
+    headers = SIGNAL_HEADERS if signals else None
 
     async def handler(request: web.BaseRequest) -> web.Response:
         path = request.path
         if path.startswith("/bench/") and path.endswith(".jpg"):
             stem = path[7:-4]
             if stem.isdigit() and int(stem) < len(bodies):
-                return web.Response(body=bodies[int(stem)], content_type="image/jpeg")
+                return web.Response(body=bodies[int(stem)], content_type="image/jpeg",
+                                    headers=headers)
         if path == "/healthz":
             return web.Response(text="ok")
+        if signals and path in SIGNAL_FILES:
+            return web.Response(text=SIGNAL_FILES[path])
         return web.Response(status=404, text="not found")
 
     async def main() -> None:
@@ -84,12 +109,12 @@ def _serve(pack: str, offsets: list[int], port: int) -> None:
     asyncio.run(main())
 
 
-def serve_pack(pack: Path, offsets: list[int], port: int) -> None:
-    """Entry point of the server process (``python bench/loopback.py PACK PORT``)."""
-    _serve(str(pack), offsets, port)
+def serve_pack(pack: Path, offsets: list[int], port: int, signals: bool = False) -> None:
+    """Entry point of the server process (``python bench/loopback.py PACK PORT [--signals]``)."""
+    _serve(str(pack), offsets, port, signals)
 
 
 if __name__ == "__main__":
     pack_path = Path(sys.argv[1])
     serve_pack(pack_path, json.loads(pack_path.with_suffix(".json").read_text())["offsets"],
-               int(sys.argv[2]))
+               int(sys.argv[2]), "--signals" in sys.argv[3:])

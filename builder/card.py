@@ -4,7 +4,8 @@ Markdown with YAML front matter in the shape Hugging Face dataset cards use, so 
 ``datasets.load_dataset(URI)``) finds the Parquet splits from ``configs``. The body says what was
 asked for and what came out: per-class counts and shortfalls, the class hierarchy (when labels
 nest, as an indented tree with the counts summed over each subtree), rejects by reason, the
-schema, the meaning of each reason code and the spec that produced the dataset. ``stats`` keys
+opt-out signals honoured and what they said (``stats['rights']``), the schema, the meaning of each
+reason code and the spec that produced the dataset. ``stats`` keys
 are read with ``.get``: a card renders from whatever stats the pipeline had.
 """
 
@@ -16,6 +17,7 @@ import yaml
 
 from builder.reasons import REASON_STAGE, Reason, reasons_markdown
 from builder.records import ACCEPTED_DOCS, ACCEPTED_SCHEMA
+from builder.rights import SIGNAL_DOCS
 
 PARTIAL_MARKER = "> **PARTIAL DATASET**"
 
@@ -130,6 +132,36 @@ def _reason_table(stats: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rights_markdown(stats: Mapping[str, Any]) -> str:
+    """The rights section: the signals honoured and, per signal, how many candidates had it
+    checked, carried a value, were allowed and were refused by it."""
+    rights = stats.get("rights") or {}
+    honoured = list(rights.get("honoured") or [])
+    signals = rights.get("signals") or {}
+    if not honoured and not signals:
+        return "_No opt-out signal was recorded._"
+    lines = []
+    if honoured:
+        lines.append("Signals checked and honoured: " + ", ".join(_code(h) for h in honoured)
+                     + ". A refusal rejects the image (`opted_out`, or `robots_disallowed` "
+                     "for robots.txt rules), with the signal and where it was read in the "
+                     "reject's detail.\n")
+    lines.append(f"Candidates with a ledger: {_cell(rights.get('checked', 0))}; refused by a "
+                 f"signal: {_cell(rights.get('refused', 0))}.\n")
+    lines += ["| signal | what it is | checked | found | allowed | refused |",
+              "|---|---|---:|---:|---:|---:|"]
+    for name in sorted(signals, key=lambda n: (list(SIGNAL_DOCS).index(n)
+                                               if n in SIGNAL_DOCS else len(SIGNAL_DOCS), n)):
+        c = signals[name] or {}
+        lines.append("| " + " | ".join([_code(name), _cell(SIGNAL_DOCS.get(name, ""))] + [
+            _cell(c.get(k, 0)) for k in ("checked", "present", "allowed", "refused")]) + " |")
+    lines.append("\nEach image's `rights` column lists every signal checked for it: its value, "
+                 "where it was read (robots.txt group, header, well-known file, embedded XMP) "
+                 "and the verdict. Consent can change after a build: `pixcrawler recheck <uri>` "
+                 "checks the signals again and lists the images to remove.")
+    return "\n".join(lines)
+
+
 def _schema_table() -> str:
     lines = ["| column | type | meaning |", "|---|---|---|"]
     for f in ACCEPTED_SCHEMA:
@@ -212,6 +244,7 @@ def render_card(spec_name: str, description: str, stats: Mapping[str, Any], spec
     if any("/" in label for label in [*labels, *(stats.get("classes") or {})]):
         parts.append("## Class hierarchy\n\n" + hierarchy_markdown(labels, stats) + "\n")
     parts.append("## Rejected candidates by reason\n\n" + _reason_table(stats) + "\n")
+    parts.append("## Rights and opt-outs\n\n" + rights_markdown(stats) + "\n")
     parts.append("## Files\n\n" + _layout(formats, label_formats, image_label_files) + "\n")
     parts.append("## Schema of the Parquet shards\n\n" + _schema_table() + "\n")
     parts.append("## Reason codes\n\n" + reasons_markdown() + "\n")

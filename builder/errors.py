@@ -33,6 +33,14 @@ class EngineUnavailable(SourceError):
     """An engine is disabled here (for example its credentials are missing)."""
 
 
+class EngineNeedsKey(EngineUnavailable):
+    """An engine needs credentials that are not set; the message names them."""
+
+
+class EngineSunset(EngineUnavailable):
+    """An engine's service has ended; the message says when and what to use instead."""
+
+
 class EngineError(PixCrawlerError):
     """An engine request failed; ``retryable`` tells the rate limiter whether to back off."""
 

@@ -3,19 +3,26 @@
 A ``Fetcher`` turns records into records with bytes (or rejected ones): it never raises for a
 sample-level problem (bad URL, bad server, not an image). Per request, in order:
 
-1. the SSRF guard vets the URL (scheme, host, literal IP; ``builder.netguard``);
-2. robots.txt of the origin is consulted (fetched once per origin, cached; ``builder.robots``);
-3. a per-host slot (``per_host_concurrency``), a global slot (``concurrency``) and the host's
-   start delay (``per_host_delay_s``, raised by a robots ``Crawl-delay`` and by ``Retry-After``)
-   are taken;
+1. the SSRF guard vets the URL (scheme, host, literal IP; ``builder.netguard``); a thumbnail
+   URL of a host with standard widths is rewritten to one (``builder.profiles``);
+2. the origin's opt-outs are consulted: robots.txt, /.well-known/tdmrep.json and /ai.txt, each
+   fetched once per origin and cached (``builder.robots``, ``builder.signals``); their entries
+   start the record's rights ledger (``Record.rights``) and a refusal rejects it;
+3. a per-host slot (``per_host_concurrency``, or the host's profile), a global slot
+   (``concurrency``) and the host's start delay (``per_host_delay_s`` or the profile's, raised by
+   a robots ``Crawl-delay`` and by ``Retry-After``) are taken;
 4. one GET without automatic redirects: a redirect goes back to step 1 with the new URL (so every
    hop is vetted and checked against robots), at most ``max_redirects`` times, loops refused;
 5. 5xx, 429, timeouts and connection errors are retried ``retries`` more times with exponential
    backoff and jitter (``Retry-After`` honoured on 429/503, capped at ``max_retry_after_s``);
-6. a 2xx body is read with a byte cap (``max_bytes``: refused up front from Content-Length, else
+6. a 2xx response's opt-out headers are checked (X-Robots-Tag, tdm-reservation, Content-Usage),
+   its body read with a byte cap (``max_bytes``: refused up front from Content-Length, else
    aborted while streaming) and within the fetcher's byte budget (``max_bytes_in_flight``, see
-   ``ByteBudget``), checked for ``X-Robots-Tag`` opt-outs, and its format is sniffed from the
-   magic number.
+   ``ByteBudget``), its format sniffed from the magic number and its embedded XMP
+   ``plus:DataMining`` read (before any resize could drop it); a host's bandwidth cap holds its
+   slot until the bytes are paid for;
+7. with ``signals.page_meta``, the image's page is fetched (once per page) for its TDMRep and
+   robots meta tags and the image's alt text.
 
 Host names resolve through ``GuardedResolver`` inside aiohttp's connector, so the address that
 was checked is the address connected to. Per-host state is keyed by host name (all ports and
@@ -34,8 +41,10 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
+from builder import signals as sig
 from builder.formats import sniff_format
 from builder.netguard import (
     REDIRECT_STATUSES,
@@ -44,9 +53,12 @@ from builder.netguard import (
     UrlRejected,
     vet_url,
 )
+from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
-from builder.robots import MAX_ROBOTS_BYTES, ROBOTS_UA, RobotsCache, optout_directive
+from builder.rights import Signal, first_refusal
+from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
+                            origin_file)
 from builder.spec import DownloadSpec
 
 MAX_ROBOTS_REDIRECTS = 5
@@ -58,6 +70,8 @@ _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/
 _HOST_SWEEP_AT = 4096
 BUDGET_STEP = 256 * 1024
 """A body without Content-Length first reserves this much, then doubles its reservation."""
+_PAGE_CACHE = 4096
+"""Pages whose facts are kept (``signals.page_meta``): images of one page usually come together."""
 
 log = logging.getLogger("pixcrawler.fetch")
 
@@ -176,41 +190,53 @@ class ByteBudget:
 
 
 class _Host:
-    """Politeness state of one host: its slots and when the next request may start."""
+    """Politeness state of one host: its slots, when the next request may start, and (with a
+    bandwidth cap) when the bytes read so far are paid for."""
 
-    __slots__ = ("sem", "next_start", "users")
+    __slots__ = ("sem", "next_start", "users", "paid_until")
 
     def __init__(self, concurrency: int):
         self.sem = asyncio.Semaphore(concurrency)
         self.next_start = 0.0
         self.users = 0
+        self.paid_until = 0.0
 
 
 class Fetcher:
     """Downloads image records politely. Create it inside a running event loop; use as
     ``async with Fetcher(cfg) as f: await f.fetch_many(records)``.
 
-    ``stats`` counts requests (every HTTP request sent, robots.txt included), retries, body
-    bytes kept, robots.txt fetches, accepted/rejected records, responses ``by_status`` and
-    rejections ``by_reason``; ``body_bytes_peak`` is the most bytes that bodies being read held
-    at once (measured, the final copy of each body included) and ``budget_waits`` how often a
-    body waited for the byte budget.
+    ``stats`` counts requests (every HTTP request sent, robots.txt and the other per-origin
+    files included), retries, body bytes kept, robots.txt fetches, other opt-out files fetched
+    (tdmrep.json, ai.txt: ``signal_fetches``), pages fetched, accepted/rejected records,
+    responses ``by_status`` and rejections ``by_reason``; ``body_bytes_peak`` is the most bytes
+    that bodies being read held at once (measured, the final copy of each body included) and
+    ``budget_waits`` how often a body waited for the byte budget.
+
+    ``resolver`` replaces the DNS resolver inside the SSRF guard (a hosts map, a DNS-over-HTTPS
+    client); every answer is still checked.
     """
 
-    def __init__(self, cfg: DownloadSpec):
+    def __init__(self, cfg: DownloadSpec, *, resolver: Optional[AbstractResolver] = None):
         self.cfg = cfg
         self.stats: dict[str, Any] = {
-            "requests": 0, "retries": 0, "bytes": 0, "robots_fetches": 0,
-            "fetched": 0, "rejected": 0, "by_status": {}, "by_reason": {},
+            "requests": 0, "retries": 0, "bytes": 0, "robots_fetches": 0, "signal_fetches": 0,
+            "page_fetches": 0, "fetched": 0, "rejected": 0, "by_status": {}, "by_reason": {},
             "body_bytes_peak": 0, "budget_waits": 0,
         }
         self.budget = ByteBudget(cfg.max_bytes_in_flight)
         self._body_bytes = 0  # bytes held right now by bodies being read
+        self._resolver = resolver
+        self._profiles = HostProfiles(cfg)
+        self._origins: OriginCache[sig.OriginSignals] = OriginCache(self._load_origin)
+        self._origin_signals = sig.origin_active(cfg)
+        self._response_signals = sig.ResponseSignals(cfg)
+        self._pages: OrderedDict[str, asyncio.Future[Optional[sig.PageFacts]]] = OrderedDict()
         self._session: Optional[aiohttp.ClientSession] = None
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._hosts: dict[str, _Host] = {}
         self._robots = RobotsCache(self._fetch_robots, ROBOTS_UA)
-        self._headers = {"User-Agent": cfg.user_agent, "Accept": _ACCEPT,
+        self._headers = {"User-Agent": user_agent(cfg), "Accept": _ACCEPT,
                          "Accept-Encoding": "identity"}
         self._closed = False
         self._next_sweep = 0.0
@@ -225,7 +251,10 @@ class Fetcher:
     async def close(self) -> None:
         """Close the session and its connections; the fetcher cannot be used afterwards."""
         self._closed = True
+        await self._origins.close()
         await self._robots.close()
+        for page in self._pages.values():
+            page.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -237,7 +266,8 @@ class Fetcher:
             connector = aiohttp.TCPConnector(
                 limit=self.cfg.concurrency,
                 ttl_dns_cache=DNS_CACHE_TTL_S,
-                resolver=GuardedResolver(allow_private_networks=self.cfg.allow_private_networks),
+                resolver=GuardedResolver(allow_private_networks=self.cfg.allow_private_networks,
+                                         inner=self._resolver),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -293,10 +323,21 @@ class Fetcher:
                 if on_result is not None:
                     on_result(record)
 
-        cap = self.cfg.per_host_concurrency
-        await asyncio.gather(*(host_worker(queue) for queue in by_host.values()
-                               for _ in range(min(cap, len(queue)))))
+        profiles = self._profiles
+        await asyncio.gather(*(host_worker(queue) for host, queue in by_host.items()
+                               for _ in range(min(profiles.for_host(host).concurrency,
+                                                  len(queue)))))
         return list(records)
+
+    async def origin_ledger(self, url: str) -> tuple[Signal, ...]:
+        """The origin-level ledger entries of ``url`` as its origin answers now (robots.txt,
+        tdmrep.json, ai.txt; each read once per origin). Raises ``UrlRejected`` for a URL the
+        SSRF guard refuses. ``pixcrawler recheck`` uses this."""
+        vetted = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
+        if not self._origin_signals:
+            return ()
+        origin = self._origins.cached(vetted) or await self._origins.get(vetted)
+        return origin.ledger(vetted)
 
     # ---- one record ---------------------------------------------------------------------------
 
@@ -332,20 +373,22 @@ class Fetcher:
         ``record``. Raises ``UrlRejected`` for a hop the SSRF guard refuses."""
         cfg = self.cfg
         seen: Optional[set[str]] = None
+        url = self._profiles.for_host(url.raw_host or "").thumb_url(url)
         for _hop in range(cfg.max_redirects + 1):
             url_s = str(url)
-            delay = cfg.per_host_delay_s
-            if cfg.respect_robots:
-                policy = self._robots.cached(url) or await self._robots.policy(url)
-                if not policy.allowed(url, ROBOTS_UA):
-                    record.reject(Reason.ROBOTS_DISALLOWED, f"robots.txt disallows {url_s}")
+            delay = self._profiles.for_host(url.raw_host or "").delay_s
+            if self._origin_signals:
+                crawl_delay = await self._origin_check(record, url)
+                if record.rejected:
                     return
-                if policy.crawl_delay > delay:
-                    delay = min(policy.crawl_delay, MAX_CRAWL_DELAY_S)
+                if crawl_delay > delay:
+                    delay = min(crawl_delay, MAX_CRAWL_DELAY_S)
             location = await self._get_with_retries(url, delay, record)
             if location is None:
                 if not record.rejected:
                     record.final_url = url_s
+                    if cfg.signals.page_meta and record.candidate.page_url:
+                        await self._page_check(record)
                 return
             try:
                 target = url.join(URL(location))
@@ -399,6 +442,7 @@ class Fetcher:
                 by_status[status] = by_status.get(status, 0) + 1
                 if 200 <= status < 300:
                     await self._accept_body(resp, record)
+                    await self._pay_bandwidth(host, url, record)
                     return None
                 if status in REDIRECT_STATUSES:
                     location = resp.headers.get("Location")
@@ -436,13 +480,9 @@ class Fetcher:
     async def _accept_body(self, resp: aiohttp.ClientResponse, record: Record) -> None:
         """Read a 2xx body under the byte cap, apply opt-outs and the format sniff."""
         cfg = self.cfg
-        if cfg.respect_optouts:
-            tags = resp.headers.getall("X-Robots-Tag", ())
-            if tags:
-                directive = optout_directive(tags, ROBOTS_UA)
-                if directive:
-                    record.reject(Reason.OPTED_OUT, f"X-Robots-Tag: {directive}")
-                    return
+        read = self._response_signals
+        if read.active and self._refused(record, read(resp.headers)):
+            return
         cap = cfg.max_bytes
         length = resp.content_length
         if length is not None and length > cap:
@@ -461,6 +501,8 @@ class Fetcher:
             shown = data[:16]
             record.reject(Reason.NOT_AN_IMAGE, f"bytes start {shown!r} ({len(data)} bytes, "
                                                f"Content-Type {content_type or 'none'!r})")
+            return
+        if cfg.signals.xmp_datamining and self._refused(record, sig.embedded_signals(data, fmt)):
             return
         self.stats["bytes"] += len(data)
         record.data = data
@@ -512,7 +554,7 @@ class Fetcher:
         key = url.raw_host or ""
         host = self._hosts.get(key)
         if host is None:
-            host = self._hosts[key] = _Host(self.cfg.per_host_concurrency)
+            host = self._hosts[key] = _Host(self._profiles.for_host(key).concurrency)
         host.users += 1
         try:
             await host.sem.acquire()
@@ -561,12 +603,123 @@ class Fetcher:
             if until > host.next_start:
                 host.next_start = until
 
+    async def _pay_bandwidth(self, host: _Host, url: URL, record: Record) -> None:
+        """Under a host's bandwidth cap, hold the slot until the body's bytes are paid for:
+        the host's bytes leave at no more than ``max_bytes_per_s`` on average."""
+        rate = self._profiles.for_host(url.raw_host or "").max_bytes_per_s
+        size = len(record.data or b"")
+        if rate is None or not size:
+            return
+        now = asyncio.get_running_loop().time()
+        host.paid_until = max(host.paid_until, now) + size / rate
+        if host.paid_until > now:
+            await asyncio.sleep(host.paid_until - now)
+
+    # ---- opt-out signals (builder.signals; the record's rights ledger) ---------------------
+
+    async def _origin_check(self, record: Record, url: URL) -> float:
+        """Start ``record``'s ledger with the origin's entries for ``url`` (rejecting it on a
+        refusal); returns the origin's robots.txt Crawl-delay."""
+        origin = self._origins.cached(url) or await self._origins.get(url)
+        self._refused(record, origin.ledger(url), url)
+        return origin.crawl_delay
+
+    def _refused(self, record: Record, signals: tuple[Signal, ...],
+                 origin_of: Optional[URL] = None) -> bool:
+        """Add ``signals`` to the ledger (or start it over with the origin entries of
+        ``origin_of``: a redirect's new origin); on a refusal reject the record, naming the
+        signal, and return True."""
+        record.rights = signals if origin_of is not None else record.rights + signals
+        refusal = first_refusal(signals)
+        if refusal is None:
+            return False
+        if refusal.name == "robots_txt":
+            record.reject(Reason.ROBOTS_DISALLOWED,
+                          f"robots.txt disallows {origin_of or record.candidate.url} "
+                          f"({refusal.source})")
+        else:
+            record.reject(Reason.OPTED_OUT, refusal.describe())
+        return True
+
+    async def _load_origin(self, url: URL) -> sig.OriginSignals:
+        """Read an origin's robots.txt, tdmrep.json and ai.txt (those the spec honours), at
+        once; an unreachable or broken file counts as absent."""
+        cfg = self.cfg
+
+        async def robots() -> Optional[RobotsPolicy]:
+            if not sig.needs_robots(cfg):
+                return None
+            return self._robots.cached(url) or await self._robots.policy(url)
+
+        async def tdmrep() -> Optional[tuple[list[sig.TdmRule], Signal]]:
+            if not cfg.signals.tdmrep:
+                return None
+            return sig.parse_tdmrep(*await self._fetch_signal_file(url, sig.TDMREP_PATH))
+
+        async def ai_txt() -> Optional[RobotsPolicy]:
+            if not cfg.signals.ai_txt:
+                return None
+            status, body = await self._fetch_signal_file(url, sig.AI_TXT_PATH)
+            # Only a file that answers counts: a 401/403 here is no statement about AI use.
+            return RobotsPolicy.from_response(status if 200 <= status < 300 else 404, body)
+
+        got = await asyncio.gather(robots(), tdmrep(), ai_txt())
+        return sig.OriginSignals(cfg, *got)
+
+    async def _fetch_signal_file(self, url: URL, path: str) -> tuple[int, bytes]:
+        self.stats["signal_fetches"] += 1
+        return await self._fetch_small(origin_file(url, path))
+
+    async def _page_check(self, record: Record) -> None:
+        """``signals.page_meta``: the page's meta-tag entries join the ledger (a refusal
+        rejects), and the image's alt text on the page becomes its caption."""
+        page_url = record.candidate.page_url
+        pending = self._pages.get(page_url)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load_page(page_url))
+            self._pages[page_url] = pending
+            while len(self._pages) > _PAGE_CACHE:
+                self._pages.popitem(last=False)
+        else:
+            self._pages.move_to_end(page_url)
+        facts = await asyncio.shield(pending)
+        if facts is None:
+            return
+        if self._refused(record, facts.signals):
+            return
+        alt = facts.alts.get(record.final_url) or facts.alts.get(record.candidate.url)
+        if alt:
+            record.caption = alt
+
+    async def _load_page(self, page_url: str) -> Optional[sig.PageFacts]:
+        """The page's facts, or None when it cannot be read (or robots.txt forbids it)."""
+        cfg = self.cfg
+        try:
+            url = vet_url(page_url, allow_private_networks=cfg.allow_private_networks)
+        except UrlRejected:
+            return None
+        if cfg.respect_robots:
+            policy = self._robots.cached(url) or await self._robots.policy(url)
+            if not policy.allowed(url, ROBOTS_UA):
+                return None
+        self.stats["page_fetches"] += 1
+        status, body = await self._fetch_small(url)
+        if not 200 <= status < 300:
+            return None
+        return sig.parse_page(body, str(url), cfg)
+
     # ---- robots.txt ---------------------------------------------------------------------------
 
     async def _fetch_robots(self, url: URL) -> tuple[int, bytes]:
         """Download a robots.txt for ``RobotsCache``: (status, body), status 0 when there is no
         usable answer (unreachable, blocked, too many redirects). Never raises."""
         self.stats["robots_fetches"] += 1
+        return await self._fetch_small(url)
+
+    async def _fetch_small(self, url: URL) -> tuple[int, bytes]:
+        """GET a small per-origin file (robots.txt, tdmrep.json, ai.txt) or page, following
+        redirects: (status, at most ``MAX_ROBOTS_BYTES`` of the body), status 0 when there is no
+        usable answer. Never raises."""
         session = self._ensure_session()
         for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
             try:

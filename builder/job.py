@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 from builder.journal import ResumeState
 from builder.listsource import SlicePlan
 from builder.reasons import Reason
+from builder.rights import RightsTally, honoured_signals
 from builder.spec import DatasetSpec
 from builder.units import (INLINE, LIST, RETRY, SEARCH, ClassTally, UnitReport, WorkerEvents,
                            WorkUnit, inline_uid, list_uid, retry_uid, search_uid)
@@ -328,6 +329,7 @@ class JobCounts:
         self.skipped: Counter = Counter()
         self.relabelled: Counter = Counter()
         self.decided_before = 0
+        self.rights = RightsTally(honoured_signals(spec.download))
         self.started = time.time()
 
     def add(self, report: UnitReport, sign: int = 1) -> None:
@@ -341,6 +343,8 @@ class JobCounts:
         for pair, n in report.relabelled.items():
             self.relabelled[pair] += sign * n
         self.decided_before += sign * report.decided_before
+        if report.rights is not None:
+            self.rights.merge(report.rights, sign)
 
     def need(self, label: str) -> int:
         return max(0, self.targets[label] - self.classes[label].accepted)
@@ -412,6 +416,7 @@ class JobCounts:
             "started": self.started, "finished": finished,
             "duration_s": round(finished - self.started, 3),
             "bytes_downloaded": self.bytes_downloaded,
+            "rights": self.rights.summary(),
         }
         if +self.skipped:
             out["skipped_rows"] = {"label_not_in_spec": dict(+self.skipped)}

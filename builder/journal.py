@@ -91,6 +91,7 @@ def report_to_json(unit: WorkUnit, report: UnitReport) -> dict[str, Any]:
         "skipped": dict(report.skipped),
         "relabelled": {f"{a}\t{b}": n for (a, b), n in report.relabelled.items()},
         "exhausted": report.exhausted, "decided_before": report.decided_before,
+        "rights": report.rights.state() if report.rights is not None else None,
     }
 
 
@@ -109,6 +110,10 @@ def report_from_json(data: dict[str, Any]) -> tuple[WorkUnit, UnitReport]:
                                  for k, n in (data.get("relabelled") or {}).items()})
     report.exhausted = bool(data.get("exhausted"))
     report.decided_before = int(data.get("decided_before") or 0)
+    if data.get("rights") is not None:
+        from builder.rights import RightsTally
+
+        report.rights = RightsTally.from_state(data["rights"])
     return unit, report
 
 

@@ -41,6 +41,7 @@ class ListRow:
     url: str
     where: str
     """The row's place in the file, for messages (``path:byte`` or ``path: row n``)."""
+    caption: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,15 @@ class ListReader:
     parquet row groups it read, since neighbouring slices share them."""
 
     def __init__(self, plan: SlicePlan, *, url_column: str = "url", label_column: str = "label",
-                 default_label: str = "", storage_options: Optional[dict[str, Any]] = None):
+                 caption_column: Optional[str] = None, default_label: str = "",
+                 storage_options: Optional[dict[str, Any]] = None):
         self.plan = plan
         self.url_column = url_column
         self.label_column = label_column
+        self.caption_column = caption_column
         self.default_label = default_label
         self.storage_options = storage_options
-        self._groups: OrderedDict[int, tuple[list[Any], list[Any]]] = OrderedDict()
+        self._groups: OrderedDict[int, tuple[list[Any], list[Any], list[Any]]] = OrderedDict()
 
     def read(self, index: int) -> list[ListRow]:
         group, start, stop = self.plan.bounds(index)
@@ -211,16 +214,19 @@ class ListReader:
         elif not isinstance(url, str):
             url, where = "", f"{where} ({self.url_column!r} is a {type(url).__name__})"
         label = obj.get(self.label_column)
-        return ListRow(str(label) if label not in (None, "") else self.default_label, url, where)
+        caption = obj.get(self.caption_column)
+        return ListRow(str(label) if label not in (None, "") else self.default_label, url, where,
+                       caption if isinstance(caption, str) else "")
 
     def _read_parquet(self, group: int, start: int, stop: int) -> list[ListRow]:
-        urls, labels = self._group(group)
-        return [self._row({self.url_column: urls[i], self.label_column:
-                           labels[i] if labels else None},
+        urls, labels, captions = self._group(group)
+        return [self._row({self.url_column: urls[i],
+                           self.label_column: labels[i] if labels else None,
+                           self.caption_column: captions[i] if captions else None},
                           f"{self.plan.path}: row group {group} row {i}")
                 for i in range(start, stop)]
 
-    def _group(self, group: int) -> tuple[list[Any], list[Any]]:
+    def _group(self, group: int) -> tuple[list[Any], list[Any], list[Any]]:
         cached = self._groups.get(group)
         if cached is not None:
             self._groups.move_to_end(group)
@@ -232,11 +238,13 @@ class ListReader:
         fs, fs_path = open_fs(self.plan.path, self.storage_options)
         with fs.open(fs_path, "rb") as f:
             pf = pq.ParquetFile(f)
-            cols = [c for c in (self.url_column, self.label_column) if c in pf.schema_arrow.names]
+            cols = [c for c in (self.url_column, self.label_column, self.caption_column)
+                    if c in pf.schema_arrow.names]
             table = pf.read_row_group(group, columns=cols)
         urls = table[self.url_column].to_pylist()
         labels = table[self.label_column].to_pylist() if self.label_column in cols else []
-        self._groups[group] = (urls, labels)
+        captions = table[self.caption_column].to_pylist() if self.caption_column in cols else []
+        self._groups[group] = (urls, labels, captions)
         if len(self._groups) > 2:
             self._groups.popitem(last=False)
-        return urls, labels
+        return urls, labels, captions

@@ -302,9 +302,10 @@ def _opener(allow_private_networks: bool) -> urllib.request.OpenerDirector:
 
 def open_guarded(url: str, *, headers: Optional[Mapping[str, str]] = None,
                  timeout_s: float = 15.0, allow_private_networks: bool = False,
-                 max_redirects: int = 5) -> Any:
-    """GET ``url`` through the SSRF guard and return the open 2xx response (a context manager;
-    read it with a bound).
+                 max_redirects: int = 5, data: Optional[bytes] = None) -> Any:
+    """GET ``url`` (POST ``data`` where given; a redirect is then followed with a GET, as for
+    a 303) through the SSRF guard and return the open 2xx response (a context manager; read it
+    with a bound).
 
     Every hop is vetted with ``vet_url`` and connected through ``_vetted_socket``. Raises
     ``UrlRejected`` for a URL or hop the guard refuses and for more than ``max_redirects``
@@ -317,7 +318,7 @@ def open_guarded(url: str, *, headers: Optional[Mapping[str, str]] = None,
     sent = dict(headers or {})
     opener = _opener(allow_private_networks)
     for _hop in range(max_redirects + 1):
-        request = urllib.request.Request(str(current), headers=sent)
+        request = urllib.request.Request(str(current), data=data, headers=sent)
         try:
             return opener.open(request, timeout=timeout_s)
         except urllib.error.HTTPError as exc:
@@ -333,6 +334,6 @@ def open_guarded(url: str, *, headers: Optional[Mapping[str, str]] = None,
         target = vet_url(target, allow_private_networks=allow_private_networks)
         if not same_origin(target, current):
             sent = {k: v for k, v in sent.items() if k.lower() not in CREDENTIAL_HEADERS}
-        current = target
+        current, data = target, None
     raise UrlRejected(Reason.TOO_MANY_REDIRECTS,
                       f"more than {max_redirects} redirects (last to {str(current)[:200]})")

@@ -108,7 +108,12 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.TOO_MANY_BYTES: "the body exceeded download.max_bytes (aborted while streaming)",
     Reason.TOO_MANY_REDIRECTS: "more than download.max_redirects redirects (or a loop)",
     Reason.ROBOTS_DISALLOWED: "robots.txt disallows the path for our user agent",
-    Reason.OPTED_OUT: "X-Robots-Tag says noai / noimageai / noindex / noimageindex",
+    Reason.OPTED_OUT: "a machine-readable opt-out refuses AI training; the detail names the "
+    "signal and where it was read: X-Robots-Tag (noai / noimageai / noml / noindex / "
+    "noimageindex), TDMRep (tdm-reservation: 1 in /.well-known/tdmrep.json, a header or the "
+    "page), AI Preferences (Content-Usage: train-ai=n, header or robots.txt), Content Signals "
+    "(Content-Signal: ai-train=no in robots.txt), IPTC plus:DataMining prohibited in the "
+    "image's XMP, /ai.txt",
     Reason.NOT_AN_IMAGE: "the bytes are not an image format we recognise (e.g. HTML served "
     "as image/jpeg); decided from magic numbers, not the header",
     Reason.DECODE_ERROR: "the image does not decode",

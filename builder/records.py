@@ -1,8 +1,9 @@
 """The typed units of work that pass between stages, and the output schemas.
 
 A ``Candidate`` is what a search source yields. A ``Record`` wraps one candidate on its way through
-the pipeline: the fetcher fills ``data``; validation fills the image facts; hashing fills the
-hashes; a stage that rejects calls ``reject()``. A record is decided exactly once: accepted (it
+the pipeline: the fetcher fills ``data`` and the rights ledger (``rights``: every opt-out signal
+checked, ``builder.rights``); validation fills the image facts; hashing fills the hashes; a stage
+that rejects calls ``reject()``. A record is decided exactly once: accepted (it
 reaches the writer) or rejected (it reaches the rejects manifest), so
 ``accepted + rejected == candidates`` by construction.
 """
@@ -16,6 +17,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from builder.reasons import Reason, Stage, stage_of
+from builder.rights import RIGHTS_TYPE, Signal, rights_rows
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Candidate:
     title: str = ""
     license: str = ""
     author: str = ""
+    caption: str = ""
 
     @property
     def key(self) -> str:
@@ -73,6 +76,8 @@ class Record:
     """Size of the downloaded bytes (kept when ``data`` is dropped or rewritten)."""
     relabelled_from: str = ""
     """The label it was found under, when the slow level moved it to another class."""
+    rights: tuple[Signal, ...] = ()
+    caption: str = ""
 
     @property
     def id(self) -> str:
@@ -141,6 +146,8 @@ ACCEPTED_SCHEMA = pa.schema(
         pa.field("nsfw_score", pa.float32()),
         pa.field("clip_score", pa.float32()),
         pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("caption", pa.string()),
+        pa.field("rights", RIGHTS_TYPE),
     ]
 )
 """Schema of the Parquet shards: one row per accepted image, ``image`` holding its bytes."""
@@ -172,6 +179,10 @@ ACCEPTED_DOCS: dict[str, str] = {
     "nsfw_score": "NSFW probability (slow level only, else null)",
     "clip_score": "CLIP similarity to the class prompts (slow level only, else null)",
     "embedding": "CLIP image embedding, L2-normalised (validation.keep_embedding, else null)",
+    "caption": "the text the engine or page gives for the image (alt text, description, else "
+               "its title)",
+    "rights": "the rights ledger: each opt-out signal checked, as {signal, value, source, "
+              "verdict} (allow / refuse / none), in the order checked",
 }
 
 REJECT_SCHEMA = pa.schema(
@@ -221,6 +232,8 @@ def accepted_row(record: Record) -> dict[str, Any]:
         "nsfw_score": record.nsfw_score,
         "clip_score": record.clip_score,
         "embedding": record.embedding,
+        "caption": record.caption or c.caption or c.title,
+        "rights": rights_rows(record.rights),
     }
 
 

@@ -1,22 +1,28 @@
 """robots.txt: the per-origin rules the fetcher obeys, fetched once per origin and cached.
 
-Rules, per origin (scheme + host + port), matching our user-agent token ``PixCrawler``
-(``urllib.robotparser`` semantics for the file's contents):
+Rules, per origin (scheme + host + port), matching our user-agent token ``PixCrawler``, with RFC
+9309 semantics through ``protego`` (Scrapy's parser): ``*`` and ``$`` wildcards, and the longest
+matching rule wins (an ``Allow`` on a tie):
 
-* 2xx: the file is parsed and its rules apply. As in ``urllib.robotparser``, the first matching
-  line of the group wins (not RFC 9309's longest match). A ``Crawl-delay`` (whole seconds) for
-  us or ``*`` is exposed as ``RobotsPolicy.crawl_delay``; a ``Crawl-delay`` or ``Request-rate``
-  the parser cannot convert ("²") is ignored, the rest of the file still applies. Rules match the
-  URL's path and query only.
-* 401 / 403: everything is disallowed (the site refuses to tell us, as ``urllib.robotparser``).
+* 2xx: the file is parsed and its rules apply. A ``Crawl-delay`` (seconds, fractions allowed) in
+  the group that applies to us is exposed as ``RobotsPolicy.crawl_delay``; a value that is not a
+  number ("²") is ignored and the rest of the file still applies, one too large for a float is
+  infinite (the fetcher caps it). Rules match the URL's path and query only.
+* 401 / 403: everything is disallowed (the site refuses to tell us).
 * any other 4xx (404, 410, ...): no rules, everything is allowed.
 * 5xx, a timeout, a connection failure, a blocked address or too many redirects: everything is
   allowed. A server too broken to answer for robots.txt is judged by its image responses instead;
   this keeps one flaky robots.txt from rejecting a whole site. The verdict is cached for the
   fetcher's lifetime like any other, so a broken server is not asked again for each image.
 
+The group that applies to us is the one naming our product token (groups naming it are merged, as
+RFC 9309 asks), else the ``*`` group(s); ``RobotsPolicy.group`` names it for the rights ledger.
+Lines of that group other than the standard ones (``Content-Signal``, ``Content-Usage``, ...) are
+kept in ``RobotsPolicy.extensions`` for ``builder.signals``; such lines before any group apply to
+every agent.
+
 Concurrent first requests to an origin share one robots.txt fetch: the cache holds the in-flight
-future, not just finished results.
+future, not just finished results (``OriginCache``, also used for the other per-origin files).
 
 ``optout_directive`` reads the ``X-Robots-Tag`` response header for the AI/index opt-outs.
 """
@@ -26,9 +32,9 @@ from __future__ import annotations
 import asyncio
 import math
 import urllib.parse
-import urllib.robotparser
-from typing import Awaitable, Callable, Iterable, Optional, Union
+from typing import Awaitable, Callable, Generic, Iterable, Optional, TypeVar, Union
 
+from protego import Protego
 from yarl import URL
 
 ROBOTS_UA = "PixCrawler"
@@ -40,33 +46,38 @@ MAX_ROBOTS_BYTES = 512 * 1024
 RobotsFetch = Callable[[URL], Awaitable[tuple[int, bytes]]]
 """Fetches a robots.txt URL: (HTTP status, body). Status 0 means no answer (unreachable)."""
 
+_STANDARD = frozenset({"allow", "disallow", "user-agent", "sitemap", "crawl-delay",
+                       "request-rate", "visit-time", "host"})
+_PATH_BASE = "http://robots.invalid"
+"""What a path is prefixed with for protego, which parses a URL: a path starting with '//' must
+not be read as an authority."""
+
 
 class RobotsPolicy:
     """The robots.txt rules of one origin, decided from how its robots.txt answered."""
 
-    __slots__ = ("allow_all", "disallow_all", "status", "_parser", "crawl_delay")
+    __slots__ = ("allow_all", "disallow_all", "status", "_parser", "_groups", "crawl_delay",
+                 "group", "extensions")
 
-    def __init__(self, status: int, parser: Optional[urllib.robotparser.RobotFileParser] = None,
-                 *, allow_all: bool = False, disallow_all: bool = False,
-                 user_agent: str = ROBOTS_UA):
+    def __init__(self, status: int, parser: Optional[Protego] = None,
+                 groups: Optional[list["_Group"]] = None, *, allow_all: bool = False,
+                 disallow_all: bool = False, user_agent: str = ROBOTS_UA):
         self.status = status
         self.allow_all = allow_all
         self.disallow_all = disallow_all
         self._parser = parser
-        delay = parser.crawl_delay(user_agent) if parser is not None else None
-        try:
-            self.crawl_delay: float = float(delay) if delay else 0.0
-        except OverflowError:  # more digits than a float holds
-            self.crawl_delay = math.inf
+        self._groups = groups or []
+        group = _select(self._groups, user_agent)
+        self.group: str = group.name if group is not None else ""
+        self.crawl_delay: float = group.crawl_delay if group is not None else 0.0
+        self.extensions: dict[str, list[str]] = _extensions(self._groups, group)
 
     @classmethod
     def from_response(cls, status: int, body: bytes, user_agent: str = ROBOTS_UA) -> "RobotsPolicy":
         """The policy for a robots.txt that answered ``status`` with ``body`` (see module doc)."""
         if 200 <= status < 300:
-            parser = urllib.robotparser.RobotFileParser()
             text = body[:MAX_ROBOTS_BYTES].decode("utf-8", errors="replace")
-            parser.parse(_defuse_numbers(text.splitlines()))
-            return cls(status, parser, user_agent=user_agent)
+            return cls(status, Protego.parse(text), _groups(text), user_agent=user_agent)
         if status in (401, 403):
             return cls(status, disallow_all=True)
         return cls(status, allow_all=True)
@@ -74,8 +85,8 @@ class RobotsPolicy:
     def allowed(self, url: Union[str, URL], user_agent: str = ROBOTS_UA) -> bool:
         """True when ``url`` (on this policy's origin) may be fetched by ``user_agent``.
 
-        Only the path and query are matched; a path ``urllib.robotparser`` cannot parse (after
-        it unquotes ``//x%5B`` into a broken authority) is disallowed, the polite answer.
+        Only the path and query are matched; a URL that does not parse is disallowed, the
+        polite answer.
         """
         if self.disallow_all:
             return False
@@ -84,45 +95,121 @@ class RobotsPolicy:
         target = _path_and_query(url)
         if target is None:
             return False
-        try:
-            return self._parser.can_fetch(user_agent, target)
-        except ValueError:
-            return False
+        return self._parser.can_fetch(_PATH_BASE + target, user_agent)
 
 
-_NUMERIC_DIRECTIVES = frozenset({"crawl-delay", "request-rate"})
+class _Group:
+    """One merged robots.txt group: its user-agent tokens and the lines protego does not read."""
+
+    __slots__ = ("agents", "crawl_delay", "extensions")
+
+    def __init__(self) -> None:
+        self.agents: list[str] = []
+        self.crawl_delay = 0.0
+        self.extensions: dict[str, list[str]] = {}
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.agents)
 
 
-def _defuse_numbers(lines: list[str]) -> list[str]:
-    """``lines`` with each Crawl-delay / Request-rate value ``urllib.robotparser`` would crash on
-    replaced by one it ignores.
-
-    The parser checks ``str.isdigit()`` and then calls ``int()``, which refuses superscripts
-    ("²", also as ``%C2%B2``) and more than 4300 digits. The directive line itself is kept so
-    the parser's group state machine sees the same lines.
-    """
-    out = []
-    for line in lines:
-        key, colon, value = line.split("#", 1)[0].partition(":")
+def _groups(text: str) -> list[_Group]:
+    """The file's groups in order (RFC 9309: consecutive user-agent lines open one group; a
+    user-agent line after a rule opens the next). Lines before any group go to a group with no
+    agents (returned first), which ``_extensions`` applies to everyone."""
+    preamble = _Group()
+    groups = [preamble]
+    current: Optional[_Group] = None
+    last_was_agent = False
+    delays: dict[int, bool] = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        key, colon, value = line.partition(":")
+        if not colon:
+            continue
         key = key.strip().lower()
-        if colon and key in _NUMERIC_DIRECTIVES:
-            numbers = urllib.parse.unquote(value.strip()).split("/")
-            if not all(_int_safe(number) for number in numbers):
-                line = f"{key}: ignored"
-        out.append(line)
-    return out
+        value = value.strip()
+        if key in ("user-agent", "useragent", "user agent"):
+            if current is None or not last_was_agent:
+                current = _Group()
+                groups.append(current)
+            token = value.lower()
+            if token != "*":
+                token = token.replace("*", "")
+            if token:
+                current.agents.append(token)
+            last_was_agent = True
+            continue
+        if key in ("sitemap", "host"):
+            continue
+        last_was_agent = False
+        target = current if current is not None else preamble
+        if key == "crawl-delay":
+            if current is not None and id(current) not in delays:
+                delay = _delay(value)
+                if delay is not None:
+                    current.crawl_delay = delay
+                    delays[id(current)] = True
+        elif key not in _STANDARD and value:
+            target.extensions.setdefault(key, []).append(value)
+    return groups
 
 
-def _int_safe(text: str) -> bool:
-    """False when ``text.strip().isdigit()`` holds but ``int(text)`` would raise."""
-    text = text.strip()
-    if not text.isdigit():
-        return True
+def _delay(value: str) -> Optional[float]:
+    """A Crawl-delay in seconds; None when it is not a non-negative number."""
     try:
-        int(text)
+        delay = float(value)
     except ValueError:
-        return False
-    return True
+        return None
+    if math.isnan(delay) or delay < 0:
+        return None
+    return delay
+
+
+def _score(agent: str, user_agent: str) -> int:
+    """How well a group's agent token matches ``user_agent`` (protego's rule: the token at a
+    word boundary scores its length, ``*`` scores 1, no match 0)."""
+    if agent == "*":
+        return 1
+    name = user_agent.strip().lower()
+    index = name.find(agent)
+    while index != -1:
+        if index == 0 or not (name[index - 1].isalnum() or name[index - 1] in "-_"):
+            return len(agent)
+        index = name.find(agent, index + 1)
+    return 0
+
+
+def _select(groups: list[_Group], user_agent: str) -> Optional[_Group]:
+    """The groups that apply to ``user_agent`` merged into one, or None when none does."""
+    best, chosen = 0, []
+    for group in groups:
+        score = max((_score(a, user_agent) for a in group.agents), default=0)
+        if score > best:
+            best, chosen = score, [group]
+        elif score and score == best:
+            chosen.append(group)
+    if not chosen:
+        return None
+    if len(chosen) == 1:
+        return chosen[0]
+    merged = _Group()
+    for group in chosen:
+        merged.agents += [a for a in group.agents if a not in merged.agents]
+        merged.crawl_delay = merged.crawl_delay or group.crawl_delay
+        for key, values in group.extensions.items():
+            merged.extensions.setdefault(key, []).extend(values)
+    return merged
+
+
+def _extensions(groups: list[_Group], group: Optional[_Group]) -> dict[str, list[str]]:
+    """The non-standard lines that apply to us: those before any group, then our group's."""
+    out: dict[str, list[str]] = {}
+    sources = ([groups[0]] if groups else []) + ([group] if group is not None else [])
+    for source in sources:
+        for key, values in source.extensions.items():
+            out.setdefault(key, []).extend(values)
+    return out
 
 
 def _path_and_query(url: Union[str, URL]) -> Optional[str]:
@@ -138,7 +225,7 @@ def _path_and_query(url: Union[str, URL]) -> Optional[str]:
     return f"{path}?{parts.query}" if parts.query else path
 
 
-OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noml", "noindex", "noimageindex"})
 """X-Robots-Tag directives that keep an image out of a dataset."""
 
 # Directives that carry a value after a colon; a token before a colon that is not one of these
@@ -177,55 +264,46 @@ def origin_of(url: URL) -> str:
     return f"{url.scheme}://{url.raw_host}:{url.port}"
 
 
-class RobotsCache:
-    """robots.txt policies per origin, each fetched once through ``fetch``.
+T = TypeVar("T")
 
-    ``fetch`` is the fetcher's own robots.txt download (same session, SSRF guard, politeness),
-    so this class holds only the caching and the rules.
-    """
 
-    def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA):
-        self._fetch = fetch
-        self._user_agent = user_agent
-        self._done: dict[str, RobotsPolicy] = {}
-        self._pending: dict[str, asyncio.Task[RobotsPolicy]] = {}
+class OriginCache(Generic[T]):
+    """One value per origin, loaded once through ``load(url)``: concurrent first requests
+    share the load (the cache holds the in-flight task), later ones get the cached value."""
+
+    def __init__(self, load: Callable[[URL], Awaitable[T]]):
+        self._load_fn = load
+        self._done: dict[str, T] = {}
+        self._pending: dict[str, asyncio.Task[T]] = {}
         self.fetches = 0
 
-    def cached(self, url: URL) -> Optional[RobotsPolicy]:
-        """The policy of ``url``'s origin if it is already known (no await)."""
+    def cached(self, url: URL) -> Optional[T]:
+        """The value of ``url``'s origin if it is already known (no await)."""
         return self._done.get(origin_of(url))
 
-    async def policy(self, url: URL) -> RobotsPolicy:
-        """The policy of ``url``'s origin, fetching its robots.txt on first use."""
+    async def get(self, url: URL) -> T:
+        """The value of ``url``'s origin, loading it on first use."""
         origin = origin_of(url)
-        done = self._done.get(origin)
-        if done is not None:
-            return done
+        if origin in self._done:
+            return self._done[origin]
         task = self._pending.get(origin)
         if task is None:
             task = asyncio.ensure_future(self._load(origin, url))
             self._pending[origin] = task
-        # shield: one waiter being cancelled must not cancel the fetch the others share.
+        # shield: one waiter being cancelled must not cancel the load the others share.
         return await asyncio.shield(task)
 
-    async def allowed(self, url: URL) -> bool:
-        """True when robots.txt of ``url``'s origin lets our user agent fetch it."""
-        policy = await self.policy(url)
-        return policy.allowed(url, self._user_agent)
-
-    async def _load(self, origin: str, url: URL) -> RobotsPolicy:
+    async def _load(self, origin: str, url: URL) -> T:
         self.fetches += 1
         try:
-            status, body = await self._fetch(url.with_path("/robots.txt", encoded=True)
-                                             .with_query(None).with_fragment(None))
-            policy = RobotsPolicy.from_response(status, body, self._user_agent)
+            value = await self._load_fn(url)
         finally:
             self._pending.pop(origin, None)
-        self._done[origin] = policy
-        return policy
+        self._done[origin] = value
+        return value
 
     async def close(self) -> None:
-        """Cancel robots.txt fetches still in flight."""
+        """Cancel loads still in flight."""
         for task in list(self._pending.values()):
             task.cancel()
         for task in list(self._pending.values()):
@@ -234,3 +312,33 @@ class RobotsCache:
             except asyncio.CancelledError:
                 pass
         self._pending.clear()
+
+
+def origin_file(url: URL, path: str) -> URL:
+    """The URL of a per-origin file (``/robots.txt``, ``/ai.txt``, ...) of ``url``'s origin."""
+    return url.with_path(path, encoded=True).with_query(None).with_fragment(None)
+
+
+class RobotsCache(OriginCache[RobotsPolicy]):
+    """robots.txt policies per origin, each fetched once through ``fetch``.
+
+    ``fetch`` is the fetcher's own robots.txt download (same session, SSRF guard, politeness),
+    so this class holds only the caching and the rules.
+    """
+
+    def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA):
+        async def load(url: URL) -> RobotsPolicy:
+            status, body = await fetch(origin_file(url, "/robots.txt"))
+            return RobotsPolicy.from_response(status, body, user_agent)
+
+        super().__init__(load)
+        self._user_agent = user_agent
+
+    async def policy(self, url: URL) -> RobotsPolicy:
+        """The policy of ``url``'s origin, fetching its robots.txt on first use."""
+        return await self.get(url)
+
+    async def allowed(self, url: URL) -> bool:
+        """True when robots.txt of ``url``'s origin lets our user agent fetch it."""
+        policy = await self.policy(url)
+        return policy.allowed(url, self._user_agent)

@@ -31,6 +31,7 @@ of another class (``a`` and ``a/b``), is an error.
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
@@ -301,6 +302,8 @@ class SourceSpec(_Model):
     path: Optional[str] = None
     url_column: str = "url"
     label_column: str = "label"
+    caption_column: Optional[str] = Field(default=None, description="urllist: the column "
+                                          "holding each image's caption (alt text)")
     max_pages: int = Field(default=20, ge=1)
     per_page: int = Field(default=50, ge=1, le=500)
     region: str = "wt-wt"
@@ -347,12 +350,62 @@ class SearchSpec(_Model):
     llm_model: Optional[str] = None
 
 
+CONTACT_RE = re.compile(r"[^@\s()<>]+@[^@\s()<>]+\.[A-Za-z]{2,}"
+                        r"|https?://[^\s()<>]+\.[^\s()<>]+")
+"""An email address or an http(s) URL: what a User-Agent needs to name its operator."""
+
 MAX_TIMEOUT_S = 600.0
 """Upper bound of ``download.timeout_s``: ten minutes for one request."""
 MAX_BACKOFF_S = 60.0
 """Upper bound of ``download.backoff_s`` (the base of an exponential backoff)."""
 MAX_DELAY_S = 3600.0
 """Upper bound of ``download.per_host_delay_s`` and ``download.max_retry_after_s``."""
+
+
+class HostProfileSpec(_Model):
+    """Politeness rules for one host (``download.hosts``). A field left unset keeps the built-in
+    profile's value (``builder.profiles``), else the download-wide default."""
+
+    concurrency: Optional[int] = Field(default=None, ge=1, description="requests in flight")
+    delay_s: Optional[float] = Field(default=None, ge=0, le=MAX_DELAY_S,
+                                     description="minimum gap between request starts")
+    max_bytes_per_s: Optional[float] = Field(default=None, gt=0,
+                                             description="bandwidth cap on bodies, bytes/s")
+    thumb_widths: Optional[list[int]] = Field(
+        default=None, description="standard thumbnail widths: a thumbnail URL's width is raised "
+        "to the next one (Wikimedia's /thumb/.../<width>px-<name> URLs)")
+
+    @field_validator("thumb_widths")
+    @classmethod
+    def _widths(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (not v or any(w < 1 for w in v)):
+            raise ValueError("thumb_widths lists one or more positive widths, e.g. [250, 500]")
+        return sorted(set(v)) if v is not None else None
+
+
+SignalUsage = Literal["train-genai", "train-ai"]
+
+
+class SignalsSpec(_Model):
+    """The machine-readable opt-out signals honoured besides robots.txt and X-Robots-Tag
+    (``download.respect_robots`` / ``respect_optouts``). Each one on is checked, recorded in
+    the image's rights ledger, and a refusal rejects the image (``opted_out``)."""
+
+    tdmrep: bool = Field(default=True, description="TDMRep: /.well-known/tdmrep.json, the "
+                         "tdm-reservation header (and the page meta tag with page_meta)")
+    content_usage: bool = Field(default=True, description="IETF AI Preferences: the "
+                                "Content-Usage header and robots.txt rule")
+    content_signal: bool = Field(default=True, description="Cloudflare Content Signals in "
+                                 "robots.txt (Content-Signal: ai-train=no)")
+    xmp_datamining: bool = Field(default=True, description="IPTC plus:DataMining in the "
+                                 "image's embedded XMP")
+    ai_txt: bool = Field(default=True, description="/ai.txt (Spawning), robots.txt syntax")
+    page_meta: bool = Field(default=False, description="also fetch each image's page (one more "
+                            "request per image) for TDMRep and robots meta tags and the image's "
+                            "alt text")
+    usage: SignalUsage = Field(default="train-genai", description="what the dataset is for, "
+                               "in AI Preferences terms: train-genai also honours "
+                               "train-genai=n; train-ai honours train-ai=n only")
 
 
 class DownloadSpec(_Model):
@@ -373,6 +426,24 @@ class DownloadSpec(_Model):
         default=256_000_000, ge=65_536,
         description="byte budget of the response bodies being read at once per downloader; a "
                     "body waits for room (the oldest body being read always proceeds)")
+    contact: Optional[str] = Field(
+        default=None, description="the operator's email or URL, added to the User-Agent; "
+        "needed to crawl the public web (Wikimedia and others require one)")
+    hosts: dict[str, HostProfileSpec] = Field(
+        default_factory=dict, description="per-host politeness profiles (a host name, or "
+        "*.domain), over the built-in ones")
+    signals: SignalsSpec = Field(default_factory=SignalsSpec)
+
+    @field_validator("contact")
+    @classmethod
+    def _contact(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        v = v.strip()
+        if not CONTACT_RE.search(v) or any(ch in v for ch in "()\r\n"):
+            raise ValueError(f"{v!r} is not a contact: give an email (ops@example.org) or a URL "
+                             "(https://example.org/crawler), without parentheses")
+        return v
 
 
 class ValidationSpec(_Model):

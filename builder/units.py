@@ -119,6 +119,8 @@ class UnitReport:
     """A list unit past the end of its list (nothing to read)."""
     decided_before: int = 0
     """Candidates an earlier run (whose dataset this one continues) decided already."""
+    rights: Any = None
+    """The unit's ``builder.rights.RightsTally`` over its decided candidates."""
     settled: bool = True
     """False when the unit decided nothing (its search failed, or the job was cancelled
     before it read its candidates): it will not commit, and may be issued again."""

@@ -50,6 +50,7 @@ from builder.listsource import ListReader, SlicePlan
 from builder.ratelimit import EngineGovernor, limits_for
 from builder.reasons import Reason
 from builder.records import Candidate, Record, accepted_row, reject_row
+from builder.rights import RightsTally
 from builder.spec import DatasetSpec
 from builder.splits import assign_split
 from builder.storage import ensure_writable
@@ -256,7 +257,8 @@ class WorkerRuntime:
             if src.engine == "urllist":
                 self.readers[i] = ListReader(
                     self.plan.list_plans[i], url_column=src.url_column,
-                    label_column=src.label_column, storage_options=self.plan.storage_options,
+                    label_column=src.label_column, caption_column=src.caption_column,
+                    storage_options=self.plan.storage_options,
                     default_label=self.spec.labels[0] if len(self.spec.labels) == 1 else "")
             else:
                 self.engines[i] = make_engine(src, self.spec)
@@ -419,7 +421,8 @@ class UnitRun:
                 self.report.exhausted = unit.slice >= w.plan.list_plans[unit.source].count
             out = []
             for i, r in enumerate(rows):
-                cand = Candidate(url=r.url, label=r.label, engine="urllist", rank=i)
+                cand = Candidate(url=r.url, label=r.label, engine="urllist", rank=i,
+                                 caption=r.caption)
                 if not r.url:
                     self.bad_rows[id(cand)] = r.where
                 out.append(cand)
@@ -579,7 +582,9 @@ class UnitRun:
 
     def _count(self) -> None:
         report = self.report
+        report.rights = RightsTally()
         for record in self.records:
+            report.rights.add(record.rights)
             tally = report.tally(record.label)
             if record.relabelled_from:
                 report.relabelled[(record.relabelled_from, record.label)] += 1

@@ -109,16 +109,32 @@ ROW_GROUP_SIZE = 100
 """Rows per Parquet row group: images are large, so small groups keep readers' memory low."""
 
 _NAMES = ACCEPTED_SCHEMA.names
-_COLUMN_PATHS = {f.name: f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
-                 for f in ACCEPTED_SCHEMA}
-"""Parquet column paths per field: per-column options name the leaf column of a list."""
+
+
+def _leaf_paths(name: str, type_: pa.DataType) -> list[str]:
+    """The Parquet leaf columns of a field: per-column options name leaves, so a list's is
+    ``name.list.element`` and a list of structs' ``name.list.element.<field>`` each."""
+    if pa.types.is_list(type_):
+        return _leaf_paths(f"{name}.list.element", type_.value_type)
+    if pa.types.is_struct(type_):
+        return [p for f in type_ for p in _leaf_paths(f"{name}.{f.name}", f.type)]
+    return [name]
+
+
+_COLUMN_PATHS = {f.name: _leaf_paths(f.name, f.type) for f in ACCEPTED_SCHEMA}
+"""Parquet leaf column paths per field."""
 _PARQUET_OPTIONS: dict[str, Any] = {
     "row_group_size": ROW_GROUP_SIZE,
     # Images are already compressed: recompressing them costs CPU and saves nothing.
-    "compression": {_COLUMN_PATHS[n]: ("none" if n == "image" else "zstd") for n in _NAMES},
-    "use_dictionary": [_COLUMN_PATHS[n] for n in ("label", "label_levels", "split", "format",
-                                                   "query", "engine", "license", "author")],
-    "write_statistics": [_COLUMN_PATHS[n] for n in _NAMES if n != "image"],
+    "compression": {p: ("none" if n == "image" else "zstd") for n in _NAMES
+                    for p in _COLUMN_PATHS[n]},
+    # The rights ledger repeats a few strings per origin: dictionary-encoded it costs a few
+    # bytes an image.
+    "use_dictionary": [p for n in ("label", "label_levels", "split", "format", "query",
+                                   "engine", "license", "author", "rights")
+                       for p in _COLUMN_PATHS[n]],
+    "write_statistics": [p for n in _NAMES if n not in ("image", "rights")
+                         for p in _COLUMN_PATHS[n]],
 }
 _REJECT_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd",
                                            "use_dictionary": ["label", "stage", "reason",
@@ -325,7 +341,10 @@ class ShardWriter:
         name = shard_name(split, number)
         formats = set(self.output.formats)
         fs, root = self._fs()
-        rows_py = table.drop_columns(["image"]).to_pylist()
+        # Python rows carry the image bytes only for the formats that write files per image,
+        # and the rights ledger only for WebDataset's {id}.json (nothing else reads it here).
+        rows_py = table.drop_columns(["image"] if "webdataset" in formats
+                                     else ["image", "rights"]).to_pylist()
         if formats & {"imagefolder", "webdataset"}:
             for r, image in zip(rows_py, table["image"].to_pylist()):
                 r["image"] = image

@@ -3,7 +3,9 @@
     pixcrawler demo                      sandbox web + a small 3-class dataset, end to end on Ray
     pixcrawler build SPEC [--address A] [--output URI] [--resume]
     pixcrawler retry-failed URI          retry transient failures, merge the new images
-    pixcrawler check SPEC                validate a spec and print it with defaults filled in
+    pixcrawler check SPEC [--engines]    validate a spec and print it with defaults filled in;
+                                         --engines: probe each source once and say if it works
+    pixcrawler recheck URI               re-evaluate a dataset's opt-out signals; list removals
     pixcrawler sandbox [--port P]        run the sandbox web (offline stand-in for the internet)
 
 Exit codes: 0 done (a shortfall is reported, not an error, unless --strict: 4); 2 bad spec or
@@ -117,8 +119,18 @@ def _spec_from_args(args: argparse.Namespace) -> DatasetSpec:
     return loads_spec(text, f"${args.spec_env}")
 
 
+def _require_contact(spec: DatasetSpec) -> None:
+    """A crawl of the public web must name its operator in the User-Agent."""
+    from builder.profiles import contact_problem
+
+    problem = contact_problem(spec)
+    if problem:
+        raise SpecError([("download.contact", problem)])
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     spec = _apply_overrides(_spec_from_args(args), args)
+    _require_contact(spec)
     return run_spec(spec, address=args.address, local=args.local, job_id=args.job_id,
                     strict=args.strict, dashboard=args.dashboard, resume=args.resume)
 
@@ -152,7 +164,41 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
+    _require_contact(spec)
     print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    if not args.engines:
+        return 0
+    from builder.engines.probe import probe_sources, probe_table
+
+    results = probe_sources(spec)
+    print(probe_table(results))
+    return 0 if all(r.ok for r in results) else EXIT_FAILED
+
+
+def cmd_recheck(args: argparse.Namespace) -> int:
+    from builder.recheck import (dataset_spec, needs_contact, recheck, write_removals,
+                                 write_without)
+
+    uri, options = args.uri, _storage_options(args.uri)
+    download = dataset_spec(uri, options).download
+    if args.contact:
+        download = download.model_copy(update={"contact": args.contact})
+    if needs_contact(uri, download, options):
+        raise SpecError([("--contact", "the dataset's images are on the public web and its "
+                          "spec names no operator in the User-Agent: pass --contact "
+                          "you@example.org (or a URL)")])
+    result = recheck(uri, mode="full" if args.full else "origins", download=download,
+                     storage_options=options)
+    write_removals(result, args.out, _storage_options(args.out))
+    by_signal = ", ".join(f"{k} {v}" for k, v in sorted(result.by_signal().items()))
+    print(f"checked {result.checked} images on {result.origins} origins ({result.mode}): "
+          f"{len(result.removals)} to remove{f' ({by_signal})' if by_signal else ''}"
+          f"{f', {result.unreachable} unreachable (kept)' if result.unreachable else ''}; "
+          f"removal list: {args.out}")
+    if args.write:
+        published = write_without(uri, result, args.write, overwrite=args.overwrite,
+                                  storage_options=_storage_options(args.write))
+        print(f"dataset without them: {published}")
     return 0
 
 
@@ -227,7 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate a spec; print it with defaults filled in")
     c.add_argument("spec")
+    c.add_argument("--engines", action="store_true", help="probe each source once: works / "
+                   "blocked / needs a key / down / ended (exit 1 unless all work)")
     c.set_defaults(func=cmd_check)
+
+    rc = sub.add_parser("recheck", help="re-evaluate the opt-out signals of a built dataset's "
+                        "images and list those to remove")
+    rc.add_argument("uri", help="the dataset's URI")
+    rc.add_argument("--full", action="store_true", help="request every image again (headers "
+                    "and embedded XMP too), not only each origin's robots.txt / tdmrep.json / "
+                    "ai.txt")
+    rc.add_argument("--out", default="recheck-removals.csv",
+                    help="where to write the removal list (CSV; a path or URI)")
+    rc.add_argument("--write", metavar="URI", help="also write a new dataset without them here")
+    rc.add_argument("--overwrite", action="store_true", help="replace a dataset at --write")
+    rc.add_argument("--contact", help="your email or URL for the User-Agent, when the "
+                    "dataset's spec has none")
+    rc.set_defaults(func=cmd_recheck)
 
     d = sub.add_parser("demo", help="build a small dataset from the sandbox web, offline")
     d.add_argument("--output", default="./datasets/demo")

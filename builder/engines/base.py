@@ -32,7 +32,7 @@ MALFORMED_ERRORS: tuple[type[Exception], ...] = (
     LookupError, TypeError, AttributeError, ValueError, ArithmeticError, RecursionError)
 """What parsing an answer of the wrong shape raises; ``search`` turns these into EngineError."""
 
-_TEXT_FIELDS = ("url", "page_url", "title", "license", "author", "label")
+_TEXT_FIELDS = ("url", "page_url", "title", "license", "author", "label", "caption")
 MAX_ERROR_CHARS = 600
 """The longest message of an error raised by ``search``; longer ones are cut."""
 
@@ -48,6 +48,9 @@ class SearchHit:
     license: str = ""
     author: str = ""
     label: str = ""
+    caption: str = ""
+    """The text the engine gives for the image (alt text, description); '' when it gives only
+    a title (the output's ``caption`` column then falls back to the title)."""
 
     def __post_init__(self) -> None:
         for name in _TEXT_FIELDS:
@@ -61,7 +64,7 @@ class SearchHit:
     def to_candidate(self, label: str, query: str, engine: str) -> Candidate:
         return Candidate(url=self.url, label=self.label or label, query=query, engine=engine,
                          rank=self.rank, page_url=self.page_url, title=self.title,
-                         license=self.license, author=self.author)
+                         license=self.license, author=self.author, caption=self.caption)
 
 
 @dataclass

@@ -6,6 +6,11 @@ asks ``ddgs`` for the next backend page only when a requested page reaches past 
 page that adds no new image ends the query; so does ddgs' "No results found." (which is also how
 ddgs reports a non-200 answer from ``i.js``; a blocked client usually fails earlier, at the ``vqd``
 token fetch, and that failure is a retryable ``EngineError``).
+
+The backend is checked when the engine is built: ddgs falls back to ``auto`` (every backend,
+DuckDuckGo first) for a backend it does not have, with only a log line, so ``engine: bing`` on a
+ddgs older than 9.13 (which added Bing images) would quietly answer from DuckDuckGo. Here a
+missing backend makes the engine unavailable, with the version to install.
 """
 
 from __future__ import annotations
@@ -21,6 +26,23 @@ from builder.errors import EngineError, EngineUnavailable, SourceError
 # SourceSpec.options keys passed through to ``DDGS.images`` (DuckDuckGo's filters).
 FILTER_OPTIONS = ("size", "color", "type_image", "layout", "license_image")
 _NO_RESULTS = "No results found."
+MIN_DDGS = {"bing": "9.13"}
+"""The first ddgs release with each images backend (where later than 9.0)."""
+
+
+def check_backend(engine: str, backend: str) -> None:
+    """Refuse (``EngineUnavailable``) when the installed ddgs has no ``backend`` for images:
+    it would silently search another one."""
+    import ddgs
+    from ddgs.engines import ENGINES
+
+    available = sorted(ENGINES.get("images", {}))
+    if backend not in available:
+        need = MIN_DDGS.get(backend, "9")
+        raise EngineUnavailable(
+            f"{engine}: ddgs {getattr(ddgs, '__version__', '?')} has no {backend!r} images "
+            f"backend (it has: {', '.join(available) or 'none'}); it would answer from another "
+            f"search engine instead. Install ddgs>={need}: pip install 'ddgs>={need}'")
 
 
 @dataclass
@@ -53,6 +75,7 @@ class DdgsImagesEngine(SearchEngine):
         if unknown:
             raise SourceError(f"{self.name}: unknown filter option(s) {unknown}; "
                                     f"valid: {', '.join(FILTER_OPTIONS)}")
+        check_backend(self.name, self.backend)
         self.region = region
         self.safesearch = safesearch
         self.filters = {k: str(v) for k, v in (filters or {}).items() if v}

@@ -2,10 +2,10 @@
 
 Each factory reads the source's own settings (``region``, ``safesearch``) and its ``options``:
 ``base_url`` (the API endpoint; tests point it at a fake on 127.0.0.1), ``timeout_s`` (default: the
-spec's download timeout) and the engine's filters. The User-Agent is the spec's download one, and
-``download.allow_private_networks`` decides, as for the image fetcher, whether the engine may
-reach private and loopback addresses.
-Engines with missing credentials raise ``EngineUnavailable`` from their constructor.
+spec's download timeout) and the engine's filters. The User-Agent is the spec's download one, with
+``download.contact``, and ``download.allow_private_networks`` decides, as for the image fetcher,
+whether the engine may reach private and loopback addresses. Engines with missing credentials
+raise ``EngineUnavailable`` from their constructor.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Optional
 from builder.engines import register
 from builder.engines.base import SearchEngine
 from builder.errors import SourceError
+from builder.profiles import user_agent
 from builder.spec import DatasetSpec, SourceSpec
 
 
@@ -41,7 +42,7 @@ def _number(src: SourceSpec, key: str, default: Optional[float], low: float, hig
 
 def _common(src: SourceSpec, spec: DatasetSpec) -> dict[str, Any]:
     return {"timeout_s": _number(src, "timeout_s", spec.download.timeout_s, 0.1, 600),
-            "user_agent": spec.download.user_agent,
+            "user_agent": user_agent(spec.download),
             "allow_private_networks": spec.download.allow_private_networks}
 
 

@@ -33,7 +33,8 @@ class SandboxEngine(SearchEngine):
                           page_url=webjson.as_url(r.get("page_url")),
                           title=webjson.as_text(r.get("title")),
                           license=webjson.as_text(r.get("license")),
-                          author=webjson.as_text(r.get("author")))
+                          author=webjson.as_text(r.get("author")),
+                          caption=webjson.as_text(r.get("caption")))
                 for i, r in enumerate(results)
                 if isinstance(r, dict) and webjson.as_url(r.get("url"))]
         return SearchPage(hits=hits, has_more=bool(body.get("has_more")))

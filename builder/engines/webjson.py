@@ -35,7 +35,8 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_EXCERPT_CHARS = 200
 """The most characters of a server's answer (or a URL) quoted in an error message."""
 _READ_CHUNK = 64 * 1024
-_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token)=)[^&#]*")
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token|client_secret)=)"
+                            r"[^&#]*")
 
 
 def redact(url: str) -> str:
@@ -63,9 +64,12 @@ def with_params(url: str, params: Mapping[str, Any] | None) -> str:
 
 def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
           headers: Mapping[str, str] | None = None, timeout_s: float = 15.0,
-          user_agent: str = DEFAULT_USER_AGENT, allow_private_networks: bool = False) -> bytes:
+          user_agent: str = DEFAULT_USER_AGENT, allow_private_networks: bool = False,
+          form: Mapping[str, str] | None = None) -> bytes:
     """GET ``url`` (with ``params`` appended) through the SSRF guard and return the body;
-    failures raise EngineError."""
+    failures raise EngineError. With ``form``, POST it URL-encoded instead (an OAuth token
+    request)."""
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
     try:
         url = with_params(url, params)
     except ValueError as exc:
@@ -75,8 +79,8 @@ def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
     try:
         with open_guarded(url, headers={"User-Agent": user_agent, "Accept": "application/json",
                                         **(headers or {})},
-                          timeout_s=timeout_s,
-                          allow_private_networks=allow_private_networks) as resp:
+                          timeout_s=timeout_s, allow_private_networks=allow_private_networks,
+                          data=data) as resp:
             return _read_bounded(resp, engine=engine, shown=shown, timeout_s=timeout_s)
     except UrlRejected as exc:
         raise EngineError(f"{engine}: refused to request {shown}: {exc.detail} (engines speak "
@@ -139,10 +143,12 @@ def loads(body: bytes, *, engine: str, what: str = "response") -> Any:
 
 def fetch_json(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
                headers: Mapping[str, str] | None = None, timeout_s: float = 15.0,
-               user_agent: str = DEFAULT_USER_AGENT, allow_private_networks: bool = False) -> Any:
+               user_agent: str = DEFAULT_USER_AGENT, allow_private_networks: bool = False,
+               form: Mapping[str, str] | None = None) -> Any:
     """``fetch`` then ``loads``."""
     body = fetch(url, engine=engine, params=params, headers=headers, timeout_s=timeout_s,
-                 user_agent=user_agent, allow_private_networks=allow_private_networks)
+                 user_agent=user_agent, allow_private_networks=allow_private_networks,
+                 form=form)
     return loads(body, engine=engine)
 
 

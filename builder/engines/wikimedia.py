@@ -45,7 +45,7 @@ class WikimediaEngine(SearchEngine):
             "generator": "search", "gsrnamespace": "6", "gsrsearch": search,
             "gsrlimit": str(limit), "gsroffset": str(offset),
             "prop": "imageinfo", "iiprop": "url|extmetadata|size|mime",
-            "iiextmetadatafilter": "LicenseShortName|Artist|ObjectName",
+            "iiextmetadatafilter": "LicenseShortName|Artist|ObjectName|ImageDescription",
         }
         if self.thumb_width:
             params["iiurlwidth"] = str(self.thumb_width)
@@ -93,7 +93,8 @@ class WikimediaEngine(SearchEngine):
             PurePosixPath(webjson.as_text(page.get("title")).removeprefix("File:")).stem
         return SearchHit(url=url, rank=rank, page_url=webjson.as_url(info.get("descriptionurl")),
                          title=title, license=webjson.strip_html(_meta(meta, "LicenseShortName")),
-                         author=webjson.strip_html(_meta(meta, "Artist")))
+                         author=webjson.strip_html(_meta(meta, "Artist")),
+                         caption=webjson.strip_html(_meta(meta, "ImageDescription"))[:1000])
 
 
 def _meta(meta: dict[str, Any], key: str) -> str:

@@ -10,6 +10,12 @@
 - ``GET /heavy/{i}.jpg?bytes=N&chunked=0|1`` a hostile server's answer: N bytes (default
   ``HEAVY_BYTES``, at most ``MAX_HEAVY_BYTES``) that start like a JPEG and do not decode, with a
   Content-Length or chunked; streamed, so the sandbox holds none of it (``heavy_urls``)
+- ``GET /api/openverse/v1/images/`` the search as Openverse answers it (anonymous: pages of at
+  most 20, no result past the 240th); ``GET /api/google/customsearch/v1`` Google's Custom Search
+  API as it answers a key made after it closed: 403 ``PERMISSION_DENIED`` (for the engine probe)
+- ``GET /sig/...`` images and pages carrying opt-out headers, XMP and meta tags, and more origins
+  (one port each) with their own robots.txt, tdmrep.json and ai.txt (``sites.py``;
+  ``signal_urls()``, ``site()``)
 
 Images are rendered on first request (in the loop's thread pool) and kept in a bounded cache.
 """
@@ -27,6 +33,10 @@ from typing import Any, Callable, Sequence
 from aiohttp import web
 
 from builder.ports import free_port
+from builder.sandbox.sites import (PAGE_CASES, SIGNAL_CASES, SignalCase, Site, default_sites,
+                                   thumb_width)
+from builder.signals import AI_TXT_PATH, TDMREP_PATH
+from builder.xmp import jpeg_with_xmp, xmp_with_data_mining
 from builder.sandbox.corpus import (
     ACCEPTED,
     CLEAN,
@@ -35,6 +45,8 @@ from builder.sandbox.corpus import (
     ROBOTS_TXT,
     Corpus,
     Entry,
+    Picture,
+    derive_seed,
     encode,
 )
 
@@ -102,13 +114,14 @@ class SandboxWeb:
     ``fault_every`` clean images, cycling through ``FAULTS``); the dedicated instances behind
     ``fault_urls()`` are served either way. ``slow_s`` is how long ``slow`` URLs wait before
     answering; ``big_bytes`` how much a ``too_big`` URL streams; ``bench_images`` how many
-    benchmark JPEGs ``bench_urls()`` lists.
+    benchmark JPEGs ``bench_urls()`` lists. ``sites`` serves the opt-out sites
+    (``sites.py``), each on a port of its own.
     """
 
     def __init__(self, classes: Sequence[str] = DEFAULT_CLASSES, images_per_class: int = 40, *,
                  seed: int = 0, faults: bool = True, fault_every: int = 6,
                  host: str = "127.0.0.1", port: int = 0, slow_s: float = 5.0,
-                 big_bytes: int = 3_000_000, bench_images: int = 0):
+                 big_bytes: int = 3_000_000, bench_images: int = 0, sites: bool = True):
         if slow_s < 0 or big_bytes < len(JPEG_HEAD):
             raise ValueError(f"slow_s must be >= 0 and big_bytes >= {len(JPEG_HEAD)}")
         self.corpus = Corpus(classes, images_per_class, seed=seed, faults=faults,
@@ -128,6 +141,8 @@ class SandboxWeb:
         self._hits: Counter[str] = Counter()
         self._sleepers: set[asyncio.Task[Any]] = set()
         self._outcomes = self._expected_outcomes()
+        self.sites: dict[str, Site] = default_sites() if sites else {}
+        self._site_urls: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -184,6 +199,17 @@ class SandboxWeb:
             ready.set()
             return
         self.base_url = _origin(self.host, runner.addresses[0][1])
+        self._site_urls = {"main": self.base_url} if "main" in self.sites else {}
+        site_runners = []
+        for site in self.sites.values():
+            if site.name == "main":
+                continue
+            site_runner = web.AppRunner(self._make_site_app(site), access_log=None,
+                                        shutdown_timeout=0.25)
+            loop.run_until_complete(site_runner.setup())
+            loop.run_until_complete(web.TCPSite(site_runner, self.host, 0).start())
+            self._site_urls[site.name] = _origin(self.host, site_runner.addresses[0][1])
+            site_runners.append(site_runner)
         self._loop = loop
         ready.set()
         try:
@@ -191,6 +217,8 @@ class SandboxWeb:
         finally:
             for task in list(self._sleepers):  # pending ``slow`` answers: drop them now
                 task.cancel()
+            for site_runner in site_runners:
+                loop.run_until_complete(site_runner.cleanup())
             loop.run_until_complete(runner.cleanup())
             leftovers = asyncio.all_tasks(loop)
             for task in leftovers:
@@ -256,13 +284,39 @@ class SandboxWeb:
             out[entry.path] = ACCEPTED if entry.kind == CLEAN else FAULTS[entry.kind]
         return out
 
+    def site(self, name: str) -> Site:
+        """The opt-out site ``name`` (mutable while serving: its files and headers)."""
+        if name not in self.sites:
+            raise ValueError(f"unknown site {name!r}: this sandbox serves {list(self.sites)}")
+        return self.sites[name]
+
+    def site_url(self, name: str) -> str:
+        """The origin (``http://127.0.0.1:<port>``) of site ``name``."""
+        self._require_started()
+        self.site(name)
+        return self._site_urls[name]
+
+    def signal_urls(self, cases: dict[str, SignalCase] | None = None) -> dict[str, str]:
+        """Case name -> absolute URL, for ``SIGNAL_CASES`` (or ``cases``, e.g. ``PAGE_CASES``)."""
+        return {name: self.site_url(c.site) + c.path
+                for name, c in (SIGNAL_CASES if cases is None else cases).items()}
+
+    def signal_page(self, case: str) -> str:
+        """The absolute URL of the page a ``PAGE_CASES`` case's image is found on."""
+        c = PAGE_CASES[case]
+        return self.site_url(c.site) + c.page
+
     def outcome_of(self, url: str) -> str | None:
         """What the pipeline must make of ``url``: "accepted", a Reason value, or None when the
-        URL is not one of this sandbox's corpus or benchmark URLs."""
+        URL is not one of this sandbox's corpus, benchmark or signal-case URLs."""
         try:
             path = urllib.parse.urlsplit(url).path
         except ValueError:
             return None
+        if self._site_urls:
+            for case in SIGNAL_CASES.values():
+                if url == self._site_urls.get(case.site, "") + case.path:
+                    return case.outcome
         if path.startswith("/bench/"):
             return ACCEPTED if self._bench_index(path.rsplit("/", 1)[-1]) is not None else None
         return self._outcomes.get(path)
@@ -286,8 +340,108 @@ class SandboxWeb:
         app.router.add_get("/page/{slug}/{pos}", self._page)
         app.router.add_get("/bench/{name}", self._bench)
         app.router.add_get("/heavy/{name}", self._heavy)
+        app.router.add_get("/api/openverse/v1/images/", self._openverse)
+        app.router.add_get("/api/google/customsearch/v1", self._google)
+        if "main" in self.sites:
+            main = self.sites["main"]
+            app.router.add_get("/sig/{tail:.*}",
+                               lambda request: self._site_answer(main, request))
         app.router.add_get("/{tail:.*}", self._entry)
         return app
+
+    # -- engine look-alikes (for the engine probe) ----------------------------------------------
+
+    async def _openverse(self, request: web.Request) -> web.Response:
+        try:
+            page = int(request.query.get("page", "1"))
+            size = int(request.query.get("page_size", "20"))
+        except ValueError:
+            return web.json_response({"detail": "page and page_size are integers"}, status=400)
+        if "Authorization" not in request.headers and (size > 20 or page * size > 240):
+            return web.json_response({"detail": "Anonymous requests get pages of at most 20 "
+                                                "and no result past the 240th."}, status=401)
+        label = self.corpus.class_for_query(request.query.get("q", ""))
+        items = self.corpus.clean[label] if label is not None else []
+        origin = f"{request.scheme}://{request.host}"
+        chunk = items[(page - 1) * size:page * size]
+        results = [{"id": f"sandbox-{label}-{i}", "url": origin + e.path,
+                    "foreign_landing_url": f"{origin}/page/{self.corpus.slugs[e.label]}/{i}",
+                    "title": f"A {e.label} picture", "creator": "sandbox", "license": "by",
+                    "license_version": "4.0"} for i, e in enumerate(chunk)]
+        return web.json_response({"result_count": len(items),
+                                  "page_count": -(-len(items) // size) if items else 0,
+                                  "page_size": size, "page": page, "results": results})
+
+    async def _google(self, request: web.Request) -> web.Response:
+        message = "This project does not have the access to Custom Search JSON API."
+        return web.json_response({"error": {"code": 403, "message": message, "errors": [
+            {"message": message, "domain": "global", "reason": "forbidden"}],
+            "status": "PERMISSION_DENIED"}}, status=403)
+
+    # -- opt-out sites --------------------------------------------------------------------------
+
+    def _make_site_app(self, site: Site) -> web.Application:
+        @web.middleware
+        async def count(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+            site.paths.append(request.path_qs)
+            site.in_flight += 1
+            site.max_in_flight = max(site.max_in_flight, site.in_flight)
+            try:
+                if site.delay_s:
+                    await self._sleep(site.delay_s)
+                return await handler(request)
+            finally:
+                site.in_flight -= 1
+
+        async def robots(request: web.Request) -> web.Response:
+            return self._file(site.robots_txt, "text/plain")
+
+        async def tdmrep(request: web.Request) -> web.Response:
+            return self._file(site.tdmrep_json, "application/json")
+
+        async def ai_txt(request: web.Request) -> web.Response:
+            return self._file(site.ai_txt, "text/plain")
+
+        app = web.Application(middlewares=[count])
+        app.router.add_get("/robots.txt", robots)
+        app.router.add_get(TDMREP_PATH, tdmrep)
+        app.router.add_get(AI_TXT_PATH, ai_txt)
+        app.router.add_get("/{tail:.*}", lambda request: self._site_answer(site, request))
+        return app
+
+    @staticmethod
+    def _file(text: str | None, content_type: str) -> web.Response:
+        if text is None:
+            raise web.HTTPNotFound(text="no such file here\n")
+        return web.Response(text=text, content_type=content_type)
+
+    async def _sleep(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._sleepers.add(task)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._sleepers.discard(task)
+
+    async def _site_answer(self, site: Site, request: web.Request) -> web.Response:
+        """A site's page or image: any other path is an image, the same for the same site and
+        path, with the headers and XMP the site sets for it."""
+        path = request.path
+        if path in site.redirects:
+            raise web.HTTPFound(location=site.redirects[path])
+        if path in site.pages:
+            return web.Response(text=site.pages[path], content_type="text/html")
+        if site.thumb_widths:
+            width = thumb_width(path)
+            if width is not None and width not in site.thumb_widths:
+                return web.Response(status=400, text=f"Use thumbnail steps listed on "
+                                    f"https://w.wiki/GHai ({width}px is not one)\n")
+        xmp = site.xmp_for(path)
+        key = f"site:{site.name}:{path}"
+        data = await self._render(key, lambda: _site_image(site.name, path, xmp))
+        return web.Response(body=data, content_type="image/jpeg",
+                            headers=site.headers_for(path))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -327,6 +481,7 @@ class SandboxWeb:
                 "title": f"A {entry.label} picture, number {pos + 1}",
                 "license": "CC-BY-4.0" if credited else "",
                 "author": "sandbox" if credited else "",
+                "caption": f"a {entry.label} in a sandbox picture, shapes on a gradient",
             })
         return web.json_response({"results": results, "has_more": start + per_page < len(items),
                                   "total": len(items)})
@@ -457,6 +612,17 @@ class SandboxWeb:
         except ConnectionError:
             pass  # the client stopped reading at its byte cap, as it should
         return resp
+
+
+def _site_image(site: str, path: str, data_mining: str | None) -> bytes:
+    """A JPEG for a site path (distinct per site and path), with ``plus:DataMining`` in its XMP
+    when given."""
+    pic = Picture(seed=derive_seed("site", site, path), width=320, height=240, quality=88,
+                  hue=(derive_seed("hue", site, path) % 1000) / 1000)
+    data = encode(pic)
+    if data_mining is not None:
+        data = jpeg_with_xmp(data, xmp_with_data_mining(data_mining))
+    return data
 
 
 def serve_forever(host: str = "127.0.0.1", port: int = 8800, **kwargs: Any) -> None:

@@ -19,7 +19,7 @@ from yarl import URL
 from builder.fetch import Fetcher, fetch_all, parse_retry_after
 from builder.reasons import Reason
 from builder.records import Candidate, Record
-from builder.spec import DownloadSpec
+from builder.spec import DownloadSpec, SignalsSpec
 
 
 def _jpeg() -> bytes:
@@ -245,9 +245,15 @@ def srv(server: Any) -> Any:
     return server
 
 
+NO_ORIGIN_SIGNALS = SignalsSpec(tdmrep=False, content_usage=False, content_signal=False,
+                                ai_txt=False)
+"""The opt-out signals that cost requests per origin (tests/builder/test_signals.py covers them),
+off here so these tests count only the requests they make."""
+
+
 def cfg(**kw: Any) -> DownloadSpec:
     base = dict(timeout_s=5.0, retries=2, backoff_s=0.01, allow_private_networks=True,
-                respect_robots=False)
+                respect_robots=False, signals=NO_ORIGIN_SIGNALS)
     base.update(kw)
     return DownloadSpec(**base)
 

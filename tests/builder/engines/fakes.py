@@ -209,6 +209,9 @@ def wikimedia_handler(images: list[dict[str, Any]], *, mimes: dict[int, str] | N
                         "Artist": {"value": f'<a href="//commons.wikimedia.org/wiki/User:X" '
                                             f'title="User:X">{html.escape(img["author"])}</a>',
                                    "source": "commons-desc-page"},
+                        "ImageDescription": {"value": f'<div class="description">A '
+                                                      f'<b>{img["title"]}</b> asleep</div>',
+                                             "source": "commons-desc-page"},
                     },
                 }],
             })
@@ -256,6 +259,50 @@ def openverse_handler(images: list[dict[str, Any]], *, token: str | None = None)
                               "warnings": []})
 
     return handle
+
+
+class OpenverseOAuth:
+    """Openverse with its OAuth side: ``POST /v1/auth_tokens/token/`` (client credentials) issues
+    tokens that expire after ``lifetime`` seconds of ``clock``; a request with an expired or
+    revoked token answers 401 ``invalid_token``; anonymous requests may not reach past the 240th
+    result. ``tokens_issued`` counts the grants; ``revoke()`` invalidates every token."""
+
+    def __init__(self, images: list[dict[str, Any]], *, clients: dict[str, str],
+                 lifetime: int = 36_000, clock: Callable[[], float] = lambda: 0.0):
+        self.images = images
+        self.clients = clients
+        self.lifetime = lifetime
+        self.clock = clock
+        self.valid: dict[str, float] = {}
+        self.tokens_issued = 0
+        self.depth_refusals = 0
+
+    def revoke(self) -> None:
+        self.valid.clear()
+
+    def __call__(self, req: Request) -> Response:
+        if req.path == "/v1/auth_tokens/token/":
+            form = dict(urllib.parse.parse_qsl(req.body.decode()))
+            if req.method != "POST" or form.get("grant_type") != "client_credentials" or \
+                    self.clients.get(form.get("client_id", "")) != form.get("client_secret"):
+                return Response(401, {"error": "invalid_client"})
+            self.tokens_issued += 1
+            token = f"ov-token-{self.tokens_issued}"
+            self.valid[token] = self.clock() + self.lifetime
+            return Response(200, {"access_token": token, "scope": "read write",
+                                  "expires_in": self.lifetime, "token_type": "Bearer"})
+        auth = req.headers.get("authorization")
+        token = auth.removeprefix("Bearer ") if auth is not None else None
+        if token is not None and self.valid.get(token, -1.0) <= self.clock():
+            return Response(401, {"detail": "Invalid token."}, headers={
+                "WWW-Authenticate": 'Bearer realm="api",error="invalid_token",'
+                                    'error_description="The access token has expired."'})
+        size, page = int(req.query.get("page_size", 20)), int(req.query.get("page", 1))
+        if token is None and page * size > 240:
+            self.depth_refusals += 1
+            return Response(401, {"detail": "Anonymous requests may not reach past result "
+                                            "240; authenticate for more."})
+        return openverse_handler(self.images, token=token)(req)
 
 
 # --- Google Custom Search JSON API (searchType=image) ---------------------------------------

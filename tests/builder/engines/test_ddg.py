@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.engines.ddg import BingImagesEngine, DdgsImagesEngine
-from builder.errors import EngineError, SourceError
+from builder.errors import EngineError, EngineUnavailable, SourceError
 from tests.builder.engines.fakes import (
     DDG_VQD,
     FakeServer,
@@ -152,3 +152,17 @@ def test_junk_from_ddgs_is_dropped_and_good_results_kept(monkeypatch: pytest.Mon
         [("https://a.example/x.jpg", 0, "", ""),
          ("https://a.example/y.jpg", 1, "https://p.example/y", "7")]
     assert not page.has_more
+
+
+def test_bing_on_a_ddgs_without_its_backend_is_refused_not_swapped(
+        monkeypatch: pytest.MonkeyPatch):
+    # ddgs < 9.13 has no Bing images backend and would quietly search DuckDuckGo instead
+    from ddgs.engines import ENGINES
+
+    monkeypatch.setitem(ENGINES, "images", {k: v for k, v in ENGINES["images"].items()
+                                            if k != "bing"})
+    with pytest.raises(EngineUnavailable) as info:
+        BingImagesEngine()
+    message = str(info.value)
+    assert "no 'bing' images backend" in message and "ddgs>=9.13" in message
+    DdgsImagesEngine()  # DuckDuckGo's backend is there: no complaint

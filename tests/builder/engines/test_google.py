@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import date
+
 import pytest
 
-from builder.engines.google import GoogleEngine
+from builder.engines.google import SUNSET, GoogleEngine
 from builder.errors import EngineError, EngineUnavailable
 from tests.builder.engines.fakes import (
     FakeServer,
@@ -15,6 +18,8 @@ from tests.builder.engines.fakes import (
 )
 
 KEY, CX = "AIza-test-key", "cx-test"
+TODAY = date(2026, 12, 2)
+"""These tests run as of this date, whatever the clock says (the API ends on 2027-01-01)."""
 
 
 @pytest.fixture(autouse=True)
@@ -24,18 +29,19 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _engine(srv: FakeServer, **kw) -> GoogleEngine:
-    return GoogleEngine(f"{srv.url}/customsearch/v1", api_key=KEY, cse_id=CX,
+    return GoogleEngine(f"{srv.url}/customsearch/v1", api_key=KEY, cse_id=CX, today=TODAY,
                         allow_private_networks=True, **kw)
 
 
 def test_missing_credentials_name_the_env_vars(monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(EngineUnavailable, match="GOOGLE_API_KEY and GOOGLE_CSE_ID"):
-        GoogleEngine()
+        GoogleEngine(today=TODAY)
     monkeypatch.setenv("GOOGLE_CSE_KEY", "k")
-    with pytest.raises(EngineUnavailable, match="missing: GOOGLE_CSE_ID"):
-        GoogleEngine()
+    with pytest.raises(EngineUnavailable, match="missing: GOOGLE_CSE_ID") as info:
+        GoogleEngine(today=TODAY)
+    assert "ends on 2027-01-01, in 30 days" in str(info.value)
     monkeypatch.setenv("GOOGLE_CSE_ID", "c")
-    assert GoogleEngine().api_key == "k"
+    assert GoogleEngine(today=TODAY).api_key == "k"
 
 
 def test_maps_items_and_requests_image_search():
@@ -93,6 +99,7 @@ def test_rate_limit_429_is_retryable_daily_quota_403_is_not():
     assert rate.value.retryable and rate.value.status == 429 and rate.value.retry_after == 30
     assert not daily.value.retryable and daily.value.status == 403
     assert "Quota exceeded" in str(daily.value)
+    assert str(daily.value).startswith("google: 403: the key's daily quota is spent")
     assert KEY not in str(rate.value) and KEY not in str(daily.value)
 
 
@@ -121,3 +128,34 @@ def test_malformed_items_keep_the_good_hits_with_text_fields(queries):
     assert [(h.page_url, h.title) for h in page.hits] == \
         [("", ""), ("", "3"), ("https://p.example/z", "")]
     assert not page.has_more and len(srv.requests) == 1
+
+
+def test_a_key_without_access_is_explained_not_called_a_quota():
+    denied = {"error": {"code": 403, "message": "This project does not have the access to "
+                        "Custom Search JSON API.", "errors": [{"message": "This project does "
+                        "not have the access to Custom Search JSON API.", "domain": "global",
+                        "reason": "forbidden"}], "status": "PERMISSION_DENIED"}}
+    with FakeServer(google_handler(fake_images(5), key=KEY, cx=CX)) as srv:
+        srv.fail_next(status=403, body=denied)
+        with pytest.raises(EngineError) as info:
+            _engine(srv).search("cat", label="cat", page=0, per_page=5)
+    message = str(info.value)
+    assert info.value.status == 403 and not info.value.retryable
+    assert message.startswith("google: 403 PERMISSION_DENIED: this key's project has no access")
+    assert "closed the API to new customers" in message and "not a quota" in message
+    assert "duckduckgo, bing, wikimedia or openverse" in message
+
+
+def test_a_dated_deprecation_warning_until_the_sunset(caplog: pytest.LogCaptureFixture):
+    with caplog.at_level(logging.WARNING, logger="pixcrawler.engines.google"):
+        GoogleEngine(api_key=KEY, cse_id=CX, today=TODAY)
+    assert "closed to new customers" in caplog.text
+    assert "ends on 2027-01-01, in 30 days" in caplog.text
+
+
+@pytest.mark.parametrize("today", [SUNSET, date(2027, 6, 1)])
+def test_refused_from_the_sunset_on_with_a_pointer_to_the_others(today: date):
+    with pytest.raises(EngineUnavailable) as info:
+        GoogleEngine(api_key=KEY, cse_id=CX, today=today)
+    assert "ended on 2027-01-01" in str(info.value)
+    assert "duckduckgo, bing, wikimedia or openverse" in str(info.value)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from builder.engines.openverse import OpenverseEngine, format_license
-from builder.errors import EngineError
-from tests.builder.engines.fakes import FakeServer, Response, fake_images, openverse_handler
+from builder.errors import EngineError, SourceError
+from tests.builder.engines.fakes import (FakeServer, OpenverseOAuth, Response, fake_images,
+                                         openverse_handler)
 
 
 def _local(url: str, **kwargs) -> OpenverseEngine:
@@ -138,3 +139,114 @@ def test_answer_of_the_wrong_shape_is_a_retryable_engine_error(body):
 def test_format_license_of_junk_is_empty():
     assert format_license(5, "1.0") == "" and format_license(None) == ""
     assert format_license(["by"]) == "" and format_license("by", None) == "CC BY"
+
+
+# ---- the 240-result depth, client credentials, token renewal ---------------------------------
+
+
+@pytest.fixture()
+def _no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENVERSE_CLIENT_ID", raising=False)
+    monkeypatch.delenv("OPENVERSE_CLIENT_SECRET", raising=False)
+
+
+CLIENTS = {"client-1": "secret-1"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_anonymous_search_ends_at_the_240th_result(_no_credentials):
+    fake = OpenverseOAuth(fake_images(400), clients=CLIENTS)
+    with FakeServer(fake) as srv:
+        engine = OpenverseEngine(f"{srv.url}/v1/images/")
+        pages = [engine.search("cat", label="cat", page=p, per_page=50) for p in range(6)]
+    assert [len(p.hits) for p in pages] == [50, 50, 50, 50, 40, 0]
+    assert [p.has_more for p in pages] == [True, True, True, True, False, False]
+    assert pages[4].hits[-1].rank == 239
+    assert fake.depth_refusals == 0
+    assert max(int(r.query["page"]) * int(r.query["page_size"]) for r in srv.requests) == 240
+
+
+def test_anonymous_depth_with_a_page_size_that_does_not_divide_240(_no_credentials):
+    fake = OpenverseOAuth(fake_images(400), clients=CLIENTS)
+    with FakeServer(fake) as srv:
+        engine = OpenverseEngine(f"{srv.url}/v1/images/")
+        last = engine.search("cat", label="cat", page=33, per_page=7)
+    assert [h.rank for h in last.hits] == [231, 232, 233, 234, 235, 236, 237]
+    assert not last.has_more and fake.depth_refusals == 0
+
+
+def test_client_credentials_get_a_token_and_search_past_240(_no_credentials):
+    fake = OpenverseOAuth(fake_images(600), clients=CLIENTS)
+    with FakeServer(fake) as srv:
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+                                 client_secret="secret-1")
+        page = engine.search("cat", label="cat", page=1, per_page=300)
+    assert [h.rank for h in page.hits] == list(range(300, 600))
+    token_request, search = srv.requests[0], srv.requests[1]
+    assert (token_request.method, token_request.path) == ("POST", "/v1/auth_tokens/token/")
+    assert "grant_type=client_credentials" in token_request.body.decode()
+    assert search.headers["authorization"] == "Bearer ov-token-1"
+    assert search.query["page_size"] == "300"
+    assert fake.tokens_issued == 1
+
+
+def test_token_is_renewed_before_it_expires(_no_credentials):
+    clock = Clock()
+    fake = OpenverseOAuth(fake_images(100), clients=CLIENTS, lifetime=600, clock=clock)
+    with FakeServer(fake) as srv:
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+                                 client_secret="secret-1", clock=clock)
+        engine.search("cat", label="cat", page=0, per_page=10)
+        clock.now += 550  # inside the last minute of the token's life
+        engine.search("cat", label="cat", page=1, per_page=10)
+        clock.now += 100
+        engine.search("cat", label="cat", page=2, per_page=10)
+    assert fake.tokens_issued == 2
+    auths = [r.headers.get("authorization") for r in srv.requests if r.method == "GET"]
+    assert auths == ["Bearer ov-token-1", "Bearer ov-token-2", "Bearer ov-token-2"]
+
+
+def test_a_refused_token_is_renewed_once(_no_credentials):
+    fake = OpenverseOAuth(fake_images(100), clients=CLIENTS)
+    with FakeServer(fake) as srv:
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+                                 client_secret="secret-1")
+        engine.search("cat", label="cat", page=0, per_page=10)
+        fake.revoke()  # expired early on the server's side: 401 invalid_token
+        page = engine.search("cat", label="cat", page=1, per_page=10)
+    assert len(page.hits) == 10 and fake.tokens_issued == 2
+
+
+def test_a_fixed_token_that_expires_says_how_to_renew(_no_credentials,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OPENVERSE_TOKEN", "stale")
+    fake = OpenverseOAuth(fake_images(10), clients=CLIENTS)
+    with FakeServer(fake) as srv:
+        with pytest.raises(EngineError) as info:
+            OpenverseEngine(f"{srv.url}/v1/images/").search("cat", label="cat", page=0,
+                                                             per_page=5)
+    assert info.value.status == 401 and not info.value.retryable
+    assert "OPENVERSE_CLIENT_ID" in str(info.value)
+
+
+def test_half_the_credentials_is_a_source_error(_no_credentials,
+                                                monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OPENVERSE_CLIENT_ID", "client-1")
+    with pytest.raises(SourceError, match="OPENVERSE_CLIENT_SECRET"):
+        OpenverseEngine()
+
+
+def test_bad_credentials_fail_the_search(_no_credentials):
+    with FakeServer(OpenverseOAuth(fake_images(10), clients=CLIENTS)) as srv:
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+                                 client_secret="wrong")
+        with pytest.raises(EngineError) as info:
+            engine.search("cat", label="cat", page=0, per_page=5)
+    assert info.value.status == 401 and "secret" not in str(info.value).replace("secret-", "")

@@ -27,6 +27,7 @@ def test_maps_url_page_title_license_and_author_in_search_order():
     assert first.title == "Cat number 0"
     assert first.license == "CC BY-SA 4.0"
     assert first.author == "Photographer 0"  # HTML link stripped
+    assert first.caption == "A Cat number 0 asleep"  # the description, as text
     assert page.has_more
     q = srv.requests[0].query
     assert q["generator"] == "search" and q["gsrnamespace"] == "6"

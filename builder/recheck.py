@@ -1,0 +1,316 @@
+"""``pixcrawler recheck``: evaluate the opt-out signals of a built dataset's images again.
+
+Consent changes after a dataset is built: a site adds ``Content-Signal: ai-train=no`` to its
+robots.txt, reserves its rights in tdmrep.json, starts sending ``tdm-reservation: 1``. ``recheck``
+reads the dataset's images (URL, final URL, label), asks their origins again with the download
+settings the dataset was built with (its ``spec.yaml``), and lists each image a signal now
+refuses, with the signal, its value and where it was read.
+
+Two depths:
+
+* ``origins`` (default): the per-origin files only (robots.txt rules, Content-Signal and
+  Content-Usage lines, /.well-known/tdmrep.json, /ai.txt): each origin is asked once, so a
+  dataset of any size costs a few requests per site.
+* ``full``: every image is requested again through the fetcher, which also reads its response
+  headers and the XMP in its bytes. An image that cannot be fetched now (404, timeout) is
+  counted as unreachable and kept: only a signal removes an image.
+
+``write_without`` writes a new dataset without the removed images: the same shards, manifests,
+card and spec, with each removed image moved to the rejects (its reason and detail from the
+signal) so that ``accepted + rejected == candidates`` still holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import urllib.parse
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from aiohttp.abc import AbstractResolver
+
+from builder.errors import StorageError
+from builder.fetch import Fetcher
+from builder.netguard import UrlRejected
+from builder.profiles import first_public_url, has_contact
+from builder.reasons import Reason
+from builder.records import Candidate, Record
+from builder.rights import Signal, first_refusal
+from builder.spec import DatasetSpec, DownloadSpec, loads_spec
+from builder.storage import list_files, open_fs, storage_errors, write_bytes
+
+MODES = ("origins", "full")
+BATCH = 256
+"""Images re-fetched at a time in ``full`` mode (their bytes are dropped after each batch)."""
+REMOVAL_COLUMNS = ("id", "label", "split", "url", "final_url", "signal", "value", "source",
+                   "reason", "detail")
+_READ_COLUMNS = ["id", "label", "split", "url", "final_url"]
+
+
+@dataclass
+class Removal:
+    """An image a signal now refuses."""
+
+    id: str
+    label: str
+    split: str
+    url: str
+    final_url: str
+    signal: Signal
+
+    @property
+    def reason(self) -> str:
+        return (Reason.ROBOTS_DISALLOWED if self.signal.name == "robots_txt"
+                else Reason.OPTED_OUT).value
+
+    @property
+    def detail(self) -> str:
+        return f"recheck: {self.signal.describe()}"
+
+    def row(self) -> dict[str, str]:
+        return {"id": self.id, "label": self.label, "split": self.split, "url": self.url,
+                "final_url": self.final_url, "signal": self.signal.name,
+                "value": self.signal.value, "source": self.signal.source,
+                "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class RecheckResult:
+    uri: str
+    mode: str
+    checked: int = 0
+    origins: int = 0
+    unreachable: int = 0
+    removals: list[Removal] = field(default_factory=list)
+    checked_at: str = ""
+
+    def by_signal(self) -> dict[str, int]:
+        return dict(Counter(r.signal.name for r in self.removals))
+
+    def summary(self) -> dict[str, Any]:
+        return {"uri": self.uri, "mode": self.mode, "checked_at": self.checked_at,
+                "checked": self.checked, "origins": self.origins,
+                "unreachable": self.unreachable, "removed": len(self.removals),
+                "removed_by_signal": self.by_signal()}
+
+
+def dataset_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetSpec:
+    """The spec a dataset was built with (its ``spec.yaml``)."""
+    fs, root = open_fs(uri, storage_options)
+    path = f"{root.rstrip('/')}/spec.yaml"
+    with storage_errors(uri, "read spec.yaml from"):
+        if not fs.exists(path):
+            raise StorageError(f"{uri} has no spec.yaml: is it a PixCrawler dataset? "
+                               "(recheck reads the download settings it was built with)")
+        return loads_spec(fs.cat_file(path).decode("utf-8"), path)
+
+
+def _shards(uri: str, storage_options: Optional[dict]) -> list[str]:
+    fs, root = open_fs(uri, storage_options)
+    with storage_errors(uri, "list the shards of"):
+        paths = sorted(p for p in list_files(fs, f"{root.rstrip('/')}/data")
+                       if p.endswith(".parquet"))
+    if not paths:
+        raise StorageError(f"no Parquet shards under {uri}/data: recheck needs a dataset "
+                           "written with the parquet format")
+    return paths
+
+
+def _read(uri: str, path: str, storage_options: Optional[dict],
+          columns: Optional[list[str]] = None) -> pa.Table:
+    fs, _ = open_fs(uri, storage_options)
+    with storage_errors(uri, f"read {path} of"):
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+
+def image_rows(uri: str, storage_options: Optional[dict] = None) -> Iterator[dict[str, str]]:
+    """The dataset's images: id, label, split, url and final_url (no image bytes read)."""
+    for path in _shards(uri, storage_options):
+        yield from _read(uri, path, storage_options, _READ_COLUMNS).to_pylist()
+
+
+def recheck(uri: str, *, mode: str = "origins", download: Optional[DownloadSpec] = None,
+            storage_options: Optional[dict] = None,
+            resolver: Optional[AbstractResolver] = None) -> RecheckResult:
+    """Evaluate the signals of the dataset at ``uri`` again (see the module doc).
+
+    ``download`` defaults to the dataset's own download settings; ``resolver`` is passed to the
+    fetcher (a hosts map)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    cfg = download or dataset_spec(uri, storage_options).download
+    rows = list(image_rows(uri, storage_options))
+    result = RecheckResult(uri, mode, checked=len(rows),
+                           checked_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if mode == "origins":
+        asyncio.run(_by_origin(rows, cfg, result, resolver))
+    else:
+        asyncio.run(_by_fetch(rows, cfg, result, resolver))
+    return result
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}"
+
+
+def _removal(row: dict[str, Any], signal: Signal) -> Removal:
+    return Removal(row["id"], row["label"], row.get("split") or "", row["url"],
+                   row.get("final_url") or row["url"], signal)
+
+
+async def _by_origin(rows: list[dict[str, Any]], cfg: DownloadSpec, result: RecheckResult,
+                     resolver: Optional[AbstractResolver]) -> None:
+    async with Fetcher(cfg, resolver=resolver) as fetcher:
+        origins: dict[str, str] = {}
+        for row in rows:
+            where = row.get("final_url") or row["url"]
+            origins.setdefault(_origin(where), where)
+
+        async def warm(url: str) -> None:
+            try:
+                await fetcher.origin_ledger(url)
+            except UrlRejected:
+                pass
+
+        await asyncio.gather(*(warm(u) for u in origins.values()))
+        result.origins = len(origins)
+        for row in rows:
+            try:
+                ledger = await fetcher.origin_ledger(row.get("final_url") or row["url"])
+            except UrlRejected:
+                result.unreachable += 1
+                continue
+            refusal = first_refusal(ledger)
+            if refusal is not None:
+                result.removals.append(_removal(row, refusal))
+
+
+async def _by_fetch(rows: list[dict[str, Any]], cfg: DownloadSpec, result: RecheckResult,
+                    resolver: Optional[AbstractResolver]) -> None:
+    origins: set[str] = set()
+    async with Fetcher(cfg, resolver=resolver) as fetcher:
+        for start in range(0, len(rows), BATCH):
+            chunk = rows[start:start + BATCH]
+            records = [Record(Candidate(url=r["url"], label=r["label"])) for r in chunk]
+            await fetcher.fetch_many(records)
+            for row, record in zip(chunk, records):
+                origins.add(_origin(row["url"]))
+                record.data = None
+                refusal = first_refusal(record.rights)
+                if refusal is not None:
+                    result.removals.append(_removal(row, refusal))
+                elif record.rejected:
+                    result.unreachable += 1
+    result.origins = len(origins)
+
+
+def write_removals(result: RecheckResult, out: str,
+                   storage_options: Optional[dict] = None) -> None:
+    """The removal list as CSV (``REMOVAL_COLUMNS``) at ``out`` (a path or fsspec URI)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=REMOVAL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for removal in result.removals:
+        writer.writerow(removal.row())
+    write_bytes(out, text.getvalue().encode("utf-8"), storage_options)
+
+
+def needs_contact(uri: str, cfg: DownloadSpec, storage_options: Optional[dict] = None
+                  ) -> bool:
+    """Whether rechecking asks public origins without a contact in the User-Agent."""
+    if has_contact(cfg):
+        return False
+    return first_public_url(r["url"] for r in image_rows(uri, storage_options)) is not None
+
+
+def write_without(uri: str, result: RecheckResult, out_uri: str, *,
+                  storage_options: Optional[dict] = None, overwrite: bool = False) -> str:
+    """A new dataset at ``out_uri``: the one at ``uri`` less the removed images, which join its
+    rejects; returns the published URI."""
+    from builder.journal import Journal
+    from builder.writers import DatasetPublisher, ShardWriter
+
+    spec = dataset_spec(uri, storage_options)
+    data = spec.model_dump(mode="json")
+    data["output"]["uri"] = out_uri
+    data["output"]["overwrite"] = overwrite
+    spec = DatasetSpec.model_validate(data)
+    removed = {r.id: r for r in result.removals}
+    job_id = f"{spec.name}-recheck-{uuid.uuid4().hex[:6]}"
+    writer = ShardWriter(spec.output, out_uri, spec.labels, storage_options)
+    publisher = DatasetPublisher(spec.output, out_uri, job_id, storage_options, spec.labels)
+    journal = Journal(out_uri, job_id, storage_options)
+    publisher.check()
+    publisher.prepare()
+    numbers: dict[str, int] = {}
+    manifest: list[dict[str, Any]] = []
+    for path in _shards(uri, storage_options):
+        table = _read(uri, path, storage_options)
+        keep = pc.invert(pc.is_in(table["id"], pa.array(list(removed), pa.string())))
+        table = table.filter(keep)
+        for split in sorted(set(table["split"].to_pylist())):
+            part = table.filter(pc.equal(table["split"], split))
+            number = numbers.get(split, 0)
+            numbers[split] = number + 1
+            manifest += writer.write(part, split, number, journal).select(
+                ["id", "path", "label", "split"]).to_pylist()
+    fs, root = open_fs(uri, storage_options)
+    with storage_errors(uri, "read rejects and stats of"):
+        rejects = pq.read_table(io.BytesIO(fs.cat_file(f"{root.rstrip('/')}/rejects.parquet")))
+        stats = json.loads(fs.cat_file(f"{root.rstrip('/')}/stats.json"))
+    moved = []
+    for r in removed.values():
+        c = Candidate(url=r.url, label=r.label)
+        moved.append({"key": c.key, "url": r.url, "label": r.label, "query": "", "engine": "",
+                      "stage": "fetch", "reason": r.reason, "detail": r.detail,
+                      "duplicate_of": "", "http_status": 0})
+    stats = _stats_without(stats, list(removed.values()), result)
+    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
+                               allow_unicode=True)
+    out = publisher.publish(manifest_rows=iter(manifest),
+                            reject_tables=[rejects, pa.Table.from_pylist(moved)],
+                            stats=stats, spec_name=spec.name, description=spec.description,
+                            spec_yaml=spec_yaml)
+    journal.remove()
+    return out
+
+
+def _stats_without(stats: dict[str, Any], removed: list[Removal],
+                   result: RecheckResult) -> dict[str, Any]:
+    """``stats`` with the removed images moved from accepted to rejected (overall, per class,
+    by reason and by stage), and a ``recheck`` section."""
+    stats = json.loads(json.dumps(stats))
+    by_reason = stats.setdefault("rejected_by_reason", {})
+    by_stage = stats.setdefault("rejected_by_stage", {})
+    for r in removed:
+        stats["accepted"] = stats.get("accepted", 0) - 1
+        stats["rejected"] = stats.get("rejected", 0) + 1
+        by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
+        by_stage["fetch"] = by_stage.get("fetch", 0) + 1
+        c = stats.get("classes", {}).get(r.label)
+        if c is not None:
+            c["accepted"] -= 1
+            c["rejected"] += 1
+            c.setdefault("rejected_by_reason", {})
+            c["rejected_by_reason"][r.reason] = c["rejected_by_reason"].get(r.reason, 0) + 1
+            c["shortfall"] = max(0, c.get("target", 0) - c["accepted"])
+    stats["shortfall"] = {k: v["shortfall"] for k, v in stats.get("classes", {}).items()
+                          if v.get("shortfall")}
+    stats["recheck"] = result.summary()
+    return stats
+
+
+__all__ = ["MODES", "RecheckResult", "Removal", "dataset_spec", "image_rows", "needs_contact",
+           "recheck", "write_removals", "write_without"]

@@ -1,0 +1,170 @@
+"""The rights ledger: which opt-out signals were checked for an image, what each said, and where
+it came from.
+
+Every signal the fetcher checks for a candidate becomes one ``Signal`` on ``Record.rights``, in
+the order checked: origin-level files first (robots.txt, /.well-known/tdmrep.json, /ai.txt), then
+the image response's headers, then metadata embedded in the image bytes, then the page (with
+``download.signals.page_meta``). A signal that was looked for and not found is recorded too, with
+verdict ``none``, so a ledger says what was checked, not only what refused.
+
+Accepted images carry their ledger into the Parquet ``rights`` column (``RIGHTS_TYPE``); a refusal
+rejects the record (``opted_out`` or ``robots_disallowed``) with a detail naming the signal.
+``RightsTally`` sums ledgers into the ``rights`` section of ``stats.json`` and the dataset card:
+the signals honoured, then per signal how many candidates had it checked, found a value, were
+allowed and were refused.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from builder.spec import DownloadSpec
+
+ALLOW = "allow"
+REFUSE = "refuse"
+NONE = "none"
+VERDICTS = (ALLOW, REFUSE, NONE)
+
+SIGNAL_DOCS: dict[str, str] = {
+    "robots_txt": "robots.txt (RFC 9309) rules for our user agent",
+    "content_signal": "Cloudflare Content Signals in robots.txt (Content-Signal: ai-train=...)",
+    "content_usage": "IETF AI Preferences (Content-Usage: train-ai=...), robots.txt rule or "
+                     "HTTP header",
+    "tdmrep": "TDMRep tdm-reservation / tdm-policy: /.well-known/tdmrep.json, HTTP header or "
+              "page meta tag",
+    "ai_txt": "/ai.txt rules for our user agent (robots.txt syntax)",
+    "x_robots_tag": "X-Robots-Tag header: noai, noimageai, noml, noindex, noimageindex",
+    "xmp_datamining": "IPTC plus:DataMining in the image's embedded XMP",
+    "robots_meta": "<meta name=robots> on the image's page (page_meta)",
+}
+"""Signal names, as they appear in ledgers, stats and the card."""
+
+
+class Signal(NamedTuple):
+    """One ledger entry. ``value`` is what the signal said ('' when absent); ``source`` where it
+    was read (``robots.txt group '*'``, ``header tdm-reservation``, ...); ``verdict`` one of
+    ``allow`` / ``refuse`` / ``none`` (checked, nothing said).
+
+    A tuple in the order of ``RIGHTS_TYPE``'s fields: Arrow converts a list of them into the
+    ``rights`` column as it is, about ten times faster than dicts (``bench/bench_rights.py``).
+    """
+
+    name: str
+    value: str
+    source: str
+    verdict: str = NONE
+
+    @property
+    def refuses(self) -> bool:
+        return self.verdict == REFUSE
+
+    def describe(self) -> str:
+        """The rejection detail of a refusing signal: names the signal, its value and source."""
+        value = f" {self.value}" if self.value else ""
+        return f"{self.name}:{value} ({self.source})"
+
+
+
+RIGHTS_TYPE = pa.list_(pa.struct([
+    pa.field("signal", pa.string()),
+    pa.field("value", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("verdict", pa.string()),
+]))
+"""Arrow type of the ``rights`` column: one struct per signal checked, in order."""
+
+
+def rights_rows(signals: Iterable[Signal]) -> list[Signal]:
+    """The ``rights`` value of an output row: the ledger's entries, which Arrow reads as
+    structs by position."""
+    return list(signals)
+
+
+def first_refusal(signals: Iterable[Signal]) -> Optional[Signal]:
+    return next((s for s in signals if s.refuses), None)
+
+
+def honoured_signals(cfg: "DownloadSpec") -> list[str]:
+    """The signals a download config checks and honours, in ``SIGNAL_DOCS`` order."""
+    on = {"robots_txt": cfg.respect_robots, "x_robots_tag": cfg.respect_optouts,
+          "content_signal": cfg.signals.content_signal,
+          "content_usage": cfg.signals.content_usage, "tdmrep": cfg.signals.tdmrep,
+          "ai_txt": cfg.signals.ai_txt, "xmp_datamining": cfg.signals.xmp_datamining,
+          "robots_meta": cfg.signals.page_meta and cfg.respect_optouts}
+    return [name for name in SIGNAL_DOCS if on[name]]
+
+
+class RightsTally:
+    """Per-signal counts over decided records, for ``stats.json`` (``summary()``).
+
+    ``checked``: records whose ledger has the signal; ``present``: of those, how many found a
+    value; ``refused``: how many it refused; ``allowed``: how many carried an explicit allow.
+    Mergeable (``merge``), so shards or actors can count apart and add up.
+    """
+
+    def __init__(self, honoured: Iterable[str] = ()) -> None:
+        self.honoured = list(honoured)
+        self.counts: dict[str, Counter] = {}
+        self.records = 0
+        self.with_ledger = 0
+        self.refused_records = 0
+
+    def add(self, signals: Iterable[Signal]) -> None:
+        self.records += 1
+        seen = False
+        refused = False
+        for s in signals:
+            seen = True
+            c = self.counts.get(s.name)
+            if c is None:
+                c = self.counts[s.name] = Counter()
+            c["checked"] += 1
+            if s.value:
+                c["present"] += 1
+            if s.verdict == REFUSE:
+                c["refused"] += 1
+                refused = True
+            elif s.verdict == ALLOW and s.value:
+                c["allowed"] += 1
+        self.with_ledger += seen
+        self.refused_records += refused
+
+    def merge(self, other: "RightsTally", sign: int = 1) -> None:
+        """Add ``other``'s counts (``sign`` -1 takes them back: a unit resent from scratch)."""
+        for name, c in other.counts.items():
+            mine = self.counts.setdefault(name, Counter())
+            for key, n in c.items():
+                mine[key] += sign * n
+        self.records += sign * other.records
+        self.with_ledger += sign * other.with_ledger
+        self.refused_records += sign * other.refused_records
+
+    def state(self) -> dict[str, Any]:
+        """Plain data (JSON-able), for a unit's journaled report."""
+        return {"counts": {k: dict(c) for k, c in self.counts.items()}, "records": self.records,
+                "with_ledger": self.with_ledger, "refused": self.refused_records}
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> "RightsTally":
+        tally = cls()
+        tally.counts = {k: Counter(v) for k, v in (data.get("counts") or {}).items()}
+        tally.records = int(data.get("records") or 0)
+        tally.with_ledger = int(data.get("with_ledger") or 0)
+        tally.refused_records = int(data.get("refused") or 0)
+        return tally
+
+    def summary(self) -> dict[str, Any]:
+        signals = {name: {k: int(c.get(k, 0)) for k in ("checked", "present", "allowed",
+                                                        "refused")}
+                   for name, c in sorted(self.counts.items())}
+        return {"honoured": self.honoured, "records": self.records,
+                "checked": self.with_ledger, "refused": self.refused_records,
+                "signals": signals}
+
+
+__all__ = ["ALLOW", "NONE", "REFUSE", "RIGHTS_TYPE", "SIGNAL_DOCS", "RightsTally", "Signal",
+           "first_refusal", "honoured_signals", "rights_rows"]

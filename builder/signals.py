@@ -1,0 +1,442 @@
+"""Machine-readable opt-out signals: what each says about an image, as rights-ledger entries.
+
+Three levels, checked in this order by the fetcher (``builder.fetch``):
+
+* **origin** (fetched once per origin and cached, like robots.txt; ``OriginSignals``):
+  robots.txt rules (RFC 9309, ``builder.robots``); in robots.txt, Cloudflare Content Signals
+  (``Content-Signal: ai-train=no``) and IETF AI Preferences (``Content-Usage: train-ai=n``), each
+  optionally for a path (``Content-Usage: /photos/ train-ai=n``; the longest matching path wins);
+  TDMRep's ``/.well-known/tdmrep.json`` (an array of ``location`` / ``tdm-reservation`` /
+  ``tdm-policy`` rules; the first rule whose location pattern matches applies); ``/ai.txt``
+  (robots.txt syntax).
+* **response** (``ResponseSignals``): the ``X-Robots-Tag`` header (``noai``, ``noimageai``,
+  ``noml``, ``noindex``, ``noimageindex``), TDMRep's ``tdm-reservation`` / ``tdm-policy`` headers
+  and the ``Content-Usage`` header.
+* **embedded** (``embedded_signals``): IPTC ``plus:DataMining`` in the image's XMP.
+* **page** (``download.signals.page_meta``, ``page_signals``): TDMRep and robots meta tags on the
+  image's page.
+
+Any refusal anywhere refuses the image; an explicit allowance never overrides another source's
+refusal. AI Preferences are read for the dataset's usage (``signals.usage``): for ``train-genai``
+the first of ``train-genai``, ``train-ai``, ``bots`` that the preference sets decides; for
+``train-ai``, the first of ``train-ai``, ``bots``. Content Signals refuse on ``ai-train=no``.
+
+Per image, an origin's ledger costs a few pattern matches: each origin's entries are built once,
+and the entries for absent signals are shared constants.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable, Mapping, Optional
+
+from yarl import URL
+
+from builder.rights import ALLOW, NONE, REFUSE, Signal
+from builder.robots import ROBOTS_UA, RobotsPolicy, optout_directive
+from builder.spec import DownloadSpec
+from builder.xmp import data_mining, data_mining_verdict
+
+TDMREP_PATH = "/.well-known/tdmrep.json"
+AI_TXT_PATH = "/ai.txt"
+
+USAGE_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "train-genai": ("train-genai", "train-ai", "bots"),
+    "train-ai": ("train-ai", "bots"),
+}
+"""AI Preferences categories that decide for each dataset usage, most specific first."""
+
+_YES = {"y": "y", "yes": "y", "?1": "y", "1": "y", "true": "y",
+        "n": "n", "no": "n", "?0": "n", "0": "n", "false": "n"}
+
+
+# ---- vocabularies -----------------------------------------------------------------------------
+
+
+def parse_preferences(text: str) -> dict[str, str]:
+    """``key=value`` pairs separated by commas (AI Preferences / Content Signals), keys and
+    values lower-cased, yes/no spellings read as ``y`` / ``n``. Later keys win, except that a
+    refusal (``n``) is never replaced by an allowance."""
+    prefs: dict[str, str] = {}
+    for item in text.split(","):
+        key, eq, value = item.strip().partition("=")
+        key = key.strip().lower()
+        if not key or not eq:
+            continue
+        value = value.split(";", 1)[0].strip().strip('"').strip().lower()
+        value = _YES.get(value, value)
+        if prefs.get(key) != "n":
+            prefs[key] = value
+    return prefs
+
+
+def _merge(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
+    out = dict(a)
+    for key, value in b.items():
+        if out.get(key) != "n":
+            out[key] = value
+    return out
+
+
+def usage_verdict(prefs: Mapping[str, str], usage: str) -> str:
+    """``refuse`` / ``allow`` / ``none`` for an AI Preferences dictionary and our usage."""
+    for category in USAGE_CATEGORIES[usage]:
+        value = prefs.get(category)
+        if value == "n":
+            return REFUSE
+        if value == "y":
+            return ALLOW
+    return NONE
+
+
+def content_signal_verdict(prefs: Mapping[str, str]) -> str:
+    """Content Signals: ``ai-train=no`` refuses, ``ai-train=yes`` allows."""
+    value = prefs.get("ai-train")
+    if value == "n":
+        return REFUSE
+    if value == "y":
+        return ALLOW
+    return NONE
+
+
+def split_path(value: str) -> tuple[str, str]:
+    """A robots.txt rule value with an optional leading path: ``("/photos/", "train-ai=n")``
+    for ``/photos/ train-ai=n``, ``("", "train-ai=n")`` without one."""
+    value = value.strip()
+    if value.startswith(("/", "*")):
+        path, _, rest = value.partition(" ")
+        return path, rest.strip()
+    return "", value
+
+
+@lru_cache(maxsize=4096)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    anchored = pattern.endswith("$")
+    body = pattern[:-1] if anchored else pattern
+    regex = ".*".join(re.escape(part) for part in body.split("*"))
+    return re.compile(regex + ("$" if anchored else ""))
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """RFC 9309 path matching: ``pattern`` is a prefix of ``path``, with ``*`` for any run of
+    characters and a final ``$`` anchoring the end. The empty pattern matches everything."""
+    if not pattern:
+        return True
+    if "*" not in pattern and not pattern.endswith("$"):
+        return path.startswith(pattern)
+    return _pattern(pattern).match(path) is not None
+
+
+@dataclass(frozen=True)
+class PathRule:
+    """A preference for the paths matching ``pattern`` ('' = all), as its ledger entry."""
+
+    pattern: str
+    signal: Signal
+
+
+def path_rules(name: str, values: Iterable[str], source: str, verdict_of: Any
+               ) -> list[PathRule]:
+    """Rules from robots.txt lines: the lines for one path are merged; each becomes a
+    ``PathRule`` whose signal is decided by ``verdict_of(prefs)``."""
+    merged: dict[str, dict[str, str]] = {}
+    written: dict[str, list[str]] = {}
+    for value in values:
+        path, text = split_path(value)
+        prefs = parse_preferences(text)
+        if prefs:
+            merged[path] = _merge(merged.get(path, {}), prefs)
+            written.setdefault(path, []).append(" ".join(text.split()))
+    rules = [PathRule(path, Signal(name, ", ".join(written[path])[:300],
+                                   source + (f" for {path}" if path else ""), verdict_of(prefs)))
+             for path, prefs in merged.items()]
+    rules.sort(key=lambda r: len(r.pattern), reverse=True)  # longest match first
+    return rules
+
+
+def match_rules(rules: list[PathRule], path: str, absent: Signal) -> Signal:
+    for rule in rules:
+        if path_matches(rule.pattern, path):
+            return rule.signal
+    return absent
+
+
+# ---- TDMRep -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TdmRule:
+    location: str
+    signal: Signal
+
+
+def tdm_signal(reservation: Any, policy: Any, source: str) -> Optional[Signal]:
+    """The ledger entry of a TDMRep reservation (``1`` refuses, ``0`` allows), or None when
+    ``reservation`` is neither."""
+    text = str(reservation).strip()
+    if text not in ("0", "1"):
+        return None
+    value = f"tdm-reservation={text}"
+    if isinstance(policy, str) and policy.strip():
+        value += f", tdm-policy={policy.strip()[:300]}"
+    return Signal("tdmrep", value, source, REFUSE if text == "1" else ALLOW)
+
+
+def parse_tdmrep(status: int, body: bytes) -> tuple[list[TdmRule], Signal]:
+    """The rules of a ``tdmrep.json`` answer, and the entry for a path none of them matches
+    (it also says why there are no rules: a status, or a file that is not a JSON array)."""
+    if not 200 <= status < 300:
+        why = f"HTTP {status}" if status else "unreachable"
+        return [], Signal("tdmrep", "", f"{TDMREP_PATH} ({why})")
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return [], Signal("tdmrep", "", f"{TDMREP_PATH} (not JSON)")
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        return [], Signal("tdmrep", "", f"{TDMREP_PATH} (not a JSON array)")
+    rules = []
+    for item in data:
+        if not isinstance(item, dict):
+            continue
+        location = item.get("location")
+        location = location.strip() if isinstance(location, str) else ""
+        signal = tdm_signal(item.get("tdm-reservation"), item.get("tdm-policy"),
+                            f"{TDMREP_PATH} location {location or '*'!r}")
+        if signal is not None:
+            rules.append(TdmRule(location, signal))
+    return rules, Signal("tdmrep", "", f"{TDMREP_PATH} (no rule for this path)")
+
+
+def _tdm_location_matches(location: str, path: str) -> bool:
+    if not location or location == "*":
+        return True
+    if not location.startswith(("/", "*")):  # an absolute URL: compare its path
+        location = URL(location).raw_path if "://" in location else "/" + location
+    return path_matches(location, path)
+
+
+# ---- origin-level -----------------------------------------------------------------------------
+
+
+def _robots_source(policy: RobotsPolicy, file: str) -> str:
+    if policy.disallow_all:
+        return f"{file} (HTTP {policy.status}: everything disallowed)"
+    if policy.allow_all:
+        why = f"HTTP {policy.status}" if policy.status else "unreachable"
+        return f"{file} ({why}: no rules)"
+    if not policy.group:
+        return f"{file} (no group for us)"
+    return f"{file} group {policy.group!r}"
+
+
+class _RulesFile:
+    """Allow/disallow entries of a robots.txt-syntax file (robots.txt, ai.txt) for a path."""
+
+    __slots__ = ("policy", "allow", "refuse", "absent")
+
+    def __init__(self, name: str, file: str, policy: RobotsPolicy):
+        self.policy = policy
+        source = _robots_source(policy, file)
+        self.allow = Signal(name, "allow", source, ALLOW)
+        self.refuse = Signal(name, "disallow", source, REFUSE)
+        # A file that sets nothing for us (absent, no group) is recorded as nothing said.
+        self.absent: Optional[Signal] = None
+        if policy.allow_all or (not policy.group and not policy.disallow_all):
+            self.absent = Signal(name, "", source, NONE)
+
+    def entry(self, url: URL) -> Signal:
+        if self.absent is not None:
+            return self.absent
+        return self.allow if self.policy.allowed(url, ROBOTS_UA) else self.refuse
+
+
+class OriginSignals:
+    """Everything known about one origin's opt-outs: its robots.txt, tdmrep.json and ai.txt,
+    read once. ``ledger(url)`` gives a URL's origin-level entries."""
+
+    def __init__(self, cfg: DownloadSpec, robots: Optional[RobotsPolicy],
+                 tdmrep: Optional[tuple[list[TdmRule], Signal]],
+                 ai_txt: Optional[RobotsPolicy]):
+        sig = cfg.signals
+        self.crawl_delay = robots.crawl_delay if robots is not None and cfg.respect_robots \
+            else 0.0
+        self._robots = _RulesFile("robots_txt", "robots.txt", robots) \
+            if robots is not None and cfg.respect_robots else None
+        source = _robots_source(robots, "robots.txt") if robots is not None else "robots.txt"
+        ext = robots.extensions if robots is not None else {}
+        self._signal_rules: Optional[list[PathRule]] = None
+        self._usage_rules: Optional[list[PathRule]] = None
+        if sig.content_signal and robots is not None:
+            self._signal_rules = path_rules("content_signal", ext.get("content-signal", ()),
+                                            source, content_signal_verdict)
+            self._signal_absent = Signal("content_signal", "", source)
+        if sig.content_usage and robots is not None:
+            usage = sig.usage
+            self._usage_rules = path_rules("content_usage", ext.get("content-usage", ()),
+                                           source, lambda p: usage_verdict(p, usage))
+            self._usage_absent = Signal("content_usage", "", source)
+        self._tdm = tdmrep
+        self._ai = _RulesFile("ai_txt", "ai.txt", ai_txt) if ai_txt is not None else None
+
+    def ledger(self, url: URL) -> tuple[Signal, ...]:
+        path = url.raw_path_qs or "/"
+        out: list[Signal] = []
+        if self._robots is not None:
+            out.append(self._robots.entry(url))
+        if self._signal_rules is not None:
+            out.append(match_rules(self._signal_rules, path, self._signal_absent))
+        if self._usage_rules is not None:
+            out.append(match_rules(self._usage_rules, path, self._usage_absent))
+        if self._tdm is not None:
+            rules, absent = self._tdm
+            out.append(next((r.signal for r in rules
+                             if _tdm_location_matches(r.location, path)), absent))
+        if self._ai is not None:
+            out.append(self._ai.entry(url))
+        return tuple(out)
+
+
+def needs_robots(cfg: DownloadSpec) -> bool:
+    """Whether robots.txt must be read: for its rules, or for the signals it carries."""
+    return cfg.respect_robots or cfg.signals.content_signal or cfg.signals.content_usage
+
+
+def origin_active(cfg: DownloadSpec) -> bool:
+    return needs_robots(cfg) or cfg.signals.tdmrep or cfg.signals.ai_txt
+
+
+# ---- response-level ---------------------------------------------------------------------------
+
+
+_NO_XRT = Signal("x_robots_tag", "", "header X-Robots-Tag")
+_NO_TDM_HEADER = Signal("tdmrep", "", "header tdm-reservation")
+_NO_USAGE_HEADER = Signal("content_usage", "", "header Content-Usage")
+_NO_XMP = Signal("xmp_datamining", "", "XMP plus:DataMining (embedded)")
+
+
+class ResponseSignals:
+    """The entries an image response's headers give (``__call__(headers)``: a multidict with
+    ``getall``, as aiohttp's); ``active`` is False when the spec reads no header signal.
+
+    A site sends the same opt-out headers with every image, so the entries are kept per
+    distinct set of header values (up to ``CACHE`` sets): most images cost a dict lookup."""
+
+    CACHE = 1024
+
+    def __init__(self, cfg: DownloadSpec):
+        self.cfg = cfg
+        self.active = cfg.respect_optouts or cfg.signals.tdmrep or cfg.signals.content_usage
+        self._seen: dict[tuple[Any, ...], tuple[Signal, ...]] = {}
+
+    def __call__(self, headers: Any) -> tuple[Signal, ...]:
+        key = (tuple(headers.getall("X-Robots-Tag", ())), headers.get("tdm-reservation"),
+               headers.get("tdm-policy"), tuple(headers.getall("Content-Usage", ())))
+        found = self._seen.get(key)
+        if found is None:
+            if len(self._seen) >= self.CACHE:
+                self._seen.clear()
+            found = self._seen[key] = self._read(*key)
+        return found
+
+    def _read(self, tags: tuple[str, ...], reservation: Optional[str], policy: Optional[str],
+              usage: tuple[str, ...]) -> tuple[Signal, ...]:
+        cfg = self.cfg
+        out: list[Signal] = []
+        if cfg.respect_optouts:
+            if not tags:
+                out.append(_NO_XRT)
+            else:
+                directive = optout_directive(tags, ROBOTS_UA)
+                if directive:
+                    out.append(Signal("x_robots_tag", directive, "header X-Robots-Tag", REFUSE))
+                else:
+                    out.append(Signal("x_robots_tag", ", ".join(tags)[:300],
+                                      "header X-Robots-Tag"))
+        if cfg.signals.tdmrep:
+            signal = None
+            if reservation is not None:
+                signal = tdm_signal(reservation, policy, "header tdm-reservation")
+            out.append(signal or _NO_TDM_HEADER)
+        if cfg.signals.content_usage:
+            if usage:
+                prefs = parse_preferences(",".join(usage))
+                out.append(Signal("content_usage", ", ".join(usage)[:300],
+                                  "header Content-Usage", usage_verdict(prefs, cfg.signals.usage)))
+            else:
+                out.append(_NO_USAGE_HEADER)
+        return tuple(out)
+
+
+def embedded_signals(data: bytes, fmt: str) -> tuple[Signal, ...]:
+    """The entry of the image's own XMP ``plus:DataMining``."""
+    value = data_mining(data, fmt)
+    if value is None:
+        return (_NO_XMP,)
+    return (Signal("xmp_datamining", value, "XMP plus:DataMining (embedded)",
+                   data_mining_verdict(value)),)
+
+
+# ---- page-level -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageFacts:
+    """What an image's page says: its meta-tag entries and the alt text of each image."""
+
+    signals: tuple[Signal, ...]
+    alts: Mapping[str, str]
+
+
+class _PageParser(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.meta: dict[str, str] = {}
+        self.alts: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, Optional[str]]]) -> None:
+        a = {k.lower(): (v or "") for k, v in attrs}
+        if tag == "meta" and a.get("name"):
+            self.meta.setdefault(a["name"].strip().lower(), a.get("content", "").strip())
+        elif tag == "img" and a.get("src") and a.get("alt", "").strip():
+            self.alts.setdefault(a["src"].strip(), " ".join(a["alt"].split())[:1000])
+
+
+def parse_page(body: bytes, page_url: str, cfg: DownloadSpec) -> PageFacts:
+    """The TDMRep and robots meta tags of a page (the ``robots`` tag and one for our token),
+    and its images' alt texts keyed by absolute URL."""
+    parser = _PageParser()
+    parser.feed(body.decode("utf-8", "replace"))
+    parser.close()
+    where = f"page {page_url[:200]}"
+    out: list[Signal] = []
+    meta = parser.meta
+    if cfg.signals.tdmrep:
+        signal = None
+        if "tdm-reservation" in meta:
+            signal = tdm_signal(meta["tdm-reservation"], meta.get("tdm-policy"),
+                                f"{where} meta tdm-reservation")
+        out.append(signal or Signal("tdmrep", "", f"{where} meta tdm-reservation"))
+    if cfg.respect_optouts:
+        tags = [meta[k] for k in ("robots", ROBOTS_UA.lower()) if meta.get(k)]
+        directive = optout_directive(tags, ROBOTS_UA) if tags else None
+        out.append(Signal("robots_meta", directive or ", ".join(tags)[:300],
+                          f"{where} meta robots", REFUSE if directive else NONE))
+    base = URL(page_url)
+    alts = {}
+    for src, alt in parser.alts.items():
+        try:
+            alts[str(base.join(URL(src)))] = alt
+        except ValueError:
+            continue
+    return PageFacts(tuple(out), alts)
+
+
+__all__ = ["AI_TXT_PATH", "OriginSignals", "PageFacts", "ResponseSignals", "TDMREP_PATH",
+           "content_signal_verdict", "embedded_signals", "needs_robots", "origin_active",
+           "parse_page", "parse_preferences", "parse_tdmrep", "path_matches", "usage_verdict"]
