@@ -176,11 +176,16 @@ def first_public_url(urls: Iterable[str]) -> Optional[str]:
     return next((u for u in urls if not _private_host(u)), None)
 
 
+CONTACT_SAMPLE_ROWS = 1000
+"""Rows of a URL list read to judge whether it crawls the public web."""
+
+
 def contact_problem(spec: DatasetSpec) -> Optional[str]:
     """Why this spec needs a contact in its User-Agent and has none, or None.
 
     Needed when a source searches the public web, or a URL list (a ``urllist`` file, a class's
-    ``urls``) holds a URL whose host is not a loopback / private address or ``localhost``.
+    ``urls``) holds a URL whose host is not a loopback / private address or ``localhost``. A
+    URL list is judged by its first ``CONTACT_SAMPLE_ROWS`` rows: it is never read whole here.
     """
     if has_contact(spec.download):
         return None
@@ -189,8 +194,8 @@ def contact_problem(spec: DatasetSpec) -> Optional[str]:
     if public:
         why = f"sources {', '.join(public)} crawl the public web"
     else:
-        from builder.engines.urllist import read_url_rows
         from builder.errors import SourceError
+        from builder.listsource import ListReader, plan_slices
 
         for c in spec.classes.values():
             url = first_public_url(c.urls)
@@ -201,11 +206,13 @@ def contact_problem(spec: DatasetSpec) -> Optional[str]:
             if why or src.engine != "urllist" or not src.path:
                 continue
             try:
-                rows = read_url_rows(src.path, url_column=src.url_column,
-                                     label_column=src.label_column)
+                plan = plan_slices(src.path, CONTACT_SAMPLE_ROWS, url_column=src.url_column,
+                                   label_column=src.label_column)
+                rows = ListReader(plan, url_column=src.url_column,
+                                  label_column=src.label_column).read(0) if plan.count else []
             except SourceError:
                 continue  # the job reports an unreadable list itself
-            url = first_public_url(row[1] for row in rows)
+            url = first_public_url(row.url for row in rows)
             if url:
                 why = f"the URL list {src.path} holds {url[:120]}"
     if why is None:

@@ -71,6 +71,8 @@ def probe_source(index: int, src: SourceSpec, spec: DatasetSpec, *,
     if sunset is not None and (today or date.today()) >= sunset:
         result.status, result.detail = ENDED, f"the service ended on {sunset.isoformat()}"
         return result
+    if src.engine == "urllist":
+        return _probe_list(result, src)
     try:
         engine = make_engine(src, spec)
     except EngineSunset as exc:
@@ -99,6 +101,23 @@ def probe_source(index: int, src: SourceSpec, spec: DatasetSpec, *,
     if sunset is not None:
         days = (sunset - (today or date.today())).days
         result.detail += f"; the service ends on {sunset.isoformat()} (in {days} days)"
+    return result
+
+
+def _probe_list(result: ProbeResult, src: SourceSpec) -> ProbeResult:
+    """A URL list works when its first slice reads (it is never read whole here)."""
+    from builder.listsource import ListReader, plan_slices
+
+    try:
+        plan = plan_slices(src.path or "", PROBE_HITS, url_column=src.url_column,
+                           label_column=src.label_column)
+        rows = ListReader(plan, url_column=src.url_column,
+                          label_column=src.label_column).read(0) if plan.count else []
+    except SourceError as exc:
+        result.detail = str(exc)
+        return result
+    result.status, result.hits = WORKS, len(rows)
+    result.detail = f"{len(rows)} row{'s' if len(rows) != 1 else ''} read from its first slice"
     return result
 
 

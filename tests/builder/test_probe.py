@@ -56,6 +56,12 @@ def test_probe_reports_each_source(web: SandboxWeb, tmp_path):
 
 
 def test_google_with_a_new_key_is_blocked_and_explained(web: SandboxWeb, tmp_path, monkeypatch):
+    """The sandbox answers as Google's API does for a key made after it closed. The server's
+    own key goes only to Google's API, so the probe names that; a key given with the sandbox's
+    address reaches it, and its 403 is explained as what it is."""
+    from builder.engines.google import GoogleEngine
+    from builder.errors import EngineError
+
     monkeypatch.setenv("GOOGLE_API_KEY", "AIza-new")
     monkeypatch.setenv("GOOGLE_CSE_ID", "cx")
     api = web.base_url + "/api/google/customsearch/v1"
@@ -65,9 +71,14 @@ def test_google_with_a_new_key_is_blocked_and_explained(web: SandboxWeb, tmp_pat
     if date.today() >= date(2027, 1, 1):  # the engine itself refuses from the sunset on
         assert result.status == ENDED
         return
-    assert result.status == BLOCKED
-    assert "PERMISSION_DENIED" in result.detail and "not a quota" in result.detail
+    assert result.status == UNAVAILABLE and "sent only there" in result.detail
     assert result.sunset == date(2027, 1, 1)
+    engine = GoogleEngine(api, api_key="AIza-new", cse_id="cx", allow_private_networks=True,
+                          today=date(2026, 12, 2))
+    with pytest.raises(EngineError) as info:
+        engine.search("cat", label="cat", page=0, per_page=5)
+    assert info.value.status == 403 and not info.value.retryable
+    assert "PERMISSION_DENIED" in str(info.value) and "not a quota" in str(info.value)
 
 
 def test_google_after_the_sunset_has_ended(web: SandboxWeb, tmp_path):

@@ -164,7 +164,7 @@ class Clock:
 def test_anonymous_search_ends_at_the_240th_result(_no_credentials):
     fake = OpenverseOAuth(fake_images(400), clients=CLIENTS)
     with FakeServer(fake) as srv:
-        engine = OpenverseEngine(f"{srv.url}/v1/images/")
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", allow_private_networks=True)
         pages = [engine.search("cat", label="cat", page=p, per_page=50) for p in range(6)]
     assert [len(p.hits) for p in pages] == [50, 50, 50, 50, 40, 0]
     assert [p.has_more for p in pages] == [True, True, True, True, False, False]
@@ -176,7 +176,7 @@ def test_anonymous_search_ends_at_the_240th_result(_no_credentials):
 def test_anonymous_depth_with_a_page_size_that_does_not_divide_240(_no_credentials):
     fake = OpenverseOAuth(fake_images(400), clients=CLIENTS)
     with FakeServer(fake) as srv:
-        engine = OpenverseEngine(f"{srv.url}/v1/images/")
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", allow_private_networks=True)
         last = engine.search("cat", label="cat", page=33, per_page=7)
     assert [h.rank for h in last.hits] == [231, 232, 233, 234, 235, 236, 237]
     assert not last.has_more and fake.depth_refusals == 0
@@ -185,7 +185,8 @@ def test_anonymous_depth_with_a_page_size_that_does_not_divide_240(_no_credentia
 def test_client_credentials_get_a_token_and_search_past_240(_no_credentials):
     fake = OpenverseOAuth(fake_images(600), clients=CLIENTS)
     with FakeServer(fake) as srv:
-        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", allow_private_networks=True,
+                                 client_id="client-1",
                                  client_secret="secret-1")
         page = engine.search("cat", label="cat", page=1, per_page=300)
     assert [h.rank for h in page.hits] == list(range(300, 600))
@@ -201,7 +202,8 @@ def test_token_is_renewed_before_it_expires(_no_credentials):
     clock = Clock()
     fake = OpenverseOAuth(fake_images(100), clients=CLIENTS, lifetime=600, clock=clock)
     with FakeServer(fake) as srv:
-        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", allow_private_networks=True,
+                                 client_id="client-1",
                                  client_secret="secret-1", clock=clock)
         engine.search("cat", label="cat", page=0, per_page=10)
         clock.now += 550  # inside the last minute of the token's life
@@ -216,7 +218,8 @@ def test_token_is_renewed_before_it_expires(_no_credentials):
 def test_a_refused_token_is_renewed_once(_no_credentials):
     fake = OpenverseOAuth(fake_images(100), clients=CLIENTS)
     with FakeServer(fake) as srv:
-        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", allow_private_networks=True,
+                                 client_id="client-1",
                                  client_secret="secret-1")
         engine.search("cat", label="cat", page=0, per_page=10)
         fake.revoke()  # expired early on the server's side: 401 invalid_token
@@ -224,14 +227,13 @@ def test_a_refused_token_is_renewed_once(_no_credentials):
     assert len(page.hits) == 10 and fake.tokens_issued == 2
 
 
-def test_a_fixed_token_that_expires_says_how_to_renew(_no_credentials,
-                                                       monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("OPENVERSE_TOKEN", "stale")
+def test_a_fixed_token_that_expires_says_how_to_renew(_no_credentials):
     fake = OpenverseOAuth(fake_images(10), clients=CLIENTS)
     with FakeServer(fake) as srv:
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", token="stale",
+                                 allow_private_networks=True)
         with pytest.raises(EngineError) as info:
-            OpenverseEngine(f"{srv.url}/v1/images/").search("cat", label="cat", page=0,
-                                                             per_page=5)
+            engine.search("cat", label="cat", page=0, per_page=5)
     assert info.value.status == 401 and not info.value.retryable
     assert "OPENVERSE_CLIENT_ID" in str(info.value)
 
@@ -245,7 +247,8 @@ def test_half_the_credentials_is_a_source_error(_no_credentials,
 
 def test_bad_credentials_fail_the_search(_no_credentials):
     with FakeServer(OpenverseOAuth(fake_images(10), clients=CLIENTS)) as srv:
-        engine = OpenverseEngine(f"{srv.url}/v1/images/", client_id="client-1",
+        engine = OpenverseEngine(f"{srv.url}/v1/images/", allow_private_networks=True,
+                                 client_id="client-1",
                                  client_secret="wrong")
         with pytest.raises(EngineError) as info:
             engine.search("cat", label="cat", page=0, per_page=5)
