@@ -179,7 +179,7 @@ def best_copy_choice(items: list[Item], recs: list[Record],
         if len(members) < 2:
             continue
         copies = {recs[i].id: i for i in members}
-        pick = best_copy(Copy(recs[i].id, recs[i].width, recs[i].height, recs[i].extra["bytes"],
+        pick = best_copy(Copy(recs[i].id, recs[i].width, recs[i].height, recs[i].downloaded_bytes,
                               recs[i].format, recs[i].colour, recs[i].jpeg_quality)
                          for i in members)
         out[items[copies[pick.image_id]].transform] += 1
@@ -298,7 +298,7 @@ def main() -> None:
     cpu0 = time.process_time()
     recs = hash_corpus(folder, items)
     for it, r in zip(items, recs):
-        r.extra["bytes"] = (folder / "files" / it.name).stat().st_size
+        r.downloaded_bytes = (folder / "files" / it.name).stat().st_size
     print(f"hashing: {len(recs) / (time.process_time() - cpu0):.0f} files/s (CPU, one process)")
     format_check(folder, items)
     check_oracle(recs, t_default)

@@ -215,10 +215,18 @@ class Fetcher:
 
     ``resolver`` replaces the DNS resolver inside the SSRF guard (a hosts map, a DNS-over-HTTPS
     client); every answer is still checked.
+
+    ``hold_bodies``: a body's share of the byte budget is kept after it is read, until the
+    caller ``release``s the record (once the image is validated), so the budget bounds the bytes
+    read and not yet validated, not only those being read. The caller must then validate as
+    results arrive (``fetch_many(on_result=...)``), or a unit waiting on its own bodies stalls.
     """
 
-    def __init__(self, cfg: DownloadSpec, *, resolver: Optional[AbstractResolver] = None):
+    def __init__(self, cfg: DownloadSpec, *, resolver: Optional[AbstractResolver] = None,
+                 hold_bodies: bool = False):
         self.cfg = cfg
+        self.hold_bodies = hold_bodies
+        self._holds: dict[int, int] = {}
         self.stats: dict[str, Any] = {
             "requests": 0, "retries": 0, "bytes": 0, "robots_fetches": 0, "signal_fetches": 0,
             "page_fetches": 0, "fetched": 0, "rejected": 0, "by_status": {}, "by_reason": {},
@@ -490,11 +498,13 @@ class Fetcher:
             record.reject(Reason.TOO_MANY_BYTES,
                           f"Content-Length {length} is over max_bytes {cap}")
             return
-        data = await self._read_body(resp, length)
+        data, body = await self._read_body(resp, length)
         if data is None:
             record.reject(Reason.TOO_MANY_BYTES,
                           f"body passed max_bytes {cap} while streaming (aborted)")
             return
+        if body is not None:
+            self._holds[id(record)] = body
         content_type = resp.headers.get("Content-Type", "")
         fmt = sniff_format(data)
         if fmt is None:
@@ -510,22 +520,24 @@ class Fetcher:
         record.format = fmt
 
     async def _read_body(self, resp: aiohttp.ClientResponse,
-                         length: Optional[int]) -> Optional[bytes]:
+                         length: Optional[int]) -> tuple[Optional[bytes], Optional[int]]:
         """The body within the byte budget (reserving ``length`` up front, else growing the
-        reservation as it streams); None when it passes ``max_bytes`` (the response is closed).
-        aiohttp stops reading at Content-Length, so a body with one never outgrows it."""
+        reservation as it streams), and its budget entry when ``hold_bodies`` keeps it; no body
+        when it passes ``max_bytes`` (the response is closed). aiohttp stops reading at
+        Content-Length, so a body with one never outgrows it."""
         cap = self.cfg.max_bytes
         budget = self.budget
         body = budget.open()
         chunks: list[bytes] = []
         total = 0
+        held = False
         try:
             reserved = length if length is not None else min(BUDGET_STEP, cap)
             await budget.reserve(body, reserved)
             async for chunk in resp.content.iter_any():
                 if total + len(chunk) > cap:
                     resp.close()
-                    return None
+                    return None, None
                 if total + len(chunk) > reserved:
                     grow = min(max(total + len(chunk), 2 * reserved), cap) - reserved
                     await budget.reserve(body, grow)
@@ -536,11 +548,20 @@ class Fetcher:
             self._held(total)  # the joined copy, while the chunks still exist
             data = b"".join(chunks)
             self._held(-total)
-            return data
+            held = self.hold_bodies
+            return data, (body if held else None)
         finally:
             self._held(-total)
             self.stats["budget_waits"] = budget.waits
-            budget.close(body)
+            if not held:
+                budget.close(body)
+
+    def release(self, record: Record) -> None:
+        """Give back the budget a held body of ``record`` keeps (``hold_bodies``); no-op
+        otherwise."""
+        body = self._holds.pop(id(record), None)
+        if body is not None:
+            self.budget.close(body)
 
     def _held(self, delta: int) -> None:
         self._body_bytes += delta

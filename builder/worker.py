@@ -65,6 +65,10 @@ log = logging.getLogger("pixcrawler.worker")
 T = TypeVar("T")
 
 
+VALIDATE_BATCH = 8
+"""Fetched images handed to the CPU pool together while the rest of a unit downloads."""
+
+
 class UnitCancelled(Exception):
     """Raised inside a unit when the job was asked to stop."""
 
@@ -249,7 +253,7 @@ class WorkerRuntime:
         await asyncio.to_thread(ensure_writable, self.plan.uri, self.plan.storage_options)
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.plan.cpu_threads),
                                        thread_name_prefix="pixcrawler-cpu")
-        self.fetcher = Fetcher(self.spec.download)
+        self.fetcher = Fetcher(self.spec.download, hold_bodies=True)
         await self.fetcher.__aenter__()
         self.assembler = ShardAssembler(self.plan, self.writer, self.journal, self.services,
                                         self._io)
@@ -439,19 +443,13 @@ class UnitRun:
         for record in self.records:
             self.report.tally(record.label).candidates += 1
         live = [r for r in self.records if not r.rejected]
-        assert w.fetcher is not None
         if live:
-            t0 = time.perf_counter()
-            await self.stage(w.fetcher.fetch_many(live))
-            w.observe("fetch", time.perf_counter() - t0)
-            for r in live:
-                if r.data is not None:
-                    r.downloaded_bytes = len(r.data)
-            fetched = [r for r in live if not r.rejected]
-            if fetched:
-                t0 = time.perf_counter()
-                await self.stage(w._io(w.validator, fetched))
-                w.observe("validate", time.perf_counter() - t0)
+            try:
+                await self._fetch_and_validate(live)
+            finally:
+                assert w.fetcher is not None
+                for r in live:
+                    w.fetcher.release(r)
         await self._dedup()
         if w.services.slow:
             kept = [r for r, _ in self.items if not r.rejected]
@@ -459,6 +457,52 @@ class UnitRun:
                 await self.stage(w.services.score(kept, w.pool))
         await self._grant()
         await self._emit()
+
+    async def _fetch_and_validate(self, live: list[Record]) -> None:
+        """Fetch the unit's images and validate them as they arrive, a few at a time on the
+        worker's pool; each body's share of the fetcher's byte budget is given back once it is
+        validated, so bytes read and not yet validated stay under the budget."""
+        w = self.w
+        assert w.fetcher is not None
+        fetcher = w.fetcher
+        waiting: list[Record] = []
+        batches: list[asyncio.Future] = []
+        loop = asyncio.get_running_loop()
+        spent = [0.0]
+
+        def validate(batch: list[Record]) -> None:
+            t0 = time.perf_counter()
+            w.validator(batch)
+            spent[0] += time.perf_counter() - t0
+
+        def submit() -> None:
+            batch = list(waiting)
+            waiting.clear()
+            future = loop.run_in_executor(w.pool, validate, batch)
+            future.add_done_callback(lambda _: [fetcher.release(r) for r in batch])
+            batches.append(future)
+
+        def arrived(record: Record) -> None:
+            if record.rejected or record.data is None:
+                fetcher.release(record)
+                return
+            record.downloaded_bytes = len(record.data)
+            waiting.append(record)
+            if len(waiting) >= VALIDATE_BATCH:
+                submit()
+
+        t0 = time.perf_counter()
+        try:
+            await self.stage(fetcher.fetch_many(live, on_result=arrived))
+            w.observe("fetch", time.perf_counter() - t0)
+            if waiting:
+                submit()
+        finally:
+            if batches:
+                await asyncio.gather(*batches, return_exceptions=True)
+        for future in batches:
+            future.result()
+        w.observe("validate", spent[0])
 
     async def _check_urls(self) -> None:
         """Reject bad URLs; claim the others. A candidate an earlier run decided (this run

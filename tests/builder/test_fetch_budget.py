@@ -119,3 +119,33 @@ def test_a_body_cancelled_while_waiting_gives_its_place_up():
         return [used, budget.used, budget.waits]
 
     assert asyncio.run(main()) == [4, 0, 2]
+
+
+def test_held_bodies_count_until_released(web):
+    """With hold_bodies, a body keeps its share of the budget after it is read until the caller
+    releases it (the worker does once the image is validated): bytes read and not yet
+    validated stay under the budget (plus the one body always let through)."""
+    urls = web.heavy_urls(24, size=BODY)
+    cfg = DownloadSpec(timeout_s=30, retries=0, respect_robots=False,
+                       allow_private_networks=True, concurrency=32, per_host_concurrency=32,
+                       max_bytes=MAX_BYTES, max_bytes_in_flight=BUDGET)
+    peak, least = [0], [10**12]
+
+    async def main() -> list[Record]:
+        async with Fetcher(cfg, hold_bodies=True) as fetcher:
+            loop = asyncio.get_running_loop()
+
+            def arrived(record: Record) -> None:
+                peak[0] = max(peak[0], fetcher.budget.used)
+                least[0] = min(least[0], fetcher.budget.used)  # its own body still counts
+                loop.call_later(0.05, fetcher.release, record)  # "validated" a little later
+
+            records = [Record(Candidate(url=u, label="cat")) for u in urls]
+            out = await asyncio.wait_for(fetcher.fetch_many(records, on_result=arrived), 120)
+            await asyncio.sleep(0.1)
+            assert fetcher.budget.used == 0 and not fetcher._holds
+            return out
+
+    records = asyncio.run(main())
+    assert [r.rejected for r in records] == [False] * 24
+    assert least[0] >= BODY and peak[0] <= BUDGET + MAX_BYTES
