@@ -45,6 +45,7 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.dedup_corpus import DEFAULT_CACHE, GOAL, TRANSFORMS, Item, build  # noqa: E402
+from builder.dedup import KeyScheme  # noqa: E402
 from builder.records import Candidate, Record  # noqa: E402
 from builder.similarity import Copy, best_copy, decode, near_distance  # noqa: E402
 from builder.spec import ValidationSpec  # noqa: E402
@@ -84,6 +85,7 @@ def rule_decider(recs: list[Record], t: int) -> Decide:
     probes = np.array([decode(r.near_probes) for r in recs], dtype=np.uint64)  # (n, P, 2)
     stored = np.array([decode(r.near_stored) for r in recs], dtype=np.uint64)  # (n, S, 2)
     sha = [r.sha256 for r in recs]
+    scheme = KeyScheme(t)
 
     def decide(i: int, kept: list[int]) -> Optional[int]:
         if not kept:
@@ -93,7 +95,14 @@ def rule_decider(recs: list[Record], t: int) -> Decide:
             return same[0]
         s = stored[kept]                                   # (K, S, 2)
         x = probes[i][None, :, None, :] ^ s[:, None, :, :]  # (K, P, S, 2)
-        d = np.bitwise_count(x).max(axis=-1).reshape(len(kept), -1).min(axis=1)
+        d = np.bitwise_count(x).max(axis=-1).reshape(len(kept), -1)  # (K, P*S)
+        if not scheme.exact:
+            kk, ps = np.nonzero(d <= t)
+            pairs = x.reshape(len(kept), -1, 2)[kk, ps]    # a and b xors of the pairs within t
+            zero = np.zeros(len(pairs), dtype=np.uint64)
+            unkeyed = scheme.designated(pairs[:, 0], pairs[:, 1], zero, zero) < 0
+            d[kk[unkeyed], ps[unkeyed]] = t + 1
+        d = d.min(axis=1)
         j = int(d.argmin())
         return kept[j] if d[j] <= t else None
     return decide

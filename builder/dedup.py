@@ -14,13 +14,12 @@ Three kinds of entry, each spread over ``K`` partitions by a hash of its key:
 Near lookups use multi-index hashing on both codes: cut ``a`` and ``b`` into ``t + 1`` chunks
 each. By the pigeonhole principle two signatures within ``t`` bits on both codes agree exactly
 on some chunk ``i`` of ``a`` and some chunk ``j`` of ``b``, so they share the key ``(i, j,
-a_i, b_j)``. A signature is filed under its ``(t + 1)^2`` keys. At ``t`` = 4 a key holds about 26 bits of
-hash, so a bucket holds about one entry at 10M kept images and a lookup costs the same at 100k
-and at 10M; at ``t`` = 8 a key holds 14 bits, and the cost of a lookup grows with the number
-of kept images (bench/README.md has the figures). (Above ``t`` = 8, keys use ``a``'s chunks
-only.)
-Keys are spread over the partitions, and each partition keeps its keys in a numpy
-open-addressing table: a batch of lookups is a handful of vectorised passes, not a Python loop.
+a_i, b_j)``. Above ``t`` = 4 the keys would get too narrow for flat lookups, so they keep the
+width of ``t`` = 4 (about 26 bits) in two cuttings of the codes, and the near-duplicate rule
+asks for that shared key (``KeyScheme``, ``builder.similarity``). A bucket then holds about one
+entry at 10M kept images, and a lookup costs the same at 100k and at 10M. Keys are spread
+over the partitions, and each partition keeps its keys in a numpy open-addressing table: a
+batch of lookups is a handful of vectorised passes, not a Python loop.
 
 **Deciding.** A unit of work (a shard) sends each partition one ``check`` call with its items
 in order; the partition reports what each probe meets and files the item's own signatures, in
@@ -58,7 +57,6 @@ import numpy as np
 from builder.reasons import Reason
 
 U64 = np.uint64
-_MASK64 = (1 << 64) - 1
 
 PENDING, KEPT, WRITTEN, WRITING, DONE = 1, 2, 3, 4, 5
 """Entry states (0 is a dead entry). PENDING: filed by a check, not yet decided; KEPT: its
@@ -68,8 +66,13 @@ whose dataset this run continues, held by the candidate key's own claim."""
 
 MAX_RELATIONS = 8
 """Near matches reported per probed item (the closest ones)."""
-PAIR_KEYS_UP_TO = 8
-"""Thresholds up to this use keys on both codes' chunks; above it, on ``a``'s chunks only."""
+KEY_T = 4
+"""The widest threshold whose keys every pair within it shares (pigeonhole); above it the
+keys stay this wide (see ``KeyScheme``)."""
+KEY_SPLITS = 2
+"""Cuttings of the codes into chunks above ``KEY_T``: the contiguous one and a shuffled one."""
+KEY_SEED = 0x5EED_D0D6
+"""Seed of the shuffled cutting: fixed, so every process computes the same keys."""
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -110,65 +113,84 @@ def id_text(number: int) -> str:
     return f"{number:016x}"
 
 
-def _chunks(t: int) -> list[tuple[int, int]]:
-    """``(start, width)`` of the ``t + 1`` chunks a 64-bit code is cut into (MSB first)."""
-    n = min(t + 1, 64)
-    bounds = [round(i * 64 / n) for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n) if bounds[i + 1] > bounds[i]]
-
-
 def popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.asarray(x, dtype=U64)).astype(np.int64)
 
 
+def _chunk_masks(n: int, permutation: Optional[np.ndarray]) -> np.ndarray:
+    """``n`` bit masks cutting 64 bit positions into ``n`` near-equal groups: contiguous, or
+    over ``permutation`` (a fixed shuffle of the positions)."""
+    positions = np.arange(64) if permutation is None else permutation
+    bounds = [round(i * 64 / n) for i in range(n + 1)]
+    masks = []
+    for i in range(n):
+        m = 0
+        for pos in positions[bounds[i]:bounds[i + 1]]:
+            m |= 1 << int(63 - pos)
+        masks.append(m)
+    return np.array(masks, dtype=U64)
+
+
 class KeyScheme:
-    """The bucket keys of signatures for threshold ``t``, and which key a pair meets at."""
+    """The bucket keys of signatures for threshold ``t``, and which key a pair meets at.
+
+    Both codes are cut into ``c = min(t, KEY_T) + 1`` chunks; a key is one chunk of ``a`` and
+    one of ``b`` (``c^2`` keys), once per *cutting* (``splits``: the contiguous one, and for
+    ``t`` above ``KEY_T`` a second over a fixed shuffle of the bit positions). Up to ``KEY_T``
+    the pigeonhole principle makes every pair within ``t`` share a key, so the index finds
+    exactly the pairs within ``t``. Above it, the near-duplicate rule itself asks for a shared
+    key (``builder.similarity``): within ``t`` bits on both codes *and* agreeing on a chunk of
+    each in one cutting. Keys stay about 26 bits wide whatever ``t``, so lookups stay flat; on
+    real photographs the key condition changes almost nothing at ``t`` = 8 (bench/README.md).
+    """
 
     def __init__(self, t: int):
         if not 0 <= t <= 64:
             raise ValueError(f"threshold must be in 0..64, got {t}")
         self.t = t
-        self.chunks = _chunks(t)
-        self.pairs = t <= PAIR_KEYS_UP_TO
-        n = len(self.chunks)
-        self.n_keys = n * n if self.pairs else n
-        self._shift = np.array([64 - s - w for s, w in self.chunks], dtype=U64)
-        self._mask = np.array([(1 << w) - 1 if w < 64 else _MASK64 for _, w in self.chunks],
-                              dtype=U64)
+        self.n_chunks = min(t, KEY_T) + 1
+        self.splits = 1 if t <= KEY_T else KEY_SPLITS
+        rng = np.random.default_rng(KEY_SEED)
+        perms = [None] + [rng.permutation(64) for _ in range(self.splits - 1)]
+        self._masks = [_chunk_masks(self.n_chunks, perm) for perm in perms]
+        self.n_keys = self.splits * self.n_chunks * self.n_chunks
 
-    def chunk_values(self, codes: np.ndarray) -> np.ndarray:
-        """[n, chunks]: each code's chunk values."""
-        codes = np.asarray(codes, dtype=U64)[:, None]
-        return (codes >> self._shift[None, :]) & self._mask[None, :]
+    @property
+    def exact(self) -> bool:
+        """Whether every pair within ``t`` shares a key (the keyed condition adds nothing)."""
+        return self.t <= KEY_T
 
     def keys(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """([n, n_keys] nonzero uint64 keys, [n_keys] key index) of signatures ``(a, b)``."""
-        ca = self.chunk_values(a)
-        n_chunks = ca.shape[1]
-        if self.pairs:
-            cb = self.chunk_values(b)
-            ia = np.repeat(np.arange(n_chunks), n_chunks)
-            jb = np.tile(np.arange(n_chunks), n_chunks)
-            kidx = ia * n_chunks + jb
-            raw = mix64(ca[:, ia] * U64(0x100000001B3) ^ mix64(cb[:, jb]) ^
-                        mix64(kidx.astype(U64) + U64(0xA5A5)))
-        else:
-            kidx = np.arange(n_chunks)
-            raw = mix64(ca ^ mix64(kidx.astype(U64) + U64(0x5A5A)))
-        return raw | U64(1), kidx.astype(np.int64)
+        a = np.asarray(a, dtype=U64)[:, None]
+        b = np.asarray(b, dtype=U64)[:, None]
+        n = self.n_chunks
+        ia = np.repeat(np.arange(n), n)
+        jb = np.tile(np.arange(n), n)
+        out, kidx = [], []
+        for split, masks in enumerate(self._masks):
+            ca, cb = a & masks[None, :], b & masks[None, :]
+            k = split * n * n + ia * n + jb
+            out.append(mix64(ca[:, ia] * U64(0x100000001B3) ^ mix64(cb[:, jb]) ^
+                             mix64(k.astype(U64) + U64(0xA5A5))))
+            kidx.append(k)
+        return np.concatenate(out, axis=1) | U64(1), np.concatenate(kidx).astype(np.int64)
 
     def designated(self, pa: np.ndarray, pb: np.ndarray, sa: np.ndarray,
                    sb: np.ndarray) -> np.ndarray:
-        """The key index at which each pair of signatures is judged: the first agreeing chunk
-        of ``a`` (and of ``b``); -1 where they agree on none (they cannot be within ``t``)."""
-        eq_a = self.chunk_values(pa) == self.chunk_values(sa)
-        first_a = np.where(eq_a.any(axis=1), eq_a.argmax(axis=1), -1)
-        if not self.pairs:
-            return first_a
-        eq_b = self.chunk_values(pb) == self.chunk_values(sb)
-        first_b = np.where(eq_b.any(axis=1), eq_b.argmax(axis=1), -1)
-        n_chunks = len(self.chunks)
-        return np.where((first_a >= 0) & (first_b >= 0), first_a * n_chunks + first_b, -1)
+        """The key index at which each pair of signatures is judged: in the first cutting where
+        they agree on a chunk of ``a`` and a chunk of ``b``, the first such chunks; -1 where
+        there is none (then they are not near duplicates)."""
+        xa = np.asarray(pa, dtype=U64) ^ np.asarray(sa, dtype=U64)
+        xb = np.asarray(pb, dtype=U64) ^ np.asarray(sb, dtype=U64)
+        n = self.n_chunks
+        out = np.full(len(xa), -1, dtype=np.int64)
+        for split, masks in enumerate(self._masks):
+            eq_a = (xa[:, None] & masks[None, :]) == 0
+            eq_b = (xb[:, None] & masks[None, :]) == 0
+            hit = eq_a.any(axis=1) & eq_b.any(axis=1) & (out < 0)
+            out[hit] = split * n * n + eq_a[hit].argmax(axis=1) * n + eq_b[hit].argmax(axis=1)
+        return out
 
 
 def partition_of(keys: np.ndarray, k: int) -> np.ndarray:

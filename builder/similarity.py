@@ -7,8 +7,11 @@ looked up with).
 
 **The rule.** A newcomer is a near duplicate of a kept image iff some probe of the newcomer and
 some stored signature of the kept image are within ``t`` bits on ``a`` AND within ``t`` bits on
-``b``. ``t`` is ``validation.near_duplicate_threshold``. ``near_distance`` is the rule (the
-oracle an index must agree with); the distance it reports is the smallest ``max(da, db)``.
+``b``, and (for ``t`` above 4) agree exactly on one chunk of each code in one of the index's
+cuttings (``builder.dedup.KeyScheme``: what keeps the index's lookups flat; up to ``t`` = 4 it
+follows from the distance). ``t`` is ``validation.near_duplicate_threshold``.
+``near_distance`` is the rule (the oracle an index must agree with); the distance it reports is
+the smallest ``max(da, db)``.
 
 **The best copy.** ``quality_key`` orders the images of one duplicate group, best first: more
 pixels, then colour over grey, then the less compressed (estimated JPEG quality; lossless
@@ -19,7 +22,12 @@ deterministic).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from builder.dedup import KeyScheme
 
 Signature = tuple[int, int]
 MAX_STORED = 4
@@ -27,14 +35,23 @@ MAX_PROBES = 8
 LOSSLESS = {"png", "gif", "bmp", "tiff"}
 
 
+@lru_cache(maxsize=None)
+def _scheme(t: int) -> KeyScheme:
+    return KeyScheme(t)
+
+
 def near_distance(probes: Sequence[Signature], stored: Sequence[Signature],
                   t: int) -> Optional[int]:
-    """The rule: the smallest ``max(ham(a), ham(b))`` over probe x stored pairs, if <= ``t``."""
+    """The rule: the smallest ``max(ham(a), ham(b))`` over the probe x stored pairs that are
+    within ``t`` and share a key, if any."""
+    scheme = _scheme(t)
     best: Optional[int] = None
     for pa, pb in probes:
         for sa, sb in stored:
             d = max((pa ^ sa).bit_count(), (pb ^ sb).bit_count())
-            if d <= t and (best is None or d < best):
+            if d <= t and (best is None or d < best) and (scheme.exact or scheme.designated(
+                    np.array([pa], np.uint64), np.array([pb], np.uint64),
+                    np.array([sa], np.uint64), np.array([sb], np.uint64))[0] >= 0):
                 best = d
     return best
 

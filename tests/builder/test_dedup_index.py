@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from builder.dedup import (DedupItem, KeyScheme, LocalPartitions, Multimap, _chunks,
-                           claim_of)
+from builder.dedup import DedupItem, KeyScheme, LocalPartitions, Multimap, claim_of
 from builder.hashing import hamming
+from builder.similarity import near_distance
 from builder.reasons import Reason
 
 
@@ -23,12 +23,6 @@ def flip(rnd: random.Random, value: int, n: int) -> int:
     for _ in range(n):
         value ^= 1 << rnd.randrange(64)
     return value
-
-
-def test_chunks_cover_64_bits():
-    for t in range(0, 33):
-        chunks = _chunks(t)
-        assert sum(w for _, w in chunks) == 64 and len(chunks) == min(t + 1, 64)
 
 
 def test_multimap_keeps_every_row_of_a_key_through_growth():
@@ -46,6 +40,8 @@ def test_multimap_keeps_every_row_of_a_key_through_growth():
 
 
 def test_pairs_within_t_share_their_designated_key():
+    """Up to t=4 every pair within t meets at a key (pigeonhole); above, those the rule keeps
+    (a shared chunk of each code in one cutting) do."""
     rnd = random.Random(5)
     for t in (0, 2, 4, 6, 8):
         scheme = KeyScheme(t)
@@ -59,6 +55,9 @@ def test_pairs_within_t_share_their_designated_key():
             k2, _ = scheme.keys(np.array([a2], np.uint64), np.array([b2], np.uint64))
             d = scheme.designated(np.array([a2], np.uint64), np.array([b2], np.uint64),
                                   np.array([a], np.uint64), np.array([b], np.uint64))[0]
+            if t > 4 and d < 0:
+                assert near_distance([(a2, b2)], [(a, b)], t) is None
+                continue
             assert d >= 0 and k1[0, kidx == d][0] == k2[0, kidx == d][0]
 
 
@@ -87,13 +86,15 @@ def skewed_signatures(n: int, seed: int) -> list[tuple[int, int, int]]:
 
 
 def oracle(items: list[tuple[int, int, int]], t: int, near: bool = True) -> list[str]:
+    """Brute force over the kept images with the rule itself (builder.similarity)."""
     kept: list[tuple[int, int, int]] = []
     ids: set[int] = set()
     out = []
     for image_id, a, b in items:
         if image_id in ids:
             out.append("exact")
-        elif near and any(hamming(a, ka) <= t and hamming(b, kb) <= t for _, ka, kb in kept):
+        elif near and any(near_distance([(a, b)], [(ka, kb)], t) is not None
+                          for _, ka, kb in kept):
             out.append("near")
         else:
             out.append("kept")
@@ -103,7 +104,7 @@ def oracle(items: list[tuple[int, int, int]], t: int, near: bool = True) -> list
 
 
 @pytest.mark.parametrize("k,t,unit", [(1, 4, 1), (4, 4, 17), (3, 2, 64), (5, 6, 33),
-                                      (2, 9, 20), (3, 0, 10)])
+                                      (2, 8, 20), (3, 0, 10), (2, 12, 7)])
 def test_partitioned_index_decides_like_a_brute_force_oracle(k, t, unit):
     items = skewed_signatures(2500, seed=k * 100 + t)
     expected = oracle(items, t)
