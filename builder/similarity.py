@@ -23,11 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import numpy as np
 
 from builder.dedup import KeyScheme
+
+if TYPE_CHECKING:
+    from builder.records import Record
 
 Signature = tuple[int, int]
 MAX_STORED = 4
@@ -83,6 +86,13 @@ class Copy:
     format: str
     colour: bool
     jpeg_quality: int = 0  # estimated from the quantisation tables; 0 if not a JPEG
+
+
+def copy_of(record: "Record") -> Copy:
+    """A validated record as a ``Copy`` (its size as downloaded, before any resize)."""
+    return Copy(record.id, record.orig_width or record.width, record.orig_height or record.height,
+                record.downloaded_bytes or len(record.data or b""), record.format, record.colour,
+                record.jpeg_quality)
 
 
 def quality_key(c: Copy) -> tuple:

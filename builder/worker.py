@@ -51,6 +51,7 @@ from builder.ratelimit import EngineGovernor, limits_for
 from builder.reasons import Reason
 from builder.records import Candidate, Record, accepted_row, reject_row
 from builder.rights import RightsTally
+from builder.similarity import copy_of, quality_key
 from builder.spec import DatasetSpec
 from builder.splits import assign_split
 from builder.storage import ensure_writable
@@ -540,9 +541,11 @@ class UnitRun:
 
     async def _dedup(self) -> None:
         w, unit = self.w, self.unit
-        for pos, record in enumerate(self.records):
-            if record.rejected or not record.sha256:
-                continue
+        # Best copy first: of the copies of one picture in this unit, the index keeps the first
+        # it decides, so the largest / colour / least compressed one (``quality_key``).
+        valid = sorted((r for r in self.records if not r.rejected and r.sha256),
+                       key=lambda r: quality_key(copy_of(r)))
+        for pos, record in enumerate(valid):
             stored, probes = record.dedup_signatures()
             self.items.append((record, DedupItem(self.claim(record), unit.token(pos),
                                                  id_number(record.id), stored, probes)))

@@ -366,6 +366,11 @@ def policy_error(exc: PolicyRefused) -> ApiError:
                     details={"problems": problems})
 
 
+def jobs_share_of(cluster: dict[str, float], replicas: int) -> dict[str, float]:
+    """The cluster's resources less the CPUs this API's replicas hold: what jobs can have."""
+    return {**cluster, "CPU": max(0.0, cluster.get("CPU", 0.0) - replicas * REPLICA_CPUS)}
+
+
 @ray_serve.deployment(name="JobAPI", ray_actor_options={"num_cpus": REPLICA_CPUS},
                       max_ongoing_requests=200, health_check_period_s=10)
 @ray_serve.ingress(app)
@@ -593,7 +598,8 @@ class JobAPI:
             job_id = new_job_id(spec)
             cluster = await self.cluster.get("total", lambda: asyncio.to_thread(
                 ray.cluster_resources))
-            spec = apply_policy(self.policy, spec, principal.owner, job_id, cluster)
+            spec = apply_policy(self.policy, spec, principal.owner, job_id,
+                                jobs_share_of(cluster, self.settings.num_replicas))
             data = spec.model_dump(mode="json")
         except SpecError as exc:
             raise spec_error(exc) from None

@@ -94,8 +94,8 @@ class ApiPolicy(BaseModel):
                                   "the cluster; the rest wait, queued")
     max_running_jobs_per_key: int = Field(default=1, ge=1)
     job_cpus: Optional[float] = Field(
-        default=None, gt=0, description="CPUs one job's pools are sized to; default: the "
-        "cluster's CPUs / max_running_jobs")
+        default=None, gt=0, description="CPUs one job's pools are sized to (at most what the "
+        "cluster has beside the API's replicas); default: those CPUs / max_running_jobs")
 
     @field_validator("output_prefix")
     @classmethod
@@ -137,7 +137,8 @@ class ApiPolicy(BaseModel):
 
     def job_share(self, cluster: Mapping[str, float]) -> dict[str, float]:
         """The CPUs (and GPUs, where the cluster has some) one job's pools are sized to."""
-        share = {"CPU": self.job_cpus or float(cluster.get("CPU", 1.0)) / self.max_running_jobs}
+        cpus = float(cluster.get("CPU", 1.0))
+        share = {"CPU": min(self.job_cpus, cpus) if self.job_cpus else cpus / self.max_running_jobs}
         if cluster.get("GPU"):
             share["GPU"] = float(cluster["GPU"]) / self.max_running_jobs
         return share
@@ -281,8 +282,9 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                  cluster: Mapping[str, float]) -> DatasetSpec:
     """``spec`` as the API runs it for ``owner``: its output placed under the owner's prefix,
     url-list paths resolved, unset values above a cap lowered to it, pools sized to the job's
-    share of ``cluster`` (total resources). Raises ``PolicyRefused`` listing every field the
-    policy refuses. ``policy`` must be ``resolved``."""
+    share of ``cluster`` (what jobs can have: the total less the API's replicas). Raises
+    ``PolicyRefused`` listing every field the policy refuses. ``policy`` must be
+    ``resolved``."""
     check = _Check(spec)
 
     uri, refusal = place_output(spec.output.uri, policy.prefix_for(owner), job_id)

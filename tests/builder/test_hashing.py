@@ -1,5 +1,3 @@
-import io
-
 from PIL import Image
 
 from builder.hashing import hamming, hash_bytes

@@ -19,7 +19,6 @@ from builder.card import hierarchy_markdown
 from builder.pipeline import run_local
 from builder.records import Candidate, Record, accepted_row
 from builder.spec import parse_spec
-import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from builder.journal import Journal

@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from builder.engines.probe import (BLOCKED, DOWN, ENDED, NEEDS_KEY, UNAVAILABLE, WORKS,
+from builder.engines.probe import (DOWN, ENDED, NEEDS_KEY, UNAVAILABLE, WORKS,
                                    probe_sources, probe_table)
 from builder.ports import free_port
 from builder.sandbox import SandboxWeb

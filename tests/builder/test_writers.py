@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import pickle
 import random
 import subprocess
@@ -22,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml

@@ -219,6 +219,8 @@ def test_pools_are_sized_to_the_jobs_share_of_the_cluster():
     assert (res.workers, res.worker_cpus, res.dedup_partitions) == (4, 0.96, 1)  # 4 CPUs
     placed = apply(spec(), ApiPolicy(job_cpus=12), cluster={"CPU": 16.0})
     assert placed.resources.workers == 12
+    # job_cpus over what the cluster has for jobs (less the API's replicas) is held to it
+    assert ApiPolicy(job_cpus=2.0).job_share({"CPU": 1.9}) == {"CPU": 1.9}
     status, problems = refused(spec(resources={"workers": 8}), ApiPolicy(max_running_jobs=4))
     assert status == 422 and problems["resources"][0] == "max_running_jobs"
     assert "need 8.15 CPUs" in problems["resources"][1] and "gets 2 CPUs" in \
