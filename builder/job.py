@@ -301,10 +301,11 @@ class UnitPlanner:
         else:
             self._cursor(unit).busy = False
 
-    def next_wake(self) -> Optional[float]:
-        """When a cursor held back by a retryable error may run again."""
-        times = [c.not_before for srcs in self._cursors.values() for src in srcs
-                 if not isinstance(src, _ListState) for c in src
+    def next_wake(self, wanted: Callable[[str], bool]) -> Optional[float]:
+        """When a cursor held back by a retryable error may run again, among the classes
+        ``wanted`` (a full class never waits on its cursors)."""
+        times = [c.not_before for label, srcs in self._cursors.items() if wanted(label)
+                 for src in srcs if not isinstance(src, _ListState) for c in src
                  if not c.exhausted and not c.busy and c.not_before > 0]
         return min(times) if times else None
 
@@ -539,6 +540,9 @@ class JobRunner:
                     progressed = True
         return out
 
+    def _wanted(self, label: str) -> bool:
+        return self.counts.need(label) > 0
+
     def _pick_worker(self) -> int:
         live = [w for w in range(self.executor.workers) if w not in self._down]
         return min(live, key=self._load.__getitem__)
@@ -633,13 +637,13 @@ class JobRunner:
                     if self._resend and not self.cancelled:
                         await self._revive()
                         continue
-                    wake = self.planner.next_wake()
+                    wake = self.planner.next_wake(self._wanted)
                     if wake is None or self.cancelled:
                         break
                     await asyncio.wait({cancel_wait},
                                        timeout=max(0.01, wake - time.monotonic()))
                     continue
-                wake = self.planner.next_wake()
+                wake = self.planner.next_wake(self._wanted)
                 done, _ = await asyncio.wait(
                     set(tasks) | {cancel_wait}, return_when=asyncio.FIRST_COMPLETED,
                     timeout=None if wake is None else max(0.01, wake - time.monotonic()))

@@ -225,6 +225,32 @@ def test_search_errors_fall_back_to_the_next_source():
     assert len(stats["search_errors"]) == 2
 
 
+def test_a_full_class_does_not_wait_on_a_cursor_held_back_by_an_error():
+    """A query that failed retryably waits before its next try; once its class is full the
+    job ends at once instead of waiting on (or spinning over) that cursor."""
+    s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
+    executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
+    original, held = executor.run, []
+
+    async def run_(worker, unit):
+        if unit.query == "q2":
+            held.append(unit)
+            report = UnitReport(unit.uid, search=SearchOutcome(error="circuit open",
+                                                               retryable=True, retry_after=30))
+            return report, WorkerEvents("w0", [unit.uid])
+        return await original(worker, unit)
+
+    executor.run = run_
+
+    async def bounded():
+        runner = JobRunner(s, executor, UnitPlanner(s), JobCounts(s))
+        return (await asyncio.wait_for(runner.run(), timeout=3.0)).stats
+
+    stats = asyncio.run(bounded())
+    check_exact(stats)
+    assert stats["accepted"] == 3 and len(held) == 1
+
+
 def test_list_sources_are_sliced_and_skip_done_slices():
     s = parse_spec({"name": "t", "target": 100, "classes": ["cat"],
                     "sources": [{"engine": "urllist", "path": "/nonexistent.txt"}]})
