@@ -270,3 +270,18 @@ def mark_partial(card_text: str, reason: str) -> str:
             cut = end + len("\n---\n")
             return card_text[:cut] + "\n" + partial_notice(reason) + "\n" + card_text[cut:]
     return partial_notice(reason) + "\n" + card_text
+
+
+def empty_cause(stats: dict[str, Any]) -> str:
+    """Why a job accepted nothing, and what to try."""
+    errors = stats.get("search_errors") or []
+    if not stats.get("candidates"):
+        if errors:
+            return (f"Every search failed ({errors[-1].get('engine')}: "
+                    f"{str(errors[-1].get('error'))[:200]}): check the network, the engines' "
+                    "keys, or add another source.")
+        return "The sources gave no candidates: check the queries, the URL lists and sources."
+    top = sorted((stats.get("rejected_by_reason") or {}).items(), key=lambda kv: -kv[1])[:3]
+    reasons = ", ".join(f"{k} {v}" for k, v in top)
+    return (f"All {stats['candidates']} candidates were rejected ({reasons}): see rejects.csv "
+            "for each one's reason; check download and validation settings.")

@@ -59,6 +59,7 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
              strict: bool, dashboard: bool = False, resume: bool = False,
              continuation: Any = None, uri: Optional[str] = None) -> int:
     """Run a spec with a progress display and a summary; returns the exit code."""
+    from builder.card import empty_cause
     from builder.journal import new_job_id
     from cluster.display import ProgressDisplay, summary
 
@@ -133,21 +134,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     _require_contact(spec)
     return run_spec(spec, address=args.address, local=args.local, job_id=args.job_id,
                     strict=args.strict, dashboard=args.dashboard, resume=args.resume)
-
-
-def empty_cause(stats: dict[str, Any]) -> str:
-    """Why a job accepted nothing, and what to try."""
-    errors = stats.get("search_errors") or []
-    if not stats.get("candidates"):
-        if errors:
-            return (f"Every search failed ({errors[-1].get('engine')}: "
-                    f"{str(errors[-1].get('error'))[:200]}): check the network, the engines' "
-                    "keys, or add another source.")
-        return "The sources gave no candidates: check the queries, the URL lists and sources."
-    top = sorted((stats.get("rejected_by_reason") or {}).items(), key=lambda kv: -kv[1])[:3]
-    reasons = ", ".join(f"{k} {v}" for k, v in top)
-    return (f"All {stats['candidates']} candidates were rejected ({reasons}): see rejects.csv "
-            "for each one's reason; check download and validation settings.")
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:

@@ -395,10 +395,12 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                  "dedup": await executor.dedup_stats(),
                  "workers_by_node": dict(executor.nodes)}
         done = await asyncio.to_thread(life.publish, outcome, extra)
-        state = "cancelled" if outcome.cancelled else ("succeeded" if not done.partial
-                                                       else "empty")
+        # An empty result is a failure to whoever watches the job (the API, the dashboard).
+        state, error = ("cancelled", None) if outcome.cancelled else (
+            ("failed", f"no image was accepted: {empty_cause(done.stats)}") if done.partial
+            else ("succeeded", None))
         await result(progress_actor.set_state.remote(state, output_uri=done.uri,
-                                                     stats=done.stats))
+                                                     stats=done.stats, error=error))
         return done
     except BaseException as exc:
         progress_actor.set_state.remote("failed", error=f"{type(exc).__name__}: {exc}")

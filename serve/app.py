@@ -366,9 +366,29 @@ def policy_error(exc: PolicyRefused) -> ApiError:
                     details={"problems": problems})
 
 
-def jobs_share_of(cluster: dict[str, float], replicas: int) -> dict[str, float]:
-    """The cluster's resources less the CPUs this API's replicas hold: what jobs can have."""
-    return {**cluster, "CPU": max(0.0, cluster.get("CPU", 0.0) - replicas * REPLICA_CPUS)}
+def serve_cpus(replicas: int) -> float:
+    """The CPUs every Serve actor in the cluster holds (this API's replicas, other Serve
+    applications', the controller's and proxies'): jobs can never have them. Where Ray's state
+    API cannot answer, this API's own replicas."""
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        actors = list_actors(filters=[("state", "=", "ALIVE"), ("ray_namespace", "=", "serve")],
+                             detail=True, limit=10_000, raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError) as exc:
+        log.warning("Ray's state API did not list the Serve actors (%s): jobs are sized to the "
+                    "cluster less this API's own replicas", exc)
+        return replicas * REPLICA_CPUS
+    held = sum(float((a.required_resources or {}).get("CPU", 0.0)) for a in actors)
+    return max(held, replicas * REPLICA_CPUS)
+
+
+def cluster_for_jobs(replicas: int) -> dict[str, float]:
+    """The cluster's resources less what Serve holds: what jobs can have."""
+    cluster = dict(ray.cluster_resources())
+    cluster["CPU"] = max(0.0, cluster.get("CPU", 0.0) - serve_cpus(replicas))
+    return cluster
 
 
 @ray_serve.deployment(name="JobAPI", ray_actor_options={"num_cpus": REPLICA_CPUS},
@@ -597,9 +617,8 @@ class JobAPI:
             spec = parse_spec(data, "request body")
             job_id = new_job_id(spec)
             cluster = await self.cluster.get("total", lambda: asyncio.to_thread(
-                ray.cluster_resources))
-            spec = apply_policy(self.policy, spec, principal.owner, job_id,
-                                jobs_share_of(cluster, self.settings.num_replicas))
+                cluster_for_jobs, self.settings.num_replicas))
+            spec = apply_policy(self.policy, spec, principal.owner, job_id, cluster)
             data = spec.model_dump(mode="json")
         except SpecError as exc:
             raise spec_error(exc) from None
