@@ -37,6 +37,7 @@ from actors.quota import QuotaActor
 from actors.ratelimit import get_rate_limiter, limiter_name
 from actors.slow import SlowScorer
 from actors.worker import ServiceNames, ShardWorker
+from builder.card import empty_cause
 from builder.errors import PixCrawlerError
 from builder.job import IndexLost, JobRunner, WorkerLost
 from builder.pipeline import Continuation, JobLifecycle, JobResult, recover_ledger
