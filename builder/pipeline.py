@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import uuid
 from collections import Counter
@@ -512,8 +513,10 @@ def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
     return handler
 
 
-LOCAL_CPU_THREADS = 2
-"""Threads validating and writing in the in-process runner (the GIL limits what more gives)."""
+LOCAL_CPU_THREADS = max(2, min(os.cpu_count() or 2, 4))
+"""Threads validating and writing in the in-process runner: one per core, up to 4 (decoding
+and hashing release the GIL, the rest of a unit's work does not; cluster.runner chooses Ray on
+bigger machines)."""
 
 
 def units_per_worker(spec: DatasetSpec) -> int:

@@ -125,8 +125,9 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.DECOMPRESSION_BOMB: "width*height exceeds validation.max_pixels",
     Reason.ANIMATED: "an animated image while validation.animated is 'reject'",
     Reason.EXACT_DUPLICATE: "the same bytes (sha256) as an image kept earlier in the job",
-    Reason.NEAR_DUPLICATE: "pHash and dHash within validation.near_duplicate_threshold bits of "
-    "an image kept earlier in the job",
+    Reason.NEAR_DUPLICATE: "a view (whole, centre crops, mirror, small turns) within "
+    "validation.near_duplicate_threshold bits on pHash and dHash of a view of an image kept "
+    "before it (within one unit of work, the best copy goes first)",
     Reason.NSFW: "NSFW probability at or above validation.nsfw_threshold",
     Reason.OFF_TOPIC: "CLIP similarity to the class prompts below validation.clip_threshold",
     Reason.WRONG_CLASS: "CLIP zero-shot puts the image in another class of the job",

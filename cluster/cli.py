@@ -1,7 +1,7 @@
 """The ``pixcrawler`` command line.
 
-    pixcrawler demo                      sandbox web + a small 3-class dataset, end to end on Ray
-    pixcrawler build SPEC [--address A] [--output URI] [--resume]
+    pixcrawler demo                      sandbox web + a small 3-class dataset, end to end
+    pixcrawler build SPEC [--local|--ray] [--address A] [--output URI] [--resume]
     pixcrawler retry-failed URI          retry transient failures, merge the new images
     pixcrawler check SPEC [--engines]    validate a spec and print it with defaults filled in;
                                          --engines: probe each source once and say if it works
@@ -57,11 +57,17 @@ def _storage_options(uri: str) -> Optional[dict[str, Any]]:
 
 def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: Optional[str],
              strict: bool, dashboard: bool = False, resume: bool = False,
-             continuation: Any = None, uri: Optional[str] = None) -> int:
-    """Run a spec with a progress display and a summary; returns the exit code."""
+             continuation: Any = None, uri: Optional[str] = None, ray: bool = False) -> int:
+    """Run a spec with a progress display and a summary; returns the exit code. ``local`` /
+    ``ray`` force a runner; otherwise ``choose_runner`` picks one and the log says which."""
     from builder.card import empty_cause
     from builder.journal import new_job_id
     from cluster.display import ProgressDisplay, summary
+    from cluster.runner import choose_runner
+
+    choice = choose_runner(spec, address=address, local=local, ray=ray, dashboard=dashboard)
+    log.info("%s", choice.describe())
+    local = not choice.ray
 
     uri = uri or spec.output_uri()
     if continuation is not None:
@@ -133,7 +139,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     spec = _apply_overrides(_spec_from_args(args), args)
     _require_contact(spec)
     return run_spec(spec, address=args.address, local=args.local, job_id=args.job_id,
-                    strict=args.strict, dashboard=args.dashboard, resume=args.resume)
+                    strict=args.strict, dashboard=args.dashboard, resume=args.resume,
+                    ray=args.ray)
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
@@ -145,7 +152,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
         print(f"nothing to retry: no candidate at {uri} was rejected for a transient reason")
         return 0
     return run_spec(spec, address=args.address, local=args.local, job_id=None, strict=False,
-                    continuation=cont, uri=uri)
+                    continuation=cont, uri=uri, ray=args.ray)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -213,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         log.info("sandbox web at %s; building %d classes x %d images into %s", web.base_url,
                  len(classes), args.target, args.output)
         return run_spec(spec, address=args.address, local=args.local, job_id=None,
-                        strict=False, dashboard=args.dashboard)
+                        strict=False, dashboard=args.dashboard, ray=args.ray)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -232,8 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     def runner_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an "
                         "embedded local Ray)")
-        sp.add_argument("--local", action="store_true",
-                        help="run in this process without Ray (debugging, tiny jobs)")
+        where = sp.add_mutually_exclusive_group()
+        where.add_argument("--local", action="store_true",
+                           help="run in this process without Ray (the default for a job that "
+                           "fits this machine: see 'Runners' in the README)")
+        where.add_argument("--ray", action="store_true",
+                           help="run on Ray (the default when joining a cluster, or for a job "
+                           "that needs GPUs or more cores than this machine has)")
         sp.add_argument("--dashboard", action="store_true",
                         help="with an embedded Ray, also start the Ray dashboard on 127.0.0.1")
 
