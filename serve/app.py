@@ -374,7 +374,8 @@ def serve_cpus(replicas: int) -> float:
     from ray.util.state.exception import RayStateApiException
 
     try:
-        actors = list_actors(filters=[("state", "=", "ALIVE"), ("ray_namespace", "=", "serve")],
+        actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                             filters=[("state", "=", "ALIVE"), ("ray_namespace", "=", "serve")],
                              detail=True, limit=10_000, raise_on_missing_output=False)
     except (RayStateApiException, ConnectionError) as exc:
         log.warning("Ray's state API did not list the Serve actors (%s): jobs are sized to the "

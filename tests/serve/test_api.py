@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import ray
 import yaml
 from PIL import Image
 from ray.util.state import list_actors
@@ -40,7 +41,8 @@ def test_the_serving_path_runs_at_normal_priority(serve_app):
     """Ray starts workers at nice 15; the API's replica and Serve's own actors (which inherit
     the serving driver's environment) run at 0."""
     def nice(class_prefix: str) -> set[int]:
-        pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        pids = [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                           filters=[("state", "=", "ALIVE")], limit=1000)
                 if a.class_name.startswith(class_prefix) and a.pid]
         assert pids, f"no live {class_prefix} actor"
         return {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids}
