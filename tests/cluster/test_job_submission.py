@@ -73,7 +73,8 @@ def ray_head():
         proc.kill()
         _kill_tree(tmpdir)
         pytest.fail("Ray head dashboard did not come up")
-    yield {"address": address, "env": env, "metrics": ports["metrics-export-port"]}
+    yield {"address": address, "env": env, "metrics": ports["metrics-export-port"],
+           "client": f"ray://127.0.0.1:{ports['ray-client-server-port']}"}
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -117,3 +118,23 @@ def test_ray_job_submit_builds_the_dataset_and_exports_metrics(ray_head, sandbox
     assert stats["runner"] == "ray" and stats["accepted"] == 12
     assert json.loads((out / "_SUCCESS").read_text())
     assert seen_metric, "pixcrawler_accepted{job=submitted-1} never showed on the metrics endpoint"
+
+
+@pytest.mark.slow
+def test_build_joins_a_cluster_from_outside_through_ray_client(ray_head, sandbox, tmp_path):
+    """`pixcrawler build --address ray://HEAD:10001`, as the README writes it: the driver runs
+    here, the job's actors on the cluster."""
+    out = tmp_path / "client"
+    spec = {"name": "client", "target": 5, "classes": {"cat": "cat", "dog": "dog"},
+            "sources": [{"engine": "sandbox", "url": sandbox.base_url, "per_page": 10}],
+            "download": {"timeout_s": 1.0, "retries": 0, "allow_private_networks": True},
+            "output": {"uri": str(out)}}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    done = subprocess.run([str(BIN / "pixcrawler"), "build", str(spec_path), "--address",
+                           ray_head["client"], "--job-id", "client-1"], env=ray_head["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"joining the cluster at {ray_head['client']}" in done.stderr
+    stats = check_accounting(str(out))
+    assert stats["runner"] == "ray" and stats["accepted"] == 10
