@@ -6,12 +6,13 @@ budget, memory grew with requests in flight x ``max_bytes``: ~10 GB PSS on an em
 4 GB with ``--local``.
 
 The bodies come from the sandbox web's ``/heavy/`` route, served by ``pixcrawler sandbox`` in a
-separate process (its memory and CPU are not measured). Each run is a whole command, ``pixcrawler
-build spec.yaml`` (embedded Ray) or ``pixcrawler build spec.yaml --local``, in a subprocess; the
-peak RSS and PSS of its whole process tree (every descendant, and every process naming the run's
-own RAY_TMPDIR) are sampled from /proc by ``bench_vs_img2dataset.TreeMonitor``. The spec's
-download settings are a hostile spec's: ``concurrency`` and ``per_host_concurrency`` 128 (as if
-the 400 URLs were on 128 hosts), ``retries`` 0. "budget off" sets ``download.max_bytes_in_flight``
+separate process (its memory and CPU are not measured). Each run is a whole command,
+``pixcrawler build spec.yaml --ray`` (embedded Ray) or ``pixcrawler build spec.yaml --local``, in
+a subprocess; the peak RSS and PSS of its whole process tree (every descendant, and every
+process naming the run's own RAY_TMPDIR) are sampled from /proc by
+``bench_vs_img2dataset.TreeMonitor``. The spec's download settings are a hostile spec's:
+``concurrency`` and ``per_host_concurrency`` 128 (as if the 400 URLs were on 128 hosts),
+``retries`` 0. "budget off" sets ``download.max_bytes_in_flight``
 to 10**12, which never binds: the fetcher then behaves as it did before the budget existed.
 "budget on" leaves the default (256 MB).
 
@@ -133,8 +134,7 @@ def run(runner: str, budget_name: str, urls: Path, args: argparse.Namespace) -> 
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "cluster.cli", "build", str(spec_path), "--output", str(out)]
-    if runner == "local":
-        cmd.append("--local")
+    cmd.append("--local" if runner == "local" else "--ray")
     log = OUT / f"{name}.log"
     try:
         wall, code, tree, capped = run_capped(cmd, env, log, str(ray_tmp), args.timeout,

@@ -56,7 +56,8 @@ SOURCES = {
         "mate/nature/TwoWings.jpg", "mate/nature/Wood.jpg", "mate/nature/YellowFlower.jpg",
         "mate/abstract/Elephants.jpg", "mate/desktop/GreenTraditional.jpg"],
     "ukui-wallpapers": [
-        "2004default.jpg", "firstgeneration.jpg", "rhythm.jpg", "string.jpg", "calla.png", "city.png", "desert.png", "goldfish.png"],
+        "2004default.jpg", "firstgeneration.jpg", "rhythm.jpg", "string.jpg", "calla.png",
+        "city.png", "desert.png", "goldfish.png"],
 }
 TRANSFORMS = ["resize50", "resize25", "jpeg_q40", "png", "grayscale", "blur", "bright+20",
               "bright-20", "watermark", "crop5", "crop10", "rotate", "flip"]
