@@ -141,7 +141,8 @@ class KeyScheme:
     exactly the pairs within ``t``. Above it, the near-duplicate rule itself asks for a shared
     key (``builder.similarity``): within ``t`` bits on both codes *and* agreeing on a chunk of
     each in one cutting. Keys stay about 26 bits wide whatever ``t``, so lookups stay flat; on
-    real photographs the key condition changes almost nothing at ``t`` = 8 (bench/README.md).
+    real photographs the key condition costs up to 2 points of recall at ``t`` = 8
+    (bench/README.md).
     """
 
     def __init__(self, t: int):
