@@ -26,6 +26,8 @@ from typing import Any, Iterable, Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from serve.locations import default_store_url
+
 STATES = ("queued", "starting", "running", "writing", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset(STATES) - TERMINAL
@@ -122,14 +124,6 @@ class JobRow:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
-
-
-def default_store_url() -> str:
-    """``PIXCRAWLER_STORE``, else a SQLite file in ``~/.pixcrawler``."""
-    url = os.environ.get("PIXCRAWLER_STORE")
-    if url:
-        return url
-    return f"sqlite:///{Path('~/.pixcrawler/serve.db').expanduser()}"
 
 
 def sqlite_path(url: str) -> Optional[Path]:
