@@ -72,8 +72,16 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             common["runtime_env"] = runtime_env or SAME_PRIORITY_ENV
             # An embedded Ray on this machine only: token auth has nobody to keep out.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            recorded = recorded_head()
+            if recorded:
+                log.info("a Ray head is recorded on this machine (%s, by `ray start`): not "
+                         "joining it, starting an embedded Ray for this command; pass "
+                         "--address auto (or set RAY_ADDRESS) to run on that cluster", recorded)
+            # address="local": ray.init() with none would join the recorded head (and refuse
+            # num_cpus there, or fail on a stale record).
             with _loopback_node():
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
+                         include_dashboard=dashboard,
                          dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
                          _system_config=dict(EMBEDDED_SYSTEM_CONFIG), **common)
     ctx = ray.get_runtime_context()
@@ -87,6 +95,17 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         "started": started,
     }
     return info
+
+
+def recorded_head() -> Optional[str]:
+    """The address of the Ray head that ``ray start`` last recorded on this machine (it may
+    have stopped since), or None."""
+    from ray._private.utils import read_ray_address
+
+    try:
+        return read_ray_address() or None
+    except OSError:
+        return None
 
 
 @contextmanager
