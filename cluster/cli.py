@@ -77,6 +77,7 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
     elif not resume:
         job_id = job_id or new_job_id(spec)
     display = ProgressDisplay(job_id or "resume")
+    stop_request = None
     kwargs = dict(job_id=job_id, uri=uri, progress=display, resume=resume,
                   continuation=continuation, storage_options=_storage_options(uri))
     try:
@@ -97,6 +98,10 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
                          f", dashboard {info['dashboard_url']}" if info.get("dashboard_url")
                          else "")
                 result = asyncio.run(run_job_async(spec, install_signals=True, **kwargs))
+                if result.stats.get("partial_reason") == "cancelled":
+                    from cluster.rayjob import stop_request as ray_job_stop_request
+
+                    stop_request = ray_job_stop_request()
             finally:
                 if info["started"]:
                     shutdown()
@@ -108,6 +113,14 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
               f"_PARTIAL). {empty_cause(result.stats)}", file=sys.stderr)
         return EXIT_EMPTY
     if result.partial:
+        if stop_request is not None:
+            # A Ray job cancelled through its progress actor or a signal: Ray records it as
+            # STOPPED only if its supervisor stops it (cluster/rayjob.py).
+            from cluster.rayjob import end_as_stopped
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            end_as_stopped(stop_request)
         return EXIT_CANCELLED
     if strict and result.stats.get("shortfall"):
         return EXIT_SHORTFALL
