@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +35,13 @@ def test_healthz_and_openapi(serve_app):
     spec = serve_app.call("GET", "/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
             "/v1/jobs/{job_id}/samples", "/healthz"} <= set(spec["paths"])
-    assert serve_app.call("GET", "/docs").status_code == 200
+    docs = serve_app.call("GET", "/docs")
+    assert docs.status_code == 200
+    # Offline: every script and style sheet of the page comes from this server.
+    assets = re.findall(r"(?:src|href)=['\"]?(/docs/assets/[\w.-]+)", docs.text)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        assert serve_app.call("GET", asset).status_code == 200, asset
 
 
 def test_the_serving_path_runs_at_normal_priority(serve_app):
