@@ -128,6 +128,9 @@ class LocalExecutor:
     def cancel(self) -> None:
         self.runtime.cancel()
 
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        return self.runtime.in_flight()
+
     async def close(self) -> None:
         await self.runtime.close()
 

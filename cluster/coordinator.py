@@ -175,6 +175,21 @@ class RayExecutor:
         for handle in self.handles:
             handle.cancel.remote()
 
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        """Every worker's ``in_flight``; a worker that does not answer within a second (busy
+        starting, or lost) is left out of this progress snapshot."""
+        try:
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(result(h.in_flight.remote()) for h in self.handles),
+                               return_exceptions=True), 1.0)
+        except asyncio.TimeoutError:
+            return {}
+        merged: dict[str, dict[str, int]] = {}
+        for answer in answers:
+            if isinstance(answer, dict):
+                merged.update(answer)
+        return merged
+
     async def dedup_stats(self) -> dict[str, Any]:
         stats = await asyncio.gather(*(result(p.stats.remote()) for p in self.partitions),
                                      return_exceptions=True)
