@@ -49,7 +49,7 @@ def test_stopping_serve_with_ctrl_c_prints_no_traceback(ray_env, tmp_path):
                              "--port", str(port), "--store",
                              f"sqlite:///{tmp_path / 'store.db'}"],
                             env=ray_env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 180
     lines = []
     while time.time() < deadline:
@@ -60,7 +60,7 @@ def test_stopping_serve_with_ctrl_c_prints_no_traceback(ray_env, tmp_path):
         if "Ctrl-C to stop" in line:
             break
     assert any("Ctrl-C to stop" in line for line in lines), (lines, proc.poll())
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C on a terminal: the whole process group
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
