@@ -473,6 +473,7 @@ class JobRunner:
         self.engine_requests: Counter = Counter()
         self.fetch: Counter = Counter()
         self.cancelled = False
+        self.cancel_cause = ""
         self.resent = 0
         self._cancel = asyncio.Event()
         self._last_progress = 0.0
@@ -485,8 +486,11 @@ class JobRunner:
         self._partial = partial_units or set()
         self._class_in_flight: Counter = Counter()
 
-    def cancel(self) -> None:
-        """Ask the job to stop: in-flight candidates end as ``cancelled``."""
+    def cancel(self, cause: str = "request") -> None:
+        """Ask the job to stop: in-flight candidates end as ``cancelled``. ``cause`` (the
+        first one counts) is recorded as ``cancelled_by`` in the stats: ``request`` (the API,
+        the progress actor), or the signal's name."""
+        self.cancel_cause = self.cancel_cause or cause
         self._cancel.set()
 
     # -- issuing ------------------------------------------------------------------------------
@@ -779,6 +783,7 @@ class JobRunner:
     def _stats(self) -> dict[str, Any]:
         return self.counts.stats(
             partial=self.cancelled,
+            **({"cancelled_by": self.cancel_cause} if self.cancelled else {}),
             search_errors=list(self.search_errors),
             engine_requests=dict(self.engine_requests),
             fallbacks=self.planner.fallbacks,

@@ -511,7 +511,7 @@ def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
     def handler() -> None:
         log.warning("[%s] %s: stopping; what is accepted so far is written as a partial result",
                     job_id, signal.Signals(sig).name)
-        runner.cancel()
+        runner.cancel(signal.Signals(sig).name)
         loop.remove_signal_handler(sig)
     return handler
 

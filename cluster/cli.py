@@ -98,7 +98,10 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
                          f", dashboard {info['dashboard_url']}" if info.get("dashboard_url")
                          else "")
                 result = asyncio.run(run_job_async(spec, install_signals=True, **kwargs))
-                if result.stats.get("partial_reason") == "cancelled":
+                if result.stats.get("partial_reason") == "cancelled" and \
+                        result.stats.get("cancelled_by") == "request":
+                    # A signal came from Ray's own stop (then Ray records STOPPED) or from
+                    # outside Ray; a request (the API, the progress actor) needs asking.
                     from cluster.rayjob import stop_request as ray_job_stop_request
 
                     stop_request = ray_job_stop_request()

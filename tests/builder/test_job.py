@@ -284,12 +284,15 @@ def test_cancel_ends_in_flight_units_cancelled_and_stops_issuing():
         while runner.counts.accepted < 4:
             await asyncio.sleep(0)
         runner.cancel()
+        runner.cancel("SIGTERM")  # the first cause counts
         return await task
 
     outcome = asyncio.run(main())
     check_exact(outcome.stats)
     assert outcome.cancelled and executor.cancelled
     assert outcome.stats["accepted"] < 50
+    # Whether Ray must be asked to record the job stopped (cluster/rayjob.py) depends on it.
+    assert outcome.stats["cancelled_by"] == "request"
 
 
 @pytest.mark.parametrize("target", [1, 7])

@@ -151,11 +151,14 @@ def test_ray_job_submit_as_the_readme_writes_it_builds_the_dataset_and_exports_m
 
 
 CANCEL = """
-import sys, ray
+import sys, time, ray
 from actors import NAMESPACE
 from actors.progress import cancel_job
 ray.init(address=sys.argv[1], namespace=NAMESPACE, log_to_driver=False)
-print(cancel_job(sys.argv[2], "test"))
+deadline = time.time() + 60
+while not cancel_job(sys.argv[2], "test") and time.time() < deadline:
+    time.sleep(0.5)  # its progress actor starts a moment after its journal
+print(time.time() < deadline)
 """
 
 
