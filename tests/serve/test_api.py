@@ -68,6 +68,13 @@ def test_job_runs_to_succeeded_with_live_events(serve_app, finished):
     assert "starting" in states or "running" in states
     accepted = [d["progress"].get("accepted", 0) for _, d in events]
     assert accepted == sorted(accepted) and accepted[-1] == 9
+    # The state only moves forward; each event is a change, and none carries the spec.
+    from serve.store import RANK
+
+    assert [RANK[s] for s in states] == sorted(RANK[s] for s in states)
+    assert all("spec" not in d for _, d in events)
+    changes = [{k: v for k, v in d.items() if k != "updated_at"} for _, d in events]
+    assert all(a != b for a, b in zip(changes, changes[1:-1]))
 
 
 def test_finished_job_status_has_classes_rejects_and_output(serve_app, finished):
