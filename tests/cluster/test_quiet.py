@@ -33,9 +33,10 @@ def ray_env():
 
 
 @pytest.mark.slow
-def test_a_successful_demo_prints_no_warning_or_error(ray_env, tmp_path):
+@pytest.mark.parametrize("runner", ["--ray", "--local"])
+def test_a_successful_demo_prints_no_warning_or_error(ray_env, tmp_path, runner):
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--target", "8",
-                          "--output", str(tmp_path / "demo")], env=ray_env, cwd=ROOT,
+                          runner, "--output", str(tmp_path / "demo")], env=ray_env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dataset complete" in out.stdout
