@@ -117,8 +117,8 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
         return EXIT_EMPTY
     if result.partial:
         if stop_request is not None:
-            # A Ray job cancelled through its progress actor or a signal: Ray records it as
-            # STOPPED only if its supervisor stops it (cluster/rayjob.py).
+            # A Ray job cancelled on request: Ray records it as STOPPED only if its
+            # supervisor stops it (cluster/rayjob.py).
             from cluster.rayjob import end_as_stopped
 
             sys.stdout.flush()
