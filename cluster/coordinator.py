@@ -176,12 +176,13 @@ class RayExecutor:
             handle.cancel.remote()
 
     async def in_flight(self) -> dict[str, dict[str, int]]:
-        """Every worker's ``in_flight``; a worker that does not answer within a second (busy
-        starting, or lost) is left out of this progress snapshot."""
+        """Every worker's ``in_flight``. The driver's loop waits for the answers, so they get
+        a quarter of a second: past it (a worker busy starting, or lost) the snapshot goes
+        without them."""
         try:
             answers = await asyncio.wait_for(
                 asyncio.gather(*(result(h.in_flight.remote()) for h in self.handles),
-                               return_exceptions=True), 1.0)
+                               return_exceptions=True), 0.25)
         except asyncio.TimeoutError:
             return {}
         merged: dict[str, dict[str, int]] = {}
