@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional
 import ray
 
 from actors import NAMESPACE
+from builder.errors import PixCrawlerError
 
 log = logging.getLogger("pixcrawler.connect")
 
@@ -67,6 +68,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         if address:
             if runtime_env:
                 common["runtime_env"] = runtime_env
+            check_reachable(address)
             ray.init(address=address, **common)
         else:
             common["runtime_env"] = runtime_env or SAME_PRIORITY_ENV
@@ -95,6 +97,29 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         "started": started,
     }
     return info
+
+
+class ClusterUnreachable(PixCrawlerError):
+    """Nothing answers at the Ray address given (--address or RAY_ADDRESS)."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, saying what to do, when nothing listens at a ``host:port`` GCS address;
+    ray.init would retry for minutes, printing its own warnings. Other forms (``auto``,
+    ``ray://``) are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "--address"
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({source}): {exc.strerror or exc}. Start "
+            f"it (`ray start --head`), correct the address, or unset RAY_ADDRESS and leave "
+            "out --address to run on an embedded Ray") from None
 
 
 def recorded_head() -> Optional[str]:

@@ -39,6 +39,18 @@ def test_embedded_workers_run_at_the_commands_priority(init_calls):
     assert kwargs["dashboard_host"] == "127.0.0.1"
 
 
+def test_a_dead_ray_address_fails_at_once_saying_what_to_do(init_calls, monkeypatch):
+    """ray.init would retry a GCS address nobody listens on for minutes."""
+    from builder.ports import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(connect_module.ClusterUnreachable, match="RAY_ADDRESS") as exc:
+        connect_module.connect(None)
+    assert address in str(exc.value) and "ray start --head" in str(exc.value)
+    assert init_calls == []
+
+
 def test_a_cluster_keeps_rays_priorities_unless_asked(init_calls):
     with pytest.raises(StopAfterInit):
         connect_module.connect("ray://head:10001")
