@@ -1,7 +1,10 @@
 """Job metrics exported through ray.util.metrics, so they show on the Ray dashboard.
 
 Names are prefixed ``pixcrawler_``; every metric carries a ``job`` tag. Each process creates its
-metric objects once (Ray registers them per process).
+metric objects once (Ray registers them per process). Prometheus sees them as Ray exports them
+(``exported_series``): with Ray's ``ray_`` prefix, a counter with ``_total`` appended, a
+histogram as ``_bucket``/``_sum``/``_count``. The Grafana dashboard
+(``cluster/grafana/pixcrawler.json``) and the README use those names.
 
 Ray encodes tag values as ASCII and raises ``UnicodeEncodeError`` on anything else, so a class
 label such as ``café`` or ``猫`` would fail the job. Every tag value goes through ``tag_value``:
@@ -88,3 +91,24 @@ def stage_latency() -> Histogram:
     return AsciiHistogram("pixcrawler_stage_latency_s", "seconds per batch in a stage",
                           boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
                           tag_keys=("job", "stage"))
+
+
+RAY_PREFIX = "ray_"
+"""What Ray's metrics agent puts before every application metric's name."""
+
+
+def exported_series() -> dict[str, tuple[str, ...]]:
+    """Each Prometheus series name the job's metrics are exported as, with its tag keys."""
+    metrics: list[Union[Counter, Gauge, Histogram]] = [*counters().values(), queue_depth(),
+                                                       stage_latency()]
+    out: dict[str, tuple[str, ...]] = {}
+    for metric in metrics:
+        name, tags = RAY_PREFIX + metric.info["name"], tuple(metric.info["tag_keys"])
+        if isinstance(metric, Counter):
+            out[f"{name}_total"] = tags
+        elif isinstance(metric, Histogram):
+            out[f"{name}_bucket"] = (*tags, "le")
+            out[f"{name}_sum"] = out[f"{name}_count"] = tags
+        else:
+            out[name] = tags
+    return out

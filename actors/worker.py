@@ -197,6 +197,10 @@ class ShardWorker:
         if self.runtime is not None:
             self.runtime.cancel()
 
+    def in_flight(self) -> dict[str, dict[str, int]]:
+        """Candidates fetched so far in the units running here (``WorkerRuntime.in_flight``)."""
+        return self.runtime.in_flight() if self.runtime is not None else {}
+
     def ping(self) -> str:
         return self.incarnation
 

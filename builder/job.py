@@ -83,6 +83,11 @@ class Executor(Protocol):
         """Ask every worker to stop: units in flight end ``cancelled``."""
         ...
 
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        """Per unit running now, per class, how many of its candidates have been fetched
+        (downloaded or failed) so far: progress within a unit, before its report."""
+        ...
+
 
 # -- planning ---------------------------------------------------------------------------------
 
@@ -468,6 +473,7 @@ class JobRunner:
         self.engine_requests: Counter = Counter()
         self.fetch: Counter = Counter()
         self.cancelled = False
+        self.cancel_cause = ""
         self.resent = 0
         self._cancel = asyncio.Event()
         self._last_progress = 0.0
@@ -480,8 +486,11 @@ class JobRunner:
         self._partial = partial_units or set()
         self._class_in_flight: Counter = Counter()
 
-    def cancel(self) -> None:
-        """Ask the job to stop: in-flight candidates end as ``cancelled``."""
+    def cancel(self, cause: str = "request") -> None:
+        """Ask the job to stop: in-flight candidates end as ``cancelled``. ``cause`` (the
+        first one counts) is recorded as ``cancelled_by`` in the stats: ``request`` (the API,
+        the progress actor), or the signal's name."""
+        self.cancel_cause = self.cancel_cause or cause
         self._cancel.set()
 
     # -- issuing ------------------------------------------------------------------------------
@@ -612,13 +621,29 @@ class JobRunner:
                 self._lose(w)
                 self._down.discard(w)
 
-    def _maybe_progress(self, force: bool = False) -> None:
+    async def _maybe_progress(self, force: bool = False) -> None:
         now = time.monotonic()
         if self.progress and (force or now - self._last_progress >= self.progress_every_s):
             self._last_progress = now
             snap = self.counts.snapshot()
             snap["units_in_flight"] = sum(self._load)
+            fetched = await self._fetched_in_flight() if not force else Counter()
+            snap["in_flight"] = sum(fetched.values())
+            for label, c in snap["classes"].items():
+                c["in_flight"] = fetched.get(label, 0)
             self.progress(snap)
+
+    async def _fetched_in_flight(self) -> Counter:
+        """Per class, candidates fetched in units still running (not in the counts yet). A
+        unit whose report has come back is counted there, not here."""
+        running = {uid for uid, f in self._flights.items() if f.report is None}
+        if not running:
+            return Counter()
+        total: Counter = Counter()
+        for uid, per_class in (await self.executor.in_flight()).items():
+            if uid in running:
+                total.update(per_class)
+        return total
 
     async def run(self) -> RunOutcome:
         """Run until every class is full or out of sources (or cancelled)."""
@@ -632,7 +657,7 @@ class JobRunner:
                 if not self.cancelled:
                     for unit in self._next_units():
                         self._start(unit, tasks)
-                self._maybe_progress()
+                await self._maybe_progress()
                 if not tasks:
                     if self._resend and not self.cancelled:
                         await self._revive()
@@ -644,6 +669,10 @@ class JobRunner:
                                        timeout=max(0.01, wake - time.monotonic()))
                     continue
                 wake = self.planner.next_wake(self._wanted)
+                if self.progress is not None:
+                    # Progress goes out while units run, not only when one ends.
+                    tick = self._last_progress + self.progress_every_s
+                    wake = tick if wake is None else min(wake, tick)
                 done, _ = await asyncio.wait(
                     set(tasks) | {cancel_wait}, return_when=asyncio.FIRST_COMPLETED,
                     timeout=None if wake is None else max(0.01, wake - time.monotonic()))
@@ -656,7 +685,7 @@ class JobRunner:
         finally:
             cancel_wait.cancel()
         await self._flush()
-        self._maybe_progress(force=True)
+        await self._maybe_progress(force=True)
         return RunOutcome(self._stats(), self.cancelled, dict(self.fetch))
 
     def _stale(self, flight: _Flight) -> None:
@@ -754,6 +783,7 @@ class JobRunner:
     def _stats(self) -> dict[str, Any]:
         return self.counts.stats(
             partial=self.cancelled,
+            **({"cancelled_by": self.cancel_cause} if self.cancelled else {}),
             search_errors=list(self.search_errors),
             engine_requests=dict(self.engine_requests),
             fallbacks=self.planner.fallbacks,

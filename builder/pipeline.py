@@ -128,6 +128,9 @@ class LocalExecutor:
     def cancel(self) -> None:
         self.runtime.cancel()
 
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        return self.runtime.in_flight()
+
     async def close(self) -> None:
         await self.runtime.close()
 
@@ -508,7 +511,7 @@ def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
     def handler() -> None:
         log.warning("[%s] %s: stopping; what is accepted so far is written as a partial result",
                     job_id, signal.Signals(sig).name)
-        runner.cancel()
+        runner.cancel(signal.Signals(sig).name)
         loop.remove_signal_handler(sig)
     return handler
 

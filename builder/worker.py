@@ -248,6 +248,8 @@ class WorkerRuntime:
         self.epoch = 0
         self.on_stage: Optional[Callable[[str, float], None]] = None
         """Called with (stage, seconds) after each unit's fetch and validate stages."""
+        self.fetched: dict[str, Counter] = {}
+        """Per unit running now, per class: candidates fetched so far (``in_flight``)."""
 
     async def start(self) -> None:
         """Open the fetcher and pool; check this worker can write the output."""
@@ -301,8 +303,17 @@ class WorkerRuntime:
 
     async def run(self, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         """Decide one unit's candidates; returns its report and the worker's events."""
-        report = await UnitRun(self, unit).run()
+        self.fetched[unit.uid] = Counter()
+        try:
+            report = await UnitRun(self, unit).run()
+        finally:
+            self.fetched.pop(unit.uid, None)
         return report, self.events()
+
+    def in_flight(self) -> dict[str, dict[str, int]]:
+        """Per unit running now, per class, its candidates fetched so far: a unit's images
+        are decided together at its end, so this is what moves while it runs."""
+        return {uid: dict(per_class) for uid, per_class in self.fetched.items() if per_class}
 
     async def flush(self) -> WorkerEvents:
         assert self.assembler is not None
@@ -483,7 +494,10 @@ class UnitRun:
             future.add_done_callback(lambda _: [fetcher.release(r) for r in batch])
             batches.append(future)
 
+        fetched = w.fetched.get(self.unit.uid, Counter())
+
         def arrived(record: Record) -> None:
+            fetched[record.label] += 1
             if record.rejected or record.data is None:
                 fetcher.release(record)
                 return

@@ -29,6 +29,8 @@ from builder.spec import DatasetSpec, load_spec, loads_spec, parse_spec
 log = logging.getLogger("pixcrawler")
 
 EXIT_FAILED, EXIT_USAGE, EXIT_EMPTY, EXIT_SHORTFALL, EXIT_CANCELLED = 1, 2, 3, 4, 130
+EXIT_PIPE = 141
+"""What a shell reports for a command that its pipe's reader closed early (128 + SIGPIPE)."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -75,6 +77,7 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
     elif not resume:
         job_id = job_id or new_job_id(spec)
     display = ProgressDisplay(job_id or "resume")
+    stop_request = None
     kwargs = dict(job_id=job_id, uri=uri, progress=display, resume=resume,
                   continuation=continuation, storage_options=_storage_options(uri))
     try:
@@ -95,6 +98,13 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
                          f", dashboard {info['dashboard_url']}" if info.get("dashboard_url")
                          else "")
                 result = asyncio.run(run_job_async(spec, install_signals=True, **kwargs))
+                if result.stats.get("partial_reason") == "cancelled" and \
+                        result.stats.get("cancelled_by") == "request":
+                    # A signal came from Ray's own stop (then Ray records STOPPED) or from
+                    # outside Ray; a request (the API, the progress actor) needs asking.
+                    from cluster.rayjob import stop_request as ray_job_stop_request
+
+                    stop_request = ray_job_stop_request()
             finally:
                 if info["started"]:
                     shutdown()
@@ -106,6 +116,14 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
               f"_PARTIAL). {empty_cause(result.stats)}", file=sys.stderr)
         return EXIT_EMPTY
     if result.partial:
+        if stop_request is not None:
+            # A Ray job cancelled on request: Ray records it as STOPPED only if its
+            # supervisor stops it (cluster/rayjob.py).
+            from cluster.rayjob import end_as_stopped
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            end_as_stopped(stop_request)
         return EXIT_CANCELLED
     if strict and result.stats.get("shortfall"):
         return EXIT_SHORTFALL
@@ -231,10 +249,39 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (unset, or a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def _with_help_formatter(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``HelpFormatter`` for the parser and every subcommand's parser below it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _with_help_formatter(child)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pixcrawler")
+    except PackageNotFoundError:
+        return "unknown (not installed; pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pixcrawler", description="Build image datasets on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"pixcrawler {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, help="what to do")
 
     def runner_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an "
@@ -265,12 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retry-failed", help="retry candidates rejected for transient reasons "
                        "(timeouts, 5xx, 429, connection errors) and merge what is accepted")
     r.add_argument("output", help="the dataset's URI")
-    r.add_argument("--job-id")
+    r.add_argument("--job-id", help="job id (default: <name>-<random>)")
     runner_args(r)
     r.set_defaults(func=cmd_retry_failed)
 
     c = sub.add_parser("check", help="validate a spec; print it with defaults filled in")
-    c.add_argument("spec")
+    c.add_argument("spec", help="the spec file (YAML or JSON)")
     c.add_argument("--engines", action="store_true", help="probe each source once: works / "
                    "blocked / needs a key / down / ended (exit 1 unless all work)")
     c.set_defaults(func=cmd_check)
@@ -290,30 +337,39 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=cmd_recheck)
 
     d = sub.add_parser("demo", help="build a small dataset from the sandbox web, offline")
-    d.add_argument("--output", default="./datasets/demo")
+    d.add_argument("--output", default="./datasets/demo", help="output URI")
     d.add_argument("--target", type=int, default=20, help="images per class")
-    d.add_argument("--classes", default="cat,dog,bird")
-    d.add_argument("--images-per-class", type=int, default=40)
+    d.add_argument("--classes", default="cat,dog,bird", help="comma-separated class names")
+    d.add_argument("--images-per-class", type=int, default=40,
+                   help="images the sandbox web holds per class")
     runner_args(d)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("sandbox", help="serve the sandbox web (search + images + faults)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8800)
-    s.add_argument("--classes", default="cat,dog,bird")
-    s.add_argument("--images-per-class", type=int, default=200)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8800, help="port to listen on")
+    s.add_argument("--classes", default="cat,dog,bird", help="comma-separated class names")
+    s.add_argument("--images-per-class", type=int, default=200,
+                   help="images served per class")
     s.set_defaults(func=cmd_sandbox)
     from serve.cli import add_commands
 
     add_commands(sub)
-    return p
+    return _with_help_formatter(p)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`pixcrawler check spec.yaml | head`): nothing more to say.
+        # stdout points at /dev/null from here, so the interpreter's last flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional
 import ray
 
 from actors import NAMESPACE
+from builder.errors import PixCrawlerError
 
 log = logging.getLogger("pixcrawler.connect")
 
@@ -67,13 +68,22 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         if address:
             if runtime_env:
                 common["runtime_env"] = runtime_env
+            check_reachable(address)
             ray.init(address=address, **common)
         else:
             common["runtime_env"] = runtime_env or SAME_PRIORITY_ENV
             # An embedded Ray on this machine only: token auth has nobody to keep out.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            recorded = recorded_head()
+            if recorded:
+                log.info("a Ray head is recorded on this machine (%s, by `ray start`): not "
+                         "joining it, starting an embedded Ray for this command; pass "
+                         "--address auto (or set RAY_ADDRESS) to run on that cluster", recorded)
+            # address="local": ray.init() with none would join the recorded head (and refuse
+            # num_cpus there, or fail on a stale record).
             with _loopback_node():
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=dashboard,
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
+                         include_dashboard=dashboard,
                          dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
                          _system_config=dict(EMBEDDED_SYSTEM_CONFIG), **common)
     ctx = ray.get_runtime_context()
@@ -87,6 +97,40 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         "started": started,
     }
     return info
+
+
+class ClusterUnreachable(PixCrawlerError):
+    """Nothing answers at the Ray address given (--address or RAY_ADDRESS)."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, saying what to do, when nothing listens at a ``host:port`` GCS address;
+    ray.init would retry for minutes, printing its own warnings. Other forms (``auto``,
+    ``ray://``) are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "--address"
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({source}): {exc.strerror or exc}. Start "
+            f"it (`ray start --head`), correct the address, or unset RAY_ADDRESS and leave "
+            "out --address to run on an embedded Ray") from None
+
+
+def recorded_head() -> Optional[str]:
+    """The address of the Ray head that ``ray start`` last recorded on this machine (it may
+    have stopped since), or None."""
+    from ray._private.utils import read_ray_address
+
+    try:
+        return read_ray_address() or None
+    except OSError:
+        return None
 
 
 @contextmanager

@@ -46,12 +46,11 @@ from builder.storage import is_local_uri, join, open_fs
 from builder.units import UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan
 from cluster.connect import connect
+from cluster.rayjob import JOB_CONFIG_ENV
 
 log = logging.getLogger("pixcrawler.coordinator")
 
 _LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray's job supervisor for the entrypoint of a job run with ``ray job submit``."""
 
 
 async def result(ref: Any) -> Any:
@@ -174,6 +173,22 @@ class RayExecutor:
     def cancel(self) -> None:
         for handle in self.handles:
             handle.cancel.remote()
+
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        """Every worker's ``in_flight``. The driver's loop waits for the answers, so they get
+        a quarter of a second: past it (a worker busy starting, or lost) the snapshot goes
+        without them."""
+        try:
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(result(h.in_flight.remote()) for h in self.handles),
+                               return_exceptions=True), 0.25)
+        except asyncio.TimeoutError:
+            return {}
+        merged: dict[str, dict[str, int]] = {}
+        for answer in answers:
+            if isinstance(answer, dict):
+                merged.update(answer)
+        return merged
 
     async def dedup_stats(self) -> dict[str, Any]:
         stats = await asyncio.gather(*(result(p.stats.remote()) for p in self.partitions),
@@ -348,7 +363,7 @@ def check_output_nodes(spec: DatasetSpec, uri: str, storage_options: Optional[di
 def check_job_output(uri: str) -> None:
     """Under ``ray job submit`` a relative local path would land in the job's working
     directory, which Ray deletes when the job ends."""
-    if is_local_uri(uri) and os.environ.get(SUBMITTED_JOB_ENV) is not None \
+    if is_local_uri(uri) and os.environ.get(JOB_CONFIG_ENV) is not None \
             and not os.path.isabs(os.path.expanduser(uri.removeprefix("file://"))):
         raise PlanningError(
             f"the output {uri!r} is a relative path, and this job runs under 'ray job submit', "

@@ -15,11 +15,11 @@ from builder.job import MAX_SEARCH_ERRORS
 
 def _table(snapshot: dict[str, Any], title: str) -> Table:
     t = Table(title=title, expand=False)
-    for col in ("class", "accepted / target", "candidates", "rejected"):
+    for col in ("class", "accepted / target", "candidates", "rejected", "fetched, deciding"):
         t.add_column(col, justify="right" if col != "class" else "left")
     for label, c in snapshot.get("classes", {}).items():
         t.add_row(label, f"{c['accepted']} / {c['target']}", str(c["candidates"]),
-                  str(c["rejected"]))
+                  str(c["rejected"]), str(c.get("in_flight", 0)))
     t.caption = (f"{snapshot.get('accepted', 0)} accepted, {snapshot.get('rejected', 0)} "
                  f"rejected of {snapshot.get('candidates', 0)} candidates · "
                  f"{snapshot.get('images_per_s', 0):.1f} images/s · "
@@ -54,7 +54,8 @@ class ProgressDisplay:
                              for k, c in snapshot.get("classes", {}).items())
         print(f"[{self.job_id}] {snapshot.get('accepted', 0)} accepted, "
               f"{snapshot.get('rejected', 0)} rejected, {snapshot.get('candidates', 0)} "
-              f"candidates, {snapshot.get('images_per_s', 0):.1f} img/s | {per_class}",
+              f"candidates, {snapshot.get('in_flight', 0)} fetched and being decided, "
+              f"{snapshot.get('images_per_s', 0):.1f} img/s | {per_class}",
               file=self.stream, flush=True)
 
     def close(self) -> None:

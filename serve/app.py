@@ -28,9 +28,10 @@ from typing import Any, AsyncIterator, Optional
 
 import ray
 import yaml
-from fastapi import FastAPI, Query, Request
+from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve as ray_serve
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,8 +51,8 @@ from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, Reconci
 from serve.policy import ApiPolicy, PolicyRefused, apply_policy
 from serve.samples import SampleCache
 from serve.schedule import Scheduler
-from serve.store import (STATES, TERMINAL, JobRow, JobStore, TooManyJobs, default_store_url,
-                         sqlite_path)
+from serve.store import (RANK, STATES, TERMINAL, JobRow, JobStore, TooManyJobs,
+                         default_store_url, later_state, sqlite_path)
 
 log = logging.getLogger("pixcrawler.serve")
 
@@ -127,7 +128,11 @@ class ServeSettings(BaseModel):
                                        "policy": self.policy.resolved(data_dir)})
 
 
-app = FastAPI(
+# FastAPIOffline: FastAPI whose /docs (Swagger UI) and /redoc pages load their scripts and
+# styles from the fastapi-offline package, served here under DOCS_ASSETS, not from a CDN.
+DOCS_ASSETS = "/docs/assets"
+app = FastAPIOffline(
+    static_url=DOCS_ASSETS,
     title="PixCrawler job API",
     version="1",
     description="Submit dataset specs, watch jobs build image datasets on Ray, browse results. "
@@ -217,8 +222,14 @@ def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
     """The JSON of a job: the store's row, with a running job's live progress over it."""
     live = live or {}
     stats = row.stats or live.get("stats")
-    progress = live.get("progress") or row.progress or {}
-    state = live.get("state") or row.state
+    # A state never moves back: the row (written by whoever saw the job last) may be further
+    # along than a live answer read a moment ago, or behind it; the later one wins, with its
+    # progress.
+    state = later_state(row.state, live.get("state") or row.state)
+    if live.get("state") == state and live.get("progress"):
+        progress = live["progress"]
+    else:
+        progress = row.progress or live.get("progress") or {}
     view: dict[str, Any] = {
         "id": row.id,
         "name": row.name,
@@ -247,6 +258,12 @@ def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
         view["links"] = {"self": f"/v1/jobs/{row.id}", "events": f"/v1/jobs/{row.id}/events",
                          "samples": f"/v1/jobs/{row.id}/samples"}
     return view
+
+
+def event_view(view: dict[str, Any]) -> dict[str, Any]:
+    """A job's view as the event stream sends it: without the spec (a few kB that never
+    change; GET /v1/jobs/{id} has it)."""
+    return {k: v for k, v in view.items() if k != "spec"}
 
 
 class _AnchorRefused(yaml.YAMLError):
@@ -477,6 +494,11 @@ class JobAPI:
             return row, None
         live = await self.reader.get(row.id)
         if live is not None and live.get("state") not in TERMINAL:
+            if RANK.get(live.get("state", ""), -1) > RANK[row.state]:
+                # A step forward (running, writing) is stored as soon as it is seen, so the
+                # job list, other replicas and a reader after the actor is gone never show
+                # an earlier state.
+                row = await asyncio.to_thread(self.reconciler.apply_live, row, live)
             return row, live
         if live is not None:
             row = await asyncio.to_thread(self.reconciler.apply_live, row, live)
@@ -653,8 +675,9 @@ class JobAPI:
         return JSONResponse(await self._current(row), status_code=202)
 
     @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: live progress",
-             description="`event: progress` with the job's JSON whenever it changes, then "
-                         "`event: end` when it ended. EventSource cannot send headers, so "
+             description="`event: progress` with the job's JSON (without its spec) once "
+                         "per change, then `event: end` with the final JSON when it ended; "
+                         "the state never goes back. EventSource cannot send headers, so "
                          "this route also takes the API key as `?key=`.")
     async def events(self, job_id: str, request: Request,
                      key: Optional[str] = Query(None, description="API key")) -> StreamingResponse:
@@ -665,20 +688,29 @@ class JobAPI:
                                           "X-Accel-Buffering": "no"})
 
     async def _stream(self, row: JobRow, principal: Principal) -> AsyncIterator[str]:
-        last, beat = "", time.monotonic()
+        """``progress`` once per change of the job (its ``updated_at`` alone is no change),
+        then ``end`` with the final view; never a state earlier than one already sent."""
+        last, beat, shown = None, time.monotonic(), row.state
         interval = self.settings.events_interval_s
         while True:
-            view = await self._current(row)
+            view = event_view(await self._current(row))
+            if later_state(view["state"], shown) != view["state"]:
+                # Read from a source a moment behind what was already sent: skip it.
+                await asyncio.sleep(interval)
+                row = await self._row(row.id, principal)
+                continue
+            shown = view["state"]
             data = json.dumps(view, separators=(",", ":"))
-            if data != last:
-                yield f"event: progress\ndata: {data}\n\n"
-                last, beat = data, time.monotonic()
-            elif time.monotonic() - beat > 15:
-                yield ": keep-alive\n\n"
-                beat = time.monotonic()
             if view["state"] in TERMINAL:
                 yield f"event: end\ndata: {data}\n\n"
                 return
+            change = {k: v for k, v in view.items() if k != "updated_at"}
+            if change != last:
+                yield f"event: progress\ndata: {data}\n\n"
+                last, beat = change, time.monotonic()
+            elif time.monotonic() - beat > 15:
+                yield ": keep-alive\n\n"
+                beat = time.monotonic()
             await asyncio.sleep(interval)
             row = await self._row(row.id, principal)
 

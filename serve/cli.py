@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from builder.ports import free_port
-from serve.store import JobStore, StoreError, default_store_url
+from serve.locations import default_store_url
 
 log = logging.getLogger("pixcrawler.serve")
 
@@ -37,6 +38,8 @@ def _when(ts: Optional[float]) -> str:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from serve.store import JobStore, StoreError
+
     try:
         store = JobStore(args.store)
         if args.keys_command == "create":
@@ -118,6 +121,7 @@ def settings_problems(args: argparse.Namespace) -> list[str]:
     from pydantic import ValidationError
 
     from serve.app import ServeSettings
+    from serve.store import JobStore, StoreError
 
     try:
         settings = ServeSettings.model_validate(serve_settings(args, None))
@@ -138,6 +142,29 @@ def settings_problems(args: argparse.Namespace) -> list[str]:
     except StoreError as exc:
         return [f"argument --store: {exc}"]
     return []
+
+
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why the API cannot listen on ``host:port`` (taken, not allowed, no such address), or
+    None. Checked before Ray starts, which takes seconds and would end in a long traceback.
+    Bound as the HTTP server binds (SO_REUSEADDR), so a port left in TIME_WAIT is free."""
+    import socket
+
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        return f"argument --host: cannot resolve {host!r}: {exc.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (f"argument --port: port {port} on {host} is in use by another "
+                        "program; pick a free one with --port")
+            return f"argument --port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def demo_example(base_url: str, target: int) -> dict[str, Any]:
@@ -236,6 +263,9 @@ def connect_with_jobs(address: Optional[str] = None, num_cpus: Optional[int] = N
 def cmd_serve(args: argparse.Namespace) -> int:
     use_haproxy(args.ingress, args.address)
     problems = settings_problems(args)
+    busy = port_problem(args.host, args.port)
+    if busy:
+        problems.append(busy)
     if problems:
         for line in problems:
             print(f"pixcrawler serve: error: {line}", file=sys.stderr)
@@ -283,7 +313,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``serve`` and ``keys`` to the ``pixcrawler`` parser's subcommands."""
     s = sub.add_parser("serve", help="run the HTTP job API and web page on Ray Serve")
     s.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
     s.add_argument("--demo", action="store_true",
                    help="also run the sandbox web; the page starts with a spec that uses it")
     s.add_argument("--target", type=int, default=20, help="--demo: images per class")
@@ -291,7 +321,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="no API keys (local use only: anyone reaching the port can run jobs)")
     s.add_argument("--store", default=default_store_url(),
                    help="job store: sqlite:////path/file.db or any SQLAlchemy URL "
-                        "(default: PIXCRAWLER_STORE, else ~/.pixcrawler/serve.db)")
+                        "(PIXCRAWLER_STORE sets the default)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an "
                    "embedded local Ray with its dashboard)")
     s.add_argument("--rate-limit", type=float, default=20.0,
@@ -313,13 +343,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "costs every request)")
     s.set_defaults(func=cmd_serve)
 
+    store_help = "job store URL (as for `pixcrawler serve`)"
     k = sub.add_parser("keys", help="create, list and revoke API keys of the job API")
-    k.add_argument("--store", default=default_store_url(),
-                   help="job store URL (as for `pixcrawler serve`)")
-    ks = k.add_subparsers(dest="keys_command", required=True)
+    k.add_argument("--store", default=default_store_url(), help=store_help)
+    ks = k.add_subparsers(dest="keys_command", required=True, help="what to do")
     create = ks.add_parser("create", help="create a key; prints it once")
     create.add_argument("name", help="who or what uses the key")
-    ks.add_parser("list", help="list keys (never their values)")
+    listing = ks.add_parser("list", help="list keys (never their values)")
     revoke = ks.add_parser("revoke", help="revoke a key by id or name")
-    revoke.add_argument("name_or_id")
+    revoke.add_argument("name_or_id", help="the key's id or name")
+    for command in (create, listing, revoke):
+        # `keys list --store X` as well as `keys --store X list`; unset, the value given
+        # before the command (or its default) stands.
+        command.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
     k.set_defaults(func=cmd_keys)

@@ -35,6 +35,7 @@ from builder.card import empty_cause
 from builder.errors import PixCrawlerError, StorageError
 from builder.storage import open_fs, storage_errors
 from builder.writers import PARTIAL, read_marker
+from cluster.rayjob import dashboard_address
 from serve.cache import ReadCache
 from serve.store import TERMINAL, JobRow, JobStore
 
@@ -60,18 +61,6 @@ class ClusterUnavailable(PixCrawlerError):
 class RayJob:
     status: str
     message: str = ""
-
-
-def dashboard_address() -> Optional[str]:
-    """The connected cluster's dashboard (job API) address, as Ray publishes it, or None."""
-    from ray._private import ray_constants
-    from ray.experimental import internal_kv
-
-    if not internal_kv._internal_kv_initialized():
-        return None
-    raw = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
-                                       namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
-    return f"http://{raw.decode()}" if raw else None
 
 
 def spec_env_text(spec: dict[str, Any]) -> str:

@@ -26,10 +26,24 @@ from typing import Any, Iterable, Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from serve.locations import default_store_url
+
 STATES = ("queued", "starting", "running", "writing", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset(STATES) - TERMINAL
 STARTED = ACTIVE - {"queued"}
+RANK = {state: rank for rank, state in enumerate(STATES[:4])} | {s: 4 for s in TERMINAL}
+"""How far along a state is: a job's state only ever moves forward."""
+
+
+def later_state(a: str, b: str) -> str:
+    """The one of two states that is further along (``a`` on a tie)."""
+    return b if RANK.get(b, -1) > RANK.get(a, -1) else a
+
+
+def states_before(state: str) -> list[str]:
+    """The active states a job may be in to move to ``state`` (itself included)."""
+    return [s for s in STATES if s in ACTIVE and RANK[s] <= RANK[state]]
 """Handed to Ray: the jobs that hold a share of the cluster (serve.schedule)."""
 KEY_PREFIX = "pxc_"
 
@@ -122,14 +136,6 @@ class JobRow:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
-
-
-def default_store_url() -> str:
-    """``PIXCRAWLER_STORE``, else a SQLite file in ``~/.pixcrawler``."""
-    url = os.environ.get("PIXCRAWLER_STORE")
-    if url:
-        return url
-    return f"sqlite:///{Path('~/.pixcrawler/serve.db').expanduser()}"
 
 
 def sqlite_path(url: str) -> Optional[Path]:
@@ -438,7 +444,9 @@ class JobStore:
                    error: Optional[str] = None, progress: Optional[dict[str, Any]] = None,
                    stats: Optional[dict[str, Any]] = None,
                    output_uri: Optional[str] = None) -> None:
-        """Change the given fields. A job that ended keeps its end state (the first wins)."""
+        """Change the given fields. A job that ended keeps its end state (the first wins), and
+        a state never moves back: an update that would (a reader that saw the job a moment
+        earlier) changes nothing, its progress included."""
         values: dict[str, Any] = {"updated_at": time.time()}
         if state is not None:
             if state not in STATES:
@@ -454,8 +462,9 @@ class JobStore:
             values["progress_json"] = _dumps(progress)
         if stats is not None:
             values["stats_json"] = _dumps(stats)
+        allowed = states_before(state) if state is not None else list(ACTIVE)
         query = (jobs_table.update().where(jobs_table.c.id == job_id)
-                 .where(jobs_table.c.state.in_(list(ACTIVE))).values(**values))
+                 .where(jobs_table.c.state.in_(allowed)).values(**values))
         with self.engine.begin() as conn:
             conn.execute(query)
         self._wrote()

@@ -104,6 +104,9 @@ class FakeExecutor:
     def cancel(self) -> None:
         self.cancelled = True
 
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        return {}
+
 
 def run(s, executor, resume: Optional[ResumeState] = None, **kw):
     planner = UnitPlanner(s, resume=resume)
@@ -281,12 +284,15 @@ def test_cancel_ends_in_flight_units_cancelled_and_stops_issuing():
         while runner.counts.accepted < 4:
             await asyncio.sleep(0)
         runner.cancel()
+        runner.cancel("SIGTERM")  # the first cause counts
         return await task
 
     outcome = asyncio.run(main())
     check_exact(outcome.stats)
     assert outcome.cancelled and executor.cancelled
     assert outcome.stats["accepted"] < 50
+    # Whether Ray must be asked to record the job stopped (cluster/rayjob.py) depends on it.
+    assert outcome.stats["cancelled_by"] == "request"
 
 
 @pytest.mark.parametrize("target", [1, 7])
@@ -302,3 +308,37 @@ def test_counts_take_back_a_report_exactly(target):
     counts.add(report, -1)
     assert counts.candidates == counts.accepted == counts.rejected == 0
     assert +counts.by_stage == Counter()
+
+
+class SlowUnitExecutor(FakeExecutor):
+    """A unit that takes a while, fetching one candidate after another, as a worker does."""
+
+    def __init__(self, *args, steps: int = 4, step_s: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps, self.step_s = steps, step_s
+        self.fetched: dict[str, Counter] = {}
+
+    async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        self.fetched[unit.uid] = Counter()
+        for _ in range(self.steps):
+            await asyncio.sleep(self.step_s)
+            self.fetched[unit.uid][unit.label] += 1
+        del self.fetched[unit.uid]
+        return await super().run(worker, unit)
+
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        return {uid: dict(c) for uid, c in self.fetched.items()}
+
+
+def test_progress_moves_while_a_unit_runs():
+    """A unit's images are decided together at its end; until then the progress says how many
+    of its candidates were fetched, a few times a second, not only when a unit ends."""
+    s = spec(target=2, classes={"cat": ["q1"]})
+    executor = SlowUnitExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok", "d.ok"]})
+    snaps: list[dict] = []
+    run(s, executor, progress=snaps.append, progress_every_s=0.05)
+    during = [snap["classes"]["cat"]["in_flight"] for snap in snaps
+              if snap["accepted"] == 0]
+    assert max(during) >= 2, during
+    assert snaps[-1]["classes"]["cat"]["in_flight"] == 0 and snaps[-1]["in_flight"] == 0
+    assert snaps[-1]["accepted"] == 2

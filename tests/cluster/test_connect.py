@@ -39,6 +39,18 @@ def test_embedded_workers_run_at_the_commands_priority(init_calls):
     assert kwargs["dashboard_host"] == "127.0.0.1"
 
 
+def test_a_dead_ray_address_fails_at_once_saying_what_to_do(init_calls, monkeypatch):
+    """ray.init would retry a GCS address nobody listens on for minutes."""
+    from builder.ports import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(connect_module.ClusterUnreachable, match="RAY_ADDRESS") as exc:
+        connect_module.connect(None)
+    assert address in str(exc.value) and "ray start --head" in str(exc.value)
+    assert init_calls == []
+
+
 def test_a_cluster_keeps_rays_priorities_unless_asked(init_calls):
     with pytest.raises(StopAfterInit):
         connect_module.connect("ray://head:10001")
@@ -178,3 +190,55 @@ def test_an_embedded_ray_listens_on_loopback_only(command):
     exposed = [entry for entry in listening if not _is_loopback(entry[2])]
     assert exposed == [], f"listening beyond loopback: {exposed}"
     assert result["node_ip"] == "127.0.0.1"
+
+
+def test_an_embedded_ray_never_joins_a_ray_recorded_on_the_machine(init_calls):
+    """``ray.init()`` with no address joins the cluster that ``ray start`` recorded in
+    ``/tmp/ray/ray_current_cluster`` (and then refuses num_cpus): an embedded Ray is asked for
+    with ``address="local"``, which always starts one."""
+    with pytest.raises(StopAfterInit):
+        connect_module.connect(None, num_cpus=2)
+    assert init_calls[0]["address"] == "local"
+
+
+RECORDED_HEAD_CHILD = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+from cluster.connect import connect, shutdown
+info = connect(None, num_cpus=1)
+print("MODE", info["mode"], info["started"])
+shutdown()
+"""
+
+
+def test_build_next_to_a_recorded_ray_head_starts_its_own_and_says_so(tmp_path):
+    """A head that `ray start` recorded on this machine (here a stale record, as a head that
+    has since died leaves): `pixcrawler build` / `demo` start their own Ray and say so in one
+    line, instead of Ray's raw ValueError about num_cpus."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from builder.ports import free_port
+
+    ray_tmp = tempfile.mkdtemp(prefix="pxrec", dir="/tmp")  # short: Ray's socket paths
+    os.makedirs(f"{ray_tmp}/ray")
+    recorded = f"127.0.0.1:{free_port()}"
+    Path(f"{ray_tmp}/ray/ray_current_cluster").write_text(recorded)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", RECORDED_HEAD_CHILD], env=env,
+                             capture_output=True, text=True, timeout=180,
+                             cwd=Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MODE embedded True" in out.stdout
+    said = [line for line in out.stderr.splitlines() if recorded in line]
+    assert len(said) == 1 and "--address auto" in said[0], out.stderr[-3000:]
+    assert "ValueError" not in out.stderr

@@ -1,4 +1,4 @@
-"""`ray job submit -- pixcrawler build spec.yaml` against a Ray head started by this test.
+"""`ray job submit` exactly as the README writes it, against a Ray head started by this test.
 
 The head runs with its own temp dir and free ports on 127.0.0.1 (auth disabled); the test
 stops exactly the processes it started (never `ray stop`, which would kill every Ray here).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def ray_head():
         "node-manager-port", "object-manager-port")}
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                RAY_metrics_report_interval_ms="1000", PIXCRAWLER_TEST_HEAD=tmpdir,
+               RAY_JOB_STOP_WAIT_TIME_S="60",  # as ray_cluster.yaml starts the head
                PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -74,6 +76,7 @@ def ray_head():
         _kill_tree(tmpdir)
         pytest.fail("Ray head dashboard did not come up")
     yield {"address": address, "env": env, "metrics": ports["metrics-export-port"],
+           "gcs": f"127.0.0.1:{ports['port']}",
            "client": f"ray://127.0.0.1:{ports['ray-client-server-port']}"}
     proc.send_signal(signal.SIGTERM)
     try:
@@ -83,41 +86,127 @@ def ray_head():
     _kill_tree(tmpdir)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_builds_the_dataset_and_exports_metrics(ray_head, sandbox, tmp_path):
-    out = tmp_path / "submitted"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_submit_command(address: str) -> list[str]:
+    """The README's `ray job submit` line, exactly, against this test's head."""
+    lines = [line.split("#", 1)[0].strip() for line in README.read_text().splitlines()
+             if line.startswith("ray job submit ")]
+    assert len(lines) == 1, lines
+    assert "http://HEAD:8265" in lines[0]
+    return shlex.split(lines[0].replace("http://HEAD:8265", address))
+
+
+def _project(tmp_path: Path, sandbox, out: Path, target: int, delay_s: float) -> Path:
+    """A folder holding spec.yaml, as a user's project folder would."""
     spec = {
-        "name": "submitted", "target": 6,
+        "name": "submitted", "target": target,
         "classes": {"cat": "cat", "dog": "dog"},
         "sources": [{"engine": "sandbox", "url": sandbox.base_url, "per_page": 10}],
         "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05,
-                     "allow_private_networks": True, "per_host_delay_s": 0.25},
+                     "allow_private_networks": True, "per_host_delay_s": delay_s},
         "output": {"uri": str(out)},
     }
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    submit = subprocess.Popen(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"],
-         "--submission-id", "pxc-submit-test", "--", "pixcrawler", "build", str(spec_path),
-         "--job-id", "submitted-1"],
-        env=ray_head["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen_metric = False
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return project
+
+
+def _submit(ray_head, project: Path, extra: list[str] = ()) -> subprocess.Popen:
+    command = readme_submit_command(ray_head["address"])
+    if extra:
+        command = command[:command.index("--")] + list(extra) + command[command.index("--"):]
+    return subprocess.Popen(command, cwd=project, env=ray_head["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_as_the_readme_writes_it_builds_the_dataset_and_exports_metrics(
+        ray_head, sandbox, tmp_path):
+    """The README's command, run in the folder that holds spec.yaml: the job gets the folder
+    (--working-dir .), builds the dataset, and its metrics show on the head's Prometheus
+    endpoint under the names the README and the Grafana dashboard use."""
+    from actors.metrics import exported_series
+
+    out = tmp_path / "submitted"
+    submit = _submit(ray_head, _project(tmp_path, sandbox, out, 6, 0.25))
+    seen: set[str] = set()
     metrics_url = f"http://127.0.0.1:{ray_head['metrics']}/metrics"
     while submit.poll() is None:
         try:
             body = urllib.request.urlopen(metrics_url, timeout=2).read().decode()
-            if 'pixcrawler_accepted' in body and 'job="submitted-1"' in body:
-                seen_metric = True
+            seen.update(line.split("{", 1)[0] for line in body.splitlines()
+                        if line.startswith("ray_pixcrawler_"))
         except OSError:
             pass
         time.sleep(0.5)
     output = submit.stdout.read()
     assert submit.returncode == 0, output
-    assert "succeeded" in output and "submitted-1" in output
+    assert "succeeded" in output
     stats = check_accounting(str(out))
     assert stats["runner"] == "ray" and stats["accepted"] == 12
     assert json.loads((out / "_SUCCESS").read_text())
-    assert seen_metric, "pixcrawler_accepted{job=submitted-1} never showed on the metrics endpoint"
+    assert seen == set(exported_series()), seen ^ set(exported_series())
+
+
+CANCEL = """
+import sys, time, ray
+from actors import NAMESPACE
+from actors.progress import cancel_job
+ray.init(address=sys.argv[1], namespace=NAMESPACE, log_to_driver=False)
+deadline = time.time() + 60
+while not cancel_job(sys.argv[2], "test") and time.time() < deadline:
+    time.sleep(0.5)  # its progress actor starts a moment after its journal
+print(time.time() < deadline)
+"""
+
+
+def _job_info(ray_head, submission_id: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ray_head["address"]).get_job_info(submission_id)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["progress actor", "ray job stop"])
+def test_a_cancelled_job_shows_as_stopped_and_writes_a_partial_dataset(ray_head, sandbox,
+                                                                       tmp_path, how):
+    """Ray records a job STOPPED only when its supervisor stopped it: a job cancelled through
+    its progress actor (as the HTTP API does) ends by asking for that; `ray job stop` does it
+    directly. Either way what was accepted is written, marked _PARTIAL."""
+    out = tmp_path / "cancelled"
+    sid = f"pxc-cancel-{how.replace(' ', '-')}"
+    submit = _submit(ray_head, _project(tmp_path, sandbox, out, 200, 0.3),
+                     ["--submission-id", sid, "--no-wait"])
+    assert submit.wait(timeout=120) == 0, submit.stdout.read()
+    deadline = time.time() + 240
+    journals: list[Path] = []
+    while time.time() < deadline and not journals:  # the job has started: its journal is there
+        journals = [p for p in (out / "_journal").glob("*") if any(p.iterdir())] \
+            if (out / "_journal").is_dir() else []
+        time.sleep(0.5)
+    assert journals, _job_info(ray_head, sid)
+    time.sleep(2)
+    if how == "ray job stop":
+        stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address",
+                               ray_head["address"], sid], env=ray_head["env"],
+                              capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+    else:
+        cancel = subprocess.run([sys.executable, "-c", CANCEL, ray_head["gcs"],
+                                 journals[0].name], env=ray_head["env"], capture_output=True,
+                                text=True, timeout=120)
+        assert cancel.stdout.strip().endswith("True"), cancel.stdout + cancel.stderr
+    while time.time() < deadline:
+        info = _job_info(ray_head, sid)
+        if info.status.is_terminal():
+            break
+        time.sleep(0.5)
+    assert info.status.value == "STOPPED", (info.status, info.message)
+    assert (out / "_PARTIAL").exists() and not (out / "_SUCCESS").exists()
+    assert json.loads((out / "stats.json").read_text())["partial_reason"] == "cancelled"
 
 
 @pytest.mark.slow

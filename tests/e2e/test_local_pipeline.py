@@ -202,3 +202,15 @@ def test_a_relabelled_image_is_counted_once_under_its_new_class(sandbox, tmp_pat
     moved = sum(r["images"] for r in stats["relabelled"] if (r["from"], r["to"]) == ("cat",
                                                                                         "dog"))
     assert moved > 0 and result.stats["relabelled"] == stats["relabelled"]
+
+
+def test_progress_counts_fetched_images_before_their_unit_ends(sandbox, tmp_path):
+    """With a gap between requests to the host a unit takes seconds; its fetched candidates
+    show in the progress (``in_flight``) while it runs, before any is accepted."""
+    spec = sandbox_spec(sandbox, str(tmp_path / "out"), target=4, classes=("cat",),
+                        download={"per_host_delay_s": 0.15})
+    snaps: list[dict] = []
+    run_local(spec, progress=snaps.append)
+    early = [s["in_flight"] for s in snaps if s["accepted"] == 0]
+    assert early and max(early) >= 2, [(s["accepted"], s["in_flight"]) for s in snaps]
+    assert snaps[-1]["accepted"] == 4 and snaps[-1]["in_flight"] == 0

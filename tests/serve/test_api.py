@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +35,13 @@ def test_healthz_and_openapi(serve_app):
     spec = serve_app.call("GET", "/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
             "/v1/jobs/{job_id}/samples", "/healthz"} <= set(spec["paths"])
-    assert serve_app.call("GET", "/docs").status_code == 200
+    docs = serve_app.call("GET", "/docs")
+    assert docs.status_code == 200
+    # Offline: every script and style sheet of the page comes from this server.
+    assets = re.findall(r"(?:src|href)=['\"]?(/docs/assets/[\w.-]+)", docs.text)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        assert serve_app.call("GET", asset).status_code == 200, asset
 
 
 def test_the_serving_path_runs_at_normal_priority(serve_app):
@@ -61,6 +68,13 @@ def test_job_runs_to_succeeded_with_live_events(serve_app, finished):
     assert "starting" in states or "running" in states
     accepted = [d["progress"].get("accepted", 0) for _, d in events]
     assert accepted == sorted(accepted) and accepted[-1] == 9
+    # The state only moves forward; each event is a change, and none carries the spec.
+    from serve.store import RANK
+
+    assert [RANK[s] for s in states] == sorted(RANK[s] for s in states)
+    assert all("spec" not in d for _, d in events)
+    changes = [{k: v for k, v in d.items() if k != "updated_at"} for _, d in events]
+    assert all(a != b for a, b in zip(changes, changes[1:-1]))
 
 
 def test_finished_job_status_has_classes_rejects_and_output(serve_app, finished):

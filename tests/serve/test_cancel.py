@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
+import time
+from pathlib import Path
+
 from builder.writers import read_marker
+from serve.jobs import JobLauncher
 from tests.serve.conftest import job_spec
 
 
@@ -36,3 +41,10 @@ def test_second_job_over_the_cap_gets_429_then_cancel_writes_a_partial_result(se
     assert marker is not None and marker["marker"] == "_PARTIAL"
     listed = serve_app.call("GET", "/v1/jobs", key, params={"state": "cancelled"}).json()
     assert [j["id"] for j in listed["jobs"]] == [job_id]
+    # The dashboard's Jobs view says STOPPED, not FAILED ("exit code 130").
+    launcher = JobLauncher(Path(tempfile.gettempdir()))
+    deadline = time.time() + 60
+    while (status := launcher.status(job_id)).status in ("PENDING", "RUNNING") and \
+            time.time() < deadline:
+        time.sleep(0.5)
+    assert status.status == "STOPPED", status

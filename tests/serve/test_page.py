@@ -60,6 +60,10 @@ def test_page_submits_the_example_and_shows_it_finish(serve_app, page):
     page.click("#submit")
     page.wait_for_selector("#job-state[data-state='running'], #job-state[data-state='writing'], "
                            "#job-state[data-state='succeeded']", timeout=90_000)
+    # The jobs list shows the open job as its panel does (not 'starting' while it writes).
+    shown = page.evaluate("() => [document.querySelector('#job-state').dataset.state, "
+                          "document.querySelector('#jobs tbody tr .state').textContent]")
+    assert shown[0] == shown[1], shown
     page.wait_for_selector("#job-state[data-state='succeeded']", timeout=120_000)
     bars = page.locator("#classes .class-row em").all_inner_texts()
     assert bars == ["3 / 3", "3 / 3", "3 / 3"]

@@ -50,6 +50,23 @@ def test_an_ended_job_keeps_its_end_state(url):
         store.update_job("j", state="done")
 
 
+def test_a_jobs_state_never_moves_back(url):
+    """A reader that saw the job a moment earlier (running) writes after one that saw it
+    writing: its state and progress are dropped, other fields still change."""
+    store = JobStore(url)
+    store.create_job("j", "o", "ds", {}, "/out")
+    store.update_job("j", state="running", progress={"accepted": 71})
+    store.update_job("j", state="writing", progress={"accepted": 150})
+    store.update_job("j", state="running", progress={"accepted": 80})
+    store.update_job("j", state="starting")
+    store.update_job("j", ray_status="RUNNING")
+    row = store.get_job("j")
+    assert (row.state, row.progress, row.ray_status) == ("writing", {"accepted": 150},
+                                                         "RUNNING")
+    store.update_job("j", state="succeeded")
+    assert store.get_job("j").state == "succeeded"
+
+
 def test_keys_are_stored_hashed_and_can_be_revoked(url, tmp_path):
     store = JobStore(url)
     plaintext, key = store.create_key("ci")

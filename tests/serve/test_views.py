@@ -5,6 +5,8 @@ job has any progress, and those are the labels GET /v1/jobs/{id}/samples takes."
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -65,3 +67,87 @@ def test_a_flat_spec_and_an_unreadable_one_still_show_their_classes():
                  spec={"name": "old", "target": 3, "classes": {"a": {"target": 1}, "b": {}},
                        "retired_option": True})
     assert spec_classes(odd) == {"a": 1, "b": 3}
+
+
+def test_the_view_takes_the_state_further_along_with_its_progress():
+    """The row says writing (stored when seen); a live answer read a moment earlier still says
+    running: the view says writing, with the row's figures, never running 71/188."""
+    row = stored_row(yaml.safe_load(ZOO), "zoo-00000003")
+    row.state, row.progress = "writing", {"accepted": 150, "candidates": 188}
+    live = {"state": "running", "progress": {"accepted": 71, "candidates": 188}}
+    view = job_view(row, live)
+    assert view["state"] == "writing" and view["progress"]["accepted"] == 150
+    row.state = "running"
+    live = {"state": "writing", "progress": {"accepted": 160, "candidates": 188}}
+    view = job_view(row, live)
+    assert view["state"] == "writing" and view["progress"]["accepted"] == 160
+
+
+def _stream_of(views: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """What GET /v1/jobs/{id}/events sends while the job's view goes through ``views``."""
+    import asyncio
+    import json
+
+    from serve.app import JobAPI
+
+    row = stored_row(yaml.safe_load(ZOO), "zoo-00000004")
+    answers = iter(views)
+
+    async def current(_row: JobRow) -> dict[str, Any]:
+        return next(answers)
+
+    async def reread(_job_id: str, _principal: Any) -> JobRow:
+        return row
+
+    fake = SimpleNamespace(settings=SimpleNamespace(events_interval_s=0.0), _current=current,
+                           _row=reread)
+
+    async def collect() -> list[str]:
+        return [chunk async for chunk in JobAPI.func_or_class._stream(fake, row, None)]
+
+    events = []
+    for chunk in asyncio.run(collect()):
+        if chunk.startswith("event: "):
+            name, data = chunk.split("\n")[:2]
+            events.append((name[len("event: "):], json.loads(data[len("data: "):])))
+    return events
+
+
+def test_the_event_stream_sends_each_change_once_without_the_spec_and_never_goes_back():
+    row = stored_row(yaml.safe_load(ZOO), "zoo-00000005")
+    base = job_view(row)
+    assert "spec" in base
+
+    def at(state: str, accepted: int, updated: float) -> dict[str, Any]:
+        return {**base, "state": state, "updated_at": updated,
+                "progress": {"accepted": accepted}}
+
+    events = _stream_of([at("running", 1, 1.0), at("running", 1, 2.0), at("running", 5, 3.0),
+                         at("writing", 9, 4.0), at("running", 7, 5.0),
+                         at("succeeded", 9, 6.0)])
+    assert [(name, e["state"], e["progress"]["accepted"]) for name, e in events] == [
+        ("progress", "running", 1), ("progress", "running", 5), ("progress", "writing", 9),
+        ("end", "succeeded", 9)]
+    assert all("spec" not in e for _, e in events)
+
+
+def test_the_docs_pages_need_nothing_from_the_internet():
+    """Swagger UI's and ReDoc's files come from the fastapi-offline package, served under
+    /docs/assets."""
+    import asyncio
+    import re
+
+    from starlette.routing import Mount, Route
+
+    from serve.app import DOCS_ASSETS, app
+
+    mount = next(r for r in app.routes if isinstance(r, Mount) and r.path == DOCS_ASSETS)
+    for path in ("/docs", "/redoc"):
+        route = next(r for r in app.routes if isinstance(r, Route) and r.path == path)
+        request = SimpleNamespace(scope={"root_path": ""})
+        html = asyncio.run(route.endpoint(request)).body.decode()
+        assert not re.search(r"(src|href)=[\"']?https?://", html), html
+        files = re.findall(rf"{DOCS_ASSETS}/([\w.-]+)", html)
+        assert any(f.endswith(".js") for f in files), html
+        for name in files:
+            assert (Path(mount.app.directory) / name).is_file(), name

@@ -1,0 +1,142 @@
+"""The ``pixcrawler`` command line as a shell user meets it (no Ray started here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import EXIT_USAGE, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = {"name": "tiny", "classes": {"cat": None},
+        "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:9"}]}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+
+
+def _parsers(parser: argparse.ArgumentParser, path: str = "pixcrawler"):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, f"{path} {name}")
+
+
+def test_every_option_has_help_and_help_shows_the_defaults():
+    missing = []
+    for path, parser in _parsers(build_parser()):
+        assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter), path
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction,
+                                   argparse._SubParsersAction)):
+                continue
+            if not action.help:
+                missing.append(f"{path} {action.option_strings or action.dest}")
+    assert missing == []
+    demo = dict(_parsers(build_parser()))["pixcrawler demo"].format_help()
+    assert "(default: 20)" in " ".join(demo.split())
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pixcrawler {version('pixcrawler')}"
+
+
+def test_keys_takes_store_before_or_after_its_command(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    assert main(["keys", "create", "alice", "--store", url]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "--store", url]) == 0
+    assert "alice" in capsys.readouterr().out
+    assert main(["keys", "--store", url, "list"]) == 0
+    assert "alice" in capsys.readouterr().out
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line_before_starting_ray(monkeypatch, capsys,
+                                                                       tmp_path):
+    import socket
+
+    import serve.cli
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("started Ray with the port taken")
+
+    monkeypatch.setattr(serve.cli, "connect_with_jobs", must_not_run)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--no-auth", "--port", str(port),
+                     "--store", f"sqlite:///{tmp_path / 's.db'}"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"port {port}" in err[0] and "in use" in err[0], err
+
+
+def test_check_piped_into_head_ends_quietly(tmp_path):
+    """The reader closes the pipe before the spec is printed: no BrokenPipeError traceback."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "check", str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            cwd=ROOT)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode != 0
+
+
+IMPORTS = """
+import atexit, json, sys
+from cluster.cli import main
+SERVING = {"sqlalchemy", "ray", "fastapi", "starlette", "uvicorn", "serve"}
+COMMANDS = {"serve", "serve.cli", "serve.locations"}  # the serve/keys options only
+def report():
+    loaded = sorted(m for m in sys.modules
+                    if m.split(".")[0] in SERVING and m not in COMMANDS)
+    print("MODULES " + json.dumps(loaded), file=sys.stderr)
+atexit.register(report)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["check", "build --local", "help"])
+def test_check_and_local_build_do_not_import_the_serving_stack_or_ray(tmp_path, command):
+    """cluster/cli.py adds the serve and keys commands from serve/cli.py, which must not pull
+    in the job store (SQLAlchemy), the API (FastAPI) or Ray: half a second of start-up."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "download": {"timeout_s": 0.5, "retries": 0,
+                                                         "allow_private_networks": True},
+                                    "output": {"uri": str(tmp_path / "out")}}))
+    args = {"check": ["check", str(spec)], "build --local": ["build", "--local", str(spec)],
+            "help": ["--help"]}[command]
+    out = subprocess.run([sys.executable, "-c", IMPORTS, *args], capture_output=True,
+                         text=True, env=_env(), cwd=ROOT, timeout=120)
+    line = [x for x in out.stderr.splitlines() if x.startswith("MODULES ")]
+    assert line, out.stderr[-2000:]
+    assert json.loads(line[-1][len("MODULES "):]) == []
+
+
+def test_rebuilding_onto_a_complete_dataset_names_the_overwrite_flag(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_SUCCESS").write_text(json.dumps({"job_id": "old", "created": "2026-01-01"}))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "output": {"uri": str(out)}}))
+    assert main(["build", "--local", str(spec)]) != 0
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
