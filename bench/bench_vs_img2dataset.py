@@ -1,30 +1,35 @@
 """PixCrawler against img2dataset on the same URL list from a loopback corpus.
 
-A separate process (``bench/loopback.py``) serves the sandbox web's benchmark pictures (N
-distinct ~40 KB 512x384 JPEGs, rendered once into a cached pack under bench/out/) on a free
-127.0.0.1 port; every URL is fetched once first, so both tools see the same warm server.
-The same URL list (one URL a line) then goes through both tools, each run as a whole command in a
-subprocess and timed from outside:
+A separate process (``bench/loopback.py``) serves the corpus on a free 127.0.0.1 port: by
+default (``--corpus photos``) N distinct 512x384 JPEG crops of real photographs
+(``bench/photo_corpus.py``, ~32 KB at quality 85), or with ``--corpus generated`` the sandbox
+web's generated benchmark pictures; either is built once into a cached pack under bench/out/.
+Every URL is fetched once first, so all tools see the same warm server. The same URL list (one
+URL a line) then goes through each tool (``--tools``), each run as a whole command in a
+subprocess and timed from outside, the tools in the same order every round (interleaved):
 
-- PixCrawler: ``pixcrawler build spec.yaml`` on an embedded local Ray (Ray start-up included),
-  validation ``medium`` (full decode check, sha256, pHash/dHash, exact + near-duplicate dedup),
+- ``pxc``: ``pixcrawler build spec.yaml``, the default command (it chooses its runner: this
+  process on a machine of up to 4 cores), this checkout's code (PYTHONPATH); validation
+  ``medium`` (full decode check, sha256, pHash/dHash, exact + near-duplicate dedup),
   robots.txt and opt-out headers respected, Parquet output only.
-- img2dataset (its own venv, see ``setup_img2dataset.sh``): ``--resize_mode no --output_format
-  parquet``, 2 processes, sha256 (its default). ``--i2d-mode issue`` (default) passes those
-  flags and nothing that changes the work, as the issue asks: img2dataset then decodes every
-  image (OpenCV) and re-encodes it as JPEG, quality 95. ``--i2d-mode raw`` adds
-  ``--disable_all_reencoding True``: bytes kept as fetched, no decode at all, img2dataset's
-  fastest path and the strictest comparison. ``--i2d-mode decode`` adds ``--skip_reencode True``
-  instead: each image is decoded but written unchanged, the work closest to PixCrawler's.
-  img2dataset does not read robots.txt (it honours X-Robots-Tag headers only).
-  ``--number_sample_per_shard 1000``: its default (10,000) would put all 4,000 URLs in one
-  shard, i.e. one of its 2 processes.
-- with ``--with-local``, also ``pixcrawler build --local``: the same pipeline in one process
-  without Ray, which shows what the Ray layer itself costs.
+- ``pxc-ray``: the same with ``--ray`` (an embedded local Ray); ``pxc-local``: ``--local``.
+- ``i2d`` (its own venv, see ``setup_img2dataset.sh``): ``--resize_mode no --output_format
+  parquet``, one process per core, sha256 (its default), nothing that changes the work, as the
+  issue asks: img2dataset then decodes every image (OpenCV) and re-encodes it as JPEG, quality
+  95. ``i2d-raw`` adds ``--disable_all_reencoding True``: bytes kept as fetched, no decode at
+  all, img2dataset's fastest path. ``i2d-decode`` adds ``--skip_reencode True`` instead: each
+  image is decoded but written unchanged. img2dataset does not read robots.txt (it honours
+  X-Robots-Tag headers only). ``--number_sample_per_shard 1000``: its default (10,000) would
+  put all 4,000 URLs in one shard, i.e. one of its processes.
 
-Each tool gets the same 2 cores (the machine's; img2dataset ``--processes_count 2``, the embedded
-Ray sized to ``os.cpu_count()``). The CPU seconds of the whole tree are reported next to the wall
-time: on a shared machine they move much less than the wall time does.
+Speed ratios are per round (their wall time over ours for the same N URLs), then the median.
+The limit (``bench/work_floor.py``, in its own process before and after the runs) is the CPU
+per image no build avoids (fetch, decode + signatures + sha256, Parquet) in one process, times
+the cores. ``--fixed-runs K`` first times the default command and ``--ray`` on a one-image job.
+
+Each tool gets the machine's cores (img2dataset ``--processes_count`` = cores, the embedded
+Ray sized to ``os.cpu_count()``). The CPU seconds of the whole tree are reported next to the
+wall time: on a shared machine they move much less than the wall time does.
 
 Peak memory is that of the whole process tree, sampled from /proc: every descendant of the
 command, and for PixCrawler also every process whose command line names the run's own
@@ -35,13 +40,14 @@ it for a dozen Ray processes costs about 55 ms of CPU, which every 0.2 s took a 
 core from the tool being measured. The monitor's own CPU is printed with each run.
 
     bash bench/setup_img2dataset.sh                       # once
-    .venv/bin/python bench/bench_vs_img2dataset.py [--n 4000] [--runs 3] [--skip-i2d]
-        [--with-local] [--i2d-mode issue|raw|decode] [--batch-size B --hash-cpus C ...]
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_vs_img2dataset.py [--n 4000] [--runs 3]
+        [--corpus photos|generated] [--tools pxc,pxc-ray,i2d,i2d-raw] [--fixed-runs 3]
+        [--no-floor] [--batch-size B --workers W ...]
 
-Outputs, logs (bench/out/logs/, with each PixCrawler run's Ray session logs), the spec, the URL
-list and bench_vs_img2dataset.json go under bench/out/ (git-ignored). For PixCrawler the phases
-(start-up + ray.init, planning, crawl, write, exit) come from its log's timestamps and
-stats.json's started/finished.
+Outputs, logs (bench/out/logs/, with each ``--ray`` run's Ray session logs), the spec, the URL
+list and bench_vs_img2dataset_<corpus>_<n>.json go under bench/out/ (git-ignored). For
+PixCrawler the phases (start-up + ray.init, planning, crawl, write, exit) come from its log's
+timestamps and stats.json's started/finished.
 """
 
 from __future__ import annotations
@@ -71,12 +77,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loopback import corpus_pack  # noqa: E402
+from photo_corpus import photo_pack  # noqa: E402
 from builder.ports import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 I2D_BIN = OUT / "i2d-venv" / "bin" / "img2dataset"
-PXC_BIN = ROOT / ".venv" / "bin" / "pixcrawler"
+PXC_BIN = Path(sys.executable).parent / "pixcrawler"  # run with PYTHONPATH=<this checkout>
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -85,10 +92,11 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 
-def start_server(n: int, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(corpus: str, n: int, port: int, log_path: Path) -> subprocess.Popen:
     """The loopback corpus server in its own process (``bench/loopback.py``), serving ``n``
-    benchmark JPEGs rendered once into a cached pack."""
-    pack, _ = corpus_pack(n)
+    JPEGs from a cached pack: crops of real photos (``photo_corpus``) or the sandbox's
+    generated pictures (``loopback.corpus_pack``)."""
+    pack, _ = photo_pack(n) if corpus == "photos" else corpus_pack(n)
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback.py"), str(pack),
                                  str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -334,8 +342,8 @@ def run_command(cmd: list[str], env: dict[str, str], log_path: Path, server_pid:
 def pxc_spec(n: int, urls: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The PixCrawler spec: one class, the URL list as its only source, Parquet only."""
     resources: dict[str, Any] = {}
-    for key in ("batch_size", "download_actors", "hash_actors", "hash_cpus", "download_cpus",
-                "max_in_flight_batches", "search_workers", "write_cpus"):
+    for key in ("workers", "worker_cpus", "batch_size", "max_in_flight_batches",
+                "max_buffered_mb", "dedup_partitions"):
         value = getattr(args, key)
         if value is not None:
             resources[key] = value
@@ -356,51 +364,59 @@ def pxc_spec(n: int, urls: Path, out: Path, args: argparse.Namespace) -> dict[st
     }
 
 
-def run_pixcrawler(run: int, spec_path: Path, out: Path, server_pid: int,
-                   timeout_s: float, local: bool = False) -> RunResult:
-    """``pixcrawler build`` on an embedded Ray, or with ``local`` in one process (``--local``:
-    the same pipeline code without Ray, to show what the Ray layer costs)."""
-    tool = "pxc-local" if local else "pixcrawler"
+PXC_FLAGS = {"pxc": [], "pxc-ray": ["--ray"], "pxc-local": ["--local"]}
+"""PixCrawler's commands: the default (the runner it chooses: in this process on a machine of
+up to 4 cores), Ray forced, this process forced."""
+
+
+def run_pixcrawler(tool: str, run: int, spec_path: Path, out: Path, server_pid: int,
+                   timeout_s: float) -> RunResult:
+    """``pixcrawler build spec.yaml`` with the flags of ``tool`` (``PXC_FLAGS``), this
+    checkout's code (PYTHONPATH), its own RAY_TMPDIR when it starts Ray."""
     shutil.rmtree(out, ignore_errors=True)
     ray_tmp = Path(tempfile.mkdtemp(prefix="pxcb-", dir="/tmp"))  # short: Ray's socket paths
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
+           "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(PXC_BIN), "build", str(spec_path), "--output", str(out)] + (
-        ["--local"] if local else [])
-    log_path = OUT / "logs" / f"{tool}-run{run}.log"
+    cmd = [str(PXC_BIN), "build", str(spec_path), "--output", str(out)] + PXC_FLAGS[tool]
+    log_path = OUT / "logs" / f"{tool}-{spec_path.stem}-run{run}.log"
     wall, code, tree, server_cpu = run_command(cmd, env, log_path, server_pid, timeout_s,
                                                marker=str(ray_tmp))
     stats = _json(out / "stats.json")
     images = int(stats.get("accepted", 0))
     detail = {"stats": stats, "rows": _parquet_rows(out / "data"), "cmd": shlex.join(cmd),
               "ray_tmp": str(ray_tmp), "phases": pxc_phases(log_path, stats, wall)}
-    if not local:
-        _keep_ray_logs(ray_tmp, OUT / "logs" / f"{tool}-run{run}-ray")
+    if tool == "pxc-ray":
+        _keep_ray_logs(ray_tmp, OUT / "logs" / f"{tool}-{spec_path.stem}-run{run}-ray")
     shutil.rmtree(ray_tmp, ignore_errors=True)
     return RunResult(tool, run, wall, images, code, tree, server_cpu, log_path, detail)
 
 
-def i2d_command(urls: Path, out: Path, args: argparse.Namespace) -> list[str]:
+I2D_MODES = {"i2d": "issue", "i2d-raw": "raw", "i2d-decode": "decode"}
+
+
+def i2d_command(urls: Path, out: Path, mode: str, args: argparse.Namespace) -> list[str]:
     cmd = [str(I2D_BIN), "--url_list", str(urls), "--input_format", "txt",
            "--output_folder", str(out), "--output_format", "parquet", "--resize_mode", "no",
-           "--processes_count", "2", "--thread_count", str(args.i2d_threads),
+           "--processes_count", str(os.cpu_count() or 2),
+           "--thread_count", str(args.i2d_threads),
            "--number_sample_per_shard", str(args.i2d_shard), "--timeout", "10",
            "--retries", "0", "--enable_wandb", "False"]
-    if args.i2d_mode == "raw":
+    if mode == "raw":
         cmd += ["--disable_all_reencoding", "True"]
-    elif args.i2d_mode == "decode":
+    elif mode == "decode":
         cmd += ["--skip_reencode", "True"]
     return cmd
 
 
-def run_img2dataset(run: int, urls: Path, out: Path, server_pid: int,
+def run_img2dataset(tool: str, run: int, urls: Path, out: Path, server_pid: int,
                     args: argparse.Namespace) -> RunResult:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
            "PYTHONUNBUFFERED": "1"}
-    cmd = i2d_command(urls, out, args)
-    log_path = OUT / "logs" / f"i2d-run{run}.log"
+    env.pop("PYTHONPATH", None)
+    cmd = i2d_command(urls, out, I2D_MODES[tool], args)
+    log_path = OUT / "logs" / f"{tool}-run{run}.log"
     wall, code, tree, server_cpu = run_command(cmd, env, log_path, server_pid, args.timeout)
     successes = failures = 0
     for path in sorted(out.glob("*_stats.json")):
@@ -409,8 +425,7 @@ def run_img2dataset(run: int, urls: Path, out: Path, server_pid: int,
         failures += int(st.get("failed_to_download", 0)) + int(st.get("failed_to_resize", 0))
     detail = {"failures": failures, "rows": _parquet_rows(out, success_only=True),
               "cmd": shlex.join(cmd)}
-    return RunResult("img2dataset", run, wall, successes, code, tree, server_cpu, log_path,
-                     detail)
+    return RunResult(tool, run, wall, successes, code, tree, server_cpu, log_path, detail)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -457,9 +472,9 @@ def _stamp(line: str) -> Optional[float]:
 def pxc_phases(log_path: Path, stats: dict[str, Any], wall: float) -> dict[str, float]:
     """Seconds per phase, from the job log's timestamps and stats.json's started/finished.
 
-    start-up (Python imports, spec), ray.init, planning (pools, actors), crawl (search + fetch +
-    validate + dedup: the JobRunner), write (Ray Data shards, manifests, publish), exit
-    (Ray shutdown and interpreter exit).
+    start-up (Python imports, spec) + ray.init (for the in-process runner: until it says so),
+    planning (pools, actors), crawl (search + fetch + validate + dedup + shard writes), write
+    (manifests, publish), exit (Ray shutdown and interpreter exit).
     """
     lines = log_path.read_text(errors="replace").splitlines()
     began = re.match(r"^# (\S+) ", lines[0]) if lines else None
@@ -469,14 +484,12 @@ def pxc_phases(log_path: Path, stats: dict[str, Any], wall: float) -> dict[str, 
         t = _stamp(line)
         if t is None:
             continue
-        if "Ray embedded" in line or "Ray cluster" in line:
+        if "Ray embedded" in line or "Ray cluster" in line or "running in this process" in line:
             marks["ray_up"] = t
-        elif "] starting:" in line:
-            marks["planned"] = t
         elif re.search(r"\] (succeeded|cancelled):", line):
             marks["written"] = t
     started, finished = stats.get("started"), stats.get("finished")
-    if t0 is None or not {"ray_up", "planned", "written"} <= marks.keys() or not started:
+    if t0 is None or not {"ray_up", "written"} <= marks.keys() or not started:
         return {}
     return {
         "startup+ray.init": round(marks["ray_up"] - t0, 2),
@@ -508,30 +521,100 @@ def print_run(r: RunResult) -> None:
         print("      phases (s): " + ", ".join(f"{k} {v}" for k, v in r.detail["phases"].items()))
 
 
-def summarise(tool: str, runs: list[RunResult]) -> dict[str, Any]:
+def _mmm(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def summarise(tool: str, runs: list[RunResult], n: int) -> dict[str, Any]:
+    """min / median / max of each figure of ``tool``'s runs over a job of ``n`` URLs."""
     if not runs:
         return {}
     return {
         "tool": tool,
         "runs": len(runs),
-        "wall_s": statistics.median(r.wall_s for r in runs),
-        "images": statistics.median(r.images for r in runs),
-        "images_per_s": statistics.median(r.images_per_s for r in runs),
-        "peak_rss_mib": statistics.median(mib(r.tree.peak_rss_kib) for r in runs),
-        "peak_pss_mib": statistics.median(mib(r.tree.peak_pss_kib) for r in runs),
-        "cpu_s": statistics.median(r.tree.cpu_s for r in runs),
+        "wall_s": _mmm([r.wall_s for r in runs]),
+        "images": _mmm([r.images for r in runs]),
+        "urls_per_s": _mmm([n / r.wall_s for r in runs]),
+        "cpu_s": _mmm([r.tree.cpu_s for r in runs]),
+        "cpu_ms_per_url": _mmm([1000 * r.tree.cpu_s / n for r in runs]),
+        "peak_rss_mib": _mmm([mib(r.tree.peak_rss_kib) for r in runs]),
+        "peak_pss_mib": _mmm([mib(r.tree.peak_pss_kib) for r in runs]),
+        "load": _mmm([r.tree.load[0] for r in runs]),
         "cmd": runs[0].detail.get("cmd", ""),
     }
+
+
+PAIRS = [("pxc", "i2d", 1.5), ("pxc", "i2d-raw", 1.0), ("pxc-ray", "i2d", None),
+         ("pxc-ray", "i2d-raw", None), ("pxc-local", "i2d", None)]
+"""(ours, theirs, the issue's target for ours / theirs in speed, if it sets one)."""
+
+
+def pair_ratios(results: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
+    """Speed of ours over theirs (their wall time / ours) for each round of interleaved runs,
+    and the median of those per-round ratios."""
+    out = []
+    for ours, theirs, target in PAIRS:
+        a, b = results.get(ours, []), results.get(theirs, [])
+        per_run = [y.wall_s / x.wall_s for x, y in zip(a, b) if x.wall_s]
+        if per_run:
+            out.append({"ours": ours, "theirs": theirs, "per_run": per_run,
+                        "median": statistics.median(per_run), "target": target})
+    return out
+
+
+def run_floor(url_file: Path, tag: str) -> dict[str, float]:
+    """``work_floor.py`` in its own process over the job's URLs: the limit for this machine."""
+    dest = OUT / f"floor-{tag}.json"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "work_floor.py"), str(url_file),
+                          "--json", str(dest)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        raise RuntimeError(f"work_floor.py failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    print("  " + out.stdout.strip(), flush=True)
+    return json.loads(dest.read_text())
+
+
+def fixed_cost(args: argparse.Namespace, port: int, server_pid: int) -> dict[str, Any]:
+    """The default command and ``--ray`` on a job of one image, ``--fixed-runs`` times each,
+    interleaved: start to exit with (almost) nothing to do."""
+    one = OUT / "urls-1.txt"
+    one.write_text(f"http://127.0.0.1:{port}/bench/00000.jpg\n")
+    spec_path = OUT / "pxc_spec_1.yaml"
+    spec_path.write_text(yaml.safe_dump(pxc_spec(1, one, OUT / "pxc-1", args), sort_keys=False))
+    runs: dict[str, list[RunResult]] = {"pxc": [], "pxc-ray": []}
+    for k in range(1, args.fixed_runs + 1):
+        for tool in runs:
+            r = run_pixcrawler(tool, k, spec_path, OUT / "pxc-1", server_pid, 300)
+            runs[tool].append(r)
+            print(f"  fixed cost, {tool:<8} run {k}: {r.wall_s:6.2f} s wall, CPU "
+                  f"{r.tree.cpu_s:5.1f} s, peak RSS {mib(r.tree.peak_rss_kib):5.0f} MiB, "
+                  f"{r.images} image(s), exit {r.exit_code}", flush=True)
+    return {tool: {"wall_s": _mmm([r.wall_s for r in rs]), "cpu_s": _mmm([r.tree.cpu_s
+                                                                          for r in rs]),
+                   "peak_rss_mib": _mmm([mib(r.tree.peak_rss_kib) for r in rs])}
+            for tool, rs in runs.items()}
+
+
+TOOLS = ["pxc", "pxc-ray", "i2d", "i2d-raw"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=4000, help="distinct images in the corpus")
-    p.add_argument("--runs", type=int, default=1, help="repeat each tool K times; medians")
-    p.add_argument("--skip-i2d", action="store_true", help="run PixCrawler only")
-    p.add_argument("--skip-pxc", action="store_true", help="run img2dataset only")
-    p.add_argument("--with-local", action="store_true",
-                   help="also run `pixcrawler build --local` (same pipeline, no Ray)")
+    p.add_argument("--corpus", default="photos", choices=["photos", "generated"],
+                   help="photos: crops of real photographs (photo_corpus.py); generated: the "
+                        "sandbox's benchmark pictures (loopback.corpus_pack)")
+    p.add_argument("--runs", type=int, default=1, help="rounds of interleaved runs; medians")
+    p.add_argument("--tools", default=",".join(TOOLS),
+                   help="comma-separated, run in this order each round: pxc (the default "
+                        "command), pxc-ray (--ray), pxc-local (--local), i2d (img2dataset's "
+                        "default), i2d-raw (--disable_all_reencoding), i2d-decode "
+                        "(--skip_reencode)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the one-process floor (work_floor.py) before and after the runs")
+    p.add_argument("--fixed-runs", type=int, default=0,
+                   help="first, time the default command and --ray on a job of one image, "
+                        "this many times each (the fixed cost of each runner)")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds before a command is interrupted (a hung run reports exit 130)")
     g = p.add_argument_group("PixCrawler spec knobs (unset: the spec's defaults)")
@@ -541,19 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the corpus is one host; img2dataset has no per-host cap)")
     g.add_argument("--no-robots", action="store_true", help="download.respect_robots false")
     g.add_argument("--shard-size", type=int, default=1000, help="output.shard_size")
+    g.add_argument("--workers", type=int, help="resources.workers")
+    g.add_argument("--worker-cpus", type=float, help="resources.worker_cpus")
     g.add_argument("--batch-size", type=int, help="resources.batch_size")
-    g.add_argument("--download-actors", type=int, help="resources.download_actors")
-    g.add_argument("--download-cpus", type=float, help="resources.download_cpus")
-    g.add_argument("--hash-actors", type=int, help="resources.hash_actors")
-    g.add_argument("--hash-cpus", type=float, help="resources.hash_cpus")
     g.add_argument("--max-in-flight-batches", type=int, help="resources.max_in_flight_batches")
-    g.add_argument("--search-workers", type=int, help="resources.search_workers")
-    g.add_argument("--write-cpus", type=float, help="resources.write_cpus")
+    g.add_argument("--max-buffered-mb", type=int, help="resources.max_buffered_mb")
+    g.add_argument("--dedup-partitions", type=int, help="resources.dedup_partitions")
     g = p.add_argument_group("img2dataset knobs")
-    g.add_argument("--i2d-mode", default="issue", choices=["issue", "raw", "decode"],
-                   help="issue: the issue's flags alone (img2dataset decodes and re-encodes "
-                        "every image); raw: + --disable_all_reencoding True (no decode); "
-                        "decode: + --skip_reencode True (decode, keep bytes)")
     g.add_argument("--i2d-threads", type=int, default=32, help="--thread_count")
     g.add_argument("--i2d-shard", type=int, default=1000,
                    help="--number_sample_per_shard (its default, 10000, would leave one of "
@@ -561,45 +638,103 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_summary(args: argparse.Namespace, summaries: dict[str, dict[str, Any]],
+                  ratios: list[dict[str, Any]], floor: list[dict[str, float]],
+                  fixed: dict[str, Any]) -> None:
+    cores = os.cpu_count()
+    print(f"\nN = {args.n} ({args.corpus}), {args.runs} round(s), interleaved in the order "
+          f"{args.tools}; {cores} cores; figures min / median / max")
+    for s in summaries.values():
+        if not s:
+            continue
+        f = lambda key, fmt: "/".join(format(s[key][m], fmt) for m in ("min", "median",  # noqa
+                                                                       "max"))
+        print(f"  {s['tool']:<10} wall {f('wall_s', '.1f')} s  {f('urls_per_s', '.0f')} URLs/s"
+              f"  images {f('images', '.0f')}  CPU {f('cpu_s', '.1f')} s "
+              f"({f('cpu_ms_per_url', '.2f')} ms/URL)  peak RSS {f('peak_rss_mib', '.0f')} MiB"
+              f"  PSS {f('peak_pss_mib', '.0f')} MiB  load {f('load', '.1f')}")
+    for r in ratios:
+        met = r["target"] is not None and r["median"] >= r["target"]
+        verdict = ("" if r["target"] is None else
+                   f" (target >= {r['target']}: {'met' if met else 'MISSED'})")
+        print(f"  {r['ours']} / {r['theirs']} speed: per round "
+              + ", ".join(f"{x:.2f}" for x in r["per_run"]) + f"; median {r['median']:.2f}"
+              + verdict)
+    if floor:
+        best = min(floor, key=lambda x: x["floor"])
+        limit = best["limit_images_per_s"]
+        print(f"  limit (least of {len(floor)} floor measures): {best['floor']:.2f} ms CPU per "
+              f"image x {cores} cores = {limit:.0f} images/s")
+        for s in summaries.values():
+            if s:
+                share = s["urls_per_s"]["median"] / limit
+                print(f"    {s['tool']:<10} {100 * share:5.1f}% of the limit; CPU per URL "
+                      f"{s['cpu_ms_per_url']['median'] / best['floor']:.2f}x the floor")
+    cpu = {t: summaries[t]["cpu_ms_per_url"]["median"] for t in ("pxc", "pxc-ray", "pxc-local")
+           if summaries.get(t)}
+    local = cpu.get("pxc-local", cpu.get("pxc"))
+    if "pxc-ray" in cpu and local:
+        ratio = cpu["pxc-ray"] / local
+        print(f"  CPU per image, Ray / in-process: {ratio:.2f} (target <= 1.25: "
+              f"{'met' if ratio <= 1.25 else 'MISSED'})")
+    if fixed:
+        ray = fixed["pxc-ray"]["wall_s"]["median"]
+        print(f"  one-image job, median wall: default {fixed['pxc']['wall_s']['median']:.2f} s,"
+              f" --ray {ray:.2f} s (embedded Ray's fixed cost target <= 5 s: "
+              f"{'met' if ray <= 5 else 'MISSED'})")
+    print("commands:")
+    for s in summaries.values():
+        if s:
+            print(f"  {s['cmd']}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-
-    if not args.skip_i2d and not I2D_BIN.exists():
+    tools = [t for t in args.tools.split(",") if t]
+    unknown = [t for t in tools if t not in PXC_FLAGS and t not in I2D_MODES]
+    if unknown:
+        print(f"unknown tool(s) {', '.join(unknown)}; known: "
+              f"{', '.join([*PXC_FLAGS, *I2D_MODES])}", file=sys.stderr)
+        return 2
+    if any(t in I2D_MODES for t in tools) and not I2D_BIN.exists():
         print(f"img2dataset is not installed at {I2D_BIN}: run `bash bench/setup_img2dataset.sh`"
-              " first, or pass --skip-i2d", file=sys.stderr)
+              " first, or leave the i2d tools out of --tools", file=sys.stderr)
         return 2
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = start_server(args.n, port, OUT / "logs" / "corpus-server.log")
+    server = start_server(args.corpus, args.n, port, OUT / "logs" / "corpus-server.log")
+    results: dict[str, list[RunResult]] = {tool: [] for tool in tools}
+    floor: list[dict[str, float]] = []
+    fixed: dict[str, Any] = {}
     try:
         urls = [f"http://127.0.0.1:{port}/bench/{i:05d}.jpg" for i in range(args.n)]
         check_s, total = check_corpus(urls)
-        print(f"corpus: {args.n} distinct JPEGs, {total / args.n / 1024:.1f} KiB on average, "
-              f"served by pid {server.pid} at http://127.0.0.1:{port} "
+        print(f"corpus ({args.corpus}): {args.n} distinct JPEGs, {total / args.n / 1024:.1f} KiB"
+              f" on average, served by pid {server.pid} at http://127.0.0.1:{port} "
               f"(each fetched once in {check_s:.1f} s before timing)", flush=True)
-        load = os.getloadavg()[0]
-        if load > (os.cpu_count() or 2):
-            print(f"warning: the machine's load average is {load:.1f} on {os.cpu_count()} cores;"
-                  " wall times will be noisy (compare the CPU seconds, or run when it is quiet)",
-                  flush=True)
+        load = os.getloadavg()
+        print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} "
+              "cores", flush=True)
         url_file = OUT / "urls.txt"
         url_file.write_text("\n".join(urls) + "\n")
+        if not args.no_floor:
+            floor.append(run_floor(url_file, "before"))
+        if args.fixed_runs:
+            fixed = fixed_cost(args, port, server.pid)
         spec_path = OUT / "pxc_spec.yaml"
         spec_path.write_text(yaml.safe_dump(pxc_spec(args.n, url_file, OUT / "pxc", args),
                                             sort_keys=False))
-        tools = ([] if args.skip_pxc else ["pixcrawler"]) + (
-            [] if args.skip_i2d else ["img2dataset"]) + (["pxc-local"] if args.with_local else [])
-        results: dict[str, list[RunResult]] = {tool: [] for tool in tools}
         for k in range(1, args.runs + 1):
-            # Alternate the order, so that neither tool always runs on a warmer machine.
-            for tool in (tools if k % 2 else tools[::-1]):
-                if tool == "img2dataset":
-                    r = run_img2dataset(k, url_file, OUT / "i2d", server.pid, args)
+            for tool in tools:
+                if tool in I2D_MODES:
+                    r = run_img2dataset(tool, k, url_file, OUT / "i2d", server.pid, args)
                 else:
-                    r = run_pixcrawler(k, spec_path, OUT / "pxc", server.pid, args.timeout,
-                                       local=tool == "pxc-local")
+                    r = run_pixcrawler(tool, k, spec_path, OUT / "pxc", server.pid,
+                                       args.timeout)
                 results[tool].append(r)
                 print_run(r)
+        if not args.no_floor:
+            floor.append(run_floor(url_file, "after"))
     finally:
         server.terminate()
         try:
@@ -607,38 +742,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
 
-    summaries = {tool: summarise(tool, runs) for tool, runs in results.items()}
-    pxc, i2d = summaries.get("pixcrawler", {}), summaries.get("img2dataset", {})
-    print(f"\nN = {args.n}, {args.runs} run(s) each, medians; {os.cpu_count()} cores; "
-          f"img2dataset mode {args.i2d_mode}")
-    for s in summaries.values():
-        if s:
-            print(f"  {s['tool']:<11} {s['wall_s']:7.2f} s  {s['images']:6.0f} images  "
-                  f"{s['images_per_s']:7.1f} images/s  peak RSS {s['peak_rss_mib']:6.0f} MiB  "
-                  f"peak PSS {s['peak_pss_mib']:6.0f} MiB  CPU {s['cpu_s']:6.1f} s")
-    ratio = None
-    if pxc and i2d and i2d["images_per_s"]:
-        ratio = pxc["images_per_s"] / i2d["images_per_s"]
-        verdict = "meets" if ratio >= 1.0 else "misses"
-        print(f"  ratio PixCrawler / img2dataset images/s: {ratio:.2f} ({verdict} the target "
-              f">= 1.0)")
-    local = summaries.get("pxc-local")
-    if local and i2d and i2d["images_per_s"]:
-        print(f"  (without Ray, --local: {local['images_per_s'] / i2d['images_per_s']:.2f})")
-    print("commands:")
-    for s in summaries.values():
-        if s:
-            print(f"  {s['cmd']}")
+    summaries = {tool: summarise(tool, runs, args.n) for tool, runs in results.items()}
+    ratios = pair_ratios(results)
+    print_summary(args, summaries, ratios, floor, fixed)
     print(f"  spec: {spec_path}")
-    (OUT / "bench_vs_img2dataset.json").write_text(json.dumps({
-        "n": args.n, "args": vars(args), **summaries, "ratio": ratio,
+    (OUT / f"bench_vs_img2dataset_{args.corpus}_{args.n}.json").write_text(json.dumps({
+        "n": args.n, "args": vars(args), "cores": os.cpu_count(), "summaries": summaries,
+        "ratios": ratios, "floor": floor, "fixed_cost": fixed,
         "runs": [{"tool": r.tool, "run": r.run, "wall_s": r.wall_s, "images": r.images,
-                  "images_per_s": r.images_per_s, "exit": r.exit_code,
-                  "peak_rss_mib": mib(r.tree.peak_rss_kib),
+                  "exit": r.exit_code, "peak_rss_mib": mib(r.tree.peak_rss_kib),
                   "peak_pss_mib": mib(r.tree.peak_pss_kib), "cpu_s": r.tree.cpu_s,
                   "server_cpu_s": r.server_cpu_s, "load": r.tree.load,
                   "cpu_by_process": r.tree.cpu_by_label(), "phases": r.detail.get("phases"),
-                  "parquet_rows": r.detail.get("rows")}
+                  "parquet_rows": r.detail.get("rows"),
+                  "stats": {k: v for k, v in r.detail.get("stats", {}).items()
+                            if isinstance(v, (int, float, str))}}
                  for rs in results.values() for r in rs],
     }, indent=2, default=str))
     bad = [r for rs in results.values() for r in rs if r.exit_code != 0]
