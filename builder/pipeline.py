@@ -278,10 +278,10 @@ class JobLifecycle:
 
     # -- the parts both runners build from ------------------------------------------------------
 
-    def job_plan(self, cpu_threads: int) -> JobPlan:
+    def job_plan(self, cpu_threads: int, validate_processes: int = 0) -> JobPlan:
         return JobPlan(self.spec, self.uri, self.job_id, self.storage_options,
                        list_plans=self.list_plans, retry_plan=self.retry_plan,
-                       cpu_threads=cpu_threads,
+                       cpu_threads=cpu_threads, validate_processes=validate_processes,
                        buffer_bytes=self.spec.resources.max_buffered_mb << 20)
 
     def ledger(self) -> QuotaLedger:
@@ -517,9 +517,9 @@ def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
 
 
 LOCAL_CPU_THREADS = max(2, min(os.cpu_count() or 2, 4))
-"""Threads validating and writing in the in-process runner: one per core, up to 4 (decoding
-and hashing release the GIL, the rest of a unit's work does not; cluster.runner chooses Ray on
-bigger machines)."""
+"""Threads validating and writing in the in-process runner, and the processes they validate
+in (``builder.validate_pool``): one per core, up to 4 (cluster.runner chooses Ray on bigger
+machines)."""
 
 
 def units_per_worker(spec: DatasetSpec) -> int:
@@ -555,7 +555,7 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         check_slow_requirements(spec)
         slow = make_slow_validator(spec, "cuda" if spec.resources.gpus_per_actor > 0 else "cpu")
     services = LocalServices(spec, client, life.ledger(), slow)
-    executor = LocalExecutor(life.job_plan(LOCAL_CPU_THREADS), services)
+    executor = LocalExecutor(life.job_plan(LOCAL_CPU_THREADS, LOCAL_CPU_THREADS), services)
     await executor.start()
     try:
         outcome = await life.run(executor, units_per_worker=units_per_worker(spec),

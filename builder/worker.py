@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,6 +59,7 @@ from builder.transform import ImageTransformer
 from builder.units import (INLINE, LIST, RETRY, SEARCH, SearchOutcome, UnitReport,
                            WorkerEvents, WorkUnit)
 from builder.validate import ImageValidator
+from builder.validate_pool import ProcessValidator
 from builder.writers import ShardWriter, shard_name
 
 log = logging.getLogger("pixcrawler.worker")
@@ -117,6 +118,8 @@ class JobPlan:
     list_plans: dict[int, SlicePlan] = field(default_factory=dict)
     retry_plan: Optional[SlicePlan] = None
     cpu_threads: int = 1
+    validate_processes: int = 0
+    """Above 1, images are validated in that many processes (``builder.validate_pool``)."""
     buffer_bytes: int = 512 << 20
 
 
@@ -231,7 +234,8 @@ class WorkerRuntime:
         self.spec = plan.spec
         self.services = services
         self.worker_id = worker_id
-        self.validator = ImageValidator(self.spec.validation)
+        self.validator: Union[ImageValidator, ProcessValidator] = ImageValidator(
+            self.spec.validation)
         self.transformer = ImageTransformer(self.spec.output.resize, self.spec.output.encode)
         self.journal = Journal(plan.uri, plan.job_id, plan.storage_options)
         self.writer = ShardWriter(self.spec.output, plan.uri, self.spec.labels,
@@ -256,6 +260,8 @@ class WorkerRuntime:
         await asyncio.to_thread(ensure_writable, self.plan.uri, self.plan.storage_options)
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.plan.cpu_threads),
                                        thread_name_prefix="pixcrawler-cpu")
+        if self.plan.validate_processes > 1:
+            self.validator = ProcessValidator(self.spec.validation, self.plan.validate_processes)
         self.fetcher = Fetcher(self.spec.download, hold_bodies=True)
         await self.fetcher.__aenter__()
         self.assembler = ShardAssembler(self.plan, self.writer, self.journal, self.services,
@@ -279,6 +285,9 @@ class WorkerRuntime:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
+        if isinstance(self.validator, ProcessValidator):
+            await asyncio.to_thread(self.validator.close)
+            self.validator = ImageValidator(self.spec.validation)
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
