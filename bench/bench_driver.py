@@ -10,15 +10,18 @@ fast 404. The origin is ``bench/loopback.py`` in its own process. Then it runs
 
 as a subprocess and samples the DRIVER process only (the ``pixcrawler`` process itself: not
 Ray's daemons, not its workers) from /proc every ``--every`` seconds: resident memory (peak
-and at the end of the crawl) and CPU seconds (utime + stime). Reported per size: wall,
-candidates (stats.json), driver CPU, driver CPU per candidate over the whole run and over the
-crawl alone (stats.json ``started`` to ``finished``), peak RSS. The slope between two sizes,
+during the crawl and at its end) and CPU seconds (utime + stime). Reported per size: wall,
+candidates (stats.json), driver CPU (before, during and after the crawl: stats.json
+``started`` to ``finished``; after it come the manifests, streamed over the shard files), driver
+CPU per candidate over the whole run and over the crawl alone, peak RSS. The slope between two sizes,
 (CPU(N2) - CPU(N1)) / (N2 - N1), is the marginal cost of a candidate with start-up taken out.
 
     python bench/bench_driver.py --sizes 10000,100000,1000000 [--runner ray|local]
+        [--batch-size B]
 
 The spec: one class whose target is the number of image lines (so the crawl reads the whole
-list), validation ``medium``, Parquet output, robots.txt not read (one origin; its 404 would
+list; units of work are then sized from that target, 64-256 candidates, unless
+``--batch-size``), validation ``medium``, Parquet output, robots.txt not read (one origin; its 404 would
 cost one request). Results go to bench/out/bench_driver.json (git-ignored).
 """
 
@@ -45,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from builder.ports import free_port  # noqa: E402
+from builder.spec import parse_spec  # noqa: E402
 from loopback import OUT, corpus_pack  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -99,7 +103,7 @@ def url_list(n: int, every: int, images: int, port: int, path: Path) -> int:
     return count
 
 
-def spec_for(urls: Path, target: int, out: Path) -> dict[str, Any]:
+def spec_for(urls: Path, target: int, out: Path, batch: Optional[int]) -> dict[str, Any]:
     return {
         "name": "driverbench",
         "description": "driver memory and CPU per candidate over a mostly-404 URL list",
@@ -110,6 +114,7 @@ def spec_for(urls: Path, target: int, out: Path) -> dict[str, Any]:
                      "respect_robots": False},
         "validation": {"level": "medium"},
         "output": {"uri": str(out), "formats": ["parquet"]},
+        "resources": {"batch_size": batch} if batch else {},
     }
 
 
@@ -147,7 +152,8 @@ def run_one(n: int, args: argparse.Namespace, port: int) -> dict[str, Any]:
     out = work / f"out_{n}"
     shutil.rmtree(out, ignore_errors=True)
     spec_path = work / f"spec_{n}.yaml"
-    spec_path.write_text(yaml.safe_dump(spec_for(urls, min(images, args.images), out)))
+    spec = spec_for(urls, min(images, args.images), out, args.batch_size)
+    spec_path.write_text(yaml.safe_dump(spec))
     ray_tmp = Path(tempfile.mkdtemp(prefix="pxdr-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1",
@@ -177,17 +183,23 @@ def run_one(n: int, args: argparse.Namespace, port: int) -> dict[str, Any]:
     crawl_cpu = (sampler.cpu_at(finished) - sampler.cpu_at(started)
                  if started and finished else None)
     rss = [r for _, _, r in sampler.samples]
+    in_crawl = [r for w, _, r in sampler.samples if started and finished and
+                started <= w <= finished]
     rss_end = ([r for w, _, r in sampler.samples if finished and w <= finished] or [0])[-1]
     return {"n": n, "runner": args.runner, "exit": code, "wall_s": round(wall, 1),
-            "image_lines": images, "candidates": cand, "accepted": stats.get("accepted"),
+            "image_lines": images, "batch_size": parse_spec(spec).batch_size(),
+            "candidates": cand, "accepted": stats.get("accepted"),
             "rejected": stats.get("rejected"),
             "crawl_s": round(finished - started, 1) if started and finished else None,
             "driver_cpu_s": round(cpu, 2),
+            "before_crawl_cpu_s": round(sampler.cpu_at(started), 2) if started else None,
+            "after_crawl_cpu_s": round(cpu - sampler.cpu_at(finished), 2) if finished else None,
             "driver_us_per_candidate": round(1e6 * cpu / cand, 1) if cand else None,
             "crawl_cpu_s": round(crawl_cpu, 2) if crawl_cpu is not None else None,
             "crawl_us_per_candidate": (round(1e6 * crawl_cpu / cand, 1)
                                        if cand and crawl_cpu is not None else None),
             "peak_rss_mib": round(max(rss, default=0) / 2**20, 1),
+            "crawl_peak_rss_mib": round(max(in_crawl, default=0) / 2**20, 1),
             "rss_end_of_crawl_mib": round(rss_end / 2**20, 1),
             "samples": len(sampler.samples), "log": str(log)}
 
@@ -198,6 +210,8 @@ def main() -> None:
     ap.add_argument("--runner", choices=("ray", "local"), default="ray")
     ap.add_argument("--image-every", type=int, default=250, help="one image line in this many")
     ap.add_argument("--images", type=int, default=4000, help="distinct corpus images")
+    ap.add_argument("--batch-size", type=int,
+                    help="resources.batch_size (unset: sized from the target, 64-256)")
     ap.add_argument("--every", type=float, default=0.25, help="sampling period, seconds")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
@@ -212,11 +226,14 @@ def main() -> None:
         origin.terminate()
         origin.wait()
     print(f"\n{'URLs':>9} {'cands':>9} {'wall s':>7} {'crawl s':>7} {'CPU s':>7} "
-          f"{'us/cand':>8} {'crawl us/c':>10} {'peak RSS MiB':>12} {'RSS end MiB':>11}")
+          f"{'us/cand':>8} {'crawl us/c':>10} {'before/after s':>14} {'peak RSS MiB':>12} "
+          f"{'crawl peak':>10} {'RSS end MiB':>11}")
     for r in results:
         print(f"{r['n']:>9} {r['candidates']:>9} {r['wall_s']:>7} {r['crawl_s'] or '-':>7} "
               f"{r['driver_cpu_s']:>7} {r['driver_us_per_candidate'] or '-':>8} "
-              f"{r['crawl_us_per_candidate'] or '-':>10} {r['peak_rss_mib']:>12} "
+              f"{r['crawl_us_per_candidate'] or '-':>10} "
+              f"{str(r['before_crawl_cpu_s']) + '/' + str(r['after_crawl_cpu_s']):>14} "
+              f"{r['peak_rss_mib']:>12} {r['crawl_peak_rss_mib']:>10} "
               f"{r['rss_end_of_crawl_mib']:>11}")
     for a, b in zip(results, results[1:]):
         if b["candidates"] > a["candidates"]:
