@@ -9,6 +9,8 @@ then times units of ``--unit`` new images (``--probes`` signatures each) through
 * decisions/s per core: decisions over the CPU time of all partitions together;
 * decisions/s end to end in one process (client routing and deciding included, K partitions);
 * memory per kept image (the partitions' numpy arrays over the kept images);
+* the bytes of numpy arrays sent to the partitions per decision (check and settle payloads:
+  what crosses Ray's object store when the partitions are actors);
 * the stored entries a probe key meets in its bucket (mean, and the most for one key) in
   partition 0: the lookup work, which skewed hashes make grow with the index.
 
@@ -138,8 +140,10 @@ class Timed:
         self.parts = parts
         self.cpu = [0.0] * len(parts)
         self.probe_keys = self.met = self.met_max = 0
+        self.sent = 0
 
     async def call(self, p: int, method: str, payload: dict) -> object:
+        self.sent += sum(getattr(v, "nbytes", 0) for v in payload.values())
         if p == 0 and method == "check" and len(payload.get("q_key", ())):
             qi, _ = self.parts[0]._near.lookup(payload["q_key"])
             self.probe_keys += len(payload["q_key"])
@@ -192,6 +196,7 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
             "partition_mib": round(max(part_bytes) / 2**20),
             "met_per_probe_key": round(timed.met / max(timed.probe_keys, 1), 2),
             "met_max": timed.met_max,
+            "sent_per_decision": round(timed.sent / max(decisions, 1)),
             "bytes_per_kept": round(mem / size), "duplicates": dups, "decisions": decisions}
 
 
@@ -216,7 +221,7 @@ def main() -> None:
     freq = photo_bits(args.photos) if args.hashes == "skewed" else None
     print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'per-core/s':>11} "
           f"{'end-to-end/s':>13} {'part MiB':>9} {'B/kept':>7} {'dups':>6} "
-          f"{'met/key':>8} {'met max':>8} {'load s':>7}",
+          f"{'met/key':>8} {'met max':>8} {'sent B/d':>9} {'load s':>7}",
           flush=True)
     for size, k in zip(sizes, ks):
         r = run(size, k, args.unit, args.units, args.threshold, freq, args.seed, args.stored,
@@ -225,7 +230,7 @@ def main() -> None:
               f"{r['per_core_decisions_s'] or '-':>11} {r['end_to_end_decisions_s'] or '-':>13} "
               f"{r['partition_mib']:>9} {r['bytes_per_kept']:>7} "
               f"{r['duplicates']:>6} {r['met_per_probe_key']:>8} {r['met_max']:>8} "
-              f"{r['load_s']:>7}", flush=True)
+              f"{r['sent_per_decision']:>9} {r['load_s']:>7}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB; pid {os.getpid()}")
 
