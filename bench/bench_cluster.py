@@ -3,7 +3,10 @@ where the CPU goes.
 
 The job: ``--n`` distinct loopback JPEGs (``bench/loopback.py``'s corpus, served by its own
 process), one class with target ``--n``, validation ``medium``, Parquet output to a local
-folder. Two runs of it, each a ``pixcrawler build`` subprocess:
+folder, two shard workers of 0.8 CPU and one index partition on both. (Sized from the cluster
+instead, the job asks for two workers of 0.92 CPU; on worker nodes of 1 CPU and a head of 0,
+a worker and the 0.05-CPU index, ledger and progress actors together pass one node's CPU, the
+second worker is never placed and the job waits without a word: seen 2026-12-02.) Two runs of it, each a ``pixcrawler build`` subprocess:
 
 * ``one``: ``pixcrawler build SPEC --ray`` on an embedded one-node Ray (this machine's CPUs);
 * ``three``: a cluster made here with ``ray.cluster_utils.Cluster``: a head with ``--head-cpus``
@@ -91,7 +94,7 @@ class TreeCpu(threading.Thread):
         self.root, self.every_s = root, every_s
         self.cpu: dict[int, float] = {}
         self.label: dict[int, str] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> None:
         kids = _children()
@@ -112,11 +115,11 @@ class TreeCpu(threading.Thread):
                 self.label[pid] = _label(pid)
 
     def run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while not self._halt.wait(self.every_s):
             self.sample()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def snapshot(self) -> dict[int, float]:
@@ -147,7 +150,8 @@ def start_origin(n: int) -> tuple[subprocess.Popen, int]:
     raise SystemExit("the loopback origin did not start")
 
 
-def spec_for(n: int, urls: Path, out: Path, shared: bool) -> dict[str, Any]:
+def spec_for(n: int, urls: Path, out: Path, shared: bool, workers: int,
+             worker_cpus: float) -> dict[str, Any]:
     return {
         "name": "clusterbench", "description": f"{n} loopback JPEGs, one node against three",
         "target": n, "classes": {"bench": {}},
@@ -156,16 +160,18 @@ def spec_for(n: int, urls: Path, out: Path, shared: bool) -> dict[str, Any]:
                      "respect_robots": False},
         "validation": {"level": "medium"},
         "output": {"uri": str(out), "formats": ["parquet"], "shared_filesystem": shared},
+        "resources": {"workers": workers, "worker_cpus": worker_cpus, "dedup_partitions": 1},
     }
 
 
-def run_build(mode: str, n: int, urls: Path, address: Optional[str], tree: TreeCpu,
-              timeout: float) -> dict[str, Any]:
+def run_build(mode: str, args: argparse.Namespace, urls: Path, address: Optional[str],
+              tree: TreeCpu) -> dict[str, Any]:
     work = OUT / "cluster"
     out = work / f"out_{mode}"
     shutil.rmtree(out, ignore_errors=True)
     spec_path = work / f"spec_{mode}.yaml"
-    spec_path.write_text(yaml.safe_dump(spec_for(n, urls, out, address is not None)))
+    spec_path.write_text(yaml.safe_dump(spec_for(args.n, urls, out, address is not None,
+                                                 args.job_workers, args.job_worker_cpus)))
     ray_tmp = Path(tempfile.mkdtemp(prefix="pxcl-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1",
@@ -179,7 +185,7 @@ def run_build(mode: str, n: int, urls: Path, address: Optional[str], tree: TreeC
     t0 = time.monotonic()
     with open(log, "w") as logf:
         proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                              timeout=timeout)
+                              timeout=args.timeout)
     wall = time.monotonic() - t0
     tree.sample()
     cpu = by_label(tree.snapshot(), base, tree.label)
@@ -199,6 +205,8 @@ def main() -> None:
     ap.add_argument("--modes", default="one,three")
     ap.add_argument("--head-cpus", type=int, default=0)
     ap.add_argument("--worker-cpus", type=int, default=1)
+    ap.add_argument("--job-workers", type=int, default=2, help="resources.workers")
+    ap.add_argument("--job-worker-cpus", type=float, default=0.8, help="resources.worker_cpus")
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
     work = OUT / "cluster"
@@ -213,14 +221,14 @@ def main() -> None:
     try:
         for mode in args.modes.split(","):
             if mode == "one":
-                results.append(run_build(mode, args.n, urls, None, tree, args.timeout))
+                results.append(run_build(mode, args, urls, None, tree))
             else:
                 results.append(run_three(args, urls, tree))
             print(json.dumps(results[-1]), flush=True)
     finally:
-        tree.stop()
         origin.terminate()
         origin.wait()
+        tree.stop()
     (OUT / "bench_cluster.json").write_text(json.dumps(results, indent=1))
     for r in results:
         print(f"{r['mode']:>6}: exit {r['exit']}, wall {r['wall_s']} s, CPU {r['cpu_s']} s, "
@@ -241,7 +249,7 @@ def run_three(args: argparse.Namespace, urls: Path, tree: TreeCpu) -> dict[str, 
     cluster.wait_for_nodes()
     up = time.monotonic() - t0
     try:
-        r = run_build("three", args.n, urls, cluster.address, tree, args.timeout)
+        r = run_build("three", args, urls, cluster.address, tree)
     finally:
         cluster.shutdown()
     r["cluster_start_s"] = round(up, 1)
