@@ -80,7 +80,7 @@ def _label(pid: int) -> str:
         rest = [a for a in args[1:] if a and not a.startswith("-")]
         if "cluster.cli" in args:
             return "driver (pixcrawler)"
-        if rest and "default_worker.py" in rest[0]:
+        if rest and ("default_worker.py" in rest[0] or "setup_worker.py" in rest[0]):
             return "ray::IDLE"
         return os.path.basename(rest[0]) if rest else prog
     return prog
@@ -111,7 +111,9 @@ class TreeCpu(threading.Thread):
             except (FileNotFoundError, ProcessLookupError):
                 continue
             self.cpu[pid] = (int(fields[11]) + int(fields[12])) / TICK
-            if pid not in self.label or self.label[pid] == "ray::IDLE":
+            if not self.label.get(pid, "ray::IDLE").startswith("ray::") or \
+                    self.label[pid] == "ray::IDLE":
+                # a Ray worker starts as setup_worker.py, then takes its actor's title
                 self.label[pid] = _label(pid)
 
     def run(self) -> None:
