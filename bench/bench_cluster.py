@@ -6,7 +6,8 @@ process), one class with target ``--n``, validation ``medium``, Parquet output t
 folder, two shard workers of 0.8 CPU and one index partition on both. (Sized from the cluster
 instead, the job asks for two workers of 0.92 CPU; on worker nodes of 1 CPU and a head of 0,
 a worker and the 0.05-CPU index, ledger and progress actors together pass one node's CPU, the
-second worker is never placed and the job waits without a word: seen 2026-12-02.) Two runs of it, each a ``pixcrawler build`` subprocess:
+second worker is never placed and the job waits without a word: seen 2026-12-02.) Two runs
+of it, each a ``pixcrawler build`` subprocess:
 
 * ``one``: ``pixcrawler build SPEC --ray`` on an embedded one-node Ray (this machine's CPUs);
 * ``three``: a cluster made here with ``ray.cluster_utils.Cluster``: a head with ``--head-cpus``
