@@ -11,9 +11,10 @@ fast 404. The origin is ``bench/loopback.py`` in its own process. Then it runs
 as a subprocess and samples the DRIVER process only (the ``pixcrawler`` process itself: not
 Ray's daemons, not its workers) from /proc every ``--every`` seconds: resident memory (peak
 during the crawl and at its end) and CPU seconds (utime + stime). Reported per size: wall,
-candidates (stats.json), driver CPU (before, during and after the crawl: stats.json ``started`` to ``finished``; after it the
-driver publishes the manifests, streamed over the unit and shard files), driver CPU per
-candidate over the whole run and over the crawl alone, peak RSS. The slope between two sizes,
+candidates (stats.json), driver CPU (before, during and after the crawl: stats.json
+``started`` to ``finished``; after it the driver publishes the manifests, streamed over the
+unit and shard files), driver CPU per candidate over the whole run and over the crawl alone,
+peak RSS. The slope between two sizes,
 (CPU(N2) - CPU(N1)) / (N2 - N1), is the marginal cost of a candidate with start-up taken out.
 
     python bench/bench_driver.py --sizes 10000,100000,1000000 [--runner ray|local]
