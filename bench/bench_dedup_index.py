@@ -17,7 +17,7 @@ then times units of ``--unit`` new images (``--probes`` signatures each) through
 ``--one-partition`` fills only partition 0 of ``K`` with its share of the index (the others
 stay empty, so the end-to-end figures do not apply) and times it alone: the per-actor figure
 at sizes whose whole index does not fit this machine (10M kept images at ``t`` = 8 take
-about 65 GB with K = 1).
+about 70-80 GB with K = 1).
 
 Hashes: ``--hashes skewed`` (default) draws them like real photos' pHash/dHash: per-bit
 biases measured on real photographs (``--photos``, a folder of JPEG/PNG; every stored view's
