@@ -1,23 +1,34 @@
 """The partitioned dedup index at scale: decisions per second and memory per kept image.
 
 Fills the index with ``--sizes`` kept images (written state, ``--stored`` signatures each),
-then times
-units of ``--unit`` new images (``--probes`` signatures each) through ``DedupClient.decide`` +
-``settle`` (what a worker does per unit). Per size it prints:
+then times units of ``--unit`` new images (``--probes`` signatures each) through
+``DedupClient.decide`` + ``settle`` (what a worker does per unit). Per size it prints:
 
 * decisions/s per partition: decisions over the CPU time spent inside that partition's methods
   (what one ``DedupPartitionActor`` would do), the busiest partition;
+* decisions/s per core: decisions over the CPU time of all partitions together;
 * decisions/s end to end in one process (client routing and deciding included, K partitions);
-* memory per kept image (the partitions' numpy arrays over the kept images).
+* memory per kept image (the partitions' numpy arrays over the kept images);
+* the bytes of numpy arrays sent to the partitions per decision (check and settle payloads:
+  what crosses Ray's object store when the partitions are actors);
+* the stored entries a probe key meets in its bucket (mean, and the most for one key) in
+  partition 0: the lookup work, which skewed hashes make grow with the index.
+
+``--one-partition`` fills only partition 0 of ``K`` with its share of the index (the others
+stay empty, so the end-to-end figures do not apply) and times it alone: the per-actor figure
+at sizes whose whole index does not fit this machine (10M kept images at ``t`` = 8 take
+about 70-80 GB with K = 1).
 
 Hashes: ``--hashes skewed`` (default) draws them like real photos' pHash/dHash: per-bit
-biases measured on real photographs (``--photos``, a folder of JPEG/PNG), a third of them as
+biases measured on real photographs (``--photos``, a folder of JPEG/PNG; every stored view's
+signature of tiles of them, as ``builder.hashing.hash_bytes`` computes it), a third of them as
 near copies (6-14 bits off) of earlier ones; ``uniform`` draws random 64-bit codes. The
-figures in bench/README.md used Debian's gnome-backgrounds photos:
+figures in bench/README.md used the photos of Debian's mate-backgrounds, ukui-wallpapers and
+lomiri-wallpapers packages (``apt-get download PKG && dpkg -x PKG_*.deb /tmp/bg``):
 
-    apt-get download gnome-backgrounds && dpkg -x gnome-backgrounds_*.deb /tmp/bg
-    python bench/bench_dedup_index.py --sizes 100000,1000000,10000000 --partitions 1,1,4 \\
-        --photos /tmp/bg/usr/share/backgrounds
+    python bench/bench_dedup_index.py --sizes 100000,1000000 --partitions 1,1 --photos /tmp/bg
+    python bench/bench_dedup_index.py --sizes 100000,1000000,10000000 --partitions 32,32,32 \\
+        --one-partition --photos /tmp/bg
 """
 
 from __future__ import annotations
@@ -36,16 +47,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder.dedup import (DedupClient, DedupItem, DedupPartition, KeyScheme,  # noqa: E402
-                           partition_of)
+                           mix64, partition_of)
 
 U64 = np.uint64
 
 
 def photo_bits(folder: str, limit: int = 400) -> np.ndarray:
-    """Per-bit frequency of 1s in pHash and dHash ([2, 64]) over tiles of real photos."""
+    """Per-bit frequency of 1s in pHash and dHash ([2, 64]) over tiles of real photos (every
+    stored view's signature, as the validator computes them: ``builder.hashing.hash_bytes``)."""
     from PIL import Image
 
-    from builder.hashing import perceptual, reduced_gray
+    from builder.hashing import hash_bytes
 
     codes = []
     paths = [p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
@@ -59,8 +71,7 @@ def photo_bits(folder: str, limit: int = 400) -> np.ndarray:
                     tile = img.crop((x, y, x + step, y + step))
                     buf = io.BytesIO()
                     tile.save(buf, "JPEG", quality=90)
-                    with Image.open(io.BytesIO(buf.getvalue())) as t:
-                        codes.append(perceptual(reduced_gray(t)))
+                    codes.extend(hash_bytes(buf.getvalue()).stored)
     if not codes:
         raise SystemExit(f"no photos under {folder}")
     arr = np.array(codes, dtype=U64)
@@ -69,19 +80,21 @@ def photo_bits(folder: str, limit: int = 400) -> np.ndarray:
     return bits.mean(axis=0)
 
 
-def draw(n: int, rng: np.random.Generator, freq: np.ndarray | None) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """``n`` (a, b) codes: from per-bit frequencies (or uniform), a third near copies."""
+def draw(n: int, rng: np.random.Generator, freq: np.ndarray | None,
+         chunk: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` (a, b) codes: from per-bit frequencies (or uniform), a third near copies of earlier
+    ones. Drawn ``chunk`` codes at a time, so 40M codes fit in memory."""
     if freq is None:
         a = rng.integers(0, 2**63, n, dtype=U64) | (rng.integers(0, 2, n, dtype=U64) << U64(63))
         b = rng.integers(0, 2**63, n, dtype=U64) | (rng.integers(0, 2, n, dtype=U64) << U64(63))
         return a, b
     weights = U64(1) << np.arange(63, -1, -1, dtype=U64)
-    out = []
-    for row in freq:
-        bits = rng.random((n, 64)) < row[None, :]
-        out.append((bits.astype(U64) * weights[None, :]).sum(axis=1, dtype=U64))
-    a, b = out
+    a, b = np.empty(n, dtype=U64), np.empty(n, dtype=U64)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        for arr, row in zip((a, b), freq):
+            bits = rng.random((m, 64)) < row[None, :]
+            arr[start:start + m] = (bits.astype(U64) * weights[None, :]).sum(axis=1, dtype=U64)
     copies = rng.random(n) < 1 / 3
     src = rng.integers(0, n, copies.sum())
     flips = rng.integers(6, 15, copies.sum())
@@ -95,10 +108,12 @@ def draw(n: int, rng: np.random.Generator, freq: np.ndarray | None) -> tuple[np.
 
 
 def fill(parts: list[DedupPartition], scheme: KeyScheme, a: np.ndarray, b: np.ndarray,
-         per_image: int, chunk: int = 500_000) -> None:
+         per_image: int, only: int | None = None, chunk: int = 500_000) -> None:
     """Load kept images (``per_image`` consecutive signatures each) straight into the
-    partitions, vectorised (as a journal rebuild does)."""
+    partitions, vectorised (as a journal rebuild does); ``only``: into that partition alone
+    (what it would hold of the whole index; the others stay empty)."""
     k = len(parts)
+    filled = range(k) if only is None else [only]
     for start in range(0, len(a), chunk):
         ca, cb = a[start:start + chunk], b[start:start + chunk]
         ids = (np.arange(start, start + len(ca), dtype=U64) // U64(per_image)) + U64(1)
@@ -106,26 +121,34 @@ def fill(parts: list[DedupPartition], scheme: KeyScheme, a: np.ndarray, b: np.nd
         flat = keys.ravel()
         rep = np.repeat(np.arange(len(ca)), scheme.n_keys)
         part = partition_of(flat, k)
-        for p in range(k):
+        for p in filled:
             sel = part == p
             r = rep[sel]
             parts[p].load({"n_key": flat[sel], "n_a": ca[r], "n_b": cb[r], "n_id": ids[r],
                            "n_claim": ids[r]})
         first = ids[np.arange(len(ids)) % per_image == 0] if per_image > 1 else ids
-        xp = partition_of(first, k)
-        for p in range(k):
+        xp = partition_of(mix64(first), k)
+        for p in filled:
             parts[p].load({"x_id": first[xp == p], "x_claim": first[xp == p]})
 
 
 class Timed:
-    """Partitions in this process, timing the CPU each spends in its methods."""
+    """Partitions in this process, timing the CPU each spends in its methods; for partition 0
+    also counts (untimed) the stored entries each probe key meets in its bucket."""
 
     def __init__(self, parts: list[DedupPartition]):
         self.parts = parts
         self.cpu = [0.0] * len(parts)
-        self.meets: list[int] = []
+        self.probe_keys = self.met = self.met_max = 0
+        self.sent = 0
 
     async def call(self, p: int, method: str, payload: dict) -> object:
+        self.sent += sum(getattr(v, "nbytes", 0) for v in payload.values())
+        if p == 0 and method == "check" and len(payload.get("q_key", ())):
+            qi, _ = self.parts[0]._near.lookup(payload["q_key"])
+            self.probe_keys += len(payload["q_key"])
+            self.met += len(qi)
+            self.met_max = max(self.met_max, int(np.bincount(qi).max()) if len(qi) else 0)
         t0 = time.process_time()
         result = getattr(self.parts[p], method)(payload)
         self.cpu[p] += time.process_time() - t0
@@ -133,15 +156,19 @@ class Timed:
 
 
 def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | None,
-        seed: int, stored: int, probes: int) -> dict:
+        seed: int, stored: int, probes: int, one: bool) -> dict:
+    """Fill, then time ``units`` units; ``one``: only partition 0 holds its share of the kept
+    images and only its CPU is timed (the end-to-end figures then do not apply)."""
     rng = np.random.default_rng(seed)
     scheme = KeyScheme(t)
     parts = [DedupPartition(t, True) for _ in range(k)]
     a, b = draw(size * stored, rng, freq)
     t0 = time.monotonic()
-    fill(parts, scheme, a, b, stored)
+    fill(parts, scheme, a, b, stored, 0 if one else None)
     load_s = time.monotonic() - t0
-    mem = sum(p.stats()["bytes"] for p in parts)
+    del a, b
+    part_bytes = [p.stats()["bytes"] for p in parts]
+    mem = part_bytes[0] * k if one else sum(part_bytes)
     timed = Timed(parts)
     client = DedupClient(t, True, k, timed.call)
     n = unit * units
@@ -161,10 +188,15 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
         decisions += len(out)
         dups += sum(d.duplicate for d in out)
     total_cpu = time.process_time() - cpu0
-    busiest = max(timed.cpu)
-    return {"kept": size, "partitions": k, "load_s": round(load_s, 1),
-            "per_partition_decisions_s": round(decisions / busiest) if busiest else 0,
-            "end_to_end_decisions_s": round(decisions / total_cpu),
+    timed_cpu = timed.cpu[0] if one else max(timed.cpu)
+    return {"kept": size, "partitions": k, "one": one, "load_s": round(load_s, 1),
+            "per_partition_decisions_s": round(decisions / timed_cpu) if timed_cpu else 0,
+            "per_core_decisions_s": None if one else round(decisions / sum(timed.cpu)),
+            "end_to_end_decisions_s": None if one else round(decisions / total_cpu),
+            "partition_mib": round(max(part_bytes) / 2**20),
+            "met_per_probe_key": round(timed.met / max(timed.probe_keys, 1), 2),
+            "met_max": timed.met_max,
+            "sent_per_decision": round(timed.sent / max(decisions, 1)),
             "bytes_per_kept": round(mem / size), "duplicates": dups, "decisions": decisions}
 
 
@@ -172,6 +204,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--partitions", default="1,1", help="K per size (comma-separated)")
+    ap.add_argument("--one-partition", action="store_true",
+                    help="fill and time partition 0 alone (its share of the whole index): "
+                         "per-actor figures for indexes too big for this machine")
     ap.add_argument("--unit", type=int, default=256)
     ap.add_argument("--units", type=int, default=40)
     ap.add_argument("--threshold", type=int, default=8)
@@ -184,13 +219,18 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     ks = [int(k) for k in args.partitions.split(",")]
     freq = photo_bits(args.photos) if args.hashes == "skewed" else None
-    print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'end-to-end/s':>13} "
-          f"{'B/kept':>7} {'load s':>7}")
+    print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'per-core/s':>11} "
+          f"{'end-to-end/s':>13} {'part MiB':>9} {'B/kept':>7} {'dups':>6} "
+          f"{'met/key':>8} {'met max':>8} {'sent B/d':>9} {'load s':>7}",
+          flush=True)
     for size, k in zip(sizes, ks):
         r = run(size, k, args.unit, args.units, args.threshold, freq, args.seed, args.stored,
-                args.probes)
+                args.probes, args.one_partition)
         print(f"{r['kept']:>10} {r['partitions']:>3} {r['per_partition_decisions_s']:>16} "
-              f"{r['end_to_end_decisions_s']:>13} {r['bytes_per_kept']:>7} {r['load_s']:>7}")
+              f"{r['per_core_decisions_s'] or '-':>11} {r['end_to_end_decisions_s'] or '-':>13} "
+              f"{r['partition_mib']:>9} {r['bytes_per_kept']:>7} "
+              f"{r['duplicates']:>6} {r['met_per_probe_key']:>8} {r['met_max']:>8} "
+              f"{r['sent_per_decision']:>9} {r['load_s']:>7}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB; pid {os.getpid()}")
 
