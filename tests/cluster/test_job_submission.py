@@ -163,6 +163,18 @@ print(time.time() < deadline)
 """
 
 
+RUNNING = """
+import sys, time, ray
+from actors import NAMESPACE
+from actors.progress import get_progress
+ray.init(address=sys.argv[1], namespace=NAMESPACE, log_to_driver=False)
+deadline = time.time() + 120
+while (get_progress(sys.argv[2]) or {}).get("state") != "running" and time.time() < deadline:
+    time.sleep(0.5)  # running: its first progress came, from inside the job's signal handling
+print(time.time() < deadline)
+"""
+
+
 def _job_info(ray_head, submission_id: str):
     from ray.job_submission import JobSubmissionClient
 
@@ -188,7 +200,9 @@ def test_a_cancelled_job_shows_as_stopped_and_writes_a_partial_dataset(ray_head,
             if (out / "_journal").is_dir() else []
         time.sleep(0.5)
     assert journals, _job_info(ray_head, sid)
-    time.sleep(2)
+    running = subprocess.run([sys.executable, "-c", RUNNING, ray_head["gcs"], journals[0].name],
+                             env=ray_head["env"], capture_output=True, text=True, timeout=180)
+    assert running.stdout.strip().endswith("True"), running.stdout + running.stderr
     if how == "ray job stop":
         stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address",
                                ray_head["address"], sid], env=ray_head["env"],
