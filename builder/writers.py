@@ -2,19 +2,22 @@
 
 Layout of a published dataset at ``URI`` (a local directory, ``s3://bucket/prefix``, ...)::
 
-    URI/data/{split}-{shard:05d}.parquet      Parquet shards, ``output.shard_size`` rows each (a
-                                              split's last shards may be short), schema
-                                              builder.records.ACCEPTED_SCHEMA, image bytes in
-                                              column ``image``; Hugging Face split naming, so
-                                              load_dataset("parquet", data_dir=URI/data) finds
-                                              the splits (train / val -> validation / test)
-    URI/imagefolder/{split}/{label}/{id}.{ext}  the images as files; a label 'a/b' nests (a/b/),
-                                              so the tree mirrors the class hierarchy
-    URI/imagefolder/{split}/{label}/{id}.{fmt}  with output.image_label_files: one label file
+    URI/data/{split}-{shard:05d}.parquet      Parquet shards of ``output.shard_size`` rows (a
+                                              worker's last shard of a split may be short),
+                                              schema builder.records.ACCEPTED_SCHEMA with the
+                                              Hugging Face features in its metadata
+                                              (``shard_schema``): ``image`` {bytes, path} an
+                                              Image, ``label`` a ClassLabel of classes.json,
+                                              ``label_name`` the label path
+    URI/imagefolder/{split}/{folder}/{id}.{ext}  the images as files; the folder of label 'a/b'
+                                              is 'a__b' (output.imagefolder_labels: flat), or
+                                              nests as a/b/ (nested)
+    URI/imagefolder/{split}/{folder}/{id}.{fmt}  with output.image_label_files: one label file
                                               per image next to it (see "Per-image label files")
     URI/webdataset/{split}-{shard:05d}.tar    WebDataset shards (the same rows as the Parquet
-                                              shard of that name): {id}.{ext}, {id}.json (the
-                                              row without the image), {id}.cls (class index)
+                                              shard of that name): {id}.jpg (an RGB JPEG, see
+                                              ``_write_tar``), {id}.json (the row without the
+                                              image), {id}.cls (class index)
     URI/labels.json|csv|yaml|txt              one entry per image: id, path (relative to URI: the
                                               imagefolder file if written, else the Parquet shard,
                                               else the tar), label, label_index, split, then
@@ -63,8 +66,9 @@ marker while the new run writes. Two jobs writing into one URI at the same time 
 supported.
 
 ``ShardWriter`` holds only configuration, so it pickles to workers; shard numbers come from the
-job's quota ledger, so names are unique across workers. Rows are ordered within a shard by a
-hash of their ids: classes mix, and the same rows always give byte-identical files.
+job's quota ledger, so names are unique across workers. Which rows make a shard is the worker's
+choice (``builder.worker.ShardAssembler``); within a shard they are ordered by a hash of their
+ids, and the same rows always give byte-identical files.
 """
 
 from __future__ import annotations
