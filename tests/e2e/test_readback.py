@@ -2,7 +2,8 @@
 load datasets with, exactly as the README's "Loading a dataset" section shows: pandas, pyarrow,
 Hugging Face datasets (the Parquet shards, the card's configs, the ImageFolder tree), WebDataset,
 a torch DataLoader and Ray Data. Two classes share the leaf name ``dog``; every reader must keep
-them apart."""
+them apart. datasets, webdataset (the test extra) and torch (the ml extra) are imported, not
+skipped for: tests/run.sh installs both extras, so these tests run wherever the suite does."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
+import webdataset as wds
 
 from builder.pipeline import run_local
 from tests.e2e.helpers import check_accounting, sandbox_spec
@@ -82,7 +86,6 @@ def test_shards_hold_exactly_shard_size_rows_classes_mixed(built):
 def test_hugging_face_datasets_parquet_and_the_card(built):
     """load_dataset on the shards and on the dataset folder (its card's configs): the same
     splits, typed columns, no cast_column."""
-    datasets = pytest.importorskip("datasets")
     root, cache = built
     by_dir = datasets.load_dataset("parquet", data_dir=str(root / "data"), cache_dir=str(cache))
     by_card = datasets.load_dataset(str(root), cache_dir=str(cache))
@@ -99,7 +102,6 @@ def test_hugging_face_datasets_parquet_and_the_card(built):
 
 
 def test_hugging_face_imagefolder_reads_the_full_label(built):
-    datasets = pytest.importorskip("datasets")
     root, cache = built
     loaded = datasets.load_dataset("imagefolder", data_dir=str(root / "imagefolder"),
                                    cache_dir=str(cache))
@@ -123,7 +125,6 @@ def test_the_imagefolder_top_level_is_one_folder_per_class(built):
 
 
 def test_webdataset_to_tuple_jpg_cls(built):
-    wds = pytest.importorskip("webdataset")
     root, _ = built
     tars = [str(p) for p in sorted((root / "webdataset").glob("*.tar"))]
     seen: Counter = Counter()
@@ -137,8 +138,6 @@ def test_webdataset_to_tuple_jpg_cls(built):
 
 
 def test_a_torch_dataloader_over_the_hugging_face_split(built):
-    torch = pytest.importorskip("torch")
-    datasets = pytest.importorskip("datasets")
     root, cache = built
     train = datasets.load_dataset("parquet", data_dir=str(root / "data"), cache_dir=str(cache),
                                   split="train")
