@@ -11,12 +11,14 @@ are read with ``.get``: a card renders from whatever stats the pipeline had.
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
 from builder.reasons import REASON_STAGE, Reason, reasons_markdown
-from builder.records import ACCEPTED_DOCS, ACCEPTED_SCHEMA
+from builder.records import ACCEPTED_DOCS, ACCEPTED_SCHEMA, REJECT_SCHEMA
 from builder.rights import SIGNAL_DOCS
 
 PARTIAL_MARKER = "> **PARTIAL DATASET**"
@@ -37,14 +39,47 @@ def _size_category(n: int) -> str:
     return "n>10M"
 
 
-def front_matter(spec_name: str, stats: Mapping[str, Any], parquet_splits: Iterable[str]
-                 ) -> str:
-    """The YAML header: name, task, size and a ``configs`` entry mapping splits to shards."""
+HF_LICENSES = frozenset({
+    "apache-2.0", "mit", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0",
+    "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0",
+    "cc-by-nd-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0",
+    "cc-by-nc-sa-4.0", "odc-by", "odbl", "pddl", "gfdl", "unlicense", "wtfpl", "bsd",
+    "bsd-2-clause", "bsd-3-clause", "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0"})
+"""Licence identifiers a Hugging Face dataset card's ``license`` field takes (the ones an image
+licence may map to; the Hub lists more)."""
+_CC0 = ("cc0", "cc0-1.0", "cc-zero", "cc-0", "cc-cc0", "cc-cc0-1.0")
+
+
+def hf_license(text: str) -> Optional[str]:
+    """The Hugging Face card identifier of an image licence as an engine gives it (``CC BY-SA
+    4.0``, ``CC-BY-4.0``, ``cc0``...), or None if it is none of ``HF_LICENSES``."""
+    key = re.sub(r"[\s_]+", "-", text.strip().lower()).strip("-")
+    key = re.sub(r"-+", "-", key)
+    if key in _CC0:
+        return "cc0-1.0"
+    return key if key in HF_LICENSES else None
+
+
+def license_ids(licenses: Mapping[str, int]) -> list[str]:
+    """The card's ``license`` identifiers for the licences seen (licence text -> images):
+    each one mapped, ``other`` for any that maps to none, ``unknown`` for images without."""
+    ids: set[str] = set()
+    for text, n in licenses.items():
+        if n:
+            ids.add((hf_license(text) or "other") if text.strip() else "unknown")
+    return sorted(ids) or ["unknown"]
+
+
+def front_matter(spec_name: str, stats: Mapping[str, Any], parquet_splits: Iterable[str],
+                 licenses: Optional[Mapping[str, int]] = None) -> str:
+    """The YAML header: name, task, size, the licences seen (``license_ids``) and a
+    ``configs`` entry mapping splits to shards."""
+    ids = license_ids(licenses or {})
     meta: dict[str, Any] = {
         "pretty_name": spec_name,
         "task_categories": ["image-classification"],
         "size_categories": [_size_category(int(stats.get("accepted") or 0))],
-        "license": "other",
+        "license": ids[0] if len(ids) == 1 else ids,
         "tags": ["pixcrawler", "web-images"],
     }
     splits = list(parquet_splits)
@@ -169,9 +204,27 @@ def _schema_table() -> str:
     return "\n".join(lines)
 
 
+def _date(value: Any) -> Any:
+    """A time as stats.json holds it (seconds since the epoch) as an ISO 8601 UTC date."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds")
+    return value
+
+
+def _license_table(licenses: Mapping[str, int]) -> str:
+    if not licenses:
+        return "_No image was accepted._"
+    lines = ["| licence (as the source gave it) | card id | images |", "|---|---|---:|"]
+    for text, n in sorted(licenses.items(), key=lambda kv: (-kv[1], kv[0])):
+        card_id = (hf_license(text) or "other") if text.strip() else "unknown"
+        lines.append(f"| {_cell(text) or '_(none given)_'} | `{card_id}` | {n} |")
+    return "\n".join(lines)
+
+
 def _summary(stats: Mapping[str, Any]) -> str:
-    rows = [("job", stats.get("job_id")), ("started", stats.get("started")),
-            ("finished", stats.get("finished")), ("duration (s)", stats.get("duration_s")),
+    rows = [("job", stats.get("job_id")), ("started", _date(stats.get("started"))),
+            ("finished", _date(stats.get("finished"))),
+            ("duration (s)", stats.get("duration_s")),
             ("candidates", stats.get("candidates")), ("accepted", stats.get("accepted")),
             ("rejected", stats.get("rejected"))]
     lines = ["| | |", "|---|---|"]
@@ -180,17 +233,22 @@ def _summary(stats: Mapping[str, Any]) -> str:
 
 
 def _layout(formats: Iterable[str], label_formats: Iterable[str],
-            image_label_files: Iterable[str] = ()) -> str:
+            image_label_files: Iterable[str] = (), nested: bool = False) -> str:
     formats = set(formats)
     label_formats = list(label_formats)
     image_label_files = list(image_label_files)
     lines = []
     if "parquet" in formats:
         lines.append("- `data/{split}-{shard:05d}.parquet`: Parquet shards, one row per image, "
-                     "the image bytes in column `image` (schema below)")
-    if "imagefolder" in formats:
+                     "the image in column `image` (schema below); their schema declares the "
+                     "Hugging Face features (`image` an Image, `label` a ClassLabel)")
+    if "imagefolder" in formats and nested:
         lines.append("- `imagefolder/{split}/{label}/{id}.{ext}`: the images as files "
                      "(a label with '/' nests, so the tree mirrors the class hierarchy)")
+    elif "imagefolder" in formats:
+        lines.append("- `imagefolder/{split}/{label}/{id}.{ext}`: the images as files, one "
+                     "folder per class (a hierarchical label's levels joined by `__`: "
+                     "`mammals__dog`)")
     if image_label_files and "imagefolder" in formats:
         names = ", ".join(f"`{{id}}.{fmt}`" for fmt in image_label_files)
         lines.append(f"- {names} next to each image: its label file (json / yaml: id, label, "
@@ -198,8 +256,9 @@ def _layout(formats: Iterable[str], label_formats: Iterable[str],
                      "height, image; csv: the same as one row with level_0.. columns; txt: "
                      "`label<TAB>class_index<TAB>url<TAB>license`)")
     if "webdataset" in formats:
-        lines.append("- `webdataset/{split}-{shard:05d}.tar`: WebDataset shards: `{id}.{ext}`, "
-                     "`{id}.json` (the row without the image), `{id}.cls` (class index)")
+        lines.append("- `webdataset/{split}-{shard:05d}.tar`: WebDataset shards: `{id}.jpg` "
+                     "(an RGB JPEG: the stored image, or one encoded from it), `{id}.json` (the "
+                     "row without the image), `{id}.cls` (class index)")
     structured = [f"`labels.{fmt}`" for fmt in label_formats if fmt != "txt"]
     if structured:
         lines.append(f"- {', '.join(structured)}: one entry per image: id, path (relative to "
@@ -209,8 +268,8 @@ def _layout(formats: Iterable[str], label_formats: Iterable[str],
         lines.append("- `labels.txt`: one line per image: `path<TAB>label`")
     lines += ["- `classes.json`, `classes.txt`: the class-index map (sorted full label paths "
               "-> 0..n-1; line i of classes.txt is class i)",
-              "- `rejects.parquet`, `rejects.csv`: one row per rejected candidate: url, label, "
-              "stage, reason, detail",
+              "- `rejects.parquet`, `rejects.csv`: one row per rejected candidate: "
+              + ", ".join(REJECT_SCHEMA.names),
               "- `stats.json`: the figures above, machine-readable",
               "- `_SUCCESS` (complete) or `_PARTIAL` (incomplete): written last, with the "
               "file list"]
@@ -220,15 +279,18 @@ def _layout(formats: Iterable[str], label_formats: Iterable[str],
 def render_card(spec_name: str, description: str, stats: Mapping[str, Any], spec_yaml: str, *,
                 parquet_splits: Iterable[str] = (), formats: Iterable[str] = ("parquet",),
                 label_formats: Iterable[str] = (), partial_reason: Optional[str] = None,
-                labels: Iterable[str] = (), image_label_files: Iterable[str] = ()) -> str:
+                labels: Iterable[str] = (), image_label_files: Iterable[str] = (),
+                licenses: Optional[Mapping[str, int]] = None, nested: bool = False) -> str:
     """The README.md text of a dataset.
 
     ``parquet_splits`` are the splits that have Parquet shards (for ``configs``);
     ``partial_reason`` (or ``stats['partial']``) puts a PARTIAL notice at the top. ``labels``
     (with those in ``stats['classes']``) give the class hierarchy, shown when a label nests.
+    ``licenses``: images per licence text ("" for none given); ``nested``: the ImageFolder
+    tree nests hierarchical labels (output.imagefolder_labels).
     """
     partial = partial_reason is not None or bool(stats.get("partial"))
-    parts = [front_matter(spec_name, stats, parquet_splits)]
+    parts = [front_matter(spec_name, stats, parquet_splits, licenses)]
     if partial:
         why = partial_reason or stats.get("partial_reason") or "the job did not finish"
         parts.append(partial_notice(str(why)))
@@ -244,8 +306,10 @@ def render_card(spec_name: str, description: str, stats: Mapping[str, Any], spec
     if any("/" in label for label in [*labels, *(stats.get("classes") or {})]):
         parts.append("## Class hierarchy\n\n" + hierarchy_markdown(labels, stats) + "\n")
     parts.append("## Rejected candidates by reason\n\n" + _reason_table(stats) + "\n")
+    parts.append("## Licences\n\n" + _license_table(licenses or {}) + "\n")
     parts.append("## Rights and opt-outs\n\n" + rights_markdown(stats) + "\n")
-    parts.append("## Files\n\n" + _layout(formats, label_formats, image_label_files) + "\n")
+    parts.append("## Files\n\n" + _layout(formats, label_formats, image_label_files, nested)
+                 + "\n")
     parts.append("## Schema of the Parquet shards\n\n" + _schema_table() + "\n")
     parts.append("## Reason codes\n\n" + reasons_markdown() + "\n")
     spec_text = spec_yaml.strip() or "# (not recorded)"

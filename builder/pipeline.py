@@ -368,7 +368,7 @@ class JobLifecycle:
         if self.merge:
             yield from published_manifest(self.uri, self.storage_options, self.spec)
         for table in self.journal.iter_tables("shards"):
-            yield from table.select(["id", "path", "label", "split"]).to_pylist()
+            yield from table.select(["id", "path", "label", "split", "license"]).to_pylist()
 
     def _reject_tables(self) -> Iterator[pa.Table]:
         assert self.journal is not None
@@ -440,14 +440,15 @@ def published_manifest(uri: str, storage_options: Optional[dict],
     if not paths and "parquet" not in formats:
         raise ResumeError(f"{uri} was written without the parquet format, which continuing "
                           "a dataset and retry-failed read their state from")
-    cols = ["id", "label", "split", "format", "width", "height", "bytes", "sha256", "url",
+    cols = ["id", "label_name", "split", "format", "width", "height", "bytes", "sha256", "url",
             "license", "author"]
+    nested = spec.output.imagefolder_labels == "nested"
     for path in paths:
         name = path.rsplit("/", 1)[-1][:-len(".parquet")]
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=cols)
-        for row in table.to_pylist():
-            yield manifest_entry(row, name, formats)
+        for row in table.rename_columns(["id", "label", *cols[2:]]).to_pylist():
+            yield manifest_entry(row, name, formats, nested)
 
 
 def index_payloads(client: DedupClient, uri: str, job_id: str,
@@ -479,10 +480,10 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
     root = root.rstrip("/")
     for path in sorted(fs.glob(f"{root}/data/*.parquet")):
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["id", "url", "label", "phash", "dhash"])
+            table = pq.read_table(f, columns=["id", "url", "label_name", "phash", "dhash"])
         urls, written = [], []
         for row in table.to_pylist():
-            claim = claim_of(Candidate(url=row["url"], label=row["label"]).key)
+            claim = claim_of(Candidate(url=row["url"], label=row["label_name"]).key)
             norm = normalise_url(row["url"] or "")
             if norm:
                 urls.append((url_hash(norm), claim))

@@ -54,7 +54,7 @@ BATCH = 256
 """Images re-fetched at a time in ``full`` mode (their bytes are dropped after each batch)."""
 REMOVAL_COLUMNS = ("id", "label", "split", "url", "final_url", "signal", "value", "source",
                    "reason", "detail")
-_READ_COLUMNS = ["id", "label", "split", "url", "final_url"]
+_READ_COLUMNS = ["id", "label_name", "split", "url", "final_url"]
 
 
 @dataclass
@@ -137,7 +137,9 @@ def _read(uri: str, path: str, storage_options: Optional[dict],
 def image_rows(uri: str, storage_options: Optional[dict] = None) -> Iterator[dict[str, str]]:
     """The dataset's images: id, label, split, url and final_url (no image bytes read)."""
     for path in _shards(uri, storage_options):
-        yield from _read(uri, path, storage_options, _READ_COLUMNS).to_pylist()
+        table = _read(uri, path, storage_options, _READ_COLUMNS)
+        yield from table.rename_columns(["label" if c == "label_name" else c
+                                         for c in table.column_names]).to_pylist()
 
 
 def recheck(uri: str, *, mode: str = "origins", download: Optional[DownloadSpec] = None,
@@ -240,7 +242,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     """A new dataset at ``out_uri``: the one at ``uri`` less the removed images, which join its
     rejects; returns the published URI."""
     from builder.journal import Journal
-    from builder.writers import DatasetPublisher, ShardWriter
+    from builder.writers import DatasetPublisher, ShardWriter, rows_of_output
 
     spec = dataset_spec(uri, storage_options)
     data = spec.model_dump(mode="json")
@@ -257,7 +259,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     numbers: dict[str, int] = {}
     manifest: list[dict[str, Any]] = []
     for path in _shards(uri, storage_options):
-        table = _read(uri, path, storage_options)
+        table = rows_of_output(_read(uri, path, storage_options))
         keep = pc.invert(pc.is_in(table["id"], pa.array(list(removed), pa.string())))
         table = table.filter(keep)
         for split in sorted(set(table["split"].to_pylist())):
@@ -265,7 +267,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
             number = numbers.get(split, 0)
             numbers[split] = number + 1
             manifest += writer.write(part, split, number, journal).select(
-                ["id", "path", "label", "split"]).to_pylist()
+                ["id", "path", "label", "split", "license"]).to_pylist()
     fs, root = open_fs(uri, storage_options)
     with storage_errors(uri, "read rejects and stats of"):
         rejects = pq.read_table(io.BytesIO(fs.cat_file(f"{root.rstrip('/')}/rejects.parquet")))

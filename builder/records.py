@@ -11,7 +11,9 @@ reaches the writer) or rejected (it reaches the rejects manifest), so
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -118,13 +120,15 @@ class Record:
         return own, own
 
 
-ACCEPTED_SCHEMA = pa.schema(
-    [
+def _row_fields(label: pa.Field, image: pa.Field, extra: tuple[pa.Field, ...] = ()
+                ) -> list[pa.Field]:
+    return [
         pa.field("id", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
+        label,
+        *extra,
         pa.field("label_levels", pa.list_(pa.string())),
         pa.field("split", pa.string()),
-        pa.field("image", pa.binary()),
+        image,
         pa.field("format", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -149,15 +153,33 @@ ACCEPTED_SCHEMA = pa.schema(
         pa.field("caption", pa.string()),
         pa.field("rights", RIGHTS_TYPE),
     ]
-)
-"""Schema of the Parquet shards: one row per accepted image, ``image`` holding its bytes."""
+
+
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+"""The ``image`` column of the shards: Hugging Face's ``Image`` storage, the stored bytes and
+the image's file name (``{id}.{ext}``, as in the ImageFolder tree)."""
+
+ROW_SCHEMA = pa.schema(_row_fields(pa.field("label", pa.string(), nullable=False),
+                                   pa.field("image", pa.binary())))
+"""Accepted rows as the stages hand them to the writer: ``label`` the label path, ``image`` the
+bytes (``accepted_row``). The writer turns them into ``ACCEPTED_SCHEMA`` (``output_table``)."""
+
+ACCEPTED_SCHEMA = pa.schema(_row_fields(
+    pa.field("label", pa.int64()), pa.field("image", IMAGE_TYPE),
+    (pa.field("label_name", pa.string(), nullable=False),)))
+"""Schema of the Parquet shards: one row per accepted image. ``label`` is the class index (in
+``classes.json``), ``label_name`` the label path, ``image`` {bytes, path}. Each shard's schema
+metadata declares its Hugging Face features (``shard_schema``)."""
 
 ACCEPTED_DOCS: dict[str, str] = {
     "id": "content-hash id: first 16 hex digits of sha256 of the stored image bytes' source",
-    "label": "the class label: its full path for a hierarchical spec (mammals/dog)",
+    "label": "the class index: line number in classes.txt of the label (a ClassLabel for "
+             "Hugging Face datasets)",
+    "label_name": "the class label: its full path for a hierarchical spec (mammals/dog)",
     "label_levels": "the label's hierarchy levels, top first (['mammals', 'dog'])",
-    "split": "train / val / test (or as the spec names them), deterministic by id",
-    "image": "the image bytes as stored (original, or resized / re-encoded per output options)",
+    "split": "train / validation / test (or as the spec names them), deterministic by id",
+    "image": "{bytes, path}: the image bytes as stored (original, or resized / re-encoded per "
+             "output options) and its file name {id}.{ext} (an Image for Hugging Face datasets)",
     "format": "format of the stored bytes: jpeg, png, webp, gif",
     "width": "width of the stored image in pixels",
     "height": "height of the stored image in pixels",
@@ -185,6 +207,43 @@ ACCEPTED_DOCS: dict[str, str] = {
               "verdict} (allow / refuse / none), in the order checked",
 }
 
+_HF_DTYPES = {pa.string(): "string", pa.binary(): "binary", pa.int32(): "int32",
+              pa.int64(): "int64", pa.float32(): "float32", pa.float64(): "float64",
+              pa.bool_(): "bool"}
+
+
+def _hf_feature(type_: pa.DataType) -> Any:
+    """An Arrow type as a Hugging Face feature in its JSON form (a list is ``[feature]``, the
+    form every ``datasets`` release reads)."""
+    if pa.types.is_list(type_):
+        return [_hf_feature(type_.value_type)]
+    if pa.types.is_struct(type_):
+        return {f.name: _hf_feature(f.type) for f in type_}
+    return {"dtype": _HF_DTYPES[type_], "_type": "Value"}
+
+
+def hf_features(labels: Sequence[str]) -> dict[str, Any]:
+    """The Hugging Face ``datasets`` features of the shards (``Features.to_dict`` form):
+    ``image`` an ``Image``, ``label`` a ``ClassLabel`` named by ``labels`` (the sorted label
+    paths, as in classes.json), every other column typed as stored."""
+    out: dict[str, Any] = {}
+    for f in ACCEPTED_SCHEMA:
+        if f.name == "image":
+            out[f.name] = {"_type": "Image"}
+        elif f.name == "label":
+            out[f.name] = {"names": list(labels), "_type": "ClassLabel"}
+        else:
+            out[f.name] = _hf_feature(f.type)
+    return out
+
+
+def shard_schema(labels: Sequence[str]) -> pa.Schema:
+    """``ACCEPTED_SCHEMA`` with its Hugging Face features in the schema metadata (key
+    ``huggingface``, as ``datasets`` writes it), so ``load_dataset`` types the columns."""
+    meta = {"info": {"features": hf_features(labels)}}
+    return ACCEPTED_SCHEMA.with_metadata({"huggingface": json.dumps(meta, ensure_ascii=False)})
+
+
 REJECT_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -203,7 +262,7 @@ REJECT_SCHEMA = pa.schema(
 
 
 def accepted_row(record: Record) -> dict[str, Any]:
-    """The output row of an accepted record, per ``ACCEPTED_SCHEMA``."""
+    """The row of an accepted record, per ``ROW_SCHEMA``."""
     c = record.candidate
     return {
         "id": record.id,

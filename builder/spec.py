@@ -141,6 +141,15 @@ def bad_name(name: str) -> bool:
     return not name or "/" in name or "\\" in name or name in (".", "..")
 
 
+FLAT_SEPARATOR = "__"
+"""What joins a label's levels into one ImageFolder folder name (output.imagefolder_labels)."""
+
+
+def flat_label(label: str) -> str:
+    """A label path as one folder name: its levels joined by ``FLAT_SEPARATOR``."""
+    return FLAT_SEPARATOR.join(label.split("/"))
+
+
 def bad_label_path(label: str) -> bool:
     """A label that cannot be a relative directory path: one of its '/'-separated parts is a
     ``bad_name`` (so an empty label, an empty part, '.', '..' or a backslash)."""
@@ -501,9 +510,18 @@ class OutputSpec(_Model):
     formats: list[OutputFormat] = Field(default_factory=lambda: ["parquet", "imagefolder"])
     label_formats: list[LabelFormat] = Field(default_factory=lambda: ["json", "csv", "yaml",
                                                                         "txt"])
-    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1,
-                                                               "test": 0.1})
+    splits: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
+        description="split name -> fraction, deterministic by image id; 'val' is read as "
+                    "'validation', the name Hugging Face datasets gives that split")
     shard_size: int = Field(default=1000, ge=1, description="images per Parquet/tar shard")
+    imagefolder_labels: Literal["flat", "nested"] = Field(
+        default="flat",
+        description="how a hierarchical label names its ImageFolder folder: flat, one folder "
+                    "named by the full label path joined with '__' (mammals__dog), so "
+                    "torchvision's and Hugging Face's imagefolder read the full label and two "
+                    "leaves of one name never merge; nested, one folder per level "
+                    "(mammals/dog/)")
     image_label_files: list[LabelFormat] = Field(
         default_factory=list,
         description="formats of a label file written next to each ImageFolder image "
@@ -534,6 +552,10 @@ class OutputSpec(_Model):
     def _splits(cls, v: dict[str, float]) -> dict[str, float]:
         if not v:
             raise ValueError("needs at least one split, e.g. {train: 1.0}")
+        if "val" in v:
+            if "validation" in v:
+                raise ValueError("'val' and 'validation' name one split; keep 'validation'")
+            v = {("validation" if k == "val" else k): f for k, f in v.items()}
         problems = []
         for name in v:
             if _control_chars(name):
@@ -688,6 +710,8 @@ class DatasetSpec(_Model):
                 problems.append((where[label], f"{label!r} is a class and also the parent of "
                                  f"{parents[label]!r}: only leaves are classes; move {label!r} "
                                  f"to a child such as '{label}/other'"))
+        if not problems:
+            problems += self._flat_folder_problems(where)
         if problems:
             raise _SpecProblems(problems)
         if not self.classes:
@@ -696,6 +720,25 @@ class DatasetSpec(_Model):
         if not self.sources and not any(c.urls for c in self.classes.values()):
             raise _SpecProblems([("sources", "needs at least one source (or per-class 'urls')")])
         return self
+
+    def _flat_folder_problems(self, where: dict[str, str]) -> list[tuple[str, str]]:
+        """Labels whose flat ImageFolder folder names collide or are too long."""
+        if self.output.imagefolder_labels != "flat" or "imagefolder" not in self.output.formats:
+            return []
+        problems, seen = [], {}
+        for label in self.classes:
+            folder = flat_label(label)
+            if len(folder.encode("utf-8")) > NAME_MAX_BYTES:
+                problems.append((where[label], (
+                    f"label {label[:20]!r}... makes a flat ImageFolder folder name of "
+                    f"{len(folder.encode('utf-8'))} bytes (at most {NAME_MAX_BYTES}): shorten "
+                    "it or set output.imagefolder_labels: nested")))
+            elif folder in seen:
+                problems.append((where[label], (
+                    f"labels {seen[folder]!r} and {label!r} both make the ImageFolder folder "
+                    f"{folder!r}: rename one or set output.imagefolder_labels: nested")))
+            seen.setdefault(folder, label)
+        return problems
 
     @field_serializer("classes")
     def _dump_classes(self, classes: dict[str, ClassSpec]) -> dict[str, ClassSpec]:

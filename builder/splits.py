@@ -1,4 +1,4 @@
-"""Deterministic train/val/test assignment by image id."""
+"""Deterministic train/validation/test assignment by image id."""
 
 from __future__ import annotations
 

@@ -64,6 +64,36 @@ def plain_mode(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _rgb(img: Image.Image) -> Image.Image:
+    """A plain-mode image as RGB (alpha dropped)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("P", "LA", "RGBA"):
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+WEBDATASET_QUALITY = 95
+
+
+def rgb_jpeg(data: bytes, fmt: str) -> bytes:
+    """The image as an RGB JPEG: ``data`` itself when it is one, else its first frame (EXIF
+    orientation applied, alpha dropped) encoded at quality ``WEBDATASET_QUALITY``. An image
+    Pillow cannot rewrite keeps its bytes (with a warning): it was accepted and counted."""
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            if src.format == "JPEG" and src.mode == "RGB":
+                return data
+            img = _rgb(plain_mode(ImageOps.exif_transpose(src)))
+            out = io.BytesIO()
+            img.save(out, "JPEG", quality=WEBDATASET_QUALITY)
+    except _TRANSFORM_ERRORS as exc:
+        log.warning("cannot encode a %s image as JPEG (%s: %s); keeping its bytes", fmt,
+                    type(exc).__name__, exc)
+        return data
+    return out.getvalue()
+
+
 @dataclass
 class ImageTransformer:
     resize: Optional[ResizeSpec] = None
@@ -103,9 +133,8 @@ class ImageTransformer:
             fmt = self.encode.format if self.encode else fmt
             if fmt not in _SAVE_FORMATS:
                 fmt = "png"
-            if fmt == "jpeg" and img.mode != "RGB":
-                img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "RGBA") \
-                    else img.convert("RGB")
+            if fmt == "jpeg":
+                img = _rgb(img)
             out = io.BytesIO()
             quality = self.encode.quality if self.encode else 95
             img.save(out, _SAVE_FORMATS[fmt], **({"quality": quality}
@@ -131,7 +160,7 @@ class ImageTransformer:
         return record
 
     def apply_row(self, row: dict) -> dict:
-        """The same on an output row (``builder.records.ACCEPTED_SCHEMA``)."""
+        """The same on a row (``builder.records.ROW_SCHEMA``)."""
         row["image"], row["format"], row["width"], row["height"] = self.transform_or_keep(
             row["image"], row["format"], row["width"], row["height"],
             row.get("url") or row.get("id") or "an image")

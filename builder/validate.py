@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
 import warnings
 import zlib
@@ -46,6 +47,7 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError)
 """What Pillow raises on malformed data (TypeError: e.g. a TIFF page without dimensions)."""
+_PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 _EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, struct.error, UnicodeDecodeError)
 """What reading a malformed EXIF block raises once the pixels are decoded (no OSError: that
 would be the decoder's, and the image is loaded before EXIF is read)."""
@@ -78,13 +80,20 @@ class ImageValidator:
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            return record.reject(Reason.DECOMPRESSION_BOMB, str(exc))
+            return record.reject(Reason.DECOMPRESSION_BOMB, self._bomb_detail(exc))
         except UnidentifiedImageError:
             return record.reject(Reason.DECODE_ERROR, "not a recognised image")
         except _DECODE_ERRORS as exc:
             return record.reject(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
         with img:
             return self._check_open(record, img, data)
+
+    def _bomb_detail(self, exc: Image.DecompressionBombError) -> str:
+        """Pillow's refusal in the spec's terms: it names its own limit (twice
+        ``Image.MAX_IMAGE_PIXELS``), the job's limit is ``max_pixels``."""
+        found = _PILLOW_BOMB_SIZE.search(str(exc))
+        size = f"{found[1]} pixels" if found else "more pixels than Pillow opens"
+        return f"{size} > max_pixels {self.cfg.max_pixels}"
 
     def _check_open(self, record: Record, img: Image.Image, data: bytes) -> Record:
         cfg = self.cfg
@@ -112,7 +121,7 @@ class ImageValidator:
             prepare(img)
             img.load()
         except Image.DecompressionBombError as exc:
-            return record.reject(Reason.DECOMPRESSION_BOMB, str(exc))
+            return record.reject(Reason.DECOMPRESSION_BOMB, self._bomb_detail(exc))
         except EOFError as exc:
             return record.reject(Reason.TRUNCATED, f"EOFError: {exc}")
         except _DECODE_ERRORS as exc:

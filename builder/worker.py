@@ -123,10 +123,38 @@ class JobPlan:
     buffer_bytes: int = 512 << 20
 
 
+MIX_SHARDS = 4
+"""A worker holds up to this many shards' worth of a split's rows before it writes one, so a
+shard draws on several units (a unit holds one class's images)."""
+
+
+def mixed_take(labels: list[str], n: int) -> list[int]:
+    """Which ``n`` of the buffered rows (their labels, oldest first) make the next shard: the
+    classes in turn, in label order, each class's oldest rows first. Every class present
+    gives rows to every shard, and no row waits behind later rows of its own class."""
+    queues: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        queues.setdefault(label, []).append(i)
+    order = [queues[label] for label in sorted(queues)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:
+        for queue in order:
+            if depth < len(queue):
+                picked.append(queue[depth])
+                if len(picked) == n:
+                    break
+        depth += 1
+    return sorted(picked)
+
+
 class ShardAssembler:
-    """Collects a worker's accepted rows per split and writes shards of ``shard_size`` rows
-    (shorter only at the end, or when ``buffer_bytes`` is reached); commits units whose images
-    are all written. CPU and storage work runs on ``run_io`` (a thread)."""
+    """Collects a worker's accepted rows per split and writes shards of exactly ``shard_size``
+    rows: one once the split holds ``MIX_SHARDS`` shards' worth (classes taken in turn,
+    ``mixed_take``), and early, still ``shard_size`` rows where the split has them, when
+    ``buffer_bytes`` is reached; ``flush`` writes the rest, its last shard per split short.
+    Commits units whose images are all written. CPU and storage work runs on ``run_io`` (a
+    thread)."""
 
     def __init__(self, plan: JobPlan, writer: ShardWriter, journal: Journal,
                  services: WorkerServices, run_io: Callable[..., Awaitable[Any]]):
@@ -160,7 +188,7 @@ class ShardAssembler:
             else:
                 await self._commit(unit.uid)
             for split in list(self.buffers):
-                while self._rows(split) >= self.shard_size:
+                while self._rows(split) >= self.shard_size * MIX_SHARDS:
                     await self._write(split, self.shard_size)
             while self.buffered_bytes > self.plan.buffer_bytes and self.buffers:
                 largest = max(self.buffers, key=self._rows)
@@ -186,21 +214,15 @@ class ShardAssembler:
         return out
 
     async def _write(self, split: str, n: int) -> None:
-        parts, taken = self.buffers[split], []
-        need = n
-        while need:
-            head = parts[0]
-            if head.num_rows <= need:
-                taken.append(parts.pop(0))
-                need -= head.num_rows
-            else:
-                taken.append(head.slice(0, need))
-                parts[0] = head.slice(need)
-                need = 0
-        if not parts:
-            del self.buffers[split]
-        table = pa.concat_tables(taken)
-        self.buffered_bytes -= table.nbytes
+        held = pa.concat_tables(self.buffers.pop(split))
+        picked = mixed_take(held["label"].to_pylist(), n)
+        table = held.take(picked)
+        if held.num_rows > n:
+            chosen = set(picked)
+            rest = held.take([i for i in range(held.num_rows) if i not in chosen])
+            self.buffers[split] = [rest]
+            self.buffered_bytes += rest.nbytes
+        self.buffered_bytes -= held.nbytes
         number = await self.services.next_shard(split)
         ref = (self.splits.index(split) << 32) | number if split in self.splits else number
         ids = [id_number(i) for i in table["id"].to_pylist()]
@@ -685,15 +707,15 @@ def _short(exc: Exception, limit: int = 300) -> str:
 
 
 def _buffer_schema() -> pa.Schema:
-    from builder.records import ACCEPTED_SCHEMA
+    from builder.records import ROW_SCHEMA
 
-    return pa.schema(list(ACCEPTED_SCHEMA) + [
+    return pa.schema(list(ROW_SCHEMA) + [
         pa.field("_uid", pa.string()), pa.field("_claim", pa.uint64()),
         pa.field("_sig_a", pa.list_(pa.uint64())), pa.field("_sig_b", pa.list_(pa.uint64()))])
 
 
 _BUFFER_SCHEMA = _buffer_schema()
-"""The accepted rows a worker buffers: the output schema plus what the journal needs."""
+"""The accepted rows a worker buffers: the row schema plus what the journal needs."""
 
 
 def _empty_rows() -> pa.Table:

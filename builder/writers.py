@@ -2,19 +2,22 @@
 
 Layout of a published dataset at ``URI`` (a local directory, ``s3://bucket/prefix``, ...)::
 
-    URI/data/{split}-{shard:05d}.parquet      Parquet shards, ``output.shard_size`` rows each (a
-                                              split's last shards may be short), schema
-                                              builder.records.ACCEPTED_SCHEMA, image bytes in
-                                              column ``image``; Hugging Face split naming, so
-                                              load_dataset("parquet", data_dir=URI/data) finds
-                                              the splits (train / val -> validation / test)
-    URI/imagefolder/{split}/{label}/{id}.{ext}  the images as files; a label 'a/b' nests (a/b/),
-                                              so the tree mirrors the class hierarchy
-    URI/imagefolder/{split}/{label}/{id}.{fmt}  with output.image_label_files: one label file
+    URI/data/{split}-{shard:05d}.parquet      Parquet shards of ``output.shard_size`` rows (a
+                                              worker's last shard of a split may be short),
+                                              schema builder.records.ACCEPTED_SCHEMA with the
+                                              Hugging Face features in its metadata
+                                              (``shard_schema``): ``image`` {bytes, path} an
+                                              Image, ``label`` a ClassLabel of classes.json,
+                                              ``label_name`` the label path
+    URI/imagefolder/{split}/{folder}/{id}.{ext}  the images as files; the folder of label 'a/b'
+                                              is 'a__b' (output.imagefolder_labels: flat), or
+                                              nests as a/b/ (nested)
+    URI/imagefolder/{split}/{folder}/{id}.{fmt}  with output.image_label_files: one label file
                                               per image next to it (see "Per-image label files")
     URI/webdataset/{split}-{shard:05d}.tar    WebDataset shards (the same rows as the Parquet
-                                              shard of that name): {id}.{ext}, {id}.json (the
-                                              row without the image), {id}.cls (class index)
+                                              shard of that name): {id}.jpg (an RGB JPEG, see
+                                              ``_write_tar``), {id}.json (the row without the
+                                              image), {id}.cls (class index)
     URI/labels.json|csv|yaml|txt              one entry per image: id, path (relative to URI: the
                                               imagefolder file if written, else the Parquet shard,
                                               else the tar), label, label_index, split, then
@@ -63,8 +66,9 @@ marker while the new run writes. Two jobs writing into one URI at the same time 
 supported.
 
 ``ShardWriter`` holds only configuration, so it pickles to workers; shard numbers come from the
-job's quota ledger, so names are unique across workers. Rows are ordered within a shard by a
-hash of their ids: classes mix, and the same rows always give byte-identical files.
+job's quota ledger, so names are unique across workers. Which rows make a shard is the worker's
+choice (``builder.worker.ShardAssembler``); within a shard they are ordered by a hash of their
+ids, and the same rows always give byte-identical files.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ import io
 import json
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
@@ -88,8 +93,9 @@ import yaml
 from builder import card as card_mod
 from builder.errors import OutputExistsError, StorageError
 from builder.journal import SHARD_SCHEMA
-from builder.records import ACCEPTED_SCHEMA, REJECT_SCHEMA
-from builder.spec import OutputSpec, bad_label_path, bad_name
+from builder.records import ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, shard_schema
+from builder.spec import OutputSpec, bad_label_path, bad_name, flat_label
+from builder.transform import rgb_jpeg
 from builder.storage import (
     atomic_open,
     atomic_write,
@@ -130,7 +136,7 @@ _PARQUET_OPTIONS: dict[str, Any] = {
                     for p in _COLUMN_PATHS[n]},
     # The rights ledger repeats a few strings per origin: dictionary-encoded it costs a few
     # bytes an image.
-    "use_dictionary": [p for n in ("label", "label_levels", "split", "format", "query",
+    "use_dictionary": [p for n in ("label_name", "label_levels", "split", "format", "query",
                                    "engine", "license", "author", "rights")
                        for p in _COLUMN_PATHS[n]],
     "write_statistics": [p for n in _NAMES if n not in ("image", "rights")
@@ -152,7 +158,7 @@ _MANIFEST_KEYS = ("id", "label", "split", "path", "format", "width", "height", "
                   "url", "license", "author", "shard")
 
 Rows = Union[list[dict[str, Any]], pa.Table, dict[str, Any]]
-"""Accepted rows: dicts per ACCEPTED_SCHEMA, an Arrow table, or a dict of columns (a pandas
+"""Accepted rows: dicts per ROW_SCHEMA, an Arrow table, or a dict of columns (a pandas
 DataFrame works too)."""
 
 
@@ -235,8 +241,8 @@ def render_image_label(fmt: str, info: dict[str, Any], depth: int) -> bytes:
     raise ValueError(f"unknown label format {fmt!r}; valid: json, csv, yaml, txt")
 
 
-def to_accepted_table(rows: Rows) -> pa.Table:
-    """Rows as a table of ``ACCEPTED_SCHEMA``: a list of dicts, an Arrow table, a pandas
+def to_row_table(rows: Rows) -> pa.Table:
+    """Rows as a table of ``ROW_SCHEMA``: a list of dicts, an Arrow table, a pandas
     DataFrame or a dict of columns (Ray Data's "numpy" batches).
 
     Missing columns become nulls, extra columns are dropped, types are cast to the schema.
@@ -248,14 +254,42 @@ def to_accepted_table(rows: Rows) -> pa.Table:
     elif hasattr(rows, "to_dict") and hasattr(rows, "columns"):
         table = pa.Table.from_pandas(rows, preserve_index=False)
     else:
-        return pa.Table.from_pylist(list(rows), schema=ACCEPTED_SCHEMA)
+        return pa.Table.from_pylist(list(rows), schema=ROW_SCHEMA)
     columns = []
-    for f in ACCEPTED_SCHEMA:
+    for f in ROW_SCHEMA:
         if f.name in table.column_names:
             columns.append(table[f.name].cast(f.type))
         else:
             columns.append(pa.nulls(table.num_rows, f.type))
-    return pa.Table.from_arrays(columns, schema=ACCEPTED_SCHEMA)
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
+
+
+def output_table(rows: pa.Table, labels: Sequence[str]) -> pa.Table:
+    """Rows (``ROW_SCHEMA``) as shard rows (``shard_schema(labels)``): ``label`` the index of
+    the label path in ``labels`` (sorted, as classes.json), ``label_name`` the path, ``image``
+    {bytes, path: the image's file name}."""
+    index = pc.index_in(rows["label"], value_set=pa.array(list(labels), pa.string()))
+    if index.null_count:
+        missing = sorted(set(pc.filter(rows["label"], pc.is_null(index)).to_pylist()))
+        raise ValueError(f"labels {missing} are not among the dataset's labels {list(labels)}")
+    names = [f"{i}.{extension_of(fmt, data)}" for i, fmt, data in zip(
+        rows["id"].to_pylist(), rows["format"].to_pylist(), rows["image"].to_pylist())]
+    image = pa.StructArray.from_arrays(
+        [rows["image"].combine_chunks(), pa.array(names, pa.string())],
+        fields=list(ACCEPTED_SCHEMA.field("image").type))
+    columns = {"label": index.cast(pa.int64()), "label_name": rows["label"], "image": image}
+    schema = shard_schema(labels)
+    return pa.Table.from_arrays(
+        [columns[f.name] if f.name in columns else rows[f.name] for f in schema], schema=schema)
+
+
+def rows_of_output(table: pa.Table) -> pa.Table:
+    """Shard rows read back (``ACCEPTED_SCHEMA``) as rows (``ROW_SCHEMA``), to write again."""
+    image = table["image"].combine_chunks()
+    columns = {"label": table["label_name"], "image": image.field("bytes")}
+    return pa.Table.from_arrays(
+        [columns[f.name] if f.name in columns else table[f.name] for f in ROW_SCHEMA],
+        schema=ROW_SCHEMA)
 
 
 def _now() -> str:
@@ -286,11 +320,13 @@ def _safe_relative(path: Any) -> Optional[str]:
     return path
 
 
-def image_rel(row: dict[str, Any]) -> str:
-    """Where an image lives in the ImageFolder tree: imagefolder/{split}/{label}/{id}.{ext}."""
+def image_rel(row: dict[str, Any], nested: bool = False) -> str:
+    """Where an image lives in the ImageFolder tree: imagefolder/{split}/{folder}/{id}.{ext},
+    the folder the label with its levels joined by '__' (``nested``: a folder per level)."""
     ext = extension_of(row["format"], row.get("image"))
-    return "imagefolder/" + "/".join([row["split"], *check_label_path(row["label"]),
-                                      f"{row['id']}.{ext}"])
+    parts = check_label_path(row["label"])
+    folders = parts if nested else [flat_label(row["label"])]
+    return "imagefolder/" + "/".join([row["split"], *folders, f"{row['id']}.{ext}"])
 
 
 def shard_name(split: str, number: int) -> str:
@@ -327,7 +363,7 @@ class ShardWriter:
         """Write shard ``{split}-{number:05d}`` of ``rows`` (all of split ``split``) and commit
         it in ``journal``; returns the committed shard rows (``journal.SHARD_SCHEMA``).
         ``extra``: per-row ``uid``, ``claim``, ``sig_a``, ``sig_b`` for the journal."""
-        table = to_accepted_table(rows)
+        table = to_row_table(rows)
         if table.num_rows == 0:
             raise ValueError("a shard needs at least one row")
         self._check_rows(table, split)
@@ -335,9 +371,9 @@ class ShardWriter:
         table = table.take(order)
         extra = {k: [v[i] for i in order] for k, v in (extra or {}).items()}
         levels = pa.array([label.split("/") for label in table["label"].to_pylist()],
-                          ACCEPTED_SCHEMA.field("label_levels").type)
-        table = table.set_column(ACCEPTED_SCHEMA.get_field_index("label_levels"),
-                                 ACCEPTED_SCHEMA.field("label_levels"), levels).combine_chunks()
+                          ROW_SCHEMA.field("label_levels").type)
+        table = table.set_column(ROW_SCHEMA.get_field_index("label_levels"),
+                                 ROW_SCHEMA.field("label_levels"), levels).combine_chunks()
         name = shard_name(split, number)
         formats = set(self.output.formats)
         fs, root = self._fs()
@@ -348,7 +384,9 @@ class ShardWriter:
         if formats & {"imagefolder", "webdataset"}:
             for r, image in zip(rows_py, table["image"].to_pylist()):
                 r["image"] = image
-        image_rels = [image_rel(r) for r in rows_py] if "imagefolder" in formats else []
+        nested = self.output.imagefolder_labels == "nested"
+        image_rels = ([image_rel(r, nested) for r in rows_py] if "imagefolder" in formats
+                      else [])
         files: dict[str, bytes] = {}
         if "imagefolder" in formats:
             files = {rel: r["image"] or b"" for rel, r in zip(image_rels, rows_py)}
@@ -359,12 +397,12 @@ class ShardWriter:
             journal.write_shard_intent(name, written)
             if "parquet" in formats:
                 with atomic_open(fs, f"{root}/data/{name}.parquet") as f:
-                    pq.write_table(table, f, **_PARQUET_OPTIONS)
+                    pq.write_table(output_table(table, self.labels), f, **_PARQUET_OPTIONS)
             if "webdataset" in formats:
                 with atomic_open(fs, f"{root}/webdataset/{name}.tar") as f:
                     self._write_tar(f, rows_py)
             self._put_files(fs, root, files)
-        entries = [manifest_entry(r, name, formats) for r in rows_py]
+        entries = [manifest_entry(r, name, formats, nested) for r in rows_py]
         shard_rows = pa.Table.from_pylist([
             {**{k: e[k] for k in ("id", "label", "split", "path", "format", "width", "height",
                                   "bytes", "sha256", "url", "license", "author")},
@@ -414,22 +452,26 @@ class ShardWriter:
         return files
 
     def _write_tar(self, f: Any, rows: list[dict[str, Any]]) -> None:
+        """Every image under the one key ``jpg``: an RGB JPEG as stored, any other image as
+        an RGB JPEG encoded from it (``transform.rgb_jpeg``), so readers that pick samples by
+        key (``to_tuple("jpg", "cls")``) or stack decoded images (Ray Data) take them all."""
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for r in rows:
                 key = r["id"]
-                image = r["image"] or b""
-                _tar_member(tar, f"{key}.{extension_of(r['format'], image)}", image)
+                _tar_member(tar, f"{key}.jpg", rgb_jpeg(r["image"] or b"", r["format"]))
                 _tar_member(tar, f"{key}.cls", str(self.index[r["label"]]).encode())
                 meta = {k: v for k, v in r.items() if k != "image"}
                 _tar_member(tar, f"{key}.json",
                             json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
-def manifest_entry(row: dict[str, Any], name: str, formats: set[str]) -> dict[str, Any]:
-    """The manifest entry of an output row written in shard ``name``: the path points into the
-    ImageFolder tree if written, else the Parquet shard, else the tar."""
+def manifest_entry(row: dict[str, Any], name: str, formats: set[str],
+                   nested: bool = False) -> dict[str, Any]:
+    """The manifest entry of a row written in shard ``name``: the path points into the
+    ImageFolder tree if written (``nested``: its label folders nest), else the Parquet shard,
+    else the tar."""
     if "imagefolder" in formats:
-        path = image_rel(row)
+        path = image_rel(row, nested)
     elif "parquet" in formats:
         path = f"data/{name}.parquet"
     else:
@@ -646,14 +688,16 @@ class DatasetPublisher:
                 partial_reason: Optional[str] = None) -> str:
         """Write the dataset-level files, then the marker, last; returns the URI.
 
-        ``manifest_rows``: every image's manifest entry (``id, label, split, path``...),
+        ``manifest_rows``: every image's manifest entry (``id, label, split, path, license``),
         streamed; ``reject_tables``: the rejected candidates, streamed."""
         fs, root = self._fs()
         with storage_errors(self.uri, "publish to"):
             counts = {"images": 0}
+            licenses: Counter[str] = Counter()
             with LabelManifests(fs, root, self.output.label_formats, self.labels) as labels:
                 for row in manifest_rows:
                     labels.add(row)
+                    licenses[row.get("license") or ""] += 1
             counts["images"] = labels.count
             rejected = write_rejects(fs, root, reject_tables)
             if partial_reason is not None:
@@ -667,7 +711,8 @@ class DatasetPublisher:
                 spec_name, description, stats, spec_yaml, parquet_splits=parquet_splits,
                 formats=self.output.formats, label_formats=self.output.label_formats,
                 partial_reason=partial_reason, labels=self.labels,
-                image_label_files=self.output.image_label_files)
+                image_label_files=self.output.image_label_files, licenses=licenses,
+                nested=self.output.imagefolder_labels == "nested")
             atomic_write(fs, f"{root}/README.md", text.encode("utf-8"))
             atomic_write(fs, f"{root}/spec.yaml", spec_yaml.encode("utf-8"))
             files = self._listed_files(fs, root)

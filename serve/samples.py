@@ -1,9 +1,9 @@
 """Thumbnails of a finished job's accepted images, for the page's gallery.
 
-They are read from the dataset's Parquet shards (``data/*.parquet``: ``id``, ``label``,
-``split``, ``image``), else from its ``imagefolder/{split}/{label}/`` files, and answered as small
-JPEG ``data:`` URLs so the page needs no second request per image. A finished dataset does not
-change, so answers are kept in a small LRU.
+They are read from the dataset's Parquet shards (``data/*.parquet``: ``id``, ``label_name``,
+``split``, ``image.bytes``), else from its ``imagefolder/{split}/{label}/`` files, and answered
+as small JPEG ``data:`` URLs so the page needs no second request per image. A finished dataset
+does not change, so answers are kept in a small LRU.
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ def _from_parquet(fs: Any, shards: list[str], label: Optional[str],
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             names = set(parquet.schema_arrow.names)
-            columns = [c for c in ("id", "label", "split", "image") if c in names]
+            columns = [c for c in ("id", "label_name", "split", "image") if c in names]
             for batch in parquet.iter_batches(batch_size=64, columns=columns):
                 for row in batch.to_pylist():
-                    if label is not None and row.get("label") != label:
+                    row["label"] = row.pop("label_name", None)
+                    if label is not None and row["label"] != label:
                         continue
-                    thumb = thumbnail(row.get("image") or b"")
+                    thumb = thumbnail((row.get("image") or {}).get("bytes") or b"")
                     if thumb:
                         out.append({"id": row.get("id"), "label": row.get("label"),
                                     "split": row.get("split"), "thumbnail": thumb})

@@ -18,6 +18,7 @@ from PIL import Image
 from builder.card import hierarchy_markdown
 from builder.pipeline import run_local
 from builder.records import Candidate, Record, accepted_row
+from builder.errors import SpecError
 from builder.spec import parse_spec
 from fsspec.implementations.local import LocalFileSystem
 
@@ -35,7 +36,7 @@ SPEC = {
     },
     "output": {"formats": ["parquet", "imagefolder"], "image_label_files": FORMATS},
 }
-SPLITS = ("train", "train", "val", "test")
+SPLITS = ("train", "train", "validation", "test")
 
 
 def _jpeg(seed: int) -> bytes:
@@ -81,17 +82,21 @@ def write_dataset(spec, out, rows, labels, job_id: str = "job1") -> list[dict]:
     return manifest
 
 
-@pytest.fixture
-def published(tmp_path):
-    spec = parse_spec(SPEC)
+@pytest.fixture(params=["flat", "nested"])
+def published(tmp_path, request):
+    spec = parse_spec({**SPEC, "output": {**SPEC["output"],
+                                          "imagefolder_labels": request.param}})
     out = tmp_path / "ds"
     rows = make_rows(spec.labels)
     manifest = write_dataset(spec, out, rows, spec.labels)
     return spec, out, rows, manifest
 
 
-def test_the_imagefolder_tree_mirrors_the_hierarchy(published):
+def test_the_imagefolder_tree_names_each_class_by_its_full_path(published):
+    """flat (the default): one folder per class, its levels joined by '__', so readers that
+    take folder names as classes read the full label; nested: the tree mirrors the levels."""
     spec, out, rows, manifest = published
+    nested = spec.output.imagefolder_labels == "nested"
     root = out / "imagefolder"
     images = sorted(p.relative_to(root) for p in root.rglob("*.jpg"))
     assert len(images) == len(rows)
@@ -100,9 +105,20 @@ def test_the_imagefolder_tree_mirrors_the_hierarchy(published):
         split, *levels, _ = rel.parts
         assert split in SPLITS
         folders.add("/".join(levels))
-    assert folders == set(spec.labels)
-    assert (out / "imagefolder/train/animals/mammals/red_fox").is_dir()
+    if nested:
+        assert folders == set(spec.labels)
+        assert (out / "imagefolder/train/animals/mammals/red_fox").is_dir()
+    else:
+        assert folders == {label.replace("/", "__") for label in spec.labels}
+        assert (out / "imagefolder/train/animals__mammals__red_fox").is_dir()
     assert {m["path"] for m in manifest} == {f"imagefolder/{p}" for p in map(str, images)}
+
+
+def test_flat_folder_names_that_collide_are_refused():
+    with pytest.raises(SpecError, match="both make the ImageFolder folder 'a__b__c'"):
+        parse_spec({**SPEC, "classes": {"a__b/c": None, "a/b__c": None}})
+    parse_spec({**SPEC, "classes": {"a__b/c": None, "a/b__c": None},
+                "output": {**SPEC["output"], "imagefolder_labels": "nested"}})
 
 
 def test_every_image_has_a_label_file_in_each_format(published):
@@ -195,10 +211,10 @@ def test_parquet_keeps_the_full_path_and_each_level(published):
     _, out, rows, _ = published
     table = read_dataset(str(out))
     assert table.num_rows == len(rows)
-    for r in table.select(["label", "label_levels"]).to_pylist():
-        assert r["label_levels"] == r["label"].split("/")
+    for r in table.select(["label_name", "label_levels"]).to_pylist():
+        assert r["label_levels"] == r["label_name"].split("/")
     shard = next((out / "data").glob("*.parquet"))
-    column = pq.ParquetFile(shard).metadata.row_group(0).column(2)
+    column = pq.ParquetFile(shard).metadata.row_group(0).column(3)
     assert column.path_in_schema == "label_levels.list.element"
     assert column.compression == "ZSTD"
 
@@ -260,7 +276,7 @@ def test_a_nested_spec_runs_end_to_end(sandbox, tmp_path):
     assert len(infos) == 7
     for info in infos:
         assert info["class_index"] == classes[info["label"]]
-        folder = Path(out / "imagefolder" / info["split"] / info["label"])
+        folder = Path(out / "imagefolder" / info["split"] / info["label"].replace("/", "__"))
         assert (folder / info["image"]).is_file() and (folder / f"{info['id']}.txt").is_file()
     assert sorted(pq.read_table(out / "data").column("label_levels").to_pylist()) == sorted(
         [["pets", "cat"]] * 3 + [["pets", "dog"]] * 2 + [["wild", "birds", "bird"]] * 2)

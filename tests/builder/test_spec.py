@@ -201,8 +201,11 @@ def test_names_near_the_rules_stay_valid(name):
 
 
 def test_a_whole_label_is_at_most_1024_bytes():
-    parts = ["x" * 200] * 5  # 1004 bytes: fits
-    assert parse_spec({**MINIMAL, "classes": {"/".join(parts): None}}).labels
+    parts = ["x" * 200] * 5  # 1004 bytes: fits, in a nested ImageFolder tree
+    nested = {"output": {"imagefolder_labels": "nested"}}
+    assert parse_spec({**MINIMAL, **nested, "classes": {"/".join(parts): None}}).labels
+    flat = problems({**MINIMAL, "classes": {"/".join(parts): None}})
+    assert "flat ImageFolder folder name of 1008 bytes (at most 255)" in "".join(flat.values())
     long = "/".join(parts + ["abcdefghijklmnopqrst"])  # 1025 bytes
     found = problems({**MINIMAL, "classes": {long: None}})
     assert list(found) == [f"classes.{long}"] and "at most 1024 bytes" in found[f"classes.{long}"]
@@ -258,3 +261,12 @@ def test_the_default_batch_size_follows_the_jobs_total_target(targets, expected)
 def test_a_batch_size_in_the_spec_wins():
     spec = parse_spec({**MINIMAL, "target": 40000, "resources": {"batch_size": 16}})
     assert spec.batch_size() == 16
+
+
+def test_the_validation_split_has_one_name():
+    """Hugging Face names the split 'validation' however it is found; the spec does too."""
+    assert list(parse_spec(MINIMAL).output.splits) == ["train", "validation", "test"]
+    spec = parse_spec({**MINIMAL, "output": {"splits": {"train": 0.9, "val": 0.1}}})
+    assert spec.output.splits == {"train": 0.9, "validation": 0.1}
+    found = problems({**MINIMAL, "output": {"splits": {"val": 0.5, "validation": 0.5}}})
+    assert "keep 'validation'" in "".join(found.values())

@@ -8,7 +8,8 @@ from PIL import Image
 
 from builder.records import Candidate, Record
 from builder.spec import EncodeSpec, ResizeSpec, ValidationSpec
-from builder.transform import ImageTransformer
+from builder.sandbox.corpus import BOMB_SIDE, bomb_png
+from builder.transform import ImageTransformer, rgb_jpeg
 from builder.validate import ImageValidator, gif_truncation
 from tests.images import encode, jpeg, picture
 
@@ -66,6 +67,27 @@ def test_sides_aspect_and_bomb():
     assert check(jpeg(4, (1000, 100))).reason == "bad_aspect_ratio"
     assert check(jpeg(4, (600, 400)), max_side=500).reason == "too_large"
     assert check(jpeg(4, (600, 400)), max_pixels=100_000).reason == "decompression_bomb"
+
+
+def test_a_bomb_pillow_refuses_is_reported_against_max_pixels():
+    """Pillow refuses to open past twice its own limit; the detail quotes the spec's."""
+    r = check(bomb_png(BOMB_SIDE, BOMB_SIDE))
+    assert r.reason == "decompression_bomb"
+    assert r.detail == f"{BOMB_SIDE * BOMB_SIDE} pixels > max_pixels 89478485"
+    assert str(2 * Image.MAX_IMAGE_PIXELS) not in r.detail
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"),
+                                       ("P", "GIF"), ("RGB", "WEBP"), ("L", "PNG")])
+def test_rgb_jpeg_gives_every_image_as_an_rgb_jpeg(mode, fmt):
+    buf = io.BytesIO()
+    picture(4, (90, 60)).convert(mode).save(buf, fmt)
+    data = buf.getvalue()
+    assert Image.open(io.BytesIO(data)).mode == mode
+    out = rgb_jpeg(data, fmt.lower())
+    img = Image.open(io.BytesIO(out))
+    assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (90, 60))
+    assert (out == data) == (mode == "RGB" and fmt == "JPEG")
 
 
 def test_exif_orientation_swaps_reported_sides():

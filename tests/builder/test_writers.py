@@ -29,18 +29,19 @@ from PIL import Image
 from pydantic import ValidationError
 
 from builder import storage
-from builder.card import PARTIAL_MARKER
+from builder.card import PARTIAL_MARKER, render_card
 from builder.errors import OutputExistsError, SpecError, StorageError
 from builder.ports import free_port
 from builder.reasons import Reason
-from builder.records import ACCEPTED_SCHEMA, Candidate, Record, accepted_row, reject_row
+from builder.records import (ACCEPTED_SCHEMA, ROW_SCHEMA, Candidate, Record, accepted_row,
+                             reject_row)
 from builder.spec import OutputSpec, parse_spec
 from builder.journal import Journal
 from builder.writers import (DatasetPublisher, ShardWriter, is_complete, read_dataset,
                               read_marker, shard_order)
 
 LABELS = ["cat", "mammals/dog", "mammals/whale"]
-SPLITS = ["train", "train", "val", "test"]
+SPLITS = ["train", "train", "validation", "test"]
 ALL_FORMATS = ["parquet", "imagefolder", "webdataset"]
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -234,8 +235,13 @@ def test_round_trip(target):
     assert shards == expected
     table = read_dataset(target.uri, target.options)
     assert table.schema == ACCEPTED_SCHEMA and table.num_rows == 12
+    index = {label: i for i, label in enumerate(LABELS)}
     for got in table.to_pylist():
-        assert got == {**by_id[got["id"]], "nsfw_score": None, "clip_score": None}
+        row = by_id[got["id"]]
+        ext = "jpg" if row["format"] == "jpeg" else "png"
+        assert got == {**row, "nsfw_score": None, "clip_score": None,
+                       "label": index[row["label"]], "label_name": row["label"],
+                       "image": {"bytes": row["image"], "path": f"{row['id']}.{ext}"}}
     for shard in shards:
         pf = pq.ParquetFile(io.BytesIO(target.read(shard)))
         ids = pf.read(columns=["id"])["id"].to_pylist()
@@ -244,20 +250,23 @@ def test_round_trip(target):
         assert pf.metadata.row_group(0).column(col).compression == "UNCOMPRESSED"
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
     frame = pd.read_parquet(f"{target.root}/data", filesystem=target.fs)
-    assert sorted(frame["id"]) == sorted(by_id) and set(frame["split"]) == {"train", "val",
-                                                                               "test"}
+    assert sorted(frame["id"]) == sorted(by_id) and set(frame["split"]) == {
+        "train", "validation", "test"}
 
-    # ImageFolder: nested labels, and every file decodes to the recorded size.
+    # ImageFolder: a folder per class, named by the full label, and every file decodes to the
+    # recorded size.
     assert len(manifest) == 12
     for m in manifest:
-        assert m["path"].startswith(f"imagefolder/{m['split']}/{m['label']}/")
+        assert m["path"].startswith(f"imagefolder/{m['split']}/"
+                                    f"{m['label'].replace('/', '__')}/")
         img = Image.open(io.BytesIO(target.read(m["path"])))
         img.load()
         assert img.size == (m["width"], m["height"])
         assert m["path"].endswith(".jpg" if m["format"] == "jpeg" else ".png")
-    assert any(p.startswith("imagefolder/train/mammals/dog/") for p in files)
+    assert any(p.startswith("imagefolder/train/mammals__dog/") for p in files)
 
-    # WebDataset: per sample {id}.{ext}, {id}.cls, {id}.json.
+    # WebDataset: per sample {id}.jpg (an RGB JPEG: the JPEGs as stored, the PNGs encoded),
+    # {id}.cls, {id}.json.
     classes = json.loads(target.read("classes.json"))
     assert classes == {"cat": 0, "mammals/dog": 1, "mammals/whale": 2}
     assert target.read("classes.txt").decode().splitlines() == LABELS
@@ -268,13 +277,20 @@ def test_round_trip(target):
         with tarfile.open(fileobj=io.BytesIO(target.read(path))) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         keys = {name.split(".")[0] for name in members}
+        assert set(members) == {f"{k}.{ext}" for k in keys for ext in ("jpg", "cls", "json")}
         for key in keys:
             meta = json.loads(members[f"{key}.json"])
             row = by_id[key]
             assert meta["label"] == row["label"] and "image" not in meta
             assert int(members[f"{key}.cls"]) == classes[row["label"]]
-            ext = "jpg" if row["format"] == "jpeg" else "png"
-            assert members[f"{key}.{ext}"] == row["image"]
+            jpg = Image.open(io.BytesIO(members[f"{key}.jpg"]))
+            assert (jpg.format, jpg.mode, jpg.size) == ("JPEG", "RGB", (row["width"],
+                                                                         row["height"]))
+            if row["format"] == "jpeg":
+                assert members[f"{key}.jpg"] == row["image"]
+            else:
+                stored = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+                assert np.abs(np.asarray(jpg, dtype=int) - stored).mean() < 8
         seen |= keys
     assert seen == set(by_id)
 
@@ -299,7 +315,7 @@ def test_round_trip(target):
     readme = target.read("README.md").decode()
     header = yaml.safe_load(readme.split("---\n")[1])
     assert header["configs"][0]["data_files"] == [
-        {"split": s, "path": f"data/{s}-*.parquet"} for s in ("train", "val", "test")]
+        {"split": s, "path": f"data/{s}-*.parquet"} for s in ("train", "validation", "test")]
     assert "| mammals/dog | 5 | 5 | 4 | 1 | 1 |" in readme
     assert "`near_duplicate`" in readme and "| `sha256` |" in readme and "target: 5" in readme
     assert PARTIAL_MARKER not in readme
@@ -444,9 +460,9 @@ def test_writer_pickles_and_takes_arrow_tables(local):
     job = local.job()
     job.writer = pickle.loads(pickle.dumps(job.writer))
     rows = [r for r in make_rows() if r["split"] == "train"]
-    table = pa.Table.from_pylist(rows, schema=ACCEPTED_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
     big = table.cast(pa.schema([pa.field(f.name, pa.large_binary() if f.name == "image"
-                                         else f.type) for f in ACCEPTED_SCHEMA]))
+                                         else f.type) for f in ROW_SCHEMA]))
     written = job.writer.write(big.drop_columns(["clip_score"]), "train", 0, job.journal)
     assert sorted(written["id"].to_pylist()) == sorted(r["id"] for r in rows)
     with pytest.raises(ValueError, match="at least one row"):
@@ -488,9 +504,59 @@ def test_hugging_face_datasets_loads_the_splits(local):
     job = local.job()
     write_all(job, make_rows())
     job.publish()
-    loaded = datasets.load_dataset("parquet", data_dir=f"{local.uri}/data")
+    cache = str(Path(local.uri).parent / "hf-cache")
+    loaded = datasets.load_dataset("parquet", data_dir=f"{local.uri}/data", cache_dir=cache)
     assert sum(len(loaded[s]) for s in loaded) == 12
     assert {"train", "validation", "test"} == set(loaded)
+    by_card = datasets.load_dataset(local.uri, cache_dir=cache)
+    assert {s: len(by_card[s]) for s in by_card} == {s: len(loaded[s]) for s in loaded}
+    for dataset in (loaded["train"], by_card["train"]):
+        assert dataset.features["image"] == datasets.Image()
+        assert dataset.features["label"] == datasets.ClassLabel(names=LABELS)
+        row = dataset[0]
+        assert row["image"].size == (row["width"], row["height"])
+        assert dataset.features["label"].int2str(row["label"]) == row["label_name"]
+
+
+def test_shards_declare_their_hugging_face_features(local):
+    """The schema metadata says what each column is (an Image, a ClassLabel named as
+    classes.txt) in a form whose types match the stored columns, so none is dropped."""
+    datasets = pytest.importorskip("datasets")
+    job = local.job()
+    write_all(job, make_rows())
+    job.publish()
+    shard = sorted(Path(local.uri, "data").glob("*.parquet"))[0]
+    schema = pq.read_schema(shard)
+    features = datasets.Features.from_arrow_schema(schema)
+    assert features["image"] == datasets.Image()
+    assert features["label"] == datasets.ClassLabel(
+        names=Path(local.uri, "classes.txt").read_text().splitlines())
+    declared = datasets.Features.from_dict(
+        json.loads(schema.metadata[b"huggingface"])["info"]["features"])
+    assert list(declared) == schema.names
+    for field in schema:
+        assert declared.arrow_schema.field(field.name).type == field.type, field.name
+
+
+def test_the_card_reads_well():
+    """Dates as ISO dates, the licences seen as card ids (not 'other' when all are known),
+    the rejects columns as written."""
+    stats = {**make_stats(), "started": 1796161913.92, "finished": 1796161973.5}
+    card = render_card("pets", "", stats, "name: pets\n", licenses={"CC BY-SA 4.0": 3,
+                                                                     "CC-BY-4.0": 2})
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["license"] == ["cc-by-4.0", "cc-by-sa-4.0"]
+    assert "| started | 2026-12-01T21:51:53+00:00 |" in card
+    assert "| finished | 2026-12-01T21:52:53+00:00 |" in card
+    assert "1796161913" not in card
+    assert "| CC BY-SA 4.0 | `cc-by-sa-4.0` | 3 |" in card
+    assert ("`rejects.parquet`, `rejects.csv`: one row per rejected candidate: key, url, label, "
+            "query, engine, stage, reason, detail, duplicate_of, http_status") in card
+    one = render_card("pets", "", stats, "", licenses={"cc0": 4})
+    assert yaml.safe_load(one.split("---\n")[1])["license"] == "cc0-1.0"
+    mixed = render_card("pets", "", stats, "", licenses={"CC BY 4.0": 1, "": 2, "Custom": 1})
+    assert yaml.safe_load(mixed.split("---\n")[1])["license"] == ["cc-by-4.0", "other",
+                                                                   "unknown"]
 
 
 def test_per_image_label_files_and_level_columns(target):
@@ -518,8 +584,8 @@ def test_per_image_label_files_and_level_columns(target):
         ("cat", "cat", ""), ("mammals/dog", "mammals", "dog"),
         ("mammals/whale", "mammals", "whale")}
     table = read_dataset(target.uri, target.options)
-    assert [r["label_levels"] for r in table.select(["label", "label_levels"]).to_pylist()] == \
-        [label.split("/") for label in table["label"].to_pylist()]
+    assert table["label_levels"].to_pylist() == \
+        [label.split("/") for label in table["label_name"].to_pylist()]
 
 
 NAMES = ["train", "val-2", ".", "..", "a/b", "a\\b", "", "a\nb", "a\tb", "a\0b", "_journal"]

@@ -39,7 +39,8 @@ def test_nested_spec_labels_tree_and_label_files(ray_session, sandbox, tmp_path)
     classes = json.loads((out / "classes.json").read_text())
     assert classes == {"animals/mammals/cat": 0, "animals/mammals/dog": 1, "birds/bird": 2}
     for r in rows:
-        folder = out / "imagefolder" / "train" / r["label"]
+        r["label"] = r["label_name"]
+        folder = out / "imagefolder" / "train" / r["label"].replace("/", "__")
         images = [p for p in folder.glob(f"{r['id']}.*")
                   if p.suffix[1:] not in ("txt", "json", "yaml", "csv")]
         assert len(images) == 1

@@ -68,12 +68,13 @@ def test_multi_class_job_reaches_targets_and_outputs_read_back(sandbox, tmp_path
     assert is_complete(out) and result.uri.endswith("ds")
     root = Path(out)
     table = pq.read_table(root / "data")
-    assert table.num_rows == 24 and set(table.column("label").to_pylist()) == {"cat", "dog", "bird"}
+    assert table.num_rows == 24
+    assert set(table.column("label_name").to_pylist()) == {"cat", "dog", "bird"}
     assert len(set(table.column("id").to_pylist())) == 24
     df = pd.read_parquet(root / "data")
     for row in df.head(5).itertuples():
-        Image.open(io.BytesIO(row.image)).load()
-        assert row.split in ("train", "val", "test") and row.engine == "sandbox"
+        Image.open(io.BytesIO(row.image["bytes"])).load()
+        assert row.split in ("train", "validation", "test") and row.engine == "sandbox"
     files = list((root / "imagefolder").rglob("*.*"))
     assert len(files) == 24 and {f.parent.name for f in files} == {"cat", "dog", "bird"}
     tars = list((root / "webdataset").glob("*.tar"))
