@@ -5,7 +5,8 @@ import pytest
 from builder.errors import SpecError
 from builder.spec import load_spec, loads_spec, parse_spec
 
-MINIMAL = {"name": "pets", "classes": {"cat": "cat photo", "dog": {"queries": ["dog"], "target": 5}},
+MINIMAL = {"name": "pets",
+           "classes": {"cat": "cat photo", "dog": {"queries": ["dog"], "target": 5}},
            "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}]}
 
 
