@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,8 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from builder.ports import free_port  # noqa: E402
-from loopback import OUT, corpus_pack  # noqa: E402
+from loopback import OUT, start_origin  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -136,21 +134,6 @@ def by_label(cpu: dict[int, float], base: dict[int, float], labels: dict[int, st
         if used > 0.05:
             out[labels.get(pid, "?")] = out.get(labels.get(pid, "?"), 0.0) + used
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
-
-
-def start_origin(n: int) -> tuple[subprocess.Popen, int]:
-    pack, _ = corpus_pack(n)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback.py"), str(pack),
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the loopback origin did not start")
 
 
 def spec_for(n: int, urls: Path, out: Path, shared: bool, workers: int,

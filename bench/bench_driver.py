@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -48,9 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from builder.ports import free_port  # noqa: E402
 from builder.spec import parse_spec  # noqa: E402
-from loopback import OUT, corpus_pack  # noqa: E402
+from loopback import OUT, start_origin  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -117,21 +115,6 @@ def spec_for(urls: Path, target: int, out: Path, batch: Optional[int]) -> dict[s
         "output": {"uri": str(out), "formats": ["parquet"]},
         "resources": {"batch_size": batch} if batch else {},
     }
-
-
-def start_origin(images: int, log: Path) -> tuple[subprocess.Popen, int]:
-    pack, _ = corpus_pack(images)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback.py"), str(pack),
-                             str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"the loopback origin did not start: see {log}")
 
 
 def _epoch(stamp: Any) -> Optional[float]:

@@ -24,8 +24,12 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -112,6 +116,26 @@ def _serve(pack: str, offsets: list[int], port: int, signals: bool = False) -> N
 def serve_pack(pack: Path, offsets: list[int], port: int, signals: bool = False) -> None:
     """Entry point of the server process (``python bench/loopback.py PACK PORT [--signals]``)."""
     _serve(str(pack), offsets, port, signals)
+
+
+def start_origin(n: int, log: Optional[Path] = None) -> tuple[subprocess.Popen, int]:
+    """The pack of ``n`` pictures served by this script in a process of its own; waits until it
+    answers. Returns (process, port); the caller stops the process."""
+    from builder.ports import free_port
+
+    pack, _ = corpus_pack(n)
+    port = free_port()
+    out = open(log, "w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, str(Path(__file__)), str(pack), str(port)],
+                            stdout=out, stderr=subprocess.STDOUT)
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"the loopback origin did not start{f': see {log}' if log else ''}")
 
 
 if __name__ == "__main__":
