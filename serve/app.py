@@ -260,6 +260,14 @@ def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
     return view
 
 
+_COUNTS = ("candidates", "accepted", "rejected")
+
+
+def _counts_behind(progress: dict[str, Any], sent: dict[str, int]) -> bool:
+    """Whether a job's progress counts are below ones already sent (counts only grow)."""
+    return any((progress.get(k) or 0) < n for k, n in sent.items())
+
+
 def event_view(view: dict[str, Any]) -> dict[str, Any]:
     """A job's view as the event stream sends it: without the spec (a few kB that never
     change; GET /v1/jobs/{id} has it)."""
@@ -691,15 +699,19 @@ class JobAPI:
         """``progress`` once per change of the job (its ``updated_at`` alone is no change),
         then ``end`` with the final view; never a state earlier than one already sent."""
         last, beat, shown = None, time.monotonic(), row.state
+        counted: dict[str, int] = {}
         interval = self.settings.events_interval_s
         while True:
             view = event_view(await self._current(row))
-            if later_state(view["state"], shown) != view["state"]:
-                # Read from a source a moment behind what was already sent: skip it.
+            if later_state(view["state"], shown) != view["state"] or (
+                    view["state"] == shown and _counts_behind(view["progress"], counted)):
+                # Read from a source a moment behind what was already sent (the store's row
+                # once the job's progress actor is gone, before its end is recorded): skip it.
                 await asyncio.sleep(interval)
                 row = await self._row(row.id, principal)
                 continue
             shown = view["state"]
+            counted = {k: view["progress"].get(k, 0) for k in _COUNTS}
             data = json.dumps(view, separators=(",", ":"))
             if view["state"] in TERMINAL:
                 yield f"event: end\ndata: {data}\n\n"

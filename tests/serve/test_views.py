@@ -151,3 +151,13 @@ def test_the_docs_pages_need_nothing_from_the_internet():
         assert any(f.endswith(".js") for f in files), html
         for name in files:
             assert (Path(mount.app.directory) / name).is_file(), name
+
+
+def test_progress_counts_behind_ones_already_sent_are_held_back():
+    from serve.app import _counts_behind
+
+    sent = {"candidates": 12, "accepted": 3, "rejected": 1}
+    assert _counts_behind({"candidates": 12, "accepted": 0, "rejected": 1}, sent)
+    assert _counts_behind({}, sent)
+    assert not _counts_behind({"candidates": 20, "accepted": 3, "rejected": 4}, sent)
+    assert not _counts_behind({}, {})
