@@ -80,7 +80,7 @@ import json
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
@@ -577,8 +577,9 @@ def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.
 # -- publishing ----------------------------------------------------------------------------
 
 
-def _read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
-    markers = {}
+def _markers(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, dict]]:
+    """(name, content) of the ``_SUCCESS`` then ``_PARTIAL`` marker at ``root``, where there;
+    content that is not a JSON object reads as {}. Read fresh (no cached listing)."""
     for name in (SUCCESS, PARTIAL):
         path = f"{root}/{name}"
         fs.invalidate_cache(path)
@@ -587,8 +588,7 @@ def _read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
                 content = json.loads(fs.cat_file(path))
             except ValueError:
                 content = {}
-            markers[name] = content if isinstance(content, dict) else {}
-    return markers
+            yield name, content if isinstance(content, dict) else {}
 
 
 class DatasetPublisher:
@@ -617,7 +617,7 @@ class DatasetPublisher:
         neither overwrite nor merge), ``StorageError`` if the location cannot be written."""
         fs, root = self._fs()
         with storage_errors(self.uri, "check"):
-            markers = _read_markers(fs, root)
+            markers = dict(_markers(fs, root))
         if SUCCESS in markers and not self.output.overwrite and not merge:
             old = markers[SUCCESS]
             raise OutputExistsError(
@@ -631,7 +631,7 @@ class DatasetPublisher:
         complete), and unless ``merge``, the old dataset's files."""
         fs, root = self._fs()
         with storage_errors(self.uri, "prepare"):
-            markers = _read_markers(fs, root)
+            markers = dict(_markers(fs, root))
             if markers:
                 fs.rm([f"{root}/{m}" for m in markers])
             if not merge and markers:
@@ -772,15 +772,8 @@ def read_marker(uri: str, storage_options: Optional[dict[str, Any]] = None
     """The ``_SUCCESS`` (else ``_PARTIAL``) content of the dataset at ``uri``, or None."""
     fs, root = open_fs(uri, storage_options)
     with storage_errors(uri, "read"):
-        for name in (SUCCESS, PARTIAL):
-            path = f"{root}/{name}"
-            fs.invalidate_cache(path)
-            if fs.exists(path):
-                try:
-                    content = json.loads(fs.cat_file(path))
-                except ValueError:
-                    content = {}
-                return {"marker": name, **(content if isinstance(content, dict) else {})}
+        for name, content in _markers(fs, root):
+            return {"marker": name, **content}
     return None
 
 
