@@ -349,3 +349,8 @@ def empty_cause(stats: dict[str, Any]) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in top)
     return (f"All {stats['candidates']} candidates were rejected ({reasons}): see rejects.csv "
             "for each one's reason; check download and validation settings.")
+
+
+def empty_failure(stats: dict[str, Any]) -> str:
+    """The error of a job that accepted nothing, as the API and the progress actor show it."""
+    return f"no image was accepted: {empty_cause(stats)}"

@@ -37,7 +37,7 @@ from actors.quota import QuotaActor
 from actors.ratelimit import get_rate_limiter, limiter_name
 from actors.slow import SlowScorer
 from actors.worker import ServiceNames, ShardWorker
-from builder.card import empty_cause
+from builder.card import empty_failure
 from builder.errors import PixCrawlerError
 from builder.job import IndexLost, JobRunner, WorkerLost
 from builder.pipeline import Continuation, JobLifecycle, JobResult, recover_ledger
@@ -413,7 +413,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         done = await asyncio.to_thread(life.publish, outcome, extra)
         # An empty result is a failure to whoever watches the job (the API, the dashboard).
         state, error = ("cancelled", None) if outcome.cancelled else (
-            ("failed", f"no image was accepted: {empty_cause(done.stats)}") if done.partial
+            ("failed", empty_failure(done.stats)) if done.partial
             else ("succeeded", None))
         await result(progress_actor.set_state.remote(state, output_uri=done.uri,
                                                      stats=done.stats, error=error))

@@ -31,7 +31,7 @@ import yaml
 
 from actors import NAMESPACE
 from actors.progress import cancel_job, progress_name
-from builder.card import empty_cause
+from builder.card import empty_failure
 from builder.errors import PixCrawlerError, StorageError
 from builder.storage import open_fs, storage_errors
 from builder.writers import PARTIAL, read_marker
@@ -337,7 +337,7 @@ class Reconciler:
         marker, stats = read_outcome(row.output_uri, row.id)
         progress = progress_from_stats(stats) if stats else None
         if marker == PARTIAL and (stats or {}).get("partial_reason") == "empty":
-            state, error = "failed", f"no image was accepted: {empty_cause(stats or {})}"
+            state, error = "failed", empty_failure(stats or {})
         elif marker == PARTIAL or ray_job.status == "STOPPED":
             state, error = "cancelled", None
         elif ray_job.status == "SUCCEEDED":
