@@ -483,8 +483,6 @@ class UnitRun:
     async def _decide(self) -> None:
         w = self.w
         await self._check_urls()
-        for record in self.records:
-            self.report.tally(record.label).candidates += 1
         live = [r for r in self.records if not r.rejected]
         if live:
             try:
@@ -673,15 +671,16 @@ class UnitRun:
         await w.assembler.add(self.unit, self.report, _empty_rows(), decisions)
 
     def _count(self) -> None:
+        """Count the unit's candidates once, at its end, under their final labels: a unit
+        cancelled at any stage still reports each candidate it kept, decided or cancelled."""
         report = self.report
         report.rights = RightsTally()
         for record in self.records:
             report.rights.add(record.rights)
             tally = report.tally(record.label)
+            tally.candidates += 1
             if record.relabelled_from:
                 report.relabelled[(record.relabelled_from, record.label)] += 1
-                report.tally(record.relabelled_from).candidates -= 1
-                tally.candidates += 1
             if record.rejected:
                 tally.rejected[record.reason] += 1
                 report.by_stage[record.stage] += 1

@@ -21,3 +21,48 @@ def test_a_shard_takes_the_classes_in_turn_oldest_first():
 def test_a_shard_of_one_class_is_its_oldest_rows():
     assert mixed_take(["cat"] * 5, 3) == [0, 1, 2]
     assert mixed_take(["cat", "dog"], 2) == [0, 1]
+
+
+def test_a_unit_cancelled_before_its_urls_are_checked_still_counts_its_candidates(tmp_path):
+    """A cancel that lands between reading a unit's candidates and checking their URLs (a
+    narrow window: the test cancels from the services the unit calls in between) must still
+    report every candidate, so accepted + rejected == candidates."""
+    import asyncio
+
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.spec import parse_spec
+    from builder.units import INLINE, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    urls = ["http://127.0.0.1:9/a.jpg", "ftp://127.0.0.1/b.jpg", "http://127.0.0.1:9/c.jpg"]
+    spec = parse_spec({"name": "cancel", "target": 5, "classes": {"cat": {"urls": urls}},
+                       "download": {"allow_private_networks": True},
+                       "output": {"uri": str(tmp_path / "ds")}})
+
+    class CancelOnRooms(LocalServices):
+        worker: WorkerRuntime
+
+        async def rooms(self) -> dict[str, int]:
+            self.worker.cancel()
+            return await super().rooms()
+
+    services = CancelOnRooms(spec, LocalPartitions(4, near=True, k=1).client(),
+                             QuotaLedger({"cat": 5}))
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"), services)
+    services.worker = runtime
+    unit = WorkUnit(inline_uid(0, "cat", 0), 0, INLINE, 0, label="cat", start=0, stop=3)
+
+    async def main():
+        await runtime.start()
+        try:
+            report, _ = await runtime.run(unit)
+        finally:
+            await runtime.close()
+        return report
+
+    report = asyncio.run(main())
+    tally = report.classes["cat"]
+    assert tally.candidates == 3
+    assert tally.accepted == 0 and sum(tally.rejected.values()) == 3
+    assert tally.rejected == {"unsupported_scheme": 1, "cancelled": 2}
