@@ -218,15 +218,21 @@ class Journal:
 
     def orphan_files(self) -> list[str]:
         """Files named by shard intents whose shard never committed (a crash mid-write), as
-        paths relative to the dataset, with the intents themselves (journal paths)."""
-        out = []
+        paths relative to the dataset, but those a committed shard also wrote: an image's
+        ImageFolder file is named by its id alone, so a shard lost mid-write and the shard
+        that wrote the image again (its unit resent) name the same file."""
+        orphans: list[str] = []
+        kept: set[str] = set()
         for path in list_files(self.fs, self._path("shards")):
             if not path.endswith(".intent.json"):
                 continue
             name = path.rsplit("/", 1)[-1][:-len(".intent.json")]
-            if not self.shard_exists(name):
-                out += json.loads(self.fs.cat_file(path)).get("files", [])
-        return out
+            files = json.loads(self.fs.cat_file(path)).get("files", [])
+            if self.shard_exists(name):
+                kept.update(files)
+            else:
+                orphans += files
+        return [f for f in orphans if f not in kept]
 
     def load(self, spec: DatasetSpec) -> ResumeState:
         """The state to resume from; refuses if the spec changed in a way that matters."""

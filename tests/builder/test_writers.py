@@ -410,6 +410,20 @@ def test_files_of_a_shard_that_never_committed_are_removed(target):
     assert target.files() == files_before | {"_journal/job1/shards/train-00007.intent.json"}
 
 
+def test_a_file_a_committed_shard_wrote_again_is_not_an_orphan(target):
+    """A shard lost mid-write and the shard that wrote its image again (the unit resent)
+    name the same ImageFolder file: removing the lost shard's files keeps it."""
+    job = target.job()
+    rows = make_rows()
+    job.shard(rows[:6], 0)
+    committed = json.loads(target.read("_journal/job1/shards/train-00000.intent.json"))
+    image = next(f for f in committed["files"] if f.startswith("imagefolder/"))
+    job.journal.write_shard_intent("train-00007", ["data/train-00007.parquet", image])
+    assert job.journal.orphan_files() == ["data/train-00007.parquet"]
+    job.publisher.remove_files(job.journal.orphan_files())
+    assert image in target.files()
+
+
 def test_rejects_that_disagree_with_the_counts_are_not_published(local):
     job = local.job()
     write_all(job, make_rows())
