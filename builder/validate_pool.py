@@ -28,11 +28,16 @@ def _start(cfg: dict[str, Any]) -> None:
 
 
 def _validate(records: list[Record]) -> list[Record]:
+    """Validate in this process; the records go back without their bytes (the caller has
+    them; the validator only ever drops them, with a rejection)."""
     assert _validator is not None, "the pool's initializer did not run"
-    return _validator(records)
+    for record in _validator(records):
+        record.data = None
+    return records
 
 
-_FIELDS = tuple(f.name for f in fields(Record))
+_FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("candidate", "data"))
+"""What the validator may change: every field but the candidate and the bytes."""
 
 
 class ProcessValidator:
@@ -52,6 +57,8 @@ class ProcessValidator:
                 value = getattr(theirs, name)
                 if value is not getattr(mine, name) and value != getattr(mine, name):
                     setattr(mine, name, value)
+            if theirs.rejected:
+                mine.data = None
         return records
 
     def close(self) -> None:

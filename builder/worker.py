@@ -60,7 +60,7 @@ from builder.units import (INLINE, LIST, RETRY, SEARCH, SearchOutcome, UnitRepor
                            WorkerEvents, WorkUnit)
 from builder.validate import ImageValidator
 from builder.validate_pool import ProcessValidator
-from builder.writers import ShardWriter, shard_name
+from builder.writers import ShardWriter, shard_name, shard_order
 
 log = logging.getLogger("pixcrawler.worker")
 
@@ -125,7 +125,8 @@ class JobPlan:
 
 MIX_SHARDS = 4
 """A worker holds up to this many shards' worth of a split's rows before it writes one, so a
-shard draws on several units (a unit holds one class's images)."""
+shard draws on several units (a unit holds one class's images). A job of one class writes each
+shard as soon as it is full."""
 
 
 def mixed_take(labels: list[str], n: int) -> list[int]:
@@ -146,6 +147,25 @@ def mixed_take(labels: list[str], n: int) -> list[int]:
                     break
         depth += 1
     return sorted(picked)
+
+
+def cut_shard(parts: list[pa.Table], n: int) -> tuple[pa.Table, Optional[pa.Table]]:
+    """The next shard's ``n`` rows out of a split's buffered ``parts`` (``mixed_take``), in
+    the shard's row order (``writers.shard_order``), and the rows left (None if none). One
+    copy of the image bytes: the parts are joined into one chunk first (a take across many
+    small chunks is several times slower), and the rows left are a slice where they can be."""
+    held = pa.concat_tables(parts).combine_chunks()
+    picked = mixed_take(held["label"].to_pylist(), n)
+    ids = held["id"].to_pylist()
+    table = held.take([picked[i] for i in shard_order([ids[p] for p in picked])])
+    if held.num_rows == n:
+        return table, None
+    if picked[-1] == n - 1:  # the oldest n rows
+        return table, held.slice(n)
+    keep = [True] * held.num_rows
+    for i in picked:
+        keep[i] = False
+    return table, held.filter(pa.array(keep))
 
 
 class ShardAssembler:
@@ -170,6 +190,7 @@ class ShardAssembler:
         self.committed: list[str] = []
         self._lock = asyncio.Lock()
         self.splits = list(plan.spec.output.splits)
+        self.mix = MIX_SHARDS if len(plan.spec.labels) > 1 else 1
 
     def _rows(self, split: str) -> int:
         return sum(t.num_rows for t in self.buffers.get(split, ()))
@@ -188,7 +209,7 @@ class ShardAssembler:
             else:
                 await self._commit(unit.uid)
             for split in list(self.buffers):
-                while self._rows(split) >= self.shard_size * MIX_SHARDS:
+                while self._rows(split) >= self.shard_size * self.mix:
                     await self._write(split, self.shard_size)
             while self.buffered_bytes > self.plan.buffer_bytes and self.buffers:
                 largest = max(self.buffers, key=self._rows)
@@ -214,15 +235,12 @@ class ShardAssembler:
         return out
 
     async def _write(self, split: str, n: int) -> None:
-        held = pa.concat_tables(self.buffers.pop(split))
-        picked = mixed_take(held["label"].to_pylist(), n)
-        table = held.take(picked)
-        if held.num_rows > n:
-            chosen = set(picked)
-            rest = held.take([i for i in range(held.num_rows) if i not in chosen])
+        parts = self.buffers.pop(split)
+        self.buffered_bytes -= sum(t.nbytes for t in parts)
+        table, rest = await self.run_io(cut_shard, parts, n)
+        if rest is not None:
             self.buffers[split] = [rest]
             self.buffered_bytes += rest.nbytes
-        self.buffered_bytes -= held.nbytes
         number = await self.services.next_shard(split)
         ref = (self.splits.index(split) << 32) | number if split in self.splits else number
         ids = [id_number(i) for i in table["id"].to_pylist()]

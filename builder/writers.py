@@ -272,8 +272,11 @@ def output_table(rows: pa.Table, labels: Sequence[str]) -> pa.Table:
     if index.null_count:
         missing = sorted(set(pc.filter(rows["label"], pc.is_null(index)).to_pylist()))
         raise ValueError(f"labels {missing} are not among the dataset's labels {list(labels)}")
-    names = [f"{i}.{extension_of(fmt, data)}" for i, fmt, data in zip(
-        rows["id"].to_pylist(), rows["format"].to_pylist(), rows["image"].to_pylist())]
+    formats = rows["format"].to_pylist()
+    unknown = [i for i, fmt in enumerate(formats) if (fmt or "").lower() not in _EXTENSIONS]
+    sniffed = dict(zip(unknown, rows["image"].take(unknown).to_pylist())) if unknown else {}
+    names = [f"{i}.{extension_of(fmt, sniffed.get(n))}" for n, (i, fmt) in enumerate(zip(
+        rows["id"].to_pylist(), formats))]
     image = pa.StructArray.from_arrays(
         [rows["image"].combine_chunks(), pa.array(names, pa.string())],
         fields=list(ACCEPTED_SCHEMA.field("image").type))
@@ -368,8 +371,10 @@ class ShardWriter:
             raise ValueError("a shard needs at least one row")
         self._check_rows(table, split)
         order = shard_order(table["id"].to_pylist())
-        table = table.take(order)
-        extra = {k: [v[i] for i in order] for k, v in (extra or {}).items()}
+        if order != list(range(len(order))):  # workers hand shards over in this order
+            table = table.combine_chunks().take(order)
+            extra = {k: [v[i] for i in order] for k, v in (extra or {}).items()}
+        extra = extra or {}
         levels = pa.array([label.split("/") for label in table["label"].to_pylist()],
                           ROW_SCHEMA.field("label_levels").type)
         table = table.set_column(ROW_SCHEMA.get_field_index("label_levels"),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from builder.worker import mixed_take
+import pyarrow as pa
+
+from builder.worker import cut_shard, mixed_take
+from builder.writers import shard_order
 
 
 def test_a_shard_takes_the_classes_in_turn_oldest_first():
@@ -21,6 +24,32 @@ def test_a_shard_takes_the_classes_in_turn_oldest_first():
 def test_a_shard_of_one_class_is_its_oldest_rows():
     assert mixed_take(["cat"] * 5, 3) == [0, 1, 2]
     assert mixed_take(["cat", "dog"], 2) == [0, 1]
+
+
+def _parts(labels: list[str], per_part: int) -> list[pa.Table]:
+    rows = [{"id": f"{i:016x}", "label": label, "image": bytes([i]) * 10}
+            for i, label in enumerate(labels)]
+    return [pa.Table.from_pylist(rows[i:i + per_part]) for i in range(0, len(rows), per_part)]
+
+
+def test_a_cut_shard_is_in_shard_order_and_leaves_the_other_rows():
+    labels = ["dog"] * 6 + ["cat"] * 6
+    table, rest = cut_shard(_parts(labels, 3), 4)
+    ids = table["id"].to_pylist()
+    assert shard_order(ids) == list(range(4))
+    assert sorted(table["label"].to_pylist()) == ["cat", "cat", "dog", "dog"]
+    assert rest is not None and rest.num_rows == 8
+    everything = sorted(ids + rest["id"].to_pylist())
+    assert everything == [f"{i:016x}" for i in range(12)]
+    assert rest["id"].to_pylist() == sorted(rest["id"].to_pylist())  # oldest first still
+
+
+def test_a_cut_of_one_class_takes_its_oldest_rows_and_the_whole_buffer_leaves_none():
+    table, rest = cut_shard(_parts(["cat"] * 10, 4), 6)
+    assert sorted(table["id"].to_pylist()) == [f"{i:016x}" for i in range(6)]
+    assert rest is not None and rest["id"].to_pylist() == [f"{i:016x}" for i in range(6, 10)]
+    table, rest = cut_shard(_parts(["cat"] * 5, 2), 5)
+    assert table.num_rows == 5 and rest is None
 
 
 def test_a_unit_cancelled_before_its_urls_are_checked_still_counts_its_candidates(tmp_path):
