@@ -297,15 +297,6 @@ class UnitPlanner:
         return {"engine": unit.engine, "query": unit.query, "page": unit.page,
                 "label": unit.label, "error": outcome.error}
 
-    def returned(self, unit: WorkUnit) -> None:
-        """A unit comes back unrun (its worker was lost): it will be issued again as is."""
-        if unit.kind in (LIST, RETRY):
-            state = self.retry if unit.kind == RETRY else self.lists[unit.source]
-            assert state is not None
-            state.in_flight -= 1
-        else:
-            self._cursor(unit).busy = False
-
     def next_wake(self, wanted: Callable[[str], bool]) -> Optional[float]:
         """When a cursor held back by a retryable error may run again, among the classes
         ``wanted`` (a full class never waits on its cursors)."""
@@ -693,7 +684,6 @@ class JobRunner:
         unit = flight.unit
         if self._flights.get(unit.uid) is flight:
             del self._flights[unit.uid]
-        self.planner.returned(unit)
         self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
         self.resent += 1
 
@@ -710,7 +700,6 @@ class JobRunner:
             if exc.worker not in self._down:
                 log.warning("%s; resending its uncommitted units", exc)
             del self._flights[unit.uid]
-            self.planner.returned(unit)
             self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
             self.resent += 1
             self._lose(exc.worker)
@@ -718,7 +707,6 @@ class JobRunner:
         except IndexLost as exc:
             log.warning("%s; resending every uncommitted unit", exc)
             del self._flights[unit.uid]
-            self.planner.returned(unit)
             self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
             await self._reset_all()
             return

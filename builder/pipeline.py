@@ -518,9 +518,25 @@ def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
 
 
 LOCAL_CPU_THREADS = max(2, min(os.cpu_count() or 2, 4))
-"""Threads validating and writing in the in-process runner, and the processes they validate
-in (``builder.validate_pool``): one per core, up to 4 (cluster.runner chooses Ray on bigger
-machines)."""
+"""The in-process runner's shard worker processes (``builder.worker_procs``), or at the slow
+level its validating threads and processes (``builder.validate_pool``): one per core, up to 4
+(cluster.runner chooses Ray on bigger machines)."""
+
+
+WORKER_PROCESS_THREADS = 2
+"""Threads validating and writing in each worker process (decoding releases the GIL)."""
+
+
+def local_executor(life: JobLifecycle, services: LocalServices) -> Executor:
+    """Shard workers in processes (``builder.worker_procs``): ``resources.workers``, else
+    ``LOCAL_CPU_THREADS``. At the slow level, whose scorers run in this process, one worker
+    here that validates in processes (``builder.validate_pool``)."""
+    if services.slow:
+        return LocalExecutor(life.job_plan(LOCAL_CPU_THREADS, LOCAL_CPU_THREADS), services)
+    from builder.worker_procs import ProcessExecutor
+
+    return ProcessExecutor(life.job_plan(WORKER_PROCESS_THREADS), services,
+                           life.spec.resources.workers or LOCAL_CPU_THREADS)
 
 
 def units_per_worker(spec: DatasetSpec) -> int:
@@ -556,7 +572,7 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         check_slow_requirements(spec)
         slow = make_slow_validator(spec, "cuda" if spec.resources.gpus_per_actor > 0 else "cpu")
     services = LocalServices(spec, client, life.ledger(), slow)
-    executor = LocalExecutor(life.job_plan(LOCAL_CPU_THREADS, LOCAL_CPU_THREADS), services)
+    executor = local_executor(life, services)
     await executor.start()
     try:
         outcome = await life.run(executor, units_per_worker=units_per_worker(spec),

@@ -808,17 +808,29 @@ class LocalServices(WorkerServices):
             self.governors[unit.source] = gov
         return gov
 
+    def acquire(self, unit: WorkUnit) -> float:
+        """Seconds to wait before ``unit``'s engine request (its source's governor)."""
+        return self._governor(unit).acquire()
+
+    def record(self, unit: WorkUnit, ok: bool, status: int,
+               retry_after: Optional[float] = None) -> None:
+        """How ``unit``'s engine request went, for its source's governor."""
+        self._governor(unit).record(ok, status, retry_after)
+
     async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
-        gov = self._governor(unit)
-        await asyncio.sleep(gov.acquire())
+        await asyncio.sleep(self.acquire(unit))
         try:
             page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
                                            page=unit.page, per_page=unit.per_page)
         except EngineError as exc:
-            gov.record(False, exc.status, exc.retry_after)
+            self.record(unit, False, exc.status, exc.retry_after)
             raise
-        gov.record(True, 200)
+        self.record(unit, True, 200)
         return page
+
+    async def dedup_call(self, partition: int, method: str, payload: dict[str, Any]) -> Any:
+        """One index partition call, for a worker in another process."""
+        return await self.dedup.call(partition, method, payload)
 
     @property
     def slow(self) -> bool:

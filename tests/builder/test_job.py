@@ -175,6 +175,32 @@ def test_a_lost_worker_s_uncommitted_units_are_resent_and_counted_once():
     assert executor.ledger.accepted["cat"] == 6
 
 
+def test_a_unit_lost_in_flight_is_run_again_once_not_twice():
+    """A unit whose worker was lost before it reported goes back through the resend queue
+    only: the planner must not issue the same page again beside it (both copies would be
+    counted, and the journal holds one)."""
+    s = spec(target=6)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(6)], (0, "q2"): [f"x{i}.ok" for i in range(4)]}
+    executor = FakeExecutor(s, pages, workers=2)
+    done: Counter = Counter()
+    calls = []
+
+    async def run_(worker, unit, original=executor.run):
+        calls.append(unit)
+        if len(calls) == 1:
+            await asyncio.sleep(0.01)  # lost while the other worker's units run
+            raise WorkerLost(worker, "process killed")
+        report, events = await original(worker, unit)
+        done[unit.uid] += 1
+        return report, events
+
+    executor.run = run_
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert calls[0].uid in done and max(done.values()) == 1, done
+    assert stats["accepted"] == 6 and stats["candidates"] == 2 * len(done)
+
+
 def test_a_lost_index_resends_everything_uncommitted():
     s = spec(target=4)
     pages = {(0, "q1"): [f"{i}.ok" for i in range(4)], (0, "q2"): [f"x{i}.ok" for i in range(4)]}

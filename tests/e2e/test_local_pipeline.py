@@ -169,7 +169,7 @@ def test_over_target_images_are_released_so_a_later_copy_is_kept(sandbox, tmp_pa
                        "target": 5, "sources": [{"engine": "urllist", "path": str(urls)}],
                        "download": {"timeout_s": 1.0, "allow_private_networks": True},
                        "output": {"uri": str(tmp_path / "ds")},
-                       "resources": {"batch_size": 2, "max_in_flight_batches": 1}})
+                       "resources": {"batch_size": 2, "max_in_flight_batches": 1, "workers": 1}})
     run_local(spec)
     reasons = reasons_by_url(str(tmp_path / "ds"))
     assert reasons[original] == "over_target"
@@ -215,3 +215,53 @@ def test_progress_counts_fetched_images_before_their_unit_ends(sandbox, tmp_path
     early = [s["in_flight"] for s in snaps if s["accepted"] == 0]
     assert early and max(early) >= 2, [(s["accepted"], s["in_flight"]) for s in snaps]
     assert snaps[-1]["accepted"] == 4 and snaps[-1]["in_flight"] == 0
+
+
+def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_path):
+    """The in-process runner's workers are processes: one SIGKILLed mid-job is a lost worker,
+    its units go to the other, and the dataset is the same as an uninterrupted run's over the
+    same URL list."""
+    import asyncio
+    import os
+    import signal
+
+    from builder.pipeline import run_local_async
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog", "bird")
+                            for u in sandbox.class_image_urls(label)))
+
+    def spec(out: str):
+        return sandbox_spec(sandbox, out, target=1000,
+                            sources=[{"engine": "urllist", "path": str(urls)}],
+                            download={"per_host_delay_s": 0.01},
+                            resources={"batch_size": 8, "workers": 2})
+
+    whole = str(tmp_path / "whole")
+    run_local(spec(whole))
+    out = str(tmp_path / "ds")
+    holder, killed = {}, []
+
+    async def main():
+        task = asyncio.ensure_future(run_local_async(
+            spec(out), runner_hook=lambda r: holder.setdefault("r", r)))
+        while "r" not in holder or holder["r"].counts.accepted < 8:
+            await asyncio.sleep(0.02)
+        proc = holder["r"].executor.procs[1]
+        os.kill(proc.pid, signal.SIGKILL)
+        killed.append(proc.pid)
+        return await task
+
+    result = asyncio.run(main())
+    assert killed and not result.partial and is_complete(out)
+    stats, reference = check_accounting(out), check_accounting(whole)
+    assert stats["resent_units"] > 0
+    for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
+        assert stats[key] == reference[key], key
+    ids = pq.read_table(Path(out) / "data", columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == stats["accepted"]
+    assert sorted(ids) == sorted(pq.read_table(Path(whole) / "data", columns=["id"])["id"]
+                                 .to_pylist())
+    labels = json.loads((Path(out) / "labels.json").read_text())
+    assert all((Path(out) / e["path"]).exists() for e in labels)
+    assert all(p.poll() is not None for p in holder["r"].executor.procs)  # none left

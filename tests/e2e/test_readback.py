@@ -37,7 +37,8 @@ def built(sandbox, tmp_path_factory):
     spec = sandbox_spec(
         sandbox, out, target=TARGET, classes=(),
         categories={"mammals": {"cat": None, "dog": None}, "toys": {"dog": {"queries": "bird"}}},
-        output={"shard_size": SHARD_SIZE, "splits": SPLITS})
+        output={"shard_size": SHARD_SIZE, "splits": SPLITS},
+        resources={"batch_size": 16, "workers": 1})  # shard sizes are exact per worker
     result = run_local(spec)
     assert not result.partial
     stats = check_accounting(out)
@@ -70,7 +71,7 @@ def test_pandas_and_pyarrow(built):
 
 
 def test_shards_hold_exactly_shard_size_rows_classes_mixed(built):
-    """One worker (--local): every shard of a split but its last holds shard_size rows, and a
+    """One worker: every shard of a split but its last holds shard_size rows, and a
     shard mixes the classes of several units of work."""
     root, _ = built
     for split in SPLITS:

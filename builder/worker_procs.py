@@ -1,0 +1,445 @@
+"""Shard workers in processes of their own, for the in-process runner.
+
+One Python process holds the GIL for everything it does, and the per-image work of a worker
+(fetching, validating, building rows, writing shards) is mostly Python: one process keeps about
+one core busy. ``ProcessExecutor`` runs ``workers`` ``builder.worker.WorkerRuntime`` in spawned
+processes, the same runtime the Ray runner runs in its actors. The job's services stay in the
+runner's process (``LocalServices``: the dedup index, the quota ledger, the search governors)
+and the workers reach them over a Unix socket (``Channel``), as Ray workers reach their
+actors. Only counts, units and the index's payloads cross; image bytes never do.
+
+A worker process that dies (killed, out of memory) is a lost worker: its units are resent to
+the others (``WorkerLost``), as on Ray. The processes ignore SIGINT and SIGTERM, so a Ctrl-C
+stops the job through the runner (units end ``cancelled``, the partial result is written), and
+they exit when the runner's end of the socket closes, whatever ends the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable, Optional, Union
+
+from builder.dedup import DedupClient
+from builder.engines import SearchEngine, SearchPage
+from builder.errors import EngineError
+from builder.job import WorkerLost
+from builder.units import UnitReport, WorkerEvents, WorkUnit
+from builder.worker import JobPlan, LocalServices, WorkerRuntime, WorkerServices
+
+log = logging.getLogger("pixcrawler.procs")
+
+_HEADER = struct.Struct("!Q")
+START_TIMEOUT_S = 120.0
+"""How long the workers may take to start (spawn, imports, the output check)."""
+CLOSE_TIMEOUT_S = 10.0
+
+
+class ChannelClosed(ConnectionError):
+    """The process at the other end of a channel went away."""
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure to pickle means: send a description
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class Channel:
+    """Calls both ways over one stream: ``call(method, *args)`` awaits the other side's
+    ``handler.<method>(*args)``; the other side's calls run on ``handler``. Messages are
+    length-prefixed pickles; writes never block the event loop."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 handler: Any):
+        self.reader = reader
+        self.writer = writer
+        self.handler = handler
+        self.pending: dict[int, asyncio.Future] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.closed: Optional[BaseException] = None
+        self._next = 0
+        self._reading = asyncio.ensure_future(self._read())
+        self.done = asyncio.get_running_loop().create_future()
+        """Resolves when the other side has gone."""
+
+    def _send(self, message: tuple) -> None:
+        _write_frame(self.writer, message)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.closed is not None:
+            raise ChannelClosed(str(self.closed))
+        self._next += 1
+        key = self._next
+        future = asyncio.get_running_loop().create_future()
+        self.pending[key] = future
+        self._send(("call", key, method, args))
+        try:
+            await self.writer.drain()
+            return await future
+        finally:
+            self.pending.pop(key, None)
+
+    def notify(self, method: str, *args: Any) -> None:
+        """Run ``method`` on the other side; no answer."""
+        if self.closed is None:
+            self._send(("call", 0, method, args))
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                self._dispatch(await _read_frame(self.reader))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            self._close(ChannelClosed(f"the other process went away ({type(exc).__name__})"))
+        except asyncio.CancelledError:
+            self._close(ChannelClosed("the channel was closed"))
+            raise
+
+    def _dispatch(self, message: tuple) -> None:
+        if message[0] == "reply":
+            _, key, ok, value = message
+            future = self.pending.get(key)
+            if future is not None and not future.done():
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            return
+        _, key, method, args = message
+        task = asyncio.ensure_future(self._answer(key, method, args))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _answer(self, key: int, method: str, args: tuple) -> None:
+        try:
+            value, ok = await _maybe_await(getattr(self.handler, method)(*args)), True
+        except Exception as exc:  # noqa: BLE001 - the caller on the other side gets it
+            value, ok = _portable(exc), False
+        if key and self.closed is None:
+            self._send(("reply", key, ok, value))
+            try:
+                await self.writer.drain()
+            except ConnectionError:
+                pass
+
+    def _close(self, exc: BaseException) -> None:
+        if self.closed is not None:
+            return
+        self.closed = exc
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def aclose(self) -> None:
+        self._reading.cancel()
+        await asyncio.gather(self._reading, return_exceptions=True)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value
+
+
+# -- the runner's side --------------------------------------------------------------------------
+
+
+class ServiceHandler:
+    """What a worker process may call in the runner's process: the job's ``LocalServices``."""
+
+    def __init__(self, services: LocalServices):
+        self.services = services
+
+    async def dedup(self, partition: int, method: str, payload: dict[str, Any]) -> Any:
+        return await self.services.dedup_call(partition, method, payload)
+
+    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
+                    ) -> dict[str, int]:
+        return await self.services.grant(uid, wants, floor)
+
+    async def rooms(self) -> dict[str, int]:
+        return await self.services.rooms()
+
+    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
+        await self.services.commit(uid, accepted)
+
+    async def next_shard(self, split: str) -> int:
+        return await self.services.next_shard(split)
+
+    def acquire(self, unit: WorkUnit) -> float:
+        return self.services.acquire(unit)
+
+    def record(self, unit: WorkUnit, ok: bool, status: int,
+               retry_after: Optional[float]) -> None:
+        self.services.record(unit, ok, status, retry_after)
+
+
+class ProcessExecutor:
+    """``workers`` shard workers in processes of their own (see the module docstring)."""
+
+    def __init__(self, plan: JobPlan, services: LocalServices, workers: int):
+        if services.slow:
+            raise ValueError("the slow level scores in the runner's process: use LocalExecutor")
+        self.plan = plan
+        self.services = services
+        self.workers = workers
+        self.channels: list[Optional[Channel]] = [None] * workers
+        self.procs: list[Any] = []
+        self._dir = ""
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._joined: dict[int, asyncio.Future] = {}
+
+    async def start(self) -> None:
+        """Spawn the workers, wait until each has connected and checked it can write the
+        output (a worker that cannot raises here, before any download)."""
+        loop = asyncio.get_running_loop()
+        self._dir = tempfile.mkdtemp(prefix="pixcrawler-")
+        path = os.path.join(self._dir, "s")
+        self._joined = {w: loop.create_future() for w in range(self.workers)}
+        handler = ServiceHandler(self.services)
+
+        async def joined(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            worker = await _read_frame(reader)
+            _write_frame(writer, self.plan)
+            self.channels[worker] = Channel(reader, writer, handler)
+            self._joined[worker].set_result(None)
+
+        self._server = await asyncio.start_unix_server(joined, path)
+        try:
+            for w in range(self.workers):
+                # A fresh interpreter, not multiprocessing's spawn: that one imports the
+                # caller's __main__ again, which a script without a main guard cannot take.
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "builder.worker_procs", path, str(w)],
+                    stdin=subprocess.DEVNULL))
+            try:
+                await asyncio.wait_for(self._wait_joined(), START_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"the shard worker processes did not start within "
+                                   f"{START_TIMEOUT_S:g} s; the machine may be "
+                                   "overloaded") from None
+            await asyncio.gather(*(self._channel(w).call("start")
+                                   for w in range(self.workers)))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _wait_joined(self) -> None:
+        pending = set(self._joined.values())
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+            dead = [w for w, p in enumerate(self.procs)
+                    if not self._joined[w].done() and p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"shard worker process {dead[0]} exited with code "
+                                   f"{self.procs[dead[0]].returncode} while starting")
+
+    def _channel(self, worker: int) -> Channel:
+        channel = self.channels[worker]
+        assert channel is not None, "start() first"
+        return channel
+
+    def _lost(self, worker: int, exc: BaseException) -> WorkerLost:
+        code = self.procs[worker].poll() if worker < len(self.procs) else None
+        return WorkerLost(worker, f"worker process {worker} is gone (exit code {code}): {exc}")
+
+    async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        try:
+            return await self._channel(worker).call("run", unit)
+        except ChannelClosed as exc:
+            raise self._lost(worker, exc) from None
+
+    async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
+        async def one(w: int) -> Union[WorkerEvents, WorkerLost]:
+            try:
+                return await self._channel(w).call("flush")
+            except ChannelClosed as exc:
+                return self._lost(w, exc)
+
+        return list(await asyncio.gather(*(one(w) for w in range(self.workers))))
+
+    async def revive(self, worker: int) -> bool:
+        return False
+
+    async def reset(self) -> None:
+        await asyncio.gather(*(self._channel(w).call("discard") for w in range(self.workers)
+                               if self._channel(w).closed is None))
+
+    def cancel(self) -> None:
+        for channel in self.channels:
+            if channel is not None:
+                channel.notify("cancel")
+
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        async def one(channel: Channel) -> dict[str, dict[str, int]]:
+            try:
+                return await channel.call("in_flight")
+            except ChannelClosed:
+                return {}
+
+        out: dict[str, dict[str, int]] = {}
+        for part in await asyncio.gather(*(one(c) for c in self.channels if c is not None)):
+            out.update(part)
+        return out
+
+    async def close(self) -> None:
+        """Ask each worker to close (its fetcher and pool), then make sure every process is
+        gone."""
+        async def one(channel: Channel) -> None:
+            try:
+                await asyncio.wait_for(channel.call("close"), CLOSE_TIMEOUT_S)
+            except (ChannelClosed, asyncio.TimeoutError):
+                pass
+            await channel.aclose()
+
+        await asyncio.gather(*(one(c) for c in self.channels if c is not None))
+        await asyncio.to_thread(self._reap)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _reap(self) -> None:
+        for w, proc in enumerate(self.procs):
+            try:
+                proc.wait(CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("shard worker process %d did not exit; killing it", w)
+                proc.kill()
+                proc.wait()
+
+
+# -- the worker's side --------------------------------------------------------------------------
+
+
+class ChannelServices(WorkerServices):
+    """A worker process's services: calls to the runner's process."""
+
+    def __init__(self, plan: JobPlan, call: Callable[..., Any]):
+        v = plan.spec.validation
+        self._call = call
+        self.dedup = DedupClient(v.near_duplicate_threshold, v.level != "fast", 1,
+                                 self._dedup)
+
+    async def _dedup(self, partition: int, method: str, payload: dict[str, Any]) -> Any:
+        return await self._call("dedup", partition, method, payload)
+
+    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
+                    ) -> dict[str, int]:
+        return await self._call("grant", uid, wants, floor)
+
+    async def rooms(self) -> dict[str, int]:
+        return await self._call("rooms")
+
+    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
+        await self._call("commit", uid, accepted)
+
+    async def next_shard(self, split: str) -> int:
+        return await self._call("next_shard", split)
+
+    async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
+        await asyncio.sleep(await self._call("acquire", unit))
+        try:
+            page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
+                                           page=unit.page, per_page=unit.per_page)
+        except EngineError as exc:
+            await self._call("record", unit, False, exc.status, exc.retry_after)
+            raise
+        await self._call("record", unit, True, 200, None)
+        return page
+
+
+class WorkerHandler:
+    """What the runner's process may call in a worker process."""
+
+    def __init__(self, runtime: WorkerRuntime, stop: asyncio.Event):
+        self.runtime = runtime
+        self.stop = stop
+
+    async def start(self) -> None:
+        await self.runtime.start()
+
+    async def run(self, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        return await self.runtime.run(unit)
+
+    async def flush(self) -> WorkerEvents:
+        return await self.runtime.flush()
+
+    def discard(self) -> list[str]:
+        return self.runtime.discard()
+
+    def cancel(self) -> None:
+        self.runtime.cancel()
+
+    def in_flight(self) -> dict[str, dict[str, int]]:
+        return self.runtime.in_flight()
+
+    async def close(self) -> None:
+        await self.runtime.close()
+        self.stop.set()
+
+
+def _write_frame(writer: asyncio.StreamWriter, value: Any) -> None:
+    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(_HEADER.pack(len(body)) + body)
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    header = await reader.readexactly(_HEADER.size)
+    return pickle.loads(await reader.readexactly(_HEADER.unpack(header)[0]))
+
+
+def worker_main(path: str, worker: int) -> None:
+    """A worker process: connect to the runner, take the job's plan, serve until told to
+    close or the runner goes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    asyncio.run(_serve(path, worker))
+
+
+async def _serve(path: str, worker: int) -> None:
+    reader, writer = await asyncio.open_unix_connection(path)
+    _write_frame(writer, worker)
+    plan: JobPlan = await _read_frame(reader)
+    stop = asyncio.Event()
+    holder: dict[str, Channel] = {}
+
+    async def call(method: str, *args: Any) -> Any:
+        return await holder["channel"].call(method, *args)
+
+    runtime = WorkerRuntime(plan, ChannelServices(plan, call), worker_id=f"w{worker}")
+    channel = holder["channel"] = Channel(reader, writer, WorkerHandler(runtime, stop))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({stopped, channel.done}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not stop.is_set():  # the runner went away: stop what runs, close quietly
+        runtime.cancel()
+        await runtime.close()
+    else:
+        await asyncio.sleep(0)  # let the reply to "close" go out
+    await channel.aclose()
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1], int(sys.argv[2]))
