@@ -14,7 +14,7 @@
 Everything lives on the output's filesystem, so ``--resume`` works from any machine of the
 cluster, and a restarted dedup partition rebuilds from here. Files appear atomically (a rename on
 local disks; object stores publish an object only when its upload completes). Reading the
-journal streams it file by file: memory stays flat however many units a job has.
+journal streams it in batches of files: memory stays flat however many units a job has.
 """
 
 from __future__ import annotations
@@ -38,6 +38,21 @@ from builder.storage import atomic_write, join, list_files, open_fs, storage_err
 from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
 
 JOURNAL = "_journal"
+
+READ_FILES = 64
+"""Journal files fetched per request when the journal is streamed: an object store fetches
+them concurrently, and memory holds one such batch."""
+
+TABLE_ROWS = 4_096
+"""Rows per table when the journal is streamed (whole files, concatenated): what is done per
+table (a filter, a Parquet write) is paid per batch of files, not per file. Publishing 8,000
+units of 125 took the least CPU with batches of 2-4k rows (0.41 ms a unit, against 0.52 ms
+with 64k), and its RSS rose by 28 MiB (64k: 113 MiB)."""
+
+COMPRESSION = "snappy"
+"""Of the journal's tables. zstd makes files 20% smaller, but its decoder costs about 25 µs
+per column chunk to start, so a unit file's 11 reject columns took 0.43 ms to read, against
+0.16 ms in snappy: and the publish step reads every unit file."""
 
 UNIT_SCHEMA = pa.schema(list(REJECT_SCHEMA) + [
     pa.field("accepted", pa.bool_()),
@@ -174,7 +189,7 @@ class Journal:
         import io
 
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression=COMPRESSION)
         with storage_errors(self.uri, "write the journal to"):
             atomic_write(self.fs, path, buf.getvalue())
 
@@ -202,19 +217,39 @@ class Journal:
     def shard_files(self) -> list[str]:
         return self._files("shards", ".parquet")
 
+    def _contents(self, paths: list[str]) -> Iterator[bytes]:
+        """The bytes of each file, in order, fetched ``READ_FILES`` at a time."""
+        for start in range(0, len(paths), READ_FILES):
+            batch = paths[start:start + READ_FILES]
+            with storage_errors(self.uri, "read the journal from"):
+                data = self.fs.cat_ranges(batch, None, None, on_error="raise")
+            yield from data
+
     def iter_unit_reports(self) -> Iterator[tuple[WorkUnit, UnitReport]]:
-        """Each committed unit's description and counts (reads only the files' footers)."""
-        for path in self.unit_files():
-            with self.fs.open(path, "rb") as f:
-                meta = pq.read_schema(f).metadata or {}
+        """Each committed unit's description and counts (from the files' footers)."""
+        for data in self._contents(self.unit_files()):
+            meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
             yield report_from_json(json.loads(meta[b"pixcrawler.unit"]))
 
-    def iter_tables(self, kind: str, columns: Optional[list[str]] = None
-                    ) -> Iterator[pa.Table]:
-        """The committed ``units`` or ``shards`` files, one table at a time."""
-        for path in (self.unit_files() if kind == "units" else self.shard_files()):
-            with self.fs.open(path, "rb") as f:
-                yield pq.read_table(f, columns=columns)
+    def iter_tables(self, kind: str, columns: Optional[list[str]] = None,
+                    rows: Optional[int] = None) -> Iterator[pa.Table]:
+        """The committed ``units`` or ``shards`` files, in name order, as tables of whole
+        files concatenated until they hold ``rows`` rows (``TABLE_ROWS``) or more, and the
+        rest. Without the files' metadata (a unit's counts: ``iter_unit_reports``)."""
+        rows = rows or TABLE_ROWS
+        paths = self.unit_files() if kind == "units" else self.shard_files()
+        pending: list[pa.Table] = []
+        held = 0
+        for data in self._contents(paths):
+            table = pq.ParquetFile(pa.BufferReader(data)).read(columns=columns,
+                                                               use_threads=False)
+            pending.append(table.replace_schema_metadata(None))
+            held += table.num_rows
+            if held >= rows:
+                yield pa.concat_tables(pending)
+                pending, held = [], 0
+        if pending:
+            yield pa.concat_tables(pending)
 
     def orphan_files(self) -> list[str]:
         """Files named by shard intents whose shard never committed (a crash mid-write), as
@@ -223,12 +258,12 @@ class Journal:
         that wrote the image again (its unit resent) name the same file."""
         orphans: list[str] = []
         kept: set[str] = set()
-        for path in list_files(self.fs, self._path("shards")):
-            if not path.endswith(".intent.json"):
-                continue
-            name = path.rsplit("/", 1)[-1][:-len(".intent.json")]
-            files = json.loads(self.fs.cat_file(path)).get("files", [])
-            if self.shard_exists(name):
+        listed = list_files(self.fs, self._path("shards"))
+        committed = {p for p in listed if p.endswith(".parquet")}
+        intents = [p for p in listed if p.endswith(".intent.json")]
+        for path, data in zip(intents, self._contents(intents)):
+            files = json.loads(data).get("files", [])
+            if f"{path[:-len('.intent.json')]}.parquet" in committed:
                 kept.update(files)
             else:
                 orphans += files

@@ -38,8 +38,8 @@ import yaml
 from builder.dedup import DedupClient, LocalPartitions, claim_of, id_number, url_hash
 from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
                          WorkerLost)
-from builder.journal import (Journal, ResumeError, ResumeState, new_job_id, published_spec,
-                             resumable_jobs, spec_fingerprint)
+from builder.journal import (TABLE_ROWS, Journal, ResumeError, ResumeState, new_job_id,
+                             published_spec, resumable_jobs, spec_fingerprint)
 from builder.listsource import SlicePlan, plan_slices
 from builder.quota import QuotaLedger
 from builder.reasons import TRANSIENT_REASONS
@@ -51,6 +51,9 @@ from builder.worker import JobPlan, LocalServices, WorkerRuntime
 from builder.writers import DatasetPublisher, manifest_entry, read_marker
 
 log = logging.getLogger("pixcrawler.pipeline")
+
+MANIFEST_COLUMNS = ("id", "path", "label", "split", "license")
+"""What the label manifests take from a journal shard's rows."""
 
 INDEX_CHUNK = 50_000
 """Rows per batch when the dedup index is rebuilt from the journal."""
@@ -367,23 +370,28 @@ class JobLifecycle:
         assert self.journal is not None
         if self.merge:
             yield from published_manifest(self.uri, self.storage_options, self.spec)
-        for table in self.journal.iter_tables("shards"):
-            yield from table.select(["id", "path", "label", "split", "license"]).to_pylist()
+        for table in self.journal.iter_tables("shards", list(MANIFEST_COLUMNS)):
+            yield from table.to_pylist()
 
     def _reject_tables(self) -> Iterator[pa.Table]:
+        """The rejects: the published dataset's a merge continues (less those a retry
+        decides again), then the journal's units', in batches of many units."""
         assert self.journal is not None
         if self.merge:
             fs, root = open_fs(self.uri, self.storage_options)
             path = f"{root.rstrip('/')}/rejects.parquet"
             fs.invalidate_cache(path)
             if fs.exists(path):
+                transient = pa.array([r.value for r in TRANSIENT_REASONS])
                 with fs.open(path, "rb") as f:
-                    old = pq.read_table(f)
-                if self.retry:
-                    transient = pa.array([r.value for r in TRANSIENT_REASONS])
-                    old = old.filter(pc.invert(pc.is_in(old["reason"], value_set=transient)))
-                yield old
-        for table in self.journal.iter_tables("units"):
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=TABLE_ROWS):
+                        old = pa.Table.from_batches([batch])
+                        if self.retry:
+                            old = old.filter(pc.invert(pc.is_in(old["reason"],
+                                                                value_set=transient)))
+                        yield old
+        columns = [*REJECT_SCHEMA.names, "accepted"]
+        for table in self.journal.iter_tables("units", columns):
             yield table.filter(pc.invert(table["accepted"])).select(REJECT_SCHEMA.names)
 
 

@@ -87,6 +87,7 @@ from typing import Any, Optional, Union
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import yaml
 
@@ -554,6 +555,23 @@ class LabelManifests:
                          "".join(f"{label}\n" for label in self.index).encode("utf-8"))
 
 
+def _csv_rows(table: pa.Table) -> bytes:
+    """The table's rows as CSV, as Python's ``csv.writer`` writes them: values quoted only
+    where they hold a comma, a quote or a line break, a null an empty value. Arrow writes a
+    batch none of whose values needs quoting (nearly every batch: it refuses one that does,
+    having no such minimal quoting), Python the others."""
+    buf = io.BytesIO()
+    try:
+        pa_csv.write_csv(table, buf, pa_csv.WriteOptions(
+            include_header=False, quoting_style="none", eol="\n"))
+        return buf.getvalue()
+    except pa.ArrowInvalid:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(
+            zip(*(table[name].to_pylist() for name in table.column_names)))
+        return text.getvalue().encode("utf-8")
+
+
 def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.Table]) -> int:
     """``rejects.parquet`` and ``rejects.csv`` from tables of rejected rows (REJECT_SCHEMA
     columns), streamed; returns the number of rows."""
@@ -568,11 +586,7 @@ def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.
                     continue
                 table = table.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
                 writer.write_table(table)
-                text = io.StringIO()
-                out = csv.writer(text, lineterminator="\n")
-                for row in table.to_pylist():
-                    out.writerow(["" if row[c] is None else row[c] for c in REJECT_SCHEMA.names])
-                fc.write(text.getvalue().encode("utf-8"))
+                fc.write(_csv_rows(table))
                 n += table.num_rows
         finally:
             writer.close()
@@ -744,15 +758,19 @@ class DatasetPublisher:
     def _listed_files(self, fs: fsspec.AbstractFileSystem, root: str
                       ) -> list[tuple[str, int]]:
         """Every file of the dataset but the ImageFolder tree (counted in the marker, listed
-        in labels.*), with its size."""
+        in labels.*), with its size. Neither that tree nor the journal is walked."""
         out = []
-        for path in list_files(fs, root):
-            rel = path[len(root) + 1:]
-            top = rel.split("/")[0]
-            if top in ("imagefolder", "_journal") or rel in (SUCCESS, PARTIAL) \
+        fs.invalidate_cache(root)
+        for entry in fs.ls(root, detail=True):
+            top = entry["name"].rstrip("/")[len(root) + 1:]
+            if top in ("imagefolder", "_journal", SUCCESS, PARTIAL) \
                     or top.startswith(".pixcrawler-probe"):
                 continue
-            out.append((rel, int(fs.size(path) or 0)))
+            if entry["type"] != "directory":
+                out.append((top, int(entry.get("size") or 0)))
+                continue
+            for path, info in fs.find(entry["name"], withdirs=False, detail=True).items():
+                out.append((path[len(root) + 1:], int(info.get("size") or 0)))
         return sorted(out)
 
 

@@ -33,12 +33,12 @@ from builder.card import PARTIAL_MARKER, render_card
 from builder.errors import OutputExistsError, SpecError, StorageError
 from builder.ports import free_port
 from builder.reasons import Reason
-from builder.records import (ACCEPTED_SCHEMA, ROW_SCHEMA, Candidate, Record, accepted_row,
-                             reject_row)
+from builder.records import (ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, Candidate, Record,
+                             accepted_row, reject_row)
 from builder.spec import OutputSpec, parse_spec
 from builder.journal import Journal
 from builder.writers import (DatasetPublisher, ShardWriter, is_complete, read_dataset,
-                              read_marker, shard_order)
+                              read_marker, shard_order, write_rejects)
 
 LABELS = ["cat", "mammals/dog", "mammals/whale"]
 SPLITS = ["train", "train", "validation", "test"]
@@ -422,6 +422,31 @@ def test_a_file_a_committed_shard_wrote_again_is_not_an_orphan(target):
     assert job.journal.orphan_files() == ["data/train-00007.parquet"]
     job.publisher.remove_files(job.journal.orphan_files())
     assert image in target.files()
+
+
+def test_rejects_csv_is_what_pythons_csv_module_writes(local):
+    """Batches whose values need no quoting are written by Arrow, the others by Python's csv
+    module: the file is the same as Python's csv module writes for all of them (quotes only
+    where needed, a null and an empty string both empty)."""
+    plain = pa.Table.from_pylist(make_rejects() + [
+        {"key": "k", "url": "", "label": "cat", "query": None, "engine": " sp ace",
+         "stage": "fetch", "reason": "timeout", "detail": "tab\there; 'x' \u00e9\u2028",
+         "duplicate_of": None, "http_status": None}])
+    quoted = pa.Table.from_pylist([
+        {"key": "k2", "url": "http://h/a,b", "label": "cat", "query": 'say "hi"',
+         "engine": "e", "stage": "fetch", "reason": "timeout", "detail": "two\nlines\r",
+         "duplicate_of": "", "http_status": 503}])
+    tables = [plain, quoted, plain]
+    fs, root = storage.open_fs(local.uri)
+    assert write_rejects(fs, root, tables) == sum(t.num_rows for t in tables)
+    text = io.StringIO()
+    out = csv.writer(text, lineterminator="\n")
+    out.writerow(REJECT_SCHEMA.names)
+    for row in pa.concat_tables(t.cast(REJECT_SCHEMA) for t in tables).to_pylist():
+        out.writerow(["" if row[c] is None else row[c] for c in REJECT_SCHEMA.names])
+    assert local.read("rejects.csv") == text.getvalue().encode("utf-8")
+    assert pq.read_table(io.BytesIO(local.read("rejects.parquet"))).equals(
+        pa.concat_tables(t.cast(REJECT_SCHEMA) for t in tables))
 
 
 def test_rejects_that_disagree_with_the_counts_are_not_published(local):

@@ -1,0 +1,117 @@
+"""builder.journal: streaming a journal of many unit files in batches gives every file's rows,
+in name order, whatever the batch boundaries; and the publish step's rejects are the units'
+rejected rows in that order. On a local dir and on S3 (moto)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from builder import journal as journal_mod
+from builder.journal import UNIT_SCHEMA, Journal
+from builder.pipeline import JobLifecycle
+from builder.records import REJECT_SCHEMA
+from builder.spec import parse_spec
+from builder.units import ClassTally, UnitReport, WorkUnit
+from tests.conftest import make_bucket
+
+UNITS = 23
+
+
+def unit_table(u: int, rng: random.Random) -> pa.Table:
+    """A unit of 0-9 candidates, some accepted, some with values CSV must quote."""
+    n = rng.randint(0, 9)
+    accepted = [rng.random() < 0.3 for _ in range(n)]
+    return pa.table({
+        "key": [f"cat\thttp://h/{u}/{i}" for i in range(n)],
+        "url": [f"http://h/{u}/{i}" if i % 4 else f"http://h/{u}/a,b{i}" for i in range(n)],
+        "label": ["cat"] * n, "query": [rng.choice(["", "q", None]) for _ in range(n)],
+        "engine": ["urllist"] * n,
+        "stage": [None if a else "fetch" for a in accepted],
+        "reason": [None if a else "http_client_error" for a in accepted],
+        "detail": [None if a else f"HTTP {400 + i}" for i, a in enumerate(accepted)],
+        "duplicate_of": [None] * n,
+        "http_status": [None if a else 404 for a in accepted],
+        "accepted": accepted,
+        "image_id": [f"{u:04d}{i:04d}" if a else None for i, a in enumerate(accepted)],
+        "url_hash": [u * 100 + i for i in range(n)], "claim": [u * 7 + i for i in range(n)],
+    }).cast(UNIT_SCHEMA)
+
+
+def write_journal(uri: str, options) -> tuple[Journal, list[pa.Table]]:
+    journal = Journal(uri, "job1", options)
+    rng = random.Random(7)
+    tables = []
+    for u in range(UNITS):
+        table = unit_table(u, rng)
+        unit = WorkUnit(uid=f"l00-{u:05d}", seq=u, kind="list", source=0, start=u)
+        report = UnitReport(unit.uid)
+        accepted = int(pc.sum(table["accepted"].cast(pa.int64())).as_py() or 0)
+        report.classes["cat"] = ClassTally(table.num_rows, accepted,
+                                           {"http_client_error": table.num_rows - accepted})
+        journal.write_unit(unit, report, table)
+        tables.append(table)
+    return journal, tables
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "ds"), None
+    endpoint = request.getfixturevalue("moto_s3")
+    bucket = f"journal-{uuid.uuid4().hex[:8]}"
+    make_bucket(endpoint, bucket)
+    return f"s3://{bucket}/ds", {"endpoint_url": endpoint}
+
+
+@pytest.mark.parametrize("files, rows", [(1, 1), (3, 10), (4, 1000), (64, 7)])
+def test_batched_reads_give_every_unit_file_in_order(location, monkeypatch, files, rows):
+    monkeypatch.setattr(journal_mod, "READ_FILES", files)
+    journal, written = write_journal(*location)
+    per_file = [pq.read_table(journal.fs.open(p, "rb")) for p in journal.unit_files()]
+    assert len(per_file) == UNITS
+    batches = list(journal.iter_tables("units", rows=rows))
+    assert pa.concat_tables(batches).equals(pa.concat_tables(written))
+    assert pa.concat_tables(batches).equals(
+        pa.concat_tables([t.replace_schema_metadata(None) for t in per_file]))
+    # Each table is whole files: it ends where a file ends, and only its last file takes it
+    # to ``rows`` or past it.
+    ends, total = set(), 0
+    for t in written:
+        total += t.num_rows
+        ends.add(total)
+    total = 0
+    for batch in batches:
+        total += batch.num_rows
+        assert total in ends
+    assert all(b.num_rows < rows + 10 for b in batches)
+    assert len(batches) >= -(-total // (rows + 9))
+    assert [u.uid for u, _ in journal.iter_unit_reports()] == [
+        f"l00-{u:05d}" for u in range(UNITS)]
+
+
+def test_columns_are_read_alone(location):
+    journal, written = write_journal(*location)
+    table = pa.concat_tables(journal.iter_tables("units", ["url_hash", "claim"], rows=5))
+    assert table.column_names == ["url_hash", "claim"]
+    assert table.equals(pa.concat_tables(written).select(["url_hash", "claim"]))
+
+
+def test_published_rejects_are_the_units_rejected_rows_in_order(location, monkeypatch):
+    monkeypatch.setattr(journal_mod, "READ_FILES", 4)
+    monkeypatch.setattr(journal_mod, "TABLE_ROWS", 11)
+    uri, options = location
+    journal, written = write_journal(uri, options)
+    spec = parse_spec({"name": "j", "target": 5, "classes": {"cat": {"urls": ["http://h/1"]}},
+                       "output": {"uri": uri, "formats": ["parquet"]}})
+    life = JobLifecycle(spec, uri=uri, job_id="job1", storage_options=options)
+    life.journal = journal
+    got = pa.concat_tables(life._reject_tables())
+    expected = pa.concat_tables([t.filter(pc.invert(t["accepted"])) for t in written])
+    assert got.equals(expected.select(REJECT_SCHEMA.names))
+    assert got.num_rows > 11
