@@ -3,11 +3,12 @@ where the CPU goes.
 
 The job: ``--n`` distinct loopback JPEGs (``bench/loopback.py``'s corpus, served by its own
 process), one class with target ``--n``, validation ``medium``, Parquet output to a local
-folder, two shard workers of 0.8 CPU and one index partition on both. (Sized from the cluster
-instead, the job asks for two workers of 0.92 CPU; on worker nodes of 1 CPU and a head of 0,
-a worker and the 0.05-CPU index, ledger and progress actors together pass one node's CPU, the
-second worker is never placed and the job waits without a word: seen 2026-12-02.) Two runs
-of it, each a ``pixcrawler build`` subprocess:
+folder, two shard workers of 0.8 CPU and one index partition on both. (Sized from the
+cluster's total, the job asked for two workers of 0.92 CPU; on worker nodes of 1 CPU and a
+head of 0, a worker and the 0.05-CPU index, ledger and progress actors together passed one
+node's CPU, the second worker was never placed and the job waited without a word: seen
+2026-12-02. Planning is per node since: sized from the cluster, it gets one worker of 0.85
+CPU per worker node.) Two runs of it, each a ``pixcrawler build`` subprocess:
 
 * ``one``: ``pixcrawler build SPEC --ray`` on an embedded one-node Ray (this machine's CPUs);
 * ``three``: a cluster made here with ``ray.cluster_utils.Cluster``: a head with ``--head-cpus``

@@ -41,6 +41,8 @@ MAX_SEARCH_ERRORS = 50
 """stats.json keeps the last this many failed searches (``search_errors``)."""
 PRIOR_YIELD = 0.7
 """The share of a class's candidates expected to be accepted before any is decided."""
+LATE_CHECK_S = 2.0
+"""How often the runner asks whether a late worker (``Executor.late``) has started."""
 
 
 class WorkerLost(Exception):
@@ -61,6 +63,9 @@ class Executor(Protocol):
     """Where units run: workers in this process, or on Ray."""
 
     workers: int
+    late: set[int]
+    """Workers that had not started when the job began: sent nothing until ``revive`` says
+    they have."""
 
     async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         """Run a unit on a worker; raises ``WorkerLost`` or ``IndexLost``."""
@@ -470,7 +475,9 @@ class JobRunner:
         self._last_progress = 0.0
         self._flights: dict[str, _Flight] = {}
         self._load = [0] * executor.workers
-        self._down: set[int] = set()
+        self._late = set(executor.late)
+        self._down: set[int] = set(self._late)
+        self._late_check = 0.0
         self._incarnations: dict[int, str] = {}
         self._epoch = 0
         self._resend: deque[WorkUnit] = deque()
@@ -646,6 +653,7 @@ class JobRunner:
                     self.cancelled = True
                     self.executor.cancel()
                 if not self.cancelled:
+                    await self._join_late()
                     for unit in self._next_units():
                         self._start(unit, tasks)
                 await self._maybe_progress()
@@ -720,12 +728,25 @@ class JobRunner:
             del self._flights[unit.uid]
         self._take_events(flight.worker, events)
 
+    async def _join_late(self) -> None:
+        """Take in the late workers that have started since the last look."""
+        now = time.monotonic()
+        if not self._late or now < self._late_check:
+            return
+        self._late_check = now + LATE_CHECK_S
+        for w in sorted(self._late):
+            if await self.executor.revive(w):
+                self._late.discard(w)
+                self._down.discard(w)
+                self._load[w] = 0
+
     async def _revive(self) -> None:
         """Units wait to be resent and no worker is free: wait for a lost one to come back."""
         for _ in range(120):
             for w in list(self._down):
                 if await self.executor.revive(w):
                     self._down.discard(w)
+                    self._late.discard(w)
                     self._load[w] = 0
             if len(self._down) < self.executor.workers:
                 return

@@ -111,6 +111,7 @@ class LocalExecutor:
     workers = 1
 
     def __init__(self, plan: JobPlan, services: LocalServices):
+        self.late: set[int] = set()
         self.runtime = WorkerRuntime(plan, services)
 
     async def start(self) -> None:

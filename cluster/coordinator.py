@@ -31,7 +31,7 @@ from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutErr
 
 from actors import NAMESPACE
 from actors.dedup import DedupPartitionActor
-from actors.options import PoolPlan, plan_pools
+from actors.options import PoolPlan, max_workers, plan_pools
 from actors.progress import ProgressActor, progress_name
 from actors.quota import QuotaActor
 from actors.ratelimit import get_rate_limiter, limiter_name
@@ -103,21 +103,48 @@ class RayExecutor:
                         for i in range(plan.workers)]
         self.incarnations: list[Optional[str]] = [None] * plan.workers
         self.nodes: Counter = Counter()
+        self.late: set[int] = set()
+        self._starts: dict[int, asyncio.Future] = {}
 
     async def start(self) -> None:
         """Every worker opens and checks it can write the output, before any download. A
-        worker lost while starting (its node went away) is resent nothing until it is back."""
-        started = await asyncio.gather(*(result(h.start.remote()) for h in self.handles),
-                                       return_exceptions=True)
-        for w, outcome in enumerate(started):
-            if isinstance(outcome, RayTaskError):
-                raise PlanningError(f"a worker cannot start: {outcome.cause or outcome}")
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, _LOST):
-                    raise outcome
-                log.warning("worker %d was lost while starting: %s", w, outcome)
-            else:
-                self.incarnations[w] = outcome
+        worker lost while starting (its node went away) is resent nothing until it is back.
+
+        A worker Ray has not placed (no node has room for it: other jobs, Serve, or the small
+        actors took it) does not hold the job up silently. Every ``START_WARN_S`` a warning
+        says how many wait and what one asks for. Once at least one worker has started, the
+        job goes on with those at the first warning; the late ones (``late``) are sent nothing
+        until they start, and then join (``revive``). With none started after
+        ``START_GIVE_UP_S``, the job fails with a ``PlanningError`` that says what to change."""
+        self._starts = {w: asyncio.ensure_future(result(h.start.remote()))
+                        for w, h in enumerate(self.handles)}
+        begun = time.monotonic()
+        waiting = set(self._starts)
+        while waiting:
+            done, _ = await asyncio.wait([self._starts[w] for w in waiting],
+                                         timeout=START_WARN_S)
+            for w in [w for w in waiting if self._starts[w] in done]:
+                waiting.discard(w)
+                self._started(w, self._starts[w])
+            if not waiting or done:
+                continue
+            waited = time.monotonic() - begun
+            pending = (f"{len(waiting)} of {self.workers} shard workers have not started after "
+                       f"{waited:.0f} s (no node has room for one, or they are slow to start; "
+                       f"{_needs(self.pool.worker_needs())}; free per node: "
+                       f"{_describe_nodes(node_resources())})")
+            if any(inc is not None for inc in self.incarnations):
+                self.late = set(waiting)
+                log.warning("%s; the job goes on with the %d started, and the others join "
+                            "when Ray places them", pending, self.workers - len(waiting))
+                break
+            if waited >= START_GIVE_UP_S:
+                raise PlanningError(f"{pending}. Make room on the nodes (other jobs or Serve "
+                                    "may hold it), lower resources.worker_cpus, change "
+                                    "resources.worker_resources, or leave resources.workers "
+                                    "unset to size the pool per node")
+            log.warning("%s; still waiting (the job fails after %.0f s)", pending,
+                        START_GIVE_UP_S)
         alive = [w for w, inc in enumerate(self.incarnations) if inc is not None]
         if not alive:
             raise PlanningError("no worker could start: every node that could run one was "
@@ -125,6 +152,18 @@ class RayExecutor:
         nodes = await asyncio.gather(*(result(self.handles[w].node.remote()) for w in alive),
                                      return_exceptions=True)
         self.nodes = Counter(n for n in nodes if isinstance(n, str))
+
+    def _started(self, worker: int, start: asyncio.Future) -> None:
+        """Take in a worker's finished ``start``: its incarnation, or why it has none."""
+        exc = start.exception()
+        if isinstance(exc, RayTaskError):
+            raise PlanningError(f"a worker cannot start: {exc.cause or exc}")
+        if exc is not None:
+            if not isinstance(exc, _LOST):
+                raise exc
+            log.warning("worker %d was lost while starting: %s", worker, exc)
+        else:
+            self.incarnations[worker] = start.result()
 
     def _lost(self, worker: int, exc: BaseException) -> WorkerLost:
         return WorkerLost(worker, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -145,6 +184,8 @@ class RayExecutor:
 
     async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
         async def one(w: int) -> Union[WorkerEvents, WorkerLost]:
+            if w in self.late:
+                return WorkerLost(w, "it never started")
             try:
                 incarnation, events = await result(self.handles[w].flush.remote())
             except RayTaskError as exc:
@@ -159,6 +200,20 @@ class RayExecutor:
         return list(await asyncio.gather(*(one(w) for w in range(len(self.handles)))))
 
     async def revive(self, worker: int) -> bool:
+        """Whether the worker is usable again; for a late one, whether its start has ended
+        (without waiting for it)."""
+        if worker in self.late:
+            start = self._starts[worker]
+            if not start.done() or start.exception() is not None:
+                return False
+            self.late.discard(worker)
+            try:
+                self.nodes[await result(self.handles[worker].node.remote())] += 1
+            except _LOST:
+                return False
+            self.incarnations[worker] = start.result()
+            log.info("worker %d has started and joins the job", worker)
+            return True
         try:
             incarnation = await asyncio.wait_for(result(self.handles[worker].start.remote()), 5.0)
         except (asyncio.TimeoutError, GetTimeoutError, RayTaskError, *_LOST):
@@ -166,8 +221,11 @@ class RayExecutor:
         self.incarnations[worker] = incarnation
         return True
 
+    def _placed(self) -> list[Any]:
+        return [h for w, h in enumerate(self.handles) if w not in self.late]
+
     async def reset(self) -> None:
-        await asyncio.gather(*(result(h.discard.remote()) for h in self.handles),
+        await asyncio.gather(*(result(h.discard.remote()) for h in self._placed()),
                              return_exceptions=True)
 
     def cancel(self) -> None:
@@ -180,7 +238,7 @@ class RayExecutor:
         without them."""
         try:
             answers = await asyncio.wait_for(
-                asyncio.gather(*(result(h.in_flight.remote()) for h in self.handles),
+                asyncio.gather(*(result(h.in_flight.remote()) for h in self._placed()),
                                return_exceptions=True), 0.25)
         except asyncio.TimeoutError:
             return {}
@@ -207,6 +265,8 @@ class RayExecutor:
     def shutdown(self) -> None:
         """Kill the job's actors (their processes end, connections and all): also when the
         job itself is being cancelled, so nothing here awaits."""
+        for start in self._starts.values():
+            start.cancel()
         for actor in self.handles + self.partitions + self.scorers + [self.quota]:
             ray.kill(actor)
 
@@ -268,6 +328,49 @@ def check_fits(plan: PoolPlan, resources: dict[str, float]) -> None:
             "unset to size the pool from what is free")
 
 
+def _needs(needs: dict[str, float]) -> str:
+    return "each asks for " + ", ".join(f"{v:g} {k}" for k, v in needs.items() if v)
+
+
+def _describe_nodes(nodes: list[dict[str, float]]) -> str:
+    """Each node's free CPUs, GPUs and custom resources (not memory, not Ray's own labels)."""
+    def one(node: dict[str, float]) -> str:
+        shown = {k: v for k, v in node.items() if k not in ("memory", "object_store_memory")
+                 and not k.startswith(("node:", "accelerator_type:"))}
+        shown.setdefault("CPU", 0.0)
+        return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in sorted(shown.items())) + "}"
+
+    return ", ".join(one(n) for n in nodes) or "no live node"
+
+
+def check_nodes(spec: DatasetSpec, plan: PoolPlan, nodes: list[dict[str, float]]) -> PoolPlan:
+    """A worker lives on one node: a pool that fits the cluster's total can still not fit its
+    nodes, and then the workers left over would wait for room forever. A pool sized from
+    the cluster shrinks to what the nodes hold; one the spec sized is refused at planning,
+    with what each node has free and what to change."""
+    placeable = max_workers(plan, nodes) if nodes else plan.workers
+    if placeable >= plan.workers:
+        return plan
+    if spec.resources.workers is None and placeable >= 1:
+        log.info("the nodes hold %d workers of %g CPU beside the job's other actors, not %d",
+                 placeable, plan.worker_cpus, plan.workers)
+        from dataclasses import replace
+
+        return replace(plan, workers=placeable)
+    others = f"{plan.small_actors} small actors of 0.05 CPU"
+    if plan.slow:
+        others += f" and {plan.gpu_actors} scorer(s), " + _needs(plan.scorer_needs())
+    fits = (f"at most {placeable} fit" if placeable >= 0
+            else "not even the job's other actors fit")
+    raise PlanningError(
+        f"the job's {plan.workers} shard workers cannot all be placed on the cluster's nodes "
+        f"({_needs(plan.worker_needs())}, and a worker runs on one node; beside them the job "
+        f"runs {others}): {fits}. Free per node: {_describe_nodes(nodes)}. Lower "
+        f"resources.worker_cpus ({plan.worker_cpus:g}) or resources.workers ({plan.workers})"
+        + (", change resources.worker_resources" if plan.worker_resources else "")
+        + ", or leave resources.workers unset to size the pool per node")
+
+
 def check_gpus(spec: DatasetSpec, plan: PoolPlan, resources: dict[str, float]) -> PoolPlan:
     """At the slow level, make sure the GPUs the spec asks for exist (or fall back to CPU)."""
     if spec.validation.level != "slow" or plan.gpus_per_actor == 0:
@@ -288,6 +391,28 @@ def check_gpus(spec: DatasetSpec, plan: PoolPlan, resources: dict[str, float]) -
 
 MIN_WORKER_CPUS = 0.25
 """The smallest worker a job sized from what is free starts with."""
+START_WARN_S = 30.0
+"""How long ``RayExecutor.start`` waits for every worker before it warns (and goes on with
+those that started)."""
+START_GIVE_UP_S = 300.0
+"""How long it waits for a first worker before the job fails."""
+
+
+def node_resources() -> list[dict[str, float]]:
+    """Each live node's free resources. The one use of Ray's ``available_resources_per_node``
+    (a DeveloperAPI); through Ray Client, asked by a task on the cluster."""
+    from ray.util.client import ray as client
+
+    if client.is_connected():
+        return ray.get(_node_resources.remote())
+    from ray._private.state import available_resources_per_node
+
+    return [dict(free) for free in available_resources_per_node().values()]
+
+
+@ray.remote(num_cpus=0)
+def _node_resources() -> list[dict[str, float]]:
+    return node_resources()
 
 
 async def free_resources(spec: DatasetSpec, wait_s: float = 15.0) -> dict[str, float]:
@@ -385,8 +510,11 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     check_job_output(uri)
     await asyncio.to_thread(check_output_nodes, spec, uri, storage_options)
     resources = await free_resources(spec)
-    plan = check_gpus(spec, plan_pools(spec, resources, units_per_worker(spec)), resources)
+    nodes = await asyncio.to_thread(node_resources)
+    plan = check_gpus(spec, plan_pools(spec, resources, units_per_worker(spec), nodes),
+                      resources)
     check_fits(plan, resources)
+    plan = check_nodes(spec, plan, nodes)
     if plan.slow:
         from builder.slow import check_slow_requirements
 

@@ -40,6 +40,7 @@ class FakeExecutor:
         self.spec = s
         self.pages = pages
         self.workers = workers
+        self.late: set[int] = set()
         self.defer = defer
         self.ledger = QuotaLedger({label: s.target_of(label) for label in s.labels})
         self.runs: list[WorkUnit] = []
@@ -368,3 +369,33 @@ def test_progress_moves_while_a_unit_runs():
     assert max(during) >= 2, during
     assert snaps[-1]["classes"]["cat"]["in_flight"] == 0 and snaps[-1]["in_flight"] == 0
     assert snaps[-1]["accepted"] == 2
+
+
+def test_a_late_worker_is_sent_nothing_until_it_has_started(monkeypatch):
+    """A worker Ray had not placed when the job began (``Executor.late``) starts as down; the
+    runner asks about it as it goes and sends it units once it has started."""
+    import builder.job
+
+    monkeypatch.setattr(builder.job, "LATE_CHECK_S", 0.0)
+    s = spec(target=12)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(6)], (0, "q2"): [f"x{i}.ok" for i in range(6)]}
+    executor = FakeExecutor(s, pages, workers=2)
+    executor.late = {1}
+    ran: list[tuple[int, int]] = []
+    asked: list[int] = []
+
+    async def run_on(worker, unit, original=executor.run):
+        ran.append((worker, len(asked)))
+        await asyncio.sleep(0.01)
+        return await original(worker, unit)
+
+    async def revive(worker):
+        asked.append(worker)
+        return len(ran) >= 2
+
+    executor.run, executor.revive = run_on, revive
+    runner, stats = run(s, executor, units_per_worker=1)
+    check_exact(stats)
+    assert stats["accepted"] == 12
+    first = next(i for i, (w, _) in enumerate(ran) if w == 1)
+    assert first >= 2 and set(asked) == {1}
