@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 from builder.errors import PixCrawlerError
 from builder.records import REJECT_SCHEMA
 from builder.spec import DatasetSpec
-from builder.storage import atomic_write, join, list_files, open_fs, storage_errors
+from builder.storage import (atomic_write, cut_writes, join, list_files, open_fs,
+                             storage_errors)
 from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
 
 JOURNAL = "_journal"
@@ -255,7 +256,8 @@ class Journal:
         """Files named by shard intents whose shard never committed (a crash mid-write), as
         paths relative to the dataset, but those a committed shard also wrote: an image's
         ImageFolder file is named by its id alone, so a shard lost mid-write and the shard
-        that wrote the image again (its unit resent) name the same file."""
+        that wrote the image again (its unit resent) name the same file. With them, the
+        temporary files of the orphans' writes a killed process left (``storage.cut_writes``)."""
         orphans: list[str] = []
         kept: set[str] = set()
         listed = list_files(self.fs, self._path("shards"))
@@ -267,7 +269,9 @@ class Journal:
                 kept.update(files)
             else:
                 orphans += files
-        return [f for f in orphans if f not in kept]
+        cut = [cut[len(self.dataset_root) + 1:] for rel in orphans
+               for cut in cut_writes(self.fs, f"{self.dataset_root}/{rel}")]
+        return [f for f in orphans if f not in kept] + cut
 
     def load(self, spec: DatasetSpec) -> ResumeState:
         """The state to resume from; refuses if the spec changed in a way that matters."""

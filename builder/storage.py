@@ -16,6 +16,7 @@ missing bucket is reported, never silently created.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import uuid
 from typing import Any, Iterator, Optional
@@ -191,6 +192,18 @@ def move_files(fs: fsspec.AbstractFileSystem, pairs: list[tuple[str, str]]) -> N
     fs.rm(srcs)
 
 
+TEMP_MARK = ".tmp-"
+"""``atomic_open``'s temporary file is the path, this and 12 hex digits."""
+
+
+def cut_writes(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The temporary files an ``atomic_open`` of ``path`` left when its process was killed
+    mid-write (only local disks have them)."""
+    if not isinstance(fs, LocalFileSystem):
+        return []
+    return fs.glob(f"{glob.escape(path)}{TEMP_MARK}{'[0-9a-f]' * 12}")
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so the file appears whole or not at all."""
     with atomic_open(fs, path) as f:
@@ -207,7 +220,7 @@ def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
     """
     ensure_parent(fs, path)
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "wb") as f:
                 yield f

@@ -204,6 +204,8 @@ class ProcessExecutor:
         self.plan = plan
         self.services = services
         self.workers = workers
+        self.late: set[int] = set()
+        """Workers not started yet: none, ``start`` waits for every one."""
         self.channels: list[Optional[Channel]] = [None] * workers
         self.procs: list[Any] = []
         self._dir = ""

@@ -424,6 +424,23 @@ def test_a_file_a_committed_shard_wrote_again_is_not_an_orphan(target):
     assert image in target.files()
 
 
+def test_a_write_cut_by_a_kill_leaves_no_temporary_file(local):
+    """A process killed inside atomic_open leaves its temporary file beside the target; the
+    orphan's clean-up removes it, whether or not a committed shard wrote the file since."""
+    job = local.job()
+    job.shard(make_rows()[:6], 0)
+    committed = json.loads(local.read("_journal/job1/shards/train-00000.intent.json"))
+    image = next(f for f in committed["files"] if f.startswith("imagefolder/"))
+    cut = [f"{image}.tmp-0259068112ae", "imagefolder/train/cat/x.jpg.tmp-0123456789ab"]
+    for rel in cut:
+        storage.write_bytes(storage.join(local.uri, rel), b"half", local.options)
+    job.journal.write_shard_intent("train-00007", [image, "imagefolder/train/cat/x.jpg"])
+    assert sorted(job.journal.orphan_files()) == sorted(["imagefolder/train/cat/x.jpg", *cut])
+    job.publisher.remove_files(job.journal.orphan_files())
+    files = local.files()
+    assert image in files and not any(".tmp-" in f for f in files)
+
+
 def test_rejects_csv_is_what_pythons_csv_module_writes(local):
     """Batches whose values need no quoting are written by Arrow, the others by Python's csv
     module: the file is the same as Python's csv module writes for all of them (quotes only
