@@ -48,6 +48,7 @@ from builder.spec import DatasetSpec
 from builder.storage import open_fs
 from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan, LocalServices, WorkerRuntime
+from builder.worker_procs import ProcessExecutor, WorkerProcesses
 from builder.writers import DatasetPublisher, manifest_entry, read_marker
 
 log = logging.getLogger("pixcrawler.pipeline")
@@ -536,18 +537,6 @@ WORKER_PROCESS_THREADS = 2
 """Threads validating and writing in each worker process (decoding releases the GIL)."""
 
 
-def local_executor(life: JobLifecycle, services: LocalServices) -> Executor:
-    """Shard workers in processes (``builder.worker_procs``): ``resources.workers``, else
-    ``LOCAL_CPU_THREADS``. At the slow level, whose scorers run in this process, one worker
-    here that validates in processes (``builder.validate_pool``)."""
-    if services.slow:
-        return LocalExecutor(life.job_plan(LOCAL_CPU_THREADS, LOCAL_CPU_THREADS), services)
-    from builder.worker_procs import ProcessExecutor
-
-    return ProcessExecutor(life.job_plan(WORKER_PROCESS_THREADS), services,
-                           life.spec.resources.workers or LOCAL_CPU_THREADS)
-
-
 def units_per_worker(spec: DatasetSpec) -> int:
     """Units a worker runs at once (``resources.max_in_flight_batches``), else enough
     candidates in flight to fill its fetcher."""
@@ -568,31 +557,43 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     ready-made (``plan_retry``)."""
     life = JobLifecycle(spec, uri=uri, job_id=job_id, storage_options=storage_options,
                         resume=resume, continuation=continuation)
-    await asyncio.to_thread(life.prepare)
     v = spec.validation
-    parts = LocalPartitions(v.near_duplicate_threshold, near=v.level != "fast", k=1)
-    client = parts.client()
-    for payloads in life.index_payloads(client):
-        parts.partitions[0].load(payloads[0])
-    slow = None
-    if v.level == "slow":
-        from builder.slow import check_slow_requirements, make_slow_validator
-
-        check_slow_requirements(spec)
-        slow = make_slow_validator(spec, "cuda" if spec.resources.gpus_per_actor > 0 else "cpu")
-    services = LocalServices(spec, client, life.ledger(), slow)
-    executor = local_executor(life, services)
-    await executor.start()
+    # Shard workers in processes (the slow level's scorers run here: one worker here, that
+    # validates in processes). The processes start while the job is planned.
+    processes = None if v.level == "slow" else await WorkerProcesses.launch(
+        spec.resources.workers or LOCAL_CPU_THREADS)
+    executor: Optional[Executor] = None
     try:
-        outcome = await life.run(executor, units_per_worker=units_per_worker(spec),
-                                 progress=progress, install_signals=install_signals,
-                                 runner_hook=runner_hook)
-    except BaseException:
-        log.error("[%s] failed; what was committed is journaled at %s: continue it with "
-                  "--resume", life.job_id, life.uri)
-        raise
+        await asyncio.to_thread(life.prepare)
+        parts = LocalPartitions(v.near_duplicate_threshold, near=v.level != "fast", k=1)
+        client = parts.client()
+        for payloads in life.index_payloads(client):
+            parts.partitions[0].load(payloads[0])
+        slow = None
+        if v.level == "slow":
+            from builder.slow import check_slow_requirements, make_slow_validator
+
+            check_slow_requirements(spec)
+            slow = make_slow_validator(spec, "cuda" if spec.resources.gpus_per_actor > 0
+                                       else "cpu")
+        services = LocalServices(spec, client, life.ledger(), slow)
+        executor = (LocalExecutor(life.job_plan(LOCAL_CPU_THREADS, LOCAL_CPU_THREADS), services)
+                    if processes is None else
+                    ProcessExecutor(life.job_plan(WORKER_PROCESS_THREADS), services, processes))
+        await executor.start()
+        try:
+            outcome = await life.run(executor, units_per_worker=units_per_worker(spec),
+                                     progress=progress, install_signals=install_signals,
+                                     runner_hook=runner_hook)
+        except BaseException:
+            log.error("[%s] failed; what was committed is journaled at %s: continue it with "
+                      "--resume", life.job_id, life.uri)
+            raise
     finally:
-        await executor.close()
+        if executor is not None:
+            await executor.close()
+        elif processes is not None:
+            await processes.close()
     extra = {"runner": "local", "engines": services.engine_stats(),
              "dedup": parts.partitions[0].stats()}
     return await asyncio.to_thread(life.publish, outcome, extra)

@@ -195,57 +195,65 @@ class ServiceHandler:
         self.services.record(unit, ok, status, retry_after)
 
 
-class ProcessExecutor:
-    """``workers`` shard workers in processes of their own (see the module docstring)."""
+class WorkerProcesses:
+    """The worker processes of one job, started before the job is planned (their interpreter
+    start and imports overlap the planning) and handed the job's plan once it exists."""
 
-    def __init__(self, plan: JobPlan, services: LocalServices, workers: int):
-        if services.slow:
-            raise ValueError("the slow level scores in the runner's process: use LocalExecutor")
-        self.plan = plan
-        self.services = services
+    def __init__(self, workers: int):
         self.workers = workers
-        self.late: set[int] = set()
-        """Workers not started yet: none, ``start`` waits for every one."""
+        self.procs: list[subprocess.Popen] = []
         self.channels: list[Optional[Channel]] = [None] * workers
-        self.procs: list[Any] = []
         self._dir = ""
         self._server: Optional[asyncio.AbstractServer] = None
         self._joined: dict[int, asyncio.Future] = {}
+        self._plan: Optional[asyncio.Future] = None
+        self._handler: Any = None
 
-    async def start(self) -> None:
-        """Spawn the workers, wait until each has connected and checked it can write the
-        output (a worker that cannot raises here, before any download)."""
+    @classmethod
+    async def launch(cls, workers: int) -> "WorkerProcesses":
+        """Start ``workers`` processes; they connect and wait for ``join``'s plan."""
+        self = cls(workers)
         loop = asyncio.get_running_loop()
         self._dir = tempfile.mkdtemp(prefix="pixcrawler-")
         path = os.path.join(self._dir, "s")
-        self._joined = {w: loop.create_future() for w in range(self.workers)}
-        handler = ServiceHandler(self.services)
-
-        async def joined(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            worker = await _read_frame(reader)
-            _write_frame(writer, self.plan)
-            self.channels[worker] = Channel(reader, writer, handler)
-            self._joined[worker].set_result(None)
-
-        self._server = await asyncio.start_unix_server(joined, path)
+        self._joined = {w: loop.create_future() for w in range(workers)}
+        self._plan = loop.create_future()
+        self._server = await asyncio.start_unix_server(self._connected, path)
         try:
-            for w in range(self.workers):
+            for w in range(workers):
                 # A fresh interpreter, not multiprocessing's spawn: that one imports the
                 # caller's __main__ again, which a script without a main guard cannot take.
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "builder.worker_procs", path, str(w)],
                     stdin=subprocess.DEVNULL))
-            try:
-                await asyncio.wait_for(self._wait_joined(), START_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise RuntimeError(f"the shard worker processes did not start within "
-                                   f"{START_TIMEOUT_S:g} s; the machine may be "
-                                   "overloaded") from None
-            await asyncio.gather(*(self._channel(w).call("start")
-                                   for w in range(self.workers)))
         except BaseException:
             await self.close()
             raise
+        return self
+
+    async def _connected(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        assert self._plan is not None
+        worker = await _read_frame(reader)
+        try:
+            plan, handler = await self._plan
+        except asyncio.CancelledError:  # closed before the job was planned
+            writer.close()
+            return
+        _write_frame(writer, plan)
+        self.channels[worker] = Channel(reader, writer, handler)
+        self._joined[worker].set_result(None)
+
+    async def join(self, plan: JobPlan, handler: Any) -> None:
+        """Hand every process the plan and wait until each is connected."""
+        assert self._plan is not None
+        self._plan.set_result((plan, handler))
+        try:
+            await asyncio.wait_for(self._wait_joined(), START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the shard worker processes did not start within "
+                               f"{START_TIMEOUT_S:g} s; the machine may be "
+                               "overloaded") from None
 
     async def _wait_joined(self) -> None:
         pending = set(self._joined.values())
@@ -256,6 +264,62 @@ class ProcessExecutor:
             if dead:
                 raise RuntimeError(f"shard worker process {dead[0]} exited with code "
                                    f"{self.procs[dead[0]].returncode} while starting")
+
+    async def close(self) -> None:
+        """Ask each connected worker to close (its fetcher and pool), then make sure every
+        process is gone."""
+        async def one(channel: Channel) -> None:
+            try:
+                await asyncio.wait_for(channel.call("close"), CLOSE_TIMEOUT_S)
+            except (ChannelClosed, asyncio.TimeoutError):
+                pass
+            await channel.aclose()
+
+        if self._plan is not None and not self._plan.done():
+            self._plan.cancel()  # processes waiting for a plan see the socket close
+        await asyncio.gather(*(one(c) for c in self.channels if c is not None))
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await asyncio.to_thread(self._reap)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _reap(self) -> None:
+        for w, proc in enumerate(self.procs):
+            try:
+                proc.wait(CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("shard worker process %d did not exit; killing it", w)
+                proc.kill()
+                proc.wait()
+
+
+class ProcessExecutor:
+    """The job's shard workers in ``WorkerProcesses`` (see the module docstring)."""
+
+    def __init__(self, plan: JobPlan, services: LocalServices, processes: WorkerProcesses):
+        if services.slow:
+            raise ValueError("the slow level scores in the runner's process: use LocalExecutor")
+        self.plan = plan
+        self.services = services
+        self.processes = processes
+        self.workers = processes.workers
+        self.late: set[int] = set()
+        """Workers not started yet: none, ``start`` waits for every one."""
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        return self.processes.procs
+
+    @property
+    def channels(self) -> list[Optional[Channel]]:
+        return self.processes.channels
+
+    async def start(self) -> None:
+        """Hand the workers the plan, wait until each has connected and checked it can write
+        the output (a worker that cannot raises here, before any download)."""
+        await self.processes.join(self.plan, ServiceHandler(self.services))
+        await asyncio.gather(*(self._channel(w).call("start") for w in range(self.workers)))
 
     def _channel(self, worker: int) -> Channel:
         channel = self.channels[worker]
@@ -306,30 +370,7 @@ class ProcessExecutor:
         return out
 
     async def close(self) -> None:
-        """Ask each worker to close (its fetcher and pool), then make sure every process is
-        gone."""
-        async def one(channel: Channel) -> None:
-            try:
-                await asyncio.wait_for(channel.call("close"), CLOSE_TIMEOUT_S)
-            except (ChannelClosed, asyncio.TimeoutError):
-                pass
-            await channel.aclose()
-
-        await asyncio.gather(*(one(c) for c in self.channels if c is not None))
-        await asyncio.to_thread(self._reap)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def _reap(self) -> None:
-        for w, proc in enumerate(self.procs):
-            try:
-                proc.wait(CLOSE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.warning("shard worker process %d did not exit; killing it", w)
-                proc.kill()
-                proc.wait()
+        await self.processes.close()
 
 
 # -- the worker's side --------------------------------------------------------------------------
@@ -421,9 +462,12 @@ def worker_main(path: str, worker: int) -> None:
 
 
 async def _serve(path: str, worker: int) -> None:
-    reader, writer = await asyncio.open_unix_connection(path)
-    _write_frame(writer, worker)
-    plan: JobPlan = await _read_frame(reader)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        _write_frame(writer, worker)
+        plan: JobPlan = await _read_frame(reader)
+    except (OSError, asyncio.IncompleteReadError):
+        return  # the job ended (or failed) before it needed this worker
     stop = asyncio.Event()
     holder: dict[str, Channel] = {}
 
