@@ -216,6 +216,9 @@ class Fetcher:
     ``resolver`` replaces the DNS resolver inside the SSRF guard (a hosts map, a DNS-over-HTTPS
     client); every answer is still checked.
 
+    ``host_share``: how many downloaders of the job fetch at once; each keeps its share of
+    every host's limits (``HostProfiles``), robots.txt's Crawl-delay included.
+
     ``hold_bodies``: a body's share of the byte budget is kept after it is read, until the
     caller ``release``s the record (once the image is validated), so the budget bounds the bytes
     read and not yet validated, not only those being read. The caller must then validate as
@@ -223,7 +226,7 @@ class Fetcher:
     """
 
     def __init__(self, cfg: DownloadSpec, *, resolver: Optional[AbstractResolver] = None,
-                 hold_bodies: bool = False):
+                 hold_bodies: bool = False, host_share: int = 1):
         self.cfg = cfg
         self.hold_bodies = hold_bodies
         self._holds: dict[int, int] = {}
@@ -235,7 +238,7 @@ class Fetcher:
         self.budget = ByteBudget(cfg.max_bytes_in_flight)
         self._body_bytes = 0  # bytes held right now by bodies being read
         self._resolver = resolver
-        self._profiles = HostProfiles(cfg)
+        self._profiles = HostProfiles(cfg, host_share)
         self._origins: OriginCache[sig.OriginSignals] = OriginCache(self._load_origin)
         self._origin_signals = sig.origin_active(cfg)
         self._response_signals = sig.ResponseSignals(cfg)
@@ -389,8 +392,9 @@ class Fetcher:
                 crawl_delay = await self._origin_check(record, url)
                 if record.rejected:
                     return
+                crawl_delay *= self._profiles.share
                 if crawl_delay > delay:
-                    delay = min(crawl_delay, MAX_CRAWL_DELAY_S)
+                    delay = min(crawl_delay, MAX_CRAWL_DELAY_S * self._profiles.share)
             location = await self._get_with_retries(url, delay, record)
             if location is None:
                 if not record.rejected:
@@ -747,7 +751,7 @@ class Fetcher:
                 url = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
             except UrlRejected:
                 return 0, b""
-            host = await self._acquire(url, self.cfg.per_host_delay_s)
+            host = await self._acquire(url, self._profiles.default.delay_s)
             try:
                 self.stats["requests"] += 1
                 async with session.get(url, allow_redirects=False) as resp:

@@ -283,11 +283,13 @@ class JobLifecycle:
 
     # -- the parts both runners build from ------------------------------------------------------
 
-    def job_plan(self, cpu_threads: int, validate_processes: int = 0) -> JobPlan:
+    def job_plan(self, cpu_threads: int, validate_processes: int = 0,
+                 workers: int = 1) -> JobPlan:
         return JobPlan(self.spec, self.uri, self.job_id, self.storage_options,
                        list_plans=self.list_plans, retry_plan=self.retry_plan,
                        cpu_threads=cpu_threads, validate_processes=validate_processes,
-                       buffer_bytes=self.spec.resources.max_buffered_mb << 20)
+                       buffer_bytes=self.spec.resources.max_buffered_mb << 20,
+                       workers=workers)
 
     def ledger(self) -> QuotaLedger:
         return recover_ledger(**self.recovery())
@@ -579,7 +581,9 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         services = LocalServices(spec, client, life.ledger(), slow)
         executor = (LocalExecutor(life.job_plan(LOCAL_CPU_THREADS, LOCAL_CPU_THREADS), services)
                     if processes is None else
-                    ProcessExecutor(life.job_plan(WORKER_PROCESS_THREADS), services, processes))
+                    ProcessExecutor(life.job_plan(WORKER_PROCESS_THREADS,
+                                                  workers=processes.workers),
+                                    services, processes))
         await executor.start()
         try:
             outcome = await life.run(executor, units_per_worker=units_per_worker(spec),

@@ -79,10 +79,15 @@ class HostProfile:
 
 
 class HostProfiles:
-    """The profile of each host: built-ins, overridden by ``download.hosts``."""
+    """The profile of each host: built-ins, overridden by ``download.hosts``.
 
-    def __init__(self, cfg: DownloadSpec):
+    ``share``: how many downloaders of one job fetch at once (the job's workers). A host's
+    limits hold for the job: each downloader gets its share of the concurrency (at least 1) and
+    of the bandwidth, and waits ``share`` times the delay between starts."""
+
+    def __init__(self, cfg: DownloadSpec, share: int = 1):
         self.cfg = cfg
+        self.share = max(1, share)
         rules = {host.lower(): spec for host, spec in BUILTIN_PROFILES.items()}
         for host, spec in cfg.hosts.items():
             key = host.lower()
@@ -93,7 +98,8 @@ class HostProfiles:
         self._rules = rules
         self._user = {host.lower(): spec for host, spec in cfg.hosts.items()}
         self._wildcards = any(host.startswith("*.") for host in rules)
-        self.default = HostProfile(cfg.per_host_concurrency, cfg.per_host_delay_s, None, ())
+        self._base = HostProfile(cfg.per_host_concurrency, cfg.per_host_delay_s, None, ())
+        self.default = self._shared(self._base)
         self._cache: dict[str, HostProfile] = {}
 
     def for_host(self, host: str) -> HostProfile:
@@ -101,10 +107,19 @@ class HostProfiles:
         crawl over millions of hosts keeps a small table)."""
         found = self._cache.get(host)
         if found is None:
-            found = self._resolve(host.lower())
-            if found is not self.default:
-                self._cache[host] = found
+            resolved = self._resolve(host.lower())
+            if resolved is self._base:
+                return self.default
+            found = self._cache[host] = self._shared(resolved)
         return found
+
+    def _shared(self, profile: HostProfile) -> HostProfile:
+        if self.share == 1:
+            return profile
+        rate = profile.max_bytes_per_s
+        return replace(profile, concurrency=max(1, -(-profile.concurrency // self.share)),
+                       delay_s=profile.delay_s * self.share,
+                       max_bytes_per_s=rate / self.share if rate is not None else None)
 
     def _resolve(self, host: str) -> HostProfile:
         key = host
@@ -117,8 +132,8 @@ class HostProfiles:
                 if spec is not None:
                     break
         if spec is None:
-            return self.default
-        d = self.default
+            return self._base
+        d = self._base
         own = self._user.get(key)
         concurrency = min(d.concurrency, spec.concurrency or d.concurrency)
         delay = max(d.delay_s, spec.delay_s or 0.0)

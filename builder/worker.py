@@ -121,6 +121,8 @@ class JobPlan:
     validate_processes: int = 0
     """Above 1, images are validated in that many processes (``builder.validate_pool``)."""
     buffer_bytes: int = 512 << 20
+    workers: int = 1
+    """The job's workers: each keeps its share of every host's politeness limits."""
 
 
 MIX_SHARDS = 4
@@ -302,7 +304,8 @@ class WorkerRuntime:
                                        thread_name_prefix="pixcrawler-cpu")
         if self.plan.validate_processes > 1:
             self.validator = ProcessValidator(self.spec.validation, self.plan.validate_processes)
-        self.fetcher = Fetcher(self.spec.download, hold_bodies=True)
+        self.fetcher = Fetcher(self.spec.download, hold_bodies=True,
+                               host_share=self.plan.workers)
         await self.fetcher.__aenter__()
         self.assembler = ShardAssembler(self.plan, self.writer, self.journal, self.services,
                                         self._io)

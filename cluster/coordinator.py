@@ -527,7 +527,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
              len(spec.labels), plan.workers, plan.worker_cpus, plan.partitions)
     progress_actor = ProgressActor.options(name=progress_name(job_id), namespace=NAMESPACE,
                                            get_if_exists=True).remote(job_id, spec.name)
-    executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1))
+    executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1, workers=plan.workers))
     try:
         await executor.start()
         reporter = ProgressReporter(progress_actor, lambda: life.runner, progress)

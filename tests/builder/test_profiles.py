@@ -37,6 +37,20 @@ def test_spec_overrides_field_by_field_and_adds_domains():
     assert profiles.for_host("example.com").concurrency == 8
 
 
+def test_a_job_s_downloaders_share_each_host_s_limits():
+    cfg = DownloadSpec(per_host_concurrency=5, per_host_delay_s=0.5, hosts={
+        "*.example.org": {"delay_s": 2.0, "concurrency": 1}})
+    one, three = HostProfiles(cfg), HostProfiles(cfg, share=3)
+    assert (three.default.concurrency, three.default.delay_s) == (2, 1.5)
+    assert three.for_host("example.com") == three.default
+    sub = three.for_host("img.example.org")
+    assert (sub.concurrency, sub.delay_s) == (1, 6.0)  # never below one at a time
+    wm, wm1 = three.for_host("upload.wikimedia.org"), one.for_host("upload.wikimedia.org")
+    assert wm.concurrency == 1 and wm.max_bytes_per_s == wm1.max_bytes_per_s / 3
+    assert three.for_host("upload.wikimedia.org") is wm  # resolved once
+    assert one.for_host("example.com") == one.default and one.default.delay_s == 0.5
+
+
 def test_a_built_in_profile_never_loosens_the_download_settings():
     wm = HostProfiles(DownloadSpec(per_host_concurrency=1)).for_host("upload.wikimedia.org")
     assert wm.concurrency == 1
