@@ -1,7 +1,7 @@
 """Jobs on a head of 0 CPUs and two worker nodes of 1 CPU (all on this machine): a pool sized
 per node runs, one the spec sized too big for a node is refused at planning, and a worker Ray
-cannot place does not hold the job silently. The cluster lives in a subprocess (``smallnodes.py``): a
-process holds one Ray."""
+cannot place does not hold the job silently. The cluster lives in a subprocess
+(``smallnodes.py``): a process holds one Ray."""
 
 from __future__ import annotations
 
