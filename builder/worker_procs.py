@@ -2,11 +2,13 @@
 
 One Python process holds the GIL for everything it does, and the per-image work of a worker
 (fetching, validating, building rows, writing shards) is mostly Python: one process keeps about
-one core busy. ``ProcessExecutor`` runs ``workers`` ``builder.worker.WorkerRuntime`` in spawned
-processes, the same runtime the Ray runner runs in its actors. The job's services stay in the
-runner's process (``LocalServices``: the dedup index, the quota ledger, the search governors)
-and the workers reach them over a Unix socket (``Channel``), as Ray workers reach their
-actors. Only counts, units and the index's payloads cross; image bytes never do.
+one core busy. ``ProcessExecutor`` runs ``workers`` ``builder.worker.WorkerRuntime`` in processes
+of their own (fresh interpreters, ``python -m builder.worker_procs``), the same runtime the Ray
+runner runs in its actors. The job's services stay in the runner's process (``LocalServices``:
+the dedup index, the quota ledger, the search governors) and the workers reach them over a Unix
+socket (``Channel``), as Ray workers reach their actors. Only counts, units and the index's
+payloads cross; image bytes never do. The socket lives in a temporary directory only this user
+can enter (mode 0700), so the pickles it carries come from the job's own processes.
 
 A worker process that dies (killed, out of memory) is a lost worker: its units are resent to
 the others (``WorkerLost``), as on Ray. The processes ignore SIGINT and SIGTERM, so a Ctrl-C
@@ -86,7 +88,12 @@ class Channel:
         self.pending[key] = future
         self._send(("call", key, method, args))
         try:
-            await self.writer.drain()
+            try:
+                await self.writer.drain()
+            except ConnectionError as exc:
+                closed = ChannelClosed(f"the other process went away ({exc})")
+                self._close(closed)
+                raise closed from None
             return await future
         finally:
             self.pending.pop(key, None)
