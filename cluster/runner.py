@@ -18,9 +18,9 @@ from typing import Optional
 from builder.spec import DatasetSpec
 
 LOCAL_MAX_CPUS = 4
-"""The most cores the in-process runner is chosen for: its CPU work runs in threads, which
-the decode and hash code keep busy (they release the GIL) on a few cores; measured on 2
-(bench/README.md). A bigger machine gets Ray's processes."""
+"""The most cores the in-process runner is chosen for: it runs a worker process per core, up
+to this many, with the index and ledger in its own process (measured on 2, bench/README.md).
+A bigger machine gets Ray, whose index spreads over partition actors."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,6 @@ def choose_runner(spec: DatasetSpec, *, address: Optional[str], local: bool, ray
         return RunnerChoice(True, f"the job asks for {res.workers} workers of "
                             f"{res.worker_cpus:g} CPU, more than this machine's {cpus} cores")
     if cpus > LOCAL_MAX_CPUS:
-        return RunnerChoice(True, f"this machine has {cpus} cores, more than one process's "
-                            f"threads keep busy (over {LOCAL_MAX_CPUS})")
+        return RunnerChoice(True, f"this machine has {cpus} cores, more than the in-process "
+                            f"runner's {LOCAL_MAX_CPUS} worker processes use")
     return RunnerChoice(False, f"the job fits this machine's {cpus} cores")

@@ -28,7 +28,7 @@ def test_a_job_that_fits_a_small_machine_runs_in_this_process():
 
 
 @pytest.mark.parametrize("resources, cpus, why", [
-    ({}, LOCAL_MAX_CPUS + 1, "more than one process's threads keep busy"),
+    ({}, LOCAL_MAX_CPUS + 1, "more than the in-process runner's 4 worker processes use"),
     ({"workers": 3}, 2, "3 workers of 1 CPU, more than this machine's 2 cores"),
     ({"worker_resources": {"crawl": 1}}, 2, "resources.worker_resources"),
 ])
