@@ -1,11 +1,12 @@
-"""Image validation in worker processes, for the in-process runner.
+"""Image validation in worker processes, for the in-process runner at the slow level (its one
+worker runs in the runner's process, beside the scorers; at the other levels the workers are
+processes of their own, ``builder.worker_procs``, and validate in themselves).
 
 The validator's decoding releases the GIL, but its signature code (many small numpy calls over
 the views) holds it: threads keep about 1.3 of 2 cores busy (bench/README.md, "Results on
 real photos"). ``ProcessValidator`` runs ``ImageValidator`` in a pool of processes instead. A
 batch of records goes to a process and comes back validated; what the validator learned is
-copied onto the caller's records, so every other reference to them stays good. On Ray each
-worker is already its own process and validates in it.
+copied onto the caller's records, so every other reference to them stays good.
 """
 
 from __future__ import annotations
