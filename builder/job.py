@@ -481,6 +481,9 @@ class JobRunner:
         self._incarnations: dict[int, str] = {}
         self._epoch = 0
         self._resend: deque[WorkUnit] = deque()
+        self._planned: set[str] = set()
+        """Units resent after they had reported: their next report must not move the planner
+        (a search cursor would skip a page, a list's in-flight count would drift)."""
         self._partial = partial_units or set()
         self._class_in_flight: Counter = Counter()
 
@@ -606,6 +609,7 @@ class JobRunner:
             self.counts.add(flight.report, -1)
             del self._flights[uid]
             self._resend.append(dataclasses.replace(flight.unit, attempt=flight.unit.attempt + 1))
+            self._planned.add(uid)
             self.resent += 1
 
     async def _reset_all(self) -> None:
@@ -721,9 +725,12 @@ class JobRunner:
         flight.report = report
         flight.incarnation = events.incarnation
         self.counts.add(report)
-        error = self.planner.reported(unit, report, time.monotonic())
-        if error is not None:
-            self.search_errors.append(error)
+        if unit.uid in self._planned:  # the planner learnt from its first report
+            self._planned.discard(unit.uid)
+        else:
+            error = self.planner.reported(unit, report, time.monotonic())
+            if error is not None:
+                self.search_errors.append(error)
         if not report.settled:  # it decided nothing: no commit will come
             del self._flights[unit.uid]
         self._take_events(flight.worker, events)

@@ -202,6 +202,28 @@ def test_a_unit_lost_in_flight_is_run_again_once_not_twice():
     assert stats["accepted"] == 6 and stats["candidates"] == 2 * len(done)
 
 
+def test_a_resent_unit_that_had_reported_does_not_move_its_cursor_twice():
+    """A unit reported and then resent (its worker lost before it committed) reports again:
+    the planner learns from its first report only, so no page of results is skipped."""
+    s = spec(target=100, classes={"cat": ["q1"]})
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(8)]}  # pages of 2; source 0 reads 3
+    executor = FakeExecutor(s, pages, defer=True)
+    calls = []
+
+    async def run_(worker, unit, original=executor.run):
+        calls.append(unit)
+        if len(calls) == 2:  # the worker dies after reporting page 0, uncommitted
+            await executor.reset()
+            raise WorkerLost(worker, "process killed")
+        return await original(worker, unit)
+
+    executor.run = run_
+    _, stats = run(s, executor, units_per_worker=1)
+    check_exact(stats)
+    assert sorted({u.page for u in calls if u.source == 0}) == [0, 1, 2]  # max_pages 3
+    assert stats["accepted"] == 6
+
+
 def test_a_lost_index_resends_everything_uncommitted():
     s = spec(target=4)
     pages = {(0, "q1"): [f"{i}.ok" for i in range(4)], (0, "q2"): [f"x{i}.ok" for i in range(4)]}
