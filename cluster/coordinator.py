@@ -415,11 +415,11 @@ def _node_resources() -> list[dict[str, float]]:
     return node_resources()
 
 
-async def free_resources(spec: DatasetSpec, wait_s: float = 15.0) -> dict[str, float]:
-    """What the job may use: the cluster's free resources (a cluster that also runs Serve or
-    other jobs would otherwise leave workers waiting for CPUs forever). Actors of a job that
-    just ended free their CPUs a moment after they are killed, so this waits, up to
-    ``wait_s``, for room for the job's small actors and one worker."""
+async def wait_for_room(spec: DatasetSpec, wait_s: float = 15.0) -> None:
+    """Wait, up to ``wait_s``, until the cluster has room for the job's small actors and one
+    worker: actors of a job that just ended free their CPUs a moment after they are killed
+    (a cluster that also runs Serve or other jobs is sized from what is free, not its total).
+    """
     from actors.options import CPUS_PER_PARTITION, SMALL_CPUS
 
     total = ray.cluster_resources().get("CPU", 0.0)
@@ -427,10 +427,8 @@ async def free_resources(spec: DatasetSpec, wait_s: float = 15.0) -> dict[str, f
     need = (partitions + 2) * SMALL_CPUS + (spec.resources.worker_cpus * (
         spec.resources.workers or 0) or MIN_WORKER_CPUS)
     deadline = time.monotonic() + wait_s
-    while True:
-        free = ray.available_resources()
-        if free.get("CPU", 0.0) + 1e-6 >= min(need, total) or time.monotonic() > deadline:
-            return free
+    while ray.available_resources().get("CPU", 0.0) + 1e-6 < min(need, total) \
+            and time.monotonic() <= deadline:
         await asyncio.sleep(0.2)
 
 
@@ -509,8 +507,11 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     uri = uri or spec.output_uri()
     check_job_output(uri)
     await asyncio.to_thread(check_output_nodes, spec, uri, storage_options)
-    resources = await free_resources(spec)
+    await wait_for_room(spec)
+    # One snapshot for sizing and checks: the cluster's free resources are its nodes' sum (a
+    # separate read could see a finished job's actors still holding CPUs, the other not).
     nodes = await asyncio.to_thread(node_resources)
+    resources = dict(sum((Counter(n) for n in nodes), Counter()))
     plan = check_gpus(spec, plan_pools(spec, resources, units_per_worker(spec), nodes),
                       resources)
     check_fits(plan, resources)

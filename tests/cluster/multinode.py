@@ -7,8 +7,8 @@ nodes only. Output goes to S3 on a moto server. Scenarios:
 
 1. ``uninterrupted``: a URL-list job; where its workers ran, its figures and accepted ids;
 2. ``local_output``: the same spec with a local output: refused at planning;
-3. ``node_lost``: the same job, slowed down, with one worker node removed once a few of its
-   units have committed.
+3. ``node_lost``: the same job, slowed down, with one worker node removed once a third of its
+   candidates are decided.
 """
 
 from __future__ import annotations
@@ -88,23 +88,26 @@ def main() -> None:
 
         spec = parse_spec(spec_data(args["urls"], f"{base}/lost", args["delay"]))
         removed = threading.Event()
+        holder: dict[str, Any] = {}
+        total = sum(1 for _ in open(args["urls"]))
 
         def kill_later() -> None:
-            """Remove a worker node once a few units have committed (work is under way)."""
-            from builder.storage import open_fs
-
-            fs, root = open_fs(f"{base}/lost", opts)
+            """Remove a worker node once a third of the candidates are decided: work is under
+            way, and most of it (units running, rows not yet in a shard) is still to come."""
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                fs.invalidate_cache()
-                if len(fs.glob(f"{root}/_journal/*/units/*.parquet")) >= 3:
+                runner = holder.get("runner")
+                if runner is not None and runner.counts.candidates >= total // 3:
                     break
-                time.sleep(0.1)
+                time.sleep(0.05)
+            mid_job = runner is not None and runner.counts.candidates < total
             cluster.remove_node(workers[1], allow_graceful=False)
-            removed.set()
+            if mid_job:
+                removed.set()
 
         threading.Thread(target=kill_later, daemon=True).start()
-        result = asyncio.run(run_job_async(spec, storage_options=opts))
+        result = asyncio.run(run_job_async(spec, storage_options=opts,
+                                           runner_hook=lambda r: holder.setdefault("runner", r)))
         out["node_lost"] = figures(f"{base}/lost", opts, result)
         out["node_lost"]["removed_mid_job"] = removed.is_set()
     finally:
