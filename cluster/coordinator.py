@@ -416,16 +416,19 @@ def _node_resources() -> list[dict[str, float]]:
 
 
 async def wait_for_room(spec: DatasetSpec, wait_s: float = 15.0) -> None:
-    """Wait, up to ``wait_s``, until the cluster has room for the job's small actors and one
-    worker: actors of a job that just ended free their CPUs a moment after they are killed
-    (a cluster that also runs Serve or other jobs is sized from what is free, not its total).
-    """
+    """Wait, up to ``wait_s``, until the cluster has room for the job's small actors, its
+    scorers at the slow level, and one worker: actors of a job that just ended free their
+    CPUs a moment after they are killed (a cluster that also runs Serve or other jobs is
+    sized from what is free, not its total)."""
     from actors.options import CPUS_PER_PARTITION, SMALL_CPUS
 
     total = ray.cluster_resources().get("CPU", 0.0)
     partitions = spec.resources.dedup_partitions or max(1, int(-(-total // CPUS_PER_PARTITION)))
-    need = (partitions + 2) * SMALL_CPUS + (spec.resources.worker_cpus * (
-        spec.resources.workers or 0) or MIN_WORKER_CPUS)
+    res = spec.resources
+    need = (partitions + 2) * SMALL_CPUS + (res.worker_cpus * (res.workers or 0)
+                                            or MIN_WORKER_CPUS)
+    if spec.validation.level == "slow":
+        need += res.gpu_actors * res.gpu_actor_cpus
     deadline = time.monotonic() + wait_s
     while ray.available_resources().get("CPU", 0.0) + 1e-6 < min(need, total) \
             and time.monotonic() <= deadline:
