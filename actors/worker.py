@@ -26,10 +26,10 @@ from builder.errors import EngineError, EngineUnavailable
 from builder.job import IndexLost
 from builder.records import Record
 from builder.units import UnitReport, WorkerEvents, WorkUnit
-from builder.worker import JobPlan, WorkerRuntime, WorkerServices
+from builder.worker import JobPlan, LedgerCalls, WorkerRuntime
 
 
-class RayServices(WorkerServices):
+class RayServices(LedgerCalls):
     """The job's services as actor calls (see the module docstring)."""
 
     def __init__(self, plan: JobPlan, partitions: list[Any], quota: Any,
@@ -61,23 +61,10 @@ class RayServices(WorkerServices):
         self._check(p, incarnation)
         return result
 
-    async def _quota(self, method: str, *args: Any) -> Any:
+    async def _ledger(self, method: str, *args: Any) -> Any:
         incarnation, result = await self.quota.call.remote(method, *args)
         self._check(-1, incarnation)
         return result
-
-    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
-                    ) -> dict[str, int]:
-        return await self._quota("grant", uid, wants, floor)
-
-    async def rooms(self) -> dict[str, int]:
-        return await self._quota("rooms")
-
-    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
-        await self._quota("commit", uid, accepted)
-
-    async def next_shard(self, split: str) -> int:
-        return await self._quota("next_shard", split)
 
     async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
         limiter = self.limiters.get(unit.source)

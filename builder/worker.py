@@ -107,6 +107,28 @@ class WorkerServices:
         return False
 
 
+class LedgerCalls(WorkerServices):
+    """Services whose quota ledger lives elsewhere (an actor, the runner's process): grant,
+    rooms, commit and next_shard are the ledger's methods of those names, reached through
+    ``_ledger``."""
+
+    async def _ledger(self, method: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
+                    ) -> dict[str, int]:
+        return await self._ledger("grant", uid, wants, floor)
+
+    async def rooms(self) -> dict[str, int]:
+        return await self._ledger("rooms")
+
+    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
+        await self._ledger("commit", uid, accepted)
+
+    async def next_shard(self, split: str) -> int:
+        return await self._ledger("next_shard", split)
+
+
 @dataclass
 class JobPlan:
     """What every worker of a job needs to know besides the spec (it pickles)."""
@@ -847,5 +869,5 @@ class LocalServices(WorkerServices):
         return {g.engine: g.snapshot() for g in self.governors.values()}
 
 
-__all__ = ["JobPlan", "LocalServices", "ShardAssembler", "UnitCancelled", "UnitRun",
+__all__ = ["JobPlan", "LedgerCalls", "LocalServices", "ShardAssembler", "UnitCancelled", "UnitRun",
            "WorkerRuntime", "WorkerServices"]

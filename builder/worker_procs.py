@@ -35,7 +35,7 @@ from builder.engines import SearchEngine, SearchPage
 from builder.errors import EngineError
 from builder.job import WorkerLost
 from builder.units import UnitReport, WorkerEvents, WorkUnit
-from builder.worker import JobPlan, LocalServices, WorkerRuntime, WorkerServices
+from builder.worker import JobPlan, LedgerCalls, LocalServices, WorkerRuntime
 
 log = logging.getLogger("pixcrawler.procs")
 
@@ -383,7 +383,7 @@ class ProcessExecutor:
 # -- the worker's side --------------------------------------------------------------------------
 
 
-class ChannelServices(WorkerServices):
+class ChannelServices(LedgerCalls):
     """A worker process's services: calls to the runner's process."""
 
     def __init__(self, plan: JobPlan, call: Callable[..., Any]):
@@ -395,18 +395,8 @@ class ChannelServices(WorkerServices):
     async def _dedup(self, partition: int, method: str, payload: dict[str, Any]) -> Any:
         return await self._call("dedup", partition, method, payload)
 
-    async def grant(self, uid: str, wants: dict[str, int], floor: dict[str, int]
-                    ) -> dict[str, int]:
-        return await self._call("grant", uid, wants, floor)
-
-    async def rooms(self) -> dict[str, int]:
-        return await self._call("rooms")
-
-    async def commit(self, uid: str, accepted: dict[str, int]) -> None:
-        await self._call("commit", uid, accepted)
-
-    async def next_shard(self, split: str) -> int:
-        return await self._call("next_shard", split)
+    async def _ledger(self, method: str, *args: Any) -> Any:
+        return await self._call(method, *args)
 
     async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
         await asyncio.sleep(await self._call("acquire", unit))
