@@ -61,8 +61,10 @@ class Record:
     sha256: str = ""
     phash: str = ""
     dhash: str = ""
-    near_stored: str = ""  # stored near-duplicate signatures (builder.similarity.encode)
-    near_probes: str = ""  # probe signatures, looked up against the kept images' stored ones
+    near_stored: tuple[tuple[int, int], ...] = ()
+    """Stored near-duplicate signatures ``(a, b)`` (``builder.similarity``)."""
+    near_probes: tuple[tuple[int, int], ...] = ()
+    """Probe signatures, looked up against the kept images' stored ones."""
     colour: bool = True
     jpeg_quality: int = 0  # estimated from the quantisation tables; 0 if not a JPEG
     nsfw_score: Optional[float] = None
@@ -111,11 +113,8 @@ class Record:
     def dedup_signatures(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
         """(stored, probe) near-duplicate signatures: those the validator set
         (``builder.similarity``), else the whole image's (pHash, dHash)."""
-        from builder.similarity import decode
-
         if self.near_stored:
-            stored = decode(self.near_stored)
-            return stored, decode(self.near_probes) or stored
+            return self.near_stored, self.near_probes or self.near_stored
         own = ((int(self.phash or "0", 16), int(self.dhash or "0", 16)),)
         return own, own
 

@@ -59,22 +59,6 @@ def near_distance(probes: Sequence[Signature], stored: Sequence[Signature],
     return best
 
 
-def encode(signatures: Iterable[Signature]) -> str:
-    """Signatures as text: ``aaaaaaaaaaaaaaaa:bbbbbbbbbbbbbbbb`` items joined by commas."""
-    return ",".join(f"{a:016x}:{b:016x}" for a, b in signatures)
-
-
-def decode(text: str) -> tuple[Signature, ...]:
-    """The inverse of ``encode`` (an empty string is no signature)."""
-    if not text:
-        return ()
-    out = []
-    for item in text.split(","):
-        a, _, b = item.partition(":")
-        out.append((int(a, 16), int(b, 16)))
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class Copy:
     """What the ranking needs to know about one image of a duplicate group."""

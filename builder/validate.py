@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from builder.hashing import luma_grid, prepare, signatures, to_hex
 from builder.reasons import Reason
 from builder.records import Record
-from builder.similarity import encode, jpeg_quality
+from builder.similarity import jpeg_quality
 from builder.spec import ValidationSpec
 
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -150,7 +150,7 @@ class ImageValidator:
             grid, record.colour = luma_grid(img, img_size)
             stored, probes = signatures(grid)
             record.phash, record.dhash = to_hex(stored[0][0]), to_hex(stored[0][1])
-            record.near_stored, record.near_probes = encode(stored), encode(probes)
+            record.near_stored, record.near_probes = stored, probes
             tables = getattr(img, "quantization", None) or {}
             record.jpeg_quality = jpeg_quality(tables.get(0, ())) if fmt == "jpeg" else 0
         return record
