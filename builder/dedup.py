@@ -389,9 +389,11 @@ class DedupPartition:
     def check(self, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decide-and-file one unit's items that hash here (see the module docstring).
 
-        ``req``: exact items ``x_pos, x_id, x_claim, x_token``; near probes ``q_pos, q_key,
-        q_kidx, q_a, q_b, q_claim``; near inserts ``i_pos, i_key, i_a, i_b, i_id, i_claim,
-        i_token`` (``*_pos``: the item's position in its unit, the order of the calls).
+        ``req``: exact items ``x_pos, x_id, x_claim, x_token``; near probe keys ``q_key,
+        q_kidx, q_sig`` with their signatures ``qs_pos, qs_a, qs_b, qs_claim`` (``q_sig``
+        indexes them); near insert keys ``i_key, i_sig`` with their signatures ``is_pos,
+        is_a, is_b, is_id, is_claim, is_token`` (``*_pos``: the item's position in its unit,
+        the order of the calls).
 
         Returns ``x_other`` (0: the id is this candidate's, now or already; else the holder's
         claim), ``x_state`` (the state of the id's entry when it was this candidate's already,
@@ -399,7 +401,7 @@ class DedupPartition:
         r_db`` (at most ``MAX_RELATIONS`` per item, closest first).
         """
         out = self._check_exact(req)
-        out.update(self._check_near(req) if self.near else _no_relations())
+        out.update(self._check_near(_per_key(req)) if self.near else _no_relations())
         self.decisions += len(_arr(req.get("x_pos"), np.int64))
         return out
 
@@ -609,6 +611,20 @@ class DedupPartition:
         }
 
 
+def _per_key(req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The near columns of a ``check`` call, one row per key: each key with its signature's
+    columns."""
+    out = {"q_kidx": _arr(req.get("q_kidx"), np.int64)}
+    for side, names in (("q", ("pos", "a", "b", "claim")),
+                        ("i", ("pos", "a", "b", "claim", "id", "token"))):
+        sig = _arr(req.get(f"{side}_sig"), np.int64)
+        out[f"{side}_key"] = _arr(req.get(f"{side}_key"), U64)
+        for name in names:
+            column = _arr(req.get(f"{side}s_{name}"), np.int64 if name == "pos" else U64)
+            out[f"{side}_{name}"] = column[sig]
+    return out
+
+
 def _no_relations() -> dict[str, np.ndarray]:
     return {"r_pos": np.zeros(0, np.int64), "r_id": np.zeros(0, U64),
             "r_claim": np.zeros(0, U64), "r_token": np.zeros(0, U64),
@@ -748,16 +764,22 @@ class DedupClient:
             q_rep = np.repeat(np.arange(len(qpos)), nk)
             i_rep = np.repeat(np.arange(len(ipos)), nk)
             qk, ik = qkeys.ravel(), ikeys.ravel()
-            qki = np.tile(qkidx, len(qpos))
+            qki = np.tile(qkidx.astype(np.uint8), len(qpos))
             qp, ip = partition_of(qk, self.k), partition_of(ik, self.k)
             for p in range(self.k):
                 qs, is_ = np.flatnonzero(qp == p), np.flatnonzero(ip == p)
-                qr, ir = q_rep[qs], i_rep[is_]
+                # Each signature goes once, with the keys that hash here pointing at it: a
+                # key in the call is 12 bytes, not the 48-56 of a key carrying its signature.
+                qsig, q_sig = np.unique(q_rep[qs], return_inverse=True)
+                isig, i_sig = np.unique(i_rep[is_], return_inverse=True)
                 payloads[p].update(
-                    q_pos=qpos[qr], q_key=qk[qs], q_kidx=qki[qs], q_a=qa[qr], q_b=qb[qr],
-                    q_claim=claims[qpos[qr]],
-                    i_pos=ipos[ir], i_key=ik[is_], i_a=ia[ir], i_b=ib[ir], i_id=ids[ipos[ir]],
-                    i_claim=claims[ipos[ir]], i_token=tokens[ipos[ir]])
+                    q_key=qk[qs], q_kidx=qki[qs], q_sig=q_sig.astype(np.int32),
+                    qs_pos=qpos[qsig], qs_a=qa[qsig], qs_b=qb[qsig],
+                    qs_claim=claims[qpos[qsig]],
+                    i_key=ik[is_], i_sig=i_sig.astype(np.int32),
+                    is_pos=ipos[isig], is_a=ia[isig], is_b=ib[isig],
+                    is_id=ids[ipos[isig]], is_claim=claims[ipos[isig]],
+                    is_token=tokens[ipos[isig]])
         results = await self._fan_out("check", payloads)
         x_other = np.zeros(n, dtype=U64)
         x_state = np.zeros(n, dtype=np.uint8)
