@@ -253,16 +253,21 @@ class Multimap:
         mask = self.capacity - 1
         pending = np.arange(len(keys))
         slots = _slot(keys, U64(mask)).astype(np.int64)
+        by_slot = False  # whether the keys are in order of slot (then of the order given)
         while len(pending):
             if len(pending) > _INSERT_WINDOWED or len(pending) ** 2 * _SPREAD > self.capacity:
                 taken = self._step(keys, rows, pending, slots)
-                width = 1
+                width, by_slot = 1, False
             else:
-                order = np.argsort(slots, kind="stable")
-                pending, slots = pending[order], slots[order]
+                if not by_slot:
+                    order = np.argsort(slots, kind="stable")
+                    pending, slots, by_slot = pending[order], slots[order], True
                 taken, width = self._steps(keys, rows, pending, slots)
             pending = pending[~taken]
-            slots = (slots[~taken] + width) & mask
+            slots = slots[~taken] + width
+            if len(slots) and slots[-1] > mask:  # (keys in order stay so unless one wraps)
+                by_slot = False
+            slots &= mask
         self.count += len(keys)
 
     def _step(self, keys: np.ndarray, rows: np.ndarray, pending: np.ndarray,
@@ -291,10 +296,13 @@ class Multimap:
         n = len(slots)
         first = np.ones(n, dtype=bool)
         first[1:] = slots[1:] != slots[:-1]
-        starts = np.flatnonzero(first)
-        ends = np.append(starts[1:], n)
-        rank = np.repeat(ends, ends - starts) - 1 - np.arange(n)
-        distinct = slots[starts]
+        if first.all():
+            rank, distinct = np.zeros(n, dtype=np.int64), slots
+        else:
+            starts = np.flatnonzero(first)
+            ends = np.append(starts[1:], n)
+            rank = np.repeat(ends, ends - starts) - 1 - np.arange(n)
+            distinct = slots[starts]
         gap = min(int(np.diff(distinct).min(initial=self.capacity)),
                   int(distinct[0] + self.capacity - distinct[-1]))
         width = min(gap, max(_MIN_WIDTH, min(_MAX_WIDTH, _PROBE_BUDGET // n)))
