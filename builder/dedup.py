@@ -205,10 +205,22 @@ def _slot(keys: np.ndarray, mask: np.uint64) -> np.ndarray:
     return (keys * U64(0x9E3779B97F4A7C15) >> U64(20)) & mask
 
 
+_PROBE_BUDGET = 2048
+_MIN_WIDTH, _MAX_WIDTH = 4, 64
+"""Slots one vectorised pass of a lookup (or of a small insert) reads after the home slots:
+``_PROBE_BUDGET`` shared by the keys still probing, ``_MIN_WIDTH`` to ``_MAX_WIDTH`` consecutive
+slots each. So the long tail of probe sequences (a popular key's rows make long runs) takes a
+few passes, not one pass per slot."""
+_INSERT_WINDOWED, _SPREAD = 4096, 16
+"""An insert probes several slots per pass (sorting its keys by slot each pass) once it has at
+most ``_INSERT_WINDOWED`` keys left, few enough for the table to hold them about ``_SPREAD``
+slots apart; until then one slot per pass."""
+
+
 class Multimap:
     """uint64 key -> int32 row, many rows per key: open addressing with linear probing, every
-    operation vectorised over a batch. Key 0 marks an empty slot. Rows are never removed
-    here; the owner marks rows dead and ``rebuild``s without them."""
+    operation vectorised over a batch. Key 0 marks an empty slot (keys are nonzero). Rows are
+    never removed here; the owner marks rows dead and ``rebuild``s without them."""
 
     def __init__(self, capacity: int = 1024):
         cap = 1 << max(4, (capacity - 1).bit_length())
@@ -228,49 +240,113 @@ class Multimap:
         return (self.count + n) * 2 > self.capacity
 
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """File ``rows`` under ``keys`` (the caller makes room first: ``needs_room``)."""
+        """File ``rows`` under ``keys`` (the caller makes room first: ``needs_room``).
+
+        Every key probes from its home slot one slot per step, all keys in step; a free slot
+        goes to the first key to reach it, and of keys that reach it together (they share a
+        home) to the last one given. Big batches take one step per pass; small ones take
+        several steps per pass, as many as keep keys at different slots from meeting."""
         keys = np.asarray(keys, dtype=U64)
         rows = np.asarray(rows, dtype=np.int32)
         if not len(keys):
             return
-        mask = U64(self.capacity - 1)
+        mask = self.capacity - 1
         pending = np.arange(len(keys))
-        slots = _slot(keys, mask)
+        slots = _slot(keys, U64(mask)).astype(np.int64)
+        by_slot = False  # whether the keys are in order of slot (then of the order given)
         while len(pending):
-            free = np.flatnonzero(self.keys[slots] == 0)
-            taken = np.zeros(len(pending), dtype=bool)
-            if len(free):
-                # Several items may want one free slot: each writes its index into the slot's
-                # (unused) row and the last writer wins, without sorting.
-                self.rows[slots[free]] = free
-                win = free[self.rows[slots[free]] == free]
-                self.keys[slots[win]] = keys[pending[win]]
-                self.rows[slots[win]] = rows[pending[win]]
-                taken[win] = True
+            if len(pending) > _INSERT_WINDOWED or len(pending) ** 2 * _SPREAD > self.capacity:
+                taken = self._step(keys, rows, pending, slots)
+                width, by_slot = 1, False
+            else:
+                if not by_slot:
+                    order = np.argsort(slots, kind="stable")
+                    pending, slots, by_slot = pending[order], slots[order], True
+                taken, width = self._steps(keys, rows, pending, slots)
             pending = pending[~taken]
-            slots = (slots[~taken] + U64(1)) & mask
+            slots = slots[~taken] + width
+            if len(slots) and slots[-1] > mask:  # (keys in order stay so unless one wraps)
+                by_slot = False
+            slots &= mask
         self.count += len(keys)
 
+    def _step(self, keys: np.ndarray, rows: np.ndarray, pending: np.ndarray,
+              slots: np.ndarray) -> np.ndarray:
+        """One probe step of ``pending`` keys (in the order given) at ``slots``; which took
+        theirs."""
+        free = np.flatnonzero(self.keys[slots] == 0)
+        taken = np.zeros(len(pending), dtype=bool)
+        if len(free):
+            # Several items may want one free slot: each writes its index into the slot's
+            # (unused) row and the last writer wins, without sorting.
+            self.rows[slots[free]] = free
+            win = free[self.rows[slots[free]] == free]
+            self.keys[slots[win]] = keys[pending[win]]
+            self.rows[slots[win]] = rows[pending[win]]
+            taken[win] = True
+        return taken
+
+    def _steps(self, keys: np.ndarray, rows: np.ndarray, pending: np.ndarray,
+               slots: np.ndarray) -> tuple[np.ndarray, int]:
+        """Probe steps of ``pending`` keys at ``slots`` (sorted by slot, then given order), as
+        many as the nearest two distinct slots are apart (at most a window): within them no
+        key reaches a slot another key can. Keys at one slot take its free slots in turn, the
+        last given first. Returns which took a slot, and the steps taken."""
+        mask = self.capacity - 1
+        n = len(slots)
+        first = np.ones(n, dtype=bool)
+        first[1:] = slots[1:] != slots[:-1]
+        if first.all():
+            rank, distinct = np.zeros(n, dtype=np.int64), slots
+        else:
+            starts = np.flatnonzero(first)
+            ends = np.append(starts[1:], n)
+            rank = np.repeat(ends, ends - starts) - 1 - np.arange(n)
+            distinct = slots[starts]
+        gap = min(int(np.diff(distinct).min(initial=self.capacity)),
+                  int(distinct[0] + self.capacity - distinct[-1]))
+        width = min(gap, max(_MIN_WIDTH, min(_MAX_WIDTH, _PROBE_BUDGET // n)))
+        window = (slots + np.arange(width)[:, None]) & mask  # [step, key]
+        free = self.keys[window] == 0
+        d, i = np.nonzero(free & (np.cumsum(free, axis=0) == rank + 1))
+        placed = window[d, i]
+        self.keys[placed] = keys[pending[i]]
+        self.rows[placed] = rows[pending[i]]
+        taken = np.zeros(n, dtype=bool)
+        taken[i] = True
+        return taken, width
+
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every (query index, row) pair whose key equals the query's key."""
+        """Every (query index, row) pair whose key equals the query's key, in the order of
+        their distance from the key's home slot, then of the query index.
+
+        A key's rows all lie in the run of occupied slots from its home slot on (slots are
+        never emptied), so a probe sequence ends at the first empty slot."""
         keys = np.asarray(keys, dtype=U64)
-        mask = U64(self.capacity - 1)
-        active = np.arange(len(keys))
-        slots = _slot(keys, mask)
-        out_q: list[np.ndarray] = []
-        out_r: list[np.ndarray] = []
+        mask = self.capacity - 1
+        home = _slot(keys, U64(mask)).astype(np.int64)
+        # The home slots first: most probe sequences end there.
+        found = self.keys[home]
+        out_q = [np.flatnonzero(found == keys)]
+        out_r = [self.rows[home[out_q[0]]]]
+        active = np.flatnonzero(found != 0)
+        offset = 1
         while len(active):
+            # Windows stop half the table on: the load is at most 1/2, so every probe sequence
+            # has ended by then, and a window wrapping round into its home's run would meet
+            # the key's rows twice.
+            width = min(max(_MIN_WIDTH, min(_MAX_WIDTH, _PROBE_BUDGET // len(active))),
+                        self.capacity // 2 + 1 - offset)
+            # [distance, key]: numpy's inner loops run along the keys, and the hits come
+            # distance first, in the order a slot-by-slot probe meets them
+            slots = (home[active] + np.arange(offset, offset + width)[:, None]) & mask
             found = self.keys[slots]
-            hit = found == keys[active]
-            if hit.any():
-                out_q.append(active[hit])
-                out_r.append(self.rows[slots[hit]])
-            go = found != 0
-            active = active[go]
-            slots = (slots[go] + U64(1)) & mask
-        if not out_q:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(out_q).astype(np.int64), np.concatenate(out_r).astype(np.int64)
+            d, q = np.nonzero(found == keys[active])
+            out_q.append(active[q])
+            out_r.append(self.rows[slots[d, q]])
+            active = active[found.all(axis=0)]
+            offset += width
+        return np.concatenate(out_q), np.concatenate(out_r).astype(np.int64)
 
     def rebuild(self, capacity: int, alive: np.ndarray) -> None:
         """Re-file the live rows (``alive[row]``) into a table of at least ``capacity`` slots."""
@@ -285,32 +361,31 @@ class Multimap:
 
 
 class _Columns:
-    """Growable parallel numpy columns (one row per entry)."""
+    """Growable rows of named fields, stored row by row (one numpy record per entry), so the
+    fields of an entry a lookup meets share its cache lines. ``cols[name]`` is a view of one
+    field over every row."""
 
     def __init__(self, **dtypes: Any):
         self.n = 0
-        self.cols = {name: np.zeros(64, dtype=dt) for name, dt in dtypes.items()}
+        self.data = np.zeros(64, dtype=np.dtype(list(dtypes.items()), align=True))
 
     def append(self, **values: np.ndarray) -> np.ndarray:
         m = len(next(iter(values.values())))
-        if self.n + m > len(next(iter(self.cols.values()))):
-            cap = max(2 * len(next(iter(self.cols.values()))), self.n + m)
-            for name, col in self.cols.items():
-                grown = np.zeros(cap, dtype=col.dtype)
-                grown[:self.n] = col[:self.n]
-                self.cols[name] = grown
-        rows = np.arange(self.n, self.n + m)
+        if self.n + m > len(self.data):
+            grown = np.zeros(max(2 * len(self.data), self.n + m), dtype=self.data.dtype)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
         for name, value in values.items():
-            self.cols[name][rows] = value
+            self.data[name][self.n:self.n + m] = value
         self.n += m
-        return rows
+        return np.arange(self.n - m, self.n)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.cols[name]
+        return self.data[name]
 
     @property
     def nbytes(self) -> int:
-        return sum(col.nbytes for col in self.cols.values())
+        return self.data.nbytes
 
 
 def _arr(values: Any, dtype: Any) -> np.ndarray:
@@ -329,10 +404,10 @@ class DedupPartition:
         self._urls = Multimap()
         self._url = _Columns(hash=U64, claim=U64, state=np.uint8)
         self._exact = Multimap()
-        self._ex = _Columns(id=U64, claim=U64, token=U64, state=np.uint8, ref=U64)
+        self._ex = _Columns(id=U64, claim=U64, token=U64, ref=U64, state=np.uint8)
         self._near = Multimap()
-        self._ne = _Columns(id=U64, claim=U64, token=U64, a=U64, b=U64, state=np.uint8,
-                            pos=np.int32)
+        self._ne = _Columns(id=U64, claim=U64, token=U64, a=U64, b=U64, pos=np.int32,
+                            state=np.uint8)
         self.decisions = 0
 
     # -- URLs -------------------------------------------------------------------------------
@@ -532,11 +607,17 @@ class DedupPartition:
         for prefix, state in (("keep", KEPT), ("drop", 0)):
             ids, claims = _arr(req.get(f"{prefix}_id"), U64), _arr(req.get(f"{prefix}_claim"), U64)
             self._set_exact(ids, claims, state)
-            keys = _arr(req.get(f"{prefix}_key"), U64)
-            nclaims = _arr(req.get(f"{prefix}_nclaim"), U64)
-            qi, rows = self._near.lookup(keys)
-            hit = (self._ne["claim"][rows] == nclaims[qi]) & (self._ne["state"][rows] > 0)
-            self._ne["state"][rows[hit]] = state
+        # Near entries of both lists in one lookup; keeping leaves live entries live, so
+        # dropping after it kills the same entries it would have on its own.
+        keep_keys = _arr(req.get("keep_key"), U64)
+        keys = np.concatenate([keep_keys, _arr(req.get("drop_key"), U64)])
+        nclaims = np.concatenate([_arr(req.get("keep_nclaim"), U64),
+                                  _arr(req.get("drop_nclaim"), U64)])
+        qi, rows = self._near.lookup(keys)
+        hit = (self._ne["claim"][rows] == nclaims[qi]) & (self._ne["state"][rows] > 0)
+        kept = qi < len(keep_keys)
+        self._ne["state"][rows[hit & kept]] = KEPT
+        self._ne["state"][rows[hit & ~kept]] = 0
 
     def mark_writing(self, req: dict[str, np.ndarray]) -> None:
         """These ids (``id`` + ``claim``) are being written in the shard ``ref``."""

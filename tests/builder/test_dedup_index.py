@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from builder.dedup import DedupItem, KeyScheme, LocalPartitions, Multimap, claim_of
+from builder.dedup import DedupItem, KeyScheme, LocalPartitions, Multimap, _slot, claim_of
 from builder.hashing import hamming
 from builder.similarity import near_distance
 from builder.reasons import Reason
@@ -37,6 +37,68 @@ def test_multimap_keeps_every_row_of_a_key_through_growth():
     q, rows = m.lookup(np.array([keys[0], keys[1], 12345], dtype=np.uint64))
     assert sorted(rows[q == 0].tolist()) == list(range(0, 3000, 3))
     assert rows[q == 1].tolist() == [1] and not (q == 2).any()
+
+
+def _home(key: int, capacity: int) -> int:
+    return int(_slot(np.array([key], np.uint64), np.uint64(capacity - 1))[0])
+
+
+def _probe_by_slot(batches: list[tuple[list[int], list[int]]], capacity: int
+                   ) -> tuple[list[int], list[int]]:
+    """The table a slot-by-slot probe builds: every batch's keys step together from their
+    home slots; a free slot goes to the first key to reach it, of keys reaching it together to
+    the last one given."""
+    table, table_rows = [0] * capacity, [0] * capacity
+    for keys, rows in batches:
+        pos = [_home(k, capacity) for k in keys]
+        pending = list(range(len(keys)))
+        while pending:
+            claims = {pos[i]: i for i in pending if table[pos[i]] == 0}
+            for slot, i in claims.items():
+                table[slot], table_rows[slot] = keys[i], rows[i]
+            pending = [i for i in pending if claims.get(pos[i]) != i]
+            for i in pending:
+                pos[i] = (pos[i] + 1) % capacity
+    return table, table_rows
+
+
+def _lookup_by_slot(table: list[int], table_rows: list[int], queries: list[int]
+                    ) -> list[tuple[int, int]]:
+    """(query, row) pairs in the order a slot-by-slot probe meets them: by distance from the
+    home slot, then by query."""
+    found = []
+    for q, key in enumerate(queries):
+        slot, dist = _home(key, len(table)), 0
+        while table[slot]:
+            if table[slot] == key:
+                found.append((dist, q, table_rows[slot]))
+            slot, dist = (slot + 1) % len(table), dist + 1
+    return [(q, row) for _, q, row in sorted(found)]
+
+
+@pytest.mark.parametrize("capacity,batch,distinct", [(16, 8, 3), (64, 5, 10), (256, 40, 30),
+                                                     (1024, 500, 400), (16384, 6000, 2000)])
+def test_multimap_places_and_finds_rows_as_a_slot_by_slot_probe(capacity, batch, distinct):
+    """Windowed passes (small batches and lookups) and one-slot passes (big batches) put every
+    row where probing one slot at a time would, and report matches in its order, also where
+    runs of slots wrap round the end of the table."""
+    rnd = np.random.default_rng(capacity)
+    pool = rnd.integers(1, 2**63, size=distinct, dtype=np.uint64)
+    keys = pool[rnd.integers(0, distinct, size=capacity // 2)]
+    m = Multimap(capacity)
+    batches = []
+    for start in range(0, len(keys), batch):
+        chunk = keys[start:start + batch]
+        rows = np.arange(start, start + len(chunk))
+        m.insert(chunk, rows)
+        batches.append(([int(k) for k in chunk], rows.tolist()))
+    table, table_rows = _probe_by_slot(batches, capacity)
+    assert m.keys.tolist() == table
+    assert m.rows[m.keys != 0].tolist() == [r for k, r in zip(table, table_rows) if k]
+    queries = np.concatenate([pool, rnd.integers(1, 2**63, size=20, dtype=np.uint64)])
+    q, rows = m.lookup(queries)
+    assert list(zip(q.tolist(), rows.tolist())) == _lookup_by_slot(
+        table, table_rows, [int(k) for k in queries])
 
 
 def test_pairs_within_t_share_their_designated_key():
