@@ -219,12 +219,14 @@ class JobLifecycle:
         if self.merge or self.retry:
             self._mark_journal()
         unit_size = spec.batch_size()
+        grow_after, grown_rows = spec.list_growth()
         for i, src in enumerate(spec.sources):
             if src.engine == "urllist":
                 self.list_plans[i] = plan_slices(src.path or "", unit_size,
                                                  url_column=src.url_column,
                                                  label_column=src.label_column,
-                                                 storage_options=opts)
+                                                 storage_options=opts, grow_after=grow_after,
+                                                 grown_rows=grown_rows)
         if self.retry:
             self.retry_plan = plan_slices(f"{self.uri.rstrip('/')}/rejects.parquet",
                                           unit_size, url_column="url", storage_options=opts)
