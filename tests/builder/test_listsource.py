@@ -3,6 +3,7 @@ every row is read exactly once, in order, and the slices are the sizes asked for
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -74,3 +75,41 @@ def test_parquet_slices_grow_inside_and_across_row_groups(tmp_path, groups):
     assert sum(len(s) for s in slices[:first_grown]) <= 100 + 16
     with pytest.raises(IndexError):
         plan.bounds(plan.count)
+
+
+def _list_job(tmp_path: Path, **resources) -> tuple[dict, Path]:
+    urls = tmp_path / "long.txt"
+    if not urls.exists():
+        urls.write_text("".join(f"{u}\n" for u in _urls(20_000)))
+    data = {"name": "lst", "target": 100, "classes": ["cat"],
+            "sources": [{"engine": "urllist", "path": str(urls)}],
+            "output": {"uri": str(tmp_path / "out"), "formats": ["parquet"]},
+            "resources": resources}
+    return data, urls
+
+
+def test_a_resumed_job_cuts_its_lists_as_its_first_run_did(tmp_path):
+    """Unit uids are slice numbers: a resume must cut the list as the first run did, whatever
+    resources.batch_size says now, and a journal from before slices grew was cut without
+    growth."""
+    from builder.pipeline import JobLifecycle
+    from builder.spec import parse_spec
+
+    data, urls = _list_job(tmp_path)
+    first = JobLifecycle(parse_spec(data), uri=data["output"]["uri"])
+    first.prepare()
+    plan = first.list_plans[0]
+    assert (plan.slice_rows, plan.grow_after, plan.grown_rows) == (64, 8192, 256)
+    changed, _ = _list_job(tmp_path, batch_size=16)
+    resumed = JobLifecycle(parse_spec(changed), uri=data["output"]["uri"], resume=True)
+    resumed.prepare()
+    assert resumed.job_id == first.job_id and resumed.list_plans[0] == plan
+    assert resumed.unit_size == 64
+
+    job_json = tmp_path / "out" / "_journal" / first.job_id / "job.json"
+    meta = json.loads(job_json.read_text())
+    del meta["list_slicing"]
+    job_json.write_text(json.dumps(meta))
+    older = JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True)
+    older.prepare()
+    assert older.list_plans[0] == plan_slices(str(urls), 64)
