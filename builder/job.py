@@ -123,6 +123,8 @@ class _ListState:
     plan: SlicePlan
     next: int = 0
     in_flight: int = 0
+    rows_in_flight: int = 0
+    """The rows the slices in flight were cut for (slices grow along a list)."""
 
     @property
     def exhausted(self) -> bool:
@@ -257,10 +259,14 @@ class UnitPlanner:
             if uid in self._done:
                 continue
             state.in_flight += 1
+            state.rows_in_flight += self._rows(state, index)
             engine = "retry" if state is self.retry else "urllist"
             return self._issue(uid=uid, kind=RETRY if state is self.retry else LIST,
                                source=state.source, engine=engine, slice=index)
         return None
+
+    def _rows(self, state: _ListState, index: int) -> int:
+        return state.plan.rows(index) or self.unit_size
 
     def _cursor(self, unit: WorkUnit) -> _Cursor:
         for src in self._cursors[unit.label]:
@@ -277,6 +283,7 @@ class UnitPlanner:
             state = self.retry if unit.kind == RETRY else self.lists[unit.source]
             assert state is not None
             state.in_flight -= 1
+            state.rows_in_flight -= self._rows(state, unit.slice)
             return None
         c = self._cursor(unit)
         c.busy = False
@@ -442,6 +449,7 @@ class _Flight:
     incarnation: str = ""
     epoch: int = 0
     """The reset count when the unit was sent: a result from before a reset is stale."""
+    sent: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -533,7 +541,7 @@ class JobRunner:
                     room -= 1
                     progressed = True
             for key, state in lists_wanted.items():
-                expected = state.in_flight * self.planner.unit_size * self.counts.overall_yield()
+                expected = state.rows_in_flight * self.counts.overall_yield()
                 if room <= 0 or expected >= list_need[key]:
                     continue
                 unit = self.planner.next_list_unit(state)
@@ -637,8 +645,13 @@ class JobRunner:
 
     async def _fetched_in_flight(self) -> Counter:
         """Per class, candidates fetched in units still running (not in the counts yet). A
-        unit whose report has come back is counted there, not here."""
-        running = {uid for uid, f in self._flights.items() if f.report is None}
+        unit whose report has come back is counted there, not here.
+
+        Only units that have run for a progress interval are asked about: one that ends
+        sooner shows in the counts by the next snapshot anyway, and asking costs a call to
+        every worker (on Ray, about as much driver CPU as a unit's own call)."""
+        old = time.monotonic() - self.progress_every_s
+        running = {uid for uid, f in self._flights.items() if f.report is None and f.sent <= old}
         if not running:
             return Counter()
         total: Counter = Counter()

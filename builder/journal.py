@@ -164,13 +164,15 @@ class Journal:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def start(self, spec: DatasetSpec) -> None:
+    def start(self, spec: DatasetSpec, **extra: Any) -> None:
+        """Write ``job.json`` (the spec, its fingerprint and ``extra``) unless it exists: a
+        resumed job keeps what its first run recorded."""
         path = self._path("job.json")
         with storage_errors(self.uri, "start the journal in"):
             self.fs.invalidate_cache(path)
             if not self.fs.exists(path):
                 meta = {"job_id": self.job_id, "fingerprint": spec_fingerprint(spec),
-                        "started": time.time(), "spec": spec.model_dump(mode="json")}
+                        "started": time.time(), "spec": spec.model_dump(mode="json"), **extra}
                 atomic_write(self.fs, path, json.dumps(meta, indent=2).encode())
 
     def write_unit(self, unit: WorkUnit, report: UnitReport, rows: pa.Table) -> None:

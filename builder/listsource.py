@@ -26,7 +26,7 @@ import csv
 import json
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from builder.errors import SourceError
@@ -47,7 +47,11 @@ class ListRow:
 @dataclass(frozen=True)
 class SlicePlan:
     """How a list file is cut: ``count`` slices; text files by ``slice_bytes`` from
-    ``data_start``, parquet by ``slice_rows`` within each row group."""
+    ``data_start``, parquet by ``slice_rows`` within each row group.
+
+    Slices may grow along the file: past its first ``grow_after`` rows (for text, the base
+    slices that cover them), slices hold ``grown_rows`` rows (text: ``grown_bytes``). The cut
+    is a pure function of the file and these numbers, so a resumed job cuts it the same way."""
 
     path: str
     kind: str
@@ -58,19 +62,52 @@ class SlicePlan:
     header: tuple[str, ...] = ()
     row_groups: tuple[int, ...] = ()
     slice_rows: int = 0
+    grow_after: int = 0
+    grown_rows: int = 0
+    grown_bytes: int = 0
+
+    def _base_slices(self) -> int:
+        """Text: the slices of ``slice_bytes`` before the grown ones."""
+        return math.ceil(self.grow_after / self.slice_rows) if self.grown_rows else self.count
+
+    def _group_cuts(self, rows: int, first: int) -> tuple[int, int, int]:
+        """Parquet, a row group of ``rows`` rows starting at row ``first`` of the file: its
+        base slices, the rows they cover, and its grown slices."""
+        if not self.grown_rows:
+            return math.ceil(rows / self.slice_rows), rows, 0
+        base = math.ceil(min(rows, max(0, self.grow_after - first)) / self.slice_rows)
+        covered = min(rows, base * self.slice_rows)
+        return base, covered, math.ceil((rows - covered) / self.grown_rows)
 
     def bounds(self, index: int) -> tuple[int, int, int]:
         """(row group or -1, start, stop) of slice ``index``."""
         if self.kind != "parquet":
-            start = self.data_start + index * self.slice_bytes
-            return -1, start, min(self.size, start + self.slice_bytes)
+            base = self._base_slices()
+            if index < base:
+                start = self.data_start + index * self.slice_bytes
+                return -1, start, min(self.size, start + self.slice_bytes)
+            start = self.data_start + base * self.slice_bytes + (index - base) * self.grown_bytes
+            return -1, start, min(self.size, start + self.grown_bytes)
+        first = 0
         for group, rows in enumerate(self.row_groups):
-            n = math.ceil(rows / self.slice_rows) if rows else 0
-            if index < n:
+            base, covered, grown = self._group_cuts(rows, first) if rows else (0, 0, 0)
+            if index < base:
                 start = index * self.slice_rows
                 return group, start, min(rows, start + self.slice_rows)
-            index -= n
+            if index < base + grown:
+                start = covered + (index - base) * self.grown_rows
+                return group, start, min(rows, start + self.grown_rows)
+            index -= base + grown
+            first += rows
         raise IndexError(f"slice {index} is past the end of {self.path}")
+
+    def rows(self, index: int) -> int:
+        """The rows slice ``index`` is cut for (text: as estimated from the sampled lines)."""
+        if self.kind == "parquet":
+            _, start, stop = self.bounds(index)
+            return stop - start
+        return self.grown_rows if self.grown_rows and index >= self._base_slices() \
+            else self.slice_rows
 
 
 def _kind(path: str) -> str:
@@ -97,11 +134,15 @@ def _open(path: str, storage_options: Optional[dict[str, Any]]) -> Any:
 
 def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
                 label_column: str = "label",
-                storage_options: Optional[dict[str, Any]] = None) -> SlicePlan:
+                storage_options: Optional[dict[str, Any]] = None,
+                grow_after: int = 0, grown_rows: int = 0) -> SlicePlan:
     """Cut a list file into slices of about ``slice_rows`` rows, reading only its head (and,
-    for parquet, its footer). Raises ``SourceError`` for a missing file or a missing column."""
+    for parquet, its footer); past its first ``grow_after`` rows, of ``grown_rows`` (when it is
+    larger). Raises ``SourceError`` for a missing file or a missing column."""
     if slice_rows < 1:
         raise ValueError(f"slice_rows must be >= 1, got {slice_rows}")
+    if grown_rows <= slice_rows:
+        grow_after = grown_rows = 0
     kind = _kind(path)
     fs, fs_path, size = _open(path, storage_options)
     if kind == "parquet":
@@ -114,16 +155,21 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
             raise SourceError(f"{path}: no column {url_column!r} (columns: {', '.join(names)}); "
                               "set sources[].url_column")
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        count = sum(math.ceil(g / slice_rows) for g in groups if g)
-        return SlicePlan(path, kind, count, size=size, row_groups=groups, slice_rows=slice_rows)
+        plan = SlicePlan(path, kind, 0, size=size, row_groups=groups, slice_rows=slice_rows,
+                         grow_after=grow_after, grown_rows=grown_rows)
+        count, first = 0, 0
+        for rows in groups:
+            base, _, grown = plan._group_cuts(rows, first) if rows else (0, 0, 0)
+            count, first = count + base + grown, first + rows
+        return replace(plan, count=count)
     with fs.open(fs_path, "rb") as f:
         head = f.read(SAMPLE_BYTES)
     header: tuple[str, ...] = ()
     data_start = 0
     if kind in ("csv", "tsv"):
-        first, _, _ = head.partition(b"\n")
-        data_start = len(first) + 1 if b"\n" in head else len(head)
-        header = tuple(next(csv.reader([first.decode("utf-8-sig").rstrip("\r")],
+        first_line, _, _ = head.partition(b"\n")
+        data_start = len(first_line) + 1 if b"\n" in head else len(head)
+        header = tuple(next(csv.reader([first_line.decode("utf-8-sig").rstrip("\r")],
                                        delimiter="\t" if kind == "tsv" else ",")))
         if url_column not in header:
             raise SourceError(f"{path}: no column {url_column!r} (columns: {', '.join(header)}); "
@@ -134,8 +180,13 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
     slice_bytes = max(16, avg * slice_rows)
     data = max(0, size - data_start)
     count = math.ceil(data / slice_bytes) if data else 0
+    grown_bytes = max(16, avg * grown_rows) if grown_rows else 0
+    base = math.ceil(grow_after / slice_rows)
+    if grown_rows and data > base * slice_bytes:
+        count = base + math.ceil((data - base * slice_bytes) / grown_bytes)
     return SlicePlan(path, kind, count, size=size, data_start=data_start,
-                     slice_bytes=slice_bytes, header=header)
+                     slice_bytes=slice_bytes, header=header, slice_rows=slice_rows,
+                     grow_after=grow_after, grown_rows=grown_rows, grown_bytes=grown_bytes)
 
 
 class ListReader:

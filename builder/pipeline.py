@@ -180,6 +180,8 @@ class JobLifecycle:
         self.base = UnitReport("base")
         self.list_plans: dict[int, SlicePlan] = {}
         self.retry_plan: Optional[SlicePlan] = None
+        self.unit_size = spec.batch_size()
+        """Rows per unit of a URL list, a retry's rejects or inline urls (before growth)."""
         self.journal: Optional[Journal] = None
         self.publisher: Optional[DatasetPublisher] = None
         self.expansion: dict[str, Any] = {"enabled": False}
@@ -215,16 +217,22 @@ class JobLifecycle:
             if self.merge:
                 self._load_base()
             self.publisher.prepare(merge=self.merge)
-        self.journal.start(spec)
+        self.journal.start(spec, list_slicing=[spec.batch_size(), *spec.list_growth()])
         if self.merge or self.retry:
             self._mark_journal()
-        unit_size = spec.batch_size()
+        # A resumed job cuts its lists as its first run did (unit uids are slice numbers),
+        # whatever resources.batch_size says now; a journal written before slices grew holds
+        # no record, and was cut by the batch size alone.
+        unit_size, grow_after, grown_rows = self.journal.meta().get(
+            "list_slicing", [spec.batch_size(), 0, 0])
+        self.unit_size = unit_size
         for i, src in enumerate(spec.sources):
             if src.engine == "urllist":
                 self.list_plans[i] = plan_slices(src.path or "", unit_size,
                                                  url_column=src.url_column,
                                                  label_column=src.label_column,
-                                                 storage_options=opts)
+                                                 storage_options=opts, grow_after=grow_after,
+                                                 grown_rows=grown_rows)
         if self.retry:
             self.retry_plan = plan_slices(f"{self.uri.rstrip('/')}/rejects.parquet",
                                           unit_size, url_column="url", storage_options=opts)
@@ -309,7 +317,7 @@ class JobLifecycle:
 
     def planner(self) -> UnitPlanner:
         return UnitPlanner(self.spec, self.extra_queries, list_plans=self.list_plans,
-                           unit_size=self.spec.batch_size(), resume=self.state,
+                           unit_size=self.unit_size, resume=self.state,
                            retry_plan=self.retry_plan)
 
     def index_payloads(self, client: DedupClient) -> Iterator[list[dict[str, Any]]]:

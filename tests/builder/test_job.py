@@ -319,6 +319,58 @@ def test_list_sources_are_sliced_and_skip_done_slices():
     assert planner.exhausted("cat")
 
 
+def test_a_list_is_issued_by_the_rows_its_slices_hold():
+    """Slices grow along a list: what the runner expects from the slices in flight counts
+    their rows, so a grown slice stands for more candidates than a first one."""
+    s = parse_spec({"name": "t", "target": 100, "classes": ["cat"],
+                    "sources": [{"engine": "urllist", "path": "/nonexistent.txt"}]})
+    plan = SlicePlan("/nonexistent.txt", "txt", count=10, size=64 * 10 + 2304 * 10,
+                     slice_bytes=640, slice_rows=64, grow_after=64, grown_rows=256,
+                     grown_bytes=2560)
+    planner = UnitPlanner(s, list_plans={0: plan}, unit_size=64)
+    runner = JobRunner(s, FakeExecutor(s, {}, workers=2), planner, JobCounts(s),
+                       units_per_worker=4)
+    units = runner._next_units()
+    # 64 rows at the prior yield of 0.7 promise 45 images, 64 + 256 promise 224 >= 100.
+    assert [u.slice for u in units] == [0, 1]
+    state = planner.lists[0]
+    assert state.rows_in_flight == 320
+    for u in units:
+        planner.reported(u, UnitReport(u.uid), 0.0)
+    assert state.rows_in_flight == 0 and state.in_flight == 0
+
+
+class PollCountingExecutor(FakeExecutor):
+    """Units that take a millisecond; counts the runner's questions about units in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.polls = 0
+
+    async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
+        await asyncio.sleep(0.001)
+        return await super().run(worker, unit)
+
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        self.polls += 1
+        return {}
+
+
+def test_units_that_end_within_a_progress_interval_cost_no_in_flight_poll():
+    """Asking the workers what they fetched costs a call to each (on Ray, about what a unit's
+    own call costs the driver): units that end within a progress interval are not asked about.
+    Slower ones are (``test_progress_moves_while_a_unit_runs``)."""
+    s = spec(target=300, classes={"cat": ["q1"]},
+             sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 2,
+                       "max_pages": 1000}])
+    executor = PollCountingExecutor(s, {(0, "q1"): [f"{i}.ok" for i in range(600)]})
+    snaps: list[dict] = []
+    _, stats = run(s, executor, progress=snaps.append, progress_every_s=0.1)
+    assert stats["accepted"] == 300
+    assert len(snaps) >= 3 and any(0 < snap["accepted"] < 300 for snap in snaps)
+    assert executor.polls == 0
+
+
 def test_cancel_ends_in_flight_units_cancelled_and_stops_issuing():
     s = spec(target=50)
     pages = {(0, "q1"): [f"{i}.ok" for i in range(100)], (0, "q2"): []}

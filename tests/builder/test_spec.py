@@ -264,6 +264,22 @@ def test_a_batch_size_in_the_spec_wins():
     assert spec.batch_size() == 16
 
 
+@pytest.mark.parametrize("targets, expected", [
+    ({"cat": 20}, (8192, 256)),               # 4 x 64, capped; never before 32 x 256 rows
+    ({"bench": 4000}, (16000, 256)),          # 125 -> 256 past 4 x the target
+    ({"a": 3000, "b": 2000, "c": 1000}, (24000, 256)),
+    ({"bench": 40000}, (0, 0)),               # already 256: no growth
+])
+def test_url_list_slices_grow_past_four_times_the_target(targets, expected):
+    spec = parse_spec({**MINIMAL, "classes": {k: {"target": v} for k, v in targets.items()}})
+    assert spec.list_growth() == expected
+
+
+def test_a_batch_size_in_the_spec_keeps_list_slices_from_growing():
+    spec = parse_spec({**MINIMAL, "target": 4000, "resources": {"batch_size": 64}})
+    assert spec.list_growth() == (0, 0)
+
+
 def test_the_validation_split_has_one_name():
     """Hugging Face names the split 'validation' however it is found; the spec does too."""
     assert list(parse_spec(MINIMAL).output.splits) == ["train", "validation", "test"]
