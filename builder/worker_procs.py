@@ -5,9 +5,10 @@ One Python process holds the GIL for everything it does, and the per-image work 
 one core busy. ``ProcessExecutor`` runs ``workers`` ``builder.worker.WorkerRuntime`` in processes
 of their own, the same runtime the Ray runner runs in its actors. Worker 0 is a fresh
 interpreter (``python -m builder.worker_procs``); once its imports are done (about 1 s of CPU
-here) it forks the others, so they start with them done. The job's services stay in the runner's process (``LocalServices``:
-the dedup index, the quota ledger, the search governors) and the workers reach them over a Unix
-socket (``Channel``), as Ray workers reach their actors. Only counts, units and the index's
+here) it forks the others, so they start with them done. The job's services stay in the
+runner's process (``LocalServices``: the dedup index, the quota ledger, the search governors)
+and the workers reach them over a Unix socket (``Channel``), as Ray workers reach their
+actors. Only counts, units and the index's
 payloads cross; image bytes never do. The socket lives in a temporary directory only this user
 can enter (mode 0700), so the pickles it carries come from the job's own processes.
 
