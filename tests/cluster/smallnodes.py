@@ -96,7 +96,9 @@ def main() -> None:
 
         warnings = Warnings()
         logging.getLogger("pixcrawler.coordinator").addHandler(warnings)
-        coordinator.START_WARN_S = 3.0
+        # The late job waits as long as it must for its first worker: under load a Ray
+        # worker process can take more than the 2.5 s above to start.
+        coordinator.START_WARN_S, coordinator.START_GIVE_UP_S = 3.0, 60.0
         # The job runs in a thread: Ray adds a node only from the main thread.
         with ThreadPoolExecutor(1) as pool:
             job = pool.submit(run, "late", 0.5, workers=3, worker_cpus=0.45,
