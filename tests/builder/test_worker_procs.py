@@ -85,3 +85,21 @@ def test_a_call_to_a_side_that_went_away_fails_instead_of_waiting():
         await ca.aclose()
 
     asyncio.run(main())
+
+
+def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_import_it():
+    """pyarrow asks for pandas on its first array; a worker answers that once with pandas
+    hidden, and pandas stays importable for whoever needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from builder.worker_procs import _settle\n"
+            "_settle()\n"
+            "import pyarrow as pa\n"
+            "pa.Table.from_pylist([{'a': 1}])\n"
+            "assert 'pandas' not in sys.modules, 'pyarrow imported pandas'\n"
+            "import pandas\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
