@@ -2,15 +2,15 @@
 
 One Python process holds the GIL for everything it does, and the per-image work of a worker
 (fetching, validating, building rows, writing shards) is mostly Python: one process keeps about
-one core busy. ``ProcessExecutor`` runs ``workers`` ``builder.worker.WorkerRuntime`` in processes
-of their own, the same runtime the Ray runner runs in its actors. Worker 0 is a fresh
-interpreter (``python -m builder.worker_procs``); once its imports are done (about 1 s of CPU
-here) it forks the others, so they start with them done. The job's services stay in the
-runner's process (``LocalServices``: the dedup index, the quota ledger, the search governors)
-and the workers reach them over a Unix socket (``Channel``), as Ray workers reach their
-actors. Only counts, units and the index's
-payloads cross; image bytes never do. The socket lives in a temporary directory only this user
-can enter (mode 0700), so the pickles it carries come from the job's own processes.
+one core busy. ``ProcessExecutor`` runs ``workers`` ``builder.worker.WorkerRuntime`` in
+processes of their own, the same runtime the Ray runner runs in its actors. Worker 0 is a fresh
+interpreter (``python -m builder.worker_procs``); on Linux, once its imports are done (about 1
+s of CPU here), it forks the others, so they start with them done (``FORK_WORKERS``). The job's
+services stay in the runner's process (``LocalServices``: the dedup index, the quota ledger,
+the search governors) and the workers reach them over a Unix socket (``Channel``), as Ray
+workers reach their actors. Only counts, units and the index's payloads cross; image bytes
+never do. The socket lives in a temporary directory only this user can enter (mode 0700), so
+the pickles it carries come from the job's own processes.
 
 A worker process that dies (killed, out of memory) is a lost worker: its units are resent to
 the others (``WorkerLost``), as on Ray. The processes ignore SIGINT and SIGTERM, so a Ctrl-C
@@ -251,6 +251,11 @@ class ForkedWorker:
             time.sleep(0.02)
 
 
+FORK_WORKERS = sys.platform.startswith("linux")
+"""Whether worker 0 forks the others. Elsewhere each worker is a fresh interpreter: on macOS a
+process that has loaded system frameworks (numpy may link Accelerate) is not safe to fork,
+which is why Python's own multiprocessing spawns there."""
+
 EXIT_UNKNOWN = -256
 """``ForkedWorker.poll`` of a worker that is gone: its exit code went to worker 0."""
 
@@ -284,10 +289,13 @@ class WorkerProcesses:
         try:
             # A fresh interpreter, not multiprocessing's spawn: that one imports the caller's
             # __main__ again, which a script without a main guard cannot take.
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "builder.worker_procs", path, str(workers)],
-                stdin=subprocess.DEVNULL))
-            self.procs.extend(ForkedWorker() for _ in range(workers - 1))
+            per_process = max(workers, 1) if FORK_WORKERS else 1
+            for first in range(0, workers, per_process):
+                count = min(per_process, workers - first)
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "builder.worker_procs", path, str(first),
+                     str(count)], stdin=subprocess.DEVNULL))
+                self.procs.extend(ForkedWorker() for _ in range(count - 1))
         except BaseException:
             await self.close()
             raise
@@ -536,14 +544,15 @@ def _settle() -> None:
     gc.freeze()
 
 
-def worker_main(path: str, workers: int) -> None:
-    """Worker 0 of ``workers``: fork the others once the imports are done, then each connects
-    to the runner, takes the job's plan, and serves until told to close or the runner goes."""
+def worker_main(path: str, first: int, count: int) -> None:
+    """Worker ``first``: fork workers ``first + 1`` to ``first + count - 1`` once the imports
+    are done, then each connects to the runner, takes the job's plan, and serves until told
+    to close or the runner goes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _settle()
-    worker = 0
-    if workers > 1:
+    worker = first
+    if count > 1:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the forked workers need no reaping
         sys.stdout.flush()
         sys.stderr.flush()
@@ -552,7 +561,7 @@ def worker_main(path: str, workers: int) -> None:
             # native ones started by imports (jemalloc's, OpenBLAS's), which reset themselves
             # in a forked child; no Python thread or event loop exists yet.
             warnings.simplefilter("ignore", DeprecationWarning)
-            for w in range(1, workers):
+            for w in range(first + 1, first + count):
                 if os.fork() == 0:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     worker = w
@@ -587,4 +596,4 @@ async def _serve(path: str, worker: int) -> None:
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1], int(sys.argv[2]))
+    worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

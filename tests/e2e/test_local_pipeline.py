@@ -217,15 +217,20 @@ def test_progress_counts_fetched_images_before_their_unit_ends(sandbox, tmp_path
     assert snaps[-1]["accepted"] == 4 and snaps[-1]["in_flight"] == 0
 
 
-def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_path):
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh-interpreters"])
+def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_path,
+                                                                   monkeypatch, fork):
     """The in-process runner's workers are processes: one SIGKILLed mid-job is a lost worker,
     its units go to the other, and the dataset is the same as an uninterrupted run's over the
-    same URL list."""
+    same URL list. Worker 1 is forked by worker 0 on Linux, a fresh interpreter elsewhere."""
     import asyncio
     import os
     import signal
 
+    import builder.worker_procs as worker_procs
     from builder.pipeline import run_local_async
+
+    monkeypatch.setattr(worker_procs, "FORK_WORKERS", fork)
 
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog", "bird")
@@ -248,6 +253,7 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
         while "r" not in holder or holder["r"].counts.accepted < 8:
             await asyncio.sleep(0.02)
         proc = holder["r"].executor.procs[1]
+        assert isinstance(proc, worker_procs.ForkedWorker) == fork
         os.kill(proc.pid, signal.SIGKILL)
         killed.append(proc.pid)
         return await task
