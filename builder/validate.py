@@ -34,10 +34,12 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from builder.hashing import luma_grid, prepare, signatures, to_hex
+from builder.hashing import luma_grid, prepare, signatures_many, to_hex
 from builder.reasons import Reason
 from builder.records import Record
 from builder.similarity import jpeg_quality
@@ -68,23 +70,45 @@ class ImageValidator:
         return self.cfg.level in ("medium", "slow")
 
     def __call__(self, records: list[Record]) -> list[Record]:
+        """Check each record not yet rejected; at ``level`` medium or slow the perceptual
+        signatures of the batch's good images are then worked out together (cheaper per
+        image than one at a time)."""
+        grids: list[tuple[Record, np.ndarray]] = []
         for record in records:
             if not record.rejected:
-                self.check(record)
+                grid = self._inspect(record)
+                if grid is not None:
+                    grids.append((record, grid))
+        if grids:
+            for (record, _), (stored, probes) in zip(
+                    grids, signatures_many([grid for _, grid in grids])):
+                record.phash, record.dhash = to_hex(stored[0][0]), to_hex(stored[0][1])
+                record.near_stored, record.near_probes = stored, probes
         return records
 
     def check(self, record: Record) -> Record:
+        """One record: a batch of one."""
+        self([record])
+        return record
+
+    def _inspect(self, record: Record) -> Optional[np.ndarray]:
+        """Reject the record or fill in what its decode tells; the luma grid its signatures
+        come from when the level hashes, else None."""
         data = record.data
         if not data:
-            return record.reject(Reason.DECODE_ERROR, "no bytes")
+            record.reject(Reason.DECODE_ERROR, "no bytes")
+            return None
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            return record.reject(Reason.DECOMPRESSION_BOMB, self._bomb_detail(exc))
+            record.reject(Reason.DECOMPRESSION_BOMB, self._bomb_detail(exc))
+            return None
         except UnidentifiedImageError:
-            return record.reject(Reason.DECODE_ERROR, "not a recognised image")
+            record.reject(Reason.DECODE_ERROR, "not a recognised image")
+            return None
         except _DECODE_ERRORS as exc:
-            return record.reject(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+            record.reject(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+            return None
         with img:
             return self._check_open(record, img, data)
 
@@ -95,39 +119,41 @@ class ImageValidator:
         size = f"{found[1]} pixels" if found else "more pixels than Pillow opens"
         return f"{size} > max_pixels {self.cfg.max_pixels}"
 
-    def _check_open(self, record: Record, img: Image.Image, data: bytes) -> Record:
+    def _check_open(self, record: Record, img: Image.Image, data: bytes
+                    ) -> Optional[np.ndarray]:
         cfg = self.cfg
         fmt = PIL_FORMATS.get(img.format or "", (img.format or "unknown").lower())
         if fmt not in cfg.formats:
-            return record.reject(Reason.FORMAT_NOT_ALLOWED,
-                                 f"{fmt}; allowed: {', '.join(cfg.formats)}")
+            return self._reject(record, Reason.FORMAT_NOT_ALLOWED,
+                                f"{fmt}; allowed: {', '.join(cfg.formats)}")
         w, h = img_size = img.size
         if w * h > cfg.max_pixels:
-            return record.reject(Reason.DECOMPRESSION_BOMB,
-                                 f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
+            return self._reject(record, Reason.DECOMPRESSION_BOMB,
+                                f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
         try:
             frames = getattr(img, "n_frames", 1)
         except _DECODE_ERRORS as exc:
-            return record.reject(Reason.DECODE_ERROR,
-                                 f"counting frames: {type(exc).__name__}: {exc}")
+            return self._reject(record, Reason.DECODE_ERROR,
+                                f"counting frames: {type(exc).__name__}: {exc}")
         if frames > 1 and cfg.animated == "reject":
-            return record.reject(Reason.ANIMATED, f"{frames} frames")
+            return self._reject(record, Reason.ANIMATED, f"{frames} frames")
         cut = gif_truncation(data) if fmt == "gif" else png_damage(data) if fmt == "png" else ""
         if cut:
-            return record.reject(Reason.TRUNCATED if "ends" in cut else Reason.DECODE_ERROR, cut)
+            return self._reject(record, Reason.TRUNCATED if "ends" in cut
+                                else Reason.DECODE_ERROR, cut)
         try:
             if frames > 1:
                 img.seek(0)
             prepare(img)
             img.load()
         except Image.DecompressionBombError as exc:
-            return record.reject(Reason.DECOMPRESSION_BOMB, self._bomb_detail(exc))
+            return self._reject(record, Reason.DECOMPRESSION_BOMB, self._bomb_detail(exc))
         except EOFError as exc:
-            return record.reject(Reason.TRUNCATED, f"EOFError: {exc}")
+            return self._reject(record, Reason.TRUNCATED, f"EOFError: {exc}")
         except _DECODE_ERRORS as exc:
             msg = str(exc)
             reason = Reason.TRUNCATED if "truncat" in msg.lower() else Reason.DECODE_ERROR
-            return record.reject(reason, f"{type(exc).__name__}: {msg}")
+            return self._reject(record, reason, f"{type(exc).__name__}: {msg}")
         try:
             orientation = img.getexif().get(0x0112, 1)
         except _EXIF_ERRORS:
@@ -136,24 +162,27 @@ class ImageValidator:
             w, h = h, w
         short, long_ = min(w, h), max(w, h)
         if short < cfg.min_side:
-            return record.reject(Reason.TOO_SMALL, f"{w}x{h}, min_side {cfg.min_side}")
+            return self._reject(record, Reason.TOO_SMALL, f"{w}x{h}, min_side {cfg.min_side}")
         if long_ > cfg.max_side:
-            return record.reject(Reason.TOO_LARGE, f"{w}x{h}, max_side {cfg.max_side}")
+            return self._reject(record, Reason.TOO_LARGE, f"{w}x{h}, max_side {cfg.max_side}")
         if long_ / short > cfg.max_aspect_ratio:
-            return record.reject(Reason.BAD_ASPECT_RATIO,
-                                 f"{w}x{h} = {long_ / short:.2f} > {cfg.max_aspect_ratio}")
+            return self._reject(record, Reason.BAD_ASPECT_RATIO,
+                                f"{w}x{h} = {long_ / short:.2f} > {cfg.max_aspect_ratio}")
         record.format = fmt
         record.width, record.height = w, h
         record.orig_width, record.orig_height = w, h
         record.sha256 = hashlib.sha256(data).hexdigest()
-        if self.hashes:
-            grid, record.colour = luma_grid(img, img_size)
-            stored, probes = signatures(grid)
-            record.phash, record.dhash = to_hex(stored[0][0]), to_hex(stored[0][1])
-            record.near_stored, record.near_probes = stored, probes
-            tables = getattr(img, "quantization", None) or {}
-            record.jpeg_quality = jpeg_quality(tables.get(0, ())) if fmt == "jpeg" else 0
-        return record
+        if not self.hashes:
+            return None
+        grid, record.colour = luma_grid(img, img_size)
+        tables = getattr(img, "quantization", None) or {}
+        record.jpeg_quality = jpeg_quality(tables.get(0, ())) if fmt == "jpeg" else 0
+        return grid
+
+    @staticmethod
+    def _reject(record: Record, reason: Reason, detail: str) -> None:
+        """Reject the record; None, the grid of a rejected image."""
+        record.reject(reason, detail)
 
 
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}

@@ -1,6 +1,10 @@
+import io
+
+import numpy as np
 from PIL import Image
 
-from builder.hashing import hamming, hash_bytes
+from builder.hashing import (FULL, GRID, MIRROR, STORED_VIEWS, hamming, hash_bytes, luma_grid,
+                             prepare, signatures, signatures_many)
 from tests.images import encode, jpeg, picture
 
 
@@ -20,3 +24,30 @@ def test_near_duplicates_are_close():
     assert hamming(orig.phash, near.phash) <= 4 and hamming(orig.dhash, near.dhash) <= 4
     assert hamming(orig.phash, png.phash) <= 2
     assert orig.sha256 != near.sha256
+
+
+def _grids() -> list[np.ndarray]:
+    grids = []
+    for seed, size, fmt in ((1, (512, 384), "JPEG"), (2, (300, 420), "PNG"),
+                            (3, (1200, 800), "JPEG"), (4, (90, 60), "PNG")):
+        with Image.open(io.BytesIO(encode(picture(seed, size), fmt))) as img:
+            full = img.size
+            prepare(img)
+            img.load()
+            grids.append(luma_grid(img, full)[0])
+    return grids + [np.full((GRID, GRID), 7.0)]
+
+
+def test_a_batch_gives_each_grid_the_codes_it_gets_alone():
+    grids = _grids()
+    assert signatures_many(grids) == [signatures(g) for g in grids]
+    assert signatures_many(grids[::-1]) == [signatures(g) for g in grids[::-1]]
+
+
+def test_the_mirror_view_is_the_full_view_of_the_mirrored_grid():
+    """The mirrored view reuses the full view's products; it must equal hashing the mirror."""
+    for grid in _grids()[:4]:
+        stored, _ = signatures(grid)
+        mirrored, _ = signatures(np.ascontiguousarray(grid[:, ::-1]))
+        assert stored[STORED_VIEWS.index(MIRROR)] == mirrored[STORED_VIEWS.index(FULL)]
+        assert stored[STORED_VIEWS.index(MIRROR)] != stored[STORED_VIEWS.index(FULL)]

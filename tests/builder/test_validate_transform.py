@@ -33,6 +33,20 @@ def test_fast_level_skips_hashes():
     assert not r.rejected and r.phash == "" and len(r.sha256) == 64
 
 
+def test_a_batch_gets_the_facts_and_signatures_each_image_gets_alone():
+    """The validator works out a batch's signatures together; rejected images in the middle
+    of the batch must not shift anyone's signatures onto a neighbour."""
+    datas = [jpeg(1, (320, 240)), b"not an image", encode(picture(2), "PNG"),
+             jpeg(3, (20, 20)), jpeg(4, (640, 480))]
+    batch = ImageValidator(ValidationSpec())([rec(d) for d in datas])
+    alone = [check(d) for d in datas]
+    assert [r.rejected for r in batch] == [False, True, False, True, False]
+    fields = ("reason", "sha256", "phash", "dhash", "near_stored", "near_probes", "colour")
+    for got, want in zip(batch, alone):
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+    assert len({r.near_probes for r in batch if not r.rejected}) == 3
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF", "BMP"])
 def test_formats(fmt):
     r = check(encode(picture(2), fmt))
