@@ -94,8 +94,8 @@ def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_i
     import sys
 
     code = ("import sys\n"
-            "from builder.worker_procs import _settle\n"
-            "_settle()\n"
+            "from builder.worker import settle_process\n"
+            "settle_process()\n"
             "import pyarrow as pa\n"
             "pa.Table.from_pylist([{'a': 1}])\n"
             "assert 'pandas' not in sys.modules, 'pyarrow imported pandas'\n"
