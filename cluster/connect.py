@@ -24,7 +24,10 @@ EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms
 # Ray starts its worker processes 15 nice levels below the node (Ray's own job supervisor sets
 # this to 0 for drivers), so batch work yields to interactive work. Set in a runtime_env's
 # env_vars, it gives the worker another increment: 0 runs it at the priority of the process that
-# started Ray.
+# started Ray. An embedded Ray that runs only this command's job sets it for the whole node
+# instead (SAME_PRIORITY_CONFIG): a job with a runtime_env cannot use the workers that Ray
+# starts, one per CPU, while ray.init runs (they have none), so each of its actors would start a
+# process of its own beside two idle ones (bench/README.md, ninth session).
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 SAME_PRIORITY_ENV: dict[str, Any] = {"env_vars": {WORKER_NICENESS_ENV: "0"}}
 SAME_PRIORITY_CONFIG: dict[str, Any] = {"worker_niceness": 0}
@@ -56,8 +59,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     this driver's: the actors it starts (and theirs, detached ones included) inherit it.
 
     An embedded Ray's workers do this command's work in the foreground, so by default they run
-    at the command's own priority (``SAME_PRIORITY_ENV``), not 15 nice levels below it, where
+    at the command's own priority (``SAME_PRIORITY_CONFIG``; with a ``runtime_env``, as
+    ``pixcrawler serve`` passes, that environment decides), not 15 nice levels below it, where
     any busy process on the machine would starve them. On a cluster they keep Ray's default.
+    Without ``dashboard`` an embedded Ray starts lean (``_lean_head``, ``UNOBSERVED_CONFIG``).
 
     An embedded Ray listens on 127.0.0.1 only (see ``LOOPBACK``): its GCS, raylet, object
     manager, workers, dashboard and dashboard agent.
@@ -186,7 +191,7 @@ def _lean_head(*, dashboard: bool, quiet: bool) -> Iterator[None]:
     skip = [name for name, keep in (("start_api_server", dashboard), ("start_monitor", dashboard),
                                     ("start_log_monitor", not quiet))
             if not keep and callable(getattr(Node, name, None))]
-    saved = {name: Node.__dict__[name] for name in skip}
+    saved = {name: getattr(Node, name) for name in skip}
     for name in skip:
         setattr(Node, name, _skipped)
     try:
