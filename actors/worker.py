@@ -26,7 +26,7 @@ from builder.errors import EngineError, EngineUnavailable
 from builder.job import IndexLost
 from builder.records import Record
 from builder.units import UnitReport, WorkerEvents, WorkUnit
-from builder.worker import JobPlan, LedgerCalls, WorkerRuntime
+from builder.worker import JobPlan, LedgerCalls, WorkerRuntime, settle_process
 
 
 class RayServices(LedgerCalls):
@@ -150,6 +150,7 @@ class ShardWorker:
         self.runtime.on_stage = lambda stage, s: latency.observe(
             s, tags={"stage": stage, "job": job})
         await self.runtime.start()
+        settle_process()
 
     async def _ready(self) -> WorkerRuntime:
         if self._started is None:

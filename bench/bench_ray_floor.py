@@ -1,13 +1,14 @@
 """The fixed cost of an embedded Ray on this machine, with no PixCrawler work in it.
 
-Times ``import ray``, ``ray.init`` (as ``cluster.connect`` starts the embedded Ray: 127.0.0.1,
-``num_cpus`` = the machine's cores, dashboard as asked), three tiny actors answering one call
+Times ``import ray``, ``ray.init`` (plain: 127.0.0.1, ``num_cpus`` = the machine's cores,
+dashboard as asked; with ``--connect``, through ``cluster.connect`` as ``pixcrawler build --ray``
+starts its embedded Ray, lean without the dashboard), three tiny actors answering one call
 each, optionally one trivial Ray Data execution (``--data``: its stats and autoscaling actors
 and a worker that imports Ray Data), and ``ray.shutdown``. This is the floor under any
 embedded-Ray ``pixcrawler build``: compare it with the whole-command times of
 ``bench_vs_img2dataset.py``.
 
-    .venv/bin/python bench/bench_ray_floor.py [--dashboard] [--data] [--runs 3]
+    .venv/bin/python bench/bench_ray_floor.py [--dashboard] [--data] [--connect] [--runs 3]
 
 Each run is a fresh subprocess with its own RAY_TMPDIR, so no run reuses another's Ray.
 """
@@ -23,14 +24,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
 import ray
 t1 = time.perf_counter()
-ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=DASHBOARD, dashboard_host="127.0.0.1",
-         log_to_driver=False, configure_logging=False)
+if CONNECT:
+    from cluster.connect import connect, shutdown
+    connect(None, dashboard=DASHBOARD)
+else:
+    shutdown = ray.shutdown
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=DASHBOARD,
+             dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
 t2 = time.perf_counter()
 
 @ray.remote(num_cpus=0.1)
@@ -47,23 +55,24 @@ if DATA:
     ray.data.from_items([{"x": i} for i in range(4)], override_num_blocks=4).map_batches(
         lambda b: b, batch_size=1, num_cpus=0.5).take_all()
 t4 = time.perf_counter()
-ray.shutdown()
+shutdown()
 t5 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "init": t2 - t1, "actors": t3 - t2, "data": t4 - t3,
                   "shutdown": t5 - t4, "total": t5 - t0}))
 """
 
 
-def run_once(dashboard: bool, data: bool) -> dict[str, float]:
+def run_once(dashboard: bool, data: bool, connect: bool = False) -> dict[str, float]:
     ray_tmp = tempfile.mkdtemp(prefix="pxfloor", dir="/tmp")  # short: Ray's socket paths
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    code = CHILD.replace("DASHBOARD", str(dashboard)).replace("DATA", str(data))
+    code = CHILD.replace("DASHBOARD", str(dashboard)).replace("DATA", str(data)).replace(
+        "CONNECT", str(connect))
     try:
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=300, cwd=ROOT)
         wall = time.perf_counter() - started
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -78,12 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dashboard", action="store_true", help="start the dashboard too")
     parser.add_argument("--data", action="store_true", help="add one trivial Ray Data run")
+    parser.add_argument("--connect", action="store_true",
+                        help="start Ray through cluster.connect, as pixcrawler build --ray does")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     runs = []
     for k in range(args.runs):
-        t = run_once(args.dashboard, args.data)
+        t = run_once(args.dashboard, args.data, args.connect)
         runs.append(t)
         print(f"run {k + 1}: " + "  ".join(f"{name} {value:.2f}s" for name, value in t.items()),
               flush=True)

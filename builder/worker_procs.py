@@ -21,8 +21,6 @@ they exit when the runner's end of the socket closes, whatever ends the runner.
 from __future__ import annotations
 
 import asyncio
-import gc
-import importlib.abc
 import logging
 import math
 import os
@@ -42,7 +40,8 @@ from builder.engines import SearchEngine, SearchPage
 from builder.errors import EngineError
 from builder.job import WorkerLost
 from builder.units import UnitReport, WorkerEvents, WorkUnit
-from builder.worker import JobPlan, LedgerCalls, LocalServices, WorkerRuntime
+from builder.worker import (JobPlan, LedgerCalls, LocalServices, WorkerRuntime,
+                            settle_process)
 
 log = logging.getLogger("pixcrawler.procs")
 
@@ -526,40 +525,13 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(_HEADER.unpack(header)[0]))
 
 
-class _HidePandas(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
-        if name.partition(".")[0] == "pandas":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-def _settle() -> None:
-    """Make the worker's steady state cheaper once its imports are done.
-
-    pyarrow imports pandas, where it is installed, the first time it builds an array, to ask
-    whether it was given a pandas object (0.3-0.7 s of CPU here, in the middle of the crawl).
-    A worker never gives it one, so its check runs here once with pandas hidden and records
-    "no pandas"; pyarrow's own pandas conversions would still import it if called. Then the
-    imports' objects are frozen out of the garbage collector's full scans (0.2 s per worker
-    and job here)."""
-    import pyarrow as pa
-
-    hide = _HidePandas()
-    sys.meta_path.insert(0, hide)
-    try:
-        pa.array([0])
-    finally:
-        sys.meta_path.remove(hide)
-    gc.freeze()
-
-
 def worker_main(path: str, first: int, count: int) -> None:
     """Worker ``first``: fork workers ``first + 1`` to ``first + count - 1`` once the imports
     are done, then each connects to the runner, takes the job's plan, and serves until told
     to close or the runner goes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _settle()
+    settle_process()
     worker = first
     if count > 1:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the forked workers need no reaping

@@ -24,9 +24,19 @@ EMBEDDED_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms
 # Ray starts its worker processes 15 nice levels below the node (Ray's own job supervisor sets
 # this to 0 for drivers), so batch work yields to interactive work. Set in a runtime_env's
 # env_vars, it gives the worker another increment: 0 runs it at the priority of the process that
-# started Ray.
+# started Ray. An embedded Ray that runs only this command's job sets it for the whole node
+# instead (SAME_PRIORITY_CONFIG): a job with a runtime_env cannot use the workers that Ray
+# starts, one per CPU, while ray.init runs (they have none), so each of its actors would start a
+# process of its own beside two idle ones (bench/README.md, ninth session).
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 SAME_PRIORITY_ENV: dict[str, Any] = {"env_vars": {WORKER_NICENESS_ENV: "0"}}
+SAME_PRIORITY_CONFIG: dict[str, Any] = {"worker_niceness": 0}
+
+# What only a dashboard (or a metrics scraper pointed at it) reads: every task's state events,
+# sent to the GCS each second, and the metrics each Ray process records per call. An embedded
+# Ray started without --dashboard has no reader for either, so it records neither.
+UNOBSERVED_CONFIG: dict[str, Any] = {"task_events_report_interval_ms": 0,
+                                     "enable_metrics_collection": False}
 
 # An embedded Ray serves this machine only, with token auth off (RAY_AUTH_MODE=disabled), so
 # none of its servers may listen beyond loopback: the dashboard agent accepts job submissions,
@@ -49,8 +59,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     this driver's: the actors it starts (and theirs, detached ones included) inherit it.
 
     An embedded Ray's workers do this command's work in the foreground, so by default they run
-    at the command's own priority (``SAME_PRIORITY_ENV``), not 15 nice levels below it, where
+    at the command's own priority (``SAME_PRIORITY_CONFIG``; with a ``runtime_env``, as
+    ``pixcrawler serve`` passes, that environment decides), not 15 nice levels below it, where
     any busy process on the machine would starve them. On a cluster they keep Ray's default.
+    Without ``dashboard`` an embedded Ray starts lean (``_lean_head``, ``UNOBSERVED_CONFIG``).
 
     An embedded Ray listens on 127.0.0.1 only (see ``LOOPBACK``): its GCS, raylet, object
     manager, workers, dashboard and dashboard agent.
@@ -71,7 +83,13 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             check_reachable(address)
             ray.init(address=address, **common)
         else:
-            common["runtime_env"] = runtime_env or SAME_PRIORITY_ENV
+            system_config = dict(EMBEDDED_SYSTEM_CONFIG)
+            if runtime_env:
+                common["runtime_env"] = runtime_env
+            else:
+                system_config.update(SAME_PRIORITY_CONFIG)
+            if not dashboard:
+                system_config.update(UNOBSERVED_CONFIG)
             # An embedded Ray on this machine only: token auth has nobody to keep out.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             recorded = recorded_head()
@@ -81,11 +99,11 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
                          "--address auto (or set RAY_ADDRESS) to run on that cluster", recorded)
             # address="local": ray.init() with none would join the recorded head (and refuse
             # num_cpus there, or fail on a stale record).
-            with _loopback_node():
+            with _loopback_node(), _lean_head(dashboard=dashboard, quiet=quiet):
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
                          include_dashboard=dashboard,
                          dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
-                         _system_config=dict(EMBEDDED_SYSTEM_CONFIG), **common)
+                         _system_config=system_config, **common)
     ctx = ray.get_runtime_context()
     info = {
         "mode": "cluster" if address else "embedded",
@@ -153,6 +171,38 @@ def _loopback_node() -> Iterator[None]:
             os.environ.pop(SINGLE_MACHINE_ENV, None)
         else:
             os.environ[SINGLE_MACHINE_ENV] = saved_env
+
+
+@contextmanager
+def _lean_head(*, dashboard: bool, quiet: bool) -> Iterator[None]:
+    """An embedded Ray without the head processes that a one-node job has no use for.
+
+    ``ray.init`` always starts three Python processes beside the GCS and the raylet, and on a
+    machine of a few cores their start competes with the job's own workers (bench/README.md):
+    the dashboard's API server, which it also waits for (with the dashboard off it loads only
+    Ray's usage-stats module, and usage stats are off); the autoscaler monitor (one node never
+    autoscales); the log monitor (it only forwards the workers' output to a driver that asked
+    for it, ``log_to_driver``). ``ray.init`` has no option for any of them, so they are left
+    out here by Ray's own ``Node`` methods, for this start only: with ``dashboard`` the API
+    server and the monitor start as usual, and without ``quiet`` the log monitor does.
+    """
+    from ray._private.node import Node
+
+    skip = [name for name, keep in (("start_api_server", dashboard), ("start_monitor", dashboard),
+                                    ("start_log_monitor", not quiet))
+            if not keep and callable(getattr(Node, name, None))]
+    saved = {name: getattr(Node, name) for name in skip}
+    for name in skip:
+        setattr(Node, name, _skipped)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
+
+
+def _skipped(self: Any, *args: Any, **kwargs: Any) -> None:
+    """A head process left out (``_lean_head``)."""
 
 
 def shutdown() -> None:

@@ -95,8 +95,8 @@ def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_i
     """pyarrow asks for pandas on its first array; a worker answers that once with pandas
     hidden, and pandas stays importable for whoever needs it."""
     code = ("import sys\n"
-            "from builder.worker_procs import _settle\n"
-            "_settle()\n"
+            "from builder.worker import settle_process\n"
+            "settle_process()\n"
             "import pyarrow as pa\n"
             "pa.Table.from_pylist([{'a': 1}])\n"
             "assert 'pandas' not in sys.modules, 'pyarrow imported pandas'\n"

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from cluster import connect as connect_module
-from cluster.connect import EMBEDDED_SYSTEM_CONFIG, SAME_PRIORITY_ENV, WORKER_NICENESS_ENV
+from cluster.connect import EMBEDDED_SYSTEM_CONFIG, SAME_PRIORITY_ENV
 
 
 class StopAfterInit(Exception):
@@ -29,14 +29,31 @@ def init_calls(monkeypatch) -> list[dict[str, Any]]:
 
 
 def test_embedded_workers_run_at_the_commands_priority(init_calls):
-    """Ray would start them 15 nice levels below the command that does the work."""
+    """Ray would start them 15 nice levels below the command that does the work. The node's
+    own setting does it, not a runtime_env: workers of a job with a runtime_env cannot be the
+    ones Ray starts ahead of any job. Nothing reads task events or metrics without a
+    dashboard, so they are not recorded."""
     with pytest.raises(StopAfterInit):
         connect_module.connect(None, num_cpus=2)
     (kwargs,) = init_calls
-    assert kwargs["runtime_env"] == SAME_PRIORITY_ENV
-    assert SAME_PRIORITY_ENV["env_vars"][WORKER_NICENESS_ENV] == "0"
-    assert kwargs["_system_config"] == EMBEDDED_SYSTEM_CONFIG
+    assert "runtime_env" not in kwargs
+    config = kwargs["_system_config"]
+    assert EMBEDDED_SYSTEM_CONFIG.items() <= config.items()
+    assert config["worker_niceness"] == 0
+    assert config["task_events_report_interval_ms"] == 0
+    assert config["enable_metrics_collection"] is False
     assert kwargs["dashboard_host"] == "127.0.0.1"
+
+
+def test_an_embedded_ray_with_a_runtime_env_and_a_dashboard_keeps_rays_settings(init_calls):
+    """``pixcrawler serve``: its serving path asks for the command's priority in its
+    runtime_env, and the crawls it submits as Ray jobs keep Ray's; its dashboard shows task
+    events and metrics."""
+    with pytest.raises(StopAfterInit):
+        connect_module.connect(None, num_cpus=2, dashboard=True, runtime_env=SAME_PRIORITY_ENV)
+    (kwargs,) = init_calls
+    assert kwargs["runtime_env"] == SAME_PRIORITY_ENV
+    assert kwargs["_system_config"] == EMBEDDED_SYSTEM_CONFIG
 
 
 def test_a_dead_ray_address_fails_at_once_saying_what_to_do(init_calls, monkeypatch):
@@ -61,24 +78,34 @@ def test_a_cluster_keeps_rays_priorities_unless_asked(init_calls):
 
 
 SHUTDOWN_CHILD = """
-import json, ray
+import json, os, sys, ray
 from cluster.connect import connect, shutdown
-info = connect(None, num_cpus=1)
+info = connect(None, num_cpus=1, dashboard=sys.argv[1] == "dashboard")
 again = connect(None)
+
+@ray.remote(num_cpus=0)
+class Nice:
+    def level(self):
+        return os.nice(0)
+
+worker_nice = ray.get(Nice.remote().level.remote())
 node = ray._private.worker._global_node
 procs = {kind: [p.process for p in infos] for kind, infos in node.all_processes.items()}
 shutdown()
 print(json.dumps({"started": [info["started"], again["started"]], "kinds": sorted(procs),
                   "alive": sorted(kind for kind, ps in procs.items()
                                   if any(p.poll() is None for p in ps)),
-                  "initialized": ray.is_initialized()}))
+                  "initialized": ray.is_initialized(), "nice": [os.nice(0), worker_nice]}))
 """
 
 
-def test_shutdown_stops_every_process_of_the_embedded_ray():
+@pytest.mark.parametrize("dashboard", ["dashboard", "no-dashboard"])
+def test_shutdown_stops_every_process_of_the_embedded_ray(dashboard):
     """A real embedded Ray in its own process: connect reports that it started Ray (and that a
     second call did not), and shutdown leaves none of its processes running, the autoscaler
-    monitor (killed outright, not given Ray's one-second grace) included."""
+    monitor (killed outright, not given Ray's one-second grace) included. Without the
+    dashboard, Ray's API server, autoscaler monitor and log monitor are not started at all;
+    the workers run at the command's priority either way."""
     import json
     import os
     import shutil
@@ -92,7 +119,7 @@ def test_shutdown_stops_every_process_of_the_embedded_ray():
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     try:
-        out = subprocess.run([sys.executable, "-c", SHUTDOWN_CHILD], env=env,
+        out = subprocess.run([sys.executable, "-c", SHUTDOWN_CHILD, dashboard], env=env,
                              capture_output=True, text=True, timeout=120,
                              cwd=Path(__file__).resolve().parents[2])
     finally:
@@ -100,8 +127,11 @@ def test_shutdown_stops_every_process_of_the_embedded_ray():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["started"] == [True, False]
-    assert "monitor" in result["kinds"] and "raylet" in result["kinds"]
+    assert "raylet" in result["kinds"] and "gcs_server" in result["kinds"]
+    head_extras = {"dashboard", "monitor", "log_monitor"} & set(result["kinds"])
+    assert head_extras == ({"dashboard", "monitor"} if dashboard == "dashboard" else set())
     assert result["alive"] == [] and result["initialized"] is False
+    assert result["nice"][0] == result["nice"][1]
 
 
 LISTENERS_CHILD = """
