@@ -91,6 +91,13 @@ def test_a_call_to_a_side_that_went_away_fails_instead_of_waiting():
     asyncio.run(main())
 
 
+def _run_python(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (what it does to its process stays there)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_import_it():
     """pyarrow asks for pandas on its first array; a worker answers that once with pandas
     hidden, and pandas stays importable for whoever needs it."""
@@ -101,9 +108,7 @@ def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_i
             "pa.Table.from_pylist([{'a': 1}])\n"
             "assert 'pandas' not in sys.modules, 'pyarrow imported pandas'\n"
             "import pandas\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    _run_python(code)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
@@ -152,6 +157,4 @@ def test_worker_0_exits_only_after_the_workers_it_forked():
             "    pass\n"
             "else:\n"
             "    raise AssertionError('the child is still there')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    _run_python(code)
