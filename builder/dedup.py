@@ -706,6 +706,14 @@ def _per_key(req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _sorted_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` of values already in order, without sorting
+    them again (a check call's keys come in the order of their signatures)."""
+    first = np.ones(len(values), dtype=bool)
+    first[1:] = values[1:] != values[:-1]
+    return values[first], np.cumsum(first) - 1
+
+
 def _no_relations() -> dict[str, np.ndarray]:
     return {"r_pos": np.zeros(0, np.int64), "r_id": np.zeros(0, U64),
             "r_claim": np.zeros(0, U64), "r_token": np.zeros(0, U64),
@@ -851,8 +859,8 @@ class DedupClient:
                 qs, is_ = np.flatnonzero(qp == p), np.flatnonzero(ip == p)
                 # Each signature goes once, with the keys that hash here pointing at it: a
                 # key in the call is 12 bytes, not the 48-56 of a key carrying its signature.
-                qsig, q_sig = np.unique(q_rep[qs], return_inverse=True)
-                isig, i_sig = np.unique(i_rep[is_], return_inverse=True)
+                qsig, q_sig = _sorted_unique(q_rep[qs])
+                isig, i_sig = _sorted_unique(i_rep[is_])
                 payloads[p].update(
                     q_key=qk[qs], q_kidx=qki[qs], q_sig=q_sig.astype(np.int32),
                     qs_pos=qpos[qsig], qs_a=qa[qsig], qs_b=qb[qsig],
