@@ -97,6 +97,7 @@ class AreaPlan:
 
     widths: np.ndarray
     idx: np.ndarray
+    after: np.ndarray
     frac: np.ndarray
     span: np.ndarray
 
@@ -110,8 +111,8 @@ def area_plan(n: int, full: int, n_out: int) -> AreaPlan:
     at = np.linspace(edges[0], edges[-1], n_out + 1)
     idx = np.clip(np.searchsorted(edges, at, side="right") - 1, 0, len(widths) - 1)
     frac = (at - edges[idx]) / widths[idx]
-    plan = AreaPlan(widths, idx, frac, np.diff(at))
-    for array in (widths, idx, frac, plan.span):
+    plan = AreaPlan(widths, idx, idx + 1, frac, np.diff(at))
+    for array in (widths, idx, plan.after, frac, plan.span):
         array.flags.writeable = False  # shared by every image of this size
     return plan
 
@@ -122,7 +123,7 @@ def area_mean(a: np.ndarray, plan: AreaPlan) -> np.ndarray:
     thousand multiplications)."""
     integral = np.zeros(a.shape[:-1] + (a.shape[-1] + 1,))
     np.cumsum(a * plan.widths, axis=-1, out=integral[..., 1:])
-    lo, hi = integral[..., plan.idx], integral[..., plan.idx + 1]
+    lo, hi = integral[..., plan.idx], integral[..., plan.after]
     return np.diff(lo + plan.frac * (hi - lo), axis=-1) / plan.span
 
 
