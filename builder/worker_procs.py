@@ -208,6 +208,15 @@ class ServiceHandler:
         self.services.record(unit, ok, status, retry_after)
 
 
+FORK_WORKERS = sys.platform.startswith("linux")
+"""Whether worker 0 forks the others. Elsewhere each worker is a fresh interpreter: on macOS a
+process that has loaded system frameworks (numpy may link Accelerate) is not safe to fork,
+which is why Python's own multiprocessing spawns there."""
+
+EXIT_UNKNOWN = -256
+"""``ForkedWorker.poll`` of a worker that is gone: its exit code went to worker 0."""
+
+
 def _exit_text(code: Optional[int]) -> str:
     if code is None:
         return "still running"
@@ -219,7 +228,8 @@ def _exit_text(code: Optional[int]) -> str:
 class ForkedWorker:
     """A worker process that worker 0 forked: not this process's child, known by the pid it
     sends when it connects. Worker 0 ignores SIGCHLD, so a forked worker that exits is gone at
-    once; its exit code is not known here."""
+    once (while worker 0 lives, which ``outlive_children`` sees to); its exit code is not known
+    here."""
 
     def __init__(self) -> None:
         self.pid = 0
@@ -258,14 +268,6 @@ def _is_zombie(pid: int) -> bool:
         return False
     return state in (b"Z", b"X")
 
-
-FORK_WORKERS = sys.platform.startswith("linux")
-"""Whether worker 0 forks the others. Elsewhere each worker is a fresh interpreter: on macOS a
-process that has loaded system frameworks (numpy may link Accelerate) is not safe to fork,
-which is why Python's own multiprocessing spawns there."""
-
-EXIT_UNKNOWN = -256
-"""``ForkedWorker.poll`` of a worker that is gone: its exit code went to worker 0."""
 
 WorkerProcess = Union[subprocess.Popen, ForkedWorker]
 
