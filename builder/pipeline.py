@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import uuid
 from collections import Counter
@@ -49,6 +48,7 @@ from builder.storage import open_fs
 from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan, LocalServices, WorkerRuntime
 from builder.worker_procs import ProcessExecutor, WorkerProcesses
+from builder.worker_start import LOCAL_CPU_THREADS, StartedWorkers, local_workers
 from builder.writers import DatasetPublisher, manifest_entry, read_marker
 
 log = logging.getLogger("pixcrawler.pipeline")
@@ -537,12 +537,6 @@ def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
     return handler
 
 
-LOCAL_CPU_THREADS = max(2, min(os.cpu_count() or 2, 4))
-"""The in-process runner's shard worker processes (``builder.worker_procs``), or at the slow
-level its validating threads and processes (``builder.validate_pool``): one per core, up to 4
-(cluster.runner chooses Ray on bigger machines)."""
-
-
 WORKER_PROCESS_THREADS = 2
 """Threads validating and writing in each worker process (decoding releases the GIL)."""
 
@@ -560,18 +554,24 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                           storage_options: Optional[dict] = None, resume: bool = False,
                           continuation: Optional[Continuation] = None,
                           runner_hook: Optional[Callable[[JobRunner], None]] = None,
-                          install_signals: bool = False) -> JobResult:
+                          install_signals: bool = False,
+                          started: Optional[StartedWorkers] = None) -> JobResult:
     """Run a job in this process. ``runner_hook(runner)`` sees the runner (tests cancel with it).
 
     ``resume`` continues an interrupted job at the output URI; ``continuation`` gives one
-    ready-made (``plan_retry``)."""
+    ready-made (``plan_retry``). ``started``: the job's worker processes, started early
+    (``local_workers``); the job closes them."""
+    v = spec.validation
+    if started is not None and local_workers(spec) != started.workers:
+        started.close()
+        raise ValueError(f"started {started.workers} worker processes for a job that runs "
+                         f"{local_workers(spec)}: start them with local_workers(spec)")
     life = JobLifecycle(spec, uri=uri, job_id=job_id, storage_options=storage_options,
                         resume=resume, continuation=continuation)
-    v = spec.validation
     # Shard workers in processes (the slow level's scorers run here: one worker here, that
     # validates in processes). The processes start while the job is planned.
     processes = None if v.level == "slow" else await WorkerProcesses.launch(
-        spec.resources.workers or LOCAL_CPU_THREADS)
+        local_workers(spec), started)
     executor: Optional[Executor] = None
     try:
         await asyncio.to_thread(life.prepare)

@@ -4,13 +4,13 @@ One Python process holds the GIL for everything it does, and the per-image work 
 (fetching, validating, building rows, writing shards) is mostly Python: one process keeps about
 one core busy. ``ProcessExecutor`` runs ``workers`` ``builder.worker.WorkerRuntime`` in
 processes of their own, the same runtime the Ray runner runs in its actors. Worker 0 is a fresh
-interpreter (``python -m builder.worker_procs``); on Linux, once its imports are done (about 1
-s of CPU here), it forks the others, so they start with them done (``FORK_WORKERS``). The job's
-services stay in the runner's process (``LocalServices``: the dedup index, the quota ledger,
-the search governors) and the workers reach them over a Unix socket (``Channel``), as Ray
-workers reach their actors. Only counts, units and the index's payloads cross; image bytes
-never do. The socket lives in a temporary directory only this user can enter (mode 0700), so
-the pickles it carries come from the job's own processes.
+interpreter (``python -m builder.worker_procs``, started by ``builder.worker_start``); on Linux,
+once its imports are done (about 1 s of CPU here), it forks the others, so they start with them
+done (``FORK_WORKERS``). The job's services stay in the runner's process (``LocalServices``: the
+dedup index, the quota ledger, the search governors) and the workers reach them over a Unix
+socket (``Channel``), as Ray workers reach their actors. Only counts, units and the index's
+payloads cross; image bytes never do. The socket lives in a temporary directory only this user
+can enter (mode 0700), so the pickles it carries come from the job's own processes.
 
 A worker process that dies (killed, out of memory) is a lost worker: its units are resent to
 the others (``WorkerLost``), as on Ray. The processes ignore SIGINT and SIGTERM, so a Ctrl-C
@@ -21,17 +21,11 @@ they exit when the runner's end of the socket closes, whatever ends the runner.
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
 import os
 import pickle
-import shutil
 import signal
 import struct
-import subprocess
 import sys
-import tempfile
-import time
 import warnings
 from typing import Any, Callable, Optional, Union
 
@@ -42,13 +36,12 @@ from builder.job import WorkerLost
 from builder.units import UnitReport, WorkerEvents, WorkUnit
 from builder.worker import (JobPlan, LedgerCalls, LocalServices, WorkerRuntime,
                             settle_process)
-
-log = logging.getLogger("pixcrawler.procs")
+from builder.worker_start import (CLOSE_TIMEOUT_S, EXIT_UNKNOWN, ForkedWorker, StartedWorkers,
+                                  WorkerProcess)
 
 _HEADER = struct.Struct("!Q")
 START_TIMEOUT_S = 120.0
 """How long the workers may take to start (spawn, imports, the output check)."""
-CLOSE_TIMEOUT_S = 10.0
 
 
 class ChannelClosed(ConnectionError):
@@ -208,15 +201,6 @@ class ServiceHandler:
         self.services.record(unit, ok, status, retry_after)
 
 
-FORK_WORKERS = sys.platform.startswith("linux")
-"""Whether worker 0 forks the others. Elsewhere each worker is a fresh interpreter: on macOS a
-process that has loaded system frameworks (numpy may link Accelerate) is not safe to fork,
-which is why Python's own multiprocessing spawns there."""
-
-EXIT_UNKNOWN = -256
-"""``ForkedWorker.poll`` of a worker that is gone: its exit code went to worker 0."""
-
-
 def _exit_text(code: Optional[int]) -> str:
     if code is None:
         return "still running"
@@ -225,87 +209,37 @@ def _exit_text(code: Optional[int]) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
-class ForkedWorker:
-    """A worker process that worker 0 forked: not this process's child, known by the pid it
-    sends when it connects. Worker 0 ignores SIGCHLD, so a forked worker that exits is gone at
-    once (while worker 0 lives, which ``outlive_children`` sees to); its exit code is not known
-    here."""
-
-    def __init__(self) -> None:
-        self.pid = 0
-
-    def poll(self) -> Optional[int]:
-        """None while it runs (or has not connected yet), else ``EXIT_UNKNOWN``. A zombie
-        counts as gone: orphaned by worker 0, it waits for the machine's init to reap it."""
-        if not self.pid:
-            return None
-        try:
-            os.kill(self.pid, 0)
-        except (ProcessLookupError, PermissionError):  # gone, or the pid was reused
-            return EXIT_UNKNOWN
-        return EXIT_UNKNOWN if _is_zombie(self.pid) else None
-
-    def kill(self) -> None:
-        if self.pid and self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self, timeout: Optional[float] = None) -> None:
-        """Until it is gone; at once if it never connected (it leaves when it finds the
-        runner's socket closed)."""
-        deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
-        while self.pid and self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout)
-            time.sleep(0.02)
-
-
-def _is_zombie(pid: int) -> bool:
-    """Whether ``pid`` has exited and waits to be reaped (Linux: its state in /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state in (b"Z", b"X")
-
-
-WorkerProcess = Union[subprocess.Popen, ForkedWorker]
 
 
 class WorkerProcesses:
     """The worker processes of one job, started before the job is planned (their interpreter
-    start and imports overlap the planning) and handed the job's plan once it exists."""
+    start and imports overlap the planning, and with ``StartedWorkers`` the runner's imports
+    too) and handed the job's plan once it exists."""
 
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.procs: list[WorkerProcess] = []
-        self.channels: list[Optional[Channel]] = [None] * workers
-        self._dir = ""
+    def __init__(self, started: StartedWorkers):
+        self.started = started
+        self.workers = started.workers
+        self.channels: list[Optional[Channel]] = [None] * self.workers
         self._server: Optional[asyncio.AbstractServer] = None
         self._joined: dict[int, asyncio.Future] = {}
         self._plan: Optional[asyncio.Future] = None
-        self._handler: Any = None
+
+    @property
+    def procs(self) -> list[WorkerProcess]:
+        return self.started.procs
 
     @classmethod
-    async def launch(cls, workers: int) -> "WorkerProcesses":
-        """Start ``workers`` processes; they connect and wait for ``join``'s plan."""
-        self = cls(workers)
+    async def launch(cls, workers: int,
+                     started: Optional[StartedWorkers] = None) -> "WorkerProcesses":
+        """Take over ``started`` (else start ``workers`` processes now); the processes connect
+        and wait for ``join``'s plan."""
+        self = cls(started or StartedWorkers(workers))
         loop = asyncio.get_running_loop()
-        self._dir = tempfile.mkdtemp(prefix="pixcrawler-")
-        path = os.path.join(self._dir, "s")
-        self._joined = {w: loop.create_future() for w in range(workers)}
+        self._joined = {w: loop.create_future() for w in range(self.workers)}
         self._plan = loop.create_future()
-        self._server = await asyncio.start_unix_server(self._connected, path)
         try:
-            # A fresh interpreter, not multiprocessing's spawn: that one imports the caller's
-            # __main__ again, which a script without a main guard cannot take.
-            per_process = max(workers, 1) if FORK_WORKERS else 1
-            for first in range(0, workers, per_process):
-                count = min(per_process, workers - first)
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "builder.worker_procs", path, str(first),
-                     str(count)], stdin=subprocess.DEVNULL))
-                self.procs.extend(ForkedWorker() for _ in range(count - 1))
+            self._server = await asyncio.start_unix_server(self._connected,
+                                                           sock=self.started.sock)
         except BaseException:
             await self.close()
             raise
@@ -364,17 +298,7 @@ class WorkerProcesses:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        await asyncio.to_thread(self._reap)
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def _reap(self) -> None:
-        for w, proc in enumerate(self.procs):
-            try:
-                proc.wait(CLOSE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.warning("shard worker process %d did not exit; killing it", w)
-                proc.kill()
-                proc.wait()
+        await asyncio.to_thread(self.started.close)
 
 
 class ProcessExecutor:

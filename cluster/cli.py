@@ -25,6 +25,7 @@ import yaml
 
 from builder.errors import PixCrawlerError, SpecError
 from builder.spec import DatasetSpec, load_spec, loads_spec, parse_spec
+from builder.worker_start import StartedWorkers, local_workers
 
 log = logging.getLogger("pixcrawler")
 
@@ -62,14 +63,29 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
              continuation: Any = None, uri: Optional[str] = None, ray: bool = False) -> int:
     """Run a spec with a progress display and a summary; returns the exit code. ``local`` /
     ``ray`` force a runner; otherwise ``choose_runner`` picks one and the log says which."""
-    from builder.card import empty_cause
-    from builder.journal import new_job_id
-    from cluster.display import ProgressDisplay, summary
     from cluster.runner import choose_runner
 
     choice = choose_runner(spec, address=address, local=local, ray=ray, dashboard=dashboard)
     log.info("%s", choice.describe())
-    local = not choice.ray
+    started = None
+    if not choice.ray and (workers := local_workers(spec)):
+        # Before the runner's imports: the workers' own imports run alongside them.
+        started = StartedWorkers(workers)
+    try:
+        return _run_chosen(spec, choice.ray, started, address=address, job_id=job_id,
+                           strict=strict, dashboard=dashboard, resume=resume,
+                           continuation=continuation, uri=uri)
+    finally:
+        if started is not None:
+            started.close()  # the job closed them already, unless it failed before starting
+
+
+def _run_chosen(spec: DatasetSpec, on_ray: bool, started: Optional[StartedWorkers], *,
+                address: Optional[str], job_id: Optional[str], strict: bool, dashboard: bool,
+                resume: bool, continuation: Any, uri: Optional[str]) -> int:
+    from builder.card import empty_cause
+    from builder.journal import new_job_id
+    from cluster.display import ProgressDisplay, summary
 
     uri = uri or spec.output_uri()
     if continuation is not None:
@@ -81,10 +97,10 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
     kwargs = dict(job_id=job_id, uri=uri, progress=display, resume=resume,
                   continuation=continuation, storage_options=_storage_options(uri))
     try:
-        if local:
+        if not on_ray:
             from builder.pipeline import run_local
 
-            result = run_local(spec, install_signals=True, **kwargs)
+            result = run_local(spec, install_signals=True, started=started, **kwargs)
         else:
             import asyncio
 

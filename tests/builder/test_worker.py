@@ -1,4 +1,4 @@
-"""builder.worker: which buffered rows make a worker's next shard."""
+"""builder.worker: which buffered rows make a worker's next shard; a settled worker process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from builder.worker import cut_shard, mixed_take
 from builder.writers import shard_order
+from tests.processes import run_python
 
 
 def test_a_shard_takes_the_classes_in_turn_oldest_first():
@@ -95,3 +96,16 @@ def test_a_unit_cancelled_before_its_urls_are_checked_still_counts_its_candidate
     assert tally.candidates == 3
     assert tally.accepted == 0 and sum(tally.rejected.values()) == 3
     assert tally.rejected == {"unsupported_scheme": 1, "cancelled": 2}
+
+
+def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_import_it():
+    """pyarrow asks for pandas on its first array; a worker answers that once with pandas
+    hidden, and pandas stays importable for whoever needs it."""
+    code = ("import sys\n"
+            "from builder.worker import settle_process\n"
+            "settle_process()\n"
+            "import pyarrow as pa\n"
+            "pa.Table.from_pylist([{'a': 1}])\n"
+            "assert 'pandas' not in sys.modules, 'pyarrow imported pandas'\n"
+            "import pandas\n")
+    run_python(code)

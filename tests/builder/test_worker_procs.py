@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
 from builder.errors import StorageError
-from builder.worker_procs import (EXIT_UNKNOWN, Channel, ChannelClosed, ForkedWorker,
-                                  _is_zombie)
+from builder.worker_procs import Channel, ChannelClosed
+from tests.processes import run_python
 
 
 class Side:
@@ -91,52 +89,6 @@ def test_a_call_to_a_side_that_went_away_fails_instead_of_waiting():
     asyncio.run(main())
 
 
-def _run_python(code: str) -> None:
-    """Run ``code`` in a fresh interpreter (what it does to its process stays there)."""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-
-
-def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_import_it():
-    """pyarrow asks for pandas on its first array; a worker answers that once with pandas
-    hidden, and pandas stays importable for whoever needs it."""
-    code = ("import sys\n"
-            "from builder.worker import settle_process\n"
-            "settle_process()\n"
-            "import pyarrow as pa\n"
-            "pa.Table.from_pylist([{'a': 1}])\n"
-            "assert 'pandas' not in sys.modules, 'pyarrow imported pandas'\n"
-            "import pandas\n")
-    _run_python(code)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
-def test_a_forked_worker_left_a_zombie_counts_as_gone():
-    """Orphaned by worker 0, a forked worker that exits is a zombie until init reaps it; the
-    runner must not wait on it (``kill(pid, 0)`` still succeeds on a zombie)."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    try:
-        deadline = time.monotonic() + 30
-        while not _is_zombie(child.pid):
-            assert time.monotonic() < deadline, "the child did not exit"
-            time.sleep(0.01)
-        worker = ForkedWorker()
-        worker.pid = child.pid
-        assert worker.poll() == EXIT_UNKNOWN
-        worker.wait(timeout=1)
-    finally:
-        child.wait()
-    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        worker = ForkedWorker()
-        worker.pid = running.pid
-        assert worker.poll() is None
-    finally:
-        running.kill()
-        running.wait()
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers fork on Linux only")
 def test_worker_0_exits_only_after_the_workers_it_forked():
     """So a forked worker never outlives it, to be reaped (late, or never) by init."""
@@ -157,4 +109,4 @@ def test_worker_0_exits_only_after_the_workers_it_forked():
             "    pass\n"
             "else:\n"
             "    raise AssertionError('the child is still there')\n")
-    _run_python(code)
+    run_python(code)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster import cli
 from cluster.cli import EXIT_USAGE, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,3 +141,59 @@ def test_rebuilding_onto_a_complete_dataset_names_the_overwrite_flag(tmp_path, c
     assert main(["build", "--local", str(spec)]) != 0
     err = capsys.readouterr().err
     assert "--overwrite" in err and "Traceback" not in err
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (Linux: from /proc), zombies left out."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and fields[0] not in (b"Z", b"X"):
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from /proc")
+@pytest.mark.parametrize("when", ["the job fails at once", "interrupted before the job"])
+def test_a_build_that_fails_before_its_job_starts_leaves_no_worker_process(tmp_path,
+                                                                          monkeypatch, when):
+    """The command starts the in-process runner's workers before its own imports; a job that
+    then fails at once (a complete dataset is in the way), or a Ctrl-C before the job took
+    the workers over, still ends them all and removes their socket's directory."""
+    import tempfile
+
+    import builder.journal
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_SUCCESS").write_text(json.dumps({"job_id": "old", "created": "2026-01-01"}))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "output": {"uri": str(out)}}))
+    started = []
+    real = cli.StartedWorkers
+
+    def spy(workers):
+        started.append(real(workers))
+        return started[-1]
+
+    def interrupted(spec):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "StartedWorkers", spy)
+    if when == "interrupted before the job":
+        monkeypatch.setattr(builder.journal, "new_job_id", interrupted)
+    assert main(["build", str(spec)]) != 0
+    assert started and started[0].procs, "the command did not start its workers early"
+    assert _descendants(os.getpid()) == []
+    assert os.listdir(tmp_path / "tmp") == []

@@ -227,10 +227,10 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
     import os
     import signal
 
-    import builder.worker_procs as worker_procs
+    import builder.worker_start as worker_start
     from builder.pipeline import run_local_async
 
-    monkeypatch.setattr(worker_procs, "FORK_WORKERS", fork)
+    monkeypatch.setattr(worker_start, "FORK_WORKERS", fork)
 
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog", "bird")
@@ -253,7 +253,7 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
         while "r" not in holder or holder["r"].counts.accepted < 8:
             await asyncio.sleep(0.02)
         proc = holder["r"].executor.procs[1]
-        assert isinstance(proc, worker_procs.ForkedWorker) == fork
+        assert isinstance(proc, worker_start.ForkedWorker) == fork
         os.kill(proc.pid, signal.SIGKILL)
         killed.append(proc.pid)
         return await task

@@ -1,0 +1,103 @@
+"""builder.worker_start: worker processes started before the runner's imports, and closed
+whatever happens to the job."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from builder import worker_start
+from builder.worker_start import EXIT_UNKNOWN, ForkedWorker, StartedWorkers, _is_zombie
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                           reason="workers fork on Linux only")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return _is_zombie(pid)
+
+
+def _hello(conn: socket.socket) -> tuple[int, int]:
+    """The first frame a worker sends: (its worker number, its pid)."""
+    conn.settimeout(120)
+    data = b""
+    while len(data) < 8 or len(data) < 8 + struct.unpack("!Q", data[:8])[0]:
+        chunk = conn.recv(65536)
+        assert chunk, "the worker closed the connection before saying who it is"
+        data += chunk
+    return pickle.loads(data[8:])
+
+
+@pytest.mark.parametrize("fork", [True, False] if sys.platform.startswith("linux") else [False])
+def test_started_workers_connect_before_anyone_accepts_and_close_leaves_nothing(monkeypatch,
+                                                                                fork):
+    """The socket listens before the processes start, so each worker's connection waits in its
+    backlog until the runner's event loop exists; closing ends every process and removes the
+    socket's directory."""
+    monkeypatch.setattr(worker_start, "FORK_WORKERS", fork)
+    started = StartedWorkers(2)
+    conns = []
+    try:
+        assert isinstance(started.procs[1], ForkedWorker) == fork
+        started.sock.settimeout(120)
+        for _ in range(2):
+            conns.append(started.sock.accept()[0])
+        hellos = sorted(_hello(c) for c in conns)
+        assert [w for w, _ in hellos] == [0, 1]
+        if fork:
+            started.procs[1].pid = hellos[1][1]
+        assert all(p.poll() is None for p in started.procs)
+    finally:
+        for conn in conns:
+            conn.close()  # as the runner's end closing: the workers leave
+        started.close()
+    assert all(_gone(pid) for _, pid in hellos)
+    assert not os.path.exists(started.dir)
+    started.close()  # again: nothing left to do
+
+
+def test_workers_closed_before_the_job_exists_exit_without_connecting():
+    """A command that fails before its job starts (a bad output, an existing dataset) closes
+    the workers it started: they find no one listening and exit."""
+    started = StartedWorkers(2)
+    first = started.procs[0]
+    started.close()
+    assert first.poll() is not None
+    assert not os.path.exists(started.dir)
+
+
+@LINUX
+def test_a_forked_worker_left_a_zombie_counts_as_gone():
+    """Orphaned by worker 0, a forked worker that exits is a zombie until init reaps it; the
+    runner must not wait on it (``kill(pid, 0)`` still succeeds on a zombie)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while not _is_zombie(child.pid):
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        worker = ForkedWorker()
+        worker.pid = child.pid
+        assert worker.poll() == EXIT_UNKNOWN
+        worker.wait(timeout=1)
+    finally:
+        child.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        worker = ForkedWorker()
+        worker.pid = running.pid
+        assert worker.poll() is None
+    finally:
+        running.kill()
+        running.wait()
