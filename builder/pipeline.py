@@ -601,14 +601,25 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
             log.error("[%s] failed; what was committed is journaled at %s: continue it with "
                       "--resume", life.job_id, life.uri)
             raise
+    except BaseException:
+        await _close_workers(executor, processes)
+        raise
+    # Every unit is written and committed: the workers close and exit while the job publishes.
+    closing = asyncio.ensure_future(_close_workers(executor, processes))
+    try:
+        extra = {"runner": "local", "engines": services.engine_stats(),
+                 "dedup": parts.partitions[0].stats()}
+        return await asyncio.to_thread(life.publish, outcome, extra)
     finally:
-        if executor is not None:
-            await executor.close()
-        elif processes is not None:
-            await processes.close()
-    extra = {"runner": "local", "engines": services.engine_stats(),
-             "dedup": parts.partitions[0].stats()}
-    return await asyncio.to_thread(life.publish, outcome, extra)
+        await closing
+
+
+async def _close_workers(executor: Optional[Executor],
+                         processes: Optional[WorkerProcesses]) -> None:
+    if executor is not None:
+        await executor.close()
+    elif processes is not None:
+        await processes.close()
 
 
 def run_local(spec: DatasetSpec, **kwargs: Any) -> JobResult:
