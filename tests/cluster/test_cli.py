@@ -87,6 +87,20 @@ def test_serve_on_a_busy_port_says_so_in_one_line_before_starting_ray(monkeypatc
     assert len(err) == 1 and f"port {port}" in err[0] and "in use" in err[0], err
 
 
+def test_the_command_exits_with_mains_code_and_leaves_the_callers_collector_alone(tmp_path):
+    """``entry`` (the installed ``pixcrawler`` and ``python -m cluster.cli``) exits with what
+    ``main`` returns; only it freezes the objects out of the garbage collector."""
+    import gc
+
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "check",
+                           str(tmp_path / "missing.yaml")], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=60)
+    assert proc.returncode == EXIT_USAGE and "missing.yaml" in proc.stderr, proc.stderr
+    frozen = gc.get_freeze_count()
+    assert main(["check", str(tmp_path / "missing.yaml")]) == EXIT_USAGE
+    assert gc.get_freeze_count() == frozen
+
+
 def test_check_piped_into_head_ends_quietly(tmp_path):
     """The reader closes the pipe before the spec is printed: no BrokenPipeError traceback."""
     spec = tmp_path / "spec.yaml"
