@@ -562,16 +562,16 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     ready-made (``plan_retry``). ``started``: the job's worker processes, started early
     (``local_workers``); the job closes them."""
     v = spec.validation
-    if started is not None and local_workers(spec) != started.workers:
+    workers = local_workers(spec)
+    if started is not None and started.workers != workers:
         started.close()
         raise ValueError(f"started {started.workers} worker processes for a job that runs "
-                         f"{local_workers(spec)}: start them with local_workers(spec)")
+                         f"{workers}: start them with local_workers(spec)")
     life = JobLifecycle(spec, uri=uri, job_id=job_id, storage_options=storage_options,
                         resume=resume, continuation=continuation)
-    # Shard workers in processes (the slow level's scorers run here: one worker here, that
-    # validates in processes). The processes start while the job is planned.
-    processes = None if v.level == "slow" else await WorkerProcesses.launch(
-        local_workers(spec), started)
+    # Shard workers in processes (none at the slow level: its scorers run here, in one worker
+    # that validates in processes). The processes start while the job is planned.
+    processes = await WorkerProcesses.launch(workers, started) if workers else None
     executor: Optional[Executor] = None
     try:
         await asyncio.to_thread(life.prepare)

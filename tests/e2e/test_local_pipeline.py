@@ -60,6 +60,21 @@ def test_ssrf_guard_blocks_the_sandbox_by_default(sandbox, tmp_path):
     assert reasons <= {"blocked_address", "unsupported_scheme"} and "blocked_address" in reasons
 
 
+def test_workers_started_for_another_count_are_refused_and_closed(sandbox, tmp_path):
+    """``started`` must be what ``local_workers`` says the job runs; anything else is the
+    caller's mistake: refused before any download, its processes closed."""
+    from builder.worker_start import StartedWorkers, local_workers
+
+    out = tmp_path / "ds"
+    spec = sandbox_spec(sandbox, str(out), target=8, resources={"workers": 2})
+    assert local_workers(spec) == 2
+    started = StartedWorkers(1)
+    with pytest.raises(ValueError, match="started 1 worker processes for a job that runs 2"):
+        run_local(spec, started=started)
+    assert all(p.poll() is not None for p in started.procs)
+    assert not Path(started.dir).exists() and not out.exists()
+
+
 def test_multi_class_job_reaches_targets_and_outputs_read_back(sandbox, tmp_path):
     out = str(tmp_path / "ds")
     result = run_local(sandbox_spec(sandbox, out, target=8))
