@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -75,6 +76,84 @@ def test_a_cluster_keeps_rays_priorities_unless_asked(init_calls):
         connect_module.connect("auto", runtime_env={"env_vars": {"X": "1"}})
     assert "runtime_env" not in init_calls[0]
     assert init_calls[1]["runtime_env"] == {"env_vars": {"X": "1"}}
+
+
+def client_server_failure() -> ConnectionAbortedError:
+    """What ray.init raises when a cluster's client proxier could not start the driver's
+    server (ray/util/client/worker.py, ``Worker._server_init``, Ray 2.60)."""
+    return ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n"
+        '  File "ray/util/client/server/proxier.py", line 773, in Datapath\n'
+        "RuntimeError: Starting Ray client server failed. See ray_client_server_23001.err "
+        "for detailed logs.\n")
+
+
+@dataclass
+class Joins:
+    """ray.init on a cluster, recorded, not run: it fails with ``errors`` in turn, then
+    connects."""
+    errors: list[BaseException] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def init(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+@pytest.fixture
+def joins(monkeypatch) -> Joins:
+    recorder = Joins()
+    monkeypatch.setattr(connect_module.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(connect_module.ray, "init", recorder.init)
+    monkeypatch.setattr(connect_module.ray, "get_runtime_context", lambda: StubContext())
+    monkeypatch.setattr(connect_module.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return recorder
+
+
+class StubContext:
+    dashboard_url = None
+
+    def get_job_id(self) -> str:
+        return "01000000"
+
+
+def test_a_client_server_the_cluster_failed_to_start_is_asked_for_again(joins, caplog):
+    """Ray's proxier sometimes dies forking a driver's server (ray-project/ray#63202); a new
+    connection gets a new server. The user is told, and the job goes on."""
+    joins.errors.extend([client_server_failure(), client_server_failure()])
+    with caplog.at_level("WARNING", logger="pixcrawler.connect"):
+        info = connect_module.connect("ray://head:10001")
+    assert [call["address"] for call in joins.calls] == ["ray://head:10001"] * 3
+    assert info["mode"] == "cluster" and info["started"] is True
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "attempt 1 of 3" in warnings[0]
+    assert "ray-project/ray#63202" in warnings[1]
+
+
+def test_a_client_server_that_never_starts_fails_saying_what_to_do(joins):
+    joins.errors.extend([client_server_failure() for _ in range(3)])
+    with pytest.raises(connect_module.ClientServerFailed) as exc:
+        connect_module.connect("ray://head:10001")
+    assert len(joins.calls) == connect_module.CLIENT_ATTEMPTS
+    message = str(exc.value)
+    assert "ray://head:10001" in message and "3 times" in message
+    assert "ray job submit" in message
+    assert isinstance(exc.value.__cause__, ConnectionAbortedError)
+
+
+@pytest.mark.parametrize("error", [
+    ConnectionAbortedError("Initialization failure from server:\nValueError: bad runtime_env"),
+    ConnectionError("ray client connection timeout"),
+    RuntimeError("Starting Ray client server failed"),
+], ids=["other-init-failure", "timeout", "not-a-connection-error"])
+def test_other_connection_failures_are_not_retried(joins, error):
+    """Only the proxier's fork failure is known to pass on a second try."""
+    joins.errors.append(error)
+    with pytest.raises(type(error)):
+        connect_module.connect("ray://head:10001")
+    assert len(joins.calls) == 1
 
 
 SHUTDOWN_CHILD = """

@@ -241,3 +241,43 @@ def test_build_joins_a_cluster_from_outside_through_ray_client(ray_head, sandbox
     assert f"joining the cluster at {ray_head['client']}" in done.stderr
     stats = check_accounting(str(out))
     assert stats["runner"] == "ray" and stats["accepted"] == 10
+
+
+RETRIED_CLIENT = """
+import json, logging, sys
+import ray
+from ray.util.client.worker import Worker
+from cluster.connect import connect, shutdown
+
+real_init, failures = Worker._server_init, []
+
+def failing_once(self, *args, **kwargs):
+    if not failures:
+        failures.append(1)
+        raise ConnectionAbortedError(
+            "Initialization failure from server:\\nRuntimeError: Starting Ray client server "
+            "failed. See ray_client_server_1.err for detailed logs.")
+    return real_init(self, *args, **kwargs)
+
+Worker._server_init = failing_once
+logging.basicConfig(level=logging.WARNING)
+info = connect(sys.argv[1])
+square = ray.remote(num_cpus=0)(lambda x: x * x)
+print(json.dumps({"mode": info["mode"], "result": ray.get(square.remote(7))}))
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_client_connection_whose_server_failed_to_start_is_made_again(ray_head):
+    """The first ray:// connection gets Ray's "Starting Ray client server failed" (the
+    proxier's fork fault, ray-project/ray#63202, made to happen here); the second, in the same
+    process, reaches the real cluster and runs a task there."""
+    done = subprocess.run([sys.executable, "-c", RETRIED_CLIENT, ray_head["client"]],
+                          env=ray_head["env"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"mode": "cluster",
+                                                                "result": 49}
+    assert "attempt 1 of 3" in done.stderr and "ray-project/ray#63202" in done.stderr
+
