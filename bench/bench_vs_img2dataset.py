@@ -75,6 +75,11 @@ from typing import Any, Optional
 
 import yaml
 
+START_ENV = dict(os.environ)
+"""The environment this bench started with: img2dataset runs in it, as its users run it, not
+in the one importing ``builder`` gives this process (``builder.ARROW_ALLOCATOR_ENV`` tunes
+the allocator of the pyarrow that img2dataset uses too)."""
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loopback import corpus_pack  # noqa: E402
 from photo_corpus import photo_pack  # noqa: E402
@@ -412,7 +417,7 @@ def i2d_command(urls: Path, out: Path, mode: str, args: argparse.Namespace) -> l
 def run_img2dataset(tool: str, run: int, urls: Path, out: Path, server_pid: int,
                     args: argparse.Namespace) -> RunResult:
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+    env = {**START_ENV, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
            "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     cmd = i2d_command(urls, out, I2D_MODES[tool], args)
