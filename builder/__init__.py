@@ -13,7 +13,7 @@ default, commits them eagerly. A job's Arrow buffers (the rows of each unit, the
 and go every few milliseconds: the allocator hands their spans back to the OS, and the next
 buffer there faults in a whole 2 MiB page, which the kernel zeroes. That zeroing was a fifth
 of the in-process runner's CPU (bench/README.md, twelfth session). Committed on demand, the
-spans fault in 4 KiB pages and the job needs about a quarter less CPU. mimalloc reads its
+spans fault in 4 KiB pages and the job needs about a fifth less CPU. mimalloc reads its
 options once, when pyarrow loads, so they are set here, before any module of the package
 imports pyarrow, for this process and the processes it starts (worker processes, an embedded
 Ray's workers); a value already in the environment is kept."""
