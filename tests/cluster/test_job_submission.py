@@ -280,4 +280,3 @@ def test_a_ray_client_connection_whose_server_failed_to_start_is_made_again(ray_
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"mode": "cluster",
                                                                 "result": 49}
     assert "attempt 1 of 3" in done.stderr and "ray-project/ray#63202" in done.stderr
-
