@@ -217,6 +217,22 @@ most ``_INSERT_WINDOWED`` keys left, few enough for the table to hold them about
 slots apart; until then one slot per pass."""
 
 
+_SKEW_SAMPLE, _SKEW_PAIRS = 1 << 14, 4
+
+
+def _skewed(keys: np.ndarray) -> bool:
+    """Whether stepping would be slower than filling all at once for these keys: its work
+    grows with the square of a key's rows (r rows walk r slots together), the fill's with the
+    keys. Judged on a sample: the pairs of equal keys in it, scaled to the batch, over the
+    batch's size; the two cost the same near 4-8 pairs per key (measured with keys of r rows
+    each, 100k and 2M keys)."""
+    n = len(keys)
+    sample = keys[::max(1, n // _SKEW_SAMPLE)]
+    _, counts = np.unique(sample, return_counts=True)
+    pairs = float((counts * (counts - 1)).sum()) / 2 * (n / len(sample)) ** 2
+    return pairs > _SKEW_PAIRS * n
+
+
 class Multimap:
     """uint64 key -> int32 row, many rows per key: open addressing with linear probing, every
     operation vectorised over a batch. Key 0 marks an empty slot (keys are nonzero). Rows are
@@ -245,10 +261,16 @@ class Multimap:
         Every key probes from its home slot one slot per step, all keys in step; a free slot
         goes to the first key to reach it, and of keys that reach it together (they share a
         home) to the last one given. Big batches take one step per pass; small ones take
-        several steps per pass, as many as keep keys at different slots from meeting."""
+        several steps per pass, as many as keep keys at different slots from meeting. Into an
+        empty table (a rebuild), keys that repeat a lot are placed all at once (``_fill``):
+        stepping would take one pass per row of the most popular key."""
         keys = np.asarray(keys, dtype=U64)
         rows = np.asarray(rows, dtype=np.int32)
         if not len(keys):
+            return
+        if self.count == 0 and _skewed(keys):
+            self._fill(keys, rows)
+            self.count = len(keys)
             return
         mask = self.capacity - 1
         pending = np.arange(len(keys))
@@ -269,6 +291,60 @@ class Multimap:
                 by_slot = False
             slots &= mask
         self.count += len(keys)
+
+    def _fill(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """``insert`` into an empty table, all at once: where a slot-by-slot probe puts every
+        key, found without stepping (a batch with a popular key would take one pass per row),
+        in memory of the batch's size, not the table's.
+
+        Scanning slots upwards, the keys still probing form a stack: at each slot the keys
+        at home there join it (in the order given), and the key on top takes the slot (the
+        nearest home first, the last given of its home first). A key pushed to height h is
+        taken at the first pop from height h after it, so the k-th push to each height pairs
+        with the k-th pop from it. Keys still probing past the end wrap round and take the
+        slots the scan left free, top of the stack first."""
+        cap, n = self.capacity, len(keys)
+        homes = _slot(keys, U64(cap - 1))
+        order = np.argsort(homes, kind="stable")
+        homes = homes[order].view(np.int64)
+        first = np.flatnonzero(np.concatenate(([True], homes[1:] != homes[:-1])))
+        home = homes[first]  # each distinct home, with its count of keys
+        del homes
+        count = np.diff(first, append=n)
+        # the stack's height as each home's keys join it (Lindley's recursion)
+        rise = np.cumsum(count[:-1] - np.diff(home))
+        below = np.concatenate(([0], rise - np.minimum(np.minimum.accumulate(rise), 0)))
+        push_height = np.arange(1, n + 1) - np.repeat(first - below, count)
+        # from each home on, one pop per slot until the stack empties or the next home
+        run = np.minimum(below + count, np.diff(home, append=cap))
+        step = np.arange(run.sum()) - np.repeat(np.cumsum(run) - run, run)
+        pop_slot = np.repeat(home, run) + step
+        pop_height = np.repeat(below + count, run) - step
+        del step
+        levels = int(push_height.max()) + 1
+        # stacks are mostly low: 16-bit heights sort by radix, several times faster
+        small = np.uint16 if levels <= 1 << 16 else np.int64
+        pushes = np.argsort(push_height.astype(small), kind="stable")
+        pops = np.argsort(pop_height.astype(small), kind="stable")
+        push_count = np.bincount(push_height, minlength=levels)
+        pop_count = np.bincount(pop_height, minlength=levels)
+        del push_height
+        push_start = np.cumsum(push_count) - push_count
+        height = pop_height[pops]
+        taken = order[pushes[push_start[height] + np.arange(len(pops))
+                             - (np.cumsum(pop_count) - pop_count)[height]]]
+        self.keys[pop_slot[pops]] = keys[taken]
+        self.rows[pop_slot[pops]] = rows[taken]
+        left = np.flatnonzero(push_count > pop_count)[::-1]
+        if len(left):
+            taken = order[pushes[push_start[left] + pop_count[left]]]
+            gap_start = np.concatenate(([0], home + run))
+            gap = np.concatenate((home, [cap])) - gap_start
+            used = np.minimum(gap, np.maximum(len(left) - (np.cumsum(gap) - gap), 0))
+            free = (np.repeat(gap_start, used) + np.arange(len(left))
+                    - np.repeat(np.cumsum(used) - used, used))
+            self.keys[free] = keys[taken]
+            self.rows[free] = rows[taken]
 
     def _step(self, keys: np.ndarray, rows: np.ndarray, pending: np.ndarray,
               slots: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from builder.dedup import DedupItem, KeyScheme, LocalPartitions, Multimap, _slot, claim_of
+from builder.dedup import (DedupItem, KeyScheme, LocalPartitions, Multimap, _skewed, _slot,
+                           claim_of)
 from builder.hashing import hamming
 from builder.similarity import near_distance
 from builder.reasons import Reason
@@ -99,6 +100,50 @@ def test_multimap_places_and_finds_rows_as_a_slot_by_slot_probe(capacity, batch,
     q, rows = m.lookup(queries)
     assert list(zip(q.tolist(), rows.tolist())) == _lookup_by_slot(
         table, table_rows, [int(k) for k in queries])
+
+
+@pytest.mark.parametrize("capacity,n,distinct,tail", [
+    (16, 8, 1, False), (64, 32, 2, True), (1024, 512, 3, False), (1024, 500, 60, True),
+    (4096, 2048, 2048, True), (8192, 3000, 10, True)])
+def test_multimap_fills_an_empty_table_as_a_slot_by_slot_probe(capacity, n, distinct, tail):
+    """An insert into an empty table (every rebuild's) with popular keys places them all at
+    once: where stepping one slot at a time would, for popular keys (long runs of one home)
+    and for runs that wrap round the end of the table (``tail``: homes in its last slots).
+    Without popular keys it steps; the all-at-once fill still agrees."""
+    rnd = np.random.default_rng(capacity + n + distinct)
+    pool = rnd.integers(1, 2**63, size=8 * distinct + 64, dtype=np.uint64)
+    if tail:
+        homes = _slot(pool, np.uint64(capacity - 1)).astype(np.int64)
+        pool = pool[np.argsort(-homes, kind="stable")]
+    pool = pool[:distinct]
+    weights = 1.0 / np.arange(1, distinct + 1) ** 1.2
+    keys = pool[rnd.choice(distinct, size=n, p=weights / weights.sum())]
+    m, filled = Multimap(capacity), Multimap(capacity)
+    m.insert(keys, np.arange(n))
+    filled._fill(keys, np.arange(n, dtype=np.int32))
+    table, table_rows = _probe_by_slot([([int(k) for k in keys], list(range(n)))], capacity)
+    for built in (m, filled):
+        assert built.keys.tolist() == table
+        assert built.rows[built.keys != 0].tolist() == [r for k, r in zip(table, table_rows)
+                                                        if k]
+    alive = rnd.random(n) < 0.7
+    m.rebuild(capacity, alive)
+    survivors = [(int(k), int(r)) for k, r in zip(table, table_rows) if k and alive[r]]
+    table, table_rows = _probe_by_slot([([k for k, _ in survivors], [r for _, r in survivors])],
+                                       capacity)
+    assert m.keys.tolist() == table and m.count == len(survivors)
+    assert m.rows[m.keys != 0].tolist() == [r for k, r in zip(table, table_rows) if k]
+
+
+def test_an_empty_table_is_filled_at_once_only_where_keys_repeat():
+    """The all-at-once fill is chosen for batches whose keys repeat enough to make stepping
+    slow, judged on a sample of the batch."""
+    rnd = np.random.default_rng(3)
+    distinct = rnd.integers(1, 2**63, size=200_000, dtype=np.uint64)
+    assert not _skewed(distinct)
+    assert not _skewed(distinct[rnd.integers(0, 200_000, size=200_000)])
+    assert _skewed(distinct[rnd.integers(0, 2_000, size=200_000)])
+    assert _skewed(np.concatenate([distinct, np.full(2_000, distinct[0])]))
 
 
 def test_pairs_within_t_share_their_designated_key():
