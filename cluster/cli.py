@@ -81,6 +81,13 @@ def run_spec(spec: DatasetSpec, *, address: Optional[str], local: bool, job_id: 
             started.close()  # the job closed them already, unless it failed before starting
 
 
+def observed(info: dict[str, Any], dashboard: bool) -> bool:
+    """Whether a Ray job needs its progress actor (``run_job_async``): not on an embedded
+    Ray that this command started without a dashboard, which is this command's alone, so no
+    one else could follow the job there."""
+    return dashboard or not (info["started"] and info["mode"] == "embedded")
+
+
 def _run_chosen(spec: DatasetSpec, on_ray: bool, started: Optional[StartedWorkers], *,
                 address: Optional[str], job_id: Optional[str], strict: bool, dashboard: bool,
                 resume: bool, continuation: Any, uri: Optional[str]) -> int:
@@ -114,7 +121,8 @@ def _run_chosen(spec: DatasetSpec, on_ray: bool, started: Optional[StartedWorker
                          info["resources"].get("CPU", 0),
                          f", dashboard {info['dashboard_url']}" if info.get("dashboard_url")
                          else "")
-                result = asyncio.run(run_job_async(spec, install_signals=True, **kwargs))
+                result = asyncio.run(run_job_async(spec, install_signals=True,
+                                                   observed=observed(info, dashboard), **kwargs))
                 if result.stats.get("partial_reason") == "cancelled" and \
                         result.stats.get("cancelled_by") == "request":
                     # A signal came from Ray's own stop (then Ray records STOPPED) or from

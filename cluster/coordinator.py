@@ -272,7 +272,8 @@ class RayExecutor:
 
 
 class ProgressReporter:
-    """Sends snapshots and metric deltas to the progress actor; notices cancel requests."""
+    """Sends snapshots and metric deltas to the progress actor, if the job has one; notices
+    cancel requests; shows each snapshot locally (``local``)."""
 
     def __init__(self, actor: Any, runner: Callable[[], JobRunner],
                  local: Optional[Callable] = None):
@@ -305,6 +306,12 @@ class ProgressReporter:
         return deltas
 
     def __call__(self, snapshot: dict[str, Any]) -> None:
+        if self.actor is not None:
+            self._send(snapshot)
+        if self.local is not None:
+            self.local(snapshot)
+
+    def _send(self, snapshot: dict[str, Any]) -> None:
         # Wait briefly for the answer (at most every progress_every_s), so a cancel request is
         # seen within one interval; late answers are kept and read next time, never dropped.
         self._pending.append(self.actor.update.remote(snapshot, self._deltas(snapshot)))
@@ -312,8 +319,6 @@ class ProgressReporter:
                                         timeout=1.0)
         if any(ray.get(ready)):
             self.runner().cancel()
-        if self.local is not None:
-            self.local(snapshot)
 
 
 def check_fits(plan: PoolPlan, resources: dict[str, float]) -> None:
@@ -502,9 +507,15 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                         uri: Optional[str] = None, progress: Optional[Callable] = None,
                         storage_options: Optional[dict] = None, resume: bool = False,
                         continuation: Optional[Continuation] = None,
-                        install_signals: bool = False, runner_hook=None) -> JobResult:
+                        install_signals: bool = False, runner_hook=None,
+                        observed: bool = True) -> JobResult:
     """Run one job on the connected Ray cluster (``resume``: continue an interrupted one;
-    ``continuation``: a ready-made one, e.g. from ``plan_retry``)."""
+    ``continuation``: a ready-made one, e.g. from ``plan_retry``).
+
+    ``observed``: the job gets a progress actor, through which the HTTP API, the dashboard's
+    metrics and other drivers follow it and ask it to stop. Off only for a Ray that nothing
+    else can reach (the CLI's embedded Ray without a dashboard): there it would cost an actor
+    process, whose start the job waits for, and no one would read it."""
     from builder.pipeline import units_per_worker
 
     uri = uri or spec.output_uri()
@@ -529,8 +540,9 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     job_id = life.job_id
     log.info("[%s] starting: %d classes, %d workers of %g CPU, %d index partitions", job_id,
              len(spec.labels), plan.workers, plan.worker_cpus, plan.partitions)
-    progress_actor = ProgressActor.options(name=progress_name(job_id), namespace=NAMESPACE,
-                                           get_if_exists=True).remote(job_id, spec.name)
+    progress_actor = ProgressActor.options(
+        name=progress_name(job_id), namespace=NAMESPACE, get_if_exists=True).remote(
+        job_id, spec.name) if observed else None
     executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1, workers=plan.workers))
     try:
         await executor.start()
@@ -538,7 +550,8 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         outcome = await life.run(executor, units_per_worker=plan.units_per_worker,
                                  progress=reporter, install_signals=install_signals,
                                  runner_hook=runner_hook)
-        progress_actor.set_state.remote("writing")
+        if progress_actor is not None:
+            progress_actor.set_state.remote("writing")
         extra = {"runner": "ray", "pools": plan.__dict__, "engines": await executor.engine_stats(),
                  "dedup": await executor.dedup_stats(),
                  "workers_by_node": dict(executor.nodes)}
@@ -547,17 +560,20 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         state, error = ("cancelled", None) if outcome.cancelled else (
             ("failed", empty_failure(done.stats)) if done.partial
             else ("succeeded", None))
-        await result(progress_actor.set_state.remote(state, output_uri=done.uri,
-                                                     stats=done.stats, error=error))
+        if progress_actor is not None:
+            await result(progress_actor.set_state.remote(state, output_uri=done.uri,
+                                                         stats=done.stats, error=error))
         return done
     except BaseException as exc:
-        progress_actor.set_state.remote("failed", error=f"{type(exc).__name__}: {exc}")
+        if progress_actor is not None:
+            progress_actor.set_state.remote("failed", error=f"{type(exc).__name__}: {exc}")
         log.error("[%s] failed (%s: %s); what was committed is journaled at %s: continue it "
                   "with --resume", job_id, type(exc).__name__, exc, join(uri, ""))
         raise
     finally:
         executor.shutdown()
-        ray.kill(progress_actor)
+        if progress_actor is not None:
+            ray.kill(progress_actor)
 
 
 def run_job(spec: DatasetSpec, *, address: Optional[str] = None, **kwargs: Any) -> JobResult:

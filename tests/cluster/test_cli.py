@@ -212,3 +212,16 @@ def test_a_build_that_fails_before_its_job_starts_leaves_no_worker_process(tmp_p
     assert started and started[0].procs, "the command did not start its workers early"
     assert set(_descendants(os.getpid())) - before == set()
     assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("started,mode,dashboard,expected", [
+    (True, "embedded", False, False), (True, "embedded", True, True),
+    (False, "embedded", False, True), (True, "cluster", False, True),
+    (False, "cluster", False, True)])
+def test_only_the_commands_own_embedded_ray_without_a_dashboard_skips_the_progress_actor(
+        started, mode, dashboard, expected):
+    """A Ray that this command started, embedded and without a dashboard, is its alone: no
+    other process could follow the job through a progress actor. Any other Ray can."""
+    from cluster.cli import observed
+
+    assert observed({"started": started, "mode": mode}, dashboard) is expected

@@ -74,6 +74,20 @@ def test_shortfall_reported_on_ray(ray_session, sandbox, tmp_path):
     assert stats["shortfall"]["dog"] == 100 - stats["classes"]["dog"]["accepted"]
 
 
+def test_an_unobserved_job_runs_without_a_progress_actor(ray_session, sandbox, tmp_path):
+    """``observed=False`` (the CLI's own embedded Ray): no progress actor is started, and the
+    job still shows its progress locally and finishes with exact accounting."""
+    from actors.progress import get_progress
+
+    out = str(tmp_path / "unobserved")
+    job_id = "unobserved-test"
+    looked = []  # what another driver would find, at each local progress update
+    result = run(sandbox_spec(sandbox, out, target=6, classes=("dog",)), job_id=job_id,
+                 observed=False, progress=lambda snapshot: looked.append(get_progress(job_id)))
+    assert looked and looked == [None] * len(looked)
+    assert not result.partial and check_accounting(out)["classes"]["dog"]["accepted"] == 6
+
+
 def test_cancel_through_progress_actor_leaves_partial(ray_session, sandbox, tmp_path):
     from actors.progress import cancel_job, get_progress
 
