@@ -44,13 +44,21 @@ def test_a_successful_demo_prints_no_warning_or_error(ray_env, tmp_path, runner)
 
 
 @pytest.mark.slow
+def _interruptible() -> None:
+    """In the child, before exec: SIGINT as in a terminal's foreground. A test run started in
+    the background of a script (`cmd &` without job control) ignores SIGINT, and a Python
+    started with it ignored keeps ignoring it: Ctrl-C would never reach the command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_stopping_serve_with_ctrl_c_prints_no_traceback(ray_env, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--no-auth",
                              "--port", str(port), "--store",
                              f"sqlite:///{tmp_path / 'store.db'}"],
                             env=ray_env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_interruptible)
     deadline = time.time() + 180
     lines = []
     while time.time() < deadline:
