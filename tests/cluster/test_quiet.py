@@ -43,7 +43,6 @@ def test_a_successful_demo_prints_no_warning_or_error(ray_env, tmp_path, runner)
     assert ALARMING.findall(out.stderr) == [], out.stderr[-3000:]
 
 
-@pytest.mark.slow
 def _interruptible() -> None:
     """In the child, before exec: SIGINT as in a terminal's foreground. A test run started in
     the background of a script (`cmd &` without job control) ignores SIGINT, and a Python
@@ -51,6 +50,7 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_stopping_serve_with_ctrl_c_prints_no_traceback(ray_env, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--no-auth",
