@@ -220,6 +220,12 @@ slots apart; until then one slot per pass."""
 _SKEW_SAMPLE, _SKEW_PAIRS = 1 << 14, 4
 
 
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Where each of consecutive groups of ``counts`` items starts (the exclusive running
+    sum)."""
+    return np.cumsum(counts) - counts
+
+
 def _skewed(keys: np.ndarray) -> bool:
     """Whether stepping would be slower than filling all at once for these keys: its work
     grows with the square of a key's rows (r rows walk r slots together), the fill's with the
@@ -317,7 +323,7 @@ class Multimap:
         push_height = np.arange(1, n + 1) - np.repeat(first - below, count)
         # from each home on, one pop per slot until the stack empties or the next home
         run = np.minimum(below + count, np.diff(home, append=cap))
-        step = np.arange(run.sum()) - np.repeat(np.cumsum(run) - run, run)
+        step = np.arange(run.sum()) - np.repeat(_starts(run), run)
         pop_slot = np.repeat(home, run) + step
         pop_height = np.repeat(below + count, run) - step
         del step
@@ -329,20 +335,20 @@ class Multimap:
         push_count = np.bincount(push_height, minlength=levels)
         pop_count = np.bincount(pop_height, minlength=levels)
         del push_height
-        push_start = np.cumsum(push_count) - push_count
+        push_start = _starts(push_count)
         height = pop_height[pops]
         taken = order[pushes[push_start[height] + np.arange(len(pops))
-                             - (np.cumsum(pop_count) - pop_count)[height]]]
-        self.keys[pop_slot[pops]] = keys[taken]
-        self.rows[pop_slot[pops]] = rows[taken]
+                             - _starts(pop_count)[height]]]
+        slots = pop_slot[pops]
+        self.keys[slots] = keys[taken]
+        self.rows[slots] = rows[taken]
         left = np.flatnonzero(push_count > pop_count)[::-1]
         if len(left):
             taken = order[pushes[push_start[left] + pop_count[left]]]
             gap_start = np.concatenate(([0], home + run))
             gap = np.concatenate((home, [cap])) - gap_start
-            used = np.minimum(gap, np.maximum(len(left) - (np.cumsum(gap) - gap), 0))
-            free = (np.repeat(gap_start, used) + np.arange(len(left))
-                    - np.repeat(np.cumsum(used) - used, used))
+            used = np.minimum(gap, np.maximum(len(left) - _starts(gap), 0))
+            free = np.repeat(gap_start - _starts(used), used) + np.arange(len(left))
             self.keys[free] = keys[taken]
             self.rows[free] = rows[taken]
 
