@@ -40,6 +40,7 @@ from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome,
 from builder.journal import (TABLE_ROWS, Journal, ResumeError, ResumeState, new_job_id,
                              published_spec, resumable_jobs, spec_fingerprint)
 from builder.listsource import SlicePlan, plan_slices
+from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
 from builder.reasons import TRANSIENT_REASONS
 from builder.records import REJECT_SCHEMA
@@ -572,6 +573,8 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     # Shard workers in processes (none at the slow level: its scorers run here, in one worker
     # that validates in processes). The processes start while the job is planned.
     processes = await WorkerProcesses.launch(workers, started) if workers else None
+    if processes is not None:
+        fix_mmap_threshold()  # this process then holds the index and the ledger, not images
     executor: Optional[Executor] = None
     try:
         await asyncio.to_thread(life.prepare)

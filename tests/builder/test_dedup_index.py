@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from builder.dedup import (DedupItem, KeyScheme, LocalPartitions, Multimap, _skewed, _slot,
-                           claim_of)
+from builder.dedup import (ClaimTable, DedupItem, KeyScheme, LocalPartitions, Multimap, _skewed,
+                           _slot, claim_of)
 from builder.hashing import hamming
 from builder.similarity import near_distance
 from builder.reasons import Reason
@@ -144,6 +144,41 @@ def test_an_empty_table_is_filled_at_once_only_where_keys_repeat():
     assert not _skewed(distinct[rnd.integers(0, 200_000, size=200_000)])
     assert _skewed(distinct[rnd.integers(0, 2_000, size=200_000)])
     assert _skewed(np.concatenate([distinct, np.full(2_000, distinct[0])]))
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_claim_table_matches_a_dict_through_claims_kills_and_growth(crowded):
+    """Random batches of claims, re-claims and kills against a dict; ``crowded``: keys share
+    a few home slots (long runs that wrap past the table's end, and meet in one batch)."""
+    rnd = np.random.default_rng(7)
+    table, oracle = ClaimTable(16), {}
+    pool = rnd.integers(1, 2**64 - 1, 600 if not crowded else 200_000, dtype=np.uint64)
+    if crowded:  # homes in the last two and first two slots at every capacity up to 1024
+        home = _slot(pool, np.uint64(1023)).astype(np.int64)
+        pool = pool[(home >= 1022) | (home <= 1)][:600]
+    pool = np.unique(pool)
+    for step in range(120):
+        keys = np.unique(rnd.choice(pool, size=int(rnd.integers(1, 40))))
+        if step % 3 == 2:
+            claims = np.array([oracle.get(int(k), (0, 0))[0] or 1 for k in keys], np.uint64)
+            claims[::2] += np.uint64(1)  # half of them name the wrong holder: no effect
+            table.kill(keys, claims)
+            for k, c in zip(keys.tolist(), claims.tolist()):
+                if oracle.get(k, (0, 0))[0] == c:
+                    oracle[k] = (c, 0)
+        else:
+            claims = rnd.integers(1, 2**64 - 1, len(keys), dtype=np.uint64)
+            state = int(rnd.integers(1, 4))
+            table.put(keys, claims, state)
+            oracle.update({k: (c, state) for k, c in zip(keys.tolist(), claims.tolist())})
+        slots = table.find(pool)
+        got = {int(k): (int(table.claims[s]), int(table.states[s]))
+               for k, s in zip(pool, slots) if s >= 0}
+        assert {k: v for k, v in got.items() if v[1]} == \
+            {k: v for k, v in oracle.items() if v[1]}
+        assert table.live == sum(1 for _, st in oracle.values() if st)
+        assert table.used <= ClaimTable.LOAD * table.capacity
+    assert table.capacity > 16
 
 
 def test_pairs_within_t_share_their_designated_key():
