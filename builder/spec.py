@@ -605,7 +605,8 @@ class ResourcesSpec(_Model):
         default=None, ge=1, description="units a worker runs at once; unset: enough to keep "
         "download.concurrency fetches in flight")
     max_buffered_mb: int = Field(
-        default=512, ge=16, description="accepted image bytes a worker holds before it writes "
+        default=512, ge=16, description="bytes a worker holds of accepted images, and of the "
+        "decisions of their units (journaled once the images are written), before it writes "
         "a shard early (shards are otherwise output.shard_size rows)")
     gpu_actors: int = Field(default=1, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0)

@@ -200,8 +200,10 @@ class ShardAssembler:
     rows: one once the split holds ``MIX_SHARDS`` shards' worth (classes taken in turn,
     ``mixed_take``), and early, still ``shard_size`` rows where the split has them, when
     ``buffer_bytes`` is reached; ``flush`` writes the rest, its last shard per split short.
-    Commits units whose images are all written. CPU and storage work runs on ``run_io`` (a
-    thread)."""
+    Commits units whose images are all written. The budget counts the rows and the decisions
+    of the units waiting for them (journaled at commit): over a list where images are rare, a
+    shard can take thousands of units to fill, and their decisions would otherwise pile up
+    without bound. CPU and storage work runs on ``run_io`` (a thread)."""
 
     def __init__(self, plan: JobPlan, writer: ShardWriter, journal: Journal,
                  services: WorkerServices, run_io: Callable[..., Awaitable[Any]]):
@@ -213,6 +215,7 @@ class ShardAssembler:
         self.run_io = run_io
         self.buffers: dict[str, list[pa.Table]] = {}
         self.buffered_bytes = 0
+        """Bytes of the rows buffered and of the pending units' decisions."""
         self.pending: dict[str, dict[str, Any]] = {}
         self.committed: list[str] = []
         self._lock = asyncio.Lock()
@@ -226,8 +229,10 @@ class ShardAssembler:
                   decisions: pa.Table) -> None:
         """Take a decided unit's accepted rows (with its decisions, journaled at commit)."""
         async with self._lock:
+            held = decisions.nbytes if rows.num_rows else 0  # else it commits at once
             self.pending[unit.uid] = {"unit": unit, "report": report, "decisions": decisions,
-                                      "remaining": rows.num_rows}
+                                      "remaining": rows.num_rows, "held": held}
+            self.buffered_bytes += held
             if rows.num_rows:
                 for split in sorted(set(rows["split"].to_pylist())):
                     part = rows.filter(pc.equal(rows["split"], split))
@@ -286,6 +291,7 @@ class ShardAssembler:
 
     async def _commit(self, uid: str) -> None:
         entry = self.pending.pop(uid)
+        self.buffered_bytes -= entry["held"]
         report: UnitReport = entry["report"]
         await self.run_io(self.journal.write_unit, entry["unit"], report, entry["decisions"])
         await self.services.commit(uid, {label: t.accepted for label, t in

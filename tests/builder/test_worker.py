@@ -109,3 +109,71 @@ def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_i
             "assert 'pandas' not in sys.modules, 'pyarrow imported pandas'\n"
             "import pandas\n")
     run_python(code)
+
+
+def test_decisions_waiting_for_their_shard_count_against_the_buffer(tmp_path):
+    """Over a list where images are rare a shard takes many units to fill, and each unit's
+    decisions wait for it (they are journaled at commit). They count against the worker's
+    buffer: it writes a short shard and commits those units, instead of holding them all."""
+    import asyncio
+
+    from builder.spec import parse_spec
+    from builder.units import INLINE, UnitReport, WorkUnit, inline_uid
+    from builder.worker import JobPlan, ShardAssembler
+
+    spec = parse_spec({"name": "sparse", "target": 1000, "classes": {"cat": {}},
+                       "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
+                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 1000}})
+    budget = 64 << 10
+    written, journaled = [], []
+
+    class Writer:  # stands in for storage: records what the assembler asks it to write
+        def write(self, table, split, number, journal, extra):
+            written.append(table.num_rows)
+
+    class Journal:
+        def write_unit(self, unit, report, decisions):
+            journaled.append(unit.uid)
+
+    class Dedup:
+        async def mark_written(self, ids, claims, writing=None):
+            return None
+
+    class Services:
+        dedup = Dedup()
+        shards = 0
+
+        async def next_shard(self, split):
+            self.shards += 1
+            return self.shards - 1
+
+        async def commit(self, uid, accepted):
+            return None
+
+    async def run_io(fn, *args):
+        return fn(*args)
+
+    assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1", buffer_bytes=budget),
+                               Writer(), Journal(), Services(), run_io)
+    decisions = pa.table({"url": [f"http://127.0.0.1:9/gone/{i:06d}.jpg" for i in range(125)],
+                          "reason": ["http_404"] * 125})
+    assert decisions.nbytes > 4 << 10
+
+    async def main():
+        most_pending = 0
+        for n in range(100):
+            unit = WorkUnit(inline_uid(0, "cat", n), 0, INLINE, 0, label="cat", start=0, stop=1)
+            row = pa.table({"id": [f"{n:016x}"], "label": ["cat"], "split": ["train"],
+                            "image": [bytes(100)], "_uid": [unit.uid], "_claim": [n + 1],
+                            "_sig_a": [0], "_sig_b": [0]})
+            await assembler.add(unit, UnitReport(unit.uid), row, decisions)
+            most_pending = max(most_pending, len(assembler.pending))
+            assert assembler.buffered_bytes <= budget
+        await assembler.flush()
+        return most_pending
+
+    most_pending = asyncio.run(main())
+    assert most_pending <= budget // decisions.nbytes + 1 < 100
+    assert len(written) > 1 and sum(written) == 100  # short shards, every image once
+    assert sorted(journaled) == sorted(inline_uid(0, "cat", n) for n in range(100))
+    assert not assembler.pending and assembler.buffered_bytes == 0
