@@ -14,11 +14,12 @@ during the crawl and at its end) and CPU seconds (utime + stime). Reported per s
 candidates (stats.json), driver CPU (before, during and after the crawl: stats.json
 ``started`` to ``finished``; after it the driver publishes the manifests, streamed over the
 unit and shard files), driver CPU per candidate over the whole run and over the crawl alone,
-peak RSS. The slope between two sizes,
+peak RSS; and the largest RSS any process below the driver reached ("child peak": with
+``--local`` the shard worker processes). The slope between two sizes,
 (CPU(N2) - CPU(N1)) / (N2 - N1), is the marginal cost of a candidate with start-up taken out.
 
     python bench/bench_driver.py --sizes 10000,100000,1000000 [--runner ray|local]
-        [--batch-size B]
+        [--batch-size B] [--image-every K] [--max-buffered-mb M]
 
 The spec: one class whose target is the number of image lines, so the crawl reads the whole
 list (units of work are then sized from that target, 64-256 candidates, unless
@@ -54,6 +55,30 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                out.extend(kids)
+                todo.extend(kids)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0
+
+
 def driver_sample(pid: int) -> Optional[tuple[float, int]]:
     """(CPU seconds, RSS bytes) of one process (not its children), or None once it is gone."""
     try:
@@ -73,6 +98,9 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.every_s = pid, every_s
         self.samples: list[tuple[float, float, int]] = []
+        self.child_peak = 0
+        """The largest RSS any process below the driver reached (with ``--local``, the worker
+        processes; on Ray, its daemons and workers)."""
 
     def run(self) -> None:
         while True:
@@ -80,6 +108,7 @@ class Sampler(threading.Thread):
             if s is None:
                 return
             self.samples.append((time.time(), s[0], s[1]))
+            self.child_peak = max([self.child_peak] + [rss_of(p) for p in descendants(self.pid)])
             time.sleep(self.every_s)
 
     def cpu_at(self, t: float) -> float:
@@ -102,7 +131,9 @@ def url_list(n: int, every: int, images: int, port: int, path: Path) -> int:
     return count
 
 
-def spec_for(urls: Path, target: int, out: Path, batch: Optional[int]) -> dict[str, Any]:
+def spec_for(urls: Path, target: int, out: Path, batch: Optional[int],
+             buffered_mb: Optional[int] = None) -> dict[str, Any]:
+    resources = {k: v for k, v in (("batch_size", batch), ("max_buffered_mb", buffered_mb)) if v}
     return {
         "name": "driverbench",
         "description": "driver memory and CPU per candidate over a mostly-404 URL list",
@@ -113,7 +144,7 @@ def spec_for(urls: Path, target: int, out: Path, batch: Optional[int]) -> dict[s
                      "respect_robots": False},
         "validation": {"level": "medium"},
         "output": {"uri": str(out), "formats": ["parquet"]},
-        "resources": {"batch_size": batch} if batch else {},
+        "resources": resources,
     }
 
 
@@ -136,7 +167,7 @@ def run_one(n: int, args: argparse.Namespace, port: int) -> dict[str, Any]:
     out = work / f"out_{n}"
     shutil.rmtree(out, ignore_errors=True)
     spec_path = work / f"spec_{n}.yaml"
-    spec = spec_for(urls, min(images, args.images), out, args.batch_size)
+    spec = spec_for(urls, min(images, args.images), out, args.batch_size, args.max_buffered_mb)
     spec_path.write_text(yaml.safe_dump(spec))
     ray_tmp = Path(tempfile.mkdtemp(prefix="pxdr-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -185,6 +216,7 @@ def run_one(n: int, args: argparse.Namespace, port: int) -> dict[str, Any]:
             "peak_rss_mib": round(max(rss, default=0) / 2**20, 1),
             "crawl_peak_rss_mib": round(max(in_crawl, default=0) / 2**20, 1),
             "rss_end_of_crawl_mib": round(rss_end / 2**20, 1),
+            "child_peak_rss_mib": round(sampler.child_peak / 2**20, 1),
             "samples": len(sampler.samples), "log": str(log)}
 
 
@@ -196,6 +228,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4000, help="distinct corpus images")
     ap.add_argument("--batch-size", type=int,
                     help="resources.batch_size (unset: sized from the target, 64-256)")
+    ap.add_argument("--max-buffered-mb", type=int, help="resources.max_buffered_mb (unset: 512)")
     ap.add_argument("--every", type=float, default=0.25, help="sampling period, seconds")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
@@ -211,14 +244,14 @@ def main() -> None:
         origin.wait()
     print(f"\n{'URLs':>9} {'cands':>9} {'wall s':>7} {'crawl s':>7} {'CPU s':>7} "
           f"{'us/cand':>8} {'crawl us/c':>10} {'before/after s':>14} {'peak RSS MiB':>12} "
-          f"{'crawl peak':>10} {'RSS end MiB':>11}")
+          f"{'crawl peak':>10} {'RSS end MiB':>11} {'child peak':>10}")
     for r in results:
         print(f"{r['n']:>9} {r['candidates']:>9} {r['wall_s']:>7} {r['crawl_s'] or '-':>7} "
               f"{r['driver_cpu_s']:>7} {r['driver_us_per_candidate'] or '-':>8} "
               f"{r['crawl_us_per_candidate'] or '-':>10} "
               f"{str(r['before_crawl_cpu_s']) + '/' + str(r['after_crawl_cpu_s']):>14} "
               f"{r['peak_rss_mib']:>12} {r['crawl_peak_rss_mib']:>10} "
-              f"{r['rss_end_of_crawl_mib']:>11}")
+              f"{r['rss_end_of_crawl_mib']:>11} {r['child_peak_rss_mib']:>10}")
     for a, b in zip(results, results[1:]):
         if b["candidates"] > a["candidates"]:
             slope = (b["driver_cpu_s"] - a["driver_cpu_s"]) / (b["candidates"] - a["candidates"])

@@ -201,9 +201,10 @@ class ShardAssembler:
     ``mixed_take``), and early, still ``shard_size`` rows where the split has them, when
     ``buffer_bytes`` is reached; ``flush`` writes the rest, its last shard per split short.
     Commits units whose images are all written. The budget counts the rows and the decisions
-    of the units waiting for them (journaled at commit): over a list where images are rare, a
-    shard can take thousands of units to fill, and their decisions would otherwise pile up
-    without bound. CPU and storage work runs on ``run_io`` (a thread)."""
+    of the units waiting for them (journaled at commit, about 165 bytes a candidate): where a
+    unit yields one image, a split holds up to ``shard_size * MIX_SHARDS`` units' decisions
+    before it writes, 20 MB for 1,000 units of 125 candidates, beside far fewer image bytes.
+    CPU and storage work runs on ``run_io`` (a thread)."""
 
     def __init__(self, plan: JobPlan, writer: ShardWriter, journal: Journal,
                  services: WorkerServices, run_io: Callable[..., Awaitable[Any]]):

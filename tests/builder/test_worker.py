@@ -112,7 +112,7 @@ def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_i
 
 
 def test_decisions_waiting_for_their_shard_count_against_the_buffer(tmp_path):
-    """Over a list where images are rare a shard takes many units to fill, and each unit's
+    """Where a unit yields one image a shard takes many units to fill, and each unit's
     decisions wait for it (they are journaled at commit). They count against the worker's
     buffer: it writes a short shard and commits those units, instead of holding them all."""
     import asyncio
