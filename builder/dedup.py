@@ -551,9 +551,9 @@ class ClaimTable:
         """Re-file the live entries in a table at most half full with ``n`` more, dropping the
         dead ones; a slice of the old table at a time, so growing holds little beyond the
         two tables."""
-        keys, claims, states = self.keys, self.claims, self.states
+        keys, claims, states, wanted = self.keys, self.claims, self.states, self.live + n
         cap = 16
-        while (int(np.count_nonzero(states)) + n) * 2 > cap:
+        while wanted * 2 > cap:
             cap *= 2
         self._alloc(cap)
         self.used = 0
@@ -836,12 +836,6 @@ class DedupPartition:
         self._ex["state"][rows[hit]] = state
         if ref is not None:
             self._ex["ref"][rows[hit]] = ref
-
-    def _kill(self, table: Multimap, cols: _Columns, keys: np.ndarray,
-              claims: np.ndarray) -> None:
-        qi, rows = table.lookup(keys)
-        hit = cols["claim"][rows] == claims[qi]
-        cols["state"][rows[hit]] = 0
 
     @staticmethod
     def _alive(cols: _Columns) -> np.ndarray:
