@@ -71,12 +71,13 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def rss_of(pid: int) -> int:
+def rss_of(pid: int) -> Optional[int]:
+    """RSS bytes of one process, or None once it is gone."""
     try:
         with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * PAGE
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return 0
+        return None
 
 
 def driver_sample(pid: int) -> Optional[tuple[float, int]]:
@@ -84,11 +85,10 @@ def driver_sample(pid: int) -> Optional[tuple[float, int]]:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{pid}/statm") as f:
-            rss_pages = int(f.read().split()[1])
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return None
-    return (int(fields[11]) + int(fields[12])) / TICK, rss_pages * PAGE
+    rss = rss_of(pid)
+    return None if rss is None else ((int(fields[11]) + int(fields[12])) / TICK, rss)
 
 
 class Sampler(threading.Thread):
@@ -108,7 +108,8 @@ class Sampler(threading.Thread):
             if s is None:
                 return
             self.samples.append((time.time(), s[0], s[1]))
-            self.child_peak = max([self.child_peak] + [rss_of(p) for p in descendants(self.pid)])
+            self.child_peak = max([self.child_peak] +
+                                  [rss_of(p) or 0 for p in descendants(self.pid)])
             time.sleep(self.every_s)
 
     def cpu_at(self, t: float) -> float:
