@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.processes import run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
@@ -36,11 +37,7 @@ PROBE = textwrap.dedent("""
 
 
 def probe(how: str, env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE, how], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                             os.path.abspath(__file__)))), timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return run_python(PROBE, how, env=env).strip()
 
 
 def test_a_fixed_threshold_maps_big_blocks_after_a_bigger_one_was_freed():
