@@ -11,6 +11,7 @@ then times units of ``--unit`` new images (``--probes`` signatures each) through
 * memory per kept image (the partitions' numpy arrays over the kept images);
 * the bytes of numpy arrays sent to the partitions per decision (check and settle payloads:
   what crosses Ray's object store when the partitions are actors);
+* the share of the timed partition's CPU spent in ``settle`` (``settle%``);
 * the stored entries a probe key meets in its bucket (mean, and the most for one key) in
   partition 0: the lookup work, which skewed hashes make grow with the index.
 
@@ -139,6 +140,7 @@ class Timed:
     def __init__(self, parts: list[DedupPartition]):
         self.parts = parts
         self.cpu = [0.0] * len(parts)
+        self.by_method: dict[tuple[int, str], float] = {}
         self.probe_keys = self.met = self.met_max = 0
         self.sent = 0
 
@@ -151,7 +153,9 @@ class Timed:
             self.met_max = max(self.met_max, int(np.bincount(qi).max()) if len(qi) else 0)
         t0 = time.process_time()
         result = getattr(self.parts[p], method)(payload)
-        self.cpu[p] += time.process_time() - t0
+        spent = time.process_time() - t0
+        self.cpu[p] += spent
+        self.by_method[p, method] = self.by_method.get((p, method), 0.0) + spent
         return result
 
 
@@ -188,7 +192,9 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
         decisions += len(out)
         dups += sum(d.duplicate for d in out)
     total_cpu = time.process_time() - cpu0
-    timed_cpu = timed.cpu[0] if one else max(timed.cpu)
+    busiest = 0 if one else int(np.argmax(timed.cpu))
+    timed_cpu = timed.cpu[busiest]
+    settle_cpu = timed.by_method.get((busiest, "settle"), 0.0)
     return {"kept": size, "partitions": k, "one": one, "load_s": round(load_s, 1),
             "per_partition_decisions_s": round(decisions / timed_cpu) if timed_cpu else 0,
             "per_core_decisions_s": None if one else round(decisions / sum(timed.cpu)),
@@ -197,6 +203,7 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
             "met_per_probe_key": round(timed.met / max(timed.probe_keys, 1), 2),
             "met_max": timed.met_max,
             "sent_per_decision": round(timed.sent / max(decisions, 1)),
+            "settle_share": round(100 * settle_cpu / timed_cpu) if timed_cpu else 0,
             "bytes_per_kept": round(mem / size), "duplicates": dups, "decisions": decisions}
 
 
@@ -221,7 +228,7 @@ def main() -> None:
     freq = photo_bits(args.photos) if args.hashes == "skewed" else None
     print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'per-core/s':>11} "
           f"{'end-to-end/s':>13} {'part MiB':>9} {'B/kept':>7} {'dups':>6} "
-          f"{'met/key':>8} {'met max':>8} {'sent B/d':>9} {'load s':>7}",
+          f"{'met/key':>8} {'met max':>8} {'sent B/d':>9} {'settle%':>8} {'load s':>7}",
           flush=True)
     for size, k in zip(sizes, ks):
         r = run(size, k, args.unit, args.units, args.threshold, freq, args.seed, args.stored,
@@ -230,7 +237,7 @@ def main() -> None:
               f"{r['per_core_decisions_s'] or '-':>11} {r['end_to_end_decisions_s'] or '-':>13} "
               f"{r['partition_mib']:>9} {r['bytes_per_kept']:>7} "
               f"{r['duplicates']:>6} {r['met_per_probe_key']:>8} {r['met_max']:>8} "
-              f"{r['sent_per_decision']:>9} {r['load_s']:>7}", flush=True)
+              f"{r['sent_per_decision']:>9} {r['settle_share']:>8} {r['load_s']:>7}", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB; pid {os.getpid()}")
 

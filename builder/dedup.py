@@ -29,7 +29,10 @@ in one place, in the order its two items reached that partition. The client
 (``DedupClient.decide``) then decides each item in order: a duplicate of a kept image, of an
 earlier kept item of the same unit, or of an undecided (pending) item of another unit that was
 issued earlier (its token is smaller); else kept. Rejected items are released and accepted ones
-marked kept (``settle``), so later lookups see the final state. Fed one unit at a time this
+marked kept (``settle``), so later lookups see the final state. ``settle`` names the entries by
+the rows ``check`` filed them in (a few per item, not a lookup of each of its keys), and by the
+rows of the candidate's earlier, unsettled attempts that its probes met (a candidate probes with
+its stored signatures too, ``builder.hashing``). Fed one unit at a time this
 gives exactly the decisions of a single brute-force index (tested against one). Two near
 duplicates decided at the same moment on different workers may, rarely, both be kept; an image
 is never lost to such a race, because a pending entry only counts against later-issued items.
@@ -670,8 +673,11 @@ class DedupPartition:
 
         Returns ``x_other`` (0: the id is this candidate's, now or already; else the holder's
         claim), ``x_state`` (the state of the id's entry when it was this candidate's already,
-        else 0), and the near relations ``r_pos, r_id, r_claim, r_token, r_state, r_da,
-        r_db`` (at most ``MAX_RELATIONS`` per item, closest first).
+        else 0), the near relations ``r_pos, r_id, r_claim, r_token, r_state, r_da,
+        r_db`` (at most ``MAX_RELATIONS`` per item, closest first), and the near entries
+        ``settle`` will update, ``f_pos, f_row``: the rows filed for each item, and the live
+        rows of the same candidate that an earlier check filed and its probes met (a retried
+        unit whose first attempt was never settled).
         """
         out = self._check_exact(req)
         out.update(self._check_near(_per_key(req)) if self.near else _no_relations())
@@ -733,16 +739,25 @@ class DedupPartition:
         # File this call's signatures first, tagged with their item's position, then probe
         # once: a probe counts this call's entries only where they come from an earlier item.
         first_new = ne.n
-        self._file(i_key, _arr(req.get("i_a"), U64), _arr(req.get("i_b"), U64),
-                   _arr(req.get("i_id"), U64), _arr(req.get("i_claim"), U64),
-                   _arr(req.get("i_token"), U64), PENDING, _arr(req.get("i_pos"), np.int64))
+        i_pos = _arr(req.get("i_pos"), np.int64)
+        first, filed = self._file(i_key, _arr(req.get("i_a"), U64), _arr(req.get("i_b"), U64),
+                                  _arr(req.get("i_id"), U64), _arr(req.get("i_claim"), U64),
+                                  _arr(req.get("i_token"), U64), PENDING, i_pos)
         qi, rows = self._near.lookup(q_key)
         ok = ne["state"][rows] > 0
         fresh = rows >= first_new
+        own = ok & ~fresh & (ne["claim"][rows] == q_claim[qi])
+        f_pos, f_row = i_pos[first], filed
+        if own.any():
+            earlier = np.unique(np.stack([q_pos[qi[own]], rows[own]]), axis=1)
+            f_pos = np.concatenate([f_pos, earlier[0]])
+            f_row = np.concatenate([f_row, earlier[1]])
         ok[fresh] &= ne["pos"][rows[fresh]] < q_pos[qi[fresh]]
         qi, rows = qi[ok], rows[ok]
         rel = {name: ne[name][rows] for name in ("id", "claim", "token", "state", "a", "b")}
-        return self._relations(q_pos, q_kidx, q_a, q_b, q_claim, qi, rel)
+        out = self._relations(q_pos, q_kidx, q_a, q_b, q_claim, qi, rel)
+        out.update(f_pos=f_pos.astype(np.int32), f_row=f_row.astype(np.int64))
+        return out
 
     def _relations(self, q_pos: np.ndarray, q_kidx: np.ndarray, q_a: np.ndarray,
                    q_b: np.ndarray, q_claim: np.ndarray, qi: np.ndarray,
@@ -778,12 +793,13 @@ class DedupPartition:
 
     def _file(self, keys: np.ndarray, a: np.ndarray, b: np.ndarray, ids: np.ndarray,
               claims: np.ndarray, tokens: np.ndarray, state: int,
-              pos: Optional[np.ndarray] = None) -> None:
+              pos: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         """One entry row per signature (``keys`` come ``n_keys`` to a signature, in order of
         its key index, so consecutive equal ``(a, b, claim)`` are one signature), filed under
-        all its keys in this partition. ``pos``: the item's position in the current call."""
+        all its keys in this partition. ``pos``: the item's position in the current call.
+        Returns each signature's first key (an index into ``keys``) and its row."""
         if not len(keys):
-            return
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         new_sig = np.ones(len(keys), dtype=bool)
         new_sig[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (claims[1:] != claims[:-1])
         first = np.flatnonzero(new_sig)
@@ -796,26 +812,25 @@ class DedupPartition:
         if self._near.needs_room(len(keys)):
             self._near.rebuild(2 * (self._near.count + len(keys)), self._alive(self._ne))
         self._near.insert(keys, rows[which])
+        return first, rows
 
     # -- settling ----------------------------------------------------------------------------
 
     def settle(self, req: dict[str, np.ndarray]) -> None:
         """Apply a unit's decisions: ``keep_*`` entries become KEPT, ``drop_*`` entries die.
-        Exact entries by ``*_id`` + ``*_claim``; near entries by ``*_key`` + ``*_nclaim``."""
+        Exact entries by ``*_id`` + ``*_claim``; near entries by ``*_row`` (what ``check``
+        returned as ``f_row``) + ``*_nclaim``. A row that does not hold a live entry of that
+        claim is left alone: after a restart the rows are another incarnation's."""
+        ne = self._ne
         for prefix, state in (("keep", KEPT), ("drop", 0)):
             ids, claims = _arr(req.get(f"{prefix}_id"), U64), _arr(req.get(f"{prefix}_claim"), U64)
             self._set_exact(ids, claims, state)
-        # Near entries of both lists in one lookup; keeping leaves live entries live, so
-        # dropping after it kills the same entries it would have on its own.
-        keep_keys = _arr(req.get("keep_key"), U64)
-        keys = np.concatenate([keep_keys, _arr(req.get("drop_key"), U64)])
-        nclaims = np.concatenate([_arr(req.get("keep_nclaim"), U64),
-                                  _arr(req.get("drop_nclaim"), U64)])
-        qi, rows = self._near.lookup(keys)
-        hit = (self._ne["claim"][rows] == nclaims[qi]) & (self._ne["state"][rows] > 0)
-        kept = qi < len(keep_keys)
-        self._ne["state"][rows[hit & kept]] = KEPT
-        self._ne["state"][rows[hit & ~kept]] = 0
+            rows = _arr(req.get(f"{prefix}_row"), np.int64)
+            nclaims = _arr(req.get(f"{prefix}_nclaim"), U64)
+            inside = (rows >= 0) & (rows < ne.n)
+            rows, nclaims = rows[inside], nclaims[inside]
+            hit = (ne["claim"][rows] == nclaims) & (ne["state"][rows] > 0)
+            ne["state"][rows[hit]] = state
 
     def mark_writing(self, req: dict[str, np.ndarray]) -> None:
         """These ids (``id`` + ``claim``) are being written in the shard ``ref``."""
@@ -928,6 +943,11 @@ class DedupItem:
     image_id: int
     stored: Sequence[tuple[int, int]]
     probes: Sequence[tuple[int, int]]
+    filed: tuple[np.ndarray, np.ndarray] = field(
+        default_factory=lambda: (np.zeros(0, np.int32), np.zeros(0, np.int64)),
+        repr=False, compare=False)
+    """(partition, row) of the near entries ``settle`` updates for this candidate, set by
+    the last ``DedupClient.decide`` of it."""
 
 
 @dataclass(frozen=True)
@@ -1065,9 +1085,14 @@ class DedupClient:
         x_state = np.zeros(n, dtype=np.uint8)
         x_ref = np.zeros(n, dtype=U64)
         relations: list[list[tuple[int, int, int, int, int]]] = [[] for _ in range(n)]
+        f_part, f_pos, f_row = [], [], []
         for p, result in enumerate(results):
             if result is None:
                 continue
+            if "f_row" in result:
+                f_part.append(np.full(len(result["f_row"]), p, np.int32))
+                f_pos.append(result["f_pos"])
+                f_row.append(result["f_row"])
             sel = np.flatnonzero(xpart == p)
             x_other[sel] = result["x_other"]
             x_state[sel] = result["x_state"]
@@ -1078,6 +1103,7 @@ class DedupClient:
                     result["r_state"].tolist(), result["r_da"].tolist(),
                     result["r_db"].tolist()):
                 relations[pos].append((rclaim, rid, rtoken, rstate, da + db))
+        _hand_out(items, f_part, f_pos, f_row)
         return self._resolve(items, claims, x_other, x_state, x_ref, relations)
 
     @staticmethod
@@ -1143,20 +1169,17 @@ class DedupClient:
                 sel = np.flatnonzero(mask & (xpart == p))
                 payloads[p][f"{prefix}_id"] = ids[sel]
                 payloads[p][f"{prefix}_claim"] = claims[sel]
-                payloads[p][f"{prefix}_key"] = np.zeros(0, U64)
+                payloads[p][f"{prefix}_row"] = np.zeros(0, np.int64)
                 payloads[p][f"{prefix}_nclaim"] = np.zeros(0, U64)
             if self.near and mask.any():
                 chosen = [it for it, m in zip(items, mask) if m]
-                pos, _, _, keys, _ = self._near_rows(chosen, "stored")
-                if len(pos):
-                    nk = self.scheme.n_keys
-                    flat = keys.ravel()
-                    nclaim = np.repeat(np.array([it.claim for it in chosen], U64)[pos], nk)
-                    part = partition_of(flat, self.k)
-                    for p in range(self.k):
-                        sel = part == p
-                        payloads[p][f"{prefix}_key"] = flat[sel]
-                        payloads[p][f"{prefix}_nclaim"] = nclaim[sel]
+                part = np.concatenate([it.filed[0] for it in chosen])
+                rows = np.concatenate([it.filed[1] for it in chosen])
+                nclaim = np.repeat(claims[mask], [len(it.filed[1]) for it in chosen])
+                for p in (range(self.k) if len(rows) else ()):
+                    sel = part == p
+                    payloads[p][f"{prefix}_row"] = rows[sel]
+                    payloads[p][f"{prefix}_nclaim"] = nclaim[sel]
         await self._fan_out("settle", payloads)
 
     async def mark_written(self, image_ids: Sequence[int], claims: Sequence[int],
@@ -1203,6 +1226,19 @@ class DedupClient:
                     payloads[p].update(n_key=flat[sel], n_a=a[r], n_b=b[r], n_id=ids[pos[r]],
                                        n_claim=wclaims[pos[r]])
         return payloads
+
+
+def _hand_out(items: Sequence[DedupItem], part: list[np.ndarray], pos: list[np.ndarray],
+              row: list[np.ndarray]) -> None:
+    """Give each item its ``filed`` entries from the partitions' ``f_pos, f_row``."""
+    p = np.concatenate(part) if part else np.zeros(0, np.int32)
+    q = np.concatenate(pos) if pos else np.zeros(0, np.int32)
+    r = np.concatenate(row) if row else np.zeros(0, np.int64)
+    order = np.argsort(q, kind="stable")
+    p, r = p[order], r[order]
+    bounds = np.searchsorted(q[order], np.arange(len(items) + 1)).tolist()
+    for i, item in enumerate(items):
+        item.filed = (p[bounds[i]:bounds[i + 1]], r[bounds[i]:bounds[i + 1]])
 
 
 class LocalPartitions:

@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from builder.dedup import (ClaimTable, DedupItem, KeyScheme, LocalPartitions, Multimap, _skewed,
-                           _slot, claim_of)
+from builder.dedup import (ClaimTable, DedupItem, DedupPartition, KeyScheme, LocalPartitions,
+                           Multimap, _skewed, _slot, claim_of)
 from builder.hashing import hamming
 from builder.similarity import near_distance
 from builder.reasons import Reason
@@ -279,6 +279,44 @@ def test_a_retried_unit_is_not_a_duplicate_of_itself_and_sees_what_it_wrote():
     assert [d.written for d in again] == [True] * 5 + [False] * 15
     other = [DedupItem(claim_of("other"), 99, 1000, [(0, 0)], [(0, 0)])]
     assert run(client.decide(other))[0].reason == Reason.EXACT_DUPLICATE
+
+
+def _items(prefix: str, sigs: list[tuple[int, int]], token0: int = 0) -> list[DedupItem]:
+    return [DedupItem(claim_of(f"{prefix}{i}"), token0 + i, 1000 + i, [sig], [sig])
+            for i, sig in enumerate(sigs)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_settling_a_retry_also_settles_its_unsettled_first_attempt(k):
+    """A unit checked, then lost before it settled, then retried and rejected: the first
+    attempt's pending entries die with the retry's, so they do not make later copies
+    duplicates of images that are not in the dataset."""
+    client = LocalPartitions(4, k=k).client()
+    rnd = random.Random(3)
+    sigs = [(rnd.getrandbits(64), rnd.getrandbits(64)) for _ in range(10)]
+    run(client.decide(_items("c", sigs)))  # the lost attempt: never settled
+    retry = _items("c", sigs)  # the same candidates, issued again
+    assert not any(d.duplicate for d in run(client.decide(retry)))
+    assert all(len(it.filed[1]) > 1 for it in retry)  # its own rows and the lost attempt's
+    run(client.settle(retry, [False] * 10, [True] * 10))
+    copies = _items("n", [(a ^ 1, b) for a, b in sigs], token0=100)
+    assert not any(d.duplicate for d in run(client.decide(copies)))
+
+
+def test_settle_leaves_alone_rows_a_restarted_partition_gave_to_others():
+    """Rows named by a check belong to that partition's incarnation: settling them against a
+    partition rebuilt from the journal touches no other candidate's entries."""
+    parts = LocalPartitions(4, k=1)
+    client = parts.client()
+    item = _items("a", [(0xF0F0, 0x0F)])
+    run(client.decide(item))
+    assert item[0].filed[1].tolist() == [0]
+    parts.partitions[0] = DedupPartition(4)  # restarted: it holds the written image only
+    for payload in client.load_payloads([], [(7, claim_of("w"), [(0xF0F0, 0x0F)])]):
+        parts.partitions[0].load(payload)
+    run(client.settle(item, [False], [True]))
+    newcomer = DedupItem(claim_of("n"), 9, 9, [(0xF0F1, 0x0F)], [(0xF0F1, 0x0F)])
+    assert run(client.decide([newcomer]))[0].reason == Reason.NEAR_DUPLICATE
 
 
 def test_pending_entries_count_only_against_later_issued_items():
