@@ -746,15 +746,15 @@ class DedupPartition:
         qi, rows = self._near.lookup(q_key)
         ok = ne["state"][rows] > 0
         fresh = rows >= first_new
-        own = ok & ~fresh & (ne["claim"][rows] == q_claim[qi])
+        ok[fresh] &= ne["pos"][rows[fresh]] < q_pos[qi[fresh]]
+        qi, rows, fresh = qi[ok], rows[ok], fresh[ok]
+        rel = {name: ne[name][rows] for name in ("id", "claim", "token", "state", "a", "b")}
+        own = ~fresh & (rel["claim"] == q_claim[qi])
         f_pos, f_row = i_pos[first], filed
         if own.any():
             earlier = np.unique(np.stack([q_pos[qi[own]], rows[own]]), axis=1)
             f_pos = np.concatenate([f_pos, earlier[0]])
             f_row = np.concatenate([f_row, earlier[1]])
-        ok[fresh] &= ne["pos"][rows[fresh]] < q_pos[qi[fresh]]
-        qi, rows = qi[ok], rows[ok]
-        rel = {name: ne[name][rows] for name in ("id", "claim", "token", "state", "a", "b")}
         out = self._relations(q_pos, q_kidx, q_a, q_b, q_claim, qi, rel)
         out.update(f_pos=f_pos.astype(np.int32), f_row=f_row.astype(np.int64))
         return out
