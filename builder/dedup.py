@@ -633,10 +633,10 @@ class DedupPartition:
         table = self._urls
         table.reserve(len(hashes))
         slots, hit = table.probe(hashes)
-        live = hit.copy()
-        live[hit] = table.states[slots[hit]] > 0
+        states = table.states[slots]  # 0 at a missing key's empty slot
+        live = states > 0
         holders = np.where(live, table.claims[slots], 0).tolist()
-        finished = live & (table.states[slots] == DONE)
+        finished = states == DONE
         fresh: list[int] = []
         claimed: dict[int, int] = {}
         for i, (h, c) in enumerate(zip(hashes.tolist(), claims.tolist())):
@@ -864,9 +864,8 @@ class DedupPartition:
         x_claim``) and their signatures' keys here (``n_key, n_a, n_b, n_id, n_claim``)."""
         u_hash = _arr(req.get("u_hash"), U64)
         if len(u_hash):
-            slots = self._urls.find(u_hash)
-            keep = slots < 0
-            keep[~keep] = self._urls.states[slots[~keep]] == 0
+            slots, _ = self._urls.probe(u_hash)
+            keep = self._urls.states[slots] == 0  # no entry, or a dead one
             _, first = np.unique(u_hash[keep], return_index=True)
             sel = np.flatnonzero(keep)[np.sort(first)]
             state = DONE if bool(np.asarray(req.get("u_done", [False])).ravel()[0]) else KEPT
@@ -1176,10 +1175,11 @@ class DedupClient:
                 part = np.concatenate([it.filed[0] for it in chosen])
                 rows = np.concatenate([it.filed[1] for it in chosen])
                 nclaim = np.repeat(claims[mask], [len(it.filed[1]) for it in chosen])
-                for p in (range(self.k) if len(rows) else ()):
-                    sel = part == p
-                    payloads[p][f"{prefix}_row"] = rows[sel]
-                    payloads[p][f"{prefix}_nclaim"] = nclaim[sel]
+                if len(rows):
+                    for p in range(self.k):
+                        sel = part == p
+                        payloads[p][f"{prefix}_row"] = rows[sel]
+                        payloads[p][f"{prefix}_nclaim"] = nclaim[sel]
         await self._fan_out("settle", payloads)
 
     async def mark_written(self, image_ids: Sequence[int], claims: Sequence[int],
