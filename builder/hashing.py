@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -146,10 +147,80 @@ def _products(grids: np.ndarray, keep: float) -> tuple[np.ndarray, np.ndarray]:
     return dct @ grids @ dct.T, rows @ grids @ cols.T
 
 
-def _turn(grid: np.ndarray, degrees: float) -> np.ndarray:
-    turned = Image.fromarray(grid.astype(np.float32), "F").rotate(
-        degrees, Image.Resampling.BILINEAR)
-    return np.asarray(turned, dtype=np.float64)
+@dataclass(frozen=True)
+class TurnPlan:
+    """Where each pixel of a ``GRID`` x ``GRID`` picture turned by some degrees samples the
+    picture (the four neighbours of ``idx``, as flat indices; ``GRID * GRID`` for a pixel that
+    falls outside, which reads a zero) and its bilinear weights ``dx``, ``dy``."""
+
+    idx: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+
+
+@lru_cache(maxsize=8)
+def turn_plan(degrees: float) -> TurnPlan:
+    """The plan of Pillow's ``Image.rotate(degrees, BILINEAR)`` (same size, turned about the
+    centre): the same affine map, rounded as Pillow rounds it, and the same edge rules (a
+    pixel whose source lies off the picture is 0; a neighbour past the edge repeats the edge,
+    and past the bottom row the row above stands in)."""
+    n = GRID
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    centre = n / 2
+    shift_x = cos * -centre + sin * -centre + 0.0 + centre
+    shift_y = -sin * -centre + cos * -centre + 0.0 + centre
+    xo = np.arange(n, dtype=np.float64)[None, :] + 0.5
+    yo = np.arange(n, dtype=np.float64)[:, None] + 0.5
+    xin = cos * xo + sin * yo + shift_x
+    yin = -sin * xo + cos * yo + shift_y
+    inside = ((xin >= 0) & (xin < n) & (yin >= 0) & (yin < n)).ravel()
+    xin, yin = xin - 0.5, yin - 0.5
+    x, y = np.floor(xin), np.floor(yin)
+    dx, dy = xin - x, yin - y
+    x, y = x.astype(np.intp), y.astype(np.intp)
+    x0, x1 = np.clip(x, 0, n - 1), np.clip(x + 1, 0, n - 1)
+    row0 = np.clip(y, 0, n - 1)
+    below = (y + 1 >= 0) & (y + 1 < n)
+    row1 = np.where(below, y + 1, row0)
+    idx = np.stack([(row * n + col).ravel() for row, col in
+                    ((row0, x0), (row0, x1), (row1, x0), (row1, x1))])
+    idx[:, ~inside] = n * n
+    dx, dy = dx.ravel(), np.where(below, dy, 0.0).ravel()
+    dx[~inside] = dy[~inside] = 0.0
+    for array in (idx, dx, dy):
+        array.flags.writeable = False  # shared by every batch
+    return TurnPlan(idx, dx, dy)
+
+
+_TURN_CHUNK = 16
+"""Grids turned per pass: the intermediates of 16 stay in a core's cache (64 at once took
+2.5x as long per grid)."""
+
+
+def turn_many(stack: np.ndarray, degrees: float) -> np.ndarray:
+    """Each ``GRID`` x ``GRID`` grid of ``stack`` turned ``degrees`` counter-clockwise, equal to
+    the bit to Pillow's bilinear ``rotate`` of its float32 copy (the arithmetic is Pillow's:
+    float32 differences along a row, float64 weights, a float32 result), at a third of the
+    cost: Pillow's per-image conversions and per-pixel calls cost more than the sampling."""
+    plan = turn_plan(degrees)
+    out = np.empty((len(stack), GRID * GRID), np.float64)
+    for start in range(0, len(stack), _TURN_CHUNK):
+        part = stack[start:start + _TURN_CHUNK]
+        pixels = np.zeros((len(part), GRID * GRID + 1), np.float32)
+        pixels[:, :-1] = part.reshape(len(part), -1)
+        a, b, c, d = (np.take(pixels, i, axis=1) for i in plan.idx)
+        b -= a
+        d -= c
+        top = b * plan.dx
+        top += a
+        bottom = d * plan.dx
+        bottom += c
+        bottom -= top
+        bottom *= plan.dy
+        bottom += top
+        out[start:start + len(part)] = bottom.astype(np.float32)
+    return out.reshape(stack.shape)
 
 
 Signatures = tuple[tuple[Signature, ...], tuple[Signature, ...]]
@@ -164,7 +235,7 @@ def signatures_many(grids: Sequence[np.ndarray]) -> list[Signatures]:
     costs half of what one image at a time did, with the same codes to the bit."""
     stack = np.stack(grids)
     views = tuple(dict.fromkeys(STORED_VIEWS + PROBE_VIEWS))
-    turned = {d: stack if not d else np.stack([_turn(g, d) for g in stack])
+    turned = {d: stack if not d else turn_many(stack, d)
               for d in dict.fromkeys(v.degrees for v in views)}
     products: dict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = {}
     lows, grads = [], []

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from builder.hashing import (FULL, GRID, MIRROR, STORED_VIEWS, hamming, hash_bytes, luma_grid,
-                             prepare, signatures, signatures_many)
+                             prepare, signatures, signatures_many, turn_many)
 from tests.images import encode, jpeg, picture
 
 
@@ -42,6 +42,18 @@ def test_a_batch_gives_each_grid_the_codes_it_gets_alone():
     grids = _grids()
     assert signatures_many(grids) == [signatures(g) for g in grids]
     assert signatures_many(grids[::-1]) == [signatures(g) for g in grids[::-1]]
+
+
+def test_turning_a_batch_equals_pillows_bilinear_rotate_to_the_bit():
+    """The probes' turned views must be what they were when each grid went through Pillow:
+    real grids, noise with values of every size, and a batch longer than one pass."""
+    rng = np.random.default_rng(5)
+    noise = [rng.random((GRID, GRID)) * 10.0 ** rng.integers(-3, 4) for _ in range(35)]
+    grids = np.stack(_grids() + noise)
+    for degrees in (3.5, -3.5, 0.25, 17.3, -90.0, 181.0):
+        want = np.stack([np.asarray(Image.fromarray(g.astype(np.float32), "F").rotate(
+            degrees, Image.Resampling.BILINEAR), dtype=np.float64) for g in grids])
+        assert np.array_equal(turn_many(grids, degrees), want), degrees
 
 
 def test_the_mirror_view_is_the_full_view_of_the_mirrored_grid():
