@@ -15,6 +15,12 @@ then times units of ``--unit`` new images (``--probes`` signatures each) through
 * the stored entries a probe key meets in its bucket (mean, and the most for one key) in
   partition 0: the lookup work, which skewed hashes make grow with the index.
 
+``--ray`` runs the K partitions as the job's ``DedupPartitionActor``s on a local Ray (filled
+through their ``load``, as a restarted partition recovers) and reports, per size, each actor
+process's resident and unique memory (RSS, USS; the most of the K, and per kept image over all
+K less the same actors empty), the actors' CPU per decision (their processes' CPU clocks) and
+decisions/s end to end from this process, object store transfers included.
+
 ``--one-partition`` fills only partition 0 of ``K`` with its share of the index (the others
 stay empty, so the end-to-end figures do not apply) and times it alone: the per-actor figure
 at sizes whose whole index does not fit this machine (10M kept images at ``t`` = 8 take
@@ -42,6 +48,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -108,12 +115,11 @@ def draw(n: int, rng: np.random.Generator, freq: np.ndarray | None,
     return a, b
 
 
-def fill(parts: list[DedupPartition], scheme: KeyScheme, a: np.ndarray, b: np.ndarray,
-         per_image: int, only: int | None = None, chunk: int = 500_000) -> None:
+def fill(load: Callable[[int, dict], None], k: int, scheme: KeyScheme, a: np.ndarray,
+         b: np.ndarray, per_image: int, only: int | None = None, chunk: int = 500_000) -> None:
     """Load kept images (``per_image`` consecutive signatures each) straight into the
-    partitions, vectorised (as a journal rebuild does); ``only``: into that partition alone
-    (what it would hold of the whole index; the others stay empty)."""
-    k = len(parts)
+    partitions (``load(partition, payload)``), vectorised (as a journal rebuild does); ``only``:
+    into that partition alone (what it would hold of the whole index; the others stay empty)."""
     filled = range(k) if only is None else [only]
     for start in range(0, len(a), chunk):
         ca, cb = a[start:start + chunk], b[start:start + chunk]
@@ -125,12 +131,12 @@ def fill(parts: list[DedupPartition], scheme: KeyScheme, a: np.ndarray, b: np.nd
         for p in filled:
             sel = part == p
             r = rep[sel]
-            parts[p].load({"n_key": flat[sel], "n_a": ca[r], "n_b": cb[r], "n_id": ids[r],
-                           "n_claim": ids[r]})
+            load(p, {"n_key": flat[sel], "n_a": ca[r], "n_b": cb[r], "n_id": ids[r],
+                     "n_claim": ids[r]})
         first = ids[np.arange(len(ids)) % per_image == 0] if per_image > 1 else ids
         xp = partition_of(mix64(first), k)
         for p in filled:
-            parts[p].load({"x_id": first[xp == p], "x_claim": first[xp == p]})
+            load(p, {"x_id": first[xp == p], "x_claim": first[xp == p]})
 
 
 class Timed:
@@ -159,6 +165,24 @@ class Timed:
         return result
 
 
+def unit_batches(rng: np.random.Generator, freq: np.ndarray | None, unit: int, units: int,
+                 stored: int, probes: int) -> list[list[DedupItem]]:
+    """``units`` units of ``unit`` new images, each with ``probes`` signatures (the first
+    ``stored`` of them its stored ones)."""
+    items_a, items_b = draw(unit * units * probes, rng, freq)
+    sig = [(int(x), int(y)) for x, y in zip(items_a, items_b)]
+    batches = []
+    for u in range(units):
+        batch = []
+        for i in range(unit):
+            n = u * unit + i
+            j = n * probes
+            batch.append(DedupItem(10**12 + n, n, 10**12 + n, sig[j:j + stored],
+                                   sig[j:j + probes]))
+        batches.append(batch)
+    return batches
+
+
 def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | None,
         seed: int, stored: int, probes: int, one: bool) -> dict:
     """Fill, then time ``units`` units; ``one``: only partition 0 holds its share of the kept
@@ -168,24 +192,17 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
     parts = [DedupPartition(t, True) for _ in range(k)]
     a, b = draw(size * stored, rng, freq)
     t0 = time.monotonic()
-    fill(parts, scheme, a, b, stored, 0 if one else None)
+    fill(lambda p, payload: parts[p].load(payload), k, scheme, a, b, stored,
+         0 if one else None)
     load_s = time.monotonic() - t0
     del a, b
     part_bytes = [p.stats()["bytes"] for p in parts]
     mem = part_bytes[0] * k if one else sum(part_bytes)
     timed = Timed(parts)
     client = DedupClient(t, True, k, timed.call)
-    n = unit * units
-    items_a, items_b = draw(n * probes, rng, freq)
-    sig = [(int(x), int(y)) for x, y in zip(items_a, items_b)]
     decisions = dups = 0
     cpu0 = time.process_time()
-    for u in range(units):
-        batch = []
-        for i in range(unit):
-            j = (u * unit + i) * probes
-            batch.append(DedupItem(10**12 + u * unit + i, u * unit + i, 10**12 + u * unit + i,
-                                   sig[j:j + stored], sig[j:j + probes]))
+    for batch in unit_batches(rng, freq, unit, units, stored, probes):
         out = asyncio.run(client.decide(batch))
         asyncio.run(client.settle(batch, [not d.duplicate for d in out],
                                   [d.duplicate for d in out]))
@@ -207,6 +224,116 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
             "bytes_per_kept": round(mem / size), "duplicates": dups, "decisions": decisions}
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_memory(pid: int) -> tuple[int, int]:
+    """(RSS, USS) of a process in bytes: resident, and resident in no other process."""
+    with open(f"/proc/{pid}/statm") as f:
+        rss = int(f.read().split()[1]) * PAGE
+    uss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                uss += int(line.split()[1]) * 1024
+    return rss, uss
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def run_ray(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | None,
+            seed: int, stored: int, probes: int) -> dict:
+    """The same fill and units through ``k`` ``DedupPartitionActor``s on the local Ray."""
+    import ray
+
+    from actors.dedup import DedupPartitionActor
+
+    rng = np.random.default_rng(seed)
+    scheme = KeyScheme(t)
+    actors = [DedupPartitionActor.options(num_cpus=0.1).remote(p, k, t, True)
+              for p in range(k)]
+    pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
+    empty = [proc_memory(pid) for pid in pids]
+    a, b = draw(size * stored, rng, freq)
+    pending: list[Any] = []
+
+    def load(p: int, payload: dict) -> None:
+        pending.append(actors[p].call.remote("load", payload))
+        if len(pending) >= 2 * k:  # a bounded share of the object store in flight
+            ray.get(pending)
+            pending.clear()
+
+    t0 = time.monotonic()
+    fill(load, k, scheme, a, b, stored)
+    ray.get(pending)
+    load_s = time.monotonic() - t0
+    del a, b
+    index_bytes = sum(st["bytes"] for st in ray.get([x.stats.remote() for x in actors]))
+    filled = [proc_memory(pid) for pid in pids]
+
+    async def call(p: int, method: str, payload: dict) -> Any:
+        return (await actors[p].call.remote(method, payload))[1]
+
+    client = DedupClient(t, True, k, call)
+    batches = unit_batches(rng, freq, unit, units, stored, probes)
+
+    async def decide_all() -> tuple[int, int]:
+        decisions = dups = 0
+        for batch in batches:
+            out = await client.decide(batch)
+            await client.settle(batch, [not d.duplicate for d in out],
+                                [d.duplicate for d in out])
+            decisions += len(out)
+            dups += sum(d.duplicate for d in out)
+        return decisions, dups
+
+    cpu0 = sum(proc_cpu(pid) for pid in pids)
+    t0 = time.monotonic()
+    decisions, dups = asyncio.run(decide_all())
+    wall = time.monotonic() - t0
+    actor_cpu = sum(proc_cpu(pid) for pid in pids) - cpu0
+    after = [proc_memory(pid) for pid in pids]
+    for actor in actors:
+        ray.kill(actor)
+    grown_rss = sum(m[0] for m in after) - sum(m[0] for m in empty)
+    grown_uss = sum(m[1] for m in after) - sum(m[1] for m in empty)
+    return {"kept": size, "partitions": k, "load_s": round(load_s, 1),
+            "end_to_end_decisions_s": round(decisions / wall),
+            "actor_cpu_us_per_decision": round(1e6 * actor_cpu / decisions),
+            "index_bytes_per_kept": round(index_bytes / size),
+            "rss_filled_mib": round(max(m[0] for m in filled) / 2**20),
+            "rss_max_mib": round(max(m[0] for m in after) / 2**20),
+            "uss_max_mib": round(max(m[1] for m in after) / 2**20),
+            "rss_per_kept": round(grown_rss / size), "uss_per_kept": round(grown_uss / size),
+            "duplicates": dups, "decisions": decisions}
+
+
+def main_ray(args: argparse.Namespace, sizes: list[int], ks: list[int],
+             freq: np.ndarray | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(include_dashboard=False, logging_level="ERROR")
+    print(f"{'kept':>10} {'K':>3} {'end-to-end/s':>13} {'actor CPU us/d':>15} "
+          f"{'index B/kept':>13} {'RSS B/kept':>11} {'USS B/kept':>11} {'RSS filled':>11} "
+          f"{'RSS max':>8} {'USS max':>8} {'dups':>6} {'load s':>7}", flush=True)
+    for size, k in zip(sizes, ks):
+        r = run_ray(size, k, args.unit, args.units, args.threshold, freq, args.seed,
+                    args.stored, args.probes)
+        print(f"{r['kept']:>10} {r['partitions']:>3} {r['end_to_end_decisions_s']:>13} "
+              f"{r['actor_cpu_us_per_decision']:>15} {r['index_bytes_per_kept']:>13} "
+              f"{r['rss_per_kept']:>11} {r['uss_per_kept']:>11} {r['rss_filled_mib']:>11} "
+              f"{r['rss_max_mib']:>8} {r['uss_max_mib']:>8} {r['duplicates']:>6} "
+              f"{r['load_s']:>7}", flush=True)
+    ray.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100000,1000000")
@@ -222,10 +349,18 @@ def main() -> None:
     ap.add_argument("--hashes", choices=("skewed", "uniform"), default="skewed")
     ap.add_argument("--photos", default="/usr/share/backgrounds")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--ray", action="store_true",
+                    help="the partitions as DedupPartitionActors on a local Ray: their "
+                         "processes' memory and CPU")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     ks = [int(k) for k in args.partitions.split(",")]
     freq = photo_bits(args.photos) if args.hashes == "skewed" else None
+    if args.ray:
+        if args.one_partition:
+            raise SystemExit("--ray fills every partition: drop --one-partition")
+        main_ray(args, sizes, ks, freq)
+        return
     print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'per-core/s':>11} "
           f"{'end-to-end/s':>13} {'part MiB':>9} {'B/kept':>7} {'dups':>6} "
           f"{'met/key':>8} {'met max':>8} {'sent B/d':>9} {'settle%':>8} {'load s':>7}",
