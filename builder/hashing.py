@@ -163,7 +163,7 @@ def turn_plan(degrees: float) -> TurnPlan:
     """The plan of Pillow's ``Image.rotate(degrees, BILINEAR)`` (same size, turned about the
     centre): the same affine map, rounded as Pillow rounds it, and the same edge rules (a
     pixel whose source lies off the picture is 0; a neighbour past the edge repeats the edge,
-    and past the bottom row the row above stands in)."""
+    and a source on the last row takes that row's value, not a blend with the row below)."""
     n = GRID
     angle = -math.radians(degrees % 360.0)
     cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
@@ -201,8 +201,8 @@ _TURN_CHUNK = 16
 def turn_many(stack: np.ndarray, degrees: float) -> np.ndarray:
     """Each ``GRID`` x ``GRID`` grid of ``stack`` turned ``degrees`` counter-clockwise, equal to
     the bit to Pillow's bilinear ``rotate`` of its float32 copy (the arithmetic is Pillow's:
-    float32 differences along a row, float64 weights, a float32 result), at a third of the
-    cost: Pillow's per-image conversions and per-pixel calls cost more than the sampling."""
+    float32 differences along a row, float64 weights, a float32 result), at about half the
+    CPU: Pillow's per-image conversions and per-pixel calls cost more than the sampling."""
     plan = turn_plan(degrees)
     out = np.empty((len(stack), GRID * GRID), np.float64)
     for start in range(0, len(stack), _TURN_CHUNK):
