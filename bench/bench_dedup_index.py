@@ -314,23 +314,41 @@ def run_ray(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray |
             "duplicates": dups, "decisions": decisions}
 
 
+COLUMNS = [("kept", "kept", 10), ("K", "partitions", 3),
+           ("per-partition/s", "per_partition_decisions_s", 16),
+           ("per-core/s", "per_core_decisions_s", 11),
+           ("end-to-end/s", "end_to_end_decisions_s", 13), ("part MiB", "partition_mib", 9),
+           ("B/kept", "bytes_per_kept", 7), ("dups", "duplicates", 6),
+           ("met/key", "met_per_probe_key", 8), ("met max", "met_max", 8),
+           ("sent B/d", "sent_per_decision", 9), ("settle%", "settle_share", 8),
+           ("load s", "load_s", 7)]
+"""(header, result key, width) of each column of the in-process table."""
+RAY_COLUMNS = [("kept", "kept", 10), ("K", "partitions", 3),
+               ("end-to-end/s", "end_to_end_decisions_s", 13),
+               ("actor CPU us/d", "actor_cpu_us_per_decision", 15),
+               ("index B/kept", "index_bytes_per_kept", 13), ("RSS B/kept", "rss_per_kept", 11),
+               ("USS B/kept", "uss_per_kept", 11), ("RSS filled", "rss_filled_mib", 11),
+               ("RSS max", "rss_max_mib", 8), ("USS max", "uss_max_mib", 8),
+               ("dups", "duplicates", 6), ("load s", "load_s", 7)]
+
+
+def print_row(columns: list[tuple[str, str, int]], result: dict | None = None) -> None:
+    """The header (no ``result``) or one result's row; a figure that does not apply is -."""
+    cells = [head if result is None else result[key] for head, key, _ in columns]
+    print(" ".join(f"{'-' if cell is None else cell:>{width}}"
+                   for cell, (_, _, width) in zip(cells, columns)), flush=True)
+
+
 def main_ray(args: argparse.Namespace, sizes: list[int], ks: list[int],
              freq: np.ndarray | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(include_dashboard=False, logging_level="ERROR")
-    print(f"{'kept':>10} {'K':>3} {'end-to-end/s':>13} {'actor CPU us/d':>15} "
-          f"{'index B/kept':>13} {'RSS B/kept':>11} {'USS B/kept':>11} {'RSS filled':>11} "
-          f"{'RSS max':>8} {'USS max':>8} {'dups':>6} {'load s':>7}", flush=True)
+    print_row(RAY_COLUMNS)
     for size, k in zip(sizes, ks):
-        r = run_ray(size, k, args.unit, args.units, args.threshold, freq, args.seed,
-                    args.stored, args.probes)
-        print(f"{r['kept']:>10} {r['partitions']:>3} {r['end_to_end_decisions_s']:>13} "
-              f"{r['actor_cpu_us_per_decision']:>15} {r['index_bytes_per_kept']:>13} "
-              f"{r['rss_per_kept']:>11} {r['uss_per_kept']:>11} {r['rss_filled_mib']:>11} "
-              f"{r['rss_max_mib']:>8} {r['uss_max_mib']:>8} {r['duplicates']:>6} "
-              f"{r['load_s']:>7}", flush=True)
+        print_row(RAY_COLUMNS, run_ray(size, k, args.unit, args.units, args.threshold, freq,
+                                       args.seed, args.stored, args.probes))
     ray.shutdown()
 
 
@@ -361,18 +379,10 @@ def main() -> None:
             raise SystemExit("--ray fills every partition: drop --one-partition")
         main_ray(args, sizes, ks, freq)
         return
-    print(f"{'kept':>10} {'K':>3} {'per-partition/s':>16} {'per-core/s':>11} "
-          f"{'end-to-end/s':>13} {'part MiB':>9} {'B/kept':>7} {'dups':>6} "
-          f"{'met/key':>8} {'met max':>8} {'sent B/d':>9} {'settle%':>8} {'load s':>7}",
-          flush=True)
+    print_row(COLUMNS)
     for size, k in zip(sizes, ks):
-        r = run(size, k, args.unit, args.units, args.threshold, freq, args.seed, args.stored,
-                args.probes, args.one_partition)
-        print(f"{r['kept']:>10} {r['partitions']:>3} {r['per_partition_decisions_s']:>16} "
-              f"{r['per_core_decisions_s'] or '-':>11} {r['end_to_end_decisions_s'] or '-':>13} "
-              f"{r['partition_mib']:>9} {r['bytes_per_kept']:>7} "
-              f"{r['duplicates']:>6} {r['met_per_probe_key']:>8} {r['met_max']:>8} "
-              f"{r['sent_per_decision']:>9} {r['settle_share']:>8} {r['load_s']:>7}", flush=True)
+        print_row(COLUMNS, run(size, k, args.unit, args.units, args.threshold, freq, args.seed,
+                               args.stored, args.probes, args.one_partition))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB; pid {os.getpid()}")
 
