@@ -205,9 +205,10 @@ def turn_many(stack: np.ndarray, degrees: float) -> np.ndarray:
     CPU: Pillow's per-image conversions and per-pixel calls cost more than the sampling."""
     plan = turn_plan(degrees)
     out = np.empty((len(stack), GRID * GRID), np.float64)
+    buffer = np.zeros((min(len(stack), _TURN_CHUNK), GRID * GRID + 1), np.float32)
     for start in range(0, len(stack), _TURN_CHUNK):
         part = stack[start:start + _TURN_CHUNK]
-        pixels = np.zeros((len(part), GRID * GRID + 1), np.float32)
+        pixels = buffer[:len(part)]  # its last column stays 0: what an outside pixel reads
         pixels[:, :-1] = part.reshape(len(part), -1)
         a, b, c, d = (np.take(pixels, i, axis=1) for i in plan.idx)
         b -= a
