@@ -48,12 +48,13 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_driver import driver_sample  # noqa: E402
 from builder.dedup import (DedupClient, DedupItem, DedupPartition, KeyScheme,  # noqa: E402
                            mix64, partition_of)
 
@@ -224,27 +225,25 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
             "bytes_per_kept": round(mem / size), "duplicates": dups, "decisions": decisions}
 
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-TICK = os.sysconf("SC_CLK_TCK")
+class ProcSample(NamedTuple):
+    cpu: float
+    """User + system CPU seconds."""
+    rss: int
+    uss: int
+    """Resident bytes in no other process."""
 
 
-def proc_memory(pid: int) -> tuple[int, int]:
-    """(RSS, USS) of a process in bytes: resident, and resident in no other process."""
-    with open(f"/proc/{pid}/statm") as f:
-        rss = int(f.read().split()[1]) * PAGE
+def proc_sample(pid: int) -> ProcSample:
+    """CPU and memory of a live process (``bench_driver.driver_sample``, plus its USS)."""
+    sample = driver_sample(pid)
+    if sample is None:
+        raise SystemExit(f"process {pid} is gone: a partition actor died")
     uss = 0
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             if line.startswith(("Private_Clean:", "Private_Dirty:")):
                 uss += int(line.split()[1]) * 1024
-    return rss, uss
-
-
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return ProcSample(*sample, uss)
 
 
 def run_ray(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | None,
@@ -259,7 +258,7 @@ def run_ray(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray |
     actors = [DedupPartitionActor.options(num_cpus=0.1).remote(p, k, t, True)
               for p in range(k)]
     pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors])
-    empty = [proc_memory(pid) for pid in pids]
+    empty = [proc_sample(pid) for pid in pids]
     a, b = draw(size * stored, rng, freq)
     pending: list[Any] = []
 
@@ -275,7 +274,7 @@ def run_ray(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray |
     load_s = time.monotonic() - t0
     del a, b
     index_bytes = sum(st["bytes"] for st in ray.get([x.stats.remote() for x in actors]))
-    filled = [proc_memory(pid) for pid in pids]
+    filled = [proc_sample(pid) for pid in pids]
 
     async def call(p: int, method: str, payload: dict) -> Any:
         return (await actors[p].call.remote(method, payload))[1]
@@ -293,23 +292,22 @@ def run_ray(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray |
             dups += sum(d.duplicate for d in out)
         return decisions, dups
 
-    cpu0 = sum(proc_cpu(pid) for pid in pids)
     t0 = time.monotonic()
     decisions, dups = asyncio.run(decide_all())
     wall = time.monotonic() - t0
-    actor_cpu = sum(proc_cpu(pid) for pid in pids) - cpu0
-    after = [proc_memory(pid) for pid in pids]
+    after = [proc_sample(pid) for pid in pids]
     for actor in actors:
         ray.kill(actor)
-    grown_rss = sum(m[0] for m in after) - sum(m[0] for m in empty)
-    grown_uss = sum(m[1] for m in after) - sum(m[1] for m in empty)
+    actor_cpu = sum(m.cpu for m in after) - sum(m.cpu for m in filled)
+    grown_rss = sum(m.rss for m in after) - sum(m.rss for m in empty)
+    grown_uss = sum(m.uss for m in after) - sum(m.uss for m in empty)
     return {"kept": size, "partitions": k, "load_s": round(load_s, 1),
             "end_to_end_decisions_s": round(decisions / wall),
             "actor_cpu_us_per_decision": round(1e6 * actor_cpu / decisions),
             "index_bytes_per_kept": round(index_bytes / size),
-            "rss_filled_mib": round(max(m[0] for m in filled) / 2**20),
-            "rss_max_mib": round(max(m[0] for m in after) / 2**20),
-            "uss_max_mib": round(max(m[1] for m in after) / 2**20),
+            "rss_filled_mib": round(max(m.rss for m in filled) / 2**20),
+            "rss_max_mib": round(max(m.rss for m in after) / 2**20),
+            "uss_max_mib": round(max(m.uss for m in after) / 2**20),
             "rss_per_kept": round(grown_rss / size), "uss_per_kept": round(grown_uss / size),
             "duplicates": dups, "decisions": decisions}
 
