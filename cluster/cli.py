@@ -8,9 +8,11 @@
     pixcrawler recheck URI               re-evaluate a dataset's opt-out signals; list removals
     pixcrawler sandbox [--port P]        run the sandbox web (offline stand-in for the internet)
 
+    pixcrawler serve / keys              the HTTP job API and its API keys (``serve.cli``)
+
 Exit codes: 0 done (a shortfall is reported, not an error, unless --strict: 4); 2 bad spec or
 arguments; 1 the job failed; 3 nothing was accepted; 130 cancelled (a partial result is written
-and marked).
+and marked); 141 the reader of the output went away (``pixcrawler check spec.yaml | head``).
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
         print(f"nothing to retry: no candidate at {uri} was rejected for a transient reason")
         return 0
     return run_spec(spec, address=args.address, local=args.local, job_id=None, strict=False,
-                    continuation=cont, uri=uri, ray=args.ray)
+                    dashboard=args.dashboard, continuation=cont, uri=uri, ray=args.ray)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -309,17 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, help="what to do")
 
     def runner_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an "
-                        "embedded local Ray)")
+        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else no "
+                        "cluster: this process, or an embedded Ray; see 'Runners' in the README)")
         where = sp.add_mutually_exclusive_group()
         where.add_argument("--local", action="store_true",
                            help="run in this process without Ray (the default for a job that "
                            "fits this machine: see 'Runners' in the README)")
         where.add_argument("--ray", action="store_true",
-                           help="run on Ray (the default when joining a cluster, or for a job "
-                           "that needs GPUs or more cores than this machine has)")
+                           help="run on Ray (the default when joining a cluster, for a job that "
+                           "needs GPUs, custom worker resources or more cores than this machine "
+                           "has, and on a machine of more than 4 cores)")
         sp.add_argument("--dashboard", action="store_true",
-                        help="with an embedded Ray, also start the Ray dashboard on 127.0.0.1")
+                        help="run on Ray (as --ray) and, with an embedded Ray, also start the "
+                        "Ray dashboard on 127.0.0.1")
 
     b = sub.add_parser("build", help="build a dataset from a spec (YAML or JSON)")
     b.add_argument("spec", nargs="?", help="the spec file (YAML or JSON)")
@@ -337,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retry-failed", help="retry candidates rejected for transient reasons "
                        "(timeouts, 5xx, 429, connection errors) and merge what is accepted")
     r.add_argument("output", help="the dataset's URI")
-    r.add_argument("--job-id", help="job id (default: <name>-<random>)")
+    r.add_argument("--job-id", help="job id (default: <name>-retry-<random>)")
     runner_args(r)
     r.set_defaults(func=cmd_retry_failed)
 

@@ -225,3 +225,25 @@ def test_only_the_commands_own_embedded_ray_without_a_dashboard_skips_the_progre
     from cluster.cli import observed
 
     assert observed({"started": started, "mode": mode}, dashboard) is expected
+
+
+@pytest.mark.parametrize("flag", ["--dashboard", "--ray", "--local"])
+def test_retry_failed_passes_its_runner_options_on(monkeypatch, tmp_path, flag):
+    """``retry-failed`` takes the runner options that ``build`` takes, and they reach the
+    runner choice (``--dashboard`` was once accepted and dropped)."""
+    import builder.pipeline
+    from builder.spec import parse_spec
+
+    spec = parse_spec(SPEC)
+    monkeypatch.setattr(builder.pipeline, "plan_retry", lambda uri, options, job_id: (spec, None))
+    monkeypatch.setattr(builder.pipeline, "count_retryable", lambda uri, options: 3)
+    seen: dict = {}
+
+    def run_spec(spec, **kwargs):
+        seen.update(kwargs)
+        return 0
+
+    monkeypatch.setattr(cli, "run_spec", run_spec)
+    assert main(["retry-failed", str(tmp_path), flag]) == 0
+    assert {k: seen[k] for k in ("dashboard", "ray", "local")} == {
+        "dashboard": flag == "--dashboard", "ray": flag == "--ray", "local": flag == "--local"}
