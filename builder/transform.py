@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +33,27 @@ _PLAIN_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 _TRANSFORM_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,
                      Image.DecompressionBombError)
 """What Pillow raises on an image it cannot rewrite; any of these keeps the original bytes."""
+_EXIF_REWRITE_ERRORS = (AttributeError, OverflowError, struct.error, KeyError, TypeError,
+                        ValueError)
+"""What Pillow's ``exif_transpose`` raises when it writes back an EXIF block with a tag stored
+in the wrong type (after turning the pixels)."""
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+"""EXIF orientation -> the transpose that makes the picture upright (Pillow's own table)."""
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (``ImageOps.exif_transpose``). Pillow
+    rewrites the EXIF block without the orientation afterwards, and a block with a malformed
+    tag makes that fail after the validator accepted the image: then the turned pixels are
+    returned without any EXIF (the output is re-encoded anyway)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except _EXIF_REWRITE_ERRORS:
+        turn = _TURNS.get(img.getexif().get(0x0112, 1))
+        return img.transpose(turn) if turn is not None else img.copy()
 
 
 def _grey8(img: Image.Image) -> Image.Image:
@@ -84,7 +106,7 @@ def rgb_jpeg(data: bytes, fmt: str) -> bytes:
         with Image.open(io.BytesIO(data)) as src:
             if src.format == "JPEG" and src.mode == "RGB":
                 return data
-            img = _rgb(plain_mode(ImageOps.exif_transpose(src)))
+            img = _rgb(plain_mode(upright(src)))
             out = io.BytesIO()
             img.save(out, "JPEG", quality=WEBDATASET_QUALITY)
     except _TRANSFORM_ERRORS as exc:
@@ -127,7 +149,7 @@ class ImageTransformer:
         """(new bytes, new format, width, height) of one encoded image. Raises what Pillow
         raises (``_TRANSFORM_ERRORS``); ``apply`` and ``apply_row`` never do."""
         with Image.open(io.BytesIO(data)) as src:
-            img = plain_mode(ImageOps.exif_transpose(src))
+            img = plain_mode(upright(src))
             if self.resize is not None:
                 img = self._resized(img)
             fmt = self.encode.format if self.encode else fmt

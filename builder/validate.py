@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 import struct
 import warnings
@@ -45,10 +46,14 @@ from builder.records import Record
 from builder.similarity import jpeg_quality
 from builder.spec import ValidationSpec
 
+log = logging.getLogger(__name__)
+
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError)
-"""What Pillow raises on malformed data (TypeError: e.g. a TIFF page without dimensions)."""
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, KeyError,
+                  struct.error)
+"""What Pillow raises on malformed data (TypeError: e.g. a TIFF page without dimensions;
+IndexError and struct.error: a GIF cut off inside a later frame's header)."""
 _PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 _EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, struct.error, UnicodeDecodeError)
 """What reading a malformed EXIF block raises once the pixels are decoded (no OSError: that
@@ -76,7 +81,13 @@ class ImageValidator:
         grids: list[tuple[Record, np.ndarray]] = []
         for record in records:
             if not record.rejected:
-                grid = self._inspect(record)
+                try:
+                    grid = self._inspect(record)
+                except Exception as exc:  # the last guard: a decoder's surprise is this image's
+                    log.warning("unexpected %s validating %s: %s", type(exc).__name__,
+                                record.candidate.url, exc, exc_info=True)
+                    record.reject(Reason.DECODE_ERROR, f"unexpected {type(exc).__name__}: {exc}")
+                    continue
                 if grid is not None:
                     grids.append((record, grid))
         if grids:
@@ -130,6 +141,11 @@ class ImageValidator:
         if w * h > cfg.max_pixels:
             return self._reject(record, Reason.DECOMPRESSION_BOMB,
                                 f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
+        # before counting frames, which reads every frame's header: a cut-off one is truncation
+        cut = gif_truncation(data) if fmt == "gif" else png_damage(data) if fmt == "png" else ""
+        if cut:
+            return self._reject(record, Reason.TRUNCATED if "ends" in cut
+                                else Reason.DECODE_ERROR, cut)
         try:
             frames = getattr(img, "n_frames", 1)
         except _DECODE_ERRORS as exc:
@@ -137,10 +153,6 @@ class ImageValidator:
                                 f"counting frames: {type(exc).__name__}: {exc}")
         if frames > 1 and cfg.animated == "reject":
             return self._reject(record, Reason.ANIMATED, f"{frames} frames")
-        cut = gif_truncation(data) if fmt == "gif" else png_damage(data) if fmt == "png" else ""
-        if cut:
-            return self._reject(record, Reason.TRUNCATED if "ends" in cut
-                                else Reason.DECODE_ERROR, cut)
         try:
             if frames > 1:
                 img.seek(0)

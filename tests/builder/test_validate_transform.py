@@ -305,3 +305,63 @@ def test_malformed_exif_on_good_pixels_is_not_a_decode_error():
     img.save(out, "JPEG", exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12")
     r = check(out.getvalue())
     assert not r.rejected, r.detail
+
+
+@pytest.mark.parametrize("tail,reason", [(b"\x2c\0\0\0\0\x64\0\x50\0\0", "truncated"),
+                                         (b"\x21\xf9\x01\0\0", "decode_error")],
+                         ids=["cut in a frame", "short graphic control block"])
+@pytest.mark.parametrize("animated", ["first_frame", "reject"])
+def test_a_gif_with_a_broken_later_frame_header_is_rejected(tail, reason, animated):
+    """Counting frames reads every frame's header, and Pillow raises IndexError or
+    struct.error on a broken one: a GIF cut off there is truncated (found before counting),
+    a complete one with a malformed block is a decode error."""
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 80)).save(buf, "GIF")
+    r = check(buf.getvalue()[:-1] + tail, animated=animated)
+    assert r.rejected and r.reason == reason, r.detail
+
+
+def test_a_decoder_surprise_rejects_that_image_and_the_batch_goes_on(monkeypatch, caplog):
+    """Whatever a decoder raises on one image's bytes is that image's rejection
+    (decode_error, named), never the batch's or the job's failure."""
+    import builder.validate
+
+    good, odd = jpeg(1), jpeg(2)
+    real = builder.validate.luma_grid
+    calls = []
+
+    def luma_grid(img, size):
+        calls.append(size)
+        if len(calls) == 2:
+            raise RuntimeError("a plugin's bug")
+        return real(img, size)
+
+    monkeypatch.setattr(builder.validate, "luma_grid", luma_grid)
+    records = [rec(good), rec(odd), rec(good)]
+    with caplog.at_level("WARNING", logger="builder.validate"):
+        ImageValidator(ValidationSpec())(records)
+    assert [r.rejected for r in records] == [False, True, False]
+    assert records[1].reason == "decode_error"
+    assert records[1].detail == "unexpected RuntimeError: a plugin's bug"
+    assert "unexpected RuntimeError" in caplog.text
+    assert records[0].phash and records[2].phash
+
+
+def test_a_malformed_exif_tag_still_lets_an_accepted_image_turn_and_resize():
+    """Pillow turns the pixels by the EXIF orientation, then fails to write back a block whose
+    tag is stored in the wrong type (Make as a FLOAT): the image is still turned and resized,
+    and its WebDataset JPEG made, instead of the job stopping."""
+    import struct
+
+    exif = (b"Exif\0\0MM\0*\0\0\0\x08" + struct.pack(">H", 2)
+            + struct.pack(">HHIf", 0x010F, 11, 1, 1.5)
+            + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + b"\0" * 4)
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 80), (200, 30, 30)).save(buf, "JPEG", exif=exif)
+    data = buf.getvalue()
+    assert not check(data).rejected
+    out, fmt, w, h = ImageTransformer(ResizeSpec(max_side=64)).transform_bytes(data, "jpeg")
+    assert (fmt, w, h) == ("jpeg", 51, 64)  # turned a quarter (orientation 6), then shrunk
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG", exif=exif)
+    assert Image.open(io.BytesIO(rgb_jpeg(png.getvalue(), "png"))).size == (80, 100)
