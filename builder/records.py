@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from builder.reasons import Reason, Stage, stage_of
 from builder.rights import RIGHTS_TYPE, Signal, rights_rows
+from builder.text import well_formed
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,16 @@ class Candidate:
     license: str = ""
     author: str = ""
     caption: str = ""
+
+    def __post_init__(self) -> None:
+        # Text from a page, a list or a search answer may hold lone surrogates (``builder.text``)
+        if "".join((self.url, self.label, self.query, self.engine, self.page_url, self.title,
+                    self.license, self.author, self.caption)).isascii():
+            return
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str):
+                object.__setattr__(self, f.name, well_formed(value))
 
     @property
     def key(self) -> str:
@@ -101,7 +112,7 @@ class Record:
         self.rejected = True
         self.stage = stage_of(reason).value
         self.reason = reason.value
-        self.detail = detail[:500]
+        self.detail = well_formed(detail[:500])
         self.duplicate_of = duplicate_of
         self.data = None
         return self

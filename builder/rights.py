@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 
 import pyarrow as pa
 
+from builder.text import well_formed
+
 if TYPE_CHECKING:
     from builder.spec import DownloadSpec
 
@@ -80,8 +82,10 @@ RIGHTS_TYPE = pa.list_(pa.struct([
 
 def rights_rows(signals: Iterable[Signal]) -> list[Signal]:
     """The ``rights`` value of an output row: the ledger's entries, which Arrow reads as
-    structs by position."""
-    return list(signals)
+    structs by position (their text made well-formed: a header may carry undecodable bytes)."""
+    return [s if s.value.isascii() and s.source.isascii() else
+            s._replace(value=well_formed(s.value), source=well_formed(s.source))
+            for s in signals]
 
 
 def first_refusal(signals: Iterable[Signal]) -> Optional[Signal]:
