@@ -57,6 +57,7 @@ from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import Signal, first_refusal
+from builder.text import well_formed
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
                             origin_file)
 from builder.spec import DownloadSpec
@@ -93,7 +94,7 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
         return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
@@ -714,7 +715,7 @@ class Fetcher:
             return
         alt = facts.alts.get(record.final_url) or facts.alts.get(record.candidate.url)
         if alt:
-            record.caption = alt
+            record.caption = well_formed(alt)
 
     async def _load_page(self, page_url: str) -> Optional[sig.PageFacts]:
         """The page's facts, or None when it cannot be read (or robots.txt forbids it)."""

@@ -234,7 +234,7 @@ class ListReader:
         return rows
 
     def _parse(self, raw: bytes, where: str) -> Optional[ListRow]:
-        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        text = raw.decode("utf-8", errors="replace").rstrip("\r\n").removeprefix("\ufeff")
         kind = self.plan.kind
         if kind == "txt":
             line = text.strip()
@@ -249,13 +249,16 @@ class ListReader:
         if kind == "jsonl":
             try:
                 obj = json.loads(text)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # ValueError: also a 5,000-digit int
                 return ListRow(self.default_label, "", f"{where} (not valid JSON: {exc})")
             if not isinstance(obj, dict):
                 return ListRow(self.default_label, "",
                                f"{where} (a JSON {type(obj).__name__}, not an object)")
             return self._row(obj, where)
-        values = next(csv.reader([text], delimiter="\t" if kind == "tsv" else ","), [])
+        try:
+            values = next(csv.reader([text], delimiter="\t" if kind == "tsv" else ","), [])
+        except csv.Error as exc:  # e.g. a field longer than csv.field_size_limit()
+            return ListRow(self.default_label, "", f"{where} (not a {kind} row: {exc})")
         return self._row(dict(zip(self.plan.header, values)), where)
 
     def _row(self, obj: dict[str, Any], where: str) -> ListRow:

@@ -170,7 +170,8 @@ def match_rules(rules: list[PathRule], path: str, absent: Signal) -> Signal:
 
 @dataclass(frozen=True)
 class TdmRule:
-    location: str
+    pattern: str
+    """The path pattern of the rule's ``location`` ('' or '*': every path)."""
     signal: Signal
 
 
@@ -206,19 +207,27 @@ def parse_tdmrep(status: int, body: bytes) -> tuple[list[TdmRule], Signal]:
             continue
         location = item.get("location")
         location = location.strip() if isinstance(location, str) else ""
+        try:
+            pattern = _tdm_pattern(location)
+        except ValueError:  # an absolute URL that cannot be read names no path: no rule
+            continue
         signal = tdm_signal(item.get("tdm-reservation"), item.get("tdm-policy"),
                             f"{TDMREP_PATH} location {location or '*'!r}")
         if signal is not None:
-            rules.append(TdmRule(location, signal))
+            rules.append(TdmRule(pattern, signal))
     return rules, Signal("tdmrep", "", f"{TDMREP_PATH} (no rule for this path)")
 
 
-def _tdm_location_matches(location: str, path: str) -> bool:
-    if not location or location == "*":
-        return True
-    if not location.startswith(("/", "*")):  # an absolute URL: compare its path
-        location = URL(location).raw_path if "://" in location else "/" + location
-    return path_matches(location, path)
+def _tdm_pattern(location: str) -> str:
+    """The path pattern of a rule's ``location``: an absolute URL gives its path (raises
+    ValueError where it cannot be read), a relative one is taken from the root."""
+    if not location or location == "*" or location.startswith(("/", "*")):
+        return location
+    return URL(location).raw_path if "://" in location else "/" + location
+
+
+def _tdm_location_matches(pattern: str, path: str) -> bool:
+    return not pattern or pattern == "*" or path_matches(pattern, path)
 
 
 # ---- origin-level -----------------------------------------------------------------------------
@@ -296,7 +305,7 @@ class OriginSignals:
         if self._tdm is not None:
             rules, absent = self._tdm
             out.append(next((r.signal for r in rules
-                             if _tdm_location_matches(r.location, path)), absent))
+                             if _tdm_location_matches(r.pattern, path)), absent))
         if self._ai is not None:
             out.append(self._ai.entry(url))
         return tuple(out)

@@ -676,6 +676,8 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(date, now=now) == pytest.approx(120, abs=1)
     past = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now - 120))
     assert parse_retry_after(past, now=now) == 0.0
+    # a date Python cannot hold (a huge offset, year or day) says nothing usable
+    assert parse_retry_after("Mon, 01 Jan 2020 00:00:00 +99999999999999999999") is None
 
 
 def test_idle_hosts_are_forgotten(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:

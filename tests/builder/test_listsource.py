@@ -113,3 +113,32 @@ def test_a_resumed_job_cuts_its_lists_as_its_first_run_did(tmp_path):
     older = JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True)
     older.prepare()
     assert older.list_plans[0] == plan_slices(str(urls), 64)
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM: the first URL, or JSON line, is read."""
+    txt, jsonl = tmp_path / "urls.txt", tmp_path / "urls.jsonl"
+    txt.write_bytes(b"\xef\xbb\xbfhttp://127.0.0.1:1/a.jpg\nhttp://127.0.0.1:1/b.jpg\n")
+    jsonl.write_bytes(b'\xef\xbb\xbf{"url": "http://127.0.0.1:1/a.jpg"}\n')
+    assert _read_all(plan_slices(str(txt), 10)) == [["http://127.0.0.1:1/a.jpg",
+                                                    "http://127.0.0.1:1/b.jpg"]]
+    assert _read_all(plan_slices(str(jsonl), 10)) == [["http://127.0.0.1:1/a.jpg"]]
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("urls.csv", "x" * 140_000 + ",cat"),  # a field past csv.field_size_limit()
+    ("urls.jsonl", "[" * 100_000 + "]" * 100_000),  # nested past the recursion limit
+    ("urls.jsonl", '{"url": ' + "9" * 5_000 + "}"),  # an int past Python's digit limit
+])
+def test_a_row_the_parser_refuses_is_a_bad_row_and_the_rest_is_read(tmp_path, name, bad):
+    """Each becomes a row without a URL that says where it is and why (the job rejects it as
+    an invalid URL); the rows around it are read."""
+    path = tmp_path / name
+    good = ('{"url": "http://127.0.0.1:1/%s.jpg"}' if name.endswith("jsonl")
+            else "http://127.0.0.1:1/%s.jpg,cat")
+    header = "url,label\n" if name.endswith("csv") else ""
+    path.write_text(header + "\n".join([good % "a", bad, good % "b"]) + "\n")
+    rows = ListReader(plan_slices(str(path), 10), default_label="cat").read(0)
+    assert [r.url for r in rows] == ["http://127.0.0.1:1/a.jpg", "",
+                                     "http://127.0.0.1:1/b.jpg"]
+    assert "byte" in rows[1].where and "not " in rows[1].where

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, PngImagePlugin
+from yarl import URL
 
 from builder.fetch import Fetcher
 from builder.reasons import Reason
@@ -19,8 +20,8 @@ from builder.records import Candidate, Record
 from builder.rights import ALLOW, NONE, REFUSE, RightsTally, Signal
 from builder.sandbox import SandboxWeb
 from builder.sandbox.sites import ACCEPTED, PAGE_CASES, SIGNAL_CASES
-from builder.signals import (content_signal_verdict, parse_preferences, parse_tdmrep,
-                             path_matches, usage_verdict)
+from builder.signals import (OriginSignals, content_signal_verdict, parse_preferences,
+                             parse_tdmrep, path_matches, usage_verdict)
 from builder.spec import DownloadSpec
 from builder.xmp import data_mining, jpeg_with_xmp, xmp_with_data_mining
 
@@ -67,11 +68,22 @@ def test_tdmrep_file() -> None:
     body = (b'[{"location": "/a/*", "tdm-reservation": 1, "tdm-policy": "https://p/x.json"},'
             b' {"location": "/", "tdm-reservation": "0"}, {"location": "/b", "x": 2}, 7]')
     rules, absent = parse_tdmrep(200, body)
-    assert [(r.location, r.signal.verdict) for r in rules] == [("/a/*", REFUSE), ("/", ALLOW)]
+    assert [(r.pattern, r.signal.verdict) for r in rules] == [("/a/*", REFUSE), ("/", ALLOW)]
     assert rules[0].signal.value == "tdm-reservation=1, tdm-policy=https://p/x.json"
     assert parse_tdmrep(404, b"")[0] == [] and "HTTP 404" in parse_tdmrep(404, b"")[1].source
     assert parse_tdmrep(200, b"<html>soft 404</html>")[0] == []
     assert parse_tdmrep(200, b'{"location": "/", "tdm-reservation": 1}')[0][0].signal.refuses
+
+
+def test_a_tdmrep_rule_whose_location_cannot_be_read_is_no_rule():
+    """A location that is not a readable URL names no path: that rule is dropped, the others
+    stand (it once made every image of the site a connection_error, and recheck crash)."""
+    rules, _ = parse_tdmrep(200, b'[{"location": "https://[bad/images/*", "tdm-reservation": 1},'
+                                 b' {"location": "https://example.com/r/*", "tdm-reservation": 1}]')
+    assert [r.pattern for r in rules] == ["/r/*"]
+    origin = OriginSignals(DownloadSpec(), None, (rules, Signal("tdmrep", "", "none")), None)
+    assert [s.verdict for s in origin.ledger(URL("https://example.com/r/a.jpg"))] == [REFUSE]
+    assert [s.verdict for s in origin.ledger(URL("https://example.com/images/a.jpg"))] == [NONE]
 
 
 def _png_with_xmp(value: str) -> bytes:
