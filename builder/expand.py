@@ -35,6 +35,8 @@ from typing import Any, Iterable
 
 from yarl import URL
 
+from builder.text import well_formed
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -122,14 +124,16 @@ def parse_queries(content: str) -> list[str]:
         data = data.get("queries")
     if not isinstance(data, list) or not all(isinstance(q, str) for q in data):
         raise ValueError(f"answer has no list of strings under 'queries': {text[:80]!r}")
-    return data
+    return [well_formed(q) for q in data]  # JSON may spell a lone surrogate
 
 
 def _llm_errors() -> tuple[type[BaseException], ...]:
     """What a failed LLM call can raise: the client's errors (connection, timeout, HTTP status),
-    a missing ``openai`` package, and malformed answers."""
+    a missing ``openai`` package, and malformed answers (RecursionError: JSON nested past
+    Python's limit)."""
     errors: tuple[type[BaseException], ...] = (ImportError, OSError, ValueError, TypeError,
-                                               KeyError, IndexError, AttributeError)
+                                               KeyError, IndexError, AttributeError,
+                                               RecursionError)
     try:
         from openai import OpenAIError
     except ImportError:

@@ -76,7 +76,8 @@ class RobotsPolicy:
     def from_response(cls, status: int, body: bytes, user_agent: str = ROBOTS_UA) -> "RobotsPolicy":
         """The policy for a robots.txt that answered ``status`` with ``body`` (see module doc)."""
         if 200 <= status < 300:
-            text = body[:MAX_ROBOTS_BYTES].decode("utf-8", errors="replace")
+            # a BOM (files saved on Windows) would glue itself to the first key and lose its group
+            text = body[:MAX_ROBOTS_BYTES].decode("utf-8", errors="replace").removeprefix("\ufeff")
             return cls(status, Protego.parse(text), _groups(text), user_agent=user_agent)
         if status in (401, 403):
             return cls(status, disallow_all=True)

@@ -155,6 +155,23 @@ def test_offline_expand_is_deterministic_distinct_and_excludes_originals():
     assert len(many) == 25 and "kitty photo" in many
 
 
+@pytest.mark.parametrize("content", ['{"queries": ["a", ' + "[" * 50_000 + "]" * 50_000 + "]}",
+                                     '{"queries": ["\\ud800 cat", "tabby cat"]}'],
+                         ids=["nested past the recursion limit", "a lone surrogate"])
+def test_an_llm_answer_python_cannot_hold_is_not_a_failed_job(tmp_path, content):
+    """Expansion never fails a job: an answer nested past Python's recursion limit is a
+    malformed answer (the queries are expanded offline), and a lone surrogate spelled in JSON
+    is made well-formed before the answer is cached and written to stats."""
+    with chat_server(content) as srv:
+        exp = KeywordExpander(base_url=f"{srv.url}/v1", api_key="sk-local", model="tiny-llm",
+                              n=2, cache_dir=str(tmp_path))
+        out = exp.expand("cat", ["cat"])
+    assert len(out) == 2
+    json.dumps(out, ensure_ascii=False).encode("utf-8")
+    if "ud800" in content:
+        assert out == ["\ufffd cat", "tabby cat"] and exp.source == "llm"
+
+
 def test_parse_queries_shapes():
     assert parse_queries('["a", "b"]') == ["a", "b"]
     assert parse_queries('Here you go: {"queries": ["a"]} enjoy') == ["a"]

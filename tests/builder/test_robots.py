@@ -241,3 +241,9 @@ def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
 ])
 def test_x_robots_tag(values: list[str], expected: object) -> None:
     assert optout_directive(values, ROBOTS_UA) == expected
+
+
+def test_a_byte_order_mark_does_not_lose_the_first_group():
+    """A robots.txt (or ai.txt) saved with a BOM: its first line still opens the group."""
+    policy = RobotsPolicy.from_response(200, b"\xef\xbb\xbfUser-agent: *\nDisallow: /\n")
+    assert policy.group == "*" and not policy.allowed("/x.jpg")

@@ -64,6 +64,32 @@ def test_path_patterns(pattern: str, path: str, matches: bool) -> None:
     assert path_matches(pattern, path) is matches
 
 
+def test_path_matching_agrees_with_the_rfcs_regular_expression_on_random_patterns() -> None:
+    """``*`` as ``.*`` and a final ``$`` as the end, read as a regular expression matched at
+    the path's start: the reference, over random patterns and paths of a small alphabet."""
+    import random
+    import re
+
+    rnd = random.Random(9309)
+    for _ in range(20_000):
+        pattern = "/" + "".join(rnd.choice("ab*/") for _ in range(rnd.randint(0, 6)))
+        pattern += "$" if rnd.random() < 0.4 else ""
+        path = "/" + "".join(rnd.choice("ab/") for _ in range(rnd.randint(0, 8)))
+        body = pattern[:-1] if pattern.endswith("$") else pattern
+        regex = ".*".join(map(re.escape, body.split("*"))) + ("$" if body != pattern else "")
+        assert path_matches(pattern, path) is bool(re.match(regex, path)), (pattern, path)
+
+
+@pytest.mark.timeout(30)
+def test_a_pattern_of_many_wildcards_is_matched_without_backtracking() -> None:
+    """A site's rule of a dozen ``*``s against a long path (a regular expression of ``.*``s
+    would run for hours on the fetching event loop)."""
+    pattern = "/" + "*a" * 12 + "*b"
+    assert not path_matches(pattern, "/" + "a" * 5_000)
+    assert path_matches(pattern, "/" + "a" * 5_000 + "b")
+    assert not path_matches(pattern + "$", "/" + "a" * 5_000 + "bc")
+
+
 def test_tdmrep_file() -> None:
     body = (b'[{"location": "/a/*", "tdm-reservation": 1, "tdm-policy": "https://p/x.json"},'
             b' {"location": "/", "tdm-reservation": "0"}, {"location": "/b", "x": 2}, 7]')
@@ -380,3 +406,19 @@ def test_header_entries_are_read_once_per_distinct_header_set():
     assert refused is not first and refused[1].refuses
     assert not ResponseSignals(DownloadSpec(respect_optouts=False, signals={
         "tdmrep": False, "content_usage": False})).active
+
+
+@pytest.mark.parametrize("html", [
+    '<meta name="robots"><meta name="robots" content="noai">',
+    '<meta name="robots" content="index, follow"><meta name="robots" content="noai, noimageai">',
+    '<meta name="robots" content="noai"><p><![foo[ a malformed marked section',
+])
+def test_every_robots_meta_tag_of_a_page_counts(html):
+    """An empty or an allowing robots tag does not hide a later one that refuses, and a
+    malformed ``<![`` section after the tags (html.parser raises AssertionError) does not
+    lose them."""
+    from builder.signals import parse_page
+
+    facts = parse_page(html.encode(), "http://example.com/page", DownloadSpec())
+    robots = [s for s in facts.signals if s.name == "robots_meta"]
+    assert [s.verdict for s in robots] == [REFUSE]
