@@ -34,7 +34,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -436,7 +436,8 @@ class DownloadSpec(_Model):
         description="byte budget of the response bodies being read at once per downloader; a "
                     "body waits for room (the oldest body being read always proceeds)")
     contact: Optional[str] = Field(
-        default=None, description="the operator's email or URL, added to the User-Agent; "
+        default=None, max_length=320, description="the operator's email or URL, added to the "
+        "User-Agent; "
         "needed to crawl the public web (Wikimedia and others require one)")
     hosts: dict[str, HostProfileSpec] = Field(
         default_factory=dict, description="per-host politeness profiles (a host name, or "
@@ -486,6 +487,21 @@ class ValidationSpec(_Model):
         if not v or any("{}" not in p for p in v):
             raise ValueError("each prompt needs a '{}' where the class name goes, "
                              "e.g. 'a photo of a {}.'")
+        for p in v:
+            try:
+                p.format("cat")
+            except (IndexError, KeyError, ValueError) as exc:
+                raise ValueError(f"prompt {p!r} takes the class name in one '{{}}' and no other "
+                                 f"braces (write '{{{{' for a literal brace): {exc!r}") from None
+        return v
+
+    @field_validator("nsfw_labels")
+    @classmethod
+    def _labels_regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"{v!r} is not a regular expression: {exc}") from None
         return v
 
     @model_validator(mode="after")
@@ -584,34 +600,52 @@ LIST_GROWTH = 4
 much (``DatasetSpec.list_growth``)."""
 
 
+MAX_ACTORS = 100_000
+"""Upper bound of the counts of workers, partitions, units and GPU actors: far beyond any
+cluster, and small enough for Ray's float resource arithmetic (10**400 overflowed it)."""
+MAX_CPUS = 1024.0
+"""Upper bound of the CPUs or GPUs one actor asks for."""
+MAX_RESOURCE = 1e9
+"""Upper bound of a custom resource amount one worker asks for."""
+MAX_BUFFERED_MB = 1 << 20
+"""Upper bound of ``resources.max_buffered_mb``: a TiB."""
+MAX_GPU_BATCH = 65_536
+
+
 class ResourcesSpec(_Model):
     """Ray resources. ``None`` means: size from the cluster (see README, 'Resources')."""
 
     workers: Optional[int] = Field(
-        default=None, ge=1, description="shard workers (each fetches, validates, dedups and "
+        default=None, ge=1, le=MAX_ACTORS,
+        description="shard workers (each fetches, validates, dedups and "
         "writes its units); unset: one per worker_cpus of the cluster")
-    worker_cpus: float = Field(default=1.0, gt=0, description="CPUs per shard worker")
-    worker_resources: dict[str, float] = Field(
+    worker_cpus: float = Field(default=1.0, gt=0, le=MAX_CPUS, description="CPUs per shard "
+                               "worker")
+    worker_resources: dict[str, Annotated[float, Field(ge=0, le=MAX_RESOURCE)]] = Field(
         default_factory=dict, description="custom Ray resources each shard worker asks for, "
         "to place workers on some nodes only (e.g. {crawl: 1} for nodes started with "
         "--resources '{\"crawl\": 8}')")
     dedup_partitions: Optional[int] = Field(
-        default=None, ge=1, description="partitions (actors) of the dedup index; unset: one "
+        default=None, ge=1, le=MAX_ACTORS,
+        description="partitions (actors) of the dedup index; unset: one "
         "per 16 CPUs of the cluster")
     batch_size: Optional[int] = Field(
         default=None, ge=1, description="candidates per unit of work (a URL-list slice, a "
         "class's inline urls); unset: sized from the job (DatasetSpec.batch_size)")
     max_in_flight_batches: Optional[int] = Field(
-        default=None, ge=1, description="units a worker runs at once; unset: enough to keep "
+        default=None, ge=1, le=MAX_ACTORS,
+        description="units a worker runs at once; unset: enough to keep "
         "download.concurrency fetches in flight")
     max_buffered_mb: int = Field(
-        default=512, ge=16, description="bytes a worker holds of accepted images, and of the "
+        default=512, ge=16, le=MAX_BUFFERED_MB,
+        description="bytes a worker holds of accepted images, and of the "
         "decisions of their units (journaled once the images are written), before it writes "
         "a shard early (shards are otherwise output.shard_size rows)")
-    gpu_actors: int = Field(default=1, ge=1)
-    gpus_per_actor: float = Field(default=0.0, ge=0)
-    gpu_actor_cpus: float = Field(default=0.5, gt=0, description="CPUs per slow validator")
-    gpu_batch_size: int = Field(default=128, ge=1)
+    gpu_actors: int = Field(default=1, ge=1, le=MAX_ACTORS)
+    gpus_per_actor: float = Field(default=0.0, ge=0, le=MAX_CPUS)
+    gpu_actor_cpus: float = Field(default=0.5, gt=0, le=MAX_CPUS,
+                                  description="CPUs per slow validator")
+    gpu_batch_size: int = Field(default=128, ge=1, le=MAX_GPU_BATCH)
     on_no_gpu: Literal["cpu", "fail"] = "cpu"
 
 
@@ -852,23 +886,32 @@ def _format_errors(exc: ValidationError) -> list[tuple[str, str]]:
 def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     """The model class at a location path in DatasetSpec, for listing its valid fields."""
     model: Any = DatasetSpec
+    keyed = False  # the next part is a key of a mapping field (a class name, a host)
     for part in loc:
         if isinstance(part, int):
+            continue
+        if keyed:
+            keyed = False
             continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
         field = model.model_fields.get(str(part))
         if field is None:
-            if model is DatasetSpec or model is None:
-                return None
             return None
         ann = field.annotation
+        keyed = _is_mapping(ann)
         model = _unwrap(ann)
         if model is None and str(part) == "classes":
             model = ClassSpec
     if isinstance(model, type) and issubclass(model, BaseModel):
         return model
     return None
+
+
+def _is_mapping(ann: Any) -> bool:
+    if get_origin(ann) is dict:
+        return True
+    return get_origin(ann) is Union and any(_is_mapping(arg) for arg in get_args(ann))
 
 
 def _unwrap(ann: Any) -> Any:
@@ -896,8 +939,10 @@ def loads_spec(text: str, source: str = "spec") -> DatasetSpec:
     """Parse YAML (a superset of JSON) text as a spec."""
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a number too long to convert
         raise SpecError([("(file)", f"not valid YAML/JSON: {exc}")], source) from None
+    except RecursionError:
+        raise SpecError([("(file)", "not valid YAML/JSON: nested too deeply")], source) from None
     return parse_spec(data, source)
 
 
@@ -906,11 +951,17 @@ def load_spec(path: Union[str, Path]) -> DatasetSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError([("(file)", f"no such file: {p}")], str(p))
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([("(file)", f"not UTF-8 text: {exc}; save the spec as UTF-8")],
+                        str(p)) from None
     if p.suffix == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or a number too long to convert
             raise SpecError([("(file)", f"not valid JSON: {exc}")], str(p)) from None
+        except RecursionError:
+            raise SpecError([("(file)", "not valid JSON: nested too deeply")], str(p)) from None
         return parse_spec(data, str(p))
     return loads_spec(text, str(p))

@@ -287,3 +287,59 @@ def test_the_validation_split_has_one_name():
     assert spec.output.splits == {"train": 0.9, "validation": 0.1}
     found = problems({**MINIMAL, "output": {"splits": {"val": 0.5, "validation": 0.5}}})
     assert "keep 'validation'" in "".join(found.values())
+
+
+BASE = {"name": "x", "classes": {"cat": None},
+        "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:9"}]}
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"download": {"contact": "a" * 20_000}}, "download.contact"),
+    ({"resources": {"workers": 10 ** 309}}, "resources.workers"),
+    ({"resources": {"dedup_partitions": 10 ** 400}}, "resources.dedup_partitions"),
+    ({"resources": {"gpu_actors": 10 ** 400}}, "resources.gpu_actors"),
+    ({"resources": {"worker_resources": {"crawl": -5}}}, "resources.worker_resources.crawl"),
+    ({"validation": {"clip_prompts": ["a photo of a {} {}"]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["{x} {}"]}}, "validation.clip_prompts"),
+    ({"validation": {"nsfw_labels": "(unclosed"}}, "validation.nsfw_labels"),
+])
+def test_values_that_would_fail_inside_the_job_are_refused_naming_the_field(extra, field):
+    """Each once passed the spec and failed later: a contact whose check took seconds per 10k
+    characters, counts that overflowed Ray's float arithmetic, a negative resource, a prompt
+    that str.format cannot fill with one name, a label regex that does not compile."""
+    with pytest.raises(SpecError) as info:
+        parse_spec({**BASE, **extra})
+    assert [path for path, _ in info.value.problems] == [field]
+
+
+def test_a_prompt_with_escaped_braces_is_fine():
+    assert parse_spec({**BASE, "validation": {"clip_prompts": ["a {{b}} {}"]}})
+
+
+@pytest.mark.parametrize("extra,field,valid", [
+    ({"classes": {"cat": {"querys": ["x"]}}}, "classes.cat.querys", "queries, target, urls"),
+    ({"download": {"hosts": {"x.org": {"foo": 1}}}}, "download.hosts.x.org.foo",
+     "concurrency, delay_s"),
+])
+def test_an_unknown_field_under_a_named_entry_lists_the_valid_fields(extra, field, valid):
+    with pytest.raises(SpecError) as info:
+        parse_spec({**BASE, **extra})
+    ((path, message),) = info.value.problems
+    assert path == field and f"valid fields: {valid}" in message
+
+
+@pytest.mark.parametrize("name,content,says", [
+    ("spec.yaml", b"name: caf\xe9\n", "not UTF-8"),
+    ("spec.yaml", b"name: x\ntarget: " + b"9" * 5000 + b"\n", "not valid YAML/JSON"),
+    ("spec.yaml", b"[" * 3000 + b"]" * 3000, "nested too deeply"),
+    ("spec.json", b'{"target": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    ("spec.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+])
+def test_a_spec_file_python_cannot_read_is_a_spec_error(tmp_path, name, content, says):
+    """Not a traceback from ``pixcrawler check`` / ``build``: the file's problem, named."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    ((where, message),) = info.value.problems
+    assert where == "(file)" and says in message
