@@ -151,7 +151,8 @@ _EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp", "gif":
                "bmp": "bmp", "tiff": "tif", "tif": "tif"}
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
           (b"GIF89a", "gif"), (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""What a job id is made of (``fullmatch``: it names files and journal folders)."""
 _LABEL_COLUMNS = ("id", "path", "label", "label_index", "split")
 _IMAGE_LABEL_KEYS = ("id", "label", "levels", "class_index", "split", "url", "page_url",
                      "license", "author", "width", "height", "image")
@@ -618,7 +619,7 @@ class DatasetPublisher:
     def __init__(self, output: OutputSpec, uri: str, job_id: str,
                  storage_options: Optional[dict[str, Any]] = None,
                  labels: Sequence[str] = ()):
-        if not _JOB_ID_RE.match(job_id or ""):
+        if not JOB_ID_RE.fullmatch(job_id or ""):
             raise ValueError(f"job_id {job_id!r} must be letters, digits, '.', '_' or '-'")
         if is_local_uri(uri):
             uri = open_fs(uri)[1]

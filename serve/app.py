@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
 from builder.spec import parse_spec
+from builder.writers import JOB_ID_RE
 from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
 from serve.cache import ReadCache
@@ -62,6 +63,11 @@ JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 REPLICA_CPUS = 0.1
+MAX_JOB_ID = 160
+"""The longest job id the store holds (its ``jobs.id`` column)."""
+MAX_OFFSET = 999_999_999
+"""The largest ``?offset=`` of a listing (nine digits, what the fast path reads); a larger
+one overflowed the store's integers."""
 # Serve reads this in each replica process: 0 runs the ingress on the replica's own event loop.
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
@@ -168,9 +174,10 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 
 @app.exception_handler(Exception)
 async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")
+    log.exception("unhandled error")  # the details (a store's error may quote its SQL) stay here
     return JSONResponse({"error": {"code": "internal_error",
-                                   "message": f"{type(exc).__name__}: {exc}"}}, status_code=500)
+                                   "message": "an internal error; the server's log has the "
+                                   "details"}}, status_code=500)
 
 
 _CLASS_TARGETS: dict[tuple[str, float], dict[str, Optional[int]]] = {}
@@ -336,6 +343,8 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None) 
                               default=str).encode("utf-8"))
     except RecursionError:
         raise _body_error(f"not valid {kind}: nested too deeply") from None
+    except TypeError as exc:  # a YAML key that is a date, a number's tuple, bytes...
+        raise _body_error(f"not a spec: every mapping key must be a string ({exc})") from None
     except UnicodeEncodeError as exc:
         # JSON's \ud83d escape with no partner: no character, and no file can hold it.
         bad = exc.object[exc.start:exc.end]
@@ -472,6 +481,8 @@ class JobAPI:
         return principal
 
     async def _row(self, job_id: str, principal: Principal) -> JobRow:
+        if len(job_id) > MAX_JOB_ID or not JOB_ID_RE.fullmatch(job_id):
+            raise not_found(job_id)  # no job has such an id (a NUL would fail a PostgreSQL query)
         # Keyed by owner too: another key's job stays a 404.
         row = await self.reads.get(
             ("job", job_id, principal.owner),
@@ -606,7 +617,7 @@ class JobAPI:
                         state: Optional[str] = Query(None, description="comma-separated "
                                                      "states: " + ", ".join(STATES)),
                         limit: int = Query(20, ge=1, le=100),
-                        offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                        offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict[str, Any]:
         principal = await self._caller(request)
         states = parse_states(state)
         page = await self._list_rows(principal, states, limit, offset)

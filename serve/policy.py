@@ -14,9 +14,11 @@ user is the operator. The defaults are safe for a server that strangers reach:
 - **Endpoints**: ``sources[].url`` and ``sources[].options.base_url`` only under
   ``source_urls``, ``search.llm_base_url`` only under ``llm_base_urls``, ``options.proxy`` only
   with ``allow_proxy``, ``download.allow_private_networks`` only with
-  ``allow_private_networks``, and models other than the spec's defaults only from ``models``
-  (a model name can be a local path).
-- **Caps** on targets, classes, total images, download concurrency, per-host concurrency,
+  ``allow_private_networks``, models other than the spec's defaults only from ``models``
+  (a model name can be a local path), and ``search.llm_model`` on the server's own LLM
+  endpoint only from ``llm_models``.
+- **Caps** on targets, classes, total images, download concurrency, per-host concurrency
+  (``download.hosts`` included, where a host with a built-in profile may only be made politer),
   ``max_bytes`` and ``max_pixels``. A value set above a cap is refused; a field left unset whose
   default is above the cap takes the cap.
 - **Resources**: each job's pools are sized to its share of the cluster (``job_cpus``, default:
@@ -75,6 +77,9 @@ class ApiPolicy(BaseModel):
     llm_base_urls: list[str] = Field(
         default_factory=list, description="http(s) URL prefixes search.llm_base_url may name; "
         "none by default")
+    llm_models: list[str] = Field(
+        default_factory=list, description="search.llm_model values a job may ask of the "
+        "server's own LLM endpoint (and key); none by default: the server's model")
     allow_proxy: bool = Field(default=False, description="sources[].options.proxy")
     allow_private_networks: bool = Field(
         default=False, description="download.allow_private_networks: true (the fetcher may "
@@ -319,6 +324,12 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
         allowed = ", ".join(policy.llm_base_urls) or "none; leave it unset to use the server's"
         check.forbid("search.llm_base_url", "llm_base_urls", f"{llm!r} is not an LLM endpoint "
                      f"this server lets API users name (allowed prefixes: {allowed})")
+    model = spec.search.llm_model
+    if model is not None and llm is None and model not in policy.llm_models:
+        allowed = ", ".join(policy.llm_models) or "none; leave it unset for the server's"
+        check.forbid("search.llm_model", "llm_models", f"{model!r} is not a model this server "
+                     f"lets API users run on its LLM endpoint (allowed: {allowed})")
+    _check_hosts(check, policy)
     if spec.download.allow_private_networks and not policy.allow_private_networks:
         check.forbid("download.allow_private_networks", "allow_private_networks",
                      "this server does not let API users fetch from loopback or private "
@@ -342,6 +353,29 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
     if check.refusals:
         raise PolicyRefused(check.refusals)
     return parse_spec(_apply(spec.model_dump(mode="json"), check.changes), "request body")
+
+
+def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
+    """``download.hosts`` through the API: no host faster than ``max_per_host_concurrency``,
+    and a host with a built-in profile (a site's published robot policy) only made politer.
+    On one's own machine a value there stands as written (``builder.profiles``)."""
+    from builder.profiles import BUILTIN_PROFILES
+
+    cap = policy.max_per_host_concurrency
+    for host, profile in check.spec.download.hosts.items():
+        at = f"download.hosts.{host}"
+        if profile.concurrency is not None and profile.concurrency > cap:
+            check.over(f"{at}.concurrency", "max_per_host_concurrency",
+                       f"{profile.concurrency} is over this server's limit {cap} "
+                       "(max_per_host_concurrency)")
+        builtin = BUILTIN_PROFILES.get(host)
+        for name in ("concurrency", "max_bytes_per_s"):
+            mine = getattr(profile, name)
+            theirs = getattr(builtin, name) if builtin is not None else None
+            if mine is not None and theirs is not None and mine > theirs:
+                check.forbid(f"{at}.{name}", "max_per_host_concurrency",
+                             f"{mine:g} is above {host}'s published robot policy ({theirs:g}); "
+                             "through this server a spec may only make it politer")
 
 
 def _check_targets(check: _Check, policy: ApiPolicy) -> None:

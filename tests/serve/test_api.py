@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import time
@@ -309,3 +310,29 @@ def test_burst_over_the_rate_limit_gets_429_with_retry_after(serve_app):
 def test_unknown_route_answers_json_error(serve_app):
     r = serve_app.call("GET", "/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_ids_and_pages_that_cannot_exist_are_a_404_or_a_422_never_a_500(serve_app):
+    """A NUL in a job id failed PostgreSQL's query (a 500 quoting the SQL); an offset past
+    nine digits overflowed the store's integers."""
+    key = serve_app.new_key("odd-ids")
+    for method, path in (("GET", "/v1/jobs/%00"), ("GET", "/v1/jobs/a%00b/events"),
+                         ("DELETE", "/v1/jobs/%00"), ("GET", "/v1/jobs/" + "a" * 200),
+                         ("GET", "/v1/jobs/a%0A/samples")):
+        r = serve_app.call(method, path, key)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"]["code"] == "job_not_found"
+    r = serve_app.call("GET", "/v1/jobs?offset=9223372036854775808", key)
+    assert r.status_code == 422, r.text
+
+
+def test_an_internal_error_answers_without_its_details():
+    """The log has them; the client gets no exception text (a store's error quotes its SQL)."""
+    import asyncio
+
+    from serve.app import _internal
+
+    response = asyncio.run(_internal(None, RuntimeError('SELECT * FROM jobs WHERE id = "x"')))
+    assert response.status_code == 500
+    body = json.loads(response.body)
+    assert body["error"]["code"] == "internal_error" and "SELECT" not in response.body.decode()

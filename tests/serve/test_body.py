@@ -154,3 +154,9 @@ def test_a_chunked_body_is_refused_once_past_the_limit_not_read_whole():
         asyncio.run(read_body(Request(scope, receive), 1_000_000))
     assert info.value.status == 413 and info.value.code == "spec_too_large"
     assert len(pulled) == 1_000_000 // len(chunk) + 1  # 16 of the 1000 chunks (65 MB)
+
+
+def test_a_yaml_key_that_is_not_a_string_is_a_422():
+    """A date (or a binary) as a mapping key could not be measured as JSON: it was a 500."""
+    message = body_problem("name: x\n2020-01-01: y\n" + TAIL_YAML, YAML, 10_000)
+    assert "every mapping key must be a string" in message

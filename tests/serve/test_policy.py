@@ -128,6 +128,9 @@ def test_url_lists_in_the_request_body_need_no_permission():
     ({"validation": {"clip_model": "/root/some-model"}}, "validation.clip_model", "models"),
     ({"validation": {"nsfw_backend": "hf", "nsfw_model": "/etc"}}, "validation.nsfw_model",
      "models"),
+    ({"search": {"expand": True, "llm_model": "gpt-4-32k"}}, "search.llm_model", "llm_models"),
+    ({"download": {"hosts": {"upload.wikimedia.org": {"max_bytes_per_s": 1e12}}}},
+     "download.hosts.upload.wikimedia.org.max_bytes_per_s", "max_per_host_concurrency"),
 ])
 def test_endpoints_proxies_private_networks_and_models_need_the_operators_permission(
         overrides, field, setting):
@@ -138,10 +141,29 @@ def test_endpoints_proxies_private_networks_and_models_need_the_operators_permis
                 **overrides})  # the CLI takes them all: there the user is the operator
 
 
+def test_per_host_profiles_are_capped_and_built_in_ones_only_made_politer():
+    """``download.hosts`` once let an API user set any host's concurrency (100,000 for
+    *.com) and lift Wikimedia's published limits."""
+    policy = ApiPolicy(max_per_host_concurrency=4)
+    status, problems = refused(spec(download={"hosts": {
+        "*.com": {"concurrency": 100_000, "delay_s": 0},
+        "upload.wikimedia.org": {"concurrency": 3}}}), policy)
+    assert status == 403 and {f: s for f, (s, _) in problems.items()} == {
+        "download.hosts.*.com.concurrency": "max_per_host_concurrency",
+        "download.hosts.upload.wikimedia.org.concurrency": "max_per_host_concurrency"}
+    assert "published robot policy (2)" in \
+        problems["download.hosts.upload.wikimedia.org.concurrency"][1]
+    placed = apply(spec(download={"hosts": {"*.com": {"concurrency": 4},
+                                            "upload.wikimedia.org": {"concurrency": 1}}}),
+                   policy)
+    assert placed.download.hosts["upload.wikimedia.org"].concurrency == 1
+
+
 def test_what_the_operator_allows_passes():
     policy = ApiPolicy(source_urls=["http://127.0.0.1:9/api/"],
                        llm_base_urls=["https://llm.internal/v1"], allow_proxy=True,
-                       allow_private_networks=True, models=["org/clip-small"])
+                       allow_private_networks=True, models=["org/clip-small"],
+                       llm_models=["gpt-4o"])
     placed = apply(spec(sources=[{"engine": "openverse",
                                   "options": {"base_url": "http://127.0.0.1:9/api/v1/images",
                                               "proxy": "http://proxy:3128"}},
@@ -233,3 +255,15 @@ def test_pools_are_sized_to_the_jobs_share_of_the_cluster():
 def test_every_problem_is_reported_at_once_403_before_422():
     status, problems = refused(spec(output={"uri": "/etc/x"}, download={"concurrency": 999}))
     assert status == 403 and set(problems) == {"output.uri", "download.concurrency"}
+
+
+def test_a_model_on_the_servers_own_llm_endpoint_needs_the_operators_list():
+    policy = ApiPolicy(llm_models=["gpt-4o"])
+    assert apply(spec(search={"expand": True, "llm_model": "gpt-4o"}), policy)
+    status, problems = refused(spec(search={"expand": True, "llm_model": "o1-pro"}), policy)
+    assert status == 403 and "allowed: gpt-4o" in problems["search.llm_model"][1]
+    # on an endpoint of the user's own (allowed, and never sent the server's key) the model is
+    # theirs to pick
+    own = ApiPolicy(llm_base_urls=["https://llm.mine/v1"])
+    assert apply(spec(search={"expand": True, "llm_base_url": "https://llm.mine/v1",
+                              "llm_model": "o1-pro"}), own)

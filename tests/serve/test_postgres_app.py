@@ -47,6 +47,8 @@ def test_a_job_through_the_app_on_postgresql_under_a_route_prefix(serve_app, san
         assert status.status_code == listed.status_code == 200
         assert status.json()["id"] == job_id and status.json()["name"] == "pgjob"
         assert [j["id"] for j in listed.json()["jobs"]] == [job_id]
+        nul = requests.get(f"{base}/v1/jobs/%00", headers=auth, timeout=30)
+        assert nul.status_code == 404 and "SELECT" not in nul.text  # PostgreSQL refuses a NUL
         assert api.hot_read_count.remote().result() == before + 2  # the prefix is stripped
 
         def wait(states: tuple[str, ...]) -> dict:
