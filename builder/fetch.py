@@ -37,6 +37,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from collections import OrderedDict, deque
 from typing import Any, Callable, Optional
 
@@ -762,12 +763,34 @@ class Fetcher:
                         continue
                     if not 200 <= resp.status < 300:
                         return resp.status, b""
-                    return resp.status, await _read_truncated(resp, MAX_ROBOTS_BYTES)
+                    body = _decoded(await _read_truncated(resp, MAX_ROBOTS_BYTES),
+                                    resp.headers.get("Content-Encoding", ""))
+                    return (resp.status, body) if body is not None else (0, b"")
             except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 return 0, b""
             finally:
                 self._release(host)
         return 0, b""
+
+
+def _decoded(body: bytes, encoding: str) -> Optional[bytes]:
+    """A small file's body without its ``Content-Encoding``: the fetcher asks for identity,
+    and reads robots.txt and the like as they come, but some servers gzip them anyway (read as
+    they came, ``Disallow: /`` was lost). At most ``MAX_ROBOTS_BYTES`` come out of a
+    compressed one; None for an encoding this cannot undo (then there is no usable answer)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    # gzip's header, or deflate as zlib data (RFC 9110) or, from some servers, raw
+    for wbits in ((16 + zlib.MAX_WBITS,) if "gzip" in encoding else (zlib.MAX_WBITS,
+                                                                    -zlib.MAX_WBITS)):
+        try:
+            return zlib.decompressobj(wbits).decompress(body, MAX_ROBOTS_BYTES)
+        except zlib.error:
+            continue
+    return None
 
 
 async def _read_truncated(resp: aiohttp.ClientResponse, limit: int) -> bytes:

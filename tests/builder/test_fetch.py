@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import logging
 import socket
 import threading
 import time
+import zlib
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -78,6 +80,13 @@ def make_app(state: State) -> web.Application:
                                      "Disallow: /private/\n")
         if state.robots_mode == "error":
             return web.Response(status=500)
+        if state.robots_mode in ("gzip", "deflate", "br"):
+            # a server that compresses although the fetcher asked for identity
+            raw = b"User-agent: *\nDisallow: /private/\n"
+            body = {"gzip": gzip.compress(raw), "deflate": zlib.compress(raw),
+                    "br": b"\x0b\x02\x80garbage"}[state.robots_mode]
+            return web.Response(body=body, headers={"Content-Encoding": state.robots_mode,
+                                                    "Content-Type": "text/plain"})
         return web.Response(status=404)
 
     @routes.get("/img.jpg")
@@ -504,6 +513,16 @@ def test_robots_missing_or_broken_allows(srv: Any) -> None:
         srv.state.robots_mode = mode
         r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=True))
         assert not r.rejected, (mode, r.detail)
+
+
+@pytest.mark.parametrize("mode,disallowed", [("gzip", True), ("deflate", True), ("br", False)])
+def test_a_compressed_robots_txt_is_read_not_taken_for_garbage(srv: Any, mode: str,
+                                                              disallowed: bool) -> None:
+    """Read as it came, a gzipped robots.txt lost its Disallow; an encoding the fetcher cannot
+    undo is no usable answer (as an unreachable file)."""
+    srv.state.robots_mode = mode
+    r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=True))
+    assert (r.reason == Reason.ROBOTS_DISALLOWED.value) is disallowed, r.detail
 
 
 def test_robots_ignored_when_not_respected(srv: Any) -> None:
