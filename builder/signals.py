@@ -27,11 +27,12 @@ and the entries for absent signals are shared constants.
 
 from __future__ import annotations
 
-import html.parser
+import html
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from yarl import URL
 
@@ -419,34 +420,84 @@ class PageFacts:
     alts: Mapping[str, str]
 
 
-class _PageParser(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.meta: dict[str, list[str]] = {}
-        """Each meta name's contents, in page order (empty ones left out: a bare robots tag
-        must not hide a later one that says noai)."""
-        self.alts: dict[str, str] = {}
+_TAG_OPEN = re.compile(r"<(meta|img|script|style)(?=[\s/>])", re.IGNORECASE)
+_ATTR_NAME = re.compile(r"[^\s/>=]+")
+_SPACE_EQ = re.compile(r"\s*=\s*")
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, Optional[str]]]) -> None:
-        a = {k.lower(): (v or "") for k, v in attrs}
-        if tag == "meta" and a.get("name") and a.get("content", "").strip():
-            self.meta.setdefault(a["name"].strip().lower(), []).append(a["content"].strip())
-        elif tag == "img" and a.get("src") and a.get("alt", "").strip():
-            self.alts.setdefault(a["src"].strip(), " ".join(a["alt"].split())[:1000])
+
+def _page_tags(text: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """The ``meta`` and ``img`` start tags of a page, with their attributes (names lower-cased,
+    values unescaped, the first of a repeated name kept), as an HTML parser finds them: not
+    inside comments, scripts or styles.
+
+    One pass, each character read a bounded number of times: ``html.parser`` (CPython before
+    3.11.13) rescans to the end of the page for every unclosed ``<a `` or ``<!--``, and a
+    page of them stalled the fetching event loop for minutes."""
+    lower = text.lower()
+    pos, n = 0, len(text)
+    while True:
+        i = text.find("<", pos)
+        if i < 0:
+            return
+        if text.startswith("<!--", i):
+            j = text.find("-->", i + 4)
+            if j < 0:
+                return  # an unclosed comment runs to the end of the page
+            pos = j + 3
+            continue
+        m = _TAG_OPEN.match(text, i)
+        if m is None:
+            pos = i + 1
+            continue
+        tag = m.group(1).lower()
+        attrs: dict[str, str] = {}
+        p = m.end()
+        while p < n:
+            while p < n and (text[p].isspace() or text[p] == "/"):
+                p += 1
+            if p >= n or text[p] == ">":
+                break
+            name_m = _ATTR_NAME.match(text, p)
+            if name_m is None:  # a stray '=': skip it
+                p += 1
+                continue
+            name, p = name_m.group().lower(), name_m.end()
+            value = ""
+            eq = _SPACE_EQ.match(text, p)
+            if eq is not None:
+                p = eq.end()
+                if p < n and text[p] in "\"'":
+                    close = text.find(text[p], p + 1)
+                    close = n if close < 0 else close
+                    value, p = text[p + 1:close], close + 1
+                else:
+                    end = p
+                    while end < n and not text[end].isspace() and text[end] != ">":
+                        end += 1
+                    value, p = text[p:end], end
+            attrs.setdefault(name, html.unescape(value))
+        pos = p + 1
+        if tag in ("script", "style"):  # raw text up to its end tag: no tags inside
+            j = lower.find(f"</{tag}", pos)
+            if j < 0:
+                return
+            pos = j + 2
+        else:
+            yield tag, attrs
 
 
 def parse_page(body: bytes, page_url: str, cfg: DownloadSpec) -> PageFacts:
     """The TDMRep and robots meta tags of a page (the ``robots`` tag and one for our token),
     and its images' alt texts keyed by absolute URL."""
-    parser = _PageParser()
-    try:
-        parser.feed(body.decode("utf-8", "replace"))
-        parser.close()
-    except AssertionError:  # html.parser on a malformed "<![" section: what came before stands
-        pass
+    meta: dict[str, list[str]] = {}  # each name's contents in page order, empty ones left out
+    found_alts: dict[str, str] = {}
+    for tag, a in _page_tags(body.decode("utf-8", "replace")):
+        if tag == "meta" and a.get("name") and a.get("content", "").strip():
+            meta.setdefault(a["name"].strip().lower(), []).append(a["content"].strip())
+        elif tag == "img" and a.get("src") and a.get("alt", "").strip():
+            found_alts.setdefault(a["src"].strip(), " ".join(a["alt"].split())[:1000])
     where = f"page {page_url[:200]}"
     out: list[Signal] = []
-    meta = parser.meta
     if cfg.signals.tdmrep:
         signal = None
         if "tdm-reservation" in meta:
@@ -460,7 +511,7 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec) -> PageFacts:
                           f"{where} meta robots", REFUSE if directive else NONE))
     base = URL(page_url)
     alts = {}
-    for src, alt in parser.alts.items():
+    for src, alt in found_alts.items():
         try:
             alts[str(base.join(URL(src)))] = alt
         except ValueError:
