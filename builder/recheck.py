@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import yaml
 from aiohttp.abc import AbstractResolver
 
-from builder.errors import StorageError
+from builder.errors import OutputExistsError, StorageError
 from builder.fetch import Fetcher
 from builder.netguard import UrlRejected
 from builder.profiles import first_public_url, has_contact
@@ -47,7 +47,7 @@ from builder.reasons import Reason
 from builder.records import Candidate, Record
 from builder.rights import Signal, first_refusal
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
-from builder.storage import list_files, open_fs, storage_errors, write_bytes
+from builder.storage import list_files, open_fs, same_location, storage_errors, write_bytes
 
 MODES = ("origins", "full")
 BATCH = 256
@@ -244,6 +244,10 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     from builder.journal import Journal
     from builder.writers import DatasetPublisher, ShardWriter, rows_of_output
 
+    if same_location(uri, out_uri, storage_options):
+        raise OutputExistsError(f"--write {out_uri} is the dataset being rechecked: write the "
+                                "copy somewhere else (replacing the dataset as it is read "
+                                "would delete it)")
     spec = dataset_spec(uri, storage_options)
     data = spec.model_dump(mode="json")
     data["output"]["uri"] = out_uri
@@ -278,13 +282,15 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
         moved.append({"key": c.key, "url": r.url, "label": r.label, "query": "", "engine": "",
                       "stage": "fetch", "reason": r.reason, "detail": r.detail,
                       "duplicate_of": "", "http_status": 0})
+    # a partial dataset's copy is partial too (its stats say why)
+    partial_reason = (stats.get("partial_reason") or "partial") if stats.get("partial") else None
     stats = _stats_without(stats, list(removed.values()), result)
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
                                allow_unicode=True)
     out = publisher.publish(manifest_rows=iter(manifest),
                             reject_tables=[rejects, pa.Table.from_pylist(moved)],
                             stats=stats, spec_name=spec.name, description=spec.description,
-                            spec_yaml=spec_yaml)
+                            spec_yaml=spec_yaml, partial_reason=partial_reason)
     journal.remove()
     return out
 

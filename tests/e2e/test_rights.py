@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -119,3 +120,29 @@ def test_recheck_finds_images_whose_origin_opted_out_after_the_build(built):
     before = json.loads((Path(out) / "stats.json").read_text())
     assert stats["accepted"] == before["accepted"] - 1
     assert stats["recheck"]["removed"] == 1
+
+
+def test_recheck_refuses_to_write_over_the_dataset_it_reads(built):
+    """Writing the copy over the source (``--write`` = the dataset, ``--overwrite``) once
+    cleared the dataset before reading it: every file was gone."""
+    _, tmp, out, _, _ = built
+    before = sorted(p.relative_to(out) for p in Path(out).rglob("*") if p.is_file())
+    assert main(["recheck", out, "--out", str(tmp / "same.csv"), "--write", out,
+                 "--overwrite"]) != 0
+    assert sorted(p.relative_to(out) for p in Path(out).rglob("*") if p.is_file()) == before
+
+
+def test_recheck_of_a_partial_dataset_writes_a_partial_copy(built):
+    """The copy of a cancelled (``_PARTIAL``) dataset is partial too, not marked complete."""
+    _, tmp, out, _, _ = built
+    partial = tmp / "partial"
+    shutil.copytree(out, partial)
+    stats = json.loads((partial / "stats.json").read_text())
+    (partial / "stats.json").write_text(json.dumps({**stats, "partial": True,
+                                                    "partial_reason": "cancelled"}))
+    (partial / "_SUCCESS").rename(partial / "_PARTIAL")
+    copy = tmp / "partial-copy"
+    assert main(["recheck", str(partial), "--out", str(tmp / "p.csv"), "--write",
+                 str(copy)]) == 0
+    assert (copy / "_PARTIAL").exists() and not (copy / "_SUCCESS").exists()
+    assert json.loads((copy / "stats.json").read_text())["partial_reason"] == "cancelled"
