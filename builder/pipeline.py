@@ -382,7 +382,9 @@ class JobLifecycle:
     def _manifest_rows(self) -> Iterator[dict[str, Any]]:
         assert self.journal is not None
         if self.merge:
-            yield from published_manifest(self.uri, self.storage_options, self.spec)
+            # the dataset's shards, less this job's: those come from the journal below
+            mine = {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in self.journal.shard_files()}
+            yield from published_manifest(self.uri, self.storage_options, self.spec, skip=mine)
         for table in self.journal.iter_tables("shards", list(MANIFEST_COLUMNS)):
             yield from table.to_pylist()
 
@@ -452,9 +454,11 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
     return QuotaLedger(targets, dict(accepted), numbers)
 
 
-def published_manifest(uri: str, storage_options: Optional[dict],
-                       spec: DatasetSpec) -> Iterator[dict[str, Any]]:
-    """The manifest entries of a published dataset's images, read from its Parquet shards."""
+def published_manifest(uri: str, storage_options: Optional[dict], spec: DatasetSpec,
+                       skip: frozenset[str] | set[str] = frozenset()
+                       ) -> Iterator[dict[str, Any]]:
+    """The manifest entries of a published dataset's images, read from its Parquet shards
+    but those named in ``skip``."""
     fs, root = open_fs(uri, storage_options)
     formats = set(spec.output.formats)
     paths = sorted(fs.glob(f"{root.rstrip('/')}/data/*.parquet"))
@@ -466,6 +470,8 @@ def published_manifest(uri: str, storage_options: Optional[dict],
     nested = spec.output.imagefolder_labels == "nested"
     for path in paths:
         name = path.rsplit("/", 1)[-1][:-len(".parquet")]
+        if name in skip:
+            continue
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=cols)
         for row in table.rename_columns(["id", "label", *cols[2:]]).to_pylist():

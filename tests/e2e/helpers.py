@@ -63,6 +63,9 @@ def check_accounting(out: str) -> dict[str, Any]:
     shards = sorted((root / "data").glob("*.parquet"))
     rows = sum(pq.read_metadata(p).num_rows for p in shards)
     assert rows == stats["accepted"]
+    if (root / "labels.json").exists():  # one manifest row per image (a merge listed some twice)
+        ids = [entry["id"] for entry in json.loads((root / "labels.json").read_text())]
+        assert len(ids) == len(set(ids)) == stats["accepted"]
     for label, c in stats["classes"].items():
         assert c["accepted"] + c["rejected"] == c["candidates"], label
         assert sum(c["rejected_by_reason"].values()) == c["rejected"]
