@@ -93,7 +93,7 @@ import yaml
 
 from builder import card as card_mod
 from builder.errors import OutputExistsError, StorageError
-from builder.journal import SHARD_SCHEMA
+from builder.journal import JOURNAL, SHARD_SCHEMA
 from builder.records import ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, shard_schema
 from builder.spec import OutputSpec, bad_label_path, bad_name, flat_label
 from builder.transform import rgb_jpeg
@@ -644,6 +644,21 @@ class DatasetPublisher:
                 f"{self.uri} already holds a complete dataset (job {old.get('job_id', '?')}, "
                 f"created {old.get('created', '?')}). Set output.overwrite: true (or pass "
                 "--overwrite) to replace it, or choose another output.uri (--output).")
+        if not markers and not merge and not self.output.overwrite:
+            # no marker: an interrupted job's files, which a new dataset would publish as its own
+            with storage_errors(self.uri, "check"):
+                jobs = _journaled_jobs(fs, root)
+                stray = not jobs and any(list_files(fs, f"{root}/{d}") for d in LAYOUT_DIRS)
+            if jobs:
+                raise OutputExistsError(
+                    f"{self.uri} holds the files of an interrupted job ({', '.join(jobs)}): "
+                    "continue it with --resume, or set output.overwrite: true (--overwrite) to "
+                    "start over there, or choose another output.uri (--output).")
+            if stray:
+                raise OutputExistsError(
+                    f"{self.uri} holds dataset files ({', '.join(LAYOUT_DIRS)}) but no marker "
+                    "of a dataset: set output.overwrite: true (--overwrite) to replace them, or "
+                    "choose another output.uri (--output).")
         ensure_writable(self.uri, self.storage_options)
 
     def prepare(self, merge: bool = False) -> None:
@@ -654,8 +669,11 @@ class DatasetPublisher:
             markers = dict(_markers(fs, root))
             if markers:
                 fs.rm([f"{root}/{m}" for m in markers])
-            if not merge and markers:
+            if not merge and (markers or self.output.overwrite):
                 self._remove_old(fs, root, markers)
+            if not merge and self.output.overwrite:  # interrupted jobs there: starting over
+                for job in _journaled_jobs(fs, root):
+                    fs.rm(f"{root}/{JOURNAL}/{job}", recursive=True)
 
     @staticmethod
     def next_numbers(fs: fsspec.AbstractFileSystem, root: str,
@@ -789,6 +807,12 @@ def _yaml_flow(entry: dict[str, Any]) -> str:
     """
     text = json.dumps(entry, ensure_ascii=False)
     return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _journaled_jobs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The jobs with a journal in the dataset at ``root`` (``builder.journal``)."""
+    fs.invalidate_cache(f"{root}/{JOURNAL}")
+    return sorted(p.rstrip("/").split("/")[-2] for p in fs.glob(f"{root}/{JOURNAL}/*/job.json"))
 
 
 def read_marker(uri: str, storage_options: Optional[dict[str, Any]] = None

@@ -223,3 +223,27 @@ def test_sigterm_under_local_stops_with_a_partial_dataset(sandbox, tmp_path):
     assert (out / "_PARTIAL").exists() and not is_complete(str(out))
     stats = check_accounting(str(out))
     assert stats["partial"] and stats["rejected_by_reason"].get("cancelled", 0) > 0
+
+
+def test_a_new_job_refuses_an_interrupted_jobs_output_unless_told_to_start_over(sandbox,
+                                                                               tmp_path):
+    """A fresh build where a killed job left its shards and journal once published its own
+    _SUCCESS over the dead job's shards (more rows than stats said); it now names --resume
+    and --overwrite, and with --overwrite starts clean."""
+    from builder.errors import OutputExistsError
+
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    journal = Path(out) / "_journal" / "killme"
+    _killed_build(spec_path, ["--local", "--job-id", "killme"],
+                  lambda: len(list(journal.glob("units/*.parquet"))) >= 2)
+    assert list((Path(out) / "data").glob("*.parquet"))
+    with pytest.raises(OutputExistsError, match="killme.*--resume.*--overwrite"):
+        run_local(parse_spec(data))
+    data["output"]["overwrite"] = True
+    run_local(parse_spec(data))
+    assert not journal.exists()
+    check_accounting(out)
