@@ -82,6 +82,18 @@ class Continuation:
     resume: bool = False
     merge: bool = False
     retry: bool = False
+    partial_reason: str = ""
+    """Why the dataset a retry decides again is partial ('' if complete): a retry does not
+    continue the crawl, so its result stays partial for the same reason."""
+
+
+def _require_parquet(spec: DatasetSpec, uri: str, what: str) -> None:
+    """Refuse, before the output is touched, to continue a dataset written without Parquet:
+    the continuation reads the dataset's images from its shards."""
+    if "parquet" not in spec.output.formats:
+        raise ResumeError(f"{uri} was written without the parquet format, which {what} reads "
+                          "the dataset's images from; build it again with parquet among "
+                          "output.formats")
 
 
 def plan_retry(uri: str, storage_options: Optional[dict] = None,
@@ -89,10 +101,13 @@ def plan_retry(uri: str, storage_options: Optional[dict] = None,
     """``retry-failed``: the published dataset's spec, and a continuation that decides again
     the candidates it rejected for transient reasons and merges what is accepted."""
     spec = published_spec(uri, storage_options)
-    if read_marker(uri, storage_options) is None:
+    marker = read_marker(uri, storage_options)
+    if marker is None:
         raise ResumeError(f"{uri} holds no published dataset (_SUCCESS or _PARTIAL)")
+    _require_parquet(spec, uri, "retry-failed")
     job_id = job_id or f"{spec.name}-retry-{uuid.uuid4().hex[:6]}"
-    return spec, Continuation(job_id, merge=True, retry=True)
+    partial = (marker.get("reason") or "partial") if marker.get("status") == "partial" else ""
+    return spec, Continuation(job_id, merge=True, retry=True, partial_reason=partial)
 
 
 def count_retryable(uri: str, storage_options: Optional[dict] = None) -> int:
@@ -178,6 +193,8 @@ class JobLifecycle:
         self.retry = False
         self.state: Optional[ResumeState] = None
         self.partial_units: set[str] = set()
+        self.kept_partial = ""
+        """A retry of a partial dataset stays partial, for the same reason."""
         self.base = UnitReport("base")
         self.list_plans: dict[int, SlicePlan] = {}
         self.retry_plan: Optional[SlicePlan] = None
@@ -197,6 +214,7 @@ class JobLifecycle:
         if self.cont is not None:
             self.job_id = self.cont.job_id
             self.merge, self.retry = self.cont.merge, self.cont.retry
+            self.kept_partial = self.cont.partial_reason
         elif self.resume:
             self._plan_resume()
         else:
@@ -208,6 +226,9 @@ class JobLifecycle:
             self.publisher.prepare(merge=True)
             meta = self.journal.meta()
             self.merge, self.retry = bool(meta.get("merge")), bool(meta.get("retry"))
+            self.kept_partial = meta.get("kept_partial", "")
+            if self.merge:  # the published dataset this job adds to counts, as in its first run
+                self._load_base()
             self.partial_units = self._partial_units()
             log.info("[%s] resuming: %d units committed%s", self.job_id,
                      self.state.committed_units,
@@ -260,6 +281,7 @@ class JobLifecycle:
                 raise ResumeError(f"the partial dataset at {uri} was built from a different "
                                   "spec; resume needs the same spec (only 'resources' may "
                                   "change)")
+            _require_parquet(spec, uri, "continuing a partial dataset")
             self.job_id = job_id or new_job_id(spec)
             self.merge = True
             log.info("[%s] continuing the partial dataset at %s", self.job_id, uri)
@@ -271,10 +293,11 @@ class JobLifecycle:
     def _mark_journal(self) -> None:
         assert self.journal is not None
         meta = self.journal.meta()
-        if meta.get("merge") != self.merge or meta.get("retry") != self.retry:
+        if meta.get("merge") != self.merge or meta.get("retry") != self.retry or \
+                meta.get("kept_partial", "") != self.kept_partial:
             from builder.storage import atomic_write
 
-            meta.update(merge=self.merge, retry=self.retry)
+            meta.update(merge=self.merge, retry=self.retry, kept_partial=self.kept_partial)
             atomic_write(self.journal.fs, f"{self.journal.root}/job.json",
                          json.dumps(meta, indent=2).encode())
 
@@ -364,6 +387,9 @@ class JobLifecycle:
             reason = "cancelled"
         elif stats["accepted"] == 0:
             reason = "empty"
+        elif self.kept_partial:
+            reason = self.kept_partial
+            stats["partial_kept"] = True  # this run was not cancelled: the dataset it retried was
         stats["partial"] = reason is not None
         stats["partial_reason"] = reason or ""
         self.publisher.remove_files(self.journal.orphan_files())

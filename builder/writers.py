@@ -738,6 +738,10 @@ class DatasetPublisher:
                     licenses[row.get("license") or ""] += 1
             counts["images"] = labels.count
             rejected = write_rejects(fs, root, reject_tables)
+            if rejected != stats.get("rejected", rejected):  # before stats.json is replaced
+                raise StorageError(f"the rejects manifest holds {rejected} rows but the job "
+                                   f"counted {stats.get('rejected')} rejections; not marking "
+                                   f"{self.uri} as published")
             if partial_reason is not None:
                 stats = {**stats, "partial": True, "partial_reason": partial_reason}
             atomic_write(fs, f"{root}/stats.json", _json_bytes(stats))
@@ -766,10 +770,6 @@ class DatasetPublisher:
                 if "imagefolder" in self.output.formats else 0,
                 **{k: stats[k] for k in ("candidates", "accepted", "rejected") if k in stats},
                 "classes": len(stats.get("classes") or {})}
-            if rejected != stats.get("rejected", rejected):
-                raise StorageError(f"the rejects manifest holds {rejected} rows but the job "
-                                   f"counted {stats.get('rejected')} rejections; not marking "
-                                   f"{self.uri} as published")
             content["files"] = [{"path": rel, "size": size} for rel, size in files]
             atomic_write(fs, f"{root}/{marker}", _json_bytes(content))
         return self.uri

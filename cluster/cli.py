@@ -142,6 +142,11 @@ def _run_chosen(spec: DatasetSpec, on_ray: bool, started: Optional[StartedWorker
         print(f"error: no image was accepted, so {result.uri} is not a dataset (marked "
               f"_PARTIAL). {empty_cause(result.stats)}", file=sys.stderr)
         return EXIT_EMPTY
+    if result.partial and result.stats.get("partial_kept"):
+        print(f"the dataset stays partial (its crawl was {result.stats['partial_reason']} "
+              "before this retry); `pixcrawler build SPEC --resume` continues it",
+              file=sys.stderr)
+        return 0
     if result.partial:
         if stop_request is not None:
             # A Ray job cancelled on request: Ray records it as STOPPED only if its

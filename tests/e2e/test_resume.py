@@ -26,11 +26,12 @@ from tests.e2e.helpers import check_accounting, reasons_by_url
 BIN = Path(sys.executable).parent
 
 
-def list_spec(sandbox, tmp: Path, out: str, **extra) -> dict:
+def list_spec(sandbox, tmp: Path, out: str, labels: tuple[str, ...] = ("cat", "dog", "bird"),
+              **extra) -> dict:
     urls = tmp / "urls.txt"
-    urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog", "bird")
+    urls.write_text("".join(f"{label}\t{u}\n" for label in labels
                             for u in sandbox.search_urls(label)))
-    data = {"name": "resume", "target": 1000, "classes": {"cat": None, "dog": None, "bird": None},
+    data = {"name": "resume", "target": 1000, "classes": {label: None for label in labels},
             "sources": [{"engine": "urllist", "path": str(urls), "per_page": 8}],
             "download": {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05,
                          "allow_private_networks": True, "max_bytes": 1_000_000},
@@ -247,3 +248,68 @@ def test_a_new_job_refuses_an_interrupted_jobs_output_unless_told_to_start_over(
     run_local(parse_spec(data))
     assert not journal.exists()
     check_accounting(out)
+
+
+def _cancelled_early(data: dict, until) -> None:
+    """Run ``data`` in this process and cancel it once ``until(runner)`` holds."""
+    holder: dict = {}
+
+    async def run():
+        task = asyncio.ensure_future(run_local_async(
+            parse_spec(data), runner_hook=lambda r: holder.setdefault("r", r)))
+        while "r" not in holder or not until(holder["r"]):
+            await asyncio.sleep(0.02)
+        holder["r"].cancel()
+        return await task
+
+    assert asyncio.run(run()).partial
+
+
+def test_a_killed_continuation_of_a_partial_dataset_resumes_and_publishes(sandbox, tmp_path):
+    """A partial dataset continued with --resume, killed, then resumed again: the resumed job
+    counts the published dataset it adds to, as its first run did (it failed to publish, with
+    the rejects manifest holding more rows than it counted, every time)."""
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    _cancelled_early(data, lambda r: r.counts.accepted >= 8)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    journals = Path(out) / "_journal"
+    _killed_build(spec_path, ["--local", "--resume"],
+                  lambda: len(list(journals.glob("*/units/*.parquet"))) >= 3)
+    result = run_local(parse_spec(data), resume=True)
+    assert is_complete(out) and not list(journals.glob("*/job.json"))
+    stats = check_accounting(out)
+    assert result.stats["accepted"] == stats["accepted"]
+
+
+def test_retry_failed_keeps_a_partial_dataset_partial(tmp_path):
+    """retry-failed decides transient rejects again but does not continue the crawl: a
+    cancelled dataset stays _PARTIAL (cancelled), and the command says how to continue it."""
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=24, fault_every=2, slow_s=2.0) as web:
+        data = list_spec(web, tmp_path, str(tmp_path / "out"), ("cat", "dog"), target=40)
+        data["download"].update(retries=0, per_host_delay_s=0.05)
+        _cancelled_early(data, lambda r: r.counts.by_reason()["http_server_error"] >= 1)
+        out = data["output"]["uri"]
+        assert main(["retry-failed", out, "--local"]) == 0
+    assert (Path(out) / "_PARTIAL").exists() and not is_complete(out)
+    stats = check_accounting(out)
+    assert stats["partial_reason"] == "cancelled"
+
+
+def test_retry_failed_without_parquet_is_refused_before_the_output_is_touched(tmp_path):
+    """It reads the dataset's images from its Parquet shards: a webdataset-only dataset once
+    lost its _SUCCESS to the retry, which then failed."""
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat",), images_per_class=8) as web:
+        out = tmp_path / "out"
+        data = list_spec(web, tmp_path, str(out), ("cat",))
+        data["output"]["formats"] = ["webdataset"]
+        run_local(parse_spec(data))
+        before = sorted(p.name for p in out.iterdir())
+        assert main(["retry-failed", str(out), "--local"]) != 0
+    assert sorted(p.name for p in out.iterdir()) == before and is_complete(str(out))
