@@ -21,6 +21,12 @@ class OutputExistsError(PixCrawlerError):
     """The output location already holds a complete dataset."""
 
 
+class CancelledUnpublished(PixCrawlerError):
+    """A resumed job was cancelled before it finished the units an earlier run left
+    half-written: their images are in shards that no count holds, so nothing is published and
+    the journal stays for ``--resume``."""
+
+
 class StorageError(PixCrawlerError):
     """The output location cannot be reached or written."""
 

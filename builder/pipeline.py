@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from builder.dedup import DedupClient, LocalPartitions, claim_of, id_number, url_hash
+from builder.errors import CancelledUnpublished
 from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
                          WorkerLost)
 from builder.journal import (TABLE_ROWS, Journal, ResumeError, ResumeState, new_job_id,
@@ -377,6 +378,15 @@ class JobLifecycle:
     def publish(self, outcome: RunOutcome, extra: dict[str, Any]) -> JobResult:
         """Write the dataset-level files and the marker; remove the journal. Blocking."""
         assert self.journal is not None and self.publisher is not None
+        if outcome.cancelled and self.partial_units:
+            done = {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in self.journal.unit_files()}
+            left = self.partial_units - done
+            if left:
+                raise CancelledUnpublished(
+                    f"[{self.job_id}] cancelled before it finished {len(left)} units that the "
+                    "interrupted run left half-written (their images are in shards no count "
+                    f"holds yet): nothing is published at {self.uri}; continue it with "
+                    "--resume")
         spec = self.spec
         stats = dict(outcome.stats)
         stats.update(job_id=self.job_id, name=spec.name, output_uri=self.uri,

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from builder.errors import PixCrawlerError, SpecError
+from builder.errors import CancelledUnpublished, PixCrawlerError, SpecError
 from builder.spec import DatasetSpec, load_spec, loads_spec, parse_spec
 from builder.worker_start import StartedWorkers, local_workers
 
@@ -407,6 +407,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except CancelledUnpublished as exc:
+        print(f"cancelled: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
     except PixCrawlerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

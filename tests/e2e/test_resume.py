@@ -313,3 +313,35 @@ def test_retry_failed_without_parquet_is_refused_before_the_output_is_touched(tm
         before = sorted(p.name for p in out.iterdir())
         assert main(["retry-failed", str(out), "--local"]) != 0
     assert sorted(p.name for p in out.iterdir()) == before and is_complete(str(out))
+
+
+def test_a_resume_cancelled_before_its_half_written_units_publishes_nothing(sandbox,
+                                                                            tmp_path):
+    """Units a killed run wrote shards of but never committed must finish before anything is
+    published: cancelled first, the resume once published those images outside every count
+    (30 Parquet rows for 21 accepted); now it publishes nothing, keeps the journal, and the
+    next --resume publishes exactly."""
+    from builder.errors import CancelledUnpublished
+
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["output"]["shard_size"] = 1
+    data["download"]["per_host_delay_s"] = 0.03
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    journal = Path(out) / "_journal" / "killme"
+
+    def half_written() -> bool:
+        done = {p.stem for p in journal.glob("units/*.parquet")}
+        uids = {u for p in journal.glob("shards/*.parquet")
+                for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()}
+        return len(done) >= 2 and bool(uids - done)
+
+    _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
+    with pytest.raises(CancelledUnpublished, match="--resume"):
+        run_local(parse_spec(data), resume=True, runner_hook=lambda r: r.cancel())
+    assert not (Path(out) / "_SUCCESS").exists() and not (Path(out) / "_PARTIAL").exists()
+    assert (journal / "job.json").exists()
+    run_local(parse_spec(data), resume=True)
+    assert is_complete(out)
+    check_accounting(out)
