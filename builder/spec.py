@@ -760,12 +760,24 @@ class DatasetSpec(_Model):
         return self
 
     def _flat_folder_problems(self, where: dict[str, str]) -> list[tuple[str, str]]:
-        """Labels whose flat ImageFolder folder names collide or are too long."""
-        if self.output.imagefolder_labels != "flat" or "imagefolder" not in self.output.formats:
+        """Labels whose ImageFolder folder names collide (on a filesystem that ignores case or
+        Unicode normalisation too, as macOS's and Windows' do: two classes' images would share
+        a folder there) or, flat, are too long."""
+        if "imagefolder" not in self.output.formats:
             return []
-        problems, seen = [], {}
+        flat = self.output.imagefolder_labels == "flat"
+        problems, seen, folded = [], {}, {}
         for label in self.classes:
-            folder = flat_label(label)
+            folder = flat_label(label) if flat else label
+            fold = unicodedata.normalize("NFC", folder).casefold()
+            if fold in folded and folder not in seen:
+                other = folded[fold]
+                problems.append((where[label], (
+                    f"labels {other!r} and {label!r} make ImageFolder folders that differ only "
+                    "in case or Unicode form, one folder on macOS and Windows: rename one")))
+            folded.setdefault(fold, label)
+            if not flat:
+                continue
             if len(folder.encode("utf-8")) > NAME_MAX_BYTES:
                 problems.append((where[label], (
                     f"label {label[:20]!r}... makes a flat ImageFolder folder name of "

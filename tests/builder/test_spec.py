@@ -343,3 +343,19 @@ def test_a_spec_file_python_cannot_read_is_a_spec_error(tmp_path, name, content,
         load_spec(path)
     ((where, message),) = info.value.problems
     assert where == "(file)" and says in message
+
+
+@pytest.mark.parametrize("labels,nested", [
+    (("Cat", "cat"), False), (("caf\u00e9", "cafe\u0301"), False),
+    (("animals/Cat", "animals/cat"), True)])
+def test_labels_one_folder_apart_on_macos_and_windows_are_refused(labels, nested):
+    """ImageFolder folders that differ only in case or Unicode form are one folder on
+    macOS's and Windows' filesystems, where two classes' images would be mixed."""
+    output = {"formats": ["parquet", "imagefolder"],
+              "imagefolder_labels": "nested" if nested else "flat"}
+    with pytest.raises(SpecError) as info:
+        parse_spec({**BASE, "classes": {label: None for label in labels}, "output": output})
+    ((path, message),) = info.value.problems
+    assert "differ only in case or Unicode form" in message
+    parse_spec({**BASE, "classes": {label: None for label in labels},
+                "output": {"formats": ["parquet"]}})  # no folders, no clash
