@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import ray
 import yaml
@@ -696,19 +696,28 @@ class JobAPI:
     @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: live progress",
              description="`event: progress` with the job's JSON (without its spec) once "
                          "per change, then `event: end` with the final JSON when it ended; "
-                         "the state never goes back. EventSource cannot send headers, so "
+                         "the state never goes back; `event: error` ends the stream of a key "
+                         "revoked meanwhile. EventSource cannot send headers, so "
                          "this route also takes the API key as `?key=`.")
     async def events(self, job_id: str, request: Request,
                      key: Optional[str] = Query(None, description="API key")) -> StreamingResponse:
         principal = await self._caller(request, query_key=key)
         row = await self._row(job_id, principal)
-        return StreamingResponse(self._stream(row, principal), media_type="text/event-stream",
+
+        async def still_valid() -> None:
+            await self.auth.authenticate(request.headers.get("authorization"), key)
+
+        return StreamingResponse(self._stream(row, principal, still_valid),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
-    async def _stream(self, row: JobRow, principal: Principal) -> AsyncIterator[str]:
+    async def _stream(self, row: JobRow, principal: Principal,
+                      still_valid: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
         """``progress`` once per change of the job (its ``updated_at`` alone is no change),
-        then ``end`` with the final view; never a state earlier than one already sent."""
+        then ``end`` with the final view; never a state earlier than one already sent. The
+        key is checked again between events (through the key cache, ``key_cache_s``): a
+        revoked key's stream ends with an ``error`` event."""
         last, beat, shown = None, time.monotonic(), row.state
         counted: dict[str, int] = {}
         interval = self.settings.events_interval_s
@@ -735,6 +744,12 @@ class JobAPI:
                 yield ": keep-alive\n\n"
                 beat = time.monotonic()
             await asyncio.sleep(interval)
+            try:
+                await still_valid()
+            except ApiError as exc:
+                body = {"error": {"code": exc.code, "message": exc.message}}
+                yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                return
             row = await self._row(row.id, principal)
 
     @app.get("/v1/jobs/{job_id}/samples", summary="Thumbnails of accepted images")

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
+import requests
 import yaml
 from PIL import Image
 from ray.util.state import list_actors
@@ -336,3 +337,22 @@ def test_an_internal_error_answers_without_its_details():
     assert response.status_code == 500
     body = json.loads(response.body)
     assert body["error"]["code"] == "internal_error" and "SELECT" not in response.body.decode()
+
+
+def test_a_revoked_keys_event_stream_ends_with_an_error(serve_app, sandbox):
+    """A stream already open once kept serving a revoked key until its job ended; the key is
+    checked again between events (through the key cache)."""
+    from serve.store import JobStore
+
+    key = serve_app.new_key("streamer")
+    job_id = serve_app.submit(key, job_spec(sandbox, target=12, name="streamed", download={
+        "per_host_concurrency": 1, "per_host_delay_s": 0.3}))
+    with requests.get(serve_app.url(f"/v1/jobs/{job_id}/events"), params={"key": key},
+                      stream=True, timeout=120) as r:
+        lines = r.iter_lines(decode_unicode=True)
+        first = next(line for line in lines if line.startswith("event: "))
+        store = JobStore(serve_app.settings["store"])
+        store.revoke_key("streamer")
+        store.close()
+        rest = [line[len("event: "):] for line in lines if line.startswith("event: ")]
+    assert first == "event: progress" and rest and rest[-1] == "error", (first, rest)
