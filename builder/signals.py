@@ -27,6 +27,7 @@ and the entries for absent signals are shared constants.
 
 from __future__ import annotations
 
+import codecs
 import html
 import json
 import re
@@ -425,6 +426,34 @@ _ATTR_NAME = re.compile(r"[^\s/>=]+")
 _SPACE_EQ = re.compile(r"\s*=\s*")
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+_META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""",
+                           re.IGNORECASE)
+
+
+def page_text(body: bytes) -> str:
+    """A page's text in its declared encoding, as a browser finds it (HTML's encoding
+    sniffing, less the HTTP header): a byte order mark, else a ``<meta charset>`` or
+    ``http-equiv`` charset in the first 1024 bytes, else UTF-8. As browsers do, a page
+    declaring Latin-1 or ASCII is read as windows-1252, and one declaring UTF-16 without a
+    byte order mark as UTF-8. Bytes the encoding cannot read become U+FFFD."""
+    for bom, encoding in _BOMS:
+        if body.startswith(bom):
+            return body[len(bom):].decode(encoding, "replace")
+    encoding = "utf-8"
+    declared = _META_CHARSET.search(body[:1024])
+    if declared is not None:
+        try:
+            encoding = codecs.lookup(declared.group(1).decode("ascii")).name
+        except LookupError:
+            pass
+    if encoding in ("iso8859-1", "ascii"):
+        encoding = "cp1252"
+    elif encoding.startswith("utf-16"):
+        encoding = "utf-8"
+    return body.decode(encoding, "replace")
+
+
 def _page_tags(text: str) -> Iterator[tuple[str, dict[str, str]]]:
     """The ``meta`` and ``img`` start tags of a page, with their attributes (names lower-cased,
     values unescaped, the first of a repeated name kept), as an HTML parser finds them: not
@@ -491,7 +520,7 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec) -> PageFacts:
     and its images' alt texts keyed by absolute URL."""
     meta: dict[str, list[str]] = {}  # each name's contents in page order, empty ones left out
     found_alts: dict[str, str] = {}
-    for tag, a in _page_tags(body.decode("utf-8", "replace")):
+    for tag, a in _page_tags(page_text(body)):
         if tag == "meta" and a.get("name") and a.get("content", "").strip():
             meta.setdefault(a["name"].strip().lower(), []).append(a["content"].strip())
         elif tag == "img" and a.get("src") and a.get("alt", "").strip():

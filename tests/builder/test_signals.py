@@ -475,3 +475,22 @@ def test_a_page_of_unclosed_constructs_is_read_in_one_pass(junk):
     facts = parse_page(body + b'<meta name="robots" content="noai">', "http://example.com/p",
                        DownloadSpec())
     assert facts.signals
+
+
+@pytest.mark.parametrize("body,alt", [
+    ('<meta name="robots" content="noai"><img src="/a.jpg" alt="caf\u00e9">'.encode("utf-16"),
+     "caf\u00e9"),  # UTF-16 with its byte order mark
+    (b'<meta charset="iso-8859-1"><meta name="robots" content="noai">'
+     b'<img src="/a.jpg" alt="caf\xe9 \x93quoted\x94">', "caf\u00e9 \u201cquoted\u201d"),
+    (b'<meta http-equiv="Content-Type" content="text/html; charset=Shift_JIS">'
+     b'<meta name="robots" content="noai"><img src="/a.jpg" alt="\x94\x4c">', "\u732b"),
+    (b'<meta name="robots" content="noai"><img src="/a.jpg" alt="caf\xc3\xa9">', "caf\u00e9"),
+])
+def test_a_page_is_read_in_its_declared_encoding(body, alt):
+    """Read as UTF-8 whatever it said, a UTF-16 page's noai tag was missed and a Latin-1
+    caption mangled."""
+    from builder.signals import parse_page
+
+    facts = parse_page(body, "http://example.com/p", DownloadSpec())
+    assert [s.verdict for s in facts.signals if s.name == "robots_meta"] == [REFUSE]
+    assert facts.alts == {"http://example.com/a.jpg": alt}
