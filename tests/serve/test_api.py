@@ -344,15 +344,23 @@ def test_a_revoked_keys_event_stream_ends_with_an_error(serve_app, sandbox):
     checked again between events (through the key cache)."""
     from serve.store import JobStore
 
+    from serve.store import TERMINAL
+
     key = serve_app.new_key("streamer")
-    job_id = serve_app.submit(key, job_spec(sandbox, target=12, name="streamed", download={
+    job_id = serve_app.submit(key, job_spec(sandbox, target=6, name="streamed", download={
         "per_host_concurrency": 1, "per_host_delay_s": 0.3}))
-    with requests.get(serve_app.url(f"/v1/jobs/{job_id}/events"), params={"key": key},
-                      stream=True, timeout=120) as r:
-        lines = r.iter_lines(decode_unicode=True)
-        first = next(line for line in lines if line.startswith("event: "))
-        store = JobStore(serve_app.settings["store"])
-        store.revoke_key("streamer")
+    store = JobStore(serve_app.settings["store"])
+    try:
+        with requests.get(serve_app.url(f"/v1/jobs/{job_id}/events"), params={"key": key},
+                          stream=True, timeout=120) as r:
+            lines = r.iter_lines(decode_unicode=True)
+            first = next(line for line in lines if line.startswith("event: "))
+            store.revoke_key("streamer")
+            rest = [line[len("event: "):] for line in lines if line.startswith("event: ")]
+        assert first == "event: progress" and rest and rest[-1] == "error", (first, rest)
+        deadline = time.time() + 120  # its job ends before the next test's jobs start
+        while (row := store.get_job(job_id)) is not None and row.state not in TERMINAL:
+            assert time.time() < deadline, row.state
+            time.sleep(0.5)
+    finally:
         store.close()
-        rest = [line[len("event: "):] for line in lines if line.startswith("event: ")]
-    assert first == "event: progress" and rest and rest[-1] == "error", (first, rest)

@@ -103,7 +103,11 @@ def _stream_of(views: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
                            _row=reread)
 
     async def collect() -> list[str]:
-        return [chunk async for chunk in JobAPI.func_or_class._stream(fake, row, None)]
+        async def key_still_valid() -> None:
+            return None
+
+        return [chunk async for chunk in JobAPI.func_or_class._stream(fake, row, None,
+                                                                      key_still_valid)]
 
     events = []
     for chunk in asyncio.run(collect()):
