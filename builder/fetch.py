@@ -58,10 +58,10 @@ from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import Signal, first_refusal
-from builder.text import well_formed
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
                             origin_file)
 from builder.spec import DownloadSpec
+from builder.text import well_formed
 
 MAX_ROBOTS_REDIRECTS = 5
 """Redirects followed for robots.txt (RFC 9309 asks for at least five)."""

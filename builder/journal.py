@@ -220,6 +220,14 @@ class Journal:
     def shard_files(self) -> list[str]:
         return self._files("shards", ".parquet")
 
+    def unit_uids(self) -> set[str]:
+        """The committed units' uids (their files' names)."""
+        return {_stem(p) for p in self.unit_files()}
+
+    def shard_names(self) -> set[str]:
+        """The committed shards' names (``train-00004``: the dataset's ``data/`` file names)."""
+        return {_stem(p) for p in self.shard_files()}
+
     def _contents(self, paths: list[str]) -> Iterator[bytes]:
         """The bytes of each file, in order, fetched ``READ_FILES`` at a time."""
         for start in range(0, len(paths), READ_FILES):
@@ -315,6 +323,11 @@ class Journal:
                     self.fs.rmdir(parent)
             except OSError:
                 pass
+
+
+def _stem(path: str) -> str:
+    """A journal file's name without its folder and ``.parquet``."""
+    return path.rsplit("/", 1)[-1][:-len(".parquet")]
 
 
 def resumable_jobs(uri: str, storage_options: Optional[dict] = None) -> list[str]:

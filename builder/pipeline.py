@@ -379,8 +379,7 @@ class JobLifecycle:
         """Write the dataset-level files and the marker; remove the journal. Blocking."""
         assert self.journal is not None and self.publisher is not None
         if outcome.cancelled and self.partial_units:
-            done = {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in self.journal.unit_files()}
-            left = self.partial_units - done
+            left = self.partial_units - self.journal.unit_uids()
             if left:
                 raise CancelledUnpublished(
                     f"[{self.job_id}] cancelled before it finished {len(left)} units that the "
@@ -419,8 +418,8 @@ class JobLifecycle:
         assert self.journal is not None
         if self.merge:
             # the dataset's shards, less this job's: those come from the journal below
-            mine = {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in self.journal.shard_files()}
-            yield from published_manifest(self.uri, self.storage_options, self.spec, skip=mine)
+            yield from published_manifest(self.uri, self.storage_options, self.spec,
+                                          skip=self.journal.shard_names())
         for table in self.journal.iter_tables("shards", list(MANIFEST_COLUMNS)):
             yield from table.to_pylist()
 

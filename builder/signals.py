@@ -245,10 +245,6 @@ def _tdm_pattern(location: str) -> str:
     return URL(location).raw_path if "://" in location else "/" + location
 
 
-def _tdm_location_matches(pattern: str, path: str) -> bool:
-    return not pattern or pattern == "*" or path_matches(pattern, path)
-
-
 # ---- origin-level -----------------------------------------------------------------------------
 
 
@@ -324,7 +320,7 @@ class OriginSignals:
         if self._tdm is not None:
             rules, absent = self._tdm
             out.append(next((r.signal for r in rules
-                             if _tdm_location_matches(r.pattern, path)), absent))
+                             if path_matches(r.pattern, path)), absent))
         if self._ai is not None:
             out.append(self._ai.entry(url))
         return tuple(out)

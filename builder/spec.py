@@ -749,7 +749,7 @@ class DatasetSpec(_Model):
                                  f"{parents[label]!r}: only leaves are classes; move {label!r} "
                                  f"to a child such as '{label}/other'"))
         if not problems:
-            problems += self._flat_folder_problems(where)
+            problems += self._folder_problems(where)
         if problems:
             raise _SpecProblems(problems)
         if not self.classes:
@@ -759,7 +759,7 @@ class DatasetSpec(_Model):
             raise _SpecProblems([("sources", "needs at least one source (or per-class 'urls')")])
         return self
 
-    def _flat_folder_problems(self, where: dict[str, str]) -> list[tuple[str, str]]:
+    def _folder_problems(self, where: dict[str, str]) -> list[tuple[str, str]]:
         """Labels whose ImageFolder folder names collide (on a filesystem that ignores case or
         Unicode normalisation too, as macOS's and Windows' do: two classes' images would share
         a folder there) or, flat, are too long."""

@@ -93,7 +93,7 @@ import yaml
 
 from builder import card as card_mod
 from builder.errors import OutputExistsError, StorageError
-from builder.journal import JOURNAL, SHARD_SCHEMA
+from builder.journal import JOURNAL, SHARD_SCHEMA, resumable_jobs
 from builder.records import ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, shard_schema
 from builder.spec import OutputSpec, bad_label_path, bad_name, flat_label
 from builder.transform import rgb_jpeg
@@ -647,7 +647,7 @@ class DatasetPublisher:
         if not markers and not merge and not self.output.overwrite:
             # no marker: an interrupted job's files, which a new dataset would publish as its own
             with storage_errors(self.uri, "check"):
-                jobs = _journaled_jobs(fs, root)
+                jobs = resumable_jobs(self.uri, self.storage_options)
                 stray = not jobs and any(list_files(fs, f"{root}/{d}") for d in LAYOUT_DIRS)
             if jobs:
                 raise OutputExistsError(
@@ -672,7 +672,7 @@ class DatasetPublisher:
             if not merge and (markers or self.output.overwrite):
                 self._remove_old(fs, root, markers)
             if not merge and self.output.overwrite:  # interrupted jobs there: starting over
-                for job in _journaled_jobs(fs, root):
+                for job in resumable_jobs(self.uri, self.storage_options):
                     fs.rm(f"{root}/{JOURNAL}/{job}", recursive=True)
 
     @staticmethod
@@ -807,12 +807,6 @@ def _yaml_flow(entry: dict[str, Any]) -> str:
     """
     text = json.dumps(entry, ensure_ascii=False)
     return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def _journaled_jobs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The jobs with a journal in the dataset at ``root`` (``builder.journal``)."""
-    fs.invalidate_cache(f"{root}/{JOURNAL}")
-    return sorted(p.rstrip("/").split("/")[-2] for p in fs.glob(f"{root}/{JOURNAL}/*/job.json"))
 
 
 def read_marker(uri: str, storage_options: Optional[dict[str, Any]] = None

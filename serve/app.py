@@ -747,8 +747,7 @@ class JobAPI:
             try:
                 await still_valid()
             except ApiError as exc:
-                body = {"error": {"code": exc.code, "message": exc.message}}
-                yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                yield f"event: error\ndata: {json.dumps(exc.body())}\n\n"
                 return
             row = await self._row(row.id, principal)
 

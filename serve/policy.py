@@ -252,6 +252,9 @@ class _Check:
     def over(self, field: str, setting: str, message: str) -> None:
         self.refusals.append(Refusal(field, setting, message, False))
 
+    def over_cap(self, field: str, setting: str, value: Any, cap: int) -> None:
+        self.over(field, setting, f"{value} is over this server's limit {cap} ({setting})")
+
     def cap(self, section: str, name: str, setting: str, cap: int) -> None:
         """A value set above ``cap`` is refused; an unset default above it takes the cap."""
         model = getattr(self.spec, section)
@@ -259,8 +262,7 @@ class _Check:
         if value <= cap:
             return
         if name in model.model_fields_set:
-            self.over(f"{section}.{name}", setting, f"{value} is over this server's limit "
-                      f"{cap} ({setting})")
+            self.over_cap(f"{section}.{name}", setting, value, cap)
         else:
             self.changes[f"{section}.{name}"] = cap
 
@@ -365,9 +367,8 @@ def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
     for host, profile in check.spec.download.hosts.items():
         at = f"download.hosts.{host}"
         if profile.concurrency is not None and profile.concurrency > cap:
-            check.over(f"{at}.concurrency", "max_per_host_concurrency",
-                       f"{profile.concurrency} is over this server's limit {cap} "
-                       "(max_per_host_concurrency)")
+            check.over_cap(f"{at}.concurrency", "max_per_host_concurrency", profile.concurrency,
+                           cap)
         builtin = BUILTIN_PROFILES.get(host)
         for name in ("concurrency", "max_bytes_per_s"):
             mine = getattr(profile, name)
