@@ -375,6 +375,21 @@ class JobLifecycle:
 
     # -- 4. -----------------------------------------------------------------------------------
 
+    async def publish_async(self, outcome: RunOutcome, extra: dict[str, Any], *,
+                            install_signals: bool = False) -> JobResult:
+        """``publish`` in a thread. With ``install_signals``, SIGINT and SIGTERM wait for it:
+        the thread finishes writing whatever the command does (the interpreter joins it), so
+        stopping here would only report a failure over a dataset that was published."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM) if install_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, _publishing_notice, self.job_id, sig)
+        try:
+            return await asyncio.to_thread(self.publish, outcome, extra)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
     def publish(self, outcome: RunOutcome, extra: dict[str, Any]) -> JobResult:
         """Write the dataset-level files and the marker; remove the journal. Blocking."""
         assert self.journal is not None and self.publisher is not None
@@ -569,6 +584,11 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
             yield client.load_payloads(urls[start:start + INDEX_CHUNK], [], done=True)
 
 
+def _publishing_notice(job_id: str, sig: int) -> None:
+    log.warning("[%s] %s: the dataset is being published; the command ends by itself once "
+                "its files are written", job_id, signal.Signals(sig).name)
+
+
 def _cancel_once(loop: asyncio.AbstractEventLoop, sig: int, runner: JobRunner,
                  job_id: str) -> Callable[[], None]:
     def handler() -> None:
@@ -653,7 +673,7 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     try:
         extra = {"runner": "local", "engines": services.engine_stats(),
                  "dedup": parts.partitions[0].stats()}
-        return await asyncio.to_thread(life.publish, outcome, extra)
+        return await life.publish_async(outcome, extra, install_signals=install_signals)
     finally:
         await closing
 

@@ -555,7 +555,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         extra = {"runner": "ray", "pools": plan.__dict__, "engines": await executor.engine_stats(),
                  "dedup": await executor.dedup_stats(),
                  "workers_by_node": dict(executor.nodes)}
-        done = await asyncio.to_thread(life.publish, outcome, extra)
+        done = await life.publish_async(outcome, extra, install_signals=install_signals)
         # An empty result is a failure to whoever watches the job (the API, the dashboard).
         state, error = ("cancelled", None) if outcome.cancelled else (
             ("failed", empty_failure(done.stats)) if done.partial

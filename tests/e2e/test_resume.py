@@ -226,6 +226,43 @@ def test_sigterm_under_local_stops_with_a_partial_dataset(sandbox, tmp_path):
     assert stats["partial"] and stats["rejected_by_reason"].get("cancelled", 0) > 0
 
 
+PUBLISH_SIGNALLED = """
+import os, signal, sys, time
+from builder.pipeline import run_local
+from builder.spec import load_spec
+from builder.writers import DatasetPublisher
+
+real = DatasetPublisher.publish
+
+def publish(self, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.3)  # the loop's handlers run while this thread writes
+    return real(self, **kwargs)
+
+DatasetPublisher.publish = publish
+result = run_local(load_spec(sys.argv[1]), install_signals=True)
+print("published", result.partial)
+"""
+
+
+def test_a_signal_while_publishing_waits_for_the_publish(sandbox, tmp_path):
+    """The publish runs in a thread the interpreter joins: a Ctrl-C there ended the command
+    as interrupted while the thread went on to write _SUCCESS, and a SIGTERM (the handlers of
+    the crawl were gone) killed it halfway through the files."""
+    out = str(tmp_path / "out")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(list_spec(sandbox, tmp_path, out, labels=("cat",),
+                                                  target=6)))
+    proc = subprocess.run([sys.executable, "-c", PUBLISH_SIGNALLED, str(spec_path)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "published False" in proc.stdout and "being published" in proc.stderr
+    assert is_complete(out)
+    check_accounting(out)
+
+
 def test_a_new_job_refuses_an_interrupted_jobs_output_unless_told_to_start_over(sandbox,
                                                                                tmp_path):
     """A fresh build where a killed job left its shards and journal once published its own
