@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
-from builder.spec import parse_spec
+from builder.spec import DatasetSpec, parse_spec
 from builder.writers import JOB_ID_RE
 from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
@@ -52,7 +52,7 @@ from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, Reconci
 from serve.policy import ApiPolicy, PolicyRefused, apply_policy
 from serve.samples import SampleCache
 from serve.schedule import Scheduler
-from serve.store import (RANK, STATES, TERMINAL, JobRow, JobStore, TooManyJobs,
+from serve.store import (RANK, STATES, TERMINAL, JobIdTaken, JobRow, JobStore, TooManyJobs,
                          default_store_url, later_state, sqlite_path)
 
 log = logging.getLogger("pixcrawler.serve")
@@ -65,6 +65,8 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 REPLICA_CPUS = 0.1
 MAX_JOB_ID = 160
 """The longest job id the store holds (its ``jobs.id`` column)."""
+JOB_ID_TRIES = 5
+"""New ids drawn for one submit before a run of ids already taken is an error."""
 MAX_OFFSET = 999_999_999
 """The largest ``?offset=`` of a listing (nine digits, what the fast path reads); a larger
 one overflowed the store's integers."""
@@ -426,6 +428,17 @@ def cluster_for_jobs(replicas: int) -> dict[str, float]:
     return cluster
 
 
+def with_fresh_id(spec: DatasetSpec, create: Callable[[str], JobRow]) -> JobRow:
+    """``create`` the job under a new id, drawing another while the one drawn is taken: an id
+    is the name and 32 random bits, so two jobs of one name can draw the same."""
+    for _ in range(JOB_ID_TRIES - 1):
+        try:
+            return create(new_job_id(spec))
+        except JobIdTaken:
+            continue
+    return create(new_job_id(spec))
+
+
 @ray_serve.deployment(name="JobAPI", ray_actor_options={"num_cpus": REPLICA_CPUS},
                       max_ongoing_requests=200, health_check_period_s=10)
 @ray_serve.ingress(app)
@@ -588,12 +601,12 @@ class JobAPI:
         """How many requests hot_read answered (through a deployment handle, for tests)."""
         return self.hot_reads
 
-    def _create(self, principal: Principal, job_id: str, spec: dict[str, Any],
-                uri: str) -> JobRow:
+    def _create(self, principal: Principal, job_id: str, spec: DatasetSpec) -> JobRow:
         cap = self.settings.max_concurrent_jobs
         try:
             # The check and the insert are one statement in the store: replicas share it.
-            return self.store.create_job(job_id, principal.owner, spec["name"], spec, uri,
+            return self.store.create_job(job_id, principal.owner, spec.name,
+                                         spec.model_dump(mode="json"), spec.output_uri(),
                                          max_active=cap, queued=True)
         except TooManyJobs as exc:
             raise ApiError(429, "too_many_jobs",
@@ -657,16 +670,16 @@ class JobAPI:
         try:
             data = parse_body(body, request.headers.get("content-type", ""), limit)
             spec = parse_spec(data, "request body")
-            job_id = new_job_id(spec)
             cluster = await self.cluster.get("total", lambda: asyncio.to_thread(
                 cluster_for_jobs, self.settings.num_replicas))
-            spec = apply_policy(self.policy, spec, principal.owner, job_id, cluster)
-            data = spec.model_dump(mode="json")
+            row = await asyncio.to_thread(with_fresh_id, spec, lambda job_id: self._create(
+                principal, job_id, apply_policy(self.policy, spec, principal.owner, job_id,
+                                                cluster)))
         except SpecError as exc:
             raise spec_error(exc) from None
         except PolicyRefused as exc:
             raise policy_error(exc) from None
-        row = await asyncio.to_thread(self._create, principal, job_id, data, spec.output_uri())
+        job_id = row.id
         await asyncio.to_thread(self._start, job_id)
         row = await asyncio.to_thread(self.store.get_job, job_id) or row
         body_out = job_view(row)

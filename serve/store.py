@@ -101,6 +101,14 @@ class TooManyJobs(StoreError):
         self.cap = cap
 
 
+class JobIdTaken(StoreError):
+    """``create_job``: a job with this id exists already (a new id's random part repeated)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"a job with the id {job_id!r} exists already")
+        self.job_id = job_id
+
+
 @dataclass
 class ApiKey:
     id: str
@@ -318,7 +326,8 @@ class JobStore:
         SELECT ... WHERE count < cap``), so replicas sharing the store cannot both pass the
         check. SQLite runs a writing statement under its database write lock; PostgreSQL's
         READ COMMITTED would let two such statements count at once, so there the owner's
-        inserts are first serialised with a transaction-scoped advisory lock."""
+        inserts are first serialised with a transaction-scoped advisory lock. JobIdTaken when
+        the id is in use."""
         now = time.time()
         row = JobRow(id=job_id, owner=owner, name=name,
                      state="queued" if queued else "starting", created_at=now, updated_at=now,
@@ -327,6 +336,17 @@ class JobStore:
             "id": job_id, "owner": owner, "name": name, "state": row.state, "created_at": now,
             "updated_at": now, "output_uri": output_uri, "spec_json": _dumps(spec),
             "cancel_requested": False, "started_at": row.started_at}
+        try:
+            self._insert_job(values, owner, max_active)
+        except sa.exc.IntegrityError:
+            if self.get_job(job_id) is not None:
+                raise JobIdTaken(job_id) from None
+            raise
+        self._wrote()
+        return row
+
+    def _insert_job(self, values: dict[str, Any], owner: str,
+                    max_active: Optional[int]) -> None:
         with self.engine.begin() as conn:
             if max_active is None:
                 conn.execute(jobs_table.insert().values(**values))
@@ -346,8 +366,6 @@ class JobStore:
                 if inserted.rowcount != 1:
                     count = int(conn.execute(self._active_count(owner)).scalar_one())
                     raise TooManyJobs(owner, count, max_active)
-        self._wrote()
-        return row
 
     def get_job(self, job_id: str, owner: Optional[str] = None) -> Optional[JobRow]:
         """The job, or None; with ``owner``, only that owner's job."""

@@ -145,3 +145,33 @@ def test_a_missing_database_driver_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
     with pytest.raises(StoreError, match=r"pip install 'pixcrawler\[serve\]'"):
         JobStore("postgresql+psycopg://user@127.0.0.1:1/db")
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_taken_job_id_is_job_id_taken_and_the_api_draws_another(dialect, tmp_path,
+                                                                   monkeypatch, request):
+    """Ids are the name and 32 random bits: a repeat was an IntegrityError, a 500."""
+    import serve.app
+    from builder.spec import parse_spec
+    from serve.app import with_fresh_id
+    from serve.store import JobIdTaken
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}" if dialect == "sqlite" else
+                     request.getfixturevalue("postgres").create_database("taken"))
+    store.create_job("ds-00000001", "alice", "ds", {"name": "ds"}, "/out/1")
+    for cap in (None, 5):
+        with pytest.raises(JobIdTaken, match="ds-00000001"):
+            store.create_job("ds-00000001", "bob", "ds", {"name": "ds"}, "/out/2",
+                             max_active=cap)
+    spec = parse_spec({"name": "ds", "target": 1, "classes": {"cat": None},
+                       "sources": [{"engine": "duckduckgo"}]})
+    drawn = iter(["ds-00000001", "ds-00000001", "ds-00000002"])
+    monkeypatch.setattr(serve.app, "new_job_id", lambda _spec: next(drawn))
+    row = with_fresh_id(spec, lambda job_id: store.create_job(job_id, "bob", "ds", {},
+                                                              f"/out/{job_id}"))
+    assert row.id == "ds-00000002" and store.get_job("ds-00000002").owner == "bob"
+    assert store.get_job("ds-00000001").owner == "alice"
+    monkeypatch.setattr(serve.app, "new_job_id", lambda _spec: "ds-00000001")
+    with pytest.raises(JobIdTaken):
+        with_fresh_id(spec, lambda job_id: store.create_job(job_id, "bob", "ds", {}, "/o"))
+    store.close()
