@@ -695,7 +695,8 @@ class Fetcher:
 
     async def _fetch_signal_file(self, url: URL, path: str) -> tuple[int, bytes]:
         self.stats["signal_fetches"] += 1
-        return await self._fetch_small(origin_file(url, path))
+        status, body, _ = await self._fetch_small(origin_file(url, path))
+        return status, body
 
     async def _page_check(self, record: Record) -> None:
         """``signals.page_meta``: the page's meta-tag entries join the ledger (a refusal
@@ -730,10 +731,10 @@ class Fetcher:
             if not policy.allowed(url, ROBOTS_UA):
                 return None
         self.stats["page_fetches"] += 1
-        status, body = await self._fetch_small(url)
+        status, body, content_type = await self._fetch_small(url)
         if not 200 <= status < 300:
             return None
-        return sig.parse_page(body, str(url), cfg)
+        return sig.parse_page(body, str(url), cfg, content_type)
 
     # ---- robots.txt ---------------------------------------------------------------------------
 
@@ -741,18 +742,19 @@ class Fetcher:
         """Download a robots.txt for ``RobotsCache``: (status, body), status 0 when there is no
         usable answer (unreachable, blocked, too many redirects). Never raises."""
         self.stats["robots_fetches"] += 1
-        return await self._fetch_small(url)
+        status, body, _ = await self._fetch_small(url)
+        return status, body
 
-    async def _fetch_small(self, url: URL) -> tuple[int, bytes]:
+    async def _fetch_small(self, url: URL) -> tuple[int, bytes, str]:
         """GET a small per-origin file (robots.txt, tdmrep.json, ai.txt) or page, following
-        redirects: (status, at most ``MAX_ROBOTS_BYTES`` of the body), status 0 when there is no
-        usable answer. Never raises."""
+        redirects: (status, at most ``MAX_ROBOTS_BYTES`` of the body, its ``Content-Type``),
+        status 0 when there is no usable answer. Never raises."""
         session = self._ensure_session()
         for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
             try:
                 url = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
             except UrlRejected:
-                return 0, b""
+                return 0, b"", ""
             host = await self._acquire(url, self._profiles.default.delay_s)
             try:
                 self.stats["requests"] += 1
@@ -762,15 +764,17 @@ class Fetcher:
                         url = url.join(URL(location))
                         continue
                     if not 200 <= resp.status < 300:
-                        return resp.status, b""
+                        return resp.status, b"", ""
                     body = _decoded(await _read_truncated(resp, MAX_ROBOTS_BYTES),
                                     resp.headers.get("Content-Encoding", ""))
-                    return (resp.status, body) if body is not None else (0, b"")
+                    if body is None:
+                        return 0, b"", ""
+                    return resp.status, body, resp.headers.get("Content-Type", "")
             except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError):
-                return 0, b""
+                return 0, b"", ""
             finally:
                 self._release(host)
-        return 0, b""
+        return 0, b"", ""
 
 
 def _decoded(body: bytes, encoding: str) -> Optional[bytes]:

@@ -425,29 +425,46 @@ _SPACE_EQ = re.compile(r"\s*=\s*")
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""",
                            re.IGNORECASE)
+_HEADER_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""", re.IGNORECASE)
+_WEB_ENCODINGS = {
+    # Python's name of each encoding of the WHATWG Encoding Standard -> the decoder browsers use
+    **{name: name for name in (
+        "utf-8", "utf-16-le", "utf-16-be", "cp866", "koi8-r", "koi8-u", "mac-roman",
+        "mac-cyrillic", "cp874", "gbk", "gb18030", "big5", "big5hkscs", "euc_jp", "iso2022_jp",
+        "cp932", "cp949", *(f"cp{n}" for n in range(1250, 1259)),
+        *(f"iso8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 15, 16)))},
+    "utf-16": "utf-16-le", "iso8859-1": "cp1252", "ascii": "cp1252", "gb2312": "gbk",
+    "shift_jis": "cp932", "euc_kr": "cp949",
+}
+"""Only these: Python also has codecs no page can mean (``base64``, ``rot13``, ``idna``,
+``unicode_escape``), some of which cannot decode text at all."""
 
 
-def page_text(body: bytes) -> str:
+def _web_encoding(label: str) -> Optional[str]:
+    try:
+        return _WEB_ENCODINGS.get(codecs.lookup(label).name)
+    except LookupError:
+        return None
+
+
+def page_text(body: bytes, content_type: str = "") -> str:
     """A page's text in its declared encoding, as a browser finds it (HTML's encoding
-    sniffing, less the HTTP header): a byte order mark, else a ``<meta charset>`` or
-    ``http-equiv`` charset in the first 1024 bytes, else UTF-8. As browsers do, a page
-    declaring Latin-1 or ASCII is read as windows-1252, and one declaring UTF-16 without a
-    byte order mark as UTF-8. Bytes the encoding cannot read become U+FFFD."""
+    sniffing): a byte order mark, else the charset of its HTTP ``Content-Type``, else a
+    ``<meta charset>`` or ``http-equiv`` charset in the first 1024 bytes, else UTF-8. Only
+    the web's encodings count, as browsers decode them (Latin-1 and ASCII as windows-1252,
+    Shift_JIS as windows-31j); a meta tag cannot declare UTF-16 (the page is read as UTF-8).
+    Bytes the encoding cannot read become U+FFFD."""
     for bom, encoding in _BOMS:
         if body.startswith(bom):
             return body[len(bom):].decode(encoding, "replace")
-    encoding = "utf-8"
-    declared = _META_CHARSET.search(body[:1024])
-    if declared is not None:
-        try:
-            encoding = codecs.lookup(declared.group(1).decode("ascii")).name
-        except LookupError:
-            pass
-    if encoding in ("iso8859-1", "ascii"):
-        encoding = "cp1252"
-    elif encoding.startswith("utf-16"):
-        encoding = "utf-8"
-    return body.decode(encoding, "replace")
+    header = _HEADER_CHARSET.search(content_type)
+    encoding = _web_encoding(header.group(1)) if header else None
+    if encoding is None:
+        declared = _META_CHARSET.search(body[:1024])
+        encoding = _web_encoding(declared.group(1).decode("ascii")) if declared else None
+        if encoding is not None and encoding.startswith("utf-16"):
+            encoding = "utf-8"
+    return body.decode(encoding or "utf-8", "replace")
 
 
 def _page_tags(text: str) -> Iterator[tuple[str, dict[str, str]]]:
@@ -511,12 +528,14 @@ def _page_tags(text: str) -> Iterator[tuple[str, dict[str, str]]]:
             yield tag, attrs
 
 
-def parse_page(body: bytes, page_url: str, cfg: DownloadSpec) -> PageFacts:
+def parse_page(body: bytes, page_url: str, cfg: DownloadSpec,
+               content_type: str = "") -> PageFacts:
     """The TDMRep and robots meta tags of a page (the ``robots`` tag and one for our token),
-    and its images' alt texts keyed by absolute URL."""
+    and its images' alt texts keyed by absolute URL. ``content_type`` is the HTTP header's
+    (its charset counts)."""
     meta: dict[str, list[str]] = {}  # each name's contents in page order, empty ones left out
     found_alts: dict[str, str] = {}
-    for tag, a in _page_tags(page_text(body)):
+    for tag, a in _page_tags(page_text(body, content_type)):
         if tag == "meta" and a.get("name") and a.get("content", "").strip():
             meta.setdefault(a["name"].strip().lower(), []).append(a["content"].strip())
         elif tag == "img" and a.get("src") and a.get("alt", "").strip():

@@ -431,7 +431,9 @@ class SandboxWeb:
         if path in site.redirects:
             raise web.HTTPFound(location=site.redirects[path])
         if path in site.pages:
-            return web.Response(text=site.pages[path], content_type="text/html")
+            charset = site.page_charsets.get(path, "utf-8")
+            return web.Response(body=site.pages[path].encode(charset), content_type="text/html",
+                                charset=charset)
         if site.thumb_widths:
             width = thumb_width(path)
             if width is not None and width not in site.thumb_widths:

@@ -34,7 +34,8 @@ class Site:
 
     ``headers`` and ``xmp`` map a path prefix to the headers an image under it is served with,
     and to the ``plus:DataMining`` value embedded in its XMP. ``pages`` maps a page path to the
-    HTML it serves, ``redirects`` a path to the URL it redirects to (302).
+    HTML it serves (in UTF-8, or the charset ``page_charsets`` names for it, which its
+    ``Content-Type`` then names too), ``redirects`` a path to the URL it redirects to (302).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Site:
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     xmp: dict[str, str] = field(default_factory=dict)
     pages: dict[str, str] = field(default_factory=dict)
+    page_charsets: dict[str, str] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     thumb_widths: tuple[int, ...] = ()
@@ -81,7 +83,10 @@ def default_sites() -> dict[str, Site]:
                   "/sig/xmp-allowed/": "DMI-ALLOWED"},
              pages={"/sig/page/reserved": page_html("/sig/page-meta/a.jpg",
                                                     "a reserved picture", reserved=True),
-                    "/sig/page/open": page_html("/sig/page-open/a.jpg", "a cat on a sofa")}),
+                    "/sig/page/open": page_html("/sig/page-open/a.jpg", "a cat on a sofa"),
+                    "/sig/page/reserved-utf16": page_html("/sig/page-meta-utf16/a.jpg",
+                                                          "a reserved picture", reserved=True)},
+             page_charsets={"/sig/page/reserved-utf16": "utf-16-le"}),  # no byte order mark
         Site("rfc9309-wildcard", robots_txt="User-agent: *\nDisallow: /*.jpg$\n"),
         Site("rfc9309-longest", robots_txt="User-agent: *\nDisallow: /\nAllow: /public\n"),
         Site("rfc9309-wordpress", robots_txt="User-agent: *\nDisallow: /wp-admin/\n"
@@ -150,6 +155,9 @@ PAGE_CASES: dict[str, SignalCase] = {
                                 page="/sig/page/reserved"),
     "page_open": SignalCase("main", "/sig/page-open/a.jpg", ACCEPTED, "tdmrep", "none",
                             page="/sig/page/open"),
+    "page_tdm_meta_in_header_charset": SignalCase("main", "/sig/page-meta-utf16/a.jpg",
+                                                  OPTED_OUT, "tdmrep", "refuse",
+                                                  page="/sig/page/reserved-utf16"),
 }
 """Cases read only with ``download.signals.page_meta`` (the page is fetched)."""
 

@@ -494,3 +494,37 @@ def test_a_page_is_read_in_its_declared_encoding(body, alt):
     facts = parse_page(body, "http://example.com/p", DownloadSpec())
     assert [s.verdict for s in facts.signals if s.name == "robots_meta"] == [REFUSE]
     assert facts.alts == {"http://example.com/a.jpg": alt}
+
+
+PAGE = '<meta name="robots" content="noai"><img src="/a.jpg" alt="caf\u00e9 \u201cq\u201d">'
+
+
+@pytest.mark.parametrize("body,content_type", [
+    (PAGE.encode("utf-16-le"), "text/html; charset=UTF-16LE"),  # no byte order mark
+    (PAGE.encode("utf-16-le"), 'text/html;charset="utf-16"'),
+    (PAGE.encode("cp1252"), "text/html; charset=ISO-8859-1"),  # read as windows-1252
+    (b'<meta charset="utf-16">' + PAGE.encode("cp1252"), "text/html; charset=latin1"),
+    (b'\xef\xbb\xbf' + PAGE.encode(), "text/html; charset=iso-8859-1"),  # the mark wins
+    (b'<meta charset="windows-1252">' + PAGE.encode(), "text/html; charset=utf-8"),
+    (PAGE.encode(), "text/html; charset=base64"),  # no web encoding: as if none were named
+])
+def test_a_pages_http_charset_comes_before_its_meta_tag(body, content_type):
+    from builder.signals import parse_page
+
+    facts = parse_page(body, "http://example.com/p", DownloadSpec(), content_type)
+    assert [s.verdict for s in facts.signals if s.name == "robots_meta"] == [REFUSE]
+    assert facts.alts == {"http://example.com/a.jpg": "caf\u00e9 \u201cq\u201d"}
+
+
+@pytest.mark.parametrize("label", ["base64", "rot13", "hex", "zlib", "uu", "undefined",
+                                   "idna", "punycode", "unicode_escape", "utf-7", "nonsense"])
+def test_a_charset_no_page_can_mean_is_read_as_utf8(label):
+    """Python knows codecs that are not text encodings: a page naming one raised LookupError
+    or UnicodeError out of the page check."""
+    from builder.signals import parse_page
+
+    for body, content_type in ((f'<meta charset="{label}">{PAGE}'.encode(), ""),
+                               (PAGE.encode(), f"text/html; charset={label}")):
+        facts = parse_page(body, "http://example.com/p", DownloadSpec(), content_type)
+        assert [s.verdict for s in facts.signals if s.name == "robots_meta"] == [REFUSE]
+        assert facts.alts == {"http://example.com/a.jpg": "caf\u00e9 \u201cq\u201d"}
