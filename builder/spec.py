@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
@@ -456,6 +457,12 @@ class DownloadSpec(_Model):
         return v
 
 
+MAX_PROMPTS = 32
+"""Most ``validation.clip_prompts``: each is one more text the CLIP check encodes per class."""
+MAX_PROMPT_CHARS = 300
+"""Longest CLIP prompt (CLIP reads 77 tokens)."""
+
+
 class ValidationSpec(_Model):
     level: Literal["fast", "medium", "slow"] = "medium"
     min_side: int = Field(default=64, ge=1)
@@ -484,15 +491,23 @@ class ValidationSpec(_Model):
     @field_validator("clip_prompts")
     @classmethod
     def _prompts(cls, v: list[str]) -> list[str]:
-        if not v or any("{}" not in p for p in v):
-            raise ValueError("each prompt needs a '{}' where the class name goes, "
-                             "e.g. 'a photo of a {}.'")
+        if not v or len(v) > MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, each with a '{{}}' where the "
+                             "class name goes, e.g. 'a photo of a {}.'")
         for p in v:
+            if len(p) > MAX_PROMPT_CHARS:
+                raise ValueError(f"a prompt has at most {MAX_PROMPT_CHARS} characters "
+                                 f"(one has {len(p)})")
             try:
-                p.format("cat")
-            except (IndexError, KeyError, ValueError) as exc:
-                raise ValueError(f"prompt {p!r} takes the class name in one '{{}}' and no other "
-                                 f"braces (write '{{{{' for a literal brace): {exc!r}") from None
+                fields = [(name, spec, conversion) for _, name, spec, conversion
+                          in string.Formatter().parse(p) if name is not None]
+            except ValueError as exc:
+                fields = [("", str(exc), None)]
+            # Exactly one plain field: a width or an attribute in it ('{:>2000000000}',
+            # '{.__class__}') would have str.format build gigabytes or reach into objects.
+            if fields != [("", "", None)]:
+                raise ValueError(f"prompt {p!r} takes the class name in one plain '{{}}' and no "
+                                 "other braces (write '{{' for a literal brace)")
         return v
 
     @field_validator("nsfw_labels")

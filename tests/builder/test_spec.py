@@ -301,12 +301,21 @@ BASE = {"name": "x", "classes": {"cat": None},
     ({"resources": {"worker_resources": {"crawl": -5}}}, "resources.worker_resources.crawl"),
     ({"validation": {"clip_prompts": ["a photo of a {} {}"]}}, "validation.clip_prompts"),
     ({"validation": {"clip_prompts": ["{x} {}"]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["{{}}{:>2000000000}"]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["{{}}{:>10000000000000}"]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["{{}}{.__class__.__mro__}"]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["a {!r}"]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["a {} {"]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["a {}" + "." * 300]}}, "validation.clip_prompts"),
+    ({"validation": {"clip_prompts": ["a {}"] * 33}}, "validation.clip_prompts"),
     ({"validation": {"nsfw_labels": "(unclosed"}}, "validation.nsfw_labels"),
 ])
 def test_values_that_would_fail_inside_the_job_are_refused_naming_the_field(extra, field):
     """Each once passed the spec and failed later: a contact whose check took seconds per 10k
     characters, counts that overflowed Ray's float arithmetic, a negative resource, a prompt
-    that str.format cannot fill with one name, a label regex that does not compile."""
+    that str.format cannot fill with one name (or that pads the name to gigabytes: a 40-byte
+    request allocated 1 GB per prompt in the API's replica), a label regex that does not
+    compile."""
     with pytest.raises(SpecError) as info:
         parse_spec({**BASE, **extra})
     assert [path for path, _ in info.value.problems] == [field]
