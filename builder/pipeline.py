@@ -488,20 +488,23 @@ def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
 def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Optional[dict],
                    merge: bool, retry: bool) -> QuotaLedger:
     """The quota ledger as the journal (and the dataset a merge continues) says it stands:
-    accepted counts of committed units, and shard numbers after every shard begun."""
+    the committed units and their accepted counts, and shard numbers after every shard
+    begun."""
     accepted: Counter = Counter()
     if merge:
         for label, t in base_report(spec, uri, storage_options, retry).classes.items():
             accepted[label] += t.accepted
     journal = Journal(uri, job_id, storage_options)
-    for _, report in journal.iter_unit_reports():
+    committed = []
+    for unit, report in journal.iter_unit_reports():
+        committed.append(unit.uid)
         for label, t in report.classes.items():
             accepted[label] += t.accepted
     numbers = DatasetPublisher.next_numbers(*open_fs(uri, storage_options))
     for split, n in journal.next_shard_numbers().items():
         numbers[split] = max(numbers.get(split, 0), n)
     targets = {label: spec.target_of(label) for label in spec.labels}
-    return QuotaLedger(targets, dict(accepted), numbers)
+    return QuotaLedger(targets, dict(accepted), numbers, committed)
 
 
 def published_manifest(uri: str, storage_options: Optional[dict], spec: DatasetSpec,

@@ -8,20 +8,27 @@ unit) replaces it, so a unit never holds two; ``floor`` guarantees a resent unit
 earlier attempt already wrote (its old grant covered them). ``commit`` turns a grant into
 accepted images; ``release`` frees it (the unit was cancelled or will be resent).
 
+Commits are keyed by unit too: the ledger keeps the ids of the units it counted (one small entry
+per unit, never per image), so a unit committed twice counts once. That happens on Ray, where
+the worker journals a unit before committing it: a ledger restarted in between rebuilds from the
+journal (``committed`` holds the unit), then receives the retried commit and the resent unit's.
+
 The ledger also numbers output shards per split, so shard names are unique across workers.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Iterable, Optional
 
 
 class QuotaLedger:
     def __init__(self, targets: dict[str, int], accepted: Optional[dict[str, int]] = None,
-                 next_shard: Optional[dict[str, int]] = None):
+                 next_shard: Optional[dict[str, int]] = None, committed: Iterable[str] = ()):
+        """``accepted`` counts the units in ``committed`` (and what a merge continues)."""
         self.targets = dict(targets)
         self.accepted: Counter = Counter(accepted or {})
+        self.committed: set[str] = set(committed)
         self.grants: dict[str, Counter] = {}
         self._granted: Counter = Counter()
         self._next_shard: Counter = Counter(next_shard or {})
@@ -54,13 +61,12 @@ class QuotaLedger:
             self._granted.subtract(old)
 
     def commit(self, uid: str, accepted: dict[str, int]) -> None:
-        """The unit's accepted images are written: they count for good."""
+        """The unit's accepted images are written: they count for good. Its grant is freed;
+        a unit already committed is not counted again (a retried or resent commit)."""
         self.release(uid)
-        self.accepted.update(accepted)
-
-    def uncommit(self, accepted: dict[str, int]) -> None:
-        """Take back what a unit counted (it is being resent from the start)."""
-        self.accepted.subtract(accepted)
+        if uid not in self.committed:
+            self.committed.add(uid)
+            self.accepted.update(accepted)
 
     def next_shard(self, split: str) -> int:
         n = self._next_shard[split]

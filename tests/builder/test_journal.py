@@ -115,3 +115,24 @@ def test_published_rejects_are_the_units_rejected_rows_in_order(location, monkey
     expected = pa.concat_tables([t.filter(pc.invert(t["accepted"])) for t in written])
     assert got.equals(expected.select(REJECT_SCHEMA.names))
     assert got.num_rows > 11
+
+
+def test_a_recovered_ledger_knows_the_journaled_units_and_counts_them_once(tmp_path):
+    """On Ray the worker journals a unit, then commits it to the ledger: a ledger restarted in
+    between rebuilds from the journal and then gets the retried commit, and the resent unit's
+    (the reviewer's case: 4 accepted became 12, and the job ran out of room)."""
+    from builder.pipeline import recover_ledger
+
+    uri = str(tmp_path / "ds")
+    journal, tables = write_journal(uri, None)
+    accepted = sum(int(pc.sum(t["accepted"].cast(pa.int64())).as_py() or 0) for t in tables)
+    spec = parse_spec({"name": "ds", "target": 1000, "classes": {"cat": None},
+                       "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
+                       "output": {"uri": uri}})
+    ledger = recover_ledger(spec, uri, "job1", None, merge=False, retry=False)
+    assert ledger.accepted["cat"] == accepted
+    ledger.commit("l00-00003", {"cat": 5})  # a retried commit of a journaled unit
+    ledger.grant("l00-00003", {"cat": 5})  # ... and the same unit resent
+    ledger.commit("l00-00003", {"cat": 5})
+    ledger.commit("l00-99999", {"cat": 2})  # a new unit counts
+    assert ledger.snapshot()["cat"] == {"target": 1000, "accepted": accepted + 2, "granted": 0}
