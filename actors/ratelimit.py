@@ -14,7 +14,8 @@ from typing import Any, Optional
 import ray
 
 from actors import NAMESPACE
-from builder.ratelimit import CircuitOpen, EngineGovernor, QuotaExceeded, limits_for
+from builder.ratelimit import (CircuitOpen, EngineGovernor, EngineLimits, QuotaExceeded,
+                               limits_for)
 from builder.spec import SourceSpec
 
 
@@ -22,18 +23,31 @@ from builder.spec import SourceSpec
 class RateLimiter:
     def __init__(self, engine: str, options: Optional[dict[str, Any]] = None):
         self.engine = engine
-        self.configure(options)
+        self.options = dict(options or {})
+        limits, self.per_job = self._limits(self.options)
+        self.governor = EngineGovernor(engine, limits)
+        self.job_used: Counter = Counter()
 
     def configure(self, options: Optional[dict[str, Any]] = None) -> None:
-        """(Re)build the limits; a no-op when the options are those already in force."""
-        if getattr(self, "options", object()) == (options or {}):
+        """Apply the options' limits; a no-op when they are those already in force.
+
+        Every job and source of this engine configures the one shared limiter, so new options
+        change only the limits: the requests already counted (today's, each job's), the breaker
+        and the slow-down stay, or a job with other options would reset the engine's budget.
+        """
+        options = dict(options or {})
+        if options == self.options:
             return
-        self.options = dict(options or {})
+        limits, per_job = self._limits(options)
+        self.governor.reconfigure(limits)
+        self.options, self.per_job = options, per_job
+
+    def _limits(self, options: dict[str, Any]) -> tuple[EngineLimits, Optional[int]]:
+        """The engine's limits for ``options`` and, apart, the per-job quota, which this actor
+        counts per job id: the governor's own would count every job together."""
         limits = limits_for(self.engine, options)
-        self.per_job = limits.max_requests_per_job
-        limits.max_requests_per_job = None
-        self.governor = EngineGovernor(self.engine, limits)
-        self.job_used: Counter = Counter()
+        per_job, limits.max_requests_per_job = limits.max_requests_per_job, None
+        return limits, per_job
 
     def acquire(self, job_id: str = "") -> tuple[str, Any]:
         """("ok", seconds to wait) or ("quota"|"circuit_open", message)."""

@@ -129,6 +129,21 @@ class AdaptiveLimiter:
         if self.rate < self.base_rate:
             self.bucket.set_rate(min(self.base_rate, self.rate * self.increase))
 
+    def set_limits(self, rate: float, burst: float = 1.0, min_rate: float | None = None) -> None:
+        """Configure a new base rate, burst and floor, keeping what errors did: the current rate
+        stays the same fraction of the base rate, and a retry-after hold still holds."""
+        floor = float(min_rate if min_rate is not None else rate / 32)
+        if not 0 < floor <= rate:
+            raise ValueError(f"min_rate must be in (0, rate={rate}], got {floor}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1 token, got {burst}")
+        current = max(floor, self.rate * rate / self.base_rate)
+        self.base_rate, self.min_rate = float(rate), floor
+        self.bucket.burst = float(burst)
+        self.bucket.set_rate(current)
+        if self.blocked_until > self._clock():
+            self.bucket.pause_until(self.blocked_until)
+
 
 class CircuitBreaker:
     """closed -> open after ``failure_threshold`` failures in a row; open for ``cooldown_s``;
@@ -313,6 +328,20 @@ class EngineGovernor:
         self.quota = Quota(lim.max_requests_per_job, lim.max_requests_per_day,
                            wall_clock=wall_clock)
         self.counters = _Counters()
+
+    def reconfigure(self, limits: EngineLimits) -> None:
+        """Apply new limits but keep what already happened: the requests counted against the
+        quotas, the breaker's state and failures, the slow-down and any retry-after hold. A
+        fresh governor would let the engine's daily quota be spent again, and ask an engine that
+        is refusing requests again at once."""
+        if limits.failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be >= 1, got {limits.failure_threshold}")
+        self.limiter.set_limits(limits.rate, limits.burst, limits.min_rate)
+        self.breaker.failure_threshold = limits.failure_threshold
+        self.breaker.cooldown_s = float(limits.cooldown_s)
+        self.quota.per_job = limits.max_requests_per_job
+        self.quota.per_day = limits.max_requests_per_day
+        self.limits = limits
 
     def available(self) -> bool:
         """Whether ``acquire`` would let a request through now (takes nothing)."""

@@ -201,3 +201,43 @@ def test_fallback_chain_follows_spec_order_and_records_switches():
     ]
     with pytest.raises(ValueError):
         FallbackChain(["a", "zzz"], govs)
+
+
+def test_reconfigured_governor_keeps_quota_breaker_slow_down_and_hold():
+    """New options (another job, another source of the engine) change the limits only: what the
+    engine already counted and refused must not be forgotten."""
+    clock = FakeClock()
+    gov = EngineGovernor("x", EngineLimits(rate=4.0, burst=1, failure_threshold=2,
+                                           cooldown_s=60, max_requests_per_day=4),
+                         clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    for _ in range(3):
+        gov.acquire()
+    gov.record(False, status=429)
+    gov.record(False, status=429)  # rate 4 -> 1 a second; breaker open
+    gov.reconfigure(EngineLimits(rate=8.0, burst=4, failure_threshold=2, cooldown_s=60,
+                                 max_requests_per_day=4))
+    snap = gov.snapshot()
+    assert snap["state"] == "open" and snap["failures"] == 2 and snap["rate_limited"] == 2
+    assert snap["quota"]["day_used"] == 3 and snap["base_rate"] == 8.0
+    assert snap["rate"] == pytest.approx(2.0)  # still a quarter of the base rate
+    with pytest.raises(CircuitOpen):
+        gov.acquire()
+    clock.advance(60)
+    gov.acquire()  # the probe
+    gov.record(True)
+    with pytest.raises(QuotaExceeded, match="daily quota of 4"):
+        gov.acquire()
+    gov.reconfigure(EngineLimits(rate=8.0, burst=4, max_requests_per_day=5))
+    gov.acquire()  # the new daily quota applies
+    assert gov.snapshot()["quota"]["day_used"] == 5
+
+
+def test_reconfigure_keeps_a_retry_after_hold():
+    clock = FakeClock()
+    gov = EngineGovernor("x", EngineLimits(rate=1.0, burst=1), clock=clock)
+    gov.acquire()
+    gov.record(False, status=429, retry_after=30)
+    gov.reconfigure(EngineLimits(rate=100.0, burst=50))
+    assert gov.acquire() == pytest.approx(30.0)
+    with pytest.raises(ValueError):
+        gov.reconfigure(EngineLimits(rate=1.0, failure_threshold=0))

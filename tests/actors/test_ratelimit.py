@@ -1,0 +1,37 @@
+"""The per-engine rate-limiter actor, driven as its plain Python class (no Ray): every job and
+source of an engine configures the one shared limiter, so new options must change the limits
+only, never the budget the engine has already spent or an open breaker."""
+
+from __future__ import annotations
+
+from actors.ratelimit import RateLimiter
+
+Limiter = RateLimiter.__ray_metadata__.modified_class
+
+
+def test_new_options_keep_the_daily_quota_and_an_open_breaker():
+    rl = Limiter("google", {})
+    for _ in range(100):
+        assert rl.acquire("job-a")[0] == "ok"
+    assert rl.acquire("job-a")[0] == "quota"  # google: 100 requests a day
+    rl.configure({"rate": 0.5})  # another job asks for another rate
+    assert rl.acquire("job-b")[0] == "quota"
+    snap = rl.snapshot()
+    assert snap["quota"]["day_used"] == 100 and snap["base_rate"] == 0.5
+    assert snap["jobs"] == {"job-a": 100}
+
+    rl = Limiter("bing", {})
+    for _ in range(5):
+        assert rl.acquire("job-a")[0] == "ok"
+        rl.record(False, 429)
+    rl.configure({"rate": 0.25})
+    assert rl.acquire("job-b")[0] == "circuit_open"
+    assert rl.snapshot()["state"] == "open"
+
+
+def test_new_options_keep_each_jobs_usage_against_its_quota():
+    rl = Limiter("sandbox", {"max_requests_per_job": 2})
+    assert [rl.acquire("job-a")[0] for _ in range(3)] == ["ok", "ok", "quota"]
+    rl.configure({"max_requests_per_job": 3})
+    assert [rl.acquire("job-a")[0] for _ in range(2)] == ["ok", "quota"]
+    assert rl.snapshot()["jobs"] == {"job-a": 3}
