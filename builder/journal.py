@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from builder.errors import PixCrawlerError
 from builder.records import REJECT_SCHEMA
 from builder.spec import DatasetSpec
-from builder.storage import (atomic_write, cut_writes, join, list_files, open_fs,
+from builder.storage import (atomic_write, cut_writes, delete_tree, join, list_files, open_fs,
                              storage_errors)
 from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
 
@@ -314,8 +314,7 @@ class Journal:
     def remove(self) -> None:
         with storage_errors(self.uri, "remove the journal from"):
             self.fs.invalidate_cache(self.root)
-            if self.fs.exists(self.root):
-                self.fs.rm(self.root, recursive=True)
+            delete_tree(self.fs, self.root)
             parent = self.root.rsplit("/", 1)[0]
             self.fs.invalidate_cache(parent)
             try:

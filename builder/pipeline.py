@@ -51,7 +51,7 @@ from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan, LocalServices, WorkerRuntime
 from builder.worker_procs import ProcessExecutor, WorkerProcesses
 from builder.worker_start import LOCAL_CPU_THREADS, StartedWorkers, local_workers
-from builder.writers import DatasetPublisher, manifest_entry, read_marker
+from builder.writers import DatasetPublisher, manifest_entry, parquet_shards, read_marker
 
 log = logging.getLogger("pixcrawler.pipeline")
 
@@ -514,7 +514,7 @@ def published_manifest(uri: str, storage_options: Optional[dict], spec: DatasetS
     but those named in ``skip``."""
     fs, root = open_fs(uri, storage_options)
     formats = set(spec.output.formats)
-    paths = sorted(fs.glob(f"{root.rstrip('/')}/data/*.parquet"))
+    paths = parquet_shards(fs, root)
     if not paths and "parquet" not in formats:
         raise ResumeError(f"{uri} was written without the parquet format, which continuing "
                           "a dataset and retry-failed read their state from")
@@ -558,7 +558,7 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
 
     fs, root = open_fs(uri, storage_options)
     root = root.rstrip("/")
-    for path in sorted(fs.glob(f"{root}/data/*.parquet")):
+    for path in parquet_shards(fs, root):
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["id", "url", "label_name", "phash", "dhash"])
         urls, written = [], []

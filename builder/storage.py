@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import fsspec
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 from builder.errors import StorageError
 
@@ -158,46 +160,27 @@ def read_bytes(uri: str, storage_options: Optional[dict[str, Any]] = None) -> by
         return fs.cat_file(path)
 
 
-def mv(src: str, dst: str, storage_options: Optional[dict[str, Any]] = None) -> None:
-    """Move the file ``src`` to ``dst`` (same filesystem): a rename locally, copy+delete on S3."""
-    fs, src_path = open_fs(src, storage_options)
-    fs2, dst_path = open_fs(dst, storage_options)
-    if type(fs) is not type(fs2):
-        raise StorageError(f"cannot move {src} to {dst}: they are on different filesystems")
-    with storage_errors(src, f"move to {dst}"):
-        move_files(fs, [(src_path, dst_path)])
+_GLOB_MAGIC = re.compile(r"[*?\[]")
 
 
-def rm(uri: str, storage_options: Optional[dict[str, Any]] = None, recursive: bool = True
-       ) -> None:
-    """Remove the file or tree at ``uri``; nothing there is not an error."""
-    fs, path = open_fs(uri, storage_options)
-    with storage_errors(uri, "remove"):
-        fs.invalidate_cache(path)
-        if fs.exists(path):
-            fs.rm(path, recursive=recursive)
+def delete_files(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
+    """Delete these files, each by its own name. fsspec's ``rm`` reads ``*``, ``?`` and ``[``
+    in a path as a glob pattern on object stores: ``s3://b/runs[1]`` had ``runs1``'s files
+    deleted and kept its own. Paths without them go in one batched call."""
+    paths = sorted(set(paths))
+    plain = [p for p in paths if not _GLOB_MAGIC.search(p)]
+    if plain:
+        fs.rm(plain)
+    for p in paths:
+        if _GLOB_MAGIC.search(p):
+            fs.rm_file(p)
 
 
-def move_files(fs: fsspec.AbstractFileSystem, pairs: list[tuple[str, str]]) -> None:
-    """Move files (source path, destination path) within ``fs``.
-
-    Local: ``os.replace`` each (atomic per file). Elsewhere: one batched copy, then one batched
-    delete, which s3fs runs concurrently.
-    """
-    if not pairs:
-        return
-    if isinstance(fs, LocalFileSystem):
-        for src, dst in pairs:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.replace(src, dst)
-        return
-    if not is_object_store(fs):
-        for _, dst in pairs:
-            ensure_parent(fs, dst)
-    srcs = [s for s, _ in pairs]
-    dsts = [d for _, d in pairs]
-    fs.copy(srcs, dsts)
-    fs.rm(srcs)
+def delete_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete every file under ``path`` (by name, as ``delete_files``), then its empty
+    directories."""
+    delete_files(fs, list_files(fs, path))
+    prune_empty_dirs(fs, path)
 
 
 TEMP_MARK = ".tmp-"
@@ -223,8 +206,9 @@ def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
     """A binary file to write at ``path`` that appears only when the block ends without error.
 
     Local disks: a temporary name beside it, renamed into place (atomic). Object stores publish
-    an object only when its upload completes, so it is written in place; a failed upload
-    leaves nothing. Other filesystems are written in place.
+    an object only when its upload completes, so it is written in place, and an error in the
+    block discards the upload (fsspec's own ``with`` would complete it, half written). Other
+    filesystems are written in place.
     """
     ensure_parent(fs, path)
     if isinstance(fs, LocalFileSystem):
@@ -237,8 +221,17 @@ def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         return
-    with fs.open(path, "wb") as f:
+    f = fs.open(path, "wb")
+    try:
         yield f
+    except BaseException:
+        if isinstance(f, AbstractBufferedFile):
+            f.discard()  # an object store's multipart upload is aborted
+            f.closed = True  # close() would upload what was written so far
+        else:
+            f.close()
+        raise
+    f.close()
 
 
 def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

@@ -58,8 +58,9 @@ files removed when the job finishes or resumes, so nothing unaccounted for is le
 
 **Starting over a dataset.** ``DatasetPublisher.prepare`` runs before the crawl: it refuses a
 complete dataset unless ``output.overwrite`` (then the old dataset is removed at once: its
-markers first, so it never looks complete again, then its files: those its marker lists and the
-``data/``, ``imagefolder/`` and ``webdataset/`` trees, never other files). A ``_PARTIAL``
+markers first, so it never looks complete again, then its files: the dataset-level files
+(``DATASET_FILES``) and the ``data/``, ``imagefolder/`` and ``webdataset/`` trees, never other
+files). A ``_PARTIAL``
 dataset is replaced without ``overwrite``: it was never complete. A continued partial dataset
 and ``retry-failed`` keep the old files and add to them (``merge``); the dataset loses its
 marker while the new run writes. Two jobs writing into one URI at the same time is not
@@ -100,6 +101,8 @@ from builder.transform import rgb_jpeg
 from builder.storage import (
     atomic_open,
     atomic_write,
+    delete_files,
+    delete_tree,
     ensure_writable,
     is_local_uri,
     list_files,
@@ -111,6 +114,11 @@ from builder.storage import (
 SUCCESS = "_SUCCESS"
 PARTIAL = "_PARTIAL"
 LAYOUT_DIRS = ("data", "imagefolder", "webdataset")
+DATASET_FILES = frozenset({
+    *(f"labels.{fmt}" for fmt in ("json", "csv", "yaml", "txt")), "classes.json", "classes.txt",
+    "rejects.parquet", "rejects.csv", "stats.json", "README.md", "spec.yaml"})
+"""The dataset-level files a publish writes: with the shard trees, all a marker lists, and all
+an overwrite removes (a folder's other files are not the dataset's)."""
 
 ROW_GROUP_SIZE = 100
 """Rows per Parquet row group: images are large, so small groups keep readers' memory low."""
@@ -668,12 +676,12 @@ class DatasetPublisher:
         with storage_errors(self.uri, "prepare"):
             markers = dict(_markers(fs, root))
             if markers:
-                fs.rm([f"{root}/{m}" for m in markers])
+                delete_files(fs, [f"{root}/{m}" for m in markers])
             if not merge and (markers or self.output.overwrite):
                 self._remove_old(fs, root, markers)
             if not merge and self.output.overwrite:  # interrupted jobs there: starting over
                 for job in resumable_jobs(self.uri, self.storage_options):
-                    fs.rm(f"{root}/{JOURNAL}/{job}", recursive=True)
+                    delete_tree(fs, f"{root}/{JOURNAL}/{job}")
 
     @staticmethod
     def next_numbers(fs: fsspec.AbstractFileSystem, root: str,
@@ -697,14 +705,12 @@ class DatasetPublisher:
         for content in markers.values():
             for entry in content.get("files") or []:
                 rel = _safe_relative(entry.get("path") if isinstance(entry, dict) else entry)
-                if rel and rel.split("/")[0] not in LAYOUT_DIRS \
-                        and rel not in (SUCCESS, PARTIAL) and not rel.startswith("_journal/"):
+                if rel in DATASET_FILES:  # a marker of an older version listed other files too
                     listed.add(f"{root}/{rel}")
         old = {p for p in listed if fs.exists(p)}
         for d in LAYOUT_DIRS:
             old.update(list_files(fs, f"{root}/{d}"))
-        if old:
-            fs.rm(sorted(old))
+        delete_files(fs, old)
         for d in LAYOUT_DIRS:
             prune_empty_dirs(fs, f"{root}/{d}")
 
@@ -716,8 +722,7 @@ class DatasetPublisher:
             for p in paths:
                 fs.invalidate_cache(p)
             found = [p for p in paths if fs.exists(p)]
-            if found:
-                fs.rm(found)
+            delete_files(fs, found)
         return len(found)
 
     def publish(self, *, manifest_rows: Iterable[dict[str, Any]],
@@ -777,19 +782,17 @@ class DatasetPublisher:
     def _listed_files(self, fs: fsspec.AbstractFileSystem, root: str
                       ) -> list[tuple[str, int]]:
         """Every file of the dataset but the ImageFolder tree (counted in the marker, listed
-        in labels.*), with its size. Neither that tree nor the journal is walked."""
+        in labels.*), with its size: ``DATASET_FILES`` and the shard trees. Other files in
+        the folder are not the dataset's, and an overwrite would delete what a marker lists."""
         out = []
         fs.invalidate_cache(root)
         for entry in fs.ls(root, detail=True):
             top = entry["name"].rstrip("/")[len(root) + 1:]
-            if top in ("imagefolder", "_journal", SUCCESS, PARTIAL) \
-                    or top.startswith(".pixcrawler-probe"):
-                continue
-            if entry["type"] != "directory":
+            if entry["type"] != "directory" and top in DATASET_FILES:
                 out.append((top, int(entry.get("size") or 0)))
-                continue
-            for path, info in fs.find(entry["name"], withdirs=False, detail=True).items():
-                out.append((path[len(root) + 1:], int(info.get("size") or 0)))
+            elif entry["type"] == "directory" and top in ("data", "webdataset"):
+                for path, info in fs.find(entry["name"], withdirs=False, detail=True).items():
+                    out.append((path[len(root) + 1:], int(info.get("size") or 0)))
         return sorted(out)
 
 
@@ -828,11 +831,17 @@ def is_complete(uri: str, storage_options: Optional[dict[str, Any]] = None) -> b
         return bool(fs.exists(path))
 
 
+def parquet_shards(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The Parquet shards of the dataset at ``root``, in name order (found by listing: a glob
+    would read ``[``, ``?`` and ``*`` in ``root`` as patterns)."""
+    return [p for p in list_files(fs, f"{root.rstrip('/')}/data") if p.endswith(".parquet")]
+
+
 def read_dataset(uri: str, storage_options: Optional[dict[str, Any]] = None) -> pa.Table:
     """All Parquet shards of the dataset at ``uri`` as one table (shards in name order)."""
     fs, root = open_fs(uri, storage_options)
     with storage_errors(uri, "read"):
-        paths = [p for p in list_files(fs, f"{root}/data") if p.endswith(".parquet")]
+        paths = parquet_shards(fs, root)
         if not paths:
             if read_marker(uri, storage_options) is None:
                 raise StorageError(f"no dataset at {uri}: no _SUCCESS, no _PARTIAL and no "

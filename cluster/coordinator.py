@@ -42,7 +42,7 @@ from builder.errors import PixCrawlerError
 from builder.job import IndexLost, JobRunner, WorkerLost
 from builder.pipeline import Continuation, JobLifecycle, JobResult, recover_ledger
 from builder.spec import DatasetSpec
-from builder.storage import is_local_uri, join, open_fs
+from builder.storage import delete_files, is_local_uri, join, open_fs
 from builder.units import UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan
 from cluster.connect import connect
@@ -480,10 +480,8 @@ def check_output_nodes(spec: DatasetSpec, uri: str, storage_options: Optional[di
         for i, n in enumerate(nodes)]
     problems = [(node, missing) for node, missing in ray.get(checks) if missing]
     fs, root = open_fs(uri, storage_options)
-    for name in names:
-        for path in (f"{root}/{name}", f"{root}/{name}-seen"):
-            if fs.exists(path):
-                fs.rm(path)
+    delete_files(fs, [path for name in names
+                      for path in (f"{root}/{name}", f"{root}/{name}-seen") if fs.exists(path)])
     if problems:
         raise PlanningError(
             f"output.shared_filesystem is set, but node {problems[0][0][:12]} cannot see files "

@@ -358,6 +358,72 @@ def test_overwrite_rules(target):
     assert json.loads(target.read("_SUCCESS"))["job_id"] == "job3"
 
 
+def test_an_overwrite_removes_the_dataset_and_never_the_folders_other_files(target):
+    """The marker listed every file under the output, so the next overwrite deleted a
+    neighbouring folder's photos and the user's notes."""
+    for rel in ("notes.txt", "photos_2019/keep.jpg", "data_old/x.parquet"):
+        storage.write_bytes(storage.join(target.uri, rel), b"mine", target.options)
+    first = target.job("job1")
+    first.publisher.prepare()
+    write_all(first, make_rows())
+    first.publish()
+    listed = {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]}
+    assert listed and not listed & {"notes.txt", "photos_2019/keep.jpg", "data_old/x.parquet"}
+    # a marker written by an older version, listing everything: only dataset files go
+    old_marker = json.loads(target.read("_SUCCESS"))
+    old_marker["files"] += [{"path": "notes.txt", "size": 4}, {"path": "photos_2019/keep.jpg",
+                                                              "size": 4}]
+    storage.write_bytes(storage.join(target.uri, "_SUCCESS"), json.dumps(old_marker).encode(),
+                        target.options)
+    second = target.job("job2", overwrite=True)
+    second.publisher.check()
+    second.publisher.prepare()
+    assert target.files() == {"notes.txt", "photos_2019/keep.jpg", "data_old/x.parquet"}
+
+
+def s3_target(endpoint: str, prefix: str) -> Target:
+    fs = pafs.S3FileSystem(endpoint_override=endpoint.removeprefix("http://"), scheme="http",
+                           access_key="testing", secret_key="testing", region="us-east-1")
+    return Target(f"s3://pix/{prefix}", {"endpoint_url": endpoint}, fs, f"pix/{prefix}")
+
+
+def test_glob_characters_in_an_s3_output_delete_only_its_own_files(moto_s3):
+    """fsspec's rm reads [, ? and * as a pattern on S3: overwriting s3://pix/runs[1] deleted
+    s3://pix/runs1 and left runs[1]'s own _SUCCESS over the new job's files."""
+    run = uuid.uuid4().hex[:6]
+    odd, plain = s3_target(moto_s3, f"{run}/runs[1]"), s3_target(moto_s3, f"{run}/runs1")
+    for target in (odd, plain, s3_target(moto_s3, f"{run}/runs?")):
+        job = target.job("job1")
+        write_all(job, make_rows())
+        job.publish()
+    again = odd.job("job2", overwrite=True)
+    again.publisher.prepare()
+    assert odd.files() == set()
+    assert is_complete(plain.uri, plain.options) and len(plain.files()) > 10
+    assert read_dataset(plain.uri, plain.options).num_rows == len(make_rows())
+    again.shard(make_rows()[:3], 0)
+    again.publish()
+    assert read_dataset(odd.uri, odd.options).num_rows == 3
+    assert not any(p.startswith("_journal") for p in odd.files())
+
+
+@pytest.mark.parametrize("size", [100, 6 << 20])  # one upload, and a multipart one
+def test_a_write_that_fails_on_s3_leaves_no_object(moto_s3, size):
+    """fsspec's own with-block completes the upload on an error: a manifest half written
+    became the dataset's labels.json."""
+    fs, root = storage.open_fs(f"s3://pix/failed-{uuid.uuid4().hex[:6]}",
+                               {"endpoint_url": moto_s3})
+    with pytest.raises(KeyError):
+        with storage.atomic_open(fs, f"{root}/labels.json") as f:
+            f.write(b"x" * size)
+            raise KeyError("the journal could not be read")
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/labels.json")
+    with storage.atomic_open(fs, f"{root}/labels.json") as f:
+        f.write(b"y" * size)
+    assert fs.size(f"{root}/labels.json") == size
+
+
 def test_a_merge_keeps_the_old_files_and_numbers_after_them(local):
     rows = make_rows()
     first = local.job("job1")
