@@ -219,6 +219,8 @@ class ShardAssembler:
         """Bytes of the rows buffered and of the pending units' decisions."""
         self.pending: dict[str, dict[str, Any]] = {}
         self.committed: list[str] = []
+        self.generation = 0
+        """Bumped by ``discard``: a write begun before it keeps none of its rows (``_write``)."""
         self._lock = asyncio.Lock()
         self.splits = list(plan.spec.output.splits)
         self.mix = MIX_SHARDS if len(plan.spec.labels) > 1 else 1
@@ -258,6 +260,7 @@ class ShardAssembler:
     def discard(self) -> list[str]:
         """Drop everything not yet written (the units will be resent); returns their uids."""
         dropped = list(self.pending)
+        self.generation += 1
         self.buffers.clear()
         self.pending.clear()
         self.buffered_bytes = 0
@@ -268,9 +271,23 @@ class ShardAssembler:
         return out
 
     async def _write(self, split: str, n: int) -> None:
+        """Write the next shard of ``split`` (``n`` rows) and commit the units it completes.
+
+        ``discard`` (an index reset) is synchronous and may run at any await here: the lock
+        keeps ``add`` and ``flush`` out, not it. The units it drops are resent and write their
+        images again, so a write that sees ``generation`` move keeps none of their rows: the
+        rows left are not buffered again, and the shard is not written unless ``writer.write``
+        is already under way. A shard abandoned after ``mark_written(writing=...)`` never
+        exists, so that mark reads as not written (``UnitRun._dedup``). One being written
+        finishes and is marked written; its units, no longer pending, are not committed here.
+        A resent unit that asks whether it exists before it is committed still writes its
+        images again: only a reset that awaited the write would close that."""
+        generation = self.generation
         parts = self.buffers.pop(split)
         self.buffered_bytes -= sum(t.nbytes for t in parts)
         table, rest = await self.run_io(cut_shard, parts, n)
+        if self.generation != generation:
+            return
         if rest is not None:
             self.buffers[split] = [rest]
             self.buffered_bytes += rest.nbytes
@@ -278,7 +295,11 @@ class ShardAssembler:
         ref = (self.splits.index(split) << 32) | number if split in self.splits else number
         ids = [id_number(i) for i in table["id"].to_pylist()]
         claims = table["_claim"].to_pylist()
+        if self.generation != generation:
+            return
         await self.services.dedup.mark_written(ids, claims, writing=ref)
+        if self.generation != generation:
+            return
         extra = {"uid": table["_uid"].to_pylist(), "claim": claims,
                  "sig_a": table["_sig_a"].to_pylist(), "sig_b": table["_sig_b"].to_pylist()}
         await self.run_io(self.writer.write, table, split, number, self.journal, extra)
