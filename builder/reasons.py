@@ -50,6 +50,7 @@ class Reason(str, Enum):
     BAD_ASPECT_RATIO = "bad_aspect_ratio"
     DECOMPRESSION_BOMB = "decompression_bomb"
     ANIMATED = "animated"
+    VALIDATOR_CRASHED = "validator_crashed"
     # dedup
     EXACT_DUPLICATE = "exact_duplicate"
     NEAR_DUPLICATE = "near_duplicate"
@@ -85,6 +86,7 @@ REASON_STAGE: dict[Reason, Stage] = {
     Reason.BAD_ASPECT_RATIO: Stage.VALIDATE,
     Reason.DECOMPRESSION_BOMB: Stage.VALIDATE,
     Reason.ANIMATED: Stage.VALIDATE,
+    Reason.VALIDATOR_CRASHED: Stage.VALIDATE,
     Reason.EXACT_DUPLICATE: Stage.DEDUP,
     Reason.NEAR_DUPLICATE: Stage.DEDUP,
     Reason.NSFW: Stage.NSFW,
@@ -124,6 +126,8 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.BAD_ASPECT_RATIO: "long side / short side is above validation.max_aspect_ratio",
     Reason.DECOMPRESSION_BOMB: "width*height exceeds validation.max_pixels",
     Reason.ANIMATED: "an animated image while validation.animated is 'reject'",
+    Reason.VALIDATOR_CRASHED: "the process validating the image died on it (e.g. out of memory, "
+    "a decoder crash), with the image alone in a process of its own",
     Reason.EXACT_DUPLICATE: "the same bytes (sha256) as an image kept earlier in the job",
     Reason.NEAR_DUPLICATE: "a view (whole, centre crops, mirror, small turns) within "
     "validation.near_duplicate_threshold bits on pHash and dHash of a view of an image kept "

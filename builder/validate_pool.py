@@ -7,15 +7,22 @@ the views) holds it: threads keep about 1.3 of 2 cores busy (bench/README.md, "R
 real photos"). ``ProcessValidator`` runs ``ImageValidator`` in a pool of processes instead. A
 batch of records goes to a process and comes back validated; what the validator learned is
 copied onto the caller's records, so every other reference to them stays good.
+
+A pool process can die (the OOM killer, a decoder's segfault); that breaks the whole pool
+(``BrokenProcessPool``, every batch in flight fails). A bad image must become a rejection, not
+a crash, so ``ProcessValidator`` rebuilds the pool and retries; see its docstring.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import fields
 from typing import Any, Optional
 
+from builder.reasons import Reason
 from builder.records import Record
 from builder.spec import ValidationSpec
 from builder.validate import ImageValidator
@@ -41,18 +48,46 @@ _FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("candidate", "d
 """What the validator may change: every field but the candidate and the bytes."""
 
 
+CRASHED = "the validating process died on this image (e.g. out of memory, a decoder crash)"
+
+
 class ProcessValidator:
     """``ImageValidator``'s interface (call it on a batch), run in ``processes`` processes.
-    Call it from threads (one batch per thread at a time); ``close`` stops the processes."""
+    Call it from threads (one batch per thread at a time); ``close`` stops the processes.
+
+    When a process dies the pool breaks, and every batch in flight with it. Each such batch
+    rebuilds the pool (once per break, however many batches saw it) and is retried there once,
+    which is enough when another batch's image did it or memory was short for a moment. A batch
+    that breaks the pool again holds the culprit: its records are validated one at a time in a
+    pool of one process of this call's own (the shared pool is not broken again, and other
+    batches' crashes cannot touch it), and a record that kills that process is rejected with
+    ``validator_crashed``. So a batch costs at most two shared-pool rebuilds and, after that, one
+    process start per record it holds that kills its validator, plus one. A pool broken after
+    ``close`` is not rebuilt: the call raises ``BrokenProcessPool``.
+    """
 
     def __init__(self, cfg: ValidationSpec, processes: int):
+        self.cfg = cfg.model_dump()
+        self.processes = processes
+        self.pool = self._new_pool(processes)
+        self._generation = 0
+        """How many times the shared pool was rebuilt; a batch that saw it break rebuilds it
+        only if nobody has since."""
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
         # spawn: the caller runs an event loop and threads, which a forked child would copy
         # mid-flight; a spawned one starts clean (its imports overlap the first fetches).
-        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_start, initargs=(cfg.model_dump(),))
+        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start, initargs=(self.cfg,))
 
     def __call__(self, records: list[Record]) -> list[Record]:
-        done = self.pool.submit(_validate, records).result()
+        done = self._shared(records)
+        if done is None:
+            done = self._shared(records)
+        if done is None:
+            done = self._one_by_one(records)
         for mine, theirs in zip(records, done):
             for name in _FIELDS:
                 value = getattr(theirs, name)
@@ -62,5 +97,49 @@ class ProcessValidator:
                 mine.data = None
         return records
 
+    def _shared(self, records: list[Record]) -> Optional[list[Record]]:
+        """The batch validated in the shared pool, or None if the pool broke (it is rebuilt)."""
+        with self._lock:
+            pool, generation = self.pool, self._generation
+        try:
+            return pool.submit(_validate, records).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._closed:
+                    raise
+                renew = generation == self._generation
+                if renew:
+                    self.pool = self._new_pool(self.processes)
+                    self._generation += 1
+            if renew:
+                pool.shutdown(wait=True)
+            return None
+
+    def _one_by_one(self, records: list[Record]) -> list[Record]:
+        """Each record validated alone in a pool of one process of this call's own; one that
+        kills the process is rejected (and the next gets a new process)."""
+        done: list[Record] = []
+        pool: Optional[ProcessPoolExecutor] = None
+        try:
+            for record in records:
+                if record.rejected:  # the validator passes it by
+                    done.append(record)
+                    continue
+                if pool is None:
+                    pool = self._new_pool(1)
+                try:
+                    done.extend(pool.submit(_validate, [record]).result())
+                except BrokenProcessPool:
+                    pool.shutdown(wait=True)
+                    pool = None
+                    done.append(record.reject(Reason.VALIDATOR_CRASHED, CRASHED))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return done
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            pool = self.pool
+        pool.shutdown(wait=True, cancel_futures=True)

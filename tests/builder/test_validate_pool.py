@@ -4,7 +4,15 @@ would, on the same objects."""
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures.process import BrokenProcessPool
 
+import pytest
+
+from builder import validate_pool
 from builder.reasons import Reason
 from builder.records import Candidate, Record
 from builder.spec import ValidationSpec
@@ -46,3 +54,71 @@ def test_a_record_rejected_before_is_left_as_it_was():
     finally:
         pool.close()
     assert vars(records[0]) == before
+
+
+def kill(pool: ProcessValidator) -> None:
+    """SIGKILL the pool's processes (as the OOM killer would) and wait till the pool knows."""
+    for pid in list(pool.pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not pool.pool._broken:
+        assert time.monotonic() < deadline, "the pool did not notice its process died"
+        time.sleep(0.05)
+
+
+def _validate_or_die(records: list[Record]) -> list[Record]:
+    """Run in the pool's process: dies, as a decoder's segfault would, on the bytes b"die"."""
+    if any(r.data == b"die" for r in records):
+        os._exit(1)
+    return validate_pool._validate(records)
+
+
+def test_a_killed_pool_process_is_replaced_and_the_next_batches_decided():
+    before = set(multiprocessing.active_children())
+    cfg = ValidationSpec(level="medium")
+    here = [vars(r) for r in ImageValidator(cfg)(batch())]
+    pool = ProcessValidator(cfg, 2)
+    try:
+        assert [vars(r) for r in pool(batch())] == here
+        kill(pool)
+        for _ in range(2):
+            assert [vars(r) for r in pool(batch())] == here
+    finally:
+        pool.close()
+    assert set(multiprocessing.active_children()) == before
+
+
+def test_a_record_that_kills_its_validator_is_rejected_and_the_rest_decided(monkeypatch):
+    monkeypatch.setattr(validate_pool, "_validate", _validate_or_die)
+    before = set(multiprocessing.active_children())
+    cfg = ValidationSpec(level="medium")
+    here = [vars(r) for r in ImageValidator(cfg)(batch())]
+    records = batch()
+    records.insert(2, Record(Candidate("http://x/die", "cat"), data=b"die"))
+    pool = ProcessValidator(cfg, 2)
+    try:
+        out = pool(records)
+        assert [vars(r) for r in pool(batch())] == here  # the shared pool works again
+    finally:
+        pool.close()
+    assert set(multiprocessing.active_children()) == before
+    crashed = out.pop(2)
+    assert crashed.rejected and crashed.data is None
+    assert (crashed.stage, crashed.reason) == ("validate", Reason.VALIDATOR_CRASHED.value)
+    assert "died" in crashed.detail
+    assert [vars(r) for r in out] == here
+
+
+def test_a_pool_broken_after_close_is_not_rebuilt():
+    before = set(multiprocessing.active_children())
+    pool = ProcessValidator(ValidationSpec(level="medium"), 1)
+    try:
+        pool(batch()[:1])
+        kill(pool)
+    finally:
+        pool.close()
+    broken = pool.pool
+    with pytest.raises(BrokenProcessPool):
+        pool(batch())
+    assert pool.pool is broken
+    assert set(multiprocessing.active_children()) == before
