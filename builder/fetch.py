@@ -660,7 +660,12 @@ class Fetcher:
         refusal = first_refusal(signals)
         if refusal is None:
             return False
-        if refusal.name == "robots_txt":
+        if refusal.name == "robots_txt" and refusal.value in (sig.UNREACHABLE, sig.NO_ANSWER):
+            record.reject(Reason.ROBOTS_UNREACHABLE if refusal.value == sig.UNREACHABLE
+                          else Reason.CONNECTION_ERROR,
+                          f"robots.txt of {origin_of or record.candidate.url} could not be read, "
+                          f"so nothing there is fetched ({refusal.source})")
+        elif refusal.name == "robots_txt":
             record.reject(Reason.ROBOTS_DISALLOWED,
                           f"robots.txt disallows {origin_of or record.candidate.url} "
                           f"({refusal.source})")

@@ -39,6 +39,7 @@ class Reason(str, Enum):
     TOO_MANY_BYTES = "too_many_bytes"
     TOO_MANY_REDIRECTS = "too_many_redirects"
     ROBOTS_DISALLOWED = "robots_disallowed"
+    ROBOTS_UNREACHABLE = "robots_unreachable"
     OPTED_OUT = "opted_out"
     NOT_AN_IMAGE = "not_an_image"
     # validate
@@ -76,6 +77,7 @@ REASON_STAGE: dict[Reason, Stage] = {
     Reason.TOO_MANY_BYTES: Stage.FETCH,
     Reason.TOO_MANY_REDIRECTS: Stage.FETCH,
     Reason.ROBOTS_DISALLOWED: Stage.FETCH,
+    Reason.ROBOTS_UNREACHABLE: Stage.FETCH,
     Reason.OPTED_OUT: Stage.FETCH,
     Reason.NOT_AN_IMAGE: Stage.FETCH,
     Reason.DECODE_ERROR: Stage.VALIDATE,
@@ -106,10 +108,13 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.HTTP_SERVER_ERROR: "the server answered 5xx on every try",
     Reason.RATE_LIMITED: "the server answered 429 on every try",
     Reason.TIMEOUT: "no complete answer within download.timeout_s on every try",
-    Reason.CONNECTION_ERROR: "the connection failed (DNS, refused, reset) on every try",
+    Reason.CONNECTION_ERROR: "the connection failed (DNS, refused, reset) on every try, or the "
+    "origin's robots.txt got no answer (twice)",
     Reason.TOO_MANY_BYTES: "the body exceeded download.max_bytes (aborted while streaming)",
     Reason.TOO_MANY_REDIRECTS: "more than download.max_redirects redirects (or a loop)",
     Reason.ROBOTS_DISALLOWED: "robots.txt disallows the path for our user agent",
+    Reason.ROBOTS_UNREACHABLE: "robots.txt answered a server error or 429, twice: RFC 9309 says "
+    "to assume everything is disallowed (retry-failed asks again)",
     Reason.OPTED_OUT: "a machine-readable opt-out refuses AI training; the detail names the "
     "signal and where it was read: X-Robots-Tag (noai / noimageai / noml / noindex / "
     "noimageindex), TDMRep (tdm-reservation: 1 in /.well-known/tdmrep.json, a header or the "
@@ -140,7 +145,8 @@ REASON_DOCS: dict[Reason, str] = {
 }
 
 TRANSIENT_REASONS: frozenset[Reason] = frozenset(
-    {Reason.HTTP_SERVER_ERROR, Reason.RATE_LIMITED, Reason.TIMEOUT, Reason.CONNECTION_ERROR}
+    {Reason.HTTP_SERVER_ERROR, Reason.RATE_LIMITED, Reason.TIMEOUT, Reason.CONNECTION_ERROR,
+     Reason.ROBOTS_UNREACHABLE}
 )
 
 

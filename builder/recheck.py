@@ -46,6 +46,7 @@ from builder.profiles import first_public_url, has_contact
 from builder.reasons import Reason
 from builder.records import Candidate, Record
 from builder.rights import Signal, first_refusal
+from builder.signals import NO_ANSWER, UNREACHABLE
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
 from builder.storage import list_files, open_fs, same_location, storage_errors, write_bytes
 
@@ -195,7 +196,9 @@ async def _by_origin(rows: list[dict[str, Any]], cfg: DownloadSpec, result: Rech
                 result.unreachable += 1
                 continue
             refusal = first_refusal(ledger)
-            if refusal is not None:
+            if refusal is not None and refusal.value in (UNREACHABLE, NO_ANSWER):
+                result.unreachable += 1  # robots.txt did not answer: no reason to remove it
+            elif refusal is not None:
                 result.removals.append(_removal(row, refusal))
 
 
@@ -211,7 +214,7 @@ async def _by_fetch(rows: list[dict[str, Any]], cfg: DownloadSpec, result: Reche
                 origins.add(_origin(row["url"]))
                 record.data = None
                 refusal = first_refusal(record.rights)
-                if refusal is not None:
+                if refusal is not None and refusal.value not in (UNREACHABLE, NO_ANSWER):
                     result.removals.append(_removal(row, refusal))
                 elif record.rejected:
                     result.unreachable += 1

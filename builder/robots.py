@@ -9,11 +9,15 @@ matching rule wins (an ``Allow`` on a tie):
   number ("²") is ignored and the rest of the file still applies, one too large for a float is
   infinite (the fetcher caps it). Rules match the URL's path and query only.
 * 401 / 403: everything is disallowed (the site refuses to tell us).
-* any other 4xx (404, 410, ...): no rules, everything is allowed.
-* 5xx, a timeout, a connection failure, a blocked address or too many redirects: everything is
-  allowed. A server too broken to answer for robots.txt is judged by its image responses instead;
-  this keeps one flaky robots.txt from rejecting a whole site. The verdict is cached for the
-  fetcher's lifetime like any other, so a broken server is not asked again for each image.
+* any other 4xx but 429 (404, 410, ...): no rules, everything is allowed.
+* 5xx, 429, a timeout, a connection failure, a blocked address or too many redirects: the file
+  is *unreachable*, and RFC 9309 (2.3.1.4) says to assume complete disallow. It is asked once
+  more after ``UNREACHABLE_RETRY_S``; if it still cannot be read, everything is disallowed
+  (``RobotsPolicy.unreachable``: the fetcher rejects the origin's images as
+  ``robots_unreachable``, or ``connection_error`` when there was no answer at all; both are
+  transient reasons ``retry-failed`` tries again). The verdict is
+  cached for the fetcher's lifetime like any other, so a broken server is not asked again for
+  each image.
 
 The group that applies to us is the one naming our product token (groups naming it are merged, as
 RFC 9309 asks), else the ``*`` group(s); ``RobotsPolicy.group`` names it for the rights ledger.
@@ -45,6 +49,8 @@ MAX_ROBOTS_BYTES = 512 * 1024
 
 RobotsFetch = Callable[[URL], Awaitable[tuple[int, bytes]]]
 """Fetches a robots.txt URL: (HTTP status, body). Status 0 means no answer (unreachable)."""
+UNREACHABLE_RETRY_S = 1.0
+"""How long after an unreachable answer robots.txt is asked once more."""
 
 _STANDARD = frozenset({"allow", "disallow", "user-agent", "sitemap", "crawl-delay",
                        "request-rate", "visit-time", "host"})
@@ -79,9 +85,14 @@ class RobotsPolicy:
             # a BOM (files saved on Windows) would glue itself to the first key and lose its group
             text = body[:MAX_ROBOTS_BYTES].decode("utf-8", errors="replace").removeprefix("\ufeff")
             return cls(status, Protego.parse(text), _groups(text), user_agent=user_agent)
-        if status in (401, 403):
+        if status in (401, 403) or unreachable(status):
             return cls(status, disallow_all=True)
         return cls(status, allow_all=True)
+
+    @property
+    def unreachable(self) -> bool:
+        """robots.txt could not be read (everything is disallowed until it can)."""
+        return unreachable(self.status)
 
     def allowed(self, url: Union[str, URL], user_agent: str = ROBOTS_UA) -> bool:
         """True when ``url`` (on this policy's origin) may be fetched by ``user_agent``.
@@ -97,6 +108,12 @@ class RobotsPolicy:
         if target is None:
             return False
         return self._parser.can_fetch(_PATH_BASE + target, user_agent)
+
+
+def unreachable(status: int) -> bool:
+    """Whether a robots.txt answer means the file is unreachable (RFC 9309 2.3.1.4): a server
+    error, 429 (read as one, as the major crawlers do), or no answer (status 0)."""
+    return status == 0 or status == 429 or status >= 500
 
 
 class _Group:
@@ -330,6 +347,9 @@ class RobotsCache(OriginCache[RobotsPolicy]):
     def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA):
         async def load(url: URL) -> RobotsPolicy:
             status, body = await fetch(origin_file(url, "/robots.txt"))
+            if unreachable(status):
+                await asyncio.sleep(UNREACHABLE_RETRY_S)
+                status, body = await fetch(origin_file(url, "/robots.txt"))
             return RobotsPolicy.from_response(status, body, user_agent)
 
         super().__init__(load)

@@ -248,7 +248,15 @@ def _tdm_pattern(location: str) -> str:
 # ---- origin-level -----------------------------------------------------------------------------
 
 
+UNREACHABLE, NO_ANSWER = "unreachable", "no answer"
+"""The values of a robots.txt refusal made because the file could not be read: it answered
+with a server error or 429, or not at all (then neither would the image)."""
+
+
 def _robots_source(policy: RobotsPolicy, file: str) -> str:
+    if policy.unreachable:
+        why = f"HTTP {policy.status}" if policy.status else "no answer"
+        return f"{file} ({why}: unreachable, so everything disallowed, RFC 9309 2.3.1.4)"
     if policy.disallow_all:
         return f"{file} (HTTP {policy.status}: everything disallowed)"
     if policy.allow_all:
@@ -268,7 +276,10 @@ class _RulesFile:
         self.policy = policy
         source = _robots_source(policy, file)
         self.allow = Signal(name, "allow", source, ALLOW)
-        self.refuse = Signal(name, "disallow", source, REFUSE)
+        value = "disallow"
+        if policy.unreachable:
+            value = UNREACHABLE if policy.status else NO_ANSWER
+        self.refuse = Signal(name, value, source, REFUSE)
         # A file that sets nothing for us (absent, no group) is recorded as nothing said.
         self.absent: Optional[Signal] = None
         if policy.allow_all or (not policy.group and not policy.disallow_all):

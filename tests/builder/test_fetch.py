@@ -19,7 +19,7 @@ from PIL import Image
 from yarl import URL
 
 from builder.fetch import Fetcher, fetch_all, parse_retry_after
-from builder.reasons import Reason
+from builder.reasons import TRANSIENT_REASONS, Reason
 from builder.records import Candidate, Record
 from builder.spec import DownloadSpec, SignalsSpec
 
@@ -80,6 +80,10 @@ def make_app(state: State) -> web.Application:
                                      "Disallow: /private/\n")
         if state.robots_mode == "error":
             return web.Response(status=500)
+        if state.robots_mode == "flaky" and state.hits["robots"] == 1:
+            return web.Response(status=503)
+        if state.robots_mode == "flaky":
+            return web.Response(text="User-agent: *\nDisallow: /private/\n")
         if state.robots_mode in ("gzip", "deflate", "br"):
             # a server that compresses although the fetcher asked for identity
             raw = b"User-agent: *\nDisallow: /private/\n"
@@ -508,21 +512,43 @@ def test_robots_checked_on_redirect_hop(srv: Any) -> None:
     assert srv.state.hits["private"] == 0
 
 
-def test_robots_missing_or_broken_allows(srv: Any) -> None:
-    for mode in ("none", "error"):
-        srv.state.robots_mode = mode
-        r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=True))
-        assert not r.rejected, (mode, r.detail)
+def test_robots_missing_allows(srv: Any) -> None:
+    srv.state.robots_mode = "none"
+    r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=True))
+    assert not r.rejected, r.detail
 
 
-@pytest.mark.parametrize("mode,disallowed", [("gzip", True), ("deflate", True), ("br", False)])
+def test_robots_that_cannot_be_read_disallows_everything(srv: Any) -> None:
+    """RFC 9309 2.3.1.4: a server error means complete disallow (it used to mean allow all,
+    and a server too loaded to serve robots.txt then got every image request)."""
+    srv.state.robots_mode = "error"
+    out, stats = run_fetch([base(srv) + p for p in ("/img.jpg", "/private/img.jpg")],
+                           cfg(respect_robots=True))
+    assert [r.reason for r in out] == [Reason.ROBOTS_UNREACHABLE.value] * 2
+    assert "could not be read" in out[0].detail and "HTTP 500" in out[0].detail
+    assert srv.state.hits["robots"] == 2 and stats["robots_fetches"] == 2  # asked once more
+    assert srv.state.hits["img"] == srv.state.hits["private"] == 0
+    assert Reason.ROBOTS_UNREACHABLE in TRANSIENT_REASONS  # retry-failed asks again
+
+
+def test_robots_that_fails_once_is_asked_again(srv: Any) -> None:
+    srv.state.robots_mode = "flaky"
+    out, _ = run_fetch([base(srv) + p for p in ("/img.jpg", "/private/img.jpg")],
+                       cfg(respect_robots=True))
+    assert [r.reason for r in out] == ["", Reason.ROBOTS_DISALLOWED.value]
+    assert srv.state.hits["robots"] == 2
+
+
+@pytest.mark.parametrize("mode,reason", [("gzip", Reason.ROBOTS_DISALLOWED),
+                                         ("deflate", Reason.ROBOTS_DISALLOWED),
+                                         ("br", Reason.CONNECTION_ERROR)])
 def test_a_compressed_robots_txt_is_read_not_taken_for_garbage(srv: Any, mode: str,
-                                                              disallowed: bool) -> None:
+                                                              reason: Reason) -> None:
     """Read as it came, a gzipped robots.txt lost its Disallow; an encoding the fetcher cannot
-    undo is no usable answer (as an unreachable file)."""
+    undo is no usable answer (an unreachable file)."""
     srv.state.robots_mode = mode
     r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=True))
-    assert (r.reason == Reason.ROBOTS_DISALLOWED.value) is disallowed, r.detail
+    assert r.reason == reason.value, r.detail
 
 
 def test_robots_ignored_when_not_respected(srv: Any) -> None:

@@ -43,7 +43,7 @@ def test_agent_match_is_case_insensitive() -> None:
 
 @pytest.mark.parametrize("status,allowed", [
     (404, True), (410, True), (400, True), (401, False), (403, False),
-    (500, True), (503, True), (0, True),
+    (500, False), (503, False), (429, False), (0, False),  # unreachable: RFC 9309 2.3.1.4
 ])
 def test_status_rules(status: int, allowed: bool) -> None:
     policy = RobotsPolicy.from_response(status, b"User-agent: *\nDisallow: /\n")
