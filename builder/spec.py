@@ -370,6 +370,9 @@ MAX_BACKOFF_S = 60.0
 """Upper bound of ``download.backoff_s`` (the base of an exponential backoff)."""
 MAX_DELAY_S = 3600.0
 """Upper bound of ``download.per_host_delay_s`` and ``download.max_retry_after_s``."""
+MAX_REDIRECTS = 30
+"""Upper bound of ``download.max_redirects``: more hops than any real redirect chain (browsers
+stop at 20), so a server cannot bounce the fetcher through a million per candidate."""
 
 
 class HostProfileSpec(_Model):
@@ -427,7 +430,7 @@ class DownloadSpec(_Model):
     per_host_concurrency: int = Field(default=16, ge=1)
     per_host_delay_s: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
     concurrency: int = Field(default=128, ge=1, description="fetches in flight per downloader")
-    max_redirects: int = Field(default=5, ge=0)
+    max_redirects: int = Field(default=5, ge=0, le=MAX_REDIRECTS)
     user_agent: str = "PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)"
     respect_robots: bool = True
     respect_optouts: bool = True

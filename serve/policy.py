@@ -17,13 +17,17 @@ user is the operator. The defaults are safe for a server that strangers reach:
   ``allow_private_networks``, models other than the spec's defaults only from ``models``
   (a model name can be a local path), and ``search.llm_model`` on the server's own LLM
   endpoint only from ``llm_models``.
-- **Caps** on targets, classes, total images, download concurrency, per-host concurrency
-  (``download.hosts`` included, where a host with a built-in profile may only be made politer),
-  ``max_bytes`` and ``max_pixels``. A value set above a cap is refused; a field left unset whose
+- **Caps** on targets, classes, total images, download concurrency, per-host concurrency and
+  delay (``download.hosts`` included, where a host with a built-in profile may only be made
+  politer), ``max_bytes``, ``max_pixels``, the timeout, retries, backoff and Retry-After wait of
+  a fetch, and what a worker buffers before it writes (``output.shard_size``,
+  ``resources.max_buffered_mb``). A value set above a cap is refused; a field left unset whose
   default is above the cap takes the cap.
 - **Resources**: each job's pools are sized to its share of the cluster (``job_cpus``, default:
   the cluster's CPUs / ``max_running_jobs``; see ``serve.schedule`` for the order jobs start
-  in). Pool sizes a user sets must fit in that share.
+  in). Pool sizes a user sets must fit in that share. ``resources.worker_resources`` may only
+  name the custom Ray resources in ``worker_resources`` (default: none), so a job can neither
+  pin its workers to a node (``node:<ip>``) nor claim resources the operator reserved.
 
 A refused spec raises ``PolicyRefused``: 403 when a field asks for something the policy does not
 permit, 422 when a value is over a cap; each problem names the field and the policy setting.
@@ -95,6 +99,20 @@ class ApiPolicy(BaseModel):
         default=_default(DownloadSpec, "per_host_concurrency"), ge=1)
     max_bytes: int = Field(default=_default(DownloadSpec, "max_bytes"), ge=1024)
     max_pixels: int = Field(default=_default(ValidationSpec, "max_pixels"), ge=1)
+    max_timeout_s: float = Field(default=60.0, gt=0, description="download.timeout_s")
+    max_retries: int = Field(default=5, ge=0, description="download.retries")
+    max_backoff_s: float = Field(default=10.0, ge=0, description="download.backoff_s")
+    max_retry_after_s: float = Field(default=60.0, ge=0,
+                                     description="download.max_retry_after_s")
+    max_per_host_delay_s: float = Field(
+        default=10.0, ge=0, description="download.per_host_delay_s and download.hosts.*.delay_s")
+    max_shard_size: int = Field(default=10_000, ge=1, description="output.shard_size: the rows "
+                                "a worker holds before it writes a shard")
+    max_buffered_mb: int = Field(default=2048, ge=16, description="resources.max_buffered_mb: "
+                                 "what a worker holds of accepted images before it writes")
+    worker_resources: list[str] = Field(
+        default_factory=list, description="custom Ray resources resources.worker_resources may "
+        "name; none by default (a node:<ip> resource would pin a job's workers to that node)")
     max_running_jobs: int = Field(default=2, ge=1, description="API jobs running at once in "
                                   "the cluster; the rest wait, queued")
     max_running_jobs_per_key: int = Field(default=1, ge=1)
@@ -252,10 +270,10 @@ class _Check:
     def over(self, field: str, setting: str, message: str) -> None:
         self.refusals.append(Refusal(field, setting, message, False))
 
-    def over_cap(self, field: str, setting: str, value: Any, cap: int) -> None:
+    def over_cap(self, field: str, setting: str, value: Any, cap: float) -> None:
         self.over(field, setting, f"{value} is over this server's limit {cap} ({setting})")
 
-    def cap(self, section: str, name: str, setting: str, cap: int) -> None:
+    def cap(self, section: str, name: str, setting: str, cap: float) -> None:
         """A value set above ``cap`` is refused; an unset default above it takes the cap."""
         model = getattr(self.spec, section)
         value = getattr(model, name)
@@ -349,6 +367,15 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
               policy.max_per_host_concurrency)
     check.cap("download", "max_bytes", "max_bytes", policy.max_bytes)
     check.cap("validation", "max_pixels", "max_pixels", policy.max_pixels)
+    check.cap("download", "timeout_s", "max_timeout_s", policy.max_timeout_s)
+    check.cap("download", "retries", "max_retries", policy.max_retries)
+    check.cap("download", "backoff_s", "max_backoff_s", policy.max_backoff_s)
+    check.cap("download", "max_retry_after_s", "max_retry_after_s", policy.max_retry_after_s)
+    check.cap("download", "per_host_delay_s", "max_per_host_delay_s",
+              policy.max_per_host_delay_s)
+    check.cap("output", "shard_size", "max_shard_size", policy.max_shard_size)
+    check.cap("resources", "max_buffered_mb", "max_buffered_mb", policy.max_buffered_mb)
+    _check_worker_resources(check, policy)
     _check_targets(check, policy)
     _size_pools(check, policy, cluster)
 
@@ -358,17 +385,20 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
 
 
 def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
-    """``download.hosts`` through the API: no host faster than ``max_per_host_concurrency``,
-    and a host with a built-in profile (a site's published robot policy) only made politer.
-    On one's own machine a value there stands as written (``builder.profiles``)."""
+    """``download.hosts`` through the API: no host faster than ``max_per_host_concurrency``
+    nor with a longer delay than ``max_per_host_delay_s``, and a host with a built-in profile
+    (a site's published robot policy) only made politer. On one's own machine a value there
+    stands as written (``builder.profiles``)."""
     from builder.profiles import BUILTIN_PROFILES
 
-    cap = policy.max_per_host_concurrency
+    caps = (("concurrency", "max_per_host_concurrency", policy.max_per_host_concurrency),
+            ("delay_s", "max_per_host_delay_s", policy.max_per_host_delay_s))
     for host, profile in check.spec.download.hosts.items():
         at = f"download.hosts.{host}"
-        if profile.concurrency is not None and profile.concurrency > cap:
-            check.over_cap(f"{at}.concurrency", "max_per_host_concurrency", profile.concurrency,
-                           cap)
+        for name, setting, cap in caps:
+            value = getattr(profile, name)
+            if value is not None and value > cap:
+                check.over_cap(f"{at}.{name}", setting, value, cap)
         builtin = BUILTIN_PROFILES.get(host)
         for name in ("concurrency", "max_bytes_per_s"):
             mine = getattr(profile, name)
@@ -377,6 +407,17 @@ def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
                 check.forbid(f"{at}.{name}", "max_per_host_concurrency",
                              f"{mine:g} is above {host}'s published robot policy ({theirs:g}); "
                              "through this server a spec may only make it politer")
+
+
+def _check_worker_resources(check: _Check, policy: ApiPolicy) -> None:
+    """Custom Ray resources only from ``worker_resources``: a resource name places workers
+    (``node:<ip>`` pins them to one node) and claims what the operator may keep for others."""
+    allowed = ", ".join(policy.worker_resources) or "none"
+    for name in check.spec.resources.worker_resources:
+        if name not in policy.worker_resources:
+            check.forbid(f"resources.worker_resources.{name}", "worker_resources",
+                         f"{name!r} is not a resource this server lets API users ask for "
+                         f"(allowed: {allowed})")
 
 
 def _check_targets(check: _Check, policy: ApiPolicy) -> None:

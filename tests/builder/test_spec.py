@@ -368,3 +368,13 @@ def test_labels_one_folder_apart_on_macos_and_windows_are_refused(labels, nested
     assert "differ only in case or Unicode form" in message
     parse_spec({**BASE, "classes": {label: None for label in labels},
                 "output": {"formats": ["parquet"]}})  # no folders, no clash
+
+
+def test_max_redirects_has_an_upper_bound():
+    """download.max_redirects had none: a million hops per candidate were accepted."""
+    for hops in (31, 1_000_000):
+        with pytest.raises(SpecError) as info:
+            parse_spec({**BASE, "download": {"max_redirects": hops}})
+        ((path, message),) = info.value.problems
+        assert path == "download.max_redirects" and "30" in message
+    assert parse_spec({**BASE, "download": {"max_redirects": 30}}).download.max_redirects == 30

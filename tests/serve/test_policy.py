@@ -267,3 +267,92 @@ def test_a_model_on_the_servers_own_llm_endpoint_needs_the_operators_list():
     own = ApiPolicy(llm_base_urls=["https://llm.mine/v1"])
     assert apply(spec(search={"expand": True, "llm_base_url": "https://llm.mine/v1",
                               "llm_model": "o1-pro"}), own)
+
+
+def test_what_a_worker_buffers_before_it_writes_is_capped():
+    """A worker holds up to output.shard_size rows or resources.max_buffered_mb of accepted
+    images before it writes; a billion-row shard and a TiB buffer were accepted, so one API
+    user could make workers hold every image in memory."""
+    status, problems = refused(spec(output={"shard_size": 1_000_000_000},
+                                    resources={"max_buffered_mb": 1_048_576}))
+    assert status == 422 and {f: s for f, (s, _) in problems.items()} == {
+        "output.shard_size": "max_shard_size", "resources.max_buffered_mb": "max_buffered_mb"}
+    assert "1000000000 is over this server's limit 10000" in problems["output.shard_size"][1]
+    assert "1048576 is over this server's limit 2048" in \
+        problems["resources.max_buffered_mb"][1]
+    placed = apply(spec(output={"shard_size": 10_000}, resources={"max_buffered_mb": 2048}))
+    assert (placed.output.shard_size, placed.resources.max_buffered_mb) == (10_000, 2048)
+    lowered = apply(spec(), ApiPolicy(max_shard_size=500, max_buffered_mb=256))
+    assert (lowered.output.shard_size, lowered.resources.max_buffered_mb) == (500, 256)
+
+
+def test_worker_resources_only_from_the_operators_list():
+    """resources.worker_resources once let an API user pin workers to a chosen node or claim
+    a custom resource the operator reserved."""
+    status, problems = refused(spec(resources={"worker_resources": {"node:10.0.0.1": 0.01}}))
+    assert status == 403 and list(problems) == ["resources.worker_resources.node:10.0.0.1"]
+    setting, message = problems["resources.worker_resources.node:10.0.0.1"]
+    assert setting == "worker_resources" and "'node:10.0.0.1'" in message and \
+        "allowed: none" in message
+    policy = ApiPolicy(worker_resources=["crawl"])
+    status, problems = refused(spec(resources={"worker_resources": {"crawl": 1, "gpu_box": 1}}),
+                               policy)
+    assert status == 403 and list(problems) == ["resources.worker_resources.gpu_box"]
+    assert "allowed: crawl" in problems["resources.worker_resources.gpu_box"][1]
+    placed = apply(spec(resources={"worker_resources": {"crawl": 1}}), policy)
+    assert placed.resources.worker_resources == {"crawl": 1}
+
+
+@pytest.mark.parametrize("download, field, setting, cap", [
+    ({"per_host_delay_s": 3600}, "download.per_host_delay_s", "max_per_host_delay_s", 10.0),
+    ({"hosts": {"*.com": {"delay_s": 3600}}}, "download.hosts.*.com.delay_s",
+     "max_per_host_delay_s", 10.0),
+    ({"max_retry_after_s": 3600}, "download.max_retry_after_s", "max_retry_after_s", 60.0),
+    ({"timeout_s": 600}, "download.timeout_s", "max_timeout_s", 60.0),
+    ({"retries": 10}, "download.retries", "max_retries", 5),
+    ({"backoff_s": 60}, "download.backoff_s", "max_backoff_s", 10.0),
+])
+def test_fetch_delays_timeouts_and_retries_are_capped(download, field, setting, cap):
+    """Each was accepted at the spec's own bound (an hour between requests to a host, ten
+    minutes per request, ten retries), so one job could hold its place in the cluster for
+    days doing nothing."""
+    status, problems = refused(spec(download=download))
+    assert status == 422 and list(problems) == [field]
+    assert problems[field][0] == setting
+    assert f"is over this server's limit {cap} ({setting})" in problems[field][1]
+
+
+def test_fetch_times_at_the_caps_pass_and_unset_ones_take_a_lower_cap():
+    placed = apply(spec(download={"per_host_delay_s": 10, "max_retry_after_s": 60,
+                                  "timeout_s": 60, "retries": 5, "backoff_s": 10,
+                                  "hosts": {"*.com": {"delay_s": 10}}}))
+    assert placed.download.hosts["*.com"].delay_s == 10
+    policy = ApiPolicy(max_timeout_s=5, max_retries=1, max_backoff_s=0.25,
+                       max_retry_after_s=10)
+    lowered = apply(spec(), policy).download
+    assert (lowered.timeout_s, lowered.retries, lowered.backoff_s,
+            lowered.max_retry_after_s) == (5, 1, 0.25, 10)
+
+
+def test_the_new_caps_take_the_defaults_the_examples_and_the_built_in_profiles():
+    from builder.profiles import BUILTIN_PROFILES
+    from serve.app import EXAMPLE_SPEC
+    from serve.cli import demo_example
+
+    policy = ApiPolicy()
+    default = parse_spec({"name": "x", "classes": {"a": None}, "sources": [{"engine": "bing"}]})
+    assert default.download.timeout_s <= policy.max_timeout_s
+    assert default.download.retries <= policy.max_retries
+    assert default.download.backoff_s <= policy.max_backoff_s
+    assert default.download.max_retry_after_s <= policy.max_retry_after_s
+    assert default.download.per_host_delay_s <= policy.max_per_host_delay_s
+    assert default.output.shard_size <= policy.max_shard_size
+    assert default.resources.max_buffered_mb <= policy.max_buffered_mb
+    assert all((p.delay_s or 0) <= policy.max_per_host_delay_s
+               for p in BUILTIN_PROFILES.values())
+    example = parse_spec(EXAMPLE_SPEC)
+    assert apply(example).download == example.download
+    base_url = "http://127.0.0.1:8765"
+    demo = parse_spec(demo_example(base_url, 20))
+    placed = apply(demo, ApiPolicy(source_urls=[base_url], allow_private_networks=True))
+    assert placed.download == demo.download and placed.output.shard_size == 50
