@@ -27,6 +27,11 @@ class CancelledUnpublished(PixCrawlerError):
     the journal stays for ``--resume``."""
 
 
+class JobInterrupted(PixCrawlerError):
+    """The job cannot go on (its workers keep failing); what was committed is journaled, and
+    the message says how to continue."""
+
+
 class StorageError(PixCrawlerError):
     """The output location cannot be reached or written."""
 

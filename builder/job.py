@@ -27,6 +27,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Union
 
+from builder.errors import JobInterrupted
 from builder.journal import ResumeState
 from builder.listsource import SlicePlan
 from builder.reasons import Reason
@@ -43,6 +44,8 @@ PRIOR_YIELD = 0.7
 """The share of a class's candidates expected to be accepted before any is decided."""
 LATE_CHECK_S = 2.0
 """How often the runner asks whether a late worker (``Executor.late``) has started."""
+MAX_SENDS = 6
+"""Times one unit is sent before the job stops (``JobRunner._again``)."""
 
 
 class WorkerLost(Exception):
@@ -601,6 +604,18 @@ class JobRunner:
                 del self._flights[uid]
         self.fetch.update(events.fetch)
 
+    def _again(self, unit: WorkUnit) -> None:
+        """Queue ``unit`` to be sent again, unless it has been sent ``MAX_SENDS`` times: a
+        unit whose worker is lost every time (an image that kills its process, a service the
+        worker needs that keeps dying) would go round for ever."""
+        if unit.attempt + 1 >= MAX_SENDS:
+            raise JobInterrupted(
+                f"unit {unit.uid} was sent {unit.attempt + 1} times and failed each time (its "
+                "worker was lost, or a service it needs kept failing: the log above says "
+                "which); what was committed is journaled: continue the job with --resume once "
+                "the cause is fixed")
+        self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+
     def _lose(self, worker: int) -> None:
         """The worker is unreachable: resend every unit it had not committed."""
         self._down.add(worker)
@@ -616,7 +631,7 @@ class JobRunner:
                 continue
             self.counts.add(flight.report, -1)
             del self._flights[uid]
-            self._resend.append(dataclasses.replace(flight.unit, attempt=flight.unit.attempt + 1))
+            self._again(flight.unit)
             self._planned.add(uid)
             self.resent += 1
 
@@ -709,7 +724,7 @@ class JobRunner:
         unit = flight.unit
         if self._flights.get(unit.uid) is flight:
             del self._flights[unit.uid]
-        self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+        self._again(unit)
         self.resent += 1
 
     async def _result(self, fut: asyncio.Task, flight: _Flight) -> None:
@@ -725,14 +740,14 @@ class JobRunner:
             if exc.worker not in self._down:
                 log.warning("%s; resending its uncommitted units", exc)
             del self._flights[unit.uid]
-            self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+            self._again(unit)
             self.resent += 1
             self._lose(exc.worker)
             return
         except IndexLost as exc:
             log.warning("%s; resending every uncommitted unit", exc)
             del self._flights[unit.uid]
-            self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+            self._again(unit)
             await self._reset_all()
             return
         flight.report = report
@@ -771,8 +786,8 @@ class JobRunner:
             if len(self._down) < self.executor.workers:
                 return
             await asyncio.sleep(1.0)
-        raise RuntimeError("every worker was lost and none came back within 2 minutes; "
-                           "continue the job with --resume")
+        raise JobInterrupted("every worker was lost and none came back within 2 minutes; "
+                             "continue the job with --resume")
 
     async def _flush(self) -> None:
         """Workers write their last shards; every unit reported so far must commit."""
@@ -806,8 +821,8 @@ class JobRunner:
                     await self._result(fut, flight)
         pending = [uid for uid, f in self._flights.items() if f.report is not None]
         if pending:
-            raise RuntimeError(f"{len(pending)} units were decided but never committed "
-                               f"(e.g. {pending[0]}); continue the job with --resume")
+            raise JobInterrupted(f"{len(pending)} units were decided but never committed "
+                                 f"(e.g. {pending[0]}); continue the job with --resume")
 
     def _stats(self) -> dict[str, Any]:
         return self.counts.stats(

@@ -473,3 +473,27 @@ def test_a_late_worker_is_sent_nothing_until_it_has_started(monkeypatch):
     assert stats["accepted"] == 12
     first = next(i for i, (w, _) in enumerate(ran) if w == 1)
     assert first >= 2 and set(asked) == {1}
+
+
+def test_a_unit_whose_worker_is_lost_every_time_stops_the_job_naming_resume():
+    """A unit that kills its worker each time (or needs a service that keeps dying, as a
+    dead rate limiter on Ray) was resent for ever: the job never ended nor failed."""
+    from builder.errors import JobInterrupted
+    from builder.job import MAX_SENDS
+
+    s = spec(target=6)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(4)], (0, "q2"): [f"x{i}.ok" for i in range(4)]}
+    executor = FakeExecutor(s, pages, workers=2)
+    sent = Counter()
+
+    async def run_(worker, unit, original=executor.run):
+        sent[unit.uid] += 1
+        if unit.query == "q2":
+            raise WorkerLost(worker, "process killed")
+        return await original(worker, unit)
+
+    executor.run = run_
+    runner = JobRunner(s, executor, UnitPlanner(s), JobCounts(s))
+    with pytest.raises(JobInterrupted, match="sent 6 times.*--resume"):
+        asyncio.run(asyncio.wait_for(runner.run(), 30))
+    assert max(sent.values()) == MAX_SENDS
