@@ -200,19 +200,27 @@ class Journal:
 
     def meta(self) -> dict[str, Any]:
         path = self._path("job.json")
-        self.fs.invalidate_cache(path)
-        if not self.fs.exists(path):
-            raise ResumeError(f"no journal for job {self.job_id} at {self.uri}")
-        return json.loads(self.fs.cat_file(path))
+        with storage_errors(self.uri, "read the journal from"):
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(path):
+                raise ResumeError(f"no journal for job {self.job_id} at {self.uri}")
+            data = self.fs.cat_file(path)
+        return json.loads(data)
+
+    def _listing(self, sub: str) -> list[str]:
+        """Every file under the journal's ``sub`` folder, sorted."""
+        with storage_errors(self.uri, "list the journal in"):
+            return list_files(self.fs, self._path(sub))
 
     def _files(self, sub: str, suffix: str) -> list[str]:
-        return [p for p in list_files(self.fs, self._path(sub)) if p.endswith(suffix)
+        return [p for p in self._listing(sub) if p.endswith(suffix)
                 and not p.endswith(".intent.json")]
 
     def shard_exists(self, name: str) -> bool:
         path = self._path("shards", f"{name}.parquet")
-        self.fs.invalidate_cache(path)
-        return bool(self.fs.exists(path))
+        with storage_errors(self.uri, "check the journal in"):
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
 
     def unit_files(self) -> list[str]:
         return self._files("units", ".parquet")
@@ -270,7 +278,7 @@ class Journal:
         temporary files of the orphans' writes a killed process left (``storage.cut_writes``)."""
         orphans: list[str] = []
         kept: set[str] = set()
-        listed = list_files(self.fs, self._path("shards"))
+        listed = self._listing("shards")
         committed = {p for p in listed if p.endswith(".parquet")}
         intents = [p for p in listed if p.endswith(".intent.json")]
         for path, data in zip(intents, self._contents(intents)):
@@ -279,8 +287,9 @@ class Journal:
                 kept.update(files)
             else:
                 orphans += files
-        cut = [cut[len(self.dataset_root) + 1:] for rel in orphans
-               for cut in cut_writes(self.fs, f"{self.dataset_root}/{rel}")]
+        with storage_errors(self.uri, "look for unfinished writes in"):
+            cut = [cut[len(self.dataset_root) + 1:] for rel in orphans
+                   for cut in cut_writes(self.fs, f"{self.dataset_root}/{rel}")]
         return [f for f in orphans if f not in kept] + cut
 
     def load(self, spec: DatasetSpec) -> ResumeState:
@@ -302,7 +311,7 @@ class Journal:
     def next_shard_numbers(self) -> dict[str, int]:
         """Per split, the number after every shard this job committed or started writing."""
         out: dict[str, int] = {}
-        for path in list_files(self.fs, self._path("shards")):
+        for path in self._listing("shards"):
             name = path.rsplit("/", 1)[-1]
             for suffix in (".intent.json", ".parquet"):
                 if name.endswith(suffix):
@@ -333,15 +342,16 @@ def resumable_jobs(uri: str, storage_options: Optional[dict] = None) -> list[str
     """Job ids with a journal at ``uri`` (interrupted jobs that can be resumed)."""
     fs, root = open_fs(uri, storage_options)
     base = f"{root.rstrip('/')}/{JOURNAL}"
-    fs.invalidate_cache(base)
-    if not fs.exists(base):
-        return []
     out = []
-    for p in fs.ls(base, detail=False):
-        job = p.rstrip("/")
-        fs.invalidate_cache(f"{job}/job.json")
-        if fs.exists(f"{job}/job.json"):
-            out.append(job.rsplit("/", 1)[-1])
+    with storage_errors(uri, "look for interrupted jobs in"):
+        fs.invalidate_cache(base)
+        if not fs.exists(base):
+            return []
+        for p in fs.ls(base, detail=False):
+            job = p.rstrip("/")
+            fs.invalidate_cache(f"{job}/job.json")
+            if fs.exists(f"{job}/job.json"):
+                out.append(job.rsplit("/", 1)[-1])
     return sorted(out)
 
 
@@ -359,7 +369,10 @@ def published_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetS
 
     fs, root = open_fs(uri, storage_options)
     path = f"{root.rstrip('/')}/spec.yaml"
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
-        raise ResumeError(f"{uri} has no spec.yaml (written by PixCrawler 0.1+); pass the spec")
-    return loads_spec(fs.cat_file(path).decode(), path)
+    with storage_errors(uri, "read spec.yaml from"):
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            raise ResumeError(f"{uri} has no spec.yaml (written by PixCrawler 0.1+); pass the "
+                              "spec")
+        data = fs.cat_file(path)
+    return loads_spec(data.decode(), path)

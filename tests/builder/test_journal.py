@@ -1,11 +1,16 @@
 """builder.journal: streaming a journal of many unit files in batches gives every file's rows,
 in name order, whatever the batch boundaries; and the publish step's rejects are the units'
-rejected rows in that order. On a local dir and on S3 (moto)."""
+rejected rows in that order. On a local dir and on S3 (moto). A journal on S3 that cannot be
+read (no credentials, access denied) is a ``StorageError`` naming it, not a botocore
+traceback."""
 
 from __future__ import annotations
 
 import random
+import re
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from builder import journal as journal_mod
-from builder.journal import UNIT_SCHEMA, Journal
+from builder.errors import StorageError
+from builder.journal import UNIT_SCHEMA, Journal, published_spec, resumable_jobs
 from builder.pipeline import JobLifecycle
 from builder.records import REJECT_SCHEMA
 from builder.spec import parse_spec
@@ -136,3 +142,79 @@ def test_a_recovered_ledger_knows_the_journaled_units_and_counts_them_once(tmp_p
     ledger.commit("l00-00003", {"cat": 5})
     ledger.commit("l00-99999", {"cat": 2})  # a new unit counts
     assert ledger.snapshot()["cat"] == {"target": 1000, "accepted": accepted + 2, "granted": 0}
+
+
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                   "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                   "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE")
+
+
+class _DenyAll(BaseHTTPRequestHandler):
+    """An S3 endpoint that refuses every request, as for credentials without permission."""
+
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+            b"<Message>Access Denied</Message></Error>")
+
+    def _deny(self) -> None:
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(self.BODY)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(self.BODY)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _deny
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(params=["no credentials", "access denied"])
+def unreadable(request, tmp_path, monkeypatch):
+    """An S3 dataset holding an interrupted job's journal, and storage options that cannot
+    read it: the credentials are gone (expired), or the endpoint answers 403 AccessDenied."""
+    if request.param == "access denied":
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _DenyAll)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        request.addfinalizer(lambda: (server.shutdown(), server.server_close(), thread.join()))
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        return "s3://denied/ds", {"endpoint_url": endpoint, "skip_instance_cache": True}
+    endpoint = request.getfixturevalue("moto_s3")
+    bucket = f"journal-{uuid.uuid4().hex[:8]}"
+    make_bucket(endpoint, bucket)
+    uri = f"s3://{bucket}/ds"
+    journal, _ = write_journal(uri, {"endpoint_url": endpoint})
+    journal.write_shard_intent("train-00000", ["data/train-00000.parquet"])
+    for name in CREDENTIAL_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return uri, {"endpoint_url": endpoint, "skip_instance_cache": True}
+
+
+READERS = {
+    "meta": lambda j: j.meta(),
+    "load": lambda j: j.load(parse_spec({"name": "j", "target": 5,
+                                         "classes": {"cat": {"urls": ["http://h/1"]}}})),
+    "unit_uids": lambda j: j.unit_uids(),
+    "shard_names": lambda j: j.shard_names(),
+    "iter_unit_reports": lambda j: list(j.iter_unit_reports()),
+    "iter_tables": lambda j: list(j.iter_tables("units")),
+    "next_shard_numbers": lambda j: j.next_shard_numbers(),
+    "orphan_files": lambda j: j.orphan_files(),
+    "shard_exists": lambda j: j.shard_exists("train-00000"),
+    "resumable_jobs": lambda j: resumable_jobs(j.uri, j.storage_options),
+    "published_spec": lambda j: published_spec(j.uri, j.storage_options),
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_an_unreadable_journal_is_a_storage_error_naming_the_location(unreadable, reader):
+    """What ``--resume`` and ``retry-failed`` read before a job starts: the CLI prints a
+    ``StorageError`` in one line, and any other exception as a traceback."""
+    uri, options = unreadable
+    with pytest.raises(StorageError, match=rf"^cannot [a-z. ]+ {re.escape(uri)}: "):
+        READERS[reader](Journal(uri, "job1", options))
