@@ -126,7 +126,8 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
 
 def _explain(uri: str, action: str, exc: BaseException) -> str:
     if isinstance(exc, PermissionError):
-        hint = "the credentials in use may not read or write there; check permissions / the bucket policy"
+        hint = ("the credentials in use may not read or write there; check permissions / the "
+                "bucket policy")
     elif isinstance(exc, FileNotFoundError):
         hint = ("it does not exist: check the bucket or parent directory exists "
                 "(buckets are never created by PixCrawler)")
