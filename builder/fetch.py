@@ -67,6 +67,10 @@ MAX_ROBOTS_REDIRECTS = 5
 """Redirects followed for robots.txt (RFC 9309 asks for at least five)."""
 MAX_CRAWL_DELAY_S = 10.0
 """A robots.txt ``Crawl-delay`` above this is taken as this (some sites ask for hours)."""
+GAP_FIRST = 0.5
+"""Seconds between a host's requests after its first 429 or 5xx (``_Host.slow_down``)."""
+GAP_MOST = 30.0
+"""The longest such gap (and no longer than ``download.max_retry_after_s``)."""
 DNS_CACHE_TTL_S = 300
 _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/*;q=0.5"
 _HOST_SWEEP_AT = 4096
@@ -192,16 +196,33 @@ class ByteBudget:
 
 
 class _Host:
-    """Politeness state of one host: its slots, when the next request may start, and (with a
+    """Politeness state of one host: its slots, when the next request may start (and until
+    when a Retry-After holds every request), the gap its errors asked for, and (with a
     bandwidth cap) when the bytes read so far are paid for."""
 
-    __slots__ = ("sem", "next_start", "users", "paid_until")
+    __slots__ = ("sem", "next_start", "held_until", "gap", "slowed_at", "users", "paid_until")
 
     def __init__(self, concurrency: int):
         self.sem = asyncio.Semaphore(concurrency)
         self.next_start = 0.0
+        self.held_until = 0.0
+        self.gap = 0.0
+        self.slowed_at = -math.inf
         self.users = 0
         self.paid_until = 0.0
+
+    def slow_down(self, now: float, most: float) -> None:
+        """A 429 or 5xx: space this host's requests twice as far apart (``GAP_FIRST`` at
+        first, at most ``most`` seconds), once per gap (the answers of a burst sent together
+        count once). A host that says it is overloaded gets its requests one at a time at that
+        pace, not every slot at once, with or without a Retry-After."""
+        if now - self.slowed_at >= self.gap:
+            self.gap = min(max(2 * self.gap, GAP_FIRST), most)
+            self.slowed_at = now
+
+    def ease(self) -> None:
+        """A success: the gap shrinks by a quarter, and goes once it is small."""
+        self.gap = self.gap * 0.75 if self.gap > GAP_FIRST / 16 else 0.0
 
 
 class Fetcher:
@@ -455,6 +476,7 @@ class Fetcher:
                 by_status = self.stats["by_status"]
                 by_status[status] = by_status.get(status, 0) + 1
                 if 200 <= status < 300:
+                    host.ease()
                     await self._accept_body(resp, record)
                     await self._pay_bandwidth(host, url, record)
                     return None
@@ -465,6 +487,8 @@ class Fetcher:
                     record.reject(Reason.HTTP_CLIENT_ERROR, f"HTTP {status} without Location")
                     return None
                 if status == 429 or status >= 500:
+                    host.slow_down(asyncio.get_running_loop().time(),
+                                   min(self.cfg.max_retry_after_s, GAP_MOST))
                     retry_after = None
                     if status in (429, 503):
                         retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -577,7 +601,9 @@ class Fetcher:
     # ---- politeness ---------------------------------------------------------------------------
 
     async def _acquire(self, url: URL, delay: float) -> _Host:
-        """Take a slot on ``url``'s host and a global slot, then wait for the host's next start."""
+        """Take a slot on ``url``'s host, wait for the host's next start (``delay`` after the
+        last, or its error gap), then take a global slot: a host that asks for patience holds
+        no global slot while it waits, so other hosts go on."""
         key = url.raw_host or ""
         host = self._hosts.get(key)
         if host is None:
@@ -586,17 +612,13 @@ class Fetcher:
         try:
             await host.sem.acquire()
             try:
+                loop = asyncio.get_running_loop()
+                now = loop.time()
+                start = host.next_start if host.next_start > now else now
+                host.next_start = start + max(delay, host.gap)
+                while (wait := max(start, host.held_until) - loop.time()) > 0:
+                    await asyncio.sleep(wait)  # a Retry-After may come meanwhile
                 await self._global.acquire()
-                try:
-                    loop = asyncio.get_running_loop()
-                    now = loop.time()
-                    start = host.next_start if host.next_start > now else now
-                    host.next_start = start + delay
-                    if start > now:
-                        await asyncio.sleep(start - now)
-                except BaseException:
-                    self._global.release()
-                    raise
             except BaseException:
                 host.sem.release()
                 raise
@@ -619,16 +641,19 @@ class Fetcher:
         if now < self._next_sweep:
             return
         self._next_sweep = now + 1.0
-        for key in [k for k, h in self._hosts.items() if h.users == 0 and h.next_start <= now]:
+        for key in [k for k, h in self._hosts.items()
+                    if h.users == 0 and h.next_start <= now and h.held_until <= now
+                    and not h.gap]:
             del self._hosts[key]
 
     def _hold_host(self, url: URL, seconds: float) -> None:
-        """Push the host's next start ``seconds`` ahead (a Retry-After applies to the host)."""
+        """Hold every request to the host for ``seconds`` (a Retry-After applies to the host),
+        those already waiting for their turn too."""
         host = self._hosts.get(url.raw_host or "")
         if host is not None:
             until = asyncio.get_running_loop().time() + seconds
-            if until > host.next_start:
-                host.next_start = until
+            host.held_until = max(host.held_until, until)
+            host.next_start = max(host.next_start, until)
 
     async def _pay_bandwidth(self, host: _Host, url: URL, record: Record) -> None:
         """Under a host's bandwidth cap, hold the slot until the body's bytes are paid for:

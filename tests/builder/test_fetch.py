@@ -198,6 +198,11 @@ def make_app(state: State) -> web.Application:
                 state.in_flight -= 1
         return image()
 
+    @routes.get("/bare429/{i}")
+    async def bare429(request: web.Request) -> web.Response:
+        state.hit("bare429")
+        return web.Response(status=429)  # no Retry-After
+
     @routes.get("/ts/{i}")
     async def ts(request: web.Request) -> web.Response:
         state.hit("ts")
@@ -395,6 +400,43 @@ def test_retry_after_is_capped(srv: Any) -> None:
     assert time.monotonic() - started < 3
     first, second = srv.state.times["rlb"]
     assert second - first >= 0.15
+
+
+def test_a_host_answering_429_without_retry_after_gets_its_requests_spaced(srv: Any) -> None:
+    """Each record backed off on its own while the host's other slots kept sending: 600
+    requests in 20 s to a host that only ever said 429."""
+    started = time.monotonic()
+    out, stats = run_fetch([base(srv) + f"/bare429/{i}" for i in range(8)],
+                           cfg(retries=2, max_retry_after_s=0.25, per_host_concurrency=16))
+    assert {r.reason for r in out} == {Reason.RATE_LIMITED.value}
+    times = sorted(srv.state.times["bare429"])
+    assert len(times) == 24
+    later = times[8:]  # the first 8 went out together, before any answer
+    gaps = [b - a for a, b in zip(later, later[1:])]
+    assert min(gaps) >= 0.2 and time.monotonic() - started >= 16 * 0.2, gaps
+
+
+def test_a_host_waiting_its_turn_holds_no_global_slot(srv: Any) -> None:
+    """A host's delay was waited out holding a global slot: with concurrency 2, two requests
+    to a host with a 1 s delay kept another host's images waiting."""
+    reported: dict[str, float] = {}
+
+    async def main() -> list[Record]:
+        config = cfg(concurrency=2, hosts={"127.0.0.1": {"delay_s": 1.0}})
+        async with Fetcher(config) as fetcher:
+            records = [rec(base(srv) + f"/ts/{i}") for i in range(3)] + \
+                [rec(base(srv, "localhost") + f"/img.jpg?{i}") for i in range(2)]
+            return await fetcher.fetch_many(
+                records, on_result=lambda r: reported.__setitem__(r.candidate.url,
+                                                                  time.monotonic()))
+
+    started = time.monotonic()
+    out = asyncio.run(main())
+    assert not any(r.rejected for r in out)
+    assert all(reported[base(srv, "localhost") + f"/img.jpg?{i}"] - started < 0.8
+               for i in range(2)), reported
+    first, second, third = srv.state.times["ts"]
+    assert second - first >= 0.9 and third - second >= 0.9
 
 
 def test_always_429_is_rate_limited(srv: Any) -> None:
