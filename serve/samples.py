@@ -3,7 +3,11 @@
 They are read from the dataset's Parquet shards (``data/*.parquet``: ``id``, ``label_name``,
 ``split``, ``image.bytes``), else from its ``imagefolder/{split}/{label}/`` files, and answered
 as small JPEG ``data:`` URLs so the page needs no second request per image. A finished dataset
-does not change, so answers are kept in a small LRU.
+does not change, so answers are kept in a small LRU, by job and label whatever the ``limit``
+(a larger one than read so far reads up to ``MAX_SAMPLES`` once). They are made in the API's
+replica, so what one costs is bounded: at most ``READS_AT_ONCE`` reads at a time per replica,
+and an image over ``MAX_THUMB_PIXELS`` that only a full decode could shrink is left out (a JPEG
+is decoded at a reduced scale).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from PIL import Image, UnidentifiedImageError
 from builder.storage import list_files, open_fs, storage_errors
 
 THUMB_SIDE = 160
+MAX_SAMPLES = 200
+"""The most thumbnails one answer holds (the route's ``limit``)."""
+MAX_THUMB_PIXELS = 25_000_000
+"""Larger images are left out unless a reduced-scale decode (JPEG) makes them small."""
+READS_AT_ONCE = 2
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -27,6 +36,9 @@ def thumbnail(data: bytes, side: int = THUMB_SIDE) -> Optional[str]:
     """A JPEG data URL at most ``side`` pixels on its longer side; None if not an image."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (side, side))  # JPEG: a reduced decode; other formats: no-op
+            if img.width * img.height > MAX_THUMB_PIXELS:
+                return None
             img.thumbnail((side, side))
             out = io.BytesIO()
             img.convert("RGB").save(out, "JPEG", quality=75)
@@ -87,23 +99,29 @@ def _from_imagefolder(fs: Any, base: str, label: Optional[str],
 
 
 class SampleCache:
-    """An LRU of sample answers by (job, label, limit)."""
+    """An LRU of sample answers by (job, label); ``READS_AT_ONCE`` reads at a time."""
 
     def __init__(self, size: int = 64):
         self.size = size
-        self._items: OrderedDict[tuple, list[dict[str, Any]]] = OrderedDict()
+        self._items: OrderedDict[tuple, tuple[list[dict[str, Any]], bool]] = OrderedDict()
         self._lock = threading.Lock()
+        self._reads = threading.Semaphore(READS_AT_ONCE)
 
     def get(self, uri: str, label: Optional[str], limit: int) -> list[dict[str, Any]]:
-        key = (uri, label, limit)
+        key = (uri, label)
         with self._lock:
-            if key in self._items:
+            cached = self._items.get(key)
+            if cached is not None:
                 self._items.move_to_end(key)
-                return self._items[key]
-        samples = read_samples(uri, label, limit)
+                samples, whole = cached
+                if whole or len(samples) >= limit:
+                    return samples[:limit]
+        want = limit if cached is None else MAX_SAMPLES
+        with self._reads:
+            samples = read_samples(uri, label, want)
         with self._lock:
-            self._items[key] = samples
+            self._items[key] = (samples, len(samples) < want or want == MAX_SAMPLES)
+            self._items.move_to_end(key)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return samples
-
+        return samples[:limit]
