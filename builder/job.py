@@ -46,6 +46,8 @@ LATE_CHECK_S = 2.0
 """How often the runner asks whether a late worker (``Executor.late``) has started."""
 MAX_SENDS = 6
 """Times one unit is sent before the job stops (``JobRunner._again``)."""
+REVIVE_S = 120.0
+"""How long the runner waits for a lost worker to come back when none is left."""
 
 
 class WorkerLost(Exception):
@@ -776,18 +778,23 @@ class JobRunner:
                 self._load[w] = 0
 
     async def _revive(self) -> None:
-        """Units wait to be resent and no worker is free: wait for a lost one to come back."""
-        for _ in range(120):
-            for w in list(self._down):
-                if await self.executor.revive(w):
+        """Units wait to be resent and no worker is free: wait for a lost one to come back,
+        asking them all at once each second, for ``REVIVE_S`` at most (by the clock: one
+        unanswered ask may take seconds, and 120 rounds of them took over an hour)."""
+        deadline = time.monotonic() + REVIVE_S
+        while True:
+            down = sorted(self._down)
+            for w, back in zip(down, await asyncio.gather(*map(self.executor.revive, down))):
+                if back:
                     self._down.discard(w)
                     self._late.discard(w)
                     self._load[w] = 0
             if len(self._down) < self.executor.workers:
                 return
+            if time.monotonic() >= deadline:
+                raise JobInterrupted(f"every worker was lost and none came back within "
+                                     f"{REVIVE_S:g} s; continue the job with --resume")
             await asyncio.sleep(1.0)
-        raise JobInterrupted("every worker was lost and none came back within 2 minutes; "
-                             "continue the job with --resume")
 
     async def _flush(self) -> None:
         """Workers write their last shards; every unit reported so far must commit."""

@@ -8,6 +8,7 @@ and grants come from a real quota ledger. So what is tested is the driver's own 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Optional
 
@@ -497,3 +498,31 @@ def test_a_unit_whose_worker_is_lost_every_time_stops_the_job_naming_resume():
     with pytest.raises(JobInterrupted, match="sent 6 times.*--resume"):
         asyncio.run(asyncio.wait_for(runner.run(), 30))
     assert max(sent.values()) == MAX_SENDS
+
+
+def test_waiting_for_lost_workers_ends_by_the_clock(monkeypatch):
+    """Each ask of a lost worker may hang for seconds; 120 rounds of one ask per worker took
+    far longer than the 2 minutes the message said. The asks go out together, by a deadline."""
+    from builder import job
+    from builder.errors import JobInterrupted
+
+    monkeypatch.setattr(job, "REVIVE_S", 1.0)
+    s = spec(target=6)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(4)]}
+    executor = FakeExecutor(s, pages, workers=3)
+    asked = []
+
+    async def run_(worker, unit):
+        raise WorkerLost(worker, "node removed")
+
+    async def revive(worker):
+        asked.append(worker)
+        await asyncio.sleep(0.4)  # an ask that takes its time, then no
+        return False
+
+    executor.run, executor.revive = run_, revive
+    runner = JobRunner(s, executor, UnitPlanner(s), JobCounts(s))
+    started = time.monotonic()
+    with pytest.raises(JobInterrupted, match="within 1 s.*--resume"):
+        asyncio.run(asyncio.wait_for(runner.run(), 30))
+    assert time.monotonic() - started < 3.5 and len(asked) >= 3
