@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve as ray_serve
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
@@ -125,6 +126,13 @@ class ServeSettings(BaseModel):
     reconcile_interval_s: float = Field(default=5.0, gt=0, description="how often a replica "
                                         "settles ended jobs and starts queued ones")
     events_interval_s: float = Field(default=0.5, gt=0)
+    max_streams_per_key: int = Field(default=4, ge=1, description="event streams (GET "
+                                     "/v1/jobs/{id}/events) one API key may have open on a "
+                                     "replica; one more answers 429. Each stream holds one "
+                                     "of the replica's max_ongoing_requests while it is open")
+    max_stream_s: float = Field(default=3600.0, gt=0, description="an event stream ends after "
+                                "this long with an `error` event (code `stream_expired`); "
+                                "SSE clients reconnect by themselves")
     policy: ApiPolicy = Field(default_factory=ApiPolicy, description="what API users may set "
                               "in a spec, and how the cluster is shared (serve/policy.py)")
 
@@ -273,6 +281,57 @@ def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
 
 
 _COUNTS = ("candidates", "accepted", "rejected")
+
+
+class StreamSlots:
+    """The event streams each key has open on this replica. A stream holds one of the
+    replica's ``max_ongoing_requests`` until its job ends, so one key could otherwise take
+    them all. Used from the replica's one event loop: no lock."""
+
+    def __init__(self, per_key: int):
+        self.per_key = per_key
+        self.open: dict[str, int] = {}
+
+    def take(self, owner: str) -> Callable[[], None]:
+        """Count a new stream of ``owner``, or raise a 429; returns the slot's release (which
+        does something only the first time it is called)."""
+        held = self.open.get(owner, 0)
+        if held >= self.per_key:
+            raise ApiError(429, "too_many_streams",
+                           f"this API key has {held} event streams open (the limit is "
+                           f"{self.per_key}); close one, or poll GET /v1/jobs/{{id}}",
+                           headers={"Retry-After": "10"})
+        self.open[owner] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self.open.get(owner, 0) - 1
+            if left > 0:
+                self.open[owner] = left
+            else:
+                self.open.pop(owner, None)
+
+        return release
+
+
+class SlotStreamingResponse(StreamingResponse):
+    """A StreamingResponse that releases its stream slot however it ends: the job's end, the
+    client gone, an error or a cancelled task."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None],
+                 **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def _counts_behind(progress: dict[str, Any], sent: dict[str, int]) -> bool:
@@ -478,6 +537,7 @@ class JobAPI:
                                  sort_keys=False)
         self.page = PAGE.read_text(encoding="utf-8")
         self._checked: dict[str, float] = {}
+        self.streams = StreamSlots(s.max_streams_per_key)
         self._bodies = EncodedBodies()
         self.hot_reads = 0  # requests answered by hot_read (see hot_read_count)
         # The first pass runs now: jobs left "running" by a crash are settled at start.
@@ -724,7 +784,10 @@ class JobAPI:
              description="`event: progress` with the job's JSON (without its spec) once "
                          "per change, then `event: end` with the final JSON when it ended; "
                          "the state never goes back; `event: error` ends the stream of a key "
-                         "revoked meanwhile. EventSource cannot send headers, so "
+                         "revoked meanwhile, or with code `stream_expired` after "
+                         "`max_stream_s` (reconnect). A key may have `max_streams_per_key` "
+                         "streams open per replica; one more answers 429. "
+                         "EventSource cannot send headers, so "
                          "this route also takes the API key as `?key=`.")
     async def events(self, job_id: str, request: Request,
                      key: Optional[str] = Query(None, description="API key")) -> StreamingResponse:
@@ -734,21 +797,31 @@ class JobAPI:
         async def still_valid() -> None:
             await self.auth.authenticate(request.headers.get("authorization"), key)
 
-        return StreamingResponse(self._stream(row, principal, still_valid),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+        # Nothing is awaited from here to the response's own release: the slot cannot leak.
+        release = self.streams.take(principal.owner)
+        return SlotStreamingResponse(
+            self._stream(row, principal, still_valid, self.settings.max_stream_s), release,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _stream(self, row: JobRow, principal: Principal,
-                      still_valid: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
+                      still_valid: Callable[[], Awaitable[None]],
+                      max_s: float = float("inf")) -> AsyncIterator[str]:
         """``progress`` once per change of the job (its ``updated_at`` alone is no change),
         then ``end`` with the final view; never a state earlier than one already sent. The
         key is checked again between events (through the key cache, ``key_cache_s``): a
-        revoked key's stream ends with an ``error`` event."""
+        revoked key's stream ends with an ``error`` event. After ``max_s`` seconds the stream
+        ends with an ``error`` event of code ``stream_expired``: the client reconnects."""
         last, beat, shown = None, time.monotonic(), row.state
         counted: dict[str, int] = {}
         interval = self.settings.events_interval_s
+        deadline = time.monotonic() + max_s
         while True:
+            if time.monotonic() >= deadline:
+                expired = {"error": {"code": "stream_expired", "message": f"event streams "
+                                     f"end after {max_s:g} s; reconnect to go on"}}
+                yield f"event: error\ndata: {json.dumps(expired)}\n\n"
+                return
             view = event_view(await self._current(row))
             if later_state(view["state"], shown) != view["state"] or (
                     view["state"] == shown and _counts_behind(view["progress"], counted)):
