@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Union
 
 import ray
 from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError,
-                            RayActorError, RayTaskError)
+                            RayActorError, RayError, RayTaskError)
 
 from actors import NAMESPACE
 from actors.dedup import DedupPartitionActor
@@ -57,6 +57,62 @@ async def result(ref: Any) -> Any:
     """Await an object ref; works through Ray Client (``ray://``) too, whose refs do not
     support ``await``."""
     return await asyncio.wrap_future(ref.future())
+
+
+def remote_cause(exc: RayTaskError) -> BaseException:
+    """What a remote call raised, through the ``RayTaskError`` of each remote call it made
+    itself (a worker that awaits an index partition)."""
+    cause: BaseException = exc
+    while isinstance(cause, RayTaskError):
+        cause = cause.cause
+    return cause
+
+
+def remote_error(exc: RayTaskError) -> BaseException:
+    """The error the driver raises for a worker's or an actor's failed call: ``IndexLost``
+    (the runner rebuilds the index) and a ``PixCrawlerError`` (the user acts on its one-line
+    message) as the worker raised them; any other stays the ``RayTaskError``.
+
+    The ``RayTaskError`` is an instance of its cause's class too, so the CLI would catch it as
+    a ``PixCrawlerError`` and print its message: the remote traceback, in colour."""
+    cause = remote_cause(exc)
+    return cause if isinstance(cause, (IndexLost, PixCrawlerError)) else exc
+
+
+def get_remote(refs: list[Any]) -> list[Any]:
+    """``ray.get``; a failed call raises what ``remote_error`` says."""
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        raise remote_error(exc) from None
+
+
+def _why(exc: BaseException) -> str:
+    """One line for an error: its type and its message's first line (a remote call's is the
+    cause's: the ``RayTaskError``'s own is a traceback)."""
+    if isinstance(exc, RayTaskError):
+        exc = remote_cause(exc)
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+STATS_WAIT_S = 10.0
+"""How long the stats of a finished job wait for each actor's answer."""
+
+
+async def _stats(refs: list[Any]) -> list[Union[dict[str, Any], str]]:
+    """Each actor's stats, or why it gave none: stats never fail a finished job, so an actor
+    lost since its last call is noted, and one restarting (rebuilding itself from the
+    journal) is waited for ``STATS_WAIT_S`` at most."""
+    async def one(ref: Any) -> Union[dict[str, Any], str]:
+        try:
+            return await asyncio.wait_for(result(ref), STATS_WAIT_S)
+        except asyncio.TimeoutError:
+            return f"no answer within {STATS_WAIT_S:g} s"
+        except RayError as exc:
+            return _why(exc)
+
+    return list(await asyncio.gather(*(one(ref) for ref in refs)))
 
 
 class PlanningError(PixCrawlerError):
@@ -157,7 +213,7 @@ class RayExecutor:
         """Take in a worker's finished ``start``: its incarnation, or why it has none."""
         exc = start.exception()
         if isinstance(exc, RayTaskError):
-            raise PlanningError(f"a worker cannot start: {exc.cause or exc}")
+            raise PlanningError(f"a worker cannot start: {remote_cause(exc)}")
         if exc is not None:
             if not isinstance(exc, _LOST):
                 raise exc
@@ -166,17 +222,16 @@ class RayExecutor:
             self.incarnations[worker] = start.result()
 
     def _lost(self, worker: int, exc: BaseException) -> WorkerLost:
-        return WorkerLost(worker, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return WorkerLost(worker, _why(exc))
 
     async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         try:
             incarnation, report, events = await result(self.handles[worker].run.remote(unit))
         except RayTaskError as exc:
-            if isinstance(exc.cause, IndexLost):
-                raise IndexLost(str(exc.cause)) from None
-            if isinstance(exc.cause, _LOST):
-                raise self._lost(worker, exc.cause) from None
-            raise
+            cause = remote_cause(exc)
+            if isinstance(cause, _LOST):
+                raise self._lost(worker, cause) from None
+            raise remote_error(exc) from None
         except _LOST as exc:
             raise self._lost(worker, exc) from None
         self.incarnations[worker] = incarnation
@@ -189,9 +244,7 @@ class RayExecutor:
             try:
                 incarnation, events = await result(self.handles[w].flush.remote())
             except RayTaskError as exc:
-                if isinstance(exc.cause, IndexLost):
-                    raise IndexLost(str(exc.cause)) from None
-                raise
+                raise remote_error(exc) from None
             except _LOST as exc:
                 return self._lost(w, exc)
             self.incarnations[w] = incarnation
@@ -249,18 +302,23 @@ class RayExecutor:
         return merged
 
     async def dedup_stats(self) -> dict[str, Any]:
-        stats = await asyncio.gather(*(result(p.stats.remote()) for p in self.partitions),
-                                     return_exceptions=True)
+        """The partitions' stats summed; ``unavailable`` says which did not answer (their
+        counts are missing from the sums)."""
+        stats = await _stats([p.stats.remote() for p in self.partitions])
         total: Counter = Counter()
         for s in stats:
             if isinstance(s, dict):
                 total.update(s)
-        return {"partitions": len(self.partitions), **dict(total)}
+        missing = [f"partition {p}: {s}" for p, s in enumerate(stats) if isinstance(s, str)]
+        return {"partitions": len(self.partitions), **dict(total),
+                **({"unavailable": missing} if missing else {})}
 
     async def engine_stats(self) -> dict[str, Any]:
-        snaps = await asyncio.gather(*[result(lim.snapshot.remote())
-                                       for lim in self.limiters.values()])
-        return {self.limiter_names[i]: snap for i, snap in zip(self.limiters, snaps)}
+        """Each engine's rate limiter's snapshot, or ``{"unavailable": why}`` for one that
+        did not answer (a limiter lost since the job's last search)."""
+        snaps = await _stats([lim.snapshot.remote() for lim in self.limiters.values()])
+        return {self.limiter_names[i]: snap if isinstance(snap, dict) else {"unavailable": snap}
+                for i, snap in zip(self.limiters, snaps)}
 
     def shutdown(self) -> None:
         """Kill the job's actors (their processes end, connections and all): also when the
@@ -271,15 +329,34 @@ class RayExecutor:
             ray.kill(actor)
 
 
+FINAL_STATE_WAIT_S = 10.0
+"""How long a finished job waits for its progress actor to take its final state."""
+
+
+def progress_actor(job_id: str, name: str) -> Any:
+    """The job's progress actor: the live one of its name, else a new one. It restarts where
+    its node is lost (its calls are retried there), and starts afresh from the next snapshot."""
+    return ProgressActor.options(name=progress_name(job_id), namespace=NAMESPACE,
+                                 get_if_exists=True, **PoolPlan.small_options()
+                                 ).remote(job_id, name)
+
+
 class ProgressReporter:
     """Sends snapshots and metric deltas to the progress actor, if the job has one; notices
-    cancel requests; shows each snapshot locally (``local``)."""
+    cancel requests; shows each snapshot locally (``local``).
+
+    The actor only reports, so losing it never fails the job: ``recreate`` gets it back (the
+    API and the dashboard follow the job again from the next snapshot); without one, the job
+    goes on unreported. A warning says so once."""
 
     def __init__(self, actor: Any, runner: Callable[[], JobRunner],
-                 local: Optional[Callable] = None):
+                 local: Optional[Callable] = None,
+                 recreate: Optional[Callable[[], Any]] = None):
         self.actor = actor
         self.runner = runner
         self.local = local
+        self.recreate = recreate
+        self._warned = False
         self._sent: dict[str, Counter] = {"candidates": Counter(), "accepted": Counter(),
                                           "rejected": Counter()}
         self._bytes = 0
@@ -317,8 +394,53 @@ class ProgressReporter:
         self._pending.append(self.actor.update.remote(snapshot, self._deltas(snapshot)))
         ready, self._pending = ray.wait(self._pending, num_returns=len(self._pending),
                                         timeout=1.0)
-        if any(ray.get(ready)):
+        answers: list[bool] = []
+        lost: Optional[BaseException] = None
+        for ref in ready:
+            try:
+                answers.append(ray.get(ref))
+            except _LOST as exc:
+                lost = exc
+        if lost is not None:
+            self._replace(lost)
+        if any(answers):
             self.runner().cancel()
+
+    def _replace(self, exc: BaseException) -> None:
+        """The actor is lost (killed, or out of restarts): get it back, or go on without one.
+        Its unanswered updates go with it (a cancel request it held too)."""
+        if not self._warned:
+            self._warned = True
+            log.warning("the job's progress actor was lost (%s); %s", _why(exc),
+                        "it is started again" if self.recreate is not None
+                        else "the job goes on without progress reports")
+        self._pending = []
+        self.actor = self.recreate() if self.recreate is not None else None
+
+    def set_state(self, state: str, **info: Any) -> None:
+        """Tell the actor the job's state, without waiting for it."""
+        if self.actor is not None:
+            self.actor.set_state.remote(state, **info)
+
+    async def final_state(self, state: str, **info: Any) -> None:
+        """Tell the actor the job's final state and wait until it has it, or for
+        ``FINAL_STATE_WAIT_S`` at most: the job is done either way."""
+        if self.actor is None:
+            return
+        try:
+            await asyncio.wait_for(result(self.actor.set_state.remote(state, **info)),
+                                   FINAL_STATE_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("the job's progress actor did not take its final state (%s) within "
+                        "%g s", state, FINAL_STATE_WAIT_S)
+        except _LOST as exc:
+            log.warning("the job's progress actor was lost before its final state (%s): %s",
+                        state, _why(exc))
+
+    def close(self) -> None:
+        """End the actor (the job is over)."""
+        if self.actor is not None:
+            ray.kill(self.actor)
 
 
 def check_fits(plan: PoolPlan, resources: dict[str, float]) -> None:
@@ -474,11 +596,11 @@ def check_output_nodes(spec: DatasetSpec, uri: str, storage_options: Optional[di
     refs = [_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote(uri, storage_options, names[i], [])
         for i, n in enumerate(nodes)]
-    ray.get(refs)
+    get_remote(refs)
     checks = [_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote(uri, storage_options, f"{names[i]}-seen", names)
         for i, n in enumerate(nodes)]
-    problems = [(node, missing) for node, missing in ray.get(checks) if missing]
+    problems = [(node, missing) for node, missing in get_remote(checks) if missing]
     fs, root = open_fs(uri, storage_options)
     delete_files(fs, [path for name in names
                       for path in (f"{root}/{name}", f"{root}/{name}-seen") if fs.exists(path)])
@@ -538,18 +660,16 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     job_id = life.job_id
     log.info("[%s] starting: %d classes, %d workers of %g CPU, %d index partitions", job_id,
              len(spec.labels), plan.workers, plan.worker_cpus, plan.partitions)
-    progress_actor = ProgressActor.options(
-        name=progress_name(job_id), namespace=NAMESPACE, get_if_exists=True).remote(
-        job_id, spec.name) if observed else None
+    recreate = functools.partial(progress_actor, job_id, spec.name)
+    reporter = ProgressReporter(recreate() if observed else None, lambda: life.runner, progress,
+                                recreate=recreate)
     executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1, workers=plan.workers))
     try:
         await executor.start()
-        reporter = ProgressReporter(progress_actor, lambda: life.runner, progress)
         outcome = await life.run(executor, units_per_worker=plan.units_per_worker,
                                  progress=reporter, install_signals=install_signals,
                                  runner_hook=runner_hook)
-        if progress_actor is not None:
-            progress_actor.set_state.remote("writing")
+        reporter.set_state("writing")
         extra = {"runner": "ray", "pools": plan.__dict__, "engines": await executor.engine_stats(),
                  "dedup": await executor.dedup_stats(),
                  "workers_by_node": dict(executor.nodes)}
@@ -558,20 +678,16 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         state, error = ("cancelled", None) if outcome.cancelled else (
             ("failed", empty_failure(done.stats)) if done.partial
             else ("succeeded", None))
-        if progress_actor is not None:
-            await result(progress_actor.set_state.remote(state, output_uri=done.uri,
-                                                         stats=done.stats, error=error))
+        await reporter.final_state(state, output_uri=done.uri, stats=done.stats, error=error)
         return done
     except BaseException as exc:
-        if progress_actor is not None:
-            progress_actor.set_state.remote("failed", error=f"{type(exc).__name__}: {exc}")
+        reporter.set_state("failed", error=f"{type(exc).__name__}: {exc}")
         log.error("[%s] failed (%s: %s); what was committed is journaled at %s: continue it "
                   "with --resume", job_id, type(exc).__name__, exc, join(uri, ""))
         raise
     finally:
         executor.shutdown()
-        if progress_actor is not None:
-            ray.kill(progress_actor)
+        reporter.close()
 
 
 def run_job(spec: DatasetSpec, *, address: Optional[str] = None, **kwargs: Any) -> JobResult:
