@@ -42,7 +42,7 @@ from builder.errors import PixCrawlerError
 from builder.job import IndexLost, JobRunner, WorkerLost
 from builder.pipeline import Continuation, JobLifecycle, JobResult, recover_ledger
 from builder.spec import DatasetSpec
-from builder.storage import delete_files, is_local_uri, join, open_fs
+from builder.storage import delete_files, is_local_uri, join, open_fs, storage_errors
 from builder.units import UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan
 from cluster.connect import connect
@@ -578,37 +578,56 @@ def _probe(uri: str, storage_options: Optional[dict], name: str, expect: list[st
 
 
 def check_output_nodes(spec: DatasetSpec, uri: str, storage_options: Optional[dict]) -> None:
-    """A local output on a cluster of several nodes works only on a filesystem they share:
-    refuse it unless the spec says so, and then prove it with a probe on every node."""
+    """A local output works only on a disk the driver (which publishes) and every node that
+    writes share: on a cluster of several nodes, or from a driver outside the cluster (Ray
+    Client, ``ray://``), refuse it unless the spec says the filesystem is shared, and then
+    prove it: a probe file from the driver and from every node, each seen by all."""
+    from ray.util.client import ray as ray_client
+
     nodes = cpu_nodes()
-    if not is_local_uri(uri) or len(nodes) <= 1:
+    client = ray_client.is_connected()
+    if not is_local_uri(uri) or (len(nodes) <= 1 and not client):
         return
     if not spec.output.shared_filesystem:
+        where = ("this driver joins the cluster through Ray Client (ray://): the workers would "
+                 "write to the cluster's disks, and the dataset be published from this "
+                 "machine's" if client else
+                 f"the cluster has {len(nodes)} nodes and each would write to its own disk")
         raise PlanningError(
-            f"the output {uri} is a local path, but the cluster has {len(nodes)} nodes and each "
-            "would write to its own disk: use an object store (s3://bucket/prefix, gs://...), "
-            "or, if the path is on a filesystem every node mounts (NFS, ...), set "
-            "output.shared_filesystem: true")
+            f"the output {uri} is a local path, but {where}: use an object store "
+            "(s3://bucket/prefix, gs://...), or, if the path is on a filesystem every node "
+            "(and this machine) mounts (NFS, ...), set output.shared_filesystem: true")
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex[:8]
     names = [f".pixcrawler-probe-{token}-{i}" for i in range(len(nodes))]
+    mine = f".pixcrawler-probe-{token}-driver"
+    fs, root = open_fs(uri, storage_options)
+    with storage_errors(uri, "probe"):
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/{mine}", b"probe")
     refs = [_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote(uri, storage_options, names[i], [])
         for i, n in enumerate(nodes)]
     get_remote(refs)
     checks = [_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote(uri, storage_options, f"{names[i]}-seen", names)
+        n["NodeID"], soft=False)).remote(uri, storage_options, f"{names[i]}-seen",
+                                         names + [mine])
         for i, n in enumerate(nodes)]
-    problems = [(node, missing) for node, missing in get_remote(checks) if missing]
-    fs, root = open_fs(uri, storage_options)
-    delete_files(fs, [path for name in names
-                      for path in (f"{root}/{name}", f"{root}/{name}-seen") if fs.exists(path)])
+    problems = [(f"node {node[:12]}", missing) for node, missing in get_remote(checks)
+                if missing]
+    with storage_errors(uri, "probe"):
+        unseen = [n for n in names if not fs.exists(f"{root}/{n}")]
+        if unseen:
+            problems.append(("this driver", unseen))
+        delete_files(fs, [path for name in names + [mine]
+                          for path in (f"{root}/{name}", f"{root}/{name}-seen")
+                          if fs.exists(path)])
     if problems:
         raise PlanningError(
-            f"output.shared_filesystem is set, but node {problems[0][0][:12]} cannot see files "
-            f"other nodes wrote under {uri}: it is not shared. Use an object store, or mount "
-            "the same filesystem on every node")
+            f"output.shared_filesystem is set, but {problems[0][0]} cannot see files others "
+            f"wrote under {uri}: it is not shared. Use an object store, or mount the same "
+            "filesystem on every node and the driver's machine")
 
 
 def check_job_output(uri: str) -> None:

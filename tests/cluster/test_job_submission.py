@@ -226,17 +226,28 @@ def test_a_cancelled_job_shows_as_stopped_and_writes_a_partial_dataset(ray_head,
 @pytest.mark.slow
 def test_build_joins_a_cluster_from_outside_through_ray_client(ray_head, sandbox, tmp_path):
     """`pixcrawler build --address ray://HEAD:10001`, as the README writes it: the driver runs
-    here, the job's actors on the cluster."""
+    here, the job's actors on the cluster. A local output there is refused at planning (the
+    workers would write to the cluster's disks, and the dataset be published from the
+    driver's) unless the spec says the filesystem is shared, and then the driver's probe file
+    must be seen by the nodes (here: one machine, so it is)."""
     out = tmp_path / "client"
     spec = {"name": "client", "target": 5, "classes": {"cat": "cat", "dog": "dog"},
             "sources": [{"engine": "sandbox", "url": sandbox.base_url, "per_page": 10}],
             "download": {"timeout_s": 1.0, "retries": 0, "allow_private_networks": True},
             "output": {"uri": str(out)}}
     spec_path = tmp_path / "spec.yaml"
+    command = [str(BIN / "pixcrawler"), "build", str(spec_path), "--address",
+               ray_head["client"], "--job-id", "client-1"]
     spec_path.write_text(yaml.safe_dump(spec))
-    done = subprocess.run([str(BIN / "pixcrawler"), "build", str(spec_path), "--address",
-                           ray_head["client"], "--job-id", "client-1"], env=ray_head["env"],
-                          capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 1, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "Ray Client (ray://)" in refused.stderr and "shared_filesystem" in refused.stderr
+    assert not out.exists() or not any(out.iterdir())
+    spec["output"]["shared_filesystem"] = True
+    spec_path.write_text(yaml.safe_dump(spec))
+    done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"joining the cluster at {ray_head['client']}" in done.stderr
     stats = check_accounting(str(out))
