@@ -84,7 +84,11 @@ def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
     """The cluster's limiter for the source's engine/endpoint, created on first use."""
     options = dict(source.options) if source else {}
     options.pop("base_url", None)
+    # Restarted when its process or node is lost (its calls retried there): every search unit
+    # of the engine needs it, and a lost one failed them all until the job gave up. A restart
+    # forgets the day's request count, so after such a loss a daily quota can be spent again.
     actor = RateLimiter.options(name=limiter_name(engine, source), namespace=NAMESPACE,
-                                lifetime="detached", get_if_exists=True).remote(engine, options)
+                                lifetime="detached", get_if_exists=True, max_restarts=-1,
+                                max_task_retries=-1).remote(engine, options)
     actor.configure.remote(options)
     return actor

@@ -166,3 +166,24 @@ def test_a_killed_progress_actor_is_started_again_and_follows_the_job(ray_sessio
         assert "it is started again" in caplog.text
     finally:
         reporter.close()
+
+
+def test_a_rate_limiter_whose_process_dies_is_started_again(ray_session):
+    """A limiter had no restarts: once its process died, every search unit of the engine
+    failed (the runner took it for a lost worker and resent the unit, round after round)."""
+    import os
+    import signal
+
+    import ray
+
+    from actors.ratelimit import get_rate_limiter
+
+    limiter = get_rate_limiter("openverse")
+    try:
+        assert ray.get(limiter.acquire.remote("job-1"), timeout=60)[0] == "ok"
+        pid = ray.get(limiter.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        assert ray.get(limiter.acquire.remote("job-1"), timeout=60)[0] == "ok"
+        assert ray.get(limiter.__ray_call__.remote(lambda self: os.getpid()), timeout=60) != pid
+    finally:
+        ray.kill(limiter, no_restart=True)
