@@ -57,7 +57,7 @@ from builder.netguard import (
 from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
-from builder.rights import Signal, first_refusal
+from builder.rights import NO_ANSWER, UNREACHABLE, Signal, first_refusal
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
                             origin_file)
 from builder.spec import DownloadSpec
@@ -68,9 +68,11 @@ MAX_ROBOTS_REDIRECTS = 5
 MAX_CRAWL_DELAY_S = 10.0
 """A robots.txt ``Crawl-delay`` above this is taken as this (some sites ask for hours)."""
 GAP_FIRST = 0.5
-"""Seconds between a host's requests after its first 429 or 5xx (``_Host.slow_down``)."""
+"""Seconds between a host's requests after its first 429 or 503 (``_Host.slow_down``)."""
 GAP_MOST = 30.0
 """The longest such gap (and no longer than ``download.max_retry_after_s``)."""
+GAP_FORGET_S = 60.0
+"""A gap no new 429 or 503 has renewed for this long is over."""
 DNS_CACHE_TTL_S = 300
 _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/*;q=0.5"
 _HOST_SWEEP_AT = 4096
@@ -196,26 +198,36 @@ class ByteBudget:
 
 
 class _Host:
-    """Politeness state of one host: its slots, when the next request may start (and until
-    when a Retry-After holds every request), the gap its errors asked for, and (with a
-    bandwidth cap) when the bytes read so far are paid for."""
+    """Politeness state of one host: its slots, when its last request started (and the delay
+    it was given), until when a Retry-After holds every request, the gap its rate limiting
+    asked for, and (with a bandwidth cap) when the bytes read so far are paid for."""
 
-    __slots__ = ("sem", "next_start", "held_until", "gap", "slowed_at", "users", "paid_until")
+    __slots__ = ("sem", "last_start", "delay", "held_until", "gap", "slowed_at", "users",
+                 "paid_until")
 
     def __init__(self, concurrency: int):
         self.sem = asyncio.Semaphore(concurrency)
-        self.next_start = 0.0
+        self.last_start = -math.inf
+        self.delay = 0.0
         self.held_until = 0.0
         self.gap = 0.0
         self.slowed_at = -math.inf
         self.users = 0
         self.paid_until = 0.0
 
+    def turn(self, delay: float, now: float) -> float:
+        """When the host's next request may start: ``delay`` (or the gap, while it lasts)
+        after the last one started, and not before a Retry-After hold ends. Worked out when a
+        request would start, so a gap that has eased meanwhile counts as eased."""
+        gap = self.gap if now - self.slowed_at < GAP_FORGET_S else 0.0
+        return max(self.last_start + max(delay, gap), self.held_until)
+
     def slow_down(self, now: float, most: float) -> None:
-        """A 429 or 5xx: space this host's requests twice as far apart (``GAP_FIRST`` at
-        first, at most ``most`` seconds), once per gap (the answers of a burst sent together
-        count once). A host that says it is overloaded gets its requests one at a time at that
-        pace, not every slot at once, with or without a Retry-After."""
+        """A 429 or 503 to a first request for a URL: space the host's requests twice as far
+        apart (``GAP_FIRST`` at first, at most ``most`` seconds), once per gap (the answers of
+        a burst sent together count once). A host that says it is rate limiting or overloaded
+        gets its requests one at a time at that pace, with or without a Retry-After; a URL
+        that keeps failing on its own retries does not slow its host."""
         if now - self.slowed_at >= self.gap:
             self.gap = min(max(2 * self.gap, GAP_FIRST), most)
             self.slowed_at = now
@@ -447,7 +459,7 @@ class Fetcher:
         attempt = 0
         while True:
             try:
-                return await self._attempt(url, delay, record)
+                return await self._attempt(url, delay, record, first=attempt == 0)
             except _Failure as failure:
                 if attempt >= cfg.retries:
                     tries = attempt + 1
@@ -463,9 +475,10 @@ class Fetcher:
                 self.stats["retries"] += 1
                 await asyncio.sleep(wait)
 
-    async def _attempt(self, url: URL, delay: float, record: Record) -> Optional[str]:
-        """One GET. Returns a redirect Location, None when the record is finished; raises
-        ``_Failure`` for a retryable outcome."""
+    async def _attempt(self, url: URL, delay: float, record: Record,
+                       first: bool = True) -> Optional[str]:
+        """One GET (``first``: not a retry of this URL). Returns a redirect Location, None
+        when the record is finished; raises ``_Failure`` for a retryable outcome."""
         session = self._ensure_session()
         host = await self._acquire(url, delay)
         try:
@@ -487,8 +500,9 @@ class Fetcher:
                     record.reject(Reason.HTTP_CLIENT_ERROR, f"HTTP {status} without Location")
                     return None
                 if status == 429 or status >= 500:
-                    host.slow_down(asyncio.get_running_loop().time(),
-                                   min(self.cfg.max_retry_after_s, GAP_MOST))
+                    if status in (429, 503) and first:
+                        host.slow_down(asyncio.get_running_loop().time(),
+                                       min(self.cfg.max_retry_after_s, GAP_MOST))
                     retry_after = None
                     if status in (429, 503):
                         retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -601,9 +615,11 @@ class Fetcher:
     # ---- politeness ---------------------------------------------------------------------------
 
     async def _acquire(self, url: URL, delay: float) -> _Host:
-        """Take a slot on ``url``'s host, wait for the host's next start (``delay`` after the
-        last, or its error gap), then take a global slot: a host that asks for patience holds
-        no global slot while it waits, so other hosts go on."""
+        """Take a slot on ``url``'s host, wait for the host's turn (``_Host.turn``), then take
+        a global slot; the turn is checked again once it is held, as another request may have
+        taken it meanwhile. A host that asks for patience holds no global slot while it
+        waits, so other hosts go on, and its requests start spaced however long the global
+        slots kept them."""
         key = url.raw_host or ""
         host = self._hosts.get(key)
         if host is None:
@@ -613,12 +629,14 @@ class Fetcher:
             await host.sem.acquire()
             try:
                 loop = asyncio.get_running_loop()
-                now = loop.time()
-                start = host.next_start if host.next_start > now else now
-                host.next_start = start + max(delay, host.gap)
-                while (wait := max(start, host.held_until) - loop.time()) > 0:
-                    await asyncio.sleep(wait)  # a Retry-After may come meanwhile
-                await self._global.acquire()
+                while True:
+                    while (wait := host.turn(delay, loop.time()) - loop.time()) > 0:
+                        await asyncio.sleep(wait)
+                    await self._global.acquire()
+                    if host.turn(delay, loop.time()) <= loop.time():
+                        break
+                    self._global.release()
+                host.last_start, host.delay = loop.time(), delay
             except BaseException:
                 host.sem.release()
                 raise
@@ -642,8 +660,8 @@ class Fetcher:
             return
         self._next_sweep = now + 1.0
         for key in [k for k, h in self._hosts.items()
-                    if h.users == 0 and h.next_start <= now and h.held_until <= now
-                    and not h.gap]:
+                    if h.users == 0 and h.turn(h.delay, now) <= now
+                    and (not h.gap or now - h.slowed_at >= GAP_FORGET_S)]:
             del self._hosts[key]
 
     def _hold_host(self, url: URL, seconds: float) -> None:
@@ -653,7 +671,6 @@ class Fetcher:
         if host is not None:
             until = asyncio.get_running_loop().time() + seconds
             host.held_until = max(host.held_until, until)
-            host.next_start = max(host.next_start, until)
 
     async def _pay_bandwidth(self, host: _Host, url: URL, record: Record) -> None:
         """Under a host's bandwidth cap, hold the slot until the body's bytes are paid for:
@@ -685,8 +702,8 @@ class Fetcher:
         refusal = first_refusal(signals)
         if refusal is None:
             return False
-        if refusal.name == "robots_txt" and refusal.value in (sig.UNREACHABLE, sig.NO_ANSWER):
-            record.reject(Reason.ROBOTS_UNREACHABLE if refusal.value == sig.UNREACHABLE
+        if refusal.name == "robots_txt" and refusal.value in (UNREACHABLE, NO_ANSWER):
+            record.reject(Reason.ROBOTS_UNREACHABLE if refusal.value == UNREACHABLE
                           else Reason.CONNECTION_ERROR,
                           f"robots.txt of {origin_of or record.candidate.url} could not be read, "
                           f"so nothing there is fetched ({refusal.source})")
@@ -700,7 +717,8 @@ class Fetcher:
 
     async def _load_origin(self, url: URL) -> sig.OriginSignals:
         """Read an origin's robots.txt, tdmrep.json and ai.txt (those the spec honours), at
-        once; an unreachable or broken file counts as absent."""
+        once. A robots.txt that cannot be read disallows everything (``builder.robots``); an
+        unreachable or broken tdmrep.json or ai.txt counts as absent."""
         cfg = self.cfg
 
         async def robots() -> Optional[RobotsPolicy]:

@@ -439,6 +439,30 @@ def test_a_host_waiting_its_turn_holds_no_global_slot(srv: Any) -> None:
     assert second - first >= 0.9 and third - second >= 0.9
 
 
+def test_broken_urls_do_not_slow_their_host(srv: Any) -> None:
+    """Every 5xx, retries included, doubled its host's gap: a few broken images held a host's
+    good ones back for minutes. Only a 429 or 503 to a URL's first request slows a host."""
+    started = time.monotonic()
+    urls = [base(srv) + f"/status/500?{i}" for i in range(3)] + \
+        [base(srv) + f"/ts/{i}" for i in range(20)]
+    out, _ = run_fetch(urls, cfg(retries=3, backoff_s=0.05, per_host_concurrency=2))
+    assert [r.reason for r in out[:3]] == [Reason.HTTP_SERVER_ERROR.value] * 3
+    assert not any(r.rejected for r in out[3:])
+    assert max(srv.state.times["ts"]) - started < 2.0
+
+
+def test_a_hosts_delay_holds_when_global_slots_kept_its_requests_waiting(srv: Any) -> None:
+    """A request whose turn passed while the global slots were busy started with every other
+    such request at once: the host's delay (its Crawl-delay, its error gap) was lost."""
+    config = cfg(concurrency=2, hosts={"127.0.0.1": {"delay_s": 0.3}})
+    urls = [base(srv, "localhost") + f"/slow?{i}" for i in range(2)] + \
+        [base(srv) + f"/ts/{i}" for i in range(3)]
+    out, _ = run_fetch(urls, config)
+    assert not any(r.rejected for r in out)
+    times = sorted(srv.state.times["ts"])
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.28, times
+
+
 def test_always_429_is_rate_limited(srv: Any) -> None:
     r = one(base(srv) + "/always429", cfg(retries=1))
     assert r.reason == Reason.RATE_LIMITED.value and r.http_status == 429
