@@ -109,7 +109,8 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.RATE_LIMITED: "the server answered 429 on every try",
     Reason.TIMEOUT: "no complete answer within download.timeout_s on every try",
     Reason.CONNECTION_ERROR: "the connection failed (DNS, refused, reset) on every try, or the "
-    "origin's robots.txt got no answer (twice)",
+    "origin's robots.txt gave no usable answer, twice (none, too many redirects, a blocked "
+    "address, an encoding it cannot read)",
     Reason.TOO_MANY_BYTES: "the body exceeded download.max_bytes (aborted while streaming)",
     Reason.TOO_MANY_REDIRECTS: "more than download.max_redirects redirects (or a loop)",
     Reason.ROBOTS_DISALLOWED: "robots.txt disallows the path for our user agent",

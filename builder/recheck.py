@@ -45,8 +45,7 @@ from builder.netguard import UrlRejected
 from builder.profiles import first_public_url, has_contact
 from builder.reasons import Reason
 from builder.records import Candidate, Record
-from builder.rights import Signal, first_refusal
-from builder.signals import NO_ANSWER, UNREACHABLE
+from builder.rights import NO_ANSWER, UNREACHABLE, Signal, first_refusal
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
 from builder.storage import list_files, open_fs, same_location, storage_errors, write_bytes
 

@@ -88,8 +88,18 @@ def rights_rows(signals: Iterable[Signal]) -> list[Signal]:
             for s in signals]
 
 
+UNREACHABLE, NO_ANSWER = "unreachable", "no answer"
+"""The values of a robots.txt refusal made because the file could not be read: it answered
+with a server error or 429, or gave no usable answer (none, too many redirects, a blocked
+address, an encoding the fetcher cannot undo)."""
+
+
 def first_refusal(signals: Iterable[Signal]) -> Optional[Signal]:
-    return next((s for s in signals if s.refuses), None)
+    """The refusal a record is rejected for: the first that says no, before one made only
+    because robots.txt could not be read (an opt-out found meanwhile is the lasting reason)."""
+    refusals = [s for s in signals if s.refuses]
+    return next((s for s in refusals if s.value not in (UNREACHABLE, NO_ANSWER)),
+                refusals[0] if refusals else None)
 
 
 def honoured_signals(cfg: "DownloadSpec") -> list[str]:
@@ -170,5 +180,5 @@ class RightsTally:
                 "signals": signals}
 
 
-__all__ = ["ALLOW", "NONE", "REFUSE", "RIGHTS_TYPE", "SIGNAL_DOCS", "RightsTally", "Signal",
-           "first_refusal", "honoured_signals", "rights_rows"]
+__all__ = ["ALLOW", "NONE", "NO_ANSWER", "REFUSE", "RIGHTS_TYPE", "SIGNAL_DOCS", "UNREACHABLE",
+           "RightsTally", "Signal", "first_refusal", "honoured_signals", "rights_rows"]

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from yarl import URL
 
-from builder.rights import ALLOW, NONE, REFUSE, Signal
+from builder.rights import ALLOW, NO_ANSWER, NONE, REFUSE, UNREACHABLE, Signal
 from builder.robots import ROBOTS_UA, RobotsPolicy, optout_directive
 from builder.spec import DownloadSpec
 from builder.xmp import data_mining, data_mining_verdict
@@ -246,11 +246,6 @@ def _tdm_pattern(location: str) -> str:
 
 
 # ---- origin-level -----------------------------------------------------------------------------
-
-
-UNREACHABLE, NO_ANSWER = "unreachable", "no answer"
-"""The values of a robots.txt refusal made because the file could not be read: it answered
-with a server error or 429, or not at all (then neither would the image)."""
 
 
 def _robots_source(policy: RobotsPolicy, file: str) -> str:

@@ -138,6 +138,25 @@ def test_xmp_data_mining_in_each_container() -> None:
     assert data_mining(buf.getvalue(), "jpeg") is None
 
 
+def test_an_opt_out_outranks_a_robots_txt_that_could_not_be_read() -> None:
+    """Both refuse, but only the opt-out lasts: the unreadable robots.txt came first in the
+    ledger, so recheck counted the image unreachable (and kept it), and the crawl gave it a
+    transient reason retry-failed would ask again."""
+    from builder.rights import UNREACHABLE, first_refusal
+    from builder.robots import RobotsPolicy
+
+    tdmrep = parse_tdmrep(200, b'[{"location": "/", "tdm-reservation": 1}]')
+    url = URL("http://h/x.jpg")
+    for status in (503, 0):
+        ledger = OriginSignals(DownloadSpec(), RobotsPolicy.from_response(status, b""), tdmrep,
+                               None).ledger(url)
+        assert [s.name for s in ledger if s.refuses] == ["robots_txt", "tdmrep"]
+        assert first_refusal(ledger).name == "tdmrep"
+    alone = OriginSignals(DownloadSpec(), RobotsPolicy.from_response(503, b""), None,
+                          None).ledger(url)
+    assert first_refusal(alone).value == UNREACHABLE
+
+
 def test_tally_sums_ledgers() -> None:
     tally = RightsTally()
     tally.add((Signal("robots_txt", "allow", "robots.txt group '*'", ALLOW),
