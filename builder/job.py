@@ -717,6 +717,9 @@ class JobRunner:
                     await self._result(fut, flight)
         finally:
             cancel_wait.cancel()
+            for task in tasks:  # the run stops early (an error): its units go with it
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self._flush()
         await self._maybe_progress(force=True)
         return RunOutcome(self._stats(), self.cancelled, dict(self.fetch))

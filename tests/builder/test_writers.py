@@ -407,18 +407,21 @@ def test_glob_characters_in_an_s3_output_delete_only_its_own_files(moto_s3):
     assert not any(p.startswith("_journal") for p in odd.files())
 
 
-@pytest.mark.parametrize("size", [100, 6 << 20])  # one upload, and a multipart one
+@pytest.mark.parametrize("size", [100, 12 << 20])  # one upload; a multipart one of 5 MiB parts
 def test_a_write_that_fails_on_s3_leaves_no_object(moto_s3, size):
     """fsspec's own with-block completes the upload on an error: a manifest half written
     became the dataset's labels.json."""
     fs, root = storage.open_fs(f"s3://pix/failed-{uuid.uuid4().hex[:6]}",
-                               {"endpoint_url": moto_s3})
+                               {"endpoint_url": moto_s3, "default_block_size": 5 << 20})
     with pytest.raises(KeyError):
         with storage.atomic_open(fs, f"{root}/labels.json") as f:
             f.write(b"x" * size)
+            if size > 5 << 20:
+                assert f.mpu, "the test meant a multipart upload to have begun"
             raise KeyError("the journal could not be read")
     fs.invalidate_cache()
     assert not fs.exists(f"{root}/labels.json")
+    assert not fs.call_s3("list_multipart_uploads", Bucket="pix").get("Uploads")
     with storage.atomic_open(fs, f"{root}/labels.json") as f:
         f.write(b"y" * size)
     assert fs.size(f"{root}/labels.json") == size
