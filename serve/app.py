@@ -527,8 +527,10 @@ class JobAPI:
             s.read_cache_s / 2, s.read_cache_s, generation=lambda: self.store.generation,
             keep=lambda value: value is not None)
         self.health: ReadCache[int] = ReadCache(1.0)
-        self.reconciler = Reconciler(self.store, self.launcher)
         self.policy = s.policy
+        hours = self.policy.max_job_hours
+        self.reconciler = Reconciler(self.store, self.launcher,
+                                     max_job_s=None if hours is None else hours * 3600)
         self.scheduler = Scheduler(self.store, self.launcher, s.policy.max_running_jobs,
                                    s.policy.max_running_jobs_per_key)
         self.cluster: ReadCache[dict[str, float]] = ReadCache(30.0)

@@ -225,10 +225,10 @@ def read_live(job_id: str) -> Optional[dict[str, Any]]:
         return None
 
 
-def request_cancel(job_id: str) -> bool:
+def request_cancel(job_id: str, reason: str = "cancelled through the HTTP API") -> bool:
     """Ask the job's progress actor to stop the job; False if no actor runs for it."""
     try:
-        return cancel_job(job_id, "cancelled through the HTTP API")
+        return cancel_job(job_id, reason)
     except ray.exceptions.RayActorError:
         return False
 
@@ -280,10 +280,11 @@ class Reconciler:
     """Brings the store's active jobs in line with their progress actors and Ray."""
 
     def __init__(self, store: JobStore, launcher: JobLauncher,
-                 submit_grace_s: float = SUBMIT_GRACE_S):
+                 submit_grace_s: float = SUBMIT_GRACE_S, max_job_s: Optional[float] = None):
         self.store = store
         self.launcher = launcher
         self.submit_grace_s = submit_grace_s
+        self.max_job_s = max_job_s
 
     def apply_live(self, row: JobRow, live: dict[str, Any]) -> JobRow:
         """Store what a progress actor says; a terminal state there ends the job here."""
@@ -294,7 +295,8 @@ class Reconciler:
             # the fallback where this server cannot read the output.
             _, stats = read_outcome(live.get("output_uri") or row.output_uri, row.id)
             stats = stats or live.get("stats")
-            self.store.update_job(row.id, state=state, stats=stats, error=live.get("error"),
+            self.store.update_job(row.id, state=state, stats=stats,
+                                  error=live.get("error") or row.error,
                                   progress=progress_from_stats(stats) if stats else progress,
                                   output_uri=live.get("output_uri"))
         elif state != row.state or progress:
@@ -308,6 +310,7 @@ class Reconciler:
         is not Ray's yet (serve.schedule starts it)."""
         if row.terminal or row.state == "queued":
             return row
+        self._limit_time(row)
         live = read_live(row.id) if check_live else None
         if live is not None:
             return self.apply_live(row, live)
@@ -326,6 +329,22 @@ class Reconciler:
             self._finish(row, ray_job)
         return self.store.get_job(row.id) or row
 
+    def _limit_time(self, row: JobRow) -> None:
+        """A job running longer than ``max_job_s`` (the policy's ``max_job_hours``) is
+        stopped as a cancel is: what it accepted is published as a partial dataset, and its
+        error says why. Its fetches are bounded one by one (the policy's caps), but a job of
+        many slow ones could hold its place in the cluster for days."""
+        started = row.started_at
+        if self.max_job_s is None or row.cancel_requested or started is None \
+                or time.time() - started <= self.max_job_s:
+            return
+        why = (f"stopped after {self.max_job_s / 3600:g} h, this server's limit for a job "
+               "(max_job_hours); what it accepted is published as a partial dataset")
+        self.store.update_job(row.id, cancel_requested=True, error=why)
+        log.warning("[%s] %s", row.id, why)
+        if not request_cancel(row.id, why):
+            self.launcher.stop(row.id)
+
     def _maybe_being_submitted(self, row: JobRow) -> bool:
         """A row Ray has not been seen to know, started (handed to the launcher) recently
         enough that its submit may still run."""
@@ -339,7 +358,7 @@ class Reconciler:
         if marker == PARTIAL and (stats or {}).get("partial_reason") == "empty":
             state, error = "failed", empty_failure(stats or {})
         elif marker == PARTIAL or ray_job.status == "STOPPED":
-            state, error = "cancelled", None
+            state, error = "cancelled", row.error  # why it was stopped, if it was said
         elif ray_job.status == "SUCCEEDED":
             # Exit 0 means published; stats stay empty if this server cannot read the output.
             state, error = "succeeded", None

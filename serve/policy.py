@@ -27,7 +27,8 @@ user is the operator. The defaults are safe for a server that strangers reach:
   the cluster's CPUs / ``max_running_jobs``; see ``serve.schedule`` for the order jobs start
   in). Pool sizes a user sets must fit in that share. ``resources.worker_resources`` may only
   name the custom Ray resources in ``worker_resources`` (default: none), so a job can neither
-  pin its workers to a node (``node:<ip>``) nor claim resources the operator reserved.
+  pin its workers to a node (``node:<ip>``) nor claim resources the operator reserved. A
+  running job is stopped after ``max_job_hours`` (``serve.jobs.Reconciler``).
 
 A refused spec raises ``PolicyRefused``: 403 when a field asks for something the policy does not
 permit, 422 when a value is over a cap; each problem names the field and the policy setting.
@@ -116,6 +117,9 @@ class ApiPolicy(BaseModel):
     max_running_jobs: int = Field(default=2, ge=1, description="API jobs running at once in "
                                   "the cluster; the rest wait, queued")
     max_running_jobs_per_key: int = Field(default=1, ge=1)
+    max_job_hours: Optional[float] = Field(default=24.0, gt=0, description="a running API "
+                                           "job is stopped after this long (its partial "
+                                           "dataset published); null: no limit")
     job_cpus: Optional[float] = Field(
         default=None, gt=0, description="CPUs one job's pools are sized to (at most what the "
         "cluster has beside the API's replicas); default: those CPUs / max_running_jobs")

@@ -14,7 +14,7 @@ import pytest
 from builder.writers import PARTIAL, SUCCESS
 from serve import jobs
 from serve.jobs import AGENT_WAIT_S, SUBMIT_GRACE_S, RayJob, Reconciler, read_outcome
-from serve.store import JobStore
+from serve.store import JobStore, jobs_table
 
 
 class FakeRay:
@@ -125,3 +125,44 @@ def test_a_finished_live_job_keeps_its_own_stats_over_an_earlier_runs(store, tmp
     live = {"state": "failed", "error": "boom", "stats": {"accepted": 2, "job_id": "pets-new"}}
     row = Reconciler(store, FakeRay()).apply_live(store.get_job("pets-new"), live)
     assert row.state == "failed" and row.error == "boom" and row.stats["accepted"] == 2
+
+
+class StoppingRay(FakeRay):
+    """FakeRay that also stops jobs, as the launcher does."""
+
+    def __init__(self, **statuses: RayJob):
+        super().__init__(**statuses)
+        self.stopped: list[str] = []
+
+    def stop(self, job_id: str) -> None:
+        self.stopped.append(job_id)
+        self.jobs[job_id] = RayJob("STOPPED")
+
+
+@pytest.mark.parametrize("actor", [True, False])
+def test_a_job_running_past_the_policys_limit_is_stopped_saying_why(store, monkeypatch,
+                                                                     actor):
+    """API jobs had no time limit: one of many slow fetches (each within the caps) could hold
+    its place in the cluster for days. Its partial dataset is published, as for a cancel."""
+    asked = []
+    monkeypatch.setattr(jobs, "request_cancel",
+                        lambda job_id, reason: asked.append((job_id, reason)) or actor)
+    ray = StoppingRay(**{"long-1": RayJob("RUNNING"), "short-1": RayJob("RUNNING")})
+    for job_id in ("long-1", "short-1"):
+        store.create_job(job_id, "o", "x", {"name": "x"}, "/nonexistent/x")
+        store.update_job(job_id, state="running")
+    with store.engine.begin() as conn:  # started two hours ago
+        conn.execute(jobs_table.update().where(jobs_table.c.id == "long-1")
+                     .values(started_at=time.time() - 7200))
+    reconciler = Reconciler(store, ray, max_job_s=3600)
+    reconciler.reconcile_all()
+    long_row, short_row = store.get_job("long-1"), store.get_job("short-1")
+    assert long_row.cancel_requested and "1 h" in long_row.error
+    assert "max_job_hours" in long_row.error and not short_row.cancel_requested
+    assert [job_id for job_id, _ in asked] == ["long-1"]
+    assert ray.stopped == ([] if actor else ["long-1"])
+    ray.jobs["long-1"] = RayJob("STOPPED")  # the job has ended, cancelled
+    reconciler.reconcile_all()
+    ended = store.get_job("long-1")
+    assert ended.state == "cancelled" and "max_job_hours" in ended.error
+    assert len(asked) == 1  # asked once
