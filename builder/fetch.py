@@ -57,7 +57,7 @@ from builder.netguard import (
 from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
-from builder.rights import NO_ANSWER, UNREACHABLE, Signal, first_refusal
+from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
                             origin_file)
 from builder.spec import DownloadSpec
@@ -702,7 +702,7 @@ class Fetcher:
         refusal = first_refusal(signals)
         if refusal is None:
             return False
-        if refusal.name == "robots_txt" and refusal.value in (UNREACHABLE, NO_ANSWER):
+        if refusal.name == "robots_txt" and refusal.value in UNREADABLE:
             record.reject(Reason.ROBOTS_UNREACHABLE if refusal.value == UNREACHABLE
                           else Reason.CONNECTION_ERROR,
                           f"robots.txt of {origin_of or record.candidate.url} could not be read, "

@@ -45,7 +45,7 @@ from builder.netguard import UrlRejected
 from builder.profiles import first_public_url, has_contact
 from builder.reasons import Reason
 from builder.records import Candidate, Record
-from builder.rights import NO_ANSWER, UNREACHABLE, Signal, first_refusal
+from builder.rights import UNREADABLE, Signal, first_refusal
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
 from builder.storage import list_files, open_fs, same_location, storage_errors, write_bytes
 
@@ -195,7 +195,7 @@ async def _by_origin(rows: list[dict[str, Any]], cfg: DownloadSpec, result: Rech
                 result.unreachable += 1
                 continue
             refusal = first_refusal(ledger)
-            if refusal is not None and refusal.value in (UNREACHABLE, NO_ANSWER):
+            if refusal is not None and refusal.value in UNREADABLE:
                 result.unreachable += 1  # robots.txt did not answer: no reason to remove it
             elif refusal is not None:
                 result.removals.append(_removal(row, refusal))
@@ -213,7 +213,7 @@ async def _by_fetch(rows: list[dict[str, Any]], cfg: DownloadSpec, result: Reche
                 origins.add(_origin(row["url"]))
                 record.data = None
                 refusal = first_refusal(record.rights)
-                if refusal is not None and refusal.value not in (UNREACHABLE, NO_ANSWER):
+                if refusal is not None and refusal.value not in UNREADABLE:
                     result.removals.append(_removal(row, refusal))
                 elif record.rejected:
                     result.unreachable += 1

@@ -92,13 +92,14 @@ UNREACHABLE, NO_ANSWER = "unreachable", "no answer"
 """The values of a robots.txt refusal made because the file could not be read: it answered
 with a server error or 429, or gave no usable answer (none, too many redirects, a blocked
 address, an encoding the fetcher cannot undo)."""
+UNREADABLE = frozenset({UNREACHABLE, NO_ANSWER})
 
 
 def first_refusal(signals: Iterable[Signal]) -> Optional[Signal]:
     """The refusal a record is rejected for: the first that says no, before one made only
     because robots.txt could not be read (an opt-out found meanwhile is the lasting reason)."""
     refusals = [s for s in signals if s.refuses]
-    return next((s for s in refusals if s.value not in (UNREACHABLE, NO_ANSWER)),
+    return next((s for s in refusals if s.value not in UNREADABLE),
                 refusals[0] if refusals else None)
 
 
@@ -181,4 +182,5 @@ class RightsTally:
 
 
 __all__ = ["ALLOW", "NONE", "NO_ANSWER", "REFUSE", "RIGHTS_TYPE", "SIGNAL_DOCS", "UNREACHABLE",
-           "RightsTally", "Signal", "first_refusal", "honoured_signals", "rights_rows"]
+           "UNREADABLE", "RightsTally", "Signal", "first_refusal", "honoured_signals",
+           "rights_rows"]

@@ -254,9 +254,8 @@ def _robots_source(policy: RobotsPolicy, file: str) -> str:
         return f"{file} ({why}: unreachable, so everything disallowed, RFC 9309 2.3.1.4)"
     if policy.disallow_all:
         return f"{file} (HTTP {policy.status}: everything disallowed)"
-    if policy.allow_all:
-        why = f"HTTP {policy.status}" if policy.status else "unreachable"
-        return f"{file} ({why}: no rules)"
+    if policy.allow_all:  # a 4xx: no answer at all is unreachable, above
+        return f"{file} (HTTP {policy.status}: no rules)"
     if not policy.group:
         return f"{file} (no group for us)"
     return f"{file} group {policy.group!r}"

@@ -70,9 +70,6 @@ class ProcessValidator:
         self.cfg = cfg.model_dump()
         self.processes = processes
         self.pool = self._new_pool(processes)
-        self._generation = 0
-        """How many times the shared pool was rebuilt; a batch that saw it break rebuilds it
-        only if nobody has since."""
         self._closed = False
         self._lock = threading.Lock()
 
@@ -100,17 +97,16 @@ class ProcessValidator:
     def _shared(self, records: list[Record]) -> Optional[list[Record]]:
         """The batch validated in the shared pool, or None if the pool broke (it is rebuilt)."""
         with self._lock:
-            pool, generation = self.pool, self._generation
+            pool = self.pool
         try:
             return pool.submit(_validate, records).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._closed:
                     raise
-                renew = generation == self._generation
+                renew = self.pool is pool  # nobody has rebuilt it since this batch saw it
                 if renew:
                     self.pool = self._new_pool(self.processes)
-                    self._generation += 1
             if renew:
                 pool.shutdown(wait=True)
             return None

@@ -51,7 +51,7 @@ from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, query_params,
 from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
                         Reconciler, request_cancel)
 from serve.policy import ApiPolicy, PolicyRefused, apply_policy
-from serve.samples import SampleCache
+from serve.samples import MAX_SAMPLES, SampleCache
 from serve.schedule import Scheduler
 from serve.store import (RANK, STATES, TERMINAL, JobIdTaken, JobRow, JobStore, TooManyJobs,
                          default_store_url, later_state, sqlite_path)
@@ -856,7 +856,7 @@ class JobAPI:
     @app.get("/v1/jobs/{job_id}/samples", summary="Thumbnails of accepted images")
     async def samples(self, job_id: str, request: Request,
                       label: Optional[str] = Query(None, description="one class"),
-                      limit: int = Query(24, ge=1, le=200)) -> dict[str, Any]:
+                      limit: int = Query(24, ge=1, le=MAX_SAMPLES)) -> dict[str, Any]:
         principal = await self._caller(request)
         row = await self._row(job_id, principal)
         labels = list(spec_classes(row))

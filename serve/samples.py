@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from builder.storage import list_files, open_fs, storage_errors
+from builder.writers import parquet_shards
 
 THUMB_SIDE = 160
 MAX_SAMPLES = 200
@@ -29,6 +30,7 @@ MAX_SAMPLES = 200
 MAX_THUMB_PIXELS = 25_000_000
 """Larger images are left out unless a reduced-scale decode (JPEG) makes them small."""
 READS_AT_ONCE = 2
+"""Sample reads one replica runs at a time (each decodes up to ``MAX_SAMPLES`` images)."""
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -51,7 +53,7 @@ def read_samples(uri: str, label: Optional[str], limit: int) -> list[dict[str, A
     """Up to ``limit`` accepted images of ``label`` (any label if None) as thumbnails."""
     fs, root = open_fs(uri)
     with storage_errors(uri, "read samples from"):
-        shards = [p for p in list_files(fs, f"{root}/data") if p.endswith(".parquet")]
+        shards = parquet_shards(fs, root)
         if shards:
             return _from_parquet(fs, shards, label, limit)
         return _from_imagefolder(fs, f"{root}/imagefolder", label, limit)
