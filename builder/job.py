@@ -69,8 +69,9 @@ class Executor(Protocol):
 
     workers: int
     late: set[int]
-    """Workers that had not started when the job began: sent nothing until ``revive`` says
-    they have."""
+    """Workers that have not started: sent nothing until ``revive`` says they have. Those
+    that had not when the job began, and lost ones the executor is starting again (it adds
+    them before it raises their ``WorkerLost``)."""
 
     async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         """Run a unit on a worker; raises ``WorkerLost`` or ``IndexLost``."""
@@ -484,6 +485,7 @@ class JobRunner:
         self.cancelled = False
         self.cancel_cause = ""
         self.resent = 0
+        self.isolated = 0
         self._cancel = asyncio.Event()
         self._last_progress = 0.0
         self._flights: dict[str, _Flight] = {}
@@ -606,21 +608,30 @@ class JobRunner:
                 del self._flights[uid]
         self.fetch.update(events.fetch)
 
-    def _again(self, unit: WorkUnit) -> None:
-        """Queue ``unit`` to be sent again, unless it has been sent ``MAX_SENDS`` times: a
-        unit whose worker is lost every time (an image that kills its process, a service the
-        worker needs that keeps dying) would go round for ever."""
+    def _again(self, unit: WorkUnit, isolate: bool = False) -> None:
+        """Queue ``unit`` to be sent again (``isolate``: with its images validated in a
+        process of their own), unless it has been sent ``MAX_SENDS`` times: a unit whose
+        worker is lost every time (a service the worker needs that keeps dying, an image that
+        kills it after validation) would go round for ever."""
         if unit.attempt + 1 >= MAX_SENDS:
             raise JobInterrupted(
                 f"unit {unit.uid} was sent {unit.attempt + 1} times and failed each time (its "
                 "worker was lost, or a service it needs kept failing: the log above says "
                 "which); what was committed is journaled: continue the job with --resume once "
                 "the cause is fixed")
-        self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1))
+        if isolate and not unit.isolate:
+            log.info("unit %s was running when its worker was lost: it runs again with its "
+                     "images validated in a process of their own", unit.uid)
+            self.isolated += 1
+        self._resend.append(dataclasses.replace(unit, attempt=unit.attempt + 1,
+                                                isolate=unit.isolate or isolate))
 
     def _lose(self, worker: int) -> None:
-        """The worker is unreachable: resend every unit it had not committed."""
+        """The worker is unreachable: resend every unit it had not committed. If the
+        executor starts a replacement (it is ``late`` again), it is taken in once started."""
         self._down.add(worker)
+        if worker in self.executor.late:
+            self._late.add(worker)
         self._incarnations.pop(worker, None)
         self._resend_uncommitted(worker)
 
@@ -743,9 +754,11 @@ class JobRunner:
             report, events = fut.result()
         except WorkerLost as exc:
             if exc.worker not in self._down:
-                log.warning("%s; resending its uncommitted units", exc)
+                log.warning("%s; resending its uncommitted units (those that were running "
+                            "validate their images in a process of their own, in case one of "
+                            "them killed it)", exc)
             del self._flights[unit.uid]
-            self._again(unit)
+            self._again(unit, isolate=True)
             self.resent += 1
             self._lose(exc.worker)
             return
@@ -841,6 +854,6 @@ class JobRunner:
             search_errors=list(self.search_errors),
             engine_requests=dict(self.engine_requests),
             fallbacks=self.planner.fallbacks,
-            resent_units=self.resent,
+            resent_units=self.resent, isolated_units=self.isolated,
         )
 

@@ -43,6 +43,10 @@ class WorkUnit:
     attempt: int = 0
     """0 when first sent; a resent unit (or one a killed run may have half written) runs to
     the end even when the job is cancelled, so images it wrote before stay accounted for."""
+    isolate: bool = False
+    """Its worker was lost while it ran, so one of its images may kill the process that
+    decodes it: the worker validates its images in a process of its own (rebuilt if it dies,
+    and an image that kills it alone is rejected ``validator_crashed``)."""
 
     def token(self, pos: int) -> int:
         """The decision order of the unit's ``pos``-th candidate, across the whole job."""

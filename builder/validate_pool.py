@@ -1,6 +1,8 @@
 """Image validation in worker processes, for the in-process runner at the slow level (its one
 worker runs in the runner's process, beside the scorers; at the other levels the workers are
-processes of their own, ``builder.worker_procs``, and validate in themselves).
+processes of their own, ``builder.worker_procs``, and validate in themselves), and on every
+runner for a unit whose worker was lost while it ran (``WorkUnit.isolate``: one of its images
+may kill the process that decodes it).
 
 The validator's decoding releases the GIL, but its signature code (many small numpy calls over
 the views) holds it: threads keep about 1.3 of 2 cores busy (bench/README.md, "Results on

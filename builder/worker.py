@@ -331,6 +331,9 @@ class WorkerRuntime:
         self.worker_id = worker_id
         self.validator: Union[ImageValidator, ProcessValidator] = ImageValidator(
             self.spec.validation)
+        self.isolating: Optional[ProcessValidator] = None
+        """Validates the images of units sent with ``isolate`` (their worker was lost while
+        they ran) in a process of its own; started for the first such unit."""
         self.transformer = ImageTransformer(self.spec.output.resize, self.spec.output.encode)
         self.journal = Journal(plan.uri, plan.job_id, plan.storage_options)
         self.writer = ShardWriter(self.spec.output, plan.uri, self.spec.labels,
@@ -384,6 +387,18 @@ class WorkerRuntime:
         if isinstance(self.validator, ProcessValidator):
             await asyncio.to_thread(self.validator.close)
             self.validator = ImageValidator(self.spec.validation)
+        if self.isolating is not None:
+            await asyncio.to_thread(self.isolating.close)
+            self.isolating = None
+
+    def validator_for(self, unit: WorkUnit) -> Union[ImageValidator, ProcessValidator]:
+        """The unit's validator: this worker's own, or for an ``isolate`` unit one whose
+        processes may die without taking the worker with them."""
+        if not unit.isolate or isinstance(self.validator, ProcessValidator):
+            return self.validator
+        if self.isolating is None:
+            self.isolating = ProcessValidator(self.spec.validation, 1)
+        return self.isolating
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -584,10 +599,11 @@ class UnitRun:
         batches: list[asyncio.Future] = []
         loop = asyncio.get_running_loop()
         spent = [0.0]
+        validator = w.validator_for(self.unit)
 
         def validate(batch: list[Record]) -> None:
             t0 = time.perf_counter()
-            w.validator(batch)
+            validator(batch)
             spent[0] += time.perf_counter() - t0
 
         def submit() -> None:

@@ -13,7 +13,8 @@ payloads cross; image bytes never do. The socket lives in a temporary directory 
 can enter (mode 0700), so the pickles it carries come from the job's own processes.
 
 A worker process that dies (killed, out of memory) is a lost worker: its units are resent to
-the others (``WorkerLost``), as on Ray. The processes ignore SIGINT and SIGTERM, so a Ctrl-C
+the others (``WorkerLost``), and a fresh interpreter takes its place (``ProcessExecutor.revive``
+says when it is ready), as Ray restarts a lost actor. The processes ignore SIGINT and SIGTERM, so a Ctrl-C
 stops the job through the runner (units end ``cancelled``, the partial result is written), and
 they exit when the runner's end of the socket closes, whatever ends the runner.
 """
@@ -21,13 +22,14 @@ they exit when the runner's end of the socket closes, whatever ends the runner.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import signal
 import struct
 import sys
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from builder.dedup import DedupClient
 from builder.engines import SearchEngine, SearchPage
@@ -38,6 +40,8 @@ from builder.worker import (JobPlan, LedgerCalls, LocalServices, WorkerRuntime,
                             settle_process)
 from builder.worker_start import (CLOSE_TIMEOUT_S, EXIT_UNKNOWN, ForkedWorker, StartedWorkers,
                                   WorkerProcess)
+
+log = logging.getLogger("pixcrawler.procs")
 
 _HEADER = struct.Struct("!Q")
 START_TIMEOUT_S = 120.0
@@ -265,22 +269,36 @@ class WorkerProcesses:
         """Hand every process the plan and wait until each is connected."""
         assert self._plan is not None
         self._plan.set_result((plan, handler))
+        await self._wait_joined(range(self.workers))
+
+    async def _wait_joined(self, workers: Sequence[int]) -> None:
         try:
-            await asyncio.wait_for(self._wait_joined(), START_TIMEOUT_S)
+            await asyncio.wait_for(self._joining(workers), START_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise RuntimeError(f"the shard worker processes did not start within "
                                f"{START_TIMEOUT_S:g} s; the machine may be "
                                "overloaded") from None
 
-    async def _wait_joined(self) -> None:
-        pending = set(self._joined.values())
+    async def _joining(self, workers: Sequence[int]) -> None:
+        pending = {self._joined[w] for w in workers}
         while pending:
             _, pending = await asyncio.wait(pending, timeout=0.5)
-            dead = [w for w, p in enumerate(self.procs)
-                    if not self._joined[w].done() and p.poll() is not None]
+            dead = [w for w in workers
+                    if not self._joined[w].done() and self.procs[w].poll() is not None]
             if dead:
                 raise RuntimeError(f"shard worker process {dead[0]} exited while starting "
                                    f"({_exit_text(self.procs[dead[0]].poll())})")
+
+    async def replace(self, worker: int) -> None:
+        """Start a fresh process in the place of lost worker ``worker``, and wait until it
+        has connected and taken the plan."""
+        old = self.channels[worker]
+        self.channels[worker] = None
+        if old is not None:
+            await old.aclose()
+        self._joined[worker] = asyncio.get_running_loop().create_future()
+        self.started.replace(worker)
+        await self._wait_joined([worker])
 
     async def close(self) -> None:
         """Ask each connected worker to close (its fetcher and pool), then make sure every
@@ -312,7 +330,10 @@ class ProcessExecutor:
         self.processes = processes
         self.workers = processes.workers
         self.late: set[int] = set()
-        """Workers not started yet: none, ``start`` waits for every one."""
+        """Workers not started yet: lost ones while their replacement starts (``start``
+        waits for the first ones)."""
+        self._replacing: dict[int, asyncio.Task] = {}
+        self._given_up: set[int] = set()
 
     @property
     def procs(self) -> list[WorkerProcess]:
@@ -334,9 +355,18 @@ class ProcessExecutor:
         return channel
 
     def _lost(self, worker: int, exc: BaseException) -> WorkerLost:
+        """The worker's process is gone: a replacement starts (``revive`` says when it is
+        ready), as Ray restarts a lost actor."""
         code = self.procs[worker].poll() if worker < len(self.procs) else None
+        if worker not in self.late and worker not in self._given_up:
+            self.late.add(worker)
+            self._replacing[worker] = asyncio.ensure_future(self._replace(worker))
         return WorkerLost(worker, f"worker process {worker} is gone ({_exit_text(code)}): "
                                   f"{exc}")
+
+    async def _replace(self, worker: int) -> None:
+        await self.processes.replace(worker)
+        await self._channel(worker).call("start")
 
     async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         try:
@@ -346,19 +376,35 @@ class ProcessExecutor:
 
     async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
         async def one(w: int) -> Union[WorkerEvents, WorkerLost]:
+            channel = self.channels[w]
+            if channel is None:
+                return WorkerLost(w, f"worker process {w} is being started again")
             try:
-                return await self._channel(w).call("flush")
+                return await channel.call("flush")
             except ChannelClosed as exc:
                 return self._lost(w, exc)
 
         return list(await asyncio.gather(*(one(w) for w in range(self.workers))))
 
     async def revive(self, worker: int) -> bool:
-        return False
+        """Whether a lost worker's replacement is ready (without waiting for it). One that
+        cannot start is not tried again."""
+        task = self._replacing.get(worker)
+        if task is None or not task.done():
+            return False
+        del self._replacing[worker]
+        self.late.discard(worker)
+        error = task.exception()
+        if error is not None:
+            self._given_up.add(worker)
+            log.warning("worker process %d could not be started again: %s", worker, error)
+            return False
+        log.info("worker process %d was started again and rejoins the job", worker)
+        return True
 
     async def reset(self) -> None:
-        await asyncio.gather(*(self._channel(w).call("discard") for w in range(self.workers)
-                               if self._channel(w).closed is None))
+        await asyncio.gather(*(c.call("discard") for c in self.channels
+                               if c is not None and c.closed is None))
 
     def cancel(self) -> None:
         for channel in self.channels:
@@ -378,6 +424,10 @@ class ProcessExecutor:
         return out
 
     async def close(self) -> None:
+        for task in self._replacing.values():
+            task.cancel()
+        await asyncio.gather(*self._replacing.values(), return_exceptions=True)
+        self._replacing.clear()
         await self.processes.close()
 
 
@@ -459,6 +509,7 @@ def worker_main(path: str, first: int, count: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settle_process()
     worker = first
+    forked: list[int] = []
     if count > 1:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the forked workers need no reaping
         sys.stdout.flush()
@@ -469,27 +520,31 @@ def worker_main(path: str, first: int, count: int) -> None:
             # in a forked child; no Python thread or event loop exists yet.
             warnings.simplefilter("ignore", DeprecationWarning)
             for w in range(first + 1, first + count):
-                if os.fork() == 0:
+                pid = os.fork()
+                if pid == 0:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     worker = w
+                    forked.clear()
                     break
+                forked.append(pid)
     asyncio.run(_serve(path, worker))
-    if worker == first and count > 1:
-        outlive_children()
+    outlive_children(forked)
 
 
-def outlive_children() -> None:
-    """Return once this process's children are gone (SIGCHLD ignored: none is left a zombie).
+def outlive_children(pids: Sequence[int]) -> None:
+    """Return once the children ``pids`` are gone (SIGCHLD ignored: none is left a zombie).
 
     Worker 0 exits after the workers it forked. One that outlived it would be reparented to
     the machine's init, and until init reaps it, it is a zombie the runner sees as alive:
     that took 1.9 s at the end of every job in a container whose init reaps slowly, and one
-    whose init never reaps (a shell) would leave it for good."""
-    while True:
+    whose init never reaps (a shell) would leave it for good. Its other children are not
+    waited for: multiprocessing's resource tracker (started with an isolating validator's
+    processes) only leaves once this process has."""
+    for pid in pids:
         try:
-            os.waitpid(-1, 0)
+            os.waitpid(pid, 0)
         except ChildProcessError:
-            return
+            pass
 
 
 async def _serve(path: str, worker: int) -> None:

@@ -106,6 +106,8 @@ class StartedWorkers:
     def __init__(self, workers: int):
         self.workers = workers
         self.procs: list[WorkerProcess] = []
+        self.retired: list[WorkerProcess] = []
+        """Processes that were lost and replaced (``replace``): reaped at ``close``."""
         self.dir = tempfile.mkdtemp(prefix="pixcrawler-")
         self.path = os.path.join(self.dir, "s")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -118,13 +120,27 @@ class StartedWorkers:
             per_process = max(workers, 1) if FORK_WORKERS else 1
             for first in range(0, workers, per_process):
                 count = min(per_process, workers - first)
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "builder.worker_procs", self.path, str(first),
-                     str(count)], stdin=subprocess.DEVNULL))
+                self.procs.append(self._spawn(first, count))
                 self.procs.extend(ForkedWorker() for _ in range(count - 1))
         except BaseException:
             self.close()
             raise
+
+    def _spawn(self, first: int, count: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "builder.worker_procs", self.path,
+                                 str(first), str(count)], stdin=subprocess.DEVNULL)
+
+    def replace(self, worker: int) -> None:
+        """Start a fresh interpreter in the place of worker ``worker``, which was lost (a
+        child of this process is killed, should it still run; a forked worker is not: its pid
+        may have gone to another process since)."""
+        if self._closed:
+            raise RuntimeError("the worker processes are closed")
+        old = self.procs[worker]
+        if isinstance(old, subprocess.Popen):
+            old.kill()
+        self.retired.append(old)
+        self.procs[worker] = self._spawn(worker, 1)
 
     def close(self) -> None:
         """Close the socket (a worker waiting for its plan finds it closed and exits), wait
@@ -133,6 +149,8 @@ class StartedWorkers:
             return
         self._closed = True
         self.sock.close()
+        for proc in self.retired:  # killed when replaced
+            proc.wait(CLOSE_TIMEOUT_S)
         for w, proc in enumerate(self.procs):
             try:
                 proc.wait(CLOSE_TIMEOUT_S)

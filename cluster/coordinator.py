@@ -26,8 +26,8 @@ from collections import Counter
 from typing import Any, Callable, Optional, Union
 
 import ray
-from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError,
-                            RayActorError, RayError, RayTaskError)
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, RayActorError, RayError,
+                            RayTaskError)
 
 from actors import NAMESPACE
 from actors.dedup import DedupPartitionActor
@@ -160,7 +160,9 @@ class RayExecutor:
         self.incarnations: list[Optional[str]] = [None] * plan.workers
         self.nodes: Counter = Counter()
         self.late: set[int] = set()
+        """Workers not started: placed late, or lost and on their way back (``_rejoin``)."""
         self._starts: dict[int, asyncio.Future] = {}
+        self._rejoining: set[int] = set()
 
     async def start(self) -> None:
         """Every worker opens and checks it can write the output, before any download. A
@@ -222,7 +224,25 @@ class RayExecutor:
             self.incarnations[worker] = start.result()
 
     def _lost(self, worker: int, exc: BaseException) -> WorkerLost:
+        """The worker's actor died or cannot be reached: Ray restarts it (``max_restarts``),
+        and it is late until it is back (``revive``)."""
+        if worker not in self.late:
+            self.late.add(worker)
+            self._rejoining.add(worker)
+            self._send_back(worker)
         return WorkerLost(worker, _why(exc))
+
+    def _send_back(self, worker: int) -> None:
+        task = asyncio.ensure_future(self._rejoin(worker))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen by ``revive``
+        self._starts[worker] = task
+
+    async def _rejoin(self, worker: int) -> str:
+        """A lost worker's way back. What it had not written was resent to others, so it drops
+        it (an actor that was only unreachable still holds it; a restarted one has none)."""
+        handle = self.handles[worker]
+        await result(handle.discard.remote())
+        return await result(handle.start.remote())
 
     async def run(self, worker: int, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         try:
@@ -240,7 +260,7 @@ class RayExecutor:
     async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
         async def one(w: int) -> Union[WorkerEvents, WorkerLost]:
             if w in self.late:
-                return WorkerLost(w, "it never started")
+                return WorkerLost(w, "it has not started, or not come back")
             try:
                 incarnation, events = await result(self.handles[w].flush.remote())
             except RayTaskError as exc:
@@ -253,25 +273,27 @@ class RayExecutor:
         return list(await asyncio.gather(*(one(w) for w in range(len(self.handles)))))
 
     async def revive(self, worker: int) -> bool:
-        """Whether the worker is usable again; for a late one, whether its start has ended
-        (without waiting for it)."""
-        if worker in self.late:
-            start = self._starts[worker]
-            if not start.done() or start.exception() is not None:
-                return False
-            self.late.discard(worker)
-            try:
-                self.nodes[await result(self.handles[worker].node.remote())] += 1
-            except _LOST:
-                return False
-            self.incarnations[worker] = start.result()
-            log.info("worker %d has started and joins the job", worker)
+        """Whether a late worker's start (or a lost one's ``_rejoin``) has ended, without
+        waiting for it. A lost one whose way back failed (its actor was restarting, or is
+        gone for good) is sent on it again."""
+        start = self._starts[worker]
+        if not start.done():
+            return False
+        if start.exception() is not None:
+            if worker in self._rejoining:
+                self._send_back(worker)
+            return False
+        self.late.discard(worker)
+        self.incarnations[worker] = start.result()
+        if worker in self._rejoining:
+            self._rejoining.discard(worker)
+            log.info("worker %d is back and rejoins the job", worker)
             return True
         try:
-            incarnation = await asyncio.wait_for(result(self.handles[worker].start.remote()), 5.0)
-        except (asyncio.TimeoutError, GetTimeoutError, RayTaskError, *_LOST):
+            self.nodes[await result(self.handles[worker].node.remote())] += 1
+        except _LOST:
             return False
-        self.incarnations[worker] = incarnation
+        log.info("worker %d has started and joins the job", worker)
         return True
 
     def _placed(self) -> list[Any]:

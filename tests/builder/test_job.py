@@ -177,6 +177,32 @@ def test_a_lost_worker_s_uncommitted_units_are_resent_and_counted_once():
     assert executor.ledger.accepted["cat"] == 6
 
 
+def test_only_a_unit_running_when_its_worker_was_lost_is_resent_isolated():
+    """An image that kills its worker's process kills it each time the unit runs: the unit
+    that was running is resent with its images validated in a process of their own. Units
+    the worker had already reported (their images were validated) are resent as they were."""
+    s = spec(target=6)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(4)], (0, "q2"): [f"x{i}.ok" for i in range(4)]}
+    executor = FakeExecutor(s, pages, defer=True)
+    ran = []
+
+    async def failing_run(worker, unit, original=executor.run):
+        ran.append(unit)
+        if len(ran) == 3:
+            await executor.reset()
+            raise WorkerLost(worker, "process killed")
+        return await original(worker, unit)
+
+    executor.run = failing_run
+    _, stats = run(s, executor)
+    check_exact(stats)
+    assert not any(u.isolate for u in ran[:3])
+    again = {u.uid: u for u in ran[3:] if u.attempt > 0}
+    assert again[ran[2].uid].isolate and again[ran[2].uid].attempt == 1
+    assert not again[ran[0].uid].isolate and not again[ran[1].uid].isolate
+    assert stats["isolated_units"] == 1 and stats["accepted"] == 6
+
+
 def test_a_unit_lost_in_flight_is_run_again_once_not_twice():
     """A unit whose worker was lost before it reported goes back through the resend queue
     only: the planner must not issue the same page again beside it (both copies would be

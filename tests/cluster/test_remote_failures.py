@@ -19,7 +19,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from actors import NAMESPACE
 from actors.progress import get_progress, progress_name
 from builder.errors import StorageError
-from builder.job import IndexLost
+from builder.job import IndexLost, WorkerLost
 from cluster.coordinator import ProgressReporter, RayExecutor
 
 MESSAGE = "cannot write s3://bucket/pets: access denied; check the credentials"
@@ -52,6 +52,7 @@ def executor(**handles: Any) -> RayExecutor:
     ex.handles = [SimpleNamespace(**handles)]
     ex.incarnations = [None]
     ex.late = set()
+    ex._starts, ex._rejoining = {}, set()
     return ex
 
 
@@ -78,6 +79,42 @@ def test_a_workers_index_lost_and_other_errors_keep_their_meaning():
     with pytest.raises(RayTaskError) as raised:
         asyncio.run(executor(run=Call(bug)).run(0, None))
     assert raised.value is bug
+
+
+def test_a_lost_worker_rejoins_once_its_actor_is_back_having_dropped_what_it_held():
+    """Ray restarts a lost worker's actor, but the runner sent it nothing more until every
+    worker was lost. It is late now, on its way back: it drops what it had not written (it
+    was resent to others), starts, and joins again; a way back that fails is tried again."""
+    calls = []
+
+    class Logged(Call):
+        def __init__(self, name: str, outcome: Any):
+            super().__init__(outcome)
+            self.name = name
+
+        def remote(self, *args: Any) -> Any:
+            calls.append(self.name)
+            return super().remote(*args)
+
+    ex = executor(run=Call(ActorDiedError()), discard=Logged("discard", []),
+                  start=Logged("start", ActorDiedError()))
+
+    async def main():
+        with pytest.raises(WorkerLost):
+            await ex.run(0, None)
+        assert ex.late == {0}
+        await asyncio.sleep(0.01)
+        assert not await ex.revive(0)  # its actor is not back yet: asked again
+        await asyncio.sleep(0.01)
+        assert calls == ["discard", "start"] * 2
+        ex.handles[0].start.outcome = "incarnation-2"
+        assert not await ex.revive(0)
+        await asyncio.sleep(0.01)
+        assert await ex.revive(0)
+        assert ex.late == set() and ex.incarnations == ["incarnation-2"]
+        assert calls == ["discard", "start"] * 3
+
+    asyncio.run(main())
 
 
 def test_engine_stats_mark_a_lost_rate_limiter_unavailable_and_keep_the_others():

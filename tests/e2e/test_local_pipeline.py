@@ -236,8 +236,9 @@ def test_progress_counts_fetched_images_before_their_unit_ends(sandbox, tmp_path
 def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_path,
                                                                    monkeypatch, fork):
     """The in-process runner's workers are processes: one SIGKILLed mid-job is a lost worker,
-    its units go to the other, and the dataset is the same as an uninterrupted run's over the
-    same URL list. Worker 1 is forked by worker 0 on Linux, a fresh interpreter elsewhere."""
+    its units go to the other, a fresh process takes its place and is sent units, and the
+    dataset is the same as an uninterrupted run's over the same URL list. Worker 1 is forked
+    by worker 0 on Linux, a fresh interpreter elsewhere."""
     import asyncio
     import os
     import signal
@@ -254,18 +255,31 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
     def spec(out: str):
         return sandbox_spec(sandbox, out, target=1000,
                             sources=[{"engine": "urllist", "path": str(urls)}],
-                            download={"per_host_delay_s": 0.01},
-                            resources={"batch_size": 8, "workers": 2})
+                            download={"per_host_delay_s": 0.04},
+                            resources={"batch_size": 8, "workers": 2,
+                                       "max_in_flight_batches": 1})
 
     whole = str(tmp_path / "whole")
     run_local(spec(whole))
     out = str(tmp_path / "ds")
-    holder, killed = {}, []
+    holder, killed, ran = {}, [], []
+
+    def hook(runner):
+        holder["r"] = runner
+        original = runner.executor.run
+
+        async def run_(worker, unit):
+            sent_after_kill = bool(killed)
+            report = await original(worker, unit)
+            ran.append((worker, sent_after_kill))
+            return report
+
+        runner.executor.run = run_
 
     async def main():
-        task = asyncio.ensure_future(run_local_async(
-            spec(out), runner_hook=lambda r: holder.setdefault("r", r)))
+        task = asyncio.ensure_future(run_local_async(spec(out), runner_hook=hook))
         while "r" not in holder or holder["r"].counts.accepted < 8:
+            assert not task.done(), task.exception()
             await asyncio.sleep(0.02)
         proc = holder["r"].executor.procs[1]
         assert isinstance(proc, worker_start.ForkedWorker) == fork
@@ -275,6 +289,7 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
 
     result = asyncio.run(main())
     assert killed and not result.partial and is_complete(out)
+    assert (1, True) in ran, "no process took the killed worker's place"
     stats, reference = check_accounting(out), check_accounting(whole)
     assert stats["resent_units"] > 0
     for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
@@ -286,3 +301,65 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
     labels = json.loads((Path(out) / "labels.json").read_text())
     assert all((Path(out) / e["path"]).exists() for e in labels)
     assert all(p.poll() is not None for p in holder["r"].executor.procs)  # none left
+
+
+KILLER = '''
+import os
+
+import builder.validate as _validate
+
+_call = _validate.ImageValidator.__call__
+
+
+def _call_or_die(self, records):
+    """As a decoder's segfault would: the process validating these images dies."""
+    if any(r.candidate.url in {urls!r} for r in records):
+        os._exit(70)
+    return _call(self, records)
+
+
+_validate.ImageValidator.__call__ = _call_or_die
+'''
+
+
+def test_images_that_kill_their_worker_are_rejected_and_the_job_completes(
+        sandbox, tmp_path, monkeypatch):
+    """An image whose decoding kills the process (a decoder's segfault, the OOM killer) took
+    its worker with it each time its unit was sent, until the job stopped (or, once every
+    worker was gone, after 2 minutes); ``--resume`` met it again. Now the unit that was
+    running is resent isolated: its images are validated in a process of their own, and the
+    one that kills it is rejected, the rest decided as before. A fresh process takes the lost
+    worker's place, so two such images (more than one per worker) cost no worker. The fault is
+    put in every process the job starts (the workers and their validating processes) by a
+    ``sitecustomize`` on their PYTHONPATH."""
+    urls = tmp_path / "urls.txt"
+    lines = [f"{label}\t{u}" for label in ("cat", "dog") for u in sandbox.class_image_urls(label)]
+    urls.write_text("\n".join(lines) + "\n")
+    killers = {sandbox.class_image_urls("cat")[4], sandbox.class_image_urls("dog")[4]}
+
+    def spec(out: str):
+        return sandbox_spec(sandbox, out, target=1000, classes=("cat", "dog"),
+                            sources=[{"engine": "urllist", "path": str(urls)}],
+                            download={"per_host_delay_s": 0.01},
+                            resources={"batch_size": 8, "workers": 2,
+                                       "max_in_flight_batches": 1})
+
+    whole = str(tmp_path / "whole")
+    run_local(spec(whole))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER.format(urls=killers))
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    out = str(tmp_path / "ds")
+    result = run_local(spec(out))
+    assert not result.partial and is_complete(out)
+    stats, reference = check_accounting(out), check_accounting(whole)
+    assert stats["isolated_units"] >= 2
+    assert killers <= accepted_urls(whole)
+    reasons = reasons_by_url(out)
+    assert {reasons[u] for u in killers} == {"validator_crashed"}
+    assert stats["candidates"] == reference["candidates"]
+    assert stats["accepted"] == reference["accepted"] - 2
+    assert accepted_urls(out) == accepted_urls(whole) - killers
+    ids = pq.read_table(Path(out) / "data", columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == stats["accepted"]

@@ -126,3 +126,62 @@ def test_s3_output_on_ray(ray_session, sandbox, moto_s3, tmp_path):
     shards = fs.glob(f"{out}/data/*.parquet")
     assert sum(pq.read_metadata(fs.open(p)).num_rows for p in shards) == 9
     assert json.loads(fs.cat(f"{out}/stats.json"))["accepted"] == 9
+
+
+def test_a_killed_worker_actor_comes_back_and_the_job_is_the_same(ray_session, sandbox,
+                                                                   tmp_path):
+    """Ray restarts a worker actor that dies; the runner took it back only once every worker
+    was lost, so one lost worker halved the job's workers for good. It rejoins now, and the
+    dataset is the same as an uninterrupted run's over the same URL list."""
+    import ray
+
+    from builder.pipeline import run_local
+    from cluster.coordinator import run_job_async
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog", "bird")
+                            for u in sandbox.class_image_urls(label)))
+
+    def spec(out: str):
+        return sandbox_spec(sandbox, out, target=1000,
+                            sources=[{"engine": "urllist", "path": str(urls)}],
+                            download={"per_host_delay_s": 0.08},
+                            resources={"batch_size": 4, "workers": 2, "worker_cpus": 0.5,
+                                       "max_in_flight_batches": 1})
+
+    whole = str(tmp_path / "whole")
+    run_local(spec(whole))
+    out = str(tmp_path / "ds")
+    holder, ran, killed = {}, [], []
+
+    def hook(runner):
+        holder["r"] = runner
+        original = runner.executor.run
+
+        async def run_(worker, unit):
+            sent_after_kill = bool(killed)
+            report = await original(worker, unit)
+            ran.append((worker, sent_after_kill))
+            return report
+
+        runner.executor.run = run_
+
+    async def main():
+        task = asyncio.ensure_future(run_job_async(spec(out), runner_hook=hook))
+        while "r" not in holder or holder["r"].counts.accepted < 8:
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.02)
+        ray.kill(holder["r"].executor.handles[1], no_restart=False)
+        killed.append(True)
+        return await task
+
+    result = asyncio.run(main())
+    assert not result.partial and is_complete(out)
+    assert (1, True) in ran, "the killed worker was sent nothing once it was back"
+    stats, reference = check_accounting(out), check_accounting(whole)
+    assert stats["resent_units"] > 0
+    for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
+        assert stats[key] == reference[key], key
+    ids = pq.read_table(Path(out) / "data", columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == stats["accepted"]
+    assert accepted_urls(out) == accepted_urls(whole)
