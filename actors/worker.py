@@ -22,11 +22,15 @@ from actors import NAMESPACE
 from actors.metrics import stage_latency
 from builder.dedup import DedupClient
 from builder.engines import SearchEngine, SearchPage
-from builder.errors import EngineError, EngineUnavailable
+from builder.errors import EngineError, EngineUnavailable, JobInterrupted
 from builder.job import IndexLost
 from builder.records import Record
 from builder.units import UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan, LedgerCalls, WorkerRuntime, settle_process
+
+SCORE_WAIT_S = 900.0
+"""How long a worker waits for a slow-level scorer to answer one batch. A scorer whose node
+was lost restarts where a GPU is free; with none left, its calls would wait for ever."""
 
 
 class RayServices(LedgerCalls):
@@ -102,9 +106,17 @@ class RayServices(LedgerCalls):
         light = [dataclasses.replace(r, data=None) for r in prepared.records]
         scorer = self.scorers[self._scored % len(self.scorers)]
         self._scored += 1
-        scored = await scorer.score.remote(PreparedBatch(light, prepared.index,
-                                                         prepared.nsfw_pixels,
-                                                         prepared.clip_pixels))
+        ref = scorer.score.remote(PreparedBatch(light, prepared.index, prepared.nsfw_pixels,
+                                                prepared.clip_pixels))
+        try:
+            scored = await asyncio.wait_for(asyncio.wrap_future(ref.future()), SCORE_WAIT_S)
+        except asyncio.TimeoutError:
+            ray.cancel(ref)
+            raise JobInterrupted(
+                f"a slow-level scorer did not answer within {SCORE_WAIT_S:g} s: it may wait "
+                "for a node with a free GPU (its own was lost, and no node left can run it), "
+                "or be far too busy; check the cluster (ray status), add a GPU node or raise "
+                "resources.gpu_actors, then continue the job with --resume") from None
         return apply_scores(records, scored)
 
 
