@@ -3,29 +3,31 @@
 It holds a ``builder.ratelimit.EngineGovernor`` (token bucket that slows down on 429/errors and
 recovers, circuit breaker, daily quota) plus per-job quotas. It is detached and found by name
 (``ratelimit:<engine>`` in the ``pixcrawler`` namespace), so concurrent jobs share one budget.
+The day's request count is kept in a file on the limiter's node (``builder.ratelimit.DayFile``),
+so a limiter restarted there, and the jobs that run on that machine without Ray, count on
+from it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from urllib.parse import urlsplit
 from typing import Any, Optional
 
 import ray
 
 from actors import NAMESPACE
-from builder.ratelimit import (CircuitOpen, EngineGovernor, EngineLimits, QuotaExceeded,
-                               limits_for)
+from builder.ratelimit import (CircuitOpen, DayFile, EngineGovernor, EngineLimits,
+                               QuotaExceeded, budget_key, limits_for)
 from builder.spec import SourceSpec
 
 
 @ray.remote(num_cpus=0)
 class RateLimiter:
-    def __init__(self, engine: str, options: Optional[dict[str, Any]] = None):
+    def __init__(self, engine: str, options: Optional[dict[str, Any]] = None, key: str = ""):
         self.engine = engine
         self.options = dict(options or {})
         limits, self.per_job = self._limits(self.options)
-        self.governor = EngineGovernor(engine, limits)
+        self.governor = EngineGovernor(engine, limits, day_file=DayFile(key or engine))
         self.job_used: Counter = Counter()
 
     def configure(self, options: Optional[dict[str, Any]] = None) -> None:
@@ -71,13 +73,8 @@ class RateLimiter:
 
 
 def limiter_name(engine: str, source: Optional[SourceSpec] = None) -> str:
-    """``ratelimit:<engine>``, or ``ratelimit:<engine>@<host:port>`` for a source pointed at
-    its own endpoint (the sandbox, a test fake, a self-hosted mirror): another service, another
-    budget."""
-    endpoint = (source.url or source.options.get("base_url")) if source else None
-    if endpoint:
-        return f"ratelimit:{engine}@{urlsplit(endpoint).netloc}"
-    return f"ratelimit:{engine}"
+    """``ratelimit:`` and the engine's budget (``builder.ratelimit.budget_key``)."""
+    return f"ratelimit:{budget_key(engine, source)}"
 
 
 def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
@@ -86,9 +83,10 @@ def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
     options.pop("base_url", None)
     # Restarted when its process or node is lost (its calls retried there): every search unit
     # of the engine needs it, and a lost one failed them all until the job gave up. A restart
-    # forgets the day's request count, so after such a loss a daily quota can be spent again.
+    # on the same node counts on from the day's file; one on another node, from that node's.
     actor = RateLimiter.options(name=limiter_name(engine, source), namespace=NAMESPACE,
                                 lifetime="detached", get_if_exists=True, max_restarts=-1,
-                                max_task_retries=-1).remote(engine, options)
+                                max_task_retries=-1).remote(engine, options,
+                                                            budget_key(engine, source))
     actor.configure.remote(options)
     return actor

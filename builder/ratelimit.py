@@ -7,18 +7,33 @@ by one Ray actor) can pace every search worker of the cluster. ``FallbackChain``
 spec's source order, the first engine that is neither broken nor out of quota.
 
 Every class takes a ``clock`` (seconds, monotonic) so tests drive time by hand.
+
+A daily quota outlives the process that counts it: ``DayFile`` keeps each budget's requests of
+the UTC day in a file under the user's state directory, shared by every job on the machine (and
+by an engine's limiter actor restarted there), so a new job, or a limiter restarted after its
+process died, cannot spend the day's quota again.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+from urllib.parse import urlsplit
 
 from builder.errors import EngineError
 
 Clock = Callable[[], float]
+
+log = logging.getLogger("pixcrawler.ratelimit")
 
 
 class QuotaExceeded(EngineError):
@@ -218,21 +233,98 @@ class CircuitBreaker:
         self.opens += 1
 
 
+def state_dir() -> Path:
+    """Where PixCrawler keeps what outlives a job on this machine: ``$XDG_STATE_HOME/pixcrawler``
+    (``~/.local/state/pixcrawler`` when it is not set)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "pixcrawler"
+
+
+def budget_key(engine: str, source: Any = None) -> str:
+    """The name of an engine's shared budget: ``<engine>``, or ``<engine>@<host:port>`` for a
+    source pointed at its own endpoint (the sandbox, a test fake, a self-hosted mirror):
+    another service, another budget. ``source`` is a ``SourceSpec`` (or None)."""
+    endpoint = (source.url or source.options.get("base_url")) if source is not None else None
+    return f"{engine}@{urlsplit(endpoint).netloc}" if endpoint else engine
+
+
+class DayFile:
+    """A budget's requests per UTC day, in ``<state_dir>/engine-days/<key>.json``, read and
+    changed under an exclusive ``flock`` so concurrent jobs on the machine add up. A file that
+    cannot be used (read-only home, disk full) never fails a search: the count goes on in
+    memory, with one warning."""
+
+    def __init__(self, key: str, directory: Optional[Path] = None):
+        safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", key)[:80]
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        self.path = (directory or state_dir() / "engine-days") / f"{safe}-{digest}.json"
+        self.key = key
+        self._memory: dict[str, int] = {}
+        self._failed = False
+
+    def _change(self, day: str, n: int) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            try:
+                data = json.loads(f.read() or "{}")
+            except ValueError:
+                data = {}  # cut short by a crash mid-write: count from the memory's figure
+            used = int(data.get("used", 0)) if data.get("day") == day else 0
+            used = max(used, self._memory.get(day, 0))
+            if n:
+                used += n
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps({"key": self.key, "day": day, "used": used}))
+                f.flush()
+            return used
+
+    def add(self, day: str, n: int = 1) -> int:
+        """Count ``n`` more requests on ``day``; the day's total."""
+        if not self._failed:
+            try:
+                total = self._change(day, n)
+                self._memory = {day: total}
+                return total
+            except OSError as exc:
+                self._fail(exc)
+        self._memory = {day: self._memory.get(day, 0) + n}
+        return self._memory[day]
+
+    def used(self, day: str) -> int:
+        """The requests counted on ``day`` by every process that shares the file."""
+        if not self._failed:
+            try:
+                return self._change(day, 0)
+            except OSError as exc:
+                self._fail(exc)
+        return self._memory.get(day, 0)
+
+    def _fail(self, exc: OSError) -> None:
+        self._failed = True
+        log.warning("cannot keep the daily request count of %s in %s (%s): it is counted for "
+                    "this process only, so other jobs today may spend its daily quota again",
+                    self.key, self.path, exc)
+
+
 class Quota:
     """At most ``per_job`` requests in this job and ``per_day`` in each UTC day (None: no limit).
 
-    ``wall_clock`` is Unix time (it decides the UTC day); ``day_used`` seeds today's count when a
-    caller persists it across jobs.
+    ``wall_clock`` is Unix time (it decides the UTC day). With ``day_file`` the day's count is
+    the file's, shared with every other process that uses it; else it is this object's own.
     """
 
     def __init__(self, per_job: int | None = None, per_day: int | None = None, *,
-                 wall_clock: Clock = time.time, day_used: int = 0):
+                 wall_clock: Clock = time.time, day_file: Optional[DayFile] = None):
         self.per_job = per_job
         self.per_day = per_day
         self._wall_clock = wall_clock
+        self.day_file = day_file
         self.job_used = 0
         self._day = self._today()
-        self._day_used = day_used
+        self._day_used = 0
 
     def _today(self) -> str:
         return _dt.datetime.fromtimestamp(self._wall_clock(), _dt.timezone.utc).date().isoformat()
@@ -245,6 +337,8 @@ class Quota:
     @property
     def day_used(self) -> int:
         self._roll()
+        if self.day_file is not None and self.per_day is not None:
+            return self.day_file.used(self._day)
         return self._day_used
 
     def check(self) -> bool:
@@ -253,9 +347,15 @@ class Quota:
         return self.per_day is None or self.day_used < self.per_day
 
     def use(self, n: int = 1) -> None:
+        """Count ``n`` requests. Only a budget with a daily limit is written to its file; the
+        check and the count are two steps, so processes that check at once may each take the
+        day's last request."""
         self._roll()
         self.job_used += n
-        self._day_used += n
+        if self.day_file is not None and self.per_day is not None:
+            self._day_used = self.day_file.add(self._day, n)
+        else:
+            self._day_used += n
 
     def why_not(self) -> str:
         if self.per_job is not None and self.job_used >= self.per_job:
@@ -319,14 +419,15 @@ class EngineGovernor:
     """
 
     def __init__(self, engine: str, limits: EngineLimits | None = None, *,
-                 clock: Clock = time.monotonic, wall_clock: Clock = time.time):
+                 clock: Clock = time.monotonic, wall_clock: Clock = time.time,
+                 day_file: Optional[DayFile] = None):
         self.engine = engine
         self.limits = limits or limits_for(engine)
         lim = self.limits
         self.limiter = AdaptiveLimiter(lim.rate, lim.burst, min_rate=lim.min_rate, clock=clock)
         self.breaker = CircuitBreaker(lim.failure_threshold, lim.cooldown_s, clock=clock)
         self.quota = Quota(lim.max_requests_per_job, lim.max_requests_per_day,
-                           wall_clock=wall_clock)
+                           wall_clock=wall_clock, day_file=day_file)
         self.counters = _Counters()
 
     def reconfigure(self, limits: EngineLimits) -> None:

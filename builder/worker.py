@@ -50,7 +50,7 @@ from builder.fetch import Fetcher
 from builder.job import IndexLost
 from builder.journal import Journal
 from builder.listsource import ListReader, SlicePlan
-from builder.ratelimit import EngineGovernor, limits_for
+from builder.ratelimit import DayFile, EngineGovernor, budget_key, limits_for
 from builder.reasons import Reason
 from builder.records import Candidate, Record, accepted_row, reject_row
 from builder.rights import RightsTally
@@ -904,7 +904,8 @@ class LocalServices(WorkerServices):
         gov = self.governors.get(unit.source)
         if gov is None:
             src = self.spec.sources[unit.source]
-            gov = EngineGovernor(unit.engine, limits_for(unit.engine, src.options))
+            gov = EngineGovernor(unit.engine, limits_for(unit.engine, src.options),
+                                 day_file=DayFile(budget_key(unit.engine, src)))
             self.governors[unit.source] = gov
         return gov
 

@@ -26,6 +26,16 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Engines' daily request counts (builder.ratelimit.DayFile) go to a folder of this session's
+# own, never the user's, and every process the tests start (Ray's included) inherits it.
+STATE_HOME = tempfile.mkdtemp(prefix="pxstate")
+os.environ["XDG_STATE_HOME"] = STATE_HOME
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_home():
+    yield STATE_HOME
+    shutil.rmtree(STATE_HOME, ignore_errors=True)
 
 
 

@@ -10,7 +10,7 @@ Limiter = RateLimiter.__ray_metadata__.modified_class
 
 
 def test_new_options_keep_the_daily_quota_and_an_open_breaker():
-    rl = Limiter("google", {})
+    rl = Limiter("google", {}, "google@test-new-options")  # a budget of its own
     for _ in range(100):
         assert rl.acquire("job-a")[0] == "ok"
     assert rl.acquire("job-a")[0] == "quota"  # google: 100 requests a day

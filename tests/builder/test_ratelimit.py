@@ -8,6 +8,7 @@ from builder.ratelimit import (
     AdaptiveLimiter,
     CircuitBreaker,
     CircuitOpen,
+    DayFile,
     EngineGovernor,
     EngineLimits,
     FallbackChain,
@@ -136,6 +137,62 @@ def test_quota_per_job_and_per_utc_day():
     q.use(2)
     assert not q.check() and "job quota of 5" in q.why_not()
     assert Quota().check()
+
+
+def test_the_day_s_count_outlives_the_process_and_adds_up_across_processes(tmp_path):
+    """Each job (and a rate limiter restarted after its process died) began the day at 0, so
+    every new run could spend an engine's daily quota again. The count is the day file's,
+    and concurrent processes add to it under a lock."""
+    import multiprocessing
+
+    wall = FakeClock(t=1_700_000_000.0)
+    limits = EngineLimits(rate=1e6, burst=1e6, max_requests_per_day=10)
+    first = EngineGovernor("google", limits, wall_clock=wall,
+                           day_file=DayFile("google", tmp_path))
+    for _ in range(4):
+        first.acquire()
+    again = EngineGovernor("google", limits, wall_clock=wall, day_file=DayFile("google", tmp_path))
+    assert again.snapshot()["quota"]["day_used"] == 4
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_add_to_day, args=(tmp_path, 50)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert DayFile("google", tmp_path).used(first.quota._day) == 154
+    with pytest.raises(QuotaExceeded, match="daily quota of 10"):
+        again.acquire()
+    other = EngineGovernor("google", limits, wall_clock=wall,
+                           day_file=DayFile("google@127.0.0.1:1", tmp_path))
+    other.acquire()  # another endpoint, another budget
+    wall.advance(2 * 3600)  # past midnight UTC: a new day
+    again.acquire()
+    assert again.snapshot()["quota"]["day_used"] == 1
+
+
+def _add_to_day(directory, n):
+    from builder.ratelimit import DayFile
+
+    day = DayFile("google", directory)
+    for _ in range(n):
+        day.add("2023-11-14")
+
+
+def test_a_day_file_that_cannot_be_written_counts_in_memory(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    day = DayFile("google", blocker)  # its folder would be inside a file
+    assert day.add("2023-11-14") == 1 and day.add("2023-11-14", 2) == 3
+    assert day.used("2023-11-14") == 3 and day.used("2023-11-15") == 0
+    assert sum("cannot keep the daily request count" in r.message for r in caplog.records) == 1
+
+
+def test_a_torn_day_file_keeps_the_count_this_process_saw(tmp_path):
+    day = DayFile("google", tmp_path)
+    day.add("2023-11-14", 7)
+    day.path.write_text('{"key": "google", "day": "2023-11-14", "us')  # a crash mid-write
+    assert day.add("2023-11-14") == 8
 
 
 def test_governor_paces_counts_and_raises_on_quota_and_open_circuit():

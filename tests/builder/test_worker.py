@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pyarrow as pa
+import pytest
 
+from builder.ratelimit import QuotaExceeded
 from builder.worker import cut_shard, mixed_take
 from builder.writers import shard_order
 from tests.processes import run_python
@@ -177,3 +179,24 @@ def test_decisions_waiting_for_their_shard_count_against_the_buffer(tmp_path):
     assert len(written) > 1 and sum(written) == 100  # short shards, every image once
     assert sorted(journaled) == sorted(inline_uid(0, "cat", n) for n in range(100))
     assert not assembler.pending and assembler.buffered_bytes == 0
+
+
+def test_the_in_process_search_limits_count_the_day_in_the_machine_s_file(tmp_path, monkeypatch):
+    """Every --local job began the day at 0, so each spent an engine's daily quota anew."""
+    from builder.spec import parse_spec
+    from builder.units import SEARCH, WorkUnit
+    from builder.worker import LocalServices
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    spec = parse_spec({"name": "t", "target": 3, "classes": {"cat": ["q"]},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1",
+                                    "options": {"max_requests_per_day": 2}}]})
+    unit = WorkUnit("u", 0, SEARCH, 0, engine="sandbox", label="cat", query="q")
+    first = LocalServices(spec, dedup=None, ledger=None)
+    first.acquire(unit)
+    later = LocalServices(spec, dedup=None, ledger=None)  # the next job on this machine
+    later.acquire(unit)
+    with pytest.raises(QuotaExceeded, match="daily quota of 2"):
+        LocalServices(spec, dedup=None, ledger=None).acquire(unit)
+    assert [p.parent.name for p in tmp_path.rglob("sandbox@127.0.0.1_1-*.json")] == [
+        "engine-days"]

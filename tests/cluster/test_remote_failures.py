@@ -205,9 +205,12 @@ def test_a_killed_progress_actor_is_started_again_and_follows_the_job(ray_sessio
         reporter.close()
 
 
-def test_a_rate_limiter_whose_process_dies_is_started_again(ray_session):
+def test_a_rate_limiter_whose_process_dies_is_started_again_and_keeps_the_day_s_count(
+        ray_session):
     """A limiter had no restarts: once its process died, every search unit of the engine
-    failed (the runner took it for a lost worker and resent the unit, round after round)."""
+    failed (the runner took it for a lost worker and resent the unit, round after round).
+    Then a restarted one began the day at 0, so the engine's daily quota could be spent
+    again; it counts on from the day's file now."""
     import os
     import signal
 
@@ -215,12 +218,15 @@ def test_a_rate_limiter_whose_process_dies_is_started_again(ray_session):
 
     from actors.ratelimit import get_rate_limiter
 
-    limiter = get_rate_limiter("openverse")
+    limiter = get_rate_limiter("openverse")  # 200 requests a day
     try:
-        assert ray.get(limiter.acquire.remote("job-1"), timeout=60)[0] == "ok"
+        for _ in range(3):
+            assert ray.get(limiter.acquire.remote("job-1"), timeout=60)[0] == "ok"
         pid = ray.get(limiter.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
         os.kill(pid, signal.SIGKILL)
         assert ray.get(limiter.acquire.remote("job-1"), timeout=60)[0] == "ok"
         assert ray.get(limiter.__ray_call__.remote(lambda self: os.getpid()), timeout=60) != pid
+        snap = ray.get(limiter.snapshot.remote(), timeout=60)
+        assert snap["quota"]["day_used"] == 4 and snap["quota"]["per_day"] == 200
     finally:
         ray.kill(limiter, no_restart=True)
