@@ -225,7 +225,10 @@ def read_live(job_id: str) -> Optional[dict[str, Any]]:
         return None
 
 
-def request_cancel(job_id: str, reason: str = "cancelled through the HTTP API") -> bool:
+API_CANCEL = "cancelled through the HTTP API"
+
+
+def request_cancel(job_id: str, reason: str = API_CANCEL) -> bool:
     """Ask the job's progress actor to stop the job; False if no actor runs for it."""
     try:
         return cancel_job(job_id, reason)
@@ -313,6 +316,13 @@ class Reconciler:
         self._limit_time(row)
         live = read_live(row.id) if check_live else None
         if live is not None:
+            if row.cancel_requested and not live.get("cancel_requested") \
+                    and live.get("state") in ("starting", "running"):
+                # Its progress actor was started again (its node was lost) and so forgot the
+                # cancel it held: the driver would run the job to its end.
+                log.warning("[%s] the job's progress actor forgot its cancel; asking again",
+                            row.id)
+                request_cancel(row.id, row.error or API_CANCEL)
             return self.apply_live(row, live)
         ray_job = self.launcher.status(row.id)
         if ray_job is None and self._maybe_being_submitted(row):

@@ -166,3 +166,23 @@ def test_a_job_running_past_the_policys_limit_is_stopped_saying_why(store, monke
     ended = store.get_job("long-1")
     assert ended.state == "cancelled" and "max_job_hours" in ended.error
     assert len(asked) == 1  # asked once
+
+
+def test_a_cancel_the_progress_actor_forgot_is_asked_again(store, monkeypatch):
+    """A job's progress actor restarted (its node was lost) forgets the cancel it held, and
+    the driver then ran the job to its end. The reconciler sees the job still running with no
+    cancel at its actor and asks again, with the reason it was stopped for."""
+    asked = []
+    monkeypatch.setattr(jobs, "request_cancel",
+                        lambda job_id, reason: asked.append((job_id, reason)) or True)
+    live = {"forgot-1": {"state": "running", "cancel_requested": None, "progress": {}},
+            "holds-1": {"state": "running", "cancel_requested": "x", "progress": {}},
+            "ending-1": {"state": "writing", "cancel_requested": None, "progress": {}},
+            "running-1": {"state": "running", "cancel_requested": None, "progress": {}}}
+    monkeypatch.setattr(jobs, "read_live", live.get)
+    for job_id in live:
+        store.create_job(job_id, "o", "x", {"name": "x"}, "/nonexistent/x")
+        store.update_job(job_id, state="running", cancel_requested=job_id != "running-1")
+    store.update_job("holds-1", error="why")
+    Reconciler(store, StoppingRay()).reconcile_all()
+    assert asked == [("forgot-1", jobs.API_CANCEL)]
