@@ -16,7 +16,12 @@ from builder.slow import PreparedBatch, make_slow_validator
 from builder.spec import DatasetSpec
 
 
-@ray.remote
+HEALTH = "health"
+"""The concurrency group of ``alive``: answered while a batch is being scored (a scorer runs
+one batch at a time), so a caller can tell a busy scorer from one that was never placed."""
+
+
+@ray.remote(concurrency_groups={HEALTH: 1})
 class SlowScorer:
     def __init__(self, spec: DatasetSpec, device: str, job_id: str = ""):
         self.validator = make_slow_validator(spec, device)
@@ -25,6 +30,10 @@ class SlowScorer:
         from actors.metrics import stage_latency
 
         self._latency = stage_latency()
+
+    @ray.method(concurrency_group=HEALTH)
+    def alive(self) -> bool:
+        return True
 
     def score(self, batch: PreparedBatch) -> list[Record]:
         t0 = time.perf_counter()

@@ -29,8 +29,11 @@ from builder.units import UnitReport, WorkerEvents, WorkUnit
 from builder.worker import JobPlan, LedgerCalls, WorkerRuntime, settle_process
 
 SCORE_WAIT_S = 900.0
-"""How long a worker waits for a slow-level scorer to answer one batch. A scorer whose node
-was lost restarts where a GPU is free; with none left, its calls would wait for ever."""
+"""How long a worker waits for a slow-level scorer that answers nothing, not even ``alive``.
+A scorer whose node was lost restarts where a GPU is free; with none left, its calls would
+wait for ever. A busy one (it answers ``alive``) is waited for as long as it takes."""
+SCORE_CHECK_S = 30.0
+"""How often a worker waiting for a batch's scores asks whether its scorer is there."""
 
 
 class RayServices(LedgerCalls):
@@ -108,16 +111,31 @@ class RayServices(LedgerCalls):
         self._scored += 1
         ref = scorer.score.remote(PreparedBatch(light, prepared.index, prepared.nsfw_pixels,
                                                 prepared.clip_pixels))
+        return apply_scores(records, await _scores(scorer, ref))
+
+
+async def _scores(scorer: Any, ref: Any) -> list[Record]:
+    """The answer to ``ref`` (a scorer's ``score`` call); raises ``JobInterrupted`` once the
+    scorer has answered nothing, ``alive`` included, for ``SCORE_WAIT_S``."""
+    answer = asyncio.wrap_future(ref.future())
+    heard = time.monotonic()
+    while True:
+        done, _ = await asyncio.wait({answer}, timeout=SCORE_CHECK_S)
+        if done:
+            return answer.result()
         try:
-            scored = await asyncio.wait_for(asyncio.wrap_future(ref.future()), SCORE_WAIT_S)
+            await asyncio.wait_for(asyncio.wrap_future(scorer.alive.remote().future()),
+                                   SCORE_CHECK_S)
+            heard = time.monotonic()
         except asyncio.TimeoutError:
-            ray.cancel(ref)
-            raise JobInterrupted(
-                f"a slow-level scorer did not answer within {SCORE_WAIT_S:g} s: it may wait "
-                "for a node with a free GPU (its own was lost, and no node left can run it), "
-                "or be far too busy; check the cluster (ray status), add a GPU node or raise "
-                "resources.gpu_actors, then continue the job with --resume") from None
-        return apply_scores(records, scored)
+            if time.monotonic() - heard >= SCORE_WAIT_S:
+                answer.cancel()
+                ray.cancel(ref)
+                raise JobInterrupted(
+                    f"a slow-level scorer has answered nothing for {SCORE_WAIT_S:g} s: it "
+                    "waits for a node with a free GPU (its own was lost, and no node left can "
+                    "run it); check the cluster (ray status), add a GPU node, then continue "
+                    "the job with --resume") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -455,6 +455,9 @@ class _Flight:
     incarnation: str = ""
     epoch: int = 0
     """The reset count when the unit was sent: a result from before a reset is stale."""
+    orphaned: bool = False
+    """Its worker was lost while it ran: a result it still brings is not trusted (the worker,
+    should it come back, drops what it held), and the unit is sent again."""
     sent: float = field(default_factory=time.monotonic)
 
 
@@ -633,6 +636,9 @@ class JobRunner:
         if worker in self.executor.late:
             self._late.add(worker)
         self._incarnations.pop(worker, None)
+        for flight in self._flights.values():
+            if flight.worker == worker and flight.report is None:
+                flight.orphaned = True
         self._resend_uncommitted(worker)
 
     def _resend_uncommitted(self, worker: int, keep: Optional[str] = None) -> None:
@@ -717,6 +723,8 @@ class JobRunner:
                     # Progress goes out while units run, not only when one ends.
                     tick = self._last_progress + self.progress_every_s
                     wake = tick if wake is None else min(wake, tick)
+                if self._late:  # a late or lost worker may have started meanwhile
+                    wake = self._late_check if wake is None else min(wake, self._late_check)
                 done, _ = await asyncio.wait(
                     set(tasks) | {cancel_wait}, return_when=asyncio.FIRST_COMPLETED,
                     timeout=None if wake is None else max(0.01, wake - time.monotonic()))
@@ -768,6 +776,11 @@ class JobRunner:
             self._again(unit)
             await self._reset_all()
             return
+        if flight.orphaned:  # decided on a worker lost meanwhile: its rows may be gone
+            del self._flights[unit.uid]
+            self._again(unit)
+            self.resent += 1
+            return
         flight.report = report
         flight.incarnation = events.incarnation
         self.counts.add(report)
@@ -791,7 +804,6 @@ class JobRunner:
             if await self.executor.revive(w):
                 self._late.discard(w)
                 self._down.discard(w)
-                self._load[w] = 0
 
     async def _revive(self) -> None:
         """Units wait to be resent and no worker is free: wait for a lost one to come back,
@@ -804,7 +816,6 @@ class JobRunner:
                 if back:
                     self._down.discard(w)
                     self._late.discard(w)
-                    self._load[w] = 0
             if len(self._down) < self.executor.workers:
                 return
             if time.monotonic() >= deadline:

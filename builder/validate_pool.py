@@ -18,7 +18,9 @@ a crash, so ``ProcessValidator`` rebuilds the pool and retries; see its docstrin
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import fields
@@ -30,11 +32,24 @@ from builder.spec import ValidationSpec
 from builder.validate import ImageValidator
 
 _validator: Optional[ImageValidator] = None
+PARENT_CHECK_S = 1.0
+"""How often a pool process checks that the process that started it is still there."""
 
 
 def _start(cfg: dict[str, Any]) -> None:
     global _validator
     _validator = ImageValidator(ValidationSpec.model_validate(cfg))
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True,
+                     name="pixcrawler-parent-watch").start()
+
+
+def _exit_with(parent: int) -> None:
+    """Exit once ``parent`` is gone. A pool process waits on its call queue, whose write end it
+    holds too, so a parent killed outright (SIGKILL, the OOM killer: what the isolating pool
+    is for) would leave it waiting for ever, reparented to init."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
 
 
 def _validate(records: list[Record]) -> list[Record]:

@@ -227,6 +227,7 @@ class WorkerProcesses:
         self._server: Optional[asyncio.AbstractServer] = None
         self._joined: dict[int, asyncio.Future] = {}
         self._plan: Optional[asyncio.Future] = None
+        self._closing = False
 
     @property
     def procs(self) -> list[WorkerProcess]:
@@ -253,6 +254,9 @@ class WorkerProcesses:
                          writer: asyncio.StreamWriter) -> None:
         assert self._plan is not None
         worker, pid = await _read_frame(reader)
+        if self._closing:  # a replacement that started as the job ended: it exits on EOF
+            writer.close()
+            return
         proc = self.procs[worker]
         if isinstance(proc, ForkedWorker):
             proc.pid = pid
@@ -310,6 +314,7 @@ class WorkerProcesses:
                 pass
             await channel.aclose()
 
+        self._closing = True
         if self._plan is not None and not self._plan.done():
             self._plan.cancel()  # processes waiting for a plan see the socket close
         await asyncio.gather(*(one(c) for c in self.channels if c is not None))
@@ -376,11 +381,10 @@ class ProcessExecutor:
 
     async def flush(self) -> list[Union[WorkerEvents, WorkerLost]]:
         async def one(w: int) -> Union[WorkerEvents, WorkerLost]:
-            channel = self.channels[w]
-            if channel is None:
+            if w in self.late:
                 return WorkerLost(w, f"worker process {w} is being started again")
             try:
-                return await channel.call("flush")
+                return await self._channel(w).call("flush")
             except ChannelClosed as exc:
                 return self._lost(w, exc)
 
@@ -393,18 +397,18 @@ class ProcessExecutor:
         if task is None or not task.done():
             return False
         del self._replacing[worker]
-        self.late.discard(worker)
         error = task.exception()
-        if error is not None:
+        if error is not None:  # it stays late: sent nothing, flushed and reset never
             self._given_up.add(worker)
             log.warning("worker process %d could not be started again: %s", worker, error)
             return False
+        self.late.discard(worker)
         log.info("worker process %d was started again and rejoins the job", worker)
         return True
 
     async def reset(self) -> None:
-        await asyncio.gather(*(c.call("discard") for c in self.channels
-                               if c is not None and c.closed is None))
+        await asyncio.gather(*(self._channel(w).call("discard") for w in range(self.workers)
+                               if w not in self.late and self._channel(w).closed is None))
 
     def cancel(self) -> None:
         for channel in self.channels:

@@ -106,8 +106,9 @@ class StartedWorkers:
     def __init__(self, workers: int):
         self.workers = workers
         self.procs: list[WorkerProcess] = []
-        self.retired: list[WorkerProcess] = []
-        """Processes that were lost and replaced (``replace``): reaped at ``close``."""
+        self.retired: list[subprocess.Popen] = []
+        """This process's children that were lost and replaced (``replace``, which killed
+        them): reaped at ``close``."""
         self.dir = tempfile.mkdtemp(prefix="pixcrawler-")
         self.path = os.path.join(self.dir, "s")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -139,7 +140,7 @@ class StartedWorkers:
         old = self.procs[worker]
         if isinstance(old, subprocess.Popen):
             old.kill()
-        self.retired.append(old)
+            self.retired.append(old)
         self.procs[worker] = self._spawn(worker, 1)
 
     def close(self) -> None:
@@ -150,7 +151,7 @@ class StartedWorkers:
         self._closed = True
         self.sock.close()
         for proc in self.retired:  # killed when replaced
-            proc.wait(CLOSE_TIMEOUT_S)
+            proc.wait()
         for w, proc in enumerate(self.procs):
             try:
                 proc.wait(CLOSE_TIMEOUT_S)

@@ -1,42 +1,74 @@
-"""The shard worker actor's services: a call to a slow-level scorer that cannot run ends."""
+"""The shard worker actor's services: a call to a slow-level scorer that cannot run ends; one
+to a scorer that is only busy is waited for."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
+import ray
 
+from actors.slow import HEALTH
 from builder.errors import JobInterrupted
 
 
-def test_a_scorer_waiting_for_a_gpu_fails_the_job_naming_resume(ray_session, monkeypatch):
-    """A scorer whose GPU node was lost restarts where a GPU is free; with none left, every
-    call to it waited for ever, and the job with it. Here the scorer asks for a GPU the test
-    cluster does not have, so it is never placed, as such a scorer."""
-    import ray
+@ray.remote(num_cpus=0, concurrency_groups={HEALTH: 1})
+class Scorer:
+    """``SlowScorer``'s two methods: ``score`` takes ``busy_s`` per batch, one at a time."""
 
+    def __init__(self, busy_s: float = 0.0):
+        self.busy_s = busy_s
+
+    @ray.method(concurrency_group=HEALTH)
+    def alive(self) -> bool:
+        return True
+
+    def score(self, batch):
+        time.sleep(self.busy_s)
+        return batch.records
+
+
+def score_with(scorer) -> list:
     from actors import worker
 
-    if ray.cluster_resources().get("GPU"):
-        pytest.skip("this Ray has a GPU: the scorer would be placed")
-
-    @ray.remote(num_gpus=1)
-    class Scorer:
-        def score(self, batch):
-            return batch.records
-
-    scorer = Scorer.remote()
-    monkeypatch.setattr(worker, "SCORE_WAIT_S", 1.0)
     services = worker.RayServices.__new__(worker.RayServices)
     services.scorers, services._scored = [scorer], 0
     services._prep = SimpleNamespace(prepare=lambda records: SimpleNamespace(
         records=records, index=[], nsfw_pixels=None, clip_pixels=None))
     pool = ThreadPoolExecutor(1)
     try:
-        with pytest.raises(JobInterrupted, match="did not answer within 1 s.*--resume"):
-            asyncio.run(services.score([], pool))
+        return asyncio.run(services.score([], pool))
     finally:
         pool.shutdown()
         ray.kill(scorer)
+
+
+def test_a_scorer_waiting_for_a_gpu_fails_the_job_naming_resume(ray_session, monkeypatch):
+    """A scorer whose GPU node was lost restarts where a GPU is free; with none left, every
+    call to it waited for ever, and the job with it. Here the scorer asks for a GPU the test
+    cluster does not have, so it is never placed, as such a scorer."""
+    from actors import worker
+
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU: the scorer would be placed")
+    monkeypatch.setattr(worker, "SCORE_WAIT_S", 1.0)
+    monkeypatch.setattr(worker, "SCORE_CHECK_S", 0.2)
+    with pytest.raises(JobInterrupted, match="answered nothing for 1 s.*--resume"):
+        score_with(Scorer.options(num_gpus=1).remote())
+
+
+def test_a_busy_scorer_is_waited_for_past_the_limit(ray_session, monkeypatch):
+    """The limit is on a scorer that answers nothing: one scoring other batches answers that
+    it is alive, and may take as long as it takes (a CPU fallback behind many workers)."""
+    from actors import worker
+
+    monkeypatch.setattr(worker, "SCORE_WAIT_S", 0.5)
+    monkeypatch.setattr(worker, "SCORE_CHECK_S", 0.2)
+    scorer = Scorer.remote(busy_s=2.5)
+    ray.get(scorer.alive.remote(), timeout=60)  # placed and started
+    started = time.monotonic()
+    assert score_with(scorer) == []
+    assert time.monotonic() - started >= 2.5

@@ -203,6 +203,50 @@ def test_only_a_unit_running_when_its_worker_was_lost_is_resent_isolated():
     assert stats["isolated_units"] == 1 and stats["accepted"] == 6
 
 
+def test_a_worker_that_comes_back_while_its_units_still_run_is_not_trusted_with_them(
+        monkeypatch):
+    """On Ray a lost worker rejoins once its actor is back, dropping what it held. A unit it
+    was still running when it was lost may report after that: its rows are gone, so it is
+    sent again rather than counted; and taking the worker back left its load at -1 when that
+    unit ended."""
+    from builder import job
+
+    monkeypatch.setattr(job, "LATE_CHECK_S", 0.05)
+    queries = ["q1", "q2", "q3", "q4"]
+    s = spec(target=12, classes={"cat": queries})
+    pages = {(0, q): [f"{q}-{i}.ok" for i in range(4)] for q in queries}
+    executor = FakeExecutor(s, pages, workers=2)
+    calls, back = [], []
+
+    async def run_(worker, unit, original=executor.run):
+        calls.append((worker, unit.uid, unit.attempt))
+        on_1 = [c for c in calls if c[0] == 1]
+        if worker == 1 and not back and len(on_1) == 1:
+            while len([c for c in calls if c[0] == 1]) < 2:
+                await asyncio.sleep(0.01)
+            executor.late.add(1)  # as RayExecutor: on its way back
+            raise WorkerLost(1, "actor unreachable")
+        if worker == 1 and not back:
+            while not back:  # still running on the lost worker when it comes back
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1 if worker == 0 else 0)
+        return await original(worker, unit)
+
+    async def revive(worker):
+        executor.late.discard(worker)
+        back.append(worker)
+        return True
+
+    executor.run, executor.revive = run_, revive
+    runner = JobRunner(s, executor, UnitPlanner(s), JobCounts(s), units_per_worker=2)
+    stats = asyncio.run(asyncio.wait_for(runner.run(), 30)).stats
+    check_exact(stats)
+    assert stats["accepted"] == 12 and back == [1]
+    orphan = [uid for w, uid, attempt in calls if w == 1 and attempt == 0][1]
+    assert [a for _, uid, a in calls if uid == orphan] == [0, 1]
+    assert runner._load == [0, 0]
+
+
 def test_a_unit_lost_in_flight_is_run_again_once_not_twice():
     """A unit whose worker was lost before it reported goes back through the resend queue
     only: the planner must not issue the same page again beside it (both copies would be

@@ -18,6 +18,7 @@ from builder.records import Candidate, Record
 from builder.spec import ValidationSpec
 from builder.validate import ImageValidator
 from builder.validate_pool import ProcessValidator
+from builder.worker_start import ForkedWorker
 from tests.images import encode, jpeg, picture
 
 
@@ -122,3 +123,34 @@ def test_a_pool_broken_after_close_is_not_rebuilt():
         pool(batch())
     assert pool.pool is broken
     assert set(multiprocessing.active_children()) == before
+
+
+def test_a_pool_process_leaves_when_the_process_that_started_it_is_killed():
+    """The isolating validator is there for processes killed outright; its own pool process
+    waited on its call queue for ever once its parent was SIGKILLed, reparented to init."""
+    import subprocess
+    import sys
+
+    code = ("from builder.spec import ValidationSpec\n"
+            "from builder.validate_pool import ProcessValidator\n"
+            "from tests.builder.test_validate_pool import batch\n"
+            "pool = ProcessValidator(ValidationSpec(level='medium'), 1)\n"
+            "pool(batch())\n"
+            "print(*pool.pool._processes, flush=True)\n"
+            "import time; time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        (child,) = map(int, parent.stdout.readline().split())
+        os.kill(child, 0)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    orphan = ForkedWorker()  # not this process's child: gone, or a zombie init has not reaped
+    orphan.pid = child
+    deadline = time.monotonic() + 10
+    while orphan.poll() is None:
+        if time.monotonic() > deadline:
+            orphan.kill()
+            pytest.fail("the pool process outlived the process that started it")
+        time.sleep(0.05)
