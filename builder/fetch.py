@@ -19,8 +19,8 @@ sample-level problem (bad URL, bad server, not an image). Per request, in order:
    its body read with a byte cap (``max_bytes``: refused up front from Content-Length, else
    aborted while streaming) and within the fetcher's byte budget (``max_bytes_in_flight``, see
    ``ByteBudget``), its format sniffed from the magic number and its embedded XMP
-   ``plus:DataMining`` read (before any resize could drop it); a host's bandwidth cap holds its
-   slot until the bytes are paid for;
+   ``plus:DataMining`` read (before any resize could drop it); under a host's bandwidth cap
+   the host's next request waits until the bytes are paid for;
 7. with ``signals.page_meta``, the image's page is fetched (once per page) for its TDMRep and
    robots meta tags and the image's alt text.
 
@@ -217,10 +217,11 @@ class _Host:
 
     def turn(self, delay: float, now: float) -> float:
         """When the host's next request may start: ``delay`` (or the gap, while it lasts)
-        after the last one started, and not before a Retry-After hold ends. Worked out when a
-        request would start, so a gap that has eased meanwhile counts as eased."""
+        after the last one started, and not before a Retry-After hold ends nor (with a
+        bandwidth cap) the bytes read so far are paid for. Worked out when a request would
+        start, so a gap that has eased meanwhile counts as eased."""
         gap = self.gap if now - self.slowed_at < GAP_FORGET_S else 0.0
-        return max(self.last_start + max(delay, gap), self.held_until)
+        return max(self.last_start + max(delay, gap), self.held_until, self.paid_until)
 
     def slow_down(self, now: float, most: float) -> None:
         """A 429 or 503 to a first request for a URL: space the host's requests twice as far
@@ -491,7 +492,7 @@ class Fetcher:
                 if 200 <= status < 300:
                     host.ease()
                     await self._accept_body(resp, record)
-                    await self._pay_bandwidth(host, url, record)
+                    self._pay_bandwidth(host, url, record)
                     return None
                 if status in REDIRECT_STATUSES:
                     location = resp.headers.get("Location")
@@ -672,17 +673,17 @@ class Fetcher:
             until = asyncio.get_running_loop().time() + seconds
             host.held_until = max(host.held_until, until)
 
-    async def _pay_bandwidth(self, host: _Host, url: URL, record: Record) -> None:
-        """Under a host's bandwidth cap, hold the slot until the body's bytes are paid for:
-        the host's bytes leave at no more than ``max_bytes_per_s`` on average."""
+    def _pay_bandwidth(self, host: _Host, url: URL, record: Record) -> None:
+        """Under a host's bandwidth cap, the host's next request starts once the body's bytes
+        are paid for (``_Host.turn``), so its bytes leave at no more than ``max_bytes_per_s``
+        on average. The request itself ends at once: it used to sleep out the payment holding
+        a global slot, which held back the other hosts."""
         rate = self._profiles.for_host(url.raw_host or "").max_bytes_per_s
         size = len(record.data or b"")
         if rate is None or not size:
             return
         now = asyncio.get_running_loop().time()
         host.paid_until = max(host.paid_until, now) + size / rate
-        if host.paid_until > now:
-            await asyncio.sleep(host.paid_until - now)
 
     # ---- opt-out signals (builder.signals; the record's rights ledger) ---------------------
 
