@@ -15,6 +15,9 @@ Formats (chosen by the file's extension):
 * ``.jsonl`` / ``.ndjson``: one JSON object a line;
 * ``.parquet``: columns by name.
 
+Compressed lists (``.gz``, ``.bz2``, ``.zst``, ``.zip``, ``.xz``) are refused at planning: a
+compressed stream cannot be cut by byte ranges, so decompress it first.
+
 A row without a usable URL is still a candidate: the URL checks reject it with a reason naming
 the row. A row whose label is not a class of the spec is skipped and counted
 (``skipped_rows``); the job's summary reports it.
@@ -30,6 +33,19 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from builder.errors import SourceError
+
+try:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _REMOTE_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, ClientError)
+except ImportError:  # botocore comes with s3fs, which only s3:// lists need
+    _REMOTE_ERRORS = ()
+
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, *_REMOTE_ERRORS)
+"""What reading a list file can raise: the file system's errors and, for s3://, botocore's
+(missing credentials, a refused request)."""
+
+_COMPRESSED = (".gz", ".bz2", ".zst", ".zip", ".xz")
 
 SAMPLE_BYTES = 65536
 """Bytes read at planning to estimate the line length (and check the format)."""
@@ -112,6 +128,9 @@ class SlicePlan:
 
 def _kind(path: str) -> str:
     lower = path.lower()
+    if lower.endswith(_COMPRESSED):
+        raise SourceError(f"{path}: compressed URL lists are not supported (they cannot be read "
+                          "in slices); decompress it and point sources[].path at the result")
     for suffix, kind in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
                          (".csv", "csv"), (".tsv", "tsv")):
         if lower.endswith(suffix):
@@ -124,12 +143,35 @@ def _open(path: str, storage_options: Optional[dict[str, Any]]) -> Any:
 
     fs, fs_path = open_fs(path, storage_options)
     try:
-        return fs, fs_path, fs.size(fs_path)
+        info = fs.info(fs_path)
     except FileNotFoundError:
         raise SourceError(f"URL list not found: {path} (sources[].path must name an existing "
                           "file, readable from every node of the cluster)") from None
-    except OSError as exc:
-        raise SourceError(f"cannot read the URL list {path}: {exc}") from None
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from None
+    if info.get("type") == "directory":
+        raise SourceError(f"{path} is a directory; sources[].path must name one URL list file")
+    return fs, fs_path, info.get("size") or 0
+
+
+def _read_error(path: str, exc: BaseException, where: str = "") -> SourceError:
+    detail = " ".join(str(exc).split())
+    return SourceError(f"cannot read the URL list {path}{where}: {type(exc).__name__}: {detail}. "
+                       "Check the file is complete (not damaged or still being written) and "
+                       "readable from every node of the cluster (for s3:// or another remote "
+                       "store: its credentials and storage_options)")
+
+
+def _columns(path: str, names: list[str], used: tuple[Optional[str], ...]) -> None:
+    """Refuse a list whose URL column (``used[0]``) is missing or whose used columns are named
+    twice."""
+    if used[0] not in names:
+        raise SourceError(f"{path}: no column {used[0]!r} (columns: {', '.join(names)}); "
+                          "set sources[].url_column")
+    twice = [c for c in dict.fromkeys(used) if c is not None and names.count(c) > 1]
+    if twice:
+        raise SourceError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more than "
+                          "once; rename or drop the duplicates")
 
 
 def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
@@ -138,42 +180,36 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
                 grow_after: int = 0, grown_rows: int = 0) -> SlicePlan:
     """Cut a list file into slices of about ``slice_rows`` rows, reading only its head (and,
     for parquet, its footer); past its first ``grow_after`` rows, of ``grown_rows`` (when it is
-    larger). Raises ``SourceError`` for a missing file or a missing column."""
+    larger). Raises ``SourceError`` for a file that cannot be read or parsed (missing,
+    a directory, compressed, not of its extension's format) or a missing or duplicate column."""
     if slice_rows < 1:
         raise ValueError(f"slice_rows must be >= 1, got {slice_rows}")
     if grown_rows <= slice_rows:
         grow_after = grown_rows = 0
     kind = _kind(path)
     fs, fs_path, size = _open(path, storage_options)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
+    used = (url_column, label_column)
+    try:
+        if kind == "parquet":
+            groups = _parquet_groups(path, fs, fs_path, used)
+            plan = SlicePlan(path, kind, 0, size=size, row_groups=groups,
+                             slice_rows=slice_rows, grow_after=grow_after, grown_rows=grown_rows)
+            count, first = 0, 0
+            for rows in groups:
+                base, _, grown = plan._group_cuts(rows, first) if rows else (0, 0, 0)
+                count, first = count + base + grown, first + rows
+            return replace(plan, count=count)
         with fs.open(fs_path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-            names = meta.schema.names
-        if url_column not in names:
-            raise SourceError(f"{path}: no column {url_column!r} (columns: {', '.join(names)}); "
-                              "set sources[].url_column")
-        groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        plan = SlicePlan(path, kind, 0, size=size, row_groups=groups, slice_rows=slice_rows,
-                         grow_after=grow_after, grown_rows=grown_rows)
-        count, first = 0, 0
-        for rows in groups:
-            base, _, grown = plan._group_cuts(rows, first) if rows else (0, 0, 0)
-            count, first = count + base + grown, first + rows
-        return replace(plan, count=count)
-    with fs.open(fs_path, "rb") as f:
-        head = f.read(SAMPLE_BYTES)
+            head = f.read(SAMPLE_BYTES)
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from None
     header: tuple[str, ...] = ()
     data_start = 0
     if kind in ("csv", "tsv"):
         first_line, _, _ = head.partition(b"\n")
         data_start = len(first_line) + 1 if b"\n" in head else len(head)
-        header = tuple(next(csv.reader([first_line.decode("utf-8-sig").rstrip("\r")],
-                                       delimiter="\t" if kind == "tsv" else ",")))
-        if url_column not in header:
-            raise SourceError(f"{path}: no column {url_column!r} (columns: {', '.join(header)}); "
-                              "set sources[].url_column")
+        header = _header(path, first_line, kind)
+        _columns(path, list(header), used)
     sample = head[data_start:]
     lines = sample.count(b"\n") or 1
     avg = max(1, len(sample) // lines)
@@ -187,6 +223,39 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
     return SlicePlan(path, kind, count, size=size, data_start=data_start,
                      slice_bytes=slice_bytes, header=header, slice_rows=slice_rows,
                      grow_after=grow_after, grown_rows=grown_rows, grown_bytes=grown_bytes)
+
+
+def _parquet_groups(path: str, fs: Any, fs_path: str,
+                    used: tuple[Optional[str], ...]) -> tuple[int, ...]:
+    """The row counts of a parquet list's row groups, once its columns are checked against the
+    top-level names the reader selects by."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(fs_path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names, meta = pf.schema_arrow.names, pf.metadata
+    except pa.ArrowException as exc:
+        raise SourceError(f"{path} is not a readable Parquet file ({exc}); write it again with "
+                          "a Parquet writer, or give it the extension of its real format "
+                          "(.txt, .csv, .tsv, .jsonl)") from None
+    _columns(path, names, used)
+    return tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+
+
+def _header(path: str, line: bytes, kind: str) -> tuple[str, ...]:
+    """The column names of a csv/tsv list's first line."""
+    try:
+        text = line.decode("utf-8-sig").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: the header line is not UTF-8 ({exc}); save the list as "
+                          "UTF-8") from None
+    try:
+        return tuple(next(csv.reader([text], delimiter="\t" if kind == "tsv" else ",")))
+    except csv.Error as exc:
+        raise SourceError(f"{path}: the header line is not a {kind} row ({exc}); end lines with "
+                          "\\n or \\r\\n (not a lone \\r, as old Mac files do)") from None
 
 
 class ListReader:
@@ -205,10 +274,21 @@ class ListReader:
         self._groups: OrderedDict[int, tuple[list[Any], list[Any], list[Any]]] = OrderedDict()
 
     def read(self, index: int) -> list[ListRow]:
+        """The rows of slice ``index``; raises ``SourceError`` when the file cannot be read."""
         group, start, stop = self.plan.bounds(index)
-        if self.plan.kind == "parquet":
-            return self._read_parquet(group, start, stop)
-        return self._read_text(start, stop)
+        try:
+            if self.plan.kind == "parquet":
+                return self._read_parquet(group, start, stop)
+            return self._read_text(start, stop)
+        except self._errors() as exc:
+            raise _read_error(self.plan.path, exc, f" (slice {index})") from None
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        if self.plan.kind != "parquet":
+            return _READ_ERRORS
+        import pyarrow as pa
+
+        return (*_READ_ERRORS, pa.ArrowException)
 
     def _read_text(self, start: int, stop: int) -> list[ListRow]:
         from builder.storage import open_fs
@@ -292,8 +372,10 @@ class ListReader:
         fs, fs_path = open_fs(self.plan.path, self.storage_options)
         with fs.open(fs_path, "rb") as f:
             pf = pq.ParquetFile(f)
-            cols = [c for c in (self.url_column, self.label_column, self.caption_column)
-                    if c in pf.schema_arrow.names]
+            names = pf.schema_arrow.names
+            used = (self.url_column, self.label_column, self.caption_column)
+            _columns(self.plan.path, names, used)
+            cols = [c for c in used if c in names]
             table = pf.read_row_group(group, columns=cols)
         urls = table[self.url_column].to_pylist()
         labels = table[self.label_column].to_pylist() if self.label_column in cols else []

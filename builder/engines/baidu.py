@@ -25,7 +25,9 @@ BAIDU_API = "https://image.baidu.com/search/acjson"
 MAX_RN = 30
 _TOKENS = {"_z2C$q": ":", "_z&e3B": ".", "AzdH3F": "/"}
 _CHARS = str.maketrans("wkv1ju2it3hs4g5rq6fp7eo8dn9cm0bla", "abcdefghijklmnopqrstuvw1234567890")
-_BAD_ESCAPE = re.compile(r'\\(?!["\\/bfnrtu])')
+_ESCAPES = re.compile(r'(\\["\\/bfnrtu])|\\')
+"""A JSON escape pair (kept: group 1), or a backslash before anything else (dropped). Pairs
+are matched from the left, so the second backslash of ``\\\\`` is never taken for one."""
 
 
 def decode_baidu_url(obfuscated: Any) -> str:
@@ -43,7 +45,7 @@ def decode_baidu_url(obfuscated: Any) -> str:
 def parse_acjson(body: bytes) -> dict[str, Any]:
     """Parse an ``acjson`` answer, repairing the invalid escapes Baidu sometimes emits."""
     text = body.decode("utf-8", "replace")
-    fixed = _BAD_ESCAPE.sub("", text)
+    fixed = _ESCAPES.sub(r"\1", text)
     data = webjson.loads(fixed.encode("utf-8"), engine="baidu")
     if not isinstance(data, dict):
         raise EngineError("baidu: answer is not a JSON object", retryable=True)

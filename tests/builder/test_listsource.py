@@ -4,12 +4,14 @@ every row is read exactly once, in order, and the slices are the sizes asked for
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from builder.errors import SourceError
 from builder.listsource import ListReader, SlicePlan, plan_slices
 
 ROWS = 1000
@@ -142,3 +144,84 @@ def test_a_row_the_parser_refuses_is_a_bad_row_and_the_rest_is_read(tmp_path, na
     assert [r.url for r in rows] == ["http://127.0.0.1:1/a.jpg", "",
                                      "http://127.0.0.1:1/b.jpg"]
     assert "byte" in rows[1].where and "not " in rows[1].where
+
+
+@pytest.mark.parametrize("name,data,says", [
+    ("latin1.csv", b"url,l\xe9bel\nhttp://127.0.0.1:1/a.jpg,cat\n", "not UTF-8"),
+    ("mac.csv", b"url,label\rhttp://127.0.0.1:1/a.jpg,cat\r", "lone \\r"),
+    ("urls.csv.gz", b"\x1f\x8b\x08\x00", "decompress it"),
+    ("urls.txt.zst", b"\x28\xb5\x2f\xfd", "decompress it"),
+    ("a.parquet", b"url\nhttp://127.0.0.1:1/a.jpg\n", "not a readable Parquet file"),
+    ("b.parquet", b"", "not a readable Parquet file"),
+])
+def test_a_list_that_cannot_be_parsed_is_a_source_error_at_planning(tmp_path, name, data,
+                                                                    says):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(SourceError, match=re.escape(says)) as err:
+        plan_slices(str(path), 10)
+    assert str(path) in str(err.value)
+
+
+def test_a_directory_is_a_source_error_at_planning(tmp_path):
+    path = tmp_path / "urls.csv"
+    path.mkdir()
+    with pytest.raises(SourceError, match="is a directory"):
+        plan_slices(str(path), 10)
+
+
+def test_an_s3_list_without_credentials_is_a_source_error_at_planning(monkeypatch):
+    """botocore's NoCredentialsError is no OSError: it must not escape as a traceback."""
+    from botocore.exceptions import NoCredentialsError
+
+    import builder.storage
+
+    class NoCredentials:
+        def info(self, path: str) -> dict:
+            raise NoCredentialsError()
+
+        size = info
+
+    monkeypatch.setattr(builder.storage, "open_fs", lambda uri, opts: (NoCredentials(), uri))
+    with pytest.raises(SourceError, match="s3://bucket/urls.txt.*credentials"):
+        plan_slices("s3://bucket/urls.txt", 10)
+
+
+def test_parquet_columns_are_checked_by_the_top_level_names_the_reader_uses(tmp_path):
+    """A struct with a field named url is not a url column; a url column twice is refused."""
+    nested, twice = tmp_path / "nested.parquet", tmp_path / "twice.parquet"
+    pq.write_table(pa.table({"meta": pa.array([{"url": "http://127.0.0.1:1/a.jpg"}])}), nested)
+    url = pa.array(["http://127.0.0.1:1/a.jpg"])
+    pq.write_table(pa.Table.from_arrays([url, url], names=["url", "url"]), twice)
+    with pytest.raises(SourceError, match=r"no column 'url' \(columns: meta\)"):
+        plan_slices(str(nested), 10)
+    with pytest.raises(SourceError, match="'url' appear more than once"):
+        plan_slices(str(twice), 10)
+
+
+def test_a_duplicate_caption_column_is_a_source_error_when_read(tmp_path):
+    path = tmp_path / "caps.parquet"
+    url, cap = pa.array(["http://127.0.0.1:1/a.jpg"]), pa.array(["a cat"])
+    pq.write_table(pa.Table.from_arrays([url, cap, cap], names=["url", "cap", "cap"]), path)
+    reader = ListReader(plan_slices(str(path), 10), caption_column="cap")
+    with pytest.raises(SourceError, match="'cap' appear more than once"):
+        reader.read(0)
+
+
+def test_a_damaged_row_group_is_a_source_error_naming_the_slice(tmp_path):
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": _urls(100)}), path, row_group_size=50,
+                   compression="none")
+    plan = plan_slices(str(path), 50)
+    data = bytearray(path.read_bytes())
+    data[4:200] = b"\xff" * 196  # the first row group's pages; the footer stays intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=re.escape(f"{path} (slice 0)")):
+        ListReader(plan).read(0)
+
+
+def test_a_text_list_gone_after_planning_is_a_source_error_naming_the_slice(text_list):
+    plan = plan_slices(str(text_list), 10)
+    text_list.unlink()
+    with pytest.raises(SourceError, match=re.escape(f"{text_list} (slice 3)")):
+        ListReader(plan).read(3)

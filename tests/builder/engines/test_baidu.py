@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.engines.baidu import BaiduEngine, decode_baidu_url
+from builder.engines.baidu import BaiduEngine, decode_baidu_url, parse_acjson
 from builder.errors import EngineError
 from tests.builder.engines.fakes import (
     FakeServer,
@@ -107,3 +107,15 @@ def test_malformed_items_keep_the_good_hits_with_text_fields():
     assert (x.page_url, x.title) == ("", "5")
     assert (y.page_url, y.title) == ("http://pages.example/", "12")
     assert [h.url for h in original.hits] == [h.url for h in page.hits]
+
+
+@pytest.mark.parametrize("raw,title", [
+    (r"C:\\dir", "C:\\dir"),
+    (r"a\\\'b\"c", "a\\'b\"c"),
+    (r"it\'s \x", "it's x"),
+])
+def test_escape_repair_keeps_valid_escape_pairs(raw, title):
+    r"""A valid ``\\`` is a pair, not a backslash before a bad escape; ``\'`` and ``\x`` lose
+    their backslash."""
+    body = '{"data":[{"middleURL":"http://a/1.jpg","fromPageTitle":"%s"}]}' % raw
+    assert parse_acjson(body.encode())["data"][0]["fromPageTitle"] == title
