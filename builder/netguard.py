@@ -17,7 +17,9 @@ factory that applies the same address check to every address a host name resolve
 the address that was checked is the address connected to. It speaks only http and https (no
 ``file:``, ``ftp:`` or ``data:`` handler exists in it), ignores proxy settings in the environment
 (as the fetcher does), and never carries credentials (``Authorization``, ``Cookie``) across a
-redirect to another origin.
+redirect to another origin. The whole request (every hop's connect, TLS handshake, status line and
+headers, and the body read from the returned response) ends within about ``timeout_s``: the socket
+waits at most the time left before each receive, so a server dripping bytes cannot hold it.
 
 ``allow_private_networks=True`` (``download.allow_private_networks``) lifts the address checks;
 the scheme check always applies.
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import functools
 import http.client
+import io
 import ipaddress
 import socket
+import time
 import urllib.error
 import urllib.request
 from functools import lru_cache
@@ -224,11 +228,22 @@ def same_origin(a: Union[str, URL], b: Union[str, URL]) -> bool:
         return False
 
 
+def _time_left(deadline: float) -> float:
+    """Seconds until ``deadline`` (a ``time.monotonic`` time); ``TimeoutError`` once past it."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out: the request ran past its time limit")
+    return left
+
+
 def _vetted_socket(address: tuple[str, int], timeout: Any = None,
                    source_address: Optional[tuple[str, int]] = None, *,
-                   allow_private_networks: bool) -> socket.socket:
+                   allow_private_networks: bool, deadline: float) -> socket.socket:
     """``socket.create_connection`` that skips blocked addresses of every DNS answer; raises
-    ``BlockedAddressError`` when no address is left."""
+    ``BlockedAddressError`` when no address is left.
+
+    Each connect, and then the TLS handshake and the request's send, wait at most the time left
+    before ``deadline`` (which stands in for http.client's per-operation ``timeout``)."""
     host, port = address
     refused: list[str] = []
     error: Optional[OSError] = None
@@ -240,11 +255,11 @@ def _vetted_socket(address: tuple[str, int], timeout: Any = None,
             continue
         sock = socket.socket(family, kind, proto)
         try:
-            if isinstance(timeout, (int, float)):
-                sock.settimeout(timeout)
+            sock.settimeout(_time_left(deadline))
             if source_address:
                 sock.bind(source_address)
             sock.connect(sockaddr)
+            sock.settimeout(_time_left(deadline))
         except OSError as exc:
             sock.close()
             error = exc
@@ -256,43 +271,80 @@ def _vetted_socket(address: tuple[str, int], timeout: Any = None,
                                     + ", ".join(refused))
 
 
-def _connection_class(base: type, allow_private_networks: bool) -> Any:
+class _DeadlineReader(io.RawIOBase):
+    """A socket's raw reader that gives up at ``deadline``: before each receive the socket's
+    timeout is set to the time left, so a server sending a byte now and then cannot stretch a
+    read past it (``TimeoutError``)."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # holds the socket open until closed
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> Optional[int]:
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An ``HTTPResponse`` whose status line, headers and body are all read by ``deadline``."""
+
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: Optional[str] = None,
+                 url: Optional[str] = None, *, deadline: float):
+        super().__init__(sock, debuglevel, method, url)
+        self.fp.close()  # the plain reader http.client made; the socket stays open
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+
+
+def _connection_class(base: type, allow_private_networks: bool, deadline: float) -> Any:
     """A factory of ``base`` connections (http.client) whose sockets come from
-    ``_vetted_socket``."""
+    ``_vetted_socket`` and whose responses are read by ``deadline``."""
 
     def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
         conn = base(host, **kwargs)
         conn._create_connection = functools.partial(  # type: ignore[attr-defined]
-            _vetted_socket, allow_private_networks=allow_private_networks)
+            _vetted_socket, allow_private_networks=allow_private_networks, deadline=deadline)
+        conn.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
         return conn
 
     return make
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, allow_private_networks: bool):
+    def __init__(self, allow_private_networks: bool, deadline: float):
         super().__init__()
-        self._connection = _connection_class(http.client.HTTPConnection, allow_private_networks)
+        self._connection = _connection_class(http.client.HTTPConnection, allow_private_networks,
+                                             deadline)
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         return self.do_open(self._connection, req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, allow_private_networks: bool):
+    def __init__(self, allow_private_networks: bool, deadline: float):
         super().__init__()
-        self._connection = _connection_class(http.client.HTTPSConnection, allow_private_networks)
+        self._connection = _connection_class(http.client.HTTPSConnection, allow_private_networks,
+                                             deadline)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         return self.do_open(self._connection, req, context=self._context)
 
 
-def _opener(allow_private_networks: bool) -> urllib.request.OpenerDirector:
-    """http and https only, no proxies from the environment, no automatic redirects: any
-    answer outside 2xx raises ``urllib.error.HTTPError``."""
+def _opener(allow_private_networks: bool, deadline: float) -> urllib.request.OpenerDirector:
+    """http and https only, no proxies from the environment, no automatic redirects (any
+    answer outside 2xx raises ``urllib.error.HTTPError``), everything done by ``deadline``."""
     opener = urllib.request.OpenerDirector()
-    for handler in (_GuardedHTTPHandler(allow_private_networks),
-                    _GuardedHTTPSHandler(allow_private_networks),
+    for handler in (_GuardedHTTPHandler(allow_private_networks, deadline),
+                    _GuardedHTTPSHandler(allow_private_networks, deadline),
                     urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor(),
                     urllib.request.UnknownHandler()):
@@ -307,16 +359,20 @@ def open_guarded(url: str, *, headers: Optional[Mapping[str, str]] = None,
     a 303) through the SSRF guard and return the open 2xx response (a context manager; read it
     with a bound).
 
-    Every hop is vetted with ``vet_url`` and connected through ``_vetted_socket``. Raises
+    Every hop is vetted with ``vet_url`` and connected through ``_vetted_socket``. The whole
+    request, redirects and the reads of the returned response included, has ``timeout_s``:
+    a connect or read past it raises ``TimeoutError`` (wrapped in ``URLError`` when it happens
+    while connecting or sending). Raises
     ``UrlRejected`` for a URL or hop the guard refuses and for more than ``max_redirects``
     redirects, ``urllib.error.HTTPError`` for any other answer outside 2xx (its body unread),
     and ``urllib.error.URLError`` / ``OSError`` / ``http.client.HTTPException`` when the
     request fails (``URLError.reason`` is a ``BlockedAddressError`` when the host resolves only
     to blocked addresses).
     """
+    deadline = time.monotonic() + timeout_s
     current = vet_url(url, allow_private_networks=allow_private_networks)
     sent = dict(headers or {})
-    opener = _opener(allow_private_networks)
+    opener = _opener(allow_private_networks, deadline)
     for _hop in range(max_redirects + 1):
         request = urllib.request.Request(str(current), data=data, headers=sent)
         try:

@@ -8,9 +8,10 @@ Secrets in the query string (``key=``) never appear in error messages.
 Requests go through the SSRF guard (``builder.netguard.open_guarded``), like the image fetcher's:
 http and https only, every redirect hop vetted, the connected address checked, private and
 loopback addresses refused unless the spec's ``download.allow_private_networks`` is set. A URL
-the guard refuses is a non-retryable ``EngineError`` and nothing is requested. Answers are read
-up to ``MAX_ANSWER_BYTES`` within about the request timeout, and an error body is quoted in a
-message only as a short printable excerpt (``excerpt``).
+the guard refuses is a non-retryable ``EngineError`` and nothing is requested. A request ends
+within about its timeout whatever the server sends (connect, headers and body together; past it,
+a retryable ``EngineError``), answers are read up to ``MAX_ANSWER_BYTES``, and an error body is
+quoted in a message only as a short printable excerpt (``excerpt``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import html
 import http.client
 import json
 import re
-import time
 import urllib.error
 import urllib.parse
 from typing import Any, Mapping
@@ -99,6 +99,9 @@ def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
                           + (f": {detail}" if detail else ""),
                           status=status, retryable=status in RETRYABLE_STATUSES,
                           retry_after=retry_after) from None
+    except TimeoutError:
+        raise EngineError(f"{engine}: {shown} did not answer within {timeout_s:g} s",
+                          retryable=True) from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, BlockedAddressError):
             raise EngineError(f"{engine}: refused to request {shown}: {exc.reason.detail} "
@@ -112,23 +115,24 @@ def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
 
 
 def _read_bounded(resp: Any, *, engine: str, shown: str, timeout_s: float) -> bytes:
-    """The body, at most ``MAX_ANSWER_BYTES``, read within about twice ``timeout_s`` (each read
-    waits at most ``timeout_s``, so a server dripping bytes cannot hold a search forever)."""
-    deadline = time.monotonic() + timeout_s
+    """The body, at most ``MAX_ANSWER_BYTES``. ``open_guarded``'s response raises
+    ``TimeoutError`` once the request's ``timeout_s`` is spent, even mid-read, so a server
+    dripping bytes cannot hold a search."""
     chunks: list[bytes] = []
     size = 0
-    while True:
-        chunk = resp.read(_READ_CHUNK)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise EngineError(f"{engine}: the answer of {shown} is over {MAX_ANSWER_BYTES} "
-                              "bytes; not read further", retryable=False)
-        chunks.append(chunk)
-        if time.monotonic() > deadline:
-            raise EngineError(f"{engine}: the answer of {shown} took over {timeout_s:g} s",
-                              retryable=True)
+    try:
+        while True:
+            chunk = resp.read(_READ_CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise EngineError(f"{engine}: the answer of {shown} is over {MAX_ANSWER_BYTES} "
+                                  "bytes; not read further", retryable=False)
+            chunks.append(chunk)
+    except TimeoutError:
+        raise EngineError(f"{engine}: the answer of {shown} took over {timeout_s:g} s",
+                          retryable=True) from None
 
 
 def loads(body: bytes, *, engine: str, what: str = "response") -> Any:

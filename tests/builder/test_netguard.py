@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -15,9 +16,11 @@ from builder.netguard import (
     blocked_category,
     check_url,
     is_blocked,
+    open_guarded,
     vet_url,
 )
 from builder.reasons import Reason
+from tests.builder.engines.test_request_deadline import DripServer, drip_body, drip_headers
 
 BLOCKED = {
     "127.0.0.1": "loopback",
@@ -215,3 +218,23 @@ def test_resolver_close_closes_inner() -> None:
     inner = FixedResolver(TABLE)
     asyncio.run(GuardedResolver(inner=inner).close())
     assert inner.closed
+
+
+def test_open_guarded_gives_up_on_dripped_headers_at_its_timeout() -> None:
+    with DripServer(drip_headers) as srv:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            open_guarded(srv.url, timeout_s=0.5, allow_private_networks=True)
+        assert time.monotonic() - start < 1.5
+
+
+def test_the_body_of_an_open_guarded_response_is_read_by_the_same_deadline() -> None:
+    """The time spent before the answer counts: the body read gets only what is left."""
+    with DripServer(drip_body) as srv:
+        start = time.monotonic()
+        with open_guarded(srv.url, timeout_s=1.0, allow_private_networks=True) as resp:
+            assert resp.status == 200
+            time.sleep(0.6)
+            with pytest.raises(TimeoutError):
+                resp.read(65536)
+        assert time.monotonic() - start < 2.0
