@@ -43,7 +43,7 @@ from builder.journal import (TABLE_ROWS, Journal, ResumeError, ResumeState, new_
 from builder.listsource import SlicePlan, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
-from builder.reasons import TRANSIENT_REASONS
+from builder.reasons import Reason, decided_again, stage_of
 from builder.records import REJECT_SCHEMA
 from builder.spec import DatasetSpec
 from builder.storage import open_fs
@@ -117,10 +117,10 @@ def count_retryable(uri: str, storage_options: Optional[dict] = None) -> int:
     path = f"{root.rstrip('/')}/rejects.parquet"
     if not fs.exists(path):
         return 0
-    transient = pa.array([r.value for r in TRANSIENT_REASONS])
+    again = pa.array(sorted(decided_again(retry=True)))
     with fs.open(path, "rb") as f:
         reasons = pq.read_table(f, columns=["reason"])["reason"]
-    return int(pc.sum(pc.is_in(reasons, value_set=transient).cast(pa.int64())).as_py() or 0)
+    return int(pc.sum(pc.is_in(reasons, value_set=again).cast(pa.int64())).as_py() or 0)
 
 
 class LocalExecutor:
@@ -447,14 +447,11 @@ class JobLifecycle:
             path = f"{root.rstrip('/')}/rejects.parquet"
             fs.invalidate_cache(path)
             if fs.exists(path):
-                transient = pa.array([r.value for r in TRANSIENT_REASONS])
+                again = pa.array(sorted(decided_again(self.retry)))
                 with fs.open(path, "rb") as f:
                     for batch in pq.ParquetFile(f).iter_batches(batch_size=TABLE_ROWS):
                         old = pa.Table.from_batches([batch])
-                        if self.retry:
-                            old = old.filter(pc.invert(pc.is_in(old["reason"],
-                                                                value_set=transient)))
-                        yield old
+                        yield old.filter(pc.invert(pc.is_in(old["reason"], value_set=again)))
         columns = [*REJECT_SCHEMA.names, "accepted"]
         for table in self.journal.iter_tables("units", columns):
             yield table.filter(pc.invert(table["accepted"])).select(REJECT_SCHEMA.names)
@@ -469,16 +466,17 @@ def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
     path = f"{root.rstrip('/')}/stats.json"
     fs.invalidate_cache(path)
     stats = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
-    transient = {r.value for r in TRANSIENT_REASONS} if retry else set()
+    again = decided_again(retry)
     for label, c in (stats.get("classes") or {}).items():
         if label not in spec.classes:
             continue
         by_reason = c.get("rejected_by_reason") or {}
-        retried = sum(v for k, v in by_reason.items() if k in transient)
+        redecided = {k: v for k, v in by_reason.items() if k in again}
         base.classes[label] = ClassTally(
-            int(c.get("candidates", 0)) - retried, int(c.get("accepted", 0)),
-            Counter({k: v for k, v in by_reason.items() if k not in transient}))
-        base.by_stage["fetch"] -= retried
+            int(c.get("candidates", 0)) - sum(redecided.values()), int(c.get("accepted", 0)),
+            Counter({k: v for k, v in by_reason.items() if k not in again}))
+        for reason, n in redecided.items():
+            base.by_stage[stage_of(Reason(reason)).value] -= n
     for stage, n in (stats.get("rejected_by_stage") or {}).items():
         base.by_stage[stage] += n
     base.bytes = int(stats.get("bytes_downloaded") or 0)
@@ -536,11 +534,15 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
                    journal: bool) -> Iterator[list[dict[str, Any]]]:
     """Per-partition ``load`` payloads, in chunks: the journal's committed units (URL claims)
     and shards (written images), and, for a merge, the published dataset's images and rejects
-    (decided by an earlier run; a retry leaves out the rejects it decides again)."""
+    (decided by an earlier run; those it decides again left out). The shards this job wrote
+    before it was killed are in the dataset's folder too, but they are its own (their images'
+    candidates are decided by its units, some not committed yet), not an earlier run's."""
     from builder.urls import normalise_url
 
+    own: set[str] = set()
     if journal:
         j = Journal(uri, job_id, storage_options)
+        own = j.shard_names()
         for table in j.iter_tables("units", ["url_hash", "claim"]):
             pairs = [(h, c) for h, c in zip(table["url_hash"].to_pylist(),
                                             table["claim"].to_pylist()) if h]
@@ -559,6 +561,8 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
     fs, root = open_fs(uri, storage_options)
     root = root.rstrip("/")
     for path in parquet_shards(fs, root):
+        if path.rsplit("/", 1)[-1][:-len(".parquet")] in own:
+            continue
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["id", "url", "label_name", "phash", "dhash"])
         urls, written = [], []
@@ -574,14 +578,14 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
     path = f"{root}/rejects.parquet"
     fs.invalidate_cache(path)
     if fs.exists(path):
-        transient = {r.value for r in TRANSIENT_REASONS} if retry else set()
+        again = decided_again(retry)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["key", "url", "reason"])
         urls = []
         for key, url, reason in zip(table["key"].to_pylist(), table["url"].to_pylist(),
                                     table["reason"].to_pylist()):
             norm = normalise_url(url or "")
-            if norm and reason not in transient:
+            if norm and reason not in again:
                 urls.append((url_hash(norm), claim_of(key)))
         for start in range(0, len(urls), INDEX_CHUNK):
             yield client.load_payloads(urls[start:start + INDEX_CHUNK], [], done=True)

@@ -151,6 +151,14 @@ TRANSIENT_REASONS: frozenset[Reason] = frozenset(
 )
 
 
+def decided_again(retry: bool) -> frozenset[str]:
+    """The reasons of a published dataset's rejects that a run continuing it decides again:
+    ``cancelled`` (a cancel left them undecided) always, and with ``retry`` (retry-failed)
+    the transient ones too."""
+    again = {Reason.CANCELLED, *(TRANSIENT_REASONS if retry else ())}
+    return frozenset(r.value for r in again)
+
+
 def stage_of(reason: Reason) -> Stage:
     """The stage a reason belongs to."""
     return REASON_STAGE[reason]

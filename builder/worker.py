@@ -855,8 +855,8 @@ def _decision_rows(records: list[Record], claim: Callable[[Record], int]) -> pa.
 
 def _retry_candidates(plan: JobPlan, index: int) -> list[Candidate]:
     """A slice of the published rejects a ``retry-failed`` run decides again (the transient
-    ones)."""
-    from builder.reasons import TRANSIENT_REASONS
+    and cancelled ones)."""
+    from builder.reasons import decided_again
 
     assert plan.retry_plan is not None
     import pyarrow.parquet as pq
@@ -867,12 +867,12 @@ def _retry_candidates(plan: JobPlan, index: int) -> list[Candidate]:
     fs, path = open_fs(plan.retry_plan.path, plan.storage_options)
     with fs.open(path, "rb") as f:
         table = pq.ParquetFile(f).read_row_group(group).slice(start, stop - start)
-    transient = {r.value for r in TRANSIENT_REASONS}
+    again = decided_again(retry=True)
     labels = set(plan.spec.labels)
     return [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
                       engine=row["engine"] or "")
             for row in table.to_pylist()
-            if row["reason"] in transient and row["label"] in labels]
+            if row["reason"] in again and row["label"] in labels]
 
 
 class LocalServices(WorkerServices):

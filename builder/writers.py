@@ -641,8 +641,9 @@ class DatasetPublisher:
         return open_fs(self.uri, self.storage_options)
 
     def check(self, merge: bool = False) -> None:
-        """Fail before any download: ``OutputExistsError`` if a complete dataset is there (and
-        neither overwrite nor merge), ``StorageError`` if the location cannot be written."""
+        """Fail before any download: ``OutputExistsError`` if a dataset, complete or partial,
+        is there (and neither overwrite nor merge), ``StorageError`` if the location cannot be
+        written."""
         fs, root = self._fs()
         with storage_errors(self.uri, "check"):
             markers = dict(_markers(fs, root))
@@ -652,6 +653,13 @@ class DatasetPublisher:
                 f"{self.uri} already holds a complete dataset (job {old.get('job_id', '?')}, "
                 f"created {old.get('created', '?')}). Set output.overwrite: true (or pass "
                 "--overwrite) to replace it, or choose another output.uri (--output).")
+        if PARTIAL in markers and not self.output.overwrite and not merge:
+            old = markers[PARTIAL]
+            raise OutputExistsError(
+                f"{self.uri} holds a partial dataset (job {old.get('job_id', '?')}, "
+                f"{old.get('reason') or 'partial'}, created {old.get('created', '?')}): "
+                "continue it with --resume, or set output.overwrite: true (--overwrite) to "
+                "replace it, or choose another output.uri (--output).")
         if not markers and not merge and not self.output.overwrite:
             # no marker: an interrupted job's files, which a new dataset would publish as its own
             with storage_errors(self.uri, "check"):

@@ -454,8 +454,11 @@ def test_publish_partial(target):
     body = target.read("README.md").decode().split("---\n", 2)[2]
     assert body.lstrip().startswith(PARTIAL_MARKER) and "cancelled by user" in body
 
-    # A partial dataset is replaced by the next complete one without overwrite.
+    # A partial dataset is kept from a new job (--resume continues it) unless told to replace.
     again = target.job("job2")
+    with pytest.raises(OutputExistsError, match="partial dataset.*job1.*--resume"):
+        again.publisher.check()
+    again.publisher.output.overwrite = True
     again.publisher.check()
     again.publisher.prepare()
     write_all(again, make_rows())

@@ -287,6 +287,24 @@ def test_a_new_job_refuses_an_interrupted_jobs_output_unless_told_to_start_over(
     check_accounting(out)
 
 
+def test_a_new_job_refuses_a_partial_dataset_unless_told_to_replace_it(sandbox, tmp_path):
+    """The same build run again over a cancelled dataset deleted it without a word (hours of
+    crawling, where --resume would have continued it)."""
+    from builder.errors import OutputExistsError
+
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    _cancelled_early(data, lambda r: r.counts.accepted >= 4)
+    before = sorted(accepted_ids(out))
+    with pytest.raises(OutputExistsError, match="partial dataset.*cancelled.*--resume"):
+        run_local(parse_spec(data))
+    assert sorted(accepted_ids(out)) == before and (Path(out) / "_PARTIAL").exists()
+    data["output"]["overwrite"] = True
+    run_local(parse_spec(data))
+    assert is_complete(out)
+
+
 def _cancelled_early(data: dict, until) -> None:
     """Run ``data`` in this process and cancel it once ``until(runner)`` holds."""
     holder: dict = {}
@@ -300,6 +318,27 @@ def _cancelled_early(data: dict, until) -> None:
         return await task
 
     assert asyncio.run(run()).partial
+
+
+def test_continuing_a_cancelled_dataset_decides_what_the_cancel_left_undecided(sandbox,
+                                                                              tmp_path):
+    """The candidates a cancel left undecided (``cancelled``) were taken as decided when the
+    dataset was continued: the resume published fewer images than an uninterrupted run over
+    the same list, with a _SUCCESS, and retry-failed found nothing to retry."""
+    whole = str(tmp_path / "whole")
+    run_local(parse_spec(list_spec(sandbox, tmp_path, whole)))
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    _cancelled_early(data, lambda r: r.counts.accepted >= 8)
+    assert check_accounting(out)["rejected_by_reason"].get("cancelled", 0) > 0
+    run_local(parse_spec(data), resume=True)
+    assert is_complete(out)
+    stats, reference = check_accounting(out), check_accounting(whole)
+    assert "cancelled" not in stats["rejected_by_reason"]
+    for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
+        assert stats[key] == reference[key], key
+    assert sorted(accepted_ids(out)) == sorted(accepted_ids(whole))
 
 
 def test_a_killed_continuation_of_a_partial_dataset_resumes_and_publishes(sandbox, tmp_path):
@@ -319,6 +358,7 @@ def test_a_killed_continuation_of_a_partial_dataset_resumes_and_publishes(sandbo
     assert is_complete(out) and not list(journals.glob("*/job.json"))
     stats = check_accounting(out)
     assert result.stats["accepted"] == stats["accepted"]
+    assert "cancelled" not in stats["rejected_by_reason"]  # what the cancel left is decided
 
 
 def test_retry_failed_keeps_a_partial_dataset_partial(tmp_path):
