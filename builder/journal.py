@@ -364,7 +364,8 @@ def new_job_id(spec: DatasetSpec) -> str:
 
 
 def published_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetSpec:
-    """The spec a published dataset was built from (its ``spec.yaml``)."""
+    """The spec a published dataset was built from (its ``spec.yaml``); ``ResumeError`` if it
+    has none (saying what to do instead) or one that is not UTF-8 text."""
     from builder.spec import loads_spec
 
     fs, root = open_fs(uri, storage_options)
@@ -372,7 +373,18 @@ def published_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetS
     with storage_errors(uri, "read spec.yaml from"):
         fs.invalidate_cache(path)
         if not fs.exists(path):
-            raise ResumeError(f"{uri} has no spec.yaml (written by PixCrawler 0.1+); pass the "
-                              "spec")
+            jobs = resumable_jobs(uri, storage_options)
+            if jobs:
+                raise ResumeError(f"{uri} holds an interrupted job ({', '.join(jobs)}), not a "
+                                  "published dataset: continue it with `pixcrawler build SPEC "
+                                  "--resume` (SPEC: the spec it was started with)")
+            raise ResumeError(f"{uri} has no spec.yaml, so it holds no dataset that PixCrawler "
+                              "0.1+ published: check the URI, or build the dataset again with "
+                              "`pixcrawler build SPEC --overwrite`")
         data = fs.cat_file(path)
-    return loads_spec(data.decode(), path)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ResumeError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): put "
+                          "back the spec the dataset was built from, saved as UTF-8") from exc
+    return loads_spec(text, path)

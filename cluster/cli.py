@@ -260,10 +260,31 @@ def demo_spec(base_url: str, output: str, target: int, classes: list[str]) -> di
     }
 
 
+def demo_output_taken(uri: str) -> Optional[str]:
+    """Why the demo, which replaces its own earlier dataset, must not write to ``uri``: a
+    dataset or an interrupted job there that another spec made (None if there is none)."""
+    from builder.journal import resumable_jobs
+    from builder.writers import read_marker
+
+    marker = read_marker(uri) or {}
+    jobs = [j for j in resumable_jobs(uri) if not j.startswith("demo-")]
+    theirs = marker.get("job_id") or ""
+    if marker and not theirs.startswith("demo-"):
+        return f"{uri} holds a dataset the demo did not build (job {theirs or '?'})"
+    if jobs:
+        return f"{uri} holds an interrupted job the demo did not start ({', '.join(jobs)})"
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from builder.sandbox import SandboxWeb
 
-    classes = args.classes.split(",")
+    taken = demo_output_taken(args.output)
+    if taken:
+        print(f"pixcrawler demo: error: {taken}; the demo replaces what it wrote before, so "
+              "give it another --output", file=sys.stderr)
+        return 1
+    classes = args.classes
     with SandboxWeb(classes=classes, images_per_class=args.images_per_class,
                     slow_s=3.0) as web:
         spec = parse_spec(demo_spec(web.base_url, args.output, args.target, classes), "demo")
@@ -276,9 +297,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from builder.sandbox import serve_forever
 
-    serve_forever(host=args.host, port=args.port, classes=args.classes.split(","),
-                  images_per_class=args.images_per_class)
+    try:
+        serve_forever(host=args.host, port=args.port, classes=args.classes,
+                      images_per_class=args.images_per_class)
+    except OSError as exc:  # cannot listen there (start() says why): as `serve` reports it
+        print(f"pixcrawler sandbox: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
+    return value
+
+
+def port_arg(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = _whole_number(text)
+    if not 0 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port: give 0-65535 (0: any "
+                                         "free one)")
+    return value
+
+
+def classes_arg(text: str) -> list[str]:
+    """An argparse type: comma-separated class names, each named once."""
+    names = text.split(",")
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty class name: separate the "
+                                         "names with single commas, as in cat,dog")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, twice))} given more than "
+                                         "once: name each class once")
+    return names
+
+
+def job_id_arg(text: str) -> str:
+    """An argparse type: a job id as the output's files and folders are named after it."""
+    from builder.writers import JOB_ID_RE
+
+    if not JOB_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id: use letters, digits, '.', "
+                                         "'_' and '-', starting with a letter or digit")
+    return text
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -335,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--spec-env", metavar="VAR", help="read the spec (JSON or YAML) from this "
                    "environment variable instead of a file")
     b.add_argument("--output", help="output URI (local path or s3://...), overrides output.uri")
-    b.add_argument("--overwrite", action="store_true", help="replace a complete dataset there")
-    b.add_argument("--job-id", help="job id (default: <name>-<random>)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset there (complete or partial)")
+    b.add_argument("--job-id", type=job_id_arg, help="job id (default: <name>-<random>)")
     b.add_argument("--strict", action="store_true", help="exit 4 when a class falls short")
     b.add_argument("--resume", action="store_true",
                    help="continue the interrupted job (or partial dataset) at the output URI")
@@ -346,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retry-failed", help="retry candidates rejected for transient reasons "
                        "(timeouts, 5xx, 429, connection errors) and merge what is accepted")
     r.add_argument("output", help="the dataset's URI")
-    r.add_argument("--job-id", help="job id (default: <name>-retry-<random>)")
+    r.add_argument("--job-id", type=job_id_arg,
+                   help="job id (default: <name>-retry-<random>)")
     runner_args(r)
     r.set_defaults(func=cmd_retry_failed)
 
@@ -373,17 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build a small dataset from the sandbox web, offline")
     d.add_argument("--output", default="./datasets/demo", help="output URI")
     d.add_argument("--target", type=int, default=20, help="images per class")
-    d.add_argument("--classes", default="cat,dog,bird", help="comma-separated class names")
-    d.add_argument("--images-per-class", type=int, default=40,
+    d.add_argument("--classes", type=classes_arg, default="cat,dog,bird",
+                   help="comma-separated class names")
+    d.add_argument("--images-per-class", type=count_arg, default=40,
                    help="images the sandbox web holds per class")
     runner_args(d)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("sandbox", help="serve the sandbox web (search + images + faults)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8800, help="port to listen on")
-    s.add_argument("--classes", default="cat,dog,bird", help="comma-separated class names")
-    s.add_argument("--images-per-class", type=int, default=200,
+    s.add_argument("--port", type=port_arg, default=8800,
+                   help="port to listen on (0: any free one)")
+    s.add_argument("--classes", type=classes_arg, default="cat,dog,bird",
+                   help="comma-separated class names")
+    s.add_argument("--images-per-class", type=count_arg, default=200,
                    help="images served per class")
     s.set_defaults(func=cmd_sandbox)
     from serve.cli import add_commands
@@ -393,7 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "local", False) and getattr(args, "dashboard", False):
+        # --dashboard means Ray (as --ray, which the parser already refuses with --local)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error("argument --dashboard: not allowed with argument --local")
     _setup_logging(args.verbose)
     try:
         code = args.func(args)

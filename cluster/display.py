@@ -64,11 +64,25 @@ class ProgressDisplay:
             self._live = None
 
 
+def partial_state(stats: dict[str, Any]) -> str:
+    """The dataset's state in the summary: complete, or PARTIAL and why (``partial_reason``
+    in stats.json: cancelled, empty, or what a retry kept from the dataset it retried)."""
+    if not stats.get("partial"):
+        return "complete"
+    reason = stats.get("partial_reason") or "partial"
+    if stats.get("partial_kept"):
+        return f"PARTIAL (its crawl was {reason} before this retry)"
+    if reason == "empty":
+        return "PARTIAL (empty: nothing accepted)"
+    return f"PARTIAL ({reason})"
+
+
 def shortfall_cause(stats: dict[str, Any]) -> str:
     """Why classes fell short: cancelled, searches that failed (a dead engine, no network), or
     sources that had nothing more to give."""
-    if stats.get("partial"):
-        return "job cancelled"
+    if stats.get("partial") and stats.get("partial_reason") == "cancelled":
+        return ("crawl cancelled before this retry" if stats.get("partial_kept")
+                else "job cancelled")
     errors = stats.get("search_errors") or []
     if errors:
         last = errors[-1]
@@ -92,10 +106,9 @@ def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) ->
                   str(c["candidates"]), str(c["rejected"]),
                   ", ".join(f"{k} {v}" for k, v in top))
     console.print(t)
-    state = "PARTIAL (cancelled)" if stats.get("partial") else "complete"
     console.print(f"{stats.get('accepted', 0)} accepted + {stats.get('rejected', 0)} rejected = "
                   f"{stats.get('candidates', 0)} candidates in {stats.get('duration_s', 0):.1f}s; "
-                  f"dataset {state}")
+                  f"dataset {partial_state(stats)}")
     if stats.get("shortfall"):
         console.print(f"shortfall ({shortfall_cause(stats)}): {stats['shortfall']}")
     console.print(f"output: {uri}")

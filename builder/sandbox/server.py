@@ -23,6 +23,7 @@ Images are rendered on first request (in the loop's thread pool) and kept in a b
 from __future__ import annotations
 
 import asyncio
+import errno
 import html
 import signal
 import threading
@@ -55,6 +56,7 @@ MAX_PER_PAGE = 500
 _CACHE_LIMIT_BYTES = 512 * 1024 * 1024
 _FILLER = bytes(range(256)) * 256  # 64 KiB of a too_big body, written over and over
 _READY_TIMEOUT_S = 30.0
+MAX_PORT = 65_535
 HEAVY_BYTES = 19_000_000
 """The default size of a ``/heavy/`` body: just under the default ``download.max_bytes``."""
 MAX_HEAVY_BYTES = 200_000_000
@@ -124,6 +126,8 @@ class SandboxWeb:
                  big_bytes: int = 3_000_000, bench_images: int = 0, sites: bool = True):
         if slow_s < 0 or big_bytes < len(JPEG_HEAD):
             raise ValueError(f"slow_s must be >= 0 and big_bytes >= {len(JPEG_HEAD)}")
+        if not 0 <= port <= MAX_PORT:
+            raise ValueError(f"port {port} is not a TCP port: give 0-{MAX_PORT} (0: a free one)")
         self.corpus = Corpus(classes, images_per_class, seed=seed, faults=faults,
                              fault_every=fault_every, bench_images=bench_images)
         self.classes = self.corpus.classes
@@ -161,8 +165,11 @@ class SandboxWeb:
                 raise RuntimeError(f"the sandbox web did not start within {_READY_TIMEOUT_S}s")
             if errors:
                 thread.join()
+                exc = errors[0]
+                why = ("the port is in use by another program" if exc.errno == errno.EADDRINUSE
+                       else exc.strerror or str(exc))
                 raise OSError(f"the sandbox web cannot listen on {self.host}:{self.port}: "
-                              f"{errors[0]} (pick another port, or port=0 for a free one)")
+                              f"{why} (pick another port, or 0 for a free one)") from exc
             self._thread = thread
             return self.base_url
 

@@ -19,7 +19,8 @@ import pytest
 
 from builder import journal as journal_mod
 from builder.errors import StorageError
-from builder.journal import UNIT_SCHEMA, Journal, published_spec, resumable_jobs
+from builder.journal import (UNIT_SCHEMA, Journal, ResumeError, published_spec,
+                             resumable_jobs)
 from builder.pipeline import JobLifecycle
 from builder.records import REJECT_SCHEMA
 from builder.spec import parse_spec
@@ -218,3 +219,27 @@ def test_an_unreadable_journal_is_a_storage_error_naming_the_location(unreadable
     uri, options = unreadable
     with pytest.raises(StorageError, match=rf"^cannot [a-z. ]+ {re.escape(uri)}: "):
         READERS[reader](Journal(uri, "job1", options))
+
+
+def test_a_spec_yaml_that_is_not_utf8_is_a_resume_error_naming_it(tmp_path):
+    """``build --resume`` and ``retry-failed`` print a ``ResumeError`` in one line."""
+    (tmp_path / "spec.yaml").write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ResumeError, match=rf"^{re.escape(str(tmp_path / 'spec.yaml'))} is not "
+                       r"UTF-8 text \(invalid continuation byte at byte 9\): put back the spec"):
+        published_spec(str(tmp_path))
+
+
+def test_without_spec_yaml_the_error_says_what_to_do(tmp_path):
+    """An interrupted job (only ``_journal/``) is continued with ``build SPEC --resume``; a
+    location with no dataset is not one to retry or continue (no 'pass the spec': retry-failed
+    takes none)."""
+    Journal(str(tmp_path), "cats-1").start(parse_spec({"name": "cats", "classes": {"cat": None},
+                                                       "sources": [{"engine": "wikimedia"}]}))
+    with pytest.raises(ResumeError, match=r"holds an interrupted job \(cats-1\), not a published "
+                       r"dataset: continue it with `pixcrawler build SPEC --resume`"):
+        published_spec(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ResumeError, match=r"has no spec\.yaml, so it holds no dataset that "
+                       r"PixCrawler 0\.1\+ published: check the URI, or build the dataset again"):
+        published_spec(str(empty))

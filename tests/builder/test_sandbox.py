@@ -401,3 +401,21 @@ def test_serve_forever_prints_its_url_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("port", [-1, 65_536, 99_999])
+def test_a_port_out_of_range_is_refused_at_once(port):
+    """Not an OverflowError in the server thread and a 30 s wait for it to start."""
+    with pytest.raises(ValueError, match=rf"port {port} is not a TCP port: give 0-65535"):
+        SandboxWeb(images_per_class=1, port=port)
+
+
+def test_a_busy_port_says_it_is_in_use():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        web = SandboxWeb(images_per_class=1, port=port)
+        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port}: the port is "
+                           "in use by another program"):
+            web.start()

@@ -247,3 +247,95 @@ def test_retry_failed_passes_its_runner_options_on(monkeypatch, tmp_path, flag):
     assert main(["retry-failed", str(tmp_path), flag]) == 0
     assert {k: seen[k] for k in ("dashboard", "ray", "local")} == {
         "dashboard": flag == "--dashboard", "ray": flag == "--ray", "local": flag == "--local"}
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """What ``main(argv)`` prints when argparse refuses it (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("job_id", ["a/b", " ", ".", "..", "_x", ""])
+@pytest.mark.parametrize("command", [["build", "spec.yaml", "--local"], ["retry-failed", "out"]])
+def test_a_job_id_that_cannot_name_files_is_a_usage_error(capsys, command, job_id):
+    """Output files and folders are named after the job id: one that cannot name them is
+    refused before anything runs, naming the characters allowed."""
+    err = _usage_error(capsys, [*command, "--job-id", job_id])
+    assert f"argument --job-id: {job_id!r} is not a job id: use letters, digits" in err
+    assert "starting with a letter or digit" in err
+    assert build_parser().parse_args([*command, "--job-id", "cats.v2_run-1"]).job_id == \
+        "cats.v2_run-1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--images-per-class", "-5"], "argument --images-per-class: -5 is negative"),
+    (["demo", "--images-per-class", "x"], "argument --images-per-class: 'x' is not a whole"),
+    (["demo", "--classes", "cat,cat"], "argument --classes: 'cat' given more than once"),
+    (["demo", "--classes", "cat,,dog"], "argument --classes: 'cat,,dog' has an empty class"),
+    (["sandbox", "--classes", "dog,cat,dog"], "argument --classes: 'dog' given more than once"),
+    (["sandbox", "--images-per-class", "-1"], "argument --images-per-class: -1 is negative"),
+    (["sandbox", "--port", "99999"], "argument --port: 99999 is not a TCP port: give 0-65535"),
+    (["sandbox", "--port", "-1"], "argument --port: -1 is not a TCP port"),
+])
+def test_the_sandbox_commands_refuse_bad_options_before_starting(capsys, argv, message):
+    assert message in _usage_error(capsys, argv)
+
+
+def test_the_sandbox_commands_default_classes_are_a_list():
+    assert build_parser().parse_args(["demo"]).classes == ["cat", "dog", "bird"]
+    assert build_parser().parse_args(["sandbox", "--classes", "a b,c"]).classes == ["a b", "c"]
+
+
+def test_sandbox_on_a_busy_port_says_so_in_one_line(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["sandbox", "--port", str(port), "--images-per-class", "1"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"127.0.0.1:{port}" in err[0] and "in use" in err[0], err
+
+
+@pytest.mark.parametrize("command", [["build", "spec.yaml"], ["retry-failed", "out"], ["demo"]])
+def test_dashboard_with_local_is_a_usage_error_as_ray_with_local_is(capsys, command):
+    """``--dashboard`` means running on Ray, so ``--local`` contradicts it (it was dropped)."""
+    err = _usage_error(capsys, [*command, "--local", "--dashboard"])
+    assert f"pixcrawler {command[0]}: error: argument --dashboard: not allowed with argument " \
+           "--local" in err
+    err = _usage_error(capsys, [*command, "--dashboard", "--local"])
+    assert "argument --dashboard: not allowed with argument --local" in err
+    assert "argument --ray: not allowed with argument --local" in \
+        _usage_error(capsys, [*command, "--local", "--ray"])
+    args = build_parser().parse_args([*command, "--ray", "--dashboard"])
+    assert args.ray and args.dashboard
+
+
+def test_the_demo_replaces_only_what_a_demo_wrote(tmp_path, capsys):
+    """The demo's spec overwrites its output, so `demo --output` pointed at a real dataset
+    deleted it without a word."""
+    import json
+
+    from cluster.cli import demo_output_taken, main
+
+    real = tmp_path / "pets"
+    real.mkdir()
+    (real / "_SUCCESS").write_text(json.dumps({"job_id": "pets-1a2b3c4d", "files": []}))
+    assert main(["demo", "--local", "--output", str(real)]) == 1
+    assert "did not build (job pets-1a2b3c4d)" in capsys.readouterr().err
+    assert json.loads((real / "_SUCCESS").read_text())["job_id"] == "pets-1a2b3c4d"
+    interrupted = tmp_path / "run" / "_journal" / "pets-5e6f7a8b"
+    interrupted.mkdir(parents=True)
+    (interrupted / "job.json").write_text("{}")
+    assert "interrupted job the demo did not start" in demo_output_taken(str(tmp_path / "run"))
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "_PARTIAL").write_text(json.dumps({"job_id": "demo-9c8d7e6f"}))
+    assert demo_output_taken(str(demo)) is None
+    assert demo_output_taken(str(tmp_path / "nothing-yet")) is None

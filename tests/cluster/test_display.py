@@ -21,4 +21,23 @@ def test_failed_searches_are_not_called_sources_running_dry():
     summary(failed, "/tmp/x", stream=out)
     assert "1 searches failed, the last: wikimedia: Name or service not known" in out.getvalue()
     assert shortfall_cause(stats()) == "sources ran dry"
-    assert shortfall_cause(stats(partial=True)) == "job cancelled"
+    assert shortfall_cause(stats(partial=True, partial_reason="cancelled")) == "job cancelled"
+
+
+def test_the_summary_says_why_the_dataset_is_partial():
+    """``partial_reason`` (stats.json) names it: an empty result is not called cancelled."""
+    def printed(**extra) -> str:
+        out = io.StringIO()
+        summary(stats(**extra), "/tmp/x", stream=out)
+        return " ".join(out.getvalue().split())
+
+    empty = printed(partial=True, partial_reason="empty")
+    assert "dataset PARTIAL (empty: nothing accepted)" in empty
+    assert "cancelled" not in empty and "shortfall (sources ran dry)" in empty
+    cancelled = printed(partial=True, partial_reason="cancelled")
+    assert "dataset PARTIAL (cancelled)" in cancelled
+    assert "shortfall (job cancelled)" in cancelled
+    kept = printed(partial=True, partial_reason="cancelled", partial_kept=True)
+    assert "dataset PARTIAL (its crawl was cancelled before this retry)" in kept
+    assert "shortfall (crawl cancelled before this retry)" in kept
+    assert "dataset complete" in printed(partial=False, partial_reason="")
