@@ -133,7 +133,8 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.DECOMPRESSION_BOMB: "width*height exceeds validation.max_pixels",
     Reason.ANIMATED: "an animated image while validation.animated is 'reject'",
     Reason.VALIDATOR_CRASHED: "the process validating the image died on it (e.g. out of memory, "
-    "a decoder crash), with the image alone in a process of its own",
+    "a decoder crash), with the image alone in a process of its own (its worker was lost while "
+    "its unit ran, so the unit ran again isolated)",
     Reason.EXACT_DUPLICATE: "the same bytes (sha256) as an image kept earlier in the job",
     Reason.NEAR_DUPLICATE: "a view (whole, centre crops, mirror, small turns) within "
     "validation.near_duplicate_threshold bits on pHash and dHash of a view of an image kept "
