@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
@@ -84,3 +85,32 @@ def accepted_urls(out: str) -> set[str]:
     for p in (Path(out) / "data").glob("*.parquet"):
         urls.update(pq.read_table(p, columns=["url"]).column("url").to_pylist())
     return urls
+
+
+class KillWatch:
+    """A runner hook for a test that kills a worker mid-job: it keeps the runner, and records
+    for each unit that reported the worker it ran on and whether it was sent after the kill
+    (``killed``, set by the test)."""
+
+    def __init__(self) -> None:
+        self.runner: Any = None
+        self.killed = False
+        self.ran: list[tuple[int, bool]] = []
+
+    def __call__(self, runner: Any) -> None:
+        self.runner = runner
+        original = runner.executor.run
+
+        async def run(worker: int, unit: Any) -> Any:
+            sent_after_kill = self.killed
+            report = await original(worker, unit)
+            self.ran.append((worker, sent_after_kill))
+            return report
+
+        runner.executor.run = run
+
+    async def until_accepted(self, job: asyncio.Future, n: int) -> None:
+        """Wait until the job has accepted ``n`` images (failing if it ends first)."""
+        while self.runner is None or self.runner.counts.accepted < n:
+            assert not job.done(), job.exception()
+            await asyncio.sleep(0.02)

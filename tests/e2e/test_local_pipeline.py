@@ -20,8 +20,8 @@ from builder.spec import parse_spec
 from builder.sandbox import FAULTS
 from builder.writers import is_complete
 from tests.conftest import make_bucket
-from tests.e2e.helpers import (accepted_urls, check_accounting, fault_list_spec, reasons_by_url,
-                               sandbox_spec)
+from tests.e2e.helpers import (KillWatch, accepted_urls, check_accounting, fault_list_spec,
+                               reasons_by_url, sandbox_spec)
 
 
 @pytest.fixture(scope="module")
@@ -262,34 +262,20 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
     whole = str(tmp_path / "whole")
     run_local(spec(whole))
     out = str(tmp_path / "ds")
-    holder, killed, ran = {}, [], []
-
-    def hook(runner):
-        holder["r"] = runner
-        original = runner.executor.run
-
-        async def run_(worker, unit):
-            sent_after_kill = bool(killed)
-            report = await original(worker, unit)
-            ran.append((worker, sent_after_kill))
-            return report
-
-        runner.executor.run = run_
+    watch = KillWatch()
 
     async def main():
-        task = asyncio.ensure_future(run_local_async(spec(out), runner_hook=hook))
-        while "r" not in holder or holder["r"].counts.accepted < 8:
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-        proc = holder["r"].executor.procs[1]
+        task = asyncio.ensure_future(run_local_async(spec(out), runner_hook=watch))
+        await watch.until_accepted(task, 8)
+        proc = watch.runner.executor.procs[1]
         assert isinstance(proc, worker_start.ForkedWorker) == fork
         os.kill(proc.pid, signal.SIGKILL)
-        killed.append(proc.pid)
+        watch.killed = True
         return await task
 
     result = asyncio.run(main())
-    assert killed and not result.partial and is_complete(out)
-    assert (1, True) in ran, "no process took the killed worker's place"
+    assert watch.killed and not result.partial and is_complete(out)
+    assert (1, True) in watch.ran, "no process took the killed worker's place"
     stats, reference = check_accounting(out), check_accounting(whole)
     assert stats["resent_units"] > 0
     for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
@@ -300,7 +286,7 @@ def test_a_killed_worker_process_loses_nothing_and_doubles_nothing(sandbox, tmp_
                                  .to_pylist())
     labels = json.loads((Path(out) / "labels.json").read_text())
     assert all((Path(out) / e["path"]).exists() for e in labels)
-    assert all(p.poll() is not None for p in holder["r"].executor.procs)  # none left
+    assert all(p.poll() is not None for p in watch.runner.executor.procs)  # none left
 
 
 KILLER = '''

@@ -14,8 +14,8 @@ import pytest
 from builder.sandbox import FAULTS
 from builder.writers import is_complete
 from tests.conftest import make_bucket
-from tests.e2e.helpers import (accepted_urls, check_accounting, fault_list_spec, reasons_by_url,
-                               sandbox_spec)
+from tests.e2e.helpers import (KillWatch, accepted_urls, check_accounting, fault_list_spec,
+                               reasons_by_url, sandbox_spec)
 
 
 def run(spec, **kwargs):
@@ -152,32 +152,18 @@ def test_a_killed_worker_actor_comes_back_and_the_job_is_the_same(ray_session, s
     whole = str(tmp_path / "whole")
     run_local(spec(whole))
     out = str(tmp_path / "ds")
-    holder, ran, killed = {}, [], []
-
-    def hook(runner):
-        holder["r"] = runner
-        original = runner.executor.run
-
-        async def run_(worker, unit):
-            sent_after_kill = bool(killed)
-            report = await original(worker, unit)
-            ran.append((worker, sent_after_kill))
-            return report
-
-        runner.executor.run = run_
+    watch = KillWatch()
 
     async def main():
-        task = asyncio.ensure_future(run_job_async(spec(out), runner_hook=hook))
-        while "r" not in holder or holder["r"].counts.accepted < 8:
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-        ray.kill(holder["r"].executor.handles[1], no_restart=False)
-        killed.append(True)
+        task = asyncio.ensure_future(run_job_async(spec(out), runner_hook=watch))
+        await watch.until_accepted(task, 8)
+        ray.kill(watch.runner.executor.handles[1], no_restart=False)
+        watch.killed = True
         return await task
 
     result = asyncio.run(main())
     assert not result.partial and is_complete(out)
-    assert (1, True) in ran, "the killed worker was sent nothing once it was back"
+    assert (1, True) in watch.ran, "the killed worker was sent nothing once it was back"
     stats, reference = check_accounting(out), check_accounting(whole)
     assert stats["resent_units"] > 0
     for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
