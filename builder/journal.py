@@ -230,11 +230,11 @@ class Journal:
 
     def unit_uids(self) -> set[str]:
         """The committed units' uids (their files' names)."""
-        return {_stem(p) for p in self.unit_files()}
+        return {parquet_stem(p) for p in self.unit_files()}
 
     def shard_names(self) -> set[str]:
         """The committed shards' names (``train-00004``: the dataset's ``data/`` file names)."""
-        return {_stem(p) for p in self.shard_files()}
+        return {parquet_stem(p) for p in self.shard_files()}
 
     def _contents(self, paths: list[str]) -> Iterator[bytes]:
         """The bytes of each file, in order, fetched ``READ_FILES`` at a time."""
@@ -333,8 +333,9 @@ class Journal:
                 pass
 
 
-def _stem(path: str) -> str:
-    """A journal file's name without its folder and ``.parquet``."""
+def parquet_stem(path: str) -> str:
+    """A Parquet file's name without its folder and ``.parquet``: a journal file's unit or
+    shard name, a dataset shard's name."""
     return path.rsplit("/", 1)[-1][:-len(".parquet")]
 
 

@@ -39,7 +39,7 @@ from builder.errors import CancelledUnpublished
 from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
                          WorkerLost)
 from builder.journal import (TABLE_ROWS, Journal, ResumeError, ResumeState, new_job_id,
-                             published_spec, resumable_jobs, spec_fingerprint)
+                             parquet_stem, published_spec, resumable_jobs, spec_fingerprint)
 from builder.listsource import SlicePlan, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
@@ -520,7 +520,7 @@ def published_manifest(uri: str, storage_options: Optional[dict], spec: DatasetS
             "license", "author"]
     nested = spec.output.imagefolder_labels == "nested"
     for path in paths:
-        name = path.rsplit("/", 1)[-1][:-len(".parquet")]
+        name = parquet_stem(path)
         if name in skip:
             continue
         with fs.open(path, "rb") as f:
@@ -561,7 +561,7 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
     fs, root = open_fs(uri, storage_options)
     root = root.rstrip("/")
     for path in parquet_shards(fs, root):
-        if path.rsplit("/", 1)[-1][:-len(".parquet")] in own:
+        if parquet_stem(path) in own:
             continue
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["id", "url", "label_name", "phash", "dhash"])

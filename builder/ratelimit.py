@@ -353,7 +353,7 @@ class Quota:
         self._roll()
         self.job_used += n
         if self.day_file is not None and self.per_day is not None:
-            self._day_used = self.day_file.add(self._day, n)
+            self.day_file.add(self._day, n)
         else:
             self._day_used += n
 

@@ -13,10 +13,11 @@ payloads cross; image bytes never do. The socket lives in a temporary directory 
 can enter (mode 0700), so the pickles it carries come from the job's own processes.
 
 A worker process that dies (killed, out of memory) is a lost worker: its units are resent to
-the others (``WorkerLost``), and a fresh interpreter takes its place (``ProcessExecutor.revive``
-says when it is ready), as Ray restarts a lost actor. The processes ignore SIGINT and SIGTERM, so a Ctrl-C
-stops the job through the runner (units end ``cancelled``, the partial result is written), and
-they exit when the runner's end of the socket closes, whatever ends the runner.
+the others (``WorkerLost``), and a fresh interpreter takes its place
+(``ProcessExecutor.revive`` says when it is ready), as Ray restarts a lost actor. The processes
+ignore SIGINT and SIGTERM, so a Ctrl-C stops the job through the runner (units end
+``cancelled``, the partial result is written), and they exit when the runner's end of the
+socket closes, whatever ends the runner.
 """
 
 from __future__ import annotations
@@ -338,7 +339,6 @@ class ProcessExecutor:
         """Workers not started yet: lost ones while their replacement starts (``start``
         waits for the first ones)."""
         self._replacing: dict[int, asyncio.Task] = {}
-        self._given_up: set[int] = set()
 
     @property
     def procs(self) -> list[WorkerProcess]:
@@ -363,7 +363,7 @@ class ProcessExecutor:
         """The worker's process is gone: a replacement starts (``revive`` says when it is
         ready), as Ray restarts a lost actor."""
         code = self.procs[worker].poll() if worker < len(self.procs) else None
-        if worker not in self.late and worker not in self._given_up:
+        if worker not in self.late:  # a replacement that could not start stays late
             self.late.add(worker)
             self._replacing[worker] = asyncio.ensure_future(self._replace(worker))
         return WorkerLost(worker, f"worker process {worker} is gone ({_exit_text(code)}): "
@@ -398,8 +398,7 @@ class ProcessExecutor:
             return False
         del self._replacing[worker]
         error = task.exception()
-        if error is not None:  # it stays late: sent nothing, flushed and reset never
-            self._given_up.add(worker)
+        if error is not None:  # it stays late: sent nothing, flushed, reset or replaced never
             log.warning("worker process %d could not be started again: %s", worker, error)
             return False
         self.late.discard(worker)
