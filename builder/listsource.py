@@ -28,6 +28,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -49,6 +51,17 @@ _COMPRESSED = (".gz", ".bz2", ".zst", ".zip", ".xz")
 
 SAMPLE_BYTES = 65536
 """Bytes read at planning to estimate the line length (and check the format)."""
+
+MAX_LINE_BYTES = 1 << 20
+"""The longest line a text list may hold. A longer one is a bad row (its candidate is rejected
+as ``invalid_url``), read past in pieces, so one line without an end never fills memory."""
+
+PARQUET_BATCH_ROWS = 8192
+"""Rows a parquet list is decoded by: a reader holds one such batch of a row group, never the
+whole group (which a writer may have made as large as the file)."""
+
+PARQUET_BUFFER_BYTES = 1 << 20
+"""Bytes a parquet list is read from storage by, for the same reason."""
 
 
 @dataclass(frozen=True)
@@ -210,9 +223,10 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
         data_start = len(first_line) + 1 if b"\n" in head else len(head)
         header = _header(path, first_line, kind)
         _columns(path, list(header), used)
-    sample = head[data_start:]
-    lines = sample.count(b"\n") or 1
-    avg = max(1, len(sample) // lines)
+    if b"\r" in head and b"\n" not in head:
+        raise SourceError(f"{path}: its lines end with a lone \\r (as old Mac files do); end "
+                          "them with \\n or \\r\\n")
+    avg = _line_bytes(head[data_start:])
     slice_bytes = max(16, avg * slice_rows)
     data = max(0, size - data_start)
     count = math.ceil(data / slice_bytes) if data else 0
@@ -223,6 +237,16 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
     return SlicePlan(path, kind, count, size=size, data_start=data_start,
                      slice_bytes=slice_bytes, header=header, slice_rows=slice_rows,
                      grow_after=grow_after, grown_rows=grown_rows, grown_bytes=grown_bytes)
+
+
+def _line_bytes(sample: bytes) -> int:
+    """The typical line length of a list's sampled head: the median of its whole lines, so one
+    long line (a comment, a data: URL) does not make every slice hold a hundred times the rows
+    it is cut for."""
+    lines = sample.split(b"\n")
+    if len(lines) > 1:
+        lines.pop()  # the sample ends in the middle of this one, or it is empty
+    return max(1, int(statistics.median(len(line) + 1 for line in lines)))
 
 
 def _parquet_groups(path: str, fs: Any, fs_path: str,
@@ -259,8 +283,10 @@ def _header(path: str, line: bytes, kind: str) -> tuple[str, ...]:
 
 
 class ListReader:
-    """Reads slices of one list file (a worker holds one per list source). Keeps the last few
-    parquet row groups it read, since neighbouring slices share them."""
+    """Reads slices of one list file (a worker holds one per list source). For parquet it keeps
+    a cursor in the last two row groups it read, since a worker's slices of a group come in
+    order: the next one continues where the last ended instead of decoding the group again.
+    Close it to release the open files."""
 
     def __init__(self, plan: SlicePlan, *, url_column: str = "url", label_column: str = "label",
                  caption_column: Optional[str] = None, default_label: str = "",
@@ -271,17 +297,25 @@ class ListReader:
         self.caption_column = caption_column
         self.default_label = default_label
         self.storage_options = storage_options
-        self._groups: OrderedDict[int, tuple[list[Any], list[Any], list[Any]]] = OrderedDict()
+        self._cursors: OrderedDict[int, _GroupCursor] = OrderedDict()
+        self._lock = threading.Lock()
+        """Slices are read in threads; a cursor is one file position."""
 
     def read(self, index: int) -> list[ListRow]:
         """The rows of slice ``index``; raises ``SourceError`` when the file cannot be read."""
         group, start, stop = self.plan.bounds(index)
         try:
             if self.plan.kind == "parquet":
-                return self._read_parquet(group, start, stop)
+                with self._lock:
+                    return self._read_parquet(group, start, stop)
             return self._read_text(start, stop)
         except self._errors() as exc:
             raise _read_error(self.plan.path, exc, f" (slice {index})") from None
+
+    def close(self) -> None:
+        with self._lock:
+            while self._cursors:
+                self._cursors.popitem()[1].close()
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         if self.plan.kind != "parquet":
@@ -299,16 +333,24 @@ class ListReader:
         with fs.open(fs_path, "rb") as f:
             if start > plan.data_start:
                 f.seek(start - 1)
-                f.readline()  # the line that started before this slice belongs to the last one
+                # The line that started before this slice belongs to the last one; when it
+                # runs past this slice's end, no line starts here.
+                if not _past_line(f, stop - start):
+                    return rows
             else:
                 f.seek(start)
             pos = f.tell()
             while pos < stop:
-                line = f.readline()
-                if not line:
+                line, length = _line(f)
+                if not length:
                     break
-                row = self._parse(line, f"{plan.path}:byte {pos}")
-                pos += len(line)
+                where = f"{plan.path}:byte {pos}"
+                pos += length
+                if len(line) < length:
+                    rows.append(ListRow(self.default_label, "", f"{where} (a line of "
+                                        f"{length:,} bytes; at most {MAX_LINE_BYTES:,})"))
+                    continue
+                row = self._parse(line, where)
                 if row is not None:
                     rows.append(row)
         return rows
@@ -353,34 +395,121 @@ class ListReader:
                        caption if isinstance(caption, str) else "")
 
     def _read_parquet(self, group: int, start: int, stop: int) -> list[ListRow]:
-        urls, labels, captions = self._group(group)
-        return [self._row({self.url_column: urls[i],
+        cursor = self._cursors.get(group)
+        if cursor is None or not cursor.reaches(start):
+            if cursor is not None:
+                cursor.close()
+            cursor = self._cursors[group] = self._open_group(group)
+            while len(self._cursors) > 2:
+                self._cursors.popitem(last=False)[1].close()
+        self._cursors.move_to_end(group)
+        urls, labels, captions = cursor.rows(start, stop)
+        return [self._row({self.url_column: url,
                            self.label_column: labels[i] if labels else None,
                            self.caption_column: captions[i] if captions else None},
-                          f"{self.plan.path}: row group {group} row {i}")
-                for i in range(start, stop)]
+                          f"{self.plan.path}: row group {group} row {start + i}")
+                for i, url in enumerate(urls)]
 
-    def _group(self, group: int) -> tuple[list[Any], list[Any], list[Any]]:
-        cached = self._groups.get(group)
-        if cached is not None:
-            self._groups.move_to_end(group)
-            return cached
+    def _open_group(self, group: int) -> _GroupCursor:
         import pyarrow.parquet as pq
 
         from builder.storage import open_fs
 
         fs, fs_path = open_fs(self.plan.path, self.storage_options)
-        with fs.open(fs_path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        f = fs.open(fs_path, "rb")
+        try:
+            pf = pq.ParquetFile(f, buffer_size=PARQUET_BUFFER_BYTES)
             names = pf.schema_arrow.names
             used = (self.url_column, self.label_column, self.caption_column)
             _columns(self.plan.path, names, used)
-            cols = [c for c in used if c in names]
-            table = pf.read_row_group(group, columns=cols)
-        urls = table[self.url_column].to_pylist()
-        labels = table[self.label_column].to_pylist() if self.label_column in cols else []
-        captions = table[self.caption_column].to_pylist() if self.caption_column in cols else []
-        self._groups[group] = (urls, labels, captions)
-        if len(self._groups) > 2:
-            self._groups.popitem(last=False)
-        return urls, labels, captions
+            batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group],
+                                      columns=[c for c in used if c in names], use_threads=False)
+        except BaseException:
+            f.close()
+            raise
+        return _GroupCursor(f, batches, (self.url_column, self.label_column,
+                                         self.caption_column))
+
+
+def head_rows(path: str, rows: int, *, url_column: str = "url",
+              label_column: str = "label") -> list[ListRow]:
+    """The rows of a list's first slice of about ``rows`` rows (the list is never read whole);
+    raises ``SourceError`` as ``plan_slices`` and ``ListReader.read`` do."""
+    plan = plan_slices(path, rows, url_column=url_column, label_column=label_column)
+    if not plan.count:
+        return []
+    reader = ListReader(plan, url_column=url_column, label_column=label_column)
+    try:
+        return reader.read(0)
+    finally:
+        reader.close()
+
+
+def _line(f: Any) -> tuple[bytes, int]:
+    """The next line of ``f`` (at most ``MAX_LINE_BYTES`` of it) and its whole length; a longer
+    line is read past in pieces, never held whole."""
+    line = f.readline(MAX_LINE_BYTES + 1)
+    length = len(line)
+    if length <= MAX_LINE_BYTES or line.endswith(b"\n"):
+        return line, length
+    while not line.endswith(b"\n"):
+        line = f.readline(MAX_LINE_BYTES)
+        if not line:
+            break
+        length += len(line)
+    return b"", length
+
+
+def _past_line(f: Any, limit: int) -> bool:
+    """Read ``f`` past the end of the line it is in, reading at most ``limit`` bytes: whether
+    that line ended within them. Bounding it keeps each slice's cost its own size, however
+    many slices one long line spans."""
+    while limit > 0:
+        piece = f.readline(min(limit, MAX_LINE_BYTES))
+        if not piece:
+            return False
+        if piece.endswith(b"\n"):
+            return True
+        limit -= len(piece)
+    return False
+
+
+class _GroupCursor:
+    """One parquet row group read forward a batch at a time: it holds the open file and the
+    batch the last slice ended in."""
+
+    def __init__(self, file: Any, batches: Any, columns: tuple[Optional[str], ...]):
+        self._file = file
+        self._batches = batches
+        self._columns = columns
+        self._batch: Any = None
+        self._first = 0
+        """The row of the group that ``_batch`` starts at (or, with none, the next batch)."""
+
+    def reaches(self, start: int) -> bool:
+        return start >= self._first
+
+    def rows(self, start: int, stop: int) -> tuple[list[Any], list[Any], list[Any]]:
+        """The used columns' values of rows ``start`` to ``stop`` of the group; ``start`` must
+        be one this cursor ``reaches``. A column the file lacks gives an empty list."""
+        out: tuple[list[Any], ...] = ([], [], [])
+        row = start
+        while row < stop:
+            if self._batch is None or row >= self._first + self._batch.num_rows:
+                if self._batch is not None:
+                    self._first += self._batch.num_rows
+                self._batch = next(self._batches, None)
+                if self._batch is None:
+                    raise OSError(f"row group ended at row {self._first}, before row {stop}")
+                continue
+            take = self._batch.slice(row - self._first, stop - row)
+            names = take.schema.names
+            for values, name in zip(out, self._columns):
+                if name in names:
+                    values.extend(take.column(name).to_pylist())
+            row += take.num_rows
+        return out[0], out[1], out[2]
+
+    def close(self) -> None:
+        self._batch = None
+        self._file.close()

@@ -210,7 +210,7 @@ def contact_problem(spec: DatasetSpec) -> Optional[str]:
         why = f"sources {', '.join(public)} crawl the public web"
     else:
         from builder.errors import SourceError
-        from builder.listsource import ListReader, plan_slices
+        from builder.listsource import head_rows
 
         for c in spec.classes.values():
             url = first_public_url(c.urls)
@@ -221,10 +221,8 @@ def contact_problem(spec: DatasetSpec) -> Optional[str]:
             if why or src.engine != "urllist" or not src.path:
                 continue
             try:
-                plan = plan_slices(src.path, CONTACT_SAMPLE_ROWS, url_column=src.url_column,
-                                   label_column=src.label_column)
-                rows = ListReader(plan, url_column=src.url_column,
-                                  label_column=src.label_column).read(0) if plan.count else []
+                rows = head_rows(src.path, CONTACT_SAMPLE_ROWS, url_column=src.url_column,
+                                 label_column=src.label_column)
             except SourceError:
                 continue  # the job reports an unreadable list itself
             url = first_public_url(row.url for row in rows)

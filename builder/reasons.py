@@ -99,7 +99,8 @@ REASON_STAGE: dict[Reason, Stage] = {
 }
 
 REASON_DOCS: dict[Reason, str] = {
-    Reason.INVALID_URL: "the URL does not parse or has no host",
+    Reason.INVALID_URL: "the URL does not parse, has no host or is over 8,192 characters, or its "
+                        "list row holds no URL (a line over 1 MiB, a row the parser refuses)",
     Reason.UNSUPPORTED_SCHEME: "a scheme other than http/https",
     Reason.DUPLICATE_URL: "the same normalised URL was already a candidate in this job",
     Reason.BLOCKED_ADDRESS: "the host resolves to a loopback/private/link-local/reserved address "

@@ -17,6 +17,10 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 """Path characters left as they are: RFC 3986 unreserved, sub-delims, ':', '@' and '/'."""
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 
+MAX_URL_CHARS = 8192
+"""The longest URL a candidate may have: RFC 9110 asks servers to take at least 8,000 octets,
+and a longer one is a pasted body or a data: URL, not an image's address."""
+
 
 def _normalise_path(path: str) -> str:
     """RFC 3986 percent-encoding normalisation of a path.
@@ -76,8 +80,14 @@ def check_url(url: str) -> tuple[str | None, Reason | None, str]:
     """(normalised URL, rejection reason or None, detail) for a candidate URL, before fetching.
 
     The scheme is judged first: ``data:``, ``file:`` and ``javascript:`` URLs have no host but
-    are unsupported rather than unparsable.
+    are unsupported rather than unparsable. A URL past ``MAX_URL_CHARS`` is not parsed at all.
     """
+    if len(url) > MAX_URL_CHARS:
+        scheme = _scheme(url[:64])
+        if scheme and scheme not in _ALLOWED_SCHEMES:
+            return None, Reason.UNSUPPORTED_SCHEME, f"scheme {scheme!r}; only http and https"
+        return None, Reason.INVALID_URL, (f"a URL of {len(url):,} characters (at most "
+                                          f"{MAX_URL_CHARS:,}): {url[:200]!r}...")
     norm = normalise_url(url)
     scheme = norm.split(":", 1)[0] if norm is not None else _scheme(url)
     if scheme and scheme not in _ALLOWED_SCHEMES:

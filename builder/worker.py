@@ -381,6 +381,8 @@ class WorkerRuntime:
             self.fetcher = None
         for engine in self.engines.values():
             engine.close()
+        for reader in self.readers.values():
+            reader.close()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None

@@ -106,13 +106,11 @@ def probe_source(index: int, src: SourceSpec, spec: DatasetSpec, *,
 
 def _probe_list(result: ProbeResult, src: SourceSpec) -> ProbeResult:
     """A URL list works when its first slice reads (it is never read whole here)."""
-    from builder.listsource import ListReader, plan_slices
+    from builder.listsource import head_rows
 
     try:
-        plan = plan_slices(src.path or "", PROBE_HITS, url_column=src.url_column,
-                           label_column=src.label_column)
-        rows = ListReader(plan, url_column=src.url_column,
-                          label_column=src.label_column).read(0) if plan.count else []
+        rows = head_rows(src.path or "", PROBE_HITS, url_column=src.url_column,
+                         label_column=src.label_column)
     except SourceError as exc:
         result.detail = str(exc)
         return result

@@ -140,7 +140,9 @@ def test_a_row_the_parser_refuses_is_a_bad_row_and_the_rest_is_read(tmp_path, na
             else "http://127.0.0.1:1/%s.jpg,cat")
     header = "url,label\n" if name.endswith("csv") else ""
     path.write_text(header + "\n".join([good % "a", bad, good % "b"]) + "\n")
-    rows = ListReader(plan_slices(str(path), 10), default_label="cat").read(0)
+    plan = plan_slices(str(path), 10)
+    reader = ListReader(plan, default_label="cat")
+    rows = [row for i in range(plan.count) for row in reader.read(i)]
     assert [r.url for r in rows] == ["http://127.0.0.1:1/a.jpg", "",
                                      "http://127.0.0.1:1/b.jpg"]
     assert "byte" in rows[1].where and "not " in rows[1].where
@@ -225,3 +227,76 @@ def test_a_text_list_gone_after_planning_is_a_source_error_naming_the_slice(text
     text_list.unlink()
     with pytest.raises(SourceError, match=re.escape(f"{text_list} (slice 3)")):
         ListReader(plan).read(3)
+
+
+def test_a_line_past_the_limit_is_a_bad_row_read_past_in_pieces(tmp_path):
+    """A line without an end (here 8 MiB) never sits in memory whole: it becomes a row without
+    a URL saying how long it was, and every other line is read once, whatever the cut. The
+    slices that start inside it cost no more than their own bytes."""
+    import tracemalloc
+
+    from builder.listsource import MAX_LINE_BYTES
+
+    path = tmp_path / "urls.txt"
+    urls = _urls(200)
+    long = "http://127.0.0.1:1/" + "x" * (8 * MAX_LINE_BYTES)
+    path.write_text("\n".join(urls[:100] + [long] + urls[100:]) + "\n")
+    plan = plan_slices(str(path), 50)
+    reader = ListReader(plan, default_label="cat")
+    tracemalloc.start()
+    try:
+        rows = [row for i in range(plan.count) for row in reader.read(i)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.url for r in rows] == urls[:100] + [""] + urls[100:]
+    assert f"a line of {len(long) + 1:,} bytes" in rows[100].where
+    assert peak < 4 * MAX_LINE_BYTES
+
+
+def test_one_long_line_at_the_head_does_not_swell_the_slices(tmp_path):
+    """Slices are cut from the sampled head's typical line, not its mean: a 60 KiB comment
+    first would otherwise make each slice of 100 rows hold every row of the file."""
+    path = tmp_path / "urls.txt"
+    urls = _urls(5000)
+    path.write_text("# " + "x" * 60_000 + "\n" + "".join(f"{u}\n" for u in urls))
+    plan = plan_slices(str(path), 100)
+    slices = _read_all(plan)
+    assert [u for s in slices for u in s] == urls
+    assert max(len(s) for s in slices[1:]) <= 110
+    assert plan.count >= 50
+
+
+def test_a_text_list_of_lone_carriage_returns_is_a_source_error(tmp_path):
+    path = tmp_path / "mac.txt"
+    path.write_bytes(b"".join(u.encode() + b"\r" for u in _urls(50)))
+    with pytest.raises(SourceError, match=re.escape("lone \\r")):
+        plan_slices(str(path), 10)
+
+
+def test_a_parquet_slice_never_holds_its_whole_row_group(tmp_path):
+    """A list written as one row group of 100,000 rows: reading one slice of 64 rows holds a
+    batch of the group, not the group's 100,000 URLs as Python strings, and slices read out of
+    order (a resent unit) still give their own rows."""
+    import tracemalloc
+
+    path = tmp_path / "urls.parquet"
+    urls = [f"http://127.0.0.1:1/{i:06d}/{'%032x' % (i * 2654435761)}.jpg"
+            for i in range(100_000)]
+    pq.write_table(pa.table({"url": urls}), path, row_group_size=len(urls))
+    plan = plan_slices(str(path), 64)
+    reader = ListReader(plan, default_label="cat")
+    try:
+        tracemalloc.start()
+        try:
+            middle = reader.read(800)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [r.url for r in middle] == urls[800 * 64:801 * 64]
+        assert peak < 4_000_000
+        assert [r.url for r in reader.read(3)] == urls[3 * 64:4 * 64]
+        assert [r.url for r in reader.read(801)] == urls[801 * 64:802 * 64]
+        assert reader.read(801)[0].where.endswith(f"row group 0 row {801 * 64}")
+    finally:
+        reader.close()

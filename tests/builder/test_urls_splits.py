@@ -39,6 +39,18 @@ def test_normalise_url_keeps_escaped_reserved_characters_distinct():
     assert check_url("http://x.org/\udc80")[1] == Reason.INVALID_URL
 
 
+def test_a_url_past_the_length_limit_is_invalid_before_it_is_parsed():
+    from builder.urls import MAX_URL_CHARS
+
+    path = "/" + "a" * (MAX_URL_CHARS - len("https://x.org/"))
+    assert check_url(f"https://x.org{path}")[1] is None
+    norm, reason, detail = check_url(f"https://x.org{path}b")
+    assert (norm, reason) == (None, Reason.INVALID_URL)
+    assert f"a URL of {MAX_URL_CHARS + 1:,} characters" in detail and len(detail) < 300
+    assert check_url("data:image/png;base64," + "A" * MAX_URL_CHARS)[1] \
+        == Reason.UNSUPPORTED_SCHEME
+
+
 def test_url_dedup_first_wins():
     d = UrlDedup()
     assert d.first_seen("http://a/1", "k1") is None
