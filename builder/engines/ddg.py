@@ -3,9 +3,13 @@
 ``ddgs`` fetches one page of its backend per call (DuckDuckGo's ``i.js`` gives about 100 images a
 page, Bing's ``images/async`` 35), so this engine keeps, per query, the results fetched so far and
 asks ``ddgs`` for the next backend page only when a requested page reaches past them. A backend
-page that adds no new image ends the query; so does ddgs' "No results found." (which is also how
-ddgs reports a non-200 answer from ``i.js``; a blocked client usually fails earlier, at the ``vqd``
-token fetch, and that failure is a retryable ``EngineError``).
+page that adds no new image ends the query, and so does a backend page with no results.
+
+The backend's search class is used directly, not through ``DDGS.images``: that wrapper answers
+every failure it does not raise (a 403 block, a 429 rate limit, a 5xx) with "No results
+found.", which would end the query as if the engine had nothing more. Here a non-200 answer is
+an ``EngineError`` with its status (429 and 5xx retryable, as for the other engines), and the
+query stays open for the next try.
 
 The backend is checked when the engine is built: ddgs falls back to ``auto`` (every backend,
 DuckDuckGo first) for a backend it does not have, with only a log line, so ``engine: bing`` on a
@@ -15,17 +19,18 @@ missing backend makes the engine unavailable, with the version to install.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
+from builder.engines.webjson import RETRYABLE_STATUSES
 from builder.errors import EngineError, EngineUnavailable, SourceError
 
 # SourceSpec.options keys passed through to ``DDGS.images`` (DuckDuckGo's filters).
 FILTER_OPTIONS = ("size", "color", "type_image", "layout", "license_image")
-_NO_RESULTS = "No results found."
 MIN_DDGS = {"bing": "9.13"}
 """The first ddgs release with each images backend (where later than 9.0)."""
 
@@ -43,6 +48,33 @@ def check_backend(engine: str, backend: str) -> None:
             f"{engine}: ddgs {getattr(ddgs, '__version__', '?')} has no {backend!r} images "
             f"backend (it has: {', '.join(available) or 'none'}); it would answer from another "
             f"search engine instead. Install ddgs>={need}: pip install 'ddgs>={need}'")
+
+
+class _Refused(Exception):
+    """A backend page answered with a status other than 200."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+def _backend_class(backend: str) -> type:
+    """ddgs' search class for ``backend``, with a ``request`` that raises ``_Refused`` for a
+    non-200 answer where ddgs' own returns None (read as "no results")."""
+    from ddgs.engines import ENGINES
+
+    base = ENGINES["images"][backend]
+
+    class Checked(base):  # type: ignore[misc, valid-type]
+        def request(self, *args: object, **kwargs: object) -> str:
+            resp = self.http_client.request(*args, **kwargs)
+            if resp.status_code != 200:
+                raise _Refused(resp.status_code, resp.text or "")
+            return resp.text
+
+    Checked.__name__ = f"Checked{base.__name__}"
+    return Checked
 
 
 @dataclass
@@ -66,11 +98,9 @@ class DdgsImagesEngine(SearchEngine):
     def __init__(self, *, region: str = "wt-wt", safesearch: str = "moderate",
                  filters: Mapping[str, str] | None = None, timeout_s: float = 10.0,
                  proxy: str | None = None, max_backend_pages: int = 10):
-        try:
-            from ddgs import DDGS
-        except ImportError:
+        if importlib.util.find_spec("ddgs") is None:
             raise EngineUnavailable(f"{self.name}: needs the 'ddgs' package "
-                                    "(pip install 'pixcrawler[search]')") from None
+                                    "(pip install 'pixcrawler[search]')")
         unknown = sorted(set(filters or {}) - set(FILTER_OPTIONS))
         if unknown:
             raise SourceError(f"{self.name}: unknown filter option(s) {unknown}; "
@@ -80,7 +110,8 @@ class DdgsImagesEngine(SearchEngine):
         self.safesearch = safesearch
         self.filters = {k: str(v) for k, v in (filters or {}).items() if v}
         self.max_backend_pages = max_backend_pages
-        self._ddgs = DDGS(proxy=proxy, timeout=max(1, math.ceil(timeout_s)))
+        self._backend = _backend_class(self.backend)(proxy=proxy,
+                                                     timeout=max(1, math.ceil(timeout_s)))
         self._cache: dict[str, _QueryResults] = {}
 
     def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
@@ -93,31 +124,36 @@ class DdgsImagesEngine(SearchEngine):
         return SearchPage(hits=hits, has_more=len(state.hits) > end or not state.exhausted)
 
     def _fetch_next(self, query: str, state: _QueryResults) -> None:
-        from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
+        from ddgs.exceptions import DDGSException, TimeoutException
 
         try:
-            results = self._ddgs.images(query, region=self.region, safesearch=self.safesearch,
-                                        max_results=None, page=state.next_page,
-                                        backend=self.backend, **self.filters)
-        except RatelimitException as exc:
-            raise EngineError(f"{self.name}: rate limited: {exc}", status=429,
-                              retryable=True) from None
+            results = self._backend.search(query, region=self.region,
+                                           safesearch=self.safesearch, page=state.next_page,
+                                           **self.filters)
+        except _Refused as exc:
+            detail = webjson.excerpt(" ".join(exc.body.split()))
+            raise EngineError(f"{self.name}: the {self.backend} backend answered HTTP "
+                              f"{exc.status}" + (f": {detail}" if detail else "")
+                              + (" (a block: slow down, or set a proxy)"
+                                 if exc.status in (403, 429) else ""),
+                              status=exc.status, retryable=exc.status in RETRYABLE_STATUSES
+                              ) from None
         except TimeoutException as exc:
             raise EngineError(f"{self.name}: timed out: {exc}", retryable=True) from None
-        except DDGSException as exc:
-            if str(exc) == _NO_RESULTS:
-                state.exhausted = True
-                return
-            raise EngineError(f"{self.name}: search failed: {exc}", retryable=True) from None
+        except (DDGSException, ValueError, LookupError, TypeError, AttributeError) as exc:
+            # ddgs' own errors (a failed request, no vqd token), or an answer its parser
+            # cannot take (JSON that is not its shape, values of the wrong types).
+            raise EngineError(f"{self.name}: search failed: {type(exc).__name__}: "
+                              f"{webjson.excerpt(str(exc))}", retryable=True) from None
         state.next_page += 1
         added = 0
-        for r in results if isinstance(results, list) else []:
-            url = webjson.as_url(r.get("image")) if isinstance(r, dict) else ""
+        for r in results or []:
+            url = webjson.as_url(getattr(r, "image", None))
             if not url or url in state.seen:
                 continue
             state.seen.add(url)
-            state.hits.append(SearchHit(url=url, page_url=webjson.as_url(r.get("url")),
-                                        title=webjson.as_text(r.get("title"))))
+            state.hits.append(SearchHit(url=url, page_url=webjson.as_url(getattr(r, "url", None)),
+                                        title=webjson.as_text(getattr(r, "title", None))))
             added += 1
         if added == 0 or state.next_page > self.max_backend_pages:
             state.exhausted = True

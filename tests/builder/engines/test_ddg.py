@@ -73,6 +73,40 @@ def test_duckduckgo_blocked_token_page_is_retryable(ddg):
     assert info.value.retryable and "vqd" in str(info.value)
 
 
+@pytest.mark.parametrize("status,retryable", [(403, False), (429, True), (503, True)])
+def test_duckduckgo_refused_results_page_is_an_engine_error_not_no_results(ddg, status,
+                                                                         retryable):
+    """ddgs itself answers a refused i.js page with "No results found.", which ended the
+    query as if DuckDuckGo had nothing more; the query stays open for the next try."""
+    srv, images = ddg
+    engine = DdgsImagesEngine()
+    fake = srv.handler
+
+    def refuse_once(req, state={"refused": False}):
+        if req.path == "/i.js" and not state["refused"]:
+            state["refused"] = True
+            return Response(status, b"<html>Too many requests from you</html>", {},
+                            "text/html")
+        return fake(req)
+
+    srv.handler = refuse_once
+    with pytest.raises(EngineError) as info:
+        engine.search("cat", label="cat", page=0, per_page=10)
+    assert info.value.status == status and info.value.retryable is retryable
+    assert f"HTTP {status}" in str(info.value) and "Too many requests" in str(info.value)
+    page = engine.search("cat", label="cat", page=0, per_page=10)
+    assert [h.url for h in page.hits] == [img["url"] for img in images[:10]] and page.has_more
+
+
+def test_bing_refused_page_is_an_engine_error_not_no_results(monkeypatch: pytest.MonkeyPatch):
+    with FakeServer(bing_handler(fake_images(50))) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        srv.fail_next(status=429, body=b"", content_type="text/html")
+        with pytest.raises(EngineError) as info:
+            BingImagesEngine().search("cat", label="cat", page=0, per_page=30)
+    assert info.value.status == 429 and info.value.retryable and not refused
+
+
 def test_duckduckgo_connection_failure_is_retryable(monkeypatch: pytest.MonkeyPatch):
     from tests.builder.engines.fakes import closed_port
 
@@ -142,11 +176,13 @@ def test_duckduckgo_answer_of_the_wrong_types_is_a_retryable_engine_error(
 
 
 def test_junk_from_ddgs_is_dropped_and_good_results_kept(monkeypatch: pytest.MonkeyPatch):
+    from types import SimpleNamespace as Result
+
     engine = DdgsImagesEngine(max_backend_pages=1)
-    junk = [{"image": 5}, {"image": {"a": 1}}, {"image": None}, "junk", None,
-            {"image": "https://a.example/x.jpg", "title": ["t"], "url": 5},
-            {"image": "https://a.example/y.jpg", "title": 7, "url": "https://p.example/y"}]
-    monkeypatch.setattr(engine._ddgs, "images", lambda *a, **kw: junk)
+    junk = [Result(image=5), Result(image={"a": 1}), Result(image=None), "junk", None,
+            Result(image="https://a.example/x.jpg", title=["t"], url=5),
+            Result(image="https://a.example/y.jpg", title=7, url="https://p.example/y")]
+    monkeypatch.setattr(engine._backend, "search", lambda *a, **kw: junk)
     page = engine.search("cat", label="cat", page=0, per_page=10)
     assert [(h.url, h.rank, h.page_url, h.title) for h in page.hits] == \
         [("https://a.example/x.jpg", 0, "", ""),
