@@ -32,6 +32,7 @@ import http.client
 import io
 import ipaddress
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -236,6 +237,38 @@ def _time_left(deadline: float) -> float:
     return left
 
 
+def _addresses(host: str, port: int, deadline: float) -> list[Any]:
+    """``socket.getaddrinfo`` for a stream socket to ``host``, given up at ``deadline``.
+
+    The system resolver has no timeout of its own to pass, so a name is looked up in a daemon
+    thread and waited for as long as the request has left; a lookup given up on finishes in the
+    background (bounded by the resolver's own retries) and its answer is dropped."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    answer: list[Any] = []
+    failure: list[OSError] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            answer.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name="pixcrawler-dns", daemon=True).start()
+    if not done.wait(_time_left(deadline)):
+        raise TimeoutError(f"timed out resolving {host}: the request ran past its time limit")
+    if failure:
+        raise failure[0]
+    return answer
+
+
 def _vetted_socket(address: tuple[str, int], timeout: Any = None,
                    source_address: Optional[tuple[str, int]] = None, *,
                    allow_private_networks: bool, deadline: float) -> socket.socket:
@@ -247,8 +280,7 @@ def _vetted_socket(address: tuple[str, int], timeout: Any = None,
     host, port = address
     refused: list[str] = []
     error: Optional[OSError] = None
-    for family, kind, proto, _name, sockaddr in socket.getaddrinfo(host, port,
-                                                                   type=socket.SOCK_STREAM):
+    for family, kind, proto, _name, sockaddr in _addresses(host, port, deadline):
         category = None if allow_private_networks else blocked_category(sockaddr[0])
         if category is not None:
             refused.append(f"{sockaddr[0]} ({category})")

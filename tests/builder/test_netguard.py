@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import urllib.error
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -226,6 +227,36 @@ def test_open_guarded_gives_up_on_dripped_headers_at_its_timeout() -> None:
         with pytest.raises(TimeoutError):
             open_guarded(srv.url, timeout_s=0.5, allow_private_networks=True)
         assert time.monotonic() - start < 1.5
+
+
+def test_open_guarded_gives_up_on_a_name_that_takes_too_long_to_resolve(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system resolver has no timeout to give it: a lookup that hangs (a dead DNS server)
+    ends at the request's deadline, and a later lookup is not held up by it."""
+    import threading
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def slow(host, *args, **kwargs):
+        if host == "slow.test":
+            release.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    try:
+        start = time.monotonic()
+        with pytest.raises((TimeoutError, urllib.error.URLError)) as info:
+            open_guarded("http://slow.test/a.json", timeout_s=0.5)
+        assert time.monotonic() - start < 1.5
+        reason = getattr(info.value, "reason", info.value)
+        assert isinstance(reason, TimeoutError) and "slow.test" in str(reason)
+        with DripServer(drip_body) as srv:
+            with open_guarded(srv.url, timeout_s=2.0, allow_private_networks=True) as resp:
+                assert resp.status == 200
+    finally:
+        release.set()
 
 
 def test_the_body_of_an_open_guarded_response_is_read_by_the_same_deadline() -> None:
