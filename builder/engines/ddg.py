@@ -29,7 +29,7 @@ from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.engines.webjson import RETRYABLE_STATUSES
 from builder.errors import EngineError, EngineUnavailable, SourceError
 
-# SourceSpec.options keys passed through to ``DDGS.images`` (DuckDuckGo's filters).
+# SourceSpec.options keys passed through to the backend (DuckDuckGo's filters).
 FILTER_OPTIONS = ("size", "color", "type_image", "layout", "license_image")
 MIN_DDGS = {"bing": "9.13"}
 """The first ddgs release with each images backend (where later than 9.0)."""
@@ -86,7 +86,7 @@ class _QueryResults:
 
 
 class DdgsImagesEngine(SearchEngine):
-    """Image search via ``DDGS().images(..., backend=...)``.
+    """Image search through ddgs' ``backend`` search class (see the module docstring).
 
     ``backend="duckduckgo"`` honours ``safesearch`` (DuckDuckGo's ``p`` parameter) and the
     DuckDuckGo filters in ``filters`` (size, color, type_image, layout, license_image).
