@@ -763,8 +763,8 @@ class JobRunner:
         except WorkerLost as exc:
             if exc.worker not in self._down:
                 log.warning("%s; resending its uncommitted units (those that were running "
-                            "validate their images in a process of their own, in case one of "
-                            "them killed it)", exc)
+                            "validate and resize their images in a process of their own, in "
+                            "case one of them killed it)", exc)
             del self._flights[unit.uid]
             self._again(unit, isolate=True)
             self.resent += 1

@@ -12,11 +12,16 @@ copied onto the caller's records, so every other reference to them stays good.
 
 A pool process can die (the OOM killer, a decoder's segfault); that breaks the whole pool
 (``BrokenProcessPool``, every batch in flight fails). A bad image must become a rejection, not
-a crash, so ``ProcessValidator`` rebuilds the pool and retries; see its docstring.
+a crash, so ``ProcessValidator`` rebuilds the pool and retries; see its docstring. An isolated
+unit's accepted images are also resized and re-encoded there (``ProcessValidator.transform``):
+the full-size decode a resize needs can kill a process that the 1/8 decode of validation did
+not.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import multiprocessing
 import os
 import threading
@@ -24,12 +29,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from builder.reasons import Reason
 from builder.records import Record
 from builder.spec import ValidationSpec
+from builder.transform import ImageTransformer
 from builder.validate import ImageValidator
+
+log = logging.getLogger(__name__)
 
 _validator: Optional[ImageValidator] = None
 PARENT_CHECK_S = 1.0
@@ -61,11 +69,38 @@ def _validate(records: list[Record]) -> list[Record]:
     return records
 
 
+def _transform(transformer: ImageTransformer, records: list[Record]) -> list[Record]:
+    return transformer(records)
+
+
 _FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("candidate", "data"))
 """What the validator may change: every field but the candidate and the bytes."""
 
+_TRANSFORMED = ("data", "format", "width", "height")
+"""What a transform changes."""
 
 CRASHED = "the validating process died on this image (e.g. out of memory, a decoder crash)"
+
+
+def _keep(record: Record) -> Record:
+    """A record whose transform killed its process keeps its image as it came, as one whose
+    transform Pillow refuses does (``ImageTransformer.transform_or_keep``): it is accepted and
+    counted already."""
+    log.warning("resizing/re-encoding %s killed its process; keeping the original image",
+                record.candidate.url)
+    return record
+
+
+def _crashed(record: Record) -> Record:
+    return record.reject(Reason.VALIDATOR_CRASHED, CRASHED)
+
+
+def _copy(source: Record, target: Record, names: tuple[str, ...]) -> None:
+    """What a pool process changed on its copy of a record, set on the caller's."""
+    for name in names:
+        value = getattr(source, name)
+        if value is not getattr(target, name) and value != getattr(target, name):
+            setattr(target, name, value)
 
 
 class ProcessValidator:
@@ -80,7 +115,8 @@ class ProcessValidator:
     batches' crashes cannot touch it), and a record that kills that process is rejected with
     ``validator_crashed``. So a batch costs at most two shared-pool rebuilds and, after that, one
     process start per record it holds that kills its validator, plus one. A pool broken after
-    ``close`` is not rebuilt: the call raises ``BrokenProcessPool``.
+    ``close`` is not rebuilt: the call raises ``BrokenProcessPool``. ``transform`` runs the
+    same way, and a record whose resize kills the process keeps its image as it came.
     """
 
     def __init__(self, cfg: ValidationSpec, processes: int):
@@ -97,26 +133,37 @@ class ProcessValidator:
                                    initializer=_start, initargs=(self.cfg,))
 
     def __call__(self, records: list[Record]) -> list[Record]:
-        done = self._shared(records)
-        if done is None:
-            done = self._shared(records)
-        if done is None:
-            done = self._one_by_one(records)
+        done = self._run(_validate, records, _crashed)
         for mine, theirs in zip(records, done):
-            for name in _FIELDS:
-                value = getattr(theirs, name)
-                if value is not getattr(mine, name) and value != getattr(mine, name):
-                    setattr(mine, name, value)
+            _copy(theirs, mine, _FIELDS)
             if theirs.rejected:
                 mine.data = None
         return records
 
-    def _shared(self, records: list[Record]) -> Optional[list[Record]]:
-        """The batch validated in the shared pool, or None if the pool broke (it is rebuilt)."""
+    def transform(self, transformer: ImageTransformer, records: list[Record]) -> list[Record]:
+        """``transformer`` applied to ``records`` in the pool, as validation is: a record whose
+        transform kills its process keeps its image unchanged."""
+        done = self._run(functools.partial(_transform, transformer), records, _keep)
+        for mine, theirs in zip(records, done):
+            _copy(theirs, mine, _TRANSFORMED)
+        return records
+
+    def _run(self, work: Callable[[list[Record]], list[Record]], records: list[Record],
+             crashed: Callable[[Record], Record]) -> list[Record]:
+        done = self._shared(work, records)
+        if done is None:
+            done = self._shared(work, records)
+        if done is None:
+            done = self._one_by_one(work, records, crashed)
+        return done
+
+    def _shared(self, work: Callable[[list[Record]], list[Record]],
+                records: list[Record]) -> Optional[list[Record]]:
+        """The batch done in the shared pool, or None if the pool broke (it is rebuilt)."""
         with self._lock:
             pool = self.pool
         try:
-            return pool.submit(_validate, records).result()
+            return pool.submit(work, records).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._closed:
@@ -128,24 +175,25 @@ class ProcessValidator:
                 pool.shutdown(wait=True)
             return None
 
-    def _one_by_one(self, records: list[Record]) -> list[Record]:
-        """Each record validated alone in a pool of one process of this call's own; one that
-        kills the process is rejected (and the next gets a new process)."""
+    def _one_by_one(self, work: Callable[[list[Record]], list[Record]], records: list[Record],
+                    crashed: Callable[[Record], Record]) -> list[Record]:
+        """Each record done alone in a pool of one process of this call's own; one that kills
+        the process goes to ``crashed`` (and the next gets a new process)."""
         done: list[Record] = []
         pool: Optional[ProcessPoolExecutor] = None
         try:
             for record in records:
-                if record.rejected:  # the validator passes it by
+                if record.rejected:  # neither validation nor a transform touches it
                     done.append(record)
                     continue
                 if pool is None:
                     pool = self._new_pool(1)
                 try:
-                    done.extend(pool.submit(_validate, [record]).result())
+                    done.extend(pool.submit(work, [record]).result())
                 except BrokenProcessPool:
                     pool.shutdown(wait=True)
                     pool = None
-                    done.append(record.reject(Reason.VALIDATOR_CRASHED, CRASHED))
+                    done.append(crashed(record))
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -29,6 +29,7 @@ process; ``actors.worker`` provides them as Ray actors.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import importlib.abc
 import logging
@@ -402,6 +403,15 @@ class WorkerRuntime:
             self.isolating = ProcessValidator(self.spec.validation, 1)
         return self.isolating
 
+    def transform_for(self, unit: WorkUnit) -> Callable[[list[Record]], list[Record]]:
+        """How the unit's accepted images are resized and re-encoded: in this process, or for
+        an ``isolate`` unit in its validator's processes, since the full-size decode a resize
+        needs may kill a process that validation's 1/8 decode did not."""
+        validator = self.validator_for(unit)
+        if unit.isolate and isinstance(validator, ProcessValidator):
+            return functools.partial(validator.transform, self.transformer)
+        return self.transformer
+
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, fn, *args)
@@ -740,8 +750,8 @@ class UnitRun:
         new = [r for r in accepted if not self._is_written(r)]
         for r in new:
             r.split = assign_split(r.id, self.spec.output.splits)
-        if self.w.transformer.active and new:
-            await w._io(self.w.transformer, new)
+        if w.transformer.active and new:
+            await w._io(w.transform_for(self.unit), new)
         self._count()
         rows = await w._io(self._rows, new)
         decisions = await w._io(_decision_rows, self.records, self.claim)

@@ -15,7 +15,8 @@ import pytest
 from builder import validate_pool
 from builder.reasons import Reason
 from builder.records import Candidate, Record
-from builder.spec import ValidationSpec
+from builder.spec import ResizeSpec, ValidationSpec
+from builder.transform import ImageTransformer
 from builder.validate import ImageValidator
 from builder.validate_pool import ProcessValidator
 from builder.worker_start import ForkedWorker
@@ -154,3 +155,45 @@ def test_a_pool_process_leaves_when_the_process_that_started_it_is_killed():
             orphan.kill()
             pytest.fail("the pool process outlived the process that started it")
         time.sleep(0.05)
+
+
+class _DyingTransformer(ImageTransformer):
+    """Run in the pool's process: dies, as a decoder's crash on a full-size decode would, on
+    the image of ``http://x/die``."""
+
+    def apply(self, record: Record) -> Record:
+        if record.candidate.url == "http://x/die":
+            os._exit(1)
+        return super().apply(record)
+
+
+def test_a_transform_that_kills_its_process_keeps_the_image_and_the_rest_are_transformed():
+    """An isolated unit's images are resized in the validator's processes: one whose resize
+    kills the process keeps its bytes as they came (it is accepted and counted already), and
+    every other image is resized as in this process."""
+    cfg = ValidationSpec(level="medium")
+    transformer = _DyingTransformer(ResizeSpec(max_side=64))
+
+    def validated() -> list[Record]:
+        records = batch()
+        records.insert(1, Record(Candidate("http://x/die", "cat"), data=jpeg(5, (640, 480))))
+        return ImageValidator(cfg)(records)
+
+    here = [ImageTransformer(ResizeSpec(max_side=64)).apply(r) if not r.rejected else r
+            for r in validated()]
+    records = validated()
+    before = set(multiprocessing.active_children())
+    pool = ProcessValidator(cfg, 1)
+    try:
+        out = pool.transform(transformer, records)
+    finally:
+        pool.close()
+    assert set(multiprocessing.active_children()) == before
+    assert out is records
+    dying = records.pop(1)
+    assert not dying.rejected and dying.data == jpeg(5, (640, 480))
+    assert (dying.width, dying.height) == (640, 480)
+    here.pop(1)
+    assert [(r.data, r.format, r.width, r.height) for r in records] == \
+        [(r.data, r.format, r.width, r.height) for r in here]
+    assert max(records[0].width, records[0].height) == 64

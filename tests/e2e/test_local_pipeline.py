@@ -349,3 +349,62 @@ def test_images_that_kill_their_worker_are_rejected_and_the_job_completes(
     assert accepted_urls(out) == accepted_urls(whole) - killers
     ids = pq.read_table(Path(out) / "data", columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == stats["accepted"]
+
+
+TRANSFORM_KILLER = '''
+import os
+
+import builder.transform as _transform
+
+_apply = _transform.ImageTransformer.apply
+
+
+def _apply_or_die(self, record):
+    """As a crash in a full-size decode would: the process resizing this image dies."""
+    if record.candidate.url in {urls!r}:
+        os._exit(70)
+    return _apply(self, record)
+
+
+_transform.ImageTransformer.apply = _apply_or_die
+'''
+
+
+def test_images_whose_resize_kills_their_worker_are_kept_as_they_came(
+        sandbox, tmp_path, monkeypatch):
+    """An image validation passes (its 1/8 decode) but whose full-size decode for a resize
+    kills the process: its isolated unit was resized in the worker again, which died again,
+    until the job stopped. Now an isolated unit is resized in its validator's process, and
+    the image that kills it keeps its bytes as they came (accepted and counted already, as
+    when Pillow cannot resize one); every other image is as in an uninterrupted run."""
+    urls = tmp_path / "urls.txt"
+    lines = [f"{label}\t{u}" for label in ("cat", "dog") for u in sandbox.class_image_urls(label)]
+    urls.write_text("\n".join(lines) + "\n")
+    killers = {sandbox.class_image_urls("cat")[3], sandbox.class_image_urls("dog")[5]}
+
+    def spec(out: str):
+        return sandbox_spec(sandbox, out, target=1000, classes=("cat", "dog"),
+                            sources=[{"engine": "urllist", "path": str(urls)}],
+                            download={"per_host_delay_s": 0.01},
+                            output={"resize": {"max_side": 24}},
+                            resources={"batch_size": 8, "workers": 2,
+                                       "max_in_flight_batches": 1})
+
+    whole = str(tmp_path / "whole")
+    run_local(spec(whole))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(TRANSFORM_KILLER.format(urls=killers))
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    out = str(tmp_path / "ds")
+    result = run_local(spec(out))
+    assert not result.partial and is_complete(out)
+    stats, reference = check_accounting(out), check_accounting(whole)
+    assert stats["isolated_units"] >= 2
+    for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
+        assert stats[key] == reference[key], key
+    assert killers <= accepted_urls(out) == accepted_urls(whole)
+    sides = {r["url"]: max(r["width"], r["height"]) for p in (Path(out) / "data").glob("*.parquet")
+             for r in pq.read_table(p, columns=["url", "width", "height"]).to_pylist()}
+    assert all(sides[u] > 24 for u in killers)
+    assert all(side <= 24 for u, side in sides.items() if u not in killers)
