@@ -209,7 +209,7 @@ class ShardWorker:
         if self.services is None or self.runtime is None:
             return []
         self.services.forget_incarnations()
-        return self.runtime.discard()
+        return await self.runtime.discard()
 
     def cancel(self) -> None:
         if self.runtime is not None:

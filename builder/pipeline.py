@@ -145,7 +145,7 @@ class LocalExecutor:
         return False
 
     async def reset(self) -> None:
-        self.runtime.discard()
+        await self.runtime.discard()
 
     def cancel(self) -> None:
         self.runtime.cancel()

@@ -222,6 +222,9 @@ class ShardAssembler:
         self.committed: list[str] = []
         self.generation = 0
         """Bumped by ``discard``: a write begun before it keeps none of its rows (``_write``)."""
+        self._idle = asyncio.Event()
+        """Clear while a shard is being written and marked written; ``discard`` waits for it."""
+        self._idle.set()
         self._lock = asyncio.Lock()
         self.splits = list(plan.spec.output.splits)
         self.mix = MIX_SHARDS if len(plan.spec.labels) > 1 else 1
@@ -258,13 +261,16 @@ class ShardAssembler:
                 while self._rows(split):
                     await self._write(split, min(self.shard_size, self._rows(split)))
 
-    def discard(self) -> list[str]:
-        """Drop everything not yet written (the units will be resent); returns their uids."""
+    async def discard(self) -> list[str]:
+        """Drop everything not yet written (the units will be resent); returns their uids once
+        a shard already being written is written and marked so, so that a resent unit finds
+        its images written instead of writing them again."""
         dropped = list(self.pending)
         self.generation += 1
         self.buffers.clear()
         self.pending.clear()
         self.buffered_bytes = 0
+        await self._idle.wait()
         return dropped
 
     def take_committed(self) -> list[str]:
@@ -274,15 +280,15 @@ class ShardAssembler:
     async def _write(self, split: str, n: int) -> None:
         """Write the next shard of ``split`` (``n`` rows) and commit the units it completes.
 
-        ``discard`` (an index reset) is synchronous and may run at any await here: the lock
-        keeps ``add`` and ``flush`` out, not it. The units it drops are resent and write their
-        images again, so a write that sees ``generation`` move keeps none of their rows: the
-        rows left are not buffered again, and the shard is not written unless ``writer.write``
-        is already under way. A shard abandoned after ``mark_written(writing=...)`` never
-        exists, so that mark reads as not written (``UnitRun._dedup``). One being written
-        finishes and is marked written; its units, no longer pending, are not committed here.
-        A resent unit that asks whether it exists before it is committed still writes its
-        images again: only a reset that awaited the write would close that."""
+        ``discard`` (an index reset) drops the buffers at once and may come at any await
+        here: the lock keeps ``add`` and ``flush`` out, not it. The units it drops are resent
+        and write their images again, so a write that sees ``generation`` move keeps none of
+        their rows: the rows left are not buffered again, and the shard is not written unless
+        ``writer.write`` is already under way. A shard abandoned after
+        ``mark_written(writing=...)`` never exists, so that mark reads as not written
+        (``UnitRun._dedup``). One being written finishes and is marked written before
+        ``discard`` returns (it waits for ``_idle``), so the resent units find those images
+        written; its units, no longer pending, are not committed here."""
         generation = self.generation
         parts = self.buffers.pop(split)
         self.buffered_bytes -= sum(t.nbytes for t in parts)
@@ -303,8 +309,12 @@ class ShardAssembler:
             return
         extra = {"uid": table["_uid"].to_pylist(), "claim": claims,
                  "sig_a": table["_sig_a"].to_pylist(), "sig_b": table["_sig_b"].to_pylist()}
-        await self.run_io(self.writer.write, table, split, number, self.journal, extra)
-        await self.services.dedup.mark_written(ids, claims)
+        self._idle.clear()
+        try:
+            await self.run_io(self.writer.write, table, split, number, self.journal, extra)
+            await self.services.dedup.mark_written(ids, claims)
+        finally:
+            self._idle.set()
         for uid, count in Counter(extra["uid"]).items():
             entry = self.pending.get(uid)
             if entry is not None:
@@ -452,12 +462,13 @@ class WorkerRuntime:
         await self.assembler.flush()
         return self.events()
 
-    def discard(self) -> list[str]:
+    async def discard(self) -> list[str]:
         """Drop everything not written (the index lost what it decided); units running now
-        are stale and will raise ``IndexLost`` instead of handing rows over."""
+        are stale and will raise ``IndexLost`` instead of handing rows over. Returns the
+        dropped units once a shard being written is done (``ShardAssembler.discard``)."""
         assert self.assembler is not None
         self.epoch += 1
-        return self.assembler.discard()
+        return await self.assembler.discard()
 
     async def stage(self, aw: Awaitable[T], cancellable: bool = True) -> T:
         """Await ``aw`` unless the job is cancelled first (then ``UnitCancelled``)."""

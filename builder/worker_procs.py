@@ -480,8 +480,8 @@ class WorkerHandler:
     async def flush(self) -> WorkerEvents:
         return await self.runtime.flush()
 
-    def discard(self) -> list[str]:
-        return self.runtime.discard()
+    async def discard(self) -> list[str]:
+        return await self.runtime.discard()
 
     def cancel(self) -> None:
         self.runtime.cancel()

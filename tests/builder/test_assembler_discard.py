@@ -1,5 +1,6 @@
 """builder.worker.ShardAssembler: a discard (an index reset) that comes while a shard is being
-written keeps none of the dropped units' rows, so their resent runs write each image once."""
+written keeps none of the dropped units' rows, and returns only once a shard already being
+written is marked written, so their resent runs write each image once."""
 
 from __future__ import annotations
 
@@ -24,12 +25,14 @@ def _rows(uid: str, number: int, label: str, ids: list[int]) -> pa.Table:
                                  for i in ids], schema=_BUFFER_SCHEMA)
 
 
-@pytest.mark.parametrize("stage", ["cut_shard", "next_shard", "mark_writing", "write"])
+@pytest.mark.parametrize("stage", ["cut_shard", "next_shard", "mark_writing", "write",
+                                   "mark_written"])
 def test_a_discard_during_a_shard_write_keeps_none_of_the_dropped_units_rows(tmp_path, stage):
     """Two classes, shards of 2: the second unit's 4 rows make 8 buffered, and its ``add``
     writes a shard. The discard comes while that write waits at ``stage``. Nothing of the two
     units stays buffered or is written later (only the shard already being written, at
-    ``write``, lands, and is marked written); resent, they write every image exactly once."""
+    ``write`` or ``mark_written``, lands, and the discard returns once it is marked written);
+    resent, they write every image exactly once."""
     spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"], "dog": ["q"]},
                        "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
                        "output": {"uri": str(tmp_path / "ds"), "shard_size": 2}})
@@ -83,15 +86,22 @@ def test_a_discard_during_a_shard_write_keeps_none_of_the_dropped_units_rows(tmp
         adding = asyncio.ensure_future(assembler.add(
             units["dog"], UnitReport("uB"), _rows("uB", 2, "dog", [0, 1, 2, 3]), NO_DECISIONS))
         await asyncio.wait_for(reached.wait(), 10)
-        dropped = assembler.discard()
+        in_write = stage in ("write", "mark_written")
+        dropping = asyncio.ensure_future(assembler.discard())
+        await asyncio.sleep(0.05)
+        assert dropping.done() is not in_write  # it waits only for a shard being written
+        assert [t.num_rows for ts in assembler.buffers.values() for t in ts] == []
+        assert assembler.buffered_bytes == 0 and not assembler.pending
         release.set()
+        dropped = await asyncio.wait_for(dropping, 10)
+        # When it returns, the resent units can see every image already written as such.
+        assert len(written) == in_write
+        assert marked == [[int(i, 16) for i in ids] for ids in written]
         await adding
         assert [t.num_rows for ts in assembler.buffers.values() for t in ts] == []
         assert assembler.buffered_bytes == 0 and not assembler.pending
-        assert len(written) == (stage == "write")
-        assert marked == [[int(i, 16) for i in ids] for ids in written]
         await assembler.flush()
-        assert len(written) == (stage == "write")
+        assert len(written) == in_write
         # Resent: the images already in a shard are kept as they are, not rows again.
         done = {i for ids in written for i in ids}
         for number, (label, unit) in enumerate(units.items(), 1):
