@@ -51,7 +51,12 @@ class Candidate:
     @property
     def key(self) -> str:
         """A stable id for the candidate (label + URL); used for resume and accounting."""
-        return hashlib.sha1(f"{self.label}\n{self.url}".encode()).hexdigest()[:16]
+        return candidate_key(self.label, self.url)
+
+
+def candidate_key(label: str, url: str) -> str:
+    """``Candidate.key`` of a candidate found under ``label`` at ``url``."""
+    return hashlib.sha1(f"{label}\n{url}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -106,6 +111,15 @@ class Record:
     @property
     def label(self) -> str:
         return self.candidate.label
+
+    @property
+    def found_key(self) -> str:
+        """The candidate's key under the label it was found under: what its claims in the
+        index and the journal are made from, so a relabel (which replaces ``candidate``)
+        does not move them."""
+        if not self.relabelled_from:
+            return self.candidate.key
+        return candidate_key(self.relabelled_from, self.candidate.url)
 
     def reject(self, reason: Reason, detail: str = "", duplicate_of: str = "") -> "Record":
         """Mark this record rejected; its bytes are dropped (they never reach the output)."""

@@ -514,8 +514,9 @@ class UnitRun:
 
     def claim(self, record: Record) -> int:
         """The candidate's claim in the index: its key within this unit (a resent unit meets
-        its own entries; the same candidate in another unit is another claim)."""
-        return claim_of(f"{self.unit.uid}\n{record.candidate.key}")
+        its own entries; the same candidate in another unit is another claim). It is made
+        from the key the candidate was found under, which a relabel does not change."""
+        return claim_of(f"{self.unit.uid}\n{record.found_key}")
 
     async def run(self) -> UnitReport:
         w, unit, report = self.w, self.unit, self.report

@@ -200,3 +200,49 @@ def test_the_in_process_search_limits_count_the_day_in_the_machine_s_file(tmp_pa
         LocalServices(spec, dedup=None, ledger=None).acquire(unit)
     assert [p.parent.name for p in tmp_path.rglob("sandbox@127.0.0.1_1-*.json")] == [
         "engine-days"]
+
+
+def test_a_relabelled_candidate_keeps_the_claim_the_index_filed_it_under(tmp_path):
+    """The index files a candidate under a claim made from its key before the slow level
+    runs. ``wrong_class: relabel`` replaces the candidate, and its row and decision then
+    carried a claim made from the new label: marking it written matched nothing, so a resent
+    unit wrote the image again, and a job resumed from the journal found the image an exact
+    duplicate of itself."""
+    import asyncio
+    import dataclasses
+
+    from builder.dedup import DedupItem, LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.records import Candidate, Record
+    from builder.spec import parse_spec
+    from builder.units import INLINE, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime, _decision_rows
+
+    spec = parse_spec({"name": "relabel", "target": 5,
+                       "classes": {"cat": {"urls": ["http://127.0.0.1:9/a.jpg"]}, "dog": []},
+                       "output": {"uri": str(tmp_path / "ds")}})
+    services = LocalServices(spec, LocalPartitions(8, k=1).client(),
+                             QuotaLedger({"cat": 5, "dog": 5}))
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"), services)
+    run = UnitRun(runtime, WorkUnit(inline_uid(0, "cat", 0), 0, INLINE, 0, label="cat",
+                                    start=0, stop=1))
+    record = Record(Candidate("http://127.0.0.1:9/a.jpg", "cat"))
+    filed = run.claim(record)
+    record.relabelled_from = "cat"
+    record.candidate = dataclasses.replace(record.candidate, label="dog")
+    assert run.claim(record) == filed
+    assert _decision_rows([record], run.claim)["claim"].to_pylist() == [filed]
+
+    image, sig = 12345, [(1, 2)]
+
+    async def resent_is_written() -> bool:
+        client = services.dedup
+        item = DedupItem(filed, 1, image, sig, sig)
+        await client.decide([item])
+        await client.settle([item], [True], [False])
+        await client.mark_written([image], [run.claim(record)], writing=7)
+        await client.mark_written([image], [run.claim(record)])
+        (again,) = await client.decide([DedupItem(filed, 1, image, sig, sig)])
+        return bool(again.written) and again.reason is None
+
+    assert asyncio.run(resent_is_written())
