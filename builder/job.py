@@ -741,7 +741,7 @@ class JobRunner:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._flush()
         await self._maybe_progress(force=True)
-        return RunOutcome(self._stats(), self.cancelled, dict(self.fetch))
+        return RunOutcome(self.stats(), self.cancelled, dict(self.fetch))
 
     def _stale(self, flight: _Flight) -> None:
         """A result (or failure) of a unit sent before the last reset: send it again."""
@@ -858,7 +858,8 @@ class JobRunner:
             raise JobInterrupted(f"{len(pending)} units were decided but never committed "
                                  f"(e.g. {pending[0]}); continue the job with --resume")
 
-    def _stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
+        """The job's stats.json content as its counts stand."""
         return self.counts.stats(
             partial=self.cancelled,
             **({"cancelled_by": self.cancel_cause} if self.cancelled else {}),

@@ -20,6 +20,7 @@ A run that accepts nothing is not a dataset: it is published as ``_PARTIAL`` (re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -38,16 +39,17 @@ from builder.dedup import DedupClient, LocalPartitions, claim_of, id_number, url
 from builder.errors import CancelledUnpublished
 from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
                          WorkerLost)
-from builder.journal import (TABLE_ROWS, Journal, ResumeError, ResumeState, new_job_id,
+from builder.journal import (Journal, ResumeError, ResumeState, new_job_id,
                              parquet_stem, published_spec, resumable_jobs, spec_fingerprint)
 from builder.listsource import SlicePlan, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
-from builder.reasons import Reason, decided_again, stage_of
+from builder.reasons import decided_again
 from builder.records import REJECT_SCHEMA
+from builder.retry import kept_rows, redecided_counts
 from builder.spec import DatasetSpec
 from builder.storage import open_fs
-from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit
+from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit, retry_uid
 from builder.worker import JobPlan, LocalServices, WorkerRuntime
 from builder.worker_procs import ProcessExecutor, WorkerProcesses
 from builder.worker_start import LOCAL_CPU_THREADS, StartedWorkers, local_workers
@@ -107,20 +109,48 @@ def plan_retry(uri: str, storage_options: Optional[dict] = None,
         raise ResumeError(f"{uri} holds no published dataset (_SUCCESS or _PARTIAL)")
     _require_parquet(spec, uri, "retry-failed")
     job_id = job_id or f"{spec.name}-retry-{uuid.uuid4().hex[:6]}"
-    partial = (marker.get("reason") or "partial") if marker.get("status") == "partial" else ""
-    return spec, Continuation(job_id, merge=True, retry=True, partial_reason=partial)
+    return spec, Continuation(job_id, merge=True, retry=True,
+                              partial_reason=_crawl_partial(uri, storage_options, marker))
+
+
+def _crawl_partial(uri: str, storage_options: Optional[dict], marker: dict[str, Any]) -> str:
+    """Why the crawl of a published dataset did not finish ('' if it did): a retry decides
+    its rejects again, not its unfinished crawl, so the dataset stays partial for that reason
+    only. Not for being empty (a retry that accepts images ends that), nor for a cancelled
+    retry (the next retry decides the candidates it left). Datasets published before stats
+    recorded ``crawl_partial`` go by their marker."""
+    stats = published_stats(uri, storage_options)
+    if "crawl_partial" in stats:
+        return str(stats["crawl_partial"] or "")
+    reason = (marker.get("reason") or "partial") if marker.get("status") == "partial" else ""
+    return "" if reason == "empty" else reason
+
+
+def published_stats(uri: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
+    """A published dataset's stats.json; ``ResumeError`` without one (its counts cannot be
+    carried over, and guessing them would publish wrong figures)."""
+    fs, root = open_fs(uri, storage_options)
+    path = f"{root.rstrip('/')}/stats.json"
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        raise ResumeError(f"{uri} has no stats.json, so its counts cannot be carried over: "
+                          "restore the file, or build the dataset again with --overwrite")
+    try:
+        stats = json.loads(fs.cat_file(path))
+    except ValueError as exc:
+        raise ResumeError(f"{uri}/stats.json is not valid JSON ({exc}): restore the file, or "
+                          "build the dataset again with --overwrite") from None
+    if not isinstance(stats, dict):
+        raise ResumeError(f"{uri}/stats.json is not a JSON object: restore the file, or build "
+                          "the dataset again with --overwrite")
+    return stats
 
 
 def count_retryable(uri: str, storage_options: Optional[dict] = None) -> int:
     """How many of a published dataset's rejects a ``retry-failed`` would decide again."""
-    fs, root = open_fs(uri, storage_options)
-    path = f"{root.rstrip('/')}/rejects.parquet"
-    if not fs.exists(path):
-        return 0
-    again = pa.array(sorted(decided_again(retry=True)))
-    with fs.open(path, "rb") as f:
-        reasons = pq.read_table(f, columns=["reason"])["reason"]
-    return int(pc.sum(pc.is_in(reasons, value_set=again).cast(pa.int64())).as_py() or 0)
+    report = redecided_counts(rejects_path(uri), storage_options,
+                              published_spec(uri, storage_options).labels, retry=True)
+    return sum(t.candidates for t in report.classes.values())
 
 
 class LocalExecutor:
@@ -367,7 +397,16 @@ class JobLifecycle:
         try:
             if runner_hook is not None:
                 runner_hook(runner)
-            return await runner.run()
+            outcome = await runner.run()
+            done = self._retry_done()
+            if done is not None:
+                # The slices it never got to (cancelled, or no class needed more images) keep
+                # their rejects as they were: count them back.
+                runner.counts.add(redecided_counts(
+                    rejects_path(self.uri), self.storage_options, self.spec.labels, True,
+                    self.retry_plan, lambda i: not done(i)))
+                outcome = dataclasses.replace(outcome, stats=runner.stats())
+            return outcome
         finally:
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -416,6 +455,8 @@ class JobLifecycle:
             stats["partial_kept"] = True  # this run was not cancelled: the dataset it retried was
         stats["partial"] = reason is not None
         stats["partial_reason"] = reason or ""
+        stats["crawl_partial"] = (self.kept_partial if self.retry
+                                  else "cancelled" if outcome.cancelled else "")
         self.publisher.remove_files(self.journal.orphan_files())
         spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
                                    allow_unicode=True)
@@ -438,20 +479,21 @@ class JobLifecycle:
         for table in self.journal.iter_tables("shards", list(MANIFEST_COLUMNS)):
             yield from table.to_pylist()
 
+    def _retry_done(self) -> Optional[Callable[[int], bool]]:
+        """For a retry: whether the unit of retry slice ``i`` committed."""
+        if not self.retry or self.journal is None:
+            return None
+        committed = self.journal.unit_uids()
+        return lambda i: retry_uid(i) in committed
+
     def _reject_tables(self) -> Iterator[pa.Table]:
         """The rejects: the published dataset's a merge continues (less those a retry
         decides again), then the journal's units', in batches of many units."""
         assert self.journal is not None
         if self.merge:
-            fs, root = open_fs(self.uri, self.storage_options)
-            path = f"{root.rstrip('/')}/rejects.parquet"
-            fs.invalidate_cache(path)
-            if fs.exists(path):
-                again = pa.array(sorted(decided_again(self.retry)))
-                with fs.open(path, "rb") as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=TABLE_ROWS):
-                        old = pa.Table.from_batches([batch])
-                        yield old.filter(pc.invert(pc.is_in(old["reason"], value_set=again)))
+            yield from kept_rows(rejects_path(self.uri), self.storage_options,
+                                 self.spec.labels, self.retry, self.retry_plan,
+                                 self._retry_done())
         columns = [*REJECT_SCHEMA.names, "accepted"]
         for table in self.journal.iter_tables("units", columns):
             yield table.filter(pc.invert(table["accepted"])).select(REJECT_SCHEMA.names)
@@ -462,25 +504,25 @@ def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
     """The counts of the published dataset a merge continues (less the rejects a retry
     decides again), read from its stats.json."""
     base = UnitReport("base")
-    fs, root = open_fs(uri, storage_options)
-    path = f"{root.rstrip('/')}/stats.json"
-    fs.invalidate_cache(path)
-    stats = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
-    again = decided_again(retry)
+    stats = published_stats(uri, storage_options)
     for label, c in (stats.get("classes") or {}).items():
         if label not in spec.classes:
             continue
-        by_reason = c.get("rejected_by_reason") or {}
-        redecided = {k: v for k, v in by_reason.items() if k in again}
-        base.classes[label] = ClassTally(
-            int(c.get("candidates", 0)) - sum(redecided.values()), int(c.get("accepted", 0)),
-            Counter({k: v for k, v in by_reason.items() if k not in again}))
-        for reason, n in redecided.items():
-            base.by_stage[stage_of(Reason(reason)).value] -= n
+        base.classes[label] = ClassTally(int(c.get("candidates", 0)), int(c.get("accepted", 0)),
+                                         Counter(c.get("rejected_by_reason") or {}))
     for stage, n in (stats.get("rejected_by_stage") or {}).items():
         base.by_stage[stage] += n
+    again = redecided_counts(rejects_path(uri), storage_options, spec.labels, retry)
+    for label, tally in again.classes.items():
+        base.classes.setdefault(label, ClassTally()).add(tally, -1)
+    for stage, n in again.by_stage.items():
+        base.by_stage[stage] -= n
     base.bytes = int(stats.get("bytes_downloaded") or 0)
     return base
+
+
+def rejects_path(uri: str) -> str:
+    return f"{uri.rstrip('/')}/rejects.parquet"
 
 
 def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Optional[dict],

@@ -54,6 +54,7 @@ from builder.listsource import ListReader, SlicePlan
 from builder.ratelimit import DayFile, EngineGovernor, budget_key, limits_for
 from builder.reasons import Reason
 from builder.records import Candidate, Record, accepted_row, reject_row
+from builder.retry import retry_candidates
 from builder.rights import RightsTally
 from builder.similarity import copy_of, quality_key
 from builder.spec import DatasetSpec
@@ -536,6 +537,11 @@ class UnitRun:
         for cand in candidates:
             if cand.label not in rooms:
                 report.skipped[cand.label] += 1
+            elif unit.kind == RETRY and rooms[cand.label] <= 0:
+                # A published reject decided again: a candidate already, which the class
+                # no longer needs (not a hit left unused, which would drop its record).
+                self.records.append(Record(cand).reject(
+                    Reason.OVER_TARGET, f"class already has {self.spec.target_of(cand.label)}"))
             elif rooms[cand.label] <= 0 or cap <= 0:
                 report.tally(cand.label).unused += 1
             else:
@@ -588,7 +594,9 @@ class UnitRun:
                 out.append(cand)
             return out
         if unit.kind == RETRY:
-            return await w._io(_retry_candidates, w.plan, unit.slice)
+            assert w.plan.retry_plan is not None
+            return await w._io(retry_candidates, w.plan.retry_plan, w.plan.storage_options,
+                               spec.labels, unit.slice)
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
     # -- deciding ----------------------------------------------------------------------------
@@ -669,6 +677,8 @@ class UnitRun:
 
         claims, kclaims, hashes, which = [], [], [], []
         for record in self.records:
+            if record.rejected:  # decided before its URL mattered (``run``)
+                continue
             norm, reason, detail = check_url(record.candidate.url)
             if reason is not None or norm is None:
                 where = self.bad_rows.get(id(record.candidate))
@@ -875,28 +885,6 @@ def _decision_rows(records: list[Record], claim: Callable[[Record], int]) -> pa.
                    url_hash=url_hash(norm) if norm else 0, claim=claim(r))
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
-
-
-def _retry_candidates(plan: JobPlan, index: int) -> list[Candidate]:
-    """A slice of the published rejects a ``retry-failed`` run decides again (the transient
-    and cancelled ones)."""
-    from builder.reasons import decided_again
-
-    assert plan.retry_plan is not None
-    import pyarrow.parquet as pq
-
-    from builder.storage import open_fs
-
-    group, start, stop = plan.retry_plan.bounds(index)
-    fs, path = open_fs(plan.retry_plan.path, plan.storage_options)
-    with fs.open(path, "rb") as f:
-        table = pq.ParquetFile(f).read_row_group(group).slice(start, stop - start)
-    again = decided_again(retry=True)
-    labels = set(plan.spec.labels)
-    return [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
-                      engine=row["engine"] or "")
-            for row in table.to_pylist()
-            if row["reason"] in again and row["label"] in labels]
 
 
 class LocalServices(WorkerServices):

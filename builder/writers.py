@@ -755,6 +755,10 @@ class DatasetPublisher:
                 raise StorageError(f"the rejects manifest holds {rejected} rows but the job "
                                    f"counted {stats.get('rejected')} rejections; not marking "
                                    f"{self.uri} as published")
+            if labels.count != stats.get("accepted", labels.count):
+                raise StorageError(f"the label manifest holds {labels.count} images but the "
+                                   f"job counted {stats.get('accepted')} accepted; not marking "
+                                   f"{self.uri} as published")
             if partial_reason is not None:
                 stats = {**stats, "partial": True, "partial_reason": partial_reason}
             atomic_write(fs, f"{root}/stats.json", _json_bytes(stats))

@@ -176,15 +176,13 @@ class Job:
         return out
 
     def publish(self, stats=None, rejects=None, partial_reason=None) -> str:
-        stats = stats or make_stats(self.journal.job_id)
-
-        def manifest():
-            for table in self.journal.iter_tables("shards"):
-                yield from table.to_pylist()
-
+        rows = [row for table in self.journal.iter_tables("shards") for row in table.to_pylist()]
+        if stats is None:  # the job's counts agree with its files, or nothing is published
+            stats = make_stats(self.journal.job_id)
+            stats.update(accepted=len(rows), candidates=len(rows) + stats["rejected"])
         rejects = make_rejects() if rejects is None else rejects
         uri = self.publisher.publish(
-            manifest_rows=manifest(), reject_tables=[pa.Table.from_pylist(rejects)],
+            manifest_rows=iter(rows), reject_tables=[pa.Table.from_pylist(rejects)],
             stats=stats, spec_name="pets", description="Cats, dogs and whales.",
             spec_yaml="name: pets\ntarget: 5\n", partial_reason=partial_reason)
         self.journal.remove()
@@ -465,6 +463,19 @@ def test_publish_partial(target):
     again.publish()
     assert is_complete(target.uri, target.options)
     assert "_PARTIAL" not in target.files()
+
+
+@pytest.mark.parametrize("field", ["accepted", "rejected"])
+def test_counts_that_disagree_with_the_manifests_publish_no_marker(local, field):
+    """stats.json over the files it describes: a job whose counts miss images (or rejects)
+    must not be marked complete; a retry over a dataset missing its stats.json once was."""
+    job = local.job()
+    write_all(job, make_rows())
+    stats = make_stats(job.journal.job_id)
+    stats[field] += 2
+    with pytest.raises(StorageError, match=f"job counted {stats[field]}"):
+        job.publish(stats=stats)
+    assert not {"_SUCCESS", "_PARTIAL"} & set(local.files())
 
 
 def test_files_of_a_shard_that_never_committed_are_removed(target):

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -422,3 +423,116 @@ def test_a_resume_cancelled_before_its_half_written_units_publishes_nothing(sand
     run_local(parse_spec(data), resume=True)
     assert is_complete(out)
     check_accounting(out)
+
+
+def test_retry_failed_that_accepts_images_ends_an_empty_dataset(tmp_path):
+    """A dataset built while its image server was down is _PARTIAL (empty). A retry once the
+    server is back accepted every image but kept the marker (and exited 3 saying no image was
+    accepted), and the next retry found nothing to retry: the dataset stayed empty for good."""
+    from builder.ports import free_port
+    from cluster.cli import main
+
+    port = free_port()
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=6, port=port) as web:
+        data = list_spec(web, tmp_path, str(tmp_path / "out"), ("cat", "dog"))
+    data["download"]["retries"] = 0
+    out = data["output"]["uri"]
+    result = run_local(parse_spec(data))
+    assert result.partial and result.stats["accepted"] == 0
+    assert json.loads((Path(out) / "_PARTIAL").read_text())["reason"] == "empty"
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=6, port=port):
+        assert main(["retry-failed", out, "--local"]) == 0
+    assert is_complete(out) and not (Path(out) / "_PARTIAL").exists()
+    stats = check_accounting(out)
+    assert stats["accepted"] > 0 and not stats["partial"] and stats["crawl_partial"] == ""
+
+
+def test_a_cancelled_retry_of_a_complete_dataset_leaves_it_partial_only_until_the_next(
+        tmp_path):
+    """A retry cancelled midway publishes _PARTIAL (cancelled). The crawl itself had
+    finished, so the next retry, which decides what the cancel left, publishes _SUCCESS; it
+    once said the dataset "stays partial (its crawl was cancelled before this retry)" for
+    good."""
+    from builder.pipeline import plan_retry
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=24, fault_every=2, slow_s=2.0) as web:
+        data = list_spec(web, tmp_path, str(tmp_path / "out"), ("cat", "dog"))
+        data["download"].update(retries=0, per_host_delay_s=0.05)
+        out = data["output"]["uri"]
+        run_local(parse_spec(data))
+        assert is_complete(out)
+        assert check_accounting(out)["rejected_by_reason"].get("http_server_error")
+        before = check_accounting(out)
+        spec, cont = plan_retry(out)
+        cancelled = run_local(spec, continuation=cont, runner_hook=lambda r: r.cancel())
+        assert cancelled.partial
+        assert json.loads((Path(out) / "_PARTIAL").read_text())["reason"] == "cancelled"
+        after = check_accounting(out)
+        assert after["crawl_partial"] == ""
+        # The rejects it never got to stay as they were (they were dropped, 72 -> 66).
+        for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
+            assert after[key] == before[key], key
+        assert main(["retry-failed", out, "--local"]) == 0
+    assert is_complete(out) and not (Path(out) / "_PARTIAL").exists()
+    assert not check_accounting(out)["partial"]
+
+
+def test_retry_failed_without_stats_json_is_refused_before_the_output_is_touched(tmp_path):
+    """Its counts come from stats.json: without it they were taken as 0 and the retry
+    published _SUCCESS with stats short of the shards' rows."""
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat",), images_per_class=8, fault_every=2) as web:
+        out = tmp_path / "out"
+        data = list_spec(web, tmp_path, str(out), ("cat",))
+        data["download"]["retries"] = 0
+        run_local(parse_spec(data))
+        (out / "stats.json").unlink()
+        before = sorted(p.name for p in out.iterdir())
+        assert main(["retry-failed", str(out), "--local"]) != 0
+    assert sorted(p.name for p in out.iterdir()) == before and is_complete(str(out))
+
+
+def test_retry_failed_decides_a_full_class_s_rejects_and_keeps_rows_it_cannot_retry(tmp_path):
+    """Two kinds of reject rows vanished from the dataset in a retry: those of a class already
+    at its target (skipped as unused hits, though they were candidates), and one without a
+    URL (a traceback, after _SUCCESS was removed). The first are decided over_target now,
+    without a request; the second stays as it was."""
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=24, fault_every=2) as web:
+        data = list_spec(web, tmp_path, str(tmp_path / "out"), ("cat", "dog"))
+        data["classes"]["cat"] = {"target": 3}  # full; dog still needs images, so units run
+        data["download"].update(retries=0)
+        out = data["output"]["uri"]
+        run_local(parse_spec(data))
+        before = check_accounting(out)
+        assert before["classes"]["cat"]["accepted"] == 3
+        rejects = pq.read_table(Path(out) / "rejects.parquet")
+        template = rejects.slice(0, 1).to_pylist()[0]
+        full = web.class_image_urls("cat")[-1]
+        added = [{**template, "url": url, "label": "cat", "reason": "timeout", "stage": "fetch",
+                  "key": f"{i:016x}", "detail": "", "duplicate_of": ""}
+                 for i, url in enumerate([full, None])]
+        pq.write_table(pa.concat_tables([rejects, pa.Table.from_pylist(added, rejects.schema)]),
+                       Path(out) / "rejects.parquet")
+        stats = json.loads((Path(out) / "stats.json").read_text())
+        for where in (stats, stats["classes"]["cat"]):
+            where["candidates"] += 2
+            where["rejected"] += 2
+            where["rejected_by_reason"]["timeout"] = 2
+        stats["rejected_by_stage"]["fetch"] = stats["rejected_by_stage"].get("fetch", 0) + 2
+        (Path(out) / "stats.json").write_text(json.dumps(stats))
+        hits = web.hits(full)
+        assert main(["retry-failed", out, "--local"]) == 0
+        assert web.hits(full) == hits
+    after = check_accounting(out)
+    assert after["candidates"] == before["candidates"] + 2
+    assert after["accepted"] == before["accepted"]
+    assert after["classes"]["cat"]["rejected_by_reason"]["over_target"] == \
+        before["classes"]["cat"]["rejected_by_reason"].get("over_target", 0) + 1
+    assert after["classes"]["cat"]["rejected_by_reason"]["timeout"] == 1
+    reasons = pq.read_table(Path(out) / "rejects.parquet", columns=["url", "reason"]).to_pylist()
+    assert {"url": None, "reason": "timeout"} in reasons
+    assert {"url": full, "reason": "over_target"} in reasons

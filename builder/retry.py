@@ -1,0 +1,108 @@
+"""Which of a published dataset's rejects a continuing run decides again.
+
+A run that continues a dataset (``--resume`` of a published partial one, or ``retry-failed``)
+decides again the rejects whose reason ``reasons.decided_again`` names, of a class of the spec
+and with a URL. ``retry-failed`` reads them from ``rejects.parquet`` in slices (one unit each,
+``retry_candidates``). Everything else, and the rows of a slice whose unit never committed (a
+retry cancelled before it got there), stays in the dataset as it was (``kept_rows``), and
+counts as it did (``redecided_counts`` says what to take out of the published counts).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Collection, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from builder.listsource import SlicePlan
+from builder.reasons import Reason, decided_again, stage_of
+from builder.records import Candidate
+from builder.storage import open_fs
+from builder.units import ClassTally, UnitReport
+
+Done = Callable[[int], bool]
+"""Whether the unit of retry slice ``i`` committed (its rows were decided again)."""
+
+
+def redecided(table: pa.Table, labels: Collection[str], retry: bool) -> pa.ChunkedArray:
+    """Per row of ``table`` (columns ``url``, ``label``, ``reason``), whether a continuing run
+    decides it again."""
+    again = pa.array(sorted(decided_again(retry)), pa.string())
+    mask = pc.and_(pc.is_in(table["reason"], value_set=again),
+                   pc.is_in(table["label"], value_set=pa.array(sorted(labels), pa.string())))
+    return pc.fill_null(pc.and_(mask, pc.greater(pc.utf8_length(table["url"]), 0)), False)
+
+
+def retry_candidates(plan: SlicePlan, storage_options: Optional[dict[str, Any]],
+                     labels: Collection[str], index: int) -> list[Candidate]:
+    """The candidates of retry slice ``index`` (a row range of ``rejects.parquet``)."""
+    group, start, stop = plan.bounds(index)
+    fs, path = open_fs(plan.path, storage_options)
+    with fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(
+            group, columns=["url", "label", "reason", "query", "engine"]).slice(start,
+                                                                              stop - start)
+    table = table.filter(redecided(table, labels, retry=True))
+    return [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
+                      engine=row["engine"] or "") for row in table.to_pylist()]
+
+
+def _slices_by_group(plan: Optional[SlicePlan]) -> dict[int, list[tuple[int, int, int]]]:
+    out: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for index in range(plan.count if plan is not None else 0):
+        group, start, stop = plan.bounds(index)  # type: ignore[union-attr]
+        out[group].append((index, start, stop))
+    return out
+
+
+def _groups(path: str, storage_options: Optional[dict[str, Any]], labels: Collection[str],
+            retry: bool, plan: Optional[SlicePlan], done: Optional[Done],
+            columns: Optional[list[str]] = None) -> Iterator[tuple[pa.Table, pa.ChunkedArray]]:
+    """Each row group of the rejects file at ``path`` and which of its rows are decided again:
+    with ``done``, only those of slices of ``plan`` whose units committed."""
+    fs, fs_path = open_fs(path, storage_options)
+    fs.invalidate_cache(fs_path)
+    if not fs.exists(fs_path):
+        return
+    slices = _slices_by_group(plan) if done is not None else {}
+    with fs.open(fs_path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for group in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(group, columns=columns)
+            mask = redecided(table, labels, retry)
+            if done is not None:
+                ran = [False] * table.num_rows
+                for index, start, stop in slices.get(group, ()):
+                    if done(index):
+                        ran[start:stop] = [True] * (stop - start)
+                mask = pc.and_(mask, pa.array(ran, pa.bool_()))
+            yield table, mask
+
+
+def kept_rows(path: str, storage_options: Optional[dict[str, Any]], labels: Collection[str],
+              retry: bool, plan: Optional[SlicePlan] = None,
+              done: Optional[Done] = None) -> Iterator[pa.Table]:
+    """The rejects a continuing run leaves as they were, a row group at a time: all but those
+    it decides again (with ``done``: decided again in a slice whose unit committed)."""
+    for table, mask in _groups(path, storage_options, labels, retry, plan, done):
+        yield table.filter(pc.invert(mask))
+
+
+def redecided_counts(path: str, storage_options: Optional[dict[str, Any]],
+                     labels: Collection[str], retry: bool, plan: Optional[SlicePlan] = None,
+                     done: Optional[Done] = None) -> UnitReport:
+    """The published rejects a continuing run decides again, as counts (candidates and
+    rejections per class, reason and stage), from the rows themselves."""
+    report = UnitReport("redecided")
+    for table, mask in _groups(path, storage_options, labels, retry, plan, done,
+                               columns=["url", "label", "reason"]):
+        rows = table.filter(mask)
+        for row in rows.group_by(["label", "reason"]).aggregate([([], "count_all")]).to_pylist():
+            tally = report.classes.setdefault(row["label"], ClassTally())
+            tally.candidates += row["count_all"]
+            tally.rejected[row["reason"]] += row["count_all"]
+            report.by_stage[stage_of(Reason(row["reason"])).value] += row["count_all"]
+    return report
