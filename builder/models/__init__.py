@@ -9,14 +9,20 @@ Hugging Face model ids resolve to a local directory by ``resolve_model_dir``: a 
 the Hugging Face cache (``HF_HOME``), else a download when the hub is reachable and
 ``HF_HUB_OFFLINE`` is not set. Anything else is a ``ModelLoadError`` at once, never a hang on
 retries.
+
+The wrappers may be called from several threads at once (the in-process runner does), so every
+lazy initialisation (imports, weights, processors, sessions) runs under ``LOAD_LOCK``, once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,33 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _TRUE = ("1", "true", "yes", "on")
 HUB_PROBE_TIMEOUT_S = 5.0
 _WEIGHT_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken")
+
+LOAD_LOCK = threading.RLock()
+"""Held by every lazy initialisation of the model wrappers, across all of them: transformers'
+lazy imports are not thread-safe (two threads resolving its first attributes at once can get an
+ImportError), and a model is loaded once however many threads ask for it first."""
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # imported, without a __spec__
+        return True
+
+
+def import_failure(exc: ImportError, needs: str, packages: Sequence[str]) -> ModelLoadError:
+    """The error for ``exc``, raised importing ``packages`` for ``needs`` (what asks for them).
+
+    Only a package that is not installed at all is "needs the ml extra"; an installed one that
+    fails to import (a broken dependency, a lazy attribute that fails) names the real error, since
+    installing the extra would not help.
+    """
+    absent = [name for name in packages if not _installed(name)]
+    if absent:
+        return ModelLoadError(f"{needs} needs {' and '.join(absent)} (the ml extra): "
+                              "pip install 'pixcrawler[ml]'")
+    return ModelLoadError(f"{needs}: {' and '.join(packages)} installed but failed to import: "
+                          f"{type(exc).__name__}: {exc}")
 
 
 def check_device(device: str) -> str:
@@ -91,8 +124,7 @@ def resolve_model_dir(model_id: str) -> str:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError
     except ImportError as exc:
-        raise ModelLoadError(f"loading {model_id!r} needs the ml extra: "
-                             "pip install 'pixcrawler[ml]'") from exc
+        raise import_failure(exc, f"loading {model_id!r}", ("huggingface_hub",)) from exc
     how_to = ("the model must be available locally: download it beforehand into the Hugging Face "
               f"cache on every worker (HF_HOME; e.g. `hf download {model_id}`) or give a local "
               "directory written by save_pretrained as the model id")
@@ -126,12 +158,12 @@ def resolve_model_dir(model_id: str) -> str:
 
 def load_image_processor(model_id: str, needs: str) -> Any:
     """The model's Pillow image processor (its size, crop, mean and std drive preprocessing;
-    torchvision is not needed). ``needs`` names what asks for it, for the error message."""
+    torchvision is not needed). ``needs`` names what asks for it, for the error message.
+    Callers hold ``LOAD_LOCK``."""
     try:
         from transformers import AutoImageProcessor
     except ImportError as exc:
-        raise ModelLoadError(f"{needs} needs transformers (the ml extra): "
-                             "pip install 'pixcrawler[ml]'") from exc
+        raise import_failure(exc, needs, ("transformers",)) from exc
     directory = resolve_model_dir(model_id)
     try:
         return AutoImageProcessor.from_pretrained(directory, backend="pil")

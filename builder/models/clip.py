@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from builder.errors import ModelLoadError
-from builder.models import (check_device, load_image_processor, resolve_model_dir,
-                            torch_device)
+from builder.models import (LOAD_LOCK, check_device, import_failure, load_image_processor,
+                            resolve_model_dir, torch_device)
 from builder.models.preprocess import clip_pixels
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -68,15 +68,20 @@ class ClipModel:
         return self._model is not None
 
     def load(self) -> None:
-        """Load model and tokenizer onto the configured device (once; later calls do nothing)."""
+        """Load model and tokenizer onto the configured device (once, whichever thread asks
+        first; later calls do nothing)."""
         if self.loaded:
             return
+        with LOAD_LOCK:
+            if not self.loaded:
+                self._load()
+
+    def _load(self) -> None:
         try:
             import torch
             from transformers import AutoModel, AutoTokenizer
         except ImportError as exc:
-            raise ModelLoadError("CLIP validation needs torch and transformers (the ml extra): "
-                                 "pip install 'pixcrawler[ml]'") from exc
+            raise import_failure(exc, "CLIP validation", ("torch", "transformers")) from exc
         directory = resolve_model_dir(self.model_id)
         device = torch_device(self.device)
         try:
@@ -91,15 +96,18 @@ class ClipModel:
         text_config = getattr(model.config, "text_config", None)
         self._max_text_len = int(getattr(text_config, "max_position_embeddings", 77) or 77)
         self._dtype = torch.float16 if self.fp16 and device.type == "cuda" else torch.float32
-        self._model = model.to(device=device, dtype=self._dtype).eval()
+        model = model.to(device=device, dtype=self._dtype).eval()
         self._tokenizer = tokenizer
         self._torch_device = device
         self.processor()
+        self._model = model  # last: it marks the wrapper loaded for threads that do not lock
 
     def processor(self) -> Any:
         """The model's Pillow image processor (its size, crop, mean, std drive ``preprocess``)."""
         if self._processor is None:
-            self._processor = load_image_processor(self.model_id, "CLIP validation")
+            with LOAD_LOCK:
+                if self._processor is None:
+                    self._processor = load_image_processor(self.model_id, "CLIP validation")
         return self._processor
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:

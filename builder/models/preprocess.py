@@ -32,6 +32,10 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 """What Pillow raises on bytes that do not decode (``UnidentifiedImageError`` is an OSError)."""
 
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F"})
+"""Modes whose pixels ``Image.reduce`` averages as they are. It refuses 1, P and I;16 ("image has
+wrong mode") and would average the palette indices of PA."""
+
 
 def decode_rgb(data: bytes, max_side: int = 512) -> Image.Image:
     """Decode image bytes to an RGB image reduced towards ``max_side``, for the models.
@@ -51,10 +55,20 @@ def decode_rgb(data: bytes, max_side: int = 512) -> Image.Image:
     img = _upright(img)
     factor = min(max(img.size) // max_side, min(img.size) // max(1, max_side // 2))
     if factor >= 2:
+        if img.mode not in _REDUCIBLE_MODES:
+            img = _reducible(img)
         img = img.reduce(factor)
     if img.mode != "RGB":
         img = _to_rgb(img)
     return img
+
+
+def _reducible(img: Image.Image) -> Image.Image:
+    """``img`` in a mode from ``_REDUCIBLE_MODES``: 16-bit integers widen to I (the values kept,
+    scaled to 8 bits after reducing), everything else goes to RGB."""
+    if img.mode.startswith("I;16"):
+        return img.convert("I")
+    return _to_rgb(img)
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -67,11 +81,29 @@ def _upright(img: Image.Image) -> Image.Image:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert to RGB, compositing any transparency onto white rather than black."""
+    img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """An I;16*, I or F image scaled to 8-bit L; any other image as it is.
+
+    Pillow's own conversion clips these modes at 255, so 16-bit data would come out nearly white.
+    The full scale taken for each mode: 0-65535 for I;16* (16-bit PNG, TIFF); 0-65535 for I too,
+    since Pillow decodes 16-bit sources (PGM; the I;16 images ``_reducible`` widens) into it, with
+    values outside clipped; 0.0-1.0 for F, the usual range of floating-point image data.
+    """
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        return Image.fromarray(np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8))
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))  # rounds v / 257
+    return img
 
 
 def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -127,7 +159,7 @@ def nsfw_pixels(images: Sequence[Image.Image], jpeg_reencode: bool = True) -> np
     box = (offset, offset, offset + OPENNSFW_CROP, offset + OPENNSFW_CROP)
     out = np.empty((len(images), OPENNSFW_CROP, OPENNSFW_CROP, 3), dtype=np.float32)
     for i, img in enumerate(images):
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        rgb = img if img.mode == "RGB" else _to_8bit(img).convert("RGB")
         small = rgb.resize((OPENNSFW_RESIZE, OPENNSFW_RESIZE),
                            resample=Image.Resampling.BILINEAR).crop(box)
         if jpeg_reencode:
