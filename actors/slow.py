@@ -35,6 +35,10 @@ class SlowScorer:
     def alive(self) -> bool:
         return True
 
+    def settle(self, records: list[Record]) -> None:
+        """The job's final decisions on records scored here (``SlowValidator.settle``)."""
+        self.validator.settle(records)
+
     def score(self, batch: PreparedBatch) -> list[Record]:
         t0 = time.perf_counter()
         records = self.validator.score(batch)

@@ -113,6 +113,16 @@ class RayServices(LedgerCalls):
                                                 prepared.clip_pixels))
         return apply_scores(records, await _scores(scorer, ref))
 
+    async def settle_scores(self, records: list[Record]) -> None:
+        """To every scorer (the one that kept an image forgets it; the others ignore it), in
+        order after its ``score`` calls from this worker, as Ray runs an actor's calls from one
+        caller; not awaited: a lost scorer's store is lost with it."""
+        light = [dataclasses.replace(r, data=None, embedding=None) for r in records
+                 if r.clip_score is not None]
+        if light:
+            for scorer in self.scorers:
+                scorer.settle.remote(light)
+
 
 async def _scores(scorer: Any, ref: Any) -> list[Record]:
     """The answer to ``ref`` (a scorer's ``score`` call); raises ``JobInterrupted`` once the

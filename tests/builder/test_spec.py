@@ -321,6 +321,35 @@ def test_values_that_would_fail_inside_the_job_are_refused_naming_the_field(extr
     assert [path for path, _ in info.value.problems] == [field]
 
 
+SLOW = {"level": "slow"}
+
+
+@pytest.mark.parametrize("validation,field,says", [
+    ({"nsfw_backend": "hf"}, "validation.nsfw_model", "nsfw_backend 'opennsfw'"),
+    ({"nsfw": False, "clip": False}, "validation.level", "set nsfw: true or clip: true"),
+    ({"clip_model": " "}, "validation.clip_model", "or set clip: false"),
+    ({"clip": False, "keep_embedding": True}, "validation.keep_embedding",
+     "keep_embedding: false"),
+    ({"clip": False, "embedding_dedup_threshold": 0.95}, "validation.embedding_dedup_threshold",
+     "embedding_dedup_threshold: null"),
+])
+def test_slow_settings_the_scorers_cannot_run_with_are_refused(validation, field, says):
+    """Each passed ``pixcrawler check`` and then failed the job at its first batch; the
+    other levels do not read these settings."""
+    with pytest.raises(SpecError) as info:
+        parse_spec({**BASE, "validation": {**SLOW, **validation}})
+    assert [path for path, _ in info.value.problems] == [field]
+    assert says in info.value.problems[0][1]
+    assert parse_spec({**BASE, "validation": validation}).validation.level == "medium"
+
+
+def test_slow_settings_that_can_run_stay_valid():
+    for validation in ({"nsfw": False}, {"clip": False}, {"nsfw": False, "nsfw_backend": "hf"},
+                       {"nsfw_backend": "hf", "nsfw_model": "org/nsfw-vit"},
+                       {"keep_embedding": True, "embedding_dedup_threshold": 0.95}):
+        assert parse_spec({**BASE, "validation": {**SLOW, **validation}})
+
+
 def test_a_prompt_with_escaped_braces_is_fine():
     assert parse_spec({**BASE, "validation": {"clip_prompts": ["a {{b}} {}"]}})
 

