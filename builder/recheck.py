@@ -17,7 +17,10 @@ Two depths:
 
 ``write_without`` writes a new dataset without the removed images: the same shards, manifests,
 card and spec, with each removed image moved to the rejects (its reason and detail from the
-signal) so that ``accepted + rejected == candidates`` still holds.
+signal) so that ``accepted + rejected == candidates`` still holds. It copies only a published
+dataset (``check_source``), reads everything but the shards before it writes anything, and a
+copy that fails removes its shards again, so a rerun needs no ``--overwrite``. A copy left
+with no image is marked ``_PARTIAL`` (reason ``empty``), as a build that accepts nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import urllib.parse
 import uuid
 from collections import Counter
@@ -39,7 +43,7 @@ import pyarrow.parquet as pq
 import yaml
 from aiohttp.abc import AbstractResolver
 
-from builder.errors import OutputExistsError, StorageError
+from builder.errors import OutputExistsError, PixCrawlerError, StorageError
 from builder.fetch import Fetcher
 from builder.netguard import UrlRejected
 from builder.profiles import first_public_url, has_contact
@@ -47,7 +51,10 @@ from builder.reasons import Reason
 from builder.records import Candidate, Record
 from builder.rights import UNREADABLE, Signal, first_refusal
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
-from builder.storage import list_files, open_fs, same_location, storage_errors, write_bytes
+from builder.storage import (delete_tree, is_local_uri, list_files, open_fs, same_location,
+                             storage_errors, write_bytes)
+
+log = logging.getLogger(__name__)
 
 MODES = ("origins", "full")
 BATCH = 256
@@ -55,6 +62,11 @@ BATCH = 256
 REMOVAL_COLUMNS = ("id", "label", "split", "url", "final_url", "signal", "value", "source",
                    "reason", "detail")
 _READ_COLUMNS = ["id", "label_name", "split", "url", "final_url"]
+
+
+class RecheckSourceError(PixCrawlerError):
+    """The dataset ``recheck --write`` would copy is not a published one (no marker, an
+    unfinished job's journal) or lacks a file the copy needs."""
 
 
 @dataclass
@@ -239,62 +251,167 @@ def needs_contact(uri: str, cfg: DownloadSpec, storage_options: Optional[dict] =
     return first_public_url(r["url"] for r in image_rows(uri, storage_options)) is not None
 
 
-def write_without(uri: str, result: RecheckResult, out_uri: str, *,
-                  storage_options: Optional[dict] = None, overwrite: bool = False) -> str:
-    """A new dataset at ``out_uri``: the one at ``uri`` less the removed images, which join its
-    rejects; returns the published URI."""
-    from builder.journal import Journal
-    from builder.writers import DatasetPublisher, ShardWriter, rows_of_output
+SOURCE_FILES = ("rejects.parquet", "stats.json")
+"""The files of the dataset, besides its spec and shards, that its copy carries over."""
 
-    if same_location(uri, out_uri, storage_options):
+
+def check_source(uri: str, storage_options: Optional[dict] = None) -> None:
+    """Refuse (``RecheckSourceError``) to copy what is not a published dataset: one without a
+    ``_SUCCESS`` or ``_PARTIAL`` marker, or with an unfinished job's journal (a build or a
+    ``retry-failed`` killed while it wrote there: its shards hold images its stats do not
+    count), or one without the ``SOURCE_FILES``."""
+    from builder.journal import resumable_jobs
+    from builder.writers import read_marker
+
+    jobs = resumable_jobs(uri, storage_options)
+    if jobs:
+        raise RecheckSourceError(
+            f"{uri} holds an interrupted job ({', '.join(jobs)}), so its shards, rejects and "
+            "stats do not agree: continue it with `pixcrawler build SPEC --resume` (SPEC: the "
+            "spec it was started with), then recheck the dataset it publishes")
+    if read_marker(uri, storage_options) is None:
+        raise RecheckSourceError(
+            f"{uri} has no _SUCCESS or _PARTIAL marker, so it holds no published dataset: if a "
+            "job writing it was interrupted, continue it with `pixcrawler build SPEC --resume` "
+            "(SPEC: the spec it was started with); otherwise check the URI")
+    fs, root = open_fs(uri, storage_options)
+    for name in SOURCE_FILES:
+        path = f"{root.rstrip('/')}/{name}"
+        with storage_errors(uri, f"check {name} of"):
+            fs.invalidate_cache(path)
+            found = fs.exists(path)
+        if not found:
+            raise RecheckSourceError(
+                f"{uri} has no {name}, which its copy carries over: put it back, or build the "
+                "dataset again with `pixcrawler build SPEC --overwrite`")
+
+
+@dataclass
+class WrittenCopy:
+    """What ``write_without`` published: where, and its stats (``partial_reason`` is
+    ``empty`` when the recheck removed every image)."""
+
+    uri: str
+    stats: dict[str, Any]
+
+    @property
+    def partial_reason(self) -> Optional[str]:
+        return self.stats.get("partial_reason") or None
+
+
+@dataclass
+class _Source:
+    """Everything of the dataset being copied but its shards' rows, read before the copy
+    writes anything."""
+
+    spec: DatasetSpec
+    shards: list[str]
+    rejects: pa.Table
+    stats: dict[str, Any]
+
+
+def _read_source(uri: str, storage_options: Optional[dict]) -> _Source:
+    check_source(uri, storage_options)
+    spec = dataset_spec(uri, storage_options)
+    shards = _shards(uri, storage_options)
+    fs, root = open_fs(uri, storage_options)
+    with storage_errors(uri, "read rejects.parquet and stats.json of"):
+        rejects = pq.read_table(io.BytesIO(fs.cat_file(f"{root.rstrip('/')}/rejects.parquet")))
+        stats_json = fs.cat_file(f"{root.rstrip('/')}/stats.json")
+    try:
+        stats = json.loads(stats_json)
+    except ValueError as exc:
+        raise RecheckSourceError(f"{uri}/stats.json is not JSON ({exc}): put back the stats "
+                                 "the dataset was published with") from exc
+    return _Source(spec, shards, rejects, stats)
+
+
+def _same_place(uri: str, options: Optional[dict], out_uri: str,
+                out_options: Optional[dict]) -> bool:
+    """``same_location`` for two URIs each opened with its own storage options."""
+    if is_local_uri(uri) and is_local_uri(out_uri):
+        return same_location(uri, out_uri)
+    (fs_a, path_a), (fs_b, path_b) = open_fs(uri, options), open_fs(out_uri, out_options)
+    return type(fs_a) is type(fs_b) and path_a.rstrip("/") == path_b.rstrip("/")
+
+
+def write_without(uri: str, result: RecheckResult, out_uri: str, *,
+                  storage_options: Optional[dict] = None,
+                  out_storage_options: Optional[dict] = None,
+                  overwrite: bool = False) -> WrittenCopy:
+    """A new dataset at ``out_uri``: the one at ``uri`` less the removed images, which join its
+    rejects. ``storage_options`` open the source, ``out_storage_options`` the destination.
+
+    The source is checked and read (but its shards' rows) before anything is written. Should
+    the copy fail before its marker is written, the shards it wrote and its journal are
+    removed: ``DatasetPublisher.check`` let it start only where no other shard was (or cleared
+    them with ``overwrite``), so they are this run's, and a rerun is not refused."""
+    from builder.journal import Journal
+    from builder.writers import LAYOUT_DIRS, DatasetPublisher, ShardWriter, rows_of_output
+
+    if _same_place(uri, storage_options, out_uri, out_storage_options):
         raise OutputExistsError(f"--write {out_uri} is the dataset being rechecked: write the "
                                 "copy somewhere else (replacing the dataset as it is read "
                                 "would delete it)")
-    spec = dataset_spec(uri, storage_options)
-    data = spec.model_dump(mode="json")
+    source = _read_source(uri, storage_options)
+    data = source.spec.model_dump(mode="json")
     data["output"]["uri"] = out_uri
     data["output"]["overwrite"] = overwrite
     spec = DatasetSpec.model_validate(data)
     removed = {r.id: r for r in result.removals}
-    job_id = f"{spec.name}-recheck-{uuid.uuid4().hex[:6]}"
-    writer = ShardWriter(spec.output, out_uri, spec.labels, storage_options)
-    publisher = DatasetPublisher(spec.output, out_uri, job_id, storage_options, spec.labels)
-    journal = Journal(out_uri, job_id, storage_options)
-    publisher.check()
-    publisher.prepare()
-    numbers: dict[str, int] = {}
-    manifest: list[dict[str, Any]] = []
-    for path in _shards(uri, storage_options):
-        table = rows_of_output(_read(uri, path, storage_options))
-        keep = pc.invert(pc.is_in(table["id"], pa.array(list(removed), pa.string())))
-        table = table.filter(keep)
-        for split in sorted(set(table["split"].to_pylist())):
-            part = table.filter(pc.equal(table["split"], split))
-            number = numbers.get(split, 0)
-            numbers[split] = number + 1
-            manifest += writer.write(part, split, number, journal).select(
-                ["id", "path", "label", "split", "license"]).to_pylist()
-    fs, root = open_fs(uri, storage_options)
-    with storage_errors(uri, "read rejects and stats of"):
-        rejects = pq.read_table(io.BytesIO(fs.cat_file(f"{root.rstrip('/')}/rejects.parquet")))
-        stats = json.loads(fs.cat_file(f"{root.rstrip('/')}/stats.json"))
     moved = []
     for r in removed.values():
         c = Candidate(url=r.url, label=r.label)
         moved.append({"key": c.key, "url": r.url, "label": r.label, "query": "", "engine": "",
                       "stage": "fetch", "reason": r.reason, "detail": r.detail,
                       "duplicate_of": "", "http_status": 0})
-    # a partial dataset's copy is partial too (its stats say why)
-    partial_reason = (stats.get("partial_reason") or "partial") if stats.get("partial") else None
-    stats = _stats_without(stats, list(removed.values()), result)
+    stats = _stats_without(source.stats, list(removed.values()), result)
+    partial_reason: Optional[str] = None
+    if stats.get("accepted", 0) == 0:  # no image: no dataset, as a build that accepts nothing
+        partial_reason = "empty"
+    elif stats.get("partial"):  # a partial dataset's copy is partial too (its stats say why)
+        partial_reason = stats.get("partial_reason") or "partial"
+    if partial_reason is not None:
+        stats.update(partial=True, partial_reason=partial_reason)
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
                                allow_unicode=True)
-    out = publisher.publish(manifest_rows=iter(manifest),
-                            reject_tables=[rejects, pa.Table.from_pylist(moved)],
-                            stats=stats, spec_name=spec.name, description=spec.description,
-                            spec_yaml=spec_yaml, partial_reason=partial_reason)
+    job_id = f"{spec.name}-recheck-{uuid.uuid4().hex[:6]}"
+    writer = ShardWriter(spec.output, out_uri, spec.labels, out_storage_options)
+    publisher = DatasetPublisher(spec.output, out_uri, job_id, out_storage_options, spec.labels)
+    journal = Journal(out_uri, job_id, out_storage_options)
+    publisher.check()
+    publisher.prepare()
+    try:
+        numbers: dict[str, int] = {}
+        manifest: list[dict[str, Any]] = []
+        for path in source.shards:
+            table = rows_of_output(_read(uri, path, storage_options))
+            keep = pc.invert(pc.is_in(table["id"], pa.array(list(removed), pa.string())))
+            table = table.filter(keep)
+            for split in sorted(set(table["split"].to_pylist())):
+                part = table.filter(pc.equal(table["split"], split))
+                number = numbers.get(split, 0)
+                numbers[split] = number + 1
+                manifest += writer.write(part, split, number, journal).select(
+                    ["id", "path", "label", "split", "license"]).to_pylist()
+        out = publisher.publish(manifest_rows=iter(manifest),
+                                reject_tables=[source.rejects, pa.Table.from_pylist(moved)],
+                                stats=stats, spec_name=spec.name,
+                                description=spec.description, spec_yaml=spec_yaml,
+                                partial_reason=partial_reason)
+    except BaseException:
+        fs, root = open_fs(out_uri, out_storage_options)
+        try:
+            with storage_errors(out_uri, "remove the unfinished copy from"):
+                for d in LAYOUT_DIRS:
+                    delete_tree(fs, f"{root.rstrip('/')}/{d}")
+            journal.remove()
+        except StorageError as cleanup:
+            log.warning("%s; rerun with --overwrite to replace what the copy left there",
+                        cleanup)
+        raise
     journal.remove()
-    return out
+    return WrittenCopy(out, stats)
 
 
 def _stats_without(stats: dict[str, Any], removed: list[Removal],
@@ -322,5 +439,6 @@ def _stats_without(stats: dict[str, Any], removed: list[Removal],
     return stats
 
 
-__all__ = ["MODES", "RecheckResult", "Removal", "dataset_spec", "image_rows", "needs_contact",
-           "recheck", "write_removals", "write_without"]
+__all__ = ["MODES", "RecheckResult", "RecheckSourceError", "Removal", "WrittenCopy",
+           "check_source", "dataset_spec", "image_rows", "needs_contact", "recheck",
+           "write_removals", "write_without"]

@@ -219,10 +219,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_recheck(args: argparse.Namespace) -> int:
-    from builder.recheck import (dataset_spec, needs_contact, recheck, write_removals,
-                                 write_without)
+    from builder.recheck import (check_source, dataset_spec, needs_contact, recheck,
+                                 write_removals, write_without)
 
     uri, options = args.uri, _storage_options(args.uri)
+    if args.write:  # before the origins are asked: only a published dataset can be copied
+        check_source(uri, options)
     download = dataset_spec(uri, options).download
     if args.contact:
         download = download.model_copy(update={"contact": args.contact})
@@ -238,10 +240,17 @@ def cmd_recheck(args: argparse.Namespace) -> int:
           f"{len(result.removals)} to remove{f' ({by_signal})' if by_signal else ''}"
           f"{f', {result.unreachable} unreachable (kept)' if result.unreachable else ''}; "
           f"removal list: {args.out}")
-    if args.write:
-        published = write_without(uri, result, args.write, overwrite=args.overwrite,
-                                  storage_options=_storage_options(args.write))
-        print(f"dataset without them: {published}")
+    if not args.write:
+        return 0
+    copy = write_without(uri, result, args.write, overwrite=args.overwrite,
+                         storage_options=options,
+                         out_storage_options=_storage_options(args.write))
+    if copy.partial_reason == "empty":
+        print(f"error: the recheck removed every image, so {copy.uri} is not a dataset "
+              f"(marked _PARTIAL); {args.out} lists each image and the signal that removed it",
+              file=sys.stderr)
+        return EXIT_EMPTY
+    print(f"dataset without them: {copy.uri}")
     return 0
 
 

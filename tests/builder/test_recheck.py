@@ -1,0 +1,199 @@
+"""``pixcrawler recheck --write``: what it refuses to copy, an empty copy, a source and a
+destination on different storage, and what a failed copy leaves behind.
+
+The dataset is four images of the sandbox's ``mutable`` site, whose robots.txt a test changes
+after the build (and puts back)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from builder.errors import StorageError
+from builder.journal import Journal
+from builder.pipeline import run_local
+from builder.spec import parse_spec
+from builder.storage import open_fs
+from cluster.cli import EXIT_EMPTY, EXIT_FAILED, main
+from tests.e2e.helpers import check_accounting, reasons_by_url
+
+IMAGES = {"cat": ("/m/cat0.jpg", "/m/cat1.jpg"), "dog": ("/m/dog0.jpg", "/m/dog1.jpg")}
+
+
+@pytest.fixture(scope="module")
+def built(sandbox, tmp_path_factory):
+    """The dataset (two shards of two images per split) and the folder to copy it into."""
+    tmp = tmp_path_factory.mktemp("recheck")
+    mutable = sandbox.site_url("mutable")
+    listing = tmp / "urls.csv"
+    with listing.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["url", "label"])
+        writer.writerows([mutable + path, label] for label, paths in IMAGES.items()
+                         for path in paths)
+    out = tmp / "out"
+    spec = parse_spec({
+        "name": "recheck", "target": 10, "classes": {"cat": None, "dog": None},
+        "sources": [{"engine": "urllist", "path": str(listing)}],
+        "download": {"timeout_s": 5.0, "retries": 0, "allow_private_networks": True},
+        "output": {"uri": str(out), "formats": ["parquet", "imagefolder"],
+                   "splits": {"train": 1.0}, "shard_size": 2},
+    })
+    assert run_local(spec).stats["accepted"] == 4
+    return sandbox, out, spec
+
+
+@pytest.fixture
+def source(built, tmp_path):
+    """A copy of the dataset for a test to change, and where its recheck copy goes."""
+    _, out, spec = built
+    src = tmp_path / "src"
+    shutil.copytree(out, src)
+    return src, tmp_path / "copy", spec
+
+
+@pytest.fixture
+def refused(built):
+    """The mutable site's robots.txt refuses ``path`` from here to the end of the test."""
+    site = built[0].site("mutable")
+
+    def refuse(path: str) -> None:
+        site.robots_txt = f"User-agent: *\nDisallow: {path}\n"
+
+    yield refuse
+    site.robots_txt = None
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def recheck_write(src, copy, *extra: str) -> int:
+    return main(["recheck", str(src), "--out", str(Path(copy).parent / "removals.csv"),
+                 "--write", str(copy), *extra])
+
+
+@pytest.mark.parametrize("marker, journal", [(False, True), (True, True), (False, False)],
+                         ids=["interrupted-job", "marker-and-journal", "no-marker"])
+def test_write_refuses_a_source_that_is_not_a_published_dataset(source, capsys, marker,
+                                                                 journal):
+    """An interrupted retry's dataset (no marker, its journal there) was copied and marked
+    complete, with stats that counted fewer images than its shards held."""
+    src, copy, spec = source
+    if not marker:
+        (src / "_SUCCESS").unlink()
+    if journal:
+        Journal(str(src), "recheck-retry-abc123").start(spec)
+    before = files_under(src)
+    assert recheck_write(src, copy) == EXIT_FAILED
+    out, err = capsys.readouterr()
+    assert "checked" not in out  # refused before the origins were asked
+    assert "pixcrawler build SPEC --resume" in err
+    assert ("interrupted job (recheck-retry-abc123)" in err) == journal
+    assert not copy.exists() and files_under(src) == before
+
+
+def test_write_that_removes_every_image_is_an_empty_partial_dataset(source, refused, capsys):
+    """It was marked _SUCCESS with accepted 0, and the command exited 0."""
+    src, copy, _ = source
+    refused("/")
+    assert recheck_write(src, copy) == EXIT_EMPTY
+    assert "is not a dataset (marked _PARTIAL)" in capsys.readouterr().err
+    assert (copy / "_PARTIAL").exists() and not (copy / "_SUCCESS").exists()
+    assert json.loads((copy / "_PARTIAL").read_text())["reason"] == "empty"
+    stats = check_accounting(str(copy))
+    assert stats["accepted"] == 0 and stats["partial_reason"] == "empty"
+    assert set(reasons_by_url(str(copy)).values()) == {"robots_disallowed"}
+
+
+def test_write_that_removes_some_images_is_complete(source, refused):
+    src, copy, _ = source
+    refused("/m/cat")
+    assert recheck_write(src, copy) == 0
+    assert (copy / "_SUCCESS").exists() and not (copy / "_PARTIAL").exists()
+    stats = check_accounting(str(copy))
+    assert stats["accepted"] == 2 and stats["classes"]["cat"]["accepted"] == 0
+    assert not (copy / "_journal").exists()
+
+
+@pytest.mark.parametrize("missing", ["rejects.parquet", "stats.json"])
+def test_write_reads_the_whole_source_before_writing(source, capsys, missing):
+    """A source without its rejects or stats was found out only after every shard was copied:
+    the destination kept them and a journal, and a rerun was refused until --overwrite."""
+    src, copy, _ = source
+    (src / missing).rename(src / f"{missing}.away")
+    assert recheck_write(src, copy) == EXIT_FAILED
+    out, err = capsys.readouterr()
+    assert f"has no {missing}" in err and "checked" not in out
+    assert not copy.exists()
+    (src / f"{missing}.away").rename(src / missing)
+    assert recheck_write(src, copy) == 0
+    assert (copy / "_SUCCESS").exists()
+
+
+def test_a_copy_that_fails_midway_leaves_what_a_rerun_takes(source, monkeypatch, capsys):
+    """The shards were written when publishing failed: they stayed, with a journal no job
+    could resume, and a rerun was refused until --overwrite."""
+    from builder.writers import DatasetPublisher
+
+    src, copy, _ = source
+
+    def fail(*args, **kwargs):
+        raise StorageError("cannot publish to the copy: disk full (test)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DatasetPublisher, "publish", fail)
+        assert recheck_write(src, copy) == EXIT_FAILED
+    assert "disk full" in capsys.readouterr().err
+    assert not [f for f in files_under(copy) if f.split("/")[0] in
+                ("data", "imagefolder", "_journal")]
+    assert recheck_write(src, copy) == 0
+    assert check_accounting(str(copy))["accepted"] == 4
+
+
+def test_a_copy_whose_cleanup_fails_reports_the_first_error(source, monkeypatch, capsys,
+                                                            caplog):
+    import builder.recheck as recheck_mod
+    from builder.writers import DatasetPublisher
+
+    src, copy, _ = source
+
+    def fail(*args, **kwargs):
+        raise StorageError("cannot publish to the copy: disk full (test)")
+
+    def cannot_delete(*args, **kwargs):
+        raise PermissionError("read-only (test)")
+
+    monkeypatch.setattr(DatasetPublisher, "publish", fail)
+    monkeypatch.setattr(recheck_mod, "delete_tree", cannot_delete)
+    assert recheck_write(src, copy) == EXIT_FAILED
+    assert "disk full" in capsys.readouterr().err
+    assert "rerun with --overwrite" in caplog.text and "read-only (test)" in caplog.text
+
+
+def test_write_reads_an_s3_source_with_its_own_storage_options(source, moto_s3, monkeypatch):
+    """The source was read with the destination's options: an s3:// source copied to a local
+    path was asked of AWS itself (EndpointConnectionError)."""
+    from tests.conftest import make_bucket
+
+    src, copy, _ = source
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIXCRAWLER_S3_ENDPOINT", moto_s3)
+    bucket = f"recheck-{uuid.uuid4().hex[:8]}"
+    make_bucket(moto_s3, bucket)
+    fs, _ = open_fs(f"s3://{bucket}", {"endpoint_url": moto_s3})
+    fs.put(f"{src}/", f"{bucket}/ds/", recursive=True)
+    assert main(["recheck", f"s3://{bucket}/ds", "--out", str(copy.parent / "r.csv"),
+                 "--write", str(copy)]) == 0
+    assert check_accounting(str(copy))["accepted"] == 4
+    back = copy.parent / "back"
+    assert main(["recheck", str(copy), "--out", str(copy.parent / "r2.csv"),
+                 "--write", f"s3://{bucket}/back"]) == 0
+    fs.get(f"{bucket}/back/", f"{back}/", recursive=True)
+    assert (back / "_SUCCESS").exists() and check_accounting(str(back))["accepted"] == 4
