@@ -51,7 +51,7 @@ from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, query_params,
 from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
                         Reconciler, request_cancel)
 from serve.policy import ApiPolicy, PolicyRefused, apply_policy
-from serve.samples import MAX_SAMPLES, SampleCache
+from serve.samples import BUSY_RETRY_S, MAX_SAMPLES, NoDataset, SampleCache, SamplesBusy
 from serve.schedule import Scheduler
 from serve.store import (RANK, STATES, TERMINAL, JobIdTaken, JobRow, JobStore, TooManyJobs,
                          default_store_url, later_state, sqlite_path)
@@ -853,7 +853,13 @@ class JobAPI:
                 return
             row = await self._row(row.id, principal)
 
-    @app.get("/v1/jobs/{job_id}/samples", summary="Thumbnails of accepted images")
+    @app.get("/v1/jobs/{job_id}/samples", summary="Thumbnails of accepted images",
+             description="While the job runs: `ready: false`. Once it ended: its dataset's "
+                         "thumbnails (a `message` says why there may be fewer than asked "
+                         "for), or 409 `no_dataset` when its output holds no dataset of its "
+                         "own (it failed or was cancelled before writing one, or a later job "
+                         "replaced it). 429 `samples_busy` with `Retry-After` when the "
+                         "replica's thumbnail reads stay taken.")
     async def samples(self, job_id: str, request: Request,
                       label: Optional[str] = Query(None, description="one class"),
                       limit: int = Query(24, ge=1, le=MAX_SAMPLES)) -> dict[str, Any]:
@@ -863,14 +869,33 @@ class JobAPI:
         if label is not None and label not in labels:
             raise ApiError(404, "label_not_found", f"job {job_id} has no class {label!r}; "
                            f"its classes: {', '.join(labels)}")
-        if row.state not in ("succeeded", "cancelled"):
+        if row.state not in TERMINAL:
             return {"job_id": job_id, "label": label, "ready": False, "samples": [],
                     "message": "thumbnails are there once the job has written its dataset"}
         try:
-            items = await asyncio.to_thread(self.samples.get, row.output_uri, label, limit)
+            found = await self.samples.get(job_id, row.output_uri, label, limit, labels)
+        except NoDataset as exc:
+            raise self._no_dataset(row, str(exc)) from None
+        except SamplesBusy as exc:
+            raise ApiError(429, "samples_busy", f"{exc}; retry after {BUSY_RETRY_S} s",
+                           headers={"Retry-After": str(BUSY_RETRY_S)}) from None
         except StorageError as exc:
             raise ApiError(502, "output_unreadable", str(exc)) from None
-        return {"job_id": job_id, "label": label, "ready": True, "samples": items}
+        answer = {"job_id": job_id, "label": label, "ready": True, "samples": found.samples}
+        if found.note:
+            answer["message"] = found.note
+        return answer
+
+    @staticmethod
+    def _no_dataset(row: JobRow, why: str) -> ApiError:
+        """409 ``no_dataset``: the ended job has no dataset of its own to show."""
+        if row.state == "cancelled" and row.started_at is None:
+            how = "was cancelled before it started, so it wrote no dataset"
+        elif row.state == "failed":
+            how = f"failed ({row.error or 'no error recorded'})"
+        else:
+            how = f"ended ({row.state})"
+        return ApiError(409, "no_dataset", f"job {row.id} {how}; it has no thumbnails: {why}")
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> ray_serve.Application:

@@ -1,19 +1,132 @@
-"""serve.samples without Ray: what one request for thumbnails may cost the API's replica."""
+"""serve.samples and the samples route without Ray: what one request for thumbnails may cost
+the API's replica, and whose images it shows."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import io
+import json
+import os
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
+from builder.spec import parse_spec
 from serve import samples
-from serve.samples import MAX_SAMPLES, SampleCache, thumbnail
+from serve.app import JobAPI
+from serve.auth import ANONYMOUS, Authenticator, RateLimiter
+from serve.cache import ReadCache
+from serve.errors import ApiError
+from serve.samples import MAX_SAMPLES, Found, Marker, SampleCache, thumbnail
+from serve.store import JobStore
+
+ROUTE = JobAPI.func_or_class
+REQUEST = SimpleNamespace(headers={})
 
 
 def encoded(size: tuple[int, int], fmt: str) -> bytes:
     out = io.BytesIO()
     Image.new("L", size, 128).save(out, fmt)
     return out.getvalue()
+
+
+def jpeg(color: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(out, "JPEG")
+    return out.getvalue()
+
+
+def spec_of(labels: list[str], name: str = "pets", **output: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name, "target": 5, "sources": [{"engine": "duckduckgo"}]}
+    if any("/" in label for label in labels):
+        spec["categories"] = {}
+        for label in labels:
+            top, leaf = label.split("/")
+            spec["categories"].setdefault(top, {})[leaf] = [leaf]
+    else:
+        spec["classes"] = {label: [label] for label in labels}
+    if output:
+        spec["output"] = output
+    return spec
+
+
+def write_parquet(root: Path, rows: list[tuple[str, str]], color: str,
+                  row_group_size: Optional[int] = None) -> None:
+    """``rows``: (id, label) pairs, one shard."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": [i for i, _ in rows], "label_name": [lb for _, lb in rows],
+                      "split": ["train"] * len(rows),
+                      "image": [{"bytes": jpeg(color), "path": "x.jpg"}] * len(rows)})
+    pq.write_table(table, root / "data" / "train-00000.parquet", row_group_size=row_group_size)
+
+
+def mark(root: Path, job_id: str, marker: str = "_SUCCESS") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / marker).write_text(json.dumps({"job_id": job_id, "created": time.time_ns()}))
+
+
+class Replica:
+    """What the samples route uses of a JobAPI replica: these attributes, the class's
+    methods (an instance of the Serve class itself is an ASGI wrapper)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return inspect.getattr_static(ROUTE, name).__get__(self, ROUTE)
+
+
+class Api:
+    """A replica of the API for the samples route, without Ray, on a SQLite store."""
+
+    def __init__(self, tmp: Path, cache: Optional[SampleCache] = None):
+        api = Replica()
+        api.store = JobStore(f"sqlite:///{tmp / 'jobs.db'}")
+        api.auth = Authenticator(api.store, enabled=False)
+        api.limiter = RateLimiter(0, 1)
+        api.reads = ReadCache(0.0)
+        api.samples = cache or SampleCache()
+        self.api = api
+
+    def job(self, job_id: str, spec: dict[str, Any], uri: Path, state: str = "succeeded",
+            queued: bool = False, **fields: Any) -> None:
+        data = parse_spec(spec).model_dump(mode="json")
+        self.api.store.create_job(job_id, ANONYMOUS, data["name"], data, str(uri),
+                                  queued=queued)
+        if state == "cancelled" and queued:
+            assert self.api.store.cancel_queued(job_id)
+        else:
+            self.api.store.update_job(job_id, state=state, **fields)
+
+    async def get(self, job_id: str, label: Optional[str] = None,
+                  limit: int = 24) -> dict[str, Any]:
+        return await ROUTE.samples(self.api, job_id, REQUEST, label, limit)
+
+    def run(self, job_id: str, label: Optional[str] = None, limit: int = 24) -> dict[str, Any]:
+        return asyncio.run(self.get(job_id, label, limit))
+
+
+def ids(answer: dict[str, Any]) -> list[str]:
+    return [s["id"] for s in answer["samples"]]
+
+
+def slow_reads(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[tuple]:
+    """Every sample read takes ``seconds`` longer (blocking its thread); returns the reads."""
+    real, reads = samples.read_samples, []
+
+    def read(*args: Any) -> Any:
+        reads.append(args)
+        time.sleep(seconds)
+        return real(*args)
+
+    monkeypatch.setattr(samples, "read_samples", read)
+    return reads
 
 
 def test_a_huge_image_is_left_out_unless_a_reduced_decode_makes_it_small():
@@ -24,20 +137,228 @@ def test_a_huge_image_is_left_out_unless_a_reduced_decode_makes_it_small():
     assert thumbnail(encoded((400, 300), "PNG")).startswith("data:image/jpeg;base64,")
 
 
+def test_a_non_jpeg_image_over_8_mpx_is_left_out():
+    """The budget was 25 Mpx: 0.3 s of CPU per PNG or WebP, up to 200 per request."""
+    assert thumbnail(encoded((3000, 3000), "PNG")) is None
+    assert thumbnail(encoded((3000, 3000), "JPEG")).startswith("data:image/jpeg;base64,")
+    assert thumbnail(encoded((2800, 2800), "PNG")).startswith("data:image/jpeg;base64,")
+
+
 def test_answers_are_cached_by_job_and_label_whatever_the_limit(monkeypatch):
     """The cache was keyed by limit too: each limit from 1 to 200 read the dataset again."""
     reads = []
 
-    def read(uri, label, limit):
+    def read(uri, fingerprint, label, limit, labels):
         reads.append(limit)
-        return [{"id": str(i)} for i in range(min(limit, 30))]
+        return Found([{"id": str(i)} for i in range(min(limit, 30))])
 
-    monkeypatch.setattr(samples, "read_samples", read)
-    cache = SampleCache()
-    assert len(cache.get("u", "cat", 5)) == 5
-    assert [len(cache.get("u", "cat", n)) for n in range(1, 6)] == [1, 2, 3, 4, 5]
-    assert len(cache.get("u", "cat", 24)) == 24 and reads == [5, MAX_SAMPLES]
-    assert [len(cache.get("u", "cat", n)) for n in (100, 200, 7)] == [30, 30, 7]
-    assert reads == [5, MAX_SAMPLES]  # the dataset has 30: nothing more to read
-    cache.get("u", "dog", 3)
-    assert reads == [5, MAX_SAMPLES, 3]
+    monkeypatch.setattr(samples, "dataset_marker", lambda uri: Marker("j", "fp"))
+    monkeypatch.setattr(samples, "_read_unchanged", read)
+
+    async def scenario() -> None:
+        cache = SampleCache()
+
+        async def count(label: str, n: int) -> int:
+            return len((await cache.get("j", "u", label, n)).samples)
+
+        assert await count("cat", 5) == 5
+        assert [await count("cat", n) for n in range(1, 6)] == [1, 2, 3, 4, 5]
+        assert await count("cat", 24) == 24 and reads == [5, MAX_SAMPLES]
+        assert [await count("cat", n) for n in (100, 200, 7)] == [30, 30, 7]
+        assert reads == [5, MAX_SAMPLES]  # the dataset has 30: nothing more to read
+        await count("dog", 3)
+        assert reads == [5, MAX_SAMPLES, 3]
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_sample_reads_leaves_the_event_loop_s_executor_free(tmp_path, monkeypatch):
+    """Each request held a thread of the loop's default executor while it waited for one of
+    the two reads: a burst of them made every other to_thread call of the replica (auth,
+    store reads, /healthz) wait, 7.9 s in a reproduction."""
+    labels = [f"c{i}" for i in range(12)]
+    uri = tmp_path / "pets"
+    write_parquet(uri, [(f"{label}-1", label) for label in labels], "red")
+    mark(uri, "pets-00000001")
+    api = Api(tmp_path)
+    api.job("pets-00000001", spec_of(labels), uri)
+    slow_reads(monkeypatch, 0.3)
+
+    async def scenario() -> float:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=4))
+        burst = [asyncio.create_task(api.get("pets-00000001", label)) for label in labels]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await asyncio.to_thread(lambda: None)
+        waited = time.monotonic() - started
+        answers = await asyncio.gather(*burst)
+        assert [ids(a) for a in answers] == [[f"{label}-1"] for label in labels]
+        return waited
+
+    assert asyncio.run(scenario()) < 0.2
+
+
+def test_a_request_waits_a_bounded_time_for_a_read_then_answers_429(tmp_path, monkeypatch):
+    labels = [f"c{i}" for i in range(6)]
+    uri = tmp_path / "pets"
+    write_parquet(uri, [(f"{label}-1", label) for label in labels], "red")
+    mark(uri, "pets-00000001")
+    api = Api(tmp_path, SampleCache(queue_s=0.1))
+    api.job("pets-00000001", spec_of(labels), uri)
+    slow_reads(monkeypatch, 0.5)
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(*(api.get("pets-00000001", label) for label in labels),
+                                    return_exceptions=True)
+
+    answers = asyncio.run(scenario())
+    refused = [a for a in answers if isinstance(a, ApiError)]
+    assert len(refused) == 4 and len([a for a in answers if isinstance(a, dict)]) == 2
+    for exc in refused:
+        assert exc.status == 429 and exc.body()["error"]["code"] == "samples_busy"
+        assert exc.headers["Retry-After"] == str(samples.BUSY_RETRY_S)
+
+
+def test_identical_requests_at_the_same_time_share_one_read(tmp_path, monkeypatch):
+    uri = tmp_path / "pets"
+    write_parquet(uri, [(f"cat-{i}", "cat") for i in range(3)], "red")
+    mark(uri, "pets-00000001")
+    api = Api(tmp_path)
+    api.job("pets-00000001", spec_of(["cat"]), uri)
+    reads = slow_reads(monkeypatch, 0.3)
+
+    async def scenario() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(api.get("pets-00000001", "cat") for _ in range(8)))
+
+    assert [ids(a) for a in asyncio.run(scenario())] == [["cat-0", "cat-1", "cat-2"]] * 8
+    assert len(reads) == 1
+
+
+def test_a_label_s_images_are_read_only_from_row_groups_that_hold_it(tmp_path, monkeypatch):
+    """The label filter read the image column of every row, then dropped other labels'."""
+    uri = tmp_path / "pets"
+    rows = [(f"dog-{i}", "dog") for i in range(8)] + [(f"cat-{i}", "cat") for i in range(4)]
+    write_parquet(uri, rows, "red", row_group_size=4)
+    mark(uri, "pets-00000001")
+    image_reads: list[Any] = []
+
+    class Spy(pq.ParquetFile):
+        def iter_batches(self, *args: Any, **kwargs: Any) -> Any:
+            if "image" in (kwargs.get("columns") or ()):
+                image_reads.append(kwargs.get("row_groups"))
+            return super().iter_batches(*args, **kwargs)
+
+        def read_row_group(self, i: int, *args: Any, **kwargs: Any) -> Any:
+            if "image" in (kwargs.get("columns") or ()):
+                image_reads.append([i])
+            return super().read_row_group(i, *args, **kwargs)
+
+    monkeypatch.setattr(samples.pq, "ParquetFile", Spy)
+    api = Api(tmp_path)
+    api.job("pets-00000001", spec_of(["cat", "dog"]), uri)
+    assert sorted(ids(api.run("pets-00000001", "cat"))) == [f"cat-{i}" for i in range(4)]
+    assert image_reads == [[2]]
+
+
+def test_a_job_s_thumbnails_are_never_another_job_s(tmp_path):
+    """The cache was keyed by output URI and label: after a second job overwrote the output,
+    its request got the first job's images; a job cancelled before it started, with the same
+    output, answered ready with them too."""
+    uri = tmp_path / "pets"
+    api = Api(tmp_path)
+    spec = spec_of(["cat"])
+    write_parquet(uri, [(f"red{i}", "cat") for i in range(3)], "red")
+    mark(uri, "pets-00000001")
+    api.job("pets-00000001", spec, uri)
+    assert ids(api.run("pets-00000001", "cat")) == ["red0", "red1", "red2"]
+
+    (uri / "_SUCCESS").unlink()  # the second job (output.overwrite: true) starts
+    write_parquet(uri, [(f"blue{i}", "cat") for i in range(2)], "blue")
+    mark(uri, "pets-00000002")
+    api.job("pets-00000002", spec, uri)
+    assert ids(api.run("pets-00000002", "cat")) == ["blue0", "blue1"]
+
+    api.job("pets-00000003", spec, uri, state="cancelled", queued=True)
+    for job_id in ("pets-00000001", "pets-00000003"):
+        with pytest.raises(ApiError) as err:
+            api.run(job_id, "cat")
+        assert err.value.status == 409 and err.value.code == "no_dataset"
+        assert "pets-00000002" in err.value.message
+    assert "cancelled before it started" in err.value.message
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_imagefolder_folders_map_back_to_their_labels(tmp_path, layout):
+    """A hierarchical class written flat went to mammals__dog/: ?label=mammals/dog found
+    nothing and the unfiltered answer labelled them mammals__dog."""
+    uri = tmp_path / "zoo"
+    folder = "mammals__dog" if layout == "flat" else "mammals/dog"
+    for label_folder, name in ((folder, "dog"), ("birds__owl" if layout == "flat"
+                                                 else "birds/owl", "owl")):
+        d = uri / "imagefolder" / "train" / label_folder
+        d.mkdir(parents=True)
+        for i in range(2):
+            (d / f"{name}{i}.jpg").write_bytes(jpeg("green"))
+        (d / f"{name}0.json").write_text("{}")  # a per-image label file: no image
+    mark(uri, "zoo-00000001")
+    api = Api(tmp_path)
+    api.job("zoo-00000001", spec_of(["mammals/dog", "birds/owl"], name="zoo",
+                                    formats=["imagefolder"], imagefolder_labels=layout), uri)
+    dogs = api.run("zoo-00000001", "mammals/dog")
+    assert dogs["ready"] and ids(dogs) == ["dog0", "dog1"]
+    assert {s["label"] for s in dogs["samples"]} == {"mammals/dog"}
+    every = api.run("zoo-00000001")
+    assert {s["label"] for s in every["samples"]} == {"mammals/dog", "birds/owl"}
+
+
+def write_tar(path: Path, rows: list[tuple[str, str]]) -> None:
+    """A WebDataset shard as builder.writers writes one: {id}.jpg, {id}.cls, {id}.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, label in rows:
+            meta = json.dumps({"id": key, "label": label, "split": "train"}).encode()
+            for name, data in ((f"{key}.jpg", jpeg("blue")), (f"{key}.cls", b"0"),
+                               (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_webdataset_only_dataset_shows_its_thumbnails(tmp_path, monkeypatch):
+    """Such a dataset answered an empty list, which the page shows as 'no accepted images'."""
+    uri = tmp_path / "pets"
+    write_tar(uri / "webdataset" / "train-00000.tar",
+              [(f"dog{i}", "dog") for i in range(5)] + [("cat0", "cat"), ("cat1", "cat")])
+    mark(uri, "pets-00000001")
+    api = Api(tmp_path)
+    api.job("pets-00000001", spec_of(["cat", "dog"], formats=["webdataset"]), uri)
+    cats = api.run("pets-00000001", "cat")
+    assert cats["ready"] and ids(cats) == ["cat0", "cat1"] and "message" not in cats
+    assert ids(api.run("pets-00000001", limit=3)) == ["dog0", "dog1", "dog2"]
+    monkeypatch.setattr(samples, "TAR_SCAN_SAMPLES", 4)
+    api.api.samples = SampleCache()
+    cats = api.run("pets-00000001", "cat")
+    assert cats["samples"] == [] and "only the first 4 images" in cats["message"]
+
+
+def test_a_failed_job_answers_409_unless_it_wrote_a_partial_dataset(tmp_path):
+    """A failed job answered 200 'thumbnails are there once the job has written its
+    dataset', which never happens."""
+    api = Api(tmp_path)
+    spec = spec_of(["cat"])
+    api.job("pets-00000001", spec, tmp_path / "none", state="failed", error="boom")
+    with pytest.raises(ApiError) as err:
+        api.run("pets-00000001", "cat")
+    assert err.value.status == 409 and err.value.code == "no_dataset"
+    assert "failed (boom)" in err.value.message
+
+    uri = tmp_path / "partial"
+    write_parquet(uri, [("cat0", "cat")], "red")
+    mark(uri, "pets-00000002", "_PARTIAL")
+    api.job("pets-00000002", spec, uri, state="failed", error="lost a node")
+    assert ids(api.run("pets-00000002", "cat")) == ["cat0"]
+
+    api.job("pets-00000003", spec, tmp_path / "later", state="running")
+    running = api.run("pets-00000003", "cat")
+    assert running["ready"] is False and running["samples"] == []
+    assert not os.path.exists(tmp_path / "later")
