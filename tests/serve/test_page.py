@@ -145,3 +145,27 @@ def test_a_late_answer_does_not_replace_the_job_opened_since(serve_app, page):
     page.wait_for_timeout(1000)
     assert page.inner_text("#job-title") == "name-stub-b \u2014 stub-b"
     assert page.locator("#jobs tbody tr.selected").get_attribute("data-id") == "stub-b"
+
+
+def test_the_gallery_says_why_it_may_show_fewer_thumbnails(serve_app, page):
+    """A samples answer's ``message`` (e.g. a WebDataset scan cut short) is shown, in place
+    of "no accepted images" when it found none."""
+    note = "only the first 5,000 samples of the WebDataset shards were looked at"
+    job = job_json("stub-gal", "succeeded")
+    job["classes"] = {"cat": {}, "dog": {}}
+    thumb = ("data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+
+    def samples(route) -> None:
+        found = [] if "label=cat" in route.request.url else [{"id": "d1", "thumbnail": thumb}]
+        fulfill(route, 200, {"job_id": "stub-gal", "ready": True, "samples": found,
+                             "message": note})
+
+    page.route(re.compile(r".*/v1/jobs/stub-gal$"), lambda route: fulfill(route, 200, job))
+    page.route(re.compile(r".*/v1/jobs/stub-gal/events.*"),
+               lambda route: fulfill(route, 503, {"error": {"code": "x", "message": "no"}}))
+    page.route(re.compile(r".*/v1/jobs/stub-gal/samples.*"), samples)
+    open_page(serve_app, page)
+    page.evaluate("() => { openJob('stub-gal'); }")
+    page.wait_for_selector(".gallery[data-label='dog'] img")
+    assert page.inner_text("#galleries [data-label='cat']") == note
+    assert page.locator(".gallery[data-label='dog'] + p.muted").inner_text() == note
