@@ -88,11 +88,16 @@ class ResumeError(PixCrawlerError):
     """There is nothing (or nothing compatible) to resume."""
 
 
-def spec_fingerprint(spec: DatasetSpec) -> str:
-    """What must not change between a run and its resume: everything but resources/overwrite."""
+def spec_fingerprint(spec: DatasetSpec, *, with_uri: bool = False) -> str:
+    """What must not change between a run and its resume: everything but ``resources``,
+    ``output.overwrite`` and ``output.uri``. The journal and the dataset are found through the
+    URI, so two spellings of one place (``ds`` and ``/home/me/ds``) are one job. ``with_uri``:
+    the fingerprint as journals written before it left the URI out hold it."""
     data = spec.model_dump(mode="json")
     data.pop("resources", None)
     data.get("output", {}).pop("overwrite", None)
+    if not with_uri:
+        data.get("output", {}).pop("uri", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -295,10 +300,12 @@ class Journal:
     def load(self, spec: DatasetSpec) -> ResumeState:
         """The state to resume from; refuses if the spec changed in a way that matters."""
         meta = self.meta()
-        if meta.get("fingerprint") != spec_fingerprint(spec):
+        if meta.get("fingerprint") not in (spec_fingerprint(spec),
+                                           spec_fingerprint(spec, with_uri=True)):
             raise ResumeError(
                 f"the spec differs from the one job {self.job_id} started with (only "
-                "'resources' and 'output.overwrite' may change on resume); run it without "
+                "'resources', 'output.overwrite' and how 'output.uri' spells the same place "
+                "may change on resume); run it without "
                 "--resume into a new output, or restore the spec (saved in "
                 f"{self.uri}/{JOURNAL}/{self.job_id}/job.json)")
         state = ResumeState(self.job_id)

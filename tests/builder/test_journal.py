@@ -243,3 +243,31 @@ def test_without_spec_yaml_the_error_says_what_to_do(tmp_path):
     with pytest.raises(ResumeError, match=r"has no spec\.yaml, so it holds no dataset that "
                        r"PixCrawler 0\.1\+ published: check the URI, or build the dataset again"):
         published_spec(str(empty))
+
+
+def test_a_resume_may_spell_the_output_another_way_but_not_change_the_spec(tmp_path,
+                                                                          monkeypatch):
+    """A job started with output ``/abs/ds`` and resumed with ``--output ds`` (the same
+    folder) was refused: the URI was part of the fingerprint. Journals written before it
+    left the URI out still resume with the URI as it was."""
+    import json
+
+    from builder.journal import JOURNAL, spec_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+
+    def spec(uri: str, target: int = 10):
+        return parse_spec({"name": "fp", "target": target, "classes": {"cat": ["q"]},
+                           "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                           "output": {"uri": uri}})
+
+    absolute = str(tmp_path / "ds")
+    Journal(absolute, "j1").start(spec(absolute))
+    Journal("ds", "j1").load(spec("ds"))
+    with pytest.raises(ResumeError, match="spec differs"):
+        Journal("ds", "j1").load(spec("ds", target=5))
+    meta_path = tmp_path / "ds" / JOURNAL / "j1" / "job.json"
+    meta = json.loads(meta_path.read_text())
+    meta["fingerprint"] = spec_fingerprint(spec(absolute), with_uri=True)  # an older journal
+    meta_path.write_text(json.dumps(meta))
+    Journal(absolute, "j1").load(spec(absolute))
