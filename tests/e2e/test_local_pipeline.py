@@ -308,6 +308,34 @@ _validate.ImageValidator.__call__ = _call_or_die
 '''
 
 
+def _killer_job(sandbox, tmp_path, monkeypatch, hook: str, **spec_extra) -> tuple[str, str]:
+    """A --local URL-list job over the sandbox's cat and dog images, run once as it is
+    (``whole``) and once with ``hook`` as the ``sitecustomize`` of every process it starts
+    (``out``); the second must complete, with at least 2 units resent isolated."""
+    urls = tmp_path / "urls.txt"
+    lines = [f"{label}\t{u}" for label in ("cat", "dog") for u in sandbox.class_image_urls(label)]
+    urls.write_text("\n".join(lines) + "\n")
+
+    def spec(out: str):
+        return sandbox_spec(sandbox, out, target=1000, classes=("cat", "dog"),
+                            sources=[{"engine": "urllist", "path": str(urls)}],
+                            download={"per_host_delay_s": 0.01},
+                            resources={"batch_size": 8, "workers": 2,
+                                       "max_in_flight_batches": 1}, **spec_extra)
+
+    whole = str(tmp_path / "whole")
+    run_local(spec(whole))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(hook)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    out = str(tmp_path / "ds")
+    result = run_local(spec(out))
+    assert not result.partial and is_complete(out)
+    assert check_accounting(out)["isolated_units"] >= 2
+    return out, whole
+
+
 def test_images_that_kill_their_worker_are_rejected_and_the_job_completes(
         sandbox, tmp_path, monkeypatch):
     """An image whose decoding kills the process (a decoder's segfault, the OOM killer) took
@@ -318,29 +346,9 @@ def test_images_that_kill_their_worker_are_rejected_and_the_job_completes(
     worker's place, so two such images (more than one per worker) cost no worker. The fault is
     put in every process the job starts (the workers and their validating processes) by a
     ``sitecustomize`` on their PYTHONPATH."""
-    urls = tmp_path / "urls.txt"
-    lines = [f"{label}\t{u}" for label in ("cat", "dog") for u in sandbox.class_image_urls(label)]
-    urls.write_text("\n".join(lines) + "\n")
     killers = {sandbox.class_image_urls("cat")[4], sandbox.class_image_urls("dog")[4]}
-
-    def spec(out: str):
-        return sandbox_spec(sandbox, out, target=1000, classes=("cat", "dog"),
-                            sources=[{"engine": "urllist", "path": str(urls)}],
-                            download={"per_host_delay_s": 0.01},
-                            resources={"batch_size": 8, "workers": 2,
-                                       "max_in_flight_batches": 1})
-
-    whole = str(tmp_path / "whole")
-    run_local(spec(whole))
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(KILLER.format(urls=killers))
-    monkeypatch.setenv("PYTHONPATH", str(hooks))
-    out = str(tmp_path / "ds")
-    result = run_local(spec(out))
-    assert not result.partial and is_complete(out)
+    out, whole = _killer_job(sandbox, tmp_path, monkeypatch, KILLER.format(urls=killers))
     stats, reference = check_accounting(out), check_accounting(whole)
-    assert stats["isolated_units"] >= 2
     assert killers <= accepted_urls(whole)
     reasons = reasons_by_url(out)
     assert {reasons[u] for u in killers} == {"validator_crashed"}
@@ -377,30 +385,11 @@ def test_images_whose_resize_kills_their_worker_are_kept_as_they_came(
     until the job stopped. Now an isolated unit is resized in its validator's process, and
     the image that kills it keeps its bytes as they came (accepted and counted already, as
     when Pillow cannot resize one); every other image is as in an uninterrupted run."""
-    urls = tmp_path / "urls.txt"
-    lines = [f"{label}\t{u}" for label in ("cat", "dog") for u in sandbox.class_image_urls(label)]
-    urls.write_text("\n".join(lines) + "\n")
     killers = {sandbox.class_image_urls("cat")[3], sandbox.class_image_urls("dog")[5]}
-
-    def spec(out: str):
-        return sandbox_spec(sandbox, out, target=1000, classes=("cat", "dog"),
-                            sources=[{"engine": "urllist", "path": str(urls)}],
-                            download={"per_host_delay_s": 0.01},
-                            output={"resize": {"max_side": 24}},
-                            resources={"batch_size": 8, "workers": 2,
-                                       "max_in_flight_batches": 1})
-
-    whole = str(tmp_path / "whole")
-    run_local(spec(whole))
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(TRANSFORM_KILLER.format(urls=killers))
-    monkeypatch.setenv("PYTHONPATH", str(hooks))
-    out = str(tmp_path / "ds")
-    result = run_local(spec(out))
-    assert not result.partial and is_complete(out)
+    out, whole = _killer_job(sandbox, tmp_path, monkeypatch,
+                             TRANSFORM_KILLER.format(urls=killers),
+                             output={"resize": {"max_side": 24}})
     stats, reference = check_accounting(out), check_accounting(whole)
-    assert stats["isolated_units"] >= 2
     for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
         assert stats[key] == reference[key], key
     assert killers <= accepted_urls(out) == accepted_urls(whole)
