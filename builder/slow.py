@@ -448,6 +448,11 @@ def _hf_config(field: str, model_id: str, needs: str) -> Any:
     return config
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+"""A saved tokenizer holds one of these. Without any, transformers builds a tokenizer with an
+empty vocabulary, and every class prompt embeds as the same meaningless text."""
+
+
 def _check_clip_model(model_id: str) -> None:
     from transformers import MODEL_MAPPING
 
@@ -460,6 +465,12 @@ def _check_clip_model(model_id: str) -> None:
             f"{field}: {model_id!r} is a {config.model_type!r} model, which has no image and "
             "text embeddings; give a CLIP-style model (e.g. openai/clip-vit-base-patch32), or "
             "set validation.clip: false")
+    directory = resolve_model_dir(model_id)
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{field}: {model_id!r} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}), which "
+            "CLIP embeds the class prompts with: save the tokenizer next to the model "
+            "(tokenizer.save_pretrained into the same directory), or give a complete model")
 
 
 def _check_nsfw_classifier(model_id: str, nsfw_labels: str) -> None:

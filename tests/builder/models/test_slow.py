@@ -364,6 +364,9 @@ def test_planning_refuses_model_directories_that_hold_no_such_model(
     """Each passed planning and failed in the scorers, at the first batch."""
     vit = str(make_vit_dir())
     no_processor = _partial_copy(tiny_clip_dir, tmp_path / "no-processor", ("config.json",))
+    no_tokenizer = _partial_copy(tiny_clip_dir, tmp_path / "no-tokenizer",
+                                 ("config.json", "preprocessor_config.json",
+                                  "model.safetensors"))
     (tmp_path / "empty").mkdir()
     cases = [
         ({"nsfw": False, "clip_model": str(tmp_path / "empty")},
@@ -372,6 +375,8 @@ def test_planning_refuses_model_directories_that_hold_no_such_model(
                                              "image and text embeddings"),
         ({"nsfw": False, "clip_model": no_processor},
          "validation.clip_model: .* image processor"),
+        ({"nsfw": False, "clip_model": no_tokenizer},
+         "validation.clip_model: .* holds no tokenizer"),
         ({"clip": False, "nsfw_backend": "hf", "nsfw_model": str(tmp_path / "empty")},
          "validation.nsfw_model: .* holds no Hugging Face model config"),
         ({"clip": False, "nsfw_backend": "hf", "nsfw_model": vit, "nsfw_labels": "porn"},
