@@ -72,6 +72,10 @@ class RateLimiter:
         return dict(self.governor.snapshot(), jobs=dict(self.job_used))
 
 
+HEAD_RESOURCE = "node:__internal_head__"
+"""The resource Ray gives the head node alone."""
+
+
 def limiter_name(engine: str, source: Optional[SourceSpec] = None) -> str:
     """``ratelimit:`` and the engine's budget (``builder.ratelimit.budget_key``)."""
     return f"ratelimit:{budget_key(engine, source)}"
@@ -81,12 +85,13 @@ def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
     """The cluster's limiter for the source's engine/endpoint, created on first use."""
     options = dict(source.options) if source else {}
     options.pop("base_url", None)
-    # Restarted when its process or node is lost (its calls retried there): every search unit
-    # of the engine needs it, and a lost one failed them all until the job gave up. A restart
-    # on the same node counts on from the day's file; one on another node, from that node's.
+    # Restarted when its process is lost (its calls retried there): every search unit of the
+    # engine needs it, and a lost one failed them all until the job gave up. It lives on the
+    # head node (HEAD_RESOURCE), whoever creates it, so every restart counts on from the same
+    # day's file (builder.ratelimit.DayFile); losing the head ends the cluster anyway.
     actor = RateLimiter.options(name=limiter_name(engine, source), namespace=NAMESPACE,
                                 lifetime="detached", get_if_exists=True, max_restarts=-1,
-                                max_task_retries=-1).remote(engine, options,
-                                                            budget_key(engine, source))
+                                max_task_retries=-1, resources={HEAD_RESOURCE: 0.001}
+                                ).remote(engine, options, budget_key(engine, source))
     actor.configure.remote(options)
     return actor

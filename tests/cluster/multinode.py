@@ -8,7 +8,9 @@ nodes only. Output goes to S3 on a moto server. Scenarios:
 1. ``uninterrupted``: a URL-list job; where its workers ran, its figures and accepted ids;
 2. ``local_output``: the same spec with a local output: refused at planning;
 3. ``node_lost``: the same job, slowed down, with one worker node removed once a third of its
-   candidates are decided.
+   candidates are decided;
+4. ``limiter_node``: the node of an engine's rate limiter created from a worker node (its
+   day's count lives in that node's files).
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ def figures(out: str, storage_options: dict, result: Any) -> dict[str, Any]:
                 "resent_units", "workers_by_node")},
             "labels_paths_exist": all(fs.exists(f"{root}/{e['path']}") for e in labels),
             "partial": result.partial}
+
+
+def limiter_node() -> str:
+    """Where an engine's limiter runs when a task on a worker node creates it."""
+    import ray
+
+    @ray.remote(num_cpus=0, resources={"crawl": 1})
+    def create() -> str:
+        from actors.ratelimit import get_rate_limiter
+
+        limiter = get_rate_limiter("sandbox")
+        ray.get(limiter.snapshot.remote())
+        return limiter._actor_id.hex()
+
+    actor = ray._private.state.actors(ray.get(create.remote()))  # no dashboard for the state API
+    return actor["Address"]["NodeID"]
 
 
 def main() -> None:
@@ -110,6 +128,8 @@ def main() -> None:
                                            runner_hook=lambda r: holder.setdefault("runner", r)))
         out["node_lost"] = figures(f"{base}/lost", opts, result)
         out["node_lost"]["removed_mid_job"] = removed.is_set()
+        out["limiter_node"] = limiter_node()
+        out["head"] = cluster.head_node.node_id
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -69,3 +69,9 @@ def test_losing_a_worker_node_mid_job_loses_nothing_and_doubles_nothing(multinod
     for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
         assert stats[key] == whole[key], key
     assert sorted(lost["ids"]) == sorted(multinode["uninterrupted"]["ids"])
+
+
+def test_an_engine_limiter_lives_on_the_head_node(multinode):
+    """Its day's count (Google's 100 requests a day) is kept in the files of the node it runs
+    on: created from a worker node, or restarted on another, it counted from 0 again."""
+    assert multinode["limiter_node"] == multinode["head"]
