@@ -34,7 +34,8 @@ def test_slow_level_on_ray_scores_and_keeps_embeddings(ray_session, sandbox, tmp
                                                        tiny_clip_dir):  # noqa: F811
     out = str(tmp_path / "slow")
     result = run_ray(slow_spec(sandbox, out, tiny_clip_dir, nsfw_threshold=1.0,
-                               clip_threshold=-1.0, wrong_class="ignore", keep_embedding=True))
+                               clip_threshold=-1.0, wrong_class="ignore", keep_embedding=True,
+                               embedding_dedup_threshold=1.0))  # settles with the scorers
     stats = check_accounting(out)
     assert all(c["accepted"] == 4 for c in stats["classes"].values())
     assert result.stats["pools"]["slow"] and result.stats["pools"]["gpus_per_actor"] == 0
