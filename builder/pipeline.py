@@ -358,10 +358,9 @@ class JobLifecycle:
         return recover_ledger(**self.recovery())
 
     def recovery(self) -> dict[str, Any]:
-        """What a restarted ledger or index partition needs to rebuild from the journal."""
+        """What a restarted ledger needs to rebuild from the journal."""
         return {"spec": self.spec, "uri": self.uri, "job_id": self.job_id,
-                "storage_options": self.storage_options, "merge": self.merge,
-                "retry": self.retry}
+                "storage_options": self.storage_options, "merge": self.merge}
 
     def counts(self) -> JobCounts:
         counts = JobCounts(self.spec)
@@ -399,7 +398,8 @@ class JobLifecycle:
                 runner_hook(runner)
             outcome = await runner.run()
             done = self._retry_done()
-            if done is not None:
+            if done is not None and self.retry_plan is not None and \
+                    not all(map(done, range(self.retry_plan.count))):
                 # The slices it never got to (cancelled, or no class needed more images) keep
                 # their rejects as they were: count them back.
                 runner.counts.add(redecided_counts(
@@ -499,10 +499,9 @@ class JobLifecycle:
             yield table.filter(pc.invert(table["accepted"])).select(REJECT_SCHEMA.names)
 
 
-def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
-                retry: bool) -> UnitReport:
-    """The counts of the published dataset a merge continues (less the rejects a retry
-    decides again), read from its stats.json."""
+def published_report(spec: DatasetSpec, uri: str,
+                     storage_options: Optional[dict]) -> UnitReport:
+    """The counts of a published dataset (of the spec's classes), read from its stats.json."""
     base = UnitReport("base")
     stats = published_stats(uri, storage_options)
     for label, c in (stats.get("classes") or {}).items():
@@ -512,12 +511,20 @@ def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
                                          Counter(c.get("rejected_by_reason") or {}))
     for stage, n in (stats.get("rejected_by_stage") or {}).items():
         base.by_stage[stage] += n
+    base.bytes = int(stats.get("bytes_downloaded") or 0)
+    return base
+
+
+def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
+                retry: bool) -> UnitReport:
+    """The counts of the published dataset a merge continues, less the rejects it decides
+    again (counted from rejects.parquet's rows)."""
+    base = published_report(spec, uri, storage_options)
     again = redecided_counts(rejects_path(uri), storage_options, spec.labels, retry)
     for label, tally in again.classes.items():
         base.classes.setdefault(label, ClassTally()).add(tally, -1)
     for stage, n in again.by_stage.items():
         base.by_stage[stage] -= n
-    base.bytes = int(stats.get("bytes_downloaded") or 0)
     return base
 
 
@@ -526,13 +533,14 @@ def rejects_path(uri: str) -> str:
 
 
 def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Optional[dict],
-                   merge: bool, retry: bool) -> QuotaLedger:
+                   merge: bool) -> QuotaLedger:
     """The quota ledger as the journal (and the dataset a merge continues) says it stands:
     the committed units and their accepted counts, and shard numbers after every shard
-    begun."""
+    begun. A continuation decides again only rejects, so the published accepted counts hold
+    as they are (rejects.parquet is not read)."""
     accepted: Counter = Counter()
     if merge:
-        for label, t in base_report(spec, uri, storage_options, retry).classes.items():
+        for label, t in published_report(spec, uri, storage_options).classes.items():
             accepted[label] += t.accepted
     journal = Journal(uri, job_id, storage_options)
     committed = []

@@ -51,7 +51,7 @@ from builder.reasons import Reason
 from builder.records import Candidate, Record
 from builder.rights import UNREADABLE, Signal, first_refusal
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
-from builder.storage import (delete_tree, is_local_uri, list_files, open_fs, same_location,
+from builder.storage import (delete_tree, list_files, open_fs, same_location,
                              storage_errors, write_bytes)
 
 log = logging.getLogger(__name__)
@@ -326,15 +326,6 @@ def _read_source(uri: str, storage_options: Optional[dict]) -> _Source:
     return _Source(spec, shards, rejects, stats)
 
 
-def _same_place(uri: str, options: Optional[dict], out_uri: str,
-                out_options: Optional[dict]) -> bool:
-    """``same_location`` for two URIs each opened with its own storage options."""
-    if is_local_uri(uri) and is_local_uri(out_uri):
-        return same_location(uri, out_uri)
-    (fs_a, path_a), (fs_b, path_b) = open_fs(uri, options), open_fs(out_uri, out_options)
-    return type(fs_a) is type(fs_b) and path_a.rstrip("/") == path_b.rstrip("/")
-
-
 def write_without(uri: str, result: RecheckResult, out_uri: str, *,
                   storage_options: Optional[dict] = None,
                   out_storage_options: Optional[dict] = None,
@@ -349,7 +340,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     from builder.journal import Journal
     from builder.writers import LAYOUT_DIRS, DatasetPublisher, ShardWriter, rows_of_output
 
-    if _same_place(uri, storage_options, out_uri, out_storage_options):
+    if same_location(uri, out_uri, storage_options, out_storage_options):
         raise OutputExistsError(f"--write {out_uri} is the dataset being rechecked: write the "
                                 "copy somewhere else (replacing the dataset as it is read "
                                 "would delete it)")

@@ -427,9 +427,9 @@ def _check_onnx_file(nsfw_model: Optional[str]) -> None:
                 "package ships")
 
 
-def _hf_config(field: str, model_id: str, needs: str) -> Any:
-    """The config of Hugging Face model ``model_id``, read offline; also checks that it has an
-    image processor. Errors name ``field``."""
+def _hf_config(field: str, model_id: str, needs: str) -> tuple[Any, str]:
+    """The config of Hugging Face model ``model_id``, read offline, and the directory it is
+    in; also checks that it has an image processor. Errors name ``field``."""
     from transformers import AutoConfig
 
     try:
@@ -445,7 +445,7 @@ def _hf_config(field: str, model_id: str, needs: str) -> Any:
         load_image_processor(model_id, needs)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{field}: {exc}") from exc
-    return config
+    return config, directory
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
@@ -457,7 +457,7 @@ def _check_clip_model(model_id: str) -> None:
     from transformers import MODEL_MAPPING
 
     field = "validation.clip_model"
-    config = _hf_config(field, model_id, "CLIP validation")
+    config, directory = _hf_config(field, model_id, "CLIP validation")
     model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
     if not (hasattr(model_class, "get_image_features")
             and hasattr(model_class, "get_text_features")):
@@ -465,7 +465,6 @@ def _check_clip_model(model_id: str) -> None:
             f"{field}: {model_id!r} is a {config.model_type!r} model, which has no image and "
             "text embeddings; give a CLIP-style model (e.g. openai/clip-vit-base-patch32), or "
             "set validation.clip: false")
-    directory = resolve_model_dir(model_id)
     if not any(os.path.isfile(os.path.join(directory, name)) for name in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"{field}: {model_id!r} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}), which "
@@ -477,7 +476,7 @@ def _check_nsfw_classifier(model_id: str, nsfw_labels: str) -> None:
     from transformers import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
     field = "validation.nsfw_model"
-    config = _hf_config(field, model_id, "the hf nsfw backend")
+    config, _ = _hf_config(field, model_id, "the hf nsfw backend")
     if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
         raise ModelLoadError(
             f"{field}: {model_id!r} is a {config.model_type!r} model, which does not classify "

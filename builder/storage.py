@@ -77,9 +77,11 @@ def open_fs(uri: str, storage_options: Optional[dict[str, Any]] = None
         ) from exc
 
 
-def same_location(a: str, b: str, storage_options: Optional[dict[str, Any]] = None) -> bool:
-    """Whether two URIs name one place (a local path resolved through links)."""
-    (fs_a, path_a), (fs_b, path_b) = open_fs(a, storage_options), open_fs(b, storage_options)
+def same_location(a: str, b: str, a_options: Optional[dict[str, Any]] = None,
+                  b_options: Optional[dict[str, Any]] = None) -> bool:
+    """Whether two URIs name one place (a local path resolved through links), each opened
+    with its own storage options."""
+    (fs_a, path_a), (fs_b, path_b) = open_fs(a, a_options), open_fs(b, b_options)
     if is_local_uri(a) and is_local_uri(b):
         return os.path.realpath(path_a) == os.path.realpath(path_b)
     return type(fs_a) is type(fs_b) and path_a.rstrip("/") == path_b.rstrip("/")

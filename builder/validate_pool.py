@@ -20,7 +20,6 @@ not.
 
 from __future__ import annotations
 
-import functools
 import logging
 import multiprocessing
 import os
@@ -67,10 +66,6 @@ def _validate(records: list[Record]) -> list[Record]:
     for record in _validator(records):
         record.data = None
     return records
-
-
-def _transform(transformer: ImageTransformer, records: list[Record]) -> list[Record]:
-    return transformer(records)
 
 
 _FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("candidate", "data"))
@@ -143,7 +138,7 @@ class ProcessValidator:
     def transform(self, transformer: ImageTransformer, records: list[Record]) -> list[Record]:
         """``transformer`` applied to ``records`` in the pool, as validation is: a record whose
         transform kills its process keeps its image unchanged."""
-        done = self._run(functools.partial(_transform, transformer), records, _keep)
+        done = self._run(transformer, records, _keep)
         for mine, theirs in zip(records, done):
             _copy(theirs, mine, _TRANSFORMED)
         return records

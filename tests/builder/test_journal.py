@@ -136,7 +136,7 @@ def test_a_recovered_ledger_knows_the_journaled_units_and_counts_them_once(tmp_p
     spec = parse_spec({"name": "ds", "target": 1000, "classes": {"cat": None},
                        "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
                        "output": {"uri": uri}})
-    ledger = recover_ledger(spec, uri, "job1", None, merge=False, retry=False)
+    ledger = recover_ledger(spec, uri, "job1", None, merge=False)
     assert ledger.accepted["cat"] == accepted
     ledger.commit("l00-00003", {"cat": 5})  # a retried commit of a journaled unit
     ledger.grant("l00-00003", {"cat": 5})  # ... and the same unit resent
