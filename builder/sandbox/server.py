@@ -7,9 +7,12 @@
 - ``GET /img/...``, ``/f/...``, ``/private/...`` the corpus (see ``corpus.py``), faults included
 - ``GET /page/{slug}/{pos}`` a tiny HTML page per search result
 - ``GET /bench/{i}.jpg`` benchmark images; ``GET /robots.txt``; ``GET /healthz``
-- ``GET /heavy/{i}.jpg?bytes=N&chunked=0|1`` a hostile server's answer: N bytes (default
+- ``GET /heavy/{i}.jpg?bytes=N&chunked=0|1&meet=M`` a hostile server's answer: N bytes (default
   ``HEAVY_BYTES``, at most ``MAX_HEAVY_BYTES``) that start like a JPEG and do not decode, with a
-  Content-Length or chunked; streamed, so the sandbox holds none of it (``heavy_urls``)
+  Content-Length or chunked; streamed, so the sandbox holds none of it (``heavy_urls``). With
+  ``meet=M`` each answer sends half its body, then waits until M answers with the same ``meet``
+  are half sent (at most ``MEET_TIMEOUT_S``): M bodies are then half read at once, whatever the
+  scheduling
 - ``GET /api/openverse/v1/images/`` the search as Openverse answers it (anonymous: pages of at
   most 20, no result past the 240th); ``GET /api/google/customsearch/v1`` Google's Custom Search
   API as it answers a key made after it closed: 403 ``PERMISSION_DENIED`` (for the engine probe)
@@ -60,6 +63,7 @@ MAX_PORT = 65_535
 HEAVY_BYTES = 19_000_000
 """The default size of a ``/heavy/`` body: just under the default ``download.max_bytes``."""
 MAX_HEAVY_BYTES = 200_000_000
+MEET_TIMEOUT_S = 10.0
 
 
 class _ByteCache:
@@ -99,6 +103,15 @@ def _decimal_index(text: str) -> int | None:
         return int(text)
     except ValueError:  # more digits than int() converts
         return None
+
+
+async def _write_filler(resp: web.StreamResponse, sent: int, upto: int) -> int:
+    """Write filler from byte ``sent`` of a body up to byte ``upto``; returns the new ``sent``."""
+    while sent < upto:
+        chunk = _FILLER[: upto - sent]
+        await resp.write(chunk)
+        sent += len(chunk)
+    return sent
 
 
 def _origin(host: str, port: int) -> str:
@@ -144,6 +157,7 @@ class SandboxWeb:
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._hits: Counter[str] = Counter()
         self._sleepers: set[asyncio.Task[Any]] = set()
+        self._meetings: dict[int, tuple[list[int], asyncio.Event]] = {}
         self._outcomes = self._expected_outcomes()
         self.sites: dict[str, Site] = default_sites() if sites else {}
         self._site_urls: dict[str, str] = {}
@@ -271,10 +285,12 @@ class SandboxWeb:
         base = self._require_started()
         return [f"{base}/bench/{i:05d}.jpg" for i in range(self.corpus.bench_images)]
 
-    def heavy_urls(self, n: int, *, size: int = HEAVY_BYTES, chunked: bool = False) -> list[str]:
-        """``n`` distinct URLs answering ``size`` bytes each (see ``/heavy/`` above)."""
+    def heavy_urls(self, n: int, *, size: int = HEAVY_BYTES, chunked: bool = False,
+                   meet: int = 0) -> list[str]:
+        """``n`` distinct URLs answering ``size`` bytes each (see ``/heavy/`` above); with
+        ``meet``, every ``meet`` of them are half sent together."""
         base = self._require_started()
-        mode = "&chunked=1" if chunked else ""
+        mode = ("&chunked=1" if chunked else "") + (f"&meet={meet}" if meet else "")
         return [f"{base}/heavy/{i:05d}.jpg?bytes={size}{mode}" for i in range(n)]
 
     def search_urls(self, label: str) -> list[str]:
@@ -530,10 +546,11 @@ class SandboxWeb:
         index = _decimal_index(stem)
         size = _decimal_index(request.query.get("bytes", str(HEAVY_BYTES)))
         chunked = request.query.get("chunked", "0")
-        if index is None or ext != "jpg" or size is None or \
+        meet = _decimal_index(request.query.get("meet", "0"))
+        if index is None or ext != "jpg" or size is None or meet is None or \
                 not len(JPEG_HEAD) + 8 <= size <= MAX_HEAVY_BYTES or chunked not in ("0", "1"):
             raise web.HTTPBadRequest(text=f"need /heavy/<n>.jpg?bytes=<{len(JPEG_HEAD) + 8}.."
-                                          f"{MAX_HEAVY_BYTES}>&chunked=<0|1>\n")
+                                          f"{MAX_HEAVY_BYTES}>&chunked=<0|1>&meet=<m>\n")
         resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         if chunked == "1":
             resp.enable_chunked_encoding()
@@ -544,14 +561,27 @@ class SandboxWeb:
             head = JPEG_HEAD + index.to_bytes(8, "big")
             await resp.write(head)
             sent = len(head)
-            while sent < size:
-                chunk = _FILLER[: size - sent]
-                await resp.write(chunk)
-                sent += len(chunk)
+            if meet:
+                sent = await _write_filler(resp, sent, size // 2)
+                await self._meet(meet)
+            await _write_filler(resp, sent, size)
             await resp.write_eof()
         except ConnectionError:
             pass  # the client gave up (its byte cap, a timeout)
         return resp
+
+    async def _meet(self, group: int) -> None:
+        """Wait until ``group`` answers of this ``meet`` group are here (or MEET_TIMEOUT_S)."""
+        arrived, everyone = self._meetings.setdefault(group, ([0], asyncio.Event()))
+        arrived[0] += 1
+        if arrived[0] >= group:
+            everyone.set()
+            del self._meetings[group]
+            return
+        try:
+            await asyncio.wait_for(everyone.wait(), MEET_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass  # a group that never fills goes on: the answer still completes
 
     async def _render(self, key: str, make: Callable[[], bytes]) -> bytes:
         """``make()``'s bytes, from the cache or rendered once in the thread pool."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image
 
 from builder.reasons import Reason
-from builder.sandbox import DEFAULT_CLASSES, FAULTS, SandboxWeb
+from builder.sandbox import DEFAULT_CLASSES, FAULTS, SandboxWeb, server
 
 REPO = Path(__file__).resolve().parents[2]
 FORMAT_OF_EXT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
@@ -313,8 +314,28 @@ def test_heavy_urls_answer_distinct_bodies_of_the_asked_size(web: SandboxWeb):
     assert headers.get("Transfer-Encoding") == "chunked" and len(body) == 250_000
     base = web.base_url
     for bad in ("/heavy/x.jpg", "/heavy/1.png", "/heavy/1.jpg?bytes=10",
-                "/heavy/1.jpg?bytes=999999999999", "/heavy/1.jpg?chunked=yes"):
+                "/heavy/1.jpg?bytes=999999999999", "/heavy/1.jpg?chunked=yes",
+                "/heavy/1.jpg?meet=two"):
         assert get(base + bad)[0] == 400, bad
+
+
+def test_heavy_answers_that_meet_are_half_sent_together(web: SandboxWeb, monkeypatch):
+    """Two answers of a ``meet=2`` group: the first waits at its half until the second gets
+    there, and both then finish; a group that never fills finishes after the timeout."""
+    monkeypatch.setattr(server, "MEET_TIMEOUT_S", 30.0)
+    first, second = web.heavy_urls(2, size=200_000, meet=2)
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(get, first, 60.0)
+        time.sleep(0.5)
+        assert not waiting.done()
+        assert len(get(second)[2]) == 200_000
+        assert len(waiting.result(timeout=20)[2]) == 200_000
+    assert time.monotonic() - started < 20  # met, not timed out
+    monkeypatch.setattr(server, "MEET_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    assert len(get(web.heavy_urls(1, size=200_000, meet=3)[0])[2]) == 200_000
+    assert time.monotonic() - started >= 0.4
 
 
 def test_redirect_loop(web: SandboxWeb):
