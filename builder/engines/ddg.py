@@ -11,6 +11,13 @@ found.", which would end the query as if the engine had nothing more. Here a non
 an ``EngineError`` with its status (429 and 5xx retryable, as for the other engines), and the
 query stays open for the next try.
 
+Bing can also answer with its bot check (a captcha page) under HTTP 200; ddgs finds no results
+in it, which would end the query just the same. A 200 page with no results that carries one of
+the backend's ``CHALLENGE_MARKERS`` is a retryable ``EngineError`` too, counted as Bing's rate
+limit (status 429). DuckDuckGo needs no markers: its results page is JSON, so a challenge
+page there already fails to parse (a retryable ``EngineError``), and a block of its token page
+leaves no ``vqd`` (the same).
+
 The backend is checked when the engine is built: ddgs falls back to ``auto`` (every backend,
 DuckDuckGo first) for a backend it does not have, with only a log line, so ``engine: bing`` on a
 ddgs older than 9.13 (which added Bing images) would quietly answer from DuckDuckGo. Here a
@@ -33,6 +40,14 @@ from builder.errors import EngineError, EngineUnavailable, SourceError
 FILTER_OPTIONS = ("size", "color", "type_image", "layout", "license_image")
 MIN_DDGS = {"bing": "9.13"}
 """The first ddgs release with each images backend (where later than 9.0)."""
+CHALLENGE_MARKERS: dict[str, tuple[str, ...]] = {
+    "bing": ("/turing/captcha/", "challenges.cloudflare.com/turnstile", "/challenge/verify"),
+}
+"""Per backend, lower-case strings of its bot-check page, looked for only in a 200 answer with
+no results. Bing's challenge lives at ``/turing/captcha/challenge`` (a search it challenges
+embeds or sends there), shows a Cloudflare Turnstile widget and posts to
+``/challenge/verify``. An empty results page of ``images/async`` has none of them; the visible
+text ("One last step") is localized, so it is not used."""
 
 
 def check_backend(engine: str, backend: str) -> None:
@@ -59,9 +74,24 @@ class _Refused(Exception):
         self.body = body
 
 
+class _Challenged(Exception):
+    """A backend page answered 200 with the service's bot check instead of results."""
+
+    def __init__(self, marker: str):
+        super().__init__(f"bot check ({marker})")
+        self.marker = marker
+
+
+def _challenge_marker(backend: str, text: str) -> str | None:
+    """The first of ``backend``'s ``CHALLENGE_MARKERS`` in ``text``, or None."""
+    lowered = text.lower()
+    return next((m for m in CHALLENGE_MARKERS.get(backend, ()) if m in lowered), None)
+
+
 def _backend_class(backend: str) -> type:
     """ddgs' search class for ``backend``, with a ``request`` that raises ``_Refused`` for a
-    non-200 answer where ddgs' own returns None (read as "no results")."""
+    non-200 answer where ddgs' own returns None (read as "no results"), and an
+    ``extract_results`` that raises ``_Challenged`` for a bot-check page without results."""
     from ddgs.engines import ENGINES
 
     base = ENGINES["images"][backend]
@@ -72,6 +102,15 @@ def _backend_class(backend: str) -> type:
             if resp.status_code != 200:
                 raise _Refused(resp.status_code, resp.text or "")
             return resp.text
+
+        def extract_results(self, html_text: str) -> list[object]:
+            results: list[object] = super().extract_results(html_text)
+            # Only a page without results is looked at: one with results is no bot check,
+            # and a marker-like string in a result (a page URL) must not throw it away.
+            marker = None if results else _challenge_marker(backend, html_text)
+            if marker:
+                raise _Challenged(marker)
+            return results
 
     Checked.__name__ = f"Checked{base.__name__}"
     return Checked
@@ -138,6 +177,14 @@ class DdgsImagesEngine(SearchEngine):
                                  if exc.status in (403, 429) else ""),
                               status=exc.status, retryable=exc.status in RETRYABLE_STATUSES
                               ) from None
+        except _Challenged as exc:
+            # 429: the bot check is the service's rate limit in another form, so the governor
+            # backs off and counts it as rate-limited, and a probe reports the source blocked.
+            raise EngineError(f"{self.name}: the {self.backend} backend answered HTTP 200 with "
+                              f"its bot check (a captcha page, {exc.marker!r}) instead of "
+                              "results: it is limiting this address. The query stays open; wait "
+                              "a while before searching again, set a proxy, or use another "
+                              "engine", status=429, retryable=True) from None
         except TimeoutException as exc:
             raise EngineError(f"{self.name}: timed out: {exc}", retryable=True) from None
         except (DDGSException, ValueError, LookupError, TypeError, AttributeError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import pytest
 
 from builder.engines.ddg import BingImagesEngine, DdgsImagesEngine
@@ -105,6 +107,59 @@ def test_bing_refused_page_is_an_engine_error_not_no_results(monkeypatch: pytest
         with pytest.raises(EngineError) as info:
             BingImagesEngine().search("cat", label="cat", page=0, per_page=30)
     assert info.value.status == 429 and info.value.retryable and not refused
+
+
+# Bing's bot check, as a challenged search embeds it and as the challenge page itself (reached
+# through a redirect, which ddgs' HTTP client follows): both answered with HTTP 200.
+BING_CHALLENGE_PAGES = {
+    "embedded": '<!DOCTYPE html><html><head><title>cat - Bing</title></head><body>'
+                '<div id="b_content"><h1>One last step</h1><p>Please solve the challenge below to '
+                'continue</p><iframe id="b_captcha" src="/turing/captcha/challenge?q=cat&amp;'
+                'iframeid=local-gen-1" frameborder="0"></iframe></div></body></html>',
+    "challenge page": '<!DOCTYPE html><html><head><script src="https://challenges.cloudflare.'
+                      'com/turnstile/v0/api.js" async defer></script></head><body>'
+                      '<form id="challenge" method="post" action="/challenge/verify">'
+                      '<div class="cf-turnstile" data-sitekey="0x4AAA"></div></form>'
+                      "</body></html>",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BING_CHALLENGE_PAGES))
+def test_bing_captcha_page_with_status_200_is_an_engine_error_not_no_results(
+        kind, monkeypatch: pytest.MonkeyPatch):
+    """ddgs finds no results in Bing's bot check and answered it as "no results", which ended
+    the query; it is a retryable error (Bing's rate limit) and the query stays open."""
+    images = fake_images(50)
+    with FakeServer(bing_handler(images)) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        engine = BingImagesEngine()
+        srv.fail_next(status=200, body=BING_CHALLENGE_PAGES[kind],
+                      content_type="text/html; charset=utf-8")
+        with pytest.raises(EngineError) as info:
+            engine.search("cat", label="cat", page=0, per_page=30)
+        page = engine.search("cat", label="cat", page=0, per_page=30)
+    assert info.value.retryable and info.value.status == 429 and not refused
+    message = str(info.value)
+    assert "bot check" in message and "another engine" in message and "wait" in message
+    assert [r.query["first"] for r in srv.requests] == ["1", "1"]  # the same page, asked again
+    assert [h.url for h in page.hits] == [img["url"] for img in images[:30]] and page.has_more
+
+
+def test_bing_genuine_empty_page_is_still_no_results(monkeypatch: pytest.MonkeyPatch):
+    """The bot-check markers are specific: an empty results page, even for a query about
+    captchas that Bing echoes back, ends the query as before."""
+    def empty(req):
+        query = html.escape(req.query.get("q", ""))
+        return Response(200, f'<div class="dg_nores">There are no results for <strong>{query}'
+                             '</strong></div><ul class="dgControl_list"></ul>',
+                        content_type="text/html; charset=utf-8")
+
+    with FakeServer(empty) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        page = BingImagesEngine().search("bing captcha challenge verify", label="c", page=0,
+                                         per_page=30)
+    assert page.hits == [] and not page.has_more and not refused
+    assert len(srv.requests) == 1
 
 
 def test_duckduckgo_connection_failure_is_retryable(monkeypatch: pytest.MonkeyPatch):
