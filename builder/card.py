@@ -190,9 +190,15 @@ def rights_markdown(stats: Mapping[str, Any]) -> str:
         c = signals[name] or {}
         lines.append("| " + " | ".join([_code(name), _cell(SIGNAL_DOCS.get(name, ""))] + [
             _cell(c.get(k, 0)) for k in ("checked", "present", "allowed", "refused")]) + " |")
+    if rights.get("earlier_ledgers"):
+        lines.append(f"\nThese counts also hold the earlier ledgers of "
+                     f"{_cell(rights['earlier_ledgers'])} rejects decided again by a later run: "
+                     "the dataset's rejects did not record them, so they could not be taken "
+                     "out.")
     lines.append("\nEach image's `rights` column lists every signal checked for it: its value, "
                  "where it was read (robots.txt group, header, well-known file, embedded XMP) "
-                 "and the verdict. Consent can change after a build: `pixcrawler recheck <uri>` "
+                 "and the verdict; so does each reject's, in `rejects.parquet`. Consent can "
+                 "change after a build: `pixcrawler recheck <uri>` "
                  "checks the signals again and lists the images to remove.")
     return "\n".join(lines)
 

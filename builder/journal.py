@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.errors import PixCrawlerError
-from builder.records import REJECT_SCHEMA
+from builder.records import REJECT_SCHEMA, with_columns
 from builder.spec import DatasetSpec
 from builder.storage import (atomic_write, cut_writes, delete_tree, join, list_files, open_fs,
                              storage_errors)
@@ -264,10 +264,13 @@ class Journal:
         paths = self.unit_files() if kind == "units" else self.shard_files()
         pending: list[pa.Table] = []
         held = 0
+        schema = UNIT_SCHEMA if kind == "units" else SHARD_SCHEMA
         for data in self._contents(paths):
-            table = pq.ParquetFile(pa.BufferReader(data)).read(columns=columns,
-                                                               use_threads=False)
-            pending.append(table.replace_schema_metadata(None))
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            table = pf.read(columns=columns and [c for c in columns if c in pf.schema_arrow.names],
+                            use_threads=False)
+            pending.append(with_columns(table.replace_schema_metadata(None), schema,
+                                        columns or schema.names))
             held += table.num_rows
             if held >= rows:
                 yield pa.concat_tables(pending)

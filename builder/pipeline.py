@@ -47,6 +47,7 @@ from builder.quota import QuotaLedger
 from builder.reasons import decided_again
 from builder.records import REJECT_SCHEMA
 from builder.retry import kept_rows, redecided_counts
+from builder.rights import RightsTally
 from builder.spec import DatasetSpec
 from builder.storage import open_fs
 from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit, retry_uid
@@ -512,6 +513,8 @@ def published_report(spec: DatasetSpec, uri: str,
     for stage, n in (stats.get("rejected_by_stage") or {}).items():
         base.by_stage[stage] += n
     base.bytes = int(stats.get("bytes_downloaded") or 0)
+    if isinstance(stats.get("rights"), dict):
+        base.rights = RightsTally.from_summary(stats["rights"])
     return base
 
 
@@ -525,6 +528,8 @@ def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
         base.classes.setdefault(label, ClassTally()).add(tally, -1)
     for stage, n in again.by_stage.items():
         base.by_stage[stage] -= n
+    if base.rights is not None:
+        base.rights.merge(again.rights, -1)
     return base
 
 

@@ -48,8 +48,8 @@ from builder.fetch import Fetcher
 from builder.netguard import UrlRejected
 from builder.profiles import first_public_url, has_contact
 from builder.reasons import Reason
-from builder.records import Candidate, Record
-from builder.rights import UNREADABLE, Signal, first_refusal
+from builder.records import REJECT_SCHEMA, Candidate, Record
+from builder.rights import UNREADABLE, RightsTally, Signal, first_refusal, rights_rows
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
 from builder.storage import (delete_tree, list_files, open_fs, same_location,
                              storage_errors, write_bytes)
@@ -350,12 +350,6 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     data["output"]["overwrite"] = overwrite
     spec = DatasetSpec.model_validate(data)
     removed = {r.id: r for r in result.removals}
-    moved = []
-    for r in removed.values():
-        c = Candidate(url=r.url, label=r.label)
-        moved.append({"key": c.key, "url": r.url, "label": r.label, "query": "", "engine": "",
-                      "stage": "fetch", "reason": r.reason, "detail": r.detail,
-                      "duplicate_of": "", "http_status": 0})
     stats = _stats_without(source.stats, list(removed.values()), result)
     partial_reason: Optional[str] = None
     if stats.get("accepted", 0) == 0:  # no image: no dataset, as a build that accepts nothing
@@ -375,9 +369,12 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     try:
         numbers: dict[str, int] = {}
         manifest: list[dict[str, Any]] = []
+        ledgers: dict[str, list[dict[str, str]]] = {}
         for path in source.shards:
             table = rows_of_output(_read(uri, path, storage_options))
             keep = pc.invert(pc.is_in(table["id"], pa.array(list(removed), pa.string())))
+            gone = table.filter(pc.invert(keep)).select(["id", "rights"]).to_pylist()
+            ledgers.update((row["id"], row["rights"] or []) for row in gone)
             table = table.filter(keep)
             for split in sorted(set(table["split"].to_pylist())):
                 part = table.filter(pc.equal(table["split"], split))
@@ -385,8 +382,9 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
                 numbers[split] = number + 1
                 manifest += writer.write(part, split, number, journal).select(
                     ["id", "path", "label", "split", "license"]).to_pylist()
+        moved = _moved_rows(list(removed.values()), ledgers, stats)
         out = publisher.publish(manifest_rows=iter(manifest),
-                                reject_tables=[source.rejects, pa.Table.from_pylist(moved)],
+                                reject_tables=[source.rejects, moved],
                                 stats=stats, spec_name=spec.name,
                                 description=spec.description, spec_yaml=spec_yaml,
                                 partial_reason=partial_reason)
@@ -403,6 +401,30 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
         raise
     journal.remove()
     return WrittenCopy(out, stats)
+
+
+def _moved_rows(removed: list[Removal], ledgers: dict[str, list[dict[str, str]]],
+                stats: dict[str, Any]) -> pa.Table:
+    """The reject rows of the removed images: each keeps its build's ledger, with the refusal
+    the recheck found added (its source says so). ``stats``' rights summary is moved on with
+    them, so it stays the sum of the copy's ledgers."""
+    rows, before, after = [], RightsTally(), RightsTally()
+    for r in removed:
+        old = [Signal(e["signal"], e["value"], e["source"], e["verdict"])
+               for e in ledgers.get(r.id, [])]
+        new = old + [r.signal._replace(source=f"recheck: {r.signal.source}")]
+        before.add(old)
+        after.add(new)
+        c = Candidate(url=r.url, label=r.label)
+        rows.append({"key": c.key, "url": r.url, "label": r.label, "query": "", "engine": "",
+                     "stage": "fetch", "reason": r.reason, "detail": r.detail,
+                     "duplicate_of": "", "http_status": 0, "rights": rights_rows(new)})
+    if isinstance(stats.get("rights"), dict):
+        tally = RightsTally.from_summary(stats["rights"])
+        tally.merge(before, -1)
+        tally.merge(after)
+        stats["rights"] = tally.summary()
+    return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
 
 
 def _stats_without(stats: dict[str, Any], removed: list[Removal],

@@ -280,9 +280,12 @@ REJECT_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
         pa.field("duplicate_of", pa.string()),
         pa.field("http_status", pa.int32()),
+        pa.field("rights", RIGHTS_TYPE),
     ]
 )
-"""Schema of ``rejects.parquet``: one row per rejected candidate."""
+"""Schema of ``rejects.parquet``: one row per rejected candidate. ``rights`` is the candidate's
+ledger as far as it got (what a continuing run takes out of the published rights summary when
+it decides the reject again); null in the rows of datasets written before it was kept."""
 
 
 def accepted_row(record: Record) -> dict[str, Any]:
@@ -320,6 +323,15 @@ def accepted_row(record: Record) -> dict[str, Any]:
     }
 
 
+def with_columns(table: pa.Table, schema: pa.Schema, names: Sequence[str]) -> pa.Table:
+    """``table``'s columns ``names``, in that order; one it lacks (a file written before the
+    column was added) comes as nulls of its type in ``schema``."""
+    have = set(table.column_names)
+    fields = [table.schema.field(n) if n in have else schema.field(n) for n in names]
+    return pa.table([table[n] if n in have else pa.nulls(table.num_rows, schema.field(n).type)
+                     for n in names], schema=pa.schema(fields))
+
+
 def reject_row(record: Record) -> dict[str, Any]:
     """The rejects-manifest row of a rejected record, per ``REJECT_SCHEMA``."""
     c = record.candidate
@@ -334,6 +346,7 @@ def reject_row(record: Record) -> dict[str, Any]:
         "detail": record.detail,
         "duplicate_of": record.duplicate_of,
         "http_status": record.http_status,
+        "rights": rights_rows(record.rights),
     }
 
 

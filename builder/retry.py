@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from builder.listsource import SlicePlan
 from builder.reasons import Reason, decided_again, stage_of
-from builder.records import Candidate
+from builder.records import REJECT_SCHEMA, Candidate, with_columns
+from builder.rights import RightsTally
 from builder.storage import open_fs
 from builder.units import ClassTally, UnitReport
 
@@ -70,8 +71,10 @@ def _groups(path: str, storage_options: Optional[dict[str, Any]], labels: Collec
     slices = _slices_by_group(plan) if done is not None else {}
     with fs.open(fs_path, "rb") as f:
         pf = pq.ParquetFile(f)
+        names = columns or pf.schema_arrow.names
         for group in range(pf.metadata.num_row_groups):
-            table = pf.read_row_group(group, columns=columns)
+            table = with_columns(pf.read_row_group(group, columns=[
+                n for n in names if n in pf.schema_arrow.names]), REJECT_SCHEMA, names)
             mask = redecided(table, labels, retry)
             if done is not None:
                 ran = [False] * table.num_rows
@@ -95,11 +98,14 @@ def redecided_counts(path: str, storage_options: Optional[dict[str, Any]],
                      labels: Collection[str], retry: bool, plan: Optional[SlicePlan] = None,
                      done: Optional[Done] = None) -> UnitReport:
     """The published rejects a continuing run decides again, as counts (candidates and
-    rejections per class, reason and stage), from the rows themselves."""
+    rejections per class, reason and stage, and their rights ledgers), from the rows
+    themselves."""
     report = UnitReport("redecided")
+    report.rights = RightsTally()
     for table, mask in _groups(path, storage_options, labels, retry, plan, done,
-                               columns=["url", "label", "reason"]):
+                               columns=["url", "label", "reason", "rights"]):
         rows = table.filter(mask)
+        report.rights.add_column(rows["rights"])
         for row in rows.group_by(["label", "reason"]).aggregate([([], "count_all")]).to_pylist():
             tally = report.classes.setdefault(row["label"], ClassTally())
             tally.candidates += row["count_all"]

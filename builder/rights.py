@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from builder.text import well_formed
 
@@ -127,6 +129,10 @@ class RightsTally:
         self.records = 0
         self.with_ledger = 0
         self.refused_records = 0
+        self.unrecorded = 0
+        """Records counted whose ledger is not known (a reject of a dataset written before
+        rejects kept their ledgers). Taken out of a published tally, each leaves its earlier
+        ledger in the signal counts: ``summary()`` says how many (``earlier_ledgers``)."""
 
     def add(self, signals: Iterable[Signal]) -> None:
         self.records += 1
@@ -157,11 +163,45 @@ class RightsTally:
         self.records += sign * other.records
         self.with_ledger += sign * other.with_ledger
         self.refused_records += sign * other.refused_records
+        self.unrecorded += sign * other.unrecorded
+
+    def add_column(self, rights: pa.ChunkedArray | pa.Array) -> None:
+        """Add the ledgers of a ``rights`` column (``RIGHTS_TYPE``; a null is a ledger not
+        recorded: counted in ``records`` and ``unrecorded``), as ``add`` would one by one."""
+        if isinstance(rights, pa.ChunkedArray):
+            rights = rights.combine_chunks() if rights.num_chunks else \
+                pa.array([], RIGHTS_TYPE)
+        nulls = rights.null_count
+        self.records += len(rights)
+        self.unrecorded += nulls
+        self.with_ledger += pc.sum(pc.greater(pc.list_value_length(rights), 0)).as_py() or 0
+        entries = pc.list_flatten(rights)
+        if not len(entries):
+            return
+        rows = pc.list_parent_indices(rights)
+        names, values, verdicts = (entries.field(n) for n in ("signal", "value", "verdict"))
+        present = pc.greater(pc.utf8_length(values), 0)
+        refused = pc.equal(verdicts, REFUSE)
+        table = pa.table({"name": names, "checked": pa.array(np.ones(len(entries), np.int64)),
+                          "present": present, "refused": refused,
+                          "allowed": pc.and_(pc.equal(verdicts, ALLOW), present)})
+        for col in ("present", "refused", "allowed"):
+            table = table.set_column(table.schema.get_field_index(col), col,
+                                     pc.cast(table[col], pa.int64()))
+        sums = table.group_by("name").aggregate([(c, "sum") for c in
+                                                 ("checked", "present", "refused", "allowed")])
+        for row in sums.to_pylist():
+            c = self.counts.setdefault(row["name"], Counter())
+            for key in ("checked", "present", "refused", "allowed"):
+                if row[f"{key}_sum"]:
+                    c[key] += row[f"{key}_sum"]
+        self.refused_records += len(pc.unique(pc.filter(rows, refused)))
 
     def state(self) -> dict[str, Any]:
         """Plain data (JSON-able), for a unit's journaled report."""
         return {"counts": {k: dict(c) for k, c in self.counts.items()}, "records": self.records,
-                "with_ledger": self.with_ledger, "refused": self.refused_records}
+                "with_ledger": self.with_ledger, "refused": self.refused_records,
+                "unrecorded": self.unrecorded}
 
     @classmethod
     def from_state(cls, data: dict[str, Any]) -> "RightsTally":
@@ -170,15 +210,31 @@ class RightsTally:
         tally.records = int(data.get("records") or 0)
         tally.with_ledger = int(data.get("with_ledger") or 0)
         tally.refused_records = int(data.get("refused") or 0)
+        tally.unrecorded = int(data.get("unrecorded") or 0)
+        return tally
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> "RightsTally":
+        """The tally a published ``stats.json`` 'rights' section (``summary()``) stands for."""
+        tally = cls(summary.get("honoured") or ())
+        tally.counts = {name: +Counter({k: int(v) for k, v in (c or {}).items()})
+                        for name, c in (summary.get("signals") or {}).items()}
+        tally.records = int(summary.get("records") or 0)
+        tally.with_ledger = int(summary.get("checked") or 0)
+        tally.refused_records = int(summary.get("refused") or 0)
+        tally.unrecorded = -int(summary.get("earlier_ledgers") or 0)
         return tally
 
     def summary(self) -> dict[str, Any]:
         signals = {name: {k: int(c.get(k, 0)) for k in ("checked", "present", "allowed",
                                                         "refused")}
                    for name, c in sorted(self.counts.items())}
-        return {"honoured": self.honoured, "records": self.records,
-                "checked": self.with_ledger, "refused": self.refused_records,
-                "signals": signals}
+        out = {"honoured": self.honoured, "records": self.records,
+               "checked": self.with_ledger, "refused": self.refused_records,
+               "signals": signals}
+        if self.unrecorded < 0:
+            out["earlier_ledgers"] = -self.unrecorded
+        return out
 
 
 __all__ = ["ALLOW", "NONE", "NO_ANSWER", "REFUSE", "RIGHTS_TYPE", "SIGNAL_DOCS", "UNREACHABLE",

@@ -894,6 +894,8 @@ def _decision_rows(records: list[Record], claim: Callable[[Record], int]) -> pa.
         norm = normalise_url(r.candidate.url)
         row.update(accepted=not r.rejected, image_id=r.id if r.sha256 else "",
                    url_hash=url_hash(norm) if norm else 0, claim=claim(r))
+        if not r.rejected:
+            row["rights"] = None  # in its shard's row; the journal keeps only a reject's
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
 

@@ -95,7 +95,8 @@ import yaml
 from builder import card as card_mod
 from builder.errors import OutputExistsError, StorageError
 from builder.journal import JOURNAL, SHARD_SCHEMA, resumable_jobs
-from builder.records import ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, shard_schema
+from builder.records import (ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, shard_schema,
+                             with_columns)
 from builder.spec import OutputSpec, bad_label_path, bad_name, flat_label
 from builder.transform import rgb_jpeg
 from builder.storage import (
@@ -581,6 +582,10 @@ def _csv_rows(table: pa.Table) -> bytes:
         return text.getvalue().encode("utf-8")
 
 
+REJECT_CSV_COLUMNS = [name for name in REJECT_SCHEMA.names if name != "rights"]
+"""``rejects.csv``'s columns: the ledger (a list of structs) is in ``rejects.parquet`` only."""
+
+
 def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.Table]) -> int:
     """``rejects.parquet`` and ``rejects.csv`` from tables of rejected rows (REJECT_SCHEMA
     columns), streamed; returns the number of rows."""
@@ -589,13 +594,14 @@ def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.
             atomic_open(fs, f"{root}/rejects.csv") as fc:
         writer = pq.ParquetWriter(fp, REJECT_SCHEMA, **_REJECT_PARQUET_OPTIONS)
         try:
-            fc.write((",".join(REJECT_SCHEMA.names) + "\n").encode())
+            fc.write((",".join(REJECT_CSV_COLUMNS) + "\n").encode())
             for table in tables:
                 if not table.num_rows:
                     continue
-                table = table.select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
+                table = with_columns(table, REJECT_SCHEMA, REJECT_SCHEMA.names).cast(
+                    REJECT_SCHEMA)
                 writer.write_table(table)
-                fc.write(_csv_rows(table))
+                fc.write(_csv_rows(table.select(REJECT_CSV_COLUMNS)))
                 n += table.num_rows
         finally:
             writer.close()

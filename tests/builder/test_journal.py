@@ -23,6 +23,7 @@ from builder.journal import (UNIT_SCHEMA, Journal, ResumeError, published_spec,
                              resumable_jobs)
 from builder.pipeline import JobLifecycle
 from builder.records import REJECT_SCHEMA
+from builder.rights import RIGHTS_TYPE
 from builder.spec import parse_spec
 from builder.units import ClassTally, UnitReport, WorkUnit
 from tests.conftest import make_bucket
@@ -44,6 +45,9 @@ def unit_table(u: int, rng: random.Random) -> pa.Table:
         "detail": [None if a else f"HTTP {400 + i}" for i, a in enumerate(accepted)],
         "duplicate_of": [None] * n,
         "http_status": [None if a else 404 for a in accepted],
+        "rights": pa.array([None if a else [{"signal": "robots_txt", "value": "", "source":
+                                              f"robots.txt of h/{u}", "verdict": "none"}]
+                            for a in accepted], RIGHTS_TYPE),
         "accepted": accepted,
         "image_id": [f"{u:04d}{i:04d}" if a else None for i, a in enumerate(accepted)],
         "url_hash": [u * 100 + i for i in range(n)], "claim": [u * 7 + i for i in range(n)],

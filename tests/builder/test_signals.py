@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import socket
 import time
 from typing import Any, Optional
 
+import pyarrow as pa
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, PngImagePlugin
@@ -17,7 +19,7 @@ from yarl import URL
 from builder.fetch import Fetcher
 from builder.reasons import Reason
 from builder.records import Candidate, Record
-from builder.rights import ALLOW, NONE, REFUSE, RightsTally, Signal
+from builder.rights import ALLOW, NONE, REFUSE, RIGHTS_TYPE, RightsTally, Signal
 from builder.sandbox import SandboxWeb
 from builder.sandbox.sites import ACCEPTED, PAGE_CASES, SIGNAL_CASES
 from builder.signals import (OriginSignals, content_signal_verdict, parse_preferences,
@@ -170,6 +172,38 @@ def test_tally_sums_ledgers() -> None:
     assert summary["signals"]["tdmrep"] == {"checked": 2, "present": 1, "allowed": 0,
                                             "refused": 1}
     assert summary["signals"]["robots_txt"]["allowed"] == 1
+
+
+def test_a_rights_column_tallies_as_its_ledgers_do_one_by_one() -> None:
+    """``add_column`` (how a continuing run counts the published rejects it decides again)
+    gives ``add``'s counts; a null ledger (a reject written before rejects kept them) counts
+    as a record whose ledger is unknown, and a published summary less it says so."""
+    rng = random.Random(3)
+    names, verdicts = ["robots_txt", "tdmrep", "x_robots_tag"], [ALLOW, REFUSE, NONE]
+    ledgers = [[Signal(rng.choice(names), rng.choice(["", "v"]), "src", rng.choice(verdicts))
+                for _ in range(rng.randint(0, 3))] for _ in range(300)]
+    one_by_one = RightsTally()
+    for ledger in ledgers:
+        one_by_one.add(ledger)
+    column = pa.chunked_array([pa.array(ledgers[:100], RIGHTS_TYPE),
+                               pa.array(ledgers[100:], RIGHTS_TYPE)])
+    by_column = RightsTally()
+    by_column.add_column(column)
+    assert by_column.summary() == one_by_one.summary() and one_by_one.refused_records > 0
+    empty = RightsTally()
+    empty.add_column(pa.chunked_array([], RIGHTS_TYPE))
+    assert empty.summary() == RightsTally().summary()
+
+    published = RightsTally.from_summary(one_by_one.summary())
+    assert published.summary() == one_by_one.summary()
+    legacy = RightsTally()
+    legacy.add_column(pa.array([None, None, []], RIGHTS_TYPE))
+    assert (legacy.records, legacy.unrecorded, legacy.with_ledger) == (3, 2, 0)
+    published.merge(legacy, -1)
+    after = published.summary()
+    assert after["records"] == 297 and after["earlier_ledgers"] == 2
+    assert RightsTally.from_summary(after).summary() == after
+    assert "earlier_ledgers" not in one_by_one.summary()
 
 
 # ---- the fetcher against the sandbox's opt-out sites -----------------------------------------

@@ -34,11 +34,12 @@ from builder.errors import OutputExistsError, SpecError, StorageError
 from builder.ports import free_port
 from builder.reasons import Reason
 from builder.records import (ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, Candidate, Record,
-                             accepted_row, reject_row)
+                             accepted_row, reject_row, with_columns)
+from builder.rights import Signal
 from builder.spec import OutputSpec, parse_spec
 from builder.journal import Journal
-from builder.writers import (DatasetPublisher, ShardWriter, is_complete, read_dataset,
-                              read_marker, shard_order, write_rejects)
+from builder.writers import (REJECT_CSV_COLUMNS, DatasetPublisher, ShardWriter, is_complete,
+                              read_dataset, read_marker, shard_order, write_rejects)
 
 LABELS = ["cat", "mammals/dog", "mammals/whale"]
 SPLITS = ["train", "train", "validation", "test"]
@@ -79,6 +80,7 @@ def make_rejects() -> list[dict]:
     for i, reason in enumerate([Reason.TIMEOUT, Reason.NEAR_DUPLICATE, Reason.TOO_SMALL]):
         rec = Record(candidate=Candidate(url=f"http://127.0.0.1/bad/{i}", label=LABELS[i]))
         rec.http_status = 200 if i else 0
+        rec.rights = [Signal("x_robots_tag", "", "header x-robots-tag")] if i == 1 else []
         out.append(reject_row(rec.reject(reason, f"detail {i}")))
     return out
 
@@ -182,7 +184,8 @@ class Job:
             stats.update(accepted=len(rows), candidates=len(rows) + stats["rejected"])
         rejects = make_rejects() if rejects is None else rejects
         uri = self.publisher.publish(
-            manifest_rows=iter(rows), reject_tables=[pa.Table.from_pylist(rejects)],
+            manifest_rows=iter(rows),
+            reject_tables=[pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)],
             stats=stats, spec_name="pets", description="Cats, dogs and whales.",
             spec_yaml="name: pets\ntarget: 5\n", partial_reason=partial_reason)
         self.journal.remove()
@@ -527,11 +530,12 @@ def test_a_write_cut_by_a_kill_leaves_no_temporary_file(local):
 def test_rejects_csv_is_what_pythons_csv_module_writes(local):
     """Batches whose values need no quoting are written by Arrow, the others by Python's csv
     module: the file is the same as Python's csv module writes for all of them (quotes only
-    where needed, a null and an empty string both empty)."""
+    where needed, a null and an empty string both empty). The ledgers are in the Parquet
+    only; a table without them (a dataset's written before they were kept) has nulls."""
     plain = pa.Table.from_pylist(make_rejects() + [
         {"key": "k", "url": "", "label": "cat", "query": None, "engine": " sp ace",
          "stage": "fetch", "reason": "timeout", "detail": "tab\there; 'x' \u00e9\u2028",
-         "duplicate_of": None, "http_status": None}])
+         "duplicate_of": None, "http_status": None}], schema=REJECT_SCHEMA)
     quoted = pa.Table.from_pylist([
         {"key": "k2", "url": "http://h/a,b", "label": "cat", "query": 'say "hi"',
          "engine": "e", "stage": "fetch", "reason": "timeout", "detail": "two\nlines\r",
@@ -539,14 +543,21 @@ def test_rejects_csv_is_what_pythons_csv_module_writes(local):
     tables = [plain, quoted, plain]
     fs, root = storage.open_fs(local.uri)
     assert write_rejects(fs, root, tables) == sum(t.num_rows for t in tables)
+    expected = pa.concat_tables(with_columns(t, REJECT_SCHEMA, REJECT_SCHEMA.names).cast(
+        REJECT_SCHEMA) for t in tables)
     text = io.StringIO()
     out = csv.writer(text, lineterminator="\n")
-    out.writerow(REJECT_SCHEMA.names)
-    for row in pa.concat_tables(t.cast(REJECT_SCHEMA) for t in tables).to_pylist():
-        out.writerow(["" if row[c] is None else row[c] for c in REJECT_SCHEMA.names])
+    out.writerow(REJECT_CSV_COLUMNS)
+    for row in expected.to_pylist():
+        out.writerow(["" if row[c] is None else row[c] for c in REJECT_CSV_COLUMNS])
+    assert "rights" not in REJECT_CSV_COLUMNS and "rights" not in quoted.column_names
     assert local.read("rejects.csv") == text.getvalue().encode("utf-8")
-    assert pq.read_table(io.BytesIO(local.read("rejects.parquet"))).equals(
-        pa.concat_tables(t.cast(REJECT_SCHEMA) for t in tables))
+    written = pq.read_table(io.BytesIO(local.read("rejects.parquet")))
+    assert written.equals(expected)
+    assert written["rights"].null_count == 3  # quoted's row and the last row of each plain
+    assert written["rights"].to_pylist()[1] == [{"signal": "x_robots_tag", "value": "",
+                                                 "source": "header x-robots-tag",
+                                                 "verdict": "none"}]
 
 
 def test_rejects_that_disagree_with_the_counts_are_not_published(local):

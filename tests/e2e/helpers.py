@@ -8,8 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from builder.rights import RightsTally
 from builder.spec import DatasetSpec, parse_spec
 
 
@@ -72,7 +74,20 @@ def check_accounting(out: str) -> dict[str, Any]:
         assert sum(c["rejected_by_reason"].values()) == c["rejected"]
     by_reason = Counter(rejects.column("reason").to_pylist())
     assert dict(by_reason) == stats["rejected_by_reason"]
+    check_rights(stats, shards, rejects)
     return stats
+
+
+def check_rights(stats: dict[str, Any], shards: list[Path], rejects: pa.Table) -> None:
+    """The rights summary is the sum of the ledgers the dataset's rows hold (images' and
+    rejects'): one record per candidate."""
+    tally = RightsTally()
+    for path in shards:
+        tally.add_column(pq.read_table(path, columns=["rights"])["rights"])
+    tally.add_column(rejects["rights"])
+    summary = {k: v for k, v in tally.summary().items() if k != "honoured"}
+    assert summary == {k: v for k, v in stats["rights"].items() if k != "honoured"}
+    assert summary["records"] == stats["candidates"]
 
 
 def reasons_by_url(out: str) -> dict[str, str]:

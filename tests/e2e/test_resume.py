@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from builder.pipeline import run_local, run_local_async
+from builder.rights import RightsTally
 from builder.sandbox import SandboxWeb
 from builder.spec import parse_spec
 from builder.writers import is_complete
@@ -161,6 +162,40 @@ def test_retry_failed_turns_flaky_500s_into_images(tmp_path):
         assert len(list((Path(out) / "data").glob("*.parquet"))) > shards_before
         still = Counter(reasons_by_url(out).values())
         assert still["http_server_error"] < first["rejected_by_reason"]["http_server_error"]
+
+
+def test_retry_failed_keeps_the_rights_summary_whole_and_says_what_it_could_not_take_out(
+        tmp_path):
+    """A retry takes the ledgers of the rejects it decides again out of the published rights
+    summary (rejects.parquet holds them) and adds the new ones: the summary is the sum of the
+    dataset's ledgers. A dataset written before rejects kept ledgers is retried too; its
+    summary then says how many earlier ledgers it still holds."""
+    from builder.pipeline import count_retryable
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=16, fault_every=2) as web:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog")
+                                for u in web.search_urls(label)))
+        outs = [str(tmp_path / name) for name in ("current", "legacy")]
+        for out in outs:
+            run_local(parse_spec({
+                "name": "rights", "target": 1000, "classes": {"cat": None, "dog": None},
+                "sources": [{"engine": "urllist", "path": str(urls)}],
+                "download": {"timeout_s": 1.0, "retries": 0, "allow_private_networks": True},
+                "output": {"uri": out, "shard_size": 10}}))
+        legacy = Path(outs[1]) / "rejects.parquet"
+        pq.write_table(pq.read_table(legacy).drop_columns(["rights"]), legacy)
+        again = count_retryable(outs[1])
+        assert again > 0
+        for out in outs:
+            assert main(["retry-failed", out, "--local"]) == 0
+    current = check_accounting(outs[0])
+    assert "earlier_ledgers" not in current["rights"]
+    stats = json.loads((Path(outs[1]) / "stats.json").read_text())
+    assert stats["rights"]["records"] == stats["candidates"] == current["candidates"]
+    assert stats["rights"]["earlier_ledgers"] == again
+    assert "earlier ledgers of" in (Path(outs[1]) / "README.md").read_text()
 
 
 def _killed_build(spec_path: Path, args: list[str], until, env=None) -> None:
@@ -523,6 +558,9 @@ def test_retry_failed_decides_a_full_class_s_rejects_and_keeps_rows_it_cannot_re
             where["rejected"] += 2
             where["rejected_by_reason"]["timeout"] = 2
         stats["rejected_by_stage"]["fetch"] = stats["rejected_by_stage"].get("fetch", 0) + 2
+        rights = RightsTally.from_summary(stats["rights"])
+        rights.add_column(pa.Table.from_pylist(added, rejects.schema)["rights"])
+        stats["rights"] = rights.summary()
         (Path(out) / "stats.json").write_text(json.dumps(stats))
         hits = web.hits(full)
         assert main(["retry-failed", out, "--local"]) == 0

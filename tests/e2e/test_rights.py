@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -117,9 +118,15 @@ def test_recheck_finds_images_whose_origin_opted_out_after_the_build(built):
     stats = check_accounting(clean)
     assert late_robots not in rows_by_url(clean) and late_header in rows_by_url(clean)
     assert reasons_by_url(clean)[late_robots] == "opted_out"
+    moved = pq.read_table(Path(clean) / "rejects.parquet").filter(
+        pc.equal(pc.field("url"), late_robots)).to_pylist()[0]["rights"]
+    assert moved[:-1] == rows_by_url(out)[late_robots]["rights"]  # its build's ledger, then
+    assert (moved[-1]["signal"], moved[-1]["verdict"]) == ("content_usage", "refuse")
+    assert moved[-1]["source"].startswith("recheck: ")
     before = json.loads((Path(out) / "stats.json").read_text())
     assert stats["accepted"] == before["accepted"] - 1
     assert stats["recheck"]["removed"] == 1
+    assert stats["rights"]["refused"] == before["rights"]["refused"] + 1
 
 
 def test_recheck_refuses_to_write_over_the_dataset_it_reads(built):
