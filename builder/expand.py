@@ -2,10 +2,12 @@
 
 ``KeywordExpander.expand(label, queries)`` asks an OpenAI-compatible chat endpoint (OpenAI, or a
 local server: vLLM, Ollama, llama.cpp) for synonyms, sub-types and visual contexts of the class,
-as JSON ``{"queries": [...]}``. Answers are cached per (label, model) in memory and on disk. When
-no endpoint is configured, or the call fails in any way (connection, timeout, HTTP error, an
-answer that is not the JSON asked for), the expander falls back to ``offline_expand`` and logs
-one warning: a job never fails because the LLM is down.
+as JSON ``{"queries": [...]}``. Answers are cached in memory and on disk, keyed by everything
+the answer depends on (``KeywordExpander.cache_key``); the disk cache is shared by every job on
+the machine, so a key must never match an answer written for other inputs. When no endpoint is
+configured, or the call fails in any way (connection, timeout, HTTP error, an answer that is not
+the JSON asked for), the expander falls back to ``offline_expand`` and logs one warning: a job
+never fails because the LLM is down.
 
 Configuration, first found wins: constructor arguments, then env ``PIXCRAWLER_LLM_BASE_URL`` /
 ``OPENAI_BASE_URL``, ``PIXCRAWLER_LLM_API_KEY`` / ``OPENAI_API_KEY``, ``PIXCRAWLER_LLM_MODEL``.
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,6 +46,10 @@ DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 """The endpoint the openai client uses when no base URL is configured."""
 DEFAULT_CACHE_DIR = "~/.cache/pixcrawler/keywords"
+# Disk cache entries older than this are ignored (and overwritten by the next answer).
+CACHE_MAX_AGE_S = 30 * 24 * 3600.0
+# Bumped when the cache key or the entry format changes.
+CACHE_FORMAT = 2
 MAX_QUERY_CHARS = 120
 # After this many failed LLM calls in a row an expander stops trying and stays offline.
 MAX_CONSECUTIVE_FAILURES = 2
@@ -70,6 +77,17 @@ _SYSTEM_PROMPT = (
     "You write web image-search queries that find photographs of one class for an image "
     "classification dataset. Answer only with a JSON object {\"queries\": [\"...\", ...]}."
 )
+_USER_PROMPT = (
+    "Class label: {label}\n"
+    "Queries already used: {queries}\n"
+    "Write {n} more distinct image-search queries for this class: synonyms, sub-types and "
+    "typical visual contexts, each at most 8 words, none repeating the ones already used.")
+_REQUEST_OPTIONS: dict[str, Any] = {"response_format": {"type": "json_object"},
+                                    "temperature": 0.2}
+PROMPT_VERSION = hashlib.sha256(json.dumps([_SYSTEM_PROMPT, _USER_PROMPT, _REQUEST_OPTIONS],
+                                           sort_keys=True).encode("utf-8")).hexdigest()[:16]
+"""Part of every cache key: any change to the prompts or request options invalidates old
+entries without anyone having to remember to bump a number."""
 _FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 
 
@@ -152,6 +170,21 @@ def same_endpoint(a: str, b: str) -> bool:
         return False
 
 
+def cache_endpoint(base_url: str) -> str | None:
+    """The endpoint as it goes into a cache key: scheme and host lower-cased, port filled in,
+    raw path without a trailing ``/``. None (do not cache) for a URL that is not absolute or
+    that carries user info, a query or a fragment: these may hold credentials, which must
+    never be written into a key, and leaving them out would let two endpoints share entries."""
+    try:
+        u = URL(base_url)
+    except (ValueError, TypeError):
+        return None
+    if not u.is_absolute() or not u.host or u.user is not None or u.password is not None \
+            or u.query_string or u.fragment:
+        return None
+    return f"{u.scheme.lower()}://{u.host.lower()}:{u.port}{u.raw_path.rstrip('/')}"
+
+
 class KeywordExpander:
     def __init__(self, *, base_url: str | None = None, api_key: str | None = None,
                  model: str | None = None, n: int = 5, cache_dir: str | None = None,
@@ -177,7 +210,7 @@ class KeywordExpander:
         self.cache_dir = Path(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
         self.timeout_s = timeout_s
         self.source = "offline"
-        self._memory: dict[tuple[str, str], list[str]] = {}
+        self._memory: dict[str, list[str]] = {}
         self._client: Any = None
         self._failures = 0
         self._warned = False
@@ -200,14 +233,29 @@ class KeywordExpander:
                              self.n - len(picked))
         return picked
 
+    def cache_key(self, label: str, queries: list[str]) -> str | None:
+        """sha256 (hex) of everything the LLM's answer depends on: the cache format, the prompt
+        version, the label, the queries as given (the prompt lists them in this order), n, the
+        model and the normalised endpoint (never an API key). None when the endpoint cannot be
+        keyed safely (``cache_endpoint``): then nothing is cached."""
+        endpoint = cache_endpoint(self.base_url or DEFAULT_BASE_URL)
+        if endpoint is None:
+            return None
+        material = {"format": CACHE_FORMAT, "prompt": PROMPT_VERSION, "label": label,
+                    "queries": list(queries), "n": self.n, "model": self.model,
+                    "endpoint": endpoint}
+        canonical = json.dumps(material, sort_keys=True, ensure_ascii=True)
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
     def _llm_queries(self, label: str, queries: list[str]) -> list[str] | None:
-        key = (label, self.model)
-        if key in self._memory:
-            return self._memory[key]
-        cached = self._read_disk(key)
-        if cached is not None:
-            self._memory[key] = cached
-            return cached
+        key = self.cache_key(label, queries)
+        if key is not None:
+            if key in self._memory:
+                return self._memory[key]
+            cached = self._read_disk(key)
+            if cached is not None:
+                self._memory[key] = cached
+                return cached
         if not self.configured:
             self._warn("no LLM endpoint configured (set PIXCRAWLER_LLM_BASE_URL or "
                        "OPENAI_API_KEY); using offline query templates")
@@ -225,8 +273,9 @@ class KeywordExpander:
                        f"failed: {type(exc).__name__}: {exc}; using offline query templates")
             return None
         self._failures = 0
-        self._memory[key] = result
-        self._write_disk(key, result)
+        if key is not None:
+            self._memory[key] = result
+            self._write_disk(key, result)
         return result
 
     def _ask(self, label: str, queries: list[str]) -> list[str]:
@@ -235,25 +284,23 @@ class KeywordExpander:
 
             self._client = OpenAI(base_url=self.base_url, api_key=self.api_key or "not-needed",
                                   timeout=self.timeout_s, max_retries=0)
-        prompt = (f"Class label: {_label_text(label)}\n"
-                  f"Queries already used: {json.dumps(queries, ensure_ascii=False)}\n"
-                  f"Write {self.n} more distinct image-search queries for this class: synonyms, "
-                  "sub-types and typical visual contexts, each at most 8 words, none repeating "
-                  "the ones already used.")
+        prompt = _USER_PROMPT.format(label=_label_text(label),
+                                     queries=json.dumps(queries, ensure_ascii=False), n=self.n)
         resp = self._client.chat.completions.create(
             model=self.model,
             messages=[{"role": "system", "content": _SYSTEM_PROMPT},
                       {"role": "user", "content": prompt}],
-            response_format={"type": "json_object"},
-            temperature=0.2,
+            **_REQUEST_OPTIONS,
         )
         return parse_queries(resp.choices[0].message.content or "")
 
-    def _cache_path(self, key: tuple[str, str]) -> Path:
-        digest = hashlib.sha256(json.dumps(key).encode("utf-8")).hexdigest()[:24]
-        return self.cache_dir / f"{digest}.json"
+    def _cache_path(self, key: str) -> Path:
+        """``key`` is a sha256 hex digest, so the name cannot leave the cache directory. Entries
+        of the old format were named by a 24-digit digest of (label, model) and are never
+        looked up."""
+        return self.cache_dir / f"{key}.json"
 
-    def _read_disk(self, key: tuple[str, str]) -> list[str] | None:
+    def _read_disk(self, key: str) -> list[str] | None:
         path = self._cache_path(key)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -262,17 +309,21 @@ class KeywordExpander:
         except (OSError, ValueError) as exc:
             log.debug("ignoring unreadable keyword cache %s: %s", path, exc)
             return None
-        if [data.get("label"), data.get("model")] != list(key) or \
-                not isinstance(data.get("queries"), list):
+        if not isinstance(data, dict) or data.get("key") != key:
             return None
-        return [str(q) for q in data["queries"]]
+        created, cached = data.get("created"), data.get("queries")
+        # Chained comparison: a NaN, infinite or future timestamp fails it too.
+        if not isinstance(created, (int, float)) or \
+                not 0 <= time.time() - created <= CACHE_MAX_AGE_S or not isinstance(cached, list):
+            return None
+        return [str(q) for q in cached]
 
-    def _write_disk(self, key: tuple[str, str], queries: list[str]) -> None:
+    def _write_disk(self, key: str, queries: list[str]) -> None:
         path = self._cache_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"label": key[0], "model": key[1], "queries": queries},
+            tmp.write_text(json.dumps({"key": key, "created": time.time(), "queries": queries},
                                       ensure_ascii=False), encoding="utf-8")
             os.replace(tmp, path)
         except OSError as exc:
