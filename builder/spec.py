@@ -373,6 +373,12 @@ MAX_DELAY_S = 3600.0
 MAX_REDIRECTS = 30
 """Upper bound of ``download.max_redirects``: more hops than any real redirect chain (browsers
 stop at 20), so a server cannot bounce the fetcher through a million per candidate."""
+MAX_BYTES_IN_FLIGHT = 1 << 40
+"""Upper bound of ``download.max_bytes_in_flight``: a TiB, so a budget that never binds can
+still be written (10**12), and a runaway one (10**15) is an error."""
+MAX_USER_AGENT_CHARS = 512
+"""Longest ``download.user_agent``: real ones are under 200 characters, and checking a longer
+one for a contact (``builder.profiles.has_contact``) takes time quadratic in its length."""
 
 
 class HostProfileSpec(_Model):
@@ -431,12 +437,14 @@ class DownloadSpec(_Model):
     per_host_delay_s: float = Field(default=0.0, ge=0, le=MAX_DELAY_S)
     concurrency: int = Field(default=128, ge=1, description="fetches in flight per downloader")
     max_redirects: int = Field(default=5, ge=0, le=MAX_REDIRECTS)
-    user_agent: str = "PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)"
+    user_agent: str = Field(
+        default="PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)",
+        description=f"the User-Agent sent, at most {MAX_USER_AGENT_CHARS} characters")
     respect_robots: bool = True
     respect_optouts: bool = True
     allow_private_networks: bool = False
     max_bytes_in_flight: int = Field(
-        default=256_000_000, ge=65_536,
+        default=256_000_000, ge=65_536, le=MAX_BYTES_IN_FLIGHT,
         description="byte budget of the response bodies being read at once per downloader; a "
                     "body waits for room (the oldest body being read always proceeds)")
     contact: Optional[str] = Field(
@@ -447,6 +455,18 @@ class DownloadSpec(_Model):
         default_factory=dict, description="per-host politeness profiles (a host name, or "
         "*.domain), over the built-in ones")
     signals: SignalsSpec = Field(default_factory=SignalsSpec)
+
+    @field_validator("user_agent")
+    @classmethod
+    def _user_agent(cls, v: str) -> str:
+        if len(v) > MAX_USER_AGENT_CHARS:
+            raise ValueError(f"a User-Agent has at most {MAX_USER_AGENT_CHARS} characters; "
+                             f"this one has {len(v)}")
+        if not v.isprintable() or not v.isascii():
+            raise ValueError("a User-Agent is one line of printable ASCII (no control "
+                             "characters such as a line break, which would start another "
+                             "header)")
+        return v
 
     @field_validator("contact")
     @classmethod
@@ -659,6 +679,10 @@ MAX_RESOURCE = 1e9
 MAX_BUFFERED_MB = 1 << 20
 """Upper bound of ``resources.max_buffered_mb``: a TiB."""
 MAX_GPU_BATCH = 65_536
+"""Upper bound of ``resources.gpu_batch_size``."""
+MAX_BATCH_SIZE = 65_536
+"""Upper bound of ``resources.batch_size``: a unit holds its validated images until it is
+decided, so one unit of ``batch_size`` candidates can hold ``batch_size`` x ``max_bytes``."""
 
 
 class ResourcesSpec(_Model):
@@ -679,8 +703,9 @@ class ResourcesSpec(_Model):
         description="partitions (actors) of the dedup index; unset: one "
         "per 16 CPUs of the cluster")
     batch_size: Optional[int] = Field(
-        default=None, ge=1, description="candidates per unit of work (a URL-list slice, a "
-        "class's inline urls); unset: sized from the job (DatasetSpec.batch_size)")
+        default=None, ge=1, le=MAX_BATCH_SIZE, description="candidates per unit of work (a "
+        "URL-list slice, a class's inline urls); unset: sized from the job "
+        "(DatasetSpec.batch_size)")
     max_in_flight_batches: Optional[int] = Field(
         default=None, ge=1, le=MAX_ACTORS,
         description="units a worker runs at once; unset: enough to keep "

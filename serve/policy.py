@@ -17,15 +17,29 @@ user is the operator. The defaults are safe for a server that strangers reach:
   ``allow_private_networks``, models other than the spec's defaults only from ``models``
   (a model name can be a local path), and ``search.llm_model`` on the server's own LLM
   endpoint only from ``llm_models``.
+- **Opt-outs and identity**: the fetches go out from the operator's addresses, so turning off
+  ``download.respect_robots``, ``download.respect_optouts`` or an honoured
+  ``download.signals.*`` (or narrowing ``signals.usage`` to ``train-ai``) needs
+  ``allow_ignore_optouts``, and a ``download.user_agent`` other than the default must be in
+  ``user_agents`` (default: none), so a job can neither ignore a site's AI opt-outs nor claim
+  to be another crawler. ``download.contact`` stays the user's to set.
 - **Caps** on targets, classes, total images, download concurrency, per-host concurrency and
   delay (``download.hosts`` included, where a host with a built-in profile may only be made
   politer), ``max_bytes``, ``max_pixels``, the timeout, retries, backoff and Retry-After wait of
-  a fetch, and what a worker buffers before it writes (``output.shard_size``,
-  ``resources.max_buffered_mb``). A value set above a cap is refused; a field left unset whose
-  default is above the cap takes the cap.
+  a fetch, what a worker buffers before it writes (``output.shard_size``,
+  ``resources.max_buffered_mb``) and what it holds while it works: the bodies it reads at once
+  (``download.max_bytes_in_flight``), the candidates of a unit (``resources.batch_size``; a
+  unit holds its validated images until it is decided), the units it runs at once
+  (``resources.max_in_flight_batches``) and the images a scorer takes at once
+  (``resources.gpu_batch_size``). A value set above a cap is refused; a field left unset whose
+  default is above the cap takes the cap. Left unset, the batch size and the units in flight are
+  sized from the job; where that size (a URL list's grown slices included) is above the cap,
+  the job runs at the cap.
 - **Resources**: each job's pools are sized to its share of the cluster (``job_cpus``, default:
   the cluster's CPUs / ``max_running_jobs``; see ``serve.schedule`` for the order jobs start
-  in). Pool sizes a user sets must fit in that share. ``resources.worker_resources`` may only
+  in). Pool sizes a user sets must fit in that share, each shard worker and scorer with at
+  least ``min_actor_cpus`` (the per-worker caps above count once per worker, so CPUs split
+  thinner would multiply them). ``resources.worker_resources`` may only
   name the custom Ray resources in ``worker_resources`` (default: none), so a job can neither
   pin its workers to a node (``node:<ip>``) nor claim resources the operator reserved. A
   running job is stopped after ``max_job_hours`` (``serve.jobs.Reconciler``).
@@ -47,7 +61,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.options import plan_pools
 from builder.pipeline import units_per_worker
-from builder.spec import DatasetSpec, DownloadSpec, ValidationSpec, parse_spec
+from builder.spec import (
+    MAX_BATCH,
+    DatasetSpec,
+    DownloadSpec,
+    ResourcesSpec,
+    SignalsSpec,
+    ValidationSpec,
+    parse_spec,
+)
 from builder.storage import is_local_uri
 
 OWNER = "{owner}"
@@ -92,6 +114,13 @@ class ApiPolicy(BaseModel):
     models: list[str] = Field(
         default_factory=list, description="validation.clip_model / nsfw_model values allowed "
         "besides the spec's defaults")
+    allow_ignore_optouts: bool = Field(
+        default=False, description="download.respect_robots: false, respect_optouts: false, "
+        "a download.signals.* switch turned off or signals.usage narrowed (the fetcher then "
+        "ignores those opt-outs, from this server's addresses)")
+    user_agents: list[str] = Field(
+        default_factory=list, description="download.user_agent values allowed besides the "
+        "spec's default; none by default (a User-Agent can claim to be another crawler)")
     max_classes: int = Field(default=1000, ge=1)
     max_target: int = Field(default=10_000, ge=1, description="accepted images per class")
     max_images: int = Field(default=100_000, ge=1, description="the targets of all classes")
@@ -111,6 +140,19 @@ class ApiPolicy(BaseModel):
                                 "a worker holds before it writes a shard")
     max_buffered_mb: int = Field(default=2048, ge=16, description="resources.max_buffered_mb: "
                                  "what a worker holds of accepted images before it writes")
+    max_bytes_in_flight: int = Field(
+        default=_default(DownloadSpec, "max_bytes_in_flight"), ge=65_536,
+        description="download.max_bytes_in_flight: the bodies a worker reads at once")
+    max_batch_size: int = Field(
+        default=MAX_BATCH, ge=1, description="resources.batch_size: the candidates of a unit, "
+        "whose validated images a worker holds until the unit is decided; unset, the size "
+        "from the job (a URL list's grown slices included) is held to it")
+    max_in_flight_batches: int = Field(
+        default=8, ge=1, description="resources.max_in_flight_batches: units a worker runs at "
+        "once; unset, the number sized from download.concurrency is held to it")
+    max_gpu_batch_size: int = Field(
+        default=_default(ResourcesSpec, "gpu_batch_size"), ge=1,
+        description="resources.gpu_batch_size: images a slow-level scorer takes at once")
     worker_resources: list[str] = Field(
         default_factory=list, description="custom Ray resources resources.worker_resources may "
         "name; none by default (a node:<ip> resource would pin a job's workers to that node)")
@@ -120,6 +162,10 @@ class ApiPolicy(BaseModel):
     max_job_hours: Optional[float] = Field(default=24.0, gt=0, description="a running API "
                                            "job is stopped after this long (its partial "
                                            "dataset published); null: no limit")
+    min_actor_cpus: float = Field(
+        default=0.25, gt=0, description="resources.worker_cpus and gpu_actor_cpus (slow level) "
+        "a user sets are at least this: each worker has its own fetcher and buffers and each "
+        "scorer its own models, so it bounds how many a job's share of the CPUs holds")
     job_cpus: Optional[float] = Field(
         default=None, gt=0, description="CPUs one job's pools are sized to (at most what the "
         "cluster has beside the API's replicas); default: those CPUs / max_running_jobs")
@@ -278,10 +324,11 @@ class _Check:
         self.over(field, setting, f"{value} is over this server's limit {cap} ({setting})")
 
     def cap(self, section: str, name: str, setting: str, cap: float) -> None:
-        """A value set above ``cap`` is refused; an unset default above it takes the cap."""
+        """A value set above ``cap`` is refused; an unset default above it takes the cap. An
+        unset None (sized from the job) is held to the cap by ``_hold_sizes``."""
         model = getattr(self.spec, section)
         value = getattr(model, name)
-        if value <= cap:
+        if value is None or value <= cap:
             return
         if name in model.model_fields_set:
             self.over_cap(f"{section}.{name}", setting, value, cap)
@@ -358,6 +405,7 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
         check.forbid("download.allow_private_networks", "allow_private_networks",
                      "this server does not let API users fetch from loopback or private "
                      "addresses")
+    _check_optouts(check, policy)
     for name in ("clip_model", "nsfw_model"):
         value = getattr(spec.validation, name)
         if value != _default(ValidationSpec, name) and value not in policy.models:
@@ -379,13 +427,61 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
               policy.max_per_host_delay_s)
     check.cap("output", "shard_size", "max_shard_size", policy.max_shard_size)
     check.cap("resources", "max_buffered_mb", "max_buffered_mb", policy.max_buffered_mb)
+    check.cap("download", "max_bytes_in_flight", "max_bytes_in_flight",
+              policy.max_bytes_in_flight)
+    check.cap("resources", "batch_size", "max_batch_size", policy.max_batch_size)
+    check.cap("resources", "max_in_flight_batches", "max_in_flight_batches",
+              policy.max_in_flight_batches)
+    check.cap("resources", "gpu_batch_size", "max_gpu_batch_size", policy.max_gpu_batch_size)
     _check_worker_resources(check, policy)
     _check_targets(check, policy)
     _size_pools(check, policy, cluster)
 
     if check.refusals:
         raise PolicyRefused(check.refusals)
-    return parse_spec(_apply(spec.model_dump(mode="json"), check.changes), "request body")
+    return _hold_sizes(parse_spec(_apply(spec.model_dump(mode="json"), check.changes),
+                                  "request body"), policy)
+
+
+def _hold_sizes(spec: DatasetSpec, policy: ApiPolicy) -> DatasetSpec:
+    """What a job sizes itself where ``resources.batch_size`` and ``max_in_flight_batches``
+    are unset, held to ``max_batch_size`` and ``max_in_flight_batches`` (reckoned on the spec
+    as it will run, its other caps applied). Where only a URL list's grown slices would pass
+    the cap, the batch size is pinned to the job's own (which turns growth off)."""
+    res = spec.resources
+    if res.batch_size is None:
+        base = spec.batch_size()
+        if max(base, spec.list_growth()[1]) > policy.max_batch_size:
+            res.batch_size = min(base, policy.max_batch_size)
+    if res.max_in_flight_batches is None and \
+            units_per_worker(spec) > policy.max_in_flight_batches:
+        res.max_in_flight_batches = policy.max_in_flight_batches
+    return spec
+
+
+def _check_optouts(check: _Check, policy: ApiPolicy) -> None:
+    """Opt-outs the fetcher honours by default, and the User-Agent it sends: the requests go
+    out from the operator's addresses, so only the operator may have them ignore a site's
+    robots.txt or AI opt-outs, or claim to be another crawler."""
+    download = check.spec.download
+    if not policy.allow_ignore_optouts:
+        fields = [f"download.{name}" for name in ("respect_robots", "respect_optouts")
+                  if not getattr(download, name)]
+        fields += [f"download.signals.{name}" for name, field in SignalsSpec.model_fields.items()
+                   if field.default is True and not getattr(download.signals, name)]
+        if download.signals.usage != _default(SignalsSpec, "usage"):
+            fields.append("download.signals.usage")
+        for field in fields:
+            check.forbid(field, "allow_ignore_optouts", "this server does not let API users "
+                         "turn off robots.txt or an AI opt-out signal it honours "
+                         "(allow_ignore_optouts)")
+    agent = download.user_agent.strip()
+    allowed_agents = [a.strip() for a in policy.user_agents]
+    if agent != _default(DownloadSpec, "user_agent") and agent not in allowed_agents:
+        allowed = ", ".join(repr(a) for a in allowed_agents) or "only the default"
+        check.forbid("download.user_agent", "user_agents", f"{agent[:80]!r} is not a "
+                     f"User-Agent this server lets API users send (user_agents; allowed: "
+                     f"{allowed}); set download.contact to name yourself in the default one")
 
 
 def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
@@ -457,6 +553,13 @@ def _size_pools(check: _Check, policy: ApiPolicy, cluster: Mapping[str, float]) 
     share = policy.job_share(cluster)
     plan = plan_pools(spec, share, units_per_worker(spec))
     chosen = spec.resources.model_fields_set & set(POOL_FIELDS)
+    floored = ["worker_cpus"] + (["gpu_actor_cpus"] if spec.validation.level == "slow" else [])
+    for name in floored:
+        value = getattr(spec.resources, name)
+        if name in chosen and value < policy.min_actor_cpus:
+            check.over(f"resources.{name}", "min_actor_cpus", f"{value:g} is under this "
+                       f"server's least {policy.min_actor_cpus:g} CPUs per actor "
+                       "(min_actor_cpus): each actor holds its own fetcher, buffers or models")
     if chosen:
         needs = plan.required()
         setting = "job_cpus" if policy.job_cpus else "max_running_jobs"

@@ -1,8 +1,10 @@
 import json
+import time
 
 import pytest
 
 from builder.errors import SpecError
+from builder.profiles import has_contact
 from builder.spec import load_spec, loads_spec, parse_spec
 
 MINIMAL = {"name": "pets",
@@ -407,3 +409,42 @@ def test_max_redirects_has_an_upper_bound():
         ((path, message),) = info.value.problems
         assert path == "download.max_redirects" and "30" in message
     assert parse_spec({**BASE, "download": {"max_redirects": 30}}).download.max_redirects == 30
+
+
+@pytest.mark.parametrize("section, field, too_big, ok", [
+    ("resources", "batch_size", 65_537, 65_536),
+    ("download", "max_bytes_in_flight", 10**15, 10**12),  # 10**12: a budget that never binds
+])
+def test_unit_and_body_budgets_have_upper_bounds(section, field, too_big, ok):
+    """Neither had one: batch_size x max_bytes is one unit's memory, and a byte budget of
+    10**15 turned the fetcher's off."""
+    found = problems({**BASE, section: {field: too_big}})
+    assert list(found) == [f"{section}.{field}"]
+    assert "less than or equal to" in found[f"{section}.{field}"]
+    spec = parse_spec({**BASE, section: {field: ok}})
+    assert getattr(getattr(spec, section), field) == ok
+    assert parse_spec({**BASE, "resources": {"batch_size": 256}}).batch_size() == 256
+
+
+@pytest.mark.parametrize("agent", ["Bot/1\r\nX-Injected: 1", "Bot/1\nmore", "Bot\x00/1",
+                                   "Bot/1 \u00e9t\u00e9"])
+def test_a_user_agent_is_one_line_of_printable_ascii(agent):
+    """A line break in the User-Agent would start another request header."""
+    found = problems({**BASE, "download": {"user_agent": agent}})
+    assert list(found) == ["download.user_agent"]
+    assert "one line of printable ASCII" in found["download.user_agent"]
+
+
+def test_a_long_user_agent_is_refused_fast():
+    """download.user_agent had no limit: checking a 32 kB one for a contact took 4 s, and
+    the time grows with the square of its length."""
+    start = time.perf_counter()
+    found = problems({**BASE, "download": {"user_agent": "a" * 900_000}})
+    assert time.perf_counter() - start < 1.0
+    assert list(found) == ["download.user_agent"]
+    message = found["download.user_agent"]
+    assert "at most 512 characters" in message and "900000" in message and len(message) < 200
+    longest = parse_spec({**BASE, "download": {"user_agent": "a" * 512}})
+    start = time.perf_counter()
+    assert not has_contact(longest.download)
+    assert time.perf_counter() - start < 0.5

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from builder.spec import DatasetSpec, parse_spec
+from builder.spec import DatasetSpec, DownloadSpec, parse_spec
 from serve.policy import ApiPolicy, PolicyRefused, apply_policy, place_output, url_within
 
 DATA = "/srv/pixcrawler"
@@ -356,3 +356,99 @@ def test_the_new_caps_take_the_defaults_the_examples_and_the_built_in_profiles()
     demo = parse_spec(demo_example(base_url, 20))
     placed = apply(demo, ApiPolicy(source_urls=[base_url], allow_private_networks=True))
     assert placed.download == demo.download and placed.output.shard_size == 50
+
+
+@pytest.mark.parametrize("section, name, value, setting, cap", [
+    ("resources", "batch_size", 65_536, "max_batch_size", 256),
+    ("resources", "max_in_flight_batches", 100_000, "max_in_flight_batches", 8),
+    ("download", "max_bytes_in_flight", 10**12, "max_bytes_in_flight", 256_000_000),
+    ("resources", "gpu_batch_size", 65_536, "max_gpu_batch_size", 128),
+])
+def test_what_a_worker_holds_while_it_works_is_capped(section, name, value, setting, cap):
+    """A unit holds its validated images until it is decided, so batch_size x max_bytes is one
+    unit's memory, times the units in flight; a byte budget of 10**12 turns the fetcher's off.
+    Each was accepted up to the spec's own bound, so one API user could exhaust a node."""
+    field = f"{section}.{name}"
+    status, problems = refused(spec(**{section: {name: value}}))
+    assert status == 422 and list(problems) == [field]
+    assert problems[field][0] == setting
+    assert f"{value} is over this server's limit {cap} ({setting})" in problems[field][1]
+    placed = apply(spec(**{section: {name: cap}}))
+    assert getattr(getattr(placed, section), name) == cap
+
+
+def test_unset_unit_sizes_take_a_lower_cap():
+    policy = ApiPolicy(max_batch_size=32, max_in_flight_batches=2,
+                       max_bytes_in_flight=1_000_000, max_gpu_batch_size=16)
+    res = apply(spec(), policy).resources
+    assert (res.batch_size, res.max_in_flight_batches, res.gpu_batch_size) == (32, 2, 16)
+    assert apply(spec(), policy).download.max_bytes_in_flight == 1_000_000
+    # a job sized at 125 whose URL-list slices would grow to 256: pinned at 125, growth off
+    sized = apply(spec(target=4000), ApiPolicy(max_batch_size=128))
+    assert sized.resources.batch_size == 125 and sized.list_growth() == (0, 0)
+    # under the default caps a job sizes itself as before
+    placed = apply(spec(target=4000))
+    assert (placed.resources.batch_size, placed.resources.max_in_flight_batches) == (None, None)
+    assert placed.list_growth() == (16000, 256)
+
+
+@pytest.mark.parametrize("download, field", [
+    ({"respect_robots": False}, "download.respect_robots"),
+    ({"respect_optouts": False}, "download.respect_optouts"),
+    ({"signals": {"tdmrep": False}}, "download.signals.tdmrep"),
+    ({"signals": {"content_usage": False}}, "download.signals.content_usage"),
+    ({"signals": {"content_signal": False}}, "download.signals.content_signal"),
+    ({"signals": {"xmp_datamining": False}}, "download.signals.xmp_datamining"),
+    ({"signals": {"ai_txt": False}}, "download.signals.ai_txt"),
+    ({"signals": {"usage": "train-ai"}}, "download.signals.usage"),
+])
+def test_turning_off_robots_or_an_opt_out_needs_the_operators_permission(download, field):
+    """Any key holder could have the operator's addresses ignore robots.txt and AI opt-outs."""
+    status, problems = refused(spec(download=download))
+    assert status == 403 and list(problems) == [field]
+    assert problems[field][0] == "allow_ignore_optouts"
+    placed = apply(spec(download=download), ApiPolicy(allow_ignore_optouts=True))
+    assert placed.download == spec(download=download).download
+
+
+def test_honouring_more_needs_no_permission():
+    placed = apply(spec(download={"respect_robots": True, "signals": {"page_meta": True}}))
+    assert placed.download.respect_robots and placed.download.signals.page_meta
+
+
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+
+
+def test_a_user_agent_other_than_the_default_needs_the_operators_list():
+    """Any key holder could have the operator's addresses claim to be Googlebot."""
+    status, problems = refused(spec(download={"user_agent": GOOGLEBOT}))
+    assert status == 403 and list(problems) == ["download.user_agent"]
+    setting, message = problems["download.user_agent"]
+    assert setting == "user_agents" and "Googlebot" in message and "contact" in message
+    ours = "AcmeCrawler/1.0 (+https://acme.example/bot)"
+    policy = ApiPolicy(user_agents=[ours])
+    assert apply(spec(download={"user_agent": ours}), policy).download.user_agent == ours
+    status, problems = refused(spec(download={"user_agent": GOOGLEBOT}), policy)
+    assert status == 403 and "AcmeCrawler" in problems["download.user_agent"][1]
+    named = apply(spec(download={"user_agent": DownloadSpec().user_agent,
+                                  "contact": "ops@example.org"}))
+    assert named.download.contact == "ops@example.org"
+
+
+def test_pools_split_thinner_than_min_actor_cpus_are_refused():
+    """The caps on what a worker holds count once per worker: 3,000 workers of 0.001 CPUs fit
+    in a 4-CPU share, each with its own fetcher, byte budget and buffers."""
+    for resources in ({"workers": 3000, "worker_cpus": 0.001}, {"worker_cpus": 0.1}):
+        status, problems = refused(spec(resources=resources))
+        assert status == 422 and list(problems) == ["resources.worker_cpus"], resources
+        assert problems["resources.worker_cpus"][0] == "min_actor_cpus"
+        assert "least 0.25 CPUs per actor" in problems["resources.worker_cpus"][1]
+    scorers = {"gpu_actors": 50, "gpu_actor_cpus": 0.01}
+    status, problems = refused(spec(validation={"level": "slow"}, resources=scorers))
+    assert status == 422 and list(problems) == ["resources.gpu_actor_cpus"]
+    assert apply(spec(resources=scorers))  # no scorers run at the medium level
+    placed = apply(spec(resources={"workers": 2, "worker_cpus": 0.25}))
+    assert (placed.resources.workers, placed.resources.worker_cpus) == (2, 0.25)
+    thin = apply(spec(resources={"workers": 3000, "worker_cpus": 0.001}),
+                 ApiPolicy(min_actor_cpus=0.001))
+    assert thin.resources.workers == 3000
