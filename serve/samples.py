@@ -18,7 +18,14 @@ a read to start (``SamplesBusy`` after that), and requests for the same answer s
 read. A label's images are found from the labels alone (Parquet's ``label_name`` column, the
 ImageFolder folder names, WebDataset's ``.json`` members) and only theirs are read; an image
 over ``MAX_THUMB_PIXELS`` that only a full decode could shrink is left out (a JPEG is decoded
-at a reduced scale).
+at a reduced scale), and so is one of over ``THUMB_MAX_BYTES``.
+
+A Parquet row group holds its images in one data page (100 of up to ``download.max_bytes``
+each): a reader of Parquet, even one of small batches, holds the whole page. So the images of
+a shard stored as PixCrawler writes them (uncompressed, PLAIN) are found from the page's
+header and definition levels and read one at a time, each image's length before its bytes: a
+read holds at most one image of ``THUMB_MAX_BYTES``. Another shard's row group is read whole
+only when its images take at most ``CHUNK_READ_BYTES``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import json
 import tarfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
@@ -49,6 +56,17 @@ MAX_THUMB_PIXELS = 8_000_000
 reduced-scale decode, and one of 8 Mpx takes about 0.1 s of CPU and 24 MB in the replica (a
 25 Mpx one about 0.3 s), up to ``MAX_SAMPLES`` per answer. Larger ones are left out. A JPEG is
 decoded at up to 1/8 scale first, so only what that leaves counts."""
+THUMB_MAX_BYTES = 8_000_000
+"""The largest stored image (in bytes) read for its thumbnail; a larger one is left out, as
+an image that cannot be decoded is. A read holds one image at a time, so this bounds what a
+Parquet read holds (``READS_AT_ONCE`` times this per replica) where a row group of 100 images
+of up to ``download.max_bytes`` (20 MB) could hold 2 GB. 8 MB keeps the JPEG of a phone or
+camera photo (3 to 8 MB at 12 to 24 Mpx) and a PNG drawing or screenshot; a PNG photo near
+``MAX_THUMB_PIXELS`` may be left out."""
+CHUNK_READ_BYTES = 64_000_000
+"""The most a row group's images may take to be read whole, for a shard whose images cannot
+be read one at a time (compressed or dictionary-encoded: not as PixCrawler writes them); a
+larger row group's images are left out."""
 READS_AT_ONCE = 2
 """Sample reads one replica runs at a time (each decodes up to ``MAX_SAMPLES`` images)."""
 QUEUE_S = 10.0
@@ -62,6 +80,8 @@ TAR_SCAN_SAMPLES = 5_000
 finding a rare label's images means reading every sample's ``.json`` before it."""
 _MARKER_THREADS = 2
 """Threads beside the reads' own for marker reads, so a cached answer never waits on a read."""
+_HEADER_BYTES = 65_536
+"""The most a Parquet page header may take (its statistics are all that can make it long)."""
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 T = TypeVar("T")
@@ -155,14 +175,17 @@ def _sample(row: dict[str, Any], data: Optional[bytes]) -> Optional[dict[str, An
 def _from_parquet(fs: Any, shards: list[str], label: Optional[str],
                   limit: int) -> list[dict[str, Any]]:
     """Per row group, the labels first; the images only of a group that has matching rows,
-    in batches, and only the matching rows are decoded."""
+    and only the matching rows' (``_group_images``)."""
     out: list[dict[str, Any]] = []
     for path in shards:
         with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            names = set(parquet.schema_arrow.names)
-            if "image" not in names:
+            parquet = pq.ParquetFile(f, pre_buffer=False)
+            schema = parquet.schema
+            leaf = next((i for i in range(len(schema))
+                         if schema.column(i).path == "image.bytes"), None)
+            if leaf is None:
                 continue
+            names = set(parquet.schema_arrow.names)
             meta_columns = [c for c in ("id", "label_name", "split") if c in names]
             for group in range(parquet.num_row_groups):
                 rows = parquet.read_row_group(group, columns=meta_columns).to_pylist()
@@ -172,22 +195,258 @@ def _from_parquet(fs: Any, shards: list[str], label: Optional[str],
                           if label is None or row["label"] == label]
                 if not wanted:
                     continue
-                start, last = 0, wanted[-1]
-                for batch in parquet.iter_batches(batch_size=64, row_groups=[group],
-                                                  columns=["image"]):
-                    end = start + batch.num_rows
-                    images = batch.column("image")
-                    for i in (i for i in wanted if start <= i < end):
-                        image = images[i - start].as_py() or {}
-                        found = _sample(rows[i], image.get("bytes"))
-                        if found:
-                            out.append(found)
-                            if len(out) >= limit:
-                                return out
-                    if end > last:
-                        break
-                    start = end
+                for i, data in _group_images(f, parquet, group, leaf, wanted):
+                    found = _sample(rows[i], data)
+                    if found:
+                        out.append(found)
+                        if len(out) >= limit:
+                            return out
     return out
+
+
+def _group_images(f: Any, parquet: pq.ParquetFile, group: int, leaf: int,
+                  wanted: list[int]) -> Iterator[tuple[int, bytes]]:
+    """(row, image bytes) of the ``wanted`` rows (ascending) of row group ``group`` whose
+    image is at most ``THUMB_MAX_BYTES``. ``leaf``: the index of the ``image.bytes`` column."""
+    chunk = parquet.metadata.row_group(group).column(leaf)
+    column = parquet.schema.column(leaf)
+    try:
+        pages = _plain_pages(f, chunk, column.max_definition_level,
+                             column.max_repetition_level, wanted[-1] + 1)
+    except _NotPlain:
+        yield from _whole_group_images(parquet, group, chunk, wanted)
+        return
+    yield from _plain_images(f, pages, column.max_definition_level, set(wanted))
+
+
+def _whole_group_images(parquet: pq.ParquetFile, group: int,
+                        chunk: pq.ColumnChunkMetaData,
+                        wanted: list[int]) -> Iterator[tuple[int, bytes]]:
+    """``_group_images`` of a group read whole, if its images take at most
+    ``CHUNK_READ_BYTES`` (a dictionary page's image may be in every row)."""
+    rows = parquet.metadata.row_group(group).num_rows
+    size = chunk.total_uncompressed_size * (rows if chunk.has_dictionary_page else 1)
+    if size > CHUNK_READ_BYTES:
+        return
+    images = parquet.read_row_group(group, columns=["image"]).column("image")
+    if len(images) != rows:
+        raise ValueError(f"row group {group} holds {len(images)} images for {rows} rows")
+    for i in wanted:
+        data = (images[i].as_py() or {}).get("bytes")
+        if data is not None and len(data) <= THUMB_MAX_BYTES:
+            yield i, data
+
+
+class _NotPlain(Exception):
+    """An image column chunk whose images cannot be read one at a time: compressed,
+    dictionary-encoded, or not laid out as this module reads Parquet."""
+
+
+class _Short(_NotPlain):
+    """Thrift data ended before the structure it holds."""
+
+
+class _Page(NamedTuple):
+    """A data page of an image column: a definition level per row, then PLAIN values (a
+    4-byte little-endian length, then the bytes) for the rows at the highest level."""
+
+    levels: list[int]
+    values_at: int
+    """The file offset of its first value."""
+    end: int
+
+
+class _Compact:
+    """Thrift's compact protocol read from ``data``, as much as Parquet's page headers need:
+    structs as {field id: value}, integers and booleans; other values are passed over."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise _Short("Thrift data too short")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def varint(self) -> int:
+        out = shift = 0
+        while shift < 64:
+            byte = self.take(1)[0]
+            out |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return out
+            shift += 7
+        raise _NotPlain("a Thrift varint is too long")
+
+    def zigzag(self) -> int:
+        value = self.varint()
+        return (value >> 1) ^ -(value & 1)
+
+    def struct(self, depth: int = 0) -> dict[int, Any]:
+        if depth > 8:
+            raise _NotPlain("Thrift structs nested too deep")
+        fields: dict[int, Any] = {}
+        field = 0
+        while True:
+            byte = self.take(1)[0]
+            if byte == 0:
+                return fields
+            kind = byte & 0x0F
+            field = field + (byte >> 4) if byte >> 4 else self.zigzag()
+            fields[field] = kind == 1 if kind in (1, 2) else self.value(kind, depth)
+
+    def value(self, kind: int, depth: int) -> Any:
+        """A value of Thrift compact type ``kind``: a boolean in a list is a byte."""
+        if kind in (1, 2, 3):
+            return self.take(1)[0]
+        if kind in (4, 5, 6):
+            return self.zigzag()
+        if kind == 7:
+            self.take(8)
+        elif kind == 8:
+            self.take(self.varint())
+        elif kind in (9, 10):
+            head = self.take(1)[0]
+            size = self.varint() if head >> 4 == 15 else head >> 4
+            for _ in range(size):
+                self.value(head & 0x0F, depth + 1)
+        elif kind == 11:
+            size = self.varint()
+            types = self.take(1)[0] if size else 0
+            for _ in range(size):
+                self.value(types >> 4, depth + 1)
+                self.value(types & 0x0F, depth + 1)
+        elif kind == 12:
+            return self.struct(depth + 1)
+        else:
+            raise _NotPlain(f"unknown Thrift type {kind}")
+        return None
+
+
+def _count(struct: Any, field: int) -> int:
+    """A non-negative integer field of a Thrift struct."""
+    value = struct.get(field) if isinstance(struct, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _NotPlain(f"Parquet page header field {field} is not a count")
+    return value
+
+
+def _page_header(f: Any, at: int, end: int) -> tuple[dict[int, Any], int]:
+    """The page header at offset ``at`` (of at most ``_HEADER_BYTES``, before ``end``) and
+    the offset of the page's body."""
+    size = 1024
+    while True:
+        f.seek(at)
+        data = f.read(min(size, end - at))
+        header = _Compact(data)
+        try:
+            return header.struct(), at + header.pos
+        except _Short:
+            if size >= _HEADER_BYTES or len(data) < size:
+                raise
+            size = _HEADER_BYTES
+
+
+def _levels(data: bytes, max_level: int, count: int) -> list[int]:
+    """``count`` definition levels from Parquet's RLE / bit-packed hybrid encoding."""
+    width = max_level.bit_length()
+    if not width:
+        return [0] * count
+    runs = _Compact(data)
+    out: list[int] = []
+    while len(out) < count:
+        head = runs.varint()
+        if head & 1:  # bit-packed: groups of 8 values
+            n = (head >> 1) * 8
+            bits = int.from_bytes(runs.take((head >> 1) * width), "little")
+            out += [(bits >> (k * width)) & ((1 << width) - 1)
+                    for k in range(min(n, count - len(out)))]
+        else:
+            n = head >> 1
+            out += [int.from_bytes(runs.take((width + 7) // 8), "little")] * min(
+                n, count - len(out))
+        if not n:
+            raise _NotPlain("an empty run of definition levels")
+    return out
+
+
+def _plain_pages(f: Any, chunk: pq.ColumnChunkMetaData, max_def: int, max_rep: int,
+                 rows: int) -> list[_Page]:
+    """The data pages of an image column chunk that hold its first ``rows`` rows, from their
+    headers and definition levels alone; ``_NotPlain`` unless each image can be read alone."""
+    if chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page or max_rep:
+        raise _NotPlain("the images are compressed, dictionary-encoded or repeated")
+    at = chunk.data_page_offset
+    end = at + chunk.total_compressed_size
+    pages: list[_Page] = []
+    seen = 0
+    while seen < rows:
+        if at >= end:
+            raise _NotPlain("the column chunk has fewer values than rows")
+        header, body = _page_header(f, at, end)
+        page_end = body + _count(header, 3)
+        kind = header.get(1)
+        if page_end > end:
+            raise _NotPlain("a page runs past its column chunk")
+        if kind == 1:  # an index page
+            at = page_end
+            continue
+        if kind == 0:
+            info = header.get(5)
+            count, encoding = _count(info, 1), _count(info, 2)
+            levels_at = body + 4 * bool(max_def)
+            if max_def and _count(info, 3) != 3:  # not RLE
+                raise _NotPlain("the definition levels are not RLE-encoded")
+            f.seek(body)
+            length = int.from_bytes(f.read(4), "little") if max_def else 0
+        elif kind == 3:
+            info = header.get(8)
+            count, encoding = _count(info, 1), _count(info, 4)
+            levels_at, length = body + _count(info, 6), _count(info, 5)
+        else:
+            raise _NotPlain(f"a page of type {kind}")
+        if seen + count > chunk.num_values:
+            raise _NotPlain("a page holds more values than its column chunk")
+        if encoding != 0 or levels_at + length > page_end or length > 2 * count + 16:
+            raise _NotPlain("the images are not PLAIN-encoded")
+        f.seek(levels_at)
+        pages.append(_Page(_levels(f.read(length), max_def, count), levels_at + length,
+                           page_end))
+        seen += count
+        at = page_end
+    return pages
+
+
+def _read(f: Any, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"a Parquet page ends {n - len(data)} bytes early")
+    return data
+
+
+def _plain_images(f: Any, pages: list[_Page], max_def: int,
+                  wanted: set[int]) -> Iterator[tuple[int, bytes]]:
+    """(row, image bytes) of the ``wanted`` rows in ``pages``, each image read alone after its
+    length; one over ``THUMB_MAX_BYTES`` is passed over unread."""
+    last = max(wanted)
+    row = 0
+    for page in pages:
+        at = page.values_at
+        for level in page.levels:
+            if row > last:
+                return
+            if level == max_def:
+                f.seek(at)
+                size = int.from_bytes(_read(f, 4), "little")
+                at += 4 + size
+                if at > page.end:
+                    raise ValueError("a Parquet image runs past its page")
+                if row in wanted and size <= THUMB_MAX_BYTES:
+                    f.seek(at - size)
+                    yield row, _read(f, size)
+            row += 1
 
 
 def _label_files(fs: Any, base: str, label: str) -> list[str]:

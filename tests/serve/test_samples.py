@@ -4,6 +4,7 @@ the API's replica, and whose images it shows."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import io
 import json
@@ -20,7 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from builder.spec import parse_spec
+from builder.records import ACCEPTED_SCHEMA
+from builder.spec import OutputSpec, parse_spec
+from builder.writers import ShardWriter
 from serve import samples
 from serve.app import JobAPI
 from serve.auth import ANONYMOUS, Authenticator, RateLimiter
@@ -362,3 +365,129 @@ def test_a_failed_job_answers_409_unless_it_wrote_a_partial_dataset(tmp_path):
     running = api.run("pets-00000003", "cat")
     assert running["ready"] is False and running["samples"] == []
     assert not os.path.exists(tmp_path / "later")
+
+
+def padded_jpeg(color: str, size: int) -> bytes:
+    """A valid JPEG of ``size`` bytes: a decoder stops at its end and ignores the padding."""
+    data = jpeg(color)
+    return data + bytes(size - len(data))
+
+
+def write_shard(root: Path, images: list[tuple[str, bytes]]) -> list[str]:
+    """``images``: (label, bytes) rows, one shard written by PixCrawler's own writer (one
+    row group, its images uncompressed in one page); returns the rows' ids."""
+    rows = [{"id": hashlib.sha256(data).hexdigest()[:16], "label": label, "split": "train",
+             "image": data, "format": "jpeg", "width": 32, "height": 32, "bytes": len(data)}
+            for label, data in images]
+    journal = SimpleNamespace(write_shard_intent=lambda *a: None, write_shard=lambda *a: None)
+    labels = sorted({label for label, _ in images})
+    ShardWriter(OutputSpec(formats=["parquet"]), str(root), labels).write(rows, "train", 0,
+                                                                           journal)
+    return [row["id"] for row in rows]
+
+
+class CountingFS:
+    """A filesystem whose files count what is read from them (``counts``: each read's size)."""
+
+    def __init__(self, fs: Any, counts: list[int]):
+        self.fs = fs
+        self.counts = counts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fs, name)
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        f = self.fs.open(path, mode, **kwargs)
+        read = f.read
+
+        def counted(*args: Any) -> bytes:
+            data = read(*args)
+            self.counts.append(len(data))
+            return data
+
+        f.read = counted
+        return f
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every read of the sample reads' files, from now on."""
+    real, counts = samples.open_fs, []
+
+    def open_fs(uri: str) -> tuple[CountingFS, str]:
+        fs, root = real(uri)
+        return CountingFS(fs, counts), root
+
+    monkeypatch.setattr(samples, "open_fs", open_fs)
+    return counts
+
+
+def test_an_image_over_the_byte_cap_is_left_out_unread(tmp_path, monkeypatch):
+    """The image column was read in batches of 64 rows of a 100-row group, all in one page:
+    a request held every image of the group (up to 100 x download.max_bytes, 2 GB) to show
+    one thumbnail."""
+    uri = tmp_path / "pets"
+    big = samples.THUMB_MAX_BYTES + 1
+    images = [("cat", jpeg(color)) for color in ("red", "green", "blue", "white")]
+    images[1:1] = [("cat", padded_jpeg(color, big)) for color in ("black", "gray", "pink")]
+    ids_written = write_shard(uri, images)
+    mark(uri, "pets-00000001")
+    api = Api(tmp_path)
+    api.job("pets-00000001", spec_of(["cat"]), uri)
+    counts = count_reads(monkeypatch)
+    answer = api.run("pets-00000001", "cat")
+    small = {i for i, (_, data) in zip(ids_written, images) if len(data) < big}
+    assert answer["ready"] and set(ids(answer)) == small and len(ids(answer)) == 4
+    assert sum(counts) < 200_000  # the big images hold 3 x 8 MB
+
+
+@pytest.mark.parametrize("options", [
+    {"data_page_version": "1.0"},
+    {"data_page_version": "2.0"},
+    {"data_page_version": "1.0", "write_batch_size": 1, "data_page_size": 1},
+    {"data_page_version": "2.0", "write_batch_size": 1, "data_page_size": 1},
+], ids=["v1", "v2", "v1-page-per-image", "v2-page-per-image"])
+def test_each_image_is_read_alone_from_its_page(tmp_path, monkeypatch, options):
+    """Every Parquet data page layout of uncompressed PLAIN images, with null images (a null
+    struct, and a null ``bytes`` in one) and one over the cap: exactly the label's images of
+    at most ``THUMB_MAX_BYTES`` are read, without reading any row group whole."""
+    monkeypatch.setattr(samples, "THUMB_MAX_BYTES", 2_000)
+    colors = ["red", "green", "blue", "white", "black", "gray", "pink", "navy", "teal"]
+    data = [jpeg(color) for color in colors]
+    data[2] = padded_jpeg("olive", 2_001)
+    image: list[Optional[dict[str, Any]]] = [{"bytes": d, "path": f"{i}.jpg"}
+                                             for i, d in enumerate(data)]
+    image[4], image[6] = None, {"bytes": None, "path": "6.jpg"}
+    labels = ["cat", "dog", "cat", "dog", "cat", "dog", "cat", "cat", "cat"]
+    table = pa.table({"id": [f"r{i}" for i in range(9)], "label_name": labels,
+                      "split": ["train"] * 9,
+                      "image": pa.array(image, ACCEPTED_SCHEMA.field("image").type)})
+    uri = tmp_path / "pets"
+    (uri / "data").mkdir(parents=True)
+    pq.write_table(table, uri / "data" / "train-00000.parquet", row_group_size=5,
+                   compression="none", use_dictionary=False, **options)
+
+    def whole(*args: Any) -> Any:
+        raise AssertionError("a row group's images were read whole")
+
+    monkeypatch.setattr(samples, "_whole_group_images", whole)
+    monkeypatch.setattr(samples, "thumbnail",
+                        lambda b: hashlib.sha256(b).hexdigest() if b else None)
+    found = samples.read_samples(str(uri), "cat", 24)
+    assert [(s["id"], s["thumbnail"]) for s in found.samples] == [
+        (f"r{i}", hashlib.sha256(data[i]).hexdigest()) for i in (0, 7, 8)]
+    assert ids({"samples": samples.read_samples(str(uri), None, 2).samples}) == ["r0", "r1"]
+
+
+def test_compressed_images_are_read_whole_only_under_a_budget(tmp_path, monkeypatch):
+    """A shard whose images cannot be read alone (zstd: not as PixCrawler writes them) is read
+    a row group at a time, and only a group whose images take ``CHUNK_READ_BYTES`` or less."""
+    monkeypatch.setattr(samples, "CHUNK_READ_BYTES", 50_000)
+    data = [jpeg("red"), jpeg("green"), padded_jpeg("blue", 60_000), jpeg("white")]
+    table = pa.table({"id": [f"r{i}" for i in range(4)], "label_name": ["cat"] * 4,
+                      "split": ["train"] * 4,
+                      "image": [{"bytes": d, "path": f"{i}.jpg"} for i, d in enumerate(data)]})
+    uri = tmp_path / "pets"
+    (uri / "data").mkdir(parents=True)
+    pq.write_table(table, uri / "data" / "train-00000.parquet", row_group_size=2,
+                   compression="zstd", use_dictionary=False)
+    assert ids({"samples": samples.read_samples(str(uri), "cat", 24).samples}) == ["r0", "r1"]
