@@ -13,8 +13,11 @@
 A submitted spec is checked against the operator's policy (serve/policy.py) and stored
 "queued"; the scheduler (serve/schedule.py) starts it when its key's turn comes.
 
-Every error is ``{"error": {"code": ..., "message": ...}}``. ``build_app(args)`` is the app
-builder for ``serve deploy`` (see serve_config.yaml) and for ``pixcrawler serve``.
+Every error is ``{"error": {"code": ..., "message": ...}}``. With auth off, a request for a
+host name other than localhost, an IP address or ``allowed_hosts`` gets 421, and one that
+changes something from another site's page 403 (``HostGuard`` in serve/auth.py).
+``build_app(args)`` is the app builder for ``serve deploy`` (see serve_config.yaml) and for
+``pixcrawler serve``.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations at
@@ -23,6 +26,7 @@ import asyncio
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
@@ -32,7 +36,7 @@ from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve as ray_serve
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,17 +44,18 @@ from starlette.types import Receive, Scope, Send
 
 from builder.errors import SpecError, StorageError
 from builder.pipeline import new_job_id
-from builder.spec import DatasetSpec, parse_spec
+from builder.spec import CATEGORY_KEYS, DatasetSpec, parse_spec
 from builder.writers import JOB_ID_RE
 from cluster.connect import WORKER_NICENESS_ENV
-from serve.auth import Authenticator, Principal, RateLimiter, too_many_requests
+from serve.auth import (Authenticator, HostCheck, HostGuard, Principal, RateLimiter, host_name,
+                        too_many_requests)
 from serve.cache import ReadCache
 from serve.errors import ApiError, not_found
 from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, query_params,
                             small_int)
 from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
                         Reconciler, request_cancel)
-from serve.policy import ApiPolicy, PolicyRefused, apply_policy
+from serve.policy import ApiPolicy, PolicyRefused, Refusal, apply_policy
 from serve.samples import BUSY_RETRY_S, MAX_SAMPLES, NoDataset, SampleCache, SamplesBusy
 from serve.schedule import Scheduler
 from serve.store import (RANK, STATES, TERMINAL, JobIdTaken, JobRow, JobStore, TooManyJobs,
@@ -71,6 +76,11 @@ JOB_ID_TRIES = 5
 MAX_OFFSET = 999_999_999
 """The largest ``?offset=`` of a listing (nine digits, what the fast path reads); a larger
 one overflowed the store's integers."""
+MAX_LABEL_LEVELS = 32
+"""The most levels a class label has ('/'-separated parts, or nested categories): the spec's
+checks of a label's parents take time in the square of its levels."""
+SPEC_THREADS = 2
+"""Threads per replica that read submitted specs (see SpecReader)."""
 # Serve reads this in each replica process: 0 runs the ingress on the replica's own event loop.
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
@@ -135,6 +145,16 @@ class ServeSettings(BaseModel):
                                 "SSE clients reconnect by themselves")
     policy: ApiPolicy = Field(default_factory=ApiPolicy, description="what API users may set "
                               "in a spec, and how the cluster is shared (serve/policy.py)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="with auth off: the host names (a proxy's, the "
+        "cluster's) the API answers besides localhost and IP addresses, with any port; a "
+        "request for another name gets 421, so that no web page reaches the API through DNS "
+        "rebinding. Unused with auth on")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        return [host_name(name) for name in names]
 
     def resolved(self) -> "ServeSettings":
         """Absolute paths, so every replica (whatever its cwd) finds the same files."""
@@ -161,6 +181,8 @@ app = FastAPIOffline(
 
 # GET /v1/jobs and /v1/jobs/{id} answered without FastAPI's machinery (JobAPI.hot_read).
 app.add_middleware(HotReads)
+# Added last, so it runs first: with auth off, a foreign Host or Origin gets no further.
+app.add_middleware(HostCheck)
 
 
 @app.exception_handler(ApiError)
@@ -425,6 +447,89 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None,
     return data
 
 
+def _too_deep(field: str, label: str) -> SpecError:
+    shown = label if len(label) <= 60 else label[:60] + "..."
+    return SpecError([(field, f"the label {shown!r} has more than {MAX_LABEL_LEVELS} levels, "
+                       "the most a label has on this server")], "request body")
+
+
+def count_classes(data: dict[str, Any]) -> int:
+    """The classes a spec's data names before it is validated, as ``DatasetSpec.labels``
+    counts them (a label both in ``classes`` and under ``categories``, which validation
+    refuses, counts twice). Raises SpecError for a label of over MAX_LABEL_LEVELS levels."""
+    classes = data.get("classes")
+    if isinstance(classes, list):
+        classes = dict.fromkeys(name for name in classes if isinstance(name, str))
+    names = list(classes) if isinstance(classes, dict) else []
+    for name in names:
+        if isinstance(name, str) and name.count("/") >= MAX_LABEL_LEVELS:
+            raise _too_deep("classes", name)
+    count = len(names)
+    categories = data.get("categories")
+    if isinstance(categories, list):
+        return count + len({name for name in categories if isinstance(name, str)})
+    if not isinstance(categories, dict):
+        return count
+    # Level by level: (the label so far, its child categories). In a category's mapping every
+    # key but CATEGORY_KEYS is a child; at the top every key is.
+    level: list[tuple[str, dict[Any, Any]]] = [("", categories)]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_LABEL_LEVELS:
+            raise _too_deep("categories", level[0][0])
+        deeper = []
+        for label, children in level:
+            for name, node in children.items():
+                kids = ({key: value for key, value in node.items() if key not in CATEGORY_KEYS}
+                        if isinstance(node, dict) else {})
+                if kids:
+                    deeper.append((f"{label}{name}/", kids))
+                else:
+                    count += 1
+        level = deeper
+    return count
+
+
+def check_size(data: Any, max_classes: int) -> None:
+    """Refuse a spec of more than ``max_classes`` classes (the 422 ``apply_policy`` gives)
+    or of a label deeper than MAX_LABEL_LEVELS before it is validated: validation takes
+    about 30 us of CPU a class (3 s for the 110,000 names 1 MB of JSON holds), counting them
+    about 0.2 us."""
+    if not isinstance(data, dict):
+        return  # parse_spec says what is wrong with it
+    count = count_classes(data)
+    if count > max_classes:
+        raise PolicyRefused([Refusal("classes", "max_classes", f"{count} classes; this server "
+                                     f"takes at most {max_classes} in one job", False)])
+
+
+def read_spec(body: bytes, content_type: str, settings: ServeSettings) -> DatasetSpec:
+    """A submitted spec, read and validated; raises ApiError, SpecError or PolicyRefused."""
+    data = parse_body(body, content_type, settings.max_spec_bytes,
+                      settings.max_yaml_spec_bytes)
+    check_size(data, settings.policy.max_classes)
+    return parse_spec(data, "request body")
+
+
+class SpecReader:
+    """Reads submitted specs on ``threads`` threads of its own. A large spec takes a CPU a
+    while to read; on the event loop's default executor, whose threads every store read and
+    key check of the replica waits for (``asyncio.to_thread``), a burst of submits would take
+    them all and every other request would wait behind them."""
+
+    def __init__(self, settings: ServeSettings, threads: int = SPEC_THREADS):
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pixcrawler-spec")
+
+    async def read(self, body: bytes, content_type: str) -> DatasetSpec:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, read_spec, body, content_type, self.settings)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most ``limit`` bytes. A larger one is refused (413) as soon as it
     is seen to be larger: from its Content-Length, else (a chunked upload) once ``limit`` + 1
@@ -519,6 +624,8 @@ class JobAPI:
         self.launcher = JobLauncher(self.data_dir / "jobs", s.dashboard_address)
         self.auth = Authenticator(self.store, enabled=s.auth, cache_s=s.key_cache_s)
         self.limiter = RateLimiter(s.rate_limit_per_s, s.rate_limit_burst)
+        self.host_guard = HostGuard(enabled=not s.auth, names=s.allowed_hosts)  # HostCheck's
+        self.spec_reader = SpecReader(s)
         self.reader = ProgressReader()
         # Hot reads: many clients polling the same jobs cost the store a few reads a second.
         # Answers up to read_cache_s old are served at once while one read refreshes them;
@@ -551,6 +658,9 @@ class JobAPI:
         loop = getattr(self, "reconcile_loop", None)
         if loop is not None:
             loop.stop()
+        reader = getattr(self, "spec_reader", None)
+        if reader is not None:
+            reader.close()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -670,11 +780,6 @@ class JobAPI:
         """How many requests hot_read answered (through a deployment handle, for tests)."""
         return self.hot_reads
 
-    def _read_spec(self, body: bytes, content_type: str) -> DatasetSpec:
-        data = parse_body(body, content_type, self.settings.max_spec_bytes,
-                          self.settings.max_yaml_spec_bytes)
-        return parse_spec(data, "request body")
-
     def _create(self, principal: Principal, job_id: str, spec: DatasetSpec) -> JobRow:
         cap = self.settings.max_concurrent_jobs
         try:
@@ -726,7 +831,11 @@ class JobAPI:
             await self.health.get("store", lambda: asyncio.to_thread(
                 self.store.count_active, "-"))
         except SQLAlchemyError as exc:
-            raise ApiError(503, "store_unavailable", f"the job store does not answer: {exc}")
+            # The driver's text may name the database's host and user: the log has it, the
+            # answer (to anyone: no key is needed here) does not.
+            log.warning("health check: the job store does not answer: %s", exc)
+            raise ApiError(503, "store_unavailable", "the job store does not answer; the "
+                           "server's log has the details") from None
         return {"status": "ok", "auth": self.settings.auth}
 
     @app.get("/v1/example", summary="The example spec the page starts with")
@@ -744,8 +853,7 @@ class JobAPI:
         try:
             # Off the event loop: a large spec takes a while to read, and every request waits
             # on the loop.
-            spec = await asyncio.to_thread(self._read_spec, body,
-                                           request.headers.get("content-type", ""))
+            spec = await self.spec_reader.read(body, request.headers.get("content-type", ""))
             cluster = await self.cluster.get("total", lambda: asyncio.to_thread(
                 cluster_for_jobs, self.settings.num_replicas))
             row = await asyncio.to_thread(with_fresh_id, spec, lambda job_id: self._create(

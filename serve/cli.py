@@ -2,6 +2,7 @@
 
     pixcrawler serve [--host 127.0.0.1] [--port 8000] [--demo] [--no-auth] [--store URL]
                      [--policy FILE] [--ingress proxy|haproxy] [--access-log]
+                     [--allowed-host NAME ...]
     pixcrawler keys create NAME          prints the new key once
     pixcrawler keys list
     pixcrawler keys revoke NAME_OR_ID
@@ -87,15 +88,29 @@ def read_policy(path: str) -> dict[str, Any]:
     return data
 
 
+def bound_names(host: str) -> list[str]:
+    """``--host`` as a name the API answers with auth off: [] for an IP address (always
+    answered), the wildcard addresses and anything that is no host name."""
+    from serve.auth import host_name
+
+    try:
+        return [host_name(host)]
+    except ValueError:
+        return []
+
+
 def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
                    ) -> dict[str, Any]:
     """The app's settings from the options. With ``--demo`` (``example``, the sandbox spec),
-    the policy also lets API users name the sandbox web and fetch from it (on 127.0.0.1)."""
+    the policy also lets API users name the sandbox web and fetch from it (on 127.0.0.1).
+    The names the API answers with auth off are ``--allowed-host``'s and ``--host``'s."""
     settings: dict[str, Any] = {"store": args.store, "auth": not args.no_auth,
                                 "rate_limit_per_s": args.rate_limit,
                                 "rate_limit_burst": args.burst,
                                 "max_concurrent_jobs": args.max_jobs,
-                                "access_log": args.access_log}
+                                "access_log": args.access_log,
+                                "allowed_hosts": [*args.allowed_host,
+                                                  *bound_names(args.host)]}
     if args.policy:
         settings["policy"] = read_policy(args.policy)
     if example is not None:
@@ -111,7 +126,8 @@ def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
 # The ServeSettings fields that `pixcrawler serve` options set, by option.
 SETTING_OPTIONS = {"store": "--store", "rate_limit_per_s": "--rate-limit",
                    "rate_limit_burst": "--burst", "max_concurrent_jobs": "--max-jobs",
-                   "access_log": "--access-log", "auth": "--no-auth", "policy": "--policy"}
+                   "access_log": "--access-log", "auth": "--no-auth", "policy": "--policy",
+                   "allowed_hosts": "--allowed-host"}
 EXIT_USAGE = 2  # what argparse exits with on a bad option
 
 
@@ -293,8 +309,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if web is not None:
             print(f"sandbox web (demo): {web.base_url}", flush=True)
         if args.no_auth:
-            print("auth is OFF (--no-auth): anyone who reaches this port can run jobs",
-                  flush=True)
+            print("auth is OFF (--no-auth): anyone who reaches this port can run jobs; "
+                  "web browsers only through localhost, an IP address or an --allowed-host "
+                  "name", flush=True)
         print("Ctrl-C to stop", flush=True)
         while True:
             time.sleep(1)
@@ -319,6 +336,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--target", type=int, default=20, help="--demo: images per class")
     s.add_argument("--no-auth", action="store_true",
                    help="no API keys (local use only: anyone reaching the port can run jobs)")
+    s.add_argument("--allowed-host", metavar="NAME", action="append", default=[],
+                   help="with --no-auth: a host name the API answers besides localhost, IP "
+                        "addresses and --host, with any port (e.g. a proxy's; repeatable). "
+                        "Requests for other names get 421, so that no web page reaches the "
+                        "API through DNS rebinding")
     s.add_argument("--store", default=default_store_url(),
                    help="job store: sqlite:////path/file.db or any SQLAlchemy URL "
                         "(PIXCRAWLER_STORE sets the default)")

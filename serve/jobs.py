@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shlex
 import sys
 import threading
@@ -43,6 +44,10 @@ log = logging.getLogger("pixcrawler.serve.jobs")
 
 SPEC_ENV = "PIXCRAWLER_SPEC_YAML"
 _MAX_ERROR_CHARS = 4000
+# The lines of a driver's log that say where the cluster is, not what went wrong (failure_text).
+_ENTRYPOINT_LINE = "Running entrypoint for job "
+_QUIET_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\s+(?:DEBUG|INFO)\s")
+_NODE_ADDRESS = re.compile(r"(\([^()\s]*\s?pid=\d+), ip=[^)\s]+\)")
 # Linux caps one environment string at 128 KiB; a bigger spec goes through a file.
 _MAX_ENV_SPEC_CHARS = 100_000
 # How long JobLauncher.submit retries while the head's dashboard agent is not registered yet.
@@ -51,6 +56,18 @@ AGENT_WAIT_S = 10.0
 # job yet: the reconciler fails such a row only when it is older than the longest submit, the
 # agent wait plus Ray's own submit request (which takes no timeout), with a wide margin.
 SUBMIT_GRACE_S = AGENT_WAIT_S + 50.0
+
+
+def failure_text(message: str) -> str:
+    """A failed job's error as its owner sees it: the end of Ray's message (the driver's exit
+    code and the last lines of its log) without what tells where things are rather than what
+    went wrong: Ray's "Running entrypoint" line (this server's Python, the cluster's GCS
+    address), INFO and DEBUG log records (the cluster's and its dashboard's addresses, output
+    paths) and the node address in the prefix of a remote actor's lines. The whole log stays
+    in Ray's dashboard for the operator."""
+    lines = [_NODE_ADDRESS.sub(r"\1)", line) for line in message.splitlines()
+             if not line.startswith(_ENTRYPOINT_LINE) and not _QUIET_RECORD.match(line)]
+    return "\n".join(lines).strip()[-_MAX_ERROR_CHARS:] or "the job failed"
 
 
 class ClusterUnavailable(PixCrawlerError):
@@ -373,7 +390,7 @@ class Reconciler:
             # Exit 0 means published; stats stay empty if this server cannot read the output.
             state, error = "succeeded", None
         else:
-            state, error = "failed", ray_job.message[-_MAX_ERROR_CHARS:] or "the job failed"
+            state, error = "failed", failure_text(ray_job.message)
         self.store.update_job(row.id, state=state, ray_status=ray_job.status, error=error,
                               stats=stats, progress=progress)
 

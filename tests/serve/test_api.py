@@ -339,6 +339,33 @@ def test_an_internal_error_answers_without_its_details():
     assert body["error"]["code"] == "internal_error" and "SELECT" not in response.body.decode()
 
 
+def test_healthz_answers_a_store_error_without_its_details(caplog):
+    """/healthz needs no key; a PostgreSQL error names the database's host and user."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    from serve.app import JobAPI
+    from serve.cache import ReadCache
+    from serve.errors import ApiError
+
+    secret = 'connection to server at "db.internal" (10.0.0.9), port 5432 failed: ' \
+             'FATAL: password authentication failed for user "pixcrawler"'
+
+    def count_active(_owner: str) -> int:
+        raise OperationalError("SELECT 1", {}, Exception(secret))
+
+    replica = SimpleNamespace(health=ReadCache(1.0), settings=SimpleNamespace(auth=True),
+                              store=SimpleNamespace(count_active=count_active))
+    with pytest.raises(ApiError) as info:
+        asyncio.run(JobAPI.func_or_class.healthz(replica))
+    assert (info.value.status, info.value.code) == (503, "store_unavailable")
+    assert "db.internal" not in json.dumps(info.value.body())
+    assert "server's log" in info.value.message
+    assert "db.internal" in caplog.text  # the operator's log has it
+
+
 def test_a_revoked_keys_event_stream_ends_with_an_error(serve_app, sandbox):
     """A stream already open once kept serving a revoked key until its job ended; the key is
     checked again between events (through the key cache)."""

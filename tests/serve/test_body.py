@@ -1,5 +1,7 @@
 """Request bodies that once gave 500 or a spec far past max_spec_bytes: every one is a 4xx
-with a JSON error naming "(body)" (no Ray, no HTTP: parse_body and parse_spec directly)."""
+with a JSON error naming "(body)" (no Ray, no HTTP: parse_body and parse_spec directly). Specs
+that took seconds of CPU to refuse are refused before they are validated, on threads that
+the replica's other requests do not wait for."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import yaml
 
 from builder.errors import SpecError
 from builder.spec import parse_spec
-from serve.app import EXAMPLE_SPEC, parse_body
+from serve import app
+from serve.app import EXAMPLE_SPEC, ServeSettings, parse_body, policy_error
 from serve.errors import ApiError
+from serve.policy import ApiPolicy, PolicyRefused, apply_policy
 
 JSON = "application/json"
 YAML = "application/yaml"
@@ -172,3 +176,130 @@ def test_a_yaml_key_that_is_not_a_string_is_a_422():
     """A date (or a binary) as a mapping key could not be measured as JSON: it was a 500."""
     message = body_problem("name: x\n2020-01-01: y\n" + TAIL_YAML, YAML, 10_000)
     assert "every mapping key must be a string" in message
+
+
+BASE = {"name": "x", "sources": [{"engine": "wikimedia"}]}
+
+
+def many_classes(form: str, n: int) -> dict[str, Any]:
+    """A spec of ``n`` classes written in one of the four ways a spec names classes."""
+    names = [f"c{i}" for i in range(n)]
+    if form == "classes list":
+        return {**BASE, "classes": names}
+    if form == "classes mapping":
+        return {**BASE, "classes": {name: None for name in names}}
+    if form == "categories list":
+        return {**BASE, "categories": names}
+    groups = {f"g{g}": {"target": 100, **{name: ["q"] for name in names[g::100]}}
+              for g in range(100)}
+    return {**BASE, "categories": groups}
+
+
+FORMS = ["classes list", "classes mapping", "categories list", "categories tree"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_spec_over_max_classes_is_refused_before_it_is_validated(monkeypatch, form):
+    """110,000 names in 1 MB of JSON took 3 s of CPU to validate before the policy refused
+    them; they are counted first, and refused as the policy refuses them."""
+    def must_not_run(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("the spec was validated")
+
+    monkeypatch.setattr(app, "parse_spec", must_not_run)
+    body = json.dumps(many_classes(form, 20_000)).encode()
+    with pytest.raises(PolicyRefused) as info:
+        app.read_spec(body, JSON, ServeSettings())
+    (refusal,) = info.value.problems
+    assert (refusal.field, refusal.setting, refusal.forbidden) == ("classes", "max_classes",
+                                                                    False)
+    assert refusal.message.startswith("20000 classes")
+    error = policy_error(info.value)
+    assert (error.status, error.code) == (422, "over_policy_limit")
+
+
+@pytest.mark.parametrize("data", [
+    *(many_classes(form, 30) for form in FORMS),
+    {**BASE, "classes": ["a", "b", "a"], "categories": ["c", "c"]},
+    {**BASE, "classes": {"cat": ["cat"], "big/cat": None},
+     "categories": {"queries": {"dog": ["dog"], "target": 4},  # a top category named queries
+                    "mammals": {"target": 9, "urls": [], "fox": {"target": 4}, "wolf": None,
+                                "deep": {"er": {"est": "q"}}},
+                    "leaf": {"queries": ["a"], "target": 3}}},
+], ids=[*FORMS, "duplicates", "reserved keys"])
+def test_classes_are_counted_as_validation_counts_them(data):
+    count = len(parse_spec(data).labels)
+    assert app.count_classes(data) == count
+    app.check_size(data, count)  # at the limit: not refused
+    policy = ApiPolicy(max_classes=count - 1).resolved("/srv/pix")
+    with pytest.raises(PolicyRefused) as by_policy:
+        apply_policy(policy, parse_spec(data), "o", "x-00000001", {"CPU": 8})
+    with pytest.raises(PolicyRefused) as by_count:
+        app.check_size(data, count - 1)
+    assert by_count.value.problems == [p for p in by_policy.value.problems
+                                       if p.setting == "max_classes"]
+
+
+def nested(levels: int) -> dict[str, Any]:
+    node: Any = ["q"]
+    for i in reversed(range(levels)):
+        node = {f"l{i}": node}
+    return node
+
+
+MAX_LEVELS = 32  # app.MAX_LABEL_LEVELS
+
+
+@pytest.mark.parametrize("field, data", [
+    ("classes", {**BASE, "classes": {"/".join(["a"] * (MAX_LEVELS + 1)): None}}),
+    ("categories", {**BASE, "categories": nested(MAX_LEVELS + 1)}),
+])
+def test_a_label_of_too_many_levels_is_refused_before_it_is_validated(field, data):
+    """The spec checks a label's parents in time square in its levels: 1,600 labels of 300
+    levels took 2 s of CPU."""
+    assert app.MAX_LABEL_LEVELS == MAX_LEVELS
+    with pytest.raises(SpecError) as info:
+        app.check_size(data, 1000)
+    (path, message), = info.value.problems
+    assert path == field and f"more than {MAX_LEVELS} levels" in message
+
+
+def test_a_label_of_max_label_levels_is_read():
+    flat = "/".join(["a"] * MAX_LEVELS)
+    data = {**BASE, "classes": {flat: None}, "categories": nested(MAX_LEVELS),
+            "output": {"imagefolder_labels": "nested"}}
+    app.check_size(data, 2)
+    assert max(len(label.split("/")) for label in parse_spec(data).labels) == MAX_LEVELS
+
+
+def test_specs_are_read_on_threads_of_their_own(monkeypatch):
+    """Reading specs on the default executor let a burst of submits hold every thread the
+    replica's store reads and key checks (asyncio.to_thread) wait for."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release, names = threading.Event(), []
+
+    def slow_read(body: bytes, _content_type: str, _settings: ServeSettings) -> bytes:
+        names.append(threading.current_thread().name)
+        release.wait(10)
+        return body
+
+    monkeypatch.setattr(app, "read_spec", slow_read)
+
+    async def burst() -> str:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(4))
+        reader = app.SpecReader(ServeSettings())
+        reads = [asyncio.ensure_future(reader.read(b"{}", JSON)) for _ in range(8)]
+        await asyncio.sleep(0.2)
+        try:
+            other = await asyncio.wait_for(asyncio.to_thread(lambda: "store read"), 5)
+        finally:
+            release.set()
+        assert await asyncio.gather(*reads) == [b"{}"] * 8
+        reader.close()
+        return other
+
+    assert asyncio.run(burst()) == "store read"
+    assert len(names) == 8 and len(set(names)) <= app.SPEC_THREADS
+    assert all(name.startswith("pixcrawler-spec") for name in names)

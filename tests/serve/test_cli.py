@@ -47,6 +47,21 @@ def test_serve_command_options():
     assert args.ingress == "haproxy" and serve_settings(args, None)["access_log"] is True
 
 
+def test_allowed_hosts_are_the_options_and_the_bound_host_name():
+    from serve.app import ServeSettings
+    from serve.cli import serve_settings
+
+    def allowed(*options: str) -> list[str]:
+        args = build_parser().parse_args(["serve", "--no-auth", *options])
+        return ServeSettings.model_validate(serve_settings(args, None)).allowed_hosts
+
+    assert allowed() == []  # 127.0.0.1: an IP address is always answered
+    assert allowed("--host", "0.0.0.0") == allowed("--host", "::") == []
+    assert allowed("--host", "Pix-Box.lan", "--allowed-host", "pix.example.com",
+                   "--allowed-host", "API.Example.org.") == [
+        "pix.example.com", "api.example.org", "pix-box.lan"]
+
+
 def test_haproxy_env_picks_its_own_ports():
     from serve.cli import haproxy_env
 
@@ -128,7 +143,9 @@ def test_keys_with_a_database_driver_missing_say_what_to_install(monkeypatch, ca
 @pytest.mark.parametrize("option, value, got", [("--max-jobs", "0", "(got 0)"),
                                                 ("--burst", "0", "(got 0)"),
                                                 ("--rate-limit", "-1", "(got -1.0)"),
-                                                ("--store", "nosuchdb://x/y", "nosuchdb")])
+                                                ("--store", "nosuchdb://x/y", "nosuchdb"),
+                                                ("--allowed-host", "http://pix.example.com/",
+                                                 "is not a host name")])
 def test_serve_rejects_bad_options_before_starting_anything(monkeypatch, capsys, option,
                                                             value, got):
     import builder.sandbox

@@ -1,6 +1,7 @@
 """The reconciler against a fake Ray job API (no Ray): a job being submitted is not failed for
-Ray not knowing it yet, one job's bad output does not stop the pass for the others, and an
-earlier run's outcome at the same output is not taken for this run's."""
+Ray not knowing it yet, one job's bad output does not stop the pass for the others, an
+earlier run's outcome at the same output is not taken for this run's, and a failed job's error
+keeps the driver's last words but not where the cluster is."""
 
 from __future__ import annotations
 
@@ -186,3 +187,44 @@ def test_a_cancel_the_progress_actor_forgot_is_asked_again(store, monkeypatch):
     store.update_job("holds-1", error="why")
     Reconciler(store, StoppingRay()).reconcile_all()
     assert asked == [("forgot-1", jobs.API_CANCEL)]
+
+
+# What Ray's job API says of a driver that exited 1 (its log's tail, as Ray words it).
+DRIVER_LOG = """Job entrypoint command failed with exit code 1, last available logs \
+(truncated to 20,000 chars):
+2026-12-04 06:46:32,441\tINFO job_manager.py:581 -- Runtime env is setting up.
+Running entrypoint for job pets-1a2b3c4d: /srv/venv/bin/python -m cluster.cli build \
+--spec-env PIXCRAWLER_SPEC_YAML --job-id pets-1a2b3c4d --address 10.1.2.3:6379
+2026-12-04 06:46:34,247 INFO pixcrawler: running on Ray: joining the cluster at 10.1.2.3:6379
+2026-12-04 06:46:35,356 INFO pixcrawler: [pets-1a2b3c4d] Ray cluster (10.1.2.3:6379), 2 CPUs, \
+dashboard http://10.1.2.3:8265
+2026-12-04 06:46:36,001 WARNING pixcrawler.sources: [pets-1a2b3c4d] bing: HTTP 429, retrying
+(SearchActor pid=4242, ip=10.1.2.4) bing: giving up after 5 tries
+error: bing needs BING_API_KEY (set it in the environment of the cluster's nodes)
+"""
+
+
+def test_a_failed_jobs_error_keeps_the_drivers_last_words_not_the_clusters_addresses():
+    from serve.jobs import failure_text
+
+    text = failure_text(DRIVER_LOG)
+    assert "10.1.2" not in text and "/srv/venv" not in text and "INFO" not in text
+    assert text.startswith("Job entrypoint command failed with exit code 1")
+    assert "WARNING pixcrawler.sources: [pets-1a2b3c4d] bing: HTTP 429" in text
+    assert "(SearchActor pid=4242) bing: giving up after 5 tries" in text
+    assert text.endswith("error: bing needs BING_API_KEY (set it in the environment of the "
+                         "cluster's nodes)")
+    assert failure_text("x" * 5000 + "\nerror: last") == ("x" * 5000 + "\nerror: last")[-4000:]
+    assert failure_text("") == "the job failed"
+
+
+def test_the_reconciler_stores_the_failure_text(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
+    store.create_job("pets-1a2b3c4d", "o", "pets", {"name": "pets"}, str(tmp_path / "out"))
+    store.update_job("pets-1a2b3c4d", state="running")
+    ray = FakeRay(**{"pets-1a2b3c4d": RayJob("FAILED", DRIVER_LOG)})
+    row = Reconciler(store, ray).reconcile(store.get_job("pets-1a2b3c4d"), check_live=False)
+    assert row.state == "failed" and "10.1.2.3" not in row.error
+    assert row.error.endswith("error: bing needs BING_API_KEY (set it in the environment of "
+                              "the cluster's nodes)")
+    store.close()
