@@ -265,12 +265,15 @@ class Journal:
         pending: list[pa.Table] = []
         held = 0
         schema = UNIT_SCHEMA if kind == "units" else SHARD_SCHEMA
+        wanted = list(columns or schema.names)
         for data in self._contents(paths):
-            pf = pq.ParquetFile(pa.BufferReader(data))
-            table = pf.read(columns=columns and [c for c in columns if c in pf.schema_arrow.names],
-                            use_threads=False)
-            pending.append(with_columns(table.replace_schema_metadata(None), schema,
-                                        columns or schema.names))
+            # A column the file lacks (written before the column was added) is left out of
+            # what read returns; with_columns puts it back as nulls.
+            table = pq.ParquetFile(pa.BufferReader(data)).read(
+                columns=wanted, use_threads=False).replace_schema_metadata(None)
+            if table.column_names != wanted:
+                table = with_columns(table, schema, wanted)
+            pending.append(table)
             held += table.num_rows
             if held >= rows:
                 yield pa.concat_tables(pending)

@@ -113,6 +113,26 @@ def test_columns_are_read_alone(location):
     assert table.equals(pa.concat_tables(written).select(["url_hash", "claim"]))
 
 
+def test_a_unit_file_written_before_a_column_was_added_reads_it_as_nulls(tmp_path):
+    """A journal an older version left (its unit files without ``rights``) still resumes:
+    the column comes back as nulls of its type, in the place asked for."""
+    journal, written = write_journal(str(tmp_path / "ds"), None)
+    old = journal.unit_files()[0]
+    table = pq.read_table(journal.fs.open(old, "rb"))
+    meta = table.schema.metadata
+    with journal.fs.open(old, "wb") as f:
+        pq.write_table(table.drop_columns(["rights"]).replace_schema_metadata(meta), f)
+    columns = ["url", "rights", "accepted"]
+    got = pa.concat_tables(journal.iter_tables("units", columns, rows=1000))
+    assert got.column_names == columns
+    assert got.schema.field("rights").type == RIGHTS_TYPE
+    first = written[0].num_rows
+    assert got["rights"].slice(0, first).null_count == first
+    assert got.slice(first).equals(pa.concat_tables(written[1:]).select(columns))
+    whole = pa.concat_tables(journal.iter_tables("units"))
+    assert whole.column_names == UNIT_SCHEMA.names
+
+
 def test_published_rejects_are_the_units_rejected_rows_in_order(location, monkeypatch):
     monkeypatch.setattr(journal_mod, "READ_FILES", 4)
     monkeypatch.setattr(journal_mod, "TABLE_ROWS", 11)
