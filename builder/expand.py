@@ -319,12 +319,18 @@ class KeywordExpander:
         return [str(q) for q in cached]
 
     def _write_disk(self, key: str, queries: list[str]) -> None:
+        """Write the entry readable by its owner only (the folder it creates too): what a job
+        searches for is the user's own business, and an entry another user could change would
+        steer that user's searches."""
         path = self._cache_path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "created": time.time(), "queries": queries},
-                                      ensure_ascii=False), encoding="utf-8")
+            text = json.dumps({"key": key, "created": time.time(), "queries": queries},
+                              ensure_ascii=False)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                      encoding="utf-8") as f:
+                f.write(text)
             os.replace(tmp, path)
         except OSError as exc:
             log.debug("cannot write keyword cache %s: %s", path, exc)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import stat
 import time
 
 import pytest
@@ -97,6 +99,21 @@ def test_cached_in_memory_and_on_disk(tmp_path):
     other_model = KeywordExpander(base_url=f"{srv.url}/v1", model="m2", cache_dir=str(tmp_path))
     assert other_model.expand("cat", ["cat"]) == offline_expand("cat", ["cat"], 5)
     assert other_model.source == "offline"
+
+
+def test_the_cache_is_its_owners_alone(tmp_path):
+    """The folder the expander creates is 0700 and each entry 0600, whatever the umask."""
+    cache = tmp_path / "a" / "keywords"
+    old = os.umask(0o022)
+    try:
+        with chat_server(ANSWER) as srv:
+            KeywordExpander(base_url=f"{srv.url}/v1", model="m1",
+                            cache_dir=str(cache)).expand("cat", ["cat"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    [entry] = cache.glob("*.json")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
 
 
 def test_endpoint_down_falls_back_offline_and_warns_once(tmp_path, caplog):
