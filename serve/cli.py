@@ -102,7 +102,8 @@ def bound_names(host: str) -> list[str]:
 def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
                    ) -> dict[str, Any]:
     """The app's settings from the options. With ``--demo`` (``example``, the sandbox spec),
-    the policy also lets API users name the sandbox web and fetch from it (on 127.0.0.1).
+    the policy also lets API users name the sandbox web and fetch from it (on 127.0.0.1):
+    private addresses only for specs that fetch nothing but what the sandbox finds.
     The names the API answers with auth off are ``--allowed-host``'s and ``--host``'s."""
     settings: dict[str, Any] = {"store": args.store, "auth": not args.no_auth,
                                 "rate_limit_per_s": args.rate_limit,
@@ -119,7 +120,9 @@ def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
         policy["source_urls"] = [*policy.get("source_urls", []),
                                  *(src["url"] for src in example.get("sources", [])
                                    if src.get("url"))]
-        policy["allow_private_networks"] = True
+        policy["private_network_sources"] = [*policy.get("private_network_sources", []),
+                                             *(src["url"] for src in example.get("sources", [])
+                                               if src.get("url"))]
     return settings
 
 

@@ -14,7 +14,8 @@ user is the operator. The defaults are safe for a server that strangers reach:
 - **Endpoints**: ``sources[].url`` and ``sources[].options.base_url`` only under
   ``source_urls``, ``search.llm_base_url`` only under ``llm_base_urls``, ``options.proxy`` only
   with ``allow_proxy``, ``download.allow_private_networks`` only with
-  ``allow_private_networks``, models other than the spec's defaults only from ``models``
+  ``allow_private_networks`` (or, with ``private_network_sources``, for a spec that fetches
+  only what those sources find), models other than the spec's defaults only from ``models``
   (a model name can be a local path), and ``search.llm_model`` on the server's own LLM
   endpoint only from ``llm_models``.
 - **Opt-outs and identity**: the fetches go out from the operator's addresses, so turning off
@@ -111,6 +112,12 @@ class ApiPolicy(BaseModel):
     allow_private_networks: bool = Field(
         default=False, description="download.allow_private_networks: true (the fetcher may "
         "then reach loopback and private addresses, such as this server's own)")
+    private_network_sources: list[str] = Field(
+        default_factory=list, description="http(s) URL prefixes of search sources whose "
+        "results may be fetched from private addresses: download.allow_private_networks: true "
+        "is allowed for a spec whose every source names a url or options.base_url under one "
+        "of them, reads no URL-list file, and whose classes list no urls of their own "
+        "(pixcrawler serve --demo puts its sandbox web here)")
     models: list[str] = Field(
         default_factory=list, description="validation.clip_model / nsfw_model values allowed "
         "besides the spec's defaults")
@@ -185,7 +192,7 @@ class ApiPolicy(BaseModel):
                              f"each API key writes under its own prefix; got {v!r}")
         return v.rstrip("/")
 
-    @field_validator("source_urls", "llm_base_urls")
+    @field_validator("source_urls", "llm_base_urls", "private_network_sources")
     @classmethod
     def _http_prefixes(cls, v: list[str]) -> list[str]:
         for url in v:
@@ -402,9 +409,17 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                      f"lets API users run on its LLM endpoint (allowed: {allowed})")
     _check_hosts(check, policy)
     if spec.download.allow_private_networks and not policy.allow_private_networks:
-        check.forbid("download.allow_private_networks", "allow_private_networks",
-                     "this server does not let API users fetch from loopback or private "
-                     "addresses")
+        if not policy.private_network_sources:
+            check.forbid("download.allow_private_networks", "allow_private_networks",
+                         "this server does not let API users fetch from loopback or private "
+                         "addresses")
+        elif not _private_sources_only(spec, policy.private_network_sources):
+            allowed = ", ".join(policy.private_network_sources)
+            check.forbid("download.allow_private_networks", "private_network_sources",
+                         "this server lets API users fetch from loopback or private "
+                         f"addresses only what the sources under {allowed} find: every "
+                         "source must name a url there, with no URL-list file and no "
+                         "class's own urls")
     _check_optouts(check, policy)
     for name in ("clip_model", "nsfw_model"):
         value = getattr(spec.validation, name)
@@ -457,6 +472,19 @@ def _hold_sizes(spec: DatasetSpec, policy: ApiPolicy) -> DatasetSpec:
             units_per_worker(spec) > policy.max_in_flight_batches:
         res.max_in_flight_batches = policy.max_in_flight_batches
     return spec
+
+
+def _private_sources_only(spec: DatasetSpec, prefixes: list[str]) -> bool:
+    """Whether every URL the spec's job can fetch comes from a source under ``prefixes``:
+    the server that answers there chooses the image URLs, not the API user."""
+    if any(c.urls for c in spec.classes.values()):
+        return False
+    for src in spec.sources:
+        urls = [u for u in (src.url, src.options.get("base_url")) if u is not None]
+        if src.path or not urls or not all(isinstance(u, str) and url_within(u, prefixes)
+                                           for u in urls):
+            return False
+    return True
 
 
 def _check_optouts(check: _Check, policy: ApiPolicy) -> None:

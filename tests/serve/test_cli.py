@@ -175,7 +175,8 @@ def test_serve_reads_the_policy_file_and_demo_lets_users_reach_its_sandbox(tmp_p
     demo = ServeSettings.model_validate(
         serve_settings(args, demo_example("http://127.0.0.1:9", 5))).policy
     assert demo.source_urls == ["https://api.example.org/", "http://127.0.0.1:9"]
-    assert demo.allow_private_networks and demo.max_classes == 20
+    assert demo.private_network_sources == ["http://127.0.0.1:9"]
+    assert not demo.allow_private_networks and demo.max_classes == 20
 
 
 @pytest.mark.parametrize("text, got", [("max_clases: 3\n", "(max_clases)"),

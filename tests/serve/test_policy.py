@@ -354,8 +354,32 @@ def test_the_new_caps_take_the_defaults_the_examples_and_the_built_in_profiles()
     assert apply(example).download == example.download
     base_url = "http://127.0.0.1:8765"
     demo = parse_spec(demo_example(base_url, 20))
-    placed = apply(demo, ApiPolicy(source_urls=[base_url], allow_private_networks=True))
+    placed = apply(demo, ApiPolicy(source_urls=[base_url], private_network_sources=[base_url]))
     assert placed.download == demo.download and placed.output.shard_size == 50
+
+
+DEMO_WEB = "http://127.0.0.1:8765"
+
+
+@pytest.mark.parametrize("change", [
+    {"classes": {"cat": {"urls": ["http://127.0.0.1:6379/x.jpg"]}}},
+    {"sources": [{"engine": "urllist", "path": "/srv/lists/urls.txt"}]},
+    {"sources": [{"engine": "duckduckgo"}]},
+    {"sources": [{"engine": "sandbox", "url": DEMO_WEB},
+                 {"engine": "sandbox", "url": "http://127.0.0.1:8265"}]},
+])
+def test_private_addresses_only_for_what_the_allowed_sources_find(change):
+    """--demo's policy: a spec may fetch from private addresses only what the sandbox web
+    finds, never URLs the user names (a class's urls, a list, another source)."""
+    from serve.cli import demo_example
+
+    policy = ApiPolicy(source_urls=[DEMO_WEB, "http://127.0.0.1:8265"],
+                       url_list_dirs=["/srv/lists"], private_network_sources=[DEMO_WEB])
+    demo = demo_example(DEMO_WEB, 5)
+    assert apply(parse_spec(demo), policy).download.allow_private_networks
+    status, fields = refused(parse_spec({**demo, **change}), policy)
+    setting, message = fields["download.allow_private_networks"]
+    assert status == 403 and setting == "private_network_sources" and DEMO_WEB in message
 
 
 @pytest.mark.parametrize("section, name, value, setting, cap", [
