@@ -267,12 +267,8 @@ class Journal:
         schema = UNIT_SCHEMA if kind == "units" else SHARD_SCHEMA
         wanted = list(columns or schema.names)
         for data in self._contents(paths):
-            # A column the file lacks (written before the column was added) is left out of
-            # what read returns; with_columns puts it back as nulls.
-            table = pq.ParquetFile(pa.BufferReader(data)).read(
-                columns=wanted, use_threads=False).replace_schema_metadata(None)
-            if table.column_names != wanted:
-                table = with_columns(table, schema, wanted)
+            table = with_columns(pq.ParquetFile(pa.BufferReader(data)).read(
+                columns=wanted, use_threads=False).replace_schema_metadata(None), schema, wanted)
             pending.append(table)
             held += table.num_rows
             if held >= rows:

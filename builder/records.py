@@ -325,7 +325,10 @@ def accepted_row(record: Record) -> dict[str, Any]:
 
 def with_columns(table: pa.Table, schema: pa.Schema, names: Sequence[str]) -> pa.Table:
     """``table``'s columns ``names``, in that order; one it lacks (a file written before the
-    column was added) comes as nulls of its type in ``schema``."""
+    column was added) comes as nulls of its type in ``schema``. Parquet readers asked for a
+    column a file lacks leave it out, so a read followed by this reads old files too."""
+    if table.column_names == list(names):
+        return table
     have = set(table.column_names)
     fields = [table.schema.field(n) if n in have else schema.field(n) for n in names]
     return pa.table([table[n] if n in have else pa.nulls(table.num_rows, schema.field(n).type)

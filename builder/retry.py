@@ -71,11 +71,9 @@ def _groups(path: str, storage_options: Optional[dict[str, Any]], labels: Collec
     slices = _slices_by_group(plan) if done is not None else {}
     with fs.open(fs_path, "rb") as f:
         pf = pq.ParquetFile(f)
-        have = pf.schema_arrow.names
-        names = columns or have
-        present = [n for n in names if n in have]
+        names = columns or pf.schema_arrow.names
         for group in range(pf.metadata.num_row_groups):
-            table = with_columns(pf.read_row_group(group, columns=present), REJECT_SCHEMA, names)
+            table = with_columns(pf.read_row_group(group, columns=names), REJECT_SCHEMA, names)
             mask = redecided(table, labels, retry)
             if done is not None:
                 ran = [False] * table.num_rows
