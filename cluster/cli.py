@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a spec; print it with defaults filled in")
     c.add_argument("spec", help="the spec file (YAML or JSON)")
     c.add_argument("--engines", action="store_true", help="probe each source once: works / "
-                   "blocked / needs a key / down / ended (exit 1 unless all work)")
+                   "blocked / needs a key / down / ended / unavailable (exit 1 unless all "
+                   "work)")
     c.set_defaults(func=cmd_check)
 
     rc = sub.add_parser("recheck", help="re-evaluate the opt-out signals of a built dataset's "
