@@ -376,6 +376,9 @@ stop at 20), so a server cannot bounce the fetcher through a million per candida
 MAX_BYTES_IN_FLIGHT = 1 << 40
 """Upper bound of ``download.max_bytes_in_flight``: a TiB, so a budget that never binds can
 still be written (10**12), and a runaway one (10**15) is an error."""
+MAX_IMAGE_BYTES = 1 << 30
+"""Upper bound of ``download.max_bytes``: a GiB. An accepted image is one value of a shard's
+Arrow ``binary`` column, whose arrays hold at most 2 GiB; no photograph comes near."""
 MAX_USER_AGENT_CHARS = 512
 """Longest ``download.user_agent``: real ones are under 200 characters, and checking a longer
 one for a contact (``builder.profiles.has_contact``) takes time quadratic in its length."""
@@ -429,7 +432,9 @@ class SignalsSpec(_Model):
 
 class DownloadSpec(_Model):
     timeout_s: float = Field(default=15.0, gt=0, le=MAX_TIMEOUT_S)
-    max_bytes: int = Field(default=20_000_000, ge=1024)
+    max_bytes: int = Field(default=20_000_000, ge=1024, le=MAX_IMAGE_BYTES,
+                           description="the most bytes one image may have; a body past it is "
+                           "aborted (at most 1 GiB)")
     retries: int = Field(default=2, ge=0, le=10)
     backoff_s: float = Field(default=0.5, ge=0, le=MAX_BACKOFF_S)
     max_retry_after_s: float = Field(default=30.0, ge=0, le=MAX_DELAY_S)

@@ -414,10 +414,12 @@ def test_max_redirects_has_an_upper_bound():
 @pytest.mark.parametrize("section, field, too_big, ok", [
     ("resources", "batch_size", 65_537, 65_536),
     ("download", "max_bytes_in_flight", 10**15, 10**12),  # 10**12: a budget that never binds
+    ("download", "max_bytes", 2**30 + 1, 2**30),
 ])
 def test_unit_and_body_budgets_have_upper_bounds(section, field, too_big, ok):
-    """Neither had one: batch_size x max_bytes is one unit's memory, and a byte budget of
-    10**15 turned the fetcher's off."""
+    """None had one: batch_size x max_bytes is one unit's memory, a byte budget of 10**15
+    turned the fetcher's off, and an image over 2 GiB cannot be one value of a shard's
+    image column."""
     found = problems({**BASE, section: {field: too_big}})
     assert list(found) == [f"{section}.{field}"]
     assert "less than or equal to" in found[f"{section}.{field}"]
