@@ -562,6 +562,19 @@ def spec_error(exc: SpecError) -> ApiError:
     return ApiError(422, "invalid_spec", str(exc), details={"problems": problems})
 
 
+CLUSTER_RETRY_S = 30
+"""The ``Retry-After`` of a 503 ``cluster_unavailable``."""
+
+
+def cluster_unavailable(job_id: str, action: str, exc: BaseException) -> ApiError:
+    """503 ``cluster_unavailable``. What Ray said (the cluster's internal addresses, advice
+    meant for whoever runs the cluster) goes to the server's log, not to the API user."""
+    log.warning("job %s: Ray cannot %s it: %s", job_id, action, exc)
+    return ApiError(503, "cluster_unavailable", f"the Ray cluster cannot {action} job {job_id} "
+                    f"now; retry in {CLUSTER_RETRY_S} s (the server's log has the details)",
+                    headers={"Retry-After": str(CLUSTER_RETRY_S)})
+
+
 def policy_error(exc: PolicyRefused) -> ApiError:
     """403 ``forbidden_by_policy`` when a field asks for what the server does not permit,
     else 422 ``over_policy_limit``; each problem names the field and the policy setting."""
@@ -798,7 +811,7 @@ class JobAPI:
         if Ray refused this job."""
         refused = self.scheduler.start_ready()
         if job_id in refused:
-            raise ApiError(503, "cluster_unavailable", str(refused[job_id]))
+            raise cluster_unavailable(job_id, "start", refused[job_id])
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -885,7 +898,7 @@ class JobAPI:
             try:
                 await asyncio.to_thread(self.launcher.stop, job_id)
             except ClusterUnavailable as exc:
-                raise ApiError(503, "cluster_unavailable", str(exc)) from None
+                raise cluster_unavailable(job_id, "stop", exc) from None
         self.reader.forget(job_id)
         row = await self._row(job_id, principal)
         return JSONResponse(await self._current(row), status_code=202)
@@ -988,7 +1001,9 @@ class JobAPI:
             raise ApiError(429, "samples_busy", f"{exc}; retry after {BUSY_RETRY_S} s",
                            headers={"Retry-After": str(BUSY_RETRY_S)}) from None
         except StorageError as exc:
-            raise ApiError(502, "output_unreadable", str(exc)) from None
+            log.warning("job %s: its output cannot be read for thumbnails: %s", job_id, exc)
+            raise ApiError(502, "output_unreadable", f"job {job_id}'s dataset cannot be read "
+                           "now; the server's log has the details") from None
         answer = {"job_id": job_id, "label": label, "ready": True, "samples": found.samples}
         if found.note:
             answer["message"] = found.note

@@ -29,6 +29,11 @@ from serve.store import STARTED, JobRow, JobStore
 
 log = logging.getLogger("pixcrawler.serve.schedule")
 
+REFUSED_ERROR = ("the Ray cluster refused to start the job (the server's log has the details); "
+                 "submit it again later")
+"""A refused job's error as its owner sees it: what Ray said (the cluster's addresses,
+advice for whoever runs it) goes to the server's log."""
+
 _MAX_ROWS = 10_000
 
 
@@ -82,7 +87,8 @@ class Scheduler:
             try:
                 self.launcher.submit(row.id, row.spec, self._owner_name(row.owner))
             except ClusterUnavailable as exc:
-                self.store.update_job(row.id, state="failed", error=str(exc))
+                log.warning("job %s: Ray refused it: %s", row.id, exc)
+                self.store.update_job(row.id, state="failed", error=REFUSED_ERROR)
                 refused[row.id] = exc
                 continue
             self._submitted(row)

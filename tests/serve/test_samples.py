@@ -491,3 +491,23 @@ def test_compressed_images_are_read_whole_only_under_a_budget(tmp_path, monkeypa
     pq.write_table(table, uri / "data" / "train-00000.parquet", row_group_size=2,
                    compression="zstd", use_dictionary=False)
     assert ids({"samples": samples.read_samples(str(uri), "cat", 24).samples}) == ["r0", "r1"]
+
+
+def test_an_unreadable_dataset_answers_502_and_the_reason_goes_to_the_log(tmp_path, caplog):
+    """The 502 quoted the storage error to the API user: for an object store that can name
+    the endpoint, the bucket layout and the operator's credentials' trouble."""
+    uri = tmp_path / "pets"
+    api = Api(tmp_path)
+    write_parquet(uri, [(f"red{i}", "cat") for i in range(3)], "red")
+    mark(uri, "pets-00000001")
+    api.job("pets-00000001", spec_of(["cat"]), uri)
+    (shard,) = (uri / "data").glob("*.parquet")
+    shard.write_bytes(shard.read_bytes()[:40] + b"\0" * 200 + b"PAR1")
+    with caplog.at_level("WARNING", logger="pixcrawler.serve"):
+        with pytest.raises(ApiError) as err:
+            api.run("pets-00000001", "cat")
+    assert err.value.status == 502 and err.value.code == "output_unreadable"
+    assert "pets-00000001" in err.value.message and "server's log" in err.value.message
+    assert str(tmp_path) not in err.value.message
+    logged = [r.getMessage() for r in caplog.records if "pets-00000001" in r.getMessage()]
+    assert logged and str(tmp_path) in logged[0]

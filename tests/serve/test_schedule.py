@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from serve.jobs import ClusterUnavailable, Reconciler
-from serve.schedule import Scheduler, next_job
+from serve.schedule import REFUSED_ERROR, Scheduler, next_job
 from serve.store import JobRow, JobStore
 
 
@@ -26,7 +26,8 @@ class FakeLauncher:
 
     def submit(self, job_id: str, spec: dict[str, Any], owner_name: str) -> None:
         if self.refuse:
-            raise ClusterUnavailable("no dashboard")
+            raise ClusterUnavailable("cannot reach Ray's job API at http://10.0.0.5:8265: "
+                                     "connection refused")
         self.submitted.append(job_id)
 
     def stop(self, job_id: str) -> bool:
@@ -157,6 +158,8 @@ def test_a_job_ray_refuses_fails_and_the_next_one_still_starts(store):
     launcher.refuse = True
     refused = scheduler.start_ready()
     assert list(refused) == ["a1"] and store.get_job("a1").state == "failed"
+    # Its owner sees that Ray refused it, not where the cluster is.
+    assert store.get_job("a1").error == REFUSED_ERROR and "10.0.0.5" not in REFUSED_ERROR
     launcher.refuse = False
     queue(store, "b1", "bob")
     assert scheduler.start_ready() == {} and launcher.submitted == ["b1"]
@@ -196,3 +199,32 @@ def test_a_store_made_before_jobs_could_queue_gets_the_new_column(tmp_path):
     assert store.get_job("new-1").state == "starting"
     JobStore(url).close()  # opening it again finds the column there
     store.close()
+
+
+def test_the_api_answers_a_refused_start_with_503_and_keeps_ray_s_words_for_the_log(caplog):
+    """The 503 quoted Ray's error to the API user: the cluster's job API address, and advice
+    (`ray start --head ...`) only whoever runs the cluster can follow."""
+    import inspect
+    from types import SimpleNamespace
+
+    from serve.app import CLUSTER_RETRY_S, JobAPI
+    from serve.errors import ApiError
+
+    route = JobAPI.func_or_class
+
+    class Replica:  # the replica's methods on a bare object (the Serve class is ASGI-wrapped)
+        def __getattr__(self, name: str) -> Any:
+            return inspect.getattr_static(route, name).__get__(self, route)
+
+    api = Replica()
+    said = ClusterUnavailable("cannot reach Ray's job API at http://10.0.0.5:8265: refused")
+    api.scheduler = SimpleNamespace(start_ready=lambda: {"a1": said})
+    with caplog.at_level("WARNING", logger="pixcrawler.serve"):
+        with pytest.raises(ApiError) as err:
+            api._start("a1")
+    assert err.value.status == 503 and err.value.code == "cluster_unavailable"
+    assert err.value.headers == {"Retry-After": str(CLUSTER_RETRY_S)}
+    assert "a1" in err.value.message and "10.0.0.5" not in err.value.message
+    assert any("10.0.0.5" in r.getMessage() for r in caplog.records)
+    api.scheduler = SimpleNamespace(start_ready=lambda: {})
+    api._start("b1")  # started, or still queued: no error
