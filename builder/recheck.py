@@ -286,6 +286,29 @@ def check_source(uri: str, storage_options: Optional[dict] = None) -> None:
                 "dataset again with `pixcrawler build SPEC --overwrite`")
 
 
+WRITE_ADVICE = ("Pass --overwrite to replace what is there (an interrupted `pixcrawler "
+                "recheck --write` leaves its copy's files), or --write somewhere else.")
+
+
+def check_destination(uri: str, out_uri: str, *, overwrite: bool = False,
+                      storage_options: Optional[dict] = None,
+                      out_storage_options: Optional[dict] = None) -> None:
+    """Refuse a ``--write`` destination that cannot take the copy: the dataset being
+    rechecked itself, one holding another dataset or a job's files (unless ``overwrite``),
+    or one that cannot be written. ``OutputExistsError`` / ``StorageError`` say what to pass.
+    The CLI calls it before the recheck sends any request; ``write_without`` again."""
+    from builder.spec import OutputSpec
+    from builder.writers import DatasetPublisher
+
+    if same_location(uri, out_uri, storage_options, out_storage_options):
+        raise OutputExistsError(f"--write {out_uri} is the dataset being rechecked: write the "
+                                "copy somewhere else (replacing the dataset as it is read "
+                                "would delete it)")
+    publisher = DatasetPublisher(OutputSpec(uri=out_uri, overwrite=overwrite), out_uri,
+                                 "recheck-check", out_storage_options)
+    publisher.check(advice=WRITE_ADVICE)
+
+
 @dataclass
 class WrittenCopy:
     """What ``write_without`` published: where, and its stats (``partial_reason`` is
@@ -340,10 +363,8 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     from builder.journal import Journal
     from builder.writers import LAYOUT_DIRS, DatasetPublisher, ShardWriter, rows_of_output
 
-    if same_location(uri, out_uri, storage_options, out_storage_options):
-        raise OutputExistsError(f"--write {out_uri} is the dataset being rechecked: write the "
-                                "copy somewhere else (replacing the dataset as it is read "
-                                "would delete it)")
+    check_destination(uri, out_uri, overwrite=overwrite, storage_options=storage_options,
+                      out_storage_options=out_storage_options)
     source = _read_source(uri, storage_options)
     data = source.spec.model_dump(mode="json")
     data["output"]["uri"] = out_uri
@@ -364,7 +385,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     writer = ShardWriter(spec.output, out_uri, spec.labels, out_storage_options)
     publisher = DatasetPublisher(spec.output, out_uri, job_id, out_storage_options, spec.labels)
     journal = Journal(out_uri, job_id, out_storage_options)
-    publisher.check()
+    publisher.check(advice=WRITE_ADVICE)
     publisher.prepare()
     try:
         numbers: dict[str, int] = {}

@@ -646,41 +646,43 @@ class DatasetPublisher:
     def _fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
         return open_fs(self.uri, self.storage_options)
 
-    def check(self, merge: bool = False) -> None:
+    def check(self, merge: bool = False, advice: Optional[str] = None) -> None:
         """Fail before any download: ``OutputExistsError`` if a dataset, complete or partial,
         is there (and neither overwrite nor merge), ``StorageError`` if the location cannot be
-        written."""
+        written. ``advice`` replaces what the error tells a ``build`` user to do (a command
+        with other flags, such as ``recheck --write``, says its own)."""
         fs, root = self._fs()
         with storage_errors(self.uri, "check"):
             markers = dict(_markers(fs, root))
+        found, told = "", ""
         if SUCCESS in markers and not self.output.overwrite and not merge:
             old = markers[SUCCESS]
-            raise OutputExistsError(
-                f"{self.uri} already holds a complete dataset (job {old.get('job_id', '?')}, "
-                f"created {old.get('created', '?')}). Set output.overwrite: true (or pass "
-                "--overwrite) to replace it, or choose another output.uri (--output).")
-        if PARTIAL in markers and not self.output.overwrite and not merge:
+            found = (f"{self.uri} already holds a complete dataset (job "
+                     f"{old.get('job_id', '?')}, created {old.get('created', '?')})")
+            told = ("Set output.overwrite: true (or pass --overwrite) to replace it, or choose "
+                    "another output.uri (--output).")
+        elif PARTIAL in markers and not self.output.overwrite and not merge:
             old = markers[PARTIAL]
-            raise OutputExistsError(
-                f"{self.uri} holds a partial dataset (job {old.get('job_id', '?')}, "
-                f"{old.get('reason') or 'partial'}, created {old.get('created', '?')}): "
-                "continue it with --resume, or set output.overwrite: true (--overwrite) to "
-                "replace it, or choose another output.uri (--output).")
-        if not markers and not merge and not self.output.overwrite:
+            found = (f"{self.uri} holds a partial dataset (job {old.get('job_id', '?')}, "
+                     f"{old.get('reason') or 'partial'}, created {old.get('created', '?')})")
+            told = ("Continue it with --resume, or set output.overwrite: true (--overwrite) to "
+                    "replace it, or choose another output.uri (--output).")
+        elif not markers and not merge and not self.output.overwrite:
             # no marker: an interrupted job's files, which a new dataset would publish as its own
             with storage_errors(self.uri, "check"):
                 jobs = resumable_jobs(self.uri, self.storage_options)
                 stray = not jobs and any(list_files(fs, f"{root}/{d}") for d in LAYOUT_DIRS)
             if jobs:
-                raise OutputExistsError(
-                    f"{self.uri} holds the files of an interrupted job ({', '.join(jobs)}): "
-                    "continue it with --resume, or set output.overwrite: true (--overwrite) to "
-                    "start over there, or choose another output.uri (--output).")
-            if stray:
-                raise OutputExistsError(
-                    f"{self.uri} holds dataset files ({', '.join(LAYOUT_DIRS)}) but no marker "
-                    "of a dataset: set output.overwrite: true (--overwrite) to replace them, or "
-                    "choose another output.uri (--output).")
+                found = f"{self.uri} holds the files of an interrupted job ({', '.join(jobs)})"
+                told = ("Continue it with --resume, or set output.overwrite: true (--overwrite) "
+                        "to start over there, or choose another output.uri (--output).")
+            elif stray:
+                found = (f"{self.uri} holds dataset files ({', '.join(LAYOUT_DIRS)}) but no "
+                         "marker of a dataset")
+                told = ("Set output.overwrite: true (--overwrite) to replace them, or choose "
+                        "another output.uri (--output).")
+        if found:
+            raise OutputExistsError(f"{found}. {advice or told}")
         ensure_writable(self.uri, self.storage_options)
 
     def prepare(self, merge: bool = False) -> None:

@@ -219,12 +219,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_recheck(args: argparse.Namespace) -> int:
-    from builder.recheck import (check_source, dataset_spec, needs_contact, recheck,
-                                 write_removals, write_without)
+    from builder.recheck import (check_destination, check_source, dataset_spec, needs_contact,
+                                 recheck, write_removals, write_without)
 
     uri, options = args.uri, _storage_options(args.uri)
-    if args.write:  # before the origins are asked: only a published dataset can be copied
+    if args.write:  # before the origins are asked: a published dataset, to where it can go
         check_source(uri, options)
+        check_destination(uri, args.write, overwrite=args.overwrite, storage_options=options,
+                          out_storage_options=_storage_options(args.write))
     download = dataset_spec(uri, options).download
     if args.contact:
         download = download.model_copy(update={"contact": args.contact})

@@ -197,3 +197,37 @@ def test_write_reads_an_s3_source_with_its_own_storage_options(source, moto_s3, 
                  "--write", f"s3://{bucket}/back"]) == 0
     fs.get(f"{bucket}/back/", f"{back}/", recursive=True)
     assert (back / "_SUCCESS").exists() and check_accounting(str(back))["accepted"] == 4
+
+
+def test_a_killed_copy_is_refused_before_any_request_with_advice_a_recheck_can_follow(
+        source, monkeypatch, capsys):
+    """A copy killed before its marker (SIGKILL: no cleanup) leaves its shards and journal.
+    A rerun asked every origin again and only then refused the destination, telling the user
+    to choose another output.uri (--output), which recheck has not."""
+    import builder.recheck as recheck_mod
+    from builder.writers import DatasetPublisher
+
+    src, copy, _ = source
+
+    def killed(*args, **kwargs):
+        raise StorageError("killed (test)")
+
+    with monkeypatch.context() as patch:  # what SIGKILL leaves: no cleanup runs
+        patch.setattr(DatasetPublisher, "publish", killed)
+        patch.setattr(recheck_mod, "delete_tree", lambda *a, **k: None)
+        patch.setattr(Journal, "remove", lambda self: None)
+        assert recheck_write(src, copy) == EXIT_FAILED
+    assert any(f.startswith("data/") for f in files_under(copy))
+    capsys.readouterr()
+
+    def no_requests(*args, **kwargs):
+        raise AssertionError("the recheck ran before the destination was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recheck_mod, "recheck", no_requests)
+        assert recheck_write(src, copy) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "recheck --write" in err and "--overwrite" in err, err
+    assert "--output" not in err and "--resume" not in err, err
+    assert recheck_write(src, copy, "--overwrite") == 0
+    assert check_accounting(str(copy))["accepted"] == 4
