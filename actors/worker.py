@@ -111,7 +111,12 @@ class RayServices(LedgerCalls):
         self._scored += 1
         ref = scorer.score.remote(PreparedBatch(light, prepared.index, prepared.nsfw_pixels,
                                                 prepared.clip_pixels))
-        return apply_scores(records, await _scores(scorer, ref))
+        scored = await _scores(scorer, ref)
+        if len(self.scorers) > 1 and \
+                self.plan.spec.validation.embedding_dedup_threshold is not None:
+            holder = self.scorers[0]  # holds the embedding store for every scorer
+            scored = await _scores(holder, holder.dedup.remote(scored))
+        return apply_scores(records, scored)
 
     async def settle_scores(self, records: list[Record]) -> None:
         """To every scorer (the one that kept an image forgets it; the others ignore it), in

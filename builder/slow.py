@@ -150,7 +150,7 @@ class SlowValidator:
                  clip_threshold: float = 0.2, wrong_class: str = "reject",
                  prompts: Sequence[str] = DEFAULT_PROMPTS, keep_embedding: bool = False,
                  embedding_dedup_threshold: Optional[float] = None,
-                 decode_max_side: int = 512) -> None:
+                 decode_max_side: int = 512, dedup_in_score: bool = True) -> None:
         labels = list(labels)
         if not labels:
             raise ValueError("labels: needs at least one class label")
@@ -183,6 +183,10 @@ class SlowValidator:
         self.prompts = prompts
         self.keep_embedding = keep_embedding
         self.embedding_dedup_threshold = embedding_dedup_threshold
+        self.dedup_in_score = dedup_in_score
+        """Whether ``score`` applies the embedding dedup itself. Off on each of several
+        scorers: there one of them holds the store for all (``dedup_scored``), since a store
+        per scorer would miss the duplicates that two scorers kept."""
         self.decode_max_side = decode_max_side
         self._label_index = {label: i for i, label in enumerate(labels)}
         self._label_matrix: Optional[np.ndarray] = None
@@ -277,10 +281,11 @@ class SlowValidator:
             record = batch.records[batch.index[pos]]
             if self._route(record, sims[row]):
                 survivors.append((record, embeddings[row]))
-        if self.embedding_dedup_threshold is not None:
+        if self.embedding_dedup_threshold is not None and self.dedup_in_score:
             survivors = self._dedup(survivors, self.embedding_dedup_threshold)
-        if self.keep_embedding:
-            for record, vector in survivors:
+        if self.keep_embedding or (self.embedding_dedup_threshold is not None
+                                   and not self.dedup_in_score):
+            for record, vector in survivors:  # the store's holder takes them (dedup_scored)
                 record.embedding = [float(v) for v in vector]
 
     def _route(self, record: Record, sims: np.ndarray) -> bool:
@@ -349,6 +354,21 @@ class SlowValidator:
             kept.append((record, vector))
         return kept
 
+    def dedup_scored(self, records: list[Record]) -> list[Record]:
+        """The embedding dedup of ``records`` another validator scored with ``dedup_in_score``
+        off: those still in play are compared with this store and with each other, as
+        ``score`` compares its own, and join the store when kept (``settle`` then reports
+        their final decision here). Their embeddings go unless ``keep_embedding``."""
+        if self.embedding_dedup_threshold is None:
+            raise ValueError("dedup_scored needs embedding_dedup_threshold")
+        survivors = [(r, np.asarray(r.embedding, dtype=np.float32)) for r in records
+                     if not r.rejected and r.embedding is not None]
+        self._dedup(survivors, self.embedding_dedup_threshold)
+        if not self.keep_embedding:
+            for record in records:
+                record.embedding = None
+        return records
+
     def settle(self, records: Iterable[Record]) -> None:
         """Report the job's final decision on records this validator scored.
 
@@ -369,8 +389,10 @@ class SlowValidator:
                     self._kept.remove(record.id)
 
 
-def make_slow_validator(spec: "DatasetSpec", device: str = "cpu") -> SlowValidator:
-    """The slow-level stage a spec asks for (models not loaded yet: call ``load()``)."""
+def make_slow_validator(spec: "DatasetSpec", device: str = "cpu",
+                        dedup_in_score: bool = True) -> SlowValidator:
+    """The slow-level stage a spec asks for (models not loaded yet: call ``load()``).
+    ``dedup_in_score``: see ``SlowValidator``."""
     v = spec.validation
     batch_size = spec.resources.gpu_batch_size
     nsfw = NsfwModel(backend=v.nsfw_backend, model_id=v.nsfw_model, device=device,
@@ -381,7 +403,8 @@ def make_slow_validator(spec: "DatasetSpec", device: str = "cpu") -> SlowValidat
     return SlowValidator(spec.labels, nsfw=nsfw, clip=clip, nsfw_threshold=v.nsfw_threshold,
                          clip_threshold=v.clip_threshold, wrong_class=v.wrong_class,
                          prompts=tuple(v.clip_prompts), keep_embedding=v.keep_embedding,
-                         embedding_dedup_threshold=v.embedding_dedup_threshold)
+                         embedding_dedup_threshold=v.embedding_dedup_threshold,
+                         dedup_in_score=dedup_in_score)
 
 
 def check_slow_requirements(spec: "DatasetSpec") -> None:

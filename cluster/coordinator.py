@@ -153,7 +153,8 @@ class RayExecutor:
                 names.limiters[i] = limiter_name(src.engine, src)
                 self.limiter_names[i] = names.limiters[i].removeprefix("ratelimit:")
         self.scorers = [SlowScorer.options(name=name, namespace=NAMESPACE,
-                                           **plan.gpu_options()).remote(spec, plan.device, job)
+                                           **plan.gpu_options()).remote(
+                                               spec, plan.device, job, len(names.scorers) == 1)
                         for name in names.scorers]
         self.handles = [ShardWorker.options(**plan.worker_options()).remote(job_plan, names, i)
                         for i in range(plan.workers)]

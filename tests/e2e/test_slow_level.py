@@ -90,3 +90,28 @@ def test_clip_in_process_keeps_only_the_dataset_s_images_in_its_embedding_store(
     slow = holder["runner"].executor.runtime.services._slow
     accepted = set(pq.read_table(Path(out) / "data", columns=["id"])["id"].to_pylist())
     assert set(slow._kept.ids) == accepted
+
+
+def test_two_scorers_on_ray_keep_no_pair_within_the_embedding_threshold(
+        ray_session, sandbox, tmp_path, tiny_clip_dir):  # noqa: F811
+    """Each scorer kept its own embedding store, so with two of them an image was kept next
+    to a near duplicate that the other scorer had kept. The first scorer now holds the store
+    for both: no two images of the dataset are within the threshold."""
+    import numpy as np
+
+    threshold = 0.9
+    out = str(tmp_path / "two")
+    spec = slow_spec(sandbox, out, tiny_clip_dir, nsfw=False, clip_threshold=-1.0,
+                     wrong_class="ignore", keep_embedding=True,
+                     embedding_dedup_threshold=threshold)
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={
+        "gpu_actors": 2, "gpu_actor_cpus": 0.25, "batch_size": 4})})
+    result = run_ray(spec)
+    check_accounting(out)
+    assert result.stats["pools"]["slow"]
+    rows = pq.read_table(Path(out) / "data", columns=["id", "embedding"]).to_pylist()
+    emb = np.array([r["embedding"] for r in rows], dtype=np.float32)
+    cosines = emb @ emb.T - 2 * np.eye(len(rows))
+    assert len(rows) > 1 and cosines.max() < threshold, cosines.max()
+    rejects = pq.read_table(Path(out) / "rejects.parquet", columns=["detail"]).to_pylist()
+    assert any(r["detail"].startswith("embedding cosine ") for r in rejects)

@@ -196,6 +196,42 @@ def test_embedding_dedup_within_and_across_batches(clip: ClipModel) -> None:
     assert second[0].duplicate_of == first[0].id
 
 
+def test_several_scorers_dedup_in_the_first_one_s_store_as_one_scorer_does(
+        clip: ClipModel) -> None:
+    """With several scorers each kept its own embedding store, so a near duplicate of an
+    image another scorer had kept was kept too. Now the scorers leave the dedup to the first
+    one's store (``dedup_in_score`` off, then ``dedup_scored`` there), and the decisions are
+    those of a single scorer."""
+    threshold = 0.99
+    original = noise(1, (200, 160))
+
+    def batches() -> list[list[Record]]:
+        return [[record(jpeg_bytes(original, 95), "cat")]
+                + [record(jpeg_bytes(plain(c, (120, 90))), "cat") for c in COLOURS[:2]],
+                [record(jpeg_bytes(original, 80), "cat"),
+                 record(jpeg_bytes(plain(COLOURS[3], (120, 90))), "cat")]]
+
+    def make(**kwargs: Any) -> SlowValidator:
+        return SlowValidator(["cat"], nsfw=None, clip=clip, clip_threshold=-1.0,
+                             embedding_dedup_threshold=threshold, **kwargs)
+
+    alone, one = make(), batches()
+    for batch in one:
+        alone(batch)
+    holder, other = make(dedup_in_score=False), make(dedup_in_score=False)
+    two = batches()
+    for scorer, batch in zip((holder, other), two):  # the copy goes to the other scorer
+        scored = scorer(batch)
+        assert all(r.embedding is not None for r in scored if not r.rejected)
+        holder.dedup_scored(scored)
+    decided = [[(r.reason, r.duplicate_of) for r in batch] for batch in two]
+    assert decided == [[(r.reason, r.duplicate_of) for r in batch] for batch in one]
+    assert two[1][0].reason == Reason.NEAR_DUPLICATE.value
+    assert two[1][0].duplicate_of == two[0][0].id
+    assert all(r.embedding is None for batch in two for r in batch)  # keep_embedding off
+    assert sorted(holder._kept.ids) == sorted(alone._kept.ids) and not other._kept.ids
+
+
 def test_prepare_runs_without_weights_and_score_loads_them(tiny_clip_dir, make_vit_dir) -> None:
     clip = ClipModel(model_id=str(tiny_clip_dir))
     nsfw = NsfwModel(backend="hf", model_id=str(make_vit_dir(bias=(4.0, -4.0))))
