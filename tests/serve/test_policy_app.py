@@ -150,7 +150,7 @@ def test_server_files_internal_endpoints_and_private_networks_are_forbidden(
     ("download.concurrency", "max_download_concurrency", {"download": {"concurrency": 100_000}}),
     ("download.per_host_concurrency", "max_per_host_concurrency",
      {"download": {"per_host_concurrency": 10_000}}),
-    ("download.max_bytes", "max_bytes", {"download": {"max_bytes": 10**12}}),
+    ("download.max_bytes", "max_bytes", {"download": {"max_bytes": 500_000_000}}),
     ("validation.max_pixels", "max_pixels", {"validation": {"max_pixels": 10**12}}),
     ("resources", "job_cpus", {"resources": {"workers": 64}}),
 ])
