@@ -100,7 +100,8 @@ class RayServices(LedgerCalls):
 
     async def score(self, records: list[Record], pool: ThreadPoolExecutor) -> list[Record]:
         """Preprocess here (CPU), score on a scorer actor (GPU), copy the outcome back."""
-        from builder.slow import PreparedBatch, apply_scores, make_slow_validator
+        from builder.slow import (PreparedBatch, apply_scores, make_slow_validator,
+                                  scorers_dedup_themselves)
 
         if self._prep is None:
             self._prep = make_slow_validator(self.plan.spec, "cpu")
@@ -112,8 +113,7 @@ class RayServices(LedgerCalls):
         ref = scorer.score.remote(PreparedBatch(light, prepared.index, prepared.nsfw_pixels,
                                                 prepared.clip_pixels))
         scored = await _scores(scorer, ref)
-        if len(self.scorers) > 1 and \
-                self.plan.spec.validation.embedding_dedup_threshold is not None:
+        if not scorers_dedup_themselves(self.plan.spec, len(self.scorers)):
             holder = self.scorers[0]  # holds the embedding store for every scorer
             scored = await _scores(holder, holder.dedup.remote(scored))
         return apply_scores(records, scored)

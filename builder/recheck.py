@@ -385,7 +385,6 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     writer = ShardWriter(spec.output, out_uri, spec.labels, out_storage_options)
     publisher = DatasetPublisher(spec.output, out_uri, job_id, out_storage_options, spec.labels)
     journal = Journal(out_uri, job_id, out_storage_options)
-    publisher.check(advice=WRITE_ADVICE)
     publisher.prepare()
     try:
         numbers: dict[str, int] = {}

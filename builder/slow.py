@@ -407,6 +407,13 @@ def make_slow_validator(spec: "DatasetSpec", device: str = "cpu",
                          dedup_in_score=dedup_in_score)
 
 
+def scorers_dedup_themselves(spec: "DatasetSpec", scorers: int) -> bool:
+    """Whether each of a job's ``scorers`` applies the embedding dedup in its own ``score``
+    (``SlowValidator.dedup_in_score``); if not, the first one holds the store for all, and
+    each batch's survivors go to its ``dedup_scored``."""
+    return scorers == 1 or spec.validation.embedding_dedup_threshold is None
+
+
 def check_slow_requirements(spec: "DatasetSpec") -> None:
     """Fail at planning, not mid-job, when the slow level cannot run here: the ml extra is
     missing, an ONNX model file does not exist, or a Hugging Face model is neither a local path

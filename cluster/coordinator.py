@@ -41,6 +41,7 @@ from builder.card import empty_failure
 from builder.errors import PixCrawlerError
 from builder.job import IndexLost, JobRunner, WorkerLost
 from builder.pipeline import Continuation, JobLifecycle, JobResult, recover_ledger
+from builder.slow import scorers_dedup_themselves
 from builder.spec import DatasetSpec
 from builder.storage import delete_files, is_local_uri, join, open_fs, storage_errors
 from builder.units import UnitReport, WorkerEvents, WorkUnit
@@ -154,7 +155,8 @@ class RayExecutor:
                 self.limiter_names[i] = names.limiters[i].removeprefix("ratelimit:")
         self.scorers = [SlowScorer.options(name=name, namespace=NAMESPACE,
                                            **plan.gpu_options()).remote(
-                                               spec, plan.device, job, len(names.scorers) == 1)
+                                               spec, plan.device, job,
+                                               scorers_dedup_themselves(spec, len(names.scorers)))
                         for name in names.scorers]
         self.handles = [ShardWorker.options(**plan.worker_options()).remote(job_plan, names, i)
                         for i in range(plan.workers)]

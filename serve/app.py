@@ -566,10 +566,10 @@ CLUSTER_RETRY_S = 30
 """The ``Retry-After`` of a 503 ``cluster_unavailable``."""
 
 
-def cluster_unavailable(job_id: str, action: str, exc: BaseException) -> ApiError:
+def cluster_unavailable(job_id: str, action: str) -> ApiError:
     """503 ``cluster_unavailable``. What Ray said (the cluster's internal addresses, advice
-    meant for whoever runs the cluster) goes to the server's log, not to the API user."""
-    log.warning("job %s: Ray cannot %s it: %s", job_id, action, exc)
+    meant for whoever runs the cluster) goes to the server's log, not to the API user: the
+    caller logs it (the scheduler, for a start it refused)."""
     return ApiError(503, "cluster_unavailable", f"the Ray cluster cannot {action} job {job_id} "
                     f"now; retry in {CLUSTER_RETRY_S} s (the server's log has the details)",
                     headers={"Retry-After": str(CLUSTER_RETRY_S)})
@@ -811,7 +811,7 @@ class JobAPI:
         if Ray refused this job."""
         refused = self.scheduler.start_ready()
         if job_id in refused:
-            raise cluster_unavailable(job_id, "start", refused[job_id])
+            raise cluster_unavailable(job_id, "start")
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -898,7 +898,8 @@ class JobAPI:
             try:
                 await asyncio.to_thread(self.launcher.stop, job_id)
             except ClusterUnavailable as exc:
-                raise cluster_unavailable(job_id, "stop", exc) from None
+                log.warning("job %s: Ray cannot stop it: %s", job_id, exc)
+                raise cluster_unavailable(job_id, "stop") from None
         self.reader.forget(job_id)
         row = await self._row(job_id, principal)
         return JSONResponse(await self._current(row), status_code=202)

@@ -117,12 +117,9 @@ def serve_settings(args: argparse.Namespace, example: Optional[dict[str, Any]]
     if example is not None:
         settings["example_spec"] = example
         policy = settings.setdefault("policy", {})
-        policy["source_urls"] = [*policy.get("source_urls", []),
-                                 *(src["url"] for src in example.get("sources", [])
-                                   if src.get("url"))]
-        policy["private_network_sources"] = [*policy.get("private_network_sources", []),
-                                             *(src["url"] for src in example.get("sources", [])
-                                               if src.get("url"))]
+        sandbox = [src["url"] for src in example.get("sources", []) if src.get("url")]
+        for key in ("source_urls", "private_network_sources"):
+            policy[key] = [*policy.get(key, []), *sandbox]
     return settings
 
 

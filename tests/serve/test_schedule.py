@@ -201,11 +201,11 @@ def test_a_store_made_before_jobs_could_queue_gets_the_new_column(tmp_path):
     store.close()
 
 
-def test_the_api_answers_a_refused_start_with_503_and_keeps_ray_s_words_for_the_log(caplog):
+def test_the_api_answers_a_refused_start_with_503_and_keeps_ray_s_words_for_the_log(
+        store, caplog):
     """The 503 quoted Ray's error to the API user: the cluster's job API address, and advice
     (`ray start --head ...`) only whoever runs the cluster can follow."""
     import inspect
-    from types import SimpleNamespace
 
     from serve.app import CLUSTER_RETRY_S, JobAPI
     from serve.errors import ApiError
@@ -216,9 +216,11 @@ def test_the_api_answers_a_refused_start_with_503_and_keeps_ray_s_words_for_the_
         def __getattr__(self, name: str) -> Any:
             return inspect.getattr_static(route, name).__get__(self, route)
 
+    launcher = FakeLauncher()
     api = Replica()
-    said = ClusterUnavailable("cannot reach Ray's job API at http://10.0.0.5:8265: refused")
-    api.scheduler = SimpleNamespace(start_ready=lambda: {"a1": said})
+    api.scheduler = Scheduler(store, launcher, max_running=1, per_key=1)
+    queue(store, "a1", "alice")
+    launcher.refuse = True
     with caplog.at_level("WARNING", logger="pixcrawler.serve"):
         with pytest.raises(ApiError) as err:
             api._start("a1")
@@ -226,5 +228,7 @@ def test_the_api_answers_a_refused_start_with_503_and_keeps_ray_s_words_for_the_
     assert err.value.headers == {"Retry-After": str(CLUSTER_RETRY_S)}
     assert "a1" in err.value.message and "10.0.0.5" not in err.value.message
     assert any("10.0.0.5" in r.getMessage() for r in caplog.records)
-    api.scheduler = SimpleNamespace(start_ready=lambda: {})
+    assert sum("10.0.0.5" in r.getMessage() for r in caplog.records) == 1  # logged once
+    launcher.refuse = False
+    queue(store, "b1", "bob")
     api._start("b1")  # started, or still queued: no error
