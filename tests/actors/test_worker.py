@@ -36,6 +36,8 @@ def score_with(scorer) -> list:
 
     services = worker.RayServices.__new__(worker.RayServices)
     services.scorers, services._scored = [scorer], 0
+    services.plan = SimpleNamespace(spec=SimpleNamespace(  # no embedding dedup
+        validation=SimpleNamespace(embedding_dedup_threshold=None)))
     services._prep = SimpleNamespace(prepare=lambda records: SimpleNamespace(
         records=records, index=[], nsfw_pixels=None, clip_pixels=None))
     pool = ThreadPoolExecutor(1)
