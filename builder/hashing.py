@@ -66,6 +66,11 @@ _DCT8 = _dct_matrix(32)[:8]
 _ODD = np.where(np.arange(8) % 2, -1.0, 1.0)[None, :]
 """Mirroring a picture flips the sign of its odd horizontal DCT frequencies."""
 _LUMA = np.array([0.299, 0.587, 0.114])
+TIE = 1e-6
+"""How much larger (in grey levels) a value must be to set its bit. Flat parts of a picture give
+equal gradients and coefficients, which float rounding makes a little larger or smaller at
+random: without this margin up to 12 of a dHash's 64 bits (1.1% of all codes on 4,000 photos)
+changed with the order of the arithmetic. A tie now sets no bit, whatever the order."""
 
 
 @lru_cache(maxsize=64)
@@ -91,41 +96,19 @@ def cell_edges(n: int, full: int) -> np.ndarray:
     return np.linspace(0.0, full, n + 1)
 
 
-@dataclass(frozen=True)
-class AreaPlan:
-    """What ``area_mean`` needs besides the pixels, for one (cells, full size, n_out): it
-    depends on the sizes alone, so it is worked out once per size, not once per image."""
-
-    widths: np.ndarray
-    idx: np.ndarray
-    after: np.ndarray
-    frac: np.ndarray
-    span: np.ndarray
-
-
 @lru_cache(maxsize=256)
-def area_plan(n: int, full: int, n_out: int) -> AreaPlan:
-    """The plan for ``n_out`` equal spans of an axis of ``n`` cells covering ``full`` pixels
-    (``cell_edges``)."""
+def grid_weights(n: int, full: int, n_out: int) -> np.ndarray:
+    """(n_out, n) weights taking an axis of ``n`` cells covering ``full`` pixels (``cell_edges``)
+    to ``n_out`` equal spans: row o holds each cell's share of span o, so a product with them is
+    the exact area mean. Worked out once per size, not once per image; two small matrix products
+    cost a third of what interpolating the running integral did."""
     edges = cell_edges(n, full)
-    widths = np.diff(edges)
     at = np.linspace(edges[0], edges[-1], n_out + 1)
-    idx = np.clip(np.searchsorted(edges, at, side="right") - 1, 0, len(widths) - 1)
-    frac = (at - edges[idx]) / widths[idx]
-    plan = AreaPlan(widths, idx, idx + 1, frac, np.diff(at))
-    for array in (widths, idx, plan.after, frac, plan.span):
-        array.flags.writeable = False  # shared by every image of this size
-    return plan
-
-
-def area_mean(a: np.ndarray, plan: AreaPlan) -> np.ndarray:
-    """Exact area means of the spans of ``plan`` along the last axis of ``a``: by
-    interpolating the running integral (no matrix product, so no BLAS threads woken for a few
-    thousand multiplications)."""
-    integral = np.zeros(a.shape[:-1] + (a.shape[-1] + 1,))
-    np.cumsum(a * plan.widths, axis=-1, out=integral[..., 1:])
-    lo, hi = integral[..., plan.idx], integral[..., plan.after]
-    return np.diff(lo + plan.frac * (hi - lo), axis=-1) / plan.span
+    lo, hi = at[:-1, None], at[1:, None]
+    overlap = np.minimum(hi, edges[None, 1:]) - np.maximum(lo, edges[None, :-1])
+    weights = np.clip(overlap, 0.0, None) / np.diff(at)[:, None]
+    weights.flags.writeable = False  # shared by every image of this size
+    return weights
 
 
 @lru_cache(maxsize=16)
@@ -253,8 +236,8 @@ def signatures_many(grids: Sequence[np.ndarray]) -> list[Signatures]:
     grad = np.concatenate(grads)
     ordered = np.sort(low, axis=1)
     median = (ordered[:, 31] + ordered[:, 32]) / 2
-    codes = list(zip(_pack_rows(low > median[:, None]),
-                     _pack_rows(grad[..., 1:] > grad[..., :-1])))
+    codes = list(zip(_pack_rows(low > median[:, None] + TIE),
+                     _pack_rows(grad[..., 1:] > grad[..., :-1] + TIE)))
     n = len(stack)
     at = {view: k * n for k, view in enumerate(views)}
     return [(tuple(codes[at[v] + i] for v in STORED_VIEWS),
@@ -335,9 +318,9 @@ def luma_grid(img: Image.Image, full_size: tuple[int, int]) -> tuple[np.ndarray,
     if palette_colour is not None:
         colour = palette_colour
     rows, cols = luma.shape
-    grid = area_mean(luma, area_plan(cols, full_size[0], GRID))
-    grid = area_mean(grid.T, area_plan(rows, full_size[1], GRID)).T
-    return np.ascontiguousarray(grid), colour
+    down, across = grid_weights(rows, full_size[1], GRID), grid_weights(cols, full_size[0], GRID)
+    grid = down @ luma @ across.T
+    return grid, colour
 
 
 def to_hex(h: int) -> str:

@@ -63,3 +63,25 @@ def test_the_mirror_view_is_the_full_view_of_the_mirrored_grid():
         mirrored, _ = signatures(np.ascontiguousarray(grid[:, ::-1]))
         assert stored[STORED_VIEWS.index(MIRROR)] == mirrored[STORED_VIEWS.index(FULL)]
         assert stored[STORED_VIEWS.index(MIRROR)] != stored[STORED_VIEWS.index(FULL)]
+
+
+def test_the_grid_is_the_exact_area_mean_of_the_picture():
+    """Sides that the grid does not divide: each cell averages its fractional share of pixels
+    (worked out here by repeating every pixel GRID times along each axis)."""
+    img = picture(11, (90, 60)).convert("RGB")
+    grid, _ = luma_grid(img, img.size)
+    luma = np.asarray(img, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+    rows = np.repeat(luma, GRID, axis=0).reshape(GRID, 60, 90).mean(axis=1)
+    want = np.repeat(rows, GRID, axis=1).reshape(GRID, GRID, 90).mean(axis=2)
+    assert np.allclose(grid, want, rtol=0, atol=1e-9)
+
+
+def test_codes_do_not_depend_on_float_rounding():
+    """Flat parts give equal gradients and coefficients; arithmetic done in another order
+    (noise far below a grey level) must not set their bits at random."""
+    rng = np.random.default_rng(3)
+    flat_top = _grids()[0].copy()
+    flat_top[: GRID // 2] = 255.0
+    for grid in (flat_top, np.full((GRID, GRID), 7.0), _grids()[2]):
+        noisy = grid + rng.uniform(-1e-9, 1e-9, grid.shape)
+        assert signatures(noisy) == signatures(grid)
