@@ -1,4 +1,4 @@
-"""glibc's mmap threshold, fixed in the in-process runner's process (builder.malloc)."""
+"""glibc's mmap and trim thresholds, fixed in the in-process runner's process (builder.malloc)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,38 @@ def test_a_fixed_threshold_maps_big_blocks_after_a_bigger_one_was_freed():
 def test_the_environment_setting_wins():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
     assert probe("fix", env) == "False False"
+
+
+# In a fresh interpreter: free 8 MiB of heap blocks (each under any mmap threshold), and say
+# whether the heap kept them (its arena is still 8 MiB or more) or gave them back.
+TRIM_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from builder.malloc import fix_mmap_threshold
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
+                    "keepcost".split()]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Info
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    if sys.argv[1] == "fix":
+        fix_mmap_threshold()
+    blocks = [libc.malloc(64 << 10) for _ in range(128)]
+    for block in reversed(blocks):
+        libc.free(block)
+    print(libc.mallinfo2().arena >= 8 << 20)
+""")
+
+
+def test_a_fixed_threshold_keeps_the_freed_top_of_the_heap():
+    """Fixing the mmap threshold leaves glibc's trim threshold at 128 KiB unless it is set
+    too: each unit's temporaries were given back and faulted in again."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    assert run_python(TRIM_PROBE, "keep", env=env).strip() == "False"  # glibc's default trims
+    assert run_python(TRIM_PROBE, "fix", env=env).strip() == "True"
+    own = {**env, "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}
+    assert run_python(TRIM_PROBE, "fix", env=own).strip() == "False"  # the user's setting wins
