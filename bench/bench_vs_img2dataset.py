@@ -13,11 +13,12 @@ subprocess and timed from outside, the tools in the same order every round (inte
   ``medium`` (full decode check, sha256, pHash/dHash, exact + near-duplicate dedup),
   robots.txt and opt-out headers respected, Parquet output only.
 - ``pxc-ray``: the same with ``--ray`` (an embedded local Ray); ``pxc-local``: ``--local``.
-- ``pxc-join``: the same with ``--address``, joining a local Ray this bench starts once before
-  the rounds (``ray.cluster_utils.Cluster``: one head with the machine's cores, no dashboard)
-  and stops after them: the issue's "on Ray, e.g. joining a running local cluster", without
-  Ray's start and stop in each run. Its CPU counts the cluster's processes (GCS, raylet, the
-  workers it starts for the job) from the start of each run only.
+- ``pxc-join``: the same with ``--address``, joining a local Ray this bench starts before the
+  run and stops after it, both untimed (``ray.cluster_utils.Cluster``: one head with the
+  machine's cores, no dashboard): the issue's "on Ray, e.g. joining a running local cluster",
+  without Ray's start and stop. Its CPU counts the cluster's processes (GCS, raylet, the
+  workers it starts for the job) from the start of the run only. The cluster is up only for
+  these runs: left running, it slowed the next ``--ray`` run's start by 1.5-2 s.
 - ``i2d`` (its own venv, see ``setup_img2dataset.sh``): ``--resize_mode no --output_format
   parquet``, one process per core, sha256 (its default), nothing that changes the work, as the
   issue asks: img2dataset then decodes every image (OpenCV) and re-encodes it as JPEG, quality
@@ -381,9 +382,12 @@ PXC_FLAGS = {"pxc": [], "pxc-ray": ["--ray"], "pxc-local": ["--local"], "pxc-joi
 
 
 class JoinedRay:
-    """A local Ray cluster started once for ``pxc-join`` (a head with this machine's cores, no
+    """A local Ray cluster for a ``pxc-join`` run (a head with this machine's cores, no
     dashboard), in its own RAY_TMPDIR: that path, in its processes' command lines, is how the
-    tree monitor finds them."""
+    tree monitor finds them. Up after ``SETTLE_S`` more, so that the workers it starts idle
+    have finished their imports before the run."""
+
+    SETTLE_S = 3.0
 
     def __init__(self) -> None:
         from ray.cluster_utils import Cluster
@@ -397,6 +401,7 @@ class JoinedRay:
         self.cluster.wait_for_nodes()
         self.start_s = time.perf_counter() - t0
         self.address = self.cluster.address
+        time.sleep(self.SETTLE_S)
 
     def close(self) -> None:
         self.cluster.shutdown()
@@ -751,7 +756,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, list[RunResult]] = {tool: [] for tool in tools}
     floor: list[dict[str, float]] = []
     fixed: dict[str, Any] = {}
-    joined: Optional[JoinedRay] = None
     try:
         urls = [f"http://127.0.0.1:{port}/bench/{i:05d}.jpg" for i in range(args.n)]
         check_s, total = check_corpus(urls)
@@ -770,24 +774,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         spec_path = OUT / "pxc_spec.yaml"
         spec_path.write_text(yaml.safe_dump(pxc_spec(args.n, url_file, OUT / "pxc", args),
                                             sort_keys=False))
-        if "pxc-join" in tools:
-            joined = JoinedRay()
-            print(f"a local Ray for pxc-join at {joined.address}, up in {joined.start_s:.1f} s",
-                  flush=True)
         for k in range(1, args.runs + 1):
             for tool in tools:
                 if tool in I2D_MODES:
                     r = run_img2dataset(tool, k, url_file, OUT / "i2d", server.pid, args)
+                elif tool == "pxc-join":
+                    joined = JoinedRay()
+                    try:
+                        print(f"  a local Ray to join at {joined.address}, up in "
+                              f"{joined.start_s:.1f} s", flush=True)
+                        r = run_pixcrawler(tool, k, spec_path, OUT / "pxc", server.pid,
+                                           args.timeout, joined)
+                    finally:
+                        joined.close()
                 else:
                     r = run_pixcrawler(tool, k, spec_path, OUT / "pxc", server.pid,
-                                       args.timeout, joined)
+                                       args.timeout)
                 results[tool].append(r)
                 print_run(r)
         if not args.no_floor:
             floor.append(run_floor(url_file, "after"))
     finally:
-        if joined is not None:
-            joined.close()
         server.terminate()
         try:
             server.wait(10)
