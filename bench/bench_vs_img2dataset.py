@@ -379,6 +379,9 @@ def pxc_spec(n: int, urls: Path, out: Path, args: argparse.Namespace) -> dict[st
 
 
 PXC_FLAGS = {"pxc": [], "pxc-ray": ["--ray"], "pxc-local": ["--local"], "pxc-join": []}
+"""PixCrawler's commands: the default (the runner it chooses: in this process on a machine of
+up to 4 cores), Ray forced, this process forced, and a local Ray joined (``--address`` of a
+``JoinedRay``, added per run)."""
 
 
 class JoinedRay:
@@ -393,22 +396,34 @@ class JoinedRay:
         from ray.cluster_utils import Cluster
 
         self.tmp = Path(tempfile.mkdtemp(prefix="pxcj-", dir="/tmp"))  # short: socket paths
-        os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                          RAY_TMPDIR=str(self.tmp))
-        t0 = time.perf_counter()
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": os.cpu_count(), "include_dashboard": False})
-        self.cluster.wait_for_nodes()
-        self.start_s = time.perf_counter() - t0
-        self.address = self.cluster.address
-        time.sleep(self.SETTLE_S)
+        env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_TMPDIR": str(self.tmp)}
+        self._env = {name: os.environ.get(name) for name in env}  # put back by close()
+        os.environ.update(env)
+        self.cluster: Optional[Any] = None
+        try:
+            t0 = time.perf_counter()
+            self.cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": os.cpu_count(), "include_dashboard": False})
+            self.cluster.wait_for_nodes()
+            self.start_s = time.perf_counter() - t0
+            self.address = self.cluster.address
+            time.sleep(self.SETTLE_S)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        self.cluster.shutdown()
-        os.environ.pop("RAY_TMPDIR", None)
+        """Stop the cluster and put this process's environment back as it was."""
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+        for name, value in self._env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(self.tmp, ignore_errors=True)
-"""PixCrawler's commands: the default (the runner it chooses: in this process on a machine of
-up to 4 cores), Ray forced, this process forced."""
 
 
 def run_pixcrawler(tool: str, run: int, spec_path: Path, out: Path, server_pid: int,
@@ -656,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", default=",".join(TOOLS),
                    help="comma-separated, run in this order each round: pxc (the default "
                         "command), pxc-ray (--ray), pxc-local (--local), pxc-join (--address "
-                        "of a local Ray started once), i2d (img2dataset's "
+                        "of a local Ray started before each run), i2d (img2dataset's "
                         "default), i2d-raw (--disable_all_reencoding), i2d-decode "
                         "(--skip_reencode)")
     p.add_argument("--no-floor", action="store_true",

@@ -41,8 +41,9 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHO
     """Fix glibc's mmap threshold, and its trim threshold at ``trim``, for this process (not
     the processes it starts). Returns whether the mmap threshold was set: not where the C
     library has no ``mallopt`` (macOS), nor where the environment sets it already
-    (``MALLOC_MMAP_THRESHOLD_``, glibc's own variable, which wins; so does
-    ``MALLOC_TRIM_THRESHOLD_`` for the trim threshold)."""
+    (``MALLOC_MMAP_THRESHOLD_``, glibc's own variable, which wins: then neither threshold is
+    touched here). ``MALLOC_TRIM_THRESHOLD_`` in the environment wins for the trim
+    threshold."""
     if _ENV in os.environ:
         return False
     try:
