@@ -74,6 +74,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -412,6 +413,13 @@ class JoinedRay:
         except BaseException:
             self.close()
             raise
+
+    def __enter__(self) -> "JoinedRay":
+        print(f"  a local Ray to join at {self.address}, up in {self.start_s:.1f} s", flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop the cluster and put this process's environment back as it was."""
@@ -793,18 +801,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             for tool in tools:
                 if tool in I2D_MODES:
                     r = run_img2dataset(tool, k, url_file, OUT / "i2d", server.pid, args)
-                elif tool == "pxc-join":
-                    joined = JoinedRay()
-                    try:
-                        print(f"  a local Ray to join at {joined.address}, up in "
-                              f"{joined.start_s:.1f} s", flush=True)
+                else:
+                    with JoinedRay() if tool == "pxc-join" else nullcontext() as joined:
                         r = run_pixcrawler(tool, k, spec_path, OUT / "pxc", server.pid,
                                            args.timeout, joined)
-                    finally:
-                        joined.close()
-                else:
-                    r = run_pixcrawler(tool, k, spec_path, OUT / "pxc", server.pid,
-                                       args.timeout)
                 results[tool].append(r)
                 print_run(r)
         if not args.no_floor:

@@ -12,9 +12,8 @@ from tests.processes import run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
-# In a fresh interpreter: free a 16 MiB block (glibc maps it), then take 2 MiB, and say whether
-# glibc mapped the 2 MiB block too (mallinfo2's count of mapped blocks went up).
-PROBE = textwrap.dedent("""
+# What both probes start with: glibc's allocator and its statistics (mallinfo2), through ctypes.
+LIBC = textwrap.dedent("""
     import ctypes, sys
     from builder.malloc import fix_mmap_threshold
 
@@ -27,6 +26,11 @@ PROBE = textwrap.dedent("""
     libc.mallinfo2.restype = Info
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
+""")
+
+# In a fresh interpreter: free a 16 MiB block (glibc maps it), then take 2 MiB, and say whether
+# glibc mapped the 2 MiB block too (mallinfo2's count of mapped blocks went up).
+PROBE = LIBC + textwrap.dedent("""
     fixed = fix_mmap_threshold() if sys.argv[1] == "fix" else False
     libc.free(libc.malloc(16 << 20))
     before = libc.mallinfo2().hblks
@@ -36,8 +40,8 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def probe(how: str, env: dict[str, str]) -> str:
-    return run_python(PROBE, how, env=env).strip()
+def probe(how: str, env: dict[str, str], code: str = PROBE) -> str:
+    return run_python(code, how, env=env).strip()
 
 
 def test_a_fixed_threshold_maps_big_blocks_after_a_bigger_one_was_freed():
@@ -54,19 +58,7 @@ def test_the_environment_setting_wins():
 
 # In a fresh interpreter: free 8 MiB of heap blocks (each under any mmap threshold), and say
 # whether the heap kept them (its arena is still 8 MiB or more) or gave them back.
-TRIM_PROBE = textwrap.dedent("""
-    import ctypes, sys
-    from builder.malloc import fix_mmap_threshold
-
-    class Info(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
-                    "keepcost".split()]
-
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = Info
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
+TRIM_PROBE = LIBC + textwrap.dedent("""
     if sys.argv[1] == "fix":
         fix_mmap_threshold()
     blocks = [libc.malloc(64 << 10) for _ in range(128)]
@@ -81,7 +73,7 @@ def test_a_fixed_threshold_keeps_the_freed_top_of_the_heap():
     too: each unit's temporaries were given back and faulted in again."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    assert run_python(TRIM_PROBE, "keep", env=env).strip() == "False"  # glibc's default trims
-    assert run_python(TRIM_PROBE, "fix", env=env).strip() == "True"
+    assert probe("keep", env, TRIM_PROBE) == "False"  # glibc's default trims
+    assert probe("fix", env, TRIM_PROBE) == "True"
     own = {**env, "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}
-    assert run_python(TRIM_PROBE, "fix", env=own).strip() == "False"  # the user's setting wins
+    assert probe("fix", own, TRIM_PROBE) == "False"  # the user's setting wins
