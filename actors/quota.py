@@ -1,20 +1,31 @@
 """The job's quota ledger as an actor (``builder.quota.QuotaLedger``): grants per unit, the
-committed counts per class, and shard numbers. It recovers from the journal when it restarts."""
+committed counts per class, and shard numbers.
+
+The driver works the ledger out (from the journal when the job resumes) and hands it to the
+first start. A restart rebuilds it from the journal (``builder.pipeline.recover_ledger``);
+only then does the actor import the job's modules, which would cost every job's ledger about
+0.4 s of CPU and 80 MB."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import ray
 
+from actors import restarted
 from builder.quota import QuotaLedger
 
 
 @ray.remote
 class QuotaActor:
-    def __init__(self, make_ledger: Callable[[], QuotaLedger]):
-        self.ledger = make_ledger()
+    def __init__(self, ledger: QuotaLedger, recovery: dict[str, Any]):
+        """``recovery``: ``recover_ledger``'s arguments, for a restart."""
+        if restarted():
+            from builder.pipeline import recover_ledger
+
+            ledger = recover_ledger(**recovery)
+        self.ledger = ledger
         self.incarnation = uuid.uuid4().hex
 
     def call(self, method: str, *args: Any) -> tuple[str, Any]:

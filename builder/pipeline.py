@@ -358,6 +358,12 @@ class JobLifecycle:
     def ledger(self) -> QuotaLedger:
         return recover_ledger(**self.recovery())
 
+    @property
+    def index_starts_empty(self) -> bool:
+        """Nothing decided before this job: it resumes no journal and continues no dataset,
+        so ``index_payloads`` yields nothing."""
+        return self.state is None and not self.merge
+
     def recovery(self) -> dict[str, Any]:
         """What a restarted ledger needs to rebuild from the journal."""
         return {"spec": self.spec, "uri": self.uri, "job_id": self.job_id,

@@ -40,7 +40,8 @@ from actors.worker import ServiceNames, ShardWorker
 from builder.card import empty_failure
 from builder.errors import PixCrawlerError
 from builder.job import IndexLost, JobRunner, WorkerLost
-from builder.pipeline import Continuation, JobLifecycle, JobResult, recover_ledger
+from builder.pipeline import Continuation, JobLifecycle, JobResult
+from builder.quota import QuotaLedger
 from builder.slow import scorers_dedup_themselves
 from builder.spec import DatasetSpec
 from builder.storage import delete_files, is_local_uri, join, open_fs, storage_errors
@@ -124,7 +125,9 @@ class RayExecutor:
     """The job's actors; ``run``/``flush`` translate lost actors into ``WorkerLost`` /
     ``IndexLost`` for the runner."""
 
-    def __init__(self, life: JobLifecycle, plan: PoolPlan, job_plan: JobPlan):
+    def __init__(self, life: JobLifecycle, plan: PoolPlan, job_plan: JobPlan,
+                 ledger: QuotaLedger):
+        """``ledger``: the quota ledger as the job starts (``JobLifecycle.ledger``)."""
         self.life = life
         self.pool = plan
         self.job_plan = job_plan
@@ -142,10 +145,11 @@ class RayExecutor:
                              if plan.slow else [])
         self.partitions = [
             DedupPartitionActor.options(name=name, namespace=NAMESPACE, **small).remote(
-                p, plan.partitions, v.near_duplicate_threshold, v.level != "fast", recovery)
+                p, plan.partitions, v.near_duplicate_threshold, v.level != "fast", recovery,
+                life.index_starts_empty)
             for p, name in enumerate(names.partitions)]
         self.quota = QuotaActor.options(name=names.quota, namespace=NAMESPACE, **small).remote(
-            functools.partial(recover_ledger, **life.recovery()))
+            ledger, life.recovery())
         self.limiters: dict[int, Any] = {}
         self.limiter_names: dict[int, str] = {}
         for i, src in enumerate(spec.sources):
@@ -707,7 +711,8 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     recreate = functools.partial(progress_actor, job_id, spec.name)
     reporter = ProgressReporter(recreate() if observed else None, lambda: life.runner, progress,
                                 recreate=recreate)
-    executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1, workers=plan.workers))
+    executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1, workers=plan.workers),
+                           await asyncio.to_thread(life.ledger))
     try:
         await executor.start()
         outcome = await life.run(executor, units_per_worker=plan.units_per_worker,
