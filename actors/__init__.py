@@ -1,4 +1,13 @@
-"""Ray actors that wrap builder/ pieces: they hold state (a pool, an index, a model), not logic."""
+"""Ray actors that wrap builder/ pieces: they hold state (a pool, an index, a model), not logic.
+
+``builder`` is imported first, for its process settings alone (``builder/__init__.py``:
+allocator, BLAS threads, huge pages): on a cluster the driver joined, an actor's process did
+not inherit the driver's environment, and they must be in it before an actor's module loads
+numpy or pyarrow."""
+
+import importlib
+
+importlib.import_module("builder")
 
 NAMESPACE = "pixcrawler"
 

@@ -29,5 +29,15 @@ reads the setting when numpy loads, so it is set here with the allocator's, for 
 and the ones it starts; a value already in the environment is kept. PyTorch's and
 onnxruntime's threads (the slow level's models) are their own, and this leaves them alone."""
 
-for _name, _value in {**ARROW_ALLOCATOR_ENV, **NUMPY_THREAD_ENV}.items():
+NUMPY_HUGEPAGE_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+"""No transparent huge pages for numpy's arrays. numpy asks for them for every array of 4 MiB
+and more: here, the dedup index's tables (``builder.dedup.Multimap``), which double as the
+index grows. Each new table faulted in 2 MiB pages that the kernel zeroed, as pyarrow's arenas
+did above, and how long that took varied from run to run: growing one table to 4M keys took
+0.57-2.0 s of CPU (median 1.29) with them, 0.74-0.78 s without
+(``bench/bench_index_growth.py``). Over the 20,000-photo bench the runner's index calls took
+2.4-3.1 s with them, 1.7 s without. numpy reads the setting when it loads, so it is set here
+with the others; a value already in the environment is kept."""
+
+for _name, _value in {**ARROW_ALLOCATOR_ENV, **NUMPY_THREAD_ENV, **NUMPY_HUGEPAGE_ENV}.items():
     os.environ.setdefault(_name, _value)
