@@ -14,7 +14,15 @@ NAMESPACE = "pixcrawler"
 
 def restarted() -> bool:
     """Whether Ray restarted the calling actor (its process or node was lost): asked in its
-    ``__init__``, which Ray runs again with the first start's arguments."""
+    ``__init__``, which Ray runs again with the first start's arguments. Where Ray's cluster
+    database cannot say (no answer, or no record of the actor), this answers True: an actor
+    that rebuilds itself from the journal when it need not is only slower, while one that
+    took a restart for a first start would come back empty in the middle of a job."""
     import ray
+    from ray.exceptions import RayError
 
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    try:
+        answer = ray.get_runtime_context().was_current_actor_reconstructed
+    except (RayError, OSError):
+        return True
+    return answer if isinstance(answer, bool) else True

@@ -1,8 +1,8 @@
 """The job's quota ledger as an actor (``builder.quota.QuotaLedger``): grants per unit, the
 committed counts per class, and shard numbers.
 
-The driver works the ledger out (from the journal when the job resumes) and hands it to the
-first start. A restart rebuilds it from the journal (``builder.pipeline.recover_ledger``);
+The driver works the ledger out (from the journal when the job resumes, and the published
+dataset when it continues one) and hands it to the first start. A restart rebuilds it from the journal (``builder.pipeline.recover_ledger``);
 only then does the actor import the job's modules, which would cost every job's ledger about
 0.4 s of CPU and 80 MB."""
 

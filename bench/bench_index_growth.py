@@ -7,7 +7,8 @@ asks for transparent huge pages for every array of 4 MiB and more unless
 then faults in 2 MiB pages that the kernel zeroes. This grows one table to ``--keys`` keys in
 units of ``--unit`` keys (256 images x 4 stored views x 50 keys at the default threshold), in
 fresh processes, the two settings alternated ``--rounds`` times, and prints the CPU seconds
-of the rebuilds and of the whole growth, and the page faults, per setting (min, median, max).
+of the rebuilds and of the whole growth, the page faults, and the CPU seconds of looking up
+``LOOKUPS`` units of keys in the grown table, per setting (min, median, max).
 
     .venv/bin/python bench/bench_index_growth.py [--keys 4000000] [--rounds 6]
 """
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LOOKUPS = 40
+"""Units of keys looked up in the grown table, half of them filed (the steady state)."""
 SETTINGS = {"huge pages (numpy's default)": "1", "4 KiB pages (the package's default)": "0"}
 
 
@@ -50,9 +53,17 @@ def grow(keys: int, unit: int, seed: int) -> dict[str, float]:
             table.rebuild(2 * (table.count + len(drawn[part])), alive)
             rebuild_s += time.process_time() - t1
         table.insert(drawn[part], rows[part])
-    return {"total_s": time.process_time() - t0, "rebuild_s": rebuild_s,
-            "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0,
-            "huge": bool(np._core.multiarray._get_madvise_hugepage())}
+    total_s = time.process_time() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    probes = rnd.integers(1, 2**63, size=LOOKUPS * unit, dtype=np.uint64) | np.uint64(1)
+    probes[::2] = drawn[rnd.integers(0, keys, size=len(probes[::2]))]  # half of them filed
+    t1 = time.process_time()
+    for start in range(0, len(probes), unit):
+        table.lookup(probes[start:start + unit])
+    return {"total_s": total_s, "rebuild_s": rebuild_s, "faults": faults,
+            "lookup_s": time.process_time() - t1,
+            "huge": bool((getattr(np, "_core", None) or np.core)  # numpy.core before 2.0
+                         .multiarray._get_madvise_hugepage())}
 
 
 def main() -> int:
@@ -81,7 +92,7 @@ def main() -> int:
           f"{args.rounds} rounds alternated; CPU s and page faults, min / median / max")
     for name, runs in results.items():
         cells = []
-        for key in ("rebuild_s", "total_s", "faults"):
+        for key in ("rebuild_s", "total_s", "faults", "lookup_s"):
             v = sorted(r[key] for r in runs)
             fmt = "{:,.0f}" if key == "faults" else "{:.2f}"
             cells.append(f"{key} " + " / ".join(fmt.format(x) for x in

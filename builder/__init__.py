@@ -32,12 +32,17 @@ onnxruntime's threads (the slow level's models) are their own, and this leaves t
 NUMPY_HUGEPAGE_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
 """No transparent huge pages for numpy's arrays. numpy asks for them for every array of 4 MiB
 and more: here, the dedup index's tables (``builder.dedup.Multimap``), which double as the
-index grows. Each new table faulted in 2 MiB pages that the kernel zeroed, as pyarrow's arenas
-did above, and how long that took varied from run to run: growing one table to 4M keys took
-0.57-2.0 s of CPU (median 1.29) with them, 0.74-0.78 s without
-(``bench/bench_index_growth.py``). Over the 20,000-photo bench the runner's index calls took
-2.4-3.1 s with them, 1.7 s without. numpy reads the setting when it loads, so it is set here
-with the others; a value already in the environment is kept."""
+index grows. Each new table faults in 2 MiB pages that the kernel zeroes, as pyarrow's arenas
+did above, and how long that takes depends on whether the kernel has huge pages ready. On the
+machine we measure on, growing one table (``bench/bench_index_growth.py``) took a median
+1.29 s of CPU with them against 0.76 s without at 4M keys (about 20,000 photos; 0.57-2.0 s
+against 0.74-0.78 s), 17.1 s against 7.8 s at 32M keys, while lookups in the grown table were
+12% faster with them. Over the 20,000-photo bench the runner's index calls took 2.4-3.1 s
+with them, 1.7 s without. Where huge pages come cheap they can win: an earlier measurement
+here filled a 10M-image partition in 148 s with them against 317 s without (bench/README.md,
+"The partitions as Ray actors, and huge pages"); set the variable to 1 for such an index.
+numpy reads it when it loads, so it is set here with the others; a value already in the
+environment is kept."""
 
 for _name, _value in {**ARROW_ALLOCATOR_ENV, **NUMPY_THREAD_ENV, **NUMPY_HUGEPAGE_ENV}.items():
     os.environ.setdefault(_name, _value)

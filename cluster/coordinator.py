@@ -705,6 +705,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     life = JobLifecycle(spec, uri=uri, job_id=job_id, storage_options=storage_options,
                         resume=resume, continuation=continuation)
     await asyncio.to_thread(life.prepare)
+    ledger = await asyncio.to_thread(life.ledger)
     job_id = life.job_id
     log.info("[%s] starting: %d classes, %d workers of %g CPU, %d index partitions", job_id,
              len(spec.labels), plan.workers, plan.worker_cpus, plan.partitions)
@@ -712,7 +713,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     reporter = ProgressReporter(recreate() if observed else None, lambda: life.runner, progress,
                                 recreate=recreate)
     executor = RayExecutor(life, plan, life.job_plan(cpu_threads=1, workers=plan.workers),
-                           await asyncio.to_thread(life.ledger))
+                           ledger)
     try:
         await executor.start()
         outcome = await life.run(executor, units_per_worker=plan.units_per_worker,

@@ -1,7 +1,8 @@
 """The quota ledger and the index partitions on Ray: at a new job's first start they take what
 the driver gives them and read nothing, nor import the job's modules to read with (0.4 s of
 CPU and 80 MB each); a resumed job's partition reads the journal at its first start; and
-either one that restarts (its process was lost) rebuilds itself from the journal."""
+either one that restarts (its process was lost), or cannot tell whether it did, rebuilds
+itself from the journal."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import ray
+from ray.exceptions import RpcError
 
 from actors.dedup import DedupPartitionActor
 from actors.options import PoolPlan
@@ -83,3 +85,29 @@ def test_a_partition_reads_the_journal_when_its_job_resumes_or_it_restarts(
         assert ray.get(actor.stats.remote(), timeout=60)["urls"] == urls
     finally:
         ray.kill(actor, no_restart=True)
+
+
+class _Context:
+    def __init__(self, answer: Any):
+        self.answer = answer
+
+    @property
+    def was_current_actor_reconstructed(self) -> Any:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (False, False), (True, True),
+    ({}, True),  # Ray's cluster database has no record of the actor
+    (RpcError("GCS unavailable"), True),
+])
+def test_an_actor_that_cannot_tell_whether_it_restarted_reads_the_journal(
+        monkeypatch, answer, expected):
+    """Taking a restart for a first start would bring the ledger or a partition back empty
+    in the middle of a job; reading the journal when it need not is only slower."""
+    from actors import restarted
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Context(answer))
+    assert restarted() is expected

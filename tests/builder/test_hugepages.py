@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-HUGEPAGES = "import numpy; print(numpy._core.multiarray._get_madvise_hugepage())"
+HUGEPAGES = ("import numpy; core = getattr(numpy, '_core', None) or numpy.core; "
+             "print(core.multiarray._get_madvise_hugepage())")  # numpy.core before 2.0
 
 
 def hugepages(code: str, **env: str) -> bool:

@@ -295,3 +295,32 @@ def test_a_resume_may_spell_the_output_another_way_but_not_change_the_spec(tmp_p
     meta["fingerprint"] = spec_fingerprint(spec(absolute), with_uri=True)  # an older journal
     meta_path.write_text(json.dumps(meta))
     Journal(absolute, "j1").load(spec(absolute))
+
+
+def test_only_a_new_job_starts_with_an_empty_index(tmp_path):
+    """On Ray a new job's index partitions read nothing at their first start
+    (``JobLifecycle.index_starts_empty``): that must hold only where ``index_payloads`` has
+    nothing to give. A resumed job's partitions load what its journal committed."""
+    from builder.dedup import LocalPartitions
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"http://h/{i}\n" for i in range(50)))
+    data = {"name": "ds", "target": 1000, "classes": {"cat": None},
+            "sources": [{"engine": "urllist", "path": str(urls)}],
+            "output": {"uri": str(tmp_path / "ds"), "formats": ["parquet"]}}
+    client = LocalPartitions(8, near=True, k=1).client()
+    new = JobLifecycle(parse_spec(data), uri=data["output"]["uri"])
+    new.prepare()
+    assert new.index_starts_empty
+    assert list(new.index_payloads(client)) == []
+
+    assert new.journal is not None
+    table = unit_table(0, random.Random(3))
+    unit = WorkUnit(uid="l00-00000", seq=0, kind="list", source=0, start=0)
+    report = UnitReport(unit.uid)
+    report.classes["cat"] = ClassTally(table.num_rows, 0, {"http_client_error": table.num_rows})
+    new.journal.write_unit(unit, report, table)  # the run was killed after this unit
+    resumed = JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True)
+    resumed.prepare()
+    assert not resumed.index_starts_empty
+    assert list(resumed.index_payloads(client))
