@@ -2,9 +2,9 @@
 committed counts per class, and shard numbers.
 
 The driver works the ledger out (from the journal when the job resumes, and the published
-dataset when it continues one) and hands it to the first start. A restart rebuilds it from the journal (``builder.pipeline.recover_ledger``);
-only then does the actor import the job's modules, which would cost every job's ledger about
-0.4 s of CPU and 80 MB."""
+dataset when it continues one) and hands it to the first start. A restart rebuilds it from
+the journal (``builder.pipeline.recover_ledger``); only then does the actor import the job's
+modules, which would cost every job's ledger about 0.4 s of CPU and 80 MB."""
 
 from __future__ import annotations
 

@@ -5,10 +5,11 @@ when it loads."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.processes import run_python
 
 HUGEPAGES = ("import numpy; core = getattr(numpy, '_core', None) or numpy.core; "
              "print(core.multiarray._get_madvise_hugepage())")  # numpy.core before 2.0
@@ -18,10 +19,8 @@ def hugepages(code: str, **env: str) -> bool:
     """Whether numpy, in a fresh interpreter running ``code``, asks for huge pages."""
     environ = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
     environ.update(env)
-    proc = subprocess.run([sys.executable, "-c", f"{code}; {HUGEPAGES}"], capture_output=True,
-                          text=True, env=environ, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return {"True": True, "False": False}[proc.stdout.strip()]
+    return {"True": True, "False": False}[run_python(f"{code}; {HUGEPAGES}",
+                                                     env=environ).strip()]
 
 
 @pytest.mark.parametrize("module", ["cluster.cli", "builder.worker_procs", "actors.dedup",

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.processes import run_python
 
 # A product big enough for OpenBLAS to use its threads; then the process's thread count.
 PRODUCT = ("import numpy as np; a = np.ones((600, 600)); a @ a; import os; "
@@ -22,10 +23,7 @@ def run(code: str, **env: str) -> str:
     environ = {k: v for k, v in os.environ.items()
                if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS")}
     environ.update(env)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=environ, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    return run_python(code, env=environ).strip()
 
 
 @needs_threads
