@@ -186,10 +186,11 @@ _TURN_CHUNK = 16
 def turn_many(stack: np.ndarray, degrees: float) -> np.ndarray:
     """Each ``GRID`` x ``GRID`` grid of ``stack`` turned ``degrees`` counter-clockwise, equal to
     the bit to Pillow's bilinear ``rotate`` of its float32 copy (the arithmetic is Pillow's:
-    float32 differences along a row, float64 weights, a float32 result), at about half the
-    CPU: Pillow's per-image conversions and per-pixel calls cost more than the sampling."""
+    float32 differences along a row, float64 weights, a float32 result, returned as float32),
+    at about half the CPU: Pillow's per-image conversions and per-pixel calls cost more than
+    the sampling."""
     plan = turn_plan(degrees)
-    out = np.empty((len(stack), GRID * GRID), np.float64)
+    out = np.empty((len(stack), GRID * GRID), np.float32)
     buffer = np.zeros((min(len(stack), _TURN_CHUNK), GRID * GRID + 1), np.float32)
     for start in range(0, len(stack), _TURN_CHUNK):
         part = stack[start:start + _TURN_CHUNK]
@@ -204,8 +205,7 @@ def turn_many(stack: np.ndarray, degrees: float) -> np.ndarray:
         bottom += c
         bottom -= top
         bottom *= plan.dy
-        bottom += top
-        out[start:start + len(part)] = bottom.astype(np.float32)
+        np.add(bottom, top, out=out[start:start + len(part)])  # rounded to float32 as stored
     return out.reshape(stack.shape)
 
 
@@ -244,11 +244,6 @@ def signatures_many(grids: Sequence[np.ndarray]) -> list[Signatures]:
     at = {view: k * n for k, view in enumerate(views)}
     return [(tuple(codes[at[v] + i] for v in STORED_VIEWS),
              tuple(codes[at[v] + i] for v in PROBE_VIEWS)) for i in range(n)]
-
-
-def signatures(grid: np.ndarray) -> Signatures:
-    """(stored, probes) of one luma grid."""
-    return signatures_many([grid])[0]
 
 
 MIN_CELLS = 40
@@ -342,13 +337,24 @@ class ImageHashes:
     colour: bool
 
 
-def hash_bytes(data: bytes) -> ImageHashes:
-    """sha256 and perceptual signatures of encoded image bytes (first frame of an animation)."""
+def _decoded_grid(data: bytes) -> tuple[np.ndarray, bool]:
     with Image.open(io.BytesIO(data)) as img:
         full_size = img.size
         prepare(img)
         img.load()
-        grid, colour = luma_grid(img, full_size)
-    stored, probes = signatures(grid)
-    return ImageHashes(hashlib.sha256(data).hexdigest(), stored[0][0], stored[0][1], stored,
-                       probes, colour)
+        return luma_grid(img, full_size)
+
+
+def hash_many(datas: Sequence[bytes]) -> list[ImageHashes]:
+    """``hash_bytes`` of each of a batch, the batch's signatures worked out together as the
+    validator works them out (``signatures_many``)."""
+    grids = [_decoded_grid(data) for data in datas]
+    return [ImageHashes(hashlib.sha256(data).hexdigest(), stored[0][0], stored[0][1], stored,
+                        probes, colour)
+            for data, (_, colour), (stored, probes) in
+            zip(datas, grids, signatures_many([grid for grid, _ in grids]))]
+
+
+def hash_bytes(data: bytes) -> ImageHashes:
+    """sha256 and perceptual signatures of encoded image bytes (first frame of an animation)."""
+    return hash_many([data])[0]

@@ -3,9 +3,14 @@ import io
 import numpy as np
 from PIL import Image
 
-from builder.hashing import (FULL, GRID, MIRROR, STORED_VIEWS, hamming, hash_bytes, luma_grid,
-                             prepare, signatures, signatures_many, turn_many)
+from builder.hashing import (FULL, GRID, MIRROR, STORED_VIEWS, Signatures, hamming, hash_bytes,
+                             hash_many, luma_grid, prepare, signatures_many, turn_many)
 from tests.images import encode, jpeg, picture
+
+
+def signatures(grid: np.ndarray) -> Signatures:
+    """The codes of one grid, worked out alone."""
+    return signatures_many([grid])[0]
 
 
 def test_hashes_stable_and_discriminative():
@@ -42,6 +47,12 @@ def test_a_batch_gives_each_grid_the_codes_it_gets_alone():
     grids = _grids()
     assert signatures_many(grids) == [signatures(g) for g in grids]
     assert signatures_many(grids[::-1]) == [signatures(g) for g in grids[::-1]]
+
+
+def test_hashing_a_batch_gives_each_image_what_it_gets_alone():
+    datas = [jpeg(1), encode(picture(2, (300, 420)), "PNG"), jpeg(3, (1200, 800)), jpeg(1)]
+    assert hash_many(datas) == [hash_bytes(d) for d in datas]
+    assert hash_many(datas[::-1]) == [hash_bytes(d) for d in datas[::-1]]
 
 
 def test_turning_a_batch_equals_pillows_bilinear_rotate_to_the_bit():
