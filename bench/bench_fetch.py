@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from builder.fetch import Fetcher  # noqa: E402
 from builder.records import Candidate, Record  # noqa: E402
 from builder.spec import DownloadSpec  # noqa: E402
+from loopback import pack_bodies  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 WIDTH, HEIGHT = 512, 384
@@ -95,8 +96,7 @@ def _serve(pack: str, offsets: list[int], port_queue: "mp.Queue[int]") -> None:
     """
     from aiohttp import web
 
-    blob = Path(pack).read_bytes()
-    bodies = [blob[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    bodies = pack_bodies(pack, offsets)
 
     async def handler(request: web.BaseRequest) -> web.Response:
         path = request.path

@@ -35,6 +35,7 @@ from builder.records import Candidate, Record  # noqa: E402
 from builder.spec import ValidationSpec  # noqa: E402
 from builder.validate import ImageValidator  # noqa: E402
 from tests.images import jpeg  # noqa: E402
+from loopback import pack_bodies  # noqa: E402
 from photo_corpus import photo_pack  # noqa: E402
 
 
@@ -45,9 +46,7 @@ def corpus(n: int) -> list[bytes]:
 
 def photos(n: int) -> list[bytes]:
     """The first ``n`` crops of the 4,000-photo pack (``photo_corpus.photo_pack``)."""
-    pack, offsets = photo_pack(max(n, 4000))
-    data = pack.read_bytes()
-    return [data[offsets[i]:offsets[i + 1]] for i in range(n)]
+    return pack_bodies(*photo_pack(max(n, 4000)), n)
 
 
 _K = np.arange(32)[:, None]

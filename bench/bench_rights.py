@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from loopback import SIGNAL_FILES, SIGNAL_HEADERS, corpus_pack  # noqa: E402
+from loopback import SIGNAL_FILES, SIGNAL_HEADERS, corpus_pack, pack_bodies  # noqa: E402
 from builder.ports import free_port  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "rights"
@@ -143,8 +143,7 @@ def micro(n: int) -> dict[str, float]:
     headers = CIMultiDict(SIGNAL_HEADERS)
     response_signals = ResponseSignals(cfg)
     pack, offsets = pack_of(n)
-    blob = pack.read_bytes()
-    images = [blob[offsets[i]:offsets[i + 1]] for i in range(min(n, 2000))]
+    images = pack_bodies(pack, offsets, 2000)
     urls = [URL(f"http://127.0.0.1:8000/bench/{i:05d}.jpg") for i in range(n)]
     out: dict[str, float] = {}
 

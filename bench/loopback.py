@@ -83,12 +83,17 @@ SIGNAL_HEADERS = {"X-Robots-Tag": "max-image-preview:large", "tdm-reservation": 
                   "Content-Usage": "train-ai=y"}
 
 
+def pack_bodies(pack: Path | str, offsets: list[int], n: int | None = None) -> list[bytes]:
+    """The first ``n`` images of a pack (all by default), each its own bytes."""
+    blob = Path(pack).read_bytes()
+    count = len(offsets) - 1 if n is None else min(n, len(offsets) - 1)
+    return [blob[offsets[i]:offsets[i + 1]] for i in range(count)]
+
+
 def _serve(pack: str, offsets: list[int], port: int, signals: bool = False) -> None:
     from aiohttp import web
 
-    blob = Path(pack).read_bytes()
-    bodies = [blob[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-    del blob
+    bodies = pack_bodies(pack, offsets)
     headers = SIGNAL_HEADERS if signals else None
 
     async def handler(request: web.BaseRequest) -> web.Response:
