@@ -23,11 +23,14 @@ from builder.dedup import DedupClient, DedupPartition
 @ray.remote
 class DedupPartitionActor:
     def __init__(self, index: int, k: int, threshold: int, near: bool,
-                 recovery: Optional[dict[str, Any]] = None, starts_empty: bool = False):
+                 recovery: Optional[dict[str, Any]] = None, starts_empty: bool = False,
+                 signatures: float = 0.0):
         """``recovery``: ``builder.pipeline.index_payloads``'s arguments, None for an index
         that never recovers; ``starts_empty``: the first start has nothing to read (a new
-        job), only a restart does."""
-        self.part = DedupPartition(threshold, near)
+        job), only a restart does; ``signatures``: the stored signatures the whole index
+        expects (``JobLifecycle.index_signatures``), of which this partition files about a
+        ``1/k`` share."""
+        self.part = DedupPartition(threshold, near, signatures / k)
         self.index = index
         self.incarnation = uuid.uuid4().hex
         if recovery is not None and not (starts_empty and not restarted()):

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -69,6 +70,10 @@ whose dataset this run continues, held by the candidate key's own claim."""
 
 MAX_RELATIONS = 8
 """Near matches reported per probed item (the closest ones)."""
+NEAR_START_SLOTS = 1 << 23
+"""The most slots a partition's near-duplicate table starts with: 96 MiB (8-byte keys, 4-byte
+rows), room for the keys of 20,000 images at the default threshold. Past it the table grows as
+it fills."""
 KEY_T = 4
 """The widest threshold whose keys every pair within it shares (pigeonhole); above it the
 keys stay this wide (see ``KeyScheme``)."""
@@ -607,17 +612,28 @@ class DedupPartition:
     here. Every method takes and returns dicts of numpy arrays (cheap to send between
     processes). Calls are applied in the order they arrive."""
 
-    def __init__(self, threshold: int, near: bool = True):
+    def __init__(self, threshold: int, near: bool = True, signatures: float = 0.0):
+        """``signatures``: how many stored signatures this partition expects to file (its
+        share of ``JobLifecycle.index_signatures``). Its near-duplicate table starts with room
+        for their keys, up to ``NEAR_START_SLOTS``, rather than doubling its way up from 1,024
+        slots: each doubling re-files every key, 13 of them and 0.54 s of the runner's CPU
+        over a job of 20,000 photos (bench/README.md)."""
         self.scheme = KeyScheme(threshold)
         self.t = threshold
         self.near = near
         self._urls = ClaimTable()
         self._exact = Multimap()
         self._ex = _Columns(id=U64, claim=U64, token=U64, ref=U64, state=np.uint8)
-        self._near = Multimap()
+        self._near = Multimap(self.near_start_slots(signatures) if near else 1024)
         self._ne = _Columns(id=U64, claim=U64, token=U64, a=U64, b=U64, pos=np.int32,
                             state=np.uint8)
         self.decisions = 0
+
+    def near_start_slots(self, signatures: float) -> int:
+        """The near-duplicate table's first size for ``signatures`` expected signatures: at
+        most half full once they are all filed (when ``Multimap.needs_room`` would grow it)."""
+        keys = math.ceil(max(signatures, 0.0) * self.scheme.n_keys)
+        return max(1024, min(2 * keys, NEAR_START_SLOTS))
 
     # -- URLs -------------------------------------------------------------------------------
 
@@ -1245,8 +1261,10 @@ class LocalPartitions:
     """The partitions in this process: ``call`` for a ``DedupClient`` (the in-process runner;
     tests and benchmarks)."""
 
-    def __init__(self, threshold: int, near: bool = True, k: int = 1):
-        self.partitions = [DedupPartition(threshold, near) for _ in range(k)]
+    def __init__(self, threshold: int, near: bool = True, k: int = 1, signatures: float = 0.0):
+        """``signatures``: the stored signatures the whole index expects (each partition
+        files about its ``1/k`` share of their keys)."""
+        self.partitions = [DedupPartition(threshold, near, signatures / k) for _ in range(k)]
 
     async def call(self, partition: int, method: str, payload: dict[str, np.ndarray]) -> Any:
         return getattr(self.partitions[partition], method)(payload)

@@ -48,6 +48,7 @@ from builder.reasons import decided_again
 from builder.records import REJECT_SCHEMA
 from builder.retry import kept_rows, redecided_counts
 from builder.rights import RightsTally
+from builder.similarity import MAX_STORED
 from builder.spec import DatasetSpec
 from builder.storage import open_fs
 from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit, retry_uid
@@ -363,6 +364,13 @@ class JobLifecycle:
         """Nothing decided before this job: it resumes no journal and continues no dataset,
         so ``index_payloads`` yields nothing."""
         return self.state is None and not self.merge
+
+    @property
+    def index_signatures(self) -> int:
+        """The stored signatures the job's index can expect to file: ``MAX_STORED`` for each
+        image the targets ask for. Every candidate that reaches the index files its own, so a
+        job that meets many duplicates or rejects files more (the tables then grow)."""
+        return self.spec.total_target() * MAX_STORED
 
     def recovery(self) -> dict[str, Any]:
         """What a restarted ledger needs to rebuild from the journal."""
@@ -707,7 +715,8 @@ async def run_local_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
     executor: Optional[Executor] = None
     try:
         await asyncio.to_thread(life.prepare)
-        parts = LocalPartitions(v.near_duplicate_threshold, near=v.level != "fast", k=1)
+        parts = LocalPartitions(v.near_duplicate_threshold, near=v.level != "fast", k=1,
+                                signatures=life.index_signatures)
         client = parts.client()
         for payloads in life.index_payloads(client):
             parts.partitions[0].load(payloads[0])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import numpy as np
 import pytest
 
-from builder.dedup import (ClaimTable, DedupItem, DedupPartition, KeyScheme, LocalPartitions,
-                           Multimap, _skewed, _slot, claim_of)
+from builder.dedup import (NEAR_START_SLOTS, ClaimTable, DedupItem, DedupPartition, KeyScheme,
+                           LocalPartitions, Multimap, _skewed, _slot, claim_of)
 from builder.hashing import hamming
 from builder.similarity import near_distance
 from builder.reasons import Reason
@@ -250,7 +251,12 @@ def oracle(items: list[tuple[int, int, int]], t: int, near: bool = True) -> list
 def test_partitioned_index_decides_like_a_brute_force_oracle(k, t, unit):
     items = skewed_signatures(2500, seed=k * 100 + t)
     expected = oracle(items, t)
-    client = LocalPartitions(t, near=True, k=k).client()
+    assert decide_all(LocalPartitions(t, near=True, k=k).client(), items, unit) == expected
+    assert expected.count("near") > (100 if t else 40) and expected.count("exact") > 20
+
+
+def decide_all(client: Any, items: list[tuple[int, int, int]], unit: int) -> list[str]:
+    """Each item's decision, the items decided and settled ``unit`` at a time."""
     got: list[str] = []
     for start in range(0, len(items), unit):
         chunk = items[start:start + unit]
@@ -261,8 +267,33 @@ def test_partitioned_index_decides_like_a_brute_force_oracle(k, t, unit):
                 "exact" if d.reason == Reason.EXACT_DUPLICATE else "near" for d in decisions]
         run(client.settle(batch, [not d.duplicate for d in decisions],
                           [d.duplicate for d in decisions]))
-    assert got == expected
-    assert expected.count("near") > (100 if t else 40) and expected.count("exact") > 20
+    return got
+
+
+def test_an_index_sized_for_its_signatures_files_them_without_growing():
+    """The near table starts with room for the expected signatures' keys, so filing them
+    re-files nothing; it decides as an index that grew its way up does."""
+    items = skewed_signatures(3000, seed=11)
+    sized = LocalPartitions(4, near=True, k=1, signatures=len(items))
+    table = sized.partitions[0]._near
+    keys, start = table.keys, table.capacity
+    got = decide_all(sized.client(), items, 50)
+    assert got == oracle(items, 4)
+    assert table.keys is keys and table.capacity == start  # never rebuilt
+    assert table.count > len(items) * KeyScheme(4).n_keys // 2
+    grown = LocalPartitions(4, near=True, k=1)
+    assert decide_all(grown.client(), items, 50) == got
+    assert 1024 < grown.partitions[0]._near.capacity <= start
+
+
+def test_the_first_size_is_a_share_capped_and_only_for_near_duplicates():
+    assert DedupPartition(4, True, 10 ** 9)._near.capacity == NEAR_START_SLOTS
+    assert DedupPartition(4, False, 10 ** 6)._near.capacity == 1024
+    assert DedupPartition(4)._near.capacity == 1024
+    share = DedupPartition(4, True, 1000)._near.capacity
+    assert share >= 2 * 1000 * KeyScheme(4).n_keys
+    assert [p._near.capacity for p in LocalPartitions(4, k=4, signatures=4000).partitions] == \
+        [share] * 4
 
 
 def test_a_retried_unit_is_not_a_duplicate_of_itself_and_sees_what_it_wrote():
