@@ -13,11 +13,12 @@ process, timed by the process's CPU clock:
 - Parquet: the bytes, url, sha256 and both hashes written as Parquet shards of 1,000 rows,
   the image column uncompressed and without statistics, as ``builder.writers`` writes it.
 
-The process runs with glibc's malloc thresholds fixed as the runner fixes them
-(``builder.malloc``): at the defaults, each batch's temporaries were mapped and faulted in
+This process fixes glibc's malloc thresholds (``builder.malloc``, which the runner applies to
+its own process only): at the defaults, each batch's temporaries were mapped and faulted in
 afresh, 0.74 against 0.59 ms of CPU per image for the decode and signatures of the
-20,000-photo corpus. The shard workers' heaps do not pay that (their page faults and CPU do not
-change with the thresholds set), so the floor is taken at its cheaper figure.
+20,000-photo corpus. The shard worker processes keep the defaults and, as measured, do not pay
+that (their page faults and CPU do not change with the thresholds set in the environment), so
+the floor is taken at its cheaper figure.
 
 Their sum is the floor per image; cores x 1000 / floor-ms is the most images/s any build can
 reach on this machine (``bench_vs_img2dataset.py`` runs this in the same bench, under the same

@@ -603,6 +603,14 @@ class _Columns:
         return self.data.nbytes
 
 
+def _near_start_slots(signatures: float, keys_per_signature: int) -> int:
+    """A near-duplicate table's first size for ``signatures`` expected signatures (a share of
+    a count, so maybe fractional): at most half full once their keys are all filed, where
+    ``Multimap.needs_room`` would grow it."""
+    keys = math.ceil(max(signatures, 0.0) * keys_per_signature)
+    return max(1024, min(2 * keys, NEAR_START_SLOTS))
+
+
 def _arr(values: Any, dtype: Any) -> np.ndarray:
     return np.asarray(values if values is not None else [], dtype=dtype)
 
@@ -624,16 +632,11 @@ class DedupPartition:
         self._urls = ClaimTable()
         self._exact = Multimap()
         self._ex = _Columns(id=U64, claim=U64, token=U64, ref=U64, state=np.uint8)
-        self._near = Multimap(self.near_start_slots(signatures) if near else 1024)
+        self._near = Multimap(_near_start_slots(signatures, self.scheme.n_keys) if near
+                              else 1024)
         self._ne = _Columns(id=U64, claim=U64, token=U64, a=U64, b=U64, pos=np.int32,
                             state=np.uint8)
         self.decisions = 0
-
-    def near_start_slots(self, signatures: float) -> int:
-        """The near-duplicate table's first size for ``signatures`` expected signatures: at
-        most half full once they are all filed (when ``Multimap.needs_room`` would grow it)."""
-        keys = math.ceil(max(signatures, 0.0) * self.scheme.n_keys)
-        return max(1024, min(2 * keys, NEAR_START_SLOTS))
 
     # -- URLs -------------------------------------------------------------------------------
 

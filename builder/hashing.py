@@ -186,11 +186,10 @@ _TURN_CHUNK = 16
 def turn_many(stack: np.ndarray, degrees: float) -> np.ndarray:
     """Each ``GRID`` x ``GRID`` grid of ``stack`` turned ``degrees`` counter-clockwise, equal to
     the bit to Pillow's bilinear ``rotate`` of its float32 copy (the arithmetic is Pillow's:
-    float32 differences along a row, float64 weights, a float32 result, returned as float32),
-    at about half the CPU: Pillow's per-image conversions and per-pixel calls cost more than
-    the sampling."""
+    float32 differences along a row, float64 weights, a float32 result), at about half the
+    CPU: Pillow's per-image conversions and per-pixel calls cost more than the sampling."""
     plan = turn_plan(degrees)
-    out = np.empty((len(stack), GRID * GRID), np.float32)
+    out = np.empty((len(stack), GRID * GRID), np.float64)
     buffer = np.zeros((min(len(stack), _TURN_CHUNK), GRID * GRID + 1), np.float32)
     for start in range(0, len(stack), _TURN_CHUNK):
         part = stack[start:start + _TURN_CHUNK]
@@ -205,7 +204,8 @@ def turn_many(stack: np.ndarray, degrees: float) -> np.ndarray:
         bottom += c
         bottom -= top
         bottom *= plan.dy
-        np.add(bottom, top, out=out[start:start + len(part)])  # rounded to float32 as stored
+        bottom += top
+        out[start:start + len(part)] = bottom.astype(np.float32)
     return out.reshape(stack.shape)
 
 
@@ -346,8 +346,12 @@ def _decoded_grid(data: bytes) -> tuple[np.ndarray, bool]:
 
 
 def hash_many(datas: Sequence[bytes]) -> list[ImageHashes]:
-    """``hash_bytes`` of each of a batch, the batch's signatures worked out together as the
-    validator works them out (``signatures_many``)."""
+    """sha256 and perceptual signatures of each of a batch of encoded images (the first frame
+    of an animation), the batch's signatures worked out together as the validator works them
+    out (``signatures_many``). An image that does not decode raises for the whole batch (the
+    validator rejects it alone instead)."""
+    if not datas:
+        return []
     grids = [_decoded_grid(data) for data in datas]
     return [ImageHashes(hashlib.sha256(data).hexdigest(), stored[0][0], stored[0][1], stored,
                         probes, colour)

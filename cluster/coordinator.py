@@ -146,7 +146,7 @@ class RayExecutor:
         self.partitions = [
             DedupPartitionActor.options(name=name, namespace=NAMESPACE, **small).remote(
                 p, plan.partitions, v.near_duplicate_threshold, v.level != "fast", recovery,
-                life.index_starts_empty, life.index_signatures)
+                life.index_starts_empty, signatures=life.index_signatures)
             for p, name in enumerate(names.partitions)]
         self.quota = QuotaActor.options(name=names.quota, namespace=NAMESPACE, **small).remote(
             ledger, life.recovery())

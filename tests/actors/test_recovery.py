@@ -111,3 +111,27 @@ def test_an_actor_that_cannot_tell_whether_it_restarted_reads_the_journal(
 
     monkeypatch.setattr(ray, "get_runtime_context", lambda: _Context(answer))
     assert restarted() is expected
+
+
+def test_a_partition_takes_its_share_of_the_expected_signatures_after_a_restart_too(
+        ray_session):
+    """The index's expected signatures reach each of its ``k`` partitions as a ``1/k`` share,
+    at the first start and at a restart (Ray runs ``__init__`` again with the same
+    arguments)."""
+    from builder.dedup import DedupPartition
+
+    want = DedupPartition(4, True, 1000)._near.capacity
+    assert 1024 < want < DedupPartition(4, True, 4000)._near.capacity
+    actor = DedupPartitionActor.options(**own_process()).remote(1, 4, 4, True, None, False,
+                                                                signatures=4000)
+
+    def capacity() -> int:
+        return ray.get(actor.__ray_call__.remote(lambda self: self.part._near.capacity),
+                       timeout=60)
+
+    try:
+        assert capacity() == want
+        kill_process(actor)
+        assert capacity() == want
+    finally:
+        ray.kill(actor, no_restart=True)

@@ -53,6 +53,7 @@ def test_hashing_a_batch_gives_each_image_what_it_gets_alone():
     datas = [jpeg(1), encode(picture(2, (300, 420)), "PNG"), jpeg(3, (1200, 800)), jpeg(1)]
     assert hash_many(datas) == [hash_bytes(d) for d in datas]
     assert hash_many(datas[::-1]) == [hash_bytes(d) for d in datas[::-1]]
+    assert hash_many([]) == []
 
 
 def test_turning_a_batch_equals_pillows_bilinear_rotate_to_the_bit():

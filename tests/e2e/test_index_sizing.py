@@ -25,9 +25,9 @@ class _RecordingActor:
         options, seen = self.real.options(**kwargs), self.seen
 
         class _Remote:
-            def remote(self, *args: Any) -> Any:
-                seen.append(args[6])
-                return options.remote(*args)
+            def remote(self, *args: Any, **kwargs: Any) -> Any:
+                seen.append(kwargs["signatures"])
+                return options.remote(*args, **kwargs)
 
         return _Remote()
 
