@@ -632,8 +632,8 @@ class DedupPartition:
         self._urls = ClaimTable()
         self._exact = Multimap()
         self._ex = _Columns(id=U64, claim=U64, token=U64, ref=U64, state=np.uint8)
-        self._near = Multimap(_near_start_slots(signatures, self.scheme.n_keys) if near
-                              else 1024)
+        self._near = Multimap(_near_start_slots(signatures if near else 0.0,
+                                                self.scheme.n_keys))
         self._ne = _Columns(id=U64, claim=U64, token=U64, a=U64, b=U64, pos=np.int32,
                             state=np.uint8)
         self.decisions = 0
