@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -48,9 +49,10 @@ class Candidate:
             if isinstance(value, str):
                 object.__setattr__(self, f.name, well_formed(value))
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """A stable id for the candidate (label + URL); used for resume and accounting."""
+        """A stable id for the candidate (label + URL); used for resume and accounting. Worked
+        out once: a unit asks for it at each stage (a frozen candidate cannot change it)."""
         return candidate_key(self.label, self.url)
 
 
@@ -335,8 +337,9 @@ def with_columns(table: pa.Table, schema: pa.Schema, names: Sequence[str]) -> pa
                      for n in names], schema=pa.schema(fields))
 
 
-def reject_row(record: Record) -> dict[str, Any]:
-    """The rejects-manifest row of a rejected record, per ``REJECT_SCHEMA``."""
+def reject_row(record: Record, rights: bool = True) -> dict[str, Any]:
+    """The rejects-manifest row of a rejected record, per ``REJECT_SCHEMA``; with ``rights``
+    false its ``rights`` is null (an accepted record's ledger is in its shard's row)."""
     c = record.candidate
     return {
         "key": c.key,
@@ -349,7 +352,7 @@ def reject_row(record: Record) -> dict[str, Any]:
         "detail": record.detail,
         "duplicate_of": record.duplicate_of,
         "http_status": record.http_status,
-        "rights": rights_rows(record.rights),
+        "rights": rights_rows(record.rights) if rights else None,
     }
 
 

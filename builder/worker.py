@@ -509,6 +509,8 @@ class UnitRun:
         self.items: list[tuple[Record, DedupItem]] = []
         self.written: set[int] = set()
         self.bad_rows: dict[int, str] = {}
+        self.url_hashes: dict[int, int] = {}
+        """Per record (by ``id``), the hash of its normalised URL, as ``_check_urls`` found it."""
         self.epoch = worker.epoch
 
     def _hand_over_check(self) -> None:
@@ -693,6 +695,7 @@ class UnitRun:
             claims.append(self.claim(record))
             kclaims.append(claim_of(record.candidate.key))
             hashes.append(url_hash(norm))
+            self.url_hashes[id(record)] = hashes[-1]
             which.append(record)
         if not which:
             return
@@ -707,6 +710,18 @@ class UnitRun:
         if before:
             self.report.decided_before += len(before)
             self.records = [r for r in self.records if id(r) not in before]
+
+    def url_hash(self, record: Record) -> int:
+        """The hash of ``record``'s normalised URL (0 for a URL that does not normalise): the
+        one ``_check_urls`` claimed, else worked out now (a record decided before its URL
+        was checked)."""
+        known = self.url_hashes.get(id(record))
+        if known is not None:
+            return known
+        from builder.urls import normalise_url
+
+        norm = normalise_url(record.candidate.url)
+        return url_hash(norm) if norm else 0
 
     def _is_written(self, record: Record) -> bool:
         return id_number(record.id) in self.written
@@ -786,7 +801,7 @@ class UnitRun:
             await w._io(w.transform_for(self.unit), new)
         self._count()
         rows = await w._io(self._rows, new)
-        decisions = await w._io(_decision_rows, self.records, self.claim)
+        decisions = await w._io(_decision_rows, self.records, self.claim, self.url_hash)
         assert w.assembler is not None
         self._hand_over_check()
         await w.assembler.add(self.unit, self.report, rows, decisions)
@@ -800,7 +815,7 @@ class UnitRun:
             await w.services.grant(self.unit.uid, dict(Counter(r.label for r in kept)),
                                    dict(Counter(r.label for r in kept)))
         self._count()
-        decisions = await w._io(_decision_rows, self.records, self.claim)
+        decisions = await w._io(_decision_rows, self.records, self.claim, self.url_hash)
         assert w.assembler is not None
         self._hand_over_check()
         await w.assembler.add(self.unit, self.report, _empty_rows(), decisions)
@@ -884,18 +899,18 @@ def _empty_rows() -> pa.Table:
     return _BUFFER_SCHEMA.empty_table()
 
 
-def _decision_rows(records: list[Record], claim: Callable[[Record], int]) -> pa.Table:
+def _decision_rows(records: list[Record], claim: Callable[[Record], int],
+                   url_key: Callable[[Record], int]) -> pa.Table:
+    """The journal's rows of a unit's decisions (``journal.UNIT_SCHEMA``): ``claim`` and
+    ``url_key`` give a record's claim and URL hash (``UnitRun.claim`` and ``url_hash``). An
+    accepted record's rights ledger is in its shard's row; the journal keeps only a reject's."""
     from builder.journal import UNIT_SCHEMA
-    from builder.urls import normalise_url
 
     rows = []
     for r in records:
-        row = reject_row(r)
-        norm = normalise_url(r.candidate.url)
+        row = reject_row(r, rights=r.rejected)
         row.update(accepted=not r.rejected, image_id=r.id if r.sha256 else "",
-                   url_hash=url_hash(norm) if norm else 0, claim=claim(r))
-        if not r.rejected:
-            row["rights"] = None  # in its shard's row; the journal keeps only a reject's
+                   url_hash=url_key(r), claim=claim(r))
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
 

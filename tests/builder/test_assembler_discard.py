@@ -15,7 +15,7 @@ from builder.units import SEARCH, UnitReport, WorkUnit
 from builder.worker import _BUFFER_SCHEMA, JobPlan, ShardAssembler, _decision_rows
 
 
-NO_DECISIONS = _decision_rows([], lambda r: 0)
+NO_DECISIONS = _decision_rows([], lambda r: 0, lambda r: 0)
 """A unit's decisions, journaled at its commit: their contents play no part here."""
 
 

@@ -231,7 +231,7 @@ def test_a_relabelled_candidate_keeps_the_claim_the_index_filed_it_under(tmp_pat
     record.relabelled_from = "cat"
     record.candidate = dataclasses.replace(record.candidate, label="dog")
     assert run.claim(record) == filed
-    assert _decision_rows([record], run.claim)["claim"].to_pylist() == [filed]
+    assert _decision_rows([record], run.claim, run.url_hash)["claim"].to_pylist() == [filed]
 
     image, sig = 12345, [(1, 2)]
 
@@ -246,3 +246,43 @@ def test_a_relabelled_candidate_keeps_the_claim_the_index_filed_it_under(tmp_pat
         return bool(again.written) and again.reason is None
 
     assert asyncio.run(resent_is_written())
+
+
+def test_a_units_decision_rows_keep_the_checked_url_hash_and_only_a_rejects_rights(tmp_path):
+    import asyncio
+
+    from builder.dedup import LocalPartitions, url_hash
+    from builder.quota import QuotaLedger
+    from builder.reasons import Reason
+    from builder.records import Candidate, Record
+    from builder.rights import Signal
+    from builder.spec import parse_spec
+    from builder.units import INLINE, WorkUnit, inline_uid
+    from builder.urls import normalise_url
+    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime, _decision_rows
+
+    urls = ["http://127.0.0.1:9/A.jpg?b=2&a=1", "HTTP://127.0.0.1:9/b.jpg", "ftp://x/c.jpg"]
+    spec = parse_spec({"name": "rows", "target": 5, "classes": {"cat": {"urls": urls}},
+                       "output": {"uri": str(tmp_path / "ds")}})
+    services = LocalServices(spec, LocalPartitions(8, k=1).client(), QuotaLedger({"cat": 5}))
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"), services)
+    run = UnitRun(runtime, WorkUnit(inline_uid(0, "cat", 0), 0, INLINE, 0, label="cat",
+                                    start=0, stop=3))
+    ledger = (Signal("robots_txt", "", "robots.txt group '*'", "allow"),)
+    run.records = [Record(Candidate(u, "cat"), rights=ledger) for u in urls]
+    asyncio.run(run._check_urls())
+    kept, dropped, bad = run.records
+    assert bad.reason == Reason.UNSUPPORTED_SCHEME.value
+    dropped.reject(Reason.NEAR_DUPLICATE, "like another")
+    late = Record(Candidate("http://127.0.0.1:9/late.jpg", "cat"), rights=ledger)
+    late.reject(Reason.OVER_TARGET, "class already has 5")  # decided before any URL check
+
+    rows = _decision_rows(run.records + [late], run.claim, run.url_hash).to_pylist()
+    assert run.url_hashes.keys() == {id(kept), id(dropped)}
+    assert [r["url_hash"] for r in rows] == [
+        url_hash(normalise_url(u)) for u in urls + ["http://127.0.0.1:9/late.jpg"]]
+    assert [r["accepted"] for r in rows] == [True, False, False, False]
+    assert rows[0]["rights"] is None
+    assert all(r["rights"] == [{"signal": "robots_txt", "value": "",
+                                "source": "robots.txt group '*'", "verdict": "allow"}]
+               for r in rows[1:])
