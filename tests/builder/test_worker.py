@@ -113,6 +113,16 @@ def test_a_settled_worker_builds_arrays_without_importing_pandas_and_can_still_i
     run_python(code)
 
 
+def test_a_settled_worker_collects_its_young_objects_less_often():
+    code = ("import gc\n"
+            "from builder.worker import WORKER_GC_YOUNG, settle_process\n"
+            "before = gc.get_threshold()\n"
+            "settle_process()\n"
+            "assert gc.get_threshold() == (WORKER_GC_YOUNG, *before[1:]), gc.get_threshold()\n"
+            "assert WORKER_GC_YOUNG > before[0] and gc.get_freeze_count() > 0\n")
+    run_python(code)
+
+
 def test_decisions_waiting_for_their_shard_count_against_the_buffer(tmp_path):
     """Where a unit yields one image a shard takes many units to fill, and each unit's
     decisions wait for it (they are journaled at commit). They count against the worker's
