@@ -26,7 +26,7 @@ import logging
 import signal
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -357,7 +357,10 @@ class JobLifecycle:
                        workers=workers)
 
     def ledger(self) -> QuotaLedger:
-        return recover_ledger(**self.recovery())
+        """The quota ledger the job starts from; a resumed job's from the unit reports
+        ``prepare`` read (``ResumeState.reports``), not from a second read of the journal."""
+        return recover_ledger(**self.recovery(),
+                              reports=self.state.reports if self.state is not None else None)
 
     @property
     def index_starts_empty(self) -> bool:
@@ -552,18 +555,20 @@ def rejects_path(uri: str) -> str:
 
 
 def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Optional[dict],
-                   merge: bool) -> QuotaLedger:
+                   merge: bool, reports: Optional[Iterable[tuple[WorkUnit, UnitReport]]] = None
+                   ) -> QuotaLedger:
     """The quota ledger as the journal (and the dataset a merge continues) says it stands:
     the committed units and their accepted counts, and shard numbers after every shard
     begun. A continuation decides again only rejects, so the published accepted counts hold
-    as they are (rejects.parquet is not read)."""
+    as they are (rejects.parquet is not read). ``reports``: the journal's unit reports where
+    the caller has read them already (each is a file read from the output's store)."""
     accepted: Counter = Counter()
     if merge:
         for label, t in published_report(spec, uri, storage_options).classes.items():
             accepted[label] += t.accepted
     journal = Journal(uri, job_id, storage_options)
     committed = []
-    for unit, report in journal.iter_unit_reports():
+    for unit, report in journal.iter_unit_reports() if reports is None else reports:
         committed.append(unit.uid)
         for label, t in report.classes.items():
             accepted[label] += t.accepted

@@ -324,3 +324,30 @@ def test_only_a_new_job_starts_with_an_empty_index(tmp_path):
     resumed.prepare()
     assert not resumed.index_starts_empty
     assert list(resumed.index_payloads(client))
+
+
+def test_a_resumed_jobs_ledger_comes_from_the_reports_it_read_not_a_second_read(tmp_path,
+                                                                                monkeypatch):
+    """``Journal.load`` reads every committed unit's file for its report; the driver's
+    ledger then counted those same reports by reading every file again."""
+    from builder.journal import Journal, ResumeState
+    from builder.pipeline import JobLifecycle, recover_ledger
+
+    uri = str(tmp_path / "ds")
+    journal, _ = write_journal(uri, None)
+    spec = parse_spec({"name": "ds", "target": 1000, "classes": {"cat": None},
+                       "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
+                       "output": {"uri": uri}})
+    expected = recover_ledger(spec, uri, "job1", None, merge=False)
+    life = JobLifecycle(spec, uri=uri, job_id="job1")
+    life.job_id = "job1"
+    life.state = ResumeState("job1", reports=list(journal.iter_unit_reports()))
+    assert life.state.reports
+
+    def read_again(self: Journal) -> None:
+        raise AssertionError("the unit reports were read again")
+
+    monkeypatch.setattr(Journal, "iter_unit_reports", read_again)
+    got = life.ledger()
+    assert got.snapshot() == expected.snapshot() and got.committed == expected.committed
+    assert got.committed and got._next_shard == expected._next_shard
