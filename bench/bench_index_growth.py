@@ -1,7 +1,7 @@
 """Growing a dedup index table as a job does, with and without numpy's huge pages.
 
 A job's near-duplicate table (``builder.dedup.Multimap``) takes every unit's keys and, when
-it is half full, is rebuilt into a table twice the size (``DedupPartition._file``). numpy
+it is half full, is rebuilt into a table twice the size (``Multimap.make_room``). numpy
 asks for transparent huge pages for every array of 4 MiB and more unless
 ``NUMPY_MADVISE_HUGEPAGE=0`` (which ``builder/__init__.py`` sets by default); each new table
 then faults in 2 MiB pages that the kernel zeroes. This grows one table to ``--keys`` keys in
@@ -48,9 +48,8 @@ def grow(keys: int, unit: int, seed: int) -> dict[str, float]:
     t0 = time.process_time()
     for start in range(0, keys, unit):
         part = slice(start, start + unit)
-        if table.needs_room(len(drawn[part])):
-            t1 = time.process_time()
-            table.rebuild(2 * (table.count + len(drawn[part])), alive)
+        t1 = time.process_time()
+        if table.make_room(len(drawn[part]), lambda: alive):
             rebuild_s += time.process_time() - t1
         table.insert(drawn[part], rows[part])
     total_s = time.process_time() - t0

@@ -269,8 +269,17 @@ class Multimap:
     def needs_room(self, n: int) -> bool:
         return (self.count + n) * 2 > self.capacity
 
+    def make_room(self, n: int, alive: Callable[[], np.ndarray]) -> bool:
+        """Make room for ``n`` more keys: where they would fill the table past half, rebuild
+        it (``rebuild``, keeping the rows ``alive()`` says are live: asked only then, as it
+        reads every row) twice as large as it then needs. Returns whether it rebuilt."""
+        if not self.needs_room(n):
+            return False
+        self.rebuild(2 * (self.count + n), alive())
+        return True
+
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """File ``rows`` under ``keys`` (the caller makes room first: ``needs_room``).
+        """File ``rows`` under ``keys`` (the caller makes room first: ``make_room``).
 
         Every key probes from its home slot one slot per step, all keys in step; a free slot
         goes to the first key to reach it, and of keys that reach it together (they share a
@@ -606,7 +615,7 @@ class _Columns:
 def _near_start_slots(signatures: float, keys_per_signature: int) -> int:
     """A near-duplicate table's first size for ``signatures`` expected signatures (a share of
     a count, so maybe fractional): at most half full once their keys are all filed, where
-    ``Multimap.needs_room`` would grow it."""
+    ``Multimap.make_room`` would grow it."""
     keys = math.ceil(max(signatures, 0.0) * keys_per_signature)
     return max(1024, min(2 * keys, NEAR_START_SLOTS))
 
@@ -742,8 +751,7 @@ class DedupPartition:
             rows_new = self._ex.append(id=a_ids, claim=np.array(add_claims, U64),
                                        token=np.array(add_tokens, U64),
                                        state=np.full(len(add_ids), PENDING, np.uint8))
-            if self._exact.needs_room(len(rows_new)):
-                self._exact.rebuild(2 * (self._exact.count + len(rows_new)), self._alive(self._ex))
+            self._exact.make_room(len(rows_new), lambda: self._alive(self._ex))
             self._exact.insert(a_ids | U64(1), rows_new)
         return {"x_other": other, "x_state": state, "x_ref": ref}
 
@@ -828,8 +836,7 @@ class DedupPartition:
                                state=np.full(len(first), state, np.uint8),
                                pos=pos[first] if pos is not None else
                                np.full(len(first), -1, np.int64))
-        if self._near.needs_room(len(keys)):
-            self._near.rebuild(2 * (self._near.count + len(keys)), self._alive(self._ne))
+        self._near.make_room(len(keys), lambda: self._alive(self._ne))
         self._near.insert(keys, rows[which])
         return first, rows
 
@@ -894,8 +901,7 @@ class DedupPartition:
             rows = self._ex.append(id=x_id, claim=_arr(req.get("x_claim"), U64),
                                    token=np.zeros(len(x_id), U64),
                                    state=np.full(len(x_id), WRITTEN, np.uint8))
-            if self._exact.needs_room(len(rows)):
-                self._exact.rebuild(2 * (self._exact.count + len(rows)), self._alive(self._ex))
+            self._exact.make_room(len(rows), lambda: self._alive(self._ex))
             self._exact.insert(x_id | U64(1), rows)
         n_key = _arr(req.get("n_key"), U64)
         if len(n_key) and self.near:

@@ -33,12 +33,25 @@ def test_multimap_keeps_every_row_of_a_key_through_growth():
     keys = rnd.integers(1, 2**63, size=3000, dtype=np.uint64)
     keys[::3] = keys[0]  # one key with 1000 rows
     for start in range(0, 3000, 500):
-        if m.needs_room(500):
-            m.rebuild(2 * (m.count + 500), np.ones(3000, dtype=bool))
+        m.make_room(500, lambda: np.ones(3000, dtype=bool))
         m.insert(keys[start:start + 500], np.arange(start, start + 500))
     q, rows = m.lookup(np.array([keys[0], keys[1], 12345], dtype=np.uint64))
     assert sorted(rows[q == 0].tolist()) == list(range(0, 3000, 3))
     assert rows[q == 1].tolist() == [1] and not (q == 2).any()
+
+
+def test_multimap_makes_room_past_half_full_and_reads_the_live_rows_only_then():
+    m = Multimap(16)
+    asked = []
+
+    def alive() -> np.ndarray:
+        asked.append(1)
+        return np.ones(20, dtype=bool)
+
+    assert not m.make_room(8, alive) and not asked  # 8 keys fill 16 slots half: room
+    m.insert(np.arange(1, 9, dtype=np.uint64) * 7919, np.arange(8))
+    assert m.make_room(1, alive) and asked == [1]
+    assert m.capacity == 32 and m.count == 8  # twice the 9 keys it then holds, a power of 2
 
 
 def _home(key: int, capacity: int) -> int:
