@@ -76,10 +76,10 @@ VALIDATE_BATCH = 8
 """Fetched images handed to the CPU pool together while the rest of a unit downloads."""
 
 WORKER_GC_YOUNG = 10_000
-"""The garbage collector's first threshold in a settled worker (``settle_process``; Python's
-default is 700): a fetch's and a record's objects are freed by their counts, and collecting
-every 700 of them cost each of two workers 0.19-0.23 s of a 20,000-photo job here, against
-0.04-0.07 s at this threshold (timed with ``gc.callbacks``)."""
+"""The garbage collector's first threshold in a settled worker (``settle_process``; CPython
+3.10-3.12's default is 700): a fetch's and a record's objects are freed by their counts, and
+collecting every 700 of them cost each of two workers 0.19-0.23 s of a 20,000-photo job here,
+against 0.04-0.07 s at this threshold (timed with ``gc.callbacks``)."""
 
 
 class UnitCancelled(Exception):
@@ -716,11 +716,13 @@ class UnitRun:
         if before:
             self.report.decided_before += len(before)
             self.records = [r for r in self.records if id(r) not in before]
+            for gone in before:  # its id may be another record's once it is freed
+                del self.url_hashes[gone]
 
     def url_hash(self, record: Record) -> int:
         """The hash of ``record``'s normalised URL (0 for a URL that does not normalise): the
-        one ``_check_urls`` claimed, else worked out now (a record decided before its URL
-        was checked)."""
+        one ``_check_urls`` claimed, else worked out now (a record rejected before the check
+        or by it)."""
         known = self.url_hashes.get(id(record))
         if known is not None:
             return known
