@@ -39,7 +39,7 @@ import random
 import time
 import zlib
 from collections import OrderedDict, deque
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -336,12 +336,15 @@ class Fetcher:
         return await self._fetch_timed(record, None)
 
     async def fetch_many(self, records: list[Record], *,
-                         on_result: Optional[Callable[[Record], None]] = None) -> list[Record]:
+                         on_result: Optional[Callable[[Record], None]] = None,
+                         before: Optional[Callable[[], Awaitable[None]]] = None
+                         ) -> list[Record]:
         """Fetch all records concurrently; returns them in the given order.
 
         ``on_result``, if given, is called with each record as soon as it is decided (fetched
         or rejected), so a caller can start validating while the rest download; it must not
-        block (hand heavy work to a pool).
+        block (hand heavy work to a pool). ``before``, if given, is awaited before each
+        download starts (the worker's ``HeldBudget.turn``).
 
         Records are grouped by host and each host gets at most ``per_host_concurrency``
         workers, so a slow or rate-limited host never holds up the others and no record waits
@@ -366,6 +369,8 @@ class Fetcher:
         async def host_worker(queue: deque[tuple[Record, URL]]) -> None:
             while queue:
                 record, url = queue.popleft()
+                if before is not None:
+                    await before()
                 await self._fetch_timed(record, url)
                 if on_result is not None:
                     on_result(record)

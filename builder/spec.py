@@ -682,12 +682,13 @@ MAX_CPUS = 1024.0
 MAX_RESOURCE = 1e9
 """Upper bound of a custom resource amount one worker asks for."""
 MAX_BUFFERED_MB = 1 << 20
-"""Upper bound of ``resources.max_buffered_mb``: a TiB."""
+"""Upper bound of ``resources.max_buffered_mb`` and ``max_held_mb``: a TiB."""
 MAX_GPU_BATCH = 65_536
 """Upper bound of ``resources.gpu_batch_size``."""
 MAX_BATCH_SIZE = 65_536
 """Upper bound of ``resources.batch_size``: a unit holds its validated images until it is
-decided, so one unit of ``batch_size`` candidates can hold ``batch_size`` x ``max_bytes``."""
+decided, so one unit of ``batch_size`` candidates can hold ``batch_size`` x ``max_bytes``
+(``max_held_mb`` bounds what the worker's other units add to it)."""
 
 
 class ResourcesSpec(_Model):
@@ -720,6 +721,11 @@ class ResourcesSpec(_Model):
         description="bytes a worker holds of accepted images, and of the "
         "decisions of their units (journaled once the images are written), before it writes "
         "a shard early (shards are otherwise output.shard_size rows)")
+    max_held_mb: int = Field(
+        default=512, ge=0, le=MAX_BUFFERED_MB,
+        description="bytes of images a worker's running units hold until each is decided; "
+        "past it a unit's next download waits, unless the unit is the worker's oldest "
+        "(builder.held); 0: only the oldest unit downloads while any image is held")
     gpu_actors: int = Field(default=1, ge=1, le=MAX_ACTORS)
     gpus_per_actor: float = Field(default=0.0, ge=0, le=MAX_CPUS)
     gpu_actor_cpus: float = Field(default=0.5, gt=0, le=MAX_CPUS,

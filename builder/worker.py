@@ -48,6 +48,7 @@ from builder.dedup import DedupClient, DedupItem, claim_of, id_number, url_hash
 from builder.engines import SearchEngine, SearchPage, make_engine
 from builder.errors import EngineError, SourceError
 from builder.fetch import Fetcher
+from builder.held import HeldBudget
 from builder.job import IndexLost
 from builder.journal import Journal
 from builder.listsource import ListReader, SlicePlan
@@ -375,6 +376,9 @@ class WorkerRuntime:
         """Called with (stage, seconds) after each unit's fetch and validate stages."""
         self.fetched: dict[str, Counter] = {}
         """Per unit running now, per class: candidates fetched so far (``in_flight``)."""
+        self.held = HeldBudget(self.spec.resources.max_held_mb << 20)
+        """The images its units hold, from their download until each unit is decided
+        (``builder.held``)."""
 
     async def start(self) -> None:
         """Open the fetcher and pool; check this worker can write the output."""
@@ -450,6 +454,7 @@ class WorkerRuntime:
         assert self.assembler is not None
         stats = self.fetcher.stats if self.fetcher is not None else {}
         now = Counter({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        now.update(held_bytes_peak=self.held.peak, held_waits=self.held.waits)
         delta = now - self._fetch_stats_sent
         self._fetch_stats_sent = now
         return WorkerEvents(self.worker_id, self.assembler.take_committed(), dict(delta),
@@ -458,9 +463,11 @@ class WorkerRuntime:
     async def run(self, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         """Decide one unit's candidates; returns its report and the worker's events."""
         self.fetched[unit.uid] = Counter()
+        ticket = self.held.open()
         try:
-            report = await UnitRun(self, unit).run()
+            report = await UnitRun(self, unit, ticket).run()
         finally:
+            self.held.close(ticket)
             self.fetched.pop(unit.uid, None)
         return report, self.events()
 
@@ -506,10 +513,13 @@ class WorkerRuntime:
 class UnitRun:
     """One unit on one worker, from candidates to rows (see the module docstring)."""
 
-    def __init__(self, worker: WorkerRuntime, unit: WorkUnit):
+    def __init__(self, worker: WorkerRuntime, unit: WorkUnit, ticket: int = -1):
         self.w = worker
         self.spec = worker.spec
         self.unit = unit
+        self.ticket = ticket
+        """The unit's place in the worker's ``HeldBudget`` (-1: not registered, as in tests
+        that drive one stage)."""
         self.report = UnitReport(unit.uid, worker.worker_id)
         self.records: list[Record] = []
         self.items: list[tuple[Record, DedupItem]] = []
@@ -651,11 +661,17 @@ class UnitRun:
             validator(batch)
             spent[0] += time.perf_counter() - t0
 
+        def validated(batch: list[Record]) -> None:
+            for r in batch:
+                fetcher.release(r)
+                if r.rejected:  # its bytes are dropped
+                    w.held.add(self.ticket, -r.downloaded_bytes)
+
         def submit() -> None:
             batch = list(waiting)
             waiting.clear()
             future = loop.run_in_executor(w.pool, validate, batch)
-            future.add_done_callback(lambda _: [fetcher.release(r) for r in batch])
+            future.add_done_callback(lambda _: validated(batch))
             batches.append(future)
 
         fetched = w.fetched.get(self.unit.uid, Counter())
@@ -666,13 +682,15 @@ class UnitRun:
                 fetcher.release(record)
                 return
             record.downloaded_bytes = len(record.data)
+            w.held.add(self.ticket, record.downloaded_bytes)
             waiting.append(record)
             if len(waiting) >= VALIDATE_BATCH:
                 submit()
 
         t0 = time.perf_counter()
         try:
-            await self.stage(fetcher.fetch_many(live, on_result=arrived))
+            await self.stage(fetcher.fetch_many(
+                live, on_result=arrived, before=functools.partial(w.held.turn, self.ticket)))
             w.observe("fetch", time.perf_counter() - t0)
             if waiting:
                 submit()

@@ -29,7 +29,8 @@ user is the operator. The defaults are safe for a server that strangers reach:
   politer), ``max_bytes``, ``max_pixels``, the timeout, retries, backoff and Retry-After wait of
   a fetch, what a worker buffers before it writes (``output.shard_size``,
   ``resources.max_buffered_mb``) and what it holds while it works: the bodies it reads at once
-  (``download.max_bytes_in_flight``), the candidates of a unit (``resources.batch_size``; a
+  (``download.max_bytes_in_flight``), the images its running units hold
+  (``resources.max_held_mb``), the candidates of a unit (``resources.batch_size``; a
   unit holds its validated images until it is decided), the units it runs at once
   (``resources.max_in_flight_batches``) and the images a scorer takes at once
   (``resources.gpu_batch_size``). A value set above a cap is refused; a field left unset whose
@@ -150,6 +151,8 @@ class ApiPolicy(BaseModel):
     max_bytes_in_flight: int = Field(
         default=_default(DownloadSpec, "max_bytes_in_flight"), ge=65_536,
         description="download.max_bytes_in_flight: the bodies a worker reads at once")
+    max_held_mb: int = Field(default=2048, ge=0, description="resources.max_held_mb: the "
+                             "images a worker's running units hold until each is decided")
     max_batch_size: int = Field(
         default=MAX_BATCH, ge=1, description="resources.batch_size: the candidates of a unit, "
         "whose validated images a worker holds until the unit is decided; unset, the size "
@@ -444,6 +447,7 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
     check.cap("resources", "max_buffered_mb", "max_buffered_mb", policy.max_buffered_mb)
     check.cap("download", "max_bytes_in_flight", "max_bytes_in_flight",
               policy.max_bytes_in_flight)
+    check.cap("resources", "max_held_mb", "max_held_mb", policy.max_held_mb)
     check.cap("resources", "batch_size", "max_batch_size", policy.max_batch_size)
     check.cap("resources", "max_in_flight_batches", "max_in_flight_batches",
               policy.max_in_flight_batches)

@@ -286,6 +286,14 @@ def test_what_a_worker_buffers_before_it_writes_is_capped():
     assert (lowered.output.shard_size, lowered.resources.max_buffered_mb) == (500, 256)
 
 
+def test_what_a_workers_running_units_hold_is_capped():
+    status, problems = refused(spec(resources={"max_held_mb": 1_048_576}))
+    assert status == 422 and problems["resources.max_held_mb"][0] == "max_held_mb"
+    assert "1048576 is over this server's limit 2048" in problems["resources.max_held_mb"][1]
+    assert apply(spec(), ApiPolicy(max_held_mb=64)).resources.max_held_mb == 64
+    assert apply(spec(resources={"max_held_mb": 100})).resources.max_held_mb == 100
+
+
 def test_worker_resources_only_from_the_operators_list():
     """resources.worker_resources once let an API user pin workers to a chosen node or claim
     a custom resource the operator reserved."""
@@ -348,6 +356,7 @@ def test_the_new_caps_take_the_defaults_the_examples_and_the_built_in_profiles()
     assert default.download.per_host_delay_s <= policy.max_per_host_delay_s
     assert default.output.shard_size <= policy.max_shard_size
     assert default.resources.max_buffered_mb <= policy.max_buffered_mb
+    assert default.resources.max_held_mb <= policy.max_held_mb
     assert all((p.delay_s or 0) <= policy.max_per_host_delay_s
                for p in BUILTIN_PROFILES.values())
     example = parse_spec(EXAMPLE_SPEC)

@@ -1,0 +1,145 @@
+"""builder.held: a worker's units wait for room for their validated images, the oldest never."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from builder.held import HeldBudget
+
+
+def test_units_go_while_there_is_room_and_the_oldest_always_goes():
+    async def main() -> None:
+        held = HeldBudget(100)
+        old, young = held.open(), held.open()
+        await asyncio.wait_for(held.turn(young), 1)  # room: nobody waits
+        held.add(old, 80)
+        held.add(young, 40)
+        assert held.held == 120 and held.peak == 120
+        await asyncio.wait_for(held.turn(old), 1)  # over the limit, but the oldest
+        waiting = asyncio.ensure_future(held.turn(young))
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and held.waits == 1
+        held.close(old)  # its 80 bytes are in rows now: room again
+        await asyncio.wait_for(waiting, 1)
+        assert held.held == 40
+
+    asyncio.run(main())
+
+
+def test_a_waiting_unit_goes_when_it_becomes_the_oldest():
+    async def main() -> None:
+        held = HeldBudget(10)
+        first, second, third = held.open(), held.open(), held.open()
+        held.add(second, 50)
+        held.add(third, 50)
+        waiting = asyncio.ensure_future(held.turn(third))
+        await asyncio.sleep(0.01)
+        held.close(first)  # second is the oldest now; third still waits (100 > 10)
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await asyncio.wait_for(held.turn(second), 1)
+        held.close(second)  # third is the oldest now, though still over the limit
+        await asyncio.wait_for(waiting, 1)
+        assert held.held == 50 and held.waits == 1
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_wait_and_a_closed_or_unknown_ticket_leave_nothing_behind():
+    async def main() -> None:
+        held = HeldBudget(10)
+        old, young = held.open(), held.open()
+        held.add(old, 20)
+        waiting = asyncio.ensure_future(held.turn(young))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        held.close(young)
+        held.add(young, 5)  # a closed unit adds nothing
+        await asyncio.wait_for(held.turn(-1), 1)  # a ticket never opened does not wait
+        held.close(old)
+        assert held.held == 0 and held.peak == 20
+
+    asyncio.run(main())
+
+
+def _jpeg(seed: int, side: int = 256) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def _held_peak(tmp_path, held_mb: int) -> tuple[int, int, int, list]:
+    """Three units of 8 distinct photos run at once on one worker, one download at a time
+    each; returns the worker's held peak, its waits, one image's size and the reports."""
+    from aiohttp import web
+
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.spec import parse_spec
+    from builder.units import INLINE, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    images = [_jpeg(i) for i in range(24)]
+
+    async def image(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.005)
+        return web.Response(body=images[int(request.match_info["n"])],
+                            content_type="image/jpeg")
+
+    async def main() -> tuple[int, int, list]:
+        app = web.Application()
+        app.router.add_get("/img/{n}.jpg", image)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        urls = [f"http://127.0.0.1:{port}/img/{n}.jpg" for n in range(24)]
+        spec = parse_spec({
+            "name": "held", "target": 100, "classes": {"cat": {"urls": urls}},
+            "download": {"allow_private_networks": True, "per_host_concurrency": 1,
+                         "respect_robots": False, "respect_optouts": False},
+            "resources": {"max_held_mb": held_mb},
+            "output": {"uri": str(tmp_path / f"ds{held_mb}")}})
+        services = LocalServices(spec, LocalPartitions(4, near=True, k=1).client(),
+                                 QuotaLedger({"cat": 100}))
+        runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / f"ds{held_mb}"), "job-1"),
+                                services)
+        units = [WorkUnit(inline_uid(0, "cat", k), k, INLINE, 0, label="cat", start=8 * k,
+                          stop=8 * k + 8) for k in range(3)]
+        await runtime.start()
+        try:
+            done = await asyncio.gather(*(runtime.run(u) for u in units))
+        finally:
+            await runtime.close()
+            await runner.cleanup()
+        return runtime.held.peak, runtime.held.waits, [report for report, _ in done]
+
+    peak, waits, reports = asyncio.run(main())
+    return peak, waits, max(len(i) for i in images), reports
+
+
+def test_a_workers_units_wait_for_room_for_their_validated_images(tmp_path):
+    """Without the budget the three units' 24 images were all held at once (each unit keeps
+    its images until it is decided); with 1 MB the two younger units wait once the worker
+    holds more, and the worker holds at most the limit, the oldest unit's 8 images and one
+    download per unit started before the limit was passed."""
+    free_peak, free_waits, size, _ = _held_peak(tmp_path, 1 << 20)
+    assert free_waits == 0 and free_peak >= 20 * size * 0.8
+    peak, waits, size, reports = _held_peak(tmp_path, 1)
+    assert waits > 0
+    assert peak <= (1 << 20) + 8 * size + 3 * size
+    assert peak < free_peak
+    for report in reports:  # nothing lost: every candidate decided, every image accepted
+        tally = report.classes["cat"]
+        assert tally.candidates == 8 and tally.accepted == 8 and not tally.rejected
