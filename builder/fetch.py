@@ -133,12 +133,19 @@ class ByteBudget:
 
     ``open`` registers a body and ``close`` returns all its bytes; ``reserve`` adds to a body's
     reservation, waiting when it must.
+
+    A body read and kept (``Fetcher(hold_bodies=True)``) stays registered until its caller
+    releases it, so the oldest body may be one that is read and waiting for its caller; then
+    only the caller can make room. ``on_wait``, if set, is called whenever a reservation has to
+    wait, so that the caller hands on what it holds (the worker validates the bodies it has
+    been collecting into a batch, and releases them).
     """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
         self.waits = 0
+        self.on_wait: Optional[Callable[[], None]] = None
         self._bodies: OrderedDict[int, int] = OrderedDict()  # body -> bytes, oldest first
         self._waiters: deque[tuple[int, int, asyncio.Future[None]]] = deque()
         self._next = 0
@@ -160,6 +167,8 @@ class ByteBudget:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (body, n, future)
         self._waiters.append(entry)
+        if self.on_wait is not None:
+            self.on_wait()
         try:
             await future
         except asyncio.CancelledError:

@@ -9,8 +9,12 @@ or until validation rejects it and drops its bytes.
 
 ``HeldBudget`` keeps those bytes near ``resources.max_held_mb``: before each download a unit
 asks for its ``turn``, which it gets at once while the worker holds at most the limit, and
-always when it is the oldest unit running. The oldest unit therefore finishes and gives its
-bytes back, so nothing deadlocks; the others wait for room instead of adding to a pile.
+always when it is the oldest unit holding images (by its first bytes) or holds none. The
+oldest unit therefore finishes and gives its bytes back; the others wait for room instead of
+adding to a pile. A waiting unit may still hold bodies it was collecting into a validation
+batch, which keep their share of the fetcher's byte budget; a body of the oldest unit that
+has to wait for that budget has every unit hand such bodies on to validation first
+(``ByteBudget.on_wait``, ``WorkerRuntime.hand_on``), so the oldest unit never waits on them.
 What a worker holds stays under the limit plus the oldest unit's images plus the downloads
 already started when the limit was passed. A unit's turn is asked as one of its download
 slots (``per_host_concurrency`` per host) takes its next candidate, so its first downloads,
@@ -25,7 +29,7 @@ from collections import OrderedDict
 
 
 class HeldBudget:
-    """Validated bytes per running unit, oldest first (see the module docstring). Use it from
+    """Bytes of images per running unit, oldest first (see the module docstring). Use it from
     one event loop: ``open`` a unit, ``await turn`` before each of its downloads, ``add`` the
     bytes of each body it receives (less those validation rejects), and ``close`` it when it
     ends, whatever way it ends."""
@@ -39,40 +43,52 @@ class HeldBudget:
         """How many downloads waited for room."""
         self._units: OrderedDict[int, int] = OrderedDict()  # ticket -> bytes, oldest first
         self._tickets = itertools.count()
+        self._open: set[int] = set()
         self._room: asyncio.Event | None = None
 
     def open(self) -> int:
-        """Register a unit that starts now; returns its ticket."""
+        """A ticket for a unit that starts now. The unit takes its place among the units
+        holding images (oldest first) with its first bytes, so a unit that is still waiting
+        for its search page or its URL checks is not the oldest for want of holding any."""
         ticket = next(self._tickets)
-        self._units[ticket] = 0
+        self._open.add(ticket)
         return ticket
 
     def add(self, ticket: int, n: int) -> None:
         """The unit holds ``n`` more bytes of images (fewer, for ``n`` below 0: an image its
         validation rejected)."""
-        if ticket not in self._units or not n:
+        if not n or ticket not in self._open or (n < 0 and ticket not in self._units):
             return
-        self._units[ticket] += n
+        self._units[ticket] = self._units.get(ticket, 0) + n
         self.held += n
         self.peak = max(self.peak, self.held)
+        if n < 0 and self.held <= self.limit:
+            self._wake()
 
     def close(self, ticket: int) -> None:
         """The unit ended: its images are in rows, rejected or dropped. Every waiting unit
         looks again: there may be room now, or it may now be the oldest."""
         self.held -= self._units.pop(ticket, 0)
+        self._open.discard(ticket)
+        self._wake()
+
+    def _wake(self) -> None:
         if self._room is not None:
             self._room.set()
             self._room = None
 
-    def _may_go(self, ticket: int) -> bool:
-        return self.held <= self.limit or ticket == next(iter(self._units), None)
+    def may_go(self, ticket: int) -> bool:
+        """Whether the unit may start a download now: there is room, or it is the oldest unit
+        holding images, or it holds none."""
+        return (self.held <= self.limit or ticket not in self._units
+                or ticket == next(iter(self._units)))
 
     async def turn(self, ticket: int) -> None:
-        """Wait until the unit may start another download (at once for a ticket not open)."""
-        if ticket not in self._units or self._may_go(ticket):
+        """Wait until the unit may start another download (``may_go``)."""
+        if self.may_go(ticket):
             return
         self.waits += 1
-        while not self._may_go(ticket):
+        while not self.may_go(ticket):
             if self._room is None:
                 self._room = asyncio.Event()
             await self._room.wait()

@@ -379,6 +379,9 @@ class WorkerRuntime:
         self.held = HeldBudget(self.spec.resources.max_held_mb << 20)
         """The images its units hold, from their download until each unit is decided
         (``builder.held``)."""
+        self.batching: dict[int, Callable[[], None]] = {}
+        """Per unit fetching now (by ``id``): hands the bodies it is collecting into a
+        validation batch on to validation (``hand_on``)."""
 
     async def start(self) -> None:
         """Open the fetcher and pool; check this worker can write the output."""
@@ -389,6 +392,7 @@ class WorkerRuntime:
             self.validator = ProcessValidator(self.spec.validation, self.plan.validate_processes)
         self.fetcher = Fetcher(self.spec.download, hold_bodies=True,
                                host_share=self.plan.workers)
+        self.fetcher.budget.on_wait = self.hand_on
         await self.fetcher.__aenter__()
         self.assembler = ShardAssembler(self.plan, self.writer, self.journal, self.services,
                                         self._io)
@@ -437,6 +441,13 @@ class WorkerRuntime:
         if unit.isolate and isinstance(validator, ProcessValidator):
             return functools.partial(validator.transform, self.transformer)
         return self.transformer
+
+    def hand_on(self) -> None:
+        """Send every unit's bodies waiting for a full validation batch on to validation: a
+        body read and kept holds its share of the fetcher's byte budget until it is
+        validated, so a body that must wait for the budget might otherwise wait for them."""
+        for send in list(self.batching.values()):
+            send()
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -674,6 +685,10 @@ class UnitRun:
             future.add_done_callback(lambda _: validated(batch))
             batches.append(future)
 
+        def hand_on() -> None:
+            if waiting:
+                submit()
+
         fetched = w.fetched.get(self.unit.uid, Counter())
 
         def arrived(record: Record) -> None:
@@ -688,13 +703,14 @@ class UnitRun:
                 submit()
 
         t0 = time.perf_counter()
+        w.batching[id(self)] = hand_on
         try:
             await self.stage(fetcher.fetch_many(
                 live, on_result=arrived, before=functools.partial(w.held.turn, self.ticket)))
             w.observe("fetch", time.perf_counter() - t0)
-            if waiting:
-                submit()
+            hand_on()
         finally:
+            w.batching.pop(id(self), None)
             if batches:
                 await asyncio.gather(*batches, return_exceptions=True)
         for future in batches:

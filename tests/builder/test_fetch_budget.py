@@ -104,6 +104,23 @@ def test_budget_is_first_come_first_served_and_the_oldest_body_may_always_grow()
     assert asyncio.run(main()) == [8, False, False, 28, 6, True, True, 0]
 
 
+def test_a_body_that_must_wait_asks_the_holder_of_read_bodies_to_hand_them_on():
+    """A body read and kept stays the oldest until its caller releases it: a waiting
+    reservation calls ``on_wait``, and the caller's release lets it through."""
+    async def main() -> list[Any]:
+        budget = ByteBudget(10)
+        kept, new = budget.open(), budget.open()
+        await budget.reserve(kept, 8)  # read, waiting for its validation batch
+        asked: list[int] = []
+        budget.on_wait = lambda: (asked.append(1), budget.close(kept))
+        await asyncio.wait_for(budget.reserve(new, 5), 1)
+        used = budget.used
+        budget.close(new)
+        return [len(asked), used, budget.waits]
+
+    assert asyncio.run(main()) == [1, 5, 1]
+
+
 def test_a_body_cancelled_while_waiting_gives_its_place_up():
     async def main() -> list[Any]:
         budget = ByteBudget(10)

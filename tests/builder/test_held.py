@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -47,11 +48,30 @@ def test_a_waiting_unit_goes_when_it_becomes_the_oldest():
     asyncio.run(main())
 
 
+def test_a_unit_holding_nothing_goes_and_takes_its_place_with_its_first_bytes():
+    async def main() -> None:
+        held = HeldBudget(10)
+        first, second = held.open(), held.open()  # first still waits for its search page
+        held.add(second, 50)
+        await asyncio.wait_for(held.turn(first), 1)  # holds nothing: goes
+        await asyncio.wait_for(held.turn(second), 1)  # the oldest holding images
+        held.add(first, 5)  # first's first bytes: it is the youngest now
+        waiting = asyncio.ensure_future(held.turn(first))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        held.add(second, -45)  # validation rejected most of second's bytes: room again
+        await asyncio.wait_for(waiting, 1)
+        assert held.held == 10 and held.waits == 1
+
+    asyncio.run(main())
+
+
 def test_a_cancelled_wait_and_a_closed_or_unknown_ticket_leave_nothing_behind():
     async def main() -> None:
         held = HeldBudget(10)
         old, young = held.open(), held.open()
         held.add(old, 20)
+        held.add(young, 1)
         waiting = asyncio.ensure_future(held.turn(young))
         await asyncio.sleep(0.01)
         waiting.cancel()
@@ -59,9 +79,11 @@ def test_a_cancelled_wait_and_a_closed_or_unknown_ticket_leave_nothing_behind():
             await waiting
         held.close(young)
         held.add(young, 5)  # a closed unit adds nothing
-        await asyncio.wait_for(held.turn(-1), 1)  # a ticket never opened does not wait
+        held.add(-1, 5)  # nor does a ticket never opened, which never waits
+        await asyncio.wait_for(held.turn(-1), 1)
+        assert held.held == 20
         held.close(old)
-        assert held.held == 0 and held.peak == 20
+        assert held.held == 0 and held.peak == 21
 
     asyncio.run(main())
 
@@ -78,9 +100,10 @@ def _jpeg(seed: int, side: int = 256) -> bytes:
     return out.getvalue()
 
 
-def _held_peak(tmp_path, held_mb: int) -> tuple[int, int, int, list]:
+def _held_peak(tmp_path, held_mb: int, **download: Any) -> tuple[int, int, int, list]:
     """Three units of 8 distinct photos run at once on one worker, one download at a time
-    each; returns the worker's held peak, its waits, one image's size and the reports."""
+    each (``download`` overrides more of the spec's download settings); returns the worker's
+    held peak, its waits, one image's size and the reports."""
     from aiohttp import web
 
     from builder.dedup import LocalPartitions
@@ -108,7 +131,7 @@ def _held_peak(tmp_path, held_mb: int) -> tuple[int, int, int, list]:
         spec = parse_spec({
             "name": "held", "target": 100, "classes": {"cat": {"urls": urls}},
             "download": {"allow_private_networks": True, "per_host_concurrency": 1,
-                         "respect_robots": False, "respect_optouts": False},
+                         "respect_robots": False, "respect_optouts": False, **download},
             "resources": {"max_held_mb": held_mb},
             "output": {"uri": str(tmp_path / f"ds{held_mb}")}})
         services = LocalServices(spec, LocalPartitions(4, near=True, k=1).client(),
@@ -119,7 +142,8 @@ def _held_peak(tmp_path, held_mb: int) -> tuple[int, int, int, list]:
                           stop=8 * k + 8) for k in range(3)]
         await runtime.start()
         try:
-            done = await asyncio.gather(*(runtime.run(u) for u in units))
+            done = await asyncio.wait_for(asyncio.gather(*(runtime.run(u) for u in units)),
+                                          60)
         finally:
             await runtime.close()
             await runner.cleanup()
@@ -141,5 +165,17 @@ def test_a_workers_units_wait_for_room_for_their_validated_images(tmp_path):
     assert peak <= (1 << 20) + 8 * size + 3 * size
     assert peak < free_peak
     for report in reports:  # nothing lost: every candidate decided, every image accepted
+        tally = report.classes["cat"]
+        assert tally.candidates == 8 and tally.accepted == 8 and not tally.rejected
+
+
+@pytest.mark.parametrize("held_mb", [0, 512])
+def test_bodies_waiting_for_validation_never_hold_up_the_byte_budget(tmp_path, held_mb):
+    """Each 77 KB photo is more than the whole fetch byte budget (64 KiB), so each body must
+    be the oldest to be read; a body read and waiting for its validation batch stays in the
+    budget. The units waited for each other's unsent bodies, or a unit for its own, for ever:
+    a body that must wait for the budget now sends every waiting body to validation first."""
+    peak, waits, size, reports = _held_peak(tmp_path, held_mb, max_bytes_in_flight=65_536)
+    for report in reports:
         tally = report.classes["cat"]
         assert tally.candidates == 8 and tally.accepted == 8 and not tally.rejected
