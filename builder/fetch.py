@@ -137,8 +137,8 @@ class ByteBudget:
     A body read and kept (``Fetcher(hold_bodies=True)``) stays registered until its caller
     releases it, so the oldest body may be one that is read and waiting for its caller; then
     only the caller can make room. ``on_wait``, if set, is called whenever a reservation has to
-    wait, so that the caller hands on what it holds (the worker validates the bodies it has
-    been collecting into a batch, and releases them).
+    wait, so that the caller hands on what it holds, and a caller collecting bodies hands each
+    one on at once while ``has_waiters`` (the worker validates them and releases them).
     """
 
     def __init__(self, limit: int):
@@ -159,7 +159,14 @@ class ByteBudget:
         self.used -= self._bodies.pop(body, 0)
         self._wake()
 
-    async def reserve(self, body: int, n: int) -> None:
+    @property
+    def has_waiters(self) -> bool:
+        """Whether a reservation is waiting for room."""
+        return bool(self._waiters)
+
+    async def reserve(self, body: int, n: int, timeout: Optional[float] = None) -> None:
+        """Add ``n`` bytes to ``body``'s reservation, waiting for room when it must: at most
+        ``timeout`` seconds, then ``asyncio.TimeoutError`` (the body's own deadline)."""
         if self._grantable(body, n, queue_empty=not self._waiters):
             self._grant(body, n)
             return
@@ -167,12 +174,12 @@ class ByteBudget:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (body, n, future)
         self._waiters.append(entry)
-        if self.on_wait is not None:
-            self.on_wait()
         try:
-            await future
-        except asyncio.CancelledError:
-            if not future.done() or future.cancelled():
+            if self.on_wait is not None:
+                self.on_wait()
+            await (future if timeout is None else asyncio.wait_for(future, timeout))
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            if (not future.done() or future.cancelled()) and entry in self._waiters:
                 self._waiters.remove(entry)
             raise  # a grant that raced the cancel stays on the body; close() returns it
 
@@ -563,6 +570,9 @@ class Fetcher:
                           f"body passed max_bytes {cap} while streaming (aborted)")
             return
         if body is not None:
+            earlier = self._holds.pop(id(record), None)  # a body kept before a retry
+            if earlier is not None:
+                self.budget.close(earlier)
             self._holds[id(record)] = body
         content_type = resp.headers.get("Content-Type", "")
         fmt = sniff_format(data)
@@ -592,14 +602,14 @@ class Fetcher:
         held = False
         try:
             reserved = length if length is not None else min(BUDGET_STEP, cap)
-            await budget.reserve(body, reserved)
+            await budget.reserve(body, reserved, self.cfg.timeout_s)
             async for chunk in resp.content.iter_any():
                 if total + len(chunk) > cap:
                     resp.close()
                     return None, None
                 if total + len(chunk) > reserved:
                     grow = min(max(total + len(chunk), 2 * reserved), cap) - reserved
-                    await budget.reserve(body, grow)
+                    await budget.reserve(body, grow, self.cfg.timeout_s)
                     reserved += grow
                 chunks.append(chunk)
                 total += len(chunk)

@@ -14,7 +14,9 @@ oldest unit therefore finishes and gives its bytes back; the others wait for roo
 adding to a pile. A waiting unit may still hold bodies it was collecting into a validation
 batch, which keep their share of the fetcher's byte budget; a body of the oldest unit that
 has to wait for that budget has every unit hand such bodies on to validation first
-(``ByteBudget.on_wait``, ``WorkerRuntime.hand_on``), so the oldest unit never waits on them.
+(``ByteBudget.on_wait``, ``WorkerRuntime.hand_on``), and while one waits, every body that
+arrives goes on to validation at once; a body that still waits ``download.timeout_s`` for the
+budget is a ``timeout``.
 What a worker holds stays under the limit plus the oldest unit's images plus the downloads
 already started when the limit was passed. A unit's turn is asked as one of its download
 slots (``per_host_concurrency`` per host) takes its next candidate, so its first downloads,
@@ -59,10 +61,14 @@ class HeldBudget:
         validation rejected)."""
         if not n or ticket not in self._open or (n < 0 and ticket not in self._units):
             return
-        self._units[ticket] = self._units.get(ticket, 0) + n
+        now = self._units.get(ticket, 0) + n
+        if now > 0:
+            self._units[ticket] = now
+        else:  # holds nothing now: its next bytes place it again, as the youngest
+            self._units.pop(ticket, None)
         self.held += n
         self.peak = max(self.peak, self.held)
-        if n < 0 and self.held <= self.limit:
+        if n < 0:
             self._wake()
 
     def close(self, ticket: int) -> None:

@@ -680,8 +680,8 @@ class UnitRun:
 
         def submit() -> None:
             batch = list(waiting)
-            waiting.clear()
             future = loop.run_in_executor(w.pool, validate, batch)
+            waiting.clear()
             future.add_done_callback(lambda _: validated(batch))
             batches.append(future)
 
@@ -699,8 +699,8 @@ class UnitRun:
             record.downloaded_bytes = len(record.data)
             w.held.add(self.ticket, record.downloaded_bytes)
             waiting.append(record)
-            if len(waiting) >= VALIDATE_BATCH:
-                submit()
+            if len(waiting) >= VALIDATE_BATCH or fetcher.budget.has_waiters:
+                submit()  # a body waiting for the budget may be waiting for this one
 
         t0 = time.perf_counter()
         w.batching[id(self)] = hand_on

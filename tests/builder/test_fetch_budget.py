@@ -121,6 +121,21 @@ def test_a_body_that_must_wait_asks_the_holder_of_read_bodies_to_hand_them_on():
     assert asyncio.run(main()) == [1, 5, 1]
 
 
+def test_a_body_waits_for_the_budget_no_longer_than_its_timeout():
+    async def main() -> list[Any]:
+        budget = ByteBudget(10)
+        a, b, c = budget.open(), budget.open(), budget.open()
+        await budget.reserve(a, 10)
+        with pytest.raises(asyncio.TimeoutError):
+            await budget.reserve(b, 5, timeout=0.05)
+        budget.close(b)
+        budget.close(a)
+        await asyncio.wait_for(budget.reserve(c, 5, timeout=0.05), 1)
+        return [budget.used, budget.has_waiters, budget.waits]
+
+    assert asyncio.run(main()) == [5, False, 1]
+
+
 def test_a_body_cancelled_while_waiting_gives_its_place_up():
     async def main() -> list[Any]:
         budget = ByteBudget(10)
