@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import tempfile
+from typing import Any, Optional
 
 import pytest
 
@@ -100,10 +101,11 @@ def _jpeg(seed: int, side: int = 256) -> bytes:
     return out.getvalue()
 
 
-def _held_peak(tmp_path, held_mb: int, **download: Any) -> tuple[int, int, int, list]:
-    """Three units of 8 distinct photos run at once on one worker, one download at a time
-    each (``download`` overrides more of the spec's download settings); returns the worker's
-    held peak, its waits, one image's size and the reports."""
+def _run_units(tmp_path, handler: Any, count: int, unit: int, download: dict[str, Any],
+               resources: Optional[dict[str, Any]] = None) -> tuple[Any, dict, list]:
+    """Serve ``count`` image URLs on 127.0.0.1 (``handler`` answers one, given the request
+    and the image's number) and run them on one worker, in units of ``unit`` candidates all
+    at once; returns the worker's ``HeldBudget``, its fetch stats and the units' reports."""
     from aiohttp import web
 
     from builder.dedup import LocalPartitions
@@ -112,45 +114,59 @@ def _held_peak(tmp_path, held_mb: int, **download: Any) -> tuple[int, int, int, 
     from builder.units import INLINE, WorkUnit, inline_uid
     from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
-    images = [_jpeg(i) for i in range(24)]
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return await handler(request, int(request.match_info["n"]))
 
-    async def image(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.005)
-        return web.Response(body=images[int(request.match_info["n"])],
-                            content_type="image/jpeg")
-
-    async def main() -> tuple[int, int, list]:
+    async def main() -> tuple[Any, dict, list]:
         app = web.Application()
-        app.router.add_get("/img/{n}.jpg", image)
+        app.router.add_get("/img/{n}.jpg", answer)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        urls = [f"http://127.0.0.1:{port}/img/{n}.jpg" for n in range(24)]
+        out = tempfile.mkdtemp(dir=tmp_path)
         spec = parse_spec({
-            "name": "held", "target": 100, "classes": {"cat": {"urls": urls}},
-            "download": {"allow_private_networks": True, "per_host_concurrency": 1,
-                         "respect_robots": False, "respect_optouts": False, **download},
-            "resources": {"max_held_mb": held_mb},
-            "output": {"uri": str(tmp_path / f"ds{held_mb}")}})
+            "name": "held", "target": 100,
+            "classes": {"cat": {"urls": [f"http://127.0.0.1:{port}/img/{n}.jpg"
+                                         for n in range(count)]}},
+            "download": {"allow_private_networks": True, "respect_robots": False,
+                         "respect_optouts": False, **download},
+            "resources": resources or {}, "output": {"uri": out}})
         services = LocalServices(spec, LocalPartitions(4, near=True, k=1).client(),
                                  QuotaLedger({"cat": 100}))
-        runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / f"ds{held_mb}"), "job-1"),
-                                services)
-        units = [WorkUnit(inline_uid(0, "cat", k), k, INLINE, 0, label="cat", start=8 * k,
-                          stop=8 * k + 8) for k in range(3)]
+        runtime = WorkerRuntime(JobPlan(spec, out, "job-1"), services)
+        units = [WorkUnit(inline_uid(0, "cat", k), k, INLINE, 0, label="cat", start=unit * k,
+                          stop=unit * k + unit) for k in range(count // unit)]
         await runtime.start()
         try:
             done = await asyncio.wait_for(asyncio.gather(*(runtime.run(u) for u in units)),
                                           60)
+            stats = dict(runtime.fetcher.stats)
         finally:
             await runtime.close()
             await runner.cleanup()
-        return runtime.held.peak, runtime.held.waits, [report for report, _ in done]
+        return runtime.held, stats, [report for report, _ in done]
 
-    peak, waits, reports = asyncio.run(main())
-    return peak, waits, max(len(i) for i in images), reports
+    return asyncio.run(main())
+
+
+def _held_peak(tmp_path, held_mb: int, **download: Any) -> tuple[int, int, int, list]:
+    """Three units of 8 distinct photos run at once on one worker, one download at a time
+    each (``download`` overrides more of the spec's download settings); returns the worker's
+    held peak, its waits, one image's size and the reports."""
+    from aiohttp import web
+
+    images = [_jpeg(i) for i in range(24)]
+
+    async def image(request: web.Request, n: int) -> web.Response:
+        await asyncio.sleep(0.005)
+        return web.Response(body=images[n], content_type="image/jpeg")
+
+    held, _, reports = _run_units(tmp_path, image, 24, 8,
+                                  {"per_host_concurrency": 1, **download},
+                                  {"max_held_mb": held_mb})
+    return held.peak, held.waits, max(len(i) for i in images), reports
 
 
 def test_a_workers_units_wait_for_room_for_their_validated_images(tmp_path):
@@ -188,16 +204,9 @@ def test_bodies_that_arrive_while_another_waits_for_the_budget_go_on_to_validati
     timeout (``timeout``, and before the budget's wait had a deadline, for ever)."""
     from aiohttp import web
 
-    from builder.dedup import LocalPartitions
-    from builder.quota import QuotaLedger
-    from builder.spec import parse_spec
-    from builder.units import INLINE, WorkUnit, inline_uid
-    from builder.worker import JobPlan, LocalServices, WorkerRuntime
-
     images = [_jpeg(i) for i in range(4)]
 
-    async def image(request: web.Request) -> web.StreamResponse:
-        n = int(request.match_info["n"])
+    async def image(request: web.Request, n: int) -> web.StreamResponse:
         if n == 3:
             await asyncio.sleep(0.1)  # after the others reserved, before they finish
             return web.Response(body=images[n], content_type="image/jpeg")
@@ -210,35 +219,9 @@ def test_bodies_that_arrive_while_another_waits_for_the_budget_go_on_to_validati
         await resp.write_eof()
         return resp
 
-    async def main() -> Any:
-        app = web.Application()
-        app.router.add_get("/img/{n}.jpg", image)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        urls = [f"http://127.0.0.1:{port}/img/{n}.jpg" for n in range(4)]
-        spec = parse_spec({
-            "name": "wait", "target": 10, "classes": {"cat": {"urls": urls}},
-            "download": {"allow_private_networks": True, "per_host_concurrency": 4,
-                         "respect_robots": False, "respect_optouts": False,
-                         "max_bytes_in_flight": sum(len(i) for i in images[:3]),
-                         "timeout_s": 5, "retries": 0},
-            "output": {"uri": str(tmp_path / "ds")}})
-        services = LocalServices(spec, LocalPartitions(4, near=True, k=1).client(),
-                                 QuotaLedger({"cat": 10}))
-        runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"), services)
-        await runtime.start()
-        try:
-            report, _ = await asyncio.wait_for(runtime.run(WorkUnit(
-                inline_uid(0, "cat", 0), 0, INLINE, 0, label="cat", start=0, stop=4)), 30)
-            return report, runtime.fetcher.stats["budget_waits"]
-        finally:
-            await runtime.close()
-            await runner.cleanup()
-
-    report, budget_waits = asyncio.run(main())
-    assert budget_waits > 0
+    _, stats, (report,) = _run_units(tmp_path, image, 4, 4, {
+        "per_host_concurrency": 4, "max_bytes_in_flight": sum(len(i) for i in images[:3]),
+        "timeout_s": 5, "retries": 0})
+    assert stats["budget_waits"] > 0
     tally = report.classes["cat"]
     assert tally.candidates == 4 and tally.accepted == 4 and not tally.rejected
