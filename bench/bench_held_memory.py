@@ -28,7 +28,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +37,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_hostile_memory import run_capped  # noqa: E402
+from loopback import wait_healthy  # noqa: E402
 from builder.ports import free_port  # noqa: E402
 from builder.spec import MAX_BUFFERED_MB  # noqa: E402
 
@@ -89,17 +89,7 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--images",
                              str(args.images), "--side", str(args.side)],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the photo server exited; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"the photo server did not start; see {log}")
+    return wait_healthy(proc, port, "the photo server", log)
 
 
 def spec(urls: Path, held_mb: int, n: int) -> dict[str, Any]:

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +45,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_vs_img2dataset import TreeMonitor, TreeStats  # noqa: E402
+from loopback import wait_healthy  # noqa: E402
 from builder.ports import free_port  # noqa: E402
 from builder.spec import DownloadSpec  # noqa: E402
 
@@ -59,15 +59,7 @@ def start_sandbox(port: int, log: Path) -> subprocess.Popen:
            "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the sandbox did not start; see {log}")
+    return wait_healthy(proc, port, "the sandbox", log, timeout_s=60)
 
 
 def run_capped(cmd: list[str], env: dict[str, str], log_path: Path, marker: str,

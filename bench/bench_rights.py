@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from loopback import SIGNAL_FILES, SIGNAL_HEADERS, corpus_pack, pack_bodies  # noqa: E402
+from loopback import (SIGNAL_FILES, SIGNAL_HEADERS, corpus_pack, pack_bodies,  # noqa: E402
+                      wait_healthy)
 from builder.ports import free_port  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "rights"
@@ -63,17 +63,7 @@ def start_server(n: int, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback.py"), str(pack),
                              str(port), "--signals"], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the corpus server exited ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("the corpus server did not answer within 120 s")
+    return wait_healthy(proc, port, "the corpus server", OUT / "server.log")
 
 
 def write_spec(name: str, urls: Path, n: int, off: bool) -> Path:

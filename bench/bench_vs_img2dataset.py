@@ -88,7 +88,7 @@ in the one importing ``builder`` gives this process (``builder.ARROW_ALLOCATOR_E
 the allocator of the pyarrow that img2dataset uses too)."""
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loopback import corpus_pack  # noqa: E402
+from loopback import corpus_pack, wait_healthy  # noqa: E402
 from photo_corpus import photo_pack  # noqa: E402
 from builder.ports import free_port  # noqa: E402
 
@@ -112,19 +112,7 @@ def start_server(corpus: str, n: int, port: int, log_path: Path) -> subprocess.P
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loopback.py"), str(pack),
                                  str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the corpus server exited ({proc.returncode}); see {log_path}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"the corpus server did not answer within 120 s; see {log_path}")
+    return wait_healthy(proc, port, "the corpus server", log_path)
 
 
 def check_corpus(urls: list[str], threads: int = 8) -> tuple[float, int]:

@@ -123,6 +123,25 @@ def serve_pack(pack: Path, offsets: list[int], port: int, signals: bool = False)
     _serve(str(pack), offsets, port, signals)
 
 
+def wait_healthy(proc: subprocess.Popen, port: int, what: str, log: Optional[Path] = None,
+                 timeout_s: float = 120.0) -> subprocess.Popen:
+    """Wait until the server ``proc`` started answers ``GET /healthz`` on 127.0.0.1:``port``;
+    returns it. Raises ``RuntimeError`` naming ``what`` (and its ``log``) if it exits first or
+    does not answer within ``timeout_s`` (it is killed then)."""
+    see = f"; see {log}" if log else ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}){see}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{what} did not answer within {timeout_s:g} s{see}")
+
+
 def start_origin(n: int, log: Optional[Path] = None) -> tuple[subprocess.Popen, int]:
     """The pack of ``n`` pictures served by this script in a process of its own; waits until it
     answers. Returns (process, port); the caller stops the process."""
@@ -133,14 +152,7 @@ def start_origin(n: int, log: Optional[Path] = None) -> tuple[subprocess.Popen, 
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, str(Path(__file__)), str(pack), str(port)],
                             stdout=out, stderr=subprocess.STDOUT)
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"the loopback origin did not start{f': see {log}' if log else ''}")
+    return wait_healthy(proc, port, "the loopback origin", log, timeout_s=30), port
 
 
 if __name__ == "__main__":
