@@ -588,6 +588,12 @@ class ValidationSpec(_Model):
 class ResizeSpec(_Model):
     max_side: int = Field(ge=8)
     mode: Literal["keep_ratio", "center_crop"] = "keep_ratio"
+    resample: Literal["lanczos", "bicubic", "bilinear", "box"] = Field(
+        default="lanczos",
+        description="the filter of the last resizing step (builder.transform): lanczos is "
+                    "the sharpest and dearest; box averages areas, reducing by whole factors "
+                    "all the way (what img2dataset's default, OpenCV's INTER_AREA, does) and "
+                    "costs a fraction of lanczos")
 
 
 class EncodeSpec(_Model):

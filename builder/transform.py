@@ -6,6 +6,13 @@ only when they are rewritten. Pixels in an unusual mode are brought to a plain 8
 (16/32-bit integer and float grey -> L, scaled rather than clipped; CMYK, YCbCr, LAB... -> RGB;
 premultiplied or palette alpha -> RGBA/LA), so every accepted image resizes and encodes.
 
+Resizing is Pillow's ``thumbnail`` recipe: the image is first reduced by whole factors (a JPEG
+in its decoder, at 1/2, 1/4 or 1/8 scale: ``Image.draft``; other formats by ``Image.reduce``,
+which averages blocks) while the last step, with the spec's filter, still shrinks it by at least
+``REDUCING_GAP`` (2 for lanczos, bicubic and bilinear, Pillow's default: the result is close to
+resampling the full image; 1 for box, whose whole-factor steps are its own averages). A JPEG
+several times the target size is then never decoded in full.
+
 Transforming runs after an image is accepted and counted, so it never rejects: if it fails
 anyway for one image, that image keeps its original bytes (a warning is logged) and the job goes
 on; ``accepted + rejected == candidates`` holds either way.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -28,6 +36,11 @@ from builder.spec import EncodeSpec, ResizeSpec
 log = logging.getLogger(__name__)
 
 _SAVE_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG", "gif": "GIF"}
+_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
+            "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
+REDUCING_GAP = {"lanczos": 2.0, "bicubic": 2.0, "bilinear": 2.0, "box": 1.0}
+"""How much the last, filtered step of a resize still shrinks an image, at least (Pillow's
+``reducing_gap``): what is left above it is taken off by whole factors first."""
 _PLAIN_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 """Modes every resampler and output encoder takes; others are converted (``plain_mode``)."""
 _TRANSFORM_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,
@@ -132,23 +145,38 @@ class ImageTransformer:
                     self.apply(record)
         return records
 
+    def _draft(self, src: Image.Image) -> None:
+        """Ask a JPEG not yet loaded for a reduced decode, as small as leaves the last step
+        of the resize ``REDUCING_GAP`` to shrink (a no-op for other formats). The sides are
+        the file's, before any EXIF turn: the bound is square, so a turn changes nothing."""
+        assert self.resize is not None
+        side, (w, h) = self.resize.max_side, src.size
+        scale = side / (min(w, h) if self.resize.mode == "center_crop" else max(w, h))
+        if scale < 1:
+            keep = min(1.0, scale * REDUCING_GAP[self.resize.resample])
+            src.draft(None, (math.ceil(w * keep), math.ceil(h * keep)))
+
     def _resized(self, img: Image.Image) -> Image.Image:
+        """``img`` (a decoded image of its own: ``upright`` always returns a new one) shrunk
+        as the spec says; never enlarged."""
         assert self.resize is not None
         side = self.resize.max_side
+        method = _FILTERS[self.resize.resample]
         if self.resize.mode == "center_crop":
-            if min(img.size) > side:
-                return ImageOps.fit(img, (side, side), Image.Resampling.LANCZOS)
-            short = min(img.size)
-            return ImageOps.fit(img, (short, short), Image.Resampling.LANCZOS)
+            factor = int(min(img.size) / (side * REDUCING_GAP[self.resize.resample]))
+            if factor > 1:
+                img = img.reduce(factor)
+            return ImageOps.fit(img, (min(side, *img.size),) * 2, method)
         if max(img.size) > side:
-            img = img.copy()
-            img.thumbnail((side, side), Image.Resampling.LANCZOS)
+            img.thumbnail((side, side), method, reducing_gap=REDUCING_GAP[self.resize.resample])
         return img
 
     def transform_bytes(self, data: bytes, fmt: str) -> tuple[bytes, str, int, int]:
         """(new bytes, new format, width, height) of one encoded image. Raises what Pillow
         raises (``_TRANSFORM_ERRORS``); ``apply`` and ``apply_row`` never do."""
         with Image.open(io.BytesIO(data)) as src:
+            if self.resize is not None:
+                self._draft(src)
             img = plain_mode(upright(src))
             if self.resize is not None:
                 img = self._resized(img)

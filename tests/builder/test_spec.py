@@ -36,6 +36,16 @@ def test_bad_level_names_field_value_and_allowed():
     assert "'fast'" in msg and "'medium'" in msg and "'slow'" in msg
 
 
+def test_bad_resample_names_field_value_and_filters():
+    assert parse_spec({**MINIMAL, "output": {"resize": {"max_side": 256}}}
+                      ).output.resize.resample == "lanczos"
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "output": {"resize": {"max_side": 256, "resample": "area"}}})
+    msg = str(e.value)
+    assert "output.resize.resample" in msg and "'area'" in msg
+    assert all(f"'{f}'" in msg for f in ("lanczos", "bicubic", "bilinear", "box"))
+
+
 def test_bad_engine_lists_engines():
     with pytest.raises(SpecError) as e:
         parse_spec({**MINIMAL, "sources": [{"engine": "altavista"}]})

@@ -142,6 +142,71 @@ def test_transform_center_crop_and_no_upscale():
     assert (small.width, small.height) == (150, 120)
 
 
+def _decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The size each JPEG is decoded at from now on (after any ``draft``)."""
+    from PIL import JpegImagePlugin
+
+    sizes: list[tuple[int, int]] = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self):
+        if self.tile:  # not decoded yet (Pillow empties the tiles once it has)
+            sizes.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    return sizes
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(10 * np.log10(255.0 ** 2 / (diff ** 2).mean()))
+
+
+@pytest.mark.parametrize("mode,want,decoded", [("keep_ratio", (256, 192), (512, 384)),
+                                               ("center_crop", (256, 256), (1024, 768))])
+def test_a_large_jpeg_is_resized_from_a_reduced_decode(monkeypatch, mode, want, decoded):
+    """A JPEG 8 (keep_ratio) or 6 (center_crop: its short side) times the target is decoded
+    at the smallest of 1/2, 1/4, 1/8 that leaves the last, lanczos, step a factor of 2 at
+    least, and the result stays close to resampling the full decode."""
+    data = jpeg(3, (2048, 1536), quality=92)
+    sizes = _decoded_sizes(monkeypatch)
+    webp = EncodeSpec(format="webp", quality=100)
+    out, fmt, w, h = ImageTransformer(ResizeSpec(max_side=256, mode=mode), webp
+                                      ).transform_bytes(data, "jpeg")
+    assert (fmt, (w, h)) == ("webp", want)
+    assert sizes == [decoded]
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    if mode == "center_crop":
+        full = full.crop((256, 0, 1792, 1536))
+    reference = io.BytesIO()
+    full.resize(want, Image.Resampling.LANCZOS).save(reference, "WEBP", quality=100)
+    assert _psnr(Image.open(io.BytesIO(out)), Image.open(reference)) > 35
+
+
+def test_a_turned_large_jpeg_is_reduced_and_turned():
+    """The reduced decode happens before the EXIF turn: the sides still come out swapped."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(picture(4, (2048, 1536)), "JPEG", quality=90, exif=exif.tobytes())
+    out, _, w, h = ImageTransformer(ResizeSpec(max_side=256)).transform_bytes(data, "jpeg")
+    assert (w, h) == (192, 256) == Image.open(io.BytesIO(out)).size
+
+
+@pytest.mark.parametrize("resample", ["lanczos", "bicubic", "bilinear", "box"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_every_filter_gives_the_asked_size(monkeypatch, resample, fmt):
+    """Each filter, on a JPEG (reduced in its decoder) and a PNG (reduced by ``reduce``):
+    box reduces all the way by whole factors, the others leave the last step a factor 2."""
+    data = encode(picture(5, (1600, 1200)), fmt)
+    sizes = _decoded_sizes(monkeypatch)
+    out, _, w, h = ImageTransformer(ResizeSpec(max_side=200, resample=resample)
+                                    ).transform_bytes(data, fmt.lower())
+    assert (w, h) == (200, 150) == Image.open(io.BytesIO(out)).size
+    if fmt == "JPEG":
+        assert sizes == [(200, 150)] if resample == "box" else sizes == [(400, 300)]
+
+
 def test_transform_inactive_keeps_bytes():
     data = jpeg(6)
     r = check(data)
