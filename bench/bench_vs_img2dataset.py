@@ -13,6 +13,10 @@ subprocess and timed from outside, the tools in the same order every round (inte
   ``medium`` (full decode check, sha256, pHash/dHash, exact + near-duplicate dedup),
   robots.txt and opt-out headers respected, Parquet output only.
 - ``pxc-ray``: the same with ``--ray`` (an embedded local Ray); ``pxc-local``: ``--local``.
+- ``pxc-resize``: the default command with ``output.resize`` ``{max_side: S, mode:
+  keep_ratio, resample: R}`` (``--resize-side``, ``--resample``, default lanczos) and JPEG
+  quality 95: every accepted image is decoded again, resized and re-encoded, to compare with
+  ``i2d-resize``.
 - ``pxc-join``: the same with ``--address``, joining a local Ray this bench starts before the
   run and stops after it, both untimed (``ray.cluster_utils.Cluster``: one head with the
   machine's cores, no dashboard): the issue's "on Ray, e.g. joining a running local cluster",
@@ -24,9 +28,12 @@ subprocess and timed from outside, the tools in the same order every round (inte
   issue asks: img2dataset then decodes every image (OpenCV) and re-encodes it as JPEG, quality
   95. ``i2d-raw`` adds ``--disable_all_reencoding True``: bytes kept as fetched, no decode at
   all, img2dataset's fastest path. ``i2d-decode`` adds ``--skip_reencode True`` instead: each
-  image is decoded but written unchanged. img2dataset does not read robots.txt (it honours
-  X-Robots-Tag headers only). ``--number_sample_per_shard 1000``: its default (10,000) would
-  put all 4,000 URLs in one shard, i.e. one of its processes.
+  image is decoded but written unchanged. ``i2d-resize`` resizes instead: ``--resize_mode
+  keep_ratio_largest --image_size S --resize_only_if_bigger True`` (the longer side down to
+  ``--resize-side`` S, default 256; OpenCV's INTER_AREA), re-encoded as JPEG quality 95.
+  img2dataset does not read robots.txt (it honours X-Robots-Tag headers only).
+  ``--number_sample_per_shard 1000``: its default (10,000) would put all 4,000 URLs in one
+  shard, i.e. one of its processes.
 
 Speed ratios are per round (their wall time over ours for the same N URLs), then the median.
 The limit (``bench/work_floor.py``, in its own process before and after the runs) is the CPU
@@ -48,6 +55,7 @@ core from the tool being measured. The monitor's own CPU is printed with each ru
     bash bench/setup_img2dataset.sh                       # once
     PYTHONPATH=$PWD .venv/bin/python bench/bench_vs_img2dataset.py [--n 4000] [--runs 3]
         [--corpus photos|generated] [--tools pxc,pxc-ray,i2d,i2d-raw] [--fixed-runs 3]
+        [--resize-side 256] [--resample lanczos|bicubic|bilinear|box]
         [--no-floor] [--batch-size B --workers W ...]
 
 Outputs, logs (bench/out/logs/, with each ``--ray`` run's Ray session logs), the spec, the URL
@@ -367,10 +375,20 @@ def pxc_spec(n: int, urls: Path, out: Path, args: argparse.Namespace) -> dict[st
     }
 
 
-PXC_FLAGS = {"pxc": [], "pxc-ray": ["--ray"], "pxc-local": ["--local"], "pxc-join": []}
+PXC_FLAGS = {"pxc": [], "pxc-ray": ["--ray"], "pxc-local": ["--local"], "pxc-join": [],
+             "pxc-resize": []}
 """PixCrawler's commands: the default (the runner it chooses: in this process on a machine of
-up to 4 cores), Ray forced, this process forced, and a local Ray joined (``--address`` of a
-``JoinedRay``, added per run)."""
+up to 4 cores), Ray forced, this process forced, a local Ray joined (``--address`` of a
+``JoinedRay``, added per run), and the default over the resizing spec (``resize_spec``)."""
+
+
+def resize_spec(spec: dict[str, Any], side: int, resample: str) -> dict[str, Any]:
+    """``spec`` with every accepted image resized to ``side`` on its longer side (never up,
+    with the filter ``resample``) and re-encoded as JPEG quality 95, as ``i2d-resize`` does."""
+    return {**spec, "output": {**spec["output"], "resize": {"max_side": side,
+                                                            "mode": "keep_ratio",
+                                                            "resample": resample},
+                               "encode": {"format": "jpeg", "quality": 95}}}
 
 
 class JoinedRay:
@@ -451,12 +469,15 @@ def run_pixcrawler(tool: str, run: int, spec_path: Path, out: Path, server_pid: 
     return RunResult(tool, run, wall, images, code, tree, server_cpu, log_path, detail)
 
 
-I2D_MODES = {"i2d": "issue", "i2d-raw": "raw", "i2d-decode": "decode"}
+I2D_MODES = {"i2d": "issue", "i2d-raw": "raw", "i2d-decode": "decode", "i2d-resize": "resize"}
 
 
 def i2d_command(urls: Path, out: Path, mode: str, args: argparse.Namespace) -> list[str]:
+    resize = (["--resize_mode", "keep_ratio_largest", "--image_size", str(args.resize_side),
+               "--resize_only_if_bigger", "True"] if mode == "resize" else
+              ["--resize_mode", "no"])
     cmd = [str(I2D_BIN), "--url_list", str(urls), "--input_format", "txt",
-           "--output_folder", str(out), "--output_format", "parquet", "--resize_mode", "no",
+           "--output_folder", str(out), "--output_format", "parquet", *resize,
            "--processes_count", str(os.cpu_count() or 2),
            "--thread_count", str(args.i2d_threads),
            "--number_sample_per_shard", str(args.i2d_shard), "--timeout", "10",
@@ -604,7 +625,8 @@ def summarise(tool: str, runs: list[RunResult], n: int) -> dict[str, Any]:
 
 
 PAIRS = [("pxc", "i2d", 1.5), ("pxc", "i2d-raw", 1.0), ("pxc-ray", "i2d", None),
-         ("pxc-ray", "i2d-raw", None), ("pxc-join", "i2d", None), ("pxc-local", "i2d", None)]
+         ("pxc-ray", "i2d-raw", None), ("pxc-join", "i2d", None), ("pxc-local", "i2d", None),
+         ("pxc-resize", "i2d-resize", None)]
 """(ours, theirs, the issue's target for ours / theirs in speed, if it sets one)."""
 
 
@@ -669,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "command), pxc-ray (--ray), pxc-local (--local), pxc-join (--address "
                         "of a local Ray started before each run), i2d (img2dataset's "
                         "default), i2d-raw (--disable_all_reencoding), i2d-decode "
-                        "(--skip_reencode)")
+                        "(--skip_reencode), pxc-resize and i2d-resize (both resizing to "
+                        "--resize-side)")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the one-process floor (work_floor.py) before and after the runs")
     p.add_argument("--fixed-runs", type=int, default=0,
@@ -684,6 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the corpus is one host; img2dataset has no per-host cap)")
     g.add_argument("--no-robots", action="store_true", help="download.respect_robots false")
     g.add_argument("--shard-size", type=int, default=1000, help="output.shard_size")
+    p.add_argument("--resize-side", type=int, default=256,
+                   help="pxc-resize and i2d-resize: the longer side of every image written")
+    p.add_argument("--resample", default="lanczos",
+                   choices=["lanczos", "bicubic", "bilinear", "box"],
+                   help="pxc-resize: output.resize.resample (box is the filter of "
+                        "img2dataset's default, INTER_AREA)")
     g.add_argument("--workers", type=int, help="resources.workers")
     g.add_argument("--worker-cpus", type=float, help="resources.worker_cpus")
     g.add_argument("--batch-size", type=int, help="resources.batch_size")
@@ -782,16 +811,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             floor.append(run_floor(url_file, "before"))
         if args.fixed_runs:
             fixed = fixed_cost(args, port, server.pid)
+        spec = pxc_spec(args.n, url_file, OUT / "pxc", args)
         spec_path = OUT / "pxc_spec.yaml"
-        spec_path.write_text(yaml.safe_dump(pxc_spec(args.n, url_file, OUT / "pxc", args),
-                                            sort_keys=False))
+        spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        resize_path = OUT / "pxc_resize_spec.yaml"
+        resize_path.write_text(yaml.safe_dump(resize_spec(spec, args.resize_side, args.resample),
+                                              sort_keys=False))
         for k in range(1, args.runs + 1):
             for tool in tools:
                 if tool in I2D_MODES:
                     r = run_img2dataset(tool, k, url_file, OUT / "i2d", server.pid, args)
                 else:
                     with JoinedRay() if tool == "pxc-join" else nullcontext() as joined:
-                        r = run_pixcrawler(tool, k, spec_path, OUT / "pxc", server.pid,
+                        r = run_pixcrawler(tool, k, resize_path if tool == "pxc-resize"
+                                           else spec_path, OUT / "pxc", server.pid,
                                            args.timeout, joined)
                 results[tool].append(r)
                 print_run(r)
