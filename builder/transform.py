@@ -8,10 +8,13 @@ premultiplied or palette alpha -> RGBA/LA), so every accepted image resizes and 
 
 Resizing is Pillow's ``thumbnail`` recipe: the image is first reduced by whole factors (a JPEG
 in its decoder, at 1/2, 1/4 or 1/8 scale: ``Image.draft``; other formats by ``Image.reduce``,
-which averages blocks) while the last step, with the spec's filter, still shrinks it by at least
+which averages blocks, except palette and bilevel images, which Pillow resamples by nearest
+neighbour) while the last step, with the spec's filter, still shrinks it by at least
 ``REDUCING_GAP`` (2 for lanczos, bicubic and bilinear, Pillow's default: the result is close to
 resampling the full image; 1 for box, whose whole-factor steps are its own averages). A JPEG
-several times the target size is then never decoded in full.
+several times the target size is then never decoded in full. The output's size is the one the
+old full decode gave: worked out on the file's own size, and the picture resampled from the
+decoder's exact box (a reduced decode rounds a partial block up to a whole pixel).
 
 Transforming runs after an image is accepted and counted, so it never rejects: if it fails
 anyway for one image, that image keeps its original bytes (a warning is logged) and the job goes
@@ -55,6 +58,24 @@ _TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
           8: Image.Transpose.ROTATE_90}
 """EXIF orientation -> the transpose that makes the picture upright (Pillow's own table)."""
+_SWAPPING = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+             Image.Transpose.ROTATE_90)
+"""The turns that swap width and height."""
+
+
+def thumbnail_size(size: tuple[int, int], side: int) -> Optional[tuple[int, int]]:
+    """The size Pillow's ``thumbnail((side, side))`` gives a picture of ``size`` (its aspect
+    kept, each side rounded the way that keeps it closest, at least 1), or None where it fits
+    already."""
+    w, h = size
+    if w <= side and h <= side:
+        return None
+    aspect = w / h
+    if aspect <= 1:
+        return max(min(math.floor(side * aspect), math.ceil(side * aspect),
+                       key=lambda n: abs(aspect - n / side)), 1), side
+    return side, max(min(math.floor(side / aspect), math.ceil(side / aspect),
+                         key=lambda n: 0 if n == 0 else abs(aspect - side / n)), 1)
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -145,41 +166,58 @@ class ImageTransformer:
                     self.apply(record)
         return records
 
-    def _draft(self, src: Image.Image) -> None:
-        """Ask a JPEG not yet loaded for a reduced decode, as small as leaves the last step
-        of the resize ``REDUCING_GAP`` to shrink (a no-op for other formats). The sides are
-        the file's, before any EXIF turn: the bound is square, so a turn changes nothing."""
+    def _plan(self, size: tuple[int, int], swapped: bool
+              ) -> Optional[tuple[tuple[int, int], tuple[float, float, float, float]]]:
+        """For a file of ``size`` pixels (``swapped``: its EXIF turn swaps the sides), the size
+        to resample it to and the region of it that shows, both in the file's own orientation;
+        None where it is kept as it is. keep_ratio: the whole picture, sized as Pillow's
+        ``thumbnail`` sizes the upright picture; center_crop: the centred square, as
+        ``ImageOps.fit`` crops it (a centred square stays centred whichever way it turns)."""
         assert self.resize is not None
-        side, (w, h) = self.resize.max_side, src.size
-        scale = side / (min(w, h) if self.resize.mode == "center_crop" else max(w, h))
-        if scale < 1:
-            keep = min(1.0, scale * REDUCING_GAP[self.resize.resample])
-            src.draft(None, (math.ceil(w * keep), math.ceil(h * keep)))
-
-    def _resized(self, img: Image.Image) -> Image.Image:
-        """``img`` (a decoded image of its own: ``upright`` always returns a new one) shrunk
-        as the spec says; never enlarged."""
-        assert self.resize is not None
-        side = self.resize.max_side
-        method = _FILTERS[self.resize.resample]
+        side, (w, h) = self.resize.max_side, size
         if self.resize.mode == "center_crop":
-            factor = int(min(img.size) / (side * REDUCING_GAP[self.resize.resample]))
-            if factor > 1:
-                img = img.reduce(factor)
-            return ImageOps.fit(img, (min(side, *img.size),) * 2, method)
-        if max(img.size) > side:
-            img.thumbnail((side, side), method, reducing_gap=REDUCING_GAP[self.resize.resample])
-        return img
+            short = min(w, h)
+            if w == h <= side:
+                return None
+            n = min(side, short)
+            return (n, n), ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2)
+        fitted = thumbnail_size((h, w) if swapped else (w, h), side)
+        if fitted is None:
+            return None
+        return (fitted[::-1] if swapped else fitted), (0.0, 0.0, float(w), float(h))
+
+    def _resized(self, src: Image.Image) -> Image.Image:
+        """``src`` (opened, not yet loaded) upright, in a plain mode, and shrunk as the spec
+        says (never enlarged).
+
+        The size and the region to show are worked out on the file's pixels; a JPEG is asked
+        for its reduced decode (``draft``) that leaves the last, filtered step
+        ``REDUCING_GAP`` to shrink; the region is resampled from what was decoded (the
+        decoder's box, so a partial block at an edge does not stretch the picture); and the
+        small result is turned upright."""
+        assert self.resize is not None
+        if src.format not in ("JPEG", "MPO"):
+            src.load()  # a PNG's EXIF may follow its pixels
+        turn = _TURNS.get(src.getexif().get(0x0112, 1))
+        plan = self._plan(src.size, turn in _SWAPPING)
+        if plan is None:
+            return plain_mode(upright(src))
+        (fw, fh), region = plan
+        gap = REDUCING_GAP[self.resize.resample]
+        w, h = src.size
+        rw, rh = region[2] - region[0], region[3] - region[1]
+        drafted = src.draft(None, (math.ceil(w * min(1.0, gap * fw / rw)),
+                                   math.ceil(h * min(1.0, gap * fh / rh))))
+        scale = w / drafted[1][2] if drafted else 1.0
+        img = plain_mode(src).resize((fw, fh), _FILTERS[self.resize.resample],
+                                     box=tuple(x / scale for x in region), reducing_gap=gap)
+        return img.transpose(turn) if turn is not None else img
 
     def transform_bytes(self, data: bytes, fmt: str) -> tuple[bytes, str, int, int]:
         """(new bytes, new format, width, height) of one encoded image. Raises what Pillow
         raises (``_TRANSFORM_ERRORS``); ``apply`` and ``apply_row`` never do."""
         with Image.open(io.BytesIO(data)) as src:
-            if self.resize is not None:
-                self._draft(src)
-            img = plain_mode(upright(src))
-            if self.resize is not None:
-                img = self._resized(img)
+            img = self._resized(src) if self.resize is not None else plain_mode(upright(src))
             fmt = self.encode.format if self.encode else fmt
             if fmt not in _SAVE_FORMATS:
                 fmt = "png"

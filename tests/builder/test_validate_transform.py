@@ -184,6 +184,53 @@ def test_a_large_jpeg_is_resized_from_a_reduced_decode(monkeypatch, mode, want, 
     assert _psnr(Image.open(io.BytesIO(out)), Image.open(reference)) > 35
 
 
+@pytest.mark.parametrize("resample", ["lanczos", "box"])
+@pytest.mark.parametrize("orientation", [1, 6, 3])
+def test_a_reduced_decode_keeps_pillows_thumbnail_size(monkeypatch, resample, orientation):
+    """868 and 393 do not divide by the decoder's scale (4): the rounded-up partial block
+    must neither change the size (Pillow's ``thumbnail`` of the whole file: 100x45, or 45x100
+    turned) nor stretch the picture (its left and right halves keep their colours)."""
+    img = Image.new("RGB", (868, 393), (250, 20, 20))
+    img.paste((20, 20, 250), (434, 0, 868, 393))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    sizes = _decoded_sizes(monkeypatch)
+    out, _, w, h = ImageTransformer(ResizeSpec(max_side=100, resample=resample)
+                                    ).transform_bytes(data, "jpeg")
+    assert sizes[0] < (868, 393)
+    want = (45, 100) if orientation == 6 else (100, 45)
+    assert (w, h) == want == Image.open(io.BytesIO(out)).size
+    upright = Image.open(io.BytesIO(out)).convert("RGB")
+    if orientation == 6:
+        upright = upright.transpose(Image.Transpose.ROTATE_90)
+    elif orientation == 3:
+        upright = upright.transpose(Image.Transpose.ROTATE_180)
+    px = np.asarray(upright, np.float64)
+    assert np.abs(px[:, :45] - (250, 20, 20)).max() < 40
+    assert np.abs(px[:, 55:] - (20, 20, 250)).max() < 40
+
+
+def test_thumbnail_size_is_pillows():
+    from builder.transform import thumbnail_size
+
+    for w, h in [(868, 393), (393, 868), (3, 1000), (1000, 3), (257, 256), (999, 1001),
+                 (100, 100), (101, 100), (50, 70)] + [(w, 1000 + 7 * w) for w in range(1, 600, 37)]:
+        for side in (1, 8, 100, 256, 333):
+            img = Image.new("1", (w, h))
+            img.thumbnail((side, side))
+            assert thumbnail_size((w, h), side) == (None if (w, h) == img.size else img.size)
+
+
+@pytest.mark.parametrize("mode", ["P", "1"])
+def test_palette_and_bilevel_images_crop_and_shrink(mode):
+    """Pillow resamples these by nearest neighbour and cannot ``reduce`` them."""
+    data = encode(Image.new(mode, (1200, 900)), "PNG")
+    out, fmt, w, h = ImageTransformer(ResizeSpec(max_side=100, mode="center_crop",
+                                                 resample="box")).transform_bytes(data, "png")
+    assert (fmt, w, h) == ("png", 100, 100) and Image.open(io.BytesIO(out)).mode == mode
+
+
 def test_a_turned_large_jpeg_is_reduced_and_turned():
     """The reduced decode happens before the EXIF turn: the sides still come out swapped."""
     exif = Image.Exif()
