@@ -679,6 +679,13 @@ def fixed_cost(args: argparse.Namespace, port: int, server_pid: int) -> dict[str
 TOOLS = ["pxc", "pxc-ray", "i2d", "i2d-raw"]
 
 
+def _side(text: str) -> int:
+    side = int(text)
+    if side < 8:
+        raise argparse.ArgumentTypeError(f"{side} is below 8, the least output.resize.max_side")
+    return side
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=4000, help="distinct images in the corpus")
@@ -707,18 +714,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the corpus is one host; img2dataset has no per-host cap)")
     g.add_argument("--no-robots", action="store_true", help="download.respect_robots false")
     g.add_argument("--shard-size", type=int, default=1000, help="output.shard_size")
-    p.add_argument("--resize-side", type=int, default=256,
-                   help="pxc-resize and i2d-resize: the longer side of every image written")
-    p.add_argument("--resample", default="lanczos",
-                   choices=["lanczos", "bicubic", "bilinear", "box"],
-                   help="pxc-resize: output.resize.resample (box is the filter of "
-                        "img2dataset's default, INTER_AREA)")
     g.add_argument("--workers", type=int, help="resources.workers")
     g.add_argument("--worker-cpus", type=float, help="resources.worker_cpus")
     g.add_argument("--batch-size", type=int, help="resources.batch_size")
     g.add_argument("--max-in-flight-batches", type=int, help="resources.max_in_flight_batches")
     g.add_argument("--max-buffered-mb", type=int, help="resources.max_buffered_mb")
     g.add_argument("--dedup-partitions", type=int, help="resources.dedup_partitions")
+    g = p.add_argument_group("resizing (pxc-resize and i2d-resize)")
+    g.add_argument("--resize-side", type=_side, default=256,
+                   help="the longer side of every image written (at least 8)")
+    g.add_argument("--resample", default="lanczos",
+                   choices=["lanczos", "bicubic", "bilinear", "box"],
+                   help="pxc-resize's output.resize.resample (box is the filter of "
+                        "img2dataset's default, INTER_AREA)")
     g = p.add_argument_group("img2dataset knobs")
     g.add_argument("--i2d-threads", type=int, default=32, help="--thread_count")
     g.add_argument("--i2d-shard", type=int, default=1000,
@@ -841,6 +849,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ratios = pair_ratios(results)
     print_summary(args, summaries, ratios, floor, fixed)
     print(f"  spec: {spec_path}")
+    if "pxc-resize" in tools:
+        print(f"  pxc-resize spec: {resize_path}")
     (OUT / f"bench_vs_img2dataset_{args.corpus}_{args.n}.json").write_text(json.dumps({
         "n": args.n, "args": vars(args), "cores": os.cpu_count(), "summaries": summaries,
         "ratios": ratios, "floor": floor, "fixed_cost": fixed,
