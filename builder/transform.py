@@ -198,7 +198,11 @@ class ImageTransformer:
         assert self.resize is not None
         if src.format not in ("JPEG", "MPO"):
             src.load()  # a PNG's EXIF may follow its pixels
-        turn = _TURNS.get(src.getexif().get(0x0112, 1))
+        try:
+            orientation = src.getexif().get(0x0112, 1)
+        except _EXIF_REWRITE_ERRORS:  # a cut or malformed block: as ``upright`` reads it
+            orientation = 1
+        turn = _TURNS.get(orientation)
         plan = self._plan(src.size, turn in _SWAPPING)
         if plan is None:
             return plain_mode(upright(src))
