@@ -11,8 +11,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from builder.pipeline import run_local
 from builder.rights import RightsTally
 from builder.spec import DatasetSpec, parse_spec
+
+
+def run_on(runner: str, spec: DatasetSpec, request: Any) -> None:
+    """Run ``spec`` to its end in this process (``local``) or on the session's Ray (``ray``),
+    for the tests parametrized over both runners."""
+    if runner == "local":
+        run_local(spec)
+        return
+    request.getfixturevalue("ray_session")
+    from cluster.coordinator import run_job_async
+
+    asyncio.run(run_job_async(spec))
 
 
 def sandbox_spec(sandbox, out: str, *, target: int = 10, classes=("cat", "dog", "bird"),

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pyarrow.parquet as pq
 import pytest
 
-from builder.pipeline import run_local
 from builder.spec import parse_spec
-from tests.e2e.helpers import accepted_urls, check_accounting
-
-
-def run_on(runner: str, spec, request) -> None:
-    if runner == "local":
-        run_local(spec)
-        return
-    request.getfixturevalue("ray_session")
-    from cluster.coordinator import run_job_async
-
-    asyncio.run(run_job_async(spec))
+from tests.e2e.helpers import accepted_urls, check_accounting, run_on
 
 
 @pytest.mark.parametrize("runner", ["local", "ray"])

@@ -4,15 +4,13 @@ what the workers held. How units wait for room is tested in ``tests/builder/test
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
-from builder.pipeline import run_local
 from builder.spec import parse_spec
-from tests.e2e.helpers import check_accounting
+from tests.e2e.helpers import check_accounting, run_on
 
 
 @pytest.mark.parametrize("runner", ["local", "ray"])
@@ -24,13 +22,7 @@ def test_a_strict_held_budget_still_builds_the_whole_dataset(runner, sandbox, tm
         "download": {"timeout_s": 5.0, "allow_private_networks": True},
         "output": {"uri": out, "shard_size": 8},
         "resources": {"batch_size": 3, "max_held_mb": 0}})
-    if runner == "local":
-        run_local(spec)
-    else:
-        request.getfixturevalue("ray_session")
-        from cluster.coordinator import run_job_async
-
-        asyncio.run(run_job_async(spec))
+    run_on(runner, spec, request)
     stats = check_accounting(out)
     assert stats["candidates"] == 24 and stats["accepted"] > 0
     fetch = json.loads(Path(out, "stats.json").read_text())["fetch"]

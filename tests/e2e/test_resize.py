@@ -4,7 +4,6 @@ keep every candidate's account. How one image is resized is tested in
 
 from __future__ import annotations
 
-import asyncio
 import io
 from pathlib import Path
 
@@ -12,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from builder.pipeline import run_local
 from builder.spec import parse_spec
-from tests.e2e.helpers import check_accounting
+from tests.e2e.helpers import check_accounting, run_on
 
 
 @pytest.mark.parametrize("runner", ["local", "ray"])
@@ -27,13 +25,7 @@ def test_both_runners_resize_with_the_asked_filter(runner, sandbox, tmp_path, re
         "output": {"uri": out, "formats": ["parquet"], "shard_size": 8,
                    "resize": {"max_side": 40, "resample": "box"},
                    "encode": {"format": "jpeg", "quality": 90}}})
-    if runner == "local":
-        run_local(spec)
-    else:
-        request.getfixturevalue("ray_session")
-        from cluster.coordinator import run_job_async
-
-        asyncio.run(run_job_async(spec))
+    run_on(runner, spec, request)
     stats = check_accounting(out)
     assert stats["candidates"] == 12 and stats["accepted"] > 0
     rows = [r for p in sorted(Path(out, "data").glob("*.parquet")) for r in pq.read_table(
