@@ -78,6 +78,16 @@ def thumbnail_size(size: tuple[int, int], side: int) -> Optional[tuple[int, int]
                          key=lambda n: 0 if n == 0 else abs(aspect - side / n)), 1)
 
 
+def exif_turn(img: Image.Image) -> Optional[Image.Transpose]:
+    """The transpose ``img``'s EXIF orientation asks for (None: upright). A block Pillow
+    cannot read (cut, or a tag of the wrong type) reads as upright: the image was accepted,
+    so it must still be rewritten."""
+    try:
+        return _TURNS.get(img.getexif().get(0x0112, 1))
+    except _EXIF_REWRITE_ERRORS:
+        return None
+
+
 def upright(img: Image.Image) -> Image.Image:
     """``img`` turned as its EXIF orientation says (``ImageOps.exif_transpose``). Pillow
     rewrites the EXIF block without the orientation afterwards, and a block with a malformed
@@ -86,7 +96,7 @@ def upright(img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
     except _EXIF_REWRITE_ERRORS:
-        turn = _TURNS.get(img.getexif().get(0x0112, 1))
+        turn = exif_turn(img)
         return img.transpose(turn) if turn is not None else img.copy()
 
 
@@ -198,11 +208,7 @@ class ImageTransformer:
         assert self.resize is not None
         if src.format not in ("JPEG", "MPO"):
             src.load()  # a PNG's EXIF may follow its pixels
-        try:
-            orientation = src.getexif().get(0x0112, 1)
-        except _EXIF_REWRITE_ERRORS:  # a cut or malformed block: as ``upright`` reads it
-            orientation = 1
-        turn = _TURNS.get(orientation)
+        turn = exif_turn(src)
         plan = self._plan(src.size, turn in _SWAPPING)
         if plan is None:
             return plain_mode(upright(src))
