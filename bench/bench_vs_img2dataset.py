@@ -58,6 +58,14 @@ core from the tool being measured. The monitor's own CPU is printed with each ru
         [--resize-side 256] [--resample lanczos|bicubic|bilinear|box]
         [--no-floor] [--batch-size B --workers W ...]
 
+``--store s3`` writes PixCrawler's output to an S3 bucket instead of bench/out/pxc: a moto
+server (the test extra's ``moto_server``) on 127.0.0.1, started before the runs and not
+timed, like the corpus server; its CPU is printed per run beside the corpus server's. Each run
+writes under its own prefix, read back (stats.json, Parquet rows) and deleted after it.
+img2dataset still writes to local disk. ``--store-mbps M`` puts ``bench/throttle.py`` between
+the command and moto: each connection uploads at most M MB/s, so a shard's upload takes time,
+as to a store far away, instead of moto's CPU on the cores the command runs on.
+
 Outputs, logs (bench/out/logs/, with each ``--ray`` run's Ray session logs), the spec, the URL
 list and bench_vs_img2dataset_<corpus>_<n>.json go under bench/out/ (git-ignored). For
 PixCrawler the phases (start-up + ray.init, planning, crawl, write, exit) come from its log's
@@ -106,6 +114,118 @@ I2D_BIN = OUT / "i2d-venv" / "bin" / "img2dataset"
 PXC_BIN = Path(sys.executable).parent / "pixcrawler"  # run with PYTHONPATH=<this checkout>
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# ---------------------------------------------------------------- where PixCrawler writes
+
+
+class LocalStore:
+    """PixCrawler's output under bench/out (the default)."""
+
+    env: dict[str, str] = {}
+    pids: list[int] = []
+
+    def uri(self, name: str) -> str:
+        return str(OUT / name)
+
+    def clear(self, uri: str) -> None:
+        shutil.rmtree(uri, ignore_errors=True)
+
+    def read_json(self, uri: str) -> dict[str, Any]:
+        return _json(Path(uri))
+
+    def parquet_rows(self, uri: str) -> int:
+        return _parquet_rows(Path(uri))
+
+    def close(self) -> None:
+        pass
+
+
+class MotoStore(LocalStore):
+    """PixCrawler's output in an S3 bucket on a moto server on 127.0.0.1 (``--store s3``),
+    reached through ``throttle.py`` where ``mbps`` is set: each connection's uploads paced to
+    that many MB/s, as a store far away takes time (not this machine's CPU) to take a shard."""
+
+    BUCKET = "pxc-bench"
+
+    def __init__(self, log_path: Path, mbps: float = 0.0) -> None:
+        import boto3
+        import s3fs
+
+        exe = Path(sys.executable).with_name("moto_server")
+        if not exe.exists():
+            raise SystemExit("--store s3 needs moto_server: .venv/bin/pip install -e '.[test]'")
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+        self.proxy: Optional[subprocess.Popen] = None
+        self.pids = [self.proc.pid]
+        endpoint = self.endpoint
+        if mbps:
+            listen = free_port()
+            self.proxy = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "throttle.py"), "--listen", str(listen),
+                 "--upstream", str(port), "--mbps", str(mbps)], stdout=subprocess.PIPE,
+                text=True)
+            self.pids.append(self.proxy.pid)
+            assert self.proxy.stdout is not None
+            if self.proxy.stdout.readline().strip() != "listening":
+                self.close()
+                raise SystemExit("bench/throttle.py did not start")
+            endpoint = f"http://127.0.0.1:{listen}"
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+                    "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise SystemExit(f"moto_server did not start (log: {log_path})")
+                time.sleep(0.2)
+        self.fs = s3fs.S3FileSystem(key="bench", secret="bench",
+                                    client_kwargs={"endpoint_url": self.endpoint,
+                                                   "region_name": "us-east-1"})
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                     aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket=self.BUCKET)
+
+    def uri(self, name: str) -> str:
+        return f"s3://{self.BUCKET}/{name}"
+
+    def clear(self, uri: str) -> None:
+        if self.fs.exists(uri):
+            self.fs.rm(uri, recursive=True)
+        self.fs.invalidate_cache()
+
+    def read_json(self, uri: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.fs.cat_file(uri))
+        except (OSError, ValueError):
+            return {}
+
+    def parquet_rows(self, uri: str) -> int:
+        import pyarrow.parquet as pq
+
+        total = 0
+        for path in sorted(self.fs.glob(f"{uri}/**/*.parquet")):
+            with self.fs.open(path, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
+    def close(self) -> None:
+        for proc in (self.proxy, self.proc):
+            if proc is None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # ---------------------------------------------------------------- the loopback corpus
@@ -350,7 +470,7 @@ def run_command(cmd: list[str], env: dict[str, str], log_path: Path, server_pid:
     return wall, code, tree, cpu_seconds(server_pid) - server_cpu0
 
 
-def pxc_spec(n: int, urls: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def pxc_spec(n: int, urls: Path, out: str, args: argparse.Namespace) -> dict[str, Any]:
     """The PixCrawler spec: one class, the URL list as its only source, Parquet only."""
     resources: dict[str, Any] = {}
     for key in ("workers", "worker_cpus", "batch_size", "max_in_flight_batches",
@@ -370,7 +490,7 @@ def pxc_spec(n: int, urls: Path, out: Path, args: argparse.Namespace) -> dict[st
                      "concurrency": args.concurrency, "per_host_concurrency": args.per_host,
                      "respect_robots": not args.no_robots},
         "validation": {"level": args.level},
-        "output": {"uri": str(out), "formats": ["parquet"], "shard_size": args.shard_size},
+        "output": {"uri": out, "formats": ["parquet"], "shard_size": args.shard_size},
         "resources": resources,
     }
 
@@ -440,29 +560,36 @@ class JoinedRay:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_pixcrawler(tool: str, run: int, spec_path: Path, out: Path, server_pid: int,
-                   timeout_s: float, joined: Optional[JoinedRay] = None) -> RunResult:
+def run_pixcrawler(tool: str, run: int, spec_path: Path, out: str, server_pid: int,
+                   timeout_s: float, store: LocalStore,
+                   joined: Optional[JoinedRay] = None) -> RunResult:
     """``pixcrawler build spec.yaml`` with the flags of ``tool`` (``PXC_FLAGS``), this
-    checkout's code (PYTHONPATH), its own RAY_TMPDIR when it starts Ray; ``pxc-join`` joins
-    ``joined``."""
-    shutil.rmtree(out, ignore_errors=True)
+    checkout's code (PYTHONPATH), its own RAY_TMPDIR when it starts Ray, writing to ``out``
+    in ``store``; ``pxc-join`` joins ``joined``."""
+    store.clear(out)
     ray_tmp = Path(tempfile.mkdtemp(prefix="pxcb-", dir="/tmp"))  # short: Ray's socket paths
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **store.env, "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(PXC_BIN), "build", str(spec_path), "--output", str(out)] + PXC_FLAGS[tool]
+    cmd = [str(PXC_BIN), "build", str(spec_path), "--output", out] + PXC_FLAGS[tool]
     marker = str(ray_tmp)
     if tool == "pxc-join":
         assert joined is not None, "pxc-join runs only with a JoinedRay"
         cmd += ["--address", joined.address]
         marker = str(joined.tmp)
     log_path = OUT / "logs" / f"{tool}-{spec_path.stem}-run{run}.log"
+    store_cpu0 = sum(map(cpu_seconds, store.pids))
     wall, code, tree, server_cpu = run_command(cmd, env, log_path, server_pid, timeout_s,
                                                marker=marker)
-    stats = _json(out / "stats.json")
+    store_cpu = sum(map(cpu_seconds, store.pids)) - store_cpu0
+    stats = store.read_json(f"{out}/stats.json")
     images = int(stats.get("accepted", 0))
-    detail = {"stats": stats, "rows": _parquet_rows(out / "data"), "cmd": shlex.join(cmd),
-              "ray_tmp": str(ray_tmp), "phases": pxc_phases(log_path, stats, wall)}
+    detail = {"stats": stats, "rows": store.parquet_rows(f"{out}/data"),
+              "cmd": shlex.join(cmd), "ray_tmp": str(ray_tmp), "store_cpu_s": store_cpu,
+              "phases": pxc_phases(log_path, stats, wall)}
+    if store.pids:
+        store.clear(out)
     if tool == "pxc-ray":
         _keep_ray_logs(ray_tmp, OUT / "logs" / f"{tool}-{spec_path.stem}-run{run}-ray")
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -592,7 +719,9 @@ def print_run(r: RunResult) -> None:
     print(f"  {r.tool:<11} run {r.run}: {r.wall_s:7.2f} s wall, {r.images:5d} images, "
           f"{r.images_per_s:7.1f} images/s, peak RSS {mib(t.peak_rss_kib):7.0f} MiB "
           f"(PSS {mib(t.peak_pss_kib):6.0f} MiB, {t.peak_procs} procs), exit {r.exit_code}, "
-          f"server CPU {r.server_cpu_s:.1f} s, load {t.load[0]:.1f}->{t.load[1]:.1f}", flush=True)
+          f"server CPU {r.server_cpu_s:.1f} s"
+          + (f", S3 server CPU {r.detail['store_cpu_s']:.1f} s" if r.detail.get("store_cpu_s")
+             else "") + f", load {t.load[0]:.1f}->{t.load[1]:.1f}", flush=True)
     top = ", ".join(f"{k} {v:.1f}" for k, v in list(t.cpu_by_label().items())[:8])
     print(f"      CPU {t.cpu_s:.1f} s in the tree (sampled; "
           f"{1000 * t.cpu_s / max(1, r.images):.1f} ms per image): {top}; "
@@ -655,17 +784,19 @@ def run_floor(url_file: Path, tag: str) -> dict[str, float]:
     return json.loads(dest.read_text())
 
 
-def fixed_cost(args: argparse.Namespace, port: int, server_pid: int) -> dict[str, Any]:
+def fixed_cost(args: argparse.Namespace, port: int, server_pid: int,
+               store: LocalStore) -> dict[str, Any]:
     """The default command and ``--ray`` on a job of one image, ``--fixed-runs`` times each,
     interleaved: start to exit with (almost) nothing to do."""
     one = OUT / "urls-1.txt"
     one.write_text(f"http://127.0.0.1:{port}/bench/00000.jpg\n")
     spec_path = OUT / "pxc_spec_1.yaml"
-    spec_path.write_text(yaml.safe_dump(pxc_spec(1, one, OUT / "pxc-1", args), sort_keys=False))
+    out = store.uri("pxc-1")
+    spec_path.write_text(yaml.safe_dump(pxc_spec(1, one, out, args), sort_keys=False))
     runs: dict[str, list[RunResult]] = {"pxc": [], "pxc-ray": []}
     for k in range(1, args.fixed_runs + 1):
         for tool in runs:
-            r = run_pixcrawler(tool, k, spec_path, OUT / "pxc-1", server_pid, 300)
+            r = run_pixcrawler(tool, k, spec_path, out, server_pid, 300, store)
             runs[tool].append(r)
             print(f"  fixed cost, {tool:<8} run {k}: {r.wall_s:6.2f} s wall, CPU "
                   f"{r.tree.cpu_s:5.1f} s, peak RSS {mib(r.tree.peak_rss_kib):5.0f} MiB, "
@@ -705,6 +836,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-runs", type=int, default=0,
                    help="first, time the default command and --ray on a job of one image, "
                         "this many times each (the fixed cost of each runner)")
+    p.add_argument("--store", default="local", choices=["local", "s3"],
+                   help="where PixCrawler writes: local disk (bench/out/pxc) or an S3 bucket "
+                        "on a moto server on 127.0.0.1, started untimed")
+    p.add_argument("--store-mbps", type=float, default=0.0,
+                   help="with --store s3: each connection's uploads paced to this many MB/s "
+                        "(bench/throttle.py between the command and moto), as a store far "
+                        "away takes time but no CPU here to take a shard; 0: loopback speed")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds before a command is interrupted (a hung run reports exit 130)")
     g = p.add_argument_group("PixCrawler spec knobs (unset: the spec's defaults)")
@@ -801,10 +939,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = start_server(args.corpus, args.n, port, OUT / "logs" / "corpus-server.log")
+    store = LocalStore()
     results: dict[str, list[RunResult]] = {tool: [] for tool in tools}
     floor: list[dict[str, float]] = []
     fixed: dict[str, Any] = {}
     try:
+        if args.store == "s3":
+            store = MotoStore(OUT / "logs" / "moto-server.log", args.store_mbps)
         urls = [f"http://127.0.0.1:{port}/bench/{i:05d}.jpg" for i in range(args.n)]
         check_s, total = check_corpus(urls)
         print(f"corpus ({args.corpus}): {args.n} distinct JPEGs, {total / args.n / 1024:.1f} KiB"
@@ -818,8 +959,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.no_floor:
             floor.append(run_floor(url_file, "before"))
         if args.fixed_runs:
-            fixed = fixed_cost(args, port, server.pid)
-        spec = pxc_spec(args.n, url_file, OUT / "pxc", args)
+            fixed = fixed_cost(args, port, server.pid, store)
+        spec = pxc_spec(args.n, url_file, store.uri("pxc"), args)
         spec_path = OUT / "pxc_spec.yaml"
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         resize_path = OUT / "pxc_resize_spec.yaml"
@@ -832,13 +973,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 else:
                     with JoinedRay() if tool == "pxc-join" else nullcontext() as joined:
                         r = run_pixcrawler(tool, k, resize_path if tool == "pxc-resize"
-                                           else spec_path, OUT / "pxc", server.pid,
-                                           args.timeout, joined)
+                                           else spec_path, store.uri("pxc"), server.pid,
+                                           args.timeout, store, joined)
                 results[tool].append(r)
                 print_run(r)
         if not args.no_floor:
             floor.append(run_floor(url_file, "after"))
     finally:
+        store.close()
         server.terminate()
         try:
             server.wait(10)
@@ -857,7 +999,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "runs": [{"tool": r.tool, "run": r.run, "wall_s": r.wall_s, "images": r.images,
                   "exit": r.exit_code, "peak_rss_mib": mib(r.tree.peak_rss_kib),
                   "peak_pss_mib": mib(r.tree.peak_pss_kib), "cpu_s": r.tree.cpu_s,
-                  "server_cpu_s": r.server_cpu_s, "load": r.tree.load,
+                  "server_cpu_s": r.server_cpu_s,
+                  "store_cpu_s": r.detail.get("store_cpu_s"), "load": r.tree.load,
                   "cpu_by_process": r.tree.cpu_by_label(), "phases": r.detail.get("phases"),
                   "parquet_rows": r.detail.get("rows"),
                   "stats": {k: v for k, v in r.detail.get("stats", {}).items()
