@@ -1,7 +1,8 @@
 """The shard pipeline: what a worker does with one unit of work, the same in-process and on Ray.
 
-``WorkerRuntime`` holds a worker's state (an aiohttp fetcher, a thread pool for CPU work, list
-readers, the shard assembler) and runs units, several at a time. One unit goes, in order:
+``WorkerRuntime`` holds a worker's state (an aiohttp fetcher, a thread pool for CPU work, two
+threads for storage reads and writes, list readers, the shard assembler) and runs units,
+several at a time. One unit goes, in order:
 
 1. **candidates**: the worker runs the unit's search (through the job's rate limiter) or reads
    its slice of a URL list; hits of classes already full are *unused*, not candidates;
@@ -218,16 +219,23 @@ class ShardAssembler:
     of the units waiting for them (journaled at commit, about 165 bytes a candidate): where a
     unit yields one image, a split holds up to ``shard_size * MIX_SHARDS`` units' decisions
     before it writes, 20 MB for 1,000 units of 125 candidates, beside far fewer image bytes.
-    CPU and storage work runs on ``run_io`` (a thread)."""
+    Cutting a shard runs on ``run_cpu`` (the worker's CPU pool); writing shards and journal
+    files runs on ``run_store`` (the worker's storage threads). A shard uploads in the
+    background, one at a time: ``add`` returns once the shard is cut and its images marked
+    as being written, and the next shard due waits for the one before, so units go on being
+    fetched and validated while an object store takes a shard. The rows of the shard being
+    written count against ``buffer_bytes`` until it is written."""
 
     def __init__(self, plan: JobPlan, writer: ShardWriter, journal: Journal,
-                 services: WorkerServices, run_io: Callable[..., Awaitable[Any]]):
+                 services: WorkerServices, run_cpu: Callable[..., Awaitable[Any]],
+                 run_store: Callable[..., Awaitable[Any]]):
         self.plan = plan
         self.shard_size = plan.spec.output.shard_size
         self.writer = writer
         self.journal = journal
         self.services = services
-        self.run_io = run_io
+        self.run_cpu = run_cpu
+        self.run_store = run_store
         self.buffers: dict[str, list[pa.Table]] = {}
         self.buffered_bytes = 0
         """Bytes of the rows buffered and of the pending units' decisions."""
@@ -238,6 +246,10 @@ class ShardAssembler:
         self._idle = asyncio.Event()
         """Clear while a shard is being written and marked written; ``discard`` waits for it."""
         self._idle.set()
+        self._upload: Optional[asyncio.Task] = None
+        """The shard being written and its units committed (``_upload``); None once settled."""
+        self.uploading_bytes = 0
+        """Bytes of the shard being written."""
         self._lock = asyncio.Lock()
         self.splits = list(plan.spec.output.splits)
         self.mix = MIX_SHARDS if len(plan.spec.labels) > 1 else 1
@@ -263,7 +275,11 @@ class ShardAssembler:
             for split in list(self.buffers):
                 while self._rows(split) >= self.shard_size * self.mix:
                     await self._write(split, self.shard_size)
-            while self.buffered_bytes > self.plan.buffer_bytes and self.buffers:
+            while (self.buffered_bytes + self.uploading_bytes > self.plan.buffer_bytes
+                   and (self.buffers or self._upload is not None)):
+                if self._upload is not None:  # its units' decisions go once they commit
+                    await self._settle()
+                    continue
                 largest = max(self.buffers, key=self._rows)
                 await self._write(largest, min(self.shard_size, self._rows(largest)))
 
@@ -273,6 +289,30 @@ class ShardAssembler:
             for split in list(self.buffers):
                 while self._rows(split):
                     await self._write(split, min(self.shard_size, self._rows(split)))
+            await self._settle()
+
+    async def close(self) -> None:
+        """Stop waiting for a shard upload still under way (a job that stops on an error):
+        its units never commit, as after a crash mid-write (the storage thread may still
+        finish the shard; without their journal files, a resumed job runs them again)."""
+        if self._upload is not None:
+            self._upload.cancel()
+            await asyncio.gather(self._upload, return_exceptions=True)
+            self._upload = None
+            self.uploading_bytes = 0  # a task cancelled before it began ran no finally
+            self._idle.set()
+
+    async def _settle(self) -> None:
+        """Wait until the shard being written is written and its units committed; raises
+        what its write raised, once. Called under the lock only."""
+        task = self._upload
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._upload is task:
+                self._upload = None
 
     async def discard(self) -> list[str]:
         """Drop everything not yet written (the units will be resent); returns their uids once
@@ -284,6 +324,11 @@ class ShardAssembler:
         self.pending.clear()
         self.buffered_bytes = 0
         await self._idle.wait()
+        task = self._upload
+        if task is not None and task.done():  # what it failed with is the reset's cause
+            self._upload = None
+            if not task.cancelled():
+                task.exception()
         return dropped
 
     def take_committed(self) -> list[str]:
@@ -291,21 +336,25 @@ class ShardAssembler:
         return out
 
     async def _write(self, split: str, n: int) -> None:
-        """Write the next shard of ``split`` (``n`` rows) and commit the units it completes.
+        """Start writing the next shard of ``split`` (``n`` rows), once the one before is
+        written; ``_upload`` writes it and commits the units it completes.
 
         ``discard`` (an index reset) drops the buffers at once and may come at any await
         here: the lock keeps ``add`` and ``flush`` out, not it. The units it drops are resent
         and write their images again, so a write that sees ``generation`` move keeps none of
         their rows: the rows left are not buffered again, and the shard is not written unless
-        ``writer.write`` is already under way. A shard abandoned after
-        ``mark_written(writing=...)`` never exists, so that mark reads as not written
-        (``UnitRun._dedup``). One being written finishes and is marked written before
-        ``discard`` returns (it waits for ``_idle``), so the resent units find those images
-        written; its units, no longer pending, are not committed here."""
+        its upload has begun. A shard abandoned after ``mark_written(writing=...)`` never
+        exists, so that mark reads as not written (``UnitRun._dedup``). One being written
+        finishes and is marked written before ``discard`` returns (it waits for ``_idle``),
+        so the resent units find those images written; its units, no longer pending, are not
+        committed."""
         generation = self.generation
+        await self._settle()
+        if self.generation != generation:
+            return
         parts = self.buffers.pop(split)
         self.buffered_bytes -= sum(t.nbytes for t in parts)
-        table, rest = await self.run_io(cut_shard, parts, n)
+        table, rest = await self.run_cpu(cut_shard, parts, n)
         if self.generation != generation:
             return
         if rest is not None:
@@ -323,12 +372,23 @@ class ShardAssembler:
         extra = {"uid": table["_uid"].to_pylist(), "claim": claims,
                  "sig_a": table["_sig_a"].to_pylist(), "sig_b": table["_sig_b"].to_pylist()}
         self._idle.clear()
+        self.uploading_bytes = table.nbytes
+        self._upload = asyncio.ensure_future(
+            self._upload_shard(table, split, number, ids, extra, generation))
+
+    async def _upload_shard(self, table: pa.Table, split: str, number: int, ids: list[int],
+                            extra: dict[str, list], generation: int) -> None:
+        """Write a cut shard, mark its images written, and commit the units it completes
+        (none if ``discard`` came meanwhile: their uids may be pending again, resent)."""
         try:
-            await self.run_io(self.writer.write, table, split, number, self.journal, extra)
-            await self.services.dedup.mark_written(ids, claims)
+            await self.run_store(self.writer.write, table, split, number, self.journal, extra)
+            await self.services.dedup.mark_written(ids, extra["claim"])
         finally:
+            self.uploading_bytes = 0
             self._idle.set()
         for uid, count in Counter(extra["uid"]).items():
+            if self.generation != generation:
+                return
             entry = self.pending.get(uid)
             if entry is not None:
                 entry["remaining"] -= count
@@ -339,10 +399,16 @@ class ShardAssembler:
         entry = self.pending.pop(uid)
         self.buffered_bytes -= entry["held"]
         report: UnitReport = entry["report"]
-        await self.run_io(self.journal.write_unit, entry["unit"], report, entry["decisions"])
+        await self.run_store(self.journal.write_unit, entry["unit"], report,
+                             entry["decisions"])
         await self.services.commit(uid, {label: t.accepted for label, t in
                                          report.classes.items() if t.accepted})
         self.committed.append(uid)
+
+
+STORE_THREADS = 2
+"""A worker's storage threads: while one takes a shard to the store, the other writes units'
+journal files and reads the next list slices instead of waiting behind the upload."""
 
 
 class WorkerRuntime:
@@ -364,6 +430,10 @@ class WorkerRuntime:
                                   plan.storage_options)
         self.fetcher: Optional[Fetcher] = None
         self.pool: Optional[ThreadPoolExecutor] = None
+        self.store_pool: Optional[ThreadPoolExecutor] = None
+        """``STORE_THREADS`` threads for storage: list and retry reads, shard and journal
+        writes. Apart from ``pool`` because on a worker of one CPU thread (a Ray shard worker)
+        an upload there would stop validation for as long as it lasts."""
         self.assembler: Optional[ShardAssembler] = None
         self.engines: dict[int, SearchEngine] = {}
         self.readers: dict[int, ListReader] = {}
@@ -388,6 +458,8 @@ class WorkerRuntime:
         await asyncio.to_thread(ensure_writable, self.plan.uri, self.plan.storage_options)
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.plan.cpu_threads),
                                        thread_name_prefix="pixcrawler-cpu")
+        self.store_pool = ThreadPoolExecutor(max_workers=STORE_THREADS,
+                                             thread_name_prefix="pixcrawler-store")
         if self.plan.validate_processes > 1:
             self.validator = ProcessValidator(self.spec.validation, self.plan.validate_processes)
         self.fetcher = Fetcher(self.spec.download, hold_bodies=True,
@@ -395,7 +467,7 @@ class WorkerRuntime:
         self.fetcher.budget.on_wait = self.hand_on
         await self.fetcher.__aenter__()
         self.assembler = ShardAssembler(self.plan, self.writer, self.journal, self.services,
-                                        self._io)
+                                        self._io, self._store)
         for i, src in enumerate(self.spec.sources):
             if src.engine == "urllist":
                 self.readers[i] = ListReader(
@@ -407,6 +479,8 @@ class WorkerRuntime:
                 self.engines[i] = make_engine(src, self.spec)
 
     async def close(self) -> None:
+        if self.assembler is not None:
+            await self.assembler.close()
         if self.fetcher is not None:
             await self.fetcher.close()
             self.fetcher = None
@@ -414,9 +488,10 @@ class WorkerRuntime:
             engine.close()
         for reader in self.readers.values():
             reader.close()
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+        for pool in (self.pool, self.store_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self.store_pool = None
         if isinstance(self.validator, ProcessValidator):
             await asyncio.to_thread(self.validator.close)
             self.validator = ImageValidator(self.spec.validation)
@@ -450,8 +525,14 @@ class WorkerRuntime:
             send()
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the CPU pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, fn, *args)
+
+    async def _store(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a storage thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.store_pool, fn, *args)
 
     def cancel(self) -> None:
         """Stop: units in flight end with their undecided candidates ``cancelled``."""
@@ -616,7 +697,7 @@ class UnitRun:
             return [Candidate(url=u, label=unit.label, engine="inline", rank=unit.start + i)
                     for i, u in enumerate(urls)]
         if unit.kind == LIST:
-            rows = await w._io(w.readers[unit.source].read, unit.slice)
+            rows = await w._store(w.readers[unit.source].read, unit.slice)
             if not rows:
                 self.report.exhausted = unit.slice >= w.plan.list_plans[unit.source].count
             out = []
@@ -629,8 +710,8 @@ class UnitRun:
             return out
         if unit.kind == RETRY:
             assert w.plan.retry_plan is not None
-            return await w._io(retry_candidates, w.plan.retry_plan, w.plan.storage_options,
-                               spec.labels, unit.slice)
+            return await w._store(retry_candidates, w.plan.retry_plan, w.plan.storage_options,
+                                  spec.labels, unit.slice)
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
     # -- deciding ----------------------------------------------------------------------------
@@ -793,7 +874,7 @@ class UnitRun:
             written = decision.written
             if decision.writing >= 0:
                 if decision.writing not in names:
-                    names[decision.writing] = await w._io(
+                    names[decision.writing] = await w._store(
                         w.journal.shard_exists, self._shard_of(decision.writing))
                 written = names[decision.writing]
             if written:

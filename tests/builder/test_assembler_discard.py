@@ -76,7 +76,7 @@ def test_a_discard_during_a_shard_write_keeps_none_of_the_dropped_units_rows(tmp
         return fn(*args)
 
     assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
-                               Journal(), Services(), run_io)
+                               Journal(), Services(), run_io, run_io)
     units = {"cat": WorkUnit("uA", 0, SEARCH, 0, label="cat"),
              "dog": WorkUnit("uB", 1, SEARCH, 0, label="dog")}
 
@@ -118,3 +118,125 @@ def test_a_discard_during_a_shard_write_keeps_none_of_the_dropped_units_rows(tmp
     assert sorted(assembler.take_committed()) == ["uA", "uB"]
     assert [t.num_rows for ts in assembler.buffers.values() for t in ts] == []
     assert assembler.buffered_bytes == 0
+
+
+def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_path):
+    """A shard uploads in the background and commits its units after it is written. A
+    discard that comes while it commits them (here: the first unit's journal file is being
+    written) drops the rest; a unit resent meanwhile under the same uid, its row not yet in
+    any shard, must not be committed by the old shard's count."""
+    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 2}})
+    journaling, release = asyncio.Event(), asyncio.Event()
+
+    class Writer:
+        def write(self, table, split, number, journal, extra):
+            return None
+
+    class Journal:
+        def write_unit(self, unit, report, decisions):
+            return None
+
+    class Dedup:
+        async def mark_written(self, ids, claims, writing=None):
+            return None
+
+    class Services:
+        dedup = Dedup()
+
+        async def next_shard(self, split):
+            return 0
+
+        async def commit(self, uid, accepted):
+            return None
+
+    async def run(fn, *args):
+        if fn.__name__ == "write_unit" and not journaling.is_set():
+            journaling.set()
+            await release.wait()
+        return fn(*args)
+
+    assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
+                               Journal(), Services(), run, run)
+    units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("uA", "uB")}
+
+    async def main() -> None:
+        await assembler.add(units["uA"], UnitReport("uA"), _rows("uA", 1, "cat", [0]),
+                            NO_DECISIONS)
+        await assembler.add(units["uB"], UnitReport("uB"), _rows("uB", 2, "cat", [0]),
+                            NO_DECISIONS)  # a shard of 2: uploads, then commits uA, uB
+        await asyncio.wait_for(journaling.wait(), 10)
+        assert await asyncio.wait_for(assembler.discard(), 10) == ["uB"]  # uA is committing
+        await assembler.add(units["uB"], UnitReport("uB"), _rows("uB", 2, "cat", [1]),
+                            NO_DECISIONS)  # resent: one row, no shard yet
+        release.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert assembler.take_committed() == ["uA"]
+        assert assembler.pending["uB"]["remaining"] == 1
+        await assembler.flush()
+        await assembler.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_upload_raises_once_and_a_reset_clears_it(tmp_path):
+    """A background upload whose index call fails (a partition restarted) raises in the next
+    ``add``; the runner then resets. The resent units must not meet the old error again, or
+    every reset would fail anew until the unit runs out of sends."""
+    from builder.job import IndexLost
+
+    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 1}})
+    lost = {"now": True}
+    written: list[list[str]] = []
+
+    class Writer:
+        def write(self, table, split, number, journal, extra):
+            written.append(table["id"].to_pylist())
+
+    class Journal:
+        def write_unit(self, unit, report, decisions):
+            return None
+
+    class Dedup:
+        async def mark_written(self, ids, claims, writing=None):
+            if writing is None and lost["now"]:
+                raise IndexLost("index partition 0 restarted")
+
+    class Services:
+        dedup = Dedup()
+        shards = 0
+
+        async def next_shard(self, split):
+            self.shards += 1
+            return self.shards
+
+        async def commit(self, uid, accepted):
+            return None
+
+    async def run(fn, *args):
+        return fn(*args)
+
+    assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
+                               Journal(), Services(), run, run)
+    units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("u1", "u2")}
+
+    async def main() -> None:
+        await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [0]),
+                            NO_DECISIONS)
+        with pytest.raises(IndexLost):
+            await assembler.add(units["u2"], UnitReport("u2"), _rows("u2", 2, "cat", [0]),
+                                NO_DECISIONS)
+        assert await assembler.discard() == ["u1", "u2"]
+        lost["now"] = False
+        for number, uid in enumerate(units, 3):
+            await assembler.add(units[uid], UnitReport(uid), _rows(uid, number, "cat", [0]),
+                                NO_DECISIONS)
+        await assembler.flush()
+
+    asyncio.run(main())
+    assert assembler.take_committed() == ["u1", "u2"]
+    assert len(written) == 3  # u1's first shard, then u1's and u2's resent rows

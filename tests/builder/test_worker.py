@@ -166,7 +166,7 @@ def test_decisions_waiting_for_their_shard_count_against_the_buffer(tmp_path):
         return fn(*args)
 
     assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1", buffer_bytes=budget),
-                               Writer(), Journal(), Services(), run_io)
+                               Writer(), Journal(), Services(), run_io, run_io)
     decisions = pa.table({"url": [f"http://127.0.0.1:9/gone/{i:06d}.jpg" for i in range(125)],
                           "reason": ["http_404"] * 125})
     assert decisions.nbytes > 4 << 10
@@ -296,3 +296,96 @@ def test_a_units_decision_rows_keep_the_checked_url_hash_and_only_a_rejects_righ
     assert all(r["rights"] == [{"signal": "robots_txt", "value": "",
                                 "source": "robots.txt group '*'", "verdict": "allow"}]
                for r in rows[1:])
+
+
+def _one_thread_worker(tmp_path):
+    """A started-to-be worker of one CPU thread (as on Ray), shards of one image, and a unit
+    with one accepted row to hand its assembler."""
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.spec import parse_spec
+    from builder.units import INLINE, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    spec = parse_spec({"name": "upload", "target": 5,
+                       "classes": {"cat": {"urls": ["http://127.0.0.1:9/a.jpg"]}},
+                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 1}})
+    services = LocalServices(spec, LocalPartitions(4, k=1).client(), QuotaLedger({"cat": 5}))
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1", cpu_threads=1),
+                            services)
+    unit = WorkUnit(inline_uid(0, "cat", 0), 0, INLINE, 0, label="cat", start=0, stop=1)
+    row = pa.table({"id": [f"{1:016x}"], "label": ["cat"], "split": ["train"],
+                    "image": [bytes(100)], "_uid": [unit.uid], "_claim": [1],
+                    "_sig_a": [0], "_sig_b": [0]})
+    return runtime, unit, row
+
+
+def test_a_shard_upload_that_hangs_holds_up_neither_validation_nor_the_next_unit(tmp_path):
+    """A Ray shard worker has one CPU thread. A shard goes to the store on a storage thread,
+    in the background: while an upload to an object store lasts, the unit that filled the
+    shard is done and validation (the CPU pool) goes on. Its unit commits once it is written."""
+    import asyncio
+    import threading
+
+    from builder.journal import UNIT_SCHEMA
+    from builder.units import UnitReport
+
+    runtime, unit, row = _one_thread_worker(tmp_path)
+    uploading, release = threading.Event(), threading.Event()
+    threads: dict[str, str] = {}
+
+    def hanging_write(*args):
+        threads["write"] = threading.current_thread().name
+        uploading.set()
+        release.wait(30)
+
+    async def main() -> tuple[list[str], list[str]]:
+        await runtime.start()
+        runtime.writer.write = hanging_write
+        try:
+            await asyncio.wait_for(runtime.assembler.add(
+                unit, UnitReport(unit.uid), row, UNIT_SCHEMA.empty_table()), 5)
+            assert await asyncio.to_thread(uploading.wait, 10)
+            threads["cpu"] = await asyncio.wait_for(
+                runtime._io(lambda: threading.current_thread().name), 5)
+            before = runtime.assembler.take_committed()
+            release.set()
+            await asyncio.wait_for(runtime.assembler.flush(), 10)
+            return before, runtime.assembler.take_committed()
+        finally:
+            release.set()
+            await runtime.close()
+
+    before, after = asyncio.run(main())
+    assert (before, after) == ([], [unit.uid])
+    assert threads["write"].startswith("pixcrawler-store")
+    assert threads["cpu"].startswith("pixcrawler-cpu")
+
+
+def test_a_shard_upload_that_fails_fails_the_flush_with_the_stores_error(tmp_path):
+    """The upload runs in the background; its error must still reach the job (the next
+    shard's write or the flush raises it), never a unit left uncommitted in silence."""
+    import asyncio
+
+    from builder.errors import StorageError
+    from builder.journal import UNIT_SCHEMA
+    from builder.units import UnitReport
+
+    runtime, unit, row = _one_thread_worker(tmp_path)
+
+    def failing_write(*args):
+        raise StorageError("could not write shard train-00000 to s3://bucket/ds: denied")
+
+    async def main() -> None:
+        await runtime.start()
+        runtime.writer.write = failing_write
+        try:
+            await runtime.assembler.add(unit, UnitReport(unit.uid), row,
+                                        UNIT_SCHEMA.empty_table())
+            with pytest.raises(StorageError, match="denied"):
+                await asyncio.wait_for(runtime.assembler.flush(), 10)
+            assert runtime.assembler.take_committed() == []
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
