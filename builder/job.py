@@ -459,6 +459,9 @@ class _Flight:
     """Its worker was lost while it ran: a result it still brings is not trusted (the worker,
     should it come back, drops what it held), and the unit is sent again."""
     sent: float = field(default_factory=time.monotonic)
+    committed_early: bool = False
+    """Its worker said it committed before its own result was taken (both came back in one
+    wait, the other result first): it is done once that result is."""
 
 
 @dataclass
@@ -607,8 +610,12 @@ class JobRunner:
         self._incarnations[worker] = events.incarnation
         for uid in events.committed:
             flight = self._flights.get(uid)
-            if flight is not None and flight.report is not None:
+            if flight is None:
+                continue
+            if flight.report is not None:
                 del self._flights[uid]
+            elif flight.worker == worker and flight.epoch == self._epoch:
+                flight.committed_early = True
         self.fetch.update(events.fetch)
 
     def _again(self, unit: WorkUnit, isolate: bool = False) -> None:
@@ -793,6 +800,8 @@ class JobRunner:
         if not report.settled:  # it decided nothing: no commit will come
             del self._flights[unit.uid]
         self._take_events(flight.worker, events)
+        if flight.committed_early and self._flights.get(unit.uid) is flight:
+            del self._flights[unit.uid]
 
     async def _join_late(self) -> None:
         """Take in the late workers that have started since the last look."""

@@ -596,3 +596,33 @@ def test_waiting_for_lost_workers_ends_by_the_clock(monkeypatch):
     with pytest.raises(JobInterrupted, match="within 1 s.*--resume"):
         asyncio.run(asyncio.wait_for(runner.run(), 30))
     assert time.monotonic() - started < 3.5 and len(asked) >= 3
+
+
+def test_a_commit_taken_before_its_units_own_result_still_commits_it():
+    """A worker commits a unit when the shard holding its images is written, in the
+    background, and says so with whichever result it sends next. When that result and the
+    unit's own come back in one wait and the other is taken first, the commit must not be
+    lost: the unit would stay 'decided but never committed' and the job would fail."""
+    from builder.units import WorkerEvents
+
+    s = spec()
+    runner = JobRunner(s, FakeExecutor(s, {}), UnitPlanner(s), JobCounts(s))
+    units = [WorkUnit(uid, 0, SEARCH, 0, label="cat", query="q1") for uid in ("uA", "uB")]
+    results = {"uA": (UnitReport("uA"), WorkerEvents("w0", [])),
+               "uB": (UnitReport("uB"), WorkerEvents("w0", ["uA", "uB"]))}
+    runner.executor.run = lambda worker, unit: asyncio.sleep(0, results[unit.uid])
+
+    async def main() -> dict:
+        tasks: dict = {}
+        for unit in units:
+            runner._start(unit, tasks)
+            runner._planned.add(unit.uid)
+        await asyncio.gather(*tasks)
+        flights = {f.unit.uid: (t, f) for t, f in tasks.items()}
+        for uid in ("uB", "uA"):  # both came back in one wait; uB's result is taken first
+            task, flight = flights[uid]
+            runner._done_running(flight)
+            await runner._result(task, flight)
+        return dict(runner._flights)
+
+    assert asyncio.run(main()) == {}
