@@ -602,7 +602,12 @@ class JobRunner:
         if unit.kind in (SEARCH, INLINE):
             self._class_in_flight[unit.label] -= self._expected_hits(unit)
 
-    def _take_events(self, worker: int, events: WorkerEvents) -> None:
+    def _take_events(self, worker: int, events: WorkerEvents, epoch: Optional[int] = None
+                     ) -> None:
+        """``events`` of ``worker``, sent with a result of a unit sent at ``epoch`` (default:
+        now). Its commits apply to units sent by then: a unit resent after a reset is a new
+        attempt, which an earlier attempt's commit does not commit."""
+        epoch = self._epoch if epoch is None else epoch
         known = self._incarnations.get(worker)
         if known is not None and events.incarnation != known:
             log.warning("worker %d restarted; resending the units it had not committed", worker)
@@ -610,11 +615,11 @@ class JobRunner:
         self._incarnations[worker] = events.incarnation
         for uid in events.committed:
             flight = self._flights.get(uid)
-            if flight is None:
+            if flight is None or flight.epoch > epoch:
                 continue
             if flight.report is not None:
                 del self._flights[uid]
-            elif flight.worker == worker and flight.epoch == self._epoch:
+            elif flight.worker == worker:
                 flight.committed_early = True
         self.fetch.update(events.fetch)
 
@@ -762,7 +767,7 @@ class JobRunner:
         unit = flight.unit
         if flight.epoch != self._epoch and not fut.cancelled():
             if fut.exception() is None:
-                self._take_events(flight.worker, fut.result()[1])
+                self._take_events(flight.worker, fut.result()[1], flight.epoch)
             self._stale(flight)
             return
         try:

@@ -310,9 +310,14 @@ class ShardAssembler:
             return
         try:
             await asyncio.shield(task)
-        finally:
-            if task.done() and self._upload is task:
+        except asyncio.CancelledError:
+            raise  # this waiter was cancelled: the upload stays, to be settled or closed
+        except Exception:
+            if self._upload is task:
                 self._upload = None
+            raise
+        if self._upload is task:
+            self._upload = None
 
     async def discard(self) -> list[str]:
         """Drop everything not yet written (the units will be resent); returns their uids once
@@ -322,6 +327,7 @@ class ShardAssembler:
         self.generation += 1
         self.buffers.clear()
         self.pending.clear()
+        self.committed.clear()  # the driver resends every unit it has not seen commit
         self.buffered_bytes = 0
         await self._idle.wait()
         task = self._upload
@@ -396,6 +402,10 @@ class ShardAssembler:
                     await self._commit(uid)
 
     async def _commit(self, uid: str) -> None:
+        """Journal a unit whose images are all written and tell the ledger; the driver hears
+        of it with the next events, unless a ``discard`` came meanwhile: it resends the unit
+        then, and a commit of this attempt must not be taken for the resent one's."""
+        generation = self.generation
         entry = self.pending.pop(uid)
         self.buffered_bytes -= entry["held"]
         report: UnitReport = entry["report"]
@@ -403,7 +413,8 @@ class ShardAssembler:
                              entry["decisions"])
         await self.services.commit(uid, {label: t.accepted for label, t in
                                          report.classes.items() if t.accepted})
-        self.committed.append(uid)
+        if self.generation == generation:
+            self.committed.append(uid)
 
 
 STORE_THREADS = 2

@@ -124,7 +124,9 @@ def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_p
     """A shard uploads in the background and commits its units after it is written. A
     discard that comes while it commits them (here: the first unit's journal file is being
     written) drops the rest; a unit resent meanwhile under the same uid, its row not yet in
-    any shard, must not be committed by the old shard's count."""
+    any shard, must not be committed by the old shard's count. Nor is the commit that was
+    under way reported: the driver resends that unit too, and would take it for the resent
+    attempt's."""
     spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
                        "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
                        "output": {"uri": str(tmp_path / "ds"), "shard_size": 2}})
@@ -173,7 +175,7 @@ def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_p
         release.set()
         for _ in range(20):
             await asyncio.sleep(0)
-        assert assembler.take_committed() == ["uA"]
+        assert assembler.take_committed() == []
         assert assembler.pending["uB"]["remaining"] == 1
         await assembler.flush()
         await assembler.close()
@@ -240,3 +242,65 @@ def test_a_failed_upload_raises_once_and_a_reset_clears_it(tmp_path):
     asyncio.run(main())
     assert assembler.take_committed() == ["u1", "u2"]
     assert len(written) == 3  # u1's first shard, then u1's and u2's resent rows
+
+
+def test_an_upload_that_fails_as_the_unit_waiting_on_it_is_cancelled_still_fails_the_flush(
+        tmp_path):
+    """The next shard's ``add`` waits for the upload before it. If that upload fails in the
+    same turn as the waiting ``add`` is cancelled (a job being torn down), the error must stay
+    for the flush: else the flush returns and the shard's unit is never committed."""
+    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 1}})
+
+    class Writer:
+        def write(self, table, split, number, journal, extra):
+            return None
+
+    class Journal:
+        def write_unit(self, unit, report, decisions):
+            return None
+
+    class Dedup:
+        async def mark_written(self, ids, claims, writing=None):
+            return None
+
+    class Services:
+        dedup = Dedup()
+        shards = 0
+
+        async def next_shard(self, split):
+            self.shards += 1
+            return self.shards
+
+        async def commit(self, uid, accepted):
+            return None
+
+    async def main() -> None:
+        gate = asyncio.get_running_loop().create_future()
+
+        async def store(fn, *args):
+            if fn.__name__ == "write" and not gate.done():
+                await gate  # the first shard's upload waits here
+            return fn(*args)
+
+        async def cpu(fn, *args):
+            return fn(*args)
+
+        assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
+                                   Journal(), Services(), cpu, store)
+        units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("u1", "u2")}
+        await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [0]),
+                            NO_DECISIONS)
+        adding = asyncio.ensure_future(assembler.add(
+            units["u2"], UnitReport("u2"), _rows("u2", 2, "cat", [0]), NO_DECISIONS))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gate.set_exception(OSError("the store answered 503"))
+        adding.cancel()
+        await asyncio.gather(adding, return_exceptions=True)
+        with pytest.raises(OSError, match="503"):
+            await assembler.flush()
+        await assembler.close()
+
+    asyncio.run(main())

@@ -626,3 +626,49 @@ def test_a_commit_taken_before_its_units_own_result_still_commits_it():
         return dict(runner._flights)
 
     assert asyncio.run(main()) == {}
+
+
+def test_a_commit_from_before_a_reset_does_not_commit_the_resent_attempt():
+    """After an index reset the runner resends every unit it has not seen commit. A result
+    sent before the reset (stale) may still carry the earlier attempt's commit of such a
+    unit; taken for the resent attempt's, it would drop that attempt once it reports, though
+    its rows are only buffered, and a lost worker would then not resend it."""
+    from builder.units import WorkerEvents
+
+    s = spec()
+    runner = JobRunner(s, FakeExecutor(s, {}), UnitPlanner(s), JobCounts(s))
+    results: dict = {}
+
+    async def run_(worker, unit):
+        results[(unit.uid, unit.attempt)] = asyncio.get_running_loop().create_future()
+        return await results[(unit.uid, unit.attempt)]
+
+    runner.executor.run = run_
+
+    async def main() -> list[str]:
+        tasks: dict = {}
+
+        async def take(uid: str, attempt: int, events: list[str]) -> None:
+            results[(uid, attempt)].set_result((UnitReport(uid), WorkerEvents("w0", events)))
+            await asyncio.sleep(0)
+            task, flight = next((t, f) for t, f in tasks.items()
+                                if (f.unit.uid, f.unit.attempt) == (uid, attempt))
+            del tasks[task]
+            runner._done_running(flight)
+            await runner._result(task, flight)
+
+        for uid in ("uU", "uX"):
+            runner._start(WorkUnit(uid, 0, SEARCH, 0, label="cat", query="q1"), tasks)
+            runner._planned.add(uid)
+        await asyncio.sleep(0)
+        await take("uU", 0, [])
+        await runner._reset_all()  # uU resent as attempt 1
+        runner._start(runner._resend.popleft(), tasks)
+        await asyncio.sleep(0)
+        await take("uX", 0, ["uU"])  # stale: sent before the reset
+        runner._resend.clear()
+        await take("uU", 1, [])
+        runner._lose(0)
+        return [unit.uid for unit in runner._resend]
+
+    assert asyncio.run(main()) == ["uU"]
