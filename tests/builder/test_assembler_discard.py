@@ -120,6 +120,51 @@ def test_a_discard_during_a_shard_write_keeps_none_of_the_dropped_units_rows(tmp
     assert assembler.buffered_bytes == 0
 
 
+def _one_class(tmp_path, shard_size: int):
+    return parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                       "output": {"uri": str(tmp_path / "ds"), "shard_size": shard_size}})
+
+
+class ListWriter:
+    """A shard writer that keeps each shard's ids in ``written``."""
+
+    def __init__(self) -> None:
+        self.written: list[list[str]] = []
+
+    def write(self, table, split, number, journal, extra):
+        self.written.append(table["id"].to_pylist())
+
+
+class NoJournal:
+    def write_unit(self, unit, report, decisions):
+        return None
+
+
+class NoDedup:
+    async def mark_written(self, ids, claims, writing=None):
+        return None
+
+
+class NumberingServices:
+    """The services an assembler calls: shards numbered 1, 2, ...; commits accepted."""
+
+    def __init__(self, dedup=None) -> None:
+        self.dedup = dedup or NoDedup()
+        self.shards = 0
+
+    async def next_shard(self, split):
+        self.shards += 1
+        return self.shards
+
+    async def commit(self, uid, accepted):
+        return None
+
+
+async def run_now(fn, *args):
+    return fn(*args)
+
+
 def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_path):
     """A shard uploads in the background and commits its units after it is written. A
     discard that comes while it commits them (here: the first unit's journal file is being
@@ -127,31 +172,7 @@ def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_p
     any shard, must not be committed by the old shard's count. Nor is the commit that was
     under way reported: the driver resends that unit too, and would take it for the resent
     attempt's."""
-    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
-                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
-                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 2}})
     journaling, release = asyncio.Event(), asyncio.Event()
-
-    class Writer:
-        def write(self, table, split, number, journal, extra):
-            return None
-
-    class Journal:
-        def write_unit(self, unit, report, decisions):
-            return None
-
-    class Dedup:
-        async def mark_written(self, ids, claims, writing=None):
-            return None
-
-    class Services:
-        dedup = Dedup()
-
-        async def next_shard(self, split):
-            return 0
-
-        async def commit(self, uid, accepted):
-            return None
 
     async def run(fn, *args):
         if fn.__name__ == "write_unit" and not journaling.is_set():
@@ -159,8 +180,8 @@ def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_p
             await release.wait()
         return fn(*args)
 
-    assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
-                               Journal(), Services(), run, run)
+    assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 2), str(tmp_path / "ds"), "job-1"),
+                               ListWriter(), NoJournal(), NumberingServices(), run, run)
     units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("uA", "uB")}
 
     async def main() -> None:
@@ -189,41 +210,17 @@ def test_a_failed_upload_raises_once_and_a_reset_clears_it(tmp_path):
     every reset would fail anew until the unit runs out of sends."""
     from builder.job import IndexLost
 
-    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
-                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
-                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 1}})
     lost = {"now": True}
-    written: list[list[str]] = []
 
-    class Writer:
-        def write(self, table, split, number, journal, extra):
-            written.append(table["id"].to_pylist())
-
-    class Journal:
-        def write_unit(self, unit, report, decisions):
-            return None
-
-    class Dedup:
+    class LosingDedup:
         async def mark_written(self, ids, claims, writing=None):
             if writing is None and lost["now"]:
                 raise IndexLost("index partition 0 restarted")
 
-    class Services:
-        dedup = Dedup()
-        shards = 0
-
-        async def next_shard(self, split):
-            self.shards += 1
-            return self.shards
-
-        async def commit(self, uid, accepted):
-            return None
-
-    async def run(fn, *args):
-        return fn(*args)
-
-    assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
-                               Journal(), Services(), run, run)
+    writer = ListWriter()
+    assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 1), str(tmp_path / "ds"), "job-1"),
+                               writer, NoJournal(), NumberingServices(LosingDedup()), run_now,
+                               run_now)
     units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("u1", "u2")}
 
     async def main() -> None:
@@ -241,7 +238,7 @@ def test_a_failed_upload_raises_once_and_a_reset_clears_it(tmp_path):
 
     asyncio.run(main())
     assert assembler.take_committed() == ["u1", "u2"]
-    assert len(written) == 3  # u1's first shard, then u1's and u2's resent rows
+    assert len(writer.written) == 3  # u1's first shard, then u1's and u2's resent rows
 
 
 def test_an_upload_that_fails_as_the_unit_waiting_on_it_is_cancelled_still_fails_the_flush(
@@ -249,33 +246,6 @@ def test_an_upload_that_fails_as_the_unit_waiting_on_it_is_cancelled_still_fails
     """The next shard's ``add`` waits for the upload before it. If that upload fails in the
     same turn as the waiting ``add`` is cancelled (a job being torn down), the error must stay
     for the flush: else the flush returns and the shard's unit is never committed."""
-    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
-                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
-                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 1}})
-
-    class Writer:
-        def write(self, table, split, number, journal, extra):
-            return None
-
-    class Journal:
-        def write_unit(self, unit, report, decisions):
-            return None
-
-    class Dedup:
-        async def mark_written(self, ids, claims, writing=None):
-            return None
-
-    class Services:
-        dedup = Dedup()
-        shards = 0
-
-        async def next_shard(self, split):
-            self.shards += 1
-            return self.shards
-
-        async def commit(self, uid, accepted):
-            return None
-
     async def main() -> None:
         gate = asyncio.get_running_loop().create_future()
 
@@ -284,11 +254,9 @@ def test_an_upload_that_fails_as_the_unit_waiting_on_it_is_cancelled_still_fails
                 await gate  # the first shard's upload waits here
             return fn(*args)
 
-        async def cpu(fn, *args):
-            return fn(*args)
-
-        assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
-                                   Journal(), Services(), cpu, store)
+        assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 1), str(tmp_path / "ds"),
+                                           "job-1"), ListWriter(), NoJournal(),
+                                   NumberingServices(), run_now, store)
         units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("u1", "u2")}
         await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [0]),
                             NO_DECISIONS)
