@@ -247,7 +247,8 @@ class ShardAssembler:
         """Clear while a shard is being written and marked written; ``discard`` waits for it."""
         self._idle.set()
         self._upload: Optional[asyncio.Task] = None
-        """The shard being written and its units committed (``_upload``); None once settled."""
+        """The task writing a shard and committing its units (``_upload_shard``); None once
+        settled."""
         self.uploading_bytes = 0
         """Bytes of the shard being written."""
         self._lock = asyncio.Lock()
@@ -343,7 +344,7 @@ class ShardAssembler:
 
     async def _write(self, split: str, n: int) -> None:
         """Start writing the next shard of ``split`` (``n`` rows), once the one before is
-        written; ``_upload`` writes it and commits the units it completes.
+        written; ``_upload_shard`` writes it and commits the units it completes.
 
         ``discard`` (an index reset) drops the buffers at once and may come at any await
         here: the lock keeps ``add`` and ``flush`` out, not it. The units it drops are resent
