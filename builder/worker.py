@@ -309,16 +309,10 @@ class ShardAssembler:
         task = self._upload
         if task is None:
             return
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            raise  # this waiter was cancelled: the upload stays, to be settled or closed
-        except Exception:
-            if self._upload is task:
-                self._upload = None
-            raise
+        await asyncio.wait({task})  # a cancelled waiter leaves the upload to settle or close
         if self._upload is task:
             self._upload = None
+        task.result()
 
     async def discard(self) -> list[str]:
         """Drop everything not yet written (the units will be resent); returns their uids once
