@@ -134,6 +134,9 @@ class LocalStore:
     def read_json(self, uri: str) -> dict[str, Any]:
         return _json(Path(uri))
 
+    def drop(self, uri: str) -> None:
+        """Forget a run's output once it is read: on local disk it stays, to look at."""
+
     def parquet_rows(self, uri: str) -> int:
         return _parquet_rows(Path(uri))
 
@@ -200,6 +203,10 @@ class MotoStore(LocalStore):
         if self.fs.exists(uri):
             self.fs.rm(uri, recursive=True)
         self.fs.invalidate_cache()
+
+    def drop(self, uri: str) -> None:
+        """moto holds every object in memory: a run's output goes once it is read."""
+        self.clear(uri)
 
     def read_json(self, uri: str) -> dict[str, Any]:
         try:
@@ -588,8 +595,7 @@ def run_pixcrawler(tool: str, run: int, spec_path: Path, out: str, server_pid: i
     detail = {"stats": stats, "rows": store.parquet_rows(f"{out}/data"),
               "cmd": shlex.join(cmd), "ray_tmp": str(ray_tmp), "store_cpu_s": store_cpu,
               "phases": pxc_phases(log_path, stats, wall)}
-    if store.pids:
-        store.clear(out)
+    store.drop(out)
     if tool == "pxc-ray":
         _keep_ray_logs(ray_tmp, OUT / "logs" / f"{tool}-{spec_path.stem}-run{run}-ray")
     shutil.rmtree(ray_tmp, ignore_errors=True)
