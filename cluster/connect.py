@@ -129,20 +129,31 @@ class ClientServerFailed(PixCrawlerError):
 # Ray's client proxier forks a server for each ``ray://`` driver, and gRPC sometimes aborts
 # in that fork (ray-project/ray#63202, about 7% of connections in Ray's report; seen here in
 # the ray:// test). The driver then gets "Starting Ray client server failed" from ray.init,
-# and a new connection, which gets a new server, passes. Only that failure is retried.
+# and a new connection, which gets a new server, passes. When the server dies before the
+# proxier has read its command line, the proxier fails instead on psutil's ZombieProcess in
+# ``start_specific_server`` (seen once in five runs of the ray:// test), and the driver gets
+# that traceback. Only these two failures are retried.
 CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_SERVER_DIED = ("start_specific_server", "psutil.ZombieProcess")
 CLIENT_ATTEMPTS = 3
+
+
+def _server_failed_to_start(exc: ConnectionError) -> bool:
+    """Whether ``ray.init`` failed because the proxier could not start this driver's server."""
+    message = str(exc)
+    return CLIENT_SERVER_FAILED in message or all(part in message
+                                                  for part in CLIENT_SERVER_DIED)
 
 
 def _join(address: str, init_kwargs: dict[str, Any]) -> None:
     """``ray.init`` on a cluster, retrying a ``ray://`` connection whose server the cluster
-    failed to start (``CLIENT_SERVER_FAILED``), at most ``CLIENT_ATTEMPTS`` times in all."""
+    failed to start (``_server_failed_to_start``), at most ``CLIENT_ATTEMPTS`` times in all."""
     for attempt in range(1, CLIENT_ATTEMPTS + 1):
         try:
             ray.init(address=address, **init_kwargs)
             return
         except ConnectionError as exc:
-            if CLIENT_SERVER_FAILED not in str(exc):
+            if not _server_failed_to_start(exc):
                 raise
             if attempt == CLIENT_ATTEMPTS:
                 raise ClientServerFailed(

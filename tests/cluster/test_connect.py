@@ -88,6 +88,21 @@ def client_server_failure() -> ConnectionAbortedError:
         "for detailed logs.\n")
 
 
+def client_server_death() -> ConnectionAbortedError:
+    """What ray.init raises when the driver's server died before the proxier read its command
+    line: psutil's ZombieProcess in the proxier's ``start_specific_server`` (the traceback's
+    frames as Ray 2.60's proxier and psutil 7.2.2 print them; seen in the ray:// test)."""
+    return ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n"
+        '  File "ray/util/client/server/proxier.py", line 768, in Datapath\n'
+        "    if not self.proxy_manager.start_specific_server(\n"
+        '  File "ray/util/client/server/proxier.py", line 396, in start_specific_server\n'
+        "    cmd = psutil_proc.cmdline()\n"
+        '  File "ray/thirdparty_files/psutil/_pslinux.py", line 1648, in _raise_if_zombie\n'
+        "    raise ZombieProcess(self.pid, self._name, self._ppid)\n"
+        "psutil.ZombieProcess: PID still exists but it's a zombie (pid=16482)\n")
+
+
 @dataclass
 class Joins:
     """ray.init on a cluster, recorded, not run: it fails with ``errors`` in turn, then
@@ -119,10 +134,16 @@ class StubContext:
         return "01000000"
 
 
-def test_a_client_server_the_cluster_failed_to_start_is_asked_for_again(joins, caplog):
-    """Ray's proxier sometimes dies forking a driver's server (ray-project/ray#63202); a new
-    connection gets a new server. The user is told, and the job goes on."""
-    joins.errors.extend([client_server_failure(), client_server_failure()])
+@pytest.mark.parametrize("failures", [
+    [client_server_failure, client_server_failure],
+    [client_server_failure, client_server_death],
+], ids=["start-failed-twice", "start-failed-then-died"])
+def test_a_client_server_the_cluster_failed_to_start_is_asked_for_again(joins, caplog,
+                                                                      failures):
+    """Ray's proxier sometimes dies forking a driver's server (ray-project/ray#63202), or the
+    server dies before the proxier has seen it start; a new connection gets a new server. The
+    user is told, and the job goes on."""
+    joins.errors.extend(failure() for failure in failures)
     with caplog.at_level("WARNING", logger="pixcrawler.connect"):
         info = connect_module.connect("ray://head:10001")
     assert [call["address"] for call in joins.calls] == ["ray://head:10001"] * 3
@@ -147,7 +168,9 @@ def test_a_client_server_that_never_starts_fails_saying_what_to_do(joins):
     ConnectionAbortedError("Initialization failure from server:\nValueError: bad runtime_env"),
     ConnectionError("ray client connection timeout"),
     RuntimeError("Starting Ray client server failed"),
-], ids=["other-init-failure", "timeout", "not-a-connection-error"])
+    ConnectionAbortedError("Initialization failure from server:\n  File \"proxier.py\", in "
+                           "_create_runtime_env\npsutil.ZombieProcess: PID still exists"),
+], ids=["other-init-failure", "timeout", "not-a-connection-error", "zombie-elsewhere"])
 def test_other_connection_failures_are_not_retried(joins, error):
     """Only the proxier's fork failure is known to pass on a second try."""
     joins.errors.append(error)
