@@ -37,7 +37,7 @@ class DedupPartitionActor:
             from builder.pipeline import index_payloads
 
             client = DedupClient(threshold, near, k, _no_calls)
-            for payloads in index_payloads(client, **recovery):
+            for payloads in index_payloads(client, **recovery, only=index):
                 self.part.load(payloads[index])
 
     def call(self, method: str, payload: dict[str, np.ndarray]) -> tuple[str, Any]:

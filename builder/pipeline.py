@@ -605,12 +605,13 @@ def published_manifest(uri: str, storage_options: Optional[dict], spec: DatasetS
 
 def index_payloads(client: DedupClient, uri: str, job_id: str,
                    storage_options: Optional[dict], *, merge: bool, retry: bool,
-                   journal: bool) -> Iterator[list[dict[str, Any]]]:
+                   journal: bool, only: Optional[int] = None) -> Iterator[list[dict[str, Any]]]:
     """Per-partition ``load`` payloads, in chunks: the journal's committed units (URL claims)
     and shards (written images), and, for a merge, the published dataset's images and rejects
     (decided by an earlier run; those it decides again left out). The shards this job wrote
     before it was killed are in the dataset's folder too, but they are its own (their images'
-    candidates are decided by its units, some not committed yet), not an earlier run's."""
+    candidates are decided by its units, some not committed yet), not an earlier run's.
+    ``only``: the payloads of that partition alone, the others empty (``load_payloads``)."""
     from builder.urls import normalise_url
 
     own: set[str] = set()
@@ -621,13 +622,13 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
             pairs = [(h, c) for h, c in zip(table["url_hash"].to_pylist(),
                                             table["claim"].to_pylist()) if h]
             for start in range(0, len(pairs), INDEX_CHUNK):
-                yield client.load_payloads(pairs[start:start + INDEX_CHUNK], [])
+                yield client.load_payloads(pairs[start:start + INDEX_CHUNK], [], only=only)
         for table in j.iter_tables("shards", ["id", "claim", "sig_a", "sig_b"]):
             written = [(id_number(i), c, list(zip(a, b))) for i, c, a, b in zip(
                 table["id"].to_pylist(), table["claim"].to_pylist(),
                 table["sig_a"].to_pylist(), table["sig_b"].to_pylist())]
             for start in range(0, len(written), INDEX_CHUNK):
-                yield client.load_payloads([], written[start:start + INDEX_CHUNK])
+                yield client.load_payloads([], written[start:start + INDEX_CHUNK], only=only)
     if not merge:
         return
     from builder.records import Candidate
@@ -647,8 +648,8 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
                 urls.append((url_hash(norm), claim))
             written.append((id_number(row["id"]), claim,
                             [(int(row["phash"] or "0", 16), int(row["dhash"] or "0", 16))]))
-        yield client.load_payloads(urls, [], done=True)
-        yield client.load_payloads([], written)
+        yield client.load_payloads(urls, [], done=True, only=only)
+        yield client.load_payloads([], written, only=only)
     path = f"{root}/rejects.parquet"
     fs.invalidate_cache(path)
     if fs.exists(path):
@@ -662,7 +663,7 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
             if norm and reason not in again:
                 urls.append((url_hash(norm), claim_of(key)))
         for start in range(0, len(urls), INDEX_CHUNK):
-            yield client.load_payloads(urls[start:start + INDEX_CHUNK], [], done=True)
+            yield client.load_payloads(urls[start:start + INDEX_CHUNK], [], done=True, only=only)
 
 
 def _publishing_notice(job_id: str, sig: int) -> None:

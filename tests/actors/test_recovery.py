@@ -7,6 +7,7 @@ itself from the journal."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import uuid
@@ -23,7 +24,9 @@ from actors.options import PoolPlan
 from actors.quota import QuotaActor
 from builder.quota import QuotaLedger
 from builder.spec import parse_spec
-from tests.builder.test_journal import write_journal
+from builder.journal import Journal
+from builder.units import UnitReport, WorkUnit
+from tests.builder.test_journal import UNITS, unit_table, write_journal
 
 
 def own_process() -> dict[str, Any]:
@@ -85,6 +88,39 @@ def test_a_partition_reads_the_journal_when_its_job_resumes_or_it_restarts(
         assert ray.get(actor.stats.remote(), timeout=60)["urls"] == urls
     finally:
         ray.kill(actor, no_restart=True)
+
+
+def test_each_partition_of_a_resumed_job_reads_its_own_share_of_the_journal(ray_session,
+                                                                            tmp_path):
+    """Each of a resumed job's partitions builds its own payloads only (``only``), and holds
+    what the journal split among all of them would give it."""
+    from builder.dedup import LocalPartitions
+    from builder.pipeline import index_payloads
+
+    uri = str(tmp_path / "ds")
+    journal = Journal(uri, "job1", None)
+    rng = random.Random(7)
+    for u in range(UNITS):  # URL hashes spread over both partitions (their high bits)
+        table = unit_table(u, rng)
+        spread = pa.array([h << 32 | h for h in table["url_hash"].to_pylist()], pa.uint64())
+        table = table.set_column(table.schema.get_field_index("url_hash"), "url_hash", spread)
+        journal.write_unit(WorkUnit(uid=f"l00-{u:05d}", seq=u, kind="list", source=0, start=u),
+                           UnitReport(f"l00-{u:05d}"), table)
+    recovery = {"uri": uri, "job_id": "job1", "storage_options": None, "merge": False,
+                "retry": False, "journal": True}
+    local = LocalPartitions(4, k=2)
+    for payloads in index_payloads(local.client(), **recovery):
+        for partition, payload in zip(local.partitions, payloads):
+            partition.load(payload)
+    want = [partition.stats()["urls"] for partition in local.partitions]
+    assert min(want) > 0
+    actors = [DedupPartitionActor.options(**own_process()).remote(i, 2, 4, True, recovery)
+              for i in range(2)]
+    try:
+        assert [ray.get(a.stats.remote(), timeout=60)["urls"] for a in actors] == want
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
 
 
 class _Context:

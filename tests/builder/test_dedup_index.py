@@ -408,6 +408,26 @@ def test_load_restores_written_images_urls_and_signatures():
     assert sum(s["images"] for s in stats) == 2 and sum(s["urls"] for s in stats) == 1
 
 
+@pytest.mark.parametrize("done", [False, True])
+def test_a_recovering_partition_builds_its_own_payload_alone(done):
+    """A partition that recovers reads the whole journal; ``only`` gives it what the full
+    split would have given it, and nothing for the others."""
+    rng = random.Random(5)
+    client = LocalPartitions(4, k=3).client()
+    urls = [(rng.getrandbits(64), claim_of(f"u{i}")) for i in range(40)]
+    written = [(rng.getrandbits(63), claim_of(f"w{i}"),
+                [(rng.getrandbits(64), rng.getrandbits(64)) for _ in range(3)])
+               for i in range(40)]
+    full = client.load_payloads(urls, written, done=done)
+    assert all(len(payload["u_hash"]) and len(payload["n_key"]) for payload in full)
+    for p in range(3):
+        alone = client.load_payloads(urls, written, done=done, only=p)
+        assert [q for q, payload in enumerate(alone) if payload] == [p]
+        assert alone[p].keys() == full[p].keys()
+        for name, values in full[p].items():
+            assert np.array_equal(alone[p][name], values), name
+
+
 def test_urls_decided_by_an_earlier_run_are_not_new_candidates():
     parts = LocalPartitions(4, k=2)
     client = parts.client()
