@@ -54,7 +54,7 @@ import hashlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -994,6 +994,31 @@ class DedupDecision:
 
 
 @dataclass
+class WrittenImages:
+    """Written images as ``DedupClient.load_payloads`` takes them: ``ids`` and ``claims``
+    one per image, and each stored signature ``(sig_a, sig_b)`` with its image's index in
+    ``sig_pos``. Arrays, so that a partition recovering from a journal of millions of images
+    makes no Python object per image or signature."""
+
+    ids: np.ndarray
+    claims: np.ndarray
+    sig_pos: np.ndarray
+    sig_a: np.ndarray
+    sig_b: np.ndarray
+
+    @classmethod
+    def of(cls, written: Sequence[tuple[int, int, Sequence[tuple[int, int]]]]
+           ) -> "WrittenImages":
+        """From ``(id, claim, stored signatures)`` tuples."""
+        sigs = [(i, a, b) for i, w in enumerate(written) for a, b in w[2]]
+        return cls(ids=np.array([w[0] for w in written], dtype=U64),
+                   claims=np.array([w[1] for w in written], dtype=U64),
+                   sig_pos=np.array([s[0] for s in sigs], dtype=np.int64),
+                   sig_a=np.array([s[1] for s in sigs], dtype=U64),
+                   sig_b=np.array([s[2] for s in sigs], dtype=U64))
+
+
+@dataclass
 class _Routed:
     payloads: list[dict[str, list]] = field(default_factory=list)
 
@@ -1222,40 +1247,39 @@ class DedupClient:
                     payload["ref"] = np.array([writing], U64)
         await self._fan_out("mark_writing" if writing is not None else "mark_written", payloads)
 
-    def load_payloads(self, urls: Sequence[tuple[int, int]],
-                      written: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
+    def load_payloads(self, urls: Union[Sequence[tuple[int, int]], np.ndarray],
+                      written: Union[Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
+                                     WrittenImages],
                       done: bool = False, only: Optional[int] = None
                       ) -> list[dict[str, np.ndarray]]:
-        """Per-partition ``load`` payloads that restore URL claims ``(hash, claim)`` (``done``:
-        decided by an earlier run, claims by candidate key) and written images ``(id, claim,
-        stored signatures)``. ``only``: build that partition's payload alone and leave the
+        """Per-partition ``load`` payloads that restore URL claims ``(hash, claim)`` (pairs,
+        or an array of two columns; ``done``: decided by an earlier run, claims by candidate
+        key) and written images (``(id, claim, stored signatures)`` tuples or
+        ``WrittenImages``). ``only``: build that partition's payload alone and leave the
         others empty: a recovering partition reads the whole journal, and selecting every
-        partition's share made its work grow with the number of partitions (19 µs of CPU a
-        written image at 50 partitions, against 4 µs for its own share; bench/README.md)."""
+        partition's share made its work grow with the number of partitions
+        (``bench/bench_index_recovery.py``)."""
         parts = range(self.k) if only is None else (only,)
-        u = np.array(urls, dtype=U64).reshape(-1, 2)
+        u = np.asarray(urls, dtype=U64).reshape(-1, 2)
         upart = partition_of(u[:, 0], self.k)
-        ids = np.array([w[0] for w in written], dtype=U64)
-        wclaims = np.array([w[1] for w in written], dtype=U64)
-        xpart = partition_of(mix64(ids), self.k)
+        w = written if isinstance(written, WrittenImages) else WrittenImages.of(written)
+        xpart = partition_of(mix64(w.ids), self.k)
         payloads: list[dict[str, np.ndarray]] = [{} for _ in range(self.k)]
         for p in parts:
             payloads[p] = {"u_hash": u[upart == p, 0], "u_claim": u[upart == p, 1],
                            "u_done": np.array([done]),
-                           "x_id": ids[xpart == p], "x_claim": wclaims[xpart == p]}
-        if self.near:
-            pos, a, b, keys, _ = self._near_rows(
-                [DedupItem(w[1], 0, w[0], w[2], ()) for w in written], "stored")
-            if len(pos):
-                nk = self.scheme.n_keys
-                flat = keys.ravel()
-                rep = np.repeat(np.arange(len(pos)), nk)
-                part = partition_of(flat, self.k)
-                for p in parts:
-                    sel = part == p
-                    r = rep[sel]
-                    payloads[p].update(n_key=flat[sel], n_a=a[r], n_b=b[r], n_id=ids[pos[r]],
-                                       n_claim=wclaims[pos[r]])
+                           "x_id": w.ids[xpart == p], "x_claim": w.claims[xpart == p]}
+        if self.near and len(w.sig_pos):
+            keys, _ = self.scheme.keys(w.sig_a, w.sig_b)
+            flat = keys.ravel()
+            rep = np.repeat(np.arange(len(w.sig_pos)), self.scheme.n_keys)
+            part = partition_of(flat, self.k)
+            for p in parts:
+                sel = part == p
+                r = rep[sel]
+                pos = w.sig_pos[r]
+                payloads[p].update(n_key=flat[sel], n_a=w.sig_a[r], n_b=w.sig_b[r],
+                                   n_id=w.ids[pos], n_claim=w.claims[pos])
         return payloads
 
 

@@ -30,12 +30,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from builder.dedup import DedupClient, LocalPartitions, claim_of, id_number, url_hash
+from builder.dedup import (U64, DedupClient, LocalPartitions, WrittenImages, claim_of,
+                           id_number, url_hash)
 from builder.errors import CancelledUnpublished
 from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
                          WorkerLost)
@@ -603,6 +605,27 @@ def published_manifest(uri: str, storage_options: Optional[dict], spec: DatasetS
             yield manifest_entry(row, name, formats, nested)
 
 
+def _url_claims(table: pa.Table) -> np.ndarray:
+    """A journal's unit rows as URL claims, ``(hash, claim)`` in two columns; rows without a
+    URL hash (never claimed) left out."""
+    hashes = table["url_hash"].fill_null(0).to_numpy()
+    claims = table["claim"].fill_null(0).to_numpy()
+    keep = hashes != 0
+    return np.stack([hashes[keep], claims[keep]], axis=1)
+
+
+def _written_images(table: pa.Table) -> WrittenImages:
+    """A journal's shard rows as written images, their stored signatures flattened (``sig_a``
+    and ``sig_b`` hold one list of equal length per image)."""
+    sig_a = table["sig_a"].combine_chunks()
+    return WrittenImages(
+        ids=np.fromiter(map(id_number, table["id"].to_pylist()), U64, table.num_rows),
+        claims=table["claim"].fill_null(0).to_numpy(),
+        sig_pos=pc.list_parent_indices(sig_a).to_numpy(),
+        sig_a=pc.list_flatten(sig_a).to_numpy(),
+        sig_b=pc.list_flatten(table["sig_b"].combine_chunks()).to_numpy())
+
+
 def index_payloads(client: DedupClient, uri: str, job_id: str,
                    storage_options: Optional[dict], *, merge: bool, retry: bool,
                    journal: bool, only: Optional[int] = None) -> Iterator[list[dict[str, Any]]]:
@@ -619,16 +642,13 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
         j = Journal(uri, job_id, storage_options)
         own = j.shard_names()
         for table in j.iter_tables("units", ["url_hash", "claim"]):
-            pairs = [(h, c) for h, c in zip(table["url_hash"].to_pylist(),
-                                            table["claim"].to_pylist()) if h]
+            pairs = _url_claims(table)
             for start in range(0, len(pairs), INDEX_CHUNK):
                 yield client.load_payloads(pairs[start:start + INDEX_CHUNK], [], only=only)
         for table in j.iter_tables("shards", ["id", "claim", "sig_a", "sig_b"]):
-            written = [(id_number(i), c, list(zip(a, b))) for i, c, a, b in zip(
-                table["id"].to_pylist(), table["claim"].to_pylist(),
-                table["sig_a"].to_pylist(), table["sig_b"].to_pylist())]
-            for start in range(0, len(written), INDEX_CHUNK):
-                yield client.load_payloads([], written[start:start + INDEX_CHUNK], only=only)
+            for start in range(0, table.num_rows, INDEX_CHUNK):
+                yield client.load_payloads(
+                    [], _written_images(table.slice(start, INDEX_CHUNK)), only=only)
     if not merge:
         return
     from builder.records import Candidate

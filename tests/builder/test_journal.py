@@ -351,3 +351,40 @@ def test_a_resumed_jobs_ledger_comes_from_the_reports_it_read_not_a_second_read(
     got = life.ledger()
     assert got.snapshot() == expected.snapshot() and got.committed == expected.committed
     assert got.committed and got._next_shard == expected._next_shard
+
+
+def test_a_journals_shards_give_the_index_their_images_and_signatures_as_tuples_would(
+        tmp_path):
+    """``index_payloads`` turns the shard rows into arrays without a Python object per image;
+    each partition gets what the ``(id, claim, signatures)`` tuples of the same rows give,
+    rows without signatures included."""
+    from builder.dedup import LocalPartitions, id_number
+    from builder.journal import SHARD_SCHEMA
+    from builder.pipeline import index_payloads
+
+    rng = random.Random(11)
+    journal = Journal(str(tmp_path / "ds"), "job1", None)
+    rows = []
+    for shard in range(3):
+        n = 5 + shard
+        sigs = [[(rng.getrandbits(64), rng.getrandbits(64)) for _ in range(rng.randint(0, 4))]
+                for _ in range(n)]
+        table = pa.table({
+            "id": [f"{rng.getrandbits(64):016x}" for _ in range(n)],
+            "claim": pa.array([rng.getrandbits(64) for _ in range(n)], pa.uint64()),
+            "sig_a": pa.array([[a for a, _ in s] for s in sigs], pa.list_(pa.uint64())),
+            "sig_b": pa.array([[b for _, b in s] for s in sigs], pa.list_(pa.uint64()))})
+        full = pa.table({f.name: table[f.name] if f.name in table.column_names
+                         else pa.nulls(n, f.type) for f in SHARD_SCHEMA})
+        journal.write_shard(f"train-{shard:05d}", full)
+        rows += [(id_number(i), c, s) for i, c, s in zip(table["id"].to_pylist(),
+                                                          table["claim"].to_pylist(), sigs)]
+    client = LocalPartitions(4, k=3).client()
+    got = list(index_payloads(client, str(tmp_path / "ds"), "job1", None, merge=False,
+                              retry=False, journal=True))
+    want = client.load_payloads([], rows)
+    assert len(got) == 1 and sum(len(p["x_id"]) for p in got[0]) == len(rows)
+    for mine, theirs in zip(got[0], want):
+        assert mine.keys() == theirs.keys()
+        for name, values in theirs.items():
+            assert (mine[name] == values).all(), name
