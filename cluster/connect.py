@@ -134,7 +134,7 @@ class ClientServerFailed(PixCrawlerError):
 # ``start_specific_server`` (seen once in five runs of the ray:// test), and the driver gets
 # that traceback. Only these two failures are retried.
 CLIENT_SERVER_FAILED = "Starting Ray client server failed"
-CLIENT_SERVER_DIED = ("start_specific_server", "psutil.ZombieProcess")
+CLIENT_SERVER_DIED = ("start_specific_server", "ZombieProcess")
 CLIENT_ATTEMPTS = 3
 
 

@@ -94,7 +94,7 @@ def client_server_death() -> ConnectionAbortedError:
     frames as Ray 2.60's proxier and psutil 7.2.2 print them; seen in the ray:// test)."""
     return ConnectionAbortedError(
         "Initialization failure from server:\nTraceback (most recent call last):\n"
-        '  File "ray/util/client/server/proxier.py", line 768, in Datapath\n'
+        '  File "ray/util/client/server/proxier.py", line 765, in Datapath\n'
         "    if not self.proxy_manager.start_specific_server(\n"
         '  File "ray/util/client/server/proxier.py", line 396, in start_specific_server\n'
         "    cmd = psutil_proc.cmdline()\n"
@@ -168,9 +168,13 @@ def test_a_client_server_that_never_starts_fails_saying_what_to_do(joins):
     ConnectionAbortedError("Initialization failure from server:\nValueError: bad runtime_env"),
     ConnectionError("ray client connection timeout"),
     RuntimeError("Starting Ray client server failed"),
-    ConnectionAbortedError("Initialization failure from server:\n  File \"proxier.py\", in "
-                           "_create_runtime_env\npsutil.ZombieProcess: PID still exists"),
-], ids=["other-init-failure", "timeout", "not-a-connection-error", "zombie-elsewhere"])
+    ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n"
+        '  File "ray/util/client/server/proxier.py", line 765, in Datapath\n'
+        '  File "ray/util/client/server/proxier.py", line 365, in start_specific_server\n'
+        '  File "ray/util/client/server/proxier.py", line 341, in _create_runtime_env\n'
+        "TimeoutError: GetOrCreateRuntimeEnv request failed after 3 attempts.\n"),
+], ids=["other-init-failure", "timeout", "not-a-connection-error", "runtime-env-timeout"])
 def test_other_connection_failures_are_not_retried(joins, error):
     """Only the proxier's fork failure is known to pass on a second try."""
     joins.errors.append(error)
