@@ -998,7 +998,7 @@ class WrittenImages:
     """Written images as ``DedupClient.load_payloads`` takes them: ``ids`` and ``claims``
     one per image, and each stored signature ``(sig_a, sig_b)`` with its image's index in
     ``sig_pos``. Arrays, so that a partition recovering from a journal of millions of images
-    makes no Python object per image or signature."""
+    makes no Python object per signature."""
 
     ids: np.ndarray
     claims: np.ndarray

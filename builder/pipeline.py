@@ -614,10 +614,16 @@ def _url_claims(table: pa.Table) -> np.ndarray:
     return np.stack([hashes[keep], claims[keep]], axis=1)
 
 
-def _written_images(table: pa.Table) -> WrittenImages:
-    """A journal's shard rows as written images, their stored signatures flattened (``sig_a``
-    and ``sig_b`` hold one list of equal length per image)."""
+def _written_images(table: pa.Table, journal: str) -> WrittenImages:
+    """A journal's shard rows as written images, their stored signatures flattened; refuses
+    rows whose ``sig_a`` and ``sig_b`` lists differ in length (pairs that cannot be made)."""
     sig_a = table["sig_a"].combine_chunks()
+    lengths = pc.list_value_length(sig_a).fill_null(0)
+    same = pc.equal(lengths, pc.list_value_length(table["sig_b"]).fill_null(0))
+    if not pc.all(same, min_count=0).as_py():
+        raise ResumeError(f"the journal at {journal} is damaged: a shard row's sig_a and "
+                          "sig_b differ in length. Run the job again without --resume, into "
+                          "a new output")
     return WrittenImages(
         ids=np.fromiter(map(id_number, table["id"].to_pylist()), U64, table.num_rows),
         claims=table["claim"].fill_null(0).to_numpy(),
@@ -648,7 +654,7 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
         for table in j.iter_tables("shards", ["id", "claim", "sig_a", "sig_b"]):
             for start in range(0, table.num_rows, INDEX_CHUNK):
                 yield client.load_payloads(
-                    [], _written_images(table.slice(start, INDEX_CHUNK)), only=only)
+                    [], _written_images(table.slice(start, INDEX_CHUNK), j.root), only=only)
     if not merge:
         return
     from builder.records import Candidate

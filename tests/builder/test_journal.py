@@ -12,6 +12,7 @@ import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -353,15 +354,30 @@ def test_a_resumed_jobs_ledger_comes_from_the_reports_it_read_not_a_second_read(
     assert got.committed and got._next_shard == expected._next_shard
 
 
-def test_a_journals_shards_give_the_index_their_images_and_signatures_as_tuples_would(
-        tmp_path):
-    """``index_payloads`` turns the shard rows into arrays without a Python object per image;
-    each partition gets what the ``(id, claim, signatures)`` tuples of the same rows give,
-    rows without signatures included."""
-    from builder.dedup import LocalPartitions, id_number
+def _shard_rows(rng: random.Random, n: int,
+                sigs: list[list[tuple[int, int]]]) -> tuple[pa.Table, pa.Table]:
+    """Shard journal rows (the columns the index reads, and the whole row) of ``n`` images
+    with stored signatures ``sigs``."""
     from builder.journal import SHARD_SCHEMA
-    from builder.pipeline import index_payloads
 
+    table = pa.table({
+        "id": [f"{rng.getrandbits(64):016x}" for _ in range(n)],
+        "claim": pa.array([rng.getrandbits(64) for _ in range(n)], pa.uint64()),
+        "sig_a": pa.array([[a for a, _ in s] for s in sigs], pa.list_(pa.uint64())),
+        "sig_b": pa.array([[b for _, b in s] for s in sigs], pa.list_(pa.uint64()))})
+    return table, pa.table({f.name: table[f.name] if f.name in table.column_names
+                            else pa.nulls(n, f.type) for f in SHARD_SCHEMA})
+
+
+def test_a_journals_shards_give_the_index_their_images_and_signatures_as_tuples_would(
+        tmp_path, monkeypatch):
+    """``index_payloads`` turns the shard rows into arrays without a Python object per
+    signature; each partition gets what the ``(id, claim, signatures)`` tuples of the same
+    rows give, rows without signatures included, in chunks of ``INDEX_CHUNK`` rows."""
+    from builder import pipeline
+    from builder.dedup import LocalPartitions, id_number
+
+    monkeypatch.setattr(pipeline, "INDEX_CHUNK", 4)
     rng = random.Random(11)
     journal = Journal(str(tmp_path / "ds"), "job1", None)
     rows = []
@@ -369,22 +385,32 @@ def test_a_journals_shards_give_the_index_their_images_and_signatures_as_tuples_
         n = 5 + shard
         sigs = [[(rng.getrandbits(64), rng.getrandbits(64)) for _ in range(rng.randint(0, 4))]
                 for _ in range(n)]
-        table = pa.table({
-            "id": [f"{rng.getrandbits(64):016x}" for _ in range(n)],
-            "claim": pa.array([rng.getrandbits(64) for _ in range(n)], pa.uint64()),
-            "sig_a": pa.array([[a for a, _ in s] for s in sigs], pa.list_(pa.uint64())),
-            "sig_b": pa.array([[b for _, b in s] for s in sigs], pa.list_(pa.uint64()))})
-        full = pa.table({f.name: table[f.name] if f.name in table.column_names
-                         else pa.nulls(n, f.type) for f in SHARD_SCHEMA})
+        table, full = _shard_rows(rng, n, sigs)
         journal.write_shard(f"train-{shard:05d}", full)
         rows += [(id_number(i), c, s) for i, c, s in zip(table["id"].to_pylist(),
                                                           table["claim"].to_pylist(), sigs)]
     client = LocalPartitions(4, k=3).client()
-    got = list(index_payloads(client, str(tmp_path / "ds"), "job1", None, merge=False,
-                              retry=False, journal=True))
-    want = client.load_payloads([], rows)
-    assert len(got) == 1 and sum(len(p["x_id"]) for p in got[0]) == len(rows)
-    for mine, theirs in zip(got[0], want):
-        assert mine.keys() == theirs.keys()
+    got = list(pipeline.index_payloads(client, str(tmp_path / "ds"), "job1", None,
+                                       merge=False, retry=False, journal=True))
+    assert len(got) == 5  # 18 rows, read as one table, in chunks of 4
+    for p, theirs in enumerate(client.load_payloads([], rows)):
         for name, values in theirs.items():
-            assert (mine[name] == values).all(), name
+            mine = np.concatenate([chunk[p][name] for chunk in got if name in chunk[p]])
+            if name == "u_done":
+                continue
+            assert mine.dtype == values.dtype and np.array_equal(mine, values), name
+
+
+def test_a_shard_row_whose_signature_lists_differ_in_length_is_refused(tmp_path):
+    """Pairs cannot be made of them: the journal is damaged, and the resume says so."""
+    from builder.dedup import LocalPartitions
+    from builder.pipeline import index_payloads
+
+    rng = random.Random(12)
+    _, full = _shard_rows(rng, 2, [[(1, 2)], [(3, 4)]])
+    damaged = full.set_column(full.schema.get_field_index("sig_b"), "sig_b",
+                              pa.array([[2], [4, 5]], pa.list_(pa.uint64())))
+    Journal(str(tmp_path / "ds"), "job1", None).write_shard("train-00000", damaged)
+    with pytest.raises(ResumeError, match="sig_a and sig_b differ in length"):
+        list(index_payloads(LocalPartitions(4, k=1).client(), str(tmp_path / "ds"), "job1",
+                            None, merge=False, retry=False, journal=True))
