@@ -249,6 +249,8 @@ class ShardAssembler:
         self._upload: Optional[asyncio.Task] = None
         """The task writing a shard and committing its units (``_upload_shard``); None once
         settled."""
+        self._upload_generation = 0
+        """The generation ``_upload`` began in."""
         self.uploading_bytes = 0
         """Bytes of the shard being written."""
         self._lock = asyncio.Lock()
@@ -259,9 +261,14 @@ class ShardAssembler:
         return sum(t.num_rows for t in self.buffers.get(split, ()))
 
     async def add(self, unit: WorkUnit, report: UnitReport, rows: pa.Table,
-                  decisions: pa.Table) -> None:
-        """Take a decided unit's accepted rows (with its decisions, journaled at commit)."""
+                  decisions: pa.Table, generation: int) -> None:
+        """Take a decided unit's accepted rows (with its decisions, journaled at commit).
+        ``generation``: the one the unit began in. A ``discard`` since, even one that came
+        while the unit waited here for the lock (behind a unit waiting for an upload), makes
+        it stale: it raises ``IndexLost`` and hands nothing over, and the driver resends it."""
         async with self._lock:
+            if generation != self.generation:
+                raise IndexLost("the worker dropped its buffers while this unit ran")
             held = decisions.nbytes if rows.num_rows else 0  # else it commits at once
             self.pending[unit.uid] = {"unit": unit, "report": report, "decisions": decisions,
                                       "remaining": rows.num_rows, "held": held}
@@ -305,14 +312,19 @@ class ShardAssembler:
 
     async def _settle(self) -> None:
         """Wait until the shard being written is written and its units committed; raises
-        what its write raised, once. Called under the lock only."""
+        what its write raised, once, unless a ``discard`` came since it began: its units are
+        resent then, and what it failed with (its commits may still have been running when
+        the ``discard`` returned) is not the new generation's. Called under the lock only."""
         task = self._upload
         if task is None:
             return
         await asyncio.wait({task})  # a cancelled waiter leaves the upload to settle or close
         if self._upload is task:
             self._upload = None
-        task.result()
+        if self._upload_generation == self.generation:
+            task.result()
+        elif not task.cancelled():
+            task.exception()
 
     async def discard(self) -> list[str]:
         """Drop everything not yet written (the units will be resent); returns their uids once
@@ -374,6 +386,7 @@ class ShardAssembler:
                  "sig_a": table["_sig_a"].to_pylist(), "sig_b": table["_sig_b"].to_pylist()}
         self._idle.clear()
         self.uploading_bytes = table.nbytes
+        self._upload_generation = generation
         self._upload = asyncio.ensure_future(
             self._upload_shard(table, split, number, ids, extra, generation))
 
@@ -447,7 +460,6 @@ class WorkerRuntime:
         self._fetch_stats_sent: Counter = Counter()
         self.incarnation = ""
         """Set by a host that restarts workers (the Ray actor's incarnation)."""
-        self.epoch = 0
         self.on_stage: Optional[Callable[[str, float], None]] = None
         """Called with (stage, seconds) after each unit's fetch and validate stages."""
         self.fetched: dict[str, Counter] = {}
@@ -584,7 +596,6 @@ class WorkerRuntime:
         are stale and will raise ``IndexLost`` instead of handing rows over. Returns the
         dropped units once a shard being written is done (``ShardAssembler.discard``)."""
         assert self.assembler is not None
-        self.epoch += 1
         return await self.assembler.discard()
 
     async def stage(self, aw: Awaitable[T], cancellable: bool = True) -> T:
@@ -625,11 +636,8 @@ class UnitRun:
         self.bad_rows: dict[int, str] = {}
         self.url_hashes: dict[int, int] = {}
         """Per record (by ``id``), the hash of its normalised URL, as ``_check_urls`` found it."""
-        self.epoch = worker.epoch
-
-    def _hand_over_check(self) -> None:
-        if self.epoch != self.w.epoch:
-            raise IndexLost("the worker dropped its buffers while this unit ran")
+        self.generation = worker.assembler.generation if worker.assembler is not None else 0
+        """The assembler's generation the unit began in: a ``discard`` since makes it stale."""
 
     def stage(self, aw: Awaitable[T]) -> Awaitable[T]:
         return self.w.stage(aw, cancellable=self.unit.attempt == 0)
@@ -932,8 +940,7 @@ class UnitRun:
         rows = await w._io(self._rows, new)
         decisions = await w._io(_decision_rows, self.records, self.claim, self.url_hash)
         assert w.assembler is not None
-        self._hand_over_check()
-        await w.assembler.add(self.unit, self.report, rows, decisions)
+        await w.assembler.add(self.unit, self.report, rows, decisions, self.generation)
 
     async def _finish_cancelled(self) -> None:
         w = self.w
@@ -946,8 +953,7 @@ class UnitRun:
         self._count()
         decisions = await w._io(_decision_rows, self.records, self.claim, self.url_hash)
         assert w.assembler is not None
-        self._hand_over_check()
-        await w.assembler.add(self.unit, self.report, _empty_rows(), decisions)
+        await w.assembler.add(self.unit, self.report, _empty_rows(), decisions, self.generation)
 
     def _count(self) -> None:
         """Count the unit's candidates once, at its end, under their final labels: a unit

@@ -82,9 +82,10 @@ def test_a_discard_during_a_shard_write_keeps_none_of_the_dropped_units_rows(tmp
 
     async def main() -> list[str]:
         await assembler.add(units["cat"], UnitReport("uA"), _rows("uA", 1, "cat", [0, 1, 2, 3]),
-                            NO_DECISIONS)
+                            NO_DECISIONS, 0)
         adding = asyncio.ensure_future(assembler.add(
-            units["dog"], UnitReport("uB"), _rows("uB", 2, "dog", [0, 1, 2, 3]), NO_DECISIONS))
+            units["dog"], UnitReport("uB"), _rows("uB", 2, "dog", [0, 1, 2, 3]), NO_DECISIONS,
+            0))
         await asyncio.wait_for(reached.wait(), 10)
         in_write = stage in ("write", "mark_written")
         dropping = asyncio.ensure_future(assembler.discard())
@@ -107,7 +108,7 @@ def test_a_discard_during_a_shard_write_keeps_none_of_the_dropped_units_rows(tmp
         for number, (label, unit) in enumerate(units.items(), 1):
             ids = [i for i in range(4) if f"{number:010x}{i:06x}" not in done]
             await assembler.add(unit, UnitReport(unit.uid), _rows(unit.uid, number, label, ids),
-                                NO_DECISIONS)
+                                NO_DECISIONS, assembler.generation)
         await assembler.flush()
         return dropped
 
@@ -186,13 +187,13 @@ def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_p
 
     async def main() -> None:
         await assembler.add(units["uA"], UnitReport("uA"), _rows("uA", 1, "cat", [0]),
-                            NO_DECISIONS)
+                            NO_DECISIONS, 0)
         await assembler.add(units["uB"], UnitReport("uB"), _rows("uB", 2, "cat", [0]),
-                            NO_DECISIONS)  # a shard of 2: uploads, then commits uA, uB
+                            NO_DECISIONS, 0)  # a shard of 2: uploads, then commits uA, uB
         await asyncio.wait_for(journaling.wait(), 10)
         assert await asyncio.wait_for(assembler.discard(), 10) == ["uB"]  # uA is committing
         await assembler.add(units["uB"], UnitReport("uB"), _rows("uB", 2, "cat", [1]),
-                            NO_DECISIONS)  # resent: one row, no shard yet
+                            NO_DECISIONS, 1)  # resent: one row, no shard yet
         release.set()
         for _ in range(20):
             await asyncio.sleep(0)
@@ -225,15 +226,15 @@ def test_a_failed_upload_raises_once_and_a_reset_clears_it(tmp_path):
 
     async def main() -> None:
         await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [0]),
-                            NO_DECISIONS)
+                            NO_DECISIONS, 0)
         with pytest.raises(IndexLost):
             await assembler.add(units["u2"], UnitReport("u2"), _rows("u2", 2, "cat", [0]),
-                                NO_DECISIONS)
+                                NO_DECISIONS, 0)
         assert await assembler.discard() == ["u1", "u2"]
         lost["now"] = False
         for number, uid in enumerate(units, 3):
             await assembler.add(units[uid], UnitReport(uid), _rows(uid, number, "cat", [0]),
-                                NO_DECISIONS)
+                                NO_DECISIONS, 1)
         await assembler.flush()
 
     asyncio.run(main())
@@ -259,9 +260,9 @@ def test_an_upload_that_fails_as_the_unit_waiting_on_it_is_cancelled_still_fails
                                    NumberingServices(), run_now, store)
         units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("u1", "u2")}
         await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [0]),
-                            NO_DECISIONS)
+                            NO_DECISIONS, 0)
         adding = asyncio.ensure_future(assembler.add(
-            units["u2"], UnitReport("u2"), _rows("u2", 2, "cat", [0]), NO_DECISIONS))
+            units["u2"], UnitReport("u2"), _rows("u2", 2, "cat", [0]), NO_DECISIONS, 0))
         for _ in range(5):
             await asyncio.sleep(0)
         gate.set_exception(OSError("the store answered 503"))
@@ -270,5 +271,94 @@ def test_an_upload_that_fails_as_the_unit_waiting_on_it_is_cancelled_still_fails
         with pytest.raises(OSError, match="503"):
             await assembler.flush()
         await assembler.close()
+
+    asyncio.run(main())
+
+
+def test_a_unit_that_waited_for_the_lock_across_a_discard_hands_nothing_over(tmp_path):
+    """uB holds the lock, waiting for the upload before it; uC, begun before the discard,
+    waits for the lock. The discard (an index reset) comes meanwhile: uC is stale and must
+    not put its rows or its pending entry into the new generation, or its resent attempt
+    writes an image twice and commits with a row still buffered."""
+    from builder.job import IndexLost
+
+    decisions = pa.table({"x": list(range(1000))})  # held in the budget until the commit
+
+    async def main() -> None:
+        gate = asyncio.get_running_loop().create_future()
+
+        async def store(fn, *args):
+            if fn.__name__ == "write" and not gate.done():
+                await gate  # the first shard's upload waits here
+            return fn(*args)
+
+        writer = ListWriter()
+        assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 2), str(tmp_path / "ds"),
+                                           "job-1"), writer, NoJournal(), NumberingServices(),
+                                   run_now, store)
+        units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("uA", "uB", "uC")}
+        await assembler.add(units["uA"], UnitReport("uA"), _rows("uA", 1, "cat", [0, 1]),
+                            decisions, 0)
+        holding = asyncio.ensure_future(assembler.add(
+            units["uB"], UnitReport("uB"), _rows("uB", 2, "cat", [0, 1]), decisions, 0))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(assembler.add(
+            units["uC"], UnitReport("uC"), _rows("uC", 3, "cat", [0]), decisions, 0))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        discarding = asyncio.ensure_future(assembler.discard())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gate.set_result(None)
+        assert await discarding == ["uA", "uB"]  # uA's shard was being written
+        await holding
+        with pytest.raises(IndexLost):
+            await waiting
+        assert not assembler.pending and not assembler.buffers
+        assert assembler.buffered_bytes == 0
+        await assembler.add(units["uC"], UnitReport("uC"), _rows("uC", 3, "cat", [0, 1]),
+                            decisions, 1)  # resent
+        assert assembler.take_committed() == []
+        await assembler.flush()
+        assert assembler.take_committed() == ["uC"] and assembler.buffered_bytes == 0
+        ids = Counter(i for shard in writer.written for i in shard)
+        assert max(ids.values()) == 1
+
+    asyncio.run(main())
+
+
+def test_an_error_of_a_shard_written_before_a_discard_is_not_the_new_generations(tmp_path):
+    """The discard returns once the shard is written, while its units' commits may still
+    run. If a commit then fails, that failure belongs to the dropped generation (its units
+    are resent): the resent units' ``add`` must not raise it."""
+    from builder.job import IndexLost
+
+    async def main() -> None:
+        committing = asyncio.Event()
+        failing = asyncio.get_running_loop().create_future()
+
+        class Services(NumberingServices):
+            async def commit(self, uid, accepted):
+                if not failing.done():
+                    committing.set()
+                    await failing  # the ledger call of the old shard's commit
+
+        assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 1), str(tmp_path / "ds"),
+                                           "job-1"), ListWriter(), NoJournal(), Services(),
+                                   run_now, run_now)
+        units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("u1", "u2")}
+        await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [0]),
+                            NO_DECISIONS, 0)
+        await asyncio.wait_for(committing.wait(), 10)
+        assert await assembler.discard() == []  # u1 is committing
+        failing.set_exception(IndexLost("the quota ledger restarted"))
+        await asyncio.sleep(0)
+        await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [1]),
+                            NO_DECISIONS, 1)
+        await assembler.add(units["u2"], UnitReport("u2"), _rows("u2", 2, "cat", [0]),
+                            NO_DECISIONS, 1)
+        await assembler.flush()
+        assert sorted(assembler.take_committed()) == ["u1", "u2"]
 
     asyncio.run(main())

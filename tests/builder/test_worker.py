@@ -178,7 +178,7 @@ def test_decisions_waiting_for_their_shard_count_against_the_buffer(tmp_path):
             row = pa.table({"id": [f"{n:016x}"], "label": ["cat"], "split": ["train"],
                             "image": [bytes(100)], "_uid": [unit.uid], "_claim": [n + 1],
                             "_sig_a": [0], "_sig_b": [0]})
-            await assembler.add(unit, UnitReport(unit.uid), row, decisions)
+            await assembler.add(unit, UnitReport(unit.uid), row, decisions, 0)
             most_pending = max(most_pending, len(assembler.pending))
             assert assembler.buffered_bytes <= budget
         await assembler.flush()
@@ -344,7 +344,7 @@ def test_a_shard_upload_that_hangs_holds_up_neither_validation_nor_the_next_unit
         runtime.writer.write = hanging_write
         try:
             await asyncio.wait_for(runtime.assembler.add(
-                unit, UnitReport(unit.uid), row, UNIT_SCHEMA.empty_table()), 5)
+                unit, UnitReport(unit.uid), row, UNIT_SCHEMA.empty_table(), 0), 5)
             assert await asyncio.to_thread(uploading.wait, 10)
             threads["cpu"] = await asyncio.wait_for(
                 runtime._io(lambda: threading.current_thread().name), 5)
@@ -381,7 +381,7 @@ def test_a_shard_upload_that_fails_fails_the_flush_with_the_stores_error(tmp_pat
         runtime.writer.write = failing_write
         try:
             await runtime.assembler.add(unit, UnitReport(unit.uid), row,
-                                        UNIT_SCHEMA.empty_table())
+                                        UNIT_SCHEMA.empty_table(), 0)
             with pytest.raises(StorageError, match="denied"):
                 await asyncio.wait_for(runtime.assembler.flush(), 10)
             assert runtime.assembler.take_committed() == []
