@@ -26,7 +26,7 @@ from builder.quota import QuotaLedger
 from builder.spec import parse_spec
 from builder.journal import Journal
 from builder.units import UnitReport, WorkUnit
-from tests.builder.test_journal import UNITS, unit_table, write_journal
+from tests.builder.test_journal import UNITS, _shard_rows, unit_table, write_journal
 
 
 def own_process() -> dict[str, Any]:
@@ -92,8 +92,9 @@ def test_a_partition_reads_the_journal_when_its_job_resumes_or_it_restarts(
 
 def test_each_partition_of_a_resumed_job_reads_its_own_share_of_the_journal(ray_session,
                                                                             tmp_path):
-    """Each of a resumed job's partitions builds its own payloads only (``only``), and holds
-    what the journal split among all of them would give it."""
+    """Each of a resumed job's partitions asks for its own payloads (``only``: its index)
+    and holds what the journal split among all of them gives it: URL claims, written images
+    and their signatures."""
     from builder.dedup import LocalPartitions
     from builder.pipeline import index_payloads
 
@@ -106,18 +107,23 @@ def test_each_partition_of_a_resumed_job_reads_its_own_share_of_the_journal(ray_
         table = table.set_column(table.schema.get_field_index("url_hash"), "url_hash", spread)
         journal.write_unit(WorkUnit(uid=f"l00-{u:05d}", seq=u, kind="list", source=0, start=u),
                            UnitReport(f"l00-{u:05d}"), table)
+    _, shard = _shard_rows(rng, 12, [[(rng.getrandbits(64), rng.getrandbits(64))
+                                      for _ in range(2)] for _ in range(12)])
+    journal.write_shard("train-00000", shard)
     recovery = {"uri": uri, "job_id": "job1", "storage_options": None, "merge": False,
                 "retry": False, "journal": True}
     local = LocalPartitions(4, k=2)
     for payloads in index_payloads(local.client(), **recovery):
         for partition, payload in zip(local.partitions, payloads):
             partition.load(payload)
-    want = [partition.stats()["urls"] for partition in local.partitions]
-    assert min(want) > 0
+    held = ("urls", "images", "signatures")
+    want = [{name: partition.stats()[name] for name in held} for partition in local.partitions]
+    assert all(min(share.values()) > 0 for share in want)
     actors = [DedupPartitionActor.options(**own_process()).remote(i, 2, 4, True, recovery)
               for i in range(2)]
     try:
-        assert [ray.get(a.stats.remote(), timeout=60)["urls"] for a in actors] == want
+        got = [ray.get(a.stats.remote(), timeout=60) for a in actors]
+        assert [{name: share[name] for name in held} for share in got] == want
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
