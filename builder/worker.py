@@ -323,8 +323,9 @@ class ShardAssembler:
             self._upload = None
         if self._upload_generation == self.generation:
             task.result()
-        elif not task.cancelled():
-            task.exception()
+        elif not task.cancelled() and task.exception() is not None:
+            log.debug("a shard upload of a dropped generation failed (its units are resent): "
+                      "%r", task.exception())
 
     async def discard(self) -> list[str]:
         """Drop everything not yet written (the units will be resent); returns their uids once

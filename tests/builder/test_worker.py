@@ -389,3 +389,32 @@ def test_a_shard_upload_that_fails_fails_the_flush_with_the_stores_error(tmp_pat
             await runtime.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("ending", ["decided", "cancelled"])
+def test_a_unit_begun_before_an_index_reset_hands_nothing_over(tmp_path, ending):
+    """The unit takes its worker's generation when it begins; a reset (``discard``) while
+    it runs makes it stale, whether it ends decided or cancelled: ``IndexLost``, and the
+    assembler holds nothing of it (the driver resends it)."""
+    import asyncio
+
+    from builder.job import IndexLost
+    from builder.worker import UnitRun
+
+    runtime, unit, _ = _one_thread_worker(tmp_path)
+
+    async def main() -> None:
+        await runtime.start()
+        try:
+            run = UnitRun(runtime, unit)
+            await runtime.discard()
+            with pytest.raises(IndexLost):
+                await (run._emit() if ending == "decided" else run._finish_cancelled())
+            assert not runtime.assembler.pending and not runtime.assembler.buffers
+            fresh = UnitRun(runtime, unit)  # resent, after the reset: hands its rows over
+            await fresh._emit()
+            assert runtime.assembler.take_committed() == [unit.uid]  # no rows: commits
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
