@@ -39,6 +39,8 @@ from builder.storage import (atomic_write, cut_writes, delete_tree, join, list_f
 from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
 
 JOURNAL = "_journal"
+BASE = "base"
+"""The journal's copy of the published figures a merge continues from (``Journal.keep_base``)."""
 
 READ_FILES = 64
 """Journal files fetched per request when the journal is streamed: an object store fetches
@@ -179,6 +181,36 @@ class Journal:
                 meta = {"job_id": self.job_id, "fingerprint": spec_fingerprint(spec),
                         "started": time.time(), "spec": spec.model_dump(mode="json"), **extra}
                 atomic_write(self.fs, path, json.dumps(meta, indent=2).encode())
+
+    def keep_base(self) -> None:
+        """Copy the published dataset's ``rejects.parquet`` and ``stats.json`` into the
+        journal (``BASE``), unless a copy is there: a merge's publish replaces both in place,
+        and a merge resumed after a publish that failed half way must read the dataset it
+        continued, not its own figures added in once already. ``stats.json`` goes last: the
+        copy counts once it is there (``base_uri``)."""
+        with storage_errors(self.uri, "keep the published figures in the journal of"):
+            kept = self._path(BASE, "stats.json")
+            self.fs.invalidate_cache(kept)
+            if self.fs.exists(kept):
+                return
+            rejects = f"{self.dataset_root}/rejects.parquet"
+            self.fs.invalidate_cache(rejects)
+            if self.fs.exists(rejects):
+                self.fs.makedirs(self._path(BASE), exist_ok=True)
+                self.fs.copy(rejects, self._path(BASE, "rejects.parquet"))
+            stats = f"{self.dataset_root}/stats.json"
+            self.fs.invalidate_cache(stats)
+            if self.fs.exists(stats):
+                atomic_write(self.fs, kept, self.fs.cat_file(stats))
+
+    def base_uri(self) -> Optional[str]:
+        """Where a merge reads the dataset it continues (``stats.json``, ``rejects.parquet``)
+        from: the journal's copy (``keep_base``), or None where there is none."""
+        kept = self._path(BASE, "stats.json")
+        with storage_errors(self.uri, "read the journal from"):
+            self.fs.invalidate_cache(kept)
+            found = self.fs.exists(kept)
+        return f"{self.uri.rstrip('/')}/{JOURNAL}/{self.job_id}/{BASE}" if found else None
 
     def write_unit(self, unit: WorkUnit, report: UnitReport, rows: pa.Table) -> None:
         """Commit a unit: its candidates' decisions, with its description and counts."""

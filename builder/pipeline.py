@@ -231,6 +231,9 @@ class JobLifecycle:
         self.kept_partial = ""
         """A retry of a partial dataset stays partial, for the same reason."""
         self.base = UnitReport("base")
+        self.base_uri = self.uri
+        """Where a merge reads the dataset it continues (stats.json, rejects.parquet) from: the
+        journal's copy once it is made (``Journal.keep_base``)."""
         self.list_plans: dict[int, SlicePlan] = {}
         self.retry_plan: Optional[SlicePlan] = None
         self.unit_size = spec.batch_size()
@@ -263,6 +266,7 @@ class JobLifecycle:
             self.merge, self.retry = bool(meta.get("merge")), bool(meta.get("retry"))
             self.kept_partial = meta.get("kept_partial", "")
             if self.merge:  # the published dataset this job adds to counts, as in its first run
+                self._keep_base()
                 self._load_base()
             self.partial_units = self._partial_units()
             log.info("[%s] resuming: %d units committed%s", self.job_id,
@@ -275,6 +279,8 @@ class JobLifecycle:
                 self._load_base()
             self.publisher.prepare(merge=self.merge)
         self.journal.start(spec, list_slicing=[spec.batch_size(), *spec.list_growth()])
+        if self.merge and self.state is None:
+            self._keep_base()
         if self.merge or self.retry:
             self._mark_journal()
         # A resumed job cuts its lists as its first run did (unit uids are slice numbers),
@@ -291,8 +297,8 @@ class JobLifecycle:
                                                  storage_options=opts, grow_after=grow_after,
                                                  grown_rows=grown_rows)
         if self.retry:
-            self.retry_plan = plan_slices(f"{self.uri.rstrip('/')}/rejects.parquet",
-                                          unit_size, url_column="url", storage_options=opts)
+            self.retry_plan = plan_slices(rejects_path(self.base_uri), unit_size,
+                                          url_column="url", storage_options=opts)
         if not self.retry:
             self.extra_queries, self.expansion = expand_queries(spec)
 
@@ -345,8 +351,13 @@ class JobLifecycle:
             out.update(u for u in pc.unique(table["uid"]).to_pylist() if u)
         return out - self.state.done
 
+    def _keep_base(self) -> None:
+        assert self.journal is not None
+        self.journal.keep_base()
+        self.base_uri = self.journal.base_uri() or self.uri
+
     def _load_base(self) -> None:
-        self.base = base_report(self.spec, self.uri, self.storage_options, self.retry)
+        self.base = base_report(self.spec, self.base_uri, self.storage_options, self.retry)
 
     # -- the parts both runners build from ------------------------------------------------------
 
@@ -423,7 +434,7 @@ class JobLifecycle:
                 # The slices it never got to (cancelled, or no class needed more images) keep
                 # their rejects as they were: count them back.
                 runner.counts.add(redecided_counts(
-                    rejects_path(self.uri), self.storage_options, self.spec.labels, True,
+                    rejects_path(self.base_uri), self.storage_options, self.spec.labels, True,
                     self.retry_plan, lambda i: not done(i)))
                 outcome = dataclasses.replace(outcome, stats=runner.stats())
             return outcome
@@ -511,7 +522,7 @@ class JobLifecycle:
         decides again), then the journal's units', in batches of many units."""
         assert self.journal is not None
         if self.merge:
-            yield from kept_rows(rejects_path(self.uri), self.storage_options,
+            yield from kept_rows(rejects_path(self.base_uri), self.storage_options,
                                  self.spec.labels, self.retry, self.retry_plan,
                                  self._retry_done())
         columns = [*REJECT_SCHEMA.names, "accepted"]
@@ -565,10 +576,11 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
     as they are (rejects.parquet is not read). ``reports``: the journal's unit reports where
     the caller has read them already (each is a file read from the output's store)."""
     accepted: Counter = Counter()
-    if merge:
-        for label, t in published_report(spec, uri, storage_options).classes.items():
-            accepted[label] += t.accepted
     journal = Journal(uri, job_id, storage_options)
+    if merge:
+        base = journal.base_uri() or uri
+        for label, t in published_report(spec, base, storage_options).classes.items():
+            accepted[label] += t.accepted
     committed = []
     for unit, report in journal.iter_unit_reports() if reports is None else reports:
         committed.append(unit.uid)
@@ -676,11 +688,12 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
                             [(int(row["phash"] or "0", 16), int(row["dhash"] or "0", 16))]))
         yield client.load_payloads(urls, [], done=True, only=only)
         yield client.load_payloads([], written, only=only)
-    path = f"{root}/rejects.parquet"
-    fs.invalidate_cache(path)
-    if fs.exists(path):
+    rfs, path = open_fs(rejects_path(Journal(uri, job_id, storage_options).base_uri() or uri),
+                        storage_options)
+    rfs.invalidate_cache(path)
+    if rfs.exists(path):
         again = decided_again(retry)
-        with fs.open(path, "rb") as f:
+        with rfs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["key", "url", "reason"])
         urls = []
         for key, url, reason in zip(table["key"].to_pylist(), table["url"].to_pylist(),

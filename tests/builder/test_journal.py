@@ -414,3 +414,29 @@ def test_a_shard_row_whose_signature_lists_differ_in_length_is_refused(tmp_path)
     with pytest.raises(ResumeError, match="sig_a and sig_b differ in length"):
         list(index_payloads(LocalPartitions(4, k=1).client(), str(tmp_path / "ds"), "job1",
                             None, merge=False, retry=False, journal=True))
+
+
+def test_the_published_figures_a_merge_continues_are_kept_once(location):
+    """``keep_base`` copies stats.json and rejects.parquet into the journal once: a publish
+    that replaces them later, and a resume that keeps the base again, leave the copy as it
+    was when the merge began."""
+    from builder.storage import open_fs
+
+    uri, options = location
+    fs, root = open_fs(uri, options)
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/stats.json", b'{"accepted": 3}')
+    fs.pipe_file(f"{root}/rejects.parquet", b"rejects before")
+    journal = Journal(uri, "job1", options)
+    assert journal.base_uri() is None
+    journal.keep_base()
+    fs.pipe_file(f"{root}/stats.json", b'{"accepted": 5}')  # the merge's publish, half done
+    fs.pipe_file(f"{root}/rejects.parquet", b"rejects after")
+    again = Journal(uri, "job1", options)
+    again.keep_base()  # the resume
+    base = again.base_uri()
+    assert base == f"{uri}/_journal/job1/base"
+    kept_fs, kept = open_fs(base, options)
+    assert kept_fs.cat_file(f"{kept.rstrip('/')}/stats.json") == b'{"accepted": 3}'
+    assert kept_fs.cat_file(f"{kept.rstrip('/')}/rejects.parquet") == b"rejects before"

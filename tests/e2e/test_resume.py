@@ -574,3 +574,76 @@ def test_retry_failed_decides_a_full_class_s_rejects_and_keeps_rows_it_cannot_re
     reasons = pq.read_table(Path(out) / "rejects.parquet", columns=["url", "reason"]).to_pylist()
     assert {"url": None, "reason": "timeout"} in reasons
     assert {"url": full, "reason": "over_target"} in reasons
+
+
+class _FailsOnce:
+    """``atomic_write`` that fails the first write of README.md: a publish that stops after
+    it replaced stats.json and rejects.parquet, before the marker (an object store error,
+    or the node lost)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.failed = False
+
+    def __call__(self, fs, path, data):
+        from builder.errors import StorageError
+
+        if not self.failed and path.endswith("/README.md"):
+            self.failed = True
+            raise StorageError("simulated failure writing README.md")
+        return self.real(fs, path, data)
+
+
+def test_a_continuation_whose_publish_failed_resumes_counting_the_dataset_once(
+        sandbox, tmp_path, monkeypatch):
+    """The continuation's publish replaced stats.json with its merged figures, then failed.
+    Its resume must add its journal to the dataset it continued, not to those figures (it
+    failed to publish every time, the manifest holding fewer images than it counted)."""
+    from builder import writers
+
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    _cancelled_early(data, lambda r: r.counts.accepted >= 8)
+    monkeypatch.setattr(writers, "atomic_write", _FailsOnce(writers.atomic_write))
+    with pytest.raises(Exception, match="simulated failure"):
+        run_local(parse_spec(data), resume=True)
+    assert not is_complete(out)
+    result = run_local(parse_spec(data), resume=True)
+    assert is_complete(out)
+    stats = check_accounting(out)
+    assert result.stats["accepted"] == stats["accepted"]
+    ids = accepted_ids(out)
+    assert len(ids) == len(set(ids))
+
+
+def test_a_retry_whose_publish_failed_resumes_with_each_reject_once(tmp_path, monkeypatch):
+    """A retry that accepts nothing (the origin is down) and fails to publish after it
+    replaced rejects.parquet: resumed, it decides the dataset's rejects as they were, once
+    each, and the dataset keeps its candidates."""
+    from builder import writers
+    from builder.pipeline import plan_retry
+
+    out = str(tmp_path / "ds")
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=24, fault_every=2, slow_s=2.0) as web:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog")
+                                for u in web.search_urls(label)))
+        run_local(parse_spec({"name": "retry", "target": 1000,
+                              "classes": {"cat": None, "dog": None},
+                              "sources": [{"engine": "urllist", "path": str(urls)}],
+                              "download": {"timeout_s": 1.0, "retries": 0,
+                                           "allow_private_networks": True},
+                              "output": {"uri": out, "shard_size": 10}}))
+    first = check_accounting(out)
+    keys = pq.read_table(Path(out) / "rejects.parquet").column("key").to_pylist()
+    monkeypatch.setattr(writers, "atomic_write", _FailsOnce(writers.atomic_write))
+    spec, continuation = plan_retry(out)
+    with pytest.raises(Exception, match="simulated failure"):
+        run_local(spec, continuation=continuation)
+    run_local(spec, resume=True, uri=out)
+    assert is_complete(out)
+    after = check_accounting(out)
+    assert after["candidates"] == first["candidates"]
+    assert sorted(pq.read_table(Path(out) / "rejects.parquet").column("key").to_pylist()) \
+        == sorted(keys)
