@@ -767,6 +767,7 @@ class DatasetPublisher:
                 raise StorageError(f"the label manifest holds {labels.count} images but the "
                                    f"job counted {stats.get('accepted')} accepted; not marking "
                                    f"{self.uri} as published")
+            _check_balance(stats, self.uri)
             if partial_reason is not None:
                 stats = {**stats, "partial": True, "partial_reason": partial_reason}
             atomic_write(fs, f"{root}/stats.json", _json_bytes(stats))
@@ -814,6 +815,18 @@ class DatasetPublisher:
                 for path, info in fs.find(entry["name"], withdirs=False, detail=True).items():
                     out.append((path[len(root) + 1:], int(info.get("size") or 0)))
         return sorted(out)
+
+
+def _check_balance(stats: dict[str, Any], uri: str) -> None:
+    """Refuse to publish figures where accepted + rejected != candidates, overall or for a
+    class: every candidate is counted once, as accepted or as rejected."""
+    parts = [("the job", stats), *((f"class {label!r}", c) for label, c in
+                                   (stats.get("classes") or {}).items())]
+    for name, c in parts:
+        if "candidates" in c and c.get("accepted", 0) + c.get("rejected", 0) != c["candidates"]:
+            raise StorageError(f"{name} counted {c.get('accepted', 0)} accepted + "
+                               f"{c.get('rejected', 0)} rejected but {c['candidates']} "
+                               f"candidates; not marking {uri} as published")
 
 
 # Characters YAML 1.1 treats as line breaks or will not read raw (C1 controls, surrogates,

@@ -481,6 +481,22 @@ def test_counts_that_disagree_with_the_manifests_publish_no_marker(local, field)
     assert not {"_SUCCESS", "_PARTIAL"} & set(local.files())
 
 
+@pytest.mark.parametrize("where", ["job", "class"])
+def test_counts_where_accepted_and_rejected_miss_candidates_publish_no_marker(local, where):
+    """Every candidate is counted once, as accepted or as rejected: figures that say
+    otherwise (a candidate counted twice, or lost) are not published."""
+    job = local.job()
+    write_all(job, make_rows())
+    stats = make_stats(job.journal.job_id)
+    if where == "job":
+        stats["candidates"] += 1
+    else:
+        stats["classes"][LABELS[0]]["candidates"] += 1
+    with pytest.raises(StorageError, match="candidates; not marking"):
+        job.publish(stats=stats)
+    assert not {"_SUCCESS", "_PARTIAL"} & set(local.files())
+
+
 def test_files_of_a_shard_that_never_committed_are_removed(target):
     job = target.job()
     rows = make_rows()
