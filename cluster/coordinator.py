@@ -671,6 +671,18 @@ def check_job_output(uri: str) -> None:
             "s3://bucket/prefix)")
 
 
+def final_state(cancelled: bool, stats: dict[str, Any]) -> tuple[str, Optional[str]]:
+    """The state, and error, whoever watches the job (the API, the dashboard) is told. An
+    empty result is a failure. A retry that leaves a partial dataset partial (its crawl was
+    cancelled before the retry) succeeded at what it was asked: it is not told "no image was
+    accepted", which may not be so."""
+    if cancelled:
+        return "cancelled", None
+    if stats.get("partial_reason") == "empty":
+        return "failed", empty_failure(stats)
+    return "succeeded", None
+
+
 async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                         uri: Optional[str] = None, progress: Optional[Callable] = None,
                         storage_options: Optional[dict] = None, resume: bool = False,
@@ -724,10 +736,7 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
                  "dedup": await executor.dedup_stats(),
                  "workers_by_node": dict(executor.nodes)}
         done = await life.publish_async(outcome, extra, install_signals=install_signals)
-        # An empty result is a failure to whoever watches the job (the API, the dashboard).
-        state, error = ("cancelled", None) if outcome.cancelled else (
-            ("failed", empty_failure(done.stats)) if done.partial
-            else ("succeeded", None))
+        state, error = final_state(outcome.cancelled, done.stats)
         await reporter.final_state(state, output_uri=done.uri, stats=done.stats, error=error)
         return done
     except BaseException as exc:

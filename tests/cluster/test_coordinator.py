@@ -64,3 +64,21 @@ def test_a_pool_that_fits_the_nodes_passes_unchanged():
     s = spec(workers=2, worker_cpus=0.9)
     plan = plan_pools(s, {"CPU": 2.0}, 2)
     assert check_nodes(s, plan, HEAD_AND_TWO_SMALL) is plan
+
+
+@pytest.mark.parametrize("cancelled, stats, state", [
+    (True, {"accepted": 3, "partial_reason": "cancelled"}, "cancelled"),
+    (False, {"accepted": 0, "partial_reason": "empty"}, "failed"),
+    (False, {"accepted": 7, "partial_reason": "cancelled", "partial_kept": True}, "succeeded"),
+    (False, {"accepted": 7, "partial_reason": ""}, "succeeded"),
+], ids=["cancelled", "empty", "retry-of-a-partial-dataset", "complete"])
+def test_the_final_state_says_failed_only_for_an_empty_result(cancelled, stats, state):
+    """A retry that keeps a partial dataset partial accepted images: it is not reported as
+    "no image was accepted"."""
+    from cluster.coordinator import final_state
+
+    got, error = final_state(cancelled, stats)
+    assert got == state
+    assert (error is not None) == (state == "failed")
+    if error is not None:
+        assert error.startswith("no image was accepted")
