@@ -252,6 +252,10 @@ def cmd_recheck(args: argparse.Namespace) -> int:
               f"(marked _PARTIAL); {args.out} lists each image and the signal that removed it",
               file=sys.stderr)
         return EXIT_EMPTY
+    if copy.partial_reason:
+        print(f"dataset without them: {copy.uri}, marked _PARTIAL as {uri} is (its crawl: "
+              f"{copy.partial_reason}); `pixcrawler build SPEC --resume` continues the source")
+        return 0
     print(f"dataset without them: {copy.uri}")
     return 0
 

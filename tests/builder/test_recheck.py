@@ -98,6 +98,21 @@ def test_write_refuses_a_source_that_is_not_a_published_dataset(source, capsys, 
     assert not copy.exists() and files_under(src) == before
 
 
+def test_the_copy_of_a_partial_dataset_says_it_is_partial(source, capsys):
+    """The copy is marked _PARTIAL as its source is; the command said only where it was."""
+    src, copy, _ = source
+    marker = json.loads((src / "_SUCCESS").read_text())
+    (src / "_SUCCESS").unlink()
+    (src / "_PARTIAL").write_text(json.dumps({**marker, "status": "partial",
+                                              "reason": "cancelled"}))
+    stats = json.loads((src / "stats.json").read_text())
+    (src / "stats.json").write_text(json.dumps({**stats, "partial": True,
+                                                "partial_reason": "cancelled"}))
+    assert recheck_write(src, copy) == 0
+    assert "marked _PARTIAL as" in capsys.readouterr().out
+    assert (copy / "_PARTIAL").exists() and not (copy / "_SUCCESS").exists()
+
+
 def test_write_that_removes_every_image_is_an_empty_partial_dataset(source, refused, capsys):
     """It was marked _SUCCESS with accepted 0, and the command exited 0."""
     src, copy, _ = source
