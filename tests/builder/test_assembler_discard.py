@@ -166,6 +166,16 @@ async def run_now(fn, *args):
     return fn(*args)
 
 
+def gated_store(gate: asyncio.Future):
+    """A storage runner whose shard writes wait for ``gate`` (the first shard's upload holds
+    until the test resolves it)."""
+    async def store(fn, *args):
+        if fn.__name__ == "write" and not gate.done():
+            await gate
+        return fn(*args)
+    return store
+
+
 def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_path):
     """A shard uploads in the background and commits its units after it is written. A
     discard that comes while it commits them (here: the first unit's journal file is being
@@ -249,11 +259,7 @@ def test_an_upload_that_fails_as_the_unit_waiting_on_it_is_cancelled_still_fails
     for the flush: else the flush returns and the shard's unit is never committed."""
     async def main() -> None:
         gate = asyncio.get_running_loop().create_future()
-
-        async def store(fn, *args):
-            if fn.__name__ == "write" and not gate.done():
-                await gate  # the first shard's upload waits here
-            return fn(*args)
+        store = gated_store(gate)
 
         assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 1), str(tmp_path / "ds"),
                                            "job-1"), ListWriter(), NoJournal(),
@@ -286,11 +292,7 @@ def test_a_unit_that_waited_for_the_lock_across_a_discard_hands_nothing_over(tmp
 
     async def main() -> None:
         gate = asyncio.get_running_loop().create_future()
-
-        async def store(fn, *args):
-            if fn.__name__ == "write" and not gate.done():
-                await gate  # the first shard's upload waits here
-            return fn(*args)
+        store = gated_store(gate)
 
         writer = ListWriter()
         assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 2), str(tmp_path / "ds"),
