@@ -116,8 +116,9 @@ class ApiPolicy(BaseModel):
     private_network_sources: list[str] = Field(
         default_factory=list, description="http(s) URL prefixes of search sources whose "
         "results may be fetched from private addresses: download.allow_private_networks: true "
-        "is allowed for a spec whose every source names a url or options.base_url under one "
-        "of them, reads no URL-list file, and whose classes list no urls of their own "
+        "is allowed for a spec whose every source's engine asks a server under one of them "
+        "(a sandbox's url, or the options.base_url of wikimedia, openverse, google or baidu), "
+        "reads no URL-list file, and whose classes list no urls of their own "
         "(pixcrawler serve --demo puts its sandbox web here)")
     models: list[str] = Field(
         default_factory=list, description="validation.clip_model / nsfw_model values allowed "
@@ -421,8 +422,9 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
             check.forbid("download.allow_private_networks", "private_network_sources",
                          "this server lets API users fetch from loopback or private "
                          f"addresses only what the sources under {allowed} find: every "
-                         "source must name a url there, with no URL-list file and no "
-                         "class's own urls")
+                         "source's engine must ask a server there (a sandbox's url, or the "
+                         "base_url of wikimedia, openverse, google or baidu), with no URL-list "
+                         "file and no class's own urls")
     _check_optouts(check, policy)
     for name in ("clip_model", "nsfw_model"):
         value = getattr(spec.validation, name)
@@ -480,13 +482,17 @@ def _hold_sizes(spec: DatasetSpec, policy: ApiPolicy) -> DatasetSpec:
 
 def _private_sources_only(spec: DatasetSpec, prefixes: list[str]) -> bool:
     """Whether every URL the spec's job can fetch comes from a source under ``prefixes``:
-    the server that answers there chooses the image URLs, not the API user."""
+    the server that answers there chooses the image URLs, not the API user. Only the server
+    an engine actually asks counts (``endpoint_of``): a web search engine given a ``url`` it
+    ignores would fetch whatever pages anyone can put in its index, private addresses
+    allowed."""
+    from builder.engines import endpoint_of
+
     if any(c.urls for c in spec.classes.values()):
         return False
     for src in spec.sources:
-        urls = [u for u in (src.url, src.options.get("base_url")) if u is not None]
-        if src.path or not urls or not all(isinstance(u, str) and url_within(u, prefixes)
-                                           for u in urls):
+        endpoint = endpoint_of(src)
+        if src.path or endpoint is None or not url_within(endpoint, prefixes):
             return False
     return True
 
