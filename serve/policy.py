@@ -77,7 +77,7 @@ from builder.storage import is_local_uri
 OWNER = "{owner}"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # One part of a relative output path: what a dataset name may be (see DatasetSpec.name).
-_OUTPUT_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_OUTPUT_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # The resources fields that size a job's pools (a user who sets one must fit in the share).
 POOL_FIELDS = ("workers", "worker_cpus", "dedup_partitions", "gpu_actors", "gpus_per_actor",
@@ -296,7 +296,7 @@ def place_output(uri: Optional[str], prefix: str, job_id: str) -> tuple[str, Opt
     if ".." in parts:
         return "", Refusal("output.uri", "output_prefix", f"{uri!r}: '..' would leave your "
                            f"output prefix; {example}", True)
-    bad = [p for p in parts if not _OUTPUT_PART.match(p)]
+    bad = [p for p in parts if not _OUTPUT_PART.fullmatch(p)]
     if bad or not parts:
         return "", Refusal("output.uri", "output_prefix", f"{uri!r}: each part of an output "
                            "path is a name of letters, digits, '.', '_' and '-' that starts "

@@ -59,7 +59,7 @@ def test_outputs_anywhere_else_are_forbidden(uri):
     assert setting == "output_prefix" and f"{PREFIX}/pets" in message
 
 
-@pytest.mark.parametrize("uri", ["my pets", "pets%2f..", "-x", PREFIX])
+@pytest.mark.parametrize("uri", ["my pets", "pets%2f..", "-x", PREFIX, "pets\n"])
 def test_output_names_outside_the_plain_alphabet_are_422(uri):
     status, problems = refused(spec(output={"uri": uri}))
     assert status == 422 and problems["output.uri"][0] == "output_prefix"
