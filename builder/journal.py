@@ -193,15 +193,22 @@ class Journal:
             self.fs.invalidate_cache(kept)
             if self.fs.exists(kept):
                 return
+            stats = f"{self.dataset_root}/stats.json"
+            self.fs.invalidate_cache(stats)
+            figures = self.fs.cat_file(stats) if self.fs.exists(stats) else None
+            if figures is not None and _job_of(figures) == self.job_id:
+                raise ResumeError(
+                    f"{self.uri}/stats.json already holds the figures of job {self.job_id}, "
+                    "whose journal kept no copy of the dataset it continued (a publish that "
+                    "stopped half way, by an older version): its work would be counted twice. "
+                    "Build the dataset again with --overwrite")
             rejects = f"{self.dataset_root}/rejects.parquet"
             self.fs.invalidate_cache(rejects)
             if self.fs.exists(rejects):
                 self.fs.makedirs(self._path(BASE), exist_ok=True)
-                self.fs.copy(rejects, self._path(BASE, "rejects.parquet"))
-            stats = f"{self.dataset_root}/stats.json"
-            self.fs.invalidate_cache(stats)
-            if self.fs.exists(stats):
-                atomic_write(self.fs, kept, self.fs.cat_file(stats))
+                self.fs.cp_file(rejects, self._path(BASE, "rejects.parquet"))  # no glob
+            if figures is not None:
+                atomic_write(self.fs, kept, figures)
 
     def base_uri(self) -> Optional[str]:
         """Where a merge reads the dataset it continues (``stats.json``, ``rejects.parquet``)
@@ -362,7 +369,13 @@ class Journal:
         return out
 
     def remove(self) -> None:
+        """Delete the journal, ``job.json`` first: a remove that stops half way leaves no
+        journal a ``--resume`` would take up again (its copy of the base may be gone)."""
         with storage_errors(self.uri, "remove the journal from"):
+            meta = self._path("job.json")
+            self.fs.invalidate_cache(meta)
+            if self.fs.exists(meta):
+                self.fs.rm_file(meta)
             self.fs.invalidate_cache(self.root)
             delete_tree(self.fs, self.root)
             parent = self.root.rsplit("/", 1)[0]
@@ -372,6 +385,15 @@ class Journal:
                     self.fs.rmdir(parent)
             except OSError:
                 pass
+
+
+def _job_of(stats_json: bytes) -> Optional[str]:
+    """The job a dataset's stats.json says published it (None where it cannot say)."""
+    try:
+        stats = json.loads(stats_json)
+    except ValueError:
+        return None
+    return stats.get("job_id") if isinstance(stats, dict) else None
 
 
 def parquet_stem(path: str) -> str:

@@ -57,7 +57,8 @@ from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit, retry_
 from builder.worker import JobPlan, LocalServices, WorkerRuntime
 from builder.worker_procs import ProcessExecutor, WorkerProcesses
 from builder.worker_start import LOCAL_CPU_THREADS, StartedWorkers, local_workers
-from builder.writers import DatasetPublisher, manifest_entry, parquet_shards, read_marker
+from builder.writers import (DatasetPublisher, manifest_entry, parquet_shards, read_marker,
+                             unbalanced)
 
 log = logging.getLogger("pixcrawler.pipeline")
 
@@ -278,11 +279,12 @@ class JobLifecycle:
             if self.merge:
                 self._load_base()
             self.publisher.prepare(merge=self.merge)
-        self.journal.start(spec, list_slicing=[spec.batch_size(), *spec.list_growth()])
-        if self.merge and self.state is None:
-            self._keep_base()
+        self.journal.start(spec, list_slicing=[spec.batch_size(), *spec.list_growth()],
+                           merge=self.merge, retry=self.retry, kept_partial=self.kept_partial)
         if self.merge or self.retry:
             self._mark_journal()
+        if self.merge and self.state is None:
+            self._keep_base()
         # A resumed job cuts its lists as its first run did (unit uids are slice numbers),
         # whatever resources.batch_size says now; a journal written before slices grew holds
         # no record, and was cut by the batch size alone.
@@ -357,6 +359,13 @@ class JobLifecycle:
         self.base_uri = self.journal.base_uri() or self.uri
 
     def _load_base(self) -> None:
+        """The counts of the dataset this merge continues; refuses figures that do not
+        balance (an older version published some after a cancel): they could never be
+        published again, and the refusal comes before the dataset's marker is removed."""
+        wrong = unbalanced(published_stats(self.base_uri, self.storage_options))
+        if wrong:
+            raise ResumeError(f"{self.uri}/stats.json does not add up ({wrong}), so this job "
+                              "cannot add to it: build the dataset again with --overwrite")
         self.base = base_report(self.spec, self.base_uri, self.storage_options, self.retry)
 
     # -- the parts both runners build from ------------------------------------------------------

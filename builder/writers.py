@@ -749,6 +749,9 @@ class DatasetPublisher:
 
         ``manifest_rows``: every image's manifest entry (``id, label, split, path, license``),
         streamed; ``reject_tables``: the rejected candidates, streamed."""
+        wrong = unbalanced(stats)
+        if wrong:
+            raise StorageError(f"{wrong}; not marking {self.uri} as published")
         fs, root = self._fs()
         with storage_errors(self.uri, "publish to"):
             counts = {"images": 0}
@@ -767,7 +770,6 @@ class DatasetPublisher:
                 raise StorageError(f"the label manifest holds {labels.count} images but the "
                                    f"job counted {stats.get('accepted')} accepted; not marking "
                                    f"{self.uri} as published")
-            _check_balance(stats, self.uri)
             if partial_reason is not None:
                 stats = {**stats, "partial": True, "partial_reason": partial_reason}
             atomic_write(fs, f"{root}/stats.json", _json_bytes(stats))
@@ -817,16 +819,16 @@ class DatasetPublisher:
         return sorted(out)
 
 
-def _check_balance(stats: dict[str, Any], uri: str) -> None:
-    """Refuse to publish figures where accepted + rejected != candidates, overall or for a
-    class: every candidate is counted once, as accepted or as rejected."""
+def unbalanced(stats: dict[str, Any]) -> str:
+    """Where ``stats`` count a candidate other than once, as accepted or as rejected
+    (accepted + rejected != candidates, overall or for a class); '' where they balance."""
     parts = [("the job", stats), *((f"class {label!r}", c) for label, c in
                                    (stats.get("classes") or {}).items())]
     for name, c in parts:
         if "candidates" in c and c.get("accepted", 0) + c.get("rejected", 0) != c["candidates"]:
-            raise StorageError(f"{name} counted {c.get('accepted', 0)} accepted + "
-                               f"{c.get('rejected', 0)} rejected but {c['candidates']} "
-                               f"candidates; not marking {uri} as published")
+            return (f"{name} counted {c.get('accepted', 0)} accepted + {c.get('rejected', 0)} "
+                    f"rejected but {c['candidates']} candidates")
+    return ""
 
 
 # Characters YAML 1.1 treats as line breaks or will not read raw (C1 controls, surrogates,

@@ -6,6 +6,7 @@ traceback."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
@@ -440,3 +441,48 @@ def test_the_published_figures_a_merge_continues_are_kept_once(location):
     kept_fs, kept = open_fs(base, options)
     assert kept_fs.cat_file(f"{kept.rstrip('/')}/stats.json") == b'{"accepted": 3}'
     assert kept_fs.cat_file(f"{kept.rstrip('/')}/rejects.parquet") == b"rejects before"
+
+
+def test_the_kept_figures_come_from_the_dataset_even_where_its_path_reads_as_a_glob(
+        tmp_path):
+    """``runs[1]`` is a glob to fsspec's ``copy``: it copied the sibling ``runs1``'s files."""
+    from builder.storage import open_fs
+
+    for name, figures in (("runs[1]", b'{"accepted": 1}'), ("runs1", b'{"accepted": 9}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stats.json").write_bytes(figures)
+        (tmp_path / name / "rejects.parquet").write_bytes(name.encode())
+    journal = Journal(str(tmp_path / "runs[1]"), "job1")
+    journal.keep_base()
+    fs, kept = open_fs(journal.base_uri())
+    assert fs.cat_file(f"{kept}/rejects.parquet") == b"runs[1]"
+    assert fs.cat_file(f"{kept}/stats.json") == b'{"accepted": 1}'
+
+
+def test_a_dataset_this_job_published_into_is_not_kept_as_its_base(tmp_path):
+    """Its journal has no copy (a publish that stopped half way, by an older version): the
+    figures there already count the job's work, and would count it twice."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "stats.json").write_text(json.dumps({"job_id": "job1", "accepted": 3}))
+    with pytest.raises(ResumeError, match="counted twice"):
+        Journal(str(tmp_path / "ds"), "job1").keep_base()
+    assert Journal(str(tmp_path / "ds"), "job1").base_uri() is None
+
+
+def test_a_journal_is_no_longer_resumable_once_its_removal_begins(tmp_path, monkeypatch):
+    """job.json goes first: a removal that stops half way leaves nothing a --resume takes up
+    (its copy of the base may be gone already)."""
+    from builder import journal as journal_mod
+
+    journal = Journal(str(tmp_path / "ds"), "job1")
+    journal.start(parse_spec({"name": "ds", "target": 1, "classes": {"cat": None},
+                              "sources": [{"engine": "urllist", "path": "u.txt"}],
+                              "output": {"uri": str(tmp_path / "ds")}}))
+
+    def stops(fs, root):
+        raise OSError("the store went away")
+
+    monkeypatch.setattr(journal_mod, "delete_tree", stops)
+    with pytest.raises(StorageError):
+        journal.remove()
+    assert resumable_jobs(str(tmp_path / "ds")) == []

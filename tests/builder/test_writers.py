@@ -476,7 +476,8 @@ def test_counts_that_disagree_with_the_manifests_publish_no_marker(local, field)
     write_all(job, make_rows())
     stats = make_stats(job.journal.job_id)
     stats[field] += 2
-    with pytest.raises(StorageError, match=f"job counted {stats[field]}"):
+    stats["candidates"] += 2  # the figures balance; the files hold fewer
+    with pytest.raises(StorageError, match=f"manifest holds .* job counted {stats[field]} "):
         job.publish(stats=stats)
     assert not {"_SUCCESS", "_PARTIAL"} & set(local.files())
 

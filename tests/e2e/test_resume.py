@@ -617,13 +617,8 @@ def test_a_continuation_whose_publish_failed_resumes_counting_the_dataset_once(
     assert len(ids) == len(set(ids))
 
 
-def test_a_retry_whose_publish_failed_resumes_with_each_reject_once(tmp_path, monkeypatch):
-    """A retry that accepts nothing (the origin is down) and fails to publish after it
-    replaced rejects.parquet: resumed, it decides the dataset's rejects as they were, once
-    each, and the dataset keeps its candidates."""
-    from builder import writers
-    from builder.pipeline import plan_retry
-
+def _flaky_dataset(tmp_path) -> str:
+    """A published dataset whose flaky 500s a retry-failed decides again."""
     out = str(tmp_path / "ds")
     with SandboxWeb(classes=("cat", "dog"), images_per_class=24, fault_every=2, slow_s=2.0) as web:
         urls = tmp_path / "urls.txt"
@@ -635,6 +630,59 @@ def test_a_retry_whose_publish_failed_resumes_with_each_reject_once(tmp_path, mo
                               "download": {"timeout_s": 1.0, "retries": 0,
                                            "allow_private_networks": True},
                               "output": {"uri": out, "shard_size": 10}}))
+    return out
+
+
+def test_a_retry_stopped_while_it_kept_the_dataset_resumes_as_a_retry(tmp_path, monkeypatch):
+    """The journal says it merges from its first write on: a retry stopped while it copied
+    the dataset's figures (the marker already gone) was resumed as a plain build, which
+    published its own images only, leaving the dataset's out of the manifests."""
+    from builder.errors import StorageError
+    from builder.journal import Journal
+    from builder.pipeline import plan_retry
+
+    out = _flaky_dataset(tmp_path)
+    first = check_accounting(out)
+    real = Journal.keep_base
+
+    def stops(self):
+        raise StorageError("simulated: the copy of rejects.parquet failed")
+
+    monkeypatch.setattr(Journal, "keep_base", stops)
+    spec, continuation = plan_retry(out)
+    with pytest.raises(StorageError, match="simulated"):
+        run_local(spec, continuation=continuation)
+    monkeypatch.setattr(Journal, "keep_base", real)
+    run_local(spec, resume=True, uri=out)
+    after = check_accounting(out)
+    assert after["candidates"] == first["candidates"]
+    assert after["accepted"] >= first["accepted"]
+
+
+def test_a_dataset_whose_figures_do_not_add_up_is_refused_before_it_is_touched(tmp_path):
+    """An older version published unbalanced figures after a cancel: a retry could never
+    publish them again, and used to find that out after removing the marker."""
+    from builder.journal import ResumeError
+    from builder.pipeline import plan_retry
+
+    out = _flaky_dataset(tmp_path)
+    stats_path = Path(out) / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats_path.write_text(json.dumps({**stats, "candidates": stats["candidates"] + 1}))
+    spec, continuation = plan_retry(out)
+    with pytest.raises(ResumeError, match="does not add up"):
+        run_local(spec, continuation=continuation)
+    assert is_complete(out) and not list(Path(out).glob("_journal/*/job.json"))
+
+
+def test_a_retry_whose_publish_failed_resumes_with_each_reject_once(tmp_path, monkeypatch):
+    """A retry that accepts nothing (the origin is down) and fails to publish after it
+    replaced rejects.parquet: resumed, it decides the dataset's rejects as they were, once
+    each, and the dataset keeps its candidates."""
+    from builder import writers
+    from builder.pipeline import plan_retry
+
+    out = _flaky_dataset(tmp_path)
     first = check_accounting(out)
     keys = pq.read_table(Path(out) / "rejects.parquet").column("key").to_pylist()
     monkeypatch.setattr(writers, "atomic_write", _FailsOnce(writers.atomic_write))
