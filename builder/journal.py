@@ -182,26 +182,33 @@ class Journal:
                         "started": time.time(), "spec": spec.model_dump(mode="json"), **extra}
                 atomic_write(self.fs, path, json.dumps(meta, indent=2).encode())
 
-    def keep_base(self) -> None:
+    def keep_base(self, resuming: bool) -> None:
         """Copy the published dataset's ``rejects.parquet`` and ``stats.json`` into the
-        journal (``BASE``), unless a copy is there: a merge's publish replaces both in place,
-        and a merge resumed after a publish that failed half way must read the dataset it
-        continued, not its own figures added in once already. ``stats.json`` goes last: the
-        copy counts once it is there (``base_uri``)."""
+        journal (``BASE``): a merge's publish replaces both in place, and a merge resumed
+        after a publish that failed half way must read the dataset it continued, not its own
+        figures added in once already. ``stats.json`` goes last: the copy counts once it is
+        there (``base_uri``).
+
+        A new job (``resuming`` False) always copies: a copy left by an earlier job of the
+        same id (``--job-id``) is not its base. A resumed one keeps the copy its first run
+        made, and refuses, lacking one, a ``stats.json`` its own job id wrote: a publish of
+        its own that stopped half way (an older version kept no copy)."""
         with storage_errors(self.uri, "keep the published figures in the journal of"):
             kept = self._path(BASE, "stats.json")
             self.fs.invalidate_cache(kept)
-            if self.fs.exists(kept):
+            if resuming and self.fs.exists(kept):
                 return
             stats = f"{self.dataset_root}/stats.json"
             self.fs.invalidate_cache(stats)
             figures = self.fs.cat_file(stats) if self.fs.exists(stats) else None
-            if figures is not None and _job_of(figures) == self.job_id:
+            if resuming and figures is not None and _job_of(figures) == self.job_id:
                 raise ResumeError(
                     f"{self.uri}/stats.json already holds the figures of job {self.job_id}, "
                     "whose journal kept no copy of the dataset it continued (a publish that "
                     "stopped half way, by an older version): its work would be counted twice. "
                     "Build the dataset again with --overwrite")
+            if self.fs.exists(kept):
+                self.fs.rm_file(kept)  # an earlier job's: not whole until copied again
             rejects = f"{self.dataset_root}/rejects.parquet"
             self.fs.invalidate_cache(rejects)
             if self.fs.exists(rejects):

@@ -261,14 +261,14 @@ class JobLifecycle:
         self.publisher = DatasetPublisher(spec.output, uri, self.job_id, opts, spec.labels)
         self.journal = Journal(uri, self.job_id, opts)
         if self.state is not None:  # resuming this job's own journal
-            removed = self.publisher.remove_files(self.journal.orphan_files())
-            self.publisher.prepare(merge=True)
             meta = self.journal.meta()
             self.merge, self.retry = bool(meta.get("merge")), bool(meta.get("retry"))
             self.kept_partial = meta.get("kept_partial", "")
             if self.merge:  # the published dataset this job adds to counts, as in its first run
-                self._keep_base()
+                self._keep_base()  # both refuse before a marker is touched
                 self._load_base()
+            removed = self.publisher.remove_files(self.journal.orphan_files())
+            self.publisher.prepare(merge=True)
             self.partial_units = self._partial_units()
             log.info("[%s] resuming: %d units committed%s", self.job_id,
                      self.state.committed_units,
@@ -355,7 +355,7 @@ class JobLifecycle:
 
     def _keep_base(self) -> None:
         assert self.journal is not None
-        self.journal.keep_base()
+        self.journal.keep_base(resuming=self.state is not None)
         self.base_uri = self.journal.base_uri() or self.uri
 
     def _load_base(self) -> None:

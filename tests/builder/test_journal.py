@@ -431,11 +431,11 @@ def test_the_published_figures_a_merge_continues_are_kept_once(location):
     fs.pipe_file(f"{root}/rejects.parquet", b"rejects before")
     journal = Journal(uri, "job1", options)
     assert journal.base_uri() is None
-    journal.keep_base()
+    journal.keep_base(resuming=False)
     fs.pipe_file(f"{root}/stats.json", b'{"accepted": 5}')  # the merge's publish, half done
     fs.pipe_file(f"{root}/rejects.parquet", b"rejects after")
     again = Journal(uri, "job1", options)
-    again.keep_base()  # the resume
+    again.keep_base(resuming=True)
     base = again.base_uri()
     assert base == f"{uri}/_journal/job1/base"
     kept_fs, kept = open_fs(base, options)
@@ -453,20 +453,27 @@ def test_the_kept_figures_come_from_the_dataset_even_where_its_path_reads_as_a_g
         (tmp_path / name / "stats.json").write_bytes(figures)
         (tmp_path / name / "rejects.parquet").write_bytes(name.encode())
     journal = Journal(str(tmp_path / "runs[1]"), "job1")
-    journal.keep_base()
+    journal.keep_base(resuming=False)
     fs, kept = open_fs(journal.base_uri())
     assert fs.cat_file(f"{kept}/rejects.parquet") == b"runs[1]"
     assert fs.cat_file(f"{kept}/stats.json") == b'{"accepted": 1}'
 
 
-def test_a_dataset_this_job_published_into_is_not_kept_as_its_base(tmp_path):
-    """Its journal has no copy (a publish that stopped half way, by an older version): the
-    figures there already count the job's work, and would count it twice."""
+def test_a_dataset_this_job_published_into_is_not_kept_as_its_base_on_resume(tmp_path):
+    """A resumed job whose journal has no copy (a publish that stopped half way, by an older
+    version): the figures there already count its work, and would count it twice. A new job
+    of the same id (``--job-id``, used again) continues them as any other: its earlier run
+    finished; a copy an earlier job of that id left is not its base."""
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "stats.json").write_text(json.dumps({"job_id": "job1", "accepted": 3}))
     with pytest.raises(ResumeError, match="counted twice"):
-        Journal(str(tmp_path / "ds"), "job1").keep_base()
+        Journal(str(tmp_path / "ds"), "job1").keep_base(resuming=True)
     assert Journal(str(tmp_path / "ds"), "job1").base_uri() is None
+    left = tmp_path / "ds" / "_journal" / "job1" / "base"
+    left.mkdir(parents=True)
+    (left / "stats.json").write_text(json.dumps({"job_id": "job0", "accepted": 1}))
+    Journal(str(tmp_path / "ds"), "job1").keep_base(resuming=False)
+    assert json.loads((left / "stats.json").read_text())["accepted"] == 3
 
 
 def test_a_journal_is_no_longer_resumable_once_its_removal_begins(tmp_path, monkeypatch):

@@ -645,7 +645,7 @@ def test_a_retry_stopped_while_it_kept_the_dataset_resumes_as_a_retry(tmp_path, 
     first = check_accounting(out)
     real = Journal.keep_base
 
-    def stops(self):
+    def stops(self, resuming):
         raise StorageError("simulated: the copy of rejects.parquet failed")
 
     monkeypatch.setattr(Journal, "keep_base", stops)
@@ -695,3 +695,18 @@ def test_a_retry_whose_publish_failed_resumes_with_each_reject_once(tmp_path, mo
     assert after["candidates"] == first["candidates"]
     assert sorted(pq.read_table(Path(out) / "rejects.parquet").column("key").to_pylist()) \
         == sorted(keys)
+
+
+def test_retries_under_one_job_id_each_continue_the_dataset_the_last_one_left(tmp_path):
+    """``--job-id`` may name a retry again: the dataset's stats.json then carries that id
+    from the earlier, finished run, and is the new run's base like any other."""
+    from builder.pipeline import plan_retry
+
+    out = _flaky_dataset(tmp_path)
+    first = check_accounting(out)
+    for _ in range(2):
+        spec, continuation = plan_retry(out, job_id="nightly")
+        run_local(spec, continuation=continuation)
+        assert is_complete(out)
+        after = check_accounting(out)
+        assert after["candidates"] == first["candidates"] and after["job_id"] == "nightly"
