@@ -362,11 +362,13 @@ class JobLifecycle:
         """The counts of the dataset this merge continues; refuses figures that do not
         balance (an older version published some after a cancel): they could never be
         published again, and the refusal comes before the dataset's marker is removed."""
-        wrong = unbalanced(published_stats(self.base_uri, self.storage_options))
+        stats = published_stats(self.base_uri, self.storage_options)
+        wrong = unbalanced(stats)
         if wrong:
             raise ResumeError(f"{self.uri}/stats.json does not add up ({wrong}), so this job "
                               "cannot add to it: build the dataset again with --overwrite")
-        self.base = base_report(self.spec, self.base_uri, self.storage_options, self.retry)
+        self.base = base_report(self.spec, stats, self.base_uri, self.storage_options,
+                                self.retry)
 
     # -- the parts both runners build from ------------------------------------------------------
 
@@ -542,8 +544,12 @@ class JobLifecycle:
 def published_report(spec: DatasetSpec, uri: str,
                      storage_options: Optional[dict]) -> UnitReport:
     """The counts of a published dataset (of the spec's classes), read from its stats.json."""
+    return stats_report(spec, published_stats(uri, storage_options))
+
+
+def stats_report(spec: DatasetSpec, stats: dict[str, Any]) -> UnitReport:
+    """The counts a published dataset's stats.json holds, of the spec's classes."""
     base = UnitReport("base")
-    stats = published_stats(uri, storage_options)
     for label, c in (stats.get("classes") or {}).items():
         if label not in spec.classes:
             continue
@@ -557,11 +563,11 @@ def published_report(spec: DatasetSpec, uri: str,
     return base
 
 
-def base_report(spec: DatasetSpec, uri: str, storage_options: Optional[dict],
-                retry: bool) -> UnitReport:
-    """The counts of the published dataset a merge continues, less the rejects it decides
-    again (counted from rejects.parquet's rows)."""
-    base = published_report(spec, uri, storage_options)
+def base_report(spec: DatasetSpec, stats: dict[str, Any], uri: str,
+                storage_options: Optional[dict], retry: bool) -> UnitReport:
+    """The counts of the published dataset a merge continues (``stats``: its stats.json, at
+    ``uri``), less the rejects it decides again (counted from rejects.parquet's rows)."""
+    base = stats_report(spec, stats)
     again = redecided_counts(rejects_path(uri), storage_options, spec.labels, retry)
     for label, tally in again.classes.items():
         base.classes.setdefault(label, ClassTally()).add(tally, -1)
@@ -664,9 +670,9 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
     ``only``: the payloads of that partition alone, the others empty (``load_payloads``)."""
     from builder.urls import normalise_url
 
+    j = Journal(uri, job_id, storage_options)
     own: set[str] = set()
     if journal:
-        j = Journal(uri, job_id, storage_options)
         own = j.shard_names()
         for table in j.iter_tables("units", ["url_hash", "claim"]):
             pairs = _url_claims(table)
@@ -697,8 +703,7 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
                             [(int(row["phash"] or "0", 16), int(row["dhash"] or "0", 16))]))
         yield client.load_payloads(urls, [], done=True, only=only)
         yield client.load_payloads([], written, only=only)
-    rfs, path = open_fs(rejects_path(Journal(uri, job_id, storage_options).base_uri() or uri),
-                        storage_options)
+    rfs, path = open_fs(rejects_path(j.base_uri() or uri), storage_options)
     rfs.invalidate_cache(path)
     if rfs.exists(path):
         again = decided_again(retry)
