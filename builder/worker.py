@@ -337,12 +337,7 @@ class ShardAssembler:
         self.pending.clear()
         self.committed.clear()  # the driver resends every unit it has not seen commit
         self.buffered_bytes = 0
-        await self._idle.wait()
-        task = self._upload
-        if task is not None and task.done():  # what it failed with is the reset's cause
-            self._upload = None
-            if not task.cancelled():
-                task.exception()
+        await self._idle.wait()  # an upload's error now belongs to the dropped generation
         return dropped
 
     def take_committed(self) -> list[str]:
