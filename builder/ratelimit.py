@@ -244,7 +244,7 @@ def budget_key(engine: str, source: Any = None) -> str:
     """The name of an engine's shared budget: ``<engine>``, or ``<engine>@<host:port>`` for a
     source pointed at its own endpoint (the sandbox, a test fake, a self-hosted mirror):
     another service, another budget. ``source`` is a ``SourceSpec`` (or None)."""
-    endpoint = (source.url or source.options.get("base_url")) if source is not None else None
+    endpoint = source.endpoint() if source is not None else None
     return f"{engine}@{urlsplit(endpoint).netloc}" if endpoint else engine
 
 

@@ -57,6 +57,13 @@ EngineName = Literal["sandbox", "urllist", "duckduckgo", "bing", "wikimedia", "o
 ImageFormat = Literal["jpeg", "png", "webp", "gif", "bmp", "tiff"]
 OutputFormat = Literal["parquet", "imagefolder", "webdataset"]
 LabelFormat = Literal["json", "csv", "yaml", "txt"]
+ENDPOINT_FIELDS = {"sandbox": "url", "wikimedia": "options.base_url",
+                   "openverse": "options.base_url", "google": "options.base_url",
+                   "baidu": "options.base_url"}
+"""Per engine, the source field that names the server it asks for hits. The engines not listed
+never take one: duckduckgo and bing always ask their own services, a urllist reads ``path``.
+A spec may set such a field only where its engine reads it (``SourceSpec.endpoint``): the API
+policy and the per-service request budgets go by it."""
 
 
 class _Model(BaseModel):
@@ -304,6 +311,11 @@ def flatten_categories(categories: dict[str, CategoryNode]
     return classes, where, problems
 
 
+def _field_read_by(engine: str) -> Optional[str]:
+    """The source field naming what ``engine`` reads its hits from (None: its own service)."""
+    return "path" if engine == "urllist" else ENDPOINT_FIELDS.get(engine)
+
+
 class SourceSpec(_Model):
     """One search source. ``engine`` picks the implementation; the rest are its options."""
 
@@ -344,7 +356,31 @@ class SourceSpec(_Model):
             raise ValueError("engine 'urllist' needs 'path' (a txt/csv/jsonl/parquet file of URLs)")
         if self.engine == "sandbox" and not self.url:
             raise ValueError("engine 'sandbox' needs 'url' (the sandbox web's base URL)")
+        unused = [field for field, value in (("url", self.url), ("path", self.path),
+                                             ("options.base_url", self.options.get("base_url")))
+                  if value is not None and field != self._reads()]
+        if unused:
+            raise _SpecProblems([(field, self._unused(field)) for field in unused])
         return self
+
+    def _reads(self) -> Optional[str]:
+        return _field_read_by(self.engine)
+
+    def _unused(self, field: str) -> str:
+        own = self._reads()
+        why = ("it reads the file named by 'path'" if own == "path"
+               else f"it takes its server from {own!r}" if own
+               else "it always asks its own service")
+        users = ", ".join(e for e in ENGINES if _field_read_by(e) == field)
+        return (f"engine {self.engine!r} does not use {field!r} ({why}); remove it, or use an "
+                f"engine that does: {users}")
+
+    def endpoint(self) -> Optional[str]:
+        """The server this source's engine asks for hits, where the source names one; None
+        where the engine asks its own public service (its default, or always)."""
+        field = ENDPOINT_FIELDS.get(self.engine)
+        value = self.url if field == "url" else self.options.get("base_url") if field else None
+        return value if isinstance(value, str) and value else None
 
 
 class SearchSpec(_Model):

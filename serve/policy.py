@@ -483,15 +483,12 @@ def _hold_sizes(spec: DatasetSpec, policy: ApiPolicy) -> DatasetSpec:
 def _private_sources_only(spec: DatasetSpec, prefixes: list[str]) -> bool:
     """Whether every URL the spec's job can fetch comes from a source under ``prefixes``:
     the server that answers there chooses the image URLs, not the API user. Only the server
-    an engine actually asks counts (``endpoint_of``): a web search engine given a ``url`` it
-    ignores would fetch whatever pages anyone can put in its index, private addresses
-    allowed."""
-    from builder.engines import endpoint_of
-
+    an engine actually asks counts (``SourceSpec.endpoint``): a web search engine's hits
+    point at whatever pages anyone can put in its index, private addresses allowed."""
     if any(c.urls for c in spec.classes.values()):
         return False
     for src in spec.sources:
-        endpoint = endpoint_of(src)
+        endpoint = src.endpoint()
         if src.path or endpoint is None or not url_within(endpoint, prefixes):
             return False
     return True

@@ -4,7 +4,7 @@ URL lists are not engines: workers read them in slices (``builder.listsource``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import SourceError
@@ -12,32 +12,17 @@ from builder.spec import DatasetSpec, SourceSpec
 
 EngineFactory = Callable[[SourceSpec, DatasetSpec], SearchEngine]
 _REGISTRY: dict[str, EngineFactory] = {}
-_ENDPOINTS: dict[str, str] = {}
-"""Per engine, the source field naming the server it asks for hits (``url``, or the option
-``base_url``); engines without one always ask their own public service."""
 
 
-def register(name: str, endpoint: Optional[str] = None
-             ) -> Callable[[EngineFactory], EngineFactory]:
-    """Register an engine's factory; ``endpoint``: the source field ("url" or "base_url")
-    that names the server it asks, where the source may name one."""
+def register(name: str) -> Callable[[EngineFactory], EngineFactory]:
+    """Register an engine's factory under ``name`` (one of ``builder.spec.ENGINES``)."""
     def deco(factory: EngineFactory) -> EngineFactory:
         _REGISTRY[name] = factory
-        if endpoint is not None:
-            _ENDPOINTS[name] = endpoint
         return factory
     return deco
 
 
-def endpoint_of(src: SourceSpec) -> Optional[str]:
-    """The server the source's engine asks for hits, where the source names it; None where
-    the engine asks its own public service (its default, or always)."""
-    field = _ENDPOINTS.get(src.engine)
-    value = src.url if field == "url" else src.options.get("base_url") if field else None
-    return value if isinstance(value, str) and value else None
-
-
-@register("sandbox", endpoint="url")
+@register("sandbox")
 def _sandbox(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.sandbox import SandboxEngine
 
@@ -54,5 +39,5 @@ def make_engine(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     return factory(src, spec)
 
 
-__all__ = ["SearchEngine", "SearchHit", "SearchPage", "endpoint_of", "make_engine", "register"]
+__all__ = ["SearchEngine", "SearchHit", "SearchPage", "make_engine", "register"]
 from builder.engines import registry_web  # noqa: E402,F401  (registers web engines)

@@ -69,7 +69,7 @@ def _bing(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
                             proxy=src.options.get("proxy"))
 
 
-@register("wikimedia", endpoint="base_url")
+@register("wikimedia")
 def _wikimedia(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.wikimedia import COMMONS_API, WikimediaEngine
 
@@ -80,7 +80,7 @@ def _wikimedia(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
                            **_common(src, spec))
 
 
-@register("openverse", endpoint="base_url")
+@register("openverse")
 def _openverse(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.openverse import FILTER_OPTIONS, OPENVERSE_API, OpenverseEngine
 
@@ -89,7 +89,7 @@ def _openverse(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
                            **_common(src, spec))
 
 
-@register("google", endpoint="base_url")
+@register("google")
 def _google(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.google import FILTER_OPTIONS, GOOGLE_API, GoogleEngine
 
@@ -98,7 +98,7 @@ def _google(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
                         **_common(src, spec))
 
 
-@register("baidu", endpoint="base_url")
+@register("baidu")
 def _baidu(src: SourceSpec, spec: DatasetSpec) -> SearchEngine:
     from builder.engines.baidu import BAIDU_API, BaiduEngine
 

@@ -74,6 +74,37 @@ def test_urllist_needs_path_and_min_max_sides():
         parse_spec({**MINIMAL, "validation": {"min_side": 500, "max_side": 100}})
 
 
+@pytest.mark.parametrize("source, field, why", [
+    ({"engine": "duckduckgo", "url": "http://127.0.0.1:8765"}, "url",
+     "it always asks its own service"),
+    ({"engine": "bing", "options": {"base_url": "http://127.0.0.1:8765"}}, "options.base_url",
+     "it always asks its own service"),
+    ({"engine": "wikimedia", "url": "http://127.0.0.1:8765"}, "url",
+     "it takes its server from 'options.base_url'"),
+    ({"engine": "sandbox", "url": "http://127.0.0.1:8765", "path": "urls.txt"}, "path",
+     "it takes its server from 'url'"),
+    ({"engine": "urllist", "path": "urls.txt", "url": "http://127.0.0.1:8765"}, "url",
+     "it reads the file named by 'path'"),
+])
+def test_a_source_field_its_engine_ignores_is_refused(source, field, why):
+    """A url, path or base_url that the engine never reads would look like it chose the server
+    (and counted as one for the API policy and the request budgets) while it did nothing."""
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "sources": [source]})
+    assert [path for path, _ in e.value.problems] == [f"sources.0.{field}"]
+    message = e.value.problems[0][1]
+    assert f"does not use {field!r} ({why})" in message and "remove it" in message
+
+
+def test_a_source_names_its_server_only_where_its_engine_asks_it():
+    spec = parse_spec({**MINIMAL, "sources": [
+        {"engine": "sandbox", "url": "http://127.0.0.1:1"},
+        {"engine": "openverse", "options": {"base_url": "http://127.0.0.1:2/v1"}},
+        {"engine": "openverse"}, {"engine": "bing"}]})
+    assert [s.endpoint() for s in spec.sources] == [
+        "http://127.0.0.1:1", "http://127.0.0.1:2/v1", None, None]
+
+
 def test_no_sources_is_an_error():
     with pytest.raises(SpecError, match="sources"):
         parse_spec({"name": "x", "classes": {"a": None}})
