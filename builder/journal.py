@@ -182,6 +182,30 @@ class Journal:
                         "started": time.time(), "spec": spec.model_dump(mode="json"), **extra}
                 atomic_write(self.fs, path, json.dumps(meta, indent=2).encode())
 
+    def begin_new(self, replaced: bool) -> None:
+        """Make way for a new job (not a resume) under this id, before it touches the output.
+
+        A journal with ``job.json`` is an interrupted job of the same id (``--job-id`` used
+        again): a new job would take its units and shards for its own, so it is refused,
+        unless ``replaced`` (an ``--overwrite`` build, whose ``DatasetPublisher.prepare``
+        removes every interrupted job's journal). Files without ``job.json`` are what a
+        removal that stopped half way left: no job can resume them, so they go now."""
+        meta = self._path("job.json")
+        with storage_errors(self.uri, "look for an earlier journal in"):
+            self.fs.invalidate_cache(self.root)
+            if not self.fs.exists(self.root):
+                return
+            self.fs.invalidate_cache(meta)
+            interrupted = self.fs.exists(meta)
+            if not interrupted:
+                delete_tree(self.fs, self.root)
+                return
+        if not replaced:
+            raise ResumeError(
+                f"{self.uri} holds the journal of an interrupted job {self.job_id!r}: a new "
+                f"job under that id would count its work again. Continue it with --resume "
+                f"--job-id {self.job_id}, or give this job another --job-id")
+
     def keep_base(self, resuming: bool) -> None:
         """Copy the published dataset's ``rejects.parquet`` and ``stats.json`` into the
         journal (``BASE``): a merge's publish replaces both in place, and a merge resumed

@@ -87,7 +87,6 @@ class Continuation:
     rejected for transient reasons (timeouts, 5xx, 429, connection errors)."""
 
     job_id: str
-    resume: bool = False
     merge: bool = False
     retry: bool = False
     partial_reason: str = ""
@@ -276,6 +275,7 @@ class JobLifecycle:
                      else "")
         else:
             self.publisher.check(merge=self.merge)
+            self.journal.begin_new(replaced=spec.output.overwrite and not self.merge)
             if self.merge:
                 self._load_base()
             self.publisher.prepare(merge=self.merge)

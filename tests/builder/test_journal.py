@@ -493,3 +493,22 @@ def test_a_journal_is_no_longer_resumable_once_its_removal_begins(tmp_path, monk
     with pytest.raises(StorageError):
         journal.remove()
     assert resumable_jobs(str(tmp_path / "ds")) == []
+
+
+def test_a_new_job_refuses_an_interrupted_journal_of_its_id_and_clears_leftovers(location):
+    """--job-id used again: an interrupted job's journal (job.json) is refused unless the
+    build replaces it; what a removal that stopped half way left (no job.json) is deleted."""
+    uri, options = location
+    spec = parse_spec({"name": "j", "classes": {"a": None},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}]})
+    journal, _ = write_journal(uri, options)
+    journal.start(spec)
+    with pytest.raises(ResumeError, match=f"--resume --job-id {journal.job_id}"):
+        journal.begin_new(replaced=False)
+    journal.begin_new(replaced=True)  # left to the publisher's prepare, which removes it
+    assert journal.meta()["job_id"] == journal.job_id and journal.unit_files()
+    journal.fs.rm_file(journal._path("job.json"))
+    journal.begin_new(replaced=False)
+    journal.fs.invalidate_cache()
+    assert not journal.fs.exists(journal.root)
+    journal.begin_new(replaced=False)  # nothing there: nothing to do

@@ -710,3 +710,35 @@ def test_retries_under_one_job_id_each_continue_the_dataset_the_last_one_left(tm
         assert is_complete(out)
         after = check_accounting(out)
         assert after["candidates"] == first["candidates"] and after["job_id"] == "nightly"
+
+
+
+def test_a_job_id_used_again_after_a_removal_that_stopped_half_way_starts_clean(
+        tmp_path, monkeypatch):
+    """A journal removal that stopped after job.json left the shard records of a published
+    build: the next build under the same --job-id (--overwrite) listed them as its own."""
+    from builder import journal as journal_mod
+    from builder.errors import StorageError
+
+    real_delete = journal_mod.delete_tree
+
+    def stops(fs, path):
+        raise StorageError(f"simulated failure deleting {path}")
+
+    with SandboxWeb(classes=("cat", "dog"), images_per_class=12) as web:
+        out = str(tmp_path / "ds")
+        spec = parse_spec({"name": "again", "target": 6, "classes": {"cat": None, "dog": None},
+                           "sources": [{"engine": "sandbox", "url": web.base_url}],
+                           "download": {"allow_private_networks": True},
+                           "output": {"uri": out, "shard_size": 4, "overwrite": True}})
+        monkeypatch.setattr(journal_mod, "delete_tree", stops)
+        with pytest.raises(StorageError, match="simulated failure"):
+            run_local(spec, job_id="nightly")
+        monkeypatch.setattr(journal_mod, "delete_tree", real_delete)
+        left = Path(out) / "_journal" / "nightly"
+        assert is_complete(out) and any((left / "shards").glob("*.parquet"))
+        assert not (left / "job.json").exists()
+        run_local(spec, job_id="nightly")
+    after = check_accounting(out)
+    assert after["accepted"] == 12 and after["job_id"] == "nightly"
+    assert not left.exists()
