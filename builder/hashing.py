@@ -109,8 +109,17 @@ def grid_weights(n: int, full: int, n_out: int) -> np.ndarray:
     lo, hi = at[:-1, None], at[1:, None]
     overlap = np.minimum(hi, edges[None, 1:]) - np.maximum(lo, edges[None, :-1])
     weights = np.clip(overlap, 0.0, None) / np.diff(at)[:, None]
+    if np.array_equal(weights, IDENTITY):
+        return IDENTITY
     weights.flags.writeable = False  # shared by every image of this size
     return weights
+
+
+IDENTITY = np.eye(GRID)
+"""The weights of an axis whose cells are the grid's own (a 512-pixel side decoded at 1/8 is
+64 cells): ``grid_weights`` returns this very array, and ``luma_grid`` skips its product,
+which leaves every value as it was to the bit."""
+IDENTITY.flags.writeable = False
 
 
 @lru_cache(maxsize=16)
@@ -311,12 +320,16 @@ def luma_grid(img: Image.Image, full_size: tuple[int, int]) -> tuple[np.ndarray,
     else:
         rgb = px[..., :3] if small.mode.startswith("RGB") else px[..., :1]
         luma = rgb @ _LUMA if rgb.shape[-1] == 3 else rgb[..., 0]
-        colour = rgb.shape[-1] == 3 and bool(np.abs(rgb - luma[..., None]).mean() > 2.0)
+        colour = False
+        if rgb.shape[-1] == 3:
+            spread = rgb - luma[..., None]
+            colour = bool(np.abs(spread, out=spread).mean() > 2.0)
     if palette_colour is not None:
         colour = palette_colour
     rows, cols = luma.shape
     down, across = grid_weights(rows, full_size[1], GRID), grid_weights(cols, full_size[0], GRID)
-    return down @ luma @ across.T, colour
+    grid = luma if down is IDENTITY else down @ luma
+    return grid if across is IDENTITY else grid @ across.T, colour
 
 
 def to_hex(h: int) -> str:

@@ -88,6 +88,25 @@ def test_the_grid_is_the_exact_area_mean_of_the_picture():
     assert np.allclose(grid, want, rtol=0, atol=1e-9)
 
 
+def test_an_axis_of_the_grids_own_cells_skips_its_product_and_changes_no_bit():
+    """A 512-pixel side decoded at 1/8 is the grid's 64 cells: its weights are the identity,
+    whose product luma_grid skips. The grid must equal the full product to the bit, or the
+    codes of such images would change with this shortcut."""
+    from builder.hashing import IDENTITY, grid_weights
+
+    assert grid_weights(64, 512, GRID) is IDENTITY and grid_weights(48, 384, GRID) is not IDENTITY
+    for size in ((512, 384), (384, 512), (512, 512), (640, 480)):
+        with Image.open(io.BytesIO(encode(picture(5, size).convert("RGB"), "JPEG"))) as img:
+            prepare(img)
+            img.load()
+            grid, _ = luma_grid(img, size)
+            luma = np.asarray(img, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+        rows, cols = luma.shape
+        down = np.array(grid_weights(rows, size[1], GRID))
+        across = np.array(grid_weights(cols, size[0], GRID))
+        assert np.array_equal(grid, down @ luma @ across.T)
+
+
 def test_codes_do_not_depend_on_float_rounding():
     """Flat parts give equal gradients and coefficients; arithmetic done in another order
     (noise far below a grey level) must not set their bits at random."""
