@@ -17,7 +17,8 @@ user is the operator. The defaults are safe for a server that strangers reach:
   ``allow_private_networks`` (or, with ``private_network_sources``, for a spec that fetches
   only what those sources find), models other than the spec's defaults only from ``models``
   (a model name can be a local path), and ``search.llm_model`` on the server's own LLM
-  endpoint only from ``llm_models``.
+  endpoint only from ``llm_models``, and keyword expansion (``search.expand``: a call per
+  class) on the server's own LLM endpoint only with ``allow_expand``.
 - **Opt-outs and identity**: the fetches go out from the operator's addresses, so turning off
   ``download.respect_robots``, ``download.respect_optouts`` or an honoured
   ``download.signals.*`` (or narrowing ``signals.usage`` to ``train-ai``) needs
@@ -109,6 +110,10 @@ class ApiPolicy(BaseModel):
     llm_models: list[str] = Field(
         default_factory=list, description="search.llm_model values a job may ask of the "
         "server's own LLM endpoint (and key); none by default: the server's model")
+    allow_expand: bool = Field(
+        default=False, description="search.expand: true on the server's own LLM endpoint "
+        "and key (a call per class); a spec naming an llm_base_url under llm_base_urls needs "
+        "no more")
     allow_proxy: bool = Field(default=False, description="sources[].options.proxy")
     allow_private_networks: bool = Field(
         default=False, description="download.allow_private_networks: true (the fetcher may "
@@ -411,6 +416,12 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
         allowed = ", ".join(policy.llm_models) or "none; leave it unset for the server's"
         check.forbid("search.llm_model", "llm_models", f"{model!r} is not a model this server "
                      f"lets API users run on its LLM endpoint (allowed: {allowed})")
+    if spec.search.expand and llm is None and not policy.allow_expand:
+        check.forbid("search.expand", "allow_expand", "this server does not let API users "
+                     "generate queries on its own LLM endpoint (each class costs a call, on "
+                     "its key); list the queries in each class instead"
+                     + (f", or name an endpoint under {', '.join(policy.llm_base_urls)} as "
+                        "search.llm_base_url" if policy.llm_base_urls else ""))
     _check_hosts(check, policy)
     if spec.download.allow_private_networks and not policy.allow_private_networks:
         if not policy.private_network_sources:

@@ -128,7 +128,8 @@ def test_url_lists_in_the_request_body_need_no_permission():
     ({"validation": {"clip_model": "/root/some-model"}}, "validation.clip_model", "models"),
     ({"validation": {"nsfw_backend": "hf", "nsfw_model": "/etc"}}, "validation.nsfw_model",
      "models"),
-    ({"search": {"expand": True, "llm_model": "gpt-4-32k"}}, "search.llm_model", "llm_models"),
+    ({"search": {"llm_model": "gpt-4-32k"}}, "search.llm_model", "llm_models"),
+    ({"search": {"expand": True, "expand_n": 50}}, "search.expand", "allow_expand"),
     ({"download": {"hosts": {"upload.wikimedia.org": {"max_bytes_per_s": 1e12}}}},
      "download.hosts.upload.wikimedia.org.max_bytes_per_s", "max_per_host_concurrency"),
 ])
@@ -163,12 +164,12 @@ def test_what_the_operator_allows_passes():
     policy = ApiPolicy(source_urls=["http://127.0.0.1:9/api/"],
                        llm_base_urls=["https://llm.internal/v1"], allow_proxy=True,
                        allow_private_networks=True, models=["org/clip-small"],
-                       llm_models=["gpt-4o"])
+                       llm_models=["gpt-4o"], allow_expand=True)
     placed = apply(spec(sources=[{"engine": "openverse",
                                   "options": {"base_url": "http://127.0.0.1:9/api/v1/images",
                                               "proxy": "http://proxy:3128"}},
                                  {"engine": "sandbox", "url": "http://127.0.0.1:9/api"}],
-                        search={"llm_base_url": "https://llm.internal/v1/"},
+                        search={"llm_base_url": "https://llm.internal/v1/", "expand": True},
                         download={"allow_private_networks": True},
                         validation={"clip_model": "org/clip-small"}), policy)
     assert placed.download.allow_private_networks
@@ -258,7 +259,7 @@ def test_every_problem_is_reported_at_once_403_before_422():
 
 
 def test_a_model_on_the_servers_own_llm_endpoint_needs_the_operators_list():
-    policy = ApiPolicy(llm_models=["gpt-4o"])
+    policy = ApiPolicy(llm_models=["gpt-4o"], allow_expand=True)
     assert apply(spec(search={"expand": True, "llm_model": "gpt-4o"}), policy)
     status, problems = refused(spec(search={"expand": True, "llm_model": "o1-pro"}), policy)
     assert status == 403 and "allowed: gpt-4o" in problems["search.llm_model"][1]
@@ -267,6 +268,18 @@ def test_a_model_on_the_servers_own_llm_endpoint_needs_the_operators_list():
     own = ApiPolicy(llm_base_urls=["https://llm.mine/v1"])
     assert apply(spec(search={"expand": True, "llm_base_url": "https://llm.mine/v1",
                               "llm_model": "o1-pro"}), own)
+
+
+def test_expansion_on_the_servers_own_llm_endpoint_needs_the_operators_permission():
+    """Each class of an expanded spec is a call to the LLM endpoint: on the server's own, the
+    operator pays for it (up to max_classes calls a job, any number of jobs)."""
+    status, problems = refused(spec(search={"expand": True}),
+                               ApiPolicy(llm_base_urls=["https://llm.mine/v1"]))
+    assert status == 403 and problems["search.expand"][0] == "allow_expand"
+    assert "https://llm.mine/v1" in problems["search.expand"][1]
+    assert apply(spec(search={"expand": True}), ApiPolicy(allow_expand=True))
+    assert apply(spec(search={"expand": True, "llm_base_url": "https://llm.mine/v1"}),
+                 ApiPolicy(llm_base_urls=["https://llm.mine/v1"]))
 
 
 def test_what_a_worker_buffers_before_it_writes_is_capped():
