@@ -19,6 +19,7 @@ journal streams it in batches of files: memory stays flat however many units a j
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 
 from builder.errors import PixCrawlerError
 from builder.records import REJECT_SCHEMA, with_columns
-from builder.spec import DatasetSpec
+from builder.spec import DatasetSpec, without_unread_fields
 from builder.storage import (atomic_write, cut_writes, delete_tree, join, list_files, open_fs,
                              storage_errors)
 from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
@@ -95,12 +96,24 @@ def spec_fingerprint(spec: DatasetSpec, *, with_uri: bool = False) -> str:
     ``output.overwrite`` and ``output.uri``. The journal and the dataset are found through the
     URI, so two spellings of one place (``ds`` and ``/home/me/ds``) are one job. ``with_uri``:
     the fingerprint as journals written before it left the URI out hold it."""
-    data = spec.model_dump(mode="json")
+    return _fingerprint_of(spec.model_dump(mode="json"), with_uri=with_uri)
+
+
+def _fingerprint_of(data: dict[str, Any], *, with_uri: bool = False) -> str:
+    """``spec_fingerprint`` of a spec's JSON form (changed in place)."""
     data.pop("resources", None)
     data.get("output", {}).pop("overwrite", None)
     if not with_uri:
         data.get("output", {}).pop("uri", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _same_but_unread_fields(stored: Any, spec: DatasetSpec) -> bool:
+    """Whether a journal's spec is ``spec`` once the source fields its engines never read are
+    left out: an earlier version accepted them, this one refuses them, so a job started with
+    one resumes with the spec less that field."""
+    cleaned, dropped = without_unread_fields(stored)
+    return bool(dropped) and _fingerprint_of(copy.deepcopy(cleaned)) == spec_fingerprint(spec)
 
 
 def report_to_json(unit: WorkUnit, report: UnitReport) -> dict[str, Any]:
@@ -373,7 +386,8 @@ class Journal:
         """The state to resume from; refuses if the spec changed in a way that matters."""
         meta = self.meta()
         if meta.get("fingerprint") not in (spec_fingerprint(spec),
-                                           spec_fingerprint(spec, with_uri=True)):
+                                           spec_fingerprint(spec, with_uri=True)) \
+                and not _same_but_unread_fields(meta.get("spec"), spec):
             raise ResumeError(
                 f"the spec differs from the one job {self.job_id} started with (only "
                 "'resources', 'output.overwrite' and how 'output.uri' spells the same place "
@@ -482,4 +496,4 @@ def published_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetS
     except UnicodeDecodeError as exc:
         raise ResumeError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): put "
                           "back the spec the dataset was built from, saved as UTF-8") from exc
-    return loads_spec(text, path)
+    return loads_spec(text, path, stored=True)

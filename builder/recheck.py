@@ -124,7 +124,7 @@ def dataset_spec(uri: str, storage_options: Optional[dict] = None) -> DatasetSpe
         if not fs.exists(path):
             raise StorageError(f"{uri} has no spec.yaml: is it a PixCrawler dataset? "
                                "(recheck reads the download settings it was built with)")
-        return loads_spec(fs.cat_file(path).decode("utf-8"), path)
+        return loads_spec(fs.cat_file(path).decode("utf-8"), path, stored=True)
 
 
 def _shards(uri: str, storage_options: Optional[dict]) -> list[str]:

@@ -31,6 +31,7 @@ of another class (``a`` and ``a/b``), is an error.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import string
 import unicodedata
@@ -51,19 +52,46 @@ from pydantic import (
 
 from builder.errors import SpecError
 
+log = logging.getLogger(__name__)
+
 ENGINES = ("sandbox", "urllist", "duckduckgo", "bing", "wikimedia", "openverse", "google", "baidu")
 EngineName = Literal["sandbox", "urllist", "duckduckgo", "bing", "wikimedia", "openverse",
                      "google", "baidu"]
 ImageFormat = Literal["jpeg", "png", "webp", "gif", "bmp", "tiff"]
 OutputFormat = Literal["parquet", "imagefolder", "webdataset"]
 LabelFormat = Literal["json", "csv", "yaml", "txt"]
-ENDPOINT_FIELDS = {"sandbox": "url", "wikimedia": "options.base_url",
-                   "openverse": "options.base_url", "google": "options.base_url",
-                   "baidu": "options.base_url"}
-"""Per engine, the source field that names the server it asks for hits. The engines not listed
-never take one: duckduckgo and bing always ask their own services, a urllist reads ``path``.
-A spec may set such a field only where its engine reads it (``SourceSpec.endpoint``): the API
-policy and the per-service request budgets go by it."""
+SOURCE_FIELD_READERS = {
+    "url": ("sandbox",),
+    "path": ("urllist",),
+    "options.base_url": ("wikimedia", "openverse", "google", "baidu"),
+    "options.proxy": ("duckduckgo", "bing"),
+}
+"""The source fields only some engines read, and those engines: a spec may set such a field
+only where its engine reads it. ``url`` and ``options.base_url`` name the server an engine
+asks for hits (``SourceSpec.endpoint``; the API policy and the per-service request budgets go
+by it); duckduckgo and bing always ask their own services, through ``options.proxy`` if set."""
+ENDPOINT_FIELDS = {engine: field for field in ("url", "options.base_url")
+                   for engine in SOURCE_FIELD_READERS[field]}
+"""Per engine, the source field that names the server it asks for hits, where it takes one."""
+
+
+def _source_field(src: dict[str, Any], field: str) -> Any:
+    """A field of a source's mapping by its ``SOURCE_FIELD_READERS`` name."""
+    if field.startswith("options."):
+        options = src.get("options")
+        return options.get(field[len("options."):]) if isinstance(options, dict) else None
+    return src.get(field)
+
+
+def _unused_field(engine: str, field: str) -> str:
+    """Why ``field`` is refused on a source of ``engine``, and what to do."""
+    own = ENDPOINT_FIELDS.get(engine)
+    why = ("it searches through no proxy" if field == "options.proxy"
+           else "it reads the file named by 'path'" if engine == "urllist"
+           else f"it takes its server from {own!r}" if own
+           else "it always asks its own service")
+    return (f"engine {engine!r} does not use {field!r} ({why}); remove it, or use an engine "
+            f"that does: {', '.join(SOURCE_FIELD_READERS[field])}")
 
 
 class _Model(BaseModel):
@@ -311,9 +339,32 @@ def flatten_categories(categories: dict[str, CategoryNode]
     return classes, where, problems
 
 
-def _field_read_by(engine: str) -> Optional[str]:
-    """The source field naming what ``engine`` reads its hits from (None: its own service)."""
-    return "path" if engine == "urllist" else ENDPOINT_FIELDS.get(engine)
+def without_unread_fields(data: Any) -> tuple[Any, list[str]]:
+    """A spec PixCrawler stored itself (a dataset's ``spec.yaml``, a journal's ``job.json``)
+    as this version reads it: each source's field that its engine does not read
+    (``SOURCE_FIELD_READERS``), which earlier versions accepted and ignored, unset. Returns the
+    spec (a copy where anything was left out) and the paths of what was."""
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if not isinstance(sources, list):
+        return data, []
+    dropped: list[str] = []
+    kept = []
+    for i, src in enumerate(sources):
+        if isinstance(src, dict):
+            unread = [field for field, readers in SOURCE_FIELD_READERS.items()
+                      if _source_field(src, field) not in (None, "")
+                      and src.get("engine") not in readers]
+            if unread:
+                src = dict(src)
+                for field in unread:
+                    dropped.append(f"sources.{i}.{field}")
+                    if field.startswith("options."):
+                        src["options"] = {k: v for k, v in src["options"].items()
+                                          if k != field[len("options."):]}
+                    else:
+                        src[field] = None  # as a spec dump holds a field left unset
+        kept.append(src)
+    return ({**data, "sources": kept}, dropped) if dropped else (data, [])
 
 
 class SourceSpec(_Model):
@@ -356,31 +407,24 @@ class SourceSpec(_Model):
             raise ValueError("engine 'urllist' needs 'path' (a txt/csv/jsonl/parquet file of URLs)")
         if self.engine == "sandbox" and not self.url:
             raise ValueError("engine 'sandbox' needs 'url' (the sandbox web's base URL)")
-        unused = [field for field, value in (("url", self.url), ("path", self.path),
-                                             ("options.base_url", self.options.get("base_url")))
-                  if value is not None and field != self._reads()]
-        if unused:
-            raise _SpecProblems([(field, self._unused(field)) for field in unused])
+        data = {"url": self.url, "path": self.path, "options": self.options}
+        problems = [(field, _unused_field(self.engine, field))
+                    for field, readers in SOURCE_FIELD_READERS.items()
+                    if _source_field(data, field) not in (None, "")
+                    and self.engine not in readers]
+        problems += [(f"options.{key}", f"must be a URL (a string), not {self.options[key]!r}")
+                     for key in ("base_url", "proxy")
+                     if not isinstance(self.options.get(key, ""), (str, type(None)))]
+        if problems:
+            raise _SpecProblems(problems)
         return self
-
-    def _reads(self) -> Optional[str]:
-        return _field_read_by(self.engine)
-
-    def _unused(self, field: str) -> str:
-        own = self._reads()
-        why = ("it reads the file named by 'path'" if own == "path"
-               else f"it takes its server from {own!r}" if own
-               else "it always asks its own service")
-        users = ", ".join(e for e in ENGINES if _field_read_by(e) == field)
-        return (f"engine {self.engine!r} does not use {field!r} ({why}); remove it, or use an "
-                f"engine that does: {users}")
 
     def endpoint(self) -> Optional[str]:
         """The server this source's engine asks for hits, where the source names one; None
         where the engine asks its own public service (its default, or always)."""
         field = ENDPOINT_FIELDS.get(self.engine)
         value = self.url if field == "url" else self.options.get("base_url") if field else None
-        return value if isinstance(value, str) and value else None
+        return value or None
 
 
 class SearchSpec(_Model):
@@ -1063,8 +1107,15 @@ def _unwrap(ann: Any) -> Any:
     return None
 
 
-def parse_spec(data: Any, source: str = "spec") -> DatasetSpec:
-    """Validate a mapping as a DatasetSpec, raising SpecError with every problem listed."""
+def parse_spec(data: Any, source: str = "spec", *, stored: bool = False) -> DatasetSpec:
+    """Validate a mapping as a DatasetSpec, raising SpecError with every problem listed.
+    ``stored``: a spec PixCrawler saved itself, maybe by an earlier version, whose source
+    fields that did nothing are left out with a warning (``without_unread_fields``)."""
+    if stored:
+        data, dropped = without_unread_fields(data)
+        if dropped:
+            log.warning("%s: leaving out %s, which its engine never read (a spec saved by an "
+                        "earlier version)", source, ", ".join(dropped))
     if not isinstance(data, dict):
         raise SpecError([("(top level)", f"a spec is a mapping, got {type(data).__name__}")],
                         source)
@@ -1074,15 +1125,15 @@ def parse_spec(data: Any, source: str = "spec") -> DatasetSpec:
         raise SpecError(_format_errors(exc), source) from None
 
 
-def loads_spec(text: str, source: str = "spec") -> DatasetSpec:
-    """Parse YAML (a superset of JSON) text as a spec."""
+def loads_spec(text: str, source: str = "spec", *, stored: bool = False) -> DatasetSpec:
+    """Parse YAML (a superset of JSON) text as a spec (``stored``: see ``parse_spec``)."""
     try:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: a number too long to convert
         raise SpecError([("(file)", f"not valid YAML/JSON: {exc}")], source) from None
     except RecursionError:
         raise SpecError([("(file)", "not valid YAML/JSON: nested too deeply")], source) from None
-    return parse_spec(data, source)
+    return parse_spec(data, source, stored=stored)
 
 
 def load_spec(path: Union[str, Path]) -> DatasetSpec:

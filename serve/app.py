@@ -229,7 +229,7 @@ def spec_classes(row: JobRow) -> dict[str, Optional[int]]:
         return found
     spec = row.spec or {}
     try:
-        parsed = parse_spec(spec, f"job {row.id}")
+        parsed = parse_spec(spec, f"job {row.id}", stored=True)
     except SpecError:
         # Not a spec this version reads (stored by another one): its flat classes, as stored.
         flat: dict[str, Optional[int]] = {}

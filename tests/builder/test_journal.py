@@ -299,6 +299,37 @@ def test_a_resume_may_spell_the_output_another_way_but_not_change_the_spec(tmp_p
     Journal(absolute, "j1").load(spec(absolute))
 
 
+def test_a_job_started_with_a_field_its_engine_ignored_resumes_without_it(tmp_path, caplog):
+    """Earlier versions took a url on a duckduckgo source and did nothing with it; this one
+    refuses it. The journal's fingerprint holds it: the job resumes with the spec less that
+    field, and only then. A dataset's spec.yaml holding it still loads (with a warning)."""
+    import json
+
+    import yaml
+
+    from builder.journal import JOURNAL, _fingerprint_of
+
+    def spec(target: int = 10):
+        return parse_spec({"name": "fp", "target": target, "classes": {"cat": ["q"]},
+                           "sources": [{"engine": "duckduckgo"}],
+                           "output": {"uri": str(tmp_path / "ds")}})
+
+    uri = str(tmp_path / "ds")
+    Journal(uri, "j1").start(spec())
+    meta_path = tmp_path / "ds" / JOURNAL / "j1" / "job.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["sources"][0]["url"] = "http://127.0.0.1:9"  # as an earlier version kept it
+    meta["fingerprint"] = _fingerprint_of(json.loads(json.dumps(meta["spec"])))
+    meta_path.write_text(json.dumps(meta))
+    Journal(uri, "j1").load(spec())
+    with pytest.raises(ResumeError, match="spec differs"):
+        Journal(uri, "j1").load(spec(target=5))
+    (tmp_path / "ds" / "spec.yaml").write_text(yaml.safe_dump(meta["spec"]))
+    with caplog.at_level("WARNING"):
+        assert published_spec(uri).sources[0].url is None
+    assert "leaving out sources.0.url" in caplog.text
+
+
 def test_only_a_new_job_starts_with_an_empty_index(tmp_path):
     """On Ray a new job's index partitions read nothing at their first start
     (``JobLifecycle.index_starts_empty``): that must hold only where ``index_payloads`` has

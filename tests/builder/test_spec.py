@@ -85,6 +85,8 @@ def test_urllist_needs_path_and_min_max_sides():
      "it takes its server from 'url'"),
     ({"engine": "urllist", "path": "urls.txt", "url": "http://127.0.0.1:8765"}, "url",
      "it reads the file named by 'path'"),
+    ({"engine": "openverse", "options": {"proxy": "socks5://10.0.0.1:1080"}}, "options.proxy",
+     "it searches through no proxy"),
 ])
 def test_a_source_field_its_engine_ignores_is_refused(source, field, why):
     """A url, path or base_url that the engine never reads would look like it chose the server
@@ -94,6 +96,32 @@ def test_a_source_field_its_engine_ignores_is_refused(source, field, why):
     assert [path for path, _ in e.value.problems] == [f"sources.0.{field}"]
     message = e.value.problems[0][1]
     assert f"does not use {field!r} ({why})" in message and "remove it" in message
+
+
+@pytest.mark.parametrize("key", ["base_url", "proxy"])
+def test_a_server_option_is_a_url(key):
+    engine = "wikimedia" if key == "base_url" else "bing"
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "sources": [{"engine": engine, "options": {key: 5}}]})
+    assert e.value.problems == [(f"sources.0.options.{key}", "must be a URL (a string), not 5")]
+    assert parse_spec({**MINIMAL, "sources": [{"engine": engine, "options": {key: ""}}]})
+
+
+def test_a_stored_spec_leaves_out_what_its_engines_never_read():
+    from builder.spec import without_unread_fields
+
+    data = {**MINIMAL, "sources": [
+        {"engine": "bing", "url": "http://a", "options": {"base_url": "http://b", "x": 1}},
+        {"engine": "sandbox", "url": "http://c", "options": {"proxy": "http://d"}}]}
+    cleaned, dropped = without_unread_fields(data)
+    assert dropped == ["sources.0.url", "sources.0.options.base_url", "sources.1.options.proxy"]
+    assert cleaned["sources"] == [{"engine": "bing", "url": None, "options": {"x": 1}},
+                                  {"engine": "sandbox", "url": "http://c", "options": {}}]
+    assert data["sources"][0]["url"] == "http://a"  # the caller's copy is left as it was
+    assert parse_spec(data, stored=True).sources[0].options == {"x": 1}
+    with pytest.raises(SpecError, match="sources.0.url"):
+        parse_spec(data)
+    assert without_unread_fields(MINIMAL) == (MINIMAL, [])
 
 
 def test_a_source_names_its_server_only_where_its_engine_asks_it():

@@ -166,8 +166,8 @@ def test_what_the_operator_allows_passes():
                        allow_private_networks=True, models=["org/clip-small"],
                        llm_models=["gpt-4o"], allow_expand=True)
     placed = apply(spec(sources=[{"engine": "openverse",
-                                  "options": {"base_url": "http://127.0.0.1:9/api/v1/images",
-                                              "proxy": "http://proxy:3128"}},
+                                  "options": {"base_url": "http://127.0.0.1:9/api/v1/images"}},
+                                 {"engine": "bing", "options": {"proxy": "http://proxy:3128"}},
                                  {"engine": "sandbox", "url": "http://127.0.0.1:9/api"}],
                         search={"llm_base_url": "https://llm.internal/v1/", "expand": True},
                         download={"allow_private_networks": True},
