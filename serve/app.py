@@ -51,7 +51,7 @@ from serve.auth import (Authenticator, HostCheck, HostGuard, Principal, RateLimi
                         too_many_requests)
 from serve.cache import ReadCache
 from serve.errors import ApiError, not_found
-from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, query_params,
+from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, encode, query_params,
                             small_int)
 from serve.jobs import (ClusterUnavailable, JobLauncher, ProgressReader, ReconcileLoop,
                         Reconciler, request_cancel)
@@ -73,6 +73,8 @@ MAX_JOB_ID = 160
 """The longest job id the store holds (its ``jobs.id`` column)."""
 JOB_ID_TRIES = 5
 """New ids drawn for one submit before a run of ids already taken is an error."""
+LIST_MAX = 100
+"""The most jobs a page of the job list holds (``?limit=``)."""
 MAX_OFFSET = 999_999_999
 """The largest ``?offset=`` of a listing (nine digits, what the fast path reads); a larger
 one overflowed the store's integers."""
@@ -110,6 +112,12 @@ class ServeSettings(BaseModel):
     max_concurrent_jobs: int = Field(default=4, ge=1, description="jobs running or queued "
                                      "per API key")
     max_spec_bytes: int = Field(default=1_000_000, ge=1024)
+    keep_ended_jobs: int = Field(default=1000, ge=1, description="ended jobs the store keeps "
+                                 "per API key, newest first (older rows are deleted at the "
+                                 "key's next submit; datasets stay)")
+    keep_ended_mb: float = Field(default=64.0, gt=0, description="at most this much of ended "
+                                 "jobs' specs, progress and stats (millions of characters) "
+                                 "is kept per API key, newest first")
     max_yaml_spec_bytes: int = Field(default=131_072, ge=1024, description="a YAML body's "
                                      "limit: YAML is read in Python, 1 MB of it takes 6-16 s "
                                      "of CPU; a larger spec can be sent as JSON")
@@ -441,6 +449,8 @@ def parse_body(body: bytes, content_type: str, max_bytes: Optional[int] = None,
         raise _body_error(f"not valid {kind}: a lone surrogate ({ascii(bad)}) is no Unicode "
                           "character; write the character itself, or a \\ud83d\\ude3a "
                           "pair for one beyond U+FFFF") from None
+    except ValueError as exc:  # a YAML 1.1 base-60 integer (1:59:59...) of thousands of digits
+        raise _body_error(f"not valid {kind}: {exc}") from None
     if max_bytes is not None and size > max_bytes:
         raise ApiError(413, "spec_too_large", f"a spec is at most {max_bytes} bytes "
                        f"(this one is {size} bytes written out as JSON)")
@@ -546,8 +556,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def parse_states(state: Optional[str]) -> Optional[list[str]]:
-    """``?state=`` of the job list: comma-separated states, or None for all of them."""
-    states = [s.strip() for s in state.split(",") if s.strip()] if state else None
+    """``?state=`` of the job list: comma-separated states (sorted, each once: one spelling
+    per set, as replicas keep pages per set), or None for all of them."""
+    states = sorted({s.strip() for s in state.split(",") if s.strip()}) if state else None
     bad = [s for s in states or [] if s not in STATES]
     if bad:
         raise ApiError(422, "invalid_request", f"unknown state(s) {', '.join(bad)}; "
@@ -736,15 +747,23 @@ class JobAPI:
 
     async def _list_rows(self, principal: Principal, states: Optional[list[str]], limit: int,
                          offset: int) -> tuple[list[JobRow], int]:
+        """The rows of a page, and the total. The first page is kept (``reads``) at its
+        largest size, ``LIST_MAX`` rows, once per set of states, and cut to ``limit`` when
+        answered: what a replica keeps per key is then bounded by the sets of states, not by
+        the spellings of a query. Later pages are read from the store each time."""
+        if offset:
+            return await asyncio.to_thread(self.store.list_jobs, principal.owner, states=states,
+                                           limit=limit, offset=offset, brief=True)
         return await self.reads.get(
-            ("list", principal.owner, tuple(states or ()), limit, offset),
-            lambda: asyncio.to_thread(self.store.list_jobs, principal.owner,
-                                      states=states, limit=limit, offset=offset))
+            ("list", principal.owner, tuple(states or ())),
+            lambda: asyncio.to_thread(self.store.list_jobs, principal.owner, states=states,
+                                      limit=LIST_MAX, brief=True))
 
     @staticmethod
     def _list_page(page: tuple[list[JobRow], int], limit: int,
                    offset: int) -> dict[str, Any]:
         rows, total = page
+        rows = rows[:limit]
         nxt = offset + len(rows)
         return {"jobs": [job_view(r, detail=False) for r in rows], "total": total,
                 "limit": limit, "offset": offset, "next_offset": nxt if nxt < total else None}
@@ -769,7 +788,7 @@ class JobAPI:
             params = query_params(query, ("state", "limit", "offset"))
             if params is None:
                 return None
-            limit = small_int(params.get("limit"), 20, 1, 100)
+            limit = small_int(params.get("limit"), 20, 1, LIST_MAX)
             offset = small_int(params.get("offset"), 0, 0)
             if limit is None or offset is None:
                 return None
@@ -778,7 +797,9 @@ class JobAPI:
             if self.limiter.acquire(principal.owner) is not None:
                 return None
             page = await self._list_rows(principal, states, limit, offset)
-            key = ("list", principal.owner, tuple(states or ()), limit, offset)
+            if offset:  # read afresh each time (_list_rows): nothing to reuse
+                return encode(self._list_page(page, limit, offset))
+            key = ("list", principal.owner, tuple(states or ()), limit)
             return self._bodies.get(key, (page,), lambda: self._list_page(page, limit, offset))
         if query_params(query, ()) is None:
             return None
@@ -821,7 +842,7 @@ class JobAPI:
     async def list_jobs(self, request: Request,
                         state: Optional[str] = Query(None, description="comma-separated "
                                                      "states: " + ", ".join(STATES)),
-                        limit: int = Query(20, ge=1, le=100),
+                        limit: int = Query(20, ge=1, le=LIST_MAX),
                         offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict[str, Any]:
         principal = await self._caller(request)
         states = parse_states(state)
@@ -835,7 +856,10 @@ class JobAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page_route(self) -> HTMLResponse:
-        return HTMLResponse(self.page)
+        # Never inside another site's frame: a page there could overlay it and have the
+        # visitor click Submit or Cancel on a job of theirs (clickjacking).
+        return HTMLResponse(self.page, headers={
+            "X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
 
     @app.get("/healthz", summary="Liveness and store check")
     async def healthz(self) -> dict[str, Any]:
@@ -869,6 +893,9 @@ class JobAPI:
             spec = await self.spec_reader.read(body, request.headers.get("content-type", ""))
             cluster = await self.cluster.get("total", lambda: asyncio.to_thread(
                 cluster_for_jobs, self.settings.num_replicas))
+            await asyncio.to_thread(self.store.prune_ended, principal.owner,
+                                    self.settings.keep_ended_jobs,
+                                    int(self.settings.keep_ended_mb * 1_000_000))
             row = await asyncio.to_thread(with_fresh_id, spec, lambda job_id: self._create(
                 principal, job_id, apply_policy(self.policy, spec, principal.owner, job_id,
                                                 cluster)))

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 
 from serve.cache import ReadCache
 from serve.errors import ApiError
-from serve.store import ApiKey, JobStore
+from serve.store import KEY_FORM, ApiKey, JobStore
 
 ANONYMOUS = "local"
 
@@ -99,7 +99,13 @@ class Authenticator:
                            "missing API key: send 'Authorization: Bearer <key>' (create one "
                            "with `pixcrawler keys create NAME`)",
                            headers={"WWW-Authenticate": "Bearer"})
-        record = await self._keys.get(key, lambda: asyncio.to_thread(self.store.verify_key, key))
+        # A string that cannot be a key is refused before the cache: each one kept (any
+        # length, from anyone, for cache_s) would let a client without a key fill the
+        # replica's memory.
+        record = None
+        if KEY_FORM.fullmatch(key):
+            record = await self._keys.get(
+                key, lambda: asyncio.to_thread(self.store.verify_key, key))
         if record is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API key",
                            headers={"WWW-Authenticate": "Bearer"})

@@ -90,11 +90,15 @@ class EncodedBodies:
     A job's view is a function of its store row and its live progress, and the replica's read
     caches hand those out as the same objects until they reload them; so hundreds of clients
     polling one job cost one encoding of it per reload, not one each. Sources are compared by
-    identity: an equal but new object is encoded again."""
+    identity: an equal but new object is encoded again. At ``max_entries`` bodies or
+    ``max_bytes`` of them, all are dropped: a client asking for many variants costs
+    encodings, never the replica's memory."""
 
-    def __init__(self, max_entries: int = 10_000):
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 << 20):
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._bodies: dict[Hashable, tuple[tuple[Any, ...], bytes]] = {}
+        self._bytes = 0
         self.encoded = 0  # how many times build() ran (tests and debugging)
 
     def get(self, key: Hashable, sources: tuple[Any, ...], build: Callable[[], Any]) -> bytes:
@@ -104,9 +108,13 @@ class EncodedBodies:
             return hit[1]
         body = encode(build())
         self.encoded += 1
-        if len(self._bodies) >= self.max_entries:
+        if hit is not None:
+            self._bytes -= len(hit[1])
+        if len(self._bodies) >= self.max_entries or self._bytes + len(body) > self.max_bytes:
             self._bodies.clear()
+            self._bytes = 0
         self._bodies[key] = (sources, body)
+        self._bytes += len(body)
         return body
 
 

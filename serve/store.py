@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -46,6 +47,9 @@ def states_before(state: str) -> list[str]:
     return [s for s in STATES if s in ACTIVE and RANK[s] <= RANK[state]]
 """Handed to Ray: the jobs that hold a share of the cluster (serve.schedule)."""
 KEY_PREFIX = "pxc_"
+KEY_FORM = re.compile(r"pxc_[A-Za-z0-9_-]{43}")
+"""What every key ``create_key`` makes looks like (the prefix and 32 random bytes, URL-safe
+base64): anything else is no key, refused before a lookup."""
 
 _meta = sa.MetaData()
 
@@ -284,7 +288,7 @@ class JobStore:
 
     def verify_key(self, plaintext: str) -> Optional[ApiKey]:
         """The active key with this plaintext, or None."""
-        if not plaintext.startswith(KEY_PREFIX):
+        if not KEY_FORM.fullmatch(plaintext):
             return None
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(keys_table).where(
@@ -345,6 +349,33 @@ class JobStore:
         self._wrote()
         return row
 
+    def prune_ended(self, owner: str, keep_jobs: int, keep_chars: int) -> int:
+        """Delete ``owner``'s ended jobs past its newest ``keep_jobs`` ended ones, or past
+        ``keep_chars`` characters of their stored spec, progress and stats, newest kept
+        first; returns how many went. Only the rows go: the datasets stay where they were
+        written. Without it, a key submitting large specs and cancelling them while queued
+        grew the store without end."""
+        size = sum(sa.func.coalesce(sa.func.length(jobs_table.c[name]), 0)
+                   for name in ("spec_json", "progress_json", "stats_json"))
+        query = (sa.select(jobs_table.c.id, size)
+                 .where(jobs_table.c.owner == owner, jobs_table.c.state.in_(sorted(TERMINAL)))
+                 .order_by(jobs_table.c.created_at.desc(), jobs_table.c.id))
+        with self.engine.connect() as conn:
+            ended = conn.execute(query).all()
+        held, old = 0, []
+        for n, (job_id, chars) in enumerate(ended):
+            held += int(chars or 0)
+            if n >= keep_jobs or held > keep_chars:
+                old.append(job_id)
+        for start in range(0, len(old), 500):
+            with self.engine.begin() as conn:
+                conn.execute(jobs_table.delete().where(
+                    jobs_table.c.id.in_(old[start:start + 500]),
+                    jobs_table.c.state.in_(sorted(TERMINAL))))
+        if old:
+            self._wrote()
+        return len(old)
+
     def _insert_job(self, values: dict[str, Any], owner: str,
                     max_active: Optional[int]) -> None:
         with self.engine.begin() as conn:
@@ -377,8 +408,11 @@ class JobStore:
         return _job(row) if row else None
 
     def list_jobs(self, owner: Optional[str], *, states: Optional[Iterable[str]] = None,
-                  limit: int = 20, offset: int = 0) -> tuple[list[JobRow], int]:
-        """A page of jobs, newest first, and the total count matching the filter."""
+                  limit: int = 20, offset: int = 0, brief: bool = False
+                  ) -> tuple[list[JobRow], int]:
+        """A page of jobs, newest first, and the total count matching the filter. ``brief``:
+        without each job's per-class progress (the API's job list shows none, and a replica
+        keeps its pages a while: a job of 1,000 classes holds hundreds of KB of it)."""
         where = []
         if owner is not None:
             where.append(jobs_table.c.owner == owner)
@@ -393,7 +427,12 @@ class JobStore:
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
             total = conn.execute(count).scalar_one()
-        return [_job(r) for r in rows], int(total)
+        jobs = [_job(r) for r in rows]
+        if brief:
+            for job in jobs:
+                if job.progress:
+                    job.progress.pop("classes", None)
+        return jobs, int(total)
 
     def active_jobs(self, owner: Optional[str] = None) -> list[JobRow]:
         """Jobs not yet ended (all owners unless ``owner`` is given)."""

@@ -46,6 +46,14 @@ def test_healthz_and_openapi(serve_app):
         assert serve_app.call("GET", asset).status_code == 200, asset
 
 
+def test_the_page_refuses_to_be_framed(serve_app):
+    """Inside another site's frame, a page there could overlay it and have a visitor click
+    Submit or Cancel (clickjacking)."""
+    r = serve_app.call("GET", "/")
+    assert r.status_code == 200 and r.headers["x-frame-options"] == "DENY"
+    assert r.headers["content-security-policy"] == "frame-ancestors 'none'"
+
+
 def test_the_serving_path_runs_at_normal_priority(serve_app):
     """Ray starts workers at nice 15; the API's replica and Serve's own actors (which inherit
     the serving driver's environment) run at 0."""

@@ -86,3 +86,26 @@ def test_key_lookups_are_cached_and_shared_and_a_revoked_key_expires(tmp_path):
         assert len(reads) == 2
 
     asyncio.run(scenario())
+
+
+def test_a_string_that_cannot_be_a_key_is_refused_before_any_lookup_or_cache(tmp_path):
+    """Every answer was cached under the key as sent, misses included: requests without a
+    key, each with a new multi-megabyte "key", filled the replica's memory."""
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
+    plaintext, key = store.create_key("web")
+    reads: list[str] = []
+    verify = store.verify_key
+    store.verify_key = lambda k: reads.append(k) or verify(k)  # type: ignore[method-assign]
+    auth = Authenticator(store, cache_s=60)
+
+    async def scenario() -> None:
+        for junk in ("x" * 1_000_000, f"{plaintext}x", plaintext[:-1], "pxc_" + "é" * 43,
+                     plaintext.replace("pxc_", "pxd_")):
+            with pytest.raises(ApiError) as exc:
+                await auth.authenticate(f"Bearer {junk}")
+            assert exc.value.status == 401
+        assert reads == [] and not auth._keys._entries
+        assert (await auth.authenticate(None, plaintext)).owner == key.id
+        assert reads == [plaintext]
+
+    asyncio.run(scenario())

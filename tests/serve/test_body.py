@@ -40,6 +40,8 @@ def nested(depth: int) -> str:
 @pytest.mark.parametrize("media, body", [
     (JSON, '{"name": "x", "target": ' + "1" * 5000 + "}"),
     (YAML, "name: x\ntarget: " + "1" * 5000 + "\n" + TAIL_YAML),
+    # a YAML 1.1 base-60 integer: read, then too long to write out (it was a 500)
+    (YAML, "name: " + ":".join(["59"] * 3000) + "\n" + TAIL_YAML),
 ])
 def test_a_number_too_long_to_convert_is_a_422(media, body):
     assert "4300 digits" in body_problem(body, media)

@@ -161,3 +161,18 @@ def test_a_body_is_encoded_again_only_when_its_sources_change():
     for key in ("a", "b", "c"):
         bodies.get(key, (row,), lambda: key)
     assert len(bodies._bodies) <= 2 and bodies.encoded == 6
+
+
+def test_encoded_bodies_are_bounded_in_bytes():
+    """A client asking for many variants of a large page (another ?limit= each time) costs
+    encodings, never more than max_bytes of the replica's memory."""
+    from serve.fastpath import EncodedBodies
+
+    bodies = EncodedBodies(max_bytes=10_000)
+    row = {"id": "j1"}
+    for n in range(100):
+        bodies.get(("list", n), (row,), lambda: "x" * 3_000)
+        assert sum(len(b) for _, b in bodies._bodies.values()) <= 10_000
+    bodies.get(("list", 99), (row,), lambda: "y")  # same sources: kept, not encoded again
+    assert bodies.encoded == 100 and bodies._bytes == sum(
+        len(b) for _, b in bodies._bodies.values())

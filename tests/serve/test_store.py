@@ -175,3 +175,22 @@ def test_a_taken_job_id_is_job_id_taken_and_the_api_draws_another(dialect, tmp_p
     with pytest.raises(JobIdTaken):
         with_fresh_id(spec, lambda job_id: store.create_job(job_id, "bob", "ds", {}, "/o"))
     store.close()
+
+
+def test_ended_jobs_past_a_keys_count_or_size_are_pruned_newest_kept(url):
+    """A key that submitted large specs and cancelled them while queued grew the store
+    without end: only its newest ended jobs stay, by count and by size; active jobs and other
+    keys' jobs are never touched."""
+    store = JobStore(url)
+    for i in range(6):
+        store.create_job(f"a-{i}", "alice", "ds", {"name": "ds", "pad": "x" * 1000}, "/o")
+        if i != 5:
+            store.update_job(f"a-{i}", state="cancelled")
+    store.create_job("b-0", "bob", "ds", {"name": "ds"}, "/o")
+    store.update_job("b-0", state="failed")
+    assert store.prune_ended("alice", keep_jobs=10, keep_chars=100_000) == 0
+    assert store.prune_ended("alice", keep_jobs=3, keep_chars=100_000) == 2
+    assert {r.id for r in store.list_jobs("alice", limit=100)[0]} == {"a-2", "a-3", "a-4", "a-5"}
+    assert store.prune_ended("alice", keep_jobs=3, keep_chars=2_500) == 1  # a-4, a-3 fit
+    assert {r.id for r in store.list_jobs("alice", limit=100)[0]} == {"a-3", "a-4", "a-5"}
+    assert store.get_job("b-0") is not None and store.get_job("a-5").state != "cancelled"

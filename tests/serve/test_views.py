@@ -165,3 +165,48 @@ def test_progress_counts_behind_ones_already_sent_are_held_back():
     assert _counts_behind({}, sent)
     assert not _counts_behind({"candidates": 20, "accepted": 3, "rejected": 4}, sent)
     assert not _counts_behind({}, {})
+
+
+def test_a_replica_keeps_one_first_page_per_set_of_states_without_class_progress(tmp_path):
+    """The job list's cache was keyed by the query as spelled (a state repeated, another
+    limit or offset) and kept every job's per-class progress: one key holder could fill a
+    replica's memory with copies of its pages."""
+    import asyncio
+
+    from serve.app import JobAPI, parse_states
+    from serve.auth import Principal
+    from serve.cache import ReadCache
+    from serve.store import JobStore
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    for i in range(5):
+        store.create_job(f"job-{i}", "alice", "ds", {"name": "ds"}, f"/out/{i}")
+        store.update_job(f"job-{i}", state="succeeded",
+                         progress={"accepted": i, "classes": {"cat": {"accepted": i}}})
+    store.create_job("job-5", "alice", "ds", {"name": "ds"}, "/out/5")  # no progress yet
+    api = SimpleNamespace(store=store, reads=ReadCache(60))
+    list_rows = JobAPI.func_or_class._list_rows
+    alice = Principal(owner="alice", name="alice")
+
+    async def pages() -> list[Any]:
+        out = []
+        for state in ("succeeded", "succeeded,succeeded", " succeeded ,succeeded"):
+            for limit in (1, 2, 50):
+                out.append(await list_rows(api, alice, parse_states(state), limit, 0))
+        out.append(await list_rows(api, alice, parse_states("running,succeeded"), 3, 0))
+        out.append(await list_rows(api, alice, parse_states("succeeded,running"), 3, 0))
+        out.append(await list_rows(api, alice, None, 2, 2))  # a later page: read, not kept
+        return out
+
+    found = asyncio.run(pages())
+    assert list(api.reads._entries) == [("list", "alice", ("succeeded",)),
+                                        ("list", "alice", ("running", "succeeded"))]
+    assert api.reads.loads == 2
+    rows, total = found[0]
+    assert total == 5 and len(rows) == 5 and rows[0].progress == {"accepted": 4}
+    page = JobAPI.func_or_class._list_page(found[0], 2, 0)
+    assert [j["id"] for j in page["jobs"]] == ["job-4", "job-3"] and page["next_offset"] == 2
+    later = JobAPI.func_or_class._list_page(found[-1], 2, 2)
+    assert [j["id"] for j in later["jobs"]] == ["job-3", "job-2"]
+    assert asyncio.run(list_rows(api, alice, None, 1, 0))[0][0].progress is None
+    assert store.get_job("job-4").progress["classes"] == {"cat": {"accepted": 4}}
