@@ -440,9 +440,11 @@ class SearchSpec(_Model):
     llm_model: Optional[str] = None
 
 
-CONTACT_RE = re.compile(r"[^@\s()<>]+@[^@\s()<>]+\.[A-Za-z]{2,}"
-                        r"|https?://[^\s()<>]+\.[^\s()<>]+")
-"""An email address or an http(s) URL: what a User-Agent needs to name its operator."""
+CONTACT_RE = re.compile(r"[^@\s()<>;,]+@[^@\s()<>;,]+\.[A-Za-z]{2,}"
+                        r"|https?://[^\s()<>;,]+\.[^\s()<>;,]+")
+"""One email address or one http(s) URL, and nothing else (the whole contact matches): what a
+User-Agent needs to name its operator. No space, ';' or ',': the contact goes inside the
+User-Agent's comment, where more words would add product tokens (``Googlebot/2.1``)."""
 
 MAX_TIMEOUT_S = 600.0
 """Upper bound of ``download.timeout_s``: ten minutes for one request."""
@@ -538,8 +540,21 @@ class DownloadSpec(_Model):
         "needed to crawl the public web (Wikimedia and others require one)")
     hosts: dict[str, HostProfileSpec] = Field(
         default_factory=dict, description="per-host politeness profiles (a host name, or "
-        "*.domain), over the built-in ones")
+        "*.domain, in any case), over the built-in ones")
     signals: SignalsSpec = Field(default_factory=SignalsSpec)
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, hosts: dict[str, HostProfileSpec]) -> dict[str, HostProfileSpec]:
+        """Host names as the fetcher compares them (lower case, no trailing dot): a built-in
+        profile is found however a spec spells its host."""
+        out: dict[str, HostProfileSpec] = {}
+        for host, profile in hosts.items():
+            name = host.strip().lower().removesuffix(".")
+            if name in out:
+                raise ValueError(f"{host!r} names the host {name!r} again; give each host once")
+            out[name] = profile
+        return out
 
     @field_validator("user_agent")
     @classmethod
@@ -559,9 +574,10 @@ class DownloadSpec(_Model):
         if v is None:
             return v
         v = v.strip()
-        if not CONTACT_RE.search(v) or any(ch in v for ch in "()\r\n"):
-            raise ValueError(f"{v!r} is not a contact: give an email (ops@example.org) or a URL "
-                             "(https://example.org/crawler), without parentheses")
+        if not CONTACT_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a contact: give one email (ops@example.org) or one "
+                             "URL (https://example.org/crawler), without spaces, ';', ',' or "
+                             "parentheses")
         return v
 
 

@@ -403,6 +403,11 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                 allowed = ", ".join(policy.source_urls) or "none"
                 check.forbid(field, "source_urls", f"{url!r} is not an endpoint this server "
                              f"lets API users name (allowed prefixes: {allowed})")
+        timeout = src.options.get("timeout_s")
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and \
+                timeout > policy.max_timeout_s:
+            check.over_cap(f"{at}.options.timeout_s", "max_timeout_s", timeout,
+                           policy.max_timeout_s)
         if src.options.get("proxy") not in (None, "") and not policy.allow_proxy:
             check.forbid(f"{at}.options.proxy", "allow_proxy", "this server does not let "
                          "API users set a proxy")
@@ -546,13 +551,21 @@ def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
             if value is not None and value > cap:
                 check.over_cap(f"{at}.{name}", setting, value, cap)
         builtin = BUILTIN_PROFILES.get(host)
-        for name in ("concurrency", "max_bytes_per_s"):
-            mine = getattr(profile, name)
-            theirs = getattr(builtin, name) if builtin is not None else None
-            if mine is not None and theirs is not None and mine > theirs:
+        if builtin is None:
+            continue
+        for name, sign in (("concurrency", 1), ("max_bytes_per_s", 1), ("delay_s", -1)):
+            mine, theirs = getattr(profile, name), getattr(builtin, name)
+            if mine is not None and theirs is not None and sign * (mine - theirs) > 0:
+                word = "above" if sign > 0 else "below"
                 check.forbid(f"{at}.{name}", "max_per_host_concurrency",
-                             f"{mine:g} is above {host}'s published robot policy ({theirs:g}); "
+                             f"{mine:g} is {word} {host}'s published robot policy ({theirs:g}); "
                              "through this server a spec may only make it politer")
+        widths, standard = profile.thumb_widths, builtin.thumb_widths
+        if widths is not None and standard is not None and not set(widths) <= set(standard):
+            check.forbid(f"{at}.thumb_widths", "max_per_host_concurrency",
+                         f"{host} serves thumbnails only at its standard widths "
+                         f"({', '.join(map(str, standard))}); through this server a spec may "
+                         "only choose among them")
 
 
 def _check_worker_resources(check: _Check, policy: ApiPolicy) -> None:

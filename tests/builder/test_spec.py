@@ -133,6 +133,31 @@ def test_a_source_names_its_server_only_where_its_engine_asks_it():
         "http://127.0.0.1:1", "http://127.0.0.1:2/v1", None, None]
 
 
+def test_host_names_are_compared_in_lower_case_and_given_once():
+    spec = parse_spec({**MINIMAL, "download": {"hosts": {"Img.Example.ORG.": {"concurrency": 2},
+                                                         "*.CDN.example": {"delay_s": 1}}}})
+    assert list(spec.download.hosts) == ["img.example.org", "*.cdn.example"]
+    with pytest.raises(SpecError, match="names the host 'a.org' again"):
+        parse_spec({**MINIMAL, "download": {"hosts": {"a.org": {}, "A.org": {}}}})
+
+
+@pytest.mark.parametrize("contact, ok", [
+    ("ops@example.org", True), ("https://example.org/crawler", True),
+    ("Googlebot/2.1; +http://www.google.com/bot.html", False),
+    ("https://example.org/;Googlebot/2.1", False), ("a@b.org, c@d.org", False),
+    ("see https://example.org", False),
+])
+def test_a_contact_is_one_email_or_one_url(contact, ok):
+    """The contact goes inside the User-Agent's comment: more words there were more product
+    tokens, and a spec could make the API's crawler claim to be Googlebot."""
+    data = {**MINIMAL, "download": {"contact": contact}}
+    if ok:
+        assert parse_spec(data).download.contact == contact
+    else:
+        with pytest.raises(SpecError, match="download.contact"):
+            parse_spec(data)
+
+
 def test_no_sources_is_an_error():
     with pytest.raises(SpecError, match="sources"):
         parse_spec({"name": "x", "classes": {"a": None}})

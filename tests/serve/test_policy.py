@@ -160,6 +160,29 @@ def test_per_host_profiles_are_capped_and_built_in_ones_only_made_politer():
     assert placed.download.hosts["upload.wikimedia.org"].concurrency == 1
 
 
+def test_an_engines_own_timeout_is_held_to_the_servers_limit():
+    status, problems = refused(spec(sources=[{"engine": "bing", "options": {"timeout_s": 600}}]))
+    assert status == 422 and problems["sources.0.options.timeout_s"][0] == "max_timeout_s"
+    assert apply(spec(sources=[{"engine": "bing", "options": {"timeout_s": 30}}]))
+
+
+def test_a_built_in_profile_is_found_however_its_host_is_spelled_and_only_made_politer():
+    """UPLOAD.wikimedia.org was not looked up as upload.wikimedia.org, whose published limits
+    the fetcher (which lower-cases hosts) then lifted; its standard thumbnail widths were not
+    checked at all."""
+    status, problems = refused(spec(download={"hosts": {
+        "UPLOAD.Wikimedia.org.": {"concurrency": 16, "max_bytes_per_s": 1e12,
+                                  "thumb_widths": [100, 250]}}}))
+    assert status == 403 and sorted(problems) == [
+        f"download.hosts.upload.wikimedia.org.{name}"
+        for name in ("concurrency", "max_bytes_per_s", "thumb_widths")]
+    assert "standard widths (120, 250" in \
+        problems["download.hosts.upload.wikimedia.org.thumb_widths"][1]
+    placed = apply(spec(download={"hosts": {"Upload.Wikimedia.org": {
+        "concurrency": 1, "thumb_widths": [250, 500]}}}))
+    assert placed.download.hosts["upload.wikimedia.org"].thumb_widths == [250, 500]
+
+
 def test_what_the_operator_allows_passes():
     policy = ApiPolicy(source_urls=["http://127.0.0.1:9/api/"],
                        llm_base_urls=["https://llm.internal/v1"], allow_proxy=True,
