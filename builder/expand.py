@@ -51,6 +51,12 @@ CACHE_MAX_AGE_S = 30 * 24 * 3600.0
 # Bumped when the cache key or the entry format changes.
 CACHE_FORMAT = 2
 MAX_QUERY_CHARS = 120
+MAX_PROMPT_QUERIES = 20
+"""The class's own queries a prompt shows the model (each cut to ``MAX_QUERY_CHARS``): what a
+call costs stays bounded however many a spec lists."""
+TOKENS_PER_QUERY = 24
+"""The answer's token budget per query asked for (a query is at most 8 words), plus 32 for the
+JSON around them: the call's cost is bounded whatever the model does."""
 # After this many failed LLM calls in a row an expander stops trying and stays offline.
 MAX_CONSECUTIVE_FAILURES = 2
 
@@ -284,12 +290,14 @@ class KeywordExpander:
 
             self._client = OpenAI(base_url=self.base_url, api_key=self.api_key or "not-needed",
                                   timeout=self.timeout_s, max_retries=0)
+        shown = [q[:MAX_QUERY_CHARS] for q in queries[:MAX_PROMPT_QUERIES]]
         prompt = _USER_PROMPT.format(label=_label_text(label),
-                                     queries=json.dumps(queries, ensure_ascii=False), n=self.n)
+                                     queries=json.dumps(shown, ensure_ascii=False), n=self.n)
         resp = self._client.chat.completions.create(
             model=self.model,
             messages=[{"role": "system", "content": _SYSTEM_PROMPT},
                       {"role": "user", "content": prompt}],
+            max_tokens=TOKENS_PER_QUERY * self.n + 32,
             **_REQUEST_OPTIONS,
         )
         return parse_queries(resp.choices[0].message.content or "")

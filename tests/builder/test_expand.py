@@ -72,6 +72,23 @@ def test_expands_through_the_openai_client(tmp_path):
     assert req.headers["authorization"] == "Bearer sk-local"
 
 
+def test_a_call_costs_a_bounded_prompt_and_answer_however_many_queries_a_class_has(tmp_path):
+    """A class's queries went whole into the prompt and the answer had no token limit: an API
+    job could spend the operator's key on calls of any size."""
+    from builder.expand import MAX_PROMPT_QUERIES, MAX_QUERY_CHARS, TOKENS_PER_QUERY
+
+    queries = [f"query {i} " + "x" * 5000 for i in range(500)]
+    with chat_server(ANSWER) as srv:
+        KeywordExpander(base_url=f"{srv.url}/v1", api_key="sk-local", n=7,
+                        cache_dir=str(tmp_path)).expand("cat", queries)
+    body = srv.requests[0].json()
+    assert body["max_tokens"] == TOKENS_PER_QUERY * 7 + 32
+    prompt = body["messages"][1]["content"]
+    assert f"query {MAX_PROMPT_QUERIES - 1} " in prompt and f"query {MAX_PROMPT_QUERIES} " \
+        not in prompt
+    assert len(prompt) < MAX_PROMPT_QUERIES * (MAX_QUERY_CHARS + 10) + 1000
+
+
 def test_code_fenced_answer_and_short_answer_topped_up_offline(tmp_path):
     fenced = '```json\n{"queries": ["red fox", "fox cub"]}\n```'
     with chat_server(fenced) as srv:
