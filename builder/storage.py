@@ -174,9 +174,35 @@ def delete_files(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
     plain = [p for p in paths if not _GLOB_MAGIC.search(p)]
     if plain:
         fs.rm(plain)
+        if not isinstance(fs, LocalFileSystem):
+            _check_deleted(fs, plain)
     for p in paths:
         if _GLOB_MAGIC.search(p):
             fs.rm_file(p)
+
+
+def _check_deleted(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
+    """Raise ``StorageError`` for any of ``paths`` still there. An object store's batched
+    delete answers the keys it could not delete (access denied, an object lock) inside a
+    successful reply, which s3fs drops: a shard or journal file "deleted" that way would still
+    be read as part of the dataset or of a job. Each folder is listed once."""
+    by_folder: dict[str, set[str]] = {}
+    for p in paths:
+        name = fs._strip_protocol(p)
+        by_folder.setdefault(name.rsplit("/", 1)[0], set()).add(name)
+    left: list[str] = []
+    for folder, names in sorted(by_folder.items()):
+        fs.invalidate_cache(folder)
+        try:
+            listed = {fs._strip_protocol(p) for p in fs.ls(folder, detail=False)}
+        except FileNotFoundError:
+            continue
+        left += sorted(names & listed)
+    if left:
+        raise StorageError(
+            f"the store kept {len(left)} of {len(paths)} files it was asked to delete (first: "
+            f"{left[0]}): check that these credentials may delete objects there (s3:DeleteObject)"
+            " and that no object lock or retention holds them, then run the command again")
 
 
 def delete_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -74,3 +74,31 @@ def test_s3_endpoint_from_options_or_environment(monkeypatch):
     assert storage.is_object_store(fs)
     fs2, _ = storage.open_fs("s3://bucket/p", {"endpoint_url": "http://127.0.0.1:10"})
     assert fs2.endpoint_url == "http://127.0.0.1:10"
+
+
+def test_a_file_the_store_refused_to_delete_is_an_error(moto_s3, monkeypatch):
+    """S3's batched delete answers the keys it refused (access denied, an object lock) inside
+    a successful reply, which s3fs drops: such a file stayed, "deleted", and was read later as
+    part of the dataset or of a job."""
+    import s3fs
+
+    from tests.conftest import make_bucket
+
+    bucket = f"del-{uuid.uuid4().hex[:8]}"
+    make_bucket(moto_s3, bucket)
+    options = {"endpoint_url": moto_s3}
+    for name in ("a.parquet", "b.parquet", "locked.parquet"):
+        storage.write_bytes(f"s3://{bucket}/x/{name}", b"1", options)
+    real = s3fs.S3FileSystem._bulk_delete
+
+    async def refuses_one(self, pathlist, **kwargs):  # as a per-key AccessDenied does
+        return await real(self, [p for p in pathlist if "locked" not in p], **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_bulk_delete", refuses_one)
+    fs, root = storage.open_fs(f"s3://{bucket}/x", options)
+    with pytest.raises(StorageError, match=r"kept 1 of 3 files .*locked\.parquet.*DeleteObject"):
+        storage.delete_tree(fs, root)
+    assert [p.rsplit("/", 1)[-1] for p in storage.list_files(fs, root)] == ["locked.parquet"]
+    monkeypatch.setattr(s3fs.S3FileSystem, "_bulk_delete", real)
+    storage.delete_tree(fs, root)
+    assert storage.list_files(fs, root) == []
