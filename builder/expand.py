@@ -54,9 +54,11 @@ MAX_QUERY_CHARS = 120
 MAX_PROMPT_QUERIES = 20
 """The class's own queries a prompt shows the model (each cut to ``MAX_QUERY_CHARS``): what a
 call costs stays bounded however many a spec lists."""
-TOKENS_PER_QUERY = 24
-"""The answer's token budget per query asked for (a query is at most 8 words), plus 32 for the
-JSON around them: the call's cost is bounded whatever the model does."""
+TOKENS_PER_QUERY = 48
+"""The answer's token budget per query asked for (a query is at most 8 words; in Chinese or
+Japanese a word can take several tokens), plus 32 for the JSON around them: the call's cost is
+bounded whatever the model does. Sent as ``max_tokens``, which the chat models and local
+servers take; OpenAI's reasoning models refuse it, and expansion then falls back offline."""
 # After this many failed LLM calls in a row an expander stops trying and stays offline.
 MAX_CONSECUTIVE_FAILURES = 2
 

@@ -54,7 +54,7 @@ from builder.netguard import (
     UrlRejected,
     vet_url,
 )
-from builder.profiles import HostProfiles, user_agent
+from builder.profiles import HostProfiles, host_key, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
@@ -377,9 +377,10 @@ class Fetcher:
                 if on_result is not None:
                     on_result(record)
                 continue
-            queue = by_host.get(url.raw_host or "")
+            key = host_key(url.raw_host or "")
+            queue = by_host.get(key)
             if queue is None:
-                queue = by_host[url.raw_host or ""] = deque()
+                queue = by_host[key] = deque()
             queue.append((record, url))
 
         async def host_worker(queue: deque[tuple[Record, URL]]) -> None:
@@ -645,7 +646,7 @@ class Fetcher:
         taken it meanwhile. A host that asks for patience holds no global slot while it
         waits, so other hosts go on, and its requests start spaced however long the global
         slots kept them."""
-        key = url.raw_host or ""
+        key = host_key(url.raw_host or "")
         host = self._hosts.get(key)
         if host is None:
             host = self._hosts[key] = _Host(self._profiles.for_host(key).concurrency)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from builder.errors import PixCrawlerError
 from builder.records import REJECT_SCHEMA, with_columns
-from builder.spec import DatasetSpec, without_unread_fields
+from builder.spec import DatasetSpec, upgrade_saved_spec
 from builder.storage import (atomic_write, cut_writes, delete_tree, join, list_files, open_fs,
                              storage_errors)
 from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
@@ -108,12 +108,13 @@ def _fingerprint_of(data: dict[str, Any], *, with_uri: bool = False) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _same_but_unread_fields(stored: Any, spec: DatasetSpec) -> bool:
-    """Whether a journal's spec is ``spec`` once the source fields its engines never read are
-    left out: an earlier version accepted them, this one refuses them, so a job started with
-    one resumes with the spec less that field."""
-    cleaned, dropped = without_unread_fields(stored)
-    return bool(dropped) and _fingerprint_of(copy.deepcopy(cleaned)) == spec_fingerprint(spec)
+def _same_once_upgraded(stored: Any, spec: DatasetSpec) -> bool:
+    """Whether a journal's spec is ``spec`` once read as this version reads a saved spec
+    (``upgrade_saved_spec``): a field an earlier version accepted and this one refuses or
+    spells otherwise was written into the fingerprint as it was, so a job started with one
+    resumes with the spec as this version takes it."""
+    upgraded, changes = upgrade_saved_spec(stored)
+    return bool(changes) and _fingerprint_of(copy.deepcopy(upgraded)) == spec_fingerprint(spec)
 
 
 def report_to_json(unit: WorkUnit, report: UnitReport) -> dict[str, Any]:
@@ -387,7 +388,7 @@ class Journal:
         meta = self.meta()
         if meta.get("fingerprint") not in (spec_fingerprint(spec),
                                            spec_fingerprint(spec, with_uri=True)) \
-                and not _same_but_unread_fields(meta.get("spec"), spec):
+                and not _same_once_upgraded(meta.get("spec"), spec):
             raise ResumeError(
                 f"the spec differs from the one job {self.job_id} started with (only "
                 "'resources', 'output.overwrite' and how 'output.uri' spells the same place "

@@ -78,6 +78,12 @@ class HostProfile:
         return url.with_path(f"{head}/{m['pre']}{standard}px-{m['rest']}", encoded=True)
 
 
+def host_key(host: str) -> str:
+    """A host name as profiles and per-host limits compare it: lower case, without the
+    trailing dot of a fully qualified name (``upload.wikimedia.org.`` is that host)."""
+    return host.lower().rstrip(".")
+
+
 class HostProfiles:
     """The profile of each host: built-ins, overridden by ``download.hosts``.
 
@@ -107,7 +113,7 @@ class HostProfiles:
         crawl over millions of hosts keeps a small table)."""
         found = self._cache.get(host)
         if found is None:
-            resolved = self._resolve(host.lower())
+            resolved = self._resolve(host_key(host))
             if resolved is self._base:
                 return self.default
             found = self._cache[host] = self._shared(resolved)

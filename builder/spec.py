@@ -339,32 +339,59 @@ def flatten_categories(categories: dict[str, CategoryNode]
     return classes, where, problems
 
 
-def without_unread_fields(data: Any) -> tuple[Any, list[str]]:
-    """A spec PixCrawler stored itself (a dataset's ``spec.yaml``, a journal's ``job.json``)
-    as this version reads it: each source's field that its engine does not read
-    (``SOURCE_FIELD_READERS``), which earlier versions accepted and ignored, unset. Returns the
-    spec (a copy where anything was left out) and the paths of what was."""
-    sources = data.get("sources") if isinstance(data, dict) else None
-    if not isinstance(sources, list):
+def upgrade_saved_spec(data: Any) -> tuple[Any, list[str]]:
+    """A spec PixCrawler saved itself (a dataset's ``spec.yaml``, a journal's ``job.json``),
+    maybe by an earlier version, as this version reads it; returns it (a copy where anything
+    changed) and what changed. Earlier versions accepted, and this one refuses or spells
+    otherwise:
+
+    - a source field its engine does not read (``SOURCE_FIELD_READERS``): unset;
+    - a ``download.hosts`` key in another case or with a trailing dot: as ``_host_names``
+      spells it (the first of two that name one host is kept);
+    - a ``download.contact`` of several words: its first word that is a contact, else unset.
+    """
+    if not isinstance(data, dict):
         return data, []
-    dropped: list[str] = []
-    kept = []
-    for i, src in enumerate(sources):
-        if isinstance(src, dict):
-            unread = [field for field, readers in SOURCE_FIELD_READERS.items()
-                      if _source_field(src, field) not in (None, "")
-                      and src.get("engine") not in readers]
-            if unread:
-                src = dict(src)
-                for field in unread:
-                    dropped.append(f"sources.{i}.{field}")
-                    if field.startswith("options."):
-                        src["options"] = {k: v for k, v in src["options"].items()
-                                          if k != field[len("options."):]}
-                    else:
-                        src[field] = None  # as a spec dump holds a field left unset
-        kept.append(src)
-    return ({**data, "sources": kept}, dropped) if dropped else (data, [])
+    changes: list[str] = []
+    out = dict(data)
+    sources = data.get("sources")
+    if isinstance(sources, list):
+        kept = []
+        for i, src in enumerate(sources):
+            if isinstance(src, dict):
+                unread = [field for field, readers in SOURCE_FIELD_READERS.items()
+                          if _source_field(src, field) not in (None, "")
+                          and src.get("engine") not in readers]
+                if unread:
+                    src = dict(src)
+                    for field in unread:
+                        changes.append(f"sources.{i}.{field} left out (its engine never read it)")
+                        if field.startswith("options."):
+                            src["options"] = {k: v for k, v in src["options"].items()
+                                              if k != field[len("options."):]}
+                        else:
+                            src[field] = None  # as a spec dump holds a field left unset
+            kept.append(src)
+        out["sources"] = kept
+    download = data.get("download")
+    if isinstance(download, dict):
+        download = dict(download)
+        hosts = download.get("hosts")
+        if isinstance(hosts, dict):
+            spelled: dict[str, Any] = {}
+            for host, profile in hosts.items():
+                name = host.strip().lower().rstrip(".") if isinstance(host, str) else host
+                if name != host:
+                    changes.append(f"download.hosts.{host} read as {name}")
+                spelled.setdefault(name, profile)
+            download["hosts"] = spelled
+        contact = download.get("contact")
+        if isinstance(contact, str) and not CONTACT_RE.fullmatch(contact.strip()):
+            words = [w for w in re.split(r"[\s;,()<>]+", contact) if CONTACT_RE.fullmatch(w)]
+            download["contact"] = words[0] if words else None
+            changes.append(f"download.contact read as {download['contact']!r}")
+        out["download"] = download
+    return (out, changes) if changes else (data, [])
 
 
 class SourceSpec(_Model):
@@ -550,7 +577,7 @@ class DownloadSpec(_Model):
         profile is found however a spec spells its host."""
         out: dict[str, HostProfileSpec] = {}
         for host, profile in hosts.items():
-            name = host.strip().lower().removesuffix(".")
+            name = host.strip().lower().rstrip(".")
             if name in out:
                 raise ValueError(f"{host!r} names the host {name!r} again; give each host once")
             out[name] = profile
@@ -1125,13 +1152,13 @@ def _unwrap(ann: Any) -> Any:
 
 def parse_spec(data: Any, source: str = "spec", *, stored: bool = False) -> DatasetSpec:
     """Validate a mapping as a DatasetSpec, raising SpecError with every problem listed.
-    ``stored``: a spec PixCrawler saved itself, maybe by an earlier version, whose source
-    fields that did nothing are left out with a warning (``without_unread_fields``)."""
+    ``stored``: a spec PixCrawler saved itself, maybe by an earlier version: what that
+    version accepted and this one does not is read as ``upgrade_saved_spec`` says, with a
+    warning."""
     if stored:
-        data, dropped = without_unread_fields(data)
-        if dropped:
-            log.warning("%s: leaving out %s, which its engine never read (a spec saved by an "
-                        "earlier version)", source, ", ".join(dropped))
+        data, changes = upgrade_saved_spec(data)
+        if changes:
+            log.warning("%s (saved by an earlier version): %s", source, "; ".join(changes))
     if not isinstance(data, dict):
         raise SpecError([("(top level)", f"a spec is a mapping, got {type(data).__name__}")],
                         source)

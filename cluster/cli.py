@@ -173,7 +173,8 @@ def _spec_from_args(args: argparse.Namespace) -> DatasetSpec:
     if text is None:
         raise SpecError([("(arguments)", f"--spec-env: environment variable {args.spec_env} "
                           "is not set")])
-    return loads_spec(text, f"${args.spec_env}")
+    # A spec the API saved when it queued the job, maybe before an upgrade: read as saved.
+    return loads_spec(text, f"${args.spec_env}", stored=True)
 
 
 def _require_contact(spec: DatasetSpec) -> None:
@@ -420,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a dataset from a spec (YAML or JSON)")
     b.add_argument("spec", nargs="?", help="the spec file (YAML or JSON)")
     b.add_argument("--spec-env", metavar="VAR", help="read the spec (JSON or YAML) from this "
-                   "environment variable instead of a file")
+                   "environment variable instead of a file, as the HTTP API hands it over: a "
+                   "field an earlier version saved and this one refuses is read with a "
+                   "warning, not refused")
     b.add_argument("--output", help="output URI (local path or s3://...), overrides output.uri")
     b.add_argument("--overwrite", action="store_true",
                    help="replace the dataset there (complete or partial)")

@@ -799,8 +799,9 @@ class JobAPI:
             page = await self._list_rows(principal, states, limit, offset)
             if offset:  # read afresh each time (_list_rows): nothing to reuse
                 return encode(self._list_page(page, limit, offset))
-            key = ("list", principal.owner, tuple(states or ()), limit)
-            return self._bodies.get(key, (page,), lambda: self._list_page(page, limit, offset))
+            key = ("list", principal.owner, tuple(states or ()))
+            return self._bodies.get(key, (page,), lambda: self._list_page(page, limit, offset),
+                                    variant=limit)
         if query_params(query, ()) is None:
             return None
         principal = await self.auth.authenticate(authorization)

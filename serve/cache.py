@@ -25,6 +25,8 @@ from typing import Any, Awaitable, Callable, Generic, Hashable, Optional, TypeVa
 log = logging.getLogger("pixcrawler.serve.cache")
 
 T = TypeVar("T")
+SWEEP_MIN = 256
+"""Entries a ``ReadCache`` holds before it first drops the expired ones."""
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ReadCache(Generic[T]):
         self.max_entries = max_entries
         self.clock = clock
         self._entries: dict[Hashable, _Entry[T]] = {}
+        self._sweep_at = SWEEP_MIN
         self._loads: dict[tuple[Hashable, Any], asyncio.Task] = {}
         self.loads = 0  # how many loads ran (tests and debugging)
 
@@ -91,6 +94,8 @@ class ReadCache(Generic[T]):
             self.loads += 1
             value = await load()
             if self.fresh_s > 0 and self.keep(value) and self.generation() == generation:
+                if len(self._entries) >= self._sweep_at:
+                    self._sweep()
                 if len(self._entries) >= self.max_entries:
                     self._entries.clear()
                 self._entries[key] = _Entry(self.clock(), generation, value)
@@ -99,6 +104,16 @@ class ReadCache(Generic[T]):
             return value
         finally:
             self._loads.pop((key, generation), None)
+
+    def _sweep(self) -> None:
+        """Drop the answers no caller can be given any more (older than ``stale_s``, or of an
+        older generation). Done whenever the entries have doubled since the last sweep: what
+        is kept is then what was asked for within ``stale_s``, however many keys clients
+        have asked for before (each job row holds its spec, up to a megabyte)."""
+        now, generation = self.clock(), self.generation()
+        self._entries = {key: entry for key, entry in self._entries.items()
+                         if now - entry.at < self.stale_s and entry.generation == generation}
+        self._sweep_at = max(SWEEP_MIN, 2 * len(self._entries))
 
     @staticmethod
     def _finished(task: asyncio.Task) -> None:

@@ -90,30 +90,35 @@ class EncodedBodies:
     A job's view is a function of its store row and its live progress, and the replica's read
     caches hand those out as the same objects until they reload them; so hundreds of clients
     polling one job cost one encoding of it per reload, not one each. Sources are compared by
-    identity: an equal but new object is encoded again. At ``max_entries`` bodies or
-    ``max_bytes`` of them, all are dropped: a client asking for many variants costs
-    encodings, never the replica's memory."""
+    identity: an equal but new object is encoded again. A key may hold several ``variant``
+    bodies of the same sources (a page of the job list cut to each ``?limit=``), all dropped
+    with them. At ``max_entries`` keys or ``max_bytes`` of bodies, all are dropped: a client
+    asking for many variants costs encodings, never the replica's memory."""
 
     def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 << 20):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._bodies: dict[Hashable, tuple[tuple[Any, ...], bytes]] = {}
+        self._bodies: dict[Hashable, tuple[tuple[Any, ...], dict[Hashable, bytes]]] = {}
         self._bytes = 0
         self.encoded = 0  # how many times build() ran (tests and debugging)
 
-    def get(self, key: Hashable, sources: tuple[Any, ...], build: Callable[[], Any]) -> bytes:
+    def get(self, key: Hashable, sources: tuple[Any, ...], build: Callable[[], Any],
+            variant: Hashable = None) -> bytes:
         hit = self._bodies.get(key)
-        if hit is not None and len(hit[0]) == len(sources) and \
-                all(a is b for a, b in zip(hit[0], sources)):
-            return hit[1]
+        same = hit is not None and len(hit[0]) == len(sources) and \
+            all(a is b for a, b in zip(hit[0], sources))
+        if same and variant in hit[1]:
+            return hit[1][variant]
         body = encode(build())
         self.encoded += 1
-        if hit is not None:
-            self._bytes -= len(hit[1])
+        if hit is not None and not same:
+            self._bytes -= sum(map(len, hit[1].values()))
+            del self._bodies[key]
         if len(self._bodies) >= self.max_entries or self._bytes + len(body) > self.max_bytes:
             self._bodies.clear()
             self._bytes = 0
-        self._bodies[key] = (sources, body)
+        entry = self._bodies.setdefault(key, (sources, {}))
+        entry[1][variant] = body
         self._bytes += len(body)
         return body
 

@@ -53,6 +53,7 @@ permit, 422 when a value is over a cap; each problem names the field and the pol
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import unicodedata
@@ -404,10 +405,14 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                 check.forbid(field, "source_urls", f"{url!r} is not an endpoint this server "
                              f"lets API users name (allowed prefixes: {allowed})")
         timeout = src.options.get("timeout_s")
-        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and \
-                timeout > policy.max_timeout_s:
-            check.over_cap(f"{at}.options.timeout_s", "max_timeout_s", timeout,
-                           policy.max_timeout_s)
+        if timeout not in (None, ""):
+            try:  # as the engine reads it (registry_web._number): "600" is 600 s
+                seconds = float(timeout)
+            except (TypeError, ValueError, OverflowError):
+                seconds = math.inf
+            if not seconds <= policy.max_timeout_s:  # a NaN too
+                check.over_cap(f"{at}.options.timeout_s", "max_timeout_s", timeout,
+                               policy.max_timeout_s)
         if src.options.get("proxy") not in (None, "") and not policy.allow_proxy:
             check.forbid(f"{at}.options.proxy", "allow_proxy", "this server does not let "
                          "API users set a proxy")
@@ -533,6 +538,20 @@ def _check_optouts(check: _Check, policy: ApiPolicy) -> None:
         check.forbid("download.user_agent", "user_agents", f"{agent[:80]!r} is not a "
                      f"User-Agent this server lets API users send (user_agents; allowed: "
                      f"{allowed}); set download.contact to name yourself in the default one")
+    contact = download.contact or ""
+    named = next((bot for bot in OTHER_CRAWLERS if bot in contact.lower()), None)
+    if named is not None:
+        check.forbid("download.contact", "user_agents", f"{contact[:80]!r} names another "
+                     f"crawler ({named}); sites that look for it in the User-Agent would take "
+                     "this server for it. Give your own email or URL")
+
+
+OTHER_CRAWLERS = ("googlebot", "google-extended", "bingbot", "adsbot", "applebot", "gptbot",
+                  "chatgpt-user", "oai-searchbot", "ccbot", "claudebot", "anthropic-ai",
+                  "perplexitybot", "duckduckbot", "yandexbot", "baiduspider", "slurp",
+                  "facebookexternalhit", "meta-externalagent", "bytespider", "amazonbot")
+"""Names of other crawlers, as sites match them in a User-Agent (case-insensitive
+substrings): a contact holding one would put it in ours."""
 
 
 def _check_hosts(check: _Check, policy: ApiPolicy) -> None:

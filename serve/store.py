@@ -350,16 +350,17 @@ class JobStore:
         return row
 
     def prune_ended(self, owner: str, keep_jobs: int, keep_chars: int) -> int:
-        """Delete ``owner``'s ended jobs past its newest ``keep_jobs`` ended ones, or past
-        ``keep_chars`` characters of their stored spec, progress and stats, newest kept
-        first; returns how many went. Only the rows go: the datasets stay where they were
+        """Delete ``owner``'s ended jobs past the ``keep_jobs`` that ended last, or past
+        ``keep_chars`` characters of their stored spec, progress and stats, the last ended
+        kept first; returns how many went. Only the rows go: the datasets stay where they were
         written. Without it, a key submitting large specs and cancelling them while queued
         grew the store without end."""
         size = sum(sa.func.coalesce(sa.func.length(jobs_table.c[name]), 0)
                    for name in ("spec_json", "progress_json", "stats_json"))
         query = (sa.select(jobs_table.c.id, size)
                  .where(jobs_table.c.owner == owner, jobs_table.c.state.in_(sorted(TERMINAL)))
-                 .order_by(jobs_table.c.created_at.desc(), jobs_table.c.id))
+                 .order_by(sa.func.coalesce(jobs_table.c.ended_at,
+                                            jobs_table.c.updated_at).desc(), jobs_table.c.id))
         with self.engine.connect() as conn:
             ended = conn.execute(query).all()
         held, old = 0, []

@@ -23,6 +23,15 @@ def test_wikimedia_is_built_in():
     assert (other.concurrency, other.max_bytes_per_s, other.thumb_widths) == (16, None, ())
 
 
+def test_a_host_is_its_profile_however_it_is_spelled():
+    """upload.wikimedia.org. (a fully qualified name, which yarl keeps and aiohttp strips
+    before asking) got no profile: 16 at once, no bandwidth cap, no standard widths."""
+    profiles = HostProfiles(DownloadSpec())
+    wm = profiles.for_host("upload.wikimedia.org")
+    assert profiles.for_host("upload.wikimedia.org.") == wm
+    assert profiles.for_host("UPLOAD.Wikimedia.ORG..") == wm
+
+
 def test_spec_overrides_field_by_field_and_adds_domains():
     cfg = DownloadSpec(per_host_concurrency=8, per_host_delay_s=0.5, hosts={
         "upload.wikimedia.org": {"concurrency": 1},

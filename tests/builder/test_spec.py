@@ -107,21 +107,32 @@ def test_a_server_option_is_a_url(key):
     assert parse_spec({**MINIMAL, "sources": [{"engine": engine, "options": {key: ""}}]})
 
 
-def test_a_stored_spec_leaves_out_what_its_engines_never_read():
-    from builder.spec import without_unread_fields
+def test_a_saved_spec_is_read_as_this_version_reads_it():
+    """What an earlier version accepted and saved (in a dataset's spec.yaml, a journal) and
+    this one refuses or spells otherwise still loads, so the dataset can be continued."""
+    from builder.spec import upgrade_saved_spec
 
     data = {**MINIMAL, "sources": [
         {"engine": "bing", "url": "http://a", "options": {"base_url": "http://b", "x": 1}},
-        {"engine": "sandbox", "url": "http://c", "options": {"proxy": "http://d"}}]}
-    cleaned, dropped = without_unread_fields(data)
-    assert dropped == ["sources.0.url", "sources.0.options.base_url", "sources.1.options.proxy"]
-    assert cleaned["sources"] == [{"engine": "bing", "url": None, "options": {"x": 1}},
-                                  {"engine": "sandbox", "url": "http://c", "options": {}}]
+        {"engine": "sandbox", "url": "http://c", "options": {"proxy": "http://d"}}],
+        "download": {"hosts": {"Img.Example.ORG.": {"concurrency": 2}},
+                     "contact": "ops@example.org; https://example.org/bot"}}
+    upgraded, changes = upgrade_saved_spec(data)
+    assert [c.split(" ")[0] for c in changes] == [
+        "sources.0.url", "sources.0.options.base_url", "sources.1.options.proxy",
+        "download.hosts.Img.Example.ORG.", "download.contact"]
+    assert upgraded["sources"] == [{"engine": "bing", "url": None, "options": {"x": 1}},
+                                   {"engine": "sandbox", "url": "http://c", "options": {}}]
+    assert upgraded["download"] == {"hosts": {"img.example.org": {"concurrency": 2}},
+                                    "contact": "ops@example.org"}
     assert data["sources"][0]["url"] == "http://a"  # the caller's copy is left as it was
-    assert parse_spec(data, stored=True).sources[0].options == {"x": 1}
+    spec = parse_spec(data, stored=True)
+    assert spec.sources[0].options == {"x": 1} and spec.download.contact == "ops@example.org"
     with pytest.raises(SpecError, match="sources.0.url"):
         parse_spec(data)
-    assert without_unread_fields(MINIMAL) == (MINIMAL, [])
+    assert upgrade_saved_spec(MINIMAL) == (MINIMAL, [])
+    assert upgrade_saved_spec({**MINIMAL, "download": {"contact": "no contact here"}}
+                              )[0]["download"]["contact"] is None
 
 
 def test_a_source_names_its_server_only_where_its_engine_asks_it():

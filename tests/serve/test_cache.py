@@ -133,3 +133,27 @@ def test_store_generation_moves_on_every_write(tmp_path):
     store.get_job("j1")
     store.list_jobs(key.id)
     assert seen == sorted(set(seen)) and store.generation == seen[-1]
+
+
+def test_expired_answers_are_swept_so_only_recent_keys_hold_memory():
+    """Answers were dropped only at max_entries (10,000): a client asking for one new job
+    after another (each row holding a spec of up to a megabyte) kept them all."""
+    from serve.cache import SWEEP_MIN
+
+    clock = Clock()
+    cache: ReadCache[int] = ReadCache(1.0, 2.0, clock=clock)
+
+    async def scenario() -> None:
+        async def one() -> int:
+            return 1
+
+        for n in range(5 * SWEEP_MIN):
+            await cache.get(("job", n), one)
+            clock.now += 0.01  # 100 new keys a second
+        assert len(cache._entries) < SWEEP_MIN + 2.0 / 0.01 + 1
+        recent = ("job", 5 * SWEEP_MIN - 1)
+        assert recent in cache._entries
+        reads_before = cache.loads
+        assert await cache.get(recent, one) == 1 and cache.loads == reads_before
+
+    asyncio.run(scenario())

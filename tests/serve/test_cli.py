@@ -132,6 +132,21 @@ def test_build_reads_spec_from_env_and_rejects_ambiguity(monkeypatch, capsys):
     assert "is not set" in capsys.readouterr().err
 
 
+def test_a_spec_the_api_queued_before_an_upgrade_is_read_as_saved(monkeypatch, caplog):
+    """The API hands a queued job's spec over in the environment; one saved by an earlier
+    version with a field this one refuses (a two-word contact) still runs."""
+    import argparse
+
+    from cluster.cli import _spec_from_args
+
+    monkeypatch.setenv("PXC_SPEC", '{"name": "x", "classes": {"a": null}, "download": '
+                       '{"contact": "ops@example.org; https://example.org/bot"}, "sources": '
+                       '[{"engine": "duckduckgo", "url": "http://127.0.0.1:1"}]}')
+    spec = _spec_from_args(argparse.Namespace(spec=None, spec_env="PXC_SPEC"))
+    assert spec.download.contact == "ops@example.org" and spec.sources[0].url is None
+    assert "saved by an earlier version" in caplog.text
+
+
 def test_keys_with_a_database_driver_missing_say_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
     assert main(["keys", "--store", "postgresql+psycopg://u@127.0.0.1:1/db", "list"]) == 1

@@ -160,9 +160,21 @@ def test_per_host_profiles_are_capped_and_built_in_ones_only_made_politer():
     assert placed.download.hosts["upload.wikimedia.org"].concurrency == 1
 
 
+@pytest.mark.parametrize("contact", ["Googlebot/2.1@google.com",
+                                     "http://www.google.com/bot.html?Googlebot/2.1",
+                                     "https://example.org/GPTBot"])
+def test_a_contact_may_not_name_another_crawler(contact):
+    """The contact goes into the User-Agent, where sites look for crawlers by name."""
+    status, problems = refused(spec(download={"contact": contact}))
+    assert status == 403 and problems["download.contact"][0] == "user_agents"
+    assert apply(spec(download={"contact": "https://example.org/crawler"}))
+
+
 def test_an_engines_own_timeout_is_held_to_the_servers_limit():
-    status, problems = refused(spec(sources=[{"engine": "bing", "options": {"timeout_s": 600}}]))
-    assert status == 422 and problems["sources.0.options.timeout_s"][0] == "max_timeout_s"
+    for timeout in (600, "600", "nan", "not a number"):
+        status, problems = refused(spec(sources=[{"engine": "bing",
+                                                  "options": {"timeout_s": timeout}}]))
+        assert status == 422 and problems["sources.0.options.timeout_s"][0] == "max_timeout_s"
     assert apply(spec(sources=[{"engine": "bing", "options": {"timeout_s": 30}}]))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -194,3 +195,9 @@ def test_ended_jobs_past_a_keys_count_or_size_are_pruned_newest_kept(url):
     assert store.prune_ended("alice", keep_jobs=3, keep_chars=2_500) == 1  # a-4, a-3 fit
     assert {r.id for r in store.list_jobs("alice", limit=100)[0]} == {"a-3", "a-4", "a-5"}
     assert store.get_job("b-0") is not None and store.get_job("a-5").state != "cancelled"
+    store.create_job("a-6", "alice", "ds", {"name": "ds"}, "/o")
+    store.update_job("a-6", state="cancelled")
+    time.sleep(0.01)
+    store.update_job("a-5", state="succeeded")  # older than a-6, but it ended last
+    assert store.prune_ended("alice", keep_jobs=1, keep_chars=100_000) == 3
+    assert [r.id for r in store.list_jobs("alice", limit=100)[0]] == ["a-5"]
