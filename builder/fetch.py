@@ -693,7 +693,7 @@ class Fetcher:
     def _hold_host(self, url: URL, seconds: float) -> None:
         """Hold every request to the host for ``seconds`` (a Retry-After applies to the host),
         those already waiting for their turn too."""
-        host = self._hosts.get(url.raw_host or "")
+        host = self._hosts.get(host_key(url.raw_host or ""))
         if host is not None:
             until = asyncio.get_running_loop().time() + seconds
             host.held_until = max(host.held_until, until)

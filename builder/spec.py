@@ -378,15 +378,22 @@ def upgrade_saved_spec(data: Any) -> tuple[Any, list[str]]:
         download = dict(download)
         hosts = download.get("hosts")
         if isinstance(hosts, dict):
-            spelled: dict[str, Any] = {}
+            spelled: dict[Any, tuple[Any, Any]] = {}  # name -> (the key it came from, profile)
             for host, profile in hosts.items():
                 name = host.strip().lower().rstrip(".") if isinstance(host, str) else host
                 if name != host:
                     changes.append(f"download.hosts.{host} read as {name}")
-                spelled.setdefault(name, profile)
-            download["hosts"] = spelled
+                earlier = spelled.get(name)
+                if earlier is not None and earlier[0] == name:  # the plain spelling wins
+                    changes.append(f"download.hosts.{host} dropped ({name} is given)")
+                    continue
+                if earlier is not None:
+                    changes.append(f"download.hosts.{earlier[0]} dropped ({host} is given)")
+                spelled[name] = (host, profile)
+            download["hosts"] = {name: profile for name, (_, profile) in spelled.items()}
         contact = download.get("contact")
-        if isinstance(contact, str) and not CONTACT_RE.fullmatch(contact.strip()):
+        if isinstance(contact, str) and len(contact) <= MAX_CONTACT_CHARS and \
+                not CONTACT_RE.fullmatch(contact.strip()):
             words = [w for w in re.split(r"[\s;,()<>]+", contact) if CONTACT_RE.fullmatch(w)]
             download["contact"] = words[0] if words else None
             changes.append(f"download.contact read as {download['contact']!r}")
@@ -467,6 +474,8 @@ class SearchSpec(_Model):
     llm_model: Optional[str] = None
 
 
+MAX_CONTACT_CHARS = 320
+"""Longest ``download.contact``."""
 CONTACT_RE = re.compile(r"[^@\s()<>;,]+@[^@\s()<>;,]+\.[A-Za-z]{2,}"
                         r"|https?://[^\s()<>;,]+\.[^\s()<>;,]+")
 """One email address or one http(s) URL, and nothing else (the whole contact matches): what a
@@ -562,7 +571,8 @@ class DownloadSpec(_Model):
         description="byte budget of the response bodies being read at once per downloader; a "
                     "body waits for room (the oldest body being read always proceeds)")
     contact: Optional[str] = Field(
-        default=None, max_length=320, description="the operator's email or URL, added to the "
+        default=None, max_length=MAX_CONTACT_CHARS, description="the operator's email or URL, "
+        "added to the "
         "User-Agent; "
         "needed to crawl the public web (Wikimedia and others require one)")
     hosts: dict[str, HostProfileSpec] = Field(

@@ -181,26 +181,42 @@ def delete_files(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
             fs.rm_file(p)
 
 
+CHECK_ONE_BY_ONE = 16
+"""Up to this many deleted files are checked one by one; more, by listing their folders."""
+
+
 def _check_deleted(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
-    """Raise ``StorageError`` for any of ``paths`` still there. An object store's batched
-    delete answers the keys it could not delete (access denied, an object lock) inside a
-    successful reply, which s3fs drops: a shard or journal file "deleted" that way would still
-    be read as part of the dataset or of a job. Each folder is listed once."""
-    by_folder: dict[str, set[str]] = {}
-    for p in paths:
-        name = fs._strip_protocol(p)
-        by_folder.setdefault(name.rsplit("/", 1)[0], set()).add(name)
+    """Raise ``StorageError`` for any of ``paths`` still there as a file. An object store's
+    batched delete answers the keys it could not delete (access denied, an object lock) inside
+    a successful reply, which s3fs drops: a shard or journal file "deleted" that way would
+    still be read as part of the dataset or of a job. A few files are checked each by itself;
+    more, by listing each folder once. A folder's placeholder key (``data/``, as consoles make
+    them) is no file and is not checked."""
+    names = {fs._strip_protocol(p) for p in paths if not p.endswith("/")}
     left: list[str] = []
-    for folder, names in sorted(by_folder.items()):
-        fs.invalidate_cache(folder)
-        try:
-            listed = {fs._strip_protocol(p) for p in fs.ls(folder, detail=False)}
-        except FileNotFoundError:
-            continue
-        left += sorted(names & listed)
+    if len(names) <= CHECK_ONE_BY_ONE:
+        for name in sorted(names):
+            fs.invalidate_cache(name)
+            try:
+                if fs.info(name).get("type") == "file":
+                    left.append(name)
+            except FileNotFoundError:
+                pass
+    else:
+        by_folder: dict[str, set[str]] = {}
+        for name in names:
+            by_folder.setdefault(name.rsplit("/", 1)[0], set()).add(name)
+        for folder, wanted in sorted(by_folder.items()):
+            fs.invalidate_cache(folder)
+            try:
+                listed = {fs._strip_protocol(e["name"]) for e in fs.ls(folder, detail=True)
+                          if e.get("type") == "file"}
+            except FileNotFoundError:
+                continue
+            left += sorted(wanted & listed)
     if left:
         raise StorageError(
-            f"the store kept {len(left)} of {len(paths)} files it was asked to delete (first: "
+            f"the store kept {len(left)} of {len(names)} files it was asked to delete (first: "
             f"{left[0]}): check that these credentials may delete objects there (s3:DeleteObject)"
             " and that no object lock or retention holds them, then run the command again")
 

@@ -80,6 +80,7 @@ class ReadCache(Generic[T]):
 
     def clear(self) -> None:
         self._entries.clear()
+        self._sweep_at = SWEEP_MIN
 
     def _start(self, key: Hashable, load: Callable[[], Awaitable[T]],
                generation: Any) -> asyncio.Task:
@@ -97,7 +98,7 @@ class ReadCache(Generic[T]):
                 if len(self._entries) >= self._sweep_at:
                     self._sweep()
                 if len(self._entries) >= self.max_entries:
-                    self._entries.clear()
+                    self.clear()
                 self._entries[key] = _Entry(self.clock(), generation, value)
             else:
                 self._entries.pop(key, None)
@@ -113,7 +114,7 @@ class ReadCache(Generic[T]):
         now, generation = self.clock(), self.generation()
         self._entries = {key: entry for key, entry in self._entries.items()
                          if now - entry.at < self.stale_s and entry.generation == generation}
-        self._sweep_at = max(SWEEP_MIN, 2 * len(self._entries))
+        self._sweep_at = min(max(SWEEP_MIN, 2 * len(self._entries)), self.max_entries)
 
     @staticmethod
     def _finished(task: asyncio.Task) -> None:

@@ -546,10 +546,14 @@ def _check_optouts(check: _Check, policy: ApiPolicy) -> None:
                      "this server for it. Give your own email or URL")
 
 
-OTHER_CRAWLERS = ("googlebot", "google-extended", "bingbot", "adsbot", "applebot", "gptbot",
-                  "chatgpt-user", "oai-searchbot", "ccbot", "claudebot", "anthropic-ai",
-                  "perplexitybot", "duckduckbot", "yandexbot", "baiduspider", "slurp",
-                  "facebookexternalhit", "meta-externalagent", "bytespider", "amazonbot")
+OTHER_CRAWLERS = ("googlebot", "googleother", "google-extended", "google-inspectiontool",
+                  "storebot-google", "mediapartners-google", "adsbot", "bingbot", "bingpreview",
+                  "msnbot", "applebot", "gptbot", "chatgpt-user", "oai-searchbot", "ccbot",
+                  "claudebot", "claude-web", "anthropic-ai", "perplexitybot", "duckduckbot",
+                  "yandexbot", "baiduspider", "slurp", "facebookexternalhit",
+                  "meta-externalagent", "twitterbot", "linkedinbot", "bytespider", "amazonbot",
+                  "petalbot", "ahrefsbot", "semrushbot", "mj12bot", "dotbot", "seznambot",
+                  "sogou", "yeti", "diffbot", "imagesiftbot", "cohere-ai")
 """Names of other crawlers, as sites match them in a User-Agent (case-insensitive
 substrings): a contact holding one would put it in ours."""
 

@@ -835,3 +835,19 @@ def test_on_result_reports_each_record_as_it_is_decided(srv: Any) -> None:
     assert when["ftp://x/y.jpg"] - started < 0.5
     assert when[base(srv, "localhost") + "/img.jpg"] < when[base(srv) + "/slow"]
     assert not out[0].rejected and out[1].reason == Reason.UNSUPPORTED_SCHEME.value
+
+
+def test_a_retry_after_holds_the_host_however_its_name_is_spelled() -> None:
+    """The per-host table is keyed by the host as profiles compare it (lower case, no
+    trailing dot); a Retry-After looked the host up as the URL spelled it, and held nothing
+    for upload.wikimedia.org. (a fully qualified name, which yarl keeps)."""
+    from yarl import URL
+
+    async def scenario() -> None:
+        async with Fetcher(cfg()) as fetcher:
+            host = await fetcher._acquire(URL("https://upload.wikimedia.org/a.jpg"), 0.0)
+            fetcher._release(host)
+            fetcher._hold_host(URL("https://upload.wikimedia.org./b.jpg"), 30.0)
+            assert host.held_until > asyncio.get_running_loop().time() + 20
+
+    asyncio.run(scenario())

@@ -131,6 +131,15 @@ def test_a_saved_spec_is_read_as_this_version_reads_it():
     with pytest.raises(SpecError, match="sources.0.url"):
         parse_spec(data)
     assert upgrade_saved_spec(MINIMAL) == (MINIMAL, [])
+    for hosts in ({"A.org.": {}, "a.org": {"concurrency": 3}},
+                  {"a.org": {"concurrency": 3}, "A.org": {}}):
+        upgraded, changes = upgrade_saved_spec({**MINIMAL, "download": {"hosts": hosts}})
+        assert upgraded["download"]["hosts"] == {"a.org": {"concurrency": 3}}, hosts
+        assert any("dropped (a.org is given)" in c for c in changes), changes
+    upgraded, changes = upgrade_saved_spec({**MINIMAL, "download": {"hosts": {
+        "A.org": {"concurrency": 1}, "a.org.": {"concurrency": 2}}}})
+    assert upgraded["download"]["hosts"] == {"a.org": {"concurrency": 2}}  # the last given
+    assert "download.hosts.A.org dropped (a.org. is given)" in changes
     assert upgrade_saved_spec({**MINIMAL, "download": {"contact": "no contact here"}}
                               )[0]["download"]["contact"] is None
 

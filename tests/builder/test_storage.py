@@ -102,3 +102,28 @@ def test_a_file_the_store_refused_to_delete_is_an_error(moto_s3, monkeypatch):
     monkeypatch.setattr(s3fs.S3FileSystem, "_bulk_delete", real)
     storage.delete_tree(fs, root)
     assert storage.list_files(fs, root) == []
+    # more files than are checked one by one: their folders are listed
+    many = [f"s3://{bucket}/y/{i:03d}.parquet" for i in range(storage.CHECK_ONE_BY_ONE + 4)]
+    for path in many + [f"s3://{bucket}/y/locked.parquet"]:
+        storage.write_bytes(path, b"1", options)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_bulk_delete", refuses_one)
+    fs, root = storage.open_fs(f"s3://{bucket}/y", options)
+    with pytest.raises(StorageError, match=r"kept 1 of 21 files .*locked\.parquet"):
+        storage.delete_tree(fs, root)
+
+
+def test_a_folder_placeholder_is_not_a_file_the_store_kept(moto_s3):
+    """Consoles and Hadoop make "folder/" keys; a delete of the files beside one (and of the
+    placeholder, which s3fs leaves) is not a refusal."""
+    import boto3
+
+    from tests.conftest import make_bucket
+
+    bucket = f"del-{uuid.uuid4().hex[:8]}"
+    make_bucket(moto_s3, bucket)
+    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key="ds/data/", Body=b"")
+    client.put_object(Bucket=bucket, Key="ds/data/train-00000.parquet", Body=b"1")
+    fs, root = storage.open_fs(f"s3://{bucket}/ds", {"endpoint_url": moto_s3})
+    storage.delete_tree(fs, root)
+    assert not [p for p in storage.list_files(fs, root) if p.endswith(".parquet")]

@@ -157,3 +157,24 @@ def test_expired_answers_are_swept_so_only_recent_keys_hold_memory():
         assert await cache.get(recent, one) == 1 and cache.loads == reads_before
 
     asyncio.run(scenario())
+
+
+def test_the_sweep_stays_on_however_many_keys_were_live():
+    """A sweep that kept more than half of max_entries set the next one past max_entries,
+    after which only the wholesale clear at max_entries was left."""
+    from serve.cache import SWEEP_MIN
+
+    clock = Clock()
+    cache: ReadCache[int] = ReadCache(1.0, 2.0, clock=clock, max_entries=2 * SWEEP_MIN)
+
+    async def scenario() -> None:
+        async def one() -> int:
+            return 1
+
+        for n in range(6 * SWEEP_MIN):
+            await cache.get(n, one)
+            assert cache._sweep_at <= cache.max_entries
+        cache.clear()
+        assert cache._sweep_at == SWEEP_MIN
+
+    asyncio.run(scenario())
