@@ -280,13 +280,15 @@ def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
 
 
 def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """All files under ``path`` (recursively), sorted; [] when nothing is there."""
+    """All files under ``path`` (recursively), sorted; [] when nothing is there. A folder's
+    placeholder key on an object store (``data/``, as consoles and Hadoop make them) is no
+    file: s3fs lists it as one, and then deletes ``data`` instead."""
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     if fs.isfile(path):
         return [path]
-    return sorted(fs.find(path, withdirs=False))
+    return sorted(p for p in fs.find(path, withdirs=False) if not p.endswith("/"))
 
 
 def prune_empty_dirs(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -55,7 +55,7 @@ class ReadCache(Generic[T]):
         self.max_entries = max_entries
         self.clock = clock
         self._entries: dict[Hashable, _Entry[T]] = {}
-        self._sweep_at = SWEEP_MIN
+        self._sweep_at = min(SWEEP_MIN, max_entries)
         self._loads: dict[tuple[Hashable, Any], asyncio.Task] = {}
         self.loads = 0  # how many loads ran (tests and debugging)
 
@@ -80,7 +80,7 @@ class ReadCache(Generic[T]):
 
     def clear(self) -> None:
         self._entries.clear()
-        self._sweep_at = SWEEP_MIN
+        self._sweep_at = min(SWEEP_MIN, self.max_entries)
 
     def _start(self, key: Hashable, load: Callable[[], Awaitable[T]],
                generation: Any) -> asyncio.Task:
@@ -110,11 +110,15 @@ class ReadCache(Generic[T]):
         """Drop the answers no caller can be given any more (older than ``stale_s``, or of an
         older generation). Done whenever the entries have doubled since the last sweep: what
         is kept is then what was asked for within ``stale_s``, however many keys clients
-        have asked for before (each job row holds its spec, up to a megabyte)."""
+        have asked for before (each job row holds its spec, up to a megabyte). Where over
+        three quarters are still live, all go, as at ``max_entries``."""
         now, generation = self.clock(), self.generation()
         self._entries = {key: entry for key, entry in self._entries.items()
                          if now - entry.at < self.stale_s and entry.generation == generation}
-        self._sweep_at = min(max(SWEEP_MIN, 2 * len(self._entries)), self.max_entries)
+        if len(self._entries) > self.max_entries * 3 // 4:
+            self.clear()  # nearly all live: sweeping again soon would free next to nothing
+        else:
+            self._sweep_at = min(max(SWEEP_MIN, 2 * len(self._entries)), self.max_entries)
 
     @staticmethod
     def _finished(task: asyncio.Task) -> None:

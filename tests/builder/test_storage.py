@@ -113,8 +113,9 @@ def test_a_file_the_store_refused_to_delete_is_an_error(moto_s3, monkeypatch):
 
 
 def test_a_folder_placeholder_is_not_a_file_the_store_kept(moto_s3):
-    """Consoles and Hadoop make "folder/" keys; a delete of the files beside one (and of the
-    placeholder, which s3fs leaves) is not a refusal."""
+    """Consoles and Hadoop make "folder/" keys: no file to list (a location holding only
+    one read as holding dataset files), and a delete of the files beside one is no
+    refusal."""
     import boto3
 
     from tests.conftest import make_bucket
@@ -125,5 +126,6 @@ def test_a_folder_placeholder_is_not_a_file_the_store_kept(moto_s3):
     client.put_object(Bucket=bucket, Key="ds/data/", Body=b"")
     client.put_object(Bucket=bucket, Key="ds/data/train-00000.parquet", Body=b"1")
     fs, root = storage.open_fs(f"s3://{bucket}/ds", {"endpoint_url": moto_s3})
+    assert storage.list_files(fs, root) == [f"{bucket}/ds/data/train-00000.parquet"]
     storage.delete_tree(fs, root)
-    assert not [p for p in storage.list_files(fs, root) if p.endswith(".parquet")]
+    assert storage.list_files(fs, root) == []

@@ -176,5 +176,17 @@ def test_the_sweep_stays_on_however_many_keys_were_live():
             assert cache._sweep_at <= cache.max_entries
         cache.clear()
         assert cache._sweep_at == SWEEP_MIN
+        sweeps = 0
+        real = cache._sweep
+
+        def counted() -> None:
+            nonlocal sweeps
+            sweeps += 1
+            real()
+
+        cache._sweep = counted  # type: ignore[method-assign]
+        for n in range(10 * SWEEP_MIN):  # every key live (no time passes): cleared, not swept
+            await cache.get(("live", n), one)  # at every insert
+        assert sweeps <= 20 and len(cache._entries) <= cache.max_entries  # not one an insert
 
     asyncio.run(scenario())
