@@ -54,13 +54,13 @@ from builder.netguard import (
     UrlRejected,
     vet_url,
 )
-from builder.profiles import HostProfiles, host_key, user_agent
+from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
                             origin_file)
-from builder.spec import DownloadSpec
+from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 
 MAX_ROBOTS_REDIRECTS = 5

@@ -19,7 +19,6 @@ journal streams it in batches of files: memory stays flat however many units a j
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -100,12 +99,12 @@ def spec_fingerprint(spec: DatasetSpec, *, with_uri: bool = False) -> str:
 
 
 def _fingerprint_of(data: dict[str, Any], *, with_uri: bool = False) -> str:
-    """``spec_fingerprint`` of a spec's JSON form (changed in place)."""
-    data.pop("resources", None)
-    data.get("output", {}).pop("overwrite", None)
-    if not with_uri:
-        data.get("output", {}).pop("uri", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """``spec_fingerprint`` of a spec's JSON form (left as it is)."""
+    left_out = {"overwrite"} if with_uri else {"overwrite", "uri"}
+    kept = {key: value for key, value in data.items() if key != "resources"}
+    if "output" in kept:
+        kept["output"] = {k: v for k, v in kept["output"].items() if k not in left_out}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _same_once_upgraded(stored: Any, spec: DatasetSpec) -> bool:
@@ -114,7 +113,7 @@ def _same_once_upgraded(stored: Any, spec: DatasetSpec) -> bool:
     spells otherwise was written into the fingerprint as it was, so a job started with one
     resumes with the spec as this version takes it."""
     upgraded, changes = upgrade_saved_spec(stored)
-    return bool(changes) and _fingerprint_of(copy.deepcopy(upgraded)) == spec_fingerprint(spec)
+    return bool(changes) and _fingerprint_of(upgraded) == spec_fingerprint(spec)
 
 
 def report_to_json(unit: WorkUnit, report: UnitReport) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Iterable, Optional
 
 from yarl import URL
 
-from builder.spec import CONTACT_RE, DatasetSpec, DownloadSpec, HostProfileSpec
+from builder.spec import CONTACT_RE, DatasetSpec, DownloadSpec, HostProfileSpec, host_key
 
 WIKIMEDIA_THUMB_WIDTHS = (120, 250, 330, 500, 960, 1280, 1920, 3840)
 WIKIMEDIA_MAX_BYTES_PER_S = 25_000_000 / 8
@@ -76,12 +76,6 @@ class HostProfile:
         i = bisect.bisect_left(self.thumb_widths, width)
         standard = self.thumb_widths[min(i, len(self.thumb_widths) - 1)]
         return url.with_path(f"{head}/{m['pre']}{standard}px-{m['rest']}", encoded=True)
-
-
-def host_key(host: str) -> str:
-    """A host name as profiles and per-host limits compare it: lower case, without the
-    trailing dot of a fully qualified name (``upload.wikimedia.org.`` is that host)."""
-    return host.lower().rstrip(".")
 
 
 class HostProfiles:

@@ -83,6 +83,20 @@ def _source_field(src: dict[str, Any], field: str) -> Any:
     return src.get(field)
 
 
+def _unread_fields(src: dict[str, Any]) -> list[str]:
+    """The ``SOURCE_FIELD_READERS`` fields a source's mapping sets that its engine does not
+    read."""
+    return [field for field, readers in SOURCE_FIELD_READERS.items()
+            if _source_field(src, field) not in (None, "") and src.get("engine") not in readers]
+
+
+def host_key(host: str) -> str:
+    """A host name as profiles, per-host limits and ``download.hosts`` compare it: lower
+    case, without the trailing dot of a fully qualified name (``upload.wikimedia.org.`` is
+    that host)."""
+    return host.strip().lower().rstrip(".")
+
+
 def _unused_field(engine: str, field: str) -> str:
     """Why ``field`` is refused on a source of ``engine``, and what to do."""
     own = ENDPOINT_FIELDS.get(engine)
@@ -359,9 +373,7 @@ def upgrade_saved_spec(data: Any) -> tuple[Any, list[str]]:
         kept = []
         for i, src in enumerate(sources):
             if isinstance(src, dict):
-                unread = [field for field, readers in SOURCE_FIELD_READERS.items()
-                          if _source_field(src, field) not in (None, "")
-                          and src.get("engine") not in readers]
+                unread = _unread_fields(src)
                 if unread:
                     src = dict(src)
                     for field in unread:
@@ -380,7 +392,7 @@ def upgrade_saved_spec(data: Any) -> tuple[Any, list[str]]:
         if isinstance(hosts, dict):
             spelled: dict[Any, tuple[Any, Any]] = {}  # name -> (the key it came from, profile)
             for host, profile in hosts.items():
-                name = host.strip().lower().rstrip(".") if isinstance(host, str) else host
+                name = host_key(host) if isinstance(host, str) else host
                 if name != host:
                     changes.append(f"download.hosts.{host} read as {name}")
                 earlier = spelled.get(name)
@@ -441,11 +453,9 @@ class SourceSpec(_Model):
             raise ValueError("engine 'urllist' needs 'path' (a txt/csv/jsonl/parquet file of URLs)")
         if self.engine == "sandbox" and not self.url:
             raise ValueError("engine 'sandbox' needs 'url' (the sandbox web's base URL)")
-        data = {"url": self.url, "path": self.path, "options": self.options}
-        problems = [(field, _unused_field(self.engine, field))
-                    for field, readers in SOURCE_FIELD_READERS.items()
-                    if _source_field(data, field) not in (None, "")
-                    and self.engine not in readers]
+        data = {"engine": self.engine, "url": self.url, "path": self.path,
+                "options": self.options}
+        problems = [(field, _unused_field(self.engine, field)) for field in _unread_fields(data)]
         problems += [(f"options.{key}", f"must be a URL (a string), not {self.options[key]!r}")
                      for key in ("base_url", "proxy")
                      if not isinstance(self.options.get(key, ""), (str, type(None)))]
@@ -572,9 +582,8 @@ class DownloadSpec(_Model):
                     "body waits for room (the oldest body being read always proceeds)")
     contact: Optional[str] = Field(
         default=None, max_length=MAX_CONTACT_CHARS, description="the operator's email or URL, "
-        "added to the "
-        "User-Agent; "
-        "needed to crawl the public web (Wikimedia and others require one)")
+        "added to the User-Agent; needed to crawl the public web (Wikimedia and others require "
+        "one)")
     hosts: dict[str, HostProfileSpec] = Field(
         default_factory=dict, description="per-host politeness profiles (a host name, or "
         "*.domain, in any case), over the built-in ones")
@@ -587,7 +596,7 @@ class DownloadSpec(_Model):
         profile is found however a spec spells its host."""
         out: dict[str, HostProfileSpec] = {}
         for host, profile in hosts.items():
-            name = host.strip().lower().rstrip(".")
+            name = host_key(host)
             if name in out:
                 raise ValueError(f"{host!r} names the host {name!r} again; give each host once")
             out[name] = profile

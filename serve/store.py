@@ -47,7 +47,7 @@ def states_before(state: str) -> list[str]:
     return [s for s in STATES if s in ACTIVE and RANK[s] <= RANK[state]]
 """Handed to Ray: the jobs that hold a share of the cluster (serve.schedule)."""
 KEY_PREFIX = "pxc_"
-KEY_FORM = re.compile(r"pxc_[A-Za-z0-9_-]{43}")
+KEY_FORM = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
 """What every key ``create_key`` makes looks like (the prefix and 32 random bytes, URL-safe
 base64): anything else is no key, refused before a lookup."""
 
