@@ -113,11 +113,11 @@ class ServeSettings(BaseModel):
                                      "per API key")
     max_spec_bytes: int = Field(default=1_000_000, ge=1024)
     keep_ended_jobs: int = Field(default=1000, ge=1, description="ended jobs the store keeps "
-                                 "per API key, newest first (older rows are deleted at the "
-                                 "key's next submit; datasets stay)")
+                                 "per API key, the last ended first (older rows are deleted "
+                                 "at the key's next submit; datasets stay)")
     keep_ended_mb: float = Field(default=64.0, gt=0, description="at most this much of ended "
                                  "jobs' specs, progress and stats (millions of characters) "
-                                 "is kept per API key, newest first")
+                                 "is kept per API key, the last ended first")
     max_yaml_spec_bytes: int = Field(default=131_072, ge=1024, description="a YAML body's "
                                      "limit: YAML is read in Python, 1 MB of it takes 6-16 s "
                                      "of CPU; a larger spec can be sent as JSON")
