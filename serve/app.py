@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from urllib.parse import quote
 
 import ray
 import yaml
@@ -48,7 +49,7 @@ from builder.spec import CATEGORY_KEYS, DatasetSpec, parse_spec
 from builder.writers import JOB_ID_RE
 from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import (Authenticator, HostCheck, HostGuard, Principal, RateLimiter, host_name,
-                        too_many_requests)
+                        too_many_requests, unauthorized)
 from serve.cache import ReadCache
 from serve.errors import ApiError, not_found
 from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, encode, query_params,
@@ -151,6 +152,12 @@ class ServeSettings(BaseModel):
     max_stream_s: float = Field(default=3600.0, gt=0, description="an event stream ends after "
                                 "this long with an `error` event (code `stream_expired`); "
                                 "SSE clients reconnect by themselves")
+    stream_token_s: float = Field(default=300.0, gt=0, description="how long a token from "
+                                  "POST /v1/jobs/{id}/events/token opens that job's event "
+                                  "stream (`?token=`, for a browser's EventSource, which "
+                                  "cannot send the key in a header): a token in a logged URL "
+                                  "lets whoever reads the log watch that job's progress for "
+                                  "this long, and nothing else")
     policy: ApiPolicy = Field(default_factory=ApiPolicy, description="what API users may set "
                               "in a spec, and how the cluster is shared (serve/policy.py)")
     allowed_hosts: list[str] = Field(
@@ -646,7 +653,8 @@ class JobAPI:
         self.data_dir = Path(s.data_dir or ".")
         self.store = JobStore(s.store)
         self.launcher = JobLauncher(self.data_dir / "jobs", s.dashboard_address)
-        self.auth = Authenticator(self.store, enabled=s.auth, cache_s=s.key_cache_s)
+        self.auth = Authenticator(self.store, enabled=s.auth, cache_s=s.key_cache_s,
+                                  stream_token_s=s.stream_token_s)
         self.limiter = RateLimiter(s.rate_limit_per_s, s.rate_limit_burst)
         self.host_guard = HostGuard(enabled=not s.auth, names=s.allowed_hosts)  # HostCheck's
         self.spec_reader = SpecReader(s)
@@ -688,9 +696,11 @@ class JobAPI:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def _caller(self, request: Request, query_key: Optional[str] = None) -> Principal:
-        principal = await self.auth.authenticate(request.headers.get("authorization"),
-                                                 query_key)
+    async def _caller(self, request: Request) -> Principal:
+        return self._limited(await self.auth.authenticate(request.headers.get("authorization")))
+
+    def _limited(self, principal: Principal) -> Principal:
+        """``principal`` if its key's request rate allows one more, else ApiError 429."""
         wait = self.limiter.acquire(principal.owner)
         if wait is not None:
             raise too_many_requests(wait)
@@ -939,15 +949,24 @@ class JobAPI:
                          "revoked meanwhile, or with code `stream_expired` after "
                          "`max_stream_s` (reconnect). A key may have `max_streams_per_key` "
                          "streams open per replica; one more answers 429. "
-                         "EventSource cannot send headers, so "
-                         "this route also takes the API key as `?key=`.")
+                         "Send the key as `Authorization: Bearer <key>`; a browser's "
+                         "EventSource, which cannot send headers, sends `?token=` with a "
+                         "token from POST /v1/jobs/{id}/events/token instead. An API key "
+                         "in the URL (`?key=`) is refused: URLs reach logs.")
     async def events(self, job_id: str, request: Request,
-                     key: Optional[str] = Query(None, description="API key")) -> StreamingResponse:
-        principal = await self._caller(request, query_key=key)
+                     token: Optional[str] = Query(None, description="a stream token (POST "
+                                                  "/v1/jobs/{id}/events/token)")
+                     ) -> StreamingResponse:
+        if self.auth.enabled and "key" in request.query_params:
+            raise unauthorized("an API key is not taken in a URL, where proxies, servers and "
+                               "browsers log it: send 'Authorization: Bearer <key>', or "
+                               "`?token=` with a token from POST /v1/jobs/{id}/events/token")
+        principal = self._limited(await self.auth.authenticate_stream(
+            request.headers.get("authorization"), token, job_id))
         row = await self._row(job_id, principal)
 
         async def still_valid() -> None:
-            await self.auth.authenticate(request.headers.get("authorization"), key)
+            await self.auth.still_active(principal)
 
         # Nothing is awaited from here to the response's own release: the slot cannot leak.
         release = self.streams.take(principal.owner)
@@ -955,6 +974,19 @@ class JobAPI:
             self._stream(row, principal, still_valid, self.settings.max_stream_s), release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/jobs/{job_id}/events/token", summary="A token that opens the job's event "
+              "stream", description="For a browser's EventSource, which cannot send the API "
+              "key in a header: `{token, expires_at, events_url}`. The token opens this job's "
+              "event stream (`GET /v1/jobs/{id}/events?token=`) until `expires_at` (Unix "
+              "seconds, `stream_token_s` from now) while the key is active, and nothing "
+              "else: unlike the key, it may go into a URL.")
+    async def events_token(self, job_id: str, request: Request) -> JSONResponse:
+        principal = await self._caller(request)
+        row = await self._row(job_id, principal)
+        token, expires = await self.auth.stream_token(principal, row.id)
+        return JSONResponse({"token": token, "expires_at": expires,
+                             "events_url": f"/v1/jobs/{quote(row.id)}/events?token={token}"})
 
     async def _stream(self, row: JobRow, principal: Principal,
                       still_valid: Callable[[], Awaitable[None]],

@@ -1,7 +1,9 @@
 """API keys on requests, and the per-key request rate limit.
 
-A request carries ``Authorization: Bearer <key>``; the events route also takes ``?key=`` because
-a browser's ``EventSource`` cannot send headers. Key lookups go through a ``ReadCache``: each
+A request carries ``Authorization: Bearer <key>``. A browser's ``EventSource`` cannot send
+headers, so the events route also takes ``?token=``: a ``StreamTokens`` token for that one job,
+short-lived, never the key itself (a URL reaches proxies' and servers' logs and the browser's
+history, so an API key there is refused). Key lookups go through a ``ReadCache``: each
 answer is remembered for ``cache_s`` per replica (so a revoked key stops working within that
 time), requests for one key share a lookup, and the store is read on a worker thread, never on
 the replica's event loop.
@@ -20,6 +22,10 @@ send requests that change something with its own ``Origin``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
 import ipaddress
 import math
 import re
@@ -79,26 +85,129 @@ def too_many_requests(retry_after: float) -> ApiError:
                     headers={"Retry-After": str(seconds)})
 
 
-class Authenticator:
-    """Turns a request's key into a Principal, or raises ApiError 401. Use from one event
-    loop (the replica's)."""
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
-    def __init__(self, store: JobStore, enabled: bool = True, cache_s: float = 5.0):
+
+STREAM_TOKEN_PREFIX = "pxs_"
+MAX_STREAM_TOKEN = 512
+"""Characters a stream token may have: its job id (at most 160), key id, expiry and signature
+take under 300; a longer string is refused unread."""
+_TOKEN_CONTEXT = b"pixcrawler event stream tokens"
+
+
+def token_secret(salt: str) -> bytes:
+    """The stream tokens' signing secret, derived from the store's key salt: every replica
+    sharing the store (or ``PIXCRAWLER_KEY_SALT``) has it, and nothing more is stored."""
+    return hmac.new(salt.encode(), _TOKEN_CONTEXT, hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class StreamTokens:
+    """Signed permissions to open one job's event stream for a while (``ttl_s``).
+
+    A token is the key's id, the time it expires and the job's id, signed with HMAC-SHA256:
+    any replica that shares the store checks it without a lookup, and no token is stored.
+    Seen in a log, it lets whoever saw it open that job's progress stream until it expires,
+    and then only while the key is not revoked; the key itself never goes into a URL."""
+
+    def __init__(self, secret: bytes, ttl_s: float,
+                 clock: Callable[[], float] = time.time):
+        self.secret = secret
+        self.ttl_s = ttl_s
+        self.clock = clock
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self.secret, body.encode("ascii"), hashlib.sha256).digest())
+
+    def issue(self, owner: str, job_id: str) -> tuple[str, int]:
+        """(token, when it expires in Unix seconds) for ``owner``'s job ``job_id``."""
+        expires = math.ceil(self.clock() + self.ttl_s)
+        body = _b64(f"{owner}\n{expires}\n{job_id}".encode())
+        return f"{STREAM_TOKEN_PREFIX}{body}.{self._sign(body)}", expires
+
+    def owner(self, token: str, job_id: str) -> str:
+        """The key id ``token`` was made for; ApiError 401 unless it is a token of this
+        server for ``job_id`` that has not expired."""
+        again = (" (get one with POST /v1/jobs/{id}/events/token, sending the API key in "
+                 "the Authorization header)")
+        if not (len(token) <= MAX_STREAM_TOKEN and token.isascii()
+                and token.startswith(STREAM_TOKEN_PREFIX)):
+            raise unauthorized("not a stream token" + again)
+        body, dot, signature = token[len(STREAM_TOKEN_PREFIX):].partition(".")
+        if not dot or not hmac.compare_digest(signature, self._sign(body)):
+            raise unauthorized("not a stream token of this server" + again)
+        try:
+            owner, expires, for_job = base64.urlsafe_b64decode(
+                body + "=" * (-len(body) % 4)).decode().split("\n", 2)
+            ends = int(expires)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise unauthorized("not a stream token of this server" + again) from None
+        if for_job != job_id:
+            raise unauthorized("this stream token is for another job" + again)
+        if ends < self.clock():
+            raise unauthorized("this stream token has expired" + again)
+        return owner
+
+
+class Authenticator:
+    """Turns a request's key (or an event stream's token) into a Principal, or raises
+    ApiError 401. Use from one event loop (the replica's)."""
+
+    def __init__(self, store: JobStore, enabled: bool = True, cache_s: float = 5.0,
+                 stream_token_s: float = 300.0):
         self.store = store
         self.enabled = enabled
         self.cache_s = cache_s
+        self.stream_token_s = stream_token_s
         self._keys: ReadCache[Optional[ApiKey]] = ReadCache(cache_s)
+        self._ids: ReadCache[Optional[ApiKey]] = ReadCache(cache_s)
+        self._tokens: Optional[StreamTokens] = None
 
-    async def authenticate(self, authorization: Optional[str],
-                           query_key: Optional[str] = None) -> Principal:
+    async def _stream_tokens(self) -> StreamTokens:
+        if self._tokens is None:
+            salt = await asyncio.to_thread(lambda: self.store.salt)
+            self._tokens = StreamTokens(token_secret(salt), self.stream_token_s)
+        return self._tokens
+
+    async def stream_token(self, principal: Principal, job_id: str) -> tuple[str, int]:
+        """A token that opens ``job_id``'s event stream as ``principal``, and its expiry."""
+        return (await self._stream_tokens()).issue(principal.owner, job_id)
+
+    async def authenticate_stream(self, authorization: Optional[str], token: Optional[str],
+                                  job_id: str) -> Principal:
+        """The caller of an event stream: the Authorization header if sent, else ``?token=``
+        (checked against ``job_id``, and its key must still be active)."""
+        if not self.enabled or authorization:
+            return await self.authenticate(authorization)
+        if not token:
+            raise unauthorized("missing credentials: send 'Authorization: Bearer <key>', or "
+                               "(from a browser's EventSource) `?token=` with a token from "
+                               "POST /v1/jobs/{id}/events/token")
+        owner = (await self._stream_tokens()).owner(token, job_id)
+        return await self.still_active(Principal(owner=owner, name=""))
+
+    async def still_active(self, principal: Principal) -> Principal:
+        """``principal`` again if its key is still active (through the cache, ``cache_s``),
+        else ApiError 401."""
+        if not self.enabled:
+            return principal
+        record = await self._ids.get(
+            principal.owner, lambda: asyncio.to_thread(self.store.active_key, principal.owner))
+        if record is None:
+            raise unauthorized("invalid or revoked API key")
+        return Principal(owner=record.id, name=record.name)
+
+    async def authenticate(self, authorization: Optional[str]) -> Principal:
         if not self.enabled:
             return Principal(owner=ANONYMOUS, name=ANONYMOUS)
-        key = _bearer(authorization) if authorization else (query_key or "").strip()
+        key = _bearer(authorization) if authorization else ""
         if not key:
-            raise ApiError(401, "unauthorized",
-                           "missing API key: send 'Authorization: Bearer <key>' (create one "
-                           "with `pixcrawler keys create NAME`)",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise unauthorized("missing API key: send 'Authorization: Bearer <key>' (create "
+                               "one with `pixcrawler keys create NAME`)")
         # A string that cannot be a key is refused before the cache: each one kept (any
         # length, from anyone, for cache_s) would let a client without a key fill the
         # replica's memory.
@@ -107,16 +216,14 @@ class Authenticator:
             record = await self._keys.get(
                 key, lambda: asyncio.to_thread(self.store.verify_key, key))
         if record is None:
-            raise ApiError(401, "unauthorized", "invalid or revoked API key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise unauthorized("invalid or revoked API key")
         return Principal(owner=record.id, name=record.name)
 
 
 def _bearer(header: str) -> str:
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        raise ApiError(401, "unauthorized", "the Authorization header must be 'Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise unauthorized("the Authorization header must be 'Bearer <key>'")
     return value.strip()
 
 

@@ -297,6 +297,15 @@ class JobStore:
             return None
         return _key(row)
 
+    def active_key(self, key_id: str) -> Optional[ApiKey]:
+        """The active key with this id, or None (revoked or unknown)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(keys_table).where(
+                keys_table.c.id == key_id)).mappings().first()
+        if row is None or row["revoked_at"] is not None:
+            return None
+        return _key(row)
+
     def list_keys(self) -> list[ApiKey]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(keys_table)

@@ -129,9 +129,11 @@ class ServeApp:
 
     def events(self, key: str, job_id: str, timeout: float = 150
                ) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(event, data) pairs from the job's event stream until it ends."""
-        with requests.get(self.url(f"/v1/jobs/{job_id}/events"), params={"key": key},
-                          stream=True, timeout=timeout) as r:
+        """(event, data) pairs from the job's event stream until it ends, opened as a
+        browser's EventSource opens it: with a stream token in the URL, not the key."""
+        r = self.call("POST", f"/v1/jobs/{job_id}/events/token", key)
+        assert r.status_code == 200, r.text
+        with requests.get(self.url(r.json()["events_url"]), stream=True, timeout=timeout) as r:
             assert r.status_code == 200, r.text
             assert r.headers["content-type"].startswith("text/event-stream")
             event = None

@@ -10,6 +10,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import pytest
 import ray
@@ -201,13 +202,53 @@ def test_requests_without_a_valid_key_get_401(serve_app, finished):
     assert r.status_code == 401
 
 
+def test_the_event_stream_takes_the_key_in_a_header_or_a_token_never_in_the_url(
+        serve_app, finished):
+    """``?key=`` put the API key into every proxy's and server's log; a browser now sends a
+    token that opens one job's stream for a while and nothing else."""
+    key, job_id, _ = finished
+
+    def stream(path: str, key: Optional[str] = None) -> requests.Response:
+        return serve_app.call("GET", path, key, stream=True)
+
+    with stream(f"/v1/jobs/{job_id}/events", key) as r:
+        assert r.status_code == 200 and "event: end" in r.text
+    r = stream(f"/v1/jobs/{job_id}/events?key={key}")
+    assert r.status_code == 401 and "not taken in a URL" in r.json()["error"]["message"]
+    r = stream(f"/v1/jobs/{job_id}/events?key={key}", key)
+    assert r.status_code == 401  # refused even beside a valid header: it is in a log now
+
+    answer = serve_app.call("POST", f"/v1/jobs/{job_id}/events/token", key)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    token = body["token"]
+    assert key not in answer.text and token.startswith("pxs_")
+    assert 290 <= body["expires_at"] - time.time() <= 301  # stream_token_s, 300 by default
+    assert body["events_url"] == f"/v1/jobs/{job_id}/events?token={token}"
+    with stream(body["events_url"]) as r:
+        assert r.status_code == 200 and "event: end" in r.text
+    # The token opens that stream only: not another route, not another job's stream.
+    for method, path in (("GET", f"/v1/jobs/{job_id}?token={token}"),
+                         ("GET", f"/v1/jobs?token={token}"),
+                         ("GET", f"/v1/jobs/{job_id}/samples?token={token}"),
+                         ("DELETE", f"/v1/jobs/{job_id}?token={token}"),
+                         ("POST", f"/v1/jobs/{job_id}/events/token?token={token}")):
+        r = serve_app.call(method, path)
+        assert r.status_code == 401, (method, path, r.text)
+    r = stream(f"/v1/jobs/{job_id}0/events?token={token}")
+    assert r.status_code == 401 and "another job" in r.json()["error"]["message"]
+    r = stream(f"/v1/jobs/{job_id}/events?token={token[:-2]}")
+    assert r.status_code == 401 and "not a stream token" in r.json()["error"]["message"]
+
+
 def test_another_keys_job_is_not_found(serve_app, finished):
     _, job_id, _ = finished
     other = serve_app.new_key("intruder")
     for method, path in (("GET", f"/v1/jobs/{job_id}"), ("DELETE", f"/v1/jobs/{job_id}"),
                          ("GET", f"/v1/jobs/{job_id}/samples"),
-                         ("GET", f"/v1/jobs/{job_id}/events?key={other}")):
-        r = serve_app.call(method, path, None if "key=" in path else other)
+                         ("GET", f"/v1/jobs/{job_id}/events"),
+                         ("POST", f"/v1/jobs/{job_id}/events/token")):
+        r = serve_app.call(method, path, other)
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["error"]["code"] == "job_not_found"
     assert serve_app.call("GET", "/v1/jobs", other).json()["jobs"] == []
@@ -326,6 +367,7 @@ def test_ids_and_pages_that_cannot_exist_are_a_404_or_a_422_never_a_500(serve_ap
     nine digits overflowed the store's integers."""
     key = serve_app.new_key("odd-ids")
     for method, path in (("GET", "/v1/jobs/%00"), ("GET", "/v1/jobs/a%00b/events"),
+                         ("POST", "/v1/jobs/a%00b/events/token"),
                          ("DELETE", "/v1/jobs/%00"), ("GET", "/v1/jobs/" + "a" * 200),
                          ("GET", "/v1/jobs/a%0A/samples")):
         r = serve_app.call(method, path, key)
@@ -386,7 +428,8 @@ def test_a_revoked_keys_event_stream_ends_with_an_error(serve_app, sandbox):
         "per_host_concurrency": 1, "per_host_delay_s": 0.3}))
     store = JobStore(serve_app.settings["store"])
     try:
-        with requests.get(serve_app.url(f"/v1/jobs/{job_id}/events"), params={"key": key},
+        token = serve_app.call("POST", f"/v1/jobs/{job_id}/events/token", key).json()["token"]
+        with requests.get(serve_app.url(f"/v1/jobs/{job_id}/events"), params={"token": token},
                           stream=True, timeout=120) as r:
             lines = r.iter_lines(decode_unicode=True)
             first = next(line for line in lines if line.startswith("event: "))

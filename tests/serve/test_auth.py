@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from serve.auth import ANONYMOUS, Authenticator, RateLimiter
+from serve.auth import (ANONYMOUS, MAX_STREAM_TOKEN, STREAM_TOKEN_PREFIX, Authenticator,
+                        Principal, RateLimiter, StreamTokens, token_secret)
 from serve.errors import ApiError
 from serve.store import JobStore
 
@@ -37,20 +38,20 @@ def test_zero_rate_turns_the_limit_off():
     assert all(limiter.acquire("k") is None for _ in range(100))
 
 
-def test_authenticator_reads_bearer_or_query_key(tmp_path):
+def test_authenticator_reads_the_bearer_key(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
     plaintext, key = store.create_key("web")
     auth = Authenticator(store, cache_s=0)
 
-    def authenticate(header, query=None):
-        return asyncio.run(auth.authenticate(header, query))
+    def authenticate(header):
+        return asyncio.run(auth.authenticate(header))
 
     assert authenticate(f"Bearer {plaintext}").owner == key.id
-    assert authenticate(None, plaintext).name == "web"
-    for header, query in ((None, None), ("Bearer", None), ("Token abc", None),
-                          (f"Bearer {plaintext}x", None), (None, "pxc_wrong")):
+    assert authenticate(f"bearer  {plaintext} ").name == "web"
+    for header in (None, "", "Bearer", "Token abc", f"Bearer {plaintext}x", "Bearer pxc_wrong",
+                   plaintext):
         with pytest.raises(ApiError) as exc:
-            authenticate(header, query)
+            authenticate(header)
         assert exc.value.status == 401 and exc.value.code == "unauthorized"
     store.revoke_key("web")
     with pytest.raises(ApiError):
@@ -105,7 +106,76 @@ def test_a_string_that_cannot_be_a_key_is_refused_before_any_lookup_or_cache(tmp
                 await auth.authenticate(f"Bearer {junk}")
             assert exc.value.status == 401
         assert reads == [] and not auth._keys._entries
-        assert (await auth.authenticate(None, plaintext)).owner == key.id
+        assert (await auth.authenticate(f"Bearer {plaintext}")).owner == key.id
         assert reads == [plaintext]
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_token_opens_its_own_job_only_until_it_expires():
+    clock = Clock()
+    tokens = StreamTokens(token_secret("salt"), ttl_s=300, clock=clock)
+    token, expires = tokens.issue("k1", "pets-0001")
+    assert token.startswith(STREAM_TOKEN_PREFIX) and expires == 400
+    assert "k1" not in token and len(token) < 100
+    assert tokens.owner(token, "pets-0001") == "k1"
+    clock.now = 400.0
+    assert tokens.owner(token, "pets-0001") == "k1"
+
+    def refused(token: str, job_id: str = "pets-0001") -> str:
+        with pytest.raises(ApiError) as exc:
+            tokens.owner(token, job_id)
+        assert exc.value.status == 401 and exc.value.code == "unauthorized"
+        assert "POST /v1/jobs/{id}/events/token" in exc.value.message
+        return exc.value.message
+
+    assert "another job" in refused(token, "pets-0002")
+    clock.now = 400.5
+    assert "expired" in refused(token)
+    clock.now = 100.0
+    body, signature = token[len(STREAM_TOKEN_PREFIX):].split(".")
+    other_secret = StreamTokens(token_secret("pepper"), 300, clock).issue("k1", "pets-0001")[0]
+    forged_body = StreamTokens(b"", 0, clock).issue("k2", "pets-0001")[0].split(".")[0]
+    for junk in (other_secret, f"{forged_body}.{signature}", f"{token}x", token[:-1],
+                 STREAM_TOKEN_PREFIX + body, "pxc_" + token[4:], "é" + token,
+                 token + "A" * MAX_STREAM_TOKEN, ""):
+        assert "not a stream token" in refused(junk)
+    # Signed, but not what this server writes inside: still refused, not a 500.
+    for inside in (b"\xff\xfe", b"k1\nsoon\npets-0001", b"k1\n400"):
+        body = __import__("base64").urlsafe_b64encode(inside).rstrip(b"=").decode()
+        assert "not a stream token" in refused(f"{STREAM_TOKEN_PREFIX}{body}.{tokens._sign(body)}")
+
+
+def test_a_stream_caller_is_the_bearer_key_or_a_token_whose_key_is_active(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
+    plaintext, key = store.create_key("web")
+    auth = Authenticator(store, cache_s=0, stream_token_s=60)
+
+    async def scenario() -> None:
+        token, _ = await auth.stream_token(Principal(key.id, "web"), "pets-0001")
+        by_token = await auth.authenticate_stream(None, token, "pets-0001")
+        assert (by_token.owner, by_token.name) == (key.id, "web")
+        by_header = await auth.authenticate_stream(f"Bearer {plaintext}", "junk", "pets-0001")
+        assert by_header.owner == key.id  # the header, when sent, is what counts
+        for header, tok in ((None, None), (None, ""), (None, plaintext),
+                            (f"Bearer {token}", None)):
+            with pytest.raises(ApiError) as exc:
+                await auth.authenticate_stream(header, tok, "pets-0001")
+            assert exc.value.status == 401
+        # Another store (another salt) signs other tokens.
+        other = JobStore(f"sqlite:///{tmp_path / 'other.db'}")
+        foreign, _ = await Authenticator(other).stream_token(Principal(key.id, "web"),
+                                                              "pets-0001")
+        with pytest.raises(ApiError):
+            await auth.authenticate_stream(None, foreign, "pets-0001")
+        assert (await auth.still_active(by_token)).owner == key.id
+        store.revoke_key("web")
+        for attempt in (auth.authenticate_stream(None, token, "pets-0001"),
+                        auth.still_active(by_token)):
+            with pytest.raises(ApiError) as exc:
+                await attempt
+            assert "revoked" in exc.value.message
+        off = Authenticator(store, enabled=False)
+        assert (await off.authenticate_stream(None, None, "x")).owner == ANONYMOUS
 
     asyncio.run(scenario())

@@ -44,6 +44,8 @@ def page():
 
 def test_page_submits_the_example_and_shows_it_finish(serve_app, page):
     key = serve_app.new_key("browser")
+    requested: list[tuple[str, str]] = []
+    page.on("request", lambda request: requested.append((request.method, request.url)))
     page.goto(serve_app.url("/"))
     page.wait_for_selector("body[data-ready='1']")
     assert "engine: sandbox" in page.input_value("#spec")
@@ -73,6 +75,11 @@ def test_page_submits_the_example_and_shows_it_finish(serve_app, page):
         assert page.locator(f".gallery[data-label='{label}'] img").count() == 3
     assert page.inner_text("#output").endswith(page.inner_text("#job-title").split(" — ")[1])
     assert page.locator("#jobs tbody tr").count() == 1
+    # The live progress came over the event stream, opened with a token: the key is in no URL.
+    streams = [url for method, url in requested if method == "GET" and "/events?" in url]
+    assert streams and all("/events?token=pxs_" in url for url in streams), streams
+    assert ("POST", streams[0].split("?")[0] + "/token") in requested
+    assert not any(key in url for _, url in requested)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
 

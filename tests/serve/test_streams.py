@@ -37,8 +37,8 @@ def _api(max_streams: int = 4, max_stream_s: float = 3600.0,
                              max_stream_s=max_stream_s)
     seen: dict[str, int] = {}
 
-    async def caller(request: Any, query_key: Optional[str] = None) -> Any:
-        return SimpleNamespace(owner=query_key, name=query_key)
+    async def caller(authorization: Optional[str], token: Optional[str], job_id: str) -> Any:
+        return SimpleNamespace(owner=token, name=token)
 
     async def row(job_id: str, principal: Any) -> JobRow:
         return _row(job_id, principal.owner)
@@ -52,12 +52,13 @@ def _api(max_streams: int = 4, max_stream_s: float = 3600.0,
     async def valid() -> None:
         return None
 
-    api = SimpleNamespace(settings=settings, streams=StreamSlots(max_streams), _caller=caller,
-                          _row=row, _current=current,
-                          auth=SimpleNamespace(authenticate=lambda *a: (still_valid or valid)()))
+    api = SimpleNamespace(settings=settings, streams=StreamSlots(max_streams),
+                          _limited=lambda principal: principal, _row=row, _current=current,
+                          auth=SimpleNamespace(enabled=True, authenticate_stream=caller,
+                                               still_active=lambda *a: (still_valid or valid)()))
     api._stream = lambda *a, **k: JobAPI.func_or_class._stream(api, *a, **k)
-    api.events = lambda job_id, key: JobAPI.func_or_class.events(
-        api, job_id, SimpleNamespace(headers={}), key)
+    api.events = lambda job_id, owner: JobAPI.func_or_class.events(
+        api, job_id, SimpleNamespace(headers={}, query_params={}), owner)
     return api
 
 
