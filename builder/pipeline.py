@@ -583,13 +583,19 @@ def rejects_path(uri: str) -> str:
 
 
 def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Optional[dict],
-                   merge: bool, reports: Optional[Iterable[tuple[WorkUnit, UnitReport]]] = None
-                   ) -> QuotaLedger:
+                   merge: bool, reports: Optional[Iterable[tuple[WorkUnit, UnitReport]]] = None,
+                   unjournaled: int = 0) -> QuotaLedger:
     """The quota ledger as the journal (and the dataset a merge continues) says it stands:
     the committed units and their accepted counts, and shard numbers after every shard
     begun. A continuation decides again only rejects, so the published accepted counts hold
     as they are (rejects.parquet is not read). ``reports``: the journal's unit reports where
-    the caller has read them already (each is a file read from the output's store)."""
+    the caller has read them already (each is a file read from the output's store).
+
+    ``unjournaled``: how many shard numbers the ledger this one replaces may have handed out
+    that no journal file shows yet. A worker journals a shard's intent only as its upload
+    begins, after it got the number; a ledger restarted in between would hand that number
+    out again, and two shards would write one file. Each split's numbers go on that far past
+    the journal's (numbers left unused are gaps, as an abandoned shard leaves)."""
     accepted: Counter = Counter()
     journal = Journal(uri, job_id, storage_options)
     if merge:
@@ -604,6 +610,9 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
     numbers = DatasetPublisher.next_numbers(*open_fs(uri, storage_options))
     for split, n in journal.next_shard_numbers().items():
         numbers[split] = max(numbers.get(split, 0), n)
+    if unjournaled:
+        numbers = {split: numbers.get(split, 0) + unjournaled
+                   for split in {*numbers, *spec.output.splits}}
     targets = {label: spec.target_of(label) for label in spec.labels}
     return QuotaLedger(targets, dict(accepted), numbers, committed)
 

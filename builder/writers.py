@@ -708,7 +708,7 @@ class DatasetPublisher:
             if sub not in subs:
                 continue
             for path in list_files(fs, f"{root}/{sub}"):
-                m = re.match(r"^(?P<split>.+)-(?P<n>\d{5})" + re.escape(suffix) + "$",
+                m = re.match(r"^(?P<split>.+)-(?P<n>\d{5,})" + re.escape(suffix) + "$",
                              path.rsplit("/", 1)[-1])
                 if m:
                     out[m["split"]] = max(out.get(m["split"], 0), int(m["n"]) + 1)

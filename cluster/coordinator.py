@@ -148,8 +148,10 @@ class RayExecutor:
                 p, plan.partitions, v.near_duplicate_threshold, v.level != "fast", recovery,
                 life.index_starts_empty, signatures=life.index_signatures)
             for p, name in enumerate(names.partitions)]
+        # Each worker holds at most one shard number its journal does not show yet: it asks
+        # for the next once the last one's intent is written (ShardAssembler._write).
         self.quota = QuotaActor.options(name=names.quota, namespace=NAMESPACE, **small).remote(
-            ledger, life.recovery())
+            ledger, {**life.recovery(), "unjournaled": plan.workers})
         self.limiters: dict[int, Any] = {}
         self.limiter_names: dict[int, str] = {}
         for i, src in enumerate(spec.sources):

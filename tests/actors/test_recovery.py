@@ -55,16 +55,19 @@ def test_a_ledger_starts_as_the_driver_gave_it_and_a_restarted_one_reads_the_jou
                        "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
                        "output": {"uri": uri}})
     recovery = {"spec": spec, "uri": uri, "job_id": "job1", "storage_options": None,
-                "merge": False}
+                "merge": False, "unjournaled": 3}
     actor = QuotaActor.options(**own_process()).remote(QuotaLedger({"cat": 1000}), recovery)
     try:
         first, rooms = ray.get(actor.call.remote("rooms"), timeout=60)
         assert rooms == {"cat": 1000}  # the ledger it was given, not the journal's
+        assert ray.get(actor.call.remote("next_shard", "train"), timeout=60)[1] == 0
         assert not imported(actor, "builder.pipeline")
         kill_process(actor)
         again, rooms = ray.get(actor.call.remote("rooms"), timeout=60)
         assert again != first
         assert rooms == {"cat": 1000 - accepted}
+        # Past the numbers the lost ledger may have handed out and no journal shows yet.
+        assert ray.get(actor.call.remote("next_shard", "train"), timeout=60)[1] == 3
     finally:
         ray.kill(actor, no_restart=True)
 

@@ -171,6 +171,32 @@ def test_a_recovered_ledger_knows_the_journaled_units_and_counts_them_once(tmp_p
     assert ledger.snapshot()["cat"] == {"target": 1000, "accepted": accepted + 2, "granted": 0}
 
 
+def test_a_recovered_ledger_never_hands_out_a_number_the_lost_one_handed_out(tmp_path):
+    """A worker gets a shard number, then journals the shard's intent as its upload begins.
+    A ledger restarted in between read the journal without that number and handed it out
+    again: two shards of one name. With ``unjournaled`` (one number per worker) it goes on
+    past every number the lost ledger may have handed out, in every split."""
+    from builder.pipeline import recover_ledger
+
+    uri = str(tmp_path / "ds")
+    journal, _ = write_journal(uri, None)
+    journal.write_shard_intent("train-00004", ["data/train-00004.parquet"])
+    spec = parse_spec({"name": "ds", "target": 1000, "classes": {"cat": None},
+                       "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
+                       "output": {"uri": uri, "splits": {"train": 0.8, "validation": 0.2}}})
+    lost = recover_ledger(spec, uri, "job1", None, merge=False)
+    workers = 2  # each holds one number not journaled yet
+    handed = {("train", lost.next_shard("train")), ("validation", lost.next_shard("validation"))}
+    assert handed == {("train", 5), ("validation", 0)}
+    again = recover_ledger(spec, uri, "job1", None, merge=False)
+    assert {("train", again.next_shard("train"))} <= handed  # what the fix prevents
+    again = recover_ledger(spec, uri, "job1", None, merge=False, unjournaled=workers)
+    after = {(split, again.next_shard(split)) for split in ("train", "validation")
+             for _ in range(3)}
+    assert not handed & after
+    assert min(n for split, n in after if split == "train") == 5 + workers
+
+
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                    "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",

@@ -441,6 +441,20 @@ def test_a_merge_keeps_the_old_files_and_numbers_after_them(local):
     assert any(p.startswith("data/") for p in local.files())
 
 
+def test_shard_numbers_past_five_digits_are_counted(tmp_path):
+    """Names are zero-padded to five digits and grow past them; the numbers after a dataset's
+    shards were read from five-digit names only, so a split's 100,000th shard was numbered
+    again (a merge would then overwrite it)."""
+    root = tmp_path / "ds"
+    for name in ("data/train-99999.parquet", "data/train-100000.parquet",
+                 "data/my-val-00007.parquet", "webdataset/test-1234567.tar",
+                 "data/train-1234.parquet", "data/train-x0001.parquet"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    assert DatasetPublisher.next_numbers(*storage.open_fs(str(root))) == {
+        "train": 100001, "my-val": 8, "test": 1234568}
+
+
 def test_publish_partial(target):
     job = target.job()
     write_all(job, make_rows())
