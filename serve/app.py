@@ -5,6 +5,7 @@
     GET    /v1/jobs/{id}            state, per-class progress, rejects by reason, output, error
     DELETE /v1/jobs/{id}            cancel (a partial result is written and marked)
     GET    /v1/jobs/{id}/events     server-sent events with live progress until the job ends
+    POST   /v1/jobs/{id}/events/token  a token that opens that stream (for EventSource)
     GET    /v1/jobs/{id}/samples    thumbnails of accepted images (?label=&limit=)
     GET    /v1/example              the example spec the page starts with
     GET    /healthz                 liveness + store check
@@ -318,6 +319,10 @@ def job_view(row: JobRow, live: Optional[dict[str, Any]] = None,
 
 
 _COUNTS = ("candidates", "accepted", "rejected")
+
+
+TOKEN_BUCKET = "/stream-token"
+"""The rate limiter's bucket of a key's requests made with a stream token."""
 
 
 class StreamSlots:
@@ -699,9 +704,10 @@ class JobAPI:
     async def _caller(self, request: Request) -> Principal:
         return self._limited(await self.auth.authenticate(request.headers.get("authorization")))
 
-    def _limited(self, principal: Principal) -> Principal:
-        """``principal`` if its key's request rate allows one more, else ApiError 429."""
-        wait = self.limiter.acquire(principal.owner)
+    def _limited(self, principal: Principal, bucket: str = "") -> Principal:
+        """``principal`` if its key's request rate allows one more, else ApiError 429.
+        ``bucket`` names a separate one of the key's buckets."""
+        wait = self.limiter.acquire(principal.owner + bucket)
         if wait is not None:
             raise too_many_requests(wait)
         return principal
@@ -957,13 +963,19 @@ class JobAPI:
                      token: Optional[str] = Query(None, description="a stream token (POST "
                                                   "/v1/jobs/{id}/events/token)")
                      ) -> StreamingResponse:
-        if self.auth.enabled and "key" in request.query_params:
+        if self.auth.enabled and any(name.lower() == "key" for name in request.query_params):
             raise unauthorized("an API key is not taken in a URL, where proxies, servers and "
                                "browsers log it: send 'Authorization: Bearer <key>', or "
                                "`?token=` with a token from POST /v1/jobs/{id}/events/token")
-        principal = self._limited(await self.auth.authenticate_stream(
-            request.headers.get("authorization"), token, job_id))
+        principal, expires = await self.auth.authenticate_stream(
+            request.headers.get("authorization"), token, job_id)
+        # A token's requests spend a bucket of their own: one read from a log cannot use up
+        # the key's requests.
+        self._limited(principal, "" if expires is None else TOKEN_BUCKET)
         row = await self._row(job_id, principal)
+        max_s = self.settings.max_stream_s
+        if expires is not None:
+            max_s = min(max_s, max(0.0, expires - time.time()))
 
         async def still_valid() -> None:
             await self.auth.still_active(principal)
@@ -971,7 +983,8 @@ class JobAPI:
         # Nothing is awaited from here to the response's own release: the slot cannot leak.
         release = self.streams.take(principal.owner)
         return SlotStreamingResponse(
-            self._stream(row, principal, still_valid, self.settings.max_stream_s), release,
+            self._stream(row, principal, still_valid, max_s, token=expires is not None),
+            release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -990,20 +1003,23 @@ class JobAPI:
 
     async def _stream(self, row: JobRow, principal: Principal,
                       still_valid: Callable[[], Awaitable[None]],
-                      max_s: float = float("inf")) -> AsyncIterator[str]:
+                      max_s: float = float("inf"), token: bool = False) -> AsyncIterator[str]:
         """``progress`` once per change of the job (its ``updated_at`` alone is no change),
         then ``end`` with the final view; never a state earlier than one already sent. The
         key is checked again between events (through the key cache, ``key_cache_s``): a
         revoked key's stream ends with an ``error`` event. After ``max_s`` seconds the stream
-        ends with an ``error`` event of code ``stream_expired``: the client reconnects."""
+        ends with an ``error`` event of code ``stream_expired``: the client reconnects (with
+        a new token, for a stream opened with one: it ends when its ``token`` expires)."""
         last, beat, shown = None, time.monotonic(), row.state
         counted: dict[str, int] = {}
         interval = self.settings.events_interval_s
         deadline = time.monotonic() + max_s
         while True:
             if time.monotonic() >= deadline:
-                expired = {"error": {"code": "stream_expired", "message": f"event streams "
-                                     f"end after {max_s:g} s; reconnect to go on"}}
+                why = ("its stream token has expired; get a new one (POST "
+                       "/v1/jobs/{id}/events/token) and reconnect" if token else
+                       f"event streams end after {max_s:g} s; reconnect")
+                expired = {"error": {"code": "stream_expired", "message": f"{why} to go on"}}
                 yield f"event: error\ndata: {json.dumps(expired)}\n\n"
                 return
             view = event_view(await self._current(row))

@@ -94,11 +94,15 @@ MAX_STREAM_TOKEN = 512
 """Characters a stream token may have: its job id (at most 160), key id, expiry and signature
 take under 300; a longer string is refused unread."""
 _TOKEN_CONTEXT = b"pixcrawler event stream tokens"
+_TOKEN_AGAIN = (" (get one with POST /v1/jobs/{id}/events/token, sending the API key in the "
+                "Authorization header)")
 
 
 def token_secret(salt: str) -> bytes:
     """The stream tokens' signing secret, derived from the store's key salt: every replica
-    sharing the store (or ``PIXCRAWLER_KEY_SALT``) has it, and nothing more is stored."""
+    sharing the store (or ``PIXCRAWLER_KEY_SALT``) has it, and nothing more is stored. Whoever
+    can read the salt can make tokens, so a salt kept in the store's ``meta`` table makes the
+    database (and its backups) as secret as the keys; ``PIXCRAWLER_KEY_SALT`` keeps it out."""
     return hmac.new(salt.encode(), _TOKEN_CONTEXT, hashlib.sha256).digest()
 
 
@@ -111,8 +115,9 @@ class StreamTokens:
 
     A token is the key's id, the time it expires and the job's id, signed with HMAC-SHA256:
     any replica that shares the store checks it without a lookup, and no token is stored.
-    Seen in a log, it lets whoever saw it open that job's progress stream until it expires,
-    and then only while the key is not revoked; the key itself never goes into a URL."""
+    Seen in a log, it lets whoever saw it watch that job's progress until it expires (a
+    stream opened with it ends then too), while the key is not revoked; the key itself never
+    goes into a URL."""
 
     def __init__(self, secret: bytes, ttl_s: float,
                  clock: Callable[[], float] = time.time):
@@ -129,28 +134,31 @@ class StreamTokens:
         body = _b64(f"{owner}\n{expires}\n{job_id}".encode())
         return f"{STREAM_TOKEN_PREFIX}{body}.{self._sign(body)}", expires
 
-    def owner(self, token: str, job_id: str) -> str:
-        """The key id ``token`` was made for; ApiError 401 unless it is a token of this
-        server for ``job_id`` that has not expired."""
-        again = (" (get one with POST /v1/jobs/{id}/events/token, sending the API key in "
-                 "the Authorization header)")
+    @staticmethod
+    def well_formed(token: str) -> None:
+        """ApiError 401 for what cannot be a token, before any secret is read."""
         if not (len(token) <= MAX_STREAM_TOKEN and token.isascii()
                 and token.startswith(STREAM_TOKEN_PREFIX)):
-            raise unauthorized("not a stream token" + again)
+            raise unauthorized("not a stream token" + _TOKEN_AGAIN)
+
+    def check(self, token: str, job_id: str) -> tuple[str, int]:
+        """(the key id ``token`` was made for, when it expires); ApiError 401 unless it is a
+        token of this server for ``job_id`` that has not expired."""
+        self.well_formed(token)
         body, dot, signature = token[len(STREAM_TOKEN_PREFIX):].partition(".")
         if not dot or not hmac.compare_digest(signature, self._sign(body)):
-            raise unauthorized("not a stream token of this server" + again)
+            raise unauthorized("not a stream token of this server" + _TOKEN_AGAIN)
         try:
             owner, expires, for_job = base64.urlsafe_b64decode(
                 body + "=" * (-len(body) % 4)).decode().split("\n", 2)
             ends = int(expires)
         except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise unauthorized("not a stream token of this server" + again) from None
+            raise unauthorized("not a stream token of this server" + _TOKEN_AGAIN) from None
         if for_job != job_id:
-            raise unauthorized("this stream token is for another job" + again)
+            raise unauthorized("this stream token is for another job" + _TOKEN_AGAIN)
         if ends < self.clock():
-            raise unauthorized("this stream token has expired" + again)
-        return owner
+            raise unauthorized("this stream token has expired" + _TOKEN_AGAIN)
+        return owner, ends
 
 
 class Authenticator:
@@ -178,17 +186,22 @@ class Authenticator:
         return (await self._stream_tokens()).issue(principal.owner, job_id)
 
     async def authenticate_stream(self, authorization: Optional[str], token: Optional[str],
-                                  job_id: str) -> Principal:
-        """The caller of an event stream: the Authorization header if sent, else ``?token=``
-        (checked against ``job_id``, and its key must still be active)."""
-        if not self.enabled or authorization:
-            return await self.authenticate(authorization)
+                                  job_id: str) -> tuple[Principal, Optional[int]]:
+        """The caller of an event stream, and when its token expires (None without one): a
+        Bearer Authorization header if sent, else ``?token=`` (checked against ``job_id``;
+        its key must still be active). Another scheme's header (a proxy's Basic
+        credentials, which a browser sends by itself) leaves the token to count."""
+        bearer = bool(authorization) and \
+            authorization.strip().partition(" ")[0].lower() == "bearer"
+        if not self.enabled or bearer or (authorization and not token):
+            return await self.authenticate(authorization), None
         if not token:
             raise unauthorized("missing credentials: send 'Authorization: Bearer <key>', or "
                                "(from a browser's EventSource) `?token=` with a token from "
                                "POST /v1/jobs/{id}/events/token")
-        owner = (await self._stream_tokens()).owner(token, job_id)
-        return await self.still_active(Principal(owner=owner, name=""))
+        StreamTokens.well_formed(token)
+        owner, expires = (await self._stream_tokens()).check(token, job_id)
+        return await self.still_active(Principal(owner=owner, name="")), expires
 
     async def still_active(self, principal: Principal) -> Principal:
         """``principal`` again if its key is still active (through the cache, ``cache_s``),

@@ -8,7 +8,8 @@ API keys are stored as ``sha256(salt + key)`` only: the plaintext is shown once,
 created. Keys are 256-bit random strings, so one fast salted hash is enough (a slow KDF guards
 low-entropy passwords, and would cost every request). The salt is made once per store and kept
 in its ``meta`` table; ``PIXCRAWLER_KEY_SALT`` overrides it so the database alone cannot be used
-to check guesses.
+to check guesses. The salt also keys the event streams' tokens (``serve.auth.token_secret``):
+whoever reads it can make them.
 """
 
 from __future__ import annotations

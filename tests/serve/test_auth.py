@@ -118,13 +118,13 @@ def test_a_stream_token_opens_its_own_job_only_until_it_expires():
     token, expires = tokens.issue("k1", "pets-0001")
     assert token.startswith(STREAM_TOKEN_PREFIX) and expires == 400
     assert "k1" not in token and len(token) < 100
-    assert tokens.owner(token, "pets-0001") == "k1"
+    assert tokens.check(token, "pets-0001") == ("k1", 400)
     clock.now = 400.0
-    assert tokens.owner(token, "pets-0001") == "k1"
+    assert tokens.check(token, "pets-0001") == ("k1", 400)
 
     def refused(token: str, job_id: str = "pets-0001") -> str:
         with pytest.raises(ApiError) as exc:
-            tokens.owner(token, job_id)
+            tokens.check(token, job_id)
         assert exc.value.status == 401 and exc.value.code == "unauthorized"
         assert "POST /v1/jobs/{id}/events/token" in exc.value.message
         return exc.value.message
@@ -152,13 +152,18 @@ def test_a_stream_caller_is_the_bearer_key_or_a_token_whose_key_is_active(tmp_pa
     auth = Authenticator(store, cache_s=0, stream_token_s=60)
 
     async def scenario() -> None:
-        token, _ = await auth.stream_token(Principal(key.id, "web"), "pets-0001")
-        by_token = await auth.authenticate_stream(None, token, "pets-0001")
-        assert (by_token.owner, by_token.name) == (key.id, "web")
-        by_header = await auth.authenticate_stream(f"Bearer {plaintext}", "junk", "pets-0001")
-        assert by_header.owner == key.id  # the header, when sent, is what counts
+        token, expires = await auth.stream_token(Principal(key.id, "web"), "pets-0001")
+        by_token, ends = await auth.authenticate_stream(None, token, "pets-0001")
+        assert (by_token.owner, by_token.name, ends) == (key.id, "web", expires)
+        by_header, ends = await auth.authenticate_stream(f"Bearer {plaintext}", "junk",
+                                                         "pets-0001")
+        assert (by_header.owner, ends) == (key.id, None)  # a Bearer header is what counts
+        # A proxy's Basic credentials (a browser adds them by itself) leave the token to count.
+        behind_proxy, _ = await auth.authenticate_stream("Basic dTpw", token, "pets-0001")
+        assert behind_proxy.owner == key.id
         for header, tok in ((None, None), (None, ""), (None, plaintext),
-                            (f"Bearer {token}", None)):
+                            (f"Bearer {token}", None), ("Basic dTpw", None),
+                            (f"Bearer {token}", token)):
             with pytest.raises(ApiError) as exc:
                 await auth.authenticate_stream(header, tok, "pets-0001")
             assert exc.value.status == 401
@@ -176,6 +181,24 @@ def test_a_stream_caller_is_the_bearer_key_or_a_token_whose_key_is_active(tmp_pa
                 await attempt
             assert "revoked" in exc.value.message
         off = Authenticator(store, enabled=False)
-        assert (await off.authenticate_stream(None, None, "x")).owner == ANONYMOUS
+        assert (await off.authenticate_stream(None, None, "x"))[0].owner == ANONYMOUS
 
     asyncio.run(scenario())
+
+
+def test_what_cannot_be_a_token_is_refused_before_the_secret_is_read(tmp_path, monkeypatch):
+    """The secret comes from the store: junk sent before it was loaded read the store each
+    time (and answered 500, not 401, while the store was down)."""
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}")
+    auth = Authenticator(store)
+
+    def unreachable(self: JobStore) -> str:
+        raise AssertionError("the store was read")
+
+    monkeypatch.setattr(JobStore, "salt", property(unreachable))
+    for junk in ("x", "pxs_" + "A" * MAX_STREAM_TOKEN, "pxs_\u00e9"):
+        with pytest.raises(ApiError) as exc:
+            asyncio.run(auth.authenticate_stream(None, junk, "pets-0001"))
+        assert exc.value.status == 401
+    with pytest.raises(AssertionError):  # a well-formed token does need the secret
+        asyncio.run(auth.authenticate_stream(None, "pxs_abc.def", "pets-0001"))

@@ -28,7 +28,8 @@ def _row(job_id: str, owner: str, state: str = "queued") -> JobRow:
 
 def _api(max_streams: int = 4, max_stream_s: float = 3600.0,
          states: Optional[dict[str, list[str]]] = None,
-         still_valid: Optional[Callable[[], Awaitable[None]]] = None) -> Any:
+         still_valid: Optional[Callable[[], Awaitable[None]]] = None,
+         token_expires: Optional[float] = None) -> Any:
     """A JobAPI with just what the events route uses. A job stays ``queued`` unless
     ``states`` gives the states it goes through (the last one stays)."""
     from serve.app import JobAPI, ServeSettings, StreamSlots, job_view
@@ -38,7 +39,7 @@ def _api(max_streams: int = 4, max_stream_s: float = 3600.0,
     seen: dict[str, int] = {}
 
     async def caller(authorization: Optional[str], token: Optional[str], job_id: str) -> Any:
-        return SimpleNamespace(owner=token, name=token)
+        return SimpleNamespace(owner=token, name=token), token_expires
 
     async def row(job_id: str, principal: Any) -> JobRow:
         return _row(job_id, principal.owner)
@@ -53,7 +54,8 @@ def _api(max_streams: int = 4, max_stream_s: float = 3600.0,
         return None
 
     api = SimpleNamespace(settings=settings, streams=StreamSlots(max_streams),
-                          _limited=lambda principal: principal, _row=row, _current=current,
+                          _limited=lambda principal, bucket="": principal, _row=row,
+                          _current=current,
                           auth=SimpleNamespace(enabled=True, authenticate_stream=caller,
                                                still_active=lambda *a: (still_valid or valid)()))
     api._stream = lambda *a, **k: JobAPI.func_or_class._stream(api, *a, **k)
@@ -187,4 +189,21 @@ def test_a_stream_ends_after_its_lifetime_telling_the_client_to_reconnect():
     name, data = events[-1]
     assert name == "error" and data["error"]["code"] == "stream_expired"
     assert "reconnect" in data["error"]["message"]
+    assert api.streams.open == {}
+
+
+def test_a_stream_opened_with_a_token_ends_when_the_token_expires():
+    """A token read from a log opened a stream that ran for ``max_stream_s`` (an hour) past
+    the token's few minutes."""
+    api = _api(token_expires=time.time() + 0.05)
+
+    async def go() -> list[str]:
+        return await asyncio.wait_for(_serve(await api.events("pets-00000001", "alice")), 5)
+
+    started = time.monotonic()
+    events = _events(asyncio.run(go()))
+    assert time.monotonic() - started < 3
+    name, data = events[-1]
+    assert name == "error" and data["error"]["code"] == "stream_expired"
+    assert "token" in data["error"]["message"] and "reconnect" in data["error"]["message"]
     assert api.streams.open == {}
