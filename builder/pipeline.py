@@ -58,7 +58,7 @@ from builder.worker import JobPlan, LocalServices, WorkerRuntime
 from builder.worker_procs import ProcessExecutor, WorkerProcesses
 from builder.worker_start import LOCAL_CPU_THREADS, StartedWorkers, local_workers
 from builder.writers import (DatasetPublisher, manifest_entry, parquet_shards, read_marker,
-                             unbalanced)
+                             shard_name, unbalanced)
 
 log = logging.getLogger("pixcrawler.pipeline")
 
@@ -591,11 +591,14 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
     as they are (rejects.parquet is not read). ``reports``: the journal's unit reports where
     the caller has read them already (each is a file read from the output's store).
 
-    ``unjournaled``: how many shard numbers the ledger this one replaces may have handed out
-    that no journal file shows yet. A worker journals a shard's intent only as its upload
-    begins, after it got the number; a ledger restarted in between would hand that number
-    out again, and two shards would write one file. Each split's numbers go on that far past
-    the journal's (numbers left unused are gaps, as an abandoned shard leaves)."""
+    ``unjournaled``: for a ledger that replaces a lost one mid-job, how far past the
+    journal's numbers the lost one may have numbered shards. A worker journals a shard's
+    intent only as its upload begins, after it got the number; a ledger rebuilt in between
+    would hand that number out again, and two shards would write one file. Each split's
+    numbers go on that far past the journal's (numbers left unused are gaps, as an abandoned
+    shard leaves), and the rebuilt ledger records each block of numbers in the journal before
+    it hands them out (an intent of no files: ``QuotaLedger.reserve``), so a ledger rebuilt
+    after it goes on past them exactly."""
     accepted: Counter = Counter()
     journal = Journal(uri, job_id, storage_options)
     if merge:
@@ -614,7 +617,11 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
         numbers = {split: numbers.get(split, 0) + unjournaled
                    for split in {*numbers, *spec.output.splits}}
     targets = {label: spec.target_of(label) for label in spec.labels}
-    return QuotaLedger(targets, dict(accepted), numbers, committed)
+    ledger = QuotaLedger(targets, dict(accepted), numbers, committed)
+    if unjournaled:
+        ledger.reserve = lambda split, number: journal.write_shard_intent(
+            shard_name(split, number), [])
+    return ledger
 
 
 def published_manifest(uri: str, storage_options: Optional[dict], spec: DatasetSpec,

@@ -13,13 +13,21 @@ per unit, never per image), so a unit committed twice counts once. That happens 
 the worker journals a unit before committing it: a ledger restarted in between rebuilds from the
 journal (``committed`` holds the unit), then receives the retried commit and the resent unit's.
 
-The ledger also numbers output shards per split, so shard names are unique across workers.
+The ledger also numbers output shards per split, so shard names are unique across workers. A
+ledger rebuilt after its actor was lost (``builder.pipeline.recover_ledger``) cannot know which
+numbers the lost one handed out: it goes on past the journal's numbers by a margin, and from
+then on records in the journal how far it has numbered (``reserve``) before it hands a number
+out, so the next rebuilt ledger goes on past it exactly.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
+
+RESERVE_BLOCK = 64
+"""Shard numbers a rebuilt ledger records as handed out at a time (one small journal write per
+64 shards)."""
 
 
 class QuotaLedger:
@@ -32,6 +40,10 @@ class QuotaLedger:
         self.grants: dict[str, Counter] = {}
         self._granted: Counter = Counter()
         self._next_shard: Counter = Counter(next_shard or {})
+        self.reserve: Optional[Callable[[str, int], None]] = None
+        """Where set, called with (split, number) to record durably that numbers up to
+        ``number`` may be in use, before any of them is handed out."""
+        self._reserved: dict[str, int] = {}
 
     def room(self, label: str) -> int:
         return max(0, self.targets[label] - self.accepted[label] - self._granted[label])
@@ -70,6 +82,9 @@ class QuotaLedger:
 
     def next_shard(self, split: str) -> int:
         n = self._next_shard[split]
+        if self.reserve is not None and n >= self._reserved.get(split, 0):
+            self.reserve(split, n + RESERVE_BLOCK - 1)
+            self._reserved[split] = n + RESERVE_BLOCK
         self._next_shard[split] += 1
         return n
 

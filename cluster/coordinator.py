@@ -117,6 +117,17 @@ async def _stats(refs: list[Any]) -> list[Union[dict[str, Any], str]]:
     return list(await asyncio.gather(*(one(ref) for ref in refs)))
 
 
+def unjournaled_margin(workers: int) -> int:
+    """How far past the journal's shard numbers the job's first ledger may have numbered,
+    for a ledger rebuilt after it is lost (``recover_ledger``). A worker holds at most one
+    number its journal does not show yet (it asks for the next once the last one's intent is
+    written: ``ShardAssembler._write``), and may drop one more each time the job's state is
+    reset (an index partition or the ledger lost) before it writes; this covers eight such
+    resets in a row with no shard written between them. Ledgers rebuilt later record how far
+    they have numbered, so they need no margin of their own."""
+    return 8 * workers
+
+
 class PlanningError(PixCrawlerError):
     """The cluster cannot run the job as configured."""
 
@@ -148,10 +159,8 @@ class RayExecutor:
                 p, plan.partitions, v.near_duplicate_threshold, v.level != "fast", recovery,
                 life.index_starts_empty, signatures=life.index_signatures)
             for p, name in enumerate(names.partitions)]
-        # Each worker holds at most one shard number its journal does not show yet: it asks
-        # for the next once the last one's intent is written (ShardAssembler._write).
         self.quota = QuotaActor.options(name=names.quota, namespace=NAMESPACE, **small).remote(
-            ledger, {**life.recovery(), "unjournaled": plan.workers})
+            ledger, {**life.recovery(), "unjournaled": unjournaled_margin(plan.workers)})
         self.limiters: dict[int, Any] = {}
         self.limiter_names: dict[int, str] = {}
         for i, src in enumerate(spec.sources):

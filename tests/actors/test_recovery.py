@@ -68,6 +68,8 @@ def test_a_ledger_starts_as_the_driver_gave_it_and_a_restarted_one_reads_the_jou
         assert rooms == {"cat": 1000 - accepted}
         # Past the numbers the lost ledger may have handed out and no journal shows yet.
         assert ray.get(actor.call.remote("next_shard", "train"), timeout=60)[1] == 3
+        kill_process(actor)  # a rebuilt ledger recorded how far it numbered
+        assert ray.get(actor.call.remote("next_shard", "train"), timeout=60)[1] > 3
     finally:
         ray.kill(actor, no_restart=True)
 

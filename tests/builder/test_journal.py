@@ -174,13 +174,14 @@ def test_a_recovered_ledger_knows_the_journaled_units_and_counts_them_once(tmp_p
 def test_a_recovered_ledger_never_hands_out_a_number_the_lost_one_handed_out(tmp_path):
     """A worker gets a shard number, then journals the shard's intent as its upload begins.
     A ledger restarted in between read the journal without that number and handed it out
-    again: two shards of one name. With ``unjournaled`` (one number per worker) it goes on
-    past every number the lost ledger may have handed out, in every split."""
+    again: two shards of one name. With ``unjournaled`` it goes on past every number the lost
+    ledger may have handed out, in every split, and records its own numbers as it goes."""
     from builder.pipeline import recover_ledger
+    from builder.quota import RESERVE_BLOCK
 
     uri = str(tmp_path / "ds")
     journal, _ = write_journal(uri, None)
-    journal.write_shard_intent("train-00004", ["data/train-00004.parquet"])
+    journal.write_shard_intent("train-00004", [])
     spec = parse_spec({"name": "ds", "target": 1000, "classes": {"cat": None},
                        "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
                        "output": {"uri": uri, "splits": {"train": 0.8, "validation": 0.2}}})
@@ -195,6 +196,15 @@ def test_a_recovered_ledger_never_hands_out_a_number_the_lost_one_handed_out(tmp
              for _ in range(3)}
     assert not handed & after
     assert min(n for split, n in after if split == "train") == 5 + workers
+    # That ledger is lost too before any of its numbers is journaled by a worker: the one
+    # rebuilt after it goes on past every number it handed out, however many.
+    more = {("train", again.next_shard("train")) for _ in range(RESERVE_BLOCK + 5)}
+    third = recover_ledger(spec, uri, "job1", None, merge=False, unjournaled=workers)
+    last = {(split, third.next_shard(split)) for split in ("train", "validation")
+            for _ in range(3)}
+    assert not (handed | after | more) & last
+    # The records are intents of no files: nothing for a finishing job to clean up.
+    assert journal.orphan_files() == []
 
 
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
