@@ -176,3 +176,37 @@ def test_the_gallery_says_why_it_may_show_fewer_thumbnails(serve_app, page):
     page.wait_for_selector(".gallery[data-label='dog'] img")
     assert page.inner_text("#galleries [data-label='cat']") == note
     assert page.locator(".gallery[data-label='dog'] + p.muted").inner_text() == note
+
+
+def test_a_stream_whose_token_expired_is_opened_again_with_a_new_token(serve_app, page):
+    """A stream opened with a token ends when the token expires (``stream_expired``); the
+    page used to wait for the browser's reconnect to be refused with that token, and where
+    the stream had run under a minute it polled instead of streaming again."""
+    tokens: list[str] = []
+    streams: list[str] = []
+
+    def token_route(route) -> None:
+        tokens.append(route.request.method)
+        token = f"pxs_t{len(tokens)}"
+        fulfill(route, 200, {"token": token, "expires_at": 0,
+                             "events_url": f"/v1/jobs/stub-exp/events?token={token}"})
+
+    def events_route(route) -> None:
+        streams.append(route.request.url)
+        if len(streams) == 1:
+            time.sleep(10.5)  # a stream that ran its token's course
+            body = ('event: error\ndata: {"error": {"code": "stream_expired", '
+                    '"message": "its stream token has expired"}}\n\n')
+        else:
+            body = f"event: end\ndata: {json.dumps(job_json('stub-exp', 'succeeded'))}\n\n"
+        route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+    page.route(re.compile(r".*/v1/jobs/stub-exp$"),
+               lambda route: fulfill(route, 200, job_json("stub-exp", "running")))
+    page.route(re.compile(r".*/v1/jobs/stub-exp/events/token$"), token_route)
+    page.route(re.compile(r".*/v1/jobs/stub-exp/events\?.*"), events_route)
+    open_page(serve_app, page)
+    page.evaluate("() => { openJob('stub-exp'); }")
+    page.wait_for_selector("#job-state[data-state='succeeded']", timeout=30_000)
+    assert tokens == ["POST", "POST"]
+    assert [url.rsplit("=", 1)[1] for url in streams] == ["pxs_t1", "pxs_t2"]

@@ -207,3 +207,33 @@ def test_a_stream_opened_with_a_token_ends_when_the_token_expires():
     assert name == "error" and data["error"]["code"] == "stream_expired"
     assert "token" in data["error"]["message"] and "reconnect" in data["error"]["message"]
     assert api.streams.open == {}
+
+
+def test_requests_with_a_token_spend_a_rate_bucket_of_their_own():
+    """A token read from a log could otherwise spend the key's requests: every route would
+    answer the key 429 while the reader kept opening streams."""
+    from serve.app import JobAPI
+    from serve.auth import RateLimiter
+
+    limiter = RateLimiter(rate_per_s=0.001, burst=1)
+
+    def with_limiter(api: Any) -> Any:
+        api.limiter = limiter
+        api._limited = lambda principal, bucket="": JobAPI.func_or_class._limited(
+            api, principal, bucket)
+        return api
+
+    by_header, by_token = with_limiter(_api()), with_limiter(_api(token_expires=time.time() + 60))
+
+    async def status(api: Any) -> int:
+        try:
+            await api.events("pets-00000001", "alice")
+        except ApiError as exc:
+            return exc.status
+        return 200
+
+    async def go() -> list[int]:
+        return [await status(by_header), await status(by_header),
+                await status(by_token), await status(by_token), await status(by_header)]
+
+    assert asyncio.run(go()) == [200, 429, 200, 429, 429]
