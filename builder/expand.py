@@ -58,7 +58,16 @@ TOKENS_PER_QUERY = 48
 """The answer's token budget per query asked for (a query is at most 8 words; in Chinese or
 Japanese a word can take several tokens), plus 32 for the JSON around them: the call's cost is
 bounded whatever the model does. Sent as ``max_tokens``, which the chat models and local
-servers take; OpenAI's reasoning models refuse it, and expansion then falls back offline."""
+servers take; a model that refuses it gets ``max_completion_tokens`` (``adapted_options``)."""
+REASONING_TOKENS = 1024
+"""What a model that refuses ``max_tokens`` may spend besides the answer: OpenAI's reasoning
+models (o-series, gpt-5) count their reasoning in ``max_completion_tokens``, and are asked for
+``reasoning_effort: low``."""
+FIXED_OPTIONS = frozenset({"max_completion_tokens"})
+"""Options never dropped when an endpoint refuses them: without a token limit a call's cost
+would be unbounded."""
+MAX_ADAPTATIONS = 3
+"""Refused options a call drops, one per attempt, before it counts as failed."""
 # After this many failed LLM calls in a row an expander stops trying and stays offline.
 MAX_CONSECUTIVE_FAILURES = 2
 
@@ -167,6 +176,23 @@ def _llm_errors() -> tuple[type[BaseException], ...]:
     return (OpenAIError, *errors)
 
 
+def adapted_options(options: dict[str, Any], exc: BaseException) -> dict[str, Any] | None:
+    """The request's options without what the endpoint refused, or None when nothing can be
+    changed. A refusal is a 400 naming the parameter (OpenAI's ``param``: reasoning models
+    refuse ``max_tokens`` and any ``temperature`` but 1): ``max_tokens`` becomes
+    ``max_completion_tokens`` with room to reason; another refused option is left out, but
+    never the token limit (``FIXED_OPTIONS``)."""
+    param = getattr(exc, "param", None)
+    if getattr(exc, "status_code", None) != 400 or not isinstance(param, str) \
+            or param not in options or param in FIXED_OPTIONS:
+        return None
+    out = {k: v for k, v in options.items() if k != param}
+    if param == "max_tokens":
+        out["max_completion_tokens"] = options["max_tokens"] + REASONING_TOKENS
+        out["reasoning_effort"] = "low"
+    return out
+
+
 def same_endpoint(a: str, b: str) -> bool:
     """Whether two base URLs name the same endpoint: scheme, host and port (default ports
     filled in) and path, ignoring case in scheme and host and a trailing ``/``."""
@@ -220,6 +246,9 @@ class KeywordExpander:
         self.source = "offline"
         self._memory: dict[str, list[str]] = {}
         self._client: Any = None
+        self._options: dict[str, Any] = {**_REQUEST_OPTIONS,
+                                         "max_tokens": TOKENS_PER_QUERY * n + 32}
+        """What a call sends besides the model and messages, as the endpoint took it."""
         self._failures = 0
         self._warned = False
 
@@ -295,13 +324,20 @@ class KeywordExpander:
         shown = [q[:MAX_QUERY_CHARS] for q in queries[:MAX_PROMPT_QUERIES]]
         prompt = _USER_PROMPT.format(label=_label_text(label),
                                      queries=json.dumps(shown, ensure_ascii=False), n=self.n)
-        resp = self._client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "system", "content": _SYSTEM_PROMPT},
-                      {"role": "user", "content": prompt}],
-            max_tokens=TOKENS_PER_QUERY * self.n + 32,
-            **_REQUEST_OPTIONS,
-        )
+        messages = [{"role": "system", "content": _SYSTEM_PROMPT},
+                    {"role": "user", "content": prompt}]
+        for attempt in range(MAX_ADAPTATIONS + 1):
+            try:
+                resp = self._client.chat.completions.create(model=self.model,
+                                                            messages=messages, **self._options)
+                break
+            except _llm_errors() as exc:
+                options = adapted_options(self._options, exc)
+                if options is None or attempt == MAX_ADAPTATIONS:
+                    raise
+                log.info("keyword expansion: %s refused %r; asking again without it",
+                         self.model, getattr(exc, "param", None))
+                self._options = options
         return parse_queries(resp.choices[0].message.content or "")
 
     def _cache_path(self, key: str) -> Path:

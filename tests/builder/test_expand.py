@@ -400,3 +400,70 @@ def test_an_endpoint_with_credentials_in_its_url_is_not_cached(tmp_path):
         exp.expand("cat", ["cat"])
     assert len(srv.requests) == 2 and exp.source == "llm"
     assert not list(tmp_path.iterdir())
+
+
+def reasoning_server() -> FakeServer:
+    """A model that reasons before it answers, as OpenAI's o-series and gpt-5 models answer:
+    ``max_tokens`` and a temperature other than 1 are refused with a 400 naming the
+    parameter; the answer's budget is ``max_completion_tokens``."""
+
+    def refuse(param: str, message: str) -> Response:
+        return Response(400, {"error": {"message": message, "type": "invalid_request_error",
+                                        "param": param, "code": "unsupported_parameter"}})
+
+    def handle(req: Request) -> Response:
+        body = req.json()
+        if "max_tokens" in body:
+            return refuse("max_tokens", "Unsupported parameter: 'max_tokens' is not supported "
+                          "with this model. Use 'max_completion_tokens' instead.")
+        if body.get("temperature", 1) != 1:
+            return refuse("temperature", "Unsupported value: 'temperature' does not support "
+                          "0.2 with this model. Only the default (1) value is supported.")
+        return Response(200, {
+            "id": "chatcmpl-r", "object": "chat.completion", "created": 1_700_000_000,
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": ANSWER}}],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 300, "total_tokens": 340}})
+
+    return FakeServer(handle)
+
+
+def test_a_reasoning_model_gets_the_options_it_takes_and_the_expander_remembers_them(tmp_path):
+    """Such a model refused every call (``max_tokens``), and expansion fell back to the
+    offline templates for the whole job."""
+    from builder.expand import REASONING_TOKENS, TOKENS_PER_QUERY
+
+    with reasoning_server() as srv:
+        exp = KeywordExpander(base_url=f"{srv.url}/v1", api_key="sk-local", model="o-tiny",
+                              n=5, cache_dir=str(tmp_path))
+        first = exp.expand("cat", ["cat"])
+        exp.expand("dog", ["dog"])
+    assert exp.source == "llm" and "tabby cat" in first
+    sent = [req.json() for req in srv.requests]
+    assert len(sent) == 4  # refused twice, then answered; the next class asked once
+    assert "max_tokens" in sent[0] and sent[0]["temperature"] == 0.2
+    assert "max_tokens" not in sent[1] and sent[1]["temperature"] == 0.2
+    for body in sent[2:]:
+        assert "max_tokens" not in body and "temperature" not in body
+        assert body["max_completion_tokens"] == TOKENS_PER_QUERY * 5 + 32 + REASONING_TOKENS
+        assert body["reasoning_effort"] == "low"
+        assert body["response_format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize("param", ["max_completion_tokens", "model", "messages", None])
+def test_the_token_limit_is_never_dropped_and_other_refusals_fail_as_before(tmp_path, param):
+    from builder.expand import adapted_options
+
+    class Refused(Exception):
+        status_code = 400
+
+    exc = Refused()
+    exc.param = param
+    options = {"max_completion_tokens": 100, "temperature": 0.2}
+    assert adapted_options(options, exc) is None
+    exc.status_code = 500
+    exc.param = "temperature"
+    assert adapted_options(options, exc) is None
+    exc.status_code = 400
+    assert adapted_options(options, exc) == {"max_completion_tokens": 100}
