@@ -136,6 +136,13 @@ class ApiPolicy(BaseModel):
     user_agents: list[str] = Field(
         default_factory=list, description="download.user_agent values allowed besides the "
         "spec's default; none by default (a User-Agent can claim to be another crawler)")
+    max_pages: int = Field(default=50, ge=1, description="sources[].max_pages of a search "
+                           "engine: each page is a request from the server's addresses, "
+                           "drawn from the engine's budget that every job shares (a URL "
+                           "list's pages are lines of a file, and not capped)")
+    max_candidates_factor: float = Field(default=4.0, ge=1.0, description="search."
+                                         "candidates_factor: candidates asked for per image "
+                                         "still missing, each one a download")
     max_classes: int = Field(default=1000, ge=1)
     max_target: int = Field(default=10_000, ge=1, description="accepted images per class")
     max_images: int = Field(default=100_000, ge=1, description="the targets of all classes")
@@ -413,6 +420,11 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
             if not seconds <= policy.max_timeout_s:  # a NaN too
                 check.over_cap(f"{at}.options.timeout_s", "max_timeout_s", timeout,
                                policy.max_timeout_s)
+        if src.engine != "urllist" and src.max_pages > policy.max_pages:
+            if "max_pages" in src.model_fields_set:
+                check.over_cap(f"{at}.max_pages", "max_pages", src.max_pages, policy.max_pages)
+            else:
+                check.changes[f"{at}.max_pages"] = policy.max_pages
         if src.options.get("proxy") not in (None, "") and not policy.allow_proxy:
             check.forbid(f"{at}.options.proxy", "allow_proxy", "this server does not let "
                          "API users set a proxy")
@@ -467,6 +479,8 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
     check.cap("download", "per_host_delay_s", "max_per_host_delay_s",
               policy.max_per_host_delay_s)
     check.cap("output", "shard_size", "max_shard_size", policy.max_shard_size)
+    check.cap("search", "candidates_factor", "max_candidates_factor",
+              policy.max_candidates_factor)
     check.cap("resources", "max_buffered_mb", "max_buffered_mb", policy.max_buffered_mb)
     check.cap("download", "max_bytes_in_flight", "max_bytes_in_flight",
               policy.max_bytes_in_flight)

@@ -536,3 +536,28 @@ def test_pools_split_thinner_than_min_actor_cpus_are_refused():
     thin = apply(spec(resources={"workers": 3000, "worker_cpus": 0.001}),
                  ApiPolicy(min_actor_cpus=0.001))
     assert thin.resources.workers == 3000
+
+
+def test_search_pages_and_candidates_are_capped_but_a_url_lists_pages_are_not(tmp_path):
+    """Nothing bounded either: a spec could ask an engine for any number of pages (requests
+    from the server's addresses, drawn from the budget every job shares) and for up to 100
+    candidates, each a download, per image still missing."""
+    policy = ApiPolicy(max_pages=10, max_candidates_factor=3.0,
+                       url_list_dirs=[str(tmp_path)])
+    status, problems = refused(spec(
+        sources=[{"engine": "duckduckgo", "max_pages": 11}, {"engine": "bing"},
+                 {"engine": "bing", "max_pages": 10}],
+        search={"candidates_factor": 3.5}), policy)
+    assert status == 422
+    assert {field: setting for field, (setting, _) in problems.items()} == {
+        "sources.0.max_pages": "max_pages", "search.candidates_factor": "max_candidates_factor"}
+    assert "over this server's limit 10" in problems["sources.0.max_pages"][1]
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://example.com/a.jpg\n")
+    placed = apply(parse_spec({"name": "pets", "classes": {"cat": None}, "sources": [
+        {"engine": "bing"}, {"engine": "urllist", "path": str(urls), "max_pages": 400}]}),
+        ApiPolicy(max_pages=5, max_candidates_factor=1.5, url_list_dirs=[str(tmp_path)]))
+    assert [s.max_pages for s in placed.sources] == [5, 400]  # unset: held to the cap
+    assert placed.search.candidates_factor == 1.5
+    default = apply(spec(sources=[{"engine": "bing"}]))
+    assert default.sources[0].max_pages == 20 and default.search.candidates_factor == 2.0
