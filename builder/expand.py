@@ -66,8 +66,9 @@ models (o-series, gpt-5) count their reasoning in ``max_completion_tokens``, and
 FIXED_OPTIONS = frozenset({"max_completion_tokens"})
 """Options never dropped when an endpoint refuses them: without a token limit a call's cost
 would be unbounded."""
-MAX_ADAPTATIONS = 3
-"""Refused options a call drops, one per attempt, before it counts as failed."""
+MAX_ADAPTATIONS = 4
+"""Refused options a call drops, one per attempt, before it counts as failed (a reasoning model
+may refuse ``max_tokens``, ``temperature``, ``reasoning_effort`` and ``response_format``)."""
 # After this many failed LLM calls in a row an expander stops trying and stays offline.
 MAX_CONSECUTIVE_FAILURES = 2
 

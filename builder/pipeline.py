@@ -52,7 +52,7 @@ from builder.retry import kept_rows, redecided_counts
 from builder.rights import RightsTally
 from builder.similarity import MAX_STORED
 from builder.spec import DatasetSpec
-from builder.storage import open_fs
+from builder.storage import open_fs, storage_errors
 from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit, retry_uid
 from builder.worker import JobPlan, LocalServices, WorkerRuntime
 from builder.worker_procs import ProcessExecutor, WorkerProcesses
@@ -619,8 +619,11 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
     targets = {label: spec.target_of(label) for label in spec.labels}
     ledger = QuotaLedger(targets, dict(accepted), numbers, committed)
     if unjournaled:
-        ledger.reserve = lambda split, number: journal.write_shard_intent(
-            shard_name(split, number), [])
+        def reserve(split: str, number: int) -> None:
+            with storage_errors(uri, "record shard numbers in the journal of"):
+                journal.write_shard_intent(shard_name(split, number), [])
+
+        ledger.reserve = reserve
     return ledger
 
 

@@ -579,3 +579,29 @@ def test_a_new_job_refuses_an_interrupted_journal_of_its_id_and_clears_leftovers
     journal.fs.invalidate_cache()
     assert not journal.fs.exists(journal.root)
     journal.begin_new(replaced=False)  # nothing there: nothing to do
+
+
+def test_a_rebuilt_ledger_that_cannot_record_its_numbers_hands_none_out(tmp_path, monkeypatch):
+    """The record is written before a number is handed out: a storage failure is the job's
+    StorageError (what to check, not a remote traceback), and no number is lost or doubled."""
+    from builder.errors import StorageError
+    from builder.journal import Journal
+    from builder.pipeline import recover_ledger
+
+    uri = str(tmp_path / "ds")
+    write_journal(uri, None)
+    spec = parse_spec({"name": "ds", "target": 1000, "classes": {"cat": None},
+                       "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
+                       "output": {"uri": uri}})
+    ledger = recover_ledger(spec, uri, "job1", None, merge=False, unjournaled=2)
+    write = Journal.write_shard_intent
+
+    def refused(self: Journal, name: str, files: list[str]) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Journal, "write_shard_intent", refused)
+    with pytest.raises(StorageError) as exc:
+        ledger.next_shard("train")
+    assert "record shard numbers" in str(exc.value)
+    monkeypatch.setattr(Journal, "write_shard_intent", write)
+    assert [ledger.next_shard("train") for _ in range(2)] == [2, 3]
