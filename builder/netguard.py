@@ -52,6 +52,12 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 _SHARED_V4 = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT, not global
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: embeds an IPv4
+_SPECIAL_PURPOSE = tuple(ipaddress.ip_network(n) for n in (
+    "192.0.0.0/24", "64:ff9b:1::/48", "100::/64", "3fff::/20", "5f00::/16"))
+"""IANA special-purpose ranges that are not globally reachable, refused whatever the Python:
+``ipaddress`` learned them late (3.11.7 takes 192.0.0.192, a cloud metadata address, for a
+global one) or not at all (3fff::/20, documentation since 2024; 5f00::/16, SRv6)."""
+_DIGITS_AND_DOTS = frozenset("0123456789.")
 
 
 class UrlRejected(ValueError):
@@ -104,6 +110,8 @@ def blocked_category(addr: Union[str, IPAddress]) -> Optional[str]:
         return "reserved"
     if ip.is_private:
         return "private"
+    if any(ip.version == net.version and ip in net for net in _SPECIAL_PURPOSE):
+        return "special-purpose, not globally routable"
     if isinstance(ip, ipaddress.IPv4Address) and ip in _SHARED_V4:
         return "shared (carrier-grade NAT)"
     if not ip.is_global:
@@ -125,10 +133,17 @@ def _literal_host_verdict(host: str) -> tuple[bool, Optional[str]]:
         pass
     else:
         return True, blocked_category(ip)
+    if ":" in host:
+        return True, "malformed IPv6 literal"
     if host[0].isdigit():
         try:
             legacy = socket.inet_aton(host)
         except OSError:
+            if _DIGITS_AND_DOTS.issuperset(host):
+                # "127.0.0.1.1", "08.0.0.1": no name is all digits (a top-level domain is
+                # never numeric), and a client that takes it for an address would look it
+                # up unchecked.
+                return True, "non-canonical IPv4 literal"
             return False, None
         # "127.1", "2130706433", "0x7f.1": socket maps these onto an address; refuse the form.
         return True, f"non-canonical IPv4 literal for {socket.inet_ntoa(legacy)}"
@@ -160,7 +175,7 @@ def vet_url(url: Union[str, URL], *, allow_private_networks: bool = False) -> UR
         raise UrlRejected(Reason.INVALID_URL, f"host {host!r} has characters no host name has")
     is_literal, category = _literal_host_verdict(host.rstrip(".") or host)
     if is_literal and category is not None:
-        if category.startswith("non-canonical"):
+        if category.startswith(("non-canonical", "malformed")):
             raise UrlRejected(Reason.INVALID_URL, f"{host}: {category}")
         if not allow_private_networks:
             raise UrlRejected(Reason.BLOCKED_ADDRESS, f"{host} is a {category} address")

@@ -62,8 +62,10 @@ from typing import Any, Iterable, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from yarl import URL
 
 from actors.options import plan_pools
+from builder.netguard import check_url
 from builder.pipeline import units_per_worker
 from builder.spec import (
     MAX_BATCH,
@@ -115,7 +117,12 @@ class ApiPolicy(BaseModel):
         default=False, description="search.expand: true on the server's own LLM endpoint "
         "and key (a call per class); a spec naming an llm_base_url under llm_base_urls needs "
         "no more")
-    allow_proxy: bool = Field(default=False, description="sources[].options.proxy")
+    allow_proxy: bool = Field(default=False, description="sources[].options.proxy (the "
+                              "search engines' requests then go through the proxy a spec "
+                              "names; without allow_private_networks a proxy given as a "
+                              "private address or localhost is refused, but a name that "
+                              "resolves to one is not checked: allow only where the "
+                              "server's network has nothing a proxy request could reach)")
     allow_private_networks: bool = Field(
         default=False, description="download.allow_private_networks: true (the fetcher may "
         "then reach loopback and private addresses, such as this server's own)")
@@ -425,9 +432,14 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                 check.over_cap(f"{at}.max_pages", "max_pages", src.max_pages, policy.max_pages)
             else:
                 check.changes[f"{at}.max_pages"] = policy.max_pages
-        if src.options.get("proxy") not in (None, "") and not policy.allow_proxy:
+        proxy = src.options.get("proxy")
+        if proxy not in (None, "") and not policy.allow_proxy:
             check.forbid(f"{at}.options.proxy", "allow_proxy", "this server does not let "
                          "API users set a proxy")
+        elif proxy not in (None, "") and not policy.allow_private_networks:
+            refusal = _private_proxy(str(proxy))
+            if refusal:
+                check.forbid(f"{at}.options.proxy", "allow_private_networks", refusal)
     llm = spec.search.llm_base_url
     if llm is not None and not url_within(llm, policy.llm_base_urls):
         allowed = ", ".join(policy.llm_base_urls) or "none; leave it unset to use the server's"
@@ -497,6 +509,21 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
         raise PolicyRefused(check.refusals)
     return _hold_sizes(parse_spec(_apply(spec.model_dump(mode="json"), check.changes),
                                   "request body"), policy)
+
+
+def _private_proxy(proxy: str) -> Optional[str]:
+    """Why ``proxy`` names what an API user may not reach (a private address, localhost or a
+    malformed host), or None. A name is not resolved here: see ``allow_proxy``."""
+    try:
+        host = (URL(proxy).host or "").rstrip(".").lower()
+    except (ValueError, TypeError):
+        return f"{proxy[:200]!r} is not a proxy URL"
+    if not host or host == "localhost" or host.endswith(".localhost"):
+        return f"{proxy[:200]!r} names no host or this server itself"
+    verdict = check_url(f"http://{host}/" if ":" not in host else f"http://[{host}]/")
+    if verdict is not None:
+        return f"{proxy[:200]!r}: {verdict[1]}; this server does not let API users reach it"
+    return None
 
 
 def _hold_sizes(spec: DatasetSpec, policy: ApiPolicy) -> DatasetSpec:

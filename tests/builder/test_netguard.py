@@ -68,6 +68,16 @@ def test_blocked_addresses(addr: str, category: str) -> None:
     assert is_blocked(addr)
 
 
+@pytest.mark.parametrize("addr", ["192.0.0.192", "192.0.0.8", "192.0.0.255", "64:ff9b:1::a",
+                                  "100::1", "3fff::1", "5f00::1", "::ffff:192.0.0.192"])
+def test_special_purpose_ranges_are_blocked_whatever_the_python(addr: str) -> None:
+    """Python 3.11.7's ``ipaddress`` takes 192.0.0.192 (a cloud's metadata address) for a
+    global address, and no version knows 3fff::/20 or 5f00::/16."""
+    assert is_blocked(addr)
+    assert check_url(f"http://[{addr}]/" if ":" in addr else f"http://{addr}/")[0] \
+        == Reason.BLOCKED_ADDRESS
+
+
 @pytest.mark.parametrize("addr", PUBLIC)
 def test_public_addresses(addr: str) -> None:
     assert blocked_category(addr) is None
@@ -87,6 +97,12 @@ def test_public_addresses(addr: str) -> None:
     ("http://127.1/", Reason.INVALID_URL),
     ("http://2130706433/", Reason.INVALID_URL),
     ("http://0x7f.0.0.1/", Reason.INVALID_URL),
+    # Not addresses, and not names either: a client that takes one for an address looks it
+    # up with no check of what it resolves to.
+    ("http://127.0.0.1.1/", Reason.INVALID_URL),
+    ("http://999.1.1.1/", Reason.INVALID_URL),
+    ("http://08.0.0.1/", Reason.INVALID_URL),
+    ("http://1.2.3.4.5./", Reason.INVALID_URL),
     ("ftp://example.com/a.jpg", Reason.UNSUPPORTED_SCHEME),
     ("file:///etc/passwd", Reason.UNSUPPORTED_SCHEME),
     ("gopher://example.com/", Reason.UNSUPPORTED_SCHEME),

@@ -561,3 +561,30 @@ def test_search_pages_and_candidates_are_capped_but_a_url_lists_pages_are_not(tm
     assert placed.search.candidates_factor == 1.5
     default = apply(spec(sources=[{"engine": "bing"}]))
     assert default.sources[0].max_pages == 20 and default.search.candidates_factor == 2.0
+
+
+@pytest.mark.parametrize("proxy, ok", [
+    ("http://proxy.example.com:3128", True),
+    ("socks5://203.0.113.7:1080", False),  # documentation range: not globally routable
+    ("http://8.8.8.8:3128", True),
+    ("socks5://10.0.0.1:1080", False),
+    ("http://127.0.0.1:6379", False),
+    ("http://[::1]:3128", False),
+    ("http://169.254.169.254", False),
+    ("http://localhost:3128", False),
+    ("http://redis.localhost:6379", False),
+    ("http://2130706433:80", False),
+    ("not a proxy", False),
+])
+def test_an_allowed_proxy_may_not_name_a_private_address(proxy, ok):
+    """``options.proxy`` goes to the engines' HTTP client, outside the fetcher's address
+    checks: with proxies allowed, a spec named 127.0.0.1:6379 and the server connected to
+    it."""
+    s = spec(sources=[{"engine": "duckduckgo", "options": {"proxy": proxy}}])
+    if ok:
+        assert apply(s, ApiPolicy(allow_proxy=True)).sources[0].options["proxy"] == proxy
+        return
+    status, problems = refused(s, ApiPolicy(allow_proxy=True))
+    assert status == 403
+    assert problems["sources.0.options.proxy"][0] == "allow_private_networks"
+    assert apply(s, ApiPolicy(allow_proxy=True, allow_private_networks=True)).sources
