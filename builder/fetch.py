@@ -58,8 +58,8 @@ from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
-from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
-                            origin_file)
+from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, UNREACHABLE_RETRY_S, OriginCache,
+                            RobotsCache, RobotsPolicy, origin_file, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 
@@ -733,6 +733,11 @@ class Fetcher:
                           else Reason.CONNECTION_ERROR,
                           f"robots.txt of {origin_of or record.candidate.url} could not be read, "
                           f"so nothing there is fetched ({refusal.source})")
+        elif refusal.value in UNREADABLE:
+            record.reject(Reason.OPTOUT_UNREACHABLE,
+                          f"{refusal.name}: {refusal.source} of "
+                          f"{origin_of or record.candidate.url} could not be read, so whether "
+                          "it opts out is not known and nothing there is fetched")
         elif refusal.name == "robots_txt":
             record.reject(Reason.ROBOTS_DISALLOWED,
                           f"robots.txt disallows {origin_of or record.candidate.url} "
@@ -743,8 +748,10 @@ class Fetcher:
 
     async def _load_origin(self, url: URL) -> sig.OriginSignals:
         """Read an origin's robots.txt, tdmrep.json and ai.txt (those the spec honours), at
-        once. A robots.txt that cannot be read disallows everything (``builder.robots``); an
-        unreachable or broken tdmrep.json or ai.txt counts as absent."""
+        once. A robots.txt that cannot be read disallows everything (``builder.robots``); so
+        does a tdmrep.json or ai.txt that answers a server error or 429, or gives no answer,
+        twice a second apart (``optout_unreachable``: whether it opts out is not known). One
+        that answers another 4xx, or that does not parse, counts as absent."""
         cfg = self.cfg
 
         async def robots() -> Optional[RobotsPolicy]:
@@ -761,15 +768,23 @@ class Fetcher:
             if not cfg.signals.ai_txt:
                 return None
             status, body = await self._fetch_signal_file(url, sig.AI_TXT_PATH)
-            # Only a file that answers counts: a 401/403 here is no statement about AI use.
-            return RobotsPolicy.from_response(status if 200 <= status < 300 else 404, body)
+            # A 401/403 here is no statement about AI use: only an unreachable file refuses.
+            return RobotsPolicy.from_response(
+                status if 200 <= status < 300 or unreachable(status) else 404, body)
 
         got = await asyncio.gather(robots(), tdmrep(), ai_txt())
         return sig.OriginSignals(cfg, *got)
 
     async def _fetch_signal_file(self, url: URL, path: str) -> tuple[int, bytes]:
-        self.stats["signal_fetches"] += 1
-        status, body, _ = await self._fetch_small(origin_file(url, path))
+        """(status, body) of an origin's opt-out file, asked once more after
+        ``UNREACHABLE_RETRY_S`` when it is unreachable (as robots.txt is)."""
+        for attempt in range(2):
+            if attempt:
+                await asyncio.sleep(UNREACHABLE_RETRY_S)
+            self.stats["signal_fetches"] += 1
+            status, body, _ = await self._fetch_small(origin_file(url, path))
+            if not unreachable(status):
+                break
         return status, body
 
     async def _page_check(self, record: Record) -> None:
@@ -837,6 +852,8 @@ class Fetcher:
                     if resp.status in REDIRECT_STATUSES and location:
                         url = url.join(URL(location))
                         continue
+                    if 300 <= resp.status < 400:  # no Location to follow: no usable answer
+                        return 0, b"", ""
                     if not 200 <= resp.status < 300:
                         return resp.status, b"", ""
                     body = _decoded(await _read_truncated(resp, MAX_ROBOTS_BYTES),

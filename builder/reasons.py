@@ -41,6 +41,7 @@ class Reason(str, Enum):
     ROBOTS_DISALLOWED = "robots_disallowed"
     ROBOTS_UNREACHABLE = "robots_unreachable"
     OPTED_OUT = "opted_out"
+    OPTOUT_UNREACHABLE = "optout_unreachable"
     NOT_AN_IMAGE = "not_an_image"
     # validate
     DECODE_ERROR = "decode_error"
@@ -79,6 +80,7 @@ REASON_STAGE: dict[Reason, Stage] = {
     Reason.ROBOTS_DISALLOWED: Stage.FETCH,
     Reason.ROBOTS_UNREACHABLE: Stage.FETCH,
     Reason.OPTED_OUT: Stage.FETCH,
+    Reason.OPTOUT_UNREACHABLE: Stage.FETCH,
     Reason.NOT_AN_IMAGE: Stage.FETCH,
     Reason.DECODE_ERROR: Stage.VALIDATE,
     Reason.TRUNCATED: Stage.VALIDATE,
@@ -119,10 +121,13 @@ REASON_DOCS: dict[Reason, str] = {
     "to assume everything is disallowed (retry-failed asks again)",
     Reason.OPTED_OUT: "a machine-readable opt-out refuses AI training; the detail names the "
     "signal and where it was read: X-Robots-Tag (noai / noimageai / noml / noindex / "
-    "noimageindex), TDMRep (tdm-reservation: 1 in /.well-known/tdmrep.json, a header or the "
+    "noimageindex / none), TDMRep (tdm-reservation: 1 in /.well-known/tdmrep.json, a header or the "
     "page), AI Preferences (Content-Usage: train-ai=n, header or robots.txt), Content Signals "
     "(Content-Signal: ai-train=no in robots.txt), IPTC plus:DataMining prohibited in the "
     "image's XMP, /ai.txt",
+    Reason.OPTOUT_UNREACHABLE: "the origin's /.well-known/tdmrep.json or /ai.txt answered a "
+    "server error or 429, or gave no answer, twice: whether it opts out could not be checked, "
+    "so nothing there is fetched (retry-failed asks again)",
     Reason.NOT_AN_IMAGE: "the bytes are not an image format we recognise (e.g. HTML served "
     "as image/jpeg); decided from magic numbers, not the header",
     Reason.DECODE_ERROR: "the image does not decode",
@@ -149,7 +154,7 @@ REASON_DOCS: dict[Reason, str] = {
 
 TRANSIENT_REASONS: frozenset[Reason] = frozenset(
     {Reason.HTTP_SERVER_ERROR, Reason.RATE_LIMITED, Reason.TIMEOUT, Reason.CONNECTION_ERROR,
-     Reason.ROBOTS_UNREACHABLE}
+     Reason.ROBOTS_UNREACHABLE, Reason.OPTOUT_UNREACHABLE}
 )
 
 

@@ -16,11 +16,16 @@ matching rule wins (an ``Allow`` on a tie):
   (``RobotsPolicy.unreachable``: the fetcher rejects the origin's images as
   ``robots_unreachable``, or ``connection_error`` when there was no answer at all; both are
   transient reasons ``retry-failed`` tries again). The verdict is
-  cached for the fetcher's lifetime like any other, so a broken server is not asked again for
-  each image.
+  cached like any other, so a broken server is not asked again for each image.
+
+Each origin's answer is kept ``ORIGIN_MAX_AGE_S`` (24 hours, as RFC 9309 2.4 asks) and then
+read again, so a job that runs for days sees a site that opts out meanwhile.
 
 The group that applies to us is the one naming our product token (groups naming it are merged, as
-RFC 9309 asks), else the ``*`` group(s); ``RobotsPolicy.group`` names it for the rights ledger.
+RFC 9309 asks), else the ``*`` group(s). A ``User-agent`` line names the product token it starts
+with (letters, ``_`` and ``-``: ``PixCrawler/1.0`` names ``PixCrawler``), compared without case
+and whole, as RFC 9309 2.2.1 and Google's parser do: ``pix`` is another crawler's group, though
+protego alone would match it as a prefix of ours (``_product_tokens``); ``RobotsPolicy.group`` names it for the rights ledger.
 Lines of that group other than the standard ones (``Content-Signal``, ``Content-Usage``, ...) are
 kept in ``RobotsPolicy.extensions`` for ``builder.signals``; such lines before any group apply to
 every agent.
@@ -35,6 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
+import time
 import urllib.parse
 from typing import Awaitable, Callable, Generic, Iterable, Optional, TypeVar, Union
 
@@ -51,6 +58,8 @@ RobotsFetch = Callable[[URL], Awaitable[tuple[int, bytes]]]
 """Fetches a robots.txt URL: (HTTP status, body). Status 0 means no answer (unreachable)."""
 UNREACHABLE_RETRY_S = 1.0
 """How long after an unreachable answer robots.txt is asked once more."""
+ORIGIN_MAX_AGE_S = 24 * 3600.0
+"""How long an origin's robots.txt (and its other opt-out files) is used once read."""
 
 _STANDARD = frozenset({"allow", "disallow", "user-agent", "sitemap", "crawl-delay",
                        "request-rate", "visit-time", "host"})
@@ -84,7 +93,8 @@ class RobotsPolicy:
         if 200 <= status < 300:
             # a BOM (files saved on Windows) would glue itself to the first key and lose its group
             text = body[:MAX_ROBOTS_BYTES].decode("utf-8", errors="replace").removeprefix("\ufeff")
-            return cls(status, Protego.parse(text), _groups(text), user_agent=user_agent)
+            return cls(status, Protego.parse(_product_tokens(text, user_agent)), _groups(text),
+                       user_agent=user_agent)
         if status in (401, 403) or unreachable(status):
             return cls(status, disallow_all=True)
         return cls(status, allow_all=True)
@@ -151,9 +161,7 @@ def _groups(text: str) -> list[_Group]:
             if current is None or not last_was_agent:
                 current = _Group()
                 groups.append(current)
-            token = value.lower()
-            if token != "*":
-                token = token.replace("*", "")
+            token = "*" if value.startswith("*") else _product_token(value).lower()
             if token:
                 current.agents.append(token)
             last_was_agent = True
@@ -184,18 +192,36 @@ def _delay(value: str) -> Optional[float]:
     return delay
 
 
+_AGENT_LINE = re.compile(r"^(\s*user[-\s]?agent\s*:\s*)([^#\r\n]*)", re.I | re.M)
+
+
+def _product_token(value: str) -> str:
+    """The product token a ``User-agent`` value starts with (``PixCrawler/1.0``: PixCrawler)."""
+    return re.match(r"[A-Za-z_-]*", value)[0]  # type: ignore[index]
+
+
+def _product_tokens(text: str, user_agent: str) -> str:
+    """``text`` with each ``User-agent`` value cut to the product token it starts with, and
+    every token but ours and ``*`` renamed so that protego, which matches a token as a prefix
+    of ours (``pix`` for ``PixCrawler``), cannot take it for ours."""
+    ours = user_agent.strip().lower()
+
+    def token(match: re.Match[str]) -> str:
+        value = match[2].strip()
+        if value.startswith("*"):
+            return f"{match[1]}*"
+        name = _product_token(value)
+        return match[1] + (name if name.lower() == ours else f"other-{name or 'none'}")
+
+    return _AGENT_LINE.sub(token, text)
+
+
 def _score(agent: str, user_agent: str) -> int:
-    """How well a group's agent token matches ``user_agent`` (protego's rule: the token at a
-    word boundary scores its length, ``*`` scores 1, no match 0)."""
+    """How well a group's agent token matches ``user_agent``: the whole product token, any
+    case, scores its length; ``*`` scores 1; anything else 0 (``_product_tokens``)."""
     if agent == "*":
         return 1
-    name = user_agent.strip().lower()
-    index = name.find(agent)
-    while index != -1:
-        if index == 0 or not (name[index - 1].isalnum() or name[index - 1] in "-_"):
-            return len(agent)
-        index = name.find(agent, index + 1)
-    return 0
+    return len(agent) if agent == user_agent.strip().lower() else 0
 
 
 def _select(groups: list[_Group], user_agent: str) -> Optional[_Group]:
@@ -243,8 +269,9 @@ def _path_and_query(url: Union[str, URL]) -> Optional[str]:
     return f"{path}?{parts.query}" if parts.query else path
 
 
-OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noml", "noindex", "noimageindex"})
-"""X-Robots-Tag directives that keep an image out of a dataset."""
+OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noml", "noindex", "noimageindex", "none"})
+"""X-Robots-Tag directives that keep an image out of a dataset (``none`` is ``noindex,
+nofollow``)."""
 
 # Directives that carry a value after a colon; a token before a colon that is not one of these
 # is a user-agent prefix ("googlebot: noindex").
@@ -286,24 +313,33 @@ T = TypeVar("T")
 
 
 class OriginCache(Generic[T]):
-    """One value per origin, loaded once through ``load(url)``: concurrent first requests
-    share the load (the cache holds the in-flight task), later ones get the cached value."""
+    """One value per origin, loaded through ``load(url)`` and kept ``max_age_s``: concurrent
+    first requests share the load (the cache holds the in-flight task), later ones get the
+    cached value until it is that old, and the next request loads it again."""
 
-    def __init__(self, load: Callable[[URL], Awaitable[T]]):
+    def __init__(self, load: Callable[[URL], Awaitable[T]],
+                 max_age_s: float = ORIGIN_MAX_AGE_S,
+                 clock: Callable[[], float] = time.monotonic):
         self._load_fn = load
-        self._done: dict[str, T] = {}
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._done: dict[str, tuple[float, T]] = {}
         self._pending: dict[str, asyncio.Task[T]] = {}
         self.fetches = 0
 
     def cached(self, url: URL) -> Optional[T]:
-        """The value of ``url``'s origin if it is already known (no await)."""
-        return self._done.get(origin_of(url))
+        """The value of ``url``'s origin if it is known and not too old (no await)."""
+        hit = self._done.get(origin_of(url))
+        if hit is None or self._clock() - hit[0] > self.max_age_s:
+            return None
+        return hit[1]
 
     async def get(self, url: URL) -> T:
         """The value of ``url``'s origin, loading it on first use."""
         origin = origin_of(url)
-        if origin in self._done:
-            return self._done[origin]
+        known = self.cached(url)
+        if known is not None:
+            return known
         task = self._pending.get(origin)
         if task is None:
             task = asyncio.ensure_future(self._load(origin, url))
@@ -317,7 +353,7 @@ class OriginCache(Generic[T]):
             value = await self._load_fn(url)
         finally:
             self._pending.pop(origin, None)
-        self._done[origin] = value
+        self._done[origin] = (self._clock(), value)
         return value
 
     async def close(self) -> None:

@@ -417,13 +417,13 @@ class SandboxWeb:
                 site.in_flight -= 1
 
         async def robots(request: web.Request) -> web.Response:
-            return self._file(site.robots_txt, "text/plain")
+            return self._file(site.robots_txt, "text/plain", request.path in site.down)
 
         async def tdmrep(request: web.Request) -> web.Response:
-            return self._file(site.tdmrep_json, "application/json")
+            return self._file(site.tdmrep_json, "application/json", request.path in site.down)
 
         async def ai_txt(request: web.Request) -> web.Response:
-            return self._file(site.ai_txt, "text/plain")
+            return self._file(site.ai_txt, "text/plain", request.path in site.down)
 
         app = web.Application(middlewares=[count])
         app.router.add_get("/robots.txt", robots)
@@ -433,7 +433,9 @@ class SandboxWeb:
         return app
 
     @staticmethod
-    def _file(text: str | None, content_type: str) -> web.Response:
+    def _file(text: str | None, content_type: str, down: bool = False) -> web.Response:
+        if down:
+            raise web.HTTPServiceUnavailable(text="this server is failing\n")
         if text is None:
             raise web.HTTPNotFound(text="no such file here\n")
         return web.Response(text=text, content_type=content_type)

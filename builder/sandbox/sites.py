@@ -32,7 +32,8 @@ TDM_POLICY = "https://sandbox.invalid/tdm-policy.json"
 class Site:
     """One origin of the sandbox: its per-origin files (None: 404) and per-path answers.
 
-    ``headers`` and ``xmp`` map a path prefix to the headers an image under it is served with,
+    ``down`` names per-origin files (``/robots.txt``, ``/.well-known/tdmrep.json``, ``/ai.txt``)
+    that answer 503, as on a server that is failing. ``headers`` and ``xmp`` map a path prefix to the headers an image under it is served with,
     and to the ``plus:DataMining`` value embedded in its XMP. ``pages`` maps a page path to the
     HTML it serves (in UTF-8, or the charset ``page_charsets`` names for it, which its
     ``Content-Type`` then names too), ``redirects`` a path to the URL it redirects to (302).
@@ -42,6 +43,7 @@ class Site:
     robots_txt: Optional[str] = None
     tdmrep_json: Optional[str] = None
     ai_txt: Optional[str] = None
+    down: tuple[str, ...] = ()
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     xmp: dict[str, str] = field(default_factory=dict)
     pages: dict[str, str] = field(default_factory=dict)
@@ -99,6 +101,9 @@ def default_sites() -> dict[str, Site]:
         Site("content-usage", robots_txt="User-Agent: *\nAllow: /\nContent-Usage: train-ai=n\n"
                                          "Content-Usage: /free/ train-ai=y\n"),
         Site("ai-txt", ai_txt="# Spawning AI\nUser-Agent: *\nDisallow: *.jpg\n"),
+        Site("tdmrep-down", robots_txt="User-agent: *\nAllow: /\n",
+             down=("/.well-known/tdmrep.json",)),
+        Site("ai-txt-down", robots_txt="User-agent: *\nAllow: /\n", down=("/ai.txt",)),
         Site("mutable"),
         Site("wikimedia", delay_s=0.05, thumb_widths=WIKIMEDIA_THUMB_WIDTHS),
     ]}
@@ -136,6 +141,11 @@ SIGNAL_CASES: dict[str, SignalCase] = {
     "content_usage_robots_path": SignalCase("content-usage", "/free/x.jpg", ACCEPTED,
                                             "content_usage", "allow"),
     "ai_txt": SignalCase("ai-txt", "/x.jpg", OPTED_OUT, "ai_txt", "refuse"),
+    # an opt-out file that cannot be read: whether it opts out is not known
+    "tdmrep_unreachable": SignalCase("tdmrep-down", "/x.jpg", Reason.OPTOUT_UNREACHABLE.value,
+                                     "tdmrep", "refuse"),
+    "ai_txt_unreachable": SignalCase("ai-txt-down", "/x.jpg", Reason.OPTOUT_UNREACHABLE.value,
+                                     "ai_txt", "refuse"),
     # the image response's headers
     "tdm_header": SignalCase("main", "/sig/tdm-header/a.jpg", OPTED_OUT, "tdmrep", "refuse"),
     "content_usage_header": SignalCase("main", "/sig/content-usage/a.jpg", OPTED_OUT,

@@ -80,6 +80,8 @@ def make_app(state: State) -> web.Application:
                                      "Disallow: /private/\n")
         if state.robots_mode == "error":
             return web.Response(status=500)
+        if state.robots_mode == "redirect_nowhere":
+            return web.Response(status=302)
         if state.robots_mode == "flaky" and state.hits["robots"] == 1:
             return web.Response(status=503)
         if state.robots_mode == "flaky":
@@ -595,6 +597,15 @@ def test_robots_that_cannot_be_read_disallows_everything(srv: Any) -> None:
     assert srv.state.hits["robots"] == 2 and stats["robots_fetches"] == 2  # asked once more
     assert srv.state.hits["img"] == srv.state.hits["private"] == 0
     assert Reason.ROBOTS_UNREACHABLE in TRANSIENT_REASONS  # retry-failed asks again
+
+
+def test_a_robots_redirect_that_names_no_location_is_no_answer(srv: Any) -> None:
+    """A 3xx without a Location cannot be followed: the file was not read. It counted as a
+    4xx, "no rules", and every image was fetched."""
+    srv.state.robots_mode = "redirect_nowhere"
+    r = one(base(srv) + "/private/img.jpg", cfg(respect_robots=True))
+    assert r.reason == Reason.CONNECTION_ERROR.value and "no answer" in r.detail, r.detail
+    assert srv.state.hits["private"] == 0
 
 
 def test_robots_that_fails_once_is_asked_again(srv: Any) -> None:

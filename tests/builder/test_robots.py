@@ -236,6 +236,8 @@ def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
     (["max-image-preview: large, nosnippet"], None),
     (["unavailable_after: Friday, 25-Jun-10 15:00:00 PST"], None),
     (["all"], None),
+    (["none"], "none"),  # noindex, nofollow
+    (["googlebot: none"], None),
     ([""], None),
     ([], None),
 ])
@@ -247,3 +249,53 @@ def test_a_byte_order_mark_does_not_lose_the_first_group():
     """A robots.txt (or ai.txt) saved with a BOM: its first line still opens the group."""
     policy = RobotsPolicy.from_response(200, b"\xef\xbb\xbfUser-agent: *\nDisallow: /\n")
     assert policy.group == "*" and not policy.allowed("/x.jpg")
+
+
+def test_an_origins_answer_is_read_again_after_a_day():
+    """RFC 9309 2.4: a cached robots.txt should not be used for more than 24 hours. The cache
+    kept every answer for the fetcher's life, so a job running for days never saw a site that
+    opted out meanwhile."""
+    from builder.robots import ORIGIN_MAX_AGE_S, OriginCache
+
+    now = [0.0]
+    loads: list[str] = []
+
+    async def load(url: URL) -> str:
+        loads.append(str(url))
+        return f"answer {len(loads)}"
+
+    cache: OriginCache[str] = OriginCache(load, clock=lambda: now[0])
+    url = URL("https://example.com/a.jpg")
+
+    async def scenario() -> list[object]:
+        seen: list[object] = [await cache.get(url)]
+        now[0] = ORIGIN_MAX_AGE_S - 1
+        seen += [cache.cached(url), await cache.get(URL("https://example.com/b.jpg"))]
+        now[0] = ORIGIN_MAX_AGE_S + 1
+        seen += [cache.cached(url), await cache.get(url), cache.cached(url)]
+        return seen
+
+    assert asyncio.run(scenario()) == ["answer 1", "answer 1", "answer 1", None, "answer 2",
+                                       "answer 2"]
+    assert len(loads) == 2
+
+
+@pytest.mark.parametrize("body, path, allowed, group", [
+    # another crawler's token that starts like ours is not ours (protego matched it)
+    ("User-agent: pix\nAllow: /\n\nUser-agent: *\nDisallow: /\n", "/a.jpg", False, "*"),
+    ("User-agent: PixCraw\nDisallow: /\n", "/a.jpg", True, ""),
+    # a version after the token still names us (protego missed it)
+    ("User-agent: PixCrawler/1.0\nDisallow: /\n\nUser-agent: *\nAllow: /\n", "/a.jpg", False,
+     "pixcrawler"),
+    ("User-agent: pixcrawler\nDisallow: /private\n", "/private/a.jpg", False, "pixcrawler"),
+    ("User-agent: PIXCRAWLER # us\nDisallow: /private\n", "/a.jpg", True, "pixcrawler"),
+    ("User-agent: PixCrawlerBot\nDisallow: /\n", "/a.jpg", True, ""),
+    ("User-agent: Mozilla/5.0 (compatible; PixCrawler/1.0)\nDisallow: /\n", "/a.jpg", True, ""),
+    ("User-agent: *\nDisallow: /x\n", "/x/a.jpg", False, "*"),
+])
+def test_a_group_names_a_whole_product_token(body, path, allowed, group):
+    """RFC 9309 2.2.1: the group is the one whose product token is ours, matched without case
+    and whole."""
+    policy = RobotsPolicy.from_response(200, body.encode())
+    assert policy.allowed(f"https://example.com{path}") is allowed
+    assert policy.group == group

@@ -597,3 +597,24 @@ def test_a_charset_no_page_can_mean_is_read_as_utf8(label):
         facts = parse_page(body, "http://example.com/p", DownloadSpec(), content_type)
         assert [s.verdict for s in facts.signals if s.name == "robots_meta"] == [REFUSE]
         assert facts.alts == {"http://example.com/a.jpg": "caf\u00e9 \u201cq\u201d"}
+
+
+def test_an_opt_out_file_that_fails_once_is_asked_again(monkeypatch) -> None:
+    """As robots.txt is: one 503 does not make a whole origin's images unreachable."""
+    from builder import fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "UNREACHABLE_RETRY_S", 0.01)
+    for answers, expected in (([(503, b"", ""), (200, b"[]", "application/json")], (200, 2)),
+                              ([(404, b"", "")], (404, 1)),
+                              ([(0, b"", ""), (429, b"", "")], (429, 2))):
+        async def main() -> tuple[tuple[int, bytes], int]:
+            async with Fetcher(cfg()) as fetcher:
+                async def small(url: URL) -> tuple[int, bytes, str]:
+                    return answers.pop(0)
+
+                fetcher._fetch_small = small  # type: ignore[method-assign]
+                got = await fetcher._fetch_signal_file(URL("http://h/x.jpg"), "/ai.txt")
+                return got, fetcher.stats["signal_fetches"]
+
+        (status, _), fetches = asyncio.run(main())
+        assert (status, fetches) == expected
