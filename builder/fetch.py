@@ -60,6 +60,10 @@ from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, UNREACHABLE_RETRY_S, OriginCache,
                             RobotsCache, RobotsPolicy, origin_file, unreachable)
+
+FRESH_ROBOTS_S = 60.0
+"""How old a robots.txt read for another purpose may be when an origin's signals are built
+from it (they are kept ``ORIGIN_MAX_AGE_S`` from then)."""
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 
@@ -757,7 +761,10 @@ class Fetcher:
         async def robots() -> Optional[RobotsPolicy]:
             if not sig.needs_robots(cfg):
                 return None
-            return self._robots.cached(url) or await self._robots.policy(url)
+            # Read lately (a page's check may have just read it), so that the origin's
+            # signals, kept ORIGIN_MAX_AGE_S from now, are no older than that.
+            return self._robots.cached(url, FRESH_ROBOTS_S) or \
+                await self._robots.policy(url, FRESH_ROBOTS_S)
 
         async def tdmrep() -> Optional[tuple[list[sig.TdmRule], Signal]]:
             if not cfg.signals.tdmrep:

@@ -41,7 +41,7 @@ SIGNAL_DOCS: dict[str, str] = {
     "tdmrep": "TDMRep tdm-reservation / tdm-policy: /.well-known/tdmrep.json, HTTP header or "
               "page meta tag",
     "ai_txt": "/ai.txt rules for our user agent (robots.txt syntax)",
-    "x_robots_tag": "X-Robots-Tag header: noai, noimageai, noml, noindex, noimageindex",
+    "x_robots_tag": "X-Robots-Tag header: noai, noimageai, noml, noindex, noimageindex, none",
     "xmp_datamining": "IPTC plus:DataMining in the image's embedded XMP",
     "robots_meta": "<meta name=robots> on the image's page (page_meta)",
 }

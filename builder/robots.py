@@ -141,6 +141,11 @@ class _Group:
         return ", ".join(self.agents)
 
 
+_AGENT_KEYS = ("user-agent", "useragent", "user agent")
+_AGENT_LIKE = re.compile(r"\s*user[-_ \t]?agent(?![\w\s]*:)", re.I)
+"""A line that starts like a ``User-agent`` line but has no colon after the key."""
+
+
 def _groups(text: str) -> list[_Group]:
     """The file's groups in order (RFC 9309: consecutive user-agent lines open one group; a
     user-agent line after a rule opens the next). Lines before any group go to a group with no
@@ -157,7 +162,7 @@ def _groups(text: str) -> list[_Group]:
             continue
         key = key.strip().lower()
         value = value.strip()
-        if key in ("user-agent", "useragent", "user agent"):
+        if key in _AGENT_KEYS:
             if current is None or not last_was_agent:
                 current = _Group()
                 groups.append(current)
@@ -192,28 +197,38 @@ def _delay(value: str) -> Optional[float]:
     return delay
 
 
-_AGENT_LINE = re.compile(r"^(\s*user[-\s]?agent\s*:\s*)([^#\r\n]*)", re.I | re.M)
-
-
 def _product_token(value: str) -> str:
     """The product token a ``User-agent`` value starts with (``PixCrawler/1.0``: PixCrawler)."""
     return re.match(r"[A-Za-z_-]*", value)[0]  # type: ignore[index]
 
 
+def _agent_value(line: str) -> Optional[str]:
+    """The value of a ``User-agent`` line as ``_groups`` reads it (None for another line)."""
+    key, colon, value = line.split("#", 1)[0].strip().partition(":")
+    if not colon or key.strip().lower() not in _AGENT_KEYS:
+        return None
+    return value.strip()
+
+
 def _product_tokens(text: str, user_agent: str) -> str:
-    """``text`` with each ``User-agent`` value cut to the product token it starts with, and
-    every token but ours and ``*`` renamed so that protego, which matches a token as a prefix
-    of ours (``pix`` for ``PixCrawler``), cannot take it for ours."""
+    """``text`` for protego: each ``User-agent`` line (as ``_groups`` reads them, line by
+    line) names the product token its value starts with, every token but ours and ``*``
+    renamed so that protego, which matches a token as a prefix of ours (``pix`` for
+    ``PixCrawler``), cannot take it for ours; any other line protego would read as a
+    ``User-agent`` line (``User-agent PixCrawler``, without a colon) is dropped, as
+    ``_groups`` drops it."""
     ours = user_agent.strip().lower()
-
-    def token(match: re.Match[str]) -> str:
-        value = match[2].strip()
-        if value.startswith("*"):
-            return f"{match[1]}*"
-        name = _product_token(value)
-        return match[1] + (name if name.lower() == ours else f"other-{name or 'none'}")
-
-    return _AGENT_LINE.sub(token, text)
+    out = []
+    for line in text.splitlines():
+        value = _agent_value(line)
+        if value is None:
+            if not _AGENT_LIKE.match(line):
+                out.append(line)
+            continue
+        name = "*" if value.startswith("*") else _product_token(value)
+        out.append("User-agent: " + (name if name == "*" or (name and name.lower() == ours)
+                                     else f"other-{name or 'none'}"))
+    return "\n".join(out)
 
 
 def _score(agent: str, user_agent: str) -> int:
@@ -327,17 +342,20 @@ class OriginCache(Generic[T]):
         self._pending: dict[str, asyncio.Task[T]] = {}
         self.fetches = 0
 
-    def cached(self, url: URL) -> Optional[T]:
-        """The value of ``url``'s origin if it is known and not too old (no await)."""
+    def cached(self, url: URL, max_age_s: Optional[float] = None) -> Optional[T]:
+        """The value of ``url``'s origin if it is known and not older than ``max_age_s``
+        (the cache's own by default; no await)."""
         hit = self._done.get(origin_of(url))
-        if hit is None or self._clock() - hit[0] > self.max_age_s:
+        limit = self.max_age_s if max_age_s is None else max_age_s
+        if hit is None or self._clock() - hit[0] > limit:
             return None
         return hit[1]
 
-    async def get(self, url: URL) -> T:
-        """The value of ``url``'s origin, loading it on first use."""
+    async def get(self, url: URL, max_age_s: Optional[float] = None) -> T:
+        """The value of ``url``'s origin, loaded again when it is unknown or older than
+        ``max_age_s`` (the cache's own by default)."""
         origin = origin_of(url)
-        known = self.cached(url)
+        known = self.cached(url, max_age_s)
         if known is not None:
             return known
         task = self._pending.get(origin)
@@ -391,9 +409,10 @@ class RobotsCache(OriginCache[RobotsPolicy]):
         super().__init__(load)
         self._user_agent = user_agent
 
-    async def policy(self, url: URL) -> RobotsPolicy:
-        """The policy of ``url``'s origin, fetching its robots.txt on first use."""
-        return await self.get(url)
+    async def policy(self, url: URL, max_age_s: Optional[float] = None) -> RobotsPolicy:
+        """The policy of ``url``'s origin, fetching its robots.txt on first use (and again
+        once it is older than ``max_age_s``)."""
+        return await self.get(url, max_age_s)
 
     async def allowed(self, url: URL) -> bool:
         """True when robots.txt of ``url``'s origin lets our user agent fetch it."""

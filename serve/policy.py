@@ -511,6 +511,9 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                                   "request body"), policy)
 
 
+_PROXY_HOST = re.compile(r"[a-z0-9.:_-]+")
+
+
 def _private_proxy(proxy: str) -> Optional[str]:
     """Why ``proxy`` names what an API user may not reach (a private address, localhost or a
     malformed host), or None. A name is not resolved here: see ``allow_proxy``."""
@@ -520,6 +523,9 @@ def _private_proxy(proxy: str) -> Optional[str]:
         return f"{proxy[:200]!r} is not a proxy URL"
     if not host or host == "localhost" or host.endswith(".localhost"):
         return f"{proxy[:200]!r} names no host or this server itself"
+    if not _PROXY_HOST.fullmatch(host):
+        # "%31%32%37.0.0.1": the proxy client decodes it to 127.0.0.1 (WHATWG URL rules)
+        return f"{proxy[:200]!r}: a proxy host is a name or an address, spelled plainly"
     verdict = check_url(f"http://{host}/" if ":" not in host else f"http://[{host}]/")
     if verdict is not None:
         return f"{proxy[:200]!r}: {verdict[1]}; this server does not let API users reach it"

@@ -299,3 +299,49 @@ def test_a_group_names_a_whole_product_token(body, path, allowed, group):
     policy = RobotsPolicy.from_response(200, body.encode())
     assert policy.allowed(f"https://example.com{path}") is allowed
     assert policy.group == group
+
+
+@pytest.mark.parametrize("body, allowed, group", [
+    # an empty User-agent value must not swallow the line after it
+    ("User-agent: PixCrawler\nUser-agent:   \nDisallow: /\n", False, "pixcrawler"),
+    ("User-agent:\nUser-agent: PixCrawler\nDisallow: /\n", False, "pixcrawler"),
+    # lines ending in CR alone are lines too (protego and the groups split them alike)
+    ("User-agent: *\rAllow: /\r\rUser-agent: pix\rDisallow: /\r", True, "*"),
+    ("User-agent: PixCrawler/1.0\r\nDisallow: /\r\n\r\nUser-agent: *\r\nAllow: /\r\n", False,
+     "pixcrawler"),
+    ("\ufeffUser-Agent:\tPixCrawler\t# us\nDisallow: /\n", False, "pixcrawler"),
+    ("user agent: PixCrawler\nDisallow: /\n", False, "pixcrawler"),
+    ("User-agent:*\nDisallow: /\n", False, "*"),
+    # a User-agent line without a colon is no line, for the decision as for the ledger
+    ("User-agent PixCrawler\nDisallow: /\n", True, ""),
+])
+def test_the_decision_and_the_ledger_read_the_same_group(body, allowed, group):
+    """protego decides and ``_groups`` names the group (and reads its Content-Signal): the
+    rewrite for protego once disagreed with ``_groups`` on empty values and CR line ends."""
+    policy = RobotsPolicy.from_response(200, body.encode())
+    assert policy.allowed("https://example.com/a.jpg") is allowed
+    assert policy.group == group
+
+
+def test_an_origins_signals_are_built_from_a_robots_txt_read_lately():
+    """A robots.txt read 23 hours earlier (for a page's check) went into signals kept 24
+    hours more."""
+    from builder.robots import OriginCache
+
+    now = [0.0]
+    loads: list[int] = []
+
+    async def load(url: URL) -> int:
+        loads.append(1)
+        return len(loads)
+
+    cache: OriginCache[int] = OriginCache(load, clock=lambda: now[0])
+    url = URL("https://example.com/a.jpg")
+
+    async def scenario() -> list[object]:
+        first = await cache.get(url)
+        now[0] = 61.0
+        return [first, cache.cached(url), cache.cached(url, 60.0),
+                await cache.get(url, 60.0), cache.cached(url)]
+
+    assert asyncio.run(scenario()) == [1, 1, None, 2, 2]

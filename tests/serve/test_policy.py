@@ -574,6 +574,10 @@ def test_search_pages_and_candidates_are_capped_but_a_url_lists_pages_are_not(tm
     ("http://localhost:3128", False),
     ("http://redis.localhost:6379", False),
     ("http://2130706433:80", False),
+    ("http://%31%32%37.0.0.1:6379", False),  # the proxy client decodes it: 127.0.0.1
+    ("http://127%2E0%2E0%2E1:6379", False),
+    ("socks5h://user:pass@proxy.example.com:1080", True),
+    ("http://[2606:4700::1111]:3128", True),
     ("not a proxy", False),
 ])
 def test_an_allowed_proxy_may_not_name_a_private_address(proxy, ok):
