@@ -60,10 +60,6 @@ from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, UNREACHABLE_RETRY_S, OriginCache,
                             RobotsCache, RobotsPolicy, origin_file, unreachable)
-
-FRESH_ROBOTS_S = 60.0
-"""How old a robots.txt read for another purpose may be when an origin's signals are built
-from it (they are kept ``ORIGIN_MAX_AGE_S`` from then)."""
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 
@@ -84,6 +80,10 @@ BUDGET_STEP = 256 * 1024
 """A body without Content-Length first reserves this much, then doubles its reservation."""
 _PAGE_CACHE = 4096
 """Pages whose facts are kept (``signals.page_meta``): images of one page usually come together."""
+
+FRESH_ROBOTS_S = 60.0
+"""How old a robots.txt read for another purpose may be when an origin's signals are built
+from it (they are kept ``ORIGIN_MAX_AGE_S`` from then)."""
 
 log = logging.getLogger("pixcrawler.fetch")
 

@@ -43,9 +43,12 @@ import math
 import re
 import time
 import urllib.parse
-from typing import Awaitable, Callable, Generic, Iterable, Optional, TypeVar, Union
+from typing import Awaitable, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
 
 from protego import Protego
+# protego's own reading of a line (its aliases, misspellings and colon-less forms), so that the
+# groups named in the ledger are the ones protego decides by (pyproject pins protego 0.7.x).
+from protego._protego import _ALL_DIRECTIVES, _extract_directive
 from yarl import URL
 
 ROBOTS_UA = "PixCrawler"
@@ -61,8 +64,13 @@ UNREACHABLE_RETRY_S = 1.0
 ORIGIN_MAX_AGE_S = 24 * 3600.0
 """How long an origin's robots.txt (and its other opt-out files) is used once read."""
 
-_STANDARD = frozenset({"allow", "disallow", "user-agent", "sitemap", "crawl-delay",
-                       "request-rate", "visit-time", "host"})
+_USER_AGENT_FIELDS = frozenset({"user-agent", "useragent", "user agent"})
+_SITE_WIDE_FIELDS = frozenset({"sitemap", "sitemaps", "site-map", "host"})
+"""Fields that belong to no group, and do not end one (as protego reads them)."""
+_CRAWL_DELAY_FIELDS = frozenset({"crawl-delay", "crawl delay"})
+_KNOWN_FIELDS = _ALL_DIRECTIVES
+"""Every field protego reads, misspellings included; any other field of our group is an
+extension (``Content-Signal``, ``Content-Usage``, ...)."""
 _PATH_BASE = "http://robots.invalid"
 """What a path is prefixed with for protego, which parses a URL: a path starting with '//' must
 not be read as an authority."""
@@ -141,9 +149,14 @@ class _Group:
         return ", ".join(self.agents)
 
 
-_AGENT_KEYS = ("user-agent", "useragent", "user agent")
-_AGENT_LIKE = re.compile(r"\s*user[-_ \t]?agent(?![\w\s]*:)", re.I)
-"""A line that starts like a ``User-agent`` line but has no colon after the key."""
+def _directives(text: str) -> Iterator[tuple[str, Optional[tuple[str, str]]]]:
+    """Each line of ``text`` and its (field, value) as protego reads it (None for a blank,
+    comment or unreadable line): protego decides and ``_groups`` names the group, so both
+    must read every line alike, misspelled and colon-less fields included."""
+    for line in text.splitlines():
+        hash_pos = line.find("#")
+        content = (line if hash_pos == -1 else line[:hash_pos]).strip()
+        yield line, (_extract_directive(content) if content else None)
 
 
 def _groups(text: str) -> list[_Group]:
@@ -155,14 +168,11 @@ def _groups(text: str) -> list[_Group]:
     current: Optional[_Group] = None
     last_was_agent = False
     delays: dict[int, bool] = {}
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        key, colon, value = line.partition(":")
-        if not colon:
+    for _, parsed in _directives(text):
+        if parsed is None:
             continue
-        key = key.strip().lower()
-        value = value.strip()
-        if key in _AGENT_KEYS:
+        key, value = parsed
+        if key in _USER_AGENT_FIELDS:
             if current is None or not last_was_agent:
                 current = _Group()
                 groups.append(current)
@@ -171,17 +181,17 @@ def _groups(text: str) -> list[_Group]:
                 current.agents.append(token)
             last_was_agent = True
             continue
-        if key in ("sitemap", "host"):
+        if key in _SITE_WIDE_FIELDS:
             continue
         last_was_agent = False
         target = current if current is not None else preamble
-        if key == "crawl-delay":
+        if key in _CRAWL_DELAY_FIELDS:
             if current is not None and id(current) not in delays:
                 delay = _delay(value)
                 if delay is not None:
                     current.crawl_delay = delay
                     delays[id(current)] = True
-        elif key not in _STANDARD and value:
+        elif key not in _KNOWN_FIELDS and value:
             target.extensions.setdefault(key, []).append(value)
     return groups
 
@@ -202,29 +212,18 @@ def _product_token(value: str) -> str:
     return re.match(r"[A-Za-z_-]*", value)[0]  # type: ignore[index]
 
 
-def _agent_value(line: str) -> Optional[str]:
-    """The value of a ``User-agent`` line as ``_groups`` reads it (None for another line)."""
-    key, colon, value = line.split("#", 1)[0].strip().partition(":")
-    if not colon or key.strip().lower() not in _AGENT_KEYS:
-        return None
-    return value.strip()
-
-
 def _product_tokens(text: str, user_agent: str) -> str:
-    """``text`` for protego: each ``User-agent`` line (as ``_groups`` reads them, line by
-    line) names the product token its value starts with, every token but ours and ``*``
-    renamed so that protego, which matches a token as a prefix of ours (``pix`` for
-    ``PixCrawler``), cannot take it for ours; any other line protego would read as a
-    ``User-agent`` line (``User-agent PixCrawler``, without a colon) is dropped, as
-    ``_groups`` drops it."""
+    """``text`` for protego: each ``User-agent`` line (``_directives``) names the product
+    token its value starts with, every token but ours and ``*`` renamed so that protego,
+    which matches a token as a prefix of ours (``pix`` for ``PixCrawler``), cannot take it
+    for ours. Other lines are left as they are."""
     ours = user_agent.strip().lower()
     out = []
-    for line in text.splitlines():
-        value = _agent_value(line)
-        if value is None:
-            if not _AGENT_LIKE.match(line):
-                out.append(line)
+    for line, parsed in _directives(text):
+        if parsed is None or parsed[0] not in _USER_AGENT_FIELDS:
+            out.append(line)
             continue
+        value = parsed[1]
         name = "*" if value.startswith("*") else _product_token(value)
         out.append("User-agent: " + (name if name == "*" or (name and name.lower() == ours)
                                      else f"other-{name or 'none'}"))

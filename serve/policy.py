@@ -518,7 +518,7 @@ def _private_proxy(proxy: str) -> Optional[str]:
     """Why ``proxy`` names what an API user may not reach (a private address, localhost or a
     malformed host), or None. A name is not resolved here: see ``allow_proxy``."""
     try:
-        host = (URL(proxy).host or "").rstrip(".").lower()
+        host = (URL(proxy).raw_host or "").rstrip(".").lower()  # IDNA-encoded, escapes kept
     except (ValueError, TypeError):
         return f"{proxy[:200]!r} is not a proxy URL"
     if not host or host == "localhost" or host.endswith(".localhost"):

@@ -312,8 +312,15 @@ def test_a_group_names_a_whole_product_token(body, path, allowed, group):
     ("\ufeffUser-Agent:\tPixCrawler\t# us\nDisallow: /\n", False, "pixcrawler"),
     ("user agent: PixCrawler\nDisallow: /\n", False, "pixcrawler"),
     ("User-agent:*\nDisallow: /\n", False, "*"),
-    # a User-agent line without a colon is no line, for the decision as for the ledger
-    ("User-agent PixCrawler\nDisallow: /\n", True, ""),
+    # lines as protego reads them, for the decision as for the ledger: without a colon,
+    # misspelled, site-wide fields that end no group, extensions that end one
+    ("User-agent PixCrawler\nDisallow: /\n", False, "pixcrawler"),
+    ("User  agent PixCrawler\nDissallow: /\n", False, "pixcrawler"),
+    ("User-agent: PixCrawler\nAllow /\nUser-agent: other\nDisallow: /\n", True, "pixcrawler"),
+    ("User-agent: PixCrawler\nSitemaps: http://x/s\nUser-agent: other\nDisallow: /\n", False,
+     "pixcrawler, other"),
+    ("User-agent: PixCrawler\nUser-agent-note: hi\nUser-agent: other\nDisallow: /\n", True,
+     "pixcrawler"),
 ])
 def test_the_decision_and_the_ledger_read_the_same_group(body, allowed, group):
     """protego decides and ``_groups`` names the group (and reads its Content-Signal): the
@@ -345,3 +352,20 @@ def test_an_origins_signals_are_built_from_a_robots_txt_read_lately():
                 await cache.get(url, 60.0), cache.cached(url)]
 
     assert asyncio.run(scenario()) == [1, 1, None, 2, 2]
+
+
+def test_the_opt_outs_of_the_group_protego_applies_are_the_ones_read():
+    """``Sitemaps:`` ends no group for protego, and ended one for the ledger: protego applied
+    the next group's rules to us while the ledger read only our own group, and its
+    ``ai-train=no`` was lost."""
+    policy = RobotsPolicy.from_response(200, b"User-agent: PixCrawler\nSitemaps: http://x/s\n"
+                                             b"User-agent: other\nDisallow: /private\n"
+                                             b"Content-Signal: ai-train=no\n")
+    assert not policy.allowed("https://example.com/private/a.jpg")
+    assert policy.extensions == {"content-signal": ["ai-train=no"]}
+    spaced = RobotsPolicy.from_response(200, b"User-agent: *\nAllow: /\nContent-Signal: "
+                                             b"ai-train=yes\n\nUser  agent PixCrawler\n"
+                                             b"Disallow: /private\nContent-Signal: ai-train=no\n")
+    assert not spaced.allowed("https://example.com/private/a.jpg")
+    assert spaced.group == "pixcrawler"
+    assert spaced.extensions == {"content-signal": ["ai-train=no"]}

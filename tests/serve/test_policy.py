@@ -578,6 +578,8 @@ def test_search_pages_and_candidates_are_capped_but_a_url_lists_pages_are_not(tm
     ("http://127%2E0%2E0%2E1:6379", False),
     ("socks5h://user:pass@proxy.example.com:1080", True),
     ("http://[2606:4700::1111]:3128", True),
+    ("http://xn--bcher-kva.de:8080", True),
+    ("http://b\u00fccher.de:8080", True),
     ("not a proxy", False),
 ])
 def test_an_allowed_proxy_may_not_name_a_private_address(proxy, ok):
