@@ -58,8 +58,8 @@ from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
-from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, UNREACHABLE_RETRY_S, OriginCache,
-                            RobotsCache, RobotsPolicy, origin_file, unreachable)
+from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
+                            origin_file, read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 
@@ -783,15 +783,13 @@ class Fetcher:
         return sig.OriginSignals(cfg, *got)
 
     async def _fetch_signal_file(self, url: URL, path: str) -> tuple[int, bytes]:
-        """(status, body) of an origin's opt-out file, asked once more after
-        ``UNREACHABLE_RETRY_S`` when it is unreachable (as robots.txt is)."""
-        for attempt in range(2):
-            if attempt:
-                await asyncio.sleep(UNREACHABLE_RETRY_S)
-            self.stats["signal_fetches"] += 1
-            status, body, _ = await self._fetch_small(origin_file(url, path))
-            if not unreachable(status):
-                break
+        """(status, body) of an origin's opt-out file, asked once more when it is unreachable
+        (as robots.txt is)."""
+        return await read_twice_if_unreachable(self._fetch_signal_once, origin_file(url, path))
+
+    async def _fetch_signal_once(self, url: URL) -> tuple[int, bytes]:
+        self.stats["signal_fetches"] += 1
+        status, body, _ = await self._fetch_small(url)
         return status, body
 
     async def _page_check(self, record: Record) -> None:

@@ -121,9 +121,9 @@ REASON_DOCS: dict[Reason, str] = {
     "to assume everything is disallowed (retry-failed asks again)",
     Reason.OPTED_OUT: "a machine-readable opt-out refuses AI training; the detail names the "
     "signal and where it was read: X-Robots-Tag (noai / noimageai / noml / noindex / "
-    "noimageindex / none), TDMRep (tdm-reservation: 1 in /.well-known/tdmrep.json, a header or the "
-    "page), AI Preferences (Content-Usage: train-ai=n, header or robots.txt), Content Signals "
-    "(Content-Signal: ai-train=no in robots.txt), IPTC plus:DataMining prohibited in the "
+    "noimageindex / none), TDMRep (tdm-reservation: 1 in /.well-known/tdmrep.json, a header "
+    "or the page), AI Preferences (Content-Usage: train-ai=n, header or robots.txt), Content "
+    "Signals (Content-Signal: ai-train=no in robots.txt), IPTC plus:DataMining prohibited in the "
     "image's XMP, /ai.txt",
     Reason.OPTOUT_UNREACHABLE: "the origin's /.well-known/tdmrep.json or /ai.txt answered a "
     "server error or 429, or gave no answer, twice: whether it opts out could not be checked, "

@@ -25,10 +25,10 @@ The group that applies to us is the one naming our product token (groups naming 
 RFC 9309 asks), else the ``*`` group(s). A ``User-agent`` line names the product token it starts
 with (letters, ``_`` and ``-``: ``PixCrawler/1.0`` names ``PixCrawler``), compared without case
 and whole, as RFC 9309 2.2.1 and Google's parser do: ``pix`` is another crawler's group, though
-protego alone would match it as a prefix of ours (``_product_tokens``); ``RobotsPolicy.group`` names it for the rights ledger.
-Lines of that group other than the standard ones (``Content-Signal``, ``Content-Usage``, ...) are
-kept in ``RobotsPolicy.extensions`` for ``builder.signals``; such lines before any group apply to
-every agent.
+protego alone would match it as a prefix of ours (``_product_tokens``). ``RobotsPolicy.group``
+names the group for the rights ledger. Lines of that group other than the standard ones
+(``Content-Signal``, ``Content-Usage``, ...) are kept in ``RobotsPolicy.extensions`` for
+``builder.signals``; such lines before any group apply to every agent.
 
 Concurrent first requests to an origin share one robots.txt fetch: the cache holds the in-flight
 future, not just finished results (``OriginCache``, also used for the other per-origin files).
@@ -176,7 +176,7 @@ def _groups(text: str) -> list[_Group]:
             if current is None or not last_was_agent:
                 current = _Group()
                 groups.append(current)
-            token = "*" if value.startswith("*") else _product_token(value).lower()
+            token = _product_token(value).lower()
             if token:
                 current.agents.append(token)
             last_was_agent = True
@@ -208,7 +208,10 @@ def _delay(value: str) -> Optional[float]:
 
 
 def _product_token(value: str) -> str:
-    """The product token a ``User-agent`` value starts with (``PixCrawler/1.0``: PixCrawler)."""
+    """The product token a ``User-agent`` value starts with (``PixCrawler/1.0``: PixCrawler;
+    ``*`` for a value that starts with one)."""
+    if value.startswith("*"):
+        return "*"
     return re.match(r"[A-Za-z_-]*", value)[0]  # type: ignore[index]
 
 
@@ -223,8 +226,7 @@ def _product_tokens(text: str, user_agent: str) -> str:
         if parsed is None or parsed[0] not in _USER_AGENT_FIELDS:
             out.append(line)
             continue
-        value = parsed[1]
-        name = "*" if value.startswith("*") else _product_token(value)
+        name = _product_token(parsed[1])
         out.append("User-agent: " + (name if name == "*" or (name and name.lower() == ours)
                                      else f"other-{name or 'none'}"))
     return "\n".join(out)
@@ -390,6 +392,16 @@ def origin_file(url: URL, path: str) -> URL:
     return url.with_path(path, encoded=True).with_query(None).with_fragment(None)
 
 
+async def read_twice_if_unreachable(fetch: RobotsFetch, url: URL) -> tuple[int, bytes]:
+    """``fetch(url)``, asked once more after ``UNREACHABLE_RETRY_S`` when the answer is
+    unreachable (robots.txt, and the other per-origin opt-out files)."""
+    status, body = await fetch(url)
+    if unreachable(status):
+        await asyncio.sleep(UNREACHABLE_RETRY_S)
+        status, body = await fetch(url)
+    return status, body
+
+
 class RobotsCache(OriginCache[RobotsPolicy]):
     """robots.txt policies per origin, each fetched once through ``fetch``.
 
@@ -399,10 +411,7 @@ class RobotsCache(OriginCache[RobotsPolicy]):
 
     def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA):
         async def load(url: URL) -> RobotsPolicy:
-            status, body = await fetch(origin_file(url, "/robots.txt"))
-            if unreachable(status):
-                await asyncio.sleep(UNREACHABLE_RETRY_S)
-                status, body = await fetch(origin_file(url, "/robots.txt"))
+            status, body = await read_twice_if_unreachable(fetch, origin_file(url, "/robots.txt"))
             return RobotsPolicy.from_response(status, body, user_agent)
 
         super().__init__(load)

@@ -10,8 +10,8 @@ Three levels, checked in this order by the fetcher (``builder.fetch``):
   ``tdm-policy`` rules; the first rule whose location pattern matches applies); ``/ai.txt``
   (robots.txt syntax).
 * **response** (``ResponseSignals``): the ``X-Robots-Tag`` header (``noai``, ``noimageai``,
-  ``noml``, ``noindex``, ``noimageindex``, ``none``), TDMRep's ``tdm-reservation`` / ``tdm-policy`` headers
-  and the ``Content-Usage`` header.
+  ``noml``, ``noindex``, ``noimageindex``, ``none``), TDMRep's ``tdm-reservation`` /
+  ``tdm-policy`` headers and the ``Content-Usage`` header.
 * **embedded** (``embedded_signals``): IPTC ``plus:DataMining`` in the image's XMP.
 * **page** (``download.signals.page_meta``, ``page_signals``): TDMRep and robots meta tags on the
   image's page.

@@ -357,14 +357,18 @@ class _Check:
     def cap(self, section: str, name: str, setting: str, cap: float) -> None:
         """A value set above ``cap`` is refused; an unset default above it takes the cap. An
         unset None (sized from the job) is held to the cap by ``_hold_sizes``."""
-        model = getattr(self.spec, section)
+        self.cap_field(getattr(self.spec, section), section, name, setting, cap)
+
+    def cap_field(self, model: BaseModel, at: str, name: str, setting: str,
+                  cap: float) -> None:
+        """``cap`` on the field ``name`` of ``model``, which the spec holds at ``at``."""
         value = getattr(model, name)
         if value is None or value <= cap:
             return
         if name in model.model_fields_set:
-            self.over_cap(f"{section}.{name}", setting, value, cap)
+            self.over_cap(f"{at}.{name}", setting, value, cap)
         else:
-            self.changes[f"{section}.{name}"] = cap
+            self.changes[f"{at}.{name}"] = cap
 
 
 def _apply(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -427,11 +431,8 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
             if not seconds <= policy.max_timeout_s:  # a NaN too
                 check.over_cap(f"{at}.options.timeout_s", "max_timeout_s", timeout,
                                policy.max_timeout_s)
-        if src.engine != "urllist" and src.max_pages > policy.max_pages:
-            if "max_pages" in src.model_fields_set:
-                check.over_cap(f"{at}.max_pages", "max_pages", src.max_pages, policy.max_pages)
-            else:
-                check.changes[f"{at}.max_pages"] = policy.max_pages
+        if src.engine != "urllist":
+            check.cap_field(src, at, "max_pages", "max_pages", policy.max_pages)
         proxy = src.options.get("proxy")
         if proxy not in (None, "") and not policy.allow_proxy:
             check.forbid(f"{at}.options.proxy", "allow_proxy", "this server does not let "

@@ -33,10 +33,11 @@ class Site:
     """One origin of the sandbox: its per-origin files (None: 404) and per-path answers.
 
     ``down`` names per-origin files (``/robots.txt``, ``/.well-known/tdmrep.json``, ``/ai.txt``)
-    that answer 503, as on a server that is failing. ``headers`` and ``xmp`` map a path prefix to the headers an image under it is served with,
-    and to the ``plus:DataMining`` value embedded in its XMP. ``pages`` maps a page path to the
-    HTML it serves (in UTF-8, or the charset ``page_charsets`` names for it, which its
-    ``Content-Type`` then names too), ``redirects`` a path to the URL it redirects to (302).
+    that answer 503, as on a server that is failing. ``headers`` and ``xmp`` map a path prefix
+    to the headers an image under it is served with, and to the ``plus:DataMining`` value
+    embedded in its XMP. ``pages`` maps a page path to the HTML it serves (in UTF-8, or the
+    charset ``page_charsets`` names for it, which its ``Content-Type`` then names too),
+    ``redirects`` a path to the URL it redirects to (302).
     """
 
     name: str

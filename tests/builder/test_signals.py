@@ -601,9 +601,9 @@ def test_a_charset_no_page_can_mean_is_read_as_utf8(label):
 
 def test_an_opt_out_file_that_fails_once_is_asked_again(monkeypatch) -> None:
     """As robots.txt is: one 503 does not make a whole origin's images unreachable."""
-    from builder import fetch as fetch_module
+    from builder import robots as robots_module
 
-    monkeypatch.setattr(fetch_module, "UNREACHABLE_RETRY_S", 0.01)
+    monkeypatch.setattr(robots_module, "UNREACHABLE_RETRY_S", 0.01)
     for answers, expected in (([(503, b"", ""), (200, b"[]", "application/json")], (200, 2)),
                               ([(404, b"", "")], (404, 1)),
                               ([(0, b"", ""), (429, b"", "")], (429, 2))):
