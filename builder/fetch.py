@@ -298,7 +298,7 @@ class Fetcher:
         self._origins: OriginCache[sig.OriginSignals] = OriginCache(self._load_origin)
         self._origin_signals = sig.origin_active(cfg)
         self._response_signals = sig.ResponseSignals(cfg)
-        self._pages: OrderedDict[str, asyncio.Future[Optional[sig.PageFacts]]] = OrderedDict()
+        self._pages: OrderedDict[str, asyncio.Future[sig.PageFacts]] = OrderedDict()
         self._session: Optional[aiohttp.ClientSession] = None
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._hosts: dict[str, _Host] = {}
@@ -739,9 +739,9 @@ class Fetcher:
                           f"so nothing there is fetched ({refusal.source})")
         elif refusal.value in UNREADABLE:
             record.reject(Reason.OPTOUT_UNREACHABLE,
-                          f"{refusal.name}: {refusal.source} of "
-                          f"{origin_of or record.candidate.url} could not be read, so whether "
-                          "it opts out is not known and nothing there is fetched")
+                          f"{refusal.name}: {refusal.source} could not be read for "
+                          f"{origin_of or record.candidate.url}, so whether it opts out is not "
+                          "known and the image is not kept")
         elif refusal.name == "robots_txt":
             record.reject(Reason.ROBOTS_DISALLOWED,
                           f"robots.txt disallows {origin_of or record.candidate.url} "
@@ -805,30 +805,39 @@ class Fetcher:
         else:
             self._pages.move_to_end(page_url)
         facts = await asyncio.shield(pending)
-        if facts is None:
-            return
         if self._refused(record, facts.signals):
             return
         alt = facts.alts.get(record.final_url) or facts.alts.get(record.candidate.url)
         if alt:
             record.caption = well_formed(alt)
 
-    async def _load_page(self, page_url: str) -> Optional[sig.PageFacts]:
-        """The page's facts, or None when it cannot be read (or robots.txt forbids it)."""
+    async def _load_page(self, page_url: str) -> sig.PageFacts:
+        """The page's facts. A page that is not read gives entries that say why
+        (``signals.unread_page``): one that cannot be reached, twice a second apart, refuses,
+        as an unreachable opt-out file does; robots.txt forbidding it, or a 4xx, says
+        nothing."""
         cfg = self.cfg
         try:
             url = vet_url(page_url, allow_private_networks=cfg.allow_private_networks)
-        except UrlRejected:
-            return None
+        except UrlRejected as exc:
+            return sig.unread_page(page_url, cfg, f"not read: {exc.detail}")
         if cfg.respect_robots:
             policy = self._robots.cached(url) or await self._robots.policy(url)
+            if policy.unreachable:
+                why = f"HTTP {policy.status}" if policy.status else "no answer"
+                return sig.unread_page(page_url, cfg, f"not read: its robots.txt is "
+                                       f"unreachable ({why})", policy.status)
             if not policy.allowed(url, ROBOTS_UA):
-                return None
-        self.stats["page_fetches"] += 1
-        status, body, content_type = await self._fetch_small(url)
+                return sig.unread_page(page_url, cfg, "not read: robots.txt disallows it")
+        status, body, content_type = await read_twice_if_unreachable(self._fetch_page_once, url)
         if not 200 <= status < 300:
-            return None
+            why = f"HTTP {status}" if status else "no answer"
+            return sig.unread_page(page_url, cfg, f"not read: {why}", status)
         return sig.parse_page(body, str(url), cfg, content_type)
+
+    async def _fetch_page_once(self, url: URL) -> tuple[int, bytes, str]:
+        self.stats["page_fetches"] += 1
+        return await self._fetch_small(url)
 
     # ---- robots.txt ---------------------------------------------------------------------------
 

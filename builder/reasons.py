@@ -125,9 +125,10 @@ REASON_DOCS: dict[Reason, str] = {
     "or the page), AI Preferences (Content-Usage: train-ai=n, header or robots.txt), Content "
     "Signals (Content-Signal: ai-train=no in robots.txt), IPTC plus:DataMining prohibited in the "
     "image's XMP, /ai.txt",
-    Reason.OPTOUT_UNREACHABLE: "the origin's /.well-known/tdmrep.json or /ai.txt answered a "
-    "server error or 429, or gave no answer, twice: whether it opts out could not be checked, "
-    "so nothing there is fetched (retry-failed asks again)",
+    Reason.OPTOUT_UNREACHABLE: "the origin's /.well-known/tdmrep.json or /ai.txt (or, with "
+    "page_meta, the image's page) answered a server error or 429, or gave no answer, twice: "
+    "whether it opts out could not be checked, so the image is not kept (retry-failed asks "
+    "again)",
     Reason.NOT_AN_IMAGE: "the bytes are not an image format we recognise (e.g. HTML served "
     "as image/jpeg); decided from magic numbers, not the header",
     Reason.DECODE_ERROR: "the image does not decode",

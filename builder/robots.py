@@ -392,14 +392,19 @@ def origin_file(url: URL, path: str) -> URL:
     return url.with_path(path, encoded=True).with_query(None).with_fragment(None)
 
 
-async def read_twice_if_unreachable(fetch: RobotsFetch, url: URL) -> tuple[int, bytes]:
+Answer = TypeVar("Answer", bound=tuple)
+"""An answer whose first item is its HTTP status (0 for none)."""
+
+
+async def read_twice_if_unreachable(fetch: Callable[[URL], Awaitable[Answer]],
+                                    url: URL) -> Answer:
     """``fetch(url)``, asked once more after ``UNREACHABLE_RETRY_S`` when the answer is
-    unreachable (robots.txt, and the other per-origin opt-out files)."""
-    status, body = await fetch(url)
-    if unreachable(status):
+    unreachable (robots.txt, the other per-origin opt-out files, an image's page)."""
+    answer = await fetch(url)
+    if unreachable(answer[0]):
         await asyncio.sleep(UNREACHABLE_RETRY_S)
-        status, body = await fetch(url)
-    return status, body
+        answer = await fetch(url)
+    return answer
 
 
 class RobotsCache(OriginCache[RobotsPolicy]):

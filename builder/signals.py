@@ -304,17 +304,23 @@ class OriginSignals:
             if robots is not None and cfg.respect_robots else None
         source = _robots_source(robots, "robots.txt") if robots is not None else "robots.txt"
         ext = robots.extensions if robots is not None else {}
+        absent, verdict = "", NONE
+        if robots is not None and robots.unreachable:
+            # The lines it would carry are not known: they refuse, as an unreachable
+            # tdmrep.json does (with respect_robots, robots.txt's own entry refuses first).
+            absent, verdict = (UNREACHABLE if robots.status else NO_ANSWER), REFUSE
+            source = _robots_source(robots, "robots.txt lines")
         self._signal_rules: Optional[list[PathRule]] = None
         self._usage_rules: Optional[list[PathRule]] = None
         if sig.content_signal and robots is not None:
             self._signal_rules = path_rules("content_signal", ext.get("content-signal", ()),
                                             source, content_signal_verdict)
-            self._signal_absent = Signal("content_signal", "", source)
+            self._signal_absent = Signal("content_signal", absent, source, verdict)
         if sig.content_usage and robots is not None:
             usage = sig.usage
             self._usage_rules = path_rules("content_usage", ext.get("content-usage", ()),
                                            source, lambda p: usage_verdict(p, usage))
-            self._usage_absent = Signal("content_usage", "", source)
+            self._usage_absent = Signal("content_usage", absent, source, verdict)
         self._tdm = tdmrep
         self._ai = _RulesFile("ai_txt", "ai.txt", ai_txt) if ai_txt is not None else None
 
@@ -573,6 +579,25 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec,
     return PageFacts(tuple(out), alts)
 
 
+def unread_page(page_url: str, cfg: DownloadSpec, why: str, status: Optional[int] = None
+                ) -> PageFacts:
+    """The entries of a page that was not read, ``why`` saying why. One that could not be
+    reached (``status``: a server error, 429, or 0 for no answer) refuses: whether its meta
+    tags opt out is not known (``optout_unreachable``). Any other (a 4xx, a URL the guard
+    refuses, robots.txt forbidding it) says nothing."""
+    where = f"page {page_url[:200]}"
+    value, verdict = "", NONE
+    if status is not None and unreachable(status):
+        value, verdict = (UNREACHABLE if status else NO_ANSWER), REFUSE
+    out: list[Signal] = []
+    if cfg.signals.tdmrep:
+        out.append(Signal("tdmrep", value, f"{where} ({why})", verdict))
+    if cfg.respect_optouts:
+        out.append(Signal("robots_meta", value, f"{where} ({why})", verdict))
+    return PageFacts(tuple(out), {})
+
+
 __all__ = ["AI_TXT_PATH", "OriginSignals", "PageFacts", "ResponseSignals", "TDMREP_PATH",
            "content_signal_verdict", "embedded_signals", "needs_robots", "origin_active",
-           "parse_page", "parse_preferences", "parse_tdmrep", "path_matches", "usage_verdict"]
+           "parse_page", "parse_preferences", "parse_tdmrep", "path_matches", "unread_page",
+           "usage_verdict"]

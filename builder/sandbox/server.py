@@ -453,6 +453,8 @@ class SandboxWeb:
         """A site's page or image: any other path is an image, the same for the same site and
         path, with the headers and XMP the site sets for it."""
         path = request.path
+        if path in site.down:
+            raise web.HTTPServiceUnavailable(text="this server is failing\n")
         if path in site.redirects:
             raise web.HTTPFound(location=site.redirects[path])
         if path in site.pages:

@@ -33,7 +33,7 @@ class Site:
     """One origin of the sandbox: its per-origin files (None: 404) and per-path answers.
 
     ``down`` names per-origin files (``/robots.txt``, ``/.well-known/tdmrep.json``, ``/ai.txt``)
-    that answer 503, as on a server that is failing. ``headers`` and ``xmp`` map a path prefix
+    and other paths that answer 503, as on a server that is failing. ``headers`` and ``xmp`` map a path prefix
     to the headers an image under it is served with, and to the ``plus:DataMining`` value
     embedded in its XMP. ``pages`` maps a page path to the HTML it serves (in UTF-8, or the
     charset ``page_charsets`` names for it, which its ``Content-Type`` then names too),
@@ -89,7 +89,8 @@ def default_sites() -> dict[str, Site]:
                     "/sig/page/open": page_html("/sig/page-open/a.jpg", "a cat on a sofa"),
                     "/sig/page/reserved-utf16": page_html("/sig/page-meta-utf16/a.jpg",
                                                           "a reserved picture", reserved=True)},
-             page_charsets={"/sig/page/reserved-utf16": "utf-16-le"}),  # no byte order mark
+             page_charsets={"/sig/page/reserved-utf16": "utf-16-le"},  # no byte order mark
+             down=("/sig/page/down",)),
         Site("rfc9309-wildcard", robots_txt="User-agent: *\nDisallow: /*.jpg$\n"),
         Site("rfc9309-longest", robots_txt="User-agent: *\nDisallow: /\nAllow: /public\n"),
         Site("rfc9309-wordpress", robots_txt="User-agent: *\nDisallow: /wp-admin/\n"
@@ -169,6 +170,10 @@ PAGE_CASES: dict[str, SignalCase] = {
     "page_tdm_meta_in_header_charset": SignalCase("main", "/sig/page-meta-utf16/a.jpg",
                                                   OPTED_OUT, "tdmrep", "refuse",
                                                   page="/sig/page/reserved-utf16"),
+    # a page that cannot be read: whether its meta tags opt out is not known
+    "page_unreachable": SignalCase("main", "/sig/page-down/a.jpg",
+                                   Reason.OPTOUT_UNREACHABLE.value, "tdmrep", "refuse",
+                                   page="/sig/page/down"),
 }
 """Cases read only with ``download.signals.page_meta`` (the page is fetched)."""
 

@@ -152,11 +152,28 @@ def test_an_opt_out_outranks_a_robots_txt_that_could_not_be_read() -> None:
     for status in (503, 0):
         ledger = OriginSignals(DownloadSpec(), RobotsPolicy.from_response(status, b""), tdmrep,
                                None).ledger(url)
-        assert [s.name for s in ledger if s.refuses] == ["robots_txt", "tdmrep"]
+        assert [s.name for s in ledger if s.refuses] == ["robots_txt", "content_signal",
+                                                         "content_usage", "tdmrep"]
         assert first_refusal(ledger).name == "tdmrep"
     alone = OriginSignals(DownloadSpec(), RobotsPolicy.from_response(503, b""), None,
                           None).ledger(url)
     assert first_refusal(alone).value == UNREACHABLE
+
+
+@pytest.mark.parametrize("status, value", [(503, "unreachable"), (0, "no answer")])
+def test_robots_txt_signals_that_could_not_be_read_refuse_without_respect_robots(status, value):
+    """With ``respect_robots: false`` robots.txt's own rules do not count, but the
+    Content-Signal and Content-Usage lines it carries do: a robots.txt that could not be read
+    left them recorded as saying nothing, and the image was kept."""
+    from builder.robots import RobotsPolicy
+
+    config = DownloadSpec(respect_robots=False)
+    ledger = OriginSignals(config, RobotsPolicy.from_response(status, b""), None,
+                           None).ledger(URL("http://h/x.jpg"))
+    why = f"HTTP {status}" if status else "no answer"
+    assert ledger == (
+        Signal("content_signal", value, f"robots.txt lines ({why}: unreachable)", REFUSE),
+        Signal("content_usage", value, f"robots.txt lines ({why}: unreachable)", REFUSE))
 
 
 def test_tally_sums_ledgers() -> None:
@@ -346,14 +363,44 @@ def test_page_meta_and_alt_text(web: SandboxWeb, case: str) -> None:
     [without], _ = fetch([url], cfg(), pages=[page])
     assert not without.rejected  # the page is not read unless asked for
     [record], stats = fetch([url], cfg(signals={"page_meta": True}), pages=[page])
-    assert stats["page_fetches"] == 1
-    entry(record, expected.signal, expected.verdict)
+    signal = entry(record, expected.signal, expected.verdict)
     if expected.outcome == ACCEPTED:
+        assert stats["page_fetches"] == 1
         assert not record.rejected and record.caption == "a cat on a sofa"
+    elif expected.outcome == Reason.OPTOUT_UNREACHABLE.value:
+        assert stats["page_fetches"] == 2  # asked once more a second later
+        assert record.reason == expected.outcome and signal.value == "unreachable"
+        assert record.detail == (f"tdmrep: page {page} (not read: HTTP 503) could not be read "
+                                 f"for {url}, so whether it opts out is not known and the "
+                                 "image is not kept")
+        assert entry(record, "robots_meta", REFUSE).source == signal.source
     else:
+        assert stats["page_fetches"] == 1
         assert record.reason == expected.outcome
         assert record.detail.startswith("tdmrep: tdm-reservation=1")
         assert "meta tdm-reservation" in record.detail
+
+
+@pytest.mark.parametrize("where, why", [
+    ("rfc9309-longest", "(not read: robots.txt disallows it)"),
+    ("main", "(not read: HTTP 404)"),
+    ("ftp", "(not read: scheme 'ftp' (only http/https))"),
+])
+def test_a_page_not_read_says_why_and_refuses_nothing(web: SandboxWeb, where: str,
+                                                      why: str) -> None:
+    """A page that robots.txt disallows, that answers a 4xx other than 429, or whose URL the
+    guard refuses is not read: the image is kept, and its page entries say why."""
+    url = web.signal_urls(PAGE_CASES)["page_open"]
+    page = {"rfc9309-longest": web.site_url("rfc9309-longest") + "/private/page",
+            "main": web.site_url("main") + "/page/no-such-class/0",
+            "ftp": "ftp://example.com/page"}[where]
+    [record], stats = fetch([url], cfg(signals={"page_meta": True}), pages=[page])
+    assert not record.rejected, record.detail
+    assert stats["page_fetches"] == (1 if where == "main" else 0)
+    assert not record.caption
+    for name in ("tdmrep", "robots_meta"):
+        [found] = [s for s in record.rights if s.name == name and s.source.startswith("page ")]
+        assert found.verdict == NONE and found.source == f"page {page} {why}"
 
 
 # ---- host profiles ----------------------------------------------------------------------------
