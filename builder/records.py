@@ -283,11 +283,23 @@ REJECT_SCHEMA = pa.schema(
         pa.field("duplicate_of", pa.string()),
         pa.field("http_status", pa.int32()),
         pa.field("rights", RIGHTS_TYPE),
+        pa.field("rank", pa.int32()),
+        pa.field("page_url", pa.string()),
+        pa.field("title", pa.string()),
+        pa.field("license", pa.string()),
+        pa.field("author", pa.string()),
+        pa.field("caption", pa.string()),
     ]
 )
 """Schema of ``rejects.parquet``: one row per rejected candidate. ``rights`` is the candidate's
 ledger as far as it got (what a continuing run takes out of the published rights summary when
-it decides the reject again); null in the rows of datasets written before it was kept."""
+it decides the reject again); null in the rows of datasets written before it was kept. The
+columns after it are the rest of the candidate, as its source found it, so that
+``retry-failed`` decides the same candidate again (its page read for ``page_meta``, its
+license and author kept); null in the rows of datasets written before they were kept."""
+
+CANDIDATE_FIELDS = ("rank", "page_url", "title", "license", "author", "caption")
+"""The candidate's own fields a reject row keeps besides its url, label, query and engine."""
 
 
 def accepted_row(record: Record) -> dict[str, Any]:
@@ -337,11 +349,12 @@ def with_columns(table: pa.Table, schema: pa.Schema, names: Sequence[str]) -> pa
                      for n in names], schema=pa.schema(fields))
 
 
-def reject_row(record: Record, rights: bool = True) -> dict[str, Any]:
-    """The rejects-manifest row of a rejected record, per ``REJECT_SCHEMA``; with ``rights``
-    false its ``rights`` is null (an accepted record's ledger is in its shard's row)."""
+def reject_row(record: Record, rejected: bool = True) -> dict[str, Any]:
+    """The rejects-manifest row of a rejected record, per ``REJECT_SCHEMA``; with ``rejected``
+    false (an accepted record's decision, in the journal) its ``rights`` and the candidate's
+    other fields are null: they are in its shard's row."""
     c = record.candidate
-    return {
+    row = {
         "key": c.key,
         "url": c.url,
         "label": c.label,
@@ -352,8 +365,12 @@ def reject_row(record: Record, rights: bool = True) -> dict[str, Any]:
         "detail": record.detail,
         "duplicate_of": record.duplicate_of,
         "http_status": record.http_status,
-        "rights": rights_rows(record.rights) if rights else None,
+        "rights": rights_rows(record.rights) if rejected else None,
     }
+    if rejected:
+        row.update(rank=c.rank, page_url=c.page_url, title=c.title, license=c.license,
+                   author=c.author, caption=c.caption)
+    return row
 
 
 def candidate_dict(candidate: Candidate) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from builder.listsource import SlicePlan
 from builder.reasons import Reason, decided_again, stage_of
-from builder.records import REJECT_SCHEMA, Candidate, with_columns
+from builder.records import CANDIDATE_FIELDS, REJECT_SCHEMA, Candidate, with_columns
 from builder.rights import RightsTally
 from builder.storage import open_fs
 from builder.units import ClassTally, UnitReport
@@ -42,13 +42,16 @@ def retry_candidates(plan: SlicePlan, storage_options: Optional[dict[str, Any]],
     """The candidates of retry slice ``index`` (a row range of ``rejects.parquet``)."""
     group, start, stop = plan.bounds(index)
     fs, path = open_fs(plan.path, storage_options)
+    columns = ["url", "label", "reason", "query", "engine", *CANDIDATE_FIELDS]
     with fs.open(path, "rb") as f:
-        table = pq.ParquetFile(f).read_row_group(
-            group, columns=["url", "label", "reason", "query", "engine"]).slice(start,
-                                                                              stop - start)
+        table = with_columns(pq.ParquetFile(f).read_row_group(group, columns=columns),
+                             REJECT_SCHEMA, columns).slice(start, stop - start)
     table = table.filter(redecided(table, labels, retry=True))
     return [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
-                      engine=row["engine"] or "") for row in table.to_pylist()]
+                      engine=row["engine"] or "", rank=row["rank"] or 0,
+                      page_url=row["page_url"] or "", title=row["title"] or "",
+                      license=row["license"] or "", author=row["author"] or "",
+                      caption=row["caption"] or "") for row in table.to_pylist()]
 
 
 def _slices_by_group(plan: Optional[SlicePlan]) -> dict[int, list[tuple[int, int, int]]]:

@@ -1040,7 +1040,7 @@ def _decision_rows(records: list[Record], claim: Callable[[Record], int],
 
     rows = []
     for r in records:
-        row = reject_row(r, rights=r.rejected)
+        row = reject_row(r, rejected=r.rejected)
         row.update(accepted=not r.rejected, image_id=r.id if r.sha256 else "",
                    url_hash=url_key(r), claim=claim(r))
         rows.append(row)

@@ -24,7 +24,7 @@ from builder.errors import StorageError
 from builder.journal import (UNIT_SCHEMA, Journal, ResumeError, published_spec,
                              resumable_jobs)
 from builder.pipeline import JobLifecycle
-from builder.records import REJECT_SCHEMA
+from builder.records import REJECT_SCHEMA, with_columns
 from builder.rights import RIGHTS_TYPE
 from builder.spec import parse_spec
 from builder.units import ClassTally, UnitReport, WorkUnit
@@ -37,7 +37,7 @@ def unit_table(u: int, rng: random.Random) -> pa.Table:
     """A unit of 0-9 candidates, some accepted, some with values CSV must quote."""
     n = rng.randint(0, 9)
     accepted = [rng.random() < 0.3 for _ in range(n)]
-    return pa.table({
+    return with_columns(pa.table({
         "key": [f"cat\thttp://h/{u}/{i}" for i in range(n)],
         "url": [f"http://h/{u}/{i}" if i % 4 else f"http://h/{u}/a,b{i}" for i in range(n)],
         "label": ["cat"] * n, "query": [rng.choice(["", "q", None]) for _ in range(n)],
@@ -53,7 +53,7 @@ def unit_table(u: int, rng: random.Random) -> pa.Table:
         "accepted": accepted,
         "image_id": [f"{u:04d}{i:04d}" if a else None for i, a in enumerate(accepted)],
         "url_hash": [u * 100 + i for i in range(n)], "claim": [u * 7 + i for i in range(n)],
-    }).cast(UNIT_SCHEMA)
+    }), UNIT_SCHEMA, UNIT_SCHEMA.names).cast(UNIT_SCHEMA)
 
 
 def write_journal(uri: str, options) -> tuple[Journal, list[pa.Table]]:

@@ -164,6 +164,39 @@ def test_retry_failed_turns_flaky_500s_into_images(tmp_path):
         assert still["http_server_error"] < first["rejected_by_reason"]["http_server_error"]
 
 
+def test_retry_failed_decides_the_candidate_its_source_found(tmp_path):
+    """The rejects kept only a candidate's url, label, query and engine: a retried image lost
+    its page, title, license and author, and with ``page_meta`` its page was never read (an
+    image rejected because its page was down came back with no page check at all)."""
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat",), images_per_class=24, fault_every=2, slow_s=2.0) as web:
+        out = str(tmp_path / "ds")
+        spec = parse_spec({"name": "again", "target": 1000, "classes": {"cat": None},
+                           "sources": [{"engine": "sandbox", "url": web.base_url}],
+                           "download": {"timeout_s": 1.0, "retries": 0,
+                                        "allow_private_networks": True,
+                                        "signals": {"page_meta": True}},
+                           "output": {"uri": out, "shard_size": 10}})
+        run_local(spec)
+        flaky = {u for u, reason in reasons_by_url(out).items() if reason == "http_server_error"}
+        assert flaky, "the sandbox should serve flaky URLs"
+        rejects = pq.read_table(Path(out) / "rejects.parquet").to_pylist()
+        found = {r["url"]: r for r in rejects if r["url"] in flaky}
+        assert all(r["page_url"] and r["title"] and r["rank"] for r in found.values())
+        assert main(["retry-failed", out, "--local"]) == 0
+    check_accounting(out)
+    rows = {r["url"]: r for r in pq.read_table(Path(out) / "data").to_pylist()
+            if r["url"] in flaky}
+    assert rows, "the retry should accept some of the flaky images"
+    for url, row in rows.items():
+        was = found[url]
+        assert (row["page_url"], row["title"], row["rank"], row["license"], row["author"]) == \
+            (was["page_url"], was["title"], was["rank"], was["license"], was["author"])
+        assert any(e["signal"] == "robots_meta" and e["source"].startswith("page ")
+                   for e in row["rights"]), row["rights"]
+
+
 def test_retry_failed_keeps_the_rights_summary_whole_and_says_what_it_could_not_take_out(
         tmp_path):
     """A retry takes the ledgers of the rejects it decides again out of the published rights
