@@ -22,7 +22,9 @@ sample-level problem (bad URL, bad server, not an image). Per request, in order:
    ``plus:DataMining`` read (before any resize could drop it); under a host's bandwidth cap
    the host's next request waits until the bytes are paid for;
 7. with ``signals.page_meta``, the image's page is fetched (once per page) for its TDMRep and
-   robots meta tags and the image's alt text.
+   robots meta tags and the image's alt text; a page that cannot be read (a server error, 429,
+   no answer, 401, 403, 451) leaves its opt-out unknown and rejects the image
+   (``optout_unreachable``).
 
 Host names resolve through ``GuardedResolver`` inside aiohttp's connector, so the address that
 was checked is the address connected to. Per-host state is keyed by host name (all ports and
@@ -80,6 +82,16 @@ BUDGET_STEP = 256 * 1024
 """A body without Content-Length first reserves this much, then doubles its reservation."""
 _PAGE_CACHE = 4096
 """Pages whose facts are kept (``signals.page_meta``): images of one page usually come together."""
+UNKNOWN_PAGE_TTL_S = 60.0
+"""How long a page that could not be read stays so for the images found on it: then the next
+one asks again (a page down for a moment must not reject its images for the rest of the job)."""
+PAGE_WALLS = frozenset({401, 403, 451})
+"""Page answers that refuse as unreadable: a login, a bot wall or a legal block is no consent,
+and the page's opt-out cannot be known (robots.txt answering 401 or 403 disallows everything
+too)."""
+_REFUSED = -1
+"""``_fetch_small``'s status for a page whose URL or address the SSRF guard refuses."""
+_GUARD_REFUSES = "the SSRF guard refuses an address on the way"
 
 FRESH_ROBOTS_S = 60.0
 """How old a robots.txt read for another purpose may be when an origin's signals are built
@@ -298,7 +310,8 @@ class Fetcher:
         self._origins: OriginCache[sig.OriginSignals] = OriginCache(self._load_origin)
         self._origin_signals = sig.origin_active(cfg)
         self._response_signals = sig.ResponseSignals(cfg)
-        self._pages: OrderedDict[str, asyncio.Future[sig.PageFacts]] = OrderedDict()
+        self._pages: OrderedDict[str, tuple[float, asyncio.Future[sig.PageFacts]]] = \
+            OrderedDict()
         self._session: Optional[aiohttp.ClientSession] = None
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._hosts: dict[str, _Host] = {}
@@ -320,7 +333,7 @@ class Fetcher:
         self._closed = True
         await self._origins.close()
         await self._robots.close()
-        for page in self._pages.values():
+        for _, page in self._pages.values():
             page.cancel()
         if self._session is not None:
             await self._session.close()
@@ -794,17 +807,30 @@ class Fetcher:
 
     async def _page_check(self, record: Record) -> None:
         """``signals.page_meta``: the page's meta-tag entries join the ledger (a refusal
-        rejects), and the image's alt text on the page becomes its caption."""
+        rejects), and the image's alt text on the page becomes its caption. A page that could
+        not be read leaves its opt-out unknown, and the image is not kept
+        (``optout_unreachable``); such an answer is kept ``UNKNOWN_PAGE_TTL_S``, then the page
+        is asked again."""
         page_url = record.candidate.page_url
-        pending = self._pages.get(page_url)
-        if pending is None:
-            pending = asyncio.ensure_future(self._load_page(page_url))
-            self._pages[page_url] = pending
+        entry = self._pages.get(page_url)
+        now = time.monotonic()
+        if entry is not None and entry[1].done() and not entry[1].cancelled() \
+                and entry[1].result().unknown and now - entry[0] >= UNKNOWN_PAGE_TTL_S:
+            entry = None
+        if entry is None:
+            entry = (now, asyncio.ensure_future(self._load_page(page_url)))
+            self._pages[page_url] = entry
             while len(self._pages) > _PAGE_CACHE:
                 self._pages.popitem(last=False)
         else:
             self._pages.move_to_end(page_url)
-        facts = await asyncio.shield(pending)
+        facts = await asyncio.shield(entry[1])
+        if facts.unknown:
+            record.rights += facts.signals
+            record.reject(Reason.OPTOUT_UNREACHABLE,
+                          f"page {page_url[:200]} could not be read ({facts.why}): whether its "
+                          "meta tags opt out is not known, so the image is not kept")
+            return
         if self._refused(record, facts.signals):
             return
         alt = facts.alts.get(record.final_url) or facts.alts.get(record.candidate.url)
@@ -813,51 +839,68 @@ class Fetcher:
 
     async def _load_page(self, page_url: str) -> sig.PageFacts:
         """The page's facts. A page that is not read gives entries that say why
-        (``signals.unread_page``): one that cannot be reached, twice a second apart, refuses,
-        as an unreachable opt-out file does; robots.txt forbidding it, or a 4xx, says
-        nothing."""
+        (``signals.unread_page``): one that cannot be reached (a server error or 429, twice a
+        second apart, or no answer), that answers 401, 403 or 451, or whose origin's
+        robots.txt cannot be read refuses, its opt-out unknown; one that robots.txt disallows,
+        that answers another 4xx, or whose address the SSRF guard refuses says nothing."""
         cfg = self.cfg
         try:
             url = vet_url(page_url, allow_private_networks=cfg.allow_private_networks)
         except UrlRejected as exc:
-            return sig.unread_page(page_url, cfg, f"not read: {exc.detail}")
+            return sig.unread_page(page_url, cfg, exc.detail)
         if cfg.respect_robots:
-            policy = self._robots.cached(url) or await self._robots.policy(url)
+            try:
+                policy = self._robots.cached(url) or await self._robots.policy(url)
+            except UrlRejected:
+                return sig.unread_page(page_url, cfg, _GUARD_REFUSES)
             if policy.unreachable:
-                why = f"HTTP {policy.status}" if policy.status else "no answer"
-                return sig.unread_page(page_url, cfg, f"not read: its robots.txt is "
-                                       f"unreachable ({why})", policy.status)
+                answer = f"HTTP {policy.status}" if policy.status else "no answer"
+                return sig.unread_page(page_url, cfg, f"its robots.txt: {answer}",
+                                       unknown=True)
             if not policy.allowed(url, ROBOTS_UA):
-                return sig.unread_page(page_url, cfg, "not read: robots.txt disallows it")
+                return sig.unread_page(page_url, cfg, "robots.txt disallows it")
         status, body, content_type = await read_twice_if_unreachable(self._fetch_page_once, url)
+        if status == _REFUSED:
+            return sig.unread_page(page_url, cfg, _GUARD_REFUSES)
         if not 200 <= status < 300:
-            why = f"HTTP {status}" if status else "no answer"
-            return sig.unread_page(page_url, cfg, f"not read: {why}", status)
+            answer = f"HTTP {status}" if status else "no answer"
+            if unreachable(status):
+                answer += ", twice"
+            return sig.unread_page(page_url, cfg, answer,
+                                   unknown=unreachable(status) or status in PAGE_WALLS)
         return sig.parse_page(body, str(url), cfg, content_type)
 
     async def _fetch_page_once(self, url: URL) -> tuple[int, bytes, str]:
         self.stats["page_fetches"] += 1
-        return await self._fetch_small(url)
+        return await self._fetch_small(url, refused=_REFUSED)
 
     # ---- robots.txt ---------------------------------------------------------------------------
 
     async def _fetch_robots(self, url: URL) -> tuple[int, bytes]:
         """Download a robots.txt for ``RobotsCache``: (status, body), status 0 when there is no
-        usable answer (unreachable, blocked, too many redirects). Never raises."""
+        usable answer (unreachable, a redirect to a blocked address, too many redirects).
+        Raises ``UrlRejected`` when the SSRF guard refuses the origin itself."""
         self.stats["robots_fetches"] += 1
         status, body, _ = await self._fetch_small(url)
         return status, body
 
-    async def _fetch_small(self, url: URL) -> tuple[int, bytes, str]:
+    async def _fetch_small(self, url: URL, refused: Optional[int] = None
+                           ) -> tuple[int, bytes, str]:
         """GET a small per-origin file (robots.txt, tdmrep.json, ai.txt) or page, following
         redirects: (status, at most ``MAX_ROBOTS_BYTES`` of the body, its ``Content-Type``),
-        status 0 when there is no usable answer. Never raises."""
+        status 0 when there is no usable answer. Where the SSRF guard refuses a hop (its URL,
+        or every address its name resolves to), the status is ``refused`` if given; else the
+        first hop raises ``UrlRejected`` (the origin itself is refused: nothing there is
+        fetched, and its images are ``blocked_address``, not unreachable) and a later one is
+        no usable answer. Raises nothing else."""
         session = self._ensure_session()
-        for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
+        for hop in range(MAX_ROBOTS_REDIRECTS + 1):
             try:
                 url = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
             except UrlRejected:
-                return 0, b"", ""
+                if refused is None and hop == 0:
+                    raise
+                return refused or 0, b"", ""
             host = await self._acquire(url, self._profiles.default.delay_s)
             try:
                 self.stats["requests"] += 1
@@ -875,6 +918,13 @@ class Fetcher:
                     if body is None:
                         return 0, b"", ""
                     return resp.status, body, resp.headers.get("Content-Type", "")
+            except aiohttp.ClientConnectorDNSError as exc:
+                blocked = exc.os_error
+                if not isinstance(blocked, BlockedAddressError):
+                    return 0, b"", ""
+                if refused is None and hop == 0:
+                    raise UrlRejected(Reason.BLOCKED_ADDRESS, blocked.detail) from None
+                return refused or 0, b"", ""
             except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 return 0, b"", ""
             finally:

@@ -8,7 +8,9 @@ the image response's headers, then metadata embedded in the image bytes, then th
 verdict ``none``, so a ledger says what was checked, not only what refused.
 
 Accepted images carry their ledger into the Parquet ``rights`` column (``RIGHTS_TYPE``); a refusal
-rejects the record (``opted_out`` or ``robots_disallowed``) with a detail naming the signal.
+rejects the record (``opted_out`` or ``robots_disallowed``) with a detail naming the signal, and
+a signal that could not be read refuses too (value ``unreachable`` or ``no answer``:
+``robots_unreachable`` for robots.txt, ``optout_unreachable`` for the others and the page).
 ``RightsTally`` sums ledgers into the ``rights`` section of ``stats.json`` and the dataset card:
 the signals honoured, then per signal how many candidates had it checked, found a value, were
 allowed and were refused.
@@ -91,9 +93,11 @@ def rights_rows(signals: Iterable[Signal]) -> list[Signal]:
 
 
 UNREACHABLE, NO_ANSWER = "unreachable", "no answer"
-"""The values of a robots.txt refusal made because the file could not be read: it answered
-with a server error or 429, or gave no usable answer (none, too many redirects, a blocked
-address, an encoding the fetcher cannot undo)."""
+"""The values of a refusal made because a signal could not be read: its file (robots.txt,
+tdmrep.json, ai.txt) or page answered a server error or 429, or gave no usable answer (none,
+too many redirects, a redirect to a blocked address, an encoding the fetcher cannot undo); a
+page that answered 401, 403 or 451, or whose robots.txt could not be read, is ``unreachable``
+too."""
 UNREADABLE = frozenset({UNREACHABLE, NO_ANSWER})
 
 

@@ -427,10 +427,14 @@ def embedded_signals(data: bytes, fmt: str) -> tuple[Signal, ...]:
 
 @dataclass(frozen=True)
 class PageFacts:
-    """What an image's page says: its meta-tag entries and the alt text of each image."""
+    """What an image's page says: its meta-tag entries and the alt text of each image. A page
+    not read (``unread_page``) says ``why``; ``unknown`` when that leaves its opt-out unknown
+    (its entries refuse)."""
 
     signals: tuple[Signal, ...]
     alts: Mapping[str, str]
+    unknown: bool = False
+    why: str = ""
 
 
 _TAG_OPEN = re.compile(r"<(meta|img|script|style)(?=[\s/>])", re.IGNORECASE)
@@ -579,22 +583,21 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec,
     return PageFacts(tuple(out), alts)
 
 
-def unread_page(page_url: str, cfg: DownloadSpec, why: str, status: Optional[int] = None
+def unread_page(page_url: str, cfg: DownloadSpec, why: str, unknown: bool = False
                 ) -> PageFacts:
-    """The entries of a page that was not read, ``why`` saying why. One that could not be
-    reached (``status``: a server error, 429, or 0 for no answer) refuses: whether its meta
-    tags opt out is not known (``optout_unreachable``). Any other (a 4xx, a URL the guard
-    refuses, robots.txt forbidding it) says nothing."""
-    where = f"page {page_url[:200]}"
-    value, verdict = "", NONE
-    if status is not None and unreachable(status):
-        value, verdict = (UNREACHABLE if status else NO_ANSWER), REFUSE
+    """The entries of a page that was not read, ``why`` saying why: with ``unknown`` (the page
+    could not be reached, or refused us) they refuse, as an unreachable opt-out file's do;
+    otherwise (a 4xx, robots.txt forbidding it, an address the guard refuses) they say
+    nothing. Without a meta tag to read (``tdmrep`` and ``respect_optouts`` off) there are no
+    entries, and nothing is unknown."""
+    source = f"page {page_url[:200]} (not read: {why})"
+    value, verdict = (UNREACHABLE, REFUSE) if unknown else ("", NONE)
     out: list[Signal] = []
     if cfg.signals.tdmrep:
-        out.append(Signal("tdmrep", value, f"{where} ({why})", verdict))
+        out.append(Signal("tdmrep", value, source, verdict))
     if cfg.respect_optouts:
-        out.append(Signal("robots_meta", value, f"{where} ({why})", verdict))
-    return PageFacts(tuple(out), {})
+        out.append(Signal("robots_meta", value, source, verdict))
+    return PageFacts(tuple(out), {}, unknown=unknown and bool(out), why=why)
 
 
 __all__ = ["AI_TXT_PATH", "OriginSignals", "PageFacts", "ResponseSignals", "TDMREP_PATH",

@@ -455,6 +455,8 @@ class SandboxWeb:
         path = request.path
         if path in site.down:
             raise web.HTTPServiceUnavailable(text="this server is failing\n")
+        if path in site.statuses:
+            return web.Response(status=site.statuses[path], text="no\n")
         if path in site.redirects:
             raise web.HTTPFound(location=site.redirects[path])
         if path in site.pages:

@@ -37,7 +37,8 @@ class Site:
     to the headers an image under it is served with, and to the ``plus:DataMining`` value
     embedded in its XMP. ``pages`` maps a page path to the HTML it serves (in UTF-8, or the
     charset ``page_charsets`` names for it, which its ``Content-Type`` then names too),
-    ``redirects`` a path to the URL it redirects to (302).
+    ``redirects`` a path to the URL it redirects to (302), ``statuses`` a path to the error
+    status it answers.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Site:
     pages: dict[str, str] = field(default_factory=dict)
     page_charsets: dict[str, str] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
     delay_s: float = 0.0
     thumb_widths: tuple[int, ...] = ()
     in_flight: int = 0

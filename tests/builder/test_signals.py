@@ -355,8 +355,15 @@ def test_a_redirect_starts_the_ledger_over_on_the_new_origin(web: SandboxWeb) ->
         "/.well-known/tdmrep.json location '/reserved/*'"
 
 
+@pytest.fixture
+def quick_retry(monkeypatch):
+    from builder import robots as robots_module
+
+    monkeypatch.setattr(robots_module, "UNREACHABLE_RETRY_S", 0.01)
+
+
 @pytest.mark.parametrize("case", sorted(PAGE_CASES))
-def test_page_meta_and_alt_text(web: SandboxWeb, case: str) -> None:
+def test_page_meta_and_alt_text(web: SandboxWeb, case: str, quick_retry) -> None:
     expected = PAGE_CASES[case]
     url = web.signal_urls(PAGE_CASES)[case]
     page = web.signal_page(case)
@@ -368,11 +375,11 @@ def test_page_meta_and_alt_text(web: SandboxWeb, case: str) -> None:
         assert stats["page_fetches"] == 1
         assert not record.rejected and record.caption == "a cat on a sofa"
     elif expected.outcome == Reason.OPTOUT_UNREACHABLE.value:
-        assert stats["page_fetches"] == 2  # asked once more a second later
+        assert stats["page_fetches"] == 2  # asked once more a moment later
         assert record.reason == expected.outcome and signal.value == "unreachable"
-        assert record.detail == (f"tdmrep: page {page} (not read: HTTP 503) could not be read "
-                                 f"for {url}, so whether it opts out is not known and the "
-                                 "image is not kept")
+        assert record.detail == (f"page {page} could not be read (HTTP 503, twice): whether its "
+                                 "meta tags opt out is not known, so the image is not kept")
+        assert signal.source == f"page {page} (not read: HTTP 503, twice)"
         assert entry(record, "robots_meta", REFUSE).source == signal.source
     else:
         assert stats["page_fetches"] == 1
@@ -381,26 +388,158 @@ def test_page_meta_and_alt_text(web: SandboxWeb, case: str) -> None:
         assert "meta tdm-reservation" in record.detail
 
 
-@pytest.mark.parametrize("where, why", [
-    ("rfc9309-longest", "(not read: robots.txt disallows it)"),
-    ("main", "(not read: HTTP 404)"),
-    ("ftp", "(not read: scheme 'ftp' (only http/https))"),
-])
-def test_a_page_not_read_says_why_and_refuses_nothing(web: SandboxWeb, where: str,
-                                                      why: str) -> None:
-    """A page that robots.txt disallows, that answers a 4xx other than 429, or whose URL the
-    guard refuses is not read: the image is kept, and its page entries say why."""
+PAGE_READS = {
+    "disallowed by robots.txt": ("rfc9309-longest", "/private/page", None,
+                                 "robots.txt disallows it", False, 0),
+    "404": ("mutable", "/page/gone", 404, "HTTP 404", False, 1),
+    "410": ("mutable", "/page/gone", 410, "HTTP 410", False, 1),
+    "refused scheme": ("", "ftp://example.com/page", None, "scheme 'ftp' (only http/https)",
+                       False, 0),
+    "401": ("mutable", "/page/login", 401, "HTTP 401", True, 1),
+    "403 (a bot wall)": ("mutable", "/page/wall", 403, "HTTP 403", True, 1),
+    "451": ("mutable", "/page/legal", 451, "HTTP 451", True, 1),
+    "429": ("mutable", "/page/busy", 429, "HTTP 429, twice", True, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PAGE_READS))
+def test_a_page_not_read_says_why_and_refuses_only_when_its_opt_out_is_unknown(
+        web: SandboxWeb, case: str, quick_retry) -> None:
+    """A page that robots.txt disallows, that answers 404 or 410, or whose URL the guard
+    refuses is not read, and says nothing: the image is kept. One that answers 401, 403, 451
+    (a login, a bot wall, a legal block) or cannot be reached leaves its opt-out unknown: the
+    image is not kept. Either way its page entries say why."""
+    site, path, status, why, unknown, fetches = PAGE_READS[case]
     url = web.signal_urls(PAGE_CASES)["page_open"]
-    page = {"rfc9309-longest": web.site_url("rfc9309-longest") + "/private/page",
-            "main": web.site_url("main") + "/page/no-such-class/0",
-            "ftp": "ftp://example.com/page"}[where]
-    [record], stats = fetch([url], cfg(signals={"page_meta": True}), pages=[page])
+    page = web.site_url(site) + path if site else path
+    if status is not None:
+        web.site(site).statuses[path] = status
+    try:
+        [record], stats = fetch([url], cfg(signals={"page_meta": True}), pages=[page])
+    finally:
+        web.site("mutable").statuses.clear()
+    assert stats["page_fetches"] == fetches and not record.caption
+    found = [s for s in record.rights if s.source.startswith("page ")]
+    assert [s.name for s in found] == ["tdmrep", "robots_meta"]
+    assert {s.source for s in found} == {f"page {page} (not read: {why})"}
+    if unknown:
+        assert record.reason == Reason.OPTOUT_UNREACHABLE.value
+        assert {(s.value, s.verdict) for s in found} == {("unreachable", REFUSE)}
+    else:
+        assert not record.rejected, record.detail
+        assert {(s.value, s.verdict) for s in found} == {("", NONE)}
+
+
+def test_a_page_whose_robots_txt_cannot_be_read_is_unknown(web: SandboxWeb, quick_retry) -> None:
+    site = web.site("mutable")
+    site.down = ("/robots.txt",)
+    try:
+        page = web.site_url("mutable") + "/page"
+        [record], stats = fetch([web.signal_urls(PAGE_CASES)["page_open"]],
+                                cfg(signals={"page_meta": True}), pages=[page])
+    finally:
+        site.down = ()
+    assert stats["page_fetches"] == 0
+    assert record.reason == Reason.OPTOUT_UNREACHABLE.value
+    assert record.detail.startswith(f"page {page} could not be read (its robots.txt: HTTP 503)")
+
+
+def test_an_image_whose_origin_the_guard_refuses_is_blocked_not_unreachable(web) -> None:
+    """Its robots.txt was read first, and the guard's refusal taken for no answer: the image
+    was rejected as a transient connection_error (retry-failed asked again for ever), after
+    its three origin files were each asked twice."""
+    [record], stats = fetch(["http://intranet.test/x.jpg"], cfg(allow_private_networks=False),
+                            resolver=BlockingResolver())
+    assert record.reason == Reason.BLOCKED_ADDRESS.value
+    assert record.detail == "intranet.test resolves only to blocked addresses: 10.0.0.1"
+    assert stats["requests"] <= 3 and stats["robots_fetches"] == 1
+
+
+class BlockingResolver(AbstractResolver):
+    """Refuses every name, as the guard refuses one that resolves to a private address."""
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        from builder.netguard import BlockedAddressError
+
+        raise BlockedAddressError(host, f"{host} resolves only to blocked addresses: 10.0.0.1")
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hop", ["name", "redirect"])
+def test_a_page_the_guard_refuses_on_the_way_says_nothing(web: SandboxWeb, hop: str) -> None:
+    """A page whose name, or the name a redirect leads to, resolves to an address the SSRF guard
+    refuses is not read, as one whose URL it refuses: it was taken for no answer, so its images
+    were rejected as transient, and retry-failed asked again for ever."""
+    page = "http://intranet.test/page"
+    if hop == "redirect":
+        web.site("mutable").redirects["/page/moved"] = page
+        page = web.site_url("mutable") + "/page/moved"
+    try:
+        [record], stats = fetch([web.signal_urls(PAGE_CASES)["page_open"]],
+                                cfg(signals={"page_meta": True}), pages=[page],
+                                resolver=BlockingResolver())
+    finally:
+        web.site("mutable").redirects.clear()
     assert not record.rejected, record.detail
-    assert stats["page_fetches"] == (1 if where == "main" else 0)
-    assert not record.caption
-    for name in ("tdmrep", "robots_meta"):
-        [found] = [s for s in record.rights if s.name == name and s.source.startswith("page ")]
-        assert found.verdict == NONE and found.source == f"page {page} {why}"
+    assert stats["page_fetches"] == (1 if hop == "redirect" else 0)  # its robots.txt first
+    why = "the SSRF guard refuses an address on the way"
+    assert {s.source for s in record.rights if s.source.startswith("page ")} == \
+        {f"page {page} (not read: {why})"}
+
+
+def test_the_images_of_a_page_that_is_down_share_one_read(web: SandboxWeb, quick_retry) -> None:
+    urls = [web.site_url("main") + f"/sig/page-down/{i}.jpg" for i in range(5)]
+    page = web.signal_page("page_unreachable")
+    records, stats = fetch(urls, cfg(signals={"page_meta": True}), pages=[page] * 5)
+    assert stats["page_fetches"] == 2
+    assert {r.reason for r in records} == {Reason.OPTOUT_UNREACHABLE.value}
+
+
+def test_a_page_that_could_not_be_read_is_asked_again_later(web: SandboxWeb, quick_retry,
+                                                             monkeypatch) -> None:
+    from builder import fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "UNKNOWN_PAGE_TTL_S", 0.0)
+    site = web.site("mutable")
+    page = web.site_url("mutable") + "/page/flaky"
+    url = web.signal_urls(PAGE_CASES)["page_open"]
+
+    async def main() -> tuple[Record, Record, dict]:
+        async with Fetcher(cfg(signals={"page_meta": True})) as fetcher:
+            site.statuses["/page/flaky"] = 503
+            first = Record(Candidate(url=url, label="x", page_url=page))
+            await fetcher.fetch_many([first])
+            site.statuses.clear()
+            second = Record(Candidate(url=url, label="x", page_url=page))
+            await fetcher.fetch_many([second])
+            return first, second, fetcher.stats
+
+    try:
+        first, second, stats = asyncio.run(main())
+    finally:
+        site.statuses.clear()
+    assert first.reason == Reason.OPTOUT_UNREACHABLE.value
+    assert not second.rejected and stats["page_fetches"] == 3
+
+
+def test_without_respect_robots_an_unreadable_robots_txt_leaves_its_signals_unknown(
+        web: SandboxWeb, quick_retry) -> None:
+    site = web.site("mutable")
+    site.down = ("/robots.txt",)
+    try:
+        url = web.site_url("mutable") + "/x.jpg"
+        [record], _ = fetch([url], cfg(respect_robots=False))
+        [kept], _ = fetch([url], cfg(respect_robots=False,
+                                     signals={"content_signal": False, "content_usage": False}))
+    finally:
+        site.down = ()
+    assert record.reason == Reason.OPTOUT_UNREACHABLE.value
+    assert record.detail.startswith("content_signal: robots.txt lines (HTTP 503: unreachable) "
+                                    f"could not be read for {url}")
+    assert not kept.rejected, kept.detail
 
 
 # ---- host profiles ----------------------------------------------------------------------------
