@@ -26,23 +26,32 @@ class RateLimiter:
     def __init__(self, engine: str, options: Optional[dict[str, Any]] = None, key: str = ""):
         self.engine = engine
         self.options = dict(options or {})
-        limits, self.per_job = self._limits(self.options)
+        limits, _ = self._limits(self.options)
         self.governor = EngineGovernor(engine, limits, day_file=DayFile(key or engine))
         self.job_used: Counter = Counter()
+        self.job_quota: dict[str, int] = {}
+        """Each job's own ``max_requests_per_job``: a job's quota is its own, not the last
+        configured one (which let one job's 0 stop every other job of the engine)."""
 
-    def configure(self, options: Optional[dict[str, Any]] = None) -> None:
-        """Apply the options' limits; a no-op when they are those already in force.
+    def configure(self, options: Optional[dict[str, Any]] = None, job_id: str = "") -> None:
+        """Apply the options' limits, and their per-job quota to ``job_id``; the limits are
+        left alone when they are those already in force.
 
         Every job and source of this engine configures the one shared limiter, so new options
         change only the limits: the requests already counted (today's, each job's), the breaker
         and the slow-down stay, or a job with other options would reset the engine's budget.
         """
         options = dict(options or {})
-        if options == self.options:
-            return
         limits, per_job = self._limits(options)
+        if per_job is None:
+            self.job_quota.pop(job_id, None)
+        else:
+            self.job_quota[job_id] = per_job
+        shared = {k: v for k, v in options.items() if k != "max_requests_per_job"}
+        if shared == {k: v for k, v in self.options.items() if k != "max_requests_per_job"}:
+            return
         self.governor.reconfigure(limits)
-        self.options, self.per_job = options, per_job
+        self.options = options
 
     def _limits(self, options: dict[str, Any]) -> tuple[EngineLimits, Optional[int]]:
         """The engine's limits for ``options`` and, apart, the per-job quota, which this actor
@@ -53,8 +62,9 @@ class RateLimiter:
 
     def acquire(self, job_id: str = "") -> tuple[str, Any]:
         """("ok", seconds to wait) or ("quota"|"circuit_open", message)."""
-        if self.per_job is not None and self.job_used[job_id] >= self.per_job:
-            return "quota", (f"{self.engine}: job quota of {self.per_job} requests spent; raise "
+        quota = self.job_quota.get(job_id)
+        if quota is not None and self.job_used[job_id] >= quota:
+            return "quota", (f"{self.engine}: job quota of {quota} requests spent; raise "
                              "options.max_requests_per_job or add another source")
         try:
             wait = self.governor.acquire()
@@ -68,8 +78,10 @@ class RateLimiter:
     def record(self, success: bool, status: int = 0, retry_after: Optional[float] = None) -> None:
         self.governor.record(success, status, retry_after)
 
-    def snapshot(self) -> dict[str, Any]:
-        return dict(self.governor.snapshot(), jobs=dict(self.job_used))
+    def snapshot(self, job_id: str = "") -> dict[str, Any]:
+        """The engine's state, and the requests of ``job_id`` alone (another job's id is not
+        the asking job's to see: its stats reach its API user)."""
+        return dict(self.governor.snapshot(), jobs={job_id: self.job_used.get(job_id, 0)})
 
 
 HEAD_RESOURCE = "node:__internal_head__"
@@ -81,8 +93,9 @@ def limiter_name(engine: str, source: Optional[SourceSpec] = None) -> str:
     return f"ratelimit:{budget_key(engine, source)}"
 
 
-def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
-    """The cluster's limiter for the source's engine/endpoint, created on first use."""
+def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None, job_id: str = "") -> Any:
+    """The cluster's limiter for the source's engine/endpoint, created on first use, with the
+    source's options applied (their per-job quota to ``job_id``)."""
     options = dict(source.options) if source else {}
     options.pop("base_url", None)
     # Restarted when its process is lost (its calls retried there): every search unit of the
@@ -93,5 +106,5 @@ def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
                                 lifetime="detached", get_if_exists=True, max_restarts=-1,
                                 max_task_retries=-1, resources={HEAD_RESOURCE: 0.001}
                                 ).remote(engine, options, budget_key(engine, source))
-    actor.configure.remote(options)
+    actor.configure.remote(options, job_id)
     return actor

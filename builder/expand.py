@@ -205,6 +205,13 @@ def same_endpoint(a: str, b: str) -> bool:
         return False
 
 
+def operator_endpoint() -> str:
+    """The operator's LLM endpoint: the one the server's API key is sent to, and that a job
+    calls when its spec names none."""
+    env = os.environ.get
+    return env("PIXCRAWLER_LLM_BASE_URL") or env("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+
 def cache_endpoint(base_url: str) -> str | None:
     """The endpoint as it goes into a cache key: scheme and host lower-cased, port filled in,
     raw path without a trailing ``/``. None (do not cache) for a URL that is not absolute or
@@ -231,7 +238,7 @@ class KeywordExpander:
         self.api_key = api_key
         self.withheld = ""  # why the endpoint is not called (not the operator's), or ""
         if not api_key and operator_key:
-            operator = operator_url or DEFAULT_BASE_URL
+            operator = operator_endpoint()
             if same_endpoint(self.base_url or DEFAULT_BASE_URL, operator):
                 self.api_key = operator_key
             else:

@@ -381,6 +381,11 @@ class EngineLimits:
                    "max_requests_per_job", "max_requests_per_day")
 
 
+SHARED_LIMIT_KEYS = tuple(k for k in EngineLimits.OPTION_KEYS if k != "max_requests_per_job")
+"""The option keys that set the limits every job of an engine shares (its one limiter actor);
+``max_requests_per_job`` is each job's own."""
+
+
 # Conservative defaults from each service's published limits or observed tolerance.
 DEFAULT_LIMITS: dict[str, EngineLimits] = {
     "duckduckgo": EngineLimits(rate=0.5, burst=2),

@@ -165,7 +165,7 @@ class RayExecutor:
         self.limiter_names: dict[int, str] = {}
         for i, src in enumerate(spec.sources):
             if src.engine != "urllist":
-                self.limiters[i] = get_rate_limiter(src.engine, src)
+                self.limiters[i] = get_rate_limiter(src.engine, src, job)
                 names.limiters[i] = limiter_name(src.engine, src)
                 self.limiter_names[i] = names.limiters[i].removeprefix("ratelimit:")
         self.scorers = [SlowScorer.options(name=name, namespace=NAMESPACE,
@@ -356,7 +356,8 @@ class RayExecutor:
     async def engine_stats(self) -> dict[str, Any]:
         """Each engine's rate limiter's snapshot, or ``{"unavailable": why}`` for one that
         did not answer (a limiter lost since the job's last search)."""
-        snaps = await _stats([lim.snapshot.remote() for lim in self.limiters.values()])
+        snaps = await _stats([lim.snapshot.remote(self.life.job_id) for lim in
+                              self.limiters.values()])
         return {self.limiter_names[i]: snap if isinstance(snap, dict) else {"unavailable": snap}
                 for i, snap in zip(self.limiters, snaps)}
 

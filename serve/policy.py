@@ -65,7 +65,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 from actors.options import plan_pools
+from builder.expand import operator_endpoint, same_endpoint
 from builder.netguard import check_url
+from builder.ratelimit import SHARED_LIMIT_KEYS
 from builder.pipeline import units_per_worker
 from builder.spec import (
     MAX_BATCH,
@@ -112,17 +114,23 @@ class ApiPolicy(BaseModel):
         "none by default")
     llm_models: list[str] = Field(
         default_factory=list, description="search.llm_model values a job may ask of the "
-        "server's own LLM endpoint (and key); none by default: the server's model")
+        "server's own LLM endpoint (and key), whether its spec leaves llm_base_url unset or "
+        "names that endpoint; none by default: the server's model")
     allow_expand: bool = Field(
         default=False, description="search.expand: true on the server's own LLM endpoint "
-        "and key (a call per class); a spec naming an llm_base_url under llm_base_urls needs "
-        "no more")
+        "and key (a call per class); a spec naming another llm_base_url under llm_base_urls "
+        "needs no more")
     allow_proxy: bool = Field(default=False, description="sources[].options.proxy (the "
                               "search engines' requests then go through the proxy a spec "
                               "names; without allow_private_networks a proxy given as a "
                               "private address or localhost is refused, but a name that "
                               "resolves to one is not checked: allow only where the "
                               "server's network has nothing a proxy request could reach)")
+    allow_engine_limits: bool = Field(
+        default=False, description="sources[].options rate, burst, min_rate, "
+        "failure_threshold, cooldown_s and max_requests_per_day: every job of an engine "
+        "shares one rate limiter, so these change it for every other job of the engine "
+        "(max_requests_per_job, a job's own cap, is always allowed)")
     allow_private_networks: bool = Field(
         default=False, description="download.allow_private_networks: true (the fetcher may "
         "then reach loopback and private addresses, such as this server's own)")
@@ -433,6 +441,12 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                                policy.max_timeout_s)
         if src.engine != "urllist":
             check.cap_field(src, at, "max_pages", "max_pages", policy.max_pages)
+        if not policy.allow_engine_limits:
+            for key in sorted(k for k in src.options if k in SHARED_LIMIT_KEYS):
+                check.forbid(f"{at}.options.{key}", "allow_engine_limits", "every job of an "
+                             "engine shares one rate limiter (and its daily budget), so a "
+                             "job's limits would be every other job's; this server keeps its "
+                             "own (options.max_requests_per_job caps a job's own searches)")
         proxy = src.options.get("proxy")
         if proxy not in (None, "") and not policy.allow_proxy:
             check.forbid(f"{at}.options.proxy", "allow_proxy", "this server does not let "
@@ -446,12 +460,15 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
         allowed = ", ".join(policy.llm_base_urls) or "none; leave it unset to use the server's"
         check.forbid("search.llm_base_url", "llm_base_urls", f"{llm!r} is not an LLM endpoint "
                      f"this server lets API users name (allowed prefixes: {allowed})")
+    # A spec naming the operator's own endpoint runs on the operator's key (builder.expand):
+    # it asks what leaving the endpoint unset asks.
+    own = llm is None or same_endpoint(llm, operator_endpoint())
     model = spec.search.llm_model
-    if model is not None and llm is None and model not in policy.llm_models:
+    if model is not None and own and model not in policy.llm_models:
         allowed = ", ".join(policy.llm_models) or "none; leave it unset for the server's"
         check.forbid("search.llm_model", "llm_models", f"{model!r} is not a model this server "
                      f"lets API users run on its LLM endpoint (allowed: {allowed})")
-    if spec.search.expand and llm is None and not policy.allow_expand:
+    if spec.search.expand and own and not policy.allow_expand:
         check.forbid("search.expand", "allow_expand", "this server does not let API users "
                      "generate queries on its own LLM endpoint (each class costs a call, on "
                      "its key); list the queries in each class instead"

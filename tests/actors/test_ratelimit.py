@@ -16,7 +16,7 @@ def test_new_options_keep_the_daily_quota_and_an_open_breaker():
     assert rl.acquire("job-a")[0] == "quota"  # google: 100 requests a day
     rl.configure({"rate": 0.5})  # another job asks for another rate
     assert rl.acquire("job-b")[0] == "quota"
-    snap = rl.snapshot()
+    snap = rl.snapshot("job-a")
     assert snap["quota"]["day_used"] == 100 and snap["base_rate"] == 0.5
     assert snap["jobs"] == {"job-a": 100}
 
@@ -31,7 +31,21 @@ def test_new_options_keep_the_daily_quota_and_an_open_breaker():
 
 def test_new_options_keep_each_jobs_usage_against_its_quota():
     rl = Limiter("sandbox", {"max_requests_per_job": 2})
+    rl.configure({"max_requests_per_job": 2}, "job-a")
     assert [rl.acquire("job-a")[0] for _ in range(3)] == ["ok", "ok", "quota"]
-    rl.configure({"max_requests_per_job": 3})
+    rl.configure({"max_requests_per_job": 3}, "job-a")
     assert [rl.acquire("job-a")[0] for _ in range(2)] == ["ok", "quota"]
-    assert rl.snapshot()["jobs"] == {"job-a": 3}
+    assert rl.snapshot("job-a")["jobs"] == {"job-a": 3}
+
+
+def test_a_jobs_quota_and_usage_are_its_own():
+    """The per-job quota was the last job's to configure the limiter: one job's
+    max_requests_per_job of 0 stopped every other job of the engine. And each job's stats
+    listed every job's id that had used the engine (other API users' among them)."""
+    rl = Limiter("sandbox", {})
+    rl.configure({}, "job-a")
+    rl.configure({"max_requests_per_job": 0}, "job-b")
+    assert rl.acquire("job-b")[0] == "quota"
+    assert [rl.acquire("job-a")[0] for _ in range(3)] == ["ok"] * 3
+    assert rl.snapshot("job-a")["jobs"] == {"job-a": 3}
+    assert rl.snapshot("job-b")["jobs"] == {"job-b": 0}

@@ -195,6 +195,39 @@ def test_a_built_in_profile_is_found_however_its_host_is_spelled_and_only_made_p
     assert placed.download.hosts["upload.wikimedia.org"].thumb_widths == [250, 500]
 
 
+@pytest.mark.parametrize("key, value", [("max_requests_per_day", None), ("rate", 1000),
+                                        ("burst", 1000), ("min_rate", 1e-6),
+                                        ("failure_threshold", 1), ("cooldown_s", 1e9)])
+def test_a_spec_may_not_set_the_limits_every_job_of_an_engine_shares(key, value):
+    """Every job of an engine configures one shared limiter: a spec's rate, burst, breaker or
+    daily budget lifted the server's caps for everyone, or starved every other job."""
+    s = spec(sources=[{"engine": "duckduckgo", "options": {key: value}}])
+    status, problems = refused(s)
+    assert status == 403
+    assert problems[f"sources.0.options.{key}"][0] == "allow_engine_limits"
+    assert apply(s, ApiPolicy(allow_engine_limits=True)).sources[0].options[key] == value
+    own = spec(sources=[{"engine": "duckduckgo", "options": {"max_requests_per_job": 5}}])
+    assert apply(own).sources[0].options["max_requests_per_job"] == 5
+
+
+@pytest.mark.parametrize("named", ["http://LLM.internal:8000/v1/", "http://llm.internal:8000/v1"])
+def test_naming_the_servers_own_llm_endpoint_asks_what_leaving_it_unset_asks(monkeypatch,
+                                                                              named):
+    """The expander sends the server's key to its own endpoint however a spec names it, so a
+    spec naming it ran any model, and expanded, where leaving it unset may not."""
+    monkeypatch.setenv("PIXCRAWLER_LLM_BASE_URL", "http://llm.internal:8000/v1")
+    policy = ApiPolicy(llm_base_urls=["http://llm.internal:8000/v1"], llm_models=["small"])
+    status, problems = refused(spec(search={"llm_base_url": named, "llm_model": "gpt-huge",
+                                             "expand": True, "expand_n": 50}), policy)
+    assert status == 403
+    assert problems["search.llm_model"][0] == "llm_models"
+    assert problems["search.expand"][0] == "allow_expand"
+    assert apply(spec(search={"llm_base_url": named, "llm_model": "small"}), policy)
+    other = ApiPolicy(llm_base_urls=["http://llm.other:8000/v1"])
+    assert apply(spec(search={"llm_base_url": "http://llm.other:8000/v1", "llm_model": "x",
+                              "expand": True}), other).search.expand
+
+
 def test_what_the_operator_allows_passes():
     policy = ApiPolicy(source_urls=["http://127.0.0.1:9/api/"],
                        llm_base_urls=["https://llm.internal/v1"], allow_proxy=True,
