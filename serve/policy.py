@@ -105,7 +105,8 @@ class ApiPolicy(BaseModel):
         "default <data_dir>/datasets/{owner}")
     url_list_dirs: list[str] = Field(
         default_factory=list, description="local directories a urllist source's path may read "
-        "from (a relative path is taken in the first); none by default")
+        "from (a relative path is taken in the first); {owner} in one is the key's id, so that "
+        "each key reads only its own (lists/{owner}); none by default")
     source_urls: list[str] = Field(
         default_factory=list, description="http(s) URL prefixes that sources[].url and "
         "sources[].options.base_url may name; none by default")
@@ -246,6 +247,12 @@ class ApiPolicy(BaseModel):
     def prefix_for(self, owner: str) -> str:
         """The output prefix of one API key (``resolved`` first)."""
         return (self.output_prefix or "").replace(OWNER, owner)
+
+    def url_list_dirs_for(self, owner: str) -> list[str]:
+        """The directories one API key's URL lists may be read from (``resolved`` first):
+        ``{owner}`` in a directory is the key's id, symbolic links resolved after it."""
+        return [os.path.realpath(d.replace(OWNER, owner)) if OWNER in d else d
+                for d in self.url_list_dirs]
 
     def job_share(self, cluster: Mapping[str, float]) -> dict[str, float]:
         """The CPUs (and GPUs, where the cluster has some) one job's pools are sized to."""
@@ -414,10 +421,10 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
     for i, src in enumerate(spec.sources):
         at = f"sources.{i}"
         if src.path:
-            real = place_url_list(src.path, policy.url_list_dirs)
+            dirs = policy.url_list_dirs_for(owner)
+            real = place_url_list(src.path, dirs)
             if real is None:
-                where = (f"only files in {', '.join(policy.url_list_dirs)}"
-                         if policy.url_list_dirs else "no files of the server")
+                where = f"only files in {', '.join(dirs)}" if dirs else "no files of the server"
                 check.forbid(f"{at}.path", "url_list_dirs", f"{src.path!r}: this server lets "
                              f"API users read {where}; send the URLs in the request as each "
                              "class's urls: (classes: {cat: {urls: [...]}})")

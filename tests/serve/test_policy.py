@@ -106,6 +106,23 @@ def test_url_list_files_only_from_the_operators_directories(tmp_path):
         assert placed.sources[0].path == str((lists / "cats.txt").resolve())
 
 
+def test_url_list_directories_may_be_each_keys_own(tmp_path):
+    """Without ``{owner}`` every key reads every list there: another key's datasets too, if
+    the directory holds them."""
+    for owner in ("alice", "bob"):
+        (tmp_path / "lists" / owner).mkdir(parents=True)
+        (tmp_path / "lists" / owner / "cats.txt").write_text("https://example.org/a.jpg\n")
+    policy = ApiPolicy(url_list_dirs=[str(tmp_path / "lists" / "{owner}")])
+    source = {"engine": "urllist", "path": "cats.txt"}
+    assert apply(spec(sources=[source]), policy, owner="bob").sources[0].path == \
+        str((tmp_path / "lists" / "bob" / "cats.txt").resolve())
+    alices = {**source, "path": str(tmp_path / "lists" / "alice" / "cats.txt")}
+    assert apply(spec(sources=[alices]), policy, owner="alice").sources[0].path
+    with pytest.raises(PolicyRefused) as info:
+        apply(spec(sources=[alices]), policy, owner="bob")
+    assert [p.field for p in info.value.problems] == ["sources.0.path"]
+
+
 def test_url_lists_in_the_request_body_need_no_permission():
     placed = apply(spec(sources=[], classes={"cat": {"urls": ["https://example.org/a.jpg"]}}))
     assert placed.classes["cat"].urls == ["https://example.org/a.jpg"]
