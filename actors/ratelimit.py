@@ -16,53 +16,48 @@ from typing import Any, Optional
 import ray
 
 from actors import NAMESPACE
-from builder.ratelimit import (CircuitOpen, DayFile, EngineGovernor, EngineLimits,
-                               QuotaExceeded, budget_key, limits_for)
+from builder.ratelimit import (SHARED_LIMIT_KEYS, CircuitOpen, DayFile, EngineGovernor,
+                               EngineLimits, QuotaExceeded, budget_key, limits_for)
 from builder.spec import SourceSpec
 
 
 @ray.remote(num_cpus=0)
 class RateLimiter:
+    """One engine's (or endpoint's) limiter, shared by every job of the cluster: its rate,
+    breaker and daily budget are the engine's. A job's own request quota
+    (``max_requests_per_job``) comes with each of its calls, so no job's quota is another's,
+    and a restarted limiter (Ray gives it back its first arguments) still applies it."""
+
     def __init__(self, engine: str, options: Optional[dict[str, Any]] = None, key: str = ""):
         self.engine = engine
-        self.options = dict(options or {})
-        limits, _ = self._limits(self.options)
-        self.governor = EngineGovernor(engine, limits, day_file=DayFile(key or engine))
+        self.options = _shared(options)
+        self.governor = EngineGovernor(engine, self._limits(self.options),
+                                       day_file=DayFile(key or engine))
         self.job_used: Counter = Counter()
-        self.job_quota: dict[str, int] = {}
-        """Each job's own ``max_requests_per_job``: a job's quota is its own, not the last
-        configured one (which let one job's 0 stop every other job of the engine)."""
 
-    def configure(self, options: Optional[dict[str, Any]] = None, job_id: str = "") -> None:
-        """Apply the options' limits, and their per-job quota to ``job_id``; the limits are
-        left alone when they are those already in force.
+    def configure(self, options: Optional[dict[str, Any]] = None) -> None:
+        """Apply the limits the options set (``SHARED_LIMIT_KEYS``). Options that set none
+        leave the limits as they are: a job that names no rate does not undo another's.
 
-        Every job and source of this engine configures the one shared limiter, so new options
-        change only the limits: the requests already counted (today's, each job's), the breaker
-        and the slow-down stay, or a job with other options would reset the engine's budget.
-        """
-        options = dict(options or {})
-        limits, per_job = self._limits(options)
-        if per_job is None:
-            self.job_quota.pop(job_id, None)
-        else:
-            self.job_quota[job_id] = per_job
-        shared = {k: v for k, v in options.items() if k != "max_requests_per_job"}
-        if shared == {k: v for k, v in self.options.items() if k != "max_requests_per_job"}:
+        New limits change only the limits: the requests already counted (today's, each
+        job's), the breaker and the slow-down stay, or a job with other options would reset
+        the engine's budget."""
+        shared = _shared(options)
+        if not shared or shared == self.options:
             return
-        self.governor.reconfigure(limits)
-        self.options = options
+        self.governor.reconfigure(self._limits(shared))
+        self.options = shared
 
-    def _limits(self, options: dict[str, Any]) -> tuple[EngineLimits, Optional[int]]:
-        """The engine's limits for ``options`` and, apart, the per-job quota, which this actor
-        counts per job id: the governor's own would count every job together."""
+    def _limits(self, options: dict[str, Any]) -> EngineLimits:
+        """The engine's limits for ``options``, without a per-job quota: the governor's own
+        would count every job together (this actor counts each job apart)."""
         limits = limits_for(self.engine, options)
-        per_job, limits.max_requests_per_job = limits.max_requests_per_job, None
-        return limits, per_job
+        limits.max_requests_per_job = None
+        return limits
 
-    def acquire(self, job_id: str = "") -> tuple[str, Any]:
-        """("ok", seconds to wait) or ("quota"|"circuit_open", message)."""
-        quota = self.job_quota.get(job_id)
+    def acquire(self, job_id: str = "", quota: Optional[int] = None) -> tuple[str, Any]:
+        """("ok", seconds to wait) or ("quota"|"circuit_open", message); ``quota``: the job's
+        ``max_requests_per_job``."""
         if quota is not None and self.job_used[job_id] >= quota:
             return "quota", (f"{self.engine}: job quota of {quota} requests spent; raise "
                              "options.max_requests_per_job or add another source")
@@ -78,10 +73,24 @@ class RateLimiter:
     def record(self, success: bool, status: int = 0, retry_after: Optional[float] = None) -> None:
         self.governor.record(success, status, retry_after)
 
-    def snapshot(self, job_id: str = "") -> dict[str, Any]:
-        """The engine's state, and the requests of ``job_id`` alone (another job's id is not
-        the asking job's to see: its stats reach its API user)."""
-        return dict(self.governor.snapshot(), jobs={job_id: self.job_used.get(job_id, 0)})
+    def snapshot(self, job_id: str = "", quota: Optional[int] = None) -> dict[str, Any]:
+        """The engine's state (its rate, breaker and requests, every job's together), with the
+        quota's per-job figures and ``jobs`` those of ``job_id`` alone: another job's id is not
+        the asking job's to see (its stats reach its API user)."""
+        snap = self.governor.snapshot()
+        used = self.job_used.get(job_id, 0)
+        snap["quota"] = dict(snap["quota"], job_used=used, per_job=quota)
+        snap["jobs"] = {job_id: used}
+        return snap
+
+
+def _shared(options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in (options or {}).items() if k in SHARED_LIMIT_KEYS}
+
+
+def job_quota(source: SourceSpec) -> Optional[int]:
+    """A source's own request quota in its job (``max_requests_per_job``), if it has one."""
+    return limits_for(source.engine, source.options).max_requests_per_job
 
 
 HEAD_RESOURCE = "node:__internal_head__"
@@ -93,9 +102,9 @@ def limiter_name(engine: str, source: Optional[SourceSpec] = None) -> str:
     return f"ratelimit:{budget_key(engine, source)}"
 
 
-def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None, job_id: str = "") -> Any:
+def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:
     """The cluster's limiter for the source's engine/endpoint, created on first use, with the
-    source's options applied (their per-job quota to ``job_id``)."""
+    limits the source's options set applied (``RateLimiter.configure``)."""
     options = dict(source.options) if source else {}
     options.pop("base_url", None)
     # Restarted when its process is lost (its calls retried there): every search unit of the
@@ -106,5 +115,5 @@ def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None, job_id: s
                                 lifetime="detached", get_if_exists=True, max_restarts=-1,
                                 max_task_retries=-1, resources={HEAD_RESOURCE: 0.001}
                                 ).remote(engine, options, budget_key(engine, source))
-    actor.configure.remote(options, job_id)
+    actor.configure.remote(options)
     return actor

@@ -34,7 +34,7 @@ from actors.dedup import DedupPartitionActor
 from actors.options import PoolPlan, max_workers, plan_pools
 from actors.progress import ProgressActor, progress_name
 from actors.quota import QuotaActor
-from actors.ratelimit import get_rate_limiter, limiter_name
+from actors.ratelimit import get_rate_limiter, job_quota, limiter_name
 from actors.slow import SlowScorer
 from actors.worker import ServiceNames, ShardWorker
 from builder.card import empty_failure
@@ -163,9 +163,12 @@ class RayExecutor:
             ledger, {**life.recovery(), "unjournaled": unjournaled_margin(plan.workers)})
         self.limiters: dict[int, Any] = {}
         self.limiter_names: dict[int, str] = {}
+        self.limiter_quotas: dict[int, Optional[int]] = {}
+        self.job_id = life.job_id
         for i, src in enumerate(spec.sources):
             if src.engine != "urllist":
-                self.limiters[i] = get_rate_limiter(src.engine, src, job)
+                self.limiters[i] = get_rate_limiter(src.engine, src)
+                self.limiter_quotas[i] = job_quota(src)
                 names.limiters[i] = limiter_name(src.engine, src)
                 self.limiter_names[i] = names.limiters[i].removeprefix("ratelimit:")
         self.scorers = [SlowScorer.options(name=name, namespace=NAMESPACE,
@@ -356,8 +359,8 @@ class RayExecutor:
     async def engine_stats(self) -> dict[str, Any]:
         """Each engine's rate limiter's snapshot, or ``{"unavailable": why}`` for one that
         did not answer (a limiter lost since the job's last search)."""
-        snaps = await _stats([lim.snapshot.remote(self.life.job_id) for lim in
-                              self.limiters.values()])
+        snaps = await _stats([lim.snapshot.remote(self.job_id, self.limiter_quotas.get(i))
+                              for i, lim in self.limiters.items()])
         return {self.limiter_names[i]: snap if isinstance(snap, dict) else {"unavailable": snap}
                 for i, snap in zip(self.limiters, snaps)}
 

@@ -29,23 +29,25 @@ def test_new_options_keep_the_daily_quota_and_an_open_breaker():
     assert rl.snapshot()["state"] == "open"
 
 
-def test_new_options_keep_each_jobs_usage_against_its_quota():
-    rl = Limiter("sandbox", {"max_requests_per_job": 2})
-    rl.configure({"max_requests_per_job": 2}, "job-a")
-    assert [rl.acquire("job-a")[0] for _ in range(3)] == ["ok", "ok", "quota"]
-    rl.configure({"max_requests_per_job": 3}, "job-a")
-    assert [rl.acquire("job-a")[0] for _ in range(2)] == ["ok", "quota"]
-    assert rl.snapshot("job-a")["jobs"] == {"job-a": 3}
-
-
-def test_a_jobs_quota_and_usage_are_its_own():
+def test_each_jobs_quota_comes_with_its_calls():
     """The per-job quota was the last job's to configure the limiter: one job's
-    max_requests_per_job of 0 stopped every other job of the engine. And each job's stats
-    listed every job's id that had used the engine (other API users' among them)."""
-    rl = Limiter("sandbox", {})
-    rl.configure({}, "job-a")
-    rl.configure({"max_requests_per_job": 0}, "job-b")
-    assert rl.acquire("job-b")[0] == "quota"
-    assert [rl.acquire("job-a")[0] for _ in range(3)] == ["ok"] * 3
-    assert rl.snapshot("job-a")["jobs"] == {"job-a": 3}
+    max_requests_per_job of 0 stopped every other job of the engine, and a restarted limiter
+    forgot them all. Each job's stats listed every job's id that had used the engine (other
+    API users' among them)."""
+    rl = Limiter("sandbox", {"max_requests_per_job": 2})
+    assert [rl.acquire("job-a", 2)[0] for _ in range(3)] == ["ok", "ok", "quota"]
+    assert [rl.acquire("job-a", 3)[0] for _ in range(2)] == ["ok", "quota"]
+    assert rl.acquire("job-b", 0)[0] == "quota"
+    assert [rl.acquire("job-c")[0] for _ in range(4)] == ["ok"] * 4
+    snap = rl.snapshot("job-a", 3)
+    assert snap["jobs"] == {"job-a": 3} and snap["quota"]["job_used"] == 3
+    assert snap["quota"]["per_job"] == 3 and snap["requests"] == 7
     assert rl.snapshot("job-b")["jobs"] == {"job-b": 0}
+
+
+def test_a_job_that_sets_no_limit_leaves_the_limits_as_they_are():
+    rl = Limiter("bing", {"rate": 0.1})
+    rl.configure({"proxy": "http://p:3128", "max_requests_per_job": 5})
+    assert rl.snapshot()["base_rate"] == 0.1
+    rl.configure({"rate": 0.25})
+    assert rl.snapshot()["base_rate"] == 0.25

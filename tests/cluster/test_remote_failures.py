@@ -123,6 +123,7 @@ def test_engine_stats_mark_a_lost_rate_limiter_unavailable_and_keep_the_others()
     ex.limiters = {0: SimpleNamespace(snapshot=Call(snap)),
                    1: SimpleNamespace(snapshot=Call(ActorDiedError()))}
     ex.limiter_names = {0: "sandbox@127.0.0.1:1", 1: "sandbox@127.0.0.1:2"}
+    ex.limiter_quotas, ex.job_id = {0: None, 1: 5}, "j"
     stats = asyncio.run(ex.engine_stats())
     assert stats["sandbox@127.0.0.1:1"] == snap
     assert stats["sandbox@127.0.0.1:2"] == {
