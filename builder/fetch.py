@@ -41,7 +41,7 @@ import random
 import time
 import zlib
 from collections import OrderedDict, deque
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -307,7 +307,8 @@ class Fetcher:
         self._body_bytes = 0  # bytes held right now by bodies being read
         self._resolver = resolver
         self._profiles = HostProfiles(cfg, host_share)
-        self._origins: OriginCache[sig.OriginSignals] = OriginCache(self._load_origin)
+        self._origins: OriginCache[Union[sig.OriginSignals, UrlRejected]] = \
+            OriginCache(self._load_origin)
         self._origin_signals = sig.origin_active(cfg)
         self._response_signals = sig.ResponseSignals(cfg)
         self._pages: OrderedDict[str, tuple[float, asyncio.Future[sig.PageFacts]]] = \
@@ -422,8 +423,7 @@ class Fetcher:
         vetted = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
         if not self._origin_signals:
             return ()
-        origin = self._origins.cached(vetted) or await self._origins.get(vetted)
-        return origin.ledger(vetted)
+        return (await self._origin(vetted)).ledger(vetted)
 
     # ---- one record ---------------------------------------------------------------------------
 
@@ -732,9 +732,18 @@ class Fetcher:
     async def _origin_check(self, record: Record, url: URL) -> float:
         """Start ``record``'s ledger with the origin's entries for ``url`` (rejecting it on a
         refusal); returns the origin's robots.txt Crawl-delay."""
-        origin = self._origins.cached(url) or await self._origins.get(url)
+        origin = await self._origin(url)
         self._refused(record, origin.ledger(url), url)
         return origin.crawl_delay
+
+    async def _origin(self, url: URL) -> sig.OriginSignals:
+        """The signals of ``url``'s origin (read once per origin); raises ``UrlRejected`` where
+        the SSRF guard refuses the origin itself, which is kept as the origin's answer too, so
+        its next images ask nothing."""
+        origin = self._origins.cached(url) or await self._origins.get(url)
+        if isinstance(origin, UrlRejected):
+            raise UrlRejected(origin.reason, origin.detail)
+        return origin
 
     def _refused(self, record: Record, signals: tuple[Signal, ...],
                  origin_of: Optional[URL] = None) -> bool:
@@ -763,12 +772,13 @@ class Fetcher:
             record.reject(Reason.OPTED_OUT, refusal.describe())
         return True
 
-    async def _load_origin(self, url: URL) -> sig.OriginSignals:
+    async def _load_origin(self, url: URL) -> Union[sig.OriginSignals, UrlRejected]:
         """Read an origin's robots.txt, tdmrep.json and ai.txt (those the spec honours), at
         once. A robots.txt that cannot be read disallows everything (``builder.robots``); so
         does a tdmrep.json or ai.txt that answers a server error or 429, or gives no answer,
         twice a second apart (``optout_unreachable``: whether it opts out is not known). One
-        that answers another 4xx, or that does not parse, counts as absent."""
+        that answers another 4xx, or that does not parse, counts as absent. An origin the SSRF
+        guard refuses gives its refusal (``_origin`` raises it)."""
         cfg = self.cfg
 
         async def robots() -> Optional[RobotsPolicy]:
@@ -792,8 +802,14 @@ class Fetcher:
             return RobotsPolicy.from_response(
                 status if 200 <= status < 300 or unreachable(status) else 404, body)
 
-        got = await asyncio.gather(robots(), tdmrep(), ai_txt())
-        return sig.OriginSignals(cfg, *got)
+        got = await asyncio.gather(robots(), tdmrep(), ai_txt(), return_exceptions=True)
+        refused = next((g for g in got if isinstance(g, UrlRejected)), None)
+        if refused is not None:
+            return refused
+        for answer in got:
+            if isinstance(answer, BaseException):
+                raise answer
+        return sig.OriginSignals(cfg, *got)  # type: ignore[arg-type]
 
     async def _fetch_signal_file(self, url: URL, path: str) -> tuple[int, bytes]:
         """(status, body) of an origin's opt-out file, asked once more when it is unreachable

@@ -448,11 +448,21 @@ def test_an_image_whose_origin_the_guard_refuses_is_blocked_not_unreachable(web)
     """Its robots.txt was read first, and the guard's refusal taken for no answer: the image
     was rejected as a transient connection_error (retry-failed asked again for ever), after
     its three origin files were each asked twice."""
-    [record], stats = fetch(["http://intranet.test/x.jpg"], cfg(allow_private_networks=False),
-                            resolver=BlockingResolver())
-    assert record.reason == Reason.BLOCKED_ADDRESS.value
-    assert record.detail == "intranet.test resolves only to blocked addresses: 10.0.0.1"
-    assert stats["requests"] <= 3 and stats["robots_fetches"] == 1
+    async def main() -> tuple[list[Record], dict]:
+        async with Fetcher(cfg(allow_private_networks=False),
+                           resolver=BlockingResolver()) as fetcher:
+            out = []
+            for i in range(3):  # one after another: a load in flight is shared anyway
+                out += await fetcher.fetch_many(
+                    [Record(Candidate(url=f"http://intranet.test/{i}.jpg", label="x"))])
+            return out, fetcher.stats
+
+    records, stats = asyncio.run(main())
+    assert {r.reason for r in records} == {Reason.BLOCKED_ADDRESS.value}
+    assert {r.detail for r in records} == \
+        {"intranet.test resolves only to blocked addresses: 10.0.0.1"}
+    # the refusal is the origin's answer: its next images ask nothing
+    assert stats["robots_fetches"] == 1 and stats["signal_fetches"] == 2
 
 
 class BlockingResolver(AbstractResolver):
