@@ -153,7 +153,7 @@ def published_stats(uri: str, storage_options: Optional[dict] = None) -> dict[st
 def count_retryable(uri: str, storage_options: Optional[dict] = None) -> int:
     """How many of a published dataset's rejects a ``retry-failed`` would decide again."""
     report = redecided_counts(rejects_path(uri), storage_options,
-                              published_spec(uri, storage_options).labels, retry=True)
+                              published_spec(uri, storage_options), retry=True)
     return sum(t.candidates for t in report.classes.values())
 
 
@@ -445,7 +445,7 @@ class JobLifecycle:
                 # The slices it never got to (cancelled, or no class needed more images) keep
                 # their rejects as they were: count them back.
                 runner.counts.add(redecided_counts(
-                    rejects_path(self.base_uri), self.storage_options, self.spec.labels, True,
+                    rejects_path(self.base_uri), self.storage_options, self.spec, True,
                     self.retry_plan, lambda i: not done(i)))
                 outcome = dataclasses.replace(outcome, stats=runner.stats())
             return outcome
@@ -534,7 +534,7 @@ class JobLifecycle:
         assert self.journal is not None
         if self.merge:
             yield from kept_rows(rejects_path(self.base_uri), self.storage_options,
-                                 self.spec.labels, self.retry, self.retry_plan,
+                                 self.spec, self.retry, self.retry_plan,
                                  self._retry_done())
         columns = [*REJECT_SCHEMA.names, "accepted"]
         for table in self.journal.iter_tables("units", columns):
@@ -568,7 +568,7 @@ def base_report(spec: DatasetSpec, stats: dict[str, Any], uri: str,
     """The counts of the published dataset a merge continues (``stats``: its stats.json, at
     ``uri``), less the rejects it decides again (counted from rejects.parquet's rows)."""
     base = stats_report(spec, stats)
-    again = redecided_counts(rejects_path(uri), storage_options, spec.labels, retry)
+    again = redecided_counts(rejects_path(uri), storage_options, spec, retry)
     for label, tally in again.classes.items():
         base.classes.setdefault(label, ClassTally()).add(tally, -1)
     for stage, n in again.by_stage.items():

@@ -11,7 +11,7 @@ counts as it did (``redecided_counts`` says what to take out of the published co
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Collection, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,6 +21,7 @@ from builder.listsource import SlicePlan
 from builder.reasons import Reason, decided_again, stage_of
 from builder.records import CANDIDATE_FIELDS, REJECT_SCHEMA, Candidate, with_columns
 from builder.rights import RightsTally
+from builder.spec import DatasetSpec
 from builder.storage import open_fs
 from builder.units import ClassTally, UnitReport
 
@@ -28,17 +29,23 @@ Done = Callable[[int], bool]
 """Whether the unit of retry slice ``i`` committed (its rows were decided again)."""
 
 
-def redecided(table: pa.Table, labels: Collection[str], retry: bool) -> pa.ChunkedArray:
-    """Per row of ``table`` (columns ``url``, ``label``, ``reason``), whether a continuing run
-    decides it again."""
+def redecided(table: pa.Table, spec: DatasetSpec, retry: bool) -> pa.ChunkedArray:
+    """Per row of ``table`` (columns ``url``, ``label``, ``reason``, ``page_url``), whether a
+    continuing run of ``spec`` decides it again. With ``page_meta``, not a row of a dataset
+    written before rejects kept the candidate's page (a null ``page_url``): decided again
+    without its page, its page's opt-out would go unread."""
     again = pa.array(sorted(decided_again(retry)), pa.string())
-    mask = pc.and_(pc.is_in(table["reason"], value_set=again),
-                   pc.is_in(table["label"], value_set=pa.array(sorted(labels), pa.string())))
-    return pc.fill_null(pc.and_(mask, pc.greater(pc.utf8_length(table["url"]), 0)), False)
+    labels = pa.array(sorted(spec.labels), pa.string())
+    mask = pc.and_(pc.and_(pc.is_in(table["reason"], value_set=again),
+                           pc.is_in(table["label"], value_set=labels)),
+                   pc.greater(pc.utf8_length(table["url"]), 0))
+    if spec.download.signals.page_meta:
+        mask = pc.and_(mask, pc.is_valid(table["page_url"]))
+    return pc.fill_null(mask, False)
 
 
 def retry_candidates(plan: SlicePlan, storage_options: Optional[dict[str, Any]],
-                     labels: Collection[str], index: int) -> list[Candidate]:
+                     spec: DatasetSpec, index: int) -> list[Candidate]:
     """The candidates of retry slice ``index`` (a row range of ``rejects.parquet``)."""
     group, start, stop = plan.bounds(index)
     fs, path = open_fs(plan.path, storage_options)
@@ -46,7 +53,7 @@ def retry_candidates(plan: SlicePlan, storage_options: Optional[dict[str, Any]],
     with fs.open(path, "rb") as f:
         table = with_columns(pq.ParquetFile(f).read_row_group(group, columns=columns),
                              REJECT_SCHEMA, columns).slice(start, stop - start)
-    table = table.filter(redecided(table, labels, retry=True))
+    table = table.filter(redecided(table, spec, retry=True))
     return [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
                       engine=row["engine"] or "", rank=row["rank"] or 0,
                       page_url=row["page_url"] or "", title=row["title"] or "",
@@ -62,7 +69,7 @@ def _slices_by_group(plan: Optional[SlicePlan]) -> dict[int, list[tuple[int, int
     return out
 
 
-def _groups(path: str, storage_options: Optional[dict[str, Any]], labels: Collection[str],
+def _groups(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
             retry: bool, plan: Optional[SlicePlan], done: Optional[Done],
             columns: Optional[list[str]] = None) -> Iterator[tuple[pa.Table, pa.ChunkedArray]]:
     """Each row group of the rejects file at ``path`` and which of its rows are decided again:
@@ -74,10 +81,10 @@ def _groups(path: str, storage_options: Optional[dict[str, Any]], labels: Collec
     slices = _slices_by_group(plan) if done is not None else {}
     with fs.open(fs_path, "rb") as f:
         pf = pq.ParquetFile(f)
-        names = columns or pf.schema_arrow.names
+        names = list(dict.fromkeys([*(columns or pf.schema_arrow.names), "page_url"]))
         for group in range(pf.metadata.num_row_groups):
             table = with_columns(pf.read_row_group(group, columns=names), REJECT_SCHEMA, names)
-            mask = redecided(table, labels, retry)
+            mask = redecided(table, spec, retry)
             if done is not None:
                 ran = [False] * table.num_rows
                 for index, start, stop in slices.get(group, ()):
@@ -87,24 +94,24 @@ def _groups(path: str, storage_options: Optional[dict[str, Any]], labels: Collec
             yield table, mask
 
 
-def kept_rows(path: str, storage_options: Optional[dict[str, Any]], labels: Collection[str],
+def kept_rows(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
               retry: bool, plan: Optional[SlicePlan] = None,
               done: Optional[Done] = None) -> Iterator[pa.Table]:
     """The rejects a continuing run leaves as they were, a row group at a time: all but those
     it decides again (with ``done``: decided again in a slice whose unit committed)."""
-    for table, mask in _groups(path, storage_options, labels, retry, plan, done):
+    for table, mask in _groups(path, storage_options, spec, retry, plan, done):
         yield table.filter(pc.invert(mask))
 
 
 def redecided_counts(path: str, storage_options: Optional[dict[str, Any]],
-                     labels: Collection[str], retry: bool, plan: Optional[SlicePlan] = None,
+                     spec: DatasetSpec, retry: bool, plan: Optional[SlicePlan] = None,
                      done: Optional[Done] = None) -> UnitReport:
     """The published rejects a continuing run decides again, as counts (candidates and
     rejections per class, reason and stage, and their rights ledgers), from the rows
     themselves."""
     report = UnitReport("redecided")
     report.rights = RightsTally()
-    for table, mask in _groups(path, storage_options, labels, retry, plan, done,
+    for table, mask in _groups(path, storage_options, spec, retry, plan, done,
                                columns=["url", "label", "reason", "rights"]):
         rows = table.filter(mask)
         report.rights.add_column(rows["rights"])

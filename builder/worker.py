@@ -721,7 +721,7 @@ class UnitRun:
         if unit.kind == RETRY:
             assert w.plan.retry_plan is not None
             return await w._store(retry_candidates, w.plan.retry_plan, w.plan.storage_options,
-                                  spec.labels, unit.slice)
+                                  spec, unit.slice)
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
     # -- deciding ----------------------------------------------------------------------------

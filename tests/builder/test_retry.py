@@ -1,0 +1,53 @@
+"""Which published rejects a continuing run decides again (``builder.retry``), without Ray."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from builder.listsource import plan_slices
+from builder.records import CANDIDATE_FIELDS, REJECT_SCHEMA
+from builder.retry import kept_rows, redecided_counts, retry_candidates
+from builder.spec import parse_spec
+
+
+def _spec(page_meta: bool):
+    return parse_spec({"name": "t", "classes": {"cat": None},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:9"}],
+                       "download": {"signals": {"page_meta": page_meta}}})
+
+
+def _rejects(path, with_candidates: bool) -> None:
+    rows = [{"key": f"k{i}", "url": f"http://h/{i}.jpg", "label": "cat", "query": "cat",
+             "engine": "sandbox", "stage": "fetch", "reason": "http_server_error",
+             "detail": "HTTP 503", "duplicate_of": None, "http_status": 503, "rights": None,
+             "rank": i, "page_url": f"http://h/page/{i}" if i else "", "title": f"t{i}",
+             "license": "cc0", "author": "a", "caption": ""} for i in range(4)]
+    table = pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
+    if not with_candidates:  # as written before rejects kept the candidate
+        table = table.drop_columns(list(CANDIDATE_FIELDS))
+    pq.write_table(table, path)
+
+
+def test_rejects_kept_before_their_pages_are_not_decided_again_with_page_meta(tmp_path):
+    """Decided again without its page URL, a candidate's page is never read: with page_meta
+    an image whose page refused (or could not be read) would come back without the check.
+    Such rows stay rejects, and the counts agree with what the retry reads."""
+    old, new = str(tmp_path / "old.parquet"), str(tmp_path / "new.parquet")
+    _rejects(old, with_candidates=False)
+    _rejects(new, with_candidates=True)
+    for path, page_meta, again in ((old, False, 4), (old, True, 0), (new, True, 4),
+                                   (new, False, 4)):
+        spec = _spec(page_meta)
+        counts = redecided_counts(path, None, spec, retry=True)
+        assert sum(t.candidates for t in counts.classes.values()) == again, (path, page_meta)
+        kept = sum(t.num_rows for t in kept_rows(path, None, spec, retry=True))
+        assert kept == 4 - again
+        plan = plan_slices(path, 10, url_column="url")
+        found = [c for i in range(plan.count) for c in retry_candidates(plan, None, spec, i)]
+        assert len(found) == again
+    spec = _spec(True)
+    plan = plan_slices(new, 10, url_column="url")
+    first = retry_candidates(plan, None, spec, 0)[1]
+    assert (first.page_url, first.title, first.rank, first.license) == \
+        ("http://h/page/1", "t1", 1, "cc0")
