@@ -286,11 +286,25 @@ class PolicyRefused(Exception):
         return 403 if any(p.forbidden for p in self.problems) else 422
 
 
+def _dot_segment(path: str) -> bool:
+    """Whether a path has a '.' or '..' segment, however often percent-encoded, before any
+    ';' parameters."""
+    for _ in range(4):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    else:
+        return True  # still encoded after four rounds: no server means that innocently
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))
+
+
 def url_within(url: str, prefixes: Iterable[str]) -> bool:
     """Whether ``url`` is an http(s) URL under one of ``prefixes``: the same scheme, host and
     port, and a path at or below the prefix's (compared by whole segments). A URL with user
     info, whitespace, a backslash, a control character or a '.' / '..' segment (percent-encoded
-    or not) is never within: parsers disagree on such URLs."""
+    once or more, or with ';' parameters, as some servers read ``..;``) is never within:
+    parsers disagree on such URLs."""
     if any(ch.isspace() or ch == "\\" or unicodedata.category(ch) == "Cc" for ch in url):
         return False
     try:
@@ -301,7 +315,7 @@ def url_within(url: str, prefixes: Iterable[str]) -> bool:
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None \
             or parts.password is not None:
         return False
-    if {".", ".."} & set(unquote(parts.path).split("/")):
+    if _dot_segment(parts.path):
         return False
     for prefix in prefixes:
         allowed = urlsplit(prefix)

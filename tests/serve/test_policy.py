@@ -266,6 +266,12 @@ def test_what_the_operator_allows_passes():
     ("http://127.0.0.1:9/apix", False),
     ("http://127.0.0.1:9/api/../admin", False),
     ("http://127.0.0.1:9/api/%2e%2e/admin", False),
+    ("http://127.0.0.1:9/api/%252e%252e/admin", False),  # a server decoding twice
+    ("http://127.0.0.1:9/api/..;/admin", False),  # ';' parameters, as Tomcat reads them
+    ("http://127.0.0.1:9/api/.;x=1/admin", False),
+    ("http://127.0.0.1:9/api/%25252525252e/admin", False),
+    ("http://127.0.0.1:9/api/v1;a=b/images", True),
+    ("http://127.0.0.1:9/api/a%2520b", True),
     ("http://127.0.0.1:10/api", False),
     ("https://127.0.0.1:9/api", False),
     ("http://127.0.0.1:9@evil.example/api", False),
