@@ -48,7 +48,7 @@ from builder.fetch import Fetcher
 from builder.netguard import UrlRejected
 from builder.profiles import first_public_url, has_contact
 from builder.reasons import Reason
-from builder.records import REJECT_SCHEMA, Candidate, Record
+from builder.records import CANDIDATE_FIELDS, REJECT_SCHEMA, Candidate, Record
 from builder.rights import UNREADABLE, RightsTally, Signal, first_refusal, rights_rows
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
 from builder.storage import (delete_tree, list_files, open_fs, same_location,
@@ -389,12 +389,12 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     try:
         numbers: dict[str, int] = {}
         manifest: list[dict[str, Any]] = []
-        ledgers: dict[str, list[dict[str, str]]] = {}
+        gone: dict[str, dict[str, Any]] = {}
         for path in source.shards:
             table = rows_of_output(_read(uri, path, storage_options))
             keep = pc.invert(pc.is_in(table["id"], pa.array(list(removed), pa.string())))
-            gone = table.filter(pc.invert(keep)).select(["id", "rights"]).to_pylist()
-            ledgers.update((row["id"], row["rights"] or []) for row in gone)
+            gone.update((row["id"], row) for row in table.filter(pc.invert(keep)).select(
+                ["id", "rights", "query", "engine", *CANDIDATE_FIELDS]).to_pylist())
             table = table.filter(keep)
             for split in sorted(set(table["split"].to_pylist())):
                 part = table.filter(pc.equal(table["split"], split))
@@ -402,7 +402,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
                 numbers[split] = number + 1
                 manifest += writer.write(part, split, number, journal).select(
                     ["id", "path", "label", "split", "license"]).to_pylist()
-        moved = _moved_rows(list(removed.values()), ledgers, stats)
+        moved = _moved_rows(list(removed.values()), gone, stats)
         out = publisher.publish(manifest_rows=iter(manifest),
                                 reject_tables=[source.rejects, moved],
                                 stats=stats, spec_name=spec.name,
@@ -423,22 +423,26 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     return WrittenCopy(out, stats)
 
 
-def _moved_rows(removed: list[Removal], ledgers: dict[str, list[dict[str, str]]],
+def _moved_rows(removed: list[Removal], gone: dict[str, dict[str, Any]],
                 stats: dict[str, Any]) -> pa.Table:
-    """The reject rows of the removed images: each keeps its build's ledger, with the refusal
-    the recheck found added (its source says so). ``stats``' rights summary is moved on with
-    them, so it stays the sum of the copy's ledgers."""
+    """The reject rows of the removed images (``gone``: their rows in the shards, by id): each
+    keeps its candidate and its build's ledger, with the refusal the recheck found added (its
+    source says so). ``stats``' rights summary is moved on with them, so it stays the sum of
+    the copy's ledgers."""
     rows, before, after = [], RightsTally(), RightsTally()
     for r in removed:
+        row = gone.get(r.id, {})
         old = [Signal(e["signal"], e["value"], e["source"], e["verdict"])
-               for e in ledgers.get(r.id, [])]
+               for e in row.get("rights") or []]
         new = old + [r.signal._replace(source=f"recheck: {r.signal.source}")]
         before.add(old)
         after.add(new)
         c = Candidate(url=r.url, label=r.label)
-        rows.append({"key": c.key, "url": r.url, "label": r.label, "query": "", "engine": "",
+        rows.append({"key": c.key, "url": r.url, "label": r.label,
+                     "query": row.get("query") or "", "engine": row.get("engine") or "",
                      "stage": "fetch", "reason": r.reason, "detail": r.detail,
-                     "duplicate_of": "", "http_status": 0, "rights": rights_rows(new)})
+                     "duplicate_of": "", "http_status": 0, "rights": rights_rows(new),
+                     **{f: row.get(f) for f in CANDIDATE_FIELDS}})
     if isinstance(stats.get("rights"), dict):
         tally = RightsTally.from_summary(stats["rights"])
         tally.merge(before, -1)

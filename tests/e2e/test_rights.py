@@ -122,8 +122,13 @@ def test_recheck_finds_images_whose_origin_opted_out_after_the_build(built):
     stats = check_accounting(clean)
     assert late_robots not in rows_by_url(clean) and late_header in rows_by_url(clean)
     assert reasons_by_url(clean)[late_robots] == "opted_out"
-    moved = pq.read_table(Path(clean) / "rejects.parquet").filter(
-        pc.equal(pc.field("url"), late_robots)).to_pylist()[0]["rights"]
+    row = pq.read_table(Path(clean) / "rejects.parquet").filter(
+        pc.equal(pc.field("url"), late_robots)).to_pylist()[0]
+    [was] = pq.read_table(Path(out) / "data", filters=[("url", "=", late_robots)],
+                          columns=["engine", "rank"]).to_pylist()  # the candidate as built
+    assert (row["engine"], row["rank"], row["caption"]) == \
+        (was["engine"], was["rank"], "alt text of late0")
+    moved = row["rights"]
     assert moved[:-1] == rows_by_url(out)[late_robots]["rights"]  # its build's ledger, then
     assert (moved[-1]["signal"], moved[-1]["verdict"]) == ("content_usage", "refuse")
     assert moved[-1]["source"].startswith("recheck: ")
