@@ -46,9 +46,8 @@ from builder.journal import (Journal, ResumeError, ResumeState, new_job_id,
 from builder.listsource import SlicePlan, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
-from builder.reasons import decided_again
-from builder.records import REJECT_SCHEMA
-from builder.retry import kept_rows, redecided_counts
+from builder.records import REJECT_SCHEMA, with_columns
+from builder.retry import kept_rows, redecided, redecided_counts
 from builder.rights import RightsTally
 from builder.similarity import MAX_STORED
 from builder.spec import DatasetSpec
@@ -419,8 +418,8 @@ class JobLifecycle:
     def index_payloads(self, client: DedupClient) -> Iterator[list[dict[str, Any]]]:
         """What the dedup index must hold before the first unit: the journal's committed
         work (a resume) and the published dataset a merge continues. Streamed in chunks."""
-        yield from index_payloads(client, self.uri, self.job_id, self.storage_options,
-                                  merge=self.merge, retry=self.retry,
+        yield from index_payloads(client, self.spec, self.uri, self.job_id,
+                                  self.storage_options, merge=self.merge, retry=self.retry,
                                   journal=self.state is not None)
 
     # -- 3. -----------------------------------------------------------------------------------
@@ -678,12 +677,13 @@ def _written_images(table: pa.Table, journal: str) -> WrittenImages:
         sig_b=pc.list_flatten(table["sig_b"].combine_chunks()).to_numpy())
 
 
-def index_payloads(client: DedupClient, uri: str, job_id: str,
+def index_payloads(client: DedupClient, spec: DatasetSpec, uri: str, job_id: str,
                    storage_options: Optional[dict], *, merge: bool, retry: bool,
                    journal: bool, only: Optional[int] = None) -> Iterator[list[dict[str, Any]]]:
     """Per-partition ``load`` payloads, in chunks: the journal's committed units (URL claims)
     and shards (written images), and, for a merge, the published dataset's images and rejects
-    (decided by an earlier run; those it decides again left out). The shards this job wrote
+    (decided by an earlier run; those it decides again left out, as ``retry.redecided`` says
+    for ``spec``). The shards this job wrote
     before it was killed are in the dataset's folder too, but they are its own (their images'
     candidates are decided by its units, some not committed yet), not an earlier run's.
     ``only``: the payloads of that partition alone, the others empty (``load_payloads``)."""
@@ -725,14 +725,14 @@ def index_payloads(client: DedupClient, uri: str, job_id: str,
     rfs, path = open_fs(rejects_path(j.base_uri() or uri), storage_options)
     rfs.invalidate_cache(path)
     if rfs.exists(path):
-        again = decided_again(retry)
+        columns = ["key", "url", "label", "reason", "page_url"]
         with rfs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["key", "url", "reason"])
+            table = with_columns(pq.ParquetFile(f).read(columns=columns), REJECT_SCHEMA, columns)
+        table = table.filter(pc.invert(redecided(table, spec, retry)))
         urls = []
-        for key, url, reason in zip(table["key"].to_pylist(), table["url"].to_pylist(),
-                                    table["reason"].to_pylist()):
+        for key, url in zip(table["key"].to_pylist(), table["url"].to_pylist()):
             norm = normalise_url(url or "")
-            if norm and reason not in again:
+            if norm:
                 urls.append((url_hash(norm), claim_of(key)))
         for start in range(0, len(urls), INDEX_CHUNK):
             yield client.load_payloads(urls[start:start + INDEX_CHUNK], [], done=True, only=only)

@@ -146,7 +146,7 @@ class RayExecutor:
         spec = life.spec
         small = PoolPlan.small_options()
         v = spec.validation
-        recovery = {"uri": life.uri, "job_id": life.job_id,
+        recovery = {"spec": spec, "uri": life.uri, "job_id": life.job_id,
                     "storage_options": life.storage_options, "merge": life.merge,
                     "retry": life.retry, "journal": True}
         job = life.job_id

@@ -29,6 +29,9 @@ from builder.units import UnitReport, WorkUnit
 from tests.builder.test_journal import UNITS, _shard_rows, unit_table, write_journal
 
 
+CATS = parse_spec({"name": "ds", "classes": {"cat": {"urls": ["http://h/1"]}}})
+
+
 def own_process() -> dict[str, Any]:
     """The job's options for a small actor, in a process of its own: a runtime env no other
     worker has keeps it out of a pooled worker that imported modules for another test."""
@@ -82,8 +85,8 @@ def test_a_partition_reads_the_journal_when_its_job_resumes_or_it_restarts(
     _, tables = write_journal(uri, None)
     urls = sum(1 for t in tables for h in t["url_hash"].to_pylist() if h)
     assert urls > 0
-    recovery = {"uri": uri, "job_id": "job1", "storage_options": None, "merge": False,
-                "retry": False, "journal": True}
+    recovery = {"spec": CATS, "uri": uri, "job_id": "job1", "storage_options": None,
+                "merge": False, "retry": False, "journal": True}
     actor = DedupPartitionActor.options(**own_process()).remote(0, 1, 4, True, recovery,
                                                                 starts_empty)
     try:
@@ -116,8 +119,8 @@ def test_each_partition_of_a_resumed_job_reads_its_own_share_of_the_journal(ray_
     _, shard = _shard_rows(rng, 12, [[(rng.getrandbits(64), rng.getrandbits(64))
                                       for _ in range(2)] for _ in range(12)])
     journal.write_shard("train-00000", shard)
-    recovery = {"uri": uri, "job_id": "job1", "storage_options": None, "merge": False,
-                "retry": False, "journal": True}
+    recovery = {"spec": CATS, "uri": uri, "job_id": "job1", "storage_options": None,
+                "merge": False, "retry": False, "journal": True}
     local = LocalPartitions(4, k=2)
     for payloads in index_payloads(local.client(), **recovery):
         for partition, payload in zip(local.partitions, payloads):

@@ -33,6 +33,11 @@ from tests.conftest import make_bucket
 UNITS = 23
 
 
+CATS = parse_spec({"name": "ds", "classes": {"cat": {"urls": ["http://h/1"]}}})
+"""A spec of the datasets these tests journal (``index_payloads`` reads which rejects a run
+decides again from it)."""
+
+
 def unit_table(u: int, rng: random.Random) -> pa.Table:
     """A unit of 0-9 candidates, some accepted, some with values CSV must quote."""
     n = rng.randint(0, 9)
@@ -458,7 +463,7 @@ def test_a_journals_shards_give_the_index_their_images_and_signatures_as_tuples_
         rows += [(id_number(i), c, s) for i, c, s in zip(table["id"].to_pylist(),
                                                           table["claim"].to_pylist(), sigs)]
     client = LocalPartitions(4, k=3).client()
-    got = list(pipeline.index_payloads(client, str(tmp_path / "ds"), "job1", None,
+    got = list(pipeline.index_payloads(client, CATS, str(tmp_path / "ds"), "job1", None,
                                        merge=False, retry=False, journal=True))
     assert len(got) == 5  # 18 rows, read as one table, in chunks of 4
     for p, theirs in enumerate(client.load_payloads([], rows)):
@@ -480,8 +485,8 @@ def test_a_shard_row_whose_signature_lists_differ_in_length_is_refused(tmp_path)
                               pa.array([[2], [4, 5]], pa.list_(pa.uint64())))
     Journal(str(tmp_path / "ds"), "job1", None).write_shard("train-00000", damaged)
     with pytest.raises(ResumeError, match="sig_a and sig_b differ in length"):
-        list(index_payloads(LocalPartitions(4, k=1).client(), str(tmp_path / "ds"), "job1",
-                            None, merge=False, retry=False, journal=True))
+        list(index_payloads(LocalPartitions(4, k=1).client(), CATS, str(tmp_path / "ds"),
+                            "job1", None, merge=False, retry=False, journal=True))
 
 
 def test_the_published_figures_a_merge_continues_are_kept_once(location):

@@ -51,3 +51,21 @@ def test_rejects_kept_before_their_pages_are_not_decided_again_with_page_meta(tm
     first = retry_candidates(plan, None, spec, 0)[1]
     assert (first.page_url, first.title, first.rank, first.license) == \
         ("http://h/page/1", "t1", 1, "cc0")
+
+
+def test_a_merge_holds_as_seen_exactly_the_rejects_it_does_not_decide_again(tmp_path):
+    """The index marked a published reject as seen by its reason alone: with page_meta, an
+    older dataset's rejects that stay as they are (no page URL kept) were not marked, so a
+    resumed merge that found their URLs again decided them twice."""
+    from builder.dedup import LocalPartitions
+    from builder.pipeline import index_payloads
+
+    (tmp_path / "ds").mkdir()
+    _rejects(str(tmp_path / "ds" / "rejects.parquet"), with_candidates=False)
+    for page_meta, seen in ((False, 0), (True, 4)):
+        client = LocalPartitions(2, k=1).client()
+        got = [p for chunk in index_payloads(client, _spec(page_meta), str(tmp_path / "ds"),
+                                             "job1", None, merge=True, retry=True,
+                                             journal=False)
+               for p in chunk if "u_hash" in p and p["u_done"][0]]
+        assert sum(len(p["u_hash"]) for p in got) == seen, page_meta
