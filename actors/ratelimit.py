@@ -2,7 +2,9 @@
 
 It holds a ``builder.ratelimit.EngineGovernor`` (token bucket that slows down on 429/errors and
 recovers, circuit breaker, daily quota) plus per-job quotas. It is detached and found by name
-(``ratelimit:<engine>`` in the ``pixcrawler`` namespace), so concurrent jobs share one budget.
+(``ratelimit2:<engine>`` in the ``pixcrawler`` namespace), so concurrent jobs share one budget.
+The ``2`` is its calls' version: a limiter an older PixCrawler left running on the cluster
+(detached actors outlive their jobs) takes other arguments, so it is not found by this name.
 The day's request count is kept in a file on the limiter's node (``builder.ratelimit.DayFile``),
 so a limiter restarted there, and the jobs that run on that machine without Ray, count on
 from it.
@@ -36,8 +38,9 @@ class RateLimiter:
         self.job_used: Counter = Counter()
 
     def configure(self, options: Optional[dict[str, Any]] = None) -> None:
-        """Apply the limits the options set (``SHARED_LIMIT_KEYS``). Options that set none
-        leave the limits as they are: a job that names no rate does not undo another's.
+        """Apply the limits the options set (``SHARED_LIMIT_KEYS``; those they leave unset take
+        the engine's defaults). Options that set none leave the limits as they are: the limits
+        a job set stay, for every later job of the engine, until another job sets some.
 
         New limits change only the limits: the requests already counted (today's, each
         job's), the breaker and the slow-down stay, or a job with other options would reset
@@ -56,7 +59,8 @@ class RateLimiter:
         return limits
 
     def acquire(self, job_id: str = "", quota: Optional[int] = None) -> tuple[str, Any]:
-        """("ok", seconds to wait) or ("quota"|"circuit_open", message); ``quota``: the job's
+        """("ok", seconds to wait) or ("quota"|"circuit_open", message). ``job_id`` names
+        what is counted (a job's source: ``source_key``), ``quota`` its
         ``max_requests_per_job``."""
         if quota is not None and self.job_used[job_id] >= quota:
             return "quota", (f"{self.engine}: job quota of {quota} requests spent; raise "
@@ -88,6 +92,13 @@ def _shared(options: Optional[dict[str, Any]]) -> dict[str, Any]:
     return {k: v for k, v in (options or {}).items() if k in SHARED_LIMIT_KEYS}
 
 
+def source_key(job_id: str, source: int) -> str:
+    """What a limiter counts a job's requests by: each source of the job apart, so that two
+    sources of one engine each get their own ``max_requests_per_job``, as they do in a job
+    run without Ray (a governor each)."""
+    return f"{job_id}#{source}"
+
+
 def job_quota(source: SourceSpec) -> Optional[int]:
     """A source's own request quota in its job (``max_requests_per_job``), if it has one."""
     return limits_for(source.engine, source.options).max_requests_per_job
@@ -97,9 +108,13 @@ HEAD_RESOURCE = "node:__internal_head__"
 """The resource Ray gives the head node alone."""
 
 
+LIMITER_PREFIX = "ratelimit2:"
+"""Names a limiter of this version (``acquire(job, quota)``, ``snapshot(job, quota)``)."""
+
+
 def limiter_name(engine: str, source: Optional[SourceSpec] = None) -> str:
-    """``ratelimit:`` and the engine's budget (``builder.ratelimit.budget_key``)."""
-    return f"ratelimit:{budget_key(engine, source)}"
+    """``LIMITER_PREFIX`` and the engine's budget (``builder.ratelimit.budget_key``)."""
+    return f"{LIMITER_PREFIX}{budget_key(engine, source)}"
 
 
 def get_rate_limiter(engine: str, source: Optional[SourceSpec] = None) -> Any:

@@ -20,7 +20,7 @@ import ray
 
 from actors import NAMESPACE
 from actors.metrics import stage_latency
-from actors.ratelimit import job_quota
+from actors.ratelimit import job_quota, source_key
 from builder.dedup import DedupClient
 from builder.engines import SearchEngine, SearchPage
 from builder.errors import EngineError, EngineUnavailable, JobInterrupted
@@ -78,7 +78,8 @@ class RayServices(LedgerCalls):
         limiter = self.limiters.get(unit.source)
         if limiter is not None:
             status, wait = await limiter.acquire.remote(
-                self.plan.job_id, job_quota(self.plan.spec.sources[unit.source]))
+                source_key(self.plan.job_id, unit.source),
+                job_quota(self.plan.spec.sources[unit.source]))
             if status == "circuit_open":
                 raise EngineError(wait, retryable=True, retry_after=1.0)
             if status != "ok":

@@ -34,7 +34,8 @@ from actors.dedup import DedupPartitionActor
 from actors.options import PoolPlan, max_workers, plan_pools
 from actors.progress import ProgressActor, progress_name
 from actors.quota import QuotaActor
-from actors.ratelimit import get_rate_limiter, job_quota, limiter_name
+from actors.ratelimit import (LIMITER_PREFIX, get_rate_limiter, job_quota, limiter_name,
+                              source_key)
 from actors.slow import SlowScorer
 from actors.worker import ServiceNames, ShardWorker
 from builder.card import empty_failure
@@ -170,7 +171,7 @@ class RayExecutor:
                 self.limiters[i] = get_rate_limiter(src.engine, src)
                 self.limiter_quotas[i] = job_quota(src)
                 names.limiters[i] = limiter_name(src.engine, src)
-                self.limiter_names[i] = names.limiters[i].removeprefix("ratelimit:")
+                self.limiter_names[i] = names.limiters[i].removeprefix(LIMITER_PREFIX)
         self.scorers = [SlowScorer.options(name=name, namespace=NAMESPACE,
                                            **plan.gpu_options()).remote(
                                                spec, plan.device, job,
@@ -359,7 +360,8 @@ class RayExecutor:
     async def engine_stats(self) -> dict[str, Any]:
         """Each engine's rate limiter's snapshot, or ``{"unavailable": why}`` for one that
         did not answer (a limiter lost since the job's last search)."""
-        snaps = await _stats([lim.snapshot.remote(self.job_id, self.limiter_quotas.get(i))
+        snaps = await _stats([lim.snapshot.remote(source_key(self.job_id, i),
+                                                  self.limiter_quotas.get(i))
                               for i, lim in self.limiters.items()])
         return {self.limiter_names[i]: snap if isinstance(snap, dict) else {"unavailable": snap}
                 for i, snap in zip(self.limiters, snaps)}

@@ -51,3 +51,15 @@ def test_a_job_that_sets_no_limit_leaves_the_limits_as_they_are():
     assert rl.snapshot()["base_rate"] == 0.1
     rl.configure({"rate": 0.25})
     assert rl.snapshot()["base_rate"] == 0.25
+
+
+def test_each_source_of_a_job_counts_its_own_quota():
+    """Two sources of one engine share its limiter: counted by job alone, one source's
+    requests spent the other's quota (a job without Ray gives each its own governor)."""
+    from actors.ratelimit import source_key
+
+    rl = Limiter("sandbox", {})
+    first, second = source_key("job-a", 0), source_key("job-a", 1)
+    assert [rl.acquire(first, 2)[0] for _ in range(3)] == ["ok", "ok", "quota"]
+    assert [rl.acquire(second, 2)[0] for _ in range(2)] == ["ok", "ok"]
+    assert rl.snapshot(second, 2)["jobs"] == {second: 2}
