@@ -93,6 +93,8 @@ _REFUSED = -1
 """``_fetch_small``'s status for a page whose URL or address the SSRF guard refuses."""
 _GUARD_REFUSES = "the SSRF guard refuses an address on the way"
 
+REFUSED_ORIGIN_S = 60.0
+"""How long an origin the SSRF guard refused stays refused without being asked again."""
 FRESH_ROBOTS_S = 60.0
 """How old a robots.txt read for another purpose may be when an origin's signals are built
 from it (they are kept ``ORIGIN_MAX_AGE_S`` from then)."""
@@ -738,9 +740,15 @@ class Fetcher:
 
     async def _origin(self, url: URL) -> sig.OriginSignals:
         """The signals of ``url``'s origin (read once per origin); raises ``UrlRejected`` where
-        the SSRF guard refuses the origin itself, which is kept as the origin's answer too, so
-        its next images ask nothing."""
-        origin = self._origins.cached(url) or await self._origins.get(url)
+        the SSRF guard refuses the origin itself. That refusal is kept as the origin's answer
+        for ``REFUSED_ORIGIN_S``, so its next images ask nothing meanwhile (and a name that
+        resolved to a private address for a moment is asked again after it)."""
+        origin = self._origins.cached(url)
+        if isinstance(origin, UrlRejected):  # kept less long than an answer
+            origin = self._origins.cached(url, REFUSED_ORIGIN_S) or \
+                await self._origins.get(url, REFUSED_ORIGIN_S)
+        elif origin is None:
+            origin = await self._origins.get(url)
         if isinstance(origin, UrlRejected):
             raise UrlRejected(origin.reason, origin.detail)
         return origin

@@ -426,7 +426,8 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
 def _moved_rows(removed: list[Removal], gone: dict[str, dict[str, Any]],
                 stats: dict[str, Any]) -> pa.Table:
     """The reject rows of the removed images (``gone``: their rows in the shards, by id): each
-    keeps its candidate and its build's ledger, with the refusal the recheck found added (its
+    keeps its candidate as the dataset had it (the caption its build gave it) and its build's
+    ledger, with the refusal the recheck found added (its
     source says so). ``stats``' rights summary is moved on with them, so it stays the sum of
     the copy's ledgers."""
     rows, before, after = [], RightsTally(), RightsTally()

@@ -461,8 +461,24 @@ def test_an_image_whose_origin_the_guard_refuses_is_blocked_not_unreachable(web)
     assert {r.reason for r in records} == {Reason.BLOCKED_ADDRESS.value}
     assert {r.detail for r in records} == \
         {"intranet.test resolves only to blocked addresses: 10.0.0.1"}
-    # the refusal is the origin's answer: its next images ask nothing
+    # the refusal is the origin's answer: its next images ask nothing, for a while
     assert stats["robots_fetches"] == 1 and stats["signal_fetches"] == 2
+
+
+def test_an_origin_the_guard_refused_is_asked_again_after_a_while(monkeypatch) -> None:
+    from builder import fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "REFUSED_ORIGIN_S", 0.0)
+
+    async def main() -> dict:
+        async with Fetcher(cfg(allow_private_networks=False),
+                           resolver=BlockingResolver()) as fetcher:
+            for i in range(2):
+                await fetcher.fetch_many(
+                    [Record(Candidate(url=f"http://intranet.test/{i}.jpg", label="x"))])
+            return fetcher.stats
+
+    assert asyncio.run(main())["robots_fetches"] == 2
 
 
 class BlockingResolver(AbstractResolver):
