@@ -696,7 +696,8 @@ class UnitRun:
                 self.report.search = SearchOutcome(error=_short(exc), final=True)
                 return None
             except EngineError as exc:
-                self.report.search = SearchOutcome(error=_short(exc), retryable=exc.retryable,
+                shown = exc.without_answer() if spec.download.allow_private_networks else exc
+                self.report.search = SearchOutcome(error=_short(shown), retryable=exc.retryable,
                                                    retry_after=exc.retry_after,
                                                    final=not exc.retryable)
                 return None
@@ -1010,7 +1011,7 @@ def settle_process() -> None:
     gc.set_threshold(WORKER_GC_YOUNG, *gc.get_threshold()[1:])
 
 
-def _short(exc: Exception, limit: int = 300) -> str:
+def _short(exc: Union[Exception, str], limit: int = 300) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[:limit] + "..."
 

@@ -162,3 +162,21 @@ def test_list_sources_are_read_in_slices_by_the_workers(ray_session, sandbox, tm
     check_accounting(str(tmp_path / "o"))
     plan = runners[0].planner.lists[0].plan
     assert plan.count >= 4 and runners[0].planner.lists[0].next >= 2
+
+
+def test_a_private_servers_answer_stays_out_of_the_search_errors(ray_session, sandbox,
+                                                                  tmp_path):
+    """With private addresses allowed, a search source may be an internal service: its
+    answers were quoted in stats.json's search_errors, which reach an API user."""
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{label}\t{u}\n" for label in ("cat", "dog")
+                            for u in sandbox.class_image_urls(label)))
+    with FakeServer(lambda req: Response(500, b"<h1>internal admin</h1> token=s3cret")) as srv:
+        spec = parse_spec(base_spec(str(tmp_path / "o"), [
+            {"engine": "sandbox", "url": srv.url, "options": {"failure_threshold": 2}},
+            {"engine": "urllist", "path": str(urls)}]))
+        result = run(spec)
+    errors = [e["error"] for e in result.stats["search_errors"]]
+    assert not any("s3cret" in e or "admin" in e for e in errors), errors
+    assert any("HTTP 500: (the answer is not shown" in e for e in errors), errors
+    check_accounting(str(tmp_path / "o"))
