@@ -53,27 +53,14 @@ class EngineSunset(EngineUnavailable):
 
 
 class EngineError(PixCrawlerError):
-    """An engine request failed; ``retryable`` tells the rate limiter whether to back off.
-    ``answer``: what the server said, as the message quotes it (``without_answer``)."""
+    """An engine request failed; ``retryable`` tells the rate limiter whether to back off."""
 
     def __init__(self, message: str, *, status: int = 0, retryable: bool = True,
-                 retry_after: float | None = None, answer: str = ""):
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
-        self.answer = answer
-
-    def without_answer(self) -> str:
-        """The message with the server's answer left out: where private addresses are
-        allowed, the server may be an internal service, and the job's errors reach whoever
-        sent the spec. A message cut short loses the rest of the answer too."""
-        text = str(self)
-        at = text.find(self.answer[:32]) if self.answer else -1
-        if at < 0:
-            return text
-        end = at + len(self.answer) if text.startswith(self.answer, at) else len(text)
-        return text[:at] + "(the answer is not shown: private addresses are allowed)" + text[end:]
 
 
 class ModelLoadError(PixCrawlerError):

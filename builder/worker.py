@@ -696,8 +696,8 @@ class UnitRun:
                 self.report.search = SearchOutcome(error=_short(exc), final=True)
                 return None
             except EngineError as exc:
-                shown = exc.without_answer() if spec.download.allow_private_networks else exc
-                self.report.search = SearchOutcome(error=_short(shown), retryable=exc.retryable,
+                error = _search_error(exc, unit.engine, spec.download.allow_private_networks)
+                self.report.search = SearchOutcome(error=error, retryable=exc.retryable,
                                                    retry_after=exc.retry_after,
                                                    final=not exc.retryable)
                 return None
@@ -1011,7 +1011,21 @@ def settle_process() -> None:
     gc.set_threshold(WORKER_GC_YOUNG, *gc.get_threshold()[1:])
 
 
-def _short(exc: Union[Exception, str], limit: int = 300) -> str:
+def _search_error(exc: EngineError, engine: str, private: bool) -> str:
+    """The text a failed search reports: its error, or where private addresses are allowed
+    only the engine and the HTTP status. The report reaches the job's stats, which an API user
+    reads, and an engine's error may quote its server (an error body, a redirect's target, a
+    field of the answer, a banner), which could then be an internal service's. The whole error
+    goes to the worker's debug log."""
+    if not private:
+        return _short(exc)
+    log.debug("search error (not reported: private addresses are allowed): %s", exc)
+    status = f" (HTTP {exc.status})" if exc.status else ""
+    return (f"{engine}: the search failed{status}; what it said is not shown, as private "
+            "addresses are allowed (its server may be an internal service)")
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[:limit] + "..."
 

@@ -114,7 +114,7 @@ class GoogleEngine(SearchEngine):
             if exc.status != 403:
                 raise
             raise EngineError(f"{explain_403(str(exc))} ({exc})", status=403,
-                              retryable=False, answer=exc.answer) from None
+                              retryable=False) from None
         if not isinstance(body, dict):
             raise EngineError(f"{self.name}: answer is not a JSON object", retryable=True)
         return body

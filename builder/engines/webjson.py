@@ -11,8 +11,7 @@ loopback addresses refused unless the spec's ``download.allow_private_networks``
 the guard refuses is a non-retryable ``EngineError`` and nothing is requested. A request ends
 within about its timeout whatever the server sends (connect, headers and body together; past it,
 a retryable ``EngineError``), answers are read up to ``MAX_ANSWER_BYTES``, and an error body is
-quoted in a message only as a short printable excerpt (``excerpt``), which the error also
-keeps as its ``answer`` (a job that allows private addresses leaves it out of what it reports).
+quoted in a message only as a short printable excerpt (``excerpt``).
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
         raise EngineError(f"{engine}: {shown} answered HTTP {status}"
                           + (f": {detail}" if detail else ""),
                           status=status, retryable=status in RETRYABLE_STATUSES,
-                          retry_after=retry_after, answer=detail) from None
+                          retry_after=retry_after) from None
     except TimeoutError:
         raise EngineError(f"{engine}: {shown} did not answer within {timeout_s:g} s",
                           retryable=True) from None
@@ -141,9 +140,9 @@ def loads(body: bytes, *, engine: str, what: str = "response") -> Any:
     try:
         return json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        start = repr(excerpt(body[:120], 120))
-        raise EngineError(f"{engine}: {what} is not JSON (starts with {start})",
-                          retryable=True, answer=start) from None
+        raise EngineError(f"{engine}: {what} is not JSON (starts with "
+                          f"{excerpt(body[:120], 120)!r})",
+                          retryable=True) from None
 
 
 def fetch_json(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
