@@ -314,8 +314,14 @@ class KeywordExpander:
             result = self._ask(label, queries)
         except _llm_errors() as exc:
             self._failures += 1
+            # The error may quote the endpoint's answer (openai's carry its whole body, which
+            # can name the key); a failed API job's error keeps its WARNING lines.
+            log.debug("keyword expansion failed: %r", exc)
+            status = getattr(exc, "status_code", None)
             self._warn(f"keyword expansion via {self.base_url or 'OpenAI'} ({self.model}) "
-                       f"failed: {type(exc).__name__}: {exc}; using offline query templates")
+                       f"failed: {type(exc).__name__}" + (f" (HTTP {status})" if status else "")
+                       + "; using offline query templates (the whole error is in the debug "
+                       "log)")
             return None
         self._failures = 0
         if key is not None:

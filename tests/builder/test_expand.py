@@ -152,12 +152,19 @@ def test_endpoint_down_falls_back_offline_and_warns_once(tmp_path, caplog):
     ('{"result": ["tabby cat"]}', 200),
     ("", 500),
 ])
-def test_garbage_or_http_error_falls_back_offline(tmp_path, content, status):
+def test_garbage_or_http_error_falls_back_offline(tmp_path, content, status, caplog):
     with chat_server(content, status=status) as srv:
         exp = KeywordExpander(base_url=f"{srv.url}/v1", n=4, cache_dir=str(tmp_path))
-        out = exp.expand("cat", ["cat"])
+        with caplog.at_level(logging.WARNING, logger="builder.expand"):
+            out = exp.expand("cat", ["cat"])
     assert out == offline_expand("cat", ["cat"], 4) and exp.source == "offline"
     assert len(srv.requests) == 1  # no client-side retries
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # what the endpoint answered stays out of the warning (a failed API job's error keeps
+    # its WARNING lines, and an answer can name the key)
+    assert (content or "tabby") not in warning and "tabby" not in warning, warning
+    if status == 500:
+        assert "(HTTP 500)" in warning
 
 
 def test_not_configured_goes_offline_without_any_request(tmp_path):
