@@ -205,11 +205,14 @@ def same_endpoint(a: str, b: str) -> bool:
         return False
 
 
+def _operator_url() -> str | None:
+    return os.environ.get("PIXCRAWLER_LLM_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+
+
 def operator_endpoint() -> str:
     """The operator's LLM endpoint: the one the server's API key is sent to, and that a job
     calls when its spec names none."""
-    env = os.environ.get
-    return env("PIXCRAWLER_LLM_BASE_URL") or env("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    return _operator_url() or DEFAULT_BASE_URL
 
 
 def cache_endpoint(base_url: str) -> str | None:
@@ -232,7 +235,7 @@ class KeywordExpander:
                  model: str | None = None, n: int = 5, cache_dir: str | None = None,
                  timeout_s: float = 20.0):
         env = os.environ.get
-        operator_url = env("PIXCRAWLER_LLM_BASE_URL") or env("OPENAI_BASE_URL")
+        operator_url = _operator_url()
         operator_key = env("PIXCRAWLER_LLM_API_KEY") or env("OPENAI_API_KEY")
         self.base_url = base_url or operator_url
         self.api_key = api_key

@@ -61,7 +61,7 @@ from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
-                            origin_file, read_twice_if_unreachable, unreachable)
+                            answer_text, origin_file, read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 
@@ -878,8 +878,8 @@ class Fetcher:
             except UrlRejected:
                 return sig.unread_page(page_url, cfg, _GUARD_REFUSES)
             if policy.unreachable:
-                answer = f"HTTP {policy.status}" if policy.status else "no answer"
-                return sig.unread_page(page_url, cfg, f"its robots.txt: {answer}",
+                return sig.unread_page(page_url, cfg,
+                                       f"its robots.txt: {answer_text(policy.status)}",
                                        unknown=True)
             if not policy.allowed(url, ROBOTS_UA):
                 return sig.unread_page(page_url, cfg, "robots.txt disallows it")
@@ -887,7 +887,7 @@ class Fetcher:
         if status == _REFUSED:
             return sig.unread_page(page_url, cfg, _GUARD_REFUSES)
         if not 200 <= status < 300:
-            answer = f"HTTP {status}" if status else "no answer"
+            answer = answer_text(status)
             if unreachable(status):
                 answer += ", twice"
             return sig.unread_page(page_url, cfg, answer,
@@ -921,10 +921,8 @@ class Fetcher:
         for hop in range(MAX_ROBOTS_REDIRECTS + 1):
             try:
                 url = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
-            except UrlRejected:
-                if refused is None and hop == 0:
-                    raise
-                return refused or 0, b"", ""
+            except UrlRejected as exc:
+                return _guard_refused(exc, hop, refused)
             host = await self._acquire(url, self._profiles.default.delay_s)
             try:
                 self.stats["requests"] += 1
@@ -946,14 +944,21 @@ class Fetcher:
                 blocked = exc.os_error
                 if not isinstance(blocked, BlockedAddressError):
                     return 0, b"", ""
-                if refused is None and hop == 0:
-                    raise UrlRejected(Reason.BLOCKED_ADDRESS, blocked.detail) from None
-                return refused or 0, b"", ""
+                return _guard_refused(UrlRejected(Reason.BLOCKED_ADDRESS, blocked.detail), hop,
+                                      refused)
             except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 return 0, b"", ""
             finally:
                 self._release(host)
         return 0, b"", ""
+
+
+def _guard_refused(exc: UrlRejected, hop: int, refused: Optional[int]) -> tuple[int, bytes, str]:
+    """``Fetcher._fetch_small``'s answer where the SSRF guard refuses hop ``hop``: ``refused``
+    where given; else ``exc`` raised for the first hop, no usable answer for a later one."""
+    if refused is None and hop == 0:
+        raise exc
+    return refused or 0, b"", ""
 
 
 def _decoded(body: bytes, encoding: str) -> Optional[bytes]:

@@ -46,8 +46,8 @@ from builder.journal import (Journal, ResumeError, ResumeState, new_job_id,
 from builder.listsource import SlicePlan, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
-from builder.records import REJECT_SCHEMA, with_columns
-from builder.retry import kept_rows, redecided, redecided_counts
+from builder.records import REJECT_SCHEMA
+from builder.retry import kept_rows, redecided_counts
 from builder.rights import RightsTally
 from builder.similarity import MAX_STORED
 from builder.spec import DatasetSpec
@@ -682,8 +682,7 @@ def index_payloads(client: DedupClient, spec: DatasetSpec, uri: str, job_id: str
                    journal: bool, only: Optional[int] = None) -> Iterator[list[dict[str, Any]]]:
     """Per-partition ``load`` payloads, in chunks: the journal's committed units (URL claims)
     and shards (written images), and, for a merge, the published dataset's images and rejects
-    (decided by an earlier run; those it decides again left out, as ``retry.redecided`` says
-    for ``spec``). The shards this job wrote
+    (decided by an earlier run; those it decides again left out: ``retry.kept_rows``). The shards this job wrote
     before it was killed are in the dataset's folder too, but they are its own (their images'
     candidates are decided by its units, some not committed yet), not an earlier run's.
     ``only``: the payloads of that partition alone, the others empty (``load_payloads``)."""
@@ -722,13 +721,8 @@ def index_payloads(client: DedupClient, spec: DatasetSpec, uri: str, job_id: str
                             [(int(row["phash"] or "0", 16), int(row["dhash"] or "0", 16))]))
         yield client.load_payloads(urls, [], done=True, only=only)
         yield client.load_payloads([], written, only=only)
-    rfs, path = open_fs(rejects_path(j.base_uri() or uri), storage_options)
-    rfs.invalidate_cache(path)
-    if rfs.exists(path):
-        columns = ["key", "url", "label", "reason", "page_url"]
-        with rfs.open(path, "rb") as f:
-            table = with_columns(pq.ParquetFile(f).read(columns=columns), REJECT_SCHEMA, columns)
-        table = table.filter(pc.invert(redecided(table, spec, retry)))
+    for table in kept_rows(rejects_path(j.base_uri() or uri), storage_options, spec, retry,
+                           columns=["key", "url", "label", "reason"]):
         urls = []
         for key, url in zip(table["key"].to_pylist(), table["url"].to_pylist()):
             norm = normalise_url(url or "")

@@ -368,8 +368,7 @@ def reject_row(record: Record, rejected: bool = True) -> dict[str, Any]:
         "rights": rights_rows(record.rights) if rejected else None,
     }
     if rejected:
-        row.update(rank=c.rank, page_url=c.page_url, title=c.title, license=c.license,
-                   author=c.author, caption=c.caption)
+        row.update((name, getattr(c, name)) for name in CANDIDATE_FIELDS)
     return row
 
 

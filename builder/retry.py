@@ -55,10 +55,9 @@ def retry_candidates(plan: SlicePlan, storage_options: Optional[dict[str, Any]],
                              REJECT_SCHEMA, columns).slice(start, stop - start)
     table = table.filter(redecided(table, spec, retry=True))
     return [Candidate(url=row["url"], label=row["label"], query=row["query"] or "",
-                      engine=row["engine"] or "", rank=row["rank"] or 0,
-                      page_url=row["page_url"] or "", title=row["title"] or "",
-                      license=row["license"] or "", author=row["author"] or "",
-                      caption=row["caption"] or "") for row in table.to_pylist()]
+                      engine=row["engine"] or "",
+                      **{f: row[f] for f in CANDIDATE_FIELDS if row[f] is not None})
+            for row in table.to_pylist()]
 
 
 def _slices_by_group(plan: Optional[SlicePlan]) -> dict[int, list[tuple[int, int, int]]]:
@@ -95,11 +94,12 @@ def _groups(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetS
 
 
 def kept_rows(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
-              retry: bool, plan: Optional[SlicePlan] = None,
-              done: Optional[Done] = None) -> Iterator[pa.Table]:
+              retry: bool, plan: Optional[SlicePlan] = None, done: Optional[Done] = None,
+              columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
     """The rejects a continuing run leaves as they were, a row group at a time: all but those
-    it decides again (with ``done``: decided again in a slice whose unit committed)."""
-    for table, mask in _groups(path, storage_options, spec, retry, plan, done):
+    it decides again (with ``done``: decided again in a slice whose unit committed). Their
+    ``columns`` (and those ``redecided`` reads), or all of them."""
+    for table, mask in _groups(path, storage_options, spec, retry, plan, done, columns):
         yield table.filter(pc.invert(mask))
 
 

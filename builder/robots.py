@@ -134,6 +134,11 @@ def unreachable(status: int) -> bool:
     return status == 0 or status == 429 or status >= 500
 
 
+def answer_text(status: int) -> str:
+    """How a ledger or a detail names an answer: ``HTTP 503``, or ``no answer`` (status 0)."""
+    return f"HTTP {status}" if status else "no answer"
+
+
 class _Group:
     """One merged robots.txt group: its user-agent tokens and the lines protego does not read."""
 

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 from yarl import URL
 
 from builder.rights import ALLOW, NO_ANSWER, NONE, REFUSE, UNREACHABLE, Signal
-from builder.robots import ROBOTS_UA, RobotsPolicy, optout_directive, unreachable
+from builder.robots import ROBOTS_UA, RobotsPolicy, answer_text, optout_directive, unreachable
 from builder.spec import DownloadSpec
 from builder.xmp import data_mining, data_mining_verdict
 
@@ -210,9 +210,8 @@ def parse_tdmrep(status: int, body: bytes) -> tuple[list[TdmRule], Signal]:
     """The rules of a ``tdmrep.json`` answer, and the entry for a path none of them matches
     (it also says why there are no rules: a status, or a file that is not a JSON array)."""
     if unreachable(status):
-        why = f"HTTP {status}" if status else "no answer"
         return [], Signal("tdmrep", UNREACHABLE if status else NO_ANSWER,
-                          f"{TDMREP_PATH} ({why}: unreachable)", REFUSE)
+                          f"{TDMREP_PATH} ({answer_text(status)}: unreachable)", REFUSE)
     if not 200 <= status < 300:
         return [], Signal("tdmrep", "", f"{TDMREP_PATH} (HTTP {status})")
     try:
@@ -253,7 +252,7 @@ def _tdm_pattern(location: str) -> str:
 
 def _robots_source(policy: RobotsPolicy, file: str) -> str:
     if policy.unreachable:
-        why = f"HTTP {policy.status}" if policy.status else "no answer"
+        why = answer_text(policy.status)
         if file != "robots.txt":
             return f"{file} ({why}: unreachable)"
         return f"{file} ({why}: unreachable, so everything disallowed, RFC 9309 2.3.1.4)"
