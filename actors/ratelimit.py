@@ -74,6 +74,13 @@ class RateLimiter:
         self.job_used[job_id] += 1
         return "ok", wait
 
+    def charge(self, job_id: str, n: int) -> None:
+        """``n`` more requests of a search ``acquire`` let through (``EngineGovernor.charge``),
+        counted against ``job_id``'s quota too."""
+        if n > 0:
+            self.job_used[job_id] += n
+            self.governor.charge(n)
+
     def record(self, success: bool, status: int = 0, retry_after: Optional[float] = None) -> None:
         self.governor.record(success, status, retry_after)
 

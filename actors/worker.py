@@ -91,11 +91,18 @@ class RayServices(LedgerCalls):
                                            page=unit.page, per_page=unit.per_page)
         except EngineError as exc:
             if limiter is not None:
+                self._charge(limiter, unit, exc.requests)
                 limiter.record.remote(False, exc.status, exc.retry_after)
             raise
         if limiter is not None:
+            self._charge(limiter, unit, page.requests)
             limiter.record.remote(True, 200, None)
         return page
+
+    def _charge(self, limiter: Any, unit: WorkUnit, requests: int) -> None:
+        """The search's requests past the one ``acquire`` counted (``SearchPage.requests``)."""
+        if requests > 1:
+            limiter.charge.remote(source_key(self.plan.job_id, unit.source), requests - 1)
 
     @property
     def slow(self) -> bool:

@@ -61,6 +61,8 @@ class EngineError(PixCrawlerError):
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
+        self.requests = 0
+        """The HTTP requests the failed search had taken (``builder.engines.base``)."""
 
 
 class ModelLoadError(PixCrawlerError):

@@ -238,6 +238,10 @@ class KeywordExpander:
         operator_url = _operator_url()
         operator_key = env("PIXCRAWLER_LLM_API_KEY") or env("OPENAI_API_KEY")
         self.base_url = base_url or operator_url
+        self.shown = str(base_url)[:200] if base_url else \
+            "the server's LLM endpoint" if operator_url else "OpenAI"
+        """The endpoint as messages name it: the operator's URL never (it may hold
+        credentials, and a failed API job's error keeps the WARNING lines)."""
         self.api_key = api_key
         self.withheld = ""  # why the endpoint is not called (not the operator's), or ""
         if not api_key and operator_key:
@@ -246,8 +250,8 @@ class KeywordExpander:
                 self.api_key = operator_key
             else:
                 self.withheld = (
-                    f"search.llm_base_url {str(self.base_url)[:200]} is not the operator's LLM "
-                    f"endpoint ({operator}), and the server's API key is sent only there; "
+                    f"search.llm_base_url {self.shown} is not the operator's LLM "
+                    "endpoint, and the server's API key is sent only there; "
                     "using offline query templates (leave search.llm_base_url unset, or set "
                     "PIXCRAWLER_LLM_BASE_URL to this endpoint on the server)")
         self.model = model or env("PIXCRAWLER_LLM_MODEL") or DEFAULT_MODEL
@@ -321,7 +325,7 @@ class KeywordExpander:
             # can name the key); a failed API job's error keeps its WARNING lines.
             log.debug("keyword expansion failed: %r", exc)
             status = getattr(exc, "status_code", None)
-            self._warn(f"keyword expansion via {self.base_url or 'OpenAI'} ({self.model}) "
+            self._warn(f"keyword expansion via {self.shown} ({self.model}) "
                        f"failed: {type(exc).__name__}" + (f" (HTTP {status})" if status else "")
                        + "; using offline query templates (the whole error is in the debug "
                        "log)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import fcntl
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
 
 from builder.errors import EngineError
+from builder.spec import PUBLIC_ENDPOINTS
 
 Clock = Callable[[], float]
 
@@ -240,12 +242,41 @@ def state_dir() -> Path:
     return Path(base) / "pixcrawler"
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def endpoint_server(url: str) -> Optional[str]:
+    """The server a URL's requests reach, as ``host:port``: the host lower-cased without a
+    final dot (an IP address in its shortest form), the port filled in, no user info. None
+    for a URL without a host or port."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    host = (parts.hostname or "").rstrip(".")
+    if not host or not port:
+        return None
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        pass  # a name
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def budget_key(engine: str, source: Any = None) -> str:
-    """The name of an engine's shared budget: ``<engine>``, or ``<engine>@<host:port>`` for a
-    source pointed at its own endpoint (the sandbox, a test fake, a self-hosted mirror):
-    another service, another budget. ``source`` is a ``SourceSpec`` (or None)."""
+    """The name of an engine's shared budget: ``<engine>``, or ``<engine>@<host>:<port>`` for a
+    source pointed at another server than the engine's public API (the sandbox, a test fake,
+    a self-hosted mirror): another service, another budget. The server is named as requests
+    reach it (``endpoint_server``), so that no other spelling of a server, the public API's
+    included, gets a budget (and, on Ray, a limiter actor) of its own. ``source`` is a
+    ``SourceSpec`` (or None)."""
     endpoint = source.endpoint() if source is not None else None
-    return f"{engine}@{urlsplit(endpoint).netloc}" if endpoint else engine
+    server = endpoint_server(endpoint) if endpoint else None
+    public = PUBLIC_ENDPOINTS.get(engine)
+    if server is None or (public is not None and server == endpoint_server(public)):
+        return engine
+    return f"{engine}@{server}"
 
 
 class DayFile:
@@ -461,7 +492,8 @@ class EngineGovernor:
         return ""
 
     def acquire(self) -> float:
-        """Reserve one request; return seconds to wait before sending it.
+        """Reserve one request (a search's first; ``charge`` counts the rest); return seconds to
+        wait before sending it.
 
         Raises ``QuotaExceeded`` or ``CircuitOpen`` (with ``retry_after``) instead.
         """
@@ -480,6 +512,16 @@ class EngineGovernor:
         self.counters.requests += 1
         self.counters.waited_s += wait
         return wait
+
+    def charge(self, n: int) -> None:
+        """Count ``n`` more requests of a search ``acquire`` let through (one search may take
+        several: ``SearchPage.requests``): against the quotas, and paced, so that the next
+        ``acquire`` waits for them too."""
+        if n <= 0:
+            return
+        self.quota.use(n)
+        self.limiter.reserve(n)
+        self.counters.requests += n
 
     def record(self, success: bool, status: int = 0, retry_after: float | None = None) -> None:
         """Report the outcome of a request ``acquire`` let through."""

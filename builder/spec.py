@@ -73,6 +73,13 @@ by it); duckduckgo and bing always ask their own services, through ``options.pro
 ENDPOINT_FIELDS = {engine: field for field in ("url", "options.base_url")
                    for engine in SOURCE_FIELD_READERS[field]}
 """Per engine, the source field that names the server it asks for hits, where it takes one."""
+PUBLIC_ENDPOINTS = {
+    "wikimedia": "https://commons.wikimedia.org/w/api.php",
+    "openverse": "https://api.openverse.org/v1/images/",
+    "google": "https://www.googleapis.com/customsearch/v1",
+    "baidu": "https://image.baidu.com/search/acjson",
+}
+"""The API each engine with an ``options.base_url`` asks where the source sets none."""
 
 
 def _source_field(src: dict[str, Any], field: str) -> Any:

@@ -1111,8 +1111,10 @@ class LocalServices(WorkerServices):
             page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
                                            page=unit.page, per_page=unit.per_page)
         except EngineError as exc:
+            self._governor(unit).charge(exc.requests - 1)
             self.record(unit, False, exc.status, exc.retry_after)
             raise
+        self._governor(unit).charge(page.requests - 1)
         self.record(unit, True, 200)
         return page
 

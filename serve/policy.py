@@ -159,6 +159,9 @@ class ApiPolicy(BaseModel):
     max_candidates_factor: float = Field(default=4.0, ge=1.0, description="search."
                                          "candidates_factor: candidates asked for per image "
                                          "still missing, each one a download")
+    max_sources: int = Field(default=16, ge=1, description="sources in one spec: each "
+                             "search engine's is a budget of requests from the server's "
+                             "addresses and, on Ray, a limiter actor")
     max_classes: int = Field(default=1000, ge=1)
     max_target: int = Field(default=10_000, ge=1, description="accepted images per class")
     max_images: int = Field(default=100_000, ge=1, description="the targets of all classes")
@@ -690,6 +693,9 @@ def _check_worker_resources(check: _Check, policy: ApiPolicy) -> None:
 
 def _check_targets(check: _Check, policy: ApiPolicy) -> None:
     spec = check.spec
+    if len(spec.sources) > policy.max_sources:
+        check.over("sources", "max_sources", f"{len(spec.sources)} sources; this server takes "
+                   f"at most {policy.max_sources} in one job")
     if len(spec.labels) > policy.max_classes:
         check.over("classes", "max_classes", f"{len(spec.labels)} classes; this server takes "
                    f"at most {policy.max_classes} in one job")

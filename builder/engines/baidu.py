@@ -20,8 +20,9 @@ from typing import Any
 from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError
+from builder.spec import PUBLIC_ENDPOINTS
 
-BAIDU_API = "https://image.baidu.com/search/acjson"
+BAIDU_API = PUBLIC_ENDPOINTS["baidu"]
 MAX_RN = 30
 _TOKENS = {"_z2C$q": ":", "_z&e3B": ".", "AzdH3F": "/"}
 _CHARS = str.maketrans("wkv1ju2it3hs4g5rq6fp7eo8dn9cm0bla", "abcdefghijklmnopqrstuvw1234567890")

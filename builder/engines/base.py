@@ -13,6 +13,11 @@ engine, and a ``SearchHit`` refuses non-string fields, so no such value reaches 
 checks. Engines still parse defensively, so the good hits of an odd page come through.
 The message of every error leaving ``search`` is cut to ``MAX_ERROR_CHARS``: it is shown to users
 (the job's ``search_errors``) and may quote what a server answered.
+
+One search may take several HTTP requests (Google answers 10 results a request, Commons 50).
+The wrapper counts them (``count_request``, which ``webjson.fetch`` calls for each) into the
+``SearchPage``'s ``requests``, or the ``EngineError``'s, so that the rate limiter charges the
+engine's budget for every request, not one a search.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from __future__ import annotations
 import functools
 import logging
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 from builder.errors import EngineError, SourceError
 from builder.records import Candidate
@@ -71,9 +77,20 @@ class SearchHit:
 class SearchPage:
     hits: list[SearchHit] = field(default_factory=list)
     has_more: bool = False
+    requests: int = 0
+    """The HTTP requests the search took (set by the wrapper, ``count_request``)."""
 
 
 SearchFn = Callable[..., SearchPage]
+
+_REQUESTS: ContextVar[Optional[list[int]]] = ContextVar("engine_requests", default=None)
+
+
+def count_request() -> None:
+    """Count one HTTP request of the engine search under way in this context, if any."""
+    counter = _REQUESTS.get()
+    if counter is not None:
+        counter[0] += 1
 
 
 def _guarded(search: SearchFn) -> SearchFn:
@@ -83,22 +100,33 @@ def _guarded(search: SearchFn) -> SearchFn:
     def guarded(self: "SearchEngine", query: str, *, label: str, page: int,
                 per_page: int) -> SearchPage:
         name = self.name or type(self).__name__
+        requests = [0]
+        token = _REQUESTS.set(requests)
         try:
             result = search(self, query, label=label, page=page, per_page=per_page)
         except (EngineError, SourceError) as exc:
             message = str(exc)
             if len(message) > MAX_ERROR_CHARS:
                 exc.args = (message[:MAX_ERROR_CHARS] + "\u2026",)
+            if isinstance(exc, EngineError):
+                exc.requests = requests[0]
             raise
         except MALFORMED_ERRORS as exc:
             log.debug("%s: malformed response", name, exc_info=True)
-            raise EngineError(f"{name}: malformed response: {type(exc).__name__}: "
-                              f"{str(exc)[:MAX_ERROR_CHARS]}", retryable=True) from exc
+            error = EngineError(f"{name}: malformed response: {type(exc).__name__}: "
+                                f"{str(exc)[:MAX_ERROR_CHARS]}", retryable=True)
+            error.requests = requests[0]
+            raise error from exc
+        finally:
+            _REQUESTS.reset(token)
         if not isinstance(result, SearchPage) or \
                 not all(isinstance(h, SearchHit) for h in result.hits):
-            raise EngineError(f"{name}: malformed response: search gave "
-                              f"{type(result).__name__}, not a SearchPage of SearchHits",
-                              retryable=True)
+            error = EngineError(f"{name}: malformed response: search gave "
+                                f"{type(result).__name__}, not a SearchPage of SearchHits",
+                                retryable=True)
+            error.requests = requests[0]
+            raise error
+        result.requests = requests[0]
         return result
 
     setattr(guarded, "_engine_guarded", True)

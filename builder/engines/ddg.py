@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from builder.engines import webjson
-from builder.engines.base import SearchEngine, SearchHit, SearchPage
+from builder.engines.base import SearchEngine, SearchHit, SearchPage, count_request
 from builder.engines.webjson import RETRYABLE_STATUSES
 from builder.errors import EngineError, EngineUnavailable, SourceError
 
@@ -165,6 +165,7 @@ class DdgsImagesEngine(SearchEngine):
     def _fetch_next(self, query: str, state: _QueryResults) -> None:
         from ddgs.exceptions import DDGSException, TimeoutException
 
+        count_request()
         try:
             results = self._backend.search(query, region=self.region,
                                            safesearch=self.safesearch, page=state.next_page,

@@ -29,10 +29,11 @@ from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError, EngineNeedsKey, EngineSunset, EngineUnavailable
 from builder.netguard import same_origin
+from builder.spec import PUBLIC_ENDPOINTS
 
 log = logging.getLogger("pixcrawler.engines.google")
 
-GOOGLE_API = "https://www.googleapis.com/customsearch/v1"
+GOOGLE_API = PUBLIC_ENDPOINTS["google"]
 SUNSET = date(2027, 1, 1)
 """The day Google's Custom Search JSON API stops answering."""
 ALTERNATIVES = "duckduckgo, bing, wikimedia or openverse"

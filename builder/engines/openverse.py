@@ -29,10 +29,11 @@ from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError, SourceError
 from builder.netguard import same_origin
+from builder.spec import PUBLIC_ENDPOINTS
 
 log = logging.getLogger(__name__)
 
-OPENVERSE_API = "https://api.openverse.org/v1/images/"
+OPENVERSE_API = PUBLIC_ENDPOINTS["openverse"]
 ANON_PAGE_SIZE = 20
 AUTH_PAGE_SIZE = 500
 ANON_MAX_RESULTS = 240

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.parse
 from typing import Any, Mapping
 
+from builder.engines.base import count_request
 from builder.errors import EngineError
 from builder.fetch import parse_retry_after  # one Retry-After parser for fetches and engines
 from builder.netguard import BlockedAddressError, UrlRejected, open_guarded
@@ -35,8 +36,9 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_EXCERPT_CHARS = 200
 """The most characters of a server's answer (or a URL) quoted in an error message."""
 _READ_CHUNK = 64 * 1024
-_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token|client_secret)=)"
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token|client_secret|cx)=)"
                             r"[^&#]*")
+"""Query parameters whose values are the operator's: keys, tokens, Google's search engine id."""
 
 
 def redact(url: str) -> str:
@@ -76,6 +78,7 @@ def fetch(url: str, *, engine: str, params: Mapping[str, Any] | None = None,
         raise EngineError(f"{engine}: cannot request {excerpt(redact(url))}: {exc} (check the "
                           "source's options.base_url)", retryable=False) from None
     shown = excerpt(redact(url))
+    count_request()
     try:
         with open_guarded(url, headers={"User-Agent": user_agent, "Accept": "application/json",
                                         **(headers or {})},

@@ -17,8 +17,9 @@ from typing import Any
 from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError
+from builder.spec import PUBLIC_ENDPOINTS
 
-COMMONS_API = "https://commons.wikimedia.org/w/api.php"
+COMMONS_API = PUBLIC_ENDPOINTS["wikimedia"]
 MAX_LIMIT = 50
 RASTER_MIMES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp", "image/tiff",
                           "image/bmp"})

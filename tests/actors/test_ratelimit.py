@@ -63,3 +63,18 @@ def test_each_source_of_a_job_counts_its_own_quota():
     assert [rl.acquire(first, 2)[0] for _ in range(3)] == ["ok", "ok", "quota"]
     assert [rl.acquire(second, 2)[0] for _ in range(2)] == ["ok", "ok"]
     assert rl.snapshot(second, 2)["jobs"] == {second: 2}
+
+
+def test_a_searchs_further_requests_count_against_its_jobs_quota_and_the_day():
+    """One search may take several requests (``SearchPage.requests``): the shard worker
+    charges those past the first, to its job's quota and the engine's day."""
+    rl = Limiter("google", {}, "google@test-charge")
+    assert rl.acquire("job-a#0", 10)[0] == "ok"
+    rl.charge("job-a#0", 4)
+    rl.charge("job-a#0", 0)
+    snap = rl.snapshot("job-a#0", 10)
+    assert snap["quota"]["job_used"] == 5 and snap["quota"]["day_used"] == 5
+    assert snap["requests"] == 5
+    rl.charge("job-a#0", 5)
+    assert rl.acquire("job-a#0", 10)[0] == "quota"
+    assert rl.snapshot("job-b#0")["quota"]["job_used"] == 0

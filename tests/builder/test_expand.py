@@ -244,8 +244,31 @@ def test_a_spec_endpoint_never_receives_the_operators_key(tmp_path, monkeypatch,
     assert capture.requests == []
     assert extra == {"cat": offline_expand("cat", [], 3)} and record["source"] == \
         {"cat": "offline"}
-    assert "is not the operator's LLM endpoint (https://api.openai.com/v1)" in caplog.text
-    assert "sk-operator-secret" not in caplog.text
+    assert "is not the operator's LLM endpoint, and the server's API key" in caplog.text
+    assert "sk-operator-secret" not in caplog.text and "api.openai.com" not in caplog.text
+
+
+def test_messages_never_name_the_operators_endpoint(tmp_path, monkeypatch, caplog):
+    """The operator's endpoint URL can hold credentials (user info, an ``api-key=``
+    parameter) and an internal host: a spec naming another endpoint is told it is not the
+    operator's without naming it, and a failed call on the operator's endpoint warns with
+    "the server's LLM endpoint" (a failed API job's error keeps its WARNING lines)."""
+    with chat_server("", status=500) as srv:
+        operator = f"{srv.url.replace('http://', 'http://svc:pw@')}/v1?api-key=opsecret"
+        monkeypatch.setenv("PIXCRAWLER_LLM_BASE_URL", operator)
+        monkeypatch.setenv("PIXCRAWLER_LLM_API_KEY", "sk-operator-secret")
+        with caplog.at_level(logging.WARNING, logger="builder.expand"):
+            withheld = KeywordExpander(base_url="http://127.0.0.1:1/v1", n=3,
+                                       cache_dir=str(tmp_path / "a"))
+            assert withheld.expand("cat", ["cat"]) == offline_expand("cat", ["cat"], 3)
+            own = KeywordExpander(n=3, cache_dir=str(tmp_path / "b"), timeout_s=5)
+            assert own.expand("dog", ["dog"]) == offline_expand("dog", ["dog"], 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "http://127.0.0.1:1/v1 is not the operator's LLM endpoint" in warnings[0]
+    assert warnings[1].startswith("keyword expansion via the server's LLM endpoint"), warnings[1]
+    for secret in ("opsecret", "svc", "pw@", srv.url.split("//")[1], "sk-operator-secret"):
+        assert secret not in caplog.text, secret
 
 
 def test_the_operators_key_goes_to_the_operators_endpoint_however_spelled(tmp_path,

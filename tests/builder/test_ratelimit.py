@@ -15,8 +15,10 @@ from builder.ratelimit import (
     Quota,
     QuotaExceeded,
     TokenBucket,
+    budget_key,
     limits_for,
 )
+from builder.spec import SourceSpec
 
 
 class FakeClock:
@@ -221,6 +223,55 @@ def test_governor_paces_counts_and_raises_on_quota_and_open_circuit():
     assert snap["refused"] == {"quota": 1, "circuit_open": 1}
     assert snap["quota"]["job_used"] == 6 and snap["state"] == "closed"
     assert snap["rate"] < snap["base_rate"] == 1.0
+
+
+def test_charge_counts_a_searchs_further_requests_and_paces_the_next():
+    """One search may take several requests (Google's 10 results a request): acquire counts
+    its first, charge the rest, against both quotas, and the next acquire waits for them."""
+    clock = FakeClock()
+    gov = EngineGovernor("x", EngineLimits(rate=1.0, burst=1, max_requests_per_job=6),
+                         clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    assert gov.acquire() == 0.0
+    gov.charge(4)
+    gov.charge(0)
+    gov.charge(-1)  # a search answered from a cache took none
+    assert gov.acquire() == pytest.approx(5.0)
+    snap = gov.snapshot()
+    assert snap["requests"] == 6 and snap["quota"]["job_used"] == 6
+    with pytest.raises(QuotaExceeded, match="job quota of 6"):
+        gov.acquire()
+
+
+@pytest.mark.parametrize("engine,a,b", [
+    ("sandbox", "http://127.0.0.1:8800", "http://127.0.0.1:08800/other/path"),
+    ("sandbox", "http://LocalHost.:80/", "http://localhost"),
+    ("openverse", "https://mirror.example/v1/images/", "https://u:p@MIRROR.example:0443/x"),
+    ("sandbox", "http://[::1]:8800/", "http://[0:0::1]:8800/"),
+])
+def test_every_spelling_of_a_server_is_one_budget(engine, a, b):
+    """Each budget is a limiter actor on Ray's head node that outlives the job: a spec that
+    spelled one allowed server a thousand ways (a zero-padded port, upper case, a final dot)
+    made a thousand actors, each with its own rate and daily quota."""
+    field = "url" if engine == "sandbox" else "base_url"
+
+    def source(url: str) -> SourceSpec:
+        if field == "url":
+            return SourceSpec(engine=engine, url=url)
+        return SourceSpec(engine=engine, options={"base_url": url})
+
+    key = budget_key(engine, source(a))
+    assert key == budget_key(engine, source(b)) and key.startswith(f"{engine}@")
+    assert "u:p" not in key and "/" not in key
+
+
+def test_the_public_api_however_spelled_is_the_engines_own_budget():
+    for url in ("https://api.openverse.org/v1/images/", "https://API.openverse.org.:443/v2"):
+        assert budget_key("openverse", SourceSpec(engine="openverse",
+                                                  options={"base_url": url})) == "openverse"
+    assert budget_key("google", SourceSpec(engine="google")) == "google"
+    assert budget_key("openverse", SourceSpec(
+        engine="openverse", options={"base_url": "http://api.openverse.org/"})) == \
+        "openverse@api.openverse.org:80"
 
 
 def test_limits_from_source_options():

@@ -212,6 +212,43 @@ def test_the_in_process_search_limits_count_the_day_in_the_machine_s_file(tmp_pa
         "engine-days"]
 
 
+def test_the_in_process_search_charges_every_request_of_a_search(tmp_path, monkeypatch):
+    """A search of 25 results is three requests to Google: the limiter counted one, so
+    a daily quota of 100 let 500 requests through at the default page size."""
+    import asyncio
+
+    from builder.engines.base import SearchEngine, SearchPage, count_request
+    from builder.errors import EngineError
+    from builder.spec import parse_spec
+    from builder.units import SEARCH, WorkUnit
+    from builder.worker import LocalServices
+
+    class ThreeRequests(SearchEngine):
+        name = "sandbox"
+
+        def search(self, query, *, label, page, per_page):
+            for _ in range(3):
+                count_request()
+            if query == "fails":
+                raise EngineError("sandbox: answered HTTP 503", status=503)
+            return SearchPage()
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    spec = parse_spec({"name": "t", "target": 3, "classes": {"cat": ["q"]},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1",
+                                    "options": {"max_requests_per_job": 6, "rate": 1000}}]})
+    services = LocalServices(spec, dedup=None, ledger=None)
+    ok = WorkUnit("u", 0, SEARCH, 0, engine="sandbox", label="cat", query="q")
+    failing = WorkUnit("v", 0, SEARCH, 0, engine="sandbox", label="cat", query="fails")
+    engine = ThreeRequests()
+    assert asyncio.run(services.search(ok, engine)).requests == 3
+    with pytest.raises(EngineError):
+        asyncio.run(services.search(failing, engine))
+    with pytest.raises(QuotaExceeded, match="job quota of 6"):
+        asyncio.run(services.search(ok, engine))
+    assert services._governor(ok).snapshot()["quota"]["job_used"] == 6
+
+
 def test_a_relabelled_candidate_keeps_the_claim_the_index_filed_it_under(tmp_path):
     """The index files a candidate under a claim made from its key before the slow level
     runs. ``wrong_class: relabel`` replaces the candidate, and its row and decision then

@@ -308,6 +308,17 @@ def test_a_10000_class_spec_is_over_the_default_cap():
     assert status == 422 and problems["classes"][0] == "max_classes"
 
 
+def test_a_spec_of_more_sources_than_the_cap_is_refused():
+    """Each search source is a budget from the server's addresses and, on Ray, a limiter
+    actor: a spec of 1,300 sources was taken."""
+    many = [{"engine": "duckduckgo"}] * 17
+    status, problems = refused(spec(sources=many))
+    assert status == 422 and problems["sources"][0] == "max_sources"
+    assert "17 sources; this server takes at most 16" in problems["sources"][1]
+    assert len(apply(spec(sources=many[:16])).sources) == 16
+    assert len(apply(spec(sources=many), ApiPolicy(max_sources=17)).sources) == 17
+
+
 def test_unset_values_take_a_lower_cap_instead_of_being_refused():
     policy = ApiPolicy(max_target=20, max_download_concurrency=8, max_per_host_concurrency=2,
                        max_bytes=2_000_000, max_pixels=10_000_000)

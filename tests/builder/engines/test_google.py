@@ -70,6 +70,22 @@ def test_pages_of_more_than_10_take_several_requests_and_stop_at_the_end():
         [("1", "10"), ("11", "5"), ("16", "10")]
 
 
+def test_a_search_counts_its_requests_for_the_limiter():
+    """The limiter charges an engine's budget per request: a page of 25 is three requests
+    to Google, and a search that fails on its second request took two."""
+    handler = google_handler(fake_images(60), key=KEY, cx=CX)
+
+    def second_search_fails_on_its_second_request(req):
+        return Response(500, b"oops") if len(srv.requests) == 5 else handler(req)
+
+    with FakeServer(second_search_fails_on_its_second_request) as srv:
+        engine = _engine(srv)
+        assert engine.search("cat", label="cat", page=0, per_page=25).requests == 3
+        with pytest.raises(EngineError) as info:
+            engine.search("cat", label="cat", page=0, per_page=25)
+    assert info.value.requests == 2 and len(srv.requests) == 5
+
+
 def test_never_asks_past_the_first_100_results():
     images = fake_images(150)
     with FakeServer(google_handler(images, key=KEY, cx=CX)) as srv:

@@ -112,6 +112,9 @@ def test_retry_after_parsing_and_secret_redaction():
     date = email.utils.formatdate(1_000_030, usegmt=True)
     assert parse_retry_after(date, now=1_000_000) == pytest.approx(30.0)
     assert redact("https://x/v1?key=SECRET&q=cat") == "https://x/v1?key=***&q=cat"
+    # Google's search engine id is the operator's too: with it anyone can search the
+    # operator's configured engine
+    assert redact("https://g/v1?key=K&cx=0175:abc&q=cat") == "https://g/v1?key=***&cx=***&q=cat"
 
 
 JUNK = {"results": "x", "data": 5, "items": {"a": 1}, "query": [], "continue": "no",
