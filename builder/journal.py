@@ -332,6 +332,17 @@ class Journal:
                 data = self.fs.cat_ranges(batch, None, None, on_error="raise")
             yield from data
 
+    def read_unit(self, uid: str) -> Optional[UnitReport]:
+        """The report a committed unit journaled, or None where it has not committed."""
+        path = self._path("units", f"{uid}.parquet")
+        with storage_errors(self.uri, "read the journal from"):
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(path):
+                return None
+            data = self.fs.cat_file(path)
+        meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
+        return report_from_json(json.loads(meta[b"pixcrawler.unit"]))[1]
+
     def iter_unit_reports(self) -> Iterator[tuple[WorkUnit, UnitReport]]:
         """Each committed unit's description and counts (from the files' footers)."""
         for data in self._contents(self.unit_files()):

@@ -97,8 +97,8 @@ class WorkerServices:
                     ) -> dict[str, int]:
         raise NotImplementedError
 
-    async def rooms(self) -> dict[str, int]:
-        """Per class, the images it still has room for."""
+    async def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
+        """Per class, the images it still has room for (``QuotaLedger.rooms``)."""
         raise NotImplementedError
 
     async def commit(self, uid: str, accepted: dict[str, int]) -> None:
@@ -137,8 +137,8 @@ class LedgerCalls(WorkerServices):
                     ) -> dict[str, int]:
         return await self._ledger("grant", uid, wants, floor)
 
-    async def rooms(self) -> dict[str, int]:
-        return await self._ledger("rooms")
+    async def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
+        return await self._ledger("rooms", uid)
 
     async def commit(self, uid: str, accepted: dict[str, int]) -> None:
         await self._ledger("commit", uid, accepted)
@@ -568,6 +568,10 @@ class WorkerRuntime:
 
     async def run(self, unit: WorkUnit) -> tuple[UnitReport, WorkerEvents]:
         """Decide one unit's candidates; returns its report and the worker's events."""
+        if unit.attempt > 0:
+            journaled = await self._store(self.journal.read_unit, unit.uid)
+            if journaled is not None:
+                return await self._committed_before(unit, journaled), self.events()
         self.fetched[unit.uid] = Counter()
         ticket = self.held.open()
         try:
@@ -576,6 +580,20 @@ class WorkerRuntime:
             self.held.close(ticket)
             self.fetched.pop(unit.uid, None)
         return report, self.events()
+
+    async def _committed_before(self, unit: WorkUnit, report: UnitReport) -> UnitReport:
+        """A resent unit an earlier attempt committed: its journal file is written, but the
+        driver did not hear of it (the worker was lost, or an index reset dropped the
+        commits not yet sent). Its report stands; running it again would decide its
+        candidates against a class its own images fill. The ledger counts it (a commit counts
+        once) and the driver hears of the commit with these events."""
+        assert self.assembler is not None
+        log.info("unit %s was committed by an earlier attempt: its journaled report stands",
+                 unit.uid)
+        await self.services.commit(unit.uid, {label: t.accepted for label, t in
+                                              report.classes.items() if t.accepted})
+        self.assembler.committed.append(unit.uid)
+        return report
 
     def in_flight(self) -> dict[str, dict[str, int]]:
         """Per unit running now, per class, its candidates fetched so far: a unit's images
@@ -653,7 +671,7 @@ class UnitRun:
         if candidates is None:
             report.settled = False
             return report
-        rooms = await w.services.rooms() if candidates else {}
+        rooms = await w.services.rooms(unit.uid) if candidates else {}
         if unit.kind == SEARCH:
             # An engine has more pages: take up only what the class may still need.
             cap = math.ceil(rooms.get(unit.label, 0) * self.spec.search.candidates_factor)
@@ -1078,8 +1096,8 @@ class LocalServices(WorkerServices):
                     ) -> dict[str, int]:
         return self.ledger.grant(uid, wants, floor)
 
-    async def rooms(self) -> dict[str, int]:
-        return self.ledger.rooms()
+    async def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
+        return self.ledger.rooms(uid)
 
     async def commit(self, uid: str, accepted: dict[str, int]) -> None:
         self.ledger.commit(uid, accepted)

@@ -75,9 +75,9 @@ def test_a_unit_cancelled_before_its_urls_are_checked_still_counts_its_candidate
     class CancelOnRooms(LocalServices):
         worker: WorkerRuntime
 
-        async def rooms(self) -> dict[str, int]:
+        async def rooms(self, uid=None) -> dict[str, int]:
             self.worker.cancel()
-            return await super().rooms()
+            return await super().rooms(uid)
 
     services = CancelOnRooms(spec, LocalPartitions(4, near=True, k=1).client(),
                              QuotaLedger({"cat": 5}))
@@ -455,3 +455,52 @@ def test_a_unit_begun_before_an_index_reset_hands_nothing_over(tmp_path, ending)
             await runtime.close()
 
     asyncio.run(main())
+
+
+def test_a_resent_unit_an_earlier_attempt_committed_keeps_that_attempts_report(tmp_path):
+    """A unit commits (its journal file written, the ledger counting its images) and the
+    driver never hears of it: its worker is lost, or an index reset drops the commits not
+    yet sent. The driver resends it. The rerun found the class filled by its own images,
+    left every candidate unused, journaled a report of nothing over the first and
+    committed: the shards held images no count had, and publishing failed for good."""
+    import asyncio
+    import dataclasses
+
+    from builder.dedup import LocalPartitions
+    from builder.journal import UNIT_SCHEMA, Journal
+    from builder.quota import QuotaLedger
+    from builder.spec import parse_spec
+    from builder.units import INLINE, ClassTally, UnitReport, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    uri = str(tmp_path / "ds")
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(5)]
+    spec = parse_spec({"name": "t", "target": 5, "classes": {"cat": {"urls": urls}},
+                       "output": {"uri": uri}})
+    uid = inline_uid(0, "cat", 0)
+    first = WorkUnit(uid, 0, INLINE, 0, engine="inline", label="cat", start=0, stop=5)
+    report = UnitReport(uid)
+    report.classes["cat"] = ClassTally(5, 5, Counter())
+    journal = Journal(uri, "job-1")
+    journal.start(spec)
+    journal.write_unit(first, report, UNIT_SCHEMA.empty_table())
+    ledger = QuotaLedger({"cat": 5})
+    ledger.grant(uid, {"cat": 5})
+    ledger.commit(uid, {"cat": 5})
+    services = LocalServices(spec, LocalPartitions(8, k=1).client(), ledger)
+
+    async def rerun():
+        runtime = WorkerRuntime(JobPlan(spec, uri, "job-1"), services)
+        await runtime.start()
+        try:
+            again = dataclasses.replace(first, attempt=1)
+            return await runtime.run(again), await runtime.flush()
+        finally:
+            await runtime.close()
+
+    (again, events), flushed = asyncio.run(rerun())
+    assert (again.classes["cat"].candidates, again.classes["cat"].accepted) == (5, 5)
+    assert uid in events.committed + flushed.committed
+    [(_, kept)] = list(Journal(uri, "job-1").iter_unit_reports())
+    assert kept.classes["cat"].accepted == 5
+    assert ledger.accepted["cat"] == 5 and ledger.rooms() == {"cat": 0}
