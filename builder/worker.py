@@ -852,6 +852,10 @@ class UnitRun:
         answers = await self.stage(self.w.services.dedup.check_urls(claims, hashes, kclaims))
         before = set()
         for record, (other, done) in zip(which, answers):
+            if done and self.unit.kind == RETRY:
+                # A published reject decided again: the entry of its key is another kept row
+                # of that key (its URL's later sightings, rejected duplicate_url), not it.
+                continue
             if done:
                 before.add(id(record))
             elif other:

@@ -164,6 +164,37 @@ def test_retry_failed_turns_flaky_500s_into_images(tmp_path):
         assert still["http_server_error"] < first["rejected_by_reason"]["http_server_error"]
 
 
+def test_retry_failed_retries_a_url_its_list_named_twice(tmp_path):
+    """A URL a list names twice in a class (in two slices) ends as a transient reject and a
+    duplicate_url reject of the same key. The retry found the key held by the kept duplicate
+    row, dropped the candidate as decided before, and lost its reject row: one candidate
+    fewer, and the image never retried."""
+    from cluster.cli import main
+
+    with SandboxWeb(classes=("cat",), images_per_class=24, fault_every=2, slow_s=2.0) as web:
+        flaky = [u for u in web.search_urls("cat")
+                 if web.outcome_of(u) == "accepted" and "/flaky_500/" in u]
+        assert flaky, "the sandbox should list flaky URLs"
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(f"cat\t{u}\n" for u in web.search_urls("cat") + flaky))
+        out = str(tmp_path / "ds")
+        spec = parse_spec({"name": "twice", "target": 1000, "classes": {"cat": None},
+                           "sources": [{"engine": "urllist", "path": str(urls)}],
+                           "download": {"timeout_s": 1.0, "retries": 0,
+                                        "allow_private_networks": True},
+                           "output": {"uri": out, "shard_size": 10},
+                           "resources": {"batch_size": 5}})
+        run_local(spec)
+        first = check_accounting(out)
+        assert first["rejected_by_reason"]["duplicate_url"] == len(flaky)
+        assert main(["retry-failed", out, "--local"]) == 0
+    after = check_accounting(out)
+    accepted = set(pq.read_table(Path(out) / "data", columns=["url"]).column("url").to_pylist())
+    assert set(flaky) <= accepted
+    assert after["candidates"] == first["candidates"]
+    assert after["rejected_by_reason"]["duplicate_url"] == len(flaky)
+
+
 def test_retry_failed_decides_the_candidate_its_source_found(tmp_path):
     """The rejects kept only a candidate's url, label, query and engine: a retried image lost
     its page, title, license and author, and with ``page_meta`` its page was never read (an
