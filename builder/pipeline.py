@@ -47,7 +47,7 @@ from builder.listsource import SlicePlan, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
 from builder.records import REJECT_SCHEMA
-from builder.retry import kept_rows, redecided_counts
+from builder.retry import kept_rows, redecided_counts, undecided_keys
 from builder.rights import RightsTally
 from builder.similarity import MAX_STORED
 from builder.spec import DatasetSpec
@@ -235,6 +235,7 @@ class JobLifecycle:
         journal's copy once it is made (``Journal.keep_base``)."""
         self.list_plans: dict[int, SlicePlan] = {}
         self.retry_plan: Optional[SlicePlan] = None
+        self._undecided_keys: Optional[pa.Array] = None
         self.unit_size = spec.batch_size()
         """Rows per unit of a URL list, a retry's rejects or inline urls (before growth)."""
         self.journal: Optional[Journal] = None
@@ -447,6 +448,13 @@ class JobLifecycle:
                     rejects_path(self.base_uri), self.storage_options, self.spec, True,
                     self.retry_plan, lambda i: not done(i)))
                 outcome = dataclasses.replace(outcome, stats=runner.stats())
+            undecided = await asyncio.to_thread(self._undecided)
+            if undecided is not None and len(undecided):
+                # Cancelled candidates the crawl never found again keep their rejects too.
+                runner.counts.add(await asyncio.to_thread(
+                    redecided_counts, rejects_path(self.base_uri), self.storage_options,
+                    self.spec, False, only=undecided))
+                outcome = dataclasses.replace(outcome, stats=runner.stats())
             return outcome
         finally:
             if install_signals:
@@ -527,14 +535,26 @@ class JobLifecycle:
         committed = self.journal.unit_uids()
         return lambda i: retry_uid(i) in committed
 
+    def _undecided(self) -> Optional[pa.Array]:
+        """For a run continuing a partial dataset: the keys of its cancelled rejects that no
+        unit of this run decided (``retry.undecided_keys``), worked out once the run is over.
+        None for any other run."""
+        if not self.merge or self.retry or self.journal is None:
+            return None
+        if self._undecided_keys is None:
+            self._undecided_keys = undecided_keys(
+                rejects_path(self.base_uri), self.storage_options, self.spec,
+                self.journal.iter_tables("units", ["key"]))
+        return self._undecided_keys
+
     def _reject_tables(self) -> Iterator[pa.Table]:
-        """The rejects: the published dataset's a merge continues (less those a retry
-        decides again), then the journal's units', in batches of many units."""
+        """The rejects: the published dataset's a merge continues (less those it decides
+        again), then the journal's units', in batches of many units."""
         assert self.journal is not None
         if self.merge:
             yield from kept_rows(rejects_path(self.base_uri), self.storage_options,
                                  self.spec, self.retry, self.retry_plan,
-                                 self._retry_done())
+                                 self._retry_done(), undecided=self._undecided())
         columns = [*REJECT_SCHEMA.names, "accepted"]
         for table in self.journal.iter_tables("units", columns):
             yield table.filter(pc.invert(table["accepted"])).select(REJECT_SCHEMA.names)

@@ -11,7 +11,7 @@ counts as it did (``redecided_counts`` says what to take out of the published co
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,17 +70,21 @@ def _slices_by_group(plan: Optional[SlicePlan]) -> dict[int, list[tuple[int, int
 
 def _groups(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
             retry: bool, plan: Optional[SlicePlan], done: Optional[Done],
-            columns: Optional[list[str]] = None) -> Iterator[tuple[pa.Table, pa.ChunkedArray]]:
+            columns: Optional[list[str]] = None, undecided: Optional[pa.Array] = None,
+            only: Optional[pa.Array] = None) -> Iterator[tuple[pa.Table, pa.ChunkedArray]]:
     """Each row group of the rejects file at ``path`` and which of its rows are decided again:
-    with ``done``, only those of slices of ``plan`` whose units committed."""
+    with ``done``, only those of slices of ``plan`` whose units committed; not those whose
+    key is in ``undecided``; with ``only``, of those whose key is in it."""
     fs, fs_path = open_fs(path, storage_options)
     fs.invalidate_cache(fs_path)
     if not fs.exists(fs_path):
         return
     slices = _slices_by_group(plan) if done is not None else {}
+    by_key = undecided is not None or only is not None
     with fs.open(fs_path, "rb") as f:
         pf = pq.ParquetFile(f)
-        names = list(dict.fromkeys([*(columns or pf.schema_arrow.names), "page_url"]))
+        names = list(dict.fromkeys([*(columns or pf.schema_arrow.names), "page_url",
+                                    *(("key",) if by_key else ())]))
         for group in range(pf.metadata.num_row_groups):
             table = with_columns(pf.read_row_group(group, columns=names), REJECT_SCHEMA, names)
             mask = redecided(table, spec, retry)
@@ -90,29 +94,56 @@ def _groups(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetS
                     if done(index):
                         ran[start:stop] = [True] * (stop - start)
                 mask = pc.and_(mask, pa.array(ran, pa.bool_()))
+            if undecided is not None:
+                mask = pc.and_(mask, pc.invert(pc.is_in(table["key"], value_set=undecided)))
+            if only is not None:
+                mask = pc.and_(mask, pc.is_in(table["key"], value_set=only))
             yield table, mask
 
 
 def kept_rows(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
               retry: bool, plan: Optional[SlicePlan] = None, done: Optional[Done] = None,
-              columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+              columns: Optional[list[str]] = None, undecided: Optional[pa.Array] = None
+              ) -> Iterator[pa.Table]:
     """The rejects a continuing run leaves as they were, a row group at a time: all but those
-    it decides again (with ``done``: decided again in a slice whose unit committed). Their
-    ``columns`` (and those ``redecided`` reads), or all of them."""
-    for table, mask in _groups(path, storage_options, spec, retry, plan, done, columns):
+    it decides again (with ``done``: decided again in a slice whose unit committed; with
+    ``undecided``: not those keys, which it never reached). Their ``columns`` (and those
+    ``redecided`` reads), or all of them."""
+    for table, mask in _groups(path, storage_options, spec, retry, plan, done, columns,
+                               undecided=undecided):
         yield table.filter(pc.invert(mask))
+
+
+def undecided_keys(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
+                   decided: Iterable[pa.Table]) -> pa.Array:
+    """For a run continuing a partial dataset (not a retry): the keys of the rejects it was
+    to decide again (``cancelled``) that none of its units decided (``decided``: tables of
+    their rows' ``key``). It decides them only where the crawl finds them again, which it
+    need not (a class filled first, an engine that answers otherwise): they stay as they
+    were. A cancel leaves few such rows (the candidates of the units in flight)."""
+    parts = [table["key"].filter(mask) for table, mask in
+             _groups(path, storage_options, spec, False, None, None, columns=["key", "url",
+                                                                               "label", "reason"])]
+    cancelled = pc.unique(pa.chunked_array(parts, pa.string()).combine_chunks())
+    if not len(cancelled):
+        return cancelled
+    found = [pc.unique(t["key"].filter(pc.is_in(t["key"], value_set=cancelled)))
+             for t in decided]
+    seen = pa.chunked_array(found, pa.string()).combine_chunks()
+    return cancelled.filter(pc.invert(pc.is_in(cancelled, value_set=seen)))
 
 
 def redecided_counts(path: str, storage_options: Optional[dict[str, Any]],
                      spec: DatasetSpec, retry: bool, plan: Optional[SlicePlan] = None,
-                     done: Optional[Done] = None) -> UnitReport:
+                     done: Optional[Done] = None, only: Optional[pa.Array] = None
+                     ) -> UnitReport:
     """The published rejects a continuing run decides again, as counts (candidates and
     rejections per class, reason and stage, and their rights ledgers), from the rows
-    themselves."""
+    themselves; with ``only``, those of its keys."""
     report = UnitReport("redecided")
     report.rights = RightsTally()
     for table, mask in _groups(path, storage_options, spec, retry, plan, done,
-                               columns=["url", "label", "reason", "rights"]):
+                               columns=["url", "label", "reason", "rights"], only=only):
         rows = table.filter(mask)
         report.rights.add_column(rows["rights"])
         for row in rows.group_by(["label", "reason"]).aggregate([([], "count_all")]).to_pylist():

@@ -69,3 +69,27 @@ def test_a_merge_holds_as_seen_exactly_the_rejects_it_does_not_decide_again(tmp_
                                              journal=False)
                for p in chunk if "u_hash" in p and p["u_done"][0]]
         assert sum(len(p["u_hash"]) for p in got) == seen, page_meta
+
+
+def test_a_continuation_keeps_the_cancelled_rejects_it_never_decided(tmp_path):
+    """A continuation of a partial dataset decides its cancelled rejects again only where its
+    crawl finds them again; the others stay as they were, and count as they did."""
+    from builder.retry import undecided_keys
+
+    rows = [{"key": f"k{i}", "url": f"http://h/{i}.jpg", "label": "cat", "query": "cat",
+             "engine": "sandbox", "stage": "fetch" if i < 2 else "select",
+             "reason": "timeout" if i < 2 else "cancelled", "detail": "", "duplicate_of": None,
+             "http_status": None, "rights": None} for i in range(6)]
+    path = str(tmp_path / "rejects.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), path)
+    spec = _spec(False)
+    decided = [pa.table({"key": ["k2", "new", "k2"]}), pa.table({"key": ["k4"]})]
+    undecided = undecided_keys(path, None, spec, decided)
+    assert sorted(undecided.to_pylist()) == ["k3", "k5"]
+    kept = pa.concat_tables(kept_rows(path, None, spec, retry=False, undecided=undecided))
+    assert sorted(kept["key"].to_pylist()) == ["k0", "k1", "k3", "k5"]
+    back = redecided_counts(path, None, spec, retry=False, only=undecided)
+    assert back.classes["cat"].candidates == 2 and back.classes["cat"].rejected == \
+        {"cancelled": 2}
+    assert undecided_keys(path, None, spec, [pa.table({"key": ["k2", "k3", "k4", "k5"]})]
+                          ).to_pylist() == []

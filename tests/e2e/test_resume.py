@@ -441,6 +441,34 @@ def test_continuing_a_cancelled_dataset_decides_what_the_cancel_left_undecided(s
     assert sorted(accepted_ids(out)) == sorted(accepted_ids(whole))
 
 
+def test_cancelled_candidates_a_continuation_never_finds_again_keep_their_rejects(sandbox,
+                                                                                 tmp_path):
+    """A continuation decides the candidates a cancel left undecided where its crawl finds
+    them again, which it need not (the list changed, a class filled first, an engine
+    answered otherwise). Those it never found vanished: no reject row, one candidate fewer
+    each, and a _SUCCESS over them. They now stay as the cancel left them."""
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["download"]["per_host_delay_s"] = 0.03
+    _cancelled_early(data, lambda r: r.counts.accepted >= 8)
+    first = check_accounting(out)
+    rejects = pq.read_table(Path(out) / "rejects.parquet").to_pylist()
+    cancelled = {r["key"]: r for r in rejects if r["reason"] == "cancelled"}
+    assert cancelled, "the cancel should leave candidates undecided"
+    gone = {r["url"] for r in cancelled.values()}
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(line + "\n" for line in urls.read_text().splitlines()
+                            if line.split("\t")[1] not in gone))
+    run_local(parse_spec(data), resume=True)
+    assert is_complete(out)
+    stats = check_accounting(out)
+    after = {r["key"]: r for r in pq.read_table(Path(out) / "rejects.parquet").to_pylist()}
+    for key, row in cancelled.items():
+        assert after[key]["reason"] == "cancelled" and after[key]["url"] == row["url"]
+    assert stats["rejected_by_reason"]["cancelled"] == len(cancelled)
+    assert stats["candidates"] >= first["candidates"]
+
+
 def test_a_killed_continuation_of_a_partial_dataset_resumes_and_publishes(sandbox, tmp_path):
     """A partial dataset continued with --resume, killed, then resumed again: the resumed job
     counts the published dataset it adds to, as its first run did (it failed to publish, with
