@@ -332,6 +332,17 @@ class Journal:
                 data = self.fs.cat_ranges(batch, None, None, on_error="raise")
             yield from data
 
+    def partial_units(self, committed: set[str]) -> dict[str, dict[str, int]]:
+        """Units with images in committed shards but not in ``committed`` (no unit file: a
+        killed driver, or on Ray a lost ledger, came first): per class, their images written."""
+        out: dict[str, Counter] = {}
+        for table in self.iter_tables("shards", ["uid", "label"]):
+            counts = table.group_by(["uid", "label"]).aggregate([([], "count_all")])
+            for row in counts.to_pylist():
+                if row["uid"] and row["uid"] not in committed:
+                    out.setdefault(row["uid"], Counter())[row["label"]] += row["count_all"]
+        return {uid: dict(c) for uid, c in out.items()}
+
     def read_unit(self, uid: str) -> Optional[UnitReport]:
         """The report a committed unit journaled, or None where it has not committed."""
         path = self._path("units", f"{uid}.parquet")

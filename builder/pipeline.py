@@ -226,7 +226,9 @@ class JobLifecycle:
         self.merge = False
         self.retry = False
         self.state: Optional[ResumeState] = None
-        self.partial_units: set[str] = set()
+        self.partial_units: dict[str, dict[str, int]] = {}
+        """Units a killed run wrote images of but never committed, and per class those
+        images: they run to the end even if this run is cancelled."""
         self.kept_partial = ""
         """A retry of a partial dataset stays partial, for the same reason."""
         self.base = UnitReport("base")
@@ -268,7 +270,7 @@ class JobLifecycle:
                 self._load_base()
             removed = self.publisher.remove_files(self.journal.orphan_files())
             self.publisher.prepare(merge=True)
-            self.partial_units = self._partial_units()
+            self.partial_units = self.journal.partial_units(self.state.done)
             log.info("[%s] resuming: %d units committed%s", self.job_id,
                      self.state.committed_units,
                      f"; removed {removed} files of shards that never committed" if removed
@@ -344,15 +346,6 @@ class JobLifecycle:
             atomic_write(self.journal.fs, f"{self.journal.root}/job.json",
                          json.dumps(meta, indent=2).encode())
 
-    def _partial_units(self) -> set[str]:
-        """Units a killed run wrote images of but never committed: they run to the end even
-        if this run is cancelled."""
-        assert self.journal is not None and self.state is not None
-        out: set[str] = set()
-        for table in self.journal.iter_tables("shards", ["uid"]):
-            out.update(u for u in pc.unique(table["uid"]).to_pylist() if u)
-        return out - self.state.done
-
     def _keep_base(self) -> None:
         assert self.journal is not None
         self.journal.keep_base(resuming=self.state is not None)
@@ -383,8 +376,10 @@ class JobLifecycle:
     def ledger(self) -> QuotaLedger:
         """The quota ledger the job starts from; a resumed job's from the unit reports
         ``prepare`` read (``ResumeState.reports``), not from a second read of the journal."""
-        return recover_ledger(**self.recovery(),
-                              reports=self.state.reports if self.state is not None else None)
+        if self.state is None:
+            return recover_ledger(**self.recovery(), reports=[], partial={})
+        return recover_ledger(**self.recovery(), reports=self.state.reports,
+                              partial=self.partial_units)
 
     @property
     def index_starts_empty(self) -> bool:
@@ -430,7 +425,7 @@ class JobLifecycle:
                   runner_hook: Optional[Callable[[JobRunner], None]] = None) -> RunOutcome:
         self.runner = runner = JobRunner(self.spec, executor, self.planner(), self.counts(),
                                          units_per_worker=units_per_worker, progress=progress,
-                                         partial_units=self.partial_units)
+                                         partial_units=set(self.partial_units))
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -482,7 +477,7 @@ class JobLifecycle:
         """Write the dataset-level files and the marker; remove the journal. Blocking."""
         assert self.journal is not None and self.publisher is not None
         if outcome.cancelled and self.partial_units:
-            left = self.partial_units - self.journal.unit_uids()
+            left = set(self.partial_units) - self.journal.unit_uids()
             if left:
                 raise CancelledUnpublished(
                     f"[{self.job_id}] cancelled before it finished {len(left)} units that the "
@@ -603,7 +598,8 @@ def rejects_path(uri: str) -> str:
 
 def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Optional[dict],
                    merge: bool, reports: Optional[Iterable[tuple[WorkUnit, UnitReport]]] = None,
-                   unjournaled: int = 0) -> QuotaLedger:
+                   unjournaled: int = 0, partial: Optional[dict[str, dict[str, int]]] = None
+                   ) -> QuotaLedger:
     """The quota ledger as the journal (and the dataset a merge continues) says it stands:
     the committed units and their accepted counts, and shard numbers after every shard
     begun. A continuation decides again only rejects, so the published accepted counts hold
@@ -617,7 +613,11 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
     numbers go on that far past the journal's (numbers left unused are gaps, as an abandoned
     shard leaves), and the rebuilt ledger records each block of numbers in the journal before
     it hands them out (an intent of no files: ``QuotaLedger.reserve``), so a ledger rebuilt
-    after it goes on past them exactly."""
+    after it goes on past them exactly.
+
+    Each unit with images in committed shards but no unit file is granted them
+    (``partial``: ``Journal.partial_units``, where the caller has read it): it runs again and
+    keeps them, and no other unit may take their room meanwhile."""
     accepted: Counter = Counter()
     journal = Journal(uri, job_id, storage_options)
     if merge:
@@ -637,6 +637,12 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
                    for split in {*numbers, *spec.output.splits}}
     targets = {label: spec.target_of(label) for label in spec.labels}
     ledger = QuotaLedger(targets, dict(accepted), numbers, committed)
+    if partial is None:
+        partial = journal.partial_units(set(committed))
+    for uid, written in partial.items():
+        # Room held for the images a half-written unit wrote: it keeps them when it runs
+        # again (QuotaLedger.rooms(uid)), and no other unit takes their place meanwhile.
+        ledger.grant(uid, written, written)
     if unjournaled:
         def reserve(split: str, number: int) -> None:
             with storage_errors(uri, "record shard numbers in the journal of"):

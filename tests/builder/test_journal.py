@@ -11,6 +11,7 @@ import random
 import re
 import threading
 import uuid
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 
 from builder import journal as journal_mod
 from builder.errors import StorageError
-from builder.journal import (UNIT_SCHEMA, Journal, ResumeError, published_spec,
+from builder.journal import (SHARD_SCHEMA, UNIT_SCHEMA, Journal, ResumeError, published_spec,
                              resumable_jobs)
 from builder.pipeline import JobLifecycle
 from builder.records import REJECT_SCHEMA, with_columns
@@ -610,3 +611,34 @@ def test_a_rebuilt_ledger_that_cannot_record_its_numbers_hands_none_out(tmp_path
     assert "record shard numbers" in str(exc.value)
     monkeypatch.setattr(Journal, "write_shard_intent", write)
     assert [ledger.next_shard("train") for _ in range(2)] == [2, 3]
+
+
+def test_a_recovered_ledger_holds_room_for_the_images_half_written_units_wrote(tmp_path):
+    """A unit some of whose images are in committed shards, but which never committed (its
+    driver killed, or on Ray its ledger lost), runs again and keeps those images: it asks
+    the ledger for room first. A rebuilt ledger knew nothing of them, so other units could
+    fill the class; the rerun then left every candidate unused, and the manifest held
+    images no count had (publish failed, and every --resume again)."""
+    from builder.pipeline import recover_ledger
+
+    uri = str(tmp_path / "ds")
+    journal = Journal(uri, "job1")
+    spec = parse_spec({"name": "ds", "target": 10, "classes": {"cat": None, "dog": None},
+                       "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
+                       "output": {"uri": uri}})
+    journal.start(spec)
+    committed = WorkUnit("done", 0, "list", 0, engine="urllist", slice=0)
+    report = UnitReport("done")
+    report.classes["cat"] = ClassTally(4, 4, Counter())
+    journal.write_unit(committed, report, UNIT_SCHEMA.empty_table())
+    rows = [{"id": f"i{n}", "uid": uid, "label": label, "split": "train"}
+            for n, (uid, label) in enumerate([("done", "cat")] * 4 + [("half", "cat")] * 3
+                                             + [("half", "dog")] * 2 + [("other", "dog")])]
+    journal.write_shard("train-00000", with_columns(pa.Table.from_pylist(rows), SHARD_SCHEMA,
+                                                    SHARD_SCHEMA.names))
+    assert journal.partial_units({"done"}) == {"half": {"cat": 3, "dog": 2}, "other": {"dog": 1}}
+    ledger = recover_ledger(spec, uri, "job1", None, merge=False)
+    assert ledger.rooms() == {"cat": 3, "dog": 7}
+    assert ledger.rooms("half") == {"cat": 6, "dog": 9}
+    assert ledger.grant("half", {"cat": 5, "dog": 2}, {"cat": 3, "dog": 2}) == \
+        {"cat": 5, "dog": 2}
