@@ -24,11 +24,13 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
-from urllib.parse import urlsplit
+
+from yarl import URL
 
 from builder.errors import EngineError
 from builder.spec import PUBLIC_ENDPOINTS
@@ -242,25 +244,25 @@ def state_dir() -> Path:
     return Path(base) / "pixcrawler"
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
 def endpoint_server(url: str) -> Optional[str]:
-    """The server a URL's requests reach, as ``host:port``: the host lower-cased without a
-    final dot (an IP address in its shortest form), the port filled in, no user info. None
-    for a URL without a host or port."""
+    """The server a URL's requests reach, as ``host:port``: the host as the HTTP client reads
+    it (yarl: lower case, IDNA, full-width forms folded) without a final dot, an IP address
+    in its usual form (``127.1`` and ``0x7f.1`` are 127.0.0.1 to the resolver), the port
+    filled in, no user info. None for a URL without a host or port."""
     try:
-        parts = urlsplit(url)
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
-    except ValueError:
+        parts = URL(url)
+        host, port = (parts.raw_host or "").rstrip("."), parts.port
+    except (ValueError, TypeError):
         return None
-    host = (parts.hostname or "").rstrip(".")
     if not host or not port:
         return None
     try:
         host = ipaddress.ip_address(host).compressed
     except ValueError:
-        pass  # a name
+        try:
+            host = socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            pass  # a name
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

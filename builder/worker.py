@@ -1123,9 +1123,12 @@ class LocalServices(WorkerServices):
         return self._governor(unit).acquire()
 
     def record(self, unit: WorkUnit, ok: bool, status: int,
-               retry_after: Optional[float] = None) -> None:
-        """How ``unit``'s engine request went, for its source's governor."""
-        self._governor(unit).record(ok, status, retry_after)
+               retry_after: Optional[float] = None, requests: int = 1) -> None:
+        """How ``unit``'s engine search went, for its source's governor, and the requests it
+        took (``SearchPage.requests``): those past the one ``acquire`` counted are charged."""
+        governor = self._governor(unit)
+        governor.charge(requests - 1)
+        governor.record(ok, status, retry_after)
 
     async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
         await asyncio.sleep(self.acquire(unit))
@@ -1133,11 +1136,9 @@ class LocalServices(WorkerServices):
             page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
                                            page=unit.page, per_page=unit.per_page)
         except EngineError as exc:
-            self._governor(unit).charge(exc.requests - 1)
-            self.record(unit, False, exc.status, exc.retry_after)
+            self.record(unit, False, exc.status, exc.retry_after, exc.requests)
             raise
-        self._governor(unit).charge(page.requests - 1)
-        self.record(unit, True, 200)
+        self.record(unit, True, 200, None, page.requests)
         return page
 
     async def dedup_call(self, partition: int, method: str, payload: dict[str, Any]) -> Any:

@@ -201,9 +201,9 @@ class ServiceHandler:
     def acquire(self, unit: WorkUnit) -> float:
         return self.services.acquire(unit)
 
-    def record(self, unit: WorkUnit, ok: bool, status: int,
-               retry_after: Optional[float]) -> None:
-        self.services.record(unit, ok, status, retry_after)
+    def record(self, unit: WorkUnit, ok: bool, status: int, retry_after: Optional[float],
+               requests: int = 1) -> None:
+        self.services.record(unit, ok, status, retry_after, requests)
 
 
 def _exit_text(code: Optional[int]) -> str:
@@ -458,9 +458,9 @@ class ChannelServices(LedgerCalls):
             page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
                                            page=unit.page, per_page=unit.per_page)
         except EngineError as exc:
-            await self._call("record", unit, False, exc.status, exc.retry_after)
+            await self._call("record", unit, False, exc.status, exc.retry_after, exc.requests)
             raise
-        await self._call("record", unit, True, 200, None)
+        await self._call("record", unit, True, 200, None, page.requests)
         return page
 
 

@@ -153,9 +153,9 @@ class ApiPolicy(BaseModel):
         default_factory=list, description="download.user_agent values allowed besides the "
         "spec's default; none by default (a User-Agent can claim to be another crawler)")
     max_pages: int = Field(default=50, ge=1, description="sources[].max_pages of a search "
-                           "engine: each page is a request from the server's addresses, "
-                           "drawn from the engine's budget that every job shares (a URL "
-                           "list's pages are lines of a file, and not capped)")
+                           "engine: each page is one request or more from the server's "
+                           "addresses, drawn from the engine's budget that every job shares "
+                           "(a URL list's pages are lines of a file, and not capped)")
     max_candidates_factor: float = Field(default=4.0, ge=1.0, description="search."
                                          "candidates_factor: candidates asked for per image "
                                          "still missing, each one a download")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage, count_request
@@ -88,15 +88,35 @@ def _challenge_marker(backend: str, text: str) -> str | None:
     return next((m for m in CHALLENGE_MARKERS.get(backend, ()) if m in lowered), None)
 
 
+class _Counted:
+    """ddgs' HTTP client, counting each request it sends (``count_request``) for the rate
+    limiter: a DuckDuckGo page is two (its token page, then the results)."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        count_request()
+        return self._client.request(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 def _backend_class(backend: str) -> type:
     """ddgs' search class for ``backend``, with a ``request`` that raises ``_Refused`` for a
-    non-200 answer where ddgs' own returns None (read as "no results"), and an
-    ``extract_results`` that raises ``_Challenged`` for a bot-check page without results."""
+    non-200 answer where ddgs' own returns None (read as "no results"), an
+    ``extract_results`` that raises ``_Challenged`` for a bot-check page without results,
+    and its HTTP client's requests counted (``_Counted``)."""
     from ddgs.engines import ENGINES
 
     base = ENGINES["images"][backend]
 
     class Checked(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.http_client = _Counted(self.http_client)
+
         def request(self, *args: object, **kwargs: object) -> str:
             resp = self.http_client.request(*args, **kwargs)
             if resp.status_code != 200:
@@ -165,7 +185,6 @@ class DdgsImagesEngine(SearchEngine):
     def _fetch_next(self, query: str, state: _QueryResults) -> None:
         from ddgs.exceptions import DDGSException, TimeoutException
 
-        count_request()
         try:
             results = self._backend.search(query, region=self.region,
                                            safesearch=self.safesearch, page=state.next_page,

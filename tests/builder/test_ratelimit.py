@@ -247,6 +247,9 @@ def test_charge_counts_a_searchs_further_requests_and_paces_the_next():
     ("sandbox", "http://LocalHost.:80/", "http://localhost"),
     ("openverse", "https://mirror.example/v1/images/", "https://u:p@MIRROR.example:0443/x"),
     ("sandbox", "http://[::1]:8800/", "http://[0:0::1]:8800/"),
+    ("sandbox", "http://127.0.0.1:8800/", "http://0x7f.1:8800/"),
+    ("sandbox", "http://127.0.0.1/", "http://2130706433:80/"),
+    ("openverse", "https://xn--bcher-kva.example/", "https://BÜCHER.example/"),
 ])
 def test_every_spelling_of_a_server_is_one_budget(engine, a, b):
     """Each budget is a limiter actor on Ray's head node that outlives the job: a spec that
@@ -265,7 +268,8 @@ def test_every_spelling_of_a_server_is_one_budget(engine, a, b):
 
 
 def test_the_public_api_however_spelled_is_the_engines_own_budget():
-    for url in ("https://api.openverse.org/v1/images/", "https://API.openverse.org.:443/v2"):
+    for url in ("https://api.openverse.org/v1/images/", "https://API.openverse.org.:443/v2",
+                "https://\uff41pi.openverse.org/v1/images/"):  # a full-width a
         assert budget_key("openverse", SourceSpec(engine="openverse",
                                                   options={"base_url": url})) == "openverse"
     assert budget_key("google", SourceSpec(engine="google")) == "google"

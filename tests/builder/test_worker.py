@@ -221,7 +221,8 @@ def test_the_in_process_search_charges_every_request_of_a_search(tmp_path, monke
     from builder.errors import EngineError
     from builder.spec import parse_spec
     from builder.units import SEARCH, WorkUnit
-    from builder.worker import LocalServices
+    from builder.worker import JobPlan, LocalServices
+    from builder.worker_procs import ChannelServices, ServiceHandler
 
     class ThreeRequests(SearchEngine):
         name = "sandbox"
@@ -237,16 +238,26 @@ def test_the_in_process_search_charges_every_request_of_a_search(tmp_path, monke
     spec = parse_spec({"name": "t", "target": 3, "classes": {"cat": ["q"]},
                        "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1",
                                     "options": {"max_requests_per_job": 6, "rate": 1000}}]})
-    services = LocalServices(spec, dedup=None, ledger=None)
     ok = WorkUnit("u", 0, SEARCH, 0, engine="sandbox", label="cat", query="q")
     failing = WorkUnit("v", 0, SEARCH, 0, engine="sandbox", label="cat", query="fails")
     engine = ThreeRequests()
-    assert asyncio.run(services.search(ok, engine)).requests == 3
-    with pytest.raises(EngineError):
-        asyncio.run(services.search(failing, engine))
-    with pytest.raises(QuotaExceeded, match="job quota of 6"):
-        asyncio.run(services.search(ok, engine))
-    assert services._governor(ok).snapshot()["quota"]["job_used"] == 6
+    for through_a_worker_process in (False, True):
+        local = LocalServices(spec, dedup=None, ledger=None)
+        services = local
+        if through_a_worker_process:  # the default runner's: calls to the runner's process
+            handler = ServiceHandler(local)
+
+            async def call(method, *args):
+                answer = getattr(handler, method)(*args)
+                return await answer if asyncio.iscoroutine(answer) else answer
+
+            services = ChannelServices(JobPlan(spec, str(tmp_path / "ds"), "job-1"), call)
+        assert asyncio.run(services.search(ok, engine)).requests == 3
+        with pytest.raises(EngineError):
+            asyncio.run(services.search(failing, engine))
+        assert local._governor(ok).snapshot()["quota"]["job_used"] == 6
+        with pytest.raises(QuotaExceeded, match="job quota of 6"):
+            asyncio.run(services.search(ok, engine))
 
 
 def test_a_relabelled_candidate_keeps_the_claim_the_index_filed_it_under(tmp_path):

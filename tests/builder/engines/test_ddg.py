@@ -58,6 +58,9 @@ def test_duckduckgo_pages_through_backend_pages_and_caches_them(ddg):
     again = engine.search("cat", label="cat", page=1, per_page=60)
     assert [h.url for h in again.hits] == [h.url for h in pages[1].hits]
     assert len([r for r in srv.requests if r.path == "/i.js"]) == 4
+    # what the rate limiter charges: every request, the token pages included
+    assert sum(p.requests for p in pages + [again]) == len(srv.requests)
+    assert [p.requests for p in pages] == [2, 2, 0, 2, 2] and again.requests == 0
 
 
 def test_duckduckgo_no_results_is_an_empty_last_page(monkeypatch: pytest.MonkeyPatch):
