@@ -246,6 +246,10 @@ class ShardAssembler:
         self._idle = asyncio.Event()
         """Clear while a shard is being written and marked written; ``discard`` waits for it."""
         self._idle.set()
+        self._committing = 0
+        self._commits_done = asyncio.Event()
+        """Clear while a unit's commit is under way (``_commit``); ``discard`` waits for it."""
+        self._commits_done.set()
         self._upload: Optional[asyncio.Task] = None
         """The task writing a shard and committing its units (``_upload_shard``); None once
         settled."""
@@ -330,7 +334,9 @@ class ShardAssembler:
     async def discard(self) -> list[str]:
         """Drop everything not yet written (the units will be resent); returns their uids once
         a shard already being written is written and marked so, so that a resent unit finds
-        its images written instead of writing them again."""
+        its images written instead of writing them again, and once a commit under way is
+        journaled, so that the unit, resent, finds its journal file (``WorkerRuntime.run``)
+        instead of running again beside a commit still to land."""
         dropped = list(self.pending)
         self.generation += 1
         self.buffers.clear()
@@ -338,6 +344,7 @@ class ShardAssembler:
         self.committed.clear()  # the driver resends every unit it has not seen commit
         self.buffered_bytes = 0
         await self._idle.wait()  # an upload's error now belongs to the dropped generation
+        await self._commits_done.wait()
         return dropped
 
     def take_committed(self) -> list[str]:
@@ -413,10 +420,17 @@ class ShardAssembler:
         entry = self.pending.pop(uid)
         self.buffered_bytes -= entry["held"]
         report: UnitReport = entry["report"]
-        await self.run_store(self.journal.write_unit, entry["unit"], report,
-                             entry["decisions"])
-        await self.services.commit(uid, {label: t.accepted for label, t in
-                                         report.classes.items() if t.accepted})
+        self._committing += 1
+        self._commits_done.clear()
+        try:
+            await self.run_store(self.journal.write_unit, entry["unit"], report,
+                                 entry["decisions"])
+            await self.services.commit(uid, {label: t.accepted for label, t in
+                                             report.classes.items() if t.accepted})
+        finally:
+            self._committing -= 1
+            if not self._committing:
+                self._commits_done.set()
         if self.generation == generation:
             self.committed.append(uid)
 

@@ -179,10 +179,10 @@ def gated_store(gate: asyncio.Future):
 def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_path):
     """A shard uploads in the background and commits its units after it is written. A
     discard that comes while it commits them (here: the first unit's journal file is being
-    written) drops the rest; a unit resent meanwhile under the same uid, its row not yet in
-    any shard, must not be committed by the old shard's count. Nor is the commit that was
-    under way reported: the driver resends that unit too, and would take it for the resent
-    attempt's."""
+    written) drops the rest once that commit is journaled; a unit resent then under the same
+    uid, its row not yet in any shard, must not be committed by the old shard's count. Nor is
+    the commit that was under way reported: the driver resends that unit too, which finds its
+    journal file."""
     journaling, release = asyncio.Event(), asyncio.Event()
 
     async def run(fn, *args):
@@ -201,10 +201,13 @@ def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_p
         await assembler.add(units["uB"], UnitReport("uB"), _rows("uB", 2, "cat", [0]),
                             NO_DECISIONS, 0)  # a shard of 2: uploads, then commits uA, uB
         await asyncio.wait_for(journaling.wait(), 10)
-        assert await asyncio.wait_for(assembler.discard(), 10) == ["uB"]  # uA is committing
+        dropping = asyncio.ensure_future(assembler.discard())  # uA is committing
+        await asyncio.sleep(0.05)
+        assert not dropping.done()  # it waits for uA's journal file
+        release.set()
+        assert await asyncio.wait_for(dropping, 10) == ["uB"]
         await assembler.add(units["uB"], UnitReport("uB"), _rows("uB", 2, "cat", [1]),
                             NO_DECISIONS, 1)  # resent: one row, no shard yet
-        release.set()
         for _ in range(20):
             await asyncio.sleep(0)
         assert assembler.take_committed() == []
@@ -331,9 +334,9 @@ def test_a_unit_that_waited_for_the_lock_across_a_discard_hands_nothing_over(tmp
 
 
 def test_an_error_of_a_shard_written_before_a_discard_is_not_the_new_generations(tmp_path):
-    """The discard returns once the shard is written, while its units' commits may still
-    run. If a commit then fails, that failure belongs to the dropped generation (its units
-    are resent): the resent units' ``add`` must not raise it."""
+    """The discard returns once the shard is written and the commits under way have ended.
+    If such a commit fails, that failure belongs to the dropped generation (its units are
+    resent): the resent units' ``add`` must not raise it."""
     from builder.job import IndexLost
 
     async def main() -> None:
@@ -353,14 +356,76 @@ def test_an_error_of_a_shard_written_before_a_discard_is_not_the_new_generations
         await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [0]),
                             NO_DECISIONS, 0)
         await asyncio.wait_for(committing.wait(), 10)
-        assert await assembler.discard() == []  # u1 is committing
+        dropping = asyncio.ensure_future(assembler.discard())  # u1 is committing
+        await asyncio.sleep(0.05)
+        assert not dropping.done()  # it waits for the commit under way, which fails
         failing.set_exception(IndexLost("the quota ledger restarted"))
-        await asyncio.sleep(0)
+        assert await asyncio.wait_for(dropping, 10) == []
         await assembler.add(units["u1"], UnitReport("u1"), _rows("u1", 1, "cat", [1]),
                             NO_DECISIONS, 1)
         await assembler.add(units["u2"], UnitReport("u2"), _rows("u2", 2, "cat", [0]),
                             NO_DECISIONS, 1)
         await assembler.flush()
         assert sorted(assembler.take_committed()) == ["u1", "u2"]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_a_discard_returns_only_once_a_commit_under_way_is_journaled(tmp_path, rows):
+    """A unit's commit (its journal file, then the ledger) was still under way when a
+    discard returned: the shard's upload had ended, or the unit wrote no rows. The driver
+    resent the unit, whose new attempt found no journal file and ran again; the first
+    attempt's commit then landed, and the ledger and the journal told two stories. The
+    discard now waits for it, so the resent attempt finds the file (and keeps its report)."""
+    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 2}})
+    journaled: list[str] = []
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    class Writer:
+        def write(self, table, split, number, journal, extra):
+            return None
+
+    class Journal:
+        def write_unit(self, unit, report, decisions):
+            journaled.append(unit.uid)
+
+    class Dedup:
+        async def mark_written(self, ids, claims, writing=None):
+            return None
+
+    class Services:
+        dedup = Dedup()
+
+        async def next_shard(self, split):
+            return 0
+
+        async def commit(self, uid, accepted):
+            return None
+
+    async def run_io(fn, *args):
+        if fn.__name__ == "write_unit" and not reached.is_set():
+            reached.set()
+            await release.wait()
+        return fn(*args)
+
+    assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
+                               Journal(), Services(), run_io, run_io)
+    unit = WorkUnit("uA", 0, SEARCH, 0, label="cat")
+
+    async def main() -> None:
+        adding = asyncio.ensure_future(assembler.add(
+            unit, UnitReport("uA"), _rows("uA", 1, "cat", list(range(rows))), NO_DECISIONS, 0))
+        await asyncio.wait_for(reached.wait(), 10)
+        dropping = asyncio.ensure_future(assembler.discard())
+        await asyncio.sleep(0.05)
+        assert not dropping.done() and journaled == []
+        release.set()
+        await asyncio.wait_for(dropping, 10)
+        assert journaled == ["uA"]
+        await asyncio.gather(adding, return_exceptions=True)
+        await assembler.flush()
 
     asyncio.run(main())
