@@ -237,7 +237,7 @@ class JobLifecycle:
         journal's copy once it is made (``Journal.keep_base``)."""
         self.list_plans: dict[int, SlicePlan] = {}
         self.retry_plan: Optional[SlicePlan] = None
-        self._undecided_keys: Optional[pa.Array] = None
+        self._undecided_keys: Optional[dict[str, int]] = None
         self.unit_size = spec.batch_size()
         """Rows per unit of a URL list, a retry's rejects or inline urls (before growth)."""
         self.journal: Optional[Journal] = None
@@ -444,11 +444,11 @@ class JobLifecycle:
                     self.retry_plan, lambda i: not done(i)))
                 outcome = dataclasses.replace(outcome, stats=runner.stats())
             undecided = await asyncio.to_thread(self._undecided)
-            if undecided is not None and len(undecided):
+            if undecided:
                 # Cancelled candidates the crawl never found again keep their rejects too.
                 runner.counts.add(await asyncio.to_thread(
                     redecided_counts, rejects_path(self.base_uri), self.storage_options,
-                    self.spec, False, only=undecided))
+                    self.spec, False, undecided=undecided))
                 outcome = dataclasses.replace(outcome, stats=runner.stats())
             return outcome
         finally:
@@ -530,10 +530,10 @@ class JobLifecycle:
         committed = self.journal.unit_uids()
         return lambda i: retry_uid(i) in committed
 
-    def _undecided(self) -> Optional[pa.Array]:
-        """For a run continuing a partial dataset: the keys of its cancelled rejects that no
-        unit of this run decided (``retry.undecided_keys``), worked out once the run is over.
-        None for any other run."""
+    def _undecided(self) -> Optional[dict[str, int]]:
+        """For a run continuing a partial dataset: per key, how many of its cancelled
+        rejects no unit of this run decided (``retry.undecided_keys``), worked out once the
+        run is over. None for any other run."""
         if not self.merge or self.retry or self.journal is None:
             return None
         if self._undecided_keys is None:
@@ -708,9 +708,10 @@ def index_payloads(client: DedupClient, spec: DatasetSpec, uri: str, job_id: str
                    journal: bool, only: Optional[int] = None) -> Iterator[list[dict[str, Any]]]:
     """Per-partition ``load`` payloads, in chunks: the journal's committed units (URL claims)
     and shards (written images), and, for a merge, the published dataset's images and rejects
-    (decided by an earlier run; those it decides again left out: ``retry.kept_rows``). The shards this job wrote
-    before it was killed are in the dataset's folder too, but they are its own (their images'
-    candidates are decided by its units, some not committed yet), not an earlier run's.
+    (decided by an earlier run; those it decides again left out: ``retry.kept_rows``). The
+    shards this job wrote before it was killed are in the dataset's folder too, but they are
+    its own (their images' candidates are decided by its units, some not committed yet), not
+    an earlier run's.
     ``only``: the payloads of that partition alone, the others empty (``load_payloads``)."""
     from builder.urls import normalise_url
 

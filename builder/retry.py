@@ -10,7 +10,7 @@ counts as it did (``redecided_counts`` says what to take out of the published co
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
@@ -70,21 +70,23 @@ def _slices_by_group(plan: Optional[SlicePlan]) -> dict[int, list[tuple[int, int
 
 def _groups(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
             retry: bool, plan: Optional[SlicePlan], done: Optional[Done],
-            columns: Optional[list[str]] = None, undecided: Optional[pa.Array] = None,
-            only: Optional[pa.Array] = None) -> Iterator[tuple[pa.Table, pa.ChunkedArray]]:
+            columns: Optional[list[str]] = None, undecided: Optional[dict[str, int]] = None,
+            only: bool = False) -> Iterator[tuple[pa.Table, pa.ChunkedArray]]:
     """Each row group of the rejects file at ``path`` and which of its rows are decided again:
-    with ``done``, only those of slices of ``plan`` whose units committed; not those whose
-    key is in ``undecided``; with ``only``, of those whose key is in it."""
+    with ``done``, only those of slices of ``plan`` whose units committed. ``undecided``
+    (``undecided_keys``): per key, how many of its rows were not decided again after all
+    (the first that many, in file order); ``only``: just those, else all but those."""
     fs, fs_path = open_fs(path, storage_options)
     fs.invalidate_cache(fs_path)
     if not fs.exists(fs_path):
         return
     slices = _slices_by_group(plan) if done is not None else {}
-    by_key = undecided is not None or only is not None
+    left = dict(undecided) if undecided is not None else None
+    wanted = pa.array(sorted(left), pa.string()) if left else None
     with fs.open(fs_path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = list(dict.fromkeys([*(columns or pf.schema_arrow.names), "page_url",
-                                    *(("key",) if by_key else ())]))
+                                    *(("key",) if left is not None else ())]))
         for group in range(pf.metadata.num_row_groups):
             table = with_columns(pf.read_row_group(group, columns=names), REJECT_SCHEMA, names)
             mask = redecided(table, spec, retry)
@@ -94,20 +96,27 @@ def _groups(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetS
                     if done(index):
                         ran[start:stop] = [True] * (stop - start)
                 mask = pc.and_(mask, pa.array(ran, pa.bool_()))
-            if undecided is not None:
-                mask = pc.and_(mask, pc.invert(pc.is_in(table["key"], value_set=undecided)))
-            if only is not None:
-                mask = pc.and_(mask, pc.is_in(table["key"], value_set=only))
+            if left is not None:
+                stays = [False] * table.num_rows
+                if wanted is not None:
+                    hits = pc.and_(mask, pc.is_in(table["key"], value_set=wanted))
+                    keys = table["key"].to_pylist()
+                    for i in pc.indices_nonzero(hits).to_pylist():
+                        if left.get(keys[i], 0) > 0:
+                            left[keys[i]] -= 1
+                            stays[i] = True
+                chosen = pa.array(stays, pa.bool_())
+                mask = pc.and_(mask, chosen if only else pc.invert(chosen))
             yield table, mask
 
 
 def kept_rows(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
               retry: bool, plan: Optional[SlicePlan] = None, done: Optional[Done] = None,
-              columns: Optional[list[str]] = None, undecided: Optional[pa.Array] = None
+              columns: Optional[list[str]] = None, undecided: Optional[dict[str, int]] = None
               ) -> Iterator[pa.Table]:
     """The rejects a continuing run leaves as they were, a row group at a time: all but those
     it decides again (with ``done``: decided again in a slice whose unit committed; with
-    ``undecided``: not those keys, which it never reached). Their ``columns`` (and those
+    ``undecided``: not those rows, which it never reached). Their ``columns`` (and those
     ``redecided`` reads), or all of them."""
     for table, mask in _groups(path, storage_options, spec, retry, plan, done, columns,
                                undecided=undecided):
@@ -115,35 +124,39 @@ def kept_rows(path: str, storage_options: Optional[dict[str, Any]], spec: Datase
 
 
 def undecided_keys(path: str, storage_options: Optional[dict[str, Any]], spec: DatasetSpec,
-                   decided: Iterable[pa.Table]) -> pa.Array:
-    """For a run continuing a partial dataset (not a retry): the keys of the rejects it was
-    to decide again (``cancelled``) that none of its units decided (``decided``: tables of
-    their rows' ``key``). It decides them only where the crawl finds them again, which it
-    need not (a class filled first, an engine that answers otherwise): they stay as they
-    were. A cancel leaves few such rows (the candidates of the units in flight)."""
-    parts = [table["key"].filter(mask) for table, mask in
-             _groups(path, storage_options, spec, False, None, None, columns=["key", "url",
-                                                                               "label", "reason"])]
-    cancelled = pc.unique(pa.chunked_array(parts, pa.string()).combine_chunks())
-    if not len(cancelled):
-        return cancelled
-    found = [pc.unique(t["key"].filter(pc.is_in(t["key"], value_set=cancelled)))
-             for t in decided]
-    seen = pa.chunked_array(found, pa.string()).combine_chunks()
-    return cancelled.filter(pc.invert(pc.is_in(cancelled, value_set=seen)))
+                   decided: Iterable[pa.Table]) -> dict[str, int]:
+    """For a run continuing a partial dataset (not a retry): of the rejects it was to decide
+    again (``cancelled``), per key, how many rows it did not decide: those past the rows of
+    that key its units wrote (``decided``: tables of their rows' ``key``). It decides them
+    only where the crawl finds them again, which it need not (a class filled first, an
+    engine that answers otherwise): they stay as they were. A cancel leaves few such rows
+    (the candidates of the units in flight)."""
+    cancelled: Counter = Counter()
+    for table, mask in _groups(path, storage_options, spec, False, None, None,
+                               columns=["key", "url", "label", "reason"]):
+        cancelled.update(table["key"].filter(mask).to_pylist())
+    if not cancelled:
+        return {}
+    wanted = pa.array(sorted(cancelled), pa.string())
+    found: Counter = Counter()
+    for t in decided:
+        found.update(t["key"].filter(pc.is_in(t["key"], value_set=wanted)).to_pylist())
+    return {key: n - found[key] for key, n in cancelled.items() if n > found[key]}
 
 
 def redecided_counts(path: str, storage_options: Optional[dict[str, Any]],
                      spec: DatasetSpec, retry: bool, plan: Optional[SlicePlan] = None,
-                     done: Optional[Done] = None, only: Optional[pa.Array] = None
+                     done: Optional[Done] = None, undecided: Optional[dict[str, int]] = None
                      ) -> UnitReport:
     """The published rejects a continuing run decides again, as counts (candidates and
     rejections per class, reason and stage, and their rights ledgers), from the rows
-    themselves; with ``only``, those of its keys."""
+    themselves; with ``undecided``, just the rows it left undecided after all (to count
+    back)."""
     report = UnitReport("redecided")
     report.rights = RightsTally()
     for table, mask in _groups(path, storage_options, spec, retry, plan, done,
-                               columns=["url", "label", "reason", "rights"], only=only):
+                               columns=["url", "label", "reason", "rights"],
+                               undecided=undecided, only=undecided is not None):
         rows = table.filter(mask)
         report.rights.add_column(rows["rights"])
         for row in rows.group_by(["label", "reason"]).aggregate([([], "count_all")]).to_pylist():

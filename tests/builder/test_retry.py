@@ -73,23 +73,26 @@ def test_a_merge_holds_as_seen_exactly_the_rejects_it_does_not_decide_again(tmp_
 
 def test_a_continuation_keeps_the_cancelled_rejects_it_never_decided(tmp_path):
     """A continuation of a partial dataset decides its cancelled rejects again only where its
-    crawl finds them again; the others stay as they were, and count as they did."""
+    crawl finds them again; the others stay as they were, and count as they did. A key
+    cancelled twice (two sightings) and found once keeps one of its rows."""
     from builder.retry import undecided_keys
 
-    rows = [{"key": f"k{i}", "url": f"http://h/{i}.jpg", "label": "cat", "query": "cat",
+    keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k6"]
+    rows = [{"key": key, "url": f"http://h/{key}.jpg", "label": "cat", "query": "cat",
              "engine": "sandbox", "stage": "fetch" if i < 2 else "select",
-             "reason": "timeout" if i < 2 else "cancelled", "detail": "", "duplicate_of": None,
-             "http_status": None, "rights": None} for i in range(6)]
+             "reason": "timeout" if i < 2 else "cancelled", "detail": str(i),
+             "duplicate_of": None, "http_status": None, "rights": None}
+            for i, key in enumerate(keys)]
     path = str(tmp_path / "rejects.parquet")
-    pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), path, row_group_size=3)
     spec = _spec(False)
-    decided = [pa.table({"key": ["k2", "new", "k2"]}), pa.table({"key": ["k4"]})]
+    decided = [pa.table({"key": ["k2", "new", "k2", "k6"]}), pa.table({"key": ["k4"]})]
     undecided = undecided_keys(path, None, spec, decided)
-    assert sorted(undecided.to_pylist()) == ["k3", "k5"]
+    assert undecided == {"k3": 1, "k5": 1, "k6": 1}
     kept = pa.concat_tables(kept_rows(path, None, spec, retry=False, undecided=undecided))
-    assert sorted(kept["key"].to_pylist()) == ["k0", "k1", "k3", "k5"]
-    back = redecided_counts(path, None, spec, retry=False, only=undecided)
-    assert back.classes["cat"].candidates == 2 and back.classes["cat"].rejected == \
-        {"cancelled": 2}
-    assert undecided_keys(path, None, spec, [pa.table({"key": ["k2", "k3", "k4", "k5"]})]
-                          ).to_pylist() == []
+    assert sorted(zip(kept["key"].to_pylist(), kept["detail"].to_pylist())) == [
+        ("k0", "0"), ("k1", "1"), ("k3", "3"), ("k5", "5"), ("k6", "6")]
+    back = redecided_counts(path, None, spec, retry=False, undecided=undecided)
+    assert back.classes["cat"].candidates == 3 and back.classes["cat"].rejected == \
+        {"cancelled": 3}
+    assert undecided_keys(path, None, spec, [pa.table({"key": keys[2:]})]) == {}
