@@ -378,32 +378,12 @@ def test_a_discard_returns_only_once_a_commit_under_way_is_journaled(tmp_path, r
     resent the unit, whose new attempt found no journal file and ran again; the first
     attempt's commit then landed, and the ledger and the journal told two stories. The
     discard now waits for it, so the resent attempt finds the file (and keeps its report)."""
-    spec = parse_spec({"name": "t", "target": 50, "classes": {"cat": ["q"]},
-                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
-                       "output": {"uri": str(tmp_path / "ds"), "shard_size": 2}})
     journaled: list[str] = []
     reached, release = asyncio.Event(), asyncio.Event()
-
-    class Writer:
-        def write(self, table, split, number, journal, extra):
-            return None
 
     class Journal:
         def write_unit(self, unit, report, decisions):
             journaled.append(unit.uid)
-
-    class Dedup:
-        async def mark_written(self, ids, claims, writing=None):
-            return None
-
-    class Services:
-        dedup = Dedup()
-
-        async def next_shard(self, split):
-            return 0
-
-        async def commit(self, uid, accepted):
-            return None
 
     async def run_io(fn, *args):
         if fn.__name__ == "write_unit" and not reached.is_set():
@@ -411,8 +391,8 @@ def test_a_discard_returns_only_once_a_commit_under_way_is_journaled(tmp_path, r
             await release.wait()
         return fn(*args)
 
-    assembler = ShardAssembler(JobPlan(spec, str(tmp_path / "ds"), "job-1"), Writer(),
-                               Journal(), Services(), run_io, run_io)
+    assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 2), str(tmp_path / "ds"), "job-1"),
+                               ListWriter(), Journal(), NumberingServices(), run_io, run_io)
     unit = WorkUnit("uA", 0, SEARCH, 0, label="cat")
 
     async def main() -> None:
