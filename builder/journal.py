@@ -337,7 +337,8 @@ class Journal:
         killed driver, or on Ray a lost ledger, came first): per class, their images written."""
         out: dict[str, Counter] = {}
         for table in self.iter_tables("shards", ["uid", "label"]):
-            counts = table.group_by(["uid", "label"]).aggregate([([], "count_all")])
+            counts = table.group_by(["uid", "label"], use_threads=False).aggregate(
+                [([], "count_all")])
             for row in counts.to_pylist():
                 if row["uid"] and row["uid"] not in committed:
                     out.setdefault(row["uid"], Counter())[row["label"]] += row["count_all"]

@@ -159,7 +159,8 @@ def redecided_counts(path: str, storage_options: Optional[dict[str, Any]],
                                undecided=undecided, only=undecided is not None):
         rows = table.filter(mask)
         report.rights.add_column(rows["rights"])
-        for row in rows.group_by(["label", "reason"]).aggregate([([], "count_all")]).to_pylist():
+        for row in rows.group_by(["label", "reason"], use_threads=False).aggregate(
+                [([], "count_all")]).to_pylist():
             tally = report.classes.setdefault(row["label"], ClassTally())
             tally.candidates += row["count_all"]
             tally.rejected[row["reason"]] += row["count_all"]

@@ -192,8 +192,8 @@ class RightsTally:
         for col in ("present", "refused", "allowed"):
             table = table.set_column(table.schema.get_field_index(col), col,
                                      pc.cast(table[col], pa.int64()))
-        sums = table.group_by("name").aggregate([(c, "sum") for c in
-                                                 ("checked", "present", "refused", "allowed")])
+        sums = table.group_by("name", use_threads=False).aggregate(
+            [(c, "sum") for c in ("checked", "present", "refused", "allowed")])
         for row in sums.to_pylist():
             c = self.counts.setdefault(row["name"], Counter())
             for key in ("checked", "present", "refused", "allowed"):
