@@ -45,17 +45,12 @@ class QuotaLedger:
         ``number`` may be in use, before any of them is handed out."""
         self._reserved: dict[str, int] = {}
 
-    def room(self, label: str, own: int = 0) -> int:
-        """Images ``label`` still has room for; ``own``: granted to the asking unit, which
-        counts as room for it."""
-        return max(0, self.targets[label] - self.accepted[label] - self._granted[label] + own)
+    def room(self, label: str) -> int:
+        return max(0, self.targets[label] - self.accepted[label] - self._granted[label])
 
-    def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
-        """Per class, images it still has room for (target less committed and granted); for
-        unit ``uid``, its own grant counts as room: a resent unit's earlier attempt may have
-        written the images it covers, and the new attempt's grant replaces it."""
-        own = self.grants.get(uid, Counter()) if uid is not None else Counter()
-        return {label: self.room(label, own[label]) for label in self.targets}
+    def rooms(self) -> dict[str, int]:
+        """Per class, images it still has room for (target less committed and granted)."""
+        return {label: self.room(label) for label in self.targets}
 
     def grant(self, uid: str, wants: dict[str, int],
               floor: Optional[dict[str, int]] = None) -> dict[str, int]:

@@ -97,8 +97,8 @@ class WorkerServices:
                     ) -> dict[str, int]:
         raise NotImplementedError
 
-    async def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
-        """Per class, the images it still has room for (``QuotaLedger.rooms``)."""
+    async def rooms(self) -> dict[str, int]:
+        """Per class, the images it still has room for."""
         raise NotImplementedError
 
     async def commit(self, uid: str, accepted: dict[str, int]) -> None:
@@ -137,8 +137,8 @@ class LedgerCalls(WorkerServices):
                     ) -> dict[str, int]:
         return await self._ledger("grant", uid, wants, floor)
 
-    async def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
-        return await self._ledger("rooms", uid)
+    async def rooms(self) -> dict[str, int]:
+        return await self._ledger("rooms")
 
     async def commit(self, uid: str, accepted: dict[str, int]) -> None:
         await self._ledger("commit", uid, accepted)
@@ -685,15 +685,21 @@ class UnitRun:
         if candidates is None:
             report.settled = False
             return report
-        rooms = await w.services.rooms(unit.uid) if candidates else {}
+        rooms = await w.services.rooms() if candidates else {}
         if unit.kind == SEARCH:
             # An engine has more pages: take up only what the class may still need.
             cap = math.ceil(rooms.get(unit.label, 0) * self.spec.search.candidates_factor)
         else:
             cap = len(candidates)
+        # A resent unit (or one a killed run left half-written) may have written images of
+        # any of its candidates: each goes on to the index, which knows, and the grant keeps
+        # those first (the rest are over_target), whatever room the class has left now.
+        again = unit.attempt > 0
         for cand in candidates:
             if cand.label not in rooms:
                 report.skipped[cand.label] += 1
+            elif again:
+                self.records.append(Record(cand))
             elif unit.kind == RETRY and rooms[cand.label] <= 0:
                 # A published reject decided again: a candidate already, which the class
                 # no longer needs (not a hit left unused, which would drop its record).
@@ -1114,8 +1120,8 @@ class LocalServices(WorkerServices):
                     ) -> dict[str, int]:
         return self.ledger.grant(uid, wants, floor)
 
-    async def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
-        return self.ledger.rooms(uid)
+    async def rooms(self) -> dict[str, int]:
+        return self.ledger.rooms()
 
     async def commit(self, uid: str, accepted: dict[str, int]) -> None:
         self.ledger.commit(uid, accepted)

@@ -189,8 +189,8 @@ class ServiceHandler:
                     ) -> dict[str, int]:
         return await self.services.grant(uid, wants, floor)
 
-    async def rooms(self, uid: Optional[str] = None) -> dict[str, int]:
-        return await self.services.rooms(uid)
+    async def rooms(self) -> dict[str, int]:
+        return await self.services.rooms()
 
     async def commit(self, uid: str, accepted: dict[str, int]) -> None:
         await self.services.commit(uid, accepted)

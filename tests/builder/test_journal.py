@@ -639,6 +639,30 @@ def test_a_recovered_ledger_holds_room_for_the_images_half_written_units_wrote(t
     assert journal.partial_units({"done"}) == {"half": {"cat": 3, "dog": 2}, "other": {"dog": 1}}
     ledger = recover_ledger(spec, uri, "job1", None, merge=False)
     assert ledger.rooms() == {"cat": 3, "dog": 7}
-    assert ledger.rooms("half") == {"cat": 6, "dog": 9}
-    assert ledger.grant("half", {"cat": 5, "dog": 2}, {"cat": 3, "dog": 2}) == \
-        {"cat": 5, "dog": 2}
+    assert ledger.grants["half"] == {"cat": 3, "dog": 2}
+    # the rerun asks again: its written images, and the room no other unit took
+    assert ledger.grant("half", {"cat": 7, "dog": 2}, {"cat": 3, "dog": 2}) == \
+        {"cat": 6, "dog": 2}
+
+
+def test_half_written_units_that_never_finished_publish_nothing_and_say_why(tmp_path):
+    """A half-written unit that the resumed run never finished (its source kept failing, its
+    list changed) left images in shards no count holds: publishing failed on the manifest's
+    count with no word of why. Nothing is published, and the error names the unit."""
+    from builder.errors import CancelledUnpublished, JobInterrupted
+    from builder.job import RunOutcome
+
+    uri = str(tmp_path / "ds")
+    spec = parse_spec({"name": "ds", "target": 10, "classes": {"cat": None},
+                       "sources": [{"engine": "urllist", "path": str(tmp_path / "urls.txt")}],
+                       "output": {"uri": uri}})
+    life = JobLifecycle(spec, uri=uri, job_id="job1")
+    life.journal = Journal(uri, "job1")
+    life.journal.start(spec)
+    life.publisher = object()  # never reached
+    life.partial_units = {"half": {"cat": 2}}
+    with pytest.raises(JobInterrupted, match="1 units .* never finished .*e.g. half.*--resume"):
+        life.publish(RunOutcome({}, cancelled=False), {})
+    with pytest.raises(CancelledUnpublished, match="--resume"):
+        life.publish(RunOutcome({}, cancelled=True), {})
+    assert not (tmp_path / "ds" / "_SUCCESS").exists()

@@ -21,15 +21,3 @@ def test_a_rebuilt_ledger_does_not_count_the_journaled_units_again():
     ledger.commit("v", {"cat": 2})
     assert ledger.snapshot() == {"cat": {"target": 10, "accepted": 6, "granted": 0}}
 
-
-
-def test_a_resent_unit_counts_its_own_earlier_grant_as_room():
-    """A resent unit's earlier grant is still held when it asks for the class's room: it
-    counted against itself, so the hits whose images its first attempt wrote were left
-    unused, and those images stayed in shards no count held."""
-    ledger = QuotaLedger({"cat": 10}, {"cat": 4})
-    ledger.grant("X", {"cat": 6})
-    assert ledger.rooms() == {"cat": 0}
-    assert ledger.rooms("X") == {"cat": 6}
-    assert ledger.rooms("other") == {"cat": 0}
-    assert ledger.grant("X", {"cat": 6}) == {"cat": 6}

@@ -75,9 +75,9 @@ def test_a_unit_cancelled_before_its_urls_are_checked_still_counts_its_candidate
     class CancelOnRooms(LocalServices):
         worker: WorkerRuntime
 
-        async def rooms(self, uid=None) -> dict[str, int]:
+        async def rooms(self) -> dict[str, int]:
             self.worker.cancel()
-            return await super().rooms(uid)
+            return await super().rooms()
 
     services = CancelOnRooms(spec, LocalPartitions(4, near=True, k=1).client(),
                              QuotaLedger({"cat": 5}))
@@ -515,3 +515,53 @@ def test_a_resent_unit_an_earlier_attempt_committed_keeps_that_attempts_report(t
     [(_, kept)] = list(Journal(uri, "job-1").iter_unit_reports())
     assert kept.classes["cat"].accepted == 5
     assert ledger.accepted["cat"] == 5 and ledger.rooms() == {"cat": 0}
+
+
+@pytest.mark.parametrize("kind", ["search", "inline"])
+def test_a_resent_unit_decides_every_candidate_whatever_room_is_left(tmp_path, kind):
+    """A resent unit (or one a killed run left half-written) may have written the images of
+    any of its candidates. Its rerun left the candidates past the class's room unused (or,
+    for a search, past the cap that room gives), so written images among them were never
+    decided and stayed in shards no count held: publishing failed for good. Each now goes on
+    to be decided; here the fetches fail, so each ends a reject, none unused."""
+    import asyncio
+    import dataclasses
+
+    from builder.dedup import LocalPartitions
+    from builder.engines.base import SearchHit, SearchPage
+    from builder.quota import QuotaLedger
+    from builder.spec import parse_spec
+    from builder.units import INLINE, SEARCH, WorkUnit
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(6)]
+    spec = parse_spec({"name": "t", "target": 6, "classes": {"cat": {"urls": urls}},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1",
+                                    "per_page": 6}],
+                       "download": {"allow_private_networks": True, "timeout_s": 1,
+                                    "retries": 0},
+                       "output": {"uri": str(tmp_path / "ds")}})
+
+    class Hits(LocalServices):
+        async def search(self, unit, engine):
+            return SearchPage([SearchHit(url=u, rank=i) for i, u in enumerate(urls)])
+
+    # search: one image of room left, a cap of 2 hits; inline: no room left
+    ledger = QuotaLedger({"cat": 6}, {"cat": 5 if kind == "search" else 6})
+    services = Hits(spec, LocalPartitions(8, k=1).client(), ledger)
+    unit = (WorkUnit("u", 0, SEARCH, 0, engine="sandbox", label="cat", query="q", per_page=6)
+            if kind == "search" else
+            WorkUnit("u", 0, INLINE, 0, engine="inline", label="cat", start=0, stop=6))
+
+    async def run(unit):
+        runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"), services)
+        await runtime.start()
+        try:
+            return (await runtime.run(unit))[0]
+        finally:
+            await runtime.close()
+
+    first = asyncio.run(run(unit)).classes["cat"]
+    assert first.unused == (4 if kind == "search" else 6)  # a first attempt: as before
+    again = asyncio.run(run(dataclasses.replace(unit, uid="v", attempt=1))).classes["cat"]
+    assert again.unused == 0 and again.candidates == 6 and sum(again.rejected.values()) == 6
