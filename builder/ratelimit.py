@@ -244,6 +244,10 @@ def state_dir() -> Path:
     return Path(base) / "pixcrawler"
 
 
+_NUMERIC_HOST = re.compile(r"[0-9a-fA-FxX.]+")
+"""A host the resolver may read as an IPv4 address in another form (``127.1``, ``0x7f.1``)."""
+
+
 def endpoint_server(url: str) -> Optional[str]:
     """The server a URL's requests reach, as ``host:port``: the host as the HTTP client reads
     it (yarl: lower case, IDNA, full-width forms folded) without a final dot, an IP address
@@ -259,10 +263,11 @@ def endpoint_server(url: str) -> Optional[str]:
     try:
         host = ipaddress.ip_address(host).compressed
     except ValueError:
-        try:
-            host = socket.inet_ntoa(socket.inet_aton(host))
-        except OSError:
-            pass  # a name
+        if _NUMERIC_HOST.fullmatch(host):
+            try:
+                host = socket.inet_ntoa(socket.inet_aton(host))
+            except OSError:
+                pass  # not an address after all: a name
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -99,7 +99,15 @@ class _Counted:
         count_request()
         return self._client.request(*args, **kwargs)
 
+    def get(self, url: str, *args: Any, **kwargs: Any) -> Any:
+        return self.request("GET", url, *args, **kwargs)
+
+    def post(self, url: str, *args: Any, **kwargs: Any) -> Any:
+        return self.request("POST", url, *args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
+        if name == "_client":  # not set yet (a copy being made)
+            raise AttributeError(name)
         return getattr(self._client, name)
 
 

@@ -267,6 +267,16 @@ def test_every_spelling_of_a_server_is_one_budget(engine, a, b):
     assert "u:p" not in key and "/" not in key
 
 
+def test_a_server_name_that_is_no_address_stays_a_name():
+    from builder.ratelimit import endpoint_server
+
+    assert endpoint_server("http://x\x00.com/") == "x\x00.com:80"
+    assert endpoint_server("http://cafe.example:8/") == "cafe.example:8"
+    assert endpoint_server("http://add/") == "add:80"  # hex digits, but no address
+    assert endpoint_server("http://0x7f.1/") == "127.0.0.1:80"
+    assert endpoint_server("file:///etc/passwd") is None
+
+
 def test_the_public_api_however_spelled_is_the_engines_own_budget():
     for url in ("https://api.openverse.org/v1/images/", "https://API.openverse.org.:443/v2",
                 "https://\uff41pi.openverse.org/v1/images/"):  # a full-width a
