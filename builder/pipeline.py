@@ -38,7 +38,7 @@ import yaml
 
 from builder.dedup import (U64, DedupClient, LocalPartitions, WrittenImages, claim_of,
                            id_number, url_hash)
-from builder.errors import CancelledUnpublished
+from builder.errors import CancelledUnpublished, JobInterrupted
 from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
                          WorkerLost)
 from builder.journal import (Journal, ResumeError, ResumeState, new_job_id,
@@ -476,14 +476,20 @@ class JobLifecycle:
     def publish(self, outcome: RunOutcome, extra: dict[str, Any]) -> JobResult:
         """Write the dataset-level files and the marker; remove the journal. Blocking."""
         assert self.journal is not None and self.publisher is not None
-        if outcome.cancelled and self.partial_units:
-            left = set(self.partial_units) - self.journal.unit_uids()
-            if left:
-                raise CancelledUnpublished(
-                    f"[{self.job_id}] cancelled before it finished {len(left)} units that the "
-                    "interrupted run left half-written (their images are in shards no count "
-                    f"holds yet): nothing is published at {self.uri}; continue it with "
-                    "--resume")
+        left = set(self.partial_units) - self.journal.unit_uids() if self.partial_units \
+            else set()
+        if left and outcome.cancelled:
+            raise CancelledUnpublished(
+                f"[{self.job_id}] cancelled before it finished {len(left)} units that the "
+                "interrupted run left half-written (their images are in shards no count "
+                f"holds yet): nothing is published at {self.uri}; continue it with --resume")
+        if left:
+            raise JobInterrupted(
+                f"[{self.job_id}] {len(left)} units that the interrupted run left half-written "
+                f"never finished (e.g. {sorted(left)[0]}: a source that kept failing, or a list "
+                "that changed), and their images are in shards no count holds: nothing is "
+                f"published at {self.uri}; continue it with --resume once the source answers, "
+                "or start over with --overwrite")
         spec = self.spec
         stats = dict(outcome.stats)
         stats.update(job_id=self.job_id, name=spec.name, output_uri=self.uri,
@@ -641,7 +647,7 @@ def recover_ledger(spec: DatasetSpec, uri: str, job_id: str, storage_options: Op
         partial = journal.partial_units(set(committed))
     for uid, written in partial.items():
         # Room held for the images a half-written unit wrote: it keeps them when it runs
-        # again (QuotaLedger.rooms(uid)), and no other unit takes their place meanwhile.
+        # again (its grant's floor), and no other unit takes their place meanwhile.
         ledger.grant(uid, written, written)
     if unjournaled:
         def reserve(split: str, number: int) -> None:
