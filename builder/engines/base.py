@@ -93,39 +93,46 @@ def count_request() -> None:
         counter[0] += 1
 
 
+def _checked(engine: "SearchEngine", search: SearchFn, query: str, *, label: str, page: int,
+             per_page: int) -> SearchPage:
+    """``search``'s page, or only an ``EngineError`` or ``SourceError`` (messages cut to
+    ``MAX_ERROR_CHARS``)."""
+    name = engine.name or type(engine).__name__
+    try:
+        result = search(engine, query, label=label, page=page, per_page=per_page)
+    except (EngineError, SourceError) as exc:
+        message = str(exc)
+        if len(message) > MAX_ERROR_CHARS:
+            exc.args = (message[:MAX_ERROR_CHARS] + "\u2026",)
+        raise
+    except MALFORMED_ERRORS as exc:
+        log.debug("%s: malformed response", name, exc_info=True)
+        raise EngineError(f"{name}: malformed response: {type(exc).__name__}: "
+                          f"{str(exc)[:MAX_ERROR_CHARS]}", retryable=True) from exc
+    if not isinstance(result, SearchPage) or \
+            not all(isinstance(h, SearchHit) for h in result.hits):
+        raise EngineError(f"{name}: malformed response: search gave "
+                          f"{type(result).__name__}, not a SearchPage of SearchHits",
+                          retryable=True)
+    return result
+
+
 def _guarded(search: SearchFn) -> SearchFn:
-    """``search`` with malformed-answer exceptions turned into a retryable ``EngineError``."""
+    """``search`` with malformed-answer exceptions turned into a retryable ``EngineError``
+    (``_checked``), and its HTTP requests counted (``count_request``)."""
 
     @functools.wraps(search)
     def guarded(self: "SearchEngine", query: str, *, label: str, page: int,
                 per_page: int) -> SearchPage:
-        name = self.name or type(self).__name__
         requests = [0]
         token = _REQUESTS.set(requests)
         try:
-            result = search(self, query, label=label, page=page, per_page=per_page)
-        except (EngineError, SourceError) as exc:
-            message = str(exc)
-            if len(message) > MAX_ERROR_CHARS:
-                exc.args = (message[:MAX_ERROR_CHARS] + "\u2026",)
-            if isinstance(exc, EngineError):
-                exc.requests = requests[0]
+            result = _checked(self, search, query, label=label, page=page, per_page=per_page)
+        except EngineError as exc:
+            exc.requests = requests[0]
             raise
-        except MALFORMED_ERRORS as exc:
-            log.debug("%s: malformed response", name, exc_info=True)
-            error = EngineError(f"{name}: malformed response: {type(exc).__name__}: "
-                                f"{str(exc)[:MAX_ERROR_CHARS]}", retryable=True)
-            error.requests = requests[0]
-            raise error from exc
         finally:
             _REQUESTS.reset(token)
-        if not isinstance(result, SearchPage) or \
-                not all(isinstance(h, SearchHit) for h in result.hits):
-            error = EngineError(f"{name}: malformed response: search gave "
-                                f"{type(result).__name__}, not a SearchPage of SearchHits",
-                                retryable=True)
-            error.requests = requests[0]
-            raise error
         result.requests = requests[0]
         return result
 
