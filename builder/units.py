@@ -139,6 +139,11 @@ class UnitReport:
     def candidates(self) -> int:
         return sum(t.candidates for t in self.classes.values())
 
+    @property
+    def accepted(self) -> dict[str, int]:
+        """Per class with any, its accepted images: what the unit's commit counts."""
+        return {label: t.accepted for label, t in self.classes.items() if t.accepted}
+
 
 @dataclass
 class WorkerEvents:

@@ -425,8 +425,7 @@ class ShardAssembler:
         try:
             await self.run_store(self.journal.write_unit, entry["unit"], report,
                                  entry["decisions"])
-            await self.services.commit(uid, {label: t.accepted for label, t in
-                                             report.classes.items() if t.accepted})
+            await self.services.commit(uid, report.accepted)
         finally:
             self._committing -= 1
             if not self._committing:
@@ -604,8 +603,7 @@ class WorkerRuntime:
         assert self.assembler is not None
         log.info("unit %s was committed by an earlier attempt: its journaled report stands",
                  unit.uid)
-        await self.services.commit(unit.uid, {label: t.accepted for label, t in
-                                              report.classes.items() if t.accepted})
+        await self.services.commit(unit.uid, report.accepted)
         self.assembler.committed.append(unit.uid)
         return report
 
