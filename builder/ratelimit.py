@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Optional
 from yarl import URL
 
 from builder.errors import EngineError
-from builder.spec import PUBLIC_ENDPOINTS
+from builder.spec import PUBLIC_ENDPOINTS, host_key
 
 Clock = Callable[[], float]
 
@@ -255,7 +255,7 @@ def endpoint_server(url: str) -> Optional[str]:
     filled in, no user info. None for a URL without a host or port."""
     try:
         parts = URL(url)
-        host, port = (parts.raw_host or "").rstrip("."), parts.port
+        host, port = host_key(parts.raw_host or ""), parts.port
     except (ValueError, TypeError):
         return None
     if not host or not port:
