@@ -166,6 +166,17 @@ async def run_now(fn, *args):
     return fn(*args)
 
 
+def held_at(name: str, reached: asyncio.Event, release: asyncio.Event):
+    """A storage runner whose first call of ``name`` (``write_unit``: a unit's journal file)
+    sets ``reached`` and waits for ``release``."""
+    async def run(fn, *args):
+        if fn.__name__ == name and not reached.is_set():
+            reached.set()
+            await release.wait()
+        return fn(*args)
+    return run
+
+
 def gated_store(gate: asyncio.Future):
     """A storage runner whose shard writes wait for ``gate`` (the first shard's upload holds
     until the test resolves it)."""
@@ -184,13 +195,7 @@ def test_a_shard_written_before_a_discard_commits_none_of_the_resent_units(tmp_p
     the commit that was under way reported: the driver resends that unit too, which finds its
     journal file."""
     journaling, release = asyncio.Event(), asyncio.Event()
-
-    async def run(fn, *args):
-        if fn.__name__ == "write_unit" and not journaling.is_set():
-            journaling.set()
-            await release.wait()
-        return fn(*args)
-
+    run = held_at("write_unit", journaling, release)
     assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 2), str(tmp_path / "ds"), "job-1"),
                                ListWriter(), NoJournal(), NumberingServices(), run, run)
     units = {uid: WorkUnit(uid, 0, SEARCH, 0, label="cat") for uid in ("uA", "uB")}
@@ -385,12 +390,7 @@ def test_a_discard_returns_only_once_a_commit_under_way_is_journaled(tmp_path, r
         def write_unit(self, unit, report, decisions):
             journaled.append(unit.uid)
 
-    async def run_io(fn, *args):
-        if fn.__name__ == "write_unit" and not reached.is_set():
-            reached.set()
-            await release.wait()
-        return fn(*args)
-
+    run_io = held_at("write_unit", reached, release)
     assembler = ShardAssembler(JobPlan(_one_class(tmp_path, 2), str(tmp_path / "ds"), "job-1"),
                                ListWriter(), Journal(), NumberingServices(), run_io, run_io)
     unit = WorkUnit("uA", 0, SEARCH, 0, label="cat")
