@@ -278,8 +278,10 @@ class ShardAssembler:
                                       "remaining": rows.num_rows, "held": held}
             self.buffered_bytes += held
             if rows.num_rows:
-                for split in sorted(set(rows["split"].to_pylist())):
-                    part = rows.filter(pc.equal(rows["split"], split))
+                splits = sorted(pc.unique(rows["split"]).to_pylist())
+                for split in splits:  # one split (the usual case): no copy of the images
+                    part = rows if len(splits) == 1 else rows.filter(
+                        pc.equal(rows["split"], split))
                     self.buffers.setdefault(split, []).append(part)
                     self.buffered_bytes += part.nbytes
             else:
