@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from builder.errors import PixCrawlerError
 from builder.records import REJECT_SCHEMA, with_columns
+from builder.rights import RIGHTS_TYPE
 from builder.spec import DatasetSpec, upgrade_saved_spec
 from builder.storage import (atomic_write, cut_writes, delete_tree, join, list_files, open_fs,
                              storage_errors)
@@ -82,8 +83,15 @@ SHARD_SCHEMA = pa.schema([
     pa.field("author", pa.string()),
     pa.field("sig_a", pa.list_(pa.uint64())),
     pa.field("sig_b", pa.list_(pa.uint64())),
+    pa.field("rights", RIGHTS_TYPE),
 ])
-"""One row per image of a committed shard: its manifest entry and its stored signatures."""
+"""One row per image of a committed shard: its manifest entry, its stored signatures and its
+rights ledger (journals written before the ledger was added lack it: nulls)."""
+
+WRITTEN_COLUMNS = ["claim", "id", "sha256", "label", "url", "format", "width", "height", "bytes",
+                   "rights"]
+"""What a resent unit takes back of an image an earlier attempt of it wrote
+(``Journal.unit_rows``)."""
 
 
 class ResumeError(PixCrawlerError):
@@ -151,6 +159,13 @@ def report_from_json(data: dict[str, Any]) -> tuple[WorkUnit, UnitReport]:
 
         report.rights = RightsTally.from_state(data["rights"])
     return unit, report
+
+
+def _read_shard_rows(data: bytes, columns: list[str]) -> pa.Table:
+    """``columns`` of a journal shard file's bytes; one the file lacks (written before the
+    column was added) comes as nulls."""
+    table = pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
+    return with_columns(table, SHARD_SCHEMA, columns)
 
 
 @dataclass
@@ -343,6 +358,23 @@ class Journal:
                 if row["uid"] and row["uid"] not in committed:
                     out.setdefault(row["uid"], Counter())[row["label"]] += row["count_all"]
         return {uid: dict(c) for uid, c in out.items()}
+
+    def unit_rows(self, uid: str, seen: dict[str, frozenset[str]]) -> list[dict[str, Any]]:
+        """The rows (``WRITTEN_COLUMNS``) of the images unit ``uid`` has in committed shards:
+        what an earlier attempt of it wrote before it was resent. ``seen``: the caller's
+        record of the units in each shard file read so far, filled in here; a committed
+        shard file never changes, so each is fetched once for it, and then only the files
+        that hold ``uid`` are fetched again (whole: they hold no images; about 120 KB per
+        1,000 images)."""
+        paths = self.shard_files()
+        new = [p for p in paths if p not in seen]
+        for path, data in zip(new, self._contents(new)):
+            seen[path] = frozenset(_read_shard_rows(data, ["uid"])["uid"].to_pylist())
+        rows: list[dict[str, Any]] = []
+        for data in self._contents([p for p in paths if uid in seen[p]]):
+            table = _read_shard_rows(data, ["uid"] + WRITTEN_COLUMNS)
+            rows += [row for row in table.to_pylist() if row.pop("uid") == uid]
+        return rows
 
     def read_unit(self, uid: str) -> Optional[UnitReport]:
         """The report a committed unit journaled, or None where it has not committed."""

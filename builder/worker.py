@@ -10,7 +10,8 @@ several at a time. One unit goes, in order:
    partitioned index, so the same URL twice in a job is a ``duplicate_url``;
 3. **fetch** (politely, ``builder.fetch``), then **validate and hash** on the thread pool;
 4. **dedup**: one round trip to the index partitions decides exact and near duplicates
-   (``builder.dedup``); an image an earlier attempt of this unit already wrote is kept as is;
+   (``builder.dedup``); an image an earlier attempt of this unit already wrote is kept as is
+   (a resent unit takes those in its journaled shards back before step 2, unfetched);
 5. **slow level** (NSFW / CLIP) where the spec asks for it; its scores go into the record;
 6. **grant**: the quota ledger grants up to each class's room; valid images past it are
    ``over_target``;
@@ -30,6 +31,7 @@ process; ``actors.worker`` provides them as Ray actors.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import importlib.abc
@@ -55,9 +57,9 @@ from builder.journal import Journal
 from builder.listsource import ListReader, SlicePlan
 from builder.ratelimit import DayFile, EngineGovernor, budget_key, limits_for
 from builder.reasons import Reason
-from builder.records import Candidate, Record, accepted_row, reject_row
+from builder.records import Candidate, Record, accepted_row, candidate_key, reject_row
 from builder.retry import retry_candidates
-from builder.rights import RightsTally
+from builder.rights import RightsTally, Signal
 from builder.similarity import copy_of, quality_key
 from builder.spec import DatasetSpec
 from builder.splits import assign_split
@@ -481,6 +483,8 @@ class WorkerRuntime:
         self.batching: dict[int, Callable[[], None]] = {}
         """Per unit fetching now (by ``id``): hands the bodies it is collecting into a
         validation batch on to validation (``hand_on``)."""
+        self.shard_units: dict[str, frozenset[str]] = {}
+        """The units in each journaled shard file read so far (``Journal.unit_rows``)."""
 
     async def start(self) -> None:
         """Open the fetcher and pool; check this worker can write the output."""
@@ -664,6 +668,8 @@ class UnitRun:
         self.bad_rows: dict[int, str] = {}
         self.url_hashes: dict[int, int] = {}
         """Per record (by ``id``), the hash of its normalised URL, as ``_check_urls`` found it."""
+        self.restored: set[int] = set()
+        """Records (by ``id``) whose image an earlier attempt wrote (``_restore_written``)."""
         self.generation = worker.assembler.generation if worker.assembler is not None else 0
         """The assembler's generation the unit began in: a ``discard`` since makes it stale."""
 
@@ -692,8 +698,10 @@ class UnitRun:
         else:
             cap = len(candidates)
         # A resent unit (or one a killed run left half-written) may have written images of
-        # any of its candidates: each goes on to the index, which knows, and the grant keeps
-        # those first (the rest are over_target), whatever room the class has left now.
+        # any of its candidates: those in committed shards are taken back unfetched
+        # (``_restore_written``), the others go on to the index, which knows of any shard
+        # written since, and the grant keeps the written first (the rest are over_target),
+        # whatever room the class has left now.
         again = unit.attempt > 0
         for cand in candidates:
             if cand.label not in rooms:
@@ -710,6 +718,8 @@ class UnitRun:
             else:
                 self.records.append(Record(cand))
                 cap -= 1
+        if again:
+            await self._restore_written()
         try:
             await self._decide()
         except UnitCancelled:
@@ -765,10 +775,58 @@ class UnitRun:
 
     # -- deciding ----------------------------------------------------------------------------
 
+    async def _restore_written(self) -> None:
+        """Take back, as they were written, the images an earlier attempt of this unit wrote
+        into committed shards (its journal's shard rows): they are in the dataset whatever
+        happens now, so they are accepted without being fetched again. Fetched again, one
+        that failed this time (a server down, a changed file) ended a reject while its shard
+        kept it, and one whose candidate a search no longer returned was never decided:
+        either way the manifest held an image no count had, and publishing failed on every
+        ``--resume``. A candidate found again is matched by its claim; one not found again
+        comes back from its row (its URL and class). Each keeps its row's rights ledger, and
+        its stored size stands for the bytes it downloaded."""
+        unit = self.unit
+        rows = await self.w._store(self.w.journal.unit_rows, unit.uid, self.w.shard_units)
+        if not rows:
+            return
+        by_claim: dict[int, list[Record]] = {}
+        for r in reversed(self.records):  # popped in the order they were found
+            by_claim.setdefault(self.claim(r), []).append(r)
+        for row in rows:
+            found = by_claim.get(row["claim"])
+            if found:
+                record = found.pop()
+            else:  # not found again, or (before the unit check) the same URL written twice
+                record = Record(self._lost_candidate(row))
+                self.records.append(record)
+            if record.label != row["label"]:  # relabelled when it was written
+                record.relabelled_from = record.label
+                record.candidate = dataclasses.replace(record.candidate, label=row["label"])
+            record.sha256 = row["sha256"]
+            record.format = row["format"] or ""
+            record.width, record.height = row["width"] or 0, row["height"] or 0
+            record.downloaded_bytes = row["bytes"] or 0
+            record.rights = tuple(Signal(s["signal"], s["value"], s["source"], s["verdict"])
+                                  for s in row["rights"] or ())
+            self.restored.add(id(record))
+            self.written.add(id_number(record.id))
+        log.info("unit %s: %d images an earlier attempt wrote are taken back as written",
+                 unit.uid, len(rows))
+
+    def _lost_candidate(self, row: dict[str, Any]) -> Candidate:
+        """The candidate of a written image that this attempt did not find again (a search
+        whose results changed): its URL, under the class whose key gives the row's claim,
+        which is the class it was found under (a relabelled image's row has its new class)."""
+        unit, url = self.unit, row["url"] or ""
+        found = next((label for label in [row["label"], *self.spec.labels]
+                      if claim_of(f"{unit.uid}\n{candidate_key(label, url)}") == row["claim"]),
+                     row["label"])
+        return Candidate(url=url, label=found, query=unit.query, engine=unit.engine)
+
     async def _decide(self) -> None:
         w = self.w
         await self._check_urls()
-        live = [r for r in self.records if not r.rejected]
+        live = [r for r in self.records if not r.rejected and id(r) not in self.restored]
         if live:
             try:
                 await self._fetch_and_validate(live)
@@ -857,6 +915,8 @@ class UnitRun:
             if record.rejected:  # decided before its URL mattered (``run``)
                 continue
             norm, reason, detail = check_url(record.candidate.url)
+            if (reason is not None or norm is None) and id(record) in self.restored:
+                continue  # written whatever its URL says now
             if reason is not None or norm is None:
                 where = self.bad_rows.get(id(record.candidate))
                 record.reject(reason or Reason.INVALID_URL,
@@ -871,16 +931,24 @@ class UnitRun:
             return
         answers = await self.stage(self.w.services.dedup.check_urls(claims, hashes, kclaims))
         before = set()
+        # The index answers a candidate's own claim as its own: a second candidate of the
+        # same class and URL in this unit (a list naming a line twice, a search repeating a
+        # hit) has that claim too, so the unit finds it here. Written ones come first.
+        here = {self.url_hashes[id(r)] for r in which if id(r) in self.restored}
         for record, (other, done) in zip(which, answers):
+            if id(record) in self.restored:  # written: its URL is claimed, whoever else has it
+                continue
             if done and self.unit.kind == RETRY:
                 # A published reject decided again: the entry of its key is another kept row
                 # of that key (its URL's later sightings, rejected duplicate_url), not it.
                 continue
             if done:
                 before.add(id(record))
-            elif other:
+            elif other or self.url_hashes[id(record)] in here:
                 record.reject(Reason.DUPLICATE_URL, "the same URL was already a candidate in "
                                                     "this job")
+            else:
+                here.add(self.url_hashes[id(record)])
         if before:
             self.report.decided_before += len(before)
             self.records = [r for r in self.records if id(r) not in before]
@@ -906,7 +974,8 @@ class UnitRun:
         w, unit = self.w, self.unit
         # Best copy first: of the copies of one picture in this unit, the index keeps the first
         # it decides, so the largest / colour / least compressed one (``quality_key``).
-        valid = sorted((r for r in self.records if not r.rejected and r.sha256),
+        valid = sorted((r for r in self.records
+                        if not r.rejected and r.sha256 and id(r) not in self.restored),
                        key=lambda r: quality_key(copy_of(r)))
         for pos, record in enumerate(valid):
             stored, probes = record.dedup_signatures()

@@ -427,6 +427,8 @@ class ShardWriter:
              "sig_a": (extra.get("sig_a") or [[]] * len(entries))[i],
              "sig_b": (extra.get("sig_b") or [[]] * len(entries))[i]}
             for i, e in enumerate(entries)], schema=SHARD_SCHEMA)
+        shard_rows = shard_rows.set_column(SHARD_SCHEMA.get_field_index("rights"),
+                                           SHARD_SCHEMA.field("rights"), table["rights"])
         journal.write_shard(name, shard_rows)
         return shard_rows
 

@@ -22,8 +22,8 @@ import pytest
 
 from builder import journal as journal_mod
 from builder.errors import StorageError
-from builder.journal import (SHARD_SCHEMA, UNIT_SCHEMA, Journal, ResumeError, published_spec,
-                             resumable_jobs)
+from builder.journal import (SHARD_SCHEMA, UNIT_SCHEMA, WRITTEN_COLUMNS, Journal, ResumeError,
+                             published_spec, resumable_jobs)
 from builder.pipeline import JobLifecycle
 from builder.records import REJECT_SCHEMA, with_columns
 from builder.rights import RIGHTS_TYPE
@@ -666,3 +666,48 @@ def test_half_written_units_that_never_finished_publish_nothing_and_say_why(tmp_
     with pytest.raises(CancelledUnpublished, match="--resume"):
         life.publish(RunOutcome({}, cancelled=True), {})
     assert not (tmp_path / "ds" / "_SUCCESS").exists()
+
+
+def test_a_units_written_rows_read_each_shard_file_once_for_its_units(tmp_path, monkeypatch):
+    """A resent unit takes back what an earlier attempt wrote (``unit_rows``). Its worker
+    keeps which units each shard file holds, so a later resent unit reads only the shard
+    files written since, and then the files that hold it."""
+    uri = str(tmp_path / "ds")
+    journal = Journal(uri, "job1")
+    journal.start(parse_spec({"name": "ds", "classes": {"cat": None},
+                              "sources": [{"engine": "urllist",
+                                           "path": str(tmp_path / "urls.txt")}],
+                              "output": {"uri": uri}}))
+
+    def shard(name: str, uids: list[str]) -> None:
+        rows = [{"id": f"{name}{n}", "uid": uid, "claim": n, "label": "cat", "url": f"u{n}"}
+                for n, uid in enumerate(uids)]
+        schema = pa.schema([SHARD_SCHEMA.field(k) for k in rows[0]])
+        journal.write_shard(name, with_columns(pa.Table.from_pylist(rows, schema=schema),
+                                               SHARD_SCHEMA, SHARD_SCHEMA.names))
+
+    read: list[str] = []
+    contents = Journal._contents
+
+    def counted(self, paths):
+        read.extend(p.rsplit("/", 1)[-1] for p in paths)
+        return contents(self, paths)
+
+    monkeypatch.setattr(Journal, "_contents", counted)
+    seen: dict[str, frozenset[str]] = {}
+    shard("train-00000", ["a", "b", "a"])
+    shard("train-00001", ["b"])
+    assert [r["id"] for r in journal.unit_rows("a", seen)] == ["train-000000", "train-000002"]
+    assert read == ["train-00000.parquet", "train-00001.parquet", "train-00000.parquet"]
+    read.clear()
+    shard("train-00002", ["c", "a"])
+    rows = journal.unit_rows("a", seen)
+    assert [(r["id"], r["claim"], r["url"]) for r in rows] == [
+        ("train-000000", 0, "u0"), ("train-000002", 2, "u2"), ("train-000021", 1, "u1")]
+    assert read == ["train-00002.parquet", "train-00000.parquet", "train-00002.parquet"]
+    assert journal.unit_rows("z", seen) == [] and set(rows[0]) == set(WRITTEN_COLUMNS)
+    # a journal written before shard rows kept their rights ledger: read as none
+    pq.write_table(pa.table({"id": ["old"], "uid": ["d"], "claim": pa.array([7], pa.uint64())}),
+                   journal._path("shards", "train-00003.parquet"))
+    [old] = journal.unit_rows("d", seen)
+    assert (old["id"], old["claim"], old["rights"]) == ("old", 7, None)

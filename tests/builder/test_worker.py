@@ -565,3 +565,91 @@ def test_a_resent_unit_decides_every_candidate_whatever_room_is_left(tmp_path, k
     assert first.unused == (4 if kind == "search" else 6)  # a first attempt: as before
     again = asyncio.run(run(dataclasses.replace(unit, uid="v", attempt=1))).classes["cat"]
     assert again.unused == 0 and again.candidates == 6 and sum(again.rejected.values()) == 6
+
+
+def _written_row(uid: str, label: str, url: str, found_under: str = "") -> dict:
+    """A journal shard row of an image unit ``uid`` wrote, its candidate found under
+    ``found_under`` (default: ``label``)."""
+    import hashlib
+
+    from builder.dedup import claim_of
+    from builder.records import candidate_key
+
+    sha = hashlib.sha256(url.encode()).hexdigest()
+    return {"id": sha[:16], "uid": uid, "label": label, "split": "train", "sha256": sha,
+            "url": url, "format": "jpeg", "width": 64, "height": 48, "bytes": 1234,
+            "claim": claim_of(f"{uid}\n{candidate_key(found_under or label, url)}"),
+            "rights": [{"signal": "xmp_datamining", "value": "allowed", "source": "XMP (test)",
+                        "verdict": "allow"}]}
+
+
+def test_a_resent_unit_takes_back_the_images_an_earlier_attempt_wrote_without_a_fetch(
+        tmp_path):
+    """A resent unit (its worker lost, or a killed job resumed) fetched every candidate
+    again. An image an earlier attempt had written into a committed shard, whose fetch now
+    failed, ended a reject; one whose candidate the search no longer returned was never
+    decided. Either way its shard kept an image no count had, and publishing failed on every
+    --resume. Both are now taken back from the journal's shard rows as accepted, written,
+    and counted once."""
+    import asyncio
+
+    from builder.dedup import LocalPartitions
+    from builder.engines.base import SearchHit, SearchPage
+    from builder.journal import SHARD_SCHEMA, Journal
+    from builder.quota import QuotaLedger
+    from builder.records import with_columns
+    from builder.spec import parse_spec
+    from builder.units import SEARCH, WorkUnit
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    uri = str(tmp_path / "ds")
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(4)]  # nothing listens: each fails
+    spec = parse_spec({"name": "t", "target": 6, "classes": {"cat": None, "dog": None},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1",
+                                    "per_page": 4}],
+                       "download": {"allow_private_networks": True, "timeout_s": 1,
+                                    "retries": 0},
+                       "output": {"uri": uri}})
+    journal = Journal(uri, "job-1")
+    journal.start(spec)
+    rows = [_written_row("u", "cat", urls[0]),  # found again; its fetch fails now
+            _written_row("u", "cat", "http://127.0.0.1:9/gone.jpg"),  # not found again
+            _written_row("u", "dog", "http://127.0.0.1:9/moved.jpg", found_under="cat"),
+            _written_row("other", "cat", "http://127.0.0.1:9/else.jpg")]
+    rows.append(dict(rows[0]))  # a URL this unit found twice, written twice before a fix
+    schema = pa.schema([SHARD_SCHEMA.field(name) for name in rows[0]])
+    journal.write_shard("train-00000", with_columns(pa.Table.from_pylist(rows, schema=schema),
+                                                    SHARD_SCHEMA, SHARD_SCHEMA.names))
+
+    class Hits(LocalServices):
+        async def search(self, unit, engine):
+            return SearchPage([SearchHit(url=u, rank=i) for i, u in enumerate(urls)])
+
+    ledger = QuotaLedger({"cat": 6, "dog": 6})
+    services = Hits(spec, LocalPartitions(8, k=1).client(), ledger)
+    unit = WorkUnit("u", 0, SEARCH, 0, engine="sandbox", label="cat", query="q", per_page=4,
+                    attempt=1)
+
+    async def rerun():
+        runtime = WorkerRuntime(JobPlan(spec, uri, "job-1"), services)
+        await runtime.start()
+        try:
+            report, _ = await runtime.run(unit)
+            await runtime.flush()
+            return report
+        finally:
+            await runtime.close()
+
+    report = asyncio.run(rerun())
+    cat, dog = report.classes["cat"], report.classes["dog"]
+    assert (cat.candidates, cat.accepted, sum(cat.rejected.values())) == (6, 3, 3)
+    assert (dog.candidates, dog.accepted) == (1, 1)
+    assert report.relabelled == {("cat", "dog"): 1}
+    assert report.rights.counts["xmp_datamining"]["allowed"] == 4  # their ledgers, as written
+    assert ledger.accepted == {"cat": 3, "dog": 1}
+    [(_, journaled)] = list(Journal(uri, "job-1").iter_unit_reports())
+    assert journaled.accepted == {"cat": 3, "dog": 1}
+    decisions = next(Journal(uri, "job-1").iter_tables("units")).to_pylist()
+    assert sorted(r["image_id"] for r in decisions if r["accepted"]) == \
+        sorted(r["id"] for r in rows[:3] + rows[4:])
+    assert not list((tmp_path / "ds" / "data").glob("*.parquet"))  # nothing written again

@@ -192,6 +192,24 @@ def test_over_target_images_are_released_so_a_later_copy_is_kept(sandbox, tmp_pa
     check_accounting(str(tmp_path / "ds"))
 
 
+def test_a_url_named_twice_for_one_class_in_one_unit_is_one_image(sandbox, tmp_path):
+    """Both candidates had the same claim, which the index answers as the candidate's own:
+    both were fetched and accepted, and the dataset held the same image twice. The second
+    is now a duplicate_url, as it is when the two are in different units."""
+    cat = sandbox.class_image_urls("cat")
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"label": ["cat"] * 4, "url": [cat[0], cat[1], cat[0], cat[2]]}),
+                   urls)
+    out = str(tmp_path / "ds")
+    run_local(parse_spec({"name": "twice", "target": 10, "classes": {"cat": None},
+                          "sources": [{"engine": "urllist", "path": str(urls)}],
+                          "download": {"timeout_s": 1.0, "allow_private_networks": True},
+                          "output": {"uri": out}}))
+    stats = check_accounting(out)
+    assert (stats["accepted"], stats["rejected_by_reason"]) == (3, {"duplicate_url": 1})
+    assert sorted(accepted_urls(out)) == sorted(cat[:3])
+
+
 def test_a_relabelled_image_is_counted_once_under_its_new_class(sandbox, tmp_path, monkeypatch):
     """wrong_class: relabel moves an image to another class: its candidate is counted there,
     so accepted + rejected == candidates holds per class."""

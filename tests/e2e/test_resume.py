@@ -552,6 +552,45 @@ def test_a_resume_cancelled_before_its_half_written_units_publishes_nothing(sand
     check_accounting(out)
 
 
+def test_a_resume_whose_server_is_gone_keeps_what_the_half_written_units_wrote(tmp_path):
+    """A killed run left units with images in committed shards but no commit. The resumed
+    run fetched their candidates again; with the image server gone, every fetch failed, so
+    the written images ended rejects while their shards kept them: publishing failed on the
+    manifest's count, and on every --resume after. They are now taken back as written,
+    without a fetch, and the dataset publishes with every count whole."""
+    out = str(tmp_path / "out")
+    web = SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30)
+    web.start()
+    try:
+        data = list_spec(web, tmp_path, out)
+        data["output"]["shard_size"] = 1
+        data["download"]["per_host_delay_s"] = 0.03
+        spec_path = tmp_path / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(data))
+        journal = Path(out) / "_journal" / "killme"
+        written: dict[str, set[str]] = {}
+
+        def half_written() -> bool:
+            done = {p.stem for p in journal.glob("units/*.parquet")}
+            written.clear()
+            for p in journal.glob("shards/*.parquet"):
+                table = pq.read_table(p, columns=["uid", "id"])
+                for uid, image in zip(table["uid"].to_pylist(), table["id"].to_pylist()):
+                    written.setdefault(uid, set()).add(image)
+            return len(done) >= 2 and bool(set(written) - done)
+
+        _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
+        done = {p.stem for p in journal.glob("units/*.parquet")}
+        kept = set().union(*(ids for uid, ids in written.items() if uid not in done))
+    finally:
+        web.stop()
+    run_local(parse_spec(data), resume=True)
+    assert is_complete(out)
+    stats = check_accounting(out)
+    assert kept and kept <= set(accepted_ids(out))
+    assert stats["rejected_by_reason"].get("connection_error", 0) > 0  # the server was gone
+
+
 def test_retry_failed_that_accepts_images_ends_an_empty_dataset(tmp_path):
     """A dataset built while its image server was down is _PARTIAL (empty). A retry once the
     server is back accepted every image but kept the marker (and exited 3 saying no image was
