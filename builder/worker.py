@@ -783,8 +783,10 @@ class UnitRun:
         kept it, and one whose candidate a search no longer returned was never decided:
         either way the manifest held an image no count had, and publishing failed on every
         ``--resume``. A candidate found again is matched by its claim; one not found again
-        comes back from its row (its URL and class). Each keeps its row's rights ledger, and
-        its stored size stands for the bytes it downloaded."""
+        comes back from its row (its URL and class). Each keeps its row's rights ledger (none
+        from a journal written before shard rows kept it: a job killed under an older
+        version then publishes a rights summary without those images' ledgers), and its
+        stored size stands for the bytes it downloaded."""
         unit = self.unit
         rows = await self.w._store(self.w.journal.unit_rows, unit.uid, self.w.shard_units)
         if not rows:
@@ -938,17 +940,16 @@ class UnitRun:
         for record, (other, done) in zip(which, answers):
             if id(record) in self.restored:  # written: its URL is claimed, whoever else has it
                 continue
-            if done and self.unit.kind == RETRY:
-                # A published reject decided again: the entry of its key is another kept row
-                # of that key (its URL's later sightings, rejected duplicate_url), not it.
-                continue
-            if done:
+            # A published reject decided again (RETRY) is ``done`` and goes on: the entry of
+            # its key is another kept row of that key (its URL's later sightings), not it.
+            h = self.url_hashes[id(record)]
+            if done and self.unit.kind != RETRY:
                 before.add(id(record))
-            elif other or self.url_hashes[id(record)] in here:
+            elif (other and not done) or h in here:
                 record.reject(Reason.DUPLICATE_URL, "the same URL was already a candidate in "
                                                     "this job")
             else:
-                here.add(self.url_hashes[id(record)])
+                here.add(h)
         if before:
             self.report.decided_before += len(before)
             self.records = [r for r in self.records if id(r) not in before]

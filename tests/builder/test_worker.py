@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from builder.ratelimit import QuotaExceeded
@@ -653,3 +654,61 @@ def test_a_resent_unit_takes_back_the_images_an_earlier_attempt_wrote_without_a_
     assert sorted(r["image_id"] for r in decisions if r["accepted"]) == \
         sorted(r["id"] for r in rows[:3] + rows[4:])
     assert not list((tmp_path / "ds" / "data").glob("*.parquet"))  # nothing written again
+
+
+@pytest.mark.parametrize("kept_row", [False, True], ids=["alone", "beside-a-kept-row"])
+def test_a_retried_slice_naming_one_reject_twice_accepts_one_image(tmp_path, monkeypatch,
+                                                                   kept_row):
+    """A dataset built before one unit's twice-named URL became a duplicate_url could keep two
+    transient rejects of one key. Retried in one slice, both shared a claim, which the index
+    answers as the candidate's own: beside a kept row of that key (``done``, as the index
+    loads a published reject), both were fetched and accepted, one image twice."""
+    import asyncio
+
+    from builder.dedup import LocalPartitions, claim_of, url_hash
+    from builder.journal import Journal
+    from builder.quota import QuotaLedger
+    from builder.records import Candidate
+    from builder.sandbox import SandboxWeb
+    from builder.spec import parse_spec
+    from builder.units import RETRY, WorkUnit
+    from builder.urls import normalise_url
+    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+
+    uri = str(tmp_path / "ds")
+    spec = parse_spec({"name": "t", "target": 5, "classes": {"cat": None},
+                       "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                       "download": {"allow_private_networks": True, "timeout_s": 5,
+                                    "retries": 0},
+                       "output": {"uri": uri}})
+    Journal(uri, "job-1").start(spec)
+    with SandboxWeb(classes=("cat",), images_per_class=1) as web:
+        url = web.class_image_urls("cat")[0]
+        parts = LocalPartitions(8, k=1)
+        client = parts.client()
+        if kept_row:
+            key = Candidate(url=url, label="cat").key
+            for p, payload in enumerate(client.load_payloads(
+                    [(url_hash(normalise_url(url)), claim_of(key))], [], done=True)):
+                if payload:
+                    parts.partitions[p].load(payload)
+
+        async def twice(self):
+            return [Candidate(url=url, label="cat"), Candidate(url=url, label="cat")]
+
+        monkeypatch.setattr(UnitRun, "_candidates", twice)
+        services = LocalServices(spec, client, QuotaLedger({"cat": 5}))
+
+        async def run():
+            runtime = WorkerRuntime(JobPlan(spec, uri, "job-1"), services)
+            await runtime.start()
+            try:
+                report, _ = await runtime.run(WorkUnit("r-00000000", 0, RETRY, 0, slice=0))
+                await runtime.flush()
+                return report
+            finally:
+                await runtime.close()
+
+        cat = asyncio.run(run()).classes["cat"]
+    assert (cat.candidates, cat.accepted, dict(cat.rejected)) == (2, 1, {"duplicate_url": 1})
+    assert sum(pq.read_metadata(p).num_rows for p in (tmp_path / "ds" / "data").glob("*")) == 1
