@@ -53,6 +53,12 @@ class CircuitOpen(EngineError):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message, retryable=True, retry_after=retry_after)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from ``args`` alone, it would lack ``retry_after``: it crosses from the
+        # runner to its worker processes (``builder.worker_procs``), which would receive a
+        # RuntimeError that no unit handles, and the job would stop.
+        return type(self), (str(self), self.retry_after), self.__dict__
+
 
 class TokenBucket:
     """``rate`` tokens a second, up to ``burst`` saved; reservations may run into debt.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from builder.ratelimit import (
@@ -363,3 +365,23 @@ def test_reconfigure_keeps_a_retry_after_hold():
     assert gov.acquire() == pytest.approx(30.0)
     with pytest.raises(ValueError):
         gov.reconfigure(EngineLimits(rate=1.0, failure_threshold=0))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CircuitOpen("ddg: circuit open after 6 failures; next try in 59.5s", 59.5),
+    lambda: QuotaExceeded("ddg: daily quota of 100 requests spent"),
+], ids=["circuit_open", "quota"])
+def test_a_governors_refusal_reaches_a_worker_process_as_itself(make):
+    """The in-process runner's governors answer the worker processes' searches over a pickled
+    channel. CircuitOpen could not be rebuilt from its args (its retry_after was missing), so
+    the worker got a RuntimeError that no unit handles, and the whole job stopped the first
+    time an engine's breaker opened."""
+    from builder.worker_procs import _portable
+
+    exc = make()
+    exc.requests = 2
+    sent = _portable(exc)
+    back = pickle.loads(pickle.dumps(sent))
+    assert type(back) is type(exc) and str(back) == str(exc)
+    assert (back.retryable, back.retry_after, back.requests) == \
+        (exc.retryable, exc.retry_after, 2)
