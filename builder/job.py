@@ -33,8 +33,8 @@ from builder.listsource import SlicePlan
 from builder.reasons import Reason
 from builder.rights import RightsTally, honoured_signals
 from builder.spec import DatasetSpec
-from builder.units import (INLINE, LIST, RETRY, SEARCH, ClassTally, UnitReport, WorkerEvents,
-                           WorkUnit, inline_uid, list_uid, retry_uid, search_uid)
+from builder.units import (INLINE, LIST, RETRY, SEARCH, WRITTEN, ClassTally, UnitReport,
+                           WorkerEvents, WorkUnit, inline_uid, list_uid, retry_uid, search_uid)
 
 log = logging.getLogger("pixcrawler.job")
 
@@ -159,6 +159,10 @@ class UnitPlanner:
         self._done = resume.done if resume is not None else set()
         self._done_search: dict[str, Any] = {
             u.uid: r.search for u, r in (resume.reports if resume else []) if u.kind == SEARCH}
+        self._done_written = {u.uid for u, _ in (resume.reports if resume else [])
+                              if u.kind == WRITTEN}
+        """Pages finished from what they wrote (``WRITTEN``): no search outcome, and the
+        pages after them are still there."""
         self.lists = {i: _ListState(i, p) for i, p in (list_plans or {}).items()}
         self.retry = _ListState(-1, retry_plan) if retry_plan is not None else None
         self._cursors: dict[str, list[Any]] = {}
@@ -247,8 +251,8 @@ class UnitPlanner:
                 if uid in self._done:
                     outcome = self._done_search.get(uid)
                     c.page += 1
-                    if outcome is None or not outcome.has_more or not outcome.hits \
-                            or c.page >= c.max_pages:
+                    if c.page >= c.max_pages or uid not in self._done_written and (
+                            outcome is None or not outcome.has_more or not outcome.hits):
                         c.exhausted = True
                     continue
                 c.busy = True
@@ -270,6 +274,10 @@ class UnitPlanner:
             return self._issue(uid=uid, kind=RETRY if state is self.retry else LIST,
                                source=state.source, engine=engine, slice=index)
         return None
+
+    def written_unit(self, uid: str) -> WorkUnit:
+        """The ``WRITTEN`` unit that finishes ``uid``, a unit an interrupted run half wrote."""
+        return self._issue(uid=uid, kind=WRITTEN, source=-1, attempt=1)
 
     def _rows(self, state: _ListState, index: int) -> int:
         return state.plan.rows(index) or self.unit_size
@@ -477,7 +485,7 @@ class JobRunner:
     def __init__(self, spec: DatasetSpec, executor: Executor, planner: UnitPlanner,
                  counts: JobCounts, *, units_per_worker: int = 2,
                  progress: Optional[ProgressFn] = None, progress_every_s: float = 0.5,
-                 partial_units: Optional[set[str]] = None):
+                 partial_units: Optional[dict[str, dict[str, int]]] = None):
         self.spec = spec
         self.executor = executor
         self.planner = planner
@@ -505,7 +513,13 @@ class JobRunner:
         self._planned: set[str] = set()
         """Units resent after they had reported: their next report must not move the planner
         (a search cursor would skip a page, a list's in-flight count would drift)."""
-        self._partial = partial_units or set()
+        self._partial = partial_units or {}
+        """Units the interrupted run half wrote: per class, the images their shards hold, for
+        which the ledger holds room."""
+        self._unfinished = set(self._partial)
+        """Those not decided in this run (yet): their held room is not needed from others."""
+        self._written_sent: set[str] = set()
+        """Those sent as ``WRITTEN`` units (each once: ``_finish_written``)."""
         self._class_in_flight: Counter = Counter()
 
     def cancel(self, cause: str = "request") -> None:
@@ -520,6 +534,13 @@ class JobRunner:
     def _capacity(self) -> int:
         live = self.executor.workers - len(self._down)
         return max(0, live * self.units_per_worker - sum(self._load))
+
+    def _need(self, label: str) -> int:
+        """Images ``label`` still needs from new work: the room the ledger holds for the
+        interrupted run's half-written units not decided yet is theirs (they finish last,
+        from what they wrote, if nothing reaches them first)."""
+        held = sum(self._partial[uid].get(label, 0) for uid in self._unfinished)
+        return max(0, self.counts.need(label) - held)
 
     def _expected(self, label: str) -> float:
         """Accepted images expected from this class's units in flight (not yet reported)."""
@@ -540,7 +561,7 @@ class JobRunner:
             for label in self.spec.labels:
                 if room <= 0:
                     break
-                need = self.counts.need(label)
+                need = self._need(label)
                 state = self.planner.waiting_on_list(label) if need > 0 else None
                 if state is not None:
                     lists_wanted[id(state)] = state
@@ -563,7 +584,7 @@ class JobRunner:
                     room -= 1
                     progressed = True
             if self.planner.retry is not None and room > 0 and \
-                    any(self.counts.need(lb) > 0 for lb in self.spec.labels):
+                    any(self._need(lb) > 0 for lb in self.spec.labels):
                 unit = self.planner.next_list_unit(self.planner.retry)
                 if unit is not None:
                     out.append(unit)
@@ -572,7 +593,7 @@ class JobRunner:
         return out
 
     def _wanted(self, label: str) -> bool:
-        return self.counts.need(label) > 0
+        return self._need(label) > 0
 
     def _pick_worker(self) -> int:
         live = [w for w in range(self.executor.workers) if w not in self._down]
@@ -725,6 +746,8 @@ class JobRunner:
                         await self._revive()
                         continue
                     wake = self.planner.next_wake(self._wanted)
+                    if wake is None and not self.cancelled and self._finish_written():
+                        continue
                     if wake is None or self.cancelled:
                         break
                     await asyncio.wait({cancel_wait},
@@ -754,6 +777,19 @@ class JobRunner:
         await self._flush()
         await self._maybe_progress(force=True)
         return RunOutcome(self.stats(), self.cancelled, dict(self.fetch))
+
+    def _finish_written(self) -> bool:
+        """Queue the half-written units of the interrupted run that this one never decided
+        (``WRITTEN``), once there is nothing else to do: each takes back the images its
+        shards hold, which no count would hold otherwise, so the job can publish. The
+        planner learns nothing from them. True if any was queued."""
+        queued = {unit.uid for unit in self._resend}
+        left = sorted(self._unfinished - self._written_sent - set(self._flights) - queued)
+        for uid in left:
+            self._planned.add(uid)
+            self._written_sent.add(uid)
+            self._resend.append(self.planner.written_unit(uid))
+        return bool(left)
 
     def _stale(self, flight: _Flight) -> None:
         """A result (or failure) of a unit sent before the last reset: send it again."""
@@ -796,6 +832,10 @@ class JobRunner:
         flight.report = report
         flight.incarnation = events.incarnation
         self.counts.add(report)
+        if report.settled:
+            self._unfinished.discard(unit.uid)
+        elif unit.uid in self._partial:  # decided before, and lost: undecided again
+            self._unfinished.add(unit.uid)
         if unit.uid in self._planned:  # the planner learnt from its first report
             self._planned.discard(unit.uid)
         else:
@@ -850,6 +890,8 @@ class JobRunner:
                         self._take_events(w, events)
             except IndexLost:
                 await self._reset_all()
+            if not self.cancelled:
+                self._finish_written()
             if not self._resend:
                 break
             # Work was lost while finishing: run it again, then flush again.

@@ -425,7 +425,7 @@ class JobLifecycle:
                   runner_hook: Optional[Callable[[JobRunner], None]] = None) -> RunOutcome:
         self.runner = runner = JobRunner(self.spec, executor, self.planner(), self.counts(),
                                          units_per_worker=units_per_worker, progress=progress,
-                                         partial_units=set(self.partial_units))
+                                         partial_units=self.partial_units)
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -486,9 +486,8 @@ class JobLifecycle:
         if left:
             raise JobInterrupted(
                 f"[{self.job_id}] {len(left)} units that the interrupted run left half-written "
-                f"never finished (e.g. {sorted(left)[0]}: a source that kept failing, or a list "
-                "that changed), and their images are in shards no count holds: nothing is "
-                f"published at {self.uri}; continue it with --resume once the source answers, "
+                f"never finished (e.g. {sorted(left)[0]}), and their images are in shards no "
+                f"count holds: nothing is published at {self.uri}; continue it with --resume, "
                 "or start over with --overwrite")
         spec = self.spec
         stats = dict(outcome.stats)

@@ -5,7 +5,9 @@ slice of a URL list file, a slice of a class's inline ``urls``, or a slice of a 
 dataset's rejects (``retry-failed``). Its ``uid`` is derived from what it covers, so a resent or
 resumed unit is the same unit, and its ``seq`` (the order the driver first issued it in) orders
 near-duplicate decisions between units. The worker that runs a unit reads its candidates itself
-(it runs the search, or reads the slice): the driver never sees a candidate.
+(it runs the search, or reads the slice): the driver never sees a candidate. A ``WRITTEN``
+unit, last, finishes a unit an interrupted run half wrote and this run never reached, from the
+images its shards hold.
 
 A ``UnitReport`` carries counts only: per class, candidates, accepted, rejected by reason and
 hits left unused (their class was full before the unit started).
@@ -19,6 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 SEARCH, LIST, INLINE, RETRY = "search", "list", "inline", "retry"
+WRITTEN = "written"
+"""A unit an interrupted run half wrote that this run never reached (a search page after one
+that now answers "no more", a list slice that is gone, a source that kept failing): it has no
+candidates of its own and takes back the images its shards hold (``JobRunner``)."""
 POS_BITS = 24
 """Bits of a decision token that number a candidate inside its unit."""
 

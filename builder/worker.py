@@ -65,7 +65,7 @@ from builder.spec import DatasetSpec
 from builder.splits import assign_split
 from builder.storage import ensure_writable
 from builder.transform import ImageTransformer
-from builder.units import (INLINE, LIST, RETRY, SEARCH, SearchOutcome, UnitReport,
+from builder.units import (INLINE, LIST, RETRY, SEARCH, WRITTEN, SearchOutcome, UnitReport,
                            WorkerEvents, WorkUnit)
 from builder.validate import ImageValidator
 from builder.validate_pool import ProcessValidator
@@ -767,6 +767,8 @@ class UnitRun:
                     self.bad_rows[id(cand)] = r.where
                 out.append(cand)
             return out
+        if unit.kind == WRITTEN:
+            return []  # its images come back from the journal (``_restore_written``)
         if unit.kind == RETRY:
             assert w.plan.retry_plan is not None
             return await w._store(retry_candidates, w.plan.retry_plan, w.plan.storage_options,

@@ -672,3 +672,122 @@ def test_a_commit_from_before_a_reset_does_not_commit_the_resent_attempt():
         return [unit.uid for unit in runner._resend]
 
     assert asyncio.run(main()) == ["uU"]
+
+
+def test_half_written_units_this_run_never_decides_are_finished_last_from_what_they_wrote():
+    """A killed run half wrote two units. This run decides the first again (the planner issues
+    it), but never reaches the second: a search page after one that now answers "no more", a
+    list slice that is gone, a source that kept failing. Its images stayed in shards no count
+    held, and nothing could be published. Once nothing else is left, it runs as a WRITTEN unit
+    (resent: it takes back what its shards hold), which the planner learns nothing from."""
+    from builder.units import WRITTEN, search_uid
+
+    s = spec(target=6)
+    pages = {(0, "q1"): [f"{i}.ok" for i in range(4)]}
+    executor = FakeExecutor(s, pages)
+    reached = search_uid(0, "cat", "q1", 0)
+    ran: list[WorkUnit] = []
+
+    async def run_unit(worker, unit, original=executor.run):
+        ran.append(unit)
+        if unit.kind != WRITTEN:
+            return await original(worker, unit)
+        report = UnitReport(unit.uid)
+        tally = report.tally("cat")
+        tally.candidates = tally.accepted = 2
+        executor.ledger.grant(unit.uid, {"cat": 2}, {"cat": 2})
+        executor.pending[worker].append(unit.uid)
+        return report, WorkerEvents(f"w{worker}", executor._commit(worker))
+
+    executor.run = run_unit
+    runner, stats = run(s, executor, partial_units={reached: {"cat": 2},
+                                                     "s00-gone-p00002": {"cat": 2}})
+    check_exact(stats)
+    [written] = [u for u in ran if u.kind == WRITTEN]
+    assert (written.uid, written.attempt, ran[-1]) == ("s00-gone-p00002", 1, written)
+    assert [u.attempt for u in ran if u.uid == reached] == [1]
+    assert stats["accepted"] == stats["candidates"] == executor.ledger.accepted["cat"] == 6
+
+
+def _written_report(executor, worker, unit, n):
+    """What a worker reports for a WRITTEN unit whose shards hold ``n`` images of "cat"."""
+    report = UnitReport(unit.uid)
+    tally = report.tally("cat")
+    tally.candidates = tally.accepted = n
+    executor.ledger.grant(unit.uid, {"cat": n}, {"cat": n})
+    executor.pending[worker].append(unit.uid)
+    return report, WorkerEvents(f"w{worker}", executor._commit(worker))
+
+
+def test_a_half_written_unit_decided_then_lost_and_not_decided_again_is_finished_last():
+    """A half-written page ran and reported, its worker was lost before it committed, and
+    its resend's search failed (the engine gone): it was decided in this run no more, and
+    nothing finished it."""
+    from builder.units import WRITTEN, search_uid
+
+    s = spec(target=6)
+    executor = FakeExecutor(s, {(0, "q1"): [f"{i}.ok" for i in range(4)]}, defer=True)
+    page = search_uid(0, "cat", "q1", 0)
+    ran: list[WorkUnit] = []
+
+    async def run_unit(worker, unit, original=executor.run):
+        ran.append(unit)
+        if unit.kind == WRITTEN:
+            return _written_report(executor, worker, unit, 2)
+        if len(ran) == 2:  # lost after the page reported, before it committed
+            await executor.reset()
+            raise WorkerLost(worker, "node removed")
+        if unit.uid == page and unit.attempt >= 2:
+            return UnitReport(unit.uid, search=SearchOutcome(error="down", final=True),
+                              settled=False), WorkerEvents(f"w{worker}", [])
+        return await original(worker, unit)
+
+    executor.run = run_unit
+    runner, stats = run(s, executor, partial_units={page: {"cat": 2}}, units_per_worker=1)
+    check_exact(stats)
+    assert [(u.kind, u.uid) for u in ran if u.kind == WRITTEN] == [(WRITTEN, page)]
+    assert page in executor.ledger.committed
+
+
+def test_the_room_held_for_half_written_units_is_not_sought_from_other_sources():
+    """The ledger holds room for a half-written unit's images. The driver counted that room
+    as still needed, so it searched every page of every query and fallback source (their
+    images then over_target) before the unit could finish last."""
+    from builder.units import WRITTEN
+
+    s = spec(target=6)
+    pages = {(src, q): [f"{src}{q}{i}.ok" for i in range(40)] for src in (0, 1)
+             for q in ("q1", "q2")}
+    executor = FakeExecutor(s, pages)
+    executor.ledger.grant("s00-gone-p00002", {"cat": 2}, {"cat": 2})  # as recover_ledger
+    ran: list[WorkUnit] = []
+
+    async def run_unit(worker, unit, original=executor.run):
+        ran.append(unit)
+        if unit.kind == WRITTEN:
+            return _written_report(executor, worker, unit, 2)
+        return await original(worker, unit)
+
+    executor.run = run_unit
+    runner, stats = run(s, executor, partial_units={"s00-gone-p00002": {"cat": 2}})
+    check_exact(stats)
+    assert stats["accepted"] == 6 and "over_target" not in stats["rejected_by_reason"]
+    assert [u.kind for u in ran] == ["search", "search", WRITTEN]
+
+
+def test_a_page_finished_from_what_it_wrote_does_not_end_its_query_on_a_later_resume():
+    """A WRITTEN unit's journaled report has no search outcome, which the planner read as
+    "no more pages": a later --resume never searched the pages after it."""
+    from builder.units import WRITTEN, search_uid
+
+    s = spec(target=20)
+    first, written = search_uid(0, "cat", "q1", 0), search_uid(0, "cat", "q1", 1)
+    state = ResumeState("job")
+    state.reports.append((WorkUnit(first, 0, SEARCH, 0, engine="sandbox", label="cat",
+                                   query="q1", page=0, per_page=2),
+                          UnitReport(first, search=SearchOutcome(hits=2, has_more=True))))
+    state.reports.append((WorkUnit(written, 1, WRITTEN, -1, attempt=1), UnitReport(written)))
+    state.done.update({first, written})
+    planner = UnitPlanner(s, resume=state)
+    unit = planner.next_class_unit("cat", 0.0)
+    assert (unit.source, unit.query, unit.page) == (0, "q1", 2)

@@ -23,7 +23,7 @@ from builder.sandbox import SandboxWeb
 from builder.spec import parse_spec
 from builder.writers import is_complete
 from tests.conftest import make_bucket
-from tests.e2e.helpers import check_accounting, reasons_by_url
+from tests.e2e.helpers import check_accounting, reasons_by_url, sandbox_spec
 
 BIN = Path(sys.executable).parent
 
@@ -589,6 +589,74 @@ def test_a_resume_whose_server_is_gone_keeps_what_the_half_written_units_wrote(t
     stats = check_accounting(out)
     assert kept and kept <= set(accepted_ids(out))
     assert stats["rejected_by_reason"].get("connection_error", 0) > 0  # the server was gone
+
+
+def test_a_resume_whose_list_lost_the_half_written_slices_keeps_what_they_wrote(sandbox,
+                                                                                 tmp_path):
+    """The URL list changed after the kill: the slices the killed run half wrote are empty
+    now, their images stayed in shards no count held, and nothing could be published, then
+    or on any --resume. Each takes back what its shards hold."""
+    out = str(tmp_path / "out")
+    data = list_spec(sandbox, tmp_path, out)
+    data["output"]["shard_size"] = 1
+    data["download"]["per_host_delay_s"] = 0.03
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    journal = Path(out) / "_journal" / "killme"
+
+    def half_written() -> bool:
+        done = {p.stem for p in journal.glob("units/*.parquet")}
+        uids = {u for p in journal.glob("shards/*.parquet")
+                for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()}
+        return len(done) >= 2 and bool(uids - done)
+
+    _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
+    done = {p.stem for p in journal.glob("units/*.parquet")}
+    kept = {i for p in journal.glob("shards/*.parquet")
+            for u, i in zip(*pq.read_table(p, columns=["uid", "id"]).columns) if str(u) not in done}
+    urls = tmp_path / "urls.txt"
+    urls.write_text(urls.read_text().splitlines(keepends=True)[0])  # one line left
+    run_local(parse_spec(data), resume=True)
+    assert is_complete(out)
+    check_accounting(out)
+    assert kept and {str(i) for i in kept} <= set(accepted_ids(out))
+
+
+def test_a_resume_whose_engine_is_gone_finishes_the_half_written_pages_last(tmp_path):
+    """The search engine (and its images) went away after the kill: the resumed run's
+    searches failed until the planner gave the source up, so the pages the killed run half
+    wrote were never decided, and nothing could be published, then or on any --resume. Each
+    now finishes last, from what its shards hold."""
+    out = str(tmp_path / "out")
+    web = SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30)
+    web.start()
+    try:
+        spec = sandbox_spec(web, out, target=60, output={"shard_size": 1},
+                            download={"per_host_delay_s": 0.03},
+                            sources=[{"engine": "sandbox", "url": web.base_url, "per_page": 4,
+                                      "max_pages": 8}])
+        spec_path = tmp_path / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        journal = Path(out) / "_journal" / "killme"
+
+        def half_written() -> bool:
+            done = {p.stem for p in journal.glob("units/*.parquet")}
+            uids = {u for p in journal.glob("shards/*.parquet")
+                    for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()}
+            return len(done) >= 2 and bool(uids - done)
+
+        _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
+    finally:
+        web.stop()
+    done = {p.stem for p in journal.glob("units/*.parquet")}
+    kept = {str(i) for p in journal.glob("shards/*.parquet")
+            for u, i in zip(*pq.read_table(p, columns=["uid", "id"]).columns)
+            if str(u) not in done}
+    run_local(parse_spec(yaml.safe_load(spec_path.read_text())), resume=True)
+    assert is_complete(out)
+    stats = check_accounting(out)
+    assert kept and kept <= set(accepted_ids(out))
+    assert stats["search_errors"]  # the engine was gone
 
 
 def test_retry_failed_that_accepts_images_ends_an_empty_dataset(tmp_path):
