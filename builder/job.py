@@ -276,7 +276,11 @@ class UnitPlanner:
         return None
 
     def written_unit(self, uid: str) -> WorkUnit:
-        """The ``WRITTEN`` unit that finishes ``uid``, a unit an interrupted run half wrote."""
+        """The ``WRITTEN`` unit that finishes ``uid``, a unit an interrupted run half wrote.
+        The planner never issues ``uid`` itself from now on: a cursor that waits to retry it
+        (its search failed) goes on past it, as past a page done."""
+        self._done.add(uid)
+        self._done_written.add(uid)
         return self._issue(uid=uid, kind=WRITTEN, source=-1, attempt=1)
 
     def _rows(self, state: _ListState, index: int) -> int:
@@ -655,6 +659,8 @@ class JobRunner:
                 "worker was lost, or a service it needs kept failing: the log above says "
                 "which); what was committed is journaled: continue the job with --resume once "
                 "the cause is fixed")
+        if unit.uid in self._partial:  # its held room is its own again until it reports
+            self._unfinished.add(unit.uid)
         if isolate and not unit.isolate:
             log.info("unit %s was running when its worker was lost: it runs again with its "
                      "images validated in a process of their own", unit.uid)

@@ -791,3 +791,48 @@ def test_a_page_finished_from_what_it_wrote_does_not_end_its_query_on_a_later_re
     planner = UnitPlanner(s, resume=state)
     unit = planner.next_class_unit("cat", 0.0)
     assert (unit.source, unit.query, unit.page) == (0, "q1", 2)
+
+
+@pytest.mark.parametrize("per_worker", [1, 4])
+def test_a_page_sent_as_written_is_never_searched_as_well(per_worker):
+    """A half-written page's search failed once (429), so its query waited to retry it; with
+    the held room the class needed nothing new, and the page was sent as a WRITTEN unit. A
+    lost worker then took counts back, the class needed more, and the planner searched the
+    page as well: one uid in two flights (the driver failed on the second report, or counted
+    its images twice)."""
+    from builder.units import WRITTEN, search_uid
+
+    s = spec(target=6)
+    pages = {(0, "q1"): [f"a{i}.ok" for i in range(6)], (0, "q2"): [f"b{i}.ok" for i in range(6)]}
+    executor = FakeExecutor(s, pages, defer=True)
+    page = search_uid(0, "cat", "q1", 0)
+    executor.ledger.grant(page, {"cat": 2}, {"cat": 2})  # as recover_ledger
+    ran: list[WorkUnit] = []
+    running: set[str] = set()
+
+    async def run_unit(worker, unit, original=executor.run):
+        assert unit.uid not in running, f"{unit.uid} sent while it runs"
+        ran.append(unit)
+        running.add(unit.uid)
+        try:
+            if unit.kind == WRITTEN:
+                await asyncio.sleep(0.05)
+                if unit.attempt == 1:
+                    await executor.reset()
+                    raise WorkerLost(worker, "node removed")
+                return _written_report(executor, worker, unit, 2)
+            if unit.uid == page and len([u for u in ran if u.uid == page]) == 1:
+                return (UnitReport(unit.uid, search=SearchOutcome(
+                    error="HTTP 429", retryable=True, retry_after=0.01), settled=False),
+                    WorkerEvents(f"w{worker}", []))
+            return await original(worker, unit)
+        finally:
+            running.discard(unit.uid)
+
+    executor.run = run_unit
+    runner, stats = run(s, executor, partial_units={page: {"cat": 2}},
+                        units_per_worker=per_worker)
+    check_exact(stats)
+    sent = [u.kind for u in ran if u.uid == page]
+    assert sent == [SEARCH, WRITTEN, WRITTEN]
+    assert stats["accepted"] == executor.ledger.accepted["cat"] == 6
