@@ -156,7 +156,8 @@ class UnitPlanner:
         self.max_errors = max_errors
         self.fallbacks: list[dict[str, Any]] = []
         self._seq = 0
-        self._done = resume.done if resume is not None else set()
+        self._done = set(resume.done) if resume is not None else set()
+        """Units not to issue: the journal's (a copy: ``written_unit`` adds to it)."""
         self._done_search: dict[str, Any] = {
             u.uid: r.search for u, r in (resume.reports if resume else []) if u.kind == SEARCH}
         self._done_written = {u.uid for u, _ in (resume.reports if resume else [])

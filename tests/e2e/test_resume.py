@@ -520,6 +520,43 @@ def test_retry_failed_without_parquet_is_refused_before_the_output_is_touched(tm
     assert sorted(p.name for p in out.iterdir()) == before and is_complete(str(out))
 
 
+def _half_written_list_spec(web, tmp_path: Path, out: str) -> tuple[dict, Path]:
+    """A list job that writes a shard per image (so units are often half written), slowly
+    enough to be killed meanwhile; its spec data and file."""
+    data = list_spec(web, tmp_path, out)
+    data["output"]["shard_size"] = 1
+    data["download"]["per_host_delay_s"] = 0.03
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    return data, spec_path
+
+
+def _kill_half_written(spec_path: Path, out: str) -> set[str]:
+    """Build ``spec_path`` as job ``killme`` and SIGKILL it once two units have committed and
+    another has images in a committed shard; returns the ids of the images that the units
+    which never committed wrote."""
+    journal = Path(out) / "_journal" / "killme"
+
+    def committed() -> set[str]:
+        return {p.stem for p in journal.glob("units/*.parquet")}
+
+    def written() -> dict[str, set[str]]:
+        images: dict[str, set[str]] = {}
+        for p in journal.glob("shards/*.parquet"):
+            table = pq.read_table(p, columns=["uid", "id"])
+            for uid, image in zip(table["uid"].to_pylist(), table["id"].to_pylist()):
+                images.setdefault(uid, set()).add(image)
+        return images
+
+    def half_written() -> bool:
+        done = committed()
+        return len(done) >= 2 and bool(set(written()) - done)
+
+    _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
+    done = committed()
+    return {image for uid, ids in written().items() if uid not in done for image in ids}
+
+
 def test_a_resume_cancelled_before_its_half_written_units_publishes_nothing(sandbox,
                                                                             tmp_path):
     """Units a killed run wrote shards of but never committed must finish before anything is
@@ -529,24 +566,12 @@ def test_a_resume_cancelled_before_its_half_written_units_publishes_nothing(sand
     from builder.errors import CancelledUnpublished
 
     out = str(tmp_path / "out")
-    data = list_spec(sandbox, tmp_path, out)
-    data["output"]["shard_size"] = 1
-    data["download"]["per_host_delay_s"] = 0.03
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(data))
-    journal = Path(out) / "_journal" / "killme"
-
-    def half_written() -> bool:
-        done = {p.stem for p in journal.glob("units/*.parquet")}
-        uids = {u for p in journal.glob("shards/*.parquet")
-                for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()}
-        return len(done) >= 2 and bool(uids - done)
-
-    _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
+    data, spec_path = _half_written_list_spec(sandbox, tmp_path, out)
+    _kill_half_written(spec_path, out)
     with pytest.raises(CancelledUnpublished, match="--resume"):
         run_local(parse_spec(data), resume=True, runner_hook=lambda r: r.cancel())
     assert not (Path(out) / "_SUCCESS").exists() and not (Path(out) / "_PARTIAL").exists()
-    assert (journal / "job.json").exists()
+    assert (Path(out) / "_journal" / "killme" / "job.json").exists()
     run_local(parse_spec(data), resume=True)
     assert is_complete(out)
     check_accounting(out)
@@ -559,31 +584,9 @@ def test_a_resume_whose_server_is_gone_keeps_what_the_half_written_units_wrote(t
     manifest's count, and on every --resume after. They are now taken back as written,
     without a fetch, and the dataset publishes with every count whole."""
     out = str(tmp_path / "out")
-    web = SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30)
-    web.start()
-    try:
-        data = list_spec(web, tmp_path, out)
-        data["output"]["shard_size"] = 1
-        data["download"]["per_host_delay_s"] = 0.03
-        spec_path = tmp_path / "spec.yaml"
-        spec_path.write_text(yaml.safe_dump(data))
-        journal = Path(out) / "_journal" / "killme"
-        written: dict[str, set[str]] = {}
-
-        def half_written() -> bool:
-            done = {p.stem for p in journal.glob("units/*.parquet")}
-            written.clear()
-            for p in journal.glob("shards/*.parquet"):
-                table = pq.read_table(p, columns=["uid", "id"])
-                for uid, image in zip(table["uid"].to_pylist(), table["id"].to_pylist()):
-                    written.setdefault(uid, set()).add(image)
-            return len(done) >= 2 and bool(set(written) - done)
-
-        _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
-        done = {p.stem for p in journal.glob("units/*.parquet")}
-        kept = set().union(*(ids for uid, ids in written.items() if uid not in done))
-    finally:
-        web.stop()
+    with SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30) as web:
+        data, spec_path = _half_written_list_spec(web, tmp_path, out)
+        kept = _kill_half_written(spec_path, out)
     run_local(parse_spec(data), resume=True)
     assert is_complete(out)
     stats = check_accounting(out)
@@ -597,29 +600,14 @@ def test_a_resume_whose_list_lost_the_half_written_slices_keeps_what_they_wrote(
     now, their images stayed in shards no count held, and nothing could be published, then
     or on any --resume. Each takes back what its shards hold."""
     out = str(tmp_path / "out")
-    data = list_spec(sandbox, tmp_path, out)
-    data["output"]["shard_size"] = 1
-    data["download"]["per_host_delay_s"] = 0.03
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(data))
-    journal = Path(out) / "_journal" / "killme"
-
-    def half_written() -> bool:
-        done = {p.stem for p in journal.glob("units/*.parquet")}
-        uids = {u for p in journal.glob("shards/*.parquet")
-                for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()}
-        return len(done) >= 2 and bool(uids - done)
-
-    _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
-    done = {p.stem for p in journal.glob("units/*.parquet")}
-    kept = {i for p in journal.glob("shards/*.parquet")
-            for u, i in zip(*pq.read_table(p, columns=["uid", "id"]).columns) if str(u) not in done}
+    data, spec_path = _half_written_list_spec(sandbox, tmp_path, out)
+    kept = _kill_half_written(spec_path, out)
     urls = tmp_path / "urls.txt"
     urls.write_text(urls.read_text().splitlines(keepends=True)[0])  # one line left
     run_local(parse_spec(data), resume=True)
     assert is_complete(out)
     check_accounting(out)
-    assert kept and {str(i) for i in kept} <= set(accepted_ids(out))
+    assert kept and kept <= set(accepted_ids(out))
 
 
 def test_a_resume_whose_engine_is_gone_finishes_the_half_written_pages_last(tmp_path):
@@ -628,30 +616,14 @@ def test_a_resume_whose_engine_is_gone_finishes_the_half_written_pages_last(tmp_
     wrote were never decided, and nothing could be published, then or on any --resume. Each
     now finishes last, from what its shards hold."""
     out = str(tmp_path / "out")
-    web = SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30)
-    web.start()
-    try:
+    with SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30) as web:
         spec = sandbox_spec(web, out, target=60, output={"shard_size": 1},
                             download={"per_host_delay_s": 0.03},
                             sources=[{"engine": "sandbox", "url": web.base_url, "per_page": 4,
                                       "max_pages": 8}])
         spec_path = tmp_path / "spec.yaml"
         spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-        journal = Path(out) / "_journal" / "killme"
-
-        def half_written() -> bool:
-            done = {p.stem for p in journal.glob("units/*.parquet")}
-            uids = {u for p in journal.glob("shards/*.parquet")
-                    for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()}
-            return len(done) >= 2 and bool(uids - done)
-
-        _killed_build(spec_path, ["--local", "--job-id", "killme"], half_written)
-    finally:
-        web.stop()
-    done = {p.stem for p in journal.glob("units/*.parquet")}
-    kept = {str(i) for p in journal.glob("shards/*.parquet")
-            for u, i in zip(*pq.read_table(p, columns=["uid", "id"]).columns)
-            if str(u) not in done}
+        kept = _kill_half_written(spec_path, out)
     run_local(parse_spec(yaml.safe_load(spec_path.read_text())), resume=True)
     assert is_complete(out)
     stats = check_accounting(out)
