@@ -161,11 +161,12 @@ def report_from_json(data: dict[str, Any]) -> tuple[WorkUnit, UnitReport]:
     return unit, report
 
 
-def _read_shard_rows(data: bytes, columns: list[str]) -> pa.Table:
-    """``columns`` of a journal shard file's bytes; one the file lacks (written before the
-    column was added) comes as nulls."""
+def _read_table(data: bytes, schema: pa.Schema, columns: list[str]) -> pa.Table:
+    """``columns`` of a journal file's bytes (``schema``: ``UNIT_SCHEMA`` or
+    ``SHARD_SCHEMA``), without its metadata; one the file lacks (written before the column
+    was added) comes as nulls."""
     table = pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
-    return with_columns(table, SHARD_SCHEMA, columns)
+    return with_columns(table.replace_schema_metadata(None), schema, columns)
 
 
 @dataclass
@@ -369,10 +370,10 @@ class Journal:
         paths = self.shard_files()
         new = [p for p in paths if p not in seen]
         for path, data in zip(new, self._contents(new)):
-            seen[path] = frozenset(_read_shard_rows(data, ["uid"])["uid"].to_pylist())
+            seen[path] = frozenset(_read_table(data, SHARD_SCHEMA, ["uid"])["uid"].to_pylist())
         rows: list[dict[str, Any]] = []
         for data in self._contents([p for p in paths if uid in seen[p]]):
-            table = _read_shard_rows(data, ["uid"] + WRITTEN_COLUMNS)
+            table = _read_table(data, SHARD_SCHEMA, ["uid"] + WRITTEN_COLUMNS)
             rows += [row for row in table.to_pylist() if row.pop("uid") == uid]
         return rows
 
@@ -405,8 +406,7 @@ class Journal:
         schema = UNIT_SCHEMA if kind == "units" else SHARD_SCHEMA
         wanted = list(columns or schema.names)
         for data in self._contents(paths):
-            table = with_columns(pq.ParquetFile(pa.BufferReader(data)).read(
-                columns=wanted, use_threads=False).replace_schema_metadata(None), schema, wanted)
+            table = _read_table(data, schema, wanted)
             pending.append(table)
             held += table.num_rows
             if held >= rows:

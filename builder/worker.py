@@ -680,7 +680,10 @@ class UnitRun:
         """The candidate's claim in the index: its key within this unit (a resent unit meets
         its own entries; the same candidate in another unit is another claim). It is made
         from the key the candidate was found under, which a relabel does not change."""
-        return claim_of(f"{self.unit.uid}\n{record.found_key}")
+        return self._claim_of(record.found_key)
+
+    def _claim_of(self, found_key: str) -> int:
+        return claim_of(f"{self.unit.uid}\n{found_key}")
 
     async def run(self) -> UnitReport:
         w, unit, report = self.w, self.unit, self.report
@@ -823,7 +826,7 @@ class UnitRun:
         which is the class it was found under (a relabelled image's row has its new class)."""
         unit, url = self.unit, row["url"] or ""
         found = next((label for label in [row["label"], *self.spec.labels]
-                      if claim_of(f"{unit.uid}\n{candidate_key(label, url)}") == row["claim"]),
+                      if self._claim_of(candidate_key(label, url)) == row["claim"]),
                      row["label"])
         return Candidate(url=url, label=found, query=unit.query, engine=unit.engine)
 
@@ -919,9 +922,9 @@ class UnitRun:
             if record.rejected:  # decided before its URL mattered (``run``)
                 continue
             norm, reason, detail = check_url(record.candidate.url)
-            if (reason is not None or norm is None) and id(record) in self.restored:
-                continue  # written whatever its URL says now
             if reason is not None or norm is None:
+                if id(record) in self.restored:
+                    continue  # written whatever its URL says now
                 where = self.bad_rows.get(id(record.candidate))
                 record.reject(reason or Reason.INVALID_URL,
                               f"{detail} ({where})" if where else detail)
