@@ -75,6 +75,7 @@ timestamps and stats.json's started/finished.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -439,6 +440,20 @@ class RunResult:
     @property
     def images_per_s(self) -> float:
         return self.images / self.wall_s if self.wall_s else 0.0
+
+
+PACKAGES = ("builder", "cluster", "actors", "serve")
+
+
+def compile_project() -> None:
+    """Bring the project's cached bytecode up to date before timing, as a user's first run
+    does. Without it, a shell with ``PYTHONDONTWRITEBYTECODE`` set (or a read-only checkout)
+    has every PixCrawler process compile the modules changed since their last cached copy at
+    every start: about 0.15 s of CPU a process here. img2dataset's venv was compiled when pip
+    installed it."""
+    for package in PACKAGES:
+        if not compileall.compile_dir(ROOT / package, quiet=1):
+            raise SystemExit(f"could not compile {ROOT / package}: see the errors above")
 
 
 def run_command(cmd: list[str], env: dict[str, str], log_path: Path, server_pid: int,
@@ -943,6 +958,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               " first, or leave the i2d tools out of --tools", file=sys.stderr)
         return 2
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
+    compile_project()
     port = free_port()
     server = start_server(args.corpus, args.n, port, OUT / "logs" / "corpus-server.log")
     store = LocalStore()
