@@ -38,7 +38,7 @@ from builder.storage import open_fs, storage_errors
 from builder.writers import PARTIAL, read_marker
 from cluster.rayjob import dashboard_address
 from serve.cache import ReadCache
-from serve.store import TERMINAL, JobRow, JobStore
+from serve.store import REVOKED_ERROR, TERMINAL, JobRow, JobStore
 
 log = logging.getLogger("pixcrawler.serve.jobs")
 
@@ -365,8 +365,12 @@ class Reconciler:
         if self.max_job_s is None or row.cancel_requested or started is None \
                 or time.time() - started <= self.max_job_s:
             return
-        why = (f"stopped after {self.max_job_s / 3600:g} h, this server's limit for a job "
-               "(max_job_hours); what it accepted is published as a partial dataset")
+        self._stop(row, f"stopped after {self.max_job_s / 3600:g} h, this server's limit for "
+                        "a job (max_job_hours); what it accepted is published as a partial "
+                        "dataset")
+
+    def _stop(self, row: JobRow, why: str) -> None:
+        """Stop a running job as a cancel does, with ``why`` as its error."""
         self.store.update_job(row.id, cancel_requested=True, error=why)
         log.warning("[%s] %s", row.id, why)
         if not request_cancel(row.id, why):
@@ -395,10 +399,16 @@ class Reconciler:
                               stats=stats, progress=progress)
 
     def reconcile_all(self) -> int:
-        """Reconcile every active job of every owner; returns how many were checked."""
+        """Reconcile every active job of every owner; returns how many were checked. A job
+        whose key was revoked is stopped first (``revoke_key`` ended its queued ones)."""
         rows = self.store.active_jobs()
+        revoked = self.store.revoked_owners(row.owner for row in rows)
         for row in rows:
             try:
+                if row.owner in revoked and not row.cancel_requested \
+                        and row.state != "queued":  # (the scheduler ends a queued one)
+                    self._stop(row, REVOKED_ERROR)
+                    row = self.store.get_job(row.id) or row
                 self.reconcile(row)
             except ClusterUnavailable as exc:
                 log.warning("cannot reconcile %s now: %s", row.id, exc)

@@ -11,7 +11,9 @@ by one rule:
   with none started yet first). So keys take turns, whatever one key has queued;
 - a running job keeps its place until it ends: nothing is stopped to make room. The longest
   wait for a place is therefore bounded by the jobs already running, which the policy's caps
-  (classes, targets, total images) bound in turn.
+  (classes, targets, total images) bound in turn;
+- a revoked key's queued jobs never start: they end "cancelled" (its running ones are
+  stopped by the reconciler).
 
 The scheduler runs when a job is submitted and after each reconcile pass (every
 ``reconcile_interval_s``), on every replica; ``JobStore.claim_queued`` makes each start one
@@ -25,7 +27,7 @@ from collections import Counter
 from typing import Optional
 
 from serve.jobs import ClusterUnavailable, JobLauncher
-from serve.store import STARTED, JobRow, JobStore
+from serve.store import REVOKED_QUEUED_ERROR, STARTED, JobRow, JobStore
 
 log = logging.getLogger("pixcrawler.serve.schedule")
 
@@ -69,6 +71,11 @@ class Scheduler:
         while True:
             queued, _ = self.store.list_jobs(None, states=["queued"], limit=_MAX_ROWS)
             queued = [row for row in queued if row.id not in passed]
+            revoked = self.store.revoked_owners(row.owner for row in queued)
+            for row in queued:
+                if row.owner in revoked:  # queued by a replica that had not seen the revoke
+                    self.store.cancel_queued(row.id, REVOKED_QUEUED_ERROR)
+            queued = [row for row in queued if row.owner not in revoked]
             if not queued:
                 return refused
             started, _ = self.store.list_jobs(None, states=sorted(STARTED), limit=_MAX_ROWS)

@@ -34,6 +34,10 @@ STATES = ("queued", "starting", "running", "writing", "succeeded", "failed", "ca
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset(STATES) - TERMINAL
 STARTED = ACTIVE - {"queued"}
+REVOKED_ERROR = ("stopped: the API key that submitted this job was revoked; what it had "
+                 "accepted by then is published as a partial dataset")
+"""The error of a job whose key was revoked (a queued one ends with nothing published)."""
+REVOKED_QUEUED_ERROR = "cancelled before it started: the API key that submitted it was revoked"
 RANK = {state: rank for rank, state in enumerate(STATES[:4])} | {s: 4 for s in TERMINAL}
 """How far along a state is: a job's state only ever moves forward."""
 
@@ -307,6 +311,17 @@ class JobStore:
             return None
         return _key(row)
 
+    def revoked_owners(self, owners: Iterable[str]) -> set[str]:
+        """Those of ``owners`` that are keys since revoked (not unknown ids, nor the
+        anonymous owner of a server without keys)."""
+        wanted = sorted(set(owners))
+        if not wanted:
+            return set()
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(keys_table.c.id).where(
+                keys_table.c.id.in_(wanted), keys_table.c.revoked_at.is_not(None))).all()
+        return {r[0] for r in rows}
+
     def list_keys(self) -> list[ApiKey]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(keys_table)
@@ -314,16 +329,22 @@ class JobStore:
         return [_key(r) for r in rows]
 
     def revoke_key(self, name_or_id: str) -> list[ApiKey]:
-        """Revoke the active key(s) with this id or name; returns what was revoked."""
+        """Revoke the active key(s) with this id or name; returns what was revoked. Their
+        queued jobs end "cancelled" here; the reconciler stops their running ones
+        (``serve.jobs.Reconciler``)."""
         hits = [k for k in self.list_keys() if k.active and name_or_id in (k.id, k.name)]
         if not hits:
             raise StoreError(f"no active key with id or name {name_or_id!r}; "
                              "`pixcrawler keys list` shows them")
         now = time.time()
+        ids = [k.id for k in hits]
         with self.engine.begin() as conn:
-            conn.execute(keys_table.update()
-                         .where(keys_table.c.id.in_([k.id for k in hits]))
+            conn.execute(keys_table.update().where(keys_table.c.id.in_(ids))
                          .values(revoked_at=now))
+            conn.execute(jobs_table.update()
+                         .where(jobs_table.c.owner.in_(ids), jobs_table.c.state == "queued")
+                         .values(state="cancelled", cancel_requested=True, updated_at=now,
+                                 ended_at=now, error=REVOKED_QUEUED_ERROR))
         self._wrote()
         for k in hits:
             k.revoked_at = now
@@ -482,14 +503,15 @@ class JobStore:
             self._wrote()
         return moved
 
-    def cancel_queued(self, job_id: str) -> bool:
-        """End a job that is still queued as "cancelled"; False if it is not queued (any
-        more): a scheduler started it meanwhile, and it is cancelled as a running job."""
+    def cancel_queued(self, job_id: str, error: Optional[str] = None) -> bool:
+        """End a job that is still queued as "cancelled" (saying why, if ``error``); False if
+        it is not queued (any more): a scheduler started it meanwhile, and it is cancelled as
+        a running job."""
         now = time.time()
         query = (jobs_table.update()
                  .where(jobs_table.c.id == job_id, jobs_table.c.state == "queued")
                  .values(state="cancelled", cancel_requested=True, updated_at=now,
-                         ended_at=now))
+                         ended_at=now, **({"error": error} if error else {})))
         with self.engine.begin() as conn:
             moved = conn.execute(query).rowcount == 1
         if moved:

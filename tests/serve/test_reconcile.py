@@ -15,6 +15,7 @@ import pytest
 from builder.writers import PARTIAL, SUCCESS
 from serve import jobs
 from serve.jobs import AGENT_WAIT_S, SUBMIT_GRACE_S, RayJob, Reconciler, read_outcome
+from serve import store as store_module
 from serve.store import JobStore, jobs_table
 
 
@@ -167,6 +168,39 @@ def test_a_job_running_past_the_policys_limit_is_stopped_saying_why(store, monke
     ended = store.get_job("long-1")
     assert ended.state == "cancelled" and "max_job_hours" in ended.error
     assert len(asked) == 1  # asked once
+
+
+@pytest.mark.parametrize("actor", [True, False])
+def test_a_running_job_of_a_revoked_key_is_stopped_saying_why(store, monkeypatch, actor):
+    """Revoking a key left its running jobs running to their end (up to max_job_hours). The
+    next reconcile pass stops them as a cancel does; the other keys' jobs, and those of a
+    server without keys (owner "local"), are left alone."""
+    asked = []
+    monkeypatch.setattr(jobs, "request_cancel",
+                        lambda job_id, reason: asked.append((job_id, reason)) or actor)
+    _, alice = store.create_key("alice")
+    _, bob = store.create_key("bob")
+    owners = {"alice-1": alice.id, "bob-1": bob.id, "anon-1": "local"}
+    ray = StoppingRay(**{job_id: RayJob("RUNNING") for job_id in owners})
+    for job_id, owner in owners.items():
+        store.create_job(job_id, owner, "x", {"name": "x"}, "/nonexistent/x")
+        store.update_job(job_id, state="running")
+    store.revoke_key("alice")
+    reconciler = Reconciler(store, ray)
+    reconciler.reconcile_all()
+    stopped = store.get_job("alice-1")
+    assert stopped.cancel_requested and "revoked" in stopped.error
+    assert stopped.error == store_module.REVOKED_ERROR
+    assert not store.get_job("bob-1").cancel_requested
+    assert not store.get_job("anon-1").cancel_requested
+    assert [job_id for job_id, _ in asked] == ["alice-1"]
+    assert ray.stopped == ([] if actor else ["alice-1"])
+    reconciler.reconcile_all()
+    assert len(asked) == 1  # asked once
+    ray.jobs["alice-1"] = RayJob("STOPPED")
+    reconciler.reconcile_all()
+    ended = store.get_job("alice-1")
+    assert ended.state == "cancelled" and ended.error == store_module.REVOKED_ERROR
 
 
 def test_a_cancel_the_progress_actor_forgot_is_asked_again(store, monkeypatch):

@@ -232,3 +232,27 @@ def test_the_api_answers_a_refused_start_with_503_and_keeps_ray_s_words_for_the_
     launcher.refuse = False
     queue(store, "b1", "bob")
     api._start("b1")  # started, or still queued: no error
+
+
+def test_a_revoked_keys_queued_jobs_end_cancelled_and_never_start(store):
+    """A revoked key's queued jobs still started, one after another, each for up to
+    max_job_hours. Revoking ends them; one queued by a replica that had not seen the revoke
+    yet (its key cache) is ended by the scheduler, and the other keys' jobs start."""
+    _, alice = store.create_key("alice")
+    _, bob = store.create_key("bob")
+    launcher = FakeLauncher()
+    scheduler = Scheduler(store, launcher, max_running=1, per_key=1)
+    queue(store, "a1", alice.id)
+    queue(store, "a2", alice.id)
+    queue(store, "b1", bob.id)
+    assert [k.id for k in store.revoke_key("alice")] == [alice.id]
+    for job_id in ("a1", "a2"):
+        job = store.get_job(job_id)
+        assert job.state == "cancelled" and job.ended_at and "revoked" in job.error
+    queue(store, "a3", alice.id)  # through a replica whose key cache still held alice's key
+    scheduler.start_ready()
+    assert launcher.submitted == ["b1"]
+    late = store.get_job("a3")
+    assert late.state == "cancelled" and "revoked" in late.error
+    assert store.get_job("b1").state == "starting" and store.get_job("b1").error is None
+    assert store.revoked_owners([alice.id, bob.id, "local"]) == {alice.id}
