@@ -67,7 +67,7 @@ from yarl import URL
 from actors.options import plan_pools
 from builder.expand import operator_endpoint, same_endpoint
 from builder.netguard import check_url
-from builder.ratelimit import SHARED_LIMIT_KEYS
+from builder.ratelimit import SHARED_LIMIT_KEYS, limits_for
 from builder.pipeline import units_per_worker
 from builder.spec import (
     MAX_BATCH,
@@ -156,6 +156,12 @@ class ApiPolicy(BaseModel):
                            "engine: each page is one request or more from the server's "
                            "addresses, drawn from the engine's budget that every job shares "
                            "(a URL list's pages are lines of a file, and not capped)")
+    max_budget_share: float = Field(
+        default=0.25, gt=0, le=1, description="the share of an engine's daily request budget "
+        "(openverse 200, google 100) one job may spend, split between its sources of that "
+        "engine as each one's options.max_requests_per_job (a source that sets a higher one "
+        "is refused): every job and key shares the budget, so without a cap one job could "
+        "spend the day's searches of every other")
     max_candidates_factor: float = Field(default=4.0, ge=1.0, description="search."
                                          "candidates_factor: candidates asked for per image "
                                          "still missing, each one a download")
@@ -403,6 +409,34 @@ class _Check:
             self.changes[f"{at}.{name}"] = cap
 
 
+def _share_budgets(check: _Check, spec: DatasetSpec, policy: ApiPolicy) -> None:
+    """Hold each engine's sources with a daily budget to ``max_budget_share`` of it, split
+    between them (each source of an engine counts its own ``max_requests_per_job``)."""
+    by_engine: dict[str, list[tuple[int, Optional[int], int]]] = {}
+    for i, src in enumerate(spec.sources):
+        limits = limits_for(src.engine, src.options)
+        if limits.max_requests_per_day:
+            by_engine.setdefault(src.engine, []).append(
+                (i, limits.max_requests_per_job, limits.max_requests_per_day))
+    for engine, sources in sorted(by_engine.items()):
+        allowed = math.floor(policy.max_budget_share * min(day for _, _, day in sources))
+        each = allowed // len(sources)
+        if each < 1:
+            check.over("sources", "max_budget_share", f"{len(sources)} {engine} sources are "
+                       f"more than the {allowed} requests a job may spend of {engine}'s daily "
+                       f"budget on this server (max_budget_share); list fewer")
+            continue
+        for i, own, _ in sources:
+            field = f"sources.{i}.options.max_requests_per_job"
+            if own is None:
+                check.changes[field] = each
+            elif own > each:
+                check.over(field, "max_budget_share", f"{own} is over the {each} requests this "
+                           f"source may spend of {engine}'s daily budget, which every job "
+                           f"shares (this server's max_budget_share, split between the job's "
+                           f"{len(sources)} {engine} source(s))")
+
+
 def _apply(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in changes.items():
         node: Any = data
@@ -498,6 +532,7 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                      "its key); list the queries in each class instead"
                      + (f", or name an endpoint under {', '.join(policy.llm_base_urls)} as "
                         "search.llm_base_url" if policy.llm_base_urls else ""))
+    _share_budgets(check, spec, policy)
     _check_hosts(check, policy)
     if spec.download.allow_private_networks and not policy.allow_private_networks:
         if not policy.private_network_sources:

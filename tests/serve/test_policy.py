@@ -227,6 +227,32 @@ def test_a_spec_may_not_set_the_limits_every_job_of_an_engine_shares(key, value)
     assert apply(own).sources[0].options["max_requests_per_job"] == 5
 
 
+def test_a_job_spends_at_most_its_share_of_an_engines_daily_budget():
+    """Every job and key shares an engine's daily budget (openverse 200 requests, google 100)
+    and nothing capped one job's spend: a spec of four queries and 50 pages took Openverse's
+    whole day from every other key. A job now gets a share, split between its sources of the
+    engine as each one's own cap; one asking for more is refused."""
+    one = apply(spec(sources=[{"engine": "openverse"}, {"engine": "duckduckgo"}]))
+    assert one.sources[0].options["max_requests_per_job"] == 50  # a quarter of 200
+    assert "max_requests_per_job" not in one.sources[1].options  # no daily budget to share
+    two = apply(spec(sources=[{"engine": "openverse", "options": {"max_requests_per_job": 10}},
+                              {"engine": "openverse", "per_page": 20},
+                              {"engine": "google"}]))
+    assert [src.options.get("max_requests_per_job") for src in two.sources] == [10, 25, 25]
+    status, problems = refused(spec(sources=[
+        {"engine": "openverse", "options": {"max_requests_per_job": 200}}]))
+    assert status == 422
+    assert problems["sources.0.options.max_requests_per_job"][0] == "max_budget_share"
+    assert "50" in problems["sources.0.options.max_requests_per_job"][1]
+    status, problems = refused(spec(sources=[{"engine": "google"}, {"engine": "google",
+                                             "per_page": 5}]),
+                               ApiPolicy(max_budget_share=0.01))
+    assert status == 422 and problems["sources"][0] == "max_budget_share"
+    assert "2 google sources" in problems["sources"][1]
+    whole = apply(spec(sources=[{"engine": "google"}]), ApiPolicy(max_budget_share=1))
+    assert whole.sources[0].options["max_requests_per_job"] == 100
+
+
 @pytest.mark.parametrize("named", ["http://LLM.internal:8000/v1/", "http://llm.internal:8000/v1"])
 def test_naming_the_servers_own_llm_endpoint_asks_what_leaving_it_unset_asks(monkeypatch,
                                                                               named):
