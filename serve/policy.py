@@ -171,6 +171,11 @@ class ApiPolicy(BaseModel):
     max_classes: int = Field(default=1000, ge=1)
     max_target: int = Field(default=10_000, ge=1, description="accepted images per class")
     max_images: int = Field(default=100_000, ge=1, description="the targets of all classes")
+    max_job_gb: float = Field(
+        default=500.0, gt=0, description="the most a job may write, in GB: the classes' "
+        "targets x download.max_bytes x its output formats that hold images. Left unset, "
+        "download.max_bytes is lowered to fit (not under 256 KiB); a larger one set by the "
+        "spec is refused. Every job writes to this server's storage")
     max_download_concurrency: int = Field(default=_default(DownloadSpec, "concurrency"), ge=1)
     max_per_host_concurrency: int = Field(
         default=_default(DownloadSpec, "per_host_concurrency"), ge=1)
@@ -579,7 +584,7 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
               policy.max_in_flight_batches)
     check.cap("resources", "gpu_batch_size", "max_gpu_batch_size", policy.max_gpu_batch_size)
     _check_worker_resources(check, policy)
-    _check_targets(check, policy)
+    _check_output_size(check, policy, _check_targets(check, policy))
     _size_pools(check, policy, cluster)
 
     if check.refusals:
@@ -726,7 +731,8 @@ def _check_worker_resources(check: _Check, policy: ApiPolicy) -> None:
                          f"(allowed: {allowed})")
 
 
-def _check_targets(check: _Check, policy: ApiPolicy) -> None:
+def _check_targets(check: _Check, policy: ApiPolicy) -> int:
+    """Caps on the job's sources, classes and targets; returns the images it asks for."""
     spec = check.spec
     if len(spec.sources) > policy.max_sources:
         check.over("sources", "max_sources", f"{len(spec.sources)} sources; this server takes "
@@ -753,6 +759,38 @@ def _check_targets(check: _Check, policy: ApiPolicy) -> None:
     if total > policy.max_images:
         check.over("target", "max_images", f"the classes' targets add up to {total} images; "
                    f"this server takes at most {policy.max_images} in one job (max_images)")
+    return total
+
+
+MIN_FITTED_BYTES = 256 * 1024
+"""The least ``download.max_bytes`` that ``max_job_gb`` lowers an unset one to: below it, a
+job of ordinary photos would reject most as too large, so the spec is refused instead."""
+
+
+def _check_output_size(check: _Check, policy: ApiPolicy, images: int) -> None:
+    """Hold what the job may write to ``max_job_gb``: each accepted image is written once per
+    output format, at most ``download.max_bytes`` each (a resized image is re-encoded
+    smaller)."""
+    spec = check.spec
+    copies = len(set(spec.output.formats))
+    if not images or not copies:
+        return
+    limit = int(policy.max_job_gb * 1e9)
+    per_image = check.changes.get("download.max_bytes", spec.download.max_bytes)
+    if images * copies * per_image <= limit:
+        return
+    fit = limit // (images * copies)
+    what = (f"{images} images x {copies} output format(s) x {per_image} bytes "
+            f"(download.max_bytes) is {images * copies * per_image / 1e9:.0f} GB, over this "
+            f"server's limit of {policy.max_job_gb:g} GB a job (max_job_gb)")
+    if "max_bytes" in spec.download.model_fields_set:
+        check.over("download.max_bytes", "max_job_gb", f"{what}; set at most {fit} bytes an "
+                   "image, or ask for fewer images or output formats")
+    elif fit >= MIN_FITTED_BYTES:
+        check.changes["download.max_bytes"] = fit
+    else:
+        check.over("target", "max_job_gb", f"{what}; even at {MIN_FITTED_BYTES} bytes an "
+                   "image it would not fit: ask for fewer images or output formats")
 
 
 def _size_pools(check: _Check, policy: ApiPolicy, cluster: Mapping[str, float]) -> None:

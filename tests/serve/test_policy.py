@@ -253,6 +253,28 @@ def test_a_job_spends_at_most_its_share_of_an_engines_daily_budget():
     assert whole.sources[0].options["max_requests_per_job"] == 100
 
 
+def test_what_a_job_may_write_is_held_to_the_servers_limit():
+    """Nothing bounded what one job wrote: 100,000 images of up to 20 MB each, once per
+    output format (ImageFolder, WebDataset and Parquet are each a full copy), on the storage
+    every key shares. An unset download.max_bytes is lowered to fit max_job_gb; a larger one
+    set by the spec, or a job that would not fit even at 256 KiB an image, is refused."""
+    from serve.policy import MIN_FITTED_BYTES
+
+    big = {"target": 10_000, "classes": {f"c{i}": None for i in range(10)}}
+    fitted = apply(spec(**big))  # 100,000 images x 2 formats (the default)
+    assert fitted.download.max_bytes == 2_500_000
+    assert apply(spec()).download.max_bytes == DownloadSpec().max_bytes  # a small job
+    three = apply(spec(**big, output={"formats": ["parquet", "imagefolder", "webdataset"]}))
+    assert three.download.max_bytes == 500_000_000_000 // 300_000
+    status, problems = refused(spec(**big, download={"max_bytes": 20_000_000}))
+    assert status == 422 and problems["download.max_bytes"][0] == "max_job_gb"
+    assert "2500000 bytes" in problems["download.max_bytes"][1]
+    status, problems = refused(spec(**big), ApiPolicy(max_job_gb=1))
+    assert status == 422 and problems["target"][0] == "max_job_gb"
+    assert str(MIN_FITTED_BYTES) in problems["target"][1]
+    assert apply(spec(**big, download={"max_bytes": 1_000_000})).download.max_bytes == 1_000_000
+
+
 @pytest.mark.parametrize("named", ["http://LLM.internal:8000/v1/", "http://llm.internal:8000/v1"])
 def test_naming_the_servers_own_llm_endpoint_asks_what_leaving_it_unset_asks(monkeypatch,
                                                                               named):
