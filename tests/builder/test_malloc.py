@@ -57,11 +57,16 @@ def test_the_environment_setting_wins():
 
 
 # In a fresh interpreter: free 8 MiB of heap blocks (each under any mmap threshold), and say
-# whether the heap kept them (its arena is still 8 MiB or more) or gave them back.
+# whether the heap kept them (its arena is still 8 MiB or more) or gave them back. The list of
+# blocks is made whole first: grown as the blocks were taken, its array could land above them
+# (where the heap had no hole below, as with every module's bytecode cached), and the heap can
+# only give back its top.
 TRIM_PROBE = LIBC + textwrap.dedent("""
     if sys.argv[1] == "fix":
         fix_mmap_threshold()
-    blocks = [libc.malloc(64 << 10) for _ in range(128)]
+    blocks = [0] * 128
+    for n in range(128):
+        blocks[n] = libc.malloc(64 << 10)
     for block in reversed(blocks):
         libc.free(block)
     print(libc.mallinfo2().arena >= 8 << 20)
