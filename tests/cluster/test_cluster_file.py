@@ -34,6 +34,18 @@ def test_cluster_file_is_a_valid_cluster_launcher_config():
     validate_config(prepare_config(copy.deepcopy(CLUSTER)))
 
 
+def test_every_node_runs_with_token_authentication():
+    """The head's dashboard listens on every interface and its job API runs whatever it is
+    sent; a cluster started with ``ray start`` has Ray's token authentication off unless
+    asked, so anyone reaching port 8265 could run code there. Every node starts with it on,
+    and holds the token copied from the launching machine."""
+    mounts = CLUSTER["file_mounts"]
+    assert mounts["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = CLUSTER["head_start_ray_commands"] + CLUSTER["worker_start_ray_commands"]
+    for command in (c for c in starts if "ray start" in c):
+        assert command.startswith("RAY_AUTH_MODE=token "), command
+
+
 def test_gpu_workers_get_the_cuda_build_of_onnxruntime():
     """The NSFW validator's onnxruntime must have CUDA on GPU workers; the CPU build (which the
     ml extra pulls in) is removed before onnxruntime-gpu goes in, never after it."""
