@@ -59,9 +59,11 @@ files removed when the job finishes or resumes, so nothing unaccounted for is le
 **Starting over a dataset.** ``DatasetPublisher.prepare`` runs before the crawl: it refuses a
 complete dataset unless ``output.overwrite`` (then the old dataset is removed at once: its
 markers first, so it never looks complete again, then its files: the dataset-level files
-(``DATASET_FILES``) and the ``data/``, ``imagefolder/`` and ``webdataset/`` trees, never other
-files). A ``_PARTIAL``
-dataset is replaced without ``overwrite``: it was never complete. A continued partial dataset
+(``DATASET_FILES``, whatever the marker listed) and the ``data/``, ``imagefolder/`` and
+``webdataset/`` trees, never other files). A ``_PARTIAL`` dataset, or shard files with no
+marker, are refused the same way (continue it with ``--resume``, or overwrite
+it). A publish removes the label manifests of formats it was not asked for, an earlier
+dataset's, so that its marker vouches only for its own. A continued partial dataset
 and ``retry-failed`` keep the old files and add to them (``merge``); the dataset loses its
 marker while the new run writes. Two jobs writing into one URI at the same time is not
 supported.
@@ -115,8 +117,9 @@ from builder.storage import (
 SUCCESS = "_SUCCESS"
 PARTIAL = "_PARTIAL"
 LAYOUT_DIRS = ("data", "imagefolder", "webdataset")
+LABEL_FILES = frozenset(f"labels.{fmt}" for fmt in ("json", "csv", "yaml", "txt"))
 DATASET_FILES = frozenset({
-    *(f"labels.{fmt}" for fmt in ("json", "csv", "yaml", "txt")), "classes.json", "classes.txt",
+    *LABEL_FILES, "classes.json", "classes.txt",
     "rejects.parquet", "rejects.csv", "stats.json", "README.md", "spec.yaml"})
 """The dataset-level files a publish writes: with the shard trees, all a marker lists, and all
 an overwrite removes (a folder's other files are not the dataset's)."""
@@ -696,7 +699,7 @@ class DatasetPublisher:
             if markers:
                 delete_files(fs, [f"{root}/{m}" for m in markers])
             if not merge and (markers or self.output.overwrite):
-                self._remove_old(fs, root, markers)
+                self._remove_old(fs, root)
             if not merge and self.output.overwrite:  # interrupted jobs there: starting over
                 for job in resumable_jobs(self.uri, self.storage_options):
                     delete_tree(fs, f"{root}/{JOURNAL}/{job}")
@@ -717,15 +720,10 @@ class DatasetPublisher:
         return out
 
     @staticmethod
-    def _remove_old(fs: fsspec.AbstractFileSystem, root: str,
-                    markers: dict[str, dict[str, Any]]) -> None:
-        listed: set[str] = set()
-        for content in markers.values():
-            for entry in content.get("files") or []:
-                rel = _safe_relative(entry.get("path") if isinstance(entry, dict) else entry)
-                if rel in DATASET_FILES:  # a marker of an older version listed other files too
-                    listed.add(f"{root}/{rel}")
-        old = {p for p in listed if fs.exists(p)}
+    def _remove_old(fs: fsspec.AbstractFileSystem, root: str) -> None:
+        """Remove the dataset at ``root``: its dataset-level files, whatever its marker listed
+        (a publish that failed half-way left files no marker lists), and its shard trees."""
+        old = set(_top_files(fs, root, DATASET_FILES))
         for d in LAYOUT_DIRS:
             old.update(list_files(fs, f"{root}/{d}"))
         delete_files(fs, old)
@@ -787,6 +785,10 @@ class DatasetPublisher:
                 nested=self.output.imagefolder_labels == "nested")
             atomic_write(fs, f"{root}/README.md", text.encode("utf-8"))
             atomic_write(fs, f"{root}/spec.yaml", spec_yaml.encode("utf-8"))
+            # Manifests in formats this job was not asked for are an earlier dataset's (one
+            # whose publish failed, or a recheck's): the marker must not vouch for them.
+            asked = {f"labels.{fmt}" for fmt in self.output.label_formats}
+            delete_files(fs, _top_files(fs, root, LABEL_FILES - asked))
             files = self._listed_files(fs, root)
             marker = SUCCESS if partial_reason is None else PARTIAL
             content: dict[str, Any] = {
@@ -819,6 +821,18 @@ class DatasetPublisher:
                 for path, info in fs.find(entry["name"], withdirs=False, detail=True).items():
                     out.append((path[len(root) + 1:], int(info.get("size") or 0)))
         return sorted(out)
+
+
+def _top_files(fs: fsspec.AbstractFileSystem, root: str, names: Iterable[str]) -> list[str]:
+    """The files directly under ``root`` named in ``names`` (one listing, no lookup each)."""
+    wanted = set(names)
+    fs.invalidate_cache(root)
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    return [entry["name"].rstrip("/") for entry in entries if entry["type"] != "directory"
+            and entry["name"].rstrip("/")[len(root) + 1:] in wanted]
 
 
 def unbalanced(stats: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ from builder.rights import Signal
 from builder.spec import OutputSpec, parse_spec
 from builder.journal import Journal
 from builder.writers import (REJECT_CSV_COLUMNS, DatasetPublisher, ShardWriter, is_complete,
-                              read_dataset, read_marker, shard_order, write_rejects)
+                             read_dataset, read_marker, shard_order, write_rejects)
 
 LABELS = ["cat", "mammals/dog", "mammals/whale"]
 SPLITS = ["train", "train", "validation", "test"]
@@ -380,6 +380,38 @@ def test_an_overwrite_removes_the_dataset_and_never_the_folders_other_files(targ
     second.publisher.check()
     second.publisher.prepare()
     assert target.files() == {"notes.txt", "photos_2019/keep.jpg", "data_old/x.parquet"}
+
+
+def test_a_marker_vouches_only_for_the_manifests_its_own_publish_wrote(target):
+    """A publish that failed after its manifests were written (a kill, a storage error)
+    left labels.yaml with no marker. An overwrite removed only the dataset files a marker
+    listed, and the next publish listed every dataset file it found: its _SUCCESS vouched
+    for the old labels.yaml, which named images in no shard. A recheck that stopped leaves
+    such files too, and a plain build then published over them."""
+    fs, root = storage.open_fs(target.uri, target.options)
+    rows = make_rows()
+    first = target.job("job1", label_formats=["json", "yaml"])
+    write_all(first, rows)
+    first.publish()
+    fs.rm(f"{root}/_SUCCESS")  # as a publish that failed before its marker
+    second = target.job("job2", overwrite=True, label_formats=["json"])
+    second.publisher.check()
+    second.publisher.prepare()
+    assert not {"labels.yaml", "labels.json", "stats.json"} & target.files()
+    second.shard(rows[:2], 0)
+    second.publish()
+    listed = {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]}
+    assert "labels.json" in listed and "labels.yaml" not in target.files()
+
+    fs.rm(f"{root}/_SUCCESS")  # a dataset's leftovers with no marker, as a recheck leaves
+    storage.write_bytes(storage.join(target.uri, "labels.yaml"),
+                        b"- {id: gone, path: data/test-00007.parquet, label: cat}\n",
+                        target.options)
+    plain = target.job("job3", label_formats=["json"])
+    plain.shard(rows[:1], 1)
+    plain.publish()
+    listed = {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]}
+    assert "labels.yaml" not in listed and "labels.yaml" not in target.files()
 
 
 def s3_target(endpoint: str, prefix: str) -> Target:
