@@ -34,7 +34,8 @@ from builder.reasons import Reason
 from builder.rights import RightsTally, honoured_signals
 from builder.spec import DatasetSpec
 from builder.units import (INLINE, LIST, RETRY, SEARCH, WRITTEN, ClassTally, UnitReport,
-                           WorkerEvents, WorkUnit, inline_uid, list_uid, retry_uid, search_uid)
+                           WorkerEvents, WorkUnit, inline_uid, list_uid, retry_index, retry_uid,
+                           search_uid)
 
 log = logging.getLogger("pixcrawler.job")
 
@@ -277,11 +278,20 @@ class UnitPlanner:
         return None
 
     def written_unit(self, uid: str) -> WorkUnit:
-        """The ``WRITTEN`` unit that finishes ``uid``, a unit an interrupted run half wrote.
-        The planner never issues ``uid`` itself from now on: a cursor that waits to retry it
-        (its search failed) goes on past it, as past a page done."""
+        """The unit that finishes ``uid``, a unit an interrupted run (or a lost worker) half
+        wrote. The planner never issues ``uid`` itself from now on: a cursor that waits to
+        retry it (its search failed) goes on past it, as past a page done.
+
+        A retry slice is sent again as itself: its candidates are the published rejects
+        (the journal's copy), there to be read, and every one must be decided again (the
+        job's counts took them all back). Any other unit is ``WRITTEN``: its source may be
+        gone, so it takes back only what its shards hold."""
         self._done.add(uid)
         self._done_written.add(uid)
+        index = retry_index(uid)
+        if index is not None and self.retry is not None:
+            return self._issue(uid=uid, kind=RETRY, source=self.retry.source, engine="retry",
+                               slice=index, attempt=1)
         return self._issue(uid=uid, kind=WRITTEN, source=-1, attempt=1)
 
     def _rows(self, state: _ListState, index: int) -> int:
@@ -786,10 +796,11 @@ class JobRunner:
         return RunOutcome(self.stats(), self.cancelled, dict(self.fetch))
 
     def _finish_written(self) -> bool:
-        """Queue the half-written units of the interrupted run that this one never decided
-        (``WRITTEN``), once there is nothing else to do: each takes back the images its
-        shards hold, which no count would hold otherwise, so the job can publish. The
-        planner learns nothing from them. True if any was queued."""
+        """Queue the half-written units that this run never decided (of the interrupted run,
+        or resent after a lost worker and not decided again), once there is nothing else to
+        do (``UnitPlanner.written_unit``): each takes back the images its shards hold, which
+        no count would hold otherwise, so the job can publish. The planner learns nothing
+        from them. True if any was queued."""
         queued = {unit.uid for unit in self._resend}
         left = sorted(self._unfinished - self._written_sent - set(self._flights) - queued)
         for uid in left:
@@ -841,7 +852,11 @@ class JobRunner:
         self.counts.add(report)
         if report.settled:
             self._unfinished.discard(unit.uid)
-        elif unit.uid in self._partial:  # decided before, and lost: undecided again
+        elif unit.uid in self._partial or unit.attempt > 0:
+            # Decided before, and lost: undecided again. Its shards may hold images of an
+            # earlier attempt (and the ledger their grant), so a resend that decides nothing
+            # leaves it half-written: it finishes last unless decided again first.
+            self._partial.setdefault(unit.uid, {})
             self._unfinished.add(unit.uid)
         if unit.uid in self._planned:  # the planner learnt from its first report
             self._planned.discard(unit.uid)

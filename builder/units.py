@@ -77,6 +77,13 @@ def retry_uid(index: int) -> str:
     return f"r-{index:08d}"
 
 
+def retry_index(uid: str) -> Optional[int]:
+    """The retry slice ``uid`` names (``retry_uid``), or None for any other unit."""
+    if uid.startswith("r-") and uid[2:].isdigit():
+        return int(uid[2:])
+    return None
+
+
 @dataclass
 class ClassTally:
     """One class's counts in a report (or summed over reports)."""

@@ -390,6 +390,26 @@ def test_list_sources_are_sliced_and_skip_done_slices():
     assert planner.exhausted("cat")
 
 
+def test_a_half_written_retry_slice_is_finished_as_itself_deciding_every_reject():
+    """A killed retry-failed run half wrote a retry slice, which the resumed run finished as
+    a WRITTEN unit: it took back its written images and no more, and publishing then dropped
+    the slice's other published rejects as decided (its unit file existed). They vanished
+    from the dataset's records while every figure still balanced. A retry slice is sent
+    again as itself, so every reject it holds is decided; another unit stays WRITTEN."""
+    from builder.units import RETRY, WRITTEN, retry_index, retry_uid, search_uid
+
+    s = spec()
+    plan = SlicePlan("/nonexistent/rejects.parquet", "parquet", count=4, size=400,
+                     row_groups=(400,), slice_rows=100)
+    planner = UnitPlanner(s, retry_plan=plan)
+    unit = planner.written_unit(retry_uid(2))
+    assert (unit.kind, unit.uid, unit.slice, unit.attempt) == (RETRY, "r-00000002", 2, 1)
+    assert [planner.next_list_unit(planner.retry).slice for _ in range(3)] == [0, 1, 3]
+    page = search_uid(0, "cat", "q1", 0)
+    assert planner.written_unit(page).kind == WRITTEN
+    assert retry_index("r-00000002") == 2 and retry_index(page) is None
+
+
 def test_a_list_is_issued_by_the_rows_its_slices_hold():
     """Slices grow along a list: what the runner expects from the slices in flight counts
     their rows, so a grown slice stands for more candidates than a first one."""
@@ -747,6 +767,41 @@ def test_a_half_written_unit_decided_then_lost_and_not_decided_again_is_finished
     check_exact(stats)
     assert [(u.kind, u.uid) for u in ran if u.kind == WRITTEN] == [(WRITTEN, page)]
     assert page in executor.ledger.committed
+
+
+def test_a_page_of_this_run_resent_after_a_lost_worker_whose_search_fails_is_finished_last():
+    """A page reported, its worker was lost before all its rows were committed (some were, in
+    a shard), and its resend's search failed (a 429, an open breaker). The resend decided
+    nothing and the page was never sent again: its committed images were in the manifest
+    with no count holding them, so publishing failed, and its grant held the class's room
+    for the rest of the job (a false shortfall). It now finishes last, as a WRITTEN unit."""
+    from builder.units import WRITTEN, search_uid
+
+    s = spec(target=6)
+    executor = FakeExecutor(s, {(0, "q1"): [f"{i}.ok" for i in range(4)]}, defer=True)
+    page = search_uid(0, "cat", "q1", 0)
+    ran: list[WorkUnit] = []
+
+    async def run_unit(worker, unit, original=executor.run):
+        ran.append(unit)
+        if unit.kind == WRITTEN:
+            return _written_report(executor, worker, unit, 2)
+        if len(ran) == 2:  # lost after the page reported, before it committed
+            await executor.reset()
+            raise WorkerLost(worker, "node removed")
+        if unit.uid == page and unit.attempt >= 1:
+            return UnitReport(unit.uid, search=SearchOutcome(error="429", final=True),
+                              settled=False), WorkerEvents(f"w{worker}", [])
+        return await original(worker, unit)
+
+    executor.run = run_unit
+    runner, stats = run(s, executor, units_per_worker=1)
+    check_exact(stats)
+    assert [(u.kind, u.uid) for u in ran if u.kind == WRITTEN] == [(WRITTEN, page)]
+    assert page in executor.ledger.committed
+    # sent, resent after the loss (its search failed), finished from what it wrote
+    assert [(u.kind, u.attempt) for u in ran if u.uid == page] == [
+        (SEARCH, 0), (SEARCH, 1), (WRITTEN, 1)]
 
 
 def test_the_room_held_for_half_written_units_is_not_sought_from_other_sources():
