@@ -474,6 +474,18 @@ def _past_line(f: Any, limit: int) -> bool:
     return False
 
 
+def _python_values(column: Any) -> list[Any]:
+    """A column's values as Python objects. Dates, times and durations come as Arrow's text
+    of them: as Python objects, one outside Python's range (a year past 9999) raised
+    ``OverflowError`` and stopped the job; as text, each is one row's bad URL or label."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_temporal(column.type):
+        column = pc.cast(column, pa.string())
+    return column.to_pylist()
+
+
 class _GroupCursor:
     """One parquet row group read forward a batch at a time: it holds the open file and the
     batch the last slice ended in."""
@@ -506,7 +518,7 @@ class _GroupCursor:
             names = take.schema.names
             for values, name in zip(out, self._columns):
                 if name in names:
-                    values.extend(take.column(name).to_pylist())
+                    values.extend(_python_values(take.column(name)))
             row += take.num_rows
         return out[0], out[1], out[2]
 

@@ -201,6 +201,21 @@ def test_parquet_columns_are_checked_by_the_top_level_names_the_reader_uses(tmp_
         plan_slices(str(twice), 10)
 
 
+def test_dates_and_times_out_of_pythons_range_are_bad_rows_not_a_crash(tmp_path):
+    """A list whose url, label or caption column held a date past year 9999 (or a duration
+    past Python's) raised OverflowError out of the reader, which stopped the whole job."""
+    path = tmp_path / "dates.parquet"
+    pq.write_table(pa.table({
+        "url": pa.array([253402300800 * 10, 0], pa.timestamp("s")),
+        "label": pa.array([2**31 - 1, 0], pa.date32()),
+        "cap": pa.array([2**62, 1], pa.duration("s"))}), path)
+    reader = ListReader(plan_slices(str(path), 10), caption_column="cap")
+    rows = reader.read(0)
+    reader.close()
+    assert len(rows) == 2 and all(not r.url.startswith("http") for r in rows)
+    assert rows[1].label == "1970-01-01" and "out of range" in rows[0].label
+
+
 def test_a_duplicate_caption_column_is_a_source_error_when_read(tmp_path):
     path = tmp_path / "caps.parquet"
     url, cap = pa.array(["http://127.0.0.1:1/a.jpg"]), pa.array(["a cat"])
