@@ -62,6 +62,8 @@ would be the decoder's, and the image is loaded before EXIF is read)."""
 PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
                "BMP": "bmp", "TIFF": "tiff"}
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+ANIMATED_FORMATS = frozenset({"gif", "webp", "png"})
+"""The formats whose extra frames are an animation (``validation.animated``)."""
 
 
 @dataclass
@@ -69,6 +71,12 @@ class ImageValidator:
     """The fast (and, at ``level`` medium or slow, hashing) validation stage."""
 
     cfg: ValidationSpec
+
+    def __post_init__(self) -> None:
+        # Pillow refuses to open more than twice MAX_IMAGE_PIXELS (about 179M pixels), which
+        # made a max_pixels above that refuse images it allows. The header is read before
+        # any pixel, and max_pixels is checked then: Pillow's limit only needs to be no lower.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, -(-self.cfg.max_pixels // 2))
 
     @property
     def hashes(self) -> bool:
@@ -151,7 +159,9 @@ class ImageValidator:
         except _DECODE_ERRORS as exc:
             return self._reject(record, Reason.DECODE_ERROR,
                                 f"counting frames: {type(exc).__name__}: {exc}")
-        if frames > 1 and cfg.animated == "reject":
+        # An MPO (a camera's JPEG with a preview image inside) and a multi-page TIFF have
+        # frames too, but are stills: their first image is the photo.
+        if frames > 1 and cfg.animated == "reject" and fmt in ANIMATED_FORMATS:
             return self._reject(record, Reason.ANIMATED, f"{frames} frames")
         try:
             if frames > 1:
@@ -266,6 +276,9 @@ def png_damage(data: bytes) -> str:
                 while body:
                     inflated += len(inflater.decompress(body, 1 << 20))
                     body = inflater.unconsumed_tail
+                    if expected and inflated > expected:  # a zip bomb: stop inflating it
+                        return (f"PNG image data damaged: it inflates past the {expected} "
+                                "bytes its header promises")
             except zlib.error as exc:
                 return f"PNG image data damaged: {exc}"
         elif kind == b"IEND":

@@ -91,6 +91,18 @@ def test_a_bomb_pillow_refuses_is_reported_against_max_pixels():
     assert str(2 * Image.MAX_IMAGE_PIXELS) not in r.detail
 
 
+def test_a_max_pixels_above_pillows_own_limit_is_the_limit():
+    """Pillow refuses to open past twice its own limit (about 179M pixels), so a spec that
+    raised max_pixels to 300M had a 200M-pixel image rejected as "200000000 pixels >
+    max_pixels 300000000"."""
+    data = bomb_png(20_000, 10_000)  # 200M pixels declared, one row of data
+    r = check(data, max_pixels=300_000_000, min_side=1, max_side=50_000, max_aspect_ratio=10)
+    assert r.reason == "decode_error" and "inflates" in r.detail, r.detail  # opened, checked
+    r = check(data, max_pixels=100_000_000)
+    assert r.reason == "decompression_bomb"
+    assert r.detail.endswith("200000000 pixels > max_pixels 100000000")
+
+
 @pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"),
                                        ("P", "GIF"), ("RGB", "WEBP"), ("L", "PNG")])
 def test_rgb_jpeg_gives_every_image_as_an_rgb_jpeg(mode, fmt):
@@ -118,6 +130,35 @@ def test_animated_rule():
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100)
     assert not check(out.getvalue()).rejected
     assert check(out.getvalue(), animated="reject").reason == "animated"
+
+
+def test_a_cameras_mpo_jpeg_is_a_still_not_an_animation():
+    """Phones and cameras write JPEGs with a second image inside (MPO), which Pillow counts
+    as two frames: with animated: reject every such photo was rejected as animated."""
+    photo, preview = picture(1, (320, 240)), picture(2, (160, 120))
+    out = io.BytesIO()
+    photo.save(out, "MPO", save_all=True, append_images=[preview])
+    assert Image.open(io.BytesIO(out.getvalue())).n_frames == 2
+    r = check(out.getvalue(), animated="reject")
+    assert not r.rejected, r.detail
+    assert (r.format, r.width, r.height) == ("jpeg", 320, 240)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return (len(body).to_bytes(4, "big") + kind + body
+            + zlib.crc32(kind + body).to_bytes(4, "big"))
+
+
+def test_a_png_whose_data_inflates_far_past_its_header_stops_being_inflated():
+    """A 64x64 PNG whose one image-data chunk inflates to gigabytes of zeros was inflated to
+    its end before it was rejected (about 50 s of CPU for a 20 MB file). The check stops
+    once the data passes the size the header promises."""
+    header = (64).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])  # 64x64, 8-bit RGB
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros, about 64 KB
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", bomb)
+            + _png_chunk(b"IEND", b""))
+    r = check(data, min_side=1)
+    assert r.reason == "decode_error" and "inflates past" in r.detail, r.detail
 
 
 def test_rejection_drops_bytes():
