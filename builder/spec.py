@@ -36,7 +36,7 @@ import re
 import string
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -420,6 +420,35 @@ def upgrade_saved_spec(data: Any) -> tuple[Any, list[str]]:
     return (out, changes) if changes else (data, [])
 
 
+def _number(low: float, *, above: bool = False, whole: bool = False,
+            null: bool = False) -> Callable[[Any], bool]:
+    """A check of an option's value: a number of at least ``low`` (``above``: more than it;
+    ``whole``: an int), or None where ``null``."""
+    def valid(value: Any) -> bool:
+        if value is None:
+            return null
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            return False
+        return value > low if above else value >= low
+    return valid
+
+
+_LIMIT_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "rate": ("a number of requests a second above 0", _number(0, above=True)),
+    "burst": ("a number of requests above 0", _number(0, above=True)),
+    "min_rate": ("a number above 0, or null", _number(0, above=True, null=True)),
+    "cooldown_s": ("a number of seconds, 0 or more", _number(0)),
+    "failure_threshold": ("a whole number, 1 or more", _number(1, whole=True)),
+    "max_requests_per_job": ("a whole number, 0 or more, or null",
+                             _number(0, whole=True, null=True)),
+    "max_requests_per_day": ("a whole number, 0 or more, or null",
+                             _number(0, whole=True, null=True)),
+}
+"""A source's rate-limit options (``builder.ratelimit.EngineLimits``) and what each must be:
+a string or a negative number stopped the job when its limiter was made, or the API server
+when its policy weighed the job's share of a budget."""
+
+
 class SourceSpec(_Model):
     """One search source. ``engine`` picks the implementation; the rest are its options."""
 
@@ -466,6 +495,9 @@ class SourceSpec(_Model):
         problems += [(f"options.{key}", f"must be a URL (a string), not {self.options[key]!r}")
                      for key in ("base_url", "proxy")
                      if not isinstance(self.options.get(key, ""), (str, type(None)))]
+        problems += [(f"options.{key}", f"must be {what}, not {self.options[key]!r}")
+                     for key, (what, valid) in _LIMIT_OPTIONS.items()
+                     if key in self.options and not valid(self.options[key])]
         if problems:
             raise _SpecProblems(problems)
         return self

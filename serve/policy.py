@@ -67,7 +67,7 @@ from yarl import URL
 from actors.options import plan_pools
 from builder.expand import operator_endpoint, same_endpoint
 from builder.netguard import check_url
-from builder.ratelimit import SHARED_LIMIT_KEYS, limits_for
+from builder.ratelimit import DEFAULT_LIMITS, SHARED_LIMIT_KEYS, EngineLimits
 from builder.pipeline import units_per_worker
 from builder.spec import (
     MAX_BATCH,
@@ -175,7 +175,8 @@ class ApiPolicy(BaseModel):
         default=500.0, gt=0, description="the most a job may write, in GB: the classes' "
         "targets x download.max_bytes x its output formats that hold images. Left unset, "
         "download.max_bytes is lowered to fit (not under 256 KiB); a larger one set by the "
-        "spec is refused. Every job writes to this server's storage")
+        "spec is refused. Every job writes to this server's storage. A copy re-encoded by "
+        "output.encode can be larger than its download: that is not bounded")
     max_download_concurrency: int = Field(default=_default(DownloadSpec, "concurrency"), ge=1)
     max_per_host_concurrency: int = Field(
         default=_default(DownloadSpec, "per_host_concurrency"), ge=1)
@@ -416,13 +417,18 @@ class _Check:
 
 def _share_budgets(check: _Check, spec: DatasetSpec, policy: ApiPolicy) -> None:
     """Hold each engine's sources with a daily budget to ``max_budget_share`` of it, split
-    between them (each source of an engine counts its own ``max_requests_per_job``)."""
+    between them (each source of an engine counts its own ``max_requests_per_job``). The
+    budget is the server's: a spec allowed to set its own (``allow_engine_limits``) may
+    lower it, never lift it or take it away."""
     by_engine: dict[str, list[tuple[int, Optional[int], int]]] = {}
     for i, src in enumerate(spec.sources):
-        limits = limits_for(src.engine, src.options)
-        if limits.max_requests_per_day:
+        server = DEFAULT_LIMITS.get(src.engine, EngineLimits()).max_requests_per_day
+        own_day = src.options.get("max_requests_per_day")
+        days = [d for d in (server, own_day if "max_requests_per_day" in src.options
+                            else None) if d is not None]
+        if days:
             by_engine.setdefault(src.engine, []).append(
-                (i, limits.max_requests_per_job, limits.max_requests_per_day))
+                (i, src.options.get("max_requests_per_job"), min(days)))
     for engine, sources in sorted(by_engine.items()):
         allowed = math.floor(policy.max_budget_share * min(day for _, _, day in sources))
         each = allowed // len(sources)

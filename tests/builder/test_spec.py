@@ -107,6 +107,24 @@ def test_a_server_option_is_a_url(key):
     assert parse_spec({**MINIMAL, "sources": [{"engine": engine, "options": {key: ""}}]})
 
 
+@pytest.mark.parametrize("key, value, what", [
+    ("max_requests_per_job", "1000", "a whole number, 0 or more, or null"),
+    ("max_requests_per_day", -1, "a whole number, 0 or more, or null"),
+    ("rate", 0, "a number of requests a second above 0"),
+    ("burst", "2", "a number of requests above 0"),
+    ("failure_threshold", 2.5, "a whole number, 1 or more"),
+    ("cooldown_s", True, "a number of seconds, 0 or more")])
+def test_a_rate_limit_option_is_a_number_in_range(key, value, what):
+    """Options are free-form, and a string or a negative number here reached the limiter
+    (a TypeError when the job compared it) or the API server's policy (a 500)."""
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "sources": [{"engine": "bing", "options": {key: value}}]})
+    assert e.value.problems == [(f"sources.0.options.{key}", f"must be {what}, not {value!r}")]
+    good = {"rate": 0.5, "burst": 2, "min_rate": None, "cooldown_s": 0, "failure_threshold": 3,
+            "max_requests_per_job": 0, "max_requests_per_day": None}
+    assert parse_spec({**MINIMAL, "sources": [{"engine": "bing", "options": good}]})
+
+
 def test_a_saved_spec_is_read_as_this_version_reads_it():
     """What an earlier version accepted and saved (in a dataset's spec.yaml, a journal) and
     this one refuses or spells otherwise still loads, so the dataset can be continued."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from builder.errors import SpecError
 from builder.spec import DatasetSpec, DownloadSpec, parse_spec
 from serve.policy import ApiPolicy, PolicyRefused, apply_policy, place_output, url_within
 
@@ -251,6 +252,15 @@ def test_a_job_spends_at_most_its_share_of_an_engines_daily_budget():
     assert "2 google sources" in problems["sources"][1]
     whole = apply(spec(sources=[{"engine": "google"}]), ApiPolicy(max_budget_share=1))
     assert whole.sources[0].options["max_requests_per_job"] == 100
+    # A spec allowed to set the engine's limits may lower the budget, not lift or drop it.
+    free = ApiPolicy(allow_engine_limits=True)
+    for day, share in ((None, 50), (10**9, 50), (40, 10)):
+        ov = apply(spec(sources=[{"engine": "openverse",
+                                  "options": {"max_requests_per_day": day}}]), free)
+        assert ov.sources[0].options["max_requests_per_job"] == share, day
+    # a value of the wrong type is the spec's error, naming the field (it was a 500)
+    with pytest.raises(SpecError, match="max_requests_per_job: must be a whole number"):
+        spec(sources=[{"engine": "openverse", "options": {"max_requests_per_job": "1000"}}])
 
 
 def test_what_a_job_may_write_is_held_to_the_servers_limit():
