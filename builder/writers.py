@@ -699,7 +699,7 @@ class DatasetPublisher:
             if markers:
                 delete_files(fs, [f"{root}/{m}" for m in markers])
             if not merge and (markers or self.output.overwrite):
-                self._remove_old(fs, root)
+                self._remove_old(fs, root, bool(markers))
             if not merge and self.output.overwrite:  # interrupted jobs there: starting over
                 for job in resumable_jobs(self.uri, self.storage_options):
                     delete_tree(fs, f"{root}/{JOURNAL}/{job}")
@@ -720,12 +720,16 @@ class DatasetPublisher:
         return out
 
     @staticmethod
-    def _remove_old(fs: fsspec.AbstractFileSystem, root: str) -> None:
-        """Remove the dataset at ``root``: its dataset-level files, whatever its marker listed
-        (a publish that failed half-way left files no marker lists), and its shard trees."""
-        old = set(_top_files(fs, root, DATASET_FILES))
+    def _remove_old(fs: fsspec.AbstractFileSystem, root: str, marked: bool) -> None:
+        """Remove the dataset at ``root``: its shard trees and, where the folder holds a
+        dataset (``marked``, or shard files or a journal there: a publish that failed half
+        way left files no marker lists), its dataset-level files. A plain folder's own
+        README.md or spec.yaml are not a dataset's."""
+        old: set[str] = set()
         for d in LAYOUT_DIRS:
             old.update(list_files(fs, f"{root}/{d}"))
+        if marked or old or fs.exists(f"{root}/{JOURNAL}"):
+            old.update(_top_files(fs, root, DATASET_FILES))
         delete_files(fs, old)
         for d in LAYOUT_DIRS:
             prune_empty_dirs(fs, f"{root}/{d}")

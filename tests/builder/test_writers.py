@@ -403,6 +403,13 @@ def test_a_marker_vouches_only_for_the_manifests_its_own_publish_wrote(target):
     listed = {f["path"] for f in json.loads(target.read("_SUCCESS"))["files"]}
     assert "labels.json" in listed and "labels.yaml" not in target.files()
 
+    own = target.job("job9", overwrite=True)  # a folder of the user's own, no dataset
+    for rel in ("README.md", "spec.yaml"):
+        storage.write_bytes(storage.join(target.uri, f"own/{rel}"), b"mine", target.options)
+    DatasetPublisher(own.output, storage.join(target.uri, "own"), "job9", target.options,
+                     LABELS).prepare()
+    assert {"own/README.md", "own/spec.yaml"} <= target.files()
+
     fs.rm(f"{root}/_SUCCESS")  # a dataset's leftovers with no marker, as a recheck leaves
     storage.write_bytes(storage.join(target.uri, "labels.yaml"),
                         b"- {id: gone, path: data/test-00007.parquet, label: cat}\n",
