@@ -40,10 +40,11 @@ def test_every_node_runs_with_token_authentication():
     asked, so anyone reaching port 8265 could run code there. Every node starts with it on,
     and holds the token copied from the launching machine."""
     mounts = CLUSTER["file_mounts"]
-    assert mounts["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert mounts["/home/ray/.pixcrawler-ray-auth"] == "~/.ray"  # a folder: see the comment
     starts = CLUSTER["head_start_ray_commands"] + CLUSTER["worker_start_ray_commands"]
     for command in (c for c in starts if "ray start" in c):
-        assert command.startswith("RAY_AUTH_MODE=token "), command
+        assert command.startswith("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="
+                                  "/home/ray/.pixcrawler-ray-auth/auth_token "), command
 
 
 def test_gpu_workers_get_the_cuda_build_of_onnxruntime():
