@@ -528,9 +528,11 @@ class JobRunner:
         self._planned: set[str] = set()
         """Units resent after they had reported: their next report must not move the planner
         (a search cursor would skip a page, a list's in-flight count would drift)."""
-        self._partial = partial_units or {}
-        """Units the interrupted run half wrote: per class, the images their shards hold, for
-        which the ledger holds room."""
+        self._partial = partial_units if partial_units is not None else {}
+        """Units half written: by the interrupted run (per class, the images their shards
+        hold, for which the ledger holds room), or in this run by an attempt taken back after
+        it reported (``_resend_uncommitted``: the images it accepted). The caller's dict:
+        publishing refuses while one of them has no unit file."""
         self._unfinished = set(self._partial)
         """Those not decided in this run (yet): their held room is not needed from others."""
         self._written_sent: set[str] = set()
@@ -700,6 +702,10 @@ class JobRunner:
                 continue
             self.counts.add(flight.report, -1)
             del self._flights[uid]
+            # Its shards may hold some of what it accepted, and the ledger holds their room:
+            # the resend takes them back, so they are not sought from other units meanwhile.
+            self._partial.setdefault(uid, {label: tally.accepted for label, tally
+                                           in flight.report.classes.items() if tally.accepted})
             self._again(flight.unit)
             self._planned.add(uid)
             self.resent += 1
@@ -856,7 +862,7 @@ class JobRunner:
             # Decided before, and lost: undecided again. Its shards may hold images of an
             # earlier attempt (and the ledger their grant), so a resend that decides nothing
             # leaves it half-written: it finishes last unless decided again first.
-            self._partial.setdefault(unit.uid, {})
+            self._partial.setdefault(unit.uid, {})  # (an attempt lost before it reported)
             self._unfinished.add(unit.uid)
         if unit.uid in self._planned:  # the planner learnt from its first report
             self._planned.discard(unit.uid)

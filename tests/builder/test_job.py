@@ -795,13 +795,47 @@ def test_a_page_of_this_run_resent_after_a_lost_worker_whose_search_fails_is_fin
         return await original(worker, unit)
 
     executor.run = run_unit
-    runner, stats = run(s, executor, units_per_worker=1)
+    held: dict[str, dict[str, int]] = {}  # the pipeline's: publishing checks it
+    runner, stats = run(s, executor, units_per_worker=1, partial_units=held)
     check_exact(stats)
     assert [(u.kind, u.uid) for u in ran if u.kind == WRITTEN] == [(WRITTEN, page)]
     assert page in executor.ledger.committed
     # sent, resent after the loss (its search failed), finished from what it wrote
     assert [(u.kind, u.attempt) for u in ran if u.uid == page] == [
         (SEARCH, 0), (SEARCH, 1), (WRITTEN, 1)]
+    assert held == {page: {"cat": 2}}  # what it had accepted (a page of 2), its held room
+
+
+def test_the_room_a_resent_unit_held_is_not_sought_from_other_units_meanwhile():
+    """A page that filled its class was taken back after a lost worker: the ledger still
+    held its room, but the driver counted the class as needing all of it again and searched
+    every other page and source, their images unused, until the page finished."""
+    from builder.units import WRITTEN, search_uid
+
+    s = spec(target=4)
+    pages = {(src, q): [f"{src}{q}{i}.ok" for i in range(4)] for src in (0, 1)
+             for q in ("q1", "q2")}
+    executor = FakeExecutor(s, pages, defer=True)
+    page = search_uid(0, "cat", "q1", 0)
+    ran: list[WorkUnit] = []
+
+    async def run_unit(worker, unit, original=executor.run):
+        ran.append(unit)
+        if unit.kind == WRITTEN:
+            return _written_report(executor, worker, unit, 2)
+        if len(ran) == 2:  # lost after the page reported, before it committed
+            await executor.reset()
+            raise WorkerLost(worker, "node removed")
+        if unit.uid == page and unit.attempt >= 1:
+            return UnitReport(unit.uid, search=SearchOutcome(error="429", final=True),
+                              settled=False), WorkerEvents(f"w{worker}", [])
+        return await original(worker, unit)
+
+    executor.run = run_unit
+    runner, stats = run(s, executor, units_per_worker=1)
+    check_exact(stats)
+    assert stats["accepted"] == 4
+    assert {u.uid for u in ran if u.kind == SEARCH} == {page, ran[1].uid}  # no third page
 
 
 def test_the_room_held_for_half_written_units_is_not_sought_from_other_sources():
