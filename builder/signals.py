@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
+from protego._utils import _quote_path, _quote_pattern
 from yarl import URL
 
 from builder.rights import ALLOW, NO_ANSWER, NONE, REFUSE, UNREACHABLE, Signal
@@ -121,6 +122,14 @@ def _pieces(pattern: str) -> tuple[tuple[str, ...], bool]:
     return tuple((pattern[:-1] if anchored else pattern).split("*")), anchored
 
 
+def normal_pattern(pattern: str) -> str:
+    """A path pattern with its percent-encoding as RFC 9309 2.2.2 compares it (non-ASCII
+    encoded, unreserved characters decoded), as protego does for robots.txt's own rules and
+    ``OriginSignals.ledger`` for the path: matched as written, ``/fotos/é/`` never matched
+    ``/fotos/%C3%A9/a.jpg``, nor ``/%7Ejohn/`` the ``/~john/a.jpg`` yarl spells."""
+    return _quote_pattern(pattern) if pattern and pattern != "*" else pattern
+
+
 def path_matches(pattern: str, path: str) -> bool:
     """RFC 9309 path matching: ``pattern`` is a prefix of ``path``, with ``*`` for any run of
     characters and a final ``$`` anchoring the end. The empty pattern matches everything.
@@ -170,8 +179,9 @@ def path_rules(name: str, values: Iterable[str], source: str, verdict_of: Any
         if prefs:
             merged[path] = _merge(merged.get(path, {}), prefs)
             written.setdefault(path, []).append(" ".join(text.split()))
-    rules = [PathRule(path, Signal(name, ", ".join(written[path])[:300],
-                                   source + (f" for {path}" if path else ""), verdict_of(prefs)))
+    rules = [PathRule(normal_pattern(path),
+                      Signal(name, ", ".join(written[path])[:300],
+                             source + (f" for {path}" if path else ""), verdict_of(prefs)))
              for path, prefs in merged.items()]
     rules.sort(key=lambda r: len(r.pattern), reverse=True)  # longest match first
     return rules
@@ -243,8 +253,8 @@ def _tdm_pattern(location: str) -> str:
     """The path pattern of a rule's ``location``: an absolute URL gives its path (raises
     ValueError where it cannot be read), a relative one is taken from the root."""
     if not location or location == "*" or location.startswith(("/", "*")):
-        return location
-    return URL(location).raw_path if "://" in location else "/" + location
+        return normal_pattern(location)
+    return normal_pattern(URL(location).raw_path if "://" in location else "/" + location)
 
 
 # ---- origin-level -----------------------------------------------------------------------------
@@ -324,7 +334,7 @@ class OriginSignals:
         self._ai = _RulesFile("ai_txt", "ai.txt", ai_txt) if ai_txt is not None else None
 
     def ledger(self, url: URL) -> tuple[Signal, ...]:
-        path = url.raw_path_qs or "/"
+        path = _quote_path(str(url))
         out: list[Signal] = []
         if self._robots is not None:
             out.append(self._robots.entry(url))

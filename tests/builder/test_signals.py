@@ -114,6 +114,27 @@ def test_a_tdmrep_rule_whose_location_cannot_be_read_is_no_rule():
     assert [s.verdict for s in origin.ledger(URL("https://example.com/images/a.jpg"))] == [NONE]
 
 
+def test_rule_paths_and_image_paths_are_compared_with_their_escapes_normalised():
+    """RFC 9309 2.2.2: non-ASCII octets are compared percent-encoded, and encoded unreserved
+    characters decoded. protego does so for robots.txt's own rules, but Content-Usage lines
+    and tdmrep.json locations were matched as written: a site's refusal for /fotos/é/ or
+    /%7Ejohn/ never matched its images, which were kept."""
+    from builder.robots import RobotsPolicy
+
+    robots = RobotsPolicy.from_response(200, (
+        "User-agent: *\nAllow: /\nContent-Usage: /fotos/é/ train-ai=n\n"
+        "Content-Usage: /%7Ejohn/ train-ai=n\n").encode())
+    tdmrep = parse_tdmrep(200, '[{"location": "/fotos/é/*", "tdm-reservation": 1},'
+                               ' {"location": "/%7Ejohn/*", "tdm-reservation": 1}]'.encode())
+    origin = OriginSignals(DownloadSpec(), robots, tdmrep, None)
+    for url in ("http://h/fotos/%C3%A9/a.jpg", "http://h/fotos/é/a.jpg", "http://h/~john/a.jpg",
+                "http://h/%7Ejohn/a.jpg"):
+        verdicts = {s.name: s.verdict for s in origin.ledger(URL(url))}
+        assert verdicts["content_usage"] == verdicts["tdmrep"] == REFUSE, (url, verdicts)
+    verdicts = {s.name: s.verdict for s in origin.ledger(URL("http://h/other/a.jpg"))}
+    assert verdicts["tdmrep"] == NONE and verdicts["content_usage"] != REFUSE
+
+
 def _png_with_xmp(value: str) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_itxt("XML:com.adobe.xmp", xmp_with_data_mining(value).decode(), zip=True)
