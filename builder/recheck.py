@@ -61,7 +61,7 @@ BATCH = 256
 """Images re-fetched at a time in ``full`` mode (their bytes are dropped after each batch)."""
 REMOVAL_COLUMNS = ("id", "label", "split", "url", "final_url", "signal", "value", "source",
                    "reason", "detail")
-_READ_COLUMNS = ["id", "label_name", "split", "url", "final_url"]
+_READ_COLUMNS = ["id", "label_name", "split", "url", "final_url", "page_url"]
 
 
 class RecheckSourceError(PixCrawlerError):
@@ -143,11 +143,16 @@ def _read(uri: str, path: str, storage_options: Optional[dict],
     fs, _ = open_fs(uri, storage_options)
     with storage_errors(uri, f"read {path} of"):
         with fs.open(path, "rb") as f:
+            if columns is not None:  # those the file has (an older version's may lack some)
+                names = set(pq.ParquetFile(f).schema_arrow.names)
+                columns = [c for c in columns if c in names]
+                f.seek(0)
             return pq.read_table(f, columns=columns)
 
 
 def image_rows(uri: str, storage_options: Optional[dict] = None) -> Iterator[dict[str, str]]:
-    """The dataset's images: id, label, split, url and final_url (no image bytes read)."""
+    """The dataset's images: id, label, split, url, final_url and page_url (no image bytes
+    read)."""
     for path in _shards(uri, storage_options):
         table = _read(uri, path, storage_options, _READ_COLUMNS)
         yield from table.rename_columns(["label" if c == "label_name" else c
@@ -219,7 +224,9 @@ async def _by_fetch(rows: list[dict[str, Any]], cfg: DownloadSpec, result: Reche
     async with Fetcher(cfg, resolver=resolver) as fetcher:
         for start in range(0, len(rows), BATCH):
             chunk = rows[start:start + BATCH]
-            records = [Record(Candidate(url=r["url"], label=r["label"])) for r in chunk]
+            # the page too: with signals.page_meta the build read its robots meta tags
+            records = [Record(Candidate(url=r["url"], label=r["label"],
+                                        page_url=r.get("page_url") or "")) for r in chunk]
             await fetcher.fetch_many(records)
             for row, record in zip(chunk, records):
                 origins.add(_origin(row["url"]))

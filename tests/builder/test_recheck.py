@@ -246,3 +246,41 @@ def test_a_killed_copy_is_refused_before_any_request_with_advice_a_recheck_can_f
     assert "--output" not in err and "--resume" not in err, err
     assert recheck_write(src, copy, "--overwrite") == 0
     assert check_accounting(str(copy))["accepted"] == 4
+
+
+def test_a_full_recheck_reads_each_images_page_again(monkeypatch):
+    """With signals.page_meta the build read each image's page for its robots meta tags, but
+    --full fetched the images alone: a page that opted out after the build went unseen."""
+    import asyncio
+
+    from builder import recheck as recheck_mod
+    from builder.rights import REFUSE, Signal
+    from builder.spec import DownloadSpec
+
+    asked: list[str] = []
+
+    class PageAwareFetcher:
+        def __init__(self, cfg, resolver=None):
+            self.cfg = cfg
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return None
+
+        async def fetch_many(self, records):
+            for record in records:
+                asked.append(record.candidate.page_url)
+                if record.candidate.page_url.endswith("/opted-out.html"):
+                    record.rights = (Signal("page_meta", "noai", "the page's meta", REFUSE),)
+
+    monkeypatch.setattr(recheck_mod, "Fetcher", PageAwareFetcher)
+    rows = [{"id": "a", "label": "cat", "split": "train", "url": "http://h/a.jpg",
+             "final_url": "", "page_url": "http://h/opted-out.html"},
+            {"id": "b", "label": "cat", "split": "train", "url": "http://h/b.jpg",
+             "final_url": "", "page_url": None}]
+    result = recheck_mod.RecheckResult("mem://x", "full")
+    asyncio.run(recheck_mod._by_fetch(rows, DownloadSpec(), result, None))
+    assert asked == ["http://h/opted-out.html", ""]
+    assert [r.id for r in result.removals] == ["a"]
