@@ -499,10 +499,14 @@ class Fetcher:
         finished (filled or rejected)."""
         cfg = self.cfg
         attempt = 0
+        rights = record.rights
         while True:
             try:
                 return await self._attempt(url, delay, record, first=attempt == 0)
             except _Failure as failure:
+                # A 2xx's header entries are in the ledger before its body is read: a body
+                # that failed leaves them to the response that is kept, or to none.
+                record.rights = rights
                 if attempt >= cfg.retries:
                     tries = attempt + 1
                     record.reject(failure.reason, f"{failure.detail} ({tries} "

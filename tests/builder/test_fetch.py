@@ -119,6 +119,20 @@ def make_app(state: State) -> web.Application:
         state.hit(f"status{code}")
         return web.Response(status=code, text="no")
 
+    @routes.get("/cut-once/{key}")
+    async def cut_once(request: web.Request) -> web.StreamResponse:
+        """The whole image, with opt-out headers; the first time cut off mid-body."""
+        headers = {"X-Robots-Tag": "all", "tdm-reservation": "0"}
+        if state.hit("cut" + request.match_info["key"]) > 1:
+            return image(**headers)
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "image/jpeg",
+                                           "Content-Length": str(len(JPEG))})
+        await resp.prepare(request)
+        await resp.write(JPEG[:len(JPEG) // 2])
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
     @routes.get("/flaky/{key}")
     async def flaky(request: web.Request) -> web.Response:
         if state.hit("flaky" + request.match_info["key"]) == 1:
@@ -379,6 +393,16 @@ def test_500_then_success_is_retried(srv: Any) -> None:
     assert srv.state.hits["flakya"] == 2
     assert stats["retries"] == 1
     assert stats["by_status"] == {500: 1, 200: 1}
+
+
+def test_a_response_cut_off_and_fetched_again_is_in_the_ledger_once(srv: Any) -> None:
+    """The opt-out headers of a 2xx are recorded when they arrive. A body cut off then
+    (a reset, a stall past the timeout) was fetched again and its headers recorded again:
+    the image's ledger held each entry twice, and the rights summary counted them twice."""
+    r = one(base(srv) + "/cut-once/a", cfg(retries=1, backoff_s=0))
+    assert not r.rejected and r.data == JPEG and srv.state.hits["cuta"] == 2
+    names = [s.name for s in r.rights]
+    assert "x_robots_tag" in names and len(names) == len(set(names)), names
 
 
 def test_always_500_is_server_error_after_retries(srv: Any) -> None:
