@@ -56,6 +56,10 @@ AGENT_WAIT_S = 10.0
 # job yet: the reconciler fails such a row only when it is older than the longest submit, the
 # agent wait plus Ray's own submit request (which takes no timeout), with a wide margin.
 SUBMIT_GRACE_S = AGENT_WAIT_S + 50.0
+STOP_GRACE_S = 3600.0
+"""How long past ``max_job_hours`` a job asked to stop may take to publish what it accepted
+before Ray stops its driver (``JobLauncher.stop``): a driver that never acts on the cancel
+(its loop wedged) held its place in the cluster, and its key's queue, for ever."""
 
 
 def failure_text(message: str) -> str:
@@ -305,6 +309,8 @@ class Reconciler:
         self.launcher = launcher
         self.submit_grace_s = submit_grace_s
         self.max_job_s = max_job_s
+        self._killed: set[str] = set()
+        """Jobs whose driver this replica had Ray stop (``_limit_time``), each once."""
 
     def apply_live(self, row: JobRow, live: dict[str, Any]) -> JobRow:
         """Store what a progress actor says; a terminal state there ends the job here."""
@@ -362,12 +368,20 @@ class Reconciler:
         error says why. Its fetches are bounded one by one (the policy's caps), but a job of
         many slow ones could hold its place in the cluster for days."""
         started = row.started_at
-        if self.max_job_s is None or row.cancel_requested or started is None \
-                or time.time() - started <= self.max_job_s:
+        if self.max_job_s is None or started is None:
             return
-        self._stop(row, f"stopped after {self.max_job_s / 3600:g} h, this server's limit for "
-                        "a job (max_job_hours); what it accepted is published as a partial "
-                        "dataset")
+        over = time.time() - started - self.max_job_s
+        if over <= 0:
+            return
+        if not row.cancel_requested:
+            self._stop(row, f"stopped after {self.max_job_s / 3600:g} h, this server's limit "
+                            "for a job (max_job_hours); what it accepted is published as a "
+                            "partial dataset")
+        elif over > STOP_GRACE_S and row.id not in self._killed:
+            self._killed.add(row.id)
+            log.warning("[%s] still running %g h past max_job_hours although asked to stop: "
+                        "Ray stops its driver", row.id, over / 3600)
+            self.launcher.stop(row.id)
 
     def _stop(self, row: JobRow, why: str) -> None:
         """Stop a running job as a cancel does, with ``why`` as its error."""

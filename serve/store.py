@@ -536,7 +536,7 @@ class JobStore:
                    output_uri: Optional[str] = None) -> None:
         """Change the given fields. A job that ended keeps its end state (the first wins), and
         a state never moves back: an update that would (a reader that saw the job a moment
-        earlier) changes nothing, its progress included."""
+        earlier) changes nothing, its progress included. A job that succeeded has no error."""
         values: dict[str, Any] = {"updated_at": time.time()}
         if state is not None:
             if state not in STATES:
@@ -548,6 +548,10 @@ class JobStore:
                            ("error", error), ("output_uri", output_uri)):
             if value is not None:
                 values[key] = value
+        if state == "succeeded":
+            # A stop that came too late (the job had published whole) left its reason, which
+            # says a partial dataset was published.
+            values["error"] = None
         if progress is not None:
             values["progress_json"] = _dumps(progress)
         if stats is not None:

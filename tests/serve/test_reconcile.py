@@ -203,6 +203,51 @@ def test_a_running_job_of_a_revoked_key_is_stopped_saying_why(store, monkeypatch
     assert ended.state == "cancelled" and ended.error == store_module.REVOKED_ERROR
 
 
+def test_a_job_that_never_acts_on_its_stop_has_its_driver_stopped_by_ray(store, monkeypatch):
+    """A job past max_job_hours was asked to stop once; a driver that never acted on it (its
+    loop wedged) stayed running for ever, holding its place and its key's queue."""
+    monkeypatch.setattr(jobs, "request_cancel", lambda job_id, reason: True)  # the actor heard
+    store.create_job("wedged-1", "o", "x", {"name": "x"}, "/nonexistent/x")
+    store.update_job("wedged-1", state="running")
+    with store.engine.begin() as conn:
+        conn.execute(jobs_table.update().where(jobs_table.c.id == "wedged-1")
+                     .values(started_at=time.time() - 3600 - jobs.STOP_GRACE_S / 2))
+    ray = StoppingRay(**{"wedged-1": RayJob("RUNNING")})
+    reconciler = Reconciler(store, ray, max_job_s=3600)
+    reconciler.reconcile_all()
+    assert store.get_job("wedged-1").cancel_requested and ray.stopped == []
+    with store.engine.begin() as conn:  # past the grace too, still running
+        conn.execute(jobs_table.update().where(jobs_table.c.id == "wedged-1")
+                     .values(started_at=time.time() - 3600 - jobs.STOP_GRACE_S - 60))
+    ray.stop = lambda job_id: ray.stopped.append(job_id)  # Ray stops it, in its own time
+    reconciler.reconcile_all()
+    reconciler.reconcile_all()
+    assert ray.stopped == ["wedged-1"]  # once
+
+
+def test_a_job_stopped_too_late_that_published_whole_succeeds_without_the_stop_error(
+        store, monkeypatch, tmp_path):
+    """A stop (max_job_hours, a revoked key) asked of a job that was already publishing came
+    too late: the job published whole and succeeded, but kept the stop's error, which said a
+    partial dataset was published."""
+    monkeypatch.setattr(jobs, "request_cancel", lambda job_id, reason: True)
+    out = write_outcome(tmp_path / "late", SUCCESS, {"job_id": "late-1", "accepted": 3,
+                                                     "rejected": 0, "candidates": 3})
+    store.create_job("late-1", "o", "x", {"name": "x"}, out)
+    store.update_job("late-1", state="writing")
+    with store.engine.begin() as conn:  # started 10 minutes past the limit
+        conn.execute(jobs_table.update().where(jobs_table.c.id == "late-1")
+                     .values(started_at=time.time() - 3600 - 600))
+    ray = StoppingRay(**{"late-1": RayJob("RUNNING")})
+    reconciler = Reconciler(store, ray, max_job_s=3600)
+    reconciler.reconcile_all()
+    assert "max_job_hours" in store.get_job("late-1").error
+    ray.jobs["late-1"] = RayJob("SUCCEEDED")  # it had published before it saw the stop
+    reconciler.reconcile_all()
+    done = store.get_job("late-1")
+    assert (done.state, done.error) == ("succeeded", None)
+
+
 def test_a_cancel_the_progress_actor_forgot_is_asked_again(store, monkeypatch):
     """A job's progress actor restarted (its node was lost) forgets the cancel it held, and
     the driver then ran the job to its end. The reconciler sees the job still running with no
