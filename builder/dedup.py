@@ -59,6 +59,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from builder.reasons import Reason
+from builder.units import POS_BITS
 
 U64 = np.uint64
 
@@ -858,6 +859,36 @@ class DedupPartition:
             hit = (ne["claim"][rows] == nclaims) & (ne["state"][rows] > 0)
             ne["state"][rows[hit]] = state
 
+    def _of_unit(self, cols: _Columns, req: dict[str, np.ndarray]) -> np.ndarray:
+        """Which of ``cols``' rows a unit filed (``seq``: its order, the high bits of its
+        tokens, ``builder.units.WorkUnit.token``)."""
+        seq = U64(int(np.asarray(req["seq"]).ravel()[0]))
+        return (cols["token"][:cols.n] >> U64(POS_BITS)) == seq
+
+    def unit_written(self, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The ids of the images here that a unit filed and a shard holds or is writing."""
+        state = self._ex["state"][:self._ex.n]
+        mine = self._of_unit(self._ex, req) & ((state == WRITING) | (state == WRITTEN))
+        return {"id": self._ex["id"][:self._ex.n][mine]}
+
+    def drop_unit(self, req: dict[str, np.ndarray]) -> None:
+        """Kill the entries an earlier attempt of one unit filed that no shard holds (``seq``;
+        ``keep_id``: its images a shard holds, whose signatures stay). A resend files again
+        what it finds again, and settles the earlier rows of those claims with its own; an
+        image it did not find again (its fetch failed, the search no longer returns it)
+        kept its entries, and later copies of it were rejected as duplicates of an image the
+        dataset never got. Rows loaded from the journal (token 0, no position) are no
+        unit's."""
+        state = self._ex["state"][:self._ex.n]
+        state[self._of_unit(self._ex, req) & ((state == PENDING) | (state == KEPT))] = 0
+        ne, n = self._ne, self._ne.n
+        state = ne["state"][:n]
+        dead = self._of_unit(ne, req) & (state > 0) & (ne["pos"][:n] >= 0)
+        keep = _arr(req.get("keep_id"), U64)
+        if len(keep):
+            dead &= ~np.isin(ne["id"][:n], keep)
+        state[dead] = 0
+
     def mark_writing(self, req: dict[str, np.ndarray]) -> None:
         """These ids (``id`` + ``claim``) are being written in the shard ``ref``."""
         self._set_exact(_arr(req.get("id"), U64), _arr(req.get("claim"), U64), WRITING,
@@ -1231,6 +1262,17 @@ class DedupClient:
                         payloads[p][f"{prefix}_row"] = rows[sel]
                         payloads[p][f"{prefix}_nclaim"] = nclaim[sel]
         await self._fan_out("settle", payloads)
+
+    async def drop_unit(self, seq: int) -> None:
+        """Before a resent unit decides: its earlier attempt's entries that no shard holds
+        die (``DedupPartition.drop_unit``), in every partition. An image's exact entry and
+        its signatures may be in different partitions, so the written ones are asked for
+        first."""
+        ask = [{"seq": np.array([seq], U64)}] * self.k
+        written = [r["id"] for r in await self._fan_out("unit_written", ask) if r is not None]
+        keep = np.concatenate(written) if written else np.zeros(0, U64)
+        await self._fan_out("drop_unit", [{"seq": np.array([seq], U64), "keep_id": keep}]
+                            * self.k)
 
     async def mark_written(self, image_ids: Sequence[int], claims: Sequence[int],
                            writing: Optional[int] = None) -> None:

@@ -721,7 +721,8 @@ class UnitRun:
             else:
                 self.records.append(Record(cand))
                 cap -= 1
-        if again:
+        if again:  # what the earlier attempt filed and did not write is not the index's
+            await self.stage(self.w.services.dedup.drop_unit(unit.seq))
             await self._restore_written()
         try:
             await self._decide()

@@ -347,6 +347,41 @@ def test_settling_a_retry_also_settles_its_unsettled_first_attempt(k):
     assert not any(d.duplicate for d in run(client.decide(copies)))
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_resent_units_earlier_entries_die_unless_written(k):
+    """A unit kept images, then was resent (its worker lost before it wrote them), and this
+    time did not find them again (a fetch failed, the search changed): nothing settled their
+    entries, and later copies of them, in any class, were rejected as duplicates of images
+    the dataset never got. A resent unit drops its earlier attempt's entries first; what a
+    shard holds (being written or written) and what the journal loaded stay."""
+    from builder.units import POS_BITS
+
+    parts = LocalPartitions(4, k=k)
+    client = parts.client()
+    rnd = random.Random(4)
+    sigs = [(rnd.getrandbits(64), rnd.getrandbits(64)) for _ in range(6)]
+    seq = 7
+    kept = _items("k", sigs, token0=seq << POS_BITS)
+    run(client.decide(kept))
+    run(client.settle(kept, [True] * 6, [False] * 6))
+    run(client.mark_written([kept[0].image_id], [kept[0].claim]))  # in a committed shard
+    loaded = (42, claim_of("journal"), [(0xABCD, 0x1234)])
+    for p, payload in enumerate(client.load_payloads([], [loaded])):
+        parts.partitions[p].load(payload)
+    run(client.drop_unit(seq))  # the resend starts; it finds none of them again
+    later = 50 << POS_BITS
+    copies = [DedupItem(claim_of(f"c{i}"), later + i, 5000 + i, [(a ^ 1, b)], [(a ^ 1, b)])
+              for i, (a, b) in enumerate(sigs)]
+    same_bytes = [DedupItem(claim_of(f"s{i}"), later + 10 + i, it.image_id, [], [])
+                  for i, it in enumerate(kept)]
+    journal_copy = [DedupItem(claim_of("j"), later + 20, 43, [(0xABCD ^ 1, 0x1234)],
+                              [(0xABCD ^ 1, 0x1234)])]
+    decisions = run(client.decide(copies + same_bytes + journal_copy))
+    assert [d.duplicate for d in decisions] == \
+        [True] + [False] * 5 + [True] + [False] * 5 + [True]
+    assert decisions[0].kept_id == decisions[6].kept_id == f"{kept[0].image_id:016x}"
+
+
 def test_settle_leaves_alone_rows_a_restarted_partition_gave_to_others():
     """Rows named by a check belong to that partition's incarnation: settling them against a
     partition rebuilt from the journal touches no other candidate's entries."""
