@@ -704,8 +704,8 @@ class JobRunner:
             del self._flights[uid]
             # Its shards may hold some of what it accepted, and the ledger holds their room:
             # the resend takes them back, so they are not sought from other units meanwhile.
-            self._partial.setdefault(uid, {label: tally.accepted for label, tally
-                                           in flight.report.classes.items() if tally.accepted})
+            self._partial[uid] = {label: tally.accepted for label, tally
+                                  in flight.report.classes.items() if tally.accepted}
             self._again(flight.unit)
             self._planned.add(uid)
             self.resent += 1

@@ -476,19 +476,22 @@ class JobLifecycle:
     def publish(self, outcome: RunOutcome, extra: dict[str, Any]) -> JobResult:
         """Write the dataset-level files and the marker; remove the journal. Blocking."""
         assert self.journal is not None and self.publisher is not None
-        left = set(self.partial_units) - self.journal.unit_uids() if self.partial_units \
-            else set()
+        # Units with images in committed shards but no unit file (the interrupted run's, or
+        # this run's taken back after a lost worker): asked of the journal only where the
+        # runner met such units, as its shard files are then read whole.
+        left = set(self.journal.partial_units(self.journal.unit_uids())) \
+            if self.partial_units else set()
         if left and outcome.cancelled:
             raise CancelledUnpublished(
-                f"[{self.job_id}] cancelled before it finished {len(left)} units that the "
-                "interrupted run left half-written (their images are in shards no count "
-                f"holds yet): nothing is published at {self.uri}; continue it with --resume")
+                f"[{self.job_id}] cancelled before it finished {len(left)} half-written units "
+                "(their images are in shards no count holds yet): nothing is published at "
+                f"{self.uri}; continue it with --resume")
         if left:
             raise JobInterrupted(
-                f"[{self.job_id}] {len(left)} units that the interrupted run left half-written "
-                f"never finished (e.g. {sorted(left)[0]}), and their images are in shards no "
-                f"count holds: nothing is published at {self.uri}; continue it with --resume, "
-                "or start over with --overwrite")
+                f"[{self.job_id}] {len(left)} half-written units never finished (e.g. "
+                f"{sorted(left)[0]}), and their images are in shards no count holds: nothing "
+                f"is published at {self.uri}; continue it with --resume, or start over with "
+                "--overwrite")
         spec = self.spec
         stats = dict(outcome.stats)
         stats.update(job_id=self.job_id, name=spec.name, output_uri=self.uri,

@@ -739,6 +739,27 @@ def _written_report(executor, worker, unit, n):
     return report, WorkerEvents(f"w{worker}", executor._commit(worker))
 
 
+def _lost_then_failing(executor, page: str, ran: list, fails_from: int):
+    """The executor's ``run`` for the tests below: the second unit run loses its worker after
+    ``page`` reported, before it committed; ``page``'s sends from attempt ``fails_from`` on
+    fail to search (deciding nothing); a WRITTEN unit takes back 2 images."""
+    from builder.units import WRITTEN
+
+    async def run_unit(worker, unit, original=executor.run):
+        ran.append(unit)
+        if unit.kind == WRITTEN:
+            return _written_report(executor, worker, unit, 2)
+        if len(ran) == 2:
+            await executor.reset()
+            raise WorkerLost(worker, "node removed")
+        if unit.uid == page and unit.attempt >= fails_from:
+            return UnitReport(unit.uid, search=SearchOutcome(error="429", final=True),
+                              settled=False), WorkerEvents(f"w{worker}", [])
+        return await original(worker, unit)
+
+    return run_unit
+
+
 def test_a_half_written_unit_decided_then_lost_and_not_decided_again_is_finished_last():
     """A half-written page ran and reported, its worker was lost before it committed, and
     its resend's search failed (the engine gone): it was decided in this run no more, and
@@ -750,19 +771,7 @@ def test_a_half_written_unit_decided_then_lost_and_not_decided_again_is_finished
     page = search_uid(0, "cat", "q1", 0)
     ran: list[WorkUnit] = []
 
-    async def run_unit(worker, unit, original=executor.run):
-        ran.append(unit)
-        if unit.kind == WRITTEN:
-            return _written_report(executor, worker, unit, 2)
-        if len(ran) == 2:  # lost after the page reported, before it committed
-            await executor.reset()
-            raise WorkerLost(worker, "node removed")
-        if unit.uid == page and unit.attempt >= 2:
-            return UnitReport(unit.uid, search=SearchOutcome(error="down", final=True),
-                              settled=False), WorkerEvents(f"w{worker}", [])
-        return await original(worker, unit)
-
-    executor.run = run_unit
+    executor.run = _lost_then_failing(executor, page, ran, fails_from=2)
     runner, stats = run(s, executor, partial_units={page: {"cat": 2}}, units_per_worker=1)
     check_exact(stats)
     assert [(u.kind, u.uid) for u in ran if u.kind == WRITTEN] == [(WRITTEN, page)]
@@ -782,19 +791,7 @@ def test_a_page_of_this_run_resent_after_a_lost_worker_whose_search_fails_is_fin
     page = search_uid(0, "cat", "q1", 0)
     ran: list[WorkUnit] = []
 
-    async def run_unit(worker, unit, original=executor.run):
-        ran.append(unit)
-        if unit.kind == WRITTEN:
-            return _written_report(executor, worker, unit, 2)
-        if len(ran) == 2:  # lost after the page reported, before it committed
-            await executor.reset()
-            raise WorkerLost(worker, "node removed")
-        if unit.uid == page and unit.attempt >= 1:
-            return UnitReport(unit.uid, search=SearchOutcome(error="429", final=True),
-                              settled=False), WorkerEvents(f"w{worker}", [])
-        return await original(worker, unit)
-
-    executor.run = run_unit
+    executor.run = _lost_then_failing(executor, page, ran, fails_from=1)
     held: dict[str, dict[str, int]] = {}  # the pipeline's: publishing checks it
     runner, stats = run(s, executor, units_per_worker=1, partial_units=held)
     check_exact(stats)
@@ -810,7 +807,7 @@ def test_the_room_a_resent_unit_held_is_not_sought_from_other_units_meanwhile():
     """A page that filled its class was taken back after a lost worker: the ledger still
     held its room, but the driver counted the class as needing all of it again and searched
     every other page and source, their images unused, until the page finished."""
-    from builder.units import WRITTEN, search_uid
+    from builder.units import search_uid
 
     s = spec(target=4)
     pages = {(src, q): [f"{src}{q}{i}.ok" for i in range(4)] for src in (0, 1)
@@ -819,19 +816,7 @@ def test_the_room_a_resent_unit_held_is_not_sought_from_other_units_meanwhile():
     page = search_uid(0, "cat", "q1", 0)
     ran: list[WorkUnit] = []
 
-    async def run_unit(worker, unit, original=executor.run):
-        ran.append(unit)
-        if unit.kind == WRITTEN:
-            return _written_report(executor, worker, unit, 2)
-        if len(ran) == 2:  # lost after the page reported, before it committed
-            await executor.reset()
-            raise WorkerLost(worker, "node removed")
-        if unit.uid == page and unit.attempt >= 1:
-            return UnitReport(unit.uid, search=SearchOutcome(error="429", final=True),
-                              settled=False), WorkerEvents(f"w{worker}", [])
-        return await original(worker, unit)
-
-    executor.run = run_unit
+    executor.run = _lost_then_failing(executor, page, ran, fails_from=1)
     runner, stats = run(s, executor, units_per_worker=1)
     check_exact(stats)
     assert stats["accepted"] == 4

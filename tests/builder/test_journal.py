@@ -661,11 +661,31 @@ def test_half_written_units_that_never_finished_publish_nothing_and_say_why(tmp_
     life.journal.start(spec)
     life.publisher = object()  # never reached
     life.partial_units = {"half": {"cat": 2}}
-    with pytest.raises(JobInterrupted, match="1 units .* never finished .*e.g. half.*--resume"):
+    rows = [{"id": f"i{n}", "uid": "half", "label": "cat", "split": "train"} for n in range(2)]
+    life.journal.write_shard("train-00000", with_columns(pa.Table.from_pylist(rows),
+                                                         SHARD_SCHEMA, SHARD_SCHEMA.names))
+    with pytest.raises(JobInterrupted, match="1 half-written units never finished .*e.g. half"
+                                             ".*--resume"):
         life.publish(RunOutcome({}, cancelled=False), {})
     with pytest.raises(CancelledUnpublished, match="--resume"):
         life.publish(RunOutcome({}, cancelled=True), {})
     assert not (tmp_path / "ds" / "_SUCCESS").exists()
+    # one the run met but whose images no committed shard holds is nothing to refuse for
+    life.partial_units = {"lost": {"cat": 1}}
+    life.journal.write_unit(WorkUnit("half", 0, "list", 0, engine="urllist", slice=0),
+                            UnitReport("half"), UNIT_SCHEMA.empty_table())
+
+    class Reached(Exception):
+        pass
+
+    class Publisher:  # the first use of the publisher is past the check
+        def __getattr__(self, name):
+            raise Reached(name)
+
+    life.publisher = Publisher()
+    with pytest.raises(Reached):
+        life.publish(RunOutcome({"accepted": 0, "rejected": 0, "candidates": 0},
+                                cancelled=True), {})
 
 
 def test_a_units_written_rows_read_each_shard_file_once_for_its_units(tmp_path, monkeypatch):
