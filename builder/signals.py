@@ -173,16 +173,19 @@ def path_rules(name: str, values: Iterable[str], source: str, verdict_of: Any
     ``PathRule`` whose signal is decided by ``verdict_of(prefs)``."""
     merged: dict[str, dict[str, str]] = {}
     written: dict[str, list[str]] = {}
+    shown: dict[str, str] = {}
     for value in values:
         path, text = split_path(value)
         prefs = parse_preferences(text)
-        if prefs:
-            merged[path] = _merge(merged.get(path, {}), prefs)
-            written.setdefault(path, []).append(" ".join(text.split()))
-    rules = [PathRule(normal_pattern(path),
-                      Signal(name, ", ".join(written[path])[:300],
-                             source + (f" for {path}" if path else ""), verdict_of(prefs)))
-             for path, prefs in merged.items()]
+        if prefs:  # two spellings of one path are one path (``normal_pattern``)
+            pattern = normal_pattern(path)
+            shown.setdefault(pattern, path)
+            merged[pattern] = _merge(merged.get(pattern, {}), prefs)
+            written.setdefault(pattern, []).append(" ".join(text.split()))
+    rules = [PathRule(pattern, Signal(name, ", ".join(written[pattern])[:300],
+                                      source + (f" for {shown[pattern]}" if pattern else ""),
+                                      verdict_of(prefs)))
+             for pattern, prefs in merged.items()]
     rules.sort(key=lambda r: len(r.pattern), reverse=True)  # longest match first
     return rules
 
@@ -334,7 +337,8 @@ class OriginSignals:
         self._ai = _RulesFile("ai_txt", "ai.txt", ai_txt) if ai_txt is not None else None
 
     def ledger(self, url: URL) -> tuple[Signal, ...]:
-        path = _quote_path(str(url))
+        by_path = (self._signal_rules, self._usage_rules, self._tdm)
+        path = _quote_path(str(url)) if any(r is not None for r in by_path) else ""
         out: list[Signal] = []
         if self._robots is not None:
             out.append(self._robots.entry(url))

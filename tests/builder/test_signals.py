@@ -133,6 +133,13 @@ def test_rule_paths_and_image_paths_are_compared_with_their_escapes_normalised()
         assert verdicts["content_usage"] == verdicts["tdmrep"] == REFUSE, (url, verdicts)
     verdicts = {s.name: s.verdict for s in origin.ledger(URL("http://h/other/a.jpg"))}
     assert verdicts["tdmrep"] == NONE and verdicts["content_usage"] != REFUSE
+    # two spellings of one path are one rule, their preferences merged (not the first kept)
+    both = RobotsPolicy.from_response(200, (
+        "User-agent: *\nAllow: /\nContent-Usage: /fotos/%C3%A9/ search=y\n"
+        "Content-Usage: /fotos/é/ train-ai=n\n").encode())
+    ledger = OriginSignals(DownloadSpec(), both, None, None).ledger(
+        URL("http://h/fotos/%C3%A9/a.jpg"))
+    assert {s.name: s.verdict for s in ledger}["content_usage"] == REFUSE
 
 
 def _png_with_xmp(value: str) -> bytes:
