@@ -423,11 +423,13 @@ def upgrade_saved_spec(data: Any) -> tuple[Any, list[str]]:
 def _number(low: float, *, above: bool = False, whole: bool = False,
             null: bool = False) -> Callable[[Any], bool]:
     """A check of an option's value: a number of at least ``low`` (``above``: more than it;
-    ``whole``: an int), or None where ``null``."""
+    ``whole``: a whole number, 3.0 as 3, as a saved spec may hold), or None where ``null``."""
     def valid(value: Any) -> bool:
         if value is None:
             return null
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if whole and not float(value).is_integer():
             return False
         return value > low if above else value >= low
     return valid
@@ -435,7 +437,7 @@ def _number(low: float, *, above: bool = False, whole: bool = False,
 
 _LIMIT_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "rate": ("a number of requests a second above 0", _number(0, above=True)),
-    "burst": ("a number of requests above 0", _number(0, above=True)),
+    "burst": ("a number of requests, 1 or more", _number(1)),
     "min_rate": ("a number above 0, or null", _number(0, above=True, null=True)),
     "cooldown_s": ("a number of seconds, 0 or more", _number(0)),
     "failure_threshold": ("a whole number, 1 or more", _number(1, whole=True)),
@@ -498,6 +500,13 @@ class SourceSpec(_Model):
         problems += [(f"options.{key}", f"must be {what}, not {self.options[key]!r}")
                      for key, (what, valid) in _LIMIT_OPTIONS.items()
                      if key in self.options and not valid(self.options[key])]
+        if not problems and self.options.get("min_rate") is not None:
+            from builder.ratelimit import limits_for  # (it imports this module)
+
+            rate = limits_for(self.engine, self.options).rate
+            if self.options["min_rate"] > rate:
+                problems.append(("options.min_rate", f"must be at most the rate, {rate:g} "
+                                 f"requests a second here, not {self.options['min_rate']!r}"))
         if problems:
             raise _SpecProblems(problems)
         return self

@@ -111,7 +111,8 @@ def test_a_server_option_is_a_url(key):
     ("max_requests_per_job", "1000", "a whole number, 0 or more, or null"),
     ("max_requests_per_day", -1, "a whole number, 0 or more, or null"),
     ("rate", 0, "a number of requests a second above 0"),
-    ("burst", "2", "a number of requests above 0"),
+    ("burst", "2", "a number of requests, 1 or more"),
+    ("burst", 0.5, "a number of requests, 1 or more"),
     ("failure_threshold", 2.5, "a whole number, 1 or more"),
     ("cooldown_s", True, "a number of seconds, 0 or more")])
 def test_a_rate_limit_option_is_a_number_in_range(key, value, what):
@@ -123,6 +124,18 @@ def test_a_rate_limit_option_is_a_number_in_range(key, value, what):
     good = {"rate": 0.5, "burst": 2, "min_rate": None, "cooldown_s": 0, "failure_threshold": 3,
             "max_requests_per_job": 0, "max_requests_per_day": None}
     assert parse_spec({**MINIMAL, "sources": [{"engine": "bing", "options": good}]})
+    saved = {"failure_threshold": 3.0, "max_requests_per_job": 10.0}  # a saved spec's floats
+    assert parse_spec({**MINIMAL, "sources": [{"engine": "bing", "options": saved}]})
+
+
+def test_a_min_rate_above_the_rate_names_the_field():
+    """The limiter refuses a floor above its rate: the job stopped when it made it."""
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "sources": [{"engine": "bing", "options": {"min_rate": 5}}]})
+    assert e.value.problems == [("sources.0.options.min_rate",
+                                 "must be at most the rate, 0.5 requests a second here, not 5")]
+    assert parse_spec({**MINIMAL, "sources": [{"engine": "bing",
+                                               "options": {"rate": 8, "min_rate": 5}}]})
 
 
 def test_a_saved_spec_is_read_as_this_version_reads_it():
