@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -883,10 +883,10 @@ class DedupPartition:
         state[self._of_unit(self._ex, req) & ((state == PENDING) | (state == KEPT))] = 0
         ne, n = self._ne, self._ne.n
         state = ne["state"][:n]
-        dead = self._of_unit(ne, req) & (state > 0) & (ne["pos"][:n] >= 0)
+        dead = np.flatnonzero(self._of_unit(ne, req) & (state > 0) & (ne["pos"][:n] >= 0))
         keep = _arr(req.get("keep_id"), U64)
         if len(keep):
-            dead &= ~np.isin(ne["id"][:n], keep)
+            dead = dead[~np.isin(ne["id"][dead], keep)]
         state[dead] = 0
 
     def mark_writing(self, req: dict[str, np.ndarray]) -> None:
@@ -1263,14 +1263,14 @@ class DedupClient:
                         payloads[p][f"{prefix}_nclaim"] = nclaim[sel]
         await self._fan_out("settle", payloads)
 
-    async def drop_unit(self, seq: int) -> None:
+    async def drop_unit(self, seq: int, written: Iterable[int] = ()) -> None:
         """Before a resent unit decides: its earlier attempt's entries that no shard holds
-        die (``DedupPartition.drop_unit``), in every partition. An image's exact entry and
-        its signatures may be in different partitions, so the written ones are asked for
-        first."""
+        die (``DedupPartition.drop_unit``), in every partition; ``written``: the ids of its
+        images the journal's shards hold. An image's exact entry and its signatures may be
+        in different partitions, so the ones being written or written are asked for too."""
         ask = [{"seq": np.array([seq], U64)}] * self.k
-        written = [r["id"] for r in await self._fan_out("unit_written", ask) if r is not None]
-        keep = np.concatenate(written) if written else np.zeros(0, U64)
+        found = [r["id"] for r in await self._fan_out("unit_written", ask) if r is not None]
+        keep = np.unique(np.concatenate([np.fromiter(written, U64), *found]))
         await self._fan_out("drop_unit", [{"seq": np.array([seq], U64), "keep_id": keep}]
                             * self.k)
 

@@ -721,9 +721,12 @@ class UnitRun:
             else:
                 self.records.append(Record(cand))
                 cap -= 1
-        if again:  # what the earlier attempt filed and did not write is not the index's
-            await self.stage(self.w.services.dedup.drop_unit(unit.seq))
+        if again:
             await self._restore_written()
+            # What the earlier attempt filed and did not write is not the index's; what it
+            # wrote keeps its signatures (a partition rebuilt from the journal after a lost
+            # node knows those images by the journal, not by this unit).
+            await self.stage(self.w.services.dedup.drop_unit(unit.seq, self.written))
         try:
             await self._decide()
         except UnitCancelled:

@@ -382,6 +382,35 @@ def test_a_resent_units_earlier_entries_die_unless_written(k):
     assert decisions[0].kept_id == decisions[6].kept_id == f"{kept[0].image_id:016x}"
 
 
+def test_a_resent_unit_keeps_the_signatures_of_what_it_wrote_after_a_partition_restart():
+    """The partition holding a written image's exact entry was rebuilt from the journal (its
+    node lost), where the entry has no unit: the resent unit's drop took the image for one
+    it never wrote and killed its signatures in the other partitions, and a later
+    near-duplicate of an image in the dataset was accepted. The unit names what the journal
+    says it wrote."""
+    from builder.dedup import mix64, partition_of
+    from builder.units import POS_BITS
+
+    for image_id in range(1000, 1040):  # one whose exact entry and signatures are apart
+        if partition_of(mix64(np.array([image_id], np.uint64)), 3)[0] == 0:
+            break
+    parts = LocalPartitions(4, k=3)
+    client = parts.client()
+    sig = (0x0123456789ABCDEF, 0xFEDCBA9876543210)
+    seq = 7
+    item = DedupItem(claim_of("w"), seq << POS_BITS, image_id, [sig], [sig])
+    run(client.decide([item]))
+    run(client.settle([item], [True], [False]))
+    run(client.mark_written([image_id], [item.claim]))
+    parts.partitions[0] = DedupPartition(4)  # its node lost: rebuilt from the journal
+    parts.partitions[0].load(client.load_payloads([], [(image_id, item.claim, [sig])],
+                                                  only=0)[0])
+    run(client.drop_unit(seq, [image_id]))  # the resend restored it from the journal
+    copy = (sig[0] ^ 0b111, sig[1])
+    later = DedupItem(claim_of("c"), 50 << POS_BITS, 77, [copy], [copy])
+    assert run(client.decide([later]))[0].reason == Reason.NEAR_DUPLICATE
+
+
 def test_settle_leaves_alone_rows_a_restarted_partition_gave_to_others():
     """Rows named by a check belong to that partition's incarnation: settling them against a
     partition rebuilt from the journal touches no other candidate's entries."""
