@@ -533,6 +533,8 @@ class JobRunner:
         hold, for which the ledger holds room), or in this run by an attempt taken back after
         it reported (``_resend_uncommitted``: the images it accepted). The caller's dict:
         publishing refuses while one of them has no unit file."""
+        self._seqs: dict[str, int] = {}
+        """Each unit's order as this run sent it (a unit finished last keeps it)."""
         self._unfinished = set(self._partial)
         """Those not decided in this run (yet): their held room is not needed from others."""
         self._written_sent: set[str] = set()
@@ -625,6 +627,7 @@ class JobRunner:
             unit = dataclasses.replace(unit, attempt=1)
         flight = _Flight(unit, worker, epoch=self._epoch)
         self._flights[unit.uid] = flight
+        self._seqs[unit.uid] = unit.seq
         self._load[worker] += 1
         if unit.kind in (SEARCH, INLINE):
             self._class_in_flight[unit.label] += self._expected_hits(unit)
@@ -812,7 +815,10 @@ class JobRunner:
         for uid in left:
             self._planned.add(uid)
             self._written_sent.add(uid)
-            self._resend.append(self.planner.written_unit(uid))
+            unit = self.planner.written_unit(uid)
+            if uid in self._seqs:  # its order, by which the index knows what it filed
+                unit = dataclasses.replace(unit, seq=self._seqs[uid])
+            self._resend.append(unit)
         return bool(left)
 
     def _stale(self, flight: _Flight) -> None:

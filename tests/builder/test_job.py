@@ -801,6 +801,8 @@ def test_a_page_of_this_run_resent_after_a_lost_worker_whose_search_fails_is_fin
     assert [(u.kind, u.attempt) for u in ran if u.uid == page] == [
         (SEARCH, 0), (SEARCH, 1), (WRITTEN, 1)]
     assert held == {page: {"cat": 2}}  # what it had accepted (a page of 2), its held room
+    # it finishes under the order it was sent with, by which the index knows what it filed
+    assert len({u.seq for u in ran if u.uid == page}) == 1
 
 
 def test_the_room_a_resent_unit_held_is_not_sought_from_other_units_meanwhile():
