@@ -57,9 +57,9 @@ AGENT_WAIT_S = 10.0
 # agent wait plus Ray's own submit request (which takes no timeout), with a wide margin.
 SUBMIT_GRACE_S = AGENT_WAIT_S + 50.0
 STOP_GRACE_S = 3600.0
-"""How long past ``max_job_hours`` a job asked to stop may take to publish what it accepted
-before Ray stops its driver (``JobLauncher.stop``): a driver that never acts on the cancel
-(its loop wedged) held its place in the cluster, and its key's queue, for ever."""
+"""How long a job stopped for ``max_job_hours`` may take, from the stop, to publish what it
+accepted before Ray stops its driver (``JobLauncher.stop``): a driver that never acts on the
+cancel (its loop wedged) held its place in the cluster, and its key's queue, for ever."""
 
 
 def failure_text(message: str) -> str:
@@ -309,6 +309,8 @@ class Reconciler:
         self.launcher = launcher
         self.submit_grace_s = submit_grace_s
         self.max_job_s = max_job_s
+        self._asked: dict[str, float] = {}
+        """When this replica asked a job to stop, or first saw it asked (``_limit_time``)."""
         self._killed: set[str] = set()
         """Jobs whose driver this replica had Ray stop (``_limit_time``), each once."""
 
@@ -373,18 +375,26 @@ class Reconciler:
         over = time.time() - started - self.max_job_s
         if over <= 0:
             return
+        now = time.time()
         if not row.cancel_requested:
             self._stop(row, f"stopped after {self.max_job_s / 3600:g} h, this server's limit "
                             "for a job (max_job_hours); what it accepted is published as a "
                             "partial dataset")
-        elif over > STOP_GRACE_S and row.id not in self._killed:
-            self._killed.add(row.id)
-            log.warning("[%s] still running %g h past max_job_hours although asked to stop: "
-                        "Ray stops its driver", row.id, over / 3600)
-            self.launcher.stop(row.id)
+            return
+        asked = self._asked.setdefault(row.id, now)  # (or first seen asked, by this replica)
+        if now - asked <= STOP_GRACE_S or row.id in self._killed:
+            return
+        why = (f"stopped after {self.max_job_s / 3600:g} h, this server's limit for a job "
+               "(max_job_hours); it did not stop within an hour of being asked, so Ray stopped "
+               "its driver: a partial dataset is published only if it got that far")
+        log.warning("[%s] %s", row.id, why)
+        self.store.update_job(row.id, error=why)
+        self.launcher.stop(row.id)
+        self._killed.add(row.id)
 
     def _stop(self, row: JobRow, why: str) -> None:
         """Stop a running job as a cancel does, with ``why`` as its error."""
+        self._asked[row.id] = time.time()
         self.store.update_job(row.id, cancel_requested=True, error=why)
         log.warning("[%s] %s", row.id, why)
         if not request_cancel(row.id, why):

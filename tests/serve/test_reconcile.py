@@ -209,20 +209,22 @@ def test_a_job_that_never_acts_on_its_stop_has_its_driver_stopped_by_ray(store, 
     monkeypatch.setattr(jobs, "request_cancel", lambda job_id, reason: True)  # the actor heard
     store.create_job("wedged-1", "o", "x", {"name": "x"}, "/nonexistent/x")
     store.update_job("wedged-1", state="running")
-    with store.engine.begin() as conn:
+    with store.engine.begin() as conn:  # long past the limit (the server was down, say)
         conn.execute(jobs_table.update().where(jobs_table.c.id == "wedged-1")
-                     .values(started_at=time.time() - 3600 - jobs.STOP_GRACE_S / 2))
+                     .values(started_at=time.time() - 3600 - 3 * jobs.STOP_GRACE_S))
     ray = StoppingRay(**{"wedged-1": RayJob("RUNNING")})
+    ray.stop = lambda job_id: ray.stopped.append(job_id)  # Ray stops it, in its own time
+    clock = [time.time()]
+    monkeypatch.setattr(jobs.time, "time", lambda: clock[0])
     reconciler = Reconciler(store, ray, max_job_s=3600)
     reconciler.reconcile_all()
+    reconciler.reconcile_all()  # the grace counts from the stop, not from the limit
     assert store.get_job("wedged-1").cancel_requested and ray.stopped == []
-    with store.engine.begin() as conn:  # past the grace too, still running
-        conn.execute(jobs_table.update().where(jobs_table.c.id == "wedged-1")
-                     .values(started_at=time.time() - 3600 - jobs.STOP_GRACE_S - 60))
-    ray.stop = lambda job_id: ray.stopped.append(job_id)  # Ray stops it, in its own time
+    clock[0] += jobs.STOP_GRACE_S + 60  # an hour later, still running
     reconciler.reconcile_all()
     reconciler.reconcile_all()
     assert ray.stopped == ["wedged-1"]  # once
+    assert "Ray stopped its driver" in store.get_job("wedged-1").error
 
 
 def test_a_job_stopped_too_late_that_published_whole_succeeds_without_the_stop_error(
