@@ -126,8 +126,11 @@ def normal_pattern(pattern: str) -> str:
     """A path pattern with its percent-encoding as RFC 9309 2.2.2 compares it (non-ASCII
     encoded, unreserved characters decoded), as protego does for robots.txt's own rules and
     ``OriginSignals.ledger`` for the path: matched as written, ``/fotos/é/`` never matched
-    ``/fotos/%C3%A9/a.jpg``, nor ``/%7Ejohn/`` the ``/~john/a.jpg`` yarl spells."""
-    return _quote_pattern(pattern) if pattern and pattern != "*" else pattern
+    ``/fotos/%C3%A9/a.jpg``, nor ``/%7Ejohn/`` the ``/~john/a.jpg`` yarl spells. Patterns
+    that match the same paths are spelled the same, so that one rule holds their merged
+    preferences: ``/a/*`` is ``/a/``, and ``*`` and ``/`` are every path (``""``)."""
+    pattern = pattern.rstrip("*")  # a rule is a prefix: "/a/*" is "/a/", "*" every path
+    return "" if pattern in ("", "/") else _quote_pattern(pattern)
 
 
 def path_matches(pattern: str, path: str) -> bool:

@@ -96,7 +96,7 @@ def test_tdmrep_file() -> None:
     body = (b'[{"location": "/a/*", "tdm-reservation": 1, "tdm-policy": "https://p/x.json"},'
             b' {"location": "/", "tdm-reservation": "0"}, {"location": "/b", "x": 2}, 7]')
     rules, absent = parse_tdmrep(200, body)
-    assert [(r.pattern, r.signal.verdict) for r in rules] == [("/a/*", REFUSE), ("/", ALLOW)]
+    assert [(r.pattern, r.signal.verdict) for r in rules] == [("/a/", REFUSE), ("", ALLOW)]
     assert rules[0].signal.value == "tdm-reservation=1, tdm-policy=https://p/x.json"
     assert parse_tdmrep(404, b"")[0] == [] and "HTTP 404" in parse_tdmrep(404, b"")[1].source
     assert parse_tdmrep(200, b"<html>soft 404</html>")[0] == []
@@ -108,7 +108,7 @@ def test_a_tdmrep_rule_whose_location_cannot_be_read_is_no_rule():
     stand (it once made every image of the site a connection_error, and recheck crash)."""
     rules, _ = parse_tdmrep(200, b'[{"location": "https://[bad/images/*", "tdm-reservation": 1},'
                                  b' {"location": "https://example.com/r/*", "tdm-reservation": 1}]')
-    assert [r.pattern for r in rules] == ["/r/*"]
+    assert [r.pattern for r in rules] == ["/r/"]
     origin = OriginSignals(DownloadSpec(), None, (rules, Signal("tdmrep", "", "none")), None)
     assert [s.verdict for s in origin.ledger(URL("https://example.com/r/a.jpg"))] == [REFUSE]
     assert [s.verdict for s in origin.ledger(URL("https://example.com/images/a.jpg"))] == [NONE]
@@ -140,6 +140,13 @@ def test_rule_paths_and_image_paths_are_compared_with_their_escapes_normalised()
     ledger = OriginSignals(DownloadSpec(), both, None, None).ledger(
         URL("http://h/fotos/%C3%A9/a.jpg"))
     assert {s.name: s.verdict for s in ledger}["content_usage"] == REFUSE
+    # nor do two forms of one pattern: a prefix with or without its "*", or every path
+    for lines in (("/a/* search=y", "/a/ train-ai=n"), ("* train-ai=y", "train-ai=n"),
+                  ("/ search=y", "* train-ai=n")):
+        robots = RobotsPolicy.from_response(200, ("User-agent: *\nAllow: /\n" + "".join(
+            f"Content-Usage: {line}\n" for line in lines)).encode())
+        ledger = OriginSignals(DownloadSpec(), robots, None, None).ledger(URL("http://h/a/x"))
+        assert {s.name: s.verdict for s in ledger}["content_usage"] == REFUSE, lines
 
 
 def _png_with_xmp(value: str) -> bytes:
