@@ -352,7 +352,12 @@ class Reconciler:
         ray_job = self.launcher.status(row.id)
         if ray_job is None and self._maybe_being_submitted(row):
             return row
-        if ray_job is None:
+        if ray_job is None and row.cancel_requested and row.ray_status is None:
+            # cancelled, and never seen at Ray: the replica that started it died first
+            self.store.update_job(row.id, state="cancelled", ray_status="UNKNOWN",
+                                  error=row.error or "cancelled before it started: nothing "
+                                                     "was crawled or published")
+        elif ray_job is None:
             self.store.update_job(row.id, state="failed", ray_status="UNKNOWN",
                                   error="the Ray cluster has no record of this job (it was "
                                         "restarted while the job ran?); submit it again")

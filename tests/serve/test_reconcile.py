@@ -203,6 +203,24 @@ def test_a_running_job_of_a_revoked_key_is_stopped_saying_why(store, monkeypatch
     assert ended.state == "cancelled" and ended.error == store_module.REVOKED_ERROR
 
 
+def test_a_job_cancelled_before_ray_ever_had_it_ends_cancelled(store):
+    """The replica that started a job died before handing it to Ray, and its owner cancelled
+    it: Ray never had it, and the job ended "failed", telling its owner to submit it again."""
+    store.create_job("orphan-1", "o", "x", {"name": "x"}, "/nonexistent/x")
+    store.update_job("orphan-1", cancel_requested=True)
+    with store.engine.begin() as conn:  # handed out long ago, never submitted
+        conn.execute(jobs_table.update().where(jobs_table.c.id == "orphan-1")
+                     .values(started_at=time.time() - 10 * SUBMIT_GRACE_S))
+    Reconciler(store, FakeRay()).reconcile_all()
+    row = store.get_job("orphan-1")
+    assert row.state == "cancelled" and "submit it again" not in (row.error or "")
+    # one Ray had, and lost (the cluster restarted), is not said to have never run
+    store.create_job("lost-1", "o", "x", {"name": "x"}, "/nonexistent/x")
+    store.update_job("lost-1", state="running", ray_status="RUNNING", cancel_requested=True)
+    Reconciler(store, FakeRay()).reconcile_all()
+    assert store.get_job("lost-1").state == "failed"
+
+
 def test_a_job_that_never_acts_on_its_stop_has_its_driver_stopped_by_ray(store, monkeypatch):
     """A job past max_job_hours was asked to stop once; a driver that never acted on it (its
     loop wedged) stayed running for ever, holding its place and its key's queue."""
