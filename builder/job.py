@@ -556,8 +556,8 @@ class JobRunner:
 
     def _need(self, label: str) -> int:
         """Images ``label`` still needs from new work: the room the ledger holds for the
-        interrupted run's half-written units not decided yet is theirs (they finish last,
-        from what they wrote, if nothing reaches them first)."""
+        half-written units not decided yet (``_partial``) is theirs (they finish last, from
+        what they wrote, if nothing reaches them first)."""
         held = sum(self._partial[uid].get(label, 0) for uid in self._unfinished)
         return max(0, self.counts.need(label) - held)
 

@@ -377,10 +377,9 @@ class Reconciler:
         started = row.started_at
         if self.max_job_s is None or started is None:
             return
-        over = time.time() - started - self.max_job_s
-        if over <= 0:
-            return
         now = time.time()
+        if now - started <= self.max_job_s:
+            return
         if not row.cancel_requested:
             self._stop(row, f"stopped after {self.max_job_s / 3600:g} h, this server's limit "
                             "for a job (max_job_hours); what it accepted is published as a "

@@ -423,9 +423,7 @@ def _share_budgets(check: _Check, spec: DatasetSpec, policy: ApiPolicy) -> None:
     by_engine: dict[str, list[tuple[int, Optional[int], int]]] = {}
     for i, src in enumerate(spec.sources):
         server = DEFAULT_LIMITS.get(src.engine, EngineLimits()).max_requests_per_day
-        own_day = src.options.get("max_requests_per_day")
-        days = [d for d in (server, own_day if "max_requests_per_day" in src.options
-                            else None) if d is not None]
+        days = [d for d in (server, src.options.get("max_requests_per_day")) if d is not None]
         if days:
             by_engine.setdefault(src.engine, []).append(
                 (i, src.options.get("max_requests_per_job"), min(days)))
