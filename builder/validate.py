@@ -59,6 +59,11 @@ _EXIF_ERRORS = (SyntaxError, ValueError, TypeError, KeyError, struct.error, Unic
 """What reading a malformed EXIF block raises once the pixels are decoded (no OSError: that
 would be the decoder's, and the image is loaded before EXIF is read)."""
 
+MAX_JPEG_SCANS = 100
+"""The most scans a JPEG may hold. libjpeg runs every scan over the whole image, at a reduced
+DCT scale too, so a file of tiny repeated scans costs pixels times scans of CPU: 2,000 scans of
+33 bytes over 4096x4096 pixels took 2.5 s, and the default ``max_bytes`` holds 600,000 of them.
+Encoders write one scan (baseline) to about a dozen (progressive)."""
 PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
                "BMP": "bmp", "TIFF": "tiff"}
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -151,6 +156,11 @@ class ImageValidator:
                                 f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
         # before counting frames, which reads every frame's header: a cut-off one is truncation
         cut = gif_truncation(data) if fmt == "gif" else png_damage(data) if fmt == "png" else ""
+        scans = jpeg_scans(data) if fmt == "jpeg" else 0
+        if scans > MAX_JPEG_SCANS:
+            return self._reject(record, Reason.DECOMPRESSION_BOMB,
+                                f"{scans} scans > {MAX_JPEG_SCANS}: each one decodes the whole "
+                                "image again")
         if cut:
             return self._reject(record, Reason.TRUNCATED if "ends" in cut
                                 else Reason.DECODE_ERROR, cut)
@@ -230,6 +240,28 @@ def _png_raw_size(ihdr: bytes) -> int:
         return rows(w, h)
     return sum(rows((w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy)
                for x0, y0, dx, dy in _ADAM7)
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans a JPEG holds (its SOS markers). The header's segments are walked by
+    their lengths to the first scan; after it an 0xFF byte of entropy-coded data is always
+    followed by 0x00 or a restart marker, so each FF DA is a scan's (or a later image's, in an
+    MPO; a table or comment between scans holding those two bytes counts one too many). 0
+    where the header is not a JPEG's: the decoder says what is wrong."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return 0
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+        elif marker == 0xDA:
+            return data.count(b"\xff\xda", pos)
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return 0
 
 
 def png_damage(data: bytes) -> str:

@@ -10,7 +10,7 @@ from builder.records import Candidate, Record
 from builder.spec import EncodeSpec, ResizeSpec, ValidationSpec
 from builder.sandbox.corpus import BOMB_SIDE, bomb_png
 from builder.transform import ImageTransformer, rgb_jpeg
-from builder.validate import ImageValidator, gif_truncation
+from builder.validate import MAX_JPEG_SCANS, ImageValidator, gif_truncation, jpeg_scans
 from tests.images import encode, jpeg, picture
 
 
@@ -142,6 +142,25 @@ def test_a_cameras_mpo_jpeg_is_a_still_not_an_animation():
     r = check(out.getvalue(), animated="reject")
     assert not r.rejected, r.detail
     assert (r.format, r.width, r.height) == ("jpeg", 320, 240)
+
+
+def test_a_jpeg_of_many_scans_is_rejected_before_it_is_decoded(monkeypatch):
+    """libjpeg runs every scan over the whole image, at a reduced scale too: a progressive
+    JPEG whose last scan is repeated thousands of times cost minutes of CPU to validate, and
+    was accepted. Encoders' files (one scan, or about ten progressive) pass."""
+    out = io.BytesIO()
+    picture(3, (640, 480)).save(out, "JPEG", progressive=True, quality=90)
+    progressive = out.getvalue()
+    assert jpeg_scans(jpeg(1)) == 1 and 5 < jpeg_scans(progressive) <= 20
+    assert not check(progressive).rejected
+    last = progressive.rindex(b"\xff\xda")
+    bomb = progressive[:-2] + progressive[last:-2] * 150 + b"\xff\xd9"
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda img: decoded.append(img))
+    r = check(bomb)
+    assert r.reason == "decompression_bomb" and not decoded
+    assert r.detail == f"{jpeg_scans(progressive) + 150} scans > {MAX_JPEG_SCANS}: each one " \
+        "decodes the whole image again"
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
