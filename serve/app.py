@@ -26,6 +26,7 @@ changes something from another site's page 403 (``HostGuard`` in serve/auth.py).
 import asyncio
 import json
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,7 +52,7 @@ from builder.writers import JOB_ID_RE
 from cluster.connect import WORKER_NICENESS_ENV
 from serve.auth import (Authenticator, HostCheck, HostGuard, Principal, RateLimiter, host_name,
                         too_many_requests, unauthorized)
-from serve.cache import ReadCache
+from serve.cache import ReadCache, SizedLru
 from serve.errors import ApiError, not_found
 from serve.fastpath import (JOBS_PATH, EncodedBodies, HotReads, encode, query_params,
                             small_int)
@@ -231,8 +232,20 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:
                                    "details"}}, status_code=500)
 
 
-_CLASS_TARGETS: dict[tuple[str, float], dict[str, Optional[int]]] = {}
-_CLASS_TARGETS_MAX = 10_000
+CLASS_TARGETS_MAX_BYTES = 128 << 20
+"""The most of the jobs' parsed class lists (``spec_classes``) a replica keeps, the least
+recently used dropped first. Counted in bytes, not jobs: a job may have 1,000 labels of 1 KiB,
+and a key may submit and cancel such jobs as fast as its rate limit lets it (10,000 jobs
+held 10 GB). A key's stored specs are at most ``keep_ended_mb`` (64 MB) and its few active
+jobs', so its own jobs' lists fit and are each parsed once."""
+
+
+def _class_targets_size(found: dict[str, Optional[int]]) -> int:
+    return sum(sys.getsizeof(label) + 100 for label in found) + sys.getsizeof(found)
+
+
+_CLASS_TARGETS: SizedLru[dict[str, Optional[int]]] = SizedLru(CLASS_TARGETS_MAX_BYTES,
+                                                                _class_targets_size)
 
 
 def spec_classes(row: JobRow) -> dict[str, Optional[int]]:
@@ -254,9 +267,7 @@ def spec_classes(row: JobRow) -> dict[str, Optional[int]]:
             flat[label] = target or spec.get("target")
         return flat
     found = {label: parsed.target_of(label) for label in parsed.labels}
-    if len(_CLASS_TARGETS) >= _CLASS_TARGETS_MAX:
-        _CLASS_TARGETS.clear()
-    _CLASS_TARGETS[key] = found
+    _CLASS_TARGETS.put(key, found)
     return found
 
 

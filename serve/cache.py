@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generic, Hashable, Optional, TypeVar
 
@@ -126,3 +127,37 @@ class ReadCache(Generic[T]):
         # caller past stale_s loads again and gets the error itself.
         if not task.cancelled() and task.exception() is not None:
             log.debug("cache load failed: %r", task.exception())
+
+
+class SizedLru(Generic[T]):
+    """Values per key, at most ``max_bytes`` of them as ``size`` counts them, the least
+    recently used dropped first; a value larger than the whole is not kept. Bounded by size,
+    not by count, where one value may be a thousand times another (a job's class list)."""
+
+    def __init__(self, max_bytes: int, size: Callable[[T], int]):
+        self.max_bytes = max_bytes
+        self.size = size
+        self.bytes = 0
+        self._entries: OrderedDict[Hashable, tuple[int, T]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> Optional[T]:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        self._entries.move_to_end(key)
+        return found[1]
+
+    def put(self, key: Hashable, value: T) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[0]
+        size = self.size(value)
+        if size > self.max_bytes:
+            return
+        while self._entries and self.bytes + size > self.max_bytes:
+            self.bytes -= self._entries.popitem(last=False)[1][0]
+        self._entries[key] = (size, value)
+        self.bytes += size

@@ -63,6 +63,8 @@ Parquet read holds (``READS_AT_ONCE`` times this per replica) where a row group 
 of up to ``download.max_bytes`` (20 MB) could hold 2 GB. 8 MB keeps the JPEG of a phone or
 camera photo (3 to 8 MB at 12 to 24 Mpx) and a PNG drawing or screenshot; a PNG photo near
 ``MAX_THUMB_PIXELS`` may be left out."""
+TAR_JSON_MAX_BYTES = 1 << 20
+"""The most of a WebDataset sample's ``.json`` read (a row of metadata: a few hundred bytes)."""
 CHUNK_READ_BYTES = 64_000_000
 """The most a row group's images may take to be read whole, for a shard whose images cannot
 be read one at a time (compressed or dictionary-encoded: not as PixCrawler writes them); a
@@ -477,6 +479,8 @@ def _from_imagefolder(fs: Any, base: str, label: Optional[str], limit: int,
         file_label = by_folder.get(folder, folder)
         if label is not None and file_label != label:
             continue
+        if fs.size(path) > THUMB_MAX_BYTES:
+            continue
         found = _sample({"id": name.rsplit(".", 1)[0], "label": file_label, "split": split},
                         fs.cat_file(path))
         if found:
@@ -500,7 +504,8 @@ def _from_webdataset(fs: Any, tars: list[str], label: Optional[str], limit: int)
                     if not member.isfile() or ext not in ("jpg", "json"):
                         continue
                     if ext == "jpg":
-                        images[key] = member
+                        if member.size <= THUMB_MAX_BYTES:
+                            images[key] = member
                         continue
                     scanned += 1
                     row = _tar_json(tar, member)
@@ -525,6 +530,8 @@ def _tar_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 
 def _tar_json(tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict[str, Any]:
+    if member.size > TAR_JSON_MAX_BYTES:
+        return {}
     try:
         row = json.loads(_tar_bytes(tar, member))
     except ValueError:

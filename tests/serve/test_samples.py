@@ -408,6 +408,11 @@ class CountingFS:
         f.read = counted
         return f
 
+    def cat_file(self, path: str, *args: Any, **kwargs: Any) -> bytes:
+        data = self.fs.cat_file(path, *args, **kwargs)
+        self.counts.append(len(data))
+        return data
+
 
 def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every read of the sample reads' files, from now on."""
@@ -438,6 +443,39 @@ def test_an_image_over_the_byte_cap_is_left_out_unread(tmp_path, monkeypatch):
     small = {i for i, (_, data) in zip(ids_written, images) if len(data) < big}
     assert answer["ready"] and set(ids(answer)) == small and len(ids(answer)) == 4
     assert sum(counts) < 200_000  # the big images hold 3 x 8 MB
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])
+def test_an_image_over_the_byte_cap_is_left_out_unread_in_every_format(tmp_path, monkeypatch,
+                                                                        fmt):
+    """Only the Parquet reader kept to the cap: an ImageFolder file or a WebDataset member
+    (re-encoded at quality 100: 100 MB and more) was read whole for its thumbnail."""
+    uri = tmp_path / "pets"
+    monkeypatch.setattr(samples, "THUMB_MAX_BYTES", 200_000)
+    images = [("cat0", jpeg("red")), ("cat1", padded_jpeg("black", 300_000)),
+              ("cat2", jpeg("blue"))]
+    if fmt == "imagefolder":
+        folder = uri / "imagefolder" / "train" / "cat"
+        folder.mkdir(parents=True)
+        for key, data in images:
+            (folder / f"{key}.jpg").write_bytes(data)
+    else:
+        (uri / "webdataset").mkdir(parents=True)
+        with tarfile.open(uri / "webdataset" / "train-00000.tar", "w",
+                          format=tarfile.USTAR_FORMAT) as tar:
+            for key, data in images:
+                meta = json.dumps({"id": key, "label": "cat", "split": "train"}).encode()
+                for name, body in ((f"{key}.jpg", data), (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+    mark(uri, "pets-00000001")
+    api = Api(tmp_path)
+    api.job("pets-00000001", spec_of(["cat"], formats=[fmt]), uri)
+    counts = count_reads(monkeypatch)
+    answer = api.run("pets-00000001", "cat")
+    assert answer["ready"] and sorted(ids(answer)) == ["cat0", "cat2"]
+    assert sum(counts) < 100_000
 
 
 @pytest.mark.parametrize("options", [

@@ -45,6 +45,33 @@ def test_category_leaves_are_the_jobs_classes_with_their_targets():
                                               "rejected": 0}
 
 
+def test_the_parsed_class_lists_a_replica_keeps_are_bounded_in_bytes(monkeypatch):
+    """The cache of parsed class lists was cleared at 10,000 jobs: a key submitting jobs of
+    900 labels of 1 KB and cancelling them grew a replica by about 1 MB a job, to 10 GB.
+    It now drops the least recently used past its size in bytes, and keeps what was used
+    last."""
+    import serve.app as app_mod
+    from serve.cache import SizedLru
+
+    monkeypatch.setattr(app_mod, "_CLASS_TARGETS", SizedLru(100_000, app_mod._class_targets_size))
+    parses = []
+    real = app_mod.parse_spec
+    monkeypatch.setattr(app_mod, "parse_spec", lambda *a, **k: parses.append(1) or real(*a, **k))
+    rows = [stored_row({"name": "big", "target": 1, "sources": [{"engine": "duckduckgo"}],
+                        "output": {"formats": ["parquet"]},
+                        "classes": {f"{j:03d}" + "x" * 240 + "/" + "y" * 250: None
+                                    for j in range(60)}},
+                       f"big-{i:08d}") for i in range(20)]
+    for row in rows:
+        assert len(spec_classes(row)) == 60
+    cache = app_mod._CLASS_TARGETS
+    assert cache.bytes <= 100_000 and 1 <= len(cache) < 5 and len(parses) == 20
+    spec_classes(rows[-1])
+    assert len(parses) == 20  # the last one used is kept
+    spec_classes(rows[0])
+    assert len(parses) == 21
+
+
 def test_progress_and_stats_fill_in_the_category_classes():
     row = stored_row(yaml.safe_load(ZOO), "zoo-00000002")
     progress = {"classes": {"mammals/dog": {"accepted": 2, "candidates": 3, "rejected": 1}}}
