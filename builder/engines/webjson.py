@@ -187,6 +187,8 @@ def as_url(value: Any) -> str:
 
 
 def strip_html(text: Any) -> str:
-    """Plain text from an HTML fragment (Commons' Artist field, Baidu's titles)."""
-    no_tags = re.sub(r"<[^>]*>", " ", as_text(text))
+    """Plain text from an HTML fragment (Commons' Artist field, Baidu's titles). A tag holds
+    no ``<``: a lone one is text, and a run of them with no ``>`` is one pass, not one per
+    ``<`` (160,000 took 15 s)."""
+    no_tags = re.sub(r"<[^<>]*>", " ", as_text(text))
     return " ".join(html.unescape(no_tags).split())

@@ -284,3 +284,34 @@ def test_a_full_recheck_reads_each_images_page_again(monkeypatch):
     asyncio.run(recheck_mod._by_fetch(rows, DownloadSpec(), result, None))
     assert asked == ["http://h/opted-out.html", ""]
     assert [r.id for r in result.removals] == ["a"]
+
+
+def test_a_full_recheck_holds_no_image_bodies(monkeypatch):
+    """A batch's records kept their bodies until the whole batch was fetched: 256 bodies of
+    up to max_bytes each (5 GB at the default 20 MB), though the recheck reads none."""
+    import asyncio
+
+    from builder import recheck as recheck_mod
+    from builder.fetch import Fetcher
+    from builder.sandbox import SandboxWeb
+    from builder.spec import DownloadSpec, SignalsSpec
+
+    held: list[int] = []
+    real = Fetcher.fetch_many
+
+    async def fetch_many(self, records, **kw):
+        out = await real(self, records, **kw)
+        held.append(sum(r.data is not None for r in records))
+        return out
+
+    monkeypatch.setattr(Fetcher, "fetch_many", fetch_many)
+    with SandboxWeb(classes=["cat"], images_per_class=4) as web:
+        rows = [{"id": str(i), "label": "cat", "split": "train", "final_url": "",
+                 "url": f"{web.base_url}/heavy/{i}.jpg?bytes=100000", "page_url": None}
+                for i in range(4)]
+        result = recheck_mod.RecheckResult("mem://x", "full")
+        cfg = DownloadSpec(allow_private_networks=True, respect_robots=False,
+                           signals=SignalsSpec(tdmrep=False, content_usage=False,
+                                               content_signal=False, ai_txt=False))
+        asyncio.run(recheck_mod._by_fetch(rows, cfg, result, None))
+    assert held == [0] and result.unreachable == 0 and not result.removals

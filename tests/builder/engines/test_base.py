@@ -101,6 +101,13 @@ def test_as_text_and_as_url():
     assert webjson.strip_html(5) == "5" and webjson.strip_html(None) == ""
 
 
+def test_strip_html_keeps_a_lone_angle_bracket_and_stays_linear():
+    """A tag ran from any ``<`` to the next ``>``, so "<" repeated with no ">" (a crafted
+    answer) was scanned to its end once per ``<``: 160,000 of them took 15 s."""
+    assert webjson.strip_html("a < b <i>x</i> &amp; y") == "a < b x & y"
+    assert webjson.strip_html("<" * 200_000 + "<b>x") == "<" * 200_000 + " x"
+
+
 def test_deeply_nested_json_is_a_retryable_engine_error():
     with pytest.raises(EngineError, match="not JSON") as info:
         webjson.loads(b"[" * 100_000 + b"]" * 100_000, engine="x")
