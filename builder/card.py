@@ -27,7 +27,7 @@ PARTIAL_MARKER = "> **PARTIAL DATASET**"
 def _cell(value: Any) -> str:
     """A value made safe for a Markdown table cell."""
     text = "" if value is None else str(value)
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def _size_category(n: int) -> str:

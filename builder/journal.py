@@ -124,6 +124,23 @@ def _same_once_upgraded(stored: Any, spec: DatasetSpec) -> bool:
     return bool(changes) and _fingerprint_of(upgraded) == spec_fingerprint(spec)
 
 
+def splits_reordered(saved: Any, spec: DatasetSpec) -> Optional[str]:
+    """Why a saved spec (its JSON form) and ``spec`` would put images in different splits
+    although their fingerprints agree, or None: the split names in another order. An image's
+    split is found on the fractions in the order they are listed (``assign_split``), which
+    the fingerprint, JSON with its keys sorted, does not see."""
+    try:
+        old = [name for name, frac in saved["output"]["splits"].items() if frac > 0]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    new = [name for name, frac in spec.output.splits.items() if frac > 0]
+    if old == new:
+        return None
+    return (f"output.splits lists {', '.join(new)} where the first run listed "
+            f"{', '.join(old)}: the order decides which split each image lands in, so list "
+            "them as the first run did")
+
+
 def report_to_json(unit: WorkUnit, report: UnitReport) -> dict[str, Any]:
     return {
         "unit": unit.__dict__,
@@ -449,6 +466,10 @@ class Journal:
                 "may change on resume); run it without "
                 "--resume into a new output, or restore the spec (saved in "
                 f"{self.uri}/{JOURNAL}/{self.job_id}/job.json)")
+        reordered = splits_reordered(meta.get("spec"), spec)
+        if reordered:
+            raise ResumeError(f"job {self.job_id}'s {reordered} (saved in "
+                              f"{self.uri}/{JOURNAL}/{self.job_id}/job.json)")
         state = ResumeState(self.job_id)
         for unit, report in self.iter_unit_reports():
             state.done.add(unit.uid)

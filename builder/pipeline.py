@@ -42,7 +42,8 @@ from builder.errors import CancelledUnpublished, JobInterrupted
 from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome, UnitPlanner,
                          WorkerLost)
 from builder.journal import (Journal, ResumeError, ResumeState, new_job_id,
-                             parquet_stem, published_spec, resumable_jobs, spec_fingerprint)
+                             parquet_stem, published_spec, resumable_jobs, spec_fingerprint,
+                             splits_reordered)
 from builder.listsource import SlicePlan, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
@@ -322,10 +323,14 @@ class JobLifecycle:
             return
         marker = read_marker(uri, opts)
         if marker is not None and marker.get("status") == "partial":
-            if spec_fingerprint(published_spec(uri, opts)) != spec_fingerprint(spec):
+            published = published_spec(uri, opts)
+            if spec_fingerprint(published) != spec_fingerprint(spec):
                 raise ResumeError(f"the partial dataset at {uri} was built from a different "
                                   "spec; resume needs the same spec (only 'resources' may "
                                   "change)")
+            reordered = splits_reordered(published.model_dump(mode="json"), spec)
+            if reordered:
+                raise ResumeError(f"the partial dataset at {uri}: {reordered}")
             _require_parquet(spec, uri, "continuing a partial dataset")
             self.job_id = job_id or new_job_id(spec)
             self.merge = True

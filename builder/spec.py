@@ -798,7 +798,8 @@ class OutputSpec(_Model):
                                                                         "txt"])
     splits: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
-        description="split name -> fraction, deterministic by image id; 'val' is read as "
+        description="split name -> fraction, deterministic by image id and the order the "
+                    "splits are listed in (a resume must list them alike); 'val' is read as "
                     "'validation', the name Hugging Face datasets gives that split")
     shard_size: int = Field(default=1000, ge=1, description="images per Parquet/tar shard")
     imagefolder_labels: Literal["flat", "nested"] = Field(

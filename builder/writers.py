@@ -571,20 +571,35 @@ class LabelManifests:
 
 
 def _csv_rows(table: pa.Table) -> bytes:
-    """The table's rows as CSV, as Python's ``csv.writer`` writes them: values quoted only
-    where they hold a comma, a quote or a line break, a null an empty value. Arrow writes a
+    """The table's rows as CSV, values quoted only where they hold a comma, a quote or a line
+    break (``\n`` or ``\r``), a null an empty value, each row ended by ``\n``. Arrow writes a
     batch none of whose values needs quoting (nearly every batch: it refuses one that does,
-    having no such minimal quoting), Python the others."""
-    buf = io.BytesIO()
-    try:
-        pa_csv.write_csv(table, buf, pa_csv.WriteOptions(
-            include_header=False, quoting_style="none", eol="\n"))
-        return buf.getvalue()
-    except pa.ArrowInvalid:
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows(
-            zip(*(table[name].to_pylist() for name in table.column_names)))
-        return text.getvalue().encode("utf-8")
+    having no such minimal quoting, but lets a bare ``\r`` through), Python's ``csv`` the
+    others. Python quotes a value for the characters of its row ending, so it is given
+    ``\r\n`` (a bare ``\r`` ends a row for CSV readers) and each row's is cut to ``\n``."""
+    if not _has_carriage_return(table):
+        buf = io.BytesIO()
+        try:
+            pa_csv.write_csv(table, buf, pa_csv.WriteOptions(
+                include_header=False, quoting_style="none", eol="\n"))
+            return buf.getvalue()
+        except pa.ArrowInvalid:
+            pass
+    text, row = io.StringIO(), io.StringIO()
+    out = csv.writer(row, lineterminator="\r\n")
+    for values in zip(*(table[name].to_pylist() for name in table.column_names)):
+        row.seek(0)
+        row.truncate()
+        out.writerow(values)
+        text.write(row.getvalue()[:-2])
+        text.write("\n")
+    return text.getvalue().encode("utf-8")
+
+
+def _has_carriage_return(table: pa.Table) -> bool:
+    return any((pa.types.is_string(column.type) or pa.types.is_large_string(column.type))
+               and pc.any(pc.match_substring(column, "\r")).as_py()
+               for column in table.columns)
 
 
 REJECT_CSV_COLUMNS = [name for name in REJECT_SCHEMA.names if name != "rights"]
@@ -686,9 +701,29 @@ class DatasetPublisher:
                          "marker of a dataset")
                 told = ("Set output.overwrite: true (--overwrite) to replace them, or choose "
                         "another output.uri (--output).")
+        if not found and not markers and not merge:
+            found, told = self._plain_folder_files(fs, root)
         if found:
             raise OutputExistsError(f"{found}. {advice or told}")
         ensure_writable(self.uri, self.storage_options)
+
+    def _plain_folder_files(self, fs: fsspec.AbstractFileSystem, root: str
+                            ) -> tuple[str, str]:
+        """(found, told) where a folder that holds no dataset (no marker, shard files or
+        journal) has files a publish would write over, such as its own README.md; else
+        ("", ""). They are not a dataset's, so ``--overwrite`` does not replace them either
+        (``_remove_old``)."""
+        with storage_errors(self.uri, "check"):
+            if any(list_files(fs, f"{root}/{d}") for d in LAYOUT_DIRS) or \
+                    fs.exists(f"{root}/{JOURNAL}"):
+                return "", ""
+            own = sorted(path.rsplit("/", 1)[-1] for path in _top_files(fs, root, DATASET_FILES))
+        if not own:
+            return "", ""
+        return (f"{self.uri} holds {', '.join(own)}, which the dataset would write over, and no "
+                "dataset (no marker, shard files or journal)",
+                "Choose another output.uri (--output), such as a new folder inside it, or move "
+                "those files away.")
 
     def prepare(self, merge: bool = False) -> None:
         """Clear the way for this job's shards: the old markers go (the dataset is no longer

@@ -341,6 +341,30 @@ def test_a_resume_may_spell_the_output_another_way_but_not_change_the_spec(tmp_p
     Journal(absolute, "j1").load(spec(absolute))
 
 
+def test_a_resume_that_lists_the_splits_in_another_order_is_refused(tmp_path):
+    """The fingerprint sorts its keys, so splits listed in another order passed as the same
+    spec, and about a third of the resumed job's images went to another split than the same
+    ids of its first run."""
+    from builder.splits import assign_split
+
+    def spec(splits: dict):
+        return parse_spec({"name": "fp", "target": 10, "classes": {"cat": ["q"]},
+                           "sources": [{"engine": "sandbox", "url": "http://127.0.0.1:1"}],
+                           "output": {"uri": str(tmp_path / "ds"), "splits": splits}})
+
+    first = {"train": 0.8, "validation": 0.1, "test": 0.1, "extra": 0.0}
+    again = {"test": 0.1, "train": 0.8, "validation": 0.1, "extra": 0.0}
+    moved = sum(assign_split(f"{i:016x}", first) != assign_split(f"{i:016x}", again)
+                for i in range(1000))
+    assert moved > 100  # what a resume must not do
+    Journal(str(tmp_path / "ds"), "j1").start(spec(first))
+    Journal(str(tmp_path / "ds"), "j1").load(spec(dict(first)))
+    Journal(str(tmp_path / "ds"), "j1").load(spec({"extra": 0.0, **first}))  # places nothing
+    with pytest.raises(ResumeError, match=r"output\.splits lists test, train, validation where "
+                       r"the first run listed train, validation, test"):
+        Journal(str(tmp_path / "ds"), "j1").load(spec(again))
+
+
 def test_a_job_started_with_a_field_its_engine_ignored_resumes_without_it(tmp_path, caplog):
     """Earlier versions took a url on a duckduckgo source and did nothing with it; this one
     refuses it. The journal's fingerprint holds it: the job resumes with the spec less that

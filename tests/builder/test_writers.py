@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -421,6 +422,23 @@ def test_a_marker_vouches_only_for_the_manifests_its_own_publish_wrote(target):
     assert "labels.yaml" not in listed and "labels.yaml" not in target.files()
 
 
+def test_a_folder_with_no_dataset_keeps_the_files_a_publish_would_write_over(target):
+    """A folder holding its own README.md (and no marker, shard or journal) passed the check,
+    overwrite or not, and the publish then wrote the dataset's card over it."""
+    storage.write_bytes(storage.join(target.uri, "README.md"), b"my notes", target.options)
+    storage.write_bytes(storage.join(target.uri, "labels.csv"), b"mine", target.options)
+    for overwrite in (False, True):
+        job = target.job("job1", overwrite=overwrite)
+        with pytest.raises(OutputExistsError, match="holds README.md, labels.csv, which the "
+                           "dataset would write over"):
+            job.publisher.check()
+    assert target.read("README.md") == b"my notes"
+    fs, root = storage.open_fs(target.uri, target.options)
+    fs.rm([f"{root}/README.md", f"{root}/labels.csv"])
+    storage.write_bytes(storage.join(target.uri, "notes.txt"), b"mine", target.options)
+    target.job("job1").publisher.check()  # the folder's other files are not in the way
+
+
 def s3_target(endpoint: str, prefix: str) -> Target:
     fs = pafs.S3FileSystem(endpoint_override=endpoint.removeprefix("http://"), scheme="http",
                            access_key="testing", secret_key="testing", region="us-east-1")
@@ -628,6 +646,25 @@ def test_rejects_csv_is_what_pythons_csv_module_writes(local):
     assert written["rights"].to_pylist()[1] == [{"signal": "x_robots_tag", "value": "",
                                                  "source": "header x-robots-tag",
                                                  "verdict": "none"}]
+
+
+def test_a_bare_carriage_return_in_a_reject_keeps_its_row_whole_in_rejects_csv(local):
+    """Neither Arrow (which wrote such a batch) nor Python's csv with a ``\n`` row ending
+    quotes a lone ``\r``, and CSV readers end the row there: a title "Sunset\rBeach" made
+    rejects.csv unreadable by Arrow and one row more to Python."""
+    cut = pa.Table.from_pylist(make_rejects()[:2] + [
+        {"key": "k3", "url": "http://h/c", "label": "cat", "query": "q", "engine": "e",
+         "stage": "fetch", "reason": "timeout", "detail": "Sunset\rBeach", "duplicate_of": "",
+         "http_status": 404, "title": "a\r\nb"}], schema=REJECT_SCHEMA)
+    fs, root = storage.open_fs(local.uri)
+    assert write_rejects(fs, root, [cut]) == 3
+    text = local.read("rejects.csv").decode()
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert rows[0] == REJECT_CSV_COLUMNS and len(rows) == 4
+    assert [dict(zip(rows[0], r))["detail"] for r in rows[1:]][-1] == "Sunset\rBeach"
+    assert dict(zip(rows[0], rows[-1]))["title"] == "a\r\nb"
+    assert pa_csv.read_csv(io.BytesIO(text.encode())).num_rows == 3
+    assert text.endswith(',404,,,"a\r\nb",,,\n') and "\r\n" not in text.replace("a\r\nb", "")
 
 
 def test_rejects_that_disagree_with_the_counts_are_not_published(local):
