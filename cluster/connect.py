@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import subprocess
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import ray
@@ -38,9 +40,8 @@ SAME_PRIORITY_CONFIG: dict[str, Any] = {"worker_niceness": 0}
 UNOBSERVED_CONFIG: dict[str, Any] = {"task_events_report_interval_ms": 0,
                                      "enable_metrics_collection": False}
 
-# An embedded Ray serves this machine only, with token auth off (RAY_AUTH_MODE=disabled), so
-# none of its servers may listen beyond loopback: the dashboard agent accepts job submissions,
-# i.e. runs code. Ray's GCS, raylet, object manager, core workers and agents bind 127.0.0.1 only
+# An embedded Ray serves this machine only, so none of its servers may listen beyond loopback:
+# the dashboard agent accepts job submissions, i.e. runs code. Ray's GCS, raylet, object manager, core workers and agents bind 127.0.0.1 only
 # when the node's address is exactly "127.0.0.1" (otherwise 0.0.0.0, ::, or the machine's
 # address). ray.init(_node_ip_address="127.0.0.1") is not enough on its own: Ray swaps a
 # loopback address for the machine's interface address (services.resolve_ip_for_localhost)
@@ -49,6 +50,46 @@ UNOBSERVED_CONFIG: dict[str, Any] = {"task_events_report_interval_ms": 0,
 # (ray_constants.ENABLE_RAY_CLUSTER). ``_loopback_node`` turns it on around ray.init.
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+# Loopback keeps other machines out, not the other users of this one: any of them could send
+# the dashboard agent a job to run as this user. So an embedded Ray runs with Ray's token
+# authentication (ray.init's own default since Ray 2.59), its token readable by this user only
+# (``private_token``). RAY_AUTH_MODE set by the caller decides instead (the tests set disabled).
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def private_token() -> None:
+    """Make sure the token an embedded Ray will use exists and only this user can read it.
+
+    Ray reads it from ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH`` names, else
+    ``~/.ray/auth_token``, and writes that last one itself when it is missing, as the umask
+    leaves it (readable by everyone, usually), so that another user of the machine could read
+    it and send jobs after all. The default file is written here first, 0600, in a 0700
+    folder; an existing one that others may read is made 0600 (its owner's own tools read it
+    as before)."""
+    if os.environ.get(TOKEN_ENV):
+        return
+    named = os.environ.get(TOKEN_PATH_ENV)
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    if not path.exists() and not named:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another command wrote it meanwhile
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            return
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # Ray says what is wrong with a token path it cannot read
+    if mode & 0o077:
+        path.chmod(mode & 0o700)
+        log.warning("the Ray token %s could be read by other users of this machine, who could "
+                    "then run code as you through Ray: it is now readable by you only", path)
 
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
@@ -90,8 +131,13 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
                 system_config.update(SAME_PRIORITY_CONFIG)
             if not dashboard:
                 system_config.update(UNOBSERVED_CONFIG)
-            # An embedded Ray on this machine only: token auth has nobody to keep out.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            if AUTH_MODE_ENV not in os.environ:
+                os.environ[AUTH_MODE_ENV] = "token"
+                # Ray read the mode when it was imported: read again, as ray.init does where it
+                # turns token auth on itself (which also logs a warning saying so).
+                ray._raylet.Config.initialize("")
+            if os.environ[AUTH_MODE_ENV].lower() == "token":
+                private_token()
             recorded = recorded_head()
             if recorded:
                 log.info("a Ray head is recorded on this machine (%s, by `ray start`): not "

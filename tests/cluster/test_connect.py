@@ -240,6 +240,59 @@ def test_shutdown_stops_every_process_of_the_embedded_ray(dashboard):
     assert result["nice"][0] == result["nice"][1]
 
 
+AUTH_CHILD = """
+import json, os, stat, sys, urllib.error, urllib.request
+import ray
+from cluster.connect import connect, shutdown
+
+connect(None, num_cpus=1)
+port = ray._private.worker.global_worker.node.dashboard_agent_listen_port
+job = json.dumps({"entrypoint": f"touch {sys.argv[1]}"}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{port}/api/job_agent/jobs/", data=job,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+try:
+    status = urllib.request.urlopen(request, timeout=30).status
+except urllib.error.HTTPError as exc:
+    status = exc.code
+token = os.path.expanduser("~/.ray/auth_token")
+modes = [stat.S_IMODE(os.stat(p).st_mode) if os.path.exists(p) else None
+         for p in (os.path.dirname(token), token)]
+shutdown()
+print(json.dumps({"status": status, "modes": modes, "mode": os.environ.get("RAY_AUTH_MODE")}))
+"""
+
+
+def test_an_embedded_ray_runs_no_job_another_user_of_the_machine_sends(tmp_path):
+    """An embedded Ray ran with token authentication off, on the grounds that it listens on
+    127.0.0.1 only: any other user of the machine could send its dashboard agent a job, and
+    the job ran as the user of the command. It now uses Ray's token authentication, with the
+    token readable by that user only (Ray writes it as the umask leaves it)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ray_tmp = tempfile.mkdtemp(prefix="pxauth", dir="/tmp")  # short: Ray's socket paths
+    ran = tmp_path / "ran"
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
+           "HOME": str(tmp_path)}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    try:
+        out = subprocess.run([sys.executable, "-c", AUTH_CHILD, str(ran)], env=env,
+                             capture_output=True, text=True, timeout=180,
+                             cwd=Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "token" and result["status"] == 401, result
+    assert result["modes"] == [0o700, 0o600] and not ran.exists()
+
+
 LISTENERS_CHILD = """
 import json, os, sys, time
 import ray
