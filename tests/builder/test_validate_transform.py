@@ -161,6 +161,14 @@ def test_a_jpeg_of_many_scans_is_rejected_before_it_is_decoded(monkeypatch):
     assert r.reason == "decompression_bomb" and not decoded
     assert r.detail == f"{jpeg_scans(progressive) + 150} scans > {MAX_JPEG_SCANS}: each one " \
         "decodes the whole image again"
+    # a stray byte in the header, which the decoders pass over, hides no scan
+    for hidden in (bomb[:20] + b"A" + bomb[20:], bomb[:2] + b"\xff\x00" + bomb[2:]):
+        assert check(hidden).reason == "decompression_bomb"
+    monkeypatch.undo()
+    # what follows the image (a phone's motion-photo video) is no scan of it
+    trailer = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    assert trailer.count(b"\xff\xda") > MAX_JPEG_SCANS
+    assert jpeg_scans(jpeg(1) + trailer) == 1 and not check(jpeg(1) + trailer).rejected
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
