@@ -67,6 +67,10 @@ from builder.text import well_formed
 
 MAX_ROBOTS_REDIRECTS = 5
 """Redirects followed for robots.txt (RFC 9309 asks for at least five)."""
+SMALL_FILE_TIMEOUTS = 2
+"""A robots.txt, tdmrep.json, ai.txt or page gets this many ``download.timeout_s`` for all its
+hops together (waits for a turn on a host excluded): one request's worth each, six hops of a
+slow answer held an origin's images for a minute and a half."""
 MAX_CRAWL_DELAY_S = 10.0
 """A robots.txt ``Crawl-delay`` above this is taken as this (some sites ask for hours)."""
 GAP_FIRST = 0.5
@@ -137,6 +141,27 @@ class _Failure(Exception):
         self.reason = reason
         self.detail = detail
         self.retry_after = retry_after
+
+
+class _Deadline:
+    """The time one image's fetch has left (``download.deadline_s``). Its requests, retries
+    and redirects, and the waits between them, spend it; its waits for a turn on a host or
+    for a free connection (``Fetcher._acquire``) do not, since they say how busy the job is,
+    not how slow the image's servers are."""
+
+    __slots__ = ("end",)
+
+    def __init__(self, seconds: float):
+        self.end = asyncio.get_running_loop().time() + seconds
+
+    def left(self) -> float:
+        return self.end - asyncio.get_running_loop().time()
+
+    def timeout(self, per_request: float) -> Optional[aiohttp.ClientTimeout]:
+        """A request's timeout where what is left is shorter than the session's; else None
+        (the session's own)."""
+        left = self.left()
+        return aiohttp.ClientTimeout(total=max(left, 0.001)) if left < per_request else None
 
 
 class ByteBudget:
@@ -461,8 +486,12 @@ class Fetcher:
         ``record``. Raises ``UrlRejected`` for a hop the SSRF guard refuses."""
         cfg = self.cfg
         seen: Optional[set[str]] = None
+        deadline = _Deadline(cfg.deadline_s)
         url = self._profiles.for_host(url.raw_host or "").thumb_url(url)
         for _hop in range(cfg.max_redirects + 1):
+            if deadline.left() <= 0:
+                record.reject(Reason.TIMEOUT, self._past_deadline(url))
+                return
             url_s = str(url)
             delay = self._profiles.for_host(url.raw_host or "").delay_s
             if self._origin_signals:
@@ -472,7 +501,7 @@ class Fetcher:
                 crawl_delay *= self._profiles.share
                 if crawl_delay > delay:
                     delay = min(crawl_delay, MAX_CRAWL_DELAY_S * self._profiles.share)
-            location = await self._get_with_retries(url, delay, record)
+            location = await self._get_with_retries(url, delay, record, deadline)
             if location is None:
                 if not record.rejected:
                     record.final_url = url_s
@@ -494,7 +523,8 @@ class Fetcher:
         record.reject(Reason.TOO_MANY_REDIRECTS,
                       f"more than {cfg.max_redirects} redirects (last to {url})")
 
-    async def _get_with_retries(self, url: URL, delay: float, record: Record) -> Optional[str]:
+    async def _get_with_retries(self, url: URL, delay: float, record: Record,
+                                deadline: _Deadline) -> Optional[str]:
         """GET ``url`` with retries. Returns a redirect's Location, or None when ``record`` is
         finished (filled or rejected)."""
         cfg = self.cfg
@@ -502,11 +532,15 @@ class Fetcher:
         rights = record.rights
         while True:
             try:
-                return await self._attempt(url, delay, record, first=attempt == 0)
+                return await self._attempt(url, delay, record, deadline, first=attempt == 0)
             except _Failure as failure:
                 # A 2xx's header entries are in the ledger before its body is read: a body
                 # that failed leaves them to the response that is kept, or to none.
                 record.rights = rights
+                if deadline.left() <= 0:
+                    record.reject(Reason.TIMEOUT, f"{self._past_deadline(url)} (last try: "
+                                                  f"{failure.detail})")
+                    return None
                 if attempt >= cfg.retries:
                     tries = attempt + 1
                     record.reject(failure.reason, f"{failure.detail} ({tries} "
@@ -519,17 +553,23 @@ class Fetcher:
                     self._hold_host(url, honoured)
                 attempt += 1
                 self.stats["retries"] += 1
-                await asyncio.sleep(wait)
+                await asyncio.sleep(min(wait, max(deadline.left(), 0.0)))
 
-    async def _attempt(self, url: URL, delay: float, record: Record,
+    def _past_deadline(self, url: URL) -> str:
+        return (f"no whole answer within download.deadline_s {self.cfg.deadline_s:g} s, "
+                f"redirects and retries included (at {str(url)[:200]})")
+
+    async def _attempt(self, url: URL, delay: float, record: Record, deadline: _Deadline,
                        first: bool = True) -> Optional[str]:
         """One GET (``first``: not a retry of this URL). Returns a redirect Location, None
         when the record is finished; raises ``_Failure`` for a retryable outcome."""
         session = self._ensure_session()
-        host = await self._acquire(url, delay)
+        host = await self._acquire(url, delay, deadline)
+        timeout = deadline.timeout(self.cfg.timeout_s)
         try:
             self.stats["requests"] += 1
-            async with session.get(url, allow_redirects=False) as resp:
+            async with (session.get(url, allow_redirects=False) if timeout is None else
+                        session.get(url, allow_redirects=False, timeout=timeout)) as resp:
                 status = resp.status
                 record.http_status = status
                 by_status = self.stats["by_status"]
@@ -557,8 +597,8 @@ class Fetcher:
                 record.reject(Reason.HTTP_CLIENT_ERROR, f"HTTP {status}")
                 return None
         except asyncio.TimeoutError:
-            raise _Failure(Reason.TIMEOUT, f"no complete answer within {self.cfg.timeout_s:g} s") \
-                from None
+            within = self.cfg.timeout_s if timeout is None else timeout.total
+            raise _Failure(Reason.TIMEOUT, f"no complete answer within {within:g} s") from None
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, BlockedAddressError):
                 raise UrlRejected(Reason.BLOCKED_ADDRESS, exc.os_error.detail) from None
@@ -663,12 +703,18 @@ class Fetcher:
 
     # ---- politeness ---------------------------------------------------------------------------
 
-    async def _acquire(self, url: URL, delay: float) -> _Host:
+    async def _acquire(self, url: URL, delay: float, deadline: Optional[_Deadline] = None
+                       ) -> _Host:
         """Take a slot on ``url``'s host, wait for the host's turn (``_Host.turn``), then take
         a global slot; the turn is checked again once it is held, as another request may have
         taken it meanwhile. A host that asks for patience holds no global slot while it
         waits, so other hosts go on, and its requests start spaced however long the global
-        slots kept them."""
+        slots kept them. The time waited is added to ``deadline``: it spends none of it."""
+        if deadline is not None:
+            started = asyncio.get_running_loop().time()
+            host = await self._acquire(url, delay)
+            deadline.end += asyncio.get_running_loop().time() - started
+            return host
         key = host_key(url.raw_host or "")
         host = self._hosts.get(key)
         if host is None:
@@ -922,15 +968,20 @@ class Fetcher:
         fetched, and its images are ``blocked_address``, not unreachable) and a later one is
         no usable answer. Raises nothing else."""
         session = self._ensure_session()
+        deadline = _Deadline(SMALL_FILE_TIMEOUTS * self.cfg.timeout_s)
         for hop in range(MAX_ROBOTS_REDIRECTS + 1):
             try:
                 url = vet_url(url, allow_private_networks=self.cfg.allow_private_networks)
             except UrlRejected as exc:
                 return _guard_refused(exc, hop, refused)
-            host = await self._acquire(url, self._profiles.default.delay_s)
+            if deadline.left() <= 0:
+                return 0, b"", ""
+            host = await self._acquire(url, self._profiles.default.delay_s, deadline)
+            timeout = deadline.timeout(self.cfg.timeout_s)
             try:
                 self.stats["requests"] += 1
-                async with session.get(url, allow_redirects=False) as resp:
+                async with (session.get(url, allow_redirects=False) if timeout is None else
+                            session.get(url, allow_redirects=False, timeout=timeout)) as resp:
                     location = resp.headers.get("Location")
                     if resp.status in REDIRECT_STATUSES and location:
                         url = url.join(URL(location))

@@ -110,7 +110,8 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.HTTP_CLIENT_ERROR: "the server answered 4xx (other than 429)",
     Reason.HTTP_SERVER_ERROR: "the server answered 5xx on every try",
     Reason.RATE_LIMITED: "the server answered 429 on every try",
-    Reason.TIMEOUT: "no complete answer within download.timeout_s on every try",
+    Reason.TIMEOUT: "no complete answer within download.timeout_s on every try, or none "
+                    "within download.deadline_s for the image",
     Reason.CONNECTION_ERROR: "the connection failed (DNS, refused, reset) on every try, or the "
     "origin's robots.txt gave no usable answer, twice (none, too many redirects, a blocked "
     "address, an encoding it cannot read)",

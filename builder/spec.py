@@ -608,6 +608,12 @@ class SignalsSpec(_Model):
 
 class DownloadSpec(_Model):
     timeout_s: float = Field(default=15.0, gt=0, le=MAX_TIMEOUT_S)
+    deadline_s: float = Field(
+        default=120.0, gt=0, le=MAX_DELAY_S,
+        description="the most one image may take: its requests, redirects and retries and "
+                    "the waits between them, not its waits for a turn on its host or a free "
+                    "connection; past it the image is rejected as timeout (a server that "
+                    "answers slowly, hop after hop, held connections for about 20 minutes)")
     max_bytes: int = Field(default=20_000_000, ge=1024, le=MAX_IMAGE_BYTES,
                            description="the most bytes one image may have; a body past it is "
                            "aborted (at most 1 GiB)")

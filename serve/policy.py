@@ -183,6 +183,7 @@ class ApiPolicy(BaseModel):
     max_bytes: int = Field(default=_default(DownloadSpec, "max_bytes"), ge=1024)
     max_pixels: int = Field(default=_default(ValidationSpec, "max_pixels"), ge=1)
     max_timeout_s: float = Field(default=60.0, gt=0, description="download.timeout_s")
+    max_deadline_s: float = Field(default=300.0, gt=0, description="download.deadline_s")
     max_retries: int = Field(default=5, ge=0, description="download.retries")
     max_backoff_s: float = Field(default=10.0, ge=0, description="download.backoff_s")
     max_retry_after_s: float = Field(default=60.0, ge=0,
@@ -571,6 +572,7 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
     check.cap("download", "max_bytes", "max_bytes", policy.max_bytes)
     check.cap("validation", "max_pixels", "max_pixels", policy.max_pixels)
     check.cap("download", "timeout_s", "max_timeout_s", policy.max_timeout_s)
+    check.cap("download", "deadline_s", "max_deadline_s", policy.max_deadline_s)
     check.cap("download", "retries", "max_retries", policy.max_retries)
     check.cap("download", "backoff_s", "max_backoff_s", policy.max_backoff_s)
     check.cap("download", "max_retry_after_s", "max_retry_after_s", policy.max_retry_after_s)

@@ -80,6 +80,8 @@ def make_app(state: State) -> web.Application:
                                      "Disallow: /private/\n")
         if state.robots_mode == "error":
             return web.Response(status=500)
+        if state.robots_mode == "slow_hops":
+            return web.Response(status=302, headers={"Location": "/robots-hop/0"})
         if state.robots_mode == "redirect_nowhere":
             return web.Response(status=302)
         if state.robots_mode == "flaky" and state.hits["robots"] == 1:
@@ -149,6 +151,23 @@ def make_app(state: State) -> web.Application:
     async def always429(request: web.Request) -> web.Response:
         state.hit("always429")
         return web.Response(status=429, headers={"Retry-After": "0"})
+
+    @routes.get("/hop/{n}")
+    async def hop(request: web.Request) -> web.Response:
+        """A slow answer that sends the client on to another URL, for ever."""
+        n = int(request.match_info["n"])
+        state.hit("hop")
+        await asyncio.sleep(0.25)
+        return web.Response(status=302, headers={"Location": f"/hop/{n + 1}"})
+
+    @routes.get("/robots-hop/{n}")
+    async def robots_hop(request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        state.hit("robots_hop")
+        await asyncio.sleep(0.3)
+        if n >= 4:
+            return web.Response(text="User-agent: *\nDisallow: /private/\n")
+        return web.Response(status=302, headers={"Location": f"/robots-hop/{n + 1}"})
 
     @routes.get("/slow")
     async def slow(request: web.Request) -> web.Response:
@@ -503,6 +522,38 @@ def test_timeout(srv: Any) -> None:
     assert time.monotonic() - started < 3
 
 
+def test_an_image_whose_hops_each_answer_slowly_runs_out_of_its_deadline(srv: Any) -> None:
+    """Every timeout was per request: a server answering each hop just inside it, and
+    sending the client on to a new URL, held the image (and a connection) for every hop's
+    timeout and every retry's wait: about 20 minutes with the defaults."""
+    started = time.monotonic()
+    r = one(base(srv) + "/hop/0", cfg(timeout_s=1.0, max_redirects=20, deadline_s=1.0))
+    assert r.reason == Reason.TIMEOUT.value, r.detail
+    assert "download.deadline_s 1 s" in r.detail and "/hop/" in r.detail
+    assert 3 <= srv.state.hits["hop"] <= 5 and time.monotonic() - started < 2.5
+
+
+def test_waits_for_a_turn_on_a_host_spend_none_of_an_images_deadline(srv: Any) -> None:
+    urls = [base(srv) + "/img.jpg"] * 4
+    records, _ = run_fetch(urls, cfg(per_host_delay_s=0.4, per_host_concurrency=1,
+                                     deadline_s=0.5))
+    assert [r.rejected for r in records] == [False] * 4  # the last waited 1.2 s for its turn
+
+
+def test_a_robots_txt_whose_hops_answer_slowly_is_not_read(srv: Any) -> None:
+    """A robots.txt (or tdmrep.json, ai.txt, page) got a whole request timeout at each of its
+    six hops; its hops now share two."""
+    srv.state.robots_mode = "slow_hops"
+    started = time.monotonic()
+    r = one(base(srv) + "/img.jpg", cfg(timeout_s=0.5, respect_robots=True))
+    assert r.rejected and "robots.txt of" in r.detail and "could not be read" in r.detail
+    assert time.monotonic() - started < 3.5  # two reads (RFC 9309's retry), 1 s each
+    srv.state.reset()
+    srv.state.robots_mode = "slow_hops"
+    r = one(base(srv) + "/private/img.jpg", cfg(timeout_s=1.0, respect_robots=True))
+    assert r.reason == Reason.ROBOTS_DISALLOWED.value, r.detail  # read within the two
+
+
 def test_connection_refused() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -688,10 +739,11 @@ def test_unexpected_error_rejects_only_its_record(srv: Any, monkeypatch: pytest.
                                                   caplog: pytest.LogCaptureFixture) -> None:
     real = Fetcher._get_with_retries
 
-    async def flaky(self: Fetcher, url: URL, delay: float, record: Record) -> Optional[str]:
+    async def flaky(self: Fetcher, url: URL, delay: float, record: Record,
+                    deadline: Any) -> Optional[str]:
         if url.path == "/private/img.jpg":
             raise RuntimeError("a bug in our code")
-        return await real(self, url, delay, record)
+        return await real(self, url, delay, record, deadline)
 
     monkeypatch.setattr(Fetcher, "_get_with_retries", flaky)
     with caplog.at_level(logging.WARNING, logger="pixcrawler.fetch"):
@@ -704,7 +756,8 @@ def test_unexpected_error_rejects_only_its_record(srv: Any, monkeypatch: pytest.
 
 
 def test_cancellation_still_propagates(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def cancelled(self: Fetcher, url: URL, delay: float, record: Record) -> Optional[str]:
+    async def cancelled(self: Fetcher, url: URL, delay: float, record: Record,
+                        deadline: Any) -> Optional[str]:
         raise asyncio.CancelledError
 
     monkeypatch.setattr(Fetcher, "_get_with_retries", cancelled)

@@ -490,6 +490,7 @@ def test_worker_resources_only_from_the_operators_list():
      "max_per_host_delay_s", 10.0),
     ({"max_retry_after_s": 3600}, "download.max_retry_after_s", "max_retry_after_s", 60.0),
     ({"timeout_s": 600}, "download.timeout_s", "max_timeout_s", 60.0),
+    ({"deadline_s": 3600}, "download.deadline_s", "max_deadline_s", 300.0),
     ({"retries": 10}, "download.retries", "max_retries", 5),
     ({"backoff_s": 60}, "download.backoff_s", "max_backoff_s", 10.0),
 ])
@@ -523,6 +524,7 @@ def test_the_new_caps_take_the_defaults_the_examples_and_the_built_in_profiles()
     policy = ApiPolicy()
     default = parse_spec({"name": "x", "classes": {"a": None}, "sources": [{"engine": "bing"}]})
     assert default.download.timeout_s <= policy.max_timeout_s
+    assert default.download.deadline_s <= policy.max_deadline_s
     assert default.download.retries <= policy.max_retries
     assert default.download.backoff_s <= policy.max_backoff_s
     assert default.download.max_retry_after_s <= policy.max_retry_after_s
