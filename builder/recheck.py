@@ -51,7 +51,7 @@ from builder.reasons import Reason
 from builder.records import CANDIDATE_FIELDS, REJECT_SCHEMA, Candidate, Record
 from builder.rights import UNREADABLE, RightsTally, Signal, first_refusal, rights_rows
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
-from builder.storage import (delete_tree, list_files, open_fs, same_location,
+from builder.storage import (delete_files, delete_tree, list_files, open_fs, same_location,
                              storage_errors, write_bytes)
 
 log = logging.getLogger(__name__)
@@ -371,9 +371,12 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
     The source is checked and read (but its shards' rows) before anything is written. Should
     the copy fail before its marker is written, the shards it wrote and its journal are
     removed: ``DatasetPublisher.check`` let it start only where no other shard was (or cleared
-    them with ``overwrite``), so they are this run's, and a rerun is not refused."""
+    them with ``overwrite``), so they are this run's, and a rerun is not refused. So are the
+    dataset-level files a publish that failed before its marker wrote (the check refused a
+    folder holding any of another's)."""
     from builder.journal import Journal
-    from builder.writers import LAYOUT_DIRS, DatasetPublisher, ShardWriter, rows_of_output
+    from builder.writers import (DATASET_FILES, LAYOUT_DIRS, DatasetPublisher, ShardWriter,
+                                 rows_of_output, top_files)
 
     check_destination(uri, out_uri, overwrite=overwrite, storage_options=storage_options,
                       out_storage_options=out_storage_options)
@@ -426,6 +429,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
             with storage_errors(out_uri, "remove the unfinished copy from"):
                 for d in LAYOUT_DIRS:
                     delete_tree(fs, f"{root.rstrip('/')}/{d}")
+                delete_files(fs, top_files(fs, root.rstrip("/"), DATASET_FILES))
             journal.remove()
         except StorageError as cleanup:
             log.warning("%s; rerun with --overwrite to replace what the copy left there",

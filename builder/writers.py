@@ -703,6 +703,8 @@ class DatasetPublisher:
                         "another output.uri (--output).")
         if not found and not markers and not merge:
             found, told = self._plain_folder_files(fs, root)
+            if found:  # no flag replaces them: the caller's advice would name one
+                raise OutputExistsError(f"{found}. {told}")
         if found:
             raise OutputExistsError(f"{found}. {advice or told}")
         ensure_writable(self.uri, self.storage_options)
@@ -717,7 +719,7 @@ class DatasetPublisher:
             if any(list_files(fs, f"{root}/{d}") for d in LAYOUT_DIRS) or \
                     fs.exists(f"{root}/{JOURNAL}"):
                 return "", ""
-            own = sorted(path.rsplit("/", 1)[-1] for path in _top_files(fs, root, DATASET_FILES))
+            own = sorted(path.rsplit("/", 1)[-1] for path in top_files(fs, root, DATASET_FILES))
         if not own:
             return "", ""
         return (f"{self.uri} holds {', '.join(own)}, which the dataset would write over, and no "
@@ -764,7 +766,7 @@ class DatasetPublisher:
         for d in LAYOUT_DIRS:
             old.update(list_files(fs, f"{root}/{d}"))
         if marked or old or fs.exists(f"{root}/{JOURNAL}"):
-            old.update(_top_files(fs, root, DATASET_FILES))
+            old.update(top_files(fs, root, DATASET_FILES))
         delete_files(fs, old)
         for d in LAYOUT_DIRS:
             prune_empty_dirs(fs, f"{root}/{d}")
@@ -827,7 +829,7 @@ class DatasetPublisher:
             # Manifests in formats this job was not asked for are an earlier dataset's (one
             # whose publish failed, or a recheck's): the marker must not vouch for them.
             asked = {f"labels.{fmt}" for fmt in self.output.label_formats}
-            delete_files(fs, _top_files(fs, root, LABEL_FILES - asked))
+            delete_files(fs, top_files(fs, root, LABEL_FILES - asked))
             files = self._listed_files(fs, root)
             marker = SUCCESS if partial_reason is None else PARTIAL
             content: dict[str, Any] = {
@@ -862,7 +864,7 @@ class DatasetPublisher:
         return sorted(out)
 
 
-def _top_files(fs: fsspec.AbstractFileSystem, root: str, names: Iterable[str]) -> list[str]:
+def top_files(fs: fsspec.AbstractFileSystem, root: str, names: Iterable[str]) -> list[str]:
     """The files directly under ``root`` named in ``names`` (one listing, no lookup each)."""
     wanted = set(names)
     fs.invalidate_cache(root)

@@ -171,6 +171,30 @@ def test_a_copy_that_fails_midway_leaves_what_a_rerun_takes(source, monkeypatch,
     assert check_accounting(str(copy))["accepted"] == 4
 
 
+def test_a_copy_whose_publish_fails_after_its_manifests_leaves_what_a_rerun_takes(
+        source, monkeypatch, capsys):
+    """The manifests, rejects and stats.json were written when the card failed: they stayed
+    with no marker, and every rerun was refused, --overwrite or not, with advice to pass
+    --overwrite."""
+    import builder.writers as writers_mod
+
+    src, copy, _ = source
+    real = writers_mod.atomic_write
+
+    def card_fails(fs, path, data):
+        if path.endswith("/README.md"):
+            raise StorageError("cannot publish to the copy: disk full (test)")
+        real(fs, path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writers_mod, "atomic_write", card_fails)
+        assert recheck_write(src, copy) == EXIT_FAILED
+    assert "disk full" in capsys.readouterr().err
+    assert files_under(copy) == []
+    assert recheck_write(src, copy) == 0
+    assert check_accounting(str(copy))["accepted"] == 4
+
+
 def test_a_copy_whose_cleanup_fails_reports_the_first_error(source, monkeypatch, capsys,
                                                             caplog):
     import builder.recheck as recheck_mod
@@ -269,11 +293,12 @@ def test_a_full_recheck_reads_each_images_page_again(monkeypatch):
         async def __aexit__(self, *exc):
             return None
 
-        async def fetch_many(self, records):
+        async def fetch_many(self, records, on_result):
             for record in records:
                 asked.append(record.candidate.page_url)
                 if record.candidate.page_url.endswith("/opted-out.html"):
                     record.rights = (Signal("page_meta", "noai", "the page's meta", REFUSE),)
+                on_result(record)
 
     monkeypatch.setattr(recheck_mod, "Fetcher", PageAwareFetcher)
     rows = [{"id": "a", "label": "cat", "split": "train", "url": "http://h/a.jpg",
