@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -142,9 +143,11 @@ class JobLauncher:
         text = spec_env_text(spec)
         if len(text) <= _MAX_ENV_SPEC_CHARS:
             return shlex.join(base + ["--spec-env", SPEC_ENV] + tail), {SPEC_ENV: text}
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.jobs_dir / f"{job_id}.json"
-        path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the job's spec
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(spec, indent=1))
         return shlex.join(base + [str(path)] + tail), {}
 
     def submit(self, job_id: str, spec: dict[str, Any], owner_name: str,

@@ -155,6 +155,23 @@ class JobRow:
         return self.state in TERMINAL
 
 
+def private_file(path: Path) -> None:
+    """Create ``path`` (empty) readable and writable by this user only, in a folder only this
+    user may enter where the folder is new; an existing file others may read is made so. The
+    store holds every key's salted hash and the salt that signs stream tokens, and every
+    job's spec: with the umask's 0644 in a 0755 folder, another user of the machine could
+    read them and forge a stream token. SQLite gives its WAL and shared-memory files the
+    database file's permissions."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            path.chmod(mode & 0o700)
+
+
 def sqlite_path(url: str) -> Optional[Path]:
     """The file of a ``sqlite:///`` URL (absolute), or None for other databases/in-memory."""
     parsed = sa.engine.make_url(url)
@@ -228,7 +245,7 @@ class JobStore:
         path = sqlite_path(url)
         if path is None:
             return sa.create_engine(url, pool_pre_ping=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)
         engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
 
         @sa.event.listens_for(engine, "connect")

@@ -152,6 +152,26 @@ def test_the_spec_reaches_the_ray_job_unchanged(monkeypatch):
     assert spec.labels == ["café", "猫", "😺"] and "😺" in spec.description
 
 
+def test_a_spec_too_long_for_the_environment_is_a_file_its_user_only_reads(monkeypatch,
+                                                                          tmp_path):
+    """Such a spec went to a 0644 file in a 0755 folder: another user of the machine could
+    read the job's spec (a proxy's password, an LLM endpoint's)."""
+    import stat
+    from types import SimpleNamespace
+
+    from serve import jobs
+
+    monkeypatch.setattr(jobs.ray, "get_runtime_context",
+                        lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
+    monkeypatch.setattr(jobs, "_MAX_ENV_SPEC_CHARS", 10)
+    data = parse_spec(EXAMPLE_SPEC).model_dump(mode="json")
+    entrypoint, env = jobs.JobLauncher(tmp_path / "jobs").command("j-1", data)
+    path = tmp_path / "jobs" / "j-1.json"
+    assert str(path) in entrypoint and not env
+    assert json.loads(path.read_text()) == data
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (path.parent, path)] == [0o700, 0o600]
+
+
 def test_a_chunked_body_is_refused_once_past_the_limit_not_read_whole():
     """A chunked upload declares no length: it is read only up to max_spec_bytes + 1."""
     import asyncio

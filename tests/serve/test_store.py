@@ -201,3 +201,24 @@ def test_ended_jobs_past_a_keys_count_or_size_are_pruned_newest_kept(url):
     store.update_job("a-5", state="succeeded")  # older than a-6, but it ended last
     assert store.prune_ended("alice", keep_jobs=1, keep_chars=100_000) == 3
     assert [r.id for r in store.list_jobs("alice", limit=100)[0]] == ["a-5"]
+
+
+def test_a_sqlite_store_is_readable_by_its_user_only(tmp_path):
+    """The store holds the salt that signs stream tokens and every job's spec; SQLite made
+    the file 0644 in a 0755 folder, so another user of the machine could read them."""
+    import os
+    import stat
+
+    def mode(path) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    folder = tmp_path / "new" / "pixcrawler"
+    store = JobStore(f"sqlite:///{folder}/serve.db")
+    store.create_job("job-1", "alice", "ds", {"name": "ds"}, "/out/1")
+    assert mode(folder) == 0o700
+    assert {p.name: mode(p) for p in folder.iterdir()} == {
+        name: 0o600 for name in ("serve.db", "serve.db-wal", "serve.db-shm")}
+    store.close()
+    os.chmod(folder / "serve.db", 0o644)  # written by an earlier version
+    JobStore(f"sqlite:///{folder}/serve.db").close()
+    assert mode(folder / "serve.db") == 0o600
