@@ -98,12 +98,16 @@ class ResumeError(PixCrawlerError):
     """There is nothing (or nothing compatible) to resume."""
 
 
-def spec_fingerprint(spec: DatasetSpec, *, with_uri: bool = False) -> str:
+def spec_fingerprint(spec: DatasetSpec, *, with_uri: bool = False,
+                     with_secrets: bool = False) -> str:
     """What must not change between a run and its resume: everything but ``resources``,
-    ``output.overwrite`` and ``output.uri``. The journal and the dataset are found through the
-    URI, so two spellings of one place (``ds`` and ``/home/me/ds``) are one job. ``with_uri``:
-    the fingerprint as journals written before it left the URI out hold it."""
-    return _fingerprint_of(spec.model_dump(mode="json"), with_uri=with_uri)
+    ``output.overwrite``, ``output.uri`` and the credentials in the servers' URLs (the spec as
+    published, ``DatasetSpec.public_dump``: a password changed between runs changes no
+    result). The journal and the dataset are found through the URI, so two spellings of one
+    place (``ds`` and ``/home/me/ds``) are one job. ``with_uri``, ``with_secrets``: the
+    fingerprint as journals written before it left them out hold it."""
+    data = spec.model_dump(mode="json") if with_secrets else spec.public_dump()
+    return _fingerprint_of(data, with_uri=with_uri)
 
 
 def _fingerprint_of(data: dict[str, Any], *, with_uri: bool = False) -> str:
@@ -225,7 +229,7 @@ class Journal:
             self.fs.invalidate_cache(path)
             if not self.fs.exists(path):
                 meta = {"job_id": self.job_id, "fingerprint": spec_fingerprint(spec),
-                        "started": time.time(), "spec": spec.model_dump(mode="json"), **extra}
+                        "started": time.time(), "spec": spec.public_dump(), **extra}
                 atomic_write(self.fs, path, json.dumps(meta, indent=2).encode())
 
     def begin_new(self, replaced: bool) -> None:
@@ -457,8 +461,9 @@ class Journal:
     def load(self, spec: DatasetSpec) -> ResumeState:
         """The state to resume from; refuses if the spec changed in a way that matters."""
         meta = self.meta()
-        if meta.get("fingerprint") not in (spec_fingerprint(spec),
-                                           spec_fingerprint(spec, with_uri=True)) \
+        if meta.get("fingerprint") not in (
+                spec_fingerprint(spec), spec_fingerprint(spec, with_secrets=True),
+                spec_fingerprint(spec, with_uri=True, with_secrets=True)) \
                 and not _same_once_upgraded(meta.get("spec"), spec):
             raise ResumeError(
                 f"the spec differs from the one job {self.job_id} started with (only "

@@ -515,8 +515,7 @@ class JobLifecycle:
         stats["crawl_partial"] = (self.kept_partial if self.retry
                                   else "cancelled" if outcome.cancelled else "")
         self.publisher.remove_files(self.journal.orphan_files())
-        spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
-                                   allow_unicode=True)
+        spec_yaml = yaml.safe_dump(spec.public_dump(), sort_keys=False, allow_unicode=True)
         uri = self.publisher.publish(
             manifest_rows=self._manifest_rows(), reject_tables=self._reject_tables(),
             stats=stats, spec_name=spec.name, description=spec.description,

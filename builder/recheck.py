@@ -394,8 +394,7 @@ def write_without(uri: str, result: RecheckResult, out_uri: str, *,
         partial_reason = stats.get("partial_reason") or "partial"
     if partial_reason is not None:
         stats.update(partial=True, partial_reason=partial_reason)
-    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
-                               allow_unicode=True)
+    spec_yaml = yaml.safe_dump(spec.public_dump(), sort_keys=False, allow_unicode=True)
     job_id = f"{spec.name}-recheck-{uuid.uuid4().hex[:6]}"
     writer = ShardWriter(spec.output, out_uri, spec.labels, out_storage_options)
     publisher = DatasetPublisher(spec.output, out_uri, job_id, out_storage_options, spec.labels)

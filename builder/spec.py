@@ -51,6 +51,7 @@ from pydantic import (
 )
 
 from builder.errors import SpecError
+from builder.urls import without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -1147,6 +1148,22 @@ class DatasetSpec(_Model):
 
     def output_uri(self) -> str:
         return self.output.uri or f"./datasets/{self.name}"
+
+    def public_dump(self) -> dict[str, Any]:
+        """The spec's JSON form as it is written where others may read it (the dataset's
+        spec.yaml and card, a job's journal): the servers it names with their credentials
+        masked (``builder.urls.without_secrets``), so a proxy's password or an endpoint's key
+        does not travel with the dataset."""
+        data = self.model_dump(mode="json")
+        for source in data.get("sources") or []:
+            options = source.get("options") or {}
+            for holder, key in ((source, "url"), (options, "base_url"), (options, "proxy")):
+                if isinstance(holder.get(key), str):
+                    holder[key] = without_secrets(holder[key])
+        search = data.get("search") or {}
+        if isinstance(search.get("llm_base_url"), str):
+            search["llm_base_url"] = without_secrets(search["llm_base_url"])
+        return data
 
 
 def _allowed_for(loc: tuple, err: dict) -> str:

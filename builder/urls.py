@@ -112,3 +112,18 @@ class UrlDedup:
         if prev is None:
             self._seen[norm] = key
         return prev
+
+
+SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|client_secret|"
+                           r"secret|password|sig|signature|cx)=)[^&#]*")
+"""Query parameters whose values are credentials: keys, tokens, signatures, Google's search
+engine id."""
+
+
+def without_secrets(url: str) -> str:
+    """``url`` with its credentials masked: the user info (``user:password@``) and the values
+    of ``SECRET_PARAMS``, each as ``***``. For what is written where others may read it."""
+    return SECRET_PARAMS.sub(r"\1***", _USERINFO.sub(r"\1***@", url, count=1))
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")

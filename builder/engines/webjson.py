@@ -28,6 +28,7 @@ from builder.engines.base import count_request
 from builder.errors import EngineError
 from builder.fetch import parse_retry_after  # one Retry-After parser for fetches and engines
 from builder.netguard import BlockedAddressError, UrlRejected, open_guarded
+from builder.urls import SECRET_PARAMS
 
 DEFAULT_USER_AGENT = "PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler)"
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -36,14 +37,9 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_EXCERPT_CHARS = 200
 """The most characters of a server's answer (or a URL) quoted in an error message."""
 _READ_CHUNK = 64 * 1024
-_SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|token|access_token|client_secret|cx)=)"
-                            r"[^&#]*")
-"""Query parameters whose values are the operator's: keys, tokens, Google's search engine id."""
-
-
 def redact(url: str) -> str:
     """The URL with secret query parameters blanked, for messages and logs."""
-    return _SECRET_PARAMS.sub(r"\1***", url)
+    return SECRET_PARAMS.sub(r"\1***", url)
 
 
 def excerpt(data: bytes | str, limit: int = MAX_EXCERPT_CHARS) -> str:

@@ -365,6 +365,32 @@ def test_a_resume_that_lists_the_splits_in_another_order_is_refused(tmp_path):
         Journal(str(tmp_path / "ds"), "j1").load(spec(again))
 
 
+def test_a_journal_keeps_no_credentials_and_a_new_password_resumes(tmp_path):
+    """job.json held the spec as written, a proxy's password included; the fingerprint
+    leaves credentials out, so a password changed between runs still resumes, and a journal
+    whose fingerprint held them (written before) resumes too."""
+    import json
+
+    from builder.journal import JOURNAL, spec_fingerprint
+
+    def spec(password: str):
+        return parse_spec({"name": "fp", "target": 10, "classes": {"cat": ["q"]},
+                           "sources": [{"engine": "duckduckgo",
+                                        "options": {"proxy": f"http://me:{password}@p:3128"}}],
+                           "output": {"uri": str(tmp_path / "ds")}})
+
+    Journal(str(tmp_path / "ds"), "j1").start(spec("old-pw"))
+    meta_path = tmp_path / "ds" / JOURNAL / "j1" / "job.json"
+    assert "old-pw" not in meta_path.read_text()
+    assert json.loads(meta_path.read_text())["spec"]["sources"][0]["options"]["proxy"] == \
+        "http://***@p:3128"
+    Journal(str(tmp_path / "ds"), "j1").load(spec("new-pw"))
+    meta = json.loads(meta_path.read_text())
+    meta["fingerprint"] = spec_fingerprint(spec("old-pw"), with_secrets=True)
+    meta_path.write_text(json.dumps(meta))
+    Journal(str(tmp_path / "ds"), "j1").load(spec("old-pw"))
+
+
 def test_a_job_started_with_a_field_its_engine_ignored_resumes_without_it(tmp_path, caplog):
     """Earlier versions took a url on a duckduckgo source and did nothing with it; this one
     refuses it. The journal's fingerprint holds it: the job resumes with the spec less that

@@ -595,3 +595,22 @@ def test_a_long_user_agent_is_refused_fast():
     start = time.perf_counter()
     assert not has_contact(longest.download)
     assert time.perf_counter() - start < 0.5
+
+
+def test_the_published_form_of_a_spec_masks_the_credentials_of_its_servers():
+    spec = parse_spec({
+        "name": "x", "classes": {"a": None},
+        "sources": [{"engine": "duckduckgo", "options": {"proxy": "http://me:pw1@p:3128"}},
+                    {"engine": "openverse",
+                     "options": {"base_url": "https://tok@api.example/v1?api_key=pw2&q=1"}},
+                    {"engine": "sandbox", "url": "http://u:pw3@127.0.0.1:1"}],
+        "search": {"llm_base_url": "https://x.example/v1?token=pw4"}})
+    public = spec.public_dump()
+    assert [s.get("url") or s["options"].get("proxy") or s["options"]["base_url"]
+            for s in public["sources"]] == ["http://***@p:3128",
+                                            "https://***@api.example/v1?api_key=***&q=1",
+                                            "http://***@127.0.0.1:1"]
+    assert public["search"]["llm_base_url"] == "https://x.example/v1?token=***"
+    assert spec.model_dump(mode="json")["sources"][0]["options"]["proxy"] == \
+        "http://me:pw1@p:3128"  # the job itself still uses them
+    assert parse_spec(public).public_dump() == public

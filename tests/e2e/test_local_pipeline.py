@@ -112,6 +112,20 @@ def test_sources_run_dry_reports_shortfall(sandbox, tmp_path):
     assert stats["shortfall"] == {"bird": bird["shortfall"]}
 
 
+def test_credentials_in_the_spec_stay_out_of_the_published_dataset(sandbox, tmp_path):
+    """A proxy's or endpoint's password, or a key in its query, was published as written in
+    spec.yaml and the card: in the folder a user shares or uploads."""
+    out = str(tmp_path / "ds")
+    spec = sandbox_spec(sandbox, out, target=2, classes=("cat",),
+                        search={"llm_base_url": "https://u:llmpass@llm.example/v1?key=k3y"})
+    run_local(spec)
+    assert check_accounting(out)["accepted"] == 2
+    for name in ("spec.yaml", "README.md"):
+        text = (Path(out) / name).read_text()
+        assert "llmpass" not in text and "k3y" not in text, name
+        assert "https://***@llm.example/v1?key=***" in text, name
+
+
 def test_existing_dataset_is_not_overwritten(sandbox, tmp_path):
     from builder.errors import OutputExistsError
 
