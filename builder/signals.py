@@ -41,6 +41,7 @@ from yarl import URL
 from builder.rights import ALLOW, NO_ANSWER, NONE, REFUSE, UNREACHABLE, Signal
 from builder.robots import ROBOTS_UA, RobotsPolicy, answer_text, optout_directive, unreachable
 from builder.spec import DownloadSpec
+from builder.urls import MAX_URL_CHARS
 from builder.xmp import data_mining, data_mining_verdict
 
 TDMREP_PATH = "/.well-known/tdmrep.json"
@@ -441,6 +442,12 @@ def embedded_signals(data: bytes, fmt: str) -> tuple[Signal, ...]:
 # ---- page-level -------------------------------------------------------------------------------
 
 
+PAGE_ALT_CHARS = 64_000
+"""About the most characters a page's alt texts keep, with their images' URLs: the first
+images' are kept. A fetcher caches thousands of pages, and a hostile page of 24,000 images
+with long URLs held 4 MB to 190 MB each; a gallery of 300 photos takes about 50,000."""
+
+
 @dataclass(frozen=True)
 class PageFacts:
     """What an image's page says: its meta-tag entries and the alt text of each image. A page
@@ -571,11 +578,15 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec,
     (its charset counts)."""
     meta: dict[str, list[str]] = {}  # each name's contents in page order, empty ones left out
     found_alts: dict[str, str] = {}
+    room = PAGE_ALT_CHARS
     for tag, a in _page_tags(page_text(body, content_type)):
         if tag == "meta" and a.get("name") and a.get("content", "").strip():
             meta.setdefault(a["name"].strip().lower(), []).append(a["content"].strip())
-        elif tag == "img" and a.get("src") and a.get("alt", "").strip():
-            found_alts.setdefault(a["src"].strip(), " ".join(a["alt"].split())[:1000])
+        elif tag == "img" and room > 0 and a.get("src") and a.get("alt", "").strip():
+            src, alt = a["src"].strip(), " ".join(a["alt"].split())[:1000]
+            if len(src) <= MAX_URL_CHARS and src not in found_alts:
+                found_alts[src] = alt
+                room -= len(src) + len(alt) + len(page_url)
     where = f"page {page_url[:200]}"
     out: list[Signal] = []
     if cfg.signals.tdmrep:
@@ -593,9 +604,11 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec,
     alts = {}
     for src, alt in found_alts.items():
         try:
-            alts[str(base.join(URL(src)))] = alt
+            url = str(base.join(URL(src)))
         except ValueError:
             continue
+        if len(url) <= MAX_URL_CHARS:
+            alts[url] = alt
     return PageFacts(tuple(out), alts)
 
 

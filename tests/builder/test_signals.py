@@ -865,3 +865,20 @@ def test_an_opt_out_file_that_fails_once_is_asked_again(monkeypatch) -> None:
 
         (status, _), fetches = asyncio.run(main())
         assert (status, fetches) == expected
+
+
+def test_a_page_of_thousands_of_images_keeps_a_bounded_share_of_its_alt_texts():
+    """Every <img src alt> was kept, joined to the page's URL: a 512 KB page of 24,000 images
+    held 4 MB with a 50-character page URL and 51 MB with a 2,000-character one, and a fetcher
+    caches 4,096 pages. The first images' alt texts are kept, up to PAGE_ALT_CHARS."""
+    from builder.signals import PAGE_ALT_CHARS, parse_page
+
+    page = "".join(f"<img src=?{i} alt=x>" for i in range(24_000)).encode()
+    for page_url in ("http://example.com/p", "http://example.com/" + "p" * 2000):
+        alts = parse_page(page, page_url, DownloadSpec()).alts
+        size = sum(len(url) + len(alt) for url, alt in alts.items())
+        assert 0 < size <= PAGE_ALT_CHARS + len(page_url) + 20
+        assert f"{page_url}?0" in alts and f"{page_url}?23999" not in alts
+    gallery = "".join(f'<img src="/photos/{i:04d}.jpg" alt="photo number {i} of the gallery">'
+                      for i in range(300)).encode()
+    assert len(parse_page(gallery, "http://example.com/g", DownloadSpec()).alts) == 300
