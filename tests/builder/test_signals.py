@@ -882,3 +882,33 @@ def test_a_page_of_thousands_of_images_keeps_a_bounded_share_of_its_alt_texts():
     gallery = "".join(f'<img src="/photos/{i:04d}.jpg" alt="photo number {i} of the gallery">'
                       for i in range(300)).encode()
     assert len(parse_page(gallery, "http://example.com/g", DownloadSpec()).alts) == 300
+
+
+def test_an_origin_whose_rules_cost_too_much_to_match_is_refused_after_one_url(monkeypatch):
+    """Each image's URL was matched against every rule on the fetching event loop: a
+    robots.txt of 30,000 wildcard rules that never match cost 0.4 s per image with paths of
+    8,000 characters. One such match now marks the origin's later URLs refused, not known."""
+    import time
+
+    import builder.signals as signals_mod
+    from builder.robots import RobotsPolicy
+    from builder.signals import OriginSignals
+    from yarl import URL
+
+    monkeypatch.setattr(signals_mod, "LEDGER_CPU_S", 0.01)
+    body = "User-agent: *\n" + "".join(f"Disallow: /*{i:05d}x\nContent-Usage: /*{i:05d}y "
+                                       "train-ai=n\n" for i in range(8000))
+    cfg = DownloadSpec()
+    origin = OriginSignals(cfg, RobotsPolicy.from_response(200, body.encode()), None, None)
+    first = origin.ledger(URL("http://h/" + "a" * 8000 + ".jpg"))
+    assert all(e.verdict != REFUSE for e in first)  # matched, and nothing matches
+    started = time.thread_time()
+    later = origin.ledger(URL("http://h/" + "b" * 8000 + ".jpg"))
+    assert time.thread_time() - started < 0.005
+    assert [e.verdict for e in later] == [REFUSE] * len(first)
+    assert later[0].name == "robots_txt" and later[0].value == "unreachable"
+    assert "not matched again" in later[0].source
+    fine = OriginSignals(cfg, RobotsPolicy.from_response(200, b"User-agent: *\nDisallow: /x/\n"),
+                         None, None)
+    for _ in range(3):
+        assert [e.verdict for e in fine.ledger(URL("http://h/a.jpg"))][0] == ALLOW
