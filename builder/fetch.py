@@ -464,7 +464,7 @@ class Fetcher:
         except UrlRejected as exc:
             record.reject(exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - one record must never take down the batch
-            log.warning("unexpected %s fetching %s", type(exc).__name__,
+            log.warning("unexpected %s fetching %r", type(exc).__name__,
                         record.candidate.url[:200], exc_info=True)
             record.reject(Reason.CONNECTION_ERROR,
                           f"unexpected {type(exc).__name__} while fetching: {exc}")

@@ -50,7 +50,9 @@ PUBLIC_ENGINES = frozenset({"duckduckgo", "bing", "wikimedia", "openverse", "goo
 
 DEFAULT_USER_AGENT = DownloadSpec.model_fields["user_agent"].default
 
-_THUMB = re.compile(r"^(?P<pre>(?:[a-z0-9]+-)*?)(?P<width>\d+)px-(?P<rest>.+)$")
+_THUMB = re.compile(r"^(?P<pre>(?:[a-z0-9]+-)*?)(?P<width>\d{1,6})px-(?P<rest>.+)$")
+"""A thumbnail's name: a width of more digits than any image has is left as it is (int() of
+a 5,000-digit one raised, and the image was rejected as a connection error)."""
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,15 @@ def test_thumbnail_widths_go_up_to_a_standard_one(name: str, standard: str):
     assert wm.thumb_url(original) == original  # not a thumbnail
 
 
+def test_a_thumbnail_width_of_thousands_of_digits_is_left_as_it_is():
+    """int() of it raised (past Python's 4,300 digits), and the fetch rejected the image as
+    a connection error."""
+    wm = HostProfiles(DownloadSpec()).for_host("upload.wikimedia.org")
+    url = URL("https://upload.wikimedia.org/wikipedia/commons/thumb/a/ab/Cat.jpg/"
+              + "9" * 5000 + "px-Cat.jpg")
+    assert wm.thumb_url(url) == url
+
+
 def test_contact_goes_into_the_user_agent():
     cfg = DownloadSpec(contact="ops@example.org")
     assert user_agent(cfg) == ("PixCrawler/0.1 (+https://github.com/pixcrawler/pixcrawler; "
