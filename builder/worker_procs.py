@@ -113,6 +113,14 @@ class Channel:
                 self._dispatch(await _read_frame(self.reader))
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self._close(ChannelClosed(f"the other process went away ({type(exc).__name__})"))
+        except (pickle.UnpicklingError, AttributeError, EOFError, ImportError, IndexError,
+                TypeError, ValueError) as exc:
+            # A message that does not read back: the calls waiting on this channel would
+            # wait for ever, so it closes, and they fail as when the other side goes.
+            log.error("a message from the other process could not be read: %s: %s",
+                      type(exc).__name__, exc)
+            self._close(ChannelClosed(f"a message from the other process could not be read "
+                                      f"({type(exc).__name__}: {exc})"))
         except asyncio.CancelledError:
             self._close(ChannelClosed("the channel was closed"))
             raise

@@ -26,6 +26,9 @@ class Side:
         assert self.other is not None
         return "via " + await self.other.call("hello", who)
 
+    async def slow(self) -> None:
+        await asyncio.sleep(30)
+
     def fail(self) -> None:
         raise StorageError("cannot write s3://bucket/x: check the credentials")
 
@@ -54,6 +57,25 @@ def test_calls_go_both_ways_and_nest():
         assert await ca.call("relay", "x") == "via a greets x"
         results = await asyncio.gather(*(ca.call("hello", str(i)) for i in range(50)))
         assert results == [f"b greets {i}" for i in range(50)]
+        await ca.aclose()
+        await cb.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_message_that_does_not_read_back_fails_the_waiting_calls():
+    """A frame that did not unpickle ended the channel's reader with the error, and every
+    call waiting on the channel waited for ever."""
+    import struct
+
+    async def main():
+        ca, cb, _, _ = await pair()
+        waiting = asyncio.ensure_future(ca.call("slow"))
+        await asyncio.sleep(0.05)
+        body = b"\x80\x05not a pickle"
+        cb.writer.write(struct.pack("!Q", len(body)) + body)
+        with pytest.raises(ChannelClosed, match="could not be read"):
+            await asyncio.wait_for(waiting, 5)
         await ca.aclose()
         await cb.aclose()
 
