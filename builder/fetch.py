@@ -495,7 +495,11 @@ class Fetcher:
             url_s = str(url)
             delay = self._profiles.for_host(url.raw_host or "").delay_s
             if self._origin_signals:
+                # The origin's files are bounded on their own (SMALL_FILE_TIMEOUTS), and are
+                # often another image's load, waited for: they spend none of this one's time.
+                started = asyncio.get_running_loop().time()
                 crawl_delay = await self._origin_check(record, url)
+                deadline.end += asyncio.get_running_loop().time() - started
                 if record.rejected:
                     return
                 crawl_delay *= self._profiles.share
@@ -551,9 +555,14 @@ class Fetcher:
                     honoured = min(failure.retry_after, cfg.max_retry_after_s)
                     wait = max(wait, honoured)
                     self._hold_host(url, honoured)
+                if wait >= deadline.left():  # no time would be left for the retry
+                    record.reject(Reason.TIMEOUT, f"{self._past_deadline(url)} (last try: "
+                                                  f"{failure.detail}; the next was "
+                                                  f"{wait:.1f} s away)")
+                    return None
                 attempt += 1
                 self.stats["retries"] += 1
-                await asyncio.sleep(min(wait, max(deadline.left(), 0.0)))
+                await asyncio.sleep(wait)
 
     def _past_deadline(self, url: URL) -> str:
         return (f"no whole answer within download.deadline_s {self.cfg.deadline_s:g} s, "
@@ -564,6 +573,8 @@ class Fetcher:
         """One GET (``first``: not a retry of this URL). Returns a redirect Location, None
         when the record is finished; raises ``_Failure`` for a retryable outcome."""
         session = self._ensure_session()
+        if deadline.left() <= 0:
+            raise _Failure(Reason.TIMEOUT, "no time left for another request")
         host = await self._acquire(url, delay, deadline)
         timeout = deadline.timeout(self.cfg.timeout_s)
         try:

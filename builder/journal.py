@@ -26,7 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -98,16 +98,39 @@ class ResumeError(PixCrawlerError):
     """There is nothing (or nothing compatible) to resume."""
 
 
-def spec_fingerprint(spec: DatasetSpec, *, with_uri: bool = False,
-                     with_secrets: bool = False) -> str:
+def spec_fingerprint(spec: DatasetSpec, *, legacy: bool = False, with_uri: bool = False) -> str:
     """What must not change between a run and its resume: everything but ``resources``,
     ``output.overwrite``, ``output.uri`` and the credentials in the servers' URLs (the spec as
     published, ``DatasetSpec.public_dump``: a password changed between runs changes no
     result). The journal and the dataset are found through the URI, so two spellings of one
-    place (``ds`` and ``/home/me/ds``) are one job. ``with_uri``, ``with_secrets``: the
-    fingerprint as journals written before it left them out hold it."""
-    data = spec.model_dump(mode="json") if with_secrets else spec.public_dump()
+    place (``ds`` and ``/home/me/ds``) are one job.
+
+    ``legacy``: the fingerprint as journals written before credentials were masked hold it:
+    with them, and without the fields added since (``ADDED_FIELDS``) where the spec leaves them
+    at the value that does what those versions did. ``with_uri`` (legacy): as journals written
+    before the URI was left out hold it."""
+    if not legacy:
+        return _fingerprint_of(spec.public_dump())
+    data = spec.model_dump(mode="json")
+    for section, name, default_in in ADDED_FIELDS:
+        part = data.get(section)
+        if isinstance(part, dict) and part.get(name) == default_in(part):
+            data[section] = {k: v for k, v in part.items() if k != name}
     return _fingerprint_of(data, with_uri=with_uri)
+
+
+def accepted_fingerprints(spec: DatasetSpec) -> set[str]:
+    """The fingerprints a journal of ``spec``'s job may hold, this version's and earlier
+    ones'."""
+    return {spec_fingerprint(spec), spec_fingerprint(spec, legacy=True),
+            spec_fingerprint(spec, legacy=True, with_uri=True)}
+
+
+ADDED_FIELDS: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("download", "deadline_s", lambda download: max(120.0, download.get("timeout_s", 0.0))),)
+"""Spec fields added since the first journals were written, each with its default (from its
+section's other values): a journal written before a field existed never held it in its
+fingerprint, and resumes where the spec leaves the field at its default."""
 
 
 def _fingerprint_of(data: dict[str, Any], *, with_uri: bool = False) -> str:
@@ -125,7 +148,8 @@ def _same_once_upgraded(stored: Any, spec: DatasetSpec) -> bool:
     spells otherwise was written into the fingerprint as it was, so a job started with one
     resumes with the spec as this version takes it."""
     upgraded, changes = upgrade_saved_spec(stored)
-    return bool(changes) and _fingerprint_of(upgraded) == spec_fingerprint(spec)
+    return bool(changes) and _fingerprint_of(upgraded) in {
+        spec_fingerprint(spec), spec_fingerprint(spec, legacy=True)}
 
 
 def splits_reordered(saved: Any, spec: DatasetSpec) -> Optional[str]:
@@ -461,9 +485,7 @@ class Journal:
     def load(self, spec: DatasetSpec) -> ResumeState:
         """The state to resume from; refuses if the spec changed in a way that matters."""
         meta = self.meta()
-        if meta.get("fingerprint") not in (
-                spec_fingerprint(spec), spec_fingerprint(spec, with_secrets=True),
-                spec_fingerprint(spec, with_uri=True, with_secrets=True)) \
+        if meta.get("fingerprint") not in accepted_fingerprints(spec) \
                 and not _same_once_upgraded(meta.get("spec"), spec):
             raise ResumeError(
                 f"the spec differs from the one job {self.job_id} started with (only "

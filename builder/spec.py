@@ -681,6 +681,21 @@ class DownloadSpec(_Model):
                              "parentheses")
         return v
 
+    @model_validator(mode="after")
+    def _deadline_holds_a_request(self) -> "DownloadSpec":
+        """An image's deadline is at least one request's timeout: left unset it is raised to
+        it (a spec whose requests may take 300 s keeps them), set shorter it is refused."""
+        if self.deadline_s >= self.timeout_s:
+            return self
+        if "deadline_s" not in self.model_fields_set:
+            self.deadline_s = self.timeout_s
+            self.model_fields_set.discard("deadline_s")  # still the default: a cap lowers it
+            return self
+        raise _SpecProblems([("deadline_s", (
+            f"{self.deadline_s:g} s is shorter than timeout_s {self.timeout_s:g} s: an image "
+            "would run out of time inside its first request; set deadline_s to at least "
+            "timeout_s"))])
+
 
 MAX_PROMPTS = 32
 """Most ``validation.clip_prompts``: each is one more text the CLIP check encodes per class."""

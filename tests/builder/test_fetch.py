@@ -169,6 +169,11 @@ def make_app(state: State) -> web.Application:
             return web.Response(text="User-agent: *\nDisallow: /private/\n")
         return web.Response(status=302, headers={"Location": f"/robots-hop/{n + 1}"})
 
+    @routes.get("/img-50ms.jpg")
+    async def img_50ms(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        return image()
+
     @routes.get("/slow")
     async def slow(request: web.Request) -> web.Response:
         state.hit("slow")
@@ -536,8 +541,19 @@ def test_an_image_whose_hops_each_answer_slowly_runs_out_of_its_deadline(srv: An
 def test_waits_for_a_turn_on_a_host_spend_none_of_an_images_deadline(srv: Any) -> None:
     urls = [base(srv) + "/img.jpg"] * 4
     records, _ = run_fetch(urls, cfg(per_host_delay_s=0.4, per_host_concurrency=1,
-                                     deadline_s=0.5))
+                                     timeout_s=0.5, deadline_s=0.5))
     assert [r.rejected for r in records] == [False] * 4  # the last waited 1.2 s for its turn
+
+
+def test_the_wait_for_an_origins_opt_out_files_spends_none_of_an_images_deadline(
+        srv: Any) -> None:
+    """The image's deadline ran while its origin's robots.txt was read (often another
+    image's read, waited for): a fast image behind a slow robots.txt was a timeout."""
+    srv.state.robots_mode = "slow_hops"
+    r = one(base(srv) + "/img-50ms.jpg", cfg(timeout_s=1.0, deadline_s=1.0,
+                                             respect_robots=True))
+    assert not r.rejected, r.detail
+    assert srv.state.hits["robots_hop"] == 5  # read whole: 1.4 s, past the image's deadline
 
 
 def test_a_robots_txt_whose_hops_answer_slowly_is_not_read(srv: Any) -> None:

@@ -336,7 +336,8 @@ def test_a_resume_may_spell_the_output_another_way_but_not_change_the_spec(tmp_p
         Journal("ds", "j1").load(spec("ds", target=5))
     meta_path = tmp_path / "ds" / JOURNAL / "j1" / "job.json"
     meta = json.loads(meta_path.read_text())
-    meta["fingerprint"] = spec_fingerprint(spec(absolute), with_uri=True)  # an older journal
+    meta["fingerprint"] = spec_fingerprint(spec(absolute), legacy=True,
+                                           with_uri=True)  # an older journal
     meta_path.write_text(json.dumps(meta))
     Journal(absolute, "j1").load(spec(absolute))
 
@@ -386,9 +387,53 @@ def test_a_journal_keeps_no_credentials_and_a_new_password_resumes(tmp_path):
         "http://***@p:3128"
     Journal(str(tmp_path / "ds"), "j1").load(spec("new-pw"))
     meta = json.loads(meta_path.read_text())
-    meta["fingerprint"] = spec_fingerprint(spec("old-pw"), with_secrets=True)
+    meta["fingerprint"] = spec_fingerprint(spec("old-pw"), legacy=True)
     meta_path.write_text(json.dumps(meta))
     Journal(str(tmp_path / "ds"), "j1").load(spec("old-pw"))
+
+
+def test_a_journal_written_before_a_field_was_added_resumes(tmp_path):
+    """download.deadline_s joined every fingerprint, so a journal written before it (its
+    fingerprint and saved spec without the field, credentials in them) was refused as
+    another spec's."""
+    import json
+
+    from builder.journal import ADDED_FIELDS, JOURNAL
+
+    def spec(**download):
+        return parse_spec({"name": "fp", "target": 10, "classes": {"cat": ["q"]},
+                           "sources": [{"engine": "duckduckgo",
+                                        "options": {"proxy": "http://me:pw@p:3128"}}],
+                           "download": download, "output": {"uri": str(tmp_path / "ds")}})
+
+    assert [field[:2] for field in ADDED_FIELDS] == [("download", "deadline_s")]
+    Journal(str(tmp_path / "ds"), "j1").start(spec())
+    meta_path = tmp_path / "ds" / JOURNAL / "j1" / "job.json"
+    meta = json.loads(meta_path.read_text())
+    old = spec().model_dump(mode="json")  # as the version before wrote it
+    del old["download"]["deadline_s"]
+    meta["spec"] = old
+    meta["fingerprint"] = _old_fingerprint(old)
+    meta_path.write_text(json.dumps(meta))
+    Journal(str(tmp_path / "ds"), "j1").load(spec())
+    with pytest.raises(ResumeError, match="spec differs"):
+        Journal(str(tmp_path / "ds"), "j1").load(spec(deadline_s=60))
+    # a job whose requests may take 300 s: the deadline it now gets is raised to that
+    slow = spec(timeout_s=300).model_dump(mode="json")
+    assert slow["download"].pop("deadline_s") == 300
+    meta.update(spec=slow, fingerprint=_old_fingerprint(slow))
+    meta_path.write_text(json.dumps(meta))
+    Journal(str(tmp_path / "ds"), "j1").load(spec(timeout_s=300))
+
+
+def _old_fingerprint(data: dict) -> str:
+    """The fingerprint as the version before this one computed it."""
+    import hashlib
+    import json
+
+    kept = {k: v for k, v in data.items() if k != "resources"}
+    kept["output"] = {k: v for k, v in kept["output"].items() if k not in ("overwrite", "uri")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_a_job_started_with_a_field_its_engine_ignored_resumes_without_it(tmp_path, caplog):

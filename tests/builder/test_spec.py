@@ -614,3 +614,15 @@ def test_the_published_form_of_a_spec_masks_the_credentials_of_its_servers():
     assert spec.model_dump(mode="json")["sources"][0]["options"]["proxy"] == \
         "http://me:pw1@p:3128"  # the job itself still uses them
     assert parse_spec(public).public_dump() == public
+
+
+def test_an_images_deadline_holds_at_least_one_request():
+    """The new deadline's default (120 s) cut every request of a spec whose timeout_s was
+    longer; left unset it is raised to timeout_s, set shorter it is refused."""
+    from builder.spec import DownloadSpec
+
+    assert DownloadSpec().deadline_s == 120 and DownloadSpec(timeout_s=300).deadline_s == 300
+    with pytest.raises(SpecError, match=r"download\.deadline_s: 60 s is shorter than "
+                                        r"timeout_s 300 s"):
+        parse_spec({"name": "x", "classes": {"a": None}, "sources": [{"engine": "bing"}],
+                    "download": {"timeout_s": 300, "deadline_s": 60}})
