@@ -66,30 +66,49 @@ def private_token() -> None:
     ``~/.ray/auth_token``, and writes that last one itself when it is missing, as the umask
     leaves it (readable by everyone, usually), so that another user of the machine could read
     it and send jobs after all. The default file is written here first, 0600, in a 0700
-    folder; an existing one that others may read is made 0600 (its owner's own tools read it
-    as before)."""
+    folder, whole or not at all; an existing one of this user's that others may read is made
+    0600 (its owner's own tools read it as before). Where no such file can be had (a home
+    that cannot be written, a token file another user owns), this command's Ray gets a token
+    of its own in ``RAY_AUTH_TOKEN``, which its processes inherit and other users cannot
+    read."""
     if os.environ.get(TOKEN_ENV):
         return
     named = os.environ.get(TOKEN_PATH_ENV)
     path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
-    if not path.exists() and not named:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another command wrote it meanwhile
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-            return
     try:
-        mode = path.stat().st_mode
-    except OSError:
-        return  # Ray says what is wrong with a token path it cannot read
-    if mode & 0o077:
-        path.chmod(mode & 0o700)
-        log.warning("the Ray token %s could be read by other users of this machine, who could "
-                    "then run code as you through Ray: it is now readable by you only", path)
+        if not named and not path.exists():
+            _write_token(path)
+        info = path.stat()
+        if info.st_mode & 0o077:
+            if info.st_uid != os.geteuid():
+                raise PermissionError(f"{path} is another user's, and others may read it")
+            path.chmod(info.st_mode & 0o700)
+            log.warning("the Ray token %s could be read by other users of this machine, who "
+                        "could then run code as you through Ray: it is now readable by you "
+                        "only", path)
+    except OSError as exc:
+        if named:
+            return  # Ray says what is wrong with the token file it was told to read
+        log.warning("no private Ray token file (%s): this command's Ray uses a token of its "
+                    "own", exc)
+        os.environ[TOKEN_ENV] = secrets.token_hex(32)
+
+
+def _write_token(path: Path) -> None:
+    """A new token at ``path``, 0600: written under another name, then linked into place,
+    so a Ray starting meanwhile never reads it empty (and one written meanwhile is kept)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+    finally:
+        temp.unlink()
 
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,

@@ -293,6 +293,34 @@ def test_an_embedded_ray_runs_no_job_another_user_of_the_machine_sends(tmp_path)
     assert result["modes"] == [0o700, 0o600] and not ran.exists()
 
 
+def test_the_embedded_rays_token_is_private_or_the_commands_own(tmp_path, monkeypatch):
+    """Without a private token file, token auth would be no lock: a missing one is written
+    0600 in a 0700 folder, a readable one of the user's is made 0600, and where none can be
+    had (a home that cannot be written) the command's Ray gets a token in its environment
+    instead of the command failing."""
+    import os
+    import stat
+
+    from cluster.connect import TOKEN_ENV, TOKEN_PATH_ENV, private_token
+
+    for name in (TOKEN_ENV, TOKEN_PATH_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    private_token()
+    token = tmp_path / ".ray" / "auth_token"
+    assert len(token.read_text()) == 64 and TOKEN_ENV not in os.environ
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (token.parent, token)] == [0o700, 0o600]
+    assert os.listdir(token.parent) == ["auth_token"]
+    token.chmod(0o644)
+    private_token()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    home = tmp_path / "not-a-folder"
+    home.write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    private_token()
+    assert len(os.environ[TOKEN_ENV]) == 64
+
+
 LISTENERS_CHILD = """
 import json, os, sys, time
 import ray
