@@ -39,7 +39,7 @@ from builder.storage import open_fs, storage_errors
 from builder.writers import PARTIAL, read_marker
 from cluster.rayjob import dashboard_address
 from serve.cache import ReadCache
-from serve.store import REVOKED_ERROR, TERMINAL, JobRow, JobStore
+from serve.store import REVOKED_ERROR, TERMINAL, JobRow, JobStore, private_mode
 
 log = logging.getLogger("pixcrawler.serve.jobs")
 
@@ -144,6 +144,7 @@ class JobLauncher:
         if len(text) <= _MAX_ENV_SPEC_CHARS:
             return shlex.join(base + ["--spec-env", SPEC_ENV] + tail), {SPEC_ENV: text}
         self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_mode(self.jobs_dir)  # an earlier version's folder, and the specs in it
         path = self.jobs_dir / f"{job_id}.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the job's spec
         with os.fdopen(fd, "w", encoding="utf-8") as f:

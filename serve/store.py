@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -29,6 +30,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from serve.locations import default_store_url
+
+log = logging.getLogger("pixcrawler.serve.store")
 
 STATES = ("queued", "starting", "running", "writing", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -157,19 +160,37 @@ class JobRow:
 
 def private_file(path: Path) -> None:
     """Create ``path`` (empty) readable and writable by this user only, in a folder only this
-    user may enter where the folder is new; an existing file others may read is made so. The
-    store holds every key's salted hash and the salt that signs stream tokens, and every
-    job's spec: with the umask's 0644 in a 0755 folder, another user of the machine could
-    read them and forge a stream token. SQLite gives its WAL and shared-memory files the
-    database file's permissions."""
+    user may enter where the folder is new; an existing one of this user's that others may
+    read is made so, with its WAL and shared-memory files (SQLite gives new ones the database
+    file's permissions, and keeps those a crash left). The store holds every key's salted
+    hash and the salt that signs stream tokens, and every job's spec: with the umask's 0644
+    in a 0755 folder, another user of the machine could read them and forge a stream token.
+    Files another user owns are left as they are (with a warning where others may read
+    them): that store is shared on purpose."""
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
-        mode = path.stat().st_mode
-        if mode & 0o077:
-            path.chmod(mode & 0o700)
+        pass
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        private_mode(name)
+
+
+def private_mode(path: Path) -> None:
+    """``path`` (a file or folder of this user's) made inaccessible to others where it is
+    not; one another user owns only warned of."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    if not info.st_mode & 0o077:
+        return
+    if info.st_uid == os.geteuid():
+        path.chmod(info.st_mode & 0o700)
+    else:
+        log.warning("%s can be read by other users of this machine, and is not yours to "
+                    "change: it holds what the job API keeps secret", path)
 
 
 def sqlite_path(url: str) -> Optional[Path]:

@@ -164,6 +164,8 @@ def test_a_spec_too_long_for_the_environment_is_a_file_its_user_only_reads(monke
     monkeypatch.setattr(jobs.ray, "get_runtime_context",
                         lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
     monkeypatch.setattr(jobs, "_MAX_ENV_SPEC_CHARS", 10)
+    (tmp_path / "jobs").mkdir(mode=0o755)  # an earlier version's
+    (tmp_path / "jobs").chmod(0o755)
     data = parse_spec(EXAMPLE_SPEC).model_dump(mode="json")
     entrypoint, env = jobs.JobLauncher(tmp_path / "jobs").command("j-1", data)
     path = tmp_path / "jobs" / "j-1.json"
