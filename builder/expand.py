@@ -39,6 +39,7 @@ from typing import Any, Iterable
 from yarl import URL
 
 from builder.text import well_formed
+from builder.urls import without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class KeywordExpander:
         operator_url = _operator_url()
         operator_key = env("PIXCRAWLER_LLM_API_KEY") or env("OPENAI_API_KEY")
         self.base_url = base_url or operator_url
-        self.shown = str(base_url)[:200] if base_url else \
+        self.shown = without_secrets(str(base_url))[:200] if base_url else \
             "the server's LLM endpoint" if operator_url else "OpenAI"
         """The endpoint as messages name it: the operator's URL never (it may hold
         credentials, and a failed API job's error keeps the WARNING lines)."""

@@ -295,7 +295,9 @@ class JobLifecycle:
             "list_slicing", [spec.batch_size(), 0, 0])
         self.unit_size = unit_size
         for i, src in enumerate(spec.sources):
-            if src.engine == "urllist":
+            # A retry reads the dataset's rejects, not its lists (whose path spec.yaml holds
+            # with its credentials masked).
+            if src.engine == "urllist" and not self.retry:
                 self.list_plans[i] = plan_slices(src.path or "", unit_size,
                                                  url_column=src.url_column,
                                                  label_column=src.label_column,

@@ -1175,6 +1175,8 @@ class DatasetSpec(_Model):
             for holder, key in ((source, "url"), (options, "base_url"), (options, "proxy")):
                 if isinstance(holder.get(key), str):
                     holder[key] = without_secrets(holder[key])
+            if "://" in (source.get("path") or ""):  # a URL list's URL (a file's path as it is)
+                source["path"] = without_secrets(source["path"])
         search = data.get("search") or {}
         if isinstance(search.get("llm_base_url"), str):
             search["llm_base_url"] = without_secrets(search["llm_base_url"])

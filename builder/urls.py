@@ -114,8 +114,10 @@ class UrlDedup:
         return prev
 
 
-SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|client_secret|"
-                           r"secret|password|sig|signature|cx)=)[^&#]*")
+SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api_key|apikey|access_key|token|access_token|"
+                           r"client_secret|secret|password|sig|signature|cx|"
+                           r"x-amz-(?:signature|credential|security-token)|"
+                           r"x-goog-(?:signature|credential))=)[^&#]*")
 """Query parameters whose values are credentials: keys, tokens, signatures, Google's search
 engine id."""
 
@@ -126,4 +128,6 @@ def without_secrets(url: str) -> str:
     return SECRET_PARAMS.sub(r"\1***", _USERINFO.sub(r"\1***@", url, count=1))
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|)[^/?#]*@")
+"""The user info of a URL, with its scheme or without (a proxy may be given as
+``user:password@host:port``)."""

@@ -503,6 +503,8 @@ class WorkerRuntime:
                                         self._io, self._store)
         for i, src in enumerate(self.spec.sources):
             if src.engine == "urllist":
+                if i not in self.plan.list_plans:
+                    continue  # a retry's: it reads no list
                 self.readers[i] = ListReader(
                     self.plan.list_plans[i], url_column=src.url_column,
                     label_column=src.label_column, caption_column=src.caption_column,

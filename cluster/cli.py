@@ -209,7 +209,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     _require_contact(spec)
-    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    print(yaml.safe_dump(spec.public_dump(), sort_keys=False))
     if not args.engines:
         return 0
     from builder.engines.probe import probe_sources, probe_table

@@ -30,6 +30,7 @@ from builder.engines.base import SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError, SourceError
 from builder.netguard import same_origin
 from builder.spec import PUBLIC_ENDPOINTS
+from builder.urls import without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def _server_credentials(base_url: str) -> dict[str, str]:
     if found and not same_origin(base_url, OPENVERSE_API):
         log.warning("openverse: options.base_url %s is not Openverse's API; the server's "
                     "credentials are sent only to %s, so this source searches anonymously",
-                    webjson.excerpt(base_url), OPENVERSE_API)
+                    webjson.excerpt(without_secrets(base_url)), OPENVERSE_API)
         return {}
     return found
 

@@ -611,6 +611,16 @@ def test_the_published_form_of_a_spec_masks_the_credentials_of_its_servers():
                                             "https://***@api.example/v1?api_key=***&q=1",
                                             "http://***@127.0.0.1:1"]
     assert public["search"]["llm_base_url"] == "https://x.example/v1?token=***"
+    more = parse_spec({
+        "name": "x", "classes": {"a": None},
+        "sources": [{"engine": "duckduckgo", "options": {"proxy": "me:pw5@p:3128"}},
+                    {"engine": "urllist", "path": "https://b.example/l.txt?X-Amz-Signature=pw6"
+                                                  "&X-Amz-Credential=pw7&v=1"},
+                    {"engine": "urllist", "path": "lists/me@home.txt"}]}).public_dump()
+    assert [more["sources"][0]["options"]["proxy"], more["sources"][1]["path"],
+            more["sources"][2]["path"]] == [
+        "***@p:3128", "https://b.example/l.txt?X-Amz-Signature=***&X-Amz-Credential=***&v=1",
+        "lists/me@home.txt"]
     assert spec.model_dump(mode="json")["sources"][0]["options"]["proxy"] == \
         "http://me:pw1@p:3128"  # the job itself still uses them
     assert parse_spec(public).public_dump() == public

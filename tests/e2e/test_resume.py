@@ -187,7 +187,8 @@ def test_retry_failed_retries_a_url_its_list_named_twice(tmp_path):
         run_local(spec)
         first = check_accounting(out)
         assert first["rejected_by_reason"]["duplicate_url"] == len(flaky)
-        assert main(["retry-failed", out, "--local"]) == 0
+        urls.unlink()  # a retry reads the rejects, not the list (spec.yaml masks a list URL's
+        assert main(["retry-failed", out, "--local"]) == 0  # credentials)
     after = check_accounting(out)
     accepted = set(pq.read_table(Path(out) / "data", columns=["url"]).column("url").to_pylist())
     assert set(flaky) <= accepted
