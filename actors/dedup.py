@@ -44,6 +44,10 @@ class DedupPartitionActor:
         """Run ``DedupPartition.<method>(payload)``; returns (incarnation, result)."""
         return self.incarnation, getattr(self.part, method)(payload)
 
+    def alive(self) -> bool:
+        """For a worker waiting on a call: the actor is placed and answering."""
+        return True
+
     def stats(self) -> dict[str, int]:
         return self.part.stats()
 

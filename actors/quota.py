@@ -32,5 +32,9 @@ class QuotaActor:
         """Run ``QuotaLedger.<method>(*args)``; returns (incarnation, result)."""
         return self.incarnation, getattr(self.ledger, method)(*args)
 
+    def alive(self) -> bool:
+        """For a worker waiting on a call: the actor is placed and answering."""
+        return True
+
     def snapshot(self) -> Optional[dict[str, Any]]:
         return self.ledger.snapshot()

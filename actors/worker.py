@@ -34,7 +34,14 @@ SCORE_WAIT_S = 900.0
 A scorer whose node was lost restarts where a GPU is free; with none left, its calls would
 wait for ever. A busy one (it answers ``alive``) is waited for as long as it takes."""
 SCORE_CHECK_S = 30.0
-"""How often a worker waiting for a batch's scores asks whether its scorer is there."""
+"""How often a worker waiting for a batch's scores asks whether its scorer is there (and
+one waiting for an index partition or the quota ledger, whether it is)."""
+SERVICE_WAIT_S = 900.0
+"""How long a worker waits for an index partition or the quota ledger that answers nothing,
+not even ``alive``. One whose node was lost restarts where 0.05 CPU is free; with none left,
+calls to it wait for ever (Ray queues them for a restarting actor), and the job with them. A
+busy one, or one rebuilding itself from the journal, answers ``alive`` once its queue gets
+there."""
 
 
 class RayServices(LedgerCalls):
@@ -65,12 +72,16 @@ class RayServices(LedgerCalls):
 
     async def _partition_call(self, p: int, method: str,
                               payload: dict[str, np.ndarray]) -> Any:
-        incarnation, result = await self.partitions[p].call.remote(method, payload)
+        actor = self.partitions[p]
+        incarnation, result = await _answered(actor.call.remote(method, payload), actor.alive,
+                                              SERVICE_WAIT_S, f"index partition {p}")
         self._check(p, incarnation)
         return result
 
     async def _ledger(self, method: str, *args: Any) -> Any:
-        incarnation, result = await self.quota.call.remote(method, *args)
+        incarnation, result = await _answered(self.quota.call.remote(method, *args),
+                                              self.quota.alive, SERVICE_WAIT_S,
+                                              "the quota ledger")
         self._check(-1, incarnation)
         return result
 
@@ -142,6 +153,16 @@ class RayServices(LedgerCalls):
 async def _scores(scorer: Any, ref: Any) -> list[Record]:
     """The answer to ``ref`` (a scorer's ``score`` call); raises ``JobInterrupted`` once the
     scorer has answered nothing, ``alive`` included, for ``SCORE_WAIT_S``."""
+    return await _answered(ref, scorer.alive, SCORE_WAIT_S, "a slow-level scorer",
+                           "a node with a free GPU", "add a GPU node")
+
+
+async def _answered(ref: Any, alive: Any, wait_s: float, what: str,
+                    needs: str = "a node with 0.05 CPU free",
+                    add: str = "add a node or free a CPU") -> Any:
+    """The answer to ``ref``, a call to the actor whose ``alive`` method is given; raises
+    ``JobInterrupted`` once the actor has answered nothing, ``alive`` included, for
+    ``wait_s`` (asked every ``SCORE_CHECK_S``)."""
     answer = asyncio.wrap_future(ref.future())
     heard = time.monotonic()
     while True:
@@ -149,18 +170,17 @@ async def _scores(scorer: Any, ref: Any) -> list[Record]:
         if done:
             return answer.result()
         try:
-            await asyncio.wait_for(asyncio.wrap_future(scorer.alive.remote().future()),
+            await asyncio.wait_for(asyncio.wrap_future(alive.remote().future()),
                                    SCORE_CHECK_S)
             heard = time.monotonic()
         except asyncio.TimeoutError:
-            if time.monotonic() - heard >= SCORE_WAIT_S:
+            if time.monotonic() - heard >= wait_s:
                 answer.cancel()
                 ray.cancel(ref)
                 raise JobInterrupted(
-                    f"a slow-level scorer has answered nothing for {SCORE_WAIT_S:g} s: it "
-                    "waits for a node with a free GPU (its own was lost, and no node left can "
-                    "run it); check the cluster (ray status), add a GPU node, then continue "
-                    "the job with --resume") from None
+                    f"{what} has answered nothing for {wait_s:g} s: it waits for {needs} "
+                    "(its own was lost, and no node left can run it); check the cluster "
+                    f"(ray status), {add}, then continue the job with --resume") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,3 +74,35 @@ def test_a_busy_scorer_is_waited_for_past_the_limit(ray_session, monkeypatch):
     started = time.monotonic()
     assert score_with(scorer) == []
     assert time.monotonic() - started >= 2.5
+
+
+@pytest.mark.parametrize("service", ["partition", "ledger"])
+def test_an_index_partition_or_ledger_that_cannot_be_placed_fails_the_job_naming_resume(
+        ray_session, monkeypatch, service):
+    """An index partition or the quota ledger whose node was lost restarts where 0.05 CPU is
+    free; with none left, Ray queued every call to it, and the job waited for ever. Here the
+    actor asks for a resource no node has, so it is never placed, as such an actor."""
+    from actors import worker
+    from actors.dedup import DedupPartitionActor
+    from actors.quota import QuotaActor
+    from builder.quota import QuotaLedger
+
+    monkeypatch.setattr(worker, "SERVICE_WAIT_S", 1.0)
+    monkeypatch.setattr(worker, "SCORE_CHECK_S", 0.2)
+    services = worker.RayServices.__new__(worker.RayServices)
+    services._seen = {}
+    nowhere = {"resources": {"pixcrawler-test-nowhere": 1}, "num_cpus": 0}
+    if service == "partition":
+        actor = DedupPartitionActor.options(**nowhere).remote(0, 1, 4, True)
+        services.partitions = [actor]
+        call, what = services._partition_call(0, "stats", {}), "index partition 0"
+    else:
+        actor = QuotaActor.options(**nowhere).remote(QuotaLedger({"cat": 1}), {})
+        services.quota = actor
+        call, what = services._ledger("rooms"), "the quota ledger"
+    try:
+        with pytest.raises(JobInterrupted, match=f"{what} has answered nothing for 1 s.*"
+                                                 "--resume"):
+            asyncio.run(call)
+    finally:
+        ray.kill(actor)
