@@ -26,6 +26,7 @@ the row. A row whose label is not a class of the spec is skipped and counted
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import statistics
@@ -164,7 +165,32 @@ def _open(path: str, storage_options: Optional[dict[str, Any]]) -> Any:
         raise _read_error(path, exc) from None
     if info.get("type") == "directory":
         raise SourceError(f"{path} is a directory; sources[].path must name one URL list file")
-    return fs, fs_path, info.get("size") or 0
+    if info.get("size") is None:
+        raise SourceError(f"{path}: its server gives no size for it, and a URL list is cut "
+                          "into slices by its size; copy it to a local file or an object store")
+    return fs, fs_path, info["size"]
+
+
+IDENTITY_BYTES = 65536
+"""What ``list_identity`` hashes of a list's head and of its tail."""
+
+
+def list_identity(path: str, storage_options: Optional[dict[str, Any]] = None) -> str:
+    """What a resumed job compares to know its list is the one its first run cut: the file's
+    size and a hash of its first and last ``IDENTITY_BYTES`` (a Parquet list's footer is in
+    them). A copy of the file is the same list; rows added, removed or edited near either
+    end are another."""
+    fs, fs_path, size = _open(path, storage_options)
+    digest = hashlib.sha256(str(size).encode())
+    try:
+        with fs.open(fs_path, "rb") as f:
+            digest.update(f.read(IDENTITY_BYTES))
+            if size > IDENTITY_BYTES:
+                f.seek(max(IDENTITY_BYTES, size - IDENTITY_BYTES))
+                digest.update(f.read(IDENTITY_BYTES))
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from None
+    return f"{size}:{digest.hexdigest()[:32]}"
 
 
 def _read_error(path: str, exc: BaseException, where: str = "") -> SourceError:
@@ -226,7 +252,7 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
     if b"\r" in head and b"\n" not in head:
         raise SourceError(f"{path}: its lines end with a lone \\r (as old Mac files do); end "
                           "them with \\n or \\r\\n")
-    avg = _line_bytes(head[data_start:])
+    avg = _line_bytes(head[data_start:], whole=len(head) >= size)
     slice_bytes = max(16, avg * slice_rows)
     data = max(0, size - data_start)
     count = math.ceil(data / slice_bytes) if data else 0
@@ -239,14 +265,23 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
                      grow_after=grow_after, grown_rows=grown_rows, grown_bytes=grown_bytes)
 
 
-def _line_bytes(sample: bytes) -> int:
+def _line_bytes(sample: bytes, whole: bool) -> int:
     """The typical line length of a list's sampled head: the median of its whole lines, so one
     long line (a comment, a data: URL) does not make every slice hold a hundred times the rows
-    it is cut for."""
+    it is cut for. ``whole``: the sample is the whole file. A sample with no whole line (a
+    first line longer than it) says nothing of the others: they are taken as short as a URL
+    gets (``SHORT_LINE_BYTES``), so a slice holds at most its rows (a 70 KB first line made
+    every slice hold thousands)."""
     lines = sample.split(b"\n")
-    if len(lines) > 1:
+    if len(lines) > 1 or not whole:
         lines.pop()  # the sample ends in the middle of this one, or it is empty
+    if not lines:
+        return SHORT_LINE_BYTES
     return max(1, int(statistics.median(len(line) + 1 for line in lines)))
+
+
+SHORT_LINE_BYTES = 16
+"""The line length taken for a list whose sampled head holds no whole line."""
 
 
 def _parquet_groups(path: str, fs: Any, fs_path: str,

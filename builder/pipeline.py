@@ -44,7 +44,7 @@ from builder.job import (Executor, JobCounts, JobRunner, ProgressFn, RunOutcome,
 from builder.journal import (Journal, ResumeError, ResumeState, new_job_id,
                              parquet_stem, published_spec, resumable_jobs, spec_fingerprint,
                              splits_reordered)
-from builder.listsource import SlicePlan, plan_slices
+from builder.listsource import SlicePlan, list_identity, plan_slices
 from builder.malloc import fix_mmap_threshold
 from builder.quota import QuotaLedger
 from builder.records import REJECT_SCHEMA
@@ -191,6 +191,11 @@ class LocalExecutor:
         await self.runtime.close()
 
 
+def _plan_json(plan: SlicePlan) -> dict[str, Any]:
+    """A list's cut as ``job.json`` records it (``JobLifecycle._pin``)."""
+    return {k: v for k, v in dataclasses.asdict(plan).items() if k != "path"}
+
+
 def expand_queries(spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """Generated extra queries per class (``search.expand``), and what to record in stats.
 
@@ -291,23 +296,66 @@ class JobLifecycle:
         # A resumed job cuts its lists as its first run did (unit uids are slice numbers),
         # whatever resources.batch_size says now; a journal written before slices grew holds
         # no record, and was cut by the batch size alone.
-        unit_size, grow_after, grown_rows = self.journal.meta().get(
-            "list_slicing", [spec.batch_size(), 0, 0])
+        meta = self.journal.meta()
+        unit_size, grow_after, grown_rows = meta.get("list_slicing",
+                                                     [spec.batch_size(), 0, 0])
         self.unit_size = unit_size
+        pinned = meta.get("lists")
+        lists: dict[str, Any] = {}
         for i, src in enumerate(spec.sources):
             # A retry reads the dataset's rejects, not its lists (whose path spec.yaml holds
             # with its credentials masked).
             if src.engine == "urllist" and not self.retry:
-                self.list_plans[i] = plan_slices(src.path or "", unit_size,
-                                                 url_column=src.url_column,
-                                                 label_column=src.label_column,
-                                                 storage_options=opts, grow_after=grow_after,
-                                                 grown_rows=grown_rows)
+                identity = list_identity(src.path or "", opts)
+                first = (pinned or {}).get(str(i))
+                if first is not None:
+                    self.list_plans[i] = self._pinned_plan(i, src.path or "", first, identity)
+                else:
+                    self.list_plans[i] = plan_slices(
+                        src.path or "", unit_size, url_column=src.url_column,
+                        label_column=src.label_column, storage_options=opts,
+                        grow_after=grow_after, grown_rows=grown_rows)
+                lists[str(i)] = {"identity": identity,
+                                 "plan": _plan_json(self.list_plans[i])}
         if self.retry:
             self.retry_plan = plan_slices(rejects_path(self.base_uri), unit_size,
                                           url_column="url", storage_options=opts)
         if not self.retry:
-            self.extra_queries, self.expansion = expand_queries(spec)
+            if "expansion" in meta:  # the queries this job's first run searched
+                self.expansion = meta["expansion"]
+                self.extra_queries = self.expansion.get("queries") or {}
+            else:
+                self.extra_queries, self.expansion = expand_queries(spec)
+        self._pin(meta, lists)
+
+    def _pinned_plan(self, i: int, path: str, first: dict[str, Any], identity: str
+                     ) -> SlicePlan:
+        """The cut of list ``i`` as this job's first run recorded it, once the file is the
+        one it cut."""
+        if first.get("identity") != identity:
+            raise ResumeError(
+                f"sources.{i}.path {path} is not the list this job's first run cut (its size "
+                "or its first or last bytes changed): a resumed job cuts its lists as that run "
+                "did, so rows would be lost or counted twice. Put the list back as it was, or "
+                "build into a new output without --resume")
+        plan = dict(first["plan"])
+        return SlicePlan(path=path, **{**plan, "header": tuple(plan.get("header", ())),
+                                       "row_groups": tuple(plan.get("row_groups", ()))})
+
+    def _pin(self, meta: dict[str, Any], lists: dict[str, Any]) -> None:
+        """Record in ``job.json`` what a resume must plan as this run did: each list's cut and
+        identity, and the queries the expansion gave (an LLM answers otherwise, or not at
+        all, another day)."""
+        assert self.journal is not None
+        wanted = {"lists": lists} if "lists" not in meta else {}
+        if "expansion" not in meta and not self.retry:
+            wanted["expansion"] = self.expansion
+        if wanted:
+            from builder.storage import atomic_write
+
+            meta.update(wanted)
+            atomic_write(self.journal.fs, f"{self.journal.root}/job.json",
+                         json.dumps(meta, indent=2).encode())
 
     def _plan_resume(self) -> None:
         spec, uri, opts = self.spec, self.uri, self.storage_options

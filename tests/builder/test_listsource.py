@@ -110,11 +110,100 @@ def test_a_resumed_job_cuts_its_lists_as_its_first_run_did(tmp_path):
 
     job_json = tmp_path / "out" / "_journal" / first.job_id / "job.json"
     meta = json.loads(job_json.read_text())
-    del meta["list_slicing"]
+    del meta["list_slicing"], meta["lists"]  # as a journal written before either
     job_json.write_text(json.dumps(meta))
     older = JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True)
     older.prepare()
     assert older.list_plans[0] == plan_slices(str(urls), 64)
+
+
+def test_a_resume_refuses_a_list_that_changed_and_cuts_an_unchanged_one_as_recorded(
+        tmp_path, monkeypatch):
+    """The resume cut the list again as it was then: rows added, removed or edited moved the
+    slices' bounds, and rows were lost or counted twice, silently. The first run's cut and
+    the file's identity are in job.json now: a changed list is refused, naming the source,
+    and an unchanged one is cut as recorded (whatever the planning would say today)."""
+    from builder import listsource
+    from builder.journal import ResumeError
+    from builder.pipeline import JobLifecycle
+    from builder.spec import parse_spec
+
+    data, urls = _list_job(tmp_path)
+    first = JobLifecycle(parse_spec(data), uri=data["output"]["uri"])
+    first.prepare()
+    plan = first.list_plans[0]
+    with monkeypatch.context() as patch:  # the planning changed since
+        patch.setattr(listsource, "_line_bytes", lambda sample, whole: 7)
+        resumed = JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True)
+        resumed.prepare()
+    assert resumed.list_plans[0] == plan
+    copy = tmp_path / "copy.txt"  # the same list, copied (another mtime)
+    copy.write_bytes(urls.read_bytes())
+    copy.replace(urls)
+    JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True).prepare()
+    with urls.open("a") as f:
+        f.write("".join(f"{u}\n" for u in _urls(100)))
+    with pytest.raises(ResumeError, match=r"sources\.0\.path .*long\.txt is not the list this "
+                                          r"job's first run cut"):
+        JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True).prepare()
+
+
+def test_a_resume_searches_the_queries_its_first_run_expanded(tmp_path, monkeypatch):
+    """The expanded queries were asked of the LLM again on resume: another day (or node, or
+    with the LLM down) gave other queries, so the first run's pages were never searched on
+    and new ones started from the first."""
+    from builder import pipeline
+    from builder.pipeline import JobLifecycle
+    from builder.spec import parse_spec
+
+    data, _ = _list_job(tmp_path)
+    data["search"] = {"expand": True}
+    first = JobLifecycle(parse_spec(data), uri=data["output"]["uri"])
+    first.prepare()
+    assert first.extra_queries["cat"]
+    monkeypatch.setattr(pipeline, "expand_queries", lambda spec: (
+        {"cat": ["another answer"]}, {"enabled": True, "queries": {"cat": ["another answer"]}}))
+    resumed = JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True)
+    resumed.prepare()
+    assert resumed.extra_queries == first.extra_queries
+    assert resumed.expansion == first.expansion
+
+
+def test_a_first_line_longer_than_the_sample_makes_no_slice_hold_more_than_its_rows(tmp_path):
+    """The sampled head held no whole line, so the typical line was taken to be the sample
+    (65,537 bytes): every slice of 64 rows held thousands, all fetched and held at once."""
+    path = tmp_path / "urls.jsonl"
+    urls = _urls(5000)
+    path.write_text(json.dumps({"url": "http://127.0.0.1:1/big.jpg", "note": "x" * 70_000})
+                    + "\n" + "".join(json.dumps({"url": u}) + "\n" for u in urls))
+    plan = plan_slices(str(path), 64)
+    slices = _read_all(plan)
+    assert [u for s in slices for u in s][1:] == urls
+    assert max(len(s) for s in slices) <= 64
+
+
+def test_a_list_whose_server_gives_no_size_is_a_source_error_at_planning(tmp_path):
+    """fsspec's size of such an HTTP list was 0: it was cut into no slice, and the job found
+    no candidate in it, without a word."""
+    from aiohttp import web
+
+    from tests.builder.test_fetch import ThreadServer
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write("".join(f"{u}\n" for u in _urls(50)).encode())
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/list.txt", chunked)
+    server = ThreadServer(app).start()
+    try:
+        with pytest.raises(SourceError, match="gives no size for it"):
+            plan_slices(f"http://127.0.0.1:{server.port}/list.txt", 10)
+    finally:
+        server.stop()
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):

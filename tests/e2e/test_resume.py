@@ -595,16 +595,23 @@ def test_a_resume_whose_server_is_gone_keeps_what_the_half_written_units_wrote(t
     assert stats["rejected_by_reason"].get("connection_error", 0) > 0  # the server was gone
 
 
-def test_a_resume_whose_list_lost_the_half_written_slices_keeps_what_they_wrote(sandbox,
-                                                                                 tmp_path):
-    """The URL list changed after the kill: the slices the killed run half wrote are empty
-    now, their images stayed in shards no count held, and nothing could be published, then
-    or on any --resume. Each takes back what its shards hold."""
+def test_a_resume_whose_list_changed_is_refused_until_the_list_is_back(sandbox, tmp_path):
+    """The URL list changed after the kill: a resume cut it again, so rows fell in no slice
+    or in two, silently. It is refused now, naming the source, and goes on once the list is
+    back as it was, keeping what the killed run half wrote."""
+    from builder.journal import ResumeError
+
     out = str(tmp_path / "out")
     data, spec_path = _half_written_list_spec(sandbox, tmp_path, out)
     kept = _kill_half_written(spec_path, out)
     urls = tmp_path / "urls.txt"
-    urls.write_text(urls.read_text().splitlines(keepends=True)[0])  # one line left
+    whole = urls.read_text()
+    urls.write_text(whole.splitlines(keepends=True)[0])  # one line left
+    with pytest.raises(ResumeError, match=r"sources\.0\.path .* is not the list this job's "
+                                          "first run cut"):
+        run_local(parse_spec(data), resume=True)
+    assert not is_complete(out)
+    urls.write_text(whole)
     run_local(parse_spec(data), resume=True)
     assert is_complete(out)
     check_accounting(out)
