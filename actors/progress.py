@@ -75,11 +75,14 @@ def get_progress(job_id: str) -> Optional[dict[str, Any]]:
     return ray.get(actor.get.remote())
 
 
-def cancel_job(job_id: str, reason: str = "stop requested") -> bool:
-    """Ask a running job to stop; False if no such job runs."""
+def cancel_job(job_id: str, reason: str = "stop requested",
+               timeout: Optional[float] = None) -> bool:
+    """Ask a running job to stop; False if no such job runs. ``timeout``: raises Ray's
+    ``GetTimeoutError`` when the actor has not taken the cancel by then (it waits for a node
+    to restart on, and may wait for ever)."""
     try:
         actor = ray.get_actor(progress_name(job_id), namespace=NAMESPACE)
     except ValueError:
         return False
-    ray.get(actor.cancel.remote(reason))
+    ray.get(actor.cancel.remote(reason), timeout=timeout)
     return True

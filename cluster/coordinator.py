@@ -39,7 +39,7 @@ from actors.ratelimit import (LIMITER_PREFIX, get_rate_limiter, job_quota, limit
 from actors.slow import SlowScorer
 from actors.worker import ServiceNames, ShardWorker
 from builder.card import empty_failure
-from builder.errors import PixCrawlerError
+from builder.errors import CancelledUnpublished, PixCrawlerError
 from builder.job import IndexLost, JobRunner, WorkerLost
 from builder.pipeline import Continuation, JobLifecycle, JobResult
 from builder.quota import QuotaLedger
@@ -756,6 +756,9 @@ async def run_job_async(spec: DatasetSpec, *, job_id: Optional[str] = None,
         state, error = final_state(outcome.cancelled, done.stats)
         await reporter.final_state(state, output_uri=done.uri, stats=done.stats, error=error)
         return done
+    except CancelledUnpublished as exc:  # a cancel, which found nothing it could publish
+        reporter.set_state("cancelled", error=str(exc))
+        raise
     except BaseException as exc:
         reporter.set_state("failed", error=f"{type(exc).__name__}: {exc}")
         log.error("[%s] failed (%s: %s); what was committed is journaled at %s: continue it "

@@ -232,6 +232,8 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:
                                    "details"}}, status_code=500)
 
 
+KEEP_ALIVE_S = 15.0
+"""The longest an event stream goes without a byte: proxies close idle ones (nginx after 60 s)."""
 CLASS_TARGETS_MAX_BYTES = 128 << 20
 """The most of the jobs' parsed class lists (``spec_classes``) a replica keeps, the least
 recently used dropped first. Counted in bytes, not jobs: a job may have 1,000 labels of 1 KiB,
@@ -1034,24 +1036,22 @@ class JobAPI:
                 yield f"event: error\ndata: {json.dumps(expired)}\n\n"
                 return
             view = event_view(await self._current(row))
-            if later_state(view["state"], shown) != view["state"] or (
+            # A view read from a source a moment behind what was already sent (the store's
+            # row once the job's progress actor is gone, before its end is recorded; counts
+            # a resent unit took back) is skipped, the stream kept alive meanwhile.
+            if later_state(view["state"], shown) == view["state"] and not (
                     view["state"] == shown and _counts_behind(view["progress"], counted)):
-                # Read from a source a moment behind what was already sent (the store's row
-                # once the job's progress actor is gone, before its end is recorded): skip it.
-                await asyncio.sleep(interval)
-                row = await self._row(row.id, principal)
-                continue
-            shown = view["state"]
-            counted = {k: view["progress"].get(k, 0) for k in _COUNTS}
-            data = json.dumps(view, separators=(",", ":"))
-            if view["state"] in TERMINAL:
-                yield f"event: end\ndata: {data}\n\n"
-                return
-            change = {k: v for k, v in view.items() if k != "updated_at"}
-            if change != last:
-                yield f"event: progress\ndata: {data}\n\n"
-                last, beat = change, time.monotonic()
-            elif time.monotonic() - beat > 15:
+                shown = view["state"]
+                counted = {k: view["progress"].get(k, 0) for k in _COUNTS}
+                data = json.dumps(view, separators=(",", ":"))
+                if view["state"] in TERMINAL:
+                    yield f"event: end\ndata: {data}\n\n"
+                    return
+                change = {k: v for k, v in view.items() if k != "updated_at"}
+                if change != last:
+                    yield f"event: progress\ndata: {data}\n\n"
+                    last, beat = change, time.monotonic()
+            if time.monotonic() - beat > KEEP_ALIVE_S:
                 yield ": keep-alive\n\n"
                 beat = time.monotonic()
             await asyncio.sleep(interval)

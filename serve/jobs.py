@@ -36,7 +36,7 @@ from actors.progress import cancel_job, progress_name
 from builder.card import empty_failure
 from builder.errors import PixCrawlerError, StorageError
 from builder.storage import open_fs, storage_errors
-from builder.writers import PARTIAL, read_marker
+from builder.writers import PARTIAL, SUCCESS, read_marker
 from cluster.rayjob import dashboard_address
 from serve.cache import ReadCache
 from serve.store import REVOKED_ERROR, TERMINAL, JobRow, JobStore, private_mode
@@ -169,10 +169,20 @@ class JobLauncher:
                 if "No available agent" in str(exc) and time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
+                if self._known(job_id):  # the answer was lost, not the job (a reset, a 502)
+                    log.warning("job %s: Ray took it, though its answer was lost: %s",
+                                job_id, exc)
+                    return
                 hint = (" (the head node's dashboard agent is not serving HTTP: is another "
                         "Ray on this machine holding its port, 52365?)"
                         if "No available agent" in str(exc) else "")
                 raise ClusterUnavailable(f"Ray refused the job: {exc}{hint}") from exc
+
+    def _known(self, job_id: str) -> bool:
+        try:
+            return self.status(job_id) is not None
+        except ClusterUnavailable:
+            return False
 
     def status(self, job_id: str) -> Optional[RayJob]:
         """Ray's view of the job, or None if Ray has no such job (e.g. it restarted)."""
@@ -222,9 +232,11 @@ class ProgressReader:
                 self._handles.clear()
             self._handles[job_id] = handle
         try:
-            return await handle.get.remote()
+            return await asyncio.wait_for(handle.get.remote(), ACTOR_WAIT_S)
         except ray.exceptions.RayActorError:
             self._handles.pop(job_id, None)
+            return None
+        except asyncio.TimeoutError:  # waiting for a node to restart on: the store's row
             return None
 
     def forget(self, job_id: str) -> None:
@@ -245,19 +257,25 @@ def read_live(job_id: str) -> Optional[dict[str, Any]]:
     if handle is None:
         return None
     try:
-        return ray.get(handle.get.remote(), timeout=10)
+        return ray.get(handle.get.remote(), timeout=ACTOR_WAIT_S)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return None
 
 
 API_CANCEL = "cancelled through the HTTP API"
+CANCELLED_UNPUBLISHED = "cancelled before anything could be published"
+ACTOR_WAIT_S = 10.0
+"""How long the API waits for a job's progress actor to answer. One whose node was lost waits
+for another to restart on, and its calls with it, for ever where none has room: the store's
+row answers reads meanwhile, and a cancel goes to Ray (which stops the driver)."""
 
 
 def request_cancel(job_id: str, reason: str = API_CANCEL) -> bool:
-    """Ask the job's progress actor to stop the job; False if no actor runs for it."""
+    """Ask the job's progress actor to stop the job; False if no actor took it (none runs,
+    or it has not answered in ``ACTOR_WAIT_S``): the caller then has Ray stop the driver."""
     try:
-        return cancel_job(job_id, reason)
-    except ray.exceptions.RayActorError:
+        return cancel_job(job_id, reason, timeout=ACTOR_WAIT_S)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return False
 
 
@@ -317,6 +335,8 @@ class Reconciler:
         """When this replica asked a job to stop, or first saw it asked (``_limit_time``)."""
         self._killed: set[str] = set()
         """Jobs whose driver this replica had Ray stop (``_limit_time``), each once."""
+        self._unseen: dict[str, float] = {}
+        """When this replica first saw each starting job that Ray does not know yet."""
 
     def apply_live(self, row: JobRow, live: dict[str, Any]) -> JobRow:
         """Store what a progress actor says; a terminal state there ends the job here."""
@@ -410,21 +430,34 @@ class Reconciler:
 
     def _maybe_being_submitted(self, row: JobRow) -> bool:
         """A row Ray has not been seen to know, started (handed to the launcher) recently
-        enough that its submit may still run."""
-        started = row.started_at if row.started_at is not None else row.created_at
-        return (row.state == "starting" and row.ray_status is None
-                and time.time() - started < self.submit_grace_s)
+        enough that its submit may still run: this replica has seen it so for less than the
+        grace period. Timed on this replica's clock: ``started_at`` is the clock of the
+        replica that started it, and one ahead of it failed jobs still being submitted."""
+        if row.state != "starting" or row.ray_status is not None:
+            self._unseen.pop(row.id, None)
+            return False
+        if len(self._unseen) > 10_000:
+            self._unseen.clear()
+        first = self._unseen.setdefault(row.id, time.monotonic())
+        if time.monotonic() - first < self.submit_grace_s:
+            return True
+        self._unseen.pop(row.id, None)
+        return False
 
     def _finish(self, row: JobRow, ray_job: RayJob) -> None:
         marker, stats = read_outcome(row.output_uri, row.id)
         progress = progress_from_stats(stats) if stats else None
-        if marker == PARTIAL and (stats or {}).get("partial_reason") == "empty":
+        if marker == SUCCESS:  # this job's own (read_outcome): it published whole, then
+            state, error = "succeeded", None  # was stopped or failed on its way out
+        elif marker == PARTIAL and (stats or {}).get("partial_reason") == "empty":
             state, error = "failed", empty_failure(stats or {})
         elif marker == PARTIAL or ray_job.status == "STOPPED":
             state, error = "cancelled", row.error  # why it was stopped, if it was said
         elif ray_job.status == "SUCCEEDED":
             # Exit 0 means published; stats stay empty if this server cannot read the output.
             state, error = "succeeded", None
+        elif marker is None and row.cancel_requested:  # stopped before it published anything
+            state, error = "cancelled", row.error or CANCELLED_UNPUBLISHED
         else:
             state, error = "failed", failure_text(ray_job.message)
         self.store.update_job(row.id, state=state, ray_status=ray_job.status, error=error,

@@ -106,3 +106,28 @@ def test_an_index_partition_or_ledger_that_cannot_be_placed_fails_the_job_naming
             asyncio.run(call)
     finally:
         ray.kill(actor)
+
+
+def test_a_progress_actor_that_cannot_be_placed_answers_the_api_in_bounded_time(ray_session,
+                                                                              monkeypatch):
+    """A job's progress actor whose node was lost waits for room to restart; every call to it
+    waited with it, so a DELETE never reached Ray's stop, and the replica's reconcile thread
+    and its job reads hung. Here the actor asks for a resource no node has."""
+    import asyncio
+
+    from actors import NAMESPACE
+    from actors.progress import ProgressActor, progress_name
+    from serve import jobs
+
+    monkeypatch.setattr(jobs, "ACTOR_WAIT_S", 0.5)
+    actor = ProgressActor.options(name=progress_name("stuck-1"), namespace=NAMESPACE,
+                                  resources={"pixcrawler-test-nowhere": 1},
+                                  num_cpus=0).remote("stuck-1", "stuck")
+    try:
+        started = time.monotonic()
+        assert jobs.request_cancel("stuck-1") is False  # the caller then has Ray stop it
+        assert jobs.read_live("stuck-1") is None
+        assert asyncio.run(jobs.ProgressReader()._read("stuck-1")) is None
+        assert time.monotonic() - started < 10
+    finally:
+        ray.kill(actor)

@@ -75,6 +75,18 @@ def test_a_starting_job_ray_never_got_fails_after_the_grace_period(store):
     assert Reconciler(store, FakeRay()).reconcile(store.get_job("ran-1")).state == "failed"
 
 
+def test_the_submit_grace_period_runs_on_the_replicas_own_clock(store):
+    """The replica handing a job to Ray wrote started_at by its clock; another replica whose
+    clock was a minute ahead saw the job past its grace period while the submit still ran,
+    failed it, and the first replica then stopped the job it had just started."""
+    store.create_job("new-1", "o", "x", {"name": "x"}, "/nonexistent/x")
+    with store.engine.begin() as conn:  # as a replica a minute behind this one wrote it
+        conn.execute(jobs_table.update().where(jobs_table.c.id == "new-1")
+                     .values(started_at=time.time() - 2 * SUBMIT_GRACE_S))
+    row = Reconciler(store, FakeRay()).reconcile(store.get_job("new-1"))
+    assert (row.state, row.ray_status, row.error) == ("starting", None, None)
+
+
 def test_a_stats_json_that_is_not_an_object_is_read_as_missing(tmp_path):
     uri = write_outcome(tmp_path / "out", SUCCESS, [1])
     assert read_outcome(uri) == (SUCCESS, None)
@@ -119,6 +131,35 @@ def test_a_jobs_own_partial_result_is_its_outcome(store, tmp_path):
         store.get_job("pets-run3"))
     assert row.state == "cancelled" and row.stats["accepted"] == 5
     assert row.progress["accepted"] == 5
+
+
+@pytest.mark.parametrize("status", ["STOPPED", "FAILED"])
+def test_a_job_that_published_whole_and_was_stopped_on_its_way_out_succeeded(store, tmp_path,
+                                                                          status):
+    """A cancel (or a crash) that came after the driver had published its _SUCCESS, while it
+    exited: Ray said STOPPED (or FAILED), and the job was recorded cancelled (or failed)
+    over its own complete dataset."""
+    out = write_outcome(tmp_path / "pets", SUCCESS, {"accepted": 9, "job_id": "pets-run4"})
+    store.create_job("pets-run4", "o", "pets", {"name": "pets"}, out)
+    store.update_job("pets-run4", state="running", ray_status="RUNNING", cancel_requested=True)
+    row = Reconciler(store, FakeRay(**{"pets-run4": RayJob(status, "exit 1")})).reconcile(
+        store.get_job("pets-run4"))
+    assert (row.state, row.error, row.stats["accepted"]) == ("succeeded", None, 9)
+
+
+def test_a_cancelled_job_that_published_nothing_ended_cancelled_not_failed(store, tmp_path):
+    """A cancel that met half-written units (after a lost worker) publishes nothing, and its
+    driver exits non-zero: the job was recorded failed, with advice to --resume."""
+    store.create_job("pets-run5", "o", "pets", {"name": "pets"}, str(tmp_path / "none"))
+    store.update_job("pets-run5", state="running", ray_status="RUNNING", cancel_requested=True)
+    row = Reconciler(store, FakeRay(**{"pets-run5": RayJob("FAILED", "exit code 130")})
+                     ).reconcile(store.get_job("pets-run5"))
+    assert row.state == "cancelled" and "--resume" not in (row.error or "")
+    store.create_job("pets-run6", "o", "pets", {"name": "pets"}, str(tmp_path / "none"))
+    store.update_job("pets-run6", state="running", ray_status="RUNNING")
+    row = Reconciler(store, FakeRay(**{"pets-run6": RayJob("FAILED", "boom")})).reconcile(
+        store.get_job("pets-run6"))
+    assert row.state == "failed"  # not asked to stop: a failure
 
 
 def test_a_finished_live_job_keeps_its_own_stats_over_an_earlier_runs(store, tmp_path):
@@ -211,7 +252,11 @@ def test_a_job_cancelled_before_ray_ever_had_it_ends_cancelled(store):
     with store.engine.begin() as conn:  # handed out long ago, never submitted
         conn.execute(jobs_table.update().where(jobs_table.c.id == "orphan-1")
                      .values(started_at=time.time() - 10 * SUBMIT_GRACE_S))
-    Reconciler(store, FakeRay()).reconcile_all()
+    reconciler = Reconciler(store, FakeRay(), submit_grace_s=0.2)
+    reconciler.reconcile_all()  # this replica gives it the grace period from now
+    assert store.get_job("orphan-1").state == "starting"
+    time.sleep(0.3)
+    reconciler.reconcile_all()
     row = store.get_job("orphan-1")
     assert row.state == "cancelled" and "submit it again" not in (row.error or "")
     # one Ray had, and lost (the cluster restarted), is not said to have never run

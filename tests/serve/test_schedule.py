@@ -256,3 +256,39 @@ def test_a_revoked_keys_queued_jobs_end_cancelled_and_never_start(store):
     assert late.state == "cancelled" and "revoked" in late.error
     assert store.get_job("b1").state == "starting" and store.get_job("b1").error is None
     assert store.revoked_owners([alice.id, bob.id, "local"]) == {alice.id}
+
+
+def test_a_submit_whose_answer_was_lost_after_ray_took_the_job_is_not_failed(tmp_path,
+                                                                             monkeypatch):
+    """Ray's job API took the job, and the connection was reset before its answer came back:
+    the job was recorded failed ("submit it again") while its driver ran on, outside every
+    cap, and could not be cancelled. The launcher asks Ray whether it has the job first."""
+    from types import SimpleNamespace
+
+    from builder.spec import parse_spec
+    from serve import jobs
+    from serve.app import EXAMPLE_SPEC
+
+    class Client:  # Ray's JobSubmissionClient, as far as the launcher uses it
+        def __init__(self, takes: bool):
+            self.takes, self.jobs = takes, set()
+
+        def submit_job(self, *, submission_id, **_):
+            if self.takes:
+                self.jobs.add(submission_id)
+            raise ConnectionError("('Connection aborted.', ConnectionResetError(104))")
+
+        def get_job_info(self, job_id):
+            if job_id not in self.jobs:
+                raise RuntimeError(f"Job {job_id} does not exist")
+            return SimpleNamespace(status="PENDING", message="")
+
+    monkeypatch.setattr(jobs.ray, "get_runtime_context",
+                        lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
+    spec = parse_spec(EXAMPLE_SPEC).model_dump(mode="json")
+    launcher = jobs.JobLauncher(tmp_path)
+    launcher._client = Client(takes=True)
+    launcher.submit("j-1", spec, "o")  # taken: no error
+    launcher._client = Client(takes=False)
+    with pytest.raises(jobs.ClusterUnavailable, match="Ray refused the job"):
+        launcher.submit("j-2", spec, "o")

@@ -237,3 +237,46 @@ def test_a_replica_keeps_one_first_page_per_set_of_states_without_class_progress
     assert [j["id"] for j in later["jobs"]] == ["job-3", "job-2"]
     assert asyncio.run(list_rows(api, alice, None, 1, 0))[0][0].progress is None
     assert store.get_job("job-4").progress["classes"] == {"cat": {"accepted": 4}}
+
+
+def test_an_event_stream_held_back_by_counts_behind_stays_alive(monkeypatch):
+    """After a lost worker the counts fall (its units are taken back): every view was skipped
+    as behind what was sent, with no keep-alive, until they passed their peak, and proxies
+    closed the idle stream."""
+    import asyncio
+
+    import serve.app as app_mod
+
+    stream_of = app_mod.JobAPI.func_or_class._stream
+    # Serve's ingress gives the deployment's methods a namespace of their own
+    monkeypatch.setitem(stream_of.__globals__, "KEEP_ALIVE_S", 0.05)
+    views = [{"state": "running", "progress": {"candidates": 10, "accepted": 5, "rejected": 5}}]
+    views += [{"state": "running", "progress": {"candidates": 4, "accepted": 2,
+                                                 "rejected": 2}}] * 8
+
+    async def current(row):
+        return views.pop(0) if len(views) > 1 else views[0]
+
+    async def row_of(job_id, principal):
+        return row
+
+    async def valid():
+        return None
+
+    row = JobRow(id="j-1", owner="o", name="x", state="running", created_at=0.0,
+                 updated_at=0.0, output_uri="/out", spec={})
+    api = SimpleNamespace(_current=current, _row=row_of,
+                          settings=SimpleNamespace(events_interval_s=0.02))
+    monkeypatch.setitem(stream_of.__globals__, "event_view",
+                        lambda view: {**view, "updated_at": 0})
+
+    async def first_events() -> list[str]:
+        out = []
+        stream = stream_of(api, row, None, valid, max_s=0.3)
+        async for event in stream:
+            out.append(event.split("\n", 1)[0])
+        return out
+
+    events = asyncio.run(first_events())
+    assert events[0] == "event: progress" and ": keep-alive" in events[1:-1]
+    assert events[-1] == "event: error"
