@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -152,6 +153,12 @@ class _QueryResults:
     exhausted: bool = False
 
 
+QUERIES_KEPT = 64
+"""The queries whose hits an engine keeps (the least recently searched dropped first): a
+query's later pages are cut from the hits its first backend pages gave. Kept for every query,
+a job of thousands of queries held a gigabyte of hits in each worker."""
+
+
 class DdgsImagesEngine(SearchEngine):
     """Image search through ddgs' ``backend`` search class (see the module docstring).
 
@@ -179,10 +186,15 @@ class DdgsImagesEngine(SearchEngine):
         self.max_backend_pages = max_backend_pages
         self._backend = _backend_class(self.backend)(proxy=proxy,
                                                      timeout=max(1, math.ceil(timeout_s)))
-        self._cache: dict[str, _QueryResults] = {}
+        self._cache: OrderedDict[str, _QueryResults] = OrderedDict()
 
     def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
-        state = self._cache.setdefault(query, _QueryResults())
+        state = self._cache.get(query)
+        if state is None:
+            state = self._cache[query] = _QueryResults()
+            while len(self._cache) > QUERIES_KEPT:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(query)
         start, end = page * per_page, (page + 1) * per_page
         while len(state.hits) < end and not state.exhausted:
             self._fetch_next(query, state)

@@ -63,6 +63,24 @@ def test_duckduckgo_pages_through_backend_pages_and_caches_them(ddg):
     assert [p.requests for p in pages] == [2, 2, 0, 2, 2] and again.requests == 0
 
 
+def test_an_engine_keeps_the_hits_of_its_latest_queries_only(ddg, monkeypatch):
+    """Every query's hits were kept for the whole job: thousands of queries held about a
+    gigabyte in each worker. The least recently searched go past QUERIES_KEPT, and a query
+    asked again starts over."""
+    from builder.engines import ddg as ddg_mod
+
+    srv, _ = ddg
+    monkeypatch.setattr(ddg_mod, "QUERIES_KEPT", 2)
+    engine = DdgsImagesEngine()
+    for query in ("cat", "dog", "cat", "fox"):
+        engine.search(query, label="x", page=0, per_page=10)
+    assert list(engine._cache) == ["cat", "fox"]  # dog, searched least lately, went
+    searched = [r.query["q"] for r in srv.requests if r.path == "/"]
+    assert searched == ["cat", "dog", "fox"]  # cat's second search was from its hits
+    engine.search("dog", label="x", page=0, per_page=10)
+    assert [r.query["q"] for r in srv.requests if r.path == "/"][-1] == "dog"
+
+
 def test_duckduckgo_no_results_is_an_empty_last_page(monkeypatch: pytest.MonkeyPatch):
     with FakeServer(ddg_handler([])) as srv:
         refused = route_ddgs(monkeypatch, srv.url)
