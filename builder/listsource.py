@@ -25,7 +25,9 @@ the row. A row whose label is not a class of the spec is skipped and counted
 
 from __future__ import annotations
 
+import bisect
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -118,18 +120,32 @@ class SlicePlan:
                 return -1, start, min(self.size, start + self.slice_bytes)
             start = self.data_start + base * self.slice_bytes + (index - base) * self.grown_bytes
             return -1, start, min(self.size, start + self.grown_bytes)
-        first = 0
-        for group, rows in enumerate(self.row_groups):
-            base, covered, grown = self._group_cuts(rows, first) if rows else (0, 0, 0)
-            if index < base:
-                start = index * self.slice_rows
+        starts, cuts = self._cuts
+        group = bisect.bisect_right(starts, index) - 1
+        if group >= 0:
+            rows = self.row_groups[group]
+            base, covered, grown = cuts[group]
+            at = index - starts[group]
+            if at < base:
+                start = at * self.slice_rows
                 return group, start, min(rows, start + self.slice_rows)
-            if index < base + grown:
-                start = covered + (index - base) * self.grown_rows
+            if at < base + grown:
+                start = covered + (at - base) * self.grown_rows
                 return group, start, min(rows, start + self.grown_rows)
-            index -= base + grown
-            first += rows
         raise IndexError(f"slice {index} is past the end of {self.path}")
+
+    @functools.cached_property
+    def _cuts(self) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Parquet: each row group's first slice and its cuts (``_group_cuts``), worked out
+        once: ``bounds`` walked every row group before the slice's at each call, which a list
+        of 10M rows in groups of 1,000 made 6.7 ms a slice near its end."""
+        starts, cuts, first, at = [], [], 0, 0
+        for rows in self.row_groups:
+            cut = self._group_cuts(rows, first) if rows else (0, 0, 0)
+            starts.append(at)
+            cuts.append(cut)
+            at, first = at + cut[0] + cut[2], first + rows
+        return starts, cuts
 
     def rows(self, index: int) -> int:
         """The rows slice ``index`` is cut for (text: as estimated from the sampled lines)."""
