@@ -534,7 +534,17 @@ def _python_values(column: Any) -> list[Any]:
 
     if pa.types.is_temporal(column.type):
         column = pc.cast(column, pa.string())
-    return column.to_pylist()
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError):  # such a value inside a list or struct: that row's
+        return [_python_value(value) for value in column]  # text says so
+
+
+def _python_value(value: Any) -> Any:
+    try:
+        return value.as_py()
+    except (OverflowError, ValueError) as exc:
+        return f"unreadable value: {exc}"
 
 
 class _GroupCursor:

@@ -303,6 +303,16 @@ def test_dates_and_times_out_of_pythons_range_are_bad_rows_not_a_crash(tmp_path)
     reader.close()
     assert len(rows) == 2 and all(not r.url.startswith("http") for r in rows)
     assert rows[1].label == "1970-01-01" and "out of range" in rows[0].label
+    nested = tmp_path / "nested.parquet"  # such a value inside a list or a struct
+    pq.write_table(pa.table({
+        "url": pa.array([[253402300800 * 10], [0]], pa.list_(pa.timestamp("s"))),
+        "label": pa.array([{"d": 2**31 - 1}, {"d": 0}], pa.struct([("d", pa.date32())]))}),
+        nested)
+    reader = ListReader(plan_slices(str(nested), 10))
+    rows = reader.read(0)
+    reader.close()
+    assert len(rows) == 2 and all(not r.url.startswith("http") for r in rows)
+    assert "unreadable value" in rows[0].url
 
 
 def test_a_duplicate_caption_column_is_a_source_error_when_read(tmp_path):
