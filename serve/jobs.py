@@ -37,6 +37,7 @@ from builder.card import empty_failure
 from builder.errors import PixCrawlerError, StorageError
 from builder.storage import open_fs, storage_errors
 from builder.writers import PARTIAL, SUCCESS, read_marker
+from cluster.cli import EXIT_CANCELLED
 from cluster.rayjob import dashboard_address
 from serve.cache import ReadCache
 from serve.store import REVOKED_ERROR, TERMINAL, JobRow, JobStore, private_mode
@@ -173,16 +174,31 @@ class JobLauncher:
                     log.warning("job %s: Ray took it, though its answer was lost: %s",
                                 job_id, exc)
                     return
+                self._stop_quietly(job_id)  # should Ray record it after all, it will not run
                 hint = (" (the head node's dashboard agent is not serving HTTP: is another "
                         "Ray on this machine holding its port, 52365?)"
                         if "No available agent" in str(exc) else "")
                 raise ClusterUnavailable(f"Ray refused the job: {exc}{hint}") from exc
 
     def _known(self, job_id: str) -> bool:
+        """Whether Ray has the job, asked for ``SUBMIT_CONFIRM_S``: a dashboard that took it
+        may record it a moment after its answer was lost."""
+        deadline = time.monotonic() + SUBMIT_CONFIRM_S
+        while True:
+            try:
+                if self.status(job_id) is not None:
+                    return True
+            except ClusterUnavailable:
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+    def _stop_quietly(self, job_id: str) -> None:
         try:
-            return self.status(job_id) is not None
+            self.stop(job_id)
         except ClusterUnavailable:
-            return False
+            pass
 
     def status(self, job_id: str) -> Optional[RayJob]:
         """Ray's view of the job, or None if Ray has no such job (e.g. it restarted)."""
@@ -263,7 +279,11 @@ def read_live(job_id: str) -> Optional[dict[str, Any]]:
 
 
 API_CANCEL = "cancelled through the HTTP API"
-CANCELLED_UNPUBLISHED = "cancelled before anything could be published"
+CANCELLED_UNPUBLISHED = ("cancelled before anything could be published: units a lost worker "
+                         "left half-written were not finished; nothing is published, and the "
+                         "journal stays in the output")
+SUBMIT_CONFIRM_S = 5.0
+"""How long a submit whose answer was lost asks Ray whether it took the job."""
 ACTOR_WAIT_S = 10.0
 """How long the API waits for a job's progress actor to answer. One whose node was lost waits
 for another to restart on, and its calls with it, for ever where none has room: the store's
@@ -456,8 +476,10 @@ class Reconciler:
         elif ray_job.status == "SUCCEEDED":
             # Exit 0 means published; stats stay empty if this server cannot read the output.
             state, error = "succeeded", None
-        elif marker is None and row.cancel_requested:  # stopped before it published anything
-            state, error = "cancelled", row.error or CANCELLED_UNPUBLISHED
+        elif marker is None and row.cancel_requested and \
+                f"exit code {EXIT_CANCELLED}" in ray_job.message:
+            # the driver's own exit on a cancel that found nothing it could publish
+            state, error = "cancelled", CANCELLED_UNPUBLISHED
         else:
             state, error = "failed", failure_text(ray_job.message)
         self.store.update_job(row.id, state=state, ray_status=ray_job.status, error=error,

@@ -152,14 +152,25 @@ def test_a_cancelled_job_that_published_nothing_ended_cancelled_not_failed(store
     driver exits non-zero: the job was recorded failed, with advice to --resume."""
     store.create_job("pets-run5", "o", "pets", {"name": "pets"}, str(tmp_path / "none"))
     store.update_job("pets-run5", state="running", ray_status="RUNNING", cancel_requested=True)
-    row = Reconciler(store, FakeRay(**{"pets-run5": RayJob("FAILED", "exit code 130")})
+    store.update_job("pets-run5", error="stopped: the job ran past max_job_hours; what it "
+                     "accepted is published as a partial dataset")
+    row = Reconciler(store, FakeRay(**{"pets-run5": RayJob(
+        "FAILED", "Job entrypoint command failed with exit code 130")})
                      ).reconcile(store.get_job("pets-run5"))
-    assert row.state == "cancelled" and "--resume" not in (row.error or "")
+    assert row.state == "cancelled" and "nothing is published" in row.error
+    assert "--resume" not in row.error and "partial dataset" not in row.error
     store.create_job("pets-run6", "o", "pets", {"name": "pets"}, str(tmp_path / "none"))
     store.update_job("pets-run6", state="running", ray_status="RUNNING")
     row = Reconciler(store, FakeRay(**{"pets-run6": RayJob("FAILED", "boom")})).reconcile(
         store.get_job("pets-run6"))
     assert row.state == "failed"  # not asked to stop: a failure
+    store.create_job("pets-run7", "o", "pets", {"name": "pets"}, str(tmp_path / "none"))
+    store.update_job("pets-run7", state="running", ray_status="RUNNING", cancel_requested=True,
+                     error="stopped: the job ran past max_job_hours")
+    row = Reconciler(store, FakeRay(**{"pets-run7": RayJob(
+        "FAILED", "Job entrypoint command failed with exit code 1: StorageError")})).reconcile(
+        store.get_job("pets-run7"))
+    assert row.state == "failed" and "StorageError" in row.error  # a failure, though asked
 
 
 def test_a_finished_live_job_keeps_its_own_stats_over_an_earlier_runs(store, tmp_path):

@@ -286,9 +286,27 @@ def test_a_submit_whose_answer_was_lost_after_ray_took_the_job_is_not_failed(tmp
     monkeypatch.setattr(jobs.ray, "get_runtime_context",
                         lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
     spec = parse_spec(EXAMPLE_SPEC).model_dump(mode="json")
+    monkeypatch.setattr(jobs, "SUBMIT_CONFIRM_S", 0.6)
     launcher = jobs.JobLauncher(tmp_path)
     launcher._client = Client(takes=True)
     launcher.submit("j-1", spec, "o")  # taken: no error
-    launcher._client = Client(takes=False)
+    class Late(Client):  # takes the job, and records it only a moment after its answer
+        def __init__(self):
+            super().__init__(takes=False)
+            self.asked = 0
+
+        def get_job_info(self, job_id):
+            self.asked += 1
+            if self.asked > 1:
+                self.jobs.add(job_id)
+            return super().get_job_info(job_id)
+
+    launcher._client = Late()
+    launcher.submit("j-2", spec, "o")
+    stopped = []
+    down = Client(takes=False)
+    down.stop_job = stopped.append
+    launcher._client = down
     with pytest.raises(jobs.ClusterUnavailable, match="Ray refused the job"):
-        launcher.submit("j-2", spec, "o")
+        launcher.submit("j-3", spec, "o")
+    assert stopped == ["j-3"]  # should Ray record it after all, it will not run
