@@ -198,12 +198,11 @@ def list_identity(path: str, storage_options: Optional[dict[str, Any]] = None) -
     end are another."""
     fs, fs_path, size = _open(path, storage_options)
     digest = hashlib.sha256(str(size).encode())
-    try:
-        with fs.open(fs_path, "rb") as f:
-            digest.update(f.read(IDENTITY_BYTES))
-            if size > IDENTITY_BYTES:
-                f.seek(max(IDENTITY_BYTES, size - IDENTITY_BYTES))
-                digest.update(f.read(IDENTITY_BYTES))
+    try:  # two ranged reads: an object store's file object would read ahead 50 MiB
+        digest.update(fs.cat_file(fs_path, start=0, end=min(size, IDENTITY_BYTES)))
+        if size > IDENTITY_BYTES:
+            digest.update(fs.cat_file(fs_path, start=max(IDENTITY_BYTES, size - IDENTITY_BYTES),
+                                      end=size))
     except _READ_ERRORS as exc:
         raise _read_error(path, exc) from None
     return f"{size}:{digest.hexdigest()[:32]}"
@@ -232,11 +231,13 @@ def _columns(path: str, names: list[str], used: tuple[Optional[str], ...]) -> No
 def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
                 label_column: str = "label",
                 storage_options: Optional[dict[str, Any]] = None,
-                grow_after: int = 0, grown_rows: int = 0) -> SlicePlan:
+                grow_after: int = 0, grown_rows: int = 0, legacy: bool = False) -> SlicePlan:
     """Cut a list file into slices of about ``slice_rows`` rows, reading only its head (and,
     for parquet, its footer); past its first ``grow_after`` rows, of ``grown_rows`` (when it is
     larger). Raises ``SourceError`` for a file that cannot be read or parsed (missing,
-    a directory, compressed, not of its extension's format) or a missing or duplicate column."""
+    a directory, compressed, not of its extension's format) or a missing or duplicate column.
+    ``legacy``: cut as versions before the journal recorded cuts did (``_line_bytes``), for a
+    resume of a job one of them started."""
     if slice_rows < 1:
         raise ValueError(f"slice_rows must be >= 1, got {slice_rows}")
     if grown_rows <= slice_rows:
@@ -268,7 +269,7 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
     if b"\r" in head and b"\n" not in head:
         raise SourceError(f"{path}: its lines end with a lone \\r (as old Mac files do); end "
                           "them with \\n or \\r\\n")
-    avg = _line_bytes(head[data_start:], whole=len(head) >= size)
+    avg = _line_bytes(head[data_start:], whole=len(head) >= size or legacy)
     slice_bytes = max(16, avg * slice_rows)
     data = max(0, size - data_start)
     count = math.ceil(data / slice_bytes) if data else 0
@@ -287,7 +288,8 @@ def _line_bytes(sample: bytes, whole: bool) -> int:
     it is cut for. ``whole``: the sample is the whole file. A sample with no whole line (a
     first line longer than it) says nothing of the others: they are taken as short as a URL
     gets (``SHORT_LINE_BYTES``), so a slice holds at most its rows (a 70 KB first line made
-    every slice hold thousands)."""
+    every slice hold thousands). ``whole`` set for a sample that is not keeps the partial
+    line, as the versions before this one did (``plan_slices``' ``legacy``)."""
     lines = sample.split(b"\n")
     if len(lines) > 1 or not whole:
         lines.pop()  # the sample ends in the middle of this one, or it is empty

@@ -310,11 +310,12 @@ class JobLifecycle:
                 first = (pinned or {}).get(str(i))
                 if first is not None:
                     self.list_plans[i] = self._pinned_plan(i, src.path or "", first, identity)
-                else:
+                else:  # a new job's, or one an earlier version journaled (cut as it did)
                     self.list_plans[i] = plan_slices(
                         src.path or "", unit_size, url_column=src.url_column,
                         label_column=src.label_column, storage_options=opts,
-                        grow_after=grow_after, grown_rows=grown_rows)
+                        grow_after=grow_after, grown_rows=grown_rows,
+                        legacy=self.state is not None and pinned is None)
                 lists[str(i)] = {"identity": identity,
                                  "plan": _plan_json(self.list_plans[i])}
         if self.retry:

@@ -153,10 +153,11 @@ class _QueryResults:
     exhausted: bool = False
 
 
-QUERIES_KEPT = 64
-"""The queries whose hits an engine keeps (the least recently searched dropped first): a
-query's later pages are cut from the hits its first backend pages gave. Kept for every query,
-a job of thousands of queries held a gigabyte of hits in each worker."""
+HITS_KEPT = 50_000
+"""The most hits an engine keeps (about 26 MB), the least recently searched queries' dropped
+first: a query's later pages are cut from the hits its first backend pages gave, and one
+dropped fetches them again. Kept for every query, a job of thousands of queries held a
+gigabyte of hits in each worker."""
 
 
 class DdgsImagesEngine(SearchEngine):
@@ -192,12 +193,13 @@ class DdgsImagesEngine(SearchEngine):
         state = self._cache.get(query)
         if state is None:
             state = self._cache[query] = _QueryResults()
-            while len(self._cache) > QUERIES_KEPT:
-                self._cache.popitem(last=False)
         self._cache.move_to_end(query)
         start, end = page * per_page, (page + 1) * per_page
         while len(state.hits) < end and not state.exhausted:
             self._fetch_next(query, state)
+        kept = sum(len(s.hits) for s in self._cache.values())
+        while kept > HITS_KEPT and len(self._cache) > 1:  # this query's are the last to go
+            kept -= len(self._cache.popitem(last=False)[1].hits)
         hits = [SearchHit(url=h.url, rank=start + i, page_url=h.page_url, title=h.title)
                 for i, h in enumerate(state.hits[start:end])]
         return SearchPage(hits=hits, has_more=len(state.hits) > end or not state.exhausted)

@@ -182,6 +182,33 @@ def test_a_first_line_longer_than_the_sample_makes_no_slice_hold_more_than_its_r
     assert max(len(s) for s in slices) <= 64
 
 
+def test_a_journal_from_before_cuts_were_recorded_resumes_with_the_cut_it_made(tmp_path):
+    """Such a journal holds no cut: its resume plans the list again, as the version that
+    started it did, though this one cuts a list of a long first line otherwise (slice
+    numbers are unit uids)."""
+    from builder.pipeline import JobLifecycle
+    from builder.spec import parse_spec
+
+    path = tmp_path / "urls.jsonl"
+    path.write_text(json.dumps({"url": "http://127.0.0.1:1/big.jpg", "note": "x" * 70_000})
+                    + "\n" + "".join(json.dumps({"url": u}) + "\n" for u in _urls(5000)))
+    data = {"name": "lst", "target": 100, "classes": ["cat"],
+            "sources": [{"engine": "urllist", "path": str(path)}],
+            "output": {"uri": str(tmp_path / "out"), "formats": ["parquet"]}}
+    first = JobLifecycle(parse_spec(data), uri=data["output"]["uri"])
+    first.prepare()
+    job_json = tmp_path / "out" / "_journal" / first.job_id / "job.json"
+    meta = json.loads(job_json.read_text())
+    del meta["lists"]  # as an earlier version wrote it
+    job_json.write_text(json.dumps(meta))
+    resumed = JobLifecycle(parse_spec(data), uri=data["output"]["uri"], resume=True)
+    resumed.prepare()
+    unit_size, grow_after, grown_rows = meta["list_slicing"]
+    legacy = plan_slices(str(path), unit_size, grow_after=grow_after, grown_rows=grown_rows,
+                         legacy=True)
+    assert resumed.list_plans[0] == legacy != first.list_plans[0]
+
+
 def test_a_list_whose_server_gives_no_size_is_a_source_error_at_planning(tmp_path):
     """fsspec's size of such an HTTP list was 0: it was cut into no slice, and the job found
     no candidate in it, without a word."""

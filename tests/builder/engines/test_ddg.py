@@ -65,12 +65,12 @@ def test_duckduckgo_pages_through_backend_pages_and_caches_them(ddg):
 
 def test_an_engine_keeps_the_hits_of_its_latest_queries_only(ddg, monkeypatch):
     """Every query's hits were kept for the whole job: thousands of queries held about a
-    gigabyte in each worker. The least recently searched go past QUERIES_KEPT, and a query
+    gigabyte in each worker. The least recently searched go past HITS_KEPT, and a query
     asked again starts over."""
     from builder.engines import ddg as ddg_mod
 
     srv, _ = ddg
-    monkeypatch.setattr(ddg_mod, "QUERIES_KEPT", 2)
+    monkeypatch.setattr(ddg_mod, "HITS_KEPT", 200)  # two queries' first backend pages
     engine = DdgsImagesEngine()
     for query in ("cat", "dog", "cat", "fox"):
         engine.search(query, label="x", page=0, per_page=10)
