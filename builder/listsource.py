@@ -198,12 +198,14 @@ def list_identity(path: str, storage_options: Optional[dict[str, Any]] = None) -
     end are another."""
     fs, fs_path, size = _open(path, storage_options)
     digest = hashlib.sha256(str(size).encode())
-    try:  # two ranged reads: an object store's file object would read ahead 50 MiB
-        digest.update(fs.cat_file(fs_path, start=0, end=min(size, IDENTITY_BYTES)))
-        if size > IDENTITY_BYTES:
-            digest.update(fs.cat_file(fs_path, start=max(IDENTITY_BYTES, size - IDENTITY_BYTES),
-                                      end=size))
-    except _READ_ERRORS as exc:
+    try:  # read in blocks of its own size: an object store's would read ahead 50 MiB, and
+        # fsspec's file refuses a server that ignores the range (cat_file took the whole body)
+        with fs.open(fs_path, "rb", block_size=IDENTITY_BYTES, cache_type="none") as f:
+            digest.update(f.read(IDENTITY_BYTES))
+            if size > IDENTITY_BYTES:
+                f.seek(max(IDENTITY_BYTES, size - IDENTITY_BYTES))
+                digest.update(f.read(IDENTITY_BYTES))
+    except (*_READ_ERRORS, ValueError) as exc:
         raise _read_error(path, exc) from None
     return f"{size}:{digest.hexdigest()[:32]}"
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -151,8 +152,12 @@ class _QueryResults:
     seen: set[str] = field(default_factory=set)
     next_page: int = 1
     exhausted: bool = False
+    counted: int = 0
+    """Of ``hits``, those the engine's total counts."""
 
 
+QUERIES_KEPT = 4096
+"""The most queries an engine keeps (those that found nothing weigh nothing in hits)."""
 HITS_KEPT = 50_000
 """The most hits an engine keeps (about 26 MB), the least recently searched queries' dropped
 first: a query's later pages are cut from the hits its first backend pages gave, and one
@@ -188,18 +193,27 @@ class DdgsImagesEngine(SearchEngine):
         self._backend = _backend_class(self.backend)(proxy=proxy,
                                                      timeout=max(1, math.ceil(timeout_s)))
         self._cache: OrderedDict[str, _QueryResults] = OrderedDict()
+        self._kept = 0
+        """The hits the cache holds (each query's ``counted``)."""
+        self._lock = threading.Lock()
+        """Guards the cache: a worker's units search on threads of their own."""
 
     def search(self, query: str, *, label: str, page: int, per_page: int) -> SearchPage:
-        state = self._cache.get(query)
-        if state is None:
-            state = self._cache[query] = _QueryResults()
-        self._cache.move_to_end(query)
+        with self._lock:
+            state = self._cache.get(query)
+            if state is None:
+                state = self._cache[query] = _QueryResults()
+            self._cache.move_to_end(query)
         start, end = page * per_page, (page + 1) * per_page
         while len(state.hits) < end and not state.exhausted:
             self._fetch_next(query, state)
-        kept = sum(len(s.hits) for s in self._cache.values())
-        while kept > HITS_KEPT and len(self._cache) > 1:  # this query's are the last to go
-            kept -= len(self._cache.popitem(last=False)[1].hits)
+        with self._lock:
+            if self._cache.get(query) is state:
+                self._kept += len(state.hits) - state.counted
+                state.counted = len(state.hits)
+            while (self._kept > HITS_KEPT or len(self._cache) > QUERIES_KEPT) and \
+                    len(self._cache) > 1:  # the query searched last is the last to go
+                self._kept -= self._cache.popitem(last=False)[1].counted
         hits = [SearchHit(url=h.url, rank=start + i, page_url=h.page_url, title=h.title)
                 for i, h in enumerate(state.hits[start:end])]
         return SearchPage(hits=hits, has_more=len(state.hits) > end or not state.exhausted)
@@ -248,7 +262,9 @@ class DdgsImagesEngine(SearchEngine):
             state.exhausted = True
 
     def close(self) -> None:
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
+            self._kept = 0
 
 
 class BingImagesEngine(DdgsImagesEngine):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from builder.errors import SourceError
-from builder.listsource import ListReader, SlicePlan, plan_slices
+from builder.listsource import ListReader, SlicePlan, list_identity, plan_slices
 
 ROWS = 1000
 
@@ -466,3 +466,22 @@ def test_a_parquet_slices_bounds_cost_no_walk_over_the_row_groups_before_it(tmp_
     assert bounds[-1][0] == len(plan.row_groups) - 1
     with pytest.raises(IndexError):
         plan.bounds(plan.count)
+
+
+def test_a_list_whose_server_ignores_ranges_is_a_source_error_not_read_whole(tmp_path):
+    """Python's http.server answers a range request with the whole file: the identity's two
+    ranged reads took the whole list, twice, into the driver's memory."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "list.txt").write_text("".join(f"{u}\n" for u in _urls(20_000)))
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SourceError, match="support range requests"):
+            list_identity(f"http://127.0.0.1:{server.server_address[1]}/list.txt")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -81,6 +81,35 @@ def test_an_engine_keeps_the_hits_of_its_latest_queries_only(ddg, monkeypatch):
     assert [r.query["q"] for r in srv.requests if r.path == "/"][-1] == "dog"
 
 
+def test_searches_on_several_threads_share_the_engine_safely(ddg, monkeypatch):
+    """A worker's units search on threads of their own: summing the cache's hits while
+    another thread changed it raised "OrderedDict mutated during iteration" out of a unit,
+    and stopped the run."""
+    import threading
+
+    from builder.engines import ddg as ddg_mod
+
+    engine = DdgsImagesEngine()
+    failures: list[BaseException] = []
+
+    def searches(n: int) -> None:
+        try:
+            for i in range(40):
+                engine.search(f"q{n}-{i % 7}", label="x", page=i % 2, per_page=10)
+        except BaseException as exc:  # noqa: BLE001 - the test reports any
+            failures.append(exc)
+
+    monkeypatch.setattr(ddg_mod, "HITS_KEPT", 300)  # evictions all along
+    threads = [threading.Thread(target=searches, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert engine._kept == sum(s.counted for s in engine._cache.values())
+    assert engine._kept <= 300 + 100
+
+
 def test_duckduckgo_no_results_is_an_empty_last_page(monkeypatch: pytest.MonkeyPatch):
     with FakeServer(ddg_handler([])) as srv:
         refused = route_ddgs(monkeypatch, srv.url)
