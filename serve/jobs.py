@@ -80,6 +80,22 @@ class ClusterUnavailable(PixCrawlerError):
     """Ray's job API cannot be reached; the message says what to check."""
 
 
+class SubmitUnconfirmed(ClusterUnavailable):
+    """A submit whose answer was lost (a reset connection, a proxy's 5xx): Ray may have taken
+    the job. Its row stays "starting", for the reconciler to find at Ray, or to fail once
+    Ray has shown no record of it for the submit grace period."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a failed submit surely left Ray without the job: its job API answered a 4xx
+    (``JobSubmissionClient`` raises RuntimeError naming the status), or the connection was
+    refused. A reset, a timeout or a 5xx (a proxy's) may come after Ray took it."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError):
+        return re.search(r"status code 5\d\d", text) is None
+    return "refused" in text.lower()
+
+
 @dataclass
 class RayJob:
     status: str
@@ -170,35 +186,15 @@ class JobLauncher:
                 if "No available agent" in str(exc) and time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
-                if self._known(job_id):  # the answer was lost, not the job (a reset, a 502)
-                    log.warning("job %s: Ray took it, though its answer was lost: %s",
-                                job_id, exc)
-                    return
-                self._stop_quietly(job_id)  # should Ray record it after all, it will not run
+                if not _refused(exc):
+                    raise SubmitUnconfirmed(
+                        f"Ray's answer to the job's submission was lost ({exc}): it may run, "
+                        "and waits as starting until Ray shows it or the grace period "
+                        "ends") from exc
                 hint = (" (the head node's dashboard agent is not serving HTTP: is another "
                         "Ray on this machine holding its port, 52365?)"
                         if "No available agent" in str(exc) else "")
                 raise ClusterUnavailable(f"Ray refused the job: {exc}{hint}") from exc
-
-    def _known(self, job_id: str) -> bool:
-        """Whether Ray has the job, asked for ``SUBMIT_CONFIRM_S``: a dashboard that took it
-        may record it a moment after its answer was lost."""
-        deadline = time.monotonic() + SUBMIT_CONFIRM_S
-        while True:
-            try:
-                if self.status(job_id) is not None:
-                    return True
-            except ClusterUnavailable:
-                pass
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.5)
-
-    def _stop_quietly(self, job_id: str) -> None:
-        try:
-            self.stop(job_id)
-        except ClusterUnavailable:
-            pass
 
     def status(self, job_id: str) -> Optional[RayJob]:
         """Ray's view of the job, or None if Ray has no such job (e.g. it restarted)."""
@@ -279,11 +275,9 @@ def read_live(job_id: str) -> Optional[dict[str, Any]]:
 
 
 API_CANCEL = "cancelled through the HTTP API"
-CANCELLED_UNPUBLISHED = ("cancelled before anything could be published: units a lost worker "
-                         "left half-written were not finished; nothing is published, and the "
-                         "journal stays in the output")
-SUBMIT_CONFIRM_S = 5.0
-"""How long a submit whose answer was lost asks Ray whether it took the job."""
+CANCELLED_UNPUBLISHED = ("cancelled, and no dataset of this job's was found at its output: a "
+                         "cancel that meets units a lost worker left half-written publishes "
+                         "nothing, and the job's journal stays there")
 ACTOR_WAIT_S = 10.0
 """How long the API waits for a job's progress actor to answer. One whose node was lost waits
 for another to restart on, and its calls with it, for ever where none has room: the store's
@@ -476,8 +470,9 @@ class Reconciler:
         elif ray_job.status == "SUCCEEDED":
             # Exit 0 means published; stats stay empty if this server cannot read the output.
             state, error = "succeeded", None
-        elif marker is None and row.cancel_requested and \
-                f"exit code {EXIT_CANCELLED}" in ray_job.message:
+        elif marker is None and row.cancel_requested and re.match(
+                rf"Job entrypoint command failed with exit code {EXIT_CANCELLED}\b",
+                ray_job.message):
             # the driver's own exit on a cancel that found nothing it could publish
             state, error = "cancelled", CANCELLED_UNPUBLISHED
         else:

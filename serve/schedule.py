@@ -26,7 +26,7 @@ import logging
 from collections import Counter
 from typing import Optional
 
-from serve.jobs import ClusterUnavailable, JobLauncher
+from serve.jobs import ClusterUnavailable, JobLauncher, SubmitUnconfirmed
 from serve.store import REVOKED_QUEUED_ERROR, STARTED, JobRow, JobStore
 
 log = logging.getLogger("pixcrawler.serve.schedule")
@@ -93,6 +93,9 @@ class Scheduler:
                 continue
             try:
                 self.launcher.submit(row.id, row.spec, self._owner_name(row.owner))
+            except SubmitUnconfirmed as exc:  # it may run: the reconciler decides
+                log.warning("job %s: %s", row.id, exc)
+                continue
             except ClusterUnavailable as exc:
                 log.warning("job %s: Ray refused it: %s", row.id, exc)
                 self.store.update_job(row.id, state="failed", error=REFUSED_ERROR)

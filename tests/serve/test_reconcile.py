@@ -157,7 +157,7 @@ def test_a_cancelled_job_that_published_nothing_ended_cancelled_not_failed(store
     row = Reconciler(store, FakeRay(**{"pets-run5": RayJob(
         "FAILED", "Job entrypoint command failed with exit code 130")})
                      ).reconcile(store.get_job("pets-run5"))
-    assert row.state == "cancelled" and "nothing is published" in row.error
+    assert row.state == "cancelled" and "no dataset of this job's was found" in row.error
     assert "--resume" not in row.error and "partial dataset" not in row.error
     store.create_job("pets-run6", "o", "pets", {"name": "pets"}, str(tmp_path / "none"))
     store.update_job("pets-run6", state="running", ray_status="RUNNING")
@@ -171,6 +171,12 @@ def test_a_cancelled_job_that_published_nothing_ended_cancelled_not_failed(store
         "FAILED", "Job entrypoint command failed with exit code 1: StorageError")})).reconcile(
         store.get_job("pets-run7"))
     assert row.state == "failed" and "StorageError" in row.error  # a failure, though asked
+    store.create_job("pets-run8", "o", "pets", {"name": "pets"}, str(tmp_path / "none"))
+    store.update_job("pets-run8", state="running", ray_status="RUNNING", cancel_requested=True)
+    row = Reconciler(store, FakeRay(**{"pets-run8": RayJob(
+        "FAILED", "Job entrypoint command failed with exit code 1, last available logs:\n"
+        "... the child exited with exit code 130 ...")})).reconcile(store.get_job("pets-run8"))
+    assert row.state == "failed"  # its logs' words are not its exit
 
 
 def test_a_finished_live_job_keeps_its_own_stats_over_an_earlier_runs(store, tmp_path):

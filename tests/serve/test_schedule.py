@@ -258,11 +258,12 @@ def test_a_revoked_keys_queued_jobs_end_cancelled_and_never_start(store):
     assert store.revoked_owners([alice.id, bob.id, "local"]) == {alice.id}
 
 
-def test_a_submit_whose_answer_was_lost_after_ray_took_the_job_is_not_failed(tmp_path,
-                                                                             monkeypatch):
+def test_a_submit_whose_answer_was_lost_leaves_the_job_for_the_reconciler(tmp_path, store,
+                                                                           monkeypatch):
     """Ray's job API took the job, and the connection was reset before its answer came back:
     the job was recorded failed ("submit it again") while its driver ran on, outside every
-    cap, and could not be cancelled. The launcher asks Ray whether it has the job first."""
+    cap, and could not be cancelled. A lost answer leaves the job starting, for the
+    reconciler to find at Ray (or to fail after the grace period); a refusal still fails it."""
     from types import SimpleNamespace
 
     from builder.spec import parse_spec
@@ -270,43 +271,33 @@ def test_a_submit_whose_answer_was_lost_after_ray_took_the_job_is_not_failed(tmp
     from serve.app import EXAMPLE_SPEC
 
     class Client:  # Ray's JobSubmissionClient, as far as the launcher uses it
-        def __init__(self, takes: bool):
-            self.takes, self.jobs = takes, set()
+        def __init__(self, error: Exception):
+            self.error = error
 
-        def submit_job(self, *, submission_id, **_):
-            if self.takes:
-                self.jobs.add(submission_id)
-            raise ConnectionError("('Connection aborted.', ConnectionResetError(104))")
-
-        def get_job_info(self, job_id):
-            if job_id not in self.jobs:
-                raise RuntimeError(f"Job {job_id} does not exist")
-            return SimpleNamespace(status="PENDING", message="")
+        def submit_job(self, **_):
+            raise self.error
 
     monkeypatch.setattr(jobs.ray, "get_runtime_context",
                         lambda: SimpleNamespace(gcs_address="127.0.0.1:1"))
     spec = parse_spec(EXAMPLE_SPEC).model_dump(mode="json")
-    monkeypatch.setattr(jobs, "SUBMIT_CONFIRM_S", 0.6)
     launcher = jobs.JobLauncher(tmp_path)
-    launcher._client = Client(takes=True)
-    launcher.submit("j-1", spec, "o")  # taken: no error
-    class Late(Client):  # takes the job, and records it only a moment after its answer
-        def __init__(self):
-            super().__init__(takes=False)
-            self.asked = 0
+    for error in (ConnectionError("('Connection aborted.', ConnectionResetError(104))"),
+                  RuntimeError("Request failed with status code 502: Bad Gateway")):
+        launcher._client = Client(error)
+        with pytest.raises(jobs.SubmitUnconfirmed, match="may run"):
+            launcher.submit("j-1", spec, "o")
+    for error in (ConnectionError("HTTPConnectionPool: Max retries exceeded (Connection "
+                                  "refused)"),
+                  RuntimeError("Request failed with status code 400: bad entrypoint")):
+        launcher._client = Client(error)
+        with pytest.raises(jobs.ClusterUnavailable) as refused:
+            launcher.submit("j-1", spec, "o")
+        assert not isinstance(refused.value, jobs.SubmitUnconfirmed)
 
-        def get_job_info(self, job_id):
-            self.asked += 1
-            if self.asked > 1:
-                self.jobs.add(job_id)
-            return super().get_job_info(job_id)
+    class LostAnswer(FakeLauncher):
+        def submit(self, job_id, spec, owner_name):
+            raise jobs.SubmitUnconfirmed("Ray's answer to the job's submission was lost")
 
-    launcher._client = Late()
-    launcher.submit("j-2", spec, "o")
-    stopped = []
-    down = Client(takes=False)
-    down.stop_job = stopped.append
-    launcher._client = down
-    with pytest.raises(jobs.ClusterUnavailable, match="Ray refused the job"):
-        launcher.submit("j-3", spec, "o")
-    assert stopped == ["j-3"]  # should Ray record it after all, it will not run
+    queue(store, "a1", "alice")
+    assert Scheduler(store, LostAnswer(), max_running=1, per_key=1).start_ready() == {}
+    assert store.get_job("a1").state == "starting" and store.get_job("a1").error is None
