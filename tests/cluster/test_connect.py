@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cluster import connect as connect_module
 from cluster.connect import EMBEDDED_SYSTEM_CONFIG, SAME_PRIORITY_ENV
+
+
+def run_child(script: str, *args: str, timeout: float = 180, prepare: Any = None,
+              **env: Any) -> subprocess.CompletedProcess:
+    """``script`` in an interpreter of its own at the repository root, with a Ray temp folder
+    of its own (short: Ray's socket paths in it), removed after; its environment this
+    process's with ``env`` over it (None unsets a variable) and RAY_ADDRESS unset.
+    ``prepare(ray_tmp)`` runs first. Fails the test where the child fails."""
+    ray_tmp = tempfile.mkdtemp(prefix="pxcon", dir="/tmp")
+    child_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_ADDRESS": None, **env}
+    try:
+        if prepare is not None:
+            prepare(ray_tmp)
+        out = subprocess.run([sys.executable, "-c", script, *args],
+                             env={k: v for k, v in child_env.items() if v is not None},
+                             capture_output=True, text=True, timeout=timeout,
+                             cwd=Path(__file__).resolve().parents[2])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def last_json(out: subprocess.CompletedProcess) -> Any:
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 class StopAfterInit(Exception):
@@ -212,26 +245,8 @@ def test_shutdown_stops_every_process_of_the_embedded_ray(dashboard):
     monitor (killed outright, not given Ray's one-second grace) included. Without the
     dashboard, Ray's API server, autoscaler monitor and log monitor are not started at all;
     the workers run at the command's priority either way."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    ray_tmp = tempfile.mkdtemp(prefix="pxcon", dir="/tmp")  # short: Ray's socket paths
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        out = subprocess.run([sys.executable, "-c", SHUTDOWN_CHILD, dashboard], env=env,
-                             capture_output=True, text=True, timeout=120,
-                             cwd=Path(__file__).resolve().parents[2])
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = last_json(run_child(SHUTDOWN_CHILD, dashboard, timeout=120,
+                                 RAY_AUTH_MODE="disabled"))
     assert result["started"] == [True, False]
     assert "raylet" in result["kinds"] and "gcs_server" in result["kinds"]
     head_extras = {"dashboard", "monitor", "log_monitor"} & set(result["kinds"])
@@ -267,28 +282,9 @@ def test_an_embedded_ray_runs_no_job_another_user_of_the_machine_sends(tmp_path)
     127.0.0.1 only: any other user of the machine could send its dashboard agent a job, and
     the job ran as the user of the command. It now uses Ray's token authentication, with the
     token readable by that user only (Ray writes it as the umask leaves it)."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    ray_tmp = tempfile.mkdtemp(prefix="pxauth", dir="/tmp")  # short: Ray's socket paths
     ran = tmp_path / "ran"
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
-           "HOME": str(tmp_path)}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(name, None)
-    try:
-        out = subprocess.run([sys.executable, "-c", AUTH_CHILD, str(ran)], env=env,
-                             capture_output=True, text=True, timeout=180,
-                             cwd=Path(__file__).resolve().parents[2])
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = last_json(run_child(AUTH_CHILD, str(ran), HOME=str(tmp_path), RAY_AUTH_MODE=None,
+                                 RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None))
     assert result["mode"] == "token" and result["status"] == 401, result
     assert result["modes"] == [0o700, 0o600] and not ran.exists()
 
@@ -298,7 +294,6 @@ def test_the_embedded_rays_token_is_private_or_the_commands_own(tmp_path, monkey
     0600 in a 0700 folder, a readable one of the user's is made 0600, and where none can be
     had (a home that cannot be written) the command's Ray gets a token in its environment
     instead of the command failing."""
-    import os
     import stat
 
     from cluster.connect import TOKEN_ENV, TOKEN_PATH_ENV, private_token
@@ -375,30 +370,11 @@ def _is_loopback(address: str) -> bool:
 @pytest.mark.parametrize("command", ["build", "serve"])
 def test_an_embedded_ray_listens_on_loopback_only(command):
     """The embedded Ray of `pixcrawler build` / `demo` (connect) and `pixcrawler serve`
-    (connect_with_jobs) runs with token auth off, and its dashboard agent takes job submissions:
-    none of its processes (GCS, raylet, dashboard, agents, workers, this driver) may listen on
+    (connect_with_jobs): its dashboard agent takes job submissions (here with token auth off),
+    so none of its processes (GCS, raylet, dashboard, agents, workers, this driver) may listen on
     anything but loopback. Listed from the sockets of the processes the test started."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    ray_tmp = tempfile.mkdtemp(prefix="pxnet", dir="/tmp")  # short: Ray's socket paths
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    try:
-        out = subprocess.run([sys.executable, "-c", LISTENERS_CHILD, command], env=env,
-                             capture_output=True, text=True, timeout=180,
-                             cwd=Path(__file__).resolve().parents[2])
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = last_json(run_child(LISTENERS_CHILD, command, RAY_AUTH_MODE="disabled",
+                                 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=None))
     listening = result["listening"]
     kinds = {name for _pid, name, _ip, _port in listening}
     assert len(listening) >= 6 and any("gcs_server" in k for k in kinds) and \
@@ -432,29 +408,15 @@ def test_build_next_to_a_recorded_ray_head_starts_its_own_and_says_so(tmp_path):
     """A head that `ray start` recorded on this machine (here a stale record, as a head that
     has since died leaves): `pixcrawler build` / `demo` start their own Ray and say so in one
     line, instead of Ray's raw ValueError about num_cpus."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
     from builder.ports import free_port
 
-    ray_tmp = tempfile.mkdtemp(prefix="pxrec", dir="/tmp")  # short: Ray's socket paths
-    os.makedirs(f"{ray_tmp}/ray")
     recorded = f"127.0.0.1:{free_port()}"
-    Path(f"{ray_tmp}/ray/ray_current_cluster").write_text(recorded)
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        out = subprocess.run([sys.executable, "-c", RECORDED_HEAD_CHILD], env=env,
-                             capture_output=True, text=True, timeout=180,
-                             cwd=Path(__file__).resolve().parents[2])
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-3000:]
+
+    def record(ray_tmp: str) -> None:
+        os.makedirs(f"{ray_tmp}/ray")
+        Path(f"{ray_tmp}/ray/ray_current_cluster").write_text(recorded)
+
+    out = run_child(RECORDED_HEAD_CHILD, prepare=record, RAY_AUTH_MODE="disabled")
     assert "MODE embedded True" in out.stdout
     said = [line for line in out.stderr.splitlines() if recorded in line]
     assert len(said) == 1 and "--address auto" in said[0], out.stderr[-3000:]
