@@ -7,11 +7,12 @@ The ``2`` is its calls' version: a limiter an older PixCrawler left running on t
 (detached actors outlive their jobs) takes other arguments, so it is not found by this name.
 The day's request count is kept in a file on the limiter's node (``builder.ratelimit.DayFile``),
 so a limiter restarted there, and the jobs that run on that machine without Ray, count on
-from it.
+from it; so is each job's count against its ``max_requests_per_job``.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any, Optional
 
@@ -19,7 +20,7 @@ import ray
 
 from actors import NAMESPACE
 from builder.ratelimit import (SHARED_LIMIT_KEYS, CircuitOpen, DayFile, EngineGovernor,
-                               EngineLimits, QuotaExceeded, budget_key, limits_for)
+                               EngineLimits, QuotaExceeded, budget_key, limits_for, utc_day)
 from builder.spec import SourceSpec
 
 
@@ -28,14 +29,17 @@ class RateLimiter:
     """One engine's (or endpoint's) limiter, shared by every job of the cluster: its rate,
     breaker and daily budget are the engine's. A job's own request quota
     (``max_requests_per_job``) comes with each of its calls, so no job's quota is another's,
-    and a restarted limiter (Ray gives it back its first arguments) still applies it."""
+    and a restarted limiter (Ray gives it back its first arguments) still applies it, counting
+    on from the job's count in the node's file."""
 
     def __init__(self, engine: str, options: Optional[dict[str, Any]] = None, key: str = ""):
         self.engine = engine
         self.options = _shared(options)
-        self.governor = EngineGovernor(engine, self._limits(self.options),
-                                       day_file=DayFile(key or engine))
-        self.job_used: Counter = Counter()
+        self.days = DayFile(key or engine)
+        self.governor = EngineGovernor(engine, self._limits(self.options), day_file=self.days)
+        # A restarted limiter (Ray runs this again) counts each job on from the file: a fresh
+        # count let every running job spend its max_requests_per_job again.
+        self.job_used: Counter = Counter(self.days.jobs(utc_day(time.time())))
 
     def configure(self, options: Optional[dict[str, Any]] = None) -> None:
         """Apply the limits the options set (``SHARED_LIMIT_KEYS``; those they leave unset take
@@ -71,14 +75,14 @@ class RateLimiter:
             return "quota", str(exc)
         except CircuitOpen as exc:
             return "circuit_open", str(exc)
-        self.job_used[job_id] += 1
+        self.job_used[job_id] = self.days.add_job(utc_day(time.time()), job_id)
         return "ok", wait
 
     def charge(self, job_id: str, n: int) -> None:
         """``n`` more requests of a search ``acquire`` let through (``EngineGovernor.charge``),
         counted against ``job_id``'s quota too."""
         if n > 0:
-            self.job_used[job_id] += n
+            self.job_used[job_id] = self.days.add_job(utc_day(time.time()), job_id, n)
             self.governor.charge(n)
 
     def record(self, success: bool, status: int = 0, retry_after: Optional[float] = None) -> None:

@@ -304,9 +304,13 @@ class DayFile:
         self.path = (directory or state_dir() / "engine-days") / f"{safe}-{digest}.json"
         self.key = key
         self._memory: dict[str, int] = {}
+        self._jobs_day, self._jobs = "", {}
+        """What ``add_job`` counted, for when the file cannot be used."""
         self._failed = False
 
-    def _change(self, day: str, n: int) -> int:
+    def _update(self, day: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The file's data for ``day`` (a new day's starts empty), passed to ``change`` under
+        the file's lock and written back where ``change`` says it changed it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -314,16 +318,52 @@ class DayFile:
             try:
                 data = json.loads(f.read() or "{}")
             except ValueError:
-                data = {}  # cut short by a crash mid-write: count from the memory's figure
-            used = int(data.get("used", 0)) if data.get("day") == day else 0
-            used = max(used, self._memory.get(day, 0))
-            if n:
-                used += n
+                data = {}  # cut short by a crash mid-write: count from the memory's figures
+            if not isinstance(data, dict) or data.get("day") != day:
+                data = {"key": self.key, "day": day, "used": 0}
+            if change(data):
                 f.seek(0)
                 f.truncate()
-                f.write(json.dumps({"key": self.key, "day": day, "used": used}))
+                f.write(json.dumps(data))
                 f.flush()
-            return used
+            return data
+
+    def _change(self, day: str, n: int) -> int:
+        def count(data: dict[str, Any]) -> bool:
+            data["used"] = max(int(data.get("used", 0)), self._memory.get(day, 0)) + n
+            return n != 0
+
+        return int(self._update(day, count)["used"])
+
+    def add_job(self, day: str, job: str, n: int = 1) -> int:
+        """Count ``n`` more requests of ``job`` (a job's source) on ``day``; its total that
+        day. Kept in the file, so a limiter restarted on this node (Ray runs its ``__init__``
+        again) holds each running job to its quota still."""
+        if self._jobs_day != day:
+            self._jobs_day, self._jobs = day, {}
+        if not self._failed:
+            def count(data: dict[str, Any]) -> bool:
+                jobs = data.setdefault("jobs", {})
+                jobs[job] = max(int(jobs.get(job, 0)), self._jobs.get(job, 0)) + n
+                return n != 0
+
+            try:
+                self._jobs[job] = int(self._update(day, count)["jobs"][job])
+                return self._jobs[job]
+            except OSError as exc:
+                self._fail(exc)
+        self._jobs[job] = self._jobs.get(job, 0) + n
+        return self._jobs[job]
+
+    def jobs(self, day: str) -> dict[str, int]:
+        """Each job's requests on ``day`` (``add_job``)."""
+        if not self._failed:
+            try:
+                return {k: int(v) for k, v in
+                        self._update(day, lambda data: False).get("jobs", {}).items()}
+            except OSError as exc:
+                self._fail(exc)
+        return dict(self._jobs) if self._jobs_day == day else {}
 
     def add(self, day: str, n: int = 1) -> int:
         """Count ``n`` more requests on ``day``; the day's total."""
@@ -353,6 +393,11 @@ class DayFile:
                     self.key, self.path, exc)
 
 
+def utc_day(t: float) -> str:
+    """The UTC day of Unix time ``t`` (``2026-12-06``), as budgets count their days."""
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).date().isoformat()
+
+
 class Quota:
     """At most ``per_job`` requests in this job and ``per_day`` in each UTC day (None: no limit).
 
@@ -371,7 +416,7 @@ class Quota:
         self._day_used = 0
 
     def _today(self) -> str:
-        return _dt.datetime.fromtimestamp(self._wall_clock(), _dt.timezone.utc).date().isoformat()
+        return utc_day(self._wall_clock())
 
     def _roll(self) -> None:
         today = self._today()

@@ -4,9 +4,35 @@ only, never the budget the engine has already spent or an open breaker."""
 
 from __future__ import annotations
 
+import pytest
+
 from actors.ratelimit import RateLimiter
 
 Limiter = RateLimiter.__ray_metadata__.modified_class
+
+
+@pytest.fixture(autouse=True)
+def own_state(tmp_path, monkeypatch):
+    """Each test's limiters count in files of their own (the files outlive a limiter, as its
+    node's do)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+
+
+def test_a_restarted_limiter_holds_each_running_job_to_its_quota():
+    """Ray runs a restarted limiter's __init__ again with its first arguments: each job's
+    count began at 0, so every running job could spend its max_requests_per_job again (and
+    the API's max_budget_share with it). The counts are kept beside the day's, in the file."""
+    rl = Limiter("sandbox", {}, "sandbox@test-restart")
+    assert [rl.acquire("job-a#0", 3)[0] for _ in range(2)] == ["ok", "ok"]
+    again = Limiter("sandbox", {}, "sandbox@test-restart")  # as Ray restarts it
+    assert [again.acquire("job-a#0", 3)[0] for _ in range(2)] == ["ok", "quota"]
+    assert again.acquire("job-b#0", 3)[0] == "ok"
+    assert again.snapshot("job-a#0", 3)["quota"]["job_used"] == 3
+    daily = Limiter("google", {}, "google@test-restart")  # 100 a day: the day's count too
+    assert [daily.acquire("job-a#0", 5)[0] for _ in range(2)] == ["ok", "ok"]
+    daily.charge("job-a#0", 2)
+    snap = Limiter("google", {}, "google@test-restart").snapshot("job-a#0", 5)
+    assert (snap["quota"]["job_used"], snap["quota"]["day_used"]) == (4, 4)
 
 
 def test_new_options_keep_the_daily_quota_and_an_open_breaker():
