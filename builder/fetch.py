@@ -41,7 +41,7 @@ import random
 import time
 import zlib
 from collections import OrderedDict, deque
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -64,6 +64,8 @@ from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCach
                             answer_text, origin_file, read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
+
+T = TypeVar("T")
 
 MAX_ROBOTS_REDIRECTS = 5
 """Redirects followed for robots.txt (RFC 9309 asks for at least five)."""
@@ -157,11 +159,17 @@ class _Deadline:
     def left(self) -> float:
         return self.end - asyncio.get_running_loop().time()
 
-    def timeout(self, per_request: float) -> Optional[aiohttp.ClientTimeout]:
-        """A request's timeout where what is left is shorter than the session's; else None
-        (the session's own)."""
-        left = self.left()
-        return aiohttp.ClientTimeout(total=max(left, 0.001)) if left < per_request else None
+    async def excluding(self, aw: Awaitable[T]) -> T:
+        """``aw``'s result; the time it took spends none of the deadline."""
+        started = asyncio.get_running_loop().time()
+        try:
+            return await aw
+        finally:
+            self.end += asyncio.get_running_loop().time() - started
+
+    def timeout(self, per_request: float) -> aiohttp.ClientTimeout:
+        """A request's timeout: ``per_request``, or what is left where that is shorter."""
+        return aiohttp.ClientTimeout(total=max(min(self.left(), per_request), 0.001))
 
 
 class ByteBudget:
@@ -497,9 +505,7 @@ class Fetcher:
             if self._origin_signals:
                 # The origin's files are bounded on their own (SMALL_FILE_TIMEOUTS), and are
                 # often another image's load, waited for: they spend none of this one's time.
-                started = asyncio.get_running_loop().time()
-                crawl_delay = await self._origin_check(record, url)
-                deadline.end += asyncio.get_running_loop().time() - started
+                crawl_delay = await deadline.excluding(self._origin_check(record, url))
                 if record.rejected:
                     return
                 crawl_delay *= self._profiles.share
@@ -575,12 +581,11 @@ class Fetcher:
         session = self._ensure_session()
         if deadline.left() <= 0:
             raise _Failure(Reason.TIMEOUT, "no time left for another request")
-        host = await self._acquire(url, delay, deadline)
+        host = await deadline.excluding(self._acquire(url, delay))
         timeout = deadline.timeout(self.cfg.timeout_s)
         try:
             self.stats["requests"] += 1
-            async with (session.get(url, allow_redirects=False) if timeout is None else
-                        session.get(url, allow_redirects=False, timeout=timeout)) as resp:
+            async with session.get(url, allow_redirects=False, timeout=timeout) as resp:
                 status = resp.status
                 record.http_status = status
                 by_status = self.stats["by_status"]
@@ -608,8 +613,8 @@ class Fetcher:
                 record.reject(Reason.HTTP_CLIENT_ERROR, f"HTTP {status}")
                 return None
         except asyncio.TimeoutError:
-            within = self.cfg.timeout_s if timeout is None else timeout.total
-            raise _Failure(Reason.TIMEOUT, f"no complete answer within {within:g} s") from None
+            raise _Failure(Reason.TIMEOUT, f"no complete answer within {timeout.total:g} s") \
+                from None
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, BlockedAddressError):
                 raise UrlRejected(Reason.BLOCKED_ADDRESS, exc.os_error.detail) from None
@@ -714,18 +719,12 @@ class Fetcher:
 
     # ---- politeness ---------------------------------------------------------------------------
 
-    async def _acquire(self, url: URL, delay: float, deadline: Optional[_Deadline] = None
-                       ) -> _Host:
+    async def _acquire(self, url: URL, delay: float) -> _Host:
         """Take a slot on ``url``'s host, wait for the host's turn (``_Host.turn``), then take
         a global slot; the turn is checked again once it is held, as another request may have
         taken it meanwhile. A host that asks for patience holds no global slot while it
         waits, so other hosts go on, and its requests start spaced however long the global
-        slots kept them. The time waited is added to ``deadline``: it spends none of it."""
-        if deadline is not None:
-            started = asyncio.get_running_loop().time()
-            host = await self._acquire(url, delay)
-            deadline.end += asyncio.get_running_loop().time() - started
-            return host
+        slots kept them."""
         key = host_key(url.raw_host or "")
         host = self._hosts.get(key)
         if host is None:
@@ -987,12 +986,11 @@ class Fetcher:
                 return _guard_refused(exc, hop, refused)
             if deadline.left() <= 0:
                 return 0, b"", ""
-            host = await self._acquire(url, self._profiles.default.delay_s, deadline)
-            timeout = deadline.timeout(self.cfg.timeout_s)
+            host = await deadline.excluding(self._acquire(url, self._profiles.default.delay_s))
             try:
                 self.stats["requests"] += 1
-                async with (session.get(url, allow_redirects=False) if timeout is None else
-                            session.get(url, allow_redirects=False, timeout=timeout)) as resp:
+                async with session.get(url, allow_redirects=False,
+                                       timeout=deadline.timeout(self.cfg.timeout_s)) as resp:
                     location = resp.headers.get("Location")
                     if resp.status in REDIRECT_STATUSES and location:
                         url = url.join(URL(location))
