@@ -252,9 +252,12 @@ class Journal:
         with storage_errors(self.uri, "start the journal in"):
             self.fs.invalidate_cache(path)
             if not self.fs.exists(path):
-                meta = {"job_id": self.job_id, "fingerprint": spec_fingerprint(spec),
-                        "started": time.time(), "spec": spec.public_dump(), **extra}
-                atomic_write(self.fs, path, json.dumps(meta, indent=2).encode())
+                self.write_meta({"job_id": self.job_id, "fingerprint": spec_fingerprint(spec),
+                                 "started": time.time(), "spec": spec.public_dump(), **extra})
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Replace ``job.json`` with ``meta`` (what ``meta()`` read, changed)."""
+        atomic_write(self.fs, self._path("job.json"), json.dumps(meta, indent=2).encode())
 
     def begin_new(self, replaced: bool) -> None:
         """Make way for a new job (not a resume) under this id, before it touches the output.

@@ -352,11 +352,7 @@ class JobLifecycle:
         if "expansion" not in meta and not self.retry:
             wanted["expansion"] = self.expansion
         if wanted:
-            from builder.storage import atomic_write
-
-            meta.update(wanted)
-            atomic_write(self.journal.fs, f"{self.journal.root}/job.json",
-                         json.dumps(meta, indent=2).encode())
+            self.journal.write_meta({**meta, **wanted})
 
     def _plan_resume(self) -> None:
         spec, uri, opts = self.spec, self.uri, self.storage_options
@@ -396,11 +392,8 @@ class JobLifecycle:
         meta = self.journal.meta()
         if meta.get("merge") != self.merge or meta.get("retry") != self.retry or \
                 meta.get("kept_partial", "") != self.kept_partial:
-            from builder.storage import atomic_write
-
-            meta.update(merge=self.merge, retry=self.retry, kept_partial=self.kept_partial)
-            atomic_write(self.journal.fs, f"{self.journal.root}/job.json",
-                         json.dumps(meta, indent=2).encode())
+            self.journal.write_meta({**meta, "merge": self.merge, "retry": self.retry,
+                                     "kept_partial": self.kept_partial})
 
     def _keep_base(self) -> None:
         assert self.journal is not None
