@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -94,6 +96,48 @@ def private_token() -> None:
         os.environ[TOKEN_ENV] = secrets.token_hex(32)
 
 
+# Ray makes its folder (``ray`` in the system's temp folder, /tmp/ray by default) and each
+# session's folders in it writable by everyone, without the sticky bit: another user of the
+# machine could replace the sockets that the workers connect to, or plant files in the
+# folders that runtime environments are unpacked into, and run code as this user. An embedded
+# Ray's folder is put inside one only this user can enter (``private_temp_dir``).
+PRIVATE_TEMP_PREFIX = "pixcrawler-"
+
+
+def private_temp_dir() -> Optional[str]:
+    """The temp folder for an embedded Ray, or None where Ray's own is private already.
+
+    Ray's own is ``ray`` in the system's temp folder (``RAY_TMPDIR``, else ``TMPDIR``, else
+    /tmp). Where that folder is this user's and closed to others, Ray's is unreachable to
+    them as it is. Otherwise Ray's folder goes in ``pixcrawler-<uid>`` there, made 0700; one
+    of this user's that others may enter is closed (with a warning: what Ray left in it could
+    have been changed); where the name is taken by another user or is not a plain folder, a
+    new folder of a random name is made instead. Short names: Ray's socket paths must fit in
+    107 bytes."""
+    from ray._common.utils import get_default_system_temp_dir
+
+    root = Path(os.path.abspath(get_default_system_temp_dir()))
+    root.mkdir(parents=True, exist_ok=True)
+    info = root.stat()
+    if info.st_uid == os.geteuid() and not info.st_mode & 0o077:
+        return None
+    folder = root / f"{PRIVATE_TEMP_PREFIX}{os.geteuid()}"
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        log.warning("%s is not a folder of yours: this command's Ray keeps its files in a new "
+                    "folder instead", folder)
+        return str(Path(tempfile.mkdtemp(prefix=PRIVATE_TEMP_PREFIX, dir=root)) / "ray")
+    if info.st_mode & 0o077:
+        folder.chmod(0o700)
+        log.warning("%s could be entered by other users of this machine, who could then change "
+                    "what Ray keeps there: it is now open to you only", folder)
+    return str(folder / "ray")
+
+
 def _write_token(path: Path) -> None:
     """A new token at ``path``, 0600: written under another name, then linked into place,
     so a Ray starting meanwhile never reads it empty (and one written meanwhile is kept)."""
@@ -125,7 +169,8 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     Without ``dashboard`` an embedded Ray starts lean (``_lean_head``, ``UNOBSERVED_CONFIG``).
 
     An embedded Ray listens on 127.0.0.1 only (see ``LOOPBACK``): its GCS, raylet, object
-    manager, workers, dashboard and dashboard agent.
+    manager, workers, dashboard and dashboard agent. It takes a token (``private_token``) and
+    keeps its files where only this user can reach them (``private_temp_dir``).
 
     Returns {"mode": "embedded"|"cluster", "address", "dashboard_url", "resources",
     "ray_job_id", "started"}; "started" is False when this process was already connected, and
@@ -168,6 +213,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
                          include_dashboard=dashboard,
                          dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+                         _temp_dir=private_temp_dir(),
                          _system_config=system_config, **common)
     ctx = ray.get_runtime_context()
     info = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,9 @@ class StopAfterInit(Exception):
 
 
 @pytest.fixture
-def init_calls(monkeypatch) -> list[dict[str, Any]]:
+def init_calls(monkeypatch, tmp_path) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # private: no folder made for Ray
 
     def fake_init(**kwargs: Any) -> None:
         calls.append(kwargs)
@@ -314,6 +316,70 @@ def test_the_embedded_rays_token_is_private_or_the_commands_own(tmp_path, monkey
     monkeypatch.setenv("HOME", str(home))
     private_token()
     assert len(os.environ[TOKEN_ENV]) == 64
+
+
+TEMP_CHILD = """
+import json, os, stat, subprocess, sys
+import ray
+from cluster.connect import connect, shutdown
+
+connect(None, num_cpus=1)
+session = ray._private.worker.global_worker.node.get_session_dir_path()
+planted = None
+if os.geteuid() == 0:  # as another user of the machine, plant a file beside Ray's sockets
+    planted = subprocess.run(["touch", os.path.join(session, "sockets", "planted")],
+                             preexec_fn=lambda: os.setuid(65534), capture_output=True,
+                             cwd="/").returncode == 0
+shutdown()
+print(json.dumps({"session": session, "planted": planted}))
+"""
+
+
+def test_an_embedded_rays_files_are_out_of_other_users_reach():
+    """Ray makes its folder and each session's writable by everyone (no sticky bit): another
+    user could replace the sockets the workers connect to, or plant code where runtime
+    environments are unpacked. An embedded Ray's folder is inside one only its user can enter,
+    where the system's temp folder is open to others (as /tmp is)."""
+    shared = Path(tempfile.mkdtemp(prefix="pxshr", dir="/tmp"))  # /tmp: others can reach it
+    try:
+        shared.chmod(0o1777)
+        result = last_json(run_child(TEMP_CHILD, RAY_TMPDIR=str(shared)))
+        private = shared / f"pixcrawler-{os.geteuid()}"
+        assert Path(result["session"]).parent == private / "ray", result
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700 and not (shared / "ray").exists()
+        assert result["planted"] in (None, False), result
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_rays_folder_is_made_private_or_a_new_one_is_taken(tmp_path, monkeypatch, caplog):
+    """A private temp folder needs nothing; an open one gets ``pixcrawler-<uid>`` made 0700,
+    closed if it was left open; a name that is a link, or another user's folder, is not
+    used."""
+    from cluster.connect import private_temp_dir
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    tmp_path.chmod(0o700)
+    assert private_temp_dir() is None
+    tmp_path.chmod(0o1777)
+    mine = tmp_path / f"pixcrawler-{os.geteuid()}"
+    assert private_temp_dir() == str(mine / "ray")
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    mine.chmod(0o755)
+    assert private_temp_dir() == str(mine / "ray")
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700 and "open to you only" in caplog.text
+    elsewhere = tmp_path / "elsewhere"
+    mine.rename(elsewhere)
+    mine.symlink_to(elsewhere)
+    taken = Path(private_temp_dir())
+    assert taken.name == "ray" and taken.parent.parent == tmp_path
+    assert taken.parent.name.startswith("pixcrawler-") and taken.parent != mine
+    assert stat.S_IMODE(taken.parent.stat().st_mode) == 0o700
+    if os.geteuid() == 0:
+        mine.unlink()
+        mine.mkdir()
+        os.chown(mine, 65534, 65534)
+        assert Path(private_temp_dir()).parent not in (mine, taken.parent)
 
 
 LISTENERS_CHILD = """
