@@ -99,43 +99,104 @@ def private_token() -> None:
 # Ray makes its folder (``ray`` in the system's temp folder, /tmp/ray by default) and each
 # session's folders in it writable by everyone, without the sticky bit: another user of the
 # machine could replace the sockets that the workers connect to, or plant files in the
-# folders that runtime environments are unpacked into, and run code as this user. An embedded
-# Ray's folder is put inside one only this user can enter (``private_temp_dir``).
+# folders that runtime environments are unpacked into, and run code as this user. Serve's
+# HAProxy keeps its config and an admin socket open to all in /tmp/haproxy-serve. An
+# embedded Ray's files go in a folder only this user can enter (``private_folder``).
 PRIVATE_TEMP_PREFIX = "pixcrawler-"
+MAX_SOCKET_PATH = 107
+"""The longest path of a Unix socket on Linux (Ray checks it; 103 on macOS, where Ray uses
+/tmp whatever TMPDIR says)."""
+SESSION_SOCKET_TAIL = len("/session_2026-12-06_17-08-30_277701_4194304/sockets/dash_TaskEventsHead")
+"""The longest socket path Ray makes in its temp folder, past the folder's own path."""
 
 
-def private_temp_dir() -> Optional[str]:
-    """The temp folder for an embedded Ray, or None where Ray's own is private already.
+class UnsafeTempFolder(PixCrawlerError):
+    """No folder that only this user can enter can be had for an embedded Ray's files."""
 
-    Ray's own is ``ray`` in the system's temp folder (``RAY_TMPDIR``, else ``TMPDIR``, else
-    /tmp). Where that folder is this user's and closed to others, Ray's is unreachable to
-    them as it is. Otherwise Ray's folder goes in ``pixcrawler-<uid>`` there, made 0700; one
-    of this user's that others may enter is closed (with a warning: what Ray left in it could
-    have been changed); where the name is taken by another user or is not a plain folder, a
-    new folder of a random name is made instead. Short names: Ray's socket paths must fit in
-    107 bytes."""
+
+def _temp_root() -> Path:
     from ray._common.utils import get_default_system_temp_dir
 
-    root = Path(os.path.abspath(get_default_system_temp_dir()))
-    root.mkdir(parents=True, exist_ok=True)
-    info = root.stat()
-    if info.st_uid == os.geteuid() and not info.st_mode & 0o077:
-        return None
-    folder = root / f"{PRIVATE_TEMP_PREFIX}{os.geteuid()}"
+    return Path(os.path.abspath(get_default_system_temp_dir()))
+
+
+def private_folder() -> Path:
+    """A folder of this user's, closed to others, in the system's temp folder
+    (``RAY_TMPDIR``, else ``TMPDIR``, else /tmp): that folder itself where it is so already;
+    else ``pixcrawler-<uid>`` in it, made 0700. A ``pixcrawler-<uid>`` that is a link, another
+    user's, or was left open to others (who may hold a way in still) is not used: a new
+    folder of a random name is, with a warning. A temp folder others could rename things in
+    (writable by them, without the sticky bit /tmp has) is refused: they could swap the
+    private folder for theirs at any moment."""
+    root = _temp_root()
+    uid = os.geteuid()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        info = root.stat()
+    except OSError as exc:
+        raise UnsafeTempFolder(f"cannot use the temp folder {root} for Ray's files ({exc}): "
+                               "set RAY_TMPDIR to a folder of yours") from None
+    if info.st_uid == uid and not info.st_mode & 0o077:
+        return root
+    if info.st_uid not in (0, uid) or (info.st_mode & 0o022
+                                       and not info.st_mode & stat.S_ISVTX):
+        raise UnsafeTempFolder(
+            f"the temp folder {root} lets other users of this machine rename what is in it "
+            "(it is theirs, or writable by them without the sticky bit), so no folder in it "
+            "can be kept private for Ray's files: set RAY_TMPDIR to a folder of yours")
+    folder = root / f"{PRIVATE_TEMP_PREFIX}{uid}"
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:
         pass
+    except OSError as exc:
+        raise UnsafeTempFolder(f"cannot make {folder} for Ray's files ({exc}): set RAY_TMPDIR "
+                               "to a folder of yours") from None
     info = folder.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        log.warning("%s is not a folder of yours: this command's Ray keeps its files in a new "
-                    "folder instead", folder)
-        return str(Path(tempfile.mkdtemp(prefix=PRIVATE_TEMP_PREFIX, dir=root)) / "ray")
-    if info.st_mode & 0o077:
-        folder.chmod(0o700)
-        log.warning("%s could be entered by other users of this machine, who could then change "
-                    "what Ray keeps there: it is now open to you only", folder)
-    return str(folder / "ray")
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == uid and not info.st_mode & 0o077:
+        return folder
+    ours = stat.S_ISDIR(info.st_mode) and info.st_uid == uid
+    new = Path(tempfile.mkdtemp(prefix=PRIVATE_TEMP_PREFIX, dir=root))
+    log.warning("%s %s: this command's Ray keeps its files in %s instead%s", folder,
+                "was open to other users of this machine, who may still hold a way in"
+                if ours else "is not a folder of yours", new,
+                " (remove the old folder to have it made again)" if ours else "")
+    return new
+
+
+def private_temp_dir() -> Optional[str]:
+    """The temp folder for an embedded Ray (``ray`` in ``private_folder``), or None where
+    Ray's own is private already (the system's temp folder is). Refused
+    (``UnsafeTempFolder``) where Ray's socket paths in it would be too long."""
+    folder = private_folder()
+    if folder == _temp_root():
+        return None
+    ray_dir = folder / "ray"
+    if len(os.fsencode(ray_dir)) + SESSION_SOCKET_TAIL > MAX_SOCKET_PATH:
+        raise UnsafeTempFolder(
+            f"Ray's socket paths in {ray_dir} would be longer than {MAX_SOCKET_PATH} bytes: "
+            "set RAY_TMPDIR to a folder of yours with a shorter path")
+    return str(ray_dir)
+
+
+TPU_LOGS_ENV, SHARED_TPU_LOGS = "TPU_LOG_DIR", "/tmp/tpu_logs"
+
+
+def _no_foreign_tpu_logs() -> None:
+    """Ray links ``TPU_LOG_DIR`` (or, where that is no folder, /tmp/tpu_logs) into the
+    session's logs, whose files its log monitor prints on the driver's terminal and its
+    dashboard shows: a /tmp/tpu_logs another user made would put their files (or links to
+    this user's) there. Ray is then pointed at an empty folder of this user's instead."""
+    if os.path.isdir(os.environ.get(TPU_LOGS_ENV, "")):
+        return
+    try:
+        foreign = os.lstat(SHARED_TPU_LOGS).st_uid != os.geteuid()
+    except OSError:
+        return
+    if foreign:
+        empty = private_folder() / "tpu_logs"
+        empty.mkdir(mode=0o700, exist_ok=True)
+        os.environ[TPU_LOGS_ENV] = str(empty)
 
 
 def _write_token(path: Path) -> None:
@@ -205,16 +266,18 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             recorded = recorded_head()
             if recorded:
                 log.info("a Ray head is recorded on this machine (%s, by `ray start`): not "
-                         "joining it, starting an embedded Ray for this command; pass "
-                         "--address auto (or set RAY_ADDRESS) to run on that cluster", recorded)
+                         "joining it, starting an embedded Ray for this command; pass its "
+                         "address (--address HOST:PORT, or RAY_ADDRESS) to run on that "
+                         "cluster", recorded)
             # address="local": ray.init() with none would join the recorded head (and refuse
             # num_cpus there, or fail on a stale record).
+            temp_dir = private_temp_dir()
+            _no_foreign_tpu_logs()
             with _loopback_node(), _lean_head(dashboard=dashboard, quiet=quiet):
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
                          include_dashboard=dashboard,
                          dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
-                         _temp_dir=private_temp_dir(),
-                         _system_config=system_config, **common)
+                         _temp_dir=temp_dir, _system_config=system_config, **common)
     ctx = ray.get_runtime_context()
     info = {
         "mode": "cluster" if address else "embedded",

