@@ -55,8 +55,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_driver import driver_sample  # noqa: E402
-from builder.dedup import (DedupClient, DedupItem, DedupPartition, KeyScheme,  # noqa: E402
-                           mix64, partition_of)
+from builder.dedup import (DedupClient, DedupDecision, DedupItem,  # noqa: E402
+                           DedupPartition, KeyScheme, mix64, partition_of)
 
 U64 = np.uint64
 
@@ -184,6 +184,19 @@ def unit_batches(rng: np.random.Generator, freq: np.ndarray | None, unit: int, u
     return batches
 
 
+async def decide_unit(client: DedupClient, batch: list[DedupItem]) -> list[DedupDecision]:
+    """A unit's final decisions, as a worker makes them: each round settled (the held as
+    dropped), the held decided again until none is (no later stage refuses an image here)."""
+    final: dict[int, DedupDecision] = {}
+    while batch:
+        out = await client.decide(batch)
+        keep = [not d.duplicate and not d.held for d in out]
+        await client.settle(batch, keep, [not k for k in keep])
+        final.update({id(it): d for it, d in zip(batch, out) if not d.held})
+        batch = [it for it, d in zip(batch, out) if d.held]
+    return list(final.values())
+
+
 def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | None,
         seed: int, stored: int, probes: int, one: bool) -> dict:
     """Fill, then time ``units`` units; ``one``: only partition 0 holds its share of the kept
@@ -204,9 +217,7 @@ def run(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray | Non
     decisions = dups = 0
     cpu0 = time.process_time()
     for batch in unit_batches(rng, freq, unit, units, stored, probes):
-        out = asyncio.run(client.decide(batch))
-        asyncio.run(client.settle(batch, [not d.duplicate for d in out],
-                                  [d.duplicate for d in out]))
+        out = asyncio.run(decide_unit(client, batch))
         decisions += len(out)
         dups += sum(d.duplicate for d in out)
     total_cpu = time.process_time() - cpu0
@@ -285,9 +296,7 @@ def run_ray(size: int, k: int, unit: int, units: int, t: int, freq: np.ndarray |
     async def decide_all() -> tuple[int, int]:
         decisions = dups = 0
         for batch in batches:
-            out = await client.decide(batch)
-            await client.settle(batch, [not d.duplicate for d in out],
-                                [d.duplicate for d in out])
+            out = await decide_unit(client, batch)
             decisions += len(out)
             dups += sum(d.duplicate for d in out)
         return decisions, dups

@@ -26,16 +26,19 @@ in order; the partition reports what each probe meets and files the item's own s
 one step. A pair of near duplicates meets in several buckets; it is counted in exactly one of
 them, the *designated* one (the first ``(i, j)`` where both chunks agree), so the pair is judged
 in one place, in the order its two items reached that partition. The client
-(``DedupClient.decide``) then decides each item in order: a duplicate of a kept image, of an
-earlier kept item of the same unit, or of an undecided (pending) item of another unit that was
-issued earlier (its token is smaller); else kept. Rejected items are released and accepted ones
-marked kept (``settle``), so later lookups see the final state. ``settle`` names the entries by
-the rows ``check`` filed them in (a few per item, not a lookup of each of its keys), and by the
-rows of the candidate's earlier, unsettled attempts that its probes met (a candidate probes with
-its stored signatures too, ``builder.hashing``). Fed one unit at a time this
+(``DedupClient.decide``) then decides each item in order: a duplicate of a kept image; *held*
+where it would be the duplicate of an undecided image only (an earlier kept item of the same
+unit, another unit's pending exact entry, or a near one of a unit issued earlier, its token
+smaller), which a later stage of its unit may still refuse; else kept. Rejected and held
+items are released and accepted ones marked kept (``settle``), so later lookups see the final
+state; a held item is decided again once its image is settled, and so is a duplicate of it,
+never of an image the dataset does not get (``builder.worker``). ``settle`` names the entries
+by the rows ``check`` filed them in (a few per item, not a lookup of each of its keys), and by
+the rows of the candidate's earlier, unsettled attempts that its probes met (a candidate
+probes with its stored signatures too, ``builder.hashing``). Fed one unit at a time this
 gives exactly the decisions of a single brute-force index (tested against one). Two near
 duplicates decided at the same moment on different workers may, rarely, both be kept; an image
-is never lost to such a race, because a pending entry only counts against later-issued items.
+is never lost to such a race, because a pending entry only holds later-issued items.
 
 **Idempotent.** Every entry carries the claim (a hash of the candidate's key) of the candidate
 that made it. A retried unit meets its own entries and is not a duplicate of itself; an image
@@ -701,9 +704,10 @@ class DedupPartition:
         the order of the calls).
 
         Returns ``x_other`` (0: the id is this candidate's, now or already; else the holder's
-        claim), ``x_state`` (the state of the id's entry when it was this candidate's already,
-        else 0), the near relations ``r_pos, r_id, r_claim, r_token, r_state, r_da,
-        r_db`` (at most ``MAX_RELATIONS`` per item, closest first), and the near entries
+        claim) and ``x_ostate`` (the holder's entry's state), ``x_state`` (the state of the
+        id's entry when it was this candidate's already, else 0), the near relations
+        ``r_pos, r_id, r_claim, r_token, r_state, r_da, r_db`` (at most ``MAX_RELATIONS`` per
+        item, closest first), and the near entries
         ``settle`` will update, ``f_pos, f_row``: the rows filed for each item, and the live
         rows of the same candidate that an earlier check filed and its probes met (a retried
         unit whose first attempt was never settled).
@@ -718,6 +722,7 @@ class DedupPartition:
         claims = _arr(req.get("x_claim"), U64)
         tokens = _arr(req.get("x_token"), U64)
         other = np.zeros(len(ids), dtype=U64)
+        other_state = np.zeros(len(ids), dtype=np.uint8)
         state = np.zeros(len(ids), dtype=np.uint8)
         ref = np.zeros(len(ids), dtype=U64)
         q, rows = self._exact.lookup(ids | U64(1))
@@ -736,11 +741,15 @@ class DedupPartition:
                 ref[i] = self._ex["ref"][mine[-1]]
                 continue
             if rows_i:
-                other[i] = self._ex["claim"][rows_i[0]]
+                # a decided holder before an undecided one (a copy waits only on the latter)
+                row = max(rows_i, key=lambda r: int(self._ex["state"][r]) != PENDING)
+                other[i] = self._ex["claim"][row]
+                other_state[i] = self._ex["state"][row]
                 continue
             holder = new.get(int(ids[i]))
             if holder is not None and holder != c:
                 other[i] = holder
+                other_state[i] = PENDING
                 continue
             if holder is None:
                 new[int(ids[i])] = c
@@ -754,7 +763,7 @@ class DedupPartition:
                                        state=np.full(len(add_ids), PENDING, np.uint8))
             self._exact.make_room(len(rows_new), lambda: self._alive(self._ex))
             self._exact.insert(a_ids | U64(1), rows_new)
-        return {"x_other": other, "x_state": state, "x_ref": ref}
+        return {"x_other": other, "x_ostate": other_state, "x_state": state, "x_ref": ref}
 
     def _check_near(self, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         q_pos = _arr(req.get("q_pos"), np.int64)
@@ -1009,7 +1018,9 @@ class DedupItem:
 class DedupDecision:
     """``reason`` None: kept (``written``: an earlier attempt already wrote it; ``writing``:
     one may have). Otherwise the duplicate's reason, the id of the image it duplicates and the
-    distance (a + b bits)."""
+    distance (a + b bits); ``held``: that image is undecided still (another unit's, or kept
+    by this call and not yet settled), so this item is no duplicate yet: settle it as
+    dropped, and decide it again once that image is settled."""
 
     reason: Optional[Reason] = None
     kept_id: str = ""
@@ -1018,10 +1029,12 @@ class DedupDecision:
     writing: int = -1
     """An earlier attempt was writing it in this shard (``ref``): written iff that shard
     committed, which the caller checks in the journal."""
+    held: bool = False
 
     @property
     def duplicate(self) -> bool:
-        return self.reason is not None
+        """A duplicate of an image decided already (kept, or in the output)."""
+        return self.reason is not None and not self.held
 
 
 @dataclass
@@ -1162,6 +1175,7 @@ class DedupClient:
                     is_token=tokens[ipos[isig]])
         results = await self._fan_out("check", payloads)
         x_other = np.zeros(n, dtype=U64)
+        x_ostate = np.zeros(n, dtype=np.uint8)
         x_state = np.zeros(n, dtype=np.uint8)
         x_ref = np.zeros(n, dtype=U64)
         relations: list[list[tuple[int, int, int, int, int]]] = [[] for _ in range(n)]
@@ -1175,6 +1189,7 @@ class DedupClient:
                 f_row.append(result["f_row"])
             sel = np.flatnonzero(xpart == p)
             x_other[sel] = result["x_other"]
+            x_ostate[sel] = result["x_ostate"]
             x_state[sel] = result["x_state"]
             x_ref[sel] = result["x_ref"]
             for pos, rid, rclaim, rtoken, rstate, da, db in zip(
@@ -1184,20 +1199,27 @@ class DedupClient:
                     result["r_db"].tolist()):
                 relations[pos].append((rclaim, rid, rtoken, rstate, da + db))
         _hand_out(items, f_part, f_pos, f_row)
-        return self._resolve(items, claims, x_other, x_state, x_ref, relations)
+        return self._resolve(items, claims, x_other, x_ostate, x_state, x_ref, relations)
 
     @staticmethod
     def _resolve(items: Sequence[DedupItem], claims: np.ndarray, x_other: np.ndarray,
-                 x_state: np.ndarray, x_ref: np.ndarray,
+                 x_ostate: np.ndarray, x_state: np.ndarray, x_ref: np.ndarray,
                  relations: list[list[tuple[int, int, int, int, int]]]
                  ) -> list[DedupDecision]:
         batch = {int(c): i for i, c in enumerate(claims.tolist())}
         written = {int(c) for c, s in zip(claims.tolist(), x_state.tolist())
                    if s in (WRITTEN, WRITING)}
         kept_claims: set[int] = set()
+        held_claims: set[int] = set()
         decisions: list[DedupDecision] = []
         for i, item in enumerate(items):
             exact = bool(x_other[i])
+            if exact and int(x_other[i]) in held_claims:
+                # the same bytes as an earlier item of this unit that waits: wait with it
+                decisions.append(DedupDecision(Reason.EXACT_DUPLICATE, id_text(item.image_id),
+                                               held=True))
+                held_claims.add(item.claim)
+                continue
             if exact and int(x_other[i]) in batch and int(x_other[i]) not in kept_claims:
                 # The id's holder is an earlier item of this unit that was rejected: judge this
                 # copy as that item was judged (same bytes, same signatures), by its relations.
@@ -1206,7 +1228,12 @@ class DedupClient:
             else:
                 fallback = False
             if exact:
-                decisions.append(DedupDecision(Reason.EXACT_DUPLICATE, id_text(item.image_id)))
+                # a holder kept here, or another unit's still undecided, may yet be rejected
+                held = int(x_other[i]) in batch or bool(x_ostate[i] == PENDING)
+                decisions.append(DedupDecision(Reason.EXACT_DUPLICATE, id_text(item.image_id),
+                                               held=held))
+                if held:
+                    held_claims.add(item.claim)
                 continue
             if x_state[i] in (WRITTEN, WRITING):
                 decisions.append(DedupDecision(written=x_state[i] == WRITTEN,
@@ -1215,18 +1242,30 @@ class DedupClient:
                 kept_claims.add(item.claim)
                 continue
             best: Optional[tuple[int, int]] = None
+            waits: Optional[tuple[int, int]] = None
             for rclaim, rid, rtoken, rstate, dist in relations[i]:
                 if rclaim in written:
-                    counts = True  # an earlier attempt of this unit wrote it: it is output
+                    final = True  # an earlier attempt of this unit wrote it: it is output
                 elif rclaim in batch:
-                    counts = batch[rclaim] < i and rclaim in kept_claims
+                    if not (batch[rclaim] < i and rclaim in kept_claims):
+                        continue
+                    final = False
+                elif rstate in (KEPT, WRITTEN):
+                    final = True
+                elif rstate == PENDING and rtoken < item.token:
+                    final = False
                 else:
-                    counts = rstate in (KEPT, WRITTEN) or (rstate == PENDING
-                                                           and rtoken < item.token)
-                if counts and (best is None or dist < best[0]):
+                    continue
+                if final and (best is None or dist < best[0]):
                     best = (dist, rid)
-            if best is not None:
-                decisions.append(DedupDecision(Reason.NEAR_DUPLICATE, id_text(best[1]), best[0]))
+                elif not final and (waits is None or dist < waits[0]):
+                    waits = (dist, rid)
+            if best is not None or waits is not None:
+                dist, rid = best if best is not None else waits
+                decisions.append(DedupDecision(Reason.NEAR_DUPLICATE, id_text(rid), dist,
+                                               held=best is None))
+                if best is None:
+                    held_claims.add(item.claim)
                 continue
             if fallback:  # the id is filed under the rejected item: never write it twice
                 decisions.append(DedupDecision(Reason.EXACT_DUPLICATE, id_text(item.image_id)))

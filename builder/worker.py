@@ -15,8 +15,12 @@ several at a time. One unit goes, in order:
 5. **slow level** (NSFW / CLIP) where the spec asks for it; its scores go into the record;
 6. **grant**: the quota ledger grants up to each class's room; valid images past it are
    ``over_target``;
-7. the index learns the outcome; accepted images are resized / re-encoded if asked, get their
-   split, and go to the worker's shard assembler; the unit's report (counts only) goes back.
+7. the index learns the outcome (*settle*). An image that step 4 found a duplicate of an
+   image not yet settled (another unit's between its steps 4 and 7, or one this unit kept
+   there, which steps 5-6 may still refuse) was held out of steps 5-6: it goes through 4-7
+   again once that image is settled, so that a copy is kept wherever the first is refused;
+8. accepted images are resized / re-encoded if asked, get their split, and go to the
+   worker's shard assembler; the unit's report (counts only) goes back.
 
 A unit *commits* once every image it accepted is in a committed shard: its candidates'
 decisions are then journaled (``builder.journal``) and the ledger counts its images for good.
@@ -37,6 +41,7 @@ import gc
 import importlib.abc
 import logging
 import math
+import random
 import sys
 import time
 from collections import Counter
@@ -47,7 +52,7 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from builder.dedup import DedupClient, DedupItem, claim_of, id_number, url_hash
+from builder.dedup import DedupClient, DedupDecision, DedupItem, claim_of, id_number, url_hash
 from builder.engines import SearchEngine, SearchPage, make_engine
 from builder.errors import EngineError, SourceError
 from builder.fetch import Fetcher
@@ -76,6 +81,11 @@ log = logging.getLogger("pixcrawler.worker")
 T = TypeVar("T")
 
 
+HOLD_FIRST_S, HOLD_MAX_S, HOLD_WAIT_S = 0.02, 0.5, 30.0
+"""A duplicate of another unit's undecided image is decided again after these waits,
+doubling from the first to the most; past the last in all, it is the duplicate it would be
+(``UnitRun._give_up_holds``). An image is undecided from its unit's index check until the
+unit's settle: its slow-level scores and its grant, well under a second as a rule."""
 VALIDATE_BATCH = 8
 """Fetched images handed to the CPU pool together while the rest of a unit downloads."""
 
@@ -666,6 +676,12 @@ class UnitRun:
         self.report = UnitReport(unit.uid, worker.worker_id)
         self.records: list[Record] = []
         self.items: list[tuple[Record, DedupItem]] = []
+        """Every index item the unit decided (a held one once, decided again in later
+        rounds)."""
+        self.held: dict[int, DedupDecision] = {}
+        """Per record (by ``id``), the decision of one held in the last index round."""
+        self.granted: set[int] = set()
+        """Records (by ``id``) the quota granted in an earlier round."""
         self.written: set[int] = set()
         self.bad_rows: dict[int, str] = {}
         self.url_hashes: dict[int, int] = {}
@@ -847,12 +863,33 @@ class UnitRun:
                 assert w.fetcher is not None
                 for r in live:
                     w.fetcher.release(r)
-        await self._dedup()
-        if w.services.slow:
-            kept = [r for r, _ in self.items if not r.rejected]
-            if kept:
-                await self.stage(w.services.score(kept, w.pool))
-        await self._grant()
+        # A duplicate of an image not yet decided (another unit's, between its index check
+        # and its settle; or one this unit keeps, which a later stage may still refuse) is
+        # decided again once that image is: were it rejected, neither copy would be kept.
+        items = self._dedup_items()
+        deadline, delay = time.monotonic() + HOLD_WAIT_S, HOLD_FIRST_S
+        while True:
+            await self._dedup(items)
+            if w.services.slow:
+                kept = [r for r, _ in items if not r.rejected and id(r) not in self.held]
+                if kept:
+                    await self.stage(w.services.score(kept, w.pool))
+            await self._grant()
+            await self._settle(items)
+            await self._settle_scores([r for r, _ in items if r.rejected])
+            self._follow_siblings(items)
+            items = [(r, it) for r, it in items if id(r) in self.held]
+            if not items:
+                break
+            if self.generation != (w.assembler.generation if w.assembler else 0):
+                raise IndexLost("the worker dropped its buffers while this unit waited")
+            if time.monotonic() >= deadline or (w._cancel.is_set() and self.unit.attempt):
+                self._give_up_holds()  # (a first attempt's wait ends in UnitCancelled)
+                break
+            # the holders are another unit's: it settles them once it has scored and been
+            # granted its images (jittered, so that units holding each other part)
+            await self.stage(asyncio.sleep(delay * (0.5 + random.random())))
+            delay = min(delay * 2, HOLD_MAX_S)
         await self._emit()
 
     async def _fetch_and_validate(self, live: list[Record]) -> None:
@@ -982,28 +1019,37 @@ class UnitRun:
     def _is_written(self, record: Record) -> bool:
         return id_number(record.id) in self.written
 
-    async def _dedup(self) -> None:
-        w, unit = self.w, self.unit
+    def _dedup_items(self) -> list[tuple[Record, DedupItem]]:
+        """The unit's valid images as index items, in the order they are decided."""
+        unit = self.unit
         # Best copy first: of the copies of one picture in this unit, the index keeps the first
         # it decides, so the largest / colour / least compressed one (``quality_key``).
         valid = sorted((r for r in self.records
                         if not r.rejected and r.sha256 and id(r) not in self.restored),
                        key=lambda r: quality_key(copy_of(r)))
-        for pos, record in enumerate(valid):
-            stored, probes = record.dedup_signatures()
-            self.items.append((record, DedupItem(self.claim(record), unit.token(pos),
-                                                 id_number(record.id), stored, probes)))
-        if not self.items:
+        items = [(record, DedupItem(self.claim(record), unit.token(pos), id_number(record.id),
+                                    *record.dedup_signatures()))
+                 for pos, record in enumerate(valid)]
+        self.items.extend(items)
+        return items
+
+    async def _dedup(self, items: list[tuple[Record, DedupItem]]) -> None:
+        """Decide ``items`` in the index: a duplicate of a decided image is rejected, one of
+        an undecided image is held (``self.held``), and a kept image an earlier attempt wrote
+        is noted as written."""
+        w = self.w
+        self.held.clear()
+        if not items:
             return
-        decisions = await self.stage(w.services.dedup.decide([it for _, it in self.items]))
+        decisions = await self.stage(w.services.dedup.decide([it for _, it in items]))
         names: dict[int, bool] = {}
-        for (record, item), decision in zip(self.items, decisions):
+        for (record, item), decision in zip(items, decisions):
+            if decision.held:
+                self.held[id(record)] = decision
+                continue
             if decision.duplicate:
-                detail = (f"same bytes as {decision.kept_id}"
-                          if decision.reason == Reason.EXACT_DUPLICATE else
-                          f"near-duplicate signatures ({decision.distance} bits) of "
-                          f"{decision.kept_id}")
-                record.reject(decision.reason, detail, duplicate_of=decision.kept_id)
+                record.reject(decision.reason, _duplicate_detail(decision),
+                              duplicate_of=decision.kept_id)
                 continue
             written = decision.written
             if decision.writing >= 0:
@@ -1014,41 +1060,92 @@ class UnitRun:
             if written:
                 self.written.add(item.image_id)
 
+    def _follow_siblings(self, items: list[tuple[Record, DedupItem]]) -> None:
+        """Decide here what holds on an image of this unit's round just settled would be
+        decided again: a copy of an accepted image is its duplicate; one of a refused image,
+        of the same bytes and class, gets its verdict (the slow level and the quota judge
+        bytes and class). Others (a near copy, another class) stay held."""
+        decided: dict[str, Record] = {}
+        for r, _ in items:  # of copies decided alike, an accepted one
+            if id(r) not in self.held and (r.id not in decided or not r.rejected):
+                decided[r.id] = r
+        for record, _ in items:
+            decision = self.held.get(id(record))
+            holder = decided.get(decision.kept_id) if decision is not None else None
+            if holder is None:
+                continue
+            if not holder.rejected:
+                del self.held[id(record)]
+                record.reject(decision.reason, _duplicate_detail(decision),
+                              duplicate_of=decision.kept_id)
+            elif holder.id == record.id and holder.label == record.label:
+                del self.held[id(record)]
+                record.reject(Reason(holder.reason), f"as its copy {holder.id}: {holder.detail}",
+                              duplicate_of=holder.duplicate_of)
+
+    def _give_up_holds(self) -> None:
+        """Held past ``HOLD_WAIT_S`` (the image's unit may be lost, and its resend waiting for
+        this unit's place): each held image is the duplicate it would be, as an index without
+        holds decides."""
+        for record in self.records:
+            decision = self.held.get(id(record))
+            if decision is not None:
+                record.reject(decision.reason, f"{_duplicate_detail(decision)}, still undecided "
+                              f"when this unit stopped waiting", duplicate_of=decision.kept_id)
+        if self.held:
+            log.warning("unit %s: %d images were copies of images still undecided after "
+                        "%.0f s (or the job was cancelled): rejected as their duplicates",
+                        self.unit.uid, len(self.held), HOLD_WAIT_S)
+        self.held.clear()
+
     def _shard_of(self, ref: int) -> str:
         splits = list(self.spec.output.splits)
         index, number = ref >> 32, ref & 0xFFFFFFFF
         return shard_name(splits[index] if index < len(splits) else "", number)
 
     async def _grant(self) -> None:
+        """Ask the quota for the unit's accepted images (the held left out); those granted in
+        an earlier round, and those an earlier attempt wrote, are granted again whatever the
+        room (a grant replaces the unit's last), the rest as far as there is room."""
         w = self.w
-        valid = [r for r in self.records if not r.rejected]
+        valid = [r for r in self.records if not r.rejected and id(r) not in self.held]
         wants: Counter = Counter(r.label for r in valid)
-        floor: Counter = Counter(r.label for r in valid if self._is_written(r))
+        floor: Counter = Counter(r.label for r in valid
+                                 if self._is_written(r) or id(r) in self.granted)
+        if self.granted and wants == floor:
+            return  # no image new since the last grant, which stands
         granted = await w.services.grant(self.unit.uid, dict(wants), dict(floor)) \
             if wants else {}
         left = Counter(granted)
-        for record in sorted(valid, key=lambda r: not self._is_written(r)):
+        for record in sorted(valid, key=lambda r: (not self._is_written(r),
+                                                   id(r) not in self.granted)):
             if left[record.label] > 0:
                 left[record.label] -= 1
+                self.granted.add(id(record))
             else:
                 target = self.spec.target_of(record.label)
                 record.reject(Reason.OVER_TARGET, f"class already has {target}")
 
-    async def _settle(self) -> None:
-        if not self.items:
+    async def _settle(self, items: list[tuple[Record, DedupItem]]) -> None:
+        """Tell the index what became of ``items``: the accepted are kept; the rejected, and
+        the held (decided again later, filed again then), are dropped."""
+        if not items:
             return
-        keep = [not r.rejected for r, _ in self.items]
-        drop = [r.rejected for r, _ in self.items]
-        await self.w.services.dedup.settle([it for _, it in self.items], keep, drop)
+        keep = [not r.rejected and id(r) not in self.held for r, _ in items]
+        await self.w.services.dedup.settle([it for _, it in items], keep,
+                                           [not k for k in keep])
 
-    async def _settle_scores(self) -> None:
-        if self.w.services.slow and self.spec.validation.embedding_dedup_threshold is not None:
-            await self.w.services.settle_scores(self.records)
+    async def _settle_scores(self, records: Optional[list[Record]] = None) -> None:
+        """The final decisions on ``records`` (default: the unit's) for the slow level's
+        embedding store: a refused image leaves it, so that no copy is refused against it."""
+        records = self.records if records is None else records
+        if records and self.w.services.slow and \
+                self.spec.validation.embedding_dedup_threshold is not None:
+            await self.w.services.settle_scores(records)
 
     async def _emit(self) -> None:
-        """Settle the index, count, build the rows and hand them to the assembler."""
+        """Count, build the rows and hand them to the assembler (the index is settled)."""
         w = self.w
-        await self._settle()
         await self._settle_scores()
         accepted = [r for r in self.records if not r.rejected]
         new = [r for r in accepted if not self._is_written(r)]
@@ -1064,7 +1161,8 @@ class UnitRun:
 
     async def _finish_cancelled(self) -> None:
         w = self.w
-        await self._settle()
+        self.held.clear()
+        await self._settle(self.items)
         await self._settle_scores()
         kept = [r for r in self.records if not r.rejected]
         if kept:  # images an earlier attempt wrote: accepted, whatever happened since
@@ -1146,6 +1244,11 @@ def _search_error(exc: EngineError, engine: str, private: bool) -> str:
     status = f" (HTTP {exc.status})" if exc.status else ""
     return (f"{engine}: the search failed{status}; what it said is not shown, as private "
             "addresses are allowed (its server may be an internal service)")
+
+
+def _duplicate_detail(decision: DedupDecision) -> str:
+    return (f"same bytes as {decision.kept_id}" if decision.reason == Reason.EXACT_DUPLICATE
+            else f"near-duplicate signatures ({decision.distance} bits) of {decision.kept_id}")
 
 
 def _short(exc: Exception, limit: int = 300) -> str:

@@ -269,17 +269,23 @@ def test_partitioned_index_decides_like_a_brute_force_oracle(k, t, unit):
 
 
 def decide_all(client: Any, items: list[tuple[int, int, int]], unit: int) -> list[str]:
-    """Each item's decision, the items decided and settled ``unit`` at a time."""
+    """Each item's decision, the items decided and settled ``unit`` at a time, as a unit
+    does: the held settled as dropped and decided again, until none is."""
     got: list[str] = []
     for start in range(0, len(items), unit):
         chunk = items[start:start + unit]
         batch = [DedupItem(claim_of(f"c{start + i}"), start + i, image_id, [(a, b)], [(a, b)])
                  for i, (image_id, a, b) in enumerate(chunk)]
-        decisions = run(client.decide(batch))
-        got += ["kept" if not d.duplicate else
-                "exact" if d.reason == Reason.EXACT_DUPLICATE else "near" for d in decisions]
-        run(client.settle(batch, [not d.duplicate for d in decisions],
-                          [d.duplicate for d in decisions]))
+        final: dict[int, Any] = {}
+        while batch:
+            decisions = run(client.decide(batch))
+            keep = [not d.duplicate and not d.held for d in decisions]
+            run(client.settle(batch, keep, [not k for k in keep]))
+            final.update({it.token: d for it, d in zip(batch, decisions) if not d.held})
+            batch = [it for it, d in zip(batch, decisions) if d.held]
+        got += ["kept" if not final[start + i].duplicate else
+                "exact" if final[start + i].reason == Reason.EXACT_DUPLICATE else "near"
+                for i in range(len(chunk))]
     return got
 
 
@@ -438,6 +444,75 @@ def test_pending_entries_count_only_against_later_issued_items():
     run(client.settle([late], [True], [False]))
     third = DedupItem(claim_of("third"), 0, 3, [(0xABCDEF ^ 2, 0x123)], [(0xABCDEF ^ 2, 0x123)])
     assert run(client.decide([third]))[0].reason == Reason.NEAR_DUPLICATE
+
+
+def _one(name: str, token: int, image_id: int, sig: tuple[int, int]) -> DedupItem:
+    return DedupItem(claim_of(name), token, image_id, [sig], [sig])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("holder_kept", [False, True])
+@pytest.mark.parametrize("same_bytes", [True, False])
+def test_a_copy_of_an_undecided_image_waits_for_it(k, holder_kept, same_bytes):
+    """A copy decided while the first is undecided (its unit between its check and its
+    settle, where a later stage may refuse it) was rejected at once: were the first then
+    refused, neither was kept. It is held instead, whichever unit was issued first, and
+    decided again once the first is settled: a duplicate of it if kept, kept if not."""
+    client = LocalPartitions(4, k=k).client()
+    sig = (0xF0F0F0F0, 0x0F0F)
+    first = _one("unit2\nA", 2, 0x1234, sig)
+    copy = _one("unit1\nB", 1, 0x1234 if same_bytes else 0x5678,
+                sig if same_bytes else (sig[0] ^ 0b11, sig[1]))
+    if not same_bytes:  # a near pending entry holds only items issued after it
+        first, copy = _one("unit1\nA", 1, 0x1234, sig), _one("unit2\nB", 2, 0x5678,
+                                                            copy.stored[0])
+    assert not run(client.decide([first]))[0].duplicate
+    (held,) = run(client.decide([copy]))
+    reason = Reason.EXACT_DUPLICATE if same_bytes else Reason.NEAR_DUPLICATE
+    assert held.held and not held.duplicate and held.reason == reason
+    run(client.settle([copy], [False], [True]))
+    run(client.settle([first], [holder_kept], [not holder_kept]))
+    (again,) = run(client.decide([copy]))
+    assert not again.held and again.duplicate == holder_kept
+    assert again.reason == (reason if holder_kept else None)
+
+
+def test_a_copy_of_a_duplicate_not_yet_settled_is_not_its_duplicate():
+    """B, a near duplicate of kept A, keeps its signatures filed until its unit settles; C,
+    near B but not A, was rejected against B, which is never kept: it waits for B instead,
+    then is kept."""
+    client = LocalPartitions(4, k=2).client()
+    s = (0x0123456789ABCDEF, 0xFEDCBA9876543210)
+    a = _one("unitA\nk", 1, 0xA, s)
+    run(client.decide([a]))
+    run(client.settle([a], [True], [False]))
+    b = _one("unitB\nk", 2, 0xB, (s[0] ^ 0b111, s[1]))                   # 3 bits from A
+    c = _one("unitC\nk", 3, 0xC, (s[0] ^ (0b111 << 60) ^ 0b111, s[1]))   # 3 from B, 6 from A
+    (db,) = run(client.decide([b]))
+    assert db.duplicate and db.reason == Reason.NEAR_DUPLICATE
+    (dc,) = run(client.decide([c]))
+    assert dc.held and dc.kept_id == f"{0xB:016x}"
+    run(client.settle([b], [False], [True]))
+    run(client.settle([c], [False], [True]))
+    assert not run(client.decide([c]))[0].duplicate
+
+
+def test_a_copy_of_an_image_its_own_unit_keeps_waits_for_that_units_later_stages():
+    """Within one unit the first copy is kept at the check and its later copies were
+    rejected against it at once; a later stage of the unit (the slow level, the grant) may
+    refuse the first, so they wait for its settle."""
+    client = LocalPartitions(4, k=2).client()
+    sig = (0xAAAA5555, 0x1234)
+    first, same, near = (_one("u\n1", 10, 0x1, sig), _one("u\n2", 11, 0x1, sig),
+                         _one("u\n3", 12, 0x3, (sig[0] ^ 1, sig[1])))
+    decisions = run(client.decide([first, same, near]))
+    assert not decisions[0].duplicate and not decisions[0].held
+    assert [(d.held, d.reason) for d in decisions[1:]] == [
+        (True, Reason.EXACT_DUPLICATE), (True, Reason.NEAR_DUPLICATE)]
+    run(client.settle([first, same, near], [False, False, False], [True, True, True]))
+    again = run(client.decide([same, near]))
+    assert not again[0].duplicate and not again[0].held  # the first was refused: kept
+    assert again[1].held and again[1].reason == Reason.NEAR_DUPLICATE  # waits on the new one
 
 
 def test_released_images_and_urls_are_forgotten():

@@ -712,3 +712,302 @@ def test_a_retried_slice_naming_one_reject_twice_accepts_one_image(tmp_path, mon
         cat = asyncio.run(run()).classes["cat"]
     assert (cat.candidates, cat.accepted, dict(cat.rejected)) == (2, 1, {"duplicate_url": 1})
     assert sum(pq.read_metadata(p).num_rows for p in (tmp_path / "ds" / "data").glob("*")) == 1
+
+
+@pytest.fixture
+def one_image_server():
+    """Serves one picture at every ``*.jpg`` path, on 127.0.0.1: the same JPEG, or, under
+    ``/q60/``, another encoding of it (other bytes, a near copy)."""
+    import http.server
+    import threading
+
+    from tests.images import jpeg
+
+    bodies = {False: jpeg(7), True: jpeg(7, quality=60)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            found = self.path.endswith(".jpg")
+            body = bodies[self.path.startswith("/q60/")] if found else b""
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _two_class_spec(tmp_path, urls: dict[str, str]):
+    from builder.spec import parse_spec
+
+    return parse_spec({"name": "t", "target": 5,
+                       "classes": {label: {"urls": [url]} for label, url in urls.items()},
+                       "download": {"allow_private_networks": True, "timeout_s": 5,
+                                    "retries": 0},
+                       "output": {"uri": str(tmp_path / "ds")}})
+
+
+@pytest.mark.parametrize("later", ["off_topic", "over_target", "never"])
+def test_a_copy_of_an_image_another_unit_refuses_later_is_kept(tmp_path, one_image_server,
+                                                               monkeypatch, later):
+    """Units A (cat) and B (dog) find the same bytes. B reached the index while A's image was
+    undecided (A waiting on its slow level or its grant) and was rejected as its duplicate at
+    once; A's image was then refused, and neither copy was kept. B now waits for A and is kept.
+    An image that stays undecided (``never``: its unit hangs, or was lost) holds B up to
+    ``HOLD_WAIT_S`` only, after which B is the duplicate it would be."""
+    import asyncio
+
+    import builder.worker as worker_module
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.reasons import Reason
+    from builder.units import INLINE, POS_BITS, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    monkeypatch.setattr(worker_module, "HOLD_WAIT_S", 0.3)
+    spec = _two_class_spec(tmp_path, {"cat": f"{one_image_server}/cat/a.jpg",
+                                      "dog": f"{one_image_server}/dog/b.jpg"})
+    b_decided, a_released = asyncio.Event(), asyncio.Event()
+
+    class Services(LocalServices):
+        @property
+        def slow(self):
+            return later == "off_topic"
+
+        async def score(self, records, pool):  # the CLIP scorer's verdict, after B's check
+            for r in records:
+                if r.label == "cat":
+                    await b_decided.wait()
+                    r.reject(Reason.OFF_TOPIC, "similarity below clip_threshold")
+            return records
+
+        async def grant(self, uid, wants, floor):  # the ledger's answer, after B's check
+            if "cat" in wants and later != "off_topic":
+                await b_decided.wait()
+                if later == "never":
+                    await a_released.wait()
+                else:
+                    return {**await super().grant(uid, wants, floor), "cat": 0}
+            return await super().grant(uid, wants, floor)
+
+    client = LocalPartitions(4, k=1).client()
+    decide = client.decide
+
+    async def traced(items):
+        out = await decide(items)
+        if any(it.token >> POS_BITS == 2 for it in items):
+            b_decided.set()
+        return out
+
+    client.decide = traced
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
+                            Services(spec, client, QuotaLedger({"cat": 5, "dog": 5})))
+    unit_a = WorkUnit(inline_uid(1, "cat", 0), 1, INLINE, 1, label="cat", start=0, stop=1)
+    unit_b = WorkUnit(inline_uid(1, "dog", 0), 2, INLINE, 1, label="dog", start=0, stop=1)
+
+    async def main():
+        await runtime.start()
+        try:
+            a = asyncio.create_task(runtime.run(unit_a))
+            await asyncio.sleep(0.3)  # A reaches the index first
+            b = (await runtime.run(unit_b))[0]
+            a_released.set()
+            return (await a)[0], b
+        finally:
+            await runtime.close()
+
+    a, b = asyncio.run(main())
+    cat, dog = a.classes["cat"], b.classes["dog"]
+    assert cat.candidates == dog.candidates == 1
+    if later == "never":
+        assert (cat.accepted, dog.accepted, dict(dog.rejected)) == (1, 0, {"exact_duplicate": 1})
+        return
+    assert (cat.accepted, dict(cat.rejected)) == (0, {later: 1})
+    assert (dog.accepted, dict(dog.rejected)) == (1, {})
+
+
+def test_a_copy_of_an_image_its_own_unit_refuses_later_is_kept(tmp_path, one_image_server,
+                                                               monkeypatch):
+    """One unit (a list slice naming both classes) holds the same bytes twice: the index
+    kept the first copy and rejected the second at once, and the slow level then refused the
+    first for its class. The second now waits for the first's fate and is kept."""
+    import asyncio
+
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.reasons import Reason
+    from builder.records import Candidate
+    from builder.units import INLINE, WorkUnit
+    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+
+    cat_url, dog_url = f"{one_image_server}/x/a.jpg", f"{one_image_server}/y/b.jpg"
+    spec = _two_class_spec(tmp_path, {"cat": cat_url, "dog": dog_url})
+
+    async def both(self):
+        return [Candidate(url=cat_url, label="cat", engine="urllist", rank=0),
+                Candidate(url=dog_url, label="dog", engine="urllist", rank=1)]
+
+    monkeypatch.setattr(UnitRun, "_candidates", both)
+    scored: list[str] = []
+
+    class Services(LocalServices):
+        slow = True
+
+        async def score(self, records, pool):
+            for r in records:
+                scored.append(r.label)
+                if r.label == "cat":
+                    r.reject(Reason.OFF_TOPIC, "similarity below clip_threshold")
+            return records
+
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
+                            Services(spec, LocalPartitions(4, k=1).client(),
+                                     QuotaLedger({"cat": 5, "dog": 5})))
+
+    async def main():
+        await runtime.start()
+        try:
+            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
+                                               start=0, stop=2)))[0]
+        finally:
+            await runtime.close()
+
+    report = asyncio.run(main())
+    assert {label: (c.accepted, dict(c.rejected)) for label, c in report.classes.items()} == {
+        "cat": (0, {"off_topic": 1}), "dog": (1, {})}
+    assert sorted(scored) == ["cat", "dog"]
+
+
+def test_a_copy_kept_after_waiting_is_not_refused_by_the_slow_levels_store(tmp_path,
+                                                                          one_image_server,
+                                                                          monkeypatch):
+    """The slow level's embedding store takes an image in when the level keeps it, and lets it
+    go when the unit's decision reaches it. A near copy held for that image (refused here by
+    the grant) was then released, kept by the index and scored against the store before the
+    decision reached it: refused as the embedding duplicate of an image the dataset does not
+    hold. The store learns each round's refusals before the next round."""
+    import asyncio
+
+    import numpy as np
+
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.records import Candidate
+    from builder.slow import SlowValidator
+    from builder.units import INLINE, WorkUnit
+    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+
+    cat_url, dog_url = f"{one_image_server}/cat/a.jpg", f"{one_image_server}/q60/b.jpg"
+    spec = _two_class_spec(tmp_path, {"cat": cat_url, "dog": dog_url})
+    object.__setattr__(spec.validation, "embedding_dedup_threshold", 0.95)
+
+    async def both(self):
+        return [Candidate(url=cat_url, label="cat", engine="urllist", rank=0),
+                Candidate(url=dog_url, label="dog", engine="urllist", rank=1)]
+
+    monkeypatch.setattr(UnitRun, "_candidates", both)
+
+    class Clip:  # every picture the same embedding, on topic for every class
+        def load(self):
+            pass
+
+        def preprocess(self, images):
+            return np.zeros((len(images), 1), np.float32)
+
+        def encode_images(self, pixels):
+            return np.full((len(pixels), 4), 0.5, np.float32)
+
+        def encode_texts(self, texts):
+            return np.full((len(texts), 4), 0.5, np.float32)
+
+    slow = SlowValidator(["cat", "dog"], nsfw=None, clip=Clip(), clip_threshold=-1.0,
+                         wrong_class="ignore", embedding_dedup_threshold=0.95)
+
+    class Services(LocalServices):
+        async def grant(self, uid, wants, floor):  # cat is full by the time of the grant
+            out = await super().grant(uid, wants, floor)
+            return {**out, "cat": floor.get("cat", 0)} if "cat" in out else out
+
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
+                            Services(spec, LocalPartitions(8, k=1).client(),
+                                     QuotaLedger({"cat": 5, "dog": 5}), slow=slow))
+
+    async def main():
+        await runtime.start()
+        try:
+            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
+                                               start=0, stop=2)))[0]
+        finally:
+            await runtime.close()
+
+    report = asyncio.run(main())
+    assert {label: (c.accepted, dict(c.rejected)) for label, c in report.classes.items()} == {
+        "cat": (0, {"over_target": 1}), "dog": (1, {})}
+
+
+def test_copies_of_an_image_their_unit_refuses_share_its_verdict_without_asking_again(
+        tmp_path, one_image_server, monkeypatch):
+    """Twelve copies of one picture in one unit, the first refused by the slow level: each
+    other copy waited, then went through the index and the slow level again, one a round.
+    Same bytes and class get the same verdict: they take the first's in the same round."""
+    import asyncio
+
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.reasons import Reason
+    from builder.records import Candidate
+    from builder.units import INLINE, WorkUnit
+    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+
+    urls = [f"{one_image_server}/cat/{i}.jpg" for i in range(12)]
+    spec = _two_class_spec(tmp_path, {"cat": urls[0]})
+
+    async def copies(self):
+        return [Candidate(url=u, label="cat", engine="urllist", rank=i)
+                for i, u in enumerate(urls)]
+
+    monkeypatch.setattr(UnitRun, "_candidates", copies)
+    calls: Counter = Counter()
+
+    class Services(LocalServices):
+        slow = True
+
+        async def score(self, records, pool):
+            calls["score"] += 1
+            for r in records:
+                r.reject(Reason.NSFW, "nsfw score 0.99")
+            return records
+
+    client = LocalPartitions(4, k=1).client()
+    decide = client.decide
+
+    async def counted(items):
+        calls["decide"] += 1
+        return await decide(items)
+
+    client.decide = counted
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
+                            Services(spec, client, QuotaLedger({"cat": 5})))
+
+    async def main():
+        await runtime.start()
+        try:
+            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
+                                               start=0, stop=12)))[0]
+        finally:
+            await runtime.close()
+
+    report = asyncio.run(main())
+    cat = report.classes["cat"]
+    assert (cat.candidates, cat.accepted, dict(cat.rejected)) == (12, 0, {"nsfw": 12})
+    assert calls == {"decide": 1, "score": 1}
