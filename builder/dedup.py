@@ -37,7 +37,9 @@ by the rows ``check`` filed them in (a few per item, not a lookup of each of its
 the rows of the candidate's earlier, unsettled attempts that its probes met (a candidate
 probes with its stored signatures too, ``builder.hashing``). Fed one unit at a time this
 gives exactly the decisions of a single brute-force index (tested against one). Two near
-duplicates decided at the same moment on different workers may, rarely, both be kept; an image
+duplicates decided at the same moment on different workers may, rarely, both be kept, and so
+may a held item and a near copy of it a later-issued unit decides while it waits (its entries
+are dropped then: kept, they would let held items of several units hold each other); an image
 is never lost to such a race, because a pending entry only holds later-issued items.
 
 **Idempotent.** Every entry carries the claim (a hash of the candidate's key) of the candidate

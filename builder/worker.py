@@ -81,10 +81,11 @@ log = logging.getLogger("pixcrawler.worker")
 T = TypeVar("T")
 
 
-HOLD_FIRST_S, HOLD_MAX_S, HOLD_WAIT_S = 0.02, 0.5, 30.0
+HOLD_FIRST_S, HOLD_MAX_S, HOLD_WAIT_S, HOLD_WAIT_SLOW_S = 0.02, 0.5, 30.0, 300.0
 """A duplicate of another unit's undecided image is decided again after these waits,
-doubling from the first to the most; past the last in all, it is the duplicate it would be
-(``UnitRun._give_up_holds``). An image is undecided from its unit's index check until the
+doubling from the first to the most; past the last in all (the one after it where the job
+has a slow level, whose scorers may queue units for minutes), it is the duplicate it would
+be (``UnitRun._end_holds``). An image is undecided from its unit's index check until the
 unit's settle: its slow-level scores and its grant, well under a second as a rule."""
 VALIDATE_BATCH = 8
 """Fetched images handed to the CPU pool together while the rest of a unit downloads."""
@@ -867,7 +868,8 @@ class UnitRun:
         # and its settle; or one this unit keeps, which a later stage may still refuse) is
         # decided again once that image is: were it rejected, neither copy would be kept.
         items = self._dedup_items()
-        deadline, delay = time.monotonic() + HOLD_WAIT_S, HOLD_FIRST_S
+        patience = HOLD_WAIT_SLOW_S if w.services.slow else HOLD_WAIT_S
+        deadline, delay = time.monotonic() + patience, HOLD_FIRST_S
         while True:
             await self._dedup(items)
             if w.services.slow:
@@ -877,19 +879,23 @@ class UnitRun:
             await self._grant()
             await self._settle(items)
             await self._settle_scores([r for r, _ in items if r.rejected])
-            self._follow_siblings(items)
+            others = self._follow_siblings(items)
             items = [(r, it) for r, it in items if id(r) in self.held]
             if not items:
                 break
             if self.generation != (w.assembler.generation if w.assembler else 0):
                 raise IndexLost("the worker dropped its buffers while this unit waited")
-            if time.monotonic() >= deadline or (w._cancel.is_set() and self.unit.attempt):
-                self._give_up_holds()  # (a first attempt's wait ends in UnitCancelled)
+            if w._cancel.is_set() and self.unit.attempt:
+                self._end_holds(Reason.CANCELLED)  # (a first attempt's ends in UnitCancelled)
                 break
-            # the holders are another unit's: it settles them once it has scored and been
-            # granted its images (jittered, so that units holding each other part)
-            await self.stage(asyncio.sleep(delay * (0.5 + random.random())))
-            delay = min(delay * 2, HOLD_MAX_S)
+            if time.monotonic() >= deadline:
+                self._end_holds()
+                break
+            if others:
+                # another unit settles its images once it has scored and been granted them
+                # (jittered, so that units holding each other part)
+                await self.stage(asyncio.sleep(delay * (0.5 + random.random())))
+                delay = min(delay * 2, HOLD_MAX_S)
         await self._emit()
 
     async def _fetch_and_validate(self, live: list[Record]) -> None:
@@ -1060,12 +1066,14 @@ class UnitRun:
             if written:
                 self.written.add(item.image_id)
 
-    def _follow_siblings(self, items: list[tuple[Record, DedupItem]]) -> None:
+    def _follow_siblings(self, items: list[tuple[Record, DedupItem]]) -> bool:
         """Decide here what holds on an image of this unit's round just settled would be
         decided again: a copy of an accepted image is its duplicate; one of a refused image,
         of the same bytes and class, gets its verdict (the slow level and the quota judge
-        bytes and class). Others (a near copy, another class) stay held."""
+        bytes and class). Others (a near copy, another class) stay held. Returns whether any
+        held image waits on another unit's."""
         decided: dict[str, Record] = {}
+        others = False
         for r, _ in items:  # of copies decided alike, an accepted one
             if id(r) not in self.held and (r.id not in decided or not r.rejected):
                 decided[r.id] = r
@@ -1073,6 +1081,7 @@ class UnitRun:
             decision = self.held.get(id(record))
             holder = decided.get(decision.kept_id) if decision is not None else None
             if holder is None:
+                others = others or decision is not None
                 continue
             if not holder.rejected:
                 del self.held[id(record)]
@@ -1082,20 +1091,26 @@ class UnitRun:
                 del self.held[id(record)]
                 record.reject(Reason(holder.reason), f"as its copy {holder.id}: {holder.detail}",
                               duplicate_of=holder.duplicate_of)
+        return others
 
-    def _give_up_holds(self) -> None:
-        """Held past ``HOLD_WAIT_S`` (the image's unit may be lost, and its resend waiting for
-        this unit's place): each held image is the duplicate it would be, as an index without
-        holds decides."""
+    def _end_holds(self, reason: Optional[Reason] = None) -> None:
+        """Stop waiting: each held image is the duplicate it would be (held past the wait, its
+        image's unit may hang or be lost, and its resend wait for this unit's place), or,
+        with ``reason``, rejected for it (a resent unit's wait in a cancelled job)."""
         for record in self.records:
             decision = self.held.get(id(record))
-            if decision is not None:
-                record.reject(decision.reason, f"{_duplicate_detail(decision)}, still undecided "
-                              f"when this unit stopped waiting", duplicate_of=decision.kept_id)
-        if self.held:
+            if decision is None:
+                continue
+            if reason is not None:
+                record.reject(reason, "job cancelled")
+            else:
+                record.reject(decision.reason, f"{_duplicate_detail(decision)}, still "
+                              "undecided when this unit stopped waiting",
+                              duplicate_of=decision.kept_id)
+        if self.held and reason is None:
             log.warning("unit %s: %d images were copies of images still undecided after "
-                        "%.0f s (or the job was cancelled): rejected as their duplicates",
-                        self.unit.uid, len(self.held), HOLD_WAIT_S)
+                        "%.0f s: rejected as their duplicates", self.unit.uid, len(self.held),
+                        HOLD_WAIT_SLOW_S if self.w.services.slow else HOLD_WAIT_S)
         self.held.clear()
 
     def _shard_of(self, ref: int) -> str:
@@ -1146,8 +1161,8 @@ class UnitRun:
     async def _emit(self) -> None:
         """Count, build the rows and hand them to the assembler (the index is settled)."""
         w = self.w
-        await self._settle_scores()
         accepted = [r for r in self.records if not r.rejected]
+        await self._settle_scores(accepted)  # each round settled its refusals
         new = [r for r in accepted if not self._is_written(r)]
         for r in new:
             r.split = assign_split(r.id, self.spec.output.splits)

@@ -1011,3 +1011,114 @@ def test_copies_of_an_image_their_unit_refuses_share_its_verdict_without_asking_
     cat = report.classes["cat"]
     assert (cat.candidates, cat.accepted, dict(cat.rejected)) == (12, 0, {"nsfw": 12})
     assert calls == {"decide": 1, "score": 1}
+
+
+def test_an_accepted_copy_of_an_image_refused_in_another_class_stays_in_the_slow_store(
+        tmp_path, one_image_server, monkeypatch):
+    """One unit finds the same bytes as a dog and as a cat; the slow level refuses the dog
+    (wrong class), the cat copy waits for it, is scored and accepted. The store is keyed by
+    the image's id: settling the unit's refused dog after the cat took the accepted cat's
+    entry out, and later copies of it were kept."""
+    import asyncio
+
+    import numpy as np
+
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.records import Candidate
+    from builder.slow import SlowValidator
+    from builder.units import INLINE, WorkUnit
+    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+
+    dog_url, cat_url = f"{one_image_server}/dog/a.jpg", f"{one_image_server}/cat/b.jpg"
+    spec = _two_class_spec(tmp_path, {"cat": cat_url, "dog": dog_url})
+    object.__setattr__(spec.validation, "embedding_dedup_threshold", 0.95)
+
+    async def both(self):  # same bytes, the dog's copy first
+        return [Candidate(url=dog_url, label="dog", engine="urllist", rank=0),
+                Candidate(url=cat_url, label="cat", engine="urllist", rank=1)]
+
+    monkeypatch.setattr(UnitRun, "_candidates", both)
+
+    class Clip:  # every picture is a cat
+        def load(self):
+            pass
+
+        def preprocess(self, images):
+            return np.zeros((len(images), 1), np.float32)
+
+        def encode_images(self, pixels):
+            return np.tile(np.array([1, 0, 0, 0], np.float32), (len(pixels), 1))
+
+        def encode_texts(self, texts):
+            return np.array([[1, 0, 0, 0] if "cat" in t else [0, 1, 0, 0] for t in texts],
+                            np.float32)
+
+    slow = SlowValidator(["cat", "dog"], nsfw=None, clip=Clip(), clip_threshold=0.5,
+                         wrong_class="reject", embedding_dedup_threshold=0.95)
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
+                            LocalServices(spec, LocalPartitions(4, k=1).client(),
+                                          QuotaLedger({"cat": 5, "dog": 5}), slow=slow))
+
+    async def main():
+        await runtime.start()
+        try:
+            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
+                                               start=0, stop=2)))[0]
+        finally:
+            await runtime.close()
+
+    report = asyncio.run(main())
+    assert {label: (c.accepted, dict(c.rejected)) for label, c in report.classes.items()} == {
+        "cat": (1, {}), "dog": (0, {"wrong_class": 1})}
+    assert len(slow._kept.ids) == 1 and not slow._pending
+
+
+def test_a_resent_units_copies_waiting_when_the_job_is_cancelled_are_cancelled(
+        tmp_path, one_image_server):
+    """A resent unit's stages run on through a cancel; its copies waiting for another
+    unit's image were rejected as duplicates, which a continuation never decides again,
+    while that image's unit was cancelled and decided again (and could be refused): they
+    end cancelled, as that unit's images do."""
+    import asyncio
+
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.units import INLINE, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    spec = _two_class_spec(tmp_path, {"cat": f"{one_image_server}/cat/a.jpg",
+                                      "dog": f"{one_image_server}/dog/b.jpg"})
+    a_granting, release = asyncio.Event(), asyncio.Event()
+
+    class Services(LocalServices):
+        async def grant(self, uid, wants, floor):  # A's grant hangs until released
+            if "cat" in wants:
+                a_granting.set()
+                await release.wait()
+            return await super().grant(uid, wants, floor)
+
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
+                            Services(spec, LocalPartitions(4, k=1).client(),
+                                     QuotaLedger({"cat": 5, "dog": 5})))
+    unit_a = WorkUnit(inline_uid(1, "cat", 0), 1, INLINE, 1, label="cat", start=0, stop=1)
+    unit_b = WorkUnit(inline_uid(1, "dog", 0), 2, INLINE, 1, label="dog", start=0, stop=1,
+                      attempt=1)
+
+    async def main():
+        await runtime.start()
+        try:
+            a = asyncio.create_task(runtime.run(unit_a))
+            await a_granting.wait()
+            b = asyncio.create_task(runtime.run(unit_b))
+            await asyncio.sleep(0.5)  # B decides, is held, and waits
+            runtime.cancel()
+            dog = (await asyncio.wait_for(b, 10))[0].classes["dog"]
+            release.set()
+            await a
+            return dog
+        finally:
+            await runtime.close()
+
+    dog = asyncio.run(main())
+    assert (dog.candidates, dog.accepted, dict(dog.rejected)) == (1, 0, {"cancelled": 1})
