@@ -45,10 +45,11 @@ UNOBSERVED_CONFIG: dict[str, Any] = {"task_events_report_interval_ms": 0,
 # An embedded Ray serves this machine only, so none of its servers may listen beyond loopback:
 # the dashboard agent accepts job submissions, i.e. runs code. Ray's GCS, raylet, object
 # manager, core workers and agents bind 127.0.0.1 only when the node's address is exactly
-# "127.0.0.1" (otherwise 0.0.0.0, ::, or the machine's address). ray.init(_node_ip_address="127.0.0.1") is not enough on its own: Ray swaps a
-# loopback address for the machine's interface address (services.resolve_ip_for_localhost)
-# unless its single-machine mode is on, which it is by default only on macOS and Windows; the
-# switch is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when ray is imported
+# "127.0.0.1" (otherwise 0.0.0.0, ::, or the machine's address).
+# ray.init(_node_ip_address="127.0.0.1") is not enough on its own: Ray swaps a loopback
+# address for the machine's interface address (services.resolve_ip_for_localhost) unless its
+# single-machine mode is on, which it is by default only on macOS and Windows; the switch is
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when ray is imported
 # (ray_constants.ENABLE_RAY_CLUSTER). ``_loopback_node`` turns it on around ray.init.
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
