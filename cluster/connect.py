@@ -7,6 +7,7 @@ import os
 import secrets
 import stat
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,9 +105,9 @@ def private_token() -> None:
 # HAProxy keeps its config and an admin socket open to all in /tmp/haproxy-serve. An
 # embedded Ray's files go in a folder only this user can enter (``private_folder``).
 PRIVATE_TEMP_PREFIX = "pixcrawler-"
-MAX_SOCKET_PATH = 107
-"""The longest path of a Unix socket on Linux (Ray checks it; 103 on macOS, where Ray uses
-/tmp whatever TMPDIR says)."""
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
+"""The longest path of a Unix socket, as Ray checks it (on macOS Ray uses /tmp whatever
+TMPDIR says)."""
 SESSION_SOCKET_TAIL = len("/session_2026-12-06_17-08-30_277701_4194304/sockets/dash_TaskEventsHead")
 """The longest socket path Ray makes in its temp folder, past the folder's own path."""
 
@@ -116,9 +117,15 @@ class UnsafeTempFolder(PixCrawlerError):
 
 
 def _temp_root() -> Path:
+    """The system's temp folder, links resolved now (one re-pointed later cannot move it)."""
     from ray._common.utils import get_default_system_temp_dir
 
-    return Path(os.path.abspath(get_default_system_temp_dir()))
+    return Path(os.path.realpath(get_default_system_temp_dir()))
+
+
+_CHOSEN: dict[Path, Path] = {}
+"""The private folder chosen in each temp folder by this process: one per command, even where
+it is a new one of a random name (Ray's and HAProxy's files together, one warning)."""
 
 
 def private_folder() -> Path:
@@ -127,9 +134,17 @@ def private_folder() -> Path:
     else ``pixcrawler-<uid>`` in it, made 0700. A ``pixcrawler-<uid>`` that is a link, another
     user's, or was left open to others (who may hold a way in still) is not used: a new
     folder of a random name is, with a warning. A temp folder others could rename things in
-    (writable by them, without the sticky bit /tmp has) is refused: they could swap the
-    private folder for theirs at any moment."""
+    (writable by them without the sticky bit /tmp has, as a Kubernetes emptyDir is) gets a
+    warning: they could swap the private folder for theirs while Ray runs."""
     root = _temp_root()
+    chosen = _CHOSEN.get(root)
+    if chosen is not None and chosen.is_dir():
+        return chosen
+    _CHOSEN[root] = folder = _private_folder(root)
+    return folder
+
+
+def _private_folder(root: Path) -> Path:
     uid = os.geteuid()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -141,10 +156,11 @@ def private_folder() -> Path:
         return root
     if info.st_uid not in (0, uid) or (info.st_mode & 0o022
                                        and not info.st_mode & stat.S_ISVTX):
-        raise UnsafeTempFolder(
-            f"the temp folder {root} lets other users of this machine rename what is in it "
-            "(it is theirs, or writable by them without the sticky bit), so no folder in it "
-            "can be kept private for Ray's files: set RAY_TMPDIR to a folder of yours")
+        log.warning("the temp folder %s lets others rename what is in it (it is another "
+                    "user's, or writable by others without the sticky bit): any other user "
+                    "of this machine could swap Ray's private folder in it for theirs. Set "
+                    "RAY_TMPDIR to a folder only you can write (mode 0700) to close this",
+                    root)
     folder = root / f"{PRIVATE_TEMP_PREFIX}{uid}"
     try:
         folder.mkdir(mode=0o700)
@@ -176,7 +192,8 @@ def private_temp_dir() -> Optional[str]:
     if len(os.fsencode(ray_dir)) + SESSION_SOCKET_TAIL > MAX_SOCKET_PATH:
         raise UnsafeTempFolder(
             f"Ray's socket paths in {ray_dir} would be longer than {MAX_SOCKET_PATH} bytes: "
-            "set RAY_TMPDIR to a folder of yours with a shorter path")
+            "set RAY_TMPDIR to a folder of yours with a shorter path, or make "
+            f"{_temp_root()} yours alone (chmod 700), where Ray needs no folder of its own")
     return str(ray_dir)
 
 
@@ -186,18 +203,20 @@ TPU_LOGS_ENV, SHARED_TPU_LOGS = "TPU_LOG_DIR", "/tmp/tpu_logs"
 def _no_foreign_tpu_logs() -> None:
     """Ray links ``TPU_LOG_DIR`` (or, where that is no folder, /tmp/tpu_logs) into the
     session's logs, whose files its log monitor prints on the driver's terminal and its
-    dashboard shows: a /tmp/tpu_logs another user made would put their files (or links to
-    this user's) there. Ray is then pointed at an empty folder of this user's instead."""
+    dashboard shows: a /tmp/tpu_logs another user made (before this or while Ray starts)
+    would put their files (or links to this user's) there. Unless it is this user's own
+    folder, Ray is pointed at an empty folder of this user's instead."""
     if os.path.isdir(os.environ.get(TPU_LOGS_ENV, "")):
         return
     try:
-        foreign = os.lstat(SHARED_TPU_LOGS).st_uid != os.geteuid()
+        info = os.lstat(SHARED_TPU_LOGS)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+            return
     except OSError:
-        return
-    if foreign:
-        empty = private_folder() / "tpu_logs"
-        empty.mkdir(mode=0o700, exist_ok=True)
-        os.environ[TPU_LOGS_ENV] = str(empty)
+        pass
+    empty = private_folder() / "tpu_logs"
+    empty.mkdir(mode=0o700, exist_ok=True)
+    os.environ[TPU_LOGS_ENV] = str(empty)
 
 
 def _write_token(path: Path) -> None:

@@ -229,9 +229,22 @@ def haproxy_env() -> dict[str, str]:
     collide. A stopping replica normally stays up 30 s for external load balancers to
     notice; Serve's HAProxy is told at once, so 2 s is enough here.
 
-    HAProxy's files (its config, the Lua it loads, an admin socket Ray opens to all, its
-    server state and metrics socket) would be in /tmp/haproxy-serve, which any user of the
-    machine may make first or enter: they go in ``haproxy`` in this user's private folder
+    HAProxy's files go in this user's private folder (``haproxy_paths``)."""
+    return {
+        **haproxy_paths(),
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
+def haproxy_paths() -> dict[str, str]:
+    """Where Serve's HAProxy keeps its files on an embedded Ray. Its config, the Lua it loads,
+    an admin socket it opens to all (mode 666, level admin), its server state and metrics
+    socket would be in /tmp/haproxy-serve, which any user of the machine may make first or
+    enter: they go in ``haproxy`` in this user's private folder
     (``cluster.connect.private_folder``), Ray adding a folder per node (56 characters)."""
     from cluster.connect import MAX_SOCKET_PATH, UnsafeTempFolder, private_folder
 
@@ -248,11 +261,6 @@ def haproxy_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
 
 
@@ -266,9 +274,15 @@ def joins_cluster(address: Optional[str] = None) -> bool:
 def use_haproxy(ingress: str, address: Optional[str]) -> None:
     """With ``ingress="haproxy"`` and a Ray to start here, put ``haproxy_env`` in this
     process's environment (once). Serve reads it once per process, so this runs before anything
-    imports Ray Serve; a running cluster keeps the ingress it was started with."""
-    if ingress == "haproxy" and not joins_cluster(address) and \
-            os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+    imports Ray Serve; a running cluster keeps the ingress it was started with. Where the
+    environment turns HAProxy on already, its files still go in the private folder unless
+    the environment names them."""
+    if joins_cluster(address):
+        return
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        for name, value in haproxy_paths().items():
+            os.environ.setdefault(name, value)
+    elif ingress == "haproxy":
         os.environ.update(haproxy_env())
 
 

@@ -21,12 +21,12 @@ def test_other_values_are_left_as_they_are(value):
 
 
 def test_only_the_string_columns_named_are_changed_and_nulls_stay_null():
-    table = pa.table({"title": ["=cmd|' /c calc'!A0", None, "sunset", "@SUM(A1)"],
+    table = pa.table({"title": ["=cmd|' /c calc'!A0", None, "sunset", "\n@SUM(A1)"],
                       "label": ["-cat", "-cat", "dog", "dog"],
                       "big": pa.array(["+1", "x", None, "y"], pa.large_string()),
                       "n": [-1, 2, 3, 4]})
     out = as_text_columns(table, ["title", "big", "n", "missing"])
-    assert out["title"].to_pylist() == ["'=cmd|' /c calc'!A0", None, "sunset", "'@SUM(A1)"]
+    assert out["title"].to_pylist() == ["'=cmd|' /c calc'!A0", None, "sunset", "'\n@SUM(A1)"]
     assert out["big"].to_pylist() == ["'+1", "x", None, "y"]
     assert out["label"].equals(table["label"]) and out["n"].equals(table["n"])
     assert out.schema == table.schema

@@ -691,7 +691,7 @@ def test_text_from_the_web_in_rejects_csv_is_not_a_spreadsheet_formula(local):
     assert pq.read_table(io.BytesIO(local.read("rejects.parquet"))).equals(cut)
 
 
-def test_a_per_image_csv_label_file_holds_no_spreadsheet_formula():
+def test_a_per_image_csv_or_txt_label_file_holds_no_spreadsheet_formula():
     row = {"id": "i1", "label": "-cat", "split": "train", "url": "http://h/1.jpg",
            "page_url": "http://h/p", "license": "@cc", "author": HYPERLINK, "width": 2,
            "height": 3}
@@ -699,6 +699,7 @@ def test_a_per_image_csv_label_file_holds_no_spreadsheet_formula():
     got = next(csv.DictReader(io.StringIO(render_image_label("csv", info, 1).decode())))
     assert (got["label"], got["license"], got["author"]) == ("-cat", "'@cc", "'" + HYPERLINK)
     assert json.loads(render_image_label("json", info, 1))["author"] == HYPERLINK
+    assert render_image_label("txt", info, 1).decode() == "-cat\t0\thttp://h/1.jpg\t'@cc\n"
 
 
 def test_rejects_that_disagree_with_the_counts_are_not_published(local):

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -368,11 +368,20 @@ def test_rays_folder_is_made_private_or_a_new_one_is_taken(short_tmp, monkeypatc
     """A private temp folder needs nothing; an open one gets ``pixcrawler-<uid>`` made 0700.
     A name that is a link, another user's folder, or one of the user's left open to others
     (who may hold a way into it still) is not used: a new folder is, and the warning names
-    it. A temp folder others may rename things in, or one too deep for Ray's socket paths,
-    is refused."""
-    from cluster.connect import UnsafeTempFolder, private_folder, private_temp_dir
+    it; a command chooses once. A temp folder others may rename things in gets a warning
+    saying how to close that; one too deep for Ray's socket paths is refused."""
+    from cluster.connect import UnsafeTempFolder
 
     monkeypatch.setenv("RAY_TMPDIR", str(short_tmp))
+
+    def private_folder() -> Path:  # as a new command would choose
+        connect_module._CHOSEN.clear()
+        return connect_module.private_folder()
+
+    def private_temp_dir() -> Optional[str]:
+        connect_module._CHOSEN.clear()
+        return connect_module.private_temp_dir()
+
     short_tmp.chmod(0o700)
     assert private_temp_dir() is None
     short_tmp.chmod(0o1777)
@@ -405,9 +414,10 @@ def test_rays_folder_is_made_private_or_a_new_one_is_taken(short_tmp, monkeypatc
         os.chown(mine, 65534, 65534)
         caplog.clear()
         taken_instead()
-    short_tmp.chmod(0o777)  # no sticky bit: anyone may rename the private folder away
-    with pytest.raises(UnsafeTempFolder, match="sticky bit.*RAY_TMPDIR"):
-        private_temp_dir()
+    short_tmp.chmod(0o777)  # no sticky bit (a Kubernetes emptyDir): others may swap it
+    caplog.clear()
+    private_folder()
+    assert "without the sticky bit" in caplog.text and "RAY_TMPDIR" in caplog.text
     deep = short_tmp / ("d" * 70)
     deep.mkdir(mode=0o1777)
     deep.chmod(0o1777)
@@ -423,16 +433,21 @@ def test_rays_log_monitor_is_not_pointed_at_another_users_tpu_logs(short_tmp, mo
     shared.mkdir()
     monkeypatch.setattr(connect_module, "SHARED_TPU_LOGS", str(shared))
     monkeypatch.setenv("RAY_TMPDIR", str(short_tmp))
-    monkeypatch.delenv("TPU_LOG_DIR", raising=False)
+    monkeypatch.setenv("TPU_LOG_DIR", "")
     connect_module._no_foreign_tpu_logs()  # the user's own: Ray may show it
-    assert "TPU_LOG_DIR" not in os.environ
+    assert os.environ["TPU_LOG_DIR"] == ""
+    empty = short_tmp / "tpu_logs"
+    shared.rmdir()  # none yet: another user may make it while Ray starts
+    connect_module._no_foreign_tpu_logs()
+    assert os.environ["TPU_LOG_DIR"] == str(empty) and empty.is_dir()
+    assert not any(empty.iterdir()) and empty.stat().st_uid == os.geteuid()
     if os.geteuid() != 0:
         pytest.skip("making a folder another user's takes root")
+    shared.mkdir()
     os.chown(shared, 65534, 65534)
+    monkeypatch.setenv("TPU_LOG_DIR", "")
     connect_module._no_foreign_tpu_logs()
-    empty = Path(os.environ["TPU_LOG_DIR"])
-    assert empty == short_tmp / "tpu_logs" and empty.is_dir() and not any(empty.iterdir())
-    assert empty.stat().st_uid == os.geteuid()
+    assert os.environ["TPU_LOG_DIR"] == str(empty)
 
 
 LISTENERS_CHILD = """

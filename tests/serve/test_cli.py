@@ -105,6 +105,18 @@ def test_haproxys_files_are_out_of_other_users_reach(short_tmp, monkeypatch):
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock")}
+    # HAProxy turned on by the environment (as the README tells cluster users), any
+    # ingress: its files still go in the private folder, unless the environment names them
+    from serve.cli import use_haproxy
+
+    for name in env:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/elsewhere/haproxy.cfg")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    use_haproxy("proxy", None)
+    assert os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(folder / "admin.sock")
+    assert os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == "/elsewhere/haproxy.cfg"
     deep = shared / ("d" * 60)
     deep.mkdir()
     deep.chmod(0o1777)
