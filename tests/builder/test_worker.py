@@ -747,6 +747,59 @@ def one_image_server():
     thread.join()
 
 
+def _one_slice(monkeypatch, urls: list[tuple[str, str]]):
+    """A list-slice unit whose candidates are ``urls`` ((url, label) in order)."""
+    from builder.records import Candidate
+    from builder.units import INLINE, WorkUnit
+    from builder.worker import UnitRun
+
+    async def candidates(self):
+        return [Candidate(url=url, label=label, engine="urllist", rank=i)
+                for i, (url, label) in enumerate(urls)]
+
+    monkeypatch.setattr(UnitRun, "_candidates", candidates)
+    return WorkUnit("l00-00000000", 1, INLINE, 1, label=urls[0][1], start=0, stop=len(urls))
+
+
+def _report_of(runtime, unit):
+    """``unit``'s report, run alone on ``runtime`` (started and closed here)."""
+    import asyncio
+
+    async def main():
+        await runtime.start()
+        try:
+            return (await runtime.run(unit))[0]
+        finally:
+            await runtime.close()
+
+    return asyncio.run(main())
+
+
+class _Clip:
+    """A CLIP stand-in: every picture has the embedding ``image``; a prompt, ``text(prompt)``."""
+
+    def __init__(self, image, text):
+        self.image, self.text = image, text
+
+    def load(self):
+        pass
+
+    def preprocess(self, images):
+        import numpy as np
+
+        return np.zeros((len(images), 1), np.float32)
+
+    def encode_images(self, pixels):
+        import numpy as np
+
+        return np.tile(np.asarray(self.image, np.float32), (len(pixels), 1))
+
+    def encode_texts(self, texts):
+        import numpy as np
+
+        return np.array([self.text(t) for t in texts], np.float32)
+
+
 def _two_class_spec(tmp_path, urls: dict[str, str]):
     from builder.spec import parse_spec
 
@@ -841,23 +894,14 @@ def test_a_copy_of_an_image_its_own_unit_refuses_later_is_kept(tmp_path, one_ima
     """One unit (a list slice naming both classes) holds the same bytes twice: the index
     kept the first copy and rejected the second at once, and the slow level then refused the
     first for its class. The second now waits for the first's fate and is kept."""
-    import asyncio
-
     from builder.dedup import LocalPartitions
     from builder.quota import QuotaLedger
     from builder.reasons import Reason
-    from builder.records import Candidate
-    from builder.units import INLINE, WorkUnit
-    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
     cat_url, dog_url = f"{one_image_server}/x/a.jpg", f"{one_image_server}/y/b.jpg"
     spec = _two_class_spec(tmp_path, {"cat": cat_url, "dog": dog_url})
-
-    async def both(self):
-        return [Candidate(url=cat_url, label="cat", engine="urllist", rank=0),
-                Candidate(url=dog_url, label="dog", engine="urllist", rank=1)]
-
-    monkeypatch.setattr(UnitRun, "_candidates", both)
+    unit = _one_slice(monkeypatch, [(cat_url, "cat"), (dog_url, "dog")])
     scored: list[str] = []
 
     class Services(LocalServices):
@@ -873,16 +917,7 @@ def test_a_copy_of_an_image_its_own_unit_refuses_later_is_kept(tmp_path, one_ima
     runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
                             Services(spec, LocalPartitions(4, k=1).client(),
                                      QuotaLedger({"cat": 5, "dog": 5})))
-
-    async def main():
-        await runtime.start()
-        try:
-            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
-                                               start=0, stop=2)))[0]
-        finally:
-            await runtime.close()
-
-    report = asyncio.run(main())
+    report = _report_of(runtime, unit)
     assert {label: (c.accepted, dict(c.rejected)) for label, c in report.classes.items()} == {
         "cat": (0, {"off_topic": 1}), "dog": (1, {})}
     assert sorted(scored) == ["cat", "dog"]
@@ -896,41 +931,18 @@ def test_a_copy_kept_after_waiting_is_not_refused_by_the_slow_levels_store(tmp_p
     the grant) was then released, kept by the index and scored against the store before the
     decision reached it: refused as the embedding duplicate of an image the dataset does not
     hold. The store learns each round's refusals before the next round."""
-    import asyncio
-
-    import numpy as np
-
     from builder.dedup import LocalPartitions
     from builder.quota import QuotaLedger
-    from builder.records import Candidate
     from builder.slow import SlowValidator
-    from builder.units import INLINE, WorkUnit
-    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
     cat_url, dog_url = f"{one_image_server}/cat/a.jpg", f"{one_image_server}/q60/b.jpg"
     spec = _two_class_spec(tmp_path, {"cat": cat_url, "dog": dog_url})
     object.__setattr__(spec.validation, "embedding_dedup_threshold", 0.95)
-
-    async def both(self):
-        return [Candidate(url=cat_url, label="cat", engine="urllist", rank=0),
-                Candidate(url=dog_url, label="dog", engine="urllist", rank=1)]
-
-    monkeypatch.setattr(UnitRun, "_candidates", both)
-
-    class Clip:  # every picture the same embedding, on topic for every class
-        def load(self):
-            pass
-
-        def preprocess(self, images):
-            return np.zeros((len(images), 1), np.float32)
-
-        def encode_images(self, pixels):
-            return np.full((len(pixels), 4), 0.5, np.float32)
-
-        def encode_texts(self, texts):
-            return np.full((len(texts), 4), 0.5, np.float32)
-
-    slow = SlowValidator(["cat", "dog"], nsfw=None, clip=Clip(), clip_threshold=-1.0,
+    unit = _one_slice(monkeypatch, [(cat_url, "cat"), (dog_url, "dog")])
+    same = [0.5] * 4  # every picture the same embedding, on topic for every class
+    slow = SlowValidator(["cat", "dog"], nsfw=None, clip=_Clip(same, lambda _: same),
+                         clip_threshold=-1.0,
                          wrong_class="ignore", embedding_dedup_threshold=0.95)
 
     class Services(LocalServices):
@@ -941,16 +953,7 @@ def test_a_copy_kept_after_waiting_is_not_refused_by_the_slow_levels_store(tmp_p
     runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
                             Services(spec, LocalPartitions(8, k=1).client(),
                                      QuotaLedger({"cat": 5, "dog": 5}), slow=slow))
-
-    async def main():
-        await runtime.start()
-        try:
-            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
-                                               start=0, stop=2)))[0]
-        finally:
-            await runtime.close()
-
-    report = asyncio.run(main())
+    report = _report_of(runtime, unit)
     assert {label: (c.accepted, dict(c.rejected)) for label, c in report.classes.items()} == {
         "cat": (0, {"over_target": 1}), "dog": (1, {})}
 
@@ -960,23 +963,14 @@ def test_copies_of_an_image_their_unit_refuses_share_its_verdict_without_asking_
     """Twelve copies of one picture in one unit, the first refused by the slow level: each
     other copy waited, then went through the index and the slow level again, one a round.
     Same bytes and class get the same verdict: they take the first's in the same round."""
-    import asyncio
-
     from builder.dedup import LocalPartitions
     from builder.quota import QuotaLedger
     from builder.reasons import Reason
-    from builder.records import Candidate
-    from builder.units import INLINE, WorkUnit
-    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
     urls = [f"{one_image_server}/cat/{i}.jpg" for i in range(12)]
     spec = _two_class_spec(tmp_path, {"cat": urls[0]})
-
-    async def copies(self):
-        return [Candidate(url=u, label="cat", engine="urllist", rank=i)
-                for i, u in enumerate(urls)]
-
-    monkeypatch.setattr(UnitRun, "_candidates", copies)
+    unit = _one_slice(monkeypatch, [(url, "cat") for url in urls])
     calls: Counter = Counter()
 
     class Services(LocalServices):
@@ -998,17 +992,7 @@ def test_copies_of_an_image_their_unit_refuses_share_its_verdict_without_asking_
     client.decide = counted
     runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
                             Services(spec, client, QuotaLedger({"cat": 5})))
-
-    async def main():
-        await runtime.start()
-        try:
-            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
-                                               start=0, stop=12)))[0]
-        finally:
-            await runtime.close()
-
-    report = asyncio.run(main())
-    cat = report.classes["cat"]
+    cat = _report_of(runtime, unit).classes["cat"]
     assert (cat.candidates, cat.accepted, dict(cat.rejected)) == (12, 0, {"nsfw": 12})
     assert calls == {"decide": 1, "score": 1}
 
@@ -1019,56 +1003,24 @@ def test_an_accepted_copy_of_an_image_refused_in_another_class_stays_in_the_slow
     (wrong class), the cat copy waits for it, is scored and accepted. The store is keyed by
     the image's id: settling the unit's refused dog after the cat took the accepted cat's
     entry out, and later copies of it were kept."""
-    import asyncio
-
-    import numpy as np
-
     from builder.dedup import LocalPartitions
     from builder.quota import QuotaLedger
-    from builder.records import Candidate
     from builder.slow import SlowValidator
-    from builder.units import INLINE, WorkUnit
-    from builder.worker import JobPlan, LocalServices, UnitRun, WorkerRuntime
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
     dog_url, cat_url = f"{one_image_server}/dog/a.jpg", f"{one_image_server}/cat/b.jpg"
     spec = _two_class_spec(tmp_path, {"cat": cat_url, "dog": dog_url})
     object.__setattr__(spec.validation, "embedding_dedup_threshold", 0.95)
-
-    async def both(self):  # same bytes, the dog's copy first
-        return [Candidate(url=dog_url, label="dog", engine="urllist", rank=0),
-                Candidate(url=cat_url, label="cat", engine="urllist", rank=1)]
-
-    monkeypatch.setattr(UnitRun, "_candidates", both)
-
-    class Clip:  # every picture is a cat
-        def load(self):
-            pass
-
-        def preprocess(self, images):
-            return np.zeros((len(images), 1), np.float32)
-
-        def encode_images(self, pixels):
-            return np.tile(np.array([1, 0, 0, 0], np.float32), (len(pixels), 1))
-
-        def encode_texts(self, texts):
-            return np.array([[1, 0, 0, 0] if "cat" in t else [0, 1, 0, 0] for t in texts],
-                            np.float32)
-
-    slow = SlowValidator(["cat", "dog"], nsfw=None, clip=Clip(), clip_threshold=0.5,
+    unit = _one_slice(monkeypatch, [(dog_url, "dog"), (cat_url, "cat")])  # same bytes
+    cat, dog = [1, 0, 0, 0], [0, 1, 0, 0]  # every picture is a cat
+    slow = SlowValidator(["cat", "dog"], nsfw=None,
+                         clip=_Clip(cat, lambda prompt: cat if "cat" in prompt else dog),
+                         clip_threshold=0.5,
                          wrong_class="reject", embedding_dedup_threshold=0.95)
     runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
                             LocalServices(spec, LocalPartitions(4, k=1).client(),
                                           QuotaLedger({"cat": 5, "dog": 5}), slow=slow))
-
-    async def main():
-        await runtime.start()
-        try:
-            return (await runtime.run(WorkUnit("l00-00000000", 1, INLINE, 1, label="cat",
-                                               start=0, stop=2)))[0]
-        finally:
-            await runtime.close()
-
-    report = asyncio.run(main())
+    report = _report_of(runtime, unit)
     assert {label: (c.accepted, dict(c.rejected)) for label, c in report.classes.items()} == {
         "cat": (1, {}), "dog": (0, {"wrong_class": 1})}
     assert len(slow._kept.ids) == 1 and not slow._pending
