@@ -114,6 +114,9 @@ def test_haproxys_files_are_out_of_other_users_reach(short_tmp, monkeypatch):
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
     monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/elsewhere/haproxy.cfg")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a Ray to start here
     use_haproxy("proxy", None)
     assert os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(folder / "admin.sock")
     assert os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == "/elsewhere/haproxy.cfg"
