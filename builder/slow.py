@@ -380,14 +380,9 @@ class SlowValidator:
         Those CLIP did not score here are ignored, so a unit can pass all its records: an exact
         copy of a kept image, rejected before this level, has its id but is not it.
         """
-        records = list(records)
-        # copies of one image (its id) in two classes: one refused, one accepted, it stays
-        accepted = {r.id for r in records if r.clip_score is not None and not r.rejected}
         with self._lock:
             for record in records:
                 if record.clip_score is None or record.id not in self._pending:
-                    continue
-                if record.rejected and record.id in accepted:
                     continue
                 self._pending.discard(record.id)
                 if record.rejected:

@@ -868,8 +868,7 @@ class UnitRun:
         # and its settle; or one this unit keeps, which a later stage may still refuse) is
         # decided again once that image is: were it rejected, neither copy would be kept.
         items = self._dedup_items()
-        patience = HOLD_WAIT_SLOW_S if w.services.slow else HOLD_WAIT_S
-        deadline, delay = time.monotonic() + patience, HOLD_FIRST_S
+        deadline, delay = time.monotonic() + self._hold_wait_s(), HOLD_FIRST_S
         while True:
             await self._dedup(items)
             if w.services.slow:
@@ -1110,8 +1109,12 @@ class UnitRun:
         if self.held and reason is None:
             log.warning("unit %s: %d images were copies of images still undecided after "
                         "%.0f s: rejected as their duplicates", self.unit.uid, len(self.held),
-                        HOLD_WAIT_SLOW_S if self.w.services.slow else HOLD_WAIT_S)
+                        self._hold_wait_s())
         self.held.clear()
+
+    def _hold_wait_s(self) -> float:
+        """How long held images wait in all (``HOLD_WAIT_S``)."""
+        return HOLD_WAIT_SLOW_S if self.w.services.slow else HOLD_WAIT_S
 
     def _shard_of(self, ref: int) -> str:
         splits = list(self.spec.output.splits)

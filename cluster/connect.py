@@ -189,12 +189,18 @@ def private_temp_dir() -> Optional[str]:
     if folder == _temp_root():
         return None
     ray_dir = folder / "ray"
-    if len(os.fsencode(ray_dir)) + SESSION_SOCKET_TAIL > MAX_SOCKET_PATH:
-        raise UnsafeTempFolder(
-            f"Ray's socket paths in {ray_dir} would be longer than {MAX_SOCKET_PATH} bytes: "
-            "set RAY_TMPDIR to a folder of yours with a shorter path, or make "
-            f"{_temp_root()} yours alone (chmod 700), where Ray needs no folder of its own")
+    require_socket_room(ray_dir, SESSION_SOCKET_TAIL, "Ray")
     return str(ray_dir)
+
+
+def require_socket_room(folder: Path, tail: int, whose: str) -> None:
+    """Refuse (``UnsafeTempFolder``) a private ``folder`` in which ``whose`` sockets, at most
+    ``tail`` bytes past it, would be longer than a socket path may be."""
+    if len(os.fsencode(folder)) + tail > MAX_SOCKET_PATH:
+        raise UnsafeTempFolder(
+            f"{whose}'s socket paths in {folder} would be longer than {MAX_SOCKET_PATH} "
+            "bytes: set RAY_TMPDIR to a folder of yours with a shorter path, or make "
+            f"{_temp_root()} yours alone (chmod 700), where no folder is made in it")
 
 
 TPU_LOGS_ENV, SHARED_TPU_LOGS = "TPU_LOG_DIR", "/tmp/tpu_logs"

@@ -246,15 +246,11 @@ def haproxy_paths() -> dict[str, str]:
     socket would be in /tmp/haproxy-serve, which any user of the machine may make first or
     enter: they go in ``haproxy`` in this user's private folder
     (``cluster.connect.private_folder``), Ray adding a folder per node (56 characters)."""
-    from cluster.connect import MAX_SOCKET_PATH, UnsafeTempFolder, private_folder
+    from cluster.connect import private_folder, require_socket_room
 
     folder = private_folder() / "haproxy"
     folder.mkdir(mode=0o700, exist_ok=True)
-    longest = os.path.join(folder, "n" * HAPROXY_NODE_ID_CHARS, "metrics.sock")
-    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
-        raise UnsafeTempFolder(f"HAProxy's socket paths in {folder} would be longer than "
-                               f"{MAX_SOCKET_PATH} bytes: set RAY_TMPDIR to a folder of yours "
-                               "with a shorter path")
+    require_socket_room(folder, len(f"/{'n' * HAPROXY_NODE_ID_CHARS}/metrics.sock"), "HAProxy")
     return {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
