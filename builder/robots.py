@@ -306,7 +306,8 @@ def optout_directive(header_values: Iterable[str], user_agent: str = ROBOTS_UA) 
     Each value is a comma-separated list of directives, optionally prefixed by a user agent
     ("pixcrawler: noai, noimageai"); a prefix applies to the directives after it in the same value
     until the next prefix. Generic directives (no prefix), ones for ``*`` and ones for our token
-    (case-insensitive) apply; ones addressed to other crawlers do not.
+    (case-insensitive) apply; ones addressed to other crawlers do not. Directives separated by
+    spaces instead of commas ("noai noimageai", as some sites write them) are read each.
     """
     ours = user_agent.lower()
     for value in header_values:
@@ -320,8 +321,12 @@ def optout_directive(header_values: Iterable[str], user_agent: str = ROBOTS_UA) 
             if colon and name and name not in _VALUED_DIRECTIVES and " " not in name:
                 agent = name
                 token = rest.strip()
-            if token in OPTOUT_DIRECTIVES and (agent is None or agent == "*" or agent == ours):
-                return token if agent is None else f"{agent}: {token}"
+            if agent is not None and agent != "*" and agent != ours \
+                    or token.partition(":")[0].strip() in _VALUED_DIRECTIVES:
+                continue  # another crawler's, or a value ("max-image-preview: none")
+            for word in token.split():
+                if word in OPTOUT_DIRECTIVES:
+                    return word if agent is None else f"{agent}: {word}"
     return None
 
 

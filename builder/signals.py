@@ -212,6 +212,16 @@ class TdmRule:
     signal: Signal
 
 
+def strictest_reservation(values: Iterable[str]) -> Optional[str]:
+    """Of repeated ``tdm-reservation`` headers or meta tags (or one a proxy joined with commas),
+    the one that reserves (``1``) if any does, else ``0`` if any allows, else the first."""
+    found = [part.strip() for value in values for part in str(value).split(",")]
+    for text in ("1", "0"):
+        if text in found:
+            return text
+    return found[0] if found else None
+
+
 def tdm_signal(reservation: Any, policy: Any, source: str) -> Optional[Signal]:
     """The ledger entry of a TDMRep reservation (``1`` refuses, ``0`` allows), or None when
     ``reservation`` is neither."""
@@ -417,7 +427,8 @@ class ResponseSignals:
         self._seen: dict[tuple[Any, ...], tuple[Signal, ...]] = {}
 
     def __call__(self, headers: Any) -> tuple[Signal, ...]:
-        key = (tuple(headers.getall("X-Robots-Tag", ())), headers.get("tdm-reservation"),
+        key = (tuple(headers.getall("X-Robots-Tag", ())),
+               strictest_reservation(headers.getall("tdm-reservation", ())),
                headers.get("tdm-policy"), tuple(headers.getall("Content-Usage", ())))
         found = self._seen.get(key)
         if found is None:
@@ -617,7 +628,8 @@ def parse_page(body: bytes, page_url: str, cfg: DownloadSpec,
     if cfg.signals.tdmrep:
         signal = None
         if "tdm-reservation" in meta:
-            signal = tdm_signal(meta["tdm-reservation"][0], meta.get("tdm-policy", [None])[0],
+            signal = tdm_signal(strictest_reservation(meta["tdm-reservation"]),
+                                meta.get("tdm-policy", [None])[0],
                                 f"{where} meta tdm-reservation")
         out.append(signal or Signal("tdmrep", "", f"{where} meta tdm-reservation"))
     if cfg.respect_optouts:

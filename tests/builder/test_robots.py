@@ -237,6 +237,12 @@ def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
     (["unavailable_after: Friday, 25-Jun-10 15:00:00 PST"], None),
     (["all"], None),
     (["none"], "none"),  # noindex, nofollow
+    (["noai noimageai"], "noai"),  # spaces where commas belong
+    (["index, follow noimageai"], "noimageai"),
+    (["PixCrawler: nofollow NoImageAI"], "pixcrawler: noimageai"),
+    (["otherbot: noai noimageai"], None),
+    (["max-image-preview: none"], None),  # a value, not the directive
+    (["googlebot: max-image-preview: none, noarchive"], None),
     (["googlebot: none"], None),
     ([""], None),
     ([], None),

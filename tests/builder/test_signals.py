@@ -724,8 +724,32 @@ def test_header_entries_are_read_once_per_distinct_header_set():
         "tdmrep": False, "content_usage": False})).active
 
 
+@pytest.mark.parametrize("values", [["0", "1"], ["1", "0"], ["0, 1"], ["x", "1"]])
+def test_a_reservation_among_repeated_tdm_headers_refuses(values):
+    """Repeated ``tdm-reservation`` headers (or one a proxy joined with commas): any that
+    reserves the rights refuses, whatever its place."""
+    from multidict import CIMultiDict
+
+    from builder.signals import ResponseSignals
+
+    headers = CIMultiDict([("tdm-reservation", v) for v in values])
+    tdm = [s for s in ResponseSignals(DownloadSpec())(headers) if s.name == "tdmrep"]
+    assert [(s.value, s.verdict) for s in tdm] == [("tdm-reservation=1", REFUSE)]
+
+
+@pytest.mark.parametrize("metas,verdict", [
+    (["0", "1"], REFUSE), (["1", "0"], REFUSE), (["0", "0"], ALLOW), (["x"], NONE)])
+def test_a_reservation_among_a_pages_tdm_meta_tags_refuses(metas, verdict):
+    from builder.signals import parse_page
+
+    html = "".join(f'<meta name="tdm-reservation" content="{m}">' for m in metas)
+    facts = parse_page(html.encode(), "http://example.com/page", DownloadSpec())
+    assert [s.verdict for s in facts.signals if s.name == "tdmrep"] == [verdict]
+
+
 @pytest.mark.parametrize("html", [
     '<meta name="robots"><meta name="robots" content="noai">',
+    '<meta name="robots" content="noai noimageai">',
     '<meta name="robots" content="index, follow"><meta name="robots" content="noai, noimageai">',
     '<meta name="robots" content="noai"><p><![foo[ a malformed marked section',
 ])
