@@ -24,9 +24,10 @@ import shlex
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 import yaml
@@ -265,13 +266,31 @@ def _lookup_actor(job_id: str) -> Any:
 
 def read_live(job_id: str) -> Optional[dict[str, Any]]:
     """Synchronous progress read (for the reconciler thread)."""
-    handle = _lookup_actor(job_id)
-    if handle is None:
-        return None
-    try:
-        return ray.get(handle.get.remote(), timeout=ACTOR_WAIT_S)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return None
+    return read_live_all([job_id])[job_id]
+
+
+def read_live_all(job_ids: list[str]) -> dict[str, Optional[dict[str, Any]]]:
+    """Synchronous progress reads of many jobs, all asked at once: those that do not answer
+    within ``ACTOR_WAIT_S`` in all (their node lost: they wait for room to restart) read None,
+    as do jobs with no actor. One at a time, each stuck actor cost the reconcile pass its own
+    wait, and the jobs after it (the scheduler's too) waited for them all."""
+    asked: dict[str, Any] = {}
+    for job_id in job_ids:
+        handle = _lookup_actor(job_id)
+        if handle is not None:
+            asked[job_id] = handle.get.remote()
+    out: dict[str, Optional[dict[str, Any]]] = dict.fromkeys(job_ids)
+    if not asked:
+        return out
+    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=ACTOR_WAIT_S)
+    answered = set(ready)
+    for job_id, ref in asked.items():
+        if ref in answered:
+            try:
+                out[job_id] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pass  # gone: no actor, as for a job with none
+    return out
 
 
 API_CANCEL = "cancelled through the HTTP API"
@@ -370,14 +389,16 @@ class Reconciler:
                                   error=live.get("error"))
         return self.store.get_job(row.id) or row
 
-    def reconcile(self, row: JobRow, check_live: bool = True) -> JobRow:
+    def reconcile(self, row: JobRow, check_live: bool = True,
+                  live: Optional[dict[str, Any]] = None) -> JobRow:
         """Check one active job against its actor, else against Ray; returns the new row.
-        ``check_live=False`` when the caller has just found no progress actor. A queued job
-        is not Ray's yet (serve.schedule starts it)."""
+        ``check_live=False`` when the caller has just read the actor's answer, ``live`` (None:
+        no actor answered). A queued job is not Ray's yet (serve.schedule starts it)."""
         if row.terminal or row.state == "queued":
             return row
         self._limit_time(row)
-        live = read_live(row.id) if check_live else None
+        if check_live:
+            live = read_live(row.id)
         if live is not None:
             if row.cancel_requested and not live.get("cancel_requested") \
                     and live.get("state") in ("starting", "running"):
@@ -486,19 +507,29 @@ class Reconciler:
         rows = self.store.active_jobs()
         revoked = self.store.revoked_owners(row.owner for row in rows)
         for row in rows:
-            try:
-                if row.owner in revoked and not row.cancel_requested \
-                        and row.state != "queued":  # (the scheduler ends a queued one)
+            if row.owner in revoked and not row.cancel_requested \
+                    and row.state != "queued":  # (the scheduler ends a queued one)
+                with self._guard(row):
                     self._stop(row, REVOKED_ERROR)
-                    row = self.store.get_job(row.id) or row
-                self.reconcile(row)
-            except ClusterUnavailable as exc:
-                log.warning("cannot reconcile %s now: %s", row.id, exc)
-            except Exception:  # noqa: BLE001 - one job's bad outcome must not stop the pass
-                # A loop guard: whatever one job's output or Ray record holds, the jobs after
-                # it (other owners' too) are still checked; the error is logged with its trace.
-                log.exception("cannot reconcile %s", row.id)
+        rows = [self.store.get_job(row.id) or row for row in rows] if revoked else rows
+        live = read_live_all([row.id for row in rows
+                              if not row.terminal and row.state != "queued"])
+        for row in rows:
+            with self._guard(row):
+                self.reconcile(row, check_live=False, live=live.get(row.id))
         return len(rows)
+
+    @contextmanager
+    def _guard(self, row: JobRow) -> Iterator[None]:
+        """One job's step in a pass: what goes wrong is logged, and the pass goes on."""
+        try:
+            yield
+        except ClusterUnavailable as exc:
+            log.warning("cannot reconcile %s now: %s", row.id, exc)
+        except Exception:  # noqa: BLE001 - one job's bad outcome must not stop the pass
+            # A loop guard: whatever one job's output or Ray record holds, the jobs after it
+            # (other owners' too) are still checked; the error is logged with its trace.
+            log.exception("cannot reconcile %s", row.id)
 
 
 class ReconcileLoop:

@@ -131,3 +131,30 @@ def test_a_progress_actor_that_cannot_be_placed_answers_the_api_in_bounded_time(
         assert time.monotonic() - started < 10
     finally:
         ray.kill(actor)
+
+
+def test_the_reconcile_pass_waits_for_stuck_progress_actors_once_not_once_each(ray_session,
+                                                                             monkeypatch):
+    """Three jobs' progress actors waiting for room (their node lost) cost a reconcile pass
+    one ``ACTOR_WAIT_S`` in all, not one each, and a job whose actor answers still reads."""
+    from actors import NAMESPACE
+    from actors.progress import ProgressActor, progress_name
+    from serve import jobs
+
+    monkeypatch.setattr(jobs, "ACTOR_WAIT_S", 2.0)
+    stuck = [ProgressActor.options(name=progress_name(f"stuck-{i}"), namespace=NAMESPACE,
+                                   resources={"pixcrawler-test-nowhere": 1},
+                                   num_cpus=0).remote(f"stuck-{i}", "stuck") for i in range(3)]
+    alive = ProgressActor.options(name=progress_name("alive-1"), namespace=NAMESPACE,
+                                  num_cpus=0).remote("alive-1", "alive")
+    try:
+        ray.get(alive.get.remote())
+        started = time.monotonic()
+        live = jobs.read_live_all(["stuck-0", "alive-1", "stuck-1", "none-1", "stuck-2"])
+        took = time.monotonic() - started
+        assert [k for k, v in live.items() if v is not None] == ["alive-1"]
+        assert list(live) == ["stuck-0", "alive-1", "stuck-1", "none-1", "stuck-2"]
+        assert 2.0 <= took < 4.0  # one wait; one each would be 6 s
+    finally:
+        for actor in (*stuck, alive):
+            ray.kill(actor)

@@ -35,6 +35,7 @@ class FakeRay:
 @pytest.fixture
 def store(store_url, monkeypatch):
     monkeypatch.setattr(jobs, "read_live", lambda job_id: None)  # no progress actors
+    monkeypatch.setattr(jobs, "read_live_all", dict.fromkeys)
     s = JobStore(store_url)
     yield s
     s.close()
@@ -341,7 +342,7 @@ def test_a_cancel_the_progress_actor_forgot_is_asked_again(store, monkeypatch):
             "holds-1": {"state": "running", "cancel_requested": "x", "progress": {}},
             "ending-1": {"state": "writing", "cancel_requested": None, "progress": {}},
             "running-1": {"state": "running", "cancel_requested": None, "progress": {}}}
-    monkeypatch.setattr(jobs, "read_live", live.get)
+    monkeypatch.setattr(jobs, "read_live_all", lambda ids: {i: live.get(i) for i in ids})
     for job_id in live:
         store.create_job(job_id, "o", "x", {"name": "x"}, "/nonexistent/x")
         store.update_job(job_id, state="running", cancel_requested=job_id != "running-1")
