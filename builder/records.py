@@ -98,6 +98,11 @@ class Record:
     """Size of the downloaded bytes (kept when ``data`` is dropped or rewritten)."""
     relabelled_from: str = ""
     """The label it was found under, when the slow level moved it to another class."""
+    held_on: str = ""
+    """The id of an image still undecided (kept by the slow level, its quota not yet granted)
+    whose near copy the slow level's embedding store found this one: the unit decides it
+    again once that image is, with ``held_detail`` the detail should it be its duplicate."""
+    held_detail: str = ""
     rights: tuple[Signal, ...] = ()
     caption: str = ""
 

@@ -329,29 +329,43 @@ class SlowValidator:
 
     def _dedup_locked(self, survivors: list[tuple[Record, np.ndarray]],
                       threshold: float) -> list[tuple[Record, np.ndarray]]:
+        """A near copy of a settled image is rejected; one of an image still undecided (kept
+        here but not yet settled, or kept earlier in this call) is held (``Record.held_on``):
+        were that image then refused (``over_target``), neither copy would be kept."""
         batch = np.stack([vector for _, vector in survivors])
         prior = batch @ self._kept.matrix.T if len(self._kept) else None
+        undecided = [row for row in map(self._kept.row_of, self._pending) if row is not None]
         kept: list[tuple[Record, np.ndarray]] = []
         for row, (record, vector) in enumerate(survivors):
-            best_sim, best_id = -2.0, ""
+            record.held_on = record.held_detail = ""
+            settled_sim, settled_id, held_sim, held_id = -2.0, "", -2.0, ""
             if prior is not None:
                 own = self._kept.row_of(record.id)
                 if own is not None:
                     prior[row, own] = -2.0
-                j = int(np.argmax(prior[row]))
-                best_sim, best_id = float(prior[row, j]), self._kept.ids[j]
+                sims = prior[row]
+                if undecided:
+                    j = undecided[int(np.argmax(sims[undecided]))]
+                    held_sim, held_id = float(sims[j]), self._kept.ids[j]
+                    sims = sims.copy()
+                    sims[undecided] = -2.0
+                j = int(np.argmax(sims))
+                settled_sim, settled_id = float(sims[j]), self._kept.ids[j]
             if kept:
                 in_batch = np.stack([v for _, v in kept]) @ vector
                 in_batch[[r.id == record.id for r, _ in kept]] = -2.0
                 j = int(np.argmax(in_batch))
-                if float(in_batch[j]) > best_sim:
-                    best_sim, best_id = float(in_batch[j]), kept[j][0].id
-            if best_sim >= threshold:
+                if float(in_batch[j]) > held_sim:
+                    held_sim, held_id = float(in_batch[j]), kept[j][0].id
+            if settled_sim >= threshold:
                 record.reject(Reason.NEAR_DUPLICATE,
-                              f"embedding cosine {best_sim:.4f} to {best_id}",
-                              duplicate_of=best_id)
-                continue
-            kept.append((record, vector))
+                              f"embedding cosine {settled_sim:.4f} to {settled_id}",
+                              duplicate_of=settled_id)
+            elif held_sim >= threshold:
+                record.held_on = held_id
+                record.held_detail = f"embedding cosine {held_sim:.4f} to {held_id}"
+            else:
+                kept.append((record, vector))
         return kept
 
     def dedup_scored(self, records: list[Record]) -> list[Record]:
@@ -579,6 +593,7 @@ def apply_scores(records: list[Record], scored: list[Record]) -> list[Record]:
     for record, done in zip(records, scored):
         record.nsfw_score, record.clip_score = done.nsfw_score, done.clip_score
         record.embedding = done.embedding
+        record.held_on, record.held_detail = done.held_on, done.held_detail
         if done.relabelled_from:
             record.relabelled_from = done.relabelled_from
             record.candidate = done.candidate

@@ -875,9 +875,10 @@ class UnitRun:
                 kept = [r for r, _ in items if not r.rejected and id(r) not in self.held]
                 if kept:
                     await self.stage(w.services.score(kept, w.pool))
+                    self._hold_near_copies(kept)
             await self._grant()
             await self._settle(items)
-            await self._settle_scores([r for r, _ in items if r.rejected])
+            await self._settle_scores([r for r, _ in items if id(r) not in self.held])
             others = self._follow_siblings(items)
             items = [(r, it) for r, it in items if id(r) in self.held]
             if not items:
@@ -1049,6 +1050,7 @@ class UnitRun:
         decisions = await self.stage(w.services.dedup.decide([it for _, it in items]))
         names: dict[int, bool] = {}
         for (record, item), decision in zip(items, decisions):
+            record.held_on = record.held_detail = ""
             if decision.held:
                 self.held[id(record)] = decision
                 continue
@@ -1064,6 +1066,14 @@ class UnitRun:
                 written = names[decision.writing]
             if written:
                 self.written.add(item.image_id)
+
+    def _hold_near_copies(self, scored: list[Record]) -> None:
+        """Hold the images the slow level's embedding store found near copies of images still
+        undecided (``Record.held_on``), as the index holds copies of its undecided images."""
+        for record in scored:
+            if record.held_on and not record.rejected:
+                self.held[id(record)] = DedupDecision(Reason.NEAR_DUPLICATE, record.held_on,
+                                                      held=True)
 
     def _follow_siblings(self, items: list[tuple[Record, DedupItem]]) -> bool:
         """Decide here what holds on an image of this unit's round just settled would be
@@ -1084,7 +1094,7 @@ class UnitRun:
                 continue
             if not holder.rejected:
                 del self.held[id(record)]
-                record.reject(decision.reason, _duplicate_detail(decision),
+                record.reject(decision.reason, _held_detail(record, decision),
                               duplicate_of=decision.kept_id)
             elif holder.id == record.id and holder.label == record.label:
                 del self.held[id(record)]
@@ -1103,7 +1113,7 @@ class UnitRun:
             if reason is not None:
                 record.reject(reason, "job cancelled")
             else:
-                record.reject(decision.reason, f"{_duplicate_detail(decision)}, still "
+                record.reject(decision.reason, f"{_held_detail(record, decision)}, still "
                               "undecided when this unit stopped waiting",
                               duplicate_of=decision.kept_id)
         if self.held and reason is None:
@@ -1165,7 +1175,6 @@ class UnitRun:
         """Count, build the rows and hand them to the assembler (the index is settled)."""
         w = self.w
         accepted = [r for r in self.records if not r.rejected]
-        await self._settle_scores(accepted)  # each round settled its refusals
         new = [r for r in accepted if not self._is_written(r)]
         for r in new:
             r.split = assign_split(r.id, self.spec.output.splits)
@@ -1267,6 +1276,12 @@ def _search_error(exc: EngineError, engine: str, private: bool) -> str:
 def _duplicate_detail(decision: DedupDecision) -> str:
     return (f"same bytes as {decision.kept_id}" if decision.reason == Reason.EXACT_DUPLICATE
             else f"near-duplicate signatures ({decision.distance} bits) of {decision.kept_id}")
+
+
+def _held_detail(record: Record, decision: DedupDecision) -> str:
+    """The detail of a held image rejected as the duplicate of the image it waited for: the
+    slow level's words where its embedding store held it, else the index's."""
+    return record.held_detail or _duplicate_detail(decision)
 
 
 def _short(exc: Exception, limit: int = 300) -> str:

@@ -717,18 +717,19 @@ def test_a_retried_slice_naming_one_reject_twice_accepts_one_image(tmp_path, mon
 @pytest.fixture
 def one_image_server():
     """Serves one picture at every ``*.jpg`` path, on 127.0.0.1: the same JPEG, or, under
-    ``/q60/``, another encoding of it (other bytes, a near copy)."""
+    ``/q60/``, another encoding of it (other bytes, a near copy), or under ``/other/``
+    another picture."""
     import http.server
     import threading
 
     from tests.images import jpeg
 
-    bodies = {False: jpeg(7), True: jpeg(7, quality=60)}
+    bodies = {"/q60/": jpeg(7, quality=60), "/other/": jpeg(8)}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             found = self.path.endswith(".jpg")
-            body = bodies[self.path.startswith("/q60/")] if found else b""
+            body = bodies.get(self.path[:self.path.find("/", 1) + 1], jpeg(7)) if found else b""
             self.send_response(200 if found else 404)
             self.send_header("Content-Type", "image/jpeg")
             self.send_header("Content-Length", str(len(body)))
@@ -956,6 +957,91 @@ def test_a_copy_kept_after_waiting_is_not_refused_by_the_slow_levels_store(tmp_p
     report = _report_of(runtime, unit)
     assert {label: (c.accepted, dict(c.rejected)) for label, c in report.classes.items()} == {
         "cat": (0, {"over_target": 1}), "dog": (1, {})}
+
+
+@pytest.mark.parametrize("later", ["over_target", "never"])
+def test_a_near_copy_by_embedding_of_an_image_another_unit_refuses_later_is_kept(
+        tmp_path, one_image_server, monkeypatch, later):
+    """Units A (cat) and B (dog) find two pictures the slow level's embeddings call the same.
+    A's was kept by the level, then waited for its grant; B's was meanwhile rejected as the
+    embedding duplicate of A's, which the grant then refused (the class full): neither was
+    kept. B now waits for A's and is scored again. One that stays undecided (``never``)
+    holds B up to the slow level's wait only."""
+    import asyncio
+
+    import builder.worker as worker_module
+    from builder.dedup import LocalPartitions
+    from builder.quota import QuotaLedger
+    from builder.slow import SlowValidator
+    from builder.units import INLINE, WorkUnit, inline_uid
+    from builder.worker import JobPlan, LocalServices, WorkerRuntime
+
+    monkeypatch.setattr(worker_module, "HOLD_WAIT_SLOW_S", 0.5)
+    spec = _two_class_spec(tmp_path, {"cat": f"{one_image_server}/cat/a.jpg",
+                                      "dog": f"{one_image_server}/other/b.jpg"})
+    object.__setattr__(spec.validation, "embedding_dedup_threshold", 0.95)
+    same = [0.5] * 4
+    slow = SlowValidator(["cat", "dog"], nsfw=None, clip=_Clip(same, lambda _: same),
+                         clip_threshold=-1.0, wrong_class="ignore",
+                         embedding_dedup_threshold=0.95)
+    b_scored, a_released = asyncio.Event(), asyncio.Event()
+    scores: Counter = Counter()
+    emitted = []
+    emit = worker_module.UnitRun._emit
+
+    async def traced_emit(self):
+        emitted.extend(self.records)
+        await emit(self)
+
+    monkeypatch.setattr(worker_module.UnitRun, "_emit", traced_emit)
+
+    class Services(LocalServices):
+        async def score(self, records, pool):
+            out = await super().score(records, pool)
+            for r in records:
+                scores[r.label] += 1
+                if r.label == "dog":
+                    b_scored.set()
+            return out
+
+        async def grant(self, uid, wants, floor):  # A's grant, after B was scored
+            if "cat" in wants:
+                await b_scored.wait()
+                if later == "never":
+                    await a_released.wait()
+                else:
+                    return {**await super().grant(uid, wants, floor), "cat": 0}
+            return await super().grant(uid, wants, floor)
+
+    runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
+                            Services(spec, LocalPartitions(4, k=1).client(),
+                                     QuotaLedger({"cat": 5, "dog": 5}), slow=slow))
+    unit_a = WorkUnit(inline_uid(1, "cat", 0), 1, INLINE, 1, label="cat", start=0, stop=1)
+    unit_b = WorkUnit(inline_uid(1, "dog", 0), 2, INLINE, 1, label="dog", start=0, stop=1)
+
+    async def main():
+        await runtime.start()
+        try:
+            a = asyncio.create_task(runtime.run(unit_a))
+            while not scores["cat"]:
+                await asyncio.sleep(0.01)
+            b = (await runtime.run(unit_b))[0]
+            a_released.set()
+            return (await a)[0], b
+        finally:
+            await runtime.close()
+
+    a, b = asyncio.run(main())
+    cat, dog = a.classes["cat"], b.classes["dog"]
+    if later == "never":
+        assert (cat.accepted, dog.accepted, dict(dog.rejected)) == (1, 0, {"near_duplicate": 1})
+        [detail] = [r.detail for r in emitted if r.label == "dog"]
+        assert detail.startswith("embedding cosine 1.0000 to ") and "still undecided" in detail
+        return
+    assert (cat.accepted, dict(cat.rejected)) == (0, {"over_target": 1})
+    assert (dog.accepted, dict(dog.rejected)) == (1, {})
+    assert scores["dog"] >= 2  # scored again once A's was settled
+    assert slow._kept.ids and not slow._pending
 
 
 def test_copies_of_an_image_their_unit_refuses_share_its_verdict_without_asking_again(

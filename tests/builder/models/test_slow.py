@@ -182,13 +182,19 @@ def test_embedding_dedup_within_and_across_batches(clip: ClipModel) -> None:
     first += [record(jpeg_bytes(im), "cat") for im in images]
     validator(first)
     assert not first[0].rejected
-    assert first[1].reason == Reason.NEAR_DUPLICATE.value and first[1].stage == "dedup"
-    assert first[1].duplicate_of == first[0].id != first[1].id
-    assert first[1].detail.startswith("embedding cosine ") and first[0].id in first[1].detail
-    assert not any(r.rejected for r in first[2:])
+    # a near copy of an image kept in the same batch, undecided still: held
+    assert not first[1].rejected and first[1].held_on == first[0].id != first[1].id
+    assert first[1].held_detail.startswith("embedding cosine ")
+    assert first[0].id in first[1].held_detail
+    assert not any(r.rejected or r.held_on for r in first[2:])
     for r in [first[0], *first[2:]]:
         assert len(r.embedding) == 16 and abs(np.linalg.norm(r.embedding) - 1.0) < 1e-5
-    assert first[1].embedding is None
+    assert first[1].embedding is None and first[1].id not in validator._kept.ids
+    validator.settle(first)  # first[0] accepted
+    validator([first[1]])  # the held copy, decided again
+    assert first[1].reason == Reason.NEAR_DUPLICATE.value and first[1].stage == "dedup"
+    assert first[1].duplicate_of == first[0].id and not first[1].held_on
+    assert first[1].detail.startswith("embedding cosine ") and first[0].id in first[1].detail
     second = [record(jpeg_bytes(original, 80), "cat"), record(jpeg_bytes(noise(1, (80, 80))),
                                                               "cat")]
     validator(second)
@@ -217,13 +223,13 @@ def test_several_scorers_dedup_in_the_first_one_s_store_as_one_scorer_does(
 
     alone, one = make(), batches()
     for batch in one:
-        alone(batch)
+        alone.settle(alone(batch))
     holder, other = make(dedup_in_score=False), make(dedup_in_score=False)
     two = batches()
     for scorer, batch in zip((holder, other), two):  # the copy goes to the other scorer
         scored = scorer(batch)
         assert all(r.embedding is not None for r in scored if not r.rejected)
-        holder.dedup_scored(scored)
+        holder.settle(holder.dedup_scored(scored))
     decided = [[(r.reason, r.duplicate_of) for r in batch] for batch in two]
     assert decided == [[(r.reason, r.duplicate_of) for r in batch] for batch in one]
     assert two[1][0].reason == Reason.NEAR_DUPLICATE.value
@@ -319,6 +325,7 @@ def test_a_resent_unit_is_not_a_near_duplicate_of_its_own_images(clip: ClipModel
     resent = validator([_hashed(jpeg_bytes(im), "cat") for im in images])
     assert [(r.reason, r.duplicate_of) for r in resent] == [("", "")] * len(images)
     copy = _hashed(jpeg_bytes(images[1].resize((100, 75)), 80), "dog")
+    validator.settle(resent)
     validator([copy])
     assert copy.reason == Reason.NEAR_DUPLICATE.value and copy.duplicate_of == first[1].id
     twice = _dedup_validator(clip)([_hashed(jpeg_bytes(images[2]), "cat") for _ in range(2)])
@@ -342,15 +349,37 @@ def test_an_image_the_job_rejects_after_scoring_leaves_the_embedding_store(
         (Reason.NEAR_DUPLICATE.value, r.id) for r in scored[1:]]
 
 
+def test_a_near_copy_of_an_image_not_yet_settled_is_held_until_it_is(clip: ClipModel) -> None:
+    """An image kept here may still be refused (``over_target``): a near copy of it scored
+    before its ``settle`` is held (``held_on``), neither kept nor rejected, and decided when
+    scored again: kept if that image was refused, its duplicate if accepted."""
+    validator = _dedup_validator(clip)
+    images = _distinct_images(clip)[:2]
+    scored = validator([_hashed(jpeg_bytes(im), "dog") for im in images])
+
+    def copies() -> list[Record]:
+        return [_hashed(jpeg_bytes(im.resize((100, 75)), 80), "cat") for im in images]
+
+    held = validator(copies())
+    assert [(r.rejected, r.held_on) for r in held] == [(False, r.id) for r in scored]
+    assert all(r.id not in validator._kept.ids for r in held)
+    scored[0].reject(Reason.OVER_TARGET, "class already has 2")
+    validator.settle(scored)
+    again = validator(copies())
+    assert (again[0].rejected, again[0].held_on) == (False, "")
+    assert (again[1].reason, again[1].duplicate_of, again[1].held_on) == (
+        Reason.NEAR_DUPLICATE.value, scored[1].id, "")
+
+
 def test_settle_ignores_records_this_validator_did_not_keep(clip: ClipModel) -> None:
-    """An exact copy of a kept image (same id), rejected before this level, and an image this
-    level rejected itself do not take the kept image out of the store, whatever their order."""
+    """An exact copy of a kept image (same id), rejected before this level, and a near copy
+    this level held do not take the kept image out of the store, whatever their order."""
     validator = _dedup_validator(clip)
     image = _distinct_images(clip)[0]
     kept = _hashed(jpeg_bytes(image), "cat")
     near = _hashed(jpeg_bytes(image, 70), "cat")
     validator([kept, near])
-    assert near.duplicate_of == kept.id
+    assert near.held_on == kept.id and not near.rejected  # kept is undecided still
     exact = _hashed(jpeg_bytes(image), "cat").reject(Reason.EXACT_DUPLICATE, "same bytes",
                                                      duplicate_of=kept.id)
     cancelled = _hashed(jpeg_bytes(image), "dog").reject(Reason.CANCELLED, "job cancelled")
