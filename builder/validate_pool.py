@@ -27,8 +27,9 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from builder.reasons import Reason
 from builder.records import Record
@@ -98,6 +99,23 @@ def _copy(source: Record, target: Record, names: tuple[str, ...]) -> None:
             setattr(target, name, value)
 
 
+@contextmanager
+def _safe_path() -> Iterator[None]:
+    """``PYTHONSAFEPATH`` set while the pool's processes start. A spawned child runs ``python
+    -c``, which puts the current folder first on its import path: anyone who can write there
+    (``/tmp``) could plant a ``multiprocessing/`` package that runs as this user. Spawn passes
+    no ``-P`` of its own, and the variable is not left set for this process's other children."""
+    before = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = before
+
+
 class ProcessValidator:
     """``ImageValidator``'s interface (call it on a batch), run in ``processes`` processes.
     Call it from threads (one batch per thread at a time); ``close`` stops the processes.
@@ -124,8 +142,12 @@ class ProcessValidator:
     def _new_pool(self, processes: int) -> ProcessPoolExecutor:
         # spawn: the caller runs an event loop and threads, which a forked child would copy
         # mid-flight; a spawned one starts clean (its imports overlap the first fetches).
-        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start, initargs=(self.cfg,))
+        with _safe_path():
+            for _ in range(processes):  # each starts a process: none is idle yet
+                pool.submit(int)
+        return pool
 
     def __call__(self, records: list[Record]) -> list[Record]:
         done = self._run(_validate, records, _crashed)

@@ -128,7 +128,9 @@ class StartedWorkers:
             raise
 
     def _spawn(self, first: int, count: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "builder.worker_procs", self.path,
+        # -P: not the current folder first on the import path, where anyone who can write
+        # there (/tmp) could plant a builder/worker_procs.py that runs as this user
+        return subprocess.Popen([sys.executable, "-P", "-m", "builder.worker_procs", self.path,
                                  str(first), str(count)], stdin=subprocess.DEVNULL)
 
     def replace(self, worker: int) -> None:

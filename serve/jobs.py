@@ -157,7 +157,7 @@ class JobLauncher:
         *any* GCS process found on the machine, which for an embedded Ray beside other Rays
         can be someone else's cluster."""
         tail = ["--job-id", job_id, "--address", ray.get_runtime_context().gcs_address]
-        base = [self.python, "-m", "cluster.cli", "build"]
+        base = [self.python, "-P", "-m", "cluster.cli", "build"]  # -P: as in worker_start
         text = spec_env_text(spec)
         if len(text) <= _MAX_ENV_SPEC_CHARS:
             return shlex.join(base + ["--spec-env", SPEC_ENV] + tail), {SPEC_ENV: text}

@@ -46,6 +46,27 @@ def test_processes_validate_as_this_process_does_onto_the_same_records():
     assert records[0].phash and records[0].sha256 == records[4].sha256
 
 
+def test_pool_processes_started_in_a_folder_others_write_import_the_standard_library(
+        tmp_path, monkeypatch):
+    """A spawned child runs ``python -c``, which put the current folder first on its import
+    path: a ``multiprocessing/`` package planted where the command runs (``/tmp``) ran as
+    the user of ``pixcrawler`` before the child read its task."""
+    planted = tmp_path / "multiprocessing"
+    planted.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    records = batch()[:1]
+    pool = ProcessValidator(ValidationSpec(level="medium"), 1)
+    try:
+        pool(records)
+    finally:
+        pool.close()
+    assert records[0].sha256 and not marker.exists()
+    assert "PYTHONSAFEPATH" not in os.environ  # this process's other children as they were
+
+
 def test_a_record_rejected_before_is_left_as_it_was():
     records = batch()[:1]
     records[0].reject(Reason.TIMEOUT, "gave up")

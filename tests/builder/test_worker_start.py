@@ -101,3 +101,25 @@ def test_a_forked_worker_left_a_zombie_counts_as_gone():
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_worker_started_in_a_folder_others_write_imports_the_installed_package(tmp_path,
+                                                                                 monkeypatch):
+    """``python -m`` put the current folder first on the worker's import path: a user who
+    can write where the command runs (``/tmp``) planted ``builder/worker_procs.py`` there,
+    and it ran as the user of ``pixcrawler``."""
+    planted = tmp_path / "builder"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    marker = tmp_path / "planted-code-ran"
+    (planted / "worker_procs.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    started = StartedWorkers(1)
+    try:
+        started.sock.settimeout(120)
+        conn = started.sock.accept()[0]  # the real worker connects and says who it is
+        assert _hello(conn)[0] == 0
+        conn.close()
+    finally:
+        started.close()
+    assert not marker.exists()

@@ -6,6 +6,7 @@ the replica's other requests do not wait for."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ def test_the_spec_reaches_the_ray_job_unchanged(monkeypatch):
     }).model_dump(mode="json")
     entrypoint, env = jobs.JobLauncher(Path("/nonexistent")).command("j-1", data)
     assert "--spec-env" in entrypoint and set(env) == {jobs.SPEC_ENV}
+    # -P: the driver does not import from the folder it runs in, which others may write
+    assert shlex.split(entrypoint)[1:4] == ["-P", "-m", "cluster.cli"]
     text = env[jobs.SPEC_ENV]
     assert text.isascii() and "\n" not in text and "\0" not in text
     monkeypatch.setenv(jobs.SPEC_ENV, text)
