@@ -29,8 +29,10 @@ import bisect
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
+import os
 import statistics
 import threading
 from collections import OrderedDict
@@ -97,6 +99,9 @@ class SlicePlan:
     grow_after: int = 0
     grown_rows: int = 0
     grown_bytes: int = 0
+    inode: int = 0
+    """The list file's inode when the HTTP API checked it (``SourceSpec.path_inode``; 0:
+    none): each read refuses another file at ``path`` (``open_list``)."""
 
     def _base_slices(self) -> int:
         """Text: the slices of ``slice_bytes`` before the grown ones."""
@@ -187,11 +192,31 @@ def _open(path: str, storage_options: Optional[dict[str, Any]]) -> Any:
     return fs, fs_path, info["size"]
 
 
+def open_list(fs: Any, fs_path: str, path: str, inode: int = 0, **kwargs: Any) -> Any:
+    """``fs.open`` of a list file for reading, refused where ``inode`` (not 0) is not the
+    opened file's: the HTTP API checked that file, in a folder the key's user may write
+    (``url_list_dirs``), and a link put in its place since would have the job read any file
+    the server can (another key's list, the server's secrets) into its rejects."""
+    f = fs.open(fs_path, "rb", **kwargs)
+    if inode:
+        try:
+            found = os.fstat(f.fileno()).st_ino
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            found = -1
+        if found != inode:
+            f.close()
+            raise SourceError(f"{path} is not the file this server checked when the job was "
+                              "submitted: it was replaced since (by another file, or a link to "
+                              "one). Submit the job again to have the file there now read")
+    return f
+
+
 IDENTITY_BYTES = 65536
 """What ``list_identity`` hashes of a list's head and of its tail."""
 
 
-def list_identity(path: str, storage_options: Optional[dict[str, Any]] = None) -> str:
+def list_identity(path: str, storage_options: Optional[dict[str, Any]] = None,
+                  inode: int = 0) -> str:
     """What a resumed job compares to know its list is the one its first run cut: the file's
     size and a hash of its first and last ``IDENTITY_BYTES`` (a Parquet list's footer is in
     them). A copy of the file is the same list; rows added, removed or edited near either
@@ -200,7 +225,8 @@ def list_identity(path: str, storage_options: Optional[dict[str, Any]] = None) -
     digest = hashlib.sha256(str(size).encode())
     try:  # read in blocks of its own size: an object store's would read ahead 50 MiB, and
         # fsspec's file refuses a server that ignores the range (cat_file took the whole body)
-        with fs.open(fs_path, "rb", block_size=IDENTITY_BYTES, cache_type="none") as f:
+        with open_list(fs, fs_path, path, inode, block_size=IDENTITY_BYTES,
+                       cache_type="none") as f:
             digest.update(f.read(IDENTITY_BYTES))
             if size > IDENTITY_BYTES:
                 f.seek(max(IDENTITY_BYTES, size - IDENTITY_BYTES))
@@ -233,13 +259,14 @@ def _columns(path: str, names: list[str], used: tuple[Optional[str], ...]) -> No
 def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
                 label_column: str = "label",
                 storage_options: Optional[dict[str, Any]] = None,
-                grow_after: int = 0, grown_rows: int = 0, legacy: bool = False) -> SlicePlan:
+                grow_after: int = 0, grown_rows: int = 0, legacy: bool = False,
+                inode: int = 0) -> SlicePlan:
     """Cut a list file into slices of about ``slice_rows`` rows, reading only its head (and,
     for parquet, its footer); past its first ``grow_after`` rows, of ``grown_rows`` (when it is
     larger). Raises ``SourceError`` for a file that cannot be read or parsed (missing,
     a directory, compressed, not of its extension's format) or a missing or duplicate column.
     ``legacy``: cut as versions before the journal recorded cuts did (``_line_bytes``), for a
-    resume of a job one of them started."""
+    resume of a job one of them started. ``inode``: ``SlicePlan.inode``."""
     if slice_rows < 1:
         raise ValueError(f"slice_rows must be >= 1, got {slice_rows}")
     if grown_rows <= slice_rows:
@@ -249,15 +276,16 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
     used = (url_column, label_column)
     try:
         if kind == "parquet":
-            groups = _parquet_groups(path, fs, fs_path, used)
+            groups = _parquet_groups(path, fs, fs_path, used, inode)
             plan = SlicePlan(path, kind, 0, size=size, row_groups=groups,
-                             slice_rows=slice_rows, grow_after=grow_after, grown_rows=grown_rows)
+                             slice_rows=slice_rows, grow_after=grow_after, grown_rows=grown_rows,
+                             inode=inode)
             count, first = 0, 0
             for rows in groups:
                 base, _, grown = plan._group_cuts(rows, first) if rows else (0, 0, 0)
                 count, first = count + base + grown, first + rows
             return replace(plan, count=count)
-        with fs.open(fs_path, "rb") as f:
+        with open_list(fs, fs_path, path, inode) as f:
             head = f.read(SAMPLE_BYTES)
     except _READ_ERRORS as exc:
         raise _read_error(path, exc) from None
@@ -281,7 +309,8 @@ def plan_slices(path: str, slice_rows: int, *, url_column: str = "url",
         count = base + math.ceil((data - base * slice_bytes) / grown_bytes)
     return SlicePlan(path, kind, count, size=size, data_start=data_start,
                      slice_bytes=slice_bytes, header=header, slice_rows=slice_rows,
-                     grow_after=grow_after, grown_rows=grown_rows, grown_bytes=grown_bytes)
+                     grow_after=grow_after, grown_rows=grown_rows, grown_bytes=grown_bytes,
+                     inode=inode)
 
 
 def _line_bytes(sample: bytes, whole: bool) -> int:
@@ -304,15 +333,15 @@ SHORT_LINE_BYTES = 16
 """The line length taken for a list whose sampled head holds no whole line."""
 
 
-def _parquet_groups(path: str, fs: Any, fs_path: str,
-                    used: tuple[Optional[str], ...]) -> tuple[int, ...]:
+def _parquet_groups(path: str, fs: Any, fs_path: str, used: tuple[Optional[str], ...],
+                    inode: int = 0) -> tuple[int, ...]:
     """The row counts of a parquet list's row groups, once its columns are checked against the
     top-level names the reader selects by."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        with fs.open(fs_path, "rb") as f:
+        with open_list(fs, fs_path, path, inode) as f:
             pf = pq.ParquetFile(f)
             names, meta = pf.schema_arrow.names, pf.metadata
     except pa.ArrowException as exc:
@@ -385,7 +414,7 @@ class ListReader:
         plan = self.plan
         fs, fs_path = open_fs(plan.path, self.storage_options)
         rows: list[ListRow] = []
-        with fs.open(fs_path, "rb") as f:
+        with open_list(fs, fs_path, plan.path, plan.inode) as f:
             if start > plan.data_start:
                 f.seek(start - 1)
                 # The line that started before this slice belongs to the last one; when it
@@ -471,7 +500,7 @@ class ListReader:
         from builder.storage import open_fs
 
         fs, fs_path = open_fs(self.plan.path, self.storage_options)
-        f = fs.open(fs_path, "rb")
+        f = open_list(fs, fs_path, self.plan.path, self.plan.inode)
         try:
             pf = pq.ParquetFile(f, buffer_size=PARQUET_BUFFER_BYTES)
             names = pf.schema_arrow.names

@@ -306,16 +306,18 @@ class JobLifecycle:
             # A retry reads the dataset's rejects, not its lists (whose path spec.yaml holds
             # with its credentials masked).
             if src.engine == "urllist" and not self.retry:
-                identity = list_identity(src.path or "", opts)
+                inode = src.path_inode or 0
+                identity = list_identity(src.path or "", opts, inode)
                 first = (pinned or {}).get(str(i))
                 if first is not None:
-                    self.list_plans[i] = self._pinned_plan(i, src.path or "", first, identity)
+                    self.list_plans[i] = dataclasses.replace(
+                        self._pinned_plan(i, src.path or "", first, identity), inode=inode)
                 else:  # a new job's, or one an earlier version journaled (cut as it did)
                     self.list_plans[i] = plan_slices(
                         src.path or "", unit_size, url_column=src.url_column,
                         label_column=src.label_column, storage_options=opts,
                         grow_after=grow_after, grown_rows=grown_rows,
-                        legacy=self.state is not None and pinned is None)
+                        legacy=self.state is not None and pinned is None, inode=inode)
                 lists[str(i)] = {"identity": identity,
                                  "plan": _plan_json(self.list_plans[i])}
         if self.retry:

@@ -462,6 +462,9 @@ class SourceSpec(_Model):
     label_column: str = "label"
     caption_column: Optional[str] = Field(default=None, description="urllist: the column "
                                           "holding each image's caption (alt text)")
+    path_inode: Optional[int] = Field(default=None, description="urllist: the inode of the "
+                                      "file at path, which the job refuses to read if it finds "
+                                      "another there; the HTTP API sets it to the file it checked")
     max_pages: int = Field(default=20, ge=1)
     per_page: int = Field(default=50, ge=1, le=500)
     region: str = "wt-wt"

@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
@@ -491,6 +492,19 @@ def apply_policy(policy: ApiPolicy, spec: DatasetSpec, owner: str, job_id: str,
                              "class's urls: (classes: {cat: {urls: [...]}})")
             else:
                 check.changes[f"{at}.path"] = real
+                # the job reads this file and no other: a link put in its place later (the
+                # folder is the key user's to write) would have it read any file the server can
+                try:
+                    found = os.stat(real)
+                except OSError as exc:
+                    check.forbid(f"{at}.path", "url_list_dirs", f"{src.path!r}: cannot be read "
+                                 f"here ({exc.strerror}); upload the list before the job")
+                else:
+                    if stat.S_ISREG(found.st_mode):
+                        check.changes[f"{at}.path_inode"] = found.st_ino
+                    else:
+                        check.forbid(f"{at}.path", "url_list_dirs", f"{src.path!r} is not a "
+                                     "file; name one URL list file")
         for field, url in ((f"{at}.url", src.url),
                            (f"{at}.options.base_url", src.options.get("base_url"))):
             if url is not None and not (isinstance(url, str) and

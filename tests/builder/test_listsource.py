@@ -485,3 +485,23 @@ def test_a_list_whose_server_ignores_ranges_is_a_source_error_not_read_whole(tmp
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_parquet_list_replaced_after_its_plan_is_refused_not_read(tmp_path):
+    """A plan pinned to the file's inode (``SlicePlan.inode``, from the HTTP API's check) reads
+    that file only: another one put at its path, as a link or a copy, is a clear error."""
+    import os
+
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": _urls(10)}), path)
+    plan = plan_slices(str(path), 4, inode=path.stat().st_ino)
+    assert sum(_read_all(plan), []) == _urls(10)
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"url": ["SECRET"]}), other)
+    path.unlink()
+    os.symlink(other, path)
+    with pytest.raises(SourceError, match="not the file this server checked"):
+        _read_all(plan)
+    with pytest.raises(SourceError, match="not the file this server checked"):
+        list_identity(str(path), None, plan.inode)
+    assert _read_all(plan_slices(str(path), 4)) == [["SECRET"]]  # unpinned: as before

@@ -337,13 +337,14 @@ def test_yaml_spec_is_accepted(serve_app, sandbox, finished):
 
 def test_a_failing_job_ends_failed_with_its_error(serve_app, sandbox, tmp_path, finished):
     key = serve_app.new_key("failing")
-    missing = tmp_path / "no-such-list.txt"
+    unreadable = tmp_path / "urls.txt.gz"  # (a missing list is refused at submission)
+    unreadable.write_bytes(b"\x1f\x8b not read in slices")
     spec = job_spec(sandbox, name="failjob",
-                    sources=[{"engine": "urllist", "path": str(missing)}])
+                    sources=[{"engine": "urllist", "path": str(unreadable)}])
     job_id = serve_app.submit(key, spec)
     job = serve_app.wait(key, job_id)
     assert job["state"] == "failed", job
-    assert str(missing) in job["error"]
+    assert str(unreadable) in job["error"] and "compressed" in job["error"]
     assert job["ray"]["status"] == "FAILED" and job["stats"] is None
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from builder.errors import SpecError
+from builder.errors import SourceError, SpecError
 from builder.spec import DatasetSpec, DownloadSpec, parse_spec
 from serve.policy import ApiPolicy, PolicyRefused, apply_policy, place_output, url_within
 
@@ -105,6 +105,43 @@ def test_url_list_files_only_from_the_operators_directories(tmp_path):
     for path in (str(lists / "cats.txt"), "cats.txt"):
         placed = apply(spec(sources=[{**source, "path": path}]), policy)
         assert placed.sources[0].path == str((lists / "cats.txt").resolve())
+
+
+def test_the_url_list_the_api_checked_is_the_only_file_its_job_reads(tmp_path):
+    """The policy resolved the path once, at submission, in a folder the key's user may
+    write: a link put in the file's place before the job ran (a queued job waits) had the job
+    read any file the server can, another key's list or its secrets, into its rejects."""
+    from builder.listsource import ListReader, plan_slices
+
+    lists, other = tmp_path / "lists" / "alice", tmp_path / "lists" / "bob"
+    lists.mkdir(parents=True)
+    other.mkdir(parents=True)
+    (lists / "my.txt").write_text("https://example.org/a.jpg\n")
+    (other / "list.txt").write_text("SECRET-of-bob\nhttps://bob.example/1.jpg\n")
+    policy = ApiPolicy(url_list_dirs=[str(tmp_path / "lists" / "{owner}")])
+    src = apply(spec(sources=[{"engine": "urllist", "path": "my.txt"}]), policy,
+                owner="alice").sources[0]
+    assert src.path_inode == (lists / "my.txt").stat().st_ino
+    plan = plan_slices(src.path, 64, inode=src.path_inode)
+    assert [r.url for r in ListReader(plan).read(0)] == ["https://example.org/a.jpg"]
+    (lists / "my.txt").unlink()
+    os.symlink(other / "list.txt", lists / "my.txt")
+    for read in (lambda: ListReader(plan).read(0),
+                 lambda: plan_slices(src.path, 64, inode=src.path_inode)):
+        with pytest.raises(SourceError, match="not the file this server checked"):
+            read()
+    with pytest.raises(PolicyRefused):  # and the check itself refuses it now
+        apply(spec(sources=[{"engine": "urllist", "path": "my.txt"}]), policy, owner="alice")
+
+
+def test_a_url_list_that_is_missing_or_a_folder_is_refused_when_the_job_is_sent(tmp_path):
+    (tmp_path / "folder.txt").mkdir()
+    policy = ApiPolicy(url_list_dirs=[str(tmp_path)])
+    for path, says in (("missing.txt", "cannot be read here"), ("folder.txt", "is not a file")):
+        with pytest.raises(PolicyRefused) as info:
+            apply(spec(sources=[{"engine": "urllist", "path": path}]), policy)
+        [problem] = info.value.problems
+        assert problem.field == "sources.0.path" and says in problem.message, path
 
 
 def test_url_list_directories_may_be_each_keys_own(tmp_path):
