@@ -111,13 +111,17 @@ def _looks_like_path(model_id: str) -> bool:
 def resolve_model_dir(model_id: str) -> str:
     """A local directory holding the Hugging Face model ``model_id`` (a hub id or a path).
 
-    Order: an existing directory; the Hugging Face cache; a download (only when not offline and
-    the hub answers). Raises ModelLoadError, with what to do, when none works.
+    A path (``/``, ``.`` or ``~`` first) is that directory. A hub id ('name', 'owner/name') is
+    taken from the Hugging Face cache, or downloaded (only when not offline and the hub
+    answers), and never from a folder of that name in the current one: whoever can write
+    where the command runs (``/tmp``) could put a model of their own in place of the default
+    ``openai/clip-vit-base-patch32`` there, and choose what the dataset keeps. Raises
+    ModelLoadError, with what to do, when none works.
     """
-    local = Path(model_id).expanduser()
-    if local.is_dir():
-        return str(local)
     if _looks_like_path(model_id):
+        local = Path(model_id).expanduser()
+        if local.is_dir():
+            return str(local.absolute())  # (a relative one would read as a hub id later)
         raise ModelLoadError(f"model directory {model_id!r} does not exist; give a directory "
                              "written by save_pretrained or a Hugging Face model id")
     try:
@@ -128,6 +132,9 @@ def resolve_model_dir(model_id: str) -> str:
     how_to = ("the model must be available locally: download it beforehand into the Hugging Face "
               f"cache on every worker (HF_HOME; e.g. `hf download {model_id}`) or give a local "
               "directory written by save_pretrained as the model id")
+    if Path(model_id).is_dir():
+        how_to += (f" (a folder {model_id!r} here is not read for a hub id: write it as "
+                   f"'./{model_id}' to use it)")
     try:
         return snapshot_download(model_id, local_files_only=True)
     except ValueError as exc:

@@ -141,3 +141,20 @@ def test_a_hub_id_found_in_the_hf_cache_loads_offline(
     local.load()
     images = [noise(9)]
     assert np.allclose(cached.encode_images(images), local.encode_images(images), atol=1e-6)
+
+
+def test_a_hub_id_is_never_read_from_a_folder_of_that_name_here(
+        tiny_clip_dir, empty_hf_cache, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default CLIP id was loaded from ``./openai/clip-vit-base-patch32`` where such a
+    folder existed: anyone who can write where the command runs (``/tmp``) could choose the
+    model that decides what the dataset keeps. A local model is named as a path."""
+    import shutil
+
+    planted = tmp_path / "openai" / "clip-vit-base-patch32"
+    shutil.copytree(tiny_clip_dir, planted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the Hugging Face cache") as info:
+        resolve_model_dir("openai/clip-vit-base-patch32")
+    assert "'./openai/clip-vit-base-patch32'" in str(info.value)
+    assert resolve_model_dir("./openai/clip-vit-base-patch32") == str(planted)
