@@ -99,6 +99,22 @@ def _copy(source: Record, target: Record, names: tuple[str, ...]) -> None:
             setattr(target, name, value)
 
 
+_SPAWNING = threading.Lock()
+"""Held while a pool starts its processes under ``_safe_path``: two at once would leave the
+variable set, or unset while the other starts its own."""
+
+SPAWN_S = 0.05
+"""A bound on the time one process takes to start (fork and exec; a few ms): a new pool's
+processes wait, their first task, until all of them should have started (0.1 s +
+``SPAWN_S`` each), so that each of the pool's first submits starts a process (an idle one would
+take it) while ``_safe_path`` holds. A process's own start-up (the interpreter, the imports)
+takes longer, so the wait seldom adds to it."""
+
+
+def _idle_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.time()))
+
+
 @contextmanager
 def _safe_path() -> Iterator[None]:
     """``PYTHONSAFEPATH`` set while the pool's processes start. A spawned child runs ``python
@@ -142,11 +158,13 @@ class ProcessValidator:
     def _new_pool(self, processes: int) -> ProcessPoolExecutor:
         # spawn: the caller runs an event loop and threads, which a forked child would copy
         # mid-flight; a spawned one starts clean (its imports overlap the first fetches).
-        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start, initargs=(self.cfg,))
-        with _safe_path():
-            for _ in range(processes):  # each starts a process: none is idle yet
-                pool.submit(int)
+        with _SPAWNING, _safe_path():
+            # (its semaphores start multiprocessing's resource tracker, another python -c)
+            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_start, initargs=(self.cfg,))
+            until = time.time() + 0.1 + SPAWN_S * processes
+            for _ in range(processes):  # each starts a process: none is idle before ``until``
+                pool.submit(_idle_until, until)
         return pool
 
     def __call__(self, records: list[Record]) -> list[Record]:

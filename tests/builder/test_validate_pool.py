@@ -7,8 +7,11 @@ import copy
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +24,8 @@ from builder.validate import ImageValidator
 from builder.validate_pool import ProcessValidator
 from builder.worker_start import ForkedWorker
 from tests.images import encode, jpeg, picture
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def batch() -> list[Record]:
@@ -46,25 +51,45 @@ def test_processes_validate_as_this_process_does_onto_the_same_records():
     assert records[0].phash and records[0].sha256 == records[4].sha256
 
 
-def test_pool_processes_started_in_a_folder_others_write_import_the_standard_library(
-        tmp_path, monkeypatch):
-    """A spawned child runs ``python -c``, which put the current folder first on its import
-    path: a ``multiprocessing/`` package planted where the command runs (``/tmp``) ran as
-    the user of ``pixcrawler`` before the child read its task."""
-    planted = tmp_path / "multiprocessing"
-    planted.mkdir()
-    marker = tmp_path / "planted-code-ran"
-    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
-    records = batch()[:1]
-    pool = ProcessValidator(ValidationSpec(level="medium"), 1)
+PLANTED_POOL = """
+import os
+from builder.records import Candidate, Record
+from builder.spec import ValidationSpec
+from builder.validate_pool import ProcessValidator
+from tests.images import jpeg
+
+if __name__ == "__main__":
+    records = [Record(Candidate(url="http://127.0.0.1:1/a.jpg", label="cat"), data=jpeg(1))]
+    pool = ProcessValidator(ValidationSpec(level="medium"), 2)
     try:
         pool(records)
     finally:
         pool.close()
-    assert records[0].sha256 and not marker.exists()
-    assert "PYTHONSAFEPATH" not in os.environ  # this process's other children as they were
+    print(bool(records[0].sha256), "PYTHONSAFEPATH" in os.environ)
+"""
+
+
+def test_pool_processes_started_in_a_folder_others_write_import_the_standard_library(
+        tmp_path):
+    """A spawned child runs ``python -c``, which put the current folder first on its import
+    path: a ``multiprocessing/`` package planted where the command runs (``/tmp``) ran as
+    the user of ``pixcrawler``, in the pool's processes and in multiprocessing's resource
+    tracker. A fresh interpreter runs it, from a script as the ``pixcrawler`` command does:
+    this one's tracker runs already, and ``-P`` would pass to the children."""
+    work, script = tmp_path / "work", tmp_path / "script" / "run.py"
+    (work / "multiprocessing").mkdir(parents=True)
+    script.parent.mkdir()
+    script.write_text(PLANTED_POOL)
+    marker = tmp_path / "planted-code-ran"
+    (work / "multiprocessing" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, str(script)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]  # validated; the variable not left set
+    assert not marker.exists(), done.stderr
 
 
 def test_a_record_rejected_before_is_left_as_it_was():
