@@ -193,6 +193,10 @@ class SlowValidator:
         self._kept = _EmbeddingStore()
         self._pending: set[str] = set()
         """Ids in ``_kept`` whose final decision ``settle`` has not reported yet."""
+        self._kept_by: dict[str, str] = {}
+        """The candidate key of the record each id in ``_kept`` was kept for: only that record's
+        decision moves it (another with its bytes is a copy: another class's, or one rejected
+        before this level)."""
         self._lock = threading.Lock()
         """Guards ``_kept``: units are scored in several threads, and settled from another."""
 
@@ -325,6 +329,7 @@ class SlowValidator:
             for record, vector in kept:
                 self._kept.add(vector, record.id)
                 self._pending.add(record.id)
+                self._kept_by[record.id] = record.candidate.key
         return kept
 
     def _dedup_locked(self, survivors: list[tuple[Record, np.ndarray]],
@@ -389,18 +394,21 @@ class SlowValidator:
         The embedding-dedup store takes an image in as soon as this level keeps it, so that the
         units scored meanwhile are compared with it, but the job may still reject it
         (``over_target``, ``cancelled``). Such an image leaves the store here, so that no later
-        image is a near duplicate of one the dataset does not hold; an accepted one stays.
-        Records are matched by ``id`` (from their sha256, which the hash validation sets).
-        Those CLIP did not score here are ignored, so a unit can pass all its records: an exact
-        copy of a kept image, rejected before this level, has its id but is not it.
+        image is a near duplicate of one the dataset does not hold; an accepted one stays, and
+        leaves later if the job rejects it after all (a unit cancelled while others of its
+        images wait). Records are matched by ``id`` (from their sha256, which the hash
+        validation sets) and candidate key, so a unit can pass all its records: an exact copy
+        of a kept image, rejected before this level, has its id but is not it, and a record
+        whose score a cancel cut off (its copy here kept) is.
         """
         with self._lock:
             for record in records:
-                if record.clip_score is None or record.id not in self._pending:
+                if self._kept_by.get(record.id) != record.candidate.key:
                     continue
                 self._pending.discard(record.id)
                 if record.rejected:
                     self._kept.remove(record.id)
+                    del self._kept_by[record.id]
 
 
 def make_slow_validator(spec: "DatasetSpec", device: str = "cpu",

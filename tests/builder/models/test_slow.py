@@ -371,6 +371,28 @@ def test_a_near_copy_of_an_image_not_yet_settled_is_held_until_it_is(clip: ClipM
         Reason.NEAR_DUPLICATE.value, scored[1].id, "")
 
 
+def test_an_accepted_image_the_job_rejects_later_leaves_the_store(clip: ClipModel) -> None:
+    """A unit settles its accepted images each round; cancelled while another of its images
+    waits, it rejects them after all, and they leave the store (they stayed: only undecided
+    ids were looked at). A record whose score a cancel cut off (no ``clip_score`` here, its
+    copy in a scorer's store kept) counts as the one kept; another class's copy does not."""
+    import dataclasses
+
+    validator = _dedup_validator(clip)
+    images = _distinct_images(clip)[:2]
+    kept = validator([_hashed(jpeg_bytes(im), "cat") for im in images])
+    validator.settle(kept)  # accepted
+    other_class = dataclasses.replace(kept[0], candidate=dataclasses.replace(
+        kept[0].candidate, label="dog")).reject(Reason.OVER_TARGET, "class already has 2")
+    validator.settle([other_class])
+    assert sorted(validator._kept.ids) == sorted(r.id for r in kept)
+    kept[0].reject(Reason.CANCELLED, "job cancelled")
+    cut_off = dataclasses.replace(kept[1], clip_score=None).reject(Reason.CANCELLED, "job "
+                                                                    "cancelled")
+    validator.settle([kept[0], cut_off])
+    assert not validator._kept.ids
+
+
 def test_settle_ignores_records_this_validator_did_not_keep(clip: ClipModel) -> None:
     """An exact copy of a kept image (same id), rejected before this level, and a near copy
     this level held do not take the kept image out of the store, whatever their order."""
