@@ -288,8 +288,10 @@ def read_live_all(job_ids: list[str]) -> dict[str, Optional[dict[str, Any]]]:
         if ref in answered:
             try:
                 out[job_id] = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                pass  # gone: no actor, as for a job with none
+            except ray.exceptions.RayError as exc:  # gone (RayActorError), or its answer lost
+                if not isinstance(exc, ray.exceptions.RayActorError):
+                    log.warning("[%s] its progress actor's answer could not be read: %s",
+                                job_id, exc)
     return out
 
 
@@ -512,8 +514,14 @@ class Reconciler:
                 with self._guard(row):
                     self._stop(row, REVOKED_ERROR)
         rows = [self.store.get_job(row.id) or row for row in rows] if revoked else rows
-        live = read_live_all([row.id for row in rows
-                              if not row.terminal and row.state != "queued"])
+        try:
+            live = read_live_all([row.id for row in rows
+                                  if not row.terminal and row.state != "queued"])
+        except Exception:  # noqa: BLE001 - the pass goes on with Ray's records of the jobs
+            # (a GCS that does not answer ray.get_actor, say): the time limits and the
+            # scheduler after the pass still run
+            log.exception("cannot read the jobs' progress actors")
+            live = {}
         for row in rows:
             with self._guard(row):
                 self.reconcile(row, check_live=False, live=live.get(row.id))

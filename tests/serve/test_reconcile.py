@@ -112,6 +112,21 @@ def test_one_bad_job_does_not_stop_the_pass_for_the_others(store, tmp_path):
     assert victim.state == "failed" and victim.error == "driver exited with code 1"
 
 
+def test_progress_actors_that_cannot_be_read_leave_the_pass_to_rays_records(store, tmp_path,
+                                                                          monkeypatch):
+    """The pass reads every job's progress actor at once; when that read fails (a GCS that
+    does not answer), each job is still checked against Ray's record of it."""
+    def unreadable(job_ids):
+        raise RuntimeError("the GCS did not answer")
+
+    monkeypatch.setattr(jobs, "read_live_all", unreadable)
+    store.create_job("done-1", "o", "done", {"name": "done"}, "/nonexistent/done")
+    store.update_job("done-1", state="running")
+    reconciler = Reconciler(store, FakeRay(**{"done-1": RayJob("FAILED", "boom")}))
+    assert reconciler.reconcile_all() == 1
+    assert store.get_job("done-1").state == "failed"
+
+
 def test_an_earlier_runs_partial_result_is_not_this_jobs_outcome(store, tmp_path):
     out = write_outcome(tmp_path / "pets", PARTIAL,
                         {"accepted": 17, "partial": True, "job_id": "pets-run1"})
