@@ -207,7 +207,8 @@ def open_list(fs: Any, fs_path: str, path: str, inode: int = 0, **kwargs: Any) -
             f.close()
             raise SourceError(f"{path} is not the file this server checked when the job was "
                               "submitted: it was replaced since (by another file, or a link to "
-                              "one). Submit the job again to have the file there now read")
+                              "one). Submit the job again to have the file there now read (a "
+                              "spec run from a file: drop its sources[].path_inode)")
     return f
 
 

@@ -321,10 +321,13 @@ def optout_directive(header_values: Iterable[str], user_agent: str = ROBOTS_UA) 
             if colon and name and name not in _VALUED_DIRECTIVES and " " not in name:
                 agent = name
                 token = rest.strip()
-            if agent is not None and agent != "*" and agent != ours \
-                    or token.partition(":")[0].strip() in _VALUED_DIRECTIVES:
-                continue  # another crawler's, or a value ("max-image-preview: none")
-            for word in token.split():
+            if agent is not None and agent != "*" and agent != ours:
+                continue  # another crawler's
+            words = token.split()
+            directive, colon, setting = token.partition(":")
+            if colon and directive.strip() in _VALUED_DIRECTIVES:
+                words = setting.split()[1:]  # past its value ("max-image-preview: none")
+            for word in words:
                 if word in OPTOUT_DIRECTIVES:
                     return word if agent is None else f"{agent}: {word}"
     return None

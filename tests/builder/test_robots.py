@@ -243,6 +243,8 @@ def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
     (["otherbot: noai noimageai"], None),
     (["max-image-preview: none"], None),  # a value, not the directive
     (["googlebot: max-image-preview: none, noarchive"], None),
+    (["max-image-preview:large noai"], "noai"),
+    (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),
     (["googlebot: none"], None),
     ([""], None),
     ([], None),
