@@ -801,6 +801,31 @@ class _Clip:
         return np.array([self.text(t) for t in texts], np.float32)
 
 
+def _cat_then_dog(runtime, a_reached, a_released):
+    """Units A (cat) and B (dog), one candidate each, on ``runtime``: A starts, B runs whole once
+    ``a_reached()`` (awaited) returns, then A is let go on (``a_released`` set) and ends.
+    Returns their reports."""
+    import asyncio
+
+    from builder.units import INLINE, WorkUnit, inline_uid
+
+    unit_a = WorkUnit(inline_uid(1, "cat", 0), 1, INLINE, 1, label="cat", start=0, stop=1)
+    unit_b = WorkUnit(inline_uid(1, "dog", 0), 2, INLINE, 1, label="dog", start=0, stop=1)
+
+    async def main():
+        await runtime.start()
+        try:
+            a = asyncio.create_task(runtime.run(unit_a))
+            await a_reached()
+            b = (await runtime.run(unit_b))[0]
+            a_released.set()
+            return (await a)[0], b
+        finally:
+            await runtime.close()
+
+    return asyncio.run(main())
+
+
 def _two_class_spec(tmp_path, urls: dict[str, str]):
     from builder.spec import parse_spec
 
@@ -825,7 +850,7 @@ def test_a_copy_of_an_image_another_unit_refuses_later_is_kept(tmp_path, one_ima
     from builder.dedup import LocalPartitions
     from builder.quota import QuotaLedger
     from builder.reasons import Reason
-    from builder.units import INLINE, POS_BITS, WorkUnit, inline_uid
+    from builder.units import POS_BITS
     from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
     monkeypatch.setattr(worker_module, "HOLD_WAIT_S", 0.3)
@@ -866,21 +891,7 @@ def test_a_copy_of_an_image_another_unit_refuses_later_is_kept(tmp_path, one_ima
     client.decide = traced
     runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
                             Services(spec, client, QuotaLedger({"cat": 5, "dog": 5})))
-    unit_a = WorkUnit(inline_uid(1, "cat", 0), 1, INLINE, 1, label="cat", start=0, stop=1)
-    unit_b = WorkUnit(inline_uid(1, "dog", 0), 2, INLINE, 1, label="dog", start=0, stop=1)
-
-    async def main():
-        await runtime.start()
-        try:
-            a = asyncio.create_task(runtime.run(unit_a))
-            await asyncio.sleep(0.3)  # A reaches the index first
-            b = (await runtime.run(unit_b))[0]
-            a_released.set()
-            return (await a)[0], b
-        finally:
-            await runtime.close()
-
-    a, b = asyncio.run(main())
+    a, b = _cat_then_dog(runtime, lambda: asyncio.sleep(0.3), a_released)  # A's index first
     cat, dog = a.classes["cat"], b.classes["dog"]
     assert cat.candidates == dog.candidates == 1
     if later == "never":
@@ -973,7 +984,6 @@ def test_a_near_copy_by_embedding_of_an_image_another_unit_refuses_later_is_kept
     from builder.dedup import LocalPartitions
     from builder.quota import QuotaLedger
     from builder.slow import SlowValidator
-    from builder.units import INLINE, WorkUnit, inline_uid
     from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
     monkeypatch.setattr(worker_module, "HOLD_WAIT_SLOW_S", 0.5)
@@ -1016,22 +1026,12 @@ def test_a_near_copy_by_embedding_of_an_image_another_unit_refuses_later_is_kept
     runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
                             Services(spec, LocalPartitions(4, k=1).client(),
                                      QuotaLedger({"cat": 5, "dog": 5}), slow=slow))
-    unit_a = WorkUnit(inline_uid(1, "cat", 0), 1, INLINE, 1, label="cat", start=0, stop=1)
-    unit_b = WorkUnit(inline_uid(1, "dog", 0), 2, INLINE, 1, label="dog", start=0, stop=1)
 
-    async def main():
-        await runtime.start()
-        try:
-            a = asyncio.create_task(runtime.run(unit_a))
-            while not scores["cat"]:
-                await asyncio.sleep(0.01)
-            b = (await runtime.run(unit_b))[0]
-            a_released.set()
-            return (await a)[0], b
-        finally:
-            await runtime.close()
+    async def a_scored():
+        while not scores["cat"]:
+            await asyncio.sleep(0.01)
 
-    a, b = asyncio.run(main())
+    a, b = _cat_then_dog(runtime, a_scored, a_released)
     cat, dog = a.classes["cat"], b.classes["dog"]
     if later == "never":
         assert (cat.accepted, dog.accepted, dict(dog.rejected)) == (1, 0, {"near_duplicate": 1})
