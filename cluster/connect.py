@@ -273,8 +273,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             if runtime_env:
                 common["runtime_env"] = runtime_env
             check_reachable(address)
-            with _workers_import_nothing_from_here():
-                _join(address, common)
+            _join(address, common)
         else:
             system_config = dict(EMBEDDED_SYSTEM_CONFIG)
             if runtime_env:
@@ -300,8 +299,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
             # num_cpus there, or fail on a stale record).
             temp_dir = private_temp_dir()
             _no_foreign_tpu_logs()
-            with _loopback_node(), _lean_head(dashboard=dashboard, quiet=quiet), \
-                    _workers_import_nothing_from_here():
+            with _loopback_node(), _lean_head(dashboard=dashboard, quiet=quiet):
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
                          include_dashboard=dashboard,
                          dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
@@ -317,25 +315,6 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
         "started": started,
     }
     return info
-
-
-@contextmanager
-def _workers_import_nothing_from_here() -> Iterator[None]:
-    """``ray.init`` run from ``/``. Ray puts the driver's current folder on every worker's
-    import path (``JobConfig._py_driver_sys_path``), where a folder others can write
-    (``/tmp``) would let them plant a ``builder/`` package the workers import in place of the
-    installed one, and run code as this user on every node; only root writes ``/``. The
-    command's own folder is its current one again once Ray is up."""
-    try:
-        here: Optional[str] = os.getcwd()
-    except FileNotFoundError:  # (removed since the command started: nothing to go back to)
-        here = None
-    os.chdir("/")
-    try:
-        yield
-    finally:
-        if here is not None:
-            os.chdir(here)
 
 
 class ClusterUnreachable(PixCrawlerError):

@@ -81,26 +81,6 @@ def test_embedded_workers_run_at_the_commands_priority(init_calls):
     assert kwargs["dashboard_host"] == "127.0.0.1"
 
 
-@pytest.mark.parametrize("address", [None, "127.0.0.1:6379"])
-def test_ray_starts_from_the_root_folder_so_its_workers_import_nothing_from_the_commands(
-        init_calls, monkeypatch, tmp_path, address):
-    """Ray puts the driver's current folder on every worker's import path: a ``builder/``
-    planted in a folder others write (``/tmp``), where the command ran, was imported by the
-    workers in place of the installed package. Back in its folder once Ray is up."""
-    seen = []
-
-    def init(**kwargs):
-        seen.append(os.getcwd())
-        raise StopAfterInit
-
-    monkeypatch.setattr(connect_module.ray, "init", init)
-    monkeypatch.setattr(connect_module, "check_reachable", lambda address: None)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(StopAfterInit):
-        connect_module.connect(address, num_cpus=2)
-    assert seen == ["/"] and os.getcwd() == str(tmp_path)
-
-
 def test_an_embedded_ray_with_a_runtime_env_and_a_dashboard_keeps_rays_settings(init_calls):
     """``pixcrawler serve``: its serving path asks for the command's priority in its
     runtime_env, and the crawls it submits as Ray jobs keep Ray's; its dashboard shows task
