@@ -144,7 +144,7 @@ class RayServices(LedgerCalls):
         order after its ``score`` calls from this worker, as Ray runs an actor's calls from one
         caller; not awaited: a lost scorer's store is lost with it."""
         light = [dataclasses.replace(r, data=None, embedding=None) for r in records
-                 if r.clip_score is not None]
+                 if r.sha256]  # (one whose score a cancel cut off has no clip_score here)
         if light:
             for scorer in self.scorers:
                 scorer.settle.remote(light)

@@ -194,9 +194,9 @@ class SlowValidator:
         self._pending: set[str] = set()
         """Ids in ``_kept`` whose final decision ``settle`` has not reported yet."""
         self._kept_by: dict[str, str] = {}
-        """The candidate key of the record each id in ``_kept`` was kept for: only that record's
-        decision moves it (another with its bytes is a copy: another class's, or one rejected
-        before this level)."""
+        """The key (``Record.found_key``: a relabel does not change it) of the record each id in
+        ``_kept`` was kept for: only that record's decision moves it (another with its bytes is
+        a copy: another class's, or one rejected before this level)."""
         self._lock = threading.Lock()
         """Guards ``_kept``: units are scored in several threads, and settled from another."""
 
@@ -329,7 +329,7 @@ class SlowValidator:
             for record, vector in kept:
                 self._kept.add(vector, record.id)
                 self._pending.add(record.id)
-                self._kept_by[record.id] = record.candidate.key
+                self._kept_by[record.id] = record.found_key
         return kept
 
     def _dedup_locked(self, survivors: list[tuple[Record, np.ndarray]],
@@ -397,13 +397,13 @@ class SlowValidator:
         image is a near duplicate of one the dataset does not hold; an accepted one stays, and
         leaves later if the job rejects it after all (a unit cancelled while others of its
         images wait). Records are matched by ``id`` (from their sha256, which the hash
-        validation sets) and candidate key, so a unit can pass all its records: an exact copy
-        of a kept image, rejected before this level, has its id but is not it, and a record
-        whose score a cancel cut off (its copy here kept) is.
+        validation sets) and the key it was found under, so a unit can pass all its records: an
+        exact copy of a kept image, rejected before this level, has its id but is not it, and a
+        record whose score a cancel cut off (its copy here kept, perhaps relabelled) is.
         """
         with self._lock:
             for record in records:
-                if self._kept_by.get(record.id) != record.candidate.key:
+                if self._kept_by.get(record.id) != record.found_key:
                     continue
                 self._pending.discard(record.id)
                 if record.rejected:

@@ -158,3 +158,23 @@ def test_the_reconcile_pass_waits_for_stuck_progress_actors_once_not_once_each(r
     finally:
         for actor in (*stuck, alive):
             ray.kill(actor)
+
+
+def test_a_record_whose_score_a_cancel_cut_off_is_settled_at_the_scorers():
+    """A cancel that cuts a unit's ``score`` call short leaves its records without a
+    ``clip_score``, while the scorer's store kept their images: the unit's settle left those
+    out, and the images stayed in the store, which the dataset does not hold."""
+    from actors.worker import RayServices
+    from builder.reasons import Reason
+    from builder.records import Candidate, Record
+
+    sent = []
+    scorer = SimpleNamespace(settle=SimpleNamespace(remote=sent.append))
+    cut_off = Record(Candidate(url="http://127.0.0.1:1/a.jpg", label="cat"), data=b"x",
+                     sha256="ab" * 32).reject(Reason.CANCELLED, "job cancelled")
+    unfetched = Record(Candidate(url="http://127.0.0.1:1/b.jpg", label="cat")).reject(
+        Reason.CANCELLED, "job cancelled")
+    asyncio.run(RayServices.settle_scores(SimpleNamespace(scorers=[scorer, scorer]),
+                                          [cut_off, unfetched]))
+    assert [[r.id for r in batch] for batch in sent] == [[cut_off.id]] * 2
+    assert sent[0][0].data is None and sent[0][0].clip_score is None

@@ -391,6 +391,15 @@ def test_an_accepted_image_the_job_rejects_later_leaves_the_store(clip: ClipMode
                                                                     "cancelled")
     validator.settle([kept[0], cut_off])
     assert not validator._kept.ids
+    # relabelled by the scorer (wrong_class: relabel), its score cut off: the unit's copy
+    # still has the label it was found under
+    found = _hashed(jpeg_bytes(images[0]), "cat")
+    moved = dataclasses.replace(found, relabelled_from="cat", candidate=dataclasses.replace(
+        found.candidate, label="dog"))
+    validator([moved])
+    assert validator._kept.ids == [found.id]
+    validator.settle([found.reject(Reason.CANCELLED, "job cancelled")])
+    assert not validator._kept.ids
 
 
 def test_settle_ignores_records_this_validator_did_not_keep(clip: ClipModel) -> None:
