@@ -112,7 +112,7 @@ takes longer, so the wait seldom adds to it."""
 
 
 def _idle_until(deadline: float) -> None:
-    time.sleep(max(0.0, deadline - time.time()))
+    time.sleep(max(0.0, deadline - time.monotonic()))  # (one clock for all processes)
 
 
 @contextmanager
@@ -162,7 +162,7 @@ class ProcessValidator:
             # (its semaphores start multiprocessing's resource tracker, another python -c)
             pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_start, initargs=(self.cfg,))
-            until = time.time() + 0.1 + SPAWN_S * processes
+            until = time.monotonic() + 0.1 + SPAWN_S * processes
             for _ in range(processes):  # each starts a process: none is idle before ``until``
                 pool.submit(_idle_until, until)
         return pool
