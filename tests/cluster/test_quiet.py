@@ -35,11 +35,14 @@ def ray_env():
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["--ray", "--local"])
 def test_a_successful_demo_prints_no_warning_or_error(ray_env, tmp_path, runner):
+    """Its output named relative to the folder it runs in: an embedded Ray's workers write
+    it there too (they keep the folder Ray started in)."""
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--target", "8",
-                          runner, "--output", str(tmp_path / "demo")], env=ray_env, cwd=ROOT,
+                          runner, "--output", "demo"], env=ray_env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dataset complete" in out.stdout
+    assert (tmp_path / "demo" / "_SUCCESS").is_file()
     assert ALARMING.findall(out.stderr) == [], out.stderr[-3000:]
 
 
