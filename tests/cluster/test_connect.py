@@ -81,6 +81,22 @@ def test_embedded_workers_run_at_the_commands_priority(init_calls):
     assert kwargs["dashboard_host"] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("mode,warns", [(0o700, False), (0o775, False), (0o1777, True),
+                                        (0o757, True)])
+def test_a_folder_others_can_write_is_named_before_ray_imports_from_it(
+        init_calls, monkeypatch, tmp_path, caplog, mode, warns):
+    """Ray puts the driver's folder first on every worker's import path: where others can
+    write it (``/tmp``), a ``builder/`` they put there runs as this user in the workers."""
+    here = tmp_path / "here"
+    here.mkdir()
+    here.chmod(mode)
+    monkeypatch.chdir(here)
+    with caplog.at_level("WARNING", logger="pixcrawler.connect"), pytest.raises(StopAfterInit):
+        connect_module.connect(None, num_cpus=2)
+    said = [r.getMessage() for r in caplog.records if "other users can write" in r.getMessage()]
+    assert bool(said) == warns and (not said or str(here) in said[0])
+
+
 def test_an_embedded_ray_with_a_runtime_env_and_a_dashboard_keeps_rays_settings(init_calls):
     """``pixcrawler serve``: its serving path asks for the command's priority in its
     runtime_env, and the crawls it submits as Ray jobs keep Ray's; its dashboard shows task
