@@ -140,14 +140,13 @@ class RayServices(LedgerCalls):
         return apply_scores(records, scored)
 
     async def settle_scores(self, records: list[Record]) -> None:
-        """To every scorer (the one that kept an image forgets it; the others ignore it), in
-        order after its ``score`` calls from this worker, as Ray runs an actor's calls from one
-        caller; not awaited: a lost scorer's store is lost with it."""
+        """To the first scorer, which holds the embedding store for all (``dedup_scored``), in
+        order after this worker's calls to it, as Ray runs an actor's calls from one caller;
+        not awaited: a lost scorer's store is lost with it."""
         light = [dataclasses.replace(r, data=None, embedding=None) for r in records
                  if r.sha256]  # (one whose score a cancel cut off has no clip_score here)
         if light:
-            for scorer in self.scorers:
-                scorer.settle.remote(light)
+            self.scorers[0].settle.remote(light)
 
 
 async def _scores(scorer: Any, ref: Any) -> list[Record]:

@@ -267,7 +267,8 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     started = not ray.is_initialized()
     if started:
-        _warn_of_a_folder_others_write()
+        if not (address or "").startswith("ray://"):  # (a client's folder is not passed on)
+            _warn_of_a_folder_others_write()
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": not quiet,
                                   "configure_logging": not quiet}
         if address:
@@ -324,6 +325,8 @@ def _warn_of_a_folder_others_write() -> None:
     there (``builder/``, ``numpy/``) is imported by the workers and runs as this user. Running
     Ray from elsewhere would change the folder Ray's own processes keep, and with it every
     relative path a job hands its workers, so the command says so instead."""
+    if not hasattr(os, "geteuid"):
+        return  # (Windows: no such owners and modes)
     try:
         here = os.getcwd()
         mode = os.stat(here)
@@ -331,7 +334,7 @@ def _warn_of_a_folder_others_write() -> None:
         return
     # (a folder its group can write is left alone: with a user's private group, as
     # Debian's umask 002 gives, the group is the user)
-    if mode.st_mode & stat.S_IWOTH or mode.st_uid not in (os.getuid(), 0):
+    if mode.st_mode & stat.S_IWOTH or mode.st_uid not in (os.geteuid(), 0):
         log.warning("this command runs in %s, which other users can write, and Ray imports "
                     "from it in every worker (before the installed packages): a package put "
                     "there would run as you. Run pixcrawler from a folder only you can write",

@@ -95,6 +95,11 @@ def test_a_folder_others_can_write_is_named_before_ray_imports_from_it(
         connect_module.connect(None, num_cpus=2)
     said = [r.getMessage() for r in caplog.records if "other users can write" in r.getMessage()]
     assert bool(said) == warns and (not said or str(here) in said[0])
+    caplog.clear()
+    monkeypatch.setattr(connect_module, "check_reachable", lambda address: None)
+    with caplog.at_level("WARNING", logger="pixcrawler.connect"), pytest.raises(StopAfterInit):
+        connect_module.connect("ray://127.0.0.1:10001")  # a client's folder is not passed on
+    assert not [r for r in caplog.records if "other users can write" in r.getMessage()]
 
 
 def test_an_embedded_ray_with_a_runtime_env_and_a_dashboard_keeps_rays_settings(init_calls):

@@ -59,7 +59,7 @@ def test_stopping_serve_with_ctrl_c_prints_no_traceback(ray_env, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--no-auth",
                              "--port", str(port), "--store",
                              f"sqlite:///{tmp_path / 'store.db'}"],
-                            env=ray_env, cwd=ROOT, stdout=subprocess.PIPE,
+                            env=ray_env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_interruptible)
     deadline = time.time() + 180
