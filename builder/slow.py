@@ -95,12 +95,14 @@ def label_texts(labels: Sequence[str]) -> dict[str, str]:
 
 class _EmbeddingStore:
     """The embeddings of the images kept so far, one row per id (grows by doubling; a removed
-    row is filled with the last one)."""
+    row is filled with the last one), and the key (``Record.found_key``) of the record each
+    was kept for."""
 
     def __init__(self) -> None:
         self._matrix: Optional[np.ndarray] = None
         self.ids: list[str] = []
         self._rows: dict[str, int] = {}
+        self._owners: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,7 +115,11 @@ class _EmbeddingStore:
     def row_of(self, record_id: str) -> Optional[int]:
         return self._rows.get(record_id)
 
-    def add(self, vector: np.ndarray, record_id: str) -> None:
+    def owner_of(self, record_id: str) -> Optional[str]:
+        return self._owners.get(record_id)
+
+    def add(self, vector: np.ndarray, record_id: str, owner: str) -> None:
+        self._owners[record_id] = owner
         row = self._rows.get(record_id)
         if row is not None:
             assert self._matrix is not None
@@ -130,6 +136,7 @@ class _EmbeddingStore:
         self.ids.append(record_id)
 
     def remove(self, record_id: str) -> None:
+        self._owners.pop(record_id, None)
         row = self._rows.pop(record_id, None)
         if row is None:
             return
@@ -193,10 +200,6 @@ class SlowValidator:
         self._kept = _EmbeddingStore()
         self._pending: set[str] = set()
         """Ids in ``_kept`` whose final decision ``settle`` has not reported yet."""
-        self._kept_by: dict[str, str] = {}
-        """The key (``Record.found_key``: a relabel does not change it) of the record each id in
-        ``_kept`` was kept for: only that record's decision moves it (another with its bytes is
-        a copy: another class's, or one rejected before this level)."""
         self._lock = threading.Lock()
         """Guards ``_kept``: units are scored in several threads, and settled from another."""
 
@@ -327,9 +330,10 @@ class SlowValidator:
         with self._lock:
             kept = self._dedup_locked(survivors, threshold)
             for record, vector in kept:
-                self._kept.add(vector, record.id)
+                # its owner, the key it was found under (a relabel does not change it): only
+                # that record's decision moves it (``settle``)
+                self._kept.add(vector, record.id, record.found_key)
                 self._pending.add(record.id)
-                self._kept_by[record.id] = record.found_key
         return kept
 
     def _dedup_locked(self, survivors: list[tuple[Record, np.ndarray]],
@@ -403,12 +407,11 @@ class SlowValidator:
         """
         with self._lock:
             for record in records:
-                if self._kept_by.get(record.id) != record.found_key:
+                if self._kept.owner_of(record.id) != record.found_key:
                     continue
                 self._pending.discard(record.id)
                 if record.rejected:
                     self._kept.remove(record.id)
-                    del self._kept_by[record.id]
 
 
 def make_slow_validator(spec: "DatasetSpec", device: str = "cpu",

@@ -1081,6 +1081,8 @@ class UnitRun:
         of the same bytes and class, gets its verdict (the slow level and the quota judge
         bytes and class). Others (a near copy, another class) stay held. Returns whether any
         held image waits on another unit's."""
+        if not self.held:
+            return False
         decided: dict[str, Record] = {}
         others = False
         for r, _ in items:  # of copies decided alike, an accepted one
