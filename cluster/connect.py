@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -14,11 +15,15 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import ray
+from ray.job_config import JobConfig
 
 from actors import NAMESPACE
 from builder.errors import PixCrawlerError
 
 log = logging.getLogger("pixcrawler.connect")
+
+# The job config Ray hands a `ray job submit` driver (ray._private.runtime_env.constants).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 # Ray kills a worker process that has been idle for a second once the node has more workers
 # than CPUs, which a job's actors always make true. The shard writes come every few seconds, so
@@ -267,10 +272,11 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     started = not ray.is_initialized()
     if started:
-        if not (address or "").startswith("ray://"):  # (a client's folder is not passed on)
-            _warn_of_a_folder_others_write()
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": not quiet,
                                   "configure_logging": not quiet}
+        job_config = _job_config(address, runtime_env, dashboard)
+        if job_config is not None:
+            common["job_config"] = job_config
         if address:
             if runtime_env:
                 common["runtime_env"] = runtime_env
@@ -319,12 +325,71 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     return info
 
 
-def _warn_of_a_folder_others_write() -> None:
-    """Ray puts the driver's current folder first on every worker's import path
-    (``JobConfig._py_driver_sys_path``): where other users can write it, a package they put
-    there (``builder/``, ``numpy/``) is imported by the workers and runs as this user. Running
-    Ray from elsewhere would change the folder Ray's own processes keep, and with it every
-    relative path a job hands its workers, so the command says so instead."""
+# Runtime-env fields Ray's driver prepares itself in ray.init (uploads a local folder or
+# module, exports a setup hook), which it skips for a job marked as a client's.
+DRIVER_PREPARED_FIELDS = ("working_dir", "py_modules", "worker_process_setup_hook", "excludes")
+# Set, it names a function ray.init lets rewrite the runtime_env (ray_constants).
+RUNTIME_ENV_HOOK_ENV = "RAY_RUNTIME_ENV_HOOK"
+
+
+def _job_config(address: Optional[str], runtime_env: Optional[dict[str, Any]],
+                dashboard: bool) -> Optional[JobConfig]:
+    """A job config that keeps this command's folder off its workers' import path.
+
+    ``ray.init`` puts the driver's current folder first on every worker's import path
+    (``JobConfig._py_driver_sys_path``) unless the job has a ``working_dir`` or comes from a
+    Ray client (``_client_job``): where other users can write that folder (``/tmp``), a
+    package they put there (``builder/``, ``numpy/``) is imported by the workers before the
+    installed one and runs as this user. Marked as a client's, the job keeps it off; the
+    workers still run in the folder Ray's processes started in, so relative paths resolve
+    there as before.
+
+    The mark also skips the driver's own preparation of a runtime_env
+    (``DRIVER_PREPARED_FIELDS``: uploads, a setup hook) and its check that no local path is
+    left in one, so a job whose environment needs them is not marked: one with a
+    ``working_dir`` needs no mark (Ray leaves the folder off itself); for the others, and
+    where ray.init may rewrite the environment itself (``RAY_RUNTIME_ENV_HOOK``; a driver
+    under ``uv run``, which uploads the folder as the job's ``working_dir``), the command
+    warns where others can write the folder. A ``ray://`` client's folder is never passed
+    on. None: leave ``ray.init``'s default."""
+    if (address or "").startswith("ray://"):
+        return None
+    env = dict(runtime_env or {})
+    injected = os.environ.get(JOB_CONFIG_ENV)  # (set by Ray for a `ray job submit` driver)
+    if injected:
+        env.update(json.loads(injected).get("runtime_env") or {})
+    if _ray_rewrites_the_env():
+        _warn_of_a_folder_others_write("the workers import from it, or from a copy of it, "
+                                       "before the installed packages")
+        return None
+    if env.get("working_dir") is not None:
+        return None
+    if any(name in env for name in DRIVER_PREPARED_FIELDS):
+        _warn_of_a_folder_others_write("Ray imports from it in every worker (before the "
+                                       "installed packages), with this runtime_env")
+        return None
+    if dashboard and not address:
+        # The dashboard's agent joins Ray from this folder without a job config of ours, so
+        # the supervisors of the jobs submitted to it have the folder on their path.
+        _warn_of_a_folder_others_write("Ray's job supervisors import from it")
+    return JobConfig(_client_job=True)
+
+
+def _ray_rewrites_the_env() -> bool:
+    """Whether ``ray.init`` will rewrite this driver's runtime_env: a hook named in
+    ``RAY_RUNTIME_ENV_HOOK``, or ``uv run`` found among this process's parents (Ray's own
+    test, on by default)."""
+    if os.environ.get(RUNTIME_ENV_HOOK_ENV):
+        return True
+    from ray._private import ray_constants
+    from ray._private.runtime_env.uv_runtime_env_hook import _get_uv_run_cmdline
+
+    return bool(ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV and _get_uv_run_cmdline())
+
+
+def _warn_of_a_folder_others_write(why: str) -> None:
+    """Say where other users can write the folder this command runs in, and ``why`` that
+    matters (see ``_job_config``, for what Ray imports from it)."""
     if not hasattr(os, "geteuid"):
         return  # (Windows: no such owners and modes)
     try:
@@ -335,10 +400,9 @@ def _warn_of_a_folder_others_write() -> None:
     # (a folder its group can write is left alone: with a user's private group, as
     # Debian's umask 002 gives, the group is the user)
     if mode.st_mode & stat.S_IWOTH or mode.st_uid not in (os.geteuid(), 0):
-        log.warning("this command runs in %s, which other users can write, and Ray imports "
-                    "from it in every worker (before the installed packages): a package put "
-                    "there would run as you. Run pixcrawler from a folder only you can write",
-                    here)
+        log.warning("this command runs in %s, which other users can write, and %s: a "
+                    "package put there would run as you. Run pixcrawler from a folder only "
+                    "you can write", here, why)
 
 
 class ClusterUnreachable(PixCrawlerError):

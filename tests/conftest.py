@@ -30,6 +30,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # own, never the user's, and every process the tests start (Ray's included) inherits it.
 STATE_HOME = tempfile.mkdtemp(prefix="pxstate")
 os.environ["XDG_STATE_HOME"] = STATE_HOME
+# Ray's workers import the tests' own modules (a remote function defined in one is sent by
+# name), and the folder the tests run from is not on their import path (cluster.connect keeps
+# it off): the repository root is, for every process the tests start.
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    dict.fromkeys([REPO_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,10 +20,11 @@ from cluster.connect import EMBEDDED_SYSTEM_CONFIG, SAME_PRIORITY_ENV
 
 
 def run_child(script: str, *args: str, timeout: float = 180, prepare: Any = None,
-              **env: Any) -> subprocess.CompletedProcess:
-    """``script`` in an interpreter of its own at the repository root, with a Ray temp folder
-    of its own (short: Ray's socket paths in it), removed after; its environment this
-    process's with ``env`` over it (None unsets a variable) and RAY_ADDRESS unset.
+              cwd: Optional[Path] = None, **env: Any) -> subprocess.CompletedProcess:
+    """``script`` in an interpreter of its own in ``cwd`` (the repository root by default),
+    which it does not import from (``-P``, as the ``pixcrawler`` command does not), with a Ray
+    temp folder of its own (short: Ray's socket paths in it), removed after; its environment
+    this process's with ``env`` over it (None unsets a variable) and RAY_ADDRESS unset.
     ``prepare(ray_tmp)`` runs first. Fails the test where the child fails."""
     ray_tmp = tempfile.mkdtemp(prefix="pxcon", dir="/tmp")
     child_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
@@ -31,10 +32,10 @@ def run_child(script: str, *args: str, timeout: float = 180, prepare: Any = None
     try:
         if prepare is not None:
             prepare(ray_tmp)
-        out = subprocess.run([sys.executable, "-c", script, *args],
+        out = subprocess.run([sys.executable, "-P", "-c", script, *args],
                              env={k: v for k, v in child_env.items() if v is not None},
                              capture_output=True, text=True, timeout=timeout,
-                             cwd=Path(__file__).resolve().parents[2])
+                             cwd=cwd or Path(__file__).resolve().parents[2])
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -61,6 +62,8 @@ def init_calls(monkeypatch, tmp_path) -> list[dict[str, Any]]:
     monkeypatch.setattr(connect_module.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(connect_module.ray, "init", fake_init)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(connect_module.JOB_CONFIG_ENV, raising=False)
+    monkeypatch.delenv(connect_module.RUNTIME_ENV_HOOK_ENV, raising=False)
     return calls
 
 
@@ -81,25 +84,95 @@ def test_embedded_workers_run_at_the_commands_priority(init_calls):
     assert kwargs["dashboard_host"] == "127.0.0.1"
 
 
+PLANTED_CHILD = """
+import json, os, ray
+from cluster.connect import connect, shutdown
+connect(None, num_cpus=1)
+
+@ray.remote(num_cpus=0)
+def probe():
+    import builder
+    return [os.getcwd(), builder.__file__]
+
+result = ray.get(probe.remote())
+shutdown()
+print(json.dumps(result))
+"""
+
+
+def test_rays_workers_never_import_from_the_folder_the_command_runs_in(tmp_path):
+    """Ray put the driver's folder first on every worker's import path: a user who can write
+    where the command runs (``/tmp``) put ``builder/`` there, and the workers imported it and
+    ran it as the command's user. The workers still run in that folder (relative paths)."""
+    here = tmp_path / "here"
+    (here / "builder").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (here / "builder" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cwd, imported = last_json(run_child(PLANTED_CHILD, cwd=here, RAY_AUTH_MODE="disabled"))
+    assert cwd == str(here.resolve())
+    assert not marker.exists() and not imported.startswith(str(here)), imported
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6379"])
+def test_the_job_is_marked_to_keep_the_folder_off_the_workers_path(init_calls, monkeypatch,
+                                                                    address):
+    """Embedded or joining, the job is marked so (``_client_job``); with a runtime_env of
+    environment variables too, as ``pixcrawler serve`` and the jobs it submits have."""
+    monkeypatch.setattr(connect_module, "check_reachable", lambda address: None)
+    for env in (None, {"env_vars": {"A": "1"}}):
+        with pytest.raises(StopAfterInit):
+            connect_module.connect(address, num_cpus=2, runtime_env=env)
+    monkeypatch.setenv(connect_module.JOB_CONFIG_ENV,
+                       json.dumps({"runtime_env": {"env_vars": {"B": "2"}}}))
+    with pytest.raises(StopAfterInit):
+        connect_module.connect(address, num_cpus=2)
+    assert [kwargs["job_config"]._client_job for kwargs in init_calls] == [True] * 3
+
+
 @pytest.mark.parametrize("mode,warns", [(0o700, False), (0o775, False), (0o1777, True),
                                         (0o757, True)])
-def test_a_folder_others_can_write_is_named_before_ray_imports_from_it(
+def test_a_job_that_cannot_be_marked_names_a_folder_others_can_write(
         init_calls, monkeypatch, tmp_path, caplog, mode, warns):
-    """Ray puts the driver's folder first on every worker's import path: where others can
-    write it (``/tmp``), a ``builder/`` they put there runs as this user in the workers."""
+    """A runtime_env the driver must prepare (a setup hook, local modules) cannot be marked,
+    nor one ray.init may rewrite (a hook named in RAY_RUNTIME_ENV_HOOK; ``uv run``, which
+    uploads the folder): there Ray imports from the command's folder, and where others can
+    write it the command says so. So it does for an embedded dashboard, whose job
+    supervisors Ray starts from that folder. A ``working_dir`` (Ray leaves the folder off
+    itself) and a ``ray://`` client (its folder is not passed on) need neither."""
+    from ray._private.runtime_env import uv_runtime_env_hook
+
     here = tmp_path / "here"
     here.mkdir()
     here.chmod(mode)
     monkeypatch.chdir(here)
-    with caplog.at_level("WARNING", logger="pixcrawler.connect"), pytest.raises(StopAfterInit):
-        connect_module.connect(None, num_cpus=2)
-    said = [r.getMessage() for r in caplog.records if "other users can write" in r.getMessage()]
-    assert bool(said) == warns and (not said or str(here) in said[0])
-    caplog.clear()
     monkeypatch.setattr(connect_module, "check_reachable", lambda address: None)
-    with caplog.at_level("WARNING", logger="pixcrawler.connect"), pytest.raises(StopAfterInit):
-        connect_module.connect("ray://127.0.0.1:10001")  # a client's folder is not passed on
-    assert not [r for r in caplog.records if "other users can write" in r.getMessage()]
+
+    def marked_and_warned(address: Optional[str], runtime_env: Optional[dict[str, Any]],
+                          dashboard: bool = False) -> tuple[bool, bool]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pixcrawler.connect"), \
+                pytest.raises(StopAfterInit):
+            connect_module.connect(address, num_cpus=2, runtime_env=runtime_env,
+                                   dashboard=dashboard)
+        said = [r.getMessage() for r in caplog.records
+                if "other users can write" in r.getMessage()]
+        assert not said or str(here) in said[0]
+        config = init_calls[-1].get("job_config")
+        return config is not None and config._client_job, bool(said)
+
+    assert marked_and_warned(None, {"worker_process_setup_hook": "setup.hook"}) == \
+        (False, warns)
+    assert marked_and_warned("127.0.0.1:6379", {"py_modules": ["./mods"]}) == (False, warns)
+    assert marked_and_warned(None, None, dashboard=True) == (True, warns)
+    assert marked_and_warned(None, {"working_dir": "./code"}) == (False, False)
+    assert marked_and_warned("ray://127.0.0.1:10001", None) == (False, False)
+    assert marked_and_warned(None, None) == (True, False)
+    assert marked_and_warned("127.0.0.1:6379", None, dashboard=True) == (True, False)
+    monkeypatch.setenv(connect_module.RUNTIME_ENV_HOOK_ENV, "hooks.rewrite")
+    assert marked_and_warned(None, None) == (False, warns)
+    monkeypatch.delenv(connect_module.RUNTIME_ENV_HOOK_ENV)
+    monkeypatch.setattr(uv_runtime_env_hook, "_get_uv_run_cmdline", lambda: ["uv", "run"])
+    assert marked_and_warned(None, None) == (False, warns)
 
 
 def test_an_embedded_ray_with_a_runtime_env_and_a_dashboard_keeps_rays_settings(init_calls):
