@@ -16,6 +16,8 @@ missing bucket is reported, never silently created.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import glob
 import os
 import re
@@ -277,6 +279,42 @@ def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
             f.close()
         raise
     f.close()
+
+
+def flush_to_disk(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Have a local disk hold what has been written under ``path`` before the caller goes on:
+    by this process and every other on this machine (the workers'), data and renames alike.
+
+    The kernel writes files out in its own order: without this, a marker written after the
+    files it vouches for could reach the disk first, and after a crash or a power cut say
+    complete over empty or missing files. Linux flushes the one filesystem ``path`` is on
+    (``syncfs``); other systems flush them all (``os.sync``). Object stores hold an object
+    once its upload completes, and other filesystems keep their own promises (a network
+    filesystem's client sends a file on close): those are left as they are.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        return
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"could not flush the filesystem to disk: {os.strerror(err)}",
+                          path)
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_syncfs() -> Optional[Any]:
+    """The C library's ``syncfs`` (Linux), or None where it has none."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
 
 
 def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

@@ -51,8 +51,9 @@ each image ``{id}.{ext}`` in the ImageFolder tree, ``{id}.{fmt}`` beside it says
 runs (``ShardWriter``), each file atomically (a rename on local disks; an object store publishes
 an object only once its upload completes): nothing is staged and copied at the end. A job's
 output is complete iff ``_SUCCESS`` exists, and ``_SUCCESS`` is written last, after the
-manifests; a cancelled or failed job ends with ``_PARTIAL`` (JSON: reason, counts, files)
-instead, and its card says PARTIAL at the top. Before a shard writes, its files are recorded in
+manifests, with a local disk flushed before it and after (``storage.flush_to_disk``); a
+cancelled or failed job ends with ``_PARTIAL`` (JSON: reason, counts, files) instead, and its
+card says PARTIAL at the top. Before a shard writes, its files are recorded in
 the journal (an *intent*); a shard whose commit never came (a worker lost mid-write) has its
 files removed when the job finishes or resumes, so nothing unaccounted for is left behind.
 
@@ -108,6 +109,7 @@ from builder.storage import (
     delete_files,
     delete_tree,
     ensure_writable,
+    flush_to_disk,
     is_local_uri,
     list_files,
     open_fs,
@@ -854,7 +856,9 @@ class DatasetPublisher:
                 **{k: stats[k] for k in ("candidates", "accepted", "rejected") if k in stats},
                 "classes": len(stats.get("classes") or {})}
             content["files"] = [{"path": rel, "size": size} for rel, size in files]
+            flush_to_disk(fs, root)  # what the marker vouches for, on disk before it
             atomic_write(fs, f"{root}/{marker}", _json_bytes(content))
+            flush_to_disk(fs, root)  # and the marker, before the job says it published
         return self.uri
 
     def _listed_files(self, fs: fsspec.AbstractFileSystem, root: str

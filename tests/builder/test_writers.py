@@ -4,9 +4,12 @@ marker written last, on a local dir and on S3 (moto)."""
 from __future__ import annotations
 
 import csv
+import ctypes
+import errno
 import hashlib
 import io
 import json
+import os
 import pickle
 import random
 import subprocess
@@ -331,6 +334,51 @@ def test_round_trip(target):
     assert success["counts"]["imagefolder_files"] == 12
     assert success["job_id"] == "job1" and success["counts"]["accepted"] == 12
     assert read_marker(target.uri, target.options)["marker"] == "_SUCCESS"
+
+
+def test_the_marker_reaches_the_disk_after_what_it_vouches_for(target, monkeypatch):
+    """The kernel writes files out in its own order: a marker written without a flush could
+    reach a local disk before the shards and manifests it vouches for, and after a power cut
+    say complete over empty files. The filesystem is flushed before the marker and after it;
+    an object store holds what an upload completed, and nothing is flushed there."""
+    flushes = []
+
+    def syncfs(fd: int) -> int:
+        flushes.append((os.readlink(f"/proc/self/fd/{fd}"), target.files()))
+        return 0
+
+    monkeypatch.setattr(storage, "_libc_syncfs", lambda: syncfs)
+    job = target.job()
+    write_all(job, make_rows())
+    job.publish()
+    if target.uri.startswith("s3://"):
+        assert flushes == []
+        return
+    (before_in, before), (after_in, after) = flushes
+    assert before_in == after_in == target.root
+    assert "_SUCCESS" not in before and after == before | {"_SUCCESS"}
+    assert {"labels.json", "stats.json", "README.md"} <= before
+    assert any(p.startswith("data/") for p in before)
+
+
+def test_a_flush_that_fails_publishes_nothing(local, monkeypatch):
+    """A disk that cannot be flushed (an I/O error) leaves no marker, and the error names the
+    dataset; where the C library has no syncfs (macOS), every filesystem is flushed."""
+    def failing(fd: int) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(storage, "_libc_syncfs", lambda: failing)
+    job = local.job()
+    write_all(job, make_rows())
+    with pytest.raises(StorageError, match="could not flush the filesystem to disk"):
+        job.publish()
+    assert not is_complete(local.uri)
+    synced = []
+    monkeypatch.setattr(storage, "_libc_syncfs", lambda: None)
+    monkeypatch.setattr(storage.os, "sync", lambda: synced.append(True))
+    job.publish()
+    assert is_complete(local.uri) and synced == [True, True]
 
 
 def test_overwrite_rules(target):
