@@ -274,6 +274,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if started:
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": not quiet,
                                   "configure_logging": not quiet}
+        _warn_of_a_relative_import_path()
         job_config = _job_config(address, runtime_env, dashboard)
         if job_config is not None:
             common["job_config"] = job_config
@@ -385,6 +386,18 @@ def _ray_rewrites_the_env() -> bool:
     from ray._private.runtime_env.uv_runtime_env_hook import _get_uv_run_cmdline
 
     return bool(ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV and _get_uv_run_cmdline())
+
+
+def _warn_of_a_relative_import_path() -> None:
+    """An empty or relative entry in PYTHONPATH (``export PYTHONPATH=$PYTHONPATH:/x`` leaves
+    one where it was unset) puts the command's folder on every import path, this command's
+    and its workers' (they run there) alike, whatever the job's mark: say so where others
+    can write the folder."""
+    value = os.environ.get("PYTHONPATH")
+    if value and any(not os.path.isabs(entry) for entry in value.split(os.pathsep)):
+        _warn_of_a_folder_others_write("PYTHONPATH has an empty or relative entry, which puts "
+                                       "it on every import path, this command's and Ray's "
+                                       "workers'")
 
 
 def _warn_of_a_folder_others_write(why: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from ray._private.runtime_env import uv_runtime_env_hook
 
 from cluster import connect as connect_module
 from cluster.connect import EMBEDDED_SYSTEM_CONFIG, SAME_PRIORITY_ENV
@@ -64,6 +65,9 @@ def init_calls(monkeypatch, tmp_path) -> list[dict[str, Any]]:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(connect_module.JOB_CONFIG_ENV, raising=False)
     monkeypatch.delenv(connect_module.RUNTIME_ENV_HOOK_ENV, raising=False)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    # (under `uv run pytest`, Ray would take this process for a `uv run` driver)
+    monkeypatch.setattr(uv_runtime_env_hook, "_get_uv_run_cmdline", lambda: None)
     return calls
 
 
@@ -108,7 +112,8 @@ def test_rays_workers_never_import_from_the_folder_the_command_runs_in(tmp_path)
     (here / "builder").mkdir(parents=True)
     marker = tmp_path / "planted-code-ran"
     (here / "builder" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    cwd, imported = last_json(run_child(PLANTED_CHILD, cwd=here, RAY_AUTH_MODE="disabled"))
+    cwd, imported = last_json(run_child(PLANTED_CHILD, cwd=here, RAY_AUTH_MODE="disabled",
+                                        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"))  # (uv run pytest)
     assert cwd == str(here.resolve())
     assert not marker.exists() and not imported.startswith(str(here)), imported
 
@@ -139,8 +144,6 @@ def test_a_job_that_cannot_be_marked_names_a_folder_others_can_write(
     write it the command says so. So it does for an embedded dashboard, whose job
     supervisors Ray starts from that folder. A ``working_dir`` (Ray leaves the folder off
     itself) and a ``ray://`` client (its folder is not passed on) need neither."""
-    from ray._private.runtime_env import uv_runtime_env_hook
-
     here = tmp_path / "here"
     here.mkdir()
     here.chmod(mode)
@@ -173,6 +176,13 @@ def test_a_job_that_cannot_be_marked_names_a_folder_others_can_write(
     monkeypatch.delenv(connect_module.RUNTIME_ENV_HOOK_ENV)
     monkeypatch.setattr(uv_runtime_env_hook, "_get_uv_run_cmdline", lambda: ["uv", "run"])
     assert marked_and_warned(None, None) == (False, warns)
+    monkeypatch.setattr(uv_runtime_env_hook, "_get_uv_run_cmdline", lambda: None)
+    for pythonpath in (os.pathsep + "/opt/lib", "lib"):  # the folder on every import path
+        monkeypatch.setenv("PYTHONPATH", pythonpath)
+        assert marked_and_warned(None, None) == (True, warns)
+        assert marked_and_warned("ray://127.0.0.1:10001", None) == (False, warns)
+    monkeypatch.setenv("PYTHONPATH", "/opt/lib")
+    assert marked_and_warned(None, None) == (True, False)
 
 
 def test_an_embedded_ray_with_a_runtime_env_and_a_dashboard_keeps_rays_settings(init_calls):
