@@ -35,8 +35,8 @@ from builder.errors import PixCrawlerError
 from builder.records import REJECT_SCHEMA, with_columns
 from builder.rights import RIGHTS_TYPE
 from builder.spec import DatasetSpec, upgrade_saved_spec
-from builder.storage import (atomic_write, cut_writes, delete_tree, join, list_files, open_fs,
-                             storage_errors)
+from builder.storage import (atomic_write, cut_writes, delete_tree, flush_to_disk, join,
+                             list_files, open_fs, storage_errors)
 from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
 
 JOURNAL = "_journal"
@@ -527,6 +527,7 @@ class Journal:
             self.fs.invalidate_cache(meta)
             if self.fs.exists(meta):
                 self.fs.rm_file(meta)
+                flush_to_disk(self.fs, self.root)  # (a crash must not bring it back)
             self.fs.invalidate_cache(self.root)
             delete_tree(self.fs, self.root)
             parent = self.root.rsplit("/", 1)[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import glob
 import os
@@ -288,7 +289,9 @@ def flush_to_disk(fs: fsspec.AbstractFileSystem, path: str) -> None:
     The kernel writes files out in its own order: without this, a marker written after the
     files it vouches for could reach the disk first, and after a crash or a power cut say
     complete over empty or missing files. Linux flushes the one filesystem ``path`` is on
-    (``syncfs``); other systems flush them all (``os.sync``). Object stores hold an object
+    (``syncfs``; a folder under it that another filesystem is mounted on is not flushed);
+    other systems flush them all (``os.sync``, which on some, macOS among them, starts the
+    writes without waiting for them). Object stores hold an object
     once its upload completes, and other filesystems keep their own promises (a network
     filesystem's client sends a file on close): those are left as they are.
     """
@@ -302,8 +305,10 @@ def flush_to_disk(fs: fsspec.AbstractFileSystem, path: str) -> None:
     try:
         if syncfs(fd) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"could not flush the filesystem to disk: {os.strerror(err)}",
-                          path)
+            if err not in (errno.ENOSYS, errno.EPERM):
+                raise OSError(err, "could not flush the filesystem to disk: "
+                              f"{os.strerror(err)}", path)
+            os.sync()  # (a sandbox that forbids syncfs, as a seccomp profile may)
     finally:
         os.close(fd)
 
@@ -313,7 +318,7 @@ def _libc_syncfs() -> Optional[Any]:
     """The C library's ``syncfs`` (Linux), or None where it has none."""
     try:
         return ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # (TypeError: Windows loads no CDLL(None))
         return None
 
 

@@ -77,6 +77,7 @@ ids, and the same rows always give byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -858,7 +859,12 @@ class DatasetPublisher:
             content["files"] = [{"path": rel, "size": size} for rel, size in files]
             flush_to_disk(fs, root)  # what the marker vouches for, on disk before it
             atomic_write(fs, f"{root}/{marker}", _json_bytes(content))
-            flush_to_disk(fs, root)  # and the marker, before the job says it published
+            try:
+                flush_to_disk(fs, root)  # and the marker, before the job says it published
+            except OSError:
+                with contextlib.suppress(OSError):  # no marker the job does not stand by
+                    fs.rm_file(f"{root}/{marker}")
+                raise
         return self.uri
 
     def _listed_files(self, fs: fsspec.AbstractFileSystem, root: str

@@ -297,6 +297,26 @@ def test_a_spec_yaml_that_is_not_utf8_is_a_resume_error_naming_it(tmp_path):
         published_spec(str(tmp_path))
 
 
+def test_the_journals_removal_reaches_the_disk(tmp_path, monkeypatch):
+    """The journal is removed once its dataset is published: a crash with the removal still in
+    memory would bring it back beside the marker, for a ``--resume`` to take up again."""
+    from builder import storage
+
+    journal = Journal(str(tmp_path), "cats-1")
+    journal.start(parse_spec({"name": "cats", "classes": {"cat": None},
+                              "sources": [{"engine": "wikimedia"}]}))
+    meta = next(tmp_path.rglob("job.json"))
+    flushed_with_meta = []
+
+    def syncfs(fd: int) -> int:
+        flushed_with_meta.append(meta.exists())
+        return 0
+
+    monkeypatch.setattr(storage, "_libc_syncfs", lambda: syncfs)
+    journal.remove()
+    assert flushed_with_meta == [False] and not meta.exists()
+
+
 def test_without_spec_yaml_the_error_says_what_to_do(tmp_path):
     """An interrupted job (only ``_journal/``) is continued with ``build SPEC --resume``; a
     location with no dataset is not one to retry or continue (no 'pass the spec': retry-failed

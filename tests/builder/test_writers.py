@@ -362,23 +362,42 @@ def test_the_marker_reaches_the_disk_after_what_it_vouches_for(target, monkeypat
 
 
 def test_a_flush_that_fails_publishes_nothing(local, monkeypatch):
-    """A disk that cannot be flushed (an I/O error) leaves no marker, and the error names the
-    dataset; where the C library has no syncfs (macOS), every filesystem is flushed."""
-    def failing(fd: int) -> int:
-        ctypes.set_errno(errno.EIO)
-        return -1
+    """A disk that cannot be flushed (an I/O error) leaves no marker, whether the flush before
+    it or the one after fails, and the error names the dataset; where the C library has no
+    syncfs (macOS), or a sandbox forbids it, every filesystem is flushed."""
+    calls = []
 
-    monkeypatch.setattr(storage, "_libc_syncfs", lambda: failing)
+    def failing_at(which: int):
+        def syncfs(fd: int) -> int:
+            calls.append(fd)
+            if len(calls) != which:
+                return 0
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return syncfs
+
     job = local.job()
     write_all(job, make_rows())
-    with pytest.raises(StorageError, match="could not flush the filesystem to disk"):
-        job.publish()
-    assert not is_complete(local.uri)
+    for which in (1, 2):
+        calls.clear()
+        monkeypatch.setattr(storage, "_libc_syncfs", lambda: failing_at(which))
+        with pytest.raises(StorageError, match="could not flush the filesystem to disk"):
+            job.publish()
+        assert len(calls) == which and not is_complete(local.uri)
+        assert "_SUCCESS" not in local.files()
     synced = []
-    monkeypatch.setattr(storage, "_libc_syncfs", lambda: None)
     monkeypatch.setattr(storage.os, "sync", lambda: synced.append(True))
+    monkeypatch.setattr(storage, "_libc_syncfs", lambda: None)
     job.publish()
     assert is_complete(local.uri) and synced == [True, True]
+
+    def forbidden(fd: int) -> int:
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(storage, "_libc_syncfs", lambda: forbidden)
+    storage.flush_to_disk(storage.open_fs(local.uri)[0], local.root)
+    assert synced == [True] * 3
 
 
 def test_overwrite_rules(target):
