@@ -7,7 +7,8 @@ The ``2`` is its calls' version: a limiter an older PixCrawler left running on t
 (detached actors outlive their jobs) takes other arguments, so it is not found by this name.
 The day's request count is kept in a file on the limiter's node (``builder.ratelimit.DayFile``),
 so a limiter restarted there, and the jobs that run on that machine without Ray, count on
-from it; so is each job's count against its ``max_requests_per_job``.
+from it; so is each job's count against its ``max_requests_per_job``, and when the engine may
+be asked again after its breaker opened or it asked for a pause (``DayFile.hold``).
 """
 
 from __future__ import annotations

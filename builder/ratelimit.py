@@ -146,9 +146,13 @@ class AdaptiveLimiter:
     def on_error(self, retry_after: float | None = None) -> None:
         self.bucket.set_rate(max(self.min_rate, self.rate * self.decrease))
         if retry_after:
-            until = self._clock() + min(float(retry_after), self.MAX_RETRY_AFTER_S)
-            self.blocked_until = max(self.blocked_until, until)
-            self.bucket.pause_until(until)
+            self.hold_for(float(retry_after))
+
+    def hold_for(self, seconds: float) -> None:
+        """No request for ``seconds`` (at most ``MAX_RETRY_AFTER_S``) from now."""
+        until = self._clock() + min(seconds, self.MAX_RETRY_AFTER_S)
+        self.blocked_until = max(self.blocked_until, until)
+        self.bucket.pause_until(until)
 
     def on_success(self) -> None:
         if self.rate < self.base_rate:
@@ -242,6 +246,14 @@ class CircuitBreaker:
         self._probe_since = None
         self.opens += 1
 
+    def open_for(self, seconds: float) -> None:
+        """Open, to let a probe through in ``seconds`` (at most ``cooldown_s``): a breaker
+        before this one opened, and its cooldown has that long to run."""
+        self._state = self.OPEN
+        self.failures = max(self.failures, self.failure_threshold)
+        self.opened_at = self._clock() + min(seconds, self.cooldown_s) - self.cooldown_s
+        self._probe_since = None
+
 
 def state_dir() -> Path:
     """Where PixCrawler keeps what outlives a job on this machine: ``$XDG_STATE_HOME/pixcrawler``
@@ -308,9 +320,11 @@ class DayFile:
         """What ``add_job`` counted, for when the file cannot be used."""
         self._failed = False
 
-    def _update(self, day: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        """The file's data for ``day`` (a new day's starts empty), passed to ``change`` under
-        the file's lock and written back where ``change`` says it changed it."""
+    def _update(self, day: Optional[str],
+                change: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The file's data for ``day`` (a new day's starts empty; None: whichever day the
+        file holds), passed to ``change`` under the file's lock and written back where
+        ``change`` says it changed it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -319,8 +333,11 @@ class DayFile:
                 data = json.loads(f.read() or "{}")
             except ValueError:
                 data = {}  # cut short by a crash mid-write: count from the memory's figures
-            if not isinstance(data, dict) or data.get("day") != day:
-                data = {"key": self.key, "day": day, "used": 0}
+            if not isinstance(data, dict) or day is not None and data.get("day") != day:
+                holds = data.get("holds") if isinstance(data, dict) else None
+                data = {"key": self.key, "day": day or "", "used": 0}
+                if isinstance(holds, dict):
+                    data["holds"] = holds  # (a hold outlives the day it began in)
             if change(data):
                 f.seek(0)
                 f.truncate()
@@ -386,11 +403,52 @@ class DayFile:
                 self._fail(exc)
         return self._memory.get(day, 0)
 
+    def hold(self, kind: str, until: float) -> None:
+        """Record that the budget's engine takes no request before ``until`` (Unix time) for
+        ``kind``'s sake (``breaker``: its breaker opened; ``retry_after``: it asked for a
+        pause), unless the file holds a later time already. A governor that starts on this
+        machine while it holds (a restarted limiter, another job's) waits it out."""
+        if self._failed:
+            return
+
+        def later(data: dict[str, Any]) -> bool:
+            holds = data.get("holds")
+            if not isinstance(holds, dict):
+                holds = data["holds"] = {}
+            if until <= _number(holds.get(kind)):
+                return False
+            holds[kind] = until
+            return True
+
+        try:
+            self._update(None, later)
+        except OSError as exc:
+            self._fail(exc)
+
+    def holds(self) -> dict[str, float]:
+        """What ``hold`` recorded: each kind's time (Unix), past ones included."""
+        if self._failed:
+            return {}
+        try:
+            holds = self._update(None, lambda data: False).get("holds")
+        except OSError as exc:
+            self._fail(exc)
+            return {}
+        return {str(k): _number(v) for k, v in holds.items()} if isinstance(holds, dict) else {}
+
     def _fail(self, exc: OSError) -> None:
         self._failed = True
         log.warning("cannot keep the daily request count of %s in %s (%s): it is counted for "
                     "this process only, so other jobs today may spend its daily quota again",
                     self.key, self.path, exc)
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float, 0.0 where the file holds something else (an edited file)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def utc_day(t: float) -> str:
@@ -523,6 +581,22 @@ class EngineGovernor:
         self.quota = Quota(lim.max_requests_per_job, lim.max_requests_per_day,
                            wall_clock=wall_clock, day_file=day_file)
         self.counters = _Counters()
+        self._wall_clock = wall_clock
+        self.day_file = day_file
+        self._resume_holds()
+
+    def _resume_holds(self) -> None:
+        """Wait out the holds the budget's file records (``DayFile.hold``): an open breaker's
+        cooldown and a retry-after pause a governor before this one was given. A limiter Ray
+        restarted began with neither, and asked an engine that was refusing it at once."""
+        if self.day_file is None:
+            return
+        now = self._wall_clock()
+        holds = self.day_file.holds()
+        if holds.get("breaker", 0.0) > now:
+            self.breaker.open_for(holds["breaker"] - now)
+        if holds.get("retry_after", 0.0) > now:
+            self.limiter.hold_for(holds["retry_after"] - now)
 
     def reconfigure(self, limits: EngineLimits) -> None:
         """Apply new limits but keep what already happened: the requests counted against the
@@ -591,8 +665,16 @@ class EngineGovernor:
         self.counters.failures += 1
         if status == 429:
             self.counters.rate_limited += 1
+        opens = self.breaker.opens
         self.limiter.on_error(retry_after)
         self.breaker.on_failure()
+        if self.day_file is not None:
+            now = self._wall_clock()
+            if self.breaker.opens != opens:
+                self.day_file.hold("breaker", now + self.breaker.cooldown_s)
+            if retry_after:
+                self.day_file.hold("retry_after", now + min(
+                    float(retry_after), AdaptiveLimiter.MAX_RETRY_AFTER_S))
 
     def snapshot(self) -> dict[str, Any]:
         c = self.counters

@@ -35,6 +35,22 @@ def test_a_restarted_limiter_holds_each_running_job_to_its_quota():
     assert (snap["quota"]["job_used"], snap["quota"]["day_used"]) == (4, 4)
 
 
+def test_a_restarted_limiter_keeps_its_engine_held():
+    """A limiter Ray restarted while its breaker was open, or an engine had asked for a
+    pause, sent the next job's request at once: both are kept in the node's file."""
+    rl = Limiter("bing", {}, "bing@test-restart-held")
+    for _ in range(5):
+        assert rl.acquire("job-a")[0] == "ok"
+        rl.record(False, 503)
+    again = Limiter("bing", {}, "bing@test-restart-held")  # as Ray restarts it
+    assert again.acquire("job-a")[0] == "circuit_open"
+    paused = Limiter("duckduckgo", {}, "duckduckgo@test-restart-held")
+    assert paused.acquire("job-a") == ("ok", 0.0)
+    paused.record(False, 429, retry_after=120)
+    verdict, wait = Limiter("duckduckgo", {}, "duckduckgo@test-restart-held").acquire("job-a")
+    assert verdict == "ok" and 110 < wait <= 121
+
+
 def test_new_options_keep_the_daily_quota_and_an_open_breaker():
     rl = Limiter("google", {}, "google@test-new-options")  # a budget of its own
     for _ in range(100):

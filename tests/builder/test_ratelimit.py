@@ -175,6 +175,46 @@ def test_the_day_s_count_outlives_the_process_and_adds_up_across_processes(tmp_p
     assert again.snapshot()["quota"]["day_used"] == 1
 
 
+def test_a_governor_started_while_its_engine_is_held_waits_it_out(tmp_path):
+    """A limiter Ray restarted (or another job's governor on the machine) began with its
+    breaker closed and no retry-after pause, and asked an engine that was refusing requests
+    again at once. The breaker's cooldown and the pause are kept in the budget's file (across
+    the day's end too), and a governor started meanwhile waits out what is left of them."""
+    wall = FakeClock(t=1_700_000_000.0)
+    limits = EngineLimits(rate=1.0, burst=1, failure_threshold=2, cooldown_s=60)
+
+    def governor(engine: str) -> EngineGovernor:
+        return EngineGovernor(engine, limits, clock=FakeClock(5.0), wall_clock=wall,
+                              day_file=DayFile(engine, tmp_path))
+
+    first = governor("bing")
+    for _ in range(2):
+        first.acquire()
+        first.record(False, 503)
+    paused = governor("ddg")
+    paused.acquire()
+    paused.record(False, 429, retry_after=30)
+    wall.advance(20)
+    again = governor("bing")
+    with pytest.raises(CircuitOpen) as refused:
+        again.acquire()
+    assert refused.value.retry_after == pytest.approx(40)
+    assert again.snapshot()["state"] == "open"
+    assert governor("ddg").acquire() == pytest.approx(10)
+    wall.advance(40)  # both over: nothing is held
+    assert governor("bing").acquire() == 0.0 and governor("ddg").acquire() == 0.0
+    wall.t = 1_700_006_300.0  # 100 s before midnight UTC, with a daily budget in the file
+    limits.max_requests_per_day = 1000
+    before = governor("brave")
+    before.acquire()
+    before.record(False, 429, retry_after=3600)  # capped at 600 s
+    wall.advance(300)  # a new day: its count begins again, the pause goes on
+    after = governor("brave")
+    assert after.acquire() == pytest.approx(300)
+    assert after.snapshot()["quota"]["day_used"] == 1
+    assert governor("brave").acquire() == pytest.approx(300)
+
+
 def _add_to_day(directory, n):
     from builder.ratelimit import DayFile
 
