@@ -304,6 +304,12 @@ def budget_key(engine: str, source: Any = None) -> str:
     return f"{engine}@{server}"
 
 
+MAX_HOLD_S = 600.0
+"""The longest a hold in a budget's file keeps a governor that starts meanwhile from asking:
+a job's own ``cooldown_s`` may be far longer, and is its own (``AdaptiveLimiter`` caps a
+``Retry-After`` the same)."""
+
+
 class DayFile:
     """A budget's requests per UTC day, in ``<state_dir>/engine-days/<key>.json``, read and
     changed under an exclusive ``flock`` so concurrent jobs on the machine add up. A file that
@@ -403,11 +409,13 @@ class DayFile:
                 self._fail(exc)
         return self._memory.get(day, 0)
 
-    def hold(self, kind: str, until: float) -> None:
-        """Record that the budget's engine takes no request before ``until`` (Unix time) for
-        ``kind``'s sake (``breaker``: its breaker opened; ``retry_after``: it asked for a
-        pause), unless the file holds a later time already. A governor that starts on this
-        machine while it holds (a restarted limiter, another job's) waits it out."""
+    def hold(self, kind: str, until: float, now: float) -> None:
+        """Record that the budget's engine takes no request before ``until`` (Unix time;
+        ``now`` is the time it is) for ``kind``'s sake (``breaker``: its breaker opened;
+        ``retry_after``: it asked for a pause), unless the file holds a later time already
+        (one past ``MAX_HOLD_S`` from now is no hold: a clock that jumped, an edited file). A
+        governor that starts on this machine while it holds (a restarted limiter, another
+        job's) waits it out."""
         if self._failed:
             return
 
@@ -415,7 +423,8 @@ class DayFile:
             holds = data.get("holds")
             if not isinstance(holds, dict):
                 holds = data["holds"] = {}
-            if until <= _number(holds.get(kind)):
+            held = _number(holds.get(kind))
+            if until <= held <= now + MAX_HOLD_S:
                 return False
             holds[kind] = until
             return True
@@ -425,15 +434,37 @@ class DayFile:
         except OSError as exc:
             self._fail(exc)
 
+    def release(self, kind: str) -> None:
+        """Forget ``kind``'s hold: the engine answered again."""
+        if self._failed or not self.path.exists():
+            return
+
+        def forget(data: dict[str, Any]) -> bool:
+            holds = data.get("holds")
+            return isinstance(holds, dict) and holds.pop(kind, None) is not None
+
+        try:
+            self._update(None, forget)
+        except OSError as exc:
+            self._fail(exc)
+
     def holds(self) -> dict[str, float]:
-        """What ``hold`` recorded: each kind's time (Unix), past ones included."""
+        """What ``hold`` recorded: each kind's time (Unix), past ones included. Reads without
+        making the file (a budget with no daily quota may never have one)."""
         if self._failed:
             return {}
         try:
-            holds = self._update(None, lambda data: False).get("holds")
+            with open(self.path, encoding="utf-8") as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
+                data = json.loads(f.read() or "{}")
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {}  # (cut short by a crash mid-write: nothing held)
         except OSError as exc:
             self._fail(exc)
             return {}
+        holds = data.get("holds") if isinstance(data, dict) else None
         return {str(k): _number(v) for k, v in holds.items()} if isinstance(holds, dict) else {}
 
     def _fail(self, exc: OSError) -> None:
@@ -592,11 +623,14 @@ class EngineGovernor:
         if self.day_file is None:
             return
         now = self._wall_clock()
-        holds = self.day_file.holds()
-        if holds.get("breaker", 0.0) > now:
-            self.breaker.open_for(holds["breaker"] - now)
-        if holds.get("retry_after", 0.0) > now:
-            self.limiter.hold_for(holds["retry_after"] - now)
+        for kind, until in self.day_file.holds().items():
+            left = until - now
+            if not 0 < left <= MAX_HOLD_S:  # (over, or no hold: see DayFile.hold)
+                continue
+            if kind == "breaker":
+                self.breaker.open_for(left)
+            elif kind == "retry_after":
+                self.limiter.hold_for(left)
 
     def reconfigure(self, limits: EngineLimits) -> None:
         """Apply new limits but keep what already happened: the requests counted against the
@@ -660,6 +694,8 @@ class EngineGovernor:
         if success:
             self.counters.successes += 1
             self.limiter.on_success()
+            if self.breaker.state != CircuitBreaker.CLOSED and self.day_file is not None:
+                self.day_file.release("breaker")
             self.breaker.on_success()
             return
         self.counters.failures += 1
@@ -668,13 +704,16 @@ class EngineGovernor:
         opens = self.breaker.opens
         self.limiter.on_error(retry_after)
         self.breaker.on_failure()
-        if self.day_file is not None:
+        if self.day_file is not None and (status in (0, 429) or status >= 500):
+            # (the server's own state, which every job of the budget meets; a refused key
+            # or request, 401/403/400, is this job's)
             now = self._wall_clock()
             if self.breaker.opens != opens:
-                self.day_file.hold("breaker", now + self.breaker.cooldown_s)
+                self.day_file.hold("breaker", now + min(self.breaker.cooldown_s, MAX_HOLD_S),
+                                   now)
             if retry_after:
-                self.day_file.hold("retry_after", now + min(
-                    float(retry_after), AdaptiveLimiter.MAX_RETRY_AFTER_S))
+                self.day_file.hold("retry_after", now + min(float(retry_after), MAX_HOLD_S),
+                                   now)
 
     def snapshot(self) -> dict[str, Any]:
         c = self.counters

@@ -13,6 +13,7 @@ from builder.ratelimit import (
     DayFile,
     EngineGovernor,
     EngineLimits,
+    MAX_HOLD_S,
     FallbackChain,
     Quota,
     QuotaExceeded,
@@ -213,6 +214,44 @@ def test_a_governor_started_while_its_engine_is_held_waits_it_out(tmp_path):
     assert after.acquire() == pytest.approx(300)
     assert after.snapshot()["quota"]["day_used"] == 1
     assert governor("brave").acquire() == pytest.approx(300)
+
+
+def test_only_the_servers_own_refusals_hold_other_governors(tmp_path):
+    """A hold in the budget's file reaches every job on the machine: it is written for what
+    every job meets (429, 5xx, no answer), not for a refused key or request (401, 403, 400),
+    is no longer than ``MAX_HOLD_S`` whatever a job's ``cooldown_s``, ends when the engine
+    answers a probe, and one past ``MAX_HOLD_S`` (a clock that jumped, an edited file) is
+    none. Reading the holds makes no file."""
+    wall, mono = FakeClock(t=1_700_000_000.0), FakeClock(5.0)
+
+    def governor(cooldown_s: float = 60.0) -> EngineGovernor:
+        return EngineGovernor("bing", EngineLimits(rate=1.0, burst=1, failure_threshold=1,
+                                                   cooldown_s=cooldown_s),
+                              clock=mono, wall_clock=wall,
+                              day_file=DayFile("bing", tmp_path))
+
+    first = governor()
+    assert list(tmp_path.iterdir()) == []
+    first.acquire()
+    first.record(False, 403, retry_after=30)
+    assert governor().snapshot()["state"] == "closed" and governor().acquire() == 0.0
+    long, short = governor(cooldown_s=1e9), governor(cooldown_s=10)
+    long.acquire()
+    short.acquire()
+    long.record(False, 503)
+    assert DayFile("bing", tmp_path).holds()["breaker"] == wall.t + MAX_HOLD_S
+    short.record(False, 503)
+    wall.advance(10)
+    mono.advance(10)
+    assert governor().snapshot()["state"] == "open"  # the long one's hold
+    short.acquire()  # its probe: the engine answers
+    short.record(True)
+    assert governor().snapshot()["state"] == "closed"
+    day = DayFile("bing", tmp_path)
+    day.hold("breaker", wall.t + 10 * MAX_HOLD_S, 0.0)  # as an edited file may hold
+    assert governor().snapshot()["state"] == "closed"
+    day.hold("breaker", wall.t + 30, wall.t)  # a hold past MAX_HOLD_S is replaced
+    assert day.holds()["breaker"] == wall.t + 30
 
 
 def _add_to_day(directory, n):
