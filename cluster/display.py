@@ -38,8 +38,9 @@ class ProgressDisplay:
         self._last = 0.0
         self._live: Optional[Live] = None
         if self.tty:
-            self._live = Live(console=Console(file=self.stream), refresh_per_second=4,
-                              transient=False)
+            # (no markup: class names and a server's error text are shown as they are)
+            self._live = Live(console=Console(file=self.stream, markup=False),
+                              refresh_per_second=4, transient=False)
             self._live.start()
 
     def __call__(self, snapshot: dict[str, Any]) -> None:
@@ -95,7 +96,7 @@ def shortfall_cause(stats: dict[str, Any]) -> str:
 
 def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) -> None:
     """The end-of-job summary table and the output location."""
-    console = Console(file=stream or sys.stdout, width=120)
+    console = Console(file=stream or sys.stdout, width=120, markup=False)  # (as above)
     t = Table(title=f"PixCrawler: {stats.get('name', '')} ({stats.get('job_id', '')})")
     for col in ("class", "target", "accepted", "shortfall", "candidates", "rejected",
                 "top reject reasons"):

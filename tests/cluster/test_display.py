@@ -41,3 +41,13 @@ def test_the_summary_says_why_the_dataset_is_partial():
     assert "dataset PARTIAL (its crawl was cancelled before this retry)" in kept
     assert "shortfall (crawl cancelled before this retry)" in kept
     assert "dataset complete" in printed(partial=False, partial_reason="")
+
+
+def test_a_servers_error_text_is_shown_as_it_is():
+    """A search error's text is a server's: Rich read ``[/x]`` in it as markup and the
+    summary failed with a traceback (and the command with the wrong exit code), and
+    ``[link=...]`` became a terminal link."""
+    hostile = stats(search_errors=[{"engine": "webjson", "error": "bad [/x] [link=https://e]a"}])
+    out = io.StringIO()
+    summary(hostile, "/tmp/x", stream=out)
+    assert "the last: webjson: bad [/x] [link=https://e]a" in out.getvalue()
