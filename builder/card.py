@@ -11,6 +11,7 @@ are read with ``.get``: a card renders from whatever stats the pipeline had.
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional
@@ -25,9 +26,14 @@ PARTIAL_MARKER = "> **PARTIAL DATASET**"
 
 
 def _cell(value: Any) -> str:
-    """A value made safe for a Markdown table cell."""
+    """A value made safe for a Markdown table cell: nothing in it ends the cell or the row,
+    and no HTML tag or link in a source's text (a licence name is its uploader's: an
+    ``<img>`` there was a tracking pixel in the card) is more than text."""
     text = "" if value is None else str(value)
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    text = html.escape(text.replace("\\", "\\\\"), quote=False)
+    for char in "|[]":
+        text = text.replace(char, "\\" + char)
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _size_category(n: int) -> str:

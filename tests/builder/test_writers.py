@@ -916,6 +916,12 @@ def test_the_card_reads_well():
     mixed = render_card("pets", "", stats, "", licenses={"CC BY 4.0": 1, "": 2, "Custom": 1})
     assert yaml.safe_load(mixed.split("---\n")[1])["license"] == ["cc-by-4.0", "other",
                                                                    "unknown"]
+    # A licence name is its uploader's text: no tag or link of theirs is live in the card.
+    hostile = render_card("pets", "", stats, "", licenses={
+        "<img src=https://e/p.gif> [docs](https://e/x) a|b & c": 1})
+    assert ("| &lt;img src=https://e/p.gif&gt; \\[docs\\](https://e/x) a\\|b &amp; c | "
+            "`other` | 1 |") in hostile
+    assert "<img" not in hostile
 
 
 def test_per_image_label_files_and_level_columns(target):
