@@ -1183,7 +1183,20 @@ class DatasetSpec(_Model):
         search = data.get("search") or {}
         if isinstance(search.get("llm_base_url"), str):
             search["llm_base_url"] = without_secrets(search["llm_base_url"])
+        _mask_class_urls(data.get("classes"))
+        _mask_class_urls(data.get("categories"))
         return data
+
+
+def _mask_class_urls(node: Any) -> None:
+    """Mask the credentials in the ``urls`` of every class (or category, at any depth)
+    under ``node``, in place: an image URL may carry a password or a token too."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "urls" and isinstance(value, list):
+                node[key] = [without_secrets(u) if isinstance(u, str) else u for u in value]
+            else:
+                _mask_class_urls(value)
 
 
 def _allowed_for(loc: tuple, err: dict) -> str:

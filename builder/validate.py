@@ -45,6 +45,7 @@ from builder.reasons import Reason
 from builder.records import Record
 from builder.similarity import jpeg_quality
 from builder.spec import ValidationSpec
+from builder.urls import without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class ImageValidator:
                     grid = self._inspect(record)
                 except Exception as exc:  # the last guard: a decoder's surprise is this image's
                     log.warning("unexpected %s validating %s: %s", type(exc).__name__,
-                                record.candidate.url, exc, exc_info=True)
+                                without_secrets(record.candidate.url), exc, exc_info=True)
                     record.reject(Reason.DECODE_ERROR, f"unexpected {type(exc).__name__}: {exc}")
                     continue
                 if grid is not None:

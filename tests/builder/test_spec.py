@@ -624,6 +624,13 @@ def test_the_published_form_of_a_spec_masks_the_credentials_of_its_servers():
     assert spec.model_dump(mode="json")["sources"][0]["options"]["proxy"] == \
         "http://me:pw1@p:3128"  # the job itself still uses them
     assert parse_spec(public).public_dump() == public
+    urls = ["https://bob:pw8@img.example/a.jpg?token=pw9", "https://img.example/b.jpg"]
+    flat = parse_spec({"name": "x", "classes": {"a": {"urls": urls}}}).public_dump()
+    masked = ["https://***@img.example/a.jpg?token=***", "https://img.example/b.jpg"]
+    assert flat["classes"]["a"]["urls"] == masked
+    tree = parse_spec({"name": "x", "categories": {"animal": {"dog": {"urls": urls}}}})
+    assert "pw8" not in json.dumps(tree.public_dump()) and "pw9" not in json.dumps(
+        tree.public_dump())
 
 
 def test_an_images_deadline_holds_at_least_one_request():
