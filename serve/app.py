@@ -115,6 +115,11 @@ class ServeSettings(BaseModel):
     max_concurrent_jobs: int = Field(default=4, ge=1, description="jobs running or queued "
                                      "per API key")
     max_spec_bytes: int = Field(default=1_000_000, ge=1024)
+    spec_body_s: float = Field(default=30.0, gt=0, description="how long a submit's body may "
+                               "take to arrive; a slower one answers 408")
+    max_submits_per_key: int = Field(default=2, ge=1, description="submits one API key may "
+                                     "have in progress (being received or read) on a replica; "
+                                     "one more answers 429")
     keep_ended_jobs: int = Field(default=1000, ge=1, description="ended jobs the store keeps "
                                  "per API key, the last ended first (older rows are deleted "
                                  "at the key's next submit; datasets stay)")
@@ -338,24 +343,31 @@ TOKEN_BUCKET = "/stream-token"
 """The rate limiter's bucket of a key's requests made with a stream token."""
 
 
-class StreamSlots:
-    """The event streams each key has open on this replica. A stream holds one of the
-    replica's ``max_ongoing_requests`` until its job ends, so one key could otherwise take
-    them all. Used from the replica's one event loop: no lock."""
+class KeySlots:
+    """What each key has in progress on this replica, at most ``per_key`` at once: an event
+    stream, or a submit being read. Each holds one of the replica's ``max_ongoing_requests``
+    while it lasts (a stream until its job ends, a submit while its body trickles in or its
+    YAML is read), so one key could otherwise take them all and shut every other key out.
+    ``code``, ``held`` ("event streams open") and ``advice`` make the 429's message. Used
+    from the replica's one event loop: no lock."""
 
-    def __init__(self, per_key: int):
+    def __init__(self, per_key: int, code: str = "too_many_streams",
+                 held: str = "event streams open",
+                 advice: str = "close one, or poll GET /v1/jobs/{id}", retry_after_s: int = 10):
         self.per_key = per_key
+        self.code, self.held, self.advice = code, held, advice
+        self.retry_after_s = retry_after_s
         self.open: dict[str, int] = {}
 
     def take(self, owner: str) -> Callable[[], None]:
-        """Count a new stream of ``owner``, or raise a 429; returns the slot's release (which
+        """Count a new one of ``owner``'s, or raise a 429; returns the slot's release (which
         does something only the first time it is called)."""
         held = self.open.get(owner, 0)
         if held >= self.per_key:
-            raise ApiError(429, "too_many_streams",
-                           f"this API key has {held} event streams open (the limit is "
-                           f"{self.per_key}); close one, or poll GET /v1/jobs/{{id}}",
-                           headers={"Retry-After": "10"})
+            raise ApiError(429, self.code,
+                           f"this API key has {held} {self.held} (the limit is "
+                           f"{self.per_key}); {self.advice}",
+                           headers={"Retry-After": str(self.retry_after_s)})
         self.open[owner] = held + 1
         released = False
 
@@ -565,18 +577,31 @@ class SpecReader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def submit_slots(per_key: int) -> KeySlots:
+    """The submits each key has in progress on a replica (``max_submits_per_key``)."""
+    return KeySlots(per_key, "too_many_submits", "submits in progress",
+                    "wait for their answers", retry_after_s=1)
+
+
+async def read_body(request: Request, limit: int, within_s: float) -> bytes:
     """The request body, at most ``limit`` bytes. A larger one is refused (413) as soon as it
     is seen to be larger: from its Content-Length, else (a chunked upload) once ``limit`` + 1
-    bytes have come, so the replica never holds more than that and one chunk."""
+    bytes have come, so the replica never holds more than that and one chunk. One that has
+    not all come within ``within_s`` is refused (408): a body sent a byte a minute would
+    hold one of the replica's requests for good."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+    try:
+        async with asyncio.timeout(within_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, "spec_too_large", f"a spec is at most {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, "spec_too_slow", f"the spec did not arrive within {within_s:g} "
+                       f"s ({len(body)} bytes came); send it again") from None
     return bytes(body)
 
 
@@ -696,7 +721,8 @@ class JobAPI:
                                  sort_keys=False)
         self.page = PAGE.read_text(encoding="utf-8")
         self._checked: dict[str, float] = {}
-        self.streams = StreamSlots(s.max_streams_per_key)
+        self.streams = KeySlots(s.max_streams_per_key)
+        self.submits = submit_slots(s.max_submits_per_key)
         self._bodies = EncodedBodies()
         self.hot_reads = 0  # requests answered by hot_read (see hot_read_count)
         # The first pass runs now: jobs left "running" by a crash are settled at start.
@@ -915,8 +941,14 @@ class JobAPI:
                   "application/yaml": {"schema": {"type": "string"}}}}})
     async def submit(self, request: Request) -> JSONResponse:
         principal = await self._caller(request)
-        limit = self.settings.max_spec_bytes
-        body = await read_body(request, limit)
+        release = self.submits.take(principal.owner)
+        try:
+            return await self._submit(request, principal)
+        finally:
+            release()
+
+    async def _submit(self, request: Request, principal: Any) -> JSONResponse:
+        body = await read_body(request, self.settings.max_spec_bytes, self.settings.spec_body_s)
         try:
             # Off the event loop: a large spec takes a while to read, and every request waits
             # on the loop.

@@ -194,7 +194,7 @@ def test_a_chunked_body_is_refused_once_past_the_limit_not_read_whole():
     scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"",
              "headers": [(b"transfer-encoding", b"chunked")]}
     with pytest.raises(ApiError) as info:
-        asyncio.run(read_body(Request(scope, receive), 1_000_000))
+        asyncio.run(read_body(Request(scope, receive), 1_000_000, 30.0))
     assert info.value.status == 413 and info.value.code == "spec_too_large"
     assert len(pulled) == 1_000_000 // len(chunk) + 1  # 16 of the 1000 chunks (65 MB)
 
@@ -330,3 +330,64 @@ def test_specs_are_read_on_threads_of_their_own(monkeypatch):
     assert asyncio.run(burst()) == "store read"
     assert len(names) == 8 and len(set(names)) <= app.SPEC_THREADS
     assert all(name.startswith("pixcrawler-spec") for name in names)
+
+
+def test_a_body_that_trickles_in_is_refused_at_its_deadline():
+    """A body sent a byte at a time, slowly, held one of the replica's requests for as long
+    as its sender liked: 200 of them shut every other key out."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from serve.app import read_body
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"{", "more_body": True}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"",
+             "headers": [(b"transfer-encoding", b"chunked")]}
+    with pytest.raises(ApiError) as info:
+        asyncio.run(read_body(Request(scope, receive), 1_000_000, 0.5))
+    assert info.value.status == 408 and info.value.code == "spec_too_slow"
+    assert "within 0.5 s" in info.value.message
+
+
+def test_a_keys_third_submit_at_once_is_refused_while_another_keys_is_not():
+    """Each submit holds one of the replica's requests while its spec comes and is read (a
+    128 KiB YAML spec is a second of CPU): one key sending them faster than they are read
+    filled all 200 and every other key waited. A key may have two in progress at once."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.app import JobAPI, ServeSettings, submit_slots
+
+    settings = ServeSettings()
+    release = asyncio.Event()
+
+    async def caller(request: Any) -> Any:
+        return SimpleNamespace(owner=request)
+
+    async def slow_submit(request: Any, principal: Any) -> str:
+        await release.wait()
+        return "answered"
+
+    api = SimpleNamespace(settings=settings, _caller=caller, _submit=slow_submit,
+                          submits=submit_slots(settings.max_submits_per_key))
+    submit = JobAPI.func_or_class.submit
+
+    async def go() -> None:
+        pending = [asyncio.ensure_future(submit(api, "alice")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ApiError) as refused:
+            await submit(api, "alice")
+        assert refused.value.status == 429 and refused.value.code == "too_many_submits"
+        assert "2 submits in progress" in refused.value.message
+        bob = asyncio.ensure_future(submit(api, "bob"))
+        await asyncio.sleep(0.05)
+        assert api.submits.open == {"alice": 2, "bob": 1}
+        release.set()
+        assert await asyncio.gather(*pending, bob) == ["answered"] * 3
+        assert api.submits.open == {}
+
+    asyncio.run(go())
