@@ -1114,7 +1114,8 @@ class JobAPI:
             return {"job_id": job_id, "label": label, "ready": False, "samples": [],
                     "message": "thumbnails are there once the job has written its dataset"}
         try:
-            found = await self.samples.get(job_id, row.output_uri, label, limit, labels)
+            found = await self.samples.get(job_id, row.output_uri, label, limit, labels,
+                                           principal.owner if self.auth.enabled else None)
         except NoDataset as exc:
             raise self._no_dataset(row, str(exc)) from None
         except SamplesBusy as exc:

@@ -15,7 +15,9 @@ They are made in the API's replica, so what one costs is bounded: at most ``READ
 reads at a time per replica, on threads of their own (never the event loop's default
 executor, which the replica's other requests use); a request waits at most ``QUEUE_S`` for
 a read to start (``SamplesBusy`` after that), and requests for the same answer share one
-read. A label's images are found from the labels alone (Parquet's ``label_name`` column, the
+read. A key's reads run one at a time (``READS_PER_KEY``), so one key asking for class
+after class of large images (a read goes on when its request goes away) leaves the other
+reads to other keys. A label's images are found from the labels alone (Parquet's ``label_name`` column, the
 ImageFolder folder names, WebDataset's ``.json`` members) and only theirs are read; an image
 over ``MAX_THUMB_PIXELS`` that only a full decode could shrink is left out (a JPEG is decoded
 at a reduced scale), and so is one of over ``THUMB_MAX_BYTES``.
@@ -32,13 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import tarfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, TypeVar
+from typing import (Any, AsyncIterator, Callable, Iterator, NamedTuple, Optional, Sequence,
+                    TypeVar)
 
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
@@ -71,6 +75,8 @@ be read one at a time (compressed or dictionary-encoded: not as PixCrawler write
 larger row group's images are left out."""
 READS_AT_ONCE = 2
 """Sample reads one replica runs at a time (each decodes up to ``MAX_SAMPLES`` images)."""
+READS_PER_KEY = 1
+"""How many of a replica's reads one API key's requests may hold at once (with auth on)."""
 QUEUE_S = 10.0
 """How long a request waits for one of the ``READS_AT_ONCE`` reads before it is refused."""
 BUSY_RETRY_S = 5
@@ -565,21 +571,25 @@ class SampleCache:
     them at a time on threads of their own. Use from one event loop."""
 
     def __init__(self, size: int = 64, reads_at_once: int = READS_AT_ONCE,
-                 queue_s: float = QUEUE_S):
+                 queue_s: float = QUEUE_S, reads_per_key: int = READS_PER_KEY):
         self.size = size
         self.queue_s = queue_s
         self._items: OrderedDict[tuple, _Entry] = OrderedDict()
         self._loads: dict[tuple, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(reads_at_once)
+        self.reads_per_key = reads_per_key
+        self._key_slots: dict[str, asyncio.Semaphore] = {}
+        self._key_waiting: Counter[str] = Counter()
         self._pool = ThreadPoolExecutor(reads_at_once + _MARKER_THREADS,
                                         thread_name_prefix="pixcrawler-samples")
         self._markers: ReadCache[Optional[Marker]] = ReadCache(MARKER_FRESH_S)
 
     async def get(self, job_id: str, uri: str, label: Optional[str], limit: int,
-                  labels: Sequence[str] = ()) -> Found:
-        """Up to ``limit`` thumbnails of ``job_id``'s dataset at ``uri``. Raises
-        ``NoDataset`` when ``uri`` holds no dataset of that job, ``SamplesBusy`` when no
-        read could start within ``queue_s``, ``StorageError`` when it cannot be read."""
+                  labels: Sequence[str] = (), owner: Optional[str] = None) -> Found:
+        """Up to ``limit`` thumbnails of ``job_id``'s dataset at ``uri``, for the API key
+        ``owner`` (None: no key, auth off). Raises ``NoDataset`` when ``uri`` holds no
+        dataset of that job, ``SamplesBusy`` when no read could start within ``queue_s``,
+        ``StorageError`` when it cannot be read."""
         marker = await self._marker(uri)
         if marker is None or marker.job_id != job_id:
             # Refused on a fresh read only: the one kept may be from before a publication.
@@ -597,12 +607,36 @@ class SampleCache:
             if task is None:
                 want = limit if cached is None else MAX_SAMPLES
                 task = asyncio.get_running_loop().create_task(
-                    self._load(key, uri, label, want, tuple(labels)))
+                    self._load(key, uri, label, want, tuple(labels), owner))
                 self._loads[key] = task
             # shield: a request that goes away does not cancel the read others wait on.
             entry = await asyncio.shield(task)
             if entry.whole or len(entry.samples) >= limit:
                 return Found(entry.samples[:limit], entry.note)
+
+    @contextlib.asynccontextmanager
+    async def _key_slot(self, owner: Optional[str]) -> AsyncIterator[None]:
+        """One of ``owner``'s ``reads_per_key`` (waited for at most ``queue_s``); nothing
+        for no key."""
+        if owner is None:
+            yield
+            return
+        slot = self._key_slots.setdefault(owner, asyncio.Semaphore(self.reads_per_key))
+        self._key_waiting[owner] += 1
+        try:
+            try:
+                await asyncio.wait_for(slot.acquire(), self.queue_s)
+            except asyncio.TimeoutError:
+                raise SamplesBusy(f"this API key's earlier thumbnail reads are still running "
+                                  f"(waited {self.queue_s:g} s)") from None
+            try:
+                yield
+            finally:
+                slot.release()
+        finally:
+            self._key_waiting[owner] -= 1
+            if not self._key_waiting[owner]:
+                del self._key_waiting[owner], self._key_slots[owner]
 
     async def _marker(self, uri: str) -> Optional[Marker]:
         return await self._markers.get(uri, lambda: self._run(dataset_marker, uri))
@@ -611,17 +645,18 @@ class SampleCache:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _load(self, key: tuple, uri: str, label: Optional[str], want: int,
-                    labels: tuple[str, ...]) -> _Entry:
+                    labels: tuple[str, ...], owner: Optional[str]) -> _Entry:
         try:
-            try:
-                await asyncio.wait_for(self._slots.acquire(), self.queue_s)
-            except asyncio.TimeoutError:
-                raise SamplesBusy(f"this replica is making thumbnails for other requests "
-                                  f"(waited {self.queue_s:g} s)") from None
-            try:
-                found = await self._run(_read_unchanged, uri, key[1], label, want, labels)
-            finally:
-                self._slots.release()
+            async with self._key_slot(owner):
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), self.queue_s)
+                except asyncio.TimeoutError:
+                    raise SamplesBusy(f"this replica is making thumbnails for other requests "
+                                      f"(waited {self.queue_s:g} s)") from None
+                try:
+                    found = await self._run(_read_unchanged, uri, key[1], label, want, labels)
+                finally:
+                    self._slots.release()
             entry = _Entry(found.samples, len(found.samples) < want or want == MAX_SAMPLES,
                            found.note)
             self._items[key] = entry

@@ -29,7 +29,7 @@ from serve.app import JobAPI
 from serve.auth import ANONYMOUS, Authenticator, RateLimiter
 from serve.cache import ReadCache
 from serve.errors import ApiError
-from serve.samples import MAX_SAMPLES, Found, Marker, SampleCache, thumbnail
+from serve.samples import MAX_SAMPLES, Found, Marker, SampleCache, SamplesBusy, thumbnail
 from serve.store import JobStore
 
 ROUTE = JobAPI.func_or_class
@@ -173,6 +173,32 @@ def test_answers_are_cached_by_job_and_label_whatever_the_limit(monkeypatch):
         assert reads == [5, MAX_SAMPLES, 3]
 
     asyncio.run(scenario())
+
+
+def test_one_keys_reads_leave_the_others_to_other_keys(monkeypatch):
+    """One key asking for class after class of large images (a read goes on after its
+    request goes away) held both of the replica's reads, and every other key got 429s. A
+    key's reads now run one at a time; with auth off (no key) they are not counted."""
+    def read(uri, fingerprint, label, limit, labels):
+        time.sleep(0.5)
+        return Found([{"id": label}])
+
+    monkeypatch.setattr(samples, "dataset_marker", lambda uri: Marker("j", "fp"))
+    monkeypatch.setattr(samples, "_read_unchanged", read)
+
+    async def scenario(alice: Optional[str], bob: Optional[str]) -> list[Any]:
+        cache = SampleCache(queue_s=0.3)
+        hers = [asyncio.create_task(cache.get("j", "u", f"a{i}", 1, owner=alice))
+                for i in range(3)]
+        await asyncio.sleep(0.05)
+        his = asyncio.create_task(cache.get("j", "u", "b", 1, owner=bob))
+        return await asyncio.gather(*hers, his, return_exceptions=True)
+
+    answers = asyncio.run(scenario("alice", "bob"))
+    assert [isinstance(a, SamplesBusy) for a in answers] == [False, True, True, False]
+    assert answers[-1].samples == [{"id": "b"}]
+    answers = asyncio.run(scenario(None, None))  # auth off: the replica's two reads, shared
+    assert [isinstance(a, SamplesBusy) for a in answers] == [False, False, True, True]
 
 
 def test_a_burst_of_sample_reads_leaves_the_event_loop_s_executor_free(tmp_path, monkeypatch):
