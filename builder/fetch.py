@@ -64,6 +64,7 @@ from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCach
                             answer_text, origin_file, read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
+from builder.urls import without_secrets
 
 T = TypeVar("T")
 
@@ -473,7 +474,7 @@ class Fetcher:
             record.reject(exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - one record must never take down the batch
             log.warning("unexpected %s fetching %r", type(exc).__name__,
-                        record.candidate.url[:200], exc_info=True)
+                        without_secrets(record.candidate.url)[:200], exc_info=True)
             record.reject(Reason.CONNECTION_ERROR,
                           f"unexpected {type(exc).__name__} while fetching: {exc}")
         record.fetch_ms = (time.perf_counter() - started) * 1000.0

@@ -121,9 +121,20 @@ def spec_fingerprint(spec: DatasetSpec, *, legacy: bool = False, with_uri: bool 
 
 def accepted_fingerprints(spec: DatasetSpec) -> set[str]:
     """The fingerprints a journal of ``spec``'s job may hold, this version's and earlier
-    ones'."""
-    return {spec_fingerprint(spec), spec_fingerprint(spec, legacy=True),
+    ones' (``_with_class_urls``: before the classes' image URLs were masked too)."""
+    return {spec_fingerprint(spec), _fingerprint_of(_with_class_urls(spec)),
+            spec_fingerprint(spec, legacy=True),
             spec_fingerprint(spec, legacy=True, with_uri=True)}
+
+
+def _with_class_urls(spec: DatasetSpec) -> dict[str, Any]:
+    """``spec.public_dump()`` as the versions that masked its servers' credentials, but not
+    its classes' image URLs', wrote it."""
+    data, full = spec.public_dump(), spec.model_dump(mode="json")
+    for key in ("classes", "categories"):
+        if key in full:
+            data[key] = full[key]
+    return data
 
 
 ADDED_FIELDS: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...] = (

@@ -35,6 +35,7 @@ from builder.reasons import Reason
 from builder.records import Record
 from builder.spec import ValidationSpec
 from builder.transform import ImageTransformer
+from builder.urls import without_secrets
 from builder.validate import ImageValidator
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _keep(record: Record) -> Record:
     transform Pillow refuses does (``ImageTransformer.transform_or_keep``): it is accepted and
     counted already."""
     log.warning("resizing/re-encoding %s killed its process; keeping the original image",
-                record.candidate.url)
+                without_secrets(record.candidate.url))
     return record
 
 

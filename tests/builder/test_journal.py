@@ -412,6 +412,28 @@ def test_a_journal_keeps_no_credentials_and_a_new_password_resumes(tmp_path):
     Journal(str(tmp_path / "ds"), "j1").load(spec("old-pw"))
 
 
+def test_a_journal_written_before_class_urls_were_masked_resumes(tmp_path):
+    """The published spec masks the credentials in the classes' image URLs now, and the
+    fingerprint is taken from it: a journal written before (servers masked, image URLs as
+    written) was refused as another spec's."""
+    import json
+
+    from builder.journal import JOURNAL, _fingerprint_of
+
+    spec = parse_spec({"name": "fp", "target": 10,
+                       "classes": {"cat": {"urls": ["https://s3.example/a.jpg?"
+                                                    "X-Amz-Signature=abc"]}},
+                       "output": {"uri": str(tmp_path / "ds")}})
+    Journal(str(tmp_path / "ds"), "j1").start(spec)
+    meta_path = tmp_path / "ds" / JOURNAL / "j1" / "job.json"
+    meta = json.loads(meta_path.read_text())
+    assert "abc" not in meta_path.read_text()
+    before = {**spec.public_dump(), "classes": spec.model_dump(mode="json")["classes"]}
+    meta["fingerprint"] = _fingerprint_of(before)
+    meta_path.write_text(json.dumps(meta))
+    Journal(str(tmp_path / "ds"), "j1").load(spec)
+
+
 def test_a_journal_written_before_a_field_was_added_resumes(tmp_path):
     """download.deadline_s joined every fingerprint, so a journal written before it (its
     fingerprint and saved spec without the field, credentials in them) was refused as
