@@ -67,3 +67,9 @@ class EngineError(PixCrawlerError):
 
 class ModelLoadError(PixCrawlerError):
     """A validator model cannot be loaded (missing extra, unknown id, no network to a hub)."""
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal, a log or a message: whitespace collapsed, other unprintable
+    characters (a server's escape sequences among them) shown as ``?``."""
+    return "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split()))

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 
 from builder.dedup import DedupClient, DedupDecision, DedupItem, claim_of, id_number, url_hash
 from builder.engines import SearchEngine, SearchPage, make_engine
-from builder.errors import EngineError, SourceError
+from builder.errors import EngineError, SourceError, printable
 from builder.fetch import Fetcher
 from builder.held import HeldBudget
 from builder.job import IndexLost
@@ -1287,7 +1287,7 @@ def _held_detail(record: Record, decision: DedupDecision) -> str:
 
 
 def _short(exc: Exception, limit: int = 300) -> str:
-    text = str(exc)
+    text = printable(str(exc))
     return text if len(text) <= limit else text[:limit] + "..."
 
 

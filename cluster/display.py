@@ -39,7 +39,7 @@ class ProgressDisplay:
         self._live: Optional[Live] = None
         if self.tty:
             # (no markup: class names and a server's error text are shown as they are)
-            self._live = Live(console=Console(file=self.stream, markup=False),
+            self._live = Live(console=Console(file=self.stream, markup=False, emoji=False),
                               refresh_per_second=4, transient=False)
             self._live.start()
 
@@ -96,7 +96,7 @@ def shortfall_cause(stats: dict[str, Any]) -> str:
 
 def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) -> None:
     """The end-of-job summary table and the output location."""
-    console = Console(file=stream or sys.stdout, width=120, markup=False)  # (as above)
+    console = Console(file=stream or sys.stdout, width=120, markup=False, emoji=False)  # (as above)
     t = Table(title=f"PixCrawler: {stats.get('name', '')} ({stats.get('job_id', '')})")
     for col in ("class", "target", "accepted", "shortfall", "candidates", "rejected",
                 "top reject reasons"):

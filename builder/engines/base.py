@@ -29,7 +29,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
-from builder.errors import EngineError, SourceError
+from builder.errors import EngineError, SourceError, printable
 from builder.records import Candidate
 
 log = logging.getLogger("pixcrawler.engines")
@@ -101,9 +101,11 @@ def _checked(engine: "SearchEngine", search: SearchFn, query: str, *, label: str
     try:
         result = search(engine, query, label=label, page=page, per_page=per_page)
     except (EngineError, SourceError) as exc:
-        message = str(exc)
+        message = printable(str(exc))  # (a server's words: no escape sequence of its own)
         if len(message) > MAX_ERROR_CHARS:
-            exc.args = (message[:MAX_ERROR_CHARS] + "\u2026",)
+            message = message[:MAX_ERROR_CHARS] + "\u2026"
+        if message != str(exc):
+            exc.args = (message,)
         raise
     except MALFORMED_ERRORS as exc:
         log.debug("%s: malformed response", name, exc_info=True)

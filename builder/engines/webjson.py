@@ -25,7 +25,7 @@ import urllib.parse
 from typing import Any, Mapping
 
 from builder.engines.base import count_request
-from builder.errors import EngineError
+from builder.errors import EngineError, printable
 from builder.fetch import parse_retry_after  # one Retry-After parser for fetches and engines
 from builder.netguard import BlockedAddressError, UrlRejected, open_guarded
 from builder.urls import SECRET_PARAMS
@@ -45,8 +45,7 @@ def redact(url: str) -> str:
 def excerpt(data: bytes | str, limit: int = MAX_EXCERPT_CHARS) -> str:
     """At most ``limit`` characters of ``data`` for a message: whitespace collapsed, other
     unprintable characters shown as ``?``, an ellipsis where it was cut."""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    text = "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split()))
+    text = printable(data.decode("utf-8", "replace") if isinstance(data, bytes) else data)
     return text if len(text) <= limit else text[:limit] + "\u2026"
 
 

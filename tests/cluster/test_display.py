@@ -47,7 +47,8 @@ def test_a_servers_error_text_is_shown_as_it_is():
     """A search error's text is a server's: Rich read ``[/x]`` in it as markup and the
     summary failed with a traceback (and the command with the wrong exit code), and
     ``[link=...]`` became a terminal link."""
-    hostile = stats(search_errors=[{"engine": "webjson", "error": "bad [/x] [link=https://e]a"}])
+    hostile = stats(search_errors=[{"engine": "webjson",
+                                    "error": "bad [/x] [link=https://e]a :warning:"}])
     out = io.StringIO()
     summary(hostile, "/tmp/x", stream=out)
-    assert "the last: webjson: bad [/x] [link=https://e]a" in out.getvalue()
+    assert "the last: webjson: bad [/x] [link=https://e]a :warning:" in out.getvalue()

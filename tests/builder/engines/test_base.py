@@ -61,6 +61,15 @@ def test_engine_and_source_errors_pass_through_unchanged():
         _Parsing(SourceError("no column 'url'")).search("cat", label="cat", page=0, per_page=5)
 
 
+def test_a_servers_escape_sequences_never_reach_an_error_message():
+    """An engine that put a server's words in its error as they came (Baidu's ``message``)
+    sent them to the terminal: a clear-screen or a terminal link in them took effect."""
+    err = EngineError("baidu: \x1b[2Jcleared \x1b]8;;https://e\x07link\x1b]8;;\x07\n", status=200)
+    with pytest.raises(EngineError) as info:
+        _Parsing(err).search("cat", label="cat", page=0, per_page=5)
+    assert info.value is err and str(err) == "baidu: ?[2Jcleared ?]8;;https://e?link?]8;;?"
+
+
 def test_a_search_that_returns_something_else_is_an_engine_error():
     class Sloppy(SearchEngine):
         name = "sloppy"
