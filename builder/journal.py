@@ -160,7 +160,8 @@ def _same_once_upgraded(stored: Any, spec: DatasetSpec) -> bool:
     resumes with the spec as this version takes it."""
     upgraded, changes = upgrade_saved_spec(stored)
     return bool(changes) and _fingerprint_of(upgraded) in {
-        spec_fingerprint(spec), spec_fingerprint(spec, legacy=True)}
+        spec_fingerprint(spec), _fingerprint_of(_with_class_urls(spec)),
+        spec_fingerprint(spec, legacy=True)}
 
 
 def splits_reordered(saved: Any, spec: DatasetSpec) -> Optional[str]:

@@ -78,7 +78,10 @@ READS_AT_ONCE = 2
 READS_PER_KEY = 1
 """How many of a replica's reads one API key's requests may hold at once (with auth on)."""
 QUEUE_S = 10.0
-"""How long a request waits for one of the ``READS_AT_ONCE`` reads before it is refused."""
+"""How long a request waits for one of the ``READS_AT_ONCE`` reads (and its key's, with auth
+on) before it is refused."""
+MIN_WAIT_S = 0.01
+"""The least wait for a read once the key's own came (a read free by then is taken)."""
 BUSY_RETRY_S = 5
 """The ``Retry-After`` of a request refused with ``SamplesBusy``."""
 MARKER_FRESH_S = 1.0
@@ -647,9 +650,11 @@ class SampleCache:
     async def _load(self, key: tuple, uri: str, label: Optional[str], want: int,
                     labels: tuple[str, ...], owner: Optional[str]) -> _Entry:
         try:
+            deadline = asyncio.get_running_loop().time() + self.queue_s  # (both waits in all)
             async with self._key_slot(owner):
+                left = deadline - asyncio.get_running_loop().time()
                 try:
-                    await asyncio.wait_for(self._slots.acquire(), self.queue_s)
+                    await asyncio.wait_for(self._slots.acquire(), max(left, MIN_WAIT_S))
                 except asyncio.TimeoutError:
                     raise SamplesBusy(f"this replica is making thumbnails for other requests "
                                       f"(waited {self.queue_s:g} s)") from None

@@ -110,7 +110,7 @@ def _checked(engine: "SearchEngine", search: SearchFn, query: str, *, label: str
     except MALFORMED_ERRORS as exc:
         log.debug("%s: malformed response", name, exc_info=True)
         raise EngineError(f"{name}: malformed response: {type(exc).__name__}: "
-                          f"{str(exc)[:MAX_ERROR_CHARS]}", retryable=True) from exc
+                          f"{printable(str(exc))[:MAX_ERROR_CHARS]}", retryable=True) from exc
     if not isinstance(result, SearchPage) or \
             not all(isinstance(h, SearchHit) for h in result.hits):
         raise EngineError(f"{name}: malformed response: search gave "

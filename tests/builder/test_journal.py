@@ -432,6 +432,16 @@ def test_a_journal_written_before_class_urls_were_masked_resumes(tmp_path):
     meta["fingerprint"] = _fingerprint_of(before)
     meta_path.write_text(json.dumps(meta))
     Journal(str(tmp_path / "ds"), "j1").load(spec)
+    # Saved with a field this version reads otherwise (a contact of several words): the
+    # saved spec, upgraded, is compared, with its image URLs as that version wrote them.
+    saved = {**before, "download": {**before["download"],
+                                    "contact": "me@example.org or my office"}}
+    meta.update(spec=saved, fingerprint=_fingerprint_of(saved))
+    meta_path.write_text(json.dumps(meta))
+    with_contact = parse_spec({**spec.model_dump(mode="json"),
+                               "download": {**spec.model_dump(mode="json")["download"],
+                                            "contact": "me@example.org"}})
+    Journal(str(tmp_path / "ds"), "j1").load(with_contact)
 
 
 def test_a_journal_written_before_a_field_was_added_resumes(tmp_path):

@@ -201,6 +201,32 @@ def test_one_keys_reads_leave_the_others_to_other_keys(monkeypatch):
     assert [isinstance(a, SamplesBusy) for a in answers] == [False, False, True, True]
 
 
+def test_a_request_waits_queue_s_in_all_for_its_keys_read_and_the_replicas(monkeypatch):
+    """A request that waited for its key's read, then for one of the replica's, waited up
+    to twice ``queue_s`` before its 429."""
+    def read(uri, fingerprint, label, limit, labels):
+        time.sleep({"a0": 0.3}.get(label, 0.9))
+        return Found([{"id": label}])
+
+    monkeypatch.setattr(samples, "dataset_marker", lambda uri: Marker("j", "fp"))
+    monkeypatch.setattr(samples, "_read_unchanged", read)
+
+    async def scenario() -> float:
+        cache = SampleCache(queue_s=0.4)
+        first = asyncio.create_task(cache.get("j", "u", "a0", 1, owner="alice"))
+        others = [asyncio.create_task(cache.get("j", "u", f"c{i}", 1, owner=f"c{i}"))
+                  for i in range(2)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(SamplesBusy):
+            await cache.get("j", "u", "a1", 1, owner="alice")  # alice's, then a replica's
+        waited = time.monotonic() - started
+        await asyncio.gather(first, *others, return_exceptions=True)
+        return waited
+
+    assert asyncio.run(scenario()) < 0.55
+
+
 def test_a_burst_of_sample_reads_leaves_the_event_loop_s_executor_free(tmp_path, monkeypatch):
     """Each request held a thread of the loop's default executor while it waited for one of
     the two reads: a burst of them made every other to_thread call of the replica (auth,

@@ -68,6 +68,8 @@ def test_a_servers_escape_sequences_never_reach_an_error_message():
     with pytest.raises(EngineError) as info:
         _Parsing(err).search("cat", label="cat", page=0, per_page=5)
     assert info.value is err and str(err) == "baidu: ?[2Jcleared ?]8;;https://e?link?]8;;?"
+    with pytest.raises(EngineError, match=r"malformed response: ValueError: \?\[2Jx$"):
+        _Parsing(ValueError("\x1b[2Jx")).search("cat", label="cat", page=0, per_page=5)
 
 
 def test_a_search_that_returns_something_else_is_an_engine_error():
