@@ -416,35 +416,33 @@ class DayFile:
         (one past ``MAX_HOLD_S`` from now is no hold: a clock that jumped, an edited file). A
         governor that starts on this machine while it holds (a restarted limiter, another
         job's) waits it out."""
-        if self._failed:
-            return
-
-        def later(data: dict[str, Any]) -> bool:
-            holds = data.get("holds")
-            if not isinstance(holds, dict):
-                holds = data["holds"] = {}
-            held = _number(holds.get(kind))
-            if until <= held <= now + MAX_HOLD_S:
+        def later(holds: dict[str, Any]) -> bool:
+            if until <= _number(holds.get(kind)) <= now + MAX_HOLD_S:
                 return False
             holds[kind] = until
             return True
 
-        try:
-            self._update(None, later)
-        except OSError as exc:
-            self._fail(exc)
+        self._change_holds(later)
 
     def release(self, kind: str) -> None:
         """Forget ``kind``'s hold: the engine answered again."""
-        if self._failed or not self.path.exists():
+        if self.path.exists():
+            self._change_holds(lambda holds: holds.pop(kind, None) is not None)
+
+    def _change_holds(self, change: Callable[[dict[str, Any]], bool]) -> None:
+        """``change`` the file's holds under its lock (written back where it says it changed
+        them), unless the file cannot be used."""
+        if self._failed:
             return
 
-        def forget(data: dict[str, Any]) -> bool:
+        def on_holds(data: dict[str, Any]) -> bool:
             holds = data.get("holds")
-            return isinstance(holds, dict) and holds.pop(kind, None) is not None
+            if not isinstance(holds, dict):
+                holds = data["holds"] = {}
+            return change(holds)
 
         try:
-            self._update(None, forget)
+            self._update(None, on_holds)
         except OSError as exc:
             self._fail(exc)
 

@@ -291,9 +291,9 @@ def flush_to_disk(fs: fsspec.AbstractFileSystem, path: str) -> None:
     complete over empty or missing files. Linux flushes the one filesystem ``path`` is on
     (``syncfs``; a folder under it that another filesystem is mounted on is not flushed);
     other systems flush them all (``os.sync``, which on some, macOS among them, starts the
-    writes without waiting for them). Object stores hold an object
-    once its upload completes, and other filesystems keep their own promises (a network
-    filesystem's client sends a file on close): those are left as they are.
+    writes without waiting for them). Object stores hold an object once its upload
+    completes, and other filesystems keep their own promises (a network filesystem's client
+    sends a file on close): those are left as they are.
     """
     if not isinstance(fs, LocalFileSystem):
         return

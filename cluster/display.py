@@ -38,9 +38,8 @@ class ProgressDisplay:
         self._last = 0.0
         self._live: Optional[Live] = None
         if self.tty:
-            # (no markup: class names and a server's error text are shown as they are)
-            self._live = Live(console=Console(file=self.stream, markup=False, emoji=False),
-                              refresh_per_second=4, transient=False)
+            self._live = Live(console=_plain_console(self.stream), refresh_per_second=4,
+                              transient=False)
             self._live.start()
 
     def __call__(self, snapshot: dict[str, Any]) -> None:
@@ -94,9 +93,15 @@ def shortfall_cause(stats: dict[str, Any]) -> str:
     return "sources ran dry"
 
 
+def _plain_console(stream: TextIO, **options: Any) -> Console:
+    """A console that shows text as it is: class names and a server's error text hold no
+    Rich markup or emoji codes of ours."""
+    return Console(file=stream, markup=False, emoji=False, **options)
+
+
 def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) -> None:
     """The end-of-job summary table and the output location."""
-    console = Console(file=stream or sys.stdout, width=120, markup=False, emoji=False)  # (as above)
+    console = _plain_console(stream or sys.stdout, width=120)
     t = Table(title=f"PixCrawler: {stats.get('name', '')} ({stats.get('job_id', '')})")
     for col in ("class", "target", "accepted", "shortfall", "candidates", "rejected",
                 "top reject reasons"):

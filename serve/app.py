@@ -351,9 +351,7 @@ class KeySlots:
     ``code``, ``held`` ("event streams open") and ``advice`` make the 429's message. Used
     from the replica's one event loop: no lock."""
 
-    def __init__(self, per_key: int, code: str = "too_many_streams",
-                 held: str = "event streams open",
-                 advice: str = "close one, or poll GET /v1/jobs/{id}", retry_after_s: int = 10):
+    def __init__(self, per_key: int, code: str, held: str, advice: str, retry_after_s: int):
         self.per_key = per_key
         self.code, self.held, self.advice = code, held, advice
         self.retry_after_s = retry_after_s
@@ -577,6 +575,12 @@ class SpecReader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def stream_slots(per_key: int) -> KeySlots:
+    """The event streams each key has open on a replica (``max_streams_per_key``)."""
+    return KeySlots(per_key, "too_many_streams", "event streams open",
+                    "close one, or poll GET /v1/jobs/{id}", retry_after_s=10)
+
+
 def submit_slots(per_key: int) -> KeySlots:
     """The submits each key has in progress on a replica (``max_submits_per_key``)."""
     return KeySlots(per_key, "too_many_submits", "submits in progress",
@@ -721,7 +725,7 @@ class JobAPI:
                                  sort_keys=False)
         self.page = PAGE.read_text(encoding="utf-8")
         self._checked: dict[str, float] = {}
-        self.streams = KeySlots(s.max_streams_per_key)
+        self.streams = stream_slots(s.max_streams_per_key)
         self.submits = submit_slots(s.max_submits_per_key)
         self._bodies = EncodedBodies()
         self.hot_reads = 0  # requests answered by hot_read (see hot_read_count)

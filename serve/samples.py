@@ -17,8 +17,8 @@ executor, which the replica's other requests use); a request waits at most ``QUE
 a read to start (``SamplesBusy`` after that), and requests for the same answer share one
 read. A key's reads run one at a time (``READS_PER_KEY``), so one key asking for class
 after class of large images (a read goes on when its request goes away) leaves the other
-reads to other keys. A label's images are found from the labels alone (Parquet's ``label_name`` column, the
-ImageFolder folder names, WebDataset's ``.json`` members) and only theirs are read; an image
+reads to other keys. A label's images are found from the labels alone (Parquet's
+``label_name`` column, the ImageFolder folder names, WebDataset's ``.json`` members) and only theirs are read; an image
 over ``MAX_THUMB_PIXELS`` that only a full decode could shrink is left out (a JPEG is decoded
 at a reduced scale), and so is one of over ``THUMB_MAX_BYTES``.
 

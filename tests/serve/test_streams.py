@@ -32,7 +32,7 @@ def _api(max_streams: int = 4, max_stream_s: float = 3600.0,
          token_expires: Optional[float] = None) -> Any:
     """A JobAPI with just what the events route uses. A job stays ``queued`` unless
     ``states`` gives the states it goes through (the last one stays)."""
-    from serve.app import JobAPI, ServeSettings, KeySlots, job_view
+    from serve.app import JobAPI, ServeSettings, job_view, stream_slots
 
     settings = ServeSettings(events_interval_s=0.001, max_streams_per_key=max_streams,
                              max_stream_s=max_stream_s)
@@ -53,7 +53,7 @@ def _api(max_streams: int = 4, max_stream_s: float = 3600.0,
     async def valid() -> None:
         return None
 
-    api = SimpleNamespace(settings=settings, streams=KeySlots(max_streams),
+    api = SimpleNamespace(settings=settings, streams=stream_slots(max_streams),
                           _limited=lambda principal, bucket="": principal, _row=row,
                           _current=current,
                           auth=SimpleNamespace(enabled=True, authenticate_stream=caller,
