@@ -64,7 +64,8 @@ class RateLimiter:
         return limits
 
     def acquire(self, job_id: str = "", quota: Optional[int] = None) -> tuple[str, Any]:
-        """("ok", seconds to wait) or ("quota"|"circuit_open", message). ``job_id`` names
+        """("ok", seconds to wait), ("quota", message) or ("circuit_open", the
+        ``CircuitOpen`` its worker raises: when to ask again, and whether to). ``job_id`` names
         what is counted (a job's source: ``source_key``), ``quota`` its
         ``max_requests_per_job``."""
         if quota is not None and self.job_used[job_id] >= quota:
@@ -75,7 +76,7 @@ class RateLimiter:
         except QuotaExceeded as exc:
             return "quota", str(exc)
         except CircuitOpen as exc:
-            return "circuit_open", str(exc)
+            return "circuit_open", exc
         self.job_used[job_id] = self.days.add_job(utc_day(time.time()), job_id)
         return "ok", wait
 

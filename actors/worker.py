@@ -88,15 +88,15 @@ class RayServices(LedgerCalls):
     async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
         limiter = self.limiters.get(unit.source)
         if limiter is not None:
-            status, wait = await limiter.acquire.remote(
+            status, answer = await limiter.acquire.remote(
                 source_key(self.plan.job_id, unit.source),
                 job_quota(self.plan.spec.sources[unit.source]))
             if status == "circuit_open":
-                raise EngineError(wait, retryable=True, retry_after=1.0)
+                raise answer  # a CircuitOpen
             if status != "ok":
-                raise EngineUnavailable(wait)
-            if wait > 0:
-                await asyncio.sleep(wait)
+                raise EngineUnavailable(answer)
+            if answer > 0:
+                await asyncio.sleep(answer)
         try:
             page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
                                            page=unit.page, per_page=unit.per_page)

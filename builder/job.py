@@ -33,9 +33,9 @@ from builder.listsource import SlicePlan
 from builder.reasons import Reason
 from builder.rights import RightsTally, honoured_signals
 from builder.spec import DatasetSpec
-from builder.units import (INLINE, LIST, RETRY, SEARCH, WRITTEN, ClassTally, UnitReport,
-                           WorkerEvents, WorkUnit, inline_uid, list_uid, retry_index, retry_uid,
-                           search_uid)
+from builder.units import (INLINE, LIST, RETRY, SEARCH, WRITTEN, ClassTally, SearchOutcome,
+                           UnitReport, WorkerEvents, WorkUnit, inline_uid, list_uid, retry_index,
+                           retry_uid, search_uid)
 
 log = logging.getLogger("pixcrawler.job")
 
@@ -156,6 +156,8 @@ class UnitPlanner:
         self.unit_size = unit_size
         self.max_errors = max_errors
         self.fallbacks: list[dict[str, Any]] = []
+        self._waiting: set[int] = set()
+        """Sources whose engine refuses (its breaker open) and that some class waits for."""
         self._seq = 0
         self._done = set(resume.done) if resume is not None else set()
         """Units not to issue: the journal's (a copy: ``written_unit`` adds to it)."""
@@ -323,11 +325,14 @@ class UnitPlanner:
         outcome = report.search
         if outcome is None or not outcome.error:
             c.errors = 0
+            self._waiting.discard(c.source)
             c.page += 1
             if outcome is None or not outcome.has_more or not outcome.hits \
                     or c.page >= c.max_pages:
                 c.exhausted = True
             return None
+        if outcome.refused and not outcome.final and not self._falls_back(unit.label, c):
+            return self._wait_for_engine(unit, c, outcome, now)
         c.errors = max(c.errors + 1, self.max_errors if outcome.final else 0)
         if c.errors >= self.max_errors:
             c.exhausted = True
@@ -335,6 +340,30 @@ class UnitPlanner:
             c.not_before = now + min(5.0, outcome.retry_after or 0.5)
         log.warning("search %s %r page %d for %s failed: %s", unit.engine, unit.query,
                     unit.page, unit.label, outcome.error)
+        return {"engine": unit.engine, "query": unit.query, "page": unit.page,
+                "label": unit.label, "error": outcome.error}
+
+    def _falls_back(self, label: str, c: _Cursor) -> bool:
+        """Whether ``label`` has a source after ``c``'s that is not done."""
+        sources = self._cursors[label]
+        at = next(i for i, src in enumerate(sources)
+                  if not isinstance(src, _ListState) and any(x is c for x in src))
+        return not all(self._source_done(src) for src in sources[at + 1:])
+
+    def _wait_for_engine(self, unit: WorkUnit, c: _Cursor, outcome: SearchOutcome,
+                         now: float) -> Optional[dict]:
+        """The engine's breaker refused ``unit`` (no request went out) and its class has no
+        other source: the cursor asks again when the breaker says, without counting an
+        error. Waiting ends when the engine answers, or when the breaker's refusals turn
+        final (its probes kept failing). The first refusal of each source's wait is
+        logged and recorded, not every one."""
+        c.not_before = now + (outcome.retry_after if outcome.retry_after is not None else 1.0)
+        if c.source in self._waiting:
+            return None
+        self._waiting.add(c.source)
+        log.warning("search %s %r page %d for %s refused: %s; waiting for the engine (the "
+                    "class has no other source)", unit.engine, unit.query, unit.page,
+                    unit.label, outcome.error)
         return {"engine": unit.engine, "query": unit.query, "page": unit.page,
                 "label": unit.label, "error": outcome.error}
 

@@ -48,16 +48,29 @@ class QuotaExceeded(EngineError):
 
 
 class CircuitOpen(EngineError):
-    """The engine failed repeatedly; it is not asked again until ``retry_after`` seconds pass."""
+    """The engine failed repeatedly; it is not asked again until ``retry_after`` seconds pass.
+    No request went out. ``final``: its probes kept failing (``GIVE_UP_PROBES``), so the job
+    stops waiting for it."""
 
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message, retryable=True, retry_after=retry_after)
+    def __init__(self, message: str, retry_after: float, final: bool = False):
+        super().__init__(message, retryable=not final, retry_after=retry_after)
+        self.final = final
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from ``args`` alone, it would lack ``retry_after``: it crosses from the
         # runner to its worker processes (``builder.worker_procs``), which would receive a
         # RuntimeError that no unit handles, and the job would stop.
-        return type(self), (str(self), self.retry_after), self.__dict__
+        return type(self), (str(self), self.retry_after, self.final), self.__dict__
+
+
+GIVE_UP_PROBES = 2
+"""Probes in a row that failed (a cooldown apart each) before the breaker's refusals are
+final: the engine is down, and a search that has no other source to fall back to ends
+instead of waiting for it (one 429 storm, which the first probe usually outlasts, does not)."""
+
+PROBE_POLL_S = 2.0
+"""How soon a refused search asks again while another's probe is out (its answer decides
+whether the breaker closes, usually well within ``cooldown_s``)."""
 
 
 class TokenBucket:
@@ -193,6 +206,8 @@ class CircuitBreaker:
         self.failures = 0
         self.opened_at = 0.0
         self.opens = 0
+        self.probes_failed = 0
+        """Probes in a row that failed (since the engine last answered)."""
         self._probe_since: float | None = None
 
     @property
@@ -230,10 +245,12 @@ class CircuitBreaker:
     def on_success(self) -> None:
         self._state = self.CLOSED
         self.failures = 0
+        self.probes_failed = 0
         self._probe_since = None
 
     def on_failure(self) -> None:
         if self.state == self.HALF_OPEN:
+            self.probes_failed += 1
             self._open()
             return
         self.failures += 1
@@ -668,14 +685,25 @@ class EngineGovernor:
                                 "another source")
         if not self.breaker.allow():
             self.counters.refused["circuit_open"] += 1
-            wait = self.breaker.retry_in()
-            raise CircuitOpen(f"{self.engine}: circuit open after {self.breaker.failures} "
-                              f"failures; next try in {wait:.1f}s", retry_after=wait)
+            raise self._refusal()
         self.quota.use()
         wait = self.limiter.reserve()
         self.counters.requests += 1
         self.counters.waited_s += wait
         return wait
+
+    def _refusal(self) -> CircuitOpen:
+        breaker = self.breaker
+        wait = breaker.retry_in()
+        if breaker.probes_failed >= GIVE_UP_PROBES and breaker.state == breaker.OPEN:
+            return CircuitOpen(f"{self.engine}: still failing after {breaker.probes_failed} "
+                               f"probes {breaker.cooldown_s:g}s apart; not asked again by "
+                               "this search", retry_after=wait, final=True)
+        if breaker.state == breaker.HALF_OPEN:  # another search's probe is out
+            return CircuitOpen(f"{self.engine}: circuit half-open, a probe is out",
+                               retry_after=min(wait, PROBE_POLL_S))
+        return CircuitOpen(f"{self.engine}: circuit open after {breaker.failures} failures; "
+                           f"next try in {wait:.1f}s", retry_after=wait)
 
     def charge(self, n: int) -> None:
         """Count ``n`` more requests of a search ``acquire`` let through (one search may take

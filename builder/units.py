@@ -110,7 +110,8 @@ class ClassTally:
 @dataclass
 class SearchOutcome:
     """What a search unit learned about its cursor: hits and whether more pages exist, or the
-    engine's error (``final``: the source is done for this class)."""
+    engine's error (``final``: the source is done for this class; ``refused``: no request
+    went out, the engine's breaker is open)."""
 
     hits: int = 0
     has_more: bool = False
@@ -118,6 +119,7 @@ class SearchOutcome:
     retryable: bool = False
     retry_after: Optional[float] = None
     final: bool = False
+    refused: bool = False
 
 
 @dataclass

@@ -60,7 +60,8 @@ from builder.held import HeldBudget
 from builder.job import IndexLost
 from builder.journal import Journal
 from builder.listsource import ListReader, SlicePlan
-from builder.ratelimit import DayFile, EngineGovernor, budget_key, limits_for
+from builder.ratelimit import (CircuitOpen, DayFile, EngineGovernor, QuotaExceeded, budget_key,
+                               limits_for)
 from builder.reasons import Reason
 from builder.records import Candidate, Record, accepted_row, candidate_key, reject_row
 from builder.retry import retry_candidates
@@ -773,7 +774,8 @@ class UnitRun:
                 error = _search_error(exc, unit.engine, spec.download.allow_private_networks)
                 self.report.search = SearchOutcome(error=error, retryable=exc.retryable,
                                                    retry_after=exc.retry_after,
-                                                   final=not exc.retryable)
+                                                   final=not exc.retryable,
+                                                   refused=isinstance(exc, CircuitOpen))
                 return None
             self.report.search = SearchOutcome(hits=len(page.hits), has_more=page.has_more)
             return [hit.to_candidate(unit.label, unit.query, unit.engine) for hit in page.hits]
@@ -1266,8 +1268,8 @@ def _search_error(exc: EngineError, engine: str, private: bool) -> str:
     only the engine and the HTTP status. The report reaches the job's stats, which an API user
     reads, and an engine's error may quote its server (an error body, a redirect's target, a
     field of the answer, a banner), which could then be an internal service's. The whole error
-    goes to the worker's debug log."""
-    if not private:
+    goes to the worker's debug log. The rate limiter's own refusals quote no server."""
+    if not private or isinstance(exc, (CircuitOpen, QuotaExceeded)):
         return _short(exc)
     log.debug("search error (not reported: private addresses are allowed): %s", exc)
     status = f" (HTTP {exc.status})" if exc.status else ""

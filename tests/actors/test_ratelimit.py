@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from actors.ratelimit import RateLimiter
+from builder.ratelimit import CircuitOpen
 
 Limiter = RateLimiter.__ray_metadata__.modified_class
 
@@ -43,7 +44,9 @@ def test_a_restarted_limiter_keeps_its_engine_held():
         assert rl.acquire("job-a")[0] == "ok"
         rl.record(False, 503)
     again = Limiter("bing", {}, "bing@test-restart-held")  # as Ray restarts it
-    assert again.acquire("job-a")[0] == "circuit_open"
+    verdict, refusal = again.acquire("job-a")
+    assert verdict == "circuit_open" and isinstance(refusal, CircuitOpen)
+    assert 0 < refusal.retry_after <= 60 and not refusal.final  # the worker raises it
     paused = Limiter("duckduckgo", {}, "duckduckgo@test-restart-held")
     assert paused.acquire("job-a") == ("ok", 0.0)
     paused.record(False, 429, retry_after=120)

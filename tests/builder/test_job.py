@@ -374,6 +374,62 @@ def test_a_full_class_does_not_wait_on_a_cursor_held_back_by_an_error():
     assert stats["accepted"] == 3 and len(held) == 1
 
 
+def refusing(executor, refusals: int, final_after: Optional[int] = None, source: int = 0):
+    """``executor`` with source ``source``'s first ``refusals`` searches refused by an open
+    breaker (no request sent; ask again in 0.01 s), the refusals final from the
+    ``final_after``-th on. Returns the refused units."""
+    original, refused = executor.run, []
+
+    async def run_(worker, unit):
+        if unit.source == source and len(refused) < refusals:
+            refused.append(unit)
+            final = final_after is not None and len(refused) >= final_after
+            report = UnitReport(unit.uid, search=SearchOutcome(
+                error="sandbox: circuit open after 5 failures", retryable=not final,
+                retry_after=0.01, final=final, refused=True))
+            return report, WorkerEvents(f"w{worker}", [unit.uid])
+        return await original(worker, unit)
+
+    executor.run = run_
+    return refused
+
+
+def test_a_class_with_no_other_source_waits_for_its_engines_breaker():
+    """An engine's open breaker refused a search (nothing was sent): the class had no other
+    source, and three refusals a few seconds apart ended every query, so the job fell short
+    while the breaker's cooldown, which a 429 storm usually outlasts, ran on. The cursor now
+    waits as long as the breaker says, without counting an error, and one warning and one
+    search error say so, not one for each refusal."""
+    s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
+    executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
+    refused = refusing(executor, 12)
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 3 and len(refused) == 12
+    assert not runner.planner.fallbacks
+    assert [e["error"] for e in stats["search_errors"]] == \
+        ["sandbox: circuit open after 5 failures"]
+
+
+def test_a_final_refusal_ends_the_wait_and_a_class_with_another_source_falls_back():
+    """Once the breaker gives up (its probes kept failing) the class stops waiting and ends
+    short; a class with a later source does not wait at all: it falls back as on errors."""
+    s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
+    executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
+    refused = refusing(executor, 100, final_after=5)
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 0 and len(refused) == 6  # 4 waits, then a final for each query
+
+    s = spec()
+    executor = FakeExecutor(s, {(1, "q1"): ["a.ok", "b.ok"], (1, "q2"): ["c.ok"]})
+    refused = refusing(executor, 100)
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 3 and len(refused) == 2 * runner.planner.max_errors
+    assert runner.planner.fallbacks[0]["reason"] == "failing"
+
+
 def test_list_sources_are_sliced_and_skip_done_slices():
     s = parse_spec({"name": "t", "target": 100, "classes": ["cat"],
                     "sources": [{"engine": "urllist", "path": "/nonexistent.txt"}]})
