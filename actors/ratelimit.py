@@ -2,9 +2,11 @@
 
 It holds a ``builder.ratelimit.EngineGovernor`` (token bucket that slows down on 429/errors and
 recovers, circuit breaker, daily quota) plus per-job quotas. It is detached and found by name
-(``ratelimit2:<engine>`` in the ``pixcrawler`` namespace), so concurrent jobs share one budget.
-The ``2`` is its calls' version: a limiter an older PixCrawler left running on the cluster
-(detached actors outlive their jobs) takes other arguments, so it is not found by this name.
+(``ratelimit3:<engine>`` in the ``pixcrawler`` namespace), so concurrent jobs share one budget.
+The ``3`` is its calls' version: a limiter an older PixCrawler left running on the cluster
+(detached actors outlive their jobs) takes other arguments or answers otherwise (before 3 a
+refusal was a message, not the ``CircuitOpen`` a worker raises), so it is not found by this
+name.
 The day's request count is kept in a file on the limiter's node (``builder.ratelimit.DayFile``),
 so a limiter restarted there, and the jobs that run on that machine without Ray, count on
 from it; so is each job's count against its ``max_requests_per_job``, and when the engine may
@@ -121,8 +123,9 @@ HEAD_RESOURCE = "node:__internal_head__"
 """The resource Ray gives the head node alone."""
 
 
-LIMITER_PREFIX = "ratelimit2:"
-"""Names a limiter of this version (``acquire(job, quota)``, ``snapshot(job, quota)``)."""
+LIMITER_PREFIX = "ratelimit3:"
+"""Names a limiter of this version (``acquire(job, quota)`` answering a refusal with its
+``CircuitOpen``, ``snapshot(job, quota)``)."""
 
 
 def limiter_name(engine: str, source: Optional[SourceSpec] = None) -> str:

@@ -41,6 +41,10 @@ log = logging.getLogger("pixcrawler.job")
 
 MAX_SEARCH_ERRORS = 50
 """stats.json keeps the last this many failed searches (``search_errors``)."""
+GIVE_UP_PROBES = 2
+"""A class waiting for its last source's engine (its breaker open) gives up once this many of
+the breaker's probes failed in a row, a cooldown apart: the engine is down. A 429 storm,
+which the first probe usually outlasts, is waited out."""
 PRIOR_YIELD = 0.7
 """The share of a class's candidates expected to be accepted before any is decided."""
 LATE_CHECK_S = 2.0
@@ -143,21 +147,28 @@ class UnitPlanner:
 
     Sources are used in the spec's order (the classes' inline ``urls`` last): a class draws
     from its first source (round-robin over its queries, page after page) until that source is
-    exhausted or keeps failing, then falls back to the next one; each fallback is recorded
-    (``fallbacks``). A URL list serves every class at once, slice after slice. A resumed job
-    skips the units its journal says are done, and learns from them where each source stands.
+    exhausted or keeps failing (``max_errors`` errors in a row of a query), then falls back
+    to the next one; each fallback is recorded (``fallbacks``). A class's last source is let
+    fail longer (``max_errors_alone``), and while its engine's breaker is open the class waits
+    for the engine (``_wait_for_engine``) instead of ending short. A URL list serves every
+    class at once, slice after slice. A resumed job skips the units its journal says are
+    done, and learns from them where each source stands.
     """
 
     def __init__(self, spec: DatasetSpec, extra_queries: Optional[dict[str, list[str]]] = None,
                  *, list_plans: Optional[dict[int, SlicePlan]] = None, unit_size: int = 64,
                  resume: Optional[ResumeState] = None, retry_plan: Optional[SlicePlan] = None,
-                 max_errors: int = 3):
+                 max_errors: int = 3, max_errors_alone: int = 10):
         self.spec = spec
         self.unit_size = unit_size
         self.max_errors = max_errors
         self.fallbacks: list[dict[str, Any]] = []
-        self._waiting: set[int] = set()
-        """Sources whose engine refuses (its breaker open) and that some class waits for."""
+        self.max_errors_alone = max_errors_alone
+        self._waiting: dict[tuple[str, int], int] = {}
+        """(class, source) waiting for its engine (its breaker open): the breaker's failed
+        probes when the wait began."""
+        self._announced: set[tuple[str, int]] = set()
+        """The waits logged and recorded (one entry each, not one a refusal)."""
         self._seq = 0
         self._done = set(resume.done) if resume is not None else set()
         """Units not to issue: the journal's (a copy: ``written_unit`` adds to it)."""
@@ -325,23 +336,30 @@ class UnitPlanner:
         outcome = report.search
         if outcome is None or not outcome.error:
             c.errors = 0
-            self._waiting.discard(c.source)
+            self._waiting.pop((unit.label, c.source), None)
+            self._announced.discard((unit.label, c.source))
             c.page += 1
             if outcome is None or not outcome.has_more or not outcome.hits \
                     or c.page >= c.max_pages:
                 c.exhausted = True
             return None
-        if outcome.refused and not outcome.final and not self._falls_back(unit.label, c):
-            return self._wait_for_engine(unit, c, outcome, now)
-        c.errors = max(c.errors + 1, self.max_errors if outcome.final else 0)
-        if c.errors >= self.max_errors:
+        alone = not self._falls_back(unit.label, c)
+        error = outcome.error
+        if outcome.refused and alone:
+            if not self._given_up(unit.label, c, outcome):
+                return self._wait_for_engine(unit, c, outcome, now)
+            error = (f"{error}; given up waiting for the engine: {GIVE_UP_PROBES} of its "
+                     "probes failed in a row while the class waited")
+        limit = self.max_errors_alone if alone else self.max_errors
+        c.errors = max(c.errors + 1, limit if outcome.final or outcome.refused and alone else 0)
+        if c.errors >= limit:
             c.exhausted = True
         elif outcome.retryable:
             c.not_before = now + min(5.0, outcome.retry_after or 0.5)
         log.warning("search %s %r page %d for %s failed: %s", unit.engine, unit.query,
-                    unit.page, unit.label, outcome.error)
+                    unit.page, unit.label, error)
         return {"engine": unit.engine, "query": unit.query, "page": unit.page,
-                "label": unit.label, "error": outcome.error}
+                "label": unit.label, "error": error}
 
     def _falls_back(self, label: str, c: _Cursor) -> bool:
         """Whether ``label`` has a source after ``c``'s that is not done."""
@@ -350,17 +368,27 @@ class UnitPlanner:
                   if not isinstance(src, _ListState) and any(x is c for x in src))
         return not all(self._source_done(src) for src in sources[at + 1:])
 
+    def _given_up(self, label: str, c: _Cursor, outcome: SearchOutcome) -> bool:
+        """Whether ``label``'s wait for ``c``'s engine is over: ``GIVE_UP_PROBES`` of the
+        breaker's probes failed since the class began waiting (counted from what the
+        breaker had when it did: on Ray the breaker is every job's)."""
+        key = (label, c.source)
+        began = min(self._waiting.get(key, outcome.probes_failed), outcome.probes_failed)
+        self._waiting[key] = began
+        return outcome.probes_failed - began >= GIVE_UP_PROBES
+
     def _wait_for_engine(self, unit: WorkUnit, c: _Cursor, outcome: SearchOutcome,
                          now: float) -> Optional[dict]:
         """The engine's breaker refused ``unit`` (no request went out) and its class has no
-        other source: the cursor asks again when the breaker says, without counting an
-        error. Waiting ends when the engine answers, or when the breaker's refusals turn
-        final (its probes kept failing). The first refusal of each source's wait is
-        logged and recorded, not every one."""
+        other source: the cursor asks again when the breaker says, and counts no error.
+        The wait ends when the engine answers, or when its probes keep failing
+        (``_given_up``). The first refusal of each class's wait is logged and recorded,
+        not every one."""
         c.not_before = now + (outcome.retry_after if outcome.retry_after is not None else 1.0)
-        if c.source in self._waiting:
+        key = (unit.label, c.source)
+        if key in self._announced:
             return None
-        self._waiting.add(c.source)
+        self._announced.add(key)
         log.warning("search %s %r page %d for %s refused: %s; waiting for the engine (the "
                     "class has no other source)", unit.engine, unit.query, unit.page,
                     unit.label, outcome.error)

@@ -19,6 +19,7 @@ journal streams it in batches of files: memory stays flat however many units a j
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -188,12 +189,19 @@ def report_to_json(unit: WorkUnit, report: UnitReport) -> dict[str, Any]:
                             "rejected": dict(t.rejected), "unused": t.unused}
                     for label, t in report.classes.items()},
         "by_stage": dict(report.by_stage), "bytes": report.bytes,
-        "search": report.search.__dict__ if report.search is not None else None,
+        "search": _search_state(report.search) if report.search is not None else None,
         "skipped": dict(report.skipped),
         "relabelled": {f"{a}\t{b}": n for (a, b), n in report.relabelled.items()},
         "exhausted": report.exhausted, "decided_before": report.decided_before,
         "rights": report.rights.state() if report.rights is not None else None,
     }
+
+
+def _search_state(outcome: SearchOutcome) -> dict[str, Any]:
+    """``outcome``'s fields that differ from their defaults: a field added later (``refused``)
+    then stays out of a journal that a version before it may resume."""
+    return {f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)
+            if getattr(outcome, f.name) != f.default}
 
 
 def report_from_json(data: dict[str, Any]) -> tuple[WorkUnit, UnitReport]:

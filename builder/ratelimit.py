@@ -49,24 +49,20 @@ class QuotaExceeded(EngineError):
 
 class CircuitOpen(EngineError):
     """The engine failed repeatedly; it is not asked again until ``retry_after`` seconds pass.
-    No request went out. ``final``: its probes kept failing (``GIVE_UP_PROBES``), so the job
-    stops waiting for it."""
+    No request went out. ``probes_failed``: the breaker's probes that failed in a row since
+    the engine last answered (a job waiting for the engine gives up after a few,
+    ``builder.job.GIVE_UP_PROBES``)."""
 
-    def __init__(self, message: str, retry_after: float, final: bool = False):
-        super().__init__(message, retryable=not final, retry_after=retry_after)
-        self.final = final
+    def __init__(self, message: str, retry_after: float, probes_failed: int = 0):
+        super().__init__(message, retryable=True, retry_after=retry_after)
+        self.probes_failed = probes_failed
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from ``args`` alone, it would lack ``retry_after``: it crosses from the
         # runner to its worker processes (``builder.worker_procs``), which would receive a
         # RuntimeError that no unit handles, and the job would stop.
-        return type(self), (str(self), self.retry_after, self.final), self.__dict__
+        return type(self), (str(self), self.retry_after, self.probes_failed), self.__dict__
 
-
-GIVE_UP_PROBES = 2
-"""Probes in a row that failed (a cooldown apart each) before the breaker's refusals are
-final: the engine is down, and a search that has no other source to fall back to ends
-instead of waiting for it (one 429 storm, which the first probe usually outlasts, does not)."""
 
 PROBE_POLL_S = 2.0
 """How soon a refused search asks again while another's probe is out (its answer decides
@@ -250,7 +246,8 @@ class CircuitBreaker:
 
     def on_failure(self) -> None:
         if self.state == self.HALF_OPEN:
-            self.probes_failed += 1
+            if self._probe_since is not None:  # (not a request let through before it opened)
+                self.probes_failed += 1
             self._open()
             return
         self.failures += 1
@@ -695,15 +692,14 @@ class EngineGovernor:
     def _refusal(self) -> CircuitOpen:
         breaker = self.breaker
         wait = breaker.retry_in()
-        if breaker.probes_failed >= GIVE_UP_PROBES and breaker.state == breaker.OPEN:
-            return CircuitOpen(f"{self.engine}: still failing after {breaker.probes_failed} "
-                               f"probes {breaker.cooldown_s:g}s apart; not asked again by "
-                               "this search", retry_after=wait, final=True)
         if breaker.state == breaker.HALF_OPEN:  # another search's probe is out
             return CircuitOpen(f"{self.engine}: circuit half-open, a probe is out",
-                               retry_after=min(wait, PROBE_POLL_S))
-        return CircuitOpen(f"{self.engine}: circuit open after {breaker.failures} failures; "
-                           f"next try in {wait:.1f}s", retry_after=wait)
+                               retry_after=min(wait, PROBE_POLL_S),
+                               probes_failed=breaker.probes_failed)
+        failed = f", {breaker.probes_failed} probes failed" if breaker.probes_failed else ""
+        return CircuitOpen(f"{self.engine}: circuit open after {breaker.failures} failures"
+                           f"{failed}; next try in {wait:.1f}s", retry_after=wait,
+                           probes_failed=breaker.probes_failed)
 
     def charge(self, n: int) -> None:
         """Count ``n`` more requests of a search ``acquire`` let through (one search may take

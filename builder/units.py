@@ -111,7 +111,8 @@ class ClassTally:
 class SearchOutcome:
     """What a search unit learned about its cursor: hits and whether more pages exist, or the
     engine's error (``final``: the source is done for this class; ``refused``: no request
-    went out, the engine's breaker is open)."""
+    went out, the engine's breaker is open, whose probes failed ``probes_failed`` times in a
+    row)."""
 
     hits: int = 0
     has_more: bool = False
@@ -120,6 +121,7 @@ class SearchOutcome:
     retry_after: Optional[float] = None
     final: bool = False
     refused: bool = False
+    probes_failed: int = 0
 
 
 @dataclass

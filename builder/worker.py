@@ -772,10 +772,11 @@ class UnitRun:
                 return None
             except EngineError as exc:
                 error = _search_error(exc, unit.engine, spec.download.allow_private_networks)
-                self.report.search = SearchOutcome(error=error, retryable=exc.retryable,
-                                                   retry_after=exc.retry_after,
-                                                   final=not exc.retryable,
-                                                   refused=isinstance(exc, CircuitOpen))
+                refused = exc if isinstance(exc, CircuitOpen) else None
+                self.report.search = SearchOutcome(
+                    error=error, retryable=exc.retryable, retry_after=exc.retry_after,
+                    final=not exc.retryable, refused=refused is not None,
+                    probes_failed=refused.probes_failed if refused is not None else 0)
                 return None
             self.report.search = SearchOutcome(hits=len(page.hits), has_more=page.has_more)
             return [hit.to_candidate(unit.label, unit.query, unit.engine) for hit in page.hits]

@@ -46,7 +46,7 @@ def test_a_restarted_limiter_keeps_its_engine_held():
     again = Limiter("bing", {}, "bing@test-restart-held")  # as Ray restarts it
     verdict, refusal = again.acquire("job-a")
     assert verdict == "circuit_open" and isinstance(refusal, CircuitOpen)
-    assert 0 < refusal.retry_after <= 60 and not refusal.final  # the worker raises it
+    assert 0 < refusal.retry_after <= 60 and refusal.probes_failed == 0  # the worker raises it
     paused = Limiter("duckduckgo", {}, "duckduckgo@test-restart-held")
     assert paused.acquire("job-a") == ("ok", 0.0)
     paused.record(False, 429, retry_after=120)

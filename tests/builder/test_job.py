@@ -374,24 +374,26 @@ def test_a_full_class_does_not_wait_on_a_cursor_held_back_by_an_error():
     assert stats["accepted"] == 3 and len(held) == 1
 
 
-def refusing(executor, refusals: int, final_after: Optional[int] = None, source: int = 0):
-    """``executor`` with source ``source``'s first ``refusals`` searches refused by an open
-    breaker (no request sent; ask again in 0.01 s), the refusals final from the
-    ``final_after``-th on. Returns the refused units."""
-    original, refused = executor.run, []
+def failing(executor, failures: int, probes=lambda n: 0, refused: bool = True,
+            source: int = 0):
+    """``executor`` with source ``source``'s first ``failures`` searches refused by an open
+    breaker (no request sent; ask again in 0.01 s), the ``n``-th saying ``probes(n)`` probes
+    had failed, or (``refused`` false) answered 429. Returns the failed units."""
+    original, failed = executor.run, []
 
     async def run_(worker, unit):
-        if unit.source == source and len(refused) < refusals:
-            refused.append(unit)
-            final = final_after is not None and len(refused) >= final_after
+        if unit.source == source and len(failed) < failures:
+            n = len(failed)
+            failed.append(unit)
+            error = "sandbox: circuit open after 5 failures" if refused else "HTTP 429"
             report = UnitReport(unit.uid, search=SearchOutcome(
-                error="sandbox: circuit open after 5 failures", retryable=not final,
-                retry_after=0.01, final=final, refused=True))
+                error=error, retryable=True, retry_after=0.01, refused=refused,
+                probes_failed=probes(n) if refused else 0))
             return report, WorkerEvents(f"w{worker}", [unit.uid])
         return await original(worker, unit)
 
     executor.run = run_
-    return refused
+    return failed
 
 
 def test_a_class_with_no_other_source_waits_for_its_engines_breaker():
@@ -402,7 +404,7 @@ def test_a_class_with_no_other_source_waits_for_its_engines_breaker():
     search error say so, not one for each refusal."""
     s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
     executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
-    refused = refusing(executor, 12)
+    refused = failing(executor, 12, probes=lambda n: 1)
     runner, stats = run(s, executor)
     check_exact(stats)
     assert stats["accepted"] == 3 and len(refused) == 12
@@ -411,23 +413,43 @@ def test_a_class_with_no_other_source_waits_for_its_engines_breaker():
         ["sandbox: circuit open after 5 failures"]
 
 
-def test_a_final_refusal_ends_the_wait_and_a_class_with_another_source_falls_back():
-    """Once the breaker gives up (its probes kept failing) the class stops waiting and ends
-    short; a class with a later source does not wait at all: it falls back as on errors."""
+def test_a_waiting_class_gives_up_once_two_more_probes_failed():
+    """The wait ends when two of the breaker's probes failed since the class began waiting
+    (the breaker may have failed some before: on Ray it is every job's): the engine is down
+    and the class ends short, saying why."""
     s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
     executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
-    refused = refusing(executor, 100, final_after=5)
+    refused = failing(executor, 100, probes=lambda n: 5 + n // 4)
     runner, stats = run(s, executor)
     check_exact(stats)
-    assert stats["accepted"] == 0 and len(refused) == 6  # 4 waits, then a final for each query
+    # refusals 0-7 wait (5 or 6 probes failed); the 8th and 9th (7) end each query
+    assert stats["accepted"] == 0 and len(refused) == 10
+    given_up = ("sandbox: circuit open after 5 failures; given up waiting for the engine: 2 "
+                "of its probes failed in a row while the class waited")
+    assert [e["error"] for e in stats["search_errors"]] == \
+        ["sandbox: circuit open after 5 failures", given_up, given_up]
 
-    s = spec()
-    executor = FakeExecutor(s, {(1, "q1"): ["a.ok", "b.ok"], (1, "q2"): ["c.ok"]})
-    refused = refusing(executor, 100)
+
+def test_a_class_whose_last_source_fails_retries_longer_and_one_with_another_falls_back():
+    """Errors the engine answered (429s, before its breaker opens) end a query after three
+    where the class has another source to fall back to, as a refusal does; the class's last
+    source is let fail ten times, so that the breaker, not the query, decides."""
+    s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}],
+             classes={"cat": ["q1"]})
+    executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
+    failed = failing(executor, 9, refused=False)
     runner, stats = run(s, executor)
     check_exact(stats)
-    assert stats["accepted"] == 3 and len(refused) == 2 * runner.planner.max_errors
-    assert runner.planner.fallbacks[0]["reason"] == "failing"
+    assert stats["accepted"] == 3 and len(failed) == 9
+
+    for refused in (True, False):
+        s = spec()
+        executor = FakeExecutor(s, {(1, "q1"): ["a.ok", "b.ok"], (1, "q2"): ["c.ok"]})
+        failed = failing(executor, 100, refused=refused)
+        runner, stats = run(s, executor)
+        check_exact(stats)
+        assert stats["accepted"] == 3 and len(failed) == 2 * runner.planner.max_errors
+        assert runner.planner.fallbacks[0]["reason"] == "failing"
 
 
 def test_list_sources_are_sliced_and_skip_done_slices():

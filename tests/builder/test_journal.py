@@ -28,7 +28,7 @@ from builder.pipeline import JobLifecycle
 from builder.records import REJECT_SCHEMA, with_columns
 from builder.rights import RIGHTS_TYPE
 from builder.spec import parse_spec
-from builder.units import ClassTally, UnitReport, WorkUnit
+from builder.units import ClassTally, SearchOutcome, UnitReport, WorkUnit
 from tests.conftest import make_bucket
 
 UNITS = 23
@@ -878,3 +878,18 @@ def test_a_units_written_rows_read_each_shard_file_once_for_its_units(tmp_path, 
                    journal._path("shards", "train-00003.parquet"))
     [old] = journal.unit_rows("d", seen)
     assert (old["id"], old["claim"], old["rights"]) == ("old", 7, None)
+
+
+def test_a_search_outcome_is_journaled_without_its_default_fields():
+    """A field added to ``SearchOutcome`` (``refused``, ``probes_failed``) made every journaled
+    search carry it, and a version before it, resuming the journal, failed on the unknown
+    field. What is at its default stays out; an outcome written in full still reads."""
+    unit = WorkUnit(seq=1, uid="s0", kind="search", source=0, engine="sandbox", label="cat",
+                    query="q", page=2)
+    report = UnitReport("s0", search=SearchOutcome(hits=3, has_more=True))
+    data = json.loads(json.dumps(journal_mod.report_to_json(unit, report)))
+    assert data["search"] == {"hits": 3, "has_more": True}
+    assert journal_mod.report_from_json(data)[1].search == report.search
+    data["search"] = {"hits": 0, "has_more": False, "error": "", "retryable": False,
+                      "retry_after": None, "final": False}
+    assert journal_mod.report_from_json(data)[1].search == SearchOutcome()

@@ -15,7 +15,6 @@ from builder.ratelimit import (
     EngineLimits,
     MAX_HOLD_S,
     FallbackChain,
-    GIVE_UP_PROBES,
     PROBE_POLL_S,
     Quota,
     QuotaExceeded,
@@ -122,40 +121,42 @@ def test_breaker_opens_after_threshold_then_half_open_probe():
     assert br.state == "closed" and br.allow() and br.allow()
 
 
-def test_a_governor_says_how_long_to_wait_and_gives_up_once_its_probes_keep_failing():
-    """A refused search learns when to ask again: the rest of the cooldown while the breaker is
-    open, soon while another search's probe is out (its answer may close the breaker), and
-    that waiting is over once ``GIVE_UP_PROBES`` probes in a row failed, a cooldown apart."""
+def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed():
+    """A refused search learns when to ask again (the rest of the cooldown while the breaker
+    is open, soon while another search's probe is out, whose answer may close it) and how
+    many probes failed in a row, by which a waiting job decides the engine is down. A
+    request let through before the breaker opened that fails while it is half-open is no
+    probe."""
     clock = FakeClock()
     gov = EngineGovernor("x", EngineLimits(rate=1000.0, burst=1000, failure_threshold=2,
                                            cooldown_s=30), clock=clock)
-    for _ in range(2):
+    for _ in range(3):
         gov.acquire()
-        gov.record(False, status=429)
+    gov.record(False, status=429)
+    gov.record(False, status=429)
     clock.advance(10)
     with pytest.raises(CircuitOpen) as info:
         gov.acquire()
-    assert not info.value.final and info.value.retryable
-    assert info.value.retry_after == pytest.approx(20)
-    for probe in range(GIVE_UP_PROBES):
+    assert info.value.retryable and info.value.retry_after == pytest.approx(20)
+    assert info.value.probes_failed == 0
+    clock.advance(20)
+    gov.record(False, status=503)  # the third request, not a probe: opens it again
+    assert gov.breaker.probes_failed == 0
+    for failed in range(1, 3):
         clock.advance(30)
         gov.acquire()  # the probe
         with pytest.raises(CircuitOpen) as info:
             gov.acquire()
-        assert not info.value.final and info.value.retry_after == pytest.approx(PROBE_POLL_S)
+        assert info.value.retry_after == pytest.approx(PROBE_POLL_S)
         gov.record(False, status=503)
-    with pytest.raises(CircuitOpen, match="still failing after 2 probes") as info:
-        gov.acquire()
-    assert info.value.final and not info.value.retryable
-    assert info.value.retry_after == pytest.approx(30)
+        with pytest.raises(CircuitOpen, match=f"{failed} probes failed") as info:
+            gov.acquire()
+        assert info.value.probes_failed == failed
+        assert info.value.retry_after == pytest.approx(30)
     clock.advance(30)
-    gov.acquire()  # a later probe, which answers: the engine is back
+    gov.acquire()  # a later probe, which the engine answers
     gov.record(True)
-    gov.record(False, status=503)
-    gov.record(False, status=503)
-    with pytest.raises(CircuitOpen) as info:
-        gov.acquire()
-    assert not info.value.final
+    assert gov.breaker.probes_failed == 0
 
 
 def test_breaker_probe_that_never_reports_frees_the_slot():
@@ -486,9 +487,9 @@ def test_reconfigure_keeps_a_retry_after_hold():
 
 @pytest.mark.parametrize("make", [
     lambda: CircuitOpen("ddg: circuit open after 6 failures; next try in 59.5s", 59.5),
-    lambda: CircuitOpen("ddg: still failing after 2 probes 60s apart", 59.5, final=True),
+    lambda: CircuitOpen("ddg: circuit open after 6 failures, 2 probes failed", 59.5, 2),
     lambda: QuotaExceeded("ddg: daily quota of 100 requests spent"),
-], ids=["circuit_open", "given_up", "quota"])
+], ids=["circuit_open", "probes_failed", "quota"])
 def test_a_governors_refusal_reaches_a_worker_process_as_itself(make):
     """The in-process runner's governors answer the worker processes' searches over a pickled
     channel. CircuitOpen could not be rebuilt from its args (its retry_after was missing), so
@@ -503,4 +504,4 @@ def test_a_governors_refusal_reaches_a_worker_process_as_itself(make):
     assert type(back) is type(exc) and str(back) == str(exc)
     assert (back.retryable, back.retry_after, back.requests) == \
         (exc.retryable, exc.retry_after, 2)
-    assert getattr(back, "final", None) == getattr(exc, "final", None)
+    assert getattr(back, "probes_failed", None) == getattr(exc, "probes_failed", None)
