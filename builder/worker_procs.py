@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import pickle
+import shutil
 import signal
 import struct
 import sys
@@ -39,8 +40,8 @@ from builder.job import WorkerLost
 from builder.units import UnitReport, WorkerEvents, WorkUnit
 from builder.worker import (JobPlan, LedgerCalls, LocalServices, WorkerRuntime,
                             settle_process)
-from builder.worker_start import (CLOSE_TIMEOUT_S, EXIT_UNKNOWN, ForkedWorker, StartedWorkers,
-                                  WorkerProcess)
+from builder.worker_start import (CLOSE_TIMEOUT_S, EXIT_UNKNOWN, SOCKET_DIR_PREFIX, ForkedWorker,
+                                  StartedWorkers, WorkerProcess)
 
 log = logging.getLogger("pixcrawler.procs")
 
@@ -512,10 +513,10 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(_HEADER.unpack(header)[0]))
 
 
-def worker_main(path: str, first: int, count: int) -> None:
+def worker_main(path: str, first: int, count: int, runner: int) -> None:
     """Worker ``first``: fork workers ``first + 1`` to ``first + count - 1`` once the imports
-    are done, then each connects to the runner, takes the job's plan, and serves until told
-    to close or the runner goes."""
+    are done, then each connects to the runner (process ``runner``, this one's parent),
+    takes the job's plan, and serves until told to close or the runner goes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settle_process()
@@ -540,6 +541,18 @@ def worker_main(path: str, first: int, count: int) -> None:
                 forked.append(pid)
     asyncio.run(_serve(path, worker))
     outlive_children(forked)
+    if worker == first and os.getppid() != runner:
+        remove_orphaned_socket(path)
+
+
+def remove_orphaned_socket(path: str) -> None:
+    """Remove the runner's socket and its directory (``StartedWorkers``), which the runner
+    removes when it closes: this worker outlived it (the runner was killed, SIGKILL or the
+    kernel's OOM killer), and nothing else would, so each such end left a directory in the
+    machine's temporary folder."""
+    folder = os.path.dirname(path)
+    if os.path.basename(folder).startswith(SOCKET_DIR_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def outlive_children(pids: Sequence[int]) -> None:
@@ -585,4 +598,4 @@ async def _serve(path: str, worker: int) -> None:
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -39,6 +39,9 @@ def local_workers(spec: DatasetSpec) -> int:
     return 0 if spec.validation.level == "slow" else spec.resources.workers or LOCAL_CPU_THREADS
 
 
+SOCKET_DIR_PREFIX = "pixcrawler-"
+"""The temporary directory of the runner's socket (``StartedWorkers``)."""
+
 CLOSE_TIMEOUT_S = 10.0
 """How long a worker process may take to exit once told to (then it is killed)."""
 
@@ -109,7 +112,7 @@ class StartedWorkers:
         self.retired: list[subprocess.Popen] = []
         """This process's children that were lost and replaced (``replace``, which killed
         them): reaped at ``close``."""
-        self.dir = tempfile.mkdtemp(prefix="pixcrawler-")
+        self.dir = tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX)
         self.path = os.path.join(self.dir, "s")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._closed = False
@@ -131,7 +134,8 @@ class StartedWorkers:
         # -P: not the current folder first on the import path, where anyone who can write
         # there (/tmp) could plant a builder/worker_procs.py that runs as this user
         return subprocess.Popen([sys.executable, "-P", "-m", "builder.worker_procs", self.path,
-                                 str(first), str(count)], stdin=subprocess.DEVNULL)
+                                 str(first), str(count), str(os.getpid())],
+                                stdin=subprocess.DEVNULL)
 
     def replace(self, worker: int) -> None:
         """Start a fresh interpreter in the place of worker ``worker``, which was lost (a

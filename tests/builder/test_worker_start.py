@@ -77,6 +77,29 @@ def test_workers_closed_before_the_job_exists_exit_without_connecting():
     assert not os.path.exists(started.dir)
 
 
+@pytest.mark.parametrize("fork", [True, False] if sys.platform.startswith("linux") else [False])
+def test_workers_of_a_killed_runner_remove_its_socket_directory(fork, tmp_path):
+    """A runner killed outright (SIGKILL, the OOM killer) cannot remove its socket's
+    directory: each such end left one in the machine's temporary folder (8 a run of the
+    resume tests). Its workers find it gone and remove it."""
+    script = (f"import sys, time\nfrom builder import worker_start\n"
+              f"worker_start.FORK_WORKERS = {fork}\n"
+              "started = worker_start.StartedWorkers(2)\n"
+              "print(started.dir, flush=True)\ntime.sleep(120)\n")
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        folder = runner.stdout.readline().strip()
+        assert os.path.basename(folder).startswith("pixcrawler-") and os.path.isdir(folder)
+    finally:
+        runner.kill()
+        runner.wait()
+        runner.stdout.close()
+    deadline = time.monotonic() + 60
+    while os.path.exists(folder):
+        assert time.monotonic() < deadline, f"{folder} is still there"
+        time.sleep(0.05)
+
+
 @LINUX
 def test_a_forked_worker_left_a_zombie_counts_as_gone():
     """Orphaned by worker 0, a forked worker that exits is a zombie until init reaps it; the
