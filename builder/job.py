@@ -148,11 +148,13 @@ class UnitPlanner:
     Sources are used in the spec's order (the classes' inline ``urls`` last): a class draws
     from its first source (round-robin over its queries, page after page) until that source is
     exhausted or keeps failing (``max_errors`` errors in a row of a query), then falls back
-    to the next one; each fallback is recorded (``fallbacks``). A class's last source is let
-    fail longer (``max_errors_alone``), and while its engine's breaker is open the class waits
-    for the engine (``_wait_for_engine``) instead of ending short. A URL list serves every
-    class at once, slice after slice. A resumed job skips the units its journal says are
-    done, and learns from them where each source stands.
+    to the next one; each fallback is recorded (``fallbacks``). A class's last source, once
+    its engine has answered the job, is let fail longer (``max_errors_alone``), and while its
+    engine's breaker is open the class waits for the engine (``_wait_for_engine``) instead of
+    ending short; an engine that never answered (a wrong address, a server that is down) is
+    given up as fast as any other. A URL list serves every class at once, slice after slice.
+    A resumed job skips the units its journal says are done, and learns from them where each
+    source stands.
     """
 
     def __init__(self, spec: DatasetSpec, extra_queries: Optional[dict[str, list[str]]] = None,
@@ -164,6 +166,8 @@ class UnitPlanner:
         self.max_errors = max_errors
         self.fallbacks: list[dict[str, Any]] = []
         self.max_errors_alone = max_errors_alone
+        self._answered: set[int] = set()
+        """Sources whose engine has answered this job (results, or a 429: busy, but there)."""
         self._waiting: dict[tuple[str, int], int] = {}
         """(class, source) waiting for its engine (its breaker open): the breaker's failed
         probes when the wait began."""
@@ -334,6 +338,8 @@ class UnitPlanner:
             c.exhausted = c.page * c.per_page >= c.total
             return None
         outcome = report.search
+        if outcome is None or not outcome.error or outcome.status == 429:
+            self._answered.add(c.source)
         if outcome is None or not outcome.error:
             c.errors = 0
             self._waiting.pop((unit.label, c.source), None)
@@ -343,7 +349,7 @@ class UnitPlanner:
                     or c.page >= c.max_pages:
                 c.exhausted = True
             return None
-        alone = not self._falls_back(unit.label, c)
+        alone = c.source in self._answered and not self._falls_back(unit.label, c)
         error = outcome.error
         if outcome.refused and alone:
             if not self._given_up(unit.label, c, outcome):

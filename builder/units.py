@@ -110,13 +110,14 @@ class ClassTally:
 @dataclass
 class SearchOutcome:
     """What a search unit learned about its cursor: hits and whether more pages exist, or the
-    engine's error (``final``: the source is done for this class; ``refused``: no request
-    went out, the engine's breaker is open, whose probes failed ``probes_failed`` times in a
-    row)."""
+    engine's error (``status``: its HTTP status, 0 without one; ``final``: the source is done
+    for this class; ``refused``: no request went out, the engine's breaker is open, whose
+    probes failed ``probes_failed`` times in a row)."""
 
     hits: int = 0
     has_more: bool = False
     error: str = ""
+    status: int = 0
     retryable: bool = False
     retry_after: Optional[float] = None
     final: bool = False

@@ -774,8 +774,9 @@ class UnitRun:
                 error = _search_error(exc, unit.engine, spec.download.allow_private_networks)
                 refused = exc if isinstance(exc, CircuitOpen) else None
                 self.report.search = SearchOutcome(
-                    error=error, retryable=exc.retryable, retry_after=exc.retry_after,
-                    final=not exc.retryable, refused=refused is not None,
+                    error=error, status=exc.status, retryable=exc.retryable,
+                    retry_after=exc.retry_after, final=not exc.retryable,
+                    refused=refused is not None,
                     probes_failed=refused.probes_failed if refused is not None else 0)
                 return None
             self.report.search = SearchOutcome(hits=len(page.hits), has_more=page.has_more)

@@ -374,78 +374,99 @@ def test_a_full_class_does_not_wait_on_a_cursor_held_back_by_an_error():
     assert stats["accepted"] == 3 and len(held) == 1
 
 
-def failing(executor, failures: int, probes=lambda n: 0, refused: bool = True,
-            source: int = 0):
-    """``executor`` with source ``source``'s first ``failures`` searches refused by an open
-    breaker (no request sent; ask again in 0.01 s), the ``n``-th saying ``probes(n)`` probes
-    had failed, or (``refused`` false) answered 429. Returns the failed units."""
+def refusal(probes_failed: int = 0) -> SearchOutcome:
+    """An open breaker's refusal (no request sent): ask again in 0.01 s."""
+    return SearchOutcome(error="sandbox: circuit open after 5 failures", retryable=True,
+                         retry_after=0.01, refused=True, probes_failed=probes_failed)
+
+
+def answered(status: int) -> SearchOutcome:
+    """A search the engine answered with an error (``status`` 0: no answer at all)."""
+    return SearchOutcome(error=f"sandbox: HTTP {status}", status=status, retryable=True,
+                         retry_after=0.01)
+
+
+def failing(executor, outcomes, source: int = 0):
+    """``executor`` with source ``source``'s searches failing while ``outcomes(n)`` gives the
+    ``n``-th's outcome (None: from then on they succeed). Returns the failed units."""
     original, failed = executor.run, []
 
     async def run_(worker, unit):
-        if unit.source == source and len(failed) < failures:
-            n = len(failed)
+        outcome = outcomes(len(failed)) if unit.source == source else None
+        if outcome is not None:
             failed.append(unit)
-            error = "sandbox: circuit open after 5 failures" if refused else "HTTP 429"
-            report = UnitReport(unit.uid, search=SearchOutcome(
-                error=error, retryable=True, retry_after=0.01, refused=refused,
-                probes_failed=probes(n) if refused else 0))
-            return report, WorkerEvents(f"w{worker}", [unit.uid])
+            return UnitReport(unit.uid, search=outcome), WorkerEvents(f"w{worker}", [unit.uid])
         return await original(worker, unit)
 
     executor.run = run_
     return failed
 
 
+def one_query(**extra):
+    return spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}],
+                **extra)
+
+
 def test_a_class_with_no_other_source_waits_for_its_engines_breaker():
     """An engine's open breaker refused a search (nothing was sent): the class had no other
     source, and three refusals a few seconds apart ended every query, so the job fell short
-    while the breaker's cooldown, which a 429 storm usually outlasts, ran on. The cursor now
-    waits as long as the breaker says, without counting an error, and one warning and one
-    search error say so, not one for each refusal."""
-    s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
+    while the breaker's cooldown, which a 429 storm usually outlasts, ran on. Once the engine
+    has answered (a 429 is an answer: busy, but there) the cursor waits as long as the
+    breaker says, without counting an error, and one warning and one search error say so,
+    not one for each refusal."""
+    s = one_query()
     executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
-    refused = failing(executor, 12, probes=lambda n: 1)
+    failed = failing(executor, lambda n: None if n == 12 else
+                     answered(429) if n == 0 else refusal(1))
     runner, stats = run(s, executor)
     check_exact(stats)
-    assert stats["accepted"] == 3 and len(refused) == 12
+    assert stats["accepted"] == 3 and len(failed) == 12
     assert not runner.planner.fallbacks
     assert [e["error"] for e in stats["search_errors"]] == \
-        ["sandbox: circuit open after 5 failures"]
+        ["sandbox: HTTP 429", "sandbox: circuit open after 5 failures"]
 
 
 def test_a_waiting_class_gives_up_once_two_more_probes_failed():
     """The wait ends when two of the breaker's probes failed since the class began waiting
     (the breaker may have failed some before: on Ray it is every job's): the engine is down
     and the class ends short, saying why."""
-    s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
+    s = one_query()
     executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
-    refused = failing(executor, 100, probes=lambda n: 5 + n // 4)
+    failed = failing(executor, lambda n: answered(429) if n == 0 else refusal(5 + n // 4))
     runner, stats = run(s, executor)
     check_exact(stats)
-    # refusals 0-7 wait (5 or 6 probes failed); the 8th and 9th (7) end each query
-    assert stats["accepted"] == 0 and len(refused) == 10
+    # the 429, then refusals 1-7 wait (5 or 6 probes failed); the 8th and 9th (7) end each
+    assert stats["accepted"] == 0 and len(failed) == 10
     given_up = ("sandbox: circuit open after 5 failures; given up waiting for the engine: 2 "
                 "of its probes failed in a row while the class waited")
     assert [e["error"] for e in stats["search_errors"]] == \
-        ["sandbox: circuit open after 5 failures", given_up, given_up]
+        ["sandbox: HTTP 429", "sandbox: circuit open after 5 failures", given_up, given_up]
 
 
-def test_a_class_whose_last_source_fails_retries_longer_and_one_with_another_falls_back():
-    """Errors the engine answered (429s, before its breaker opens) end a query after three
-    where the class has another source to fall back to, as a refusal does; the class's last
-    source is let fail ten times, so that the breaker, not the query, decides."""
-    s = spec(sources=[{"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}],
-             classes={"cat": ["q1"]})
+def test_a_last_source_that_answered_retries_longer_and_one_that_never_did_ends_fast():
+    """A class's last source, once its engine has answered (a 429 is an answer), may fail
+    ten times in a row, so that its breaker, not the query, decides; an engine that never
+    answered (no server there, a refusal of a breaker another job opened) ends a query
+    after three errors, as one with a later source to fall back to does."""
+    s = one_query(classes={"cat": ["q1"]})
     executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
-    failed = failing(executor, 9, refused=False)
+    failed = failing(executor, lambda n: answered(429) if n < 9 else None)
     runner, stats = run(s, executor)
     check_exact(stats)
     assert stats["accepted"] == 3 and len(failed) == 9
 
-    for refused in (True, False):
+    for outcome in (answered(0), refusal()):
+        s = one_query()
+        executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
+        failed = failing(executor, lambda n: outcome)
+        runner, stats = run(s, executor)
+        check_exact(stats)
+        assert stats["accepted"] == 0 and len(failed) == 2 * runner.planner.max_errors
+
+    for outcome in (answered(429), refusal()):
         s = spec()
         executor = FakeExecutor(s, {(1, "q1"): ["a.ok", "b.ok"], (1, "q2"): ["c.ok"]})
-        failed = failing(executor, 100, refused=refused)
+        failed = failing(executor, lambda n: outcome)
         runner, stats = run(s, executor)
         check_exact(stats)
         assert stats["accepted"] == 3 and len(failed) == 2 * runner.planner.max_errors
