@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from builder.errors import CancelledUnpublished, PixCrawlerError, SpecError
+from builder.errors import CancelledUnpublished, PixCrawlerError, SpecError, printable_lines
 from builder.spec import DatasetSpec, load_spec, loads_spec, parse_spec
 from builder.worker_start import StartedWorkers, local_workers
 
@@ -177,6 +177,11 @@ def _spec_from_args(args: argparse.Namespace) -> DatasetSpec:
     return loads_spec(text, f"${args.spec_env}", stored=True)
 
 
+TRUST_HELP = ("request private, loopback and link-local addresses where the dataset's spec "
+              "sets download.allow_private_networks (refused otherwise: pass it only for a "
+              "dataset you trust)")
+
+
 def _require_contact(spec: DatasetSpec) -> None:
     """A crawl of the public web must name its operator in the User-Agent."""
     from builder.profiles import contact_problem
@@ -194,11 +199,25 @@ def cmd_build(args: argparse.Namespace) -> int:
                     ray=args.ray)
 
 
+def _require_trusted_networks(spec: DatasetSpec, uri: str, command: str, allowed: bool) -> None:
+    """A dataset's own spec may not open this machine's network to ``command``: one from
+    elsewhere (a shared bucket, a download) could name loopback, the LAN or a cloud's metadata
+    service among its images' URLs and set ``download.allow_private_networks``, and the
+    command would then request them (``retry-failed`` writing what they answer into the
+    dataset). Its user says so with ``--allow-private-networks``."""
+    if spec.download.allow_private_networks and not allowed:
+        raise SpecError([("--allow-private-networks", f"{uri}'s spec sets "
+                          "download.allow_private_networks, which lets its images' URLs name "
+                          f"this machine's own network; {command} requests them only when "
+                          "given --allow-private-networks (pass it for a dataset you trust)")])
+
+
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from builder.pipeline import count_retryable, plan_retry
 
     uri = args.output
     spec, cont = plan_retry(uri, _storage_options(uri), args.job_id)
+    _require_trusted_networks(spec, uri, "retry-failed", args.allow_private_networks)
     if not count_retryable(uri, _storage_options(uri)):
         print(f"nothing to retry: no candidate at {uri} was rejected for a transient reason")
         return 0
@@ -228,7 +247,9 @@ def cmd_recheck(args: argparse.Namespace) -> int:
         check_source(uri, options)
         check_destination(uri, args.write, overwrite=args.overwrite, storage_options=options,
                           out_storage_options=_storage_options(args.write))
-    download = dataset_spec(uri, options).download
+    published = dataset_spec(uri, options)
+    _require_trusted_networks(published, uri, "recheck", args.allow_private_networks)
+    download = published.download
     if args.contact:
         download = download.model_copy(update={"contact": args.contact})
     if needs_contact(uri, download, options):
@@ -439,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output", help="the dataset's URI")
     r.add_argument("--job-id", type=job_id_arg,
                    help="job id (default: <name>-retry-<random>)")
+    r.add_argument("--allow-private-networks", action="store_true", help=TRUST_HELP)
     runner_args(r)
     r.set_defaults(func=cmd_retry_failed)
 
@@ -461,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--overwrite", action="store_true", help="replace a dataset at --write")
     rc.add_argument("--contact", help="your email or URL for the User-Agent, when the "
                     "dataset's spec has none")
+    rc.add_argument("--allow-private-networks", action="store_true", help=TRUST_HELP)
     rc.set_defaults(func=cmd_recheck)
 
     d = sub.add_parser("demo", help="build a small dataset from the sandbox web, offline")
@@ -506,13 +529,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
     except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable_lines(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except CancelledUnpublished as exc:
-        print(f"cancelled: {exc}", file=sys.stderr)
+        print(f"cancelled: {printable_lines(str(exc))}", file=sys.stderr)
         return EXIT_CANCELLED
     except PixCrawlerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable_lines(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

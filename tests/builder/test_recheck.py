@@ -75,7 +75,7 @@ def files_under(root: Path) -> list[str]:
 
 def recheck_write(src, copy, *extra: str) -> int:
     return main(["recheck", str(src), "--out", str(Path(copy).parent / "removals.csv"),
-                 "--write", str(copy), *extra])
+                 "--write", str(copy), "--allow-private-networks", *extra])
 
 
 @pytest.mark.parametrize("marker, journal", [(False, True), (True, True), (False, False)],
@@ -229,11 +229,11 @@ def test_write_reads_an_s3_source_with_its_own_storage_options(source, moto_s3, 
     fs, _ = open_fs(f"s3://{bucket}", {"endpoint_url": moto_s3})
     fs.put(f"{src}/", f"{bucket}/ds/", recursive=True)
     assert main(["recheck", f"s3://{bucket}/ds", "--out", str(copy.parent / "r.csv"),
-                 "--write", str(copy)]) == 0
+                 "--write", str(copy), "--allow-private-networks"]) == 0
     assert check_accounting(str(copy))["accepted"] == 4
     back = copy.parent / "back"
     assert main(["recheck", str(copy), "--out", str(copy.parent / "r2.csv"),
-                 "--write", f"s3://{bucket}/back"]) == 0
+                 "--write", f"s3://{bucket}/back", "--allow-private-networks"]) == 0
     fs.get(f"{bucket}/back/", f"{back}/", recursive=True)
     assert (back / "_SUCCESS").exists() and check_accounting(str(back))["accepted"] == 4
 

@@ -157,6 +157,29 @@ def test_rebuilding_onto_a_complete_dataset_names_the_overwrite_flag(tmp_path, c
     assert "--overwrite" in err and "Traceback" not in err
 
 
+def test_what_a_datasets_files_say_reaches_the_terminal_without_its_escape_sequences(
+        tmp_path, capsys):
+    """The error naming the job of a dataset already at the output quoted its marker's job id
+    as written: a shared folder's ``_SUCCESS`` could set the terminal's title or colours (or,
+    on some terminals, its clipboard) for whoever built there. Unprintable characters are
+    shown as ``?``; a message's lines stay lines."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_SUCCESS").write_text(json.dumps({"job_id": "old\x1b]0;pwned\x07\x1b[31m",
+                                              "created": "2026-01-01\r"}))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "output": {"uri": str(out)}}))
+    assert main(["build", "--local", str(spec)]) != 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\r" not in err
+    assert "job old?]0;pwned??[31m, created 2026-01-01?" in err
+    spec.write_text(yaml.safe_dump({**SPEC, "target": -1, "resources": {"workers": -1}}))
+    assert main(["build", "--local", str(spec)]) == EXIT_USAGE
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("error: invalid dataset spec") and len(lines) >= 3
+    assert all(line.startswith("  ") for line in lines[1:])
+
+
 def _descendants(pid: int) -> list[int]:
     """The live processes below ``pid`` (Linux: from /proc), zombies left out."""
     children: dict[int, list[int]] = {}
@@ -247,6 +270,42 @@ def test_retry_failed_passes_its_runner_options_on(monkeypatch, tmp_path, flag):
     assert main(["retry-failed", str(tmp_path), flag]) == 0
     assert {k: seen[k] for k in ("dashboard", "ray", "local")} == {
         "dashboard": flag == "--dashboard", "ray": flag == "--ray", "local": flag == "--local"}
+
+
+def test_a_datasets_spec_opens_this_machines_network_to_retry_and_recheck_only_when_told(
+        monkeypatch, tmp_path, capsys):
+    """``retry-failed`` and ``recheck`` take their download settings from the dataset's own
+    spec. One from elsewhere (a shared bucket, a download) that set
+    ``allow_private_networks`` had them request its images' URLs on loopback, the LAN or a
+    cloud's metadata service (``retry-failed`` writing the answers into the dataset). Both
+    refuse before any request unless given ``--allow-private-networks``."""
+    import builder.pipeline
+    import builder.recheck
+    from builder.recheck import RecheckResult
+    from builder.spec import parse_spec
+
+    spec = parse_spec({**SPEC, "download": {"allow_private_networks": True}})
+    monkeypatch.setattr(builder.pipeline, "plan_retry", lambda uri, options, job_id: (spec, None))
+    monkeypatch.setattr(builder.pipeline, "count_retryable", lambda uri, options: 3)
+    monkeypatch.setattr(builder.recheck, "dataset_spec", lambda uri, options: spec)
+    monkeypatch.setattr(builder.recheck, "needs_contact", lambda uri, download, options: False)
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "run_spec", lambda spec, **kwargs: ran.append("retry") or 0)
+
+    def recheck(uri, **kwargs):
+        ran.append("recheck")
+        return RecheckResult(uri, kwargs["mode"], checked=0, checked_at="")
+
+    monkeypatch.setattr(builder.recheck, "recheck", recheck)
+    out = str(tmp_path / "removals.csv")
+    assert main(["retry-failed", str(tmp_path), "--local"]) == EXIT_USAGE
+    assert main(["recheck", str(tmp_path), "--out", out]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("--allow-private-networks") >= 2 and "allow_private_networks" in err
+    assert ran == []
+    assert main(["retry-failed", str(tmp_path), "--local", "--allow-private-networks"]) == 0
+    assert main(["recheck", str(tmp_path), "--out", out, "--allow-private-networks"]) == 0
+    assert ran == ["retry", "recheck"]
 
 
 def _usage_error(capsys, argv: list[str]) -> str:

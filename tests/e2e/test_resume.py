@@ -149,7 +149,7 @@ def test_retry_failed_turns_flaky_500s_into_images(tmp_path):
         assert all(reasons_by_url(out)[u] == "http_server_error" for u in flaky)
         shards_before = len(list((Path(out) / "data").glob("*.parquet")))
 
-        assert main(["retry-failed", out, "--local"]) == 0
+        assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
         assert is_complete(out)
         after = check_accounting(out)
         accepted = set(pq.read_table(Path(out) / "data", columns=["url"]).column(
@@ -187,8 +187,9 @@ def test_retry_failed_retries_a_url_its_list_named_twice(tmp_path):
         run_local(spec)
         first = check_accounting(out)
         assert first["rejected_by_reason"]["duplicate_url"] == len(flaky)
-        urls.unlink()  # a retry reads the rejects, not the list (spec.yaml masks a list URL's
-        assert main(["retry-failed", out, "--local"]) == 0  # credentials)
+        # a retry reads the rejects, not the list (spec.yaml masks a list URL's credentials)
+        urls.unlink()
+        assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
     after = check_accounting(out)
     accepted = set(pq.read_table(Path(out) / "data", columns=["url"]).column("url").to_pylist())
     assert set(flaky) <= accepted
@@ -216,7 +217,7 @@ def test_retry_failed_decides_the_candidate_its_source_found(tmp_path):
         rejects = pq.read_table(Path(out) / "rejects.parquet").to_pylist()
         found = {r["url"]: r for r in rejects if r["url"] in flaky}
         assert all(r["page_url"] and r["title"] and r["rank"] for r in found.values())
-        assert main(["retry-failed", out, "--local"]) == 0
+        assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
     check_accounting(out)
     rows = {r["url"]: r for r in pq.read_table(Path(out) / "data").to_pylist()
             if r["url"] in flaky}
@@ -254,7 +255,7 @@ def test_retry_failed_keeps_the_rights_summary_whole_and_says_what_it_could_not_
         again = count_retryable(outs[1])
         assert again > 0
         for out in outs:
-            assert main(["retry-failed", out, "--local"]) == 0
+            assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
     current = check_accounting(outs[0])
     assert "earlier_ledgers" not in current["rights"]
     stats = json.loads((Path(outs[1]) / "stats.json").read_text())
@@ -500,7 +501,7 @@ def test_retry_failed_keeps_a_partial_dataset_partial(tmp_path):
         data["download"].update(retries=0, per_host_delay_s=0.05)
         _cancelled_early(data, lambda r: r.counts.by_reason()["http_server_error"] >= 1)
         out = data["output"]["uri"]
-        assert main(["retry-failed", out, "--local"]) == 0
+        assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
     assert (Path(out) / "_PARTIAL").exists() and not is_complete(out)
     stats = check_accounting(out)
     assert stats["partial_reason"] == "cancelled"
@@ -517,7 +518,7 @@ def test_retry_failed_without_parquet_is_refused_before_the_output_is_touched(tm
         data["output"]["formats"] = ["webdataset"]
         run_local(parse_spec(data))
         before = sorted(p.name for p in out.iterdir())
-        assert main(["retry-failed", str(out), "--local"]) != 0
+        assert main(["retry-failed", str(out), "--local", "--allow-private-networks"]) != 0
     assert sorted(p.name for p in out.iterdir()) == before and is_complete(str(out))
 
 
@@ -655,7 +656,7 @@ def test_retry_failed_that_accepts_images_ends_an_empty_dataset(tmp_path):
     assert result.partial and result.stats["accepted"] == 0
     assert json.loads((Path(out) / "_PARTIAL").read_text())["reason"] == "empty"
     with SandboxWeb(classes=("cat", "dog"), images_per_class=6, port=port):
-        assert main(["retry-failed", out, "--local"]) == 0
+        assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
     assert is_complete(out) and not (Path(out) / "_PARTIAL").exists()
     stats = check_accounting(out)
     assert stats["accepted"] > 0 and not stats["partial"] and stats["crawl_partial"] == ""
@@ -687,7 +688,7 @@ def test_a_cancelled_retry_of_a_complete_dataset_leaves_it_partial_only_until_th
         # The rejects it never got to stay as they were (they were dropped, 72 -> 66).
         for key in ("candidates", "accepted", "rejected", "rejected_by_reason"):
             assert after[key] == before[key], key
-        assert main(["retry-failed", out, "--local"]) == 0
+        assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
     assert is_complete(out) and not (Path(out) / "_PARTIAL").exists()
     assert not check_accounting(out)["partial"]
 
@@ -704,7 +705,7 @@ def test_retry_failed_without_stats_json_is_refused_before_the_output_is_touched
         run_local(parse_spec(data))
         (out / "stats.json").unlink()
         before = sorted(p.name for p in out.iterdir())
-        assert main(["retry-failed", str(out), "--local"]) != 0
+        assert main(["retry-failed", str(out), "--local", "--allow-private-networks"]) != 0
     assert sorted(p.name for p in out.iterdir()) == before and is_complete(str(out))
 
 
@@ -742,7 +743,7 @@ def test_retry_failed_decides_a_full_class_s_rejects_and_keeps_rows_it_cannot_re
         stats["rights"] = rights.summary()
         (Path(out) / "stats.json").write_text(json.dumps(stats))
         hits = web.hits(full)
-        assert main(["retry-failed", out, "--local"]) == 0
+        assert main(["retry-failed", out, "--local", "--allow-private-networks"]) == 0
         assert web.hits(full) == hits
     after = check_accounting(out)
     assert after["candidates"] == before["candidates"] + 2

@@ -106,9 +106,11 @@ def test_recheck_finds_images_whose_origin_opted_out_after_the_build(built):
     try:
         removals = tmp / "removals.csv"
         clean = str(tmp / "clean")
-        assert main(["recheck", out, "--out", str(removals), "--write", clean]) == 0
+        assert main(["recheck", out, "--out", str(removals), "--write", clean,
+                     "--allow-private-networks"]) == 0
         full = tmp / "removals-full.csv"
-        assert main(["recheck", out, "--full", "--out", str(full)]) == 0
+        assert main(["recheck", out, "--full", "--out", str(full),
+                     "--allow-private-networks"]) == 0
     finally:
         site.robots_txt, site.headers = None, {}
     listed = list(csv.DictReader(removals.open()))
@@ -144,7 +146,7 @@ def test_recheck_refuses_to_write_over_the_dataset_it_reads(built):
     _, tmp, out, _, _ = built
     before = sorted(p.relative_to(out) for p in Path(out).rglob("*") if p.is_file())
     assert main(["recheck", out, "--out", str(tmp / "same.csv"), "--write", out,
-                 "--overwrite"]) != 0
+                 "--overwrite", "--allow-private-networks"]) != 0
     assert sorted(p.relative_to(out) for p in Path(out).rglob("*") if p.is_file()) == before
 
 
@@ -159,6 +161,6 @@ def test_recheck_of_a_partial_dataset_writes_a_partial_copy(built):
     (partial / "_SUCCESS").rename(partial / "_PARTIAL")
     copy = tmp / "partial-copy"
     assert main(["recheck", str(partial), "--out", str(tmp / "p.csv"), "--write",
-                 str(copy)]) == 0
+                 str(copy), "--allow-private-networks"]) == 0
     assert (copy / "_PARTIAL").exists() and not (copy / "_SUCCESS").exists()
     assert json.loads((copy / "stats.json").read_text())["partial_reason"] == "cancelled"
