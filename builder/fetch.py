@@ -61,7 +61,8 @@ from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
-                            answer_text, origin_file, read_twice_if_unreachable, unreachable)
+                            answer_text, origin_file, parsed, read_twice_if_unreachable,
+                            unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 from builder.urls import without_secrets
@@ -868,8 +869,8 @@ class Fetcher:
                 return None
             status, body = await self._fetch_signal_file(url, sig.AI_TXT_PATH)
             # A 401/403 here is no statement about AI use: only an unreachable file refuses.
-            return RobotsPolicy.from_response(
-                status if 200 <= status < 300 or unreachable(status) else 404, body)
+            return await parsed(status if 200 <= status < 300 or unreachable(status) else 404,
+                                body)
 
         got = await asyncio.gather(robots(), tdmrep(), ai_txt(), return_exceptions=True)
         refused = next((g for g in got if isinstance(g, UrlRejected)), None)
@@ -942,6 +943,9 @@ class Fetcher:
                 return sig.unread_page(page_url, cfg,
                                        f"its robots.txt: {answer_text(policy.status)}",
                                        unknown=True)
+            if policy.costly:
+                return sig.unread_page(page_url, cfg, "its robots.txt: its rules cost too much "
+                                       "CPU to match", unknown=True)
             if not policy.allowed(url, ROBOTS_UA):
                 return sig.unread_page(page_url, cfg, "robots.txt disallows it")
         status, body, content_type = await read_twice_if_unreachable(self._fetch_page_once, url)

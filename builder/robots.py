@@ -57,6 +57,18 @@ ROBOTS_UA = "PixCrawler"
 MAX_ROBOTS_BYTES = 512 * 1024
 """robots.txt bytes parsed at most (RFC 9309 asks crawlers to parse at least 500 KiB)."""
 
+INLINE_PARSE_BYTES = 32 * 1024
+"""A robots.txt (or ai.txt) longer than this is parsed in a thread, off the fetching event
+loop: 512 KiB of wildcard rules take about 0.2 s, which every download of the loop waited."""
+
+MATCH_CPU_S = 0.1
+MATCH_CPU_PER_URL_S = 0.002
+"""The CPU that matching URLs against one origin's rules may take: ``MATCH_CPU_S`` and
+``MATCH_CPU_PER_URL_S`` for each URL matched so far, in all. A real file costs microseconds a
+URL; one of thousands of wildcard rules, with long paths, tens of milliseconds each on the
+fetching event loop, and past the budget its origin's later URLs are not matched (refused, not
+known). A budget per URL alone let a file stay just under it for every image."""
+
 RobotsFetch = Callable[[URL], Awaitable[tuple[int, bytes]]]
 """Fetches a robots.txt URL: (HTTP status, body). Status 0 means no answer (unreachable)."""
 UNREACHABLE_RETRY_S = 1.0
@@ -80,7 +92,7 @@ class RobotsPolicy:
     """The robots.txt rules of one origin, decided from how its robots.txt answered."""
 
     __slots__ = ("allow_all", "disallow_all", "status", "_parser", "_groups", "crawl_delay",
-                 "group", "extensions")
+                 "group", "extensions", "costly", "_cost")
 
     def __init__(self, status: int, parser: Optional[Protego] = None,
                  groups: Optional[list["_Group"]] = None, *, allow_all: bool = False,
@@ -94,6 +106,9 @@ class RobotsPolicy:
         self.group: str = group.name if group is not None else ""
         self.crawl_delay: float = group.crawl_delay if group is not None else 0.0
         self.extensions: dict[str, list[str]] = _extensions(self._groups, group)
+        self._cost = MatchCost()
+        self.costly = False
+        """Matching has cost more than ``MATCH_CPU_S`` allows: ``allowed`` says no (not known)."""
 
     @classmethod
     def from_response(cls, status: int, body: bytes, user_agent: str = ROBOTS_UA) -> "RobotsPolicy":
@@ -122,10 +137,32 @@ class RobotsPolicy:
             return False
         if self.allow_all or self._parser is None:
             return True
+        if self.costly:
+            return False
         target = _path_and_query(url)
         if target is None:
             return False
-        return self._parser.can_fetch(_PATH_BASE + target, user_agent)
+        started = time.thread_time()
+        allowed = self._parser.can_fetch(_PATH_BASE + target, user_agent)
+        self.costly = self._cost.over(time.thread_time() - started)
+        return allowed
+
+
+class MatchCost:
+    """The CPU matching URLs against an origin's rules has taken, against its budget
+    (``MATCH_CPU_S``)."""
+
+    __slots__ = ("spent", "matched")
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self.matched = 0
+
+    def over(self, spent: float) -> bool:
+        """Add one URL's matching, ``spent`` seconds; whether the budget is now spent."""
+        self.spent += spent
+        self.matched += 1
+        return self.spent > MATCH_CPU_S + MATCH_CPU_PER_URL_S * self.matched
 
 
 def unreachable(status: int) -> bool:
@@ -420,6 +457,13 @@ async def read_twice_if_unreachable(fetch: Callable[[URL], Awaitable[Answer]],
     return answer
 
 
+async def parsed(status: int, body: bytes, user_agent: str = ROBOTS_UA) -> RobotsPolicy:
+    """``RobotsPolicy.from_response``, in a thread for a long file (``INLINE_PARSE_BYTES``)."""
+    if len(body) <= INLINE_PARSE_BYTES:
+        return RobotsPolicy.from_response(status, body, user_agent)
+    return await asyncio.to_thread(RobotsPolicy.from_response, status, body, user_agent)
+
+
 class RobotsCache(OriginCache[RobotsPolicy]):
     """robots.txt policies per origin, each fetched once through ``fetch``.
 
@@ -430,7 +474,7 @@ class RobotsCache(OriginCache[RobotsPolicy]):
     def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA):
         async def load(url: URL) -> RobotsPolicy:
             status, body = await read_twice_if_unreachable(fetch, origin_file(url, "/robots.txt"))
-            return RobotsPolicy.from_response(status, body, user_agent)
+            return await parsed(status, body, user_agent)
 
         super().__init__(load)
         self._user_agent = user_agent

@@ -40,7 +40,8 @@ from protego._utils import _quote_path, _quote_pattern
 from yarl import URL
 
 from builder.rights import ALLOW, NO_ANSWER, NONE, REFUSE, UNREACHABLE, Signal
-from builder.robots import ROBOTS_UA, RobotsPolicy, answer_text, optout_directive, unreachable
+from builder.robots import (MATCH_CPU_PER_URL_S, MATCH_CPU_S, ROBOTS_UA, MatchCost, RobotsPolicy,
+                            answer_text, optout_directive, unreachable)
 from builder.spec import DownloadSpec
 from builder.urls import MAX_URL_CHARS
 from builder.xmp import data_mining, data_mining_verdict
@@ -317,11 +318,6 @@ class _RulesFile:
         return self.allow if self.policy.allowed(url, ROBOTS_UA) else self.refuse
 
 
-LEDGER_CPU_S = 0.1
-"""The most CPU matching one URL against an origin's rules may take (robots.txt's, the
-Content-Usage and Content-Signal lines it carries, tdmrep.json's locations, ai.txt's); past it
-the origin's later URLs are refused as not known. A hostile robots.txt of 30,000 wildcard
-rules took 0.4 s per image with 8,000-character paths, on the fetching event loop."""
 
 
 class OriginSignals:
@@ -358,19 +354,24 @@ class OriginSignals:
         self._tdm = tdmrep
         self._ai = _RulesFile("ai_txt", "ai.txt", ai_txt) if ai_txt is not None else None
         self._too_costly: Optional[tuple[Signal, ...]] = None
+        self._cost = MatchCost()
 
     def ledger(self, url: URL) -> tuple[Signal, ...]:
-        """The origin-level entries of ``url``. Once matching one URL has cost more than
-        ``LEDGER_CPU_S``, the origin's later URLs get refusals instead (not known: too costly
-        to match), so its rules cost the fetching event loop that once at most."""
+        """The origin-level entries of ``url``. Once matching its URLs (against robots.txt's
+        rules, the Content-Usage and Content-Signal lines it carries, tdmrep.json's locations,
+        ai.txt's) has cost more than its budget (``builder.robots.MATCH_CPU_S``: a hostile
+        robots.txt of 30,000 wildcard rules took 0.4 s an image with 8,000-character paths,
+        on the fetching event loop), the origin's later URLs get refusals instead (not known:
+        too costly to match)."""
         if self._too_costly is not None:
             return self._too_costly
         started = time.thread_time()
         out = self._ledger(url)
-        spent = time.thread_time() - started
-        if spent > LEDGER_CPU_S:
-            note = (f" (matching its rules took {spent:.2f} s of CPU for one URL, over "
-                    f"{LEDGER_CPU_S:g} s: not matched again)")
+        if self._cost.over(time.thread_time() - started):
+            cost = self._cost
+            note = (f" (matching its rules took {cost.spent:.2f} s of CPU for {cost.matched} "
+                    f"URLs, over {MATCH_CPU_S:g} s and {MATCH_CPU_PER_URL_S * 1000:g} ms a URL: "
+                    "not matched again)")
             self._too_costly = tuple(Signal(e.name, UNREACHABLE, e.source[:200] + note, REFUSE)
                                      for e in out)
         return out

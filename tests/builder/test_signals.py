@@ -908,18 +908,89 @@ def test_a_page_of_thousands_of_images_keeps_a_bounded_share_of_its_alt_texts():
     assert len(parse_page(gallery, "http://example.com/g", DownloadSpec()).alts) == 300
 
 
+def _wildcard_robots(rules: int) -> bytes:
+    """A robots.txt of ``rules`` wildcard rules that never match a path of 'a's."""
+    return ("User-agent: *\n" + ("Allow: /" + "*a" * 6 + "*zz\n") * rules).encode()
+
+
+def test_an_origin_whose_every_url_costs_just_under_the_cap_is_refused_soon(monkeypatch):
+    """The cap was per URL: a hostile robots.txt that kept each image's matching just under
+    it (tens of milliseconds with long paths) cost the fetching event loop that much for
+    every image of the origin, and the page check matched without any cap. The budget is
+    the origin's in all (a base and a little a URL), so such a file is stopped after a few
+    URLs, and a page whose robots.txt is too costly is unread, not known."""
+    import builder.robots as robots_mod
+    from builder.robots import RobotsPolicy
+    from builder.signals import OriginSignals
+    from yarl import URL
+
+    monkeypatch.setattr(robots_mod, "MATCH_CPU_S", 0.05)
+    body = _wildcard_robots(8000)
+    origin = OriginSignals(DownloadSpec(), RobotsPolicy.from_response(200, body), None, None)
+    for n in range(1, 41):
+        entries = origin.ledger(URL(f"http://h/{n}/" + "a" * 1500 + ".jpg"))
+        if entries[0].value == "unreachable":
+            break
+    assert n <= 20, "the origin's URLs were matched on and on"
+    assert "not matched again" in entries[0].source and entries[0].verdict == REFUSE
+
+    policy = RobotsPolicy.from_response(200, body)
+    for n in range(1, 41):
+        if policy.costly:
+            break
+        assert policy.allowed(URL(f"http://h/{n}/" + "a" * 1500 + ".jpg"))
+    assert n <= 20 and not policy.allowed(URL("http://h/a.jpg"))
+    fine = RobotsPolicy.from_response(200, b"User-agent: *\nDisallow: /x/\n")
+    assert all(fine.allowed(URL(f"http://h/{n}.jpg")) for n in range(2000))
+    assert not fine.costly
+
+
+def test_a_long_robots_txt_is_parsed_off_the_event_loop():
+    """512 KiB of wildcard rules took about 0.2 s to parse, which every download of the
+    fetching event loop waited; a long file is parsed in a thread, and the loop goes on."""
+    import asyncio
+    import time
+
+    from builder.robots import MAX_ROBOTS_BYTES, RobotsPolicy, parsed
+
+    body = _wildcard_robots(30000)[:MAX_ROBOTS_BYTES]
+
+    async def main():
+        gaps, done = [], asyncio.Event()
+
+        async def tick():
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.ensure_future(tick())
+        started = time.perf_counter()
+        policy = await parsed(200, body)
+        took = time.perf_counter() - started
+        done.set()
+        await ticker
+        return policy, took, max(gaps)
+
+    policy, took, gap = asyncio.run(main())
+    assert isinstance(policy, RobotsPolicy) and policy.group == "*"
+    assert gap < took / 2, f"the loop stood still {gap:.3f} s of the parse's {took:.3f} s"
+
+
 def test_an_origin_whose_rules_cost_too_much_to_match_is_refused_after_one_url(monkeypatch):
     """Each image's URL was matched against every rule on the fetching event loop: a
     robots.txt of 30,000 wildcard rules that never match cost 0.4 s per image with paths of
     8,000 characters. One such match now marks the origin's later URLs refused, not known."""
     import time
 
-    import builder.signals as signals_mod
+    import builder.robots as robots_mod
     from builder.robots import RobotsPolicy
     from builder.signals import OriginSignals
     from yarl import URL
 
-    monkeypatch.setattr(signals_mod, "LEDGER_CPU_S", 0.01)
+    monkeypatch.setattr(robots_mod, "MATCH_CPU_S", 0.01)
     body = "User-agent: *\n" + "".join(f"Disallow: /*{i:05d}x\nContent-Usage: /*{i:05d}y "
                                        "train-ai=n\n" for i in range(8000))
     cfg = DownloadSpec()
