@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 from builder.errors import JobInterrupted
 from builder.journal import ResumeState
 from builder.listsource import SlicePlan
+from builder.ratelimit import budget_key
 from builder.reasons import Reason
 from builder.rights import RightsTally, honoured_signals
 from builder.spec import DatasetSpec
@@ -149,10 +150,10 @@ class UnitPlanner:
     from its first source (round-robin over its queries, page after page) until that source is
     exhausted or keeps failing (``max_errors`` errors in a row of a query), then falls back
     to the next one; each fallback is recorded (``fallbacks``). A class's last source, once
-    its engine has answered the job, is let fail longer (``max_errors_alone``), and while its
-    engine's breaker is open the class waits for the engine (``_wait_for_engine``) instead of
-    ending short; an engine that never answered (a wrong address, a server that is down) is
-    given up as fast as any other. A URL list serves every class at once, slice after slice.
+    its engine has answered (with results or an HTTP error), is let fail longer
+    (``max_errors_alone``), and while its engine's breaker is open the class waits for the
+    engine (``_wait_for_engine``) instead of ending short; an engine that never answered (a
+    wrong address, a server that is down) is given up as fast as any other. A URL list serves every class at once, slice after slice.
     A resumed job skips the units its journal says are done, and learns from them where each
     source stands.
     """
@@ -166,8 +167,14 @@ class UnitPlanner:
         self.max_errors = max_errors
         self.fallbacks: list[dict[str, Any]] = []
         self.max_errors_alone = max_errors_alone
-        self._answered: set[int] = set()
-        """Sources whose engine has answered this job (results, or a 429: busy, but there)."""
+        self._budgets = {i: budget_key(src.engine, src) for i, src in enumerate(spec.sources)}
+        """Each source's engine budget (``budget_key``): sources of one engine and server
+        share its limiter and breaker."""
+        self._answered: set[str] = {
+            self._budgets[u.source] for u, r in (resume.reports if resume else [])
+            if u.kind == SEARCH and r.search is not None and not r.search.error}
+        """Budgets whose engine has answered (results, or an error with an HTTP status: there,
+        if busy or failing), in this job or the run it resumes."""
         self._waiting: dict[tuple[str, int], int] = {}
         """(class, source) waiting for its engine (its breaker open): the breaker's failed
         probes when the wait began."""
@@ -338,8 +345,9 @@ class UnitPlanner:
             c.exhausted = c.page * c.per_page >= c.total
             return None
         outcome = report.search
-        if outcome is None or not outcome.error or outcome.status == 429:
-            self._answered.add(c.source)
+        if outcome is None or not outcome.error or outcome.status:
+            # (a refusal's status is that of the failure the breaker counted last)
+            self._answered.add(self._budgets[c.source])
         if outcome is None or not outcome.error:
             c.errors = 0
             self._waiting.pop((unit.label, c.source), None)
@@ -349,7 +357,8 @@ class UnitPlanner:
                     or c.page >= c.max_pages:
                 c.exhausted = True
             return None
-        alone = c.source in self._answered and not self._falls_back(unit.label, c)
+        alone = self._budgets[c.source] in self._answered and \
+            not self._falls_back(unit.label, c)
         error = outcome.error
         if outcome.refused and alone:
             if not self._given_up(unit.label, c, outcome):

@@ -51,17 +51,21 @@ class CircuitOpen(EngineError):
     """The engine failed repeatedly; it is not asked again until ``retry_after`` seconds pass.
     No request went out. ``probes_failed``: the breaker's probes that failed in a row since
     the engine last answered (a job waiting for the engine gives up after a few,
-    ``builder.job.GIVE_UP_PROBES``)."""
+    ``builder.job.GIVE_UP_PROBES``); ``status``: the HTTP status of the last failure it
+    counted (0: no answer, or not known), by which a job tells a busy engine from one that is
+    not there."""
 
-    def __init__(self, message: str, retry_after: float, probes_failed: int = 0):
-        super().__init__(message, retryable=True, retry_after=retry_after)
+    def __init__(self, message: str, retry_after: float, probes_failed: int = 0,
+                 status: int = 0):
+        super().__init__(message, retryable=True, retry_after=retry_after, status=status)
         self.probes_failed = probes_failed
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from ``args`` alone, it would lack ``retry_after``: it crosses from the
         # runner to its worker processes (``builder.worker_procs``), which would receive a
         # RuntimeError that no unit handles, and the job would stop.
-        return type(self), (str(self), self.retry_after, self.probes_failed), self.__dict__
+        return type(self), (str(self), self.retry_after, self.probes_failed, self.status), \
+            self.__dict__
 
 
 PROBE_POLL_S = 2.0
@@ -621,6 +625,8 @@ class EngineGovernor:
         lim = self.limits
         self.limiter = AdaptiveLimiter(lim.rate, lim.burst, min_rate=lim.min_rate, clock=clock)
         self.breaker = CircuitBreaker(lim.failure_threshold, lim.cooldown_s, clock=clock)
+        self.last_status = 0
+        """The HTTP status of the last failure recorded (0: no answer, or none yet)."""
         self.quota = Quota(lim.max_requests_per_job, lim.max_requests_per_day,
                            wall_clock=wall_clock, day_file=day_file)
         self.counters = _Counters()
@@ -695,11 +701,11 @@ class EngineGovernor:
         if breaker.state == breaker.HALF_OPEN:  # another search's probe is out
             return CircuitOpen(f"{self.engine}: circuit half-open, a probe is out",
                                retry_after=min(wait, PROBE_POLL_S),
-                               probes_failed=breaker.probes_failed)
+                               probes_failed=breaker.probes_failed, status=self.last_status)
         failed = f", {breaker.probes_failed} probes failed" if breaker.probes_failed else ""
         return CircuitOpen(f"{self.engine}: circuit open after {breaker.failures} failures"
                            f"{failed}; next try in {wait:.1f}s", retry_after=wait,
-                           probes_failed=breaker.probes_failed)
+                           probes_failed=breaker.probes_failed, status=self.last_status)
 
     def charge(self, n: int) -> None:
         """Count ``n`` more requests of a search ``acquire`` let through (one search may take
@@ -724,6 +730,7 @@ class EngineGovernor:
         if status == 429:
             self.counters.rate_limited += 1
         opens = self.breaker.opens
+        self.last_status = status
         self.limiter.on_error(retry_after)
         self.breaker.on_failure()
         if self.day_file is not None and (status in (0, 429) or status >= 500):

@@ -374,10 +374,12 @@ def test_a_full_class_does_not_wait_on_a_cursor_held_back_by_an_error():
     assert stats["accepted"] == 3 and len(held) == 1
 
 
-def refusal(probes_failed: int = 0) -> SearchOutcome:
-    """An open breaker's refusal (no request sent): ask again in 0.01 s."""
-    return SearchOutcome(error="sandbox: circuit open after 5 failures", retryable=True,
-                         retry_after=0.01, refused=True, probes_failed=probes_failed)
+def refusal(probes_failed: int = 0, status: int = 0) -> SearchOutcome:
+    """An open breaker's refusal (no request sent; the last failure it counted answered
+    ``status``): ask again in 0.01 s."""
+    return SearchOutcome(error="sandbox: circuit open after 5 failures", status=status,
+                         retryable=True, retry_after=0.01, refused=True,
+                         probes_failed=probes_failed)
 
 
 def answered(status: int) -> SearchOutcome:
@@ -444,16 +446,18 @@ def test_a_waiting_class_gives_up_once_two_more_probes_failed():
 
 
 def test_a_last_source_that_answered_retries_longer_and_one_that_never_did_ends_fast():
-    """A class's last source, once its engine has answered (a 429 is an answer), may fail
-    ten times in a row, so that its breaker, not the query, decides; an engine that never
-    answered (no server there, a refusal of a breaker another job opened) ends a query
-    after three errors, as one with a later source to fall back to does."""
-    s = one_query(classes={"cat": ["q1"]})
-    executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
-    failed = failing(executor, lambda n: answered(429) if n < 9 else None)
-    runner, stats = run(s, executor)
-    check_exact(stats)
-    assert stats["accepted"] == 3 and len(failed) == 9
+    """A class's last source, once its engine has answered (an HTTP error is an answer: the
+    server is there, busy or failing), may fail ten times in a row, so that its breaker, not
+    the query, decides; an engine that never answered (no server there, or a breaker that
+    opened on no answers) ends a query after three errors, as one with a later source to
+    fall back to does."""
+    for outcome in (answered(429), answered(503)):
+        s = one_query(classes={"cat": ["q1"]})
+        executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
+        failed = failing(executor, lambda n: outcome if n < 9 else None)
+        runner, stats = run(s, executor)
+        check_exact(stats)
+        assert stats["accepted"] == 3 and len(failed) == 9
 
     for outcome in (answered(0), refusal()):
         s = one_query()
@@ -463,7 +467,7 @@ def test_a_last_source_that_answered_retries_longer_and_one_that_never_did_ends_
         check_exact(stats)
         assert stats["accepted"] == 0 and len(failed) == 2 * runner.planner.max_errors
 
-    for outcome in (answered(429), refusal()):
+    for outcome in (answered(429), refusal(status=429)):
         s = spec()
         executor = FakeExecutor(s, {(1, "q1"): ["a.ok", "b.ok"], (1, "q2"): ["c.ok"]})
         failed = failing(executor, lambda n: outcome)
@@ -471,6 +475,36 @@ def test_a_last_source_that_answered_retries_longer_and_one_that_never_did_ends_
         check_exact(stats)
         assert stats["accepted"] == 3 and len(failed) == 2 * runner.planner.max_errors
         assert runner.planner.fallbacks[0]["reason"] == "failing"
+
+
+def test_a_job_that_meets_a_breaker_opened_on_answers_waits_for_it():
+    """A job started (or resumed) while the engine's breaker is open, opened by another job
+    or by the run it resumes, has had no answer of its own: it waits all the same where the
+    breaker opened on the engine's answers (429s), and where the run it resumes had them.
+    Sources of one engine and server share its breaker, and what one learnt holds for all."""
+    s = one_query(classes={"cat": ["q1"]})
+    executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
+    failed = failing(executor, lambda n: refusal(status=429) if n < 8 else None)
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 3 and len(failed) == 8
+
+    done = UnitPlanner(s).next_class_unit("cat", 0.0)
+    report = UnitReport(done.uid, search=SearchOutcome(hits=3, has_more=True))
+    executor = FakeExecutor(s, {(0, "q1"): ["x.bad", "y.bad", "z.bad", "a.ok", "b.ok", "c.ok"]})
+    failed = failing(executor, lambda n: refusal() if n < 8 else None)
+    runner, stats = run(s, executor, resume=ResumeState("j", {done.uid}, [(done, report)]))
+    check_exact(stats)
+    assert stats["accepted"] == 3 and len(failed) == 8  # from the page after the one done
+
+    s = spec(classes={"cat": ["q1"]}, sources=[
+        {"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 2, "max_pages": 1},
+        {"engine": "sandbox", "url": "http://127.0.0.1:1", "per_page": 3}])
+    executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok"], (1, "q1"): ["c.ok", "d.ok"]})
+    failed = failing(executor, lambda n: refusal() if n < 8 else None, source=1)
+    runner, stats = run(s, executor)
+    check_exact(stats)
+    assert stats["accepted"] == 3 and len(failed) == 8
 
 
 def test_list_sources_are_sliced_and_skip_done_slices():

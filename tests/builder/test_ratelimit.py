@@ -138,7 +138,7 @@ def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed()
     with pytest.raises(CircuitOpen) as info:
         gov.acquire()
     assert info.value.retryable and info.value.retry_after == pytest.approx(20)
-    assert info.value.probes_failed == 0
+    assert info.value.probes_failed == 0 and info.value.status == 429  # busy, but there
     clock.advance(20)
     gov.record(False, status=503)  # the third request, not a probe: opens it again
     assert gov.breaker.probes_failed == 0
@@ -151,7 +151,7 @@ def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed()
         gov.record(False, status=503)
         with pytest.raises(CircuitOpen, match=f"{failed} probes failed") as info:
             gov.acquire()
-        assert info.value.probes_failed == failed
+        assert info.value.probes_failed == failed and info.value.status == 503
         assert info.value.retry_after == pytest.approx(30)
     clock.advance(30)
     gov.acquire()  # a later probe, which the engine answers
@@ -487,7 +487,7 @@ def test_reconfigure_keeps_a_retry_after_hold():
 
 @pytest.mark.parametrize("make", [
     lambda: CircuitOpen("ddg: circuit open after 6 failures; next try in 59.5s", 59.5),
-    lambda: CircuitOpen("ddg: circuit open after 6 failures, 2 probes failed", 59.5, 2),
+    lambda: CircuitOpen("ddg: circuit open after 6 failures, 2 probes failed", 59.5, 2, 429),
     lambda: QuotaExceeded("ddg: daily quota of 100 requests spent"),
 ], ids=["circuit_open", "probes_failed", "quota"])
 def test_a_governors_refusal_reaches_a_worker_process_as_itself(make):
@@ -505,3 +505,4 @@ def test_a_governors_refusal_reaches_a_worker_process_as_itself(make):
     assert (back.retryable, back.retry_after, back.requests) == \
         (exc.retryable, exc.retry_after, 2)
     assert getattr(back, "probes_failed", None) == getattr(exc, "probes_failed", None)
+    assert back.status == exc.status
