@@ -1292,6 +1292,21 @@ def parse_spec(data: Any, source: str = "spec", *, stored: bool = False) -> Data
         raise SpecError(_format_errors(exc), source) from None
 
 
+def require_trusted_networks(spec: DatasetSpec, uri: str, command: str,
+                             allowed: bool) -> None:
+    """Refuse to let the spec a dataset holds open this machine's network to ``command``
+    unless its user says so (``allowed``, ``--allow-private-networks``): a dataset from
+    elsewhere (a shared bucket, a download) could name loopback, the LAN or a cloud's
+    metadata service among its images' URLs and set ``download.allow_private_networks``,
+    and the command would request them (``retry-failed`` writing what they answer into the
+    dataset)."""
+    if spec.download.allow_private_networks and not allowed:
+        raise SpecError([("--allow-private-networks", f"{uri}'s spec sets "
+                          "download.allow_private_networks, which lets its images' URLs name "
+                          f"this machine's own network; {command} requests them only when "
+                          "given --allow-private-networks (pass it for a dataset you trust)")])
+
+
 def loads_spec(text: str, source: str = "spec", *, stored: bool = False) -> DatasetSpec:
     """Parse YAML (a superset of JSON) text as a spec (``stored``: see ``parse_spec``)."""
     try:

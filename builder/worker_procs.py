@@ -598,4 +598,7 @@ async def _serve(path: str, worker: int) -> None:
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    # (a runner of the version before passes no pid: a worker it starts after an upgrade in
+    # place takes its parent's)
+    worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                int(sys.argv[4]) if len(sys.argv) > 4 else os.getppid())

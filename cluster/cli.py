@@ -26,8 +26,10 @@ from typing import Any, Optional
 
 import yaml
 
-from builder.errors import CancelledUnpublished, PixCrawlerError, SpecError, printable_lines
-from builder.spec import DatasetSpec, load_spec, loads_spec, parse_spec
+from builder.errors import (CancelledUnpublished, PixCrawlerError, SpecError, printable,
+                            printable_lines)
+from builder.spec import (DatasetSpec, load_spec, loads_spec, parse_spec,
+                          require_trusted_networks)
 from builder.worker_start import StartedWorkers, local_workers
 
 log = logging.getLogger("pixcrawler")
@@ -143,7 +145,8 @@ def _run_chosen(spec: DatasetSpec, on_ray: bool, started: Optional[StartedWorker
               f"_PARTIAL). {empty_cause(result.stats)}", file=sys.stderr)
         return EXIT_EMPTY
     if result.partial and result.stats.get("partial_kept"):
-        print(f"the dataset stays partial (its crawl was {result.stats['partial_reason']} "
+        print(f"the dataset stays partial (its crawl was "
+              f"{printable(str(result.stats['partial_reason']))} "
               "before this retry); `pixcrawler build SPEC --resume` continues it",
               file=sys.stderr)
         return 0
@@ -199,25 +202,12 @@ def cmd_build(args: argparse.Namespace) -> int:
                     ray=args.ray)
 
 
-def _require_trusted_networks(spec: DatasetSpec, uri: str, command: str, allowed: bool) -> None:
-    """A dataset's own spec may not open this machine's network to ``command``: one from
-    elsewhere (a shared bucket, a download) could name loopback, the LAN or a cloud's metadata
-    service among its images' URLs and set ``download.allow_private_networks``, and the
-    command would then request them (``retry-failed`` writing what they answer into the
-    dataset). Its user says so with ``--allow-private-networks``."""
-    if spec.download.allow_private_networks and not allowed:
-        raise SpecError([("--allow-private-networks", f"{uri}'s spec sets "
-                          "download.allow_private_networks, which lets its images' URLs name "
-                          f"this machine's own network; {command} requests them only when "
-                          "given --allow-private-networks (pass it for a dataset you trust)")])
-
-
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from builder.pipeline import count_retryable, plan_retry
 
     uri = args.output
-    spec, cont = plan_retry(uri, _storage_options(uri), args.job_id)
-    _require_trusted_networks(spec, uri, "retry-failed", args.allow_private_networks)
+    spec, cont = plan_retry(uri, _storage_options(uri), args.job_id,
+                            allow_private_networks=args.allow_private_networks)
     if not count_retryable(uri, _storage_options(uri)):
         print(f"nothing to retry: no candidate at {uri} was rejected for a transient reason")
         return 0
@@ -248,7 +238,7 @@ def cmd_recheck(args: argparse.Namespace) -> int:
         check_destination(uri, args.write, overwrite=args.overwrite, storage_options=options,
                           out_storage_options=_storage_options(args.write))
     published = dataset_spec(uri, options)
-    _require_trusted_networks(published, uri, "recheck", args.allow_private_networks)
+    require_trusted_networks(published, uri, "recheck", args.allow_private_networks)
     download = published.download
     if args.contact:
         download = download.model_copy(update={"contact": args.contact})
@@ -276,7 +266,8 @@ def cmd_recheck(args: argparse.Namespace) -> int:
         return EXIT_EMPTY
     if copy.partial_reason:
         print(f"dataset without them: {copy.uri}, marked _PARTIAL as {uri} is (its crawl: "
-              f"{copy.partial_reason}); `pixcrawler build SPEC --resume` continues the source")
+              f"{printable(copy.partial_reason)}); `pixcrawler build SPEC --resume` continues "
+              "the source")
         return 0
     print(f"dataset without them: {copy.uri}")
     return 0
@@ -318,8 +309,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     taken = demo_output_taken(args.output)
     if taken:
-        print(f"pixcrawler demo: error: {taken}; the demo replaces what it wrote before, so "
-              "give it another --output", file=sys.stderr)
+        print(f"pixcrawler demo: error: {printable(taken)}; the demo replaces what it wrote "
+              "before, so give it another --output", file=sys.stderr)
         return 1
     classes = args.classes
     with SandboxWeb(classes=classes, images_per_class=args.images_per_class,

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from builder.errors import printable
 from builder.job import MAX_SEARCH_ERRORS
 
 
@@ -69,7 +70,7 @@ def partial_state(stats: dict[str, Any]) -> str:
     in stats.json: cancelled, empty, or what a retry kept from the dataset it retried)."""
     if not stats.get("partial"):
         return "complete"
-    reason = stats.get("partial_reason") or "partial"
+    reason = printable(str(stats.get("partial_reason") or "partial"))  # (a dataset's text)
     if stats.get("partial_kept"):
         return f"PARTIAL (its crawl was {reason} before this retry)"
     if reason == "empty":

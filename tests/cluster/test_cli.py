@@ -258,7 +258,8 @@ def test_retry_failed_passes_its_runner_options_on(monkeypatch, tmp_path, flag):
     from builder.spec import parse_spec
 
     spec = parse_spec(SPEC)
-    monkeypatch.setattr(builder.pipeline, "plan_retry", lambda uri, options, job_id: (spec, None))
+    monkeypatch.setattr(builder.pipeline, "plan_retry",
+                        lambda uri, options, job_id, **kwargs: (spec, None))
     monkeypatch.setattr(builder.pipeline, "count_retryable", lambda uri, options: 3)
     seen: dict = {}
 
@@ -281,16 +282,23 @@ def test_a_datasets_spec_opens_this_machines_network_to_retry_and_recheck_only_w
     refuse before any request unless given ``--allow-private-networks``."""
     import builder.pipeline
     import builder.recheck
+    from builder.errors import SpecError
     from builder.recheck import RecheckResult
     from builder.spec import parse_spec
 
     spec = parse_spec({**SPEC, "download": {"allow_private_networks": True}})
-    monkeypatch.setattr(builder.pipeline, "plan_retry", lambda uri, options, job_id: (spec, None))
+    monkeypatch.setattr(builder.pipeline, "published_spec", lambda uri, options: spec)
+    monkeypatch.setattr(builder.pipeline, "read_marker", lambda uri, options: {"job_id": "x"})
+    monkeypatch.setattr(builder.pipeline, "_crawl_partial", lambda uri, options, marker: "")
     monkeypatch.setattr(builder.pipeline, "count_retryable", lambda uri, options: 3)
     monkeypatch.setattr(builder.recheck, "dataset_spec", lambda uri, options: spec)
     monkeypatch.setattr(builder.recheck, "needs_contact", lambda uri, download, options: False)
     ran: list[str] = []
     monkeypatch.setattr(cli, "run_spec", lambda spec, **kwargs: ran.append("retry") or 0)
+    for call in (lambda: builder.pipeline.plan_retry(str(tmp_path)),  # as a library too
+                 lambda: builder.recheck.recheck(str(tmp_path))):
+        with pytest.raises(SpecError, match="allow_private_networks"):
+            call()
 
     def recheck(uri, **kwargs):
         ran.append("recheck")

@@ -52,3 +52,14 @@ def test_a_servers_error_text_is_shown_as_it_is():
     out = io.StringIO()
     summary(hostile, "/tmp/x", stream=out)
     assert "the last: webjson: bad [/x] [link=https://e]a :warning:" in out.getvalue()
+
+
+def test_a_partial_datasets_reason_reaches_the_summary_without_escape_sequences():
+    """The reason a partial dataset gives comes from its stats.json (a retry keeps the
+    reason of the dataset it retried, which may be someone else's): it is shown printable."""
+    from cluster.display import partial_state
+
+    stats = {"partial": True, "partial_reason": "cancelled\x1b]0;pwned\x07", "partial_kept": True}
+    assert partial_state(stats) == "PARTIAL (its crawl was cancelled?]0;pwned? before this retry)"
+    assert partial_state({"partial": True, "partial_reason": "empty"}) == \
+        "PARTIAL (empty: nothing accepted)"
