@@ -60,9 +60,9 @@ from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
-from builder.robots import (MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache, RobotsCache, RobotsPolicy,
-                            answer_text, origin_file, parsed, read_twice_if_unreachable,
-                            unreachable)
+from builder.robots import (INLINE_PARSE_BYTES, MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache,
+                            RobotsCache, RobotsPolicy, answer_text, off_loop, origin_file, parsed,
+                            read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 from builder.urls import without_secrets
@@ -862,7 +862,10 @@ class Fetcher:
         async def tdmrep() -> Optional[tuple[list[sig.TdmRule], Signal]]:
             if not cfg.signals.tdmrep:
                 return None
-            return sig.parse_tdmrep(*await self._fetch_signal_file(url, sig.TDMREP_PATH))
+            status, body = await self._fetch_signal_file(url, sig.TDMREP_PATH)
+            if len(body) > INLINE_PARSE_BYTES:
+                return await off_loop(sig.parse_tdmrep, status, body)
+            return sig.parse_tdmrep(status, body)
 
         async def ai_txt() -> Optional[RobotsPolicy]:
             if not cfg.signals.ai_txt:
@@ -879,6 +882,9 @@ class Fetcher:
         for answer in got:
             if isinstance(answer, BaseException):
                 raise answer
+        if any(isinstance(p, RobotsPolicy) and p.size > INLINE_PARSE_BYTES for p in got):
+            # (its Content-Usage and Content-Signal lines are compiled into path rules)
+            return await off_loop(sig.OriginSignals, cfg, *got)
         return sig.OriginSignals(cfg, *got)  # type: ignore[arg-type]
 
     async def _fetch_signal_file(self, url: URL, path: str) -> tuple[int, bytes]:

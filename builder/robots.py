@@ -43,7 +43,9 @@ import math
 import re
 import time
 import urllib.parse
-from typing import Awaitable, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import (Any, Awaitable, Callable, Generic, Iterable, Iterator, Optional, TypeVar,
+                    Union)
 
 from protego import Protego
 # protego's own reading of a line (its aliases, misspellings and colon-less forms), so that the
@@ -92,7 +94,7 @@ class RobotsPolicy:
     """The robots.txt rules of one origin, decided from how its robots.txt answered."""
 
     __slots__ = ("allow_all", "disallow_all", "status", "_parser", "_groups", "crawl_delay",
-                 "group", "extensions", "costly", "_cost")
+                 "group", "extensions", "costly", "_cost", "size")
 
     def __init__(self, status: int, parser: Optional[Protego] = None,
                  groups: Optional[list["_Group"]] = None, *, allow_all: bool = False,
@@ -107,6 +109,8 @@ class RobotsPolicy:
         self.crawl_delay: float = group.crawl_delay if group is not None else 0.0
         self.extensions: dict[str, list[str]] = _extensions(self._groups, group)
         self._cost = MatchCost()
+        self.size = 0
+        """The bytes of the file parsed (``from_response``)."""
         self.costly = False
         """Matching has cost more than ``MATCH_CPU_S`` allows: ``allowed`` says no (not known)."""
 
@@ -116,8 +120,10 @@ class RobotsPolicy:
         if 200 <= status < 300:
             # a BOM (files saved on Windows) would glue itself to the first key and lose its group
             text = body[:MAX_ROBOTS_BYTES].decode("utf-8", errors="replace").removeprefix("\ufeff")
-            return cls(status, Protego.parse(_product_tokens(text, user_agent)), _groups(text),
-                       user_agent=user_agent)
+            policy = cls(status, Protego.parse(_product_tokens(text, user_agent)), _groups(text),
+                         user_agent=user_agent)
+            policy.size = min(len(body), MAX_ROBOTS_BYTES)
+            return policy
         if status in (401, 403) or unreachable(status):
             return cls(status, disallow_all=True)
         return cls(status, allow_all=True)
@@ -457,11 +463,22 @@ async def read_twice_if_unreachable(fetch: Callable[[URL], Awaitable[Answer]],
     return answer
 
 
+_PARSER = ThreadPoolExecutor(1, thread_name_prefix="pixcrawler-rules")
+"""Where long rule files are parsed: a thread of their own, not the loop's default executor,
+which aiohttp's resolver looks names up on (many long files would delay every download's)."""
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in the rule files' parsing thread (``_PARSER``)."""
+    return await asyncio.get_running_loop().run_in_executor(_PARSER, fn, *args)
+
+
 async def parsed(status: int, body: bytes, user_agent: str = ROBOTS_UA) -> RobotsPolicy:
-    """``RobotsPolicy.from_response``, in a thread for a long file (``INLINE_PARSE_BYTES``)."""
+    """``RobotsPolicy.from_response``, off the event loop for a long file
+    (``INLINE_PARSE_BYTES``)."""
     if len(body) <= INLINE_PARSE_BYTES:
         return RobotsPolicy.from_response(status, body, user_agent)
-    return await asyncio.to_thread(RobotsPolicy.from_response, status, body, user_agent)
+    return await off_loop(RobotsPolicy.from_response, status, body, user_agent)
 
 
 class RobotsCache(OriginCache[RobotsPolicy]):

@@ -297,7 +297,7 @@ def _robots_source(policy: RobotsPolicy, file: str) -> str:
 class _RulesFile:
     """Allow/disallow entries of a robots.txt-syntax file (robots.txt, ai.txt) for a path."""
 
-    __slots__ = ("policy", "allow", "refuse", "absent")
+    __slots__ = ("policy", "allow", "refuse", "absent", "costly")
 
     def __init__(self, name: str, file: str, policy: RobotsPolicy):
         self.policy = policy
@@ -307,6 +307,10 @@ class _RulesFile:
         if policy.unreachable:
             value = UNREACHABLE if policy.status else NO_ANSWER
         self.refuse = Signal(name, value, source, REFUSE)
+        self.costly = Signal(name, UNREACHABLE, source[:200] + " (its rules cost too much CPU "
+                             "to match: not matched)", REFUSE)
+        """Not known, not a disallow: the policy's own budget is spent (its page checks may
+        have spent it)."""
         # A file that sets nothing for us (absent, no group) is recorded as nothing said.
         self.absent: Optional[Signal] = None
         if policy.allow_all or (not policy.group and not policy.disallow_all):
@@ -315,6 +319,8 @@ class _RulesFile:
     def entry(self, url: URL) -> Signal:
         if self.absent is not None:
             return self.absent
+        if self.policy.costly:
+            return self.costly
         return self.allow if self.policy.allowed(url, ROBOTS_UA) else self.refuse
 
 

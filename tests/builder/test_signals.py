@@ -940,6 +940,11 @@ def test_an_origin_whose_every_url_costs_just_under_the_cap_is_refused_soon(monk
             break
         assert policy.allowed(URL(f"http://h/{n}/" + "a" * 1500 + ".jpg"))
     assert n <= 20 and not policy.allowed(URL("http://h/a.jpg"))
+    # spent by the page checks (which match the policy alone): the origin's images are then
+    # refused as not known, not as disallowed (which retry-failed would never ask again)
+    spent = OriginSignals(DownloadSpec(), policy, None, None).ledger(URL("http://h/b.jpg"))
+    assert (spent[0].name, spent[0].value, spent[0].verdict) == \
+        ("robots_txt", "unreachable", REFUSE)
     fine = RobotsPolicy.from_response(200, b"User-agent: *\nDisallow: /x/\n")
     assert all(fine.allowed(URL(f"http://h/{n}.jpg")) for n in range(2000))
     assert not fine.costly
