@@ -626,7 +626,8 @@ class EngineGovernor:
         self.limiter = AdaptiveLimiter(lim.rate, lim.burst, min_rate=lim.min_rate, clock=clock)
         self.breaker = CircuitBreaker(lim.failure_threshold, lim.cooldown_s, clock=clock)
         self.last_status = 0
-        """The HTTP status of the last failure recorded (0: no answer, or none yet)."""
+        """The HTTP status of the last failure recorded where it was the server's state, a
+        429 or 5xx (0: no answer, another status, or none yet)."""
         self.quota = Quota(lim.max_requests_per_job, lim.max_requests_per_day,
                            wall_clock=wall_clock, day_file=day_file)
         self.counters = _Counters()
@@ -730,7 +731,8 @@ class EngineGovernor:
         if status == 429:
             self.counters.rate_limited += 1
         opens = self.breaker.opens
-        self.last_status = status
+        # (the engine there, busy or failing; a refused key or request is the job's own)
+        self.last_status = status if status == 429 or status >= 500 else 0
         self.limiter.on_error(retry_after)
         self.breaker.on_failure()
         if self.day_file is not None and (status in (0, 429) or status >= 500):

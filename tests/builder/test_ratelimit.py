@@ -157,6 +157,12 @@ def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed()
     gov.acquire()  # a later probe, which the engine answers
     gov.record(True)
     assert gov.breaker.probes_failed == 0
+    for _ in range(2):  # a refused key: the job's own, not the engine's state
+        gov.acquire()
+        gov.record(False, status=401)
+    with pytest.raises(CircuitOpen) as info:
+        gov.acquire()
+    assert info.value.status == 0
 
 
 def test_breaker_probe_that_never_reports_frees_the_slot():
