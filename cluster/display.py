@@ -103,15 +103,17 @@ def _plain_console(stream: TextIO, **options: Any) -> Console:
 def summary(stats: dict[str, Any], uri: str, stream: Optional[TextIO] = None) -> None:
     """The end-of-job summary table and the output location."""
     console = _plain_console(stream or sys.stdout, width=120)
-    t = Table(title=f"PixCrawler: {stats.get('name', '')} ({stats.get('job_id', '')})")
+    # (a retry's figures merge the published dataset's stats.json, whose text may be anyone's:
+    # Rich passes an escape sequence through)
+    t = Table(title=printable(f"PixCrawler: {stats.get('name', '')} ({stats.get('job_id', '')})"))
     for col in ("class", "target", "accepted", "shortfall", "candidates", "rejected",
                 "top reject reasons"):
         t.add_column(col, justify="left" if col in ("class", "top reject reasons") else "right")
     for label, c in stats.get("classes", {}).items():
         top = sorted(c.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1])[:3]
-        t.add_row(label, str(c["target"]), str(c["accepted"]), str(c["shortfall"]),
-                  str(c["candidates"]), str(c["rejected"]),
-                  ", ".join(f"{k} {v}" for k, v in top))
+        t.add_row(*(printable(str(v)) for v in (
+            label, c["target"], c["accepted"], c["shortfall"], c["candidates"], c["rejected"],
+            ", ".join(f"{k} {v}" for k, v in top))))
     console.print(t)
     console.print(f"{stats.get('accepted', 0)} accepted + {stats.get('rejected', 0)} rejected = "
                   f"{stats.get('candidates', 0)} candidates in {stats.get('duration_s', 0):.1f}s; "

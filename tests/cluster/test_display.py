@@ -59,7 +59,12 @@ def test_a_partial_datasets_reason_reaches_the_summary_without_escape_sequences(
     reason of the dataset it retried, which may be someone else's): it is shown printable."""
     from cluster.display import partial_state
 
-    stats = {"partial": True, "partial_reason": "cancelled\x1b]0;pwned\x07", "partial_kept": True}
-    assert partial_state(stats) == "PARTIAL (its crawl was cancelled?]0;pwned? before this retry)"
+    kept = {"partial": True, "partial_reason": "cancelled\x1b]0;pwned\x07", "partial_kept": True}
+    assert partial_state(kept) == "PARTIAL (its crawl was cancelled?]0;pwned? before this retry)"
     assert partial_state({"partial": True, "partial_reason": "empty"}) == \
         "PARTIAL (empty: nothing accepted)"
+    bad = stats(name="x\x1b]0;pwned\x07")
+    bad["classes"]["cat"]["rejected_by_reason"] = {"timeout\x1b[2J": 1}
+    out = io.StringIO()
+    summary(bad, "/tmp/x", stream=out)
+    assert "\x1b" not in out.getvalue() and "timeout?[2J 1" in out.getvalue()
