@@ -119,7 +119,8 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.TOO_MANY_REDIRECTS: "more than download.max_redirects redirects (or a loop)",
     Reason.ROBOTS_DISALLOWED: "robots.txt disallows the path for our user agent",
     Reason.ROBOTS_UNREACHABLE: "robots.txt answered a server error or 429, twice: RFC 9309 says "
-    "to assume everything is disallowed (retry-failed asks again)",
+    "to assume everything is disallowed; or its rules cost too much CPU to match (retry-failed "
+    "asks again)",
     Reason.OPTED_OUT: "a machine-readable opt-out refuses AI training; the detail names the "
     "signal and where it was read: X-Robots-Tag (noai / noimageai / noml / noindex / "
     "noimageindex / none), TDMRep (tdm-reservation: 1 in /.well-known/tdmrep.json, a header "
@@ -127,9 +128,9 @@ REASON_DOCS: dict[Reason, str] = {
     "Signals (Content-Signal: ai-train=no in robots.txt), IPTC plus:DataMining prohibited in the "
     "image's XMP, /ai.txt",
     Reason.OPTOUT_UNREACHABLE: "the origin's /.well-known/tdmrep.json or /ai.txt (or, with "
-    "page_meta, the image's page) answered a server error or 429, or gave no answer, twice: "
-    "whether it opts out could not be checked, so the image is not kept (retry-failed asks "
-    "again)",
+    "page_meta, the image's page) answered a server error or 429, or gave no answer, twice, or "
+    "the origin's rules cost too much CPU to match: whether it opts out could not be checked, "
+    "so the image is not kept (retry-failed asks again)",
     Reason.NOT_AN_IMAGE: "the bytes are not an image format we recognise (e.g. HTML served "
     "as image/jpeg); decided from magic numbers, not the header",
     Reason.DECODE_ERROR: "the image does not decode",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import time
 import urllib.parse
@@ -466,6 +467,16 @@ async def read_twice_if_unreachable(fetch: Callable[[URL], Awaitable[Answer]],
 _PARSER = ThreadPoolExecutor(1, thread_name_prefix="pixcrawler-rules")
 """Where long rule files are parsed: a thread of their own, not the loop's default executor,
 which aiohttp's resolver looks names up on (many long files would delay every download's)."""
+
+
+def _new_parser() -> None:
+    # A forked child (worker 0 forks the others) inherits a pool whose thread it does not
+    # have: one that had parsed before the fork would take work and never run it.
+    global _PARSER
+    _PARSER = ThreadPoolExecutor(1, thread_name_prefix="pixcrawler-rules")
+
+
+os.register_at_fork(after_in_child=_new_parser)
 
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import random
 import socket
 import time
@@ -982,6 +983,27 @@ def test_a_long_robots_txt_is_parsed_off_the_event_loop():
     policy, took, gap = asyncio.run(main())
     assert isinstance(policy, RobotsPolicy) and policy.group == "*"
     assert gap < took / 2, f"the loop stood still {gap:.3f} s of the parse's {took:.3f} s"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_the_rule_files_thread_works_in_a_forked_child():
+    """Worker 0 forks the other workers: a child inherits the parsing pool without its
+    thread, and a pool that had parsed before the fork took work and never ran it."""
+    import asyncio
+
+    from builder.robots import parsed
+
+    body = _wildcard_robots(3000)  # long enough to be parsed off the loop
+    assert asyncio.run(parsed(200, body)).group == "*"  # the parent's pool has its thread
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 if it parsed within 10 s
+        try:
+            policy = asyncio.run(asyncio.wait_for(parsed(200, body), 10))
+            os._exit(0 if policy.group == "*" else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_an_origin_whose_rules_cost_too_much_to_match_is_refused_after_one_url(monkeypatch):
