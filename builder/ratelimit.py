@@ -248,6 +248,12 @@ class CircuitBreaker:
         self.probes_failed = 0
         self._probe_since = None
 
+    def no_verdict(self) -> None:
+        """A request let through ended saying nothing of the engine's state: were it the
+        probe, the next request may probe."""
+        if self.state == self.HALF_OPEN:
+            self._probe_since = None
+
     def on_failure(self) -> None:
         if self.state == self.HALF_OPEN:
             if self._probe_since is not None:  # (not a request let through before it opened)
@@ -718,8 +724,12 @@ class EngineGovernor:
         self.limiter.reserve(n)
         self.counters.requests += n
 
-    def record(self, success: bool, status: int = 0, retry_after: float | None = None) -> None:
-        """Report the outcome of a request ``acquire`` let through."""
+    def record(self, success: bool, status: int = 0, retry_after: float | None = None,
+               retryable: bool = True) -> None:
+        """Report the outcome of a request ``acquire`` let through. A failure that is not
+        ``retryable`` (a refused key, a bad request: the job's own, which on Ray another job
+        of the engine does not share) is counted but tells the breaker and the pace nothing;
+        were it the breaker's probe, another search may probe at once."""
         if success:
             self.counters.successes += 1
             self.limiter.on_success()
@@ -730,6 +740,9 @@ class EngineGovernor:
         self.counters.failures += 1
         if status == 429:
             self.counters.rate_limited += 1
+        if not retryable:
+            self.breaker.no_verdict()
+            return
         opens = self.breaker.opens
         # (the engine there, busy or failing; a refused key or request is the job's own)
         self.last_status = status if status == 429 or status >= 500 else 0

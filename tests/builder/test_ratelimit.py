@@ -157,12 +157,21 @@ def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed()
     gov.acquire()  # a later probe, which the engine answers
     gov.record(True)
     assert gov.breaker.probes_failed == 0
-    for _ in range(2):  # a refused key: the job's own, not the engine's state
+    rate = gov.limiter.rate
+    for _ in range(5):  # a refused key: the job's own (on Ray, one job's of several)
         gov.acquire()
-        gov.record(False, status=401)
+        gov.record(False, status=401, retryable=False)
+    assert gov.breaker.state == "closed" and gov.limiter.rate == rate
+    gov.record(False, status=503)
+    gov.record(False, status=0)  # no answer: the breaker opens; the engine's last status 0
     with pytest.raises(CircuitOpen) as info:
         gov.acquire()
     assert info.value.status == 0
+    clock.advance(30)
+    gov.acquire()  # the probe, which another job's wrong key takes
+    gov.record(False, status=401, retryable=False)
+    assert gov.breaker.probes_failed == 0
+    gov.acquire()  # no verdict: the next search probes at once
 
 
 def test_breaker_probe_that_never_reports_frees_the_slot():
