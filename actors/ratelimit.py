@@ -89,9 +89,8 @@ class RateLimiter:
             self.job_used[job_id] = self.days.add_job(utc_day(time.time()), job_id, n)
             self.governor.charge(n)
 
-    def record(self, success: bool, status: int = 0, retry_after: Optional[float] = None,
-               retryable: bool = True) -> None:
-        self.governor.record(success, status, retry_after, retryable)
+    def record(self, success: bool, status: int = 0, retry_after: Optional[float] = None) -> None:
+        self.governor.record(success, status, retry_after)
 
     def snapshot(self, job_id: str = "", quota: Optional[int] = None) -> dict[str, Any]:
         """The engine's state (its rate, breaker and requests, every job's together), with the

@@ -103,7 +103,7 @@ class RayServices(LedgerCalls):
         except EngineError as exc:
             if limiter is not None:
                 self._charge(limiter, unit, exc.requests)
-                limiter.record.remote(False, exc.status, exc.retry_after, exc.retryable)
+                limiter.record.remote(False, exc.status, exc.retry_after)
             raise
         if limiter is not None:
             self._charge(limiter, unit, page.requests)

@@ -187,6 +187,17 @@ class AdaptiveLimiter:
             self.bucket.pause_until(self.blocked_until)
 
 
+ENGINE_STATE_4XX = frozenset({403, 408, 425, 429})
+"""Client errors that are the engine's state, not the request's: a block (DuckDuckGo's 403
+and Google's rate limits among them), a timeout, too early, too many requests."""
+
+
+def jobs_own(status: int) -> bool:
+    """Whether a failed request's ``status`` is the job's own doing (400, 401, 404, ...)
+    rather than the engine's state (no answer, ``ENGINE_STATE_4XX``, a 5xx)."""
+    return 400 <= status < 500 and status not in ENGINE_STATE_4XX
+
+
 class CircuitBreaker:
     """closed -> open after ``failure_threshold`` failures in a row; open for ``cooldown_s``;
     then half-open: one probe request goes through; its success closes the breaker, its failure
@@ -724,12 +735,11 @@ class EngineGovernor:
         self.limiter.reserve(n)
         self.counters.requests += n
 
-    def record(self, success: bool, status: int = 0, retry_after: float | None = None,
-               retryable: bool = True) -> None:
-        """Report the outcome of a request ``acquire`` let through. A failure that is not
-        ``retryable`` (a refused key, a bad request: the job's own, which on Ray another job
-        of the engine does not share) is counted but tells the breaker and the pace nothing;
-        were it the breaker's probe, another search may probe at once."""
+    def record(self, success: bool, status: int = 0, retry_after: float | None = None) -> None:
+        """Report the outcome of a request ``acquire`` let through. A failure that is the
+        job's own (``jobs_own``: a refused key, a wrong path, a bad request, which on Ray
+        another job of the engine need not share) is counted but tells the breaker and the
+        pace nothing; were it the breaker's probe, another search may probe at once."""
         if success:
             self.counters.successes += 1
             self.limiter.on_success()
@@ -740,7 +750,7 @@ class EngineGovernor:
         self.counters.failures += 1
         if status == 429:
             self.counters.rate_limited += 1
-        if not retryable:
+        if jobs_own(status):
             self.breaker.no_verdict()
             return
         opens = self.breaker.opens

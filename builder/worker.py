@@ -1366,13 +1366,12 @@ class LocalServices(WorkerServices):
         return self._governor(unit).acquire()
 
     def record(self, unit: WorkUnit, ok: bool, status: int,
-               retry_after: Optional[float] = None, requests: int = 1,
-               retryable: bool = True) -> None:
+               retry_after: Optional[float] = None, requests: int = 1) -> None:
         """How ``unit``'s engine search went, for its source's governor, and the requests it
         took (``SearchPage.requests``): those past the one ``acquire`` counted are charged."""
         governor = self._governor(unit)
         governor.charge(requests - 1)
-        governor.record(ok, status, retry_after, retryable)
+        governor.record(ok, status, retry_after)
 
     async def search(self, unit: WorkUnit, engine: SearchEngine) -> SearchPage:
         await asyncio.sleep(self.acquire(unit))
@@ -1380,7 +1379,7 @@ class LocalServices(WorkerServices):
             page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
                                            page=unit.page, per_page=unit.per_page)
         except EngineError as exc:
-            self.record(unit, False, exc.status, exc.retry_after, exc.requests, exc.retryable)
+            self.record(unit, False, exc.status, exc.retry_after, exc.requests)
             raise
         self.record(unit, True, 200, None, page.requests)
         return page

@@ -211,8 +211,8 @@ class ServiceHandler:
         return self.services.acquire(unit)
 
     def record(self, unit: WorkUnit, ok: bool, status: int, retry_after: Optional[float],
-               requests: int = 1, retryable: bool = True) -> None:
-        self.services.record(unit, ok, status, retry_after, requests, retryable)
+               requests: int = 1) -> None:
+        self.services.record(unit, ok, status, retry_after, requests)
 
 
 def _exit_text(code: Optional[int]) -> str:
@@ -467,8 +467,7 @@ class ChannelServices(LedgerCalls):
             page = await asyncio.to_thread(engine.search, unit.query, label=unit.label,
                                            page=unit.page, per_page=unit.per_page)
         except EngineError as exc:
-            await self._call("record", unit, False, exc.status, exc.retry_after, exc.requests,
-                             exc.retryable)
+            await self._call("record", unit, False, exc.status, exc.retry_after, exc.requests)
             raise
         await self._call("record", unit, True, 200, None, page.requests)
         return page

@@ -158,9 +158,9 @@ def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed()
     gov.record(True)
     assert gov.breaker.probes_failed == 0
     rate = gov.limiter.rate
-    for _ in range(5):  # a refused key: the job's own (on Ray, one job's of several)
+    for status in (401, 404, 400, 401, 404):  # the job's own (on Ray, one job's of several)
         gov.acquire()
-        gov.record(False, status=401, retryable=False)
+        gov.record(False, status=status)
     assert gov.breaker.state == "closed" and gov.limiter.rate == rate
     gov.record(False, status=503)
     gov.record(False, status=0)  # no answer: the breaker opens; the engine's last status 0
@@ -169,9 +169,22 @@ def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed()
     assert info.value.status == 0
     clock.advance(30)
     gov.acquire()  # the probe, which another job's wrong key takes
-    gov.record(False, status=401, retryable=False)
+    gov.record(False, status=401)
     assert gov.breaker.probes_failed == 0
     gov.acquire()  # no verdict: the next search probes at once
+
+
+@pytest.mark.parametrize("status", [403, 429, 503, 0])
+def test_a_block_opens_the_breaker_where_a_refused_key_does_not(status):
+    """DuckDuckGo answers a block with 403, Google a rate limit: the engine's state, which
+    slows the pace and opens the breaker; a 401, 404 or 400 is the job's own request."""
+    gov = EngineGovernor("x", EngineLimits(rate=1000.0, burst=1000, failure_threshold=2,
+                                           cooldown_s=30), clock=FakeClock())
+    for _ in range(2):
+        gov.acquire()
+        gov.record(False, status=status)
+    with pytest.raises(CircuitOpen):
+        gov.acquire()
 
 
 def test_breaker_probe_that_never_reports_frees_the_slot():
