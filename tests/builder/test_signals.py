@@ -7,6 +7,7 @@ import asyncio
 import io
 import os
 import random
+import signal
 import socket
 import time
 from typing import Any, Optional
@@ -1002,8 +1003,14 @@ def test_the_rule_files_thread_works_in_a_forked_child():
             os._exit(0 if policy.group == "*" else 1)
         except BaseException:
             os._exit(2)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + 60
+    while not (waited := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:  # (a child stuck before its own timeout)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not finish")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(waited[1]) == 0
 
 
 def test_an_origin_whose_rules_cost_too_much_to_match_is_refused_after_one_url(monkeypatch):
