@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -58,16 +60,9 @@ def test_sigkilled_job_resumes_to_the_same_dataset(ray_session, sandbox, tmp_pat
     data["download"]["per_host_delay_s"] = 0.03
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([str(BIN / "pixcrawler"), "build", str(spec_path), "--local",
-                             "--job-id", "killme"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     journal = Path(out) / "_journal" / "killme"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(journal.glob("units/*.parquet"))) < 2:
-        assert proc.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _killed_build(spec_path, ["--local", "--job-id", "killme"],
+                  lambda: len(list(journal.glob("units/*.parquet"))) >= 2)
     assert not is_complete(out) and journal.exists()
 
     from cluster.coordinator import run_job_async
@@ -265,16 +260,24 @@ def test_retry_failed_keeps_the_rights_summary_whole_and_says_what_it_could_not_
 
 
 def _killed_build(spec_path: Path, args: list[str], until, env=None) -> None:
-    """Start ``pixcrawler build`` and SIGKILL it once ``until()`` holds."""
-    proc = subprocess.Popen([str(BIN / "pixcrawler"), "build", str(spec_path), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and not until():
-        assert proc.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    """Start ``pixcrawler build`` and SIGKILL it, its worker processes with it, once
+    ``until()`` holds. What the killed processes leave in their temporary folder (their
+    socket's directory, multiprocessing's) is in one of the test's own, removed after: each
+    killed build left two in the machine's."""
+    scratch = tempfile.mkdtemp(prefix="pxkilled-")
+    try:
+        proc = subprocess.Popen([str(BIN / "pixcrawler"), "build", str(spec_path), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True,
+                                env={**(env or os.environ), "TMPDIR": scratch})
+        deadline = time.time() + 120
+        while time.time() < deadline and not until():
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_resume_on_s3_after_a_sigkilled_driver_publishes_on_the_first_try(sandbox, moto_s3,
@@ -679,7 +682,7 @@ def test_a_cancelled_retry_of_a_complete_dataset_leaves_it_partial_only_until_th
         assert is_complete(out)
         assert check_accounting(out)["rejected_by_reason"].get("http_server_error")
         before = check_accounting(out)
-        spec, cont = plan_retry(out)
+        spec, cont = plan_retry(out, allow_private_networks=True)
         cancelled = run_local(spec, continuation=cont, runner_hook=lambda r: r.cancel())
         assert cancelled.partial
         assert json.loads((Path(out) / "_PARTIAL").read_text())["reason"] == "cancelled"
@@ -829,7 +832,7 @@ def test_a_retry_stopped_while_it_kept_the_dataset_resumes_as_a_retry(tmp_path, 
         raise StorageError("simulated: the copy of rejects.parquet failed")
 
     monkeypatch.setattr(Journal, "keep_base", stops)
-    spec, continuation = plan_retry(out)
+    spec, continuation = plan_retry(out, allow_private_networks=True)
     with pytest.raises(StorageError, match="simulated"):
         run_local(spec, continuation=continuation)
     monkeypatch.setattr(Journal, "keep_base", real)
@@ -849,7 +852,7 @@ def test_a_dataset_whose_figures_do_not_add_up_is_refused_before_it_is_touched(t
     stats_path = Path(out) / "stats.json"
     stats = json.loads(stats_path.read_text())
     stats_path.write_text(json.dumps({**stats, "candidates": stats["candidates"] + 1}))
-    spec, continuation = plan_retry(out)
+    spec, continuation = plan_retry(out, allow_private_networks=True)
     with pytest.raises(ResumeError, match="does not add up"):
         run_local(spec, continuation=continuation)
     assert is_complete(out) and not list(Path(out).glob("_journal/*/job.json"))
@@ -866,7 +869,7 @@ def test_a_retry_whose_publish_failed_resumes_with_each_reject_once(tmp_path, mo
     first = check_accounting(out)
     keys = pq.read_table(Path(out) / "rejects.parquet").column("key").to_pylist()
     monkeypatch.setattr(writers, "atomic_write", _FailsOnce(writers.atomic_write))
-    spec, continuation = plan_retry(out)
+    spec, continuation = plan_retry(out, allow_private_networks=True)
     with pytest.raises(Exception, match="simulated failure"):
         run_local(spec, continuation=continuation)
     run_local(spec, resume=True, uri=out)
@@ -885,7 +888,7 @@ def test_retries_under_one_job_id_each_continue_the_dataset_the_last_one_left(tm
     out = _flaky_dataset(tmp_path)
     first = check_accounting(out)
     for _ in range(2):
-        spec, continuation = plan_retry(out, job_id="nightly")
+        spec, continuation = plan_retry(out, job_id="nightly", allow_private_networks=True)
         run_local(spec, continuation=continuation)
         assert is_complete(out)
         after = check_accounting(out)
