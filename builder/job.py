@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 from builder.errors import JobInterrupted
 from builder.journal import ResumeState
 from builder.listsource import SlicePlan
-from builder.ratelimit import budget_key
+from builder.ratelimit import budget_key, jobs_own
 from builder.reasons import Reason
 from builder.rights import RightsTally, honoured_signals
 from builder.spec import DatasetSpec
@@ -150,7 +150,7 @@ class UnitPlanner:
     from its first source (round-robin over its queries, page after page) until that source is
     exhausted or keeps failing (``max_errors`` errors in a row of a query), then falls back
     to the next one; each fallback is recorded (``fallbacks``). A class's last source, once
-    its engine has answered (with results, a 429 or a 5xx), is let fail longer
+    its engine has answered (with results, a block, a 429 or a 5xx), is let fail longer
     (``max_errors_alone``), and while its engine's breaker is open the class waits for the
     engine (``_wait_for_engine``) instead of ending short; an engine that never answered (a
     wrong address, a server that is down) is given up as fast as any other. A URL list serves every class at once, slice after slice.
@@ -173,8 +173,8 @@ class UnitPlanner:
         self._answered: set[str] = {
             self._budgets[u.source] for u, r in (resume.reports if resume else [])
             if u.kind == SEARCH and r.search is not None and not r.search.error}
-        """Budgets whose engine has answered (results, or a 429 or 5xx: there, if busy or
-        failing), in this job or the run it resumes."""
+        """Budgets whose engine has answered (results, or its state: a block, a 429, a 5xx),
+        in this job or the run it resumes."""
         self._waiting: dict[tuple[str, int], int] = {}
         """(class, source) waiting for its engine (its breaker open): the breaker's failed
         probes when the wait began."""
@@ -345,11 +345,11 @@ class UnitPlanner:
             c.exhausted = c.page * c.per_page >= c.total
             return None
         outcome = report.search
-        if outcome is None or not outcome.error or outcome.status == 429 or \
-                outcome.status >= 500:
-            # (busy or failing, but there; a refusal's status is that of the failure the
-            # breaker counted last; a 401 or 404 is a wrong key or address, which waits for
-            # nothing)
+        if outcome is None or not outcome.error or outcome.status and \
+                not jobs_own(outcome.status):
+            # (blocking, busy or failing, but there; a refusal's status is that of the
+            # failure the breaker counted last; a 401 or 404 is a wrong key or address,
+            # which waits for nothing)
             self._answered.add(self._budgets[c.source])
         if outcome is None or not outcome.error:
             c.errors = 0

@@ -187,9 +187,10 @@ class AdaptiveLimiter:
             self.bucket.pause_until(self.blocked_until)
 
 
-ENGINE_STATE_4XX = frozenset({403, 408, 425, 429})
+ENGINE_STATE_4XX = frozenset({403, 408, 418, 425, 429})
 """Client errors that are the engine's state, not the request's: a block (DuckDuckGo's 403
-and Google's rate limits among them), a timeout, too early, too many requests."""
+and Google's rate limits among them, a 418 some services block with), a timeout, too early,
+too many requests."""
 
 
 def jobs_own(status: int) -> bool:
@@ -643,8 +644,8 @@ class EngineGovernor:
         self.limiter = AdaptiveLimiter(lim.rate, lim.burst, min_rate=lim.min_rate, clock=clock)
         self.breaker = CircuitBreaker(lim.failure_threshold, lim.cooldown_s, clock=clock)
         self.last_status = 0
-        """The HTTP status of the last failure recorded where it was the server's state, a
-        429 or 5xx (0: no answer, another status, or none yet)."""
+        """The HTTP status of the last failure the breaker counted (the engine's state: a
+        block, a 429, a 5xx; 0: no answer, or none yet)."""
         self.quota = Quota(lim.max_requests_per_job, lim.max_requests_per_day,
                            wall_clock=wall_clock, day_file=day_file)
         self.counters = _Counters()
@@ -754,13 +755,12 @@ class EngineGovernor:
             self.breaker.no_verdict()
             return
         opens = self.breaker.opens
-        # (the engine there, busy or failing; a refused key or request is the job's own)
-        self.last_status = status if status == 429 or status >= 500 else 0
+        self.last_status = status  # (an answer of the engine's state: see jobs_own)
         self.limiter.on_error(retry_after)
         self.breaker.on_failure()
-        if self.day_file is not None and (status in (0, 429) or status >= 500):
-            # (the server's own state, which every job of the budget meets; a refused key
-            # or request, 401/403/400, is this job's)
+        if self.day_file is not None:
+            # (the server's own state, which every job of the budget meets: a refused key or
+            # request returned above)
             now = self._wall_clock()
             if self.breaker.opens != opens:
                 self.day_file.hold("breaker", now + min(self.breaker.cooldown_s, MAX_HOLD_S),

@@ -227,11 +227,14 @@ class DdgsImagesEngine(SearchEngine):
                                            **self.filters)
         except _Refused as exc:
             detail = webjson.excerpt(" ".join(exc.body.split()))
+            # These backends answer a limited address with 400 or 418 too (ddgs' own
+            # rate-limit check reads both so): the governor hears a 429, which slows the pace.
+            status = 429 if exc.status in (400, 418) else exc.status
             raise EngineError(f"{self.name}: the {self.backend} backend answered HTTP "
                               f"{exc.status}" + (f": {detail}" if detail else "")
                               + (" (a block: slow down, or set a proxy)"
-                                 if exc.status in (403, 429) else ""),
-                              status=exc.status, retryable=exc.status in RETRYABLE_STATUSES
+                                 if status in (403, 429) else ""),
+                              status=status, retryable=status in RETRYABLE_STATUSES
                               ) from None
         except _Challenged as exc:
             # 429: the bot check is the service's rate limit in another form, so the governor

@@ -451,7 +451,7 @@ def test_a_last_source_that_answered_retries_longer_and_one_that_never_did_ends_
     the query, decides; an engine that never answered (no server there, or a breaker that
     opened on no answers) ends a query after three errors, as one with a later source to
     fall back to does."""
-    for outcome in (answered(429), answered(503)):
+    for outcome in (answered(429), answered(503), answered(403)):
         s = one_query(classes={"cat": ["q1"]})
         executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
         failed = failing(executor, lambda n: outcome if n < 9 else None)
@@ -459,7 +459,7 @@ def test_a_last_source_that_answered_retries_longer_and_one_that_never_did_ends_
         check_exact(stats)
         assert stats["accepted"] == 3 and len(failed) == 9
 
-    for outcome in (answered(0), refusal()):
+    for outcome in (answered(0), answered(401), answered(404), refusal()):
         s = one_query()
         executor = FakeExecutor(s, {(0, "q1"): ["a.ok", "b.ok", "c.ok"]})
         failed = failing(executor, lambda n: outcome)

@@ -174,7 +174,7 @@ def test_a_governors_refusal_says_when_to_ask_again_and_how_many_probes_failed()
     gov.acquire()  # no verdict: the next search probes at once
 
 
-@pytest.mark.parametrize("status", [403, 429, 503, 0])
+@pytest.mark.parametrize("status", [403, 418, 429, 503, 0])
 def test_a_block_opens_the_breaker_where_a_refused_key_does_not(status):
     """DuckDuckGo answers a block with 403, Google a rate limit: the engine's state, which
     slows the pace and opens the breaker; a 401, 404 or 400 is the job's own request."""
@@ -285,7 +285,8 @@ def test_a_governor_started_while_its_engine_is_held_waits_it_out(tmp_path):
 
 def test_only_the_servers_own_refusals_hold_other_governors(tmp_path):
     """A hold in the budget's file reaches every job on the machine: it is written for what
-    every job meets (429, 5xx, no answer), not for a refused key or request (401, 403, 400),
+    every job meets (a block, 429, 5xx, no answer), not for a refused key or request (401,
+    404, 400),
     is no longer than ``MAX_HOLD_S`` whatever a job's ``cooldown_s``, ends when the engine
     answers a probe, and one past ``MAX_HOLD_S`` (a clock that jumped, an edited file) is
     none. Reading the holds makes no file."""
@@ -300,7 +301,7 @@ def test_only_the_servers_own_refusals_hold_other_governors(tmp_path):
     first = governor()
     assert list(tmp_path.iterdir()) == []
     first.acquire()
-    first.record(False, 403, retry_after=30)
+    first.record(False, 401, retry_after=30)
     assert governor().snapshot()["state"] == "closed" and governor().acquire() == 0.0
     long, short = governor(cooldown_s=1e9), governor(cooldown_s=10)
     long.acquire()

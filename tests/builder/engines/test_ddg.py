@@ -125,11 +125,14 @@ def test_duckduckgo_blocked_token_page_is_retryable(ddg):
     assert info.value.retryable and "vqd" in str(info.value)
 
 
-@pytest.mark.parametrize("status,retryable", [(403, False), (429, True), (503, True)])
+@pytest.mark.parametrize("status,retryable,heard", [
+    (403, False, 403), (429, True, 429), (503, True, 503), (400, True, 429), (418, True, 429)])
 def test_duckduckgo_refused_results_page_is_an_engine_error_not_no_results(ddg, status,
-                                                                         retryable):
+                                                                         retryable, heard):
     """ddgs itself answers a refused i.js page with "No results found.", which ended the
-    query as if DuckDuckGo had nothing more; the query stays open for the next try."""
+    query as if DuckDuckGo had nothing more; the query stays open for the next try. A 400
+    or 418 is its rate limit too (ddgs' own check reads them so): the governor hears a 429,
+    which slows the pace, where a 400 would be the job's own request."""
     srv, images = ddg
     engine = DdgsImagesEngine()
     fake = srv.handler
@@ -144,7 +147,7 @@ def test_duckduckgo_refused_results_page_is_an_engine_error_not_no_results(ddg, 
     srv.handler = refuse_once
     with pytest.raises(EngineError) as info:
         engine.search("cat", label="cat", page=0, per_page=10)
-    assert info.value.status == status and info.value.retryable is retryable
+    assert info.value.status == heard and info.value.retryable is retryable
     assert f"HTTP {status}" in str(info.value) and "Too many requests" in str(info.value)
     page = engine.search("cat", label="cat", page=0, per_page=10)
     assert [h.url for h in page.hits] == [img["url"] for img in images[:10]] and page.has_more
