@@ -72,12 +72,15 @@ class ModelLoadError(PixCrawlerError):
 def printable(text: str) -> str:
     """``text`` for a terminal, a log or a message: whitespace collapsed, other unprintable
     characters (a server's escape sequences among them) shown as ``?``."""
-    return "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split()))
+    return _shown(" ".join(text.split()))
 
 
 def printable_lines(text: str) -> str:
     """``text`` for a terminal with its lines and indentation kept: every other unprintable
     character shown as ``?``. For a message of several lines that may quote what a dataset's
     files hold (a marker's job id, a folder's name)."""
-    return "\n".join("".join(ch if ch.isprintable() else "?" for ch in line)
-                     for line in text.split("\n"))
+    return "\n".join(_shown(line) for line in text.split("\n"))
+
+
+def _shown(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)

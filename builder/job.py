@@ -153,9 +153,9 @@ class UnitPlanner:
     its engine has answered (with results, a block, a 429 or a 5xx), is let fail longer
     (``max_errors_alone``), and while its engine's breaker is open the class waits for the
     engine (``_wait_for_engine``) instead of ending short; an engine that never answered (a
-    wrong address, a server that is down) is given up as fast as any other. A URL list serves every class at once, slice after slice.
-    A resumed job skips the units its journal says are done, and learns from them where each
-    source stands.
+    wrong address, a server that is down) is given up as fast as any other. A URL list
+    serves every class at once, slice after slice. A resumed job skips the units its journal
+    says are done, and learns from them where each source stands.
     """
 
     def __init__(self, spec: DatasetSpec, extra_queries: Optional[dict[str, list[str]]] = None,
