@@ -340,6 +340,9 @@ def budget_key(engine: str, source: Any = None) -> str:
     return f"{engine}@{server}"
 
 
+STATUS_SUFFIX = "_status"
+"""A hold's status in a budget's file: ``breaker_status`` beside ``breaker``."""
+
 MAX_HOLD_S = 600.0
 """The longest a hold in a budget's file keeps a governor that starts meanwhile from asking:
 a job's own ``cooldown_s`` may be far longer, and is its own (``AdaptiveLimiter`` caps a
@@ -445,25 +448,32 @@ class DayFile:
                 self._fail(exc)
         return self._memory.get(day, 0)
 
-    def hold(self, kind: str, until: float, now: float) -> None:
+    def hold(self, kind: str, until: float, now: float, status: int = 0) -> None:
         """Record that the budget's engine takes no request before ``until`` (Unix time;
         ``now`` is the time it is) for ``kind``'s sake (``breaker``: its breaker opened;
         ``retry_after``: it asked for a pause), unless the file holds a later time already
         (one past ``MAX_HOLD_S`` from now is no hold: a clock that jumped, an edited file). A
         governor that starts on this machine while it holds (a restarted limiter, another
-        job's) waits it out."""
+        job's) waits it out. ``status`` is the HTTP status of the failure that caused it
+        (``EngineGovernor.last_status``), kept beside it as ``<kind>_status``: a job that
+        finds the breaker held then knows the engine answered, and waits for it."""
         def later(holds: dict[str, Any]) -> bool:
             if until <= _number(holds.get(kind)) <= now + MAX_HOLD_S:
                 return False
             holds[kind] = until
+            holds[kind + STATUS_SUFFIX] = status
             return True
 
         self._change_holds(later)
 
     def release(self, kind: str) -> None:
         """Forget ``kind``'s hold: the engine answered again."""
+        def forget(holds: dict[str, Any]) -> bool:
+            status = holds.pop(kind + STATUS_SUFFIX, None)
+            return holds.pop(kind, None) is not None or status is not None
+
         if self.path.exists():
-            self._change_holds(lambda holds: holds.pop(kind, None) is not None)
+            self._change_holds(forget)
 
     def _change_holds(self, change: Callable[[dict[str, Any]], bool]) -> None:
         """``change`` the file's holds under its lock (written back where it says it changed
@@ -483,8 +493,9 @@ class DayFile:
             self._fail(exc)
 
     def holds(self) -> dict[str, float]:
-        """What ``hold`` recorded: each kind's time (Unix), past ones included. Reads without
-        making the file (a budget with no daily quota may never have one)."""
+        """What ``hold`` recorded: each kind's time (Unix), past ones included, and the status
+        of each (``<kind>_status``). Reads without making the file (a budget with no daily
+        quota may never have one)."""
         if self._failed:
             return {}
         try:
@@ -660,13 +671,16 @@ class EngineGovernor:
         if self.day_file is None:
             return
         now = self._wall_clock()
-        for kind, until in self.day_file.holds().items():
-            left = until - now
+        holds = self.day_file.holds()
+        for kind in ("breaker", "retry_after"):
+            left = holds.get(kind, 0.0) - now
             if not 0 < left <= MAX_HOLD_S:  # (over, or no hold: see DayFile.hold)
                 continue
             if kind == "breaker":
                 self.breaker.open_for(left)
-            elif kind == "retry_after":
+                status = holds.get(kind + STATUS_SUFFIX, 0.0)
+                self.last_status = int(status) if 100 <= status < 600 else 0
+            else:
                 self.limiter.hold_for(left)
 
     def reconfigure(self, limits: EngineLimits) -> None:
@@ -764,7 +778,7 @@ class EngineGovernor:
             now = self._wall_clock()
             if self.breaker.opens != opens:
                 self.day_file.hold("breaker", now + min(self.breaker.cooldown_s, MAX_HOLD_S),
-                                   now)
+                                   now, status)
             if retry_after:
                 self.day_file.hold("retry_after", now + min(float(retry_after), MAX_HOLD_S),
                                    now)

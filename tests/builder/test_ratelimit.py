@@ -267,6 +267,7 @@ def test_a_governor_started_while_its_engine_is_held_waits_it_out(tmp_path):
     with pytest.raises(CircuitOpen) as refused:
         again.acquire()
     assert refused.value.retry_after == pytest.approx(40)
+    assert refused.value.status == 503  # the engine answered: a job waits for it (UnitPlanner)
     assert again.snapshot()["state"] == "open"
     assert governor("ddg").acquire() == pytest.approx(10)
     wall.advance(40)  # both over: nothing is held
@@ -315,6 +316,7 @@ def test_only_the_servers_own_refusals_hold_other_governors(tmp_path):
     short.acquire()  # its probe: the engine answers
     short.record(True)
     assert governor().snapshot()["state"] == "closed"
+    assert DayFile("bing", tmp_path).holds() == {}  # the hold and its status forgotten
     day = DayFile("bing", tmp_path)
     day.hold("breaker", wall.t + 10 * MAX_HOLD_S, 0.0)  # as an edited file may hold
     assert governor().snapshot()["state"] == "closed"
