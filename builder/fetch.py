@@ -61,8 +61,8 @@ from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (INLINE_PARSE_BYTES, MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache,
-                            RobotsCache, RobotsPolicy, answer_text, off_loop, origin_file, parsed,
-                            read_twice_if_unreachable, unreachable)
+                            RobotsCache, RobotsPolicy, RulesGate, answer_text, off_loop,
+                            origin_file, parsed, read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 from builder.urls import without_secrets
@@ -354,6 +354,7 @@ class Fetcher:
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._hosts: dict[str, _Host] = {}
         self._robots = RobotsCache(self._fetch_robots, ROBOTS_UA)
+        self._rules_gate = RulesGate()
         self._headers = {"User-Agent": user_agent(cfg), "Accept": _ACCEPT,
                          "Accept-Encoding": "identity"}
         self._closed = False
@@ -848,7 +849,12 @@ class Fetcher:
         does a tdmrep.json or ai.txt that answers a server error or 429, or gives no answer,
         twice a second apart (``optout_unreachable``: whether it opts out is not known). One
         that answers another 4xx, or that does not parse, counts as absent. An origin the SSRF
-        guard refuses gives its refusal (``_origin`` raises it)."""
+        guard refuses gives its refusal (``_origin`` raises it). Long files wait for a slot of
+        the fetcher's ``RulesGate``."""
+        async with self._rules_gate.loading():
+            return await self._read_origin(url)
+
+    async def _read_origin(self, url: URL) -> Union[sig.OriginSignals, UrlRejected]:
         cfg = self.cfg
 
         async def robots() -> Optional[RobotsPolicy]:

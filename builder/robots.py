@@ -44,9 +44,12 @@ import os
 import re
 import time
 import urllib.parse
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import (Any, Awaitable, Callable, Generic, Iterable, Iterator, Optional, TypeVar,
-                    Union)
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import (Any, AsyncIterator, Awaitable, Callable, Generic, Iterable, Iterator, Optional,
+                    TypeVar, Union)
 
 from protego import Protego
 # protego's own reading of a line (its aliases, misspellings and colon-less forms), so that the
@@ -78,6 +81,23 @@ UNREACHABLE_RETRY_S = 1.0
 """How long after an unreachable answer robots.txt is asked once more."""
 ORIGIN_MAX_AGE_S = 24 * 3600.0
 """How long an origin's robots.txt (and its other opt-out files) is used once read."""
+ORIGIN_CACHE_BYTES = 128 << 20
+"""The memory one ``OriginCache`` may keep, as ``cache_weight`` estimates it; past it the
+origins used longest ago are forgotten (and read again should they come back). Without it
+every origin a job met was kept for its 24 hours: an origin serving 512 KiB of wildcard rules
+as robots.txt, ai.txt and tdmrep.json kept about 32 MB, and a list of images on thousands of
+subdomains of one such server filled a worker's memory."""
+PARSED_BYTES_PER_BYTE = 40
+"""What a parsed rule file keeps per byte of its text, at most: 11-14 for plain paths, about
+40 for wildcard rules (measured with ``tracemalloc`` around ``RobotsPolicy.from_response``)."""
+ENTRY_BYTES = 8 << 10
+"""What an origin's entry keeps beside its files' rules (a file of a few lines, a 404)."""
+
+
+def cache_weight(text_bytes: int) -> int:
+    """The memory an origin's cached value is taken to keep, for ``text_bytes`` of rule files
+    (``RobotsPolicy.size``, ``signals.OriginSignals.size``)."""
+    return ENTRY_BYTES + PARSED_BYTES_PER_BYTE * max(0, text_bytes)
 
 _USER_AGENT_FIELDS = frozenset({"user-agent", "useragent", "user agent"})
 _SITE_WIDE_FIELDS = frozenset({"sitemap", "sitemaps", "site-map", "host"})
@@ -385,28 +405,43 @@ def origin_of(url: URL) -> str:
 T = TypeVar("T")
 
 
+def text_size(value: object) -> int:
+    """The bytes of rule files a cached value was parsed from (its ``size``; 0 for none)."""
+    size = getattr(value, "size", 0)
+    return size if isinstance(size, int) else 0
+
+
 class OriginCache(Generic[T]):
     """One value per origin, loaded through ``load(url)`` and kept ``max_age_s``: concurrent
     first requests share the load (the cache holds the in-flight task), later ones get the
-    cached value until it is that old, and the next request loads it again."""
+    cached value until it is that old, and the next request loads it again. The values kept
+    weigh at most ``max_bytes`` together (``cache_weight`` of ``text_size``): past it, those
+    used longest ago are dropped (the last one loaded always stays)."""
 
     def __init__(self, load: Callable[[URL], Awaitable[T]],
                  max_age_s: float = ORIGIN_MAX_AGE_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int = ORIGIN_CACHE_BYTES):
         self._load_fn = load
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
         self._clock = clock
-        self._done: dict[str, tuple[float, T]] = {}
+        self._done: OrderedDict[str, tuple[float, T, int]] = OrderedDict()
         self._pending: dict[str, asyncio.Task[T]] = {}
         self.fetches = 0
+        self.weight = 0
+        """What the values kept weigh now (``cache_weight``)."""
+        self.evicted = 0
 
     def cached(self, url: URL, max_age_s: Optional[float] = None) -> Optional[T]:
         """The value of ``url``'s origin if it is known and not older than ``max_age_s``
         (the cache's own by default; no await)."""
-        hit = self._done.get(origin_of(url))
+        origin = origin_of(url)
+        hit = self._done.get(origin)
         limit = self.max_age_s if max_age_s is None else max_age_s
         if hit is None or self._clock() - hit[0] > limit:
             return None
+        self._done.move_to_end(origin)
         return hit[1]
 
     async def get(self, url: URL, max_age_s: Optional[float] = None) -> T:
@@ -429,8 +464,20 @@ class OriginCache(Generic[T]):
             value = await self._load_fn(url)
         finally:
             self._pending.pop(origin, None)
-        self._done[origin] = (self._clock(), value)
+        self._keep(origin, value)
         return value
+
+    def _keep(self, origin: str, value: T) -> None:
+        old = self._done.pop(origin, None)
+        if old is not None:
+            self.weight -= old[2]
+        weight = cache_weight(text_size(value))
+        self._done[origin] = (self._clock(), value, weight)
+        self.weight += weight
+        while self.weight > self.max_bytes and len(self._done) > 1:
+            _, (_, _, dropped) = self._done.popitem(last=False)
+            self.weight -= dropped
+            self.evicted += 1
 
     async def close(self) -> None:
         """Cancel loads still in flight."""
@@ -480,8 +527,66 @@ os.register_at_fork(after_in_child=_new_parser)
 
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in the rule files' parsing thread (``_PARSER``)."""
+    """``fn(*args)`` in the rule files' parsing thread (``_PARSER``), once the origin load it
+    is part of (``RulesGate.loading``), if any, holds one of its gate's slots."""
+    ticket = _TICKET.get()
+    if ticket is not None:
+        await ticket.hold()
     return await asyncio.get_running_loop().run_in_executor(_PARSER, fn, *args)
+
+
+LARGE_RULE_LOADS = 4
+"""Origin loads that may hold long rule files parsed (``off_loop``) at once, per fetcher. The
+parsing thread does one at a time anyway; what this bounds is what loads hold meanwhile: each
+keeps its files' rules until the origin's signals are built and cached, and 40 origins loading
+at once, each with 512 KiB of wildcard rules in robots.txt, ai.txt and tdmrep.json, held 1.4 GB."""
+
+
+class _Ticket:
+    """One origin load's claim on a ``RulesGate`` slot: taken by its first long file, kept to
+    the load's end."""
+
+    __slots__ = ("_slots", "_taking")
+
+    def __init__(self, slots: asyncio.Semaphore):
+        self._slots = slots
+        self._taking: Optional[asyncio.Future[bool]] = None
+
+    async def hold(self) -> None:
+        if self._taking is None:
+            self._taking = asyncio.ensure_future(self._slots.acquire())
+        await asyncio.shield(self._taking)
+
+    def release(self) -> None:
+        taking = self._taking
+        if taking is None:
+            return
+        if not taking.done():
+            taking.cancel()  # (Semaphore.acquire passes a slot it was woken for on)
+        elif not taking.cancelled() and taking.exception() is None:
+            self._slots.release()
+
+
+_TICKET: ContextVar[Optional[_Ticket]] = ContextVar("pixcrawler_rules_ticket", default=None)
+
+
+class RulesGate:
+    """At most ``slots`` origin loads at a time parse long rule files (``LARGE_RULE_LOADS``);
+    loads whose files are all short never wait. A load's slot is taken where it first parses
+    off the loop (its robots.txt's load, started from it, included) and kept until it ends."""
+
+    def __init__(self, slots: int = LARGE_RULE_LOADS):
+        self._slots = asyncio.Semaphore(slots)
+
+    @asynccontextmanager
+    async def loading(self) -> AsyncIterator[None]:
+        ticket = _Ticket(self._slots)
+        token = _TICKET.set(ticket)
+        try:
+            yield
+        finally:
+            _TICKET.reset(token)
+            ticket.release()
 
 
 async def parsed(status: int, body: bytes, user_agent: str = ROBOTS_UA) -> RobotsPolicy:

@@ -206,6 +206,10 @@ def match_rules(rules: list[PathRule], path: str, absent: Signal) -> Signal:
 # ---- TDMRep -----------------------------------------------------------------------------------
 
 
+TDM_RULE_BYTES = 64
+"""What a tdmrep.json rule is taken to weigh beside its location's text (``OriginSignals.size``)."""
+
+
 @dataclass(frozen=True)
 class TdmRule:
     pattern: str
@@ -361,6 +365,11 @@ class OriginSignals:
         self._ai = _RulesFile("ai_txt", "ai.txt", ai_txt) if ai_txt is not None else None
         self._too_costly: Optional[tuple[Signal, ...]] = None
         self._cost = MatchCost()
+        rules = tdmrep[0] if tdmrep is not None else []
+        self.size = sum(p.size for p in (robots, ai_txt) if p is not None) + \
+            sum(len(rule.signal.source) + TDM_RULE_BYTES for rule in rules)
+        """The bytes of rule files this was built from, as ``builder.robots.cache_weight``
+        reads them (a tdmrep.json rule: its location's text and ``TDM_RULE_BYTES``)."""
 
     def ledger(self, url: URL) -> tuple[Signal, ...]:
         """The origin-level entries of ``url``. Once matching its URLs (against robots.txt's

@@ -1035,3 +1035,62 @@ def test_an_origin_whose_rules_cost_too_much_to_match_is_refused_after_one_url(m
                          None, None)
     for _ in range(3):
         assert [e.verdict for e in fine.ledger(URL("http://h/a.jpg"))][0] == ALLOW
+
+
+def test_origins_of_long_rule_files_are_fetched_through_the_gate_and_kept_within_bytes():
+    """The fetcher kept every origin's parsed rules for 24 hours, and every origin loading
+    at once held its own: images on many names of one server of long robots.txt, ai.txt and
+    tdmrep.json files (the security review's case: 32 MB an origin) filled a worker's
+    memory. Through the whole fetch path (the robots.txt load started from the origin's own,
+    and the same origin's page check) every image is fetched with a gate of one slot, and
+    the caches keep no more than their bytes."""
+    from aiohttp import web as aioweb
+
+    from builder.robots import RulesGate, cache_weight
+
+    robots = _wildcard_robots(3000)  # over INLINE_PARSE_BYTES: parsed off the loop
+    tdm = ('[' + ",".join(f'{{"location": "/p{i}/*", "tdm-reservation": 1}}'
+                          for i in range(1500)) + ']').encode()
+    names = [f"h{i}.example" for i in range(6)]
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(image, "PNG")
+
+    async def handler(request: aioweb.Request) -> aioweb.StreamResponse:
+        if request.path in ("/robots.txt", "/ai.txt"):
+            return aioweb.Response(body=robots, content_type="text/plain")
+        if request.path == "/.well-known/tdmrep.json":
+            return aioweb.Response(body=tdm, content_type="application/json")
+        if request.path == "/page.html":
+            return aioweb.Response(text="<html><img src='/a.png' alt='a cat'></html>",
+                                   content_type="text/html")
+        return aioweb.Response(body=image.getvalue(), content_type="image/png")
+
+    async def main() -> tuple[list[Record], int, int, tuple[int, int]]:
+        app = aioweb.Application()
+        app.router.add_route("GET", "/{tail:.*}", handler)
+        runner = aioweb.AppRunner(app)
+        await runner.setup()
+        site = aioweb.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            config = cfg(signals={"page_meta": True, "ai_txt": True, "tdmrep": True})
+            resolver = HostsResolver({name: "127.0.0.1" for name in names})
+            async with Fetcher(config, resolver=resolver) as fetcher:
+                fetcher._rules_gate = RulesGate(slots=1)
+                limit = 2 * cache_weight(len(robots))  # two robots.txt files
+                fetcher._robots.max_bytes = limit
+                fetcher._origins.max_bytes = 1  # the last origin loaded only
+                records = [Record(Candidate(url=f"http://{name}:{port}/a.png", label="x",
+                                            page_url=f"http://{name}:{port}/page.html"))
+                           for name in names]
+                done = await asyncio.wait_for(fetcher.fetch_many(records), 60)
+                return (done, limit, fetcher._robots.weight,
+                        (fetcher._robots.evicted, fetcher._origins.evicted))
+        finally:
+            await runner.cleanup()
+
+    records, limit, weight, evicted = asyncio.run(main())
+    assert [r.rejected for r in records] == [False] * len(names), [r.detail for r in records]
+    # (a dropped origin its page's check comes back to is read again, and dropped again)
+    assert weight <= limit and evicted[0] >= len(names) - 2 and evicted[1] >= len(names) - 1
