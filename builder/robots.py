@@ -544,20 +544,25 @@ at once, each with 512 KiB of wildcard rules in robots.txt, ai.txt and tdmrep.js
 
 class _Ticket:
     """One origin load's claim on a ``RulesGate`` slot: taken by its first long file, kept to
-    the load's end."""
+    the load's end. A task the load started may outlive it (its robots.txt load, which other
+    requests share, goes on when the load is cancelled): past the end it takes no slot."""
 
-    __slots__ = ("_slots", "_taking")
+    __slots__ = ("_slots", "_taking", "_ended")
 
     def __init__(self, slots: asyncio.Semaphore):
         self._slots = slots
         self._taking: Optional[asyncio.Future[bool]] = None
+        self._ended = False
 
     async def hold(self) -> None:
+        if self._ended:
+            return
         if self._taking is None:
             self._taking = asyncio.ensure_future(self._slots.acquire())
         await asyncio.shield(self._taking)
 
     def release(self) -> None:
+        self._ended = True
         taking = self._taking
         if taking is None:
             return
