@@ -339,10 +339,14 @@ class KeywordExpander:
 
     def _ask(self, label: str, queries: list[str]) -> list[str]:
         if self._client is None:
-            from openai import OpenAI
+            from openai import DefaultHttpxClient, OpenAI
 
+            # No redirects (the client follows them by default): an endpoint the HTTP API's
+            # operator allows (llm_base_urls) could otherwise send the call on anywhere the
+            # server reaches, its internal network included.
             self._client = OpenAI(base_url=self.base_url, api_key=self.api_key or "not-needed",
-                                  timeout=self.timeout_s, max_retries=0)
+                                  timeout=self.timeout_s, max_retries=0,
+                                  http_client=DefaultHttpxClient(follow_redirects=False))
         shown = [q[:MAX_QUERY_CHARS] for q in queries[:MAX_PROMPT_QUERIES]]
         prompt = _USER_PROMPT.format(label=_label_text(label),
                                      queries=json.dumps(shown, ensure_ascii=False), n=self.n)

@@ -72,6 +72,19 @@ def test_expands_through_the_openai_client(tmp_path):
     assert req.headers["authorization"] == "Bearer sk-local"
 
 
+def test_an_endpoint_that_redirects_is_not_followed(tmp_path):
+    """The openai client follows redirects: an endpoint the API's operator allows could send
+    the call (307 keeps the POST) on to an internal address. A redirect is a failed call."""
+    with chat_server(ANSWER) as inner:
+        with FakeServer(lambda req: Response(307, {}, headers={
+                "Location": f"{inner.url}/v1/chat/completions"})) as outer:
+            exp = KeywordExpander(base_url=f"{outer.url}/v1", api_key="sk-local", n=3,
+                                  cache_dir=str(tmp_path))
+            out = exp.expand("cat", ["cat"])
+    assert len(outer.requests) == 1 and inner.requests == []
+    assert exp.source == "offline" and out == offline_expand("cat", ["cat"], 3)
+
+
 def test_a_call_costs_a_bounded_prompt_and_answer_however_many_queries_a_class_has(tmp_path):
     """A class's queries went whole into the prompt and the answer had no token limit: an API
     job could spend the operator's key on calls of any size."""
