@@ -504,6 +504,10 @@ class SourceSpec(_Model):
         problems += [(f"options.{key}", f"must be {what}, not {self.options[key]!r}")
                      for key, (what, valid) in _LIMIT_OPTIONS.items()
                      if key in self.options and not valid(self.options[key])]
+        endpoint = self.endpoint()
+        if isinstance(endpoint, str) and not _serves_http(endpoint):
+            problems.append((ENDPOINT_FIELDS[self.engine], "must be an http:// or https:// URL "
+                             f"with a host name, not {without_secrets(endpoint)[:120]!r}"))
         if not problems and self.options.get("min_rate") is not None:
             from builder.ratelimit import limits_for  # (it imports this module)
 
@@ -521,6 +525,16 @@ class SourceSpec(_Model):
         field = ENDPOINT_FIELDS.get(self.engine)
         value = self.url if field == "url" else self.options.get("base_url") if field else None
         return value or None
+
+
+def _serves_http(url: str) -> bool:
+    """Whether ``url`` names a server an engine can ask: http or https, and a host (without
+    one, its requests would all fail, and on Ray count against the public service's budget,
+    whose breaker they would open for every job there)."""
+    from builder.ratelimit import endpoint_server  # (it imports this module)
+
+    return url.split(":", 1)[0].lower() in ("http", "https") and \
+        endpoint_server(url) is not None
 
 
 class SearchSpec(_Model):

@@ -107,6 +107,28 @@ def test_a_server_option_is_a_url(key):
     assert parse_spec({**MINIMAL, "sources": [{"engine": engine, "options": {key: ""}}]})
 
 
+@pytest.mark.parametrize("source, field", [
+    ({"engine": "wikimedia", "options": {"base_url": "commons-api"}}, "options.base_url"),
+    ({"engine": "openverse", "options": {"base_url": "file:///etc/passwd#"}}, "options.base_url"),
+    ({"engine": "google", "options": {"base_url": "https://:443/customsearch"}},
+     "options.base_url"),
+    ({"engine": "sandbox", "url": "http://"}, "url"),
+    ({"engine": "sandbox", "url": "127.0.0.1:8080"}, "url"),
+])
+def test_the_server_a_source_asks_is_an_http_url_with_a_host(source, field):
+    """A base_url without a host (a typo, a missing scheme) failed every search only once the
+    job ran, and on Ray counted against the public service's budget: its errors opened the
+    breaker of every job there."""
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "sources": [source]})
+    [(path, message)] = e.value.problems
+    assert path == f"sources.0.{field}"
+    assert message.startswith("must be an http:// or https:// URL with a host name, not ")
+    ok = {**source, **({"url": "http://127.0.0.1:8080"} if field == "url" else
+                       {"options": {"base_url": "HTTPS://api.example.org:8443/v1/"}})}
+    assert parse_spec({**MINIMAL, "sources": [ok]}).sources[0].endpoint()
+
+
 @pytest.mark.parametrize("key, value, what", [
     ("max_requests_per_job", "1000", "a whole number, 0 or more, or null"),
     ("max_requests_per_day", -1, "a whole number, 0 or more, or null"),

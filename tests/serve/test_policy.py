@@ -167,7 +167,8 @@ def test_url_lists_in_the_request_body_need_no_permission():
 
 
 @pytest.mark.parametrize("overrides, field, setting", [
-    ({"sources": [{"engine": "openverse", "options": {"base_url": "file:///etc/passwd#"}}]},
+    ({"sources": [{"engine": "openverse",
+                   "options": {"base_url": "http://169.254.169.254/latest/meta-data#"}}]},
      "sources.0.options.base_url", "source_urls"),
     ({"sources": [{"engine": "openverse",
                    "options": {"base_url": "http://127.0.0.1:9/internal-admin#"}}]},

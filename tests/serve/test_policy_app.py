@@ -121,7 +121,8 @@ def test_no_output_outside_ones_own_prefix(strict, sandbox, uri):
 @pytest.mark.parametrize("field, overrides", [
     ("sources.0.path", {"sources": [{"engine": "urllist", "path": "/etc/passwd"}]}),
     ("sources.0.options.base_url",
-     {"sources": [{"engine": "openverse", "options": {"base_url": "file:///etc/passwd#"}}]}),
+     {"sources": [{"engine": "openverse",
+                   "options": {"base_url": "http://169.254.169.254/latest/meta-data#"}}]}),
     ("sources.0.options.base_url",
      {"sources": [{"engine": "wikimedia",
                    "options": {"base_url": "http://127.0.0.1:1/internal-admin#"}}]}),
