@@ -325,6 +325,12 @@ def endpoint_server(url: str) -> Optional[str]:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+NO_SERVER = "no-server"
+"""What ``budget_key`` names a server as where a source's URL has none (a spec an earlier
+version saved; ``parse_spec`` refuses it in a new one): its failures, every request's, then
+open no public service's breaker."""
+
+
 def budget_key(engine: str, source: Any = None) -> str:
     """The name of an engine's shared budget: ``<engine>``, or ``<engine>@<host>:<port>`` for a
     source pointed at another server than the engine's public API (the sandbox, a test fake,
@@ -333,9 +339,13 @@ def budget_key(engine: str, source: Any = None) -> str:
     included, gets a budget (and, on Ray, a limiter actor) of its own. ``source`` is a
     ``SourceSpec`` (or None)."""
     endpoint = source.endpoint() if source is not None else None
-    server = endpoint_server(endpoint) if endpoint else None
+    if not endpoint:
+        return engine
+    server = endpoint_server(endpoint)
+    if server is None:  # (a saved spec's: every request fails, and is no public service's)
+        return f"{engine}@{NO_SERVER}"
     public = PUBLIC_ENDPOINTS.get(engine)
-    if server is None or (public is not None and server == endpoint_server(public)):
+    if public is not None and server == endpoint_server(public):
         return engine
     return f"{engine}@{server}"
 

@@ -439,6 +439,22 @@ def test_the_public_api_however_spelled_is_the_engines_own_budget():
         "openverse@api.openverse.org:80"
 
 
+def test_a_saved_sources_url_without_a_host_is_no_public_services_budget():
+    """A base_url with no host filed under the public service's budget: its failures, every
+    request's, opened that engine's breaker for every job on the machine (on Ray, the
+    cluster). A new spec refuses such a URL; one an earlier version saved still loads, and its
+    source gets a budget of its own."""
+    from builder.errors import SpecError
+    from builder.spec import parse_spec
+
+    spec = {"name": "t", "classes": {"cat": None},
+            "sources": [{"engine": "wikimedia", "options": {"base_url": "commons-api"}}]}
+    with pytest.raises(SpecError, match="sources.0.options.base_url: must be an http"):
+        parse_spec(spec)
+    saved = parse_spec(spec, stored=True)
+    assert budget_key("wikimedia", saved.sources[0]) == "wikimedia@no-server"
+
+
 def test_limits_from_source_options():
     lim = limits_for("google", {"rate": 3, "max_requests_per_day": 50, "base_url": "x"})
     assert (lim.rate, lim.max_requests_per_day, lim.burst) == (3, 50, 2)
