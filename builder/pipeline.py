@@ -51,7 +51,7 @@ from builder.records import REJECT_SCHEMA
 from builder.retry import kept_rows, redecided_counts, undecided_keys
 from builder.rights import RightsTally
 from builder.similarity import MAX_STORED
-from builder.spec import DatasetSpec, require_trusted_networks
+from builder.spec import DatasetSpec, require_trusted_networks, require_trusted_opt_outs
 from builder.storage import open_fs, storage_errors
 from builder.units import ClassTally, UnitReport, WorkerEvents, WorkUnit, retry_uid
 from builder.worker import JobPlan, LocalServices, WorkerRuntime
@@ -104,14 +104,16 @@ def _require_parquet(spec: DatasetSpec, uri: str, what: str) -> None:
 
 
 def plan_retry(uri: str, storage_options: Optional[dict] = None,
-               job_id: Optional[str] = None, *,
-               allow_private_networks: bool = False) -> tuple[DatasetSpec, Continuation]:
+               job_id: Optional[str] = None, *, allow_private_networks: bool = False,
+               allow_weaker_opt_outs: bool = False) -> tuple[DatasetSpec, Continuation]:
     """``retry-failed``: the published dataset's spec, and a continuation that decides again
     the candidates it rejected for transient reasons and merges what is accepted. A spec that
     sets ``download.allow_private_networks`` is refused unless ``allow_private_networks``
-    (``require_trusted_networks``)."""
+    (``require_trusted_networks``), one that honours fewer opt-outs than the defaults unless
+    ``allow_weaker_opt_outs`` (``require_trusted_opt_outs``)."""
     spec = published_spec(uri, storage_options)
     require_trusted_networks(spec, uri, "retry-failed", allow_private_networks)
+    require_trusted_opt_outs(spec, uri, "retry-failed", allow_weaker_opt_outs)
     marker = read_marker(uri, storage_options)
     if marker is None:
         raise ResumeError(f"{uri} holds no published dataset (_SUCCESS or _PARTIAL)")

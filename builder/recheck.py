@@ -50,7 +50,8 @@ from builder.profiles import first_public_url, has_contact
 from builder.reasons import Reason
 from builder.records import CANDIDATE_FIELDS, REJECT_SCHEMA, Candidate, Record
 from builder.rights import UNREADABLE, RightsTally, Signal, first_refusal, rights_rows
-from builder.spec import DatasetSpec, DownloadSpec, loads_spec, require_trusted_networks
+from builder.spec import (DatasetSpec, DownloadSpec, loads_spec, require_trusted_networks,
+                          require_trusted_opt_outs)
 from builder.spreadsheet import as_text
 from builder.storage import (delete_files, delete_tree, list_files, open_fs, same_location,
                              storage_errors, write_bytes)
@@ -165,18 +166,22 @@ def image_rows(uri: str, storage_options: Optional[dict] = None) -> Iterator[dic
 def recheck(uri: str, *, mode: str = "origins", download: Optional[DownloadSpec] = None,
             storage_options: Optional[dict] = None,
             resolver: Optional[AbstractResolver] = None,
-            allow_private_networks: bool = False) -> RecheckResult:
+            allow_private_networks: bool = False,
+            allow_weaker_opt_outs: bool = False) -> RecheckResult:
     """Evaluate the signals of the dataset at ``uri`` again (see the module doc).
 
     ``download`` defaults to the dataset's own download settings, refused where they set
     ``allow_private_networks`` unless ``allow_private_networks`` is given
-    (``require_trusted_networks``); ``resolver`` is passed to the fetcher (a hosts map)."""
+    (``require_trusted_networks``), and where they honour fewer opt-outs than the defaults
+    unless ``allow_weaker_opt_outs`` is (``require_trusted_opt_outs``); ``resolver`` is passed
+    to the fetcher (a hosts map)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     cfg = download
     if cfg is None:
         published = dataset_spec(uri, storage_options)
         require_trusted_networks(published, uri, "recheck", allow_private_networks)
+        require_trusted_opt_outs(published, uri, "recheck", allow_weaker_opt_outs)
         cfg = published.download
     rows = list(image_rows(uri, storage_options))
     result = RecheckResult(uri, mode, checked=len(rows),

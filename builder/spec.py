@@ -1323,6 +1323,44 @@ def require_trusted_networks(spec: DatasetSpec, uri: str, command: str,
                           "given --allow-private-networks (pass it for a dataset you trust)")])
 
 
+def weaker_opt_outs(download: DownloadSpec) -> list[str]:
+    """The settings of ``download`` that honour less than PixCrawler's defaults: robots.txt or
+    the opt-out signals turned off, a narrower ``signals.usage``, a host faster than its
+    built-in profile (a site's published robot policy)."""
+    from builder.profiles import BUILTIN_PROFILES  # (it imports this module)
+
+    out = [f"download.{name}: false" for name in ("respect_robots", "respect_optouts")
+           if not getattr(download, name)]
+    defaults = SignalsSpec()
+    out += [f"download.signals.{name}: false" for name in SignalsSpec.model_fields
+            if getattr(defaults, name) is True and getattr(download.signals, name) is False]
+    if download.signals.usage != defaults.usage:
+        out.append(f"download.signals.usage: {download.signals.usage}")
+    for host, profile in download.hosts.items():
+        builtin = BUILTIN_PROFILES.get(host)
+        for name, sign in (("concurrency", 1), ("max_bytes_per_s", 1), ("delay_s", -1)):
+            mine = getattr(profile, name)
+            theirs = getattr(builtin, name) if builtin is not None else None
+            if mine is not None and theirs is not None and sign * (mine - theirs) > 0:
+                out.append(f"download.hosts.{host}.{name}: {mine:g} ({host}'s published "
+                           f"policy: {theirs:g})")
+    return out
+
+
+def require_trusted_opt_outs(spec: DatasetSpec, uri: str, command: str,
+                             allowed: bool) -> None:
+    """Refuse to let the spec a dataset holds honour fewer opt-outs in ``command`` than
+    PixCrawler's defaults (``weaker_opt_outs``) unless its user says so (``allowed``,
+    ``--allow-weaker-opt-outs``): a dataset from elsewhere could turn robots.txt off, and
+    ``retry-failed`` would fetch what its sites refuse, ``recheck`` report nothing to remove."""
+    weaker = weaker_opt_outs(spec.download)
+    if weaker and not allowed:
+        raise SpecError([("--allow-weaker-opt-outs", f"{uri}'s spec honours less than "
+                          f"PixCrawler's defaults ({'; '.join(weaker)}); {command} keeps such "
+                          "settings only when given --allow-weaker-opt-outs (pass it for a "
+                          "dataset you trust, such as one you built so)")])
+
+
 MAX_ALIAS_VALUES = 100_000
 """How many values a spec's YAML aliases may add, in all, to those it writes out. An alias
 repeats its anchor's value without its text, so nested ones double a spec at each level: 552

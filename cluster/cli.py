@@ -29,7 +29,7 @@ import yaml
 from builder.errors import (CancelledUnpublished, PixCrawlerError, SpecError, printable,
                             printable_lines)
 from builder.spec import (DatasetSpec, load_spec, loads_spec, parse_spec,
-                          require_trusted_networks)
+                          require_trusted_networks, require_trusted_opt_outs)
 from builder.worker_start import StartedWorkers, local_workers
 
 log = logging.getLogger("pixcrawler")
@@ -183,6 +183,9 @@ def _spec_from_args(args: argparse.Namespace) -> DatasetSpec:
 TRUST_HELP = ("request private, loopback and link-local addresses where the dataset's spec "
               "sets download.allow_private_networks (refused otherwise: pass it only for a "
               "dataset you trust)")
+OPT_OUTS_HELP = ("keep the dataset's own opt-out settings where they honour less than the "
+                 "defaults (robots.txt or an opt-out signal turned off, a host faster than its "
+                 "published policy; refused otherwise: pass it only for a dataset you trust)")
 
 
 def _require_contact(spec: DatasetSpec) -> None:
@@ -207,7 +210,8 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
     uri = args.output
     spec, cont = plan_retry(uri, _storage_options(uri), args.job_id,
-                            allow_private_networks=args.allow_private_networks)
+                            allow_private_networks=args.allow_private_networks,
+                            allow_weaker_opt_outs=args.allow_weaker_opt_outs)
     if not count_retryable(uri, _storage_options(uri)):
         print(f"nothing to retry: no candidate at {uri} was rejected for a transient reason")
         return 0
@@ -239,6 +243,7 @@ def cmd_recheck(args: argparse.Namespace) -> int:
                           out_storage_options=_storage_options(args.write))
     published = dataset_spec(uri, options)
     require_trusted_networks(published, uri, "recheck", args.allow_private_networks)
+    require_trusted_opt_outs(published, uri, "recheck", args.allow_weaker_opt_outs)
     download = published.download
     if args.contact:
         download = download.model_copy(update={"contact": args.contact})
@@ -452,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--job-id", type=job_id_arg,
                    help="job id (default: <name>-retry-<random>)")
     r.add_argument("--allow-private-networks", action="store_true", help=TRUST_HELP)
+    r.add_argument("--allow-weaker-opt-outs", action="store_true", help=OPT_OUTS_HELP)
     runner_args(r)
     r.set_defaults(func=cmd_retry_failed)
 
@@ -475,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--contact", help="your email or URL for the User-Agent, when the "
                     "dataset's spec has none")
     rc.add_argument("--allow-private-networks", action="store_true", help=TRUST_HELP)
+    rc.add_argument("--allow-weaker-opt-outs", action="store_true", help=OPT_OUTS_HELP)
     rc.set_defaults(func=cmd_recheck)
 
     d = sub.add_parser("demo", help="build a small dataset from the sandbox web, offline")

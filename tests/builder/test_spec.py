@@ -695,3 +695,20 @@ def test_aliases_that_repeat_the_spec_past_a_bound_are_refused_before_it_is_read
                         "classes:\n  cat: &c {target: 7, queries: [a cat]}\n"
                         "  dog: {<<: *c, queries: [a dog]}\n")
     assert [merged.classes[c].target for c in ("cat", "dog")] == [7, 7]
+
+
+def test_the_settings_that_honour_fewer_opt_outs_than_the_defaults_are_named():
+    from builder.spec import weaker_opt_outs
+
+    assert weaker_opt_outs(parse_spec(MINIMAL).download) == []
+    assert weaker_opt_outs(parse_spec({**MINIMAL, "download": {
+        "signals": {"page_meta": True}, "per_host_concurrency": 2,
+        "hosts": {"upload.wikimedia.org": {"concurrency": 1}, "example.org": {
+            "concurrency": 64}}}}).download) == []  # politer, or no published policy
+    assert weaker_opt_outs(parse_spec({**MINIMAL, "download": {
+        "respect_optouts": False, "signals": {"tdmrep": False, "usage": "train-ai"},
+        "hosts": {"upload.wikimedia.org": {"concurrency": 50}}}}).download) == [
+        "download.respect_optouts: false", "download.signals.tdmrep: false",
+        "download.signals.usage: train-ai",
+        "download.hosts.upload.wikimedia.org.concurrency: 50 (upload.wikimedia.org's "
+        "published policy: 2)"]

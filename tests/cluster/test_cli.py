@@ -316,6 +316,48 @@ def test_a_datasets_spec_opens_this_machines_network_to_retry_and_recheck_only_w
     assert ran == ["retry", "recheck"]
 
 
+def test_a_datasets_spec_honours_fewer_opt_outs_in_retry_and_recheck_only_when_told(
+        monkeypatch, tmp_path, capsys):
+    """A dataset's spec from elsewhere could turn robots.txt and the opt-out signals off:
+    ``retry-failed`` then fetched what the sites refuse, and ``recheck`` found nothing to
+    remove. Both refuse such a spec unless given ``--allow-weaker-opt-outs``, naming what it
+    turns off."""
+    import builder.pipeline
+    import builder.recheck
+    from builder.errors import SpecError
+    from builder.recheck import RecheckResult
+    from builder.spec import parse_spec
+
+    spec = parse_spec({**SPEC, "download": {"respect_robots": False,
+                                            "signals": {"ai_txt": False}}})
+    monkeypatch.setattr(builder.pipeline, "published_spec", lambda uri, options: spec)
+    monkeypatch.setattr(builder.pipeline, "read_marker", lambda uri, options: {"job_id": "x"})
+    monkeypatch.setattr(builder.pipeline, "_crawl_partial", lambda uri, options, marker: "")
+    monkeypatch.setattr(builder.pipeline, "count_retryable", lambda uri, options: 3)
+    monkeypatch.setattr(builder.recheck, "dataset_spec", lambda uri, options: spec)
+    monkeypatch.setattr(builder.recheck, "needs_contact", lambda uri, download, options: False)
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "run_spec", lambda spec, **kwargs: ran.append("retry") or 0)
+    for call in (lambda: builder.pipeline.plan_retry(str(tmp_path)),  # as a library too
+                 lambda: builder.recheck.recheck(str(tmp_path))):
+        with pytest.raises(SpecError, match="download.respect_robots: false; "
+                                            "download.signals.ai_txt: false"):
+            call()
+
+    def recheck(uri, **kwargs):
+        ran.append("recheck")
+        return RecheckResult(uri, kwargs["mode"], checked=0, checked_at="")
+
+    monkeypatch.setattr(builder.recheck, "recheck", recheck)
+    out = str(tmp_path / "removals.csv")
+    assert main(["retry-failed", str(tmp_path), "--local"]) == EXIT_USAGE
+    assert main(["recheck", str(tmp_path), "--out", out]) == EXIT_USAGE
+    assert capsys.readouterr().err.count("--allow-weaker-opt-outs") >= 2 and ran == []
+    assert main(["retry-failed", str(tmp_path), "--local", "--allow-weaker-opt-outs"]) == 0
+    assert main(["recheck", str(tmp_path), "--out", out, "--allow-weaker-opt-outs"]) == 0
+    assert ran == ["retry", "recheck"]
+
+
 def _usage_error(capsys, argv: list[str]) -> str:
     """What ``main(argv)`` prints when argparse refuses it (exit 2, no traceback)."""
     with pytest.raises(SystemExit) as exc:
