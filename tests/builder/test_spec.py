@@ -691,6 +691,8 @@ def test_aliases_that_repeat_the_spec_past_a_bound_are_refused_before_it_is_read
         loads_spec("name: x\nsources: [{engine: sandbox, url: 'http://127.0.0.1:1'}]\n"
                    "classes: &a\n  cat: {queries: [*a]}\n")
     assert "inside the value of its own anchor" in str(e.value)
+    with pytest.raises(SpecError, match="not valid YAML/JSON"):  # the reader's own refusal
+        loads_spec("name: x\x07\nclasses: [cat]\n")
     merged = loads_spec("name: x\nsources: [{engine: sandbox, url: 'http://127.0.0.1:1'}]\n"
                         "classes:\n  cat: &c {target: 7, queries: [a cat]}\n"
                         "  dog: {<<: *c, queries: [a dog]}\n")
