@@ -62,7 +62,7 @@ from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
 from builder.robots import (INLINE_PARSE_BYTES, MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache,
                             RobotsCache, RobotsPolicy, RulesGate, answer_text, off_loop,
-                            origin_file, parsed, read_twice_if_unreachable, unreachable)
+                            origin_file, read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 from builder.urls import without_secrets
@@ -106,6 +106,9 @@ REFUSED_ORIGIN_S = 60.0
 FRESH_ROBOTS_S = 60.0
 """How old a robots.txt read for another purpose may be when an origin's signals are built
 from it (they are kept ``ORIGIN_MAX_AGE_S`` from then)."""
+ORIGIN_READS = 3
+"""How often an origin's load reads its robots.txt again when the policy was dropped for room
+(``OriginCache``) before its other files came (``Fetcher._load_origin``)."""
 
 log = logging.getLogger("pixcrawler.fetch")
 
@@ -307,6 +310,21 @@ class _Host:
         self.gap = self.gap * 0.75 if self.gap > GAP_FIRST / 16 else 0.0
 
 
+def _origin_signals(cfg: DownloadSpec, robots: Optional[RobotsPolicy],
+                    tdmrep: Optional[tuple[int, bytes]],
+                    ai_txt: Optional[tuple[int, bytes]]) -> sig.OriginSignals:
+    """An origin's signals from its robots.txt policy and the answers of its tdmrep.json and
+    ai.txt (each None where the spec does not honour it); CPU work only."""
+    tdm = sig.parse_tdmrep(*tdmrep) if tdmrep is not None else None
+    ai = None
+    if ai_txt is not None:
+        status, body = ai_txt
+        # A 401/403 here is no statement about AI use: only an unreachable file refuses.
+        ai = RobotsPolicy.from_response(
+            status if 200 <= status < 300 or unreachable(status) else 404, body)
+    return sig.OriginSignals(cfg, robots, tdm, ai)
+
+
 class Fetcher:
     """Downloads image records politely. Create it inside a running event loop; use as
     ``async with Fetcher(cfg) as f: await f.fetch_many(records)``.
@@ -344,8 +362,9 @@ class Fetcher:
         self._body_bytes = 0  # bytes held right now by bodies being read
         self._resolver = resolver
         self._profiles = HostProfiles(cfg, host_share)
-        self._origins: OriginCache[Union[sig.OriginSignals, UrlRejected]] = \
-            OriginCache(self._load_origin)
+        self._origins: OriginCache[Union[sig.OriginSignals, UrlRejected]] = OriginCache(
+            self._load_origin, unkept=lambda url: sig.OriginSignals.unkept(
+                cfg, "its rule files were read and dropped for room too often"))
         self._origin_signals = sig.origin_active(cfg)
         self._response_signals = sig.ResponseSignals(cfg)
         self._pages: OrderedDict[str, tuple[float, asyncio.Future[sig.PageFacts]]] = \
@@ -353,8 +372,8 @@ class Fetcher:
         self._session: Optional[aiohttp.ClientSession] = None
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._hosts: dict[str, _Host] = {}
-        self._robots = RobotsCache(self._fetch_robots, ROBOTS_UA)
         self._rules_gate = RulesGate()
+        self._robots = RobotsCache(self._fetch_robots, ROBOTS_UA, self._rules_gate)
         self._headers = {"User-Agent": user_agent(cfg), "Accept": _ACCEPT,
                          "Accept-Encoding": "identity"}
         self._closed = False
@@ -849,49 +868,68 @@ class Fetcher:
         does a tdmrep.json or ai.txt that answers a server error or 429, or gives no answer,
         twice a second apart (``optout_unreachable``: whether it opts out is not known). One
         that answers another 4xx, or that does not parse, counts as absent. An origin the SSRF
-        guard refuses gives its refusal (``_origin`` raises it). Long files wait for a slot of
-        the fetcher's ``RulesGate``."""
-        async with self._rules_gate.loading():
-            return await self._read_origin(url)
+        guard refuses gives its refusal (``_origin`` raises it).
 
-    async def _read_origin(self, url: URL) -> Union[sig.OriginSignals, UrlRejected]:
+        The files are read first; where one is long, they are parsed and the signals built
+        under a slot of the fetcher's ``RulesGate`` (robots.txt's policy, new or taken from
+        its cache there, is cached for the page checks), so that no parsed file is held while
+        waiting for the network or for a slot."""
         cfg = self.cfg
+        robots_on = sig.needs_robots(cfg)
 
-        async def robots() -> Optional[RobotsPolicy]:
-            if not sig.needs_robots(cfg):
-                return None
+        async def robots_read() -> Optional[tuple[int, bytes]]:
             # Read lately (a page's check may have just read it), so that the origin's
             # signals, kept ORIGIN_MAX_AGE_S from now, are no older than that.
-            return self._robots.cached(url, FRESH_ROBOTS_S) or \
-                await self._robots.policy(url, FRESH_ROBOTS_S)
-
-        async def tdmrep() -> Optional[tuple[list[sig.TdmRule], Signal]]:
-            if not cfg.signals.tdmrep:
+            if not robots_on or self._robots.cached(url, FRESH_ROBOTS_S) is not None:
                 return None
-            status, body = await self._fetch_signal_file(url, sig.TDMREP_PATH)
-            if len(body) > INLINE_PARSE_BYTES:
-                return await off_loop(sig.parse_tdmrep, status, body)
-            return sig.parse_tdmrep(status, body)
+            return await read_twice_if_unreachable(self._fetch_robots,
+                                                   origin_file(url, "/robots.txt"))
 
-        async def ai_txt() -> Optional[RobotsPolicy]:
-            if not cfg.signals.ai_txt:
-                return None
-            status, body = await self._fetch_signal_file(url, sig.AI_TXT_PATH)
-            # A 401/403 here is no statement about AI use: only an unreachable file refuses.
-            return await parsed(status if 200 <= status < 300 or unreachable(status) else 404,
-                                body)
+        async def read(on: bool, path: str) -> Optional[tuple[int, bytes]]:
+            return await self._fetch_signal_file(url, path) if on else None
 
-        got = await asyncio.gather(robots(), tdmrep(), ai_txt(), return_exceptions=True)
+        got = await asyncio.gather(robots_read(), read(cfg.signals.tdmrep, sig.TDMREP_PATH),
+                                   read(cfg.signals.ai_txt, sig.AI_TXT_PATH),
+                                   return_exceptions=True)
         refused = next((g for g in got if isinstance(g, UrlRejected)), None)
         if refused is not None:
             return refused
         for answer in got:
             if isinstance(answer, BaseException):
                 raise answer
-        if any(isinstance(p, RobotsPolicy) and p.size > INLINE_PARSE_BYTES for p in got):
-            # (its Content-Usage and Content-Signal lines are compiled into path rules)
-            return await off_loop(sig.OriginSignals, cfg, *got)
-        return sig.OriginSignals(cfg, *got)  # type: ignore[arg-type]
+        robots_answer, tdmrep, ai_txt = got
+        while True:
+            known = self._robots.cached(url, FRESH_ROBOTS_S) if robots_on else None
+            if robots_on and known is None and robots_answer is None:
+                try:  # dropped for room since it was found: read it (then it is in hand)
+                    robots_answer = await robots_read()
+                except UrlRejected as exc:
+                    return exc
+                continue
+            sizes = [len(a[1]) for a in (robots_answer, tdmrep, ai_txt) if a is not None]
+            if (known is None or known.size <= INLINE_PARSE_BYTES) and \
+                    all(size <= INLINE_PARSE_BYTES for size in sizes):
+                robots = known if known is not None else self._robots_from(url, robots_answer)
+                return _origin_signals(cfg, robots, tdmrep, ai_txt)
+            del known  # (not held while waiting for a slot)
+            async with self._rules_gate.slot():
+                known = self._robots.cached(url, FRESH_ROBOTS_S) if robots_on else None
+                if robots_on and known is None and robots_answer is None:
+                    continue
+                if robots_on and known is None:
+                    assert robots_answer is not None
+                    known = await off_loop(RobotsPolicy.from_response, *robots_answer)
+                    self._robots.keep(url, known)
+                return await off_loop(_origin_signals, cfg, known, tdmrep, ai_txt)
+
+    def _robots_from(self, url: URL, answer: Optional[tuple[int, bytes]]
+                     ) -> Optional[RobotsPolicy]:
+        """robots.txt's policy from a short ``answer`` (None: not honoured), cached."""
+        if answer is None:
+            return None
+        policy = RobotsPolicy.from_response(*answer)
+        self._robots.keep(url, policy)
+        return policy
 
     async def _fetch_signal_file(self, url: URL, path: str) -> tuple[int, bytes]:
         """(status, body) of an origin's opt-out file, asked once more when it is unreachable
@@ -960,6 +998,7 @@ class Fetcher:
                                        "CPU to match", unknown=True)
             if not policy.allowed(url, ROBOTS_UA):
                 return sig.unread_page(page_url, cfg, "robots.txt disallows it")
+            del policy  # (not held while the page is read: the cache may drop it for room)
         status, body, content_type = await read_twice_if_unreachable(self._fetch_page_once, url)
         if status == _REFUSED:
             return sig.unread_page(page_url, cfg, _GUARD_REFUSES)

@@ -47,7 +47,6 @@ import urllib.parse
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from typing import (Any, AsyncIterator, Awaitable, Callable, Generic, Iterable, Iterator, Optional,
                     TypeVar, Union)
 
@@ -94,10 +93,22 @@ ENTRY_BYTES = 8 << 10
 """What an origin's entry keeps beside its files' rules (a file of a few lines, a 404)."""
 
 
+MAX_RELOADS = 2
+"""How often an origin's long rule files may be read again after they were dropped for room
+(``OriginCache``); past it the origin is refused as not known (too costly)."""
+MAX_DROPPED = 65536
+"""The origins whose drops ``OriginCache`` counts (the latest)."""
+
+
 def cache_weight(text_bytes: int) -> int:
     """The memory an origin's cached value is taken to keep, for ``text_bytes`` of rule files
     (``RobotsPolicy.size``, ``signals.OriginSignals.size``)."""
     return ENTRY_BYTES + PARSED_BYTES_PER_BYTE * max(0, text_bytes)
+
+
+HEAVY_WEIGHT = cache_weight(INLINE_PARSE_BYTES)
+"""What an origin's value weighs past which its drops are counted (``MAX_RELOADS``): files
+long enough to be parsed off the loop."""
 
 _USER_AGENT_FIELDS = frozenset({"user-agent", "useragent", "user agent"})
 _SITE_WIDE_FIELDS = frozenset({"sitemap", "sitemaps", "site-map", "host"})
@@ -148,6 +159,14 @@ class RobotsPolicy:
         if status in (401, 403) or unreachable(status):
             return cls(status, disallow_all=True)
         return cls(status, allow_all=True)
+
+    @classmethod
+    def unkept(cls) -> "RobotsPolicy":
+        """The policy of an origin whose long file was read and dropped for room too often
+        (``OriginCache``): nothing is allowed, as not known (``costly``)."""
+        policy = cls(200, disallow_all=True)
+        policy.costly = True
+        return policy
 
     @property
     def unreachable(self) -> bool:
@@ -416,18 +435,25 @@ class OriginCache(Generic[T]):
     first requests share the load (the cache holds the in-flight task), later ones get the
     cached value until it is that old, and the next request loads it again. The values kept
     weigh at most ``max_bytes`` together (``cache_weight`` of ``text_size``): past it, those
-    used longest ago are dropped (the last one loaded always stays)."""
+    used longest ago are dropped (the last one loaded always stays). An origin whose long
+    files were dropped more than ``MAX_RELOADS`` times is not read again: ``unkept(url)``
+    answers for it (an origin's files taking turns with others' would be read and parsed
+    again for every image)."""
 
     def __init__(self, load: Callable[[URL], Awaitable[T]],
                  max_age_s: float = ORIGIN_MAX_AGE_S,
                  clock: Callable[[], float] = time.monotonic,
-                 max_bytes: int = ORIGIN_CACHE_BYTES):
+                 max_bytes: int = ORIGIN_CACHE_BYTES,
+                 unkept: Optional[Callable[[URL], T]] = None):
         self._load_fn = load
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
         self._clock = clock
+        self._unkept = unkept
         self._done: OrderedDict[str, tuple[float, T, int]] = OrderedDict()
         self._pending: dict[str, asyncio.Task[T]] = {}
+        self._dropped: OrderedDict[str, int] = OrderedDict()
+        """Per origin, how often its long files were dropped (the last ``MAX_DROPPED``)."""
         self.fetches = 0
         self.weight = 0
         """What the values kept weigh now (``cache_weight``)."""
@@ -451,6 +477,8 @@ class OriginCache(Generic[T]):
         known = self.cached(url, max_age_s)
         if known is not None:
             return known
+        if self._unkept is not None and self._dropped.get(origin, 0) > MAX_RELOADS:
+            return self._unkept(url)
         task = self._pending.get(origin)
         if task is None:
             task = asyncio.ensure_future(self._load(origin, url))
@@ -467,6 +495,10 @@ class OriginCache(Generic[T]):
         self._keep(origin, value)
         return value
 
+    def keep(self, url: URL, value: T) -> None:
+        """Cache ``value`` as the value of ``url``'s origin, loaded now (elsewhere)."""
+        self._keep(origin_of(url), value)
+
     def _keep(self, origin: str, value: T) -> None:
         old = self._done.pop(origin, None)
         if old is not None:
@@ -475,9 +507,13 @@ class OriginCache(Generic[T]):
         self._done[origin] = (self._clock(), value, weight)
         self.weight += weight
         while self.weight > self.max_bytes and len(self._done) > 1:
-            _, (_, _, dropped) = self._done.popitem(last=False)
+            gone, (_, _, dropped) = self._done.popitem(last=False)
             self.weight -= dropped
             self.evicted += 1
+            if dropped > HEAVY_WEIGHT:
+                self._dropped[gone] = self._dropped.pop(gone, 0) + 1
+                if len(self._dropped) > MAX_DROPPED:
+                    self._dropped.popitem(last=False)
 
     async def close(self) -> None:
         """Cancel loads still in flight."""
@@ -527,79 +563,48 @@ os.register_at_fork(after_in_child=_new_parser)
 
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in the rule files' parsing thread (``_PARSER``), once the origin load it
-    is part of (``RulesGate.loading``), if any, holds one of its gate's slots."""
-    ticket = _TICKET.get()
-    if ticket is not None:
-        await ticket.hold()
+    """``fn(*args)`` in the rule files' parsing thread (``_PARSER``)."""
     return await asyncio.get_running_loop().run_in_executor(_PARSER, fn, *args)
 
 
 LARGE_RULE_LOADS = 4
-"""Origin loads that may hold long rule files parsed (``off_loop``) at once, per fetcher. The
-parsing thread does one at a time anyway; what this bounds is what loads hold meanwhile: each
-keeps its files' rules until the origin's signals are built and cached, and 40 origins loading
-at once, each with 512 KiB of wildcard rules in robots.txt, ai.txt and tdmrep.json, held 1.4 GB."""
-
-
-class _Ticket:
-    """One origin load's claim on a ``RulesGate`` slot: taken by its first long file, kept to
-    the load's end. A task the load started may outlive it (its robots.txt load, which other
-    requests share, goes on when the load is cancelled): past the end it takes no slot."""
-
-    __slots__ = ("_slots", "_taking", "_ended")
-
-    def __init__(self, slots: asyncio.Semaphore):
-        self._slots = slots
-        self._taking: Optional[asyncio.Future[bool]] = None
-        self._ended = False
-
-    async def hold(self) -> None:
-        if self._ended:
-            return
-        if self._taking is None:
-            self._taking = asyncio.ensure_future(self._slots.acquire())
-        await asyncio.shield(self._taking)
-
-    def release(self) -> None:
-        self._ended = True
-        taking = self._taking
-        if taking is None:
-            return
-        if not taking.done():
-            taking.cancel()  # (Semaphore.acquire passes a slot it was woken for on)
-        elif not taking.cancelled() and taking.exception() is None:
-            self._slots.release()
-
-
-_TICKET: ContextVar[Optional[_Ticket]] = ContextVar("pixcrawler_rules_ticket", default=None)
+"""Origin loads that may hold long rule files parsed at once, per fetcher (``RulesGate``)."""
 
 
 class RulesGate:
-    """At most ``slots`` origin loads at a time parse long rule files (``LARGE_RULE_LOADS``);
-    loads whose files are all short never wait. A load's slot is taken where it first parses
-    off the loop (its robots.txt's load, started from it, included) and kept until it ends."""
+    """At most ``slots`` tasks at a time parse long rule files (over ``INLINE_PARSE_BYTES``)
+    and hold what they parsed until it is cached. A slot is held for CPU work only: the files
+    are read before it is taken, and nothing under it waits for the network or another load.
+    40 origins loading at once, each with 512 KiB of wildcard rules in robots.txt, ai.txt and
+    tdmrep.json, held 1.4 GB of parsed rules while they waited for each other's files."""
 
     def __init__(self, slots: int = LARGE_RULE_LOADS):
         self._slots = asyncio.Semaphore(slots)
+        self.held = 0
+        self.most_held = 0
+        """The most slots held at once (for tests and stats)."""
 
     @asynccontextmanager
-    async def loading(self) -> AsyncIterator[None]:
-        ticket = _Ticket(self._slots)
-        token = _TICKET.set(ticket)
-        try:
-            yield
-        finally:
-            _TICKET.reset(token)
-            ticket.release()
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._slots:
+            self.held += 1
+            self.most_held = max(self.most_held, self.held)
+            try:
+                yield
+            finally:
+                self.held -= 1
 
 
-async def parsed(status: int, body: bytes, user_agent: str = ROBOTS_UA) -> RobotsPolicy:
+async def parsed(status: int, body: bytes, user_agent: str = ROBOTS_UA,
+                 gate: Optional[RulesGate] = None) -> RobotsPolicy:
     """``RobotsPolicy.from_response``, off the event loop for a long file
-    (``INLINE_PARSE_BYTES``)."""
+    (``INLINE_PARSE_BYTES``), under one of ``gate``'s slots if given."""
     if len(body) <= INLINE_PARSE_BYTES:
         return RobotsPolicy.from_response(status, body, user_agent)
-    return await off_loop(RobotsPolicy.from_response, status, body, user_agent)
+    if gate is None:
+        return await off_loop(RobotsPolicy.from_response, status, body, user_agent)
+    async with gate.slot():
+        return await off_loop(RobotsPolicy.from_response, status, body, user_agent)
 
 
 class RobotsCache(OriginCache[RobotsPolicy]):
@@ -609,12 +614,13 @@ class RobotsCache(OriginCache[RobotsPolicy]):
     so this class holds only the caching and the rules.
     """
 
-    def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA):
+    def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA,
+                 gate: Optional[RulesGate] = None):
         async def load(url: URL) -> RobotsPolicy:
             status, body = await read_twice_if_unreachable(fetch, origin_file(url, "/robots.txt"))
-            return await parsed(status, body, user_agent)
+            return await parsed(status, body, user_agent, gate)
 
-        super().__init__(load)
+        super().__init__(load, unkept=lambda url: RobotsPolicy.unkept())
         self._user_agent = user_agent
 
     async def policy(self, url: URL, max_age_s: Optional[float] = None) -> RobotsPolicy:

@@ -207,7 +207,8 @@ def match_rules(rules: list[PathRule], path: str, absent: Signal) -> Signal:
 
 
 TDM_RULE_BYTES = 64
-"""What a tdmrep.json rule is taken to weigh beside its location's text (``OriginSignals.size``)."""
+"""What a tdmrep.json rule is taken to weigh beside its location's text
+(``OriginSignals.size``)."""
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,20 @@ class OriginSignals:
             sum(len(rule.signal.source) + TDM_RULE_BYTES for rule in rules)
         """The bytes of rule files this was built from, as ``builder.robots.cache_weight``
         reads them (a tdmrep.json rule: its location's text and ``TDM_RULE_BYTES``)."""
+
+    @classmethod
+    def unkept(cls, cfg: DownloadSpec, why: str) -> "OriginSignals":
+        """The signals of an origin whose rule files could not be kept (``why``): each file
+        the spec honours refuses every URL as not known."""
+        out = cls(cfg, None, None, None)
+        names = [name for name, on in (("robots_txt", cfg.respect_robots),
+                                       ("content_signal", cfg.signals.content_signal),
+                                       ("content_usage", cfg.signals.content_usage),
+                                       ("tdmrep", cfg.signals.tdmrep),
+                                       ("ai_txt", cfg.signals.ai_txt)) if on]
+        out._too_costly = tuple(Signal(name, UNREACHABLE, f"the origin's rule files ({why}: "
+                                       "not matched)", REFUSE) for name in names)
+        return out
 
     def ledger(self, url: URL) -> tuple[Signal, ...]:
         """The origin-level entries of ``url``. Once matching its URLs (against robots.txt's

@@ -420,57 +420,49 @@ def test_the_origins_kept_weigh_at_most_the_caches_bytes_the_last_used_first_to_
     assert cache.weight == cache_weight(100) and cache.evicted == 4
 
 
-def test_at_most_the_gates_slots_of_origin_loads_hold_long_files_parsed_at_once():
-    """Origins loading at once each held their parsed rule files until their signals were
-    built: 40 origins of 512 KiB wildcard files held 1.4 GB. A load takes one of the gate's
-    slots where it first parses off the loop, keeps it to its end, and gives it back when
-    cancelled; loads of short files never wait, and a load's own off-loop steps never wait
-    for its own slot; a task it started that parses after it ended takes none."""
-    from builder.robots import RulesGate, off_loop
+def test_at_most_the_gates_slots_are_held_at_once_and_a_cancelled_wait_takes_none():
+    from builder.robots import RulesGate
 
-    holding: list[int] = [0]
-    most: list[int] = [0]
+    async def parse(gate: RulesGate) -> None:
+        async with gate.slot():
+            await asyncio.sleep(0.01)
 
-    async def origin_load(gate: RulesGate, steps: int) -> None:
-        async with gate.loading():
-            await off_loop(len, b"x")  # takes a slot
-            holding[0] += 1
-            most[0] = max(most[0], holding[0])
-            try:
-                for _ in range(steps - 1):
-                    await asyncio.sleep(0.01)
-                    await off_loop(len, b"x")  # its own slot already
-            finally:
-                holding[0] -= 1
-
-    async def short_load(gate: RulesGate) -> str:
-        async with gate.loading():
-            await asyncio.sleep(0)
-            return "short"
-
-    async def main() -> tuple[object, ...]:
+    async def main() -> tuple[int, int]:
         gate = RulesGate(slots=2)
-        loads = [asyncio.ensure_future(origin_load(gate, 3)) for _ in range(6)]
-        short = await asyncio.wait_for(short_load(gate), 1)  # never waits for a slot
-        await asyncio.sleep(0.005)
-        waiting = asyncio.ensure_future(origin_load(gate, 3))
-        await asyncio.sleep(0.005)
-        waiting.cancel()
-        await asyncio.gather(*loads, waiting, return_exceptions=True)
-        # a task a load started that parses after the load ended (a shared robots.txt load
-        # goes on when the origin's load is cancelled) takes no slot it would never give back
-        async with gate.loading():
-            later = asyncio.ensure_future(asyncio.sleep(0.01))
-            outliving = asyncio.ensure_future(later_parse(later))
-        await outliving
-        # every slot given back: two more loads go at once
-        t0 = asyncio.get_running_loop().time()
-        await asyncio.gather(origin_load(gate, 1), origin_load(gate, 1))
-        return short, gate._slots._value, asyncio.get_running_loop().time() - t0
+        tasks = [asyncio.ensure_future(parse(gate)) for _ in range(6)]
+        await asyncio.sleep(0)
+        tasks[-1].cancel()  # waiting for a slot
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return gate.most_held, gate._slots._value
 
-    async def later_parse(after: asyncio.Future) -> None:
-        await after
-        await off_loop(len, b"x")
+    assert asyncio.run(main()) == (2, 2)
 
-    short, free, both = asyncio.run(main())
-    assert short == "short" and most[0] == 2 and free == 2 and both < 0.5
+
+def test_an_origin_whose_long_files_were_dropped_too_often_is_not_read_again():
+    """Origins of long files taking turns were each read and parsed again for every image
+    once the cache dropped them for room. After ``MAX_RELOADS`` reads the origin is answered
+    by ``unkept`` (refused as not known); an origin of short files is read again freely."""
+    from builder.robots import INLINE_PARSE_BYTES, MAX_RELOADS, OriginCache, cache_weight
+
+    loads: list[str] = []
+
+    async def load(url: URL) -> _Sized:
+        loads.append(url.host)
+        return _Sized(url.host, INLINE_PARSE_BYTES + 1 if url.host.startswith("long") else 10)
+
+    cache: OriginCache[object] = OriginCache(
+        load, max_bytes=cache_weight(INLINE_PARSE_BYTES + 1), unkept=lambda url: "unkept")
+
+    async def scenario() -> list[object]:
+        seen = []
+        for _ in range(MAX_RELOADS + 3):
+            for host in ("long-a", "long-b", "short"):
+                value = await cache.get(URL(f"https://{host}/x.jpg"))
+                seen.append(value if isinstance(value, str) else value.name)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert loads.count("long-a") == loads.count("long-b") == MAX_RELOADS + 1
+    assert seen[-3:] == ["unkept", "unkept", "short"]
+    # dropped for the long ones each round (read again each time), kept once they are not
+    assert loads.count("short") == MAX_RELOADS + 1 and seen[2::3] == ["short"] * (MAX_RELOADS + 3)

@@ -21,7 +21,7 @@ from yarl import URL
 from builder.fetch import Fetcher
 from builder.reasons import Reason
 from builder.records import Candidate, Record
-from builder.rights import ALLOW, NONE, REFUSE, RIGHTS_TYPE, RightsTally, Signal
+from builder.rights import ALLOW, NONE, REFUSE, RIGHTS_TYPE, RightsTally, Signal, first_refusal
 from builder.sandbox import SandboxWeb
 from builder.sandbox.sites import ACCEPTED, PAGE_CASES, SIGNAL_CASES
 from builder.signals import (OriginSignals, content_signal_verdict, parse_preferences,
@@ -1037,25 +1037,20 @@ def test_an_origin_whose_rules_cost_too_much_to_match_is_refused_after_one_url(m
         assert [e.verdict for e in fine.ledger(URL("http://h/a.jpg"))][0] == ALLOW
 
 
-def test_origins_of_long_rule_files_are_fetched_through_the_gate_and_kept_within_bytes():
-    """The fetcher kept every origin's parsed rules for 24 hours, and every origin loading
-    at once held its own: images on many names of one server of long robots.txt, ai.txt and
-    tdmrep.json files (the security review's case: 32 MB an origin) filled a worker's
-    memory. Through the whole fetch path (the robots.txt load started from the origin's own,
-    and the same origin's page check) every image is fetched with a gate of one slot, and
-    the caches keep no more than their bytes."""
+def _rules_site(names: list[str], slow_ai: frozenset[str] = frozenset()) -> tuple[Any, int]:
+    """An aiohttp app answering every name with long robots.txt and ai.txt files (ai.txt
+    after 1.5 s for the names in ``slow_ai``), a long tdmrep.json, a page and a PNG."""
     from aiohttp import web as aioweb
 
-    from builder.robots import RulesGate, cache_weight
-
     robots = _wildcard_robots(3000)  # over INLINE_PARSE_BYTES: parsed off the loop
-    tdm = ('[' + ",".join(f'{{"location": "/p{i}/*", "tdm-reservation": 1}}'
-                          for i in range(1500)) + ']').encode()
-    names = [f"h{i}.example" for i in range(6)]
+    tdm = ("[" + ",".join(f'{{"location": "/p{i}/*", "tdm-reservation": 1}}'
+                          for i in range(1500)) + "]").encode()
     image = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 120, 40)).save(image, "PNG")
 
     async def handler(request: aioweb.Request) -> aioweb.StreamResponse:
+        if request.path == "/ai.txt" and request.host.split(":")[0] in slow_ai:
+            await asyncio.sleep(1.5)
         if request.path in ("/robots.txt", "/ai.txt"):
             return aioweb.Response(body=robots, content_type="text/plain")
         if request.path == "/.well-known/tdmrep.json":
@@ -1065,32 +1060,104 @@ def test_origins_of_long_rule_files_are_fetched_through_the_gate_and_kept_within
                                    content_type="text/html")
         return aioweb.Response(body=image.getvalue(), content_type="image/png")
 
+    app = aioweb.Application()
+    app.router.add_route("GET", "/{tail:.*}", handler)
+    return app, len(robots)
+
+
+async def _serving(app: Any) -> tuple[Any, int]:
+    from aiohttp import web as aioweb
+
+    runner = aioweb.AppRunner(app)
+    await runner.setup()
+    site = aioweb.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+def test_origins_of_long_rule_files_are_parsed_a_slot_at_a_time_and_kept_within_bytes():
+    """The fetcher kept every origin's parsed rules for 24 hours, and every origin loading
+    at once held its own: images on many names of one server of long robots.txt, ai.txt and
+    tdmrep.json files (the security review's case: 32 MB an origin) filled a worker's
+    memory. Through the whole fetch path (the origin's robots.txt load, its signals, its
+    page's check) every image is fetched with a gate of one slot, which is used and holds
+    one at a time, and the caches keep no more than their bytes."""
+    from builder.robots import RobotsCache, RulesGate, cache_weight
+
+    names = [f"h{i}.example" for i in range(6)]
+    app, robots_bytes = _rules_site(names)
+
     async def main() -> tuple[list[Record], int, int, tuple[int, int]]:
-        app = aioweb.Application()
-        app.router.add_route("GET", "/{tail:.*}", handler)
-        runner = aioweb.AppRunner(app)
-        await runner.setup()
-        site = aioweb.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, port = await _serving(app)
         try:
             config = cfg(signals={"page_meta": True, "ai_txt": True, "tdmrep": True})
             resolver = HostsResolver({name: "127.0.0.1" for name in names})
             async with Fetcher(config, resolver=resolver) as fetcher:
-                fetcher._rules_gate = RulesGate(slots=1)
-                limit = 2 * cache_weight(len(robots))  # two robots.txt files
+                gate = fetcher._rules_gate = RulesGate(1)
+                fetcher._robots = RobotsCache(fetcher._fetch_robots, gate=gate)
+                limit = 2 * cache_weight(robots_bytes)  # two robots.txt files
                 fetcher._robots.max_bytes = limit
                 fetcher._origins.max_bytes = 1  # the last origin loaded only
                 records = [Record(Candidate(url=f"http://{name}:{port}/a.png", label="x",
                                             page_url=f"http://{name}:{port}/page.html"))
                            for name in names]
                 done = await asyncio.wait_for(fetcher.fetch_many(records), 60)
-                return (done, limit, fetcher._robots.weight,
+                return (done, gate.most_held, fetcher._robots.weight <= limit,
                         (fetcher._robots.evicted, fetcher._origins.evicted))
         finally:
             await runner.cleanup()
 
-    records, limit, weight, evicted = asyncio.run(main())
+    records, most_held, within, evicted = asyncio.run(main())
     assert [r.rejected for r in records] == [False] * len(names), [r.detail for r in records]
     # (a dropped origin its page's check comes back to is read again, and dropped again)
-    assert weight <= limit and evicted[0] >= len(names) - 2 and evicted[1] >= len(names) - 1
+    assert most_held == 1 and within and evicted[0] >= len(names) - 2 and \
+        evicted[1] >= len(names) - 1
+
+
+def test_an_origin_waiting_for_its_files_holds_no_slot_another_origin_needs():
+    """A load took its slot at its first long file and kept it while its other files were
+    read: a server answering ai.txt slowly held every other origin of long files back for as
+    long. The files are read first, and the slot is taken to parse them."""
+    from builder.robots import RobotsCache, RulesGate
+
+    app, _ = _rules_site(["slow.example", "quick.example"], slow_ai=frozenset({"slow.example"}))
+
+    async def main() -> dict[str, float]:
+        runner, port = await _serving(app)
+        done: dict[str, float] = {}
+        try:
+            resolver = HostsResolver({"slow.example": "127.0.0.1", "quick.example": "127.0.0.1"})
+            async with Fetcher(cfg(), resolver=resolver) as fetcher:
+                gate = fetcher._rules_gate = RulesGate(1)
+                fetcher._robots = RobotsCache(fetcher._fetch_robots, gate=gate)
+                t0 = time.monotonic()
+
+                async def one(name: str, after: float) -> None:
+                    await asyncio.sleep(after)
+                    [record] = await fetcher.fetch_many(
+                        [Record(Candidate(url=f"http://{name}:{port}/a.png", label="x"))])
+                    assert not record.rejected, record.detail
+                    done[name] = time.monotonic() - t0
+
+                await asyncio.gather(one("slow.example", 0), one("quick.example", 0.3))
+        finally:
+            await runner.cleanup()
+        return done
+
+    done = asyncio.run(main())
+    assert done["quick.example"] < 1.2 < done["slow.example"], done
+
+
+def test_an_origin_whose_files_could_not_be_kept_refuses_as_not_known_by_each_honoured_file():
+    """The answer for an origin whose long rule files were dropped for room too often: each
+    file the spec honours refuses, as not known (not as disallowed), robots.txt off or on."""
+    url = URL("https://example.org/a.jpg")
+    for config, names in ((DownloadSpec(), ["robots_txt", "content_signal", "content_usage",
+                                            "tdmrep", "ai_txt"]),
+                          (DownloadSpec(respect_robots=False, signals={
+                              "content_signal": False, "content_usage": False}),
+                           ["tdmrep", "ai_txt"])):
+        entries = OriginSignals.unkept(config, "read too often").ledger(url)
+        assert [e.name for e in entries] == names
+        assert {(e.value, e.verdict) for e in entries} == {("unreachable", REFUSE)}
+        assert first_refusal(entries) is not None
