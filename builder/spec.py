@@ -45,7 +45,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -491,7 +490,7 @@ class SourceSpec(_Model):
         return options
 
     @model_validator(mode="after")
-    def _needs(self, info: ValidationInfo) -> "SourceSpec":
+    def _needs(self) -> "SourceSpec":
         if self.engine == "urllist" and not self.path:
             raise ValueError("engine 'urllist' needs 'path' (a txt/csv/jsonl/parquet file of URLs)")
         if self.engine == "sandbox" and not self.url:
@@ -505,12 +504,6 @@ class SourceSpec(_Model):
         problems += [(f"options.{key}", f"must be {what}, not {self.options[key]!r}")
                      for key, (what, valid) in _LIMIT_OPTIONS.items()
                      if key in self.options and not valid(self.options[key])]
-        endpoint = self.endpoint()
-        # (a saved spec an earlier version took still loads: its source's searches fail)
-        stored = bool(info.context and info.context.get("stored"))
-        if isinstance(endpoint, str) and not stored and not _serves_http(endpoint):
-            problems.append((ENDPOINT_FIELDS[self.engine], "must be an http:// or https:// URL "
-                             f"with a host name, not {without_secrets(endpoint)[:120]!r}"))
         if not problems and self.options.get("min_rate") is not None:
             from builder.ratelimit import limits_for  # (it imports this module)
 
@@ -1294,7 +1287,8 @@ def parse_spec(data: Any, source: str = "spec", *, stored: bool = False) -> Data
     """Validate a mapping as a DatasetSpec, raising SpecError with every problem listed.
     ``stored``: a spec PixCrawler saved itself, maybe by an earlier version: what that
     version accepted and this one does not is read as ``upgrade_saved_spec`` says, with a
-    warning."""
+    warning, and a source's server that is no http(s) URL with a host (refused in a new
+    spec, after the model's own checks) is kept."""
     if stored:
         data, changes = upgrade_saved_spec(data)
         if changes:
@@ -1303,9 +1297,17 @@ def parse_spec(data: Any, source: str = "spec", *, stored: bool = False) -> Data
         raise SpecError([("(top level)", f"a spec is a mapping, got {type(data).__name__}")],
                         source)
     try:
-        return DatasetSpec.model_validate(data, context={"stored": stored})
+        spec = DatasetSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_errors(exc), source) from None
+    if not stored:  # (one an earlier version saved still loads: that source's searches fail)
+        problems = [(f"sources.{i}.{ENDPOINT_FIELDS[src.engine]}", "must be an http:// or "
+                     f"https:// URL with a host name, not {without_secrets(url)[:120]!r}")
+                    for i, src in enumerate(spec.sources)
+                    if (url := src.endpoint()) is not None and not _serves_http(url)]
+        if problems:
+            raise SpecError(problems, source)
+    return spec
 
 
 def require_trusted_networks(spec: DatasetSpec, uri: str, command: str,

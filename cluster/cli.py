@@ -53,7 +53,9 @@ def _apply_overrides(spec: DatasetSpec, args: argparse.Namespace) -> DatasetSpec
         data["output"]["uri"] = args.output
     if getattr(args, "overwrite", False):
         data["output"]["overwrite"] = True
-    return parse_spec(data, "spec with command-line overrides")
+    # (a spec the API saved, --spec-env, is read as saved again)
+    return parse_spec(data, "spec with command-line overrides",
+                      stored=bool(getattr(args, "spec_env", None)))
 
 
 def _storage_options(uri: str) -> Optional[dict[str, Any]]:

@@ -453,6 +453,17 @@ def test_a_saved_sources_url_without_a_host_is_no_public_services_budget():
         parse_spec(spec)
     saved = parse_spec(spec, stored=True)
     assert budget_key("wikimedia", saved.sources[0]) == "wikimedia@no-server"
+    # read again as saved where it is validated again: a job the API queued (build
+    # --spec-env, with the command line's overrides), recheck --write's copy
+    from argparse import Namespace
+
+    from builder.spec import DatasetSpec
+    from cluster.cli import _apply_overrides
+
+    again = _apply_overrides(saved, Namespace(spec_env="PIXCRAWLER_SPEC", output="/tmp/x",
+                                              overwrite=True))
+    assert again.sources[0].endpoint() == "commons-api" and again.output.overwrite
+    assert DatasetSpec.model_validate(saved.model_dump(mode="json")).sources[0].endpoint()
 
 
 def test_limits_from_source_options():
