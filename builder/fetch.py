@@ -106,9 +106,6 @@ REFUSED_ORIGIN_S = 60.0
 FRESH_ROBOTS_S = 60.0
 """How old a robots.txt read for another purpose may be when an origin's signals are built
 from it (they are kept ``ORIGIN_MAX_AGE_S`` from then)."""
-ORIGIN_READS = 3
-"""How often an origin's load reads its robots.txt again when the policy was dropped for room
-(``OriginCache``) before its other files came (``Fetcher._load_origin``)."""
 
 log = logging.getLogger("pixcrawler.fetch")
 
@@ -882,8 +879,11 @@ class Fetcher:
             # signals, kept ORIGIN_MAX_AGE_S from now, are no older than that.
             if not robots_on or self._robots.cached(url, FRESH_ROBOTS_S) is not None:
                 return None
-            return await read_twice_if_unreachable(self._fetch_robots,
-                                                   origin_file(url, "/robots.txt"))
+            answer = await self._robots.read(url)  # (shared with a page check's load)
+            if len(answer[1]) <= INLINE_PARSE_BYTES and \
+                    self._robots.cached(url, FRESH_ROBOTS_S) is None:
+                self._robots.keep(url, RobotsPolicy.from_response(*answer))  # for the pages
+            return answer
 
         async def read(on: bool, path: str) -> Optional[tuple[int, bytes]]:
             return await self._fetch_signal_file(url, path) if on else None

@@ -95,7 +95,10 @@ ENTRY_BYTES = 8 << 10
 
 MAX_RELOADS = 2
 """How often an origin's long rule files may be read again after they were dropped for room
-(``OriginCache``); past it the origin is refused as not known (too costly)."""
+(``OriginCache``), each within ``DROP_MEMORY_S`` of the drop before; past it the origin is
+refused as not known (too costly) until ``DROP_MEMORY_S`` after its last drop."""
+DROP_MEMORY_S = 600.0
+"""How long ``OriginCache`` remembers that it dropped an origin's long files."""
 MAX_DROPPED = 65536
 """The origins whose drops ``OriginCache`` counts (the latest)."""
 
@@ -106,9 +109,9 @@ def cache_weight(text_bytes: int) -> int:
     return ENTRY_BYTES + PARSED_BYTES_PER_BYTE * max(0, text_bytes)
 
 
-HEAVY_WEIGHT = cache_weight(INLINE_PARSE_BYTES)
-"""What an origin's value weighs past which its drops are counted (``MAX_RELOADS``): files
-long enough to be parsed off the loop."""
+HEAVY_WEIGHT = cache_weight(4 * INLINE_PARSE_BYTES)
+"""What an origin's value weighs past which its drops are counted (``MAX_RELOADS``): 128 KiB
+of rule text (a large real robots.txt is tens of KiB; reading it again is cheap)."""
 
 _USER_AGENT_FIELDS = frozenset({"user-agent", "useragent", "user agent"})
 _SITE_WIDE_FIELDS = frozenset({"sitemap", "sitemaps", "site-map", "host"})
@@ -452,8 +455,9 @@ class OriginCache(Generic[T]):
         self._unkept = unkept
         self._done: OrderedDict[str, tuple[float, T, int]] = OrderedDict()
         self._pending: dict[str, asyncio.Task[T]] = {}
-        self._dropped: OrderedDict[str, int] = OrderedDict()
-        """Per origin, how often its long files were dropped (the last ``MAX_DROPPED``)."""
+        self._dropped: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        """Per origin, how often its long files were dropped in a row, each within
+        ``DROP_MEMORY_S`` of the one before, and when last (the last ``MAX_DROPPED``)."""
         self.fetches = 0
         self.weight = 0
         """What the values kept weigh now (``cache_weight``)."""
@@ -477,7 +481,9 @@ class OriginCache(Generic[T]):
         known = self.cached(url, max_age_s)
         if known is not None:
             return known
-        if self._unkept is not None and self._dropped.get(origin, 0) > MAX_RELOADS:
+        drops, last = self._dropped.get(origin, (0, 0.0))
+        if self._unkept is not None and drops > MAX_RELOADS and \
+                self._clock() - last <= DROP_MEMORY_S:
             return self._unkept(url)
         task = self._pending.get(origin)
         if task is None:
@@ -511,7 +517,9 @@ class OriginCache(Generic[T]):
             self.weight -= dropped
             self.evicted += 1
             if dropped > HEAVY_WEIGHT:
-                self._dropped[gone] = self._dropped.pop(gone, 0) + 1
+                now = self._clock()
+                drops, last = self._dropped.pop(gone, (0, 0.0))
+                self._dropped[gone] = (drops + 1 if now - last <= DROP_MEMORY_S else 1, now)
                 if len(self._dropped) > MAX_DROPPED:
                     self._dropped.popitem(last=False)
 
@@ -617,11 +625,34 @@ class RobotsCache(OriginCache[RobotsPolicy]):
     def __init__(self, fetch: RobotsFetch, user_agent: str = ROBOTS_UA,
                  gate: Optional[RulesGate] = None):
         async def load(url: URL) -> RobotsPolicy:
-            status, body = await read_twice_if_unreachable(fetch, origin_file(url, "/robots.txt"))
+            status, body = await self.read(url)
             return await parsed(status, body, user_agent, gate)
 
         super().__init__(load, unkept=lambda url: RobotsPolicy.unkept())
+        self._fetch = fetch
         self._user_agent = user_agent
+        self._reading: dict[str, asyncio.Task[tuple[int, bytes]]] = {}
+
+    async def read(self, url: URL) -> tuple[int, bytes]:
+        """The answer of ``url``'s origin's robots.txt (asked once more when unreachable):
+        one read, shared by whoever asks while it runs (this cache's load, an origin's
+        signals)."""
+        origin = origin_of(url)
+        task = self._reading.get(origin)
+        if task is None:
+            task = asyncio.ensure_future(
+                read_twice_if_unreachable(self._fetch, origin_file(url, "/robots.txt")))
+            self._reading[origin] = task
+            task.add_done_callback(lambda done: self._reading.pop(origin, None)
+                                   if self._reading.get(origin) is done else None)
+        return await asyncio.shield(task)
+
+    async def close(self) -> None:
+        for task in list(self._reading.values()):
+            task.cancel()
+        await asyncio.gather(*self._reading.values(), return_exceptions=True)
+        self._reading.clear()
+        await super().close()
 
     async def policy(self, url: URL, max_age_s: Optional[float] = None) -> RobotsPolicy:
         """The policy of ``url``'s origin, fetching its robots.txt on first use (and again

@@ -438,31 +438,39 @@ def test_at_most_the_gates_slots_are_held_at_once_and_a_cancelled_wait_takes_non
     assert asyncio.run(main()) == (2, 2)
 
 
-def test_an_origin_whose_long_files_were_dropped_too_often_is_not_read_again():
+def test_an_origin_whose_long_files_were_dropped_too_often_is_not_read_again_for_a_while():
     """Origins of long files taking turns were each read and parsed again for every image
-    once the cache dropped them for room. After ``MAX_RELOADS`` reads the origin is answered
-    by ``unkept`` (refused as not known); an origin of short files is read again freely."""
-    from builder.robots import INLINE_PARSE_BYTES, MAX_RELOADS, OriginCache, cache_weight
+    once the cache dropped them for room. After ``MAX_RELOADS`` reads, each within
+    ``DROP_MEMORY_S`` of the last drop, the origin is answered by ``unkept`` (refused as not
+    known) until ``DROP_MEMORY_S`` after its last drop; an origin of shorter files is read
+    again freely."""
+    from builder.robots import (DROP_MEMORY_S, INLINE_PARSE_BYTES, MAX_RELOADS, OriginCache,
+                                cache_weight)
 
+    long_bytes = 4 * INLINE_PARSE_BYTES + 1
     loads: list[str] = []
+    now = [0.0]
 
     async def load(url: URL) -> _Sized:
         loads.append(url.host)
-        return _Sized(url.host, INLINE_PARSE_BYTES + 1 if url.host.startswith("long") else 10)
+        return _Sized(url.host, long_bytes if url.host.startswith("long") else 10)
 
-    cache: OriginCache[object] = OriginCache(
-        load, max_bytes=cache_weight(INLINE_PARSE_BYTES + 1), unkept=lambda url: "unkept")
+    cache: OriginCache[object] = OriginCache(load, max_bytes=cache_weight(long_bytes),
+                                             clock=lambda: now[0], unkept=lambda url: "unkept")
 
-    async def scenario() -> list[object]:
+    async def rounds(n: int) -> list[object]:
         seen = []
-        for _ in range(MAX_RELOADS + 3):
+        for _ in range(n):
             for host in ("long-a", "long-b", "short"):
                 value = await cache.get(URL(f"https://{host}/x.jpg"))
                 seen.append(value if isinstance(value, str) else value.name)
+                now[0] += 1.0
         return seen
 
-    seen = asyncio.run(scenario())
+    seen = asyncio.run(rounds(MAX_RELOADS + 3))
     assert loads.count("long-a") == loads.count("long-b") == MAX_RELOADS + 1
     assert seen[-3:] == ["unkept", "unkept", "short"]
     # dropped for the long ones each round (read again each time), kept once they are not
     assert loads.count("short") == MAX_RELOADS + 1 and seen[2::3] == ["short"] * (MAX_RELOADS + 3)
+    now[0] += DROP_MEMORY_S + 1
+    assert asyncio.run(rounds(1))[:2] == ["long-a", "long-b"]  # read again after a while

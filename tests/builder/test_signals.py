@@ -1161,3 +1161,50 @@ def test_an_origin_whose_files_could_not_be_kept_refuses_as_not_known_by_each_ho
         assert [e.name for e in entries] == names
         assert {(e.value, e.verdict) for e in entries} == {("unreachable", REFUSE)}
         assert first_refusal(entries) is not None
+
+
+def test_an_origins_robots_txt_is_read_once_for_its_images_and_for_the_pages_there():
+    """An origin's signals read robots.txt themselves, not through the cache its pages'
+    checks use: with page_meta, an image whose page is on a host with images of its own had
+    that host's robots.txt read twice. The read is shared, and a short file is cached as soon
+    as it is read."""
+    from aiohttp import web as aioweb
+
+    asked: dict[str, int] = {}
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 120, 240)).save(image, "PNG")
+
+    async def handler(request: aioweb.Request) -> aioweb.StreamResponse:
+        host = request.host.split(":")[0]
+        if request.path == "/robots.txt":
+            asked[host] = asked.get(host, 0) + 1
+            # (slow where the pages are: the page check asks while the origin's load reads)
+            await asyncio.sleep(1.0 if host == "pages.example" else 0)
+            return aioweb.Response(text="User-agent: *\nDisallow: /private/\n")
+        if request.path == "/page.html":
+            return aioweb.Response(text="<html><img src='/a.png' alt='a cat'></html>",
+                                   content_type="text/html")
+        if request.path.endswith(".png"):
+            return aioweb.Response(body=image.getvalue(), content_type="image/png")
+        return aioweb.Response(status=404)
+
+    app = aioweb.Application()
+    app.router.add_route("GET", "/{tail:.*}", handler)
+
+    async def main() -> tuple[list[Record], int]:
+        runner, port = await _serving(app)
+        try:
+            resolver = HostsResolver({"img.example": "127.0.0.1", "pages.example": "127.0.0.1"})
+            async with Fetcher(cfg(signals={"page_meta": True}), resolver=resolver) as fetcher:
+                records = [Record(Candidate(url=f"http://img.example:{port}/a.png", label="x",
+                                            page_url=f"http://pages.example:{port}/page.html")),
+                           Record(Candidate(url=f"http://pages.example:{port}/b.png",
+                                            label="x"))]
+                done = await fetcher.fetch_many(records)
+                return done, fetcher.stats["robots_fetches"]
+        finally:
+            await runner.cleanup()
+
+    records, fetches = asyncio.run(main())
+    assert [r.rejected for r in records] == [False, False], [r.detail for r in records]
+    assert asked == {"img.example": 1, "pages.example": 1} and fetches == 2
