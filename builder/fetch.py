@@ -60,9 +60,9 @@ from builder.profiles import HostProfiles, user_agent
 from builder.reasons import Reason
 from builder.records import Record
 from builder.rights import UNREACHABLE, UNREADABLE, Signal, first_refusal
-from builder.robots import (INLINE_PARSE_BYTES, MAX_ROBOTS_BYTES, ROBOTS_UA, OriginCache,
-                            RobotsCache, RobotsPolicy, RulesGate, answer_text, off_loop,
-                            origin_file, read_twice_if_unreachable, unreachable)
+from builder.robots import (DROPPED_TEXT, INLINE_PARSE_BYTES, MAX_ROBOTS_BYTES, ROBOTS_UA,
+                            OriginCache, RobotsCache, RobotsPolicy, RulesGate, answer_text,
+                            off_loop, origin_file, read_twice_if_unreachable, unreachable)
 from builder.spec import DownloadSpec, host_key
 from builder.text import well_formed
 from builder.urls import without_secrets
@@ -360,8 +360,8 @@ class Fetcher:
         self._resolver = resolver
         self._profiles = HostProfiles(cfg, host_share)
         self._origins: OriginCache[Union[sig.OriginSignals, UrlRejected]] = OriginCache(
-            self._load_origin, unkept=lambda url: sig.OriginSignals.unkept(
-                cfg, "its rule files were read and dropped for room too often"))
+            self._load_origin,
+            unkept=lambda url: sig.OriginSignals.unkept(cfg, f"its files: {DROPPED_TEXT}"))
         self._origin_signals = sig.origin_active(cfg)
         self._response_signals = sig.ResponseSignals(cfg)
         self._pages: OrderedDict[str, tuple[float, asyncio.Future[sig.PageFacts]]] = \
@@ -386,10 +386,10 @@ class Fetcher:
     async def close(self) -> None:
         """Close the session and its connections; the fetcher cannot be used afterwards."""
         self._closed = True
-        await self._origins.close()
-        await self._robots.close()
         for _, page in self._pages.values():
             page.cancel()
+        await self._origins.close()
+        await self._robots.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -879,6 +879,9 @@ class Fetcher:
             # signals, kept ORIGIN_MAX_AGE_S from now, are no older than that.
             if not robots_on or self._robots.cached(url, FRESH_ROBOTS_S) is not None:
                 return None
+            if self._robots.pending(url):  # a page's check loads it: parsed once, cached
+                await self._robots.get(url, FRESH_ROBOTS_S)
+                return None
             answer = await self._robots.read(url)  # (shared with a page check's load)
             if len(answer[1]) <= INLINE_PARSE_BYTES and \
                     self._robots.cached(url, FRESH_ROBOTS_S) is None:
@@ -994,8 +997,9 @@ class Fetcher:
                                        f"its robots.txt: {answer_text(policy.status)}",
                                        unknown=True)
             if policy.costly:
-                return sig.unread_page(page_url, cfg, "its robots.txt: its rules cost too much "
-                                       "CPU to match", unknown=True)
+                return sig.unread_page(page_url, cfg, "its robots.txt: " + (
+                    DROPPED_TEXT if policy.dropped else "its rules cost too much CPU to match"),
+                    unknown=True)
             if not policy.allowed(url, ROBOTS_UA):
                 return sig.unread_page(page_url, cfg, "robots.txt disallows it")
             del policy  # (not held while the page is read: the cache may drop it for room)

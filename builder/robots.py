@@ -39,6 +39,7 @@ future, not just finished results (``OriginCache``, also used for the other per-
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import re
@@ -99,6 +100,8 @@ MAX_RELOADS = 2
 refused as not known (too costly) until ``DROP_MEMORY_S`` after its last drop."""
 DROP_MEMORY_S = 600.0
 """How long ``OriginCache`` remembers that it dropped an origin's long files."""
+DROPPED_TEXT = "dropped for room too often: read again ten minutes after its last drop"
+"""Why an origin refused for ``MAX_RELOADS`` is, as its ledger and a page's check say."""
 MAX_DROPPED = 65536
 """The origins whose drops ``OriginCache`` counts (the latest)."""
 
@@ -129,7 +132,7 @@ class RobotsPolicy:
     """The robots.txt rules of one origin, decided from how its robots.txt answered."""
 
     __slots__ = ("allow_all", "disallow_all", "status", "_parser", "_groups", "crawl_delay",
-                 "group", "extensions", "costly", "_cost", "size")
+                 "group", "extensions", "costly", "_cost", "size", "dropped")
 
     def __init__(self, status: int, parser: Optional[Protego] = None,
                  groups: Optional[list["_Group"]] = None, *, allow_all: bool = False,
@@ -148,6 +151,8 @@ class RobotsPolicy:
         """The bytes of the file parsed (``from_response``)."""
         self.costly = False
         """Matching has cost more than ``MATCH_CPU_S`` allows: ``allowed`` says no (not known)."""
+        self.dropped = False
+        """The file was dropped for room too often to be read again now (``unkept``)."""
 
     @classmethod
     def from_response(cls, status: int, body: bytes, user_agent: str = ROBOTS_UA) -> "RobotsPolicy":
@@ -166,9 +171,9 @@ class RobotsPolicy:
     @classmethod
     def unkept(cls) -> "RobotsPolicy":
         """The policy of an origin whose long file was read and dropped for room too often
-        (``OriginCache``): nothing is allowed, as not known (``costly``)."""
+        (``OriginCache``): nothing is allowed, as not known (``costly``, ``dropped``)."""
         policy = cls(200, disallow_all=True)
-        policy.costly = True
+        policy.costly = policy.dropped = True
         return policy
 
     @property
@@ -632,22 +637,35 @@ class RobotsCache(OriginCache[RobotsPolicy]):
         self._fetch = fetch
         self._user_agent = user_agent
         self._reading: dict[str, asyncio.Task[tuple[int, bytes]]] = {}
+        self._closed = False
 
     async def read(self, url: URL) -> tuple[int, bytes]:
         """The answer of ``url``'s origin's robots.txt (asked once more when unreachable):
         one read, shared by whoever asks while it runs (this cache's load, an origin's
         signals)."""
+        if self._closed:
+            raise RuntimeError("this robots.txt cache is closed")
         origin = origin_of(url)
         task = self._reading.get(origin)
         if task is None:
             task = asyncio.ensure_future(
                 read_twice_if_unreachable(self._fetch, origin_file(url, "/robots.txt")))
             self._reading[origin] = task
-            task.add_done_callback(lambda done: self._reading.pop(origin, None)
-                                   if self._reading.get(origin) is done else None)
+            task.add_done_callback(functools.partial(self._read_done, origin))
         return await asyncio.shield(task)
 
+    def pending(self, url: URL) -> bool:
+        """Whether a load of ``url``'s origin's policy is under way."""
+        return origin_of(url) in self._pending
+
+    def _read_done(self, origin: str, task: asyncio.Task[tuple[int, bytes]]) -> None:
+        if self._reading.get(origin) is task:
+            del self._reading[origin]
+        if not task.cancelled():
+            task.exception()  # (retrieved: its awaiters may all have been cancelled)
+
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._reading.values()):
             task.cancel()
         await asyncio.gather(*self._reading.values(), return_exceptions=True)

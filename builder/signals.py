@@ -40,8 +40,8 @@ from protego._utils import _quote_path, _quote_pattern
 from yarl import URL
 
 from builder.rights import ALLOW, NO_ANSWER, NONE, REFUSE, UNREACHABLE, Signal
-from builder.robots import (MATCH_CPU_PER_URL_S, MATCH_CPU_S, ROBOTS_UA, MatchCost, RobotsPolicy,
-                            answer_text, optout_directive, unreachable)
+from builder.robots import (DROPPED_TEXT, MATCH_CPU_PER_URL_S, MATCH_CPU_S, ROBOTS_UA, MatchCost,
+                            RobotsPolicy, answer_text, optout_directive, unreachable)
 from builder.spec import DownloadSpec
 from builder.urls import MAX_URL_CHARS
 from builder.xmp import data_mining, data_mining_verdict
@@ -312,8 +312,9 @@ class _RulesFile:
         if policy.unreachable:
             value = UNREACHABLE if policy.status else NO_ANSWER
         self.refuse = Signal(name, value, source, REFUSE)
-        self.costly = Signal(name, UNREACHABLE, source[:200] + " (its rules cost too much CPU "
-                             "to match: not matched)", REFUSE)
+        self.costly = Signal(name, UNREACHABLE, source[:200] + (
+            f" ({DROPPED_TEXT})" if policy.dropped else
+            " (its rules cost too much CPU to match: not matched)"), REFUSE)
         """Not known, not a disallow: the policy's own budget is spent (its page checks may
         have spent it)."""
         # A file that sets nothing for us (absent, no group) is recorded as nothing said.
@@ -382,8 +383,8 @@ class OriginSignals:
                                        ("content_usage", cfg.signals.content_usage),
                                        ("tdmrep", cfg.signals.tdmrep),
                                        ("ai_txt", cfg.signals.ai_txt)) if on]
-        out._too_costly = tuple(Signal(name, UNREACHABLE, f"the origin's rule files ({why}: "
-                                       "not matched)", REFUSE) for name in names)
+        out._too_costly = tuple(Signal(name, UNREACHABLE, f"the origin's rule files ({why})",
+                                       REFUSE) for name in names)
         return out
 
     def ledger(self, url: URL) -> tuple[Signal, ...]:

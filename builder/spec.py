@@ -1300,13 +1300,15 @@ def parse_spec(data: Any, source: str = "spec", *, stored: bool = False) -> Data
         spec = DatasetSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_errors(exc), source) from None
-    if not stored:  # (one an earlier version saved still loads: that source's searches fail)
-        problems = [(f"sources.{i}.{ENDPOINT_FIELDS[src.engine]}", "must be an http:// or "
-                     f"https:// URL with a host name, not {without_secrets(url)[:120]!r}")
-                    for i, src in enumerate(spec.sources)
-                    if (url := src.endpoint()) is not None and not _serves_http(url)]
-        if problems:
-            raise SpecError(problems, source)
+    problems = [(f"sources.{i}.{ENDPOINT_FIELDS[src.engine]}", "must be an http:// or "
+                 f"https:// URL with a host name, not {without_secrets(url)[:120]!r}")
+                for i, src in enumerate(spec.sources)
+                if (url := src.endpoint()) is not None and not _serves_http(url)]
+    if problems and not stored:
+        raise SpecError(problems, source)
+    for field, problem in problems:  # (one an earlier version saved still loads)
+        log.warning("%s (saved by an earlier version): %s %s; that source's searches fail",
+                    source, field, problem)
     return spec
 
 

@@ -474,3 +474,32 @@ def test_an_origin_whose_long_files_were_dropped_too_often_is_not_read_again_for
     assert loads.count("short") == MAX_RELOADS + 1 and seen[2::3] == ["short"] * (MAX_RELOADS + 3)
     now[0] += DROP_MEMORY_S + 1
     assert asyncio.run(rounds(1))[:2] == ["long-a", "long-b"]  # read again after a while
+
+
+def test_a_shared_robots_read_left_by_its_waiters_leaves_no_unread_error_and_ends_with_close():
+    """A read all of whose waiters were cancelled (a fetcher closing) failed later with
+    nobody to take its error (asyncio logs "Task exception was never retrieved"); a read
+    asked for after the cache closed ran on against a closed session."""
+    import gc
+
+    url = URL("https://example.com/a.jpg")
+    reported: list[dict] = []
+
+    async def fetch(robots_url: URL) -> tuple[int, bytes]:
+        await asyncio.sleep(0.05)
+        raise OSError("the network is gone")
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        cache = RobotsCache(fetch)
+        waiter = asyncio.ensure_future(cache.read(url))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.sleep(0.1)
+        gc.collect()
+        await cache.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await cache.read(url)
+
+    asyncio.run(main())
+    assert reported == []

@@ -1159,6 +1159,7 @@ def test_an_origin_whose_files_could_not_be_kept_refuses_as_not_known_by_each_ho
                            ["tdmrep", "ai_txt"])):
         entries = OriginSignals.unkept(config, "read too often").ledger(url)
         assert [e.name for e in entries] == names
+        assert all("read too often" in e.source for e in entries)
         assert {(e.value, e.verdict) for e in entries} == {("unreachable", REFUSE)}
         assert first_refusal(entries) is not None
 
@@ -1208,3 +1209,14 @@ def test_an_origins_robots_txt_is_read_once_for_its_images_and_for_the_pages_the
     records, fetches = asyncio.run(main())
     assert [r.rejected for r in records] == [False, False], [r.detail for r in records]
     assert asked == {"img.example": 1, "pages.example": 1} and fetches == 2
+
+
+def test_a_policy_dropped_too_often_says_so_not_that_its_rules_cost_too_much():
+    from builder.robots import DROPPED_TEXT, RobotsPolicy
+
+    [entry] = OriginSignals(DownloadSpec(signals={"content_signal": False,
+                                                  "content_usage": False, "tdmrep": False,
+                                                  "ai_txt": False}),
+                            RobotsPolicy.unkept(), None, None).ledger(URL("https://x.org/a.jpg"))
+    assert (entry.name, entry.value, entry.verdict) == ("robots_txt", "unreachable", REFUSE)
+    assert DROPPED_TEXT in entry.source and "CPU" not in entry.source
