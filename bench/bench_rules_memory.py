@@ -6,8 +6,10 @@ wildcard rules and tdmrep.json with 512 KiB of locations; each name has one imag
 that keeps every origin's parsed files grows by about 32 MB an origin. Each run here is a
 fresh process (``--child``) that fetches one image on each of ``N`` names, through
 ``builder.fetch.Fetcher.fetch_many`` with a resolver that maps every name to 127.0.0.1
-(``allow_private_networks`` only because the server is on loopback); the parent reports its
-peak RSS (``ru_maxrss``) and CPU. Run it with ``PYTHONPATH`` naming the tree to measure:
+(``allow_private_networks`` only because the server is on loopback), with a worker
+process's garbage collector settings (``builder.worker.settle_process``: the parsed rules
+hold reference cycles, so what a bounded cache drops is freed by the collector, whose
+settings change the CPU by half); the parent reports its peak RSS (``ru_maxrss``) and CPU. Run it with ``PYTHONPATH`` naming the tree to measure:
 
     PYTHONPATH=$PWD .venv/bin/python bench/bench_rules_memory.py [--origins 20,40,80]
 """
@@ -34,6 +36,7 @@ from builder.fetch import Fetcher
 from builder.records import Candidate, Record
 from builder.robots import MAX_ROBOTS_BYTES
 from builder.spec import DownloadSpec
+from builder.worker import settle_process
 
 
 def _rule_files() -> tuple[bytes, bytes]:
@@ -94,6 +97,7 @@ async def _fetch_all(origins: int) -> dict[str, Any]:
 
 
 def _child(origins: int) -> None:
+    settle_process()  # a worker process's garbage collector settings
     print(json.dumps(asyncio.run(_fetch_all(origins))))
 
 
