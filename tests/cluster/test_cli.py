@@ -273,20 +273,28 @@ def test_retry_failed_passes_its_runner_options_on(monkeypatch, tmp_path, flag):
         "dashboard": flag == "--dashboard", "ray": flag == "--ray", "local": flag == "--local"}
 
 
-def test_a_datasets_spec_opens_this_machines_network_to_retry_and_recheck_only_when_told(
-        monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("download, flag, refusal", [
+    ({"allow_private_networks": True}, "--allow-private-networks", "allow_private_networks"),
+    ({"respect_robots": False, "signals": {"ai_txt": False}}, "--allow-weaker-opt-outs",
+     "download.respect_robots: false; download.signals.ai_txt: false"),
+])
+def test_a_datasets_spec_opens_the_network_or_honours_fewer_opt_outs_only_when_told(
+        monkeypatch, tmp_path, capsys, download, flag, refusal):
     """``retry-failed`` and ``recheck`` take their download settings from the dataset's own
     spec. One from elsewhere (a shared bucket, a download) that set
     ``allow_private_networks`` had them request its images' URLs on loopback, the LAN or a
-    cloud's metadata service (``retry-failed`` writing the answers into the dataset). Both
-    refuse before any request unless given ``--allow-private-networks``."""
+    cloud's metadata service (``retry-failed`` writing the answers into the dataset); one
+    that turned robots.txt and the opt-out signals off had ``retry-failed`` fetch what the
+    sites refuse and ``recheck`` find nothing to remove. Both refuse before any request,
+    naming what the spec sets, unless given ``--allow-private-networks`` or
+    ``--allow-weaker-opt-outs``."""
     import builder.pipeline
     import builder.recheck
     from builder.errors import SpecError
     from builder.recheck import RecheckResult
     from builder.spec import parse_spec
 
-    spec = parse_spec({**SPEC, "download": {"allow_private_networks": True}})
+    spec = parse_spec({**SPEC, "download": download})
     monkeypatch.setattr(builder.pipeline, "published_spec", lambda uri, options: spec)
     monkeypatch.setattr(builder.pipeline, "read_marker", lambda uri, options: {"job_id": "x"})
     monkeypatch.setattr(builder.pipeline, "_crawl_partial", lambda uri, options, marker: "")
@@ -297,7 +305,7 @@ def test_a_datasets_spec_opens_this_machines_network_to_retry_and_recheck_only_w
     monkeypatch.setattr(cli, "run_spec", lambda spec, **kwargs: ran.append("retry") or 0)
     for call in (lambda: builder.pipeline.plan_retry(str(tmp_path)),  # as a library too
                  lambda: builder.recheck.recheck(str(tmp_path))):
-        with pytest.raises(SpecError, match="allow_private_networks"):
+        with pytest.raises(SpecError, match=refusal):
             call()
 
     def recheck(uri, **kwargs):
@@ -309,52 +317,10 @@ def test_a_datasets_spec_opens_this_machines_network_to_retry_and_recheck_only_w
     assert main(["retry-failed", str(tmp_path), "--local"]) == EXIT_USAGE
     assert main(["recheck", str(tmp_path), "--out", out]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert err.count("--allow-private-networks") >= 2 and "allow_private_networks" in err
+    assert err.count(flag) >= 2 and refusal in " ".join(err.split())
     assert ran == []
-    assert main(["retry-failed", str(tmp_path), "--local", "--allow-private-networks"]) == 0
-    assert main(["recheck", str(tmp_path), "--out", out, "--allow-private-networks"]) == 0
-    assert ran == ["retry", "recheck"]
-
-
-def test_a_datasets_spec_honours_fewer_opt_outs_in_retry_and_recheck_only_when_told(
-        monkeypatch, tmp_path, capsys):
-    """A dataset's spec from elsewhere could turn robots.txt and the opt-out signals off:
-    ``retry-failed`` then fetched what the sites refuse, and ``recheck`` found nothing to
-    remove. Both refuse such a spec unless given ``--allow-weaker-opt-outs``, naming what it
-    turns off."""
-    import builder.pipeline
-    import builder.recheck
-    from builder.errors import SpecError
-    from builder.recheck import RecheckResult
-    from builder.spec import parse_spec
-
-    spec = parse_spec({**SPEC, "download": {"respect_robots": False,
-                                            "signals": {"ai_txt": False}}})
-    monkeypatch.setattr(builder.pipeline, "published_spec", lambda uri, options: spec)
-    monkeypatch.setattr(builder.pipeline, "read_marker", lambda uri, options: {"job_id": "x"})
-    monkeypatch.setattr(builder.pipeline, "_crawl_partial", lambda uri, options, marker: "")
-    monkeypatch.setattr(builder.pipeline, "count_retryable", lambda uri, options: 3)
-    monkeypatch.setattr(builder.recheck, "dataset_spec", lambda uri, options: spec)
-    monkeypatch.setattr(builder.recheck, "needs_contact", lambda uri, download, options: False)
-    ran: list[str] = []
-    monkeypatch.setattr(cli, "run_spec", lambda spec, **kwargs: ran.append("retry") or 0)
-    for call in (lambda: builder.pipeline.plan_retry(str(tmp_path)),  # as a library too
-                 lambda: builder.recheck.recheck(str(tmp_path))):
-        with pytest.raises(SpecError, match="download.respect_robots: false; "
-                                            "download.signals.ai_txt: false"):
-            call()
-
-    def recheck(uri, **kwargs):
-        ran.append("recheck")
-        return RecheckResult(uri, kwargs["mode"], checked=0, checked_at="")
-
-    monkeypatch.setattr(builder.recheck, "recheck", recheck)
-    out = str(tmp_path / "removals.csv")
-    assert main(["retry-failed", str(tmp_path), "--local"]) == EXIT_USAGE
-    assert main(["recheck", str(tmp_path), "--out", out]) == EXIT_USAGE
-    assert capsys.readouterr().err.count("--allow-weaker-opt-outs") >= 2 and ran == []
-    assert main(["retry-failed", str(tmp_path), "--local", "--allow-weaker-opt-outs"]) == 0
-    assert main(["recheck", str(tmp_path), "--out", out, "--allow-weaker-opt-outs"]) == 0
+    assert main(["retry-failed", str(tmp_path), "--local", flag]) == 0
+    assert main(["recheck", str(tmp_path), "--out", out, flag]) == 0
     assert ran == ["retry", "recheck"]
 
 
