@@ -885,7 +885,7 @@ class Fetcher:
             answer = await self._robots.read(url)  # (shared with a page check's load)
             if len(answer[1]) <= INLINE_PARSE_BYTES and \
                     self._robots.cached(url, FRESH_ROBOTS_S) is None:
-                self._robots.keep(url, RobotsPolicy.from_response(*answer))  # for the pages
+                self._robots_from(url, answer)  # (cached at once, for the pages)
             return answer
 
         async def read(on: bool, path: str) -> Optional[tuple[int, bytes]]:

@@ -151,6 +151,22 @@ class HostProfiles:
 # ---- the operator contact ---------------------------------------------------------------------
 
 
+def faster_than_published(host: str, profile: HostProfileSpec
+                          ) -> list[tuple[str, float, float]]:
+    """The fields of ``profile`` for ``host`` less polite than its built-in profile (a site's
+    published robot policy): (field, the profile's value, the published one); none for a
+    host without one."""
+    builtin = BUILTIN_PROFILES.get(host)
+    if builtin is None:
+        return []
+    out = []
+    for name, sign in (("concurrency", 1), ("max_bytes_per_s", 1), ("delay_s", -1)):
+        mine, theirs = getattr(profile, name), getattr(builtin, name)
+        if mine is not None and theirs is not None and sign * (mine - theirs) > 0:
+            out.append((name, mine, theirs))
+    return out
+
+
 def user_agent(cfg: DownloadSpec) -> str:
     """The User-Agent sent: ``download.user_agent`` with ``download.contact`` added inside its
     comment (``PixCrawler/0.1 (+https://...; ops@example.org)``) unless already there."""

@@ -1331,7 +1331,7 @@ def weaker_opt_outs(download: DownloadSpec) -> list[str]:
     """The settings of ``download`` that honour less than PixCrawler's defaults: robots.txt or
     the opt-out signals turned off, a narrower ``signals.usage``, a host faster than its
     built-in profile (a site's published robot policy)."""
-    from builder.profiles import BUILTIN_PROFILES  # (it imports this module)
+    from builder.profiles import faster_than_published  # (it imports this module)
 
     out = [f"download.{name}: false" for name in ("respect_robots", "respect_optouts")
            if not getattr(download, name)]
@@ -1340,14 +1340,9 @@ def weaker_opt_outs(download: DownloadSpec) -> list[str]:
             if getattr(defaults, name) is True and getattr(download.signals, name) is False]
     if download.signals.usage != defaults.usage:
         out.append(f"download.signals.usage: {download.signals.usage}")
-    for host, profile in download.hosts.items():
-        builtin = BUILTIN_PROFILES.get(host)
-        for name, sign in (("concurrency", 1), ("max_bytes_per_s", 1), ("delay_s", -1)):
-            mine = getattr(profile, name)
-            theirs = getattr(builtin, name) if builtin is not None else None
-            if mine is not None and theirs is not None and sign * (mine - theirs) > 0:
-                out.append(f"download.hosts.{host}.{name}: {mine:g} ({host}'s published "
-                           f"policy: {theirs:g})")
+    out += [f"download.hosts.{host}.{name}: {mine:g} ({host}'s published policy: {theirs:g})"
+            for host, profile in download.hosts.items()
+            for name, mine, theirs in faster_than_published(host, profile)]
     return out
 
 

@@ -712,7 +712,7 @@ def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
     nor with a longer delay than ``max_per_host_delay_s``, and a host with a built-in profile
     (a site's published robot policy) only made politer. On one's own machine a value there
     stands as written (``builder.profiles``)."""
-    from builder.profiles import BUILTIN_PROFILES
+    from builder.profiles import BUILTIN_PROFILES, faster_than_published
 
     caps = (("concurrency", "max_per_host_concurrency", policy.max_per_host_concurrency),
             ("delay_s", "max_per_host_delay_s", policy.max_per_host_delay_s))
@@ -722,16 +722,14 @@ def _check_hosts(check: _Check, policy: ApiPolicy) -> None:
             value = getattr(profile, name)
             if value is not None and value > cap:
                 check.over_cap(f"{at}.{name}", setting, value, cap)
+        for name, mine, theirs in faster_than_published(host, profile):
+            word = "below" if name == "delay_s" else "above"
+            check.forbid(f"{at}.{name}", "max_per_host_concurrency",
+                         f"{mine:g} is {word} {host}'s published robot policy ({theirs:g}); "
+                         "through this server a spec may only make it politer")
         builtin = BUILTIN_PROFILES.get(host)
         if builtin is None:
             continue
-        for name, sign in (("concurrency", 1), ("max_bytes_per_s", 1), ("delay_s", -1)):
-            mine, theirs = getattr(profile, name), getattr(builtin, name)
-            if mine is not None and theirs is not None and sign * (mine - theirs) > 0:
-                word = "above" if sign > 0 else "below"
-                check.forbid(f"{at}.{name}", "max_per_host_concurrency",
-                             f"{mine:g} is {word} {host}'s published robot policy ({theirs:g}); "
-                             "through this server a spec may only make it politer")
         widths, standard = profile.thumb_widths, builtin.thumb_widths
         if widths is not None and standard is not None and not set(widths) <= set(standard):
             check.forbid(f"{at}.thumb_widths", "max_per_host_concurrency",
