@@ -856,7 +856,7 @@ def test_a_copy_of_an_image_another_unit_refuses_later_is_kept(tmp_path, one_ima
     monkeypatch.setattr(worker_module, "HOLD_WAIT_S", 0.3)
     spec = _two_class_spec(tmp_path, {"cat": f"{one_image_server}/cat/a.jpg",
                                       "dog": f"{one_image_server}/dog/b.jpg"})
-    b_decided, a_released = asyncio.Event(), asyncio.Event()
+    a_indexed, b_decided, a_released = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     class Services(LocalServices):
         @property
@@ -884,14 +884,17 @@ def test_a_copy_of_an_image_another_unit_refuses_later_is_kept(tmp_path, one_ima
 
     async def traced(items):
         out = await decide(items)
-        if any(it.token >> POS_BITS == 2 for it in items):
+        units = {it.token >> POS_BITS for it in items}
+        if 1 in units:
+            a_indexed.set()
+        if 2 in units:
             b_decided.set()
         return out
 
     client.decide = traced
     runtime = WorkerRuntime(JobPlan(spec, str(tmp_path / "ds"), "job-1"),
                             Services(spec, client, QuotaLedger({"cat": 5, "dog": 5})))
-    a, b = _cat_then_dog(runtime, lambda: asyncio.sleep(0.3), a_released)  # A's index first
+    a, b = _cat_then_dog(runtime, a_indexed.wait, a_released)  # A's index first
     cat, dog = a.classes["cat"], b.classes["dog"]
     assert cat.candidates == dog.candidates == 1
     if later == "never":
