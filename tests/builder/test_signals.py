@@ -10,7 +10,7 @@ import random
 import signal
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import pyarrow as pa
 import pytest
@@ -1037,9 +1037,10 @@ def test_an_origin_whose_rules_cost_too_much_to_match_is_refused_after_one_url(m
         assert [e.verdict for e in fine.ledger(URL("http://h/a.jpg"))][0] == ALLOW
 
 
-def _rules_site(names: list[str], slow_ai: frozenset[str] = frozenset()) -> tuple[Any, int]:
-    """An aiohttp app answering every name with long robots.txt and ai.txt files (ai.txt
-    after 1.5 s for the names in ``slow_ai``), a long tdmrep.json, a page and a PNG."""
+def _rules_site(names: list[str], hold_ai: Optional[Callable[[str], Awaitable[None]]] = None
+                ) -> tuple[Any, int]:
+    """An aiohttp app answering every name with long robots.txt and ai.txt files (ai.txt once
+    ``hold_ai(name)`` returns, where given), a long tdmrep.json, a page and a PNG."""
     from aiohttp import web as aioweb
 
     robots = _wildcard_robots(3000)  # over INLINE_PARSE_BYTES: parsed off the loop
@@ -1049,8 +1050,8 @@ def _rules_site(names: list[str], slow_ai: frozenset[str] = frozenset()) -> tupl
     Image.new("RGB", (64, 48), (200, 120, 40)).save(image, "PNG")
 
     async def handler(request: aioweb.Request) -> aioweb.StreamResponse:
-        if request.path == "/ai.txt" and request.host.split(":")[0] in slow_ai:
-            await asyncio.sleep(1.5)
+        if request.path == "/ai.txt" and hold_ai is not None:
+            await hold_ai(request.host.split(":")[0])
         if request.path in ("/robots.txt", "/ai.txt"):
             return aioweb.Response(body=robots, content_type="text/plain")
         if request.path == "/.well-known/tdmrep.json":
@@ -1120,32 +1121,45 @@ def test_an_origin_waiting_for_its_files_holds_no_slot_another_origin_needs():
     long. The files are read first, and the slot is taken to parse them."""
     from builder.robots import RobotsCache, RulesGate
 
-    app, _ = _rules_site(["slow.example", "quick.example"], slow_ai=frozenset({"slow.example"}))
+    slow_asked, quick_done = asyncio.Event(), asyncio.Event()
+    held_out: list[bool] = []
 
-    async def main() -> dict[str, float]:
+    async def hold_ai(name: str) -> None:  # slow's ai.txt answers once quick is done
+        if name == "slow.example":
+            slow_asked.set()
+            try:
+                await asyncio.wait_for(quick_done.wait(), 10)
+            except asyncio.TimeoutError:
+                held_out.append(True)
+
+    app, _ = _rules_site(["slow.example", "quick.example"], hold_ai)
+
+    async def main() -> list[str]:
         runner, port = await _serving(app)
-        done: dict[str, float] = {}
+        done: list[str] = []
         try:
             resolver = HostsResolver({"slow.example": "127.0.0.1", "quick.example": "127.0.0.1"})
             async with Fetcher(cfg(), resolver=resolver) as fetcher:
                 gate = fetcher._rules_gate = RulesGate(1)
                 fetcher._robots = RobotsCache(fetcher._fetch_robots, gate=gate)
-                t0 = time.monotonic()
 
-                async def one(name: str, after: float) -> None:
-                    await asyncio.sleep(after)
+                async def one(name: str, after: Optional[asyncio.Event]) -> None:
+                    if after is not None:
+                        await after.wait()
                     [record] = await fetcher.fetch_many(
                         [Record(Candidate(url=f"http://{name}:{port}/a.png", label="x"))])
                     assert not record.rejected, record.detail
-                    done[name] = time.monotonic() - t0
+                    done.append(name)
+                    if name == "quick.example":
+                        quick_done.set()
 
-                await asyncio.gather(one("slow.example", 0), one("quick.example", 0.3))
+                await asyncio.gather(one("slow.example", None), one("quick.example", slow_asked))
         finally:
             await runner.cleanup()
         return done
 
-    done = asyncio.run(main())
-    assert done["quick.example"] < 1.2 < done["slow.example"], done
+    assert asyncio.run(main()) == ["quick.example", "slow.example"]
+    assert not held_out  # quick was never held back by slow's slot
 
 
 def test_an_origin_whose_files_could_not_be_kept_refuses_as_not_known_by_each_honoured_file():

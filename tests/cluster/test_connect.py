@@ -578,19 +578,36 @@ def task():
 
 pinger = Pinger.remote()
 ray.get([pinger.ping.remote(), task.remote()])
-time.sleep(2)  # the agents open their ports after the node registers
 me = psutil.Process()
-found = []
-for proc in [me] + me.children(recursive=True):
-    try:
-        cmd = proc.cmdline()
-        name = " ".join([proc.name()] + [os.path.basename(a) for a in cmd[:2]])
-        conns = proc.net_connections(kind="inet")
-    except psutil.Error:
-        continue
-    for c in conns:
-        if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr):  # TCP listen, UDP
-            found.append([proc.pid, name, c.laddr.ip, c.laddr.port])
+
+
+def listeners():
+    found = []
+    for proc in [me] + me.children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+            name = " ".join([proc.name()] + [os.path.basename(a) for a in cmd[:2]])
+            conns = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr):  # TCP, UDP
+                found.append([proc.pid, name, c.laddr.ip, c.laddr.port])
+    return found
+
+
+# The agents open their ports after the node registers, each at its own pace: wait until
+# the GCS, the raylet and the dashboard agent listen and the list has not changed for 2 s.
+deadline, found, same_since = time.monotonic() + 90, [], time.monotonic()
+while time.monotonic() < deadline:
+    now = listeners()
+    kinds = " ".join(name for _pid, name, _ip, _port in now)
+    if sorted(now) != sorted(found):
+        found, same_since = now, time.monotonic()
+    elif (all(k in kinds for k in ("gcs_server", "raylet", "DashboardAgent"))
+          and time.monotonic() - same_since >= 2):
+        break
+    time.sleep(0.25)
 node_ip = ray._private.worker.global_worker.node.node_ip_address
 shutdown()
 print(json.dumps({"listening": found, "node_ip": node_ip}))

@@ -103,13 +103,13 @@ def test_a_lost_worker_rejoins_once_its_actor_is_back_having_dropped_what_it_hel
         with pytest.raises(WorkerLost):
             await ex.run(0, None)
         assert ex.late == {0}
-        await asyncio.sleep(0.01)
+        await asyncio.wait({ex._starts[0]})  # its way back ended
         assert not await ex.revive(0)  # its actor is not back yet: asked again
-        await asyncio.sleep(0.01)
+        await asyncio.wait({ex._starts[0]})  # its way back ended
         assert calls == ["discard", "start"] * 2
         ex.handles[0].start.outcome = "incarnation-2"
         assert not await ex.revive(0)
-        await asyncio.sleep(0.01)
+        await asyncio.wait({ex._starts[0]})  # its way back ended
         assert await ex.revive(0)
         assert ex.late == set() and ex.incarnations == ["incarnation-2"]
         assert calls == ["discard", "start"] * 3
