@@ -116,26 +116,47 @@ def accepted_urls(out: str) -> set[str]:
 
 
 class KillWatch:
-    """A runner hook for a test that kills a worker mid-job: it keeps the runner, and records
-    for each unit that reported the worker it ran on and whether it was sent after the kill
-    (``killed``, set by the test)."""
+    """A runner hook for a test that kills worker ``victim`` mid-job: it keeps the runner, and
+    records for each unit that reported the worker it ran on and whether it was sent after
+    the kill (``killed``, set by the test).
 
-    def __init__(self) -> None:
+    Units sent to the other workers after the kill wait (up to ``BACK_WAIT_S``) until the
+    victim's replacement has started, so that some unit is left for it however slowly the
+    machine starts a process: on a loaded machine the survivors could finish the job first,
+    and the test could not see the replacement take part."""
+
+    BACK_WAIT_S = 120.0
+
+    def __init__(self, victim: int = 1) -> None:
+        self.victim = victim
         self.runner: Any = None
         self.killed = False
         self.ran: list[tuple[int, bool]] = []
+        self.back = asyncio.Event()
 
     def __call__(self, runner: Any) -> None:
         self.runner = runner
-        original = runner.executor.run
+        executor = runner.executor
+        original_run, original_revive = executor.run, executor.revive
 
         async def run(worker: int, unit: Any) -> Any:
             sent_after_kill = self.killed
-            report = await original(worker, unit)
+            if sent_after_kill and worker != self.victim:
+                try:
+                    await asyncio.wait_for(self.back.wait(), self.BACK_WAIT_S)
+                except asyncio.TimeoutError:  # the test's assertion says it never came back
+                    self.back.set()  # and the units after this one wait no more
+            report = await original_run(worker, unit)
             self.ran.append((worker, sent_after_kill))
             return report
 
-        runner.executor.run = run
+        async def revive(worker: int) -> bool:
+            started = await original_revive(worker)
+            if started and worker == self.victim and self.killed:
+                self.back.set()
+            return started
+
+        executor.run, executor.revive = run, revive
 
     async def until_accepted(self, job: asyncio.Future, n: int) -> None:
         """Wait until the job has accepted ``n`` images (failing if it ends first)."""
