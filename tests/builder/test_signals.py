@@ -1128,7 +1128,7 @@ def test_an_origin_waiting_for_its_files_holds_no_slot_another_origin_needs():
         if name == "slow.example":
             slow_asked.set()
             try:
-                await asyncio.wait_for(quick_done.wait(), 10)
+                await asyncio.wait_for(quick_done.wait(), 3)  # under cfg()'s timeout_s
             except asyncio.TimeoutError:
                 held_out.append(True)
 
@@ -1145,7 +1145,7 @@ def test_an_origin_waiting_for_its_files_holds_no_slot_another_origin_needs():
 
                 async def one(name: str, after: Optional[asyncio.Event]) -> None:
                     if after is not None:
-                        await after.wait()
+                        await asyncio.wait_for(after.wait(), 10)
                     [record] = await fetcher.fetch_many(
                         [Record(Candidate(url=f"http://{name}:{port}/a.png", label="x"))])
                     assert not record.rejected, record.detail

@@ -853,8 +853,9 @@ def test_a_copy_of_an_image_another_unit_refuses_later_is_kept(tmp_path, one_ima
     from builder.units import POS_BITS
     from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
-    if later == "never":  # only this case waits the hold out; the others end it early
-        monkeypatch.setattr(worker_module, "HOLD_WAIT_S", 0.3)
+    # only "never" waits the hold out; in the others a hold that is never ended fails in 10 s
+    monkeypatch.setattr(worker_module, "HOLD_WAIT_S", 0.3 if later == "never" else 10)
+    monkeypatch.setattr(worker_module, "HOLD_WAIT_SLOW_S", 10)  # off_topic's, a slow level
     spec = _two_class_spec(tmp_path, {"cat": f"{one_image_server}/cat/a.jpg",
                                       "dog": f"{one_image_server}/dog/b.jpg"})
     a_indexed, b_decided, a_released = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -990,8 +991,8 @@ def test_a_near_copy_by_embedding_of_an_image_another_unit_refuses_later_is_kept
     from builder.slow import SlowValidator
     from builder.worker import JobPlan, LocalServices, WorkerRuntime
 
-    if later == "never":  # only this case waits the hold out; the other ends it early
-        monkeypatch.setattr(worker_module, "HOLD_WAIT_SLOW_S", 0.5)
+    # only "never" waits the hold out; in the other a hold that is never ended fails in 10 s
+    monkeypatch.setattr(worker_module, "HOLD_WAIT_SLOW_S", 0.5 if later == "never" else 10)
     spec = _two_class_spec(tmp_path, {"cat": f"{one_image_server}/cat/a.jpg",
                                       "dog": f"{one_image_server}/other/b.jpg"})
     object.__setattr__(spec.validation, "embedding_dedup_threshold", 0.95)

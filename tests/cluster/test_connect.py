@@ -599,6 +599,7 @@ def listeners():
 # The agents open their ports after the node registers, each at its own pace: wait until
 # the GCS, the raylet and the dashboard agent listen and the list has not changed for 2 s.
 deadline, found, same_since = time.monotonic() + 90, [], time.monotonic()
+settled = False
 while time.monotonic() < deadline:
     now = listeners()
     kinds = " ".join(name for _pid, name, _ip, _port in now)
@@ -606,11 +607,12 @@ while time.monotonic() < deadline:
         found, same_since = now, time.monotonic()
     elif (all(k in kinds for k in ("gcs_server", "raylet", "DashboardAgent"))
           and time.monotonic() - same_since >= 2):
+        settled = True
         break
     time.sleep(0.25)
 node_ip = ray._private.worker.global_worker.node.node_ip_address
 shutdown()
-print(json.dumps({"listening": found, "node_ip": node_ip}))
+print(json.dumps({"listening": found, "node_ip": node_ip, "settled": settled}))
 """
 
 
@@ -631,6 +633,7 @@ def test_an_embedded_ray_listens_on_loopback_only(command):
     result = last_json(run_child(LISTENERS_CHILD, command, RAY_AUTH_MODE="disabled",
                                  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=None))
     listening = result["listening"]
+    assert result["settled"], f"the listeners never held still for 2 s: {listening}"
     kinds = {name for _pid, name, _ip, _port in listening}
     assert len(listening) >= 6 and any("gcs_server" in k for k in kinds) and \
         any("raylet" in k for k in kinds) and any("DashboardAgent" in k for k in kinds), \

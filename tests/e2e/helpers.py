@@ -121,11 +121,11 @@ class KillWatch:
     the kill (``killed``, set by the test).
 
     Units sent to the other workers after the kill wait (up to ``BACK_WAIT_S``) until the
-    victim's replacement has started, so that some unit is left for it however slowly the
+    victim's replacement has started (or has run a unit), so that some unit is left for it however slowly the
     machine starts a process: on a loaded machine the survivors could finish the job first,
     and the test could not see the replacement take part."""
 
-    BACK_WAIT_S = 120.0
+    BACK_WAIT_S = 60.0
 
     def __init__(self, victim: int = 1) -> None:
         self.victim = victim
@@ -148,6 +148,8 @@ class KillWatch:
                     self.back.set()  # and the units after this one wait no more
             report = await original_run(worker, unit)
             self.ran.append((worker, sent_after_kill))
+            if sent_after_kill and worker == self.victim:
+                self.back.set()  # however it came back
             return report
 
         async def revive(worker: int) -> bool:
