@@ -8,7 +8,9 @@ job is a Ray worker process, and the in-process runner starts only its worker pr
 This measures that floor, each figure the CPU (user + system) of the processes involved:
 
 - a driver's ``import ray`` and ``ray.init`` joining the cluster, in a fresh process, against
-  the in-process runner's worker imports (``builder.worker_procs``, in a fresh process);
+  the in-process runner's worker imports (``builder.worker_procs``, in a fresh process: on
+  Linux its first worker is one, and forks the others), each next to a bare interpreter's
+  start (``python -P -c pass``), which both pay;
 - an actor placed on one of the worker processes the cluster started idle (this machine's
   cores' worth): the CPU that worker spends taking the actor on;
 - each of a job's actor classes placed once the idle workers are taken: the new worker
@@ -35,11 +37,13 @@ from typing import Any, Callable
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_img2dataset import JoinedRay, cpu_seconds  # noqa: E402
+from bench_vs_img2dataset import JoinedRay, compile_project, cpu_seconds  # noqa: E402
 
 SETTLE_S = 1.0
 """How long a new actor's process is left after it is ready before its CPU is read (the
 threads Ray starts with it finish their own start)."""
+READY_WAIT_S = 120.0
+"""How long an actor may take to be placed and ready before the bench gives up."""
 
 
 @ray.remote(num_cpus=0.05)
@@ -86,7 +90,7 @@ def placed(make: Callable[[], Any], known: set[int]) -> tuple[Any, int, bool, fl
     """(handle, pid, whether its process is new, its CPU from creation to ready + SETTLE_S)."""
     before = {p: cpu_seconds(p) for p in known}
     handle = make()
-    ray.get(handle.__ray_ready__.remote())
+    ray.get(handle.__ray_ready__.remote(), timeout=READY_WAIT_S)
     pid = actor_pid(handle)
     time.sleep(SETTLE_S)
     return handle, pid, pid not in known, cpu_seconds(pid) - before.get(pid, 0.0)
@@ -124,10 +128,15 @@ def one_round(joined: JoinedRay, env: dict[str, str]) -> dict[str, float]:
     ray.init(address=joined.address, log_to_driver=False)
     try:
         idle = idle_workers(str(joined.tmp))
+        if not idle:
+            print("  warning: the cluster has no idle worker to place an actor on", flush=True)
         held = []
         handle, pid, new, cpu = placed(Empty.remote, set(idle))
         held.append(handle)
-        if not new:
+        if new:
+            print("  warning: the first actor started a process of its own, not an idle "
+                  "worker's", flush=True)
+        else:
             out["empty actor on an idle worker"] = cpu
         while len(held) < len(idle):  # take the rest of the idle workers
             held.append(placed(Empty.remote, set(idle))[0])
@@ -148,16 +157,18 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="fresh clusters; medians reported")
     args = p.parse_args()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    compile_project()  # as a user's installed copy is: no process compiles what it imports
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
         with JoinedRay() as joined:
             rounds.append(one_round(joined, env))
         print(f"round {r + 1}: load {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"CPU seconds, min / median / max of {args.rounds} round(s), {os.cpu_count()} cores:")
-    for name in rounds[0]:
+    print(f"CPU seconds, min / median / max ({os.cpu_count()} cores):")
+    names = list(dict.fromkeys(name for r in rounds for name in r))
+    for name in names:
         values = [r[name] for r in rounds if name in r]
         print(f"  {name:52s} {min(values):5.2f} / {statistics.median(values):5.2f} / "
-              f"{max(values):5.2f}")
+              f"{max(values):5.2f}  ({len(values)} of {args.rounds} rounds)")
     print(f"this process: {resource.getrusage(resource.RUSAGE_SELF).ru_utime:.1f} s user")
     return 0
 
