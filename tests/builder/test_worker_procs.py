@@ -119,8 +119,9 @@ def test_worker_0_exits_only_after_the_workers_it_forked():
     until the runner killed it, 10 s later.
 
     The kernel wakes a waiting parent before it frees an auto-reaped child's pid, so the pid
-    can answer ``kill(pid, 0)`` for a moment after the wait ends (CI saw it once): the child
-    must be gone within 50 ms, far less than the 1 s it would live if nothing waited."""
+    can answer ``kill(pid, 0)`` for a moment after the wait ends (CI saw it once), and for
+    longer on a loaded machine: the child must be exiting or gone (the kernel's PF_EXITING, a
+    zombie, no pid), not sleeping out the 1 s it would live if nothing waited."""
     code = ("import os, signal, subprocess, sys, time\n"
             "from builder.worker_procs import outlive_children\n"
             "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
@@ -134,12 +135,11 @@ def test_worker_0_exits_only_after_the_workers_it_forked():
             "waited = time.monotonic() - start\n"
             "other.kill()\n"
             "assert 0.8 < waited < 30, waited\n"
-            "deadline = time.monotonic() + 0.05\n"
-            "while True:\n"
-            "    try:\n"
-            "        os.kill(pid, 0)\n"
-            "    except ProcessLookupError:\n"
-            "        break\n"
-            "    assert time.monotonic() < deadline, 'the child is still there'\n"
-            "    time.sleep(0.001)\n")
+            "try:\n"
+            "    with open(f'/proc/{pid}/stat') as f:\n"
+            "        fields = f.read().rsplit(')', 1)[1].split()\n"
+            "    state, exiting = fields[0], int(fields[6]) & 0x4\n"  # PF_EXITING
+            "except FileNotFoundError:\n"
+            "    state, exiting = 'gone', True\n"
+            "assert exiting or state in ('Z', 'X'), f'the child is still there ({state})'\n")
     run_python(code)
