@@ -11,8 +11,9 @@ This measures that floor, each figure the CPU (user + system) of the processes i
   the in-process runner's worker imports (``builder.worker_procs``, in a fresh process: on
   Linux its first worker is one, and forks the others), each next to a bare interpreter's
   start (``python -P -c pass``), which both pay;
-- an actor placed on one of the worker processes the cluster started idle (this machine's
-  cores' worth): the CPU that worker spends taking the actor on;
+- an actor placed on one of the worker processes the cluster started idle when this
+  bench's driver connected (a worker per core; a job's driver gets them the same way, within
+  its own time): the CPU that worker spends taking the actor on, its start excluded;
 - each of a job's actor classes placed once the idle workers are taken: the new worker
   process's CPU from its start to the actor being ready, an empty actor first.
 

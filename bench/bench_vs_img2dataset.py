@@ -536,8 +536,9 @@ def resize_spec(spec: dict[str, Any], side: int, resample: str) -> dict[str, Any
 class JoinedRay:
     """A local Ray cluster for a ``pxc-join`` run (a head with this machine's cores, no
     dashboard), in its own RAY_TMPDIR: that path, in its processes' command lines, is how the
-    tree monitor finds them. Up after ``SETTLE_S`` more, so that the workers it starts idle
-    have finished their imports before the run."""
+    tree monitor finds them. Up after ``SETTLE_S`` more, so that its daemons have finished
+    starting before the run. It starts no idle worker until a driver connects: the run's
+    own driver gets them, and the run pays for them as a job on a running cluster does."""
 
     SETTLE_S = 3.0
 
