@@ -121,9 +121,9 @@ class KillWatch:
     the kill (``killed``, set by the test).
 
     Units sent to the other workers after the kill wait (up to ``BACK_WAIT_S``) until the
-    victim's replacement has started (or has run a unit), so that some unit is left for it however slowly the
-    machine starts a process: on a loaded machine the survivors could finish the job first,
-    and the test could not see the replacement take part."""
+    victim's replacement has started (or has run a unit), so that some unit is left for it
+    however slowly the machine starts a process: on a loaded machine the survivors could
+    finish the job first, and the test could not see the replacement take part."""
 
     BACK_WAIT_S = 60.0
 
