@@ -51,9 +51,6 @@ READY_WAIT_S = 120.0
 class Empty:
     """An actor with nothing to load: what any actor's process costs."""
 
-    def ready(self) -> bool:
-        return True
-
 
 def child_cpu(code: str, env: dict[str, str]) -> float:
     """CPU seconds of a fresh ``python -P -c code`` (its own rusage, children excluded)."""
