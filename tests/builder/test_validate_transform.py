@@ -188,6 +188,48 @@ def test_a_png_whose_data_inflates_far_past_its_header_stops_being_inflated():
     assert r.reason == "decode_error" and "inflates past" in r.detail, r.detail
 
 
+@pytest.mark.parametrize("first", ["RGB", "no size"])
+def test_a_png_whose_header_gives_no_cap_is_damaged_and_never_inflated(first, monkeypatch):
+    """The inflation cap came from the last IHDR: a 64x64 RGB PNG with a second IHDR of a
+    colour type that gives no size (Pillow reads only the first) had its 20 MB of image data
+    inflated to its end, about 55 s of CPU, and was accepted. Only the first chunk may be an
+    IHDR, and image data needs a header that gives its size."""
+    import builder.validate as validate
+
+    rgb = (64).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])  # 64x64, 8-bit RGB
+    no_size = (64).to_bytes(4, "big") * 2 + bytes([8, 5, 0, 0, 0])  # colour type 5: none
+    headers = [rgb, no_size] if first == "RGB" else [no_size]
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros, about 64 KB
+    data = (b"\x89PNG\r\n\x1a\n" + b"".join(_png_chunk(b"IHDR", h) for h in headers)
+            + _png_chunk(b"IDAT", bomb) + _png_chunk(b"IEND", b""))
+    inflated: list[int] = []
+    real = validate.zlib.decompressobj
+
+    def counting():
+        inner = real()
+
+        class Counting:
+            unconsumed_tail = b""
+
+            def decompress(self, body: bytes, limit: int) -> bytes:
+                out = inner.decompress(body, limit)
+                self.unconsumed_tail = inner.unconsumed_tail
+                inflated.append(len(out))
+                return out
+
+        return Counting()
+
+    monkeypatch.setattr(validate.zlib, "decompressobj", counting)
+    damage = validate.png_damage(data)
+    assert damage and not inflated, (damage, sum(inflated))
+    monkeypatch.undo()
+    if first == "RGB":  # Pillow opens it; the check refuses it
+        r = check(data, min_side=1)
+        assert r.reason == "decode_error" and "IHDR chunk at byte 33" in r.detail, r.detail
+    else:
+        assert damage == "PNG image data without a header that gives its size"
+
+
 def test_rejection_drops_bytes():
     r = check(jpeg(4, (40, 40)))
     assert r.data is None and r.stage == "validate"
