@@ -38,7 +38,8 @@ from typing import Any, Callable
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_img2dataset import JoinedRay, compile_project, cpu_seconds  # noqa: E402
+from bench_vs_img2dataset import (  # noqa: E402
+    JoinedRay, _read, _stat, compile_project, cpu_seconds)
 
 SETTLE_S = 1.0
 """How long a new actor's process is left after it is ready before its CPU is read (the
@@ -68,20 +69,14 @@ def actor_pid(handle: Any) -> int:
 def idle_workers(marker: str) -> list[int]:
     """The idle worker processes of the cluster whose raylet's command line holds ``marker``
     (a worker's own command line is its title, ``ray::IDLE``, once it has started)."""
-    title: dict[int, bytes] = {}
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                title[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    raylets = {pid for pid, cmd in title.items()
-               if b"raylet" in cmd and marker.encode() in cmd}
-    return [pid for pid, cmd in title.items()
-            if cmd.startswith(b"ray::IDLE") and parent.get(pid) in raylets]
+    title = {int(e): _read(f"/proc/{e}/cmdline") or "" for e in os.listdir("/proc") if e.isdigit()}
+    raylets = {pid for pid, cmd in title.items() if "raylet" in cmd and marker in cmd}
+    idle = []
+    for pid, cmd in title.items():
+        stat = _stat(pid) if cmd.startswith("ray::IDLE") else None  # (ppid, cpu)
+        if stat is not None and stat[0] in raylets:
+            idle.append(pid)
+    return idle
 
 
 def placed(make: Callable[[], Any], known: set[int]) -> tuple[Any, int, bool, float]:

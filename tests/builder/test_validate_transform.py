@@ -192,7 +192,7 @@ def test_a_png_whose_data_inflates_far_past_its_header_stops_being_inflated():
 def test_a_png_whose_header_gives_no_cap_is_damaged_and_never_inflated(first, monkeypatch):
     """The inflation cap came from the last IHDR: a 64x64 RGB PNG with a second IHDR of a
     colour type that gives no size (Pillow reads only the first) had its 20 MB of image data
-    inflated to its end, about 55 s of CPU, and was accepted. Only the first chunk may be an
+    inflated to its end, about 45 s of CPU, and was accepted. Only the first chunk may be an
     IHDR, and image data needs a header that gives its size."""
     import builder.validate as validate
 
