@@ -418,11 +418,26 @@ def _cancelled_early(data: dict, until) -> None:
         task = asyncio.ensure_future(run_local_async(
             parse_spec(data), runner_hook=lambda r: holder.setdefault("r", r)))
         while "r" not in holder or not until(holder["r"]):
+            if task.done():
+                await task
+                pytest.fail("the job ended before the moment to cancel it came")
             await asyncio.sleep(0.02)
         holder["r"].cancel()
         return await task
 
     assert asyncio.run(run()).partial
+
+
+def _while_a_fetch_hangs(sandbox):
+    """A cancel condition that leaves a candidate undecided whatever the machine's load: the
+    list's one ``slow`` URL (the last class's first page) has been requested. Its answer waits
+    ``slow_s`` (3 s), longer than the list's fetch timeout (1 s, one retry), so its candidate
+    stays undecided for a second or more after the request arrives. (A count of accepted
+    images was no such moment: under load, the units in flight could all have decided before
+    the cancel, leaving nothing ``cancelled``.)"""
+    slow = next(u for u in sandbox.search_urls("bird") if sandbox.outcome_of(u) == "timeout")
+    before = sandbox.hits(slow)
+    return lambda r: sandbox.hits(slow) > before
 
 
 def test_continuing_a_cancelled_dataset_decides_what_the_cancel_left_undecided(sandbox,
@@ -435,7 +450,7 @@ def test_continuing_a_cancelled_dataset_decides_what_the_cancel_left_undecided(s
     out = str(tmp_path / "out")
     data = list_spec(sandbox, tmp_path, out)
     data["download"]["per_host_delay_s"] = 0.03
-    _cancelled_early(data, lambda r: r.counts.accepted >= 8)
+    _cancelled_early(data, _while_a_fetch_hangs(sandbox))
     assert check_accounting(out)["rejected_by_reason"].get("cancelled", 0) > 0
     run_local(parse_spec(data), resume=True)
     assert is_complete(out)
@@ -455,7 +470,7 @@ def test_cancelled_candidates_a_continuation_never_finds_again_keep_their_reject
     out = str(tmp_path / "out")
     data = list_spec(sandbox, tmp_path, out)
     data["download"]["per_host_delay_s"] = 0.03
-    _cancelled_early(data, lambda r: r.counts.accepted >= 8)
+    _cancelled_early(data, _while_a_fetch_hangs(sandbox))
     first = check_accounting(out)
     rejects = pq.read_table(Path(out) / "rejects.parquet").to_pylist()
     cancelled = {r["key"]: r for r in rejects if r["reason"] == "cancelled"}
