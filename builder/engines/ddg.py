@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
+import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -37,7 +38,12 @@ from builder.engines import webjson
 from builder.engines.base import SearchEngine, SearchHit, SearchPage, count_request
 from builder.engines.webjson import RETRYABLE_STATUSES
 from builder.errors import EngineError, EngineUnavailable, SourceError
+from builder.netguard import REDIRECT_STATUSES, same_origin
 
+MAX_REDIRECTS = 5
+"""Redirects a backend request follows (within the backend's own site: ``_Counted``)."""
+_BODY_AND_QUERY = ("params", "data", "json", "content", "files")
+"""A request's parts that a redirect's target (a full URL, fetched with GET) replaces."""
 # SourceSpec.options keys passed through to the backend (DuckDuckGo's filters).
 FILTER_OPTIONS = ("size", "color", "type_image", "layout", "license_image")
 MIN_DDGS = {"bing": "9.13"}
@@ -97,9 +103,27 @@ class _Counted:
     def __init__(self, client: Any):
         self._client = client
 
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        count_request()
-        return self._client.request(*args, **kwargs)
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        """The answer, following the backend's redirects within its own site only.
+
+        ddgs' client (``primp``, in Rust) would follow any redirect, to any host: past the
+        checks every other engine's requests pass (``netguard``), to a loopback or private
+        address whose answer ends up quoted in the job's search errors. A redirect elsewhere,
+        or past ``MAX_REDIRECTS``, is a refused page (``_Refused``)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            count_request()
+            resp = self._client.request(method, url, *args, follow_redirects=False, **kwargs)
+            location = _location(resp) if resp.status_code in REDIRECT_STATUSES else ""
+            if not location:
+                return resp
+            target = urllib.parse.urljoin(url, location)
+            if not same_origin(url, target) or (method != "GET" and resp.status_code != 303):
+                raise _Refused(resp.status_code, f"a redirect to {webjson.redact(target)}, not "
+                               "followed: only a GET's redirects within the backend's own "
+                               "site are")
+            method, url, args = "GET", target, ()
+            kwargs = {k: v for k, v in kwargs.items() if k not in _BODY_AND_QUERY}
+        raise _Refused(resp.status_code, f"more than {MAX_REDIRECTS} redirects")
 
     def get(self, url: str, *args: Any, **kwargs: Any) -> Any:
         return self.request("GET", url, *args, **kwargs)
@@ -111,6 +135,12 @@ class _Counted:
         if name == "_client":  # not set yet (a copy being made)
             raise AttributeError(name)
         return getattr(self._client, name)
+
+
+def _location(resp: Any) -> str:
+    """A ddgs response's ``Location`` header ('' if none)."""
+    headers = getattr(getattr(resp, "_resp", None), "headers", None) or {}
+    return str(headers.get("location") or headers.get("Location") or "")
 
 
 def _backend_class(backend: str) -> type:

@@ -198,6 +198,39 @@ def test_bing_captcha_page_with_status_200_is_an_engine_error_not_no_results(
     assert [h.url for h in page.hits] == [img["url"] for img in images[:30]] and page.has_more
 
 
+def test_a_backend_redirect_to_another_host_is_refused_not_followed(
+        monkeypatch: pytest.MonkeyPatch):
+    """ddgs' client followed any redirect, past the checks every other engine's requests
+    pass: a results page sent to a loopback service had that service's answer quoted in the
+    job's search errors."""
+    with FakeServer(lambda req: Response(403, "INTERNAL SECRET", content_type="text/plain")
+                    ) as internal, FakeServer(bing_handler(fake_images(50))) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        srv.fail_next(status=302, headers={"Location": internal.url + "/latest/meta-data"},
+                      content_type="text/html")
+        with pytest.raises(EngineError) as info:
+            BingImagesEngine().search("cat", label="cat", page=0, per_page=30)
+    assert internal.requests == [] and not refused
+    assert "302" in str(info.value) and "not followed" in str(info.value)
+    assert "SECRET" not in str(info.value)
+
+
+def test_a_backend_redirect_within_its_site_is_followed(monkeypatch: pytest.MonkeyPatch):
+    """Bing sends a challenged search to its bot check by a redirect on its own site: that
+    page is still read (and found to be the bot check)."""
+    with FakeServer(bing_handler(fake_images(50))) as srv:
+        refused = route_ddgs(monkeypatch, srv.url)
+        srv.fail_next(status=302, headers={"Location": "/turing/captcha/challenge?q=cat"},
+                      content_type="text/html")
+        srv.fail_next(status=200, body=BING_CHALLENGE_PAGES["challenge page"],
+                      content_type="text/html; charset=utf-8")
+        with pytest.raises(EngineError, match="bot check") as info:
+            BingImagesEngine().search("cat", label="cat", page=0, per_page=30)
+    assert info.value.status == 429 and not refused
+    assert srv.paths() == ["/images/async", "/turing/captcha/challenge"]
+    assert srv.requests[1].query == {"q": "cat"}
+
+
 def test_bing_genuine_empty_page_is_still_no_results(monkeypatch: pytest.MonkeyPatch):
     """The bot-check markers are specific: an empty results page, even for a query about
     captchas that Bing echoes back, ends the query as before."""
