@@ -39,6 +39,10 @@ MALFORMED_ERRORS: tuple[type[Exception], ...] = (
 """What parsing an answer of the wrong shape raises; ``search`` turns these into EngineError."""
 
 _TEXT_FIELDS = ("url", "page_url", "title", "license", "author", "label", "caption")
+_CUT_FIELDS = ("title", "license", "author", "label", "caption")
+MAX_TEXT_CHARS = 1000
+"""The longest title, license, author, label or caption a hit keeps (longer ones are cut):
+they go into every output row of the image. URLs are bounded where they are checked."""
 MAX_ERROR_CHARS = 600
 """The longest message of an error raised by ``search``; longer ones are cut."""
 
@@ -66,6 +70,9 @@ class SearchHit:
                                 f"{type(value).__name__} ({value!r:.80})")
         if not isinstance(self.rank, int):
             raise TypeError(f"SearchHit.rank must be an int, not {type(self.rank).__name__}")
+        for name in _CUT_FIELDS:
+            if len(getattr(self, name)) > MAX_TEXT_CHARS:
+                object.__setattr__(self, name, getattr(self, name)[:MAX_TEXT_CHARS])
 
     def to_candidate(self, label: str, query: str, engine: str) -> Candidate:
         return Candidate(url=self.url, label=self.label or label, query=query, engine=engine,
@@ -96,7 +103,9 @@ def count_request() -> None:
 def _checked(engine: "SearchEngine", search: SearchFn, query: str, *, label: str, page: int,
              per_page: int) -> SearchPage:
     """``search``'s page, or only an ``EngineError`` or ``SourceError`` (messages cut to
-    ``MAX_ERROR_CHARS``)."""
+    ``MAX_ERROR_CHARS``). A page holds at most ``per_page`` hits: a unit sent again fetches
+    every hit of its page, so an answer of a million hits must not become a million
+    downloads."""
     name = engine.name or type(engine).__name__
     try:
         result = search(engine, query, label=label, page=page, per_page=per_page)
@@ -116,6 +125,10 @@ def _checked(engine: "SearchEngine", search: SearchFn, query: str, *, label: str
         raise EngineError(f"{name}: malformed response: search gave "
                           f"{type(result).__name__}, not a SearchPage of SearchHits",
                           retryable=True)
+    if len(result.hits) > per_page:
+        log.debug("%s: %d hits for a page of %d: the rest dropped", name, len(result.hits),
+                  per_page)
+        result.hits = result.hits[:per_page]
     return result
 
 

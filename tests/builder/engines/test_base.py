@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.engines import webjson
-from builder.engines.base import SearchEngine, SearchHit, SearchPage
+from builder.engines.base import MAX_TEXT_CHARS, SearchEngine, SearchHit, SearchPage
 from builder.errors import EngineError, SourceError
 
 
@@ -87,6 +87,25 @@ def test_good_answer_passes():
     page = _Parsing({"results": [{"url": "http://a/x.jpg", "title": " t "}], "more": "1"}) \
         .search("cat", label="cat", page=0, per_page=5)
     assert page.hits == [SearchHit("http://a/x.jpg", title="t")] and page.has_more
+
+
+def test_a_page_holds_at_most_per_page_hits():
+    """An engine answered a page of 5 with 400,000 hits out of one 16 MiB answer; a unit
+    sent again fetches every hit of its page."""
+    answer = {"results": [{"url": f"http://a/{i}.jpg", "title": "t"} for i in range(1000)],
+              "more": 1}
+    page = _Parsing(answer).search("cat", label="cat", page=0, per_page=5)
+    assert [h.url for h in page.hits] == [f"http://a/{i}.jpg" for i in range(5)]
+    assert page.has_more
+
+
+def test_a_hits_text_is_cut_to_max_text_chars():
+    """Each hit's text goes into its image's output row: an engine's megabyte title
+    must not."""
+    hit = SearchHit("http://a/x.jpg", title="t" * 10**6, author="a" * 5000, license="l",
+                    caption="c" * (MAX_TEXT_CHARS + 1), label="cat")
+    assert (len(hit.title), len(hit.author), len(hit.caption)) == (MAX_TEXT_CHARS,) * 3
+    assert hit.license == "l" and hit.label == "cat"
 
 
 @pytest.mark.parametrize("field,value", [("url", 12345), ("url", None), ("url", {"a": 1}),
