@@ -35,7 +35,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -65,8 +65,13 @@ MAX_JPEG_SCANS = 100
 DCT scale too, so a file of tiny repeated scans costs pixels times scans of CPU: 2,000 scans of
 33 bytes over 4096x4096 pixels took 2.5 s, and the default ``max_bytes`` holds 600,000 of them.
 Encoders write one scan (baseline) to about a dozen (progressive)."""
+MAX_JPEG_SEGMENTS = 2000
+"""The most marker segments a JPEG may hold up to its end marker. Pillow parses each one when
+it opens the file: a 20 MB file of a million empty ICC-profile segments cost 2.8 s of CPU to
+open and load, 14 times a photo of its size. Encoders write tens (a progressive file with
+its tables, a large ICC profile or XMP packet split in 64 KB segments)."""
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-"""A JPEG marker as libjpeg reads one (``jpeg_scans``)."""
+"""A JPEG marker as libjpeg reads one (``jpeg_markers``)."""
 PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
                "BMP": "bmp", "TIFF": "tiff"}
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -125,6 +130,12 @@ class ImageValidator:
         if not data:
             record.reject(Reason.DECODE_ERROR, "no bytes")
             return None
+        # (Pillow's JPEG plugin opens only what starts so; it parses every segment on open)
+        markers = jpeg_markers(data) if data.startswith(b"\xff\xd8") else JpegMarkers(0, 0)
+        if markers.segments > MAX_JPEG_SEGMENTS:
+            record.reject(Reason.DECOMPRESSION_BOMB, f"more than {MAX_JPEG_SEGMENTS} JPEG "
+                          "marker segments: each one is parsed on its own")
+            return None
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
@@ -137,7 +148,7 @@ class ImageValidator:
             record.reject(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
             return None
         with img:
-            return self._check_open(record, img, data)
+            return self._check_open(record, img, data, markers.scans)
 
     def _bomb_detail(self, exc: Image.DecompressionBombError) -> str:
         """Pillow's refusal in the spec's terms: it names its own limit (twice
@@ -146,7 +157,7 @@ class ImageValidator:
         size = f"{found[1]} pixels" if found else "more pixels than Pillow opens"
         return f"{size} > max_pixels {self.cfg.max_pixels}"
 
-    def _check_open(self, record: Record, img: Image.Image, data: bytes
+    def _check_open(self, record: Record, img: Image.Image, data: bytes, scans: int
                     ) -> Optional[np.ndarray]:
         cfg = self.cfg
         fmt = PIL_FORMATS.get(img.format or "", (img.format or "unknown").lower())
@@ -159,8 +170,7 @@ class ImageValidator:
                                 f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
         # before counting frames, which reads every frame's header: a cut-off one is truncation
         cut = gif_truncation(data) if fmt == "gif" else png_damage(data) if fmt == "png" else ""
-        scans = jpeg_scans(data) if fmt == "jpeg" else 0
-        if scans > MAX_JPEG_SCANS:
+        if fmt == "jpeg" and scans > MAX_JPEG_SCANS:
             return self._reject(record, Reason.DECOMPRESSION_BOMB,
                                 f"{scans} scans > {MAX_JPEG_SCANS}: each one decodes the whole "
                                 "image again")
@@ -245,19 +255,27 @@ def _png_raw_size(ihdr: bytes) -> int:
                for x0, y0, dx, dy in _ADAM7)
 
 
-def jpeg_scans(data: bytes) -> int:
-    """How many scans the image of a JPEG holds (its SOS markers, to its end marker), its
-    markers found as libjpeg finds them: an 0xFF byte followed by anything but 0x00 (a
-    stuffed byte of entropy-coded data), a restart marker or another 0xFF (a fill byte); any
-    other byte between markers is passed over, and a marker segment is skipped by its length.
-    So what follows the image (a phone's motion-photo video) and the data inside segments
-    count for nothing, and a stray byte in the header hides no scan."""
-    pos, end, scans = 2, len(data), 0
-    while (found := _JPEG_MARKER.search(data, pos)) is not None:
+class JpegMarkers(NamedTuple):
+    scans: int
+    segments: int
+
+
+def jpeg_markers(data: bytes) -> JpegMarkers:
+    """How many scans (SOS markers) and marker segments the image of a JPEG holds, to its end
+    marker; the walk stops once the segments pass ``MAX_JPEG_SEGMENTS``. Markers are found as
+    libjpeg finds them: an 0xFF byte followed by anything but 0x00 (a stuffed byte of
+    entropy-coded data), a restart marker or another 0xFF (a fill byte); any other byte
+    between markers is passed over, and a marker segment is skipped by its length. So what
+    follows the image (a phone's motion-photo video) and the data inside segments count for
+    nothing, and a stray byte in the header hides no scan."""
+    pos, end, scans, segments = 2, len(data), 0, 0
+    while segments <= MAX_JPEG_SEGMENTS and \
+            (found := _JPEG_MARKER.search(data, pos)) is not None:
         pos = found.start()
         marker = data[pos + 1]
         if marker == 0xD9:
             break
+        segments += 1
         if marker in (0xD8, 0x01):  # markers without a length
             pos += 2
             continue
@@ -265,7 +283,7 @@ def jpeg_scans(data: bytes) -> int:
         if pos + 4 > end:
             break
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return scans
+    return JpegMarkers(scans, segments)
 
 
 def png_damage(data: bytes) -> str:

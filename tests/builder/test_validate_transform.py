@@ -10,7 +10,8 @@ from builder.records import Candidate, Record
 from builder.spec import EncodeSpec, ResizeSpec, ValidationSpec
 from builder.sandbox.corpus import BOMB_SIDE, bomb_png
 from builder.transform import ImageTransformer, rgb_jpeg
-from builder.validate import MAX_JPEG_SCANS, ImageValidator, gif_truncation, jpeg_scans
+from builder.validate import (MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, ImageValidator,
+                              gif_truncation, jpeg_markers)
 from tests.images import encode, jpeg, picture
 
 
@@ -151,7 +152,7 @@ def test_a_jpeg_of_many_scans_is_rejected_before_it_is_decoded(monkeypatch):
     out = io.BytesIO()
     picture(3, (640, 480)).save(out, "JPEG", progressive=True, quality=90)
     progressive = out.getvalue()
-    assert jpeg_scans(jpeg(1)) == 1 and 5 < jpeg_scans(progressive) <= 20
+    assert jpeg_markers(jpeg(1)).scans == 1 and 5 < jpeg_markers(progressive).scans <= 20
     assert not check(progressive).rejected
     last = progressive.rindex(b"\xff\xda")
     bomb = progressive[:-2] + progressive[last:-2] * 150 + b"\xff\xd9"
@@ -159,8 +160,8 @@ def test_a_jpeg_of_many_scans_is_rejected_before_it_is_decoded(monkeypatch):
     monkeypatch.setattr(Image.Image, "load", lambda img: decoded.append(img))
     r = check(bomb)
     assert r.reason == "decompression_bomb" and not decoded
-    assert r.detail == f"{jpeg_scans(progressive) + 150} scans > {MAX_JPEG_SCANS}: each one " \
-        "decodes the whole image again"
+    scans = jpeg_markers(progressive).scans + 150
+    assert r.detail == f"{scans} scans > {MAX_JPEG_SCANS}: each one decodes the whole image again"
     # a stray byte in the header, which the decoders pass over, hides no scan
     for hidden in (bomb[:20] + b"A" + bomb[20:], bomb[:2] + b"\xff\x00" + bomb[2:]):
         assert check(hidden).reason == "decompression_bomb"
@@ -168,7 +169,28 @@ def test_a_jpeg_of_many_scans_is_rejected_before_it_is_decoded(monkeypatch):
     # what follows the image (a phone's motion-photo video) is no scan of it
     trailer = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
     assert trailer.count(b"\xff\xda") > MAX_JPEG_SCANS
-    assert jpeg_scans(jpeg(1) + trailer) == 1 and not check(jpeg(1) + trailer).rejected
+    assert jpeg_markers(jpeg(1) + trailer).scans == 1 and not check(jpeg(1) + trailer).rejected
+
+
+def test_a_jpeg_of_a_million_marker_segments_is_rejected_before_it_is_opened(monkeypatch):
+    """Pillow parses every marker segment when it opens a JPEG: 20 MB of empty ICC-profile
+    segments cost 2.8 s of CPU to open and load, 14 times a photo's. Encoders write tens; a
+    large ICC profile split into 64 KB segments passes."""
+    base = jpeg(1)
+    segment = b"\xff\xe2\x00\x10ICC_PROFILE\x00\x01\x01"
+    bomb = base[:2] + segment * (MAX_JPEG_SEGMENTS * 50) + base[2:]
+    assert jpeg_markers(bomb).segments == MAX_JPEG_SEGMENTS + 1  # the walk stops there
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a))
+    r = check(bomb)
+    assert r.reason == "decompression_bomb" and not opened
+    assert r.detail == f"more than {MAX_JPEG_SEGMENTS} JPEG marker segments: each one is " \
+        "parsed on its own"
+    monkeypatch.undo()
+    profile = Image.new("RGB", (64, 64), "red")
+    out = io.BytesIO()
+    profile.save(out, "JPEG", icc_profile=bytes(range(256)) * 1200)  # about 5 segments
+    assert 4 < jpeg_markers(out.getvalue()).segments < 30 and not check(out.getvalue()).rejected
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
