@@ -4,7 +4,9 @@
 orientation is baked in whenever pixels are rewritten; animated images keep their first frame
 only when they are rewritten. Pixels in an unusual mode are brought to a plain 8-bit one first
 (16/32-bit integer and float grey -> L, scaled rather than clipped; CMYK, YCbCr, LAB... -> RGB;
-premultiplied or palette alpha -> RGBA/LA), so every accepted image resizes and encodes.
+premultiplied or palette alpha -> RGBA/LA), so every accepted image resizes and encodes. A
+rewritten image keeps its source's ICC colour profile where the profile describes its pixels
+and is small (``colour_profile``).
 
 Resizing is Pillow's ``thumbnail`` recipe: the image is first reduced by whole factors (a JPEG
 in its decoder, at 1/2, 1/4 or 1/8 scale: ``Image.draft``; other formats by ``Image.reduce``,
@@ -44,6 +46,9 @@ _FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BIC
 REDUCING_GAP = {"lanczos": 2.0, "bicubic": 2.0, "bilinear": 2.0, "box": 1.0}
 """How much the last, filtered step of a resize still shrinks an image, at least (Pillow's
 ``reducing_gap``): what is left above it is taken off by whole factors first."""
+MAX_ICC_BYTES = 64 * 1024
+"""The largest colour profile a rewritten image keeps (``colour_profile``): an sRGB or Display
+P3 profile is 0.5-4 KB."""
 _PLAIN_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 """Modes every resampler and output encoder takes; others are converted (``plain_mode``)."""
 _TRANSFORM_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,
@@ -130,6 +135,20 @@ def plain_mode(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def colour_profile(src: Image.Image, img: Image.Image, fmt: str) -> Optional[bytes]:
+    """The ICC profile of ``src`` that the rewritten ``img`` keeps, encoded as ``fmt``: one
+    that describes its pixels (an RGB profile for colour pixels, a grey one for grey, which
+    WebP stores as colour), of at most ``MAX_ICC_BYTES``; else None. A PNG kept whatever the
+    source carried (a CMYK profile on RGB pixels, which no viewer can apply; a megabyte on a
+    thumbnail) and JPEG and WebP dropped even an sRGB one (a wide-gamut photo's colours then
+    shift)."""
+    icc = src.info.get("icc_profile")
+    if not isinstance(icc, bytes) or not 20 <= len(icc) <= MAX_ICC_BYTES:
+        return None
+    space = b"GRAY" if img.mode in ("1", "L", "LA") and fmt != "webp" else b"RGB "
+    return icc if icc[16:20] == space else None
+
+
 def _rgb(img: Image.Image) -> Image.Image:
     """A plain-mode image as RGB (alpha dropped)."""
     if img.mode == "RGB":
@@ -152,7 +171,8 @@ def rgb_jpeg(data: bytes, fmt: str) -> bytes:
                 return data
             img = _rgb(plain_mode(upright(src)))
             out = io.BytesIO()
-            img.save(out, "JPEG", quality=WEBDATASET_QUALITY)
+            img.save(out, "JPEG", quality=WEBDATASET_QUALITY,
+                     icc_profile=colour_profile(src, img, "jpeg"))
     except _TRANSFORM_ERRORS as exc:
         log.warning("cannot encode a %s image as JPEG (%s: %s); keeping its bytes", fmt,
                     type(exc).__name__, exc)
@@ -235,8 +255,8 @@ class ImageTransformer:
                 img = _rgb(img)
             out = io.BytesIO()
             quality = self.encode.quality if self.encode else 95
-            img.save(out, _SAVE_FORMATS[fmt], **({"quality": quality}
-                                                 if fmt in ("jpeg", "webp") else {}))
+            img.save(out, _SAVE_FORMATS[fmt], icc_profile=colour_profile(src, img, fmt),
+                     **({"quality": quality} if fmt in ("jpeg", "webp") else {}))
         return out.getvalue(), fmt, img.size[0], img.size[1]
 
     def transform_or_keep(self, data: bytes, fmt: str, width: int, height: int,

@@ -9,7 +9,7 @@ from PIL import Image
 from builder.records import Candidate, Record
 from builder.spec import EncodeSpec, ResizeSpec, ValidationSpec
 from builder.sandbox.corpus import BOMB_SIDE, bomb_png
-from builder.transform import ImageTransformer, rgb_jpeg
+from builder.transform import MAX_ICC_BYTES, ImageTransformer, rgb_jpeg
 from builder.validate import (MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, ImageValidator,
                               gif_truncation, jpeg_markers)
 from tests.images import encode, jpeg, picture
@@ -115,6 +115,40 @@ def test_rgb_jpeg_gives_every_image_as_an_rgb_jpeg(mode, fmt):
     img = Image.open(io.BytesIO(out))
     assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (90, 60))
     assert (out == data) == (mode == "RGB" and fmt == "JPEG")
+
+
+def _profile(space: bytes, size: int = 588) -> bytes:
+    """Bytes with an ICC header's colour space field (what ``colour_profile`` reads)."""
+    return bytes(16) + space + bytes(size - 20)
+
+
+@pytest.mark.parametrize("encode", [None, "jpeg", "webp"])
+def test_a_rewritten_image_keeps_a_colour_profile_only_where_it_describes_its_pixels(encode):
+    """A PNG kept whatever profile its source carried: a CMYK one on RGB pixels, which no
+    viewer can apply, or a megabyte on a thumbnail; JPEG and WebP dropped even an sRGB one,
+    shifting a wide-gamut photo's colours."""
+    def rewritten(mode: str, src_fmt: str, icc: bytes) -> bytes:
+        buf = io.BytesIO()
+        picture(4, (90, 60)).convert(mode).save(buf, src_fmt, icc_profile=icc)
+        out, fmt, _, _ = ImageTransformer(
+            ResizeSpec(max_side=32), EncodeSpec(format=encode) if encode else None
+        ).transform_bytes(buf.getvalue(), src_fmt.lower())
+        assert fmt == (encode or src_fmt.lower())
+        return Image.open(io.BytesIO(out)).info.get("icc_profile") or b""
+
+    rgb, grey = _profile(b"RGB "), _profile(b"GRAY")
+    assert rewritten("RGB", "PNG", rgb) == rgb
+    assert rewritten("CMYK", "JPEG", _profile(b"CMYK")) == b""
+    assert rewritten("RGB", "PNG", _profile(b"RGB ", MAX_ICC_BYTES + 1)) == b""
+    assert rewritten("L", "PNG", grey) == (grey if encode is None else b"")  # stored as RGB
+    kept = Image.open(io.BytesIO(rgb_jpeg(_encoded_with(rgb), "png")))
+    assert kept.format == "JPEG" and kept.info["icc_profile"] == rgb
+
+
+def _encoded_with(icc: bytes) -> bytes:
+    buf = io.BytesIO()
+    picture(4, (90, 60)).convert("RGBA").save(buf, "PNG", icc_profile=icc)
+    return buf.getvalue()
 
 
 def test_exif_orientation_swaps_reported_sides():
