@@ -69,7 +69,9 @@ class Scheduler:
         refused: dict[str, ClusterUnavailable] = {}
         passed: set[str] = set()  # claims lost to another replica: not tried again this pass
         while True:
-            queued, _ = self.store.list_jobs(None, states=["queued"], limit=_MAX_ROWS)
+            # oldest first: past _MAX_ROWS queued jobs, the newest wait, not the oldest
+            queued, _ = self.store.list_jobs(None, states=["queued"], limit=_MAX_ROWS,
+                                             oldest_first=True)
             queued = [row for row in queued if row.id not in passed]
             revoked = self.store.revoked_owners(row.owner for row in queued)
             for row in queued:

@@ -423,19 +423,25 @@ class JobStore:
         ``keep_chars`` characters of their stored spec, progress and stats, the last ended
         kept first; returns how many went. Only the rows go: the datasets stay where they were
         written. Without it, a key submitting large specs and cancelling them while queued
-        grew the store without end."""
+        grew the store without end.
+
+        The ended job that started last always stays: the scheduler's turns go by each key's
+        last start (``last_starts``), and a key whose started jobs were all pruned counted as
+        never started, first in line."""
         size = sum(sa.func.coalesce(sa.func.length(jobs_table.c[name]), 0)
                    for name in ("spec_json", "progress_json", "stats_json"))
-        query = (sa.select(jobs_table.c.id, size)
+        query = (sa.select(jobs_table.c.id, size, jobs_table.c.started_at)
                  .where(jobs_table.c.owner == owner, jobs_table.c.state.in_(sorted(TERMINAL)))
                  .order_by(sa.func.coalesce(jobs_table.c.ended_at,
                                             jobs_table.c.updated_at).desc(), jobs_table.c.id))
         with self.engine.connect() as conn:
             ended = conn.execute(query).all()
+        started = [(at, job_id) for job_id, _, at in ended if at is not None]
+        last_started = max(started)[1] if started else None
         held, old = 0, []
-        for n, (job_id, chars) in enumerate(ended):
+        for n, (job_id, chars, _) in enumerate(ended):
             held += int(chars or 0)
-            if n >= keep_jobs or held > keep_chars:
+            if (n >= keep_jobs or held > keep_chars) and job_id != last_started:
                 old.append(job_id)
         for start in range(0, len(old), 500):
             with self.engine.begin() as conn:
@@ -478,11 +484,12 @@ class JobStore:
         return _job(row) if row else None
 
     def list_jobs(self, owner: Optional[str], *, states: Optional[Iterable[str]] = None,
-                  limit: int = 20, offset: int = 0, brief: bool = False
-                  ) -> tuple[list[JobRow], int]:
-        """A page of jobs, newest first, and the total count matching the filter. ``brief``:
-        without each job's per-class progress (the API's job list shows none, and a replica
-        keeps its pages a while: a job of 1,000 classes holds hundreds of KB of it)."""
+                  limit: int = 20, offset: int = 0, brief: bool = False,
+                  oldest_first: bool = False) -> tuple[list[JobRow], int]:
+        """A page of jobs, newest first (``oldest_first``: oldest first), and the total count
+        matching the filter. ``brief``: without each job's per-class progress (the API's job
+        list shows none, and a replica keeps its pages a while: a job of 1,000 classes holds
+        hundreds of KB of it)."""
         where = []
         if owner is not None:
             where.append(jobs_table.c.owner == owner)
@@ -491,7 +498,8 @@ class JobStore:
         # A page needs neither the spec nor the final stats (GET /v1/jobs/{id} has them).
         cols = [c for c in jobs_table.c if c.name not in ("spec_json", "stats_json")]
         query = (sa.select(*cols).where(*where)
-                 .order_by(jobs_table.c.created_at.desc(), jobs_table.c.id)
+                 .order_by(jobs_table.c.created_at if oldest_first
+                           else jobs_table.c.created_at.desc(), jobs_table.c.id)
                  .limit(limit).offset(offset))
         count = sa.select(sa.func.count()).select_from(jobs_table).where(*where)
         with self.engine.connect() as conn:

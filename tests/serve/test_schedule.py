@@ -95,6 +95,41 @@ def test_keys_take_turns_however_many_jobs_one_key_queued(store):
     assert store.get_job("a3").state == "starting" and store.get_job("a3").started_at
 
 
+def test_a_key_that_prunes_its_started_jobs_keeps_its_place_in_the_turns(store):
+    """Turns go by each key's last start, worked out from its jobs' rows; a key that
+    submitted and cancelled enough queued jobs had its started ones pruned, counted as never
+    started, and went ahead of every waiting key after each job it ran."""
+    launcher = FakeLauncher()
+    scheduler = Scheduler(store, launcher, max_running=1, per_key=1)
+    for job_id, owner in (("b0", "bob"), ("a0", "alice")):
+        queue(store, job_id, owner)
+        scheduler.start_ready()
+        end(store, job_id)
+    assert launcher.submitted == ["b0", "a0"]
+    queue(store, "a1", "alice")
+    queue(store, "b1", "bob")
+    for n in range(3):  # what POST then DELETE /v1/jobs do, the pruning included
+        queue(store, f"pad{n}", "alice")
+        store.cancel_queued(f"pad{n}")
+    assert store.prune_ended("alice", keep_jobs=1, keep_chars=10**6) == 2  # a0 stays
+    assert store.get_job("a0") is not None and "alice" in store.last_starts()
+    scheduler.start_ready()
+    assert launcher.submitted == ["b0", "a0", "b1"]  # bob's turn: alice started last
+
+
+def test_past_the_rows_read_at_once_the_oldest_queued_jobs_start_first(store, monkeypatch):
+    """The scheduler read the newest 10,000 queued jobs: past that many, the oldest never
+    started while new ones kept coming."""
+    import serve.schedule
+
+    monkeypatch.setattr(serve.schedule, "_MAX_ROWS", 3)
+    launcher = FakeLauncher()
+    for n in range(1, 6):
+        queue(store, f"a{n}", "alice")
+    Scheduler(store, launcher, max_running=1, per_key=1).start_ready()
+    assert launcher.submitted == ["a1"]
+
+
 def test_the_caps_on_running_jobs_hold(store):
     launcher = FakeLauncher()
     scheduler = Scheduler(store, launcher, max_running=3, per_key=2)
