@@ -57,6 +57,22 @@ def sandbox():
     web.stop()
 
 
+HANGS_S = 600.0
+"""How long ``hanging_sandbox``'s slow URLs take to answer: longer than any test."""
+
+
+@pytest.fixture
+def hanging_sandbox():
+    """The sandbox web of ``sandbox`` whose slow URL (bird's first search page holds one)
+    answers only after HANGS_S: a job that needs that page's images cannot end before it is
+    cancelled, whatever the machine's load (give the job a fetch timeout near HANGS_S)."""
+    from builder.sandbox import SandboxWeb
+
+    with SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30, slow_s=HANGS_S,
+                    big_bytes=2_000_000) as web:
+        yield web
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server on 127.0.0.1 for the session (tests/postgres.py); skips where

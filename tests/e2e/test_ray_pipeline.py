@@ -13,7 +13,7 @@ import pytest
 
 from builder.sandbox import FAULTS
 from builder.writers import is_complete
-from tests.conftest import make_bucket
+from tests.conftest import HANGS_S, make_bucket
 from tests.e2e.helpers import (KillWatch, accepted_urls, check_accounting, fault_list_spec,
                                reasons_by_url, sandbox_spec)
 
@@ -88,12 +88,15 @@ def test_an_unobserved_job_runs_without_a_progress_actor(ray_session, sandbox, t
     assert not result.partial and check_accounting(out)["classes"]["dog"]["accepted"] == 6
 
 
-def test_cancel_through_progress_actor_leaves_partial(ray_session, sandbox, tmp_path):
+def test_cancel_through_progress_actor_leaves_partial(ray_session, hanging_sandbox, tmp_path):
+    """(A URL of the job hangs until the cancel: under load, the cancel's way through the
+    progress actor can take longer than the job's other work.)"""
     from actors.progress import cancel_job, get_progress
 
     out = str(tmp_path / "cancel")
     job_id = "cancel-test"
-    spec = sandbox_spec(sandbox, out, target=25, download={"per_host_delay_s": 0.1})
+    spec = sandbox_spec(hanging_sandbox, out, target=25,
+                        download={"per_host_delay_s": 0.1, "timeout_s": HANGS_S / 2})
 
     def stopper():
         deadline = time.time() + 60
