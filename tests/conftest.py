@@ -65,7 +65,8 @@ HANGS_S = 600.0
 def hanging_sandbox():
     """The sandbox web of ``sandbox`` whose slow URL (bird's first search page holds one)
     answers only after HANGS_S: a job that needs that page's images cannot end before it is
-    cancelled, whatever the machine's load (give the job a fetch timeout near HANGS_S)."""
+    cancelled, whatever the machine's load (give the job a fetch timeout and deadline near
+    HANGS_S: ``download.deadline_s`` caps the timeout, 120 s by default)."""
     from builder.sandbox import SandboxWeb
 
     with SandboxWeb(classes=("cat", "dog", "bird"), images_per_class=30, slow_s=HANGS_S,

@@ -70,7 +70,7 @@ def ray_head():
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
             # and the head's dashboard agent, which runs submitted jobs: a submit waits for
             # it 10 s at most, and under load the first one could fail ("No available
-            # agent to submit job"). It registers a moment after it listens.
+            # agent to submit job"). It registers right after it listens, well within that.
             socket.create_connection(("127.0.0.1", ports["dashboard-agent-listen-port"]),
                                      timeout=2).close()
             break
@@ -112,8 +112,9 @@ def _project(tmp_path: Path, sandbox, out: Path, target: int, delay_s: float,
         "name": "submitted", "target": target,
         "classes": {label: label for label in classes},
         "sources": [{"engine": "sandbox", "url": sandbox.base_url, "per_page": 10}],
-        "download": {"timeout_s": timeout_s, "retries": 1, "backoff_s": 0.05,
-                     "allow_private_networks": True, "per_host_delay_s": delay_s},
+        "download": {"timeout_s": timeout_s, "deadline_s": max(timeout_s, 120.0),
+                     "retries": 1, "backoff_s": 0.05, "allow_private_networks": True,
+                     "per_host_delay_s": delay_s},
         "output": {"uri": str(out)},
     }
     project = tmp_path / "project"

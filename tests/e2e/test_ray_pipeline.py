@@ -96,7 +96,8 @@ def test_cancel_through_progress_actor_leaves_partial(ray_session, hanging_sandb
     out = str(tmp_path / "cancel")
     job_id = "cancel-test"
     spec = sandbox_spec(hanging_sandbox, out, target=25,
-                        download={"per_host_delay_s": 0.1, "timeout_s": HANGS_S / 2})
+                        download={"per_host_delay_s": 0.1, "timeout_s": HANGS_S / 2,
+                                  "deadline_s": HANGS_S / 2})
 
     def stopper():
         deadline = time.time() + 60

@@ -324,6 +324,7 @@ def test_sigterm_under_local_stops_with_a_partial_dataset(sandbox, tmp_path):
     while time.time() < deadline and not hangs():
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
+    assert hangs(), "the job never asked for its slow URL"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
@@ -430,10 +431,10 @@ def _cancelled_early(data: dict, until) -> None:
 
 
 def _while_a_fetch_hangs(sandbox):
-    """A cancel condition that leaves a candidate undecided whatever the machine's load: the
-    list's one ``slow`` URL (the last class's first page) has been requested. Its answer waits
-    ``slow_s`` (3 s), longer than the list's fetch timeout (1 s, one retry), so its candidate
-    stays undecided for a second or more after the request arrives. (A count of accepted
+    """A cancel condition that leaves a candidate undecided unless the cancel takes a second
+    or more: the list's one ``slow`` URL (the last class's first page) has been requested. Its
+    answer waits ``slow_s`` (3 s), longer than the list's fetch timeout (1 s, one retry), so
+    its candidate stays undecided for about 2 s after the request arrives. (A count of accepted
     images was no such moment: under load, the units in flight could all have decided before
     the cancel, leaving nothing ``cancelled``.)"""
     slow = next(u for u in sandbox.search_urls("bird") if sandbox.outcome_of(u) == "timeout")
