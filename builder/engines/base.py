@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 from builder.errors import EngineError, SourceError, printable
 from builder.records import Candidate
+from builder.urls import MAX_URL_CHARS
 
 log = logging.getLogger("pixcrawler.engines")
 
@@ -42,7 +43,8 @@ _TEXT_FIELDS = ("url", "page_url", "title", "license", "author", "label", "capti
 _CUT_FIELDS = ("title", "license", "author", "label", "caption")
 MAX_TEXT_CHARS = 1000
 """The longest title, license, author, label or caption a hit keeps (longer ones are cut):
-they go into every output row of the image. URLs are bounded where they are checked."""
+they go into every output row of the image. A page URL longer than ``MAX_URL_CHARS`` is
+dropped; the image's own URL is refused where it is fetched."""
 MAX_ERROR_CHARS = 600
 """The longest message of an error raised by ``search``; longer ones are cut."""
 
@@ -73,6 +75,8 @@ class SearchHit:
         for name in _CUT_FIELDS:
             if len(getattr(self, name)) > MAX_TEXT_CHARS:
                 object.__setattr__(self, name, getattr(self, name)[:MAX_TEXT_CHARS])
+        if len(self.page_url) > MAX_URL_CHARS:
+            object.__setattr__(self, "page_url", "")
 
     def to_candidate(self, label: str, query: str, engine: str) -> Candidate:
         return Candidate(url=self.url, label=self.label or label, query=query, engine=engine,

@@ -110,14 +110,16 @@ class _Counted:
         checks every other engine's requests pass (``netguard``), to a loopback or private
         address whose answer ends up quoted in the job's search errors. A redirect elsewhere,
         or past ``MAX_REDIRECTS``, is a refused page (``_Refused``)."""
+        kwargs["follow_redirects"] = False
         for _ in range(MAX_REDIRECTS + 1):
             count_request()
-            resp = self._client.request(method, url, *args, follow_redirects=False, **kwargs)
+            resp = self._client.request(method, url, *args, **kwargs)
             location = _location(resp) if resp.status_code in REDIRECT_STATUSES else ""
             if not location:
                 return resp
             target = urllib.parse.urljoin(url, location)
-            if not same_origin(url, target) or (method != "GET" and resp.status_code != 303):
+            if not same_origin(url, target) or \
+                    (method.upper() != "GET" and resp.status_code != 303):
                 raise _Refused(resp.status_code, f"a redirect to {webjson.redact(target)}, not "
                                "followed: only a GET's redirects within the backend's own "
                                "site are")
@@ -138,9 +140,10 @@ class _Counted:
 
 
 def _location(resp: Any) -> str:
-    """A ddgs response's ``Location`` header ('' if none)."""
+    """A ddgs response's ``Location`` header ('' if none; primp gives header names in lower
+    case)."""
     headers = getattr(getattr(resp, "_resp", None), "headers", None) or {}
-    return str(headers.get("location") or headers.get("Location") or "")
+    return str(headers.get("location") or "")
 
 
 def _backend_class(backend: str) -> type:

@@ -106,6 +106,9 @@ def test_a_hits_text_is_cut_to_max_text_chars():
                     caption="c" * (MAX_TEXT_CHARS + 1), label="cat")
     assert (len(hit.title), len(hit.author), len(hit.caption)) == (MAX_TEXT_CHARS,) * 3
     assert hit.license == "l" and hit.label == "cat"
+    page = "http://a/" + "p" * 9000
+    assert SearchHit("http://a/x.jpg", page_url=page).page_url == ""
+    assert SearchHit("http://a/x.jpg", page_url=page[:8000]).page_url == page[:8000]
 
 
 @pytest.mark.parametrize("field,value", [("url", 12345), ("url", None), ("url", {"a": 1}),
