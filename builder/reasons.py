@@ -140,7 +140,8 @@ REASON_DOCS: dict[Reason, str] = {
     Reason.TOO_LARGE: "the longer side is above validation.max_side",
     Reason.BAD_ASPECT_RATIO: "long side / short side is above validation.max_aspect_ratio",
     Reason.DECOMPRESSION_BOMB: "width*height exceeds validation.max_pixels, or a JPEG holds "
-                               "more than 100 scans (each decodes the whole image again)",
+                               "more than 100 scans (each decodes the whole image again) or "
+                               "more than 2,000 marker segments",
     Reason.ANIMATED: "an animated image while validation.animated is 'reject'",
     Reason.VALIDATOR_CRASHED: "the process validating the image died on it (e.g. out of memory, "
     "a decoder crash), with the image alone in a process of its own (its worker was lost while "

@@ -46,9 +46,10 @@ _FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BIC
 REDUCING_GAP = {"lanczos": 2.0, "bicubic": 2.0, "bilinear": 2.0, "box": 1.0}
 """How much the last, filtered step of a resize still shrinks an image, at least (Pillow's
 ``reducing_gap``): what is left above it is taken off by whole factors first."""
-MAX_ICC_BYTES = 64 * 1024
-"""The largest colour profile a rewritten image keeps (``colour_profile``): an sRGB or Display
-P3 profile is 0.5-4 KB."""
+MAX_ICC_BYTES = 256 * 1024
+"""The largest colour profile a rewritten image keeps (``colour_profile``): a matrix profile
+(sRGB, Display P3, Adobe RGB) is 0.5-4 KB, ICC v4's sRGB preference profile 60 KB, a display's
+calibrated profile with lookup tables some hundreds of KB at most."""
 _PLAIN_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 """Modes every resampler and output encoder takes; others are converted (``plain_mode``)."""
 _TRANSFORM_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,

@@ -66,10 +66,11 @@ DCT scale too, so a file of tiny repeated scans costs pixels times scans of CPU:
 33 bytes over 4096x4096 pixels took 2.5 s, and the default ``max_bytes`` holds 600,000 of them.
 Encoders write one scan (baseline) to about a dozen (progressive)."""
 MAX_JPEG_SEGMENTS = 2000
-"""The most marker segments a JPEG may hold up to its end marker. Pillow parses each one when
-it opens the file: a 20 MB file of a million empty ICC-profile segments cost 2.8 s of CPU to
-open and load, 14 times a photo of its size. Encoders write tens (a progressive file with
-its tables, a large ICC profile or XMP packet split in 64 KB segments)."""
+"""The most marker segments a JPEG may hold up to its end marker. Pillow parses each one before
+the first scan when it opens the file: a 20 MB file of a million empty ICC-profile segments
+cost 2.8 s of CPU to open and load, 14 times a photo of its size. Encoders write tens (a
+progressive file with its tables, a large ICC profile or XMP packet split in 64 KB
+segments)."""
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 """A JPEG marker as libjpeg reads one (``jpeg_markers``)."""
 PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
@@ -130,8 +131,9 @@ class ImageValidator:
         if not data:
             record.reject(Reason.DECODE_ERROR, "no bytes")
             return None
-        # (Pillow's JPEG plugin opens only what starts so; it parses every segment on open)
-        markers = jpeg_markers(data) if data.startswith(b"\xff\xd8") else JpegMarkers(0, 0)
+        # (Pillow's JPEG plugin opens only what starts so, parsing the segments before the
+        # first scan as it opens)
+        markers = jpeg_markers(data) if data.startswith(b"\xff\xd8\xff") else JpegMarkers(0, 0)
         if markers.segments > MAX_JPEG_SEGMENTS:
             record.reject(Reason.DECOMPRESSION_BOMB, f"more than {MAX_JPEG_SEGMENTS} JPEG "
                           "marker segments: each one is parsed on its own")

@@ -69,7 +69,8 @@ class Scheduler:
         refused: dict[str, ClusterUnavailable] = {}
         passed: set[str] = set()  # claims lost to another replica: not tried again this pass
         while True:
-            # oldest first: past _MAX_ROWS queued jobs, the newest wait, not the oldest
+            # oldest first: past _MAX_ROWS queued jobs, the newest wait, not the oldest (one
+            # key's 10,000 would hide the others', which max_concurrent_jobs, 4, rules out)
             queued, _ = self.store.list_jobs(None, states=["queued"], limit=_MAX_ROWS,
                                              oldest_first=True)
             queued = [row for row in queued if row.id not in passed]
