@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from urllib.parse import quote
@@ -567,12 +567,37 @@ class SpecReader:
         self.settings = settings
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pixcrawler-spec")
 
-    async def read(self, body: bytes, content_type: str) -> DatasetSpec:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, read_spec, body, content_type, self.settings)
+    async def read(self, body: bytes, content_type: str,
+                   hold: Optional["SubmitHold"] = None) -> DatasetSpec:
+        """The spec in ``body``; ``hold``, the submit's slot, is kept until the reading ends
+        (``SubmitHold``)."""
+        work = self._pool.submit(read_spec, body, content_type, self.settings)
+        if hold is not None:
+            hold.reading = work
+        return await asyncio.wrap_future(work)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SubmitHold:
+    """A submit's slot (``KeySlots.take``'s release), held while its request lasts and, when
+    the request ends first (its client went away), until its spec has been read: a read
+    cannot be stopped once it runs on its thread, and a client that sent specs and hung up
+    at once queued reads without bound while its slots came free."""
+
+    def __init__(self, release: Callable[[], None]):
+        self.release = release
+        self.reading: Optional[Future] = None
+
+    def end(self) -> None:
+        """The request is over: free the slot now, or once its spec reading ends."""
+        reading = self.reading
+        if reading is None or reading.done():
+            self.release()
+            return
+        loop = asyncio.get_running_loop()
+        reading.add_done_callback(lambda _: loop.call_soon_threadsafe(self.release))
 
 
 def stream_slots(per_key: int) -> KeySlots:
@@ -945,18 +970,20 @@ class JobAPI:
                   "application/yaml": {"schema": {"type": "string"}}}}})
     async def submit(self, request: Request) -> JSONResponse:
         principal = await self._caller(request)
-        release = self.submits.take(principal.owner)
+        hold = SubmitHold(self.submits.take(principal.owner))
         try:
-            return await self._submit(request, principal)
+            return await self._submit(request, principal, hold)
         finally:
-            release()
+            hold.end()
 
-    async def _submit(self, request: Request, principal: Any) -> JSONResponse:
+    async def _submit(self, request: Request, principal: Any, hold: SubmitHold
+                      ) -> JSONResponse:
         body = await read_body(request, self.settings.max_spec_bytes, self.settings.spec_body_s)
         try:
             # Off the event loop: a large spec takes a while to read, and every request waits
             # on the loop.
-            spec = await self.spec_reader.read(body, request.headers.get("content-type", ""))
+            spec = await self.spec_reader.read(body, request.headers.get("content-type", ""),
+                                               hold)
             cluster = await self.cluster.get("total", lambda: asyncio.to_thread(
                 cluster_for_jobs, self.settings.num_replicas))
             await asyncio.to_thread(self.store.prune_ended, principal.owner,

@@ -368,7 +368,7 @@ def test_a_keys_third_submit_at_once_is_refused_while_another_keys_is_not():
     async def caller(request: Any) -> Any:
         return SimpleNamespace(owner=request)
 
-    async def slow_submit(request: Any, principal: Any) -> str:
+    async def slow_submit(request: Any, principal: Any, hold: Any) -> str:
         await release.wait()
         return "answered"
 
@@ -391,3 +391,57 @@ def test_a_keys_third_submit_at_once_is_refused_while_another_keys_is_not():
         assert api.submits.open == {}
 
     asyncio.run(go())
+
+
+def test_a_submit_whose_client_went_away_keeps_its_slot_until_its_spec_is_read(monkeypatch):
+    """A read cannot be stopped once it runs on its thread: a client that sent a spec and
+    hung up at once had its slot freed while the read went on, and could queue reads without
+    bound (each holding its body, the spec threads busy for every other key)."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from serve.app import JobAPI, SpecReader, submit_slots
+
+    settings = ServeSettings()
+    reading, go_on = threading.Event(), threading.Event()
+
+    def slow_read(body: bytes, content_type: str, settings: Any) -> str:
+        reading.set()
+        go_on.wait(30)
+        return "spec"
+
+    monkeypatch.setattr(app, "read_spec", slow_read)
+    reader = SpecReader(settings)
+
+    async def caller(request: Any) -> Any:
+        return SimpleNamespace(owner=request)
+
+    async def read_then_answer(request: Any, principal: Any, hold: Any) -> Any:
+        return await reader.read(b"name: x", "application/yaml", hold)
+
+    api = SimpleNamespace(settings=settings, _caller=caller, _submit=read_then_answer,
+                          submits=submit_slots(settings.max_submits_per_key))
+    submit = JobAPI.func_or_class.submit
+
+    async def go() -> None:
+        gone = asyncio.ensure_future(submit(api, "alice"))
+        await asyncio.to_thread(reading.wait, 10)
+        gone.cancel()  # the client hung up
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert api.submits.open == {"alice": 1}  # its spec is still being read
+        go_on.set()
+        for _ in range(500):
+            if not api.submits.open:
+                break
+            await asyncio.sleep(0.01)
+        assert api.submits.open == {}
+        assert await submit(api, "alice") == "spec"  # the next one reads as before
+        assert api.submits.open == {}
+
+    try:
+        asyncio.run(go())
+    finally:
+        go_on.set()
+        reader.close()
