@@ -350,8 +350,10 @@ def _select(groups: list[_Group], user_agent: str) -> Optional[_Group]:
     if len(chosen) == 1:
         return chosen[0]
     merged = _Group()
+    # (each agent once, in one pass: a test per agent of those kept was quadratic, 2.4 s for
+    # a 512 KiB file of two groups of 16,000 agents)
+    merged.agents = list(dict.fromkeys(a for group in chosen for a in group.agents))
     for group in chosen:
-        merged.agents += [a for a in group.agents if a not in merged.agents]
         merged.crawl_delay = merged.crawl_delay or group.crawl_delay
         for key, values in group.extensions.items():
             merged.extensions.setdefault(key, []).extend(values)

@@ -31,6 +31,7 @@ import codecs
 import html
 import json
 import re
+import string
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -79,12 +80,12 @@ def parse_preferences(text: str) -> dict[str, str]:
     return prefs
 
 
-def _merge(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
-    out = dict(a)
+def _merge(into: dict[str, str], b: dict[str, str]) -> None:
+    """``b``'s preferences into ``into``, in place (a copy per line was quadratic in a
+    file's lines for one path); an ``n`` stays."""
     for key, value in b.items():
-        if out.get(key) != "n":
-            out[key] = value
-    return out
+        if into.get(key) != "n":
+            into[key] = value
 
 
 def usage_verdict(prefs: Mapping[str, str], usage: str) -> str:
@@ -186,7 +187,7 @@ def path_rules(name: str, values: Iterable[str], source: str, verdict_of: Any
         if prefs:  # two spellings of one path are one path (``normal_pattern``)
             pattern = normal_pattern(path)
             shown.setdefault(pattern, path)
-            merged[pattern] = _merge(merged.get(pattern, {}), prefs)
+            _merge(merged.setdefault(pattern, {}), prefs)
             written.setdefault(pattern, []).append(" ".join(text.split()))
     rules = [PathRule(pattern, Signal(name, ", ".join(written[pattern])[:300],
                                       source + (f" for {shown[pattern]}" if pattern else ""),
@@ -249,7 +250,7 @@ def parse_tdmrep(status: int, body: bytes) -> tuple[list[TdmRule], Signal]:
     if not 200 <= status < 300:
         return [], Signal("tdmrep", "", f"{TDMREP_PATH} (HTTP {status})")
     try:
-        data = json.loads(body.decode("utf-8", "replace"))
+        data = json.loads(body.decode("utf-8-sig", "replace"))  # (a BOM from an editor)
     except (ValueError, RecursionError):
         return [], Signal("tdmrep", "", f"{TDMREP_PATH} (not JSON)")
     if isinstance(data, dict):
@@ -444,14 +445,23 @@ _NO_USAGE_HEADER = Signal("content_usage", "", "header Content-Usage")
 _NO_XMP = Signal("xmp_datamining", "", "XMP plus:DataMining (embedded)")
 
 
+def _chars(key: tuple[Any, ...]) -> int:
+    """The characters of a ``ResponseSignals`` key's header values."""
+    return sum(len(v) for part in key if part
+               for v in (part if isinstance(part, tuple) else (part,)))
+
+
 class ResponseSignals:
     """The entries an image response's headers give (``__call__(headers)``: a multidict with
     ``getall``, as aiohttp's); ``active`` is False when the spec reads no header signal.
 
     A site sends the same opt-out headers with every image, so the entries are kept per
-    distinct set of header values (up to ``CACHE`` sets): most images cost a dict lookup."""
+    distinct set of header values (up to ``CACHE`` sets): most images cost a dict lookup.
+    Sets of more than ``CACHE_KEY_CHARS`` characters are read each time, not kept: a host
+    sending a hundred 8 KB headers, a little different with each image, pinned about 1 GB."""
 
     CACHE = 1024
+    CACHE_KEY_CHARS = 4096
 
     def __init__(self, cfg: DownloadSpec):
         self.cfg = cfg
@@ -464,9 +474,11 @@ class ResponseSignals:
                headers.get("tdm-policy"), tuple(headers.getall("Content-Usage", ())))
         found = self._seen.get(key)
         if found is None:
-            if len(self._seen) >= self.CACHE:
-                self._seen.clear()
-            found = self._seen[key] = self._read(*key)
+            found = self._read(*key)
+            if _chars(key) <= self.CACHE_KEY_CHARS:
+                if len(self._seen) >= self.CACHE:
+                    self._seen.clear()
+                self._seen[key] = found
         return found
 
     def _read(self, tags: tuple[str, ...], reservation: Optional[str], policy: Optional[str],
@@ -528,15 +540,20 @@ class PageFacts:
     why: str = ""
 
 
-_TAG_OPEN = re.compile(r"<(meta|img|script|style)(?=[\s/>])", re.IGNORECASE)
+_TAG_OPEN = re.compile(r"<(meta|img|script|style)(?=[\s/>])", re.IGNORECASE | re.ASCII)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+"""HTML's case-insensitivity (ASCII only), which keeps every character where it was."""
 _ATTR_NAME = re.compile(r"[^\s/>=]+")
 _SPACE_EQ = re.compile(r"\s*=\s*")
 
 
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
-_META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""",
+# Possessive: a run of spaces with no encoding after it backtracked quadratically (8,000
+# spaces in a Content-Type stalled the fetching event loop 0.9 s).
+_META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*+=\s*+["']?+\s*+([A-Za-z0-9._:-]+)""",
                            re.IGNORECASE)
-_HEADER_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""", re.IGNORECASE)
+_HEADER_CHARSET = re.compile(r"""charset\s*+=\s*+["']?+\s*+([A-Za-z0-9._:-]+)""",
+                             re.IGNORECASE)
 _WEB_ENCODINGS = {
     # Python's name of each encoding of the WHATWG Encoding Standard -> the decoder browsers use
     **{name: name for name in (
@@ -586,7 +603,7 @@ def _page_tags(text: str) -> Iterator[tuple[str, dict[str, str]]]:
     One pass, each character read a bounded number of times: ``html.parser`` (CPython before
     3.11.13) rescans to the end of the page for every unclosed ``<a `` or ``<!--``, and a
     page of them stalled the fetching event loop for minutes."""
-    lower = text.lower()
+    lower = text.translate(_ASCII_LOWER)  # same length: str.lower makes 'İ' two characters
     pos, n = 0, len(text)
     while True:
         i = text.find("<", pos)

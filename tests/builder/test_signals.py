@@ -4,6 +4,7 @@ opt-out sites (every signal has a route there: ``builder/sandbox/sites.py``)."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import io
 import os
 import random
@@ -103,6 +104,13 @@ def test_tdmrep_file() -> None:
     assert parse_tdmrep(404, b"")[0] == [] and "HTTP 404" in parse_tdmrep(404, b"")[1].source
     assert parse_tdmrep(200, b"<html>soft 404</html>")[0] == []
     assert parse_tdmrep(200, b'{"location": "/", "tdm-reservation": 1}')[0][0].signal.refuses
+
+
+def test_a_tdmrep_file_with_a_byte_order_mark_is_read() -> None:
+    """A file saved with a BOM (as Windows editors do) failed to parse as JSON and read as
+    no reservation: the site's images were taken."""
+    rules, _ = parse_tdmrep(200, b'\xef\xbb\xbf[{"location": "/", "tdm-reservation": 1}]')
+    assert [(r.pattern, r.signal.verdict) for r in rules] == [("", REFUSE)]
 
 
 def test_a_tdmrep_rule_whose_location_cannot_be_read_is_no_rule():
@@ -726,6 +734,22 @@ def test_header_entries_are_read_once_per_distinct_header_set():
         "tdmrep": False, "content_usage": False})).active
 
 
+def test_a_header_set_too_long_to_keep_is_read_each_time():
+    """The entries are kept per distinct set of header values: a host sending a hundred 8 KB
+    headers, a little different with each image, pinned about 1 GB of them."""
+    from multidict import CIMultiDict
+
+    from builder.signals import ResponseSignals
+
+    read = ResponseSignals(DownloadSpec())
+    for i in range(5):
+        long = CIMultiDict([("X-Robots-Tag", f"noarchive {i} " + "x" * 8000)] * 3)
+        assert read(long)[0].value.startswith("noarchive")
+    assert read._seen == {}
+    read(CIMultiDict({"X-Robots-Tag": "noarchive"}))
+    assert len(read._seen) == 1
+
+
 @pytest.mark.parametrize("values", [["0", "1"], ["1", "0"], ["0, 1"], ["x", "1"]])
 def test_a_reservation_among_repeated_tdm_headers_refuses(values):
     """Repeated ``tdm-reservation`` headers (or one a proxy joined with commas): any that
@@ -747,6 +771,32 @@ def test_a_reservation_among_a_pages_tdm_meta_tags_refuses(metas, verdict):
     html = "".join(f'<meta name="tdm-reservation" content="{m}">' for m in metas)
     facts = parse_page(html.encode(), "http://example.com/page", DownloadSpec())
     assert [s.verdict for s in facts.signals if s.name == "tdmrep"] == [verdict]
+
+
+def test_a_capital_dotted_i_in_a_script_hides_no_tag_after_it():
+    """The end of a script was found in the page lower-cased, at the original's positions:
+    'İ' lower-cases to two characters, so each one moved the search a place on, and a
+    Turkish page's opt-out tags after its script were skipped (the image taken)."""
+    from builder.signals import parse_page
+
+    page = ('<script>var c="' + "\u0130stanbul " * 12 + '";</script>'
+            '<meta name="robots" content="noai"><meta name="tdm-reservation" content="1">')
+    facts = parse_page(page.encode(), "http://example.com.tr/p", DownloadSpec())
+    assert {s.name: s.verdict for s in facts.signals} == {"robots_meta": REFUSE,
+                                                          "tdmrep": REFUSE}
+
+
+@pytest.mark.parametrize("content_type,charset", [
+    ('text/html; charset = "windows-1251"', "cp1251"), ("text/html; charset=" + " " * 8000, None),
+    ("text/html;charset='koi8-r'", "koi8-r")])
+def test_a_declared_charset_is_found_and_a_run_of_spaces_is_not_backtracked(content_type,
+                                                                             charset):
+    """A Content-Type of ``charset=`` and 8,000 spaces took 0.9 s of the fetching event
+    loop (the pattern backtracked quadratically); it is read in one pass."""
+    from builder.signals import _HEADER_CHARSET
+
+    found = _HEADER_CHARSET.search(content_type)
+    assert (codecs.lookup(found.group(1)).name if found else None) == charset
 
 
 @pytest.mark.parametrize("html", [
