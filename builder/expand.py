@@ -107,7 +107,11 @@ PROMPT_VERSION = hashlib.sha256(json.dumps([_SYSTEM_PROMPT, _USER_PROMPT, _REQUE
                                            sort_keys=True).encode("utf-8")).hexdigest()[:16]
 """Part of every cache key: any change to the prompts or request options invalidates old
 entries without anyone having to remember to bump a number."""
-_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+_FENCE_TAG = re.compile(r"[a-zA-Z0-9_-]*")
+"""A Markdown code fence's language tag (```json)."""
+MAX_ANSWER_CHARS = 64 * 1024
+"""The longest LLM answer read; a longer one is refused (asked for ``n`` short queries, an
+answer is a few hundred characters)."""
 
 
 def _norm(query: str) -> str:
@@ -145,11 +149,15 @@ def offline_expand(label: str, queries: list[str], n: int) -> list[str]:
 
 def parse_queries(content: str) -> list[str]:
     """The query list from an LLM answer: JSON ``{"queries": [...]}`` or a bare list, possibly
-    inside a Markdown code fence. Raises ValueError for anything else."""
+    inside a Markdown code fence. Raises ValueError for anything else. (No regular expression
+    spans the answer: one did, and an answer of an unclosed fence and 40,000 spaces took 22 s
+    to read.)"""
+    if len(content or "") > MAX_ANSWER_CHARS:
+        raise ValueError(f"answer of {len(content)} characters (at most {MAX_ANSWER_CHARS})")
     text = (content or "").strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
+    if len(text) >= 6 and text.startswith("```") and text.endswith("```"):
+        inner = text[3:-3]
+        text = inner[_FENCE_TAG.match(inner).end():].strip()
     try:
         data: Any = json.loads(text)
     except json.JSONDecodeError:

@@ -232,8 +232,18 @@ def test_parse_queries_shapes():
     assert parse_queries('["a", "b"]') == ["a", "b"]
     assert parse_queries('Here you go: {"queries": ["a"]} enjoy') == ["a"]
     assert parse_queries('```\n{"queries": ["x"]}\n```') == ["x"]
+    assert parse_queries(' ```json\n  ["y"]\n  ``` ') == ["y"]
     with pytest.raises(ValueError):
         parse_queries("nope")
+
+
+def test_an_answer_too_long_to_be_queries_is_refused_unread():
+    """A hostile endpoint's answer, an unclosed fence and 40,000 spaces, took 22 s to read
+    (the fence's pattern backtracked over it)."""
+    with pytest.raises(ValueError, match="at most 65536"):
+        parse_queries("```" + " " * 70_000 + "x")
+    with pytest.raises(ValueError, match="not JSON"):  # read at once
+        parse_queries("```" + " " * 40_000 + "x")
 
 
 def test_a_spec_endpoint_never_receives_the_operators_key(tmp_path, monkeypatch, caplog):
