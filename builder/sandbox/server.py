@@ -30,6 +30,7 @@ import errno
 import html
 import signal
 import threading
+import time
 import urllib.parse
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
@@ -674,15 +675,17 @@ def serve_forever(host: str = "127.0.0.1", port: int = 8800, **kwargs: Any) -> N
     """Serve a ``SandboxWeb`` until Ctrl-C or SIGTERM (for ``pixcrawler sandbox``)."""
     sandbox = SandboxWeb(host=host, port=port, **kwargs)
     url = sandbox.start()
-    done = threading.Event()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        # SIGTERM as Ctrl-C: the handler raises. One that set a threading.Event deadlocked
+        # when the signal came while this thread held the event's lock inside its own wait
+        # (a stop hung for good, now and then).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"sandbox web serving at {url}  (classes: {', '.join(sandbox.classes)}; "
           f"try {url}/search?q={urllib.parse.quote(sandbox.classes[0])}; Ctrl-C to stop)",
           flush=True)
     try:
-        while not done.wait(1.0):
-            pass
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
